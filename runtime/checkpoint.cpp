@@ -1,0 +1,267 @@
+#include "runtime/checkpoint.h"
+
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <string_view>
+
+#include "kernels/error.h"
+
+namespace mla {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+constexpr const char* kIndexName = "model.safetensors.index.json";
+constexpr const char* kSingleFileName = "model.safetensors";
+constexpr std::string_view kScaleSuffix = "_scale_inv";
+
+bool is_float(DType t) {
+  return t == DType::kF32 || t == DType::kBF16 || t == DType::kF16 || t == DType::kF8E4M3;
+}
+
+Tensor to_f32(const SafetensorsFile& file, const TensorInfo& info) {
+  if (!is_float(info.dtype)) {
+    MLA_THROW(kInvalidArgument, "file {}: tensor {} is {}, not a float type", file.path(),
+              info.name, dtype_name(info.dtype));
+  }
+  Tensor out = Tensor::empty(info.shape);
+  convert_to_f32(info.dtype, file.tensor(info.name).raw(), out.numel(), out.f32());
+  return out;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+// Counters behind the status line; shared by concurrent load_f32 calls.
+struct Checkpoint::Progress {
+  std::mutex mu;
+  bool enabled = false;
+  bool tty = false;
+  size_t total_bytes = 0;
+  size_t loaded_bytes = 0;
+  size_t loaded_tensors = 0;
+  Clock::time_point start;
+  Clock::time_point last_draw;
+
+  void add(size_t nbytes) {
+    std::lock_guard lock(mu);
+    if (!enabled) return;
+    const Clock::time_point now = Clock::now();
+    if (loaded_tensors == 0) start = now;
+    loaded_bytes += nbytes;
+    ++loaded_tensors;
+    // Redrawing for each of thousands of small tensors would flood a slow terminal.
+    if (tty && now - last_draw >= std::chrono::milliseconds(100)) {
+      draw();
+      last_draw = now;
+    }
+  }
+
+  void draw() const {
+    const size_t total = std::max(total_bytes, loaded_bytes);
+    const bool gb = total >= size_t{10'000'000'000};
+    const double unit = gb ? 1e9 : 1e6;
+    const int percent = total == 0 ? 100 : static_cast<int>(100.0 * loaded_bytes / total);
+    fmt::print(stderr, "\rloading weights {:3d}% ({:.1f}/{:.1f} {}, {} tensors)", percent,
+               loaded_bytes / unit, total / unit, gb ? "GB" : "MB", loaded_tensors);
+  }
+
+  void finish() {
+    std::lock_guard lock(mu);
+    if (!enabled || loaded_tensors == 0) return;
+    if (tty) {
+      draw();
+      std::fputc('\n', stderr);
+    } else {
+      const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+      spdlog::info("loaded {} tensors, {:.1f} MB in {:.1f} s", loaded_tensors, loaded_bytes / 1e6,
+                   seconds);
+    }
+    loaded_bytes = 0;
+    loaded_tensors = 0;
+    last_draw = {};
+  }
+};
+
+Checkpoint::Checkpoint(std::string dir, std::array<int, 2> fp8_block)
+    : dir_(std::move(dir)), fp8_block_(fp8_block), progress_(std::make_unique<Progress>()) {}
+
+Checkpoint::Checkpoint(Checkpoint&&) noexcept = default;
+Checkpoint& Checkpoint::operator=(Checkpoint&&) noexcept = default;
+Checkpoint::~Checkpoint() = default;
+
+Checkpoint Checkpoint::open(const std::string& model_dir, std::array<int, 2> fp8_block) {
+  MLA_REQUIRE(fp8_block[0] > 0 && fp8_block[1] > 0, "fp8 block size [{}, {}] must be positive",
+              fp8_block[0], fp8_block[1]);
+  const fs::path dir(model_dir);
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) {
+    MLA_THROW(kNotFound, "model directory {} does not exist", model_dir);
+  }
+  Checkpoint ckpt(model_dir, fp8_block);
+  if (fs::exists(dir / kIndexName, ec)) {
+    ckpt.add_index((dir / kIndexName).string());
+  } else if (fs::exists(dir / kSingleFileName, ec)) {
+    ckpt.add_file((dir / kSingleFileName).string());
+  } else {
+    std::vector<std::string> paths;
+    for (const fs::directory_entry& e : fs::directory_iterator(dir, ec)) {
+      if (e.path().extension() == ".safetensors") paths.push_back(e.path().string());
+    }
+    if (paths.empty()) {
+      MLA_THROW(kNotFound, "model directory {} has no {}, {} or other *.safetensors file",
+                model_dir, kIndexName, kSingleFileName);
+    }
+    std::ranges::sort(paths);
+    for (const std::string& path : paths) ckpt.add_file(path);
+  }
+  for (const auto& [name, e] : ckpt.tensors_) {
+    if (is_float(e.info->dtype) && !name.ends_with(kScaleSuffix)) {
+      ckpt.progress_->total_bytes += e.info->nbytes;
+    }
+  }
+  return ckpt;
+}
+
+void Checkpoint::add_tensor(const std::string& name, const SafetensorsFile* file) {
+  const auto [it, inserted] = tensors_.emplace(name, Entry{file, file->find(name)});
+  if (!inserted) {
+    MLA_THROW(kDataLoss, "checkpoint {}: tensor {} is in both {} and {}", dir_, name,
+              it->second.file->path(), file->path());
+  }
+}
+
+void Checkpoint::add_file(const std::string& path) {
+  files_.push_back(SafetensorsFile::open(path));
+  for (const std::string& name : files_.back()->names()) add_tensor(name, files_.back().get());
+}
+
+void Checkpoint::add_index(const std::string& index_path) {
+  json index;
+  try {
+    std::ifstream in(index_path);
+    index = json::parse(in);
+  } catch (const json::exception& e) {
+    MLA_THROW(kDataLoss, "{} is not valid JSON: {}", index_path, e.what());
+  }
+  if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object()) {
+    MLA_THROW(kDataLoss, "{} has no \"weight_map\" object", index_path);
+  }
+  std::map<std::string, const SafetensorsFile*> shards;
+  for (const auto& [name, shard_json] : index["weight_map"].items()) {
+    if (!shard_json.is_string()) {
+      MLA_THROW(kDataLoss, "{}: weight_map entry for {} is not a file name", index_path, name);
+    }
+    const std::string shard = shard_json.get<std::string>();
+    const SafetensorsFile*& file = shards[shard];
+    if (file == nullptr) {
+      const fs::path shard_path = fs::path(dir_) / shard;
+      std::error_code ec;
+      if (!fs::exists(shard_path, ec)) {
+        MLA_THROW(kNotFound, "shard {} listed in {} does not exist", shard_path.string(),
+                  index_path);
+      }
+      files_.push_back(SafetensorsFile::open(shard_path.string()));
+      file = files_.back().get();
+    }
+    if (file->find(name) == nullptr) {
+      MLA_THROW(kDataLoss, "{} places tensor {} in {}, which does not hold it", index_path, name,
+                file->path());
+    }
+    add_tensor(name, file);
+  }
+}
+
+std::vector<std::string> Checkpoint::names() const {
+  std::vector<std::string> out;
+  out.reserve(tensors_.size());
+  for (const auto& [name, e] : tensors_) out.push_back(name);
+  return out;
+}
+
+const Checkpoint::Entry& Checkpoint::entry(const std::string& name) const {
+  const auto it = tensors_.find(name);
+  if (it == tensors_.end()) {
+    MLA_THROW(kNotFound, "tensor {} not found in checkpoint {}", name, dir_);
+  }
+  return it->second;
+}
+
+const TensorInfo& Checkpoint::info(const std::string& name) const { return *entry(name).info; }
+
+Tensor Checkpoint::load_f32(const std::string& name, const Shape& expected_shape) {
+  const Entry& e = entry(name);
+  if (e.info->shape != expected_shape) {
+    MLA_THROW(kInvalidArgument, "file {}: tensor {} has shape {}, expected {}", e.file->path(),
+              name, shape_str(e.info->shape), shape_str(expected_shape));
+  }
+  Tensor out = e.info->dtype == DType::kF8E4M3 ? dequantize_fp8(e) : to_f32(*e.file, *e.info);
+  progress_->add(e.info->nbytes);
+  return out;
+}
+
+Tensor Checkpoint::dequantize_fp8(const Entry& weight) const {
+  const TensorInfo& w = *weight.info;
+  if (w.shape.size() != 2) {
+    MLA_THROW(kInvalidArgument, "file {}: fp8 tensor {} has shape {}; only 2-D fp8 is supported",
+              weight.file->path(), w.name, shape_str(w.shape));
+  }
+  const std::string scale_name = w.name + std::string(kScaleSuffix);
+  const auto it = tensors_.find(scale_name);
+  if (it == tensors_.end()) {
+    MLA_THROW(kNotFound, "file {}: fp8 tensor {} has no scale tensor {} in checkpoint {}",
+              weight.file->path(), w.name, scale_name, dir_);
+  }
+  const int64_t rows = w.shape[0], cols = w.shape[1];
+  const int64_t block_rows = fp8_block_[0], block_cols = fp8_block_[1];
+  const Shape scale_shape = {ceil_div(rows, block_rows), ceil_div(cols, block_cols)};
+  const Entry& s = it->second;
+  if (s.info->shape != scale_shape) {
+    MLA_THROW(kInvalidArgument,
+              "file {}: tensor {} has shape {}, expected {} for fp8 tensor {} {} in blocks of "
+              "[{}, {}]",
+              s.file->path(), scale_name, shape_str(s.info->shape), shape_str(scale_shape), w.name,
+              shape_str(w.shape), block_rows, block_cols);
+  }
+  const Tensor scale = to_f32(*s.file, *s.info);
+  Tensor out = to_f32(*weight.file, w);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = out.f32() + i * cols;
+    const float* row_scale = scale.f32() + (i / block_rows) * scale_shape[1];
+    for (int64_t b = 0; b < scale_shape[1]; ++b) {
+      const int64_t end = std::min(cols, (b + 1) * block_cols);
+      for (int64_t j = b * block_cols; j < end; ++j) row[j] *= row_scale[b];
+    }
+  }
+  return out;
+}
+
+Tensor Checkpoint::load_raw(const std::string& name) const {
+  return entry(name).file->tensor(name);
+}
+
+void Checkpoint::set_progress(bool enabled) {
+  std::lock_guard lock(progress_->mu);
+  progress_->enabled = enabled;
+  progress_->tty = enabled && ::isatty(2);
+}
+
+void Checkpoint::expect_total_bytes(size_t bytes) {
+  std::lock_guard lock(progress_->mu);
+  progress_->total_bytes = bytes;
+}
+
+void Checkpoint::finish_progress() { progress_->finish(); }
+
+}  // namespace mla

@@ -1,0 +1,87 @@
+// Checkpoint: the weights of a Hugging Face model directory, looked up by tensor name.
+//
+// open() finds the safetensors files (sharded via model.safetensors.index.json, else
+// model.safetensors, else every *.safetensors in the directory), maps them and validates their
+// headers; tensor bytes are paged in only when loaded, so tensors that are never asked for
+// (e.g. the MTP layer of DeepSeek-V3) cost nothing.
+//
+// load_f32() converts F32/BF16/F16 to fp32, and dequantises F8_E4M3 weights with their
+// block scales: a 2-D fp8 tensor `W` comes with `W_scale_inv` (any float dtype) of shape
+// [ceil(rows / block[0]), ceil(cols / block[1])], and W[i][j] = fp8(W[i][j]) *
+// scale_inv[i / block[0]][j / block[1]].
+//
+// Thread-safety: after open(), load_f32() and load_raw() may be called from several threads at
+// once. Configure progress (set_progress, expect_total_bytes) before loading starts.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/tensor.h"
+#include "runtime/safetensors.h"
+
+namespace mla {
+
+class Checkpoint {
+ public:
+  // Opens the checkpoint in `model_dir`. `fp8_block` is config.json's
+  // quantization_config.weight_block_size. Throws kNotFound naming the directory if it holds
+  // no weights, or naming the shard if the index lists a missing one; kDataLoss if the index
+  // is malformed, points a tensor at a shard without it, or two files hold the same tensor;
+  // anything SafetensorsFile::open throws for a bad file.
+  static Checkpoint open(const std::string& model_dir, std::array<int, 2> fp8_block = {128, 128});
+
+  Checkpoint(Checkpoint&&) noexcept;
+  Checkpoint& operator=(Checkpoint&&) noexcept;
+  ~Checkpoint();
+
+  const std::string& dir() const { return dir_; }
+  bool has(const std::string& name) const { return tensors_.contains(name); }
+  // All tensor names, sorted.
+  std::vector<std::string> names() const;
+  // Throws kNotFound naming the tensor and the directory if absent.
+  const TensorInfo& info(const std::string& name) const;
+
+  // A new fp32 host tensor holding tensor `name`, which must have shape `expected_shape`.
+  // Throws kNotFound if the tensor (or the scale of an fp8 tensor) is absent, and
+  // kInvalidArgument if its shape, its scale's shape or its dtype does not fit.
+  Tensor load_f32(const std::string& name, const Shape& expected_shape);
+  // Zero-copy, read-only view of tensor `name` in its stored dtype (e.g. I64 tables); keeps
+  // the file mapped while it lives. Not counted by the progress display.
+  Tensor load_raw(const std::string& name) const;
+
+  // Reports load_f32 progress: on a terminal, one status line on stderr redrawn with '\r';
+  // otherwise one log line from finish_progress(). Default: off.
+  void set_progress(bool enabled);
+  // The stored bytes the caller will load_f32 in total, the 100% mark of the status line.
+  // Default: every float tensor in the checkpoint except the `*_scale_inv` companions.
+  void expect_total_bytes(size_t bytes);
+  // Ends the status line (or logs the summary) and resets the counters for a next round.
+  void finish_progress();
+
+ private:
+  struct Entry {
+    const SafetensorsFile* file;
+    const TensorInfo* info;
+  };
+  struct Progress;
+
+  Checkpoint(std::string dir, std::array<int, 2> fp8_block);
+  void add_file(const std::string& path);
+  void add_index(const std::string& index_path);
+  void add_tensor(const std::string& name, const SafetensorsFile* file);
+  const Entry& entry(const std::string& name) const;
+  Tensor dequantize_fp8(const Entry& weight) const;
+
+  std::string dir_;
+  std::array<int, 2> fp8_block_;
+  std::vector<std::shared_ptr<SafetensorsFile>> files_;
+  std::map<std::string, Entry> tensors_;
+  std::unique_ptr<Progress> progress_;
+};
+
+}  // namespace mla

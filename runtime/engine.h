@@ -1,0 +1,93 @@
+// Engine: one tensor-parallel group's step loop (DESIGN.md section 6).
+//
+//   step() = schedule -> run the model -> sample and retire finished sequences.
+//
+// Requests join at any time and run in continuous batches; long prompts are prefilled in
+// chunks under the token budget; when cache pages run out, the youngest running request is
+// preempted and recomputed later. Not thread-safe: one thread drives an engine.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "runtime/deepseek_model.h"
+#include "runtime/latent_cache.h"
+#include "runtime/scheduler.h"
+#include "runtime/sequence.h"
+
+namespace mla {
+
+struct EngineOptions {
+  int32_t block_size = 64;        // tokens per cache page. Default: 64.
+  int32_t num_pages = 256;        // cache pages. Default: 256.
+  SchedulerOptions scheduler;     // Default: see SchedulerOptions.
+};
+
+// What one step produced for one request.
+struct StepOutput {
+  RequestId id;
+  int32_t token = -1;                       // -1 when the request ended without a token
+  bool finished = false;
+  FinishReason finish = FinishReason::kNone;
+  std::vector<float> logits;                // only with Request::return_logits
+};
+
+// A request's complete state, enough to continue it in another engine: its tokens, its
+// sampling settings and the cache latents of every computed token.
+struct RequestSnapshot {
+  Request request;
+  std::vector<int32_t> tokens;  // prompt + generated
+  int32_t prompt_len = 0;
+  Tensor latents;               // [layers, num_computed, d_c + d_r]
+};
+
+struct EngineStats {
+  int64_t steps = 0;
+  int64_t computed_tokens = 0;   // tokens run through the model (recomputation included)
+  int64_t generated_tokens = 0;
+  int64_t preemptions = 0;
+  WorkCounter work;
+};
+
+class Engine {
+ public:
+  Engine(std::shared_ptr<const DeepseekModel> model, EngineOptions options);
+
+  // Validates and queues a request; throws kInvalidArgument saying what is wrong, or
+  // kResourceExhausted if it could never fit in the cache.
+  RequestId add_request(Request request);
+  // Runs one step; returns one output per request that sampled or ended in it.
+  std::vector<StepOutput> step();
+  bool has_work() const { return !seqs_.empty(); }
+  // Ends a request at once and frees its pages; false if the id is unknown.
+  bool cancel(RequestId id);
+
+  // Removes a request from this engine and returns its state (for migration).
+  RequestSnapshot export_request(RequestId id);
+  // Continues a request exported by another engine; returns its id here.
+  RequestId import_request(const RequestSnapshot& snapshot);
+
+  const DeepseekModel& model() const { return *model_; }
+  const LatentCache& cache() const { return cache_; }
+  const EngineStats& stats() const { return stats_; }
+  int32_t num_running() const { return scheduler_.num_running(); }
+  int32_t num_waiting() const { return scheduler_.num_waiting(); }
+
+ private:
+  std::vector<StepOutput> postprocess(const Schedule& plan, const Tensor& logits);
+  void validate(const Request& r) const;
+  Sequence& find(RequestId id);
+  void retire(Sequence& seq, FinishReason reason);
+
+  std::shared_ptr<const DeepseekModel> model_;
+  EngineOptions options_;
+  LatentCache cache_;
+  Scheduler scheduler_;
+  std::map<RequestId, std::unique_ptr<Sequence>> seqs_;
+  RequestId next_id_ = 1;
+  EngineStats stats_;
+};
+
+}  // namespace mla

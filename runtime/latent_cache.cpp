@@ -1,0 +1,113 @@
+#include "runtime/latent_cache.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <utility>
+
+#include "kernels/error.h"
+
+namespace mla {
+namespace {
+
+// Calls fn(first_token, count, page) for each run of tokens [0, num_tokens) that shares a
+// page; within a run the rows are contiguous in the cache.
+template <typename Fn>
+void for_each_page_run(const BlockTable& table, int32_t block_size, int32_t num_tokens, Fn fn) {
+  for (int32_t first = 0; first < num_tokens; first += block_size) {
+    fn(first, std::min(block_size, num_tokens - first), table.pages[first / block_size]);
+  }
+}
+
+}  // namespace
+
+LatentCache::LatentCache(CacheGeometry geometry, int32_t num_pages)
+    : geometry_(geometry), pool_(num_pages) {
+  MLA_REQUIRE(geometry.num_layers >= 1, "num_layers must be >= 1, got {}", geometry.num_layers);
+  MLA_REQUIRE(geometry.block_size >= 1, "block_size must be >= 1, got {}", geometry.block_size);
+  MLA_REQUIRE(geometry.kv_lora_rank >= 1, "kv_lora_rank must be >= 1, got {}",
+              geometry.kv_lora_rank);
+  MLA_REQUIRE(geometry.rope_dim >= 0, "rope_dim must be >= 0, got {}", geometry.rope_dim);
+  storage_ = Tensor::empty({num_pages, geometry.num_layers, geometry.block_size, geometry.width()});
+}
+
+int32_t LatentCache::pages_for(int32_t num_tokens) const {
+  MLA_REQUIRE(num_tokens >= 0, "num_tokens must be >= 0, got {}", num_tokens);
+  return static_cast<int32_t>((int64_t{num_tokens} + geometry_.block_size - 1) /
+                              geometry_.block_size);
+}
+
+bool LatentCache::reserve(BlockTable& table, int32_t num_tokens) {
+  const int32_t missing = pages_for(num_tokens) - static_cast<int32_t>(table.pages.size());
+  if (missing > 0 && !pool_.allocate(missing, &table.pages)) return false;
+  table.num_tokens = std::max(table.num_tokens, num_tokens);
+  return true;
+}
+
+void LatentCache::release(BlockTable& table) {
+  for (int32_t page : table.pages) pool_.release(page);
+  table.pages.clear();
+  table.num_tokens = 0;
+}
+
+float* LatentCache::row(const BlockTable& table, int32_t layer, int32_t pos) {
+  return const_cast<float*>(std::as_const(*this).row(table, layer, pos));
+}
+
+const float* LatentCache::row(const BlockTable& table, int32_t layer, int32_t pos) const {
+  const int64_t capacity = int64_t{geometry_.block_size} * table.pages.size();
+  MLA_CHECK(0 <= pos && pos < capacity, "token {} outside the table's {} slots", pos, capacity);
+  return page_block(table.pages[pos / geometry_.block_size], layer) +
+         int64_t{pos % geometry_.block_size} * geometry_.width();
+}
+
+float* LatentCache::page_block(int32_t page, int32_t layer) {
+  return const_cast<float*>(std::as_const(*this).page_block(page, layer));
+}
+
+const float* LatentCache::page_block(int32_t page, int32_t layer) const {
+  MLA_CHECK(0 <= layer && layer < geometry_.num_layers, "layer {} out of range [0, {})", layer,
+            geometry_.num_layers);
+  MLA_CHECK(pool_.ref_count(page) > 0, "page {} is free", page);
+  const int64_t block_numel = int64_t{geometry_.block_size} * geometry_.width();
+  return storage_.f32() + (int64_t{page} * geometry_.num_layers + layer) * block_numel;
+}
+
+Tensor LatentCache::export_tokens(const BlockTable& table, int32_t num_tokens) const {
+  MLA_REQUIRE(0 <= num_tokens && num_tokens <= table.num_tokens,
+              "cannot export {} tokens from a table of {}", num_tokens, table.num_tokens);
+  const int64_t width = geometry_.width();
+  Tensor out = Tensor::empty({geometry_.num_layers, num_tokens, width});
+  for (int32_t layer = 0; layer < geometry_.num_layers; ++layer) {
+    float* dst = out.f32() + int64_t{layer} * num_tokens * width;
+    for_each_page_run(
+        table, geometry_.block_size, num_tokens, [&](int32_t first, int32_t count, int32_t page) {
+          std::memcpy(dst + first * width, page_block(page, layer), count * width * sizeof(float));
+        });
+  }
+  return out;
+}
+
+bool LatentCache::import_tokens(BlockTable& table, const Tensor& latents) {
+  MLA_REQUIRE(table.pages.empty() && table.num_tokens == 0,
+              "import needs an empty block table, got one with {} pages", table.pages.size());
+  MLA_REQUIRE(latents.dtype() == DType::kF32 && latents.ndim() == 3 &&
+                  latents.dim(0) == geometry_.num_layers && latents.dim(2) == geometry_.width(),
+              "latents {} {} do not match cache [{}, tokens, {}] F32", shape_str(latents.shape()),
+              dtype_name(latents.dtype()), geometry_.num_layers, geometry_.width());
+  const int64_t width = geometry_.width();
+  const int64_t tokens = latents.dim(1);
+  MLA_REQUIRE(tokens <= std::numeric_limits<int32_t>::max(), "cannot import {} tokens", tokens);
+  const auto num_tokens = static_cast<int32_t>(tokens);
+  if (!reserve(table, num_tokens)) return false;
+  for (int32_t layer = 0; layer < geometry_.num_layers; ++layer) {
+    const float* src = latents.f32() + int64_t{layer} * num_tokens * width;
+    for_each_page_run(
+        table, geometry_.block_size, num_tokens, [&](int32_t first, int32_t count, int32_t page) {
+          std::memcpy(page_block(page, layer), src + first * width, count * width * sizeof(float));
+        });
+  }
+  return true;
+}
+
+}  // namespace mla

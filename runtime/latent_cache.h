@@ -1,0 +1,82 @@
+// LatentCache: the paged MLA latent cache on the host.
+//
+// MLA caches one latent row per token and layer: the compressed kv `c` (kv_lora_rank
+// floats) followed by the rotary key `k_r` (rope_dim floats). Rows live in fixed-size pages
+// of block_size tokens; a sequence owns an ordered list of pages (its BlockTable), so token
+// `pos` is row pos % block_size of page pages[pos / block_size]. Storage is fp32
+// [num_pages][num_layers][block_size][width], so one page's rows of one layer are contiguous.
+//
+// Export/import move a sequence's latents between caches (migration, draining, failover)
+// in a per-token layout, so the two caches may use different block sizes.
+// Not thread-safe: the engine's step loop owns the cache.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels/tensor.h"
+#include "runtime/page_pool.h"
+
+namespace mla {
+
+struct CacheGeometry {
+  int32_t num_layers;
+  int32_t block_size;                                        // tokens per page
+  int32_t kv_lora_rank;                                      // d_c
+  int32_t rope_dim;                                          // d_r
+  int32_t width() const { return kv_lora_rank + rope_dim; }  // 576 for DeepSeek
+};
+
+// One sequence's pages, in token order. num_tokens is how many tokens the pages were
+// reserved for; the pages hold pages.size() * block_size tokens.
+struct BlockTable {
+  std::vector<int32_t> pages;
+  int32_t num_tokens = 0;
+};
+
+class LatentCache {
+ public:
+  // Throws kInvalidArgument unless num_layers, block_size and kv_lora_rank are >= 1 and
+  // rope_dim and num_pages are >= 0. Page contents start uninitialised.
+  LatentCache(CacheGeometry geometry, int32_t num_pages);
+
+  const CacheGeometry& geometry() const { return geometry_; }
+  PagePool& pool() { return pool_; }
+  const PagePool& pool() const { return pool_; }
+
+  // ceil(num_tokens / block_size).
+  int32_t pages_for(int32_t num_tokens) const;
+
+  // Grows `table` so it holds num_tokens tokens, allocating the missing pages, and sets
+  // table.num_tokens = max(table.num_tokens, num_tokens). Returns false and leaves `table`
+  // and the pool unchanged if the pool lacks free pages.
+  bool reserve(BlockTable& table, int32_t num_tokens);
+  // Releases every page of `table` and clears it.
+  void release(BlockTable& table);
+
+  // The latent row of token `pos` in layer `layer`: [width] (c, then k_r). Throws kInternal
+  // if layer or pos is outside the table's pages.
+  float* row(const BlockTable& table, int32_t layer, int32_t pos);
+  const float* row(const BlockTable& table, int32_t layer, int32_t pos) const;
+
+  // One page's rows of one layer: [block_size, width], contiguous. Throws kInternal if the
+  // page is out of range or free (a free page's rows belong to no sequence).
+  float* page_block(int32_t page, int32_t layer);
+  const float* page_block(int32_t page, int32_t layer) const;
+
+  // Copy of the first num_tokens tokens of every layer: [num_layers, num_tokens, width].
+  // Throws kInvalidArgument if num_tokens is negative or above table.num_tokens.
+  Tensor export_tokens(const BlockTable& table, int32_t num_tokens) const;
+  // Reserves pages in `table`, which must be empty, for latents [num_layers, tokens, width]
+  // (as export_tokens returns) and writes them in. Returns false, leaving `table` empty and
+  // the pool unchanged, if the pool lacks free pages. Throws kInvalidArgument for a
+  // non-empty table or latents of the wrong dtype or shape.
+  bool import_tokens(BlockTable& table, const Tensor& latents);
+
+ private:
+  CacheGeometry geometry_;
+  PagePool pool_;
+  Tensor storage_;  // [num_pages, num_layers, block_size, width]
+};
+
+}  // namespace mla

@@ -1,0 +1,90 @@
+#include "runtime/scheduler.h"
+
+#include <algorithm>
+
+#include "kernels/error.h"
+
+namespace mla {
+
+const char* to_string(FinishReason r) {
+  switch (r) {
+    case FinishReason::kNone: return "none";
+    case FinishReason::kStop: return "stop";
+    case FinishReason::kLength: return "length";
+    case FinishReason::kCancelled: return "cancelled";
+  }
+  return "?";
+}
+
+Scheduler::Scheduler(SchedulerOptions options, LatentCache& cache)
+    : options_(options), cache_(cache) {
+  MLA_REQUIRE(options.max_batch_tokens >= 1, "max_batch_tokens must be >= 1");
+  MLA_REQUIRE(options.max_running >= 1, "max_running must be >= 1");
+}
+
+void Scheduler::add(Sequence* seq) {
+  seq->status = SeqStatus::kWaiting;
+  waiting_.push_back(seq);
+}
+
+void Scheduler::preempt(Sequence* seq) {
+  cache_.release(seq->table);
+  seq->num_computed = 0;
+  seq->status = SeqStatus::kWaiting;
+  seq->num_preemptions++;
+  running_.erase(std::find(running_.begin(), running_.end(), seq));
+  // Preempted sequences arrived before anything still waiting: they go first.
+  auto pos = std::find_if(waiting_.begin(), waiting_.end(),
+                          [&](Sequence* w) { return w->id > seq->id; });
+  waiting_.insert(pos, seq);
+}
+
+Schedule Scheduler::schedule() {
+  Schedule plan;
+  int32_t budget = options_.max_batch_tokens;
+
+  // Running sequences, oldest first; on page shortage evict the youngest.
+  for (size_t i = 0; i < running_.size() && budget > 0;) {
+    Sequence* seq = running_[i];
+    const int32_t n = std::min(seq->num_pending(), budget);
+    if (cache_.reserve(seq->table, seq->num_computed + n)) {
+      plan.chunks.push_back({seq, seq->num_computed, n});
+      budget -= n;
+      ++i;
+      continue;
+    }
+    // The youngest is never before `i`, so no planned chunk loses its pages. If it is
+    // `seq` itself, the loop ends.
+    Sequence* victim = running_.back();
+    plan.preempted.push_back(victim);
+    preempt(victim);
+  }
+
+  // Waiting sequences in order, while their first chunk fits.
+  while (!waiting_.empty() && budget > 0 &&
+         static_cast<int32_t>(running_.size()) < options_.max_running) {
+    Sequence* seq = waiting_.front();
+    const int32_t n = std::min(seq->num_pending(), budget);
+    if (!cache_.reserve(seq->table, seq->num_computed + n)) break;
+    waiting_.pop_front();
+    seq->status = SeqStatus::kRunning;
+    running_.push_back(seq);
+    plan.chunks.push_back({seq, seq->num_computed, n});
+    budget -= n;
+  }
+  for (const auto& c : plan.chunks) plan.num_tokens += c.num_tokens;
+  return plan;
+}
+
+void Scheduler::commit(const ScheduledChunk& chunk) {
+  MLA_CHECK(chunk.seq->num_computed == chunk.start, "chunk committed out of order");
+  chunk.seq->num_computed += chunk.num_tokens;
+}
+
+void Scheduler::remove(Sequence* seq) {
+  cache_.release(seq->table);
+  std::erase(running_, seq);
+  std::erase(waiting_, seq);
+}
+
+}  // namespace mla

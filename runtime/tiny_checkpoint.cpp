@@ -1,0 +1,218 @@
+#include "runtime/tiny_checkpoint.h"
+
+#include <spdlog/spdlog.h>
+
+#include <fmt/ranges.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "kernels/error.h"
+#include "kernels/tensor.h"
+#include "runtime/safetensors.h"
+
+namespace mla {
+namespace {
+
+ModelConfig tiny_base() {
+  ModelConfig c;
+  c.vocab_size = 512;
+  c.hidden_size = 64;
+  c.num_layers = 3;
+  c.num_heads = 4;
+  c.kv_lora_rank = 32;
+  c.qk_rope_head_dim = 16;
+  c.qk_nope_head_dim = 16;
+  c.v_head_dim = 16;
+  c.intermediate_size = 128;
+  c.moe_intermediate_size = 32;
+  c.first_k_dense_replace = 1;
+  c.max_position_embeddings = 2048;
+  c.eos_token_ids = {1};
+  return c;
+}
+
+// Every tensor of the checkpoint with its shape, in Hugging Face naming.
+std::vector<std::pair<std::string, Shape>> checkpoint_shapes(const ModelConfig& c) {
+  const int64_t D = c.hidden_size, H = c.num_heads;
+  std::vector<std::pair<std::string, Shape>> out = {
+      {"model.embed_tokens.weight", {c.vocab_size, D}},
+      {"model.norm.weight", {D}},
+      {"lm_head.weight", {c.vocab_size, D}}};
+  auto mlp = [&](const std::string& p, int64_t width) {
+    out.push_back({p + "gate_proj.weight", {width, D}});
+    out.push_back({p + "up_proj.weight", {width, D}});
+    out.push_back({p + "down_proj.weight", {D, width}});
+  };
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const std::string p = fmt::format("model.layers.{}.", l);
+    out.push_back({p + "input_layernorm.weight", {D}});
+    out.push_back({p + "post_attention_layernorm.weight", {D}});
+    const std::string a = p + "self_attn.";
+    if (c.q_lora_rank > 0) {
+      out.push_back({a + "q_a_proj.weight", {c.q_lora_rank, D}});
+      out.push_back({a + "q_a_layernorm.weight", {c.q_lora_rank}});
+      out.push_back({a + "q_b_proj.weight", {H * c.qk_head_dim(), c.q_lora_rank}});
+    } else {
+      out.push_back({a + "q_proj.weight", {H * c.qk_head_dim(), D}});
+    }
+    out.push_back({a + "kv_a_proj_with_mqa.weight", {c.latent_width(), D}});
+    out.push_back({a + "kv_a_layernorm.weight", {c.kv_lora_rank}});
+    out.push_back({a + "kv_b_proj.weight", {H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}});
+    out.push_back({a + "o_proj.weight", {D, H * c.v_head_dim}});
+    const std::string m = p + "mlp.";
+    if (!c.is_moe_layer(l)) {
+      mlp(m, c.intermediate_size);
+      continue;
+    }
+    out.push_back({m + "gate.weight", {c.n_routed_experts, D}});
+    if (c.gate == GateKind::kSigmoidNoauxTc) {
+      out.push_back({m + "gate.e_score_correction_bias", {c.n_routed_experts}});
+    }
+    for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+      mlp(fmt::format("{}experts.{}.", m, e), c.moe_intermediate_size);
+    }
+    if (c.n_shared_experts > 0) mlp(m + "shared_experts.", c.n_shared_experts * c.moe_intermediate_size);
+  }
+  return out;
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+Tensor narrow_to(const Tensor& f32, DType dtype) {
+  Tensor out = Tensor::empty(f32.shape(), dtype);
+  const float* src = f32.f32();
+  auto* dst = out.data<uint16_t>();
+  for (int64_t i = 0; i < f32.numel(); ++i) {
+    dst[i] = dtype == DType::kBF16 ? f32_to_bf16(src[i]) : f32_to_f16(src[i]);
+  }
+  return out;
+}
+
+// Block-wise fp8 e4m3 quantisation: per 128x128 block, scale = amax / 448.
+std::pair<Tensor, Tensor> quantize_fp8(const Tensor& w, int block) {
+  const int64_t rows = w.dim(0), cols = w.dim(1);
+  const int64_t br = (rows + block - 1) / block, bc = (cols + block - 1) / block;
+  Tensor q = Tensor::empty({rows, cols}, DType::kF8E4M3);
+  Tensor scale_inv = Tensor::empty({br, bc});
+  const float* src = w.f32();
+  for (int64_t bi = 0; bi < br; ++bi) {
+    for (int64_t bj = 0; bj < bc; ++bj) {
+      float amax = 0.0f;
+      for (int64_t i = bi * block; i < std::min(rows, (bi + 1) * block); ++i)
+        for (int64_t j = bj * block; j < std::min(cols, (bj + 1) * block); ++j)
+          amax = std::max(amax, std::fabs(src[i * cols + j]));
+      const float scale = amax > 0 ? amax / 448.0f : 1.0f;
+      scale_inv.f32()[bi * bc + bj] = scale;
+      for (int64_t i = bi * block; i < std::min(rows, (bi + 1) * block); ++i)
+        for (int64_t j = bj * block; j < std::min(cols, (bj + 1) * block); ++j)
+          q.data<uint8_t>()[i * cols + j] = f32_to_fp8e4m3(src[i * cols + j] / scale);
+    }
+  }
+  return {q, scale_inv};
+}
+
+}  // namespace
+
+std::vector<std::string> model_preset_names() { return {"v3", "v2-lite", "v2-lite-full"}; }
+
+ModelConfig model_preset(const std::string& name) {
+  ModelConfig c = tiny_base();
+  if (name == "v3") {
+    c.family = ModelFamily::kDeepseekV3;
+    c.q_lora_rank = 48;
+    c.n_routed_experts = 16;
+    c.n_shared_experts = 1;
+    c.num_experts_per_tok = 4;
+    c.n_group = 4;
+    c.topk_group = 2;
+    c.norm_topk_prob = true;
+    c.routed_scaling_factor = 2.5;
+    c.gate = GateKind::kSigmoidNoauxTc;
+    c.rope = {RopeType::kYarn, 10000.0, 4.0, 256, 32.0, 1.0, 1.0, 1.0, 0.0, true};
+  } else if (name == "v2-lite" || name == "v2-lite-full") {
+    c.family = ModelFamily::kDeepseekV2;
+    c.n_routed_experts = 8;
+    c.n_shared_experts = 2;
+    c.num_experts_per_tok = 2;
+    c.gate = GateKind::kSoftmaxGreedy;
+    c.num_layers = 2;
+    c.eos_token_ids = {2};
+    c.rope = {RopeType::kYarn, 10000.0, 4.0, 256, 32.0, 1.0, 0.707, 0.707, 0.0, true};
+    if (name == "v2-lite-full") {  // DeepSeek-V2-Lite's published config
+      c.vocab_size = 102400;
+      c.hidden_size = 2048;
+      c.num_layers = 27;
+      c.num_heads = 16;
+      c.kv_lora_rank = 512;
+      c.qk_rope_head_dim = 64;
+      c.qk_nope_head_dim = 128;
+      c.v_head_dim = 128;
+      c.intermediate_size = 10944;
+      c.moe_intermediate_size = 1408;
+      c.n_routed_experts = 64;
+      c.num_experts_per_tok = 6;
+      c.max_position_embeddings = 163840;
+      c.eos_token_ids = {100001};
+      c.rope = {RopeType::kYarn, 10000.0, 40.0, 4096, 32.0, 1.0, 0.707, 0.707, 0.0, true};
+    }
+  } else {
+    MLA_THROW(kInvalidArgument, "unknown preset `{}` (known: {})", name,
+              fmt::join(model_preset_names(), ", "));
+  }
+  c.validate();
+  return c;
+}
+
+void write_random_checkpoint(const ModelConfig& config, const std::string& dir, uint64_t seed,
+                             DType dtype) {
+  MLA_REQUIRE(dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF8E4M3,
+              "make-tiny writes F32, BF16 or F8_E4M3, not {}", dtype_name(dtype));
+  std::filesystem::create_directories(dir);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const auto& [name, shape] : checkpoint_shapes(config)) {
+    Tensor t = Tensor::empty(shape);
+    float* p = t.f32();
+    const bool is_norm = ends_with(name, "norm.weight");
+    const bool is_bias = ends_with(name, "e_score_correction_bias");
+    const bool is_embed = name == "model.embed_tokens.weight";
+    const float std_dev = is_norm ? 0.1f : is_bias ? 0.05f : is_embed ? 1.0f
+                                  : 1.0f / std::sqrt(static_cast<float>(shape.back()));
+    for (int64_t i = 0; i < t.numel(); ++i) p[i] = (is_norm ? 1.0f : 0.0f) + std_dev * normal(rng);
+
+    const bool linear = shape.size() == 2 && !is_embed && name != "lm_head.weight" &&
+                        !ends_with(name, "mlp.gate.weight");
+    if (dtype == DType::kF8E4M3 && linear) {
+      auto [q, scale_inv] = quantize_fp8(t, config.fp8_block[0]);
+      tensors.emplace_back(name, q);
+      tensors.emplace_back(name + "_scale_inv", scale_inv);
+    } else if (dtype != DType::kF32 && !is_bias) {
+      tensors.emplace_back(name, narrow_to(t, DType::kBF16));
+    } else {
+      tensors.emplace_back(name, t);
+    }
+  }
+  write_safetensors(dir + "/model.safetensors", tensors, {{"format", "pt"}});
+
+  nlohmann::json j = config.to_json();
+  j["torch_dtype"] = dtype == DType::kF32 ? "float32" : "bfloat16";
+  if (dtype == DType::kF8E4M3) {
+    j["quantization_config"] = {{"quant_method", "fp8"},
+                                {"fmt", "e4m3"},
+                                {"activation_scheme", "dynamic"},
+                                {"weight_block_size", {config.fp8_block[0], config.fp8_block[1]}}};
+  }
+  std::ofstream(dir + "/config.json") << j.dump(2) << "\n";
+  spdlog::info("wrote random {} checkpoint ({} tensors, {}) to {}", config.family_name(),
+               tensors.size(), dtype_name(dtype), dir);
+}
+
+}  // namespace mla

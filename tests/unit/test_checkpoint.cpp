@@ -1,0 +1,337 @@
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/dtype.h"
+#include "kernels/error.h"
+#include "runtime/checkpoint.h"
+#include "runtime/safetensors.h"
+
+namespace mla {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+// The mla::Error that `f` throws; a test failure if it throws none.
+template <typename F>
+Error error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e;
+  }
+  ADD_FAILURE() << "expected an mla::Error";
+  return Error(ErrorCode::kInternal, "nothing thrown");
+}
+
+// `values` rounded to bf16 (`dtype` kBF16) or f16 (kF16) and stored in that dtype.
+Tensor narrowed(Shape shape, const std::vector<float>& values, DType dtype) {
+  Tensor t = Tensor::empty(std::move(shape), dtype);
+  for (size_t i = 0; i < values.size(); ++i) {
+    t.data<uint16_t>()[i] = dtype == DType::kBF16 ? f32_to_bf16(values[i]) : f32_to_f16(values[i]);
+  }
+  return t;
+}
+
+std::vector<float> as_vector(const Tensor& t) { return {t.f32(), t.f32() + t.numel()}; }
+
+size_t resident_bytes() {
+  size_t total_pages = 0, resident_pages = 0;
+  std::ifstream("/proc/self/statm") >> total_pages >> resident_pages;
+  return resident_pages * static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+}
+
+class CheckpointTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const auto* test = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = (fs::path(::testing::TempDir()) /
+            fmt::format("mla_{}_{}_{}", test->test_suite_name(), test->name(), ::getpid()))
+               .string();
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::string path(const std::string& name) const { return (fs::path(dir_) / name).string(); }
+
+  void write_index(const std::map<std::string, std::string>& weight_map) const {
+    std::ofstream(path("model.safetensors.index.json"))
+        << nlohmann::json{{"metadata", {{"total_size", 0}}}, {"weight_map", weight_map}}.dump();
+  }
+
+  std::string dir_;
+};
+
+TEST_F(CheckpointTest, LoadsF32Bf16F16AsF32) {
+  const std::vector<float> values = {1.5f, -2.25f, 3.0e-3f, 65000.0f, -1.0e-6f, 0.1f};
+  write_safetensors(path("model.safetensors"), {{"a.f32", Tensor::from_vector({2, 3}, values)},
+                                                {"b.bf16", narrowed({6}, values, DType::kBF16)},
+                                                {"c.f16", narrowed({3, 2}, values, DType::kF16)}});
+  Checkpoint ckpt = Checkpoint::open(dir_);
+  EXPECT_EQ(ckpt.dir(), dir_);
+  EXPECT_EQ(ckpt.names(), (std::vector<std::string>{"a.f32", "b.bf16", "c.f16"}));
+  EXPECT_TRUE(ckpt.has("b.bf16"));
+  EXPECT_FALSE(ckpt.has("d"));
+  EXPECT_EQ(ckpt.info("b.bf16").dtype, DType::kBF16);
+  EXPECT_EQ(ckpt.info("c.f16").shape, (Shape{3, 2}));
+
+  std::vector<float> want_bf16, want_f16;
+  for (float v : values) {
+    want_bf16.push_back(bf16_to_f32(f32_to_bf16(v)));
+    want_f16.push_back(f16_to_f32(f32_to_f16(v)));
+  }
+  EXPECT_EQ(as_vector(ckpt.load_f32("a.f32", {2, 3})), values);
+  EXPECT_EQ(as_vector(ckpt.load_f32("b.bf16", {6})), want_bf16);
+  const Tensor f16 = ckpt.load_f32("c.f16", {3, 2});
+  EXPECT_EQ(f16.dtype(), DType::kF32);
+  EXPECT_EQ(as_vector(f16), want_f16);
+  EXPECT_EQ(as_vector(f16)[0], 1.5f);  // exactly representable values stay exact
+}
+
+TEST_F(CheckpointTest, ShardedIndexWithTwoShards) {
+  write_safetensors(path("model-00001-of-00002.safetensors"),
+                    {{"embed", Tensor::from_vector({2}, {1, 2})},
+                     {"stray", Tensor::zeros({1})}});  // not in the index: ignored
+  write_safetensors(path("model-00002-of-00002.safetensors"),
+                    {{"head", Tensor::from_vector({3}, {3, 4, 5})}});
+  write_index({{"embed", "model-00001-of-00002.safetensors"},
+               {"head", "model-00002-of-00002.safetensors"}});
+  Checkpoint ckpt = Checkpoint::open(dir_);
+  EXPECT_EQ(ckpt.names(), (std::vector<std::string>{"embed", "head"}));
+  EXPECT_EQ(as_vector(ckpt.load_f32("embed", {2})), (std::vector<float>{1, 2}));
+  EXPECT_EQ(as_vector(ckpt.load_f32("head", {3})), (std::vector<float>{3, 4, 5}));
+  EXPECT_EQ(ckpt.info("head").name, "head");
+}
+
+TEST_F(CheckpointTest, IndexWithMissingShardIsNotFound) {
+  write_safetensors(path("model-00001-of-00002.safetensors"), {{"embed", Tensor::zeros({2})}});
+  write_index({{"embed", "model-00001-of-00002.safetensors"},
+               {"head", "model-00002-of-00002.safetensors"}});
+  const Error e = error_of([&] { Checkpoint::open(dir_); });
+  EXPECT_EQ(e.code(), ErrorCode::kNotFound);
+  EXPECT_THAT(e.what(), HasSubstr("model-00002-of-00002.safetensors"));
+}
+
+TEST_F(CheckpointTest, IndexPointingAtWrongShardIsDataLoss) {
+  write_safetensors(path("model-00001-of-00001.safetensors"), {{"embed", Tensor::zeros({2})}});
+  write_index({{"embed", "model-00001-of-00001.safetensors"},
+               {"head", "model-00001-of-00001.safetensors"}});
+  const Error e = error_of([&] { Checkpoint::open(dir_); });
+  EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+  EXPECT_THAT(e.what(), HasSubstr("head"));
+  EXPECT_THAT(e.what(), HasSubstr("model-00001-of-00001.safetensors"));
+}
+
+TEST_F(CheckpointTest, MalformedIndexIsDataLoss) {
+  std::ofstream(path("model.safetensors.index.json")) << R"({"weight_map": [1]})";
+  const Error e = error_of([&] { Checkpoint::open(dir_); });
+  EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+  EXPECT_THAT(e.what(), HasSubstr("model.safetensors.index.json"));
+}
+
+TEST_F(CheckpointTest, WithoutIndexUsesEverySafetensorsFile) {
+  write_safetensors(path("b.safetensors"), {{"y", Tensor::from_vector({1}, {2})}});
+  write_safetensors(path("a.safetensors"), {{"x", Tensor::from_vector({1}, {1})}});
+  std::ofstream(path("config.json")) << "{}";
+  Checkpoint ckpt = Checkpoint::open(dir_);
+  EXPECT_EQ(ckpt.names(), (std::vector<std::string>{"x", "y"}));
+  EXPECT_EQ(ckpt.load_f32("y", {1}).f32()[0], 2.0f);
+}
+
+TEST_F(CheckpointTest, TensorInTwoFilesIsDataLoss) {
+  write_safetensors(path("a.safetensors"), {{"x", Tensor::zeros({1})}});
+  write_safetensors(path("b.safetensors"), {{"x", Tensor::zeros({1})}});
+  const Error e = error_of([&] { Checkpoint::open(dir_); });
+  EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+  EXPECT_THAT(e.what(), HasSubstr("a.safetensors"));
+  EXPECT_THAT(e.what(), HasSubstr("b.safetensors"));
+}
+
+TEST_F(CheckpointTest, DirectoryWithoutWeightsIsNotFound) {
+  std::ofstream(path("config.json")) << "{}";
+  const Error empty = error_of([&] { Checkpoint::open(dir_); });
+  EXPECT_EQ(empty.code(), ErrorCode::kNotFound);
+  EXPECT_THAT(empty.what(), HasSubstr(dir_));
+
+  const std::string missing = path("no_such_model");
+  const Error absent = error_of([&] { Checkpoint::open(missing); });
+  EXPECT_EQ(absent.code(), ErrorCode::kNotFound);
+  EXPECT_THAT(absent.what(), HasSubstr(missing));
+}
+
+TEST_F(CheckpointTest, CorruptFileNamesTheFile) {
+  std::ofstream(path("model.safetensors")) << "garbage";
+  const Error e = error_of([&] { Checkpoint::open(dir_); });
+  EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+  EXPECT_THAT(e.what(), HasSubstr(path("model.safetensors")));
+}
+
+TEST_F(CheckpointTest, MissingTensorIsNotFound) {
+  write_safetensors(path("model.safetensors"), {{"w", Tensor::zeros({2})}});
+  Checkpoint ckpt = Checkpoint::open(dir_);
+  for (const auto& load :
+       std::vector<std::function<void()>>{[&] { ckpt.load_f32("model.layers.0.nope", {2}); },
+                                          [&] { ckpt.load_raw("model.layers.0.nope"); },
+                                          [&] { ckpt.info("model.layers.0.nope"); }}) {
+    const Error e = error_of(load);
+    EXPECT_EQ(e.code(), ErrorCode::kNotFound);
+    EXPECT_THAT(e.what(), HasSubstr("model.layers.0.nope"));
+    EXPECT_THAT(e.what(), HasSubstr(dir_));
+  }
+}
+
+TEST_F(CheckpointTest, WrongShapeIsInvalidArgument) {
+  write_safetensors(path("model.safetensors"), {{"w", Tensor::zeros({2, 2})}});
+  Checkpoint ckpt = Checkpoint::open(dir_);
+  const Error e = error_of([&] { ckpt.load_f32("w", {4}); });
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_THAT(e.what(), HasSubstr(fmt::format("file {}: tensor w has shape [2, 2], expected [4]",
+                                              path("model.safetensors"))));
+}
+
+TEST_F(CheckpointTest, LoadRawReturnsStoredIntegers) {
+  Tensor ids = Tensor::empty({3}, DType::kI64);
+  for (int i = 0; i < 3; ++i) ids.data<int64_t>()[i] = int64_t{1} << (40 + i);
+  write_safetensors(path("model.safetensors"), {{"ids", ids}});
+  Checkpoint ckpt = Checkpoint::open(dir_);
+  const Tensor raw = ckpt.load_raw("ids");
+  EXPECT_EQ(raw.dtype(), DType::kI64);
+  EXPECT_EQ(raw.shape(), (Shape{3}));
+  EXPECT_EQ(raw.data<int64_t>()[2], int64_t{1} << 42);
+  const Error e = error_of([&] { ckpt.load_f32("ids", {3}); });
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_THAT(e.what(), HasSubstr("ids"));
+}
+
+// Random fp8 codes (no NaN) for a [rows, cols] weight.
+Tensor random_fp8(int64_t rows, int64_t cols, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int> code(0, 0x7e);
+  Tensor w = Tensor::empty({rows, cols}, DType::kF8E4M3);
+  for (int64_t i = 0; i < w.numel(); ++i) {
+    w.data<uint8_t>()[i] = static_cast<uint8_t>(code(gen) | (gen() & 0x80));
+  }
+  return w;
+}
+
+std::vector<float> random_scales(size_t n, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<float> dist(1e-4f, 2e-2f);
+  std::vector<float> s(n);
+  for (float& x : s) x = dist(gen);
+  return s;
+}
+
+// W[i][j] = fp8(W[i][j]) * scale[i / block_rows][j / block_cols], element by element.
+std::vector<float> dequantized(const Tensor& w, const std::vector<float>& scale, int block_rows,
+                               int block_cols) {
+  const int64_t rows = w.dim(0), cols = w.dim(1);
+  const int64_t scale_cols = (cols + block_cols - 1) / block_cols;
+  std::vector<float> out(rows * cols);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      out[i * cols + j] = fp8e4m3_to_f32(w.data<uint8_t>()[i * cols + j]) *
+                          scale[(i / block_rows) * scale_cols + j / block_cols];
+    }
+  }
+  return out;
+}
+
+TEST_F(CheckpointTest, DequantizesFp8WithBlockScales) {
+  const std::string name = "model.layers.0.mlp.down_proj.weight";
+  const Tensor w = random_fp8(200, 300, 1);
+  const std::vector<float> scale = random_scales(2 * 3, 2);
+  write_safetensors(path("model.safetensors"),
+                    {{name, w}, {name + "_scale_inv", Tensor::from_vector({2, 3}, scale)}});
+  Checkpoint ckpt = Checkpoint::open(dir_);
+  const Tensor got = ckpt.load_f32(name, {200, 300});
+  EXPECT_EQ(got.dtype(), DType::kF32);
+  EXPECT_EQ(as_vector(got), dequantized(w, scale, 128, 128));
+}
+
+TEST_F(CheckpointTest, DequantizesFp8WithBf16ScalesAndCustomBlock) {
+  const Tensor w = random_fp8(200, 300, 3);
+  std::vector<float> scale = random_scales(4 * 3, 4);
+  for (float& s : scale) s = bf16_to_f32(f32_to_bf16(s));
+  write_safetensors(path("model.safetensors"),
+                    {{"w", w}, {"w_scale_inv", narrowed({4, 3}, scale, DType::kBF16)}});
+  Checkpoint ckpt = Checkpoint::open(dir_, {64, 100});
+  EXPECT_EQ(as_vector(ckpt.load_f32("w", {200, 300})), dequantized(w, scale, 64, 100));
+}
+
+TEST_F(CheckpointTest, Fp8WithoutScaleIsNotFound) {
+  write_safetensors(path("model.safetensors"), {{"layer.w", random_fp8(4, 4, 5)}});
+  Checkpoint ckpt = Checkpoint::open(dir_);
+  const Error e = error_of([&] { ckpt.load_f32("layer.w", {4, 4}); });
+  EXPECT_EQ(e.code(), ErrorCode::kNotFound);
+  EXPECT_THAT(e.what(), HasSubstr("layer.w_scale_inv"));
+  EXPECT_THAT(e.what(), HasSubstr(path("model.safetensors")));
+}
+
+TEST_F(CheckpointTest, Fp8ScaleOfWrongShapeIsInvalidArgument) {
+  write_safetensors(path("model.safetensors"),
+                    {{"layer.w", random_fp8(200, 300, 6)},
+                     {"layer.w_scale_inv", Tensor::from_vector({2, 2}, {1, 1, 1, 1})}});
+  Checkpoint ckpt = Checkpoint::open(dir_);
+  const Error e = error_of([&] { ckpt.load_f32("layer.w", {200, 300}); });
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_THAT(e.what(), HasSubstr("layer.w_scale_inv has shape [2, 2], expected [2, 3]"));
+}
+
+TEST_F(CheckpointTest, UnloadedTensorsCostNothing) {
+  // A 4 GiB sparse tensor next to a small one: opening the checkpoint and loading the small
+  // tensor must not read the big one.
+  const uint64_t big = uint64_t{4} << 30;
+  std::string header =
+      nlohmann::json{
+          {"big", {{"dtype", "U8"}, {"shape", {big}}, {"data_offsets", {0, big}}}},
+          {"small", {{"dtype", "F32"}, {"shape", {2}}, {"data_offsets", {big, big + 8}}}}}
+          .dump();
+  header.append((8 - header.size() % 8) % 8, ' ');
+  const uint64_t header_len = header.size();
+  const float small[2] = {4.0f, -5.0f};
+  {
+    std::ofstream out(path("model.safetensors"), std::ios::binary);
+    out.write(reinterpret_cast<const char*>(&header_len), 8);
+    out << header;
+    out.seekp(static_cast<std::streamoff>(8 + header_len + big));
+    out.write(reinterpret_cast<const char*>(small), sizeof(small));
+  }
+  const size_t before = resident_bytes();
+  Checkpoint ckpt = Checkpoint::open(dir_);
+  EXPECT_EQ(as_vector(ckpt.load_f32("small", {2})), (std::vector<float>{4.0f, -5.0f}));
+  EXPECT_EQ(ckpt.info("big").nbytes, big);
+  EXPECT_LT(resident_bytes() - before, size_t{64} << 20);
+}
+
+TEST_F(CheckpointTest, ProgressLogsASummaryWhenNotATerminal) {
+  write_safetensors(path("model.safetensors"),
+                    {{"a", Tensor::zeros({1000})}, {"b", Tensor::zeros({10})}});
+  Checkpoint ckpt = Checkpoint::open(dir_);
+  ::testing::internal::CaptureStdout();
+  ::testing::internal::CaptureStderr();  // stderr is now a file, not a terminal
+  ckpt.set_progress(true);
+  ckpt.load_f32("a", {1000});
+  ckpt.load_f32("b", {10});
+  ckpt.finish_progress();
+  ckpt.finish_progress();  // nothing loaded since: no second line
+  const std::string out =
+      ::testing::internal::GetCapturedStdout() + ::testing::internal::GetCapturedStderr();
+  EXPECT_THAT(out, HasSubstr("loaded 2 tensors, 0.0 MB in"));
+  EXPECT_EQ(out.find("loaded", out.find("loaded") + 1), std::string::npos);
+}
+
+}  // namespace
+}  // namespace mla
