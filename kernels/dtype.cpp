@@ -101,15 +101,21 @@ uint8_t f32_to_fp8e4m3(float v) {
   if (std::isnan(v)) return 0x7f;
   const uint8_t sign = std::signbit(v) ? 0x80 : 0;
   const float a = std::fmin(std::fabs(v), 448.0f);
-  // The 127 finite non-negative codes are ordered by value: pick the nearest, ties to even.
-  uint8_t best = 0;
-  float best_err = INFINITY;
-  for (uint8_t code = 0; code < 0x7f; ++code) {
-    const float err = std::fabs(fp8e4m3_to_f32(code) - a);
-    if (err < best_err || (err == best_err && (code & 1) == 0)) {
-      best = code;
-      best_err = err;
+  // The 127 finite non-negative codes are ordered by value: binary-search the first code
+  // >= a, then take the nearer of it and its predecessor (ties to the even code).
+  uint8_t lo = 0, hi = 0x7e;
+  while (lo < hi) {
+    const uint8_t mid = static_cast<uint8_t>((lo + hi) / 2);
+    if (fp8e4m3_to_f32(mid) < a) {
+      lo = static_cast<uint8_t>(mid + 1);
+    } else {
+      hi = mid;
     }
+  }
+  uint8_t best = lo;
+  if (lo > 0) {
+    const float up = fp8e4m3_to_f32(lo) - a, down = a - fp8e4m3_to_f32(lo - 1);
+    if (down < up || (down == up && ((lo - 1) & 1) == 0)) best = static_cast<uint8_t>(lo - 1);
   }
   return sign | best;
 }

@@ -1,0 +1,209 @@
+// Model parity against transformers: the golden checkpoints in tests/data were written by
+// tests/parity/make_golden.py (transformers, eager attention, fp32), together with the
+// logits and greedy tokens transformers produced. Every absorption mode, page size and
+// batching pattern must reproduce them (relative error < 1e-4, identical greedy tokens).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "runtime/deepseek_model.h"
+#include "runtime/engine.h"
+#include "runtime/safetensors.h"
+
+namespace mla {
+namespace {
+
+constexpr double kTolerance = 1e-4;
+
+struct Golden {
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::vector<int32_t>> greedy;
+  std::vector<Tensor> prompt_logits;  // [S, V] per prompt
+  std::vector<Tensor> step_logits;    // [N, V] per prompt
+  nlohmann::json meta;
+};
+
+std::string model_dir(const std::string& name) { return std::string(MLA_TEST_DATA_DIR) + "/" + name; }
+
+const Golden& golden(const std::string& name) {
+  static std::map<std::string, Golden> cache;
+  auto it = cache.find(name);
+  if (it != cache.end()) return it->second;
+  Golden g;
+  std::ifstream(model_dir(name) + "/golden.json") >> g.meta;
+  auto file = SafetensorsFile::open(model_dir(name) + "/golden.safetensors");
+  for (int i = 0; i < g.meta["num_prompts"].get<int>(); ++i) {
+    g.prompts.push_back(g.meta["prompts"][i].get<std::vector<int32_t>>());
+    g.greedy.push_back(g.meta["greedy"][i].get<std::vector<int32_t>>());
+    g.prompt_logits.push_back(file->tensor(fmt::format("prompt{}_logits", i)));
+    g.step_logits.push_back(file->tensor(fmt::format("prompt{}_step_logits", i)));
+  }
+  return cache.emplace(name, std::move(g)).first->second;
+}
+
+std::shared_ptr<DeepseekModel> model(const std::string& name, AbsorbMode mode) {
+  static std::map<std::pair<std::string, AbsorbMode>, std::shared_ptr<DeepseekModel>> cache;
+  auto& m = cache[{name, mode}];
+  if (!m) m = DeepseekModel::load(model_dir(name), {mode, CostModel{}, false});
+  return m;
+}
+
+double rel_error(const float* got, const float* want, int64_t n) {
+  double err = 0, norm = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(got[i])) return INFINITY;
+    err += (got[i] - want[i]) * (got[i] - want[i]);
+    norm += want[i] * want[i];
+  }
+  return std::sqrt(err / norm);
+}
+
+// The schedules the engine is checked under.
+enum class Pattern { kUnbatched, kBatched, kJoinMidRun, kChunkedPrefill };
+const char* pattern_name(Pattern p) {
+  switch (p) {
+    case Pattern::kUnbatched: return "unbatched";
+    case Pattern::kBatched: return "batched";
+    case Pattern::kJoinMidRun: return "join_mid_run";
+    case Pattern::kChunkedPrefill: return "chunked_prefill";
+  }
+  return "?";
+}
+
+using Param = std::tuple<std::string, AbsorbMode, int32_t, Pattern>;
+
+class ModelParity : public testing::TestWithParam<Param> {};
+
+TEST_P(ModelParity, ReproducesTransformersStepLogitsAndGreedyTokens) {
+  const auto& [name, mode, block_size, pattern] = GetParam();
+  const Golden& g = golden(name);
+  auto m = model(name, mode);
+  const int64_t V = m->config().vocab_size;
+  const int steps = g.meta["steps"].get<int>();
+
+  EngineOptions opts;
+  opts.block_size = block_size;
+  opts.num_pages = 64 / block_size * 8 + 16;
+  opts.scheduler.max_batch_tokens = pattern == Pattern::kChunkedPrefill ? 4 : 256;
+  Engine engine(m, opts);
+  std::map<RequestId, size_t> prompt_of;
+  std::map<RequestId, std::vector<StepOutput>> outputs;
+  auto add = [&](size_t i) {
+    Request r;
+    r.prompt = g.prompts[i];
+    r.max_tokens = steps;
+    r.ignore_eos = true;  // transformers' greedy run did not stop at eos
+    r.return_logits = true;
+    prompt_of[engine.add_request(r)] = i;
+  };
+  auto run_step = [&] {
+    for (auto& o : engine.step()) outputs[o.id].push_back(std::move(o));
+  };
+  switch (pattern) {
+    case Pattern::kUnbatched:
+      for (size_t i = 0; i < g.prompts.size(); ++i) {
+        add(i);
+        while (engine.has_work()) run_step();
+      }
+      break;
+    case Pattern::kBatched:
+    case Pattern::kChunkedPrefill:
+      for (size_t i = 0; i < g.prompts.size(); ++i) add(i);
+      while (engine.has_work()) run_step();
+      break;
+    case Pattern::kJoinMidRun:
+      for (size_t i = 0; i < g.prompts.size(); ++i) {
+        add(i);
+        run_step();
+        run_step();
+        run_step();
+      }
+      while (engine.has_work()) run_step();
+      break;
+  }
+
+  ASSERT_EQ(outputs.size(), g.prompts.size());
+  for (const auto& [id, outs] : outputs) {
+    const size_t p = prompt_of[id];
+    ASSERT_EQ(static_cast<int>(outs.size()), steps) << "prompt " << p;
+    for (int s = 0; s < steps; ++s) {
+      EXPECT_EQ(outs[s].token, g.greedy[p][s]) << "prompt " << p << " step " << s;
+      const double err = rel_error(outs[s].logits.data(), g.step_logits[p].f32() + s * V, V);
+      EXPECT_LT(err, kTolerance) << "prompt " << p << " step " << s;
+    }
+    EXPECT_TRUE(outs.back().finished);
+    EXPECT_EQ(outs.back().finish, FinishReason::kLength);
+  }
+  EXPECT_EQ(engine.cache().pool().num_free(), opts.num_pages) << "pages leaked";
+}
+
+std::string param_name(const testing::TestParamInfo<Param>& info) {
+  const auto& [name, mode, block, pattern] = info.param;
+  return fmt::format("{}_{}_b{}_{}", name, to_string(mode), block, pattern_name(pattern));
+}
+
+const std::vector<std::string> kModels = {"v3", "v3_plain", "v2_lite", "v2_group"};
+
+INSTANTIATE_TEST_SUITE_P(
+    Golden, ModelParity,
+    testing::Combine(testing::ValuesIn(kModels),
+                     testing::Values(AbsorbMode::kNaive, AbsorbMode::kFactored,
+                                     AbsorbMode::kPremerged, AbsorbMode::kAuto),
+                     testing::Values(1, 4, 64),
+                     testing::Values(Pattern::kUnbatched, Pattern::kBatched,
+                                     Pattern::kJoinMidRun, Pattern::kChunkedPrefill)),
+    param_name);
+
+// Every prompt position's logits, computed one token per forward pass through the cache.
+class PromptParity : public testing::TestWithParam<std::tuple<std::string, AbsorbMode>> {};
+
+TEST_P(PromptParity, EveryPromptPositionMatches) {
+  const auto& [name, mode] = GetParam();
+  const Golden& g = golden(name);
+  auto m = model(name, mode);
+  const int64_t V = m->config().vocab_size;
+  LatentCache cache(m->cache_geometry(4), 32);
+  for (size_t p = 0; p < g.prompts.size(); ++p) {
+    BlockTable table;
+    const auto& prompt = g.prompts[p];
+    for (size_t i = 0; i < prompt.size(); ++i) {
+      ASSERT_TRUE(cache.reserve(table, static_cast<int32_t>(i + 1)));
+      ForwardBatch batch{{prompt[i]}, {{&table, static_cast<int32_t>(i), 1, true}}};
+      Tensor logits = m->forward(batch, cache);
+      EXPECT_LT(rel_error(logits.f32(), g.prompt_logits[p].f32() + i * V, V), kTolerance)
+          << "prompt " << p << " position " << i;
+    }
+    cache.release(table);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Golden, PromptParity,
+    testing::Combine(testing::ValuesIn(kModels),
+                     testing::Values(AbsorbMode::kNaive, AbsorbMode::kFactored,
+                                     AbsorbMode::kPremerged, AbsorbMode::kAuto)),
+    [](const auto& info) {
+      return std::get<0>(info.param) + "_" + to_string(std::get<1>(info.param));
+    });
+
+// The RoPE frequencies and softmax scale the config derives equal those transformers used.
+class DerivedConstants : public testing::TestWithParam<std::string> {};
+
+TEST_P(DerivedConstants, MatchTransformers) {
+  const Golden& g = golden(GetParam());
+  const ModelConfig c = ModelConfig::load(model_dir(GetParam()));
+  const auto inv = c.rope_inv_freq();
+  const auto want = g.meta["rope_inv_freq"].get<std::vector<double>>();
+  ASSERT_EQ(inv.size(), want.size());
+  for (size_t i = 0; i < inv.size(); ++i) EXPECT_NEAR(inv[i], want[i], 1e-7 * want[i]) << i;
+  EXPECT_NEAR(c.rope_attention_factor(), g.meta["rope_attention_scaling"].get<double>(), 1e-7);
+  EXPECT_NEAR(c.softmax_scale(), g.meta["softmax_scale"].get<double>(), 1e-9);
+}
+
+INSTANTIATE_TEST_SUITE_P(Golden, DerivedConstants, testing::ValuesIn(kModels));
+
+}  // namespace
+}  // namespace mla
