@@ -1,0 +1,40 @@
+# Shared set-up for tests/run.sh and launch/quickstart.sh: install the Debian packages
+# mlaserve builds against (when missing) and configure + build with CMake, Ninja and ccache.
+# Source it; it defines functions and changes nothing by itself.
+
+MLA_PACKAGES=(cmake ninja-build ccache g++ pkg-config python3 libopenblas-dev libspdlog-dev
+  libfmt-dev nlohmann-json3-dev libcli11-dev libyaml-cpp-dev libgtest-dev libgmock-dev)
+
+mla_install_packages() {
+  local missing=()
+  for p in "${MLA_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "== installing: ${missing[*]}"
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "need root (or sudo) to install: ${missing[*]}" >&2; return 1; }
+    sudo=sudo
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# mla_configure_and_build BUILD_DIR JOBS [TARGET...]
+mla_configure_and_build() {
+  local dir=$1 jobs=$2
+  shift 2
+  mla_install_packages
+  if [ ! -f "$dir/build.ninja" ]; then
+    echo "== configuring $dir"
+    mkdir -p "$dir"
+    cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >"$dir/configure.log" 2>&1 ||
+      { cat "$dir/configure.log"; return 1; }
+    grep -E "mlaserve: CUDA" "$dir/configure.log" || true
+  fi
+  echo "== building ($jobs jobs)"
+  local start=$SECONDS
+  ninja -C "$dir" -j "$jobs" "$@" || return 1
+  echo "== built in $((SECONDS - start)) s"
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what mlaserve needs (Debian 12), builds it, and runs every test that needs no GPU
+# (GPU tests are built too and skip themselves without a device).
+#   tests/run.sh                 all labels
+#   tests/run.sh -L unit         extra arguments go to ctest
+# Environment: BUILD_DIR (default: build), JOBS (default: nproc).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source launch/setup.sh
+
+BUILD_DIR=${BUILD_DIR:-build}
+JOBS=${JOBS:-$(nproc)}
+mla_configure_and_build "$BUILD_DIR" "$JOBS"
+
+echo "== tests"
+ctest --test-dir "$BUILD_DIR" --output-on-failure --timeout 600 -j "$JOBS" "$@"
