@@ -11,6 +11,7 @@
 #include <fmt/ranges.h>
 
 #include "kernels/error.h"
+#include "runtime/deploy_config.h"
 #include "runtime/engine.h"
 #include "runtime/tiny_checkpoint.h"
 
@@ -33,14 +34,12 @@ std::vector<int32_t> parse_ids(const std::string& s) {
 }
 
 struct GenerateArgs {
-  std::string model_dir;
+  std::string config_path;
+  mla::DeployConfig deploy;  // defaults, then the config file, then flags
+  std::string absorb = "auto";
   std::string prompt_ids;
   int32_t max_tokens = 16;
   int32_t batch = 1;
-  std::string absorb = "auto";
-  int32_t block_size = 64;
-  int32_t num_pages = 1024;
-  int32_t max_batch_tokens = 512;
   float temperature = 0.0f;
   int32_t top_k = 0;
   float top_p = 1.0f;
@@ -48,18 +47,29 @@ struct GenerateArgs {
   bool ignore_eos = false;
 };
 
-int run_generate(const GenerateArgs& a) {
-  mla::ModelOptions mopts;
-  mopts.absorb = mla::absorb_mode_from_string(a.absorb);
-  auto model = mla::DeepseekModel::load(a.model_dir, mopts);
-  mla::EngineOptions eopts;
-  eopts.block_size = a.block_size;
-  eopts.num_pages = a.num_pages;
-  eopts.scheduler.max_batch_tokens = a.max_batch_tokens;
-  mla::Engine engine(model, eopts);
+// Flags given on the command line override the config file.
+mla::DeployConfig resolve_deploy(const GenerateArgs& a, const CLI::App& cmd) {
+  mla::DeployConfig d = a.config_path.empty() ? mla::DeployConfig{} : mla::DeployConfig::load(a.config_path);
+  auto given = [&](const char* flag) { return cmd.get_option(flag)->count() > 0; };
+  if (given("--model")) d.model_dir = a.deploy.model_dir;
+  if (given("--absorb")) d.model.absorb = mla::absorb_mode_from_string(a.absorb);
+  if (given("--block-size")) d.engine.block_size = a.deploy.engine.block_size;
+  if (given("--num-pages")) d.engine.num_pages = a.deploy.engine.num_pages;
+  if (given("--max-batch-tokens")) {
+    d.engine.scheduler.max_batch_tokens = a.deploy.engine.scheduler.max_batch_tokens;
+  }
+  if (d.model_dir.empty()) MLA_THROW(kInvalidArgument, "give --model or a --config that names one");
+  return d;
+}
+
+int run_generate(const GenerateArgs& a, const CLI::App& cmd) {
+  const mla::DeployConfig d = resolve_deploy(a, cmd);
+  const std::vector<int32_t> prompt = parse_ids(a.prompt_ids);
+  auto model = mla::DeepseekModel::load(d.model_dir, d.model);
+  mla::Engine engine(model, d.engine);
 
   mla::Request req;
-  req.prompt = parse_ids(a.prompt_ids);
+  req.prompt = prompt;
   req.max_tokens = a.max_tokens;
   req.sampling = {a.temperature, a.top_k, a.top_p, a.seed};
   req.ignore_eos = a.ignore_eos;
@@ -100,15 +110,18 @@ int main(int argc, char** argv) {
 
   GenerateArgs g;
   auto* gen = app.add_subcommand("generate", "Generate tokens offline from a model directory");
-  gen->add_option("--model", g.model_dir, "Hugging Face model directory")->required();
+  gen->add_option("--config", g.config_path, "Deployment config (YAML, see configs/)");
+  gen->add_option("--model", g.deploy.model_dir, "Hugging Face model directory");
   gen->add_option("--prompt-ids", g.prompt_ids, "Prompt token ids, comma separated")->required();
   gen->add_option("--max-tokens", g.max_tokens, "Tokens to generate")->capture_default_str();
   gen->add_option("--batch", g.batch, "Run the prompt as this many concurrent requests")
       ->capture_default_str();
   gen->add_option("--absorb", g.absorb, "naive, factored, premerged or auto")->capture_default_str();
-  gen->add_option("--block-size", g.block_size, "Tokens per cache page")->capture_default_str();
-  gen->add_option("--num-pages", g.num_pages, "Cache pages")->capture_default_str();
-  gen->add_option("--max-batch-tokens", g.max_batch_tokens, "Token budget per step")
+  gen->add_option("--block-size", g.deploy.engine.block_size, "Tokens per cache page")
+      ->capture_default_str();
+  gen->add_option("--num-pages", g.deploy.engine.num_pages, "Cache pages")->capture_default_str();
+  gen->add_option("--max-batch-tokens", g.deploy.engine.scheduler.max_batch_tokens,
+                  "Token budget per step")
       ->capture_default_str();
   gen->add_option("--temperature", g.temperature, "0 = greedy")->capture_default_str();
   gen->add_option("--top-k", g.top_k, "0 = off")->capture_default_str();
@@ -128,7 +141,7 @@ int main(int argc, char** argv) {
   spdlog::set_level(spdlog::level::from_str(log_level));
   spdlog::set_pattern("[%H:%M:%S.%e] [%^%l%$] %v");
   try {
-    if (*gen) return run_generate(g);
+    if (*gen) return run_generate(g, *gen);
     if (*tiny) {
       auto t = mla::dtype_from_name(dtype);
       if (!t) MLA_THROW(kInvalidArgument, "--dtype `{}` is not F32, BF16 or F8_E4M3", dtype);

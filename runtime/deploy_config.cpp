@@ -1,0 +1,74 @@
+#include "runtime/deploy_config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "kernels/error.h"
+
+namespace mla {
+namespace {
+
+void reject_unknown(const YAML::Node& node, const std::set<std::string>& known,
+                    const std::string& where, const std::string& origin) {
+  for (const auto& kv : node) {
+    const auto key = kv.first.as<std::string>();
+    if (!known.contains(key)) MLA_THROW(kInvalidArgument, "{}: unknown key `{}{}`", origin, where, key);
+  }
+}
+
+template <typename T>
+void read(const YAML::Node& node, const char* key, T& out, const std::string& where,
+          const std::string& origin) {
+  if (!node[key]) return;
+  try {
+    out = node[key].as<T>();
+  } catch (const YAML::Exception&) {
+    MLA_THROW(kInvalidArgument, "{}: `{}{}` has an invalid value", origin, where, key);
+  }
+}
+
+}  // namespace
+
+DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string& origin) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml_text);
+  } catch (const YAML::Exception& e) {
+    MLA_THROW(kInvalidArgument, "{}: not valid YAML: {}", origin, e.what());
+  }
+  DeployConfig c;
+  if (root.IsNull()) MLA_THROW(kInvalidArgument, "{}: empty config (needs at least `model`)", origin);
+  if (!root.IsMap()) MLA_THROW(kInvalidArgument, "{}: top level must be a mapping", origin);
+  reject_unknown(root, {"model", "absorb", "cache", "scheduler"}, "", origin);
+  read(root, "model", c.model_dir, "", origin);
+  std::string absorb = to_string(c.model.absorb);
+  read(root, "absorb", absorb, "", origin);
+  c.model.absorb = absorb_mode_from_string(absorb);
+  if (const auto cache = root["cache"]) {
+    reject_unknown(cache, {"block_size", "num_pages"}, "cache.", origin);
+    read(cache, "block_size", c.engine.block_size, "cache.", origin);
+    read(cache, "num_pages", c.engine.num_pages, "cache.", origin);
+  }
+  if (const auto sched = root["scheduler"]) {
+    reject_unknown(sched, {"max_batch_tokens", "max_running"}, "scheduler.", origin);
+    read(sched, "max_batch_tokens", c.engine.scheduler.max_batch_tokens, "scheduler.", origin);
+    read(sched, "max_running", c.engine.scheduler.max_running, "scheduler.", origin);
+  }
+  MLA_REQUIRE(!c.model_dir.empty(), "{}: `model` (the model directory) is required", origin);
+  MLA_REQUIRE(c.engine.block_size >= 1, "{}: cache.block_size must be >= 1", origin);
+  MLA_REQUIRE(c.engine.num_pages >= 1, "{}: cache.num_pages must be >= 1", origin);
+  return c;
+}
+
+DeployConfig DeployConfig::load(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) MLA_THROW(kNotFound, "cannot open config {}", path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return parse(ss.str(), path);
+}
+
+}  // namespace mla
