@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -73,6 +74,15 @@ void DeepseekModel::load_weights(Checkpoint& ckpt) {
   auto load = [&](const std::string& name, const Shape& shape) {
     return ckpt.load_f32(name, shape);
   };
+  // The progress total: everything but block scales and layers past num_hidden_layers.
+  size_t total = 0;
+  for (const std::string& name : ckpt.names()) {
+    int layer = -1;
+    const bool beyond = std::sscanf(name.c_str(), "model.layers.%d.", &layer) == 1 &&
+                        layer >= c.num_layers;
+    if (!beyond && !name.ends_with("_scale_inv")) total += ckpt.info(name).nbytes;
+  }
+  ckpt.expect_total_bytes(total);
   auto load_mlp = [&](const std::string& prefix, int64_t width) {
     MlpWeights m;
     m.width = width;
