@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <stdexcept>
 #include <nlohmann/json.hpp>
 
 #include "kernels/error.h"
@@ -112,16 +113,28 @@ ModelConfig ModelConfig::from_json(const json& j) {
     MLA_THROW(kInvalidArgument, "topk_method `{}` is not supported", topk_method);
   }
 
-  if (auto it = j.find("eos_token_id"); it != j.end() && !it->is_null()) {
-    if (it->is_array()) {
-      for (const auto& v : *it) c.eos_token_ids.push_back(v.get<int32_t>());
-    } else {
-      c.eos_token_ids.push_back(it->get<int32_t>());
+  try {
+    if (auto it = j.find("eos_token_id"); it != j.end() && !it->is_null()) {
+      if (it->is_array()) {
+        for (const auto& v : *it) c.eos_token_ids.push_back(v.get<int32_t>());
+      } else {
+        c.eos_token_ids.push_back(it->get<int32_t>());
+      }
     }
+  } catch (const json::exception&) {
+    MLA_THROW(kInvalidArgument, "config field `eos_token_id` must be an integer or a list of them");
   }
   if (auto it = j.find("quantization_config"); it != j.end() && it->is_object()) {
-    if (auto b = it->find("weight_block_size"); b != it->end() && b->is_array() && b->size() == 2) {
-      c.fp8_block = {(*b)[0].get<int>(), (*b)[1].get<int>()};
+    if (auto b = it->find("weight_block_size"); b != it->end() && !b->is_null()) {
+      try {
+        const auto block = b->get<std::vector<int>>();
+        if (block.size() != 2 || block[0] <= 0 || block[1] <= 0) throw std::invalid_argument("");
+        c.fp8_block = {block[0], block[1]};
+      } catch (const std::exception&) {
+        MLA_THROW(kInvalidArgument,
+                  "config field `quantization_config.weight_block_size` must be two positive "
+                  "integers");
+      }
     }
   }
   c.validate();
@@ -192,11 +205,14 @@ json ModelConfig::to_json() const {
                {"beta_slow", rope.beta_slow},
                {"mscale", rope.mscale},
                {"mscale_all_dim", rope.mscale_all_dim}});
+    if (rope.attention_factor > 0) rp["attention_factor"] = rope.attention_factor;
+    if (!rope.truncate) rp["truncate"] = false;
   } else {
     rp["rope_type"] = "default";
   }
   j["rope_parameters"] = rp;
-  if (!eos_token_ids.empty()) j["eos_token_id"] = eos_token_ids.front();
+  if (eos_token_ids.size() == 1) j["eos_token_id"] = eos_token_ids.front();
+  if (eos_token_ids.size() > 1) j["eos_token_id"] = eos_token_ids;
   return j;
 }
 
