@@ -29,10 +29,12 @@ void Engine::validate(const Request& r) const {
               "prompt ({} tokens) plus max_tokens ({}) exceeds the model's context of {}",
               r.prompt.size(), r.max_tokens, c.max_position_embeddings);
   r.sampling.validate(c.vocab_size);
-  if (cache_.pages_for(static_cast<int32_t>(total)) > cache_.pool().num_pages()) {
+  // The last sampled token ends the request without running through the model.
+  const auto cached = static_cast<int32_t>(total - 1);
+  if (cache_.pages_for(cached) > cache_.pool().num_pages()) {
     MLA_THROW(kResourceExhausted,
               "request needs {} cache pages for {} tokens but the cache has only {}",
-              cache_.pages_for(static_cast<int32_t>(total)), total, cache_.pool().num_pages());
+              cache_.pages_for(cached), cached, cache_.pool().num_pages());
   }
 }
 

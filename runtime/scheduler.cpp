@@ -23,6 +23,17 @@ Scheduler::Scheduler(SchedulerOptions options, LatentCache& cache)
 }
 
 void Scheduler::add(Sequence* seq) {
+  // Waiting sequences hold no pages (preemption only reclaims running ones), so a sequence
+  // that arrives with cached latents (an imported one) runs at once or gives them up.
+  if (!seq->table.pages.empty()) {
+    if (static_cast<int32_t>(running_.size()) < options_.max_running) {
+      seq->status = SeqStatus::kRunning;
+      running_.push_back(seq);
+      return;
+    }
+    cache_.release(seq->table);
+    seq->num_computed = 0;
+  }
   seq->status = SeqStatus::kWaiting;
   waiting_.push_back(seq);
 }
@@ -60,8 +71,9 @@ Schedule Scheduler::schedule() {
     preempt(victim);
   }
 
-  // Waiting sequences in order, while their first chunk fits.
-  while (!waiting_.empty() && budget > 0 &&
+  // Waiting sequences in order, while their first chunk fits; none in a step that had to
+  // preempt (the pages are short, and a preempted sequence would recompute at once).
+  while (plan.preempted.empty() && !waiting_.empty() && budget > 0 &&
          static_cast<int32_t>(running_.size()) < options_.max_running) {
     Sequence* seq = waiting_.front();
     const int32_t n = std::min(seq->num_pending(), budget);

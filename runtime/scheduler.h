@@ -43,7 +43,9 @@ class Scheduler {
  public:
   Scheduler(SchedulerOptions options, LatentCache& cache);
 
-  // Queues a sequence (status kWaiting). The caller keeps ownership.
+  // Queues a sequence (kWaiting), or, if it already holds cache pages (an imported request)
+  // and a running slot is free, runs it (kRunning); without a slot it releases its pages.
+  // The caller keeps ownership.
   void add(Sequence* seq);
   // Plans the next step and reserves its pages.
   Schedule schedule();

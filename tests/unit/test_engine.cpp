@@ -9,7 +9,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -130,8 +129,8 @@ struct Outputs {
 
 void run_to_end(Engine& engine, Outputs& out) {
   for (int step = 0; engine.has_work(); ++step) {
-    ASSERT_LT(step, kMaxSteps) << "engine does not finish: " << engine.num_running()
-                               << " running, " << engine.num_waiting() << " waiting, "
+    ASSERT_LT(step, kMaxSteps) << "engine does not finish: " << engine.num_running() << " running, "
+                               << engine.num_waiting() << " waiting, "
                                << engine.cache().pool().num_free() << " pages free";
     out.add(engine.step());
   }
@@ -225,7 +224,8 @@ TEST(EngineStop, MaxTokensEndsWithLengthAndFreesEveryPage) {
   const Golden& g = golden();
   Engine engine(golden_model(), options(4, 16));
   std::vector<RequestId> ids;
-  for (int32_t i = 0; i < 3; ++i) ids.push_back(engine.add_request(make_request(g.prompts[i], 3 + i)));
+  for (int32_t i = 0; i < 3; ++i)
+    ids.push_back(engine.add_request(make_request(g.prompts[i], 3 + i)));
   std::map<RequestId, int> outputs, finished;
   for (int step = 0; engine.has_work() && step < kMaxSteps; ++step) {
     for (const StepOutput& o : engine.step()) {
@@ -286,13 +286,12 @@ const std::vector<ValidationCase> kValidationCases = {
      ErrorCode::kInvalidArgument, "temperature"},
     {"negative_top_k", [](Request& r) { r.sampling.top_k = -1; }, ErrorCode::kInvalidArgument,
      "top_k"},
-    {"top_k_above_vocab", [](Request& r) { r.sampling.top_k = 513; },
-     ErrorCode::kInvalidArgument, "top_k"},
+    {"top_k_above_vocab", [](Request& r) { r.sampling.top_k = 513; }, ErrorCode::kInvalidArgument,
+     "top_k"},
     {"top_k_equal_to_vocab", [](Request& r) { r.sampling.top_k = 512; }, std::nullopt, ""},
-    {"top_p_zero", [](Request& r) { r.sampling.top_p = 0; }, ErrorCode::kInvalidArgument,
+    {"top_p_zero", [](Request& r) { r.sampling.top_p = 0; }, ErrorCode::kInvalidArgument, "top_p"},
+    {"top_p_above_one", [](Request& r) { r.sampling.top_p = 1.01f; }, ErrorCode::kInvalidArgument,
      "top_p"},
-    {"top_p_above_one", [](Request& r) { r.sampling.top_p = 1.01f; },
-     ErrorCode::kInvalidArgument, "top_p"},
     {"top_p_nan", [](Request& r) { r.sampling.top_p = std::numeric_limits<float>::quiet_NaN(); },
      ErrorCode::kInvalidArgument, "top_p"},
     {"never_fits_in_the_cache", [](Request& r) { r.max_tokens = 1100; },
@@ -324,12 +323,12 @@ TEST_P(EngineValidation, RejectsBadRequestsSayingWhatIsWrong) {
   EXPECT_EQ(out.tokens.size(), 1u);
 }
 
-INSTANTIATE_TEST_SUITE_P(Table, EngineValidation, testing::ValuesIn(kValidationCases),
+INSTANTIATE_TEST_SUITE_P(Engine, EngineValidation, testing::ValuesIn(kValidationCases),
                          [](const auto& info) { return info.param.name; });
 
 // The last generated token is never run through the model, so a request needs cache room
 // for prompt + max_tokens - 1 tokens. One that needs exactly the whole cache can run.
-TEST(EngineValidation, AdmitsARequestThatExactlyFillsTheCache) {
+TEST(EngineCapacity, AdmitsARequestThatExactlyFillsTheCache) {
   const Golden& g = golden();
   Engine engine(golden_model(), options(4, 2));
   const Tokens prompt(g.prompts[2].begin(), g.prompts[2].begin() + 8);  // 2 pages
@@ -359,8 +358,8 @@ TEST_P(EnginePreemption, RecomputedRequestsProduceTheSameTokens) {
   auto model = golden_model();
   std::vector<Request> requests;
   for (size_t i = 0; i < g.prompts.size(); ++i) {
-    requests.push_back(make_request(g.prompts[i], 8, sampled ? std::optional<uint64_t>(40 + i)
-                                                             : std::nullopt));
+    requests.push_back(
+        make_request(g.prompts[i], 8, sampled ? std::optional<uint64_t>(40 + i) : std::nullopt));
   }
   // Requests end with 3, 5 and 7 pages of 4 tokens; 7 pages hold any one but not the first
   // two together, so the second is preempted while both decode.
@@ -398,7 +397,7 @@ TEST_P(EnginePreemption, RecomputedRequestsProduceTheSameTokens) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Sampling, EnginePreemption, testing::Bool(),
+INSTANTIATE_TEST_SUITE_P(Engine, EnginePreemption, testing::Bool(),
                          [](const auto& info) { return info.param ? "sampled" : "greedy"; });
 
 // ---------------------------------------------------------------------------------------
@@ -488,11 +487,12 @@ struct MoveCase {
 };
 
 const std::vector<MoveCase> kMoveCases = {
-    {"same_block_size", 512, 3, 4, 32, false},
-    {"block_size_1", 512, 3, 1, 128, false},
-    {"block_size_64", 512, 5, 64, 4, false},
-    {"mid_prefill", 8, 1, 4, 32, false},
-    {"full_cache_recomputes", 512, 3, 4, 8, true},
+    {"same_block_size", 512, 3, 4, 32, false},      // after a prefill and 2 decodes
+    {"block_size_1", 512, 3, 1, 128, false},        // B's pages are single tokens
+    {"block_size_64", 512, 5, 64, 4, false},        // all latents land in one page of B
+    {"mid_prefill", 8, 1, 4, 32, false},            // 8 of 11 prompt tokens computed
+    {"never_scheduled", 512, 0, 4, 32, false},      // no latents at all
+    {"full_cache_recomputes", 512, 3, 4, 8, true},  // B lacks pages: latents dropped
 };
 
 class EngineMove : public testing::TestWithParam<std::tuple<MoveCase, bool>> {};
@@ -554,7 +554,7 @@ TEST_P(EngineMove, ExportedRequestFinishesInAnotherEngineWithTheSameTokens) {
   EXPECT_EQ(b.cache().pool().num_free(), tc.b_pages);
 }
 
-INSTANTIATE_TEST_SUITE_P(Table, EngineMove,
+INSTANTIATE_TEST_SUITE_P(Engine, EngineMove,
                          testing::Combine(testing::ValuesIn(kMoveCases), testing::Bool()),
                          [](const auto& info) {
                            return std::get<0>(info.param).name +

@@ -102,9 +102,9 @@ struct Arrival {
 struct BudgetCase {
   std::string name;
   SchedulerOptions options;
-  std::vector<Arrival> arrivals;                // sequence i is arrivals[i]
-  std::vector<std::vector<Chunk>> steps;        // expected chunks of each step, in order
-  std::vector<int32_t> waiting_after;           // num_waiting() after each step
+  std::vector<Arrival> arrivals;          // sequence i is arrivals[i]
+  std::vector<std::vector<Chunk>> steps;  // expected chunks of each step, in order
+  std::vector<int32_t> waiting_after;     // num_waiting() after each step
 };
 
 const std::vector<BudgetCase> kBudgetCases = {
@@ -186,7 +186,7 @@ TEST_P(SchedulerBudget, PlansEachStepAsTabled) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Table, SchedulerBudget, testing::ValuesIn(kBudgetCases),
+INSTANTIATE_TEST_SUITE_P(Scheduler, SchedulerBudget, testing::ValuesIn(kBudgetCases),
                          [](const auto& info) { return info.param.name; });
 
 TEST(Scheduler, CommitAdvancesNumComputedAndRejectsOutOfOrder) {
@@ -247,9 +247,9 @@ TEST(Scheduler, MaxRunningAdmitsTheNextWhenOneLeaves) {
 struct AdmissionCase {
   std::string name;
   int32_t max_batch_tokens;
-  int32_t waiting_prompt;       // second sequence, after a first one of 8 tokens (2 pages)
+  int32_t waiting_prompt;  // second sequence, after a first one of 8 tokens (2 pages)
   bool admitted;
-  int32_t chunk_tokens;         // when admitted
+  int32_t chunk_tokens;  // when admitted
 };
 
 // 3 pages of 4 tokens; the first sequence holds 2, so one page (4 tokens) is free.
@@ -297,7 +297,7 @@ TEST_P(SchedulerAdmission, NeverOverCommits) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Table, SchedulerAdmission, testing::ValuesIn(kAdmissionCases),
+INSTANTIATE_TEST_SUITE_P(Scheduler, SchedulerAdmission, testing::ValuesIn(kAdmissionCases),
                          [](const auto& info) { return info.param.name; });
 
 TEST(Scheduler, WaitingQueueIsFifoSoASmallLaterPromptDoesNotOvertake) {
@@ -506,8 +506,7 @@ TEST(Scheduler, PageAccountingIsExactEveryStepOfARunWithPreemptions) {
         EXPECT_TRUE(pages.insert(p).second) << "page " << p << " in two tables, step " << step;
         EXPECT_EQ(cache.pool().ref_count(p), 1);
       }
-      EXPECT_EQ(static_cast<int32_t>(s->table.pages.size()),
-                cache.pages_for(s->table.num_tokens))
+      EXPECT_EQ(static_cast<int32_t>(s->table.pages.size()), cache.pages_for(s->table.num_tokens))
           << "sequence " << s->id << " holds pages it did not reserve, step " << step;
       if (s->status == SeqStatus::kWaiting) {
         EXPECT_TRUE(s->table.pages.empty()) << "waiting sequence " << s->id << " holds pages";
@@ -545,8 +544,8 @@ TEST(Scheduler, PageAccountingIsExactEveryStepOfARunWithPreemptions) {
     }
     ASSERT_EQ(cache.pool().num_free() + seqs.pages_held(), kPages) << "after step " << step;
   }
-  EXPECT_EQ(static_cast<int>(done.size()), kRequests) << "requests lost or stuck after " << step
-                                                      << " steps";
+  EXPECT_EQ(static_cast<int>(done.size()), kRequests)
+      << "requests lost or stuck after " << step << " steps";
   EXPECT_GT(preemptions, 0) << "the run must exercise preemption";
   EXPECT_EQ(cache.pool().num_free(), kPages);
   EXPECT_EQ(scheduler.num_running(), 0);
