@@ -20,6 +20,8 @@ enum class ErrorCode {
   kResourceExhausted,   // no cache pages / queue space for this request
   kFailedPrecondition,  // the object is not in a state where the call makes sense
   kDataLoss,            // a file is truncated or corrupt
+  kDeadlineExceeded,    // an operation (e.g. a collective) did not finish in time
+  kUnavailable,         // a peer (rank, worker) is gone or unreachable
   kInternal,            // a broken invariant inside mlaserve (a bug)
 };
 

@@ -3,6 +3,7 @@
 # Source it; it defines functions and changes nothing by itself.
 
 MLA_PACKAGES=(cmake ninja-build ccache g++ pkg-config python3 libopenblas-dev libspdlog-dev
+  libopenmpi-dev openmpi-bin
   libfmt-dev nlohmann-json3-dev libcli11-dev libyaml-cpp-dev libgtest-dev libgmock-dev)
 
 mla_install_packages() {

@@ -29,21 +29,49 @@ bool is_float(DType t) {
   return t == DType::kF32 || t == DType::kBF16 || t == DType::kF16 || t == DType::kF8E4M3;
 }
 
-Tensor to_f32(const SafetensorsFile& file, const TensorInfo& info) {
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Every tensor is read as the matrix [shape[0], product of the other dimensions] (a scalar as
+// [1, 1]): a row is then one expert of a 3-D tensor, or one element of a 1-D one.
+int64_t matrix_rows(const Shape& shape) { return shape.empty() ? 1 : shape[0]; }
+int64_t matrix_cols(const Shape& shape) {
+  int64_t cols = 1;
+  for (size_t d = 1; d < shape.size(); ++d) cols *= shape[d];
+  return cols;
+}
+
+}  // namespace
+
+// Rows [row_begin, row_end) and columns [col_begin, col_end) of a tensor read as its matrix.
+struct Checkpoint::Block {
+  int64_t row_begin, row_end, col_begin, col_end;
+
+  int64_t rows() const { return row_end - row_begin; }
+  int64_t cols() const { return col_end - col_begin; }
+};
+
+// Converts `block` of tensor `info` to fp32 into `out` ([block.rows(), block.cols()],
+// row-major), touching only the block's bytes in the mapped file.
+void Checkpoint::convert_block(const SafetensorsFile& file, const TensorInfo& info,
+                               const Block& block, float* out) {
   if (!is_float(info.dtype)) {
     MLA_THROW(kInvalidArgument, "file {}: tensor {} is {}, not a float type", file.path(),
               info.name, dtype_name(info.dtype));
   }
-  Tensor out = Tensor::empty(info.shape);
-  convert_to_f32(info.dtype, file.tensor(info.name).raw(), out.numel(), out.f32());
-  return out;
+  const char* base = static_cast<const char*>(file.tensor(info.name).raw());
+  const size_t elem = dtype_size(info.dtype);
+  const int64_t cols = matrix_cols(info.shape);
+  if (block.cols() == cols) {  // whole rows are one contiguous run
+    convert_to_f32(info.dtype, base + block.row_begin * cols * elem, block.rows() * cols, out);
+    return;
+  }
+  for (int64_t i = block.row_begin; i < block.row_end; ++i) {
+    convert_to_f32(info.dtype, base + (i * cols + block.col_begin) * elem, block.cols(), out);
+    out += block.cols();
+  }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-}  // namespace
-
-// Counters behind the status line; shared by concurrent load_f32 calls.
+// Counters behind the status line; shared by concurrent loads.
 struct Checkpoint::Progress {
   std::mutex mu;
   bool enabled = false;
@@ -200,18 +228,93 @@ const Checkpoint::Entry& Checkpoint::entry(const std::string& name) const {
 
 const TensorInfo& Checkpoint::info(const std::string& name) const { return *entry(name).info; }
 
-Tensor Checkpoint::load_f32(const std::string& name, const Shape& expected_shape) {
+const Checkpoint::Entry& Checkpoint::checked_entry(const std::string& name,
+                                                   const Shape& expected_shape) const {
   const Entry& e = entry(name);
   if (e.info->shape != expected_shape) {
     MLA_THROW(kInvalidArgument, "file {}: tensor {} has shape {}, expected {}", e.file->path(),
               name, shape_str(e.info->shape), shape_str(expected_shape));
   }
-  Tensor out = e.info->dtype == DType::kF8E4M3 ? dequantize_fp8(e) : to_f32(*e.file, *e.info);
+  return e;
+}
+
+Tensor Checkpoint::load_f32(const std::string& name, const Shape& expected_shape) {
+  const Entry& e = checked_entry(name, expected_shape);
+  const Shape& shape = e.info->shape;
+  return load_block(e, shape, {0, matrix_rows(shape), 0, matrix_cols(shape)});
+}
+
+Tensor Checkpoint::load_f32_slice(const std::string& name, const Shape& full_shape,
+                                  int64_t row_begin, int64_t row_end, int64_t col_begin,
+                                  int64_t col_end) {
+  const Entry& e = checked_entry(name, full_shape);
+  const Shape& shape = e.info->shape;
+  if (shape.empty()) {
+    MLA_THROW(kInvalidArgument, "file {}: tensor {} is a scalar and has no rows to slice",
+              e.file->path(), name);
+  }
+  if (!(0 <= row_begin && row_begin < row_end && row_end <= shape[0])) {
+    MLA_THROW(kInvalidArgument,
+              "file {}: rows [{}, {}) of tensor {} {} are empty or outside its {} rows",
+              e.file->path(), row_begin, row_end, name, shape_str(shape), shape[0]);
+  }
+  const bool all_cols = col_begin == 0 && col_end == -1;
+  if (shape.size() != 2 && !all_cols) {
+    MLA_THROW(kInvalidArgument,
+              "file {}: columns [{}, {}) of tensor {} {}: only 2-D tensors have columns to slice",
+              e.file->path(), col_begin, col_end, name, shape_str(shape));
+  }
+  Block block{row_begin, row_end, 0, matrix_cols(shape)};
+  Shape out_shape = shape;
+  out_shape[0] = block.rows();
+  if (!all_cols) {
+    const int64_t end = col_end == -1 ? shape[1] : col_end;
+    if (!(0 <= col_begin && col_begin < end && end <= shape[1])) {
+      MLA_THROW(kInvalidArgument,
+                "file {}: columns [{}, {}) of tensor {} {} are empty or outside its {} columns",
+                e.file->path(), col_begin, col_end, name, shape_str(shape), shape[1]);
+    }
+    block.col_begin = col_begin;
+    block.col_end = end;
+    out_shape[1] = block.cols();
+  }
+  return load_block(e, std::move(out_shape), block);
+}
+
+Tensor Checkpoint::load_block(const Entry& e, Shape out_shape, const Block& block) {
+  const bool fp8 = e.info->dtype == DType::kF8E4M3;
+  // Scale block b covers weight rows [b * block_rows, (b + 1) * block_rows), likewise columns.
+  const int64_t block_rows = fp8_block_[0], block_cols = fp8_block_[1];
+  const Block scale_block{block.row_begin / block_rows, ceil_div(block.row_end, block_rows),
+                          block.col_begin / block_cols, ceil_div(block.col_end, block_cols)};
+  const std::vector<float> scale = fp8 ? fp8_scales(e, scale_block) : std::vector<float>{};
+
+  Tensor out = Tensor::empty(std::move(out_shape));
+  {
+    const Block all{0, matrix_rows(e.info->shape), 0, matrix_cols(e.info->shape)};
+    std::vector<float> tmp(all.rows() * all.cols());
+    convert_block(*e.file, *e.info, all, tmp.data());
+    for (int64_t i = 0; i < block.rows(); ++i)
+      std::copy_n(tmp.data() + (block.row_begin + i) * all.cols() + block.col_begin, block.cols(), out.f32() + i * block.cols());
+  }
+  if (fp8) {
+    for (int64_t i = 0; i < block.rows(); ++i) {
+      float* row = out.f32() + i * block.cols();
+      const float* row_scale =
+          scale.data() +
+          ((block.row_begin + i) / block_rows - scale_block.row_begin) * scale_block.cols();
+      for (int64_t b = scale_block.col_begin; b < scale_block.col_end; ++b) {
+        const int64_t begin = std::max(block.col_begin, b * block_cols) - block.col_begin;
+        const int64_t end = std::min(block.col_end, (b + 1) * block_cols) - block.col_begin;
+        for (int64_t j = begin; j < end; ++j) row[j] *= row_scale[b - scale_block.col_begin];
+      }
+    }
+  }
   progress_->add(e.info->nbytes);
   return out;
 }
 
-Tensor Checkpoint::dequantize_fp8(const Entry& weight) const {
+std::vector<float> Checkpoint::fp8_scales(const Entry& weight, const Block& scale_block) const {
   const TensorInfo& w = *weight.info;
   if (w.shape.size() != 2) {
     MLA_THROW(kInvalidArgument, "file {}: fp8 tensor {} has shape {}; only 2-D fp8 is supported",
@@ -223,9 +326,8 @@ Tensor Checkpoint::dequantize_fp8(const Entry& weight) const {
     MLA_THROW(kNotFound, "file {}: fp8 tensor {} has no scale tensor {} in checkpoint {}",
               weight.file->path(), w.name, scale_name, dir_);
   }
-  const int64_t rows = w.shape[0], cols = w.shape[1];
   const int64_t block_rows = fp8_block_[0], block_cols = fp8_block_[1];
-  const Shape scale_shape = {ceil_div(rows, block_rows), ceil_div(cols, block_cols)};
+  const Shape scale_shape = {ceil_div(w.shape[0], block_rows), ceil_div(w.shape[1], block_cols)};
   const Entry& s = it->second;
   if (s.info->shape != scale_shape) {
     MLA_THROW(kInvalidArgument,
@@ -234,17 +336,9 @@ Tensor Checkpoint::dequantize_fp8(const Entry& weight) const {
               s.file->path(), scale_name, shape_str(s.info->shape), shape_str(scale_shape), w.name,
               shape_str(w.shape), block_rows, block_cols);
   }
-  const Tensor scale = to_f32(*s.file, *s.info);
-  Tensor out = to_f32(*weight.file, w);
-  for (int64_t i = 0; i < rows; ++i) {
-    float* row = out.f32() + i * cols;
-    const float* row_scale = scale.f32() + (i / block_rows) * scale_shape[1];
-    for (int64_t b = 0; b < scale_shape[1]; ++b) {
-      const int64_t end = std::min(cols, (b + 1) * block_cols);
-      for (int64_t j = b * block_cols; j < end; ++j) row[j] *= row_scale[b];
-    }
-  }
-  return out;
+  std::vector<float> scale(scale_block.rows() * scale_block.cols());
+  convert_block(*s.file, *s.info, scale_block, scale.data());
+  return scale;
 }
 
 Tensor Checkpoint::load_raw(const std::string& name) const {

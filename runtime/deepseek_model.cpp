@@ -29,8 +29,19 @@ void linear(const float* x, int64_t rows, const Tensor& w, float* y, WorkCounter
 
 }  // namespace
 
-// Per-step scratch shared by the layers: positions, rope tables and the attention form of
-// every sequence in the batch.
+void WorkCounter::add(const WorkCounter& other) {
+  weight_flops += other.weight_flops;
+  cache_upproj_flops += other.cache_upproj_flops;
+  attention_flops += other.attention_flops;
+  for (int f = 0; f < kNumAttnForms; ++f) form_chunks[f] += other.form_chunks[f];
+  for (int op = 0; op < kNumCommOps; ++op) {
+    comm.bytes[op] += other.comm.bytes[op];
+    comm.calls[op] += other.comm.calls[op];
+  }
+}
+
+// Per-step scratch shared by the layers: positions, rope tables, the attention form of
+// every sequence in the batch, and the group's communicator.
 struct DeepseekModel::StepContext {
   const ForwardBatch* batch;
   int64_t num_tokens;
@@ -38,13 +49,20 @@ struct DeepseekModel::StepContext {
   std::vector<int64_t> seq_begin;   // first row of each sequence
   std::vector<float> rope;          // [T, d_r]: cos then sin per position
   std::vector<AttnForm> forms;      // [seqs]
-  bool any_latent_factored_or_decompressed = false;
+  bool any_full_q = false;          // a sequence runs decompressed or factored
+  bool any_latent = false;          // a sequence runs factored or premerged
   bool any_premerged = false;
   WorkCounter* counter;
+  Communicator* comm;               // null when the group is one rank
+
+  void all_reduce(float* data, int64_t n) const {
+    if (comm != nullptr) comm->all_reduce_sum(data, n);
+  }
 };
 
-DeepseekModel::DeepseekModel(ModelConfig config, const ModelOptions& options)
+DeepseekModel::DeepseekModel(ModelConfig config, const ModelOptions& options, ShardPlan shard)
     : config_(std::move(config)),
+      shard_(shard),
       forms_(config_, options.absorb, options.cost),
       inv_freq_(config_.rope_inv_freq()),
       rope_factor_(config_.rope_attention_factor()),
@@ -53,7 +71,19 @@ DeepseekModel::DeepseekModel(ModelConfig config, const ModelOptions& options)
 std::shared_ptr<DeepseekModel> DeepseekModel::load(const std::string& model_dir,
                                                    const ModelOptions& options) {
   ModelConfig config = ModelConfig::load(model_dir);
-  std::shared_ptr<DeepseekModel> model(new DeepseekModel(std::move(config), options));
+  // Validate the plan against this model before reading any weight.
+  const ShardPlan shard(options.tp_size, options.tp_rank, config.num_heads, options.kv_shard);
+  const int64_t P = shard.tp_size();
+  auto divisible = [&](int64_t n, const char* what) {
+    MLA_REQUIRE(n % P == 0, "tensor-parallel size {} does not divide {} ({})", P, what, n);
+  };
+  divisible(config.intermediate_size, "intermediate_size");
+  if (config.n_routed_experts > 0) {
+    divisible(config.n_routed_experts, "n_routed_experts");
+    divisible(config.n_shared_experts * config.moe_intermediate_size,
+              "the shared experts' width");
+  }
+  std::shared_ptr<DeepseekModel> model(new DeepseekModel(std::move(config), options, shard));
   Checkpoint ckpt = Checkpoint::open(model_dir, model->config_.fp8_block);
   ckpt.set_progress(options.show_progress);
   model->load_weights(ckpt);
@@ -62,19 +92,44 @@ std::shared_ptr<DeepseekModel> DeepseekModel::load(const std::string& model_dir,
     for (auto& layer : model->weights_.layers) model->prepare_premerged(layer.attn);
   }
   const auto& c = model->config_;
-  spdlog::info("loaded {} ({} layers, {} heads, d_c {}, d_r {}, {} experts) absorption {}",
+  spdlog::info("loaded {} ({} layers, {} heads, d_c {}, d_r {}, {} experts) absorption {}{}",
                c.family_name(), c.num_layers, c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim,
-               c.n_routed_experts, to_string(options.absorb));
+               c.n_routed_experts, to_string(options.absorb),
+               P > 1 ? fmt::format(", tp rank {}/{} heads [{}, {})", shard.tp_rank(), P,
+                                   shard.head_begin(), shard.head_end())
+                     : "");
   return model;
 }
 
 void DeepseekModel::load_weights(Checkpoint& ckpt) {
   const ModelConfig& c = config_;
-  const int64_t D = c.hidden_size, H = c.num_heads;
+  const int64_t D = c.hidden_size, H = c.num_heads, P = shard_.tp_size(), r = shard_.tp_rank();
+  const int64_t h0 = shard_.head_begin(), h1 = shard_.head_end();
   auto load = [&](const std::string& name, const Shape& shape) {
     return ckpt.load_f32(name, shape);
   };
-  // The progress total: everything but block scales and layers past num_hidden_layers.
+  auto rows = [&](const std::string& name, const Shape& shape, int64_t begin, int64_t end) {
+    return ckpt.load_f32_slice(name, shape, begin, end);
+  };
+  auto cols = [&](const std::string& name, const Shape& shape, int64_t begin, int64_t end) {
+    return ckpt.load_f32_slice(name, shape, 0, shape[0], begin, end);
+  };
+  // A SwiGLU MLP of `width` split by columns of gate/up and rows of down: rank r keeps
+  // [r * width / P, (r + 1) * width / P).
+  auto load_mlp = [&](const std::string& prefix, int64_t width, int64_t parts) {
+    const int64_t w = width / parts, begin = (parts == 1 ? 0 : r) * w;
+    MlpWeights m;
+    m.width = w;
+    Tensor gate = rows(prefix + "gate_proj.weight", {width, D}, begin, begin + w);
+    Tensor up = rows(prefix + "up_proj.weight", {width, D}, begin, begin + w);
+    m.gate_up = Tensor::empty({2 * w, D});
+    std::memcpy(m.gate_up.f32(), gate.f32(), gate.nbytes());
+    std::memcpy(m.gate_up.f32() + w * D, up.f32(), up.nbytes());
+    m.down = cols(prefix + "down_proj.weight", {D, width}, begin, begin + w);
+    return m;
+  };
+  // The progress total: everything but block scales and layers past num_hidden_layers
+  // (a rank of P reads about 1/P of the split tensors; the line shows the whole file).
   size_t total = 0;
   for (const std::string& name : ckpt.names()) {
     int layer = -1;
@@ -82,18 +137,7 @@ void DeepseekModel::load_weights(Checkpoint& ckpt) {
                         layer >= c.num_layers;
     if (!beyond && !name.ends_with("_scale_inv")) total += ckpt.info(name).nbytes;
   }
-  ckpt.expect_total_bytes(total);
-  auto load_mlp = [&](const std::string& prefix, int64_t width) {
-    MlpWeights m;
-    m.width = width;
-    Tensor gate = load(prefix + "gate_proj.weight", {width, D});
-    Tensor up = load(prefix + "up_proj.weight", {width, D});
-    m.gate_up = Tensor::empty({2 * width, D});
-    std::memcpy(m.gate_up.f32(), gate.f32(), gate.nbytes());
-    std::memcpy(m.gate_up.f32() + width * D, up.f32(), up.nbytes());
-    m.down = load(prefix + "down_proj.weight", {D, width});
-    return m;
-  };
+  ckpt.expect_total_bytes(P == 1 ? total : total / P);
 
   weights_.embed = load("model.embed_tokens.weight", {c.vocab_size, D});
   weights_.final_norm = load("model.norm.weight", {D});
@@ -110,23 +154,24 @@ void DeepseekModel::load_weights(Checkpoint& ckpt) {
 
     AttentionWeights& a = lw.attn;
     const std::string ap = p + "self_attn.";
+    const int64_t dqk = c.qk_head_dim(), dkv = c.qk_nope_head_dim + c.v_head_dim;
     if (c.q_lora_rank > 0) {
       a.q_a = load(ap + "q_a_proj.weight", {c.q_lora_rank, D});
       a.q_a_norm = load(ap + "q_a_layernorm.weight", {c.q_lora_rank});
-      a.q_b = load(ap + "q_b_proj.weight", {H * c.qk_head_dim(), c.q_lora_rank});
+      a.q_b = rows(ap + "q_b_proj.weight", {H * dqk, c.q_lora_rank}, h0 * dqk, h1 * dqk);
     } else {
-      a.q_b = load(ap + "q_proj.weight", {H * c.qk_head_dim(), D});
+      a.q_b = rows(ap + "q_proj.weight", {H * dqk, D}, h0 * dqk, h1 * dqk);
     }
     a.kv_a = load(ap + "kv_a_proj_with_mqa.weight", {c.latent_width(), D});
     a.kv_a_norm = load(ap + "kv_a_layernorm.weight", {c.kv_lora_rank});
-    a.kv_b = load(ap + "kv_b_proj.weight",
-                  {H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank});
-    a.o = load(ap + "o_proj.weight", {D, H * c.v_head_dim});
+    a.kv_b = rows(ap + "kv_b_proj.weight", {H * dkv, c.kv_lora_rank}, h0 * dkv, h1 * dkv);
+    a.o = cols(ap + "o_proj.weight", {D, H * c.v_head_dim}, h0 * c.v_head_dim,
+               h1 * c.v_head_dim);
 
     lw.is_moe = c.is_moe_layer(l);
     const std::string mp = p + "mlp.";
     if (!lw.is_moe) {
-      lw.mlp = load_mlp(mp, c.intermediate_size);
+      lw.mlp = load_mlp(mp, c.intermediate_size, P);
       continue;
     }
     MoeWeights& m = lw.moe;
@@ -134,42 +179,45 @@ void DeepseekModel::load_weights(Checkpoint& ckpt) {
     if (c.gate == GateKind::kSigmoidNoauxTc) {
       m.correction_bias = load(mp + "gate.e_score_correction_bias", {c.n_routed_experts});
     }
-    const int64_t I = c.moe_intermediate_size;
-    m.experts.resize(c.n_routed_experts);
+    const int64_t I = c.moe_intermediate_size, E = c.n_routed_experts, local = E / P;
+    m.first_expert = r * local;
+    m.experts.resize(local);
     if (ckpt.has(mp + "experts.gate_up_proj")) {
       // Fused layout (transformers' in-memory form): [E, 2I, D] and [E, D, I].
-      Tensor gu = load(mp + "experts.gate_up_proj", {c.n_routed_experts, 2 * I, D});
-      Tensor down = load(mp + "experts.down_proj", {c.n_routed_experts, D, I});
-      for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+      Tensor gu = rows(mp + "experts.gate_up_proj", {E, 2 * I, D}, m.first_expert,
+                       m.first_expert + local);
+      Tensor down = rows(mp + "experts.down_proj", {E, D, I}, m.first_expert,
+                         m.first_expert + local);
+      for (int64_t e = 0; e < local; ++e) {
         m.experts[e].width = I;
         m.experts[e].gate_up = gu.slice_rows(e, e + 1).view({2 * I, D});
         m.experts[e].down = down.slice_rows(e, e + 1).view({D, I});
       }
     } else {
-      for (int64_t e = 0; e < c.n_routed_experts; ++e) {
-        m.experts[e] = load_mlp(fmt::format("{}experts.{}.", mp, e), I);
+      for (int64_t e = 0; e < local; ++e) {
+        m.experts[e] = load_mlp(fmt::format("{}experts.{}.", mp, m.first_expert + e), I, 1);
       }
     }
     if (c.n_shared_experts > 0) {
-      m.shared = load_mlp(mp + "shared_experts.", c.n_shared_experts * I);
+      m.shared = load_mlp(mp + "shared_experts.", c.n_shared_experts * I, P);
     }
   }
 }
 
 void DeepseekModel::prepare_premerged(AttentionWeights& w) const {
   const ModelConfig& c = config_;
-  const int64_t H = c.num_heads, dc = c.kv_lora_rank, dn = c.qk_nope_head_dim,
+  const int64_t H = shard_.local_heads(), dc = c.kv_lora_rank, dn = c.qk_nope_head_dim,
                 dr = c.qk_rope_head_dim, dv = c.v_head_dim, D = c.hidden_size,
                 qin = c.q_in_dim(), dqk = c.qk_head_dim();
   w.q_absorbed = Tensor::empty({H * dc, qin});
   w.q_rope = Tensor::empty({H * dr, qin});
   w.o_absorbed = Tensor::empty({D, H * dc});
+  std::vector<float> uk_t(dc * dn);
   for (int64_t h = 0; h < H; ++h) {
     const float* w_uk = w.kv_b.f32() + h * (dn + dv) * dc;  // [d_n, d_c]
     const float* w_uv = w_uk + dn * dc;                      // [d_v, d_c]
     const float* q_nope = w.q_b.f32() + h * dqk * qin;       // [d_n, q_in]
     // W_Q'[h] [d_c, q_in] = W_UK[h]^T [d_c, d_n] * W_q,nope[h] [d_n, q_in]
-    std::vector<float> uk_t(dc * dn);
     for (int64_t i = 0; i < dn; ++i)
       for (int64_t j = 0; j < dc; ++j) uk_t[j * dn + i] = w_uk[i * dc + j];
     cpu::matmul_nn(uk_t.data(), dc, dn, q_nope, qin, w.q_absorbed.f32() + h * dc * qin);
@@ -187,14 +235,22 @@ CacheGeometry DeepseekModel::cache_geometry(int32_t block_size) const {
 }
 
 Tensor DeepseekModel::forward(const ForwardBatch& batch, LatentCache& cache,
-                              WorkCounter* counter) const {
+                              WorkCounter* counter, Communicator* comm) const {
   const ModelConfig& c = config_;
   const int64_t T = static_cast<int64_t>(batch.tokens.size());
   const int64_t D = c.hidden_size, dr = c.qk_rope_head_dim;
   WorkCounter local;
-  StepContext ctx{&batch, T, {}, {}, {}, {}, false, false, counter ? counter : &local};
+  StepContext ctx{&batch, T, {}, {}, {}, {}, false, false, false,
+                  counter ? counter : &local, shard_.tp_size() > 1 ? comm : nullptr};
 
-  // Check shapes
+  // Check shapes and layout
+  MLA_CHECK(shard_.tp_size() == 1 || comm != nullptr, "a tensor-parallel model needs its group");
+  MLA_CHECK(comm == nullptr || (comm->size() == shard_.tp_size() && comm->rank() == shard_.tp_rank()),
+            "communicator rank {}/{} does not match the shard plan {}/{}", comm->rank(),
+            comm->size(), shard_.tp_rank(), shard_.tp_size());
+  MLA_CHECK(cache.shard().tp_size() == shard_.tp_size() &&
+                cache.shard().tp_rank() == shard_.tp_rank(),
+            "cache shard does not match the model's plan");
   int64_t rows = 0, num_logits = 0;
   for (const ForwardSeq& s : batch.seqs) {
     MLA_CHECK(s.table != nullptr && s.num_tokens > 0, "empty sequence in batch");
@@ -208,13 +264,15 @@ Tensor DeepseekModel::forward(const ForwardBatch& batch, LatentCache& cache,
     const AttnForm form = forms_.choose(s.num_tokens, s.start + s.num_tokens);
     ctx.forms.push_back(form);
     ctx.counter->form_chunks[static_cast<int>(form)]++;
-    (form == AttnForm::kLatentPremerged ? ctx.any_premerged
-                                        : ctx.any_latent_factored_or_decompressed) = true;
+    ctx.any_full_q |= form != AttnForm::kLatentPremerged;
+    ctx.any_latent |= form != AttnForm::kDecompressed;
+    ctx.any_premerged |= form == AttnForm::kLatentPremerged;
   }
   MLA_CHECK(rows == T, "batch has {} tokens but its sequences cover {}", T, rows);
   for (int32_t tok : batch.tokens) {
     MLA_CHECK(tok >= 0 && tok < c.vocab_size, "token id {} outside vocabulary", tok);
   }
+  const CommStats comm_before = ctx.comm ? ctx.comm->stats() : CommStats{};
 
   ctx.rope.resize(T * dr);
   for (int64_t t = 0; t < T; ++t) {
@@ -230,6 +288,7 @@ Tensor DeepseekModel::forward(const ForwardBatch& batch, LatentCache& cache,
     const float eps = static_cast<float>(c.rms_norm_eps);
     cpu::rms_norm(x.data(), T, D, D, lw.input_norm.f32(), eps, xn.data(), D);
     attention(lw, l, xn.data(), ctx, cache, delta.data());
+    ctx.all_reduce(delta.data(), T * D);
     cpu::add_inplace(x.data(), delta.data(), T * D);
     cpu::rms_norm(x.data(), T, D, D, lw.post_attn_norm.f32(), eps, xn.data(), D);
     if (lw.is_moe) {
@@ -237,7 +296,15 @@ Tensor DeepseekModel::forward(const ForwardBatch& batch, LatentCache& cache,
     } else {
       mlp(lw.mlp, xn.data(), T, delta.data(), *ctx.counter);
     }
+    ctx.all_reduce(delta.data(), T * D);
     cpu::add_inplace(x.data(), delta.data(), T * D);
+  }
+  if (ctx.comm != nullptr) {
+    const CommStats& after = ctx.comm->stats();
+    for (int op = 0; op < kNumCommOps; ++op) {
+      ctx.counter->comm.bytes[op] += after.bytes[op] - comm_before.bytes[op];
+      ctx.counter->comm.calls[op] += after.calls[op] - comm_before.calls[op];
+    }
   }
 
   // Only the rows whose logits are wanted go through the final norm and the head.
@@ -259,12 +326,13 @@ void DeepseekModel::attention(const LayerWeights& lw, int64_t layer, const float
                               StepContext& ctx, LatentCache& cache, float* out) const {
   const ModelConfig& c = config_;
   const AttentionWeights& w = lw.attn;
-  const int64_t T = ctx.num_tokens, D = c.hidden_size, H = c.num_heads, dc = c.kv_lora_rank,
-                dr = c.qk_rope_head_dim, dn = c.qk_nope_head_dim, dv = c.v_head_dim,
-                dqk = c.qk_head_dim(), qin = c.q_in_dim(), width = c.latent_width();
+  const int64_t T = ctx.num_tokens, D = c.hidden_size, H = shard_.local_heads(),
+                dc = c.kv_lora_rank, dr = c.qk_rope_head_dim, dn = c.qk_nope_head_dim,
+                dv = c.v_head_dim, dqk = c.qk_head_dim(), qin = c.q_in_dim(),
+                width = c.latent_width(), B = cache.geometry().block_size;
   WorkCounter& counter = *ctx.counter;
 
-  // Query input: x_n, or the normalised q LoRA down-projection.
+  // Query input: x_n, or the normalised q LoRA down-projection (replicated).
   std::vector<float> q_lora;
   const float* q_in = xn;
   if (c.q_lora_rank > 0) {
@@ -274,7 +342,8 @@ void DeepseekModel::attention(const LayerWeights& lw, int64_t layer, const float
     q_in = q_lora.data();
   }
 
-  // Latent of every new token -> its cache row: c = RMSNorm(kv[:d_c]), k_r = RoPE(kv[d_c:]).
+  // Latent of every new token: c = RMSNorm(kv[:d_c]), k_r = RoPE(kv[d_c:]); the rank that
+  // stores the token's page writes it into the cache.
   std::vector<float> kv(T * width);
   linear(xn, T, w.kv_a, kv.data(), counter);
   for (int64_t t = 0; t < T; ++t) {
@@ -285,100 +354,71 @@ void DeepseekModel::attention(const LayerWeights& lw, int64_t layer, const float
   const auto& seqs = ctx.batch->seqs;
   for (size_t s = 0; s < seqs.size(); ++s) {
     for (int32_t i = 0; i < seqs[s].num_tokens; ++i) {
-      const int64_t t = ctx.seq_begin[s] + i;
-      std::memcpy(cache.row(*seqs[s].table, layer, seqs[s].start + i), &kv[t * width],
+      const int32_t pos = seqs[s].start + i;
+      if (!cache.shard().owns_page(pos / B)) continue;
+      std::memcpy(cache.row(*seqs[s].table, layer, pos), &kv[(ctx.seq_begin[s] + i) * width],
                   width * sizeof(float));
     }
   }
 
-  // Queries. q: [T, H, d_n + d_r] for the factored/decompressed forms; the premerged form
-  // produces the latent query [T, H, d_c] and the rope part [T, H, d_r] directly.
-  std::vector<float> q, q_lat(T * H * dc), q_rope(T * H * dr);
-  if (ctx.any_latent_factored_or_decompressed) {
+  // Local heads' queries. q: [T, H, d_n + d_r] for the decompressed and factored forms;
+  // the latent forms gather into q_lat: [T, H, d_c + d_r] (absorbed query, rotary part).
+  std::vector<float> q, q_pm;
+  if (ctx.any_full_q) {
     q.resize(T * H * dqk);
     linear(q_in, T, w.q_b, q.data(), counter);
   }
-  std::vector<float> q_pm_rope;
   if (ctx.any_premerged) {
-    linear(q_in, T, w.q_absorbed, q_lat.data(), counter);  // rows of other forms unused
-    q_pm_rope.resize(T * H * dr);
-    linear(q_in, T, w.q_rope, q_pm_rope.data(), counter);
+    q_pm.resize(T * H * (dc + dr));
+    std::vector<float> q_abs(T * H * dc), q_rot(T * H * dr);
+    linear(q_in, T, w.q_absorbed, q_abs.data(), counter);
+    linear(q_in, T, w.q_rope, q_rot.data(), counter);
+    for (int64_t t = 0; t < T * H; ++t) {
+      std::memcpy(&q_pm[t * (dc + dr)], &q_abs[t * dc], dc * sizeof(float));
+      std::memcpy(&q_pm[t * (dc + dr) + dc], &q_rot[t * dr], dr * sizeof(float));
+    }
   }
-
-  // Attention outputs: o_v [T, H * d_v] (through W_o) and o_lat [T, H * d_c] (through W_O').
-  std::vector<float> o_v(ctx.any_latent_factored_or_decompressed ? T * H * dv : 0, 0.0f);
-  std::vector<float> o_lat(T * H * dc, 0.0f);
-  std::vector<float> lse(T * H);
-  std::vector<int32_t> num_keys;
-  std::vector<const float*> pages;
+  std::vector<float> q_lat(ctx.any_latent ? T * H * (dc + dr) : 0, 0.0f);
   for (size_t s = 0; s < seqs.size(); ++s) {
-    const ForwardSeq& seq = seqs[s];
-    const int64_t r0 = ctx.seq_begin[s], n = seq.num_tokens, L = seq.start + seq.num_tokens;
     const AttnForm form = ctx.forms[s];
-    num_keys.resize(n);
-    for (int64_t i = 0; i < n; ++i) num_keys[i] = static_cast<int32_t>(seq.start + i + 1);
-    const int64_t pairs = std::accumulate(num_keys.begin(), num_keys.end(), int64_t{0});
-
-    // Rotary part of the query, per token and head.
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t t = r0 + i;
-      for (int64_t h = 0; h < H; ++h) {
-        float* dst = &q_rope[(t * H + h) * dr];
-        const float* src = form == AttnForm::kLatentPremerged ? &q_pm_rope[(t * H + h) * dr]
-                                                              : &q[(t * H + h) * dqk + dn];
-        std::memcpy(dst, src, dr * sizeof(float));
-        cpu::rope_rotate(dst, dr, &ctx.rope[t * dr], c.rope_interleave);
-      }
-    }
-
-    if (form == AttnForm::kDecompressed) {
-      // Up-project every cached latent of the sequence: the cost absorption removes.
-      std::vector<float> lat_c(L * dc), k_up(L * H * (dn + dv));
-      std::vector<float> keys(L * H * dqk), values(L * H * dv), q_full(n * H * dqk);
-      for (int64_t j = 0; j < L; ++j) {
-        std::memcpy(&lat_c[j * dc], cache.row(*seq.table, layer, j), dc * sizeof(float));
-      }
-      cpu::matmul_nt(lat_c.data(), L, dc, w.kv_b.f32(), H * (dn + dv), k_up.data());
-      counter.cache_upproj_flops += flops_of(L, H * (dn + dv), dc);
-      for (int64_t j = 0; j < L; ++j) {
-        const float* k_r = cache.row(*seq.table, layer, j) + dc;
-        for (int64_t h = 0; h < H; ++h) {
-          const float* src = &k_up[(j * H + h) * (dn + dv)];
-          float* k = &keys[(j * H + h) * dqk];
-          std::memcpy(k, src, dn * sizeof(float));
-          std::memcpy(k + dn, k_r, dr * sizeof(float));
-          std::memcpy(&values[(j * H + h) * dv], src + dn, dv * sizeof(float));
-        }
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        for (int64_t h = 0; h < H; ++h) {
-          float* dst = &q_full[(i * H + h) * dqk];
-          std::memcpy(dst, &q[((r0 + i) * H + h) * dqk], dn * sizeof(float));
-          std::memcpy(dst + dn, &q_rope[((r0 + i) * H + h) * dr], dr * sizeof(float));
-        }
-      }
-      cpu::dense_attention({q_full.data(), keys.data(), values.data(), num_keys.data(), n, L, H,
-                            dqk, dv, softmax_scale_, &o_v[r0 * H * dv]});
-      counter.attention_flops += 2 * pairs * H * (dqk + dv);
-      continue;
-    }
-
-    if (form == AttnForm::kLatentFactored) {
-      // q~_h = W_UK[h]^T q_n,h  ->  [n, d_c] per head, written into q_lat.
+    const int64_t r0 = ctx.seq_begin[s], n = seqs[s].num_tokens;
+    if (form == AttnForm::kLatentPremerged) {
+      std::copy_n(&q_pm[r0 * H * (dc + dr)], n * H * (dc + dr), &q_lat[r0 * H * (dc + dr)]);
+    } else if (form == AttnForm::kLatentFactored) {
+      // q~_h = W_UK[h]^T q_n,h  ->  [n, d_c] per head; the rotary part is copied.
       for (int64_t h = 0; h < H; ++h) {
         const float* w_uk = w.kv_b.f32() + h * (dn + dv) * dc;  // [d_n, d_c]
         cpu::gemm(false, n, dc, dn, &q[(r0 * H + h) * dqk], H * dqk, w_uk, dc,
-                  &q_lat[(r0 * H + h) * dc], H * dc);
+                  &q_lat[(r0 * H + h) * (dc + dr)], H * (dc + dr));
+        for (int64_t i = 0; i < n; ++i) {
+          std::memcpy(&q_lat[((r0 + i) * H + h) * (dc + dr) + dc],
+                      &q[((r0 + i) * H + h) * dqk + dn], dr * sizeof(float));
+        }
       }
       counter.weight_flops += flops_of(n * H, dc, dn);
     }
-    pages.clear();
-    for (int32_t page : seq.table->pages) pages.push_back(cache.page_block(page, layer));
-    cpu::latent_attention({&q_lat[r0 * H * dc], &q_rope[r0 * H * dr], pages.data(),
-                           num_keys.data(), n, H, dc, dr, cache.geometry().block_size,
-                           softmax_scale_, &o_lat[r0 * H * dc], &lse[r0 * H]});
-    counter.attention_flops += 2 * pairs * H * (dc + dr + dc);
-    if (form == AttnForm::kLatentFactored) {
+  }
+  // Rotate the rotary part of every query (in q for the decompressed form, q_lat otherwise).
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const bool latent = ctx.forms[s] != AttnForm::kDecompressed;
+    for (int64_t i = 0; i < seqs[s].num_tokens; ++i) {
+      const int64_t t = ctx.seq_begin[s] + i;
+      for (int64_t h = 0; h < H; ++h) {
+        float* rot = latent ? &q_lat[(t * H + h) * (dc + dr) + dc] : &q[(t * H + h) * dqk + dn];
+        cpu::rope_rotate(rot, dr, &ctx.rope[t * dr], c.rope_interleave);
+      }
+    }
+  }
+
+  // Attention. o_v: [T, H * d_v] (then W_o); o_lat: [T, H * d_c] (then W_UV or W_O').
+  std::vector<float> o_v(ctx.any_full_q ? T * H * dv : 0, 0.0f);
+  std::vector<float> o_lat(ctx.any_latent ? T * H * dc : 0, 0.0f);
+  if (ctx.any_latent) latent_attention(layer, ctx, cache, q_lat, o_lat);
+  std::vector<int32_t> num_keys;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const ForwardSeq& seq = seqs[s];
+    const int64_t r0 = ctx.seq_begin[s], n = seq.num_tokens, L = seq.start + seq.num_tokens;
+    if (ctx.forms[s] == AttnForm::kLatentFactored) {
       // o_h = W_UV[h] o~_h  ->  [n, d_v] per head.
       for (int64_t h = 0; h < H; ++h) {
         const float* w_uv = w.kv_b.f32() + h * (dn + dv) * dc + dn * dc;  // [d_v, d_c]
@@ -387,13 +427,159 @@ void DeepseekModel::attention(const LayerWeights& lw, int64_t layer, const float
       }
       counter.weight_flops += flops_of(n * H, dv, dc);
       if (ctx.any_premerged) std::fill_n(&o_lat[r0 * H * dc], n * H * dc, 0.0f);
+      continue;
     }
+    if (ctx.forms[s] != AttnForm::kDecompressed) continue;
+
+    // Decompressed form: up-project every cached latent of the sequence, the cost
+    // absorption removes. Under a sharded cache the context is gathered first.
+    const std::vector<float> context = gather_context(layer, seq, ctx, cache);  // [L, width]
+    std::vector<float> lat_c(L * dc), k_up(L * H * (dn + dv));
+    std::vector<float> keys(L * H * dqk), values(L * H * dv), q_full(n * H * dqk);
+    for (int64_t j = 0; j < L; ++j) {
+      std::memcpy(&lat_c[j * dc], &context[j * width], dc * sizeof(float));
+    }
+    cpu::matmul_nt(lat_c.data(), L, dc, w.kv_b.f32(), H * (dn + dv), k_up.data());
+    counter.cache_upproj_flops += flops_of(L, H * (dn + dv), dc);
+    for (int64_t j = 0; j < L; ++j) {
+      for (int64_t h = 0; h < H; ++h) {
+        const float* src = &k_up[(j * H + h) * (dn + dv)];
+        float* k = &keys[(j * H + h) * dqk];
+        std::memcpy(k, src, dn * sizeof(float));
+        std::memcpy(k + dn, &context[j * width + dc], dr * sizeof(float));
+        std::memcpy(&values[(j * H + h) * dv], src + dn, dv * sizeof(float));
+      }
+    }
+    num_keys.resize(n);
+    for (int64_t i = 0; i < n; ++i) num_keys[i] = static_cast<int32_t>(seq.start + i + 1);
+    const int64_t pairs = std::accumulate(num_keys.begin(), num_keys.end(), int64_t{0});
+    cpu::dense_attention({&q[r0 * H * dqk], keys.data(), values.data(), num_keys.data(), n, L, H,
+                          dqk, dv, softmax_scale_, &o_v[r0 * H * dv]});
+    counter.attention_flops += 2 * pairs * H * (dqk + dv);
   }
 
   // Rows of one form hold zeros in the other form's buffer, so the two products add up.
+  // Under TP these are this rank's partial sums; the caller all-reduces them.
   std::fill_n(out, T * D, 0.0f);
-  if (ctx.any_latent_factored_or_decompressed) linear(o_v.data(), T, w.o, out, counter);
+  if (ctx.any_full_q) linear(o_v.data(), T, w.o, out, counter);
   if (ctx.any_premerged) linear(o_lat.data(), T, w.o_absorbed, out, counter, 1.0f);
+}
+
+void DeepseekModel::latent_attention(int64_t layer, StepContext& ctx, const LatentCache& cache,
+                                     const std::vector<float>& q_local,
+                                     std::vector<float>& o_lat) const {
+  const ModelConfig& c = config_;
+  const int64_t T = ctx.num_tokens, Hl = shard_.local_heads(), P = shard_.tp_size(),
+                dc = c.kv_lora_rank, dr = c.qk_rope_head_dim, dq = dc + dr;
+  const auto& seqs = ctx.batch->seqs;
+  // A sharded cache: every rank attends all heads against its own pages and the partial
+  // results are merged by LSE on the rank that owns each head. Otherwise: local heads only.
+  const bool sharded = P > 1 && !cache.holds_every_page();
+  const int64_t Ha = sharded ? Hl * P : Hl;  // heads this rank attends
+
+  // q_all: [T, Ha, d_c + d_r]; under sharding the all-gather returns [P, T, Hl, ..].
+  std::vector<float> q_all;
+  if (sharded) {
+    std::vector<float> gathered(P * T * Hl * dq);
+    ctx.comm->all_gather(q_local.data(), T * Hl * dq, gathered.data());
+    q_all.resize(T * Ha * dq);
+    for (int64_t r = 0; r < P; ++r)
+      for (int64_t t = 0; t < T; ++t)
+        std::memcpy(&q_all[(t * Ha + r * Hl) * dq], &gathered[((r * T) + t) * Hl * dq],
+                    Hl * dq * sizeof(float));
+  }
+  const std::vector<float>& qa = sharded ? q_all : q_local;
+  std::vector<float> q_lat(T * Ha * dc), q_rope(T * Ha * dr);
+  for (int64_t i = 0; i < T * Ha; ++i) {
+    std::memcpy(&q_lat[i * dc], &qa[i * dq], dc * sizeof(float));
+    std::memcpy(&q_rope[i * dr], &qa[i * dq + dc], dr * sizeof(float));
+  }
+
+  std::vector<float> part(T * Ha * dc, 0.0f), lse(T * Ha, -INFINITY);
+  std::vector<int32_t> num_keys;
+  std::vector<const float*> pages;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    if (ctx.forms[s] == AttnForm::kDecompressed) continue;
+    const ForwardSeq& seq = seqs[s];
+    const int64_t r0 = ctx.seq_begin[s], n = seq.num_tokens;
+    num_keys.resize(n);
+    for (int64_t i = 0; i < n; ++i) num_keys[i] = cache.local_keys(seq.start + static_cast<int32_t>(i));
+    const int64_t pairs = std::accumulate(num_keys.begin(), num_keys.end(), int64_t{0});
+    pages.clear();
+    for (int32_t page : seq.table->pages) pages.push_back(cache.page_block(page, layer));
+    cpu::latent_attention({&q_lat[r0 * Ha * dc], &q_rope[r0 * Ha * dr], pages.data(),
+                           num_keys.data(), n, Ha, dc, dr, cache.geometry().block_size,
+                           softmax_scale_, &part[r0 * Ha * dc], &lse[r0 * Ha]});
+    ctx.counter->attention_flops += 2 * pairs * Ha * (dc + dr + dc);
+  }
+  if (!sharded) {
+    o_lat = std::move(part);
+    return;
+  }
+
+  // all-to-all: block r carries rank r's heads [T, Hl, d_c + 1] (output, then LSE).
+  const int64_t blk = T * Hl * (dc + 1);
+  std::vector<float> send(P * blk), recv(P * blk);
+  for (int64_t r = 0; r < P; ++r)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < Hl; ++h) {
+        float* dst = &send[r * blk + (t * Hl + h) * (dc + 1)];
+        const int64_t src = t * Ha + r * Hl + h;
+        std::memcpy(dst, &part[src * dc], dc * sizeof(float));
+        dst[dc] = lse[src];
+      }
+  ctx.comm->all_to_all(send.data(), blk, recv.data());
+  // Merge: o = sum_r exp(lse_r - LSE) o_r with LSE = log sum_r exp(lse_r). A rank without
+  // visible keys sent lse = -inf and weighs nothing; every token sees at least itself.
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < Hl; ++h) {
+      float mx = -INFINITY;
+      for (int64_t r = 0; r < P; ++r) mx = std::max(mx, recv[r * blk + (t * Hl + h) * (dc + 1) + dc]);
+      float* o = &o_lat[(t * Hl + h) * dc];
+      std::fill_n(o, dc, 0.0f);
+      if (mx == -INFINITY) continue;  // a row of a decompressed-form sequence
+      float denom = 0.0f;
+      for (int64_t r = 0; r < P; ++r) {
+        const float* in = &recv[r * blk + (t * Hl + h) * (dc + 1)];
+        const float weight = std::exp(in[dc] - mx);
+        if (weight == 0.0f) continue;
+        denom += weight;
+        for (int64_t i = 0; i < dc; ++i) o[i] += weight * in[i];
+      }
+      for (int64_t i = 0; i < dc; ++i) o[i] /= denom;
+    }
+}
+
+std::vector<float> DeepseekModel::gather_context(int64_t layer, const ForwardSeq& seq,
+                                                 StepContext& ctx,
+                                                 const LatentCache& cache) const {
+  const int64_t width = config_.latent_width(), L = seq.start + seq.num_tokens;
+  std::vector<float> context(L * width);
+  if (cache.holds_every_page()) {
+    for (int64_t j = 0; j < L; ++j) {
+      std::memcpy(&context[j * width], cache.row(*seq.table, layer, static_cast<int32_t>(j)),
+                  width * sizeof(float));
+    }
+    return context;
+  }
+  // Every rank contributes its pages' rows, padded to the largest share; the all-gather
+  // returns [P, cap, width] and rank r's k-th local key is at sequence page r + k * P.
+  const int64_t P = shard_.tp_size(), B = cache.geometry().block_size;
+  const int64_t pages = (L + B - 1) / B, cap = (pages + P - 1) / P * B;
+  std::vector<float> mine(cap * width, 0.0f), all(P * cap * width);
+  const int64_t local = cache.local_keys(static_cast<int32_t>(L - 1));
+  for (int64_t i = 0; i < local; ++i) {
+    const int64_t pos = (shard_.tp_rank() + (i / B) * P) * B + i % B;
+    std::memcpy(&mine[i * width], cache.row(*seq.table, layer, static_cast<int32_t>(pos)),
+                width * sizeof(float));
+  }
+  ctx.comm->all_gather(mine.data(), cap * width, all.data());
+  for (int64_t r = 0; r < P; ++r)
+    for (int64_t i = 0; i < cap; ++i) {
+      const int64_t pos = (r + (i / B) * P) * B + i % B;
+      if (pos < L) std::memcpy(&context[pos * width], &all[(r * cap + i) * width], width * sizeof(float));
+    }
+  return context;
 }
 
 void DeepseekModel::mlp(const MlpWeights& w, const float* x, int64_t rows, float* out,
@@ -473,8 +659,10 @@ void DeepseekModel::moe(const MoeWeights& w, const float* x, int64_t rows, float
   } else {
     std::fill_n(out, rows * D, 0.0f);
   }
+  // Under TP each rank runs its own experts; the caller's all-reduce adds the parts.
   std::vector<float> xs, ys;
-  for (int64_t e = 0; e < E; ++e) {
+  for (int64_t e = w.first_expert; e < w.first_expert + static_cast<int64_t>(w.experts.size());
+       ++e) {
     const auto& routed = by_expert[e];
     if (routed.empty()) continue;
     const int64_t m = static_cast<int64_t>(routed.size());
@@ -483,7 +671,7 @@ void DeepseekModel::moe(const MoeWeights& w, const float* x, int64_t rows, float
     for (int64_t i = 0; i < m; ++i) {
       std::memcpy(&xs[i * D], x + routed[i].first * D, D * sizeof(float));
     }
-    mlp(w.experts[e], xs.data(), m, ys.data(), counter);
+    mlp(w.experts[e - w.first_expert], xs.data(), m, ys.data(), counter);
     for (int64_t i = 0; i < m; ++i) {
       float* dst = out + routed[i].first * D;
       for (int64_t d = 0; d < D; ++d) dst[d] += routed[i].second * ys[i * D + d];

@@ -1,6 +1,13 @@
 // DeepseekModel: the DeepSeek-V2/V3 forward pass on the CPU in fp32 (DESIGN.md section 2),
 // reading and writing the paged latent cache.
 //
+// Under tensor parallelism (DESIGN.md section 5) each rank holds the model for its
+// ShardPlan: the attention weights of its H/P heads, 1/P of every dense MLP and of the
+// shared experts, E/P of the routed experts; the rest is replicated. Every rank of the
+// group calls forward() with the same batch and its own cache shard; the collectives go
+// through the Communicator, one all-reduce after attention and one after the FFN, plus the
+// query all-gather and partial-output all-to-all when the cache is sequence-sharded.
+//
 // Immutable after load(); forward() is const and may run concurrently on different caches.
 #pragma once
 
@@ -9,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "parallel/communicator.h"
+#include "parallel/shard_plan.h"
 #include "runtime/absorption.h"
 #include "runtime/latent_cache.h"
 #include "runtime/model_config.h"
@@ -22,6 +31,10 @@ struct ModelOptions {
   AbsorbMode absorb = AbsorbMode::kAuto;  // Default: auto.
   CostModel cost;                         // Default: CPU balance (see CostModel).
   bool show_progress = true;              // Progress line while loading. Default: true.
+  // This rank's place in its tensor-parallel group. Default: one rank.
+  int32_t tp_size = 1;
+  int32_t tp_rank = 0;
+  KvShard kv_shard = KvShard::kSequence;  // Default: sequence-sharded latent cache.
 };
 
 // One sequence's slice of a step: `num_tokens` new tokens at positions
@@ -44,41 +57,52 @@ struct WorkCounter {
   int64_t cache_upproj_flops = 0;  // up-projection of cached latents (decompressed form only)
   int64_t attention_flops = 0;     // score and value products over keys
   std::array<int64_t, kNumAttnForms> form_chunks{};  // sequence-steps per attention form
+  CommStats comm;                  // collectives issued by the forward passes
   void reset() { *this = WorkCounter{}; }
+  void add(const WorkCounter& other);
 };
 
 class DeepseekModel {
  public:
   // Loads config.json and the safetensors weights of a Hugging Face model directory and
   // prepares the absorbed matrices the mode needs. Throws mla::Error naming what is wrong.
+  // With options.tp_size P > 1 only this rank's shard is read from the checkpoint; throws
+  // kInvalidArgument if P does not divide the heads, experts or MLP widths.
   static std::shared_ptr<DeepseekModel> load(const std::string& model_dir,
                                              const ModelOptions& options = {});
 
   const ModelConfig& config() const { return config_; }
   const FormPolicy& forms() const { return forms_; }
+  const ShardPlan& shard() const { return shard_; }
   // Cache layout for this model with pages of `block_size` tokens.
   CacheGeometry cache_geometry(int32_t block_size) const;
 
   // Runs the new tokens of `batch` through the model: stores each token's latent in
-  // `cache` (pages must be reserved) and returns the logits [num seqs wanting logits, V]
-  // in batch order. Adds the work done to `counter` when given.
-  Tensor forward(const ForwardBatch& batch, LatentCache& cache,
-                 WorkCounter* counter = nullptr) const;
+  // `cache` (pages must be reserved; under TP this rank's shard, with the model's plan) and
+  // returns the logits [num seqs wanting logits, V] in batch order, on every rank. Adds the
+  // work done to `counter` when given. `comm` is the group's communicator (null for P = 1).
+  Tensor forward(const ForwardBatch& batch, LatentCache& cache, WorkCounter* counter = nullptr,
+                 Communicator* comm = nullptr) const;
 
  private:
-  DeepseekModel(ModelConfig config, const ModelOptions& options);
+  DeepseekModel(ModelConfig config, const ModelOptions& options, ShardPlan shard);
   void load_weights(Checkpoint& ckpt);
   void prepare_premerged(AttentionWeights& w) const;
 
   struct StepContext;
   void attention(const LayerWeights& lw, int64_t layer, const float* xn, StepContext& ctx,
                  LatentCache& cache, float* out) const;
+  void latent_attention(int64_t layer, StepContext& ctx, const LatentCache& cache,
+                        const std::vector<float>& q_local, std::vector<float>& o_lat) const;
+  std::vector<float> gather_context(int64_t layer, const ForwardSeq& seq, StepContext& ctx,
+                                    const LatentCache& cache) const;
   void moe(const MoeWeights& w, const float* x, int64_t rows, float* out,
            WorkCounter& counter) const;
   void mlp(const MlpWeights& w, const float* x, int64_t rows, float* out,
            WorkCounter& counter) const;
 
   ModelConfig config_;
+  ShardPlan shard_;
   FormPolicy forms_;
   ModelWeights weights_;
   std::vector<float> inv_freq_;

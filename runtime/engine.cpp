@@ -9,11 +9,82 @@
 
 namespace mla {
 
-Engine::Engine(std::shared_ptr<const DeepseekModel> model, EngineOptions options)
+namespace {
+
+// The step plan a leader broadcasts, as int64 words:
+//   [kind, n_released, released ids..., n_chunks, (id, start, num_tokens, want_logits)...,
+//    tokens of every chunk...]
+enum PlanKind : int64_t { kPlanStep = 1, kPlanShutdown = 2 };
+
+}  // namespace
+
+Engine::Engine(std::shared_ptr<const DeepseekModel> model, EngineOptions options,
+               Communicator* comm)
     : model_(std::move(model)),
       options_(options),
-      cache_(model_->cache_geometry(options.block_size), options.num_pages),
-      scheduler_(options.scheduler, cache_) {}
+      comm_(comm != nullptr && comm->size() > 1 ? comm : nullptr),
+      cache_(model_->cache_geometry(options.block_size), options.num_pages, model_->shard()),
+      scheduler_(options.scheduler, cache_) {
+  MLA_REQUIRE(model_->shard().tp_size() == (comm_ ? comm_->size() : 1),
+              "the model is sharded for {} ranks but the group has {}",
+              model_->shard().tp_size(), comm_ ? comm_->size() : 1);
+}
+
+void Engine::broadcast_plan(std::vector<int64_t>& plan) {
+  int64_t words = static_cast<int64_t>(plan.size());
+  comm_->broadcast(&words, sizeof(words), 0);
+  plan.resize(words);
+  comm_->broadcast(plan.data(), words * static_cast<int64_t>(sizeof(int64_t)), 0);
+}
+
+Tensor Engine::run_forward(const ForwardBatch& batch) {
+  WorkCounter work;
+  Tensor logits = model_->forward(batch, cache_, &work, comm_);
+  stats_.steps++;
+  stats_.computed_tokens += static_cast<int64_t>(batch.tokens.size());
+  stats_.work.add(work);
+  spdlog::debug("step {}: {} sequences, {} tokens, forms: decompressed {} factored {} premerged {}",
+                stats_.steps, batch.seqs.size(), batch.tokens.size(), work.form_chunks[0],
+                work.form_chunks[1], work.form_chunks[2]);
+  return logits;
+}
+
+void Engine::follow() {
+  MLA_REQUIRE(!is_leader(), "follow() is for follower ranks; the leader calls step()");
+  std::vector<int64_t> plan;
+  while (true) {
+    broadcast_plan(plan);
+    size_t i = 0;
+    if (plan.at(i++) == kPlanShutdown) return;
+    const int64_t n_released = plan.at(i++);
+    for (int64_t k = 0; k < n_released; ++k) {
+      auto it = follower_tables_.find(static_cast<RequestId>(plan.at(i++)));
+      if (it == follower_tables_.end()) continue;
+      cache_.release(it->second);
+      follower_tables_.erase(it);
+    }
+    ForwardBatch batch;
+    const int64_t n_chunks = plan.at(i++);
+    for (int64_t k = 0; k < n_chunks; ++k, i += 4) {
+      BlockTable& table = follower_tables_[static_cast<RequestId>(plan.at(i))];
+      const auto start = static_cast<int32_t>(plan.at(i + 1));
+      const auto n = static_cast<int32_t>(plan.at(i + 2));
+      MLA_CHECK(cache_.reserve(table, start + n),
+                "follower rank {} has no pages for a chunk its leader could place", comm_->rank());
+      batch.seqs.push_back({&table, start, n, plan.at(i + 3) != 0});
+    }
+    batch.tokens.assign(plan.begin() + static_cast<std::ptrdiff_t>(i), plan.end());
+    run_forward(batch);
+  }
+}
+
+void Engine::shutdown() {
+  if (comm_ == nullptr || !is_leader() || shut_down_) return;
+  shut_down_ = true;
+  std::vector<int64_t> plan = {kPlanShutdown};
+  broadcast_plan(plan);
+}
+
 
 void Engine::validate(const Request& r) const {
   const ModelConfig& c = model_->config();
@@ -52,11 +123,14 @@ RequestId Engine::add_request(Request request) {
 }
 
 std::vector<StepOutput> Engine::step() {
+  MLA_REQUIRE(is_leader(), "step() is for the leader rank; followers call follow()");
+  MLA_REQUIRE(!shut_down_, "the engine's group was shut down");
   Schedule plan = scheduler_.schedule();
   stats_.preemptions += static_cast<int64_t>(plan.preempted.size());
   for (Sequence* seq : plan.preempted) {
     spdlog::debug("request {} preempted (cache full); will recompute {} tokens", seq->id,
                   seq->tokens.size());
+    if (comm_ != nullptr) released_.push_back(static_cast<int64_t>(seq->id));
   }
   if (plan.empty()) return {};
 
@@ -67,17 +141,19 @@ std::vector<StepOutput> Engine::step() {
                         toks.begin() + chunk.start + chunk.num_tokens);
     batch.seqs.push_back({&chunk.seq->table, chunk.start, chunk.num_tokens, chunk.samples()});
   }
-  WorkCounter work;
-  Tensor logits = model_->forward(batch, cache_, &work);
-  stats_.steps++;
-  stats_.computed_tokens += plan.num_tokens;
-  stats_.work.weight_flops += work.weight_flops;
-  stats_.work.cache_upproj_flops += work.cache_upproj_flops;
-  stats_.work.attention_flops += work.attention_flops;
-  for (int f = 0; f < kNumAttnForms; ++f) stats_.work.form_chunks[f] += work.form_chunks[f];
-  spdlog::debug("step {}: {} sequences, {} tokens, forms: decompressed {} factored {} premerged {}",
-                stats_.steps, plan.chunks.size(), plan.num_tokens, work.form_chunks[0],
-                work.form_chunks[1], work.form_chunks[2]);
+  if (comm_ != nullptr) {
+    std::vector<int64_t> words = {kPlanStep, static_cast<int64_t>(released_.size())};
+    words.insert(words.end(), released_.begin(), released_.end());
+    released_.clear();
+    words.push_back(static_cast<int64_t>(plan.chunks.size()));
+    for (const ScheduledChunk& chunk : plan.chunks) {
+      words.insert(words.end(), {static_cast<int64_t>(chunk.seq->id), chunk.start,
+                                 chunk.num_tokens, chunk.samples() ? 1 : 0});
+    }
+    words.insert(words.end(), batch.tokens.begin(), batch.tokens.end());
+    broadcast_plan(words);
+  }
+  Tensor logits = run_forward(batch);
   return postprocess(plan, logits);
 }
 
@@ -117,6 +193,7 @@ std::vector<StepOutput> Engine::postprocess(const Schedule& plan, const Tensor& 
 void Engine::retire(Sequence& seq, FinishReason reason) {
   seq.finish = reason;
   seq.status = SeqStatus::kFinished;
+  if (comm_ != nullptr) released_.push_back(static_cast<int64_t>(seq.id));
   scheduler_.remove(&seq);
   seqs_.erase(seq.id);
 }
@@ -138,6 +215,7 @@ RequestSnapshot Engine::export_request(RequestId id) {
   Sequence& seq = find(id);
   RequestSnapshot snap{seq.request, seq.tokens, seq.prompt_len,
                        cache_.export_tokens(seq.table, seq.num_computed)};
+  if (comm_ != nullptr) released_.push_back(static_cast<int64_t>(seq.id));
   scheduler_.remove(&seq);
   seqs_.erase(id);
   return snap;
@@ -155,8 +233,9 @@ RequestId Engine::import_request(const RequestSnapshot& snap) {
   seq->tokens = snap.tokens;
   seq->prompt_len = snap.prompt_len;
   // Without room for the latents the request still continues: it recomputes them. The last
-  // token is always recomputed, so the next step has a token to run.
-  if (computed > 0 && cache_.import_tokens(seq->table, snap.latents)) {
+  // token is always recomputed, so the next step has a token to run. A tensor-parallel
+  // group recomputes too: its followers' shards would not hold the imported latents.
+  if (computed > 0 && comm_ == nullptr && cache_.import_tokens(seq->table, snap.latents)) {
     seq->num_computed = std::min(computed, static_cast<int32_t>(seq->tokens.size()) - 1);
   }
   scheduler_.add(seq.get());

@@ -5,6 +5,15 @@
 // Requests join at any time and run in continuous batches; long prompts are prefilled in
 // chunks under the token budget; when cache pages run out, the youngest running request is
 // preempted and recomputed later. Not thread-safe: one thread drives an engine.
+//
+// Tensor parallelism (DESIGN.md section 5): every rank of a group builds an Engine around
+// its model shard and the group's Communicator. Rank 0, the leader, takes requests and
+// calls step(): it schedules, broadcasts the step's plan (which sequences released their
+// pages, which chunks run, their tokens), and runs its part of the forward pass. The other
+// ranks call follow() until the leader's shutdown(): each applies the plan to its own
+// cache shard and runs its part of the same forward pass. The leader's cache (rank 0 owns
+// the largest share of every sequence's pages) decides admission, so a follower never
+// runs out of pages the leader had.
 #pragma once
 
 #include <map>
@@ -53,7 +62,17 @@ struct EngineStats {
 
 class Engine {
  public:
-  Engine(std::shared_ptr<const DeepseekModel> model, EngineOptions options);
+  // `comm` is the tensor-parallel group (its size and rank must match the model's plan);
+  // null for a single rank.
+  Engine(std::shared_ptr<const DeepseekModel> model, EngineOptions options,
+         Communicator* comm = nullptr);
+
+  bool is_leader() const { return comm_ == nullptr || comm_->rank() == 0; }
+  // Follower ranks: run steps as the leader plans them; returns after the leader's
+  // shutdown(). Throws if called on the leader.
+  void follow();
+  // Leader: ends the followers' follow() loops. Idempotent; a no-op for one rank.
+  void shutdown();
 
   // Validates and queues a request; throws kInvalidArgument saying what is wrong, or
   // kResourceExhausted if it could never fit in the cache.
@@ -77,17 +96,23 @@ class Engine {
 
  private:
   std::vector<StepOutput> postprocess(const Schedule& plan, const Tensor& logits);
+  Tensor run_forward(const ForwardBatch& batch);
+  void broadcast_plan(std::vector<int64_t>& plan);
   void validate(const Request& r) const;
   Sequence& find(RequestId id);
   void retire(Sequence& seq, FinishReason reason);
 
   std::shared_ptr<const DeepseekModel> model_;
   EngineOptions options_;
+  Communicator* comm_;
   LatentCache cache_;
   Scheduler scheduler_;
   std::map<RequestId, std::unique_ptr<Sequence>> seqs_;
   RequestId next_id_ = 1;
   EngineStats stats_;
+  std::vector<int64_t> released_;  // leader: sequences whose pages were freed since the last plan
+  std::map<RequestId, BlockTable> follower_tables_;  // follower: this rank's pages per sequence
+  bool shut_down_ = false;
 };
 
 }  // namespace mla

@@ -21,8 +21,8 @@ void for_each_page_run(const BlockTable& table, int32_t block_size, int32_t num_
 
 }  // namespace
 
-LatentCache::LatentCache(CacheGeometry geometry, int32_t num_pages)
-    : geometry_(geometry), pool_(num_pages) {
+LatentCache::LatentCache(CacheGeometry geometry, int32_t num_pages, ShardPlan shard)
+    : geometry_(geometry), shard_(shard), pool_(num_pages) {
   MLA_REQUIRE(geometry.num_layers >= 1, "num_layers must be >= 1, got {}", geometry.num_layers);
   MLA_REQUIRE(geometry.block_size >= 1, "block_size must be >= 1, got {}", geometry.block_size);
   MLA_REQUIRE(geometry.kv_lora_rank >= 1, "kv_lora_rank must be >= 1, got {}",
@@ -33,8 +33,18 @@ LatentCache::LatentCache(CacheGeometry geometry, int32_t num_pages)
 
 int32_t LatentCache::pages_for(int32_t num_tokens) const {
   MLA_REQUIRE(num_tokens >= 0, "num_tokens must be >= 0, got {}", num_tokens);
-  return static_cast<int32_t>((int64_t{num_tokens} + geometry_.block_size - 1) /
-                              geometry_.block_size);
+  const int64_t sequence_pages =
+      (int64_t{num_tokens} + geometry_.block_size - 1) / geometry_.block_size;
+  return static_cast<int32_t>(shard_.local_pages(sequence_pages));
+}
+
+int32_t LatentCache::local_keys(int32_t pos) const {
+  if (shard_.kv_shard() == KvShard::kReplicate || shard_.tp_size() == 1) return pos + 1;
+  // Full local pages before pos's page, plus the part of pos's page if this rank owns it.
+  const int32_t B = geometry_.block_size, P = shard_.tp_size(), r = shard_.tp_rank();
+  const int32_t page = pos / B;
+  const int32_t before = page > r ? (page - r + P - 1) / P : 0;  // local pages with index < page
+  return before * B + (shard_.owns_page(page) ? pos % B + 1 : 0);
 }
 
 bool LatentCache::reserve(BlockTable& table, int32_t num_tokens) {
@@ -55,9 +65,14 @@ float* LatentCache::row(const BlockTable& table, int32_t layer, int32_t pos) {
 }
 
 const float* LatentCache::row(const BlockTable& table, int32_t layer, int32_t pos) const {
-  const int64_t capacity = int64_t{geometry_.block_size} * table.pages.size();
-  MLA_CHECK(0 <= pos && pos < capacity, "token {} outside the table's {} slots", pos, capacity);
-  return page_block(table.pages[pos / geometry_.block_size], layer) +
+  MLA_CHECK(pos >= 0, "negative token position {}", pos);
+  const int32_t page = pos / geometry_.block_size;
+  MLA_CHECK(shard_.owns_page(page), "token {} is on page {}, which rank {} does not store", pos,
+            page, shard_.tp_rank());
+  const size_t local = shard_.kv_shard() == KvShard::kReplicate ? page : page / shard_.tp_size();
+  MLA_CHECK(local < table.pages.size(), "token {} outside the table's {} pages", pos,
+            table.pages.size());
+  return page_block(table.pages[local], layer) +
          int64_t{pos % geometry_.block_size} * geometry_.width();
 }
 
@@ -74,6 +89,7 @@ const float* LatentCache::page_block(int32_t page, int32_t layer) const {
 }
 
 Tensor LatentCache::export_tokens(const BlockTable& table, int32_t num_tokens) const {
+  MLA_REQUIRE(holds_every_page(), "export of a sequence-sharded cache shard is not supported");
   MLA_REQUIRE(0 <= num_tokens && num_tokens <= table.num_tokens,
               "cannot export {} tokens from a table of {}", num_tokens, table.num_tokens);
   const int64_t width = geometry_.width();
@@ -89,6 +105,7 @@ Tensor LatentCache::export_tokens(const BlockTable& table, int32_t num_tokens) c
 }
 
 bool LatentCache::import_tokens(BlockTable& table, const Tensor& latents) {
+  MLA_REQUIRE(holds_every_page(), "import into a sequence-sharded cache shard is not supported");
   MLA_REQUIRE(table.pages.empty() && table.num_tokens == 0,
               "import needs an empty block table, got one with {} pages", table.pages.size());
   MLA_REQUIRE(latents.dtype() == DType::kF32 && latents.ndim() == 3 &&

@@ -6,6 +6,11 @@
 // `pos` is row pos % block_size of page pages[pos / block_size]. Storage is fp32
 // [num_pages][num_layers][block_size][width], so one page's rows of one layer are contiguous.
 //
+// Under tensor parallelism each rank has its own LatentCache. With a sequence-sharded plan
+// (DESIGN.md section 5) it stores only the pages it owns (page j of a sequence on rank
+// j mod P): a BlockTable then lists this rank's pages of the sequence, in order, and
+// pages_for() counts only those. With a replicated plan every rank stores every page.
+//
 // Export/import move a sequence's latents between caches (migration, draining, failover)
 // in a per-token layout, so the two caches may use different block sizes.
 // Not thread-safe: the engine's step loop owns the cache.
@@ -15,6 +20,7 @@
 #include <vector>
 
 #include "kernels/tensor.h"
+#include "parallel/shard_plan.h"
 #include "runtime/page_pool.h"
 
 namespace mla {
@@ -37,15 +43,25 @@ struct BlockTable {
 class LatentCache {
  public:
   // Throws kInvalidArgument unless num_layers, block_size and kv_lora_rank are >= 1 and
-  // rope_dim and num_pages are >= 0. Page contents start uninitialised.
-  LatentCache(CacheGeometry geometry, int32_t num_pages);
+  // rope_dim and num_pages are >= 0. Page contents start uninitialised. The default plan is
+  // one rank holding everything.
+  LatentCache(CacheGeometry geometry, int32_t num_pages, ShardPlan shard = ShardPlan(1, 0, 1));
 
   const CacheGeometry& geometry() const { return geometry_; }
   PagePool& pool() { return pool_; }
   const PagePool& pool() const { return pool_; }
 
-  // ceil(num_tokens / block_size).
+  const ShardPlan& shard() const { return shard_; }
+  bool holds_every_page() const {
+    return shard_.tp_size() == 1 || shard_.kv_shard() == KvShard::kReplicate;
+  }
+  // Pages this rank stores for a sequence of num_tokens tokens: ceil(num_tokens /
+  // block_size) sequence pages, of which this rank owns every P-th when sharded.
   int32_t pages_for(int32_t num_tokens) const;
+  // How many of the sequence's keys at positions <= pos this rank stores. The rank's keys,
+  // taken in position order, fill its pages in order, so key i of the rank is row
+  // i % block_size of table.pages[i / block_size].
+  int32_t local_keys(int32_t pos) const;
 
   // Grows `table` so it holds num_tokens tokens, allocating the missing pages, and sets
   // table.num_tokens = max(table.num_tokens, num_tokens). Returns false and leaves `table`
@@ -55,7 +71,7 @@ class LatentCache {
   void release(BlockTable& table);
 
   // The latent row of token `pos` in layer `layer`: [width] (c, then k_r). Throws kInternal
-  // if layer or pos is outside the table's pages.
+  // if layer or pos is outside the table's pages or on a page this rank does not store.
   float* row(const BlockTable& table, int32_t layer, int32_t pos);
   const float* row(const BlockTable& table, int32_t layer, int32_t pos) const;
 
@@ -75,6 +91,7 @@ class LatentCache {
 
  private:
   CacheGeometry geometry_;
+  ShardPlan shard_;
   PagePool pool_;
   Tensor storage_;  // [num_pages, num_layers, block_size, width]
 };

@@ -1,5 +1,6 @@
 // The DeepSeek weights as the CPU model holds them: fp32 host tensors, linear weights
-// [out, in]. Filled once by DeepseekModel::load; immutable afterwards.
+// [out, in]. Filled once by DeepseekModel::load; immutable afterwards. Under tensor
+// parallelism H below is this rank's heads (H/P) and MLP widths are this rank's part.
 #pragma once
 
 #include <vector>
@@ -31,7 +32,8 @@ struct AttentionWeights {
 struct MoeWeights {
   Tensor gate;                       // [E, D]
   Tensor correction_bias;            // [E] (noaux_tc only)
-  std::vector<MlpWeights> experts;   // E routed experts
+  std::vector<MlpWeights> experts;   // this rank's routed experts: first_expert, first_expert + 1, ...
+  int64_t first_expert = 0;
   MlpWeights shared;                 // n_shared_experts * moe_intermediate_size wide
 };
 

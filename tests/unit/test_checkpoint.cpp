@@ -333,5 +333,221 @@ TEST_F(CheckpointTest, ProgressLogsASummaryWhenNotATerminal) {
   EXPECT_EQ(out.find("loaded", out.find("loaded") + 1), std::string::npos);
 }
 
+// Random values in [-2, 2), rounded to `dtype` (kF32, kBF16 or kF16) and stored in it.
+Tensor random_float(Shape shape, DType dtype, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<float> dist(-2.0f, 2.0f);
+  std::vector<float> values(shape_numel(shape));
+  for (float& v : values) v = dist(gen);
+  if (dtype == DType::kF32) return Tensor::from_vector(std::move(shape), values);
+  return narrowed(std::move(shape), values, dtype);
+}
+
+// Rows [row_begin, row_end) x columns [col_begin, col_end) of the 2-D fp32 tensor `t`.
+std::vector<float> part(const Tensor& t, int64_t row_begin, int64_t row_end, int64_t col_begin,
+                        int64_t col_end) {
+  std::vector<float> out;
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const float* row = t.f32() + i * t.dim(1);
+    out.insert(out.end(), row + col_begin, row + col_end);
+  }
+  return out;
+}
+
+// The slices a tensor-parallel rank takes of a [200, 300] weight; with 128x128 scale blocks
+// each straddles block boundaries in the dimension it cuts.
+struct SliceCase {
+  int64_t row_begin, row_end, col_begin, col_end;  // col_end -1: through the last column
+};
+const SliceCase kSliceCases[] = {
+    {64, 190, 0, -1},    // rows: column-parallel shard
+    {0, 200, 100, 250},  // columns: row-parallel shard
+    {64, 190, 100, 250}, {0, 200, 0, 300}, {199, 200, 299, 300}, {0, 1, 100, -1},
+};
+
+// Each of kSliceCases of the [200, 300] tensor `name` equals that part of load_f32.
+void expect_slices_match_full_load(Checkpoint& ckpt, const std::string& name) {
+  const Tensor full = ckpt.load_f32(name, {200, 300});
+  for (const SliceCase& c : kSliceCases) {
+    SCOPED_TRACE(fmt::format("{} rows [{}, {}) columns [{}, {})", name, c.row_begin, c.row_end,
+                             c.col_begin, c.col_end));
+    const Tensor got =
+        ckpt.load_f32_slice(name, {200, 300}, c.row_begin, c.row_end, c.col_begin, c.col_end);
+    const int64_t col_end = c.col_end == -1 ? 300 : c.col_end;
+    EXPECT_EQ(got.dtype(), DType::kF32);
+    EXPECT_EQ(got.shape(), (Shape{c.row_end - c.row_begin, col_end - c.col_begin}));
+    EXPECT_EQ(as_vector(got), part(full, c.row_begin, c.row_end, c.col_begin, col_end));
+  }
+}
+
+TEST_F(CheckpointTest, SlicesF32Bf16F16ByRowsAndColumns) {
+  write_safetensors(path("model.safetensors"),
+                    {{"w.f32", random_float({200, 300}, DType::kF32, 11)},
+                     {"w.bf16", random_float({200, 300}, DType::kBF16, 12)},
+                     {"w.f16", random_float({200, 300}, DType::kF16, 13)}});
+  Checkpoint ckpt = Checkpoint::open(dir_);
+  for (const std::string name : {"w.f32", "w.bf16", "w.f16"}) {
+    expect_slices_match_full_load(ckpt, name);
+  }
+}
+
+TEST_F(CheckpointTest, SlicesFp8AcrossScaleBlocks) {
+  const Tensor w = random_fp8(200, 300, 14);
+  const std::vector<float> scale = random_scales(2 * 3, 15);
+  write_safetensors(path("model.safetensors"),
+                    {{"w", w}, {"w_scale_inv", Tensor::from_vector({2, 3}, scale)}});
+  Checkpoint ckpt = Checkpoint::open(dir_);
+  expect_slices_match_full_load(ckpt, "w");
+  // Against the element-by-element reference too, not only against load_f32.
+  const std::vector<float> want = dequantized(w, scale, 128, 128);
+  const Tensor want_tensor = Tensor::from_vector({200, 300}, want);
+  EXPECT_EQ(as_vector(ckpt.load_f32_slice("w", {200, 300}, 64, 190, 100, 250)),
+            part(want_tensor, 64, 190, 100, 250));
+}
+
+TEST_F(CheckpointTest, SlicesFp8WithBf16ScalesAndCustomBlock) {
+  const Tensor w = random_fp8(200, 300, 16);
+  std::vector<float> scale = random_scales(4 * 3, 17);
+  for (float& s : scale) s = bf16_to_f32(f32_to_bf16(s));
+  write_safetensors(path("model.safetensors"),
+                    {{"w", w}, {"w_scale_inv", narrowed({4, 3}, scale, DType::kBF16)}});
+  Checkpoint ckpt = Checkpoint::open(dir_, {64, 100});
+  expect_slices_match_full_load(ckpt, "w");
+  const Tensor want = Tensor::from_vector({200, 300}, dequantized(w, scale, 64, 100));
+  EXPECT_EQ(as_vector(ckpt.load_f32_slice("w", {200, 300}, 63, 129, 99, 201)),
+            part(want, 63, 129, 99, 201));
+}
+
+TEST_F(CheckpointTest, SlicesExpertsOf3DAndElementsOf1DTensors) {
+  write_safetensors(path("model.safetensors"),
+                    {{"experts", random_float({8, 6, 10}, DType::kBF16, 18)},
+                     {"bias", random_float({10}, DType::kF16, 19)}});
+  Checkpoint ckpt = Checkpoint::open(dir_);
+  const Tensor experts = ckpt.load_f32("experts", {8, 6, 10});
+  const Tensor mine = ckpt.load_f32_slice("experts", {8, 6, 10}, 2, 5);
+  EXPECT_EQ(mine.shape(), (Shape{3, 6, 10}));
+  EXPECT_EQ(as_vector(mine), as_vector(experts.slice_rows(2, 5).clone()));
+  EXPECT_EQ(as_vector(ckpt.load_f32_slice("experts", {8, 6, 10}, 0, 8)), as_vector(experts));
+
+  const Tensor bias = ckpt.load_f32("bias", {10});
+  const Tensor tail = ckpt.load_f32_slice("bias", {10}, 7, 10);
+  EXPECT_EQ(tail.shape(), (Shape{3}));
+  EXPECT_EQ(as_vector(tail), (std::vector<float>{bias.f32() + 7, bias.f32() + 10}));
+}
+
+// Empty ranges are rejected, not returned as 0-row tensors: a rank that computes an empty
+// shard has a wrong plan, and should hear so at load time rather than at its first matmul.
+TEST_F(CheckpointTest, SliceOutOfRangeOrEmptyIsInvalidArgument) {
+  write_safetensors(path("model.safetensors"), {{"w", Tensor::zeros({200, 300})},
+                                                {"experts", Tensor::zeros({4, 2, 3})},
+                                                {"bias", Tensor::zeros({5})},
+                                                {"scalar", Tensor::zeros({})}});
+  Checkpoint ckpt = Checkpoint::open(dir_);
+  struct Bad {
+    std::string name;
+    Shape shape;
+    int64_t row_begin, row_end, col_begin, col_end;
+    std::string message;
+  };
+  const std::vector<Bad> bad = {
+      {"w", {200, 300}, -1, 10, 0, -1, "rows [-1, 10) of tensor w [200, 300]"},
+      {"w", {200, 300}, 190, 201, 0, -1, "outside its 200 rows"},
+      {"w", {200, 300}, 64, 64, 0, -1, "rows [64, 64) of tensor w [200, 300] are empty"},
+      {"w", {200, 300}, 100, 50, 0, -1, "rows [100, 50)"},
+      {"w", {200, 300}, 0, 200, -1, 10, "columns [-1, 10)"},
+      {"w", {200, 300}, 0, 200, 250, 301, "outside its 300 columns"},
+      {"w", {200, 300}, 0, 200, 100, 100, "columns [100, 100) of tensor w [200, 300] are empty"},
+      {"w", {200, 300}, 0, 200, 300, -1, "columns [300, -1)"},
+      {"w", {200, 300}, 0, 200, 0, -2, "columns [0, -2)"},
+      {"experts", {4, 2, 3}, 0, 4, 0, 2, "only 2-D tensors have columns to slice"},
+      {"bias", {5}, 0, 5, 1, -1, "only 2-D tensors have columns to slice"},
+      {"experts", {4, 2, 3}, 0, 5, 0, -1, "outside its 4 rows"},
+      {"scalar", {}, 0, 1, 0, -1, "scalar"},
+      {"w", {300, 200}, 0, 10, 0, -1, "tensor w has shape [200, 300], expected [300, 200]"},
+  };
+  for (const Bad& b : bad) {
+    SCOPED_TRACE(b.message);
+    const Error e = error_of([&] {
+      ckpt.load_f32_slice(b.name, b.shape, b.row_begin, b.row_end, b.col_begin, b.col_end);
+    });
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_THAT(e.what(), HasSubstr(b.message));
+    EXPECT_THAT(e.what(), HasSubstr(path("model.safetensors")));
+  }
+  EXPECT_EQ(error_of([&] { ckpt.load_f32_slice("nope", {1}, 0, 1); }).code(), ErrorCode::kNotFound);
+}
+
+TEST_F(CheckpointTest, SliceOfFp8WithoutScaleIsNotFound) {
+  write_safetensors(path("model.safetensors"), {{"layer.w", random_fp8(4, 4, 20)}});
+  Checkpoint ckpt = Checkpoint::open(dir_);
+  const Error e = error_of([&] { ckpt.load_f32_slice("layer.w", {4, 4}, 0, 2); });
+  EXPECT_EQ(e.code(), ErrorCode::kNotFound);
+  EXPECT_THAT(e.what(), HasSubstr("layer.w_scale_inv"));
+}
+
+// Writes `path` holding one BF16 tensor "big" of `shape` whose bytes are a hole in the file:
+// gigabytes that cost neither disk nor memory until read.
+void write_sparse_bf16(const std::string& path, const Shape& shape) {
+  const uint64_t nbytes = static_cast<uint64_t>(shape_numel(shape)) * 2;
+  std::string header =
+      nlohmann::json{{"big", {{"dtype", "BF16"}, {"shape", shape}, {"data_offsets", {0, nbytes}}}}}
+          .dump();
+  header.append((8 - header.size() % 8) % 8, ' ');
+  const uint64_t header_len = header.size();
+  std::ofstream out(path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(&header_len), 8);
+  out << header;
+  out.seekp(static_cast<std::streamoff>(8 + header_len + nbytes - 1));
+  out.put('\0');
+}
+
+// Anonymous (heap) memory resident in this process: where a full fp32 copy would land.
+int64_t anon_resident_bytes() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.starts_with("RssAnon:")) return std::stoll(line.substr(8)) * 1024;
+  }
+  ADD_FAILURE() << "no RssAnon in /proc/self/status";
+  return 0;
+}
+
+TEST_F(CheckpointTest, SliceReadsOnlyTheSlice) {
+  // A 256 MiB weight: loading it whole would page in 256 MiB and allocate 512 MiB of fp32.
+  write_sparse_bf16(path("model.safetensors"), {512, 262144});
+  Checkpoint ckpt = Checkpoint::open(dir_);
+
+  // Two 512 KiB rows: whatever the kernel reads ahead, far from the whole tensor.
+  const int64_t before = static_cast<int64_t>(resident_bytes());
+  const Tensor rows = ckpt.load_f32_slice("big", {512, 262144}, 256, 258);
+  EXPECT_EQ(rows.shape(), (Shape{2, 262144}));
+  EXPECT_LT(static_cast<int64_t>(resident_bytes()) - before, int64_t{64} << 20);
+
+  // 100 columns of every row. The kernel pages a mapped file in by readahead windows (8 MiB on
+  // some disks: many rows), so the file pages mapped here are no fair measure; the heap is:
+  // converting the whole tensor first would allocate its 512 MiB of fp32.
+  const int64_t anon_before = anon_resident_bytes();
+  const Tensor cols = ckpt.load_f32_slice("big", {512, 262144}, 0, 512, 131000, 131100);
+  EXPECT_EQ(cols.shape(), (Shape{512, 100}));
+  EXPECT_LT(anon_resident_bytes() - anon_before, int64_t{64} << 20);
+  EXPECT_EQ(cols.f32()[0], 0.0f);
+}
+
+TEST_F(CheckpointTest, ProgressCountsOnlyTheSlicedBytes) {
+  write_safetensors(path("model.safetensors"), {{"w", Tensor::zeros({1000, 1000})},  // 4 MB
+                                                {"q", random_fp8(1000, 1000, 21)},   // 1 MB
+                                                {"q_scale_inv", Tensor::zeros({8, 8})}});
+  Checkpoint ckpt = Checkpoint::open(dir_);
+  ::testing::internal::CaptureStdout();
+  ::testing::internal::CaptureStderr();
+  ckpt.set_progress(true);
+  ckpt.load_f32_slice("w", {1000, 1000}, 0, 250);           // a quarter: 1.0 MB
+  ckpt.load_f32_slice("w", {1000, 1000}, 0, 1000, 0, 500);  // half: 2.0 MB
+  ckpt.load_f32_slice("q", {1000, 1000}, 500, 1000);        // half of 1 MB; scales not counted
+  ckpt.finish_progress();
+  const std::string out =
+      ::testing::internal::GetCapturedStdout() + ::testing::internal::GetCapturedStderr();
+  EXPECT_THAT(out, HasSubstr("loaded 3 tensors, 3.5 MB in"));
+}
+
 }  // namespace
 }  // namespace mla

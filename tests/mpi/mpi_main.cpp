@@ -1,0 +1,81 @@
+// gtest main for tests that run under mpirun (CPU MPI tests, multi-GPU NCCL tests).
+//
+// Every rank runs every test, in the same order; tests must make the same collective calls
+// on every rank and skip (or not) alike. Rank 0 prints gtest's usual output; other ranks
+// print only their failures, prefixed by the rank. The exit code is non-zero on every rank
+// if any rank failed, and rank 0 ends with one line naming the ranks that failed.
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "parallel/process_groups.h"
+
+namespace {
+
+// Prints each failure of a non-zero rank as it happens, where the default printer is off.
+class RankFailurePrinter : public testing::EmptyTestEventListener {
+ public:
+  explicit RankFailurePrinter(int rank) : rank_(rank) {}
+
+  void OnTestPartResult(const testing::TestPartResult& result) override {
+    if (!result.failed()) return;
+    const testing::TestInfo* test = testing::UnitTest::GetInstance()->current_test_info();
+    const std::string name =
+        test != nullptr ? std::string(test->test_suite_name()) + "." + test->name() : "(set-up)";
+    std::printf("[rank %d] FAILED: %s at %s:%d\n%s\n", rank_, name.c_str(),
+                result.file_name() != nullptr ? result.file_name() : "?", result.line_number(),
+                result.message());
+    std::fflush(stdout);
+  }
+
+ private:
+  int rank_;
+};
+
+std::string join_ranks(const std::vector<int>& codes) {
+  std::string text;
+  for (size_t r = 0; r < codes.size(); ++r) {
+    if (codes[r] == 0) continue;
+    if (!text.empty()) text += ", ";
+    text += std::to_string(r);
+  }
+  return text;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  mla::MpiSession session(&argc, &argv);
+  int rank = 0;
+  int size = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+
+  testing::InitGoogleTest(&argc, argv);
+  if (rank != 0) {
+    testing::TestEventListeners& listeners = testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+    listeners.Append(new RankFailurePrinter(rank));
+  }
+
+  int code = RUN_ALL_TESTS();
+  std::fflush(stdout);
+
+  std::vector<int> codes(size);
+  MPI_Gather(&code, 1, MPI_INT, codes.data(), 1, MPI_INT, 0, MPI_COMM_WORLD);
+  int worst = 0;
+  MPI_Allreduce(&code, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  if (rank == 0) {
+    if (worst == 0) {
+      std::printf("mpi tests: %d rank%s, all passed\n", size, size == 1 ? "" : "s");
+    } else {
+      std::printf("mpi tests: %d rank%s, FAILED on rank(s) %s\n", size, size == 1 ? "" : "s",
+                  join_ranks(codes).c_str());
+    }
+    std::fflush(stdout);
+  }
+  return worst;
+}
