@@ -40,6 +40,22 @@ void WorkCounter::add(const WorkCounter& other) {
   }
 }
 
+CommStats predicted_step_comm(const ModelConfig& c, int32_t tp_size, KvShard kv,
+                              int64_t num_tokens) {
+  CommStats stats;
+  if (tp_size <= 1) return stats;
+  const int64_t f = sizeof(float), T = num_tokens, H = c.num_heads;
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    if (kv == KvShard::kSequence) {
+      stats.add(CommOp::kAllGather, T * H * c.latent_width() * f);
+      stats.add(CommOp::kAllToAll, T * H * (c.kv_lora_rank + 1) * f);
+    }
+    stats.add(CommOp::kAllReduce, T * c.hidden_size * f);
+    stats.add(CommOp::kAllReduce, T * c.hidden_size * f);
+  }
+  return stats;
+}
+
 // Per-step scratch shared by the layers: positions, rope tables, the attention form of
 // every sequence in the batch, and the group's communicator.
 struct DeepseekModel::StepContext {

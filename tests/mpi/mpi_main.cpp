@@ -20,12 +20,16 @@ class RankFailurePrinter : public testing::EmptyTestEventListener {
  public:
   explicit RankFailurePrinter(int rank) : rank_(rank) {}
 
+  // The name is kept here because gtest holds its lock while calling OnTestPartResult,
+  // so asking UnitTest::current_test_info() there would deadlock.
+  void OnTestStart(const testing::TestInfo& test) override {
+    test_name_ = std::string(test.test_suite_name()) + "." + test.name();
+  }
+  void OnTestEnd(const testing::TestInfo&) override { test_name_ = "(outside a test)"; }
+
   void OnTestPartResult(const testing::TestPartResult& result) override {
     if (!result.failed()) return;
-    const testing::TestInfo* test = testing::UnitTest::GetInstance()->current_test_info();
-    const std::string name =
-        test != nullptr ? std::string(test->test_suite_name()) + "." + test->name() : "(set-up)";
-    std::printf("[rank %d] FAILED: %s at %s:%d\n%s\n", rank_, name.c_str(),
+    std::printf("[rank %d] FAILED: %s at %s:%d\n%s\n", rank_, test_name_.c_str(),
                 result.file_name() != nullptr ? result.file_name() : "?", result.line_number(),
                 result.message());
     std::fflush(stdout);
@@ -33,6 +37,7 @@ class RankFailurePrinter : public testing::EmptyTestEventListener {
 
  private:
   int rank_;
+  std::string test_name_ = "(outside a test)";
 };
 
 std::string join_ranks(const std::vector<int>& codes) {

@@ -1,0 +1,326 @@
+// Tensor parallelism on the CPU under mpirun: every world size splits into groups, each
+// group's leader drives an Engine and its followers follow; results must reproduce the
+// transformers golden data (fp32 tolerance) in both kv_shard modes and every absorption
+// mode, and each rank's cache must hold only its pages.
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "parallel/mpi_communicator.h"
+#include "parallel/process_groups.h"
+#include "runtime/deepseek_model.h"
+#include "runtime/engine.h"
+#include "runtime/safetensors.h"
+
+namespace mla {
+namespace {
+
+constexpr double kTolerance = 1e-4;
+
+struct Golden {
+  std::vector<std::vector<int32_t>> prompts, greedy;
+  std::vector<Tensor> prompt_logits, step_logits;
+  int steps = 0;
+};
+
+std::string model_dir(const std::string& name) {
+  return std::string(MLA_TEST_DATA_DIR) + "/" + name;
+}
+
+const Golden& golden(const std::string& name) {
+  static std::map<std::string, Golden> cache;
+  if (auto it = cache.find(name); it != cache.end()) return it->second;
+  nlohmann::json meta;
+  std::ifstream(model_dir(name) + "/golden.json") >> meta;
+  auto file = SafetensorsFile::open(model_dir(name) + "/golden.safetensors");
+  Golden g;
+  g.steps = meta["steps"].get<int>();
+  for (int i = 0; i < meta["num_prompts"].get<int>(); ++i) {
+    g.prompts.push_back(meta["prompts"][i].get<std::vector<int32_t>>());
+    g.greedy.push_back(meta["greedy"][i].get<std::vector<int32_t>>());
+    g.prompt_logits.push_back(file->tensor(fmt::format("prompt{}_logits", i)));
+    g.step_logits.push_back(file->tensor(fmt::format("prompt{}_step_logits", i)));
+  }
+  return cache.emplace(name, std::move(g)).first->second;
+}
+
+double rel_error(const float* got, const float* want, int64_t n) {
+  double err = 0, norm = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(got[i])) return INFINITY;
+    err += (got[i] - want[i]) * (got[i] - want[i]);
+    norm += want[i] * want[i];
+  }
+  return std::sqrt(err / norm);
+}
+
+int world_size() {
+  int n = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &n);
+  return n;
+}
+
+// One tensor-parallel layout of the world, kept for the whole test run.
+struct Group {
+  ProcessGroups pg;
+  std::unique_ptr<MpiCommunicator> comm;
+};
+
+Group& group(int tp_size) {
+  static std::map<int, std::unique_ptr<Group>> groups;
+  auto& g = groups[tp_size];
+  if (!g) {
+    g = std::make_unique<Group>();
+    g->pg = split_tp_groups(tp_size);
+    g->comm = std::make_unique<MpiCommunicator>(g->pg.tp_comm.get(),
+                                                std::chrono::milliseconds(120'000),
+                                                g->pg.tp_label());
+  }
+  return *g;
+}
+
+std::shared_ptr<DeepseekModel> model(const std::string& name, AbsorbMode mode, KvShard kv,
+                                     const Group& g) {
+  static std::map<std::tuple<std::string, AbsorbMode, KvShard, int>,
+                  std::shared_ptr<DeepseekModel>>
+      cache;
+  auto& m = cache[{name, mode, kv, g.pg.tp_size}];
+  if (!m) {
+    ModelOptions o;
+    o.absorb = mode;
+    o.show_progress = false;
+    o.tp_size = g.pg.tp_size;
+    o.tp_rank = g.pg.tp_rank;
+    o.kv_shard = kv;
+    m = DeepseekModel::load(model_dir(name), o);
+  }
+  return m;
+}
+
+enum class Pattern { kBatched, kJoinMidRun, kChunkedPrefill };
+
+using Param = std::tuple<std::string, AbsorbMode, KvShard, int32_t, Pattern>;
+class TpEngineParity : public testing::TestWithParam<Param> {};
+
+// The whole world is one group (P = world size): the leader checks every step's logits
+// and greedy tokens against transformers.
+TEST_P(TpEngineParity, ReproducesTransformers) {
+  const auto& [name, mode, kv, block_size, pattern] = GetParam();
+  Group& g = group(world_size());
+  const Golden& gold = golden(name);
+  auto m = model(name, mode, kv, g);
+  EngineOptions opts;
+  opts.block_size = block_size;
+  opts.num_pages = 64 / block_size * 8 + 16;
+  opts.scheduler.max_batch_tokens = pattern == Pattern::kChunkedPrefill ? 4 : 256;
+  Engine engine(m, opts, g.comm.get());
+  if (!engine.is_leader()) {
+    engine.follow();
+    return;
+  }
+  struct Shutdown {
+    Engine& e;
+    ~Shutdown() { e.shutdown(); }
+  } shutdown{engine};
+
+  const int64_t V = m->config().vocab_size;
+  std::map<RequestId, size_t> prompt_of;
+  std::map<RequestId, std::vector<StepOutput>> outputs;
+  auto add = [&](size_t i) {
+    Request r;
+    r.prompt = gold.prompts[i];
+    r.max_tokens = gold.steps;
+    r.ignore_eos = true;
+    r.return_logits = true;
+    prompt_of[engine.add_request(r)] = i;
+  };
+  auto run_step = [&] {
+    for (auto& o : engine.step()) outputs[o.id].push_back(std::move(o));
+  };
+  if (pattern == Pattern::kJoinMidRun) {
+    for (size_t i = 0; i < gold.prompts.size(); ++i) {
+      add(i);
+      run_step();
+      run_step();
+    }
+  } else {
+    for (size_t i = 0; i < gold.prompts.size(); ++i) add(i);
+  }
+  while (engine.has_work()) run_step();
+
+  ASSERT_EQ(outputs.size(), gold.prompts.size());
+  for (const auto& [id, outs] : outputs) {
+    const size_t p = prompt_of[id];
+    ASSERT_EQ(static_cast<int>(outs.size()), gold.steps);
+    for (int s = 0; s < gold.steps; ++s) {
+      EXPECT_EQ(outs[s].token, gold.greedy[p][s]) << "prompt " << p << " step " << s;
+      EXPECT_LT(rel_error(outs[s].logits.data(), gold.step_logits[p].f32() + s * V, V), kTolerance)
+          << "prompt " << p << " step " << s;
+    }
+  }
+  EXPECT_EQ(engine.cache().pool().num_free(), opts.num_pages);
+}
+
+std::string kv_name(KvShard kv) { return kv == KvShard::kSequence ? "sharded" : "replicated"; }
+
+std::string engine_param_name(const testing::TestParamInfo<Param>& info) {
+  const auto& [name, mode, kv, block, pattern] = info.param;
+  const char* p = pattern == Pattern::kBatched      ? "batched"
+                  : pattern == Pattern::kJoinMidRun ? "join_mid_run"
+                                                    : "chunked_prefill";
+  return fmt::format("{}_{}_{}_b{}_{}", name, to_string(mode), kv_name(kv), block, p);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Golden, TpEngineParity,
+    testing::Combine(testing::Values(std::string("v3"), std::string("v3_plain"),
+                                     std::string("v2_lite"), std::string("v2_group")),
+                     testing::Values(AbsorbMode::kNaive, AbsorbMode::kFactored,
+                                     AbsorbMode::kPremerged, AbsorbMode::kAuto),
+                     testing::Values(KvShard::kSequence, KvShard::kReplicate),
+                     testing::Values(1, 4, 64),
+                     testing::Values(Pattern::kBatched, Pattern::kJoinMidRun,
+                                     Pattern::kChunkedPrefill)),
+    engine_param_name);
+
+// Every rank runs the same prefill batch on its own cache shard (no leader): the logits of
+// every rank match transformers, and the pages each rank holds add up as the plan says —
+// sharded, the group holds each page once; replicated, P times.
+class TpShardedPages : public testing::TestWithParam<std::tuple<KvShard, int32_t>> {};
+
+TEST_P(TpShardedPages, EachRankHoldsOnlyItsPages) {
+  const auto& [kv, block_size] = GetParam();
+  Group& g = group(world_size());
+  const int P = g.pg.tp_size;
+  const Golden& gold = golden("v3");
+  auto m = model("v3", AbsorbMode::kAuto, kv, g);
+  LatentCache cache(m->cache_geometry(block_size), 256, m->shard());
+  std::vector<BlockTable> tables(gold.prompts.size());
+  ForwardBatch batch;
+  int64_t sequence_pages = 0;
+  for (size_t p = 0; p < gold.prompts.size(); ++p) {
+    const auto n = static_cast<int32_t>(gold.prompts[p].size());
+    ASSERT_TRUE(cache.reserve(tables[p], n));
+    batch.tokens.insert(batch.tokens.end(), gold.prompts[p].begin(), gold.prompts[p].end());
+    batch.seqs.push_back({&tables[p], 0, n, true});
+    sequence_pages += (n + block_size - 1) / block_size;
+  }
+  Tensor logits = m->forward(batch, cache, nullptr, g.comm.get());
+  const int64_t V = m->config().vocab_size;
+  for (size_t p = 0; p < gold.prompts.size(); ++p) {
+    const int64_t last = static_cast<int64_t>(gold.prompts[p].size()) - 1;
+    EXPECT_LT(rel_error(logits.f32() + p * V, gold.prompt_logits[p].f32() + last * V, V),
+              kTolerance)
+        << "prompt " << p << " on rank " << g.pg.tp_rank;
+  }
+  int64_t mine = cache.pool().num_pages() - cache.pool().num_free(), total = 0;
+  MPI_Allreduce(&mine, &total, 1, MPI_INT64_T, MPI_SUM, g.pg.tp_comm.get());
+  EXPECT_EQ(total, kv == KvShard::kSequence ? sequence_pages : P * sequence_pages);
+  if (kv == KvShard::kSequence) {
+    // Rank r stores sequence pages r, r + P, ...: at most one page more than any other.
+    int64_t most = 0, least = 0;
+    MPI_Allreduce(&mine, &most, 1, MPI_INT64_T, MPI_MAX, g.pg.tp_comm.get());
+    MPI_Allreduce(&mine, &least, 1, MPI_INT64_T, MPI_MIN, g.pg.tp_comm.get());
+    EXPECT_LE(most - least, static_cast<int64_t>(gold.prompts.size()));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Golden, TpShardedPages,
+                         testing::Combine(testing::Values(KvShard::kSequence, KvShard::kReplicate),
+                                          testing::Values(1, 4, 64)),
+                         [](const auto& info) {
+                           return fmt::format("{}_b{}", kv_name(std::get<0>(info.param)),
+                                              std::get<1>(info.param));
+                         });
+
+// Sequences shorter than P pages: some ranks hold none of a sequence's keys (LSE = -inf
+// for them) and the merge must still give transformers' logits, token by token.
+TEST(TpShortSequences, RanksWithoutKeysContributeNothing) {
+  Group& g = group(world_size());
+  const Golden& gold = golden("v2_lite");
+  auto m = model("v2_lite", AbsorbMode::kFactored, KvShard::kSequence, g);
+  const int64_t V = m->config().vocab_size;
+  LatentCache cache(m->cache_geometry(4), 64, m->shard());
+  BlockTable table;
+  const auto& prompt = gold.prompts[0];  // 5 tokens: 2 pages of 4, fewer than P = 4 pages
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    ASSERT_TRUE(cache.reserve(table, static_cast<int32_t>(i + 1)));
+    ForwardBatch batch{{prompt[i]}, {{&table, static_cast<int32_t>(i), 1, true}}};
+    Tensor logits = m->forward(batch, cache, nullptr, g.comm.get());
+    EXPECT_LT(rel_error(logits.f32(), gold.prompt_logits[0].f32() + i * V, V), kTolerance)
+        << "position " << i;
+  }
+}
+
+// Two or more groups in one world run independent engines at once (N / P groups).
+TEST(TpGroups, GroupsOfTwoRunIndependently) {
+  if (world_size() % 2 != 0 || world_size() < 4) GTEST_SKIP() << "needs 4+ ranks";
+  Group& g = group(2);
+  const Golden& gold = golden("v3");
+  auto m = model("v3", AbsorbMode::kAuto, KvShard::kSequence, g);
+  Engine engine(m, {}, g.comm.get());
+  if (!engine.is_leader()) {
+    engine.follow();
+    return;
+  }
+  // Each group serves a different prompt.
+  const size_t p = g.pg.group_index % gold.prompts.size();
+  Request r;
+  r.prompt = gold.prompts[p];
+  r.max_tokens = gold.steps;
+  r.ignore_eos = true;
+  engine.add_request(r);
+  std::vector<int32_t> tokens;
+  while (engine.has_work()) {
+    for (const auto& o : engine.step()) tokens.push_back(o.token);
+  }
+  engine.shutdown();
+  EXPECT_EQ(tokens, gold.greedy[p]);
+}
+
+// The bytes each collective moved in a step equal the model's prediction.
+TEST(TpCommAccounting, DecodeStepMatchesPrediction) {
+  Group& g = group(world_size());
+  for (KvShard kv : {KvShard::kSequence, KvShard::kReplicate}) {
+    auto m = model("v3", AbsorbMode::kFactored, kv, g);
+    const ModelConfig& c = m->config();
+    LatentCache cache(m->cache_geometry(4), 64, m->shard());
+    const Golden& gold = golden("v3");
+    std::vector<BlockTable> tables(gold.prompts.size());
+    ForwardBatch prefill, decode;
+    for (size_t p = 0; p < gold.prompts.size(); ++p) {
+      const auto n = static_cast<int32_t>(gold.prompts[p].size());
+      ASSERT_TRUE(cache.reserve(tables[p], n + 1));
+      prefill.tokens.insert(prefill.tokens.end(), gold.prompts[p].begin(), gold.prompts[p].end());
+      prefill.seqs.push_back({&tables[p], 0, n, false});
+      decode.tokens.push_back(gold.greedy[p][0]);
+      decode.seqs.push_back({&tables[p], n, 1, true});
+    }
+    m->forward(prefill, cache, nullptr, g.comm.get());
+    WorkCounter work;
+    m->forward(decode, cache, &work, g.comm.get());
+    const int64_t T = static_cast<int64_t>(decode.tokens.size());
+    const CommStats want = predicted_step_comm(c, g.pg.tp_size, kv, T);
+    for (int op = 0; op < kNumCommOps; ++op) {
+      EXPECT_EQ(work.comm.bytes[op], want.bytes[op]) << to_string(static_cast<CommOp>(op));
+      EXPECT_EQ(work.comm.calls[op], want.calls[op]) << to_string(static_cast<CommOp>(op));
+    }
+    if (g.pg.tp_size > 1) {
+      // The figures DESIGN.md gives: T x H x (d_c + d_r) gathered, two all-reduces of T x D.
+      const int64_t f = sizeof(float), L = c.num_layers;
+      EXPECT_EQ(work.comm.bytes[static_cast<int>(CommOp::kAllReduce)], L * 2 * T * c.hidden_size * f);
+      if (kv == KvShard::kSequence) {
+        EXPECT_EQ(work.comm.bytes[static_cast<int>(CommOp::kAllGather)],
+                  L * T * c.num_heads * c.latent_width() * f);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace mla
