@@ -6,11 +6,15 @@
 #include <chrono>
 #include <iostream>
 #include <map>
+#include <memory>
+#include <optional>
 #include <sstream>
 
 #include <fmt/ranges.h>
 
 #include "kernels/error.h"
+#include "parallel/mpi_communicator.h"
+#include "parallel/process_groups.h"
 #include "runtime/deploy_config.h"
 #include "runtime/engine.h"
 #include "runtime/tiny_checkpoint.h"
@@ -45,6 +49,9 @@ struct GenerateArgs {
   float top_p = 1.0f;
   uint64_t seed = 0;
   bool ignore_eos = false;
+  int32_t tp = 1;
+  std::string kv_shard = "sequence";
+  int32_t comm_timeout_s = 300;
 };
 
 // Flags given on the command line override the config file.
@@ -63,10 +70,43 @@ mla::DeployConfig resolve_deploy(const GenerateArgs& a, const CLI::App& cmd) {
 }
 
 int run_generate(const GenerateArgs& a, const CLI::App& cmd) {
-  const mla::DeployConfig d = resolve_deploy(a, cmd);
+  mla::DeployConfig d = resolve_deploy(a, cmd);
   const std::vector<int32_t> prompt = parse_ids(a.prompt_ids);
+  MLA_REQUIRE(a.kv_shard == "sequence" || a.kv_shard == "replicate",
+              "--kv-shard must be sequence or replicate, got `{}`", a.kv_shard);
+
+  // Under mpirun (or with --tp > 1) the world splits into tensor-parallel groups of --tp
+  // ranks; each group's leader runs the requests and its followers follow.
+  std::optional<mla::MpiSession> mpi;
+  mla::ProcessGroups groups;
+  std::unique_ptr<mla::MpiCommunicator> comm;
+  if (mla::MpiSession::launched_by_mpirun() || a.tp > 1) {
+    mpi.emplace();
+    groups = mla::split_tp_groups(a.tp);
+    spdlog::info("{}", groups.describe());
+    comm = std::make_unique<mla::MpiCommunicator>(
+        groups.tp_comm.get(), std::chrono::seconds(a.comm_timeout_s), groups.tp_label());
+  }
+  d.model.tp_size = groups.tp_size;
+  d.model.tp_rank = groups.tp_rank;
+  d.model.kv_shard = a.kv_shard == "sequence" ? mla::KvShard::kSequence : mla::KvShard::kReplicate;
+  d.model.show_progress = groups.world_rank == 0;
   auto model = mla::DeepseekModel::load(d.model_dir, d.model);
-  mla::Engine engine(model, d.engine);
+  mla::Engine engine(model, d.engine, comm.get());
+  if (!engine.is_leader()) {
+    engine.follow();
+    return 0;
+  }
+  struct Shutdown {  // followers leave follow() however the leader leaves this scope
+    mla::Engine& e;
+    ~Shutdown() {
+      try {
+        e.shutdown();
+      } catch (const std::exception& err) {
+        spdlog::error("could not stop the followers: {}", err.what());
+      }
+    }
+  } shutdown{engine};
 
   mla::Request req;
   req.prompt = prompt;
@@ -88,7 +128,9 @@ int run_generate(const GenerateArgs& a, const CLI::App& cmd) {
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   int64_t generated = 0;
   for (auto id : ids) {
-    std::cout << "request " << id << " (" << reason[id] << "): " << fmt::format("{}", fmt::join(out[id], ",")) << "\n";
+    std::cout << (groups.num_groups > 1 ? fmt::format("group {} ", groups.group_index) : "")
+              << "request " << id << " (" << reason[id]
+              << "): " << fmt::format("{}", fmt::join(out[id], ",")) << "\n";
     generated += static_cast<int64_t>(out[id].size());
   }
   const auto& st = engine.stats();
@@ -128,6 +170,13 @@ int main(int argc, char** argv) {
   gen->add_option("--top-p", g.top_p, "1 = off")->capture_default_str();
   gen->add_option("--seed", g.seed, "Sampling seed")->capture_default_str();
   gen->add_flag("--ignore-eos", g.ignore_eos, "Do not stop at the end-of-sequence token");
+  gen->add_option("--tp", g.tp, "Tensor-parallel group size (under mpirun: N / tp groups)")
+      ->capture_default_str();
+  gen->add_option("--kv-shard", g.kv_shard,
+                  "Latent cache under TP: sequence (each rank its pages) or replicate")
+      ->capture_default_str();
+  gen->add_option("--comm-timeout", g.comm_timeout_s, "Seconds before a collective fails")
+      ->capture_default_str();
 
   std::string preset = "v3", out_dir, dtype = "F32";
   uint64_t seed = 0;

@@ -47,8 +47,7 @@ bool poll_until(MPI_Request* request, Clock::time_point deadline, MPI_Status* st
 MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::chrono::milliseconds timeout,
                                  std::string label)
     : timeout_(timeout), label_(std::move(label)) {
-  MLA_REQUIRE(comm != MPI_COMM_NULL, "MpiCommunicator ({}): the MPI communicator is null",
-              label_);
+  MLA_REQUIRE(comm != MPI_COMM_NULL, "MpiCommunicator ({}): the MPI communicator is null", label_);
   MLA_REQUIRE(timeout.count() > 0, "MpiCommunicator ({}): timeout must be positive, got {} ms",
               label_, timeout.count());
   const OpInfo op{"communicator set-up"};
@@ -97,8 +96,8 @@ int MpiCommunicator::to_count(int64_t n, const OpInfo& op) const {
 
 void MpiCommunicator::check_rank(int r, const char* what, const OpInfo& op) const {
   if (r < 0 || r >= size_) {
-    MLA_THROW(kInvalidArgument, "{}: {} {} is not a rank of this group of {}", where(op), what,
-              r, size_);
+    MLA_THROW(kInvalidArgument, "{}: {} {} is not a rank of this group of {}", where(op), what, r,
+              size_);
   }
 }
 
@@ -126,8 +125,7 @@ void MpiCommunicator::wait(MPI_Request* request, const OpInfo& op, MPI_Status* s
       poll_until(request, Clock::now() + kCancelGrace, MPI_STATUS_IGNORE, &rc);
       break;
   }
-  MLA_THROW(kDeadlineExceeded, "{} did not finish within {}", where(op),
-            format_duration(timeout_));
+  MLA_THROW(kDeadlineExceeded, "{} did not finish within {}", where(op), format_duration(timeout_));
 }
 
 void MpiCommunicator::all_reduce_sum(float* data, int64_t n) {
@@ -149,8 +147,7 @@ void MpiCommunicator::all_gather(const float* send, int64_t n, float* recv) {
   if (count == 0) return;
   const void* source = send == recv + static_cast<int64_t>(rank_) * n ? MPI_IN_PLACE : send;
   MPI_Request request = MPI_REQUEST_NULL;
-  check_mpi(MPI_Iallgather(source, count, MPI_FLOAT, recv, count, MPI_FLOAT, comm_.get(),
-                           &request),
+  check_mpi(MPI_Iallgather(source, count, MPI_FLOAT, recv, count, MPI_FLOAT, comm_.get(), &request),
             op);
   wait(&request, op);
   stats_.add(CommOp::kAllGather, op.bytes);
@@ -162,8 +159,8 @@ void MpiCommunicator::all_to_all(const float* send, int64_t n, float* recv) {
   const int count = to_count(n, op);
   if (count == 0) return;
   MPI_Request request = MPI_REQUEST_NULL;
-  check_mpi(
-      MPI_Ialltoall(send, count, MPI_FLOAT, recv, count, MPI_FLOAT, comm_.get(), &request), op);
+  check_mpi(MPI_Ialltoall(send, count, MPI_FLOAT, recv, count, MPI_FLOAT, comm_.get(), &request),
+            op);
   wait(&request, op);
   stats_.add(CommOp::kAllToAll, op.bytes);
 }
@@ -208,8 +205,8 @@ void MpiCommunicator::recv(void* data, int64_t bytes, int peer) {
   MPI_Get_count(&status, MPI_BYTE, &received);
   if (received != count) {
     broken_ = true;
-    MLA_THROW(kInternal, "{}: the peer sent {} bytes; both sides must agree on the size",
-              where(op), received);
+    MLA_THROW(kInternal, "{}: the peer sent {} bytes; both sides must agree on the size", where(op),
+              received);
   }
   stats_.add(CommOp::kSendRecv, bytes);
 }

@@ -6,6 +6,7 @@
 //                       within 300 s"
 //   kUnavailable       an MPI error (a dead peer, a truncated message), with MPI's text
 //   kInvalidArgument   a bad root/peer or a negative or too large (> 2^31 - 1) count
+//   kInternal          a recv whose peer sent fewer bytes than asked for (ranks disagree)
 // Polling spins briefly, then yields and sleeps a few tens of microseconds between tests,
 // so oversubscribed runs (more ranks than cores) do not starve the ranks they wait for.
 //
@@ -56,6 +57,7 @@ class MpiCommunicator : public Communicator {
   void all_reduce_sum(float* data, int64_t n) override;
   // `send` may alias its own block of `recv` (send == recv + rank() * n).
   void all_gather(const float* send, int64_t n, float* recv) override;
+  // `send` and `recv` must not overlap.
   void all_to_all(const float* send, int64_t n, float* recv) override;
   void broadcast(void* data, int64_t bytes, int root) override;
   void send(const void* data, int64_t bytes, int peer) override;
@@ -71,7 +73,7 @@ class MpiCommunicator : public Communicator {
   // One operation, for error messages: "<name>[ of <bytes> bytes][ <prep> rank <peer>]".
   struct OpInfo {
     const char* name;
-    int64_t bytes = -1;               // -1: no payload (barrier, set-up)
+    int64_t bytes = -1;  // -1: no payload (barrier, set-up)
     Kind kind = Kind::kCollective;
     const char* peer_prep = nullptr;  // "to", "from"; null when there is no peer
     int peer = -1;

@@ -290,13 +290,7 @@ Tensor Checkpoint::load_block(const Entry& e, Shape out_shape, const Block& bloc
   const std::vector<float> scale = fp8 ? fp8_scales(e, scale_block) : std::vector<float>{};
 
   Tensor out = Tensor::empty(std::move(out_shape));
-  if (block.cols() != matrix_cols(e.info->shape)) {
-    const Block all{0, matrix_rows(e.info->shape), 0, matrix_cols(e.info->shape)};
-    std::vector<float> tmp(all.rows() * all.cols());
-    convert_block(*e.file, *e.info, all, tmp.data());
-    for (int64_t i = 0; i < block.rows(); ++i)
-      std::copy_n(tmp.data() + (block.row_begin + i) * all.cols() + block.col_begin, block.cols(), out.f32() + i * block.cols());
-  } else convert_block(*e.file, *e.info, block, out.f32());
+  convert_block(*e.file, *e.info, block, out.f32());
   if (fp8) {
     for (int64_t i = 0; i < block.rows(); ++i) {
       float* row = out.f32() + i * block.cols();

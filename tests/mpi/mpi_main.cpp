@@ -8,6 +8,7 @@
 #include <mpi.h>
 
 #include <cstdio>
+#include <ctime>
 #include <string>
 #include <vector>
 
@@ -60,6 +61,14 @@ int main(int argc, char** argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &size);
 
   testing::InitGoogleTest(&argc, argv);
+  // --gtest_shuffle without a seed picks one per process from the clock; every rank must
+  // run the tests in the same order, so all take rank 0's.
+  int seed = GTEST_FLAG_GET(random_seed);
+  if (GTEST_FLAG_GET(shuffle) && seed == 0 && rank == 0) {
+    seed = static_cast<int>(std::time(nullptr) % 99999) + 1;
+  }
+  MPI_Bcast(&seed, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  GTEST_FLAG_SET(random_seed, seed);
   if (rank != 0) {
     testing::TestEventListeners& listeners = testing::UnitTest::GetInstance()->listeners();
     delete listeners.Release(listeners.default_result_printer());

@@ -149,7 +149,8 @@ TEST(MpiCommunicator, AllToAllSendsBlockRToRankR) {
   comm.all_to_all(send.data(), n, recv.data());
   int64_t wrong = 0;
   for (int r = 0; r < p; ++r) {
-    for (int64_t i = 0; i < n; ++i) wrong += recv[r * n + i] != static_cast<float>((r * p + me) * n + i);
+    for (int64_t i = 0; i < n; ++i)
+      wrong += recv[r * n + i] != static_cast<float>((r * p + me) * n + i);
   }
   EXPECT_EQ(wrong, 0);
   bytes += p * n * kF;
