@@ -1,5 +1,6 @@
 #include "kernels/dtype.h"
 
+#include <array>
 #include <bit>
 #include <cmath>
 #include <cstring>
@@ -136,8 +137,11 @@ void convert_to_f32(DType src_type, const void* src, size_t n, float* dst) {
       return;
     }
     case DType::kF8E4M3: {
-      float table[256];
-      for (int i = 0; i < 256; ++i) table[i] = fp8e4m3_to_f32(static_cast<uint8_t>(i));
+      static const auto table = [] {
+        std::array<float, 256> t{};
+        for (int i = 0; i < 256; ++i) t[i] = fp8e4m3_to_f32(static_cast<uint8_t>(i));
+        return t;
+      }();
       const auto* s = static_cast<const uint8_t*>(src);
       for (size_t i = 0; i < n; ++i) dst[i] = table[s[i]];
       return;
