@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include <spdlog/spdlog.h>
+
 #include "parallel/process_groups.h"
 
 namespace {
@@ -61,6 +63,7 @@ int main(int argc, char** argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &size);
 
   testing::InitGoogleTest(&argc, argv);
+  spdlog::set_level(spdlog::level::warn);  // model loads on every rank would drown the output
   // --gtest_shuffle without a seed picks one per process from the clock; every rank must
   // run the tests in the same order, so all take rank 0's.
   int seed = GTEST_FLAG_GET(random_seed);

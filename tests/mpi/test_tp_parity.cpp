@@ -2,6 +2,7 @@
 // group's leader drives an Engine and its followers follow; results must reproduce the
 // transformers golden data (fp32 tolerance) in both kv_shard modes and every absorption
 // mode, and each rank's cache must hold only its pages.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -320,6 +321,63 @@ TEST(TpCommAccounting, DecodeStepMatchesPrediction) {
       }
     }
   }
+}
+
+}  // namespace
+}  // namespace mla
+
+namespace mla {
+namespace {
+
+// A follower that never follows (a dead rank): the leader's step fails with an error
+// naming the rank and the collective instead of hanging. A dedicated communicator with a
+// short timeout is used and then abandoned, so the other tests' traffic is untouched.
+TEST(TpFailure, LeaderTimesOutWhenAFollowerIsGone) {
+  if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  Group& g = group(world_size());
+  auto* comm = new MpiCommunicator(g.pg.tp_comm.get(), std::chrono::milliseconds(1500), "tp test");
+  auto m = model("v3", AbsorbMode::kAuto, KvShard::kSequence, g);
+  Engine engine(m, {}, comm);
+  if (engine.is_leader()) {
+    Request r;
+    r.prompt = golden("v3").prompts[0];
+    engine.add_request(r);
+    try {
+      engine.step();
+      ADD_FAILURE() << "step() returned although no follower took part";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kDeadlineExceeded);
+      EXPECT_THAT(e.what(), testing::HasSubstr("rank 0"));
+      EXPECT_THAT(e.what(), testing::HasSubstr("did not finish within 1500 ms"));
+    }
+  }
+  MPI_Barrier(g.pg.tp_comm.get());  // the "dead" followers wait here, then the test ends
+}
+
+// The leader leaving through an exception still releases its followers (the pattern the
+// CLI uses: shutdown() from a scope guard).
+TEST(TpFailure, FollowersReturnWhenTheLeaderBailsOut) {
+  Group& g = group(world_size());
+  auto m = model("v3", AbsorbMode::kAuto, KvShard::kSequence, g);
+  Engine engine(m, {}, g.comm.get());
+  if (!engine.is_leader()) {
+    engine.follow();  // returns only after the leader's shutdown
+    return;
+  }
+  struct Shutdown {
+    Engine& e;
+    ~Shutdown() { e.shutdown(); }
+  };
+  EXPECT_THROW(
+      {
+        Shutdown guard{engine};
+        Request r;
+        r.prompt = golden("v3").prompts[1];
+        engine.add_request(r);
+        engine.step();
+        throw std::runtime_error("the leader fails mid-run");
+      },
+      std::runtime_error);
 }
 
 }  // namespace
