@@ -42,7 +42,8 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   DeployConfig c;
   if (root.IsNull()) MLA_THROW(kInvalidArgument, "{}: empty config (needs at least `model`)", origin);
   if (!root.IsMap()) MLA_THROW(kInvalidArgument, "{}: top level must be a mapping", origin);
-  reject_unknown(root, {"model", "absorb", "cache", "scheduler"}, "", origin);
+  reject_unknown(root, {"model", "absorb", "cache", "scheduler", "parallel", "coordinator", "workers"},
+                 "", origin);
   read(root, "model", c.model_dir, "", origin);
   std::string absorb = to_string(c.model.absorb);
   read(root, "absorb", absorb, "", origin);
@@ -57,7 +58,39 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
     read(sched, "max_batch_tokens", c.engine.scheduler.max_batch_tokens, "scheduler.", origin);
     read(sched, "max_running", c.engine.scheduler.max_running, "scheduler.", origin);
   }
+  if (const auto par = root["parallel"]) {
+    reject_unknown(par, {"tp", "kv_shard", "comm_timeout_s"}, "parallel.", origin);
+    read(par, "tp", c.parallel.tp, "parallel.", origin);
+    read(par, "kv_shard", c.parallel.kv_shard, "parallel.", origin);
+    read(par, "comm_timeout_s", c.parallel.comm_timeout_s, "parallel.", origin);
+  }
+  if (const auto co = root["coordinator"]) {
+    reject_unknown(co, {"address", "metrics_port", "routing", "max_in_flight", "heartbeat_interval_ms"},
+                   "coordinator.", origin);
+    read(co, "address", c.coordinator.address, "coordinator.", origin);
+    read(co, "metrics_port", c.coordinator.metrics_port, "coordinator.", origin);
+    read(co, "routing", c.coordinator.routing, "coordinator.", origin);
+    read(co, "max_in_flight", c.coordinator.max_in_flight, "coordinator.", origin);
+    read(co, "heartbeat_interval_ms", c.coordinator.heartbeat_interval_ms, "coordinator.", origin);
+  }
+  if (const auto wk = root["workers"]) {
+    reject_unknown(wk, {"host", "port_base", "metrics_port_base"}, "workers.", origin);
+    read(wk, "host", c.workers.host, "workers.", origin);
+    read(wk, "port_base", c.workers.port_base, "workers.", origin);
+    read(wk, "metrics_port_base", c.workers.metrics_port_base, "workers.", origin);
+  }
   MLA_REQUIRE(!c.model_dir.empty(), "{}: `model` (the model directory) is required", origin);
+  MLA_REQUIRE(c.parallel.tp >= 1, "{}: parallel.tp must be >= 1", origin);
+  MLA_REQUIRE(c.parallel.kv_shard == "sequence" || c.parallel.kv_shard == "replicate",
+              "{}: parallel.kv_shard must be sequence or replicate, got `{}`", origin,
+              c.parallel.kv_shard);
+  MLA_REQUIRE(c.parallel.comm_timeout_s >= 1, "{}: parallel.comm_timeout_s must be >= 1", origin);
+  MLA_REQUIRE(c.coordinator.max_in_flight >= 1, "{}: coordinator.max_in_flight must be >= 1",
+              origin);
+  MLA_REQUIRE(c.coordinator.heartbeat_interval_ms >= 10,
+              "{}: coordinator.heartbeat_interval_ms must be >= 10", origin);
+  MLA_REQUIRE(c.workers.port_base > 0 && c.workers.port_base < 65536,
+              "{}: workers.port_base must be a TCP port", origin);
   MLA_REQUIRE(c.engine.block_size >= 1, "{}: cache.block_size must be >= 1", origin);
   MLA_REQUIRE(c.engine.num_pages >= 1, "{}: cache.num_pages must be >= 1", origin);
   return c;

@@ -10,11 +10,37 @@
 
 namespace mla {
 
+// `parallel:` how worker ranks form tensor-parallel groups.
+struct ParallelConfig {
+  int32_t tp = 1;                     // `tp`: ranks per group. Default: 1.
+  std::string kv_shard = "sequence";  // `kv_shard`: sequence | replicate. Default: sequence.
+  int32_t comm_timeout_s = 300;       // `comm_timeout_s`: a collective fails after this. Default: 300.
+};
+
+// `coordinator:` the client-facing service.
+struct CoordinatorConfig {
+  std::string address = "127.0.0.1:50051";  // `address`: listen address. Default: 127.0.0.1:50051.
+  int32_t metrics_port = 0;                 // `metrics_port`: Prometheus /metrics; 0 = off. Default: 0.
+  std::string routing = "least-loaded";     // `routing`: least-loaded | round-robin | prefix-affinity.
+  int32_t max_in_flight = 4096;             // `max_in_flight`: admission limit. Default: 4096.
+  int32_t heartbeat_interval_ms = 500;      // `heartbeat_interval_ms`: worker heartbeats. Default: 500.
+};
+
+// `workers:` where each group's leader serves its Worker service.
+struct WorkersConfig {
+  std::string host = "127.0.0.1";  // `host`: address workers listen on and advertise. Default: 127.0.0.1.
+  int32_t port_base = 50100;       // `port_base`: group g listens on port_base + g. Default: 50100.
+  int32_t metrics_port_base = 0;   // `metrics_port_base`: group g on base + g; 0 = off. Default: 0.
+};
+
 struct DeployConfig {
   std::string model_dir;   // `model`: Hugging Face model directory. Required.
   ModelOptions model;      // `absorb`: naive | factored | premerged | auto. Default: auto.
   EngineOptions engine;    // `cache.block_size` (64), `cache.num_pages` (256),
                            // `scheduler.max_batch_tokens` (512), `scheduler.max_running` (64)
+  ParallelConfig parallel;
+  CoordinatorConfig coordinator;
+  WorkersConfig workers;
 
   // Parses a YAML file; relative `model` paths are taken relative to the current directory.
   // Throws kNotFound for a missing file, kInvalidArgument naming the bad key or value.

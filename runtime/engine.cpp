@@ -172,7 +172,9 @@ std::vector<StepOutput> Engine::postprocess(const Schedule& plan, const Tensor& 
     seq.tokens.push_back(token);
     stats_.generated_tokens++;
 
-    StepOutput out{seq.id, token};
+    StepOutput out;
+    out.id = seq.id;
+    out.token = token;
     if (seq.request.return_logits) out.logits.assign(lg, lg + c.vocab_size);
     const auto& stops = seq.request.stop_ids;
     const bool eos = !seq.request.ignore_eos &&

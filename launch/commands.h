@@ -1,0 +1,13 @@
+// The `mlaserve` subcommands. Each add_*_command registers its flags on `app` and a
+// callback that runs the command and stores its exit status in `exit_code`; errors are
+// thrown as mla::Error and reported by main().
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace mla::launch {
+
+void add_generate_command(CLI::App& app, int& exit_code);
+void add_make_tiny_command(CLI::App& app, int& exit_code);
+
+}  // namespace mla::launch

@@ -1,0 +1,45 @@
+#include "launch/deploy_flags.h"
+
+namespace mla::launch {
+
+void DeployFlags::add_to(CLI::App& cmd) {
+  cmd_ = &cmd;
+  cmd.add_option("--config", config_path_, "Deployment config (YAML, see configs/)");
+  cmd.add_option("--model", flags_.model_dir, "Hugging Face model directory");
+  cmd.add_option("--absorb", absorb_, "naive, factored, premerged or auto")->capture_default_str();
+  cmd.add_option("--block-size", flags_.engine.block_size, "Tokens per cache page")
+      ->capture_default_str();
+  cmd.add_option("--num-pages", flags_.engine.num_pages, "Cache pages")->capture_default_str();
+  cmd.add_option("--max-batch-tokens", flags_.engine.scheduler.max_batch_tokens,
+                 "Token budget per step")
+      ->capture_default_str();
+  cmd.add_option("--tp", flags_.parallel.tp, "Tensor-parallel group size (under mpirun: N / tp groups)")
+      ->capture_default_str();
+  cmd.add_option("--kv-shard", flags_.parallel.kv_shard,
+                 "Latent cache under TP: sequence (each rank its pages) or replicate")
+      ->capture_default_str();
+  cmd.add_option("--comm-timeout", flags_.parallel.comm_timeout_s,
+                 "Seconds before a collective fails")
+      ->capture_default_str();
+}
+
+DeployConfig DeployFlags::resolve() const {
+  DeployConfig d = config_path_.empty() ? DeployConfig{} : DeployConfig::load(config_path_);
+  auto given = [&](const char* flag) { return cmd_->get_option(flag)->count() > 0; };
+  if (given("--model")) d.model_dir = flags_.model_dir;
+  if (given("--absorb")) d.model.absorb = absorb_mode_from_string(absorb_);
+  if (given("--block-size")) d.engine.block_size = flags_.engine.block_size;
+  if (given("--num-pages")) d.engine.num_pages = flags_.engine.num_pages;
+  if (given("--max-batch-tokens")) {
+    d.engine.scheduler.max_batch_tokens = flags_.engine.scheduler.max_batch_tokens;
+  }
+  if (given("--tp")) d.parallel.tp = flags_.parallel.tp;
+  if (given("--kv-shard")) d.parallel.kv_shard = flags_.parallel.kv_shard;
+  if (given("--comm-timeout")) d.parallel.comm_timeout_s = flags_.parallel.comm_timeout_s;
+  if (d.model_dir.empty()) MLA_THROW(kInvalidArgument, "give --model or a --config that names one");
+  MLA_REQUIRE(d.parallel.kv_shard == "sequence" || d.parallel.kv_shard == "replicate",
+              "--kv-shard must be sequence or replicate, got `{}`", d.parallel.kv_shard);
+  return d;
+}
+
+}  // namespace mla::launch

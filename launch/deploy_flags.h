@@ -1,0 +1,28 @@
+// Command-line flags shared by the subcommands that run a model (generate, worker): they
+// start from the deployment file (--config) and each flag given overrides its field.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <string>
+
+#include "runtime/deploy_config.h"
+
+namespace mla::launch {
+
+class DeployFlags {
+ public:
+  // Adds --config, --model, --absorb, --block-size, --num-pages, --max-batch-tokens,
+  // --tp, --kv-shard and --comm-timeout to `cmd`.
+  void add_to(CLI::App& cmd);
+  // The config file's settings with the given flags applied. Throws kInvalidArgument when
+  // no model directory is named.
+  DeployConfig resolve() const;
+
+ private:
+  CLI::App* cmd_ = nullptr;
+  std::string config_path_;
+  std::string absorb_ = "auto";
+  DeployConfig flags_;  // holds the flag values; only the given ones are applied
+};
+
+}  // namespace mla::launch

@@ -1,0 +1,187 @@
+// Prometheus metrics without an external client library: counters, gauges and fixed-bucket
+// histograms kept in a MetricsRegistry, rendered in the text exposition format 0.0.4, and
+// served over HTTP (GET /metrics, GET /healthz) by a MetricsServer.
+//
+// Metric objects are lock-free (atomics) and live as long as their registry; references
+// returned by the registry stay valid and may be cached. Everything here is thread-safe.
+//
+// Standard mlaserve metrics (the structs at the end register them):
+//   mlaserve_requests_total{code}                counter    finished Generate calls by gRPC
+//                                                            status name ("OK",
+//                                                            "INVALID_ARGUMENT", ...)
+//   mlaserve_tokens_generated_total              counter    tokens sent to clients
+//   mlaserve_ttft_seconds                        histogram  arrival to first token
+//   mlaserve_inter_token_latency_seconds         histogram  between consecutive tokens of a
+//                                                            request
+//   mlaserve_in_flight                           gauge      requests accepted, not finished
+//   mlaserve_queue_depth                         gauge      requests waiting to be scheduled
+//   mlaserve_cache_pages_used                    gauge      latent-cache pages in use
+//   mlaserve_cache_pages_total                   gauge      latent-cache pages in all
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+namespace httplib {
+class Server;
+}
+
+namespace mla {
+
+// Label name -> value. Ordered, so one label set has one spelling and renders stably.
+using Labels = std::map<std::string, std::string>;
+
+// A monotonically increasing value (events, tokens).
+class Counter {
+ public:
+  // Adds v, which must be >= 0 (kInvalidArgument otherwise).
+  void inc(double v = 1.0);
+  double value() const { return value_.load(std::memory_order_relaxed); }
+
+ private:
+  std::atomic<double> value_{0.0};
+};
+
+// A value that goes up and down (queue depth, pages in use).
+class Gauge {
+ public:
+  void set(double v) { value_.store(v, std::memory_order_relaxed); }
+  void inc(double v = 1.0) { value_.fetch_add(v, std::memory_order_relaxed); }
+  void dec(double v = 1.0) { value_.fetch_sub(v, std::memory_order_relaxed); }
+  double value() const { return value_.load(std::memory_order_relaxed); }
+
+ private:
+  std::atomic<double> value_{0.0};
+};
+
+// Counts observations into fixed buckets. Bucket i counts values <= bounds[i] (and above
+// bounds[i-1]); one more bucket counts the rest (+Inf). Rendering makes them cumulative.
+class Histogram {
+ public:
+  // bounds: strictly increasing, finite, not empty (kInvalidArgument otherwise).
+  explicit Histogram(std::vector<double> bounds);
+
+  void observe(double v);
+
+  const std::vector<double>& bounds() const { return bounds_; }
+  // Cumulative counts, one per bound plus the +Inf bucket (whose count is count()).
+  std::vector<uint64_t> cumulative_counts() const;
+  uint64_t count() const;
+  double sum() const { return sum_.load(std::memory_order_relaxed); }
+
+ private:
+  std::vector<double> bounds_;
+  std::unique_ptr<std::atomic<uint64_t>[]> buckets_;  // [bounds_.size() + 1], not cumulative
+  std::atomic<double> sum_{0.0};
+};
+
+// Owns metric families (a name, its help, its type) and their children (one per label set).
+class MetricsRegistry {
+ public:
+  MetricsRegistry() = default;
+  MetricsRegistry(const MetricsRegistry&) = delete;
+  MetricsRegistry& operator=(const MetricsRegistry&) = delete;
+
+  // Returns the metric for (name, labels), creating it on first use; later calls with the
+  // same name and labels return the same object (help is taken from the first call).
+  // Throws kInvalidArgument for an invalid metric or label name, for a name already
+  // registered with another type, or (histograms) with other bounds. Histograms reserve
+  // the label "le".
+  Counter& counter(const std::string& name, const std::string& help, const Labels& labels = {});
+  Gauge& gauge(const std::string& name, const std::string& help, const Labels& labels = {});
+  Histogram& histogram(const std::string& name, const std::string& help,
+                       const std::vector<double>& bounds, const Labels& labels = {});
+
+  // The text exposition format (version 0.0.4): families sorted by name, each with its
+  // HELP and TYPE lines, children sorted by labels; histograms as name_bucket{le=...}
+  // (cumulative, ending with le="+Inf"), name_sum and name_count.
+  std::string render() const;
+
+ private:
+  enum class Type { kCounter, kGauge, kHistogram };
+  struct Family {
+    Type type;
+    std::string help;
+    std::vector<double> bounds;  // histograms only
+    std::map<Labels, std::unique_ptr<Counter>> counters;
+    std::map<Labels, std::unique_ptr<Gauge>> gauges;
+    std::map<Labels, std::unique_ptr<Histogram>> histograms;
+  };
+
+  static const char* type_name(Type type);
+  Family& family(const std::string& name, const std::string& help, Type type,
+                 const Labels& labels);
+
+  mutable std::mutex mutex_;  // guards families_ (not the metric values: those are atomic)
+  std::map<std::string, Family> families_;
+};
+
+// Serves a registry over HTTP from a background thread: GET /metrics answers render() as
+// "text/plain; version=0.0.4", GET /healthz answers 200 "ok" (or 503 "unhealthy" when a
+// health callback is given and returns false); anything else is 404. Thread-safe.
+class MetricsServer {
+ public:
+  // Binds host:port (port 0: any free port) and starts serving before returning. Throws
+  // kUnavailable when the address cannot be bound. The registry must outlive the server;
+  // `healthy`, if set, is called from server threads.
+  MetricsServer(const MetricsRegistry& registry, const std::string& host, int port,
+                std::function<bool()> healthy = {});
+  ~MetricsServer();  // stop()
+  MetricsServer(const MetricsServer&) = delete;
+  MetricsServer& operator=(const MetricsServer&) = delete;
+
+  int port() const { return port_; }  // the bound port (the chosen one when 0 was asked)
+  const std::string& host() const { return host_; }
+  // Stops accepting, finishes the requests in progress and joins the thread. Idempotent.
+  void stop();
+
+ private:
+  std::string host_;
+  int port_ = 0;
+  std::unique_ptr<httplib::Server> server_;
+  std::thread thread_;
+  std::atomic<bool> listen_returned_{false};
+  std::mutex stop_mutex_;  // serialises stop()
+};
+
+// Default buckets, in seconds.
+std::vector<double> ttft_buckets();               // 5 ms .. 30 s
+std::vector<double> inter_token_latency_buckets();  // 1 ms .. ~1.3 s
+
+// Request-level metrics, kept by the coordinator and by each worker. `labels` (e.g.
+// {{"worker", id}}) are added to every metric.
+struct RequestMetrics {
+  explicit RequestMetrics(MetricsRegistry& registry, const Labels& labels = {});
+
+  // mlaserve_requests_total{code=<code>}: call once per finished Generate, with the gRPC
+  // status name ("OK", "RESOURCE_EXHAUSTED", ...).
+  Counter& requests_total(std::string_view code);
+
+  Counter& tokens_generated;             // mlaserve_tokens_generated_total
+  Histogram& ttft_seconds;               // mlaserve_ttft_seconds
+  Histogram& inter_token_latency_seconds;  // mlaserve_inter_token_latency_seconds
+  Gauge& in_flight;                      // mlaserve_in_flight
+  Gauge& queue_depth;                    // mlaserve_queue_depth
+
+ private:
+  MetricsRegistry& registry_;
+  Labels labels_;
+};
+
+// A worker group's latent cache, as its scheduler sees it.
+struct CacheMetrics {
+  explicit CacheMetrics(MetricsRegistry& registry, const Labels& labels = {});
+
+  Gauge& pages_used;   // mlaserve_cache_pages_used
+  Gauge& pages_total;  // mlaserve_cache_pages_total
+};
+
+}  // namespace mla

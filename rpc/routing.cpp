@@ -1,0 +1,150 @@
+#include "rpc/routing.h"
+
+#include <algorithm>
+
+#include "kernels/error.h"
+
+namespace mla {
+
+RoutingPolicy routing_policy_from_string(std::string_view name) {
+  if (name == "least-loaded") return RoutingPolicy::kLeastLoaded;
+  if (name == "round-robin") return RoutingPolicy::kRoundRobin;
+  if (name == "prefix-affinity") return RoutingPolicy::kPrefixAffinity;
+  MLA_THROW(kInvalidArgument,
+            "routing policy '{}': expected least-loaded, round-robin or prefix-affinity", name);
+}
+
+const char* routing_policy_name(RoutingPolicy policy) {
+  switch (policy) {
+    case RoutingPolicy::kLeastLoaded: return "least-loaded";
+    case RoutingPolicy::kRoundRobin: return "round-robin";
+    case RoutingPolicy::kPrefixAffinity: return "prefix-affinity";
+  }
+  return "?";
+}
+
+double WorkerView::free_fraction() const {
+  if (total_pages <= 0) return 0.5;
+  return std::clamp(static_cast<double>(free_pages) / total_pages, 0.0, 1.0);
+}
+
+double load_score(const WorkerView& w, double page_weight) {
+  return w.queue_depth() + page_weight * (1.0 - w.free_fraction());
+}
+
+const WorkerView* least_loaded(const std::vector<WorkerView>& workers, double page_weight) {
+  const WorkerView* best = nullptr;
+  double best_score = 0;
+  for (const WorkerView& w : workers) {
+    if (!w.routable) continue;
+    const double score = load_score(w, page_weight);
+    if (!best || score < best_score || (score == best_score && w.id < best->id)) {
+      best = &w;
+      best_score = score;
+    }
+  }
+  return best;
+}
+
+Router::Router(RouterOptions options) : options_(options) {
+  MLA_REQUIRE(options_.affinity_block > 0, "router: affinity_block must be > 0, got {}",
+              options_.affinity_block);
+  MLA_REQUIRE(options_.affinity_capacity > 0, "router: affinity_capacity must be > 0");
+  MLA_REQUIRE(options_.page_weight >= 0, "router: page_weight must be >= 0, got {}",
+              options_.page_weight);
+  MLA_REQUIRE(options_.affinity_slack >= 0, "router: affinity_slack must be >= 0, got {}",
+              options_.affinity_slack);
+}
+
+uint64_t Router::prefix_key(const std::vector<int32_t>& prompt) const {
+  // FNV-1a over the first block's token ids.
+  const size_t n = std::min(prompt.size(), static_cast<size_t>(options_.affinity_block));
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < n; ++i) {
+    auto v = static_cast<uint32_t>(prompt[i]);
+    for (int b = 0; b < 4; ++b) {
+      h ^= (v >> (8 * b)) & 0xff;
+      h *= 1099511628211ull;
+    }
+  }
+  return h;
+}
+
+void Router::remember(uint64_t key, const std::string& worker_id) {
+  if (auto it = affinity_.find(key); it != affinity_.end()) {
+    it->second->second = worker_id;
+    lru_.splice(lru_.begin(), lru_, it->second);
+    return;
+  }
+  lru_.emplace_front(key, worker_id);
+  affinity_[key] = lru_.begin();
+  if (lru_.size() > options_.affinity_capacity) {
+    affinity_.erase(lru_.back().first);
+    lru_.pop_back();
+  }
+}
+
+std::optional<std::string> Router::pick(const std::vector<WorkerView>& workers,
+                                        const std::vector<int32_t>& prompt) {
+  std::lock_guard lock(mu_);
+  switch (options_.policy) {
+    case RoutingPolicy::kLeastLoaded: {
+      const WorkerView* best = least_loaded(workers, options_.page_weight);
+      if (!best) return std::nullopt;
+      return best->id;
+    }
+    case RoutingPolicy::kRoundRobin: {
+      // The next routable id after the last pick, in id order (wrapping round), so workers
+      // joining or leaving do not reset the rotation.
+      const WorkerView* first = nullptr;
+      const WorkerView* next = nullptr;
+      for (const WorkerView& w : workers) {
+        if (!w.routable) continue;
+        if (!first || w.id < first->id) first = &w;
+        if (w.id > last_round_robin_ && (!next || w.id < next->id)) next = &w;
+      }
+      const WorkerView* chosen = next ? next : first;
+      if (!chosen) return std::nullopt;
+      last_round_robin_ = chosen->id;
+      return chosen->id;
+    }
+    case RoutingPolicy::kPrefixAffinity: {
+      const WorkerView* best = least_loaded(workers, options_.page_weight);
+      if (!best) return std::nullopt;
+      const uint64_t key = prefix_key(prompt);
+      if (auto it = affinity_.find(key); it != affinity_.end()) {
+        const std::string& owner = it->second->second;
+        auto w = std::find_if(workers.begin(), workers.end(),
+                              [&](const WorkerView& v) { return v.id == owner; });
+        const bool cache_full = w != workers.end() && w->total_pages > 0 && w->free_pages <= 0;
+        if (w != workers.end() && w->routable && !cache_full &&
+            w->queue_depth() <= best->queue_depth() + options_.affinity_slack) {
+          lru_.splice(lru_.begin(), lru_, it->second);
+          return owner;
+        }
+      }
+      remember(key, best->id);
+      return best->id;
+    }
+  }
+  return std::nullopt;
+}
+
+void Router::forget(const std::string& worker_id) {
+  std::lock_guard lock(mu_);
+  for (auto it = lru_.begin(); it != lru_.end();) {
+    if (it->second == worker_id) {
+      affinity_.erase(it->first);
+      it = lru_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+size_t Router::affinity_size() const {
+  std::lock_guard lock(mu_);
+  return affinity_.size();
+}
+
+}  // namespace mla

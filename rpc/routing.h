@@ -1,0 +1,101 @@
+// Routing: which worker group a new request goes to (DESIGN.md section 7).
+//
+// Pure logic over a snapshot of the workers (WorkerView), so the coordinator can test it
+// without a network. Three policies:
+// - least-loaded: the lowest load score, where the score is the queue depth (requests the
+//   worker reports waiting plus requests the coordinator has routed there and not seen
+//   finish) plus page pressure (1 - free page fraction) weighted by
+//   RouterOptions::page_weight. Ties go to the smallest id, so the choice is deterministic.
+// - round-robin: the routable workers in id order, one after the other.
+// - prefix-affinity: the first block of the prompt (RouterOptions::affinity_block tokens, or
+//   the whole prompt when shorter) is hashed; a prompt whose key was routed before goes to
+//   the same worker, which may still hold those pages, unless that worker is no longer
+//   routable or is overloaded; otherwise least-loaded, and the new choice is remembered.
+//   Assignments live in an LRU map of RouterOptions::affinity_capacity keys.
+// A worker with routable == false (dead, draining, or excluded by the caller, e.g. after a
+// failover) is never picked.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <list>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+namespace mla {
+
+enum class RoutingPolicy { kLeastLoaded, kRoundRobin, kPrefixAffinity };
+
+// "least-loaded", "round-robin" or "prefix-affinity"; anything else throws
+// mla::Error(kInvalidArgument) naming the accepted values.
+RoutingPolicy routing_policy_from_string(std::string_view name);
+const char* routing_policy_name(RoutingPolicy policy);
+
+// One worker as the router sees it; a snapshot taken by the caller.
+struct WorkerView {
+  std::string id;
+  bool routable = true;     // alive and accepting new requests
+  int32_t free_pages = 0;   // latent cache pages free, as last heartbeated
+  int32_t total_pages = 0;  // 0: unknown (the page term then counts as half full)
+  int32_t running = 0;      // sequences the worker is running, as last heartbeated
+  int32_t waiting = 0;      // sequences queued on the worker, as last heartbeated
+  int32_t in_flight = 0;    // requests the coordinator routed there and not seen finish
+
+  int32_t queue_depth() const { return waiting + in_flight; }
+  double free_fraction() const;
+};
+
+struct RouterOptions {
+  RoutingPolicy policy = RoutingPolicy::kLeastLoaded;  // Default: least-loaded.
+  // A full cache ranks like this many extra queued requests. Default: 4.
+  double page_weight = 4.0;
+  // Prefix-affinity key length in tokens (the cache block size). Default: 64.
+  int32_t affinity_block = 64;
+  // Prefix keys remembered (LRU). Default: 65536.
+  size_t affinity_capacity = 65536;
+  // The remembered worker is overloaded, and skipped, when its cache is full or its queue
+  // depth exceeds the least-loaded worker's by more than this. Default: 4.
+  int32_t affinity_slack = 4;
+};
+
+// Load score used by least-loaded; lower is better. Exposed for tests and ListWorkers.
+double load_score(const WorkerView& w, double page_weight);
+
+// Thread-safe: pick() and forget() may be called concurrently (one internal mutex).
+class Router {
+ public:
+  // Throws mla::Error(kInvalidArgument) on a non-positive affinity_block or capacity or a
+  // negative page_weight or slack.
+  explicit Router(RouterOptions options = {});
+
+  // The id of the worker to route `prompt` to, or nullopt when no worker is routable.
+  std::optional<std::string> pick(const std::vector<WorkerView>& workers,
+                                  const std::vector<int32_t>& prompt);
+  // Drops every prefix assignment to `worker_id` (it died or re-registered empty).
+  void forget(const std::string& worker_id);
+
+  const RouterOptions& options() const { return options_; }
+  // Prefix keys currently remembered.
+  size_t affinity_size() const;
+
+ private:
+  using Lru = std::list<std::pair<uint64_t, std::string>>;  // front = most recent
+
+  uint64_t prefix_key(const std::vector<int32_t>& prompt) const;
+  void remember(uint64_t key, const std::string& worker_id);
+
+  RouterOptions options_;
+  mutable std::mutex mu_;
+  std::string last_round_robin_;  // id of the last round-robin pick
+  Lru lru_;
+  std::unordered_map<uint64_t, Lru::iterator> affinity_;
+};
+
+// The least-loaded routable worker (by load_score, then id), or nullptr when none.
+const WorkerView* least_loaded(const std::vector<WorkerView>& workers, double page_weight);
+
+}  // namespace mla

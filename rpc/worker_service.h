@@ -1,0 +1,201 @@
+// The Worker side of serving (DESIGN.md section 7): WorkerService serves the mlaserve.v1
+// Worker RPCs around one tensor-parallel group's leader Engine, and CoordinatorLink keeps
+// the worker registered with the coordinator and heartbeats its load.
+//
+// Thread model. The Engine is not thread-safe, so one step-loop thread owns it: gRPC
+// handler threads validate a request and put it in an inbox; the step loop takes new
+// requests and cancellations from the inbox, runs engine.step() while the engine has work,
+// and hands each step's output to the request's handler, which streams it to the client.
+// The step loop sleeps while there is nothing to do. An engine with followers needs nothing
+// special: the leader's step() drives them.
+//
+// Lifetime, for the owner:
+//   Engine engine(...);  WorkerService service(engine, {...});
+//   build and start a grpc::Server with &service;  CoordinatorLink link({...});
+//   ... serve ...
+//   link goes; service.shutdown() (open streams end); server->Shutdown(); engine.shutdown().
+// The service must outlive the grpc::Server that dispatches to it.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "mlaserve/v1/mlaserve.grpc.pb.h"
+#include "runtime/engine.h"
+
+namespace mla {
+
+struct WorkerServiceOptions {
+  // Names this worker group in responses, logs and generated request ids. Default: "worker".
+  std::string worker_id = "worker";
+  // How often a handler waiting for tokens checks whether its client cancelled or its
+  // deadline passed. Default: 50 ms.
+  int32_t poll_interval_ms = 50;
+  // The window load().tokens_per_second averages over. Default: 2000 ms.
+  int32_t load_window_ms = 2000;
+};
+
+// Serves Worker.Generate and Worker.Cancel for one Engine. Thread-safe: every public method
+// may be called from any thread.
+//
+// Generate streams one GenerateResponse per step output for the request; the last one has
+// finish_reason, usage and timings set. Timings count from the handler's arrival; queue_ms
+// ends when the engine has taken the request and starts its next step. With resume_ids
+// (failover) the engine continues after those tokens exactly as the original run would
+// have (the sampler's random draw depends on the position, which prompt + resume_ids
+// restores); usage.completion_tokens counts the resumed tokens too, and eos or stop ids
+// among them are not re-checked.
+//
+// Statuses: INVALID_ARGUMENT with a message naming the field; ALREADY_EXISTS for a
+// request_id that is running; RESOURCE_EXHAUSTED when the request could never fit in the
+// cache; UNAVAILABLE while draining or after shutdown(), and for streams shutdown() ends;
+// CANCELLED / DEADLINE_EXCEEDED when the client cancels or its deadline passes, and the
+// request's cache pages are freed at once. A stream ended by the Cancel RPC finishes with
+// OK and finish_reason CANCELLED.
+class WorkerService final : public mlaserve::v1::Worker::Service {
+ public:
+  // `engine` must be a group leader and outlive this service; from now on only the service's
+  // step-loop thread touches it, until shutdown() returns. Throws kInvalidArgument for
+  // options out of range.
+  WorkerService(Engine& engine, WorkerServiceOptions options);
+  // Calls shutdown().
+  ~WorkerService() override;
+
+  WorkerService(const WorkerService&) = delete;
+  WorkerService& operator=(const WorkerService&) = delete;
+
+  grpc::Status Generate(grpc::ServerContext* context, const mlaserve::v1::GenerateRequest* request,
+                        grpc::ServerWriter<mlaserve::v1::GenerateResponse>* writer) override;
+  // cancelled = true if the request was running (queued or in the engine) here.
+  grpc::Status Cancel(grpc::ServerContext* context, const mlaserve::v1::CancelRequest* request,
+                      mlaserve::v1::CancelResponse* response) override;
+
+  // A snapshot of the cache and queues, as the step loop last saw them (requests not yet
+  // taken from the inbox count as waiting), and the tokens generated per second over the
+  // last load_window_ms.
+  mlaserve::v1::WorkerLoad load() const;
+  // What this worker serves, for registration.
+  const mlaserve::v1::ModelInfo& model_info() const { return model_info_; }
+  const std::string& worker_id() const { return options_.worker_id; }
+
+  // Stops accepting new requests (they get UNAVAILABLE "draining"); running ones finish.
+  // Idempotent.
+  void drain();
+  bool draining() const;
+
+  // Stops accepting, ends every open stream with UNAVAILABLE, frees their pages, and stops
+  // and joins the step loop. Idempotent. The engine's followers are the owner's to release
+  // (engine.shutdown()) afterwards.
+  void shutdown();
+
+ private:
+  struct Call;
+  using Clock = std::chrono::steady_clock;
+
+  // Checks a request against the protocol and the model; throws kInvalidArgument naming
+  // the field.
+  void validate(const mlaserve::v1::GenerateRequest& r) const;
+  // Enqueues a cancellation for the step loop; false if the call was not running.
+  bool cancel_call(const std::shared_ptr<Call>& call);
+
+  // Step-loop thread only.
+  void step_loop();
+  void add_to_engine(const std::shared_ptr<Call>& call);
+  void deliver(const StepOutput& out, Clock::time_point now);
+  void finish_call(Call& call, mlaserve::v1::FinishReason reason, Clock::time_point now);
+  void fail_call(Call& call, const grpc::Status& status);
+  void fail_all_running(const grpc::Status& status);
+  void publish_load(int64_t new_tokens, Clock::time_point now);
+
+  Engine& engine_;
+  const WorkerServiceOptions options_;
+  const int64_t vocab_size_;
+  const int64_t max_context_;
+  const mlaserve::v1::ModelInfo model_info_;
+
+  // Guards everything below up to step_thread_.
+  mutable std::mutex mu_;
+  std::condition_variable wake_;  // the step loop waits here for inbox work
+  bool accepting_ = true;
+  bool stopping_ = false;
+  std::deque<std::shared_ptr<Call>> adds_;
+  std::deque<std::shared_ptr<Call>> cancels_;
+  std::map<std::string, std::shared_ptr<Call>> calls_;  // running requests by request_id
+  uint64_t next_request_number_ = 1;
+  mlaserve::v1::WorkerLoad load_;                       // tokens_per_second left at 0
+  mutable std::deque<std::pair<Clock::time_point, int64_t>> token_events_;
+
+  std::thread step_thread_;  // started last in the constructor
+
+  // Step-loop thread only.
+  std::map<RequestId, std::shared_ptr<Call>> in_engine_;
+  std::vector<std::shared_ptr<Call>> not_yet_stepped_;  // added since the last step (queue_ms)
+};
+
+struct CoordinatorLinkOptions {
+  std::string coordinator_address;  // host:port of the Coordinator service. Required.
+  std::string worker_id;            // Required.
+  std::string worker_address;       // host:port where this worker's Worker service listens. Required.
+  mlaserve::v1::ModelInfo model;
+  std::function<mlaserve::v1::WorkerLoad()> load;  // called for every heartbeat. Required.
+  // Called (from the link's thread) each time the coordinator asks this worker to drain.
+  // Default: none.
+  std::function<void()> on_drain;
+  int32_t rpc_timeout_ms = 2000;    // deadline of each RegisterWorker / Heartbeat. Default: 2000.
+  int32_t min_backoff_ms = 100;     // first wait before retrying registration. Default: 100.
+  int32_t max_backoff_ms = 5000;    // the wait doubles up to this. Default: 5000.
+  // Heartbeat interval when the coordinator's answer has none. Default: 1000.
+  int32_t default_heartbeat_ms = 1000;
+};
+
+// Registers this worker with the coordinator and heartbeats its load from a background
+// thread, at the interval the coordinator asks for. When the coordinator is unreachable or
+// no longer knows this worker (it restarted), registers again with exponential backoff;
+// it never gives up. Thread-safe.
+class CoordinatorLink {
+ public:
+  // Starts the background thread; throws kInvalidArgument if a required option is missing.
+  explicit CoordinatorLink(CoordinatorLinkOptions options);
+  // Stops the thread, cancelling an RPC in flight.
+  ~CoordinatorLink();
+
+  CoordinatorLink(const CoordinatorLink&) = delete;
+  CoordinatorLink& operator=(const CoordinatorLink&) = delete;
+
+  // Whether the last RegisterWorker or Heartbeat found the coordinator knowing this worker.
+  bool registered() const;
+  // Successful RegisterWorker calls so far.
+  int64_t registrations() const;
+
+ private:
+  void run();
+  bool register_once();
+  // False: re-register.
+  bool heartbeat_once();
+  // Waits up to `ms` or until stopped; false if stopped.
+  bool sleep_for(int64_t ms);
+
+  const CoordinatorLinkOptions options_;
+  std::unique_ptr<mlaserve::v1::Coordinator::Stub> stub_;
+
+  mutable std::mutex mu_;
+  std::condition_variable stop_cv_;
+  bool stop_ = false;
+  bool registered_ = false;
+  int64_t registrations_ = 0;
+  int32_t heartbeat_ms_ = 0;
+  grpc::ClientContext* in_flight_ = nullptr;  // cancelled by the destructor
+
+  std::thread thread_;  // started last in the constructor
+};
+
+}  // namespace mla
