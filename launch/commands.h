@@ -9,5 +9,7 @@ namespace mla::launch {
 
 void add_generate_command(CLI::App& app, int& exit_code);
 void add_make_tiny_command(CLI::App& app, int& exit_code);
+// worker, coordinator and client.
+void add_serve_commands(CLI::App& app, int& exit_code);
 
 }  // namespace mla::launch

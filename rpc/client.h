@@ -26,6 +26,7 @@
 
 #include "kernels/error.h"
 #include "mlaserve/v1/mlaserve.grpc.pb.h"
+#include "rpc/status.h"
 #include "mlaserve/v1/mlaserve.pb.h"
 
 namespace mla {
@@ -39,9 +40,9 @@ struct ClientOptions {
 };
 
 struct GenerateResult {
-  std::string request_id;        // as the server reported it (assigned when the request had none)
-  std::vector<int32_t> tokens;   // all generated tokens, in order
-  std::vector<float> logprobs;   // parallel to tokens when return_logprobs was set
+  std::string request_id;       // as the server reported it (assigned when the request had none)
+  std::vector<int32_t> tokens;  // all generated tokens, in order
+  std::vector<float> logprobs;  // parallel to tokens when return_logprobs was set
   mlaserve::v1::FinishReason finish = mlaserve::v1::FINISH_REASON_UNSPECIFIED;
   mlaserve::v1::Usage usage;      // from the last message
   mlaserve::v1::Timings timings;  // server-side, from the last message
@@ -58,8 +59,6 @@ struct GenerateResult {
 // CANCELLED and ABORTED -> kUnavailable, ALREADY_EXISTS -> kInvalidArgument,
 // PERMISSION_DENIED / UNAUTHENTICATED -> kFailedPrecondition, others -> kInternal).
 ErrorCode error_code_from_grpc(grpc::StatusCode code);
-// "OK", "INVALID_ARGUMENT", ...: the canonical name of a gRPC status code.
-const char* grpc_code_name(grpc::StatusCode code);
 // mla::Error(error_code_from_grpc(code), "<NAME>: <message>") for a failed status.
 Error error_from_grpc_status(const grpc::Status& status);
 

@@ -16,16 +16,20 @@
 // - Failover: when a worker's stream fails (UNAVAILABLE, INTERNAL, UNKNOWN, ABORTED,
 //   DATA_LOSS, a CANCELLED the client did not cause, a stream ending without a final
 //   message, or the worker going silent), the request is resubmitted to another worker
-//   with resume_ids = every token already sent to the client, up to max_failovers times.
-//   The client sees one stream: nothing lost, nothing repeated. Other worker errors
-//   (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) go to the client unchanged.
+//   it has not tried yet, with resume_ids = every token already sent to the client and
+//   max_tokens unchanged, up to max_failovers times; then, or when no untried worker is
+//   alive, the client gets UNAVAILABLE naming the failed worker. The client sees one
+//   stream: nothing lost, nothing repeated. Other worker errors (INVALID_ARGUMENT,
+//   RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...) go to the client unchanged.
 // - Every relayed message carries the request id and the producing worker's id; the last
 //   one carries usage counting all tokens of all attempts and the coordinator's timings.
 // - Cancel(request_id) ends the request: the worker call is cancelled, and the client gets
 //   a last message with finish_reason CANCELLED and status OK.
-// - A worker is dead after dead_after_ms without a heartbeat, or when its stream fails with
-//   UNAVAILABLE; a heartbeat from a dead or unknown worker answers known = false and the
-//   worker re-registers, which makes it alive again (with its new address).
+// - A worker is dead after dead_after_ms without a heartbeat (its running attempts are
+//   cancelled and fail over), or when a stream to it fails with UNAVAILABLE. A heartbeat
+//   from a dead or unknown worker (e.g. after a coordinator restart) answers known = false;
+//   the worker re-registers, which makes it alive again at its new address (and ends a
+//   drain).
 //
 // Thread safety: all methods are safe to call concurrently (gRPC calls them from its
 // thread pool). One mutex guards the registry and the in-flight table; it is never held
@@ -42,9 +46,9 @@
 #include <mutex>
 #include <string>
 #include <thread>
-#include <vector>
 
 #include "mlaserve/v1/mlaserve.grpc.pb.h"
+#include "rpc/metrics.h"
 #include "rpc/routing.h"
 
 namespace mla {
@@ -83,6 +87,10 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::Service {
   void shutdown();
 
   const CoordinatorOptions& options() const { return options_; }
+  // Records request metrics (requests by status code, tokens, TTFT, inter-token latency,
+  // requests in flight) into `registry`, which must outlive the service. Call before
+  // serving.
+  void attach_metrics(MetricsRegistry& registry);
 
   grpc::Status Generate(grpc::ServerContext* context, const mlaserve::v1::GenerateRequest* request,
                         grpc::ServerWriter<mlaserve::v1::GenerateResponse>* writer) override;
@@ -93,7 +101,8 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::Service {
   grpc::Status ListWorkers(grpc::ServerContext* context,
                            const mlaserve::v1::ListWorkersRequest* request,
                            mlaserve::v1::ListWorkersResponse* response) override;
-  // NOT_FOUND for an unknown id; draining = false for a dead worker.
+  // Routes nothing new to the worker and answers drain = true to its heartbeats; it
+  // finishes what it runs. NOT_FOUND for an unknown id; draining = false for a dead worker.
   grpc::Status Drain(grpc::ServerContext* context, const mlaserve::v1::DrainRequest* request,
                      mlaserve::v1::DrainResponse* response) override;
   // INVALID_ARGUMENT for an empty id or address or a model without vocab_size/max_context;
@@ -128,10 +137,16 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::Service {
     bool worker_lost = false;       // the monitor declared the attempt's worker dead
   };
 
-  struct Attempt;
-  class Relay;
-
   static const char* state_name(WorkerState state);
+  // Checks the request against the live workers' model, the in-flight table and the
+  // admission limit, and enters it in requests_ under its (possibly assigned) id.
+  grpc::Status admit(const mlaserve::v1::GenerateRequest& request, std::string* request_id);
+  // Routes, relays and fails over until the request finishes or fails for good.
+  grpc::Status generate(grpc::ServerContext* context, const mlaserve::v1::GenerateRequest& request,
+                        grpc::ServerWriter<mlaserve::v1::GenerateResponse>* writer);
+  grpc::Status relay(grpc::ServerContext* context, const mlaserve::v1::GenerateRequest& request,
+                     const std::string& request_id, Clock::time_point arrival,
+                     grpc::ServerWriter<mlaserve::v1::GenerateResponse>* writer);
   // Model-dependent checks against the live workers; mu_ held.
   void validate_for_model_locked(const mlaserve::v1::GenerateRequest& request) const;
   // Marks a worker dead, cancels the attempts running on it when `cancel_attempts`; mu_ held.
@@ -142,12 +157,13 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::Service {
   Router router_;
 
   mutable std::mutex mu_;
-  std::map<std::string, WorkerEntry> workers_;    // by id
-  std::map<std::string, InFlight> requests_;      // by request id
+  std::map<std::string, WorkerEntry> workers_;  // by id
+  std::map<std::string, InFlight> requests_;    // by request id
   uint64_t next_request_number_ = 0;
   bool shutting_down_ = false;
   std::condition_variable monitor_cv_;
   std::thread monitor_;
+  std::unique_ptr<RequestMetrics> metrics_;  // null unless attach_metrics() was called
 };
 
 }  // namespace mla

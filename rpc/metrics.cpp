@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <httplib.h>
 #include <spdlog/spdlog.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <chrono>
@@ -142,16 +143,18 @@ uint64_t Histogram::count() const { return cumulative_counts().back(); }
 
 const char* MetricsRegistry::type_name(Type type) {
   switch (type) {
-    case Type::kCounter: return "counter";
-    case Type::kGauge: return "gauge";
-    case Type::kHistogram: return "histogram";
+    case Type::kCounter:
+      return "counter";
+    case Type::kGauge:
+      return "gauge";
+    case Type::kHistogram:
+      return "histogram";
   }
   return "untyped";
 }
 
-MetricsRegistry::Family& MetricsRegistry::family(const std::string& name,
-                                                 const std::string& help, Type type,
-                                                 const Labels& labels) {
+MetricsRegistry::Family& MetricsRegistry::family(const std::string& name, const std::string& help,
+                                                 Type type, const Labels& labels) {
   MLA_REQUIRE(valid_metric_name(name), "invalid metric name '{}'", name);
   for (const auto& [label, value] : labels) {
     MLA_REQUIRE(valid_label_name(label), "metric {}: invalid label name '{}'", name, label);
@@ -163,8 +166,8 @@ MetricsRegistry::Family& MetricsRegistry::family(const std::string& name,
     it->second.type = type;
     it->second.help = help;
   }
-  MLA_REQUIRE(it->second.type == type, "metric {} is already registered as a {}, not a {}",
-              name, type_name(it->second.type), type_name(type));
+  MLA_REQUIRE(it->second.type == type, "metric {} is already registered as a {}, not a {}", name,
+              type_name(it->second.type), type_name(type));
   return it->second;
 }
 
@@ -185,8 +188,7 @@ Gauge& MetricsRegistry::gauge(const std::string& name, const std::string& help,
 }
 
 Histogram& MetricsRegistry::histogram(const std::string& name, const std::string& help,
-                                      const std::vector<double>& bounds,
-                                      const Labels& labels) {
+                                      const std::vector<double>& bounds, const Labels& labels) {
   // Validate before touching the registry, so a bad call leaves nothing behind.
   auto made = std::make_unique<Histogram>(bounds);
   std::lock_guard lock(mutex_);
@@ -237,15 +239,21 @@ MetricsServer::MetricsServer(const MetricsRegistry& registry, const std::string&
   // from waiting on an idle scraper connection.
   server_->new_task_queue = [] { return new httplib::ThreadPool(2); };
   server_->set_keep_alive_timeout(1);
+  // httplib's default sets SO_REUSEPORT, which lets a second process bind the same port
+  // and silently split the scrapes; SO_REUSEADDR alone still allows a quick restart.
+  server_->set_socket_options([](socket_t sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  });
   server_->Get("/metrics", [&registry](const httplib::Request&, httplib::Response& res) {
     res.set_content(registry.render(), "text/plain; version=0.0.4; charset=utf-8");
   });
-  server_->Get("/healthz", [healthy = std::move(healthy)](const httplib::Request&,
-                                                          httplib::Response& res) {
-    const bool ok = !healthy || healthy();
-    res.status = ok ? 200 : 503;
-    res.set_content(ok ? "ok\n" : "unhealthy\n", "text/plain");
-  });
+  server_->Get("/healthz",
+               [healthy = std::move(healthy)](const httplib::Request&, httplib::Response& res) {
+                 const bool ok = !healthy || healthy();
+                 res.status = ok ? 200 : 503;
+                 res.set_content(ok ? "ok\n" : "unhealthy\n", "text/plain");
+               });
 
   if (port == 0) {
     port_ = server_->bind_to_any_port(host);
@@ -294,14 +302,13 @@ RequestMetrics::RequestMetrics(MetricsRegistry& registry, const Labels& labels)
       ttft_seconds(registry.histogram("mlaserve_ttft_seconds",
                                       "Time from a request's arrival to its first token.",
                                       ttft_buckets(), labels)),
-      inter_token_latency_seconds(
-          registry.histogram("mlaserve_inter_token_latency_seconds",
-                             "Time between consecutive tokens of one request.",
-                             inter_token_latency_buckets(), labels)),
-      in_flight(registry.gauge("mlaserve_in_flight", "Requests accepted and not finished.",
-                               labels)),
-      queue_depth(registry.gauge("mlaserve_queue_depth",
-                                 "Requests waiting to be scheduled.", labels)),
+      inter_token_latency_seconds(registry.histogram(
+          "mlaserve_inter_token_latency_seconds", "Time between consecutive tokens of one request.",
+          inter_token_latency_buckets(), labels)),
+      in_flight(
+          registry.gauge("mlaserve_in_flight", "Requests accepted and not finished.", labels)),
+      queue_depth(
+          registry.gauge("mlaserve_queue_depth", "Requests waiting to be scheduled.", labels)),
       registry_(registry),
       labels_(labels) {}
 
@@ -313,9 +320,8 @@ Counter& RequestMetrics::requests_total(std::string_view code) {
 }
 
 CacheMetrics::CacheMetrics(MetricsRegistry& registry, const Labels& labels)
-    : pages_used(registry.gauge("mlaserve_cache_pages_used", "Latent-cache pages in use.",
-                                labels)),
-      pages_total(registry.gauge("mlaserve_cache_pages_total", "Latent-cache pages in all.",
-                                 labels)) {}
+    : pages_used(registry.gauge("mlaserve_cache_pages_used", "Latent-cache pages in use.", labels)),
+      pages_total(
+          registry.gauge("mlaserve_cache_pages_total", "Latent-cache pages in all.", labels)) {}
 
 }  // namespace mla

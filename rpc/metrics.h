@@ -117,8 +117,7 @@ class MetricsRegistry {
   };
 
   static const char* type_name(Type type);
-  Family& family(const std::string& name, const std::string& help, Type type,
-                 const Labels& labels);
+  Family& family(const std::string& name, const std::string& help, Type type, const Labels& labels);
 
   mutable std::mutex mutex_;  // guards families_ (not the metric values: those are atomic)
   std::map<std::string, Family> families_;
@@ -153,7 +152,7 @@ class MetricsServer {
 };
 
 // Default buckets, in seconds.
-std::vector<double> ttft_buckets();               // 5 ms .. 30 s
+std::vector<double> ttft_buckets();                 // 5 ms .. 30 s
 std::vector<double> inter_token_latency_buckets();  // 1 ms .. ~1.3 s
 
 // Request-level metrics, kept by the coordinator and by each worker. `labels` (e.g.
@@ -165,11 +164,11 @@ struct RequestMetrics {
   // status name ("OK", "RESOURCE_EXHAUSTED", ...).
   Counter& requests_total(std::string_view code);
 
-  Counter& tokens_generated;             // mlaserve_tokens_generated_total
-  Histogram& ttft_seconds;               // mlaserve_ttft_seconds
+  Counter& tokens_generated;               // mlaserve_tokens_generated_total
+  Histogram& ttft_seconds;                 // mlaserve_ttft_seconds
   Histogram& inter_token_latency_seconds;  // mlaserve_inter_token_latency_seconds
-  Gauge& in_flight;                      // mlaserve_in_flight
-  Gauge& queue_depth;                    // mlaserve_queue_depth
+  Gauge& in_flight;                        // mlaserve_in_flight
+  Gauge& queue_depth;                      // mlaserve_queue_depth
 
  private:
   MetricsRegistry& registry_;

@@ -16,9 +16,12 @@ RoutingPolicy routing_policy_from_string(std::string_view name) {
 
 const char* routing_policy_name(RoutingPolicy policy) {
   switch (policy) {
-    case RoutingPolicy::kLeastLoaded: return "least-loaded";
-    case RoutingPolicy::kRoundRobin: return "round-robin";
-    case RoutingPolicy::kPrefixAffinity: return "prefix-affinity";
+    case RoutingPolicy::kLeastLoaded:
+      return "least-loaded";
+    case RoutingPolicy::kRoundRobin:
+      return "round-robin";
+    case RoutingPolicy::kPrefixAffinity:
+      return "prefix-affinity";
   }
   return "?";
 }

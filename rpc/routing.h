@@ -62,7 +62,7 @@ struct RouterOptions {
   int32_t affinity_slack = 4;
 };
 
-// Load score used by least-loaded; lower is better. Exposed for tests and ListWorkers.
+// Load score used by least-loaded; lower is better.
 double load_score(const WorkerView& w, double page_weight);
 
 // Thread-safe: pick() and forget() may be called concurrently (one internal mutex).
@@ -75,7 +75,7 @@ class Router {
   // The id of the worker to route `prompt` to, or nullopt when no worker is routable.
   std::optional<std::string> pick(const std::vector<WorkerView>& workers,
                                   const std::vector<int32_t>& prompt);
-  // Drops every prefix assignment to `worker_id` (it died or re-registered empty).
+  // Drops every prefix assignment to `worker_id` (it died, and its cache with it).
   void forget(const std::string& worker_id);
 
   const RouterOptions& options() const { return options_; }

@@ -9,6 +9,8 @@
 namespace mla {
 
 grpc::StatusCode grpc_code(ErrorCode code);
+// "OK", "INVALID_ARGUMENT", ...: the canonical name of a gRPC status code.
+const char* grpc_code_name(grpc::StatusCode code);
 inline grpc::Status to_grpc_status(const Error& e) { return {grpc_code(e.code()), e.what()}; }
 
 }  // namespace mla

@@ -17,6 +17,7 @@
 // The service must outlive the grpc::Server that dispatches to it.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -30,6 +31,7 @@
 #include <vector>
 
 #include "mlaserve/v1/mlaserve.grpc.pb.h"
+#include "rpc/metrics.h"
 #include "runtime/engine.h"
 
 namespace mla {
@@ -42,6 +44,10 @@ struct WorkerServiceOptions {
   int32_t poll_interval_ms = 50;
   // The window load().tokens_per_second averages over. Default: 2000 ms.
   int32_t load_window_ms = 2000;
+  // While idle, the step loop calls engine.heartbeat() this often so that the group's
+  // followers, which wait for the leader's plans, do not time out. Must be well under the
+  // communicator's timeout. Default: 1000 ms.
+  int32_t idle_heartbeat_ms = 1000;
 };
 
 // Serves Worker.Generate and Worker.Cancel for one Engine. Thread-safe: every public method
@@ -53,7 +59,8 @@ struct WorkerServiceOptions {
 // (failover) the engine continues after those tokens exactly as the original run would
 // have (the sampler's random draw depends on the position, which prompt + resume_ids
 // restores); usage.completion_tokens counts the resumed tokens too, and eos or stop ids
-// among them are not re-checked.
+// among them are not re-checked. With return_logprobs each token comes with its log-softmax
+// under the raw logits (temperature 1); only such requests pay for copying logits.
 //
 // Statuses: INVALID_ARGUMENT with a message naming the field; ALREADY_EXISTS for a
 // request_id that is running; RESOURCE_EXHAUSTED when the request could never fit in the
@@ -87,6 +94,11 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   const mlaserve::v1::ModelInfo& model_info() const { return model_info_; }
   const std::string& worker_id() const { return options_.worker_id; }
 
+  // Publishes this worker's RequestMetrics and CacheMetrics (rpc/metrics.h), labelled
+  // worker=<worker_id>, into `registry`, which must outlive this service. At most once
+  // (kFailedPrecondition otherwise); requests that ended before are not counted.
+  void attach_metrics(MetricsRegistry& registry);
+
   // Stops accepting new requests (they get UNAVAILABLE "draining"); running ones finish.
   // Idempotent.
   void drain();
@@ -99,28 +111,45 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
 
  private:
   struct Call;
+  struct Metrics;
   using Clock = std::chrono::steady_clock;
 
+  // Generate without the requests_total count.
+  grpc::Status generate(grpc::ServerContext* context, const mlaserve::v1::GenerateRequest* request,
+                        grpc::ServerWriter<mlaserve::v1::GenerateResponse>* writer);
   // Checks a request against the protocol and the model; throws kInvalidArgument naming
   // the field.
   void validate(const mlaserve::v1::GenerateRequest& r) const;
+  // UNAVAILABLE, saying whether the worker drains or shuts down; the caller holds mu_.
+  grpc::Status refusal_locked() const;
   // Enqueues a cancellation for the step loop; false if the call was not running.
   bool cancel_call(const std::shared_ptr<Call>& call);
 
   // Step-loop thread only.
   void step_loop();
+  // Takes the inbox's new requests and cancellations to the engine, runs one step and
+  // delivers its outputs. Throws what the engine throws.
+  void run_iteration(const std::deque<std::shared_ptr<Call>>& adds,
+                     const std::deque<std::shared_ptr<Call>>& cancels);
   void add_to_engine(const std::shared_ptr<Call>& call);
+  mlaserve::v1::GenerateResponse new_message(const Call& call) const;
   void deliver(const StepOutput& out, Clock::time_point now);
-  void finish_call(Call& call, mlaserve::v1::FinishReason reason, Clock::time_point now);
+  // Ends a call with OK after `last`, which gets the finish reason, usage and timings.
+  void finish_call(Call& call, mlaserve::v1::GenerateResponse last,
+                   mlaserve::v1::FinishReason reason, Clock::time_point now);
   void fail_call(Call& call, const grpc::Status& status);
   void fail_all_running(const grpc::Status& status);
-  void publish_load(int64_t new_tokens, Clock::time_point now);
+  // Copies the engine's cache and queue sizes into load_; the caller holds mu_.
+  void update_load_locked();
 
   Engine& engine_;
   const WorkerServiceOptions options_;
   const int64_t vocab_size_;
   const int64_t max_context_;
   const mlaserve::v1::ModelInfo model_info_;
+
+  std::unique_ptr<Metrics> metrics_owner_;  // set once, under mu_
+  std::atomic<Metrics*> metrics_{nullptr};  // null until attach_metrics()
 
   // Guards everything below up to step_thread_.
   mutable std::mutex mu_;
@@ -131,7 +160,7 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   std::deque<std::shared_ptr<Call>> cancels_;
   std::map<std::string, std::shared_ptr<Call>> calls_;  // running requests by request_id
   uint64_t next_request_number_ = 1;
-  mlaserve::v1::WorkerLoad load_;                       // tokens_per_second left at 0
+  mlaserve::v1::WorkerLoad load_;  // tokens_per_second left at 0
   mutable std::deque<std::pair<Clock::time_point, int64_t>> token_events_;
 
   std::thread step_thread_;  // started last in the constructor
@@ -144,15 +173,15 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
 struct CoordinatorLinkOptions {
   std::string coordinator_address;  // host:port of the Coordinator service. Required.
   std::string worker_id;            // Required.
-  std::string worker_address;       // host:port where this worker's Worker service listens. Required.
+  std::string worker_address;  // host:port where this worker's Worker service listens. Required.
   mlaserve::v1::ModelInfo model;
   std::function<mlaserve::v1::WorkerLoad()> load;  // called for every heartbeat. Required.
   // Called (from the link's thread) each time the coordinator asks this worker to drain.
   // Default: none.
   std::function<void()> on_drain;
-  int32_t rpc_timeout_ms = 2000;    // deadline of each RegisterWorker / Heartbeat. Default: 2000.
-  int32_t min_backoff_ms = 100;     // first wait before retrying registration. Default: 100.
-  int32_t max_backoff_ms = 5000;    // the wait doubles up to this. Default: 5000.
+  int32_t rpc_timeout_ms = 2000;  // deadline of each RegisterWorker / Heartbeat. Default: 2000.
+  int32_t min_backoff_ms = 100;   // first wait before retrying registration. Default: 100.
+  int32_t max_backoff_ms = 5000;  // the wait doubles up to this. Default: 5000.
   // Heartbeat interval when the coordinator's answer has none. Default: 1000.
   int32_t default_heartbeat_ms = 1000;
 };
@@ -192,6 +221,7 @@ class CoordinatorLink {
   bool stop_ = false;
   bool registered_ = false;
   int64_t registrations_ = 0;
+  int64_t failed_registrations_ = 0;  // since the last success, to log an outage once
   int32_t heartbeat_ms_ = 0;
   grpc::ClientContext* in_flight_ = nullptr;  // cancelled by the destructor
 

@@ -14,7 +14,7 @@ namespace {
 // The step plan a leader broadcasts, as int64 words:
 //   [kind, n_released, released ids..., n_chunks, (id, start, num_tokens, want_logits)...,
 //    tokens of every chunk...]
-enum PlanKind : int64_t { kPlanStep = 1, kPlanShutdown = 2 };
+enum PlanKind : int64_t { kPlanStep = 1, kPlanShutdown = 2, kPlanHeartbeat = 3 };
 
 }  // namespace
 
@@ -55,7 +55,9 @@ void Engine::follow() {
   while (true) {
     broadcast_plan(plan);
     size_t i = 0;
-    if (plan.at(i++) == kPlanShutdown) return;
+    const int64_t kind = plan.at(i++);
+    if (kind == kPlanShutdown) return;
+    if (kind == kPlanHeartbeat) continue;
     const int64_t n_released = plan.at(i++);
     for (int64_t k = 0; k < n_released; ++k) {
       auto it = follower_tables_.find(static_cast<RequestId>(plan.at(i++)));
@@ -76,6 +78,12 @@ void Engine::follow() {
     batch.tokens.assign(plan.begin() + static_cast<std::ptrdiff_t>(i), plan.end());
     run_forward(batch);
   }
+}
+
+void Engine::heartbeat() {
+  if (comm_ == nullptr || !is_leader() || shut_down_) return;
+  std::vector<int64_t> plan = {kPlanHeartbeat};
+  broadcast_plan(plan);
 }
 
 void Engine::shutdown() {

@@ -73,6 +73,10 @@ class Engine {
   void follow();
   // Leader: ends the followers' follow() loops. Idempotent; a no-op for one rank.
   void shutdown();
+  // Leader: tells idle followers the leader is alive (they wait for plans with the
+  // communicator's timeout and fail if the leader goes silent). A serving loop calls it
+  // when it has had no step for a while. A no-op for one rank.
+  void heartbeat();
 
   // Validates and queues a request; throws kInvalidArgument saying what is wrong, or
   // kResourceExhausted if it could never fit in the cache.

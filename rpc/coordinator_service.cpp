@@ -1,0 +1,617 @@
+#include "rpc/coordinator_service.h"
+
+#include <grpcpp/grpcpp.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cmath>
+#include <set>
+
+#include "kernels/error.h"
+#include "rpc/status.h"
+
+namespace mla {
+
+namespace v1 = mlaserve::v1;
+
+namespace {
+
+constexpr size_t kMaxRequestIdLength = 128;
+
+double ms_between(std::chrono::steady_clock::time_point from,
+                  std::chrono::steady_clock::time_point to) {
+  return std::chrono::duration<double, std::milli>(to - from).count();
+}
+
+// Checks that need no model: field ranges, lengths, what a client may not set.
+void validate_shape(const v1::GenerateRequest& r, size_t max_prompt_ids) {
+  const std::string& id = r.request_id();
+  MLA_REQUIRE(id.size() <= kMaxRequestIdLength, "request_id: {} characters (limit {})", id.size(),
+              kMaxRequestIdLength);
+  MLA_REQUIRE(std::all_of(id.begin(), id.end(), [](char c) { return c >= 0x20 && c < 0x7f; }),
+              "request_id: only printable ASCII characters are allowed");
+  MLA_REQUIRE(r.prompt_ids_size() > 0, "prompt_ids: must not be empty");
+  MLA_REQUIRE(static_cast<size_t>(r.prompt_ids_size()) <= max_prompt_ids,
+              "prompt_ids: {} ids (limit {})", r.prompt_ids_size(), max_prompt_ids);
+  MLA_REQUIRE(r.max_tokens() >= 1, "max_tokens: must be >= 1, got {}", r.max_tokens());
+  MLA_REQUIRE(r.resume_ids_size() == 0,
+              "resume_ids: set by the coordinator on failover; clients must leave it empty");
+  const v1::SamplingParams& s = r.sampling();
+  MLA_REQUIRE(std::isfinite(s.temperature()) && s.temperature() >= 0,
+              "sampling.temperature: must be >= 0 and finite, got {}", s.temperature());
+  MLA_REQUIRE(s.top_k() >= 0, "sampling.top_k: must be >= 0, got {}", s.top_k());
+  MLA_REQUIRE(std::isfinite(s.top_p()) && s.top_p() >= 0 && s.top_p() <= 1,
+              "sampling.top_p: must be in [0, 1], got {}", s.top_p());
+}
+
+// Worker errors after which the request moves to another worker. The rest (bad input,
+// admission, deadline) would fail the same way anywhere and go back to the client.
+bool fails_over(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::UNAVAILABLE:
+    case grpc::StatusCode::INTERNAL:
+    case grpc::StatusCode::UNKNOWN:
+    case grpc::StatusCode::ABORTED:
+    case grpc::StatusCode::DATA_LOSS:
+    case grpc::StatusCode::CANCELLED:  // only reached when neither the client nor we cancelled
+      return true;
+    default:
+      return false;
+  }
+}
+
+
+std::string describe(const grpc::Status& status) {
+  return fmt::format("{}: {}", grpc_code_name(status.error_code()), status.error_message());
+}
+
+// A worker call cancelled because the client cancelled can end before the server context
+// reports the cancellation; give it a moment before treating the CANCELLED as the worker's.
+bool client_cancelled(grpc::ServerContext* context, const grpc::Status& status) {
+  if (context->IsCancelled()) return true;
+  if (status.error_code() != grpc::StatusCode::CANCELLED) return false;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(20);
+  while (std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    if (context->IsCancelled()) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+void CoordinatorOptions::validate() const {
+  MLA_REQUIRE(max_in_flight >= 1, "coordinator: max_in_flight must be >= 1, got {}", max_in_flight);
+  MLA_REQUIRE(heartbeat_interval_ms >= 1, "coordinator: heartbeat_interval_ms must be >= 1, got {}",
+              heartbeat_interval_ms);
+  MLA_REQUIRE(dead_after_ms > heartbeat_interval_ms,
+              "coordinator: dead_after_ms ({}) must exceed heartbeat_interval_ms ({})",
+              dead_after_ms, heartbeat_interval_ms);
+  MLA_REQUIRE(max_failovers >= 0, "coordinator: max_failovers must be >= 0, got {}", max_failovers);
+  MLA_REQUIRE(max_prompt_ids >= 1, "coordinator: max_prompt_ids must be >= 1");
+  MLA_REQUIRE(affinity_block >= 1, "coordinator: affinity_block must be >= 1, got {}",
+              affinity_block);
+}
+
+namespace {
+CoordinatorOptions validated(CoordinatorOptions options) {
+  options.validate();
+  return options;
+}
+}  // namespace
+
+CoordinatorService::CoordinatorService(CoordinatorOptions options)
+    : options_(validated(options)),
+      router_(RouterOptions{.policy = options.policy, .affinity_block = options.affinity_block}) {
+  monitor_ = std::thread([this] { monitor_loop(); });
+  spdlog::info("coordinator: routing {}, max_in_flight {}, heartbeat {} ms, dead after {} ms",
+               routing_policy_name(options_.policy), options_.max_in_flight,
+               options_.heartbeat_interval_ms, options_.dead_after_ms);
+}
+
+CoordinatorService::~CoordinatorService() { shutdown(); }
+
+void CoordinatorService::shutdown() {
+  {
+    std::lock_guard lock(mu_);
+    if (!shutting_down_) {
+      shutting_down_ = true;
+      for (auto& [id, request] : requests_) {
+        if (request.worker_call) request.worker_call->TryCancel();
+      }
+    }
+  }
+  monitor_cv_.notify_all();
+  if (monitor_.joinable()) monitor_.join();
+}
+
+const char* CoordinatorService::state_name(WorkerState state) {
+  switch (state) {
+    case WorkerState::kAlive:
+      return "alive";
+    case WorkerState::kDraining:
+      return "draining";
+    case WorkerState::kDead:
+      return "dead";
+  }
+  return "?";
+}
+
+void CoordinatorService::mark_dead_locked(WorkerEntry& worker, const std::string& why,
+                                          bool cancel_attempts) {
+  if (worker.state == WorkerState::kDead) return;
+  worker.state = WorkerState::kDead;
+  router_.forget(worker.id);
+  spdlog::warn("worker {} ({}) is dead: {}; {} requests in flight there", worker.id, worker.address,
+               why, worker.in_flight);
+  if (!cancel_attempts) return;
+  for (auto& [id, request] : requests_) {
+    if (request.worker_id == worker.id && request.worker_call) {
+      request.worker_lost = true;
+      request.worker_call->TryCancel();
+    }
+  }
+}
+
+void CoordinatorService::monitor_loop() {
+  const auto dead_after = std::chrono::milliseconds(options_.dead_after_ms);
+  const auto period = std::chrono::milliseconds(std::clamp(options_.dead_after_ms / 5, 5, 250));
+  std::unique_lock lock(mu_);
+  while (!shutting_down_) {
+    monitor_cv_.wait_for(lock, period, [&] { return shutting_down_; });
+    if (shutting_down_) break;
+    const auto now = Clock::now();
+    for (auto& [id, worker] : workers_) {
+      if (worker.state != WorkerState::kDead && now - worker.last_heartbeat > dead_after) {
+        mark_dead_locked(
+            worker,
+            fmt::format("no heartbeat for {:.0f} ms", ms_between(worker.last_heartbeat, now)),
+            /*cancel_attempts=*/true);
+      }
+    }
+  }
+}
+
+void CoordinatorService::validate_for_model_locked(const v1::GenerateRequest& r) const {
+  int32_t vocab = 0;
+  int32_t context = 0;
+  for (const auto& [id, worker] : workers_) {
+    if (worker.state != WorkerState::kAlive) continue;
+    vocab = worker.model.vocab_size();  // equal across live workers (RegisterWorker checks)
+    context =
+        context == 0 ? worker.model.max_context() : std::min(context, worker.model.max_context());
+  }
+  if (vocab == 0) MLA_THROW(kUnavailable, "no worker is alive");
+  for (int i = 0; i < r.prompt_ids_size(); ++i) {
+    const int32_t t = r.prompt_ids(i);
+    MLA_REQUIRE(t >= 0 && t < vocab, "prompt_ids[{}] = {} is outside the vocabulary [0, {})", i, t,
+                vocab);
+  }
+  for (int i = 0; i < r.stop_ids_size(); ++i) {
+    const int32_t t = r.stop_ids(i);
+    MLA_REQUIRE(t >= 0 && t < vocab, "stop_ids[{}] = {} is outside the vocabulary [0, {})", i, t,
+                vocab);
+  }
+  MLA_REQUIRE(r.sampling().top_k() <= vocab, "sampling.top_k: {} exceeds the vocabulary size {}",
+              r.sampling().top_k(), vocab);
+  const int64_t total = int64_t{r.prompt_ids_size()} + r.max_tokens();
+  MLA_REQUIRE(total <= context,
+              "max_tokens: prompt ({}) + max_tokens ({}) = {} exceeds the model context of {}",
+              r.prompt_ids_size(), r.max_tokens(), total, context);
+}
+
+grpc::Status CoordinatorService::admit(const v1::GenerateRequest& request,
+                                       std::string* request_id) {
+  std::lock_guard lock(mu_);
+  if (shutting_down_) return {grpc::StatusCode::UNAVAILABLE, "coordinator shutting down"};
+  validate_for_model_locked(request);
+  if (requests_.size() >= static_cast<size_t>(options_.max_in_flight)) {
+    return {
+        grpc::StatusCode::RESOURCE_EXHAUSTED,
+        fmt::format("{} requests in flight (limit {})", requests_.size(), options_.max_in_flight)};
+  }
+  *request_id = request.request_id();
+  if (request_id->empty()) {
+    do {
+      *request_id = fmt::format("req-{}", next_request_number_++);
+    } while (requests_.contains(*request_id));
+  } else if (requests_.contains(*request_id)) {
+    return {grpc::StatusCode::ALREADY_EXISTS,
+            fmt::format("request_id: '{}' is already in flight", *request_id)};
+  }
+  requests_.emplace(*request_id, InFlight{});
+  return grpc::Status::OK;
+}
+
+void CoordinatorService::attach_metrics(MetricsRegistry& registry) {
+  metrics_ = std::make_unique<RequestMetrics>(registry);
+}
+
+grpc::Status CoordinatorService::Generate(grpc::ServerContext* context,
+                                          const v1::GenerateRequest* request,
+                                          grpc::ServerWriter<v1::GenerateResponse>* writer) {
+  grpc::Status status = generate(context, *request, writer);
+  if (metrics_) metrics_->requests_total(grpc_code_name(status.error_code())).inc();
+  return status;
+}
+
+grpc::Status CoordinatorService::generate(grpc::ServerContext* context,
+                                          const v1::GenerateRequest& request_ref,
+                                          grpc::ServerWriter<v1::GenerateResponse>* writer) {
+  const v1::GenerateRequest* request = &request_ref;
+  const auto arrival = Clock::now();
+  std::string request_id;
+  try {
+    validate_shape(*request, options_.max_prompt_ids);
+    grpc::Status admitted = admit(*request, &request_id);
+    if (!admitted.ok()) {
+      spdlog::info("request '{}' refused: {}", request->request_id(), admitted.error_message());
+      return admitted;
+    }
+  } catch (const Error& e) {
+    spdlog::info("request '{}' refused: {}", request->request_id(), e.what());
+    return to_grpc_status(e);
+  }
+  struct Release {
+    CoordinatorService* self;
+    const std::string& id;
+    ~Release() {
+      std::lock_guard lock(self->mu_);
+      self->requests_.erase(id);
+    }
+  } release{this, request_id};
+  struct InFlightGauge {
+    Gauge* gauge;
+    explicit InFlightGauge(Gauge* g) : gauge(g) {
+      if (gauge) gauge->inc();
+    }
+    ~InFlightGauge() {
+      if (gauge) gauge->dec();
+    }
+  } in_flight_gauge(metrics_ ? &metrics_->in_flight : nullptr);
+  try {
+    return relay(context, *request, request_id, arrival, writer);
+  } catch (const Error& e) {
+    spdlog::error("request {}: {}", request_id, e.what());
+    return to_grpc_status(e);
+  }
+}
+
+grpc::Status CoordinatorService::relay(grpc::ServerContext* context,
+                                       const v1::GenerateRequest& request,
+                                       const std::string& request_id, Clock::time_point arrival,
+                                       grpc::ServerWriter<v1::GenerateResponse>* writer) {
+  const std::vector<int32_t> prompt(request.prompt_ids().begin(), request.prompt_ids().end());
+  v1::GenerateRequest worker_request = request;
+  worker_request.set_request_id(request_id);
+
+  std::vector<int32_t> sent;  // every token relayed to the client, over all attempts
+  std::set<std::string> tried;
+  std::string failed_worker;  // the last worker that failed, and why
+  std::string failure;
+  // For queue_ms: the dispatch time of the attempt that produced the first token.
+  std::optional<Clock::time_point> first_token_at;
+  Clock::time_point first_token_dispatch{};
+  Clock::time_point last_token_at{};
+
+  // The closing message the coordinator writes itself (cancelled, or complete when the
+  // worker died after the last token but before its final message).
+  auto write_closing = [&](v1::FinishReason reason, const std::string& worker_id) {
+    v1::GenerateResponse last;
+    last.set_request_id(request_id);
+    last.set_worker_id(worker_id);
+    last.set_finish_reason(reason);
+    last.mutable_usage()->set_prompt_tokens(request.prompt_ids_size());
+    last.mutable_usage()->set_completion_tokens(static_cast<int32_t>(sent.size()));
+    const auto now = Clock::now();
+    last.mutable_timings()->set_total_ms(ms_between(arrival, now));
+    if (first_token_at) {
+      last.mutable_timings()->set_ttft_ms(ms_between(arrival, *first_token_at));
+      last.mutable_timings()->set_queue_ms(ms_between(arrival, first_token_dispatch));
+    }
+    writer->Write(last);
+  };
+
+  for (int32_t failovers = 0;; ++failovers) {
+    if (context->IsCancelled()) {
+      return {grpc::StatusCode::CANCELLED, fmt::format("request {}: cancelled", request_id)};
+    }
+    std::unique_ptr<grpc::ClientContext> call = grpc::ClientContext::FromServerContext(*context);
+    std::shared_ptr<v1::Worker::StubInterface> stub;
+    std::string worker_id;
+    bool cancel_requested = false;
+    {
+      std::lock_guard lock(mu_);
+      if (shutting_down_) return {grpc::StatusCode::UNAVAILABLE, "coordinator shutting down"};
+      InFlight& flight = requests_.at(request_id);
+      cancel_requested = flight.cancel_requested;
+      if (!cancel_requested) {
+        std::vector<WorkerView> views;
+        views.reserve(workers_.size());
+        for (const auto& [id, w] : workers_) {
+          views.push_back({.id = id,
+                           .routable = w.state == WorkerState::kAlive && !tried.contains(id),
+                           .free_pages = w.load.free_pages(),
+                           .total_pages = w.load.total_pages(),
+                           .running = w.load.running(),
+                           .waiting = w.load.waiting(),
+                           .in_flight = w.in_flight});
+        }
+        std::optional<std::string> picked = router_.pick(views, prompt);
+        if (!picked) {
+          if (failed_worker.empty()) {
+            return {grpc::StatusCode::UNAVAILABLE, "no worker is alive"};
+          }
+          return {grpc::StatusCode::UNAVAILABLE,
+                  fmt::format("request {}: worker {} failed ({}) after {} tokens and no other "
+                              "worker is alive",
+                              request_id, failed_worker, failure, sent.size())};
+        }
+        WorkerEntry& worker = workers_.at(*picked);
+        ++worker.in_flight;
+        stub = worker.stub;
+        worker_id = worker.id;
+        flight.worker_call = call.get();
+        flight.worker_id = worker_id;
+        flight.worker_lost = false;
+      }
+    }
+    if (cancel_requested) {
+      write_closing(v1::FINISH_REASON_CANCELLED, failed_worker);
+      return grpc::Status::OK;
+    }
+    if (failovers == 0) {
+      spdlog::debug("request {}: routed to {}", request_id, worker_id);
+    } else {
+      spdlog::warn("request {}: failover {}/{} from {} to {} after {} tokens ({})", request_id,
+                   failovers, options_.max_failovers, failed_worker, worker_id, sent.size(),
+                   failure);
+    }
+
+    const auto dispatch = Clock::now();
+    const size_t sent_before = sent.size();
+    worker_request.mutable_resume_ids()->Assign(sent.begin(), sent.end());
+    std::unique_ptr<grpc::ClientReaderInterface<v1::GenerateResponse>> reader =
+        stub->Generate(call.get(), worker_request);
+    v1::GenerateResponse message;
+    bool finished = false;
+    bool client_gone = false;
+    while (reader->Read(&message)) {
+      if (finished || client_gone) continue;  // drain whatever follows the end
+      sent.insert(sent.end(), message.token_ids().begin(), message.token_ids().end());
+      const auto received = Clock::now();
+      if (metrics_ && message.token_ids_size() > 0) {
+        metrics_->tokens_generated.inc(message.token_ids_size());
+        if (first_token_at) {
+          metrics_->inter_token_latency_seconds.observe(
+              std::chrono::duration<double>(received - last_token_at).count());
+        } else {
+          metrics_->ttft_seconds.observe(std::chrono::duration<double>(received - arrival).count());
+        }
+      }
+      if (message.token_ids_size() > 0) last_token_at = received;
+      if (!first_token_at && message.token_ids_size() > 0) {
+        first_token_at = received;
+        first_token_dispatch = dispatch;
+      }
+      message.set_request_id(request_id);
+      if (message.worker_id().empty()) message.set_worker_id(worker_id);
+      if (message.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+        finished = true;
+        // Usage and timings span all attempts. queue_ms: the worker's queue time counts
+        // when its attempt produced the first token; an earlier attempt's died with it.
+        const auto now = Clock::now();
+        const double worker_queue_ms = sent_before == 0 ? message.timings().queue_ms() : 0.0;
+        message.mutable_usage()->set_prompt_tokens(request.prompt_ids_size());
+        message.mutable_usage()->set_completion_tokens(static_cast<int32_t>(sent.size()));
+        v1::Timings* timings = message.mutable_timings();
+        timings->set_total_ms(ms_between(arrival, now));
+        if (first_token_at) {
+          const double ttft = ms_between(arrival, *first_token_at);
+          timings->set_ttft_ms(ttft);
+          timings->set_queue_ms(
+              std::min(ttft, ms_between(arrival, first_token_dispatch) + worker_queue_ms));
+        } else {
+          timings->set_ttft_ms(0);
+          timings->set_queue_ms(ms_between(arrival, dispatch) + worker_queue_ms);
+        }
+      }
+      if (!writer->Write(message)) {
+        client_gone = true;
+        call->TryCancel();
+      }
+    }
+    const grpc::Status status = reader->Finish();
+
+    bool worker_lost = false;
+    bool shutting_down = false;
+    {
+      std::lock_guard lock(mu_);
+      InFlight& flight = requests_.at(request_id);
+      flight.worker_call = nullptr;
+      cancel_requested = flight.cancel_requested;
+      worker_lost = flight.worker_lost;
+      shutting_down = shutting_down_;
+      WorkerEntry& worker = workers_.at(worker_id);
+      --worker.in_flight;
+      // A worker refusing connections is gone; unless it re-registered meanwhile (new
+      // stub), it is dead until it does.
+      if (!finished && !client_gone && !cancel_requested && !shutting_down &&
+          status.error_code() == grpc::StatusCode::UNAVAILABLE && worker.stub == stub) {
+        mark_dead_locked(worker, fmt::format("request {}: {}", request_id, describe(status)),
+                         /*cancel_attempts=*/false);
+      }
+    }
+
+    if (finished) return grpc::Status::OK;
+    const auto cancelled_by_client = [&] {
+      spdlog::info("request {}: cancelled by the client after {} tokens", request_id, sent.size());
+      return grpc::Status(grpc::StatusCode::CANCELLED,
+                          fmt::format("request {}: cancelled by the client", request_id));
+    };
+    if (client_gone || context->IsCancelled()) return cancelled_by_client();
+    if (cancel_requested) {
+      spdlog::info("request {}: cancelled after {} tokens", request_id, sent.size());
+      write_closing(v1::FINISH_REASON_CANCELLED, worker_id);
+      return grpc::Status::OK;
+    }
+    if (shutting_down) return {grpc::StatusCode::UNAVAILABLE, "coordinator shutting down"};
+    if (!worker_lost && client_cancelled(context, status)) return cancelled_by_client();
+    if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED ||
+        std::chrono::system_clock::now() >= context->deadline()) {
+      return {
+          grpc::StatusCode::DEADLINE_EXCEEDED,
+          fmt::format("request {}: deadline exceeded after {} tokens", request_id, sent.size())};
+    }
+    if (!worker_lost && !status.ok() && !fails_over(status.error_code())) {
+      spdlog::info("request {}: worker {} answered {}", request_id, worker_id, describe(status));
+      return status;
+    }
+
+    failed_worker = worker_id;
+    failure = worker_lost   ? std::string("worker stopped heartbeating")
+              : status.ok() ? std::string("stream ended without a final message")
+                            : describe(status);
+    tried.insert(worker_id);
+    if (sent.size() >= static_cast<size_t>(request.max_tokens())) {
+      // Every token arrived; only the final message was lost.
+      write_closing(v1::FINISH_REASON_LENGTH, worker_id);
+      return grpc::Status::OK;
+    }
+    if (failovers >= options_.max_failovers) {
+      spdlog::error("request {}: worker {} failed ({}) after {} tokens; gave up after {} failovers",
+                    request_id, worker_id, failure, sent.size(), failovers);
+      return {grpc::StatusCode::UNAVAILABLE,
+              fmt::format("request {}: worker {} failed ({}); gave up after {} failovers",
+                          request_id, worker_id, failure, failovers)};
+    }
+  }
+}
+
+grpc::Status CoordinatorService::Cancel(grpc::ServerContext*, const v1::CancelRequest* request,
+                                        v1::CancelResponse* response) {
+  std::lock_guard lock(mu_);
+  auto it = requests_.find(request->request_id());
+  if (it == requests_.end() || it->second.cancel_requested) {
+    response->set_cancelled(false);
+    return grpc::Status::OK;
+  }
+  it->second.cancel_requested = true;
+  if (it->second.worker_call) it->second.worker_call->TryCancel();
+  response->set_cancelled(true);
+  return grpc::Status::OK;
+}
+
+grpc::Status CoordinatorService::Health(grpc::ServerContext*, const v1::HealthRequest*,
+                                        v1::HealthResponse* response) {
+  std::lock_guard lock(mu_);
+  int32_t alive = 0;
+  for (const auto& [id, worker] : workers_) alive += worker.state == WorkerState::kAlive;
+  response->set_workers_alive(alive);
+  response->set_serving(alive > 0 && !shutting_down_);
+  return grpc::Status::OK;
+}
+
+grpc::Status CoordinatorService::ListWorkers(grpc::ServerContext*, const v1::ListWorkersRequest*,
+                                             v1::ListWorkersResponse* response) {
+  std::lock_guard lock(mu_);
+  const auto now = Clock::now();
+  for (const auto& [id, worker] : workers_) {
+    v1::WorkerStatus* status = response->add_workers();
+    status->set_worker_id(id);
+    status->set_address(worker.address);
+    status->set_state(state_name(worker.state));
+    *status->mutable_load() = worker.load;
+    *status->mutable_model() = worker.model;
+    status->set_in_flight(worker.in_flight);
+    status->set_ms_since_heartbeat(ms_between(worker.last_heartbeat, now));
+  }
+  response->set_in_flight(static_cast<int32_t>(requests_.size()));
+  response->set_max_in_flight(options_.max_in_flight);
+  return grpc::Status::OK;
+}
+
+grpc::Status CoordinatorService::Drain(grpc::ServerContext*, const v1::DrainRequest* request,
+                                       v1::DrainResponse* response) {
+  std::lock_guard lock(mu_);
+  auto it = workers_.find(request->worker_id());
+  if (it == workers_.end()) {
+    return {grpc::StatusCode::NOT_FOUND,
+            fmt::format("worker_id: no worker '{}' is registered", request->worker_id())};
+  }
+  WorkerEntry& worker = it->second;
+  if (worker.state == WorkerState::kAlive) {
+    worker.state = WorkerState::kDraining;
+    spdlog::info("worker {} draining; {} requests in flight there", worker.id, worker.in_flight);
+  }
+  response->set_draining(worker.state == WorkerState::kDraining);
+  return grpc::Status::OK;
+}
+
+grpc::Status CoordinatorService::RegisterWorker(grpc::ServerContext*,
+                                                const v1::RegisterWorkerRequest* request,
+                                                v1::RegisterWorkerResponse* response) {
+  const v1::ModelInfo& model = request->model();
+  if (request->worker_id().empty()) {
+    return {grpc::StatusCode::INVALID_ARGUMENT, "worker_id: must not be empty"};
+  }
+  if (request->address().empty()) {
+    return {grpc::StatusCode::INVALID_ARGUMENT, "address: must not be empty"};
+  }
+  if (model.vocab_size() <= 0 || model.max_context() <= 0) {
+    return {grpc::StatusCode::INVALID_ARGUMENT,
+            fmt::format("model: vocab_size ({}) and max_context ({}) must be > 0",
+                        model.vocab_size(), model.max_context())};
+  }
+  // Channel creation does not block: connecting happens on the first call.
+  std::shared_ptr<v1::Worker::StubInterface> stub = v1::Worker::NewStub(
+      grpc::CreateChannel(request->address(), grpc::InsecureChannelCredentials()));
+
+  std::lock_guard lock(mu_);
+  for (const auto& [id, other] : workers_) {
+    if (id == request->worker_id() || other.state == WorkerState::kDead) continue;
+    if (other.model.model_type() != model.model_type() ||
+        other.model.vocab_size() != model.vocab_size()) {
+      return {grpc::StatusCode::FAILED_PRECONDITION,
+              fmt::format("model: worker {} serves {} (vocab {}), but {} serves {} (vocab {})",
+                          request->worker_id(), model.model_type(), model.vocab_size(), id,
+                          other.model.model_type(), other.model.vocab_size())};
+    }
+  }
+  auto [it, added] = workers_.try_emplace(request->worker_id());
+  WorkerEntry& worker = it->second;
+  const bool readdressed = !added && worker.address != request->address();
+  worker.id = request->worker_id();
+  worker.address = request->address();
+  worker.stub = std::move(stub);
+  worker.model = model;
+  worker.load = request->load();
+  worker.last_heartbeat = Clock::now();
+  worker.state = WorkerState::kAlive;
+  spdlog::info("worker {} {} at {} ({}, vocab {}, context {}, tp {}){}", worker.id,
+               added ? "registered" : "re-registered", worker.address, model.model_type(),
+               model.vocab_size(), model.max_context(), model.tp_size(),
+               readdressed ? " (new address)" : "");
+  response->set_heartbeat_interval_ms(options_.heartbeat_interval_ms);
+  return grpc::Status::OK;
+}
+
+grpc::Status CoordinatorService::Heartbeat(grpc::ServerContext*,
+                                           const v1::HeartbeatRequest* request,
+                                           v1::HeartbeatResponse* response) {
+  std::lock_guard lock(mu_);
+  auto it = workers_.find(request->worker_id());
+  // A dead worker re-registers too, so its channel and model info are fresh.
+  if (it == workers_.end() || it->second.state == WorkerState::kDead) {
+    response->set_known(false);
+    return grpc::Status::OK;
+  }
+  WorkerEntry& worker = it->second;
+  worker.load = request->load();
+  worker.last_heartbeat = Clock::now();
+  response->set_known(true);
+  response->set_drain(worker.state == WorkerState::kDraining);
+  return grpc::Status::OK;
+}
+
+}  // namespace mla

@@ -1,0 +1,741 @@
+#include "rpc/worker_service.h"
+
+#include <grpcpp/grpcpp.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <optional>
+
+#include "kernels/error.h"
+#include "rpc/client.h"
+#include "rpc/status.h"
+#include "runtime/sampler.h"
+
+namespace mla {
+
+namespace v1 = mlaserve::v1;
+
+namespace {
+
+constexpr size_t kMaxRequestIdLength = 128;
+
+double ms_between(std::chrono::steady_clock::time_point from,
+                  std::chrono::steady_clock::time_point to) {
+  return std::chrono::duration<double, std::milli>(to - from).count();
+}
+
+v1::FinishReason to_proto(FinishReason r) {
+  switch (r) {
+    case FinishReason::kStop:
+      return v1::FINISH_REASON_STOP;
+    case FinishReason::kLength:
+      return v1::FINISH_REASON_LENGTH;
+    case FinishReason::kCancelled:
+      return v1::FINISH_REASON_CANCELLED;
+    case FinishReason::kNone:
+      break;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+// Adds one to a gauge for its lifetime; nothing for a null gauge.
+class GaugeHold {
+ public:
+  explicit GaugeHold(Gauge* gauge) : gauge_(gauge) {
+    if (gauge_) gauge_->inc();
+  }
+  ~GaugeHold() {
+    if (gauge_) gauge_->dec();
+  }
+  GaugeHold(const GaugeHold&) = delete;
+  GaugeHold& operator=(const GaugeHold&) = delete;
+
+ private:
+  Gauge* gauge_;
+};
+
+// mla::Error keeps its code; anything else is a bug here.
+grpc::Status status_of(const std::exception& e) {
+  if (const auto* error = dynamic_cast<const Error*>(&e)) return to_grpc_status(*error);
+  return {grpc::StatusCode::INTERNAL, e.what()};
+}
+
+void check_token_ids(const google::protobuf::RepeatedField<int32_t>& ids, const char* field,
+                     int64_t vocab_size) {
+  for (int i = 0; i < ids.size(); ++i) {
+    MLA_REQUIRE(ids[i] >= 0 && ids[i] < vocab_size, "{}[{}] = {} is outside the vocabulary [0, {})",
+                field, i, ids[i], vocab_size);
+  }
+}
+
+}  // namespace
+
+// One Generate stream. The handler thread creates it and then only reads `outbox`/`end`;
+// the step loop produces them.
+struct WorkerService::Call {
+  // Set before the call is enqueued, then read-only.
+  std::string request_id;
+  Request request;  // what the engine runs: prompt_ids + resume_ids
+  int32_t prompt_tokens = 0;
+  int32_t resumed = 0;
+  bool return_logprobs = false;
+  Clock::time_point arrival;
+
+  // Set under WorkerService::mu_, read by the step loop without it.
+  std::atomic<bool> cancelled{false};
+
+  // Step-loop thread only.
+  RequestId engine_id = 0;
+  bool ended = false;
+  int32_t generated = 0;
+  std::optional<Clock::time_point> first_step;
+  std::optional<Clock::time_point> first_token;
+  Clock::time_point last_token;
+
+  std::mutex mu;
+  std::condition_variable ready;
+  std::deque<v1::GenerateResponse> outbox;  // guarded by mu
+  std::optional<grpc::Status> end;          // guarded by mu; set after the last message
+};
+
+struct WorkerService::Metrics {
+  RequestMetrics requests;
+  CacheMetrics cache;
+};
+
+// ---------------------------------------------------------------------------------------
+// WorkerService
+
+WorkerService::WorkerService(Engine& engine, WorkerServiceOptions options)
+    : engine_(engine),
+      options_(std::move(options)),
+      vocab_size_(engine.model().config().vocab_size),
+      max_context_(engine.model().config().max_position_embeddings),
+      model_info_([&engine] {
+        v1::ModelInfo info;
+        info.set_model_type(engine.model().config().family_name());
+        info.set_vocab_size(static_cast<int32_t>(engine.model().config().vocab_size));
+        info.set_max_context(static_cast<int32_t>(engine.model().config().max_position_embeddings));
+        info.set_tp_size(engine.model().shard().tp_size());
+        info.set_block_size(engine.cache().geometry().block_size);
+        return info;
+      }()) {
+  MLA_REQUIRE(engine.is_leader(), "a WorkerService serves a group's leader engine, not a follower");
+  MLA_REQUIRE(!options_.worker_id.empty(), "worker_id must not be empty");
+  MLA_REQUIRE(options_.poll_interval_ms >= 1, "poll_interval_ms must be >= 1, got {}",
+              options_.poll_interval_ms);
+  MLA_REQUIRE(options_.load_window_ms >= 1, "load_window_ms must be >= 1, got {}",
+              options_.load_window_ms);
+  MLA_REQUIRE(options_.idle_heartbeat_ms >= 1, "idle_heartbeat_ms must be >= 1, got {}",
+              options_.idle_heartbeat_ms);
+  load_.set_total_pages(engine.cache().pool().num_pages());
+  load_.set_free_pages(engine.cache().pool().num_free());
+  step_thread_ = std::thread([this] { step_loop(); });
+}
+
+WorkerService::~WorkerService() { shutdown(); }
+
+void WorkerService::attach_metrics(MetricsRegistry& registry) {
+  const Labels labels = {{"worker", options_.worker_id}};
+  auto metrics = std::unique_ptr<Metrics>(
+      new Metrics{RequestMetrics(registry, labels), CacheMetrics(registry, labels)});
+  std::lock_guard lk(mu_);
+  if (metrics_owner_) MLA_THROW(kFailedPrecondition, "metrics are already attached");
+  metrics_owner_ = std::move(metrics);
+  metrics_owner_->cache.pages_total.set(load_.total_pages());
+  metrics_owner_->cache.pages_used.set(load_.total_pages() - load_.free_pages());
+  metrics_ = metrics_owner_.get();
+}
+
+void WorkerService::drain() {
+  std::lock_guard lk(mu_);
+  if (accepting_)
+    spdlog::info("worker {}: draining, accepting no new requests", options_.worker_id);
+  accepting_ = false;
+}
+
+bool WorkerService::draining() const {
+  std::lock_guard lk(mu_);
+  return !accepting_;
+}
+
+void WorkerService::shutdown() {
+  {
+    std::lock_guard lk(mu_);
+    if (stopping_) return;
+    accepting_ = false;
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  if (step_thread_.joinable()) step_thread_.join();
+  spdlog::info("worker {}: shut down", options_.worker_id);
+}
+
+v1::WorkerLoad WorkerService::load() const {
+  std::lock_guard lk(mu_);
+  v1::WorkerLoad out = load_;
+  out.set_waiting(out.waiting() + static_cast<int32_t>(adds_.size()));
+  const auto window = std::chrono::milliseconds(options_.load_window_ms);
+  const auto cutoff = Clock::now() - window;
+  while (!token_events_.empty() && token_events_.front().first < cutoff) token_events_.pop_front();
+  int64_t tokens = 0;
+  for (const auto& [when, n] : token_events_) tokens += n;
+  out.set_tokens_per_second(static_cast<double>(tokens) /
+                            std::chrono::duration<double>(window).count());
+  return out;
+}
+
+void WorkerService::validate(const v1::GenerateRequest& r) const {
+  MLA_REQUIRE(r.request_id().size() <= kMaxRequestIdLength,
+              "request_id is {} characters long; at most {} are allowed", r.request_id().size(),
+              kMaxRequestIdLength);
+  MLA_REQUIRE(std::all_of(r.request_id().begin(), r.request_id().end(),
+                          [](char c) { return c >= 0x20 && c < 0x7f; }),
+              "request_id must be printable ASCII");
+  MLA_REQUIRE(r.prompt_ids_size() > 0, "prompt_ids is empty; a prompt needs at least one token");
+  check_token_ids(r.prompt_ids(), "prompt_ids", vocab_size_);
+  check_token_ids(r.resume_ids(), "resume_ids", vocab_size_);
+  MLA_REQUIRE(r.max_tokens() >= 1, "max_tokens must be >= 1, got {}", r.max_tokens());
+  const int64_t total = static_cast<int64_t>(r.prompt_ids_size()) + r.max_tokens();
+  MLA_REQUIRE(
+      total <= max_context_,
+      "prompt_ids ({} tokens) plus max_tokens ({}) exceeds the model's context of {} tokens",
+      r.prompt_ids_size(), r.max_tokens(), max_context_);
+  const v1::SamplingParams& s = r.sampling();
+  MLA_REQUIRE(std::isfinite(s.temperature()) && s.temperature() >= 0,
+              "sampling.temperature must be finite and >= 0 (0 = greedy), got {}", s.temperature());
+  MLA_REQUIRE(s.top_k() >= 0 && s.top_k() <= vocab_size_,
+              "sampling.top_k must be in [0, {}] (0 = off), got {}", vocab_size_, s.top_k());
+  MLA_REQUIRE(std::isfinite(s.top_p()) && s.top_p() >= 0 && s.top_p() <= 1,
+              "sampling.top_p must be in [0, 1] (0 or 1 = off), got {}", s.top_p());
+}
+
+grpc::Status WorkerService::Generate(grpc::ServerContext* context,
+                                     const v1::GenerateRequest* request,
+                                     grpc::ServerWriter<v1::GenerateResponse>* writer) {
+  const grpc::Status status = generate(context, request, writer);
+  if (Metrics* m = metrics_.load())
+    m->requests.requests_total(grpc_code_name(status.error_code())).inc();
+  return status;
+}
+
+grpc::Status WorkerService::generate(grpc::ServerContext* context,
+                                     const v1::GenerateRequest* request,
+                                     grpc::ServerWriter<v1::GenerateResponse>* writer) {
+  const Clock::time_point arrival = Clock::now();
+  {
+    std::lock_guard lk(mu_);
+    if (!accepting_) return refusal_locked();
+  }
+  try {
+    validate(*request);
+  } catch (const Error& e) {
+    spdlog::info("worker {}: rejected request '{}': {}", options_.worker_id, request->request_id(),
+                 e.what());
+    return to_grpc_status(e);
+  }
+
+  auto call = std::make_shared<Call>();
+  call->request_id = request->request_id();
+  call->prompt_tokens = request->prompt_ids_size();
+  call->resumed = request->resume_ids_size();
+  call->return_logprobs = request->return_logprobs();
+  call->arrival = arrival;
+  Request& r = call->request;
+  r.prompt.assign(request->prompt_ids().begin(), request->prompt_ids().end());
+  // The engine samples token i at position prompt + i, so continuing from prompt +
+  // resume_ids draws exactly what the original run would have drawn next.
+  r.prompt.insert(r.prompt.end(), request->resume_ids().begin(), request->resume_ids().end());
+  r.max_tokens = request->max_tokens() - call->resumed;
+  r.sampling.temperature = request->sampling().temperature();
+  r.sampling.top_k = request->sampling().top_k();
+  r.sampling.top_p = request->sampling().top_p() == 0 ? 1.0f : request->sampling().top_p();
+  r.sampling.seed = request->sampling().seed();
+  r.stop_ids.assign(request->stop_ids().begin(), request->stop_ids().end());
+  r.ignore_eos = request->ignore_eos();
+  r.return_logits = request->return_logprobs();
+
+  if (r.max_tokens <= 0) {
+    // Every token was already produced elsewhere: nothing to run, only the final message.
+    v1::GenerateResponse last;
+    last.set_request_id(call->request_id);
+    last.set_worker_id(options_.worker_id);
+    last.set_finish_reason(v1::FINISH_REASON_LENGTH);
+    last.mutable_usage()->set_prompt_tokens(call->prompt_tokens);
+    last.mutable_usage()->set_completion_tokens(call->resumed);
+    const double total_ms = ms_between(arrival, Clock::now());
+    last.mutable_timings()->set_queue_ms(total_ms);
+    last.mutable_timings()->set_total_ms(total_ms);
+    writer->Write(last);
+    return grpc::Status::OK;
+  }
+
+  {
+    std::lock_guard lk(mu_);
+    if (!accepting_) return refusal_locked();
+    if (call->request_id.empty()) {
+      do {
+        call->request_id = fmt::format("{}-{}", options_.worker_id, next_request_number_++);
+      } while (calls_.count(call->request_id) != 0);
+    } else if (calls_.count(call->request_id) != 0) {
+      return {grpc::StatusCode::ALREADY_EXISTS,
+              fmt::format("request_id '{}' is already running on worker {}", call->request_id,
+                          options_.worker_id)};
+    }
+    calls_.emplace(call->request_id, call);
+    adds_.push_back(call);
+  }
+  wake_.notify_one();
+  // In flight from here until this handler returns, however it does.
+  Metrics* const metrics = metrics_.load();
+  const GaugeHold in_flight(metrics ? &metrics->requests.in_flight : nullptr);
+
+  const auto poll = std::chrono::milliseconds(options_.poll_interval_ms);
+  while (true) {
+    std::deque<v1::GenerateResponse> messages;
+    std::optional<grpc::Status> end;
+    {
+      std::unique_lock lk(call->mu);
+      call->ready.wait_for(lk, poll, [&] { return !call->outbox.empty() || call->end; });
+      messages.swap(call->outbox);
+      end = call->end;
+    }
+    for (const v1::GenerateResponse& m : messages) {
+      if (!writer->Write(m)) {
+        cancel_call(call);
+        spdlog::info("worker {}: request {}: the client went away", options_.worker_id,
+                     call->request_id);
+        return {grpc::StatusCode::CANCELLED, "the client went away"};
+      }
+    }
+    if (end) return *end;
+    if (context->IsCancelled()) {
+      cancel_call(call);
+      const bool deadline = context->deadline() <= std::chrono::system_clock::now();
+      spdlog::info("worker {}: request {} {}", options_.worker_id, call->request_id,
+                   deadline ? "passed its deadline" : "was cancelled by the client");
+      if (deadline) return {grpc::StatusCode::DEADLINE_EXCEEDED, "the request's deadline passed"};
+      return {grpc::StatusCode::CANCELLED, "the client cancelled the request"};
+    }
+  }
+}
+
+grpc::Status WorkerService::refusal_locked() const {
+  return {grpc::StatusCode::UNAVAILABLE, fmt::format("worker {} is {}", options_.worker_id,
+                                                     stopping_ ? "shutting down" : "draining")};
+}
+
+grpc::Status WorkerService::Cancel(grpc::ServerContext*, const v1::CancelRequest* request,
+                                   v1::CancelResponse* response) {
+  std::shared_ptr<Call> call;
+  {
+    std::lock_guard lk(mu_);
+    auto it = calls_.find(request->request_id());
+    if (it != calls_.end()) call = it->second;
+  }
+  response->set_cancelled(call != nullptr && cancel_call(call));
+  if (response->cancelled()) {
+    spdlog::info("worker {}: request {} cancelled by Cancel", options_.worker_id,
+                 request->request_id());
+  }
+  return grpc::Status::OK;
+}
+
+bool WorkerService::cancel_call(const std::shared_ptr<Call>& call) {
+  {
+    std::lock_guard lk(mu_);
+    auto it = calls_.find(call->request_id);
+    if (it == calls_.end() || it->second != call) return false;
+    // Unregistered now, not when the step loop gets to it, so the caller may reuse the id.
+    calls_.erase(it);
+    call->cancelled = true;
+    cancels_.push_back(call);
+  }
+  wake_.notify_one();
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------
+// The step loop
+
+void WorkerService::step_loop() {
+  while (true) {
+    std::deque<std::shared_ptr<Call>> adds, cancels;
+    bool stopping = false;
+    bool idle = false;
+    {
+      std::unique_lock lk(mu_);
+      update_load_locked();
+      idle = !wake_.wait_for(lk, std::chrono::milliseconds(options_.idle_heartbeat_ms), [&] {
+        return stopping_ || !adds_.empty() || !cancels_.empty() || engine_.has_work();
+      });
+      adds.swap(adds_);
+      cancels.swap(cancels_);
+      stopping = stopping_;
+    }
+    if (idle) {
+      try {
+        engine_.heartbeat();
+      } catch (const std::exception& e) {
+        // The group is broken; the next request's step fails and reports it to its client.
+        spdlog::error("worker {}: heartbeat to the group's followers failed: {}",
+                      options_.worker_id, e.what());
+      }
+      continue;
+    }
+
+    if (stopping) {
+      const grpc::Status gone(grpc::StatusCode::UNAVAILABLE,
+                              fmt::format("worker {} is shutting down", options_.worker_id));
+      for (const auto& call : adds) fail_call(*call, gone);
+      fail_all_running(gone);
+      std::lock_guard lk(mu_);
+      update_load_locked();
+      return;
+    }
+
+    // Whatever goes wrong, the loop must go on: every open stream waits on it.
+    try {
+      run_iteration(adds, cancels);
+    } catch (const std::exception& e) {
+      spdlog::error("worker {}: step loop error, ending {} requests: {}", options_.worker_id,
+                    in_engine_.size(), e.what());
+      const grpc::Status status = status_of(e);
+      for (const auto& call : adds) fail_call(*call, status);
+      fail_all_running(status);
+    }
+  }
+}
+
+void WorkerService::run_iteration(const std::deque<std::shared_ptr<Call>>& adds,
+                                  const std::deque<std::shared_ptr<Call>>& cancels) {
+  const Clock::time_point now = Clock::now();
+  for (const auto& call : adds) {
+    if (call->cancelled) {
+      finish_call(*call, new_message(*call), v1::FINISH_REASON_CANCELLED, now);
+    } else {
+      add_to_engine(call);
+    }
+  }
+  for (const auto& call : cancels) {
+    if (call->ended) continue;
+    // Cancels run after adds, so a call not in the engine now has been refused.
+    if (in_engine_.erase(call->engine_id) != 0) engine_.cancel(call->engine_id);
+    finish_call(*call, new_message(*call), v1::FINISH_REASON_CANCELLED, now);
+  }
+  if (!engine_.has_work()) return;
+
+  const Clock::time_point start = Clock::now();
+  for (const auto& call : not_yet_stepped_) {
+    if (!call->first_step) call->first_step = start;
+  }
+  not_yet_stepped_.clear();
+  const std::vector<StepOutput> outputs = engine_.step();
+  const Clock::time_point done = Clock::now();
+  const auto tokens = std::count_if(outputs.begin(), outputs.end(),
+                                    [](const StepOutput& o) { return o.token >= 0; });
+  {
+    // Before delivering, so a client that has seen a token sees its pages in load().
+    std::lock_guard lk(mu_);
+    update_load_locked();
+    if (tokens > 0) token_events_.emplace_back(done, tokens);
+    const auto cutoff = done - std::chrono::milliseconds(options_.load_window_ms);
+    while (!token_events_.empty() && token_events_.front().first < cutoff) {
+      token_events_.pop_front();
+    }
+  }
+  for (const StepOutput& out : outputs) deliver(out, done);
+}
+
+void WorkerService::update_load_locked() {
+  load_.set_free_pages(engine_.cache().pool().num_free());
+  load_.set_running(engine_.num_running());
+  load_.set_waiting(engine_.num_waiting());
+  if (Metrics* m = metrics_.load()) {
+    m->cache.pages_used.set(load_.total_pages() - load_.free_pages());
+    m->requests.queue_depth.set(load_.waiting() + static_cast<double>(adds_.size()));
+  }
+}
+
+void WorkerService::add_to_engine(const std::shared_ptr<Call>& call) {
+  try {
+    call->engine_id = engine_.add_request(call->request);
+  } catch (const std::exception& e) {
+    spdlog::info("worker {}: request {} refused by the engine: {}", options_.worker_id,
+                 call->request_id, e.what());
+    fail_call(*call, status_of(e));
+    return;
+  }
+  in_engine_.emplace(call->engine_id, call);
+  not_yet_stepped_.push_back(call);
+  spdlog::info("worker {}: request {} started: {} prompt tokens, {} resumed, {} to generate",
+               options_.worker_id, call->request_id, call->prompt_tokens, call->resumed,
+               call->request.max_tokens);
+}
+
+v1::GenerateResponse WorkerService::new_message(const Call& call) const {
+  v1::GenerateResponse msg;
+  msg.set_request_id(call.request_id);
+  msg.set_worker_id(options_.worker_id);
+  return msg;
+}
+
+void WorkerService::deliver(const StepOutput& out, Clock::time_point now) {
+  auto it = in_engine_.find(out.id);
+  if (it == in_engine_.end()) return;
+  const std::shared_ptr<Call> call = it->second;
+  if (out.finished) in_engine_.erase(it);
+
+  v1::GenerateResponse msg = new_message(*call);
+  if (out.token >= 0) {
+    msg.add_token_ids(out.token);
+    if (call->return_logprobs && !out.logits.empty()) {
+      msg.add_logprobs(token_logprob(out.logits.data(), vocab_size_, out.token));
+    }
+    ++call->generated;
+    if (Metrics* m = metrics_.load()) {
+      m->requests.tokens_generated.inc();
+      if (call->first_token) {
+        m->requests.inter_token_latency_seconds.observe(
+            std::chrono::duration<double>(now - call->last_token).count());
+      } else {
+        m->requests.ttft_seconds.observe(
+            std::chrono::duration<double>(now - call->arrival).count());
+      }
+    }
+    if (!call->first_token) call->first_token = now;
+    call->last_token = now;
+    spdlog::debug("worker {}: request {} token {}", options_.worker_id, call->request_id,
+                  out.token);
+  }
+  if (out.finished) {
+    finish_call(*call, std::move(msg), to_proto(out.finish), now);
+    return;
+  }
+  std::lock_guard lk(call->mu);
+  call->outbox.push_back(std::move(msg));
+  call->ready.notify_one();
+}
+
+void WorkerService::finish_call(Call& call, v1::GenerateResponse last, v1::FinishReason reason,
+                                Clock::time_point now) {
+  if (call.ended) return;
+  call.ended = true;
+  {
+    std::lock_guard lk(mu_);
+    auto it = calls_.find(call.request_id);
+    if (it != calls_.end() && it->second.get() == &call) calls_.erase(it);
+  }
+  const double queue_ms = ms_between(call.arrival, call.first_step.value_or(now));
+  const double ttft_ms = call.first_token ? ms_between(call.arrival, *call.first_token) : 0.0;
+  const double total_ms = ms_between(call.arrival, call.first_token ? call.last_token : now);
+  const int32_t completion = call.resumed + call.generated;
+  spdlog::info(
+      "worker {}: request {} finished ({}): {} tokens, queue {:.1f} ms, ttft {:.1f} ms, "
+      "total {:.1f} ms",
+      options_.worker_id, call.request_id, v1::FinishReason_Name(reason), completion, queue_ms,
+      ttft_ms, total_ms);
+  last.set_finish_reason(reason);
+  last.mutable_usage()->set_prompt_tokens(call.prompt_tokens);
+  last.mutable_usage()->set_completion_tokens(completion);
+  last.mutable_timings()->set_queue_ms(queue_ms);
+  last.mutable_timings()->set_ttft_ms(ttft_ms);
+  last.mutable_timings()->set_total_ms(total_ms);
+
+  std::lock_guard lk(call.mu);
+  call.outbox.push_back(std::move(last));
+  call.end = grpc::Status::OK;
+  call.ready.notify_one();
+}
+
+void WorkerService::fail_call(Call& call, const grpc::Status& status) {
+  if (call.ended) return;
+  call.ended = true;
+  {
+    std::lock_guard lk(mu_);
+    auto it = calls_.find(call.request_id);
+    if (it != calls_.end() && it->second.get() == &call) calls_.erase(it);
+  }
+  std::lock_guard lk(call.mu);
+  call.end = status;
+  call.ready.notify_one();
+}
+
+void WorkerService::fail_all_running(const grpc::Status& status) {
+  for (auto& [id, call] : in_engine_) {
+    try {
+      engine_.cancel(id);
+    } catch (const std::exception& e) {
+      spdlog::error("worker {}: cancelling request {} failed: {}", options_.worker_id,
+                    call->request_id, e.what());
+    }
+    fail_call(*call, status);
+  }
+  in_engine_.clear();
+  not_yet_stepped_.clear();
+}
+
+// ---------------------------------------------------------------------------------------
+// CoordinatorLink
+
+CoordinatorLink::CoordinatorLink(CoordinatorLinkOptions options) : options_(std::move(options)) {
+  MLA_REQUIRE(!options_.coordinator_address.empty(), "coordinator_address must not be empty");
+  MLA_REQUIRE(!options_.worker_id.empty(), "worker_id must not be empty");
+  MLA_REQUIRE(!options_.worker_address.empty(), "worker_address must not be empty");
+  MLA_REQUIRE(options_.load != nullptr, "a load function is required");
+  MLA_REQUIRE(options_.rpc_timeout_ms >= 1, "rpc_timeout_ms must be >= 1, got {}",
+              options_.rpc_timeout_ms);
+  MLA_REQUIRE(options_.min_backoff_ms >= 1 && options_.max_backoff_ms >= options_.min_backoff_ms,
+              "backoff must satisfy 1 <= min_backoff_ms <= max_backoff_ms, got {} and {}",
+              options_.min_backoff_ms, options_.max_backoff_ms);
+  MLA_REQUIRE(options_.default_heartbeat_ms >= 1, "default_heartbeat_ms must be >= 1, got {}",
+              options_.default_heartbeat_ms);
+  // gRPC's own reconnect backoff grows to minutes by default; cap it at ours so a restarted
+  // coordinator is found again within max_backoff_ms.
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, options_.min_backoff_ms);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, options_.min_backoff_ms);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, options_.max_backoff_ms);
+  stub_ = v1::Coordinator::NewStub(grpc::CreateCustomChannel(
+      options_.coordinator_address, grpc::InsecureChannelCredentials(), args));
+  heartbeat_ms_ = options_.default_heartbeat_ms;
+  thread_ = std::thread([this] { run(); });
+}
+
+CoordinatorLink::~CoordinatorLink() {
+  {
+    std::lock_guard lk(mu_);
+    stop_ = true;
+    if (in_flight_ != nullptr) in_flight_->TryCancel();
+  }
+  stop_cv_.notify_all();
+  thread_.join();
+}
+
+bool CoordinatorLink::registered() const {
+  std::lock_guard lk(mu_);
+  return registered_;
+}
+
+int64_t CoordinatorLink::registrations() const {
+  std::lock_guard lk(mu_);
+  return registrations_;
+}
+
+bool CoordinatorLink::sleep_for(int64_t ms) {
+  std::unique_lock lk(mu_);
+  return !stop_cv_.wait_for(lk, std::chrono::milliseconds(ms), [&] { return stop_; });
+}
+
+void CoordinatorLink::run() {
+  int64_t backoff_ms = options_.min_backoff_ms;
+  while (true) {
+    bool ok = false;
+    int32_t interval_ms = 0;
+    bool was_registered = false;
+    {
+      std::lock_guard lk(mu_);
+      if (stop_) return;
+      was_registered = registered_;
+      interval_ms = heartbeat_ms_;
+    }
+    // Never let an exception end this thread: a worker that stops heartbeating is dead to
+    // the coordinator.
+    try {
+      ok = was_registered ? sleep_for(interval_ms) && heartbeat_once() : register_once();
+    } catch (const std::exception& e) {
+      spdlog::error("worker {}: coordinator link: {}", options_.worker_id, e.what());
+    }
+    if (ok) {
+      backoff_ms = options_.min_backoff_ms;
+      continue;
+    }
+    {
+      std::lock_guard lk(mu_);
+      if (stop_) return;
+      registered_ = false;
+    }
+    // A heartbeat that failed re-registers at once; failed registrations back off.
+    if (was_registered) continue;
+    if (!sleep_for(backoff_ms)) return;
+    backoff_ms = std::min<int64_t>(backoff_ms * 2, options_.max_backoff_ms);
+  }
+}
+
+bool CoordinatorLink::register_once() {
+  v1::RegisterWorkerRequest req;
+  req.set_worker_id(options_.worker_id);
+  req.set_address(options_.worker_address);
+  *req.mutable_model() = options_.model;
+  *req.mutable_load() = options_.load();
+  v1::RegisterWorkerResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() +
+                   std::chrono::milliseconds(options_.rpc_timeout_ms));
+  {
+    std::lock_guard lk(mu_);
+    if (stop_) return false;
+    in_flight_ = &ctx;
+  }
+  const grpc::Status status = stub_->RegisterWorker(&ctx, req, &resp);
+  std::lock_guard lk(mu_);
+  in_flight_ = nullptr;
+  if (!status.ok()) {
+    // Warn once per outage; the retries of a long one would flood the log.
+    if (failed_registrations_++ == 0) {
+      spdlog::warn("worker {}: registering with coordinator {} failed ({}); retrying with backoff",
+                   options_.worker_id, options_.coordinator_address, status.error_message());
+    } else {
+      spdlog::debug("worker {}: registering with coordinator {} failed again: {}",
+                    options_.worker_id, options_.coordinator_address, status.error_message());
+    }
+    return false;
+  }
+  registered_ = true;
+  ++registrations_;
+  failed_registrations_ = 0;
+  heartbeat_ms_ = resp.heartbeat_interval_ms() > 0 ? resp.heartbeat_interval_ms()
+                                                   : options_.default_heartbeat_ms;
+  spdlog::info("worker {}: registered with coordinator {} at {}, heartbeat every {} ms",
+               options_.worker_id, options_.coordinator_address, options_.worker_address,
+               heartbeat_ms_);
+  return true;
+}
+
+bool CoordinatorLink::heartbeat_once() {
+  v1::HeartbeatRequest req;
+  req.set_worker_id(options_.worker_id);
+  *req.mutable_load() = options_.load();
+  v1::HeartbeatResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() +
+                   std::chrono::milliseconds(options_.rpc_timeout_ms));
+  {
+    std::lock_guard lk(mu_);
+    if (stop_) return false;
+    in_flight_ = &ctx;
+  }
+  const grpc::Status status = stub_->Heartbeat(&ctx, req, &resp);
+  {
+    std::lock_guard lk(mu_);
+    in_flight_ = nullptr;
+  }
+  if (!status.ok()) {
+    spdlog::warn("worker {}: heartbeat to coordinator {} failed ({}); registering again",
+                 options_.worker_id, options_.coordinator_address, status.error_message());
+    return false;
+  }
+  if (!resp.known()) {
+    spdlog::warn(
+        "worker {}: coordinator {} does not know this worker (restarted?); registering "
+        "again",
+        options_.worker_id, options_.coordinator_address);
+    return false;
+  }
+  if (resp.drain() && options_.on_drain) options_.on_drain();
+  return true;
+}
+
+}  // namespace mla

@@ -1,0 +1,726 @@
+// WorkerService and CoordinatorLink over loopback gRPC: streamed tokens against the golden
+// greedy tokens, concurrency, resume_ids continuation, input validation, client cancel,
+// deadlines, the Cancel RPC, shutdown with open streams, load reports, registration,
+// heartbeats, re-registration and drain.
+//
+// Models: the golden "v3" checkpoint in tests/data (transformers' greedy tokens are the
+// expectation), and for requests a test cancels, the same weights with a 4096-token context
+// so that a request is certain to still run when the test acts on it. Every RPC carries a
+// deadline so a hang fails the test instead of blocking.
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "rpc/worker_service.h"
+#include "runtime/deepseek_model.h"
+#include "runtime/engine.h"
+#include "runtime/sampler.h"
+
+namespace mla {
+namespace {
+
+namespace v1 = mlaserve::v1;
+using Tokens = std::vector<int32_t>;
+using namespace std::chrono_literals;
+
+constexpr auto kRpcDeadline = 10s;  // far above any test's need: only a hang reaches it
+// Seconds of decoding on long_context_model(): still running whenever a test cancels it.
+constexpr int32_t kLongRun = 4000;
+
+struct Golden {
+  std::vector<Tokens> prompts;
+  std::vector<Tokens> greedy;  // transformers' greedy tokens (it did not stop at eos)
+};
+
+std::string golden_dir() { return std::string(MLA_TEST_DATA_DIR) + "/v3"; }
+
+const Golden& golden() {
+  static const Golden g = [] {
+    nlohmann::json j;
+    std::ifstream(golden_dir() + "/golden.json") >> j;
+    Golden out;
+    for (const auto& p : j["prompts"]) out.prompts.push_back(p.get<Tokens>());
+    for (const auto& t : j["greedy"]) out.greedy.push_back(t.get<Tokens>());
+    return out;
+  }();
+  return g;
+}
+
+std::shared_ptr<const DeepseekModel> golden_model() {
+  static const std::shared_ptr<const DeepseekModel> m =
+      DeepseekModel::load(golden_dir(), {AbsorbMode::kAuto, CostModel{}, false});
+  return m;
+}
+
+// A per-process temporary directory, removed at exit.
+class TempDir {
+ public:
+  TempDir()
+      : path_(std::filesystem::temp_directory_path() /
+              fmt::format("mla_test_worker_service_{}", ::getpid())) {
+    std::filesystem::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+// The golden weights with max_position_embeddings 4096.
+std::shared_ptr<const DeepseekModel> long_context_model() {
+  static const TempDir dir;
+  static const std::shared_ptr<const DeepseekModel> m = [] {
+    nlohmann::json config;
+    std::ifstream(golden_dir() + "/config.json") >> config;
+    config["max_position_embeddings"] = 4096;
+    std::ofstream(dir.path() / "config.json") << config.dump(2);
+    std::filesystem::create_symlink(golden_dir() + "/model.safetensors",
+                                    dir.path() / "model.safetensors");
+    return DeepseekModel::load(dir.path().string(), {AbsorbMode::kAuto, CostModel{}, false});
+  }();
+  return m;
+}
+
+EngineOptions engine_options(int32_t block_size = 16, int32_t num_pages = 64) {
+  EngineOptions o;
+  o.block_size = block_size;
+  o.num_pages = num_pages;
+  return o;
+}
+
+// Polls `cond` until it holds or `timeout` passes.
+bool eventually(const std::function<bool()>& cond, std::chrono::milliseconds timeout = 2s) {
+  const auto end = std::chrono::steady_clock::now() + timeout;
+  while (!cond()) {
+    if (std::chrono::steady_clock::now() > end) return false;
+    std::this_thread::sleep_for(2ms);
+  }
+  return true;
+}
+
+// A grpc::Server on a free loopback port serving a WorkerService over the golden model.
+struct TestWorker {
+  explicit TestWorker(EngineOptions eo = engine_options(),
+                      std::shared_ptr<const DeepseekModel> model = golden_model())
+      : engine(std::move(model), eo), service(engine, {.worker_id = "w0"}) {
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(&service);
+    server = builder.BuildAndStart();
+    EXPECT_NE(server, nullptr);
+    EXPECT_GT(port, 0);
+    stub = v1::Worker::NewStub(
+        grpc::CreateChannel(fmt::format("127.0.0.1:{}", port), grpc::InsecureChannelCredentials()));
+  }
+  ~TestWorker() {
+    service.shutdown();
+    server->Shutdown(std::chrono::system_clock::now() + 2s);
+  }
+
+  bool all_pages_free(std::chrono::milliseconds timeout = 2s) {
+    return eventually(
+        [&] {
+          const v1::WorkerLoad l = service.load();
+          return l.free_pages() == l.total_pages();
+        },
+        timeout);
+  }
+
+  Engine engine;
+  WorkerService service;
+  int port = 0;
+  std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<v1::Worker::Stub> stub;
+};
+
+v1::GenerateRequest make_request(const Tokens& prompt, int32_t max_tokens,
+                                 std::optional<uint64_t> seed = std::nullopt) {
+  v1::GenerateRequest r;
+  for (int32_t t : prompt) r.add_prompt_ids(t);
+  r.set_max_tokens(max_tokens);
+  r.set_ignore_eos(true);  // golden greedy[0] starts with the eos id
+  if (seed) {
+    r.mutable_sampling()->set_temperature(0.8f);
+    r.mutable_sampling()->set_seed(*seed);
+  }
+  return r;
+}
+
+struct StreamResult {
+  grpc::Status status;
+  Tokens tokens;
+  std::vector<float> logprobs;
+  std::vector<v1::GenerateResponse> messages;
+};
+
+StreamResult generate(v1::Worker::Stub& stub, const v1::GenerateRequest& request,
+                      std::chrono::milliseconds deadline = kRpcDeadline) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + deadline);
+  auto reader = stub.Generate(&ctx, request);
+  StreamResult out;
+  v1::GenerateResponse m;
+  while (reader->Read(&m)) {
+    out.tokens.insert(out.tokens.end(), m.token_ids().begin(), m.token_ids().end());
+    out.logprobs.insert(out.logprobs.end(), m.logprobs().begin(), m.logprobs().end());
+    out.messages.push_back(m);
+  }
+  out.status = reader->Finish();
+  return out;
+}
+
+// An open stream the test reads message by message.
+struct OpenStream {
+  OpenStream(v1::Worker::Stub& stub, const v1::GenerateRequest& request) {
+    ctx.set_deadline(std::chrono::system_clock::now() + kRpcDeadline);
+    reader = stub.Generate(&ctx, request);
+  }
+  std::optional<v1::GenerateResponse> read() {
+    v1::GenerateResponse m;
+    if (!reader->Read(&m)) return std::nullopt;
+    return m;
+  }
+  // Reads what is left, then the status.
+  grpc::Status finish(std::vector<v1::GenerateResponse>* rest = nullptr) {
+    while (auto m = read()) {
+      if (rest) rest->push_back(*m);
+    }
+    return reader->Finish();
+  }
+
+  grpc::ClientContext ctx;
+  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader;
+};
+
+class WorkerServiceTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    level_ = spdlog::get_level();
+    // Requests log their start and finish, and the link tests their expected outages.
+    spdlog::set_level(spdlog::level::err);
+    golden_model();
+  }
+  static void TearDownTestSuite() { spdlog::set_level(level_); }
+
+  static inline spdlog::level::level_enum level_ = spdlog::level::info;
+};
+
+// A worker where kLongRun-token requests fit, several at once.
+std::unique_ptr<TestWorker> long_context_worker() {
+  return std::make_unique<TestWorker>(engine_options(/*block_size=*/64, /*num_pages=*/256),
+                                      long_context_model());
+}
+
+// ---------------------------------------------------------------------------------------
+// Streaming
+
+TEST_F(WorkerServiceTest, GreedyStreamReproducesGoldenTokensOneMessagePerToken) {
+  TestWorker w;
+  const Tokens& prompt = golden().prompts[0];
+  const Tokens& expected = golden().greedy[0];
+  v1::GenerateRequest req = make_request(prompt, static_cast<int32_t>(expected.size()));
+  req.set_request_id("golden-0");
+  const StreamResult r = generate(*w.stub, req);
+
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.tokens, expected);
+  ASSERT_EQ(r.messages.size(), expected.size());
+  for (size_t i = 0; i < r.messages.size(); ++i) {
+    EXPECT_EQ(r.messages[i].request_id(), "golden-0");
+    EXPECT_EQ(r.messages[i].worker_id(), "w0");
+    EXPECT_EQ(r.messages[i].finish_reason() == v1::FINISH_REASON_UNSPECIFIED,
+              i + 1 < r.messages.size());
+  }
+  const v1::GenerateResponse& last = r.messages.back();
+  EXPECT_EQ(last.finish_reason(), v1::FINISH_REASON_LENGTH);
+  EXPECT_EQ(last.usage().prompt_tokens(), static_cast<int32_t>(prompt.size()));
+  EXPECT_EQ(last.usage().completion_tokens(), static_cast<int32_t>(expected.size()));
+  EXPECT_GE(last.timings().queue_ms(), 0);
+  EXPECT_LE(last.timings().queue_ms(), last.timings().ttft_ms());
+  EXPECT_LE(last.timings().ttft_ms(), last.timings().total_ms());
+  EXPECT_TRUE(r.logprobs.empty());
+  EXPECT_TRUE(w.all_pages_free());
+}
+
+TEST_F(WorkerServiceTest, WithoutIgnoreEosTheGoldenStreamStopsAtEos) {
+  TestWorker w;
+  v1::GenerateRequest req = make_request(golden().prompts[0], 8);
+  req.set_ignore_eos(false);
+  const StreamResult r = generate(*w.stub, req);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.tokens, Tokens{golden().greedy[0][0]});  // the golden model's eos id
+  EXPECT_EQ(r.messages.back().finish_reason(), v1::FINISH_REASON_STOP);
+}
+
+TEST_F(WorkerServiceTest, LogprobsMatchTheEngineLogits) {
+  TestWorker w;
+  v1::GenerateRequest req = make_request(golden().prompts[1], 6, /*seed=*/11);
+  req.set_return_logprobs(true);
+  const StreamResult r = generate(*w.stub, req);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+
+  Engine local(golden_model(), engine_options());
+  Request lr;
+  lr.prompt = golden().prompts[1];
+  lr.max_tokens = 6;
+  lr.ignore_eos = true;
+  lr.sampling = {.temperature = 0.8f, .top_k = 0, .top_p = 1, .seed = 11};
+  lr.return_logits = true;
+  local.add_request(lr);
+  Tokens tokens;
+  std::vector<float> logprobs;
+  while (local.has_work()) {
+    for (const StepOutput& o : local.step()) {
+      tokens.push_back(o.token);
+      logprobs.push_back(
+          token_logprob(o.logits.data(), golden_model()->config().vocab_size, o.token));
+    }
+  }
+  EXPECT_EQ(r.tokens, tokens);
+  ASSERT_EQ(r.logprobs.size(), logprobs.size());
+  for (size_t i = 0; i < logprobs.size(); ++i) {
+    EXPECT_NEAR(r.logprobs[i], logprobs[i], 1e-5) << "token " << i;
+    EXPECT_LE(r.logprobs[i], 0.0f);
+  }
+}
+
+TEST_F(WorkerServiceTest, SixteenConcurrentStreamsEachGetTheirGoldenTokens) {
+  TestWorker w;
+  constexpr int kStreams = 16;
+  std::vector<StreamResult> results(kStreams);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kStreams; ++i) {
+    threads.emplace_back([&, i] {
+      const size_t g = i % golden().prompts.size();
+      results[i] = generate(*w.stub, make_request(golden().prompts[g],
+                                                  static_cast<int32_t>(golden().greedy[g].size())));
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < kStreams; ++i) {
+    ASSERT_TRUE(results[i].status.ok())
+        << "stream " << i << ": " << results[i].status.error_message();
+    EXPECT_EQ(results[i].tokens, golden().greedy[i % golden().prompts.size()]) << "stream " << i;
+  }
+  EXPECT_TRUE(w.all_pages_free());
+  const v1::WorkerLoad load = w.service.load();
+  EXPECT_EQ(load.running(), 0);
+  EXPECT_EQ(load.waiting(), 0);
+  EXPECT_EQ(load.total_pages(), 64);
+  EXPECT_GT(load.tokens_per_second(), 0);  // 128 tokens within the last 2 s
+}
+
+// ---------------------------------------------------------------------------------------
+// Failover continuation
+
+class ResumeTest : public WorkerServiceTest,
+                   public ::testing::WithParamInterface<std::optional<uint64_t>> {};
+
+TEST_P(ResumeTest, ContinuationEqualsAnUninterruptedRun) {
+  TestWorker w;
+  constexpr int32_t kMax = 12;
+  const Tokens& prompt = golden().prompts[2];
+  const StreamResult full = generate(*w.stub, make_request(prompt, kMax, GetParam()));
+  ASSERT_TRUE(full.status.ok()) << full.status.error_message();
+  ASSERT_EQ(full.tokens.size(), static_cast<size_t>(kMax));
+
+  for (int32_t sent : {1, 5, kMax - 1}) {
+    v1::GenerateRequest req = make_request(prompt, kMax, GetParam());
+    for (int32_t i = 0; i < sent; ++i) req.add_resume_ids(full.tokens[i]);
+    const StreamResult rest = generate(*w.stub, req);
+    ASSERT_TRUE(rest.status.ok()) << rest.status.error_message();
+    EXPECT_EQ(rest.tokens, Tokens(full.tokens.begin() + sent, full.tokens.end()))
+        << "resumed after " << sent;
+    EXPECT_EQ(rest.messages.back().finish_reason(), v1::FINISH_REASON_LENGTH);
+    EXPECT_EQ(rest.messages.back().usage().completion_tokens(), kMax);
+    EXPECT_EQ(rest.messages.back().usage().prompt_tokens(), static_cast<int32_t>(prompt.size()));
+  }
+
+  // Everything already produced: only the final message.
+  v1::GenerateRequest done = make_request(prompt, kMax, GetParam());
+  for (int32_t t : full.tokens) done.add_resume_ids(t);
+  const StreamResult r = generate(*w.stub, done);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_TRUE(r.tokens.empty());
+  ASSERT_EQ(r.messages.size(), 1u);
+  EXPECT_EQ(r.messages[0].finish_reason(), v1::FINISH_REASON_LENGTH);
+  EXPECT_EQ(r.messages[0].usage().completion_tokens(), kMax);
+  EXPECT_TRUE(w.all_pages_free());
+}
+
+INSTANTIATE_TEST_SUITE_P(GreedyAndSeeded, ResumeTest,
+                         ::testing::Values(std::nullopt, std::optional<uint64_t>(1234)),
+                         [](const auto& info) { return info.param ? "seeded" : "greedy"; });
+
+// ---------------------------------------------------------------------------------------
+// Bad input
+
+TEST_F(WorkerServiceTest, BadInputGetsInvalidArgumentNamingTheFieldAndServingGoesOn) {
+  TestWorker w;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  struct Case {
+    const char* what;
+    std::function<void(v1::GenerateRequest&)> mutate;
+    const char* message;  // a substring the status message must contain
+  };
+  const std::vector<Case> cases = {
+      {"empty prompt", [](auto& r) { r.clear_prompt_ids(); }, "prompt_ids is empty"},
+      {"token = vocab", [](auto& r) { r.set_prompt_ids(2, 256); },
+       "prompt_ids[2] = 256 is outside the vocabulary [0, 256)"},
+      {"negative token", [](auto& r) { r.set_prompt_ids(0, -1); }, "prompt_ids[0] = -1"},
+      {"bad resume id",
+       [](auto& r) {
+         r.add_resume_ids(3);
+         r.add_resume_ids(1000);
+       },
+       "resume_ids[1] = 1000"},
+      {"max_tokens 0", [](auto& r) { r.set_max_tokens(0); }, "max_tokens must be >= 1, got 0"},
+      {"max_tokens < 0", [](auto& r) { r.set_max_tokens(-3); }, "max_tokens must be >= 1"},
+      {"over context", [](auto& r) { r.set_max_tokens(252); },
+       "plus max_tokens (252) exceeds the model's context of 256"},
+      {"negative temperature", [](auto& r) { r.mutable_sampling()->set_temperature(-1); },
+       "sampling.temperature"},
+      {"NaN temperature", [&](auto& r) { r.mutable_sampling()->set_temperature(nan); },
+       "sampling.temperature"},
+      {"infinite temperature", [&](auto& r) { r.mutable_sampling()->set_temperature(inf); },
+       "sampling.temperature"},
+      {"negative top_k", [](auto& r) { r.mutable_sampling()->set_top_k(-1); },
+       "sampling.top_k must be in [0, 256]"},
+      {"top_k > vocab", [](auto& r) { r.mutable_sampling()->set_top_k(257); }, "sampling.top_k"},
+      {"top_p > 1", [](auto& r) { r.mutable_sampling()->set_top_p(1.5f); }, "sampling.top_p"},
+      {"negative top_p", [](auto& r) { r.mutable_sampling()->set_top_p(-0.1f); }, "sampling.top_p"},
+      {"NaN top_p", [&](auto& r) { r.mutable_sampling()->set_top_p(nan); }, "sampling.top_p"},
+      {"long request_id", [](auto& r) { r.set_request_id(std::string(129, 'x')); },
+       "request_id is 129 characters long"},
+      {"unprintable request_id", [](auto& r) { r.set_request_id("a\nb"); },
+       "request_id must be printable"},
+  };
+  for (const Case& c : cases) {
+    v1::GenerateRequest req = make_request(golden().prompts[0], 4);
+    c.mutate(req);
+    const StreamResult r = generate(*w.stub, req);
+    EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.what;
+    EXPECT_NE(r.status.error_message().find(c.message), std::string::npos)
+        << c.what << ": " << r.status.error_message();
+    EXPECT_TRUE(r.messages.empty()) << c.what;
+  }
+
+  // The edges are valid: exactly the context, top_p 0 (off) and 1, top_k = vocab, an id of
+  // 128 characters.
+  v1::GenerateRequest edge = make_request(golden().prompts[0], 4, /*seed=*/3);
+  edge.mutable_sampling()->set_top_k(256);
+  edge.set_request_id(std::string(128, 'y'));
+  EXPECT_TRUE(generate(*w.stub, edge).status.ok());
+  edge.mutable_sampling()->set_top_p(1);
+  edge.set_max_tokens(256 - static_cast<int32_t>(golden().prompts[0].size()));
+  const StreamResult full = generate(*w.stub, edge);
+  EXPECT_TRUE(full.status.ok()) << full.status.error_message();
+  EXPECT_EQ(full.tokens.size(), 256 - golden().prompts[0].size());
+
+  const StreamResult ok = generate(*w.stub, make_request(golden().prompts[0], 8));
+  ASSERT_TRUE(ok.status.ok()) << ok.status.error_message();
+  EXPECT_EQ(ok.tokens, golden().greedy[0]);
+}
+
+TEST_F(WorkerServiceTest, ARequestThatCanNeverFitIsResourceExhausted) {
+  TestWorker w(engine_options(/*block_size=*/16, /*num_pages=*/4));  // 64 tokens in all
+  const StreamResult r = generate(*w.stub, make_request(golden().prompts[0], 100));
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(r.status.error_message().find("cache pages"), std::string::npos)
+      << r.status.error_message();
+  EXPECT_TRUE(generate(*w.stub, make_request(golden().prompts[0], 8)).status.ok());
+}
+
+TEST_F(WorkerServiceTest, ARunningRequestIdCannotBeReused) {
+  const std::unique_ptr<TestWorker> worker = long_context_worker();
+  TestWorker& w = *worker;
+  v1::GenerateRequest req = make_request(golden().prompts[0], kLongRun);
+  req.set_request_id("dup");
+  OpenStream first(*w.stub, req);
+  ASSERT_TRUE(first.read().has_value());
+
+  const StreamResult second = generate(*w.stub, req);
+  EXPECT_EQ(second.status.error_code(), grpc::StatusCode::ALREADY_EXISTS);
+  EXPECT_NE(second.status.error_message().find("'dup'"), std::string::npos);
+
+  first.ctx.TryCancel();
+  EXPECT_EQ(first.finish().error_code(), grpc::StatusCode::CANCELLED);
+  // Once the first ended, the id is free again.
+  req.set_max_tokens(4);
+  EXPECT_TRUE(eventually([&] { return generate(*w.stub, req).status.ok(); }));
+}
+
+// ---------------------------------------------------------------------------------------
+// Cancellation, deadlines, shutdown
+
+TEST_F(WorkerServiceTest, ClientCancelMidStreamFreesEveryPagePromptly) {
+  const std::unique_ptr<TestWorker> worker = long_context_worker();
+  TestWorker& w = *worker;
+  OpenStream s(*w.stub, make_request(golden().prompts[2], kLongRun));
+  ASSERT_TRUE(s.read().has_value());
+  EXPECT_LT(w.service.load().free_pages(), w.service.load().total_pages());
+  s.ctx.TryCancel();
+  EXPECT_EQ(s.finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(w.all_pages_free(500ms));
+  EXPECT_EQ(w.service.load().running(), 0);
+  EXPECT_TRUE(generate(*w.stub, make_request(golden().prompts[0], 8)).status.ok());
+}
+
+TEST_F(WorkerServiceTest, ADeadlineOfOneMillisecondIsDeadlineExceeded) {
+  const std::unique_ptr<TestWorker> worker = long_context_worker();
+  TestWorker& w = *worker;
+  const StreamResult r = generate(*w.stub, make_request(golden().prompts[2], kLongRun), 1ms);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_TRUE(w.all_pages_free(500ms));
+}
+
+TEST_F(WorkerServiceTest, CancelRpcEndsTheStreamWithFinishReasonCancelled) {
+  const std::unique_ptr<TestWorker> worker = long_context_worker();
+  TestWorker& w = *worker;
+  v1::GenerateRequest req = make_request(golden().prompts[1], kLongRun);
+  req.set_request_id("to-cancel");
+  OpenStream s(*w.stub, req);
+  ASSERT_TRUE(s.read().has_value());
+
+  const auto cancel = [&](const std::string& id) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + kRpcDeadline);
+    v1::CancelRequest c;
+    c.set_request_id(id);
+    v1::CancelResponse resp;
+    EXPECT_TRUE(w.stub->Cancel(&ctx, c, &resp).ok());
+    return resp.cancelled();
+  };
+  EXPECT_TRUE(cancel("to-cancel"));
+  std::vector<v1::GenerateResponse> rest;
+  EXPECT_TRUE(s.finish(&rest).ok());
+  ASSERT_FALSE(rest.empty());
+  const v1::GenerateResponse& last = rest.back();
+  EXPECT_EQ(last.finish_reason(), v1::FINISH_REASON_CANCELLED);
+  EXPECT_EQ(last.request_id(), "to-cancel");
+  EXPECT_GE(last.usage().completion_tokens(), 1);
+  EXPECT_LT(last.usage().completion_tokens(), kLongRun);
+  EXPECT_TRUE(w.all_pages_free(500ms));
+
+  EXPECT_FALSE(cancel("to-cancel"));  // no longer running
+  EXPECT_FALSE(cancel("never-seen"));
+}
+
+TEST_F(WorkerServiceTest, ShutdownEndsOpenStreamsWithUnavailableAndReturns) {
+  const std::unique_ptr<TestWorker> worker = long_context_worker();
+  TestWorker& w = *worker;
+  std::vector<std::unique_ptr<OpenStream>> streams;
+  for (int i = 0; i < 3; ++i) {
+    streams.push_back(
+        std::make_unique<OpenStream>(*w.stub, make_request(golden().prompts[i], kLongRun)));
+    ASSERT_TRUE(streams.back()->read().has_value());
+  }
+  const auto start = std::chrono::steady_clock::now();
+  w.service.shutdown();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 2s);
+  for (auto& s : streams) {
+    const grpc::Status status = s->finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  }
+  EXPECT_EQ(w.service.load().free_pages(), w.service.load().total_pages());
+  const StreamResult late = generate(*w.stub, make_request(golden().prompts[0], 4));
+  EXPECT_EQ(late.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  w.service.shutdown();  // idempotent
+}
+
+TEST_F(WorkerServiceTest, MetricsCountRequestsTokensAndPages) {
+  MetricsRegistry registry;  // outlives the service, as attach_metrics() requires
+  TestWorker w;
+  w.service.attach_metrics(registry);
+  EXPECT_THROW(w.service.attach_metrics(registry), Error);
+
+  ASSERT_TRUE(generate(*w.stub, make_request(golden().prompts[0], 8)).status.ok());
+  EXPECT_EQ(generate(*w.stub, make_request({}, 8)).status.error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  const Labels worker = {{"worker", "w0"}};
+  RequestMetrics requests(registry, worker);
+  EXPECT_EQ(requests.requests_total("OK").value(), 1);
+  EXPECT_EQ(requests.requests_total("INVALID_ARGUMENT").value(), 1);
+  EXPECT_EQ(requests.tokens_generated.value(), 8);
+  EXPECT_EQ(requests.ttft_seconds.count(), 1u);
+  EXPECT_EQ(requests.inter_token_latency_seconds.count(), 7u);
+  EXPECT_EQ(requests.in_flight.value(), 0);
+  CacheMetrics cache(registry, worker);
+  EXPECT_EQ(cache.pages_total.value(), 64);
+  EXPECT_TRUE(eventually([&] { return cache.pages_used.value() == 0; }));
+  EXPECT_NE(registry.render().find("mlaserve_requests_total{code=\"OK\",worker=\"w0\"} 1"),
+            std::string::npos)
+      << registry.render();
+}
+
+// ---------------------------------------------------------------------------------------
+// Coordinator link
+
+class FakeCoordinator final : public v1::Coordinator::Service {
+ public:
+  grpc::Status RegisterWorker(grpc::ServerContext*, const v1::RegisterWorkerRequest* req,
+                              v1::RegisterWorkerResponse* resp) override {
+    std::lock_guard lk(mu_);
+    ++registrations_;
+    last_register_ = *req;
+    known_ = true;
+    resp->set_heartbeat_interval_ms(20);
+    return grpc::Status::OK;
+  }
+  grpc::Status Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* req,
+                         v1::HeartbeatResponse* resp) override {
+    std::lock_guard lk(mu_);
+    ++heartbeats_;
+    last_heartbeat_ = *req;
+    resp->set_known(known_);
+    resp->set_drain(drain_);
+    return grpc::Status::OK;
+  }
+
+  void forget() {
+    std::lock_guard lk(mu_);
+    known_ = false;
+  }
+  void drain() {
+    std::lock_guard lk(mu_);
+    drain_ = true;
+  }
+  int registrations() const {
+    std::lock_guard lk(mu_);
+    return registrations_;
+  }
+  int heartbeats() const {
+    std::lock_guard lk(mu_);
+    return heartbeats_;
+  }
+  v1::RegisterWorkerRequest last_register() const {
+    std::lock_guard lk(mu_);
+    return last_register_;
+  }
+  v1::HeartbeatRequest last_heartbeat() const {
+    std::lock_guard lk(mu_);
+    return last_heartbeat_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  int registrations_ = 0;
+  int heartbeats_ = 0;
+  bool known_ = false;
+  bool drain_ = false;
+  v1::RegisterWorkerRequest last_register_;
+  v1::HeartbeatRequest last_heartbeat_;
+};
+
+// A FakeCoordinator on `port` (0: a free one).
+struct CoordinatorServer {
+  explicit CoordinatorServer(int want_port = 0) {
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort(fmt::format("127.0.0.1:{}", want_port),
+                             grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(&service);
+    server = builder.BuildAndStart();
+  }
+  ~CoordinatorServer() { server->Shutdown(std::chrono::system_clock::now() + 1s); }
+  std::string address() const { return fmt::format("127.0.0.1:{}", port); }
+
+  FakeCoordinator service;
+  int port = 0;
+  std::unique_ptr<grpc::Server> server;
+};
+
+CoordinatorLinkOptions link_options(TestWorker& w, const std::string& coordinator) {
+  CoordinatorLinkOptions o;
+  o.coordinator_address = coordinator;
+  o.worker_id = w.service.worker_id();
+  o.worker_address = fmt::format("127.0.0.1:{}", w.port);
+  o.model = w.service.model_info();
+  o.load = [&w] { return w.service.load(); };
+  o.on_drain = [&w] { w.service.drain(); };
+  o.rpc_timeout_ms = 500;
+  o.min_backoff_ms = 20;
+  o.max_backoff_ms = 100;
+  return o;
+}
+
+TEST_F(WorkerServiceTest, LinkRegistersHeartbeatsReRegistersAndDrains) {
+  TestWorker w;
+  CoordinatorServer coordinator;
+  CoordinatorLink link(link_options(w, coordinator.address()));
+
+  ASSERT_TRUE(eventually([&] { return coordinator.service.heartbeats() >= 2; }));
+  EXPECT_TRUE(link.registered());
+  const v1::RegisterWorkerRequest reg = coordinator.service.last_register();
+  EXPECT_EQ(reg.worker_id(), "w0");
+  EXPECT_EQ(reg.address(), fmt::format("127.0.0.1:{}", w.port));
+  EXPECT_EQ(reg.model().model_type(), "deepseek_v3");
+  EXPECT_EQ(reg.model().vocab_size(), 256);
+  EXPECT_EQ(reg.model().max_context(), 256);
+  EXPECT_EQ(reg.model().tp_size(), 1);
+  EXPECT_EQ(reg.model().block_size(), 16);
+  EXPECT_EQ(reg.load().total_pages(), 64);
+  EXPECT_EQ(coordinator.service.last_heartbeat().load().free_pages(), 64);
+
+  // A coordinator that forgot the worker (restarted) gets a new registration.
+  coordinator.service.forget();
+  ASSERT_TRUE(eventually([&] { return link.registrations() >= 2; }));
+  EXPECT_GE(coordinator.service.registrations(), 2);
+
+  coordinator.service.drain();
+  ASSERT_TRUE(eventually([&] { return w.service.draining(); }));
+  const StreamResult r = generate(*w.stub, make_request(golden().prompts[0], 4));
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_NE(r.status.error_message().find("draining"), std::string::npos);
+}
+
+TEST_F(WorkerServiceTest, LinkKeepsRetryingUntilTheCoordinatorComesUp) {
+  TestWorker w;
+  int port = 0;
+  {
+    CoordinatorServer probe;  // finds a free port, then frees it
+    port = probe.port;
+  }
+  CoordinatorLink link(link_options(w, fmt::format("127.0.0.1:{}", port)));
+  std::this_thread::sleep_for(200ms);
+  EXPECT_FALSE(link.registered());
+  EXPECT_EQ(link.registrations(), 0);
+
+  CoordinatorServer coordinator(port);
+  ASSERT_EQ(coordinator.port, port);
+  EXPECT_TRUE(eventually([&] { return link.registered(); }, 3s));
+  EXPECT_EQ(coordinator.service.registrations(), 1);
+}
+
+TEST_F(WorkerServiceTest, LinkStopsPromptlyWhileTheCoordinatorIsUnreachable) {
+  TestWorker w;
+  CoordinatorLinkOptions o = link_options(w, "127.0.0.1:1");
+  o.max_backoff_ms = 5000;
+  const auto start = std::chrono::steady_clock::now();
+  {
+    CoordinatorLink link(o);
+    std::this_thread::sleep_for(100ms);
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 1s);
+}
+
+}  // namespace
+}  // namespace mla
