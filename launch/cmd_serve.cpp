@@ -4,6 +4,8 @@
 #include <grpcpp/grpcpp.h>
 #include <spdlog/spdlog.h>
 
+#include <unistd.h>
+
 #include <csignal>
 #include <iostream>
 #include <memory>
@@ -93,12 +95,20 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
     return 0;
   }
   FollowerRelease release(engine);
-  const std::string address =
-      fmt::format("{}:{}", d.workers.host, d.workers.port_base + rt->groups.group_index);
+  const int port = d.workers.port_base + rt->groups.group_index;
+  const std::string listen = fmt::format("{}:{}", d.workers.host, port);
+  // Listening on every interface, the worker advertises its host name to the coordinator.
+  std::string advertised_host = d.workers.host;
+  if (advertised_host == "0.0.0.0") {
+    char name[256] = {};
+    gethostname(name, sizeof(name) - 1);
+    advertised_host = name;
+  }
+  const std::string address = fmt::format("{}:{}", advertised_host, port);
   WorkerServiceOptions wopts;
   wopts.worker_id = address;
   WorkerService service(engine, wopts);
-  auto server = start_server(&service, address, "worker");
+  auto server = start_server(&service, listen, "worker");
 
   std::unique_ptr<MetricsRegistry> registry;
   std::unique_ptr<MetricsServer> metrics;

@@ -11,5 +11,7 @@ void add_generate_command(CLI::App& app, int& exit_code);
 void add_make_tiny_command(CLI::App& app, int& exit_code);
 // worker, coordinator and client.
 void add_serve_commands(CLI::App& app, int& exit_code);
+// Load generator for a coordinator or one worker (launch/cmd_bench.cpp).
+void add_bench_command(CLI::App& app, int& exit_code);
 
 }  // namespace mla::launch

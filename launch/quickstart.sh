@@ -1,22 +1,57 @@
 #!/usr/bin/env bash
-# The main job on the CPU with a tiny random model: installs what is missing, builds
-# `mlaserve`, writes a random DeepSeek-V3-shaped checkpoint, and generates from it in
-# every absorption mode (the outputs agree: the modes are exact rewrites).
-#   launch/quickstart.sh            uses ./build and ./.quickstart
+# The main job on the CPU with a tiny random model, on one machine:
+#   1. installs what is missing and builds `mlaserve`;
+#   2. writes a random DeepSeek-V3-shaped checkpoint;
+#   3. starts a coordinator and two tensor-parallel worker groups of two ranks (mpirun);
+#   4. streams several requests through the client and prints the cluster status;
+#   5. shuts everything down.
+#   launch/quickstart.sh            uses ./build and ./.quickstart, configs/tiny-cpu.yaml
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/setup.sh
 
 BUILD_DIR=${BUILD_DIR:-build}
-WORK=${WORK:-.quickstart}
+CONFIG=configs/tiny-cpu.yaml
 mla_configure_and_build "$BUILD_DIR" "${JOBS:-$(nproc)}" mlaserve
 MLASERVE="$BUILD_DIR/launch/mlaserve"
+LOGS=.quickstart/logs
+mkdir -p "$LOGS"
 
-echo "== writing a tiny random DeepSeek-V3-shaped model to $WORK/tiny-v3"
-"$MLASERVE" make-tiny --preset v3 --out "$WORK/tiny-v3" --seed 7
+echo "== writing a tiny random DeepSeek-V3-shaped model to .quickstart/tiny-v3"
+"$MLASERVE" --log-level warn make-tiny --preset v3 --out .quickstart/tiny-v3 --seed 7
 
-for mode in auto naive factored premerged; do
-  echo "== generate, absorption $mode: 4 concurrent requests, 32 new tokens each"
-  "$MLASERVE" --log-level warn generate --model "$WORK/tiny-v3" --prompt-ids 11,12,13,14,15,16,17,18 \
-    --max-tokens 32 --batch 4 --ignore-eos --absorb "$mode"
-done
+echo "== offline generation (one process)"
+"$MLASERVE" --log-level warn generate --config "$CONFIG" --tp 1 --prompt-ids 11,12,13,14 \
+  --max-tokens 16 --ignore-eos
+
+echo "== starting a coordinator and 2 worker groups (tp 2, 4 MPI ranks); logs in $LOGS"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1
+export OMPI_MCA_mpi_yield_when_idle=1
+"$MLASERVE" coordinator --config "$CONFIG" >"$LOGS/coordinator.log" 2>&1 &
+coordinator=$!
+mpirun -np 4 --oversubscribe --bind-to none "$MLASERVE" worker --config "$CONFIG" \
+  >"$LOGS/workers.log" 2>&1 &
+workers=$!
+stop() {
+  kill -TERM "$workers" "$coordinator" 2>/dev/null || true
+  wait "$workers" "$coordinator" 2>/dev/null || true
+}
+trap stop EXIT
+
+client() { "$MLASERVE" --log-level warn client --address 127.0.0.1:50051 "$@"; }
+client --wait-ready 120
+echo "== streaming 4 requests at once through the coordinator (greedy and sampled)"
+client --prompt-ids 11,12,13,14 --max-tokens 24 --ignore-eos >"$LOGS/r1.txt" &
+client --prompt-ids 21,22,23 --max-tokens 24 --ignore-eos --temperature 0.8 --seed 1 >"$LOGS/r2.txt" &
+client --prompt-ids 31,32,33,34,35,36,37,38 --max-tokens 24 --ignore-eos >"$LOGS/r3.txt" &
+client --prompt-ids 41,42 --max-tokens 24 --top-k 20 --temperature 1.0 --seed 2 >"$LOGS/r4.txt" &
+wait %3 %4 %5 %6
+cat "$LOGS"/r[1-4].txt
+echo "== one more, streamed to the terminal as tokens arrive"
+client --prompt-ids 11,12,13,14 --max-tokens 16 --ignore-eos
+echo "== cluster status"
+client --status
+echo "== shutting down"
+stop
+trap - EXIT
+echo "quickstart done: offline generation, a 2-group cluster, 5 streamed requests."

@@ -364,26 +364,16 @@ void WorkerService::step_loop() {
   while (true) {
     std::deque<std::shared_ptr<Call>> adds, cancels;
     bool stopping = false;
-    bool idle = false;
+    const auto heartbeat_interval = std::chrono::milliseconds(options_.idle_heartbeat_ms);
     {
       std::unique_lock lk(mu_);
       update_load_locked();
-      idle = !wake_.wait_for(lk, std::chrono::milliseconds(options_.idle_heartbeat_ms), [&] {
+      wake_.wait_until(lk, last_plan_ + heartbeat_interval, [&] {
         return stopping_ || !adds_.empty() || !cancels_.empty() || engine_.has_work();
       });
       adds.swap(adds_);
       cancels.swap(cancels_);
       stopping = stopping_;
-    }
-    if (idle) {
-      try {
-        engine_.heartbeat();
-      } catch (const std::exception& e) {
-        // The group is broken; the next request's step fails and reports it to its client.
-        spdlog::error("worker {}: heartbeat to the group's followers failed: {}",
-                      options_.worker_id, e.what());
-      }
-      continue;
     }
 
     if (stopping) {
@@ -405,6 +395,19 @@ void WorkerService::step_loop() {
       const grpc::Status status = status_of(e);
       for (const auto& call : adds) fail_call(*call, status);
       fail_all_running(status);
+    }
+    // Steps carry plans to the followers; without them, a heartbeat must, or they time out.
+    // Inbox work that ends without a step (refusals, cancels of queued requests) does not
+    // postpone it.
+    if (!engine_.has_work() && Clock::now() >= last_plan_ + heartbeat_interval) {
+      last_plan_ = Clock::now();
+      try {
+        engine_.heartbeat();
+      } catch (const std::exception& e) {
+        // The group is broken; the next request's step fails and reports it to its client.
+        spdlog::error("worker {}: heartbeat to the group's followers failed: {}",
+                      options_.worker_id, e.what());
+      }
     }
   }
 }
@@ -432,6 +435,7 @@ void WorkerService::run_iteration(const std::deque<std::shared_ptr<Call>>& adds,
     if (!call->first_step) call->first_step = start;
   }
   not_yet_stepped_.clear();
+  last_plan_ = start;
   const std::vector<StepOutput> outputs = engine_.step();
   const Clock::time_point done = Clock::now();
   const auto tokens = std::count_if(outputs.begin(), outputs.end(),

@@ -168,6 +168,7 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   // Step-loop thread only.
   std::map<RequestId, std::shared_ptr<Call>> in_engine_;
   std::vector<std::shared_ptr<Call>> not_yet_stepped_;  // added since the last step (queue_ms)
+  Clock::time_point last_plan_ = Clock::now();          // the last step or heartbeat
 };
 
 struct CoordinatorLinkOptions {

@@ -20,6 +20,18 @@ TEST(DeployConfig, ShippedTinyCpuConfigParses) {
   EXPECT_EQ(c.engine.scheduler.max_running, 64);
 }
 
+TEST(DeployConfig, ShippedConfigsParse) {
+  const std::string dir = std::string(MLA_TEST_DATA_DIR) + "/../../configs/";
+  const auto tiny = DeployConfig::load(dir + "tiny-cpu.yaml");
+  EXPECT_EQ(tiny.parallel.tp, 2);
+  EXPECT_EQ(tiny.coordinator.address, "127.0.0.1:50051");
+  EXPECT_EQ(tiny.workers.port_base, 50100);
+  const auto multi = DeployConfig::load(dir + "multi-node.yaml");
+  EXPECT_EQ(multi.parallel.tp, 8);
+  EXPECT_EQ(multi.coordinator.routing, "prefix-affinity");
+  EXPECT_EQ(multi.workers.metrics_port_base, 9500);
+}
+
 TEST(DeployConfig, FieldsOverrideDefaults) {
   const auto c = DeployConfig::parse(
       "model: /m\nabsorb: premerged\ncache: {block_size: 4, num_pages: 9}\n"
@@ -51,6 +63,11 @@ TEST(DeployConfig, ErrorsNameTheProblem) {
   EXPECT_THAT(message("model: m\ncache: {block_size: 0}\n"), HasSubstr("block_size must be >= 1"));
   EXPECT_THAT(message("model: [unclosed\n"), HasSubstr("x.yaml: not valid YAML"));
   EXPECT_THAT(message(""), HasSubstr("empty config"));
+  EXPECT_THAT(message("model: m\nparallel: {kv_shard: both}\n"), HasSubstr("parallel.kv_shard"));
+  EXPECT_THAT(message("model: m\nparallel: {tp: 0}\n"), HasSubstr("parallel.tp must be >= 1"));
+  EXPECT_THAT(message("model: m\nworkers: {port_base: 70000}\n"), HasSubstr("workers.port_base"));
+  EXPECT_THAT(message("model: m\ncoordinator: {adress: x}\n"),
+              HasSubstr("unknown key `coordinator.adress`"));
 }
 
 TEST(DeployConfig, MissingFileIsNotFound) {

@@ -1,0 +1,327 @@
+// `mlaserve bench`: a load generator for a coordinator (or, with --worker, one Worker service
+// directly, so that the difference of the two is the coordinator's routing overhead).
+//
+// Each of --concurrency threads keeps one Generate stream open at a time and takes the next
+// request when its stream ends (closed loop); with --rate, request i may not start before
+// i / rate seconds (open loop, capped by the concurrency). Latencies are measured by the
+// client from the call's start. Everything is bounded: --requests calls at most, and every
+// call's deadline is the end of the run (--timeout).
+#include <fmt/format.h>
+#include <grpcpp/grpcpp.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernels/error.h"
+#include "launch/commands.h"
+#include "mlaserve/v1/mlaserve.grpc.pb.h"
+#include "rpc/client.h"
+#include "rpc/status.h"
+
+namespace mla::launch {
+namespace {
+
+namespace v1 = mlaserve::v1;
+using Clock = std::chrono::steady_clock;
+using Reader = grpc::ClientReaderInterface<v1::GenerateResponse>;
+
+// Streams sharing one channel (one HTTP/2 connection): well under the usual
+// max_concurrent_streams of 100.
+constexpr int32_t kStreamsPerChannel = 64;
+
+struct BenchArgs {
+  std::string address = "127.0.0.1:50051";
+  bool worker = false;
+  int32_t requests = 100;
+  int32_t concurrency = 1;
+  double rate = 0.0;
+  int32_t warmup = 0;
+  int32_t prompt_len = 32;
+  int32_t max_tokens = 16;
+  int32_t vocab = 0;
+  uint64_t seed = 0;
+  bool ignore_eos = true;
+  double timeout_s = 300.0;
+  int32_t wait_ready_s = 0;
+};
+
+// One Generate call as the client saw it.
+struct Sample {
+  bool sent = false;  // false: the run ended before its turn
+  grpc::StatusCode code = grpc::StatusCode::OK;
+  int64_t tokens = 0;
+  bool complete = false;  // OK and ended with a finish_reason
+  double ttft_ms = 0.0;   // to the first message with tokens; 0 when none came
+  double total_ms = 0.0;
+};
+
+// Opens a Generate stream on the coordinator or on a worker; both services share the call's
+// types.
+class Target {
+ public:
+  Target(const std::string& address, bool worker, int32_t channel_index) {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(64 << 20);
+    // Distinct channels otherwise share one connection through the global subchannel pool.
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    args.SetInt("mlaserve.bench_channel", channel_index);
+    auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+    if (worker) {
+      worker_ = v1::Worker::NewStub(channel);
+    } else {
+      coordinator_ = v1::Coordinator::NewStub(channel);
+    }
+  }
+
+  std::unique_ptr<Reader> generate(grpc::ClientContext* ctx, const v1::GenerateRequest& req) {
+    return worker_ ? std::unique_ptr<Reader>(worker_->Generate(ctx, req))
+                   : std::unique_ptr<Reader>(coordinator_->Generate(ctx, req));
+  }
+
+ private:
+  std::unique_ptr<v1::Worker::Stub> worker_;
+  std::unique_ptr<v1::Coordinator::Stub> coordinator_;
+};
+
+double ms_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+Sample run_one(Target& target, const v1::GenerateRequest& req,
+               std::chrono::system_clock::time_point deadline) {
+  Sample s;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(deadline);
+  const Clock::time_point start = Clock::now();
+  std::unique_ptr<Reader> reader = target.generate(&ctx, req);
+  v1::GenerateResponse msg;
+  bool finished = false;
+  while (reader->Read(&msg)) {
+    if (msg.token_ids_size() > 0 && s.tokens == 0) s.ttft_ms = ms_between(start, Clock::now());
+    s.tokens += msg.token_ids_size();
+    if (msg.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) finished = true;
+  }
+  s.code = reader->Finish().error_code();
+  s.total_ms = ms_between(start, Clock::now());
+  s.complete = s.code == grpc::StatusCode::OK && finished;
+  return s;
+}
+
+// Request i's prompt depends only on (seed, i), not on which thread sends it.
+v1::GenerateRequest make_request(const BenchArgs& a, int32_t vocab, int64_t i) {
+  std::mt19937_64 rng(a.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(i));
+  std::uniform_int_distribution<int32_t> id(1, vocab - 1);
+  v1::GenerateRequest req;
+  for (int32_t t = 0; t < a.prompt_len; ++t) req.add_prompt_ids(id(rng));
+  req.set_max_tokens(a.max_tokens);
+  req.set_ignore_eos(a.ignore_eos);
+  return req;
+}
+
+// Nearest-rank percentile of sorted values; 0 for none.
+double percentile(const std::vector<double>& sorted, double p) {
+  if (sorted.empty()) return 0.0;
+  const auto rank = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(sorted.size())));
+  return sorted[std::clamp<size_t>(rank, 1, sorted.size()) - 1];
+}
+
+// The workers' vocabulary, through the coordinator's ListWorkers.
+int32_t vocab_from_coordinator(const std::string& address) {
+  const v1::ListWorkersResponse status = Client(address).list_workers();
+  for (const v1::WorkerStatus& w : status.workers()) {
+    if (w.state() == "alive" && w.model().vocab_size() > 0) return w.model().vocab_size();
+  }
+  MLA_THROW(kUnavailable, "bench: no live worker at {} to take --vocab from; give --vocab",
+            address);
+}
+
+void wait_until_ready(const BenchArgs& a) {
+  const auto timeout = std::chrono::seconds(a.wait_ready_s);
+  if (!a.worker) {
+    if (!Client(a.address).wait_until_ready(timeout)) {
+      MLA_THROW(kUnavailable, "bench: no serving coordinator with a live worker at {} after {} s",
+                a.address, a.wait_ready_s);
+    }
+    return;
+  }
+  auto channel = grpc::CreateChannel(a.address, grpc::InsecureChannelCredentials());
+  if (!channel->WaitForConnected(std::chrono::system_clock::now() + timeout)) {
+    MLA_THROW(kUnavailable, "bench: worker at {} not reachable after {} s", a.address,
+              a.wait_ready_s);
+  }
+}
+
+struct Run {
+  std::vector<Sample> samples;  // [i - first] for request i
+  double wall_s = 0.0;
+};
+
+// Runs requests [first, first + count) on --concurrency threads, thread t on channel
+// t / kStreamsPerChannel; no request starts at or after `end`, when every open call's deadline
+// passes. With rate > 0, request first + i starts no earlier than i / rate s after the start.
+
+Run run_load(const BenchArgs& a, int32_t vocab, std::vector<std::unique_ptr<Target>>& targets,
+             int64_t first, int64_t count, double rate, Clock::time_point end) {
+  Run run;
+  run.samples.resize(static_cast<size_t>(count));
+  const auto deadline =
+      std::chrono::system_clock::now() +
+      std::chrono::duration_cast<std::chrono::system_clock::duration>(end - Clock::now());
+  std::atomic<int64_t> next{0};
+  const Clock::time_point start = Clock::now();
+  const int32_t threads = static_cast<int32_t>(std::min<int64_t>(a.concurrency, count));
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(threads));
+  for (int32_t t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      Target& target = *targets[static_cast<size_t>(t / kStreamsPerChannel)];
+      for (;;) {
+        const int64_t i = next.fetch_add(1);
+        if (i >= count) return;
+        if (rate > 0) {
+          std::this_thread::sleep_until(
+              std::min(end, start + std::chrono::duration_cast<Clock::duration>(
+                                        std::chrono::duration<double>(i / rate))));
+        }
+        if (Clock::now() >= end) return;
+        Sample& s = run.samples[static_cast<size_t>(i)];
+        s = run_one(target, make_request(a, vocab, first + i), deadline);
+        s.sent = true;
+      }
+    });
+  }
+  for (std::thread& th : pool) th.join();
+  run.wall_s = std::chrono::duration<double>(Clock::now() - start).count();
+  return run;
+}
+
+int run_bench(const BenchArgs& a) {
+  MLA_REQUIRE(a.requests >= 1, "--requests must be >= 1, got {}", a.requests);
+  MLA_REQUIRE(a.concurrency >= 1, "--concurrency must be >= 1, got {}", a.concurrency);
+  MLA_REQUIRE(a.rate >= 0, "--rate must be >= 0, got {}", a.rate);
+  MLA_REQUIRE(a.warmup >= 0, "--warmup must be >= 0, got {}", a.warmup);
+  MLA_REQUIRE(a.prompt_len >= 1, "--prompt-len must be >= 1, got {}", a.prompt_len);
+  MLA_REQUIRE(a.max_tokens >= 1, "--max-tokens must be >= 1, got {}", a.max_tokens);
+  MLA_REQUIRE(a.timeout_s > 0, "--timeout must be > 0, got {}", a.timeout_s);
+  MLA_REQUIRE(a.vocab == 0 || a.vocab >= 2, "--vocab must be >= 2, got {}", a.vocab);
+  MLA_REQUIRE(a.vocab > 0 || !a.worker, "--worker needs --vocab (a worker cannot be asked)");
+
+  if (a.wait_ready_s > 0) wait_until_ready(a);
+  const Clock::time_point end =
+      Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                         std::chrono::duration<double>(a.timeout_s));
+  const int32_t vocab = a.vocab > 0 ? a.vocab : vocab_from_coordinator(a.address);
+
+  std::vector<std::unique_ptr<Target>> targets;
+  for (int32_t c = 0; c * kStreamsPerChannel < a.concurrency; ++c) {
+    targets.push_back(std::make_unique<Target>(a.address, a.worker, c));
+  }
+  const char* target_name = a.worker ? "worker" : "coordinator";
+  spdlog::info("bench: {} {} requests to {} {} ({} channels), concurrency {}, rate {}, prompt {} "
+               "+ {} tokens, vocab {}",
+               a.warmup > 0 ? fmt::format("{} warm-up +", a.warmup) : "", a.requests, target_name,
+               a.address, targets.size(), a.concurrency, a.rate > 0 ? fmt::format("{}/s", a.rate)
+                                                                  : "unlimited",
+               a.prompt_len, a.max_tokens, vocab);
+
+  // Warm-up: connections set up and the servers' first steps out of the measurements.
+  if (a.warmup > 0) run_load(a, vocab, targets, -a.warmup, a.warmup, 0.0, end);
+  const Run run = run_load(a, vocab, targets, 0, a.requests, a.rate, end);
+
+  std::map<std::string, int64_t> errors;
+  std::vector<double> ttft, total;
+  int64_t ok = 0, sent = 0, tokens = 0, incomplete = 0;
+  for (const Sample& s : run.samples) {
+    if (!s.sent) continue;
+    ++sent;
+    tokens += s.tokens;
+    if (s.code != grpc::StatusCode::OK) {
+      ++errors[grpc_code_name(s.code)];
+      continue;
+    }
+    ++ok;
+    // A stream that ended OK but short of what was asked is a server bug, not a load effect.
+    if (!s.complete || (a.ignore_eos && s.tokens != a.max_tokens)) ++incomplete;
+    if (s.tokens > 0) ttft.push_back(s.ttft_ms);
+    total.push_back(s.total_ms);
+  }
+  std::sort(ttft.begin(), ttft.end());
+  std::sort(total.begin(), total.end());
+  int64_t num_errors = 0;
+  std::string error_list;
+  for (const auto& [name, n] : errors) {
+    num_errors += n;
+    error_list += fmt::format("{}{}:{}", error_list.empty() ? "" : ",", name, n);
+  }
+  const double tokens_per_s = run.wall_s > 0 ? static_cast<double>(tokens) / run.wall_s : 0.0;
+
+  std::cout << fmt::format("target      {} {}\n", target_name, a.address)
+            << fmt::format("requests    {} ok, {} errors{}, {} not sent (timeout), {} incomplete\n",
+                           ok, num_errors, error_list.empty() ? "" : " (" + error_list + ")",
+                           a.requests - sent, incomplete)
+            << fmt::format("wall        {:.3f} s\n", run.wall_s)
+            << fmt::format("tokens      {} streamed, {:.1f} tokens/s, {:.1f} requests/s\n",
+                           tokens, tokens_per_s, static_cast<double>(ok) / run.wall_s)
+            << fmt::format("ttft        p50 {:.2f} ms, p90 {:.2f} ms, p99 {:.2f} ms\n",
+                           percentile(ttft, 50), percentile(ttft, 90), percentile(ttft, 99))
+            << fmt::format("latency     p50 {:.2f} ms, p99 {:.2f} ms\n", percentile(total, 50),
+                           percentile(total, 99));
+  // One line of key=value pairs for scripts.
+  std::cout << fmt::format(
+      "BENCH target={} requests={} ok={} errors={} error_codes={} not_sent={} incomplete={} "
+      "wall_s={:.3f} tokens={} tokens_per_s={:.1f} ttft_p50_ms={:.3f} ttft_p90_ms={:.3f} "
+      "ttft_p99_ms={:.3f} latency_p50_ms={:.3f} latency_p99_ms={:.3f}\n",
+      target_name, a.requests, ok, num_errors, error_list.empty() ? "none" : error_list,
+      a.requests - sent, incomplete, run.wall_s, tokens, tokens_per_s, percentile(ttft, 50),
+      percentile(ttft, 90), percentile(ttft, 99), percentile(total, 50), percentile(total, 99));
+  return num_errors == 0 && sent == a.requests && incomplete == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+void add_bench_command(CLI::App& app, int& exit_code) {
+  auto a = std::make_shared<BenchArgs>();
+  auto* cmd = app.add_subcommand(
+      "bench", "Load a coordinator (or one worker) with Generate streams and report latencies");
+  cmd->add_option("--address", a->address, "Coordinator address, or a worker's with --worker")
+      ->capture_default_str();
+  cmd->add_flag("--worker", a->worker, "Call the Worker service at --address directly");
+  cmd->add_option("--requests", a->requests, "Requests to send")->capture_default_str();
+  cmd->add_option("--concurrency", a->concurrency, "Streams open at once at most")
+      ->capture_default_str();
+  cmd->add_option("--rate", a->rate, "Requests started per second (0 = as concurrency allows)")
+      ->capture_default_str();
+  cmd->add_option("--warmup", a->warmup, "Requests sent first and left out of the figures")
+      ->capture_default_str();
+  cmd->add_option("--prompt-len", a->prompt_len, "Prompt tokens per request")
+      ->capture_default_str();
+  cmd->add_option("--max-tokens", a->max_tokens, "Tokens to generate per request")
+      ->capture_default_str();
+  cmd->add_option("--vocab", a->vocab,
+                  "Prompt ids are drawn from [1, vocab) (0 = the workers', through the "
+                  "coordinator)")
+      ->capture_default_str();
+  cmd->add_option("--seed", a->seed, "Seed of the random prompts")->capture_default_str();
+  cmd->add_flag("--ignore-eos,!--no-ignore-eos", a->ignore_eos,
+                "Generate max_tokens regardless of eos (default on)");
+  cmd->add_option("--timeout", a->timeout_s,
+                  "Seconds the run (warm-up included) may take; calls still open then end "
+                  "with DEADLINE_EXCEEDED")
+      ->capture_default_str();
+  cmd->add_option("--wait-ready", a->wait_ready_s, "Wait up to this many seconds for the target")
+      ->capture_default_str();
+  cmd->callback([a, &exit_code] { exit_code = run_bench(*a); });
+}
+
+}  // namespace mla::launch
