@@ -64,6 +64,7 @@ struct Sample {
   bool complete = false;  // OK and ended with a finish_reason
   double ttft_ms = 0.0;   // to the first message with tokens; 0 when none came
   double total_ms = 0.0;
+  std::string worker_id;  // of the first message that named one
 };
 
 // Opens a Generate stream on the coordinator or on a worker; both services share the call's
@@ -110,6 +111,7 @@ Sample run_one(Target& target, const v1::GenerateRequest& req,
   while (reader->Read(&msg)) {
     if (msg.token_ids_size() > 0 && s.tokens == 0) s.ttft_ms = ms_between(start, Clock::now());
     s.tokens += msg.token_ids_size();
+    if (s.worker_id.empty()) s.worker_id = msg.worker_id();
     if (msg.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) finished = true;
   }
   s.code = reader->Finish().error_code();
@@ -239,7 +241,7 @@ int run_bench(const BenchArgs& a) {
   if (a.warmup > 0) run_load(a, vocab, targets, -a.warmup, a.warmup, 0.0, end);
   const Run run = run_load(a, vocab, targets, 0, a.requests, a.rate, end);
 
-  std::map<std::string, int64_t> errors;
+  std::map<std::string, int64_t> errors, per_worker;
   std::vector<double> ttft, total;
   int64_t ok = 0, sent = 0, tokens = 0, incomplete = 0;
   for (const Sample& s : run.samples) {
@@ -251,6 +253,7 @@ int run_bench(const BenchArgs& a) {
       continue;
     }
     ++ok;
+    ++per_worker[s.worker_id.empty() ? "?" : s.worker_id];
     // A stream that ended OK but short of what was asked is a server bug, not a load effect.
     if (!s.complete || (a.ignore_eos && s.tokens != a.max_tokens)) ++incomplete;
     if (s.tokens > 0) ttft.push_back(s.ttft_ms);
@@ -264,6 +267,10 @@ int run_bench(const BenchArgs& a) {
     num_errors += n;
     error_list += fmt::format("{}{}:{}", error_list.empty() ? "" : ",", name, n);
   }
+  std::string worker_list;
+  for (const auto& [id, n] : per_worker) {
+    worker_list += fmt::format("{}{}={}", worker_list.empty() ? "" : ",", id, n);
+  }
   const double tokens_per_s = run.wall_s > 0 ? static_cast<double>(tokens) / run.wall_s : 0.0;
 
   std::cout << fmt::format("target      {} {}\n", target_name, a.address)
@@ -276,15 +283,17 @@ int run_bench(const BenchArgs& a) {
             << fmt::format("ttft        p50 {:.2f} ms, p90 {:.2f} ms, p99 {:.2f} ms\n",
                            percentile(ttft, 50), percentile(ttft, 90), percentile(ttft, 99))
             << fmt::format("latency     p50 {:.2f} ms, p99 {:.2f} ms\n", percentile(total, 50),
-                           percentile(total, 99));
+                           percentile(total, 99))
+            << fmt::format("workers     {}\n", worker_list.empty() ? "none" : worker_list);
   // One line of key=value pairs for scripts.
   std::cout << fmt::format(
       "BENCH target={} requests={} ok={} errors={} error_codes={} not_sent={} incomplete={} "
       "wall_s={:.3f} tokens={} tokens_per_s={:.1f} ttft_p50_ms={:.3f} ttft_p90_ms={:.3f} "
-      "ttft_p99_ms={:.3f} latency_p50_ms={:.3f} latency_p99_ms={:.3f}\n",
+      "ttft_p99_ms={:.3f} latency_p50_ms={:.3f} latency_p99_ms={:.3f} per_worker={}\n",
       target_name, a.requests, ok, num_errors, error_list.empty() ? "none" : error_list,
       a.requests - sent, incomplete, run.wall_s, tokens, tokens_per_s, percentile(ttft, 50),
-      percentile(ttft, 90), percentile(ttft, 99), percentile(total, 50), percentile(total, 99));
+      percentile(ttft, 90), percentile(ttft, 99), percentile(total, 50), percentile(total, 99),
+      worker_list.empty() ? "none" : worker_list);
   return num_errors == 0 && sent == a.requests && incomplete == 0 ? 0 : 1;
 }
 

@@ -23,29 +23,40 @@
 namespace mla::launch {
 namespace {
 
-// Blocks SIGINT and SIGTERM in this thread and every thread it starts later, so that
-// wait_for_stop_signal() receives them synchronously (no async-signal handler).
-void block_stop_signals() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+// SIGINT and SIGTERM are caught by a handler that writes the signal number to a pipe, so
+// whichever thread receives them (gRPC and MPI start their own), the process is not killed
+// and wait_for_stop_signal() returns on the main thread to shut down in order.
+int g_stop_pipe[2] = {-1, -1};
+
+void on_stop_signal(int sig) {
+  const unsigned char byte = static_cast<unsigned char>(sig);
+  [[maybe_unused]] ssize_t n = write(g_stop_pipe[1], &byte, 1);
+}
+
+void catch_stop_signals() {
+  if (g_stop_pipe[0] < 0 && pipe(g_stop_pipe) != 0) {
+    MLA_THROW(kInternal, "cannot create the signal pipe");
+  }
+  struct sigaction action {};
+  action.sa_handler = on_stop_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  sigaction(SIGINT, &action, nullptr);
+  sigaction(SIGTERM, &action, nullptr);
 }
 
 int wait_for_stop_signal() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  int sig = 0;
-  sigwait(&set, &sig);
+  unsigned char sig = 0;
+  while (read(g_stop_pipe[0], &sig, 1) != 1) {
+  }
   spdlog::info("received {}, shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
   return sig;
 }
 
 std::unique_ptr<grpc::Server> start_server(grpc::Service* service, const std::string& address,
                                            const char* what) {
+  // The standard grpc.health.v1 service too, for load balancers and orchestrators.
+  grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
@@ -54,6 +65,7 @@ std::unique_ptr<grpc::Server> start_server(grpc::Service* service, const std::st
   builder.SetMaxSendMessageSize(64 << 20);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) MLA_THROW(kUnavailable, "{}: cannot listen on {}", what, address);
+  server->GetHealthCheckService()->SetServingStatus(true);
   spdlog::info("{} listening on {}", what, address);
   return server;
 }
@@ -87,11 +99,11 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
   if (cmd.get_option("--port-base")->count() > 0) d.workers.port_base = a.port_base;
   const std::string coordinator =
       cmd.get_option("--coordinator")->count() > 0 ? a.coordinator : d.coordinator.address;
-  block_stop_signals();
+  catch_stop_signals();
   auto rt = GroupRuntime::start(d);
   Engine& engine = *rt->engine;
   if (!engine.is_leader()) {
-    engine.follow();  // until the leader shuts down; stop signals stay blocked here
+    engine.follow();  // until the leader shuts down; stop signals only reach the pipe here
     return 0;
   }
   FollowerRelease release(engine);
@@ -130,6 +142,7 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
   auto link = std::make_unique<CoordinatorLink>(lopts);
 
   wait_for_stop_signal();
+  server->GetHealthCheckService()->SetServingStatus(false);
   link.reset();
   service.shutdown();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
@@ -157,7 +170,7 @@ int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
   options.max_in_flight = c.max_in_flight;
   options.heartbeat_interval_ms = c.heartbeat_interval_ms;
   options.dead_after_ms = 3 * c.heartbeat_interval_ms;
-  block_stop_signals();
+  catch_stop_signals();
   CoordinatorService service(options);
   std::unique_ptr<MetricsRegistry> registry;
   std::unique_ptr<MetricsServer> metrics;
@@ -170,6 +183,7 @@ int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
   }
   auto server = start_server(&service, c.address, "coordinator");
   wait_for_stop_signal();
+  server->GetHealthCheckService()->SetServingStatus(false);
   service.shutdown();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   return 0;
