@@ -64,7 +64,8 @@ struct Sample {
   bool complete = false;  // OK and ended with a finish_reason
   double ttft_ms = 0.0;   // to the first message with tokens; 0 when none came
   double total_ms = 0.0;
-  std::string worker_id;  // of the first message that named one
+  std::string worker_id;      // of the first message that named one
+  double start_lag_ms = 0.0;  // with --rate: how late the call started against the schedule
 };
 
 // Opens a Generate stream on the coordinator or on a worker; both services share the call's
@@ -191,15 +192,18 @@ Run run_load(const BenchArgs& a, int32_t vocab, std::vector<std::unique_ptr<Targ
       for (;;) {
         const int64_t i = next.fetch_add(1);
         if (i >= count) return;
+        Clock::time_point scheduled = start;
         if (rate > 0) {
-          std::this_thread::sleep_until(
-              std::min(end, start + std::chrono::duration_cast<Clock::duration>(
-                                        std::chrono::duration<double>(i / rate))));
+          scheduled += std::chrono::duration_cast<Clock::duration>(
+              std::chrono::duration<double>(static_cast<double>(i) / rate));
+          std::this_thread::sleep_until(std::min(end, scheduled));
         }
-        if (Clock::now() >= end) return;
+        const Clock::time_point now = Clock::now();
+        if (now >= end) return;
         Sample& s = run.samples[static_cast<size_t>(i)];
         s = run_one(target, make_request(a, vocab, first + i), deadline);
         s.sent = true;
+        s.start_lag_ms = ms_between(scheduled, now);
       }
     });
   }
@@ -220,9 +224,8 @@ int run_bench(const BenchArgs& a) {
   MLA_REQUIRE(a.vocab > 0 || !a.worker, "--worker needs --vocab (a worker cannot be asked)");
 
   if (a.wait_ready_s > 0) wait_until_ready(a);
-  const Clock::time_point end =
-      Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                         std::chrono::duration<double>(a.timeout_s));
+  const Clock::time_point end = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                                   std::chrono::duration<double>(a.timeout_s));
   const int32_t vocab = a.vocab > 0 ? a.vocab : vocab_from_coordinator(a.address);
 
   std::vector<std::unique_ptr<Target>> targets;
@@ -230,23 +233,23 @@ int run_bench(const BenchArgs& a) {
     targets.push_back(std::make_unique<Target>(a.address, a.worker, c));
   }
   const char* target_name = a.worker ? "worker" : "coordinator";
-  spdlog::info("bench: {} {} requests to {} {} ({} channels), concurrency {}, rate {}, prompt {} "
-               "+ {} tokens, vocab {}",
-               a.warmup > 0 ? fmt::format("{} warm-up +", a.warmup) : "", a.requests, target_name,
-               a.address, targets.size(), a.concurrency, a.rate > 0 ? fmt::format("{}/s", a.rate)
-                                                                  : "unlimited",
-               a.prompt_len, a.max_tokens, vocab);
+  spdlog::info(
+      "bench: {} requests (+ {} warm-up) to {} {} over {} channel(s), concurrency {}, "
+      "rate {}, prompt {} + {} tokens, vocab {}",
+      a.requests, a.warmup, target_name, a.address, targets.size(), a.concurrency,
+      a.rate > 0 ? fmt::format("{}/s", a.rate) : "unlimited", a.prompt_len, a.max_tokens, vocab);
 
   // Warm-up: connections set up and the servers' first steps out of the measurements.
   if (a.warmup > 0) run_load(a, vocab, targets, -a.warmup, a.warmup, 0.0, end);
   const Run run = run_load(a, vocab, targets, 0, a.requests, a.rate, end);
 
   std::map<std::string, int64_t> errors, per_worker;
-  std::vector<double> ttft, total;
+  std::vector<double> ttft, total, lag;
   int64_t ok = 0, sent = 0, tokens = 0, incomplete = 0;
   for (const Sample& s : run.samples) {
     if (!s.sent) continue;
     ++sent;
+    lag.push_back(s.start_lag_ms);
     tokens += s.tokens;
     if (s.code != grpc::StatusCode::OK) {
       ++errors[grpc_code_name(s.code)];
@@ -261,6 +264,9 @@ int run_bench(const BenchArgs& a) {
   }
   std::sort(ttft.begin(), ttft.end());
   std::sort(total.begin(), total.end());
+  std::sort(lag.begin(), lag.end());
+  // Closed loop: every call starts when a stream frees up, so there is no schedule to lag.
+  const double lag_p99 = a.rate > 0 ? percentile(lag, 99) : 0.0;
   int64_t num_errors = 0;
   std::string error_list;
   for (const auto& [name, n] : errors) {
@@ -278,22 +284,29 @@ int run_bench(const BenchArgs& a) {
                            ok, num_errors, error_list.empty() ? "" : " (" + error_list + ")",
                            a.requests - sent, incomplete)
             << fmt::format("wall        {:.3f} s\n", run.wall_s)
-            << fmt::format("tokens      {} streamed, {:.1f} tokens/s, {:.1f} requests/s\n",
-                           tokens, tokens_per_s, static_cast<double>(ok) / run.wall_s)
+            << fmt::format("tokens      {} streamed, {:.1f} tokens/s, {:.1f} requests/s\n", tokens,
+                           tokens_per_s,
+                           run.wall_s > 0 ? static_cast<double>(ok) / run.wall_s : 0.0)
             << fmt::format("ttft        p50 {:.2f} ms, p90 {:.2f} ms, p99 {:.2f} ms\n",
                            percentile(ttft, 50), percentile(ttft, 90), percentile(ttft, 99))
             << fmt::format("latency     p50 {:.2f} ms, p99 {:.2f} ms\n", percentile(total, 50),
                            percentile(total, 99))
             << fmt::format("workers     {}\n", worker_list.empty() ? "none" : worker_list);
+  if (a.rate > 0) {
+    std::cout << fmt::format(
+        "start lag   p99 {:.2f} ms behind the --rate schedule (large: --concurrency too low)\n",
+        lag_p99);
+  }
   // One line of key=value pairs for scripts.
   std::cout << fmt::format(
       "BENCH target={} requests={} ok={} errors={} error_codes={} not_sent={} incomplete={} "
       "wall_s={:.3f} tokens={} tokens_per_s={:.1f} ttft_p50_ms={:.3f} ttft_p90_ms={:.3f} "
-      "ttft_p99_ms={:.3f} latency_p50_ms={:.3f} latency_p99_ms={:.3f} per_worker={}\n",
+      "ttft_p99_ms={:.3f} latency_p50_ms={:.3f} latency_p99_ms={:.3f} start_lag_p99_ms={:.3f} "
+      "per_worker={}\n",
       target_name, a.requests, ok, num_errors, error_list.empty() ? "none" : error_list,
       a.requests - sent, incomplete, run.wall_s, tokens, tokens_per_s, percentile(ttft, 50),
       percentile(ttft, 90), percentile(ttft, 99), percentile(total, 50), percentile(total, 99),
-      worker_list.empty() ? "none" : worker_list);
+      lag_p99, worker_list.empty() ? "none" : worker_list);
   return num_errors == 0 && sent == a.requests && incomplete == 0 ? 0 : 1;
 }
 

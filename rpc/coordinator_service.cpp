@@ -611,6 +611,14 @@ grpc::Status CoordinatorService::Heartbeat(grpc::ServerContext*,
   worker.last_heartbeat = Clock::now();
   response->set_known(true);
   response->set_drain(worker.state == WorkerState::kDraining);
+  if (metrics_) {
+    // The cluster's queue: requests waiting in the live workers' schedulers.
+    int64_t waiting = 0;
+    for (const auto& [id, w] : workers_) {
+      if (w.state != WorkerState::kDead) waiting += w.load.waiting();
+    }
+    metrics_->queue_depth.set(static_cast<double>(waiting));
+  }
   return grpc::Status::OK;
 }
 

@@ -88,8 +88,8 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::Service {
 
   const CoordinatorOptions& options() const { return options_; }
   // Records request metrics (requests by status code, tokens, TTFT, inter-token latency,
-  // requests in flight) into `registry`, which must outlive the service. Call before
-  // serving.
+  // requests in flight, and as queue depth the live workers' waiting requests from their
+  // heartbeats) into `registry`, which must outlive the service. Call before serving.
   void attach_metrics(MetricsRegistry& registry);
 
   grpc::Status Generate(grpc::ServerContext* context, const mlaserve::v1::GenerateRequest* request,

@@ -60,14 +60,12 @@ if [ "$ready" != 1 ]; then
   exit 1
 fi
 
-# The worker processes: the mpirun job's descendants running `mlaserve ... worker`.
+# The worker ranks: the mpirun job's descendants (not mpirun itself) running `mlaserve worker`.
 worker_pids() {
-  local pids=$workers pid children
+  local pids="" next=$workers pid
   for _ in 1 2 3; do
-    for pid in $pids; do
-      children=$(cat /proc/"$pid"/task/*/children 2>/dev/null || true)
-      pids="$pids $children"
-    done
+    next=$(for pid in $next; do cat /proc/"$pid"/task/*/children 2>/dev/null || true; done)
+    pids="$pids $next"
   done
   for pid in $(echo "$pids" | tr ' ' '\n' | sort -un); do
     tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q ' worker ' && echo "$pid"
@@ -106,12 +104,21 @@ bench() {
 }
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$2"; }
 
+# (a) Rounds alternate direct and via the coordinator, so that load from elsewhere on the host
+# hits both alike; each figure is the median over the rounds.
 small=(--requests 300 --warmup 20 --concurrency 1 --prompt-len 8 --max-tokens 1 --vocab "$vocab"
-  --timeout 120)
-bench --address "$coordinator_address" "${small[@]}"
-via=$result
-bench --address "$worker_address" --worker "${small[@]}"
-direct=$result
+  --timeout 60)
+rounds=3
+via_p50=() via_p99=() direct_p50=() direct_p99=()
+for _ in $(seq $rounds); do
+  bench --address "$worker_address" --worker "${small[@]}"
+  direct_p50+=("$(field latency_p50_ms "$result")") direct_p99+=("$(field latency_p99_ms "$result")")
+  bench --address "$coordinator_address" "${small[@]}"
+  via_p50+=("$(field latency_p50_ms "$result")") via_p99+=("$(field latency_p99_ms "$result")")
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+p50_via=$(median "${via_p50[@]}") p99_via=$(median "${via_p99[@]}")
+p50_direct=$(median "${direct_p50[@]}") p99_direct=$(median "${direct_p99[@]}")
 cpu0=$(cpu_now)
 bench --address "$coordinator_address" --requests 256 --warmup 16 --concurrency 64 \
   --prompt-len 32 --max-tokens 64 --timeout 180
@@ -144,8 +151,6 @@ for pid in $(worker_pids); do
   worker_rss="$worker_rss $(mib "$(status_kib "$pid" VmHWM)")"
 done
 
-p50_via=$(field latency_p50_ms "$via") p99_via=$(field latency_p99_ms "$via")
-p50_direct=$(field latency_p50_ms "$direct") p99_direct=$(field latency_p99_ms "$direct")
 minus() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a - b }'; }
 
 echo
@@ -153,11 +158,11 @@ echo "Cluster: \`${coordinator_cmd[*]}\` and \`${workers_cmd[*]}\` ($(nproc) cor
 echo
 echo "| measurement | result | command |"
 echo "|---|---|---|"
-echo "| latency via coordinator, 1 token, concurrency 1 | p50 $p50_via ms, p99 $p99_via ms | \`${bench_cmds[0]}\` |"
-echo "| latency direct to worker group 0 | p50 $p50_direct ms, p99 $p99_direct ms | \`${bench_cmds[1]}\` |"
+echo "| latency via coordinator, 1 token, concurrency 1 (median of $rounds rounds) | p50 $p50_via ms, p99 $p99_via ms (rounds: p50 ${via_p50[*]}; p99 ${via_p99[*]}) | \`${bench_cmds[1]}\` |"
+echo "| latency direct to worker group 0 (median of $rounds rounds) | p50 $p50_direct ms, p99 $p99_direct ms (rounds: p50 ${direct_p50[*]}; p99 ${direct_p99[*]}) | \`${bench_cmds[0]}\` |"
 echo "| routing overhead (via - direct) | p50 $(minus "$p50_via" "$p50_direct") ms, p99 $(minus "$p99_via" "$p99_direct") ms | (the two rows above) |"
-echo "| streamed tokens/s via coordinator, concurrency 64, 64 tokens | $(field tokens_per_s "$stream") tokens/s, ttft p50 $(field ttft_p50_ms "$stream") ms, p99 $(field ttft_p99_ms "$stream") ms, errors $(field errors "$stream"); CPU $stream_cpu | \`${bench_cmds[2]}\` |"
-echo "| 1,000 concurrent streams, 16 tokens | ok $(field ok "$wide"), errors $(field errors "$wide") ($(field error_codes "$wide")), wall $(field wall_s "$wide") s, $(field tokens_per_s "$wide") tokens/s, ttft p50 $(field ttft_p50_ms "$wide") ms, p99 $(field ttft_p99_ms "$wide") ms; per worker $(field per_worker "$wide"); CPU $wide_cpu | \`${bench_cmds[3]}\` |"
+echo "| streamed tokens/s via coordinator, concurrency 64, 64 tokens | $(field tokens_per_s "$stream") tokens/s, ttft p50 $(field ttft_p50_ms "$stream") ms, p99 $(field ttft_p99_ms "$stream") ms, errors $(field errors "$stream"); CPU $stream_cpu | \`${bench_cmds[2 * rounds]}\` |"
+echo "| 1,000 concurrent streams, 16 tokens | ok $(field ok "$wide"), errors $(field errors "$wide") ($(field error_codes "$wide")), wall $(field wall_s "$wide") s, $(field tokens_per_s "$wide") tokens/s, ttft p50 $(field ttft_p50_ms "$wide") ms, p99 $(field ttft_p99_ms "$wide") ms; per worker $(field per_worker "$wide"); CPU $wide_cpu | \`${bench_cmds[2 * rounds + 1]}\` |"
 echo "| coordinator memory | peak RSS (VmHWM) $(mib "$coordinator_hwm") MiB, RSS after $(mib "$coordinator_rss") MiB, peak threads $(cat "$work/threads" 2>/dev/null || echo '?') | /proc/<coordinator>/status |"
 echo "| worker ranks' peak RSS (VmHWM) | ${worker_rss# } MiB | /proc/<rank>/status |"
 exit "$failed"

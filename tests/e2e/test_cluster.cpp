@@ -806,7 +806,8 @@ TEST_F(ClusterTest, KillingAGroupMidGenerationLosesNoToken) {
   const auto end = Clock::now() + 5s;
   std::string victim_state;
   while (Clock::now() < end) {
-    for (const v1::WorkerStatus& w : client().list_workers().workers()) {
+    const v1::ListWorkersResponse list = client().list_workers();
+    for (const v1::WorkerStatus& w : list.workers()) {
       if (w.worker_id() == victim_id) victim_state = w.state();
     }
     if (victim_state == "dead") break;
@@ -842,7 +843,9 @@ TEST_F(ClusterTest, WorkersReRegisterWithARestartedCoordinator) {
     SCOPED_TRACE(round.what);
     coordinator_->signal(round.signal);
     ASSERT_TRUE(coordinator_->wait_for_exit(kStopGrace)) << "the coordinator did not exit";
-    if (round.signal == SIGTERM) EXPECT_EQ(coordinator_->exit_description(), "exit 0");
+    if (round.signal == SIGTERM) {
+      EXPECT_EQ(coordinator_->exit_description(), "exit 0");
+    }
     std::this_thread::sleep_for(round.down);
     start_coordinator();
     const auto restarted = Clock::now();
