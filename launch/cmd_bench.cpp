@@ -5,7 +5,8 @@
 // request when its stream ends (closed loop); with --rate, request i may not start before
 // i / rate seconds (open loop, capped by the concurrency). Latencies are measured by the
 // client from the call's start. Everything is bounded: --requests calls at most, and every
-// call's deadline is the end of the run (--timeout).
+// call's deadline is the end of the run (--timeout). Exits 1 when any request failed, was not
+// sent before the timeout, or ended OK with fewer tokens than asked.
 #include <fmt/format.h>
 #include <grpcpp/grpcpp.h>
 #include <spdlog/spdlog.h>
@@ -17,9 +18,9 @@
 #include <iostream>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <random>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -173,7 +174,6 @@ struct Run {
 // Runs requests [first, first + count) on --concurrency threads, thread t on channel
 // t / kStreamsPerChannel; no request starts at or after `end`, when every open call's deadline
 // passes. With rate > 0, request first + i starts no earlier than i / rate s after the start.
-
 Run run_load(const BenchArgs& a, int32_t vocab, std::vector<std::unique_ptr<Target>>& targets,
              int64_t first, int64_t count, double rate, Clock::time_point end) {
   Run run;
@@ -186,28 +186,38 @@ Run run_load(const BenchArgs& a, int32_t vocab, std::vector<std::unique_ptr<Targ
   const int32_t threads = static_cast<int32_t>(std::min<int64_t>(a.concurrency, count));
   std::vector<std::thread> pool;
   pool.reserve(static_cast<size_t>(threads));
+  auto join_all = [&] {
+    for (std::thread& th : pool) th.join();
+  };
   for (int32_t t = 0; t < threads; ++t) {
-    pool.emplace_back([&, t] {
-      Target& target = *targets[static_cast<size_t>(t / kStreamsPerChannel)];
-      for (;;) {
-        const int64_t i = next.fetch_add(1);
-        if (i >= count) return;
-        Clock::time_point scheduled = start;
-        if (rate > 0) {
-          scheduled += std::chrono::duration_cast<Clock::duration>(
-              std::chrono::duration<double>(static_cast<double>(i) / rate));
-          std::this_thread::sleep_until(std::min(end, scheduled));
+    try {
+      pool.emplace_back([&, t] {
+        Target& target = *targets[static_cast<size_t>(t / kStreamsPerChannel)];
+        for (;;) {
+          const int64_t i = next.fetch_add(1);
+          if (i >= count) return;
+          Clock::time_point scheduled = start;
+          if (rate > 0) {
+            scheduled += std::chrono::duration_cast<Clock::duration>(
+                std::chrono::duration<double>(static_cast<double>(i) / rate));
+            std::this_thread::sleep_until(std::min(end, scheduled));
+          }
+          const Clock::time_point now = Clock::now();
+          if (now >= end) return;
+          Sample& s = run.samples[static_cast<size_t>(i)];
+          s = run_one(target, make_request(a, vocab, first + i), deadline);
+          s.sent = true;
+          s.start_lag_ms = ms_between(scheduled, now);
         }
-        const Clock::time_point now = Clock::now();
-        if (now >= end) return;
-        Sample& s = run.samples[static_cast<size_t>(i)];
-        s = run_one(target, make_request(a, vocab, first + i), deadline);
-        s.sent = true;
-        s.start_lag_ms = ms_between(scheduled, now);
-      }
-    });
+      });
+    } catch (const std::system_error& e) {
+      next = count;  // the running threads take no new request
+      join_all();
+      MLA_THROW(kResourceExhausted, "bench: cannot start thread {} of {} ({}); lower --concurrency",
+                t + 1, threads, e.what());
+    }
   }
-  for (std::thread& th : pool) th.join();
+  join_all();
   run.wall_s = std::chrono::duration<double>(Clock::now() - start).count();
   return run;
 }
