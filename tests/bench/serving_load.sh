@@ -94,7 +94,7 @@ mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 # timeouts) is recorded in $failed and the script goes on to report it.
 bench_cmds=() result="" failed=0
 bench() {
-  bench_cmds+=("$mlaserve bench $*")
+  bench_cmds+=("$mlaserve --log-level warn bench $*")
   "$mlaserve" --log-level warn bench "$@" >"$work/last.log" 2>&1 || {
     failed=1
     echo "bench failed: $mlaserve bench $*" >&2
@@ -119,13 +119,16 @@ done
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 p50_via=$(median "${via_p50[@]}") p99_via=$(median "${via_p99[@]}")
 p50_direct=$(median "${direct_p50[@]}") p99_direct=$(median "${direct_p99[@]}")
+
+# (b) Streamed tokens/s through the coordinator, and the CPU it and the workers spent on it.
 cpu0=$(cpu_now)
 bench --address "$coordinator_address" --requests 256 --warmup 16 --concurrency 64 \
   --prompt-len 32 --max-tokens 64 --timeout 180
 stream=$result
 stream_cpu=$(cpu_since "$cpu0")
 
-# Peak threads of the coordinator while 1,000 streams are open (sampled every 0.2 s, bounded).
+# (c) 1,000 streams open at once. The coordinator's peak thread count is sampled every 0.2 s
+# (bounded: 300 s at most).
 (
   peak=0
   for _ in $(seq 1500); do
@@ -164,5 +167,5 @@ echo "| routing overhead (via - direct) | p50 $(minus "$p50_via" "$p50_direct") 
 echo "| streamed tokens/s via coordinator, concurrency 64, 64 tokens | $(field tokens_per_s "$stream") tokens/s, ttft p50 $(field ttft_p50_ms "$stream") ms, p99 $(field ttft_p99_ms "$stream") ms, errors $(field errors "$stream"); CPU $stream_cpu | \`${bench_cmds[2 * rounds]}\` |"
 echo "| 1,000 concurrent streams, 16 tokens | ok $(field ok "$wide"), errors $(field errors "$wide") ($(field error_codes "$wide")), wall $(field wall_s "$wide") s, $(field tokens_per_s "$wide") tokens/s, ttft p50 $(field ttft_p50_ms "$wide") ms, p99 $(field ttft_p99_ms "$wide") ms; per worker $(field per_worker "$wide"); CPU $wide_cpu | \`${bench_cmds[2 * rounds + 1]}\` |"
 echo "| coordinator memory | peak RSS (VmHWM) $(mib "$coordinator_hwm") MiB, RSS after $(mib "$coordinator_rss") MiB, peak threads $(cat "$work/threads" 2>/dev/null || echo '?') | /proc/<coordinator>/status |"
-echo "| worker ranks' peak RSS (VmHWM) | ${worker_rss# } MiB | /proc/<rank>/status |"
+echo "| worker ranks' peak RSS (VmHWM), in pid order (rank 0 to 3; ranks 0 and 2 lead and serve gRPC) | ${worker_rss# } MiB | /proc/<rank>/status |"
 exit "$failed"
