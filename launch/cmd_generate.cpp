@@ -17,21 +17,6 @@
 namespace mla::launch {
 namespace {
 
-std::vector<int32_t> parse_ids(const std::string& s) {
-  std::vector<int32_t> ids;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    try {
-      size_t used = 0;
-      ids.push_back(std::stoi(item, &used));
-      if (used != item.size()) throw std::invalid_argument(item);
-    } catch (const std::exception&) {
-      MLA_THROW(kInvalidArgument, "--prompt-ids: `{}` is not an integer", item);
-    }
-  }
-  return ids;
-}
 
 struct GenerateArgs {
   DeployFlags deploy;

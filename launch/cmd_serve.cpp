@@ -70,21 +70,6 @@ std::unique_ptr<grpc::Server> start_server(grpc::Service* service, const std::st
   return server;
 }
 
-std::vector<int32_t> parse_ids(const std::string& s) {
-  std::vector<int32_t> ids;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    try {
-      size_t used = 0;
-      ids.push_back(std::stoi(item, &used));
-      if (used != item.size()) throw std::invalid_argument(item);
-    } catch (const std::exception&) {
-      MLA_THROW(kInvalidArgument, "--prompt-ids: `{}` is not an integer", item);
-    }
-  }
-  return ids;
-}
 
 struct WorkerArgs {
   DeployFlags deploy;

@@ -1,6 +1,24 @@
 #include "launch/deploy_flags.h"
 
+#include <sstream>
+
 namespace mla::launch {
+
+std::vector<int32_t> parse_ids(const std::string& text, const char* flag) {
+  std::vector<int32_t> ids;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    try {
+      size_t used = 0;
+      ids.push_back(std::stoi(item, &used));
+      if (used != item.size()) throw std::invalid_argument(item);
+    } catch (const std::exception&) {
+      MLA_THROW(kInvalidArgument, "{}: `{}` is not an integer", flag, item);
+    }
+  }
+  return ids;
+}
 
 void DeployFlags::add_to(CLI::App& cmd) {
   cmd_ = &cmd;

@@ -4,10 +4,14 @@
 
 #include <CLI/CLI.hpp>
 #include <string>
+#include <vector>
 
 #include "runtime/deploy_config.h"
 
 namespace mla::launch {
+
+// "1,2,3" -> {1, 2, 3}; throws kInvalidArgument naming `flag` and the bad item.
+std::vector<int32_t> parse_ids(const std::string& text, const char* flag = "--prompt-ids");
 
 class DeployFlags {
  public:

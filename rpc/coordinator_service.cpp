@@ -8,6 +8,7 @@
 #include <set>
 
 #include "kernels/error.h"
+#include "rpc/request_limits.h"
 #include "rpc/status.h"
 
 namespace mla {
@@ -16,12 +17,6 @@ namespace v1 = mlaserve::v1;
 
 namespace {
 
-constexpr size_t kMaxRequestIdLength = 128;
-
-double ms_between(std::chrono::steady_clock::time_point from,
-                  std::chrono::steady_clock::time_point to) {
-  return std::chrono::duration<double, std::milli>(to - from).count();
-}
 
 // Checks that need no model: field ranges, lengths, what a client may not set.
 void validate_shape(const v1::GenerateRequest& r, size_t max_prompt_ids) {

@@ -10,6 +10,7 @@
 
 #include "kernels/error.h"
 #include "rpc/client.h"
+#include "rpc/request_limits.h"
 #include "rpc/status.h"
 #include "runtime/sampler.h"
 
@@ -19,12 +20,6 @@ namespace v1 = mlaserve::v1;
 
 namespace {
 
-constexpr size_t kMaxRequestIdLength = 128;
-
-double ms_between(std::chrono::steady_clock::time_point from,
-                  std::chrono::steady_clock::time_point to) {
-  return std::chrono::duration<double, std::milli>(to - from).count();
-}
 
 v1::FinishReason to_proto(FinishReason r) {
   switch (r) {
