@@ -30,6 +30,10 @@ TEST(DeployConfig, ShippedConfigsParse) {
   EXPECT_EQ(multi.parallel.tp, 8);
   EXPECT_EQ(multi.coordinator.routing, "prefix-affinity");
   EXPECT_EQ(multi.workers.metrics_port_base, 9500);
+  EXPECT_EQ(DeployConfig::load(dir + "one-gpu.yaml").parallel.tp, 1);
+  const auto tp2 = DeployConfig::load(dir + "tp2-gpu.yaml");
+  EXPECT_EQ(tp2.parallel.tp, 2);
+  EXPECT_EQ(tp2.parallel.kv_shard, "sequence");
 }
 
 TEST(DeployConfig, FieldsOverrideDefaults) {
