@@ -130,7 +130,9 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
   server->GetHealthCheckService()->SetServingStatus(false);
   link.reset();
   service.shutdown();
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  // The service has ended its streams; gRPC would otherwise wait out the deadline for
+  // idle client connections to close.
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
   return 0;
 }
 
@@ -170,7 +172,9 @@ int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
   wait_for_stop_signal();
   server->GetHealthCheckService()->SetServingStatus(false);
   service.shutdown();
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  // The service has ended its streams; gRPC would otherwise wait out the deadline for
+  // idle client connections to close.
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
   return 0;
 }
 

@@ -67,6 +67,9 @@ Client::Client(const std::string& address, ClientOptions options)
   MLA_REQUIRE(!address.empty(), "client: empty coordinator address");
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options_.max_receive_message_bytes);
+  // gRPC's reconnect backoff grows to two minutes by default: a client that saw the
+  // coordinator restart would wait that long before trying again.
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
   channel_ = grpc::CreateCustomChannel(address_, grpc::InsecureChannelCredentials(), args);
   stub_ = v1::Coordinator::NewStub(channel_);
 }

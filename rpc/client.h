@@ -8,7 +8,7 @@
 //
 // Failures throw mla::Error whose code follows the gRPC status (error_code_from_grpc) and
 // whose message is "<STATUS_NAME>: <the server's message>", e.g.
-// "INVALID_ARGUMENT: prompt_ids is empty".
+// "INVALID_ARGUMENT: prompt_ids: must not be empty".
 //
 // Thread safety: a Client is thread-safe; all calls may run concurrently on one Client (they
 // share one channel; each call has its own context), e.g. cancel() from one thread while

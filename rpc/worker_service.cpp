@@ -597,8 +597,9 @@ CoordinatorLink::CoordinatorLink(CoordinatorLinkOptions options) : options_(std:
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, options_.min_backoff_ms);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, options_.min_backoff_ms);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, options_.max_backoff_ms);
-  stub_ = v1::Coordinator::NewStub(grpc::CreateCustomChannel(
-      options_.coordinator_address, grpc::InsecureChannelCredentials(), args));
+  channel_ = grpc::CreateCustomChannel(options_.coordinator_address,
+                                      grpc::InsecureChannelCredentials(), args);
+  stub_ = v1::Coordinator::NewStub(channel_);
   heartbeat_ms_ = options_.default_heartbeat_ms;
   thread_ = std::thread([this] { run(); });
 }
@@ -664,6 +665,9 @@ void CoordinatorLink::run() {
 }
 
 bool CoordinatorLink::register_once() {
+  // Our own backoff paces the attempts; gRPC's reconnect backoff on top of it would make an
+  // attempt fail at once while the channel waits, stretching the outage past ours.
+  grpc::experimental::ChannelResetConnectionBackoff(channel_.get());
   v1::RegisterWorkerRequest req;
   req.set_worker_id(options_.worker_id);
   req.set_address(options_.worker_address);

@@ -217,6 +217,7 @@ class CoordinatorLink {
   bool sleep_for(int64_t ms);
 
   const CoordinatorLinkOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<mlaserve::v1::Coordinator::Stub> stub_;
 
   mutable std::mutex mu_;

@@ -111,8 +111,8 @@ Process::Process(std::vector<std::string> argv, std::string log_path,
   posix_spawn_file_actions_t files;
   posix_spawn_file_actions_init(&files);
   posix_spawn_file_actions_addopen(&files, 0, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&files, 1, log_path_.c_str(),
-                                   O_WRONLY | O_CREAT | O_APPEND, 0644);
+  posix_spawn_file_actions_addopen(&files, 1, log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND,
+                                   0644);
   posix_spawn_file_actions_adddup2(&files, 1, 2);
 
   // A process group of its own (a Ctrl-C at the terminal goes to the test only), default
@@ -183,18 +183,26 @@ void Process::kill_tree() {
   wait_for_exit(std::chrono::seconds(5));
   const auto end = Clock::now() + std::chrono::seconds(5);
   for (const ProcId& p : tree) {
-    while (alive(p) && Clock::now() < end) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    while (alive(p) && Clock::now() < end)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
 }
 
-bool Process::terminate(std::chrono::milliseconds grace) {
+bool Process::terminate(std::chrono::milliseconds grace, bool to_descendants) {
   if (!running()) return true;
   const std::vector<ProcId> tree = descendants(pid_);
   const auto end = Clock::now() + grace;
-  ::kill(pid_, SIGTERM);
+  if (to_descendants) {
+    for (const ProcId& p : tree) {
+      if (alive(p)) ::kill(p.pid, SIGTERM);
+    }
+  } else {
+    ::kill(pid_, SIGTERM);
+  }
   bool clean = wait_for_exit(grace);
   for (const ProcId& p : tree) {
-    while (alive(p) && Clock::now() < end) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    while (alive(p) && Clock::now() < end)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   for (const ProcId& p : tree) {
     if (alive(p)) {
@@ -209,7 +217,8 @@ bool Process::terminate(std::chrono::milliseconds grace) {
 std::string Process::exit_description() const {
   if (!exited_) return "running";
   if (WIFEXITED(wait_status_)) return "exit " + std::to_string(WEXITSTATUS(wait_status_));
-  if (WIFSIGNALED(wait_status_)) return "killed by signal " + std::to_string(WTERMSIG(wait_status_));
+  if (WIFSIGNALED(wait_status_))
+    return "killed by signal " + std::to_string(WTERMSIG(wait_status_));
   return "status " + std::to_string(wait_status_);
 }
 
@@ -221,6 +230,23 @@ std::string Process::log_tail(size_t max_bytes) const {
   std::string s = ss.str();
   if (s.size() > max_bytes) s = "[...]" + s.substr(s.size() - max_bytes);
   return s;
+}
+
+bool wait_for_listener(int port, std::chrono::milliseconds timeout) {
+  const auto end = Clock::now() + timeout;
+  for (;;) {
+    const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) throw std::runtime_error("socket: " + errno_text());
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    const bool connected = connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+    close(fd);
+    if (connected) return true;
+    if (Clock::now() >= end) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
 }
 
 int free_loopback_ports(int count) {

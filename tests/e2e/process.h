@@ -52,9 +52,12 @@ class Process {
   // SIGKILLs the process and every descendant it has now, then reaps it. Returns within a
   // few seconds.
   void kill_tree();
-  // SIGTERM, then waits up to `grace` for it and the descendants it had to exit; whatever is
-  // left is SIGKILLed. True when everything exited within the grace period by itself.
-  bool terminate(std::chrono::milliseconds grace);
+  // Sends SIGTERM to the process, or with `to_descendants` to each of its descendants instead
+  // (mpirun's ranks: they then exit by themselves and mpirun with them, while a SIGTERM to
+  // mpirun SIGKILLs ranks that do not exit within a second). Then waits up to `grace` for the
+  // process and every descendant it had to exit; whatever is left is SIGKILLed. True when
+  // everything exited within the grace period by itself.
+  bool terminate(std::chrono::milliseconds grace, bool to_descendants = false);
 
   // "exit 0", "killed by signal 9", or "running".
   std::string exit_description() const;
@@ -71,6 +74,9 @@ class Process {
   bool exited_ = false;
   int wait_status_ = 0;
 };
+
+// Whether something accepts TCP connections on 127.0.0.1:port, polled until `timeout`.
+bool wait_for_listener(int port, std::chrono::milliseconds timeout);
 
 // A TCP port on 127.0.0.1 that was free a moment ago (the kernel's pick for port 0), such that
 // the `count` ports from it are all free.
