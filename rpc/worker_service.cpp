@@ -674,25 +674,18 @@ bool CoordinatorLink::register_once() {
   *req.mutable_model() = options_.model;
   *req.mutable_load() = options_.load();
   v1::RegisterWorkerResponse resp;
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() +
-                   std::chrono::milliseconds(options_.rpc_timeout_ms));
-  {
-    std::lock_guard lk(mu_);
-    if (stop_) return false;
-    in_flight_ = &ctx;
-  }
-  const grpc::Status status = stub_->RegisterWorker(&ctx, req, &resp);
+  const std::optional<grpc::Status> status = call_cancellable(
+      [&](grpc::ClientContext* ctx) { return stub_->RegisterWorker(ctx, req, &resp); });
+  if (!status) return false;
   std::lock_guard lk(mu_);
-  in_flight_ = nullptr;
-  if (!status.ok()) {
+  if (!status->ok()) {
     // Warn once per outage; the retries of a long one would flood the log.
     if (failed_registrations_++ == 0) {
       spdlog::warn("worker {}: registering with coordinator {} failed ({}); retrying with backoff",
-                   options_.worker_id, options_.coordinator_address, status.error_message());
+                   options_.worker_id, options_.coordinator_address, status->error_message());
     } else {
       spdlog::debug("worker {}: registering with coordinator {} failed again: {}",
-                    options_.worker_id, options_.coordinator_address, status.error_message());
+                    options_.worker_id, options_.coordinator_address, status->error_message());
     }
     return false;
   }
@@ -707,27 +700,33 @@ bool CoordinatorLink::register_once() {
   return true;
 }
 
-bool CoordinatorLink::heartbeat_once() {
-  v1::HeartbeatRequest req;
-  req.set_worker_id(options_.worker_id);
-  *req.mutable_load() = options_.load();
-  v1::HeartbeatResponse resp;
+std::optional<grpc::Status> CoordinatorLink::call_cancellable(
+    const std::function<grpc::Status(grpc::ClientContext*)>& rpc) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(options_.rpc_timeout_ms));
   {
     std::lock_guard lk(mu_);
-    if (stop_) return false;
+    if (stop_) return std::nullopt;
     in_flight_ = &ctx;
   }
-  const grpc::Status status = stub_->Heartbeat(&ctx, req, &resp);
-  {
-    std::lock_guard lk(mu_);
-    in_flight_ = nullptr;
-  }
-  if (!status.ok()) {
+  const grpc::Status status = rpc(&ctx);
+  std::lock_guard lk(mu_);
+  in_flight_ = nullptr;
+  return status;
+}
+
+bool CoordinatorLink::heartbeat_once() {
+  v1::HeartbeatRequest req;
+  req.set_worker_id(options_.worker_id);
+  *req.mutable_load() = options_.load();
+  v1::HeartbeatResponse resp;
+  const std::optional<grpc::Status> status = call_cancellable(
+      [&](grpc::ClientContext* ctx) { return stub_->Heartbeat(ctx, req, &resp); });
+  if (!status) return false;
+  if (!status->ok()) {
     spdlog::warn("worker {}: heartbeat to coordinator {} failed ({}); registering again",
-                 options_.worker_id, options_.coordinator_address, status.error_message());
+                 options_.worker_id, options_.coordinator_address, status->error_message());
     return false;
   }
   if (!resp.known()) {

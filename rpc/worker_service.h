@@ -28,6 +28,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <optional>
 #include <vector>
 
 #include "mlaserve/v1/mlaserve.grpc.pb.h"
@@ -211,6 +212,10 @@ class CoordinatorLink {
  private:
   void run();
   bool register_once();
+  // Runs one RPC with the link's deadline, cancellable by the destructor; nullopt when the
+  // link is stopping.
+  std::optional<grpc::Status> call_cancellable(
+      const std::function<grpc::Status(grpc::ClientContext*)>& rpc);
   // False: re-register.
   bool heartbeat_once();
   // Waits up to `ms` or until stopped; false if stopped.
