@@ -7,6 +7,7 @@
 # coordinator reaches (workers.host in the config).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source launch/setup.sh
 config="" groups=2 hostfile="" bin=${MLASERVE:-build/launch/mlaserve}
 while [ $# -gt 0 ]; do
   case $1 in
@@ -33,10 +34,7 @@ mpi_args=(-np $((groups * tp)) --bind-to none)
 mpirun "${mpi_args[@]}" "$bin" worker --config "$config" --coordinator "$address" &
 workers=$!
 
-stop() {
-  kill -TERM "$workers" "$coordinator" 2>/dev/null || true
-  wait "$workers" "$coordinator" 2>/dev/null || true
-}
+stop() { mla_stop_cluster "$workers" "$coordinator"; }
 trap 'stop; exit 0' INT TERM
 "$bin" --log-level warn client --address "$address" --wait-ready 120 --status
 echo "cluster ready: coordinator $address, $groups group(s) of tp $tp. Ctrl-C stops it."

@@ -32,10 +32,7 @@ coordinator=$!
 mpirun -np 4 --oversubscribe --bind-to none "$MLASERVE" worker --config "$CONFIG" \
   >"$LOGS/workers.log" 2>&1 &
 workers=$!
-stop() {
-  kill -TERM "$workers" "$coordinator" 2>/dev/null || true
-  wait "$workers" "$coordinator" 2>/dev/null || true
-}
+stop() { mla_stop_cluster "$workers" "$coordinator"; }
 trap stop EXIT
 
 client() { "$MLASERVE" --log-level warn client --address 127.0.0.1:50051 "$@"; }

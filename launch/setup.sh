@@ -40,3 +40,15 @@ mla_configure_and_build() {
   ninja -C "$dir" -j "$jobs" "$@" || return 1
   echo "== built in $((SECONDS - start)) s"
 }
+
+# mla_stop_cluster MPIRUN_PID COORDINATOR_PID
+# Stops the worker ranks first by signalling them directly (SIGTERM to mpirun itself makes
+# Open MPI treat the job as aborted and SIGKILL the ranks a second later), then the
+# coordinator, and waits for both.
+mla_stop_cluster() {
+  local workers=$1 coordinator=$2
+  pkill -TERM -P "$workers" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$workers" 2>/dev/null || break; sleep 0.2; done
+  kill -TERM "$workers" "$coordinator" 2>/dev/null || true
+  wait "$workers" "$coordinator" 2>/dev/null || true
+}
