@@ -14,6 +14,7 @@
 
 #include "parallel/mpi_communicator.h"
 #include "parallel/process_groups.h"
+#include "tests/support/golden.h"
 #include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
 #include "runtime/safetensors.h"
@@ -23,32 +24,9 @@ namespace {
 
 constexpr double kTolerance = 1e-4;
 
-struct Golden {
-  std::vector<std::vector<int32_t>> prompts, greedy;
-  std::vector<Tensor> prompt_logits, step_logits;
-  int steps = 0;
-};
-
-std::string model_dir(const std::string& name) {
-  return std::string(MLA_TEST_DATA_DIR) + "/" + name;
-}
-
-const Golden& golden(const std::string& name) {
-  static std::map<std::string, Golden> cache;
-  if (auto it = cache.find(name); it != cache.end()) return it->second;
-  nlohmann::json meta;
-  std::ifstream(model_dir(name) + "/golden.json") >> meta;
-  auto file = SafetensorsFile::open(model_dir(name) + "/golden.safetensors");
-  Golden g;
-  g.steps = meta["steps"].get<int>();
-  for (int i = 0; i < meta["num_prompts"].get<int>(); ++i) {
-    g.prompts.push_back(meta["prompts"][i].get<std::vector<int32_t>>());
-    g.greedy.push_back(meta["greedy"][i].get<std::vector<int32_t>>());
-    g.prompt_logits.push_back(file->tensor(fmt::format("prompt{}_logits", i)));
-    g.step_logits.push_back(file->tensor(fmt::format("prompt{}_step_logits", i)));
-  }
-  return cache.emplace(name, std::move(g)).first->second;
-}
+using test::Golden;
+using test::golden;
+using test::model_dir;
 
 double rel_error(const float* got, const float* want, int64_t n) {
   double err = 0, norm = 0;

@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <thread>
 
+#include "tests/support/golden.h"
 #include "rpc/client.h"
 
 namespace mla {
@@ -226,16 +227,7 @@ int unused_port() {
   return ntohs(addr.sin_port);
 }
 
-ErrorCode code_of(const std::function<void()>& fn, std::string* message = nullptr) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    if (message) *message = e.what();
-    return e.code();
-  }
-  ADD_FAILURE() << "no mla::Error thrown";
-  return ErrorCode::kInternal;
-}
+using test::code_of;
 
 TEST_F(ClientTest, GenerateCollectsTokensAndCallsOnMessagePerMessage) {
   v1::GenerateRequest req = request("", 4);

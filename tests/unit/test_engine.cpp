@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "kernels/error.h"
+#include "tests/support/golden.h"
 #include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
 #include "runtime/tiny_checkpoint.h"
@@ -75,24 +76,9 @@ std::shared_ptr<const DeepseekModel> tiny_model(AbsorbMode mode,
   return m;
 }
 
-struct Golden {
-  std::vector<Tokens> prompts;
-  std::vector<Tokens> greedy;  // transformers' greedy tokens (it did not stop at eos)
-};
-
-std::string golden_dir() { return std::string(MLA_TEST_DATA_DIR) + "/v3"; }
-
-const Golden& golden() {
-  static const Golden g = [] {
-    nlohmann::json j;
-    std::ifstream(golden_dir() + "/golden.json") >> j;
-    Golden out;
-    for (const auto& p : j["prompts"]) out.prompts.push_back(p.get<Tokens>());
-    for (const auto& t : j["greedy"]) out.greedy.push_back(t.get<Tokens>());
-    return out;
-  }();
-  return g;
-}
+using test::Golden;
+std::string golden_dir() { return test::model_dir("v3"); }
+const Golden& golden() { return test::golden("v3"); }
 
 std::shared_ptr<const DeepseekModel> golden_model() {
   static const std::shared_ptr<const DeepseekModel> m =
@@ -155,16 +141,7 @@ Tokens run_alone(std::shared_ptr<const DeepseekModel> model, const Request& r,
   return out.tokens[id];
 }
 
-ErrorCode code_of(const std::function<void()>& fn, std::string* message = nullptr) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    if (message) *message = e.what();
-    return e.code();
-  }
-  ADD_FAILURE() << "expected mla::Error";
-  return ErrorCode::kInternal;
-}
+using test::code_of;
 
 // ---------------------------------------------------------------------------------------
 // Stop conditions

@@ -9,6 +9,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "tests/support/golden.h"
 #include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
 #include "runtime/safetensors.h"
@@ -18,31 +19,9 @@ namespace {
 
 constexpr double kTolerance = 1e-4;
 
-struct Golden {
-  std::vector<std::vector<int32_t>> prompts;
-  std::vector<std::vector<int32_t>> greedy;
-  std::vector<Tensor> prompt_logits;  // [S, V] per prompt
-  std::vector<Tensor> step_logits;    // [N, V] per prompt
-  nlohmann::json meta;
-};
-
-std::string model_dir(const std::string& name) { return std::string(MLA_TEST_DATA_DIR) + "/" + name; }
-
-const Golden& golden(const std::string& name) {
-  static std::map<std::string, Golden> cache;
-  auto it = cache.find(name);
-  if (it != cache.end()) return it->second;
-  Golden g;
-  std::ifstream(model_dir(name) + "/golden.json") >> g.meta;
-  auto file = SafetensorsFile::open(model_dir(name) + "/golden.safetensors");
-  for (int i = 0; i < g.meta["num_prompts"].get<int>(); ++i) {
-    g.prompts.push_back(g.meta["prompts"][i].get<std::vector<int32_t>>());
-    g.greedy.push_back(g.meta["greedy"][i].get<std::vector<int32_t>>());
-    g.prompt_logits.push_back(file->tensor(fmt::format("prompt{}_logits", i)));
-    g.step_logits.push_back(file->tensor(fmt::format("prompt{}_step_logits", i)));
-  }
-  return cache.emplace(name, std::move(g)).first->second;
-}
+using test::Golden;
+using test::golden;
+using test::model_dir;
 
 std::shared_ptr<DeepseekModel> model(const std::string& name, AbsorbMode mode) {
   static std::map<std::pair<std::string, AbsorbMode>, std::shared_ptr<DeepseekModel>> cache;

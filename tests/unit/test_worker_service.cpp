@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "rpc/worker_service.h"
+#include "tests/support/golden.h"
 #include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
 #include "runtime/sampler.h"
@@ -41,24 +42,9 @@ constexpr auto kRpcDeadline = 10s;  // far above any test's need: only a hang re
 // Seconds of decoding on long_context_model(): still running whenever a test cancels it.
 constexpr int32_t kLongRun = 4000;
 
-struct Golden {
-  std::vector<Tokens> prompts;
-  std::vector<Tokens> greedy;  // transformers' greedy tokens (it did not stop at eos)
-};
-
-std::string golden_dir() { return std::string(MLA_TEST_DATA_DIR) + "/v3"; }
-
-const Golden& golden() {
-  static const Golden g = [] {
-    nlohmann::json j;
-    std::ifstream(golden_dir() + "/golden.json") >> j;
-    Golden out;
-    for (const auto& p : j["prompts"]) out.prompts.push_back(p.get<Tokens>());
-    for (const auto& t : j["greedy"]) out.greedy.push_back(t.get<Tokens>());
-    return out;
-  }();
-  return g;
-}
+using test::Golden;
+std::string golden_dir() { return test::model_dir("v3"); }
+const Golden& golden() { return test::golden("v3"); }
 
 std::shared_ptr<const DeepseekModel> golden_model() {
   static const std::shared_ptr<const DeepseekModel> m =

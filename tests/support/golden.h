@@ -1,0 +1,62 @@
+// Test support shared by the gtest suites: the transformers golden data in tests/data and
+// a helper for asserting on mla::Error codes. Header-only; needs MLA_TEST_DATA_DIR.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "kernels/error.h"
+#include "runtime/safetensors.h"
+
+namespace mla::test {
+
+inline std::string model_dir(const std::string& name) {
+  return std::string(MLA_TEST_DATA_DIR) + "/" + name;
+}
+
+// One golden model: its prompts, transformers' greedy tokens (it did not stop at eos), the
+// logits of every prompt position and of every greedy step.
+struct Golden {
+  std::vector<std::vector<int32_t>> prompts, greedy;
+  std::vector<Tensor> prompt_logits;  // [S, V] per prompt
+  std::vector<Tensor> step_logits;    // [steps, V] per prompt
+  int steps = 0;
+  nlohmann::json meta;
+};
+
+// Loaded once per model name. Not thread-safe on first use.
+inline const Golden& golden(const std::string& name) {
+  static std::map<std::string, Golden> cache;
+  if (auto it = cache.find(name); it != cache.end()) return it->second;
+  Golden g;
+  std::ifstream(model_dir(name) + "/golden.json") >> g.meta;
+  g.steps = g.meta["steps"].get<int>();
+  auto file = SafetensorsFile::open(model_dir(name) + "/golden.safetensors");
+  for (int i = 0; i < g.meta["num_prompts"].get<int>(); ++i) {
+    g.prompts.push_back(g.meta["prompts"][i].get<std::vector<int32_t>>());
+    g.greedy.push_back(g.meta["greedy"][i].get<std::vector<int32_t>>());
+    g.prompt_logits.push_back(file->tensor(fmt::format("prompt{}_logits", i)));
+    g.step_logits.push_back(file->tensor(fmt::format("prompt{}_step_logits", i)));
+  }
+  return cache.emplace(name, std::move(g)).first->second;
+}
+
+// The code of the mla::Error `fn` throws (and its message); a test failure if none.
+inline ErrorCode code_of(const std::function<void()>& fn, std::string* message = nullptr) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    if (message) *message = e.what();
+    return e.code();
+  }
+  ADD_FAILURE() << "no mla::Error thrown";
+  return ErrorCode::kInternal;
+}
+
+}  // namespace mla::test
