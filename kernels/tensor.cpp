@@ -51,6 +51,14 @@ Tensor Tensor::from_vector(Shape shape, const std::vector<float>& values) {
   return t;
 }
 
+std::string to_string(Device d) { return d == Device::kCuda ? "cuda" : "cpu"; }
+
+Device device_from_string(const std::string& s) {
+  if (s == "cpu") return Device::kCpu;
+  if (s == "cuda") return Device::kCuda;
+  MLA_THROW(kInvalidArgument, "device must be cpu or cuda, got `{}`", s);
+}
+
 Tensor Tensor::borrow(std::shared_ptr<void> owner, void* data, Shape shape, DType dtype,
                       Device device) {
   Tensor t;

@@ -27,3 +27,7 @@ export LD_LIBRARY_PATH="$here/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib:${LD
 export PATH="$here/bin:$PATH"
 ENV
 echo "bundled $# binaries and $(ls "$out/lib" | wc -l) libraries ($(du -sh "$out" | cut -f1)) into $out"
+# A gzip of the folder travels where size counts (OpenBLAS alone is 36 MB); unpack it with
+# `tar xzf OUT_DIR.tar.gz` on the node.
+tar czf "$out.tar.gz" -C "$(dirname "$out")" "$(basename "$out")"
+echo "packed $(du -sh "$out.tar.gz" | cut -f1) into $out.tar.gz"

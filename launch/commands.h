@@ -13,5 +13,6 @@ void add_make_tiny_command(CLI::App& app, int& exit_code);
 void add_serve_commands(CLI::App& app, int& exit_code);
 // Load generator for a coordinator or one worker (launch/cmd_bench.cpp).
 void add_bench_command(CLI::App& app, int& exit_code);
+void add_bench_kernels_command(CLI::App& app, int& exit_code);
 
 }  // namespace mla::launch

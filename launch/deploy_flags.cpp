@@ -27,7 +27,15 @@ void DeployFlags::add_to(CLI::App& cmd) {
   cmd.add_option("--absorb", absorb_, "naive, factored, premerged or auto")->capture_default_str();
   cmd.add_option("--block-size", flags_.engine.block_size, "Tokens per cache page")
       ->capture_default_str();
-  cmd.add_option("--num-pages", flags_.engine.num_pages, "Cache pages")->capture_default_str();
+  cmd.add_option("--num-pages", flags_.engine.num_pages,
+                 "Cache pages (0: size the cache from free GPU memory, --device cuda)")
+      ->capture_default_str();
+  cmd.add_option("--device", device_, "cpu (fp32 reference) or cuda (bf16 on the GPU)")
+      ->capture_default_str();
+  cmd.add_option("--cache-memory-fraction", flags_.engine.cache_memory_fraction,
+                 "With --num-pages 0: share of free GPU memory for the cache")
+      ->capture_default_str();
+  cmd.add_flag("--no-cuda-graphs", no_graphs_, "Run decode steps without CUDA graphs");
   cmd.add_option("--max-batch-tokens", flags_.engine.scheduler.max_batch_tokens,
                  "Token budget per step")
       ->capture_default_str();
@@ -48,6 +56,11 @@ DeployConfig DeployFlags::resolve() const {
   if (given("--absorb")) d.model.absorb = absorb_mode_from_string(absorb_);
   if (given("--block-size")) d.engine.block_size = flags_.engine.block_size;
   if (given("--num-pages")) d.engine.num_pages = flags_.engine.num_pages;
+  if (given("--device")) d.model.device = device_from_string(device_);
+  if (given("--cache-memory-fraction")) {
+    d.engine.cache_memory_fraction = flags_.engine.cache_memory_fraction;
+  }
+  if (no_graphs_) d.model.cuda_graphs = false;
   if (given("--max-batch-tokens")) {
     d.engine.scheduler.max_batch_tokens = flags_.engine.scheduler.max_batch_tokens;
   }

@@ -15,8 +15,9 @@ std::vector<int32_t> parse_ids(const std::string& text, const char* flag = "--pr
 
 class DeployFlags {
  public:
-  // Adds --config, --model, --absorb, --block-size, --num-pages, --max-batch-tokens,
-  // --tp, --kv-shard and --comm-timeout to `cmd`.
+  // Adds --config, --model, --absorb, --block-size, --num-pages, --device,
+  // --cache-memory-fraction, --no-cuda-graphs, --max-batch-tokens, --tp, --kv-shard and
+  // --comm-timeout to `cmd`.
   void add_to(CLI::App& cmd);
   // The config file's settings with the given flags applied. Throws kInvalidArgument when
   // no model directory is named.
@@ -26,6 +27,8 @@ class DeployFlags {
   CLI::App* cmd_ = nullptr;
   std::string config_path_;
   std::string absorb_ = "auto";
+  std::string device_ = "cpu";
+  bool no_graphs_ = false;
   DeployConfig flags_;  // holds the flag values; only the given ones are applied
 };
 

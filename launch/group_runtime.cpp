@@ -2,6 +2,28 @@
 
 #include <spdlog/spdlog.h>
 
+#include <cstdlib>
+
+#if MLA_HAVE_CUDA
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device_memory.h"
+#endif
+
+namespace mla::launch {
+namespace {
+
+// This process's rank among the ranks on its node (Open MPI and Slurm set it; a process
+// started without either is rank 0).
+int local_rank() {
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID"}) {
+    if (const char* v = std::getenv(var)) return std::atoi(v);
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace mla::launch
+
 namespace mla::launch {
 
 std::unique_ptr<GroupRuntime> GroupRuntime::start(const DeployConfig& d) {
@@ -19,8 +41,30 @@ std::unique_ptr<GroupRuntime> GroupRuntime::start(const DeployConfig& d) {
   options.tp_rank = rt->groups.tp_rank;
   options.kv_shard = d.parallel.kv_shard == "replicate" ? KvShard::kReplicate : KvShard::kSequence;
   options.show_progress = options.show_progress && rt->groups.world_rank == 0;
-  rt->model = DeepseekModel::load(d.model_dir, options);
-  rt->engine = std::make_unique<Engine>(rt->model, d.engine, rt->comm.get());
+  Communicator* data = rt->comm.get();
+  if (options.device == Device::kCuda) {
+#if MLA_HAVE_CUDA
+    // One GPU per rank: ranks on a node take its devices in local-rank order.
+    const int devices = cuda::device_count();
+    MLA_REQUIRE(devices > 0, "--device cuda: no CUDA device is visible on this node");
+    const int device = local_rank() % devices;
+    cuda::set_device(device);
+    spdlog::info("rank {} uses GPU {} of {}", rt->groups.world_rank, device, devices);
+#if MLA_HAVE_NCCL
+    if (rt->comm != nullptr && rt->groups.tp_size > 1) {
+      rt->nccl = std::make_unique<NcclCommunicator>(
+          rt->groups.tp_comm.get(), device, std::chrono::seconds(d.parallel.comm_timeout_s));
+      data = rt->nccl.get();
+    }
+#else
+    MLA_REQUIRE(rt->groups.tp_size == 1, "tensor parallelism on GPUs needs a build with NCCL");
+#endif
+#else
+    MLA_THROW(kFailedPrecondition, "this build has no CUDA backend; use --device cpu");
+#endif
+  }
+  rt->model = load_model(d.model_dir, options);
+  rt->engine = std::make_unique<Engine>(rt->model, d.engine, data, rt->comm.get());
   return rt;
 }
 

@@ -1,13 +1,18 @@
 // GroupRuntime: this process's place in the world and its share of the model, set up the
 // same way for every subcommand that runs one: under mpirun (or with tp > 1) the world
 // splits into tensor-parallel groups (the layout is logged), each rank loads its shard,
-// and each builds an Engine around the group's communicator.
+// and each builds an Engine around the group's communicator. With `device: cuda` each rank
+// takes a GPU (local rank modulo the node's devices) and the model's collectives go over
+// NCCL while step plans stay on MPI.
 #pragma once
 
 #include <memory>
 #include <optional>
 
 #include "parallel/mpi_communicator.h"
+#if MLA_HAVE_NCCL
+#include "parallel/nccl/nccl_communicator.h"
+#endif
 #include "parallel/process_groups.h"
 #include "runtime/deploy_config.h"
 #include "runtime/engine.h"
@@ -17,8 +22,11 @@ namespace mla::launch {
 struct GroupRuntime {
   std::optional<MpiSession> mpi;  // first member: finalised last
   ProcessGroups groups;
-  std::unique_ptr<MpiCommunicator> comm;  // null for a single process
-  std::shared_ptr<const DeepseekModel> model;
+  std::unique_ptr<MpiCommunicator> comm;  // null for a single process; carries step plans
+#if MLA_HAVE_NCCL
+  std::unique_ptr<NcclCommunicator> nccl;  // the model's collectives on GPUs (tp > 1)
+#endif
+  std::shared_ptr<const Model> model;
   std::unique_ptr<Engine> engine;
 
   // Sets everything up from the deployment config. Throws mla::Error.

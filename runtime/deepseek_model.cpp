@@ -9,9 +9,11 @@
 #include <limits>
 #include <numeric>
 
+#include "kernels/cpu/moe.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/error.h"
 #include "runtime/checkpoint.h"
+#include "runtime/weight_loader.h"
 
 namespace mla {
 namespace {
@@ -28,33 +30,6 @@ void linear(const float* x, int64_t rows, const Tensor& w, float* y, WorkCounter
 }
 
 }  // namespace
-
-void WorkCounter::add(const WorkCounter& other) {
-  weight_flops += other.weight_flops;
-  cache_upproj_flops += other.cache_upproj_flops;
-  attention_flops += other.attention_flops;
-  for (int f = 0; f < kNumAttnForms; ++f) form_chunks[f] += other.form_chunks[f];
-  for (int op = 0; op < kNumCommOps; ++op) {
-    comm.bytes[op] += other.comm.bytes[op];
-    comm.calls[op] += other.comm.calls[op];
-  }
-}
-
-CommStats predicted_step_comm(const ModelConfig& c, int32_t tp_size, KvShard kv,
-                              int64_t num_tokens) {
-  CommStats stats;
-  if (tp_size <= 1) return stats;
-  const int64_t f = sizeof(float), T = num_tokens, H = c.num_heads;
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    if (kv == KvShard::kSequence) {
-      stats.add(CommOp::kAllGather, T * H * c.latent_width() * f);
-      stats.add(CommOp::kAllToAll, T * H * (c.kv_lora_rank + 1) * f);
-    }
-    stats.add(CommOp::kAllReduce, T * c.hidden_size * f);
-    stats.add(CommOp::kAllReduce, T * c.hidden_size * f);
-  }
-  return stats;
-}
 
 // Per-step scratch shared by the layers: positions, rope tables, the attention form of
 // every sequence in the batch, and the group's communicator.
@@ -77,9 +52,7 @@ struct DeepseekModel::StepContext {
 };
 
 DeepseekModel::DeepseekModel(ModelConfig config, const ModelOptions& options, ShardPlan shard)
-    : config_(std::move(config)),
-      shard_(shard),
-      forms_(config_, options.absorb, options.cost),
+    : Model(std::move(config), options, shard),
       inv_freq_(config_.rope_inv_freq()),
       rope_factor_(config_.rope_attention_factor()),
       softmax_scale_(static_cast<float>(config_.softmax_scale())) {}
@@ -87,167 +60,29 @@ DeepseekModel::DeepseekModel(ModelConfig config, const ModelOptions& options, Sh
 std::shared_ptr<DeepseekModel> DeepseekModel::load(const std::string& model_dir,
                                                    const ModelOptions& options) {
   ModelConfig config = ModelConfig::load(model_dir);
-  // Validate the plan against this model before reading any weight.
-  const ShardPlan shard(options.tp_size, options.tp_rank, config.num_heads, options.kv_shard);
-  const int64_t P = shard.tp_size();
-  auto divisible = [&](int64_t n, const char* what) {
-    MLA_REQUIRE(n % P == 0, "tensor-parallel size {} does not divide {} ({})", P, what, n);
-  };
-  divisible(config.intermediate_size, "intermediate_size");
-  if (config.n_routed_experts > 0) {
-    divisible(config.n_routed_experts, "n_routed_experts");
-    divisible(config.n_shared_experts * config.moe_intermediate_size,
-              "the shared experts' width");
-  }
+  const ShardPlan shard = plan_for(config, options);
   std::shared_ptr<DeepseekModel> model(new DeepseekModel(std::move(config), options, shard));
   Checkpoint ckpt = Checkpoint::open(model_dir, model->config_.fp8_block);
   ckpt.set_progress(options.show_progress);
   model->load_weights(ckpt);
   ckpt.finish_progress();
-  if (model->forms_.needs_premerged()) {
-    for (auto& layer : model->weights_.layers) model->prepare_premerged(layer.attn);
-  }
-  const auto& c = model->config_;
-  spdlog::info("loaded {} ({} layers, {} heads, d_c {}, d_r {}, {} experts) absorption {}{}",
-               c.family_name(), c.num_layers, c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim,
-               c.n_routed_experts, to_string(options.absorb),
-               P > 1 ? fmt::format(", tp rank {}/{} heads [{}, {})", shard.tp_rank(), P,
-                                   shard.head_begin(), shard.head_end())
-                     : "");
+  model->log_loaded(options, "cpu fp32");
   return model;
 }
 
 void DeepseekModel::load_weights(Checkpoint& ckpt) {
-  const ModelConfig& c = config_;
-  const int64_t D = c.hidden_size, H = c.num_heads, P = shard_.tp_size(), r = shard_.tp_rank();
-  const int64_t h0 = shard_.head_begin(), h1 = shard_.head_end();
-  auto load = [&](const std::string& name, const Shape& shape) {
-    return ckpt.load_f32(name, shape);
-  };
-  auto rows = [&](const std::string& name, const Shape& shape, int64_t begin, int64_t end) {
-    return ckpt.load_f32_slice(name, shape, begin, end);
-  };
-  auto cols = [&](const std::string& name, const Shape& shape, int64_t begin, int64_t end) {
-    return ckpt.load_f32_slice(name, shape, 0, shape[0], begin, end);
-  };
-  // A SwiGLU MLP of `width` split by columns of gate/up and rows of down: rank r keeps
-  // [r * width / P, (r + 1) * width / P).
-  auto load_mlp = [&](const std::string& prefix, int64_t width, int64_t parts) {
-    const int64_t w = width / parts, begin = (parts == 1 ? 0 : r) * w;
-    MlpWeights m;
-    m.width = w;
-    Tensor gate = rows(prefix + "gate_proj.weight", {width, D}, begin, begin + w);
-    Tensor up = rows(prefix + "up_proj.weight", {width, D}, begin, begin + w);
-    m.gate_up = Tensor::empty({2 * w, D});
-    std::memcpy(m.gate_up.f32(), gate.f32(), gate.nbytes());
-    std::memcpy(m.gate_up.f32() + w * D, up.f32(), up.nbytes());
-    m.down = cols(prefix + "down_proj.weight", {D, width}, begin, begin + w);
-    return m;
-  };
-  // The progress total: everything but block scales and layers past num_hidden_layers
-  // (a rank of P reads about 1/P of the split tensors; the line shows the whole file).
-  size_t total = 0;
-  for (const std::string& name : ckpt.names()) {
-    int layer = -1;
-    const bool beyond = std::sscanf(name.c_str(), "model.layers.%d.", &layer) == 1 &&
-                        layer >= c.num_layers;
-    if (!beyond && !name.ends_with("_scale_inv")) total += ckpt.info(name).nbytes;
-  }
-  ckpt.expect_total_bytes(P == 1 ? total : total / P);
-
-  weights_.embed = load("model.embed_tokens.weight", {c.vocab_size, D});
-  weights_.final_norm = load("model.norm.weight", {D});
-  weights_.lm_head = c.tie_word_embeddings && !ckpt.has("lm_head.weight")
-                         ? weights_.embed
-                         : load("lm_head.weight", {c.vocab_size, D});
+  WeightLoader loader(ckpt, config_, shard_);
+  weights_.embed = loader.embed();
+  weights_.final_norm = loader.final_norm();
+  weights_.lm_head = loader.lm_head(weights_.embed);
   // Layers past num_hidden_layers (the V3 multi-token-prediction head) are never read.
-  weights_.layers.resize(c.num_layers);
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    LayerWeights& lw = weights_.layers[l];
-    const std::string p = fmt::format("model.layers.{}.", l);
-    lw.input_norm = load(p + "input_layernorm.weight", {D});
-    lw.post_attn_norm = load(p + "post_attention_layernorm.weight", {D});
-
-    AttentionWeights& a = lw.attn;
-    const std::string ap = p + "self_attn.";
-    const int64_t dqk = c.qk_head_dim(), dkv = c.qk_nope_head_dim + c.v_head_dim;
-    if (c.q_lora_rank > 0) {
-      a.q_a = load(ap + "q_a_proj.weight", {c.q_lora_rank, D});
-      a.q_a_norm = load(ap + "q_a_layernorm.weight", {c.q_lora_rank});
-      a.q_b = rows(ap + "q_b_proj.weight", {H * dqk, c.q_lora_rank}, h0 * dqk, h1 * dqk);
-    } else {
-      a.q_b = rows(ap + "q_proj.weight", {H * dqk, D}, h0 * dqk, h1 * dqk);
-    }
-    a.kv_a = load(ap + "kv_a_proj_with_mqa.weight", {c.latent_width(), D});
-    a.kv_a_norm = load(ap + "kv_a_layernorm.weight", {c.kv_lora_rank});
-    a.kv_b = rows(ap + "kv_b_proj.weight", {H * dkv, c.kv_lora_rank}, h0 * dkv, h1 * dkv);
-    a.o = cols(ap + "o_proj.weight", {D, H * c.v_head_dim}, h0 * c.v_head_dim,
-               h1 * c.v_head_dim);
-
-    lw.is_moe = c.is_moe_layer(l);
-    const std::string mp = p + "mlp.";
-    if (!lw.is_moe) {
-      lw.mlp = load_mlp(mp, c.intermediate_size, P);
-      continue;
-    }
-    MoeWeights& m = lw.moe;
-    m.gate = load(mp + "gate.weight", {c.n_routed_experts, D});
-    if (c.gate == GateKind::kSigmoidNoauxTc) {
-      m.correction_bias = load(mp + "gate.e_score_correction_bias", {c.n_routed_experts});
-    }
-    const int64_t I = c.moe_intermediate_size, E = c.n_routed_experts, local = E / P;
-    m.first_expert = r * local;
-    m.experts.resize(local);
-    if (ckpt.has(mp + "experts.gate_up_proj")) {
-      // Fused layout (transformers' in-memory form): [E, 2I, D] and [E, D, I].
-      Tensor gu = rows(mp + "experts.gate_up_proj", {E, 2 * I, D}, m.first_expert,
-                       m.first_expert + local);
-      Tensor down = rows(mp + "experts.down_proj", {E, D, I}, m.first_expert,
-                         m.first_expert + local);
-      for (int64_t e = 0; e < local; ++e) {
-        m.experts[e].width = I;
-        m.experts[e].gate_up = gu.slice_rows(e, e + 1).view({2 * I, D});
-        m.experts[e].down = down.slice_rows(e, e + 1).view({D, I});
-      }
-    } else {
-      for (int64_t e = 0; e < local; ++e) {
-        m.experts[e] = load_mlp(fmt::format("{}experts.{}.", mp, m.first_expert + e), I, 1);
-      }
-    }
-    if (c.n_shared_experts > 0) {
-      m.shared = load_mlp(mp + "shared_experts.", c.n_shared_experts * I, P);
+  weights_.layers.resize(config_.num_layers);
+  for (int64_t l = 0; l < config_.num_layers; ++l) {
+    weights_.layers[l] = loader.layer(l);
+    if (forms_.needs_premerged()) {
+      build_premerged(config_, shard_.local_heads(), weights_.layers[l].attn);
     }
   }
-}
-
-void DeepseekModel::prepare_premerged(AttentionWeights& w) const {
-  const ModelConfig& c = config_;
-  const int64_t H = shard_.local_heads(), dc = c.kv_lora_rank, dn = c.qk_nope_head_dim,
-                dr = c.qk_rope_head_dim, dv = c.v_head_dim, D = c.hidden_size,
-                qin = c.q_in_dim(), dqk = c.qk_head_dim();
-  w.q_absorbed = Tensor::empty({H * dc, qin});
-  w.q_rope = Tensor::empty({H * dr, qin});
-  w.o_absorbed = Tensor::empty({D, H * dc});
-  std::vector<float> uk_t(dc * dn);
-  for (int64_t h = 0; h < H; ++h) {
-    const float* w_uk = w.kv_b.f32() + h * (dn + dv) * dc;  // [d_n, d_c]
-    const float* w_uv = w_uk + dn * dc;                      // [d_v, d_c]
-    const float* q_nope = w.q_b.f32() + h * dqk * qin;       // [d_n, q_in]
-    // W_Q'[h] [d_c, q_in] = W_UK[h]^T [d_c, d_n] * W_q,nope[h] [d_n, q_in]
-    for (int64_t i = 0; i < dn; ++i)
-      for (int64_t j = 0; j < dc; ++j) uk_t[j * dn + i] = w_uk[i * dc + j];
-    cpu::matmul_nn(uk_t.data(), dc, dn, q_nope, qin, w.q_absorbed.f32() + h * dc * qin);
-    std::memcpy(w.q_rope.f32() + h * dr * qin, q_nope + dn * qin, dr * qin * sizeof(float));
-    // W_O'[:, h] [D, d_c] = W_o[:, h] [D, d_v] * W_UV[h] [d_v, d_c]
-    cpu::gemm(false, D, dc, dv, w.o.f32() + h * dv, H * dv, w_uv, dc,
-              w.o_absorbed.f32() + h * dc, H * dc);
-  }
-}
-
-CacheGeometry DeepseekModel::cache_geometry(int32_t block_size) const {
-  return CacheGeometry{static_cast<int32_t>(config_.num_layers), block_size,
-                       static_cast<int32_t>(config_.kv_lora_rank),
-                       static_cast<int32_t>(config_.qk_rope_head_dim)};
 }
 
 Tensor DeepseekModel::forward(const ForwardBatch& batch, LatentCache& cache,
@@ -610,63 +445,23 @@ void DeepseekModel::moe(const MoeWeights& w, const float* x, int64_t rows, float
                         WorkCounter& counter) const {
   const ModelConfig& c = config_;
   const int64_t E = c.n_routed_experts, K = c.num_experts_per_tok, D = c.hidden_size;
-  const int64_t group_size = E / c.n_group;
   std::vector<float> logits(rows * E);
   linear(x, rows, w.gate, logits.data(), counter);
 
-  // Route every token: expert ids and weights, then group tokens by expert.
+  // Route every token (cpu::moe_route), then group tokens by expert.
+  std::vector<int32_t> ids(rows * K);
+  std::vector<float> weights(rows * K);
+  cpu::MoeRouteParams route{logits.data(), w.correction_bias.defined() ? w.correction_bias.f32() : nullptr,
+                            rows, E, c.n_group, c.topk_group, K, moe_gate_kind(c.gate),
+                            // transformers' DeepseekV2 never renormalises (norm_topk_prob is
+                            // false in every V2 checkpoint anyway); V3 does when asked.
+                            c.norm_topk_prob && c.family == ModelFamily::kDeepseekV3,
+                            static_cast<float>(c.routed_scaling_factor), ids.data(),
+                            weights.data()};
+  cpu::moe_route(route);
   std::vector<std::vector<std::pair<int64_t, float>>> by_expert(E);
-  std::vector<float> scores(E), choice(E), group_score(c.n_group);
-  std::vector<int64_t> order(E), group_order(c.n_group);
-  const float kMasked = c.gate == GateKind::kSigmoidNoauxTc
-                            ? -std::numeric_limits<float>::infinity()
-                            : 0.0f;
   for (int64_t t = 0; t < rows; ++t) {
-    const float* lg = &logits[t * E];
-    if (c.gate == GateKind::kSigmoidNoauxTc) {
-      for (int64_t e = 0; e < E; ++e) {
-        scores[e] = 1.0f / (1.0f + std::exp(-lg[e]));
-        choice[e] = scores[e] + w.correction_bias.f32()[e];
-      }
-    } else {
-      std::copy(lg, lg + E, scores.begin());
-      cpu::softmax_inplace(scores.data(), E);
-      choice = scores;
-    }
-    if (c.gate != GateKind::kSoftmaxGreedy) {
-      for (int64_t g = 0; g < c.n_group; ++g) {
-        const float* gs = &choice[g * group_size];
-        if (c.gate == GateKind::kSigmoidNoauxTc) {
-          std::vector<float> top(gs, gs + group_size);
-          std::partial_sort(top.begin(), top.begin() + 2, top.end(), std::greater<>());
-          group_score[g] = top[0] + top[1];
-        } else {
-          group_score[g] = *std::max_element(gs, gs + group_size);
-        }
-      }
-      std::iota(group_order.begin(), group_order.end(), 0);
-      std::partial_sort(group_order.begin(), group_order.begin() + c.topk_group,
-                        group_order.end(),
-                        [&](int64_t a, int64_t b) { return group_score[a] > group_score[b]; });
-      std::vector<bool> keep(c.n_group, false);
-      for (int64_t g = 0; g < c.topk_group; ++g) keep[group_order[g]] = true;
-      for (int64_t e = 0; e < E; ++e) {
-        if (!keep[e / group_size]) choice[e] = kMasked;
-      }
-    }
-    std::iota(order.begin(), order.end(), 0);
-    std::partial_sort(order.begin(), order.begin() + K, order.end(),
-                      [&](int64_t a, int64_t b) { return choice[a] > choice[b]; });
-    float denom = 0.0f;
-    for (int64_t k = 0; k < K; ++k) denom += scores[order[k]];
-    // transformers' DeepseekV2 never renormalises (norm_topk_prob is false in every V2
-    // checkpoint anyway); V3 does when asked.
-    const bool renorm = c.norm_topk_prob && c.family == ModelFamily::kDeepseekV3;
-    for (int64_t k = 0; k < K; ++k) {
-      float weight = scores[order[k]];
-      if (renorm) weight /= denom + 1e-20f;
-      by_expert[order[k]].push_back({t, weight * static_cast<float>(c.routed_scaling_factor)});
-    }
+    for (int64_t k = 0; k < K; ++k) by_expert[ids[t * K + k]].push_back({t, weights[t * K + k]});
   }
 
   // Shared experts on every token, then each routed expert once on the tokens routed to it.

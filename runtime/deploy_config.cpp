@@ -42,16 +42,23 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   DeployConfig c;
   if (root.IsNull()) MLA_THROW(kInvalidArgument, "{}: empty config (needs at least `model`)", origin);
   if (!root.IsMap()) MLA_THROW(kInvalidArgument, "{}: top level must be a mapping", origin);
-  reject_unknown(root, {"model", "absorb", "cache", "scheduler", "parallel", "coordinator", "workers"},
+  reject_unknown(root,
+                 {"model", "absorb", "device", "cuda_graphs", "cache", "scheduler", "parallel",
+                  "coordinator", "workers"},
                  "", origin);
   read(root, "model", c.model_dir, "", origin);
   std::string absorb = to_string(c.model.absorb);
   read(root, "absorb", absorb, "", origin);
   c.model.absorb = absorb_mode_from_string(absorb);
+  std::string device = to_string(c.model.device);
+  read(root, "device", device, "", origin);
+  c.model.device = device_from_string(device);
+  read(root, "cuda_graphs", c.model.cuda_graphs, "", origin);
   if (const auto cache = root["cache"]) {
-    reject_unknown(cache, {"block_size", "num_pages"}, "cache.", origin);
+    reject_unknown(cache, {"block_size", "num_pages", "memory_fraction"}, "cache.", origin);
     read(cache, "block_size", c.engine.block_size, "cache.", origin);
     read(cache, "num_pages", c.engine.num_pages, "cache.", origin);
+    read(cache, "memory_fraction", c.engine.cache_memory_fraction, "cache.", origin);
   }
   if (const auto sched = root["scheduler"]) {
     reject_unknown(sched, {"max_batch_tokens", "max_running"}, "scheduler.", origin);
@@ -92,7 +99,10 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   MLA_REQUIRE(c.workers.port_base > 0 && c.workers.port_base < 65536,
               "{}: workers.port_base must be a TCP port", origin);
   MLA_REQUIRE(c.engine.block_size >= 1, "{}: cache.block_size must be >= 1", origin);
-  MLA_REQUIRE(c.engine.num_pages >= 1, "{}: cache.num_pages must be >= 1", origin);
+  MLA_REQUIRE(c.engine.num_pages >= 0, "{}: cache.num_pages must be >= 0 (0: automatic)",
+              origin);
+  MLA_REQUIRE(c.engine.cache_memory_fraction > 0 && c.engine.cache_memory_fraction < 1,
+              "{}: cache.memory_fraction must be in (0, 1)", origin);
   return c;
 }
 

@@ -36,7 +36,10 @@ struct WorkersConfig {
 struct DeployConfig {
   std::string model_dir;   // `model`: Hugging Face model directory. Required.
   ModelOptions model;      // `absorb`: naive | factored | premerged | auto. Default: auto.
-  EngineOptions engine;    // `cache.block_size` (64), `cache.num_pages` (256),
+                           // `device`: cpu | cuda. Default: cpu.
+                           // `cuda_graphs`: capture decode steps. Default: true.
+  EngineOptions engine;    // `cache.block_size` (64), `cache.num_pages` (256; 0 = from free
+                           // GPU memory), `cache.memory_fraction` (0.9),
                            // `scheduler.max_batch_tokens` (512), `scheduler.max_running` (64)
   ParallelConfig parallel;
   CoordinatorConfig coordinator;

@@ -18,12 +18,25 @@ enum PlanKind : int64_t { kPlanStep = 1, kPlanShutdown = 2, kPlanHeartbeat = 3 }
 
 }  // namespace
 
-Engine::Engine(std::shared_ptr<const DeepseekModel> model, EngineOptions options,
-               Communicator* comm)
+namespace {
+
+int32_t cache_pages(const Model& model, const EngineOptions& options) {
+  if (options.num_pages > 0) return options.num_pages;
+  const int32_t pages = model.auto_num_pages(options.block_size, options.cache_memory_fraction);
+  MLA_REQUIRE(pages > 0, "num_pages 0 (automatic) needs a model on a GPU; set num_pages");
+  return pages;
+}
+
+}  // namespace
+
+Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options, Communicator* comm,
+               Communicator* control)
     : model_(std::move(model)),
       options_(options),
       comm_(comm != nullptr && comm->size() > 1 ? comm : nullptr),
-      cache_(model_->cache_geometry(options.block_size), options.num_pages, model_->shard()),
+      control_(control != nullptr ? control : comm_),
+      cache_(model_->cache_geometry(options.block_size), cache_pages(*model_, options),
+             model_->shard(), model_->cache_storage()),
       scheduler_(options.scheduler, cache_) {
   MLA_REQUIRE(model_->shard().tp_size() == (comm_ ? comm_->size() : 1),
               "the model is sharded for {} ranks but the group has {}",
@@ -32,21 +45,22 @@ Engine::Engine(std::shared_ptr<const DeepseekModel> model, EngineOptions options
 
 void Engine::broadcast_plan(std::vector<int64_t>& plan) {
   int64_t words = static_cast<int64_t>(plan.size());
-  comm_->broadcast(&words, sizeof(words), 0);
+  control_->broadcast(&words, sizeof(words), 0);
   plan.resize(words);
-  comm_->broadcast(plan.data(), words * static_cast<int64_t>(sizeof(int64_t)), 0);
+  control_->broadcast(plan.data(), words * static_cast<int64_t>(sizeof(int64_t)), 0);
 }
 
-Tensor Engine::run_forward(const ForwardBatch& batch) {
+SampledStep Engine::run_forward(const ForwardBatch& batch,
+                                const std::vector<SampleRequest>& requests) {
   WorkCounter work;
-  Tensor logits = model_->forward(batch, cache_, &work, comm_);
+  SampledStep sampled = model_->forward_sample(batch, requests, cache_, &work, comm_);
   stats_.steps++;
   stats_.computed_tokens += static_cast<int64_t>(batch.tokens.size());
   stats_.work.add(work);
   spdlog::debug("step {}: {} sequences, {} tokens, forms: decompressed {} factored {} premerged {}",
                 stats_.steps, batch.seqs.size(), batch.tokens.size(), work.form_chunks[0],
                 work.form_chunks[1], work.form_chunks[2]);
-  return logits;
+  return sampled;
 }
 
 void Engine::follow() {
@@ -76,7 +90,7 @@ void Engine::follow() {
       batch.seqs.push_back({&table, start, n, plan.at(i + 3) != 0});
     }
     batch.tokens.assign(plan.begin() + static_cast<std::ptrdiff_t>(i), plan.end());
-    run_forward(batch);
+    run_forward(batch, {});
   }
 }
 
@@ -143,11 +157,17 @@ std::vector<StepOutput> Engine::step() {
   if (plan.empty()) return {};
 
   ForwardBatch batch;
+  std::vector<SampleRequest> requests;
   for (const ScheduledChunk& chunk : plan.chunks) {
     const auto& toks = chunk.seq->tokens;
     batch.tokens.insert(batch.tokens.end(), toks.begin() + chunk.start,
                         toks.begin() + chunk.start + chunk.num_tokens);
     batch.seqs.push_back({&chunk.seq->table, chunk.start, chunk.num_tokens, chunk.samples()});
+    if (chunk.samples()) {
+      requests.push_back({chunk.seq->request.sampling,
+                          static_cast<int64_t>(chunk.seq->tokens.size()),
+                          chunk.seq->request.return_logits});
+    }
   }
   if (comm_ != nullptr) {
     std::vector<int64_t> words = {kPlanStep, static_cast<int64_t>(released_.size())};
@@ -161,11 +181,10 @@ std::vector<StepOutput> Engine::step() {
     words.insert(words.end(), batch.tokens.begin(), batch.tokens.end());
     broadcast_plan(words);
   }
-  Tensor logits = run_forward(batch);
-  return postprocess(plan, logits);
+  return postprocess(plan, run_forward(batch, requests));
 }
 
-std::vector<StepOutput> Engine::postprocess(const Schedule& plan, const Tensor& logits) {
+std::vector<StepOutput> Engine::postprocess(const Schedule& plan, SampledStep sampled) {
   const ModelConfig& c = model_->config();
   std::vector<StepOutput> outputs;
   int64_t row = 0;
@@ -174,16 +193,15 @@ std::vector<StepOutput> Engine::postprocess(const Schedule& plan, const Tensor& 
     Scheduler::commit(chunk);
     if (!chunk.samples()) continue;
 
-    const float* lg = logits.f32() + row++ * c.vocab_size;
-    const int64_t position = static_cast<int64_t>(seq.tokens.size());
-    const int32_t token = sample_token(lg, c.vocab_size, seq.request.sampling, position);
+    const int64_t i = row++;
+    const int32_t token = sampled.tokens.at(i);
     seq.tokens.push_back(token);
     stats_.generated_tokens++;
 
     StepOutput out;
     out.id = seq.id;
     out.token = token;
-    if (seq.request.return_logits) out.logits.assign(lg, lg + c.vocab_size);
+    if (seq.request.return_logits) out.logits = std::move(sampled.logits.at(i));
     const auto& stops = seq.request.stop_ids;
     const bool eos = !seq.request.ignore_eos &&
                      std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), token) !=

@@ -21,7 +21,7 @@
 #include <optional>
 #include <vector>
 
-#include "runtime/deepseek_model.h"
+#include "runtime/model.h"
 #include "runtime/latent_cache.h"
 #include "runtime/scheduler.h"
 #include "runtime/sequence.h"
@@ -30,7 +30,10 @@ namespace mla {
 
 struct EngineOptions {
   int32_t block_size = 64;        // tokens per cache page. Default: 64.
-  int32_t num_pages = 256;        // cache pages. Default: 256.
+  // Cache pages; 0 sizes the cache from free device memory (CUDA models only). Default: 256.
+  int32_t num_pages = 256;
+  // With num_pages 0: the share of the free device memory the cache takes. Default: 0.9.
+  double cache_memory_fraction = 0.9;
   SchedulerOptions scheduler;     // Default: see SchedulerOptions.
 };
 
@@ -63,9 +66,11 @@ struct EngineStats {
 class Engine {
  public:
   // `comm` is the tensor-parallel group (its size and rank must match the model's plan);
-  // null for a single rank.
-  Engine(std::shared_ptr<const DeepseekModel> model, EngineOptions options,
-         Communicator* comm = nullptr);
+  // null for a single rank. The model's collectives go through `comm`; the leader's step
+  // plans through `control` (host memory: an MPI communicator of the same group), which
+  // defaults to `comm` (right for the CPU model, whose comm is MPI).
+  Engine(std::shared_ptr<const Model> model, EngineOptions options,
+         Communicator* comm = nullptr, Communicator* control = nullptr);
 
   bool is_leader() const { return comm_ == nullptr || comm_->rank() == 0; }
   // Follower ranks: run steps as the leader plans them; returns after the leader's
@@ -92,23 +97,24 @@ class Engine {
   // Continues a request exported by another engine; returns its id here.
   RequestId import_request(const RequestSnapshot& snapshot);
 
-  const DeepseekModel& model() const { return *model_; }
+  const Model& model() const { return *model_; }
   const LatentCache& cache() const { return cache_; }
   const EngineStats& stats() const { return stats_; }
   int32_t num_running() const { return scheduler_.num_running(); }
   int32_t num_waiting() const { return scheduler_.num_waiting(); }
 
  private:
-  std::vector<StepOutput> postprocess(const Schedule& plan, const Tensor& logits);
-  Tensor run_forward(const ForwardBatch& batch);
+  std::vector<StepOutput> postprocess(const Schedule& plan, SampledStep sampled);
+  SampledStep run_forward(const ForwardBatch& batch, const std::vector<SampleRequest>& requests);
   void broadcast_plan(std::vector<int64_t>& plan);
   void validate(const Request& r) const;
   Sequence& find(RequestId id);
   void retire(Sequence& seq, FinishReason reason);
 
-  std::shared_ptr<const DeepseekModel> model_;
+  std::shared_ptr<const Model> model_;
   EngineOptions options_;
   Communicator* comm_;
+  Communicator* control_;
   LatentCache cache_;
   Scheduler scheduler_;
   std::map<RequestId, std::unique_ptr<Sequence>> seqs_;

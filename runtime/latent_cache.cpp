@@ -4,8 +4,12 @@
 #include <cstring>
 #include <limits>
 #include <utility>
+#include <vector>
 
 #include "kernels/error.h"
+#if MLA_HAVE_CUDA
+#include "kernels/cuda/device_memory.h"
+#endif
 
 namespace mla {
 namespace {
@@ -21,14 +25,24 @@ void for_each_page_run(const BlockTable& table, int32_t block_size, int32_t num_
 
 }  // namespace
 
-LatentCache::LatentCache(CacheGeometry geometry, int32_t num_pages, ShardPlan shard)
-    : geometry_(geometry), shard_(shard), pool_(num_pages) {
+LatentCache::LatentCache(CacheGeometry geometry, int32_t num_pages, ShardPlan shard,
+                         CacheStorage storage)
+    : geometry_(geometry), shard_(shard), pool_(num_pages), kind_(storage) {
   MLA_REQUIRE(geometry.num_layers >= 1, "num_layers must be >= 1, got {}", geometry.num_layers);
   MLA_REQUIRE(geometry.block_size >= 1, "block_size must be >= 1, got {}", geometry.block_size);
   MLA_REQUIRE(geometry.kv_lora_rank >= 1, "kv_lora_rank must be >= 1, got {}",
               geometry.kv_lora_rank);
   MLA_REQUIRE(geometry.rope_dim >= 0, "rope_dim must be >= 0, got {}", geometry.rope_dim);
-  storage_ = Tensor::empty({num_pages, geometry.num_layers, geometry.block_size, geometry.width()});
+  Shape shape = {num_pages, geometry.num_layers, geometry.block_size, geometry.width()};
+  if (storage == CacheStorage::kHostF32) {
+    storage_ = Tensor::empty(std::move(shape));
+    return;
+  }
+#if MLA_HAVE_CUDA
+  storage_ = cuda::device_empty(std::move(shape), DType::kBF16);
+#else
+  MLA_THROW(kFailedPrecondition, "a device cache needs a build with the CUDA backend");
+#endif
 }
 
 int32_t LatentCache::pages_for(int32_t num_tokens) const {
@@ -81,6 +95,7 @@ float* LatentCache::page_block(int32_t page, int32_t layer) {
 }
 
 const float* LatentCache::page_block(int32_t page, int32_t layer) const {
+  MLA_CHECK(kind_ == CacheStorage::kHostF32, "the cache rows live on the GPU");
   MLA_CHECK(0 <= layer && layer < geometry_.num_layers, "layer {} out of range [0, {})", layer,
             geometry_.num_layers);
   MLA_CHECK(pool_.ref_count(page) > 0, "page {} is free", page);
@@ -98,7 +113,7 @@ Tensor LatentCache::export_tokens(const BlockTable& table, int32_t num_tokens) c
     float* dst = out.f32() + int64_t{layer} * num_tokens * width;
     for_each_page_run(
         table, geometry_.block_size, num_tokens, [&](int32_t first, int32_t count, int32_t page) {
-          std::memcpy(dst + first * width, page_block(page, layer), count * width * sizeof(float));
+          read_rows(page, layer, count, dst + first * width);
         });
   }
   return out;
@@ -121,10 +136,42 @@ bool LatentCache::import_tokens(BlockTable& table, const Tensor& latents) {
     const float* src = latents.f32() + int64_t{layer} * num_tokens * width;
     for_each_page_run(
         table, geometry_.block_size, num_tokens, [&](int32_t first, int32_t count, int32_t page) {
-          std::memcpy(page_block(page, layer), src + first * width, count * width * sizeof(float));
+          write_rows(page, layer, count, src + first * width);
         });
   }
   return true;
+}
+
+void LatentCache::read_rows(int32_t page, int32_t layer, int32_t count, float* dst) const {
+  const int64_t n = int64_t{count} * geometry_.width();
+  if (kind_ == CacheStorage::kHostF32) {
+    std::memcpy(dst, page_block(page, layer), n * sizeof(float));
+    return;
+  }
+#if MLA_HAVE_CUDA
+  MLA_CHECK(pool_.ref_count(page) > 0, "page {} is free", page);
+  const int64_t offset =
+      (int64_t{page} * geometry_.num_layers + layer) * geometry_.block_size * geometry_.width();
+  std::vector<uint16_t> staged(n);
+  cuda::copy_to_host(staged.data(), storage_.data<uint16_t>() + offset, n * sizeof(uint16_t));
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(staged[i]);
+#endif
+}
+
+void LatentCache::write_rows(int32_t page, int32_t layer, int32_t count, const float* src) {
+  const int64_t n = int64_t{count} * geometry_.width();
+  if (kind_ == CacheStorage::kHostF32) {
+    std::memcpy(page_block(page, layer), src, n * sizeof(float));
+    return;
+  }
+#if MLA_HAVE_CUDA
+  MLA_CHECK(pool_.ref_count(page) > 0, "page {} is free", page);
+  const int64_t offset =
+      (int64_t{page} * geometry_.num_layers + layer) * geometry_.block_size * geometry_.width();
+  std::vector<uint16_t> staged(n);
+  for (int64_t i = 0; i < n; ++i) staged[i] = f32_to_bf16(src[i]);
+  cuda::copy_to_device(storage_.data<uint16_t>() + offset, staged.data(), n * sizeof(uint16_t));
+#endif
 }
 
 }  // namespace mla

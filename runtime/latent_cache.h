@@ -3,8 +3,10 @@
 // MLA caches one latent row per token and layer: the compressed kv `c` (kv_lora_rank
 // floats) followed by the rotary key `k_r` (rope_dim floats). Rows live in fixed-size pages
 // of block_size tokens; a sequence owns an ordered list of pages (its BlockTable), so token
-// `pos` is row pos % block_size of page pages[pos / block_size]. Storage is fp32
-// [num_pages][num_layers][block_size][width], so one page's rows of one layer are contiguous.
+// `pos` is row pos % block_size of page pages[pos / block_size]. Storage is
+// [num_pages][num_layers][block_size][width], so one page's rows of one layer are contiguous:
+// fp32 in host memory for the CPU model, bf16 in device memory for the CUDA model (whose
+// kernels address the pool directly; row() and page_block() are for host storage only).
 //
 // Under tensor parallelism each rank has its own LatentCache. With a sequence-sharded plan
 // (DESIGN.md section 5) it stores only the pages it owns (page j of a sequence on rank
@@ -33,6 +35,9 @@ struct CacheGeometry {
   int32_t width() const { return kv_lora_rank + rope_dim; }  // 576 for DeepSeek
 };
 
+// Where a cache keeps its rows.
+enum class CacheStorage { kHostF32, kDeviceBf16 };
+
 // One sequence's pages, in token order. num_tokens is how many tokens the pages were
 // reserved for; the pages hold pages.size() * block_size tokens.
 struct BlockTable {
@@ -44,10 +49,15 @@ class LatentCache {
  public:
   // Throws kInvalidArgument unless num_layers, block_size and kv_lora_rank are >= 1 and
   // rope_dim and num_pages are >= 0. Page contents start uninitialised. The default plan is
-  // one rank holding everything.
-  LatentCache(CacheGeometry geometry, int32_t num_pages, ShardPlan shard = ShardPlan(1, 0, 1));
+  // one rank holding everything. kDeviceBf16 allocates on the current CUDA device (throws
+  // kResourceExhausted if it lacks the memory, kFailedPrecondition in a build without CUDA).
+  LatentCache(CacheGeometry geometry, int32_t num_pages, ShardPlan shard = ShardPlan(1, 0, 1),
+              CacheStorage storage = CacheStorage::kHostF32);
 
   const CacheGeometry& geometry() const { return geometry_; }
+  CacheStorage storage() const { return kind_; }
+  // The whole pool [num_pages, num_layers, block_size, width]: host fp32 or device bf16.
+  const Tensor& pool_storage() const { return storage_; }
   PagePool& pool() { return pool_; }
   const PagePool& pool() const { return pool_; }
 
@@ -71,16 +81,19 @@ class LatentCache {
   void release(BlockTable& table);
 
   // The latent row of token `pos` in layer `layer`: [width] (c, then k_r). Throws kInternal
-  // if layer or pos is outside the table's pages or on a page this rank does not store.
+  // if layer or pos is outside the table's pages or on a page this rank does not store, or
+  // if the rows live on the device.
   float* row(const BlockTable& table, int32_t layer, int32_t pos);
   const float* row(const BlockTable& table, int32_t layer, int32_t pos) const;
 
   // One page's rows of one layer: [block_size, width], contiguous. Throws kInternal if the
-  // page is out of range or free (a free page's rows belong to no sequence).
+  // page is out of range or free (a free page's rows belong to no sequence), or if the rows
+  // live on the device.
   float* page_block(int32_t page, int32_t layer);
   const float* page_block(int32_t page, int32_t layer) const;
 
-  // Copy of the first num_tokens tokens of every layer: [num_layers, num_tokens, width].
+  // Copy of the first num_tokens tokens of every layer: [num_layers, num_tokens, width],
+  // fp32 on the host whatever the storage.
   // Throws kInvalidArgument if num_tokens is negative or above table.num_tokens.
   Tensor export_tokens(const BlockTable& table, int32_t num_tokens) const;
   // Reserves pages in `table`, which must be empty, for latents [num_layers, tokens, width]
@@ -90,9 +103,14 @@ class LatentCache {
   bool import_tokens(BlockTable& table, const Tensor& latents);
 
  private:
+  // count rows of one page and layer, starting at the page's first row, as fp32.
+  void read_rows(int32_t page, int32_t layer, int32_t count, float* dst) const;
+  void write_rows(int32_t page, int32_t layer, int32_t count, const float* src);
+
   CacheGeometry geometry_;
   ShardPlan shard_;
   PagePool pool_;
+  CacheStorage kind_;
   Tensor storage_;  // [num_pages, num_layers, block_size, width]
 };
 

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -16,8 +17,11 @@
 
 namespace mla::test {
 
+// The golden data directory: MLA_TEST_DATA (set when the tests run on another machine than
+// the one that built them, e.g. a GPU host) or the source tree's tests/data.
 inline std::string model_dir(const std::string& name) {
-  return std::string(MLA_TEST_DATA_DIR) + "/" + name;
+  const char* moved = std::getenv("MLA_TEST_DATA");
+  return std::string(moved != nullptr ? moved : MLA_TEST_DATA_DIR) + "/" + name;
 }
 
 // One golden model: its prompts, transformers' greedy tokens (it did not stop at eos), the

@@ -1,0 +1,82 @@
+#include "kernels/cuda/device_memory.h"
+
+#include <cstring>
+#include <vector>
+
+#include "kernels/cuda/cuda_check.h"
+
+namespace mla::cuda {
+
+Tensor device_empty(Shape shape, DType dtype) {
+  const size_t bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype);
+  void* ptr = nullptr;
+  if (bytes > 0) {
+    const cudaError_t err = cudaMalloc(&ptr, bytes);
+    if (err != cudaSuccess) {
+      cudaGetLastError();  // clear the sticky-free error so later calls work
+      MLA_THROW(kResourceExhausted, "cannot allocate {} bytes ({} {}) on the GPU: {}", bytes,
+                shape_str(shape), dtype_name(dtype), cudaGetErrorString(err));
+    }
+  }
+  std::shared_ptr<void> owner(ptr, [](void* p) {
+    if (p != nullptr) cudaFree(p);
+  });
+  // A zero-sized tensor still needs a non-null data pointer to count as defined.
+  static char empty_marker;
+  return Tensor::borrow(owner, ptr != nullptr ? ptr : &empty_marker, std::move(shape), dtype,
+                        Device::kCuda);
+}
+
+Tensor upload_bf16(const Tensor& host) {
+  MLA_CHECK(host.device() == Device::kCpu, "upload_bf16 takes a host tensor");
+  Tensor out = device_empty(host.shape(), DType::kBF16);
+  if (host.dtype() == DType::kBF16) {
+    copy_to_device(out.raw(), host.raw(), host.nbytes());
+    return out;
+  }
+  const float* src = host.f32();
+  std::vector<uint16_t> staged(host.numel());
+  for (int64_t i = 0; i < host.numel(); ++i) staged[i] = f32_to_bf16(src[i]);
+  copy_to_device(out.raw(), staged.data(), staged.size() * sizeof(uint16_t));
+  return out;
+}
+
+Tensor upload_f32(const Tensor& host) {
+  MLA_CHECK(host.device() == Device::kCpu && host.dtype() == DType::kF32,
+            "upload_f32 takes a host fp32 tensor");
+  Tensor out = device_empty(host.shape(), DType::kF32);
+  copy_to_device(out.raw(), host.raw(), host.nbytes());
+  return out;
+}
+
+Tensor download(const Tensor& device) {
+  MLA_CHECK(device.device() == Device::kCuda, "download takes a device tensor");
+  Tensor out = Tensor::empty(device.shape(), device.dtype());
+  copy_to_host(out.raw(), device.raw(), device.nbytes());
+  return out;
+}
+
+void copy_to_device(void* dst, const void* src, size_t bytes) {
+  if (bytes > 0) MLA_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+}
+
+void copy_to_host(void* dst, const void* src, size_t bytes) {
+  if (bytes > 0) MLA_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+}
+
+MemoryInfo memory_info() {
+  MemoryInfo info;
+  MLA_CUDA_CHECK(cudaMemGetInfo(&info.free, &info.total));
+  return info;
+}
+
+int num_sms() {
+  int device = 0, sms = 0;
+  MLA_CUDA_CHECK(cudaGetDevice(&device));
+  MLA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+void set_device(int device) { MLA_CUDA_CHECK(cudaSetDevice(device)); }
+
+}  // namespace mla::cuda

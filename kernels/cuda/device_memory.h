@@ -1,0 +1,40 @@
+// Device memory for the CUDA backend: tensors allocated with cudaMalloc (freed when the last
+// view goes), host <-> device copies, and fp32 host tensors uploaded as bf16.
+// Allocation and copies here synchronise (they run at load time or outside the step loop);
+// the step loop itself only enqueues.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+#include "kernels/tensor.h"
+
+namespace mla::cuda {
+
+// Uninitialised device tensor on the current device. Throws kResourceExhausted naming the
+// size when the device lacks the memory.
+Tensor device_empty(Shape shape, DType dtype);
+// A host tensor (fp32 or bf16) copied to the device as bf16 (round to nearest even).
+Tensor upload_bf16(const Tensor& host);
+// A host fp32 tensor copied to the device as fp32.
+Tensor upload_f32(const Tensor& host);
+// Device tensor copied back to the host, same dtype and shape.
+Tensor download(const Tensor& device);
+
+void copy_to_device(void* dst, const void* src, size_t bytes);
+void copy_to_host(void* dst, const void* src, size_t bytes);
+
+// Free and total memory of the current device, in bytes.
+struct MemoryInfo {
+  size_t free = 0, total = 0;
+};
+MemoryInfo memory_info();
+
+// Number of streaming multiprocessors of the current device.
+int num_sms();
+
+// Makes `device` current for this thread.
+void set_device(int device);
+
+}  // namespace mla::cuda

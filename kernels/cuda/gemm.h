@@ -1,0 +1,56 @@
+// Matrix products through cuBLAS for the CUDA backend, row-major like the rest of mlaserve:
+//   C[m, n] = alpha * A[m, k] * op(B) + beta * C,   op(B) = B^T for B stored [n, k] (weights
+// are [out, in]) or B for B stored [k, n]; optionally batched with element strides.
+// Inputs bf16 (or fp32 for the router), fp32 accumulation, output fp32 or bf16.
+// The CPU reference is mla::cpu::gemm.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/dtype.h"
+
+namespace mla::cuda {
+
+// A cuBLAS handle bound to one stream, with its own workspace so products can be captured
+// in CUDA graphs. Not thread-safe: one stream, one thread.
+class Blas {
+ public:
+  explicit Blas(cudaStream_t stream);
+  ~Blas();
+  Blas(const Blas&) = delete;
+  Blas& operator=(const Blas&) = delete;
+
+  cublasHandle_t handle() const { return handle_; }
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  cublasHandle_t handle_ = nullptr;
+  cudaStream_t stream_;
+  void* workspace_ = nullptr;
+};
+
+struct GemmParams {
+  const void* a;  // [m, k] with row stride lda (elements)
+  const void* b;  // [n, k] with row stride ldb if b_nk, else [k, n]
+  void* c;        // [m, n] with row stride ldc
+  int64_t m, n, k;
+  int64_t lda, ldb, ldc;
+  bool b_nk = true;              // B stored [n, k]: a weight [out, in]
+  DType ab_type = DType::kBF16;  // A and B: kBF16 or kF32
+  DType c_type = DType::kF32;    // kF32 or kBF16
+  float alpha = 1.0f, beta = 0.0f;
+  int64_t batch = 1;                                 // products with the strides below
+  int64_t stride_a = 0, stride_b = 0, stride_c = 0;  // elements between batch members
+};
+
+// Enqueues the product on blas.stream(). Throws kInvalidArgument for bad shapes or strides.
+void gemm(const Blas& blas, const GemmParams& p);
+
+// y[rows, out] = x[rows, in] * w[out, in]^T (+ beta * y): the common weight product.
+void linear(const Blas& blas, const void* x, int64_t rows, int64_t in, const void* w, int64_t out,
+            void* y, DType y_type, float beta = 0.0f);
+
+}  // namespace mla::cuda

@@ -1,0 +1,725 @@
+// Absorbed-MLA decode attention: the planner, the split-KV attention kernel (wgmma, sm_90a)
+// and the combine kernel behind mla_decode (see mla_decode.h).
+//
+// Shared-memory tiles (the query tile and each KV page) are [64 rows, 576 bf16] stored as nine
+// 64-column blocks of 64 rows x 128 bytes with the 128-byte swizzle (16-byte chunk c of row r
+// at chunk c ^ (r % 8)), the layout wgmma reads without bank conflicts. One layout serves the
+// KV page twice: as the K-major B operand of S = Q K^T, and, through its first eight blocks, as
+// the MN-major B operand of O += P V, so V costs no second load.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/mla_decode.h"
+
+namespace mla::cuda {
+namespace {
+
+constexpr int kDc = kMlaDecodeLatentDim;                         // 512
+constexpr int kWidth = kMlaDecodeLatentDim + kMlaDecodeRopeDim;  // 576 values per latent row
+constexpr int kBlock = kMlaDecodeBlockSize;                      // keys per page = per KV tile
+constexpr int kTileRows = 64;  // query rows (s_q x heads of one sequence) per CTA: wgmma's M
+constexpr int kThreads = 256;  // two warpgroups: each owns 256 of the 512 output columns
+constexpr int kRowBytes = kWidth * 2;
+constexpr int kChunksPerRow = kRowBytes / 16;           // 72 16-byte chunks
+constexpr int kTileChunks = kTileRows * kChunksPerRow;  // 4608
+constexpr int kColBlockBytes = 64 * 128;                // one swizzled 64-column block
+constexpr int kTileBytes = kTileRows * kRowBytes;       // 9 blocks, 73728
+constexpr int kPBytes = kTileRows * kBlock * 2;         // P tile [64, 64] bf16
+constexpr int kRowStatBytes = 2 * kTileRows * 4;        // one float per warpgroup and row
+// Q, two KV stages, P, the row maxima and row sums; +1024 to align the base to the swizzle atom.
+constexpr int kSmemBytes = 3 * kTileBytes + kPBytes + 2 * kRowStatBytes + 1024;
+// Planner cost of one piece of a sequence beyond its KV tiles (query load, pipeline fill,
+// writing the output), in tiles. Measured (ncu, H100): about one tile's load time; 5, as in
+// FlashMLA, left a tenth of the SMs idle at the end of memory-bound batches.
+constexpr int kPieceOverhead = 2;
+// The planner keeps the batch's cost prefix sums in shared memory.
+constexpr int32_t kMaxBatch = 50000;
+constexpr int kPlanThreads = 1024;
+constexpr int kCombineRowsPerBlock = 8;  // one warp per query row
+constexpr int kCombineColumnSplit = 4;   // and per quarter of its 512 columns
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -INFINITY;
+constexpr float kRescaleSlack = 8.0f;  // log2 units: weights up to 256 before O is rescaled
+
+// One part of the batch's KV work: tiles [begin_block, ...) of sequence begin_seq up to (not
+// including) tile end_block of sequence end_seq, in (sequence, tile) order. begin_split is the
+// index, among its sequence's pieces, of the first piece.
+struct PartPlan {
+  int32_t begin_seq, begin_block, end_seq, end_block, begin_split, unused[3];
+};
+
+struct Workspace {
+  PartPlan* plan;         // [parts]
+  int32_t* split_prefix;  // [batch + 1]: pieces of the sequences before b
+  float* lse_part;        // [batch + parts, rows]: the pieces' LSE (split sequences only)
+  float* o_part;          // [batch + parts, rows, 512]: the pieces' normalised outputs
+};
+
+constexpr size_t round256(size_t n) { return (n + 255) / 256 * 256; }
+
+int32_t row_tiles(int32_t s_q, int32_t heads) { return (s_q * heads + kTileRows - 1) / kTileRows; }
+
+// CTAs of one part (one per row tile) run side by side on the same pages, so the parts times
+// the row tiles make about one wave.
+int32_t num_parts(int32_t s_q, int32_t heads, int num_sms) {
+  return std::max(1, num_sms / row_tiles(s_q, heads));
+}
+
+struct WorkspaceLayout {
+  size_t plan, split_prefix, lse_part, o_part, total;
+};
+
+WorkspaceLayout workspace_layout(int32_t batch, int32_t s_q, int32_t heads, int num_sms) {
+  const size_t parts = num_parts(s_q, heads, num_sms);
+  const size_t pieces = static_cast<size_t>(batch) + parts;  // each part boundary adds <= 1
+  const size_t rows = static_cast<size_t>(s_q) * heads;
+  WorkspaceLayout l{};
+  l.plan = 0;
+  l.split_prefix = l.plan + round256(parts * sizeof(PartPlan));
+  l.lse_part = l.split_prefix + round256((batch + 1) * sizeof(int32_t));
+  l.o_part = l.lse_part + round256(pieces * rows * sizeof(float));
+  l.total = l.o_part + round256(pieces * rows * kDc * sizeof(float));
+  return l;
+}
+
+// Programmatic dependent launch: each kernel lets the next one start launching early, and the
+// next one waits for its results before touching them, so the three launches overlap instead
+// of paying their latencies in turn.
+__device__ __forceinline__ void allow_dependent_launch() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+__device__ __forceinline__ void wait_for_prerequisite() {
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Planner
+
+__device__ __forceinline__ int32_t seq_tiles(const int32_t* num_keys, int32_t b, int32_t s_q) {
+  // A sequence with no keys still gets one (empty) tile: its piece writes out = 0, lse = -inf.
+  return max(1, (num_keys[b * s_q + s_q - 1] + kBlock - 1) / kBlock);
+}
+
+// Inclusive prefix sum over the block; `total` receives the block's sum. Ends synchronised.
+__device__ int32_t block_inclusive_scan(int32_t v, int32_t* warp_sums, int32_t* total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int d = 1; d < 32; d *= 2) {
+    const int32_t up = __shfl_up_sync(0xffffffffu, v, d);
+    if (lane >= d) v += up;
+  }
+  if (lane == 31) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    const int nwarps = blockDim.x / 32;
+    int32_t w = lane < nwarps ? warp_sums[lane] : 0;
+    for (int d = 1; d < 32; d *= 2) {
+      const int32_t up = __shfl_up_sync(0xffffffffu, w, d);
+      if (lane >= d) w += up;
+    }
+    if (lane < nwarps) warp_sums[lane] = w;
+    if (lane == nwarps - 1) *total = w;
+  }
+  __syncthreads();
+  if (warp > 0) v += warp_sums[warp - 1];
+  __syncthreads();
+  return v;
+}
+
+// Cost of sequence b is its tiles plus kPieceOverhead; the batch's total cost T is cut at
+// multiples of Q = ceil(T / parts). A cut at cost x falls in the sequence b with
+// cost_prefix[b] <= x < cost_prefix[b + 1], at tile max(0, x - cost_prefix[b] - overhead): cuts
+// inside a sequence's overhead move to its start, so every piece holds at least one tile and
+// the pieces of a sequence are counted in closed form.
+__device__ void cut_position(const int32_t* cost_prefix, int32_t batch, int32_t total, int32_t x,
+                             int32_t* seq, int32_t* block) {
+  if (x >= total) {
+    *seq = batch;
+    *block = 0;
+    return;
+  }
+  int32_t lo = 0, hi = batch - 1;  // largest b with cost_prefix[b] <= x
+  while (lo < hi) {
+    const int32_t mid = (lo + hi + 1) / 2;
+    if (cost_prefix[mid] <= x) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  *seq = lo;
+  *block = max(0, x - cost_prefix[lo] - kPieceOverhead);
+}
+
+__global__ void __launch_bounds__(kPlanThreads)
+    mla_decode_plan_kernel(const int32_t* num_keys, int32_t batch, int32_t s_q, int32_t parts,
+                           Workspace ws) {
+  extern __shared__ int32_t cost_prefix[];  // [batch + 1]: cost of the sequences before b
+  __shared__ int32_t warp_sums[32];
+  __shared__ int32_t block_total;
+  const int tid = threadIdx.x;
+  allow_dependent_launch();
+
+  int32_t carry = 0;
+  if (tid == 0) cost_prefix[0] = 0;
+  for (int32_t base = 0; base < batch; base += blockDim.x) {
+    const int32_t b = base + tid;
+    const int32_t cost = b < batch ? seq_tiles(num_keys, b, s_q) + kPieceOverhead : 0;
+    const int32_t incl = block_inclusive_scan(cost, warp_sums, &block_total);
+    if (b < batch) cost_prefix[b + 1] = carry + incl;
+    carry += block_total;
+    __syncthreads();
+  }
+  const int32_t total = carry;
+  const int32_t per_part = (total + parts - 1) / parts;
+
+  // Pieces of sequence b: one, plus one per cut strictly inside its tiles, i.e. per multiple of
+  // per_part in (cost_prefix[b] + overhead, cost_prefix[b + 1] - 1].
+  carry = 0;
+  if (tid == 0) ws.split_prefix[0] = 0;
+  for (int32_t base = 0; base < batch; base += blockDim.x) {
+    const int32_t b = base + tid;
+    int32_t pieces = 0;
+    if (b < batch) {
+      pieces =
+          1 + (cost_prefix[b + 1] - 1) / per_part - (cost_prefix[b] + kPieceOverhead) / per_part;
+    }
+    const int32_t incl = block_inclusive_scan(pieces, warp_sums, &block_total);
+    if (b < batch) ws.split_prefix[b + 1] = carry + incl;
+    carry += block_total;
+    __syncthreads();
+  }
+
+  for (int32_t part = tid; part < parts; part += blockDim.x) {
+    PartPlan plan{};
+    const int32_t x0 = part * per_part;
+    cut_position(cost_prefix, batch, total, x0, &plan.begin_seq, &plan.begin_block);
+    cut_position(cost_prefix, batch, total, min(x0 + per_part, total), &plan.end_seq,
+                 &plan.end_block);
+    // Cuts inside begin_seq's tiles before and at x0 each started one earlier piece.
+    plan.begin_split =
+        plan.begin_block > 0 ? part - (cost_prefix[plan.begin_seq] + kPieceOverhead) / per_part : 0;
+    ws.plan[part] = plan;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Split-KV attention
+
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// Byte offset of 16-byte chunk c (0..71) of row r in a swizzled [64, 576] tile.
+__device__ __forceinline__ uint32_t swizzled(int r, int c) {
+  return (c >> 3) * kColBlockBytes + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+}
+
+// 16 bytes global -> shared, asynchronous; src_bytes = 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+// Waits until at most N of this thread's cp.async groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// Makes this thread's shared-memory writes (cp.async, st.shared) visible to wgmma's reads.
+__device__ __forceinline__ void fence_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+// Waits until at most N of this warpgroup's wgmma groups are still in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Pins accumulator registers in place around asynchronous wgmma (the compiler must not move
+// their reads or writes across the issue or the wait).
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// wgmma shared-memory descriptor for a 128-byte-swizzled operand: start address, leading and
+// stride byte offsets (bits 16 and 32, in 16-byte units), layout type 1 = 128B swizzle.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr & 0x3ffff) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
+         (static_cast<uint64_t>(sbo >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// D (+)= A * B^T for a 64 x 32 tile, K = 16: A [64, 16] and B [32, 16] in shared memory, both
+// K-major (the S = Q K^T product). scale_d = 0 overwrites D.
+__device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
+                                                int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, "
+      "0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// D += A * B for a 64 x 256 tile, K = 16: A [64, 16] K-major and B [16, 256] MN-major (each of
+// the 16 rows holds 256 consecutive columns; the O += P V product with V = the latent rows).
+__device__ __forceinline__ void wgmma_m64n256k16_mn(float (&d)[128], uint64_t desc_a,
+                                                    uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, "
+      "%127"
+      "}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]),
+        "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]),
+        "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
+        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]),
+        "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]),
+        "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),
+        "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
+        "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
+        "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(1));
+}
+
+// Copies rows [0, valid_rows) of a [64, 576] tile whose rows lie 1152 bytes apart from `src`
+// into the swizzled tile at `dst`. Rows past valid_rows become zeros rather than stale data:
+// masked keys then add 0 * 0 to O, never 0 * NaN.
+__device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16* src, int valid_rows,
+                                          const void* any_valid) {
+  const char* base = reinterpret_cast<const char*>(src);
+#pragma unroll
+  for (int k = 0; k < kTileChunks / kThreads; ++k) {
+    const int i = threadIdx.x + k * kThreads;
+    const int r = i / kChunksPerRow, c = i % kChunksPerRow;
+    const bool ok = r < valid_rows;
+    cp_async_16(dst + swizzled(r, c), ok ? base + r * kRowBytes + c * 16 : any_valid, ok ? 16 : 0);
+  }
+}
+
+// One CTA per (row tile, part): runs the part's pieces one after another. Per KV tile, each
+// warpgroup computes S for its 32 of the 64 keys (all 64 rows); the warpgroups swap row maxima
+// through shared memory, write their halves of P (bf16) there, and each then accumulates its
+// 256 output columns over all 64 keys. The next page streams in (cp.async) meanwhile.
+__global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_split_kernel(const MlaDecodeParams p, const Workspace ws) {
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t pad = ((raw + 1023) & ~1023u) - raw;  // swizzle atoms are 1024-byte aligned
+  uint8_t* smem = smem_raw + pad;
+  const uint32_t q_tile = raw + pad;
+  const uint32_t kv_tiles = q_tile + kTileBytes;
+  const uint32_t p_tile = q_tile + 3 * kTileBytes;
+  uint8_t* p_bytes = smem + 3 * kTileBytes;
+  float* row_max = reinterpret_cast<float*>(p_bytes + kPBytes);  // [warpgroup][64]
+  float* row_sum = row_max + 2 * kTileRows;                      // [warpgroup][64]
+
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+  const int lane = tid % 32, g = lane / 4, t = lane % 4;
+  // wgmma accumulator layout: warp w of a warpgroup holds rows 16w + g and 16w + g + 8; value
+  // 4j + e (e < 2) is column 8j + 2t + e of the first row, 4j + 2 + e of the second.
+  const int r0 = 16 * ((tid / 32) % 4) + g, r1 = r0 + 8;
+
+  const int32_t rows = p.s_q * p.heads;
+  const int32_t tile_row0 = blockIdx.x * kTileRows;
+  const int32_t rg0 = tile_row0 + r0, rg1 = tile_row0 + r1;
+  const float scale_log2 = p.scale * kLog2e;
+  wait_for_prerequisite();  // the plan
+  allow_dependent_launch();
+  const PartPlan plan = ws.plan[blockIdx.y];
+
+  float s[16];
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) s[i] = 0.0f;
+
+  for (int32_t b = plan.begin_seq, lo = plan.begin_block;
+       b < plan.end_seq || (b == plan.end_seq && lo < plan.end_block); ++b, lo = 0) {
+    const int32_t* nk = p.num_keys + b * p.s_q;
+    const int32_t max_keys = nk[p.s_q - 1];
+    const int32_t hi =
+        b == plan.end_seq ? plan.end_block : max(1, (max_keys + kBlock - 1) / kBlock);
+    const int32_t keys0 = rg0 < rows ? nk[rg0 / p.heads] : 0;
+    const int32_t keys1 = rg1 < rows ? nk[rg1 / p.heads] : 0;
+    const int32_t keys_lo = nk[0];  // num_keys is non-decreasing in the query index
+    const int32_t* pages = p.block_table + static_cast<int64_t>(b) * p.table_stride;
+
+    // Only entries that hold keys are read: the rest of the table may be garbage.
+    auto load_kv = [&](int32_t blk, int stage) {
+      const int valid = min(kBlock, max_keys - blk * kBlock);
+      const __nv_bfloat16* src =
+          valid > 0 ? p.pool + (static_cast<int64_t>(pages[blk]) * p.num_layers + p.layer) *
+                                   kBlock * kWidth
+                    : p.pool;
+      load_tile(kv_tiles + stage * kTileBytes, src, max(valid, 0), p.pool);
+    };
+
+    __syncthreads();  // the previous piece is done with shared memory
+    load_tile(q_tile, p.q + (static_cast<int64_t>(b) * rows + tile_row0) * kWidth,
+              min(kTileRows, rows - tile_row0), p.q);
+    load_kv(lo, 0);
+    cp_async_commit();
+
+    // Per row: the exponent base m (in units of scale * log2(e) * score; within
+    // kRescaleSlack of the running maximum), the partial sum of weights over this warpgroup's
+    // keys, and O, all relative to 2^m.
+    float m0 = kNegInf, m1 = kNegInf, l0 = 0.0f, l1 = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.0f;
+
+    // S = Q K^T for keys [32 wg, 32 wg + 32) of the tile at `kv`.
+    auto issue_s = [&](uint32_t kv) {
+      wgmma_fence();
+      fence_regs(s);
+#pragma unroll
+      for (int ks = 0; ks < kWidth / 16; ++ks) {
+        const uint32_t off = (ks / 4) * kColBlockBytes + (ks % 4) * 32;
+        wgmma_m64n32k16(s, sw128_desc(q_tile + off, 16, 1024),
+                        sw128_desc(kv + wg * 32 * 128 + off, 16, 1024), ks > 0);
+      }
+      wgmma_commit();
+    };
+    // O[:, 256 wg + (0..255)] += P V: V is column blocks 4 wg .. 4 wg + 3 of the tile at `kv`,
+    // read MN-major (blocks 8192 bytes apart, groups of 8 keys 1024 bytes apart).
+    auto issue_pv = [&](uint32_t kv) {
+      wgmma_fence();
+      fence_regs(o);
+#pragma unroll
+      for (int kk = 0; kk < kBlock / 16; ++kk) {
+        wgmma_m64n256k16_mn(
+            o, sw128_desc(p_tile + kk * 32, 16, 1024),
+            sw128_desc(kv + 4 * wg * kColBlockBytes + kk * 16 * 128, kColBlockBytes, 1024));
+      }
+      wgmma_commit();
+    };
+
+    for (int32_t blk = lo; blk < hi; ++blk) {
+      const int stage = (blk - lo) & 1;
+      const uint32_t kv = kv_tiles + stage * kTileBytes;
+      cp_async_wait<0>();
+      fence_async_shared();
+      // Tile blk has landed for every thread, and every warpgroup's wgmma on the other stage
+      // (the previous tile) has completed, so the next page may overwrite it.
+      __syncthreads();
+      // S first: the tensor cores start on it while the threads issue the next page's copies.
+      // (Issuing P V of tile blk - 1 next to S instead, to close the remaining gap, measured
+      // 10% slower at 128 heads: the next page then starts loading too late.)
+      issue_s(kv);
+      if (blk + 1 < hi) load_kv(blk + 1, stage ^ 1);
+      cp_async_commit();
+      wgmma_wait<0>();
+      fence_regs(s);
+
+      // Raw scores; masked keys -inf. scale > 0, so the largest raw score is the largest
+      // scaled one.
+      const bool mask = (blk + 1) * kBlock > keys_lo;
+      const int32_t key0 = blk * kBlock + 32 * wg + 2 * t;
+      float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int32_t key = key0 + 8 * j + e;
+          if (mask) {
+            if (key >= keys0) s[4 * j + e] = kNegInf;
+            if (key >= keys1) s[4 * j + 2 + e] = kNegInf;
+          }
+          mx0 = fmaxf(mx0, s[4 * j + e]);
+          mx1 = fmaxf(mx1, s[4 * j + 2 + e]);
+        }
+      }
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+      if (t == 0) {
+        row_max[wg * kTileRows + r0] = mx0;
+        row_max[wg * kTileRows + r1] = mx1;
+      }
+      __syncthreads();
+      // The exponent base m moves only when the tile's maximum passes it by more than
+      // kRescaleSlack (weights then stay <= 2^kRescaleSlack, harmless in fp32 and bf16), so O
+      // is rarely rescaled. Both warpgroups decide from the same values, so their O halves
+      // and partial sums stay on one base.
+      const float tile0 = fmaxf(row_max[r0], row_max[kTileRows + r0]) * scale_log2;
+      const float tile1 = fmaxf(row_max[r1], row_max[kTileRows + r1]) * scale_log2;
+      float alpha0 = 1.0f, alpha1 = 1.0f;
+      if (tile0 > m0 + kRescaleSlack) {
+        alpha0 = fast_exp2(m0 - tile0);
+        m0 = tile0;
+      }
+      if (tile1 > m1 + kRescaleSlack) {
+        alpha1 = fast_exp2(m1 - tile1);
+        m1 = tile1;
+      }
+      // A row with no visible key yet keeps m = -inf; its weights, exp2(-inf - 0), are 0.
+      const float base0 = m0 == kNegInf ? 0.0f : m0;
+      const float base1 = m1 == kNegInf ? 0.0f : m1;
+      float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s[4 * j + e] = fast_exp2(fmaf(s[4 * j + e], scale_log2, -base0));
+          s[4 * j + 2 + e] = fast_exp2(fmaf(s[4 * j + 2 + e], scale_log2, -base1));
+          sum0 += s[4 * j + e];
+          sum1 += s[4 * j + 2 + e];
+        }
+      }
+      l0 = l0 * alpha0 + sum0;
+      l1 = l1 * alpha1 + sum1;
+      if (__any_sync(0xffffffffu, alpha0 != 1.0f || alpha1 != 1.0f)) {
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          o[4 * j] *= alpha0;
+          o[4 * j + 1] *= alpha0;
+          o[4 * j + 2] *= alpha1;
+          o[4 * j + 3] *= alpha1;
+        }
+      }
+      // P [64 rows, 64 keys] bf16, K-major and swizzled like one 64-column block of a tile.
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int chunk = 4 * wg + j;
+        *reinterpret_cast<__nv_bfloat162*>(p_bytes + r0 * 128 + ((chunk ^ g) << 4) + 4 * t) =
+            __floats2bfloat162_rn(s[4 * j], s[4 * j + 1]);
+        *reinterpret_cast<__nv_bfloat162*>(p_bytes + r1 * 128 + ((chunk ^ g) << 4) + 4 * t) =
+            __floats2bfloat162_rn(s[4 * j + 2], s[4 * j + 3]);
+      }
+      fence_async_shared();
+      __syncthreads();
+      issue_pv(kv);
+      wgmma_wait<0>();
+      fence_regs(o);
+    }
+
+    // Row sums over all 64 keys of every tile: this thread's quad, then both warpgroups.
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    if (t == 0) {
+      row_sum[wg * kTileRows + r0] = l0;
+      row_sum[wg * kTileRows + r1] = l1;
+    }
+    __syncthreads();
+    const float sum0 = row_sum[r0] + row_sum[kTileRows + r0];
+    const float sum1 = row_sum[r1] + row_sum[kTileRows + r1];
+    const float inv0 = sum0 > 0.0f ? 1.0f / sum0 : 0.0f;
+    const float inv1 = sum1 > 0.0f ? 1.0f / sum1 : 0.0f;
+    const float lse0 = sum0 > 0.0f ? (m0 + log2f(sum0)) * kLn2 : kNegInf;
+    const float lse1 = sum1 > 0.0f ? (m1 + log2f(sum1)) * kLn2 : kNegInf;
+
+    // A sequence in one piece is final here; the pieces of split ones go to the combine kernel.
+    const int32_t first_piece = ws.split_prefix[b];
+    const bool whole = ws.split_prefix[b + 1] - first_piece == 1;
+    const int64_t out_row =
+        whole ? static_cast<int64_t>(b) * rows
+              : static_cast<int64_t>(first_piece + (b == plan.begin_seq ? plan.begin_split : 0)) *
+                    rows;
+    const int col0 = 256 * wg + 2 * t;
+    if (whole) {
+      __nv_bfloat16* out0 = p.out + (out_row + rg0) * kDc + col0;
+      __nv_bfloat16* out1 = p.out + (out_row + rg1) * kDc + col0;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        if (rg0 < rows) {
+          *reinterpret_cast<__nv_bfloat162*>(out0 + 8 * j) =
+              __floats2bfloat162_rn(o[4 * j] * inv0, o[4 * j + 1] * inv0);
+        }
+        if (rg1 < rows) {
+          *reinterpret_cast<__nv_bfloat162*>(out1 + 8 * j) =
+              __floats2bfloat162_rn(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
+        }
+      }
+    } else {
+      float* out0 = ws.o_part + (out_row + rg0) * kDc + col0;
+      float* out1 = ws.o_part + (out_row + rg1) * kDc + col0;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        if (rg0 < rows) {
+          *reinterpret_cast<float2*>(out0 + 8 * j) =
+              make_float2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
+        }
+        if (rg1 < rows) {
+          *reinterpret_cast<float2*>(out1 + 8 * j) =
+              make_float2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
+        }
+      }
+    }
+    if (wg == 0 && t == 0) {
+      float* lse = whole ? p.lse : ws.lse_part;
+      if (rg0 < rows) lse[out_row + rg0] = lse0;
+      if (rg1 < rows) lse[out_row + rg1] = lse1;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Combine
+
+// One warp per (sequence, query row, quarter of the 512 columns) of a split sequence:
+// out = sum over pieces of exp(lse_piece - lse) * o_piece, lse = ln sum exp(lse_piece).
+// Sequences in one piece were written by the split kernel. Quarters give a batch of one long
+// sequence enough warps to read its many pieces in parallel.
+__global__ void __launch_bounds__(kCombineRowsPerBlock * 32)
+    mla_decode_combine_kernel(const MlaDecodeParams p, const Workspace ws) {
+  wait_for_prerequisite();  // the pieces
+  const int32_t b = blockIdx.x;
+  const int32_t rows = p.s_q * p.heads;
+  const int32_t row = blockIdx.y * kCombineRowsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int col = blockIdx.z * (kDc / kCombineColumnSplit) + 4 * lane;
+  const int32_t first = ws.split_prefix[b];
+  const int32_t pieces = ws.split_prefix[b + 1] - first;
+  if (row >= rows || pieces <= 1) return;
+
+  const float* lse_part = ws.lse_part + static_cast<int64_t>(first) * rows + row;
+  float mx = kNegInf;
+  for (int32_t i = lane; i < pieces; i += 32) mx = fmaxf(mx, lse_part[int64_t{i} * rows]);
+  for (int d = 16; d > 0; d /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, d));
+  float sum = 0.0f;
+  if (mx != kNegInf) {
+    for (int32_t i = lane; i < pieces; i += 32) sum += expf(lse_part[int64_t{i} * rows] - mx);
+  }
+  for (int d = 16; d > 0; d /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, d);
+  const float lse = mx == kNegInf ? kNegInf : mx + logf(sum);
+
+  float4 acc = {};
+  if (lse != kNegInf) {
+    const float* o_part = ws.o_part + (static_cast<int64_t>(first) * rows + row) * kDc + col;
+    for (int32_t i = 0; i < pieces; ++i) {
+      const float w = expf(lse_part[int64_t{i} * rows] - lse);
+      const float4 v = *reinterpret_cast<const float4*>(o_part + int64_t{i} * rows * kDc);
+      acc.x += w * v.x;
+      acc.y += w * v.y;
+      acc.z += w * v.z;
+      acc.w += w * v.w;
+    }
+  }
+  __nv_bfloat162* out =
+      reinterpret_cast<__nv_bfloat162*>(p.out + (static_cast<int64_t>(b) * rows + row) * kDc + col);
+  out[0] = __floats2bfloat162_rn(acc.x, acc.y);
+  out[1] = __floats2bfloat162_rn(acc.z, acc.w);
+  if (blockIdx.z == 0 && lane == 0) p.lse[static_cast<int64_t>(b) * rows + row] = lse;
+}
+
+// Launches `kernel` so that it may start while the previous kernel on the stream still runs
+// (it waits for that kernel's results with griddepcontrol.wait).
+template <typename... Args>
+void launch_dependent(void (*kernel)(Args...), dim3 grid, int threads, int smem,
+                      cudaStream_t stream, const Args&... args) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  MLA_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+}
+
+bool aligned(const void* ptr, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+}  // namespace
+
+size_t mla_decode_workspace_bytes(int32_t max_batch, int32_t s_q, int32_t heads, int num_sms) {
+  MLA_REQUIRE(max_batch >= 0 && s_q >= 1 && heads >= 1 && num_sms >= 1,
+              "mla_decode_workspace_bytes: bad shape (max_batch {}, s_q {}, heads {}, num_sms {})",
+              max_batch, s_q, heads, num_sms);
+  return workspace_layout(max_batch, s_q, heads, num_sms).total;
+}
+
+void mla_decode(const MlaDecodeParams& p, void* workspace, cudaStream_t stream) {
+  // Check shapes
+  MLA_REQUIRE(p.batch >= 0 && p.batch <= kMaxBatch, "mla_decode: batch {} outside [0, {}]", p.batch,
+              kMaxBatch);
+  MLA_REQUIRE(p.s_q == 1 || p.s_q == 2, "mla_decode: s_q must be 1 or 2, got {}", p.s_q);
+  MLA_REQUIRE(p.heads >= 1, "mla_decode: heads {} < 1", p.heads);
+  MLA_REQUIRE(p.num_layers >= 1 && p.layer >= 0 && p.layer < p.num_layers,
+              "mla_decode: layer {} outside [0, {})", p.layer, p.num_layers);
+  MLA_REQUIRE(p.table_stride >= 1, "mla_decode: table_stride {} < 1", p.table_stride);
+  MLA_REQUIRE(p.num_sms >= 1, "mla_decode: num_sms {} < 1", p.num_sms);
+  MLA_REQUIRE(std::isfinite(p.scale) && p.scale > 0.0f, "mla_decode: scale {} must be > 0",
+              p.scale);
+  if (p.batch == 0) return;
+  // Check layout
+  MLA_REQUIRE(p.q && p.pool && p.block_table && p.num_keys && p.out && p.lse && workspace,
+              "mla_decode: null pointer");
+  MLA_REQUIRE(aligned(p.q, 16) && aligned(p.pool, 16) && aligned(p.out, 16),
+              "mla_decode: q, pool and out must be 16-byte aligned");
+  MLA_REQUIRE(aligned(workspace, 256), "mla_decode: workspace must be 256-byte aligned");
+
+  const int32_t parts = num_parts(p.s_q, p.heads, p.num_sms);
+  const WorkspaceLayout layout = workspace_layout(p.batch, p.s_q, p.heads, p.num_sms);
+  char* base = static_cast<char*>(workspace);
+  const Workspace ws{reinterpret_cast<PartPlan*>(base + layout.plan),
+                     reinterpret_cast<int32_t*>(base + layout.split_prefix),
+                     reinterpret_cast<float*>(base + layout.lse_part),
+                     reinterpret_cast<float*>(base + layout.o_part)};
+
+  if (!p.reuse_plan) {
+    const int plan_smem = (p.batch + 1) * static_cast<int>(sizeof(int32_t));
+    MLA_CUDA_CHECK(cudaFuncSetAttribute(mla_decode_plan_kernel,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, plan_smem));
+    mla_decode_plan_kernel<<<1, kPlanThreads, plan_smem, stream>>>(p.num_keys, p.batch, p.s_q,
+                                                                   parts, ws);
+    MLA_CUDA_CHECK(cudaGetLastError());
+  }
+  MLA_CUDA_CHECK(cudaFuncSetAttribute(mla_decode_split_kernel,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  launch_dependent(mla_decode_split_kernel, dim3(row_tiles(p.s_q, p.heads), parts), kThreads,
+                   kSmemBytes, stream, p, ws);
+  launch_dependent(
+      mla_decode_combine_kernel,
+      dim3(p.batch, (p.s_q * p.heads + kCombineRowsPerBlock - 1) / kCombineRowsPerBlock,
+           kCombineColumnSplit),
+      kCombineRowsPerBlock * 32, 0, stream, p, ws);
+}
+
+}  // namespace mla::cuda

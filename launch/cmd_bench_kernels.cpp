@@ -1,0 +1,374 @@
+// `mlaserve bench-kernels`: times CUDA kernels on this machine's GPU and states each result as
+// a fraction of the device's own ceilings, measured in the same run: the device-to-device copy
+// bandwidth and the cuBLAS bf16 GEMM rate. Timing: CUDA events around each launch, after
+// warm-up, median of --iters runs, on random never-zero bf16 data.
+//
+// Benches so far: `mla_decode` (cuda::mla_decode, absorbed MLA decode attention over the paged
+// latent cache). A new bench is a function that appends BenchRecords (time, bytes it must move,
+// FLOPs it must do); the table and the JSON output take them as they are.
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdint>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/error.h"
+#include "launch/commands.h"
+
+#ifdef MLA_HAVE_CUDA
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/mla_decode.h"
+#include "kernels/dtype.h"
+#endif
+
+namespace mla::launch {
+namespace {
+
+struct BenchKernelsArgs {
+  int32_t batch = 128;
+  std::vector<int32_t> contexts = {4096, 8192};
+  std::vector<int32_t> heads = {16, 32, 64, 128};
+  std::vector<int32_t> s_q = {1, 2};
+  int32_t iters = 30;
+  int32_t warmup = 5;
+  uint64_t seed = 1;
+  std::string json_path;
+};
+
+#ifdef MLA_HAVE_CUDA
+
+#define BENCH_CUBLAS_CHECK(expr)                                              \
+  do {                                                                        \
+    cublasStatus_t mla_status_ = (expr);                                      \
+    if (mla_status_ != CUBLAS_STATUS_SUCCESS) {                               \
+      MLA_THROW(kInternal, "{}:{}: {} failed: {}", __FILE__, __LINE__, #expr, \
+                cublasGetStatusString(mla_status_));                          \
+    }                                                                         \
+  } while (0)
+
+// Device memory owned for the length of one bench.
+class DeviceBytes {
+ public:
+  explicit DeviceBytes(size_t bytes) : bytes_(bytes) { MLA_CUDA_CHECK(cudaMalloc(&ptr_, bytes)); }
+  ~DeviceBytes() { cudaFree(ptr_); }
+  DeviceBytes(const DeviceBytes&) = delete;
+  DeviceBytes& operator=(const DeviceBytes&) = delete;
+  template <typename T = void>
+  T* get() const {
+    return static_cast<T*>(ptr_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_;
+};
+
+// Fills `dst` with random never-zero bf16 values (normal, sigma 1): a 64 MiB host block,
+// uploaded at every offset, since generating gigabytes on the host would dominate the run.
+void fill_random_bf16(void* dst, size_t bytes, uint64_t seed) {
+  const size_t block = std::min<size_t>(bytes, size_t{64} << 20) / 2;
+  std::vector<uint16_t> host(block);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal;
+  for (auto& v : host) {
+    v = f32_to_bf16(normal(rng));
+    if ((v & 0x7fff) == 0) v = 0x3f80;  // 1.0: zeros would flatter the kernels
+  }
+  char* out = static_cast<char*>(dst);
+  for (size_t off = 0; off < bytes; off += block * 2) {
+    MLA_CUDA_CHECK(cudaMemcpy(out + off, host.data(), std::min(block * 2, bytes - off),
+                              cudaMemcpyHostToDevice));
+  }
+}
+
+// Median milliseconds of `iters` runs of `fn` on `stream`, each timed alone between two
+// events, after `warmup` runs that are not timed.
+double median_ms(cudaStream_t stream, int warmup, int iters, const std::function<void()>& fn) {
+  for (int i = 0; i < warmup; ++i) fn();
+  cudaEvent_t start, stop;
+  MLA_CUDA_CHECK(cudaEventCreate(&start));
+  MLA_CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<float> ms(iters);
+  for (int i = 0; i < iters; ++i) {
+    MLA_CUDA_CHECK(cudaEventRecord(start, stream));
+    fn();
+    MLA_CUDA_CHECK(cudaEventRecord(stop, stream));
+    MLA_CUDA_CHECK(cudaEventSynchronize(stop));
+    MLA_CUDA_CHECK(cudaEventElapsedTime(&ms[i], start, stop));
+  }
+  MLA_CUDA_CHECK(cudaEventDestroy(start));
+  MLA_CUDA_CHECK(cudaEventDestroy(stop));
+  std::sort(ms.begin(), ms.end());
+  return iters % 2 ? ms[iters / 2] : 0.5 * (ms[iters / 2 - 1] + ms[iters / 2]);
+}
+
+// What the device can do at best, measured: results are given as fractions of these.
+struct Ceilings {
+  double copy_gbps = 0.0;         // cudaMemcpyAsync device to device, (read + written) / time
+  double gemm_tflops = 0.0;       // cuBLAS bf16 GEMM, fp32 compute, 8192 x 8192 x 8192
+  double gemm_tflops_4096 = 0.0;  // the same at 4096^3
+};
+
+double gemm_tflops(cublasHandle_t handle, cudaStream_t stream, int n, int warmup, int iters,
+                   uint64_t seed) {
+  const size_t bytes = size_t{2} * n * n;
+  DeviceBytes a(bytes), b(bytes), c(bytes);
+  fill_random_bf16(a.get(), bytes, seed);
+  fill_random_bf16(b.get(), bytes, seed + 1);
+  const float alpha = 1.0f, beta = 0.0f;
+  const double ms = median_ms(stream, warmup, iters, [&] {
+    BENCH_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a.get(),
+                                    CUDA_R_16BF, n, b.get(), CUDA_R_16BF, n, &beta, c.get(),
+                                    CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  });
+  return 2.0 * n * n * n / (ms * 1e-3) / 1e12;
+}
+
+Ceilings measure_ceilings(cudaStream_t stream, int warmup, int iters, uint64_t seed) {
+  Ceilings c;
+  {
+    const size_t bytes = size_t{1} << 30;
+    DeviceBytes src(bytes), dst(bytes);
+    fill_random_bf16(src.get(), bytes, seed);
+    const double ms = median_ms(stream, warmup, iters, [&] {
+      MLA_CUDA_CHECK(
+          cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice, stream));
+    });
+    c.copy_gbps = 2.0 * bytes / (ms * 1e-3) / 1e9;
+  }
+  cublasHandle_t handle;
+  BENCH_CUBLAS_CHECK(cublasCreate(&handle));
+  BENCH_CUBLAS_CHECK(cublasSetStream(handle, stream));
+  c.gemm_tflops = gemm_tflops(handle, stream, 8192, warmup, iters, seed);
+  c.gemm_tflops_4096 = gemm_tflops(handle, stream, 4096, warmup, iters, seed);
+  BENCH_CUBLAS_CHECK(cublasDestroy(handle));
+  return c;
+}
+
+// One measured kernel configuration. bytes: the fewest the kernel must move through device
+// memory (inputs read once, outputs written once); flops: the arithmetic it must do.
+struct BenchRecord {
+  std::string bench;
+  nlohmann::ordered_json config;
+  double time_us = 0.0, bytes = 0.0, flops = 0.0;
+  nlohmann::ordered_json extra = nlohmann::ordered_json::object();  // further timings, by name
+
+  double gbps() const { return bytes / (time_us * 1e-6) / 1e9; }
+  double tflops() const { return flops / (time_us * 1e-6) / 1e12; }
+};
+
+// cuda::mla_decode at batch x (s_q, heads) for each mean context: sequence lengths uniform in
+// [mean / 2, 3 mean / 2] (fixed seed), pages scattered over a one-layer pool.
+void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t stream,
+                      std::vector<BenchRecord>& records) {
+  constexpr int64_t kWidth = cuda::kMlaDecodeLatentDim + cuda::kMlaDecodeRopeDim;
+  constexpr int64_t kDc = cuda::kMlaDecodeLatentDim;
+  constexpr int32_t kBlock = cuda::kMlaDecodeBlockSize;
+  const int32_t batch = args.batch;
+  const int32_t max_heads = *std::max_element(args.heads.begin(), args.heads.end());
+  const int32_t max_s_q = *std::max_element(args.s_q.begin(), args.s_q.end());
+  const int64_t max_rows = int64_t{batch} * max_s_q * max_heads;
+  DeviceBytes q(max_rows * kWidth * 2), out(max_rows * kDc * 2), lse(max_rows * 4);
+  fill_random_bf16(q.get(), q.bytes(), args.seed + 10);
+  size_t workspace_bytes = 0;
+  for (int32_t heads : args.heads) {
+    for (int32_t s_q : args.s_q) {
+      workspace_bytes =
+          std::max(workspace_bytes, cuda::mla_decode_workspace_bytes(batch, s_q, heads, num_sms));
+    }
+  }
+  DeviceBytes workspace(workspace_bytes);
+
+  for (int32_t context : args.contexts) {
+    std::mt19937 rng(static_cast<uint32_t>(args.seed + context));
+    std::uniform_int_distribution<int32_t> length(std::max(1, context / 2), context * 3 / 2);
+    std::vector<int32_t> lengths(batch);
+    int32_t max_pages = 0, total_pages = 0;
+    int64_t total_keys = 0;
+    for (auto& len : lengths) {
+      len = length(rng);
+      total_keys += len;
+      const int32_t pages = (len + kBlock - 1) / kBlock;
+      max_pages = std::max(max_pages, pages);
+      total_pages += pages;
+    }
+    std::vector<int32_t> ids(total_pages);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    std::vector<int32_t> table(int64_t{batch} * max_pages, 0);
+    for (int32_t b = 0, next = 0; b < batch; ++b) {
+      for (int32_t k = 0; k < (lengths[b] + kBlock - 1) / kBlock; ++k) {
+        table[int64_t{b} * max_pages + k] = ids[next++];
+      }
+    }
+    DeviceBytes pool(size_t{2} * total_pages * kBlock * kWidth);
+    fill_random_bf16(pool.get(), pool.bytes(), args.seed + 20);
+    DeviceBytes d_table(table.size() * 4), d_keys(size_t{4} * batch * 2);
+    MLA_CUDA_CHECK(
+        cudaMemcpy(d_table.get(), table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+
+    for (int32_t heads : args.heads) {
+      for (int32_t s_q : args.s_q) {
+        std::vector<int32_t> num_keys;
+        double flops = 0.0;
+        for (int32_t len : lengths) {
+          for (int32_t i = 0; i < s_q; ++i) {
+            num_keys.push_back(len - (s_q - 1 - i));  // the causal step: {L - 1, L} for s_q 2
+            flops += 2.0 * heads * num_keys.back() * (kWidth + kDc);
+          }
+        }
+        MLA_CUDA_CHECK(
+            cudaMemcpy(d_keys.get(), num_keys.data(), num_keys.size() * 4, cudaMemcpyHostToDevice));
+        cuda::MlaDecodeParams p{};
+        p.q = q.get<__nv_bfloat16>();
+        p.pool = pool.get<__nv_bfloat16>();
+        p.layer = 0;
+        p.num_layers = 1;
+        p.block_table = d_table.get<int32_t>();
+        p.table_stride = max_pages;
+        p.num_keys = d_keys.get<int32_t>();
+        p.batch = batch;
+        p.s_q = s_q;
+        p.heads = heads;
+        p.scale = 0.1352f;  // DeepSeek-V3's
+        p.out = out.get<__nv_bfloat16>();
+        p.lse = lse.get<float>();
+        p.num_sms = num_sms;
+        const double ms = median_ms(stream, args.warmup, args.iters,
+                                    [&] { cuda::mla_decode(p, workspace.get(), stream); });
+        // Every layer of a decode step after the first reuses the step's plan.
+        p.reuse_plan = true;
+        const double reused_ms = median_ms(stream, args.warmup, args.iters,
+                                           [&] { cuda::mla_decode(p, workspace.get(), stream); });
+        const int64_t rows = int64_t{batch} * s_q * heads;
+        BenchRecord r;
+        r.bench = "mla_decode";
+        r.config = {{"batch", batch}, {"context", context}, {"heads", heads}, {"s_q", s_q}};
+        r.time_us = ms * 1e3;
+        r.bytes = double(total_keys) * kWidth * 2 + double(rows) * (kWidth * 2 + kDc * 2 + 4);
+        r.flops = flops;
+        r.extra["time_us_plan_reused"] = reused_ms * 1e3;
+        spdlog::info("mla_decode batch {} context {} heads {} s_q {}: {:.1f} us", batch, context,
+                     heads, s_q, r.time_us);
+        records.push_back(std::move(r));
+      }
+    }
+  }
+}
+
+std::string config_string(const nlohmann::ordered_json& config) {
+  std::string s;
+  for (const auto& [key, value] : config.items()) {
+    s += fmt::format("{}{}={}", s.empty() ? "" : " ", key, value.dump());
+  }
+  return s;
+}
+
+int run_bench_kernels(const BenchKernelsArgs& args) {
+  MLA_REQUIRE(args.iters >= 1 && args.warmup >= 0, "--iters must be >= 1 and --warmup >= 0");
+  MLA_REQUIRE(args.batch >= 1 && !args.contexts.empty() && !args.heads.empty() && !args.s_q.empty(),
+              "--batch, --contexts, --heads and --sq must be non-empty and positive");
+  int device = 0;
+  MLA_CUDA_CHECK(cudaGetDevice(&device));
+  cudaDeviceProp prop{};
+  MLA_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  cudaStream_t stream;
+  MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+
+  const Ceilings ceilings = measure_ceilings(stream, args.warmup, args.iters, args.seed);
+  std::vector<BenchRecord> records;
+  bench_mla_decode(args, prop.multiProcessorCount, stream, records);
+  MLA_CUDA_CHECK(cudaStreamDestroy(stream));
+
+  fmt::print("\ndevice: {} ({} SMs, L2 {} MB)\n", prop.name, prop.multiProcessorCount,
+             prop.l2CacheSize >> 20);
+  fmt::print(
+      "ceilings: copy {:.0f} GB/s (read + written, 1 GiB D2D); cuBLAS bf16 GEMM {:.0f} "
+      "TFLOP/s at 8192^3, {:.0f} at 4096^3\n\n",
+      ceilings.copy_gbps, ceilings.gemm_tflops, ceilings.gemm_tflops_4096);
+  fmt::print("| bench | config | time (us) | GB/s | of copy | TFLOP/s | of GEMM | more |\n");
+  fmt::print("|---|---|---:|---:|---:|---:|---:|---|\n");
+  for (const BenchRecord& r : records) {
+    std::string more;
+    for (const auto& [key, value] : r.extra.items()) {
+      more += fmt::format("{}{} {:.1f}", more.empty() ? "" : ", ", key, value.get<double>());
+    }
+    fmt::print("| {} | {} | {:.1f} | {:.0f} | {:.2f} | {:.1f} | {:.2f} | {} |\n", r.bench,
+               config_string(r.config), r.time_us, r.gbps(), r.gbps() / ceilings.copy_gbps,
+               r.tflops(), r.tflops() / ceilings.gemm_tflops, more);
+  }
+
+  if (!args.json_path.empty()) {
+    nlohmann::ordered_json j;
+    j["device"] = {{"name", prop.name}, {"sms", prop.multiProcessorCount}};
+    j["ceilings"] = {{"copy_gbps", ceilings.copy_gbps},
+                     {"gemm_bf16_tflops_8192", ceilings.gemm_tflops},
+                     {"gemm_bf16_tflops_4096", ceilings.gemm_tflops_4096}};
+    j["iters"] = args.iters;
+    for (const BenchRecord& r : records) {
+      j["results"].push_back({{"bench", r.bench},
+                              {"config", r.config},
+                              {"time_us", r.time_us},
+                              {"bytes", r.bytes},
+                              {"flops", r.flops},
+                              {"gbps", r.gbps()},
+                              {"tflops", r.tflops()},
+                              {"of_copy", r.gbps() / ceilings.copy_gbps},
+                              {"of_gemm", r.tflops() / ceilings.gemm_tflops},
+                              {"extra", r.extra}});
+    }
+    std::ofstream f(args.json_path);
+    MLA_REQUIRE(f.good(), "cannot write {}", args.json_path);
+    f << j.dump(2) << "\n";
+  }
+  return 0;
+}
+
+#else
+
+int run_bench_kernels(const BenchKernelsArgs&) {
+  MLA_THROW(kFailedPrecondition, "bench-kernels: this build has no CUDA backend");
+}
+
+#endif
+
+}  // namespace
+
+void add_bench_kernels_command(CLI::App& app, int& exit_code) {
+  auto a = std::make_shared<BenchKernelsArgs>();
+  auto* cmd = app.add_subcommand(
+      "bench-kernels",
+      "Time the CUDA kernels against this GPU's copy bandwidth and cuBLAS GEMM rate");
+  cmd->add_option("--batch", a->batch, "Sequences per decode batch")->capture_default_str();
+  cmd->add_option("--contexts", a->contexts,
+                  "Mean context lengths (each sequence's is uniform in [mean/2, 3 mean/2])")
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--heads", a->heads, "Query head counts")->delimiter(',')->capture_default_str();
+  cmd->add_option("--sq", a->s_q, "Query tokens per sequence (1 or 2)")
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--iters", a->iters, "Timed runs per configuration (the median is reported)")
+      ->capture_default_str();
+  cmd->add_option("--warmup", a->warmup, "Untimed runs before each configuration")
+      ->capture_default_str();
+  cmd->add_option("--seed", a->seed, "Seed of the random data and lengths")->capture_default_str();
+  cmd->add_option("--json", a->json_path, "Also write the results to this file as JSON");
+  cmd->callback([a, &exit_code] { exit_code = run_bench_kernels(*a); });
+}
+
+}  // namespace mla::launch

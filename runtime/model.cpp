@@ -1,0 +1,112 @@
+#include "runtime/model.h"
+
+#include <spdlog/spdlog.h>
+
+#include "kernels/error.h"
+#include "runtime/deepseek_model.h"
+#if MLA_HAVE_CUDA
+#include "runtime/cuda_model.h"
+#endif
+
+namespace mla {
+
+void WorkCounter::add(const WorkCounter& other) {
+  weight_flops += other.weight_flops;
+  cache_upproj_flops += other.cache_upproj_flops;
+  attention_flops += other.attention_flops;
+  for (int f = 0; f < kNumAttnForms; ++f) form_chunks[f] += other.form_chunks[f];
+  for (int op = 0; op < kNumCommOps; ++op) {
+    comm.bytes[op] += other.comm.bytes[op];
+    comm.calls[op] += other.comm.calls[op];
+  }
+}
+
+CommStats predicted_step_comm(const ModelConfig& c, int32_t tp_size, KvShard kv,
+                              int64_t num_tokens) {
+  CommStats stats;
+  if (tp_size <= 1) return stats;
+  const int64_t f = sizeof(float), T = num_tokens, H = c.num_heads;
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    if (kv == KvShard::kSequence) {
+      stats.add(CommOp::kAllGather, T * H * c.latent_width() * f);
+      stats.add(CommOp::kAllToAll, T * H * (c.kv_lora_rank + 1) * f);
+    }
+    stats.add(CommOp::kAllReduce, T * c.hidden_size * f);
+    stats.add(CommOp::kAllReduce, T * c.hidden_size * f);
+  }
+  return stats;
+}
+
+Model::Model(ModelConfig config, const ModelOptions& options, ShardPlan shard)
+    : config_(std::move(config)), shard_(shard), forms_(config_, options.absorb, options.cost) {}
+
+ShardPlan Model::plan_for(const ModelConfig& config, const ModelOptions& options) {
+  const ShardPlan shard(options.tp_size, options.tp_rank, config.num_heads, options.kv_shard);
+  const int64_t P = shard.tp_size();
+  auto divisible = [&](int64_t n, const char* what) {
+    MLA_REQUIRE(n % P == 0, "tensor-parallel size {} does not divide {} ({})", P, what, n);
+  };
+  divisible(config.intermediate_size, "intermediate_size");
+  if (config.n_routed_experts > 0) {
+    divisible(config.n_routed_experts, "n_routed_experts");
+    divisible(config.n_shared_experts * config.moe_intermediate_size,
+              "the shared experts' width");
+  }
+  return shard;
+}
+
+void Model::log_loaded(const ModelOptions& options, const char* backend) const {
+  const ModelConfig& c = config_;
+  spdlog::info("loaded {} ({} layers, {} heads, d_c {}, d_r {}, {} experts) on {}, absorption {}{}",
+               c.family_name(), c.num_layers, c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim,
+               c.n_routed_experts, backend, to_string(options.absorb),
+               shard_.tp_size() > 1
+                   ? fmt::format(", tp rank {}/{} heads [{}, {})", shard_.tp_rank(),
+                                 shard_.tp_size(), shard_.head_begin(), shard_.head_end())
+                   : "");
+}
+
+CacheGeometry Model::cache_geometry(int32_t block_size) const {
+  return CacheGeometry{static_cast<int32_t>(config_.num_layers), block_size,
+                       static_cast<int32_t>(config_.kv_lora_rank),
+                       static_cast<int32_t>(config_.qk_rope_head_dim)};
+}
+
+SampledStep Model::forward_sample(const ForwardBatch& batch,
+                                  const std::vector<SampleRequest>& requests, LatentCache& cache,
+                                  WorkCounter* counter, Communicator* comm) const {
+  const Tensor logits = forward(batch, cache, counter, comm);
+  SampledStep step;
+  if (requests.empty()) return step;
+  const int64_t V = config_.vocab_size;
+  MLA_CHECK(static_cast<int64_t>(requests.size()) == logits.dim(0),
+            "{} sample requests for {} rows of logits", requests.size(), logits.dim(0));
+  step.logits.resize(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const float* row = logits.f32() + static_cast<int64_t>(i) * V;
+    step.tokens.push_back(sample_token(row, V, requests[i].params, requests[i].position));
+    if (requests[i].keep_logits) step.logits[i].assign(row, row + V);
+  }
+  return step;
+}
+
+cpu::MoeGate moe_gate_kind(GateKind g) {
+  switch (g) {
+    case GateKind::kSoftmaxGreedy: return cpu::MoeGate::kSoftmaxGreedy;
+    case GateKind::kSoftmaxGroupLimited: return cpu::MoeGate::kSoftmaxGroupLimited;
+    case GateKind::kSigmoidNoauxTc: return cpu::MoeGate::kSigmoidNoauxTc;
+  }
+  MLA_THROW(kInternal, "unknown gate kind");
+}
+
+std::shared_ptr<Model> load_model(const std::string& model_dir, const ModelOptions& options) {
+  if (options.device == Device::kCpu) return DeepseekModel::load(model_dir, options);
+#if MLA_HAVE_CUDA
+  return CudaModel::load(model_dir, options);
+#else
+  MLA_THROW(kFailedPrecondition, "this build has no CUDA backend (nvcc was not found when it was "
+                            "configured); use --device cpu");
+#endif
+}
+
+}  // namespace mla

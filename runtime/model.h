@@ -1,0 +1,138 @@
+// Model: the DeepSeek forward pass as the engine sees it, on the CPU (DeepseekModel, the
+// fp32 reference) or on a GPU (CudaModel, bf16 with fp32 accumulation). Both hold one
+// tensor-parallel rank's shard (DESIGN.md section 5) and read and write the paged latent
+// cache; a model is immutable after load and forward() may run concurrently on different
+// caches.
+#pragma once
+
+#include <array>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/moe.h"
+#include "kernels/tensor.h"
+#include "parallel/communicator.h"
+#include "parallel/shard_plan.h"
+#include "runtime/absorption.h"
+#include "runtime/latent_cache.h"
+#include "runtime/model_config.h"
+#include "runtime/sampler.h"
+
+namespace mla {
+
+struct ModelOptions {
+  AbsorbMode absorb = AbsorbMode::kAuto;  // Default: auto.
+  CostModel cost;                         // Default: CPU balance (see CostModel).
+  bool show_progress = true;              // Progress line while loading. Default: true.
+  // This rank's place in its tensor-parallel group. Default: one rank.
+  int32_t tp_size = 1;
+  int32_t tp_rank = 0;
+  KvShard kv_shard = KvShard::kSequence;  // Default: sequence-sharded latent cache.
+  // Where the forward pass runs: kCpu (fp32 reference) or kCuda (bf16 on the current GPU).
+  // Default: kCpu.
+  Device device = Device::kCpu;
+  // CUDA: capture decode steps in CUDA graphs (one per batch-size bucket). Default: true.
+  bool cuda_graphs = true;
+};
+
+// One sequence's slice of a step: `num_tokens` new tokens at positions
+// [start, start + num_tokens), whose pages `table` already holds.
+struct ForwardSeq {
+  const BlockTable* table = nullptr;
+  int32_t start = 0;
+  int32_t num_tokens = 0;
+  bool want_logits = false;  // return logits of the last new token
+};
+
+// How to pick the token of one sequence that wants logits, and whether to keep its logits.
+struct SampleRequest {
+  SamplingParams params;
+  int64_t position = 0;      // the position the token will take (the draw's counter)
+  bool keep_logits = false;  // copy the full logits row back (logprobs, parity tests)
+};
+
+// The tokens a step picked, in batch order of the sequences that wanted logits.
+struct SampledStep {
+  std::vector<int32_t> tokens;
+  std::vector<std::vector<float>> logits;  // [tokens.size()]; empty unless keep_logits
+};
+
+struct ForwardBatch {
+  std::vector<int32_t> tokens;  // the new tokens of every sequence, concatenated in order
+  std::vector<ForwardSeq> seqs;
+};
+
+// Work done by forward passes, for reports and for tests that check what ran.
+struct WorkCounter {
+  int64_t weight_flops = 0;        // products with weight matrices (projections, MLP, head)
+  int64_t cache_upproj_flops = 0;  // up-projection of cached latents (decompressed form only)
+  int64_t attention_flops = 0;     // score and value products over keys
+  std::array<int64_t, kNumAttnForms> form_chunks{};  // sequence-steps per attention form
+  CommStats comm;                  // collectives issued by the forward passes
+  void reset() { *this = WorkCounter{}; }
+  void add(const WorkCounter& other);
+};
+
+// The collectives of one forward step of `num_tokens` tokens whose sequences all run in a
+// latent form (decode; latent chunked prefill), by the CommStats conventions. Per layer:
+// an all-reduce of [T, D] after attention and one after the FFN; with a sequence-sharded
+// cache also the all-gather of the absorbed queries [T, H, d_c + d_r] and the all-to-all
+// of the partial outputs with their LSE [T, H, d_c + 1]. Nothing for one rank.
+CommStats predicted_step_comm(const ModelConfig& c, int32_t tp_size, KvShard kv,
+                              int64_t num_tokens);
+
+class Model {
+ public:
+  virtual ~Model() = default;
+
+  const ModelConfig& config() const { return config_; }
+  const FormPolicy& forms() const { return forms_; }
+  const ShardPlan& shard() const { return shard_; }
+  // Cache layout for this model with pages of `block_size` tokens.
+  CacheGeometry cache_geometry(int32_t block_size) const;
+  // Where this model wants its cache rows: host fp32 (CPU) or device bf16 (CUDA).
+  virtual CacheStorage cache_storage() const { return CacheStorage::kHostF32; }
+  // Pages of `block_size` tokens the cache gets when the deployment asks for an automatic
+  // size: for the CUDA model the free device memory times `memory_fraction`; the CPU model
+  // has no automatic size and returns 0.
+  virtual int32_t auto_num_pages(int32_t block_size, double memory_fraction) const { return 0; }
+
+  // Runs the new tokens of `batch` through the model: stores each token's latent in
+  // `cache` (pages must be reserved; under TP this rank's shard, with the model's plan) and
+  // returns the logits [num seqs wanting logits, V] in batch order, on the host, on every
+  // rank. Adds the work done to `counter` when given. `comm` is the group's communicator
+  // (null for P = 1).
+  virtual Tensor forward(const ForwardBatch& batch, LatentCache& cache,
+                         WorkCounter* counter = nullptr, Communicator* comm = nullptr) const = 0;
+  // forward(), then one token per sequence wanting logits, picked as mla::sample_token
+  // would from its logits. `requests` has one entry per such sequence, or none (a
+  // tensor-parallel follower that only runs its part): then nothing is sampled.
+  // The base version samples on the host; the CUDA model samples on the GPU and copies
+  // back only the tokens (and the rows asked for with keep_logits).
+  virtual SampledStep forward_sample(const ForwardBatch& batch,
+                                     const std::vector<SampleRequest>& requests,
+                                     LatentCache& cache, WorkCounter* counter = nullptr,
+                                     Communicator* comm = nullptr) const;
+
+ protected:
+  Model(ModelConfig config, const ModelOptions& options, ShardPlan shard);
+  // The plan `options` asks for, validated against the model before any weight is read:
+  // throws kInvalidArgument if P does not divide the heads, experts or MLP widths.
+  static ShardPlan plan_for(const ModelConfig& config, const ModelOptions& options);
+  void log_loaded(const ModelOptions& options, const char* backend) const;
+
+  ModelConfig config_;
+  ShardPlan shard_;
+  FormPolicy forms_;
+};
+
+// The kernels' name for a config's router kind.
+cpu::MoeGate moe_gate_kind(GateKind g);
+
+// Loads a Hugging Face model directory for options.device: a DeepseekModel on the CPU, a
+// CudaModel on the GPU (kUnimplemented when this build has no CUDA backend or no GPU is
+// visible). Throws mla::Error naming what is wrong.
+std::shared_ptr<Model> load_model(const std::string& model_dir, const ModelOptions& options = {});
+
+}  // namespace mla

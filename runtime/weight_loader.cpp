@@ -1,0 +1,144 @@
+#include "runtime/weight_loader.h"
+
+#include <cstdio>
+#include <cstring>
+
+#include "kernels/cpu/ops.h"
+#include "kernels/error.h"
+
+namespace mla {
+
+WeightLoader::WeightLoader(Checkpoint& ckpt, const ModelConfig& config, const ShardPlan& shard)
+    : ckpt_(ckpt), config_(config), shard_(shard) {
+  // The progress total: everything but block scales and layers past num_hidden_layers
+  // (a rank of P reads about 1/P of the split tensors; the line shows the whole file).
+  size_t total = 0;
+  for (const std::string& name : ckpt.names()) {
+    int layer = -1;
+    const bool beyond = std::sscanf(name.c_str(), "model.layers.%d.", &layer) == 1 &&
+                        layer >= config.num_layers;
+    if (!beyond && !name.ends_with("_scale_inv")) total += ckpt.info(name).nbytes;
+  }
+  ckpt.expect_total_bytes(shard.tp_size() == 1 ? total : total / shard.tp_size());
+}
+
+Tensor WeightLoader::embed() {
+  return ckpt_.load_f32("model.embed_tokens.weight", {config_.vocab_size, config_.hidden_size});
+}
+
+Tensor WeightLoader::final_norm() {
+  return ckpt_.load_f32("model.norm.weight", {config_.hidden_size});
+}
+
+Tensor WeightLoader::lm_head(const Tensor& embed) {
+  if (config_.tie_word_embeddings && !ckpt_.has("lm_head.weight")) return embed;
+  return ckpt_.load_f32("lm_head.weight", {config_.vocab_size, config_.hidden_size});
+}
+
+// A SwiGLU MLP of `width` split by columns of gate/up and rows of down: rank r keeps
+// [r * width / P, (r + 1) * width / P).
+MlpWeights WeightLoader::mlp(const std::string& prefix, int64_t width, int64_t parts) {
+  const int64_t D = config_.hidden_size, w = width / parts,
+                begin = (parts == 1 ? 0 : shard_.tp_rank()) * w;
+  MlpWeights m;
+  m.width = w;
+  Tensor gate = ckpt_.load_f32_slice(prefix + "gate_proj.weight", {width, D}, begin, begin + w);
+  Tensor up = ckpt_.load_f32_slice(prefix + "up_proj.weight", {width, D}, begin, begin + w);
+  m.gate_up = Tensor::empty({2 * w, D});
+  std::memcpy(m.gate_up.f32(), gate.f32(), gate.nbytes());
+  std::memcpy(m.gate_up.f32() + w * D, up.f32(), up.nbytes());
+  m.down = ckpt_.load_f32_slice(prefix + "down_proj.weight", {D, width}, 0, D, begin, begin + w);
+  return m;
+}
+
+LayerWeights WeightLoader::layer(int64_t l) {
+  const ModelConfig& c = config_;
+  const int64_t D = c.hidden_size, H = c.num_heads, P = shard_.tp_size(), r = shard_.tp_rank();
+  const int64_t h0 = shard_.head_begin(), h1 = shard_.head_end();
+  auto load = [&](const std::string& name, const Shape& shape) {
+    return ckpt_.load_f32(name, shape);
+  };
+  auto rows = [&](const std::string& name, const Shape& shape, int64_t begin, int64_t end) {
+    return ckpt_.load_f32_slice(name, shape, begin, end);
+  };
+  auto cols = [&](const std::string& name, const Shape& shape, int64_t begin, int64_t end) {
+    return ckpt_.load_f32_slice(name, shape, 0, shape[0], begin, end);
+  };
+  LayerWeights lw;
+  const std::string p = fmt::format("model.layers.{}.", l);
+  lw.input_norm = load(p + "input_layernorm.weight", {D});
+  lw.post_attn_norm = load(p + "post_attention_layernorm.weight", {D});
+
+  AttentionWeights& a = lw.attn;
+  const std::string ap = p + "self_attn.";
+  const int64_t dqk = c.qk_head_dim(), dkv = c.qk_nope_head_dim + c.v_head_dim;
+  if (c.q_lora_rank > 0) {
+    a.q_a = load(ap + "q_a_proj.weight", {c.q_lora_rank, D});
+    a.q_a_norm = load(ap + "q_a_layernorm.weight", {c.q_lora_rank});
+    a.q_b = rows(ap + "q_b_proj.weight", {H * dqk, c.q_lora_rank}, h0 * dqk, h1 * dqk);
+  } else {
+    a.q_b = rows(ap + "q_proj.weight", {H * dqk, D}, h0 * dqk, h1 * dqk);
+  }
+  a.kv_a = load(ap + "kv_a_proj_with_mqa.weight", {c.latent_width(), D});
+  a.kv_a_norm = load(ap + "kv_a_layernorm.weight", {c.kv_lora_rank});
+  a.kv_b = rows(ap + "kv_b_proj.weight", {H * dkv, c.kv_lora_rank}, h0 * dkv, h1 * dkv);
+  a.o = cols(ap + "o_proj.weight", {D, H * c.v_head_dim}, h0 * c.v_head_dim, h1 * c.v_head_dim);
+
+  lw.is_moe = c.is_moe_layer(l);
+  const std::string mp = p + "mlp.";
+  if (!lw.is_moe) {
+    lw.mlp = mlp(mp, c.intermediate_size, P);
+    return lw;
+  }
+  MoeWeights& m = lw.moe;
+  m.gate = load(mp + "gate.weight", {c.n_routed_experts, D});
+  if (c.gate == GateKind::kSigmoidNoauxTc) {
+    m.correction_bias = load(mp + "gate.e_score_correction_bias", {c.n_routed_experts});
+  }
+  const int64_t I = c.moe_intermediate_size, E = c.n_routed_experts, local = E / P;
+  m.first_expert = r * local;
+  m.experts.resize(local);
+  if (ckpt_.has(mp + "experts.gate_up_proj")) {
+    // Fused layout (transformers' in-memory form): [E, 2I, D] and [E, D, I].
+    Tensor gu = rows(mp + "experts.gate_up_proj", {E, 2 * I, D}, m.first_expert,
+                     m.first_expert + local);
+    Tensor down =
+        rows(mp + "experts.down_proj", {E, D, I}, m.first_expert, m.first_expert + local);
+    for (int64_t e = 0; e < local; ++e) {
+      m.experts[e].width = I;
+      m.experts[e].gate_up = gu.slice_rows(e, e + 1).view({2 * I, D});
+      m.experts[e].down = down.slice_rows(e, e + 1).view({D, I});
+    }
+  } else {
+    for (int64_t e = 0; e < local; ++e) {
+      m.experts[e] = mlp(fmt::format("{}experts.{}.", mp, m.first_expert + e), I, 1);
+    }
+  }
+  if (c.n_shared_experts > 0) m.shared = mlp(mp + "shared_experts.", c.n_shared_experts * I, P);
+  return lw;
+}
+
+void build_premerged(const ModelConfig& c, int64_t local_heads, AttentionWeights& w) {
+  const int64_t H = local_heads, dc = c.kv_lora_rank, dn = c.qk_nope_head_dim,
+                dr = c.qk_rope_head_dim, dv = c.v_head_dim, D = c.hidden_size,
+                qin = c.q_in_dim(), dqk = c.qk_head_dim();
+  w.q_absorbed = Tensor::empty({H * dc, qin});
+  w.q_rope = Tensor::empty({H * dr, qin});
+  w.o_absorbed = Tensor::empty({D, H * dc});
+  std::vector<float> uk_t(dc * dn);
+  for (int64_t h = 0; h < H; ++h) {
+    const float* w_uk = w.kv_b.f32() + h * (dn + dv) * dc;  // [d_n, d_c]
+    const float* w_uv = w_uk + dn * dc;                      // [d_v, d_c]
+    const float* q_nope = w.q_b.f32() + h * dqk * qin;       // [d_n, q_in]
+    // W_Q'[h] [d_c, q_in] = W_UK[h]^T [d_c, d_n] * W_q,nope[h] [d_n, q_in]
+    for (int64_t i = 0; i < dn; ++i)
+      for (int64_t j = 0; j < dc; ++j) uk_t[j * dn + i] = w_uk[i * dc + j];
+    cpu::matmul_nn(uk_t.data(), dc, dn, q_nope, qin, w.q_absorbed.f32() + h * dc * qin);
+    std::memcpy(w.q_rope.f32() + h * dr * qin, q_nope + dn * qin, dr * qin * sizeof(float));
+    // W_O'[:, h] [D, d_c] = W_o[:, h] [D, d_v] * W_UV[h] [d_v, d_c]
+    cpu::gemm(false, D, dc, dv, w.o.f32() + h * dv, H * dv, w_uv, dc,
+              w.o_absorbed.f32() + h * dc, H * dc);
+  }
+}
+
+}  // namespace mla

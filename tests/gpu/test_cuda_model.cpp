@@ -1,0 +1,219 @@
+// The CUDA model (bf16, fp32 accumulation) against the transformers golden data: every golden
+// checkpoint, absorption mode and batching pattern, with and without CUDA graphs. The small
+// foundation models (d_c 32) run the general latent-attention kernel; v3_mla has the real MLA
+// dimensions (d_c 512, d_r 64, d_n 128, d_v 128) and runs the tuned decode and prefill kernels.
+//
+// Tolerance: weights, activations fed to the products and the cache are bf16 (relative
+// rounding 2^-9 = 0.2 % per value), accumulated in fp32 through 2-3 layers; the logits' relative
+// L2 error against transformers' fp32 stays below kTolerance (measured: 0.7-1.7 %).
+// Two bf16 effects are allowed and printed:
+//  - a greedy token may differ where transformers' own top-2 margin at that step is below
+//    kNearTie (after it the continuation legitimately differs: that prompt is checked no
+//    further);
+//  - one step per prompt may exceed kTolerance (but not kRouteFlip) with the same token when
+//    the golden routing has a near-tie (golden.json min_router_gap below kRouterNearTie):
+//    bf16 rounding of the router's input then picks a different expert for one token. The v3
+//    model's gap is 5.7e-4 and its prompt 2 step 7 flips (0.33); every other step stays in
+//    tolerance, so a systematic error still fails.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+
+#include "kernels/cuda/cuda_check.h"
+#include "runtime/cuda_model.h"
+#include "runtime/engine.h"
+#include "tests/support/golden.h"
+
+namespace mla {
+namespace {
+
+constexpr double kTolerance = 3e-2;
+constexpr double kNearTie = 5e-2;
+constexpr double kRouteFlip = 0.5;
+constexpr double kRouterNearTie = 1e-3;
+
+using test::Golden;
+using test::golden;
+using test::model_dir;
+
+double rel_error(const float* got, const float* want, int64_t n) {
+  double err = 0, norm = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    err += (got[i] - want[i]) * (got[i] - want[i]);
+    norm += want[i] * want[i];
+  }
+  return std::sqrt(err / norm);
+}
+
+double top2_margin(const float* row, int64_t n) {
+  float a = -INFINITY, b = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) {
+    if (row[i] > a) {
+      b = a;
+      a = row[i];
+    } else if (row[i] > b) {
+      b = row[i];
+    }
+  }
+  return a - b;
+}
+
+std::shared_ptr<CudaModel> model(const std::string& name, AbsorbMode mode, bool graphs) {
+  static std::map<std::tuple<std::string, AbsorbMode, bool>, std::shared_ptr<CudaModel>> cache;
+  auto& m = cache[{name, mode, graphs}];
+  if (!m) {
+    ModelOptions o;
+    o.absorb = mode;
+    o.show_progress = false;
+    o.device = Device::kCuda;
+    o.cuda_graphs = graphs;
+    m = CudaModel::load(model_dir(name), o);
+  }
+  return m;
+}
+
+enum class Pattern { kUnbatched, kBatched, kJoinMidRun, kChunkedPrefill };
+const char* pattern_name(Pattern p) {
+  switch (p) {
+    case Pattern::kUnbatched: return "unbatched";
+    case Pattern::kBatched: return "batched";
+    case Pattern::kJoinMidRun: return "join_mid_run";
+    case Pattern::kChunkedPrefill: return "chunked_prefill";
+  }
+  return "?";
+}
+
+using Param = std::tuple<std::string, AbsorbMode, int32_t, Pattern, bool>;
+
+class CudaModelParity : public testing::TestWithParam<Param> {};
+
+TEST_P(CudaModelParity, ReproducesTransformersWithinBf16) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const auto& [name, mode, block_size, pattern, graphs] = GetParam();
+  const Golden& g = golden(name);
+  auto m = model(name, mode, graphs);
+  const int64_t V = m->config().vocab_size;
+  const int steps = g.steps;
+
+  EngineOptions opts;
+  opts.block_size = block_size;
+  opts.num_pages = 64 / block_size * 8 + 16;
+  opts.scheduler.max_batch_tokens = pattern == Pattern::kChunkedPrefill ? 4 : 256;
+  Engine engine(m, opts);
+  std::map<RequestId, size_t> prompt_of;
+  std::map<RequestId, std::vector<StepOutput>> outputs;
+  auto add = [&](size_t i) {
+    Request r;
+    r.prompt = g.prompts[i];
+    r.max_tokens = steps;
+    r.ignore_eos = true;
+    r.return_logits = true;
+    prompt_of[engine.add_request(r)] = i;
+  };
+  auto run_step = [&] {
+    for (auto& o : engine.step()) outputs[o.id].push_back(std::move(o));
+  };
+  switch (pattern) {
+    case Pattern::kUnbatched:
+      for (size_t i = 0; i < g.prompts.size(); ++i) {
+        add(i);
+        while (engine.has_work()) run_step();
+      }
+      break;
+    case Pattern::kBatched:
+    case Pattern::kChunkedPrefill:
+      for (size_t i = 0; i < g.prompts.size(); ++i) add(i);
+      while (engine.has_work()) run_step();
+      break;
+    case Pattern::kJoinMidRun:
+      for (size_t i = 0; i < g.prompts.size(); ++i) {
+        add(i);
+        run_step();
+        run_step();
+        run_step();
+      }
+      while (engine.has_work()) run_step();
+      break;
+  }
+
+  ASSERT_EQ(outputs.size(), g.prompts.size());
+  double worst = 0;
+  const bool router_near_tie = g.meta["min_router_gap"].get<double>() < kRouterNearTie;
+  for (const auto& [id, outs] : outputs) {
+    const size_t p = prompt_of[id];
+    ASSERT_EQ(static_cast<int>(outs.size()), steps) << "prompt " << p;
+    int flips = 0;
+    for (int s = 0; s < steps; ++s) {
+      const float* want = g.step_logits[p].f32() + s * V;
+      const double err = rel_error(outs[s].logits.data(), want, V);
+      if (err >= kTolerance && router_near_tie && flips == 0 && err < kRouteFlip &&
+          outs[s].token == g.greedy[p][s]) {
+        ++flips;
+        std::printf("router near-tie: %s prompt %zu step %d logits rel err %.3g\n", name.c_str(),
+                    p, s, err);
+        continue;
+      }
+      worst = std::max(worst, err);
+      EXPECT_LT(err, kTolerance) << "prompt " << p << " step " << s;
+      if (outs[s].token != g.greedy[p][s]) {
+        const double margin = top2_margin(want, V);
+        EXPECT_LT(margin, kNearTie) << "prompt " << p << " step " << s << ": token "
+                                    << outs[s].token << " vs " << g.greedy[p][s];
+        std::printf("near-tie: %s prompt %zu step %d margin %.4f\n", name.c_str(), p, s, margin);
+        break;
+      }
+    }
+  }
+  std::printf("%s %s b%d %s graphs %d: worst logits rel err %.3g\n", name.c_str(),
+              to_string(mode).c_str(), block_size, pattern_name(pattern), graphs ? 1 : 0, worst);
+  EXPECT_EQ(engine.cache().pool().num_free(), opts.num_pages) << "pages leaked";
+}
+
+std::string param_name(const testing::TestParamInfo<Param>& info) {
+  const auto& [name, mode, block, pattern, graphs] = info.param;
+  return fmt::format("{}_{}_b{}_{}{}", name, to_string(mode), block, pattern_name(pattern),
+                     graphs ? "_graphs" : "");
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Golden, CudaModelParity,
+    testing::Combine(testing::Values("v3", "v3_plain", "v2_lite", "v2_group", "v3_mla"),
+                     testing::Values(AbsorbMode::kNaive, AbsorbMode::kFactored,
+                                     AbsorbMode::kPremerged, AbsorbMode::kAuto),
+                     testing::Values(64),
+                     testing::Values(Pattern::kUnbatched, Pattern::kBatched,
+                                     Pattern::kJoinMidRun, Pattern::kChunkedPrefill),
+                     testing::Bool()),
+    param_name);
+
+// Pages of 4 tokens take the general kernel path whatever the dimensions.
+INSTANTIATE_TEST_SUITE_P(
+    SmallPages, CudaModelParity,
+    testing::Combine(testing::Values("v3", "v3_mla"), testing::Values(AbsorbMode::kAuto),
+                     testing::Values(4), testing::Values(Pattern::kBatched),
+                     testing::Values(false)),
+    param_name);
+
+// Decode steps of the same batch shape replay one captured graph.
+TEST(CudaModelGraphs, DecodeStepsReplayCapturedGraphs) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  auto m = model("v3_mla", AbsorbMode::kAuto, true);
+  const int64_t captured = m->graphs_captured(), replays = m->graph_replays();
+  EngineOptions opts;
+  opts.num_pages = 32;
+  Engine engine(m, opts);
+  Request r;
+  r.prompt = golden("v3_mla").prompts[0];
+  r.max_tokens = 8;
+  r.ignore_eos = true;
+  engine.add_request(r);
+  while (engine.has_work()) engine.step();
+  EXPECT_GE(m->graph_replays() - replays, 5);  // 7 decode steps, at most 2 captures
+  EXPECT_LE(m->graphs_captured() - captured, 2);
+}
+
+}  // namespace
+}  // namespace mla

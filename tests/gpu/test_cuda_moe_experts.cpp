@@ -1,0 +1,305 @@
+// CUDA routed experts against a CPU computation on the same bf16-rounded inputs
+// (cpu::matmul_nt and cpu::silu_mul per expert on its gathered tokens), on fresh random data:
+// one token, tails of every tile dimension, an expert without tokens, every token on one
+// expert, ranks holding part of the experts, both tile sizes, DeepSeek shapes, an output that
+// starts non-zero, a poisoned workspace; also bitwise determinism and a CUDA-graph replay.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/ops.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/moe_experts.h"
+#include "kernels/dtype.h"
+
+namespace mla {
+namespace {
+
+enum class Routing {
+  kRandom,     // top_k distinct experts per token, uniformly over all experts
+  kSkipOne,    // as kRandom, never expert first_expert + 1
+  kOneExpert,  // top_k == 1 and every token on expert first_expert
+};
+
+struct Case {
+  std::string name;
+  int64_t tokens, top_k, experts, first_expert, local_experts, d, inter;
+  Routing routing = Routing::kRandom;
+};
+
+// bf16 values and their exact fp32 widening.
+struct Bf16Tensor {
+  std::vector<uint16_t> bits;
+  std::vector<float> values;
+};
+
+Bf16Tensor random_bf16(std::mt19937& rng, size_t n, float stddev) {
+  std::normal_distribution<float> normal(0.0f, stddev);
+  Bf16Tensor t{std::vector<uint16_t>(n), std::vector<float>(n)};
+  for (size_t i = 0; i < n; ++i) {
+    t.bits[i] = f32_to_bf16(normal(rng));
+    t.values[i] = bf16_to_f32(t.bits[i]);
+  }
+  return t;
+}
+
+struct Problem {
+  Case c;
+  Bf16Tensor x, gate_up, down;
+  std::vector<int32_t> ids;
+  std::vector<float> weights, out0;
+};
+
+Problem make_problem(const Case& c, std::mt19937& rng) {
+  Problem p{c,
+            random_bf16(rng, c.tokens * c.d, 1.0f),
+            random_bf16(rng, c.local_experts * 2 * c.inter * c.d, 1.0f / std::sqrt(float(c.d))),
+            random_bf16(rng, c.local_experts * c.d * c.inter, 1.0f / std::sqrt(float(c.inter))),
+            std::vector<int32_t>(c.tokens * c.top_k),
+            std::vector<float>(c.tokens * c.top_k),
+            std::vector<float>(c.tokens * c.d)};
+  std::uniform_real_distribution<float> weight(0.05f, 1.0f);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<int32_t> experts(c.experts);
+  std::iota(experts.begin(), experts.end(), 0);
+  if (c.routing == Routing::kSkipOne) {
+    experts.erase(experts.begin() + c.first_expert + 1);
+  }
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    std::shuffle(experts.begin(), experts.end(), rng);
+    for (int64_t k = 0; k < c.top_k; ++k) {
+      p.ids[t * c.top_k + k] =
+          c.routing == Routing::kOneExpert ? static_cast<int32_t>(c.first_expert) : experts[k];
+      p.weights[t * c.top_k + k] = weight(rng);
+    }
+  }
+  for (auto& v : p.out0) v = normal(rng);  // the shared experts' output, already there
+  return p;
+}
+
+// out0 plus the routed experts, with the activations rounded to bf16 as the kernel stores them.
+std::vector<float> reference(const Problem& p) {
+  const Case& c = p.c;
+  std::vector<float> y(c.tokens * c.top_k * c.d, 0.0f);  // by slot
+  for (int64_t e = 0; e < c.local_experts; ++e) {
+    std::vector<int64_t> slots;
+    for (int64_t s = 0; s < c.tokens * c.top_k; ++s) {
+      if (p.ids[s] == c.first_expert + e) slots.push_back(s);
+    }
+    if (slots.empty()) continue;
+    const auto m = static_cast<int64_t>(slots.size());
+    std::vector<float> xs(m * c.d), gate_up(m * 2 * c.inter), act(m * c.inter), ys(m * c.d);
+    for (int64_t i = 0; i < m; ++i) {
+      std::memcpy(&xs[i * c.d], &p.x.values[(slots[i] / c.top_k) * c.d], c.d * sizeof(float));
+    }
+    cpu::matmul_nt(xs.data(), m, c.d, &p.gate_up.values[e * 2 * c.inter * c.d], 2 * c.inter,
+                   gate_up.data());
+    cpu::silu_mul(gate_up.data(), m, c.inter, act.data());
+    for (auto& v : act) v = bf16_to_f32(f32_to_bf16(v));
+    cpu::matmul_nt(act.data(), m, c.inter, &p.down.values[e * c.d * c.inter], c.d, ys.data());
+    for (int64_t i = 0; i < m; ++i) {
+      std::memcpy(&y[slots[i] * c.d], &ys[i * c.d], c.d * sizeof(float));
+    }
+  }
+  std::vector<float> out = p.out0;
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    for (int64_t k = 0; k < c.top_k; ++k) {
+      const int64_t s = t * c.top_k + k;
+      if (p.ids[s] < c.first_expert || p.ids[s] >= c.first_expert + c.local_experts) continue;
+      for (int64_t i = 0; i < c.d; ++i) out[t * c.d + i] += p.weights[s] * y[s * c.d + i];
+    }
+  }
+  return out;
+}
+
+// Device copies of a problem, and a poisoned workspace.
+struct DeviceProblem {
+  uint16_t *x, *gate_up, *down;
+  int32_t* ids;
+  float *weights, *out;
+  void* workspace;
+  size_t workspace_bytes;
+
+  explicit DeviceProblem(const Problem& p) {
+    upload(&x, p.x.bits);
+    upload(&gate_up, p.gate_up.bits);
+    upload(&down, p.down.bits);
+    upload(&ids, p.ids);
+    upload(&weights, p.weights);
+    upload(&out, p.out0);
+    const Case& c = p.c;
+    workspace_bytes =
+        cuda::moe_experts_workspace_bytes(c.tokens, c.top_k, c.local_experts, c.d, c.inter);
+    MLA_CUDA_CHECK(cudaMalloc(&workspace, workspace_bytes));
+    MLA_CUDA_CHECK(cudaMemset(workspace, 0xff, workspace_bytes));  // NaN activations, -1 ids
+  }
+  ~DeviceProblem() {
+    for (void* ptr : {static_cast<void*>(x), static_cast<void*>(gate_up), static_cast<void*>(down),
+                      static_cast<void*>(ids), static_cast<void*>(weights), static_cast<void*>(out),
+                      workspace}) {
+      cudaFree(ptr);
+    }
+  }
+
+  cuda::MoeExpertsParams params(const Case& c) const {
+    return {reinterpret_cast<const __nv_bfloat16*>(x),
+            ids,
+            weights,
+            reinterpret_cast<const __nv_bfloat16*>(gate_up),
+            reinterpret_cast<const __nv_bfloat16*>(down),
+            out,
+            c.tokens,
+            c.top_k,
+            c.d,
+            c.inter,
+            c.experts,
+            c.first_expert,
+            c.local_experts};
+  }
+
+  void run(const Case& c, cudaStream_t stream) const {
+    cuda::moe_experts(params(c), workspace, workspace_bytes, stream);
+  }
+
+  void reset_out(const Problem& p) const {
+    MLA_CUDA_CHECK(
+        cudaMemcpy(out, p.out0.data(), p.out0.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
+
+  std::vector<float> download_out(const Problem& p) const {
+    std::vector<float> got(p.out0.size());
+    MLA_CUDA_CHECK(cudaMemcpy(got.data(), out, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    return got;
+  }
+
+ private:
+  template <class T>
+  static void upload(T** ptr, const std::vector<T>& v) {
+    MLA_CUDA_CHECK(cudaMalloc(ptr, v.size() * sizeof(T)));
+    MLA_CUDA_CHECK(cudaMemcpy(*ptr, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+};
+
+// Tolerance. Both sides multiply the same bf16 values in fp32; they differ by accumulation
+// order (~1e-6 relative), and through that by an occasional activation rounding to the other
+// neighbouring bf16 value (2^-8 relative on one of `inter` terms). Measured against the size
+// of the routed part, the error stays below 1e-4 in RMS; 1e-3 leaves room, while a wrong row,
+// expert or weight gives errors of order 1. Each element must also be within 1e-2 of the
+// token's routed RMS, so a single wrong column cannot hide in the mean.
+void expect_close(const Problem& p, const std::vector<float>& got, const std::vector<float>& want) {
+  const Case& c = p.c;
+  double err = 0, norm = 0;
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    double routed = 0;
+    for (int64_t i = 0; i < c.d; ++i) {
+      const double r = want[t * c.d + i] - p.out0[t * c.d + i];
+      routed += r * r;
+    }
+    const double rms = std::sqrt(routed / c.d);
+    for (int64_t i = 0; i < c.d; ++i) {
+      const int64_t j = t * c.d + i;
+      ASSERT_TRUE(std::isfinite(got[j])) << c.name << ": token " << t << " column " << i;
+      if (rms == 0) {
+        // No local slot: the row must be left exactly as it was.
+        ASSERT_EQ(got[j], p.out0[j]) << c.name << ": token " << t << " column " << i;
+        continue;
+      }
+      ASSERT_LE(std::fabs(got[j] - want[j]), 1e-2 * rms)
+          << c.name << ": token " << t << " column " << i << ", want " << want[j];
+      err += (got[j] - want[j]) * (got[j] - want[j]);
+    }
+    norm += routed;
+  }
+  EXPECT_LT(std::sqrt(err / std::max(norm, 1e-30)), 1e-3) << c.name;
+}
+
+const std::vector<Case>& cases() {
+  static const std::vector<Case> all = {
+      {"one token", 1, 2, 8, 0, 8, 64, 32},
+      // d and inter not multiples of any tile: partial k tiles and column blocks.
+      {"tails", 7, 4, 16, 0, 16, 72, 40},
+      {"an expert without tokens", 33, 3, 8, 0, 8, 128, 64, Routing::kSkipOne},
+      {"every token on one expert", 40, 1, 4, 0, 4, 64, 32, Routing::kOneExpert},
+      {"part of the experts", 19, 4, 32, 8, 8, 64, 32},
+      {"large tiles", 300, 4, 16, 0, 16, 160, 96},
+      {"large tiles, part of the experts", 257, 6, 8, 4, 4, 64, 64, Routing::kSkipOne},
+      {"large tiles, one expert", 200, 1, 4, 2, 2, 96, 48, Routing::kOneExpert},
+      // DeepSeek-V2-Lite (d 2048, inter 1408, 64 experts, top 6) on a rank with 8 of them.
+      {"V2-Lite shapes", 16, 6, 64, 8, 8, 2048, 1408},
+      // DeepSeek-V2's and V3's expert shapes (d 5120, inter 1536; d 7168, inter 2048), two
+      // local experts each, few experts in all so that most tokens reach them.
+      {"V2 shapes", 6, 6, 8, 2, 2, 5120, 1536},
+      {"V3 shapes", 5, 2, 4, 1, 2, 7168, 2048},
+  };
+  return all;
+}
+
+TEST(CudaMoeExperts, MatchesCpuExperts) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(5150);
+  for (const Case& c : cases()) {
+    const Problem p = make_problem(c, rng);
+    DeviceProblem d(p);
+    d.run(c, nullptr);
+    MLA_CUDA_CHECK(cudaDeviceSynchronize());
+    expect_close(p, d.download_out(p), reference(p));
+  }
+}
+
+TEST(CudaMoeExperts, IsDeterministicAndReplaysFromACudaGraph) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(5151);
+  for (const Case& c : {cases()[2], cases()[6]}) {  // one of each tile size
+    const Problem p = make_problem(c, rng);
+    DeviceProblem d(p);
+    d.run(c, nullptr);
+    MLA_CUDA_CHECK(cudaDeviceSynchronize());
+    const std::vector<float> first = d.download_out(p);
+
+    cudaStream_t stream;
+    MLA_CUDA_CHECK(cudaStreamCreate(&stream));
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    MLA_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    d.run(c, stream);
+    MLA_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+    MLA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int replay = 0; replay < 2; ++replay) {
+      d.reset_out(p);
+      MLA_CUDA_CHECK(cudaMemset(d.workspace, 0xff, d.workspace_bytes));
+      MLA_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+      MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
+      const std::vector<float> again = d.download_out(p);
+      ASSERT_EQ(0, std::memcmp(again.data(), first.data(), first.size() * sizeof(float)))
+          << c.name << ": replay " << replay << " differs from the first run";
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaStreamDestroy(stream);
+  }
+}
+
+TEST(CudaMoeExperts, RejectsBadShapes) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const Case c = cases()[0];
+  std::mt19937 rng(5152);
+  const Problem p = make_problem(c, rng);
+  DeviceProblem d(p);
+  cuda::MoeExpertsParams bad = d.params(c);
+  bad.d = 60;  // not a multiple of 8
+  EXPECT_THROW(cuda::moe_experts(bad, d.workspace, d.workspace_bytes, nullptr), Error);
+  bad = d.params(c);
+  bad.first_expert = 1;  // experts [1, 9) of 8
+  EXPECT_THROW(cuda::moe_experts(bad, d.workspace, d.workspace_bytes, nullptr), Error);
+  EXPECT_THROW(cuda::moe_experts(d.params(c), d.workspace, d.workspace_bytes - 1, nullptr), Error);
+}
+
+}  // namespace
+}  // namespace mla
