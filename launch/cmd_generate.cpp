@@ -2,7 +2,11 @@
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <optional>
+#include <random>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -13,16 +17,57 @@
 #include "launch/deploy_flags.h"
 #include "launch/group_runtime.h"
 #include "runtime/tiny_checkpoint.h"
+#if MLA_HAVE_CUDA
+#include "runtime/cuda_model.h"
+#endif
 
 namespace mla::launch {
 namespace {
+
+// Token ids in [1, min(vocab, 30000)) from a fixed generator: a benchmark prompt.
+std::vector<int32_t> random_prompt(int32_t len, uint64_t seed) {
+  std::mt19937_64 rng(seed ^ 0x5eed);
+  std::vector<int32_t> ids(len);
+  for (auto& id : ids) id = 1 + static_cast<int32_t>(rng() % 29999);
+  return ids;
+}
+
+// Bytes one decode step of `batch` requests reads on the GPU: every weight but the
+// embedding table (one row per request) and the routed experts nobody picked (exact for
+// batch 1: top_k experts per MoE layer; the expected number of distinct experts under
+// uniform routing otherwise), plus the latent cache of every request. 0 for the CPU model.
+double decode_step_bytes(const Model& model, int64_t batch, int64_t context) {
+#if MLA_HAVE_CUDA
+  const auto* cuda = dynamic_cast<const CudaModel*>(&model);
+  if (cuda == nullptr) return 0;
+  const ModelConfig& c = model.config();
+  double bytes = static_cast<double>(cuda->weight_bytes());
+  bytes -= static_cast<double>(c.vocab_size) * c.hidden_size * 2;  // embedding rows
+  bytes += static_cast<double>(batch) * c.hidden_size * 2;
+  if (c.n_routed_experts > 0) {
+    const double E = static_cast<double>(c.n_routed_experts) / model.shard().tp_size();
+    const double K = static_cast<double>(c.num_experts_per_tok);
+    const double used = batch == 1 ? K : E * (1 - std::pow(1 - K / c.n_routed_experts, batch));
+    const double expert = 3.0 * c.hidden_size * c.moe_intermediate_size * 2;
+    int64_t moe_layers = 0;
+    for (int64_t l = 0; l < c.num_layers; ++l) moe_layers += c.is_moe_layer(l) ? 1 : 0;
+    bytes -= moe_layers * (E - std::min(E, used)) * expert;
+  }
+  bytes += static_cast<double>(batch) * context * c.num_layers * c.latent_width() * 2;
+  return bytes;
+#else
+  return 0;
+#endif
+}
 
 
 struct GenerateArgs {
   DeployFlags deploy;
   std::string prompt_ids;
+  int32_t prompt_len = 0;
+  double copy_gbps = 0;
   int32_t max_tokens = 16;
-  int32_t batch = 1;
+  std::string batches = "1";
   float temperature = 0.0f;
   int32_t top_k = 0;
   float top_p = 1.0f;
@@ -30,10 +75,90 @@ struct GenerateArgs {
   bool ignore_eos = false;
 };
 
+// Runs `batch` copies of `req` to completion and prints tokens and timings.
+void run_batch(const GenerateArgs& a, const GroupRuntime& rt, const Request& req, int32_t batch) {
+  Engine& engine = *rt.engine;
+  std::vector<RequestId> ids;
+  for (int32_t i = 0; i < batch; ++i) {
+    // Benchmark prompts differ per request, so the batch routes like real traffic.
+    Request r = req;
+    if (a.prompt_len > 0) r.prompt = random_prompt(a.prompt_len, a.seed + i);
+    ids.push_back(engine.add_request(r));
+  }
+  const EngineStats before = engine.stats();
+
+  std::map<RequestId, std::vector<int32_t>> out;
+  std::map<RequestId, std::string> reason;
+  using Clock = std::chrono::steady_clock;
+  const auto t0 = Clock::now();
+  // Decode phase: once every request has its first token, each step is one decode token per
+  // running request.
+  std::optional<Clock::time_point> decode_start;
+  int64_t decode_tokens = 0;
+  std::vector<double> decode_steps;
+  while (engine.has_work()) {
+    const auto s0 = Clock::now();
+    const auto outputs = engine.step();
+    const auto s1 = Clock::now();
+    if (decode_start) {
+      decode_tokens += static_cast<int64_t>(outputs.size());
+      decode_steps.push_back(std::chrono::duration<double>(s1 - s0).count());
+    }
+    for (const auto& o : outputs) {
+      out[o.id].push_back(o.token);
+      if (o.finished) reason[o.id] = to_string(o.finish);
+    }
+    if (!decode_start && out.size() == ids.size()) decode_start = s1;
+  }
+  const auto t1 = Clock::now();
+  const double secs = std::chrono::duration<double>(t1 - t0).count();
+  int64_t generated = 0;
+  const std::string group =
+      rt.groups.num_groups > 1 ? fmt::format("group {} ", rt.groups.group_index) : "";
+  for (auto id : ids) {
+    std::cout << fmt::format("{}request {} ({}): {}\n", group, id, reason[id],
+                             fmt::join(out[id], ","));
+    generated += static_cast<int64_t>(out[id].size());
+  }
+  EngineStats st = engine.stats();
+  st.steps -= before.steps;
+  st.computed_tokens -= before.computed_tokens;
+  st.preemptions -= before.preemptions;
+  for (int f = 0; f < kNumAttnForms; ++f) st.work.form_chunks[f] -= before.work.form_chunks[f];
+  std::cout << fmt::format(
+      "batch {}: {} tokens generated in {:.3f} s: {:.1f} tokens/s ({} steps, {} tokens computed, "
+      "{} preemptions; attention forms: decompressed {}, factored {}, premerged {})\n",
+      batch, generated, secs, generated / secs, st.steps, st.computed_tokens, st.preemptions,
+      st.work.form_chunks[0], st.work.form_chunks[1], st.work.form_chunks[2]);
+  if (decode_start && !decode_steps.empty()) {
+    const double prefill = std::chrono::duration<double>(*decode_start - t0).count();
+    const double decode = std::chrono::duration<double>(t1 - *decode_start).count();
+    std::sort(decode_steps.begin(), decode_steps.end());
+    const double median = decode_steps[decode_steps.size() / 2];
+    std::cout << fmt::format(
+        "prefill {:.3f} s (first token of all {} requests); decode {} tokens in {:.3f} s: "
+        "{:.1f} tokens/s, median step {:.3f} ms\n",
+        prefill, ids.size(), decode_tokens, decode, decode_tokens / decode, median * 1e3);
+    const int64_t context = static_cast<int64_t>(req.prompt.size()) + a.max_tokens / 2;
+    const double bytes = decode_step_bytes(*rt.model, batch, context);
+    if (bytes > 0) {
+      std::cout << fmt::format(
+          "decode step reads {:.3f} GB (weights{} + cache at mean context {}): {:.1f} GB/s{}\n",
+          bytes / 1e9, batch == 1 ? "" : " (experts estimated)", context,
+          bytes / median / 1e9,
+          a.copy_gbps > 0 ? fmt::format(", {:.1f} % of the {:.0f} GB/s copy bandwidth",
+                                        100 * bytes / median / 1e9 / a.copy_gbps, a.copy_gbps)
+                          : "");
+    }
+  }
+}
+
 int run_generate(const GenerateArgs& a) {
   const DeployConfig d = a.deploy.resolve();
+  MLA_REQUIRE(a.prompt_ids.empty() != (a.prompt_len == 0),
+              "give exactly one of --prompt-ids and --prompt-len");
   Request req;
-  req.prompt = parse_ids(a.prompt_ids);
+  req.prompt = a.prompt_len > 0 ? random_prompt(a.prompt_len, a.seed) : parse_ids(a.prompt_ids);
   req.max_tokens = a.max_tokens;
   req.sampling = {a.temperature, a.top_k, a.top_p, a.seed};
   req.ignore_eos = a.ignore_eos;
@@ -45,33 +170,10 @@ int run_generate(const GenerateArgs& a) {
     return 0;
   }
   FollowerRelease release(engine);
-  std::vector<RequestId> ids;
-  for (int32_t i = 0; i < a.batch; ++i) ids.push_back(engine.add_request(req));
-
-  std::map<RequestId, std::vector<int32_t>> out;
-  std::map<RequestId, std::string> reason;
-  const auto t0 = std::chrono::steady_clock::now();
-  while (engine.has_work()) {
-    for (const auto& o : engine.step()) {
-      out[o.id].push_back(o.token);
-      if (o.finished) reason[o.id] = to_string(o.finish);
-    }
+  for (int32_t batch : parse_ids(a.batches, "--batch")) {
+    MLA_REQUIRE(batch >= 1, "--batch sizes must be >= 1, got {}", batch);
+    run_batch(a, *rt, req, batch);
   }
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  int64_t generated = 0;
-  const std::string group =
-      rt->groups.num_groups > 1 ? fmt::format("group {} ", rt->groups.group_index) : "";
-  for (auto id : ids) {
-    std::cout << fmt::format("{}request {} ({}): {}\n", group, id, reason[id],
-                             fmt::join(out[id], ","));
-    generated += static_cast<int64_t>(out[id].size());
-  }
-  const auto& st = engine.stats();
-  std::cout << fmt::format(
-      "{} tokens generated in {:.3f} s: {:.1f} tokens/s ({} steps, {} tokens computed, "
-      "{} preemptions; attention forms: decompressed {}, factored {}, premerged {})\n",
-      generated, secs, generated / secs, st.steps, st.computed_tokens, st.preemptions,
-      st.work.form_chunks[0], st.work.form_chunks[1], st.work.form_chunks[2]);
   return 0;
 }
 
@@ -81,10 +183,16 @@ void add_generate_command(CLI::App& app, int& exit_code) {
   auto args = std::make_shared<GenerateArgs>();
   auto* cmd = app.add_subcommand("generate", "Generate tokens offline from a model directory");
   args->deploy.add_to(*cmd);
-  cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt token ids, comma separated")
-      ->required();
+  cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt token ids, comma separated");
+  cmd->add_option("--prompt-len", args->prompt_len,
+                  "Instead of --prompt-ids: a random prompt of this many tokens (benchmarks)");
+  cmd->add_option("--copy-gbps", args->copy_gbps,
+                  "Device copy bandwidth (GB/s, from bench-kernels) to report the decode "
+                  "step's bandwidth utilisation against");
   cmd->add_option("--max-tokens", args->max_tokens, "Tokens to generate")->capture_default_str();
-  cmd->add_option("--batch", args->batch, "Run the prompt as this many concurrent requests")
+  cmd->add_option("--batch", args->batches,
+                  "Run the prompt as this many concurrent requests; a list (1,16,64) runs "
+                  "each in turn in the same engine")
       ->capture_default_str();
   cmd->add_option("--temperature", args->temperature, "0 = greedy")->capture_default_str();
   cmd->add_option("--top-k", args->top_k, "0 = off")->capture_default_str();

@@ -39,6 +39,9 @@ void DeployFlags::add_to(CLI::App& cmd) {
   cmd.add_option("--max-batch-tokens", flags_.engine.scheduler.max_batch_tokens,
                  "Token budget per step")
       ->capture_default_str();
+  cmd.add_option("--max-running", flags_.engine.scheduler.max_running,
+                 "Sequences in one step at most")
+      ->capture_default_str();
   cmd.add_option("--tp", flags_.parallel.tp, "Tensor-parallel group size (under mpirun: N / tp groups)")
       ->capture_default_str();
   cmd.add_option("--kv-shard", flags_.parallel.kv_shard,
@@ -64,6 +67,7 @@ DeployConfig DeployFlags::resolve() const {
   if (given("--max-batch-tokens")) {
     d.engine.scheduler.max_batch_tokens = flags_.engine.scheduler.max_batch_tokens;
   }
+  if (given("--max-running")) d.engine.scheduler.max_running = flags_.engine.scheduler.max_running;
   if (given("--tp")) d.parallel.tp = flags_.parallel.tp;
   if (given("--kv-shard")) d.parallel.kv_shard = flags_.parallel.kv_shard;
   if (given("--comm-timeout")) d.parallel.comm_timeout_s = flags_.parallel.comm_timeout_s;

@@ -31,8 +31,8 @@ constexpr int kRowStatBytes = 2 * kTileRows * 4;        // one float per warpgro
 // Q, two KV stages, P, the row maxima and row sums; +1024 to align the base to the swizzle atom.
 constexpr int kSmemBytes = 3 * kTileBytes + kPBytes + 2 * kRowStatBytes + 1024;
 // Planner cost of one piece of a sequence beyond its KV tiles (query load, pipeline fill,
-// writing the output), in tiles. Measured (ncu, H100): about one tile's load time; 5, as in
-// FlashMLA, left a tenth of the SMs idle at the end of memory-bound batches.
+// writing the output), in tiles: about one tile's load time plus the output write on an H100.
+// (FlashMLA's 5 timed the same here within noise.)
 constexpr int kPieceOverhead = 2;
 // The planner keeps the batch's cost prefix sums in shared memory.
 constexpr int32_t kMaxBatch = 50000;
@@ -48,7 +48,8 @@ constexpr float kRescaleSlack = 8.0f;  // log2 units: weights up to 256 before O
 // including) tile end_block of sequence end_seq, in (sequence, tile) order. begin_split is the
 // index, among its sequence's pieces, of the first piece.
 struct PartPlan {
-  int32_t begin_seq, begin_block, end_seq, end_block, begin_split, unused[3];
+  int32_t begin_seq, begin_block, end_seq, end_block, begin_split;
+  int32_t padding[3];  // 32 bytes per part
 };
 
 struct Workspace {

@@ -59,8 +59,8 @@ struct MlaDecodeParams {
 // Bytes of device workspace mla_decode needs for any batch <= max_batch with these s_q, heads
 // and num_sms (the split plan and the fp32 partial outputs of split sequences):
 //   parts = max(1, num_sms / ceil(s_q * heads / 64)),  rows = s_q * heads
-//   ~ 32 * parts + 8 * (max_batch + 1) + (max_batch + parts) * rows * (512 + 1) * 4, each
-//   section rounded up to 256 bytes.
+//   32 * parts + 4 * (max_batch + 1) + (max_batch + parts) * rows * (512 + 1) * 4 bytes,
+//   each of the four sections rounded up to 256 bytes. max_batch <= 50000.
 size_t mla_decode_workspace_bytes(int32_t max_batch, int32_t s_q, int32_t heads, int num_sms);
 
 // Computes out and lse for every query of the batch. `workspace` (device memory, 256-byte

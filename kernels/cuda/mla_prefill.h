@@ -40,7 +40,7 @@ size_t mla_prefill_workspace_size(int32_t tokens, int32_t heads);
 // contiguous in the batch (nothing else is assumed about their order or num_keys).
 // `workspace` holds mla_prefill_workspace_size(tokens, heads) bytes, 16-byte aligned (may be
 // null when that is 0). q, pool and out must be 16-byte aligned. Deterministic: the same
-// inputs give bit-identical outputs.
+// inputs give bit-identical outputs on GPUs with the same SM count (which sets the split).
 void mla_prefill(const MlaPrefillParams& p, void* workspace, cudaStream_t stream);
 
 }  // namespace mla::cuda
