@@ -13,9 +13,14 @@
 //  - for a model whose golden routing has a near-tie (golden.json min_router_gap below
 //    kRouterNearTie), one step per prompt may exceed kTolerance (but not kRouteFlip): bf16
 //    rounding of the router's input then picks a different expert for a token (v3, gap 5.7e-4:
-//    prompt 2 step 7, 0.33; v3_mla, gap 1.3e-3: one step at 0.59 in the premerged form). The
-//    prompt is checked no further (its continuation may legitimately differ); every step
-//    before it must be in tolerance, so a systematic error still fails.
+//    prompt 2 step 7 at 0.33 in every form, the same step in all of them). The prompt is
+//    checked no further (its continuation may legitimately differ); every step before it
+//    must be in tolerance, so a systematic error still fails.
+// Open defect (H100, 2026-11-23): v3_mla in the premerged form (and auto, which picks it
+// there) leaves tolerance at one step (0.59, prompt 0 step 5; with graphs 0.99 at step 1)
+// while the factored and naive forms pass every step; the CPU model with bf16-rounded
+// weights keeps the golden tokens in the premerged form, so this is not explained by weight
+// rounding. Those cases fail until it is found.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -32,8 +37,8 @@ namespace {
 
 constexpr double kTolerance = 3e-2;
 constexpr double kNearTie = 5e-2;
-constexpr double kRouteFlip = 1.0;
-constexpr double kRouterNearTie = 2e-3;
+constexpr double kRouteFlip = 0.5;
+constexpr double kRouterNearTie = 1e-3;
 
 using test::Golden;
 using test::golden;
