@@ -206,6 +206,7 @@ void add_make_tiny_command(CLI::App& app, int& exit_code) {
   struct Args {
     std::string preset = "v3", out_dir, dtype = "F32";
     uint64_t seed = 0;
+    int64_t layers = 0;
   };
   auto args = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("make-tiny", "Write a random checkpoint in Hugging Face format");
@@ -213,10 +214,19 @@ void add_make_tiny_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--out", args->out_dir, "Output directory")->required();
   cmd->add_option("--dtype", args->dtype, "F32, BF16 or F8_E4M3")->capture_default_str();
   cmd->add_option("--seed", args->seed, "Random seed")->capture_default_str();
+  cmd->add_option("--layers", args->layers,
+                  "Keep only this many decoder layers (0: the preset's), e.g. a few layers of a "
+                  "full-size shape for kernel and step benchmarks");
   cmd->callback([args, &exit_code] {
     const auto t = dtype_from_name(args->dtype);
     if (!t) MLA_THROW(kInvalidArgument, "--dtype `{}` is not F32, BF16 or F8_E4M3", args->dtype);
-    write_random_checkpoint(model_preset(args->preset), args->out_dir, args->seed, *t);
+    ModelConfig config = model_preset(args->preset);
+    if (args->layers > 0) {
+      MLA_REQUIRE(args->layers <= config.num_layers, "--layers {} above the preset's {}",
+                  args->layers, config.num_layers);
+      config.num_layers = args->layers;
+    }
+    write_random_checkpoint(config, args->out_dir, args->seed, *t);
     exit_code = 0;
   });
 }

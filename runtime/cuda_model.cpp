@@ -238,7 +238,15 @@ std::shared_ptr<CudaModel> CudaModel::load(const std::string& model_dir,
   MLA_REQUIRE(cuda::device_count() > 0, "--device cuda: no CUDA device is visible");
   ModelConfig config = ModelConfig::load(model_dir);
   const ShardPlan shard = plan_for(config, options);
-  std::shared_ptr<CudaModel> model(new CudaModel(std::move(config), options, shard));
+  // The form policy weighs FLOPs against weight bytes: left at the CPU default, use the
+  // GPU's balance (bf16 weights; an H100 does ~300 bf16 FLOPs per byte of HBM traffic).
+  ModelOptions gpu = options;
+  if (gpu.cost.flops_per_byte == CostModel{}.flops_per_byte &&
+      gpu.cost.weight_bytes_per_element == CostModel{}.weight_bytes_per_element) {
+    gpu.cost.flops_per_byte = 300;
+    gpu.cost.weight_bytes_per_element = 2;
+  }
+  std::shared_ptr<CudaModel> model(new CudaModel(std::move(config), gpu, shard));
   Impl& m = *model->impl_;
   const ModelConfig& c = model->config_;
   m.c = &model->config_;
