@@ -119,7 +119,9 @@ struct CudaModel::Impl {
   int64_t meta_cap = 0;
 
   // --- graphs ---
+  // Captured kernels hold the cache pool's address: the graphs belong to graph_pool.
   std::map<std::pair<int64_t, int64_t>, cudaGraphExec_t> graphs;
+  const void* graph_pool = nullptr;
   int64_t captured = 0, replays = 0;
 
   ~Impl() {
@@ -937,6 +939,11 @@ void CudaModel::run(const ForwardBatch& batch, LatentCache& cache, WorkCounter* 
                                  cudaMemcpyHostToDevice, m.stream));
   CudaStep step(m, batch, plan, cache, comm);
   if (m.use_graphs && comm == nullptr && plan.pure_decode) {
+    if (m.graph_pool != cache.pool_storage().raw()) {
+      // Another cache (a new engine on this model): graphs of the old pool must not replay.
+      m.drop_graphs();
+      m.graph_pool = cache.pool_storage().raw();
+    }
     const std::pair<int64_t, int64_t> key{plan.T, plan.stride};
     auto it = m.graphs.find(key);
     if (it == m.graphs.end()) {

@@ -16,11 +16,8 @@
 //    prompt 2 step 7 at 0.33 in every form, the same step in all of them). The prompt is
 //    checked no further (its continuation may legitimately differ); every step before it
 //    must be in tolerance, so a systematic error still fails.
-// Open defect (H100, 2026-11-23): v3_mla in the premerged form (and auto, which picks it
-// there) leaves tolerance at one step (0.59, prompt 0 step 5; with graphs 0.99 at step 1)
-// while the factored and naive forms pass every step; the CPU model with bf16-rounded
-// weights keeps the golden tokens in the premerged form, so this is not explained by weight
-// rounding. Those cases fail until it is found.
+// v3_mla's prompts were drawn (tests/parity/make_golden.py) with a greedy margin >= 2e-2 and
+// every routing gap >= 5e-3, so it needs neither allowance.
 #include <gtest/gtest.h>
 
 #include <algorithm>

@@ -154,10 +154,14 @@ MODELS = [
     ),
     # The real MLA dimensions of every DeepSeek model (d_c 512, d_r 64, d_n 128, d_v 128), so
     # the tuned CUDA kernels run on it; narrow elsewhere to keep the files small.
+    # Its prompts keep the greedy top-2 margin and every routing decision's gap well above bf16
+    # rounding, so the CUDA model (bf16) can be held to transformers without near-ties.
     dict(
         name="v3_mla",
         arch="v3",
         seed=1005,
+        margin_min=2e-2,
+        router_gap_min=5e-3,
         rope=yarn(1.0, 1.0),
         cfg=dict(
             hidden_size=128,
@@ -452,7 +456,9 @@ def write_model(spec, out_dir):
             probe.reset()
             pl, sl, gr, margin = run_prompt(model, toks)
             rgap = probe.min_gap
-            if margin >= MARGIN_MIN and rgap >= ROUTER_GAP_MIN:
+            if margin >= spec.get("margin_min", MARGIN_MIN) and rgap >= spec.get(
+                "router_gap_min", ROUTER_GAP_MIN
+            ):
                 break
             print(f"  prompt{i} draw {draw}: margin {margin:.3g} router gap {rgap:.3g} -> redraw")
         else:
@@ -495,8 +501,8 @@ def write_model(spec, out_dir):
         "softmax_scale": float(model.model.layers[0].self_attn.scaling),
         "min_top2_margin": min(margins),
         "min_router_gap": min(router_gaps),
-        "margin_threshold": MARGIN_MIN,
-        "router_gap_threshold": ROUTER_GAP_MIN,
+        "margin_threshold": spec.get("margin_min", MARGIN_MIN),
+        "router_gap_threshold": spec.get("router_gap_min", ROUTER_GAP_MIN),
         "max_shard_size": shard,
         "reload_max_logit_diff": reload_diff,
         "cache_vs_full_max_diff": max(cache_diffs),
