@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/mma_sm80.cuh"
 #include "kernels/cuda/mla_prefill.h"
 
 namespace mla::cuda {
@@ -34,8 +35,7 @@ constexpr int kSumOffset = kMaxOffset + 2 * kRows * 4;
 constexpr int kSmemBytes = kSumOffset + 2 * kRows * 4;
 static_assert(kRows * kDimV * 2 <= kTileBytes, "output staging reuses KV buffer 0");
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+using namespace mma;
 
 // How the grid covers tokens x heads: a tile holds tokens_per_tile whole tokens of
 // heads_per_tile heads each; splits > 1 divides every tile's keys among that many CTAs.
@@ -43,50 +43,15 @@ struct TileShape {
   int32_t heads_per_tile, tokens_per_tile, head_tiles, token_tiles, splits;
 };
 
-__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
 
-// 16-byte cp.async; when !valid nothing is read and the destination is zero-filled.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
 
 // Barrier for the two warps (64 threads) of row group `group`; id 0 is __syncthreads'.
 __device__ __forceinline__ void pair_barrier(int group) {
   asm volatile("bar.sync %0, 64;\n" ::"r"(group + 1) : "memory");
 }
 
-__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t* r) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t addr, uint32_t* r) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
 
-// c += a * b for one m16n8k16 tile (bf16 in, fp32 accumulate).
-__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // Rows of 576 values are 72 chunks of 16 bytes; chunk c of row r sits at c ^ (r % 8), so the
 // 8 rows an ldmatrix reads at one logical chunk fall in 8 different bank groups.
