@@ -50,6 +50,15 @@ class Communicator {
   virtual void send(const void* data, int64_t bytes, int peer) = 0;
   virtual void recv(void* data, int64_t bytes, int peer) = 0;
 
+  // Stream-ordered collectives (device communicators): from begin_stream_ordered(stream) on,
+  // the collective calls only enqueue their work on `stream`, after what the caller enqueued
+  // there, and return without waiting, so the caller need not synchronise around them;
+  // end_stream_ordered() waits until `stream` has drained (bounded by the communicator's
+  // timeout, failing like a collective) and returns to blocking calls. Returns false, and
+  // changes nothing, where the communicator cannot do this (the default, and MPI's).
+  virtual bool begin_stream_ordered(void* stream) { return false; }
+  virtual void end_stream_ordered() {}
+
   const CommStats& stats() const { return stats_; }
   void reset_stats() { stats_ = CommStats{}; }
 

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
 #include <map>
 #include <utility>
 #include <vector>
@@ -385,9 +386,11 @@ struct StepPlan {
 // of forward() and of the captured graphs.
 class CudaStep {
  public:
+  // `ordered`: comm enqueues its collectives on the model's stream (no host syncs).
   CudaStep(CudaModel::Impl& m, const ForwardBatch& batch, const StepPlan& plan,
-           LatentCache& cache, Communicator* comm)
-      : m_(m), c_(*m.c), batch_(batch), plan_(plan), cache_(cache), comm_(comm) {}
+           LatentCache& cache, Communicator* comm, bool ordered)
+      : m_(m), c_(*m.c), batch_(batch), plan_(plan), cache_(cache), comm_(comm),
+        ordered_(ordered) {}
 
   void enqueue();
 
@@ -407,9 +410,13 @@ class CudaStep {
   const StepPlan& plan_;
   LatentCache& cache_;
   Communicator* comm_;
+  bool ordered_;
 };
 
-void CudaStep::sync_for_comm() { MLA_CUDA_CHECK(cudaStreamSynchronize(m_.stream)); }
+// A blocking communicator runs on its own stream: the model's work must be done first.
+void CudaStep::sync_for_comm() {
+  if (!ordered_) MLA_CUDA_CHECK(cudaStreamSynchronize(m_.stream));
+}
 
 void CudaStep::all_reduce(float* data, int64_t n) {
   if (comm_ == nullptr) return;
@@ -937,7 +944,24 @@ void CudaModel::run(const ForwardBatch& batch, LatentCache& cache, WorkCounter* 
   StepPlan plan = make_plan(m, batch, cache, m.use_graphs && comm == nullptr, work);
   MLA_CUDA_CHECK(cudaMemcpyAsync(m.meta_dev.raw(), m.meta_host, plan.total * sizeof(int32_t),
                                  cudaMemcpyHostToDevice, m.stream));
-  CudaStep step(m, batch, plan, cache, comm);
+  // Collectives that can go on the model's stream need no host sync around them; the
+  // step's end drains the stream once, within the communicator's timeout.
+  const bool ordered = comm != nullptr && comm->begin_stream_ordered(m.stream);
+  struct EndOrdered {
+    Communicator* comm;
+    ~EndOrdered() noexcept(false) {
+      if (comm == nullptr) return;
+      if (std::uncaught_exceptions() == 0) {
+        comm->end_stream_ordered();
+        return;
+      }
+      try {  // already failing: the first error is the one to report
+        comm->end_stream_ordered();
+      } catch (const std::exception&) {
+      }
+    }
+  } end_ordered{ordered ? comm : nullptr};
+  CudaStep step(m, batch, plan, cache, comm, ordered);
   if (m.use_graphs && comm == nullptr && plan.pure_decode) {
     if (m.graph_pool != cache.pool_storage().raw()) {
       // Another cache (a new engine on this model): graphs of the old pool must not replay.

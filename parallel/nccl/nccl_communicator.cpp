@@ -124,13 +124,13 @@ void NcclCommunicator::all_reduce_sum(float* data, int64_t n) {
   const OpDesc op{CommOp::kAllReduce, "all_reduce", n * 4};
   if (!start(op)) return;
   finish(op,
-         ncclAllReduce(data, data, static_cast<size_t>(n), ncclFloat32, ncclSum, comm_, stream_));
+         ncclAllReduce(data, data, static_cast<size_t>(n), ncclFloat32, ncclSum, comm_, active()));
 }
 
 void NcclCommunicator::all_gather(const float* send, int64_t n, float* recv) {
   const OpDesc op{CommOp::kAllGather, "all_gather", n * 4 * size_};
   if (!start(op)) return;
-  finish(op, ncclAllGather(send, recv, static_cast<size_t>(n), ncclFloat32, comm_, stream_));
+  finish(op, ncclAllGather(send, recv, static_cast<size_t>(n), ncclFloat32, comm_, active()));
 }
 
 void NcclCommunicator::all_to_all(const float* send, int64_t n, float* recv) {
@@ -142,8 +142,8 @@ void NcclCommunicator::all_to_all(const float* send, int64_t n, float* recv) {
   if (r == ncclSuccess) {
     const auto count = static_cast<size_t>(n);
     for (int peer = 0; peer < size_ && is_ok(r); ++peer) {
-      r = ncclSend(send + peer * n, count, ncclFloat32, peer, comm_, stream_);
-      if (is_ok(r)) r = ncclRecv(recv + peer * n, count, ncclFloat32, peer, comm_, stream_);
+      r = ncclSend(send + peer * n, count, ncclFloat32, peer, comm_, active());
+      if (is_ok(r)) r = ncclRecv(recv + peer * n, count, ncclFloat32, peer, comm_, active());
     }
     const ncclResult_t end = ncclGroupEnd();
     if (is_ok(r)) r = end;
@@ -158,7 +158,7 @@ void NcclCommunicator::broadcast(void* data, int64_t bytes, int root) {
               rank_, size_, root);
   if (!work) return;
   finish(op,
-         ncclBroadcast(data, data, static_cast<size_t>(bytes), ncclUint8, root, comm_, stream_));
+         ncclBroadcast(data, data, static_cast<size_t>(bytes), ncclUint8, root, comm_, active()));
 }
 
 void NcclCommunicator::send(const void* data, int64_t bytes, int peer) {
@@ -167,7 +167,7 @@ void NcclCommunicator::send(const void* data, int64_t bytes, int peer) {
   MLA_REQUIRE(peer >= 0 && peer < size_ && peer != rank_,
               "rank {} of {} (nccl): cannot send to rank {}", rank_, size_, peer);
   if (!work) return;
-  finish(op, ncclSend(data, static_cast<size_t>(bytes), ncclUint8, peer, comm_, stream_));
+  finish(op, ncclSend(data, static_cast<size_t>(bytes), ncclUint8, peer, comm_, active()));
 }
 
 void NcclCommunicator::recv(void* data, int64_t bytes, int peer) {
@@ -176,7 +176,7 @@ void NcclCommunicator::recv(void* data, int64_t bytes, int peer) {
   MLA_REQUIRE(peer >= 0 && peer < size_ && peer != rank_,
               "rank {} of {} (nccl): cannot receive from rank {}", rank_, size_, peer);
   if (!work) return;
-  finish(op, ncclRecv(data, static_cast<size_t>(bytes), ncclUint8, peer, comm_, stream_));
+  finish(op, ncclRecv(data, static_cast<size_t>(bytes), ncclUint8, peer, comm_, active()));
 }
 
 bool NcclCommunicator::start(const OpDesc& op) const {
@@ -190,8 +190,45 @@ bool NcclCommunicator::start(const OpDesc& op) const {
   return op.bytes > 0;
 }
 
+bool NcclCommunicator::begin_stream_ordered(void* stream) {
+  MLA_REQUIRE(stream != nullptr, "rank {} of {} (nccl): stream-ordered mode needs a stream",
+              rank_, size_);
+  ordered_ = static_cast<cudaStream_t>(stream);
+  return true;
+}
+
+void NcclCommunicator::end_stream_ordered() {
+  if (ordered_ == nullptr) return;
+  const cudaStream_t stream = ordered_;
+  ordered_ = nullptr;
+  drain(OpDesc{CommOp::kAllReduce, "stream-ordered collectives", 0}, stream);
+}
+
 void NcclCommunicator::finish(const OpDesc& op, ncclResult_t issued) {
   if (!is_ok(issued)) fail(op, ErrorCode::kUnavailable, nccl_failure(comm_, issued));
+  if (ordered_ != nullptr) {
+    // Enqueued on the caller's stream: only wait for NCCL to leave ncclInProgress.
+    const auto deadline = Clock::now() + timeout_;
+    for (;;) {
+      ncclResult_t state = ncclSuccess;
+      const ncclResult_t got = ncclCommGetAsyncError(comm_, &state);
+      if (got != ncclSuccess) state = got;
+      if (!is_ok(state)) fail(op, ErrorCode::kUnavailable, nccl_failure(comm_, state));
+      if (state == ncclSuccess) break;
+      if (Clock::now() >= deadline) {
+        fail(op, ErrorCode::kDeadlineExceeded,
+             fmt::format("was not enqueued within {} ms", timeout_.count()));
+      }
+      std::this_thread::yield();
+    }
+    stats_.add(op.op, op.bytes);
+    return;
+  }
+  drain(op, stream_);
+  stats_.add(op.op, op.bytes);
+}
+
+void NcclCommunicator::drain(const OpDesc& op, cudaStream_t stream) {
   // Done when NCCL has enqueued everything (its state leaves ncclInProgress) and the stream
   // has drained. A peer that never joins leaves the kernel spinning: only the deadline ends
   // that, and the abort in fail() stops the kernel.
@@ -202,7 +239,7 @@ void NcclCommunicator::finish(const OpDesc& op, ncclResult_t issued) {
     if (got != ncclSuccess) state = got;
     if (!is_ok(state)) fail(op, ErrorCode::kUnavailable, nccl_failure(comm_, state));
     if (state == ncclSuccess) {
-      const cudaError_t q = cudaStreamQuery(stream_);
+      const cudaError_t q = cudaStreamQuery(stream);
       if (q == cudaSuccess) break;
       if (q != cudaErrorNotReady) {
         fail(op, ErrorCode::kInternal, fmt::format("failed on the GPU: {}", cudaGetErrorString(q)));
@@ -214,7 +251,6 @@ void NcclCommunicator::finish(const OpDesc& op, ncclResult_t issued) {
     }
     std::this_thread::yield();
   }
-  stats_.add(op.op, op.bytes);
 }
 
 void NcclCommunicator::fail(const OpDesc& op, ErrorCode code, const std::string& why) {

@@ -65,6 +65,12 @@ class NcclCommunicator : public Communicator {
   // kFailedPrecondition).
   bool broken() const { return comm_ == nullptr; }
 
+  // Stream-ordered mode (see Communicator): operations go on the caller's stream and
+  // return once NCCL has enqueued them; end_stream_ordered() waits for that stream with the
+  // timeout (aborting the communicator on a peer that never joins).
+  bool begin_stream_ordered(void* stream) override;
+  void end_stream_ordered() override;
+
   void all_reduce_sum(float* data, int64_t n) override;
   void all_gather(const float* send, int64_t n, float* recv) override;
   // Block r of `send` goes to rank r (the rank's own block is copied through NCCL too).
@@ -95,8 +101,14 @@ class NcclCommunicator : public Communicator {
   // Aborts the NCCL communicator (idempotent): anything still running on it is cancelled.
   void abort_comm() noexcept;
 
+  // The stream operations go on: stream_, or the caller's in stream-ordered mode.
+  cudaStream_t active() const { return ordered_ != nullptr ? ordered_ : stream_; }
+  // Waits for `stream` and NCCL's async state, failing `op` at the deadline.
+  void drain(const OpDesc& op, cudaStream_t stream);
+
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
+  cudaStream_t ordered_ = nullptr;
   int rank_ = 0;
   int size_ = 0;
   int device_ = 0;
