@@ -39,17 +39,8 @@ constexpr double kRouterNearTie = 1e-3;
 
 using test::Golden;
 using test::golden;
+using test::rel_error;
 using test::model_dir;
-
-double rel_error(const float* got, const float* want, int64_t n) {
-  double err = 0, norm = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    err += (got[i] - want[i]) * (got[i] - want[i]);
-    norm += want[i] * want[i];
-  }
-  return std::sqrt(err / norm);
-}
 
 double top2_margin(const float* row, int64_t n) {
   float a = -INFINITY, b = -INFINITY;

@@ -24,21 +24,13 @@
 namespace mla {
 namespace {
 
+using test::rel_error;
+
 // bf16 weights and activations through 2 layers: see tests/gpu/test_cuda_model.cpp (measured
 // 0.8-1.2 % there). TP changes only the summation order of the sharded products and the
 // LSE merge, so TP2 and TP1 agree more closely than either agrees with fp32.
 constexpr double kTolerance = 3e-2;
 constexpr double kTp1Tolerance = 2e-2;
-
-double rel_error(const float* got, const float* want, int64_t n) {
-  double err = 0, norm = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    err += (got[i] - want[i]) * (got[i] - want[i]);
-    norm += want[i] * want[i];
-  }
-  return std::sqrt(err / norm);
-}
 
 int world_size() {
   int n = 0;

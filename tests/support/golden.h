@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <functional>
@@ -49,6 +50,19 @@ inline const Golden& golden(const std::string& name) {
     g.step_logits.push_back(file->tensor(fmt::format("prompt{}_step_logits", i)));
   }
   return cache.emplace(name, std::move(g)).first->second;
+}
+
+// Relative L2 error |got - want| / |want| over n values, in double; infinite when got holds
+// a NaN or an infinity (a kernel that left poison behind).
+inline double rel_error(const float* got, const float* want, int64_t n) {
+  double err = 0, norm = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    const double d = static_cast<double>(got[i]) - want[i];
+    err += d * d;
+    norm += static_cast<double>(want[i]) * want[i];
+  }
+  return std::sqrt(err / norm);
 }
 
 // The code of the mla::Error `fn` throws (and its message); a test failure if none.

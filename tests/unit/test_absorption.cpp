@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/support/golden.h"
 #include "kernels/error.h"
 #include "runtime/absorption.h"
 #include "runtime/deepseek_model.h"
@@ -21,6 +22,8 @@
 
 namespace mla {
 namespace {
+
+using test::rel_error;
 
 namespace fs = std::filesystem;
 
@@ -279,16 +282,6 @@ TEST_F(AbsorptionModel, DecodeWorkGrowsWithContextOnlyInAttentionWhenAbsorbed) {
 
 // ---------------------------------------------------------------------------------------
 // (c) Every mode gives the same logits
-
-double rel_error(const float* got, const float* want, int64_t n) {
-  double err = 0, norm = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    err += (static_cast<double>(got[i]) - want[i]) * (static_cast<double>(got[i]) - want[i]);
-    norm += static_cast<double>(want[i]) * want[i];
-  }
-  return std::sqrt(err / norm);
-}
 
 // Feeds `tokens` in chunks of the given sizes through one sequence; the logits of each
 // chunk's last token, [chunks][V].

@@ -21,6 +21,7 @@ constexpr double kTolerance = 1e-4;
 
 using test::Golden;
 using test::golden;
+using test::rel_error;
 using test::model_dir;
 
 std::shared_ptr<DeepseekModel> model(const std::string& name, AbsorbMode mode) {
@@ -28,16 +29,6 @@ std::shared_ptr<DeepseekModel> model(const std::string& name, AbsorbMode mode) {
   auto& m = cache[{name, mode}];
   if (!m) m = DeepseekModel::load(model_dir(name), {mode, CostModel{}, false});
   return m;
-}
-
-double rel_error(const float* got, const float* want, int64_t n) {
-  double err = 0, norm = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (std::isnan(got[i])) return INFINITY;
-    err += (got[i] - want[i]) * (got[i] - want[i]);
-    norm += want[i] * want[i];
-  }
-  return std::sqrt(err / norm);
 }
 
 // The schedules the engine is checked under.
