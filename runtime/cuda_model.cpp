@@ -578,57 +578,41 @@ void CudaStep::latent_attention(int64_t l, const bf16* q_local) {
   const auto& geo = cache_.geometry();
   bf16* o_att = sharded ? ptr<bf16>(m_.o_att) : ptr<bf16>(m_.o_lat);
   float* lse = ptr<float>(m_.lse_att);
-  if (!plan_.tuned) {
-    cuda::LatentAttentionParams p{};
+  // The three attention kernels share these fields (same names in each Params struct).
+  auto common = [&](auto& p) {
     p.q = q_att;
     p.pool = cache_.pool_storage().data<bf16>();
     p.layer = static_cast<int32_t>(l);
     p.num_layers = geo.num_layers;
+    p.block_table = meta(plan_.o_table);
+    p.table_stride = static_cast<int32_t>(plan_.stride);
+    p.num_keys = meta(plan_.o_num_keys);
+    p.heads = static_cast<int32_t>(Ha);
+    p.scale = m_.scale;
+    p.out = o_att;
+    p.lse = lse;
+  };
+  if (!plan_.tuned) {
+    cuda::LatentAttentionParams p{};
+    common(p);
     p.block_size = geo.block_size;
     p.d_c = static_cast<int32_t>(dc);
     p.d_r = static_cast<int32_t>(c_.qk_rope_head_dim);
-    p.block_table = meta(plan_.o_table);
-    p.table_stride = static_cast<int32_t>(plan_.stride);
     p.token_seq = meta(plan_.o_token_seq);
-    p.num_keys = meta(plan_.o_num_keys);
     p.tokens = static_cast<int32_t>(T);
-    p.heads = static_cast<int32_t>(Ha);
-    p.scale = m_.scale;
-    p.out = o_att;
-    p.lse = lse;
     cuda::latent_attention(p, s);
   } else if (plan_.pure_decode) {
     cuda::MlaDecodeParams p{};
-    p.q = q_att;
-    p.pool = cache_.pool_storage().data<bf16>();
-    p.layer = static_cast<int32_t>(l);
-    p.num_layers = geo.num_layers;
-    p.block_table = meta(plan_.o_table);
-    p.table_stride = static_cast<int32_t>(plan_.stride);
-    p.num_keys = meta(plan_.o_num_keys);
+    common(p);
     p.batch = static_cast<int32_t>(plan_.S);
     p.s_q = 1;
-    p.heads = static_cast<int32_t>(Ha);
     p.num_sms = m_.num_sms;
-    p.scale = m_.scale;
-    p.out = o_att;
-    p.lse = lse;
     cuda::mla_decode(p, m_.decode_ws.raw(), s);
   } else {
     cuda::MlaPrefillParams p{};
-    p.q = q_att;
-    p.pool = cache_.pool_storage().data<bf16>();
-    p.layer = static_cast<int32_t>(l);
-    p.num_layers = geo.num_layers;
-    p.block_table = meta(plan_.o_table);
-    p.table_stride = static_cast<int32_t>(plan_.stride);
+    common(p);
     p.token_seq = meta(plan_.o_token_seq);
-    p.num_keys = meta(plan_.o_num_keys);
     p.tokens = static_cast<int32_t>(T);
-    p.heads = static_cast<int32_t>(Ha);
-    p.scale = m_.scale;
-    p.out = o_att;
-    p.lse = lse;
     cuda::mla_prefill(p, m_.prefill_ws.raw(), s);
   }
   if (!sharded) return;
@@ -822,7 +806,7 @@ StepPlan make_plan(CudaModel::Impl& m, const ForwardBatch& batch, const LatentCa
   // Decompressed sequences' context row lists.
   plan.ctx_offset.assign(batch.seqs.size(), 0);
   plan.ctx_local.assign(batch.seqs.size(), 0);
-  int64_t ctx_words = 0;
+  int64_t ctx_words = 0, max_keys = 0, max_local = 0;
   for (size_t i = 0; i < batch.seqs.size(); ++i) {
     if (plan.forms[i] != AttnForm::kDecompressed) continue;
     const int64_t L = batch.seqs[i].start + batch.seqs[i].num_tokens;
@@ -830,6 +814,8 @@ StepPlan make_plan(CudaModel::Impl& m, const ForwardBatch& batch, const LatentCa
     const int64_t local = cache.holds_every_page() ? L : (pages + P - 1) / P * B;
     plan.ctx_local[i] = local;
     ctx_words += local + (cache.holds_every_page() ? 0 : L);
+    max_keys = std::max(max_keys, L);
+    max_local = std::max(max_local, local);
   }
 
   const int64_t T = plan.T, S = plan.S;
@@ -908,12 +894,6 @@ StepPlan make_plan(CudaModel::Impl& m, const ForwardBatch& batch, const LatentCa
     w[plan.o_logit_rows + pad] = static_cast<int32_t>(pad);
   }
   for (int64_t pad = plan.real_T; pad < T; ++pad) w[plan.o_slot_page + pad] = -1;
-  int64_t max_keys = 0;
-  for (size_t i = 0; i < batch.seqs.size(); ++i) {
-    if (plan.forms[i] == AttnForm::kDecompressed) {
-      max_keys = std::max<int64_t>(max_keys, batch.seqs[i].start + batch.seqs[i].num_tokens);
-    }
-  }
   if (plan.tuned && !plan.pure_decode && plan.any_latent) {
     // The prefill kernel's workspace depends on the step's shape (not monotonically).
     const bool sharded = P > 1 && !cache.holds_every_page();
@@ -923,11 +903,7 @@ StepPlan make_plan(CudaModel::Impl& m, const ForwardBatch& batch, const LatentCa
       m.prefill_ws = cuda::device_empty({static_cast<int64_t>(need)}, DType::kU8);
     }
   }
-  if (max_keys > 0) {
-    int64_t cap = 0;
-    for (int64_t v : plan.ctx_local) cap = std::max(cap, v);
-    m.ensure_context(max_keys, cap);
-  }
+  if (max_keys > 0) m.ensure_context(max_keys, max_local);
   return plan;
 }
 
@@ -1052,7 +1028,6 @@ SampledStep CudaModel::forward_sample(const ForwardBatch& batch,
     p.tokens = tokens;
     p.logprobs = ptr<float>(m.logprobs);
     cuda::sample(p, m.sort_ws.raw(), m.sort_ws.nbytes(), m.stream);
-    (void)all_greedy;
   }
   out.tokens.resize(R);
   MLA_CUDA_CHECK(cudaMemcpyAsync(out.tokens.data(), tokens, R * sizeof(int32_t),

@@ -142,6 +142,13 @@ bool LatentCache::import_tokens(BlockTable& table, const Tensor& latents) {
   return true;
 }
 
+int64_t LatentCache::device_offset(int32_t page, int32_t layer) const {
+  MLA_CHECK(0 <= layer && layer < geometry_.num_layers, "layer {} out of range [0, {})", layer,
+            geometry_.num_layers);
+  MLA_CHECK(pool_.ref_count(page) > 0, "page {} is free", page);
+  return (int64_t{page} * geometry_.num_layers + layer) * geometry_.block_size * geometry_.width();
+}
+
 void LatentCache::read_rows(int32_t page, int32_t layer, int32_t count, float* dst) const {
   const int64_t n = int64_t{count} * geometry_.width();
   if (kind_ == CacheStorage::kHostF32) {
@@ -149,9 +156,7 @@ void LatentCache::read_rows(int32_t page, int32_t layer, int32_t count, float* d
     return;
   }
 #if MLA_HAVE_CUDA
-  MLA_CHECK(pool_.ref_count(page) > 0, "page {} is free", page);
-  const int64_t offset =
-      (int64_t{page} * geometry_.num_layers + layer) * geometry_.block_size * geometry_.width();
+  const int64_t offset = device_offset(page, layer);
   std::vector<uint16_t> staged(n);
   cuda::copy_to_host(staged.data(), storage_.data<uint16_t>() + offset, n * sizeof(uint16_t));
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(staged[i]);
@@ -165,9 +170,7 @@ void LatentCache::write_rows(int32_t page, int32_t layer, int32_t count, const f
     return;
   }
 #if MLA_HAVE_CUDA
-  MLA_CHECK(pool_.ref_count(page) > 0, "page {} is free", page);
-  const int64_t offset =
-      (int64_t{page} * geometry_.num_layers + layer) * geometry_.block_size * geometry_.width();
+  const int64_t offset = device_offset(page, layer);
   std::vector<uint16_t> staged(n);
   for (int64_t i = 0; i < n; ++i) staged[i] = f32_to_bf16(src[i]);
   cuda::copy_to_device(storage_.data<uint16_t>() + offset, staged.data(), n * sizeof(uint16_t));

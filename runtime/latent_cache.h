@@ -106,6 +106,8 @@ class LatentCache {
   // count rows of one page and layer, starting at the page's first row, as fp32.
   void read_rows(int32_t page, int32_t layer, int32_t count, float* dst) const;
   void write_rows(int32_t page, int32_t layer, int32_t count, const float* src);
+  // Element offset of a page's rows of one layer in the device pool (checked like page_block).
+  int64_t device_offset(int32_t page, int32_t layer) const;
 
   CacheGeometry geometry_;
   ShardPlan shard_;
