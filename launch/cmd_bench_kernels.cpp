@@ -30,6 +30,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device_memory.h"
 #include "kernels/cuda/mla_decode.h"
 #include "kernels/dtype.h"
 #endif
@@ -77,24 +78,6 @@ class DeviceBytes {
   size_t bytes_;
 };
 
-// Fills `dst` with random never-zero bf16 values (normal, sigma 1): a 64 MiB host block,
-// uploaded at every offset, since generating gigabytes on the host would dominate the run.
-void fill_random_bf16(void* dst, size_t bytes, uint64_t seed) {
-  const size_t block = std::min<size_t>(bytes, size_t{64} << 20) / 2;
-  std::vector<uint16_t> host(block);
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal;
-  for (auto& v : host) {
-    v = f32_to_bf16(normal(rng));
-    if ((v & 0x7fff) == 0) v = 0x3f80;  // 1.0: zeros would flatter the kernels
-  }
-  char* out = static_cast<char*>(dst);
-  for (size_t off = 0; off < bytes; off += block * 2) {
-    MLA_CUDA_CHECK(cudaMemcpy(out + off, host.data(), std::min(block * 2, bytes - off),
-                              cudaMemcpyHostToDevice));
-  }
-}
-
 // Median milliseconds of `iters` runs of `fn` on `stream`, each timed alone between two
 // events, after `warmup` runs that are not timed.
 double median_ms(cudaStream_t stream, int warmup, int iters, const std::function<void()>& fn) {
@@ -127,8 +110,8 @@ double gemm_tflops(cublasHandle_t handle, cudaStream_t stream, int n, int warmup
                    uint64_t seed) {
   const size_t bytes = size_t{2} * n * n;
   DeviceBytes a(bytes), b(bytes), c(bytes);
-  fill_random_bf16(a.get(), bytes, seed);
-  fill_random_bf16(b.get(), bytes, seed + 1);
+  cuda::fill_random_bf16(a.get(), bytes, seed);
+  cuda::fill_random_bf16(b.get(), bytes, seed + 1);
   const float alpha = 1.0f, beta = 0.0f;
   const double ms = median_ms(stream, warmup, iters, [&] {
     BENCH_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a.get(),
@@ -143,7 +126,7 @@ Ceilings measure_ceilings(cudaStream_t stream, int warmup, int iters, uint64_t s
   {
     const size_t bytes = size_t{1} << 30;
     DeviceBytes src(bytes), dst(bytes);
-    fill_random_bf16(src.get(), bytes, seed);
+    cuda::fill_random_bf16(src.get(), bytes, seed);
     const double ms = median_ms(stream, warmup, iters, [&] {
       MLA_CUDA_CHECK(
           cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice, stream));
@@ -183,7 +166,7 @@ void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t st
   const int32_t max_s_q = *std::max_element(args.s_q.begin(), args.s_q.end());
   const int64_t max_rows = int64_t{batch} * max_s_q * max_heads;
   DeviceBytes q(max_rows * kWidth * 2), out(max_rows * kDc * 2), lse(max_rows * 4);
-  fill_random_bf16(q.get(), q.bytes(), args.seed + 10);
+  cuda::fill_random_bf16(q.get(), q.bytes(), args.seed + 10);
   size_t workspace_bytes = 0;
   for (int32_t heads : args.heads) {
     for (int32_t s_q : args.s_q) {
@@ -216,7 +199,7 @@ void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t st
       }
     }
     DeviceBytes pool(size_t{2} * total_pages * kBlock * kWidth);
-    fill_random_bf16(pool.get(), pool.bytes(), args.seed + 20);
+    cuda::fill_random_bf16(pool.get(), pool.bytes(), args.seed + 20);
     DeviceBytes d_table(table.size() * 4), d_keys(size_t{4} * batch * 2);
     MLA_CUDA_CHECK(
         cudaMemcpy(d_table.get(), table.data(), table.size() * 4, cudaMemcpyHostToDevice));

@@ -210,7 +210,7 @@ void add_make_tiny_command(CLI::App& app, int& exit_code) {
   };
   auto args = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("make-tiny", "Write a random checkpoint in Hugging Face format");
-  cmd->add_option("--preset", args->preset, "v3, v2-lite or v2-lite-full")->capture_default_str();
+  cmd->add_option("--preset", args->preset, "v3, v2-lite (tiny), v2-lite-full or v3-full (published shapes)")->capture_default_str();
   cmd->add_option("--out", args->out_dir, "Output directory")->required();
   cmd->add_option("--dtype", args->dtype, "F32, BF16 or F8_E4M3")->capture_default_str();
   cmd->add_option("--seed", args->seed, "Random seed")->capture_default_str();

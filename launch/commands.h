@@ -14,5 +14,7 @@ void add_serve_commands(CLI::App& app, int& exit_code);
 // Load generator for a coordinator or one worker (launch/cmd_bench.cpp).
 void add_bench_command(CLI::App& app, int& exit_code);
 void add_bench_kernels_command(CLI::App& app, int& exit_code);
+// Whole-model decode steps at chosen batch and context (launch/cmd_bench_decode.cpp).
+void add_bench_decode_command(CLI::App& app, int& exit_code);
 
 }  // namespace mla::launch

@@ -26,7 +26,7 @@ int local_rank() {
 
 namespace mla::launch {
 
-std::unique_ptr<GroupRuntime> GroupRuntime::start(const DeployConfig& d) {
+std::unique_ptr<GroupRuntime> GroupRuntime::start(const DeployConfig& d, bool with_engine) {
   auto rt = std::make_unique<GroupRuntime>();
   if (MpiSession::launched_by_mpirun() || d.parallel.tp > 1) {
     rt->mpi.emplace();
@@ -64,7 +64,8 @@ std::unique_ptr<GroupRuntime> GroupRuntime::start(const DeployConfig& d) {
 #endif
   }
   rt->model = load_model(d.model_dir, options);
-  rt->engine = std::make_unique<Engine>(rt->model, d.engine, data, rt->comm.get());
+  rt->data = data;
+  if (with_engine) rt->engine = std::make_unique<Engine>(rt->model, d.engine, data, rt->comm.get());
   return rt;
 }
 

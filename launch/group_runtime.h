@@ -27,10 +27,12 @@ struct GroupRuntime {
   std::unique_ptr<NcclCommunicator> nccl;  // the model's collectives on GPUs (tp > 1)
 #endif
   std::shared_ptr<const Model> model;
-  std::unique_ptr<Engine> engine;
+  std::unique_ptr<Engine> engine;  // null when started without one
+  Communicator* data = nullptr;    // the model's collectives (null for a single rank)
 
-  // Sets everything up from the deployment config. Throws mla::Error.
-  static std::unique_ptr<GroupRuntime> start(const DeployConfig& d);
+  // Sets everything up from the deployment config; `with_engine` false stops after the
+  // model (a benchmark that drives the model and a cache itself). Throws mla::Error.
+  static std::unique_ptr<GroupRuntime> start(const DeployConfig& d, bool with_engine = true);
 };
 
 // Calls engine.shutdown() when leaving a scope however it is left, so a leader that fails

@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
   mla::launch::add_serve_commands(app, exit_code);
   mla::launch::add_bench_command(app, exit_code);
   mla::launch::add_bench_kernels_command(app, exit_code);
+  mla::launch::add_bench_decode_command(app, exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

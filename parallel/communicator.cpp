@@ -19,4 +19,21 @@ int64_t CommStats::total_bytes() const {
   return total;
 }
 
+CommStats& CommStats::operator+=(const CommStats& other) {
+  for (int op = 0; op < kNumCommOps; ++op) {
+    bytes[op] += other.bytes[op];
+    calls[op] += other.calls[op];
+  }
+  return *this;
+}
+
+CommStats CommStats::operator-(const CommStats& earlier) const {
+  CommStats d;
+  for (int op = 0; op < kNumCommOps; ++op) {
+    d.bytes[op] = bytes[op] - earlier.bytes[op];
+    d.calls[op] = calls[op] - earlier.calls[op];
+  }
+  return d;
+}
+
 }  // namespace mla

@@ -29,6 +29,9 @@ struct CommStats {
     calls[static_cast<int>(op)] += 1;
   }
   int64_t total_bytes() const;
+  CommStats& operator+=(const CommStats& other);
+  // The calls made between two snapshots of one communicator's stats.
+  CommStats operator-(const CommStats& earlier) const;
 };
 
 class Communicator {

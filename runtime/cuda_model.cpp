@@ -7,6 +7,8 @@
 #include <cstring>
 #include <exception>
 #include <map>
+#include <set>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -120,21 +122,64 @@ struct CudaModel::Impl {
   int64_t meta_cap = 0;
 
   // --- graphs ---
-  // Captured kernels hold the cache pool's address: the graphs belong to graph_pool.
-  std::map<std::pair<int64_t, int64_t>, cudaGraphExec_t> graphs;
+  // A captured decode step, and (tensor parallel) the collectives it holds, which replays
+  // count again because the communicator only sees them once, at capture.
+  struct Graph {
+    cudaGraphExec_t exec = nullptr;
+    CommStats comm;
+  };
+  // Captured kernels hold the cache pool's address and the communicator's NCCL handle: the
+  // graphs belong to (graph_pool, graph_comm).
+  std::map<std::pair<int64_t, int64_t>, Graph> graphs;
+  // Tensor parallel: shapes run once without capture (NCCL connects lazily on first use).
+  std::set<std::pair<int64_t, int64_t>> warmed;
   const void* graph_pool = nullptr;
+  const Communicator* graph_comm = nullptr;
   int64_t captured = 0, replays = 0;
 
+  // --- profiling (CudaModel::set_profiling) ---
+  enum Section { kAttention, kCollectives };
+  bool profiling = false;
+  std::vector<cudaEvent_t> events;  // a pool, reused every step
+  size_t next_event = 0;
+  std::vector<std::tuple<Section, cudaEvent_t, cudaEvent_t>> timed;  // this step's sections
+  CudaModel::StepProfile profile;
+
+  cudaEvent_t record_event() {
+    if (next_event == events.size()) {
+      cudaEvent_t e;
+      MLA_CUDA_CHECK(cudaEventCreate(&e));
+      events.push_back(e);
+    }
+    cudaEvent_t e = events[next_event++];
+    MLA_CUDA_CHECK(cudaEventRecord(e, stream));
+    return e;
+  }
+  // Adds the finished step's sections to `profile` (the stream must have drained).
+  void collect_profile() {
+    if (!profiling) return;
+    for (const auto& [section, begin, end] : timed) {
+      float ms = 0;
+      MLA_CUDA_CHECK(cudaEventElapsedTime(&ms, begin, end));
+      (section == kAttention ? profile.attention_ms : profile.collective_ms) += ms;
+    }
+    profile.steps++;
+    timed.clear();
+    next_event = 0;
+  }
+
   ~Impl() {
-    for (auto& [key, exec] : graphs) cudaGraphExecDestroy(exec);
+    for (auto& [key, g] : graphs) cudaGraphExecDestroy(g.exec);
+    for (cudaEvent_t e : events) cudaEventDestroy(e);
     if (meta_host != nullptr) cudaFreeHost(meta_host);
     blas.reset();
     if (stream != nullptr) cudaStreamDestroy(stream);
   }
 
   void drop_graphs() {
-    for (auto& [key, exec] : graphs) cudaGraphExecDestroy(exec);
+    for (auto& [key, g] : graphs) cudaGraphExecDestroy(g.exec);
     graphs.clear();
+    warmed.clear();
   }
 
   void reserve(int64_t tokens, int64_t seqs);
@@ -335,6 +380,16 @@ std::shared_ptr<CudaModel> CudaModel::load(const std::string& model_dir,
 }
 
 int64_t CudaModel::weight_bytes() const { return impl_->weight_bytes; }
+void CudaModel::set_profiling(bool on) const {
+  impl_->profiling = on;
+  impl_->timed.clear();
+  impl_->next_event = 0;
+}
+
+CudaModel::StepProfile CudaModel::profile() const { return impl_->profile; }
+
+void CudaModel::reset_profile() const { impl_->profile = {}; }
+
 int64_t CudaModel::graphs_captured() const { return impl_->captured; }
 int64_t CudaModel::graph_replays() const { return impl_->replays; }
 
@@ -404,6 +459,28 @@ class CudaStep {
   void all_reduce(float* data, int64_t n);
   void sync_for_comm();
 
+  // Times a section of the step with events on the model's stream while profiling.
+  class Timed {
+   public:
+    Timed(CudaModel::Impl& m, CudaModel::Impl::Section section)
+        : m_(m.profiling ? &m : nullptr), section_(section) {
+      if (m_ != nullptr) begin_ = m_->record_event();
+    }
+    ~Timed() noexcept(false) {
+      if (m_ != nullptr && std::uncaught_exceptions() == 0) {
+        m_->timed.emplace_back(section_, begin_, m_->record_event());
+      }
+    }
+    Timed(const Timed&) = delete;
+    Timed& operator=(const Timed&) = delete;
+
+   private:
+    CudaModel::Impl* m_;
+    CudaModel::Impl::Section section_;
+    cudaEvent_t begin_ = nullptr;
+  };
+  Timed time_collective() { return Timed(m_, CudaModel::Impl::kCollectives); }
+
   CudaModel::Impl& m_;
   const ModelConfig& c_;
   const ForwardBatch& batch_;
@@ -421,6 +498,7 @@ void CudaStep::sync_for_comm() {
 void CudaStep::all_reduce(float* data, int64_t n) {
   if (comm_ == nullptr) return;
   sync_for_comm();
+  auto timed = time_collective();
   comm_->all_reduce_sum(data, n);
 }
 
@@ -525,6 +603,7 @@ void CudaStep::attention(int64_t l, const DevLayer& d, const bf16* q_in, int64_t
       MLA_CUDA_CHECK(cudaMemcpy2DAsync(q_lat + dc, dq * 2, q + dn, dqk * 2, dr * 2, T * Hl,
                                        cudaMemcpyDeviceToDevice, s));
     }
+    Timed timed(m_, CudaModel::Impl::kAttention);
     latent_attention(l, q_lat);
   }
 
@@ -565,6 +644,7 @@ void CudaStep::latent_attention(int64_t l, const bf16* q_local) {
     // All-gather the absorbed queries as [P, T, Hl, 576], then lay them out [T, P * Hl, 576]
     // (bf16 pairs travel as floats: the collectives only move bytes).
     sync_for_comm();
+    auto timed = time_collective();
     comm_->all_gather(reinterpret_cast<const float*>(q_local), T * Hl * dq / 2,
                       ptr<float>(m_.q_all));
     bf16* q_ord = ptr<bf16>(m_.q_ord);
@@ -627,9 +707,12 @@ void CudaStep::latent_attention(int64_t l, const bf16* q_local) {
                                      T, cudaMemcpyDeviceToDevice, s));
   }
   sync_for_comm();
-  comm_->all_to_all(reinterpret_cast<const float*>(send), T * Hl * dc / 2,
-                    ptr<float>(m_.a2a_recv));
-  comm_->all_to_all(lse_send, T * Hl, ptr<float>(m_.lse_recv));
+  {
+    auto timed = time_collective();
+    comm_->all_to_all(reinterpret_cast<const float*>(send), T * Hl * dc / 2,
+                      ptr<float>(m_.a2a_recv));
+    comm_->all_to_all(lse_send, T * Hl, ptr<float>(m_.lse_recv));
+  }
   cuda::lse_merge({ptr<bf16>(m_.a2a_recv), ptr<float>(m_.lse_recv), static_cast<int32_t>(P),
                    T * Hl, dc, ptr<bf16>(m_.o_lat), nullptr},
                   s);
@@ -659,8 +742,11 @@ void CudaStep::decompressed(int64_t l, const DevLayer& d) {
       bf16* mine = ptr<bf16>(m_.context_mine);
       cuda::gather_rows({layer_rows, meta(o), mine, local, dq * 2, dq * 2, dq * 2}, s);
       sync_for_comm();
-      comm_->all_gather(reinterpret_cast<const float*>(mine), local * dq / 2,
-                        ptr<float>(m_.context_all));
+      {
+        auto timed = time_collective();
+        comm_->all_gather(reinterpret_cast<const float*>(mine), local * dq / 2,
+                          ptr<float>(m_.context_all));
+      }
       cuda::gather_rows(
           {m_.context_all.raw(), meta(o + local), context, L, dq * 2, dq * 2, dq * 2}, s);
     }
@@ -917,11 +1003,9 @@ void CudaModel::run(const ForwardBatch& batch, LatentCache& cache, WorkCounter* 
   MLA_CHECK(shard_.tp_size() == 1 || comm != nullptr, "a tensor-parallel model needs its group");
   if (shard_.tp_size() == 1) comm = nullptr;
   const CommStats before = comm != nullptr ? comm->stats() : CommStats{};
-  StepPlan plan = make_plan(m, batch, cache, m.use_graphs && comm == nullptr, work);
-  MLA_CUDA_CHECK(cudaMemcpyAsync(m.meta_dev.raw(), m.meta_host, plan.total * sizeof(int32_t),
-                                 cudaMemcpyHostToDevice, m.stream));
-  // Collectives that can go on the model's stream need no host sync around them; the
-  // step's end drains the stream once, within the communicator's timeout.
+  // Collectives that can go on the model's stream need no host sync around them and can be
+  // captured in the step's graph; the step's end drains the stream once, within the
+  // communicator's timeout.
   const bool ordered = comm != nullptr && comm->begin_stream_ordered(m.stream);
   struct EndOrdered {
     Communicator* comm;
@@ -937,16 +1021,26 @@ void CudaModel::run(const ForwardBatch& batch, LatentCache& cache, WorkCounter* 
       }
     }
   } end_ordered{ordered ? comm : nullptr};
+  const bool graphs = m.use_graphs && !m.profiling && (comm == nullptr || ordered);
+  StepPlan plan = make_plan(m, batch, cache, graphs, work);
+  MLA_CUDA_CHECK(cudaMemcpyAsync(m.meta_dev.raw(), m.meta_host, plan.total * sizeof(int32_t),
+                                 cudaMemcpyHostToDevice, m.stream));
   CudaStep step(m, batch, plan, cache, comm, ordered);
-  if (m.use_graphs && comm == nullptr && plan.pure_decode) {
-    if (m.graph_pool != cache.pool_storage().raw()) {
-      // Another cache (a new engine on this model): graphs of the old pool must not replay.
-      m.drop_graphs();
-      m.graph_pool = cache.pool_storage().raw();
-    }
-    const std::pair<int64_t, int64_t> key{plan.T, plan.stride};
+  const std::pair<int64_t, int64_t> key{plan.T, plan.stride};
+  if (graphs && plan.pure_decode &&
+      (m.graph_pool != cache.pool_storage().raw() || m.graph_comm != comm)) {
+    // Another cache or group (a new engine on this model): old graphs must not replay.
+    m.drop_graphs();
+    m.graph_pool = cache.pool_storage().raw();
+    m.graph_comm = comm;
+  }
+  // Every rank of a group makes this choice on its own (its table width may differ), which
+  // is safe: the same collectives are issued in the same order captured or not.
+  const bool warm = comm == nullptr || m.warmed.count(key) > 0;
+  if (graphs && plan.pure_decode && warm) {
     auto it = m.graphs.find(key);
     if (it == m.graphs.end()) {
+      const CommStats at = comm != nullptr ? comm->stats() : CommStats{};
       cudaGraph_t graph;
       MLA_CUDA_CHECK(cudaStreamBeginCapture(m.stream, cudaStreamCaptureModeThreadLocal));
       try {
@@ -956,26 +1050,23 @@ void CudaModel::run(const ForwardBatch& batch, LatentCache& cache, WorkCounter* 
         throw;
       }
       MLA_CUDA_CHECK(cudaStreamEndCapture(m.stream, &graph));
-      cudaGraphExec_t exec;
-      MLA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+      CudaModel::Impl::Graph g;
+      MLA_CUDA_CHECK(cudaGraphInstantiate(&g.exec, graph, 0));
       MLA_CUDA_CHECK(cudaGraphDestroy(graph));
-      it = m.graphs.emplace(key, exec).first;
+      if (comm != nullptr) g.comm = comm->stats() - at;
+      it = m.graphs.emplace(key, g).first;
       m.captured++;
       spdlog::debug("captured decode graph for batch {} x {} pages", plan.T, plan.stride);
     } else {
       m.replays++;
+      work.comm += it->second.comm;
     }
-    MLA_CUDA_CHECK(cudaGraphLaunch(it->second, m.stream));
+    MLA_CUDA_CHECK(cudaGraphLaunch(it->second.exec, m.stream));
   } else {
+    if (graphs && plan.pure_decode) m.warmed.insert(key);
     step.enqueue();
   }
-  if (comm != nullptr) {
-    const CommStats& after = comm->stats();
-    for (int op = 0; op < kNumCommOps; ++op) {
-      work.comm.bytes[op] += after.bytes[op] - before.bytes[op];
-      work.comm.calls[op] += after.calls[op] - before.calls[op];
-    }
-  }
+  if (comm != nullptr) work.comm += comm->stats() - before;
 }
 
 Tensor CudaModel::forward(const ForwardBatch& batch, LatentCache& cache, WorkCounter* counter,
@@ -988,6 +1079,7 @@ Tensor CudaModel::forward(const ForwardBatch& batch, LatentCache& cache, WorkCou
   MLA_CUDA_CHECK(cudaMemcpyAsync(logits.raw(), m.logits.raw(), logits.nbytes(),
                                  cudaMemcpyDeviceToHost, m.stream));
   MLA_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  m.collect_profile();
   return logits;
 }
 
@@ -1001,6 +1093,7 @@ SampledStep CudaModel::forward_sample(const ForwardBatch& batch,
   const auto R = static_cast<int64_t>(requests.size());
   if (R == 0) {
     MLA_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+    m.collect_profile();
     return out;
   }
   const int64_t V = config_.vocab_size;
@@ -1040,6 +1133,7 @@ SampledStep CudaModel::forward_sample(const ForwardBatch& batch,
                                    V * sizeof(float), cudaMemcpyDeviceToHost, m.stream));
   }
   MLA_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  m.collect_profile();
   return out;
 }
 

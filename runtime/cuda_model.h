@@ -14,8 +14,9 @@
 // Steps where every sequence decodes one token in a latent form are captured in CUDA
 // graphs, one per (batch bucket, page-table width bucket), and replayed. Tensor
 // parallelism: each rank holds its shard as the CPU model does and the collectives go
-// through the group's Communicator (an NcclCommunicator over device buffers); those steps
-// run without graphs.
+// through the group's Communicator (an NcclCommunicator over device buffers). When the
+// communicator can enqueue on the model's stream, TP decode steps are captured too (after
+// one uncaptured run of each shape) with their collectives inside the graph.
 //
 // Not thread-safe: the model owns one stream and its scratch buffers, so one thread (the
 // engine's step loop) drives it. The current CUDA device must be the model's device.
@@ -51,6 +52,20 @@ class CudaModel : public Model {
 
   // Bytes of weights on the device (for bandwidth reports).
   int64_t weight_bytes() const;
+  // Where a step's time goes, summed over the steps run while profiling: the latent decode /
+  // prefill attention (its collectives under a sequence-sharded cache included) and every
+  // collective of the step, each timed with CUDA events on the model's stream.
+  struct StepProfile {
+    int64_t steps = 0;
+    double attention_ms = 0;
+    double collective_ms = 0;
+  };
+  // While on, steps run without graphs (events cannot be read inside a replay) and add to
+  // profile(). Costs two events per timed section.
+  void set_profiling(bool on) const;
+  StepProfile profile() const;
+  void reset_profile() const;
+
   // Graphs captured so far (tests check that decode steps replay them).
   int64_t graphs_captured() const;
   int64_t graph_replays() const;

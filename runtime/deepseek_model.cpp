@@ -151,11 +151,7 @@ Tensor DeepseekModel::forward(const ForwardBatch& batch, LatentCache& cache,
     cpu::add_inplace(x.data(), delta.data(), T * D);
   }
   if (ctx.comm != nullptr) {
-    const CommStats& after = ctx.comm->stats();
-    for (int op = 0; op < kNumCommOps; ++op) {
-      ctx.counter->comm.bytes[op] += after.bytes[op] - comm_before.bytes[op];
-      ctx.counter->comm.calls[op] += after.calls[op] - comm_before.calls[op];
-    }
+    ctx.counter->comm += ctx.comm->stats() - comm_before;
   }
 
   // Only the rows whose logits are wanted go through the final norm and the head.

@@ -18,16 +18,12 @@ enum PlanKind : int64_t { kPlanStep = 1, kPlanShutdown = 2, kPlanHeartbeat = 3 }
 
 }  // namespace
 
-namespace {
-
-int32_t cache_pages(const Model& model, const EngineOptions& options) {
-  if (options.num_pages > 0) return options.num_pages;
-  const int32_t pages = model.auto_num_pages(options.block_size, options.cache_memory_fraction);
+int32_t EngineOptions::cache_pages(const Model& model) const {
+  if (num_pages > 0) return num_pages;
+  const int32_t pages = model.auto_num_pages(block_size, cache_memory_fraction);
   MLA_REQUIRE(pages > 0, "num_pages 0 (automatic) needs a model on a GPU; set num_pages");
   return pages;
 }
-
-}  // namespace
 
 Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options, Communicator* comm,
                Communicator* control)
@@ -35,7 +31,7 @@ Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options, Commun
       options_(options),
       comm_(comm != nullptr && comm->size() > 1 ? comm : nullptr),
       control_(control != nullptr ? control : comm_),
-      cache_(model_->cache_geometry(options.block_size), cache_pages(*model_, options),
+      cache_(model_->cache_geometry(options.block_size), options.cache_pages(*model_),
              model_->shard(), model_->cache_storage()),
       scheduler_(options.scheduler, cache_) {
   MLA_REQUIRE(model_->shard().tp_size() == (comm_ ? comm_->size() : 1),

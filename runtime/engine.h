@@ -35,6 +35,10 @@ struct EngineOptions {
   // With num_pages 0: the share of the free device memory the cache takes. Default: 0.9.
   double cache_memory_fraction = 0.9;
   SchedulerOptions scheduler;     // Default: see SchedulerOptions.
+
+  // The pages an engine's cache gets: num_pages, or with 0 the model's auto_num_pages.
+  // Throws kInvalidArgument for 0 with a model that cannot size its cache (the CPU model).
+  int32_t cache_pages(const Model& model) const;
 };
 
 // What one step produced for one request.

@@ -15,10 +15,7 @@ void WorkCounter::add(const WorkCounter& other) {
   cache_upproj_flops += other.cache_upproj_flops;
   attention_flops += other.attention_flops;
   for (int f = 0; f < kNumAttnForms; ++f) form_chunks[f] += other.form_chunks[f];
-  for (int op = 0; op < kNumCommOps; ++op) {
-    comm.bytes[op] += other.comm.bytes[op];
-    comm.calls[op] += other.comm.calls[op];
-  }
+  comm += other.comm;
 }
 
 CommStats predicted_step_comm(const ModelConfig& c, int32_t tp_size, KvShard kv,

@@ -122,11 +122,36 @@ std::pair<Tensor, Tensor> quantize_fp8(const Tensor& w, int block) {
 
 }  // namespace
 
-std::vector<std::string> model_preset_names() { return {"v3", "v2-lite", "v2-lite-full"}; }
+std::vector<std::string> model_preset_names() { return {"v3", "v3-full", "v2-lite", "v2-lite-full"}; }
 
 ModelConfig model_preset(const std::string& name) {
   ModelConfig c = tiny_base();
-  if (name == "v3") {
+  if (name == "v3-full") {  // DeepSeek-V3's published config (61 layers; cut with --layers)
+    c.family = ModelFamily::kDeepseekV3;
+    c.vocab_size = 129280;
+    c.hidden_size = 7168;
+    c.num_layers = 61;
+    c.num_heads = 128;
+    c.q_lora_rank = 1536;
+    c.kv_lora_rank = 512;
+    c.qk_rope_head_dim = 64;
+    c.qk_nope_head_dim = 128;
+    c.v_head_dim = 128;
+    c.intermediate_size = 18432;
+    c.moe_intermediate_size = 2048;
+    c.n_routed_experts = 256;
+    c.n_shared_experts = 1;
+    c.num_experts_per_tok = 8;
+    c.n_group = 8;
+    c.topk_group = 4;
+    c.first_k_dense_replace = 3;
+    c.norm_topk_prob = true;
+    c.routed_scaling_factor = 2.5;
+    c.gate = GateKind::kSigmoidNoauxTc;
+    c.max_position_embeddings = 163840;
+    c.eos_token_ids = {1};
+    c.rope = {RopeType::kYarn, 10000.0, 40.0, 4096, 32.0, 1.0, 1.0, 1.0, 0.0, true};
+  } else if (name == "v3") {
     c.family = ModelFamily::kDeepseekV3;
     c.q_lora_rank = 48;
     c.n_routed_experts = 16;

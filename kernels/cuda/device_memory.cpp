@@ -1,6 +1,8 @@
 #include "kernels/cuda/device_memory.h"
 
+#include <algorithm>
 #include <cstring>
+#include <random>
 #include <vector>
 
 #include "kernels/cuda/cuda_check.h"
@@ -54,6 +56,22 @@ Tensor download(const Tensor& device) {
   Tensor out = Tensor::empty(device.shape(), device.dtype());
   copy_to_host(out.raw(), device.raw(), device.nbytes());
   return out;
+}
+
+void fill_random_bf16(void* dst, size_t bytes, uint64_t seed) {
+  const size_t block = std::max<size_t>(std::min<size_t>(bytes, size_t{64} << 20) / 2, 1);
+  std::vector<uint16_t> host(block);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal;
+  for (auto& v : host) {
+    v = f32_to_bf16(normal(rng));
+    if ((v & 0x7fff) == 0) v = 0x3f80;  // 1.0
+  }
+  char* out = static_cast<char*>(dst);
+  for (size_t off = 0; off < bytes; off += block * 2) {
+    MLA_CUDA_CHECK(cudaMemcpy(out + off, host.data(), std::min(block * 2, bytes - off),
+                              cudaMemcpyHostToDevice));
+  }
 }
 
 void copy_to_device(void* dst, const void* src, size_t bytes) {

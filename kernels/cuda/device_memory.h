@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 
 #include "kernels/tensor.h"
 
@@ -21,6 +22,12 @@ Tensor upload_bf16(const Tensor& host);
 Tensor upload_f32(const Tensor& host);
 // Device tensor copied back to the host, same dtype and shape.
 Tensor download(const Tensor& device);
+
+// Fills `bytes` of device memory with random never-zero bf16 values (about normal, sigma 1;
+// zeros would flatter memory-bound kernels): a 64 MiB host block, generated from `seed` and
+// uploaded at every offset, since generating gigabytes on the host would dominate a
+// benchmark's set-up.
+void fill_random_bf16(void* dst, size_t bytes, uint64_t seed);
 
 void copy_to_device(void* dst, const void* src, size_t bytes);
 void copy_to_host(void* dst, const void* src, size_t bytes);

@@ -206,5 +206,43 @@ TEST(CudaModelGraphs, DecodeStepsReplayCapturedGraphs) {
   EXPECT_LE(m->graphs_captured() - captured, 2);
 }
 
+// Profiled steps run uncaptured, give the same tokens, and time the attention of every step
+// (a single GPU has no collectives).
+TEST(CudaModelProfile, ProfiledStepsTimeAttentionAndSkipGraphs) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  auto m = model("v3_mla", AbsorbMode::kFactored, true);
+  EngineOptions opts;
+  opts.num_pages = 32;
+  Request r;
+  r.prompt = golden("v3_mla").prompts[0];
+  r.max_tokens = 8;
+  r.ignore_eos = true;
+  std::vector<int32_t> tokens[2];
+  for (int profiled = 0; profiled < 2; ++profiled) {
+    Engine engine(m, opts);
+    m->reset_profile();
+    m->set_profiling(profiled == 1);
+    const int64_t replays = m->graph_replays();
+    engine.add_request(r);
+    while (engine.has_work()) {
+      for (const auto& o : engine.step()) tokens[profiled].push_back(o.token);
+    }
+    m->set_profiling(false);
+    const CudaModel::StepProfile p = m->profile();
+    if (profiled == 0) {
+      EXPECT_EQ(p.steps, 0);
+      continue;
+    }
+    EXPECT_EQ(m->graph_replays(), replays) << "a profiled step replayed a graph";
+    EXPECT_EQ(p.steps, engine.stats().steps);
+    EXPECT_GT(p.attention_ms, 0);
+    EXPECT_EQ(p.collective_ms, 0);
+  }
+  EXPECT_EQ(tokens[1], tokens[0]);
+  const auto& want = golden("v3_mla").greedy[0];
+  ASSERT_EQ(tokens[0].size(), 8u);
+  EXPECT_EQ(tokens[0], std::vector<int32_t>(want.begin(), want.begin() + 8));
+}
+
 }  // namespace
 }  // namespace mla

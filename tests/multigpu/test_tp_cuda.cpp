@@ -68,9 +68,10 @@ Group& group() {
   return *g;
 }
 
-std::shared_ptr<CudaModel> model(AbsorbMode mode, KvShard kv, int tp_size, int tp_rank) {
-  static std::map<std::tuple<AbsorbMode, KvShard, int>, std::shared_ptr<CudaModel>> cache;
-  auto& m = cache[{mode, kv, tp_size}];
+std::shared_ptr<CudaModel> model(AbsorbMode mode, KvShard kv, int tp_size, int tp_rank,
+                                 bool graphs = true) {
+  static std::map<std::tuple<AbsorbMode, KvShard, int, bool>, std::shared_ptr<CudaModel>> cache;
+  auto& m = cache[{mode, kv, tp_size, graphs}];
   if (!m) {
     ModelOptions o;
     o.absorb = mode;
@@ -79,6 +80,7 @@ std::shared_ptr<CudaModel> model(AbsorbMode mode, KvShard kv, int tp_size, int t
     o.tp_size = tp_size;
     o.tp_rank = tp_rank;
     o.kv_shard = kv;
+    o.cuda_graphs = graphs;
     m = CudaModel::load(test::model_dir("v3_mla"), o);
   }
   return m;
@@ -157,6 +159,93 @@ TEST_P(CudaTpParity, MatchesTp1AndTransformers) {
           << "prompt " << p << " step " << s << " vs transformers";
     }
   }
+}
+
+// TP decode steps replay CUDA graphs with the NCCL collectives captured inside: the same
+// greedy tokens as the uncaptured steps, logits within the padding's cuBLAS reordering, and
+// the engine counts every collective of every replayed step.
+TEST(CudaTpGraphs, ReplaysMatchUncapturedStepsAndCountCollectives) {
+  if (!gpu_per_rank()) GTEST_SKIP() << "needs >= 2 ranks and one CUDA device per rank";
+  Group& grp = group();
+  for (KvShard kv : {KvShard::kSequence, KvShard::kReplicate}) {
+    SCOPED_TRACE(kv == KvShard::kSequence ? "sharded" : "replicated");
+    std::vector<std::vector<StepOutput>> outs[2];
+    WorkCounter work[2];
+    int64_t replays[2] = {0, 0};
+    for (int graphs = 0; graphs < 2; ++graphs) {
+      auto tp = model(AbsorbMode::kFactored, kv, grp.pg.tp_size, grp.pg.tp_rank, graphs == 1);
+      const int64_t replays_before = tp->graph_replays();
+      EngineOptions opts;
+      opts.num_pages = 64;
+      Engine engine(tp, opts, grp.nccl.get(), grp.control.get());
+      if (!engine.is_leader()) {
+        engine.follow();
+      } else {
+        struct Shutdown {
+          Engine& e;
+          ~Shutdown() { e.shutdown(); }
+        } shutdown{engine};
+        outs[graphs] = run(engine, Pattern::kBatched);
+        work[graphs] = engine.stats().work;
+      }
+      replays[graphs] = tp->graph_replays() - replays_before;
+    }
+    // Followers replay too: every rank checks its own count.
+    EXPECT_EQ(replays[0], 0);
+    EXPECT_GT(replays[1], 0) << "no TP decode step replayed a graph";
+    if (!grp.pg.is_leader()) continue;  // the leader holds the outputs
+    const int64_t V = model(AbsorbMode::kFactored, kv, grp.pg.tp_size, grp.pg.tp_rank)
+                          ->config()
+                          .vocab_size;
+    for (size_t p = 0; p < outs[0].size(); ++p) {
+      ASSERT_EQ(outs[0][p].size(), outs[1][p].size());
+      for (size_t s = 0; s < outs[0][p].size(); ++s) {
+        EXPECT_EQ(outs[1][p][s].token, outs[0][p][s].token) << "prompt " << p << " step " << s;
+        EXPECT_LT(rel_error(outs[1][p][s].logits.data(), outs[0][p][s].logits.data(), V),
+                  kTp1Tolerance)
+            << "prompt " << p << " step " << s;
+      }
+    }
+    for (int op = 0; op < kNumCommOps; ++op) {
+      EXPECT_EQ(work[1].comm.calls[op], work[0].comm.calls[op])
+          << to_string(static_cast<CommOp>(op));
+      // Graph steps run the batch padded to a power of two.
+      EXPECT_GE(work[1].comm.bytes[op], work[0].comm.bytes[op])
+          << to_string(static_cast<CommOp>(op));
+    }
+  }
+}
+
+// Profiled TP steps time the attention and the collectives on every rank.
+TEST(CudaTpProfile, TimesAttentionAndCollectivesOnEveryRank) {
+  if (!gpu_per_rank()) GTEST_SKIP() << "needs >= 2 ranks and one CUDA device per rank";
+  Group& grp = group();
+  auto tp = model(AbsorbMode::kFactored, KvShard::kSequence, grp.pg.tp_size, grp.pg.tp_rank);
+  EngineOptions opts;
+  opts.num_pages = 64;
+  Engine engine(tp, opts, grp.nccl.get(), grp.control.get());
+  tp->reset_profile();
+  tp->set_profiling(true);
+  if (!engine.is_leader()) {
+    engine.follow();
+  } else {
+    struct Shutdown {
+      Engine& e;
+      ~Shutdown() { e.shutdown(); }
+    } shutdown{engine};
+    const auto out = run(engine, Pattern::kBatched);
+    const test::Golden& g = test::golden("v3_mla");
+    for (size_t p = 0; p < out.size(); ++p) {
+      for (size_t s = 0; s < out[p].size(); ++s) {
+        EXPECT_EQ(out[p][s].token, g.greedy[p][s]) << "prompt " << p << " step " << s;
+      }
+    }
+  }
+  tp->set_profiling(false);
+  const CudaModel::StepProfile p = tp->profile();
+  EXPECT_GT(p.steps, 0);
+  EXPECT_GT(p.attention_ms, 0);
+  EXPECT_GT(p.collective_ms, 0);
 }
 
 std::string param_name(const testing::TestParamInfo<Param>& info) {

@@ -318,6 +318,11 @@ TEST(ModelConfig, ToJsonRoundTripsThroughFromJson) {
   }
 }
 
+// The full-size presets are the published shapes (benchmarks cut their layers, nothing else).
+TEST(ModelConfig, V3FullPresetIsThePublishedConfig) {
+  expect_same_config(model_preset("v3-full"), ModelConfig::from_json(deepseek_v3_published()));
+}
+
 // Fields a round trip must not drop even though the common configs leave them at defaults.
 TEST(ModelConfig, ToJsonKeepsEosListAndYarnExtras) {
   json j = deepseek_v3_published();
