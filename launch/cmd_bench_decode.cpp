@@ -9,9 +9,9 @@
 // Reported by the group's leader, per (context, batch):
 //   - median step time over --steps steps after --warmup (CUDA graphs as configured), and
 //     the decode tokens/s it gives;
-//   - on GPUs, --steps more steps with profiling (no graphs, CUDA events): median step time,
-//     and per step the latent attention time and the time in collectives, with their share
-//     of the profiled step.
+//   - on GPUs, --steps more steps with profiling (CUDA events around the sections, inside the
+//     graphs): median step time, and per step the latent attention time (its collectives
+//     included) and the time in collectives, with their share of the profiled step.
 // The scheduler and the per-step plan broadcast of the engine are not part of the timing.
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -182,13 +182,14 @@ int run_bench_decode(const BenchDecodeArgs& a) {
 
   auto rt = GroupRuntime::start(d, /*with_engine=*/false);
   const Model& model = *rt->model;
-  const int32_t pages = d.engine.cache_pages(model);
-  LatentCache cache(model.cache_geometry(d.engine.block_size), pages, model.shard(),
+  const EngineOptions engine = d.engine_options();
+  const int32_t pages = engine.cache_pages(model);
+  LatentCache cache(model.cache_geometry(engine.block_size), pages, model.shard(),
                     model.cache_storage());
   fill_pool(cache, a.seed + static_cast<uint64_t>(rt->groups.world_rank));
   const ShardPlan& sp = model.shard();
   const bool sharded = !cache.holds_every_page();
-  const int64_t block = d.engine.block_size;
+  const int64_t block = engine.block_size;
   // Sharded, page j of a sequence is on rank j mod P: the group holds P times one rank's pool.
   const int64_t held = int64_t{pages} * block * (sharded ? sp.tp_size() : 1);
   const bool leader = rt->groups.tp_rank == 0 && rt->groups.group_index == 0;

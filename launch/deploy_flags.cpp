@@ -28,8 +28,9 @@ void DeployFlags::add_to(CLI::App& cmd) {
   cmd.add_option("--block-size", flags_.engine.block_size, "Tokens per cache page")
       ->capture_default_str();
   cmd.add_option("--num-pages", flags_.engine.num_pages,
-                 "Cache pages (0: size the cache from free GPU memory, --device cuda)")
-      ->capture_default_str();
+                 "Cache pages per rank (0: size the cache from free GPU memory). Default: 256 "
+                 "with --device cpu, 0 with --device cuda")
+      ->check(CLI::NonNegativeNumber);
   cmd.add_option("--device", device_, "cpu (fp32 reference) or cuda (bf16 on the GPU)")
       ->capture_default_str();
   cmd.add_option("--cache-memory-fraction", flags_.engine.cache_memory_fraction,

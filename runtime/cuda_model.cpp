@@ -124,28 +124,43 @@ struct CudaModel::Impl {
   // --- graphs ---
   // A captured decode step, and (tensor parallel) the collectives it holds, which replays
   // count again because the communicator only sees them once, at capture.
+  enum Section { kAttention, kCollectives };
+  using TimedSection = std::tuple<Section, cudaEvent_t, cudaEvent_t>;
   struct Graph {
     cudaGraphExec_t exec = nullptr;
     CommStats comm;
+    // Profiled graphs: their event record nodes (events owned here) and the sections.
+    std::vector<cudaEvent_t> events;
+    std::vector<TimedSection> timed;
   };
+  // (batch bucket, table width bucket, profiled).
+  using GraphKey = std::tuple<int64_t, int64_t, bool>;
   // Captured kernels hold the cache pool's address and the communicator's NCCL handle: the
   // graphs belong to (graph_pool, graph_comm).
-  std::map<std::pair<int64_t, int64_t>, Graph> graphs;
+  std::map<GraphKey, Graph> graphs;
   // Tensor parallel: shapes run once without capture (NCCL connects lazily on first use).
-  std::set<std::pair<int64_t, int64_t>> warmed;
+  std::set<GraphKey> warmed;
   const void* graph_pool = nullptr;
   const Communicator* graph_comm = nullptr;
   int64_t captured = 0, replays = 0;
 
   // --- profiling (CudaModel::set_profiling) ---
-  enum Section { kAttention, kCollectives };
   bool profiling = false;
-  std::vector<cudaEvent_t> events;  // a pool, reused every step
+  std::vector<cudaEvent_t> events;  // a pool for uncaptured steps, reused every step
   size_t next_event = 0;
-  std::vector<std::tuple<Section, cudaEvent_t, cudaEvent_t>> timed;  // this step's sections
+  std::vector<TimedSection> timed;  // this step's sections
+  // While capturing a profiled graph: its events (recorded as event record nodes).
+  std::vector<cudaEvent_t>* capture_events = nullptr;
   CudaModel::StepProfile profile;
 
   cudaEvent_t record_event() {
+    if (capture_events != nullptr) {
+      cudaEvent_t e;
+      MLA_CUDA_CHECK(cudaEventCreate(&e));
+      capture_events->push_back(e);
+      MLA_CUDA_CHECK(cudaEventRecordWithFlags(e, stream, cudaEventRecordExternal));
+      return e;
+    }
     if (next_event == events.size()) {
       cudaEvent_t e;
       MLA_CUDA_CHECK(cudaEventCreate(&e));
@@ -169,7 +184,7 @@ struct CudaModel::Impl {
   }
 
   ~Impl() {
-    for (auto& [key, g] : graphs) cudaGraphExecDestroy(g.exec);
+    drop_graphs();
     for (cudaEvent_t e : events) cudaEventDestroy(e);
     if (meta_host != nullptr) cudaFreeHost(meta_host);
     blas.reset();
@@ -177,7 +192,10 @@ struct CudaModel::Impl {
   }
 
   void drop_graphs() {
-    for (auto& [key, g] : graphs) cudaGraphExecDestroy(g.exec);
+    for (auto& [key, g] : graphs) {
+      cudaGraphExecDestroy(g.exec);
+      for (cudaEvent_t e : g.events) cudaEventDestroy(e);
+    }
     graphs.clear();
     warmed.clear();
   }
@@ -1021,12 +1039,12 @@ void CudaModel::run(const ForwardBatch& batch, LatentCache& cache, WorkCounter* 
       }
     }
   } end_ordered{ordered ? comm : nullptr};
-  const bool graphs = m.use_graphs && !m.profiling && (comm == nullptr || ordered);
+  const bool graphs = m.use_graphs && (comm == nullptr || ordered);
   StepPlan plan = make_plan(m, batch, cache, graphs, work);
   MLA_CUDA_CHECK(cudaMemcpyAsync(m.meta_dev.raw(), m.meta_host, plan.total * sizeof(int32_t),
                                  cudaMemcpyHostToDevice, m.stream));
   CudaStep step(m, batch, plan, cache, comm, ordered);
-  const std::pair<int64_t, int64_t> key{plan.T, plan.stride};
+  const CudaModel::Impl::GraphKey key{plan.T, plan.stride, m.profiling};
   if (graphs && plan.pure_decode &&
       (m.graph_pool != cache.pool_storage().raw() || m.graph_comm != comm)) {
     // Another cache or group (a new engine on this model): old graphs must not replay.
@@ -1041,26 +1059,35 @@ void CudaModel::run(const ForwardBatch& batch, LatentCache& cache, WorkCounter* 
     auto it = m.graphs.find(key);
     if (it == m.graphs.end()) {
       const CommStats at = comm != nullptr ? comm->stats() : CommStats{};
+      CudaModel::Impl::Graph g;
+      struct Capturing {  // profiled sections record into g's own events while capturing
+        CudaModel::Impl& m;
+        ~Capturing() { m.capture_events = nullptr; }
+      } capturing{m};
+      m.capture_events = m.profiling ? &g.events : nullptr;
+      m.timed.clear();
       cudaGraph_t graph;
       MLA_CUDA_CHECK(cudaStreamBeginCapture(m.stream, cudaStreamCaptureModeThreadLocal));
       try {
         step.enqueue();
       } catch (...) {
         cudaStreamEndCapture(m.stream, &graph);
+        for (cudaEvent_t e : g.events) cudaEventDestroy(e);
         throw;
       }
       MLA_CUDA_CHECK(cudaStreamEndCapture(m.stream, &graph));
-      CudaModel::Impl::Graph g;
       MLA_CUDA_CHECK(cudaGraphInstantiate(&g.exec, graph, 0));
       MLA_CUDA_CHECK(cudaGraphDestroy(graph));
       if (comm != nullptr) g.comm = comm->stats() - at;
-      it = m.graphs.emplace(key, g).first;
+      g.timed = std::move(m.timed);
+      it = m.graphs.emplace(key, std::move(g)).first;
       m.captured++;
       spdlog::debug("captured decode graph for batch {} x {} pages", plan.T, plan.stride);
     } else {
       m.replays++;
       work.comm += it->second.comm;
     }
+    m.timed = it->second.timed;  // read back by collect_profile() once the step is done
     MLA_CUDA_CHECK(cudaGraphLaunch(it->second.exec, m.stream));
   } else {
     if (graphs && plan.pure_decode) m.warmed.insert(key);

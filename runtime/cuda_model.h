@@ -60,8 +60,8 @@ class CudaModel : public Model {
     double attention_ms = 0;
     double collective_ms = 0;
   };
-  // While on, steps run without graphs (events cannot be read inside a replay) and add to
-  // profile(). Costs two events per timed section.
+  // While on, steps add to profile(). Decode steps still replay graphs: profiled ones of their
+  // own, captured with event record nodes around the sections. Costs two events per section.
   void set_profiling(bool on) const;
   StepProfile profile() const;
   void reset_profile() const;

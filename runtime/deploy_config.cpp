@@ -57,7 +57,11 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   if (const auto cache = root["cache"]) {
     reject_unknown(cache, {"block_size", "num_pages", "memory_fraction"}, "cache.", origin);
     read(cache, "block_size", c.engine.block_size, "cache.", origin);
-    read(cache, "num_pages", c.engine.num_pages, "cache.", origin);
+    if (cache["num_pages"]) {
+      read(cache, "num_pages", c.engine.num_pages, "cache.", origin);
+      MLA_REQUIRE(c.engine.num_pages >= 0, "{}: cache.num_pages must be >= 0 (0: automatic)",
+                  origin);
+    }
     read(cache, "memory_fraction", c.engine.cache_memory_fraction, "cache.", origin);
   }
   if (const auto sched = root["scheduler"]) {
@@ -99,11 +103,15 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   MLA_REQUIRE(c.workers.port_base > 0 && c.workers.port_base < 65536,
               "{}: workers.port_base must be a TCP port", origin);
   MLA_REQUIRE(c.engine.block_size >= 1, "{}: cache.block_size must be >= 1", origin);
-  MLA_REQUIRE(c.engine.num_pages >= 0, "{}: cache.num_pages must be >= 0 (0: automatic)",
-              origin);
   MLA_REQUIRE(c.engine.cache_memory_fraction > 0 && c.engine.cache_memory_fraction < 1,
               "{}: cache.memory_fraction must be in (0, 1)", origin);
   return c;
+}
+
+EngineOptions DeployConfig::engine_options() const {
+  EngineOptions e = engine;
+  if (e.num_pages == kPagesByDevice) e.num_pages = model.device == Device::kCuda ? 0 : 256;
+  return e;
 }
 
 DeployConfig DeployConfig::load(const std::string& path) {

@@ -38,12 +38,22 @@ struct DeployConfig {
   ModelOptions model;      // `absorb`: naive | factored | premerged | auto. Default: auto.
                            // `device`: cpu | cuda. Default: cpu.
                            // `cuda_graphs`: capture decode steps. Default: true.
-  EngineOptions engine;    // `cache.block_size` (64), `cache.num_pages` (256; 0 = from free
-                           // GPU memory), `cache.memory_fraction` (0.9),
-                           // `scheduler.max_batch_tokens` (512), `scheduler.max_running` (64)
+  // `cache.block_size` (64), `cache.num_pages` (default: 256 with device cpu, 0 with cuda;
+  // 0 = from free GPU memory), `cache.memory_fraction` (0.9), `scheduler.max_batch_tokens`
+  // (512), `scheduler.max_running` (64). Read engine_options(), which resolves the default.
+  EngineOptions engine = [] {
+    EngineOptions e;
+    e.num_pages = kPagesByDevice;
+    return e;
+  }();
   ParallelConfig parallel;
   CoordinatorConfig coordinator;
   WorkersConfig workers;
+
+  // engine.num_pages until a config or flag sets it: 256 pages on the CPU, automatic on GPUs.
+  static constexpr int32_t kPagesByDevice = -1;
+  // The engine's options with the device's default page count applied.
+  EngineOptions engine_options() const;
 
   // Parses a YAML file; relative `model` paths are taken relative to the current directory.
   // Throws kNotFound for a missing file, kInvalidArgument naming the bad key or value.

@@ -206,8 +206,8 @@ TEST(CudaModelGraphs, DecodeStepsReplayCapturedGraphs) {
   EXPECT_LE(m->graphs_captured() - captured, 2);
 }
 
-// Profiled steps run uncaptured, give the same tokens, and time the attention of every step
-// (a single GPU has no collectives).
+// Profiled steps replay graphs of their own (event nodes around the sections), give the same
+// tokens, and time the attention of every step (a single GPU has no collectives).
 TEST(CudaModelProfile, ProfiledStepsTimeAttentionAndSkipGraphs) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   auto m = model("v3_mla", AbsorbMode::kFactored, true);
@@ -233,7 +233,7 @@ TEST(CudaModelProfile, ProfiledStepsTimeAttentionAndSkipGraphs) {
       EXPECT_EQ(p.steps, 0);
       continue;
     }
-    EXPECT_EQ(m->graph_replays(), replays) << "a profiled step replayed a graph";
+    EXPECT_GE(m->graph_replays() - replays, 5) << "profiled decode steps did not replay graphs";
     EXPECT_EQ(p.steps, engine.stats().steps);
     EXPECT_GT(p.attention_ms, 0);
     EXPECT_EQ(p.collective_ms, 0);

@@ -36,6 +36,26 @@ TEST(DeployConfig, ShippedConfigsParse) {
   EXPECT_EQ(tp2.parallel.kv_shard, "sequence");
 }
 
+// Unset, num_pages follows the device: 256 pages on the CPU, sized from free memory on GPUs.
+TEST(DeployConfig, NumPagesDefaultFollowsTheDevice) {
+  EXPECT_EQ(DeployConfig::parse("model: /m\n", "t").engine_options().num_pages, 256);
+  EXPECT_EQ(DeployConfig::parse("model: /m\ndevice: cuda\n", "t").engine_options().num_pages, 0);
+  EXPECT_EQ(DeployConfig::parse("model: /m\ndevice: cuda\ncache: {num_pages: 5}\n", "t")
+                .engine_options()
+                .num_pages,
+            5);
+  EXPECT_EQ(DeployConfig::parse("model: /m\ncache: {num_pages: 0}\n", "t")
+                .engine_options()
+                .num_pages,
+            0);
+  try {
+    DeployConfig::parse("model: /m\ncache: {num_pages: -1}\n", "t");
+    FAIL() << "num_pages -1 accepted";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("cache.num_pages must be >= 0"));
+  }
+}
+
 TEST(DeployConfig, FieldsOverrideDefaults) {
   const auto c = DeployConfig::parse(
       "model: /m\nabsorb: premerged\ncache: {block_size: 4, num_pages: 9}\n"
