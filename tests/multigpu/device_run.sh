@@ -22,7 +22,7 @@ mpi=(mpirun --allow-run-as-root -np 2 --bind-to none -x LD_LIBRARY_PATH -x PATH
 summary=()
 
 if [ "$stage" = tests ]; then
-  "${mpi[@]}" mla_multigpu_tests >"$out/multigpu.log" 2>&1
+  "${mpi[@]}" mla_multigpu_tests --gtest_color=no >"$out/multigpu.log" 2>&1
   summary+=("multigpu_np2 rc=$? passed=$(grep -c '^\[       OK \]' "$out/multigpu.log") failed=$(grep -c '^\[  FAILED  \] .*(' "$out/multigpu.log")")
   grep -E "Failure|Expected|Which is|^\[  FAILED" "$out/multigpu.log" | head -40
   bash tests/multigpu/cluster_tp2.sh "$(command -v mlaserve)" mpirun tests/data "$out/cluster" \
@@ -30,7 +30,7 @@ if [ "$stage" = tests ]; then
   summary+=("cluster_tp2 rc=$?")
   cat "$out/cluster.log"
   tar czf "$out/cluster_logs.tar.gz" -C "$out" cluster && rm -rf "$out/cluster"
-  mla_gpu_tests --gtest_filter='CudaModel*' >"$out/gpu_model.log" 2>&1
+  mla_gpu_tests --gtest_color=no --gtest_filter='*CudaModel*' >"$out/gpu_model.log" 2>&1
   summary+=("gpu CudaModel* rc=$? passed=$(grep -c '^\[       OK \]' "$out/gpu_model.log") failed=$(grep -c '^\[  FAILED  \] .*(' "$out/gpu_model.log")")
   grep -E "Failure|Expected|Which is|^\[  FAILED" "$out/gpu_model.log" | head -40
 fi
