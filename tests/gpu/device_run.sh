@@ -3,8 +3,9 @@
 #   launch/bundle.sh bundle build/tests/mla_gpu_tests build/launch/mlaserve
 # and the repository copied beside it (the device tool runs this from the repo root):
 #   tests/gpu/device_run.sh TAG [GTEST_FILTER]
-# 1. writes the real-MLA-dimension golden model (tests/data/v3_mla) with transformers if the
-#    tree lacks it (torch + transformers on the GPU host), and copies it to $OUT;
+# 1. writes the real-MLA-dimension golden models (tests/data/v3_mla, v3_mla_h8) with
+#    transformers where the tree lacks them (torch + transformers on the GPU host), and packs
+#    each into $OUT/NAME.tar.gz;
 # 2. runs the gpu-labelled tests (gtest XML and log under $OUT);
 # 3. prints a pass/fail table last.
 set -uo pipefail
@@ -15,15 +16,16 @@ mkdir -p "$out"
 source bundle/env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
-if [ ! -f tests/data/v3_mla/golden.json ]; then
-  echo "== writing tests/data/v3_mla with transformers"
-  PYTHONUNBUFFERED=1 python3 tests/parity/make_golden.py --out /tmp/golden --only v3_mla \
-    >"$out/make_golden.log" 2>&1 || { tail -30 "$out/make_golden.log"; exit 1; }
-  grep SUMMARY "$out/make_golden.log"
-  mkdir -p tests/data/v3_mla "$out/v3_mla"
-  cp /tmp/golden/v3_mla/* tests/data/v3_mla/
-  cp /tmp/golden/v3_mla/* "$out/v3_mla/"
-fi
+for name in v3_mla v3_mla_h8; do
+  [ -f tests/data/$name/golden.json ] && continue
+  echo "== writing tests/data/$name with transformers"
+  PYTHONUNBUFFERED=1 python3 tests/parity/make_golden.py --out /tmp/golden --only $name \
+    >"$out/make_golden_$name.log" 2>&1 || { tail -30 "$out/make_golden_$name.log"; exit 1; }
+  grep SUMMARY "$out/make_golden_$name.log"
+  mkdir -p tests/data/$name
+  cp /tmp/golden/$name/* tests/data/$name/
+  tar czf "$out/$name.tar.gz" -C /tmp/golden $name
+done
 
 export MLA_TEST_DATA=$PWD/tests/data
 log="$out/$tag.log"

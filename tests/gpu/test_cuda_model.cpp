@@ -171,7 +171,8 @@ std::string param_name(const testing::TestParamInfo<Param>& info) {
 
 INSTANTIATE_TEST_SUITE_P(
     Golden, CudaModelParity,
-    testing::Combine(testing::Values("v3", "v3_plain", "v2_lite", "v2_group", "v3_mla"),
+    testing::Combine(testing::Values("v3", "v3_plain", "v2_lite", "v2_group", "v3_mla",
+                                     "v3_mla_h8"),
                      testing::Values(AbsorbMode::kNaive, AbsorbMode::kFactored,
                                      AbsorbMode::kPremerged, AbsorbMode::kAuto),
                      testing::Values(64),

@@ -158,6 +158,19 @@ INSTANTIATE_TEST_SUITE_P(
                                      Pattern::kChunkedPrefill)),
     engine_param_name);
 
+// Real MLA dimensions (d_c 512, d_r 64, d_n 128, d_v 128) with 8 heads and 8 experts: the
+// checkpoint TP4 and TP8 can split (ctest mpi_np4 and mpi_np8).
+INSTANTIATE_TEST_SUITE_P(
+    RealDims, TpEngineParity,
+    testing::Combine(testing::Values(std::string("v3_mla_h8")),
+                     testing::Values(AbsorbMode::kNaive, AbsorbMode::kFactored,
+                                     AbsorbMode::kPremerged, AbsorbMode::kAuto),
+                     testing::Values(KvShard::kSequence, KvShard::kReplicate),
+                     testing::Values(64),
+                     testing::Values(Pattern::kBatched, Pattern::kJoinMidRun,
+                                     Pattern::kChunkedPrefill)),
+    engine_param_name);
+
 // Every rank runs the same prefill batch on its own cache shard (no leader): the logits of
 // every rank match transformers, and the pages each rank holds add up as the plan says —
 // sharded, the group holds each page once; replicated, P times.

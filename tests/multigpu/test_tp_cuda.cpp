@@ -116,6 +116,21 @@ std::vector<std::vector<StepOutput>> run(Engine& engine, Pattern pattern) {
   return out;
 }
 
+// The leader runs `lead` and then releases the followers (however `lead` ends); the
+// followers follow the leader's steps until then.
+template <typename F>
+void lead_or_follow(Engine& engine, F&& lead) {
+  if (!engine.is_leader()) {
+    engine.follow();
+    return;
+  }
+  struct Shutdown {
+    Engine& e;
+    ~Shutdown() { e.shutdown(); }
+  } shutdown{engine};
+  lead();
+}
+
 using Param = std::tuple<AbsorbMode, KvShard, Pattern>;
 class CudaTpParity : public testing::TestWithParam<Param> {};
 
@@ -128,19 +143,12 @@ TEST_P(CudaTpParity, MatchesTp1AndTransformers) {
   opts.num_pages = 64;
   opts.scheduler.max_batch_tokens = pattern == Pattern::kChunkedPrefill ? 4 : 256;
   Engine engine(tp, opts, grp.nccl.get(), grp.control.get());
-  if (!engine.is_leader()) {
-    engine.follow();
-    return;
-  }
   std::vector<std::vector<StepOutput>> got;
-  {
-    struct Shutdown {
-      Engine& e;
-      ~Shutdown() { e.shutdown(); }
-    } shutdown{engine};
+  lead_or_follow(engine, [&] {
     got = run(engine, pattern);
     EXPECT_EQ(engine.cache().pool().num_free(), opts.num_pages) << "pages leaked";
-  }
+  });
+  if (!engine.is_leader()) return;
   Engine single(model(mode, kv, 1, 0), opts);
   const auto want = run(single, pattern);
 
@@ -178,16 +186,10 @@ TEST(CudaTpGraphs, ReplaysMatchUncapturedStepsAndCountCollectives) {
       EngineOptions opts;
       opts.num_pages = 64;
       Engine engine(tp, opts, grp.nccl.get(), grp.control.get());
-      if (!engine.is_leader()) {
-        engine.follow();
-      } else {
-        struct Shutdown {
-          Engine& e;
-          ~Shutdown() { e.shutdown(); }
-        } shutdown{engine};
+      lead_or_follow(engine, [&] {
         outs[graphs] = run(engine, Pattern::kBatched);
         work[graphs] = engine.stats().work;
-      }
+      });
       replays[graphs] = tp->graph_replays() - replays_before;
     }
     // Followers replay too: every rank checks its own count.
@@ -226,13 +228,7 @@ TEST(CudaTpProfile, TimesAttentionAndCollectivesOnEveryRank) {
   Engine engine(tp, opts, grp.nccl.get(), grp.control.get());
   tp->reset_profile();
   tp->set_profiling(true);
-  if (!engine.is_leader()) {
-    engine.follow();
-  } else {
-    struct Shutdown {
-      Engine& e;
-      ~Shutdown() { e.shutdown(); }
-    } shutdown{engine};
+  lead_or_follow(engine, [&] {
     const auto out = run(engine, Pattern::kBatched);
     const test::Golden& g = test::golden("v3_mla");
     for (size_t p = 0; p < out.size(); ++p) {
@@ -240,7 +236,7 @@ TEST(CudaTpProfile, TimesAttentionAndCollectivesOnEveryRank) {
         EXPECT_EQ(out[p][s].token, g.greedy[p][s]) << "prompt " << p << " step " << s;
       }
     }
-  }
+  });
   tp->set_profiling(false);
   const CudaModel::StepProfile p = tp->profile();
   EXPECT_GT(p.steps, 0);

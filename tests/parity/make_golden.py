@@ -186,6 +186,12 @@ MODELS = [
     ),
 ]
 
+# The same real MLA dimensions with 8 heads, so tensor parallelism up to TP8 can split it
+# (v3_mla's 2 heads stop at TP2).
+_V3_MLA = next(m for m in MODELS if m["name"] == "v3_mla")
+MODELS.append(dict(_V3_MLA, name="v3_mla_h8", seed=1006,
+                   cfg=dict(_V3_MLA["cfg"], num_attention_heads=8, num_key_value_heads=8)))
+
 
 def classes(arch):
     if arch == "v3":
@@ -523,7 +529,7 @@ def write_model(spec, out_dir):
           f"ckpt_files={sorted(set(where.values()))} min_margin={meta['min_top2_margin']:.4f} "
           f"min_router_gap={meta['min_router_gap']:.3g} softmax_scale={meta['softmax_scale']:.6f} "
           f"rope_attention_scaling={meta['rope_attention_scaling']:.6f} rope_type={meta['rope_type']}", flush=True)
-    if total > (6 if name == "v3_mla" else 2.2) * 1024 * 1024:
+    if total > {"v3_mla": 6, "v3_mla_h8": 12}.get(name, 2.2) * 1024 * 1024:
         print(f"  WARNING: folder {name} is {total} bytes (> ~2 MB)")
 
 

@@ -30,22 +30,8 @@ namespace fs = std::filesystem;
 const std::vector<AbsorbMode> kAllModes = {AbsorbMode::kNaive, AbsorbMode::kFactored,
                                            AbsorbMode::kPremerged, AbsorbMode::kAuto};
 
-// DeepSeek-V3's attention dimensions (the only fields the cost model reads).
-ModelConfig v3_dims() {
-  ModelConfig c;
-  c.family = ModelFamily::kDeepseekV3;
-  c.vocab_size = 129280;
-  c.hidden_size = 7168;
-  c.num_layers = 61;
-  c.num_heads = 128;
-  c.q_lora_rank = 1536;
-  c.kv_lora_rank = 512;
-  c.qk_rope_head_dim = 64;
-  c.qk_nope_head_dim = 128;
-  c.v_head_dim = 128;
-  c.intermediate_size = 18432;
-  return c;
-}
+// DeepSeek-V3's shape (the cost model reads its attention dimensions).
+ModelConfig v3_dims() { return model_preset("v3-full"); }
 
 // ---------------------------------------------------------------------------------------
 // (a) FormPolicy and CostModel
