@@ -705,6 +705,9 @@ void CudaStep::latent_attention(int64_t l, const bf16* q_local) {
     p.batch = static_cast<int32_t>(plan_.S);
     p.s_q = 1;
     p.num_sms = m_.num_sms;
+    // Every layer of the step has the same batch, heads and key counts: the first layer's
+    // split plan serves them all (decode_ws is only touched by mla_decode).
+    p.reuse_plan = l > 0;
     cuda::mla_decode(p, m_.decode_ws.raw(), s);
   } else {
     cuda::MlaPrefillParams p{};

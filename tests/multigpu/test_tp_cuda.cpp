@@ -1,7 +1,8 @@
 // Tensor parallelism of the CUDA model over NCCL (label multigpu, mpirun with one rank per
-// GPU): the world is one group; every rank loads its shard of the real-MLA-dimension golden
-// model (tests/data/v3_mla) on its own GPU, the leader drives the Engine and the follower
-// follows. The leader checks every step against transformers (bf16 tolerance, as in
+// GPU): the world is one group; every rank loads its shard of a real-MLA-dimension golden
+// model on its own GPU (tests/data/v3_mla: 2 heads, skipped by groups wider than 2;
+// v3_mla_h8: 8 heads and experts, up to TP8), the leader drives the Engine and the followers
+// follow. The leader checks every step against transformers (bf16 tolerance, as in
 // tests/gpu/test_cuda_model.cpp) and against the same requests on one GPU (TP1): equal
 // greedy tokens, logits within kTp1Tolerance of TP1's. Both kv_shard modes, every absorption
 // mode, three batching patterns.
@@ -11,6 +12,7 @@
 #include <cmath>
 #include <map>
 #include <memory>
+#include <string>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_memory.h"
@@ -19,6 +21,7 @@
 #include "parallel/process_groups.h"
 #include "runtime/cuda_model.h"
 #include "runtime/engine.h"
+#include "runtime/model_config.h"
 #include "tests/support/golden.h"
 
 namespace mla {
@@ -68,10 +71,20 @@ Group& group() {
   return *g;
 }
 
-std::shared_ptr<CudaModel> model(AbsorbMode mode, KvShard kv, int tp_size, int tp_rank,
-                                 bool graphs = true) {
-  static std::map<std::tuple<AbsorbMode, KvShard, int, bool>, std::shared_ptr<CudaModel>> cache;
-  auto& m = cache[{mode, kv, tp_size, graphs}];
+// The real-MLA-dimension golden models: v3_mla (2 heads) splits up to TP2, v3_mla_h8 (8 heads,
+// 8 experts) up to TP8.
+constexpr const char* kH8 = "v3_mla_h8";
+
+bool group_splits(const std::string& name, int tp_size) {
+  const ModelConfig c = ModelConfig::load(test::model_dir(name));
+  return c.num_heads % tp_size == 0 && c.n_routed_experts % tp_size == 0;
+}
+
+std::shared_ptr<CudaModel> model(const std::string& name, AbsorbMode mode, KvShard kv,
+                                 int tp_size, int tp_rank, bool graphs = true) {
+  using Key = std::tuple<std::string, AbsorbMode, KvShard, int, bool>;
+  static std::map<Key, std::shared_ptr<CudaModel>> cache;
+  auto& m = cache[{name, mode, kv, tp_size, graphs}];
   if (!m) {
     ModelOptions o;
     o.absorb = mode;
@@ -81,7 +94,7 @@ std::shared_ptr<CudaModel> model(AbsorbMode mode, KvShard kv, int tp_size, int t
     o.tp_rank = tp_rank;
     o.kv_shard = kv;
     o.cuda_graphs = graphs;
-    m = CudaModel::load(test::model_dir("v3_mla"), o);
+    m = CudaModel::load(test::model_dir(name), o);
   }
   return m;
 }
@@ -90,8 +103,9 @@ enum class Pattern { kBatched, kJoinMidRun, kChunkedPrefill };
 
 // Runs the golden prompts through `engine` (the leader of its group) and returns each
 // prompt's outputs.
-std::vector<std::vector<StepOutput>> run(Engine& engine, Pattern pattern) {
-  const test::Golden& g = test::golden("v3_mla");
+std::vector<std::vector<StepOutput>> run(Engine& engine, Pattern pattern,
+                                         const std::string& name) {
+  const test::Golden& g = test::golden(name);
   std::map<RequestId, size_t> prompt_of;
   std::vector<std::vector<StepOutput>> out(g.prompts.size());
   auto add = [&](size_t i) {
@@ -131,28 +145,31 @@ void lead_or_follow(Engine& engine, F&& lead) {
   lead();
 }
 
-using Param = std::tuple<AbsorbMode, KvShard, Pattern>;
+using Param = std::tuple<std::string, AbsorbMode, KvShard, Pattern>;
 class CudaTpParity : public testing::TestWithParam<Param> {};
 
 TEST_P(CudaTpParity, MatchesTp1AndTransformers) {
   if (!gpu_per_rank()) GTEST_SKIP() << "needs >= 2 ranks and one CUDA device per rank";
-  const auto& [mode, kv, pattern] = GetParam();
+  const auto& [name, mode, kv, pattern] = GetParam();
   Group& grp = group();
-  auto tp = model(mode, kv, grp.pg.tp_size, grp.pg.tp_rank);
+  if (!group_splits(name, grp.pg.tp_size)) {
+    GTEST_SKIP() << name << " does not split " << grp.pg.tp_size << " ways";
+  }
+  auto tp = model(name, mode, kv, grp.pg.tp_size, grp.pg.tp_rank);
   EngineOptions opts;
   opts.num_pages = 64;
   opts.scheduler.max_batch_tokens = pattern == Pattern::kChunkedPrefill ? 4 : 256;
   Engine engine(tp, opts, grp.nccl.get(), grp.control.get());
   std::vector<std::vector<StepOutput>> got;
   lead_or_follow(engine, [&] {
-    got = run(engine, pattern);
+    got = run(engine, pattern, name);
     EXPECT_EQ(engine.cache().pool().num_free(), opts.num_pages) << "pages leaked";
   });
   if (!engine.is_leader()) return;
-  Engine single(model(mode, kv, 1, 0), opts);
-  const auto want = run(single, pattern);
+  Engine single(model(name, mode, kv, 1, 0), opts);
+  const auto want = run(single, pattern, name);
 
-  const test::Golden& g = test::golden("v3_mla");
+  const test::Golden& g = test::golden(name);
   const int64_t V = tp->config().vocab_size;
   for (size_t p = 0; p < g.prompts.size(); ++p) {
     ASSERT_EQ(static_cast<int>(got[p].size()), g.steps) << "prompt " << p;
@@ -181,13 +198,13 @@ TEST(CudaTpGraphs, ReplaysMatchUncapturedStepsAndCountCollectives) {
     WorkCounter work[2];
     int64_t replays[2] = {0, 0};
     for (int graphs = 0; graphs < 2; ++graphs) {
-      auto tp = model(AbsorbMode::kFactored, kv, grp.pg.tp_size, grp.pg.tp_rank, graphs == 1);
+      auto tp = model(kH8, AbsorbMode::kFactored, kv, grp.pg.tp_size, grp.pg.tp_rank, graphs == 1);
       const int64_t replays_before = tp->graph_replays();
       EngineOptions opts;
       opts.num_pages = 64;
       Engine engine(tp, opts, grp.nccl.get(), grp.control.get());
       lead_or_follow(engine, [&] {
-        outs[graphs] = run(engine, Pattern::kBatched);
+        outs[graphs] = run(engine, Pattern::kBatched, kH8);
         work[graphs] = engine.stats().work;
       });
       replays[graphs] = tp->graph_replays() - replays_before;
@@ -196,9 +213,8 @@ TEST(CudaTpGraphs, ReplaysMatchUncapturedStepsAndCountCollectives) {
     EXPECT_EQ(replays[0], 0);
     EXPECT_GT(replays[1], 0) << "no TP decode step replayed a graph";
     if (!grp.pg.is_leader()) continue;  // the leader holds the outputs
-    const int64_t V = model(AbsorbMode::kFactored, kv, grp.pg.tp_size, grp.pg.tp_rank)
-                          ->config()
-                          .vocab_size;
+    const int64_t V =
+        model(kH8, AbsorbMode::kFactored, kv, grp.pg.tp_size, grp.pg.tp_rank)->config().vocab_size;
     for (size_t p = 0; p < outs[0].size(); ++p) {
       ASSERT_EQ(outs[0][p].size(), outs[1][p].size());
       for (size_t s = 0; s < outs[0][p].size(); ++s) {
@@ -222,15 +238,15 @@ TEST(CudaTpGraphs, ReplaysMatchUncapturedStepsAndCountCollectives) {
 TEST(CudaTpProfile, TimesAttentionAndCollectivesOnEveryRank) {
   if (!gpu_per_rank()) GTEST_SKIP() << "needs >= 2 ranks and one CUDA device per rank";
   Group& grp = group();
-  auto tp = model(AbsorbMode::kFactored, KvShard::kSequence, grp.pg.tp_size, grp.pg.tp_rank);
+  auto tp = model(kH8, AbsorbMode::kFactored, KvShard::kSequence, grp.pg.tp_size, grp.pg.tp_rank);
   EngineOptions opts;
   opts.num_pages = 64;
   Engine engine(tp, opts, grp.nccl.get(), grp.control.get());
   tp->reset_profile();
   tp->set_profiling(true);
   lead_or_follow(engine, [&] {
-    const auto out = run(engine, Pattern::kBatched);
-    const test::Golden& g = test::golden("v3_mla");
+    const auto out = run(engine, Pattern::kBatched, kH8);
+    const test::Golden& g = test::golden(kH8);
     for (size_t p = 0; p < out.size(); ++p) {
       for (size_t s = 0; s < out[p].size(); ++s) {
         EXPECT_EQ(out[p][s].token, g.greedy[p][s]) << "prompt " << p << " step " << s;
@@ -245,16 +261,16 @@ TEST(CudaTpProfile, TimesAttentionAndCollectivesOnEveryRank) {
 }
 
 std::string param_name(const testing::TestParamInfo<Param>& info) {
-  const AbsorbMode mode = std::get<0>(info.param);
-  const KvShard kv = std::get<1>(info.param);
+  const auto& [name, mode, kv, pattern] = info.param;
   const char* patterns[] = {"batched", "join_mid_run", "chunked_prefill"};
-  return to_string(mode) + (kv == KvShard::kSequence ? "_sharded_" : "_replicated_") +
-         patterns[static_cast<int>(std::get<2>(info.param))];
+  return name + "_" + to_string(mode) + (kv == KvShard::kSequence ? "_sharded_" : "_replicated_") +
+         patterns[static_cast<int>(pattern)];
 }
 
 INSTANTIATE_TEST_SUITE_P(
-    V3Mla, CudaTpParity,
-    testing::Combine(testing::Values(AbsorbMode::kNaive, AbsorbMode::kFactored,
+    RealDims, CudaTpParity,
+    testing::Combine(testing::Values(std::string("v3_mla"), std::string(kH8)),
+                     testing::Values(AbsorbMode::kNaive, AbsorbMode::kFactored,
                                      AbsorbMode::kPremerged, AbsorbMode::kAuto),
                      testing::Values(KvShard::kSequence, KvShard::kReplicate),
                      testing::Values(Pattern::kBatched, Pattern::kJoinMidRun,
