@@ -28,6 +28,7 @@
 #include "runtime/cuda_model.h"
 #include "runtime/engine.h"
 #include "tests/support/golden.h"
+#include "tests/support/golden_run.h"
 
 namespace mla {
 namespace {
@@ -39,6 +40,10 @@ constexpr double kRouterNearTie = 1e-3;
 
 using test::Golden;
 using test::golden;
+using test::Pattern;
+using test::pattern_name;
+using test::pattern_options;
+using test::run_golden;
 using test::rel_error;
 using test::model_dir;
 
@@ -69,17 +74,6 @@ std::shared_ptr<CudaModel> model(const std::string& name, AbsorbMode mode, bool 
   return m;
 }
 
-enum class Pattern { kUnbatched, kBatched, kJoinMidRun, kChunkedPrefill };
-const char* pattern_name(Pattern p) {
-  switch (p) {
-    case Pattern::kUnbatched: return "unbatched";
-    case Pattern::kBatched: return "batched";
-    case Pattern::kJoinMidRun: return "join_mid_run";
-    case Pattern::kChunkedPrefill: return "chunked_prefill";
-  }
-  return "?";
-}
-
 using Param = std::tuple<std::string, AbsorbMode, int32_t, Pattern, bool>;
 
 class CudaModelParity : public testing::TestWithParam<Param> {};
@@ -92,52 +86,14 @@ TEST_P(CudaModelParity, ReproducesTransformersWithinBf16) {
   const int64_t V = m->config().vocab_size;
   const int steps = g.steps;
 
-  EngineOptions opts;
-  opts.block_size = block_size;
-  opts.num_pages = 64 / block_size * 8 + 16;
-  opts.scheduler.max_batch_tokens = pattern == Pattern::kChunkedPrefill ? 4 : 256;
+  const EngineOptions opts = pattern_options(pattern, block_size);
   Engine engine(m, opts);
-  std::map<RequestId, size_t> prompt_of;
-  std::map<RequestId, std::vector<StepOutput>> outputs;
-  auto add = [&](size_t i) {
-    Request r;
-    r.prompt = g.prompts[i];
-    r.max_tokens = steps;
-    r.ignore_eos = true;
-    r.return_logits = true;
-    prompt_of[engine.add_request(r)] = i;
-  };
-  auto run_step = [&] {
-    for (auto& o : engine.step()) outputs[o.id].push_back(std::move(o));
-  };
-  switch (pattern) {
-    case Pattern::kUnbatched:
-      for (size_t i = 0; i < g.prompts.size(); ++i) {
-        add(i);
-        while (engine.has_work()) run_step();
-      }
-      break;
-    case Pattern::kBatched:
-    case Pattern::kChunkedPrefill:
-      for (size_t i = 0; i < g.prompts.size(); ++i) add(i);
-      while (engine.has_work()) run_step();
-      break;
-    case Pattern::kJoinMidRun:
-      for (size_t i = 0; i < g.prompts.size(); ++i) {
-        add(i);
-        run_step();
-        run_step();
-        run_step();
-      }
-      while (engine.has_work()) run_step();
-      break;
-  }
+  const auto outputs = run_golden(engine, g, pattern);
 
-  ASSERT_EQ(outputs.size(), g.prompts.size());
   double worst = 0;
   const bool router_near_tie = g.meta["min_router_gap"].get<double>() < kRouterNearTie;
-  for (const auto& [id, outs] : outputs) {
-    const size_t p = prompt_of[id];
+  for (size_t p = 0; p < outputs.size(); ++p) {
+    const auto& outs = outputs[p];
     ASSERT_EQ(static_cast<int>(outs.size()), steps) << "prompt " << p;
     for (int s = 0; s < steps; ++s) {
       const float* want = g.step_logits[p].f32() + s * V;

@@ -15,6 +15,7 @@
 #include "parallel/mpi_communicator.h"
 #include "parallel/process_groups.h"
 #include "tests/support/golden.h"
+#include "tests/support/golden_run.h"
 #include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
 #include "runtime/safetensors.h"
@@ -72,7 +73,7 @@ std::shared_ptr<DeepseekModel> model(const std::string& name, AbsorbMode mode, K
   return m;
 }
 
-enum class Pattern { kBatched, kJoinMidRun, kChunkedPrefill };
+using test::Pattern;
 
 using Param = std::tuple<std::string, AbsorbMode, KvShard, int32_t, Pattern>;
 class TpEngineParity : public testing::TestWithParam<Param> {};
@@ -84,10 +85,7 @@ TEST_P(TpEngineParity, ReproducesTransformers) {
   Group& g = group(world_size());
   const Golden& gold = golden(name);
   auto m = model(name, mode, kv, g);
-  EngineOptions opts;
-  opts.block_size = block_size;
-  opts.num_pages = 64 / block_size * 8 + 16;
-  opts.scheduler.max_batch_tokens = pattern == Pattern::kChunkedPrefill ? 4 : 256;
+  const EngineOptions opts = test::pattern_options(pattern, block_size);
   Engine engine(m, opts, g.comm.get());
   if (!engine.is_leader()) {
     engine.follow();
@@ -99,33 +97,9 @@ TEST_P(TpEngineParity, ReproducesTransformers) {
   } shutdown{engine};
 
   const int64_t V = m->config().vocab_size;
-  std::map<RequestId, size_t> prompt_of;
-  std::map<RequestId, std::vector<StepOutput>> outputs;
-  auto add = [&](size_t i) {
-    Request r;
-    r.prompt = gold.prompts[i];
-    r.max_tokens = gold.steps;
-    r.ignore_eos = true;
-    r.return_logits = true;
-    prompt_of[engine.add_request(r)] = i;
-  };
-  auto run_step = [&] {
-    for (auto& o : engine.step()) outputs[o.id].push_back(std::move(o));
-  };
-  if (pattern == Pattern::kJoinMidRun) {
-    for (size_t i = 0; i < gold.prompts.size(); ++i) {
-      add(i);
-      run_step();
-      run_step();
-    }
-  } else {
-    for (size_t i = 0; i < gold.prompts.size(); ++i) add(i);
-  }
-  while (engine.has_work()) run_step();
-
-  ASSERT_EQ(outputs.size(), gold.prompts.size());
-  for (const auto& [id, outs] : outputs) {
-    const size_t p = prompt_of[id];
+  const auto outputs = test::run_golden(engine, gold, pattern, /*join_steps=*/2);
+  for (size_t p = 0; p < outputs.size(); ++p) {
+    const auto& outs = outputs[p];
     ASSERT_EQ(static_cast<int>(outs.size()), gold.steps);
     for (int s = 0; s < gold.steps; ++s) {
       EXPECT_EQ(outs[s].token, gold.greedy[p][s]) << "prompt " << p << " step " << s;
@@ -140,10 +114,8 @@ std::string kv_name(KvShard kv) { return kv == KvShard::kSequence ? "sharded" : 
 
 std::string engine_param_name(const testing::TestParamInfo<Param>& info) {
   const auto& [name, mode, kv, block, pattern] = info.param;
-  const char* p = pattern == Pattern::kBatched      ? "batched"
-                  : pattern == Pattern::kJoinMidRun ? "join_mid_run"
-                                                    : "chunked_prefill";
-  return fmt::format("{}_{}_{}_b{}_{}", name, to_string(mode), kv_name(kv), block, p);
+  return fmt::format("{}_{}_{}_b{}_{}", name, to_string(mode), kv_name(kv), block,
+                     test::pattern_name(pattern));
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -23,6 +23,7 @@
 #include "runtime/engine.h"
 #include "runtime/model_config.h"
 #include "tests/support/golden.h"
+#include "tests/support/golden_run.h"
 
 namespace mla {
 namespace {
@@ -99,35 +100,12 @@ std::shared_ptr<CudaModel> model(const std::string& name, AbsorbMode mode, KvSha
   return m;
 }
 
-enum class Pattern { kBatched, kJoinMidRun, kChunkedPrefill };
+using test::Pattern;
 
-// Runs the golden prompts through `engine` (the leader of its group) and returns each
-// prompt's outputs.
+// The golden prompts of `name` through `engine` (the leader of its group).
 std::vector<std::vector<StepOutput>> run(Engine& engine, Pattern pattern,
                                          const std::string& name) {
-  const test::Golden& g = test::golden(name);
-  std::map<RequestId, size_t> prompt_of;
-  std::vector<std::vector<StepOutput>> out(g.prompts.size());
-  auto add = [&](size_t i) {
-    Request r;
-    r.prompt = g.prompts[i];
-    r.max_tokens = g.steps;
-    r.ignore_eos = true;
-    r.return_logits = true;
-    prompt_of[engine.add_request(r)] = i;
-  };
-  auto step = [&] {
-    for (auto& o : engine.step()) out[prompt_of[o.id]].push_back(std::move(o));
-  };
-  for (size_t i = 0; i < g.prompts.size(); ++i) {
-    add(i);
-    if (pattern == Pattern::kJoinMidRun) {
-      step();
-      step();
-    }
-  }
-  while (engine.has_work()) step();
-  return out;
+  return test::run_golden(engine, test::golden(name), pattern, /*join_steps=*/2);
 }
 
 // The leader runs `lead` and then releases the followers (however `lead` ends); the
@@ -156,9 +134,7 @@ TEST_P(CudaTpParity, MatchesTp1AndTransformers) {
     GTEST_SKIP() << name << " does not split " << grp.pg.tp_size << " ways";
   }
   auto tp = model(name, mode, kv, grp.pg.tp_size, grp.pg.tp_rank);
-  EngineOptions opts;
-  opts.num_pages = 64;
-  opts.scheduler.max_batch_tokens = pattern == Pattern::kChunkedPrefill ? 4 : 256;
+  const EngineOptions opts = test::pattern_options(pattern);
   Engine engine(tp, opts, grp.nccl.get(), grp.control.get());
   std::vector<std::vector<StepOutput>> got;
   lead_or_follow(engine, [&] {
@@ -262,9 +238,8 @@ TEST(CudaTpProfile, TimesAttentionAndCollectivesOnEveryRank) {
 
 std::string param_name(const testing::TestParamInfo<Param>& info) {
   const auto& [name, mode, kv, pattern] = info.param;
-  const char* patterns[] = {"batched", "join_mid_run", "chunked_prefill"};
   return name + "_" + to_string(mode) + (kv == KvShard::kSequence ? "_sharded_" : "_replicated_") +
-         patterns[static_cast<int>(pattern)];
+         test::pattern_name(pattern);
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "tests/support/golden.h"
+#include "tests/support/golden_run.h"
 #include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
 #include "runtime/safetensors.h"
@@ -21,6 +22,10 @@ constexpr double kTolerance = 1e-4;
 
 using test::Golden;
 using test::golden;
+using test::Pattern;
+using test::pattern_name;
+using test::pattern_options;
+using test::run_golden;
 using test::rel_error;
 using test::model_dir;
 
@@ -29,18 +34,6 @@ std::shared_ptr<DeepseekModel> model(const std::string& name, AbsorbMode mode) {
   auto& m = cache[{name, mode}];
   if (!m) m = DeepseekModel::load(model_dir(name), {mode, CostModel{}, false});
   return m;
-}
-
-// The schedules the engine is checked under.
-enum class Pattern { kUnbatched, kBatched, kJoinMidRun, kChunkedPrefill };
-const char* pattern_name(Pattern p) {
-  switch (p) {
-    case Pattern::kUnbatched: return "unbatched";
-    case Pattern::kBatched: return "batched";
-    case Pattern::kJoinMidRun: return "join_mid_run";
-    case Pattern::kChunkedPrefill: return "chunked_prefill";
-  }
-  return "?";
 }
 
 using Param = std::tuple<std::string, AbsorbMode, int32_t, Pattern>;
@@ -52,52 +45,14 @@ TEST_P(ModelParity, ReproducesTransformersStepLogitsAndGreedyTokens) {
   const Golden& g = golden(name);
   auto m = model(name, mode);
   const int64_t V = m->config().vocab_size;
-  const int steps = g.meta["steps"].get<int>();
+  const int steps = g.steps;
 
-  EngineOptions opts;
-  opts.block_size = block_size;
-  opts.num_pages = 64 / block_size * 8 + 16;
-  opts.scheduler.max_batch_tokens = pattern == Pattern::kChunkedPrefill ? 4 : 256;
+  const EngineOptions opts = pattern_options(pattern, block_size);
   Engine engine(m, opts);
-  std::map<RequestId, size_t> prompt_of;
-  std::map<RequestId, std::vector<StepOutput>> outputs;
-  auto add = [&](size_t i) {
-    Request r;
-    r.prompt = g.prompts[i];
-    r.max_tokens = steps;
-    r.ignore_eos = true;  // transformers' greedy run did not stop at eos
-    r.return_logits = true;
-    prompt_of[engine.add_request(r)] = i;
-  };
-  auto run_step = [&] {
-    for (auto& o : engine.step()) outputs[o.id].push_back(std::move(o));
-  };
-  switch (pattern) {
-    case Pattern::kUnbatched:
-      for (size_t i = 0; i < g.prompts.size(); ++i) {
-        add(i);
-        while (engine.has_work()) run_step();
-      }
-      break;
-    case Pattern::kBatched:
-    case Pattern::kChunkedPrefill:
-      for (size_t i = 0; i < g.prompts.size(); ++i) add(i);
-      while (engine.has_work()) run_step();
-      break;
-    case Pattern::kJoinMidRun:
-      for (size_t i = 0; i < g.prompts.size(); ++i) {
-        add(i);
-        run_step();
-        run_step();
-        run_step();
-      }
-      while (engine.has_work()) run_step();
-      break;
-  }
+  const auto outputs = run_golden(engine, g, pattern);
 
-  ASSERT_EQ(outputs.size(), g.prompts.size());
-  for (const auto& [id, outs] : outputs) {
-    const size_t p = prompt_of[id];
+  for (size_t p = 0; p < outputs.size(); ++p) {
+    const auto& outs = outputs[p];
     ASSERT_EQ(static_cast<int>(outs.size()), steps) << "prompt " << p;
     for (int s = 0; s < steps; ++s) {
       EXPECT_EQ(outs[s].token, g.greedy[p][s]) << "prompt " << p << " step " << s;

@@ -1,0 +1,69 @@
+// The golden prompts run through an Engine under the batching patterns the parity suites
+// check (tests/unit/test_parity.cpp, tests/gpu/test_cuda_model.cpp,
+// tests/mpi/test_tp_parity.cpp, tests/multigpu/test_tp_cuda.cpp). Header-only.
+#pragma once
+
+#include <map>
+#include <vector>
+
+#include "runtime/engine.h"
+#include "tests/support/golden.h"
+
+namespace mla::test {
+
+// How the prompts meet the engine: one at a time; all at once; each joining while the
+// earlier ones decode; all at once with prefill cut into 4-token chunks.
+enum class Pattern { kUnbatched, kBatched, kJoinMidRun, kChunkedPrefill };
+
+inline const char* pattern_name(Pattern p) {
+  switch (p) {
+    case Pattern::kUnbatched: return "unbatched";
+    case Pattern::kBatched: return "batched";
+    case Pattern::kJoinMidRun: return "join_mid_run";
+    case Pattern::kChunkedPrefill: return "chunked_prefill";
+  }
+  return "?";
+}
+
+// Engine options for a pattern: pages of `block_size` tokens for every golden prompt at
+// once (with room to spare), and 4-token steps for chunked prefill.
+inline EngineOptions pattern_options(Pattern pattern, int32_t block_size = 64) {
+  EngineOptions opts;
+  opts.block_size = block_size;
+  opts.num_pages = 64 / block_size * 8 + 16;
+  opts.scheduler.max_batch_tokens = pattern == Pattern::kChunkedPrefill ? 4 : 256;
+  return opts;
+}
+
+// Runs every golden prompt of `g` for g.steps tokens (eos ignored, as transformers' greedy
+// run did, logits kept) on `engine` (a group's leader, or a single engine) in `pattern`;
+// returns each prompt's step outputs, in prompt order. With kJoinMidRun, `join_steps` steps
+// run after each prompt joins.
+inline std::vector<std::vector<StepOutput>> run_golden(Engine& engine, const Golden& g,
+                                                       Pattern pattern, int join_steps = 3) {
+  std::map<RequestId, size_t> prompt_of;
+  std::vector<std::vector<StepOutput>> out(g.prompts.size());
+  auto add = [&](size_t i) {
+    Request r;
+    r.prompt = g.prompts[i];
+    r.max_tokens = g.steps;
+    r.ignore_eos = true;
+    r.return_logits = true;
+    prompt_of[engine.add_request(r)] = i;
+  };
+  auto step = [&] {
+    for (auto& o : engine.step()) out[prompt_of.at(o.id)].push_back(std::move(o));
+  };
+  for (size_t i = 0; i < g.prompts.size(); ++i) {
+    add(i);
+    if (pattern == Pattern::kUnbatched) {
+      while (engine.has_work()) step();
+    } else if (pattern == Pattern::kJoinMidRun) {
+      for (int s = 0; s < join_steps; ++s) step();
+    }
+  }
+  while (engine.has_work()) step();
+  return out;
+}
+
+}  // namespace mla::test
