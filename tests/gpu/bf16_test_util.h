@@ -1,16 +1,20 @@
-// Shared pieces of the bf16 kernel tests: poisoned device arrays, host-side bf16 rounding, and
-// the one bf16 comparison the tests state their tolerance against.
+// Shared pieces of the bf16 kernel tests: poisoned device arrays, host-side bf16 rounding, the
+// one bf16 comparison the tests state their tolerance against, a graph replay of a launch and a
+// parallel loop for the CPU references.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kernels/cuda/cuda_check.h"
@@ -36,6 +40,13 @@ class DeviceArray {
 
   T* get() const { return ptr_; }
   int64_t bytes() const { return n_ * static_cast<int64_t>(sizeof(T)); }
+  // Every byte 0xFF again (before a second run that must rewrite the outputs).
+  void poison() { MLA_CUDA_CHECK(cudaMemset(ptr_, 0xFF, bytes())); }
+  // Copies host.size() elements (at most n) to the start of the array.
+  void upload(const std::vector<T>& host) {
+    MLA_CUDA_CHECK(
+        cudaMemcpy(ptr_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
   // Waits for the device, then copies the whole array back.
   std::vector<T> download() const {
     MLA_CUDA_CHECK(cudaDeviceSynchronize());
@@ -109,6 +120,39 @@ inline bool is_bf16_poison(__nv_bfloat16 v) {
   uint16_t bits;
   std::memcpy(&bits, &v, sizeof bits);
   return bits == 0xFFFF;
+}
+
+// Runs launch(stream) once, captured into a CUDA graph and replayed: the launcher must be
+// capturable (no sync, no allocation, no device values read on the host).
+template <class Launch>
+void run_in_graph(Launch launch) {
+  cudaStream_t stream;
+  MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  MLA_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  launch(stream);
+  MLA_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  MLA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  MLA_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
+  MLA_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  MLA_CUDA_CHECK(cudaGraphDestroy(graph));
+  MLA_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+// Runs fn(i) for i in [0, n) on all hardware threads (the scalar references are the slow part
+// of the big kernel tests).
+template <class Fn>
+void parallel_for(int64_t n, Fn fn) {
+  std::atomic<int64_t> next{0};
+  std::vector<std::thread> threads(std::max(1u, std::thread::hardware_concurrency()));
+  for (auto& t : threads) {
+    t = std::thread([&] {
+      for (int64_t i = next++; i < n; i = next++) fn(i);
+    });
+  }
+  for (auto& t : threads) t.join();
 }
 
 }  // namespace mla::test

@@ -20,74 +20,14 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/mha_prefill.h"
 #include "kernels/dtype.h"
+#include "tests/gpu/bf16_test_util.h"
 
 namespace mla {
 namespace {
 
 constexpr uint16_t kBf16NaN = 0x7fc0;
 
-// A device buffer of n elements, every byte 0xFF when made (NaN for bf16 and fp32).
-template <class T>
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t n) : n_(n) {
-    MLA_CUDA_CHECK(cudaMalloc(&ptr_, std::max<size_t>(bytes(), 1)));
-    poison();
-  }
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-
-  T* get() const { return ptr_; }
-  size_t bytes() const { return n_ * sizeof(T); }
-  void poison() { MLA_CUDA_CHECK(cudaMemset(ptr_, 0xFF, bytes())); }
-  void upload(const std::vector<T>& host) {
-    MLA_CUDA_CHECK(cudaMemcpy(ptr_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download() const {
-    std::vector<T> host(n_);
-    MLA_CUDA_CHECK(cudaMemcpy(host.data(), ptr_, bytes(), cudaMemcpyDeviceToHost));
-    return host;
-  }
-
- private:
-  T* ptr_ = nullptr;
-  size_t n_;
-};
-
 __nv_bfloat16* as_bf16(uint16_t* p) { return reinterpret_cast<__nv_bfloat16*>(p); }
-
-// Runs launch(stream) once captured into a CUDA graph and replayed: the launcher must be
-// capturable (no sync, no allocation, no device values read on the host).
-template <class Launch>
-void run_in_graph(Launch launch) {
-  cudaStream_t stream;
-  MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  MLA_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-  launch(stream);
-  MLA_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-  MLA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  MLA_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-  MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
-  MLA_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  MLA_CUDA_CHECK(cudaGraphDestroy(graph));
-  MLA_CUDA_CHECK(cudaStreamDestroy(stream));
-}
-
-// Runs fn(i) for i in [0, n) on all hardware threads (the scalar reference is the slow part).
-template <class Fn>
-void parallel_for(int64_t n, Fn fn) {
-  std::atomic<int64_t> next{0};
-  std::vector<std::thread> threads(std::max(1u, std::thread::hardware_concurrency()));
-  for (auto& t : threads) {
-    t = std::thread([&] {
-      for (int64_t i = next++; i < n; i = next++) fn(i);
-    });
-  }
-  for (auto& t : threads) t.join();
-}
 
 struct Dims {
   int32_t heads, d_nope, d_rope, d_v;
@@ -148,10 +88,10 @@ void check_mha_prefill(const Dims& dims, const std::vector<SeqLen>& seqs, bool w
     }
   }
 
-  DeviceBuffer<uint16_t> d_q(q.size()), d_kv(kv.size()), d_kr(kr.size());
-  DeviceBuffer<int32_t> d_cu_q(cu_q.size()), d_cu_k(cu_k.size());
-  DeviceBuffer<uint16_t> d_out(static_cast<size_t>(total_q) * H * d_v);
-  DeviceBuffer<float> d_lse(static_cast<size_t>(total_q) * H);
+  test::DeviceArray<uint16_t> d_q(q.size()), d_kv(kv.size()), d_kr(kr.size());
+  test::DeviceArray<int32_t> d_cu_q(cu_q.size()), d_cu_k(cu_k.size());
+  test::DeviceArray<uint16_t> d_out(static_cast<size_t>(total_q) * H * d_v);
+  test::DeviceArray<float> d_lse(static_cast<size_t>(total_q) * H);
   d_q.upload(q);
   d_kv.upload(kv);
   d_kr.upload(kr);
@@ -191,7 +131,7 @@ void check_mha_prefill(const Dims& dims, const std::vector<SeqLen>& seqs, bool w
     if (run == 0) {
       cuda::mha_prefill(p, nullptr);
     } else {
-      run_in_graph([&](cudaStream_t stream) { cuda::mha_prefill(p, stream); });
+      test::run_in_graph([&](cudaStream_t stream) { cuda::mha_prefill(p, stream); });
     }
     MLA_CUDA_CHECK(cudaDeviceSynchronize());
     out[run] = d_out.download();
@@ -249,7 +189,7 @@ void check_mha_prefill(const Dims& dims, const std::vector<SeqLen>& seqs, bool w
     }
     for (int32_t b = 0; b < nq; b += 16) items.push_back({s, b, std::min(nq, b + 16)});
   }
-  parallel_for(static_cast<int64_t>(items.size()), [&](int64_t i) {
+  test::parallel_for(static_cast<int64_t>(items.size()), [&](int64_t i) {
     const Item& it = items[i];
     const int32_t nk = seqs[it.seq].nk;
     cpu::DenseAttentionParams r{};

@@ -22,6 +22,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/mla_decode.h"
 #include "kernels/dtype.h"
+#include "tests/gpu/bf16_test_util.h"
 
 namespace mla {
 namespace {
@@ -42,32 +43,6 @@ constexpr int32_t kOutOfRangePage = 1 << 30;
 constexpr float kOutTolOfRowMax = 2e-2f;
 constexpr double kOutTolRelNorm = 1e-2;
 constexpr float kLseTol = 2e-3f;
-
-template <typename T>
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t n) : n_(n) {
-    MLA_CUDA_CHECK(cudaMalloc(&ptr_, std::max<size_t>(n, 1) * sizeof(T)));
-  }
-  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) {
-    MLA_CUDA_CHECK(cudaMemcpy(ptr_, host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-
-  T* get() const { return ptr_; }
-  void poison() { MLA_CUDA_CHECK(cudaMemset(ptr_, 0xff, n_ * sizeof(T))); }  // NaN for floats
-  std::vector<T> download() const {
-    std::vector<T> host(n_);
-    MLA_CUDA_CHECK(cudaMemcpy(host.data(), ptr_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
-    return host;
-  }
-
- private:
-  T* ptr_ = nullptr;
-  size_t n_;
-};
 
 const __nv_bfloat16* as_bf16(const uint16_t* p) {
   return reinterpret_cast<const __nv_bfloat16*>(p);
@@ -243,13 +218,13 @@ class DeviceProblem {
   std::vector<uint16_t> raw_out() const { return out_.download(); }
 
  private:
-  DeviceBuffer<uint16_t> pool_;
-  DeviceBuffer<int32_t> table_;
-  DeviceBuffer<uint16_t> q_;
-  DeviceBuffer<int32_t> num_keys_;
-  DeviceBuffer<uint16_t> out_;
-  DeviceBuffer<float> lse_;
-  DeviceBuffer<uint8_t> workspace_;
+  test::DeviceArray<uint16_t> pool_;
+  test::DeviceArray<int32_t> table_;
+  test::DeviceArray<uint16_t> q_;
+  test::DeviceArray<int32_t> num_keys_;
+  test::DeviceArray<uint16_t> out_;
+  test::DeviceArray<float> lse_;
+  test::DeviceArray<uint8_t> workspace_;
   cuda::MlaDecodeParams params_{};
 };
 

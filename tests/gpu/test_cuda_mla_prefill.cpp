@@ -21,6 +21,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/mla_prefill.h"
 #include "kernels/dtype.h"
+#include "tests/gpu/bf16_test_util.h"
 
 namespace mla {
 namespace {
@@ -28,35 +29,6 @@ namespace {
 constexpr int32_t kDc = 512, kDr = 64, kWidth = kDc + kDr, kBlock = 64;
 constexpr uint16_t kBf16NaN = 0x7fc0;
 constexpr int32_t kBadPage = 1 << 30;
-
-// A device buffer of n elements, every byte 0xFF when made (NaN for bf16 and fp32).
-template <class T>
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t n) : n_(n) {
-    MLA_CUDA_CHECK(cudaMalloc(&ptr_, std::max<size_t>(bytes(), 1)));
-    poison();
-  }
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-
-  T* get() const { return ptr_; }
-  size_t bytes() const { return n_ * sizeof(T); }
-  void poison() { MLA_CUDA_CHECK(cudaMemset(ptr_, 0xFF, bytes())); }
-  void upload(const std::vector<T>& host) {
-    MLA_CUDA_CHECK(cudaMemcpy(ptr_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download() const {
-    std::vector<T> host(n_);
-    MLA_CUDA_CHECK(cudaMemcpy(host.data(), ptr_, bytes(), cudaMemcpyDeviceToHost));
-    return host;
-  }
-
- private:
-  T* ptr_ = nullptr;
-  size_t n_;
-};
 
 __nv_bfloat16* as_bf16(uint16_t* p) { return reinterpret_cast<__nv_bfloat16*>(p); }
 
@@ -72,38 +44,6 @@ std::vector<int32_t> causal_chunk(int32_t context, int32_t chunk) {
   std::vector<int32_t> keys(chunk);
   for (int32_t i = 0; i < chunk; ++i) keys[i] = context - chunk + i + 1;
   return keys;
-}
-
-// Runs launch(stream) once captured into a CUDA graph and replayed: the launcher must be
-// capturable (no sync, no allocation, no device values read on the host).
-template <class Launch>
-void run_in_graph(Launch launch) {
-  cudaStream_t stream;
-  MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  MLA_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-  launch(stream);
-  MLA_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-  MLA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  MLA_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-  MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
-  MLA_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  MLA_CUDA_CHECK(cudaGraphDestroy(graph));
-  MLA_CUDA_CHECK(cudaStreamDestroy(stream));
-}
-
-// Runs fn(i) for i in [0, n) on all hardware threads (the scalar reference is the slow part).
-template <class Fn>
-void parallel_for(int64_t n, Fn fn) {
-  std::atomic<int64_t> next{0};
-  std::vector<std::thread> threads(std::max(1u, std::thread::hardware_concurrency()));
-  for (auto& t : threads) {
-    t = std::thread([&] {
-      for (int64_t i = next++; i < n; i = next++) fn(i);
-    });
-  }
-  for (auto& t : threads) t.join();
 }
 
 // Builds the batch, runs the kernel twice and compares with the CPU reference on every token of
@@ -158,12 +98,12 @@ void check_mla_prefill(int32_t heads, const std::vector<SeqSpec>& seqs, uint32_t
   std::vector<uint16_t> q(static_cast<size_t>(tokens) * heads * kWidth);
   for (auto& v : q) v = random_bf16();
 
-  DeviceBuffer<uint16_t> d_q(q.size()), d_pool(pool.size());
-  DeviceBuffer<int32_t> d_table(table.size()), d_token_seq(tokens), d_num_keys(tokens);
-  DeviceBuffer<uint16_t> d_out(static_cast<size_t>(tokens) * heads * kDc);
-  DeviceBuffer<float> d_lse(static_cast<size_t>(tokens) * heads);
+  test::DeviceArray<uint16_t> d_q(q.size()), d_pool(pool.size());
+  test::DeviceArray<int32_t> d_table(table.size()), d_token_seq(tokens), d_num_keys(tokens);
+  test::DeviceArray<uint16_t> d_out(static_cast<size_t>(tokens) * heads * kDc);
+  test::DeviceArray<float> d_lse(static_cast<size_t>(tokens) * heads);
   const size_t workspace_bytes = cuda::mla_prefill_workspace_size(tokens, heads);
-  DeviceBuffer<unsigned char> d_workspace(workspace_bytes);
+  test::DeviceArray<unsigned char> d_workspace(workspace_bytes);
   d_q.upload(q);
   d_pool.upload(pool);
   d_table.upload(table);
@@ -197,7 +137,7 @@ void check_mla_prefill(int32_t heads, const std::vector<SeqSpec>& seqs, uint32_t
     if (run == 0) {
       cuda::mla_prefill(p, workspace, nullptr);
     } else {
-      run_in_graph([&](cudaStream_t stream) { cuda::mla_prefill(p, workspace, stream); });
+      test::run_in_graph([&](cudaStream_t stream) { cuda::mla_prefill(p, workspace, stream); });
     }
     MLA_CUDA_CHECK(cudaDeviceSynchronize());
     out[run] = d_out.download();
@@ -235,7 +175,7 @@ void check_mla_prefill(int32_t heads, const std::vector<SeqSpec>& seqs, uint32_t
   }
   std::vector<float> ref_out(static_cast<size_t>(tokens) * heads * kDc);
   std::vector<float> ref_lse(static_cast<size_t>(tokens) * heads);
-  parallel_for(static_cast<int64_t>(checked.size()), [&](int64_t i) {
+  test::parallel_for(static_cast<int64_t>(checked.size()), [&](int64_t i) {
     const int32_t t = checked[i];
     std::vector<float> q_lat(static_cast<size_t>(heads) * kDc),
         q_rope(static_cast<size_t>(heads) * kDr);
