@@ -102,6 +102,7 @@ struct CudaModel::Impl {
   bool use_graphs = true;
   float scale = 0, rope_factor = 0;
   int num_sms = 0;
+  int device = 0;  // where everything below lives; entry points make it current
   cudaStream_t stream = nullptr;
   std::unique_ptr<cuda::Blas> blas;
   Tensor embed, final_norm, lm_head, inv_freq;
@@ -297,7 +298,10 @@ void CudaModel::Impl::ensure_context(int64_t keys, int64_t cap_keys) {
 CudaModel::CudaModel(ModelConfig config, const ModelOptions& options, ShardPlan shard)
     : Model(std::move(config), options, shard), impl_(std::make_unique<Impl>()) {}
 
-CudaModel::~CudaModel() = default;
+CudaModel::~CudaModel() {
+  const cuda::DeviceGuard on_device(impl_->device);
+  impl_.reset();
+}
 
 std::shared_ptr<CudaModel> CudaModel::load(const std::string& model_dir,
                                            const ModelOptions& options) {
@@ -321,6 +325,7 @@ std::shared_ptr<CudaModel> CudaModel::load(const std::string& model_dir,
   m.use_graphs = options.cuda_graphs;
   m.scale = static_cast<float>(c.softmax_scale());
   m.rope_factor = c.rope_attention_factor();
+  m.device = cuda::current_device();
   m.num_sms = cuda::num_sms();
   MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
   m.blas = std::make_unique<cuda::Blas>(m.stream);
@@ -414,6 +419,7 @@ int64_t CudaModel::graph_replays() const { return impl_->replays; }
 int32_t CudaModel::auto_num_pages(int32_t block_size, double memory_fraction) const {
   MLA_REQUIRE(memory_fraction > 0 && memory_fraction < 1,
               "cache memory fraction must be in (0, 1), got {}", memory_fraction);
+  const cuda::DeviceGuard on_device(impl_->device);
   impl_->reserve(kMaxStepTokens, 256);
   const cuda::MemoryInfo mem = cuda::memory_info();
   const int64_t page_bytes =
@@ -1102,6 +1108,7 @@ void CudaModel::run(const ForwardBatch& batch, LatentCache& cache, WorkCounter* 
 Tensor CudaModel::forward(const ForwardBatch& batch, LatentCache& cache, WorkCounter* counter,
                           Communicator* comm) const {
   Impl& m = *impl_;
+  const cuda::DeviceGuard on_device(m.device);
   int64_t n_logits = 0;
   for (const ForwardSeq& seq : batch.seqs) n_logits += seq.want_logits ? 1 : 0;
   run(batch, cache, counter, comm);
@@ -1118,6 +1125,7 @@ SampledStep CudaModel::forward_sample(const ForwardBatch& batch,
                                       LatentCache& cache, WorkCounter* counter,
                                       Communicator* comm) const {
   Impl& m = *impl_;
+  const cuda::DeviceGuard on_device(m.device);
   run(batch, cache, counter, comm);
   SampledStep out;
   const auto R = static_cast<int64_t>(requests.size());

@@ -18,8 +18,10 @@
 // communicator can enqueue on the model's stream, TP decode steps are captured too (after
 // one uncaptured run of each shape) with their collectives inside the graph.
 //
-// Not thread-safe: the model owns one stream and its scratch buffers, so one thread (the
-// engine's step loop) drives it. The current CUDA device must be the model's device.
+// Not thread-safe: the model owns one stream and its scratch buffers, so one thread at a time
+// (the engine's step loop) drives it. It lives on the device that was current at load; every
+// entry point makes that device current for its duration, so it may be called from any thread
+// (CUDA's current device is per thread).
 #pragma once
 
 #include <memory>

@@ -39,6 +39,7 @@ LatentCache::LatentCache(CacheGeometry geometry, int32_t num_pages, ShardPlan sh
     return;
   }
 #if MLA_HAVE_CUDA
+  device_ = cuda::current_device();
   storage_ = cuda::device_empty(std::move(shape), DType::kBF16);
 #else
   MLA_THROW(kFailedPrecondition, "a device cache needs a build with the CUDA backend");
@@ -158,6 +159,7 @@ void LatentCache::read_rows(int32_t page, int32_t layer, int32_t count, float* d
 #if MLA_HAVE_CUDA
   const int64_t offset = device_offset(page, layer);
   std::vector<uint16_t> staged(n);
+  const cuda::DeviceGuard on_device(device_);  // RPC handler threads export pages too
   cuda::copy_to_host(staged.data(), storage_.data<uint16_t>() + offset, n * sizeof(uint16_t));
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(staged[i]);
 #endif
@@ -173,6 +175,7 @@ void LatentCache::write_rows(int32_t page, int32_t layer, int32_t count, const f
   const int64_t offset = device_offset(page, layer);
   std::vector<uint16_t> staged(n);
   for (int64_t i = 0; i < n; ++i) staged[i] = f32_to_bf16(src[i]);
+  const cuda::DeviceGuard on_device(device_);
   cuda::copy_to_device(storage_.data<uint16_t>() + offset, staged.data(), n * sizeof(uint16_t));
 #endif
 }

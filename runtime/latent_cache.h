@@ -113,6 +113,7 @@ class LatentCache {
   ShardPlan shard_;
   PagePool pool_;
   CacheStorage kind_;
+  int device_ = 0;  // kDeviceBf16: the device the pool lives on (current at construction)
   Tensor storage_;  // [num_pages, num_layers, block_size, width]
 };
 

@@ -97,4 +97,21 @@ int num_sms() {
 
 void set_device(int device) { MLA_CUDA_CHECK(cudaSetDevice(device)); }
 
+int current_device() {
+  int device = 0;
+  MLA_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
+
+DeviceGuard::DeviceGuard(int device) : previous_(current_device()) {
+  if (device != previous_) {
+    set_device(device);
+    changed_ = true;
+  }
+}
+
+DeviceGuard::~DeviceGuard() {
+  if (changed_) cudaSetDevice(previous_);  // no throw from a destructor
+}
+
 }  // namespace mla::cuda

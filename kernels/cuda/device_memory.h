@@ -43,5 +43,23 @@ int num_sms();
 
 // Makes `device` current for this thread.
 void set_device(int device);
+// The calling thread's current device.
+int current_device();
+
+// Makes `device` current for the calling thread while the guard lives, then restores the
+// device that was current. CUDA's current device is per thread: objects that hold memory on
+// one device and are called from several threads (the worker's step loop, RPC handlers) set
+// it with a guard instead of relying on the caller's thread.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool changed_ = false;
+};
 
 }  // namespace mla::cuda

@@ -20,8 +20,14 @@ for groups in 1 "$gpus"; do
     --max-running 256 --max-batch-tokens 8192 --coordinator "$address" --host 127.0.0.1 \
     --port-base $((port + 1)) >"$logs/workers_$groups.log" 2>&1 &
   workers=$!
-  if mlaserve --log-level warn client --address "$address" --wait-ready 300 --status \
-    >"$logs/status_$groups.log" 2>&1; then
+  # Every group registered (the first one alive is not enough: the others may still load).
+  ready=0
+  for _ in $(seq 300); do
+    mlaserve --log-level warn client --address "$address" --status >"$logs/status_$groups.log" 2>&1
+    if grep -q "^workers: $groups ($groups alive)" "$logs/status_$groups.log"; then ready=1; break; fi
+    sleep 1
+  done
+  if [ "$ready" = 1 ]; then
     mlaserve --log-level warn bench --address "$address" --requests "$requests" \
       --concurrency "$concurrency" --warmup 32 --prompt-len 128 --max-tokens 64 --vocab "${VOCAB:-30000}" \
       --timeout 300 >"$logs/bench_$groups.log" 2>&1 || status=1

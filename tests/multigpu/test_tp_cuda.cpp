@@ -13,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_memory.h"
@@ -234,6 +235,35 @@ TEST(CudaTpProfile, TimesAttentionAndCollectivesOnEveryRank) {
   EXPECT_GT(p.steps, 0);
   EXPECT_GT(p.attention_ms, 0);
   EXPECT_GT(p.collective_ms, 0);
+}
+
+// A model on this rank's GPU (GPU 1 on rank 1), driven from a new thread, whose current
+// device is GPU 0 until someone sets it: as the worker's step loop drives the engine. Every
+// step must still run on the model's and the cache's device and give transformers' tokens.
+TEST(CudaModelThreads, StepsFromAnotherThreadRunOnTheModelsGpu) {
+  if (!gpu_per_rank()) GTEST_SKIP() << "needs >= 2 ranks and one CUDA device per rank";
+  Group& grp = group();
+  const int device = cuda::current_device();
+  auto single = model(kH8, AbsorbMode::kFactored, KvShard::kSequence, 1, 0);
+  Engine engine(single, test::pattern_options(Pattern::kBatched));
+  std::vector<std::vector<StepOutput>> out;
+  int thread_device = -1;
+  std::thread stepper([&] {
+    thread_device = cuda::current_device();
+    out = run(engine, Pattern::kBatched, kH8);
+  });
+  stepper.join();
+  EXPECT_EQ(cuda::current_device(), device);
+  if (device != 0) EXPECT_EQ(thread_device, 0) << "the new thread did not start on GPU 0";
+  const test::Golden& g = test::golden(kH8);
+  ASSERT_EQ(out.size(), g.prompts.size());
+  for (size_t p = 0; p < out.size(); ++p) {
+    ASSERT_EQ(static_cast<int>(out[p].size()), g.steps) << "rank " << grp.pg.world_rank;
+    for (int s = 0; s < g.steps; ++s) {
+      EXPECT_EQ(out[p][s].token, g.greedy[p][s])
+          << "rank " << grp.pg.world_rank << " prompt " << p << " step " << s;
+    }
+  }
 }
 
 std::string param_name(const testing::TestParamInfo<Param>& info) {
