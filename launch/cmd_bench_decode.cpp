@@ -14,7 +14,6 @@
 //     included) and the time in collectives, with their share of the profiled step.
 // The scheduler and the per-step plan broadcast of the engine are not part of the timing.
 #include <fmt/format.h>
-#include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -76,8 +75,8 @@ bool all_ranks(const GroupRuntime& rt, bool ok) {
 }
 
 struct Timing {
-  double step_ms = 0;           // median step
-  double attention_ms = -1;     // per profiled step; < 0 when not profiled
+  double step_ms = 0;        // median step
+  double attention_ms = -1;  // per profiled step; < 0 when not profiled
   double collective_ms = -1;
   double profiled_step_ms = 0;  // median profiled step
 };
@@ -145,8 +144,8 @@ class DecodeBench {
   double step(const std::vector<BlockTable>& tables, int32_t pos) {
     ForwardBatch fb;
     std::vector<SampleRequest> reqs;
-    std::uniform_int_distribution<int32_t> token(1, static_cast<int32_t>(
-                                                        std::min<int64_t>(model_.config().vocab_size, 30000) - 1));
+    const auto top = static_cast<int32_t>(std::min<int64_t>(model_.config().vocab_size, 30000));
+    std::uniform_int_distribution<int32_t> token(1, top - 1);
     for (const BlockTable& t : tables) {
       fb.tokens.push_back(token(rng_));
       fb.seqs.push_back({&t, pos, 1, true});
@@ -156,8 +155,7 @@ class DecodeBench {
     }
     const auto t0 = std::chrono::steady_clock::now();
     model_.forward_sample(fb, reqs, cache_, nullptr, rt_.data);
-    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
-        .count();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   }
 
   const BenchDecodeArgs& a_;
@@ -202,9 +200,9 @@ int run_bench_decode(const BenchDecodeArgs& a) {
                      "{}: {} pages of {} tokens per rank; the group holds {} tokens of context "
                      "in total\n",
                      setup, pages, block, held)
-              << fmt::format("{:>8} {:>6} {:>10} {:>12} {:>12} {:>12} {:>14} {:>8}\n",
-                             "context", "batch", "step ms", "tokens/s", "prof. ms",
-                             "attention ms", "collective ms", "coll %")
+              << fmt::format("{:>8} {:>6} {:>10} {:>12} {:>12} {:>12} {:>14} {:>8}\n", "context",
+                             "batch", "step ms", "tokens/s", "prof. ms", "attention ms",
+                             "collective ms", "coll %")
               << std::flush;
   }
   DecodeBench bench(a, *rt, cache);
@@ -215,8 +213,8 @@ int run_bench_decode(const BenchDecodeArgs& a) {
       if (!t) {
         const int64_t pages_each = (bench.tokens_per_sequence(context) + block - 1) / block;
         std::cout << fmt::format(
-            "{:>8} {:>6}  does not fit: {} sequences of {} pages ({} tokens) > {} held\n",
-            context, batch, batch, pages_each, batch * pages_each * block, held);
+            "{:>8} {:>6}  does not fit: {} sequences of {} pages ({} tokens) > {} held\n", context,
+            batch, batch, pages_each, batch * pages_each * block, held);
         continue;
       }
       std::cout << fmt::format("{:>8} {:>6} {:>10.3f} {:>12.1f}", context, batch, t->step_ms,
@@ -243,8 +241,7 @@ void add_bench_decode_command(CLI::App& app, int& exit_code) {
   args->deploy.add_to(*cmd);
   cmd->add_option("--context", args->contexts, "Context lengths, comma separated")
       ->capture_default_str();
-  cmd->add_option("--batch", args->batches, "Batch sizes, comma separated")
-      ->capture_default_str();
+  cmd->add_option("--batch", args->batches, "Batch sizes, comma separated")->capture_default_str();
   cmd->add_option("--steps", args->steps, "Timed steps per point (and as many profiled)")
       ->capture_default_str();
   cmd->add_option("--warmup", args->warmup, "Untimed steps first")->capture_default_str();

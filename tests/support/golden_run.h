@@ -17,10 +17,14 @@ enum class Pattern { kUnbatched, kBatched, kJoinMidRun, kChunkedPrefill };
 
 inline const char* pattern_name(Pattern p) {
   switch (p) {
-    case Pattern::kUnbatched: return "unbatched";
-    case Pattern::kBatched: return "batched";
-    case Pattern::kJoinMidRun: return "join_mid_run";
-    case Pattern::kChunkedPrefill: return "chunked_prefill";
+    case Pattern::kUnbatched:
+      return "unbatched";
+    case Pattern::kBatched:
+      return "batched";
+    case Pattern::kJoinMidRun:
+      return "join_mid_run";
+    case Pattern::kChunkedPrefill:
+      return "chunked_prefill";
   }
   return "?";
 }
