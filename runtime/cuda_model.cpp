@@ -1025,6 +1025,9 @@ StepPlan make_plan(CudaModel::Impl& m, const ForwardBatch& batch, const LatentCa
 void CudaModel::run(const ForwardBatch& batch, LatentCache& cache, WorkCounter* counter,
                     Communicator* comm) const {
   Impl& m = *impl_;
+  // A step that failed before its profile was collected leaves nothing behind.
+  m.timed.clear();
+  m.next_event = 0;
   WorkCounter local;
   WorkCounter& work = counter != nullptr ? *counter : local;
   MLA_CHECK(shard_.tp_size() == 1 || comm != nullptr, "a tensor-parallel model needs its group");
