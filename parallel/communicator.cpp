@@ -1,5 +1,7 @@
 #include "parallel/communicator.h"
 
+#include <atomic>
+
 namespace mla {
 
 const char* to_string(CommOp op) {
@@ -11,6 +13,11 @@ const char* to_string(CommOp op) {
     case CommOp::kSendRecv: return "send_recv";
   }
   return "?";
+}
+
+uint64_t Communicator::next_id() {
+  static std::atomic<uint64_t> next{1};
+  return next++;
 }
 
 int64_t CommStats::total_bytes() const {

@@ -136,13 +136,14 @@ struct CudaModel::Impl {
   };
   // (batch bucket, table width bucket, profiled).
   using GraphKey = std::tuple<int64_t, int64_t, bool>;
-  // Captured kernels hold the cache pool's address and the communicator's NCCL handle: the
-  // graphs belong to (graph_pool, graph_comm).
+  // Captured kernels hold the cache pool's address and geometry and the communicator's NCCL
+  // handle: the graphs belong to one cache and one communicator (their ids; 0 = none).
   std::map<GraphKey, Graph> graphs;
   // Tensor parallel: shapes run once without capture (NCCL connects lazily on first use).
+  // Kept when graphs are dropped for moved buffers (the connections stay), so every rank of
+  // a group takes the same path for a shape even when only one of them re-captures.
   std::set<GraphKey> warmed;
-  const void* graph_pool = nullptr;
-  const Communicator* graph_comm = nullptr;
+  uint64_t graph_cache = 0, graph_comm = 0;
   int64_t captured = 0, replays = 0;
 
   // --- profiling (CudaModel::set_profiling) ---
@@ -198,7 +199,7 @@ struct CudaModel::Impl {
       for (cudaEvent_t e : g.events) cudaEventDestroy(e);
     }
     graphs.clear();
-    warmed.clear();
+    timed.clear();  // may name events of the graphs just destroyed
   }
 
   void reserve(int64_t tokens, int64_t seqs);
@@ -299,8 +300,12 @@ CudaModel::CudaModel(ModelConfig config, const ModelOptions& options, ShardPlan 
     : Model(std::move(config), options, shard), impl_(std::make_unique<Impl>()) {}
 
 CudaModel::~CudaModel() {
-  const cuda::DeviceGuard on_device(impl_->device);
+  // Free everything on the model's device; a destructor must not throw, so errors are let be.
+  int previous = 0;
+  const bool known = cudaGetDevice(&previous) == cudaSuccess;
+  cudaSetDevice(impl_->device);
   impl_.reset();
+  if (known) cudaSetDevice(previous);
 }
 
 std::shared_ptr<CudaModel> CudaModel::load(const std::string& model_dir,
@@ -884,7 +889,9 @@ StepPlan make_plan(CudaModel::Impl& m, const ForwardBatch& batch, const LatentCa
   StepPlan plan;
   plan.real_T = static_cast<int64_t>(batch.tokens.size());
   plan.real_S = static_cast<int64_t>(batch.seqs.size());
-  int64_t rows = 0, n_logits = 0, max_pages = 1;
+  // max_pages: the widest local page table; seq_pages: the most pages a sequence has over
+  // the whole group (the same number on every rank).
+  int64_t rows = 0, n_logits = 0, max_pages = 1, seq_pages = 1;
   bool all_single = true;
   for (const ForwardSeq& seq : batch.seqs) {
     MLA_CHECK(seq.table != nullptr && seq.num_tokens > 0, "empty sequence in batch");
@@ -902,6 +909,7 @@ StepPlan make_plan(CudaModel::Impl& m, const ForwardBatch& batch, const LatentCa
     rows += seq.num_tokens;
     n_logits += seq.want_logits ? 1 : 0;
     max_pages = std::max<int64_t>(max_pages, static_cast<int64_t>(seq.table->pages.size()));
+    seq_pages = std::max<int64_t>(seq_pages, (int64_t{seq.table->num_tokens} + B - 1) / B);
   }
   MLA_CHECK(rows == plan.real_T, "batch has {} tokens but its sequences cover {}", plan.real_T,
             rows);
@@ -914,7 +922,9 @@ StepPlan make_plan(CudaModel::Impl& m, const ForwardBatch& batch, const LatentCa
   plan.T = graph ? round_up_pow2(plan.real_T, 1) : plan.real_T;
   plan.S = graph ? plan.T : plan.real_S;
   plan.n_logits = graph ? plan.S : n_logits;
-  plan.stride = graph ? round_up_pow2(max_pages, 16) : max_pages;
+  // Graph steps bucket the table width by the group-wide page count, so every rank of a
+  // group picks the same graph key and captures (or runs uncaptured) the same steps.
+  plan.stride = graph ? round_up_pow2(std::max(max_pages, seq_pages), 16) : max_pages;
 
   // Decompressed sequences' context row lists.
   plan.ctx_offset.assign(batch.seqs.size(), 0);
@@ -1057,12 +1067,13 @@ void CudaModel::run(const ForwardBatch& batch, LatentCache& cache, WorkCounter* 
                                  cudaMemcpyHostToDevice, m.stream));
   CudaStep step(m, batch, plan, cache, comm, ordered);
   const CudaModel::Impl::GraphKey key{plan.T, plan.stride, m.profiling};
-  if (graphs && plan.pure_decode &&
-      (m.graph_pool != cache.pool_storage().raw() || m.graph_comm != comm)) {
+  const uint64_t comm_id = comm != nullptr ? comm->id() : 0;
+  if (graphs && plan.pure_decode && (m.graph_cache != cache.id() || m.graph_comm != comm_id)) {
     // Another cache or group (a new engine on this model): old graphs must not replay.
     m.drop_graphs();
-    m.graph_pool = cache.pool_storage().raw();
-    m.graph_comm = comm;
+    if (m.graph_comm != comm_id) m.warmed.clear();
+    m.graph_cache = cache.id();
+    m.graph_comm = comm_id;
   }
   // Every rank of a group makes this choice on its own (its table width may differ), which
   // is safe: the same collectives are issued in the same order captured or not.
@@ -1078,20 +1089,35 @@ void CudaModel::run(const ForwardBatch& batch, LatentCache& cache, WorkCounter* 
       } capturing{m};
       m.capture_events = m.profiling ? &g.events : nullptr;
       m.timed.clear();
-      cudaGraph_t graph;
+      cudaGraph_t graph = nullptr;
+      struct Unfinished {  // frees what a capture that failed part way leaves
+        CudaModel::Impl::Graph& g;
+        cudaGraph_t& graph;
+        bool kept = false;
+        ~Unfinished() {
+          if (kept) return;
+          if (graph != nullptr) cudaGraphDestroy(graph);
+          if (g.exec != nullptr) cudaGraphExecDestroy(g.exec);
+          for (cudaEvent_t e : g.events) cudaEventDestroy(e);
+        }
+      } unfinished{g, graph};
       MLA_CUDA_CHECK(cudaStreamBeginCapture(m.stream, cudaStreamCaptureModeThreadLocal));
       try {
         step.enqueue();
       } catch (...) {
-        cudaStreamEndCapture(m.stream, &graph);
-        for (cudaEvent_t e : g.events) cudaEventDestroy(e);
+        cudaGraph_t partial = nullptr;
+        if (cudaStreamEndCapture(m.stream, &partial) == cudaSuccess && partial != nullptr) {
+          cudaGraphDestroy(partial);
+        }
+        m.timed.clear();
         throw;
       }
       MLA_CUDA_CHECK(cudaStreamEndCapture(m.stream, &graph));
       MLA_CUDA_CHECK(cudaGraphInstantiate(&g.exec, graph, 0));
-      MLA_CUDA_CHECK(cudaGraphDestroy(graph));
       if (comm != nullptr) g.comm = comm->stats() - at;
       g.timed = std::move(m.timed);
+      unfinished.kept = true;
+      cudaGraphDestroy(graph);
       it = m.graphs.emplace(key, std::move(g)).first;
       m.captured++;
       spdlog::debug("captured decode graph for batch {} x {} pages", plan.T, plan.stride);
