@@ -418,6 +418,8 @@ CudaModel::StepProfile CudaModel::profile() const { return impl_->profile; }
 
 void CudaModel::reset_profile() const { impl_->profile = {}; }
 
+int CudaModel::cuda_device() const { return impl_->device; }
+
 int64_t CudaModel::graphs_captured() const { return impl_->captured; }
 int64_t CudaModel::graph_replays() const { return impl_->replays; }
 

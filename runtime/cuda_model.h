@@ -41,6 +41,7 @@ class CudaModel : public Model {
   ~CudaModel() override;
 
   CacheStorage cache_storage() const override { return CacheStorage::kDeviceBf16; }
+  int cuda_device() const override;
   // Pages that fit in memory_fraction of the device memory that is free once the model's
   // step buffers (sized for `kMaxStepTokens` tokens) are allocated; logs the size.
   int32_t auto_num_pages(int32_t block_size, double memory_fraction) const override;

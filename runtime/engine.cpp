@@ -4,8 +4,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 
 #include "kernels/error.h"
+#if MLA_HAVE_CUDA
+#include "kernels/cuda/device_memory.h"
+#endif
 
 namespace mla {
 
@@ -15,6 +19,20 @@ namespace {
 //   [kind, n_released, released ids..., n_chunks, (id, start, num_tokens, want_logits)...,
 //    tokens of every chunk...]
 enum PlanKind : int64_t { kPlanStep = 1, kPlanShutdown = 2, kPlanHeartbeat = 3 };
+
+}  // namespace
+
+namespace {
+
+// The engine's cache, on the model's device whichever thread builds the engine.
+LatentCache make_cache(const Model& model, const EngineOptions& options) {
+#if MLA_HAVE_CUDA
+  std::optional<cuda::DeviceGuard> on_device;
+  if (model.cuda_device() >= 0) on_device.emplace(model.cuda_device());
+#endif
+  return LatentCache(model.cache_geometry(options.block_size), options.cache_pages(model),
+                     model.shard(), model.cache_storage());
+}
 
 }  // namespace
 
@@ -31,8 +49,7 @@ Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options, Commun
       options_(options),
       comm_(comm != nullptr && comm->size() > 1 ? comm : nullptr),
       control_(control != nullptr ? control : comm_),
-      cache_(model_->cache_geometry(options.block_size), options.cache_pages(*model_),
-             model_->shard(), model_->cache_storage()),
+      cache_(make_cache(*model_, options)),
       scheduler_(options.scheduler, cache_) {
   MLA_REQUIRE(model_->shard().tp_size() == (comm_ ? comm_->size() : 1),
               "the model is sharded for {} ranks but the group has {}",

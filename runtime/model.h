@@ -93,6 +93,8 @@ class Model {
   CacheGeometry cache_geometry(int32_t block_size) const;
   // Where this model wants its cache rows: host fp32 (CPU) or device bf16 (CUDA).
   virtual CacheStorage cache_storage() const { return CacheStorage::kHostF32; }
+  // The CUDA device the model (and so its cache) lives on; -1 for a host model.
+  virtual int cuda_device() const { return -1; }
   // Pages of `block_size` tokens the cache gets when the deployment asks for an automatic
   // size: for the CUDA model the free device memory times `memory_fraction`; the CPU model
   // has no automatic size and returns 0.
