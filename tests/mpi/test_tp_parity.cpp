@@ -87,27 +87,21 @@ TEST_P(TpEngineParity, ReproducesTransformers) {
   auto m = model(name, mode, kv, g);
   const EngineOptions opts = test::pattern_options(pattern, block_size);
   Engine engine(m, opts, g.comm.get());
-  if (!engine.is_leader()) {
-    engine.follow();
-    return;
-  }
-  struct Shutdown {
-    Engine& e;
-    ~Shutdown() { e.shutdown(); }
-  } shutdown{engine};
-
-  const int64_t V = m->config().vocab_size;
-  const auto outputs = test::run_golden(engine, gold, pattern, /*join_steps=*/2);
-  for (size_t p = 0; p < outputs.size(); ++p) {
-    const auto& outs = outputs[p];
-    ASSERT_EQ(static_cast<int>(outs.size()), gold.steps);
-    for (int s = 0; s < gold.steps; ++s) {
-      EXPECT_EQ(outs[s].token, gold.greedy[p][s]) << "prompt " << p << " step " << s;
-      EXPECT_LT(rel_error(outs[s].logits.data(), gold.step_logits[p].f32() + s * V, V), kTolerance)
-          << "prompt " << p << " step " << s;
+  test::lead_or_follow(engine, [&] {
+    const int64_t V = m->config().vocab_size;
+    const auto outputs = test::run_golden(engine, gold, pattern, /*join_steps=*/2);
+    for (size_t p = 0; p < outputs.size(); ++p) {
+      const auto& outs = outputs[p];
+      ASSERT_EQ(static_cast<int>(outs.size()), gold.steps);
+      for (int s = 0; s < gold.steps; ++s) {
+        EXPECT_EQ(outs[s].token, gold.greedy[p][s]) << "prompt " << p << " step " << s;
+        EXPECT_LT(rel_error(outs[s].logits.data(), gold.step_logits[p].f32() + s * V, V),
+                  kTolerance)
+            << "prompt " << p << " step " << s;
+      }
     }
-  }
-  EXPECT_EQ(engine.cache().pool().num_free(), opts.num_pages);
+    EXPECT_EQ(engine.cache().pool().num_free(), opts.num_pages);
+  });
 }
 
 std::string kv_name(KvShard kv) { return kv == KvShard::kSequence ? "sharded" : "replicated"; }

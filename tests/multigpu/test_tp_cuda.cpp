@@ -110,20 +110,7 @@ std::vector<std::vector<StepOutput>> run(Engine& engine, Pattern pattern,
   return test::run_golden(engine, test::golden(name), pattern, /*join_steps=*/2);
 }
 
-// The leader runs `lead` and then releases the followers (however `lead` ends); the
-// followers follow the leader's steps until then.
-template <typename F>
-void lead_or_follow(Engine& engine, F&& lead) {
-  if (!engine.is_leader()) {
-    engine.follow();
-    return;
-  }
-  struct Shutdown {
-    Engine& e;
-    ~Shutdown() { e.shutdown(); }
-  } shutdown{engine};
-  lead();
-}
+using test::lead_or_follow;
 
 using Param = std::tuple<std::string, AbsorbMode, KvShard, Pattern>;
 class CudaTpParity : public testing::TestWithParam<Param> {};

@@ -70,4 +70,20 @@ inline std::vector<std::vector<StepOutput>> run_golden(Engine& engine, const Gol
   return out;
 }
 
+// A tensor-parallel group's engines: the leader runs `lead` and then releases the followers
+// (however `lead` ends, so a failed check cannot leave them waiting); the followers follow
+// the leader's steps until then.
+template <typename F>
+void lead_or_follow(Engine& engine, F&& lead) {
+  if (!engine.is_leader()) {
+    engine.follow();
+    return;
+  }
+  struct Shutdown {
+    Engine& e;
+    ~Shutdown() { e.shutdown(); }
+  } shutdown{engine};
+  lead();
+}
+
 }  // namespace mla::test
