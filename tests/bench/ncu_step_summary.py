@@ -12,6 +12,7 @@ and their bandwidth, against --copy-gbps when given.
 import argparse
 import csv
 import re
+import sys
 from collections import defaultdict
 
 
@@ -23,7 +24,7 @@ def short(name: str) -> str:
     return name.split("::")[-1].strip()[:60]
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("csv")
     ap.add_argument("--copy-gbps", type=float, default=0)
@@ -45,7 +46,8 @@ def main() -> None:
                      num(r, "dram__bytes_write.sum")))
     starts = [i for i, r in enumerate(rows) if "embedding" in r[0]]
     if not starts:
-        raise SystemExit("no embedding kernel found: not a decode-step profile")
+        print("no embedding kernel found: not a decode-step profile", file=sys.stderr)
+        return 1
     step = rows[starts[-1]:]
     total_ns = sum(r[1] for r in step)
     rd = sum(r[2] for r in step)
@@ -72,7 +74,8 @@ def main() -> None:
               + (f" {bw / a.copy_gbps:7.1%}" if a.copy_gbps else ""))
     small = [r for r in step if r[1] < 5000]
     print(f"kernels under 5 us: {len(small)} of {len(step)}, {sum(r[1] for r in small) / 1e6:.3f} ms")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

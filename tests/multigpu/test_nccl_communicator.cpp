@@ -18,6 +18,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/error.h"
 #include "parallel/nccl/nccl_communicator.h"
+#include "tests/gpu/bf16_test_util.h"
 
 namespace mla {
 namespace {
@@ -70,35 +71,8 @@ std::unique_ptr<NcclCommunicator> make_comm(milliseconds timeout = kTestTimeout)
   return std::make_unique<NcclCommunicator>(MPI_COMM_WORLD, w.rank % cuda::device_count(), timeout);
 }
 
-// A device buffer of n elements, every byte 0xFF when made (NaN for floats). Make it after
+// Device buffers (test::DeviceArray: every byte 0xFF when made, NaN for floats) are made after
 // the communicator, which selects this rank's device.
-template <class T>
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(int64_t n) : n_(n) {
-    MLA_CUDA_CHECK(cudaMalloc(&ptr_, bytes() > 0 ? bytes() : 1));
-    MLA_CUDA_CHECK(cudaMemset(ptr_, 0xFF, bytes()));
-  }
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-
-  T* get() { return ptr_; }
-  int64_t bytes() const { return n_ * static_cast<int64_t>(sizeof(T)); }
-  // Writes host[0, host.size()) to the start of the buffer.
-  void upload(const std::vector<T>& host) {
-    MLA_CUDA_CHECK(cudaMemcpy(ptr_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download() const {
-    std::vector<T> host(n_);
-    MLA_CUDA_CHECK(cudaMemcpy(host.data(), ptr_, bytes(), cudaMemcpyDeviceToHost));
-    return host;
-  }
-
- private:
-  T* ptr_ = nullptr;
-  int64_t n_;
-};
 
 bool is_poison(float v) {
   uint32_t bits = 0;
@@ -167,7 +141,7 @@ TEST(NcclCommunicator, AllReduceSumsEveryRank) {
   int64_t total = 0;
   const std::vector<int64_t> sizes = {1, 7, 1024, (1 << 20) + 3};
   for (int64_t n : sizes) {
-    DeviceBuffer<float> data(n + kGuard);
+    test::DeviceArray<float> data(n + kGuard);
     std::vector<float> mine(n), expected(n);
     for (int64_t i = 0; i < n; ++i) {
       mine[i] = value(comm->rank(), i);
@@ -191,7 +165,7 @@ TEST(NcclCommunicator, AllGatherConcatenatesInRankOrder) {
   int64_t total = 0;
   const std::vector<int64_t> sizes = {1, 7, 4097, 1 << 18};
   for (int64_t n : sizes) {
-    DeviceBuffer<float> send(n), recv(p * n + kGuard);
+    test::DeviceArray<float> send(n), recv(p * n + kGuard);
     std::vector<float> mine(n), expected(p * n);
     for (int64_t i = 0; i < n; ++i) mine[i] = value(comm->rank(), i);
     for (int r = 0; r < p; ++r) {
@@ -215,7 +189,7 @@ TEST(NcclCommunicator, AllToAllSendsBlockRToRankR) {
   int64_t total = 0;
   const std::vector<int64_t> sizes = {1, 7, 4097, 1 << 18};
   for (int64_t n : sizes) {
-    DeviceBuffer<float> send(p * n), recv(p * n + kGuard);
+    test::DeviceArray<float> send(p * n), recv(p * n + kGuard);
     std::vector<float> mine(p * n), expected(p * n);
     for (int r = 0; r < p; ++r) {
       for (int64_t i = 0; i < n; ++i) {
@@ -239,7 +213,7 @@ TEST(NcclCommunicator, BroadcastCopiesTheRootsBytes) {
   const int p = comm->size();
   constexpr int64_t kBytes = 1001;  // not a multiple of any word size
   for (int root = 0; root < p; ++root) {
-    DeviceBuffer<uint8_t> data(kBytes + kGuard);
+    test::DeviceArray<uint8_t> data(kBytes + kGuard);
     std::vector<uint8_t> expected(kBytes + kGuard, 0xFF);
     for (int64_t i = 0; i < kBytes; ++i) expected[i] = byte_value(root, i);
     if (comm->rank() == root) {
@@ -268,7 +242,7 @@ TEST(NcclCommunicator, SendAndRecvBetweenRanksZeroAndOne) {
       ping[i] = byte_value(1, i);
       pong[i] = byte_value(2, i);
     }
-    DeviceBuffer<uint8_t> out(bytes), in(bytes + kGuard);
+    test::DeviceArray<uint8_t> out(bytes), in(bytes + kGuard);
     std::vector<uint8_t> expected(bytes + kGuard, 0xFF);
     if (me == 0) {
       out.upload(ping);
@@ -294,7 +268,7 @@ TEST(NcclCommunicator, SendAndRecvBetweenRanksZeroAndOne) {
 TEST(NcclCommunicator, ZeroSizedOperationsAreUncountedNoOps) {
   SKIP_WITHOUT_GPU_PER_RANK();
   auto comm = make_comm();
-  DeviceBuffer<float> a(kGuard), b(kGuard);
+  test::DeviceArray<float> a(kGuard), b(kGuard);
   comm->all_reduce_sum(a.get(), 0);
   comm->all_gather(a.get(), 0, b.get());
   comm->all_to_all(a.get(), 0, b.get());
@@ -303,7 +277,7 @@ TEST(NcclCommunicator, ZeroSizedOperationsAreUncountedNoOps) {
   EXPECT_EQ(compare(b.download(), {}), "");
   for (int op = 0; op < kNumCommOps; ++op) EXPECT_EQ(comm->stats().calls[op], 0) << op;
   // Still in step with the other ranks.
-  DeviceBuffer<float> one(1);
+  test::DeviceArray<float> one(1);
   one.upload({1.0f});
   comm->all_reduce_sum(one.get(), 1);
   EXPECT_EQ(one.download()[0], static_cast<float>(comm->size()));
@@ -314,7 +288,7 @@ TEST(NcclCommunicator, RejectsBadArgumentsAndStaysUsable) {
   auto comm = make_comm();
   const int p = comm->size();
   const int me = comm->rank();
-  DeviceBuffer<float> data(16);
+  test::DeviceArray<float> data(16);
   EXPECT_EQ(catch_error([&] { comm->broadcast(data.get(), 4, p); }).code(),
             ErrorCode::kInvalidArgument);
   EXPECT_EQ(catch_error([&] { comm->broadcast(data.get(), 4, -1); }).code(),
@@ -346,7 +320,7 @@ TEST(NcclCommunicator, PeerThatNeverJoinsTimesOutAndTeardownDoesNotHang) {
   constexpr int64_t kN = 1024;
   {
     auto comm = make_comm();
-    DeviceBuffer<float> data(kN);
+    test::DeviceArray<float> data(kN);
     // Every rank joins once, so the connections exist and only the missing peer can stall
     // the next one; the set-up ran under the long timeout.
     comm->all_reduce_sum(data.get(), kN);
@@ -374,7 +348,7 @@ TEST(NcclCommunicator, PeerThatNeverJoinsTimesOutAndTeardownDoesNotHang) {
   }
   MPI_Barrier(MPI_COMM_WORLD);
   auto fresh = make_comm();
-  DeviceBuffer<float> one(1);
+  test::DeviceArray<float> one(1);
   one.upload({1.0f});
   fresh->all_reduce_sum(one.get(), 1);
   EXPECT_EQ(one.download()[0], static_cast<float>(w.size));
