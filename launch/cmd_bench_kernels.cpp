@@ -4,8 +4,10 @@
 // warm-up, median of --iters runs, on random never-zero bf16 data.
 //
 // Benches so far: `mla_decode` (cuda::mla_decode, absorbed MLA decode attention over the paged
-// latent cache). A new bench is a function that appends BenchRecords (time, bytes it must move,
-// FLOPs it must do); the table and the JSON output take them as they are.
+// latent cache) and `small_gemm` (the decode step's weight products at a few rows: the small-row
+// kernel against cuBLAS, on DeepSeek-V2-Lite's and V3's shapes). A new bench is a function that
+// appends BenchRecords (time, bytes it must move, FLOPs it must do); the table and the JSON output
+// take them as they are.
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
@@ -31,6 +33,8 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_memory.h"
+#include "kernels/cuda/gemm.h"
+#include "kernels/cuda/skinny_gemm.h"
 #include "kernels/cuda/mla_decode.h"
 #include "kernels/dtype.h"
 #endif
@@ -43,6 +47,8 @@ struct BenchKernelsArgs {
   std::vector<int32_t> contexts = {4096, 8192};
   std::vector<int32_t> heads = {16, 32, 64, 128};
   std::vector<int32_t> s_q = {1, 2};
+  std::vector<std::string> benches = {"mla_decode", "small_gemm"};
+  std::vector<int32_t> gemm_rows = {1, 8};
   int32_t iters = 30;
   int32_t warmup = 5;
   uint64_t seed = 1;
@@ -50,15 +56,6 @@ struct BenchKernelsArgs {
 };
 
 #ifdef MLA_HAVE_CUDA
-
-#define BENCH_CUBLAS_CHECK(expr)                                              \
-  do {                                                                        \
-    cublasStatus_t mla_status_ = (expr);                                      \
-    if (mla_status_ != CUBLAS_STATUS_SUCCESS) {                               \
-      MLA_THROW(kInternal, "{}:{}: {} failed: {}", __FILE__, __LINE__, #expr, \
-                cublasGetStatusString(mla_status_));                          \
-    }                                                                         \
-  } while (0)
 
 // Device memory owned for the length of one bench.
 class DeviceBytes {
@@ -114,7 +111,7 @@ double gemm_tflops(cublasHandle_t handle, cudaStream_t stream, int n, int warmup
   cuda::fill_random_bf16(b.get(), bytes, seed + 1);
   const float alpha = 1.0f, beta = 0.0f;
   const double ms = median_ms(stream, warmup, iters, [&] {
-    BENCH_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a.get(),
+    MLA_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a.get(),
                                     CUDA_R_16BF, n, b.get(), CUDA_R_16BF, n, &beta, c.get(),
                                     CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   });
@@ -134,11 +131,11 @@ Ceilings measure_ceilings(cudaStream_t stream, int warmup, int iters, uint64_t s
     c.copy_gbps = 2.0 * bytes / (ms * 1e-3) / 1e9;
   }
   cublasHandle_t handle;
-  BENCH_CUBLAS_CHECK(cublasCreate(&handle));
-  BENCH_CUBLAS_CHECK(cublasSetStream(handle, stream));
+  MLA_CUBLAS_CHECK(cublasCreate(&handle));
+  MLA_CUBLAS_CHECK(cublasSetStream(handle, stream));
   c.gemm_tflops = gemm_tflops(handle, stream, 8192, warmup, iters, seed);
   c.gemm_tflops_4096 = gemm_tflops(handle, stream, 4096, warmup, iters, seed);
-  BENCH_CUBLAS_CHECK(cublasDestroy(handle));
+  MLA_CUBLAS_CHECK(cublasDestroy(handle));
   return c;
 }
 
@@ -253,6 +250,88 @@ void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t st
   }
 }
 
+// The decode step's weight products with `rows` activation rows, through the small-row kernel
+// and through cuBLAS (BlasOptions::small_gemm off). Each run reads a different copy of the
+// weight from a pool several times the L2, as a step reading every layer's weights does.
+void bench_small_gemm(const BenchKernelsArgs& args, cudaStream_t stream,
+                      std::vector<BenchRecord>& records) {
+  struct Shape {
+    const char* model;
+    const char* name;
+    int64_t n, k;
+    bool b_nk = true;
+    int64_t batch = 1;
+  };
+  const Shape shapes[] = {
+      {"v2-lite", "kv_a", 576, 2048},
+      {"v2-lite", "q_proj", 16 * 192, 2048},
+      {"v2-lite", "w_uk^T x16", 512, 128, false, 16},
+      {"v2-lite", "w_uv x16", 128, 512, true, 16},
+      {"v2-lite", "o_proj", 2048, 2048},
+      {"v2-lite", "shared gate_up", 2 * 2816, 2048},
+      {"v2-lite", "shared down", 2048, 2816},
+      {"v2-lite", "lm_head", 102400, 2048},
+      {"v3", "q_a", 1536, 7168},
+      {"v3", "kv_a", 576, 7168},
+      {"v3", "q_b", 128 * 192, 1536},
+      {"v3", "o_proj", 7168, 128 * 128},
+      {"v3", "shared down", 7168, 2048},
+  };
+  int64_t max_rows = 1, max_a = 0, max_b = 0, max_c = 0;
+  for (int32_t rows : args.gemm_rows) max_rows = std::max<int64_t>(max_rows, rows);
+  for (const Shape& sh : shapes) {
+    max_a = std::max(max_a, sh.batch * sh.k);
+    max_b = std::max(max_b, sh.batch * sh.n * sh.k);
+    max_c = std::max(max_c, sh.batch * sh.n);
+  }
+  const size_t pool_bytes = std::max<size_t>(size_t{1} << 30, size_t{4} * max_b);
+  DeviceBytes a(2 * max_rows * max_a), pool(pool_bytes), c(4 * max_rows * max_c);
+  cuda::fill_random_bf16(a.get(), a.bytes(), args.seed + 30);
+  cuda::fill_random_bf16(pool.get(), pool.bytes(), args.seed + 31);
+  cuda::Blas blas(stream, {.small_gemm = false});
+  for (const Shape& sh : shapes) {
+    for (int32_t rows : args.gemm_rows) {
+      const int64_t b_bytes = 2 * sh.batch * sh.n * sh.k;
+      const int64_t copies = static_cast<int64_t>(pool_bytes) / b_bytes;
+      cuda::GemmParams p{};
+      p.a = a.get();
+      p.c = c.get();
+      p.m = rows, p.n = sh.n, p.k = sh.k;
+      p.lda = sh.batch * sh.k;  // [rows, heads, k] as the model lays out per-head inputs
+      p.ldb = sh.b_nk ? sh.k : sh.n;
+      p.ldc = sh.batch * sh.n;
+      p.b_nk = sh.b_nk;
+      p.batch = sh.batch;
+      p.stride_a = sh.k, p.stride_b = sh.n * sh.k, p.stride_c = sh.n;
+      p.b_constant = true;
+      int64_t next = 0;
+      auto run = [&](bool small) {
+        return median_ms(stream, args.warmup, args.iters, [&] {
+          p.b = pool.get<char>() + (next++ % copies) * b_bytes;
+          if (small) {
+            cuda::skinny_gemm(p, stream);
+          } else {
+            cuda::gemm(blas, p);
+          }
+        });
+      };
+      const double small_ms = run(true), cublas_ms = run(false);
+      BenchRecord r;
+      r.bench = "small_gemm";
+      r.config = {
+          {"model", sh.model}, {"product", sh.name}, {"rows", rows}, {"n", sh.n}, {"k", sh.k}};
+      r.time_us = small_ms * 1e3;
+      r.bytes = double(b_bytes) + 2.0 * rows * sh.batch * sh.k + 4.0 * rows * sh.batch * sh.n;
+      r.flops = 2.0 * rows * sh.batch * sh.n * sh.k;
+      r.extra["cublas_us"] = cublas_ms * 1e3;
+      r.extra["speedup"] = cublas_ms / small_ms;
+      spdlog::info("small_gemm {} {} rows {}: {:.1f} us (cuBLAS {:.1f} us)", sh.model, sh.name,
+                   rows, small_ms * 1e3, cublas_ms * 1e3);
+      records.push_back(std::move(r));
+    }
+  }
+}
+
 std::string config_string(const nlohmann::ordered_json& config) {
   std::string s;
   for (const auto& [key, value] : config.items()) {
@@ -274,7 +353,17 @@ int run_bench_kernels(const BenchKernelsArgs& args) {
 
   const Ceilings ceilings = measure_ceilings(stream, args.warmup, args.iters, args.seed);
   std::vector<BenchRecord> records;
-  bench_mla_decode(args, prop.multiProcessorCount, stream, records);
+  auto wanted = [&](const char* name) {
+    return std::find(args.benches.begin(), args.benches.end(), name) != args.benches.end();
+  };
+  if (wanted("mla_decode")) bench_mla_decode(args, prop.multiProcessorCount, stream, records);
+  if (wanted("small_gemm")) bench_small_gemm(args, stream, records);
+  for (BenchRecord& r : records) {
+    if (r.bench == "small_gemm") {  // cuBLAS's share of the copy bandwidth, for comparison
+      r.extra["cublas_of_copy_pct"] =
+          100.0 * r.bytes / (r.extra["cublas_us"].get<double>() * 1e-6) / 1e9 / ceilings.copy_gbps;
+    }
+  }
   MLA_CUDA_CHECK(cudaStreamDestroy(stream));
 
   fmt::print("\ndevice: {} ({} SMs, L2 {} MB)\n", prop.name, prop.multiProcessorCount,
@@ -344,6 +433,14 @@ void add_bench_kernels_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--heads", a->heads, "Query head counts")->delimiter(',')->capture_default_str();
   cmd->add_option("--sq", a->s_q, "Query tokens per sequence (1 or 2)")
       ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--benches", a->benches, "Which benches: mla_decode, small_gemm")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"mla_decode", "small_gemm"}))
+      ->capture_default_str();
+  cmd->add_option("--gemm-rows", a->gemm_rows, "small_gemm: activation rows (1 .. 8)")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 8))
       ->capture_default_str();
   cmd->add_option("--iters", a->iters, "Timed runs per configuration (the median is reported)")
       ->capture_default_str();

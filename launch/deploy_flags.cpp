@@ -37,6 +37,8 @@ void DeployFlags::add_to(CLI::App& cmd) {
                  "With --num-pages 0: share of free GPU memory for the cache")
       ->capture_default_str();
   cmd.add_flag("--no-cuda-graphs", no_graphs_, "Run decode steps without CUDA graphs");
+  cmd.add_flag("--no-small-gemm", no_small_gemm_,
+               "Run products with few rows through cuBLAS, not the small-row kernel");
   cmd.add_option("--max-batch-tokens", flags_.engine.scheduler.max_batch_tokens,
                  "Token budget per step")
       ->capture_default_str();
@@ -65,6 +67,7 @@ DeployConfig DeployFlags::resolve() const {
     d.engine.cache_memory_fraction = flags_.engine.cache_memory_fraction;
   }
   if (no_graphs_) d.model.cuda_graphs = false;
+  if (no_small_gemm_) d.model.cuda_small_gemm = false;
   if (given("--max-batch-tokens")) {
     d.engine.scheduler.max_batch_tokens = flags_.engine.scheduler.max_batch_tokens;
   }

@@ -333,7 +333,8 @@ std::shared_ptr<CudaModel> CudaModel::load(const std::string& model_dir,
   m.device = cuda::current_device();
   m.num_sms = cuda::num_sms();
   MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
-  m.blas = std::make_unique<cuda::Blas>(m.stream);
+  m.blas = std::make_unique<cuda::Blas>(
+      m.stream, cuda::BlasOptions{.small_gemm = options.cuda_small_gemm});
 
   Checkpoint ckpt = Checkpoint::open(model_dir, c.fp8_block);
   ckpt.set_progress(options.show_progress);
@@ -614,6 +615,7 @@ void CudaStep::attention(int64_t l, const DevLayer& d, const bf16* q_in, int64_t
       g.c_type = DType::kBF16;
       g.batch = Hl;
       g.stride_b = dc * qin;
+      g.b_constant = true;  // a weight
       g.stride_c = dq;
       cuda::gemm(*m_.blas, g);
       cuda::linear(*m_.blas, q_in, T, qin, d.q_rope.raw(), Hl * dr, m_.qrot.raw(), DType::kBF16);
@@ -629,6 +631,7 @@ void CudaStep::attention(int64_t l, const DevLayer& d, const bf16* q_in, int64_t
       g.batch = Hl;
       g.stride_a = dqk;
       g.stride_b = (dn + dv) * dc;
+      g.b_constant = true;  // a weight
       g.stride_c = dq;
       cuda::gemm(*m_.blas, g);
       MLA_CUDA_CHECK(cudaMemcpy2DAsync(q_lat + dc, dq * 2, q + dn, dqk * 2, dr * 2, T * Hl,
@@ -648,6 +651,7 @@ void CudaStep::attention(int64_t l, const DevLayer& d, const bf16* q_in, int64_t
     g.batch = Hl;
     g.stride_a = dc;
     g.stride_b = (dn + dv) * dc;
+    g.b_constant = true;  // a weight
     g.stride_c = dv;
     cuda::gemm(*m_.blas, g);
   } else if (plan_.any_decompressed) {
@@ -787,6 +791,7 @@ void CudaStep::decompressed(int64_t l, const DevLayer& d) {
     // The up-projection absorption avoids: [L, Hl * (d_n + d_v)] = c W_kvb^T.
     cuda::GemmParams g{context, d.kv_b.raw(), m_.up.raw(), L, Hl * dkv, dc, dq, dc, Hl * dkv};
     g.c_type = DType::kBF16;
+    g.b_constant = true;  // a weight
     cuda::gemm(*m_.blas, g);
     const int32_t* cu = meta(plan_.o_cu + 4 * static_cast<int64_t>(i));
     cuda::MhaPrefillParams p{};
@@ -829,6 +834,7 @@ void CudaStep::ffn(const DevLayer& d) {
   // The router in fp32, like transformers.
   cuda::GemmParams g{m_.xn32.raw(), d.gate.raw(), m_.router_logits.raw(), T, E, D, D, D, E};
   g.ab_type = DType::kF32;
+  g.b_constant = true;  // a weight
   cuda::gemm(*m_.blas, g);
   cuda::MoeGateParams gp{};
   gp.logits = ptr<float>(m_.router_logits);

@@ -43,7 +43,7 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   if (root.IsNull()) MLA_THROW(kInvalidArgument, "{}: empty config (needs at least `model`)", origin);
   if (!root.IsMap()) MLA_THROW(kInvalidArgument, "{}: top level must be a mapping", origin);
   reject_unknown(root,
-                 {"model", "absorb", "device", "cuda_graphs", "cache", "scheduler", "parallel",
+                 {"model", "absorb", "device", "cuda_graphs", "cuda_small_gemm", "cache", "scheduler", "parallel",
                   "coordinator", "workers"},
                  "", origin);
   read(root, "model", c.model_dir, "", origin);
@@ -54,6 +54,7 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   read(root, "device", device, "", origin);
   c.model.device = device_from_string(device);
   read(root, "cuda_graphs", c.model.cuda_graphs, "", origin);
+  read(root, "cuda_small_gemm", c.model.cuda_small_gemm, "", origin);
   if (const auto cache = root["cache"]) {
     reject_unknown(cache, {"block_size", "num_pages", "memory_fraction"}, "cache.", origin);
     read(cache, "block_size", c.engine.block_size, "cache.", origin);

@@ -34,6 +34,10 @@ struct ModelOptions {
   Device device = Device::kCpu;
   // CUDA: capture decode steps in CUDA graphs (one per batch-size bucket). Default: true.
   bool cuda_graphs = true;
+  // CUDA: products with at most 2 rows (decode at batch 1 and 2) through mlaserve's small-row
+  // kernel, launched as programmatic dependents of the kernel before them, instead of cuBLAS.
+  // Default: true.
+  bool cuda_small_gemm = true;
 };
 
 // One sequence's slice of a step: `num_tokens` new tokens at positions

@@ -1,6 +1,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/add_rms_norm.h"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/block_reduce.cuh"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/vec_io.cuh"
@@ -14,6 +15,7 @@ constexpr int kThreads = 256;
 // elements in both passes, so it reads back its own writes to x and needs no barrier for them.
 template <int Vec>
 __global__ void add_rms_norm_kernel(AddRmsNormParams p) {
+  allow_dependent_launch();  // a dependent product may start loading its weights
   const int64_t row = blockIdx.x;
   float* x = p.x + row * p.x_stride;
   float sum = 0.0f;

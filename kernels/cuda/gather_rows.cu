@@ -1,5 +1,6 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/gather_rows.h"
+#include "kernels/cuda/pdl.cuh"
 
 namespace mla::cuda {
 namespace {
@@ -8,6 +9,7 @@ constexpr int kThreads = 256;
 
 template <typename Word>
 __global__ void gather_rows_kernel(GatherRowsParams p) {
+  allow_dependent_launch();  // a dependent product may start loading its weights
   const int64_t row = blockIdx.x;
   const auto* src = reinterpret_cast<const Word*>(static_cast<const char*>(p.in) +
                                                   p.index[row] * p.in_stride);

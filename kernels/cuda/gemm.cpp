@@ -1,16 +1,8 @@
 #include "kernels/cuda/gemm.h"
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/skinny_gemm.h"
 #include "kernels/error.h"
-
-#define MLA_CUBLAS_CHECK(expr)                                                              \
-  do {                                                                                      \
-    cublasStatus_t mla_st_ = (expr);                                                        \
-    if (mla_st_ != CUBLAS_STATUS_SUCCESS) {                                                 \
-      MLA_THROW(kInternal, "{}:{}: {} failed: {}", __FILE__, __LINE__, #expr,               \
-                cublasGetStatusString(mla_st_));                                            \
-    }                                                                                       \
-  } while (0)
 
 namespace mla::cuda {
 namespace {
@@ -20,16 +12,20 @@ constexpr size_t kWorkspaceBytes = size_t{32} << 20;
 
 cudaDataType_t cuda_type(DType t) {
   switch (t) {
-    case DType::kBF16: return CUDA_R_16BF;
-    case DType::kF32: return CUDA_R_32F;
-    case DType::kF16: return CUDA_R_16F;
-    default: MLA_THROW(kInvalidArgument, "gemm does not take {}", dtype_name(t));
+    case DType::kBF16:
+      return CUDA_R_16BF;
+    case DType::kF32:
+      return CUDA_R_32F;
+    case DType::kF16:
+      return CUDA_R_16F;
+    default:
+      MLA_THROW(kInvalidArgument, "gemm does not take {}", dtype_name(t));
   }
 }
 
 }  // namespace
 
-Blas::Blas(cudaStream_t stream) : stream_(stream) {
+Blas::Blas(cudaStream_t stream, BlasOptions options) : stream_(stream), options_(options) {
   MLA_CUBLAS_CHECK(cublasCreate(&handle_));
   MLA_CUBLAS_CHECK(cublasSetStream(handle_, stream));
   MLA_CUDA_CHECK(cudaMalloc(&workspace_, kWorkspaceBytes));
@@ -43,8 +39,8 @@ Blas::~Blas() {
 
 void gemm(const Blas& blas, const GemmParams& p) {
   // Check shapes
-  MLA_REQUIRE(p.m >= 0 && p.n >= 0 && p.k >= 0 && p.batch >= 1, "gemm: bad sizes {}x{}x{} x{}",
-              p.m, p.n, p.k, p.batch);
+  MLA_REQUIRE(p.m >= 0 && p.n >= 0 && p.k >= 0 && p.batch >= 1, "gemm: bad sizes {}x{}x{} x{}", p.m,
+              p.n, p.k, p.batch);
   if (p.m == 0 || p.n == 0) return;
   // Check layout
   MLA_REQUIRE(p.lda >= p.k, "gemm: lda {} < k {}", p.lda, p.k);
@@ -54,6 +50,10 @@ void gemm(const Blas& blas, const GemmParams& p) {
               "gemm: inputs must be F32 or BF16");
   MLA_REQUIRE(p.ab_type == DType::kBF16 || p.c_type == DType::kF32,
               "gemm: fp32 inputs need an fp32 output");
+  if (blas.options().small_gemm && p.m <= kSkinnyPreferredRows && skinny_gemm_supports(p)) {
+    skinny_gemm(p, blas.stream(), blas.options().dependent_launch && p.b_constant);
+    return;
+  }
   // Column-major view: C^T [n, m] = op(B)^T [n, k] * A^T [k, m].
   const cublasOperation_t op_b = p.b_nk ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cudaDataType_t ab = cuda_type(p.ab_type), c = cuda_type(p.c_type);
@@ -69,6 +69,7 @@ void linear(const Blas& blas, const void* x, int64_t rows, int64_t in, const voi
   GemmParams p{x, w, y, rows, out, in, in, in, out};
   p.c_type = y_type;
   p.beta = beta;
+  p.b_constant = true;
   gemm(blas, p);
 }
 

@@ -11,25 +11,49 @@
 #include <cstdint>
 
 #include "kernels/dtype.h"
+#include "kernels/error.h"
+
+// Throws kInternal naming the call and cuBLAS's message when a cuBLAS call fails.
+#define MLA_CUBLAS_CHECK(expr)                                                \
+  do {                                                                        \
+    cublasStatus_t mla_st_ = (expr);                                          \
+    if (mla_st_ != CUBLAS_STATUS_SUCCESS) {                                   \
+      MLA_THROW(kInternal, "{}:{}: {} failed: {}", __FILE__, __LINE__, #expr, \
+                cublasGetStatusString(mla_st_));                              \
+    }                                                                         \
+  } while (0)
 
 namespace mla::cuda {
+
+// How gemm() runs products with few rows (decode at small batch).
+struct BlasOptions {
+  // Products skinny_gemm supports with at most kSkinnyPreferredRows rows go through it rather
+  // than cuBLAS. Default: true.
+  bool small_gemm = true;
+  // Those of them whose B is constant (GemmParams::b_constant: weights) launch as programmatic
+  // dependents of the previous kernel, loading weights while it finishes. Default: true.
+  bool dependent_launch = true;
+};
 
 // A cuBLAS handle bound to one stream, with its own workspace so products can be captured
 // in CUDA graphs. Not thread-safe: one stream, one thread.
 class Blas {
  public:
-  explicit Blas(cudaStream_t stream);
+  explicit Blas(cudaStream_t stream, BlasOptions options = {});
   ~Blas();
   Blas(const Blas&) = delete;
   Blas& operator=(const Blas&) = delete;
 
   cublasHandle_t handle() const { return handle_; }
   cudaStream_t stream() const { return stream_; }
+  const BlasOptions& options() const { return options_; }
+  void set_options(const BlasOptions& options) { options_ = options; }
 
  private:
   cublasHandle_t handle_ = nullptr;
   cudaStream_t stream_;
   void* workspace_ = nullptr;
+  BlasOptions options_;
 };
 
 struct GemmParams {
@@ -44,12 +68,16 @@ struct GemmParams {
   float alpha = 1.0f, beta = 0.0f;
   int64_t batch = 1;                                 // products with the strides below
   int64_t stride_a = 0, stride_b = 0, stride_c = 0;  // elements between batch members
+  // B is not written by any kernel still in flight on the stream (a weight): the small-row
+  // path may start reading it before the previous kernel ends (BlasOptions).
+  bool b_constant = false;
 };
 
 // Enqueues the product on blas.stream(). Throws kInvalidArgument for bad shapes or strides.
 void gemm(const Blas& blas, const GemmParams& p);
 
-// y[rows, out] = x[rows, in] * w[out, in]^T (+ beta * y): the common weight product.
+// y[rows, out] = x[rows, in] * w[out, in]^T (+ beta * y): the common weight product (w
+// constant).
 void linear(const Blas& blas, const void* x, int64_t rows, int64_t in, const void* w, int64_t out,
             void* y, DType y_type, float beta = 0.0f);
 

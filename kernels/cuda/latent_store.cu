@@ -3,6 +3,7 @@
 #include "kernels/cuda/block_reduce.cuh"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/latent_store.h"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/rope_math.cuh"
 
 namespace mla::cuda {
@@ -13,6 +14,7 @@ constexpr int kThreads = 256;
 // One block per token: the block normalises c; threads [0, d_r / 2) each rotate one pair of
 // k_r. The source is fp32 and the destination the pool, so the rotation needs no barrier.
 __global__ void latent_store_kernel(LatentStoreParams p) {
+  allow_dependent_launch();  // a dependent product may start loading its weights
   const int64_t t = blockIdx.x;
   const int32_t page = p.slot_pages[t];
   if (page < 0) return;  // the whole block leaves, so block_sum's barrier stays uniform

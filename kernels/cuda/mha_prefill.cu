@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kThreads, 2) mha_prefill_kernel(MhaPrefillPara
         valid ? p.q + int64_t{q0 + m_start + r} * p.q_token_stride + int64_t{h} * p.q_head_stride
               : p.q;
     for (int c = ld_chunk; c < qk_chunks; c += 8) {
-      cp_async16(s_q + tile_offset<kDqk>(r, c), valid ? src + c * 8 : p.q, valid);
+      cp_async_16(s_q + tile_offset<kDqk>(r, c), valid ? src + c * 8 : p.q, valid);
     }
   }
   cp_async_commit();
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kThreads, 2) mha_prefill_kernel(MhaPrefillPara
                                 : p.k_rope + j * p.kr_token_stride + h * p.kr_head_stride +
                                       (c - nope_chunks) * 8;
         }
-        cp_async16(s_k + tile_offset<kDqk>(r, c), src, valid);
+        cp_async_16(s_k + tile_offset<kDqk>(r, c), src, valid);
       }
     }
     cp_async_commit();
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kThreads, 2) mha_prefill_kernel(MhaPrefillPara
       const bool valid = kt * kKeys + r < key_end;
       const int64_t j = k0 + kt * kKeys + r;
       for (int c = ld_chunk; c < v_chunks; c += 8) {
-        cp_async16(s_v + tile_offset<kDv>(r, c),
+        cp_async_16(s_v + tile_offset<kDv>(r, c),
                    valid ? p.v + j * p.v_token_stride + h * p.v_head_stride + c * 8 : p.v, valid);
       }
     }
@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, 2) mha_prefill_kernel(MhaPrefillPara
 
   if (tiles > 0) load_k(0);
   for (int kt = 0; kt < tiles; ++kt) {
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();  // K of tile kt (and Q) visible; every warp is done with V of tile kt - 1
     load_v(kt);
 
@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(kThreads, 2) mha_prefill_kernel(MhaPrefillPara
       }
     }
 
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();  // V of tile kt visible; every warp is done with K of tile kt
     if (kt + 1 < tiles) load_k(kt + 1);
 
@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, 2) mha_prefill_kernel(MhaPrefillPara
 
   // Stage the warp's output rows in its own rows of the Q tile (no other warp reads them) so
   // global stores are whole 16-byte chunks.
-  cp_async_wait_all();
+  cp_async_wait<0>();
   __syncwarp();
   unsigned char* s_out = smem;
 #pragma unroll

@@ -10,8 +10,10 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kernels/cuda/cp_async.cuh"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/mla_decode.h"
+#include "kernels/cuda/pdl.cuh"
 
 namespace mla::cuda {
 namespace {
@@ -84,16 +86,6 @@ WorkspaceLayout workspace_layout(int32_t batch, int32_t s_q, int32_t heads, int 
   l.o_part = l.lse_part + round256(pieces * rows * sizeof(float));
   l.total = l.o_part + round256(pieces * rows * kDc * sizeof(float));
   return l;
-}
-
-// Programmatic dependent launch: each kernel lets the next one start launching early, and the
-// next one waits for its results before touching them, so the three launches overlap instead
-// of paying their latencies in turn.
-__device__ __forceinline__ void allow_dependent_launch() {
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-}
-__device__ __forceinline__ void wait_for_prerequisite() {
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -209,29 +201,11 @@ __global__ void __launch_bounds__(kPlanThreads)
 // ---------------------------------------------------------------------------------------------
 // Split-KV attention
 
-__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
 // Byte offset of 16-byte chunk c (0..71) of row r in a swizzled [64, 576] tile.
 __device__ __forceinline__ uint32_t swizzled(int r, int c) {
   return (c >> 3) * kColBlockBytes + r * 128 + (((c & 7) ^ (r & 7)) << 4);
 }
 
-// 16 bytes global -> shared, asynchronous; src_bytes = 0 writes zeros and reads nothing.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-// Waits until at most N of this thread's cp.async groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 // Makes this thread's shared-memory writes (cp.async, st.shared) visible to wgmma's reads.
 __device__ __forceinline__ void fence_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -333,7 +307,7 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16* src
     const int i = threadIdx.x + k * kThreads;
     const int r = i / kChunksPerRow, c = i % kChunksPerRow;
     const bool ok = r < valid_rows;
-    cp_async_16(dst + swizzled(r, c), ok ? base + r * kRowBytes + c * 16 : any_valid, ok ? 16 : 0);
+    cp_async_16(dst + swizzled(r, c), ok ? base + r * kRowBytes + c * 16 : any_valid, ok);
   }
 }
 
@@ -344,7 +318,7 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16* src
 __global__ void __launch_bounds__(kThreads, 1)
     mla_decode_split_kernel(const MlaDecodeParams p, const Workspace ws) {
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t raw = smem_addr(smem_raw);
   const uint32_t pad = ((raw + 1023) & ~1023u) - raw;  // swizzle atoms are 1024-byte aligned
   uint8_t* smem = smem_raw + pad;
   const uint32_t q_tile = raw + pad;
@@ -606,6 +580,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 __global__ void __launch_bounds__(kCombineRowsPerBlock * 32)
     mla_decode_combine_kernel(const MlaDecodeParams p, const Workspace ws) {
   wait_for_prerequisite();  // the pieces
+  allow_dependent_launch();  // the next product may load its weights
   const int32_t b = blockIdx.x;
   const int32_t rows = p.s_q * p.heads;
   const int32_t row = blockIdx.y * kCombineRowsPerBlock + threadIdx.x / 32;
@@ -643,24 +618,6 @@ __global__ void __launch_bounds__(kCombineRowsPerBlock * 32)
   out[0] = __floats2bfloat162_rn(acc.x, acc.y);
   out[1] = __floats2bfloat162_rn(acc.z, acc.w);
   if (blockIdx.z == 0 && lane == 0) p.lse[static_cast<int64_t>(b) * rows + row] = lse;
-}
-
-// Launches `kernel` so that it may start while the previous kernel on the stream still runs
-// (it waits for that kernel's results with griddepcontrol.wait).
-template <typename... Args>
-void launch_dependent(void (*kernel)(Args...), dim3 grid, int threads, int smem,
-                      cudaStream_t stream, const Args&... args) {
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
-  MLA_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
 }
 
 bool aligned(const void* ptr, uintptr_t bytes) {
@@ -715,12 +672,12 @@ void mla_decode(const MlaDecodeParams& p, void* workspace, cudaStream_t stream) 
   MLA_CUDA_CHECK(cudaFuncSetAttribute(mla_decode_split_kernel,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   launch_dependent(mla_decode_split_kernel, dim3(row_tiles(p.s_q, p.heads), parts), kThreads,
-                   kSmemBytes, stream, p, ws);
+                   kSmemBytes, stream, true, p, ws);
   launch_dependent(
       mla_decode_combine_kernel,
       dim3(p.batch, (p.s_q * p.heads + kCombineRowsPerBlock - 1) / kCombineRowsPerBlock,
            kCombineColumnSplit),
-      kCombineRowsPerBlock * 32, 0, stream, p, ws);
+      kCombineRowsPerBlock * 32, 0, stream, true, p, ws);
 }
 
 }  // namespace mla::cuda

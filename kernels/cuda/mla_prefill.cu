@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int t = row_token(r);
     const __nv_bfloat16* src =
         t < 0 ? p.q : p.q + (int64_t{t} * p.heads + h_begin + r % g.heads_per_tile) * kDim + c * 8;
-    cp_async16(s_q + tile_offset(r, c), src, t >= 0);
+    cp_async_16(s_q + tile_offset(r, c), src, t >= 0);
   }
   cp_async_commit();
 
@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = tid; i < kKeys * kChunks; i += kThreads) {
         const int r = i / kChunks, c = i % kChunks;
         const bool valid = kt * kKeys + r < max_keys;
-        cp_async16(dst + tile_offset(r, c), valid ? base + r * kDim + c * 8 : p.pool, valid);
+        cp_async_16(dst + tile_offset(r, c), valid ? base + r * kDim + c * 8 : p.pool, valid);
       }
       cp_async_commit();
     };
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();  // the previous segment is done with the KV buffers
     if (kt_begin < kt_end) load_kv(kt_begin, 0);
     for (int kt = kt_begin; kt < kt_end; ++kt) {
-      cp_async_wait_all();
+      cp_async_wait<0>();
       __syncthreads();  // tile kt (and Q) visible; every warp is done with tile kt - 1
       const int buf = (kt - kt_begin) & 1;
       if (kt + 1 < kt_end) load_kv(kt + 1, buf ^ 1);
@@ -312,7 +312,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     seg_begin = seg_end;
   }
-  cp_async_wait_all();  // a CTA that never needed its Q tile still must not exit mid-copy
+  cp_async_wait<0>();  // a CTA that never needed its Q tile still must not exit mid-copy
 }
 
 // Merges the splits of one (token, head) row by their LSE, in split order (deterministic).

@@ -1,31 +1,18 @@
 // Warp-level tensor-core helpers (sm_80 PTX, also on Hopper) shared by the flash-attention
-// style prefill kernels: shared-memory addresses, 16-byte cp.async with zero fill, ldmatrix,
-// the bf16 m16n8k16 MMA, exp2 and bf16 packing. Include from .cu files only.
+// style prefill kernels: ldmatrix, the bf16 m16n8k16 MMA, exp2 and bf16 packing (and, from
+// cp_async.cuh, shared-memory addresses and 16-byte cp.async). Include from .cu files only.
 #pragma once
 
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
+#include "kernels/cuda/cp_async.cuh"
+
 namespace mla::cuda::mma {
 
 inline constexpr float kLog2e = 1.4426950408889634f;
 inline constexpr float kLn2 = 0.6931471805599453f;
-
-__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-// 16-byte cp.async; when !valid nothing is read and the destination is zero-filled.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
 
 __device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t* r) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"

@@ -2,6 +2,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/cuda/cp_async.cuh"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/moe_experts.h"
 
@@ -213,25 +214,8 @@ __global__ void __launch_bounds__(kDispatchThreads) moe_dispatch_kernel(Dispatch
 // ---------------------------------------------------------------------------------------------
 // 2, 3. Grouped GEMMs
 
-__device__ __forceinline__ void cp_async_16(void* smem, const void* global, bool valid) {
-  const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  // src-size 0 reads nothing and zero-fills the 16 bytes.
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* smem) {
-  const auto addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const uint32_t addr = smem_addr(smem);
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
@@ -324,13 +308,13 @@ __global__ void __launch_bounds__(C::kThreads) moe_gemm_kernel(GemmArgs g) {
       for (int i = 0; i < C::kAIters; ++i) {
         const int r = (tid + i * C::kThreads) / C::kChunksPerRow;
         const bool valid = a_valid[i] && k_valid;
-        cp_async_16(sa + r * C::kPitch + chunk_k, valid ? a_src[i] + k : g.a, valid);
+        cp_async_16(smem_addr(sa + r * C::kPitch + chunk_k), valid ? a_src[i] + k : g.a, valid);
       }
 #pragma unroll
       for (int i = 0; i < C::kBIters; ++i) {
         const int j = (tid + i * C::kThreads) / C::kChunksPerRow;
         const bool valid = b_valid[i] && k_valid;
-        cp_async_16(sb + j * C::kPitch + chunk_k, valid ? b_src[i] + k : w, valid);
+        cp_async_16(smem_addr(sb + j * C::kPitch + chunk_k), valid ? b_src[i] + k : w, valid);
       }
     };
 

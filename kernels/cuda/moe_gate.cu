@@ -2,6 +2,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/moe_gate.h"
+#include "kernels/cuda/pdl.cuh"
 
 namespace mla::cuda {
 namespace {
@@ -39,6 +40,7 @@ __device__ __forceinline__ Pick warp_best(Pick p) {
 }
 
 __global__ void __launch_bounds__(kWarps * 32) moe_gate_kernel(MoeGateParams p) {
+  allow_dependent_launch();  // a dependent product may start loading its weights
   __shared__ float s_scores[kWarps][kMoeGateMaxExperts];
   __shared__ float s_choice[kWarps][kMoeGateMaxExperts];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

@@ -9,6 +9,7 @@
 
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/vec_io.cuh"
 
 namespace mla::cuda::rope {
@@ -53,6 +54,7 @@ constexpr int kThreads = 256;
 // the block barrier and writes after it; a vector never spans two blocks.
 template <typename In, typename Out>
 __global__ void rotate_kernel(Vectors<In, Out> p) {
+  allow_dependent_launch();  // a dependent product may start loading its weights
   const int64_t half = p.d / 2;
   const int64_t j = threadIdx.x;
   const int64_t v = int64_t{blockIdx.x} * blockDim.y + threadIdx.y;

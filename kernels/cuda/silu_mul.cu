@@ -3,6 +3,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/silu_mul.h"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/vec_io.cuh"
 
 namespace mla::cuda {
@@ -18,6 +19,7 @@ __device__ __forceinline__ float silu_times(float g, float u) {
 // Vec elements per thread per step. Params is one of the SiluMul*Params structs.
 template <int Vec, typename Params>
 __global__ void silu_mul_kernel(Params p) {
+  allow_dependent_launch();  // a dependent product may start loading its weights
   const int64_t vecs_per_row = p.width / Vec;
   const int64_t total = p.rows * vecs_per_row;
   for (int64_t k = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; k < total;

@@ -122,22 +122,28 @@ inline bool is_bf16_poison(__nv_bfloat16 v) {
   return bits == 0xFFFF;
 }
 
-// Runs launch(stream) once, captured into a CUDA graph and replayed: the launcher must be
-// capturable (no sync, no allocation, no device values read on the host).
+// Runs launch() once, captured from `stream` into a CUDA graph and replayed there: what it
+// enqueues must be capturable (no sync, no allocation, no device values read on the host).
 template <class Launch>
-void run_in_graph(Launch launch) {
-  cudaStream_t stream;
-  MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+void run_in_graph_on(cudaStream_t stream, Launch launch) {
   cudaGraph_t graph;
   cudaGraphExec_t exec;
   MLA_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-  launch(stream);
+  launch();
   MLA_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
   MLA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   MLA_CUDA_CHECK(cudaGraphLaunch(exec, stream));
   MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
   MLA_CUDA_CHECK(cudaGraphExecDestroy(exec));
   MLA_CUDA_CHECK(cudaGraphDestroy(graph));
+}
+
+// The same on a stream of its own, passed to launch(stream).
+template <class Launch>
+void run_in_graph(Launch launch) {
+  cudaStream_t stream;
+  MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  run_in_graph_on(stream, [&] { launch(stream); });
   MLA_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 

@@ -246,7 +246,9 @@ TEST(CudaModelThreads, StepsFromAnotherThreadRunOnTheModelsGpu) {
   });
   stepper.join();
   EXPECT_EQ(cuda::current_device(), device);
-  if (device != 0) EXPECT_EQ(thread_device, 0) << "the new thread did not start on GPU 0";
+  if (device != 0) {
+    EXPECT_EQ(thread_device, 0) << "the new thread did not start on GPU 0";
+  }
   const test::Golden& g = test::golden(kH8);
   ASSERT_EQ(out.size(), g.prompts.size());
   for (size_t p = 0; p < out.size(); ++p) {

@@ -30,7 +30,9 @@ TEST(DeployConfig, ShippedConfigsParse) {
   EXPECT_EQ(multi.parallel.tp, 8);
   EXPECT_EQ(multi.coordinator.routing, "prefix-affinity");
   EXPECT_EQ(multi.workers.metrics_port_base, 9500);
-  EXPECT_EQ(DeployConfig::load(dir + "one-gpu.yaml").parallel.tp, 1);
+  const auto one_gpu = DeployConfig::load(dir + "one-gpu.yaml");
+  EXPECT_EQ(one_gpu.parallel.tp, 1);
+  EXPECT_TRUE(one_gpu.model.cuda_small_gemm);
   const auto tp2 = DeployConfig::load(dir + "tp2-gpu.yaml");
   EXPECT_EQ(tp2.parallel.tp, 2);
   EXPECT_EQ(tp2.parallel.kv_shard, "sequence");
@@ -59,7 +61,8 @@ TEST(DeployConfig, NumPagesDefaultFollowsTheDevice) {
 TEST(DeployConfig, FieldsOverrideDefaults) {
   const auto c = DeployConfig::parse(
       "model: /m\nabsorb: premerged\ncache: {block_size: 4, num_pages: 9}\n"
-      "scheduler: {max_batch_tokens: 32, max_running: 3}\n",
+      "scheduler: {max_batch_tokens: 32, max_running: 3}\ncuda_graphs: false\n"
+      "cuda_small_gemm: false\n",
       "inline");
   EXPECT_EQ(c.model_dir, "/m");
   EXPECT_EQ(c.model.absorb, AbsorbMode::kPremerged);
@@ -67,6 +70,9 @@ TEST(DeployConfig, FieldsOverrideDefaults) {
   EXPECT_EQ(c.engine.num_pages, 9);
   EXPECT_EQ(c.engine.scheduler.max_batch_tokens, 32);
   EXPECT_EQ(c.engine.scheduler.max_running, 3);
+  EXPECT_FALSE(c.model.cuda_graphs);
+  EXPECT_FALSE(c.model.cuda_small_gemm);
+  EXPECT_TRUE(DeployConfig::parse("model: /m\n", "t").model.cuda_small_gemm);
 }
 
 TEST(DeployConfig, ErrorsNameTheProblem) {

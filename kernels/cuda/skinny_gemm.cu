@@ -1,0 +1,314 @@
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/skinny_gemm.h"
+#include "kernels/cuda/vec_io.cuh"
+#include "kernels/error.h"
+
+namespace mla::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+// B stored [n, k] (a weight [out, in]): a group of G threads (32 .. 256) reduces kRowsPerGroup
+// rows of B over k, each thread taking every G-th 16-byte chunk of the rows.
+constexpr int kRowsPerGroup = 2;
+// 16-byte loads of B each thread issues before it uses any of them (per row).
+constexpr int kUnroll = 4;
+// Enough threads to keep the GPU's memory system busy; groups widen until the grid has them.
+constexpr int64_t kTargetThreads = int64_t{128} * 1024;
+// B stored [k, n]: a block covers kKnColumns 16-byte column chunks of n and splits k into
+// kKnSlices interleaved slices, reduced through shared memory.
+constexpr int kKnColumns = 16;
+constexpr int kKnSlices = kThreads / kKnColumns;
+
+struct Args {
+  const void* a;
+  const void* b;
+  void* c;
+  int64_t m, n, k, lda, ldb, ldc, stride_a, stride_b, stride_c;
+  float alpha, beta;
+};
+
+// 16 bytes of B, read once: streamed past L1.
+__device__ __forceinline__ uint4 load_weight(const void* p) {
+  return __ldcs(reinterpret_cast<const uint4*>(p));
+}
+
+// The 16 / sizeof(T) values of a 16-byte chunk as floats.
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4& raw, float* out);
+template <>
+__device__ __forceinline__ void unpack<__nv_bfloat16>(const uint4& raw, float* out) {
+  const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+template <>
+__device__ __forceinline__ void unpack<float>(const uint4& raw, float* out) {
+  out[0] = __uint_as_float(raw.x);
+  out[1] = __uint_as_float(raw.y);
+  out[2] = __uint_as_float(raw.z);
+  out[3] = __uint_as_float(raw.w);
+}
+
+template <typename OutT>
+__device__ __forceinline__ void store_result(const Args& p, OutT* out, float sum) {
+  float value = p.alpha * sum;
+  if (p.beta != 0.0f) value += p.beta * to_float(*out);  // beta 0 never reads C (may be NaN)
+  *out = from_float<OutT>(value);
+}
+
+// C[i, row] for the kRowsPerGroup rows of each G-thread group; MT >= m rows of A.
+template <typename T, typename OutT, int MT, int G>
+__global__ void __launch_bounds__(kThreads) skinny_nk_kernel(Args p) {
+  constexpr int V = 16 / sizeof(T);
+  constexpr int R = kRowsPerGroup;
+  constexpr int kGroups = kThreads / G;
+  const int lane = threadIdx.x % G, group = threadIdx.x / G;
+  const int64_t row0 = (int64_t{blockIdx.x} * kGroups + group) * R;
+  const T* a = static_cast<const T*>(p.a) + blockIdx.y * p.stride_a;
+  const T* brow[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {  // rows past n re-read row n - 1; their sums are dropped
+    const int64_t row = row0 + r < p.n ? row0 + r : p.n - 1;
+    brow[r] = static_cast<const T*>(p.b) + blockIdx.y * p.stride_b + row * p.ldb;
+  }
+  const int64_t chunks = p.k / V;
+
+  uint4 w[kUnroll][R];
+  auto load = [&](int64_t c0) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + int64_t{u} * G;
+#pragma unroll
+      for (int r = 0; r < R; ++r) w[u][r] = c < chunks ? load_weight(brow[r] + c * V) : uint4{};
+    }
+  };
+  int64_t c0 = lane;
+  load(c0);  // weights only: before waiting for the kernel that wrote A
+  wait_for_prerequisite();
+  allow_dependent_launch();
+
+  float acc[MT][R] = {};
+  while (c0 < chunks) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + int64_t{u} * G;
+      if (c >= chunks) break;
+      float wf[R][V];
+#pragma unroll
+      for (int r = 0; r < R; ++r) unpack<T>(w[u][r], wf[r]);
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        if (i >= p.m) break;
+        float av[V];
+        load_floats<V>(a + i * p.lda + c * V, av);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[i][r] = fmaf(av[v], wf[r][v], acc[i][r]);
+        }
+      }
+    }
+    c0 += int64_t{kUnroll} * G;
+    if (c0 < chunks) load(c0);
+  }
+
+  // Sum over the group: shuffles inside each warp, then the group's warps in shared memory.
+  __shared__ float partial[kThreads / 32][MT * R];
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float v = acc[i][r];
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (threadIdx.x % 32 == 0) partial[warp][i * R + r] = v;
+    }
+  }
+  __syncthreads();
+  constexpr int kWarpsPerGroup = G / 32;
+  static_assert(MT * R <= G, "one thread per output of the group");
+  if (lane < MT * R) {
+    const int i = lane / R, r = lane % R;
+    const int64_t row = row0 + r;
+    if (i < p.m && row < p.n) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int w2 = 0; w2 < kWarpsPerGroup; ++w2) sum += partial[group * kWarpsPerGroup + w2][lane];
+      store_result(p, static_cast<OutT*>(p.c) + blockIdx.y * p.stride_c + i * p.ldc + row, sum);
+    }
+  }
+}
+
+// B stored [k, n]: each thread owns one 16-byte chunk of n and every kKnSlices-th k.
+template <typename T, typename OutT, int MT>
+__global__ void __launch_bounds__(kThreads) skinny_kn_kernel(Args p) {
+  constexpr int V = 16 / sizeof(T);
+  const int column = threadIdx.x % kKnColumns, slice = threadIdx.x / kKnColumns;
+  const int64_t n0 = (int64_t{blockIdx.x} * kKnColumns + column) * V;
+  const bool live = n0 < p.n;
+  const T* a = static_cast<const T*>(p.a) + blockIdx.y * p.stride_a;
+  const T* b = static_cast<const T*>(p.b) + blockIdx.y * p.stride_b + (live ? n0 : 0);
+
+  uint4 w[kUnroll];
+  auto load = [&](int64_t k0) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = k0 + int64_t{u} * kKnSlices;
+      w[u] = live && k < p.k ? load_weight(b + k * p.ldb) : uint4{};
+    }
+  };
+  int64_t k0 = slice;
+  load(k0);  // weights only: before waiting for the kernel that wrote A
+  wait_for_prerequisite();
+  allow_dependent_launch();
+
+  float acc[MT][V] = {};
+  while (k0 < p.k) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = k0 + int64_t{u} * kKnSlices;
+      if (k >= p.k) break;
+      float wf[V];
+      unpack<T>(w[u], wf);
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        if (i >= p.m) break;
+        const float av = to_float(a[i * p.lda + k]);
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[i][v] = fmaf(av, wf[v], acc[i][v]);
+      }
+    }
+    k0 += int64_t{kUnroll} * kKnSlices;
+    if (k0 < p.k) load(k0);
+  }
+
+  // Sum the slices of each column through shared memory, one row of A at a time.
+  __shared__ float partial[kKnSlices][kKnColumns * V];
+  const int64_t block_n0 = int64_t{blockIdx.x} * kKnColumns * V;
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    if (i >= p.m) break;
+    __syncthreads();  // the previous row's sums are read
+#pragma unroll
+    for (int v = 0; v < V; ++v) partial[slice][column * V + v] = acc[i][v];
+    __syncthreads();
+    if (threadIdx.x < kKnColumns * V && block_n0 + threadIdx.x < p.n) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int s = 0; s < kKnSlices; ++s) sum += partial[s][threadIdx.x];
+      store_result(
+          p, static_cast<OutT*>(p.c) + blockIdx.y * p.stride_c + i * p.ldc + block_n0 + threadIdx.x,
+          sum);
+    }
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T, typename OutT, int MT>
+void launch_nk(const Args& args, int64_t batch, cudaStream_t stream, bool dependent) {
+  constexpr int64_t V = 16 / sizeof(T);
+  const int64_t groups = ceil_div(args.n, kRowsPerGroup) * batch;
+  const int64_t chunks = args.k / V;
+  // Widen the group while the grid is short of threads and every thread keeps >= 2 chunks.
+  int g = 32;
+  while (g < kThreads && groups * g < kTargetThreads && 2 * g <= chunks) g *= 2;
+  const dim3 grid(static_cast<unsigned>(ceil_div(args.n, int64_t{kRowsPerGroup} * (kThreads / g))),
+                  static_cast<unsigned>(batch));
+  switch (g) {
+    case 32:
+      launch_dependent(skinny_nk_kernel<T, OutT, MT, 32>, grid, kThreads, 0, stream, dependent,
+                       args);
+      break;
+    case 64:
+      launch_dependent(skinny_nk_kernel<T, OutT, MT, 64>, grid, kThreads, 0, stream, dependent,
+                       args);
+      break;
+    case 128:
+      launch_dependent(skinny_nk_kernel<T, OutT, MT, 128>, grid, kThreads, 0, stream, dependent,
+                       args);
+      break;
+    default:
+      launch_dependent(skinny_nk_kernel<T, OutT, MT, 256>, grid, kThreads, 0, stream, dependent,
+                       args);
+      break;
+  }
+}
+
+template <typename T, typename OutT, int MT>
+void launch_kn(const Args& args, int64_t batch, cudaStream_t stream, bool dependent) {
+  constexpr int64_t V = 16 / sizeof(T);
+  const dim3 grid(static_cast<unsigned>(ceil_div(args.n, kKnColumns * V)),
+                  static_cast<unsigned>(batch));
+  launch_dependent(skinny_kn_kernel<T, OutT, MT>, grid, kThreads, 0, stream, dependent, args);
+}
+
+template <typename T, typename OutT, int MT>
+void launch_rows(const GemmParams& p, const Args& args, cudaStream_t stream, bool dependent) {
+  if (p.b_nk) {
+    launch_nk<T, OutT, MT>(args, p.batch, stream, dependent);
+  } else {
+    launch_kn<T, OutT, MT>(args, p.batch, stream, dependent);
+  }
+}
+
+// One instantiation per power of two of rows; m rounds up to it.
+template <typename T, typename OutT>
+void launch_typed(const GemmParams& p, const Args& args, cudaStream_t stream, bool dependent) {
+  if (p.m <= 1) {
+    launch_rows<T, OutT, 1>(p, args, stream, dependent);
+  } else if (p.m <= 2) {
+    launch_rows<T, OutT, 2>(p, args, stream, dependent);
+  } else if (p.m <= 4) {
+    launch_rows<T, OutT, 4>(p, args, stream, dependent);
+  } else {
+    launch_rows<T, OutT, 8>(p, args, stream, dependent);
+  }
+}
+
+}  // namespace
+
+bool skinny_gemm_supports(const GemmParams& p) {
+  if (p.m < 1 || p.m > kSkinnyMaxRows || p.n < 1 || p.k < 1 || p.batch < 1 || p.batch > 65535) {
+    return false;
+  }
+  const bool bf16 =
+      p.ab_type == DType::kBF16 && (p.c_type == DType::kF32 || p.c_type == DType::kBF16);
+  const bool f32 = p.ab_type == DType::kF32 && p.c_type == DType::kF32;
+  if (!bf16 && !f32) return false;
+  const int64_t v = bf16 ? 8 : 4;  // elements in 16 bytes
+  auto whole = [v](int64_t x) { return x % v == 0; };
+  if (!is_aligned(p.b, 16) || !whole(p.ldb) || !whole(p.stride_b)) return false;
+  if (!p.b_nk) return whole(p.n);
+  return whole(p.k) && is_aligned(p.a, 16) && whole(p.lda) && whole(p.stride_a);
+}
+
+void skinny_gemm(const GemmParams& p, cudaStream_t stream, bool dependent) {
+  MLA_REQUIRE(skinny_gemm_supports(p), "skinny_gemm: unsupported product {}x{}x{} x{}", p.m, p.n,
+              p.k, p.batch);
+  MLA_REQUIRE(!dependent || p.b_constant,
+              "skinny_gemm: a dependent launch reads B early, so B must be constant");
+  const Args args{p.a,   p.b,   p.c,        p.m,        p.n,        p.k,     p.lda,
+                  p.ldb, p.ldc, p.stride_a, p.stride_b, p.stride_c, p.alpha, p.beta};
+  if (p.ab_type == DType::kF32) {
+    launch_typed<float, float>(p, args, stream, dependent);
+  } else if (p.c_type == DType::kF32) {
+    launch_typed<__nv_bfloat16, float>(p, args, stream, dependent);
+  } else {
+    launch_typed<__nv_bfloat16, __nv_bfloat16>(p, args, stream, dependent);
+  }
+  MLA_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace mla::cuda

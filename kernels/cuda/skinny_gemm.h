@@ -1,0 +1,41 @@
+// Matrix products with few rows, as decode at small batch makes them: the GemmParams product of
+// gemm.h (C[m, n] = alpha * A[m, k] op(B) + beta * C, batched) for m <= kSkinnyMaxRows. The
+// cost is reading B (the weight) once, so the kernel spreads B's 16-byte rows over the whole GPU
+// and keeps several loads in flight per thread; cuBLAS's GEMV-shaped kernels read these shapes
+// at about half the copy bandwidth (docs/BENCHMARKS.md, batch-1 profile). A and B both bf16
+// (fp32 or bf16 output) or both fp32 (fp32 output); fp32 accumulation. The CPU reference is
+// mla::cpu::gemm.
+//
+// As a programmatic dependent launch (pdl.cuh) the kernel loads its first weights before it
+// waits for the previous kernel on the stream, overlapping that kernel's tail; only valid when
+// B is not written by kernels still in flight (GemmParams::b_constant).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/gemm.h"
+
+namespace mla::cuda {
+
+inline constexpr int64_t kSkinnyMaxRows = 8;
+// gemm() takes this kernel up to this many rows. On an H100 it beat cuBLAS on every decode
+// projection of DeepSeek-V2-Lite and V3 at 1 row (1.2-2.3x alone, `mlaserve bench-kernels
+// --benches small_gemm`), on all but V3's o_proj at 4 and on few at 8; in the whole
+// V2-Lite-shaped decode step (`mlaserve bench-decode`) it took batch 1 from 3.65 to 3.20 ms and
+// batch 2 from 4.72 to 4.33 ms, while batch 4 ran 1.7 % slower than with cuBLAS.
+inline constexpr int64_t kSkinnyPreferredRows = 2;
+
+// Whether skinny_gemm takes p: 1 <= m <= kSkinnyMaxRows, n, k >= 1, batch <= 65535; A and B
+// both bf16 or both fp32 (then an fp32 C); B 16-byte aligned with ldb and stride_b multiples of
+// 16 bytes of elements, and the dimension B is contiguous in (k when b_nk, else n) too; when
+// b_nk the same for A (pointer, lda, stride_a).
+bool skinny_gemm_supports(const GemmParams& p);
+
+// Enqueues the product on `stream`, as a programmatic dependent of the previous kernel when
+// `dependent` (then p.b_constant must hold). Never synchronises. Throws kInvalidArgument when
+// !skinny_gemm_supports(p) or dependent && !p.b_constant.
+void skinny_gemm(const GemmParams& p, cudaStream_t stream, bool dependent = false);
+
+}  // namespace mla::cuda
