@@ -38,7 +38,8 @@ void DeployFlags::add_to(CLI::App& cmd) {
       ->capture_default_str();
   cmd.add_flag("--no-cuda-graphs", no_graphs_, "Run decode steps without CUDA graphs");
   cmd.add_flag("--no-small-gemm", no_small_gemm_,
-               "Run products with few rows through cuBLAS, not the small-row kernel");
+               "Run products with few rows through cuBLAS and the tiled expert kernels, not the "
+               "small-row kernels");
   cmd.add_option("--max-batch-tokens", flags_.engine.scheduler.max_batch_tokens,
                  "Token budget per step")
       ->capture_default_str();

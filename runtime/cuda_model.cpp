@@ -869,6 +869,8 @@ void CudaStep::ffn(const DevLayer& d) {
   ep.d = D;
   ep.inter = c_.moe_intermediate_size;
   ep.experts = E;
+  // The weight-streaming expert kernels go with the small-row products (ModelOptions).
+  ep.gemv_max_slots = m_.blas->options().small_gemm ? cuda::kMoeGemvMaxSlots : 0;
   cuda::moe_experts(ep, m_.moe_ws.raw(), m_.moe_ws.nbytes(), s);
 }
 

@@ -35,8 +35,9 @@ struct ModelOptions {
   // CUDA: capture decode steps in CUDA graphs (one per batch-size bucket). Default: true.
   bool cuda_graphs = true;
   // CUDA: products with at most 2 rows (decode at batch 1 and 2) through mlaserve's small-row
-  // kernel, launched as programmatic dependents of the kernel before them, instead of cuBLAS.
-  // Default: true.
+  // kernel, launched as programmatic dependents of the kernel before them, instead of cuBLAS,
+  // and the routed experts of steps with at most kMoeGemvMaxSlots (token, expert) slots through
+  // the weight-streaming expert kernels instead of the tiled ones. Default: true.
   bool cuda_small_gemm = true;
 };
 

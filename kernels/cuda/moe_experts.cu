@@ -5,6 +5,8 @@
 #include "kernels/cuda/cp_async.cuh"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/moe_experts.h"
+#include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/row_dots.cuh"
 
 namespace mla::cuda {
 namespace {
@@ -399,6 +401,106 @@ __global__ void __launch_bounds__(C::kThreads) moe_gemm_kernel(GemmArgs g) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 1-3 with few slots: every slot's expert rows streamed once, GEMV-style, y by slot
+
+constexpr int kGemvThreads = 256;
+constexpr int kGemvGroup = 32;  // threads per pair of weight rows
+constexpr int kGemvGroups = kGemvThreads / kGemvGroup;
+
+struct GemvArgs {
+  const bf16* x;
+  const int32_t* ids;
+  const bf16* gate_up;
+  const bf16* down;
+  int32_t top_k, first_expert, local_experts;
+  int64_t d, inter;
+  Plan plan;  // writes slot_pos[s] = s or -1, act[s, :], y[s, :]
+};
+
+// The local expert of slot blockIdx.y, or -1; the kernel that wrote ids has finished.
+__device__ __forceinline__ int gemv_expert(const GemvArgs& g) {
+  const int e = g.ids[blockIdx.y] - g.first_expert;
+  return e >= 0 && e < g.local_experts ? e : -1;
+}
+
+// act[s, j] = bf16(silu(x[t] . gate_e[j]) * (x[t] . up_e[j])), slot s = t * top_k + k; each
+// thread group takes one j (its gate row and its up row).
+__global__ void __launch_bounds__(kGemvThreads) moe_gemv_gate_up_kernel(GemvArgs g) {
+  wait_for_prerequisite();  // ids and x
+  allow_dependent_launch();
+  const int64_t s = blockIdx.y;
+  const int e = gemv_expert(g);
+  if (blockIdx.x == 0 && threadIdx.x == 0)
+    g.plan.slot_pos[s] = e >= 0 ? static_cast<int32_t>(s) : -1;
+  if (e < 0) return;  // the whole block
+  const int lane = threadIdx.x % kGemvGroup, group = threadIdx.x / kGemvGroup;
+  const int64_t j = int64_t{blockIdx.x} * kGemvGroups + group;
+  const int64_t row = j < g.inter ? j : g.inter - 1;  // past inter: re-read, dropped
+  const bf16* w = g.gate_up + int64_t{e} * 2 * g.inter * g.d;
+  RowDots<bf16, 1, 2, kGemvGroup> dots;
+  dots.b[0] = w + row * g.d;
+  dots.b[1] = w + (g.inter + row) * g.d;
+  dots.chunks = g.d / 8;
+  dots.c0 = lane;
+  dots.load();
+  float acc[1][2] = {};
+  dots.dot(g.x + (s / g.top_k) * g.d, g.d, 1, acc);
+  __shared__ float partial[kGemvThreads / 32][2];
+  __shared__ float sums[kGemvGroups][2];
+  group_sums<kGemvThreads, kGemvGroup>(acc, partial, sums);
+  if (lane == 0 && j < g.inter) {
+    const float gate = sums[group][0], up = sums[group][1];
+    // Same expression as cpu::silu_mul and the tiled kernel's epilogue.
+    g.plan.act[s * g.inter + j] = __float2bfloat16_rn(gate / (1.0f + expf(-gate)) * up);
+  }
+}
+
+// y[s, i] = act[s] . down_e[i]; each thread group takes two rows i.
+__global__ void __launch_bounds__(kGemvThreads) moe_gemv_down_kernel(GemvArgs g) {
+  wait_for_prerequisite();  // act
+  allow_dependent_launch();
+  const int e = gemv_expert(g);
+  if (e < 0) return;
+  const int64_t s = blockIdx.y;
+  const int lane = threadIdx.x % kGemvGroup, group = threadIdx.x / kGemvGroup;
+  const int64_t row0 = (int64_t{blockIdx.x} * kGemvGroups + group) * 2;
+  const bf16* w = g.down + int64_t{e} * g.d * g.inter;
+  RowDots<bf16, 1, 2, kGemvGroup> dots;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) dots.b[r] = w + (row0 + r < g.d ? row0 + r : g.d - 1) * g.inter;
+  dots.chunks = g.inter / 8;
+  dots.c0 = lane;
+  dots.load();
+  float acc[1][2] = {};
+  dots.dot(g.plan.act + s * g.inter, g.inter, 1, acc);
+  __shared__ float partial[kGemvThreads / 32][2];
+  __shared__ float sums[kGemvGroups][2];
+  group_sums<kGemvThreads, kGemvGroup>(acc, partial, sums);
+  if (lane < 2 && row0 + lane < g.d) g.plan.y[s * g.d + row0 + lane] = sums[group][lane];
+}
+
+void launch_gemv(const MoeExpertsParams& p, const Plan& plan, cudaStream_t stream) {
+  const GemvArgs g{p.x,
+                   p.ids,
+                   p.gate_up,
+                   p.down,
+                   static_cast<int32_t>(p.top_k),
+                   static_cast<int32_t>(p.first_expert),
+                   static_cast<int32_t>(p.local_experts),
+                   p.d,
+                   p.inter,
+                   plan};
+  const auto slots = static_cast<unsigned>(p.tokens * p.top_k);
+  launch_dependent(moe_gemv_gate_up_kernel,
+                   dim3(static_cast<unsigned>((p.inter + kGemvGroups - 1) / kGemvGroups), slots),
+                   kGemvThreads, 0, stream, true, g);
+  launch_dependent(
+      moe_gemv_down_kernel,
+      dim3(static_cast<unsigned>((p.d + 2 * kGemvGroups - 1) / (2 * kGemvGroups)), slots),
+      kGemvThreads, 0, stream, true, g);
+}
+
+// ---------------------------------------------------------------------------------------------
 // 4. Combine
 
 struct CombineArgs {
@@ -495,6 +597,25 @@ bool aligned(const void* ptr, size_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
 
+// Dispatch, then the tiled GEMMs.
+void launch_tiled(const MoeExpertsParams& p, const Plan& plan, int64_t slots, cudaStream_t stream) {
+  const bool large = slots >= kLargeTileRows * p.experts;
+  const DispatchArgs dispatch{p.ids,
+                              static_cast<int32_t>(slots),
+                              static_cast<int32_t>(p.first_expert),
+                              static_cast<int32_t>(p.local_experts),
+                              large ? LargeTiles::BM : SmallTiles::BM,
+                              plan};
+  moe_dispatch_kernel<<<1, kDispatchThreads, 0, stream>>>(dispatch);
+  MLA_CUDA_CHECK(cudaGetLastError());
+
+  if (large) {
+    launch_gemms<LargeTiles>(p, plan, stream);
+  } else {
+    launch_gemms<SmallTiles>(p, plan, stream);
+  }
+}
+
 }  // namespace
 
 size_t moe_experts_workspace_bytes(int64_t max_tokens, int64_t top_k, int64_t local_experts,
@@ -545,23 +666,11 @@ void moe_experts(const MoeExpertsParams& p, void* workspace, size_t workspace_by
                   reinterpret_cast<bf16*>(ws + l.act),
                   reinterpret_cast<float*>(ws + l.y)};
   const int64_t slots = p.tokens * p.top_k;
-  const bool large = slots >= kLargeTileRows * p.experts;
-
-  const DispatchArgs dispatch{p.ids,
-                              static_cast<int32_t>(slots),
-                              static_cast<int32_t>(p.first_expert),
-                              static_cast<int32_t>(p.local_experts),
-                              large ? LargeTiles::BM : SmallTiles::BM,
-                              plan};
-  moe_dispatch_kernel<<<1, kDispatchThreads, 0, stream>>>(dispatch);
-  MLA_CUDA_CHECK(cudaGetLastError());
-
-  if (large) {
-    launch_gemms<LargeTiles>(p, plan, stream);
+  if (slots <= p.gemv_max_slots) {
+    launch_gemv(p, plan, stream);
   } else {
-    launch_gemms<SmallTiles>(p, plan, stream);
+    launch_tiled(p, plan, slots, stream);
   }
-
   const CombineArgs combine{
       plan.slot_pos, p.weights, plan.y, p.out, static_cast<int32_t>(p.top_k), p.d};
   moe_combine_kernel<<<static_cast<unsigned>(p.tokens), kCombineThreads, 0, stream>>>(combine);

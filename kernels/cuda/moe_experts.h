@@ -14,6 +14,10 @@
 // GEMM blocks loop over (tile, column block) pairs that exist, so experts without tokens cost
 // nothing; an expert's weights are read once per tile of up to 16 rows (64 rows when the batch
 // averages 32 or more slots per expert). No float atomics: the result is deterministic.
+// With few slots (decode at batch 1 or 2: at most gemv_max_slots) kernels 1-3 give way to two
+// weight-streaming kernels, one block row per slot, that read each routed expert's rows once
+// at close to copy bandwidth (row_dots.cuh) as programmatic dependent launches; the combine is
+// the same.
 //
 // Precision: inputs bf16, products accumulated in fp32; the activations between the GEMMs are
 // rounded to bf16 (as a bf16 model would store them); y and out stay fp32.
@@ -30,6 +34,8 @@ namespace mla::cuda {
 
 inline constexpr int64_t kMoeMaxLocalExperts = 256;
 inline constexpr int64_t kMoeMaxTopK = 32;
+// Default MoeExpertsParams::gemv_max_slots: DeepSeek-V2/V3 decode at batch 1 and 2.
+inline constexpr int64_t kMoeGemvMaxSlots = 16;
 
 struct MoeExpertsParams {
   const __nv_bfloat16* x;        // [tokens, d] the FFN input (post-attention RMSNorm)
@@ -44,6 +50,9 @@ struct MoeExpertsParams {
   // This rank holds experts [first_expert, first_expert + local_experts); slots routed
   // elsewhere are skipped (another rank adds them). local_experts <= kMoeMaxLocalExperts.
   int64_t first_expert, local_experts;
+  // tokens * top_k up to this many slots run the weight-streaming kernels instead of the tiled
+  // GEMMs (0: never). Default: kMoeGemvMaxSlots.
+  int64_t gemv_max_slots = kMoeGemvMaxSlots;
 };
 
 // Workspace for up to max_tokens tokens. With S = max_tokens * top_k slots and

@@ -5,6 +5,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/row_dots.cuh"
 #include "kernels/cuda/skinny_gemm.h"
 #include "kernels/cuda/vec_io.cuh"
 #include "kernels/error.h"
@@ -16,8 +17,6 @@ constexpr int kThreads = 256;
 // B stored [n, k] (a weight [out, in]): a group of G threads (32 .. 256) reduces kRowsPerGroup
 // rows of B over k, each thread taking every G-th 16-byte chunk of the rows.
 constexpr int kRowsPerGroup = 2;
-// 16-byte loads of B each thread issues before it uses any of them (per row).
-constexpr int kUnroll = 4;
 // Enough threads to keep the GPU's memory system busy; groups widen until the grid has them.
 constexpr int64_t kTargetThreads = int64_t{128} * 1024;
 // B stored [k, n]: a block covers kKnColumns 16-byte column chunks of n and splits k into
@@ -33,32 +32,6 @@ struct Args {
   float alpha, beta;
 };
 
-// 16 bytes of B, read once: streamed past L1.
-__device__ __forceinline__ uint4 load_weight(const void* p) {
-  return __ldcs(reinterpret_cast<const uint4*>(p));
-}
-
-// The 16 / sizeof(T) values of a 16-byte chunk as floats.
-template <typename T>
-__device__ __forceinline__ void unpack(const uint4& raw, float* out);
-template <>
-__device__ __forceinline__ void unpack<__nv_bfloat16>(const uint4& raw, float* out) {
-  const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
-}
-template <>
-__device__ __forceinline__ void unpack<float>(const uint4& raw, float* out) {
-  out[0] = __uint_as_float(raw.x);
-  out[1] = __uint_as_float(raw.y);
-  out[2] = __uint_as_float(raw.z);
-  out[3] = __uint_as_float(raw.w);
-}
-
 template <typename OutT>
 __device__ __forceinline__ void store_result(const Args& p, OutT* out, float sum) {
   float value = p.alpha * sum;
@@ -69,83 +42,33 @@ __device__ __forceinline__ void store_result(const Args& p, OutT* out, float sum
 // C[i, row] for the kRowsPerGroup rows of each G-thread group; MT >= m rows of A.
 template <typename T, typename OutT, int MT, int G>
 __global__ void __launch_bounds__(kThreads) skinny_nk_kernel(Args p) {
-  constexpr int V = 16 / sizeof(T);
   constexpr int R = kRowsPerGroup;
   constexpr int kGroups = kThreads / G;
   const int lane = threadIdx.x % G, group = threadIdx.x / G;
   const int64_t row0 = (int64_t{blockIdx.x} * kGroups + group) * R;
-  const T* a = static_cast<const T*>(p.a) + blockIdx.y * p.stride_a;
-  const T* brow[R];
+  RowDots<T, MT, R, G> dots;
 #pragma unroll
   for (int r = 0; r < R; ++r) {  // rows past n re-read row n - 1; their sums are dropped
     const int64_t row = row0 + r < p.n ? row0 + r : p.n - 1;
-    brow[r] = static_cast<const T*>(p.b) + blockIdx.y * p.stride_b + row * p.ldb;
+    dots.b[r] = static_cast<const T*>(p.b) + blockIdx.y * p.stride_b + row * p.ldb;
   }
-  const int64_t chunks = p.k / V;
-
-  uint4 w[kUnroll][R];
-  auto load = [&](int64_t c0) {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t c = c0 + int64_t{u} * G;
-#pragma unroll
-      for (int r = 0; r < R; ++r) w[u][r] = c < chunks ? load_weight(brow[r] + c * V) : uint4{};
-    }
-  };
-  int64_t c0 = lane;
-  load(c0);  // weights only: before waiting for the kernel that wrote A
+  dots.chunks = p.k / RowDots<T, MT, R, G>::V;
+  dots.c0 = lane;
+  dots.load();  // weights only: before waiting for the kernel that wrote A
   wait_for_prerequisite();
   allow_dependent_launch();
 
   float acc[MT][R] = {};
-  while (c0 < chunks) {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t c = c0 + int64_t{u} * G;
-      if (c >= chunks) break;
-      float wf[R][V];
-#pragma unroll
-      for (int r = 0; r < R; ++r) unpack<T>(w[u][r], wf[r]);
-#pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        if (i >= p.m) break;
-        float av[V];
-        load_floats<V>(a + i * p.lda + c * V, av);
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-#pragma unroll
-          for (int v = 0; v < V; ++v) acc[i][r] = fmaf(av[v], wf[r][v], acc[i][r]);
-        }
-      }
-    }
-    c0 += int64_t{kUnroll} * G;
-    if (c0 < chunks) load(c0);
-  }
-
-  // Sum over the group: shuffles inside each warp, then the group's warps in shared memory.
+  dots.dot(static_cast<const T*>(p.a) + blockIdx.y * p.stride_a, p.lda, p.m, acc);
   __shared__ float partial[kThreads / 32][MT * R];
-  const int warp = threadIdx.x / 32;
-#pragma unroll
-  for (int i = 0; i < MT; ++i) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      float v = acc[i][r];
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-      if (threadIdx.x % 32 == 0) partial[warp][i * R + r] = v;
-    }
-  }
-  __syncthreads();
-  constexpr int kWarpsPerGroup = G / 32;
-  static_assert(MT * R <= G, "one thread per output of the group");
+  __shared__ float sums[kGroups][MT * R];
+  group_sums<kThreads, G>(acc, partial, sums);
   if (lane < MT * R) {
     const int i = lane / R, r = lane % R;
     const int64_t row = row0 + r;
     if (i < p.m && row < p.n) {
-      float sum = 0.0f;
-#pragma unroll
-      for (int w2 = 0; w2 < kWarpsPerGroup; ++w2) sum += partial[group * kWarpsPerGroup + w2][lane];
-      store_result(p, static_cast<OutT*>(p.c) + blockIdx.y * p.stride_c + i * p.ldc + row, sum);
+      store_result(p, static_cast<OutT*>(p.c) + blockIdx.y * p.stride_c + i * p.ldc + row,
+                   sums[group][lane]);
     }
   }
 }
@@ -160,12 +83,12 @@ __global__ void __launch_bounds__(kThreads) skinny_kn_kernel(Args p) {
   const T* a = static_cast<const T*>(p.a) + blockIdx.y * p.stride_a;
   const T* b = static_cast<const T*>(p.b) + blockIdx.y * p.stride_b + (live ? n0 : 0);
 
-  uint4 w[kUnroll];
+  uint4 w[kRowDotsUnroll];
   auto load = [&](int64_t k0) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kRowDotsUnroll; ++u) {
       const int64_t k = k0 + int64_t{u} * kKnSlices;
-      w[u] = live && k < p.k ? load_weight(b + k * p.ldb) : uint4{};
+      w[u] = live && k < p.k ? load_streaming(b + k * p.ldb) : uint4{};
     }
   };
   int64_t k0 = slice;
@@ -176,11 +99,11 @@ __global__ void __launch_bounds__(kThreads) skinny_kn_kernel(Args p) {
   float acc[MT][V] = {};
   while (k0 < p.k) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kRowDotsUnroll; ++u) {
       const int64_t k = k0 + int64_t{u} * kKnSlices;
       if (k >= p.k) break;
       float wf[V];
-      unpack<T>(w[u], wf);
+      unpack16<T>(w[u], wf);
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
         if (i >= p.m) break;
@@ -189,7 +112,7 @@ __global__ void __launch_bounds__(kThreads) skinny_kn_kernel(Args p) {
         for (int v = 0; v < V; ++v) acc[i][v] = fmaf(av, wf[v], acc[i][v]);
       }
     }
-    k0 += int64_t{kUnroll} * kKnSlices;
+    k0 += int64_t{kRowDotsUnroll} * kKnSlices;
     if (k0 < p.k) load(k0);
   }
 

@@ -1,8 +1,9 @@
 // CUDA routed experts against a CPU computation on the same bf16-rounded inputs
 // (cpu::matmul_nt and cpu::silu_mul per expert on its gathered tokens), on fresh random data:
 // one token, tails of every tile dimension, an expert without tokens, every token on one
-// expert, ranks holding part of the experts, both tile sizes, DeepSeek shapes, an output that
-// starts non-zero, a poisoned workspace; also bitwise determinism and a CUDA-graph replay.
+// expert, ranks holding part of the experts, both tile sizes, the few-slot (decode) kernels on
+// both paths, DeepSeek shapes, an output that starts non-zero, a poisoned workspace; also
+// bitwise determinism and a CUDA-graph replay.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -32,6 +33,8 @@ struct Case {
   std::string name;
   int64_t tokens, top_k, experts, first_expert, local_experts, d, inter;
   Routing routing = Routing::kRandom;
+  // MoeExpertsParams::gemv_max_slots: which kernels run (the weight-streaming ones up to it).
+  int64_t gemv_max_slots = cuda::kMoeGemvMaxSlots;
 };
 
 // bf16 values and their exact fp32 widening.
@@ -161,7 +164,8 @@ struct DeviceProblem {
             c.inter,
             c.experts,
             c.first_expert,
-            c.local_experts};
+            c.local_experts,
+            c.gemv_max_slots};
   }
 
   void run(const Case& c, cudaStream_t stream) const {
@@ -237,6 +241,12 @@ const std::vector<Case>& cases() {
       // local experts each, few experts in all so that most tokens reach them.
       {"V2 shapes", 6, 6, 8, 2, 2, 5120, 1536},
       {"V3 shapes", 5, 2, 4, 1, 2, 7168, 2048},
+      // Few slots (<= kMoeGemvMaxSlots): the weight-streaming kernels. "one token" and
+      // "V3 shapes" above are such cases too.
+      {"few slots, V2-Lite rows", 1, 6, 8, 0, 8, 2048, 1408},
+      {"few slots, part of the experts", 2, 6, 16, 4, 8, 64, 32},
+      {"few slots, tails", 3, 4, 8, 0, 8, 72, 40},
+      {"few slots, 16 of them", 4, 4, 8, 0, 8, 64, 32},
   };
   return all;
 }
@@ -253,10 +263,32 @@ TEST(CudaMoeExperts, MatchesCpuExperts) {
   }
 }
 
+// The few-slot cases through both kernel sets: the weight-streaming kernels and the tiled GEMMs.
+TEST(CudaMoeExperts, FewSlotsMatchOnBothPaths) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(5153);
+  int64_t few = 0;
+  for (Case c : cases()) {
+    if (c.tokens * c.top_k > cuda::kMoeGemvMaxSlots) continue;
+    ++few;
+    const Problem p = make_problem(c, rng);
+    for (int64_t max_slots : {cuda::kMoeGemvMaxSlots, int64_t{0}}) {
+      c.gemv_max_slots = max_slots;
+      DeviceProblem d(p);
+      d.run(c, nullptr);
+      MLA_CUDA_CHECK(cudaDeviceSynchronize());
+      SCOPED_TRACE(max_slots > 0 ? "weight-streaming kernels" : "tiled GEMMs");
+      expect_close(p, d.download_out(p), reference(p));
+    }
+  }
+  EXPECT_GE(few, 5);
+}
+
 TEST(CudaMoeExperts, IsDeterministicAndReplaysFromACudaGraph) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   std::mt19937 rng(5151);
-  for (const Case& c : {cases()[2], cases()[6]}) {  // one of each tile size
+  // One of each tile size, and few slots (the weight-streaming kernels).
+  for (const Case& c : {cases()[2], cases()[6], cases()[12]}) {
     const Problem p = make_problem(c, rng);
     DeviceProblem d(p);
     d.run(c, nullptr);
