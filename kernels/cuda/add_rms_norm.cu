@@ -15,7 +15,8 @@ constexpr int kThreads = 256;
 // elements in both passes, so it reads back its own writes to x and needs no barrier for them.
 template <int Vec>
 __global__ void add_rms_norm_kernel(AddRmsNormParams p) {
-  allow_dependent_launch();  // a dependent product may start loading its weights
+  wait_for_prerequisite();  // launched as a dependent: the kernels before have finished
+  allow_dependent_launch();
   const int64_t row = blockIdx.x;
   float* x = p.x + row * p.x_stride;
   float sum = 0.0f;
@@ -58,9 +59,9 @@ void add_rms_norm(const AddRmsNormParams& p, cudaStream_t stream) {
                     is_aligned(p.y, 8) && is_aligned(p.y32, 16);
   const auto blocks = static_cast<unsigned>(p.rows);
   if (vec4) {
-    add_rms_norm_kernel<4><<<blocks, kThreads, 0, stream>>>(p);
+    launch_dependent(add_rms_norm_kernel<4>, blocks, kThreads, 0, stream, true, p);
   } else {
-    add_rms_norm_kernel<1><<<blocks, kThreads, 0, stream>>>(p);
+    launch_dependent(add_rms_norm_kernel<1>, blocks, kThreads, 0, stream, true, p);
   }
   MLA_CUDA_CHECK(cudaGetLastError());
 }

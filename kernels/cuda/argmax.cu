@@ -1,6 +1,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/argmax.h"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/cuda_check.h"
 
 namespace mla::cuda {
@@ -30,6 +31,8 @@ __device__ __forceinline__ Best warp_best(Best b) {
 }
 
 __global__ void argmax_kernel(ArgmaxParams p) {
+  wait_for_prerequisite();  // launched as a dependent: the kernels before have finished
+  allow_dependent_launch();
   const float* row = p.logits + blockIdx.x * p.vocab;
   // Threads without an element hold (-inf, INT32_MAX), which loses to any real element, so a
   // row of all -inf still yields index 0 as on the CPU.
@@ -56,7 +59,7 @@ __global__ void argmax_kernel(ArgmaxParams p) {
 
 void argmax_f32(const ArgmaxParams& p, cudaStream_t stream) {
   if (p.rows == 0) return;
-  argmax_kernel<<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(p);
+  launch_dependent(argmax_kernel, static_cast<unsigned>(p.rows), kThreads, 0, stream, true, p);
   MLA_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -3,6 +3,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/embedding.h"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/vec_io.cuh"
 
 namespace mla::cuda {
@@ -14,6 +15,8 @@ constexpr int kThreads = 256;
 // Params is EmbeddingParams or EmbeddingBf16Params.
 template <int Vec, typename Params>
 __global__ void embedding_kernel(Params p) {
+  wait_for_prerequisite();  // launched as a dependent: the kernels before have finished
+  allow_dependent_launch();
   const int64_t t = blockIdx.x;
   const int64_t id = p.ids[t];
   float* out = p.out + t * p.d;
@@ -40,9 +43,9 @@ void launch(const Params& p, cudaStream_t stream) {
   MLA_CHECK(p.tokens < (int64_t{1} << 31), "{} tokens exceed one grid", p.tokens);
   const auto blocks = static_cast<unsigned>(p.tokens);
   if (p.d % 4 == 0 && is_aligned(p.table, 4 * sizeof(*p.table)) && is_aligned(p.out, 16)) {
-    embedding_kernel<4><<<blocks, kThreads, 0, stream>>>(p);
+    launch_dependent(embedding_kernel<4, Params>, blocks, kThreads, 0, stream, true, p);
   } else {
-    embedding_kernel<1><<<blocks, kThreads, 0, stream>>>(p);
+    launch_dependent(embedding_kernel<1, Params>, blocks, kThreads, 0, stream, true, p);
   }
   MLA_CUDA_CHECK(cudaGetLastError());
 }

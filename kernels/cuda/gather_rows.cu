@@ -9,7 +9,8 @@ constexpr int kThreads = 256;
 
 template <typename Word>
 __global__ void gather_rows_kernel(GatherRowsParams p) {
-  allow_dependent_launch();  // a dependent product may start loading its weights
+  wait_for_prerequisite();  // launched as a dependent: the kernels before have finished
+  allow_dependent_launch();
   const int64_t row = blockIdx.x;
   const auto* src = reinterpret_cast<const Word*>(static_cast<const char*>(p.in) +
                                                   p.index[row] * p.in_stride);
@@ -32,9 +33,9 @@ void gather_rows(const GatherRowsParams& p, cudaStream_t stream) {
   if (p.rows == 0 || p.row_bytes == 0) return;
   const auto grid = static_cast<unsigned>(p.rows);
   if (p.row_bytes % 16 == 0 && aligned16(p.in, p.in_stride) && aligned16(p.out, p.out_stride)) {
-    gather_rows_kernel<uint4><<<grid, kThreads, 0, stream>>>(p);
+    launch_dependent(gather_rows_kernel<uint4>, grid, kThreads, 0, stream, true, p);
   } else {
-    gather_rows_kernel<char><<<grid, kThreads, 0, stream>>>(p);
+    launch_dependent(gather_rows_kernel<char>, grid, kThreads, 0, stream, true, p);
   }
   MLA_CUDA_CHECK(cudaGetLastError());
 }

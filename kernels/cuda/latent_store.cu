@@ -14,7 +14,8 @@ constexpr int kThreads = 256;
 // One block per token: the block normalises c; threads [0, d_r / 2) each rotate one pair of
 // k_r. The source is fp32 and the destination the pool, so the rotation needs no barrier.
 __global__ void latent_store_kernel(LatentStoreParams p) {
-  allow_dependent_launch();  // a dependent product may start loading its weights
+  wait_for_prerequisite();  // launched as a dependent: the kernels before have finished
+  allow_dependent_launch();
   const int64_t t = blockIdx.x;
   const int32_t page = p.slot_pages[t];
   if (page < 0) return;  // the whole block leaves, so block_sum's barrier stays uniform
@@ -53,7 +54,7 @@ void latent_store(const LatentStoreParams& p, cudaStream_t stream) {
   // Check cache geometry
   MLA_CHECK(p.layer >= 0 && p.layer < p.num_layers && p.block_size > 0,
             "latent_store: layer {} of {}, block size {}", p.layer, p.num_layers, p.block_size);
-  latent_store_kernel<<<static_cast<unsigned>(p.T), kThreads, 0, stream>>>(p);
+  launch_dependent(latent_store_kernel, static_cast<unsigned>(p.T), kThreads, 0, stream, true, p);
   MLA_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -153,6 +153,7 @@ __global__ void __launch_bounds__(kPlanThreads)
   __shared__ int32_t warp_sums[32];
   __shared__ int32_t block_total;
   const int tid = threadIdx.x;
+  wait_for_prerequisite();  // launched as a dependent: num_keys
   allow_dependent_launch();
 
   int32_t carry = 0;
@@ -579,7 +580,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // sequence enough warps to read its many pieces in parallel.
 __global__ void __launch_bounds__(kCombineRowsPerBlock * 32)
     mla_decode_combine_kernel(const MlaDecodeParams p, const Workspace ws) {
-  wait_for_prerequisite();  // the pieces
+  wait_for_prerequisite();   // the pieces
   allow_dependent_launch();  // the next product may load its weights
   const int32_t b = blockIdx.x;
   const int32_t rows = p.s_q * p.heads;
@@ -665,8 +666,8 @@ void mla_decode(const MlaDecodeParams& p, void* workspace, cudaStream_t stream) 
     const int plan_smem = (p.batch + 1) * static_cast<int>(sizeof(int32_t));
     MLA_CUDA_CHECK(cudaFuncSetAttribute(mla_decode_plan_kernel,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, plan_smem));
-    mla_decode_plan_kernel<<<1, kPlanThreads, plan_smem, stream>>>(p.num_keys, p.batch, p.s_q,
-                                                                   parts, ws);
+    launch_dependent(mla_decode_plan_kernel, 1, kPlanThreads, plan_smem, stream, true, p.num_keys,
+                     p.batch, p.s_q, parts, ws);
     MLA_CUDA_CHECK(cudaGetLastError());
   }
   MLA_CUDA_CHECK(cudaFuncSetAttribute(mla_decode_split_kernel,

@@ -514,6 +514,8 @@ struct CombineArgs {
 
 // One block per token; float4 columns (d is a multiple of 8).
 __global__ void __launch_bounds__(kCombineThreads) moe_combine_kernel(CombineArgs c) {
+  wait_for_prerequisite();  // launched as a dependent: the kernels before have finished
+  allow_dependent_launch();
   __shared__ int32_t pos[kMoeMaxTopK];
   __shared__ float weight[kMoeMaxTopK];
   __shared__ int32_t used;
@@ -673,7 +675,8 @@ void moe_experts(const MoeExpertsParams& p, void* workspace, size_t workspace_by
   }
   const CombineArgs combine{
       plan.slot_pos, p.weights, plan.y, p.out, static_cast<int32_t>(p.top_k), p.d};
-  moe_combine_kernel<<<static_cast<unsigned>(p.tokens), kCombineThreads, 0, stream>>>(combine);
+  launch_dependent(moe_combine_kernel, static_cast<unsigned>(p.tokens), kCombineThreads, 0, stream,
+                   true, combine);
   MLA_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -40,7 +40,8 @@ __device__ __forceinline__ Pick warp_best(Pick p) {
 }
 
 __global__ void __launch_bounds__(kWarps * 32) moe_gate_kernel(MoeGateParams p) {
-  allow_dependent_launch();  // a dependent product may start loading its weights
+  wait_for_prerequisite();  // launched as a dependent: the kernels before have finished
+  allow_dependent_launch();
   __shared__ float s_scores[kWarps][kMoeGateMaxExperts];
   __shared__ float s_choice[kWarps][kMoeGateMaxExperts];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -176,7 +177,7 @@ void moe_gate(const MoeGateParams& p, cudaStream_t stream) {
   if (p.tokens == 0) return;
 
   const auto blocks = static_cast<unsigned>((p.tokens + kWarps - 1) / kWarps);
-  moe_gate_kernel<<<blocks, kWarps * 32, 0, stream>>>(p);
+  launch_dependent(moe_gate_kernel, blocks, kWarps * 32, 0, stream, true, p);
   MLA_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -21,17 +21,17 @@ __device__ __forceinline__ void wait_for_prerequisite() {
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 }
 
-// Launches kernel<<<grid, threads, smem, stream>>>(args...), as a programmatic dependent of
+// Launches kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent of
 // the previous kernel on the stream when `dependent` (else an ordinary launch).
 template <typename... Params, typename... Args>
-void launch_dependent(void (*kernel)(Params...), dim3 grid, int threads, int smem,
+void launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, int smem,
                       cudaStream_t stream, bool dependent, const Args&... args) {
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
-  config.blockDim = dim3(threads);
+  config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = dependent ? &attribute : nullptr;

@@ -54,7 +54,8 @@ constexpr int kThreads = 256;
 // the block barrier and writes after it; a vector never spans two blocks.
 template <typename In, typename Out>
 __global__ void rotate_kernel(Vectors<In, Out> p) {
-  allow_dependent_launch();  // a dependent product may start loading its weights
+  wait_for_prerequisite();  // launched as a dependent: the kernels before have finished
+  allow_dependent_launch();
   const int64_t half = p.d / 2;
   const int64_t j = threadIdx.x;
   const int64_t v = int64_t{blockIdx.x} * blockDim.y + threadIdx.y;
@@ -84,7 +85,8 @@ void launch(const Vectors<In, Out>& p, cudaStream_t stream) {
   const int per_block = kThreads / half > 0 ? kThreads / half : 1;
   const int64_t blocks = (p.tokens * p.heads + per_block - 1) / per_block;
   MLA_CHECK(blocks < (int64_t{1} << 31), "{} rope vectors exceed one grid", p.tokens * p.heads);
-  rotate_kernel<<<static_cast<unsigned>(blocks), dim3(half, per_block), 0, stream>>>(p);
+  launch_dependent(rotate_kernel<In, Out>, static_cast<unsigned>(blocks), dim3(half, per_block), 0,
+                   stream, true, p);
   MLA_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -19,7 +19,8 @@ __device__ __forceinline__ float silu_times(float g, float u) {
 // Vec elements per thread per step. Params is one of the SiluMul*Params structs.
 template <int Vec, typename Params>
 __global__ void silu_mul_kernel(Params p) {
-  allow_dependent_launch();  // a dependent product may start loading its weights
+  wait_for_prerequisite();  // launched as a dependent: the kernels before have finished
+  allow_dependent_launch();
   const int64_t vecs_per_row = p.width / Vec;
   const int64_t total = p.rows * vecs_per_row;
   for (int64_t k = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; k < total;
@@ -45,9 +46,9 @@ void launch(const Params& p, cudaStream_t stream) {
   const int64_t work = p.rows * (vec ? p.width / kVec : p.width);
   const auto blocks = static_cast<unsigned>(std::min((work + kThreads - 1) / kThreads, kMaxBlocks));
   if (vec) {
-    silu_mul_kernel<kVec><<<blocks, kThreads, 0, stream>>>(p);
+    launch_dependent(silu_mul_kernel<kVec, Params>, blocks, kThreads, 0, stream, true, p);
   } else {
-    silu_mul_kernel<1><<<blocks, kThreads, 0, stream>>>(p);
+    launch_dependent(silu_mul_kernel<1, Params>, blocks, kThreads, 0, stream, true, p);
   }
   MLA_CUDA_CHECK(cudaGetLastError());
 }
