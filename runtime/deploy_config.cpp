@@ -43,8 +43,8 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   if (root.IsNull()) MLA_THROW(kInvalidArgument, "{}: empty config (needs at least `model`)", origin);
   if (!root.IsMap()) MLA_THROW(kInvalidArgument, "{}: top level must be a mapping", origin);
   reject_unknown(root,
-                 {"model", "absorb", "device", "cuda_graphs", "cuda_small_gemm", "cache", "scheduler", "parallel",
-                  "coordinator", "workers"},
+                 {"model", "absorb", "device", "cuda_graphs", "cuda_small_gemm", "cache",
+                  "scheduler", "parallel", "coordinator", "workers"},
                  "", origin);
   read(root, "model", c.model_dir, "", origin);
   std::string absorb = to_string(c.model.absorb);

@@ -406,6 +406,7 @@ __global__ void __launch_bounds__(C::kThreads) moe_gemm_kernel(GemmArgs g) {
 constexpr int kGemvThreads = 256;
 constexpr int kGemvGroup = 32;  // threads per pair of weight rows
 constexpr int kGemvGroups = kGemvThreads / kGemvGroup;
+constexpr int64_t kMaxGemvSlots = 65535;  // one grid row per slot
 
 struct GemvArgs {
   const bf16* x;
@@ -668,7 +669,7 @@ void moe_experts(const MoeExpertsParams& p, void* workspace, size_t workspace_by
                   reinterpret_cast<bf16*>(ws + l.act),
                   reinterpret_cast<float*>(ws + l.y)};
   const int64_t slots = p.tokens * p.top_k;
-  if (slots <= p.gemv_max_slots) {
+  if (slots <= std::min<int64_t>(p.gemv_max_slots, kMaxGemvSlots)) {
     launch_gemv(p, plan, stream);
   } else {
     launch_tiled(p, plan, slots, stream);

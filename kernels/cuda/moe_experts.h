@@ -15,9 +15,9 @@
 // nothing; an expert's weights are read once per tile of up to 16 rows (64 rows when the batch
 // averages 32 or more slots per expert). No float atomics: the result is deterministic.
 // With few slots (decode at batch 1 or 2: at most gemv_max_slots) kernels 1-3 give way to two
-// weight-streaming kernels, one block row per slot, that read each routed expert's rows once
-// at close to copy bandwidth (row_dots.cuh) as programmatic dependent launches; the combine is
-// the same.
+// weight-streaming kernels, one block row per slot, that stream the slot's expert rows at close
+// to copy bandwidth (row_dots.cuh; an expert picked by two slots is read twice) as programmatic
+// dependent launches; the combine is the same.
 //
 // Precision: inputs bf16, products accumulated in fp32; the activations between the GEMMs are
 // rounded to bf16 (as a bf16 model would store them); y and out stay fp32.

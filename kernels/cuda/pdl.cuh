@@ -2,9 +2,10 @@
 // the previous kernel on its stream still runs. It must call wait_for_prerequisite() before it
 // reads anything an earlier kernel wrote (and before it exits), since that wait is what orders
 // it after the earlier kernels; work that reads only weights can go before the wait. A kernel
-// that calls allow_dependent_launch() early lets the next one launch before it finishes
-// (without the call that happens as its blocks exit). Both are no-ops for kernels launched the
-// ordinary way. Graph capture keeps the dependency type. Include from .cu files only.
+// that calls allow_dependent_launch() lets a dependent next kernel launch before it finishes
+// (without the call that happens as its blocks exit), whether it was itself launched as a
+// dependent or not; wait_for_prerequisite() is a no-op in a kernel launched the ordinary way.
+// Graph capture keeps the dependency type. Include from .cu files only.
 #pragma once
 
 #include <cuda_runtime.h>

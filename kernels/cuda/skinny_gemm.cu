@@ -144,7 +144,7 @@ void launch_nk(const Args& args, int64_t batch, cudaStream_t stream, bool depend
   constexpr int64_t V = 16 / sizeof(T);
   const int64_t groups = ceil_div(args.n, kRowsPerGroup) * batch;
   const int64_t chunks = args.k / V;
-  // Widen the group while the grid is short of threads and every thread keeps >= 2 chunks.
+  // Widen the group while the grid is short of threads and every thread keeps >= 1 chunk.
   int g = 32;
   while (g < kThreads && groups * g < kTargetThreads && 2 * g <= chunks) g *= 2;
   const dim3 grid(static_cast<unsigned>(ceil_div(args.n, int64_t{kRowsPerGroup} * (kThreads / g))),
@@ -212,6 +212,7 @@ bool skinny_gemm_supports(const GemmParams& p) {
   if (!bf16 && !f32) return false;
   const int64_t v = bf16 ? 8 : 4;  // elements in 16 bytes
   auto whole = [v](int64_t x) { return x % v == 0; };
+  if (p.lda < p.k || p.ldb < (p.b_nk ? p.k : p.n) || p.ldc < p.n) return false;
   if (!is_aligned(p.b, 16) || !whole(p.ldb) || !whole(p.stride_b)) return false;
   if (!p.b_nk) return whole(p.n);
   return whole(p.k) && is_aligned(p.a, 16) && whole(p.lda) && whole(p.stride_a);

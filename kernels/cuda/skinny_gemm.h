@@ -1,8 +1,8 @@
 // Matrix products with few rows, as decode at small batch makes them: the GemmParams product of
 // gemm.h (C[m, n] = alpha * A[m, k] op(B) + beta * C, batched) for m <= kSkinnyMaxRows. The
-// cost is reading B (the weight) once, so the kernel spreads B's 16-byte rows over the whole GPU
-// and keeps several loads in flight per thread; cuBLAS's GEMV-shaped kernels read these shapes
-// at about half the copy bandwidth (docs/BENCHMARKS.md, batch-1 profile). A and B both bf16
+// cost is reading B (the weight) once, so the kernel spreads B's rows, in 16-byte chunks, over
+// the whole GPU and keeps several loads in flight per thread; cuBLAS's GEMV-shaped kernels read
+// these shapes at about half the copy bandwidth (docs/BENCHMARKS.md, batch-1 profile). A and B both bf16
 // (fp32 or bf16 output) or both fp32 (fp32 output); fp32 accumulation. The CPU reference is
 // mla::cpu::gemm.
 //
@@ -27,7 +27,8 @@ inline constexpr int64_t kSkinnyMaxRows = 8;
 // batch 2 from 4.72 to 4.33 ms, while batch 4 ran 1.7 % slower than with cuBLAS.
 inline constexpr int64_t kSkinnyPreferredRows = 2;
 
-// Whether skinny_gemm takes p: 1 <= m <= kSkinnyMaxRows, n, k >= 1, batch <= 65535; A and B
+// Whether skinny_gemm takes p: 1 <= m <= kSkinnyMaxRows, n, k >= 1, batch <= 65535, leading
+// dimensions at least the rows they hold (as gemm() requires); A and B
 // both bf16 or both fp32 (then an fp32 C); B 16-byte aligned with ldb and stride_b multiples of
 // 16 bytes of elements, and the dimension B is contiguous in (k when b_nk, else n) too; when
 // b_nk the same for A (pointer, lda, stride_a).

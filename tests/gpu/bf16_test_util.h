@@ -28,7 +28,7 @@ class DeviceArray {
  public:
   explicit DeviceArray(int64_t n) : n_(n) {
     MLA_CUDA_CHECK(cudaMalloc(&ptr_, bytes() > 0 ? bytes() : 1));
-    MLA_CUDA_CHECK(cudaMemset(ptr_, 0xFF, bytes()));
+    poison();
   }
   explicit DeviceArray(const std::vector<T>& host)
       : DeviceArray(static_cast<int64_t>(host.size())) {
@@ -40,8 +40,12 @@ class DeviceArray {
 
   T* get() const { return ptr_; }
   int64_t bytes() const { return n_ * static_cast<int64_t>(sizeof(T)); }
-  // Every byte 0xFF again (before a second run that must rewrite the outputs).
-  void poison() { MLA_CUDA_CHECK(cudaMemset(ptr_, 0xFF, bytes())); }
+  // Every byte 0xFF again (before a second run that must rewrite the outputs). Waits for it:
+  // cudaMemset does not order against non-blocking streams.
+  void poison() {
+    MLA_CUDA_CHECK(cudaMemset(ptr_, 0xFF, bytes()));
+    MLA_CUDA_CHECK(cudaDeviceSynchronize());
+  }
   // Copies host.size() elements (at most n) to the start of the array.
   void upload(const std::vector<T>& host) {
     MLA_CUDA_CHECK(

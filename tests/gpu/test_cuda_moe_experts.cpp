@@ -273,12 +273,19 @@ TEST(CudaMoeExperts, FewSlotsMatchOnBothPaths) {
     ++few;
     const Problem p = make_problem(c, rng);
     for (int64_t max_slots : {cuda::kMoeGemvMaxSlots, int64_t{0}}) {
-      c.gemv_max_slots = max_slots;
-      DeviceProblem d(p);
-      d.run(c, nullptr);
-      MLA_CUDA_CHECK(cudaDeviceSynchronize());
-      SCOPED_TRACE(max_slots > 0 ? "weight-streaming kernels" : "tiled GEMMs");
-      expect_close(p, d.download_out(p), reference(p));
+      // A workspace of 0xff bytes (NaN activations, slot positions -1) and one of zeros (slot
+      // positions 0): either way every slot's position must be written.
+      for (int fill : {0xff, 0x00}) {
+        c.gemv_max_slots = max_slots;
+        DeviceProblem d(p);
+        MLA_CUDA_CHECK(cudaMemset(d.workspace, fill, d.workspace_bytes));
+        MLA_CUDA_CHECK(cudaDeviceSynchronize());
+        d.run(c, nullptr);
+        MLA_CUDA_CHECK(cudaDeviceSynchronize());
+        SCOPED_TRACE(std::string(max_slots > 0 ? "weight-streaming kernels" : "tiled GEMMs") +
+                     (fill ? ", workspace 0xff" : ", workspace 0"));
+        expect_close(p, d.download_out(p), reference(p));
+      }
     }
   }
   EXPECT_GE(few, 5);
