@@ -63,7 +63,6 @@ void add_rms_norm(const AddRmsNormParams& p, cudaStream_t stream) {
   } else {
     launch_dependent(add_rms_norm_kernel<1>, blocks, kThreads, 0, stream, true, p);
   }
-  MLA_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace mla::cuda

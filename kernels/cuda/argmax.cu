@@ -60,7 +60,6 @@ __global__ void argmax_kernel(ArgmaxParams p) {
 void argmax_f32(const ArgmaxParams& p, cudaStream_t stream) {
   if (p.rows == 0) return;
   launch_dependent(argmax_kernel, static_cast<unsigned>(p.rows), kThreads, 0, stream, true, p);
-  MLA_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace mla::cuda

@@ -47,7 +47,6 @@ void launch(const Params& p, cudaStream_t stream) {
   } else {
     launch_dependent(embedding_kernel<1, Params>, blocks, kThreads, 0, stream, true, p);
   }
-  MLA_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace

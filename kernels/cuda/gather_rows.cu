@@ -37,7 +37,6 @@ void gather_rows(const GatherRowsParams& p, cudaStream_t stream) {
   } else {
     launch_dependent(gather_rows_kernel<char>, grid, kThreads, 0, stream, true, p);
   }
-  MLA_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace mla::cuda

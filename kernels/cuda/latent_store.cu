@@ -55,7 +55,6 @@ void latent_store(const LatentStoreParams& p, cudaStream_t stream) {
   MLA_CHECK(p.layer >= 0 && p.layer < p.num_layers && p.block_size > 0,
             "latent_store: layer {} of {}, block size {}", p.layer, p.num_layers, p.block_size);
   launch_dependent(latent_store_kernel, static_cast<unsigned>(p.T), kThreads, 0, stream, true, p);
-  MLA_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace mla::cuda

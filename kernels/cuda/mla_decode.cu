@@ -668,7 +668,6 @@ void mla_decode(const MlaDecodeParams& p, void* workspace, cudaStream_t stream) 
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, plan_smem));
     launch_dependent(mla_decode_plan_kernel, 1, kPlanThreads, plan_smem, stream, true, p.num_keys,
                      p.batch, p.s_q, parts, ws);
-    MLA_CUDA_CHECK(cudaGetLastError());
   }
   MLA_CUDA_CHECK(cudaFuncSetAttribute(mla_decode_split_kernel,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));

@@ -678,7 +678,6 @@ void moe_experts(const MoeExpertsParams& p, void* workspace, size_t workspace_by
       plan.slot_pos, p.weights, plan.y, p.out, static_cast<int32_t>(p.top_k), p.d};
   launch_dependent(moe_combine_kernel, static_cast<unsigned>(p.tokens), kCombineThreads, 0, stream,
                    true, combine);
-  MLA_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace mla::cuda

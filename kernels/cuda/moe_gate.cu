@@ -178,7 +178,6 @@ void moe_gate(const MoeGateParams& p, cudaStream_t stream) {
 
   const auto blocks = static_cast<unsigned>((p.tokens + kWarps - 1) / kWarps);
   launch_dependent(moe_gate_kernel, blocks, kWarps * 32, 0, stream, true, p);
-  MLA_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace mla::cuda

@@ -23,7 +23,8 @@ __device__ __forceinline__ void wait_for_prerequisite() {
 }
 
 // Launches kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent of
-// the previous kernel on the stream when `dependent` (else an ordinary launch).
+// the previous kernel on the stream when `dependent` (else an ordinary launch). Throws
+// kInternal when the launch fails, so launchers need no cudaGetLastError after it.
 template <typename... Params, typename... Args>
 void launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, int smem,
                       cudaStream_t stream, bool dependent, const Args&... args) {

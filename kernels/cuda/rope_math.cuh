@@ -87,7 +87,6 @@ void launch(const Vectors<In, Out>& p, cudaStream_t stream) {
   MLA_CHECK(blocks < (int64_t{1} << 31), "{} rope vectors exceed one grid", p.tokens * p.heads);
   launch_dependent(rotate_kernel<In, Out>, static_cast<unsigned>(blocks), dim3(half, per_block), 0,
                    stream, true, p);
-  MLA_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace mla::cuda::rope

@@ -232,7 +232,6 @@ void skinny_gemm(const GemmParams& p, cudaStream_t stream, bool dependent) {
   } else {
     launch_typed<__nv_bfloat16, __nv_bfloat16>(p, args, stream, dependent);
   }
-  MLA_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace mla::cuda
