@@ -42,7 +42,7 @@ using Reader = grpc::ClientReaderInterface<v1::GenerateResponse>;
 constexpr int32_t kStreamsPerChannel = 64;
 
 struct BenchArgs {
-  std::string address = "127.0.0.1:50051";
+  std::string address = "127.0.0.1:50051";  // coordinators: comma-separated
   bool worker = false;
   int32_t requests = 100;
   int32_t concurrency = 1;
@@ -59,8 +59,8 @@ struct BenchArgs {
 
 // One Generate call as the client saw it.
 struct Sample {
-  bool sent = false;  // false: the run ended before its turn
-  grpc::StatusCode code = grpc::StatusCode::OK;
+  bool sent = false;        // false: the run ended before its turn
+  std::string code = "OK";  // the gRPC status name the call ended with
   int64_t tokens = 0;
   bool complete = false;  // OK and ended with a finish_reason
   double ttft_ms = 0.0;   // to the first message with tokens; 0 when none came
@@ -69,58 +69,71 @@ struct Sample {
   double start_lag_ms = 0.0;  // with --rate: how late the call started against the schedule
 };
 
-// Opens a Generate stream on the coordinator or on a worker; both services share the call's
-// types.
+double ms_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+// Where the calls go: the coordinators through the client library (which resumes a stream on
+// another coordinator when one breaks), or one worker's Worker service directly (with the
+// control secret from the environment).
 class Target {
  public:
   Target(const std::string& address, bool worker, int32_t channel_index) {
+    if (!worker) {
+      ClientOptions options;
+      options.own_connections = true;
+      client_ = std::make_unique<Client>(address, options);
+      return;
+    }
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(64 << 20);
     // Distinct channels otherwise share one connection through the global subchannel pool.
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
     args.SetInt("mlaserve.bench_channel", channel_index);
-    auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
-    if (worker) {
-      worker_ = v1::Worker::NewStub(channel);
-    } else {
-      coordinator_ = v1::Coordinator::NewStub(channel);
-    }
+    worker_ = v1::Worker::NewStub(
+        grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+    secret_ = SharedSecret::load("");
   }
 
-  std::unique_ptr<Reader> generate(grpc::ClientContext* ctx, const v1::GenerateRequest& req) {
-    return worker_ ? std::unique_ptr<Reader>(worker_->Generate(ctx, req))
-                   : std::unique_ptr<Reader>(coordinator_->Generate(ctx, req));
+  Sample run_one(const v1::GenerateRequest& req, std::chrono::system_clock::time_point deadline) {
+    Sample s;
+    const Clock::time_point start = Clock::now();
+    bool finished = false;
+    auto on_message = [&](const v1::GenerateResponse& msg) {
+      if (msg.token_ids_size() > 0 && s.tokens == 0) s.ttft_ms = ms_between(start, Clock::now());
+      s.tokens += msg.token_ids_size();
+      if (s.worker_id.empty()) s.worker_id = msg.worker_id();
+      if (msg.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) finished = true;
+    };
+    if (client_) {
+      try {
+        client_->generate(req, on_message,
+                          std::chrono::duration_cast<std::chrono::milliseconds>(
+                              deadline - std::chrono::system_clock::now()));
+      } catch (const Error& e) {
+        // The client's message is "<STATUS_NAME>: <server message>".
+        const std::string what = e.what();
+        s.code = what.substr(0, what.find(':'));
+      }
+    } else {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(deadline);
+      secret_->attach(ctx);
+      std::unique_ptr<Reader> reader = worker_->Generate(&ctx, req);
+      v1::GenerateResponse msg;
+      while (reader->Read(&msg)) on_message(msg);
+      s.code = grpc_code_name(reader->Finish().error_code());
+    }
+    s.total_ms = ms_between(start, Clock::now());
+    s.complete = s.code == "OK" && finished;
+    return s;
   }
 
  private:
+  std::unique_ptr<Client> client_;
   std::unique_ptr<v1::Worker::Stub> worker_;
-  std::unique_ptr<v1::Coordinator::Stub> coordinator_;
+  std::shared_ptr<const SharedSecret> secret_;
 };
-
-double ms_between(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double, std::milli>(b - a).count();
-}
-
-Sample run_one(Target& target, const v1::GenerateRequest& req,
-               std::chrono::system_clock::time_point deadline) {
-  Sample s;
-  grpc::ClientContext ctx;
-  ctx.set_deadline(deadline);
-  const Clock::time_point start = Clock::now();
-  std::unique_ptr<Reader> reader = target.generate(&ctx, req);
-  v1::GenerateResponse msg;
-  bool finished = false;
-  while (reader->Read(&msg)) {
-    if (msg.token_ids_size() > 0 && s.tokens == 0) s.ttft_ms = ms_between(start, Clock::now());
-    s.tokens += msg.token_ids_size();
-    if (s.worker_id.empty()) s.worker_id = msg.worker_id();
-    if (msg.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) finished = true;
-  }
-  s.code = reader->Finish().error_code();
-  s.total_ms = ms_between(start, Clock::now());
-  s.complete = s.code == grpc::StatusCode::OK && finished;
-  return s;
-}
 
 // Request i's prompt depends only on (seed, i), not on which thread sends it.
 v1::GenerateRequest make_request(const BenchArgs& a, int32_t vocab, int64_t i) {
@@ -205,7 +218,7 @@ Run run_load(const BenchArgs& a, int32_t vocab, std::vector<std::unique_ptr<Targ
           const Clock::time_point now = Clock::now();
           if (now >= end) return;
           Sample& s = run.samples[static_cast<size_t>(i)];
-          s = run_one(target, make_request(a, vocab, first + i), deadline);
+          s = target.run_one(make_request(a, vocab, first + i), deadline);
           s.sent = true;
           s.start_lag_ms = ms_between(scheduled, now);
         }
@@ -261,8 +274,8 @@ int run_bench(const BenchArgs& a) {
     ++sent;
     lag.push_back(s.start_lag_ms);
     tokens += s.tokens;
-    if (s.code != grpc::StatusCode::OK) {
-      ++errors[grpc_code_name(s.code)];
+    if (s.code != "OK") {
+      ++errors[s.code];
       continue;
     }
     ++ok;
@@ -326,7 +339,9 @@ void add_bench_command(CLI::App& app, int& exit_code) {
   auto a = std::make_shared<BenchArgs>();
   auto* cmd = app.add_subcommand(
       "bench", "Load a coordinator (or one worker) with Generate streams and report latencies");
-  cmd->add_option("--address", a->address, "Coordinator address, or a worker's with --worker")
+  cmd->add_option("--address", a->address,
+                  "Coordinator addresses, comma-separated (a broken stream resumes on the next), "
+                  "or a worker's with --worker")
       ->capture_default_str();
   cmd->add_flag("--worker", a->worker, "Call the Worker service at --address directly");
   cmd->add_option("--requests", a->requests, "Requests to send")->capture_default_str();

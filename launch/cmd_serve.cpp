@@ -1,14 +1,17 @@
-// `mlaserve worker`, `mlaserve coordinator` and `mlaserve client`: the serving cluster.
-// Servers run until SIGINT or SIGTERM, then shut down cleanly (streams ended, followers
-// released, ports closed).
+// `mlaserve worker`, `mlaserve coordinator`, `mlaserve client` and `mlaserve admin`: the
+// serving cluster. Servers run until SIGINT or SIGTERM, then stop gracefully: a worker drains
+// (takes no new requests, gives the running ones workers.drain_timeout_s to finish; the rest
+// fail over to other groups), a coordinator takes no new requests and gives open streams
+// coordinator.drain_timeout_s. A second signal stops at once.
 #include <grpcpp/grpcpp.h>
+#include <poll.h>
 #include <spdlog/spdlog.h>
-
 #include <unistd.h>
 
 #include <csignal>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <sstream>
 
 #include "kernels/error.h"
@@ -16,8 +19,12 @@
 #include "launch/deploy_flags.h"
 #include "launch/group_runtime.h"
 #include "rpc/client.h"
+#include "rpc/control_service.h"
 #include "rpc/coordinator_service.h"
 #include "rpc/metrics.h"
+#include "rpc/model_identity.h"
+#include "rpc/shared_secret.h"
+#include "rpc/tls_credentials.h"
 #include "rpc/worker_service.h"
 
 namespace mla::launch {
@@ -25,7 +32,7 @@ namespace {
 
 // SIGINT and SIGTERM are caught by a handler that writes the signal number to a pipe, so
 // whichever thread receives them (gRPC and MPI start their own), the process is not killed
-// and wait_for_stop_signal() returns on the main thread to shut down in order.
+// and the main thread reads them in order to shut down.
 int g_stop_pipe[2] = {-1, -1};
 
 void on_stop_signal(int sig) {
@@ -45,45 +52,116 @@ void catch_stop_signals() {
   sigaction(SIGTERM, &action, nullptr);
 }
 
-int wait_for_stop_signal() {
-  unsigned char sig = 0;
-  while (read(g_stop_pipe[0], &sig, 1) != 1) {
+// The next stop signal, waiting up to `timeout` (forever when none); nullopt when none came.
+std::optional<int> next_stop_signal(std::optional<std::chrono::milliseconds> timeout = {}) {
+  pollfd fd{g_stop_pipe[0], POLLIN, 0};
+  const int ms = timeout ? static_cast<int>(timeout->count()) : -1;
+  while (true) {
+    const int ready = poll(&fd, 1, ms);
+    if (ready < 0 && errno == EINTR) continue;
+    if (ready <= 0) return std::nullopt;
+    unsigned char sig = 0;
+    if (read(g_stop_pipe[0], &sig, 1) == 1) {
+      spdlog::info("received {}", sig == SIGINT ? "SIGINT" : "SIGTERM");
+      return sig;
+    }
   }
-  spdlog::info("received {}, shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
-  return sig;
+}
+
+// Polls `done` until it is true (true), `timeout` passes or a second stop signal comes
+// (false).
+bool drain_until(const std::function<bool()>& done, std::chrono::milliseconds timeout) {
+  const auto end = std::chrono::steady_clock::now() + timeout;
+  while (!done()) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        end - std::chrono::steady_clock::now());
+    if (left.count() <= 0) return false;
+    if (next_stop_signal(std::min(left, std::chrono::milliseconds(50)))) {
+      spdlog::warn("second stop signal: stopping now");
+      return false;
+    }
+  }
+  return true;
+}
+
+// "host:port" with a port in [0, 65535] (0: any free port). gRPC would read a port beyond
+// that range as port 0 and listen somewhere unexpected.
+void check_listen_address(const std::string& address, const char* what) {
+  const size_t colon = address.rfind(':');
+  const std::string port = colon == std::string::npos ? "" : address.substr(colon + 1);
+  const bool digits =
+      !port.empty() && port.size() <= 5 &&
+      std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; });
+  if (colon == 0 || !digits || std::stoi(port) > 65535) {
+    MLA_THROW(kInvalidArgument, "{}: `{}` is not host:port with a port in [0, 65535]", what,
+              address);
+  }
 }
 
 std::unique_ptr<grpc::Server> start_server(grpc::Service* service, const std::string& address,
+                                           const std::shared_ptr<grpc::ServerCredentials>& creds,
                                            const char* what) {
+  check_listen_address(address, what);
   // The standard grpc.health.v1 service too, for load balancers and orchestrators.
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(address, creds, &port);
   builder.RegisterService(service);
   builder.SetMaxReceiveMessageSize(64 << 20);
   builder.SetMaxSendMessageSize(64 << 20);
+  // gRPC sets SO_REUSEPORT by default, which lets a second process bind the same port and
+  // take half its connections; a port in use must be an error instead.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (!server || port == 0) MLA_THROW(kUnavailable, "{}: cannot listen on {}", what, address);
+  if (!server || port == 0) {
+    MLA_THROW(kUnavailable,
+              "{}: cannot listen on {} (address in use, or not an address of this "
+              "host)",
+              what, address);
+  }
   server->GetHealthCheckService()->SetServingStatus(true);
-  spdlog::info("{} listening on {}", what, address);
+  spdlog::info("{} listening on {}{}", what, address,
+               address.ends_with(":0") ? fmt::format(" (port {})", port) : "");
   return server;
 }
-
 
 struct WorkerArgs {
   DeployFlags deploy;
   std::string coordinator;
   std::string host;
   int32_t port_base = 0;
+  int32_t group = 0;
+  int32_t drain_timeout_s = 0;
 };
+
+std::vector<std::string> split_list(const std::string& list) {
+  std::vector<std::string> out;
+  std::stringstream ss(list);
+  for (std::string item; std::getline(ss, item, ',');) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
 
 int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
   DeployConfig d = a.deploy.resolve();
-  if (cmd.get_option("--host")->count() > 0) d.workers.host = a.host;
-  if (cmd.get_option("--port-base")->count() > 0) d.workers.port_base = a.port_base;
-  const std::string coordinator =
-      cmd.get_option("--coordinator")->count() > 0 ? a.coordinator : d.coordinator.address;
+  auto given = [&](const char* flag) { return cmd.get_option(flag)->count() > 0; };
+  if (given("--host")) d.workers.host = a.host;
+  if (given("--port-base")) d.workers.port_base = a.port_base;
+  if (given("--group")) d.workers.group = a.group;
+  if (given("--coordinator")) d.workers.coordinators = split_list(a.coordinator);
+  if (given("--drain-timeout")) d.workers.drain_timeout_s = a.drain_timeout_s;
+  MLA_REQUIRE(d.workers.group >= 0, "--group must be >= 0, got {}", d.workers.group);
+  MLA_REQUIRE(d.workers.drain_timeout_s >= 0, "--drain-timeout must be >= 0, got {}",
+              d.workers.drain_timeout_s);
+  const std::vector<std::string> coordinators = d.coordinator_control_addresses();
+  MLA_REQUIRE(!coordinators.empty(), "--coordinator: no coordinator address");
+  // What the leader needs to serve, checked before the slow model load.
+  const auto secret = SharedSecret::load(d.control.secret_file);
+  const auto server_creds = server_credentials(d.tls);
+  const auto channel_creds = channel_credentials(d.tls);
+  const std::string config_hash = model_config_hash(d.model_dir);
   catch_stop_signals();
   auto rt = GroupRuntime::start(d);
   Engine& engine = *rt->engine;
@@ -92,7 +170,11 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
     return 0;
   }
   FollowerRelease release(engine);
-  const int port = d.workers.port_base + rt->groups.group_index;
+  // The group's index in the deployment: this job's first group plus its place in the job.
+  const int group = d.workers.group + rt->groups.group_index;
+  const int port = d.workers.port_base + group;
+  MLA_REQUIRE(port < 65536, "workers.port_base {} + group {} is not a TCP port",
+              d.workers.port_base, group);
   const std::string listen = fmt::format("{}:{}", d.workers.host, port);
   // Listening on every interface, the worker advertises its host name to the coordinator.
   std::string advertised_host = d.workers.host;
@@ -104,8 +186,10 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
   const std::string address = fmt::format("{}:{}", advertised_host, port);
   WorkerServiceOptions wopts;
   wopts.worker_id = address;
+  wopts.secret = secret;
+  wopts.config_hash = config_hash;
   WorkerService service(engine, wopts);
-  auto server = start_server(&service, listen, "worker");
+  auto server = start_server(&service, listen, server_creds, "worker");
 
   std::unique_ptr<MetricsRegistry> registry;
   std::unique_ptr<MetricsServer> metrics;
@@ -113,22 +197,43 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
     registry = std::make_unique<MetricsRegistry>();
     service.attach_metrics(*registry);
     metrics = std::make_unique<MetricsServer>(*registry, d.workers.host,
-                                              d.workers.metrics_port_base + rt->groups.group_index);
+                                              d.workers.metrics_port_base + group,
+                                              [&service] { return !service.draining(); });
     spdlog::info("worker metrics on http://{}:{}/metrics", d.workers.host, metrics->port());
   }
 
-  CoordinatorLinkOptions lopts;
-  lopts.coordinator_address = coordinator;
-  lopts.worker_id = address;
-  lopts.worker_address = address;
-  lopts.model = service.model_info();
-  lopts.load = [&service] { return service.load(); };
-  lopts.on_drain = [&service] { service.drain(); };
-  auto link = std::make_unique<CoordinatorLink>(lopts);
+  // One link per coordinator: each routes to this worker independently.
+  std::vector<std::unique_ptr<CoordinatorLink>> links;
+  for (const std::string& coordinator : coordinators) {
+    CoordinatorLinkOptions lopts;
+    lopts.coordinator_address = coordinator;
+    lopts.worker_id = address;
+    lopts.worker_address = address;
+    lopts.model = service.model_info();
+    lopts.load = [&service] { return service.load(); };
+    lopts.draining = [&service] { return service.draining(); };
+    lopts.on_drain = [&service] { service.drain(); };
+    lopts.on_undrain = [&service] { service.undrain(); };
+    lopts.secret = secret;
+    lopts.credentials = channel_creds;
+    links.push_back(std::make_unique<CoordinatorLink>(lopts));
+  }
 
-  wait_for_stop_signal();
+  next_stop_signal();
+  // Drain: the coordinators hear it in the next heartbeat and stop routing here; requests
+  // that arrive meanwhile are refused and fail over at once.
+  service.drain_for_shutdown();
+  const auto timeout = std::chrono::seconds(d.workers.drain_timeout_s);
+  spdlog::info("worker {}: draining: {} requests running, up to {} s", address, service.running(),
+               timeout.count());
+  if (drain_until([&service] { return service.running() == 0; }, timeout)) {
+    spdlog::info("worker {}: drained", address);
+  } else {
+    spdlog::warn("worker {}: {} requests still running; they fail over to other groups", address,
+                 service.running());
+  }
   server->GetHealthCheckService()->SetServingStatus(false);
-  link.reset();
+  links.clear();
   service.shutdown();
   // The service has ended its streams; gRPC would otherwise wait out the deadline for
   // idle client connections to close.
@@ -139,46 +244,76 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
 struct CoordinatorArgs {
   std::string config_path;
   std::string address;
+  std::string control_address;
   std::string routing;
   int32_t max_in_flight = 0;
   int32_t metrics_port = 0;
+  int32_t drain_timeout_s = 0;
 };
 
 int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
-  CoordinatorConfig c =
-      a.config_path.empty() ? CoordinatorConfig{} : DeployConfig::load(a.config_path).coordinator;
+  const DeployConfig d = a.config_path.empty() ? DeployConfig{} : DeployConfig::load(a.config_path);
+  CoordinatorConfig c = d.coordinator;
   auto given = [&](const char* flag) { return cmd.get_option(flag)->count() > 0; };
   if (given("--address")) c.address = a.address;
+  if (given("--control-address")) c.control_address = a.control_address;
   if (given("--routing")) c.routing = a.routing;
   if (given("--max-in-flight")) c.max_in_flight = a.max_in_flight;
   if (given("--metrics-port")) c.metrics_port = a.metrics_port;
+  if (given("--drain-timeout")) c.drain_timeout_s = a.drain_timeout_s;
+  MLA_REQUIRE(c.drain_timeout_s >= 0, "--drain-timeout must be >= 0, got {}", c.drain_timeout_s);
+  MLA_REQUIRE(c.address != c.control_address,
+              "coordinator: the client plane ({}) and the control plane ({}) need their own "
+              "addresses",
+              c.address, c.control_address);
+  const auto secret = SharedSecret::load(d.control.secret_file);
   CoordinatorOptions options;
   options.policy = routing_policy_from_string(c.routing);
   options.max_in_flight = c.max_in_flight;
   options.heartbeat_interval_ms = c.heartbeat_interval_ms;
   options.dead_after_ms = 3 * c.heartbeat_interval_ms;
+  options.forget_dead_after_ms = std::max(1000 * c.forget_dead_after_s, options.dead_after_ms);
+  options.secret = secret;
+  options.worker_credentials = channel_credentials(d.tls);
+  const auto server_creds = server_credentials(d.tls);
   catch_stop_signals();
   CoordinatorService service(options);
+  ControlService control(service, *secret);
   std::unique_ptr<MetricsRegistry> registry;
   std::unique_ptr<MetricsServer> metrics;
   if (c.metrics_port > 0) {
     registry = std::make_unique<MetricsRegistry>();
     service.attach_metrics(*registry);
     const std::string host = c.address.substr(0, c.address.rfind(':'));
-    metrics = std::make_unique<MetricsServer>(*registry, host, c.metrics_port);
-    spdlog::info("coordinator metrics on http://{}:{}/metrics", host, metrics->port());
+    metrics = std::make_unique<MetricsServer>(*registry, host, c.metrics_port,
+                                              [&service] { return service.ready(); });
+    spdlog::info("coordinator metrics on http://{}:{}/metrics (/livez, /readyz)", host,
+                 metrics->port());
   }
-  auto server = start_server(&service, c.address, "coordinator");
-  wait_for_stop_signal();
+  auto server = start_server(&service, c.address, server_creds, "coordinator");
+  service.attach_health(server->GetHealthCheckService());
+  auto control_server = start_server(&control, c.control_address, server_creds, "control plane");
+
+  next_stop_signal();
+  service.stop_accepting();
+  const auto timeout = std::chrono::seconds(c.drain_timeout_s);
+  spdlog::info("coordinator: {} streams open; waiting up to {} s for them", service.in_flight(),
+               timeout.count());
+  if (!drain_until([&service] { return service.in_flight() == 0; }, timeout)) {
+    spdlog::warn("coordinator: ending {} open streams", service.in_flight());
+  }
   server->GetHealthCheckService()->SetServingStatus(false);
   service.shutdown();
   // The service has ended its streams; gRPC would otherwise wait out the deadline for
   // idle client connections to close.
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
+  const auto soon = std::chrono::system_clock::now() + std::chrono::milliseconds(200);
+  server->Shutdown(soon);
+  control_server->Shutdown(soon);
   return 0;
 }
 
 struct ClientArgs {
+  std::string config_path;
   std::string address = "127.0.0.1:50051";
   std::string prompt_ids;
   std::string request_id;
@@ -194,11 +329,22 @@ struct ClientArgs {
   int32_t timeout_s = 0;
 };
 
-int run_client(const ClientArgs& a) {
-  Client client(a.address);
+int run_client(const ClientArgs& a, const CLI::App& cmd) {
+  const bool given_address = cmd.get_option("--address")->count() > 0;
+  if (a.prompt_ids.empty() && !a.status && a.wait_ready_s <= 0) {
+    MLA_THROW(kInvalidArgument,
+              "client: nothing to do: give --prompt-ids to generate, --status to show the "
+              "cluster, or --wait-ready to wait for it");
+  }
+  const DeployConfig d = a.config_path.empty() ? DeployConfig{} : DeployConfig::load(a.config_path);
+  const std::string address =
+      given_address || a.config_path.empty() ? a.address : d.coordinator.address;
+  ClientOptions options;
+  options.credentials = channel_credentials(d.tls);
+  Client client(address, options);
   if (a.wait_ready_s > 0 && !client.wait_until_ready(std::chrono::seconds(a.wait_ready_s))) {
-    MLA_THROW(kUnavailable, "no serving coordinator with a live worker at {} after {} s",
-              a.address, a.wait_ready_s);
+    MLA_THROW(kUnavailable, "no serving coordinator with a live worker at {} after {} s", address,
+              a.wait_ready_s);
   }
   if (!a.prompt_ids.empty()) {
     mlaserve::v1::GenerateRequest req;
@@ -216,19 +362,37 @@ int run_client(const ClientArgs& a) {
         [&](const mlaserve::v1::GenerateResponse& m) {
           for (int i = 0; i < m.token_ids_size(); ++i) {
             std::cout << m.token_ids(i);
-            if (a.logprobs && i < m.logprobs_size()) std::cout << fmt::format("({:.3f})", m.logprobs(i));
+            if (a.logprobs && i < m.logprobs_size())
+              std::cout << fmt::format("({:.3f})", m.logprobs(i));
             std::cout << ' ' << std::flush;
           }
         },
         std::chrono::seconds(a.timeout_s));
     std::cout << fmt::format(
-        "\n[{}] finish {}: {} prompt + {} generated tokens, ttft {:.1f} ms, total {:.1f} ms\n",
+        "\n[{}] finish {}: {} prompt + {} generated tokens, ttft {:.1f} ms, total {:.1f} ms{}\n",
         result.request_id, mlaserve::v1::FinishReason_Name(result.finish),
         result.usage.prompt_tokens(), result.usage.completion_tokens(), result.timings.ttft_ms(),
-        result.timings.total_ms());
+        result.timings.total_ms(),
+        result.coordinators.size() > 1
+            ? fmt::format(" (resumed on {} coordinators)", result.coordinators.size())
+            : "");
   }
   if (a.status) std::cout << format_cluster_status(client.list_workers());
   return 0;
+}
+
+struct AdminArgs {
+  std::string config_path;
+  std::string address;
+  std::string worker_id;
+};
+
+// `mlaserve admin drain|undrain|workers`: the control plane, with the shared secret.
+AdminClient admin_client(const AdminArgs& a) {
+  const DeployConfig d = a.config_path.empty() ? DeployConfig{} : DeployConfig::load(a.config_path);
+  const std::string address = a.address.empty() ? d.coordinator.control_address : a.address;
+  return AdminClient(address, SharedSecret::load(d.control.secret_file),
+                     channel_credentials(d.tls));
 }
 
 }  // namespace
@@ -236,25 +400,50 @@ int run_client(const ClientArgs& a) {
 void add_serve_commands(CLI::App& app, int& exit_code) {
   auto w = std::make_shared<WorkerArgs>();
   auto* worker = app.add_subcommand(
-      "worker", "Serve a model as worker groups (under mpirun: N / tp groups), registered with a coordinator");
+      "worker",
+      "Serve a model as worker groups (under mpirun: N / tp groups), registered with the "
+      "coordinators");
   w->deploy.add_to(*worker);
-  worker->add_option("--coordinator", w->coordinator, "Coordinator address (default: from config)");
-  worker->add_option("--host", w->host, "Address to listen on and advertise (default: from config)");
+  worker->add_option("--coordinator", w->coordinator,
+                     "Coordinators' control-plane addresses, comma-separated (default: "
+                     "workers.coordinators, else coordinator.control_address)");
+  worker->add_option("--host", w->host,
+                     "Address to listen on and advertise (default: from config)");
   worker->add_option("--port-base", w->port_base, "Group g listens on port-base + g");
+  worker->add_option("--group", w->group,
+                     "Index of this job's first group (one mpirun job per group: job g gets "
+                     "--group g)");
+  worker->add_option("--drain-timeout", w->drain_timeout_s,
+                     "Seconds a SIGTERMed worker gives running requests before they fail over "
+                     "(default: workers.drain_timeout_s, 30)");
   worker->callback([w, worker, &exit_code] { exit_code = run_worker(*w, *worker); });
 
   auto c = std::make_shared<CoordinatorArgs>();
   auto* coord = app.add_subcommand("coordinator", "Route client requests to worker groups");
-  coord->add_option("--config", c->config_path, "Deployment config (YAML): its coordinator section");
-  coord->add_option("--address", c->address, "Listen address (default 127.0.0.1:50051)");
+  coord->add_option("--config", c->config_path,
+                    "Deployment config (YAML): its coordinator, control and tls sections");
+  coord->add_option("--address", c->address,
+                    "Client-plane listen address (default 127.0.0.1:50051)");
+  coord->add_option("--control-address", c->control_address,
+                    "Control-plane listen address (default 127.0.0.1:50052)");
   coord->add_option("--routing", c->routing, "least-loaded, round-robin or prefix-affinity");
   coord->add_option("--max-in-flight", c->max_in_flight, "Admission limit");
-  coord->add_option("--metrics-port", c->metrics_port, "Prometheus /metrics port (0 = off)");
+  coord->add_option("--metrics-port", c->metrics_port,
+                    "Prometheus /metrics, /livez and /readyz port (0 = off)");
+  coord->add_option("--drain-timeout", c->drain_timeout_s,
+                    "Seconds a SIGTERMed coordinator gives open streams (default: "
+                    "coordinator.drain_timeout_s, 30)");
   coord->callback([c, coord, &exit_code] { exit_code = run_coordinator(*c, *coord); });
 
   auto k = std::make_shared<ClientArgs>();
-  auto* client = app.add_subcommand("client", "Stream a generation from a coordinator, or show the cluster");
-  client->add_option("--address", k->address, "Coordinator address")->capture_default_str();
+  auto* client =
+      app.add_subcommand("client", "Stream a generation from a coordinator, or show the cluster");
+  client->add_option("--config", k->config_path,
+                     "Deployment config: coordinator.address and the tls section");
+  client
+      ->add_option("--address", k->address,
+                   "Coordinator addresses, comma-separated (a broken stream resumes on the next)")
+      ->capture_default_str();
   client->add_option("--prompt-ids", k->prompt_ids, "Prompt token ids, comma separated");
   client->add_option("--request-id", k->request_id, "Request id (default: assigned)");
   client->add_option("--max-tokens", k->max_tokens, "Tokens to generate")->capture_default_str();
@@ -265,9 +454,44 @@ void add_serve_commands(CLI::App& app, int& exit_code) {
   client->add_flag("--ignore-eos", k->ignore_eos, "Do not stop at the end-of-sequence token");
   client->add_flag("--logprobs", k->logprobs, "Print each token's log-probability");
   client->add_flag("--status", k->status, "Print the cluster status");
-  client->add_option("--wait-ready", k->wait_ready_s, "Wait up to this many seconds for a live worker");
+  client->add_option("--wait-ready", k->wait_ready_s,
+                     "Wait up to this many seconds for a live worker");
   client->add_option("--timeout", k->timeout_s, "Deadline of the generation in seconds (0 = none)");
-  client->callback([k, &exit_code] { exit_code = run_client(*k); });
+  client->callback([k, client, &exit_code] { exit_code = run_client(*k, *client); });
+
+  auto m = std::make_shared<AdminArgs>();
+  auto* admin = app.add_subcommand(
+      "admin",
+      "Control-plane commands for operators (the shared secret from MLASERVE_CONTROL_SECRET or "
+      "control.secret_file)");
+  admin->require_subcommand(1);
+  admin->add_option("--config", m->config_path,
+                    "Deployment config: coordinator.control_address, control and tls sections");
+  admin->add_option("--address", m->address,
+                    "The coordinator's control-plane address (default: from config, else "
+                    "127.0.0.1:50052)");
+  auto* drain =
+      admin->add_subcommand("drain", "Route no new requests to a worker; it finishes what it runs");
+  drain->add_option("worker_id", m->worker_id, "The worker's id (see `admin workers`)")->required();
+  drain->callback([m, &exit_code] {
+    const bool draining = admin_client(*m).drain(m->worker_id);
+    std::cout << fmt::format("worker {}: {}\n", m->worker_id,
+                             draining ? "draining" : "dead (nothing to drain)");
+    exit_code = draining ? 0 : 1;
+  });
+  auto* undrain = admin->add_subcommand("undrain", "Let a drained worker take requests again");
+  undrain->add_option("worker_id", m->worker_id, "The worker's id")->required();
+  undrain->callback([m, &exit_code] {
+    const bool alive = admin_client(*m).undrain(m->worker_id);
+    std::cout << fmt::format("worker {}: {}\n", m->worker_id,
+                             alive ? "takes requests again" : "dead (nothing to undrain)");
+    exit_code = alive ? 0 : 1;
+  });
+  auto* workers = admin->add_subcommand("workers", "List the workers the coordinator knows");
+  workers->callback([m, &exit_code] {
+    std::cout << format_cluster_status(admin_client(*m).list_workers());
+    exit_code = 0;
+  });
 }
 
 }  // namespace mla::launch

@@ -2,7 +2,8 @@
 # The main job on the CPU with a tiny random model, on one machine:
 #   1. installs what is missing and builds `mlaserve`;
 #   2. writes a random DeepSeek-V3-shaped checkpoint;
-#   3. starts a coordinator and two tensor-parallel worker groups of two ranks (mpirun);
+#   3. starts a coordinator and two tensor-parallel worker groups of two ranks
+#      (launch/cluster.sh: one mpirun job per group);
 #   4. streams several requests through the client and prints the cluster status;
 #   5. shuts everything down.
 #   launch/quickstart.sh            uses ./build and ./.quickstart, configs/tiny-cpu.yaml
@@ -24,25 +25,22 @@ echo "== offline generation (one process)"
 "$MLASERVE" --log-level warn generate --config "$CONFIG" --tp 1 --prompt-ids 11,12,13,14 \
   --max-tokens 16 --ignore-eos
 
-echo "== starting a coordinator and 2 worker groups (tp 2, 4 MPI ranks); logs in $LOGS"
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1
-export OMPI_MCA_mpi_yield_when_idle=1
-"$MLASERVE" coordinator --config "$CONFIG" >"$LOGS/coordinator.log" 2>&1 &
-coordinator=$!
-mpirun -np 4 --oversubscribe --bind-to none "$MLASERVE" worker --config "$CONFIG" \
-  >"$LOGS/workers.log" 2>&1 &
-workers=$!
-stop() { mla_stop_cluster "$workers" "$coordinator"; }
+echo "== starting a coordinator and 2 worker groups (tp 2: one 2-rank mpirun job per group);" \
+  "logs in $LOGS"
+MLASERVE="$MLASERVE" launch/cluster.sh --config "$CONFIG" --groups 2 >"$LOGS/cluster.log" 2>&1 &
+cluster=$!
+stop() { kill -TERM "$cluster" 2>/dev/null || true; wait "$cluster" 2>/dev/null || true; }
 trap stop EXIT
 
 client() { "$MLASERVE" --log-level warn client --address 127.0.0.1:50051 "$@"; }
 client --wait-ready 120
 echo "== streaming 4 requests at once through the coordinator (greedy and sampled)"
-client --prompt-ids 11,12,13,14 --max-tokens 24 --ignore-eos >"$LOGS/r1.txt" &
-client --prompt-ids 21,22,23 --max-tokens 24 --ignore-eos --temperature 0.8 --seed 1 >"$LOGS/r2.txt" &
-client --prompt-ids 31,32,33,34,35,36,37,38 --max-tokens 24 --ignore-eos >"$LOGS/r3.txt" &
-client --prompt-ids 41,42 --max-tokens 24 --top-k 20 --temperature 1.0 --seed 2 >"$LOGS/r4.txt" &
-wait %3 %4 %5 %6
+pids=()
+client --prompt-ids 11,12,13,14 --max-tokens 24 --ignore-eos >"$LOGS/r1.txt" & pids+=($!)
+client --prompt-ids 21,22,23 --max-tokens 24 --ignore-eos --temperature 0.8 --seed 1 >"$LOGS/r2.txt" & pids+=($!)
+client --prompt-ids 31,32,33,34,35,36,37,38 --max-tokens 24 --ignore-eos >"$LOGS/r3.txt" & pids+=($!)
+client --prompt-ids 41,42 --max-tokens 24 --top-k 20 --temperature 1.0 --seed 2 >"$LOGS/r4.txt" & pids+=($!)
+for p in "${pids[@]}"; do wait "$p"; done
 cat "$LOGS"/r[1-4].txt
 echo "== one more, streamed to the terminal as tokens arrive"
 client --prompt-ids 11,12,13,14 --max-tokens 16 --ignore-eos

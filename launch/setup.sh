@@ -4,7 +4,7 @@
 
 MLA_PACKAGES=(cmake ninja-build ccache g++ pkg-config python3 libopenblas-dev libspdlog-dev
   libopenmpi-dev openmpi-bin libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
-  libcpp-httplib-dev python3-grpcio python3-protobuf
+  libcpp-httplib-dev libssl-dev openssl python3-grpcio python3-protobuf
   libfmt-dev nlohmann-json3-dev libcli11-dev libyaml-cpp-dev libgtest-dev libgmock-dev)
 
 mla_install_packages() {
@@ -41,14 +41,20 @@ mla_configure_and_build() {
   echo "== built in $((SECONDS - start)) s"
 }
 
-# mla_stop_cluster MPIRUN_PID COORDINATOR_PID
+# mla_stop_cluster COORDINATOR_PID MPIRUN_PID...
 # Stops the worker ranks first by signalling them directly (SIGTERM to mpirun itself makes
-# Open MPI treat the job as aborted and SIGKILL the ranks a second later), then the
-# coordinator, and waits for both.
+# Open MPI treat the job as aborted and SIGKILL the ranks a second later; a rank's own SIGTERM
+# drains it), then the coordinator, and waits for all of them.
 mla_stop_cluster() {
-  local workers=$1 coordinator=$2
-  pkill -TERM -P "$workers" 2>/dev/null || true
-  for _ in $(seq 50); do kill -0 "$workers" 2>/dev/null || break; sleep 0.2; done
-  kill -TERM "$workers" "$coordinator" 2>/dev/null || true
-  wait "$workers" "$coordinator" 2>/dev/null || true
+  local coordinator=$1 w
+  shift
+  for w in "$@"; do pkill -TERM -P "$w" 2>/dev/null || true; done
+  for _ in $(seq 300); do
+    local alive=0
+    for w in "$@"; do kill -0 "$w" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.2
+  done
+  kill -TERM "$@" "$coordinator" 2>/dev/null || true
+  wait "$@" "$coordinator" 2>/dev/null || true
 }

@@ -1,9 +1,11 @@
 #include "rpc/client.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <optional>
 #include <thread>
 
 namespace mla {
@@ -56,22 +58,58 @@ ErrorCode error_code_from_grpc(grpc::StatusCode code) {
   }
 }
 
-
 Error error_from_grpc_status(const grpc::Status& status) {
   return Error(error_code_from_grpc(status.error_code()),
                fmt::format("{}: {}", grpc_code_name(status.error_code()), status.error_message()));
 }
 
-Client::Client(const std::string& address, ClientOptions options)
-    : address_(address), options_(options) {
-  MLA_REQUIRE(!address.empty(), "client: empty coordinator address");
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(options_.max_receive_message_bytes);
-  // gRPC's reconnect backoff grows to two minutes by default: a client that saw the
-  // coordinator restart would wait that long before trying again.
-  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
-  channel_ = grpc::CreateCustomChannel(address_, grpc::InsecureChannelCredentials(), args);
-  stub_ = v1::Coordinator::NewStub(channel_);
+namespace {
+
+std::vector<std::string> split_addresses(const std::string& list) {
+  std::vector<std::string> out;
+  size_t begin = 0;
+  while (begin <= list.size()) {
+    const size_t comma = std::min(list.find(',', begin), list.size());
+    out.push_back(list.substr(begin, comma - begin));
+    begin = comma + 1;
+  }
+  return out;
+}
+
+// A stream that ended this way broke on the coordinator's side (it died or stops), not
+// because of the request: another coordinator can take it up.
+bool resumable(grpc::StatusCode code) {
+  return code == grpc::StatusCode::UNAVAILABLE || code == grpc::StatusCode::INTERNAL ||
+         code == grpc::StatusCode::UNKNOWN;
+}
+
+}  // namespace
+
+Client::Client(const std::string& addresses, ClientOptions options)
+    : Client(split_addresses(addresses), std::move(options)) {}
+
+Client::Client(const std::vector<std::string>& addresses, ClientOptions options)
+    : addresses_(addresses), options_(std::move(options)) {
+  MLA_REQUIRE(!addresses_.empty(), "client: no coordinator address");
+  MLA_REQUIRE(options_.max_resumes >= 0, "client: max_resumes must be >= 0, got {}",
+              options_.max_resumes);
+  for (const std::string& address : addresses_) {
+    MLA_REQUIRE(!address.empty(), "client: empty coordinator address in '{}'",
+                fmt::join(addresses_, ","));
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(options_.max_receive_message_bytes);
+    // gRPC's reconnect backoff grows to two minutes by default: a client that saw the
+    // coordinator restart would wait that long before trying again.
+    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+    if (options_.own_connections) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    Coordinator c;
+    c.address = address;
+    c.channel = grpc::CreateCustomChannel(
+        address, options_.credentials ? options_.credentials : grpc::InsecureChannelCredentials(),
+        args);
+    c.stub = v1::Coordinator::NewStub(c.channel);
+    coordinators_.push_back(std::move(c));
+  }
 }
 
 void Client::set_unary_deadline(grpc::ClientContext& ctx) const {
@@ -80,20 +118,39 @@ void Client::set_unary_deadline(grpc::ClientContext& ctx) const {
   }
 }
 
-GenerateResult Client::generate(const v1::GenerateRequest& request,
-                                const std::function<void(const v1::GenerateResponse&)>& on_message,
-                                std::chrono::milliseconds deadline) {
-  const Clock::time_point start = Clock::now();
-  grpc::ClientContext ctx;
-  if (deadline.count() > 0) ctx.set_deadline(std::chrono::system_clock::now() + deadline);
+grpc::Status Client::first_answer(
+    const std::function<grpc::Status(Coordinator&, grpc::ClientContext&)>& call) {
+  const size_t first = preferred_.load();
+  grpc::Status status;
+  for (size_t i = 0; i < coordinators_.size(); ++i) {
+    const size_t index = (first + i) % coordinators_.size();
+    grpc::ClientContext ctx;
+    set_unary_deadline(ctx);
+    status = call(coordinators_[index], ctx);
+    if (status.error_code() != grpc::StatusCode::UNAVAILABLE) {
+      preferred_ = index;
+      return status;
+    }
+  }
+  return status;
+}
 
-  GenerateResult result;
-  result.request_id = request.request_id();
-  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader = stub_->Generate(&ctx, request);
+grpc::Status Client::stream_once(Coordinator& coordinator, const v1::GenerateRequest& request,
+                                 const std::function<void(const v1::GenerateResponse&)>& on_message,
+                                 std::chrono::system_clock::time_point deadline,
+                                 Clock::time_point start, GenerateResult& result, bool& finished) {
+  grpc::ClientContext ctx;
+  if (deadline != std::chrono::system_clock::time_point::max()) ctx.set_deadline(deadline);
+  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
+      coordinator.stub->Generate(&ctx, request);
   v1::GenerateResponse msg;
   while (reader->Read(&msg)) {
     ++result.num_messages;
-    if (!msg.request_id().empty()) result.request_id = msg.request_id();
+    if (!msg.request_id().empty() && msg.request_id() != result.request_id) {
+      result.request_id = msg.request_id();
+      std::lock_guard lock(mu_);
+      streams_[result.request_id] = static_cast<size_t>(&coordinator - coordinators_.data());
+    }
     if (msg.token_ids_size() > 0 && result.tokens.empty()) {
       result.client_ttft_ms = ms_since(start);
     }
@@ -104,6 +161,7 @@ GenerateResult Client::generate(const v1::GenerateRequest& request,
       result.worker_ids.push_back(msg.worker_id());
     }
     if (msg.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+      finished = true;
       result.finish = msg.finish_reason();
       result.usage = msg.usage();
       result.timings = msg.timings();
@@ -121,40 +179,159 @@ GenerateResult Client::generate(const v1::GenerateRequest& request,
       }
     }
   }
-  throw_if_failed(reader->Finish());
+  return reader->Finish();
+}
+
+GenerateResult Client::generate(const v1::GenerateRequest& request,
+                                const std::function<void(const v1::GenerateResponse&)>& on_message,
+                                std::chrono::milliseconds deadline) {
+  const Clock::time_point start = Clock::now();
+  const auto until = deadline.count() > 0 ? std::chrono::system_clock::now() + deadline
+                                          : std::chrono::system_clock::time_point::max();
+  GenerateResult result;
+  result.request_id = request.request_id();
+  size_t index = preferred_.load();
+  auto backoff = std::chrono::milliseconds(100);
+  grpc::Status status;
+  for (int attempt = 0;; ++attempt) {
+    Coordinator& coordinator = coordinators_[index];
+    result.coordinators.push_back(coordinator.address);
+    v1::GenerateRequest sent = request;
+    if (attempt > 0) {
+      // Everything received so far, under the id the first coordinator gave the request.
+      sent.set_request_id(result.request_id);
+      sent.mutable_received_ids()->Add(result.tokens.begin(), result.tokens.end());
+    }
+    bool finished = false;
+    status = stream_once(coordinator, sent, on_message, until, start, result, finished);
+    if (status.ok() || finished) break;
+    // A resumed request can still be running on a worker that has not yet seen its old
+    // stream end; it is gone in a moment.
+    const bool retry = resumable(status.error_code()) ||
+                       (attempt > 0 && status.error_code() == grpc::StatusCode::ALREADY_EXISTS);
+    if (!retry || attempt >= options_.max_resumes ||
+        std::chrono::system_clock::now() + backoff >= until) {
+      break;
+    }
+    if (!result.tokens.empty() &&
+        result.tokens.size() >= static_cast<size_t>(request.max_tokens())) {
+      // Every token arrived; only the final message was lost.
+      result.finish = v1::FINISH_REASON_LENGTH;
+      status = grpc::Status::OK;
+      break;
+    }
+    spdlog::warn(
+        "client: stream of request '{}' on coordinator {} broke after {} tokens ({}); "
+        "resuming on {}",
+        result.request_id, coordinator.address, result.tokens.size(),
+        error_from_grpc_status(status).what(),
+        coordinators_[(index + 1) % coordinators_.size()].address);
+    std::this_thread::sleep_for(backoff);
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(1000));
+    index = (index + 1) % coordinators_.size();
+  }
+  {
+    std::lock_guard lock(mu_);
+    streams_.erase(result.request_id);
+  }
+  throw_if_failed(status);
+  preferred_ = index;
   result.client_total_ms = ms_since(start);
   return result;
 }
 
 bool Client::cancel(const std::string& request_id) {
-  grpc::ClientContext ctx;
-  set_unary_deadline(ctx);
+  std::optional<size_t> serving;
+  {
+    std::lock_guard lock(mu_);
+    if (auto it = streams_.find(request_id); it != streams_.end()) serving = it->second;
+  }
   v1::CancelRequest req;
   req.set_request_id(request_id);
-  v1::CancelResponse resp;
-  throw_if_failed(stub_->Cancel(&ctx, req, &resp));
-  return resp.cancelled();
+  for (size_t i = 0; i < coordinators_.size(); ++i) {
+    if (serving && i != *serving) continue;
+    grpc::ClientContext ctx;
+    set_unary_deadline(ctx);
+    v1::CancelResponse resp;
+    const grpc::Status status = coordinators_[i].stub->Cancel(&ctx, req, &resp);
+    if (status.error_code() == grpc::StatusCode::UNAVAILABLE && !serving) continue;
+    throw_if_failed(status);
+    if (resp.cancelled()) return true;
+  }
+  return false;
 }
 
 v1::HealthResponse Client::health() {
-  grpc::ClientContext ctx;
-  set_unary_deadline(ctx);
   v1::HealthResponse resp;
-  throw_if_failed(stub_->Health(&ctx, v1::HealthRequest(), &resp));
+  throw_if_failed(first_answer([&](Coordinator& c, grpc::ClientContext& ctx) {
+    resp.Clear();
+    return c.stub->Health(&ctx, v1::HealthRequest(), &resp);
+  }));
   return resp;
 }
 
 v1::ListWorkersResponse Client::list_workers() {
-  grpc::ClientContext ctx;
-  set_unary_deadline(ctx);
   v1::ListWorkersResponse resp;
-  throw_if_failed(stub_->ListWorkers(&ctx, v1::ListWorkersRequest(), &resp));
+  throw_if_failed(first_answer([&](Coordinator& c, grpc::ClientContext& ctx) {
+    resp.Clear();
+    return c.stub->ListWorkers(&ctx, v1::ListWorkersRequest(), &resp);
+  }));
   return resp;
 }
 
-bool Client::drain(const std::string& worker_id) {
+bool Client::wait_until_ready(std::chrono::milliseconds timeout) {
+  const Clock::time_point end = Clock::now() + timeout;
+  constexpr auto kPollInterval = std::chrono::milliseconds(100);
+  for (;;) {
+    for (size_t i = 0; i < coordinators_.size(); ++i) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - Clock::now());
+      if (left.count() <= 0) return false;
+      // wait_for_ready makes one poll ride out the connection attempt instead of failing at
+      // once while the server is not listening yet.
+      grpc::ClientContext ctx;
+      ctx.set_wait_for_ready(true);
+      const auto per_coordinator = std::chrono::milliseconds(1000 / coordinators_.size());
+      ctx.set_deadline(std::chrono::system_clock::now() +
+                       std::min<std::chrono::milliseconds>(left, per_coordinator));
+      v1::HealthResponse resp;
+      const grpc::Status status = coordinators_[i].stub->Health(&ctx, v1::HealthRequest(), &resp);
+      if (status.ok() && resp.serving() && resp.workers_alive() >= 1) {
+        preferred_ = i;
+        return true;
+      }
+      if (!status.ok()) {
+        spdlog::debug("client: {} not ready: {}", coordinators_[i].address,
+                      error_from_grpc_status(status).what());
+      }
+    }
+    const auto now = Clock::now();
+    if (now >= end) return false;
+    std::this_thread::sleep_for(std::min<Clock::duration>(kPollInterval, end - now));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// AdminClient
+
+AdminClient::AdminClient(const std::string& control_address,
+                         std::shared_ptr<const SharedSecret> secret,
+                         std::shared_ptr<grpc::ChannelCredentials> credentials,
+                         std::chrono::milliseconds deadline)
+    : secret_(std::move(secret)), deadline_(deadline) {
+  MLA_REQUIRE(!control_address.empty(), "admin: empty control-plane address");
+  MLA_REQUIRE(secret_ != nullptr, "admin: the control plane needs the shared secret");
+  stub_ = v1::Control::NewStub(grpc::CreateChannel(
+      control_address, credentials ? credentials : grpc::InsecureChannelCredentials()));
+}
+
+void AdminClient::prepare(grpc::ClientContext& ctx) const {
+  secret_->attach(ctx);
+  if (deadline_.count() > 0) ctx.set_deadline(std::chrono::system_clock::now() + deadline_);
+}
+
+bool AdminClient::drain(const std::string& worker_id) {
   grpc::ClientContext ctx;
-  set_unary_deadline(ctx);
+  prepare(ctx);
   v1::DrainRequest req;
   req.set_worker_id(worker_id);
   v1::DrainResponse resp;
@@ -162,28 +339,22 @@ bool Client::drain(const std::string& worker_id) {
   return resp.draining();
 }
 
-bool Client::wait_until_ready(std::chrono::milliseconds timeout) {
-  const Clock::time_point end = Clock::now() + timeout;
-  constexpr auto kPollInterval = std::chrono::milliseconds(100);
-  for (;;) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - Clock::now());
-    if (left.count() <= 0) return false;
-    // wait_for_ready makes one poll ride out the connection attempt instead of failing at
-    // once while the server is not listening yet.
-    grpc::ClientContext ctx;
-    ctx.set_wait_for_ready(true);
-    ctx.set_deadline(std::chrono::system_clock::now() +
-                     std::min<std::chrono::milliseconds>(left, std::chrono::seconds(1)));
-    v1::HealthResponse resp;
-    const grpc::Status status = stub_->Health(&ctx, v1::HealthRequest(), &resp);
-    if (status.ok() && resp.serving() && resp.workers_alive() >= 1) return true;
-    if (!status.ok()) {
-      spdlog::debug("client: {} not ready: {}", address_, error_from_grpc_status(status).what());
-    }
-    const auto now = Clock::now();
-    if (now >= end) return false;
-    std::this_thread::sleep_for(std::min<Clock::duration>(kPollInterval, end - now));
-  }
+bool AdminClient::undrain(const std::string& worker_id) {
+  grpc::ClientContext ctx;
+  prepare(ctx);
+  v1::UndrainRequest req;
+  req.set_worker_id(worker_id);
+  v1::UndrainResponse resp;
+  throw_if_failed(stub_->Undrain(&ctx, req, &resp));
+  return resp.alive();
+}
+
+v1::ListWorkersResponse AdminClient::list_workers() {
+  grpc::ClientContext ctx;
+  prepare(ctx);
+  v1::ListWorkersResponse resp;
+  throw_if_failed(stub_->ListWorkers(&ctx, v1::ListWorkersRequest(), &resp));
+  return resp;
 }
 
 // ---------------------------------------------------------------------------------------

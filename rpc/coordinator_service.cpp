@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <random>
 #include <set>
 
 #include "kernels/error.h"
@@ -16,7 +17,6 @@ namespace mla {
 namespace v1 = mlaserve::v1;
 
 namespace {
-
 
 // Checks that need no model: field ranges, lengths, what a client may not set.
 void validate_shape(const v1::GenerateRequest& r, size_t max_prompt_ids) {
@@ -30,7 +30,11 @@ void validate_shape(const v1::GenerateRequest& r, size_t max_prompt_ids) {
               "prompt_ids: {} ids (limit {})", r.prompt_ids_size(), max_prompt_ids);
   MLA_REQUIRE(r.max_tokens() >= 1, "max_tokens: must be >= 1, got {}", r.max_tokens());
   MLA_REQUIRE(r.resume_ids_size() == 0,
-              "resume_ids: set by the coordinator on failover; clients must leave it empty");
+              "resume_ids: set by the coordinator on failover; clients resume a broken stream "
+              "with received_ids");
+  MLA_REQUIRE(r.received_ids_size() < r.max_tokens(),
+              "received_ids: {} tokens received of max_tokens {}: nothing is left to generate",
+              r.received_ids_size(), r.max_tokens());
   const v1::SamplingParams& s = r.sampling();
   MLA_REQUIRE(std::isfinite(s.temperature()) && s.temperature() >= 0,
               "sampling.temperature: must be >= 0 and finite, got {}", s.temperature());
@@ -55,6 +59,45 @@ bool fails_over(grpc::StatusCode code) {
   }
 }
 
+// Longest worker address (host:port) accepted.
+constexpr size_t kMaxAddressLength = 256;
+
+bool printable_ascii(const std::string& s) {
+  return std::all_of(s.begin(), s.end(), [](char c) { return c >= 0x21 && c < 0x7f; });
+}
+
+// 128 random bits in hex: sessions and the coordinator's instance tag.
+std::string random_hex(int bytes) {
+  std::random_device rd;
+  std::string out;
+  for (int i = 0; i < bytes; i += 4) out += fmt::format("{:08x}", rd());
+  return out.substr(0, 2 * bytes);
+}
+
+// The model fields every worker of a cluster must agree on; the first that differs, or null.
+const char* model_difference(const v1::ModelInfo& a, const v1::ModelInfo& b) {
+  if (a.model_type() != b.model_type()) return "model_type";
+  if (a.vocab_size() != b.vocab_size()) return "vocab_size";
+  if (a.max_context() != b.max_context()) return "max_context";
+  if (a.dtype() != b.dtype()) return "dtype";
+  if (a.config_hash() != b.config_hash()) return "config_hash";
+  return nullptr;
+}
+
+std::string model_field(const v1::ModelInfo& m, const std::string& field) {
+  if (field == "vocab_size") return std::to_string(m.vocab_size());
+  if (field == "max_context") return std::to_string(m.max_context());
+  if (field == "model_type") return m.model_type();
+  if (field == "dtype") return m.dtype();
+  return m.config_hash();
+}
+
+// A worker answering a refusal because it drains says so in its trailing metadata.
+bool refused_while_draining(const grpc::ClientContext& call) {
+  const auto& trailers = call.GetServerTrailingMetadata();
+  const auto it = trailers.find("mlaserve-worker-state");
+  return it != trailers.end() && it->second == "draining";
+}
 
 std::string describe(const grpc::Status& status) {
   return fmt::format("{}: {}", grpc_code_name(status.error_code()), status.error_message());
@@ -86,6 +129,10 @@ void CoordinatorOptions::validate() const {
   MLA_REQUIRE(max_prompt_ids >= 1, "coordinator: max_prompt_ids must be >= 1");
   MLA_REQUIRE(affinity_block >= 1, "coordinator: affinity_block must be >= 1, got {}",
               affinity_block);
+  MLA_REQUIRE(forget_dead_after_ms >= dead_after_ms,
+              "coordinator: forget_dead_after_ms ({}) must be >= dead_after_ms ({})",
+              forget_dead_after_ms, dead_after_ms);
+  MLA_REQUIRE(max_workers >= 1, "coordinator: max_workers must be >= 1, got {}", max_workers);
 }
 
 namespace {
@@ -97,7 +144,8 @@ CoordinatorOptions validated(CoordinatorOptions options) {
 
 CoordinatorService::CoordinatorService(CoordinatorOptions options)
     : options_(validated(options)),
-      router_(RouterOptions{.policy = options.policy, .affinity_block = options.affinity_block}) {
+      router_(RouterOptions{.policy = options.policy, .affinity_block = options.affinity_block}),
+      instance_(random_hex(4)) {
   monitor_ = std::thread([this] { monitor_loop(); });
   spdlog::info("coordinator: routing {}, max_in_flight {}, heartbeat {} ms, dead after {} ms",
                routing_policy_name(options_.policy), options_.max_in_flight,
@@ -111,13 +159,60 @@ void CoordinatorService::shutdown() {
     std::lock_guard lock(mu_);
     if (!shutting_down_) {
       shutting_down_ = true;
+      accepting_ = false;
+      publish_readiness_locked();
       for (auto& [id, request] : requests_) {
         if (request.worker_call) request.worker_call->TryCancel();
       }
     }
   }
   monitor_cv_.notify_all();
+  idle_cv_.notify_all();
   if (monitor_.joinable()) monitor_.join();
+}
+
+void CoordinatorService::stop_accepting() {
+  std::lock_guard lock(mu_);
+  if (!accepting_) return;
+  accepting_ = false;
+  publish_readiness_locked();
+  spdlog::info("coordinator: taking no new requests; {} in flight", requests_.size());
+}
+
+bool CoordinatorService::wait_until_idle(std::chrono::milliseconds timeout) {
+  std::unique_lock lock(mu_);
+  return idle_cv_.wait_for(lock, timeout, [&] { return requests_.empty(); });
+}
+
+size_t CoordinatorService::in_flight() const {
+  std::lock_guard lock(mu_);
+  return requests_.size();
+}
+
+bool CoordinatorService::ready_locked() const {
+  if (!accepting_) return false;
+  return std::any_of(workers_.begin(), workers_.end(),
+                     [](const auto& w) { return w.second.state == WorkerState::kAlive; });
+}
+
+bool CoordinatorService::ready() const {
+  std::lock_guard lock(mu_);
+  return ready_locked();
+}
+
+void CoordinatorService::attach_health(grpc::HealthCheckServiceInterface* health) {
+  std::lock_guard lock(mu_);
+  health_ = health;
+  published_ready_.reset();
+  publish_readiness_locked();
+}
+
+void CoordinatorService::publish_readiness_locked() {
+  const bool ready = ready_locked();
+  if (published_ready_ == ready) return;
+  published_ready_ = ready;
+  if (health_ != nullptr) health_->SetServingStatus("mlaserve.v1.Coordinator", ready);
+  spdlog::info("coordinator: {}", ready ? "ready (a worker is alive)" : "not ready");
 }
 
 const char* CoordinatorService::state_name(WorkerState state) {
@@ -139,6 +234,7 @@ void CoordinatorService::mark_dead_locked(WorkerEntry& worker, const std::string
   router_.forget(worker.id);
   spdlog::warn("worker {} ({}) is dead: {}; {} requests in flight there", worker.id, worker.address,
                why, worker.in_flight);
+  publish_readiness_locked();
   if (!cancel_attempts) return;
   for (auto& [id, request] : requests_) {
     if (request.worker_id == worker.id && request.worker_call) {
@@ -156,15 +252,32 @@ void CoordinatorService::monitor_loop() {
     monitor_cv_.wait_for(lock, period, [&] { return shutting_down_; });
     if (shutting_down_) break;
     const auto now = Clock::now();
-    for (auto& [id, worker] : workers_) {
+    const auto forget_after = std::chrono::milliseconds(options_.forget_dead_after_ms);
+    for (auto it = workers_.begin(); it != workers_.end();) {
+      WorkerEntry& worker = it->second;
       if (worker.state != WorkerState::kDead && now - worker.last_heartbeat > dead_after) {
         mark_dead_locked(
             worker,
             fmt::format("no heartbeat for {:.0f} ms", ms_between(worker.last_heartbeat, now)),
             /*cancel_attempts=*/true);
       }
+      if (worker.state == WorkerState::kDead && worker.in_flight == 0 &&
+          now - worker.last_heartbeat > forget_after) {
+        spdlog::info("worker {} ({}) forgotten: dead for {:.0f} s", worker.id, worker.address,
+                     ms_between(worker.last_heartbeat, now) / 1000);
+        it = workers_.erase(it);
+      } else {
+        ++it;
+      }
     }
   }
+}
+
+void CoordinatorService::update_state_locked(WorkerEntry& worker) {
+  if (worker.state == WorkerState::kDead) return;
+  const bool draining = worker.command == Command::kDrain ||
+                        (worker.worker_draining && worker.command != Command::kUndrain);
+  worker.state = draining ? WorkerState::kDraining : WorkerState::kAlive;
 }
 
 void CoordinatorService::validate_for_model_locked(const v1::GenerateRequest& r) const {
@@ -187,6 +300,11 @@ void CoordinatorService::validate_for_model_locked(const v1::GenerateRequest& r)
     MLA_REQUIRE(t >= 0 && t < vocab, "stop_ids[{}] = {} is outside the vocabulary [0, {})", i, t,
                 vocab);
   }
+  for (int i = 0; i < r.received_ids_size(); ++i) {
+    const int32_t t = r.received_ids(i);
+    MLA_REQUIRE(t >= 0 && t < vocab, "received_ids[{}] = {} is outside the vocabulary [0, {})", i,
+                t, vocab);
+  }
   MLA_REQUIRE(r.sampling().top_k() <= vocab, "sampling.top_k: {} exceeds the vocabulary size {}",
               r.sampling().top_k(), vocab);
   const int64_t total = int64_t{r.prompt_ids_size()} + r.max_tokens();
@@ -199,6 +317,9 @@ grpc::Status CoordinatorService::admit(const v1::GenerateRequest& request,
                                        std::string* request_id) {
   std::lock_guard lock(mu_);
   if (shutting_down_) return {grpc::StatusCode::UNAVAILABLE, "coordinator shutting down"};
+  if (!accepting_) {
+    return {grpc::StatusCode::UNAVAILABLE, "coordinator stopping: it takes no new requests"};
+  }
   validate_for_model_locked(request);
   if (requests_.size() >= static_cast<size_t>(options_.max_in_flight)) {
     return {
@@ -208,7 +329,7 @@ grpc::Status CoordinatorService::admit(const v1::GenerateRequest& request,
   *request_id = request.request_id();
   if (request_id->empty()) {
     do {
-      *request_id = fmt::format("req-{}", next_request_number_++);
+      *request_id = fmt::format("req-{}-{}", instance_, next_request_number_++);
     } while (requests_.contains(*request_id));
   } else if (requests_.contains(*request_id)) {
     return {grpc::StatusCode::ALREADY_EXISTS,
@@ -240,11 +361,12 @@ grpc::Status CoordinatorService::generate(grpc::ServerContext* context,
     validate_shape(*request, options_.max_prompt_ids);
     grpc::Status admitted = admit(*request, &request_id);
     if (!admitted.ok()) {
-      spdlog::info("request '{}' refused: {}", request->request_id(), admitted.error_message());
+      // Debug, not info: refusals can come thousands a second (the metrics count them).
+      spdlog::debug("request '{}' refused: {}", request->request_id(), admitted.error_message());
       return admitted;
     }
   } catch (const Error& e) {
-    spdlog::info("request '{}' refused: {}", request->request_id(), e.what());
+    spdlog::debug("request '{}' refused: {}", request->request_id(), e.what());
     return to_grpc_status(e);
   }
   struct Release {
@@ -253,6 +375,7 @@ grpc::Status CoordinatorService::generate(grpc::ServerContext* context,
     ~Release() {
       std::lock_guard lock(self->mu_);
       self->requests_.erase(id);
+      if (self->requests_.empty()) self->idle_cv_.notify_all();
     }
   } release{this, request_id};
   struct InFlightGauge {
@@ -280,7 +403,10 @@ grpc::Status CoordinatorService::relay(grpc::ServerContext* context,
   v1::GenerateRequest worker_request = request;
   worker_request.set_request_id(request_id);
 
-  std::vector<int32_t> sent;  // every token relayed to the client, over all attempts
+  // Every token the client has: those it resumed with (received_ids), then those relayed, over
+  // all attempts.
+  std::vector<int32_t> sent(request.received_ids().begin(), request.received_ids().end());
+  worker_request.clear_received_ids();
   std::set<std::string> tried;
   std::string failed_worker;  // the last worker that failed, and why
   std::string failure;
@@ -312,6 +438,7 @@ grpc::Status CoordinatorService::relay(grpc::ServerContext* context,
       return {grpc::StatusCode::CANCELLED, fmt::format("request {}: cancelled", request_id)};
     }
     std::unique_ptr<grpc::ClientContext> call = grpc::ClientContext::FromServerContext(*context);
+    if (options_.secret) options_.secret->attach(*call);
     std::shared_ptr<v1::Worker::StubInterface> stub;
     std::string worker_id;
     bool cancel_requested = false;
@@ -365,6 +492,7 @@ grpc::Status CoordinatorService::relay(grpc::ServerContext* context,
 
     const auto dispatch = Clock::now();
     const size_t sent_before = sent.size();
+    const size_t received_before = request.received_ids_size();
     worker_request.mutable_resume_ids()->Assign(sent.begin(), sent.end());
     std::unique_ptr<grpc::ClientReaderInterface<v1::GenerateResponse>> reader =
         stub->Generate(call.get(), worker_request);
@@ -396,7 +524,8 @@ grpc::Status CoordinatorService::relay(grpc::ServerContext* context,
         // Usage and timings span all attempts. queue_ms: the worker's queue time counts
         // when its attempt produced the first token; an earlier attempt's died with it.
         const auto now = Clock::now();
-        const double worker_queue_ms = sent_before == 0 ? message.timings().queue_ms() : 0.0;
+        const double worker_queue_ms =
+            sent_before == received_before ? message.timings().queue_ms() : 0.0;
         message.mutable_usage()->set_prompt_tokens(request.prompt_ids_size());
         message.mutable_usage()->set_completion_tokens(static_cast<int32_t>(sent.size()));
         v1::Timings* timings = message.mutable_timings();
@@ -429,10 +558,16 @@ grpc::Status CoordinatorService::relay(grpc::ServerContext* context,
       shutting_down = shutting_down_;
       WorkerEntry& worker = workers_.at(worker_id);
       --worker.in_flight;
-      // A worker refusing connections is gone; unless it re-registered meanwhile (new
-      // stub), it is dead until it does.
-      if (!finished && !client_gone && !cancel_requested && !shutting_down &&
-          status.error_code() == grpc::StatusCode::UNAVAILABLE && worker.stub == stub) {
+      // A worker that refused because it drains stops being routed to; one refusing
+      // connections is gone: unless it re-registered meanwhile (new stub), it is dead until
+      // it does.
+      const bool failed = !finished && !client_gone && !cancel_requested && !shutting_down &&
+                          status.error_code() == grpc::StatusCode::UNAVAILABLE &&
+                          worker.stub == stub;
+      if (failed && refused_while_draining(*call)) {
+        worker.worker_draining = true;
+        update_state_locked(worker);
+      } else if (failed) {
         mark_dead_locked(worker, fmt::format("request {}: {}", request_id, describe(status)),
                          /*cancel_attempts=*/false);
       }
@@ -503,12 +638,17 @@ grpc::Status CoordinatorService::Health(grpc::ServerContext*, const v1::HealthRe
   int32_t alive = 0;
   for (const auto& [id, worker] : workers_) alive += worker.state == WorkerState::kAlive;
   response->set_workers_alive(alive);
-  response->set_serving(alive > 0 && !shutting_down_);
+  response->set_serving(ready_locked());
   return grpc::Status::OK;
 }
 
 grpc::Status CoordinatorService::ListWorkers(grpc::ServerContext*, const v1::ListWorkersRequest*,
                                              v1::ListWorkersResponse* response) {
+  list_workers(response);
+  return grpc::Status::OK;
+}
+
+void CoordinatorService::list_workers(v1::ListWorkersResponse* response) const {
   std::lock_guard lock(mu_);
   const auto now = Clock::now();
   for (const auto& [id, worker] : workers_) {
@@ -523,89 +663,151 @@ grpc::Status CoordinatorService::ListWorkers(grpc::ServerContext*, const v1::Lis
   }
   response->set_in_flight(static_cast<int32_t>(requests_.size()));
   response->set_max_in_flight(options_.max_in_flight);
-  return grpc::Status::OK;
 }
 
-grpc::Status CoordinatorService::Drain(grpc::ServerContext*, const v1::DrainRequest* request,
+grpc::Status CoordinatorService::drain(const v1::DrainRequest& request,
                                        v1::DrainResponse* response) {
   std::lock_guard lock(mu_);
-  auto it = workers_.find(request->worker_id());
+  auto it = workers_.find(request.worker_id());
   if (it == workers_.end()) {
     return {grpc::StatusCode::NOT_FOUND,
-            fmt::format("worker_id: no worker '{}' is registered", request->worker_id())};
+            fmt::format("worker_id: no worker '{}' is registered", request.worker_id())};
   }
   WorkerEntry& worker = it->second;
-  if (worker.state == WorkerState::kAlive) {
-    worker.state = WorkerState::kDraining;
-    spdlog::info("worker {} draining; {} requests in flight there", worker.id, worker.in_flight);
+  if (worker.state != WorkerState::kDead) {
+    worker.command = Command::kDrain;
+    update_state_locked(worker);
+    publish_readiness_locked();
+    spdlog::info("worker {} draining (operator); {} requests in flight there", worker.id,
+                 worker.in_flight);
   }
   response->set_draining(worker.state == WorkerState::kDraining);
   return grpc::Status::OK;
 }
 
-grpc::Status CoordinatorService::RegisterWorker(grpc::ServerContext*,
-                                                const v1::RegisterWorkerRequest* request,
-                                                v1::RegisterWorkerResponse* response) {
-  const v1::ModelInfo& model = request->model();
-  if (request->worker_id().empty()) {
-    return {grpc::StatusCode::INVALID_ARGUMENT, "worker_id: must not be empty"};
+grpc::Status CoordinatorService::undrain(const v1::UndrainRequest& request,
+                                         v1::UndrainResponse* response) {
+  std::lock_guard lock(mu_);
+  auto it = workers_.find(request.worker_id());
+  if (it == workers_.end()) {
+    return {grpc::StatusCode::NOT_FOUND,
+            fmt::format("worker_id: no worker '{}' is registered", request.worker_id())};
   }
-  if (request->address().empty()) {
-    return {grpc::StatusCode::INVALID_ARGUMENT, "address: must not be empty"};
+  WorkerEntry& worker = it->second;
+  if (worker.state != WorkerState::kDead) {
+    worker.command = worker.worker_draining ? Command::kUndrain : Command::kNone;
+    update_state_locked(worker);
+    publish_readiness_locked();
+    spdlog::info("worker {} undrained (operator)", worker.id);
+  }
+  response->set_alive(worker.state != WorkerState::kDead);
+  return grpc::Status::OK;
+}
+
+grpc::Status CoordinatorService::register_worker(const Peer& peer,
+                                                 const v1::RegisterWorkerRequest& request,
+                                                 v1::RegisterWorkerResponse* response) {
+  const v1::ModelInfo& model = request.model();
+  const std::string& id = request.worker_id();
+  const std::string& address = request.address();
+  if (id.empty() || id.size() > kMaxRequestIdLength || !printable_ascii(id)) {
+    return {grpc::StatusCode::INVALID_ARGUMENT,
+            fmt::format("worker_id: must be 1 to {} printable characters without spaces (got {})",
+                        kMaxRequestIdLength, id.size())};
+  }
+  const size_t colon = address.rfind(':');
+  if (address.size() > kMaxAddressLength || !printable_ascii(address) ||
+      colon == std::string::npos || colon == 0 || colon + 1 == address.size() ||
+      !std::all_of(address.begin() + colon + 1, address.end(),
+                   [](char c) { return c >= '0' && c <= '9'; })) {
+    return {grpc::StatusCode::INVALID_ARGUMENT,
+            fmt::format("address: must be host:port, at most {} characters", kMaxAddressLength)};
   }
   if (model.vocab_size() <= 0 || model.max_context() <= 0) {
     return {grpc::StatusCode::INVALID_ARGUMENT,
             fmt::format("model: vocab_size ({}) and max_context ({}) must be > 0",
                         model.vocab_size(), model.max_context())};
   }
-  // Channel creation does not block: connecting happens on the first call.
-  std::shared_ptr<v1::Worker::StubInterface> stub = v1::Worker::NewStub(
-      grpc::CreateChannel(request->address(), grpc::InsecureChannelCredentials()));
 
   std::lock_guard lock(mu_);
-  for (const auto& [id, other] : workers_) {
-    if (id == request->worker_id() || other.state == WorkerState::kDead) continue;
-    if (other.model.model_type() != model.model_type() ||
-        other.model.vocab_size() != model.vocab_size()) {
+  auto existing = workers_.find(id);
+  if (existing != workers_.end()) {
+    const WorkerEntry& known = existing->second;
+    if (known.address != address || known.peer.host != peer.host ||
+        known.peer.identity != peer.identity) {
+      spdlog::warn("refused to re-register worker {} from {} ({}): it is bound to {} ({})", id,
+                   address, peer.host, known.address, known.peer.host);
+      return {grpc::StatusCode::PERMISSION_DENIED,
+              fmt::format("worker_id: '{}' is registered at another address or from another "
+                          "peer; it can move only after it has been dead {} s",
+                          id, options_.forget_dead_after_ms / 1000)};
+    }
+  } else if (workers_.size() >= static_cast<size_t>(options_.max_workers)) {
+    return {grpc::StatusCode::RESOURCE_EXHAUSTED,
+            fmt::format("{} workers registered (limit {})", workers_.size(), options_.max_workers)};
+  }
+  for (const auto& [other_id, other] : workers_) {
+    if (other_id == id || other.state == WorkerState::kDead) continue;
+    if (const char* field = model_difference(model, other.model)) {
       return {grpc::StatusCode::FAILED_PRECONDITION,
-              fmt::format("model: worker {} serves {} (vocab {}), but {} serves {} (vocab {})",
-                          request->worker_id(), model.model_type(), model.vocab_size(), id,
-                          other.model.model_type(), other.model.vocab_size())};
+              fmt::format("model.{}: worker {} has {}, but the cluster's workers (e.g. {}) have "
+                          "{}",
+                          field, id, model_field(model, field), other_id,
+                          model_field(other.model, field))};
     }
   }
-  auto [it, added] = workers_.try_emplace(request->worker_id());
-  WorkerEntry& worker = it->second;
-  const bool readdressed = !added && worker.address != request->address();
-  worker.id = request->worker_id();
-  worker.address = request->address();
+  // Channel creation does not block: connecting happens on the first call.
+  std::shared_ptr<v1::Worker::StubInterface> stub = v1::Worker::NewStub(grpc::CreateChannel(
+      address, options_.worker_credentials ? options_.worker_credentials
+                                           : grpc::InsecureChannelCredentials()));
+  const bool added = existing == workers_.end();
+  WorkerEntry& worker = workers_[id];
+  worker.id = id;
+  worker.address = address;
+  worker.peer = peer;
+  worker.session = random_hex(16);
   worker.stub = std::move(stub);
   worker.model = model;
-  worker.load = request->load();
+  worker.load = request.load();
   worker.last_heartbeat = Clock::now();
+  worker.worker_draining = request.draining();
+  worker.command = Command::kNone;
   worker.state = WorkerState::kAlive;
-  spdlog::info("worker {} {} at {} ({}, vocab {}, context {}, tp {}){}", worker.id,
+  update_state_locked(worker);
+  publish_readiness_locked();
+  spdlog::info("worker {} {} at {} ({}, vocab {}, context {}, tp {}, {}){}", worker.id,
                added ? "registered" : "re-registered", worker.address, model.model_type(),
-               model.vocab_size(), model.max_context(), model.tp_size(),
-               readdressed ? " (new address)" : "");
+               model.vocab_size(), model.max_context(), model.tp_size(), model.dtype(),
+               worker.worker_draining ? " draining" : "");
   response->set_heartbeat_interval_ms(options_.heartbeat_interval_ms);
+  response->set_session(worker.session);
   return grpc::Status::OK;
 }
 
-grpc::Status CoordinatorService::Heartbeat(grpc::ServerContext*,
-                                           const v1::HeartbeatRequest* request,
+grpc::Status CoordinatorService::heartbeat(const v1::HeartbeatRequest& request,
                                            v1::HeartbeatResponse* response) {
   std::lock_guard lock(mu_);
-  auto it = workers_.find(request->worker_id());
-  // A dead worker re-registers too, so its channel and model info are fresh.
-  if (it == workers_.end() || it->second.state == WorkerState::kDead) {
+  auto it = workers_.find(request.worker_id());
+  // A dead worker registers again too, so its channel and model info are fresh.
+  if (it == workers_.end() || it->second.state == WorkerState::kDead ||
+      it->second.session != request.session()) {
     response->set_known(false);
     return grpc::Status::OK;
   }
   WorkerEntry& worker = it->second;
-  worker.load = request->load();
+  worker.load = request.load();
   worker.last_heartbeat = Clock::now();
+  worker.worker_draining = request.draining();
+  // A command is repeated until the worker's heartbeats show it took effect.
+  if ((worker.command == Command::kDrain && worker.worker_draining) ||
+      (worker.command == Command::kUndrain && !worker.worker_draining)) {
+    worker.command = Command::kNone;
+  }
   response->set_known(true);
-  response->set_drain(worker.state == WorkerState::kDraining);
+  response->set_drain(worker.command == Command::kDrain);
+  response->set_undrain(worker.command == Command::kUndrain);
+  update_state_locked(worker);
+  publish_readiness_locked();
   if (metrics_) {
     // The cluster's queue: requests waiting in the live workers' schedulers.
     int64_t waiting = 0;

@@ -1,17 +1,21 @@
-// CoordinatorService: the client-facing mlaserve.v1.Coordinator (DESIGN.md section 7).
-//
-// Keeps a registry of worker groups (registered through RegisterWorker, kept alive by
-// Heartbeat), routes each Generate to one of them (rpc/routing.h) and relays the worker's
-// token stream to the client as it arrives.
+// CoordinatorService: the coordinator (DESIGN.md section 7). It serves the client plane
+// (mlaserve.v1.Coordinator: Generate, Cancel, Health, ListWorkers) and holds the registry of
+// worker groups that the control plane (rpc/control_service.h, on its own authenticated
+// listener) fills through register_worker() and heartbeat() and steers with drain() and
+// undrain().
 //
 // Contracts:
 // - Generate validates the request before routing: INVALID_ARGUMENT naming the field (empty
 //   or oversized prompt_ids, ids outside the vocabulary, max_tokens < 1, prompt +
 //   max_tokens beyond the context, bad sampling values, bad stop_ids, a request_id over
-//   128 characters or not printable, resume_ids set by a client); ALREADY_EXISTS for a
-//   request_id already in flight; UNAVAILABLE when no worker is alive; RESOURCE_EXHAUSTED
-//   beyond max_in_flight. The vocabulary and context are those of the live workers (all
-//   must serve the same model; RegisterWorker refuses a different one).
+//   128 characters or not printable, resume_ids set by a client, received_ids not fewer than
+//   max_tokens or outside the vocabulary); ALREADY_EXISTS for a request_id already in flight;
+//   UNAVAILABLE when no worker is alive or the coordinator is stopping; RESOURCE_EXHAUSTED
+//   beyond max_in_flight. The vocabulary and context are those of the live workers (all serve
+//   the same model; register_worker refuses a different one).
+// - received_ids (a client resuming a broken stream, perhaps begun on another coordinator)
+//   count as tokens already sent: the worker continues after them and they are not sent
+//   again.
 // - The client's deadline and cancellation propagate to the worker call at once.
 // - Failover: when a worker's stream fails (UNAVAILABLE, INTERNAL, UNKNOWN, ABORTED,
 //   DATA_LOSS, a CANCELLED the client did not cause, a stream ending without a final
@@ -25,11 +29,17 @@
 //   one carries usage counting all tokens of all attempts and the coordinator's timings.
 // - Cancel(request_id) ends the request: the worker call is cancelled, and the client gets
 //   a last message with finish_reason CANCELLED and status OK.
-// - A worker is dead after dead_after_ms without a heartbeat (its running attempts are
-//   cancelled and fail over), or when a stream to it fails with UNAVAILABLE. A heartbeat
-//   from a dead or unknown worker (e.g. after a coordinator restart) answers known = false;
-//   the worker re-registers, which makes it alive again at its new address (and ends a
-//   drain).
+// - Workers: a worker id is bound to the address and peer (host, and TLS identity when
+//   clients present certificates) that registered it; registering it from elsewhere is
+//   PERMISSION_DENIED until the entry is forgotten. Heartbeats carry the session the
+//   registration returned. A worker is dead after dead_after_ms without a heartbeat (its
+//   running attempts are cancelled and fail over), or when a stream to it fails with
+//   UNAVAILABLE; a heartbeat from a dead or unknown worker, or with another session, answers
+//   known = false and the worker registers again. Dead workers are forgotten after
+//   forget_dead_after_ms. A worker is draining (no new requests routed) while it says so in
+//   its heartbeats or after drain(); undrain() asks it to take requests again.
+// - Readiness: ready() while at least one worker is alive and the coordinator is not
+//   stopping; the grpc.health status of "mlaserve.v1.Coordinator" follows it (attach_health).
 //
 // Thread safety: all methods are safe to call concurrently (gRPC calls them from its
 // thread pool). One mutex guards the registry and the in-flight table; it is never held
@@ -44,12 +54,14 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 
 #include "mlaserve/v1/mlaserve.grpc.pb.h"
 #include "rpc/metrics.h"
 #include "rpc/routing.h"
+#include "rpc/shared_secret.h"
 
 namespace mla {
 
@@ -67,6 +79,17 @@ struct CoordinatorOptions {
   size_t max_prompt_ids = size_t{1} << 20;
   // Prefix-affinity key length in tokens (the workers' cache block size). Default: 64.
   int32_t affinity_block = 64;
+  // A dead worker is forgotten (its id free to register from elsewhere) after this long
+  // without a heartbeat. Default: 60 s.
+  int32_t forget_dead_after_ms = 60000;
+  // Workers registered at once, dead ones included; beyond it RegisterWorker answers
+  // RESOURCE_EXHAUSTED. Default: 1024.
+  int32_t max_workers = 1024;
+  // Sent with every call to a worker (the workers check it). Default: none (workers that
+  // check a secret refuse the calls).
+  std::shared_ptr<const SharedSecret> secret;
+  // For the channels to workers. Default: null, meaning plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> worker_credentials;
 
   // Throws mla::Error(kInvalidArgument) naming the first bad field.
   void validate() const;
@@ -92,6 +115,7 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::Service {
   // heartbeats) into `registry`, which must outlive the service. Call before serving.
   void attach_metrics(MetricsRegistry& registry);
 
+  // The client plane.
   grpc::Status Generate(grpc::ServerContext* context, const mlaserve::v1::GenerateRequest* request,
                         grpc::ServerWriter<mlaserve::v1::GenerateResponse>* writer) override;
   grpc::Status Cancel(grpc::ServerContext* context, const mlaserve::v1::CancelRequest* request,
@@ -101,31 +125,67 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::Service {
   grpc::Status ListWorkers(grpc::ServerContext* context,
                            const mlaserve::v1::ListWorkersRequest* request,
                            mlaserve::v1::ListWorkersResponse* response) override;
-  // Routes nothing new to the worker and answers drain = true to its heartbeats; it
-  // finishes what it runs. NOT_FOUND for an unknown id; draining = false for a dead worker.
-  grpc::Status Drain(grpc::ServerContext* context, const mlaserve::v1::DrainRequest* request,
-                     mlaserve::v1::DrainResponse* response) override;
-  // INVALID_ARGUMENT for an empty id or address or a model without vocab_size/max_context;
-  // FAILED_PRECONDITION for a model (type, vocab_size) other than the live workers'.
-  grpc::Status RegisterWorker(grpc::ServerContext* context,
-                              const mlaserve::v1::RegisterWorkerRequest* request,
-                              mlaserve::v1::RegisterWorkerResponse* response) override;
-  grpc::Status Heartbeat(grpc::ServerContext* context,
-                         const mlaserve::v1::HeartbeatRequest* request,
-                         mlaserve::v1::HeartbeatResponse* response) override;
+
+  // The control plane's work, for ControlService (which authenticates the caller first).
+  //
+  // INVALID_ARGUMENT for an id or address that is empty, too long or malformed, or a model
+  // without vocab_size/max_context; PERMISSION_DENIED for an id bound to another address or
+  // peer; FAILED_PRECONDITION naming the field for a model (model_type, vocab_size,
+  // max_context, dtype, config_hash) other than the live workers'; RESOURCE_EXHAUSTED beyond
+  // max_workers. `peer` is the caller's host (from grpc::ServerContext::peer()) and identity
+  // (its TLS certificate's, or empty).
+  struct Peer {
+    std::string host;
+    std::string identity;
+  };
+  grpc::Status register_worker(const Peer& peer, const mlaserve::v1::RegisterWorkerRequest& request,
+                               mlaserve::v1::RegisterWorkerResponse* response);
+  grpc::Status heartbeat(const mlaserve::v1::HeartbeatRequest& request,
+                         mlaserve::v1::HeartbeatResponse* response);
+  // Routes nothing new to the worker and tells it, in its next heartbeat, to take no new
+  // requests; it finishes what it runs. NOT_FOUND for an unknown id; draining = false for a
+  // dead worker.
+  grpc::Status drain(const mlaserve::v1::DrainRequest& request,
+                     mlaserve::v1::DrainResponse* response);
+  // Tells a draining worker to take requests again; it is routed to once its heartbeat says
+  // it does. NOT_FOUND for an unknown id; alive = false for a dead worker.
+  grpc::Status undrain(const mlaserve::v1::UndrainRequest& request,
+                       mlaserve::v1::UndrainResponse* response);
+  void list_workers(mlaserve::v1::ListWorkersResponse* response) const;
+
+  // At least one worker alive and not stopping.
+  bool ready() const;
+  // Keeps the grpc.health status of "mlaserve.v1.Coordinator" equal to ready(). `health`
+  // must outlive the service (it belongs to the grpc::Server). Call once, before serving.
+  void attach_health(grpc::HealthCheckServiceInterface* health);
+
+  // Graceful stop, step 1: new Generate calls answer UNAVAILABLE ("stopping") and ready()
+  // turns false; what is in flight goes on. Idempotent.
+  void stop_accepting();
+  // Waits until no request is in flight or `timeout` passes; true when none is left.
+  bool wait_until_idle(std::chrono::milliseconds timeout);
+  // Requests in flight now.
+  size_t in_flight() const;
 
  private:
   using Clock = std::chrono::steady_clock;
   enum class WorkerState { kAlive, kDraining, kDead };
 
+  // An operator's drain or undrain, not yet confirmed by the worker's heartbeats.
+  enum class Command { kNone, kDrain, kUndrain };
+
   struct WorkerEntry {
     std::string id;
     std::string address;
+    Peer peer;            // who registered it: re-registration must come from the same
+    std::string session;  // what its heartbeats must carry
     std::shared_ptr<mlaserve::v1::Worker::StubInterface> stub;
     mlaserve::v1::ModelInfo model;
     mlaserve::v1::WorkerLoad load;
     Clock::time_point last_heartbeat;
     WorkerState state = WorkerState::kAlive;
+    bool worker_draining = false;  // as the worker last said
+    Command command = Command::kNone;
     int32_t in_flight = 0;
   };
 
@@ -151,6 +211,11 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::Service {
   void validate_for_model_locked(const mlaserve::v1::GenerateRequest& request) const;
   // Marks a worker dead, cancels the attempts running on it when `cancel_attempts`; mu_ held.
   void mark_dead_locked(WorkerEntry& worker, const std::string& why, bool cancel_attempts);
+  // A live worker's state from what it says and what an operator asked; mu_ held.
+  static void update_state_locked(WorkerEntry& worker);
+  // Pushes ready() to the health service when it changed; mu_ held.
+  void publish_readiness_locked();
+  bool ready_locked() const;
   void monitor_loop();
 
   const CoordinatorOptions options_;
@@ -160,7 +225,12 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::Service {
   std::map<std::string, WorkerEntry> workers_;  // by id
   std::map<std::string, InFlight> requests_;    // by request id
   uint64_t next_request_number_ = 0;
+  const std::string instance_;  // random; keeps assigned request ids unique across coordinators
+  bool accepting_ = true;
   bool shutting_down_ = false;
+  std::condition_variable idle_cv_;  // notified when a request leaves requests_
+  grpc::HealthCheckServiceInterface* health_ = nullptr;
+  std::optional<bool> published_ready_;
   std::condition_variable monitor_cv_;
   std::thread monitor_;
   std::unique_ptr<RequestMetrics> metrics_;  // null unless attach_metrics() was called

@@ -232,7 +232,7 @@ std::string MetricsRegistry::render() const {
 // HTTP server
 
 MetricsServer::MetricsServer(const MetricsRegistry& registry, const std::string& host, int port,
-                             std::function<bool()> healthy)
+                             std::function<bool()> ready)
     : host_(host), server_(std::make_unique<httplib::Server>()) {
   MLA_REQUIRE(port >= 0 && port <= 65535, "metrics port {} is out of range", port);
   // Scrapes are rare and small: two threads are plenty, and a short keep-alive keeps stop()
@@ -248,12 +248,18 @@ MetricsServer::MetricsServer(const MetricsRegistry& registry, const std::string&
   server_->Get("/metrics", [&registry](const httplib::Request&, httplib::Response& res) {
     res.set_content(registry.render(), "text/plain; version=0.0.4; charset=utf-8");
   });
-  server_->Get("/healthz",
-               [healthy = std::move(healthy)](const httplib::Request&, httplib::Response& res) {
-                 const bool ok = !healthy || healthy();
-                 res.status = ok ? 200 : 503;
-                 res.set_content(ok ? "ok\n" : "unhealthy\n", "text/plain");
-               });
+  // Liveness: the process answers. Readiness: it can serve (`ready`); /healthz is readiness
+  // too, for probes written against it.
+  server_->Get("/livez", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content("ok\n", "text/plain");
+  });
+  auto readiness = [ready = std::move(ready)](const httplib::Request&, httplib::Response& res) {
+    const bool ok = !ready || ready();
+    res.status = ok ? 200 : 503;
+    res.set_content(ok ? "ready\n" : "not ready\n", "text/plain");
+  };
+  server_->Get("/readyz", readiness);
+  server_->Get("/healthz", readiness);
 
   if (port == 0) {
     port_ = server_->bind_to_any_port(host);

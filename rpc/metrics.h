@@ -124,15 +124,16 @@ class MetricsRegistry {
 };
 
 // Serves a registry over HTTP from a background thread: GET /metrics answers render() as
-// "text/plain; version=0.0.4", GET /healthz answers 200 "ok" (or 503 "unhealthy" when a
-// health callback is given and returns false); anything else is 404. Thread-safe.
+// "text/plain; version=0.0.4"; GET /livez answers 200 while the process runs; GET /readyz (and
+// its older name /healthz) answers 200 "ready", or 503 "not ready" when a readiness callback
+// is given and returns false; anything else is 404. Thread-safe.
 class MetricsServer {
  public:
   // Binds host:port (port 0: any free port) and starts serving before returning. Throws
   // kUnavailable when the address cannot be bound. The registry must outlive the server;
-  // `healthy`, if set, is called from server threads.
+  // `ready`, if set, is called from server threads.
   MetricsServer(const MetricsRegistry& registry, const std::string& host, int port,
-                std::function<bool()> healthy = {});
+                std::function<bool()> ready = {});
   ~MetricsServer();  // stop()
   MetricsServer(const MetricsServer&) = delete;
   MetricsServer& operator=(const MetricsServer&) = delete;

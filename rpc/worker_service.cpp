@@ -20,7 +20,6 @@ namespace v1 = mlaserve::v1;
 
 namespace {
 
-
 v1::FinishReason to_proto(FinishReason r) {
   switch (r) {
     case FinishReason::kStop:
@@ -108,8 +107,10 @@ WorkerService::WorkerService(Engine& engine, WorkerServiceOptions options)
       options_(std::move(options)),
       vocab_size_(engine.model().config().vocab_size),
       max_context_(engine.model().config().max_position_embeddings),
-      model_info_([&engine] {
+      model_info_([&engine, this] {
         v1::ModelInfo info;
+        info.set_dtype(engine.model().cuda_device() >= 0 ? "bfloat16" : "float32");
+        info.set_config_hash(options_.config_hash);
         info.set_model_type(engine.model().config().family_name());
         info.set_vocab_size(static_cast<int32_t>(engine.model().config().vocab_size));
         info.set_max_context(static_cast<int32_t>(engine.model().config().max_position_embeddings));
@@ -146,9 +147,41 @@ void WorkerService::attach_metrics(MetricsRegistry& registry) {
 
 void WorkerService::drain() {
   std::lock_guard lk(mu_);
-  if (accepting_)
-    spdlog::info("worker {}: draining, accepting no new requests", options_.worker_id);
+  if (accepting_) {
+    spdlog::info("worker {}: draining, accepting no new requests; {} running", options_.worker_id,
+                 calls_.size());
+  }
   accepting_ = false;
+}
+
+void WorkerService::undrain() {
+  std::lock_guard lk(mu_);
+  if (accepting_ || stopping_ || shutting_down_soon_) return;
+  accepting_ = true;
+  spdlog::info("worker {}: accepting requests again", options_.worker_id);
+}
+
+void WorkerService::drain_for_shutdown() {
+  {
+    std::lock_guard lk(mu_);
+    shutting_down_soon_ = true;
+  }
+  drain();
+}
+
+size_t WorkerService::running() const {
+  std::lock_guard lk(mu_);
+  return calls_.size();
+}
+
+bool WorkerService::wait_until_idle(std::chrono::milliseconds timeout,
+                                    const std::function<bool()>& give_up) {
+  const auto end = Clock::now() + timeout;
+  for (;;) {
+    if (running() == 0) return true;
+    if (Clock::now() >= end || (give_up && give_up())) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
 }
 
 bool WorkerService::draining() const {
@@ -210,6 +243,11 @@ void WorkerService::validate(const v1::GenerateRequest& r) const {
 grpc::Status WorkerService::Generate(grpc::ServerContext* context,
                                      const v1::GenerateRequest* request,
                                      grpc::ServerWriter<v1::GenerateResponse>* writer) {
+  if (options_.secret) {
+    if (grpc::Status auth = options_.secret->check(*context, "Worker.Generate"); !auth.ok()) {
+      return auth;
+    }
+  }
   const grpc::Status status = generate(context, request, writer);
   if (Metrics* m = metrics_.load())
     m->requests.requests_total(grpc_code_name(status.error_code())).inc();
@@ -222,13 +260,13 @@ grpc::Status WorkerService::generate(grpc::ServerContext* context,
   const Clock::time_point arrival = Clock::now();
   {
     std::lock_guard lk(mu_);
-    if (!accepting_) return refusal_locked();
+    if (!accepting_) return refusal_locked(*context);
   }
   try {
     validate(*request);
   } catch (const Error& e) {
-    spdlog::info("worker {}: rejected request '{}': {}", options_.worker_id, request->request_id(),
-                 e.what());
+    spdlog::debug("worker {}: rejected request '{}': {}", options_.worker_id, request->request_id(),
+                  e.what());
     return to_grpc_status(e);
   }
 
@@ -269,7 +307,7 @@ grpc::Status WorkerService::generate(grpc::ServerContext* context,
 
   {
     std::lock_guard lk(mu_);
-    if (!accepting_) return refusal_locked();
+    if (!accepting_) return refusal_locked(*context);
     if (call->request_id.empty()) {
       do {
         call->request_id = fmt::format("{}-{}", options_.worker_id, next_request_number_++);
@@ -317,13 +355,20 @@ grpc::Status WorkerService::generate(grpc::ServerContext* context,
   }
 }
 
-grpc::Status WorkerService::refusal_locked() const {
+grpc::Status WorkerService::refusal_locked(grpc::ServerContext& context) const {
+  // Tells the coordinator to stop routing here rather than to count this worker dead.
+  if (!stopping_) context.AddTrailingMetadata("mlaserve-worker-state", "draining");
   return {grpc::StatusCode::UNAVAILABLE, fmt::format("worker {} is {}", options_.worker_id,
                                                      stopping_ ? "shutting down" : "draining")};
 }
 
-grpc::Status WorkerService::Cancel(grpc::ServerContext*, const v1::CancelRequest* request,
+grpc::Status WorkerService::Cancel(grpc::ServerContext* context, const v1::CancelRequest* request,
                                    v1::CancelResponse* response) {
+  if (options_.secret) {
+    if (grpc::Status auth = options_.secret->check(*context, "Worker.Cancel"); !auth.ok()) {
+      return auth;
+    }
+  }
   std::shared_ptr<Call> call;
   {
     std::lock_guard lk(mu_);
@@ -597,9 +642,10 @@ CoordinatorLink::CoordinatorLink(CoordinatorLinkOptions options) : options_(std:
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, options_.min_backoff_ms);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, options_.min_backoff_ms);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, options_.max_backoff_ms);
-  channel_ = grpc::CreateCustomChannel(options_.coordinator_address,
-                                      grpc::InsecureChannelCredentials(), args);
-  stub_ = v1::Coordinator::NewStub(channel_);
+  channel_ = grpc::CreateCustomChannel(
+      options_.coordinator_address,
+      options_.credentials ? options_.credentials : grpc::InsecureChannelCredentials(), args);
+  stub_ = v1::Control::NewStub(channel_);
   heartbeat_ms_ = options_.default_heartbeat_ms;
   thread_ = std::thread([this] { run(); });
 }
@@ -673,6 +719,7 @@ bool CoordinatorLink::register_once() {
   req.set_address(options_.worker_address);
   *req.mutable_model() = options_.model;
   *req.mutable_load() = options_.load();
+  req.set_draining(options_.draining && options_.draining());
   v1::RegisterWorkerResponse resp;
   const std::optional<grpc::Status> status = call_cancellable(
       [&](grpc::ClientContext* ctx) { return stub_->RegisterWorker(ctx, req, &resp); });
@@ -690,6 +737,7 @@ bool CoordinatorLink::register_once() {
     return false;
   }
   registered_ = true;
+  session_ = resp.session();
   ++registrations_;
   failed_registrations_ = 0;
   heartbeat_ms_ = resp.heartbeat_interval_ms() > 0 ? resp.heartbeat_interval_ms()
@@ -705,6 +753,7 @@ std::optional<grpc::Status> CoordinatorLink::call_cancellable(
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(options_.rpc_timeout_ms));
+  if (options_.secret) options_.secret->attach(ctx);
   {
     std::lock_guard lk(mu_);
     if (stop_) return std::nullopt;
@@ -720,9 +769,14 @@ bool CoordinatorLink::heartbeat_once() {
   v1::HeartbeatRequest req;
   req.set_worker_id(options_.worker_id);
   *req.mutable_load() = options_.load();
+  req.set_draining(options_.draining && options_.draining());
+  {
+    std::lock_guard lk(mu_);
+    req.set_session(session_);
+  }
   v1::HeartbeatResponse resp;
-  const std::optional<grpc::Status> status = call_cancellable(
-      [&](grpc::ClientContext* ctx) { return stub_->Heartbeat(ctx, req, &resp); });
+  const std::optional<grpc::Status> status =
+      call_cancellable([&](grpc::ClientContext* ctx) { return stub_->Heartbeat(ctx, req, &resp); });
   if (!status) return false;
   if (!status->ok()) {
     spdlog::warn("worker {}: heartbeat to coordinator {} failed ({}); registering again",
@@ -737,6 +791,7 @@ bool CoordinatorLink::heartbeat_once() {
     return false;
   }
   if (resp.drain() && options_.on_drain) options_.on_drain();
+  if (resp.undrain() && options_.on_undrain) options_.on_undrain();
   return true;
 }
 

@@ -26,13 +26,14 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
-#include <optional>
 #include <vector>
 
 #include "mlaserve/v1/mlaserve.grpc.pb.h"
 #include "rpc/metrics.h"
+#include "rpc/shared_secret.h"
 #include "runtime/engine.h"
 
 namespace mla {
@@ -51,6 +52,11 @@ struct WorkerServiceOptions {
   // followers, which wait for the leader's plans, do not time out. Must be well under the
   // communicator's timeout. Default: 1000 ms.
   int32_t idle_heartbeat_ms = 1000;
+  // Every Generate and Cancel must carry this secret (UNAUTHENTICATED otherwise). Default:
+  // none, meaning no check (in-process tests; `mlaserve worker` always sets one).
+  std::shared_ptr<const SharedSecret> secret;
+  // ModelInfo.config_hash to register with (model_identity.h). Default: empty.
+  std::string config_hash;
 };
 
 // Serves Worker.Generate and Worker.Cancel for one Engine. Thread-safe: every public method
@@ -102,10 +108,19 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   // (kFailedPrecondition otherwise); requests that ended before are not counted.
   void attach_metrics(MetricsRegistry& registry);
 
-  // Stops accepting new requests (they get UNAVAILABLE "draining"); running ones finish.
-  // Idempotent.
+  // Stops accepting new requests (they get UNAVAILABLE "draining", with trailing metadata
+  // `mlaserve-worker-state: draining`); running ones finish. Idempotent.
   void drain();
+  // Accepts requests again after drain(), unless drain_for_shutdown() or shutdown() came.
+  void undrain();
+  // drain() that undrain() cannot reverse: the process is stopping.
+  void drain_for_shutdown();
   bool draining() const;
+  // Requests running (queued or in the engine) now.
+  size_t running() const;
+  // Polls until nothing runs (true), `timeout` passes or `give_up` (if set) returns true.
+  bool wait_until_idle(std::chrono::milliseconds timeout,
+                       const std::function<bool()>& give_up = {});
 
   // Stops accepting, ends every open stream with UNAVAILABLE, frees their pages, and stops
   // and joins the step loop. Idempotent. The engine's followers are the owner's to release
@@ -124,7 +139,7 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   // the field.
   void validate(const mlaserve::v1::GenerateRequest& r) const;
   // UNAVAILABLE, saying whether the worker drains or shuts down; the caller holds mu_.
-  grpc::Status refusal_locked() const;
+  grpc::Status refusal_locked(grpc::ServerContext& context) const;
   // Enqueues a cancellation for the step loop; false if the call was not running.
   bool cancel_call(const std::shared_ptr<Call>& call);
 
@@ -159,6 +174,7 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   std::condition_variable wake_;  // the step loop waits here for inbox work
   bool accepting_ = true;
   bool stopping_ = false;
+  bool shutting_down_soon_ = false;  // drain_for_shutdown() was called
   std::deque<std::shared_ptr<Call>> adds_;
   std::deque<std::shared_ptr<Call>> cancels_;
   std::map<std::string, std::shared_ptr<Call>> calls_;  // running requests by request_id
@@ -175,17 +191,28 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
 };
 
 struct CoordinatorLinkOptions {
-  std::string coordinator_address;  // host:port of the Coordinator service. Required.
-  std::string worker_id;            // Required.
+  // host:port of the coordinator's control plane (its Control service). Required.
+  std::string coordinator_address;
+  std::string worker_id;       // Required.
   std::string worker_address;  // host:port where this worker's Worker service listens. Required.
   mlaserve::v1::ModelInfo model;
   std::function<mlaserve::v1::WorkerLoad()> load;  // called for every heartbeat. Required.
-  // Called (from the link's thread) each time the coordinator asks this worker to drain.
-  // Default: none.
+  // Whether the worker takes no new requests, sent with every registration and heartbeat.
+  // Default: none (never draining).
+  std::function<bool()> draining;
+  // Called (from the link's thread) each time the coordinator asks this worker to drain, or
+  // to take requests again. Default: none.
   std::function<void()> on_drain;
+  std::function<void()> on_undrain;
+  // Sent with every call. Default: none (a coordinator that checks a secret refuses).
+  std::shared_ptr<const SharedSecret> secret;
+  // For the channel. Default: null, meaning plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
   int32_t rpc_timeout_ms = 2000;  // deadline of each RegisterWorker / Heartbeat. Default: 2000.
   int32_t min_backoff_ms = 100;   // first wait before retrying registration. Default: 100.
-  int32_t max_backoff_ms = 5000;  // the wait doubles up to this. Default: 5000.
+  // The wait doubles up to this, which bounds how long a restarted coordinator waits for its
+  // workers. Default: 500.
+  int32_t max_backoff_ms = 500;
   // Heartbeat interval when the coordinator's answer has none. Default: 1000.
   int32_t default_heartbeat_ms = 1000;
 };
@@ -223,12 +250,13 @@ class CoordinatorLink {
 
   const CoordinatorLinkOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<mlaserve::v1::Coordinator::Stub> stub_;
+  std::unique_ptr<mlaserve::v1::Control::Stub> stub_;
 
   mutable std::mutex mu_;
   std::condition_variable stop_cv_;
   bool stop_ = false;
   bool registered_ = false;
+  std::string session_;  // from the last registration
   int64_t registrations_ = 0;
   int64_t failed_registrations_ = 0;  // since the last success, to log an outage once
   int32_t heartbeat_ms_ = 0;

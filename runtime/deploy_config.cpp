@@ -44,7 +44,7 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   if (!root.IsMap()) MLA_THROW(kInvalidArgument, "{}: top level must be a mapping", origin);
   reject_unknown(root,
                  {"model", "absorb", "device", "cuda_graphs", "cuda_small_gemm", "cache",
-                  "scheduler", "parallel", "coordinator", "workers"},
+                  "scheduler", "parallel", "coordinator", "workers", "control", "tls"},
                  "", origin);
   read(root, "model", c.model_dir, "", origin);
   std::string absorb = to_string(c.model.absorb);
@@ -77,21 +77,53 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
     read(par, "comm_timeout_s", c.parallel.comm_timeout_s, "parallel.", origin);
   }
   if (const auto co = root["coordinator"]) {
-    reject_unknown(co, {"address", "metrics_port", "routing", "max_in_flight", "heartbeat_interval_ms"},
+    reject_unknown(co,
+                   {"address", "control_address", "metrics_port", "routing", "max_in_flight",
+                    "heartbeat_interval_ms", "forget_dead_after_s", "drain_timeout_s"},
                    "coordinator.", origin);
     read(co, "address", c.coordinator.address, "coordinator.", origin);
+    read(co, "control_address", c.coordinator.control_address, "coordinator.", origin);
+    read(co, "forget_dead_after_s", c.coordinator.forget_dead_after_s, "coordinator.", origin);
+    read(co, "drain_timeout_s", c.coordinator.drain_timeout_s, "coordinator.", origin);
     read(co, "metrics_port", c.coordinator.metrics_port, "coordinator.", origin);
     read(co, "routing", c.coordinator.routing, "coordinator.", origin);
     read(co, "max_in_flight", c.coordinator.max_in_flight, "coordinator.", origin);
     read(co, "heartbeat_interval_ms", c.coordinator.heartbeat_interval_ms, "coordinator.", origin);
   }
   if (const auto wk = root["workers"]) {
-    reject_unknown(wk, {"host", "port_base", "metrics_port_base"}, "workers.", origin);
+    reject_unknown(wk,
+                   {"host", "port_base", "metrics_port_base", "group", "coordinators",
+                    "drain_timeout_s"},
+                   "workers.", origin);
+    read(wk, "coordinators", c.workers.coordinators, "workers.", origin);
+    read(wk, "drain_timeout_s", c.workers.drain_timeout_s, "workers.", origin);
     read(wk, "host", c.workers.host, "workers.", origin);
     read(wk, "port_base", c.workers.port_base, "workers.", origin);
     read(wk, "metrics_port_base", c.workers.metrics_port_base, "workers.", origin);
+    read(wk, "group", c.workers.group, "workers.", origin);
+  }
+  if (const auto control = root["control"]) {
+    reject_unknown(control, {"secret_file"}, "control.", origin);
+    read(control, "secret_file", c.control.secret_file, "control.", origin);
+  }
+  if (const auto tls = root["tls"]) {
+    reject_unknown(tls, {"cert_file", "key_file", "ca_file", "require_client_cert"}, "tls.",
+                   origin);
+    read(tls, "cert_file", c.tls.cert_file, "tls.", origin);
+    read(tls, "key_file", c.tls.key_file, "tls.", origin);
+    read(tls, "ca_file", c.tls.ca_file, "tls.", origin);
+    read(tls, "require_client_cert", c.tls.require_client_cert, "tls.", origin);
   }
   MLA_REQUIRE(!c.model_dir.empty(), "{}: `model` (the model directory) is required", origin);
+  MLA_REQUIRE(c.coordinator.forget_dead_after_s >= 1,
+              "{}: coordinator.forget_dead_after_s must be >= 1", origin);
+  MLA_REQUIRE(c.coordinator.drain_timeout_s >= 0, "{}: coordinator.drain_timeout_s must be >= 0",
+              origin);
+  MLA_REQUIRE(c.workers.drain_timeout_s >= 0, "{}: workers.drain_timeout_s must be >= 0", origin);
+  MLA_REQUIRE(c.tls.cert_file.empty() == c.tls.key_file.empty(),
+              "{}: tls.cert_file and tls.key_file go together", origin);
+  MLA_REQUIRE(!c.tls.require_client_cert || (!c.tls.ca_file.empty() && !c.tls.cert_file.empty()),
+              "{}: tls.require_client_cert needs tls.ca_file and tls.cert_file", origin);
   MLA_REQUIRE(c.parallel.tp >= 1, "{}: parallel.tp must be >= 1", origin);
   MLA_REQUIRE(c.parallel.kv_shard == "sequence" || c.parallel.kv_shard == "replicate",
               "{}: parallel.kv_shard must be sequence or replicate, got `{}`", origin,
@@ -103,10 +135,16 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
               "{}: coordinator.heartbeat_interval_ms must be >= 10", origin);
   MLA_REQUIRE(c.workers.port_base > 0 && c.workers.port_base < 65536,
               "{}: workers.port_base must be a TCP port", origin);
+  MLA_REQUIRE(c.workers.group >= 0, "{}: workers.group must be >= 0", origin);
   MLA_REQUIRE(c.engine.block_size >= 1, "{}: cache.block_size must be >= 1", origin);
   MLA_REQUIRE(c.engine.cache_memory_fraction > 0 && c.engine.cache_memory_fraction < 1,
               "{}: cache.memory_fraction must be in (0, 1)", origin);
   return c;
+}
+
+std::vector<std::string> DeployConfig::coordinator_control_addresses() const {
+  if (!workers.coordinators.empty()) return workers.coordinators;
+  return {coordinator.control_address};
 }
 
 EngineOptions DeployConfig::engine_options() const {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
@@ -17,13 +18,23 @@ struct ParallelConfig {
   int32_t comm_timeout_s = 300;       // `comm_timeout_s`: a collective fails after this. Default: 300.
 };
 
-// `coordinator:` the client-facing service.
+// `coordinator:` the client plane (Generate, Cancel, Health, ListWorkers) and the control
+// plane (workers' registration and heartbeats, admin drain), each on its own listener.
 struct CoordinatorConfig {
   std::string address = "127.0.0.1:50051";  // `address`: listen address. Default: 127.0.0.1:50051.
+  // `control_address`: the control plane's listen address; keep it off networks clients
+  // reach. Default: 127.0.0.1:50052.
+  std::string control_address = "127.0.0.1:50052";
   int32_t metrics_port = 0;                 // `metrics_port`: Prometheus /metrics; 0 = off. Default: 0.
   std::string routing = "least-loaded";     // `routing`: least-loaded | round-robin | prefix-affinity.
   int32_t max_in_flight = 4096;             // `max_in_flight`: admission limit. Default: 4096.
   int32_t heartbeat_interval_ms = 500;      // `heartbeat_interval_ms`: worker heartbeats. Default: 500.
+  // `forget_dead_after_s`: a dead worker's entry (and its id's binding to its address) is
+  // dropped after this long. Default: 60.
+  int32_t forget_dead_after_s = 60;
+  // `drain_timeout_s`: on SIGTERM the coordinator takes no new requests and gives the open
+  // streams this long to finish. Default: 30.
+  int32_t drain_timeout_s = 30;
 };
 
 // `workers:` where each group's leader serves its Worker service.
@@ -31,6 +42,34 @@ struct WorkersConfig {
   std::string host = "127.0.0.1";  // `host`: address workers listen on and advertise. Default: 127.0.0.1.
   int32_t port_base = 50100;       // `port_base`: group g listens on port_base + g. Default: 50100.
   int32_t metrics_port_base = 0;   // `metrics_port_base`: group g on base + g; 0 = off. Default: 0.
+  // `group`: the index of the first group this mpirun job runs (one job per group keeps each
+  // group its own failure domain: launch/cluster.sh starts job g with group g). Default: 0.
+  int32_t group = 0;
+  // `coordinators`: the control addresses of every coordinator the workers register with.
+  // Default: empty, meaning coordinator.control_address alone.
+  std::vector<std::string> coordinators;
+  // `drain_timeout_s`: on SIGTERM a worker takes no new requests and gives the running ones
+  // this long to finish; the rest fail over to other groups. Default: 30.
+  int32_t drain_timeout_s = 30;
+};
+
+// `control:` the shared secret every control-plane and worker call carries. It is read from
+// the environment variable MLASERVE_CONTROL_SECRET or from `secret_file`, never from the
+// command line (where `ps` shows it).
+struct ControlConfig {
+  std::string secret_file;  // `secret_file`: a file holding the secret. Default: none.
+};
+
+// `tls:` TLS for every gRPC listener and channel (client plane, control plane, workers), off
+// when no file is named. Files are PEM.
+struct TlsConfig {
+  std::string cert_file;  // `cert_file`: this process's certificate chain. Default: none.
+  std::string key_file;   // `key_file`: its private key. Default: none.
+  std::string ca_file;    // `ca_file`: the CA that signs the peers' certificates. Default: none.
+  // `require_client_cert`: servers ask clients for a certificate signed by ca_file (mutual
+  // TLS); clients then present cert_file. Default: false.
+  bool require_client_cert = false;
+  bool enabled() const { return !cert_file.empty() || !ca_file.empty(); }
 };
 
 struct DeployConfig {
@@ -51,6 +90,11 @@ struct DeployConfig {
   ParallelConfig parallel;
   CoordinatorConfig coordinator;
   WorkersConfig workers;
+  ControlConfig control;
+  TlsConfig tls;
+
+  // workers.coordinators, or coordinator.control_address when that is empty.
+  std::vector<std::string> coordinator_control_addresses() const;
 
   // engine.num_pages until a config or flag sets it: 256 pages on the CPU, automatic on GPUs.
   static constexpr int32_t kPagesByDevice = -1;

@@ -4,6 +4,11 @@
 Streams the generated token ids to stdout as they arrive, then prints the finish reason,
 usage and timings. `--status` prints the coordinator's health and workers instead.
 
+`--address` may list several coordinators (comma-separated). When a stream breaks (its
+coordinator died or is stopping: UNAVAILABLE, INTERNAL or UNKNOWN before the final message),
+the client resumes it on the next coordinator, sending the tokens already received as
+received_ids under the same request_id: the stream goes on with nothing lost or repeated.
+
 Needs grpcio and protobuf (Debian: python3-grpcio, python3-protobuf; run with
 /usr/bin/python3 there). The Python stubs are generated from
 rpc/proto/mlaserve/v1/mlaserve.proto into a temporary directory when they are not
@@ -76,7 +81,12 @@ def parse_ids(text: str) -> list:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--address", default="127.0.0.1:50051", help="coordinator host:port")
+    p.add_argument("--address", default="127.0.0.1:50051",
+                   help="coordinator host:port, or several, comma-separated")
+    p.add_argument("--ca-file", type=Path,
+                   help="TLS: verify the coordinators against this CA (PEM); default plaintext")
+    p.add_argument("--max-resumes", type=int, default=8,
+                   help="times a broken stream is resumed on another coordinator")
     p.add_argument("--prompt-ids", type=parse_ids, help="prompt token ids, e.g. 1,2,3")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -112,7 +122,13 @@ def print_status(pb2, stub, timeout):
     print(f"requests in flight: {workers.in_flight} (max {workers.max_in_flight})")
 
 
-def generate(pb2, stub, args) -> int:
+RESUMABLE = ("UNAVAILABLE", "INTERNAL", "UNKNOWN")
+
+
+def generate(pb2, stubs, args) -> int:
+    """Streams one request, resuming it on the next coordinator when its stream breaks."""
+    import grpc
+
     request = pb2.GenerateRequest(
         request_id=args.request_id,
         prompt_ids=args.prompt_ids,
@@ -124,28 +140,50 @@ def generate(pb2, stub, args) -> int:
         return_logprobs=args.logprobs,
     )
     start = time.monotonic()
+    deadline = start + args.timeout if args.timeout else None
     first_token_s = None
-    tokens = 0
+    received = []
     workers = []
     last = None
-    call = stub.Generate(request, timeout=args.timeout or None)
-    try:
-        for msg in call:
-            if msg.token_ids and first_token_s is None:
-                first_token_s = time.monotonic() - start
-            for i, tok in enumerate(msg.token_ids):
-                if args.logprobs and i < len(msg.logprobs):
-                    print(f"{tok}({msg.logprobs[i]:.3f})", end=" ", flush=True)
-                else:
-                    print(tok, end=" ", flush=True)
-            tokens += len(msg.token_ids)
-            if msg.worker_id and msg.worker_id not in workers:
-                workers.append(msg.worker_id)
-            last = msg
-    except KeyboardInterrupt:
-        call.cancel()  # the coordinator frees the request's cache pages at once
-        print("\ncancelled", file=sys.stderr)
-        return 130
+    index = 0
+    backoff = 0.1
+    for attempt in range(args.max_resumes + 1):
+        address, stub = stubs[index]
+        if attempt > 0:
+            # Everything received so far, under the id the first coordinator gave it.
+            request.request_id = last.request_id if last is not None else request.request_id
+            del request.received_ids[:]
+            request.received_ids.extend(received)
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+        call = stub.Generate(request, timeout=timeout)
+        try:
+            for msg in call:
+                if msg.token_ids and first_token_s is None:
+                    first_token_s = time.monotonic() - start
+                for i, tok in enumerate(msg.token_ids):
+                    if args.logprobs and i < len(msg.logprobs):
+                        print(f"{tok}({msg.logprobs[i]:.3f})", end=" ", flush=True)
+                    else:
+                        print(tok, end=" ", flush=True)
+                received.extend(msg.token_ids)
+                if msg.worker_id and msg.worker_id not in workers:
+                    workers.append(msg.worker_id)
+                last = msg
+            break
+        except KeyboardInterrupt:
+            call.cancel()  # the coordinator frees the request's cache pages at once
+            print("\ncancelled", file=sys.stderr)
+            return 130
+        except grpc.RpcError as e:
+            finished = last is not None and last.finish_reason != 0
+            if (finished or e.code().name not in RESUMABLE or attempt == args.max_resumes
+                    or len(received) >= args.max_tokens):
+                raise
+            index = (index + 1) % len(stubs)
+            print(f"\n[stream broke on {address} after {len(received)} tokens "
+                  f"({e.code().name}); resuming on {stubs[index][0]}]", file=sys.stderr)
+            time.sleep(backoff)
+            backoff = min(2 * backoff, 1.0)
     print()
     if last is None:
         print("error: the stream ended without a message", file=sys.stderr)
@@ -172,16 +210,27 @@ def main(argv=None) -> int:
     pb2, pb2_grpc = load_stubs(args.proto_root, args.stubs_dir)
 
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-    with grpc.insecure_channel(args.address, options=options) as channel:
-        stub = pb2_grpc.CoordinatorStub(channel)
-        try:
-            if args.status:
-                print_status(pb2, stub, args.timeout or 10.0)
-                return 0
-            return generate(pb2, stub, args)
-        except grpc.RpcError as e:
-            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
+    addresses = [a for a in args.address.split(",") if a]
+    if not addresses:
+        print("error: --address names no coordinator", file=sys.stderr)
+        return 1
+    if args.ca_file:
+        credentials = grpc.ssl_channel_credentials(root_certificates=args.ca_file.read_bytes())
+        channels = [grpc.secure_channel(a, credentials, options=options) for a in addresses]
+    else:
+        channels = [grpc.insecure_channel(a, options=options) for a in addresses]
+    stubs = [(a, pb2_grpc.CoordinatorStub(c)) for a, c in zip(addresses, channels)]
+    try:
+        if args.status:
+            print_status(pb2, stubs[0][1], args.timeout or 10.0)
+            return 0
+        return generate(pb2, stubs, args)
+    except grpc.RpcError as e:
+        print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    finally:
+        for c in channels:
+            c.close()
 
 
 if __name__ == "__main__":

@@ -36,9 +36,12 @@ trap stop EXIT
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OPENBLAS_NUM_THREADS=1 OMPI_MCA_mpi_yield_when_idle=1
 
-coordinator_cmd=("$mlaserve" --log-level warn coordinator --address "$coordinator_address")
+control_address="127.0.0.1:$((port + 1))"
+export MLASERVE_CONTROL_SECRET=${MLASERVE_CONTROL_SECRET:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}
+coordinator_cmd=("$mlaserve" --log-level warn coordinator --address "$coordinator_address"
+  --control-address "$control_address")
 workers_cmd=(mpirun -np 4 --oversubscribe --bind-to none "$mlaserve" --log-level warn worker
-  "${worker_flags[@]}" --coordinator "$coordinator_address" --port-base "$worker_port_base")
+  "${worker_flags[@]}" --coordinator "$control_address" --port-base "$worker_port_base")
 "${coordinator_cmd[@]}" >"$work/coordinator.log" 2>&1 &
 coordinator=$!
 "${workers_cmd[@]}" >"$work/workers.log" 2>&1 &

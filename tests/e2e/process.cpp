@@ -81,6 +81,22 @@ std::vector<ProcId> descendants(pid_t root) {
   return out;
 }
 
+std::optional<ProcId> mpi_rank_process(pid_t root, int rank, std::chrono::milliseconds timeout) {
+  const std::string wanted = "OMPI_COMM_WORLD_RANK=" + std::to_string(rank);
+  const auto end = Clock::now() + timeout;
+  do {
+    for (const ProcId& p : descendants(root)) {
+      // environ is NUL-separated "NAME=value" entries.
+      std::ifstream in("/proc/" + std::to_string(p.pid) + "/environ", std::ios::binary);
+      for (std::string entry; std::getline(in, entry, '\0');) {
+        if (entry == wanted && alive(p)) return p;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  } while (Clock::now() < end);
+  return std::nullopt;
+}
+
 bool alive(const ProcId& p) {
   StatLine st;
   return read_stat(p.pid, &st) && st.start_time == p.start_time && st.state != 'Z' &&

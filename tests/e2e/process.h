@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,9 @@ struct ProcId {
 std::vector<ProcId> descendants(pid_t pid);
 // Whether `p` is still the process it was (alive, same start time; zombies count as gone).
 bool alive(const ProcId& p);
+// The descendant of `root` (an mpirun) whose environment says it is MPI world rank `rank`
+// (OMPI_COMM_WORLD_RANK), polled until `timeout`; nullopt when none appears.
+std::optional<ProcId> mpi_rank_process(pid_t root, int rank, std::chrono::milliseconds timeout);
 
 // A child process. Not thread-safe. The destructor SIGKILLs it and its descendants if it still
 // runs, and reaps it.

@@ -1,8 +1,10 @@
-// The coordinator process answers the standard grpc.health.v1 service and the mlaserve
-// Health RPC, and exits cleanly (status 0, port released) on SIGTERM.
+// The coordinator process answers the standard grpc.health.v1 service (liveness for the
+// server as a whole, readiness for "mlaserve.v1.Coordinator"), /livez and /readyz over HTTP,
+// and the mlaserve Health RPC, and exits cleanly (status 0, port released) on SIGTERM.
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
+#include <httplib.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
@@ -33,16 +35,22 @@ int free_port() {
   return ntohs(addr.sin_port);
 }
 
-// grpc.health.v1.Health/Check with an empty request; returns the response's status field
-// (1 = SERVING, 2 = NOT_SERVING) decoded from its protobuf bytes, or -1 on an RPC error.
-int health_check(const std::string& address) {
+// grpc.health.v1.Health/Check for `service` ("" = the server as a whole); returns the
+// response's status field (1 = SERVING, 2 = NOT_SERVING) decoded from its protobuf bytes, or
+// -1 on an RPC error.
+int health_check(const std::string& address, const std::string& service = "") {
   auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
   grpc::TemplatedGenericStub<grpc::ByteBuffer, grpc::ByteBuffer> stub(channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   grpc::ByteBuffer request, response;
-  grpc::Slice empty("", 0);
-  request = grpc::ByteBuffer(&empty, 1);
+  // HealthCheckRequest { string service = 1; }: tag 0x0a, length, bytes.
+  std::string bytes_in;
+  if (!service.empty()) {
+    bytes_in = std::string(1, '\x0a') + static_cast<char>(service.size()) + service;
+  }
+  grpc::Slice slice(bytes_in.data(), bytes_in.size());
+  request = grpc::ByteBuffer(&slice, 1);
   std::mutex mu;
   std::condition_variable cv;
   bool done = false;
@@ -65,10 +73,27 @@ int health_check(const std::string& address) {
   return bytes.size() == 2 && bytes[0] == 0x08 ? bytes[1] : -1;
 }
 
-TEST(CoordinatorProcess, AnswersGrpcHealthAndExitsCleanlyOnSigterm) {
+int http_status(int port, const char* path) {
+  httplib::Client http("127.0.0.1", port);
+  http.set_connection_timeout(2);
+  const auto res = http.Get(path);
+  return res ? res->status : -1;
+}
+
+TEST(CoordinatorProcess, IsLiveButNotReadyWithoutWorkersAndExitsCleanlyOnSigterm) {
   const std::string address = "127.0.0.1:" + std::to_string(free_port());
-  std::vector<std::string> args = {MLASERVE_BIN, "--log-level", "warn", "coordinator",
-                                   "--address", address};
+  const int metrics_port = free_port();
+  ::setenv("MLASERVE_CONTROL_SECRET", "health-test-control-secret", 1);
+  std::vector<std::string> args = {MLASERVE_BIN,
+                                   "--log-level",
+                                   "warn",
+                                   "coordinator",
+                                   "--address",
+                                   address,
+                                   "--control-address",
+                                   "127.0.0.1:" + std::to_string(free_port()),
+                                   "--metrics-port",
+                                   std::to_string(metrics_port)};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -82,9 +107,14 @@ TEST(CoordinatorProcess, AnswersGrpcHealthAndExitsCleanlyOnSigterm) {
     if (serving != 1) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   EXPECT_EQ(serving, 1) << "grpc.health.v1 did not report SERVING";
+  // Ready needs a live worker: none is registered.
+  EXPECT_EQ(health_check(address, "mlaserve.v1.Coordinator"), 2);
   const auto health = client.health();
   EXPECT_FALSE(health.serving()) << "no worker registered yet";
   EXPECT_EQ(health.workers_alive(), 0);
+  EXPECT_EQ(http_status(metrics_port, "/livez"), 200);
+  EXPECT_EQ(http_status(metrics_port, "/readyz"), 503);
+  EXPECT_EQ(http_status(metrics_port, "/healthz"), 503);
 
   ASSERT_EQ(kill(pid, SIGTERM), 0);
   int wstatus = 0;

@@ -12,6 +12,7 @@ mkdir -p "$logs"
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 [ "${gpus:-0}" -ge 2 ] || { echo "SKIP: needs 2 GPUs (found ${gpus:-0})"; exit 77; }
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
+export MLASERVE_CONTROL_SECRET=${MLASERVE_CONTROL_SECRET:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}
 failures=0
 fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 
@@ -23,11 +24,11 @@ greedy=("28 249 146 172 172 172 172 172" "28 176 217 56 21 7 177 23"
 for kv in sequence replicate; do
   port=$((20000 + RANDOM % 20000))
   address=127.0.0.1:$port
-  "$mlaserve" coordinator --address "$address" >"$logs/coordinator_$kv.log" 2>&1 &
+  "$mlaserve" coordinator --address "$address" --control-address "127.0.0.1:$((port + 99))" >"$logs/coordinator_$kv.log" 2>&1 &
   coordinator=$!
   "$mpiexec" -np 2 --bind-to none -x LD_LIBRARY_PATH -x PATH -x NCCL_NVLS_ENABLE \
     "$mlaserve" worker --model "$data/v3_mla" --device cuda --tp 2 --kv-shard "$kv" \
-    --cache-memory-fraction 0.2 --coordinator "$address" --host 127.0.0.1 \
+    --cache-memory-fraction 0.2 --coordinator "127.0.0.1:$((port + 99))" --host 127.0.0.1 \
     --port-base $((port + 1)) >"$logs/workers_$kv.log" 2>&1 &
   workers=$!
   if ! "$mlaserve" --log-level warn client --address "$address" --wait-ready 180 --status \

@@ -9,15 +9,16 @@ set -uo pipefail
 model=$1 gpus=$2 requests=${3:-512} concurrency=${4:-256} logs=${5:-${OUT:-/tmp}/serve_groups}
 mkdir -p "$logs"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
+export MLASERVE_CONTROL_SECRET=${MLASERVE_CONTROL_SECRET:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}
 status=0
 for groups in 1 "$gpus"; do
   port=$((20000 + RANDOM % 20000))
   address=127.0.0.1:$port
-  mlaserve coordinator --address "$address" >"$logs/coordinator_$groups.log" 2>&1 &
+  mlaserve coordinator --address "$address" --control-address "127.0.0.1:$((port + 99))" >"$logs/coordinator_$groups.log" 2>&1 &
   coordinator=$!
   mpirun --allow-run-as-root -np "$groups" --bind-to none -x LD_LIBRARY_PATH -x PATH \
     -x NCCL_NVLS_ENABLE mlaserve worker --model "$model" --device cuda --tp 1 \
-    --max-running 256 --max-batch-tokens 8192 --coordinator "$address" --host 127.0.0.1 \
+    --max-running 256 --max-batch-tokens 8192 --coordinator "127.0.0.1:$((port + 99))" --host 127.0.0.1 \
     --port-base $((port + 1)) >"$logs/workers_$groups.log" 2>&1 &
   workers=$!
   # Every group registered (the first one alive is not enough: the others may still load).

@@ -13,8 +13,8 @@
 #include <stdexcept>
 #include <thread>
 
-#include "tests/support/golden.h"
 #include "rpc/client.h"
+#include "tests/support/golden.h"
 
 namespace mla {
 namespace {
@@ -33,7 +33,9 @@ using namespace std::chrono_literals;
 //   "exhausted"          RESOURCE_EXHAUSTED before any token
 //   "dies"               one token, then UNAVAILABLE
 //   "big"                one message of 2M tokens (over gRPC's default 4 MiB limit)
-// An empty prompt gets INVALID_ARGUMENT "prompt_ids is empty".
+// An empty prompt gets INVALID_ARGUMENT "prompt_ids is empty". received_ids are honoured
+// (the tokens continue after them), and with break_after >= 0 a stream ends UNAVAILABLE
+// after that many messages, as when its coordinator dies.
 class FakeCoordinator final : public v1::Coordinator::Service {
  public:
   grpc::Status Generate(grpc::ServerContext* ctx, const v1::GenerateRequest* req,
@@ -81,8 +83,14 @@ class FakeCoordinator final : public v1::Coordinator::Service {
       writer->Write(msg);
       return grpc::Status::OK;
     }
+    {
+      std::lock_guard lock(mutex_);
+      requests_.push_back(*req);
+    }
     const int32_t last = req->prompt_ids(req->prompt_ids_size() - 1);
-    for (int i = 0; i < req->max_tokens(); ++i) {
+    int written = 0;
+    for (int i = req->received_ids_size(); i < req->max_tokens(); ++i) {
+      if (written++ == break_after) return {grpc::StatusCode::UNAVAILABLE, "Socket closed"};
       msg.clear_token_ids();
       msg.clear_logprobs();
       msg.add_token_ids(last + i + 1);
@@ -124,15 +132,6 @@ class FakeCoordinator final : public v1::Coordinator::Service {
     return grpc::Status::OK;
   }
 
-  grpc::Status Drain(grpc::ServerContext*, const v1::DrainRequest* req,
-                     v1::DrainResponse* resp) override {
-    if (req->worker_id() == "nope") {
-      return {grpc::StatusCode::NOT_FOUND, "no worker 'nope'"};
-    }
-    resp->set_draining(req->worker_id() == "w0");
-    return grpc::Status::OK;
-  }
-
   static v1::ListWorkersResponse workers() {
     v1::ListWorkersResponse resp;
     resp.set_in_flight(3);
@@ -164,14 +163,21 @@ class FakeCoordinator final : public v1::Coordinator::Service {
     return cv_.wait_for(lock, timeout, [this] { return saw_client_cancel_; });
   }
 
+  std::vector<v1::GenerateRequest> requests() {
+    std::lock_guard lock(mutex_);
+    return requests_;
+  }
+
   std::atomic<bool> ready{true};
   std::atomic<int> health_calls{0};
+  std::atomic<int> break_after{-1};
 
  private:
   std::mutex mutex_;
   std::condition_variable cv_;
   std::set<std::string> running_;
   std::set<std::string> cancelled_;
+  std::vector<v1::GenerateRequest> requests_;
   bool saw_client_cancel_ = false;
 };
 
@@ -268,19 +274,66 @@ TEST_F(ClientTest, ErrorsKeepTheServersMessage) {
   EXPECT_EQ(code_of([&] { client_->generate(request("exhausted")); }, &message),
             ErrorCode::kResourceExhausted);
   EXPECT_EQ(message, "RESOURCE_EXHAUSTED: too many requests in flight (4 of 4)");
-
-  EXPECT_EQ(code_of([&] { client_->drain("nope"); }, &message), ErrorCode::kNotFound);
-  EXPECT_EQ(message, "NOT_FOUND: no worker 'nope'");
 }
 
 TEST_F(ClientTest, ErrorAfterSomeTokensStillThrowsAfterDeliveringThem) {
+  ClientOptions no_resume;
+  no_resume.max_resumes = 0;
+  Client client(address_, no_resume);
   int messages = 0;
   std::string message;
   EXPECT_EQ(
-      code_of([&] { client_->generate(request("dies"), [&](auto&) { ++messages; }); }, &message),
+      code_of([&] { client.generate(request("dies"), [&](auto&) { ++messages; }); }, &message),
       ErrorCode::kUnavailable);
   EXPECT_EQ(message, "UNAVAILABLE: worker w0 died");
   EXPECT_EQ(messages, 1);
+}
+
+TEST_F(ClientTest, ABrokenStreamResumesOnTheNextCoordinatorWithNothingLostOrRepeated) {
+  FakeCoordinator second;
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&second);
+  auto server = builder.BuildAndStart();
+  const std::string second_address = "127.0.0.1:" + std::to_string(port);
+  service_.break_after = 2;  // the first coordinator "dies" after two tokens
+  Client client(std::vector<std::string>{address_, second_address});
+  std::vector<int32_t> streamed;
+  GenerateResult r = client.generate(request("resume-me", 6), [&](const v1::GenerateResponse& m) {
+    streamed.insert(streamed.end(), m.token_ids().begin(), m.token_ids().end());
+  });
+  EXPECT_THAT(r.tokens, ElementsAre(21, 22, 23, 24, 25, 26));
+  EXPECT_EQ(streamed, r.tokens);
+  EXPECT_EQ(r.finish, v1::FINISH_REASON_LENGTH);
+  EXPECT_THAT(r.coordinators, ElementsAre(address_, second_address));
+  const auto resumed = second.requests();
+  ASSERT_EQ(resumed.size(), 1u);
+  EXPECT_EQ(resumed[0].request_id(), "resume-me");
+  EXPECT_THAT(resumed[0].received_ids(), ElementsAre(21, 22));
+  EXPECT_EQ(resumed[0].max_tokens(), 6);
+  // Calls go on to the coordinator that answered.
+  service_.break_after = -1;
+  EXPECT_THAT(client.generate(request("next", 2)).coordinators, ElementsAre(second_address));
+  server->Shutdown(std::chrono::system_clock::now() + 1s);
+}
+
+TEST(Client, UnaryCallsUseTheFirstCoordinatorThatAnswers) {
+  FakeCoordinator service;
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  auto server = builder.BuildAndStart();
+  const std::string dead = "127.0.0.1:" + std::to_string(unused_port());
+  Client client(dead + ",127.0.0.1:" + std::to_string(port));
+  EXPECT_EQ(client.addresses().size(), 2u);
+  EXPECT_TRUE(client.health().serving());
+  EXPECT_EQ(client.list_workers().workers_size(), 2);
+  EXPECT_TRUE(client.wait_until_ready(5s));
+  server->Shutdown(std::chrono::system_clock::now() + 1s);
+  EXPECT_THROW(Client(std::vector<std::string>{}), Error);
+  EXPECT_THROW(Client("a:1,,b:2"), Error);
 }
 
 TEST_F(ClientTest, DeadlineGivesDeadlineExceededAndCancelsTheServerSide) {
@@ -313,7 +366,7 @@ TEST_F(ClientTest, CancelFromAnotherThreadEndsTheStream) {
   EXPECT_FALSE(client_->cancel("unknown"));
 }
 
-TEST_F(ClientTest, HealthListWorkersDrainRoundTrip) {
+TEST_F(ClientTest, HealthAndListWorkersRoundTrip) {
   v1::HealthResponse h = client_->health();
   EXPECT_TRUE(h.serving());
   EXPECT_EQ(h.workers_alive(), 2);
@@ -323,9 +376,6 @@ TEST_F(ClientTest, HealthListWorkersDrainRoundTrip) {
   EXPECT_EQ(workers.workers(1).worker_id(), "worker-long-name");
   EXPECT_EQ(workers.workers(1).load().free_pages(), 90);
   EXPECT_EQ(workers.max_in_flight(), 64);
-
-  EXPECT_TRUE(client_->drain("w0"));
-  EXPECT_FALSE(client_->drain("w1"));
 }
 
 TEST_F(ClientTest, ManyConcurrentCallsOnOneClient) {
@@ -388,11 +438,14 @@ TEST_F(ClientTest, WaitUntilReadyRidesOutAServerStartingLater) {
 
 TEST(Client, UnreachableServerIsUnavailable) {
   const int port = unused_port();
-  Client client("127.0.0.1:" + std::to_string(port));
+  ClientOptions options;
+  options.max_resumes = 1;
+  Client client("127.0.0.1:" + std::to_string(port), options);
   EXPECT_EQ(code_of([&] { client.health(); }), ErrorCode::kUnavailable);
   v1::GenerateRequest req;
   req.add_prompt_ids(1);
-  EXPECT_EQ(code_of([&] { client.generate(req); }), ErrorCode::kUnavailable);
+  std::string message;
+  EXPECT_EQ(code_of([&] { client.generate(req); }, &message), ErrorCode::kUnavailable) << message;
   EXPECT_FALSE(client.wait_until_ready(200ms));
 }
 

@@ -15,7 +15,9 @@
 #include <vector>
 
 #include "kernels/error.h"
+#include "rpc/control_service.h"
 #include "rpc/coordinator_service.h"
+#include "rpc/shared_secret.h"
 
 namespace mla {
 namespace {
@@ -26,6 +28,12 @@ using Clock = std::chrono::steady_clock;
 
 constexpr int32_t kVocab = 1000;
 constexpr int32_t kContext = 256;
+constexpr const char* kSecret = "unit-test-control-secret";
+
+const SharedSecret& test_secret() {
+  static const SharedSecret secret(kSecret);
+  return secret;
+}
 
 bool wait_until(const std::function<bool()>& done, std::chrono::milliseconds limit = 3000ms) {
   const auto until = Clock::now() + limit;
@@ -43,6 +51,8 @@ v1::ModelInfo model_info() {
   m.set_max_context(kContext);
   m.set_tp_size(1);
   m.set_block_size(64);
+  m.set_dtype("float32");
+  m.set_config_hash("0123abcd");
   return m;
 }
 
@@ -74,9 +84,10 @@ v1::GenerateRequest make_request(int32_t prompt_len, int32_t max_tokens, std::st
 
 // How a fake worker misbehaves, counted in tokens it sends in one call.
 struct Script {
-  int32_t die_after = -1;   // then answer UNAVAILABLE
-  int32_t end_after = -1;   // then end with OK but no final message
-  int32_t hold_after = -1;  // then wait (up to 5 s) for the call to be cancelled
+  int32_t die_after = -1;        // then answer UNAVAILABLE
+  int32_t end_after = -1;        // then end with OK but no final message
+  int32_t hold_after = -1;       // then wait (up to 5 s) for the call to be cancelled
+  bool refuse_draining = false;  // refuse every call as a draining worker does
 };
 
 // A Worker service that streams one token per message, token j of the request being
@@ -112,6 +123,10 @@ class FakeWorker final : public v1::Worker::Service {
       requests_.push_back(*request);
       deadlines_.push_back(context->deadline());
       script = script_;
+    }
+    if (script.refuse_draining) {
+      context->AddTrailingMetadata("mlaserve-worker-state", "draining");
+      return {grpc::StatusCode::UNAVAILABLE, "fake worker draining"};
     }
     const int32_t resumed = request->resume_ids_size();
     const int32_t prompt_len = request->prompt_ids_size();
@@ -154,38 +169,56 @@ class FakeWorker final : public v1::Worker::Service {
   }
   int cancels_seen() const { return cancels_seen_; }
   bool drain_seen() const { return drain_seen_; }
+  bool draining() const { return draining_; }
+  std::string session() const {
+    std::lock_guard lock(mu_);
+    return session_;
+  }
 
-  // RegisterWorker once; true when the coordinator accepted it.
-  bool register_with(v1::Coordinator::Stub& coordinator) {
+  // RegisterWorker once (with the control secret); the status.
+  grpc::Status try_register(v1::Control::Stub& control) {
     v1::RegisterWorkerRequest r;
     r.set_worker_id(id_);
     r.set_address(address_);
     *r.mutable_model() = model_info();
     *r.mutable_load() = load_;
+    r.set_draining(draining_);
     v1::RegisterWorkerResponse response;
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + 1s);
-    return coordinator.RegisterWorker(&context, r, &response).ok();
+    test_secret().attach(context);
+    const grpc::Status status = control.RegisterWorker(&context, r, &response);
+    if (status.ok()) {
+      std::lock_guard lock(mu_);
+      session_ = response.session();
+    }
+    return status;
   }
+  bool register_with(v1::Control::Stub& control) { return try_register(control).ok(); }
 
   // Registers, then heartbeats every 20 ms from a thread, re-registering when the
-  // coordinator does not know this worker (as the real CoordinatorLink does).
+  // coordinator does not know this worker and draining or undraining when told to (as the
+  // real CoordinatorLink and WorkerService do).
   void join(const std::string& coordinator_address) {
-    coordinator_ = v1::Coordinator::NewStub(
+    control_ = v1::Control::NewStub(
         grpc::CreateChannel(coordinator_address, grpc::InsecureChannelCredentials()));
-    ASSERT_TRUE(register_with(*coordinator_));
+    ASSERT_TRUE(register_with(*control_));
     stop_ = false;
     heartbeats_ = std::thread([this] {
       while (!stop_) {
         v1::HeartbeatRequest r;
         r.set_worker_id(id_);
+        r.set_session(session());
+        r.set_draining(draining_);
         *r.mutable_load() = load_;
         v1::HeartbeatResponse response;
         grpc::ClientContext context;
         context.set_deadline(std::chrono::system_clock::now() + 1s);
-        if (coordinator_->Heartbeat(&context, r, &response).ok()) {
-          if (!response.known()) register_with(*coordinator_);
-          if (response.drain()) drain_seen_ = true;
+        test_secret().attach(context);
+        if (control_->Heartbeat(&context, r, &response).ok()) {
+          if (!response.known()) register_with(*control_);
+          if (response.drain()) drain_seen_ = draining_ = true;
+          if (response.undrain()) draining_ = false;
         }
         std::this_thread::sleep_for(20ms);
       }
@@ -208,9 +241,11 @@ class FakeWorker final : public v1::Worker::Service {
   std::vector<std::chrono::system_clock::time_point> deadlines_;
   std::atomic<int> cancels_seen_{0};
 
-  std::unique_ptr<v1::Coordinator::Stub> coordinator_;
+  std::unique_ptr<v1::Control::Stub> control_;
+  std::string session_;
   std::atomic<bool> stop_{true};
   std::atomic<bool> drain_seen_{false};
+  std::atomic<bool> draining_{false};
   std::thread heartbeats_;
 };
 
@@ -269,22 +304,28 @@ class CoordinatorServiceTest : public ::testing::Test {
     workers_.clear();
   }
 
+  // The coordinator with its control plane on one test server (`mlaserve coordinator`
+  // gives each plane its own listener).
   void start(CoordinatorOptions options = fast_options()) {
     service_ = std::make_unique<CoordinatorService>(options);
+    control_ = std::make_unique<ControlService>(*service_, test_secret());
     grpc::ServerBuilder builder;
     int port = 0;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
     builder.RegisterService(service_.get());
+    builder.RegisterService(control_.get());
     server_ = builder.BuildAndStart();
     address_ = "127.0.0.1:" + std::to_string(port);
-    stub_ =
-        v1::Coordinator::NewStub(grpc::CreateChannel(address_, grpc::InsecureChannelCredentials()));
+    auto channel = grpc::CreateChannel(address_, grpc::InsecureChannelCredentials());
+    stub_ = v1::Coordinator::NewStub(channel);
+    control_stub_ = v1::Control::NewStub(channel);
   }
   void stop_coordinator() {
     if (!service_) return;
     service_->shutdown();
     server_->Shutdown(std::chrono::system_clock::now() + 1s);
     server_.reset();
+    control_.reset();
     service_.reset();
   }
 
@@ -349,18 +390,36 @@ class CoordinatorServiceTest : public ::testing::Test {
   }
   grpc::Status drain(const std::string& worker_id, bool* draining) {
     grpc::ClientContext context;
+    test_secret().attach(context);
     v1::DrainRequest r;
     r.set_worker_id(worker_id);
     v1::DrainResponse response;
-    grpc::Status status = stub_->Drain(&context, r, &response);
+    grpc::Status status = control_stub_->Drain(&context, r, &response);
     *draining = response.draining();
     return status;
   }
+  grpc::Status undrain(const std::string& worker_id) {
+    grpc::ClientContext context;
+    test_secret().attach(context);
+    v1::UndrainRequest r;
+    r.set_worker_id(worker_id);
+    v1::UndrainResponse response;
+    return control_stub_->Undrain(&context, r, &response);
+  }
+  grpc::Status register_raw(const v1::RegisterWorkerRequest& r, const char* secret = kSecret,
+                            v1::RegisterWorkerResponse* out = nullptr) {
+    grpc::ClientContext context;
+    if (secret != nullptr) context.AddMetadata("authorization", std::string("Bearer ") + secret);
+    v1::RegisterWorkerResponse response;
+    return control_stub_->RegisterWorker(&context, r, out ? out : &response);
+  }
 
   std::unique_ptr<CoordinatorService> service_;
+  std::unique_ptr<ControlService> control_;
   std::unique_ptr<grpc::Server> server_;
   std::string address_;
   std::unique_ptr<v1::Coordinator::Stub> stub_;
+  std::unique_ptr<v1::Control::Stub> control_stub_;
   std::vector<std::unique_ptr<FakeWorker>> workers_;
 };
 
@@ -497,9 +556,8 @@ TEST_F(CoordinatorServiceTest, WorkerErrorsOtherThanFailuresGoToTheClient) {
   r.set_address("127.0.0.1:" + std::to_string(port));
   *r.mutable_model() = model_info();
   *r.mutable_load() = load(100);
-  grpc::ClientContext context;
   v1::RegisterWorkerResponse response;
-  ASSERT_TRUE(stub_->RegisterWorker(&context, r, &response).ok());
+  ASSERT_TRUE(register_raw(r, kSecret, &response).ok());
   EXPECT_EQ(response.heartbeat_interval_ms(), 50);
   Stream s = generate(make_request(3, 2));
   EXPECT_EQ(s.status.error_code(), grpc::StatusCode::UNIMPLEMENTED);
@@ -670,23 +728,27 @@ TEST_F(CoordinatorServiceTest, HeartbeatSilenceMarksAWorkerDead) {
 TEST_F(CoordinatorServiceTest, RestartedCoordinatorAnswersUnknown) {
   start();
   FakeWorker worker("w-x");
-  auto heartbeat = [&](v1::Coordinator::Stub& stub) {
+  auto heartbeat = [&](v1::Control::Stub& stub, const std::string& session) {
     v1::HeartbeatRequest r;
     r.set_worker_id("w-x");
+    r.set_session(session);
     v1::HeartbeatResponse response;
     grpc::ClientContext context;
+    test_secret().attach(context);
     EXPECT_TRUE(stub.Heartbeat(&context, r, &response).ok());
     return response.known();
   };
-  EXPECT_FALSE(heartbeat(*stub_));
-  ASSERT_TRUE(worker.register_with(*stub_));
-  EXPECT_TRUE(heartbeat(*stub_));
+  EXPECT_FALSE(heartbeat(*control_stub_, ""));
+  ASSERT_TRUE(worker.register_with(*control_stub_));
+  EXPECT_TRUE(heartbeat(*control_stub_, worker.session()));
+  // A heartbeat under another session (a forged one, or a stale process's) is not taken.
+  EXPECT_FALSE(heartbeat(*control_stub_, "not-the-session"));
 
   stop_coordinator();
   start();  // a new instance knows nobody
-  EXPECT_FALSE(heartbeat(*stub_));
-  ASSERT_TRUE(worker.register_with(*stub_));
-  EXPECT_TRUE(heartbeat(*stub_));
+  EXPECT_FALSE(heartbeat(*control_stub_, worker.session()));
+  ASSERT_TRUE(worker.register_with(*control_stub_));
+  EXPECT_TRUE(heartbeat(*control_stub_, worker.session()));
 }
 
 TEST_F(CoordinatorServiceTest, DrainStopsRoutingAndTellsTheWorker) {
@@ -706,6 +768,33 @@ TEST_F(CoordinatorServiceTest, DrainStopsRoutingAndTellsTheWorker) {
   const grpc::Status unknown = drain("w-nope", &draining);
   EXPECT_EQ(unknown.error_code(), grpc::StatusCode::NOT_FOUND);
   EXPECT_NE(unknown.error_message().find("w-nope"), std::string::npos);
+
+  // Re-registering does not undo a drain (the worker still drains); undrain does.
+  ASSERT_TRUE(a.register_with(*control_stub_));
+  EXPECT_EQ(state_of("w-a"), "draining");
+  ASSERT_TRUE(undrain("w-a").ok());
+  EXPECT_TRUE(wait_until([&] { return !a.draining() && state_of("w-a") == "alive"; }));
+  EXPECT_EQ(health().workers_alive(), 2);
+  for (int i = 0; i < 4; ++i) EXPECT_TRUE(generate(make_request(2, 2)).status.ok());
+  EXPECT_GT(a.num_requests(), 0u);
+  EXPECT_EQ(undrain("w-nope").error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(CoordinatorServiceTest, AWorkerThatDrainsByItselfIsNotRoutedTo) {
+  start(fast_options(RoutingPolicy::kRoundRobin));
+  FakeWorker& a = add_worker("w-a");
+  FakeWorker& b = add_worker("w-b");
+  // A refusal that says "draining" moves the request on at once and stops the routing,
+  // without counting the worker dead.
+  a.set_script({.refuse_draining = true});
+  for (int i = 0; i < 4; ++i) {
+    Stream s = generate(make_request(3, 3));
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+    EXPECT_EQ(s.last.worker_id(), "w-b");
+  }
+  EXPECT_LE(a.num_requests(), 1u);
+  EXPECT_NE(state_of("w-a"), "dead");
+  EXPECT_EQ(b.num_requests(), 4u);
 }
 
 TEST_F(CoordinatorServiceTest, CancelEndsTheRequestAndTheWorkerCall) {
@@ -773,29 +862,179 @@ TEST_F(CoordinatorServiceTest, DeadlinePropagatesToTheWorker) {
   EXPECT_EQ(b.num_requests(), 0u);
 }
 
-TEST_F(CoordinatorServiceTest, ReRegistrationReplacesTheAddress) {
-  start();
-  FakeWorker old_process("w-a");
-  FakeWorker new_process("w-a");
-  ASSERT_TRUE(old_process.register_with(*stub_));
-  EXPECT_EQ(generate(make_request(2, 2)).status.error_code(), grpc::StatusCode::OK);
-  ASSERT_TRUE(new_process.register_with(*stub_));
-  EXPECT_EQ(generate(make_request(2, 2)).status.error_code(), grpc::StatusCode::OK);
-  EXPECT_EQ(old_process.num_requests(), 1u);
-  EXPECT_EQ(new_process.num_requests(), 1u);
+TEST_F(CoordinatorServiceTest, AWorkerIdStaysBoundToItsAddressUntilForgotten) {
+  CoordinatorOptions options = quick_death_options();
+  options.forget_dead_after_ms = 800;
+  start(options);
+  FakeWorker& real = add_worker("w-a");
+  FakeWorker impostor("w-a");  // same id, another address
+  const grpc::Status hijack = impostor.try_register(*control_stub_);
+  EXPECT_EQ(hijack.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_NE(hijack.error_message().find("w-a"), std::string::npos);
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(generate(make_request(2, 2)).status.ok());
+  EXPECT_EQ(real.num_requests(), 3u);
+  EXPECT_EQ(impostor.num_requests(), 0u);
+  // The real worker registers again (a restart at the same address): accepted.
+  EXPECT_TRUE(real.register_with(*control_stub_));
+
+  // Dead, then forgotten: the id is free again.
+  real.stop_heartbeats();
+  ASSERT_TRUE(wait_until([&] { return state_of("w-a") == "dead"; }));
+  EXPECT_EQ(impostor.try_register(*control_stub_).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  ASSERT_TRUE(wait_until([&] { return state_of("w-a") == "missing"; }, 3000ms));
+  EXPECT_TRUE(impostor.register_with(*control_stub_));
   const v1::ListWorkersResponse listed = list_workers();
   ASSERT_EQ(listed.workers_size(), 1);
-  EXPECT_EQ(listed.workers(0).address(), new_process.address());
+  EXPECT_EQ(listed.workers(0).address(), impostor.address());
+}
+
+TEST_F(CoordinatorServiceTest, ControlCallsWithoutTheSecretAreRefused) {
+  start();
+  FakeWorker& a = add_worker("w-a");
+  v1::RegisterWorkerRequest r;
+  r.set_worker_id("w-evil");
+  r.set_address("127.0.0.1:1");
+  *r.mutable_model() = model_info();
+  for (const char* secret : {static_cast<const char*>(nullptr), "wrong-secret-of-some-length"}) {
+    EXPECT_EQ(register_raw(r, secret).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+    grpc::ClientContext c1, c2, c3, c4;
+    if (secret) {
+      for (grpc::ClientContext* c : {&c1, &c2, &c3, &c4}) {
+        c->AddMetadata("authorization", std::string("Bearer ") + secret);
+      }
+    }
+    v1::HeartbeatRequest hb;
+    hb.set_worker_id("w-a");
+    hb.set_session(a.session());
+    hb.mutable_load()->set_free_pages(0);
+    v1::HeartbeatResponse hb_response;
+    EXPECT_EQ(control_stub_->Heartbeat(&c1, hb, &hb_response).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+    v1::DrainRequest dr;
+    dr.set_worker_id("w-a");
+    v1::DrainResponse dr_response;
+    EXPECT_EQ(control_stub_->Drain(&c2, dr, &dr_response).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+    v1::UndrainRequest ur;
+    ur.set_worker_id("w-a");
+    v1::UndrainResponse ur_response;
+    EXPECT_EQ(control_stub_->Undrain(&c3, ur, &ur_response).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+    v1::ListWorkersResponse lw_response;
+    EXPECT_EQ(control_stub_->ListWorkers(&c4, {}, &lw_response).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+  }
+  EXPECT_EQ(state_of("w-evil"), "missing");
+  EXPECT_EQ(state_of("w-a"), "alive");
+  EXPECT_TRUE(generate(make_request(2, 2)).status.ok());
+  EXPECT_EQ(a.num_requests(), 1u);
+}
+
+TEST_F(CoordinatorServiceTest, AWorkerWithAnotherModelIsRefusedNamingTheField) {
+  start();
+  add_worker("w-a");
+  struct Case {
+    const char* field;
+    std::function<void(v1::ModelInfo&)> edit;
+  };
+  const std::vector<Case> cases = {
+      {"model_type", [](auto& m) { m.set_model_type("deepseek_v3"); }},
+      {"vocab_size", [](auto& m) { m.set_vocab_size(kVocab + 1); }},
+      {"max_context", [](auto& m) { m.set_max_context(1); }},
+      {"dtype", [](auto& m) { m.set_dtype("bfloat16"); }},
+      {"config_hash", [](auto& m) { m.set_config_hash("ffff"); }},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.field);
+    v1::RegisterWorkerRequest r;
+    r.set_worker_id("w-b");
+    r.set_address("127.0.0.1:2");
+    *r.mutable_model() = model_info();
+    c.edit(*r.mutable_model());
+    const grpc::Status status = register_raw(r);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_NE(status.error_message().find(std::string("model.") + c.field), std::string::npos)
+        << status.error_message();
+  }
+  EXPECT_EQ(state_of("w-b"), "missing");
+}
+
+TEST_F(CoordinatorServiceTest, TheWorkerTableIsBounded) {
+  CoordinatorOptions options = fast_options();
+  options.max_workers = 3;
+  start(options);
+  v1::RegisterWorkerRequest r;
+  r.set_address("127.0.0.1:3");
+  *r.mutable_model() = model_info();
+  r.set_worker_id(std::string(100 * 1024, 'x'));
+  EXPECT_EQ(register_raw(r).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  r.set_worker_id("has space");
+  EXPECT_EQ(register_raw(r).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  r.set_worker_id("w-1");
+  r.set_address(std::string(300, 'h') + ":1");
+  EXPECT_EQ(register_raw(r).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  r.set_address("no-port");
+  EXPECT_EQ(register_raw(r).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  for (int i = 0; i < 3; ++i) {
+    r.set_worker_id("w-" + std::to_string(i));
+    r.set_address("127.0.0.1:" + std::to_string(10 + i));
+    EXPECT_TRUE(register_raw(r).ok());
+  }
+  r.set_worker_id("w-3");
+  r.set_address("127.0.0.1:13");
+  EXPECT_EQ(register_raw(r).error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_EQ(list_workers().workers_size(), 3);
+}
+
+TEST_F(CoordinatorServiceTest, ReceivedIdsResumeAStreamWithoutRepeatingThem) {
+  start();
+  FakeWorker& a = add_worker("w-a");
+  v1::GenerateRequest r = make_request(4, 6, "resumed");
+  const std::vector<int32_t> all = expected_tokens(4, 6);
+  for (int i = 0; i < 2; ++i) r.add_received_ids(all[i]);
+  Stream s = generate(r);
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  EXPECT_EQ(s.tokens, std::vector<int32_t>(all.begin() + 2, all.end()));
+  EXPECT_EQ(s.last.usage().completion_tokens(), 6);
+  ASSERT_EQ(a.requests().size(), 1u);
+  EXPECT_EQ(a.requests()[0].resume_ids_size(), 2);
+  EXPECT_EQ(a.requests()[0].received_ids_size(), 0);
+
+  v1::GenerateRequest too_many = make_request(4, 2);
+  too_many.add_received_ids(1);
+  too_many.add_received_ids(2);
+  EXPECT_EQ(generate(too_many).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  v1::GenerateRequest outside = make_request(4, 3);
+  outside.add_received_ids(kVocab);
+  const Stream bad = generate(outside);
+  EXPECT_EQ(bad.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(bad.status.error_message().find("received_ids[0]"), std::string::npos);
+}
+
+TEST_F(CoordinatorServiceTest, ReadinessFollowsLiveWorkersAndStopAccepting) {
+  start(quick_death_options());
+  EXPECT_FALSE(service_->ready());
+  EXPECT_FALSE(health().serving());
+  FakeWorker& a = add_worker("w-a");
+  EXPECT_TRUE(service_->ready());
+  a.stop_heartbeats();
+  ASSERT_TRUE(wait_until([&] { return !service_->ready(); }));
+  EXPECT_FALSE(health().serving());
+  a.join(address_);
+  ASSERT_TRUE(wait_until([&] { return service_->ready(); }));
+  service_->stop_accepting();
+  EXPECT_FALSE(service_->ready());
+  const Stream refused = generate(make_request(2, 2));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_NE(refused.status.error_message().find("stopping"), std::string::npos);
+  EXPECT_TRUE(service_->wait_until_idle(100ms));
 }
 
 TEST_F(CoordinatorServiceTest, RegisterWorkerChecksItsRequest) {
   start();
   add_worker("w-a");
-  auto register_worker = [&](v1::RegisterWorkerRequest r) {
-    grpc::ClientContext context;
-    v1::RegisterWorkerResponse response;
-    return stub_->RegisterWorker(&context, r, &response);
-  };
+  auto register_worker = [&](const v1::RegisterWorkerRequest& r) { return register_raw(r); };
   v1::RegisterWorkerRequest good;
   good.set_worker_id("w-b");
   good.set_address("127.0.0.1:1");

@@ -189,8 +189,8 @@ TEST(Metrics, StandardSetsUseDocumentedNames) {
 TEST(MetricsServer, ServesMetricsAndHealthOverLoopback) {
   MetricsRegistry registry;
   registry.counter("mlaserve_tokens_generated_total", "Tokens.").inc(42);
-  std::atomic<bool> healthy{true};
-  MetricsServer server(registry, "127.0.0.1", 0, [&healthy] { return healthy.load(); });
+  std::atomic<bool> ready{true};
+  MetricsServer server(registry, "127.0.0.1", 0, [&ready] { return ready.load(); });
   ASSERT_GT(server.port(), 0);
 
   httplib::Client http("127.0.0.1", server.port());
@@ -202,14 +202,23 @@ TEST(MetricsServer, ServesMetricsAndHealthOverLoopback) {
   EXPECT_EQ(res->body, registry.render());
   EXPECT_THAT(res->body, HasSubstr("mlaserve_tokens_generated_total 42\n"));
 
-  res = http.Get("/healthz");
+  // Readiness follows the callback (/healthz is its older name); liveness does not.
+  for (const char* path : {"/readyz", "/healthz"}) {
+    ready = true;
+    res = http.Get(path);
+    ASSERT_TRUE(res);
+    EXPECT_EQ(res->status, 200) << path;
+    EXPECT_EQ(res->body, "ready\n");
+    ready = false;
+    res = http.Get(path);
+    ASSERT_TRUE(res);
+    EXPECT_EQ(res->status, 503) << path;
+    EXPECT_EQ(res->body, "not ready\n");
+  }
+  res = http.Get("/livez");
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 200);
   EXPECT_EQ(res->body, "ok\n");
-  healthy = false;
-  res = http.Get("/healthz");
-  ASSERT_TRUE(res);
-  EXPECT_EQ(res->status, 503);
 
   res = http.Get("/other");
   ASSERT_TRUE(res);

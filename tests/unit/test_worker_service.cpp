@@ -26,10 +26,10 @@
 #include <vector>
 
 #include "rpc/worker_service.h"
-#include "tests/support/golden.h"
 #include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
 #include "runtime/sampler.h"
+#include "tests/support/golden.h"
 
 namespace mla {
 namespace {
@@ -103,10 +103,13 @@ bool eventually(const std::function<bool()>& cond, std::chrono::milliseconds tim
 }
 
 // A grpc::Server on a free loopback port serving a WorkerService over the golden model.
+constexpr const char* kSecret = "worker-test-control-secret";
+
 struct TestWorker {
   explicit TestWorker(EngineOptions eo = engine_options(),
-                      std::shared_ptr<const DeepseekModel> model = golden_model())
-      : engine(std::move(model), eo), service(engine, {.worker_id = "w0"}) {
+                      std::shared_ptr<const DeepseekModel> model = golden_model(),
+                      WorkerServiceOptions options = {.worker_id = "w0"})
+      : engine(std::move(model), eo), service(engine, std::move(options)) {
     grpc::ServerBuilder builder;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
     builder.RegisterService(&service);
@@ -561,24 +564,31 @@ TEST_F(WorkerServiceTest, MetricsCountRequestsTokensAndPages) {
 // ---------------------------------------------------------------------------------------
 // Coordinator link
 
-class FakeCoordinator final : public v1::Coordinator::Service {
+// The coordinator's control plane as the link sees it: sessions, drain and undrain
+// commands, and the secret each call carried.
+class FakeCoordinator final : public v1::Control::Service {
  public:
-  grpc::Status RegisterWorker(grpc::ServerContext*, const v1::RegisterWorkerRequest* req,
+  grpc::Status RegisterWorker(grpc::ServerContext* ctx, const v1::RegisterWorkerRequest* req,
                               v1::RegisterWorkerResponse* resp) override {
     std::lock_guard lk(mu_);
+    record_secret(*ctx);
     ++registrations_;
     last_register_ = *req;
     known_ = true;
+    session_ = fmt::format("session-{}", registrations_);
     resp->set_heartbeat_interval_ms(20);
+    resp->set_session(session_);
     return grpc::Status::OK;
   }
-  grpc::Status Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* req,
+  grpc::Status Heartbeat(grpc::ServerContext* ctx, const v1::HeartbeatRequest* req,
                          v1::HeartbeatResponse* resp) override {
     std::lock_guard lk(mu_);
+    record_secret(*ctx);
     ++heartbeats_;
     last_heartbeat_ = *req;
-    resp->set_known(known_);
-    resp->set_drain(drain_);
+    resp->set_known(known_ && req->session() == session_);
+    resp->set_drain(drain_ && !req->draining());
+    resp->set_undrain(undrain_ && req->draining());
     return grpc::Status::OK;
   }
 
@@ -589,6 +599,12 @@ class FakeCoordinator final : public v1::Coordinator::Service {
   void drain() {
     std::lock_guard lk(mu_);
     drain_ = true;
+    undrain_ = false;
+  }
+  void undrain() {
+    std::lock_guard lk(mu_);
+    drain_ = false;
+    undrain_ = true;
   }
   int registrations() const {
     std::lock_guard lk(mu_);
@@ -606,13 +622,26 @@ class FakeCoordinator final : public v1::Coordinator::Service {
     std::lock_guard lk(mu_);
     return last_heartbeat_;
   }
+  std::string last_authorization() const {
+    std::lock_guard lk(mu_);
+    return last_authorization_;
+  }
 
  private:
+  void record_secret(const grpc::ServerContext& ctx) {
+    const auto it = ctx.client_metadata().find("authorization");
+    last_authorization_ =
+        it == ctx.client_metadata().end() ? "" : std::string(it->second.data(), it->second.size());
+  }
+
   mutable std::mutex mu_;
   int registrations_ = 0;
   int heartbeats_ = 0;
   bool known_ = false;
   bool drain_ = false;
+  bool undrain_ = false;
+  std::string session_;
+  std::string last_authorization_;
   v1::RegisterWorkerRequest last_register_;
   v1::HeartbeatRequest last_heartbeat_;
 };
@@ -641,7 +670,10 @@ CoordinatorLinkOptions link_options(TestWorker& w, const std::string& coordinato
   o.worker_address = fmt::format("127.0.0.1:{}", w.port);
   o.model = w.service.model_info();
   o.load = [&w] { return w.service.load(); };
+  o.draining = [&w] { return w.service.draining(); };
   o.on_drain = [&w] { w.service.drain(); };
+  o.on_undrain = [&w] { w.service.undrain(); };
+  o.secret = std::make_shared<const SharedSecret>(kSecret);
   o.rpc_timeout_ms = 500;
   o.min_backoff_ms = 20;
   o.max_backoff_ms = 100;
@@ -663,8 +695,12 @@ TEST_F(WorkerServiceTest, LinkRegistersHeartbeatsReRegistersAndDrains) {
   EXPECT_EQ(reg.model().max_context(), 256);
   EXPECT_EQ(reg.model().tp_size(), 1);
   EXPECT_EQ(reg.model().block_size(), 16);
+  EXPECT_EQ(reg.model().dtype(), "float32");
   EXPECT_EQ(reg.load().total_pages(), 64);
+  EXPECT_FALSE(reg.draining());
   EXPECT_EQ(coordinator.service.last_heartbeat().load().free_pages(), 64);
+  EXPECT_EQ(coordinator.service.last_heartbeat().session(), "session-1");
+  EXPECT_EQ(coordinator.service.last_authorization(), std::string("Bearer ") + kSecret);
 
   // A coordinator that forgot the worker (restarted) gets a new registration.
   coordinator.service.forget();
@@ -676,6 +712,34 @@ TEST_F(WorkerServiceTest, LinkRegistersHeartbeatsReRegistersAndDrains) {
   const StreamResult r = generate(*w.stub, make_request(golden().prompts[0], 4));
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_NE(r.status.error_message().find("draining"), std::string::npos);
+  ASSERT_TRUE(eventually([&] { return coordinator.service.last_heartbeat().draining(); }));
+
+  // Undrain: the worker takes requests again and says so.
+  coordinator.service.undrain();
+  ASSERT_TRUE(eventually([&] { return !w.service.draining(); }));
+  ASSERT_TRUE(eventually([&] { return !coordinator.service.last_heartbeat().draining(); }));
+  const StreamResult again = generate(*w.stub, make_request(golden().prompts[0], 2));
+  EXPECT_TRUE(again.status.ok()) << again.status.error_message();
+
+  // A worker that stops for good cannot be undrained.
+  w.service.drain_for_shutdown();
+  w.service.undrain();
+  EXPECT_TRUE(w.service.draining());
+}
+
+TEST_F(WorkerServiceTest, CallsWithoutTheSecretAreRefused) {
+  TestWorker w(engine_options(), golden_model(),
+               {.worker_id = "w0", .secret = std::make_shared<const SharedSecret>(kSecret)});
+  const StreamResult refused = generate(*w.stub, make_request(golden().prompts[0], 2));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  v1::CancelRequest cancel;
+  cancel.set_request_id("x");
+  v1::CancelResponse cancelled;
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("authorization", "Bearer not-the-secret-at-all");
+  EXPECT_EQ(w.stub->Cancel(&ctx, cancel, &cancelled).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(w.service.running(), 0u);
 }
 
 TEST_F(WorkerServiceTest, LinkKeepsRetryingUntilTheCoordinatorComesUp) {
