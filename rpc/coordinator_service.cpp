@@ -275,8 +275,8 @@ void CoordinatorService::monitor_loop() {
 
 void CoordinatorService::update_state_locked(WorkerEntry& worker) {
   if (worker.state == WorkerState::kDead) return;
-  const bool draining = worker.command == Command::kDrain ||
-                        (worker.worker_draining && worker.command != Command::kUndrain);
+  // An undrained worker is routed to once its heartbeat says it takes requests again.
+  const bool draining = worker.command == Command::kDrain || worker.worker_draining;
   worker.state = draining ? WorkerState::kDraining : WorkerState::kAlive;
 }
 
