@@ -130,7 +130,7 @@ def generate(pb2, stubs, args) -> int:
     import grpc
 
     request = pb2.GenerateRequest(
-        request_id=args.request_id,
+        request_id=args.request_id.encode(),
         prompt_ids=args.prompt_ids,
         max_tokens=args.max_tokens,
         sampling=pb2.SamplingParams(temperature=args.temperature, top_k=args.top_k,
@@ -151,7 +151,8 @@ def generate(pb2, stubs, args) -> int:
         address, stub = stubs[index]
         if attempt > 0:
             # Everything received so far, under the id the first coordinator gave it.
-            request.request_id = last.request_id if last is not None else request.request_id
+            if last is not None:
+                request.request_id = last.request_id.encode()
             del request.received_ids[:]
             request.received_ids.extend(received)
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)

@@ -246,6 +246,8 @@ TEST_F(ClusterTest, BadInputGetsAnErrorSayingWhatIsWrongAndTheClusterKeepsServin
   add("request_id too long", [](auto& r) { r.set_request_id(std::string(200, 'x')); },
       {"request_id", "200"});
   add("request_id not printable", [](auto& r) { r.set_request_id("a\nb"); }, {"request_id"});
+  add("request_id not UTF-8", [](auto& r) { r.set_request_id("id-\xff\xfe"); },
+      {"request_id", "printable"});
   add("resume_ids from a client", [](auto& r) { r.add_resume_ids(5); }, {"resume_ids"});
 
   for (const Case& c : cases) {
@@ -284,6 +286,7 @@ TEST_F(ClusterTest, BadInputGetsAnErrorSayingWhatIsWrongAndTheClusterKeepsServin
   // Cancel of an id that never ran.
   EXPECT_FALSE(client().cancel("no-such-request"));
   EXPECT_FALSE(client().cancel(""));
+  EXPECT_FALSE(client().cancel("id-\xff\xfe"));
 
   // A message over the 64 MiB limit: 34 Mi ids of two bytes each.
   {
