@@ -18,47 +18,6 @@ namespace v1 = mlaserve::v1;
 
 namespace {
 
-// Checks that need no model: field ranges, lengths, what a client may not set.
-void validate_shape(const v1::GenerateRequest& r, size_t max_prompt_ids) {
-  const std::string& id = r.request_id();
-  MLA_REQUIRE(id.size() <= kMaxRequestIdLength, "request_id: {} characters (limit {})", id.size(),
-              kMaxRequestIdLength);
-  MLA_REQUIRE(std::all_of(id.begin(), id.end(), [](char c) { return c >= 0x20 && c < 0x7f; }),
-              "request_id: only printable ASCII characters are allowed");
-  MLA_REQUIRE(r.prompt_ids_size() > 0, "prompt_ids: must not be empty");
-  MLA_REQUIRE(static_cast<size_t>(r.prompt_ids_size()) <= max_prompt_ids,
-              "prompt_ids: {} ids (limit {})", r.prompt_ids_size(), max_prompt_ids);
-  MLA_REQUIRE(r.max_tokens() >= 1, "max_tokens: must be >= 1, got {}", r.max_tokens());
-  MLA_REQUIRE(r.resume_ids_size() == 0,
-              "resume_ids: set by the coordinator on failover; clients resume a broken stream "
-              "with received_ids");
-  MLA_REQUIRE(r.received_ids_size() < r.max_tokens(),
-              "received_ids: {} tokens received of max_tokens {}: nothing is left to generate",
-              r.received_ids_size(), r.max_tokens());
-  const v1::SamplingParams& s = r.sampling();
-  MLA_REQUIRE(std::isfinite(s.temperature()) && s.temperature() >= 0,
-              "sampling.temperature: must be >= 0 and finite, got {}", s.temperature());
-  MLA_REQUIRE(s.top_k() >= 0, "sampling.top_k: must be >= 0, got {}", s.top_k());
-  MLA_REQUIRE(std::isfinite(s.top_p()) && s.top_p() >= 0 && s.top_p() <= 1,
-              "sampling.top_p: must be in [0, 1], got {}", s.top_p());
-}
-
-// Worker errors after which the request moves to another worker. The rest (bad input,
-// admission, deadline) would fail the same way anywhere and go back to the client.
-bool fails_over(grpc::StatusCode code) {
-  switch (code) {
-    case grpc::StatusCode::UNAVAILABLE:
-    case grpc::StatusCode::INTERNAL:
-    case grpc::StatusCode::UNKNOWN:
-    case grpc::StatusCode::ABORTED:
-    case grpc::StatusCode::DATA_LOSS:
-    case grpc::StatusCode::CANCELLED:  // only reached when neither the client nor we cancelled
-      return true;
-    default:
-      return false;
-  }
-}
-
 // Longest worker address (host:port) accepted.
 constexpr size_t kMaxAddressLength = 256;
 
@@ -92,30 +51,6 @@ std::string model_field(const v1::ModelInfo& m, const std::string& field) {
   return m.config_hash();
 }
 
-// A worker answering a refusal because it drains says so in its trailing metadata.
-bool refused_while_draining(const grpc::ClientContext& call) {
-  const auto& trailers = call.GetServerTrailingMetadata();
-  const auto it = trailers.find("mlaserve-worker-state");
-  return it != trailers.end() && it->second == "draining";
-}
-
-std::string describe(const grpc::Status& status) {
-  return fmt::format("{}: {}", grpc_code_name(status.error_code()), status.error_message());
-}
-
-// A worker call cancelled because the client cancelled can end before the server context
-// reports the cancellation; give it a moment before treating the CANCELLED as the worker's.
-bool client_cancelled(grpc::ServerContext* context, const grpc::Status& status) {
-  if (context->IsCancelled()) return true;
-  if (status.error_code() != grpc::StatusCode::CANCELLED) return false;
-  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(20);
-  while (std::chrono::steady_clock::now() < until) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    if (context->IsCancelled()) return true;
-  }
-  return false;
-}
-
 }  // namespace
 
 void CoordinatorOptions::validate() const {
@@ -133,6 +68,8 @@ void CoordinatorOptions::validate() const {
               "coordinator: forget_dead_after_ms ({}) must be >= dead_after_ms ({})",
               forget_dead_after_ms, dead_after_ms);
   MLA_REQUIRE(max_workers >= 1, "coordinator: max_workers must be >= 1, got {}", max_workers);
+  MLA_REQUIRE(stream_write_timeout_ms >= 1,
+              "coordinator: stream_write_timeout_ms must be >= 1, got {}", stream_write_timeout_ms);
 }
 
 namespace {
@@ -208,6 +145,12 @@ void CoordinatorService::attach_health(grpc::HealthCheckServiceInterface* health
 }
 
 void CoordinatorService::publish_readiness_locked() {
+  if (metrics_) {
+    metrics_->workers_alive.set(
+        static_cast<double>(std::count_if(workers_.begin(), workers_.end(), [](const auto& w) {
+          return w.second.state == WorkerState::kAlive;
+        })));
+  }
   const bool ready = ready_locked();
   if (published_ready_ == ready) return;
   published_ready_ = ready;
@@ -252,6 +195,7 @@ void CoordinatorService::monitor_loop() {
     monitor_cv_.wait_for(lock, period, [&] { return shutting_down_; });
     if (shutting_down_) break;
     const auto now = Clock::now();
+    cancel_stalled_writes_locked(now);
     const auto forget_after = std::chrono::milliseconds(options_.forget_dead_after_ms);
     for (auto it = workers_.begin(); it != workers_.end();) {
       WorkerEntry& worker = it->second;
@@ -313,8 +257,8 @@ void CoordinatorService::validate_for_model_locked(const v1::GenerateRequest& r)
               r.prompt_ids_size(), r.max_tokens(), total, context);
 }
 
-grpc::Status CoordinatorService::admit(const v1::GenerateRequest& request,
-                                       std::string* request_id) {
+grpc::Status CoordinatorService::admit(const v1::GenerateRequest& request, std::string* request_id,
+                                       Relay* relay) {
   std::lock_guard lock(mu_);
   if (shutting_down_) return {grpc::StatusCode::UNAVAILABLE, "coordinator shutting down"};
   if (!accepting_) {
@@ -335,287 +279,12 @@ grpc::Status CoordinatorService::admit(const v1::GenerateRequest& request,
     return {grpc::StatusCode::ALREADY_EXISTS,
             fmt::format("request_id: '{}' is already in flight", *request_id)};
   }
-  requests_.emplace(*request_id, InFlight{});
+  requests_.emplace(*request_id, InFlight{.relay = relay});
   return grpc::Status::OK;
 }
 
 void CoordinatorService::attach_metrics(MetricsRegistry& registry) {
-  metrics_ = std::make_unique<RequestMetrics>(registry);
-}
-
-grpc::Status CoordinatorService::Generate(grpc::ServerContext* context,
-                                          const v1::GenerateRequest* request,
-                                          grpc::ServerWriter<v1::GenerateResponse>* writer) {
-  grpc::Status status = generate(context, *request, writer);
-  if (metrics_) metrics_->requests_total(grpc_code_name(status.error_code())).inc();
-  return status;
-}
-
-grpc::Status CoordinatorService::generate(grpc::ServerContext* context,
-                                          const v1::GenerateRequest& request_ref,
-                                          grpc::ServerWriter<v1::GenerateResponse>* writer) {
-  const v1::GenerateRequest* request = &request_ref;
-  const auto arrival = Clock::now();
-  std::string request_id;
-  try {
-    validate_shape(*request, options_.max_prompt_ids);
-    grpc::Status admitted = admit(*request, &request_id);
-    if (!admitted.ok()) {
-      // Debug, not info: refusals can come thousands a second (the metrics count them).
-      spdlog::debug("request '{}' refused: {}", request->request_id(), admitted.error_message());
-      return admitted;
-    }
-  } catch (const Error& e) {
-    spdlog::debug("request '{}' refused: {}", request->request_id(), e.what());
-    return to_grpc_status(e);
-  }
-  struct Release {
-    CoordinatorService* self;
-    const std::string& id;
-    ~Release() {
-      std::lock_guard lock(self->mu_);
-      self->requests_.erase(id);
-      if (self->requests_.empty()) self->idle_cv_.notify_all();
-    }
-  } release{this, request_id};
-  struct InFlightGauge {
-    Gauge* gauge;
-    explicit InFlightGauge(Gauge* g) : gauge(g) {
-      if (gauge) gauge->inc();
-    }
-    ~InFlightGauge() {
-      if (gauge) gauge->dec();
-    }
-  } in_flight_gauge(metrics_ ? &metrics_->in_flight : nullptr);
-  try {
-    return relay(context, *request, request_id, arrival, writer);
-  } catch (const Error& e) {
-    spdlog::error("request {}: {}", request_id, e.what());
-    return to_grpc_status(e);
-  }
-}
-
-grpc::Status CoordinatorService::relay(grpc::ServerContext* context,
-                                       const v1::GenerateRequest& request,
-                                       const std::string& request_id, Clock::time_point arrival,
-                                       grpc::ServerWriter<v1::GenerateResponse>* writer) {
-  const std::vector<int32_t> prompt(request.prompt_ids().begin(), request.prompt_ids().end());
-  v1::GenerateRequest worker_request = request;
-  worker_request.set_request_id(request_id);
-
-  // Every token the client has: those it resumed with (received_ids), then those relayed, over
-  // all attempts.
-  std::vector<int32_t> sent(request.received_ids().begin(), request.received_ids().end());
-  worker_request.clear_received_ids();
-  std::set<std::string> tried;
-  std::string failed_worker;  // the last worker that failed, and why
-  std::string failure;
-  // For queue_ms: the dispatch time of the attempt that produced the first token.
-  std::optional<Clock::time_point> first_token_at;
-  Clock::time_point first_token_dispatch{};
-  Clock::time_point last_token_at{};
-
-  // The closing message the coordinator writes itself (cancelled, or complete when the
-  // worker died after the last token but before its final message).
-  auto write_closing = [&](v1::FinishReason reason, const std::string& worker_id) {
-    v1::GenerateResponse last;
-    last.set_request_id(request_id);
-    last.set_worker_id(worker_id);
-    last.set_finish_reason(reason);
-    last.mutable_usage()->set_prompt_tokens(request.prompt_ids_size());
-    last.mutable_usage()->set_completion_tokens(static_cast<int32_t>(sent.size()));
-    const auto now = Clock::now();
-    last.mutable_timings()->set_total_ms(ms_between(arrival, now));
-    if (first_token_at) {
-      last.mutable_timings()->set_ttft_ms(ms_between(arrival, *first_token_at));
-      last.mutable_timings()->set_queue_ms(ms_between(arrival, first_token_dispatch));
-    }
-    writer->Write(last);
-  };
-
-  for (int32_t failovers = 0;; ++failovers) {
-    if (context->IsCancelled()) {
-      return {grpc::StatusCode::CANCELLED, fmt::format("request {}: cancelled", request_id)};
-    }
-    std::unique_ptr<grpc::ClientContext> call = grpc::ClientContext::FromServerContext(*context);
-    if (options_.secret) options_.secret->attach(*call);
-    std::shared_ptr<v1::Worker::StubInterface> stub;
-    std::string worker_id;
-    bool cancel_requested = false;
-    {
-      std::lock_guard lock(mu_);
-      if (shutting_down_) return {grpc::StatusCode::UNAVAILABLE, "coordinator shutting down"};
-      InFlight& flight = requests_.at(request_id);
-      cancel_requested = flight.cancel_requested;
-      if (!cancel_requested) {
-        std::vector<WorkerView> views;
-        views.reserve(workers_.size());
-        for (const auto& [id, w] : workers_) {
-          views.push_back({.id = id,
-                           .routable = w.state == WorkerState::kAlive && !tried.contains(id),
-                           .free_pages = w.load.free_pages(),
-                           .total_pages = w.load.total_pages(),
-                           .running = w.load.running(),
-                           .waiting = w.load.waiting(),
-                           .in_flight = w.in_flight});
-        }
-        std::optional<std::string> picked = router_.pick(views, prompt);
-        if (!picked) {
-          if (failed_worker.empty()) {
-            return {grpc::StatusCode::UNAVAILABLE, "no worker is alive"};
-          }
-          return {grpc::StatusCode::UNAVAILABLE,
-                  fmt::format("request {}: worker {} failed ({}) after {} tokens and no other "
-                              "worker is alive",
-                              request_id, failed_worker, failure, sent.size())};
-        }
-        WorkerEntry& worker = workers_.at(*picked);
-        ++worker.in_flight;
-        stub = worker.stub;
-        worker_id = worker.id;
-        flight.worker_call = call.get();
-        flight.worker_id = worker_id;
-        flight.worker_lost = false;
-      }
-    }
-    if (cancel_requested) {
-      write_closing(v1::FINISH_REASON_CANCELLED, failed_worker);
-      return grpc::Status::OK;
-    }
-    if (failovers == 0) {
-      spdlog::debug("request {}: routed to {}", request_id, worker_id);
-    } else {
-      spdlog::warn("request {}: failover {}/{} from {} to {} after {} tokens ({})", request_id,
-                   failovers, options_.max_failovers, failed_worker, worker_id, sent.size(),
-                   failure);
-    }
-
-    const auto dispatch = Clock::now();
-    const size_t sent_before = sent.size();
-    const size_t received_before = request.received_ids_size();
-    worker_request.mutable_resume_ids()->Assign(sent.begin(), sent.end());
-    std::unique_ptr<grpc::ClientReaderInterface<v1::GenerateResponse>> reader =
-        stub->Generate(call.get(), worker_request);
-    v1::GenerateResponse message;
-    bool finished = false;
-    bool client_gone = false;
-    while (reader->Read(&message)) {
-      if (finished || client_gone) continue;  // drain whatever follows the end
-      sent.insert(sent.end(), message.token_ids().begin(), message.token_ids().end());
-      const auto received = Clock::now();
-      if (metrics_ && message.token_ids_size() > 0) {
-        metrics_->tokens_generated.inc(message.token_ids_size());
-        if (first_token_at) {
-          metrics_->inter_token_latency_seconds.observe(
-              std::chrono::duration<double>(received - last_token_at).count());
-        } else {
-          metrics_->ttft_seconds.observe(std::chrono::duration<double>(received - arrival).count());
-        }
-      }
-      if (message.token_ids_size() > 0) last_token_at = received;
-      if (!first_token_at && message.token_ids_size() > 0) {
-        first_token_at = received;
-        first_token_dispatch = dispatch;
-      }
-      message.set_request_id(request_id);
-      if (message.worker_id().empty()) message.set_worker_id(worker_id);
-      if (message.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
-        finished = true;
-        // Usage and timings span all attempts. queue_ms: the worker's queue time counts
-        // when its attempt produced the first token; an earlier attempt's died with it.
-        const auto now = Clock::now();
-        const double worker_queue_ms =
-            sent_before == received_before ? message.timings().queue_ms() : 0.0;
-        message.mutable_usage()->set_prompt_tokens(request.prompt_ids_size());
-        message.mutable_usage()->set_completion_tokens(static_cast<int32_t>(sent.size()));
-        v1::Timings* timings = message.mutable_timings();
-        timings->set_total_ms(ms_between(arrival, now));
-        if (first_token_at) {
-          const double ttft = ms_between(arrival, *first_token_at);
-          timings->set_ttft_ms(ttft);
-          timings->set_queue_ms(
-              std::min(ttft, ms_between(arrival, first_token_dispatch) + worker_queue_ms));
-        } else {
-          timings->set_ttft_ms(0);
-          timings->set_queue_ms(ms_between(arrival, dispatch) + worker_queue_ms);
-        }
-      }
-      if (!writer->Write(message)) {
-        client_gone = true;
-        call->TryCancel();
-      }
-    }
-    const grpc::Status status = reader->Finish();
-
-    bool worker_lost = false;
-    bool shutting_down = false;
-    {
-      std::lock_guard lock(mu_);
-      InFlight& flight = requests_.at(request_id);
-      flight.worker_call = nullptr;
-      cancel_requested = flight.cancel_requested;
-      worker_lost = flight.worker_lost;
-      shutting_down = shutting_down_;
-      WorkerEntry& worker = workers_.at(worker_id);
-      --worker.in_flight;
-      // A worker that refused because it drains stops being routed to; one refusing
-      // connections is gone: unless it re-registered meanwhile (new stub), it is dead until
-      // it does.
-      const bool failed = !finished && !client_gone && !cancel_requested && !shutting_down &&
-                          status.error_code() == grpc::StatusCode::UNAVAILABLE &&
-                          worker.stub == stub;
-      if (failed && refused_while_draining(*call)) {
-        worker.worker_draining = true;
-        update_state_locked(worker);
-      } else if (failed) {
-        mark_dead_locked(worker, fmt::format("request {}: {}", request_id, describe(status)),
-                         /*cancel_attempts=*/false);
-      }
-    }
-
-    if (finished) return grpc::Status::OK;
-    const auto cancelled_by_client = [&] {
-      spdlog::info("request {}: cancelled by the client after {} tokens", request_id, sent.size());
-      return grpc::Status(grpc::StatusCode::CANCELLED,
-                          fmt::format("request {}: cancelled by the client", request_id));
-    };
-    if (client_gone || context->IsCancelled()) return cancelled_by_client();
-    if (cancel_requested) {
-      spdlog::info("request {}: cancelled after {} tokens", request_id, sent.size());
-      write_closing(v1::FINISH_REASON_CANCELLED, worker_id);
-      return grpc::Status::OK;
-    }
-    if (shutting_down) return {grpc::StatusCode::UNAVAILABLE, "coordinator shutting down"};
-    if (!worker_lost && client_cancelled(context, status)) return cancelled_by_client();
-    if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED ||
-        std::chrono::system_clock::now() >= context->deadline()) {
-      return {
-          grpc::StatusCode::DEADLINE_EXCEEDED,
-          fmt::format("request {}: deadline exceeded after {} tokens", request_id, sent.size())};
-    }
-    if (!worker_lost && !status.ok() && !fails_over(status.error_code())) {
-      spdlog::info("request {}: worker {} answered {}", request_id, worker_id, describe(status));
-      return status;
-    }
-
-    failed_worker = worker_id;
-    failure = worker_lost   ? std::string("worker stopped heartbeating")
-              : status.ok() ? std::string("stream ended without a final message")
-                            : describe(status);
-    tried.insert(worker_id);
-    if (sent.size() >= static_cast<size_t>(request.max_tokens())) {
-      // Every token arrived; only the final message was lost.
-      write_closing(v1::FINISH_REASON_LENGTH, worker_id);
-      return grpc::Status::OK;
-    }
-    if (failovers >= options_.max_failovers) {
-      spdlog::error("request {}: worker {} failed ({}) after {} tokens; gave up after {} failovers",
-                    request_id, worker_id, failure, sent.size(), failovers);
-      return {grpc::StatusCode::UNAVAILABLE,
-              fmt::format("request {}: worker {} failed ({}); gave up after {} failovers",
-                          request_id, worker_id, failure, failovers)};
-    }
-  }
+  metrics_ = std::make_unique<CoordinatorMetrics>(registry);
 }
 
 grpc::Status CoordinatorService::Cancel(grpc::ServerContext*, const v1::CancelRequest* request,

@@ -69,6 +69,10 @@ struct CoordinatorOptions {
   RoutingPolicy policy = RoutingPolicy::kLeastLoaded;  // Default: least-loaded.
   // Requests in flight at once; beyond it Generate answers RESOURCE_EXHAUSTED. Default: 4096.
   int32_t max_in_flight = 4096;
+  // A stream whose client has not taken a message for this long (it stopped reading) is
+  // cancelled: the worker's request ends and its pages and admission slot are freed.
+  // Default: 30 s.
+  int32_t stream_write_timeout_ms = 30000;
   // Heartbeat period the workers are told to keep. Default: 500 ms.
   int32_t heartbeat_interval_ms = 500;
   // A worker silent this long is dead. Default: 1500 ms (3 missed heartbeats).
@@ -95,7 +99,11 @@ struct CoordinatorOptions {
   void validate() const;
 };
 
-class CoordinatorService final : public mlaserve::v1::Coordinator::Service {
+// Generate is served with gRPC's callback API (a reactor per stream, rpc/generate_relay.cpp):
+// open streams cost memory, not threads, so thousands of them run on gRPC's small thread
+// pool. The other client-plane calls are short and synchronous.
+class CoordinatorService final : public mlaserve::v1::Coordinator::WithCallbackMethod_Generate<
+                                     mlaserve::v1::Coordinator::Service> {
  public:
   // Starts the heartbeat monitor thread. Throws mla::Error(kInvalidArgument) on bad options.
   explicit CoordinatorService(CoordinatorOptions options = {});
@@ -110,14 +118,16 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::Service {
   void shutdown();
 
   const CoordinatorOptions& options() const { return options_; }
-  // Records request metrics (requests by status code, tokens, TTFT, inter-token latency,
-  // requests in flight, and as queue depth the live workers' waiting requests from their
-  // heartbeats) into `registry`, which must outlive the service. Call before serving.
+  // Records CoordinatorMetrics (rpc/metrics.h: requests by status code, prompt and generated
+  // tokens, TTFT, inter-token latency, time per output token, request duration, requests in
+  // flight, the live workers' waiting requests from their heartbeats, workers alive,
+  // failovers, admission rejections, stream write timeouts) into `registry`, which must
+  // outlive the service. Call before serving.
   void attach_metrics(MetricsRegistry& registry);
 
   // The client plane.
-  grpc::Status Generate(grpc::ServerContext* context, const mlaserve::v1::GenerateRequest* request,
-                        grpc::ServerWriter<mlaserve::v1::GenerateResponse>* writer) override;
+  grpc::ServerWriteReactor<mlaserve::v1::GenerateResponse>* Generate(
+      grpc::CallbackServerContext* context, const mlaserve::v1::GenerateRequest* request) override;
   grpc::Status Cancel(grpc::ServerContext* context, const mlaserve::v1::CancelRequest* request,
                       mlaserve::v1::CancelResponse* response) override;
   grpc::Status Health(grpc::ServerContext* context, const mlaserve::v1::HealthRequest* request,
@@ -189,8 +199,11 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::Service {
     int32_t in_flight = 0;
   };
 
+  class Relay;  // one Generate stream: rpc/generate_relay.cpp
+
   // One Generate being relayed; its current worker attempt.
   struct InFlight {
+    Relay* relay = nullptr;                      // alive while the entry is
     grpc::ClientContext* worker_call = nullptr;  // null between attempts
     std::string worker_id;
     bool cancel_requested = false;  // Cancel RPC
@@ -200,13 +213,11 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::Service {
   static const char* state_name(WorkerState state);
   // Checks the request against the live workers' model, the in-flight table and the
   // admission limit, and enters it in requests_ under its (possibly assigned) id.
-  grpc::Status admit(const mlaserve::v1::GenerateRequest& request, std::string* request_id);
-  // Routes, relays and fails over until the request finishes or fails for good.
-  grpc::Status generate(grpc::ServerContext* context, const mlaserve::v1::GenerateRequest& request,
-                        grpc::ServerWriter<mlaserve::v1::GenerateResponse>* writer);
-  grpc::Status relay(grpc::ServerContext* context, const mlaserve::v1::GenerateRequest& request,
-                     const std::string& request_id, Clock::time_point arrival,
-                     grpc::ServerWriter<mlaserve::v1::GenerateResponse>* writer);
+  grpc::Status admit(const mlaserve::v1::GenerateRequest& request, std::string* request_id,
+                     Relay* relay);
+  // Cancels the streams whose client has not taken a message for stream_write_timeout_ms;
+  // mu_ held.
+  void cancel_stalled_writes_locked(Clock::time_point now);
   // Model-dependent checks against the live workers; mu_ held.
   void validate_for_model_locked(const mlaserve::v1::GenerateRequest& request) const;
   // Marks a worker dead, cancels the attempts running on it when `cancel_attempts`; mu_ held.
@@ -233,7 +244,7 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::Service {
   std::optional<bool> published_ready_;
   std::condition_variable monitor_cv_;
   std::thread monitor_;
-  std::unique_ptr<RequestMetrics> metrics_;  // null unless attach_metrics() was called
+  std::unique_ptr<CoordinatorMetrics> metrics_;  // null unless attach_metrics() was called
 };
 
 }  // namespace mla

@@ -311,10 +311,10 @@ RequestMetrics::RequestMetrics(MetricsRegistry& registry, const Labels& labels)
       inter_token_latency_seconds(registry.histogram(
           "mlaserve_inter_token_latency_seconds", "Time between consecutive tokens of one request.",
           inter_token_latency_buckets(), labels)),
-      in_flight(
-          registry.gauge("mlaserve_in_flight", "Requests accepted and not finished.", labels)),
+      in_flight(registry.gauge("mlaserve_requests_in_flight", "Requests accepted and not finished.",
+                               labels)),
       queue_depth(
-          registry.gauge("mlaserve_queue_depth", "Requests waiting to be scheduled.", labels)),
+          registry.gauge("mlaserve_requests_waiting", "Requests waiting to be scheduled.", labels)),
       registry_(registry),
       labels_(labels) {}
 
@@ -328,6 +328,32 @@ Counter& RequestMetrics::requests_total(std::string_view code) {
 CacheMetrics::CacheMetrics(MetricsRegistry& registry, const Labels& labels)
     : pages_used(registry.gauge("mlaserve_cache_pages_used", "Latent-cache pages in use.", labels)),
       pages_total(
-          registry.gauge("mlaserve_cache_pages_total", "Latent-cache pages in all.", labels)) {}
+          registry.gauge("mlaserve_cache_pages_capacity", "Latent-cache pages in all.", labels)) {}
+
+std::vector<double> request_duration_buckets() {
+  return {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300};
+}
+
+CoordinatorMetrics::CoordinatorMetrics(MetricsRegistry& registry)
+    : RequestMetrics(registry),
+      prompt_tokens(registry.counter("mlaserve_prompt_tokens_total",
+                                     "Prompt tokens of the requests admitted.")),
+      request_duration_seconds(registry.histogram(
+          "mlaserve_request_duration_seconds",
+          "Time from a request's arrival to the end of its stream.", request_duration_buckets())),
+      time_per_output_token_seconds(registry.histogram(
+          "mlaserve_time_per_output_token_seconds",
+          "Per request: time from the first token to the last over the tokens after the first.",
+          inter_token_latency_buckets())),
+      workers_alive(registry.gauge("mlaserve_workers_alive",
+                                   "Worker groups alive (heartbeating, not draining).")),
+      failovers(registry.counter("mlaserve_failovers_total",
+                                 "Requests moved to another worker after a worker failed.")),
+      admission_rejections(
+          registry.counter("mlaserve_admission_rejections_total",
+                           "Requests refused with RESOURCE_EXHAUSTED at the admission limit.")),
+      write_timeouts(
+          registry.counter("mlaserve_stream_write_timeouts_total",
+                           "Streams cancelled because their client stopped taking messages.")) {}
 
 }  // namespace mla

@@ -13,10 +13,20 @@
 //   mlaserve_ttft_seconds                        histogram  arrival to first token
 //   mlaserve_inter_token_latency_seconds         histogram  between consecutive tokens of a
 //                                                            request
-//   mlaserve_in_flight                           gauge      requests accepted, not finished
-//   mlaserve_queue_depth                         gauge      requests waiting to be scheduled
+//   mlaserve_requests_in_flight                  gauge      requests accepted, not finished
+//   mlaserve_requests_waiting                    gauge      requests waiting to be scheduled
 //   mlaserve_cache_pages_used                    gauge      latent-cache pages in use
-//   mlaserve_cache_pages_total                   gauge      latent-cache pages in all
+//   mlaserve_cache_pages_capacity                gauge      latent-cache pages in all
+// and on the coordinator only:
+//   mlaserve_prompt_tokens_total                 counter    prompt tokens admitted
+//   mlaserve_request_duration_seconds            histogram  arrival to the end of the stream
+//   mlaserve_time_per_output_token_seconds       histogram  per request, first to last token
+//                                                            over the tokens after the first
+//   mlaserve_workers_alive                       gauge      workers alive
+//   mlaserve_failovers_total                     counter    requests moved after a failure
+//   mlaserve_admission_rejections_total          counter    RESOURCE_EXHAUSTED at admission
+//   mlaserve_stream_write_timeouts_total         counter    streams whose client stopped
+//                                                            reading
 #pragma once
 
 #include <atomic>
@@ -168,8 +178,8 @@ struct RequestMetrics {
   Counter& tokens_generated;               // mlaserve_tokens_generated_total
   Histogram& ttft_seconds;                 // mlaserve_ttft_seconds
   Histogram& inter_token_latency_seconds;  // mlaserve_inter_token_latency_seconds
-  Gauge& in_flight;                        // mlaserve_in_flight
-  Gauge& queue_depth;                      // mlaserve_queue_depth
+  Gauge& in_flight;                        // mlaserve_requests_in_flight
+  Gauge& queue_depth;                      // mlaserve_requests_waiting
 
  private:
   MetricsRegistry& registry_;
@@ -181,7 +191,22 @@ struct CacheMetrics {
   explicit CacheMetrics(MetricsRegistry& registry, const Labels& labels = {});
 
   Gauge& pages_used;   // mlaserve_cache_pages_used
-  Gauge& pages_total;  // mlaserve_cache_pages_total
+  Gauge& pages_total;  // mlaserve_cache_pages_capacity
+};
+
+std::vector<double> request_duration_buckets();  // 10 ms .. 5 min
+
+// The coordinator's: RequestMetrics and its routing and admission.
+struct CoordinatorMetrics : RequestMetrics {
+  explicit CoordinatorMetrics(MetricsRegistry& registry);
+
+  Counter& prompt_tokens;                    // mlaserve_prompt_tokens_total
+  Histogram& request_duration_seconds;       // mlaserve_request_duration_seconds
+  Histogram& time_per_output_token_seconds;  // mlaserve_time_per_output_token_seconds
+  Gauge& workers_alive;                      // mlaserve_workers_alive
+  Counter& failovers;                        // mlaserve_failovers_total
+  Counter& admission_rejections;             // mlaserve_admission_rejections_total
+  Counter& write_timeouts;                   // mlaserve_stream_write_timeouts_total
 };
 
 }  // namespace mla

@@ -88,6 +88,7 @@ struct Script {
   int32_t end_after = -1;        // then end with OK but no final message
   int32_t hold_after = -1;       // then wait (up to 5 s) for the call to be cancelled
   bool refuse_draining = false;  // refuse every call as a draining worker does
+  int32_t padding = 0;           // extra ids in every message, to fill flow-control windows
 };
 
 // A Worker service that streams one token per message, token j of the request being
@@ -145,6 +146,7 @@ class FakeWorker final : public v1::Worker::Service {
       m.set_request_id(request->request_id());
       m.set_worker_id(id_);
       m.add_token_ids(token_at(prompt_len, resumed + i));
+      for (int32_t p = 0; p < script.padding; ++p) m.add_token_ids(0);
       if (i == remaining - 1) {
         m.set_finish_reason(v1::FINISH_REASON_LENGTH);
         m.mutable_usage()->set_prompt_tokens(prompt_len);
@@ -1010,6 +1012,31 @@ TEST_F(CoordinatorServiceTest, ReceivedIdsResumeAStreamWithoutRepeatingThem) {
   const Stream bad = generate(outside);
   EXPECT_EQ(bad.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(bad.status.error_message().find("received_ids[0]"), std::string::npos);
+}
+
+TEST_F(CoordinatorServiceTest, AClientThatStopsReadingIsCancelledAndFreesItsSlot) {
+  CoordinatorOptions options = fast_options();
+  options.stream_write_timeout_ms = 300;
+  options.max_in_flight = 1;
+  start(options);
+  FakeWorker& a = add_worker("w-a");
+  // 190 messages of 100 KB, far more than the flow-control windows hold, then the worker
+  // waits for the cancellation.
+  a.set_script({.hold_after = 190, .padding = 25000});
+  auto stalled = open(make_request(3, 200), 20000ms);  // never read
+  ASSERT_TRUE(wait_until([&] { return a.num_requests() == 1; }));
+  const auto opened = Clock::now();
+  ASSERT_TRUE(wait_until([&] { return a.cancels_seen() == 1; }, 5000ms))
+      << "the worker call was not cancelled";
+  const double seconds = std::chrono::duration<double>(Clock::now() - opened).count();
+  EXPECT_GE(seconds, 0.25);
+  EXPECT_TRUE(wait_until([&] { return list_workers().in_flight() == 0; }));
+  // The admission slot is free again.
+  a.set_script({});
+  Stream next = generate(make_request(3, 4));
+  EXPECT_TRUE(next.status.ok()) << next.status.error_message();
+  stalled->context.TryCancel();
+  stalled->finish();
 }
 
 TEST_F(CoordinatorServiceTest, ReadinessFollowsLiveWorkersAndStopAccepting) {

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <limits>
+#include <sstream>
 #include <thread>
 #include <vector>
 
@@ -177,10 +178,17 @@ TEST(Metrics, StandardSetsUseDocumentedNames) {
   EXPECT_THAT(text, HasSubstr("mlaserve_tokens_generated_total{worker=\"w0\"} 7\n"));
   EXPECT_THAT(text, HasSubstr("mlaserve_ttft_seconds_bucket{worker=\"w0\",le=\"0.025\"} 1\n"));
   EXPECT_THAT(text, HasSubstr("mlaserve_inter_token_latency_seconds_count{worker=\"w0\"} 1\n"));
-  EXPECT_THAT(text, HasSubstr("mlaserve_in_flight{worker=\"w0\"} 2\n"));
-  EXPECT_THAT(text, HasSubstr("mlaserve_queue_depth{worker=\"w0\"} 1\n"));
+  EXPECT_THAT(text, HasSubstr("mlaserve_requests_in_flight{worker=\"w0\"} 2\n"));
+  EXPECT_THAT(text, HasSubstr("mlaserve_requests_waiting{worker=\"w0\"} 1\n"));
   EXPECT_THAT(text, HasSubstr("mlaserve_cache_pages_used{worker=\"w0\"} 10\n"));
-  EXPECT_THAT(text, HasSubstr("mlaserve_cache_pages_total{worker=\"w0\"} 64\n"));
+  EXPECT_THAT(text, HasSubstr("mlaserve_cache_pages_capacity{worker=\"w0\"} 64\n"));
+  // Only counters end in _total.
+  std::istringstream lines(text);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.rfind("# TYPE ", 0) != 0) continue;
+    const bool total = line.find("_total ") != std::string::npos;
+    EXPECT_EQ(total, line.ends_with(" counter")) << line;
+  }
   // A second set in the same registry (same labels) shares the metrics.
   RequestMetrics again(registry, {{"worker", "w0"}});
   EXPECT_EQ(&again.tokens_generated, &req.tokens_generated);

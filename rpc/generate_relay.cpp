@@ -1,0 +1,569 @@
+// CoordinatorService::Generate on gRPC's callback API: one Relay (a server write reactor) per
+// client stream, and for each worker attempt one Attempt (a client read reactor) on the
+// worker's Worker.Generate. Neither blocks a thread: an open stream is a few objects.
+//
+// The pipeline is strictly alternating, which keeps one message in the coordinator per stream
+// and carries the client's pace back to the worker (flow control): read a message from the
+// worker, write it to the client, and only when that write is done read the next one. When
+// an attempt ends (Attempt::OnDone) the relay decides, as the contract in
+// coordinator_service.h says: finish the stream, give the client the worker's error, or fail
+// over to another worker with resume_ids = every token already sent. The client stream is
+// finished only when no attempt is running, so a Relay is deleted (in OnDone) after its last
+// Attempt.
+//
+// Locking: the coordinator's mu_ guards the registry and requests_ (the InFlight entry that
+// lets Cancel, the monitor and shutdown reach the current attempt); the relay's own mu_
+// guards the flags other threads set (client gone, write timed out). gRPC runs the reactions
+// of application reactors on its own threads, never inline in the call that starts an
+// operation or cancels one, so those calls may be made with a mutex held.
+#include <grpcpp/grpcpp.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <set>
+
+#include "kernels/error.h"
+#include "rpc/coordinator_service.h"
+#include "rpc/request_limits.h"
+#include "rpc/status.h"
+
+namespace mla {
+
+namespace v1 = mlaserve::v1;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Checks that need no model: field ranges, lengths, what a client may not set.
+void validate_shape(const v1::GenerateRequest& r, size_t max_prompt_ids) {
+  const std::string& id = r.request_id();
+  MLA_REQUIRE(id.size() <= kMaxRequestIdLength, "request_id: {} characters (limit {})", id.size(),
+              kMaxRequestIdLength);
+  MLA_REQUIRE(std::all_of(id.begin(), id.end(), [](char c) { return c >= 0x20 && c < 0x7f; }),
+              "request_id: only printable ASCII characters are allowed");
+  MLA_REQUIRE(r.prompt_ids_size() > 0, "prompt_ids: must not be empty");
+  MLA_REQUIRE(static_cast<size_t>(r.prompt_ids_size()) <= max_prompt_ids,
+              "prompt_ids: {} ids (limit {})", r.prompt_ids_size(), max_prompt_ids);
+  MLA_REQUIRE(r.max_tokens() >= 1, "max_tokens: must be >= 1, got {}", r.max_tokens());
+  MLA_REQUIRE(r.resume_ids_size() == 0,
+              "resume_ids: set by the coordinator on failover; clients resume a broken stream "
+              "with received_ids");
+  MLA_REQUIRE(r.received_ids_size() < r.max_tokens(),
+              "received_ids: {} tokens received of max_tokens {}: nothing is left to generate",
+              r.received_ids_size(), r.max_tokens());
+  const v1::SamplingParams& s = r.sampling();
+  MLA_REQUIRE(std::isfinite(s.temperature()) && s.temperature() >= 0,
+              "sampling.temperature: must be >= 0 and finite, got {}", s.temperature());
+  MLA_REQUIRE(s.top_k() >= 0, "sampling.top_k: must be >= 0, got {}", s.top_k());
+  MLA_REQUIRE(std::isfinite(s.top_p()) && s.top_p() >= 0 && s.top_p() <= 1,
+              "sampling.top_p: must be in [0, 1], got {}", s.top_p());
+}
+
+// Worker errors after which the request moves to another worker. The rest (bad input,
+// admission, deadline) would fail the same way anywhere and go back to the client.
+bool fails_over(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::UNAVAILABLE:
+    case grpc::StatusCode::INTERNAL:
+    case grpc::StatusCode::UNKNOWN:
+    case grpc::StatusCode::ABORTED:
+    case grpc::StatusCode::DATA_LOSS:
+    case grpc::StatusCode::CANCELLED:  // only reached when neither the client nor we cancelled
+      return true;
+    default:
+      return false;
+  }
+}
+
+std::string describe(const grpc::Status& status) {
+  return fmt::format("{}: {}", grpc_code_name(status.error_code()), status.error_message());
+}
+
+// A worker answering a refusal because it drains says so in its trailing metadata.
+bool refused_while_draining(const grpc::ClientContext& call) {
+  const auto& trailers = call.GetServerTrailingMetadata();
+  const auto it = trailers.find("mlaserve-worker-state");
+  return it != trailers.end() && it->second == "draining";
+}
+
+double seconds_between(Clock::time_point from, Clock::time_point to) {
+  return std::chrono::duration<double>(to - from).count();
+}
+
+}  // namespace
+
+class CoordinatorService::Relay final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+ public:
+  Relay(CoordinatorService& service, grpc::CallbackServerContext* context)
+      : service_(service), context_(context), arrival_(Clock::now()) {}
+
+  // Validates and admits the request, then starts the first attempt (or finishes at once).
+  void start(const v1::GenerateRequest& request);
+
+  // The monitor's check: cancels the stream when a write to the client has waited longer
+  // than `timeout` (the client stopped reading). Called with the coordinator's mu_ held.
+  void cancel_if_write_stalled(Clock::time_point now, std::chrono::milliseconds timeout);
+
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override;
+  void OnDone() override;
+
+ private:
+  class Attempt;
+
+  void start_attempt();
+  void on_worker_message(v1::GenerateResponse message);
+  void on_attempt_done(const grpc::Status& status);
+  // What to do with a worker message: turns it into the client's message; false when it is
+  // to be dropped (after the end, or the client is gone).
+  bool relay_message(v1::GenerateResponse& message);
+  // The closing message the coordinator writes itself (cancelled, or complete when the worker
+  // died after the last token but before its final message), then the stream ends with OK.
+  void write_closing_and_finish(v1::FinishReason reason, const std::string& worker_id);
+  void finish(const grpc::Status& status);
+  void write(const v1::GenerateResponse& message);
+
+  CoordinatorService& service_;
+  grpc::CallbackServerContext* const context_;
+  const Clock::time_point arrival_;
+  v1::GenerateRequest request_;         // the client's
+  v1::GenerateRequest worker_request_;  // as sent to the workers (resume_ids per attempt)
+  std::string request_id_;
+  bool admitted_ = false;
+  grpc::Status final_status_;
+
+  // Touched by one reaction at a time (reads and writes alternate; attempts follow one
+  // another), except where noted.
+  std::unique_ptr<Attempt> attempt_;
+  std::vector<int32_t> sent_;  // every token the client has, over all attempts
+  std::set<std::string> tried_;
+  int32_t failovers_ = 0;
+  std::string failed_worker_;  // the last worker that failed, and why
+  std::string failure_;
+  bool finished_ = false;  // the current attempt delivered the final message
+  std::optional<Clock::time_point> first_token_at_;
+  Clock::time_point first_token_dispatch_{};
+  Clock::time_point last_token_at_{};
+  v1::GenerateResponse out_;  // the message being written
+
+  std::mutex mu_;  // guards the fields below
+  bool client_gone_ = false;
+  std::optional<Clock::time_point> write_started_;
+  bool write_timed_out_ = false;
+};
+
+// One worker call. Holds the call open (AddHold) until the relay stops reading, since reads
+// are started from the relay's write completions, outside this reactor's reactions.
+class CoordinatorService::Relay::Attempt final
+    : public grpc::ClientReadReactor<v1::GenerateResponse> {
+ public:
+  Attempt(Relay& relay, std::string worker_id, std::shared_ptr<v1::Worker::StubInterface> stub,
+          Clock::time_point dispatch)
+      : relay_(relay),
+        worker_id_(std::move(worker_id)),
+        stub_(std::move(stub)),
+        dispatch_(dispatch) {}
+
+  void start(const v1::GenerateRequest& request, const CoordinatorOptions& options,
+             grpc::CallbackServerContext& server_context) {
+    call_ = grpc::ClientContext::FromCallbackServerContext(server_context);
+    if (options.secret) options.secret->attach(*call_);
+    stub_->async()->Generate(call_.get(), &request, this);
+    AddHold();
+    StartRead(&message_);
+    StartCall();
+  }
+  // The next message (after a cancel: a read that ends at once, letting the call end).
+  void read_next() { StartRead(&message_); }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      RemoveHold();  // the stream has ended: OnDone follows
+      return;
+    }
+    relay_.on_worker_message(std::move(message_));
+  }
+  void OnDone(const grpc::Status& status) override { relay_.on_attempt_done(status); }
+
+  grpc::ClientContext* call() const { return call_.get(); }
+  const std::string& worker_id() const { return worker_id_; }
+  const std::shared_ptr<v1::Worker::StubInterface>& stub() const { return stub_; }
+  Clock::time_point dispatch() const { return dispatch_; }
+  size_t sent_before = 0;  // tokens the client had when this attempt started
+
+ private:
+  Relay& relay_;
+  const std::string worker_id_;
+  const std::shared_ptr<v1::Worker::StubInterface> stub_;
+  const Clock::time_point dispatch_;
+  std::unique_ptr<grpc::ClientContext> call_;
+  v1::GenerateResponse message_;
+};
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* CoordinatorService::Generate(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  auto* relay = new Relay(*this, context);
+  relay->start(*request);
+  return relay;
+}
+
+void CoordinatorService::Relay::start(const v1::GenerateRequest& request) {
+  request_ = request;
+  grpc::Status admitted;
+  try {
+    validate_shape(request_, service_.options_.max_prompt_ids);
+    admitted = service_.admit(request_, &request_id_, this);
+  } catch (const Error& e) {
+    admitted = to_grpc_status(e);
+  }
+  if (!admitted.ok()) {
+    // Debug, not info: refusals can come thousands a second (the metrics count them).
+    spdlog::debug("request '{}' refused: {}", request_.request_id(), admitted.error_message());
+    if (service_.metrics_ && admitted.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+      service_.metrics_->admission_rejections.inc();
+    }
+    finish(admitted);
+    return;
+  }
+  admitted_ = true;
+  if (service_.metrics_) {
+    service_.metrics_->in_flight.inc();
+    service_.metrics_->prompt_tokens.inc(request_.prompt_ids_size());
+  }
+  worker_request_ = request_;
+  worker_request_.set_request_id(request_id_);
+  worker_request_.clear_received_ids();
+  sent_.assign(request_.received_ids().begin(), request_.received_ids().end());
+  start_attempt();
+}
+
+void CoordinatorService::Relay::start_attempt() {
+  if (context_->IsCancelled()) {
+    finish({grpc::StatusCode::CANCELLED, fmt::format("request {}: cancelled", request_id_)});
+    return;
+  }
+  std::shared_ptr<v1::Worker::StubInterface> stub;
+  std::string worker_id;  // read only under the lock: the attempt may end at once
+  bool cancel_requested = false;
+  std::optional<grpc::Status> refusal;
+  const std::vector<int32_t> prompt(request_.prompt_ids().begin(), request_.prompt_ids().end());
+  const auto dispatch = Clock::now();
+  {
+    std::lock_guard lock(service_.mu_);
+    InFlight& flight = service_.requests_.at(request_id_);
+    cancel_requested = flight.cancel_requested;
+    if (service_.shutting_down_) {
+      refusal = grpc::Status(grpc::StatusCode::UNAVAILABLE, "coordinator shutting down");
+    } else if (!cancel_requested) {
+      std::vector<WorkerView> views;
+      views.reserve(service_.workers_.size());
+      for (const auto& [id, w] : service_.workers_) {
+        views.push_back({.id = id,
+                         .routable = w.state == WorkerState::kAlive && !tried_.contains(id),
+                         .free_pages = w.load.free_pages(),
+                         .total_pages = w.load.total_pages(),
+                         .running = w.load.running(),
+                         .waiting = w.load.waiting(),
+                         .in_flight = w.in_flight});
+      }
+      std::optional<std::string> picked = service_.router_.pick(views, prompt);
+      if (!picked) {
+        refusal =
+            failed_worker_.empty()
+                ? grpc::Status(grpc::StatusCode::UNAVAILABLE, "no worker is alive")
+                : grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                               fmt::format("request {}: worker {} failed ({}) after {} "
+                                           "tokens and no other worker is alive",
+                                           request_id_, failed_worker_, failure_, sent_.size()));
+      } else {
+        WorkerEntry& worker = service_.workers_.at(*picked);
+        ++worker.in_flight;
+        stub = worker.stub;
+        worker_id = worker.id;
+        if (failovers_ == 0) {
+          spdlog::debug("request {}: routed to {}", request_id_, worker_id);
+        } else {
+          spdlog::warn("request {}: failover {}/{} from {} to {} after {} tokens ({})", request_id_,
+                       failovers_, service_.options_.max_failovers, failed_worker_, worker_id,
+                       sent_.size(), failure_);
+        }
+        attempt_ = std::make_unique<Attempt>(*this, worker_id, stub, dispatch);
+        attempt_->sent_before = sent_.size();
+        worker_request_.mutable_resume_ids()->Assign(sent_.begin(), sent_.end());
+        // The context exists from here on, so Cancel and the monitor can reach it.
+        attempt_->start(worker_request_, service_.options_, *context_);
+        flight.worker_call = attempt_->call();
+        flight.worker_id = worker_id;
+        flight.worker_lost = false;
+      }
+    }
+  }
+  if (cancel_requested) {
+    write_closing_and_finish(v1::FINISH_REASON_CANCELLED, failed_worker_);
+    return;
+  }
+  if (refusal) finish(*refusal);
+}
+
+bool CoordinatorService::Relay::relay_message(v1::GenerateResponse& message) {
+  {
+    std::lock_guard lock(mu_);
+    if (finished_ || client_gone_) return false;  // drain whatever follows the end
+  }
+  sent_.insert(sent_.end(), message.token_ids().begin(), message.token_ids().end());
+  const auto received = Clock::now();
+  CoordinatorMetrics* metrics = service_.metrics_.get();
+  if (message.token_ids_size() > 0) {
+    if (metrics) {
+      metrics->tokens_generated.inc(message.token_ids_size());
+      if (first_token_at_) {
+        metrics->inter_token_latency_seconds.observe(seconds_between(last_token_at_, received));
+      } else {
+        metrics->ttft_seconds.observe(seconds_between(arrival_, received));
+      }
+    }
+    last_token_at_ = received;
+    if (!first_token_at_) {
+      first_token_at_ = received;
+      first_token_dispatch_ = attempt_->dispatch();
+    }
+  }
+  message.set_request_id(request_id_);
+  if (message.worker_id().empty()) message.set_worker_id(attempt_->worker_id());
+  if (message.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+    finished_ = true;
+    // Usage and timings span all attempts. queue_ms: the worker's queue time counts when its
+    // attempt produced the first token; an earlier attempt's died with it.
+    const size_t received_ids = request_.received_ids_size();
+    const double worker_queue_ms =
+        attempt_->sent_before == received_ids ? message.timings().queue_ms() : 0.0;
+    message.mutable_usage()->set_prompt_tokens(request_.prompt_ids_size());
+    message.mutable_usage()->set_completion_tokens(static_cast<int32_t>(sent_.size()));
+    v1::Timings* timings = message.mutable_timings();
+    timings->set_total_ms(ms_between(arrival_, received));
+    if (first_token_at_) {
+      const double ttft = ms_between(arrival_, *first_token_at_);
+      timings->set_ttft_ms(ttft);
+      timings->set_queue_ms(
+          std::min(ttft, ms_between(arrival_, first_token_dispatch_) + worker_queue_ms));
+    } else {
+      timings->set_ttft_ms(0);
+      timings->set_queue_ms(ms_between(arrival_, attempt_->dispatch()) + worker_queue_ms);
+    }
+  }
+  return true;
+}
+
+void CoordinatorService::Relay::on_worker_message(v1::GenerateResponse message) {
+  if (!relay_message(message)) {
+    attempt_->read_next();
+    return;
+  }
+  out_ = std::move(message);
+  write(out_);
+}
+
+void CoordinatorService::Relay::write(const v1::GenerateResponse& message) {
+  {
+    std::lock_guard lock(mu_);
+    write_started_ = Clock::now();
+  }
+  StartWrite(&message);
+}
+
+void CoordinatorService::Relay::OnWriteDone(bool ok) {
+  bool gone = false;
+  {
+    std::lock_guard lock(mu_);
+    write_started_.reset();
+    if (!ok) client_gone_ = true;
+    gone = client_gone_;
+  }
+  if (!attempt_) return;  // the closing message: Finish follows through StartWriteAndFinish
+  if (gone) attempt_->call()->TryCancel();
+  // The next message; after a cancel, a read that ends at once and lets the attempt end.
+  attempt_->read_next();
+}
+
+void CoordinatorService::Relay::OnCancel() {
+  {
+    std::lock_guard lock(mu_);
+    client_gone_ = true;
+  }
+  std::lock_guard lock(service_.mu_);
+  auto it = service_.requests_.find(request_id_);
+  if (admitted_ && it != service_.requests_.end() && it->second.worker_call) {
+    it->second.worker_call->TryCancel();
+  }
+}
+
+void CoordinatorService::Relay::cancel_if_write_stalled(Clock::time_point now,
+                                                        std::chrono::milliseconds timeout) {
+  {
+    std::lock_guard lock(mu_);
+    if (!write_started_ || write_timed_out_ || now - *write_started_ < timeout) return;
+    write_timed_out_ = true;
+  }
+  spdlog::warn("request {}: the client took no message for {} ms; cancelling the stream",
+               request_id_, timeout.count());
+  if (service_.metrics_) service_.metrics_->write_timeouts.inc();
+  context_->TryCancel();  // the write completes with ok = false, and OnCancel follows
+}
+
+void CoordinatorService::Relay::on_attempt_done(const grpc::Status& status) {
+  std::unique_ptr<Attempt> attempt = std::move(attempt_);
+  const std::string worker_id = attempt->worker_id();
+  bool cancel_requested = false;
+  bool worker_lost = false;
+  bool shutting_down = false;
+  bool client_gone = false;
+  bool timed_out = false;
+  {
+    std::lock_guard lock(mu_);
+    client_gone = client_gone_;
+    timed_out = write_timed_out_;
+  }
+  {
+    std::lock_guard lock(service_.mu_);
+    InFlight& flight = service_.requests_.at(request_id_);
+    flight.worker_call = nullptr;
+    cancel_requested = flight.cancel_requested;
+    worker_lost = flight.worker_lost;
+    shutting_down = service_.shutting_down_;
+    WorkerEntry& worker = service_.workers_.at(worker_id);
+    --worker.in_flight;
+    // A worker that refused because it drains stops being routed to; one refusing
+    // connections is gone: unless it re-registered meanwhile (new stub), it is dead until it
+    // does.
+    const bool failed = !finished_ && !client_gone && !cancel_requested && !shutting_down &&
+                        status.error_code() == grpc::StatusCode::UNAVAILABLE &&
+                        worker.stub == attempt->stub();
+    if (failed && refused_while_draining(*attempt->call())) {
+      worker.worker_draining = true;
+      update_state_locked(worker);
+    } else if (failed) {
+      service_.mark_dead_locked(worker,
+                                fmt::format("request {}: {}", request_id_, describe(status)),
+                                /*cancel_attempts=*/false);
+    }
+  }
+  attempt.reset();
+
+  if (finished_) {
+    finish(grpc::Status::OK);
+    return;
+  }
+  if (timed_out) {
+    finish({grpc::StatusCode::CANCELLED,
+            fmt::format("request {}: the client took no message for {} ms", request_id_,
+                        service_.options_.stream_write_timeout_ms)});
+    return;
+  }
+  if (client_gone || context_->IsCancelled()) {
+    spdlog::debug("request {}: cancelled by the client after {} tokens", request_id_, sent_.size());
+    finish({grpc::StatusCode::CANCELLED,
+            fmt::format("request {}: cancelled by the client", request_id_)});
+    return;
+  }
+  if (cancel_requested) {
+    spdlog::info("request {}: cancelled after {} tokens", request_id_, sent_.size());
+    write_closing_and_finish(v1::FINISH_REASON_CANCELLED, worker_id);
+    return;
+  }
+  if (shutting_down) {
+    finish({grpc::StatusCode::UNAVAILABLE, "coordinator shutting down"});
+    return;
+  }
+  if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED ||
+      std::chrono::system_clock::now() >= context_->deadline()) {
+    finish(
+        {grpc::StatusCode::DEADLINE_EXCEEDED,
+         fmt::format("request {}: deadline exceeded after {} tokens", request_id_, sent_.size())});
+    return;
+  }
+  if (!worker_lost && !status.ok() && !fails_over(status.error_code())) {
+    spdlog::info("request {}: worker {} answered {}", request_id_, worker_id, describe(status));
+    finish(status);
+    return;
+  }
+
+  failed_worker_ = worker_id;
+  failure_ = worker_lost   ? std::string("worker stopped heartbeating")
+             : status.ok() ? std::string("stream ended without a final message")
+                           : describe(status);
+  tried_.insert(worker_id);
+  if (sent_.size() >= static_cast<size_t>(request_.max_tokens())) {
+    // Every token arrived; only the final message was lost.
+    write_closing_and_finish(v1::FINISH_REASON_LENGTH, worker_id);
+    return;
+  }
+  if (failovers_ >= service_.options_.max_failovers) {
+    spdlog::error("request {}: worker {} failed ({}) after {} tokens; gave up after {} failovers",
+                  request_id_, worker_id, failure_, sent_.size(), failovers_);
+    finish({grpc::StatusCode::UNAVAILABLE,
+            fmt::format("request {}: worker {} failed ({}); gave up after {} failovers",
+                        request_id_, worker_id, failure_, failovers_)});
+    return;
+  }
+  ++failovers_;
+  if (service_.metrics_) service_.metrics_->failovers.inc();
+  start_attempt();
+}
+
+void CoordinatorService::Relay::write_closing_and_finish(v1::FinishReason reason,
+                                                         const std::string& worker_id) {
+  out_.Clear();
+  out_.set_request_id(request_id_);
+  out_.set_worker_id(worker_id);
+  out_.set_finish_reason(reason);
+  out_.mutable_usage()->set_prompt_tokens(request_.prompt_ids_size());
+  out_.mutable_usage()->set_completion_tokens(static_cast<int32_t>(sent_.size()));
+  const auto now = Clock::now();
+  out_.mutable_timings()->set_total_ms(ms_between(arrival_, now));
+  if (first_token_at_) {
+    out_.mutable_timings()->set_ttft_ms(ms_between(arrival_, *first_token_at_));
+    out_.mutable_timings()->set_queue_ms(ms_between(arrival_, first_token_dispatch_));
+  }
+  final_status_ = grpc::Status::OK;
+  StartWriteAndFinish(&out_, grpc::WriteOptions(), grpc::Status::OK);
+}
+
+void CoordinatorService::Relay::finish(const grpc::Status& status) {
+  final_status_ = status;
+  Finish(status);
+}
+
+void CoordinatorService::Relay::OnDone() {
+  CoordinatorMetrics* metrics = service_.metrics_.get();
+  if (metrics) {
+    metrics->requests_total(grpc_code_name(final_status_.error_code())).inc();
+    if (admitted_) {
+      metrics->in_flight.dec();
+      const double total = seconds_between(arrival_, Clock::now());
+      metrics->request_duration_seconds.observe(total);
+      const size_t generated = sent_.size() - request_.received_ids_size();
+      if (first_token_at_ && generated > 1) {
+        metrics->time_per_output_token_seconds.observe(
+            seconds_between(*first_token_at_, last_token_at_) / static_cast<double>(generated - 1));
+      }
+    }
+  }
+  if (admitted_) {
+    std::lock_guard lock(service_.mu_);
+    service_.requests_.erase(request_id_);
+    if (service_.requests_.empty()) service_.idle_cv_.notify_all();
+  }
+  delete this;
+}
+
+void CoordinatorService::cancel_stalled_writes_locked(Clock::time_point now) {
+  const auto timeout = std::chrono::milliseconds(options_.stream_write_timeout_ms);
+  for (auto& [id, flight] : requests_) {
+    if (flight.relay) flight.relay->cancel_if_write_stalled(now, timeout);
+  }
+}
+
+}  // namespace mla
