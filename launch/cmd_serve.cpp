@@ -273,6 +273,7 @@ int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
   options.heartbeat_interval_ms = c.heartbeat_interval_ms;
   options.dead_after_ms = 3 * c.heartbeat_interval_ms;
   options.forget_dead_after_ms = std::max(1000 * c.forget_dead_after_s, options.dead_after_ms);
+  options.stream_write_timeout_ms = 1000 * c.stream_write_timeout_s;
   options.secret = secret;
   options.worker_credentials = channel_credentials(d.tls);
   const auto server_creds = server_credentials(d.tls);

@@ -79,12 +79,15 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   if (const auto co = root["coordinator"]) {
     reject_unknown(co,
                    {"address", "control_address", "metrics_port", "routing", "max_in_flight",
-                    "heartbeat_interval_ms", "forget_dead_after_s", "drain_timeout_s"},
+                    "heartbeat_interval_ms", "forget_dead_after_s", "drain_timeout_s",
+                    "stream_write_timeout_s"},
                    "coordinator.", origin);
     read(co, "address", c.coordinator.address, "coordinator.", origin);
     read(co, "control_address", c.coordinator.control_address, "coordinator.", origin);
     read(co, "forget_dead_after_s", c.coordinator.forget_dead_after_s, "coordinator.", origin);
     read(co, "drain_timeout_s", c.coordinator.drain_timeout_s, "coordinator.", origin);
+    read(co, "stream_write_timeout_s", c.coordinator.stream_write_timeout_s, "coordinator.",
+         origin);
     read(co, "metrics_port", c.coordinator.metrics_port, "coordinator.", origin);
     read(co, "routing", c.coordinator.routing, "coordinator.", origin);
     read(co, "max_in_flight", c.coordinator.max_in_flight, "coordinator.", origin);
@@ -119,6 +122,8 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
               "{}: coordinator.forget_dead_after_s must be >= 1", origin);
   MLA_REQUIRE(c.coordinator.drain_timeout_s >= 0, "{}: coordinator.drain_timeout_s must be >= 0",
               origin);
+  MLA_REQUIRE(c.coordinator.stream_write_timeout_s >= 1,
+              "{}: coordinator.stream_write_timeout_s must be >= 1", origin);
   MLA_REQUIRE(c.workers.drain_timeout_s >= 0, "{}: workers.drain_timeout_s must be >= 0", origin);
   MLA_REQUIRE(c.tls.cert_file.empty() == c.tls.key_file.empty(),
               "{}: tls.cert_file and tls.key_file go together", origin);

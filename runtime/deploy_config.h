@@ -35,6 +35,9 @@ struct CoordinatorConfig {
   // `drain_timeout_s`: on SIGTERM the coordinator takes no new requests and gives the open
   // streams this long to finish. Default: 30.
   int32_t drain_timeout_s = 30;
+  // `stream_write_timeout_s`: a stream whose client takes no message for this long is
+  // cancelled and its admission slot and the worker's pages freed. Default: 30.
+  int32_t stream_write_timeout_s = 30;
 };
 
 // `workers:` where each group's leader serves its Worker service.
