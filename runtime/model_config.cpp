@@ -261,8 +261,9 @@ ModelConfig ModelConfig::load(const std::string& model_dir) {
   json j;
   try {
     in >> j;
-  } catch (const json::exception& e) {
-    MLA_THROW(kInvalidArgument, "{} is not valid JSON: {}", path, e.what());
+  } catch (const json::parse_error& e) {
+    // The parser's message quotes the bytes it stopped at; the position says enough.
+    MLA_THROW(kInvalidArgument, "{} is not valid JSON (error at byte {})", path, e.byte);
   }
   try {
     return from_json(j);

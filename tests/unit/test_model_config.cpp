@@ -23,6 +23,7 @@ namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 const std::vector<std::string> kGoldenModels = {"v3", "v3_plain", "v2_lite", "v2_group"};
 
@@ -625,6 +626,16 @@ TEST_F(ModelConfigFiles, InvalidJsonNamesThePath) {
   const Error e = error_of([&] { ModelConfig::load(dir_); });
   EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
   EXPECT_THAT(e.what(), HasSubstr(dir_ + "/config.json"));
+}
+
+TEST_F(ModelConfigFiles, InvalidJsonIsNotQuoted) {
+  // An unterminated string: the JSON parser's own message would quote all of it.
+  std::ofstream(dir_ + "/config.json") << "\"api_key=sk-5ecret\n";
+  const Error e = error_of([&] { ModelConfig::load(dir_); });
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_THAT(e.what(), HasSubstr(dir_ + "/config.json is not valid JSON"));
+  EXPECT_THAT(e.what(), Not(HasSubstr("api")));
+  EXPECT_THAT(e.what(), Not(HasSubstr("5ecret")));
 }
 
 TEST_F(ModelConfigFiles, BadFieldNamesPathAndField) {
