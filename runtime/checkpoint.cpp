@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "kernels/error.h"
+#include "runtime/paths.h"
 
 namespace mla {
 namespace {
@@ -155,10 +156,8 @@ Checkpoint Checkpoint::open(const std::string& model_dir, std::array<int, 2> fp8
   MLA_REQUIRE(fp8_block[0] > 0 && fp8_block[1] > 0, "fp8 block size [{}, {}] must be positive",
               fp8_block[0], fp8_block[1]);
   const fs::path dir(model_dir);
+  require_directory(model_dir, "model directory");
   std::error_code ec;
-  if (!fs::is_directory(dir, ec)) {
-    MLA_THROW(kNotFound, "model directory {} does not exist", model_dir);
-  }
   Checkpoint ckpt(model_dir, fp8_block);
   if (fs::exists(dir / kIndexName, ec)) {
     ckpt.add_index((dir / kIndexName).string());

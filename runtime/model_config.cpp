@@ -1,8 +1,11 @@
 #include "runtime/model_config.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -11,10 +14,12 @@
 #include <utility>
 
 #include "kernels/error.h"
+#include "runtime/paths.h"
 
 namespace mla {
 namespace {
 
+namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 // Reads the fields of one JSON object. Errors name a field by its path in config.json, e.g.
@@ -255,9 +260,11 @@ ModelConfig ModelConfig::from_json(const json& j) {
 }
 
 ModelConfig ModelConfig::load(const std::string& model_dir) {
-  const std::string path = model_dir + "/config.json";
+  require_directory(model_dir, "model directory");
+  const std::string path = (fs::path(model_dir) / "config.json").string();
+  require_file(path, "model config");
   std::ifstream in(path);
-  if (!in) MLA_THROW(kNotFound, "cannot open {}", path);
+  if (!in) MLA_THROW(kFailedPrecondition, "cannot read {}: {}", path, std::strerror(errno));
   json j;
   try {
     in >> j;

@@ -92,8 +92,9 @@ struct ModelConfig {
   // Parses a transformers config.json object and validates it; throws kInvalidArgument
   // naming the field.
   static ModelConfig from_json(const nlohmann::json& j);
-  // Reads DIR/config.json. Throws kInvalidArgument naming the path if it is not valid JSON
-  // (without quoting it), and what from_json throws, prefixed with the path.
+  // Reads DIR/config.json. Throws kNotFound if `model_dir` or its config.json does not exist,
+  // kInvalidArgument naming the path if `model_dir` is not a directory or the file is not
+  // valid JSON (its bytes are not quoted), and what from_json throws, prefixed with the path.
   static ModelConfig load(const std::string& model_dir);
   // The config.json transformers would write for this model (newer `rope_parameters` form).
   nlohmann::json to_json() const;

@@ -234,6 +234,14 @@ TEST_F(CheckpointTest, FilesThatAreNotSafetensorsAreNotQuoted) {
   EXPECT_THAT(e.what(), Not(HasSubstr("HF_TOKEN")));
 }
 
+TEST_F(CheckpointTest, ModelDirectoryThatIsAFileNamesThePath) {
+  write_safetensors(path("model.safetensors"), {{"x", Tensor::zeros({1})}});
+  const Error e = error_of([&] { Checkpoint::open(path("model.safetensors")); });
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_THAT(e.what(),
+              HasSubstr("model directory " + path("model.safetensors") + " is not a directory"));
+}
+
 TEST_F(CheckpointTest, WithoutIndexUsesEverySafetensorsFile) {
   write_safetensors(path("b.safetensors"), {{"y", Tensor::from_vector({1}, {2})}});
   write_safetensors(path("a.safetensors"), {{"x", Tensor::from_vector({1}, {1})}});

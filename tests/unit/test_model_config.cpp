@@ -618,7 +618,19 @@ TEST_F(ModelConfigFiles, MissingDirIsNotFound) {
   const std::string missing = dir_ + "/no_such_model";
   const Error e = error_of([&] { ModelConfig::load(missing); });
   EXPECT_EQ(e.code(), ErrorCode::kNotFound);
-  EXPECT_THAT(e.what(), HasSubstr(missing + "/config.json"));
+  EXPECT_THAT(e.what(), HasSubstr("model directory " + missing + " does not exist"));
+
+  const Error no_config = error_of([&] { ModelConfig::load(dir_); });
+  EXPECT_EQ(no_config.code(), ErrorCode::kNotFound);
+  EXPECT_THAT(no_config.what(), HasSubstr("model config " + dir_ + "/config.json does not exist"));
+}
+
+TEST_F(ModelConfigFiles, ModelDirThatIsAFileNamesThePath) {
+  const std::string file = dir_ + "/model.safetensors";
+  std::ofstream(file) << "weights";
+  const Error e = error_of([&] { ModelConfig::load(file); });
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_THAT(e.what(), HasSubstr("model directory " + file + " is not a directory"));
 }
 
 TEST_F(ModelConfigFiles, InvalidJsonNamesThePath) {

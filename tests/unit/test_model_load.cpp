@@ -174,5 +174,18 @@ TEST(ModelLoad, AbsurdSizesFailBeforeLoading) {
   }
 }
 
+TEST(ModelLoad, WriteRandomCheckpointOverAFileNamesIt) {
+  const std::string file = temp_dir("not_a_dir");
+  std::ofstream(file) << "x";
+  try {
+    write_random_checkpoint(model_preset("v3"), file, 0);
+    FAIL() << "wrote into a file";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_THAT(e.what(), HasSubstr("output directory " + file + " exists and is not a directory"));
+  }
+  fs::remove(file);
+}
+
 }  // namespace
 }  // namespace mla
