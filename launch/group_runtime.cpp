@@ -5,6 +5,7 @@
 #include <cstdlib>
 
 #include "kernels/error.h"
+#include "launch/logging.h"
 
 #if MLA_HAVE_CUDA
 #include "kernels/cuda/cuda_check.h"
@@ -40,6 +41,8 @@ std::unique_ptr<GroupRuntime> GroupRuntime::start(const DeployConfig& d, bool wi
   if (MpiSession::launched_by_mpirun()) {
     rt->mpi.emplace();
     rt->groups = split_tp_groups(tp);
+    set_log_tag(group_log_tag(rt->groups.group_index, rt->groups.tp_rank));
+    set_error_reporter(rt->groups.is_leader());
     spdlog::info("{}", rt->groups.describe());
     rt->comm = std::make_unique<MpiCommunicator>(rt->groups.tp_comm.get(),
                                                  std::chrono::seconds(d.parallel.comm_timeout_s),

@@ -1,7 +1,8 @@
 // GroupRuntime: this process's place in the world and its share of the model, set up the
 // same way for every subcommand that runs one: under mpirun the world splits into
-// tensor-parallel groups (the layout is logged), each rank loads its shard, and each builds
-// an Engine around the group's communicator. A single process (no mpirun) runs tp 1. With
+// tensor-parallel groups (the layout is logged, and the log tag and error reporting follow
+// the group and rank: launch/logging.h), each rank loads its shard, and each builds an
+// Engine around the group's communicator. A single process (no mpirun) runs tp 1. With
 // `device: cuda` each rank takes a GPU (local rank modulo the node's devices) and the model's
 // collectives go over NCCL while step plans stay on MPI.
 #pragma once
