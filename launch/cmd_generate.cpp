@@ -24,11 +24,15 @@
 namespace mla::launch {
 namespace {
 
-// Token ids in [1, min(vocab, 30000)) from a fixed generator: a benchmark prompt.
-std::vector<int32_t> random_prompt(int32_t len, uint64_t seed) {
+// Token ids in [1, min(vocab_size, 30000)) from a fixed generator: a benchmark prompt. The
+// cap keeps real vocabularies' special tokens, which sit at the top, out of the prompt.
+std::vector<int32_t> random_prompt(int32_t len, uint64_t seed, int64_t vocab_size) {
+  MLA_REQUIRE(vocab_size >= 2, "--prompt-len needs a vocabulary of 2 or more ids, not {}",
+              vocab_size);
+  const uint64_t ids_above_0 = static_cast<uint64_t>(std::min<int64_t>(vocab_size, 30000) - 1);
   std::mt19937_64 rng(seed ^ 0x5eed);
   std::vector<int32_t> ids(len);
-  for (auto& id : ids) id = 1 + static_cast<int32_t>(rng() % 29999);
+  for (auto& id : ids) id = 1 + static_cast<int32_t>(rng() % ids_above_0);
   return ids;
 }
 
@@ -82,7 +86,9 @@ void run_batch(const GenerateArgs& a, const GroupRuntime& rt, const Request& req
   for (int32_t i = 0; i < batch; ++i) {
     // Benchmark prompts differ per request, so the batch routes like real traffic.
     Request r = req;
-    if (a.prompt_len > 0) r.prompt = random_prompt(a.prompt_len, a.seed + i);
+    if (a.prompt_len > 0) {
+      r.prompt = random_prompt(a.prompt_len, a.seed + i, rt.model->config().vocab_size);
+    }
     ids.push_back(engine.add_request(r));
   }
   const EngineStats before = engine.stats();
@@ -158,12 +164,15 @@ int run_generate(const GenerateArgs& a) {
   MLA_REQUIRE(a.prompt_ids.empty() != (a.prompt_len == 0),
               "give exactly one of --prompt-ids and --prompt-len");
   Request req;
-  req.prompt = a.prompt_len > 0 ? random_prompt(a.prompt_len, a.seed) : parse_ids(a.prompt_ids);
+  if (a.prompt_len == 0) req.prompt = parse_ids(a.prompt_ids);
   req.max_tokens = a.max_tokens;
   req.sampling = {a.temperature, a.top_k, a.top_p, a.seed};
   req.ignore_eos = a.ignore_eos;
 
   auto rt = GroupRuntime::start(d);
+  if (a.prompt_len > 0) {
+    req.prompt = random_prompt(a.prompt_len, a.seed, rt->model->config().vocab_size);
+  }
   Engine& engine = *rt->engine;
   if (!engine.is_leader()) {
     engine.follow();

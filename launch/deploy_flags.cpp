@@ -2,6 +2,8 @@
 
 #include <sstream>
 
+#include "runtime/paths.h"
+
 namespace mla::launch {
 
 std::vector<int32_t> parse_ids(const std::string& text, const char* flag) {
@@ -77,6 +79,13 @@ DeployConfig DeployFlags::resolve() const {
   if (given("--kv-shard")) d.parallel.kv_shard = flags_.parallel.kv_shard;
   if (given("--comm-timeout")) d.parallel.comm_timeout_s = flags_.parallel.comm_timeout_s;
   if (d.model_dir.empty()) MLA_THROW(kInvalidArgument, "give --model or a --config that names one");
+  try {
+    require_directory(d.model_dir, "model directory");
+  } catch (const Error& e) {
+    const std::string source =
+        given("--model") ? "--model " + d.model_dir : fmt::format("`model` in {}", config_path_);
+    throw Error(e.code(), source + ": " + e.what());
+  }
   MLA_REQUIRE(d.parallel.kv_shard == "sequence" || d.parallel.kv_shard == "replicate",
               "--kv-shard must be sequence or replicate, got `{}`", d.parallel.kv_shard);
   return d;

@@ -20,7 +20,8 @@ class DeployFlags {
   // --comm-timeout to `cmd`.
   void add_to(CLI::App& cmd);
   // The config file's settings with the given flags applied. Throws kInvalidArgument when
-  // no model directory is named.
+  // no model directory is named, and what require_directory throws for the one named,
+  // prefixed with where it came from (--model, or `model` in the config file).
   DeployConfig resolve() const;
 
  private:

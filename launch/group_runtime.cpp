@@ -4,6 +4,9 @@
 
 #include <cstdlib>
 
+#include "kernels/error.h"
+#include "launch/logging.h"
+
 #if MLA_HAVE_CUDA
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_memory.h"
@@ -28,9 +31,18 @@ namespace mla::launch {
 
 std::unique_ptr<GroupRuntime> GroupRuntime::start(const DeployConfig& d, bool with_engine) {
   auto rt = std::make_unique<GroupRuntime>();
-  if (MpiSession::launched_by_mpirun() || d.parallel.tp > 1) {
+  const int tp = d.parallel.tp;
+  if (!MpiSession::launched_by_mpirun() && tp > 1) {
+    MLA_THROW(kInvalidArgument,
+              "tensor parallelism {} (--tp, or parallel.tp in the config) needs {} processes: run "
+              "under `mpirun -np {}` (a multiple of {} for several groups), or pass --tp 1",
+              tp, tp, tp, tp);
+  }
+  if (MpiSession::launched_by_mpirun()) {
     rt->mpi.emplace();
-    rt->groups = split_tp_groups(d.parallel.tp);
+    rt->groups = split_tp_groups(tp);
+    set_log_tag(group_log_tag(rt->groups.group_index, rt->groups.tp_rank));
+    set_error_reporter(rt->groups.is_leader());
     spdlog::info("{}", rt->groups.describe());
     rt->comm = std::make_unique<MpiCommunicator>(rt->groups.tp_comm.get(),
                                                  std::chrono::seconds(d.parallel.comm_timeout_s),

@@ -1,9 +1,10 @@
 // GroupRuntime: this process's place in the world and its share of the model, set up the
-// same way for every subcommand that runs one: under mpirun (or with tp > 1) the world
-// splits into tensor-parallel groups (the layout is logged), each rank loads its shard,
-// and each builds an Engine around the group's communicator. With `device: cuda` each rank
-// takes a GPU (local rank modulo the node's devices) and the model's collectives go over
-// NCCL while step plans stay on MPI.
+// same way for every subcommand that runs one: under mpirun the world splits into
+// tensor-parallel groups (the layout is logged, and the log tag and error reporting follow
+// the group and rank: launch/logging.h), each rank loads its shard, and each builds an
+// Engine around the group's communicator. A single process (no mpirun) runs tp 1. With
+// `device: cuda` each rank takes a GPU (local rank modulo the node's devices) and the model's
+// collectives go over NCCL while step plans stay on MPI.
 #pragma once
 
 #include <memory>
@@ -31,7 +32,8 @@ struct GroupRuntime {
   Communicator* data = nullptr;    // the model's collectives (null for a single rank)
 
   // Sets everything up from the deployment config; `with_engine` false stops after the
-  // model (a benchmark that drives the model and a cache itself). Throws mla::Error.
+  // model (a benchmark that drives the model and a cache itself). Throws mla::Error;
+  // kInvalidArgument, saying how to run it, for tp > 1 in a process mpirun did not start.
   static std::unique_ptr<GroupRuntime> start(const DeployConfig& d, bool with_engine = true);
 };
 

@@ -56,6 +56,13 @@ bool MpiSession::launched_by_mpirun() {
   return false;
 }
 
+int MpiSession::launcher_world_rank() {
+  for (const char* name : {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"}) {
+    if (const char* v = std::getenv(name)) return std::atoi(v);
+  }
+  return 0;
+}
+
 MpiComm& MpiComm::operator=(MpiComm&& other) noexcept {
   if (this != &other) {
     reset();

@@ -36,6 +36,9 @@ class MpiSession {
   // Whether this process was started by mpirun/mpiexec/srun (Open MPI, MPICH or PMIx
   // environment variables are set). Does not touch MPI; safe to call before init.
   static bool launched_by_mpirun();
+  // This process's world rank as the launcher's environment gives it (Open MPI, PMIx,
+  // MPICH/PMI); 0 for a process no launcher started. Does not touch MPI.
+  static int launcher_world_rank();
 
  private:
   bool owns_ = false;

@@ -11,8 +11,10 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <string_view>
+#include <vector>
 
 #include "kernels/error.h"
+#include "runtime/paths.h"
 
 namespace mla {
 namespace {
@@ -38,6 +40,27 @@ int64_t matrix_cols(const Shape& shape) {
   int64_t cols = 1;
   for (size_t d = 1; d < shape.size(); ++d) cols *= shape[d];
   return cols;
+}
+
+// Whether canonical `path` lies inside canonical directory `root`.
+bool is_within(const fs::path& path, const fs::path& root) {
+  const auto [r, p] = std::mismatch(root.begin(), root.end(), path.begin(), path.end());
+  return r == root.end();
+}
+
+// The directories the files of an index may resolve into (canonical): the model directory,
+// and for a snapshot in the Hugging Face hub cache, <repo>/snapshots/<revision>, whose files
+// are symlinks to <repo>/blobs/<hash>, that repository's blobs as well.
+std::vector<fs::path> shard_roots(const fs::path& dir) {
+  std::error_code ec;
+  std::vector<fs::path> roots = {fs::canonical(dir, ec)};
+  if (ec) MLA_THROW(kFailedPrecondition, "cannot resolve {}: {}", dir.string(), ec.message());
+  const fs::path snapshots = roots[0].parent_path();
+  if (snapshots.filename() == "snapshots" &&
+      fs::is_directory(snapshots.parent_path() / "blobs", ec)) {
+    roots.push_back(snapshots.parent_path() / "blobs");
+  }
+  return roots;
 }
 
 }  // namespace
@@ -133,10 +156,8 @@ Checkpoint Checkpoint::open(const std::string& model_dir, std::array<int, 2> fp8
   MLA_REQUIRE(fp8_block[0] > 0 && fp8_block[1] > 0, "fp8 block size [{}, {}] must be positive",
               fp8_block[0], fp8_block[1]);
   const fs::path dir(model_dir);
+  require_directory(model_dir, "model directory");
   std::error_code ec;
-  if (!fs::is_directory(dir, ec)) {
-    MLA_THROW(kNotFound, "model directory {} does not exist", model_dir);
-  }
   Checkpoint ckpt(model_dir, fp8_block);
   if (fs::exists(dir / kIndexName, ec)) {
     ckpt.add_index((dir / kIndexName).string());
@@ -180,12 +201,14 @@ void Checkpoint::add_index(const std::string& index_path) {
   try {
     std::ifstream in(index_path);
     index = json::parse(in);
-  } catch (const json::exception& e) {
-    MLA_THROW(kDataLoss, "{} is not valid JSON: {}", index_path, e.what());
+  } catch (const json::parse_error& e) {
+    // The parser's message quotes the bytes it stopped at, and the file may not be JSON at all.
+    MLA_THROW(kDataLoss, "{} is not valid JSON (error at byte {})", index_path, e.byte);
   }
   if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object()) {
     MLA_THROW(kDataLoss, "{} has no \"weight_map\" object", index_path);
   }
+  const std::vector<fs::path> roots = shard_roots(dir_);
   std::map<std::string, const SafetensorsFile*> shards;
   for (const auto& [name, shard_json] : index["weight_map"].items()) {
     if (!shard_json.is_string()) {
@@ -194,11 +217,30 @@ void Checkpoint::add_index(const std::string& index_path) {
     const std::string shard = shard_json.get<std::string>();
     const SafetensorsFile*& file = shards[shard];
     if (file == nullptr) {
-      const fs::path shard_path = fs::path(dir_) / shard;
+      // An index names files, and the model directory is what the user vouched for: an entry
+      // must not reach outside it, by its name or by a symlink.
+      const fs::path relative(shard);
+      if (shard.empty() || relative.is_absolute() ||
+          std::ranges::any_of(relative, [](const fs::path& part) { return part == ".."; })) {
+        MLA_THROW(kInvalidArgument,
+                  "{}: weight_map entry \"{}\" (tensor {}) is not a file name inside the model "
+                  "directory",
+                  index_path, shard, name);
+      }
+      const fs::path shard_path = fs::path(dir_) / relative;
       std::error_code ec;
       if (!fs::exists(shard_path, ec)) {
         MLA_THROW(kNotFound, "shard {} listed in {} does not exist", shard_path.string(),
                   index_path);
+      }
+      const fs::path target = fs::canonical(shard_path, ec);
+      if (ec)
+        MLA_THROW(kFailedPrecondition, "cannot resolve {}: {}", shard_path.string(), ec.message());
+      if (std::ranges::none_of(roots, [&](const fs::path& r) { return is_within(target, r); })) {
+        MLA_THROW(kInvalidArgument,
+                  "{}: weight_map entry \"{}\" (tensor {}) resolves through a symlink to {}, "
+                  "outside the model directory",
+                  index_path, shard, name, target.string());
       }
       files_.push_back(SafetensorsFile::open(shard_path.string()));
       file = files_.back().get();

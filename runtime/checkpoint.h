@@ -32,10 +32,16 @@ namespace mla {
 class Checkpoint {
  public:
   // Opens the checkpoint in `model_dir`. `fp8_block` is config.json's
-  // quantization_config.weight_block_size. Throws kNotFound naming the directory if it holds
-  // no weights, or naming the shard if the index lists a missing one; kDataLoss if the index
-  // is malformed, points a tensor at a shard without it, or two files hold the same tensor;
-  // anything SafetensorsFile::open throws for a bad file.
+  // quantization_config.weight_block_size. Throws
+  // - kNotFound naming the directory if it does not exist or holds no weights, or naming the
+  //   shard if the index lists a missing one;
+  // - kInvalidArgument if `model_dir` is not a directory, or naming the entry if the index
+  //   names a file outside the model directory: an absolute path, a `..` component, or a
+  //   symlink whose target is outside (the blobs of a Hugging Face hub cache snapshot,
+  //   <repo>/snapshots/<revision> -> <repo>/blobs, count as inside);
+  // - kDataLoss if the index is malformed (its bytes are not quoted), points a tensor at a
+  //   shard without it, or two files hold the same tensor;
+  // - anything SafetensorsFile::open throws for a bad file.
   static Checkpoint open(const std::string& model_dir, std::array<int, 2> fp8_block = {128, 128});
 
   Checkpoint(Checkpoint&&) noexcept;

@@ -2,11 +2,14 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <set>
 #include <sstream>
 
 #include "kernels/error.h"
+#include "runtime/paths.h"
 
 namespace mla {
 namespace {
@@ -159,8 +162,12 @@ EngineOptions DeployConfig::engine_options() const {
 }
 
 DeployConfig DeployConfig::load(const std::string& path) {
+  // A directory opens as a stream that reads nothing, which would parse as an empty config.
+  require_file(path, "config file");
   std::ifstream in(path);
-  if (!in) MLA_THROW(kNotFound, "cannot open config {}", path);
+  if (!in) {
+    MLA_THROW(kFailedPrecondition, "cannot read config file {}: {}", path, std::strerror(errno));
+  }
   std::stringstream ss;
   ss << in.rdbuf();
   return parse(ss.str(), path);

@@ -105,7 +105,10 @@ struct DeployConfig {
   EngineOptions engine_options() const;
 
   // Parses a YAML file; relative `model` paths are taken relative to the current directory.
-  // Throws kNotFound for a missing file, kInvalidArgument naming the bad key or value.
+  // Throws kNotFound for a missing file, kInvalidArgument naming the path if it is a
+  // directory, kFailedPrecondition if it cannot be read, kInvalidArgument naming the bad key
+  // or value. Whether `model` exists is not checked here (a coordinator reads the same file
+  // on a machine without the model).
   static DeployConfig load(const std::string& path);
   static DeployConfig parse(const std::string& yaml_text, const std::string& origin);
 };

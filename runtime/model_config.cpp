@@ -1,64 +1,169 @@
 #include "runtime/model_config.h"
 
+#include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
-#include <stdexcept>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <string_view>
+#include <type_traits>
+#include <utility>
 
 #include "kernels/error.h"
+#include "runtime/paths.h"
 
 namespace mla {
 namespace {
 
+namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-// Reads an optional field, treating JSON null as absent.
-template <typename T>
-T get_or(const json& j, const char* key, T fallback) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return fallback;
-  try {
-    return it->get<T>();
-  } catch (const json::exception& e) {
-    MLA_THROW(kInvalidArgument, "config field `{}` has the wrong type: {}", key, e.what());
-  }
-}
+// Reads the fields of one JSON object. Errors name a field by its path in config.json, e.g.
+// `rope_parameters.factor`, and never accept a value of another type: 64.5 and "64" are not
+// the integer 64, and a nested object that is not an object is an error, not "absent".
+class Fields {
+ public:
+  Fields(const json& j, std::string prefix) : j_(j), prefix_(std::move(prefix)) {}
 
-template <typename T>
-T get_required(const json& j, const char* key) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) MLA_THROW(kInvalidArgument, "config lacks `{}`", key);
-  return get_or<T>(j, key, T{});
-}
+  std::string name(std::string_view key) const { return prefix_ + std::string(key); }
+  // The field's value; nullptr if it is absent or JSON null.
+  const json* find(std::string_view key) const {
+    const auto it = j_.find(key);
+    return it == j_.end() || it->is_null() ? nullptr : &*it;
+  }
+
+  template <typename T>
+  T get_or(std::string_view key, T fallback) const {
+    const json* v = find(key);
+    return v == nullptr ? fallback : convert<T>(key, *v);
+  }
+
+  template <typename T>
+  T required(std::string_view key) const {
+    const json* v = find(key);
+    if (v == nullptr) MLA_THROW(kInvalidArgument, "config lacks `{}`", name(key));
+    return convert<T>(key, *v);
+  }
+
+  // The nested object `key`, or nullopt if it is absent or null.
+  std::optional<Fields> object(std::string_view key) const {
+    const json* v = find(key);
+    if (v == nullptr) return std::nullopt;
+    if (!v->is_object()) {
+      MLA_THROW(kInvalidArgument, "config field `{}` must be an object or null, not a {}",
+                name(key), v->type_name());
+    }
+    return Fields(*v, name(key) + ".");
+  }
+
+ private:
+  template <typename T>
+  T convert(std::string_view key, const json& v) const {
+    if constexpr (std::is_same_v<T, bool>) {
+      if (v.is_boolean()) return v.get<bool>();
+    } else if constexpr (std::is_same_v<T, int64_t>) {
+      if (v.is_number_integer() && (!v.is_number_unsigned() || v.get<uint64_t>() <= INT64_MAX)) {
+        return v.get<int64_t>();
+      }
+      MLA_THROW(kInvalidArgument, "config field `{}` must be an integer, got {}", name(key),
+                v.is_number() ? v.dump() : std::string("a ") + v.type_name());
+    } else if constexpr (std::is_same_v<T, double>) {
+      if (v.is_number() && std::isfinite(v.get<double>())) return v.get<double>();
+      MLA_THROW(kInvalidArgument, "config field `{}` must be a finite number, got {}", name(key),
+                v.is_number() ? v.dump() : std::string("a ") + v.type_name());
+    } else {
+      static_assert(std::is_same_v<T, std::string>);
+      if (v.is_string()) return v.get<std::string>();
+    }
+    MLA_THROW(kInvalidArgument, "config field `{}` has the wrong type: a {}", name(key),
+              v.type_name());
+  }
+
+  const json& j_;
+  std::string prefix_;
+};
 
 double yarn_mscale(double scale, double mscale) {
   return scale <= 1.0 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0;
 }
 
-RopeConfig parse_rope(const json& j) {
+// One rope object (`rope_parameters` or `rope_scaling`); `theta` is the top-level rope_theta,
+// which the object's own `rope_theta` overrides.
+RopeConfig parse_rope_object(const Fields& p, double theta) {
   RopeConfig r;
-  r.theta = get_or<double>(j, "rope_theta", 10000.0);
-  const json* p = nullptr;
-  if (auto it = j.find("rope_parameters"); it != j.end() && it->is_object()) p = &*it;
-  if (auto it = j.find("rope_scaling"); p == nullptr && it != j.end() && it->is_object()) p = &*it;
-  if (p == nullptr) return r;
-
-  r.theta = get_or<double>(*p, "rope_theta", r.theta);
-  std::string type = get_or<std::string>(*p, "rope_type", get_or<std::string>(*p, "type", "default"));
+  r.theta = p.get_or<double>("rope_theta", theta);
+  MLA_REQUIRE(r.theta > 0, "config field `{}` must be positive, got {}",
+              p.find("rope_theta") != nullptr ? p.name("rope_theta") : "rope_theta", r.theta);
+  const std::string type =
+      p.get_or<std::string>("rope_type", p.get_or<std::string>("type", "default"));
   if (type == "default") return r;
   if (type != "yarn") {
-    MLA_THROW(kInvalidArgument, "rope type `{}` is not supported (default or yarn)", type);
+    MLA_THROW(kInvalidArgument,
+              "config field `{}`: rope type `{}` is not supported (default or yarn)",
+              p.name(p.find("rope_type") != nullptr ? "rope_type" : "type"), type);
   }
   r.type = RopeType::kYarn;
-  r.factor = get_required<double>(*p, "factor");
+  r.factor = p.required<double>("factor");
   r.original_max_position_embeddings =
-      get_or<int64_t>(*p, "original_max_position_embeddings", r.original_max_position_embeddings);
-  r.beta_fast = get_or<double>(*p, "beta_fast", 32.0);
-  r.beta_slow = get_or<double>(*p, "beta_slow", 1.0);
-  r.mscale = get_or<double>(*p, "mscale", 0.0);
-  r.mscale_all_dim = get_or<double>(*p, "mscale_all_dim", 0.0);
-  r.attention_factor = get_or<double>(*p, "attention_factor", 0.0);
-  r.truncate = get_or<bool>(*p, "truncate", true);
+      p.get_or<int64_t>("original_max_position_embeddings", r.original_max_position_embeddings);
+  r.beta_fast = p.get_or<double>("beta_fast", 32.0);
+  r.beta_slow = p.get_or<double>("beta_slow", 1.0);
+  r.mscale = p.get_or<double>("mscale", 0.0);
+  r.mscale_all_dim = p.get_or<double>("mscale_all_dim", 0.0);
+  r.attention_factor = p.get_or<double>("attention_factor", 0.0);
+  r.truncate = p.get_or<bool>("truncate", true);
+  return r;
+}
+
+// Every value that sets RoPE, under its config.json name: what two rope objects must agree on.
+std::vector<std::pair<const char*, double>> rope_values(const RopeConfig& r) {
+  std::vector<std::pair<const char*, double>> v = {
+      {"rope_type", r.type == RopeType::kYarn ? 1.0 : 0.0}, {"rope_theta", r.theta}};
+  if (r.type == RopeType::kDefault) return v;
+  v.insert(v.end(), {{"factor", r.factor},
+                     {"original_max_position_embeddings",
+                      static_cast<double>(r.original_max_position_embeddings)},
+                     {"beta_fast", r.beta_fast},
+                     {"beta_slow", r.beta_slow},
+                     {"mscale", r.mscale},
+                     {"mscale_all_dim", r.mscale_all_dim},
+                     {"attention_factor", r.attention_factor},
+                     {"truncate", r.truncate ? 1.0 : 0.0}});
+  return v;
+}
+
+// Reads the newer `rope_parameters` or the older `rope_scaling` + top-level `rope_theta`.
+// A config may carry both (written for old and new readers alike) only if they agree: which
+// one a reader honours differs between transformers versions.
+RopeConfig parse_rope(const Fields& f) {
+  const double top_theta = f.get_or<double>("rope_theta", 10000.0);
+  const std::optional<Fields> parameters = f.object("rope_parameters");
+  const std::optional<Fields> scaling = f.object("rope_scaling");
+  RopeConfig r = parameters ? parse_rope_object(*parameters, top_theta)
+                 : scaling  ? parse_rope_object(*scaling, top_theta)
+                            : RopeConfig{.theta = top_theta};
+  if (parameters && f.find("rope_theta") != nullptr && r.theta != top_theta) {
+    MLA_THROW(kInvalidArgument,
+              "config fields `rope_theta` ({}) and `rope_parameters.rope_theta` ({}) disagree",
+              top_theta, r.theta);
+  }
+  if (parameters && scaling) {
+    const auto a = rope_values(r);
+    const auto b = rope_values(parse_rope_object(*scaling, top_theta));
+    // The rope types come first, so the lists have the same length past a type mismatch.
+    for (size_t i = 0; i < a.size(); ++i) {
+      if (a[i].second != b[i].second) {
+        MLA_THROW(kInvalidArgument,
+                  "config fields `rope_parameters` and `rope_scaling` disagree on `{}`; give one "
+                  "of them",
+                  a[i].first);
+      }
+    }
+  }
   return r;
 }
 
@@ -66,8 +171,9 @@ RopeConfig parse_rope(const json& j) {
 
 ModelConfig ModelConfig::from_json(const json& j) {
   MLA_REQUIRE(j.is_object(), "config.json is not a JSON object");
+  const Fields f(j, "");
   ModelConfig c;
-  const std::string model_type = get_or<std::string>(j, "model_type", "deepseek_v3");
+  const std::string model_type = f.get_or<std::string>("model_type", "deepseek_v3");
   if (model_type == "deepseek_v2") {
     c.family = ModelFamily::kDeepseekV2;
   } else if (model_type == "deepseek_v3" || model_type == "kimi_k2") {
@@ -75,34 +181,38 @@ ModelConfig ModelConfig::from_json(const json& j) {
   } else {
     MLA_THROW(kInvalidArgument, "model_type `{}` is not a DeepSeek MLA model", model_type);
   }
-  c.vocab_size = get_required<int64_t>(j, "vocab_size");
-  c.hidden_size = get_required<int64_t>(j, "hidden_size");
-  c.num_layers = get_required<int64_t>(j, "num_hidden_layers");
-  c.num_heads = get_required<int64_t>(j, "num_attention_heads");
-  c.q_lora_rank = get_or<int64_t>(j, "q_lora_rank", 0);
-  c.kv_lora_rank = get_required<int64_t>(j, "kv_lora_rank");
-  c.qk_rope_head_dim = get_required<int64_t>(j, "qk_rope_head_dim");
-  c.qk_nope_head_dim = get_required<int64_t>(j, "qk_nope_head_dim");
-  c.v_head_dim = get_required<int64_t>(j, "v_head_dim");
-  c.intermediate_size = get_required<int64_t>(j, "intermediate_size");
-  c.moe_intermediate_size = get_or<int64_t>(j, "moe_intermediate_size", 0);
-  c.n_routed_experts = get_or<int64_t>(j, "n_routed_experts", 0);
-  c.n_shared_experts = get_or<int64_t>(j, "n_shared_experts", 0);
-  c.num_experts_per_tok = get_or<int64_t>(j, "num_experts_per_tok", 0);
-  c.n_group = get_or<int64_t>(j, "n_group", 1);
-  c.topk_group = get_or<int64_t>(j, "topk_group", 1);
-  c.first_k_dense_replace = get_or<int64_t>(j, "first_k_dense_replace", 0);
-  c.moe_layer_freq = get_or<int64_t>(j, "moe_layer_freq", 1);
-  c.routed_scaling_factor = get_or<double>(j, "routed_scaling_factor", 1.0);
-  c.norm_topk_prob = get_or<bool>(j, "norm_topk_prob", false);
-  c.rms_norm_eps = get_or<double>(j, "rms_norm_eps", 1e-6);
-  c.max_position_embeddings = get_or<int64_t>(j, "max_position_embeddings", 4096);
-  c.tie_word_embeddings = get_or<bool>(j, "tie_word_embeddings", false);
-  c.rope = parse_rope(j);
+  c.vocab_size = f.required<int64_t>("vocab_size");
+  c.hidden_size = f.required<int64_t>("hidden_size");
+  c.num_layers = f.required<int64_t>("num_hidden_layers");
+  c.num_heads = f.required<int64_t>("num_attention_heads");
+  c.q_lora_rank = f.get_or<int64_t>("q_lora_rank", 0);
+  c.kv_lora_rank = f.required<int64_t>("kv_lora_rank");
+  c.qk_rope_head_dim = f.required<int64_t>("qk_rope_head_dim");
+  c.qk_nope_head_dim = f.required<int64_t>("qk_nope_head_dim");
+  c.v_head_dim = f.required<int64_t>("v_head_dim");
+  c.intermediate_size = f.required<int64_t>("intermediate_size");
+  c.moe_intermediate_size = f.get_or<int64_t>("moe_intermediate_size", 0);
+  c.n_routed_experts = f.get_or<int64_t>("n_routed_experts", 0);
+  c.n_shared_experts = f.get_or<int64_t>("n_shared_experts", 0);
+  c.num_experts_per_tok = f.get_or<int64_t>("num_experts_per_tok", 0);
+  c.n_group = f.get_or<int64_t>("n_group", 1);
+  c.topk_group = f.get_or<int64_t>("topk_group", 1);
+  c.first_k_dense_replace = f.get_or<int64_t>("first_k_dense_replace", 0);
+  c.moe_layer_freq = f.get_or<int64_t>("moe_layer_freq", 1);
+  c.routed_scaling_factor = f.get_or<double>("routed_scaling_factor", 1.0);
+  c.norm_topk_prob = f.get_or<bool>("norm_topk_prob", false);
+  c.rms_norm_eps = f.get_or<double>("rms_norm_eps", 1e-6);
+  c.max_position_embeddings = f.get_or<int64_t>("max_position_embeddings", 4096);
+  c.tie_word_embeddings = f.get_or<bool>("tie_word_embeddings", false);
+  c.rope = parse_rope(f);
+
+  // The MLPs are SwiGLU; another activation would load and compute the wrong function.
+  const std::string act = f.get_or<std::string>("hidden_act", "silu");
+  MLA_REQUIRE(act == "silu", "config field `hidden_act` is `{}`; only silu is supported", act);
 
   const bool v3 = c.family == ModelFamily::kDeepseekV3;
-  c.rope_interleave = get_or<bool>(j, "rope_interleave", true);
-  const std::string topk_method = get_or<std::string>(j, "topk_method", v3 ? "noaux_tc" : "greedy");
+  c.rope_interleave = f.get_or<bool>("rope_interleave", true);
+  const std::string topk_method = f.get_or<std::string>("topk_method", v3 ? "noaux_tc" : "greedy");
   if (topk_method == "noaux_tc") {
     c.gate = GateKind::kSigmoidNoauxTc;
   } else if (topk_method == "greedy") {
@@ -113,43 +223,54 @@ ModelConfig ModelConfig::from_json(const json& j) {
     MLA_THROW(kInvalidArgument, "topk_method `{}` is not supported", topk_method);
   }
 
-  try {
-    if (auto it = j.find("eos_token_id"); it != j.end() && !it->is_null()) {
-      if (it->is_array()) {
-        for (const auto& v : *it) c.eos_token_ids.push_back(v.get<int32_t>());
-      } else {
-        c.eos_token_ids.push_back(it->get<int32_t>());
-      }
+  if (const json* eos = f.find("eos_token_id")) {
+    const auto is_id = [](const json& v) {
+      return v.is_number_integer() && v.get<int64_t>() >= 0 && v.get<int64_t>() <= INT32_MAX;
+    };
+    const bool ok = eos->is_array() ? std::ranges::all_of(*eos, is_id) : is_id(*eos);
+    MLA_REQUIRE(ok, "config field `eos_token_id` must be a token id or a list of them");
+    if (eos->is_array()) {
+      for (const json& v : *eos) c.eos_token_ids.push_back(v.get<int32_t>());
+    } else {
+      c.eos_token_ids.push_back(eos->get<int32_t>());
     }
-  } catch (const json::exception&) {
-    MLA_THROW(kInvalidArgument, "config field `eos_token_id` must be an integer or a list of them");
   }
-  if (auto it = j.find("quantization_config"); it != j.end() && it->is_object()) {
-    if (auto b = it->find("weight_block_size"); b != it->end() && !b->is_null()) {
-      try {
-        const auto block = b->get<std::vector<int>>();
-        if (block.size() != 2 || block[0] <= 0 || block[1] <= 0) throw std::invalid_argument("");
-        c.fp8_block = {block[0], block[1]};
-      } catch (const std::exception&) {
-        MLA_THROW(kInvalidArgument,
-                  "config field `quantization_config.weight_block_size` must be two positive "
-                  "integers");
-      }
+  if (const std::optional<Fields> q = f.object("quantization_config")) {
+    if (const json* b = q->find("weight_block_size")) {
+      const bool ok =
+          b->is_array() && b->size() == 2 && std::ranges::all_of(*b, [](const json& v) {
+            return v.is_number_integer() && v.get<int64_t>() > 0 && v.get<int64_t>() <= INT32_MAX;
+          });
+      MLA_REQUIRE(ok, "config field `{}` must be two positive integers",
+                  q->name("weight_block_size"));
+      c.fp8_block = {(*b)[0].get<int>(), (*b)[1].get<int>()};
     }
+    // Block-scaled fp8 is the one quantisation the loader dequantises; any other method's
+    // tensors would be read as plain weights.
+    const std::string method = q->required<std::string>("quant_method");
+    MLA_REQUIRE(method == "fp8",
+                "config field `{}` is `{}`; only fp8 (e4m3 with block scales) is supported",
+                q->name("quant_method"), method);
+    const std::string fmt = q->get_or<std::string>("fmt", "e4m3");
+    MLA_REQUIRE(fmt == "e4m3", "config field `{}` is `{}`; only e4m3 is supported", q->name("fmt"),
+                fmt);
   }
   c.validate();
   return c;
 }
 
 ModelConfig ModelConfig::load(const std::string& model_dir) {
-  const std::string path = model_dir + "/config.json";
+  require_directory(model_dir, "model directory");
+  const std::string path = (fs::path(model_dir) / "config.json").string();
+  require_file(path, "model config");
   std::ifstream in(path);
-  if (!in) MLA_THROW(kNotFound, "cannot open {}", path);
+  if (!in) MLA_THROW(kFailedPrecondition, "cannot read {}: {}", path, std::strerror(errno));
   json j;
   try {
     in >> j;
-  } catch (const json::exception& e) {
-    MLA_THROW(kInvalidArgument, "{} is not valid JSON: {}", path, e.what());
+  } catch (const json::parse_error& e) {
+    // The parser's message quotes the bytes it stopped at; the position says enough.
+    MLA_THROW(kInvalidArgument, "{} is not valid JSON (error at byte {})", path, e.byte);
   }
   try {
     return from_json(j);
@@ -282,31 +403,43 @@ double ModelConfig::softmax_scale() const {
 }
 
 void ModelConfig::validate() const {
-  auto positive = [](int64_t v, const char* name) {
+  // Sizes are checked against their bounds before anything is sized from them.
+  auto size = [](int64_t v, const char* name, int64_t max) {
     MLA_REQUIRE(v > 0, "config field `{}` must be positive, got {}", name, v);
+    MLA_REQUIRE(v <= max, "config field `{}` is {}, above the supported maximum {}", name, v, max);
   };
-  positive(vocab_size, "vocab_size");
-  positive(hidden_size, "hidden_size");
-  positive(num_layers, "num_hidden_layers");
-  positive(num_heads, "num_attention_heads");
-  positive(kv_lora_rank, "kv_lora_rank");
-  positive(qk_rope_head_dim, "qk_rope_head_dim");
-  positive(qk_nope_head_dim, "qk_nope_head_dim");
-  positive(v_head_dim, "v_head_dim");
-  positive(intermediate_size, "intermediate_size");
-  MLA_REQUIRE(qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even, got {}",
-              qk_rope_head_dim);
-  MLA_REQUIRE(q_lora_rank >= 0, "q_lora_rank must be null or positive");
+  auto count = [](int64_t v, const char* name, int64_t max) {
+    MLA_REQUIRE(v >= 0 && v <= max, "config field `{}` is {}, outside the supported [0, {}]", name,
+                v, max);
+  };
+  size(vocab_size, "vocab_size", kMaxVocabSize);
+  size(hidden_size, "hidden_size", kMaxWidth);
+  size(num_layers, "num_hidden_layers", kMaxLayers);
+  size(num_heads, "num_attention_heads", kMaxHeads);
+  count(q_lora_rank, "q_lora_rank", kMaxWidth);
+  size(kv_lora_rank, "kv_lora_rank", kMaxWidth);
+  size(qk_rope_head_dim, "qk_rope_head_dim", kMaxHeadDim);
+  size(qk_nope_head_dim, "qk_nope_head_dim", kMaxHeadDim);
+  size(v_head_dim, "v_head_dim", kMaxHeadDim);
+  size(intermediate_size, "intermediate_size", kMaxIntermediateSize);
+  count(moe_intermediate_size, "moe_intermediate_size", kMaxIntermediateSize);
+  count(n_routed_experts, "n_routed_experts", kMaxExperts);
+  count(n_shared_experts, "n_shared_experts", kMaxExperts);
+  count(first_k_dense_replace, "first_k_dense_replace", kMaxLayers);
+  size(max_position_embeddings, "max_position_embeddings", kMaxPositions);
+  MLA_REQUIRE(qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even, got {}", qk_rope_head_dim);
+  MLA_REQUIRE(rms_norm_eps >= 0, "config field `rms_norm_eps` must be >= 0, got {}", rms_norm_eps);
   if (n_routed_experts > 0) {
-    positive(moe_intermediate_size, "moe_intermediate_size");
-    positive(num_experts_per_tok, "num_experts_per_tok");
-    positive(n_group, "n_group");
-    positive(moe_layer_freq, "moe_layer_freq");
+    size(moe_intermediate_size, "moe_intermediate_size", kMaxIntermediateSize);
+    size(num_experts_per_tok, "num_experts_per_tok", kMaxExperts);
+    size(n_group, "n_group", kMaxExperts);
+    size(moe_layer_freq, "moe_layer_freq", kMaxLayers);
     MLA_REQUIRE(num_experts_per_tok <= n_routed_experts,
                 "num_experts_per_tok ({}) exceeds n_routed_experts ({})", num_experts_per_tok,
                 n_routed_experts);
     MLA_REQUIRE(n_routed_experts % n_group == 0,
-                "n_routed_experts ({}) is not divisible by n_group ({})", n_routed_experts, n_group);
+                "n_routed_experts ({}) is not divisible by n_group ({})", n_routed_experts,
+                n_group);
     MLA_REQUIRE(topk_group >= 1 && topk_group <= n_group,
                 "topk_group ({}) must be in [1, n_group={}]", topk_group, n_group);
     MLA_REQUIRE(gate != GateKind::kSigmoidNoauxTc || n_routed_experts / n_group >= 2,
@@ -315,7 +448,18 @@ void ModelConfig::validate() const {
                 "num_experts_per_tok ({}) exceeds the experts in topk_group groups",
                 num_experts_per_tok);
   }
-  MLA_REQUIRE(rope.type == RopeType::kDefault || rope.factor > 0, "rope factor must be positive");
+  // RoPE: theta, and YaRN's factor, original length and betas enter logarithms and divisions;
+  // a value <= 0 gives NaN frequencies and NaN logits, not an error, further down.
+  MLA_REQUIRE(rope.theta > 0, "config field `rope_theta` must be positive, got {}", rope.theta);
+  if (rope.type == RopeType::kYarn) {
+    MLA_REQUIRE(rope.factor > 0, "rope factor must be positive, got {}", rope.factor);
+    MLA_REQUIRE(rope.original_max_position_embeddings > 0,
+                "rope original_max_position_embeddings must be positive, got {}",
+                rope.original_max_position_embeddings);
+    MLA_REQUIRE(rope.beta_fast > 0 && rope.beta_slow > 0,
+                "rope beta_fast ({}) and beta_slow ({}) must be positive", rope.beta_fast,
+                rope.beta_slow);
+  }
 }
 
 }  // namespace mla

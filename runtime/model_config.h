@@ -4,6 +4,12 @@
 // which layers are MoE) is computed by const methods so there is no half-built state.
 // Parsing accepts both the older (`rope_scaling` + top-level `rope_theta`) and the newer
 // (`rope_parameters`) transformers layouts, `type` or `rope_type`, and ignores `head_dim`.
+// A config that carries both layouts must have them agree.
+//
+// A config that would load but compute something else is refused, naming the field: sizes
+// that are not JSON integers (64.5, "64"), values outside the bounds below, rope_theta <= 0,
+// rope objects that are not objects, `hidden_act` other than silu, rms_norm_eps < 0, and a
+// `quantization_config` other than fp8 e4m3 with block scales.
 #pragma once
 
 #include <nlohmann/json_fwd.hpp>
@@ -40,6 +46,19 @@ struct RopeConfig {
 };
 
 struct ModelConfig {
+  // Upper bounds on sizes, checked before anything is sized from them. Each is far above
+  // every published DeepSeek-V2/V3 and Kimi-K2 shape (in brackets: DeepSeek-V3), and low
+  // enough that a config cannot ask for an allocation whose size overflows.
+  static constexpr int64_t kMaxVocabSize = int64_t{1} << 22;         // vocab_size [129280]
+  static constexpr int64_t kMaxWidth = int64_t{1} << 16;             // hidden_size [7168],
+                                                                     // q/kv_lora_rank [1536/512]
+  static constexpr int64_t kMaxLayers = 1024;                        // num_hidden_layers [61]
+  static constexpr int64_t kMaxHeads = 1024;                         // num_attention_heads [128]
+  static constexpr int64_t kMaxHeadDim = 1024;                       // qk_*_head_dim, v [64/128]
+  static constexpr int64_t kMaxIntermediateSize = int64_t{1} << 20;  // intermediate [18432]
+  static constexpr int64_t kMaxExperts = 4096;                       // n_routed_experts [256]
+  static constexpr int64_t kMaxPositions = int64_t{1} << 24;         // max_position_emb. [163840]
+
   ModelFamily family = ModelFamily::kDeepseekV3;
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;                // D
@@ -70,9 +89,12 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   std::array<int, 2> fp8_block = {128, 128};  // quantization_config.weight_block_size
 
-  // Parses a transformers config.json object; throws kInvalidArgument naming the field.
+  // Parses a transformers config.json object and validates it; throws kInvalidArgument
+  // naming the field.
   static ModelConfig from_json(const nlohmann::json& j);
-  // Reads DIR/config.json.
+  // Reads DIR/config.json. Throws kNotFound if `model_dir` or its config.json does not exist,
+  // kInvalidArgument naming the path if `model_dir` is not a directory or the file is not
+  // valid JSON (its bytes are not quoted), and what from_json throws, prefixed with the path.
   static ModelConfig load(const std::string& model_dir);
   // The config.json transformers would write for this model (newer `rope_parameters` form).
   nlohmann::json to_json() const;
@@ -91,7 +113,8 @@ struct ModelConfig {
   // Softmax scale: (d_n + d_r)^-0.5, times m^2 under YaRN, m = yarn_mscale(factor,
   // mscale_all_dim) (transformers >= 5 does this for V2 and V3 alike).
   double softmax_scale() const;
-  // Throws kInvalidArgument if the hyper-parameters are inconsistent.
+  // Throws kInvalidArgument naming the field if the hyper-parameters are inconsistent, out of
+  // the bounds above, or would make RoPE or RMSNorm compute NaN.
   void validate() const;
 };
 

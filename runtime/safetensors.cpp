@@ -142,9 +142,14 @@ SafetensorsFile::~SafetensorsFile() { ::munmap(const_cast<char*>(base_), size_);
 void SafetensorsFile::parse_header() {
   uint64_t header_len;
   std::memcpy(&header_len, base_, 8);
+  // Messages about a file not yet known to be safetensors say where it fails, never what its
+  // bytes are: it may be any file (a config, a key) given the wrong name. The length field
+  // of a text file is its first 8 characters, so not even that is printed.
   if (header_len > kMaxHeaderBytes) {
-    MLA_THROW(kDataLoss, "file {}: header length {} exceeds the {}-byte limit (corrupt file?)",
-              path_, header_len, kMaxHeaderBytes);
+    MLA_THROW(kDataLoss,
+              "file {} is not a safetensors file: its header length field is above the {}-byte "
+              "limit (another format, or corrupt?)",
+              path_, kMaxHeaderBytes);
   }
   if (header_len > size_ - 8) {
     MLA_THROW(kDataLoss, "file {}: header length {} exceeds the {} bytes after it (truncated?)",
@@ -153,8 +158,11 @@ void SafetensorsFile::parse_header() {
   json header;
   try {
     header = json::parse(base_ + 8, base_ + 8 + header_len);
-  } catch (const json::exception& e) {
-    MLA_THROW(kDataLoss, "file {}: header is not valid JSON: {}", path_, e.what());
+  } catch (const json::parse_error& e) {
+    MLA_THROW(kDataLoss,
+              "file {} is not a safetensors file: its header is not valid JSON (error at byte {} "
+              "of {})",
+              path_, e.byte, header_len);
   }
   if (!header.is_object()) {
     MLA_THROW(kDataLoss, "file {}: header is a JSON {}, not an object", path_, header.type_name());

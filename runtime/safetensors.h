@@ -37,7 +37,9 @@ class SafetensorsFile : public std::enable_shared_from_this<SafetensorsFile> {
   // Throws mla::Error naming the path (and the tensor, where one is at fault):
   // kNotFound if the file does not exist, kDataLoss if it is truncated or corrupt,
   // kInvalidArgument for an unknown dtype or a path that is not a regular file, and
-  // kFailedPrecondition if it cannot be opened or mapped (e.g. permissions).
+  // kFailedPrecondition if it cannot be opened or mapped (e.g. permissions). Until the header
+  // parses as a JSON object, messages say where the file fails and quote none of its bytes:
+  // a "safetensors" file that is really some other file is not echoed into logs.
   static std::shared_ptr<SafetensorsFile> open(const std::string& path);
 
   ~SafetensorsFile();

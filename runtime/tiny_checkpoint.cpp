@@ -238,7 +238,12 @@ void write_random_checkpoint(const ModelConfig& config, const std::string& dir, 
                              DType dtype) {
   MLA_REQUIRE(dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF8E4M3,
               "make-tiny writes F32, BF16 or F8_E4M3, not {}", dtype_name(dtype));
-  std::filesystem::create_directories(dir);
+  std::error_code ec;
+  if (std::filesystem::exists(dir, ec) && !std::filesystem::is_directory(dir, ec)) {
+    MLA_THROW(kInvalidArgument, "output directory {} exists and is not a directory", dir);
+  }
+  std::filesystem::create_directories(dir, ec);
+  if (ec) MLA_THROW(kFailedPrecondition, "cannot create directory {}: {}", dir, ec.message());
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<std::pair<std::string, Tensor>> tensors;

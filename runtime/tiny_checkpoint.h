@@ -19,6 +19,8 @@ std::vector<std::string> model_preset_names();
 // Writes DIR/config.json and DIR/model.safetensors with random weights (seeded, so the
 // same arguments give the same files). dtype F32, BF16, or F8_E4M3 (linear weights in fp8
 // with 128x128 block scales `*_scale_inv`, the rest in BF16, as DeepSeek-V3 ships).
+// Creates DIR if needed. Throws kInvalidArgument if DIR exists and is not a directory,
+// kFailedPrecondition naming the path if it cannot be created.
 void write_random_checkpoint(const ModelConfig& config, const std::string& dir, uint64_t seed,
                              DType dtype = DType::kF32);
 

@@ -23,6 +23,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 // The mla::Error that `f` throws; a test failure if it throws none.
 template <typename F>
@@ -140,6 +141,105 @@ TEST_F(CheckpointTest, MalformedIndexIsDataLoss) {
   const Error e = error_of([&] { Checkpoint::open(dir_); });
   EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
   EXPECT_THAT(e.what(), HasSubstr("model.safetensors.index.json"));
+}
+
+// The index names files; none of them may lie outside the model directory, whether named by
+// an absolute path, through `..`, or through a symlink. The model here is dir_/model and the
+// file it must not reach is dir_/outside.safetensors.
+TEST_F(CheckpointTest, IndexEntriesOutsideTheModelDirectoryAreRefused) {
+  const fs::path model = fs::path(dir_) / "model";
+  fs::create_directories(model / "sub");
+  write_safetensors(path("outside.safetensors"), {{"embed", Tensor::zeros({2})}});
+  fs::create_symlink("../outside.safetensors", model / "link.safetensors");
+  fs::create_directory_symlink(dir_, model / "up");
+  const std::string outside = path("outside.safetensors");
+  for (const std::string& entry :
+       {outside, std::string("../outside.safetensors"),
+        std::string("sub/../../outside.safetensors"), std::string("link.safetensors"),
+        std::string("up/outside.safetensors"), std::string("")}) {
+    SCOPED_TRACE(entry);
+    std::ofstream(model / "model.safetensors.index.json")
+        << nlohmann::json{{"weight_map", {{"embed", entry}}}}.dump();
+    const Error e = error_of([&] { Checkpoint::open(model.string()); });
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_THAT(e.what(), HasSubstr("weight_map entry \"" + entry + "\" (tensor embed)"));
+    EXPECT_THAT(e.what(), HasSubstr("model directory"));
+  }
+}
+
+// Symlinks that stay inside are fine, and so is the Hugging Face hub cache, whose snapshot
+// files are symlinks to the repository's blobs.
+TEST_F(CheckpointTest, IndexSymlinksInsideTheModelOrItsHubCacheBlobsAreFollowed) {
+  const fs::path repo = fs::path(dir_) / "models--org--tiny";
+  const fs::path snapshot = repo / "snapshots" / "0123abc";
+  fs::create_directories(snapshot);
+  fs::create_directories(repo / "blobs");
+  write_safetensors((repo / "blobs" / "9f86d08").string(),
+                    {{"embed", Tensor::from_vector({2}, {1, 2})}});
+  write_safetensors((snapshot / "real..name.safetensors").string(),
+                    {{"head", Tensor::from_vector({1}, {3})}});
+  fs::create_symlink("../../blobs/9f86d08", snapshot / "model-00001-of-00002.safetensors");
+  fs::create_symlink("real..name.safetensors", snapshot / "model-00002-of-00002.safetensors");
+  std::ofstream(snapshot / "model.safetensors.index.json") << nlohmann::json{
+      {"weight_map",
+       {{"embed", "model-00001-of-00002.safetensors"},
+        {"head", "./model-00002-of-00002.safetensors"}}}}.dump();
+  Checkpoint ckpt = Checkpoint::open(snapshot.string());
+  EXPECT_EQ(as_vector(ckpt.load_f32("embed", {2})), (std::vector<float>{1, 2}));
+  EXPECT_EQ(as_vector(ckpt.load_f32("head", {1})), (std::vector<float>{3}));
+
+  // Another directory's blobs are outside, even beside a snapshots directory.
+  const fs::path plain = fs::path(dir_) / "plain";
+  fs::create_directories(plain);
+  fs::create_symlink(repo / "blobs" / "9f86d08", plain / "model.safetensors");
+  std::ofstream(plain / "model.safetensors.index.json")
+      << nlohmann::json{{"weight_map", {{"embed", "model.safetensors"}}}}.dump();
+  const Error e = error_of([&] { Checkpoint::open(plain.string()); });
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_THAT(e.what(), HasSubstr("\"model.safetensors\" (tensor embed)"));
+}
+
+// A "safetensors" file or an index that is some other file: the message says which file and
+// where it fails, and quotes none of it.
+TEST_F(CheckpointTest, FilesThatAreNotSafetensorsAreNotQuoted) {
+  const std::string secret = "\"HF_TOKEN=hf_5ecret_value\n";
+  const std::string file = path("model.safetensors");
+
+  std::ofstream(file) << secret;
+  uint64_t first8 = 0;
+  std::memcpy(&first8, secret.data(), 8);
+  Error e = error_of([&] { Checkpoint::open(dir_); });
+  EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+  EXPECT_THAT(e.what(), HasSubstr(file + " is not a safetensors file"));
+  EXPECT_THAT(e.what(), Not(HasSubstr(std::to_string(first8))));  // the bytes, as a number
+
+  // A plausible length field followed by text.
+  const uint64_t len = secret.size();
+  {
+    std::ofstream out(file, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(&len), 8);
+    out << secret;
+  }
+  e = error_of([&] { Checkpoint::open(dir_); });
+  EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+  EXPECT_THAT(e.what(), HasSubstr(file + " is not a safetensors file"));
+  EXPECT_THAT(e.what(), Not(HasSubstr("5ecret")));
+  EXPECT_THAT(e.what(), Not(HasSubstr("HF_TOKEN")));
+
+  std::ofstream(path("model.safetensors.index.json")) << secret;
+  e = error_of([&] { Checkpoint::open(dir_); });
+  EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+  EXPECT_THAT(e.what(), HasSubstr(path("model.safetensors.index.json") + " is not valid JSON"));
+  EXPECT_THAT(e.what(), Not(HasSubstr("5ecret")));
+  EXPECT_THAT(e.what(), Not(HasSubstr("HF_TOKEN")));
+}
+
+TEST_F(CheckpointTest, ModelDirectoryThatIsAFileNamesThePath) {
+  write_safetensors(path("model.safetensors"), {{"x", Tensor::zeros({1})}});
+  const Error e = error_of([&] { Checkpoint::open(path("model.safetensors")); });
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_THAT(e.what(),
+              HasSubstr("model directory " + path("model.safetensors") + " is not a directory"));
 }
 
 TEST_F(CheckpointTest, WithoutIndexUsesEverySafetensorsFile) {

@@ -106,7 +106,19 @@ TEST(DeployConfig, MissingFileIsNotFound) {
     FAIL() << "no error";
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), ErrorCode::kNotFound);
-    EXPECT_THAT(e.what(), HasSubstr("/nonexistent/deploy.yaml"));
+    EXPECT_THAT(e.what(), HasSubstr("config file /nonexistent/deploy.yaml does not exist"));
+  }
+}
+
+// A directory opens as a stream that reads nothing; it must not pass for an empty config.
+TEST(DeployConfig, DirectoryIsNotAConfigFile) {
+  const std::string dir = std::string(MLA_TEST_DATA_DIR) + "/../../configs";
+  try {
+    DeployConfig::load(dir);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_THAT(e.what(), HasSubstr("config file " + dir + " is a directory"));
   }
 }
 

@@ -7,8 +7,10 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/error.h"
@@ -21,6 +23,7 @@ namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 const std::vector<std::string> kGoldenModels = {"v3", "v3_plain", "v2_lite", "v2_group"};
 
@@ -418,6 +421,184 @@ TEST(ModelConfig, WrongTypeInEosOrBlockSizeIsInvalidArgument) {
   expect_invalid(j, "weight_block_size");
 }
 
+// Values that used to load and then compute NaN or the wrong function.
+TEST(ModelConfig, RopeThetaMustBePositive) {
+  const json good = read_json(golden_dir("v3") + "/config.json");
+  for (double theta : {0.0, -10000.0}) {
+    json j = good;
+    j["rope_parameters"]["rope_theta"] = theta;
+    expect_invalid(j, "rope_parameters.rope_theta");
+
+    j = to_older_layout(good);
+    j["rope_theta"] = theta;
+    expect_invalid(j, "`rope_theta`");
+  }
+  json j = to_older_layout(read_json(golden_dir("v3_plain") + "/config.json"));
+  ASSERT_TRUE(j["rope_scaling"].is_null());
+  j["rope_theta"] = 0;
+  expect_invalid(j, "rope_theta");
+}
+
+TEST(ModelConfig, RopeObjectsMustBeObjectsOrNull) {
+  const json good = read_json(golden_dir("v3") + "/config.json");
+  for (const json& bad : {json("yarn"), json(10000), json::array({4.0}), json(true)}) {
+    SCOPED_TRACE(bad.dump());
+    json j = good;
+    j["rope_parameters"] = bad;
+    expect_invalid(j, "rope_parameters");
+
+    j = to_older_layout(good);
+    j["rope_scaling"] = bad;
+    expect_invalid(j, "rope_scaling");
+  }
+  json j = good;
+  j["rope_parameters"]["factor"] = "4";
+  expect_invalid(j, "rope_parameters.factor");
+}
+
+TEST(ModelConfig, BothRopeLayoutsMustAgree) {
+  const json newer = read_json(golden_dir("v3") + "/config.json");
+  const json older = to_older_layout(newer);
+  json both = newer;
+  both["rope_scaling"] = older["rope_scaling"];
+  both["rope_theta"] = older["rope_theta"];
+  expect_same_config(ModelConfig::from_json(both), ModelConfig::from_json(newer));
+
+  json j = both;
+  j["rope_scaling"]["factor"] = 40.0;
+  expect_invalid(j, "disagree on `factor`");
+  expect_invalid(j, "rope_scaling");
+
+  j = both;
+  j["rope_scaling"] = {{"type", "default"}};
+  expect_invalid(j, "disagree on `rope_type`");
+
+  j = both;
+  j["rope_theta"] = 50000.0;
+  expect_invalid(j, "`rope_theta` (50000) and `rope_parameters.rope_theta` (10000) disagree");
+}
+
+TEST(ModelConfig, HiddenActMustBeSilu) {
+  json j = read_json(golden_dir("v3") + "/config.json");
+  j["hidden_act"] = "gelu";
+  expect_invalid(j, "hidden_act");
+  expect_invalid(j, "gelu");
+  j["hidden_act"] = 1;
+  expect_invalid(j, "hidden_act");
+  j.erase("hidden_act");
+  EXPECT_NO_THROW(ModelConfig::from_json(j));
+}
+
+TEST(ModelConfig, SizesMustBeJsonIntegers) {
+  const json good = read_json(golden_dir("v3") + "/config.json");
+  const json not_integers[] = {
+      64.5, 64.0, "64", true, 1e20, json::array({64}), json(std::numeric_limits<uint64_t>::max())};
+  for (const char* field : {"hidden_size", "num_hidden_layers", "vocab_size", "n_routed_experts",
+                            "max_position_embeddings"}) {
+    for (const json& bad : not_integers) {
+      SCOPED_TRACE(bad.dump());
+      json j = good;
+      j[field] = bad;
+      expect_invalid(j, field);
+    }
+  }
+  json j = good;
+  j["rope_parameters"]["original_max_position_embeddings"] = 64.5;
+  expect_invalid(j, "rope_parameters.original_max_position_embeddings");
+  j = good;
+  j["eos_token_id"] = 1.5;
+  expect_invalid(j, "eos_token_id");
+  j = good;
+  j["quantization_config"] = {{"quant_method", "fp8"}, {"weight_block_size", {128.5, 128}}};
+  expect_invalid(j, "weight_block_size");
+}
+
+TEST(ModelConfig, RmsNormEpsMustNotBeNegative) {
+  json j = read_json(golden_dir("v3") + "/config.json");
+  j["rms_norm_eps"] = -1e-6;
+  expect_invalid(j, "rms_norm_eps");
+  j["rms_norm_eps"] = "1e-6";
+  expect_invalid(j, "rms_norm_eps");
+  j["rms_norm_eps"] = 0.0;
+  EXPECT_EQ(ModelConfig::from_json(j).rms_norm_eps, 0.0);
+}
+
+TEST(ModelConfig, OnlyFp8E4m3QuantizationIsSupported) {
+  const json good = read_json(golden_dir("v3") + "/config.json");
+  json j = good;
+  j["quantization_config"] = deepseek_v3_published()["quantization_config"];
+  EXPECT_EQ(ModelConfig::from_json(j).fp8_block, (std::array<int, 2>{128, 128}));
+  j["quantization_config"] = nullptr;
+  EXPECT_NO_THROW(ModelConfig::from_json(j));
+
+  for (const char* method : {"awq", "gptq", "bitsandbytes", "compressed-tensors"}) {
+    j = good;
+    j["quantization_config"] = {{"quant_method", method}, {"bits", 4}};
+    expect_invalid(j, "quantization_config.quant_method");
+    expect_invalid(j, method);
+  }
+  j = good;
+  j["quantization_config"] = {{"weight_block_size", {128, 128}}};
+  expect_invalid(j, "quantization_config.quant_method");
+  j = good;
+  j["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e5m2"}};
+  expect_invalid(j, "quantization_config.fmt");
+  j = good;
+  j["quantization_config"] = "fp8";
+  expect_invalid(j, "quantization_config");
+}
+
+TEST(ModelConfig, AbsurdSizesFailNamingTheField) {
+  const json good = read_json(golden_dir("v3") + "/config.json");
+  const std::pair<const char*, int64_t> absurd[] = {
+      {"num_hidden_layers", 10'000'000},
+      {"hidden_size", 1'000'000'000},
+      {"vocab_size", int64_t{1} << 40},
+      {"num_attention_heads", 1'000'000},
+      {"kv_lora_rank", 1'000'000'000},
+      {"q_lora_rank", 1'000'000'000},
+      {"qk_nope_head_dim", 1'000'000},
+      {"v_head_dim", 1'000'000},
+      {"intermediate_size", 1'000'000'000},
+      {"moe_intermediate_size", 1'000'000'000},
+      {"n_routed_experts", 1'000'000},
+      {"n_shared_experts", 1'000'000},
+      {"max_position_embeddings", int64_t{1} << 40},
+      {"first_k_dense_replace", 10'000'000},
+  };
+  for (const auto& [field, value] : absurd) {
+    json j = good;
+    j[field] = value;
+    expect_invalid(j, fmt::format("`{}` is {}", field, value));
+  }
+  // The bounds themselves are allowed.
+  json j = good;
+  j["num_hidden_layers"] = ModelConfig::kMaxLayers;
+  j["max_position_embeddings"] = ModelConfig::kMaxPositions;
+  j["vocab_size"] = ModelConfig::kMaxVocabSize;
+  EXPECT_EQ(ModelConfig::from_json(j).num_layers, ModelConfig::kMaxLayers);
+  j["num_hidden_layers"] = ModelConfig::kMaxLayers + 1;
+  expect_invalid(j, "num_hidden_layers");
+}
+
+TEST(ModelConfig, MaxPositionEmbeddingsMustBePositive) {
+  json j = read_json(golden_dir("v3") + "/config.json");
+  for (int64_t bad : {0, -4096}) {
+    j["max_position_embeddings"] = bad;
+    expect_invalid(j, "max_position_embeddings");
+  }
+}
+
+TEST(ModelConfig, YarnValuesThatGiveNanAreErrors) {
+  const json good = read_json(golden_dir("v3") + "/config.json");
+  for (const char* field :
+       {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow"}) {
+    json j = good;
+    j["rope_parameters"][field] = 0;
+    expect_invalid(j, field);
+  }
+}
+
 class ModelConfigFiles : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -437,7 +618,19 @@ TEST_F(ModelConfigFiles, MissingDirIsNotFound) {
   const std::string missing = dir_ + "/no_such_model";
   const Error e = error_of([&] { ModelConfig::load(missing); });
   EXPECT_EQ(e.code(), ErrorCode::kNotFound);
-  EXPECT_THAT(e.what(), HasSubstr(missing + "/config.json"));
+  EXPECT_THAT(e.what(), HasSubstr("model directory " + missing + " does not exist"));
+
+  const Error no_config = error_of([&] { ModelConfig::load(dir_); });
+  EXPECT_EQ(no_config.code(), ErrorCode::kNotFound);
+  EXPECT_THAT(no_config.what(), HasSubstr("model config " + dir_ + "/config.json does not exist"));
+}
+
+TEST_F(ModelConfigFiles, ModelDirThatIsAFileNamesThePath) {
+  const std::string file = dir_ + "/model.safetensors";
+  std::ofstream(file) << "weights";
+  const Error e = error_of([&] { ModelConfig::load(file); });
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_THAT(e.what(), HasSubstr("model directory " + file + " is not a directory"));
 }
 
 TEST_F(ModelConfigFiles, InvalidJsonNamesThePath) {
@@ -445,6 +638,16 @@ TEST_F(ModelConfigFiles, InvalidJsonNamesThePath) {
   const Error e = error_of([&] { ModelConfig::load(dir_); });
   EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
   EXPECT_THAT(e.what(), HasSubstr(dir_ + "/config.json"));
+}
+
+TEST_F(ModelConfigFiles, InvalidJsonIsNotQuoted) {
+  // An unterminated string: the JSON parser's own message would quote all of it.
+  std::ofstream(dir_ + "/config.json") << "\"api_key=sk-5ecret\n";
+  const Error e = error_of([&] { ModelConfig::load(dir_); });
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_THAT(e.what(), HasSubstr(dir_ + "/config.json is not valid JSON"));
+  EXPECT_THAT(e.what(), Not(HasSubstr("api")));
+  EXPECT_THAT(e.what(), Not(HasSubstr("5ecret")));
 }
 
 TEST_F(ModelConfigFiles, BadFieldNamesPathAndField) {

@@ -6,6 +6,8 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
+#include <utility>
 
 #include "runtime/checkpoint.h"
 #include "runtime/deepseek_model.h"
@@ -145,6 +147,44 @@ TEST(ModelLoad, MissingOrMisShapedTensorNamesIt) {
     EXPECT_EQ(e.code(), ErrorCode::kNotFound);
     EXPECT_THAT(e.what(), HasSubstr("model.layers.1.self_attn.kv_a_layernorm.weight"));
   }
+}
+
+// A config.json whose sizes are absurd fails at the config, naming the field, before a
+// tensor, a cache or a thread is sized from it.
+TEST(ModelLoad, AbsurdSizesFailBeforeLoading) {
+  const std::string dir = temp_dir("absurd");
+  write_random_checkpoint(model_preset("v3"), dir, 3);
+  const nlohmann::json good = nlohmann::json::parse(std::ifstream(dir + "/config.json"));
+  for (const auto& [field, value] :
+       {std::pair<const char*, int64_t>{"num_hidden_layers", 10'000'000},
+        {"hidden_size", 1'000'000'000},
+        {"max_position_embeddings", 0}}) {
+    SCOPED_TRACE(field);
+    nlohmann::json j = good;
+    j[field] = value;
+    std::ofstream(dir + "/config.json") << j.dump();
+    try {
+      DeepseekModel::load(dir, quiet());
+      FAIL() << "loaded a config with " << field << " " << value;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+      EXPECT_THAT(e.what(), HasSubstr(dir + "/config.json"));
+      EXPECT_THAT(e.what(), HasSubstr(fmt::format("`{}`", field)));
+    }
+  }
+}
+
+TEST(ModelLoad, WriteRandomCheckpointOverAFileNamesIt) {
+  const std::string file = temp_dir("not_a_dir");
+  std::ofstream(file) << "x";
+  try {
+    write_random_checkpoint(model_preset("v3"), file, 0);
+    FAIL() << "wrote into a file";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_THAT(e.what(), HasSubstr("output directory " + file + " exists and is not a directory"));
+  }
+  fs::remove(file);
 }
 
 }  // namespace
