@@ -18,6 +18,7 @@
 #include "launch/commands.h"
 #include "launch/deploy_flags.h"
 #include "launch/group_runtime.h"
+#include "launch/logging.h"
 #include "rpc/client.h"
 #include "rpc/control_service.h"
 #include "rpc/coordinator_service.h"
@@ -164,14 +165,15 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
   const std::string config_hash = model_config_hash(d.model_dir);
   catch_stop_signals();
   auto rt = GroupRuntime::start(d);
+  // The group's index in the deployment: this job's first group plus its place in the job.
+  const int group = d.workers.group + rt->groups.group_index;
+  set_log_tag(group_log_tag(group, rt->groups.tp_rank));
   Engine& engine = *rt->engine;
   if (!engine.is_leader()) {
     engine.follow();  // until the leader shuts down; stop signals only reach the pipe here
     return 0;
   }
   FollowerRelease release(engine);
-  // The group's index in the deployment: this job's first group plus its place in the job.
-  const int group = d.workers.group + rt->groups.group_index;
   const int port = d.workers.port_base + group;
   MLA_REQUIRE(port < 65536, "workers.port_base {} + group {} is not a TCP port",
               d.workers.port_base, group);

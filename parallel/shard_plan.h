@@ -1,5 +1,5 @@
 // ShardPlan: which attention heads and which latent-cache pages one tensor-parallel rank
-// owns (DESIGN.md section 5). A tiny value type; every getter is derived.
+// owns (docs/ARCHITECTURE.md section 6). A tiny value type; every getter is derived.
 //
 // Heads are split in contiguous blocks of H / P; page j of a sequence (tokens
 // [j * B, (j + 1) * B)) lives on rank j mod P when the cache is sequence-sharded, and on

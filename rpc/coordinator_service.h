@@ -1,4 +1,4 @@
-// CoordinatorService: the coordinator (DESIGN.md section 7). It serves the client plane
+// CoordinatorService: the coordinator (docs/ARCHITECTURE.md section 8). It serves the client plane
 // (mlaserve.v1.Coordinator: Generate, Cancel, Health, ListWorkers) and holds the registry of
 // worker groups that the control plane (rpc/control_service.h, on its own authenticated
 // listener) fills through register_worker() and heartbeat() and steers with drain() and

@@ -1,4 +1,4 @@
-// Routing: which worker group a new request goes to (DESIGN.md section 7).
+// Routing: which worker group a new request goes to (docs/ARCHITECTURE.md section 8).
 //
 // Pure logic over a snapshot of the workers (WorkerView), so the coordinator can test it
 // without a network. Three policies:

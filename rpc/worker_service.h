@@ -1,4 +1,4 @@
-// The Worker side of serving (DESIGN.md section 7): WorkerService serves the mlaserve.v1
+// The Worker side of serving (docs/ARCHITECTURE.md section 8): WorkerService serves the mlaserve.v1
 // Worker RPCs around one tensor-parallel group's leader Engine, and CoordinatorLink keeps
 // the worker registered with the coordinator and heartbeats its load.
 //

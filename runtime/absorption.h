@@ -1,4 +1,4 @@
-// Absorption: the exact rewrites of MLA attention (DESIGN.md section 3) and the cost model
+// Absorption: the exact rewrites of MLA attention (docs/ARCHITECTURE.md section 5) and the cost model
 // that picks one per sequence per step.
 //
 //   naive     : decompress every cached token, k = W_UK c, v = W_UV c, then MHA.

@@ -1,10 +1,10 @@
 // CudaModel: the DeepSeek-V2/V3 forward pass on one GPU in bf16 with fp32 accumulation
-// (DESIGN.md section 2), on the same paged latent cache layout as the CPU model, kept in
+// (docs/ARCHITECTURE.md section 5), on the same paged latent cache layout as the CPU model, kept in
 // device memory as bf16 (CacheStorage::kDeviceBf16).
 //
 // Data flow of a layer: the residual stream x is fp32 [T, D]; RMSNorm writes the bf16
 // activations that feed cuBLAS; the latent (c, k_r) of every new token goes to the cache
-// pool; attention runs in the step's forms (DESIGN.md section 3): latent decode through
+// pool; attention runs in the step's forms (docs/ARCHITECTURE.md section 5): latent decode through
 // the split-KV MLA kernel, latent chunked prefill through the paged prefill kernel,
 // decompressed prefill through the MHA kernel over up-projected context; MoE layers route
 // on the GPU and run every expert's tokens in two grouped products. Logits are fp32; the

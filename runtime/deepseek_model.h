@@ -1,7 +1,7 @@
-// DeepseekModel: the DeepSeek-V2/V3 forward pass on the CPU in fp32 (DESIGN.md section 2),
+// DeepseekModel: the DeepSeek-V2/V3 forward pass on the CPU in fp32 (docs/ARCHITECTURE.md section 5),
 // reading and writing the paged latent cache.
 //
-// Under tensor parallelism (DESIGN.md section 5) each rank holds the model for its
+// Under tensor parallelism (docs/ARCHITECTURE.md section 6) each rank holds the model for its
 // ShardPlan: the attention weights of its H/P heads, 1/P of every dense MLP and of the
 // shared experts, E/P of the routed experts; the rest is replicated. Every rank of the
 // group calls forward() with the same batch and its own cache shard; the collectives go

@@ -1,4 +1,4 @@
-// Engine: one tensor-parallel group's step loop (DESIGN.md section 6).
+// Engine: one tensor-parallel group's step loop (docs/ARCHITECTURE.md section 4).
 //
 //   step() = schedule -> run the model -> sample and retire finished sequences.
 //
@@ -6,7 +6,7 @@
 // chunks under the token budget; when cache pages run out, the youngest running request is
 // preempted and recomputed later. Not thread-safe: one thread drives an engine.
 //
-// Tensor parallelism (DESIGN.md section 5): every rank of a group builds an Engine around
+// Tensor parallelism (docs/ARCHITECTURE.md section 6): every rank of a group builds an Engine around
 // its model shard and the group's Communicator. Rank 0, the leader, takes requests and
 // calls step(): it schedules, broadcasts the step's plan (which sequences released their
 // pages, which chunks run, their tokens), and runs its part of the forward pass. The other

@@ -9,7 +9,7 @@
 // kernels address the pool directly; row() and page_block() are for host storage only).
 //
 // Under tensor parallelism each rank has its own LatentCache. With a sequence-sharded plan
-// (DESIGN.md section 5) it stores only the pages it owns (page j of a sequence on rank
+// (docs/ARCHITECTURE.md section 6) it stores only the pages it owns (page j of a sequence on rank
 // j mod P): a BlockTable then lists this rank's pages of the sequence, in order, and
 // pages_for() counts only those. With a replicated plan every rank stores every page.
 //

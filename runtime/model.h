@@ -1,6 +1,6 @@
 // Model: the DeepSeek forward pass as the engine sees it, on the CPU (DeepseekModel, the
 // fp32 reference) or on a GPU (CudaModel, bf16 with fp32 accumulation). Both hold one
-// tensor-parallel rank's shard (DESIGN.md section 5) and read and write the paged latent
+// tensor-parallel rank's shard (docs/ARCHITECTURE.md section 6) and read and write the paged latent
 // cache; a model is immutable after load and forward() may run concurrently on different
 // caches.
 #pragma once

@@ -23,7 +23,7 @@ namespace mla {
 
 enum class ModelFamily { kDeepseekV2, kDeepseekV3 };
 
-// How the router picks experts (DESIGN.md section 2).
+// How the router picks experts (the gate rules of transformers' DeepseekV2/V3 MoE).
 enum class GateKind {
   kSoftmaxGreedy,        // V2 `greedy`: top-k of softmax
   kSoftmaxGroupLimited,  // V2 `group_limited_greedy`: groups scored by their max

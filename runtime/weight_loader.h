@@ -1,5 +1,5 @@
 // WeightLoader: reads one tensor-parallel rank's share of a DeepSeek checkpoint as fp32
-// host tensors, a layer at a time (DESIGN.md section 5 says which slice each rank keeps).
+// host tensors, a layer at a time (docs/ARCHITECTURE.md section 6 says which slice each rank keeps).
 //
 // The CPU model keeps what it reads; the CUDA model converts each layer to bf16 on the
 // device and drops the host copy, so a model larger than host memory in fp32 still loads.
@@ -37,7 +37,7 @@ class WeightLoader {
   ShardPlan shard_;
 };
 
-// The premerged matrices of one layer's attention (DESIGN.md section 3) from its q_b, kv_b
+// The premerged matrices of one layer's attention (docs/ARCHITECTURE.md section 5) from its q_b, kv_b
 // and o, for `local_heads` heads: W_Q'[h] = W_UK[h]^T W_q,nope[h], the rope rows of q_b, and
 // W_O'[:, h] = W_o[:, h] W_UV[h]. fp32 on the host.
 void build_premerged(const ModelConfig& c, int64_t local_heads, AttentionWeights& w);

@@ -260,7 +260,7 @@ TEST(TpCommAccounting, DecodeStepMatchesPrediction) {
       EXPECT_EQ(work.comm.calls[op], want.calls[op]) << to_string(static_cast<CommOp>(op));
     }
     if (g.pg.tp_size > 1) {
-      // The figures DESIGN.md gives: T x H x (d_c + d_r) gathered, two all-reduces of T x D.
+      // The volumes of the sequence-sharded step (docs/ARCHITECTURE.md section 6): T x H x (d_c + d_r) gathered, two all-reduces of T x D.
       const int64_t f = sizeof(float), L = c.num_layers;
       EXPECT_EQ(work.comm.bytes[static_cast<int>(CommOp::kAllReduce)], L * 2 * T * c.hidden_size * f);
       if (kv == KvShard::kSequence) {

@@ -1,4 +1,4 @@
-// Absorption (DESIGN.md section 3): the form policy and its cost model, the work each form
+// Absorption (docs/ARCHITECTURE.md section 5): the form policy and its cost model, the work each form
 // really does per decode step, and the agreement of every mode's logits.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
