@@ -56,9 +56,6 @@ group_hosts() {
 
 export OMPI_ALLOW_RUN_AS_ROOT=${OMPI_ALLOW_RUN_AS_ROOT:-1} OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1} OMPI_MCA_mpi_yield_when_idle=1
-# A SIGTERMed mpirun SIGTERMs its ranks and SIGKILLs them this many seconds later: long enough
-# for a worker's drain (workers.drain_timeout_s, 30 by default).
-export OMPI_MCA_odls_base_sigkill_timeout=${OMPI_MCA_odls_base_sigkill_timeout:-40}
 # The control plane's shared secret: from the environment, else the config's
 # control.secret_file, else a fresh random one for this cluster's processes (`mlaserve admin`
 # then needs it too: it is printed nowhere, so set MLASERVE_CONTROL_SECRET yourself to use it).
