@@ -287,18 +287,13 @@ void CoordinatorService::attach_metrics(MetricsRegistry& registry) {
   metrics_ = std::make_unique<CoordinatorMetrics>(registry);
 }
 
-grpc::Status CoordinatorService::Cancel(grpc::ServerContext*, const v1::CancelRequest* request,
-                                        v1::CancelResponse* response) {
+bool CoordinatorService::cancel(const std::string& request_id) {
   std::lock_guard lock(mu_);
-  auto it = requests_.find(request->request_id());
-  if (it == requests_.end() || it->second.cancel_requested) {
-    response->set_cancelled(false);
-    return grpc::Status::OK;
-  }
+  auto it = requests_.find(request_id);
+  if (it == requests_.end() || it->second.cancel_requested) return false;
   it->second.cancel_requested = true;
   if (it->second.worker_call) it->second.worker_call->TryCancel();
-  response->set_cancelled(true);
-  return grpc::Status::OK;
+  return true;
 }
 
 grpc::Status CoordinatorService::Health(grpc::ServerContext*, const v1::HealthRequest*,
@@ -334,15 +329,22 @@ void CoordinatorService::list_workers(v1::ListWorkersResponse* response) const {
   response->set_max_in_flight(options_.max_in_flight);
 }
 
+CoordinatorService::WorkerEntry* CoordinatorService::find_worker_locked(const std::string& id,
+                                                                        grpc::Status* status) {
+  auto it = workers_.find(id);
+  if (it != workers_.end()) return &it->second;
+  *status = {grpc::StatusCode::NOT_FOUND,
+             fmt::format("worker_id: no worker '{}' is registered", id)};
+  return nullptr;
+}
+
 grpc::Status CoordinatorService::drain(const v1::DrainRequest& request,
                                        v1::DrainResponse* response) {
   std::lock_guard lock(mu_);
-  auto it = workers_.find(request.worker_id());
-  if (it == workers_.end()) {
-    return {grpc::StatusCode::NOT_FOUND,
-            fmt::format("worker_id: no worker '{}' is registered", request.worker_id())};
-  }
-  WorkerEntry& worker = it->second;
+  grpc::Status status;
+  WorkerEntry* found = find_worker_locked(request.worker_id(), &status);
+  if (!found) return status;
+  WorkerEntry& worker = *found;
   if (worker.state != WorkerState::kDead) {
     worker.command = Command::kDrain;
     update_state_locked(worker);
@@ -357,12 +359,10 @@ grpc::Status CoordinatorService::drain(const v1::DrainRequest& request,
 grpc::Status CoordinatorService::undrain(const v1::UndrainRequest& request,
                                          v1::UndrainResponse* response) {
   std::lock_guard lock(mu_);
-  auto it = workers_.find(request.worker_id());
-  if (it == workers_.end()) {
-    return {grpc::StatusCode::NOT_FOUND,
-            fmt::format("worker_id: no worker '{}' is registered", request.worker_id())};
-  }
-  WorkerEntry& worker = it->second;
+  grpc::Status status;
+  WorkerEntry* found = find_worker_locked(request.worker_id(), &status);
+  if (!found) return status;
+  WorkerEntry& worker = *found;
   if (worker.state != WorkerState::kDead) {
     worker.command = worker.worker_draining ? Command::kUndrain : Command::kNone;
     update_state_locked(worker);

@@ -101,9 +101,12 @@ struct CoordinatorOptions {
 
 // Generate is served with gRPC's callback API (a reactor per stream, rpc/generate_relay.cpp):
 // open streams cost memory, not threads, so thousands of them run on gRPC's small thread
-// pool. The other client-plane calls are short and synchronous.
-class CoordinatorService final : public mlaserve::v1::Coordinator::WithCallbackMethod_Generate<
-                                     mlaserve::v1::Coordinator::Service> {
+// pool. Generate and Cancel take their requests as raw bytes and parse them here, so that
+// bytes that are not a request get INVALID_ARGUMENT saying so (gRPC's own parse failure is
+// INTERNAL with no message). Health and ListWorkers are short and synchronous.
+class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallbackMethod_Generate<
+                                     mlaserve::v1::Coordinator::WithRawCallbackMethod_Cancel<
+                                         mlaserve::v1::Coordinator::Service>> {
  public:
   // Starts the heartbeat monitor thread. Throws mla::Error(kInvalidArgument) on bad options.
   explicit CoordinatorService(CoordinatorOptions options = {});
@@ -126,10 +129,13 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithCallbackM
   void attach_metrics(MetricsRegistry& registry);
 
   // The client plane.
-  grpc::ServerWriteReactor<mlaserve::v1::GenerateResponse>* Generate(
-      grpc::CallbackServerContext* context, const mlaserve::v1::GenerateRequest* request) override;
-  grpc::Status Cancel(grpc::ServerContext* context, const mlaserve::v1::CancelRequest* request,
-                      mlaserve::v1::CancelResponse* response) override;
+  // A serialized GenerateRequest in, serialized GenerateResponses out.
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* context,
+                                                       const grpc::ByteBuffer* request) override;
+  // A serialized CancelRequest in, a serialized CancelResponse out.
+  grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* context,
+                                   const grpc::ByteBuffer* request,
+                                   grpc::ByteBuffer* response) override;
   grpc::Status Health(grpc::ServerContext* context, const mlaserve::v1::HealthRequest* request,
                       mlaserve::v1::HealthResponse* response) override;
   grpc::Status ListWorkers(grpc::ServerContext* context,
@@ -211,6 +217,10 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithCallbackM
   };
 
   static const char* state_name(WorkerState state);
+  // The worker an operator names, or null with `status` NOT_FOUND naming the id; mu_ held.
+  WorkerEntry* find_worker_locked(const std::string& id, grpc::Status* status);
+  // Cancel's work: true when the request was in flight here and is now being cancelled.
+  bool cancel(const std::string& request_id);
   // Checks the request against the live workers' model, the in-flight table and the
   // admission limit, and enters it in requests_ under its (possibly assigned) id.
   grpc::Status admit(const mlaserve::v1::GenerateRequest& request, std::string* request_id,

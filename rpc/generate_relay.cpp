@@ -17,6 +17,7 @@
 // of application reactors on its own threads, never inline in the call that starts an
 // operation or cancels one, so those calls may be made with a mutex held.
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/support/proto_buffer_writer.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -93,15 +94,38 @@ double seconds_between(Clock::time_point from, Clock::time_point to) {
   return std::chrono::duration<double>(to - from).count();
 }
 
+// Parses a request that arrived as bytes; INVALID_ARGUMENT saying what it is not, for bytes
+// that do not parse (gRPC's own failure would be INTERNAL with no message).
+template <typename Message>
+grpc::Status parse(const grpc::ByteBuffer& bytes, Message* message) {
+  grpc::ByteBuffer copy(bytes);  // a reference to the same slices
+  const grpc::Status status = grpc::SerializationTraits<Message>::Deserialize(&copy, message);
+  if (status.ok()) return status;
+  return {grpc::StatusCode::INVALID_ARGUMENT,
+          fmt::format("the request ({} bytes) is not a valid {}", bytes.Length(),
+                      Message::descriptor()->full_name())};
+}
+
+// Replaces `out` with `message`'s bytes.
+void serialize(const google::protobuf::Message& message, grpc::ByteBuffer* out) {
+  out->Clear();  // the writer appends to an empty buffer only
+  bool own_buffer = false;
+  const grpc::Status status =
+      grpc::GenericSerialize<grpc::ProtoBufferWriter, google::protobuf::Message>(message, out,
+                                                                                 &own_buffer);
+  MLA_CHECK(status.ok(), "serializing a {}: {}", message.GetTypeName(), status.error_message());
+}
+
 }  // namespace
 
-class CoordinatorService::Relay final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+class CoordinatorService::Relay final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   Relay(CoordinatorService& service, grpc::CallbackServerContext* context)
       : service_(service), context_(context), arrival_(Clock::now()) {}
 
-  // Validates and admits the request, then starts the first attempt (or finishes at once).
-  void start(const v1::GenerateRequest& request);
+  // Parses, validates and admits the request, then starts the first attempt (or finishes at
+  // once).
+  void start(const grpc::ByteBuffer& request);
 
   // The monitor's check: cancels the stream when a write to the client has waited longer
   // than `timeout` (the client stopped reading). Called with the coordinator's mu_ held.
@@ -147,7 +171,8 @@ class CoordinatorService::Relay final : public grpc::ServerWriteReactor<v1::Gene
   std::optional<Clock::time_point> first_token_at_;
   Clock::time_point first_token_dispatch_{};
   Clock::time_point last_token_at_{};
-  v1::GenerateResponse out_;  // the message being written
+  v1::GenerateResponse out_;    // the message being written
+  grpc::ByteBuffer out_bytes_;  // ... serialized
 
   std::mutex mu_;  // guards the fields below
   bool client_gone_ = false;
@@ -203,19 +228,35 @@ class CoordinatorService::Relay::Attempt final
   v1::GenerateResponse message_;
 };
 
-grpc::ServerWriteReactor<v1::GenerateResponse>* CoordinatorService::Generate(
-    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* CoordinatorService::Generate(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
   auto* relay = new Relay(*this, context);
   relay->start(*request);
   return relay;
 }
 
-void CoordinatorService::Relay::start(const v1::GenerateRequest& request) {
-  request_ = request;
-  grpc::Status admitted;
+grpc::ServerUnaryReactor* CoordinatorService::Cancel(grpc::CallbackServerContext* context,
+                                                     const grpc::ByteBuffer* request,
+                                                     grpc::ByteBuffer* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  v1::CancelRequest cancel_request;
+  grpc::Status status = parse(*request, &cancel_request);
+  if (status.ok()) {
+    v1::CancelResponse cancelled;
+    cancelled.set_cancelled(cancel(cancel_request.request_id()));
+    serialize(cancelled, response);
+  }
+  reactor->Finish(status);
+  return reactor;
+}
+
+void CoordinatorService::Relay::start(const grpc::ByteBuffer& request) {
+  grpc::Status admitted = parse(request, &request_);
   try {
-    validate_shape(request_, service_.options_.max_prompt_ids);
-    admitted = service_.admit(request_, &request_id_, this);
+    if (admitted.ok()) {
+      validate_shape(request_, service_.options_.max_prompt_ids);
+      admitted = service_.admit(request_, &request_id_, this);
+    }
   } catch (const Error& e) {
     admitted = to_grpc_status(e);
   }
@@ -362,16 +403,16 @@ void CoordinatorService::Relay::on_worker_message(v1::GenerateResponse message) 
     attempt_->read_next();
     return;
   }
-  out_ = std::move(message);
-  write(out_);
+  write(message);
 }
 
 void CoordinatorService::Relay::write(const v1::GenerateResponse& message) {
+  serialize(message, &out_bytes_);
   {
     std::lock_guard lock(mu_);
     write_started_ = Clock::now();
   }
-  StartWrite(&message);
+  StartWrite(&out_bytes_);
 }
 
 void CoordinatorService::Relay::OnWriteDone(bool ok) {
@@ -528,7 +569,8 @@ void CoordinatorService::Relay::write_closing_and_finish(v1::FinishReason reason
     out_.mutable_timings()->set_queue_ms(ms_between(arrival_, first_token_dispatch_));
   }
   final_status_ = grpc::Status::OK;
-  StartWriteAndFinish(&out_, grpc::WriteOptions(), grpc::Status::OK);
+  serialize(out_, &out_bytes_);
+  StartWriteAndFinish(&out_bytes_, grpc::WriteOptions(), grpc::Status::OK);
 }
 
 void CoordinatorService::Relay::finish(const grpc::Status& status) {

@@ -13,6 +13,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -73,6 +75,40 @@ int health_check(const std::string& address, const std::string& service = "") {
   return bytes.size() == 2 && bytes[0] == 0x08 ? bytes[1] : -1;
 }
 
+// `bytes` sent as the request of `method` (a raw call: no protobuf on this side); its status.
+grpc::Status raw_call(const std::string& address, const std::string& method,
+                      const std::string& bytes) {
+  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  grpc::TemplatedGenericStub<grpc::ByteBuffer, grpc::ByteBuffer> stub(channel);
+  struct Reactor final : grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+    void OnReadDone(bool ok) override {
+      if (ok) StartRead(&response);
+    }
+    void OnDone(const grpc::Status& s) override {
+      std::lock_guard lock(mu);
+      status = s;
+      done = true;
+      cv.notify_one();
+    }
+    grpc::ByteBuffer request, response;
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    grpc::Status status;
+  } reactor;
+  grpc::Slice slice(bytes.data(), bytes.size());
+  reactor.request = grpc::ByteBuffer(&slice, 1);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  stub.PrepareBidiStreamingCall(&ctx, method, grpc::StubOptions(), &reactor);
+  reactor.StartWriteLast(&reactor.request, grpc::WriteOptions());
+  reactor.StartRead(&reactor.response);
+  reactor.StartCall();
+  std::unique_lock lock(reactor.mu);
+  reactor.cv.wait(lock, [&] { return reactor.done; });
+  return reactor.status;
+}
+
 int http_status(int port, const char* path) {
   httplib::Client http("127.0.0.1", port);
   http.set_connection_timeout(2);
@@ -115,6 +151,19 @@ TEST(CoordinatorProcess, IsLiveButNotReadyWithoutWorkersAndExitsCleanlyOnSigterm
   EXPECT_EQ(http_status(metrics_port, "/livez"), 200);
   EXPECT_EQ(http_status(metrics_port, "/readyz"), 503);
   EXPECT_EQ(http_status(metrics_port, "/healthz"), 503);
+
+  // Bytes that are not a request: INVALID_ARGUMENT saying so, not INTERNAL.
+  const std::string garbage = "\xff\xff\xff\xff\xff\x01\x02";
+  for (const char* what : {"Generate", "Cancel"}) {
+    SCOPED_TRACE(what);
+    const grpc::Status status =
+        raw_call(address, std::string("/mlaserve.v1.Coordinator/") + what, garbage);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+    EXPECT_NE(status.error_message().find(std::string("is not a valid mlaserve.v1.") + what),
+              std::string::npos)
+        << status.error_message();
+  }
+  EXPECT_FALSE(client.cancel("nothing-runs"));  // a well-formed Cancel still works
 
   ASSERT_EQ(kill(pid, SIGTERM), 0);
   int wstatus = 0;

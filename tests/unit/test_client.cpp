@@ -289,14 +289,26 @@ TEST_F(ClientTest, ErrorAfterSomeTokensStillThrowsAfterDeliveringThem) {
   EXPECT_EQ(messages, 1);
 }
 
+// Another FakeCoordinator on a free loopback port.
+struct FakeServer {
+  FakeServer() {
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(&service);
+    server = builder.BuildAndStart();
+    address = "127.0.0.1:" + std::to_string(port);
+  }
+  ~FakeServer() { server->Shutdown(std::chrono::system_clock::now() + 1s); }
+  FakeCoordinator service;
+  std::unique_ptr<grpc::Server> server;
+  std::string address;
+};
+
 TEST_F(ClientTest, ABrokenStreamResumesOnTheNextCoordinatorWithNothingLostOrRepeated) {
-  FakeCoordinator second;
-  grpc::ServerBuilder builder;
-  int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(&second);
-  auto server = builder.BuildAndStart();
-  const std::string second_address = "127.0.0.1:" + std::to_string(port);
+  FakeServer other;
+  FakeCoordinator& second = other.service;
+  const std::string& second_address = other.address;
   service_.break_after = 2;  // the first coordinator "dies" after two tokens
   Client client(std::vector<std::string>{address_, second_address});
   std::vector<int32_t> streamed;
@@ -315,23 +327,16 @@ TEST_F(ClientTest, ABrokenStreamResumesOnTheNextCoordinatorWithNothingLostOrRepe
   // Calls go on to the coordinator that answered.
   service_.break_after = -1;
   EXPECT_THAT(client.generate(request("next", 2)).coordinators, ElementsAre(second_address));
-  server->Shutdown(std::chrono::system_clock::now() + 1s);
 }
 
 TEST(Client, UnaryCallsUseTheFirstCoordinatorThatAnswers) {
-  FakeCoordinator service;
-  grpc::ServerBuilder builder;
-  int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(&service);
-  auto server = builder.BuildAndStart();
+  FakeServer live;
   const std::string dead = "127.0.0.1:" + std::to_string(unused_port());
-  Client client(dead + ",127.0.0.1:" + std::to_string(port));
+  Client client(dead + "," + live.address);
   EXPECT_EQ(client.addresses().size(), 2u);
   EXPECT_TRUE(client.health().serving());
   EXPECT_EQ(client.list_workers().workers_size(), 2);
   EXPECT_TRUE(client.wait_until_ready(5s));
-  server->Shutdown(std::chrono::system_clock::now() + 1s);
   EXPECT_THROW(Client(std::vector<std::string>{}), Error);
   EXPECT_THROW(Client("a:1,,b:2"), Error);
 }
