@@ -29,6 +29,8 @@
 #include "mlaserve/v1/mlaserve.grpc.pb.h"
 #include "rpc/client.h"
 #include "rpc/status.h"
+#include "rpc/tls_credentials.h"
+#include "runtime/deploy_config.h"
 
 namespace mla::launch {
 namespace {
@@ -42,6 +44,7 @@ using Reader = grpc::ClientReaderInterface<v1::GenerateResponse>;
 constexpr int32_t kStreamsPerChannel = 64;
 
 struct BenchArgs {
+  std::string config_path;                  // its tls section
   std::string address = "127.0.0.1:50051";  // coordinators: comma-separated
   bool worker = false;
   int32_t requests = 100;
@@ -78,10 +81,12 @@ double ms_between(Clock::time_point a, Clock::time_point b) {
 // control secret from the environment).
 class Target {
  public:
-  Target(const std::string& address, bool worker, int32_t channel_index) {
+  Target(const std::string& address, bool worker, int32_t channel_index,
+         const std::shared_ptr<grpc::ChannelCredentials>& credentials) {
     if (!worker) {
       ClientOptions options;
       options.own_connections = true;
+      options.credentials = credentials;
       client_ = std::make_unique<Client>(address, options);
       return;
     }
@@ -90,8 +95,7 @@ class Target {
     // Distinct channels otherwise share one connection through the global subchannel pool.
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
     args.SetInt("mlaserve.bench_channel", channel_index);
-    worker_ = v1::Worker::NewStub(
-        grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+    worker_ = v1::Worker::NewStub(grpc::CreateCustomChannel(address, credentials, args));
     secret_ = SharedSecret::load("");
   }
 
@@ -153,9 +157,22 @@ double percentile(const std::vector<double>& sorted, double p) {
   return sorted[std::clamp<size_t>(rank, 1, sorted.size()) - 1];
 }
 
+// The deployment's channel credentials (plaintext without a config or its tls section).
+std::shared_ptr<grpc::ChannelCredentials> credentials_of(const BenchArgs& a) {
+  return channel_credentials(a.config_path.empty() ? TlsConfig{}
+                                                   : DeployConfig::load(a.config_path).tls);
+}
+
+ClientOptions client_options(const BenchArgs& a) {
+  ClientOptions options;
+  options.credentials = credentials_of(a);
+  return options;
+}
+
 // The workers' vocabulary, through the coordinator's ListWorkers.
-int32_t vocab_from_coordinator(const std::string& address) {
-  const v1::ListWorkersResponse status = Client(address).list_workers();
+int32_t vocab_from_coordinator(const BenchArgs& a) {
+  const std::string& address = a.address;
+  const v1::ListWorkersResponse status = Client(address, client_options(a)).list_workers();
   for (const v1::WorkerStatus& w : status.workers()) {
     if (w.state() == "alive" && w.model().vocab_size() > 0) return w.model().vocab_size();
   }
@@ -166,13 +183,13 @@ int32_t vocab_from_coordinator(const std::string& address) {
 void wait_until_ready(const BenchArgs& a) {
   const auto timeout = std::chrono::seconds(a.wait_ready_s);
   if (!a.worker) {
-    if (!Client(a.address).wait_until_ready(timeout)) {
+    if (!Client(a.address, client_options(a)).wait_until_ready(timeout)) {
       MLA_THROW(kUnavailable, "bench: no serving coordinator with a live worker at {} after {} s",
                 a.address, a.wait_ready_s);
     }
     return;
   }
-  auto channel = grpc::CreateChannel(a.address, grpc::InsecureChannelCredentials());
+  auto channel = grpc::CreateChannel(a.address, credentials_of(a));
   if (!channel->WaitForConnected(std::chrono::system_clock::now() + timeout)) {
     MLA_THROW(kUnavailable, "bench: worker at {} not reachable after {} s", a.address,
               a.wait_ready_s);
@@ -249,11 +266,12 @@ int run_bench(const BenchArgs& a) {
   if (a.wait_ready_s > 0) wait_until_ready(a);
   const Clock::time_point end = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                                    std::chrono::duration<double>(a.timeout_s));
-  const int32_t vocab = a.vocab > 0 ? a.vocab : vocab_from_coordinator(a.address);
+  const int32_t vocab = a.vocab > 0 ? a.vocab : vocab_from_coordinator(a);
+  const auto credentials = credentials_of(a);
 
   std::vector<std::unique_ptr<Target>> targets;
   for (int32_t c = 0; c * kStreamsPerChannel < a.concurrency; ++c) {
-    targets.push_back(std::make_unique<Target>(a.address, a.worker, c));
+    targets.push_back(std::make_unique<Target>(a.address, a.worker, c, credentials));
   }
   const char* target_name = a.worker ? "worker" : "coordinator";
   spdlog::info(
@@ -339,6 +357,7 @@ void add_bench_command(CLI::App& app, int& exit_code) {
   auto a = std::make_shared<BenchArgs>();
   auto* cmd = app.add_subcommand(
       "bench", "Load a coordinator (or one worker) with Generate streams and report latencies");
+  cmd->add_option("--config", a->config_path, "Deployment config: its tls section");
   cmd->add_option("--address", a->address,
                   "Coordinator addresses, comma-separated (a broken stream resumes on the next), "
                   "or a worker's with --worker")

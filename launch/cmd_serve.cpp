@@ -264,7 +264,7 @@ int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
   if (given("--metrics-port")) c.metrics_port = a.metrics_port;
   if (given("--drain-timeout")) c.drain_timeout_s = a.drain_timeout_s;
   MLA_REQUIRE(c.drain_timeout_s >= 0, "--drain-timeout must be >= 0, got {}", c.drain_timeout_s);
-  MLA_REQUIRE(c.address != c.control_address,
+  MLA_REQUIRE(c.address != c.control_address || c.address.ends_with(":0"),
               "coordinator: the client plane ({}) and the control plane ({}) need their own "
               "addresses",
               c.address, c.control_address);

@@ -283,6 +283,20 @@ TEST_F(ClusterTest, BadInputGetsAnErrorSayingWhatIsWrongAndTheClusterKeepsServin
     EXPECT_EQ(first.result.finish, v1::FINISH_REASON_CANCELLED);
   }
 
+  // A burst of refused requests does not flood the logs (refusals log at debug level; the
+  // metrics count them).
+  {
+    const auto lines = [&] {
+      const std::string log = coordinator_->log_tail(1 << 24);
+      return std::count(log.begin(), log.end(), '\n');
+    };
+    const auto before = lines();
+    v1::GenerateRequest bad = make_request(prompt, 8);
+    bad.set_max_tokens(0);
+    for (int i = 0; i < 500; ++i) failure_of([&] { client().generate(bad, {}, 30s); });
+    EXPECT_LT(lines() - before, 5) << "500 refused requests were logged line by line";
+  }
+
   // Cancel of an id that never ran.
   EXPECT_FALSE(client().cancel("no-such-request"));
   EXPECT_FALSE(client().cancel(""));

@@ -248,12 +248,26 @@ void make_certificates(const std::string& dir) {
   ASSERT_EQ(std::system(("bash -c \"" + script + "\"").c_str()), 0) << "openssl failed";
 }
 
-TEST_F(ControlPlaneTest, TlsOnEveryListenerAndChannel) {
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// A cluster whose every listener and channel is TLS (mutual: every peer presents the
+// certificate too); the golden prompts through a C++ client with the CA (and the
+// certificate), and refusals for clients without them.
+class TlsTest : public ControlPlaneTest, public testing::WithParamInterface<bool> {};
+
+TEST_P(TlsTest, EveryListenerAndChannel) {
+  const bool mutual = GetParam();
   ASSERT_NO_FATAL_FAILURE(make_certificates(dir_));
   const std::string config = dir_ + "/tls.yaml";
   std::ofstream(config) << "model: " << model_dir() << "\ntls:\n  cert_file: " << dir_
                         << "/server.pem\n  key_file: " << dir_ << "/server.key\n  ca_file: " << dir_
-                        << "/ca.pem\n";
+                        << "/ca.pem\n  require_client_cert: " << (mutual ? "true" : "false")
+                        << "\n";
   coordinator_ = std::make_unique<Process>(
       std::vector<std::string>{MLASERVE_BIN, "coordinator", "--config", config, "--address",
                                address(), "--control-address", control_address()},
@@ -261,13 +275,13 @@ TEST_F(ControlPlaneTest, TlsOnEveryListenerAndChannel) {
   ASSERT_TRUE(wait_for_listener(coordinator_port_, kStartupTimeout));
   start_workers(Layout::kOneJob, {"--config", config});
 
+  grpc::SslCredentialsOptions ssl{.pem_root_certs = read_text(dir_ + "/ca.pem")};
+  if (mutual) {
+    ssl.pem_private_key = read_text(dir_ + "/server.key");
+    ssl.pem_cert_chain = read_text(dir_ + "/server.pem");
+  }
   ClientOptions tls;
-  tls.credentials = grpc::SslCredentials(grpc::SslCredentialsOptions{.pem_root_certs = [&] {
-    std::ifstream in(dir_ + "/ca.pem");
-    std::stringstream text;
-    text << in.rdbuf();
-    return text.str();
-  }()});
+  tls.credentials = grpc::SslCredentials(ssl);
   Client secure(address(), tls);
   ASSERT_TRUE(secure.wait_until_ready(kStartupTimeout)) << "no worker registered over TLS";
   const auto end = Clock::now() + 10s;
@@ -279,25 +293,49 @@ TEST_F(ControlPlaneTest, TlsOnEveryListenerAndChannel) {
     const v1::GenerateRequest r = make_request(golden().prompts[i], 8);
     expect_complete(run_stream(secure, r), r, golden().greedy[i], "over TLS");
   }
+  // `mlaserve bench` and `mlaserve client` take the tls section from the config.
+  const CommandResult bench = run_command(
+      {MLASERVE_BIN, "--log-level", "warn", "bench", "--config", config, "--address", address(),
+       "--requests", "8", "--concurrency", "4", "--prompt-len", "4", "--max-tokens", "4"},
+      dir_ + "/bench.log");
+  EXPECT_EQ(bench.exit, "exit 0") << bench.output;
+  EXPECT_THAT(bench.output, HasSubstr("8 ok, 0 errors"));
+  const CommandResult status = run_command({MLASERVE_BIN, "--log-level", "warn", "client",
+                                            "--config", config, "--address", address(), "--status"},
+                                           dir_ + "/status.log");
+  EXPECT_EQ(status.exit, "exit 0") << status.output;
+  EXPECT_THAT(status.output, HasSubstr("(2 alive)"));
+  ClientOptions refused;
+  refused.max_resumes = 0;
+  refused.unary_deadline = 2s;
   // A plaintext client gets nowhere.
-  ClientOptions plain;
-  plain.max_resumes = 0;
-  plain.unary_deadline = 2s;
-  Client plaintext(address(), plain);
+  Client plaintext(address(), refused);
   EXPECT_EQ(failure_of([&] { plaintext.health(); }).code, ErrorCode::kUnavailable);
-  // The Python client with the CA.
-  const CommandResult py =
-      run_command({"/usr/bin/python3", std::string(MLA_REPO_DIR) + "/rpc/python/mlaserve_client.py",
-                   "--address", address(), "--ca-file", dir_ + "/ca.pem", "--prompt-ids",
-                   join(golden().prompts[0]), "--max-tokens", "8", "--ignore-eos", "--proto-root",
-                   std::string(MLA_REPO_DIR) + "/rpc/proto", "--stubs-dir", dir_ + "/stubs"},
-                  dir_ + "/python.log");
-  EXPECT_EQ(py.exit, "exit 0") << py.output;
-  std::string golden_text;
-  for (int32_t t : golden().greedy[0]) golden_text += std::to_string(t) + " ";
-  EXPECT_THAT(py.output, HasSubstr(golden_text));
+  if (mutual) {
+    // Nor does one without a certificate.
+    refused.credentials = grpc::SslCredentials({.pem_root_certs = read_text(dir_ + "/ca.pem")});
+    Client anonymous(address(), refused);
+    EXPECT_EQ(failure_of([&] { anonymous.health(); }).code, ErrorCode::kUnavailable);
+  } else {
+    // The Python client with the CA.
+    const CommandResult py = run_command(
+        {"/usr/bin/python3", std::string(MLA_REPO_DIR) + "/rpc/python/mlaserve_client.py",
+         "--address", address(), "--ca-file", dir_ + "/ca.pem", "--prompt-ids",
+         join(golden().prompts[0]), "--max-tokens", "8", "--ignore-eos", "--proto-root",
+         std::string(MLA_REPO_DIR) + "/rpc/proto", "--stubs-dir", dir_ + "/stubs"},
+        dir_ + "/python.log");
+    EXPECT_EQ(py.exit, "exit 0") << py.output;
+    std::string golden_text;
+    for (int32_t t : golden().greedy[0]) golden_text += std::to_string(t) + " ";
+    EXPECT_THAT(py.output, HasSubstr(golden_text));
+  }
   client_ = std::make_unique<Client>(address(), tls);  // for TearDown's checks
 }
+
+INSTANTIATE_TEST_SUITE_P(ControlPlane, TlsTest, testing::Bool(),
+                         [](const testing::TestParamInfo<bool>& info) {
+                           return std::string(info.param ? "Mutual" : "ServerOnly");
+                         });
 
 TEST_F(ControlPlaneTest, ListenersRefuseAPortInUseAndPortsOutOfRange) {
   ASSERT_NO_FATAL_FAILURE(start_coordinator());

@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "kernels/error.h"
 #include "rpc/control_service.h"
 #include "rpc/coordinator_service.h"
+#include "rpc/metrics.h"
 #include "rpc/shared_secret.h"
 
 namespace mla {
@@ -308,8 +310,9 @@ class CoordinatorServiceTest : public ::testing::Test {
 
   // The coordinator with its control plane on one test server (`mlaserve coordinator`
   // gives each plane its own listener).
-  void start(CoordinatorOptions options = fast_options()) {
+  void start(CoordinatorOptions options = fast_options(), MetricsRegistry* metrics = nullptr) {
     service_ = std::make_unique<CoordinatorService>(options);
+    if (metrics) service_->attach_metrics(*metrics);
     control_ = std::make_unique<ControlService>(*service_, test_secret());
     grpc::ServerBuilder builder;
     int port = 0;
@@ -530,6 +533,54 @@ TEST_F(CoordinatorServiceTest, GivesUpAfterMaxFailovers) {
   EXPECT_NE(s.status.error_message().find("gave up after 1 failovers"), std::string::npos)
       << s.status.error_message();
   EXPECT_EQ(s.tokens, expected_tokens(3, 2));  // what was sent stays unrepeated
+}
+
+// Sum of the samples of `name` (any labels) in Prometheus text.
+double metric(const std::string& text, const std::string& name) {
+  double sum = 0;
+  std::istringstream lines(text);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.rfind(name, 0) != 0 || line.size() <= name.size()) continue;
+    if (line[name.size()] != ' ' && line[name.size()] != '{') continue;
+    sum += std::stod(line.substr(line.rfind(' ') + 1));
+  }
+  return sum;
+}
+
+TEST_F(CoordinatorServiceTest, MetricsCountTokensLatenciesFailoversAndRejections) {
+  MetricsRegistry registry;
+  CoordinatorOptions options = fast_options();
+  options.max_in_flight = 1;
+  start(options, &registry);
+  FakeWorker& a = add_worker("w-a");
+  FakeWorker& b = add_worker("w-b");
+  // A request that holds the only slot after one token, and one refused meanwhile.
+  a.set_script({.hold_after = 1});
+  b.set_script({.hold_after = 1});
+  auto held = open(make_request(4, 5));
+  ASSERT_TRUE(held->read_one());
+  EXPECT_EQ(generate(make_request(3, 2)).status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  held->context.TryCancel();
+  held->finish();
+  EXPECT_TRUE(wait_until([&] { return list_workers().in_flight() == 0; }));
+  // One that fails over once (least-loaded picks w-a first).
+  a.set_script({.die_after = 2});
+  b.set_script({});
+  Stream s = generate(make_request(3, 6));
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  // A stream's metrics are recorded as its handler ends, just after the client has its end.
+  EXPECT_TRUE(
+      wait_until([&] { return metric(registry.render(), "mlaserve_requests_total") == 3; }));
+  const std::string text = registry.render();
+  EXPECT_EQ(metric(text, "mlaserve_prompt_tokens_total"), 3 + 4) << text;
+  EXPECT_EQ(metric(text, "mlaserve_failovers_total"), 1);
+  EXPECT_EQ(metric(text, "mlaserve_admission_rejections_total"), 1);
+  EXPECT_EQ(metric(text, "mlaserve_workers_alive"), health().workers_alive());
+  EXPECT_GE(metric(text, "mlaserve_tokens_generated_total"), 7);
+  EXPECT_EQ(metric(text, "mlaserve_request_duration_seconds_count"), 2);       // the admitted two
+  EXPECT_EQ(metric(text, "mlaserve_time_per_output_token_seconds_count"), 1);  // > 1 token
+  EXPECT_EQ(metric(text, "mlaserve_requests_total"), 3);
+  EXPECT_EQ(metric(text, "mlaserve_requests_in_flight"), 0);
 }
 
 TEST_F(CoordinatorServiceTest, FailsOverWhenEveryOtherWorkerIsGone) {
