@@ -16,8 +16,8 @@ std::vector<int32_t> parse_ids(const std::string& text, const char* flag = "--pr
 class DeployFlags {
  public:
   // Adds --config, --model, --absorb, --block-size, --num-pages, --device,
-  // --cache-memory-fraction, --no-cuda-graphs, --max-batch-tokens, --tp, --kv-shard and
-  // --comm-timeout to `cmd`.
+  // --cache-memory-fraction, --no-cuda-graphs, --no-small-gemm, --max-batch-tokens,
+  // --max-running, --tp, --kv-shard and --comm-timeout to `cmd`.
   void add_to(CLI::App& cmd);
   // The config file's settings with the given flags applied. Throws kInvalidArgument when
   // no model directory is named, and what require_directory throws for the one named,

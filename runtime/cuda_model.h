@@ -34,7 +34,7 @@ namespace mla {
 class CudaModel : public Model {
  public:
   // Loads the checkpoint a layer at a time (fp32 on the host, then bf16 on the device).
-  // Throws kFailedPrecondition when no GPU is visible, and what DeepseekModel::load
+  // Throws kInvalidArgument when no GPU is visible, and what DeepseekModel::load
   // throws for bad checkpoints or plans.
   static std::shared_ptr<CudaModel> load(const std::string& model_dir,
                                          const ModelOptions& options = {});

@@ -1,4 +1,4 @@
-// LatentCache: the paged MLA latent cache on the host.
+// LatentCache: the paged MLA latent cache (fp32 on the host or bf16 on the GPU).
 //
 // MLA caches one latent row per token and layer: the compressed kv `c` (kv_lora_rank
 // floats) followed by the rotary key `k_r` (rope_dim floats). Rows live in fixed-size pages

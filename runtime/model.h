@@ -138,8 +138,8 @@ class Model {
 cpu::MoeGate moe_gate_kind(GateKind g);
 
 // Loads a Hugging Face model directory for options.device: a DeepseekModel on the CPU, a
-// CudaModel on the GPU (kUnimplemented when this build has no CUDA backend or no GPU is
-// visible). Throws mla::Error naming what is wrong.
+// CudaModel on the GPU (kFailedPrecondition when this build has no CUDA backend,
+// kInvalidArgument when no GPU is visible). Throws mla::Error naming what is wrong.
 std::shared_ptr<Model> load_model(const std::string& model_dir, const ModelOptions& options = {});
 
 }  // namespace mla

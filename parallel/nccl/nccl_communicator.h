@@ -3,10 +3,10 @@
 // Buffers are device pointers on this rank's `cuda_device` (float buffers for the
 // collectives, raw bytes for broadcast and send/recv). Every operation is enqueued on the
 // communicator's own stream and then waited for: it returns once the data is in place.
-// Synchronising per operation is the simple, correct first version, meant for parity
-// tests; the engine's overlapped path (enqueue only, wait on events) comes with the CUDA
-// backend. Callers that produced the inputs on another stream must synchronise that stream
-// first.
+// Callers that produced the inputs on another stream must synchronise that stream first.
+// Between begin_stream_ordered() and end_stream_ordered() (what the CUDA model does for a
+// step) operations are instead enqueued on the caller's stream and not waited for, so a
+// step's collectives need no host synchronisation and can be captured in a CUDA graph.
 //
 // Failures throw mla::Error naming this rank, the group size and the operation:
 //  - kDeadlineExceeded: an operation (or the set-up) did not finish within the timeout,

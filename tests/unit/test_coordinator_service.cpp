@@ -116,6 +116,8 @@ class FakeWorker final : public v1::Worker::Service {
   void set_script(Script script) {
     std::lock_guard lock(mu_);
     script_ = script;
+    // A worker that refuses because it drains says so in its heartbeats too.
+    if (script.refuse_draining) draining_ = true;
   }
 
   grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
@@ -419,6 +421,7 @@ class CoordinatorServiceTest : public ::testing::Test {
     return control_stub_->RegisterWorker(&context, r, out ? out : &response);
   }
 
+  MetricsRegistry metrics_;  // outlives the service, which records into it when attached
   std::unique_ptr<CoordinatorService> service_;
   std::unique_ptr<ControlService> control_;
   std::unique_ptr<grpc::Server> server_;
@@ -548,7 +551,7 @@ double metric(const std::string& text, const std::string& name) {
 }
 
 TEST_F(CoordinatorServiceTest, MetricsCountTokensLatenciesFailoversAndRejections) {
-  MetricsRegistry registry;
+  MetricsRegistry& registry = metrics_;
   CoordinatorOptions options = fast_options();
   options.max_in_flight = 1;
   start(options, &registry);
