@@ -35,9 +35,9 @@ address=${address:-127.0.0.1:50051}
 slots=()
 if [ -n "$hostfile" ]; then
   [ -f "$hostfile" ] || { echo "$0: hostfile $hostfile: no such file" >&2; exit 2; }
-  while read -r host rest; do
+  while read -r host rest || [ -n "$host" ]; do
     case $host in "" | \#*) continue ;; esac
-    n=$(sed -n 's/.*slots=\([0-9]*\).*/\1/p' <<<"$rest")
+    n=$(sed -n 's/\(^\|.*[[:space:]]\)slots=\([0-9]*\).*/\2/p' <<<"$rest")
     for _ in $(seq "${n:-1}"); do slots+=("$host"); done
   done <"$hostfile"
   [ "${#slots[@]}" -ge $((groups * tp)) ] ||
@@ -59,7 +59,7 @@ export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1} OMPI_MCA_mpi_yield_when_i
 # The control plane's shared secret: from the environment, else the config's
 # control.secret_file, else a fresh random one for this cluster's processes (`mlaserve admin`
 # then needs it too: it is printed nowhere, so set MLASERVE_CONTROL_SECRET yourself to use it).
-if [ -z "${MLASERVE_CONTROL_SECRET:-}" ] && ! grep -qE '^ *secret_file: *[^ "#]' "$config"; then
+if [ -z "${MLASERVE_CONTROL_SECRET:-}" ] && ! grep -qE '^ *secret_file: *"?[^ "#]' "$config"; then
   MLASERVE_CONTROL_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
   export MLASERVE_CONTROL_SECRET
 fi
@@ -83,7 +83,8 @@ stop() { mla_stop_cluster "$coordinator" "${workers[@]}"; }
 trap 'stop; exit 0' INT TERM
 # Ready when a worker serves; a start that fails (bad config, no secret) ends the wait at once.
 for ((waited = 0; ; ++waited)); do
-  "$bin" --log-level error client --address "$address" --wait-ready 1 2>/dev/null && break
+  "$bin" --log-level error client --config "$config" --address "$address" --wait-ready 1 \
+    2>/dev/null && break
   alive=0
   for pid in "${workers[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
   if ! kill -0 "$coordinator" 2>/dev/null || [ "$alive" = 0 ] || [ "$waited" -ge 300 ]; then
@@ -92,7 +93,7 @@ for ((waited = 0; ; ++waited)); do
     exit 1
   fi
 done
-"$bin" --log-level warn client --address "$address" --status
+"$bin" --log-level warn client --config "$config" --address "$address" --status
 echo "cluster ready: coordinator $address, $groups group(s) of tp $tp, one mpirun job each." \
   "Ctrl-C stops it."
 # A group that dies is reported and the rest go on; the cluster ends with its coordinator or

@@ -144,10 +144,12 @@ grpc::Status Client::stream_once(Coordinator& coordinator, const v1::GenerateReq
   std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
       coordinator.stub->Generate(&ctx, request);
   v1::GenerateResponse msg;
+  bool recorded = false;  // which coordinator serves the stream now, for cancel()
   while (reader->Read(&msg)) {
     ++result.num_messages;
-    if (!msg.request_id().empty() && msg.request_id() != result.request_id) {
+    if (!msg.request_id().empty() && (!recorded || msg.request_id() != result.request_id)) {
       result.request_id = msg.request_id();
+      recorded = true;
       std::lock_guard lock(mu_);
       streams_[result.request_id] = static_cast<size_t>(&coordinator - coordinators_.data());
     }

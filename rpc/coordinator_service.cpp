@@ -440,7 +440,8 @@ grpc::Status CoordinatorService::register_worker(const Peer& peer,
   worker.load = request.load();
   worker.last_heartbeat = Clock::now();
   worker.worker_draining = request.draining();
-  worker.command = Command::kNone;
+  // An operator's pending drain or undrain survives the worker registering again.
+  if (added) worker.command = Command::kNone;
   worker.state = WorkerState::kAlive;
   update_state_locked(worker);
   publish_readiness_locked();

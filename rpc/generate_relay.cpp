@@ -334,9 +334,11 @@ void CoordinatorService::Relay::start_attempt() {
         attempt_ = std::make_unique<Attempt>(*this, worker_id, stub, dispatch);
         attempt_->sent_before = sent_.size();
         worker_request_.mutable_resume_ids()->Assign(sent_.begin(), sent_.end());
-        // The context exists from here on, so Cancel and the monitor can reach it.
-        attempt_->start(worker_request_, service_.options_, *context_);
-        flight.worker_call = attempt_->call();
+        // The context exists from here on, so Cancel and the monitor can reach it. The
+        // attempt may end (and be taken from attempt_) on another thread once started.
+        Attempt* attempt = attempt_.get();
+        attempt->start(worker_request_, service_.options_, *context_);
+        flight.worker_call = attempt->call();
         flight.worker_id = worker_id;
         flight.worker_lost = false;
       }
@@ -455,7 +457,12 @@ void CoordinatorService::Relay::cancel_if_write_stalled(Clock::time_point now,
 }
 
 void CoordinatorService::Relay::on_attempt_done(const grpc::Status& status) {
-  std::unique_ptr<Attempt> attempt = std::move(attempt_);
+  std::unique_ptr<Attempt> attempt;
+  {
+    // start_attempt holds the coordinator's mu_ from creating the attempt to starting it.
+    std::lock_guard lock(service_.mu_);
+    attempt = std::move(attempt_);
+  }
   const std::string worker_id = attempt->worker_id();
   bool cancel_requested = false;
   bool worker_lost = false;
@@ -485,6 +492,7 @@ void CoordinatorService::Relay::on_attempt_done(const grpc::Status& status) {
     if (failed && refused_while_draining(*attempt->call())) {
       worker.worker_draining = true;
       update_state_locked(worker);
+      service_.publish_readiness_locked();
     } else if (failed) {
       service_.mark_dead_locked(worker,
                                 fmt::format("request {}: {}", request_id_, describe(status)),
@@ -570,6 +578,10 @@ void CoordinatorService::Relay::write_closing_and_finish(v1::FinishReason reason
   }
   final_status_ = grpc::Status::OK;
   serialize(out_, &out_bytes_);
+  {
+    std::lock_guard lock(mu_);
+    write_started_ = Clock::now();  // a client that stopped reading times out here too
+  }
   StartWriteAndFinish(&out_bytes_, grpc::WriteOptions(), grpc::Status::OK);
 }
 
