@@ -171,7 +171,9 @@ TEST_F(ClusterTest, SigtermOnTheCoordinatorFinishesOpenStreamsAndRefusesNewOnes)
   const std::vector<Stream> streams = run_load(single, load, [&] {
     signalled = Clock::now();
     coordinator_->signal(SIGTERM);
-    std::this_thread::sleep_for(100ms);
+    // Not ready once it has taken the signal; then new requests are refused.
+    const auto until = Clock::now() + 5s;
+    while (single.health().serving() && Clock::now() < until) std::this_thread::sleep_for(5ms);
     refused = failure_of([&] { single.generate(make_request(golden().prompts[0], 4)); });
   });
   for (size_t i = 0; i < streams.size(); ++i) {
