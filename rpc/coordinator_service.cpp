@@ -338,6 +338,12 @@ CoordinatorService::WorkerEntry* CoordinatorService::find_worker_locked(const st
   return nullptr;
 }
 
+void CoordinatorService::set_command_locked(WorkerEntry& worker, Command command) {
+  worker.command = command;
+  update_state_locked(worker);
+  publish_readiness_locked();
+}
+
 grpc::Status CoordinatorService::drain(const v1::DrainRequest& request,
                                        v1::DrainResponse* response) {
   std::lock_guard lock(mu_);
@@ -346,9 +352,7 @@ grpc::Status CoordinatorService::drain(const v1::DrainRequest& request,
   if (!found) return status;
   WorkerEntry& worker = *found;
   if (worker.state != WorkerState::kDead) {
-    worker.command = Command::kDrain;
-    update_state_locked(worker);
-    publish_readiness_locked();
+    set_command_locked(worker, Command::kDrain);
     spdlog::info("worker {} draining (operator); {} requests in flight there", worker.id,
                  worker.in_flight);
   }
@@ -364,9 +368,7 @@ grpc::Status CoordinatorService::undrain(const v1::UndrainRequest& request,
   if (!found) return status;
   WorkerEntry& worker = *found;
   if (worker.state != WorkerState::kDead) {
-    worker.command = worker.worker_draining ? Command::kUndrain : Command::kNone;
-    update_state_locked(worker);
-    publish_readiness_locked();
+    set_command_locked(worker, worker.worker_draining ? Command::kUndrain : Command::kNone);
     spdlog::info("worker {} undrained (operator)", worker.id);
   }
   response->set_alive(worker.state != WorkerState::kDead);

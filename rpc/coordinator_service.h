@@ -217,6 +217,8 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallba
   };
 
   static const char* state_name(WorkerState state);
+  // An operator's command for a live worker, and the state and readiness it gives; mu_ held.
+  void set_command_locked(WorkerEntry& worker, Command command);
   // The worker an operator names, or null with `status` NOT_FOUND naming the id; mu_ held.
   WorkerEntry* find_worker_locked(const std::string& id, grpc::Status* status);
   // Cancel's work: true when the request was in flight here and is now being cancelled.

@@ -160,12 +160,17 @@ TEST_F(DrainTest, AWorkerDrainDeadlineFailsTheRestOverWithNothingLost) {
   std::cout << moved << " streams failed over from the stopping worker\n";
 }
 
+// A client that does not resume elsewhere: it sees what its one coordinator does.
+ClientOptions single_coordinator() {
+  ClientOptions options;
+  options.max_resumes = 0;
+  return options;
+}
+
 TEST_F(ClusterTest, SigtermOnTheCoordinatorFinishesOpenStreamsAndRefusesNewOnes) {
   ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kOneJob));
   const Load load = long_requests(8, 200, 17);
-  ClientOptions no_resume;
-  no_resume.max_resumes = 0;
-  Client single(address(), no_resume);
+  Client single(address(), single_coordinator());
   Failure refused;
   Clock::time_point signalled;
   const std::vector<Stream> streams = run_load(single, load, [&] {
@@ -191,9 +196,7 @@ TEST_F(ClusterTest, SigtermOnTheCoordinatorFinishesOpenStreamsAndRefusesNewOnes)
 TEST_F(ClusterTest, ASecondSignalStopsTheCoordinatorAtOnce) {
   ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kOneJob));
   const Load load = long_requests(4, 210, 19);
-  ClientOptions no_resume;
-  no_resume.max_resumes = 0;
-  Client single(address(), no_resume);
+  Client single(address(), single_coordinator());
   double exit_s = 0;
   const std::vector<Stream> streams = run_load(single, load, [&] {
     coordinator_->signal(SIGTERM);
