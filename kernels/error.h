@@ -29,8 +29,7 @@ const char* error_code_name(ErrorCode code);
 
 class Error : public std::runtime_error {
  public:
-  Error(ErrorCode code, const std::string& message)
-      : std::runtime_error(message), code_(code) {}
+  Error(ErrorCode code, const std::string& message) : std::runtime_error(message), code_(code) {}
   ErrorCode code() const { return code_; }
 
  private:
@@ -43,17 +42,17 @@ class Error : public std::runtime_error {
 #define MLA_THROW(code, ...) throw ::mla::Error(::mla::ErrorCode::code, fmt::format(__VA_ARGS__))
 
 // Checks an invariant that callers cannot violate through valid input; failure is a bug.
-#define MLA_CHECK(cond, ...)                                                       \
-  do {                                                                             \
-    if (!(cond)) {                                                                 \
-      throw ::mla::Error(::mla::ErrorCode::kInternal,                              \
-                         fmt::format("{}:{}: check `{}` failed: {}", __FILE__,     \
-                                     __LINE__, #cond, fmt::format(__VA_ARGS__)));  \
-    }                                                                              \
+#define MLA_CHECK(cond, ...)                                                                    \
+  do {                                                                                          \
+    if (!(cond)) {                                                                              \
+      throw ::mla::Error(::mla::ErrorCode::kInternal,                                           \
+                         fmt::format("{}:{}: check `{}` failed: {}", __FILE__, __LINE__, #cond, \
+                                     fmt::format(__VA_ARGS__)));                                \
+    }                                                                                           \
   } while (0)
 
 // Validates caller input; failure is the caller's error.
-#define MLA_REQUIRE(cond, ...)                                                     \
-  do {                                                                             \
-    if (!(cond)) MLA_THROW(kInvalidArgument, __VA_ARGS__);                         \
+#define MLA_REQUIRE(cond, ...)                             \
+  do {                                                     \
+    if (!(cond)) MLA_THROW(kInvalidArgument, __VA_ARGS__); \
   } while (0)

@@ -19,7 +19,7 @@
 namespace mla {
 
 enum class Device : uint8_t { kCpu, kCuda };
-std::string to_string(Device d);              // "cpu", "cuda"
+std::string to_string(Device d);                  // "cpu", "cuda"
 Device device_from_string(const std::string& s);  // throws kInvalidArgument for other names
 
 using Shape = std::vector<int64_t>;

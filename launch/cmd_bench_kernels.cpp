@@ -34,8 +34,8 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_memory.h"
 #include "kernels/cuda/gemm.h"
-#include "kernels/cuda/skinny_gemm.h"
 #include "kernels/cuda/mla_decode.h"
+#include "kernels/cuda/skinny_gemm.h"
 #include "kernels/dtype.h"
 #endif
 
@@ -112,8 +112,8 @@ double gemm_tflops(cublasHandle_t handle, cudaStream_t stream, int n, int warmup
   const float alpha = 1.0f, beta = 0.0f;
   const double ms = median_ms(stream, warmup, iters, [&] {
     MLA_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a.get(),
-                                    CUDA_R_16BF, n, b.get(), CUDA_R_16BF, n, &beta, c.get(),
-                                    CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                  CUDA_R_16BF, n, b.get(), CUDA_R_16BF, n, &beta, c.get(),
+                                  CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   });
   return 2.0 * n * n * n / (ms * 1e-3) / 1e12;
 }

@@ -5,11 +5,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <optional>
-#include <random>
 #include <iostream>
 #include <map>
 #include <memory>
+#include <optional>
+#include <random>
 #include <sstream>
 
 #include "kernels/error.h"
@@ -63,7 +63,6 @@ double decode_step_bytes(const Model& model, int64_t batch, int64_t context) {
   return 0;
 #endif
 }
-
 
 struct GenerateArgs {
   DeployFlags deploy;
@@ -150,8 +149,7 @@ void run_batch(const GenerateArgs& a, const GroupRuntime& rt, const Request& req
     if (bytes > 0) {
       std::cout << fmt::format(
           "decode step reads {:.3f} GB (weights{} + cache at mean context {}): {:.1f} GB/s{}\n",
-          bytes / 1e9, batch == 1 ? "" : " (experts estimated)", context,
-          bytes / median / 1e9,
+          bytes / 1e9, batch == 1 ? "" : " (experts estimated)", context, bytes / median / 1e9,
           a.copy_gbps > 0 ? fmt::format(", {:.1f} % of the {:.0f} GB/s copy bandwidth",
                                         100 * bytes / median / 1e9 / a.copy_gbps, a.copy_gbps)
                           : "");
@@ -219,7 +217,9 @@ void add_make_tiny_command(CLI::App& app, int& exit_code) {
   };
   auto args = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("make-tiny", "Write a random checkpoint in Hugging Face format");
-  cmd->add_option("--preset", args->preset, "v3, v2-lite (tiny), v2-lite-full or v3-full (published shapes)")->capture_default_str();
+  cmd->add_option("--preset", args->preset,
+                  "v3, v2-lite (tiny), v2-lite-full or v3-full (published shapes)")
+      ->capture_default_str();
   cmd->add_option("--out", args->out_dir, "Output directory")->required();
   cmd->add_option("--dtype", args->dtype, "F32, BF16 or F8_E4M3")->capture_default_str();
   cmd->add_option("--seed", args->seed, "Random seed")->capture_default_str();

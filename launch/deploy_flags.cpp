@@ -48,7 +48,8 @@ void DeployFlags::add_to(CLI::App& cmd) {
   cmd.add_option("--max-running", flags_.engine.scheduler.max_running,
                  "Sequences in one step at most")
       ->capture_default_str();
-  cmd.add_option("--tp", flags_.parallel.tp, "Tensor-parallel group size (under mpirun: N / tp groups)")
+  cmd.add_option("--tp", flags_.parallel.tp,
+                 "Tensor-parallel group size (under mpirun: N / tp groups)")
       ->capture_default_str();
   cmd.add_option("--kv-shard", flags_.parallel.kv_shard,
                  "Latent cache under TP: sequence (each rank its pages) or replicate")

@@ -77,8 +77,8 @@ std::unique_ptr<GroupRuntime> GroupRuntime::start(const DeployConfig& d, bool wi
   }
   rt->model = load_model(d.model_dir, options);
   rt->data = data;
-  if (with_engine) rt->engine =
-        std::make_unique<Engine>(rt->model, d.engine_options(), data, rt->comm.get());
+  if (with_engine)
+    rt->engine = std::make_unique<Engine>(rt->model, d.engine_options(), data, rt->comm.get());
   return rt;
 }
 

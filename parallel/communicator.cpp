@@ -6,11 +6,16 @@ namespace mla {
 
 const char* to_string(CommOp op) {
   switch (op) {
-    case CommOp::kAllReduce: return "all_reduce";
-    case CommOp::kAllGather: return "all_gather";
-    case CommOp::kAllToAll: return "all_to_all";
-    case CommOp::kBroadcast: return "broadcast";
-    case CommOp::kSendRecv: return "send_recv";
+    case CommOp::kAllReduce:
+      return "all_reduce";
+    case CommOp::kAllGather:
+      return "all_gather";
+    case CommOp::kAllToAll:
+      return "all_to_all";
+    case CommOp::kBroadcast:
+      return "broadcast";
+    case CommOp::kSendRecv:
+      return "send_recv";
   }
   return "?";
 }

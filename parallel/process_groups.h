@@ -1,4 +1,5 @@
-// MPI start-up and the split of the world into tensor-parallel groups (docs/ARCHITECTURE.md section 6).
+// MPI start-up and the split of the world into tensor-parallel groups (docs/ARCHITECTURE.md section
+// 6).
 //
 // mpirun starts W processes; consecutive world ranks form a group of P = --tp ranks:
 // world rank r is rank r % P of group r / P. Each group gets its own MPI communicator,

@@ -7,11 +7,9 @@ namespace mla {
 ShardPlan::ShardPlan(int32_t tp_size, int32_t tp_rank, int64_t num_heads, KvShard kv_shard)
     : tp_size_(tp_size), tp_rank_(tp_rank), num_heads_(num_heads), kv_shard_(kv_shard) {
   MLA_REQUIRE(tp_size >= 1, "tensor-parallel size must be >= 1, got {}", tp_size);
-  MLA_REQUIRE(tp_rank >= 0 && tp_rank < tp_size, "rank {} outside a group of {}", tp_rank,
-              tp_size);
+  MLA_REQUIRE(tp_rank >= 0 && tp_rank < tp_size, "rank {} outside a group of {}", tp_rank, tp_size);
   MLA_REQUIRE(num_heads % tp_size == 0,
-              "tensor-parallel size {} does not divide the {} attention heads", tp_size,
-              num_heads);
+              "tensor-parallel size {} does not divide the {} attention heads", tp_size, num_heads);
 }
 
 int64_t ShardPlan::local_pages(int64_t num_pages) const {

@@ -1,5 +1,5 @@
-// Absorption: the exact rewrites of MLA attention (docs/ARCHITECTURE.md section 5) and the cost model
-// that picks one per sequence per step.
+// Absorption: the exact rewrites of MLA attention (docs/ARCHITECTURE.md section 5) and the cost
+// model that picks one per sequence per step.
 //
 //   naive     : decompress every cached token, k = W_UK c, v = W_UV c, then MHA.
 //   factored  : q~ = W_UK^T q_nope, attend over latents, o = W_UV o~, then W_o.

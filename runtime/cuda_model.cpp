@@ -38,7 +38,7 @@ namespace mla {
 namespace {
 
 using bf16 = __nv_bfloat16;
-constexpr float kLoraNormEps = 1e-6f;  // q_a_layernorm and kv_a_layernorm: fixed in HF
+constexpr float kLoraNormEps = 1e-6f;     // q_a_layernorm and kv_a_layernorm: fixed in HF
 constexpr int32_t kKernelBlockSize = 64;  // the MLA kernels' page size
 
 struct DevMlp {
@@ -48,15 +48,15 @@ struct DevMlp {
 };
 
 struct DevLayer {
-  Tensor input_norm, post_attn_norm;  // f32 [D]
-  Tensor q_a, q_b, kv_a, kv_b, o;     // bf16, shapes as in AttentionWeights
-  Tensor q_a_norm, kv_a_norm;         // f32
+  Tensor input_norm, post_attn_norm;      // f32 [D]
+  Tensor q_a, q_b, kv_a, kv_b, o;         // bf16, shapes as in AttentionWeights
+  Tensor q_a_norm, kv_a_norm;             // f32
   Tensor q_absorbed, q_rope, o_absorbed;  // bf16, premerged form only
   bool is_moe = false;
-  DevMlp mlp;                     // dense layers
-  Tensor gate, correction_bias;   // f32 [E, D], [E]
-  Tensor experts_gate_up;         // bf16 [E_local, 2I, D]
-  Tensor experts_down;            // bf16 [E_local, D, I]
+  DevMlp mlp;                    // dense layers
+  Tensor gate, correction_bias;  // f32 [E, D], [E]
+  Tensor experts_gate_up;        // bf16 [E_local, 2I, D]
+  Tensor experts_down;           // bf16 [E_local, D, I]
   int64_t first_expert = 0, local_experts = 0;
   DevMlp shared;
 };
@@ -112,7 +112,8 @@ struct CudaModel::Impl {
 
   // --- scratch, sized for cap_tokens tokens and cap_seqs sequences ---
   int64_t cap_tokens = 0, cap_seqs = 0;
-  Tensor x, delta, xn, xn32, qa32, qn, kv32, q, qrot, q_lat, q_all, q_ord, o_att, lse_att, o_lat, o_v;
+  Tensor x, delta, xn, xn32, qa32, qn, kv32, q, qrot, q_lat, q_all, q_ord, o_att, lse_att, o_lat,
+      o_v;
   Tensor a2a_send, a2a_recv, lse_send, lse_recv;
   Tensor gate_up, act, router_logits, topk_ids, topk_weights, moe_ws;
   Tensor decode_ws, prefill_ws, x_last, logits, sampled, logprobs, sample_params, sort_ws;
@@ -246,26 +247,24 @@ void CudaModel::Impl::reserve(int64_t tokens, int64_t seqs) {
   gate_up = f32({T, 2 * std::max<int64_t>(max_width, 1)});
   act = b16({T, std::max<int64_t>(max_width, 1)});
   if (c->n_routed_experts > 0) {
-    const int64_t E = c->n_routed_experts, K = c->num_experts_per_tok,
-                  El = E / shard->tp_size();
+    const int64_t E = c->n_routed_experts, K = c->num_experts_per_tok, El = E / shard->tp_size();
     router_logits = f32({T, E});
     topk_ids = cuda::device_empty({T, K}, DType::kI32);
     topk_weights = f32({T, K});
-    moe_ws = cuda::device_empty(
-        {static_cast<int64_t>(cuda::moe_experts_workspace_bytes(T, K, El, D,
-                                                                c->moe_intermediate_size))},
-        DType::kU8);
+    moe_ws = cuda::device_empty({static_cast<int64_t>(cuda::moe_experts_workspace_bytes(
+                                    T, K, El, D, c->moe_intermediate_size))},
+                                DType::kU8);
   }
-  decode_ws = cuda::device_empty(
-      {static_cast<int64_t>(cuda::mla_decode_workspace_bytes(
-          static_cast<int32_t>(S), 1, static_cast<int32_t>(Ha), num_sms))},
-      DType::kU8);
+  decode_ws =
+      cuda::device_empty({static_cast<int64_t>(cuda::mla_decode_workspace_bytes(
+                             static_cast<int32_t>(S), 1, static_cast<int32_t>(Ha), num_sms))},
+                         DType::kU8);
   x_last = b16({S, D});
   logits = f32({S, c->vocab_size});
   sampled = cuda::device_empty({S}, DType::kI32);
   logprobs = f32({S});
-  sample_params = cuda::device_empty({static_cast<int64_t>(cuda::sampling_params_bytes(S))},
-                                     DType::kU8);
+  sample_params =
+      cuda::device_empty({static_cast<int64_t>(cuda::sampling_params_bytes(S))}, DType::kU8);
   sort_ws = cuda::device_empty(
       {static_cast<int64_t>(cuda::sampling_workspace_bytes(S, c->vocab_size))}, DType::kU8);
   cap_tokens = T;
@@ -333,8 +332,8 @@ std::shared_ptr<CudaModel> CudaModel::load(const std::string& model_dir,
   m.device = cuda::current_device();
   m.num_sms = cuda::num_sms();
   MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
-  m.blas = std::make_unique<cuda::Blas>(
-      m.stream, cuda::BlasOptions{.small_gemm = options.cuda_small_gemm});
+  m.blas = std::make_unique<cuda::Blas>(m.stream,
+                                        cuda::BlasOptions{.small_gemm = options.cuda_small_gemm});
 
   Checkpoint ckpt = Checkpoint::open(model_dir, c.fp8_block);
   ckpt.set_progress(options.show_progress);
@@ -344,8 +343,8 @@ std::shared_ptr<CudaModel> CudaModel::load(const std::string& model_dir,
   m.final_norm = cuda::upload_f32(loader.final_norm());
   const Tensor head = loader.lm_head(embed);
   m.lm_head = head.raw() == embed.raw() ? m.embed : cuda::upload_bf16(head);
-  m.inv_freq = cuda::upload_f32(Tensor::from_vector(
-      {static_cast<int64_t>(c.qk_rope_head_dim / 2)}, c.rope_inv_freq()));
+  m.inv_freq = cuda::upload_f32(
+      Tensor::from_vector({static_cast<int64_t>(c.qk_rope_head_dim / 2)}, c.rope_inv_freq()));
   m.layers.resize(c.num_layers);
   for (int64_t l = 0; l < c.num_layers; ++l) {
     LayerWeights lw = loader.layer(l);
@@ -375,7 +374,8 @@ std::shared_ptr<CudaModel> CudaModel::load(const std::string& model_dir,
       continue;
     }
     d.gate = cuda::upload_f32(lw.moe.gate);
-    if (lw.moe.correction_bias.defined()) d.correction_bias = cuda::upload_f32(lw.moe.correction_bias);
+    if (lw.moe.correction_bias.defined())
+      d.correction_bias = cuda::upload_f32(lw.moe.correction_bias);
     std::vector<const Tensor*> gu, down;
     for (const MlpWeights& e : lw.moe.experts) {
       gu.push_back(&e.gate_up);
@@ -395,11 +395,26 @@ std::shared_ptr<CudaModel> CudaModel::load(const std::string& model_dir,
   m.weight_bytes = bytes(m.embed) + bytes(m.final_norm) +
                    (m.lm_head.raw() == m.embed.raw() ? 0 : bytes(m.lm_head));
   for (const DevLayer& d : m.layers) {
-    for (const Tensor* t :
-         {&d.input_norm, &d.post_attn_norm, &d.q_a, &d.q_b, &d.kv_a, &d.kv_b, &d.o, &d.q_a_norm,
-          &d.kv_a_norm, &d.q_absorbed, &d.q_rope, &d.o_absorbed, &d.mlp.gate_up, &d.mlp.down,
-          &d.gate, &d.correction_bias, &d.experts_gate_up, &d.experts_down, &d.shared.gate_up,
-          &d.shared.down}) {
+    for (const Tensor* t : {&d.input_norm,
+                            &d.post_attn_norm,
+                            &d.q_a,
+                            &d.q_b,
+                            &d.kv_a,
+                            &d.kv_b,
+                            &d.o,
+                            &d.q_a_norm,
+                            &d.kv_a_norm,
+                            &d.q_absorbed,
+                            &d.q_rope,
+                            &d.o_absorbed,
+                            &d.mlp.gate_up,
+                            &d.mlp.down,
+                            &d.gate,
+                            &d.correction_bias,
+                            &d.experts_gate_up,
+                            &d.experts_down,
+                            &d.shared.gate_up,
+                            &d.shared.down}) {
       m.weight_bytes += bytes(*t);
     }
   }
@@ -430,17 +445,17 @@ int32_t CudaModel::auto_num_pages(int32_t block_size, double memory_fraction) co
   const cuda::DeviceGuard on_device(impl_->device);
   impl_->reserve(kMaxStepTokens, 256);
   const cuda::MemoryInfo mem = cuda::memory_info();
-  const int64_t page_bytes =
-      int64_t{block_size} * config_.num_layers * config_.latent_width() * 2;
-  const auto pages = static_cast<int64_t>(static_cast<double>(mem.free) * memory_fraction) /
-                     page_bytes;
+  const int64_t page_bytes = int64_t{block_size} * config_.num_layers * config_.latent_width() * 2;
+  const auto pages =
+      static_cast<int64_t>(static_cast<double>(mem.free) * memory_fraction) / page_bytes;
   MLA_REQUIRE(pages >= 1, "no room for a cache page: {} bytes free, a page takes {}", mem.free,
               page_bytes);
   const auto n = static_cast<int32_t>(std::min<int64_t>(pages, INT32_MAX));
-  spdlog::info("latent cache: {} pages of {} tokens = {:.2f} GiB ({} of {:.2f} GiB free), {} "
-               "tokens",
-               n, block_size, n * double(page_bytes) / (1 << 30), memory_fraction,
-               mem.free / double(1 << 30), int64_t{n} * block_size);
+  spdlog::info(
+      "latent cache: {} pages of {} tokens = {:.2f} GiB ({} of {:.2f} GiB free), {} "
+      "tokens",
+      n, block_size, n * double(page_bytes) / (1 << 30), memory_fraction,
+      mem.free / double(1 << 30), int64_t{n} * block_size);
   return n;
 }
 
@@ -449,8 +464,8 @@ namespace {
 // The host side of one step: sizes, per-sequence forms, and the offsets of each section
 // of the packed metadata.
 struct StepPlan {
-  int64_t T = 0;         // tokens run (padded to the bucket in graph steps)
-  int64_t S = 0;         // sequences (padded likewise)
+  int64_t T = 0;  // tokens run (padded to the bucket in graph steps)
+  int64_t S = 0;  // sequences (padded likewise)
   int64_t real_T = 0, real_S = 0;
   int64_t n_logits = 0;  // rows of logits (padded to S in graph steps)
   int64_t stride = 0;    // block-table row width
@@ -460,23 +475,27 @@ struct StepPlan {
   std::vector<AttnForm> forms;
   std::vector<int64_t> seq_begin;
   // Offsets (in int32 words) of the metadata sections.
-  int64_t o_tokens = 0, o_pos = 0, o_slot_page = 0, o_slot_off = 0, o_num_keys = 0,
-          o_token_seq = 0, o_logit_rows = 0, o_table = 0, o_cu = 0, total = 0;
+  int64_t o_tokens = 0, o_pos = 0, o_slot_page = 0, o_slot_off = 0, o_num_keys = 0, o_token_seq = 0,
+          o_logit_rows = 0, o_table = 0, o_cu = 0, total = 0;
   // Decompressed-form sequences: where their context row lists start in the metadata (the
   // local rows, then under a sharded cache the reorder of the gathered rows), and how many
   // local rows (padded to the largest rank's share when sharded).
   std::vector<int64_t> ctx_offset, ctx_local;
 };
 
-
 // A step's work, enqueued on the model's stream. Kept out of the header: it is the body
 // of forward() and of the captured graphs.
 class CudaStep {
  public:
   // `ordered`: comm enqueues its collectives on the model's stream (no host syncs).
-  CudaStep(CudaModel::Impl& m, const ForwardBatch& batch, const StepPlan& plan,
-           LatentCache& cache, Communicator* comm, bool ordered)
-      : m_(m), c_(*m.c), batch_(batch), plan_(plan), cache_(cache), comm_(comm),
+  CudaStep(CudaModel::Impl& m, const ForwardBatch& batch, const StepPlan& plan, LatentCache& cache,
+           Communicator* comm, bool ordered)
+      : m_(m),
+        c_(*m.c),
+        batch_(batch),
+        plan_(plan),
+        cache_(cache),
+        comm_(comm),
         ordered_(ordered) {}
 
   void enqueue();
@@ -537,9 +556,8 @@ void CudaStep::all_reduce(float* data, int64_t n) {
 void CudaStep::enqueue() {
   const int64_t T = plan_.T, D = c_.hidden_size;
   const cudaStream_t s = m_.stream;
-  cuda::embedding_bf16({ptr<bf16>(m_.embed), meta(plan_.o_tokens), ptr<float>(m_.x), T,
-                        c_.vocab_size, D},
-                       s);
+  cuda::embedding_bf16(
+      {ptr<bf16>(m_.embed), meta(plan_.o_tokens), ptr<float>(m_.x), T, c_.vocab_size, D}, s);
   const float eps = static_cast<float>(c_.rms_norm_eps);
   for (int64_t l = 0; l < c_.num_layers; ++l) {
     const DevLayer& d = m_.layers[l];
@@ -552,19 +570,18 @@ void CudaStep::enqueue() {
     if (c_.q_lora_rank > 0) {
       cuda::linear(*m_.blas, m_.xn.raw(), T, D, d.q_a.raw(), c_.q_lora_rank, m_.qa32.raw(),
                    DType::kF32);
-      cuda::add_rms_norm({ptr<float>(m_.qa32), nullptr, ptr<float>(d.q_a_norm),
-                          ptr<bf16>(m_.qn), nullptr, T, c_.q_lora_rank, c_.q_lora_rank,
-                          c_.q_lora_rank, kLoraNormEps},
+      cuda::add_rms_norm({ptr<float>(m_.qa32), nullptr, ptr<float>(d.q_a_norm), ptr<bf16>(m_.qn),
+                          nullptr, T, c_.q_lora_rank, c_.q_lora_rank, c_.q_lora_rank, kLoraNormEps},
                          s);
       q_in = ptr<bf16>(m_.qn);
       qin = c_.q_lora_rank;
     }
     attention(l, d, q_in, qin);
     all_reduce(ptr<float>(m_.delta), T * D);
-    cuda::add_rms_norm({ptr<float>(m_.x), ptr<float>(m_.delta), ptr<float>(d.post_attn_norm),
-                        ptr<bf16>(m_.xn), d.is_moe ? ptr<float>(m_.xn32) : nullptr, T, D, D, D,
-                        eps},
-                       s);
+    cuda::add_rms_norm(
+        {ptr<float>(m_.x), ptr<float>(m_.delta), ptr<float>(d.post_attn_norm), ptr<bf16>(m_.xn),
+         d.is_moe ? ptr<float>(m_.xn32) : nullptr, T, D, D, D, eps},
+        s);
     ffn(d);
     all_reduce(ptr<float>(m_.delta), T * D);
   }
@@ -573,30 +590,29 @@ void CudaStep::enqueue() {
                       ptr<bf16>(m_.xn), nullptr, T, D, D, D, eps},
                      s);
   if (plan_.n_logits == 0) return;
-  cuda::gather_rows({m_.xn.raw(), meta(plan_.o_logit_rows), m_.x_last.raw(), plan_.n_logits,
-                     D * 2, D * 2, D * 2},
-                    s);
+  cuda::gather_rows(
+      {m_.xn.raw(), meta(plan_.o_logit_rows), m_.x_last.raw(), plan_.n_logits, D * 2, D * 2, D * 2},
+      s);
   cuda::linear(*m_.blas, m_.x_last.raw(), plan_.n_logits, D, m_.lm_head.raw(), c_.vocab_size,
                m_.logits.raw(), DType::kF32);
 }
 
 void CudaStep::attention(int64_t l, const DevLayer& d, const bf16* q_in, int64_t qin) {
-  const int64_t T = plan_.T, D = c_.hidden_size, Hl = m_.shard->local_heads(),
-                dc = c_.kv_lora_rank, dr = c_.qk_rope_head_dim, dn = c_.qk_nope_head_dim,
-                dv = c_.v_head_dim, dqk = c_.qk_head_dim(), dq = c_.latent_width();
+  const int64_t T = plan_.T, D = c_.hidden_size, Hl = m_.shard->local_heads(), dc = c_.kv_lora_rank,
+                dr = c_.qk_rope_head_dim, dn = c_.qk_nope_head_dim, dv = c_.v_head_dim,
+                dqk = c_.qk_head_dim(), dq = c_.latent_width();
   const cudaStream_t s = m_.stream;
   const auto& geo = cache_.geometry();
 
   // The new tokens' latents: c = RMSNorm(kv[:d_c]), k_r = RoPE(kv[d_c:]) into the pages
   // this rank stores.
   cuda::linear(*m_.blas, m_.xn.raw(), T, D, d.kv_a.raw(), dq, m_.kv32.raw(), DType::kF32);
-  cuda::latent_store({ptr<float>(m_.kv32), dq, ptr<float>(d.kv_a_norm), kLoraNormEps,
-                      meta(plan_.o_pos), ptr<float>(m_.inv_freq), m_.rope_factor,
-                      c_.rope_interleave, meta(plan_.o_slot_page), meta(plan_.o_slot_off),
-                      cache_.pool_storage().data<bf16>(), static_cast<int32_t>(l),
-                      geo.num_layers, geo.block_size, static_cast<int32_t>(dc),
-                      static_cast<int32_t>(dr), T},
-                     s);
+  cuda::latent_store(
+      {ptr<float>(m_.kv32), dq, ptr<float>(d.kv_a_norm), kLoraNormEps, meta(plan_.o_pos),
+       ptr<float>(m_.inv_freq), m_.rope_factor, c_.rope_interleave, meta(plan_.o_slot_page),
+       meta(plan_.o_slot_off), cache_.pool_storage().data<bf16>(), static_cast<int32_t>(l),
+       geo.num_layers, geo.block_size, static_cast<int32_t>(dc), static_cast<int32_t>(dr), T},
+      s);
 
   const bool premerged = m_.forms->needs_premerged();
   bf16* q = ptr<bf16>(m_.q);
@@ -619,9 +635,8 @@ void CudaStep::attention(int64_t l, const DevLayer& d, const bf16* q_in, int64_t
       g.stride_c = dq;
       cuda::gemm(*m_.blas, g);
       cuda::linear(*m_.blas, q_in, T, qin, d.q_rope.raw(), Hl * dr, m_.qrot.raw(), DType::kBF16);
-      cuda::rope_bf16({ptr<bf16>(m_.qrot), q_lat + dc, meta(plan_.o_pos),
-                       ptr<float>(m_.inv_freq), T, Hl, dr, Hl * dr, dr, Hl * dq, dq,
-                       m_.rope_factor, c_.rope_interleave},
+      cuda::rope_bf16({ptr<bf16>(m_.qrot), q_lat + dc, meta(plan_.o_pos), ptr<float>(m_.inv_freq),
+                       T, Hl, dr, Hl * dr, dr, Hl * dq, dq, m_.rope_factor, c_.rope_interleave},
                       s);
     } else {
       // q~[t, h] = W_UK[h]^T q_nope[t, h]: W_UK[h] is the [d_n, d_c] row block of kv_b.
@@ -645,7 +660,7 @@ void CudaStep::attention(int64_t l, const DevLayer& d, const bf16* q_in, int64_t
   float* out = ptr<float>(m_.delta);
   if (plan_.any_latent && !premerged) {
     // o[t, h] = W_UV[h] o~[t, h]; rows of decompressed-form tokens hold o~ = 0.
-    cuda::GemmParams g{m_.o_lat.raw(), d.kv_b.raw() , o_v, T, dv, dc, Hl * dc, dc, Hl * dv};
+    cuda::GemmParams g{m_.o_lat.raw(), d.kv_b.raw(), o_v, T, dv, dc, Hl * dc, dc, Hl * dv};
     g.b = ptr<bf16>(d.kv_b) + dn * dc;
     g.c_type = DType::kBF16;
     g.batch = Hl;
@@ -741,8 +756,8 @@ void CudaStep::latent_attention(int64_t l, const bf16* q_local) {
   for (int64_t r = 0; r < P; ++r) {
     MLA_CUDA_CHECK(cudaMemcpy2DAsync(send + r * T * Hl * dc, Hl * dc * 2, o_att + r * Hl * dc,
                                      Ha * dc * 2, Hl * dc * 2, T, cudaMemcpyDeviceToDevice, s));
-    MLA_CUDA_CHECK(cudaMemcpy2DAsync(lse_send + r * T * Hl, Hl * 4, lse + r * Hl, Ha * 4, Hl * 4,
-                                     T, cudaMemcpyDeviceToDevice, s));
+    MLA_CUDA_CHECK(cudaMemcpy2DAsync(lse_send + r * T * Hl, Hl * 4, lse + r * Hl, Ha * 4, Hl * 4, T,
+                                     cudaMemcpyDeviceToDevice, s));
   }
   sync_for_comm();
   {
@@ -751,8 +766,8 @@ void CudaStep::latent_attention(int64_t l, const bf16* q_local) {
                       ptr<float>(m_.a2a_recv));
     comm_->all_to_all(lse_send, T * Hl, ptr<float>(m_.lse_recv));
   }
-  cuda::lse_merge({ptr<bf16>(m_.a2a_recv), ptr<float>(m_.lse_recv), static_cast<int32_t>(P),
-                   T * Hl, dc, ptr<bf16>(m_.o_lat), nullptr},
+  cuda::lse_merge({ptr<bf16>(m_.a2a_recv), ptr<float>(m_.lse_recv), static_cast<int32_t>(P), T * Hl,
+                   dc, ptr<bf16>(m_.o_lat), nullptr},
                   s);
 }
 
@@ -764,8 +779,7 @@ void CudaStep::decompressed(int64_t l, const DevLayer& d) {
   const auto& geo = cache_.geometry();
   const bool sharded = P > 1 && !cache_.holds_every_page();
   // Row r of `layer_rows` is the cache row r of this layer: page * num_layers * B + offset.
-  const bf16* layer_rows =
-      cache_.pool_storage().data<bf16>() + int64_t{l} * geo.block_size * dq;
+  const bf16* layer_rows = cache_.pool_storage().data<bf16>() + int64_t{l} * geo.block_size * dq;
   for (size_t i = 0; i < batch_.seqs.size(); ++i) {
     if (plan_.forms[i] != AttnForm::kDecompressed) continue;
     const ForwardSeq& seq = batch_.seqs[i];
@@ -785,8 +799,8 @@ void CudaStep::decompressed(int64_t l, const DevLayer& d) {
         comm_->all_gather(reinterpret_cast<const float*>(mine), local * dq / 2,
                           ptr<float>(m_.context_all));
       }
-      cuda::gather_rows(
-          {m_.context_all.raw(), meta(o + local), context, L, dq * 2, dq * 2, dq * 2}, s);
+      cuda::gather_rows({m_.context_all.raw(), meta(o + local), context, L, dq * 2, dq * 2, dq * 2},
+                        s);
     }
     // The up-projection absorption avoids: [L, Hl * (d_n + d_v)] = c W_kvb^T.
     cuda::GemmParams g{context, d.kv_b.raw(), m_.up.raw(), L, Hl * dkv, dc, dq, dc, Hl * dkv};
@@ -880,7 +894,6 @@ void CudaStep::mlp(const DevMlp& w, const bf16* x, float* out) {
   cuda::silu_mul_bf16({ptr<float>(m_.gate_up), ptr<bf16>(m_.act), T, w.width}, m_.stream);
   cuda::linear(*m_.blas, m_.act.raw(), T, w.width, w.down.raw(), D, out, DType::kF32);
 }
-
 
 // Validates the batch, decides the forms and the shape of the step, and packs the step
 // metadata into m.meta_host. `graph` pads the step to its bucket (pure decode steps only).
@@ -986,8 +999,7 @@ StepPlan make_plan(CudaModel::Impl& m, const ForwardBatch& batch, const LatentCa
       const int32_t page = static_cast<int32_t>(pos / B);
       int32_t slot = -1;
       if (sp.owns_page(page)) {
-        const size_t local =
-            (sp.kv_shard() == KvShard::kReplicate || P == 1) ? page : page / P;
+        const size_t local = (sp.kv_shard() == KvShard::kReplicate || P == 1) ? page : page / P;
         MLA_CHECK(local < table.pages.size(), "token {} outside the table's {} pages", pos,
                   table.pages.size());
         slot = table.pages[local];

@@ -48,9 +48,8 @@ class CudaModel : public Model {
 
   Tensor forward(const ForwardBatch& batch, LatentCache& cache, WorkCounter* counter = nullptr,
                  Communicator* comm = nullptr) const override;
-  SampledStep forward_sample(const ForwardBatch& batch,
-                             const std::vector<SampleRequest>& requests, LatentCache& cache,
-                             WorkCounter* counter = nullptr,
+  SampledStep forward_sample(const ForwardBatch& batch, const std::vector<SampleRequest>& requests,
+                             LatentCache& cache, WorkCounter* counter = nullptr,
                              Communicator* comm = nullptr) const override;
 
   // Bytes of weights on the device (for bandwidth reports).

@@ -36,15 +36,15 @@ void linear(const float* x, int64_t rows, const Tensor& w, float* y, WorkCounter
 struct DeepseekModel::StepContext {
   const ForwardBatch* batch;
   int64_t num_tokens;
-  std::vector<int32_t> positions;   // [T]
-  std::vector<int64_t> seq_begin;   // first row of each sequence
-  std::vector<float> rope;          // [T, d_r]: cos then sin per position
-  std::vector<AttnForm> forms;      // [seqs]
-  bool any_full_q = false;          // a sequence runs decompressed or factored
-  bool any_latent = false;          // a sequence runs factored or premerged
+  std::vector<int32_t> positions;  // [T]
+  std::vector<int64_t> seq_begin;  // first row of each sequence
+  std::vector<float> rope;         // [T, d_r]: cos then sin per position
+  std::vector<AttnForm> forms;     // [seqs]
+  bool any_full_q = false;         // a sequence runs decompressed or factored
+  bool any_latent = false;         // a sequence runs factored or premerged
   bool any_premerged = false;
   WorkCounter* counter;
-  Communicator* comm;               // null when the group is one rank
+  Communicator* comm;  // null when the group is one rank
 
   void all_reduce(float* data, int64_t n) const {
     if (comm != nullptr) comm->all_reduce_sum(data, n);
@@ -85,23 +85,33 @@ void DeepseekModel::load_weights(Checkpoint& ckpt) {
   }
 }
 
-Tensor DeepseekModel::forward(const ForwardBatch& batch, LatentCache& cache,
-                              WorkCounter* counter, Communicator* comm) const {
+Tensor DeepseekModel::forward(const ForwardBatch& batch, LatentCache& cache, WorkCounter* counter,
+                              Communicator* comm) const {
   const ModelConfig& c = config_;
   const int64_t T = static_cast<int64_t>(batch.tokens.size());
   const int64_t D = c.hidden_size, dr = c.qk_rope_head_dim;
   WorkCounter local;
-  StepContext ctx{&batch, T, {}, {}, {}, {}, false, false, false,
-                  counter ? counter : &local, shard_.tp_size() > 1 ? comm : nullptr};
+  StepContext ctx{&batch,
+                  T,
+                  {},
+                  {},
+                  {},
+                  {},
+                  false,
+                  false,
+                  false,
+                  counter ? counter : &local,
+                  shard_.tp_size() > 1 ? comm : nullptr};
 
   // Check shapes and layout
   MLA_CHECK(shard_.tp_size() == 1 || comm != nullptr, "a tensor-parallel model needs its group");
-  MLA_CHECK(comm == nullptr || (comm->size() == shard_.tp_size() && comm->rank() == shard_.tp_rank()),
-            "communicator rank {}/{} does not match the shard plan {}/{}", comm->rank(),
-            comm->size(), shard_.tp_rank(), shard_.tp_size());
-  MLA_CHECK(cache.shard().tp_size() == shard_.tp_size() &&
-                cache.shard().tp_rank() == shard_.tp_rank(),
-            "cache shard does not match the model's plan");
+  MLA_CHECK(
+      comm == nullptr || (comm->size() == shard_.tp_size() && comm->rank() == shard_.tp_rank()),
+      "communicator rank {}/{} does not match the shard plan {}/{}", comm->rank(), comm->size(),
+      shard_.tp_rank(), shard_.tp_size());
+  MLA_CHECK(
+      cache.shard().tp_size() == shard_.tp_size() && cache.shard().tp_rank() == shard_.tp_rank(),
+      "cache shard does not match the model's plan");
   int64_t rows = 0, num_logits = 0;
   for (const ForwardSeq& s : batch.seqs) {
     MLA_CHECK(s.table != nullptr && s.num_tokens > 0, "empty sequence in batch");
@@ -350,7 +360,8 @@ void DeepseekModel::latent_attention(int64_t layer, StepContext& ctx, const Late
     const ForwardSeq& seq = seqs[s];
     const int64_t r0 = ctx.seq_begin[s], n = seq.num_tokens;
     num_keys.resize(n);
-    for (int64_t i = 0; i < n; ++i) num_keys[i] = cache.local_keys(seq.start + static_cast<int32_t>(i));
+    for (int64_t i = 0; i < n; ++i)
+      num_keys[i] = cache.local_keys(seq.start + static_cast<int32_t>(i));
     const int64_t pairs = std::accumulate(num_keys.begin(), num_keys.end(), int64_t{0});
     pages.clear();
     for (int32_t page : seq.table->pages) pages.push_back(cache.page_block(page, layer));
@@ -381,7 +392,8 @@ void DeepseekModel::latent_attention(int64_t layer, StepContext& ctx, const Late
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < Hl; ++h) {
       float mx = -INFINITY;
-      for (int64_t r = 0; r < P; ++r) mx = std::max(mx, recv[r * blk + (t * Hl + h) * (dc + 1) + dc]);
+      for (int64_t r = 0; r < P; ++r)
+        mx = std::max(mx, recv[r * blk + (t * Hl + h) * (dc + 1) + dc]);
       float* o = &o_lat[(t * Hl + h) * dc];
       std::fill_n(o, dc, 0.0f);
       if (mx == -INFINITY) continue;  // a row of a decompressed-form sequence
@@ -398,8 +410,7 @@ void DeepseekModel::latent_attention(int64_t layer, StepContext& ctx, const Late
 }
 
 std::vector<float> DeepseekModel::gather_context(int64_t layer, const ForwardSeq& seq,
-                                                 StepContext& ctx,
-                                                 const LatentCache& cache) const {
+                                                 StepContext& ctx, const LatentCache& cache) const {
   const int64_t width = config_.latent_width(), L = seq.start + seq.num_tokens;
   std::vector<float> context(L * width);
   if (cache.holds_every_page()) {
@@ -424,7 +435,8 @@ std::vector<float> DeepseekModel::gather_context(int64_t layer, const ForwardSeq
   for (int64_t r = 0; r < P; ++r)
     for (int64_t i = 0; i < cap; ++i) {
       const int64_t pos = (r + (i / B) * P) * B + i % B;
-      if (pos < L) std::memcpy(&context[pos * width], &all[(r * cap + i) * width], width * sizeof(float));
+      if (pos < L)
+        std::memcpy(&context[pos * width], &all[(r * cap + i) * width], width * sizeof(float));
     }
   return context;
 }
@@ -447,13 +459,13 @@ void DeepseekModel::moe(const MoeWeights& w, const float* x, int64_t rows, float
   // Route every token (cpu::moe_route), then group tokens by expert.
   std::vector<int32_t> ids(rows * K);
   std::vector<float> weights(rows * K);
-  cpu::MoeRouteParams route{logits.data(), w.correction_bias.defined() ? w.correction_bias.f32() : nullptr,
-                            rows, E, c.n_group, c.topk_group, K, moe_gate_kind(c.gate),
-                            // transformers' DeepseekV2 never renormalises (norm_topk_prob is
-                            // false in every V2 checkpoint anyway); V3 does when asked.
-                            c.norm_topk_prob && c.family == ModelFamily::kDeepseekV3,
-                            static_cast<float>(c.routed_scaling_factor), ids.data(),
-                            weights.data()};
+  cpu::MoeRouteParams route{
+      logits.data(), w.correction_bias.defined() ? w.correction_bias.f32() : nullptr, rows, E,
+      c.n_group, c.topk_group, K, moe_gate_kind(c.gate),
+      // transformers' DeepseekV2 never renormalises (norm_topk_prob is
+      // false in every V2 checkpoint anyway); V3 does when asked.
+      c.norm_topk_prob && c.family == ModelFamily::kDeepseekV3,
+      static_cast<float>(c.routed_scaling_factor), ids.data(), weights.data()};
   cpu::moe_route(route);
   std::vector<std::vector<std::pair<int64_t, float>>> by_expert(E);
   for (int64_t t = 0; t < rows; ++t) {

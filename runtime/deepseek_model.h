@@ -1,5 +1,5 @@
-// DeepseekModel: the DeepSeek-V2/V3 forward pass on the CPU in fp32 (docs/ARCHITECTURE.md section 5),
-// reading and writing the paged latent cache.
+// DeepseekModel: the DeepSeek-V2/V3 forward pass on the CPU in fp32 (docs/ARCHITECTURE.md section
+// 5), reading and writing the paged latent cache.
 //
 // Under tensor parallelism (docs/ARCHITECTURE.md section 6) each rank holds the model for its
 // ShardPlan: the attention weights of its H/P heads, 1/P of every dense MLP and of the

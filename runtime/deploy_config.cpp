@@ -18,7 +18,8 @@ void reject_unknown(const YAML::Node& node, const std::set<std::string>& known,
                     const std::string& where, const std::string& origin) {
   for (const auto& kv : node) {
     const auto key = kv.first.as<std::string>();
-    if (!known.contains(key)) MLA_THROW(kInvalidArgument, "{}: unknown key `{}{}`", origin, where, key);
+    if (!known.contains(key))
+      MLA_THROW(kInvalidArgument, "{}: unknown key `{}{}`", origin, where, key);
   }
 }
 
@@ -43,7 +44,8 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
     MLA_THROW(kInvalidArgument, "{}: not valid YAML: {}", origin, e.what());
   }
   DeployConfig c;
-  if (root.IsNull()) MLA_THROW(kInvalidArgument, "{}: empty config (needs at least `model`)", origin);
+  if (root.IsNull())
+    MLA_THROW(kInvalidArgument, "{}: empty config (needs at least `model`)", origin);
   if (!root.IsMap()) MLA_THROW(kInvalidArgument, "{}: top level must be a mapping", origin);
   reject_unknown(root,
                  {"model", "absorb", "device", "cuda_graphs", "cuda_small_gemm", "cache",
@@ -97,10 +99,9 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
     read(co, "heartbeat_interval_ms", c.coordinator.heartbeat_interval_ms, "coordinator.", origin);
   }
   if (const auto wk = root["workers"]) {
-    reject_unknown(wk,
-                   {"host", "port_base", "metrics_port_base", "group", "coordinators",
-                    "drain_timeout_s"},
-                   "workers.", origin);
+    reject_unknown(
+        wk, {"host", "port_base", "metrics_port_base", "group", "coordinators", "drain_timeout_s"},
+        "workers.", origin);
     read(wk, "coordinators", c.workers.coordinators, "workers.", origin);
     read(wk, "drain_timeout_s", c.workers.drain_timeout_s, "workers.", origin);
     read(wk, "host", c.workers.host, "workers.", origin);

@@ -15,7 +15,7 @@ namespace mla {
 struct ParallelConfig {
   int32_t tp = 1;                     // `tp`: ranks per group. Default: 1.
   std::string kv_shard = "sequence";  // `kv_shard`: sequence | replicate. Default: sequence.
-  int32_t comm_timeout_s = 300;       // `comm_timeout_s`: a collective fails after this. Default: 300.
+  int32_t comm_timeout_s = 300;  // `comm_timeout_s`: a collective fails after this. Default: 300.
 };
 
 // `coordinator:` the client plane (Generate, Cancel, Health, ListWorkers) and the control
@@ -25,10 +25,10 @@ struct CoordinatorConfig {
   // `control_address`: the control plane's listen address; keep it off networks clients
   // reach. Default: 127.0.0.1:50052.
   std::string control_address = "127.0.0.1:50052";
-  int32_t metrics_port = 0;                 // `metrics_port`: Prometheus /metrics; 0 = off. Default: 0.
-  std::string routing = "least-loaded";     // `routing`: least-loaded | round-robin | prefix-affinity.
-  int32_t max_in_flight = 4096;             // `max_in_flight`: admission limit. Default: 4096.
-  int32_t heartbeat_interval_ms = 500;      // `heartbeat_interval_ms`: worker heartbeats. Default: 500.
+  int32_t metrics_port = 0;  // `metrics_port`: Prometheus /metrics; 0 = off. Default: 0.
+  std::string routing = "least-loaded";  // `routing`: least-loaded | round-robin | prefix-affinity.
+  int32_t max_in_flight = 4096;          // `max_in_flight`: admission limit. Default: 4096.
+  int32_t heartbeat_interval_ms = 500;  // `heartbeat_interval_ms`: worker heartbeats. Default: 500.
   // `forget_dead_after_s`: a dead worker's entry (and its id's binding to its address) is
   // dropped after this long. Default: 60.
   int32_t forget_dead_after_s = 60;
@@ -42,9 +42,10 @@ struct CoordinatorConfig {
 
 // `workers:` where each group's leader serves its Worker service.
 struct WorkersConfig {
-  std::string host = "127.0.0.1";  // `host`: address workers listen on and advertise. Default: 127.0.0.1.
-  int32_t port_base = 50100;       // `port_base`: group g listens on port_base + g. Default: 50100.
-  int32_t metrics_port_base = 0;   // `metrics_port_base`: group g on base + g; 0 = off. Default: 0.
+  std::string host =
+      "127.0.0.1";  // `host`: address workers listen on and advertise. Default: 127.0.0.1.
+  int32_t port_base = 50100;      // `port_base`: group g listens on port_base + g. Default: 50100.
+  int32_t metrics_port_base = 0;  // `metrics_port_base`: group g on base + g; 0 = off. Default: 0.
   // `group`: the index of the first group this mpirun job runs (one job per group keeps each
   // group its own failure domain: launch/cluster.sh starts job g with group g). Default: 0.
   int32_t group = 0;
@@ -76,12 +77,12 @@ struct TlsConfig {
 };
 
 struct DeployConfig {
-  std::string model_dir;   // `model`: Hugging Face model directory. Required.
-  ModelOptions model;      // `absorb`: naive | factored | premerged | auto. Default: auto.
-                           // `device`: cpu | cuda. Default: cpu.
-                           // `cuda_graphs`: capture decode steps. Default: true.
-                           // `cuda_small_gemm`: products with <= 2 rows and routed experts
-                           // at <= 16 slots through the small-row kernels. Default: true.
+  std::string model_dir;  // `model`: Hugging Face model directory. Required.
+  ModelOptions model;     // `absorb`: naive | factored | premerged | auto. Default: auto.
+                          // `device`: cpu | cuda. Default: cpu.
+                          // `cuda_graphs`: capture decode steps. Default: true.
+                          // `cuda_small_gemm`: products with <= 2 rows and routed experts
+                          // at <= 16 slots through the small-row kernels. Default: true.
   // `cache.block_size` (64), `cache.num_pages` (default: 256 with device cpu, 0 with cuda;
   // 0 = from free GPU memory), `cache.memory_fraction` (0.9), `scheduler.max_batch_tokens`
   // (512), `scheduler.max_running` (64). Read engine_options(), which resolves the default.

@@ -52,8 +52,8 @@ Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options, Commun
       cache_(make_cache(*model_, options)),
       scheduler_(options.scheduler, cache_) {
   MLA_REQUIRE(model_->shard().tp_size() == (comm_ ? comm_->size() : 1),
-              "the model is sharded for {} ranks but the group has {}",
-              model_->shard().tp_size(), comm_ ? comm_->size() : 1);
+              "the model is sharded for {} ranks but the group has {}", model_->shard().tp_size(),
+              comm_ ? comm_->size() : 1);
 }
 
 void Engine::broadcast_plan(std::vector<int64_t>& plan) {
@@ -119,7 +119,6 @@ void Engine::shutdown() {
   std::vector<int64_t> plan = {kPlanShutdown};
   broadcast_plan(plan);
 }
-
 
 void Engine::validate(const Request& r) const {
   const ModelConfig& c = model_->config();
@@ -188,8 +187,8 @@ std::vector<StepOutput> Engine::step() {
     released_.clear();
     words.push_back(static_cast<int64_t>(plan.chunks.size()));
     for (const ScheduledChunk& chunk : plan.chunks) {
-      words.insert(words.end(), {static_cast<int64_t>(chunk.seq->id), chunk.start,
-                                 chunk.num_tokens, chunk.samples() ? 1 : 0});
+      words.insert(words.end(), {static_cast<int64_t>(chunk.seq->id), chunk.start, chunk.num_tokens,
+                                 chunk.samples() ? 1 : 0});
     }
     words.insert(words.end(), batch.tokens.begin(), batch.tokens.end());
     broadcast_plan(words);
@@ -216,9 +215,9 @@ std::vector<StepOutput> Engine::postprocess(const Schedule& plan, SampledStep sa
     out.token = token;
     if (seq.request.return_logits) out.logits = std::move(sampled.logits.at(i));
     const auto& stops = seq.request.stop_ids;
-    const bool eos = !seq.request.ignore_eos &&
-                     std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), token) !=
-                         c.eos_token_ids.end();
+    const bool eos =
+        !seq.request.ignore_eos &&
+        std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), token) != c.eos_token_ids.end();
     if (eos || std::find(stops.begin(), stops.end(), token) != stops.end()) {
       out.finish = FinishReason::kStop;
     } else if (seq.num_generated() >= seq.request.max_tokens) {

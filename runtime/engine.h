@@ -6,14 +6,13 @@
 // chunks under the token budget; when cache pages run out, the youngest running request is
 // preempted and recomputed later. Not thread-safe: one thread drives an engine.
 //
-// Tensor parallelism (docs/ARCHITECTURE.md section 6): every rank of a group builds an Engine around
-// its model shard and the group's Communicator. Rank 0, the leader, takes requests and
-// calls step(): it schedules, broadcasts the step's plan (which sequences released their
-// pages, which chunks run, their tokens), and runs its part of the forward pass. The other
-// ranks call follow() until the leader's shutdown(): each applies the plan to its own
-// cache shard and runs its part of the same forward pass. The leader's cache (rank 0 owns
-// the largest share of every sequence's pages) decides admission, so a follower never
-// runs out of pages the leader had.
+// Tensor parallelism (docs/ARCHITECTURE.md section 6): every rank of a group builds an Engine
+// around its model shard and the group's Communicator. Rank 0, the leader, takes requests and calls
+// step(): it schedules, broadcasts the step's plan (which sequences released their pages, which
+// chunks run, their tokens), and runs its part of the forward pass. The other ranks call follow()
+// until the leader's shutdown(): each applies the plan to its own cache shard and runs its part of
+// the same forward pass. The leader's cache (rank 0 owns the largest share of every sequence's
+// pages) decides admission, so a follower never runs out of pages the leader had.
 #pragma once
 
 #include <map>
@@ -21,20 +20,20 @@
 #include <optional>
 #include <vector>
 
-#include "runtime/model.h"
 #include "runtime/latent_cache.h"
+#include "runtime/model.h"
 #include "runtime/scheduler.h"
 #include "runtime/sequence.h"
 
 namespace mla {
 
 struct EngineOptions {
-  int32_t block_size = 64;        // tokens per cache page. Default: 64.
+  int32_t block_size = 64;  // tokens per cache page. Default: 64.
   // Cache pages; 0 sizes the cache from free device memory (CUDA models only). Default: 256.
   int32_t num_pages = 256;
   // With num_pages 0: the share of the free device memory the cache takes. Default: 0.9.
   double cache_memory_fraction = 0.9;
-  SchedulerOptions scheduler;     // Default: see SchedulerOptions.
+  SchedulerOptions scheduler;  // Default: see SchedulerOptions.
 
   // The pages an engine's cache gets: num_pages, or with 0 the model's auto_num_pages.
   // Throws kInvalidArgument for 0 with a model that cannot size its cache (the CPU model).
@@ -44,10 +43,10 @@ struct EngineOptions {
 // What one step produced for one request.
 struct StepOutput {
   RequestId id;
-  int32_t token = -1;                       // -1 when the request ended without a token
+  int32_t token = -1;  // -1 when the request ended without a token
   bool finished = false;
   FinishReason finish = FinishReason::kNone;
-  std::vector<float> logits;                // only with Request::return_logits
+  std::vector<float> logits;  // only with Request::return_logits
 };
 
 // A request's complete state, enough to continue it in another engine: its tokens, its
@@ -56,12 +55,12 @@ struct RequestSnapshot {
   Request request;
   std::vector<int32_t> tokens;  // prompt + generated
   int32_t prompt_len = 0;
-  Tensor latents;               // [layers, num_computed, d_c + d_r]
+  Tensor latents;  // [layers, num_computed, d_c + d_r]
 };
 
 struct EngineStats {
   int64_t steps = 0;
-  int64_t computed_tokens = 0;   // tokens run through the model (recomputation included)
+  int64_t computed_tokens = 0;  // tokens run through the model (recomputation included)
   int64_t generated_tokens = 0;
   int64_t preemptions = 0;
   WorkCounter work;
@@ -73,8 +72,8 @@ class Engine {
   // null for a single rank. The model's collectives go through `comm`; the leader's step
   // plans through `control` (host memory: an MPI communicator of the same group), which
   // defaults to `comm` (right for the CPU model, whose comm is MPI).
-  Engine(std::shared_ptr<const Model> model, EngineOptions options,
-         Communicator* comm = nullptr, Communicator* control = nullptr);
+  Engine(std::shared_ptr<const Model> model, EngineOptions options, Communicator* comm = nullptr,
+         Communicator* control = nullptr);
 
   bool is_leader() const { return comm_ == nullptr || comm_->rank() == 0; }
   // Follower ranks: run steps as the leader plans them; returns after the leader's

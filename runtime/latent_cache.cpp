@@ -120,10 +120,10 @@ Tensor LatentCache::export_tokens(const BlockTable& table, int32_t num_tokens) c
   Tensor out = Tensor::empty({geometry_.num_layers, num_tokens, width});
   for (int32_t layer = 0; layer < geometry_.num_layers; ++layer) {
     float* dst = out.f32() + int64_t{layer} * num_tokens * width;
-    for_each_page_run(
-        table, geometry_.block_size, num_tokens, [&](int32_t first, int32_t count, int32_t page) {
-          read_rows(page, layer, count, dst + first * width);
-        });
+    for_each_page_run(table, geometry_.block_size, num_tokens,
+                      [&](int32_t first, int32_t count, int32_t page) {
+                        read_rows(page, layer, count, dst + first * width);
+                      });
   }
   return out;
 }
@@ -143,10 +143,10 @@ bool LatentCache::import_tokens(BlockTable& table, const Tensor& latents) {
   if (!reserve(table, num_tokens)) return false;
   for (int32_t layer = 0; layer < geometry_.num_layers; ++layer) {
     const float* src = latents.f32() + int64_t{layer} * num_tokens * width;
-    for_each_page_run(
-        table, geometry_.block_size, num_tokens, [&](int32_t first, int32_t count, int32_t page) {
-          write_rows(page, layer, count, src + first * width);
-        });
+    for_each_page_run(table, geometry_.block_size, num_tokens,
+                      [&](int32_t first, int32_t count, int32_t page) {
+                        write_rows(page, layer, count, src + first * width);
+                      });
   }
   return true;
 }

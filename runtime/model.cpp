@@ -46,8 +46,7 @@ ShardPlan Model::plan_for(const ModelConfig& config, const ModelOptions& options
   divisible(config.intermediate_size, "intermediate_size");
   if (config.n_routed_experts > 0) {
     divisible(config.n_routed_experts, "n_routed_experts");
-    divisible(config.n_shared_experts * config.moe_intermediate_size,
-              "the shared experts' width");
+    divisible(config.n_shared_experts * config.moe_intermediate_size, "the shared experts' width");
   }
   return shard;
 }
@@ -89,9 +88,12 @@ SampledStep Model::forward_sample(const ForwardBatch& batch,
 
 cpu::MoeGate moe_gate_kind(GateKind g) {
   switch (g) {
-    case GateKind::kSoftmaxGreedy: return cpu::MoeGate::kSoftmaxGreedy;
-    case GateKind::kSoftmaxGroupLimited: return cpu::MoeGate::kSoftmaxGroupLimited;
-    case GateKind::kSigmoidNoauxTc: return cpu::MoeGate::kSigmoidNoauxTc;
+    case GateKind::kSoftmaxGreedy:
+      return cpu::MoeGate::kSoftmaxGreedy;
+    case GateKind::kSoftmaxGroupLimited:
+      return cpu::MoeGate::kSoftmaxGroupLimited;
+    case GateKind::kSigmoidNoauxTc:
+      return cpu::MoeGate::kSigmoidNoauxTc;
   }
   MLA_THROW(kInternal, "unknown gate kind");
 }
@@ -101,8 +103,9 @@ std::shared_ptr<Model> load_model(const std::string& model_dir, const ModelOptio
 #if MLA_HAVE_CUDA
   return CudaModel::load(model_dir, options);
 #else
-  MLA_THROW(kFailedPrecondition, "this build has no CUDA backend (nvcc was not found when it was "
-                            "configured); use --device cpu");
+  MLA_THROW(kFailedPrecondition,
+            "this build has no CUDA backend (nvcc was not found when it was "
+            "configured); use --device cpu");
 #endif
 }
 

@@ -74,7 +74,7 @@ struct WorkCounter {
   int64_t cache_upproj_flops = 0;  // up-projection of cached latents (decompressed form only)
   int64_t attention_flops = 0;     // score and value products over keys
   std::array<int64_t, kNumAttnForms> form_chunks{};  // sequence-steps per attention form
-  CommStats comm;                  // collectives issued by the forward passes
+  CommStats comm;                                    // collectives issued by the forward passes
   void reset() { *this = WorkCounter{}; }
   void add(const WorkCounter& other);
 };
@@ -118,8 +118,8 @@ class Model {
   // The base version samples on the host; the CUDA model samples on the GPU and copies
   // back only the tokens (and the rows asked for with keep_logits).
   virtual SampledStep forward_sample(const ForwardBatch& batch,
-                                     const std::vector<SampleRequest>& requests,
-                                     LatentCache& cache, WorkCounter* counter = nullptr,
+                                     const std::vector<SampleRequest>& requests, LatentCache& cache,
+                                     WorkCounter* counter = nullptr,
                                      Communicator* comm = nullptr) const;
 
  protected:

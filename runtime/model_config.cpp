@@ -305,7 +305,7 @@ json ModelConfig::to_json() const {
       {"moe_layer_freq", moe_layer_freq},
       {"routed_scaling_factor", routed_scaling_factor},
       {"norm_topk_prob", norm_topk_prob},
-      {"topk_method", gate == GateKind::kSigmoidNoauxTc    ? "noaux_tc"
+      {"topk_method", gate == GateKind::kSigmoidNoauxTc  ? "noaux_tc"
                       : gate == GateKind::kSoftmaxGreedy ? "greedy"
                                                          : "group_limited_greedy"},
       {"scoring_func", gate == GateKind::kSigmoidNoauxTc ? "sigmoid" : "softmax"},

@@ -12,10 +12,9 @@
 // `quantization_config` other than fp8 e4m3 with block scales.
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <array>
 #include <cstdint>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
@@ -39,8 +38,8 @@ struct RopeConfig {
   int64_t original_max_position_embeddings = 4096;
   double beta_fast = 32.0;
   double beta_slow = 1.0;
-  double mscale = 0.0;          // 0 means unset, as in transformers
-  double mscale_all_dim = 0.0;  // 0 means unset
+  double mscale = 0.0;            // 0 means unset, as in transformers
+  double mscale_all_dim = 0.0;    // 0 means unset
   double attention_factor = 0.0;  // 0 means derive from factor/mscale
   bool truncate = true;
 };
@@ -61,17 +60,17 @@ struct ModelConfig {
 
   ModelFamily family = ModelFamily::kDeepseekV3;
   int64_t vocab_size = 0;
-  int64_t hidden_size = 0;                // D
+  int64_t hidden_size = 0;  // D
   int64_t num_layers = 0;
-  int64_t num_heads = 0;                  // H
-  int64_t q_lora_rank = 0;                // d_q; 0 = no q LoRA (q_proj)
-  int64_t kv_lora_rank = 0;               // d_c
-  int64_t qk_rope_head_dim = 0;           // d_r
-  int64_t qk_nope_head_dim = 0;           // d_n
-  int64_t v_head_dim = 0;                 // d_v
-  int64_t intermediate_size = 0;          // dense MLP width
-  int64_t moe_intermediate_size = 0;      // one expert's width
-  int64_t n_routed_experts = 0;           // 0 = dense model
+  int64_t num_heads = 0;              // H
+  int64_t q_lora_rank = 0;            // d_q; 0 = no q LoRA (q_proj)
+  int64_t kv_lora_rank = 0;           // d_c
+  int64_t qk_rope_head_dim = 0;       // d_r
+  int64_t qk_nope_head_dim = 0;       // d_n
+  int64_t v_head_dim = 0;             // d_v
+  int64_t intermediate_size = 0;      // dense MLP width
+  int64_t moe_intermediate_size = 0;  // one expert's width
+  int64_t n_routed_experts = 0;       // 0 = dense model
   int64_t n_shared_experts = 0;
   int64_t num_experts_per_tok = 0;
   int64_t n_group = 1;
@@ -82,7 +81,7 @@ struct ModelConfig {
   bool norm_topk_prob = false;
   GateKind gate = GateKind::kSigmoidNoauxTc;
   double rms_norm_eps = 1e-6;
-  bool rope_interleave = true;            // pairs (2j, 2j+1) rotate; else (j, j + d_r/2)
+  bool rope_interleave = true;  // pairs (2j, 2j+1) rotate; else (j, j + d_r/2)
   RopeConfig rope;
   int64_t max_position_embeddings = 4096;
   std::vector<int32_t> eos_token_ids;

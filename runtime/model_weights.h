@@ -30,11 +30,12 @@ struct AttentionWeights {
 };
 
 struct MoeWeights {
-  Tensor gate;                       // [E, D]
-  Tensor correction_bias;            // [E] (noaux_tc only)
-  std::vector<MlpWeights> experts;   // this rank's routed experts: first_expert, first_expert + 1, ...
+  Tensor gate;             // [E, D]
+  Tensor correction_bias;  // [E] (noaux_tc only)
+  std::vector<MlpWeights>
+      experts;  // this rank's routed experts: first_expert, first_expert + 1, ...
   int64_t first_expert = 0;
-  MlpWeights shared;                 // n_shared_experts * moe_intermediate_size wide
+  MlpWeights shared;  // n_shared_experts * moe_intermediate_size wide
 };
 
 struct LayerWeights {
@@ -42,12 +43,12 @@ struct LayerWeights {
   Tensor post_attn_norm;  // [D]
   AttentionWeights attn;
   bool is_moe = false;
-  MlpWeights mlp;         // dense layers
-  MoeWeights moe;         // MoE layers
+  MlpWeights mlp;  // dense layers
+  MoeWeights moe;  // MoE layers
 };
 
 struct ModelWeights {
-  Tensor embed;       // [V, D]
+  Tensor embed;  // [V, D]
   std::vector<LayerWeights> layers;
   Tensor final_norm;  // [D]
   Tensor lm_head;     // [V, D]

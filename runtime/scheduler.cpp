@@ -8,10 +8,14 @@ namespace mla {
 
 const char* to_string(FinishReason r) {
   switch (r) {
-    case FinishReason::kNone: return "none";
-    case FinishReason::kStop: return "stop";
-    case FinishReason::kLength: return "length";
-    case FinishReason::kCancelled: return "cancelled";
+    case FinishReason::kNone:
+      return "none";
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kCancelled:
+      return "cancelled";
   }
   return "?";
 }
@@ -45,8 +49,8 @@ void Scheduler::preempt(Sequence* seq) {
   seq->num_preemptions++;
   running_.erase(std::find(running_.begin(), running_.end(), seq));
   // Preempted sequences arrived before anything still waiting: they go first.
-  auto pos = std::find_if(waiting_.begin(), waiting_.end(),
-                          [&](Sequence* w) { return w->id > seq->id; });
+  auto pos =
+      std::find_if(waiting_.begin(), waiting_.end(), [&](Sequence* w) { return w->id > seq->id; });
   waiting_.insert(pos, seq);
 }
 

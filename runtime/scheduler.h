@@ -25,7 +25,7 @@ struct SchedulerOptions {
 
 struct ScheduledChunk {
   Sequence* seq;
-  int32_t start;       // position of the chunk's first token
+  int32_t start;  // position of the chunk's first token
   int32_t num_tokens;
   bool samples() const {  // the chunk reaches the last known token: sample after it
     return start + num_tokens == static_cast<int32_t>(seq->tokens.size());
@@ -63,7 +63,7 @@ class Scheduler {
 
   SchedulerOptions options_;
   LatentCache& cache_;
-  std::deque<Sequence*> waiting_;  // arrival order; preempted ones go back to the front
+  std::deque<Sequence*> waiting_;   // arrival order; preempted ones go back to the front
   std::vector<Sequence*> running_;  // arrival order
 };
 

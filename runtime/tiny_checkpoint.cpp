@@ -1,17 +1,16 @@
 #include "runtime/tiny_checkpoint.h"
 
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
-#include <fmt/ranges.h>
-
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
-#include <thread>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <thread>
 
 #include "kernels/error.h"
 #include "kernels/tensor.h"
@@ -64,7 +63,8 @@ std::vector<std::pair<std::string, Shape>> checkpoint_shapes(const ModelConfig& 
     }
     out.push_back({a + "kv_a_proj_with_mqa.weight", {c.latent_width(), D}});
     out.push_back({a + "kv_a_layernorm.weight", {c.kv_lora_rank}});
-    out.push_back({a + "kv_b_proj.weight", {H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}});
+    out.push_back(
+        {a + "kv_b_proj.weight", {H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}});
     out.push_back({a + "o_proj.weight", {D, H * c.v_head_dim}});
     const std::string m = p + "mlp.";
     if (!c.is_moe_layer(l)) {
@@ -78,13 +78,15 @@ std::vector<std::pair<std::string, Shape>> checkpoint_shapes(const ModelConfig& 
     for (int64_t e = 0; e < c.n_routed_experts; ++e) {
       mlp(fmt::format("{}experts.{}.", m, e), c.moe_intermediate_size);
     }
-    if (c.n_shared_experts > 0) mlp(m + "shared_experts.", c.n_shared_experts * c.moe_intermediate_size);
+    if (c.n_shared_experts > 0)
+      mlp(m + "shared_experts.", c.n_shared_experts * c.moe_intermediate_size);
   }
   return out;
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 Tensor narrow_to(const Tensor& f32, DType dtype) {
@@ -122,7 +124,9 @@ std::pair<Tensor, Tensor> quantize_fp8(const Tensor& w, int block) {
 
 }  // namespace
 
-std::vector<std::string> model_preset_names() { return {"v3", "v3-full", "v2-lite", "v2-lite-full"}; }
+std::vector<std::string> model_preset_names() {
+  return {"v3", "v3-full", "v2-lite", "v2-lite-full"};
+}
 
 ModelConfig model_preset(const std::string& name) {
   ModelConfig c = tiny_base();
@@ -253,8 +257,10 @@ void write_random_checkpoint(const ModelConfig& config, const std::string& dir, 
     const bool is_norm = ends_with(name, "norm.weight");
     const bool is_bias = ends_with(name, "e_score_correction_bias");
     const bool is_embed = name == "model.embed_tokens.weight";
-    const float std_dev = is_norm ? 0.1f : is_bias ? 0.05f : is_embed ? 1.0f
-                                  : 1.0f / std::sqrt(static_cast<float>(shape.back()));
+    const float std_dev = is_norm    ? 0.1f
+                          : is_bias  ? 0.05f
+                          : is_embed ? 1.0f
+                                     : 1.0f / std::sqrt(static_cast<float>(shape.back()));
     const float mean = is_norm ? 1.0f : 0.0f;
     if (t.numel() < kFastFillElements) {
       for (int64_t i = 0; i < t.numel(); ++i) p[i] = mean + std_dev * normal(rng);

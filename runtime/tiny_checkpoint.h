@@ -12,7 +12,8 @@
 namespace mla {
 
 // Named model shapes: "v3" and "v2-lite" (tiny, CPU-friendly), "v2-lite-full" and "v3-full"
-// (the exact DeepSeek-V2-Lite and DeepSeek-V3 shapes). Throws kInvalidArgument for an unknown name, listing the known.
+// (the exact DeepSeek-V2-Lite and DeepSeek-V3 shapes). Throws kInvalidArgument for an unknown name,
+// listing the known.
 ModelConfig model_preset(const std::string& name);
 std::vector<std::string> model_preset_names();
 

@@ -15,8 +15,8 @@ WeightLoader::WeightLoader(Checkpoint& ckpt, const ModelConfig& config, const Sh
   size_t total = 0;
   for (const std::string& name : ckpt.names()) {
     int layer = -1;
-    const bool beyond = std::sscanf(name.c_str(), "model.layers.%d.", &layer) == 1 &&
-                        layer >= config.num_layers;
+    const bool beyond =
+        std::sscanf(name.c_str(), "model.layers.%d.", &layer) == 1 && layer >= config.num_layers;
     if (!beyond && !name.ends_with("_scale_inv")) total += ckpt.info(name).nbytes;
   }
   ckpt.expect_total_bytes(shard.tp_size() == 1 ? total : total / shard.tp_size());
@@ -100,10 +100,9 @@ LayerWeights WeightLoader::layer(int64_t l) {
   m.experts.resize(local);
   if (ckpt_.has(mp + "experts.gate_up_proj")) {
     // Fused layout (transformers' in-memory form): [E, 2I, D] and [E, D, I].
-    Tensor gu = rows(mp + "experts.gate_up_proj", {E, 2 * I, D}, m.first_expert,
-                     m.first_expert + local);
-    Tensor down =
-        rows(mp + "experts.down_proj", {E, D, I}, m.first_expert, m.first_expert + local);
+    Tensor gu =
+        rows(mp + "experts.gate_up_proj", {E, 2 * I, D}, m.first_expert, m.first_expert + local);
+    Tensor down = rows(mp + "experts.down_proj", {E, D, I}, m.first_expert, m.first_expert + local);
     for (int64_t e = 0; e < local; ++e) {
       m.experts[e].width = I;
       m.experts[e].gate_up = gu.slice_rows(e, e + 1).view({2 * I, D});
@@ -120,24 +119,24 @@ LayerWeights WeightLoader::layer(int64_t l) {
 
 void build_premerged(const ModelConfig& c, int64_t local_heads, AttentionWeights& w) {
   const int64_t H = local_heads, dc = c.kv_lora_rank, dn = c.qk_nope_head_dim,
-                dr = c.qk_rope_head_dim, dv = c.v_head_dim, D = c.hidden_size,
-                qin = c.q_in_dim(), dqk = c.qk_head_dim();
+                dr = c.qk_rope_head_dim, dv = c.v_head_dim, D = c.hidden_size, qin = c.q_in_dim(),
+                dqk = c.qk_head_dim();
   w.q_absorbed = Tensor::empty({H * dc, qin});
   w.q_rope = Tensor::empty({H * dr, qin});
   w.o_absorbed = Tensor::empty({D, H * dc});
   std::vector<float> uk_t(dc * dn);
   for (int64_t h = 0; h < H; ++h) {
     const float* w_uk = w.kv_b.f32() + h * (dn + dv) * dc;  // [d_n, d_c]
-    const float* w_uv = w_uk + dn * dc;                      // [d_v, d_c]
-    const float* q_nope = w.q_b.f32() + h * dqk * qin;       // [d_n, q_in]
+    const float* w_uv = w_uk + dn * dc;                     // [d_v, d_c]
+    const float* q_nope = w.q_b.f32() + h * dqk * qin;      // [d_n, q_in]
     // W_Q'[h] [d_c, q_in] = W_UK[h]^T [d_c, d_n] * W_q,nope[h] [d_n, q_in]
     for (int64_t i = 0; i < dn; ++i)
       for (int64_t j = 0; j < dc; ++j) uk_t[j * dn + i] = w_uk[i * dc + j];
     cpu::matmul_nn(uk_t.data(), dc, dn, q_nope, qin, w.q_absorbed.f32() + h * dc * qin);
     std::memcpy(w.q_rope.f32() + h * dr * qin, q_nope + dn * qin, dr * qin * sizeof(float));
     // W_O'[:, h] [D, d_c] = W_o[:, h] [D, d_v] * W_UV[h] [d_v, d_c]
-    cpu::gemm(false, D, dc, dv, w.o.f32() + h * dv, H * dv, w_uv, dc,
-              w.o_absorbed.f32() + h * dc, H * dc);
+    cpu::gemm(false, D, dc, dv, w.o.f32() + h * dv, H * dv, w_uv, dc, w.o_absorbed.f32() + h * dc,
+              H * dc);
   }
 }
 

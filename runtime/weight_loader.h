@@ -1,5 +1,6 @@
 // WeightLoader: reads one tensor-parallel rank's share of a DeepSeek checkpoint as fp32
-// host tensors, a layer at a time (docs/ARCHITECTURE.md section 6 says which slice each rank keeps).
+// host tensors, a layer at a time (docs/ARCHITECTURE.md section 6 says which slice each rank
+// keeps).
 //
 // The CPU model keeps what it reads; the CUDA model converts each layer to bf16 on the
 // device and drops the host copy, so a model larger than host memory in fp32 still loads.
@@ -20,8 +21,8 @@ class WeightLoader {
   // Sets the checkpoint's progress total to the bytes this rank will read.
   WeightLoader(Checkpoint& ckpt, const ModelConfig& config, const ShardPlan& shard);
 
-  Tensor embed();        // [V, D]
-  Tensor final_norm();   // [D]
+  Tensor embed();       // [V, D]
+  Tensor final_norm();  // [D]
   // lm_head.weight, or `embed` itself when the embeddings are tied and no head is stored.
   Tensor lm_head(const Tensor& embed);
   // Layer l's weights for this rank: H/P heads of the attention, 1/P of dense MLPs and of
@@ -37,8 +38,8 @@ class WeightLoader {
   ShardPlan shard_;
 };
 
-// The premerged matrices of one layer's attention (docs/ARCHITECTURE.md section 5) from its q_b, kv_b
-// and o, for `local_heads` heads: W_Q'[h] = W_UK[h]^T W_q,nope[h], the rope rows of q_b, and
+// The premerged matrices of one layer's attention (docs/ARCHITECTURE.md section 5) from its q_b,
+// kv_b and o, for `local_heads` heads: W_Q'[h] = W_UK[h]^T W_q,nope[h], the rope rows of q_b, and
 // W_O'[:, h] = W_o[:, h] W_UV[h]. fp32 on the host.
 void build_premerged(const ModelConfig& c, int64_t local_heads, AttentionWeights& w);
 

@@ -1,6 +1,6 @@
-// MoE routing, the CPU reference (the V2 softmax and V3 noaux_tc gates as transformers computes them): from a token's router
-// logits, the experts it goes to and the weight of each. Defines the numerics the CUDA router
-// (kernels/cuda/moe_gate.h) is tested against. Stateless; thread-safe.
+// MoE routing, the CPU reference (the V2 softmax and V3 noaux_tc gates as transformers computes
+// them): from a token's router logits, the experts it goes to and the weight of each. Defines the
+// numerics the CUDA router (kernels/cuda/moe_gate.h) is tested against. Stateless; thread-safe.
 #pragma once
 
 #include <cstdint>

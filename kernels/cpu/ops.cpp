@@ -14,8 +14,8 @@ namespace mla::cpu {
 void gemm(bool trans_w, int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx,
           const float* w, int64_t ldw, float* y, int64_t ldy, float beta) {
   if (m == 0 || n == 0) return;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, trans_w ? CblasTrans : CblasNoTrans, m, n, k, 1.0f,
-              x, ldx, w, ldw, beta, y, ldy);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, trans_w ? CblasTrans : CblasNoTrans, m, n, k, 1.0f, x,
+              ldx, w, ldw, beta, y, ldy);
 }
 
 void matmul_nt(const float* x, int64_t m, int64_t k, const float* w, int64_t n, float* y,
@@ -28,8 +28,8 @@ void matmul_nn(const float* x, int64_t m, int64_t k, const float* w, int64_t n, 
   gemm(false, m, n, k, x, k, w, n, y, n, beta);
 }
 
-void rms_norm(const float* x, int64_t rows, int64_t d, int64_t x_stride, const float* w,
-              float eps, float* y, int64_t y_stride) {
+void rms_norm(const float* x, int64_t rows, int64_t d, int64_t x_stride, const float* w, float eps,
+              float* y, int64_t y_stride) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * x_stride;
     float* yr = y + r * y_stride;

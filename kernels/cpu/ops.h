@@ -21,8 +21,8 @@ void matmul_nn(const float* x, int64_t m, int64_t k, const float* w, int64_t n, 
 
 // y[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w, for each of `rows` rows of width d.
 // x and y may alias (in place).
-void rms_norm(const float* x, int64_t rows, int64_t d, int64_t x_stride, const float* w,
-              float eps, float* y, int64_t y_stride);
+void rms_norm(const float* x, int64_t rows, int64_t d, int64_t x_stride, const float* w, float eps,
+              float* y, int64_t y_stride);
 
 // out[r, i] = silu(gate_up[r, i]) * gate_up[r, width + i]   gate_up: [rows, 2 * width]
 void silu_mul(const float* gate_up, int64_t rows, int64_t width, float* out);
@@ -56,21 +56,21 @@ struct LatentAttentionParams {
   const int32_t* num_keys;        // [tokens] keys visible to each token (causal)
   int64_t tokens, heads, d_c, d_r, block_size;
   float scale;
-  float* out;                     // [tokens, heads, d_c]
-  float* lse;                     // [tokens, heads]; -inf where num_keys is 0
+  float* out;  // [tokens, heads, d_c]
+  float* lse;  // [tokens, heads]; -inf where num_keys is 0
 };
 void latent_attention(const LatentAttentionParams& p);
 
 // Dense causal attention in the decompressed (MHA) form for one sequence:
 //   s = scale * q[t,h] . k[j,h],  out[t,h] = sum_j softmax(s)_j v[j,h],  j < num_keys[t]
 struct DenseAttentionParams {
-  const float* q;         // [tokens, heads, d_qk]
-  const float* k;         // [keys, heads, d_qk]
-  const float* v;         // [keys, heads, d_v]
+  const float* q;           // [tokens, heads, d_qk]
+  const float* k;           // [keys, heads, d_qk]
+  const float* v;           // [keys, heads, d_v]
   const int32_t* num_keys;  // [tokens]
   int64_t tokens, keys, heads, d_qk, d_v;
   float scale;
-  float* out;             // [tokens, heads, d_v]
+  float* out;  // [tokens, heads, d_v]
 };
 void dense_attention(const DenseAttentionParams& p);
 

@@ -1,9 +1,9 @@
 #include <cstdint>
 
 #include "kernels/cuda/add_rms_norm.h"
-#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/block_reduce.cuh"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/vec_io.cuh"
 
 namespace mla::cuda {

@@ -1,8 +1,8 @@
 #include <cstdint>
 
 #include "kernels/cuda/argmax.h"
-#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/pdl.cuh"
 
 namespace mla::cuda {
 namespace {

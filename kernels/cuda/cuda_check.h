@@ -6,13 +6,13 @@
 
 #include "kernels/error.h"
 
-#define MLA_CUDA_CHECK(expr)                                                          \
-  do {                                                                                \
-    cudaError_t mla_err_ = (expr);                                                    \
-    if (mla_err_ != cudaSuccess) {                                                    \
-      MLA_THROW(kInternal, "{}:{}: {} failed: {}", __FILE__, __LINE__, #expr,         \
-                cudaGetErrorString(mla_err_));                                        \
-    }                                                                                 \
+#define MLA_CUDA_CHECK(expr)                                                  \
+  do {                                                                        \
+    cudaError_t mla_err_ = (expr);                                            \
+    if (mla_err_ != cudaSuccess) {                                            \
+      MLA_THROW(kInternal, "{}:{}: {} failed: {}", __FILE__, __LINE__, #expr, \
+                cudaGetErrorString(mla_err_));                                \
+    }                                                                         \
   } while (0)
 
 namespace mla::cuda {

@@ -12,8 +12,8 @@ __global__ void gather_rows_kernel(GatherRowsParams p) {
   wait_for_prerequisite();  // launched as a dependent: the kernels before have finished
   allow_dependent_launch();
   const int64_t row = blockIdx.x;
-  const auto* src = reinterpret_cast<const Word*>(static_cast<const char*>(p.in) +
-                                                  p.index[row] * p.in_stride);
+  const auto* src =
+      reinterpret_cast<const Word*>(static_cast<const char*>(p.in) + p.index[row] * p.in_stride);
   auto* dst = reinterpret_cast<Word*>(static_cast<char*>(p.out) + row * p.out_stride);
   const int64_t words = p.row_bytes / static_cast<int64_t>(sizeof(Word));
   for (int64_t i = threadIdx.x; i < words; i += blockDim.x) dst[i] = src[i];

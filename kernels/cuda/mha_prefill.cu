@@ -4,8 +4,8 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_check.h"
-#include "kernels/cuda/mma_sm80.cuh"
 #include "kernels/cuda/mha_prefill.h"
+#include "kernels/cuda/mma_sm80.cuh"
 
 namespace mla::cuda {
 namespace {
@@ -22,12 +22,6 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 
 using namespace mma;
-
-
-
-
-
-
 
 // Shared-memory tiles have rows of kPitch elements (a multiple of 64, so whole groups of 8
 // 16-byte chunks); chunk c of row r sits at c ^ (r % 8), so the 8 rows an ldmatrix reads at
@@ -110,7 +104,7 @@ __global__ void __launch_bounds__(kThreads, 2) mha_prefill_kernel(MhaPrefillPara
       const int64_t j = k0 + kt * kKeys + r;
       for (int c = ld_chunk; c < v_chunks; c += 8) {
         cp_async_16(s_v + tile_offset<kDv>(r, c),
-                   valid ? p.v + j * p.v_token_stride + h * p.v_head_stride + c * 8 : p.v, valid);
+                    valid ? p.v + j * p.v_token_stride + h * p.v_head_stride + c * 8 : p.v, valid);
       }
     }
     cp_async_commit();

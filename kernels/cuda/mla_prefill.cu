@@ -5,8 +5,8 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_check.h"
-#include "kernels/cuda/mma_sm80.cuh"
 #include "kernels/cuda/mla_prefill.h"
+#include "kernels/cuda/mma_sm80.cuh"
 
 namespace mla::cuda {
 namespace {
@@ -43,15 +43,10 @@ struct TileShape {
   int32_t heads_per_tile, tokens_per_tile, head_tiles, token_tiles, splits;
 };
 
-
-
 // Barrier for the two warps (64 threads) of row group `group`; id 0 is __syncthreads'.
 __device__ __forceinline__ void pair_barrier(int group) {
   asm volatile("bar.sync %0, 64;\n" ::"r"(group + 1) : "memory");
 }
-
-
-
 
 // Rows of 576 values are 72 chunks of 16 bytes; chunk c of row r sits at c ^ (r % 8), so the
 // 8 rows an ldmatrix reads at one logical chunk fall in 8 different bank groups.

@@ -2,8 +2,8 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_check.h"
-#include "kernels/cuda/silu_mul.h"
 #include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/silu_mul.h"
 #include "kernels/cuda/vec_io.cuh"
 
 namespace mla::cuda {

@@ -2,8 +2,8 @@
 // gemm.h (C[m, n] = alpha * A[m, k] op(B) + beta * C, batched) for m <= kSkinnyMaxRows. The
 // cost is reading B (the weight) once, so the kernel spreads B's rows, in 16-byte chunks, over
 // the whole GPU and keeps several loads in flight per thread; cuBLAS's GEMV-shaped kernels read
-// these shapes at about half the copy bandwidth (docs/BENCHMARKS.md, batch-1 profile). A and B both bf16
-// (fp32 or bf16 output) or both fp32 (fp32 output); fp32 accumulation. The CPU reference is
+// these shapes at about half the copy bandwidth (docs/BENCHMARKS.md, batch-1 profile). A and B both
+// bf16 (fp32 or bf16 output) or both fp32 (fp32 output); fp32 accumulation. The CPU reference is
 // mla::cpu::gemm.
 //
 // As a programmatic dependent launch (pdl.cuh) the kernel loads its first weights before it

@@ -191,14 +191,14 @@ bool NcclCommunicator::start(const OpDesc& op) const {
 }
 
 bool NcclCommunicator::begin_stream_ordered(void* stream) {
-  MLA_REQUIRE(stream != nullptr, "rank {} of {} (nccl): stream-ordered mode needs a stream",
-              rank_, size_);
+  MLA_REQUIRE(stream != nullptr, "rank {} of {} (nccl): stream-ordered mode needs a stream", rank_,
+              size_);
   // Graphs replay their collectives without calling in here: an aborted communicator must
   // stop the step before any of them launches.
   if (comm_ == nullptr) {
     MLA_THROW(kFailedPrecondition,
-              "rank {} of {} (nccl): the communicator was aborted after an earlier failure",
-              rank_, size_);
+              "rank {} of {} (nccl): the communicator was aborted after an earlier failure", rank_,
+              size_);
   }
   ordered_ = static_cast<cudaStream_t>(stream);
   return true;

@@ -48,8 +48,7 @@ class DeviceArray {
   }
   // Copies host.size() elements (at most n) to the start of the array.
   void upload(const std::vector<T>& host) {
-    MLA_CUDA_CHECK(
-        cudaMemcpy(ptr_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+    MLA_CUDA_CHECK(cudaMemcpy(ptr_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
   }
   // Waits for the device, then copies the whole array back.
   std::vector<T> download() const {

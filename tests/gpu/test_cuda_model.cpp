@@ -40,12 +40,12 @@ constexpr double kRouterNearTie = 1e-3;
 
 using test::Golden;
 using test::golden;
+using test::model_dir;
 using test::Pattern;
 using test::pattern_name;
 using test::pattern_options;
-using test::run_golden;
 using test::rel_error;
-using test::model_dir;
+using test::run_golden;
 
 double top2_margin(const float* row, int64_t n) {
   float a = -INFINITY, b = -INFINITY;
@@ -99,8 +99,8 @@ TEST_P(CudaModelParity, ReproducesTransformersWithinBf16) {
       const float* want = g.step_logits[p].f32() + s * V;
       const double err = rel_error(outs[s].logits.data(), want, V);
       if (err >= kTolerance && router_near_tie && err < kRouteFlip) {
-        std::printf("router near-tie: %s prompt %zu step %d logits rel err %.3g\n", name.c_str(),
-                    p, s, err);
+        std::printf("router near-tie: %s prompt %zu step %d logits rel err %.3g\n", name.c_str(), p,
+                    s, err);
         break;
       }
       worst = std::max(worst, err);
@@ -132,18 +132,18 @@ INSTANTIATE_TEST_SUITE_P(
                      testing::Values(AbsorbMode::kNaive, AbsorbMode::kFactored,
                                      AbsorbMode::kPremerged, AbsorbMode::kAuto),
                      testing::Values(64),
-                     testing::Values(Pattern::kUnbatched, Pattern::kBatched,
-                                     Pattern::kJoinMidRun, Pattern::kChunkedPrefill),
+                     testing::Values(Pattern::kUnbatched, Pattern::kBatched, Pattern::kJoinMidRun,
+                                     Pattern::kChunkedPrefill),
                      testing::Bool()),
     param_name);
 
 // Pages of 4 tokens take the general kernel path whatever the dimensions.
-INSTANTIATE_TEST_SUITE_P(
-    SmallPages, CudaModelParity,
-    testing::Combine(testing::Values("v3", "v3_mla"), testing::Values(AbsorbMode::kAuto),
-                     testing::Values(4), testing::Values(Pattern::kBatched),
-                     testing::Values(false)),
-    param_name);
+INSTANTIATE_TEST_SUITE_P(SmallPages, CudaModelParity,
+                         testing::Combine(testing::Values("v3", "v3_mla"),
+                                          testing::Values(AbsorbMode::kAuto), testing::Values(4),
+                                          testing::Values(Pattern::kBatched),
+                                          testing::Values(false)),
+                         param_name);
 
 // Decode steps of the same batch shape replay one captured graph.
 TEST(CudaModelGraphs, DecodeStepsReplayCapturedGraphs) {

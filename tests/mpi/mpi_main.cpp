@@ -6,13 +6,12 @@
 // if any rank failed, and rank 0 ends with one line naming the ranks that failed.
 #include <gtest/gtest.h>
 #include <mpi.h>
+#include <spdlog/spdlog.h>
 
 #include <cstdio>
 #include <ctime>
 #include <string>
 #include <vector>
-
-#include <spdlog/spdlog.h>
 
 #include "parallel/process_groups.h"
 

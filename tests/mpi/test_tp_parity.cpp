@@ -14,11 +14,11 @@
 
 #include "parallel/mpi_communicator.h"
 #include "parallel/process_groups.h"
-#include "tests/support/golden.h"
-#include "tests/support/golden_run.h"
 #include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
 #include "runtime/safetensors.h"
+#include "tests/support/golden.h"
+#include "tests/support/golden_run.h"
 
 namespace mla {
 namespace {
@@ -27,8 +27,8 @@ constexpr double kTolerance = 1e-4;
 
 using test::Golden;
 using test::golden;
-using test::rel_error;
 using test::model_dir;
+using test::rel_error;
 
 int world_size() {
   int n = 0;
@@ -48,17 +48,15 @@ Group& group(int tp_size) {
   if (!g) {
     g = std::make_unique<Group>();
     g->pg = split_tp_groups(tp_size);
-    g->comm = std::make_unique<MpiCommunicator>(g->pg.tp_comm.get(),
-                                                std::chrono::milliseconds(120'000),
-                                                g->pg.tp_label());
+    g->comm = std::make_unique<MpiCommunicator>(
+        g->pg.tp_comm.get(), std::chrono::milliseconds(120'000), g->pg.tp_label());
   }
   return *g;
 }
 
 std::shared_ptr<DeepseekModel> model(const std::string& name, AbsorbMode mode, KvShard kv,
                                      const Group& g) {
-  static std::map<std::tuple<std::string, AbsorbMode, KvShard, int>,
-                  std::shared_ptr<DeepseekModel>>
+  static std::map<std::tuple<std::string, AbsorbMode, KvShard, int>, std::shared_ptr<DeepseekModel>>
       cache;
   auto& m = cache[{name, mode, kv, g.pg.tp_size}];
   if (!m) {
@@ -126,16 +124,16 @@ INSTANTIATE_TEST_SUITE_P(
 
 // Real MLA dimensions (d_c 512, d_r 64, d_n 128, d_v 128) with 8 heads and 8 experts: the
 // checkpoint TP4 and TP8 can split (ctest mpi_np4 and mpi_np8).
-INSTANTIATE_TEST_SUITE_P(
-    RealDims, TpEngineParity,
-    testing::Combine(testing::Values(std::string("v3_mla_h8")),
-                     testing::Values(AbsorbMode::kNaive, AbsorbMode::kFactored,
-                                     AbsorbMode::kPremerged, AbsorbMode::kAuto),
-                     testing::Values(KvShard::kSequence, KvShard::kReplicate),
-                     testing::Values(64),
-                     testing::Values(Pattern::kBatched, Pattern::kJoinMidRun,
-                                     Pattern::kChunkedPrefill)),
-    engine_param_name);
+INSTANTIATE_TEST_SUITE_P(RealDims, TpEngineParity,
+                         testing::Combine(testing::Values(std::string("v3_mla_h8")),
+                                          testing::Values(AbsorbMode::kNaive, AbsorbMode::kFactored,
+                                                          AbsorbMode::kPremerged,
+                                                          AbsorbMode::kAuto),
+                                          testing::Values(KvShard::kSequence, KvShard::kReplicate),
+                                          testing::Values(64),
+                                          testing::Values(Pattern::kBatched, Pattern::kJoinMidRun,
+                                                          Pattern::kChunkedPrefill)),
+                         engine_param_name);
 
 // Every rank runs the same prefill batch on its own cache shard (no leader): the logits of
 // every rank match transformers, and the pages each rank holds add up as the plan says —
@@ -260,9 +258,11 @@ TEST(TpCommAccounting, DecodeStepMatchesPrediction) {
       EXPECT_EQ(work.comm.calls[op], want.calls[op]) << to_string(static_cast<CommOp>(op));
     }
     if (g.pg.tp_size > 1) {
-      // The volumes of the sequence-sharded step (docs/ARCHITECTURE.md section 6): T x H x (d_c + d_r) gathered, two all-reduces of T x D.
+      // The volumes of the sequence-sharded step (docs/ARCHITECTURE.md section 6): T x H x (d_c +
+      // d_r) gathered, two all-reduces of T x D.
       const int64_t f = sizeof(float), L = c.num_layers;
-      EXPECT_EQ(work.comm.bytes[static_cast<int>(CommOp::kAllReduce)], L * 2 * T * c.hidden_size * f);
+      EXPECT_EQ(work.comm.bytes[static_cast<int>(CommOp::kAllReduce)],
+                L * 2 * T * c.hidden_size * f);
       if (kv == KvShard::kSequence) {
         EXPECT_EQ(work.comm.bytes[static_cast<int>(CommOp::kAllGather)],
                   L * T * c.num_heads * c.latent_width() * f);

@@ -65,9 +65,8 @@ Group& group() {
     g->pg = split_tp_groups(world_size());
     const int device = g->pg.world_rank % cuda::device_count();
     cuda::set_device(device);
-    g->control = std::make_unique<MpiCommunicator>(g->pg.tp_comm.get(),
-                                                   std::chrono::milliseconds(120'000),
-                                                   g->pg.tp_label());
+    g->control = std::make_unique<MpiCommunicator>(
+        g->pg.tp_comm.get(), std::chrono::milliseconds(120'000), g->pg.tp_label());
     g->nccl = std::make_unique<NcclCommunicator>(g->pg.tp_comm.get(), device,
                                                  std::chrono::milliseconds(120'000));
   }
@@ -83,8 +82,8 @@ bool group_splits(const std::string& name, int tp_size) {
   return c.num_heads % tp_size == 0 && c.n_routed_experts % tp_size == 0;
 }
 
-std::shared_ptr<CudaModel> model(const std::string& name, AbsorbMode mode, KvShard kv,
-                                 int tp_size, int tp_rank, bool graphs = true) {
+std::shared_ptr<CudaModel> model(const std::string& name, AbsorbMode mode, KvShard kv, int tp_size,
+                                 int tp_rank, bool graphs = true) {
   using Key = std::tuple<std::string, AbsorbMode, KvShard, int, bool>;
   static std::map<Key, std::shared_ptr<CudaModel>> cache;
   auto& m = cache[{name, mode, kv, tp_size, graphs}];
@@ -105,8 +104,7 @@ std::shared_ptr<CudaModel> model(const std::string& name, AbsorbMode mode, KvSha
 using test::Pattern;
 
 // The golden prompts of `name` through `engine` (the leader of its group).
-std::vector<std::vector<StepOutput>> run(Engine& engine, Pattern pattern,
-                                         const std::string& name) {
+std::vector<std::vector<StepOutput>> run(Engine& engine, Pattern pattern, const std::string& name) {
   return test::run_golden(engine, test::golden(name), pattern, /*join_steps=*/2);
 }
 
@@ -144,8 +142,7 @@ TEST_P(CudaTpParity, MatchesTp1AndTransformers) {
       EXPECT_EQ(got[p][s].token, g.greedy[p][s]) << "prompt " << p << " step " << s;
       EXPECT_LT(rel_error(got[p][s].logits.data(), want[p][s].logits.data(), V), kTp1Tolerance)
           << "prompt " << p << " step " << s << " vs TP1";
-      EXPECT_LT(rel_error(got[p][s].logits.data(), g.step_logits[p].f32() + s * V, V),
-                kTolerance)
+      EXPECT_LT(rel_error(got[p][s].logits.data(), g.step_logits[p].f32() + s * V, V), kTolerance)
           << "prompt " << p << " step " << s << " vs transformers";
     }
   }
@@ -266,15 +263,15 @@ std::string param_name(const testing::TestParamInfo<Param>& info) {
          test::pattern_name(pattern);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    RealDims, CudaTpParity,
-    testing::Combine(testing::Values(std::string("v3_mla"), std::string(kH8)),
-                     testing::Values(AbsorbMode::kNaive, AbsorbMode::kFactored,
-                                     AbsorbMode::kPremerged, AbsorbMode::kAuto),
-                     testing::Values(KvShard::kSequence, KvShard::kReplicate),
-                     testing::Values(Pattern::kBatched, Pattern::kJoinMidRun,
-                                     Pattern::kChunkedPrefill)),
-    param_name);
+INSTANTIATE_TEST_SUITE_P(RealDims, CudaTpParity,
+                         testing::Combine(testing::Values(std::string("v3_mla"), std::string(kH8)),
+                                          testing::Values(AbsorbMode::kNaive, AbsorbMode::kFactored,
+                                                          AbsorbMode::kPremerged,
+                                                          AbsorbMode::kAuto),
+                                          testing::Values(KvShard::kSequence, KvShard::kReplicate),
+                                          testing::Values(Pattern::kBatched, Pattern::kJoinMidRun,
+                                                          Pattern::kChunkedPrefill)),
+                         param_name);
 
 }  // namespace
 }  // namespace mla

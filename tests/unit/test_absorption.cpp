@@ -1,5 +1,5 @@
-// Absorption (docs/ARCHITECTURE.md section 5): the form policy and its cost model, the work each form
-// really does per decode step, and the agreement of every mode's logits.
+// Absorption (docs/ARCHITECTURE.md section 5): the form policy and its cost model, the work each
+// form really does per decode step, and the agreement of every mode's logits.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -12,13 +12,13 @@
 #include <string>
 #include <vector>
 
-#include "tests/support/golden.h"
 #include "kernels/error.h"
 #include "runtime/absorption.h"
 #include "runtime/deepseek_model.h"
 #include "runtime/latent_cache.h"
 #include "runtime/model_config.h"
 #include "runtime/tiny_checkpoint.h"
+#include "tests/support/golden.h"
 
 namespace mla {
 namespace {

@@ -11,13 +11,24 @@ namespace mla {
 namespace {
 
 ModelConfig deepseek_v3() {
-  return ModelConfig::from_json(nlohmann::json{
-      {"model_type", "deepseek_v3"}, {"vocab_size", 129280}, {"hidden_size", 7168},
-      {"num_hidden_layers", 61}, {"num_attention_heads", 128}, {"q_lora_rank", 1536},
-      {"kv_lora_rank", 512}, {"qk_rope_head_dim", 64}, {"qk_nope_head_dim", 128},
-      {"v_head_dim", 128}, {"intermediate_size", 18432}, {"moe_intermediate_size", 2048},
-      {"n_routed_experts", 256}, {"n_shared_experts", 1}, {"num_experts_per_tok", 8},
-      {"n_group", 8}, {"topk_group", 4}, {"first_k_dense_replace", 3}});
+  return ModelConfig::from_json(nlohmann::json{{"model_type", "deepseek_v3"},
+                                               {"vocab_size", 129280},
+                                               {"hidden_size", 7168},
+                                               {"num_hidden_layers", 61},
+                                               {"num_attention_heads", 128},
+                                               {"q_lora_rank", 1536},
+                                               {"kv_lora_rank", 512},
+                                               {"qk_rope_head_dim", 64},
+                                               {"qk_nope_head_dim", 128},
+                                               {"v_head_dim", 128},
+                                               {"intermediate_size", 18432},
+                                               {"moe_intermediate_size", 2048},
+                                               {"n_routed_experts", 256},
+                                               {"n_shared_experts", 1},
+                                               {"num_experts_per_tok", 8},
+                                               {"n_group", 8},
+                                               {"topk_group", 4},
+                                               {"first_k_dense_replace", 3}});
 }
 
 TEST(CommVolume, DeepseekV3DecodeStepPerLayer) {

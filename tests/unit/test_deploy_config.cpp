@@ -1,9 +1,8 @@
-#include "runtime/deploy_config.h"
-
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include "kernels/error.h"
+#include "runtime/deploy_config.h"
 
 namespace mla {
 namespace {
@@ -11,7 +10,8 @@ namespace {
 using testing::HasSubstr;
 
 TEST(DeployConfig, ShippedTinyCpuConfigParses) {
-  const auto c = DeployConfig::load(std::string(MLA_TEST_DATA_DIR) + "/../../configs/tiny-cpu.yaml");
+  const auto c =
+      DeployConfig::load(std::string(MLA_TEST_DATA_DIR) + "/../../configs/tiny-cpu.yaml");
   EXPECT_EQ(c.model_dir, ".quickstart/tiny-v3");
   EXPECT_EQ(c.model.absorb, AbsorbMode::kAuto);
   EXPECT_EQ(c.engine.block_size, 64);
@@ -46,10 +46,8 @@ TEST(DeployConfig, NumPagesDefaultFollowsTheDevice) {
                 .engine_options()
                 .num_pages,
             5);
-  EXPECT_EQ(DeployConfig::parse("model: /m\ncache: {num_pages: 0}\n", "t")
-                .engine_options()
-                .num_pages,
-            0);
+  EXPECT_EQ(
+      DeployConfig::parse("model: /m\ncache: {num_pages: 0}\n", "t").engine_options().num_pages, 0);
   try {
     DeployConfig::parse("model: /m\ncache: {num_pages: -1}\n", "t");
     FAIL() << "num_pages -1 accepted";
@@ -86,7 +84,8 @@ TEST(DeployConfig, ErrorsNameTheProblem) {
     return std::string("no error");
   };
   EXPECT_THAT(message("absorb: auto\n"), HasSubstr("`model`"));
-  EXPECT_THAT(message("model: m\ncache: {blok_size: 4}\n"), HasSubstr("unknown key `cache.blok_size`"));
+  EXPECT_THAT(message("model: m\ncache: {blok_size: 4}\n"),
+              HasSubstr("unknown key `cache.blok_size`"));
   EXPECT_THAT(message("model: m\nsched: {}\n"), HasSubstr("unknown key `sched`"));
   EXPECT_THAT(message("model: m\ncache: {block_size: big}\n"), HasSubstr("cache.block_size"));
   EXPECT_THAT(message("model: m\nabsorb: fast\n"), HasSubstr("unknown absorption mode `fast`"));

@@ -20,10 +20,10 @@
 #include <vector>
 
 #include "kernels/error.h"
-#include "tests/support/golden.h"
 #include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
 #include "runtime/tiny_checkpoint.h"
+#include "tests/support/golden.h"
 
 namespace mla {
 namespace {

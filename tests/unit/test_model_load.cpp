@@ -126,7 +126,8 @@ TEST(ModelLoad, MissingOrMisShapedTensorNamesIt) {
   std::vector<std::pair<std::string, Tensor>> kept;
   for (const auto& name : file->names()) {
     if (name == "model.layers.1.self_attn.kv_a_layernorm.weight") continue;
-    kept.emplace_back(name, name == "model.norm.weight" ? Tensor::zeros({7}) : file->tensor(name).clone());
+    kept.emplace_back(
+        name, name == "model.norm.weight" ? Tensor::zeros({7}) : file->tensor(name).clone());
   }
   file.reset();
   write_safetensors(dir + "/model.safetensors", kept);
@@ -137,7 +138,8 @@ TEST(ModelLoad, MissingOrMisShapedTensorNamesIt) {
     EXPECT_THAT(e.what(), HasSubstr("model.norm.weight"));
     EXPECT_THAT(e.what(), HasSubstr("[7]"));
   }
-  kept.erase(std::find_if(kept.begin(), kept.end(), [](auto& kv) { return kv.first == "model.norm.weight"; }));
+  kept.erase(std::find_if(kept.begin(), kept.end(),
+                          [](auto& kv) { return kv.first == "model.norm.weight"; }));
   kept.emplace_back("model.norm.weight", Tensor::zeros({config.hidden_size}));
   write_safetensors(dir + "/model.safetensors", kept);
   try {

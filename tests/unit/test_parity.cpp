@@ -9,11 +9,11 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
-#include "tests/support/golden.h"
-#include "tests/support/golden_run.h"
 #include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
 #include "runtime/safetensors.h"
+#include "tests/support/golden.h"
+#include "tests/support/golden_run.h"
 
 namespace mla {
 namespace {
@@ -22,12 +22,12 @@ constexpr double kTolerance = 1e-4;
 
 using test::Golden;
 using test::golden;
+using test::model_dir;
 using test::Pattern;
 using test::pattern_name;
 using test::pattern_options;
-using test::run_golden;
 using test::rel_error;
-using test::model_dir;
+using test::run_golden;
 
 std::shared_ptr<DeepseekModel> model(const std::string& name, AbsorbMode mode) {
   static std::map<std::pair<std::string, AbsorbMode>, std::shared_ptr<DeepseekModel>> cache;
@@ -70,8 +70,8 @@ std::string param_name(const testing::TestParamInfo<Param>& info) {
   return fmt::format("{}_{}_b{}_{}", name, to_string(mode), block, pattern_name(pattern));
 }
 
-const std::vector<std::string> kModels = {"v3", "v3_plain", "v2_lite", "v2_group", "v3_mla",
-                                          "v3_mla_h8"};
+const std::vector<std::string> kModels = {"v3",       "v3_plain", "v2_lite",
+                                          "v2_group", "v3_mla",   "v3_mla_h8"};
 
 INSTANTIATE_TEST_SUITE_P(
     Golden, ModelParity,
@@ -79,8 +79,8 @@ INSTANTIATE_TEST_SUITE_P(
                      testing::Values(AbsorbMode::kNaive, AbsorbMode::kFactored,
                                      AbsorbMode::kPremerged, AbsorbMode::kAuto),
                      testing::Values(1, 4, 64),
-                     testing::Values(Pattern::kUnbatched, Pattern::kBatched,
-                                     Pattern::kJoinMidRun, Pattern::kChunkedPrefill)),
+                     testing::Values(Pattern::kUnbatched, Pattern::kBatched, Pattern::kJoinMidRun,
+                                     Pattern::kChunkedPrefill)),
     param_name);
 
 // Every prompt position's logits, computed one token per forward pass through the cache.
@@ -106,14 +106,15 @@ TEST_P(PromptParity, EveryPromptPositionMatches) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Golden, PromptParity,
-    testing::Combine(testing::ValuesIn(kModels),
-                     testing::Values(AbsorbMode::kNaive, AbsorbMode::kFactored,
-                                     AbsorbMode::kPremerged, AbsorbMode::kAuto)),
-    [](const auto& info) {
-      return std::get<0>(info.param) + "_" + to_string(std::get<1>(info.param));
-    });
+INSTANTIATE_TEST_SUITE_P(Golden, PromptParity,
+                         testing::Combine(testing::ValuesIn(kModels),
+                                          testing::Values(AbsorbMode::kNaive, AbsorbMode::kFactored,
+                                                          AbsorbMode::kPremerged,
+                                                          AbsorbMode::kAuto)),
+                         [](const auto& info) {
+                           return std::get<0>(info.param) + "_" +
+                                  to_string(std::get<1>(info.param));
+                         });
 
 // The RoPE frequencies and softmax scale the config derives equal those transformers used.
 class DerivedConstants : public testing::TestWithParam<std::string> {};
