@@ -32,7 +32,7 @@
 #include "runtime/latent_cache.h"
 #if MLA_HAVE_CUDA
 #include "kernels/cuda/device_memory.h"
-#include "runtime/cuda_model.h"
+#include "runtime/cuda/cuda_runner.h"
 #endif
 
 namespace mla::launch {
@@ -84,9 +84,14 @@ struct Timing {
 class DecodeBench {
  public:
   DecodeBench(const BenchDecodeArgs& a, GroupRuntime& rt, LatentCache& cache)
-      : a_(a), rt_(rt), cache_(cache), model_(*rt.model), rng_(a.seed) {
+      : a_(a),
+        rt_(rt),
+        cache_(cache),
+        model_(*rt.model),
+        runner_(model_.make_runner(cache, rt.data)),
+        rng_(a.seed) {
 #if MLA_HAVE_CUDA
-    cuda_ = dynamic_cast<const CudaModel*>(&model_);
+    cuda_ = dynamic_cast<CudaRunner*>(runner_.get());
 #endif
   }
 
@@ -130,7 +135,7 @@ class DecodeBench {
         ms.push_back(step(tables, context - 1 + a_.warmup + a_.steps + k));
       }
       cuda_->set_profiling(false);
-      const CudaModel::StepProfile p = cuda_->profile();
+      const StepProfile p = cuda_->profile();
       out.profiled_step_ms = median(ms);
       out.attention_ms = p.attention_ms / static_cast<double>(p.steps);
       out.collective_ms = p.collective_ms / static_cast<double>(p.steps);
@@ -154,7 +159,7 @@ class DecodeBench {
       reqs.push_back(r);
     }
     const auto t0 = std::chrono::steady_clock::now();
-    model_.forward_sample(fb, reqs, cache_, nullptr, rt_.data);
+    runner_->forward_sample(fb, reqs);
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   }
 
@@ -162,11 +167,12 @@ class DecodeBench {
   GroupRuntime& rt_;
   LatentCache& cache_;
   const Model& model_;
+  std::unique_ptr<ModelRunner> runner_;
   std::mt19937_64 rng_;  // the same on every rank: the same tokens everywhere
 #if MLA_HAVE_CUDA
-  const CudaModel* cuda_ = nullptr;
+  CudaRunner* cuda_ = nullptr;
 #else
-  const void* cuda_ = nullptr;
+  void* cuda_ = nullptr;
 #endif
 };
 

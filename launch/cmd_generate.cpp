@@ -18,7 +18,7 @@
 #include "launch/group_runtime.h"
 #include "runtime/tiny_checkpoint.h"
 #if MLA_HAVE_CUDA
-#include "runtime/cuda_model.h"
+#include "runtime/cuda/cuda_model.h"
 #endif
 
 namespace mla::launch {
@@ -132,9 +132,10 @@ void run_batch(const GenerateArgs& a, const GroupRuntime& rt, const Request& req
   for (int f = 0; f < kNumAttnForms; ++f) st.work.form_chunks[f] -= before.work.form_chunks[f];
   std::cout << fmt::format(
       "batch {}: {} tokens generated in {:.3f} s: {:.1f} tokens/s ({} steps, {} tokens computed, "
-      "{} preemptions; attention forms: decompressed {}, factored {}, premerged {})\n",
+      "{} preemptions; attention forms: latent {} ({} weights), decompressed {})\n",
       batch, generated, secs, generated / secs, st.steps, st.computed_tokens, st.preemptions,
-      st.work.form_chunks[0], st.work.form_chunks[1], st.work.form_chunks[2]);
+      st.work.chunks(AttnForm::kLatent), to_string(engine.model().forms().latent_weights()),
+      st.work.chunks(AttnForm::kDecompressed));
   if (decode_start && !decode_steps.empty()) {
     const double prefill = std::chrono::duration<double>(*decode_start - t0).count();
     const double decode = std::chrono::duration<double>(t1 - *decode_start).count();

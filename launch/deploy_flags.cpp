@@ -70,8 +70,8 @@ DeployConfig DeployFlags::resolve() const {
   if (given("--cache-memory-fraction")) {
     d.engine.cache_memory_fraction = flags_.engine.cache_memory_fraction;
   }
-  if (no_graphs_) d.model.cuda_graphs = false;
-  if (no_small_gemm_) d.model.cuda_small_gemm = false;
+  if (no_graphs_) d.model.cuda.graphs = false;
+  if (no_small_gemm_) d.model.cuda.small_gemm = false;
   if (given("--max-batch-tokens")) {
     d.engine.scheduler.max_batch_tokens = flags_.engine.scheduler.max_batch_tokens;
   }

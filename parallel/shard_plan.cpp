@@ -18,4 +18,17 @@ int64_t ShardPlan::local_pages(int64_t num_pages) const {
   return num_pages > tp_rank_ ? (num_pages - tp_rank_ + tp_size_ - 1) / tp_size_ : 0;
 }
 
+int64_t ShardPlan::local_keys(int64_t pos, int64_t block) const {
+  if (holds_every_page()) return pos + 1;
+  // Full local pages before pos's page, plus the part of pos's page if this rank owns it.
+  const int64_t page = pos / block;
+  return local_pages(page) * block + (owns_page(page) ? pos % block + 1 : 0);
+}
+
+int64_t ShardPlan::max_local_keys(int64_t keys, int64_t block) const {
+  if (holds_every_page()) return keys;
+  const int64_t pages = (keys + block - 1) / block;
+  return (pages + tp_size_ - 1) / tp_size_ * block;
+}
+
 }  // namespace mla

@@ -13,12 +13,11 @@
 #include "kernels/cpu/ops.h"
 #include "kernels/error.h"
 #include "runtime/checkpoint.h"
+#include "runtime/model_runner.h"
 #include "runtime/weight_loader.h"
 
 namespace mla {
 namespace {
-
-constexpr float kLoraNormEps = 1e-6f;  // q_a_layernorm and kv_a_layernorm: fixed in HF
 
 int64_t flops_of(int64_t m, int64_t n, int64_t k) { return 2 * m * n * k; }
 
@@ -31,24 +30,34 @@ void linear(const float* x, int64_t rows, const Tensor& w, float* y, WorkCounter
 
 }  // namespace
 
-// Per-step scratch shared by the layers: positions, rope tables, the attention form of
-// every sequence in the batch, and the group's communicator.
+// Per-step state shared by the layers: the batch's layout and forms, positions, rope tables,
+// and the group's communicator.
 struct DeepseekModel::StepContext {
   const ForwardBatch* batch;
-  int64_t num_tokens;
+  BatchLayout layout;
   std::vector<int32_t> positions;  // [T]
-  std::vector<int64_t> seq_begin;  // first row of each sequence
   std::vector<float> rope;         // [T, d_r]: cos then sin per position
-  std::vector<AttnForm> forms;     // [seqs]
-  bool any_full_q = false;         // a sequence runs decompressed or factored
-  bool any_latent = false;         // a sequence runs factored or premerged
-  bool any_premerged = false;
   WorkCounter* counter;
   Communicator* comm;  // null when the group is one rank
 
+  int64_t num_tokens() const { return layout.num_tokens; }
   void all_reduce(float* data, int64_t n) const {
     if (comm != nullptr) comm->all_reduce_sum(data, n);
   }
+};
+
+// The CPU model's runner: the model is immutable and keeps no per-step state, so running is
+// the model's const forward pass on the bound cache and group.
+class DeepseekRunner final : public ModelRunner {
+ public:
+  DeepseekRunner(const DeepseekModel& model, LatentCache& cache, Communicator* comm)
+      : ModelRunner(model, cache, comm), model_(model) {}
+  Tensor forward(const ForwardBatch& batch, WorkCounter* counter) override {
+    return model_.forward(batch, cache_, counter, comm_);
+  }
+
+ private:
+  const DeepseekModel& model_;
 };
 
 DeepseekModel::DeepseekModel(ModelConfig config, const ModelOptions& options, ShardPlan shard)
@@ -85,59 +94,28 @@ void DeepseekModel::load_weights(Checkpoint& ckpt) {
   }
 }
 
+std::unique_ptr<ModelRunner> DeepseekModel::make_runner(LatentCache& cache,
+                                                        Communicator* comm) const {
+  return std::make_unique<DeepseekRunner>(*this, cache, comm);
+}
+
+// The runner checked the cache and the group against the model when it was made.
 Tensor DeepseekModel::forward(const ForwardBatch& batch, LatentCache& cache, WorkCounter* counter,
                               Communicator* comm) const {
   const ModelConfig& c = config_;
   const int64_t T = static_cast<int64_t>(batch.tokens.size());
-  const int64_t D = c.hidden_size, dr = c.qk_rope_head_dim;
+  const int64_t D = c.hidden_size, d_r = c.qk_rope_head_dim;
   WorkCounter local;
-  StepContext ctx{&batch,
-                  T,
-                  {},
-                  {},
-                  {},
-                  {},
-                  false,
-                  false,
-                  false,
-                  counter ? counter : &local,
-                  shard_.tp_size() > 1 ? comm : nullptr};
-
-  // Check shapes and layout
-  MLA_CHECK(shard_.tp_size() == 1 || comm != nullptr, "a tensor-parallel model needs its group");
-  MLA_CHECK(
-      comm == nullptr || (comm->size() == shard_.tp_size() && comm->rank() == shard_.tp_rank()),
-      "communicator rank {}/{} does not match the shard plan {}/{}", comm->rank(), comm->size(),
-      shard_.tp_rank(), shard_.tp_size());
-  MLA_CHECK(
-      cache.shard().tp_size() == shard_.tp_size() && cache.shard().tp_rank() == shard_.tp_rank(),
-      "cache shard does not match the model's plan");
-  int64_t rows = 0, num_logits = 0;
+  WorkCounter& work = counter != nullptr ? *counter : local;
+  StepContext ctx{&batch, BatchLayout::of(batch, c, forms_, work), {}, {}, &work, comm};
   for (const ForwardSeq& s : batch.seqs) {
-    MLA_CHECK(s.table != nullptr && s.num_tokens > 0, "empty sequence in batch");
-    MLA_CHECK(s.start + s.num_tokens <= s.table->num_tokens,
-              "sequence pages hold {} tokens, step needs {}", s.table->num_tokens,
-              s.start + s.num_tokens);
-    ctx.seq_begin.push_back(rows);
     for (int32_t i = 0; i < s.num_tokens; ++i) ctx.positions.push_back(s.start + i);
-    rows += s.num_tokens;
-    num_logits += s.want_logits ? 1 : 0;
-    const AttnForm form = forms_.choose(s.num_tokens, s.start + s.num_tokens);
-    ctx.forms.push_back(form);
-    ctx.counter->form_chunks[static_cast<int>(form)]++;
-    ctx.any_full_q |= form != AttnForm::kLatentPremerged;
-    ctx.any_latent |= form != AttnForm::kDecompressed;
-    ctx.any_premerged |= form == AttnForm::kLatentPremerged;
-  }
-  MLA_CHECK(rows == T, "batch has {} tokens but its sequences cover {}", T, rows);
-  for (int32_t tok : batch.tokens) {
-    MLA_CHECK(tok >= 0 && tok < c.vocab_size, "token id {} outside vocabulary", tok);
   }
   const CommStats comm_before = ctx.comm ? ctx.comm->stats() : CommStats{};
 
-  ctx.rope.resize(T * dr);
+  ctx.rope.resize(T * d_r);
   for (int64_t t = 0; t < T; ++t) {
-    cpu::rope_table(ctx.positions[t], inv_freq_.data(), dr, rope_factor_, &ctx.rope[t * dr]);
+    cpu::rope_table(ctx.positions[t], inv_freq_.data(), d_r, rope_factor_, &ctx.rope[t * d_r]);
   }
 
   std::vector<float> x(T * D), xn(T * D), delta(T * D);
@@ -165,12 +143,13 @@ Tensor DeepseekModel::forward(const ForwardBatch& batch, LatentCache& cache, Wor
   }
 
   // Only the rows whose logits are wanted go through the final norm and the head.
+  const int64_t num_logits = ctx.layout.num_logits;
   Tensor logits = Tensor::empty({num_logits, c.vocab_size});
   std::vector<float> last(num_logits * D);
   int64_t k = 0;
   for (size_t s = 0; s < batch.seqs.size(); ++s) {
     if (!batch.seqs[s].want_logits) continue;
-    const int64_t row = ctx.seq_begin[s] + batch.seqs[s].num_tokens - 1;
+    const int64_t row = ctx.layout.seq_begin[s] + batch.seqs[s].num_tokens - 1;
     cpu::rms_norm(&x[row * D], 1, D, D, weights_.final_norm.f32(),
                   static_cast<float>(c.rms_norm_eps), &last[k * D], D);
     ++k;
@@ -183,260 +162,260 @@ void DeepseekModel::attention(const LayerWeights& lw, int64_t layer, const float
                               StepContext& ctx, LatentCache& cache, float* out) const {
   const ModelConfig& c = config_;
   const AttentionWeights& w = lw.attn;
-  const int64_t T = ctx.num_tokens, D = c.hidden_size, H = shard_.local_heads(),
-                dc = c.kv_lora_rank, dr = c.qk_rope_head_dim, dn = c.qk_nope_head_dim,
-                dv = c.v_head_dim, dqk = c.qk_head_dim(), qin = c.q_in_dim(),
-                width = c.latent_width(), B = cache.geometry().block_size;
+  const BatchLayout& batch = ctx.layout;
+  const int64_t T = ctx.num_tokens(), D = c.hidden_size, H_l = shard_.local_heads(),
+                d_c = c.kv_lora_rank, d_r = c.qk_rope_head_dim, d_n = c.qk_nope_head_dim,
+                d_v = c.v_head_dim, d_qk = c.qk_head_dim(), q_in_dim = c.q_in_dim(),
+                d_lat = c.latent_width(), B = cache.geometry().block_size;
+  const bool premerged = forms_.needs_premerged();
   WorkCounter& counter = *ctx.counter;
 
   // Query input: x_n, or the normalised q LoRA down-projection (replicated).
   std::vector<float> q_lora;
   const float* q_in = xn;
   if (c.q_lora_rank > 0) {
-    q_lora.resize(T * qin);
+    q_lora.resize(T * q_in_dim);
     linear(xn, T, w.q_a, q_lora.data(), counter);
-    cpu::rms_norm(q_lora.data(), T, qin, qin, w.q_a_norm.f32(), kLoraNormEps, q_lora.data(), qin);
+    cpu::rms_norm(q_lora.data(), T, q_in_dim, q_in_dim, w.q_a_norm.f32(), ModelConfig::kLoraNormEps,
+                  q_lora.data(), q_in_dim);
     q_in = q_lora.data();
   }
 
-  // Latent of every new token: c = RMSNorm(kv[:d_c]), k_r = RoPE(kv[d_c:]); the rank that
+  // Latent of every new token: c = RMSNorm(kv[:d_c]), k_rope = RoPE(kv[d_c:]); the rank that
   // stores the token's page writes it into the cache.
-  std::vector<float> kv(T * width);
+  std::vector<float> kv(T * d_lat);
   linear(xn, T, w.kv_a, kv.data(), counter);
   for (int64_t t = 0; t < T; ++t) {
-    float* row = &kv[t * width];
-    cpu::rms_norm(row, 1, dc, dc, w.kv_a_norm.f32(), kLoraNormEps, row, dc);
-    cpu::rope_rotate(row + dc, dr, &ctx.rope[t * dr], c.rope_interleave);
+    float* row = &kv[t * d_lat];
+    cpu::rms_norm(row, 1, d_c, d_c, w.kv_a_norm.f32(), ModelConfig::kLoraNormEps, row, d_c);
+    cpu::rope_rotate(row + d_c, d_r, &ctx.rope[t * d_r], c.rope_interleave);
   }
   const auto& seqs = ctx.batch->seqs;
   for (size_t s = 0; s < seqs.size(); ++s) {
     for (int32_t i = 0; i < seqs[s].num_tokens; ++i) {
       const int32_t pos = seqs[s].start + i;
       if (!cache.shard().owns_page(pos / B)) continue;
-      std::memcpy(cache.row(*seqs[s].table, layer, pos), &kv[(ctx.seq_begin[s] + i) * width],
-                  width * sizeof(float));
+      std::memcpy(cache.row(*seqs[s].table, layer, pos), &kv[(batch.seq_begin[s] + i) * d_lat],
+                  d_lat * sizeof(float));
     }
   }
 
-  // Local heads' queries. q: [T, H, d_n + d_r] for the decompressed and factored forms;
-  // the latent forms gather into q_lat: [T, H, d_c + d_r] (absorbed query, rotary part).
-  std::vector<float> q, q_pm;
-  if (ctx.any_full_q) {
-    q.resize(T * H * dqk);
-    linear(q_in, T, w.q_b, q.data(), counter);
-  }
-  if (ctx.any_premerged) {
-    q_pm.resize(T * H * (dc + dr));
-    std::vector<float> q_abs(T * H * dc), q_rot(T * H * dr);
+  // Local heads' queries. q: [T, H_l, d_n + d_r] for the decompressed form and factored latent
+  // weights; the latent form's absorbed queries go to q_latent: [T, H_l, d_c + d_r].
+  const bool full_q = batch.any_decompressed || (batch.any_latent && !premerged);
+  std::vector<float> q(full_q ? T * H_l * d_qk : 0);
+  if (full_q) linear(q_in, T, w.q_b, q.data(), counter);
+  std::vector<float> q_latent(batch.any_latent ? T * H_l * d_lat : 0, 0.0f);
+  if (batch.any_latent && premerged) {
+    // q~ = W_Q' q_in and the rope rows of W_q, for every token (rows of decompressed-form
+    // sequences are not attended).
+    std::vector<float> q_abs(T * H_l * d_c), q_rot(T * H_l * d_r);
     linear(q_in, T, w.q_absorbed, q_abs.data(), counter);
     linear(q_in, T, w.q_rope, q_rot.data(), counter);
-    for (int64_t t = 0; t < T * H; ++t) {
-      std::memcpy(&q_pm[t * (dc + dr)], &q_abs[t * dc], dc * sizeof(float));
-      std::memcpy(&q_pm[t * (dc + dr) + dc], &q_rot[t * dr], dr * sizeof(float));
+    for (int64_t i = 0; i < T * H_l; ++i) {
+      std::memcpy(&q_latent[i * d_lat], &q_abs[i * d_c], d_c * sizeof(float));
+      std::memcpy(&q_latent[i * d_lat + d_c], &q_rot[i * d_r], d_r * sizeof(float));
     }
-  }
-  std::vector<float> q_lat(ctx.any_latent ? T * H * (dc + dr) : 0, 0.0f);
-  for (size_t s = 0; s < seqs.size(); ++s) {
-    const AttnForm form = ctx.forms[s];
-    const int64_t r0 = ctx.seq_begin[s], n = seqs[s].num_tokens;
-    if (form == AttnForm::kLatentPremerged) {
-      std::copy_n(&q_pm[r0 * H * (dc + dr)], n * H * (dc + dr), &q_lat[r0 * H * (dc + dr)]);
-    } else if (form == AttnForm::kLatentFactored) {
-      // q~_h = W_UK[h]^T q_n,h  ->  [n, d_c] per head; the rotary part is copied.
-      for (int64_t h = 0; h < H; ++h) {
-        const float* w_uk = w.kv_b.f32() + h * (dn + dv) * dc;  // [d_n, d_c]
-        cpu::gemm(false, n, dc, dn, &q[(r0 * H + h) * dqk], H * dqk, w_uk, dc,
-                  &q_lat[(r0 * H + h) * (dc + dr)], H * (dc + dr));
+  } else if (batch.any_latent) {
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      if (batch.forms[s] != AttnForm::kLatent) continue;
+      const int64_t r0 = batch.seq_begin[s], n = seqs[s].num_tokens;
+      // q~_h = W_UK[h]^T q_nope,h  ->  [n, d_c] per head; the rotary part is copied.
+      for (int64_t h = 0; h < H_l; ++h) {
+        const float* w_uk = w.kv_b.f32() + h * (d_n + d_v) * d_c;  // [d_n, d_c]
+        cpu::gemm(false, n, d_c, d_n, &q[(r0 * H_l + h) * d_qk], H_l * d_qk, w_uk, d_c,
+                  &q_latent[(r0 * H_l + h) * d_lat], H_l * d_lat);
         for (int64_t i = 0; i < n; ++i) {
-          std::memcpy(&q_lat[((r0 + i) * H + h) * (dc + dr) + dc],
-                      &q[((r0 + i) * H + h) * dqk + dn], dr * sizeof(float));
+          std::memcpy(&q_latent[((r0 + i) * H_l + h) * d_lat + d_c],
+                      &q[((r0 + i) * H_l + h) * d_qk + d_n], d_r * sizeof(float));
         }
       }
-      counter.weight_flops += flops_of(n * H, dc, dn);
+      counter.weight_flops += flops_of(n * H_l, d_c, d_n);
     }
   }
-  // Rotate the rotary part of every query (in q for the decompressed form, q_lat otherwise).
+  // Rotate the rotary part of every query (in q for the decompressed form, q_latent otherwise).
   for (size_t s = 0; s < seqs.size(); ++s) {
-    const bool latent = ctx.forms[s] != AttnForm::kDecompressed;
+    const bool latent = batch.forms[s] == AttnForm::kLatent;
     for (int64_t i = 0; i < seqs[s].num_tokens; ++i) {
-      const int64_t t = ctx.seq_begin[s] + i;
-      for (int64_t h = 0; h < H; ++h) {
-        float* rot = latent ? &q_lat[(t * H + h) * (dc + dr) + dc] : &q[(t * H + h) * dqk + dn];
-        cpu::rope_rotate(rot, dr, &ctx.rope[t * dr], c.rope_interleave);
+      const int64_t t = batch.seq_begin[s] + i;
+      for (int64_t h = 0; h < H_l; ++h) {
+        float* rot =
+            latent ? &q_latent[(t * H_l + h) * d_lat + d_c] : &q[(t * H_l + h) * d_qk + d_n];
+        cpu::rope_rotate(rot, d_r, &ctx.rope[t * d_r], c.rope_interleave);
       }
     }
   }
 
-  // Attention. o_v: [T, H * d_v] (then W_o); o_lat: [T, H * d_c] (then W_UV or W_O').
-  std::vector<float> o_v(ctx.any_full_q ? T * H * dv : 0, 0.0f);
-  std::vector<float> o_lat(ctx.any_latent ? T * H * dc : 0, 0.0f);
-  if (ctx.any_latent) latent_attention(layer, ctx, cache, q_lat, o_lat);
+  // Attention. o_v: [T, H_l * d_v] (then W_o); o_latent: [T, H_l * d_c] (then W_UV or W_O').
+  // Rows of one form hold zeros in the other form's buffer, so the products add up.
+  const bool o_from_v = full_q;
+  std::vector<float> o_v(o_from_v ? T * H_l * d_v : 0, 0.0f);
+  std::vector<float> o_latent(batch.any_latent ? T * H_l * d_c : 0, 0.0f);
+  if (batch.any_latent) latent_attention(layer, ctx, cache, q_latent, o_latent);
   std::vector<int32_t> num_keys;
   for (size_t s = 0; s < seqs.size(); ++s) {
     const ForwardSeq& seq = seqs[s];
-    const int64_t r0 = ctx.seq_begin[s], n = seq.num_tokens, L = seq.start + seq.num_tokens;
-    if (ctx.forms[s] == AttnForm::kLatentFactored) {
+    const int64_t r0 = batch.seq_begin[s], n = seq.num_tokens, L = seq.start + seq.num_tokens;
+    if (batch.forms[s] == AttnForm::kLatent) {
+      if (premerged) continue;
       // o_h = W_UV[h] o~_h  ->  [n, d_v] per head.
-      for (int64_t h = 0; h < H; ++h) {
-        const float* w_uv = w.kv_b.f32() + h * (dn + dv) * dc + dn * dc;  // [d_v, d_c]
-        cpu::gemm(true, n, dv, dc, &o_lat[(r0 * H + h) * dc], H * dc, w_uv, dc,
-                  &o_v[(r0 * H + h) * dv], H * dv);
+      for (int64_t h = 0; h < H_l; ++h) {
+        const float* w_uv = w.kv_b.f32() + h * (d_n + d_v) * d_c + d_n * d_c;  // [d_v, d_c]
+        cpu::gemm(true, n, d_v, d_c, &o_latent[(r0 * H_l + h) * d_c], H_l * d_c, w_uv, d_c,
+                  &o_v[(r0 * H_l + h) * d_v], H_l * d_v);
       }
-      counter.weight_flops += flops_of(n * H, dv, dc);
-      if (ctx.any_premerged) std::fill_n(&o_lat[r0 * H * dc], n * H * dc, 0.0f);
+      counter.weight_flops += flops_of(n * H_l, d_v, d_c);
       continue;
     }
-    if (ctx.forms[s] != AttnForm::kDecompressed) continue;
 
-    // Decompressed form: up-project every cached latent of the sequence, the cost
-    // absorption removes. Under a sharded cache the context is gathered first.
-    const std::vector<float> context = gather_context(layer, seq, ctx, cache);  // [L, width]
-    std::vector<float> lat_c(L * dc), k_up(L * H * (dn + dv));
-    std::vector<float> keys(L * H * dqk), values(L * H * dv), q_full(n * H * dqk);
+    // Decompressed form: up-project every cached latent of the sequence, the cost absorption
+    // removes. Under a sharded cache the context is gathered first.
+    const std::vector<float> context = gather_context(layer, seq, ctx, cache);  // [L, d_lat]
+    std::vector<float> lat_c(L * d_c), k_up(L * H_l * (d_n + d_v));
+    std::vector<float> keys(L * H_l * d_qk), values(L * H_l * d_v);
     for (int64_t j = 0; j < L; ++j) {
-      std::memcpy(&lat_c[j * dc], &context[j * width], dc * sizeof(float));
+      std::memcpy(&lat_c[j * d_c], &context[j * d_lat], d_c * sizeof(float));
     }
-    cpu::matmul_nt(lat_c.data(), L, dc, w.kv_b.f32(), H * (dn + dv), k_up.data());
-    counter.cache_upproj_flops += flops_of(L, H * (dn + dv), dc);
+    cpu::matmul_nt(lat_c.data(), L, d_c, w.kv_b.f32(), H_l * (d_n + d_v), k_up.data());
+    counter.cache_upproj_flops += flops_of(L, H_l * (d_n + d_v), d_c);
     for (int64_t j = 0; j < L; ++j) {
-      for (int64_t h = 0; h < H; ++h) {
-        const float* src = &k_up[(j * H + h) * (dn + dv)];
-        float* k = &keys[(j * H + h) * dqk];
-        std::memcpy(k, src, dn * sizeof(float));
-        std::memcpy(k + dn, &context[j * width + dc], dr * sizeof(float));
-        std::memcpy(&values[(j * H + h) * dv], src + dn, dv * sizeof(float));
+      for (int64_t h = 0; h < H_l; ++h) {
+        const float* src = &k_up[(j * H_l + h) * (d_n + d_v)];
+        float* k = &keys[(j * H_l + h) * d_qk];
+        std::memcpy(k, src, d_n * sizeof(float));
+        std::memcpy(k + d_n, &context[j * d_lat + d_c], d_r * sizeof(float));
+        std::memcpy(&values[(j * H_l + h) * d_v], src + d_n, d_v * sizeof(float));
       }
     }
     num_keys.resize(n);
     for (int64_t i = 0; i < n; ++i) num_keys[i] = static_cast<int32_t>(seq.start + i + 1);
     const int64_t pairs = std::accumulate(num_keys.begin(), num_keys.end(), int64_t{0});
-    cpu::dense_attention({&q[r0 * H * dqk], keys.data(), values.data(), num_keys.data(), n, L, H,
-                          dqk, dv, softmax_scale_, &o_v[r0 * H * dv]});
-    counter.attention_flops += 2 * pairs * H * (dqk + dv);
+    cpu::dense_attention({&q[r0 * H_l * d_qk], keys.data(), values.data(), num_keys.data(), n, L,
+                          H_l, d_qk, d_v, softmax_scale_, &o_v[r0 * H_l * d_v]});
+    counter.attention_flops += 2 * pairs * H_l * (d_qk + d_v);
   }
 
-  // Rows of one form hold zeros in the other form's buffer, so the two products add up.
-  // Under TP these are this rank's partial sums; the caller all-reduces them.
+  // attn_out: under TP this rank's partial sum; the caller all-reduces it.
   std::fill_n(out, T * D, 0.0f);
-  if (ctx.any_full_q) linear(o_v.data(), T, w.o, out, counter);
-  if (ctx.any_premerged) linear(o_lat.data(), T, w.o_absorbed, out, counter, 1.0f);
+  if (o_from_v) linear(o_v.data(), T, w.o, out, counter);
+  if (batch.any_latent && premerged) linear(o_latent.data(), T, w.o_absorbed, out, counter, 1.0f);
 }
 
 void DeepseekModel::latent_attention(int64_t layer, StepContext& ctx, const LatentCache& cache,
                                      const std::vector<float>& q_local,
-                                     std::vector<float>& o_lat) const {
+                                     std::vector<float>& o_latent) const {
   const ModelConfig& c = config_;
-  const int64_t T = ctx.num_tokens, Hl = shard_.local_heads(), P = shard_.tp_size(),
-                dc = c.kv_lora_rank, dr = c.qk_rope_head_dim, dq = dc + dr;
+  const int64_t T = ctx.num_tokens(), H_l = shard_.local_heads(), P = shard_.tp_size(),
+                d_c = c.kv_lora_rank, d_r = c.qk_rope_head_dim, d_lat = c.latent_width();
   const auto& seqs = ctx.batch->seqs;
   // A sharded cache: every rank attends all heads against its own pages and the partial
   // results are merged by LSE on the rank that owns each head. Otherwise: local heads only.
-  const bool sharded = P > 1 && !cache.holds_every_page();
-  const int64_t Ha = sharded ? Hl * P : Hl;  // heads this rank attends
+  const bool sharded = !cache.holds_every_page();
+  const int64_t H_a = sharded ? H_l * P : H_l;  // heads this rank attends
 
-  // q_all: [T, Ha, d_c + d_r]; under sharding the all-gather returns [P, T, Hl, ..].
+  // q_all: [T, H_a, d_lat]; under sharding the all-gather returns [P, T, H_l, d_lat].
   std::vector<float> q_all;
   if (sharded) {
-    std::vector<float> gathered(P * T * Hl * dq);
-    ctx.comm->all_gather(q_local.data(), T * Hl * dq, gathered.data());
-    q_all.resize(T * Ha * dq);
+    std::vector<float> gathered(P * T * H_l * d_lat);
+    ctx.comm->all_gather(q_local.data(), T * H_l * d_lat, gathered.data());
+    q_all.resize(T * H_a * d_lat);
     for (int64_t r = 0; r < P; ++r)
       for (int64_t t = 0; t < T; ++t)
-        std::memcpy(&q_all[(t * Ha + r * Hl) * dq], &gathered[((r * T) + t) * Hl * dq],
-                    Hl * dq * sizeof(float));
+        std::memcpy(&q_all[(t * H_a + r * H_l) * d_lat], &gathered[((r * T) + t) * H_l * d_lat],
+                    H_l * d_lat * sizeof(float));
   }
   const std::vector<float>& qa = sharded ? q_all : q_local;
-  std::vector<float> q_lat(T * Ha * dc), q_rope(T * Ha * dr);
-  for (int64_t i = 0; i < T * Ha; ++i) {
-    std::memcpy(&q_lat[i * dc], &qa[i * dq], dc * sizeof(float));
-    std::memcpy(&q_rope[i * dr], &qa[i * dq + dc], dr * sizeof(float));
+  std::vector<float> q_absorbed(T * H_a * d_c), q_rope(T * H_a * d_r);
+  for (int64_t i = 0; i < T * H_a; ++i) {
+    std::memcpy(&q_absorbed[i * d_c], &qa[i * d_lat], d_c * sizeof(float));
+    std::memcpy(&q_rope[i * d_r], &qa[i * d_lat + d_c], d_r * sizeof(float));
   }
 
-  std::vector<float> part(T * Ha * dc, 0.0f), lse(T * Ha, -INFINITY);
+  std::vector<float> part(T * H_a * d_c, 0.0f), lse(T * H_a, -INFINITY);
   std::vector<int32_t> num_keys;
   std::vector<const float*> pages;
   for (size_t s = 0; s < seqs.size(); ++s) {
-    if (ctx.forms[s] == AttnForm::kDecompressed) continue;
+    if (ctx.layout.forms[s] != AttnForm::kLatent) continue;
     const ForwardSeq& seq = seqs[s];
-    const int64_t r0 = ctx.seq_begin[s], n = seq.num_tokens;
+    const int64_t r0 = ctx.layout.seq_begin[s], n = seq.num_tokens;
     num_keys.resize(n);
     for (int64_t i = 0; i < n; ++i)
       num_keys[i] = cache.local_keys(seq.start + static_cast<int32_t>(i));
     const int64_t pairs = std::accumulate(num_keys.begin(), num_keys.end(), int64_t{0});
     pages.clear();
     for (int32_t page : seq.table->pages) pages.push_back(cache.page_block(page, layer));
-    cpu::latent_attention({&q_lat[r0 * Ha * dc], &q_rope[r0 * Ha * dr], pages.data(),
-                           num_keys.data(), n, Ha, dc, dr, cache.geometry().block_size,
-                           softmax_scale_, &part[r0 * Ha * dc], &lse[r0 * Ha]});
-    ctx.counter->attention_flops += 2 * pairs * Ha * (dc + dr + dc);
+    cpu::latent_attention({&q_absorbed[r0 * H_a * d_c], &q_rope[r0 * H_a * d_r], pages.data(),
+                           num_keys.data(), n, H_a, d_c, d_r, cache.geometry().block_size,
+                           softmax_scale_, &part[r0 * H_a * d_c], &lse[r0 * H_a]});
+    ctx.counter->attention_flops += 2 * pairs * H_a * (d_c + d_r + d_c);
   }
   if (!sharded) {
-    o_lat = std::move(part);
+    o_latent = std::move(part);
     return;
   }
 
-  // all-to-all: block r carries rank r's heads [T, Hl, d_c + 1] (output, then LSE).
-  const int64_t blk = T * Hl * (dc + 1);
+  // all-to-all: block r carries rank r's heads [T, H_l, d_c + 1] (output, then LSE).
+  const int64_t blk = T * H_l * (d_c + 1);
   std::vector<float> send(P * blk), recv(P * blk);
   for (int64_t r = 0; r < P; ++r)
     for (int64_t t = 0; t < T; ++t)
-      for (int64_t h = 0; h < Hl; ++h) {
-        float* dst = &send[r * blk + (t * Hl + h) * (dc + 1)];
-        const int64_t src = t * Ha + r * Hl + h;
-        std::memcpy(dst, &part[src * dc], dc * sizeof(float));
-        dst[dc] = lse[src];
+      for (int64_t h = 0; h < H_l; ++h) {
+        float* dst = &send[r * blk + (t * H_l + h) * (d_c + 1)];
+        const int64_t src = t * H_a + r * H_l + h;
+        std::memcpy(dst, &part[src * d_c], d_c * sizeof(float));
+        dst[d_c] = lse[src];
       }
   ctx.comm->all_to_all(send.data(), blk, recv.data());
   // Merge: o = sum_r exp(lse_r - LSE) o_r with LSE = log sum_r exp(lse_r). A rank without
   // visible keys sent lse = -inf and weighs nothing; every token sees at least itself.
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t h = 0; h < Hl; ++h) {
+    for (int64_t h = 0; h < H_l; ++h) {
       float mx = -INFINITY;
       for (int64_t r = 0; r < P; ++r)
-        mx = std::max(mx, recv[r * blk + (t * Hl + h) * (dc + 1) + dc]);
-      float* o = &o_lat[(t * Hl + h) * dc];
-      std::fill_n(o, dc, 0.0f);
+        mx = std::max(mx, recv[r * blk + (t * H_l + h) * (d_c + 1) + d_c]);
+      float* o = &o_latent[(t * H_l + h) * d_c];
+      std::fill_n(o, d_c, 0.0f);
       if (mx == -INFINITY) continue;  // a row of a decompressed-form sequence
       float denom = 0.0f;
       for (int64_t r = 0; r < P; ++r) {
-        const float* in = &recv[r * blk + (t * Hl + h) * (dc + 1)];
-        const float weight = std::exp(in[dc] - mx);
+        const float* in = &recv[r * blk + (t * H_l + h) * (d_c + 1)];
+        const float weight = std::exp(in[d_c] - mx);
         if (weight == 0.0f) continue;
         denom += weight;
-        for (int64_t i = 0; i < dc; ++i) o[i] += weight * in[i];
+        for (int64_t i = 0; i < d_c; ++i) o[i] += weight * in[i];
       }
-      for (int64_t i = 0; i < dc; ++i) o[i] /= denom;
+      for (int64_t i = 0; i < d_c; ++i) o[i] /= denom;
     }
 }
 
 std::vector<float> DeepseekModel::gather_context(int64_t layer, const ForwardSeq& seq,
                                                  StepContext& ctx, const LatentCache& cache) const {
-  const int64_t width = config_.latent_width(), L = seq.start + seq.num_tokens;
-  std::vector<float> context(L * width);
+  const int64_t d_lat = config_.latent_width(), L = seq.start + seq.num_tokens;
+  std::vector<float> context(L * d_lat);
   if (cache.holds_every_page()) {
     for (int64_t j = 0; j < L; ++j) {
-      std::memcpy(&context[j * width], cache.row(*seq.table, layer, static_cast<int32_t>(j)),
-                  width * sizeof(float));
+      std::memcpy(&context[j * d_lat], cache.row(*seq.table, layer, static_cast<int32_t>(j)),
+                  d_lat * sizeof(float));
     }
     return context;
   }
-  // Every rank contributes its pages' rows, padded to the largest share; the all-gather
-  // returns [P, cap, width] and rank r's k-th local key is at sequence page r + k * P.
+  // Every rank contributes its keys' rows, padded to the largest share; the all-gather returns
+  // [P, share, d_lat], put back in position order.
   const int64_t P = shard_.tp_size(), B = cache.geometry().block_size;
-  const int64_t pages = (L + B - 1) / B, cap = (pages + P - 1) / P * B;
-  std::vector<float> mine(cap * width, 0.0f), all(P * cap * width);
+  const int64_t share = shard_.max_local_keys(L, B);
+  std::vector<float> mine(share * d_lat, 0.0f), all(P * share * d_lat);
   const int64_t local = cache.local_keys(static_cast<int32_t>(L - 1));
-  for (int64_t i = 0; i < local; ++i) {
-    const int64_t pos = (shard_.tp_rank() + (i / B) * P) * B + i % B;
-    std::memcpy(&mine[i * width], cache.row(*seq.table, layer, static_cast<int32_t>(pos)),
-                width * sizeof(float));
+  for (int64_t k = 0; k < local; ++k) {
+    const int64_t pos = shard_.position_of_local_key(shard_.tp_rank(), k, B);
+    std::memcpy(&mine[k * d_lat], cache.row(*seq.table, layer, static_cast<int32_t>(pos)),
+                d_lat * sizeof(float));
   }
-  ctx.comm->all_gather(mine.data(), cap * width, all.data());
-  for (int64_t r = 0; r < P; ++r)
-    for (int64_t i = 0; i < cap; ++i) {
-      const int64_t pos = (r + (i / B) * P) * B + i % B;
+  ctx.comm->all_gather(mine.data(), share * d_lat, all.data());
+  for (int32_t r = 0; r < P; ++r)
+    for (int64_t k = 0; k < share; ++k) {
+      const int64_t pos = shard_.position_of_local_key(r, k, B);
       if (pos < L)
-        std::memcpy(&context[pos * width], &all[(r * cap + i) * width], width * sizeof(float));
+        std::memcpy(&context[pos * d_lat], &all[(r * share + k) * d_lat], d_lat * sizeof(float));
     }
   return context;
 }
@@ -459,13 +438,18 @@ void DeepseekModel::moe(const MoeWeights& w, const float* x, int64_t rows, float
   // Route every token (cpu::moe_route), then group tokens by expert.
   std::vector<int32_t> ids(rows * K);
   std::vector<float> weights(rows * K);
-  cpu::MoeRouteParams route{
-      logits.data(), w.correction_bias.defined() ? w.correction_bias.f32() : nullptr, rows, E,
-      c.n_group, c.topk_group, K, moe_gate_kind(c.gate),
-      // transformers' DeepseekV2 never renormalises (norm_topk_prob is
-      // false in every V2 checkpoint anyway); V3 does when asked.
-      c.norm_topk_prob && c.family == ModelFamily::kDeepseekV3,
-      static_cast<float>(c.routed_scaling_factor), ids.data(), weights.data()};
+  cpu::MoeRouteParams route{logits.data(),
+                            w.correction_bias.defined() ? w.correction_bias.f32() : nullptr,
+                            rows,
+                            E,
+                            c.n_group,
+                            c.topk_group,
+                            K,
+                            moe_gate_kind(c.gate),
+                            c.renormalize_topk(),
+                            static_cast<float>(c.routed_scaling_factor),
+                            ids.data(),
+                            weights.data()};
   cpu::moe_route(route);
   std::vector<std::vector<std::pair<int64_t, float>>> by_expert(E);
   for (int64_t t = 0; t < rows; ++t) {

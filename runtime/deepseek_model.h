@@ -1,14 +1,16 @@
 // DeepseekModel: the DeepSeek-V2/V3 forward pass on the CPU in fp32 (docs/ARCHITECTURE.md section
-// 5), reading and writing the paged latent cache.
+// 5), reading and writing the paged latent cache: the reference every other backend is tested
+// against. Notation as in runtime/model_config.h; the layer is the one runtime/cuda/cuda_step.h
+// spells out, in the same order and with the same names.
 //
 // Under tensor parallelism (docs/ARCHITECTURE.md section 6) each rank holds the model for its
 // ShardPlan: the attention weights of its H/P heads, 1/P of every dense MLP and of the
 // shared experts, E/P of the routed experts; the rest is replicated. Every rank of the
-// group calls forward() with the same batch and its own cache shard; the collectives go
+// group runs the same batch on its own cache shard; the collectives go
 // through the Communicator, one all-reduce after attention and one after the FFN, plus the
 // query all-gather and partial-output all-to-all when the cache is sequence-sharded.
 //
-// Immutable after load(); forward() is const and may run concurrently on different caches.
+// Immutable after load(); its runners (make_runner) may run concurrently on different caches.
 #pragma once
 
 #include <memory>
@@ -16,6 +18,7 @@
 #include <vector>
 
 #include "runtime/model.h"
+#include "runtime/model_runner.h"
 #include "runtime/model_weights.h"
 
 namespace mla {
@@ -32,10 +35,13 @@ class DeepseekModel : public Model {
   static std::shared_ptr<DeepseekModel> load(const std::string& model_dir,
                                              const ModelOptions& options = {});
 
-  Tensor forward(const ForwardBatch& batch, LatentCache& cache, WorkCounter* counter = nullptr,
-                 Communicator* comm = nullptr) const override;
+  std::unique_ptr<ModelRunner> make_runner(LatentCache& cache,
+                                           Communicator* comm = nullptr) const override;
 
  private:
+  friend class DeepseekRunner;
+  Tensor forward(const ForwardBatch& batch, LatentCache& cache, WorkCounter* counter,
+                 Communicator* comm) const;
   DeepseekModel(ModelConfig config, const ModelOptions& options, ShardPlan shard);
   void load_weights(Checkpoint& ckpt);
 

@@ -58,8 +58,8 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   std::string device = to_string(c.model.device);
   read(root, "device", device, "", origin);
   c.model.device = device_from_string(device);
-  read(root, "cuda_graphs", c.model.cuda_graphs, "", origin);
-  read(root, "cuda_small_gemm", c.model.cuda_small_gemm, "", origin);
+  read(root, "cuda_graphs", c.model.cuda.graphs, "", origin);
+  read(root, "cuda_small_gemm", c.model.cuda.small_gemm, "", origin);
   if (const auto cache = root["cache"]) {
     reject_unknown(cache, {"block_size", "num_pages", "memory_fraction"}, "cache.", origin);
     read(cache, "block_size", c.engine.block_size, "cache.", origin);

@@ -50,6 +50,7 @@ Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options, Commun
       comm_(comm != nullptr && comm->size() > 1 ? comm : nullptr),
       control_(control != nullptr ? control : comm_),
       cache_(make_cache(*model_, options)),
+      runner_(model_->make_runner(cache_, comm_)),
       scheduler_(options.scheduler, cache_) {
   MLA_REQUIRE(model_->shard().tp_size() == (comm_ ? comm_->size() : 1),
               "the model is sharded for {} ranks but the group has {}", model_->shard().tp_size(),
@@ -66,13 +67,13 @@ void Engine::broadcast_plan(std::vector<int64_t>& plan) {
 SampledStep Engine::run_forward(const ForwardBatch& batch,
                                 const std::vector<SampleRequest>& requests) {
   WorkCounter work;
-  SampledStep sampled = model_->forward_sample(batch, requests, cache_, &work, comm_);
+  SampledStep sampled = runner_->forward_sample(batch, requests, &work);
   stats_.steps++;
   stats_.computed_tokens += static_cast<int64_t>(batch.tokens.size());
   stats_.work.add(work);
-  spdlog::debug("step {}: {} sequences, {} tokens, forms: decompressed {} factored {} premerged {}",
-                stats_.steps, batch.seqs.size(), batch.tokens.size(), work.form_chunks[0],
-                work.form_chunks[1], work.form_chunks[2]);
+  spdlog::debug("step {}: {} sequences, {} tokens, forms: latent {} decompressed {}", stats_.steps,
+                batch.seqs.size(), batch.tokens.size(), work.chunks(AttnForm::kLatent),
+                work.chunks(AttnForm::kDecompressed));
   return sampled;
 }
 

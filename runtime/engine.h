@@ -22,6 +22,7 @@
 
 #include "runtime/latent_cache.h"
 #include "runtime/model.h"
+#include "runtime/model_runner.h"
 #include "runtime/scheduler.h"
 #include "runtime/sequence.h"
 
@@ -101,6 +102,9 @@ class Engine {
   RequestId import_request(const RequestSnapshot& snapshot);
 
   const Model& model() const { return *model_; }
+  // The runner of this engine's forward passes (a CudaRunner for a CUDA model: its graph and
+  // profiling counters).
+  ModelRunner& runner() { return *runner_; }
   const LatentCache& cache() const { return cache_; }
   const EngineStats& stats() const { return stats_; }
   int32_t num_running() const { return scheduler_.num_running(); }
@@ -119,6 +123,7 @@ class Engine {
   Communicator* comm_;
   Communicator* control_;
   LatentCache cache_;
+  std::unique_ptr<ModelRunner> runner_;
   Scheduler scheduler_;
   std::map<RequestId, std::unique_ptr<Sequence>> seqs_;
   RequestId next_id_ = 1;

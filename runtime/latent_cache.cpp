@@ -62,12 +62,7 @@ int32_t LatentCache::pages_for(int32_t num_tokens) const {
 }
 
 int32_t LatentCache::local_keys(int32_t pos) const {
-  if (shard_.kv_shard() == KvShard::kReplicate || shard_.tp_size() == 1) return pos + 1;
-  // Full local pages before pos's page, plus the part of pos's page if this rank owns it.
-  const int32_t B = geometry_.block_size, P = shard_.tp_size(), r = shard_.tp_rank();
-  const int32_t page = pos / B;
-  const int32_t before = page > r ? (page - r + P - 1) / P : 0;  // local pages with index < page
-  return before * B + (shard_.owns_page(page) ? pos % B + 1 : 0);
+  return static_cast<int32_t>(shard_.local_keys(pos, geometry_.block_size));
 }
 
 bool LatentCache::reserve(BlockTable& table, int32_t num_tokens) {
@@ -92,7 +87,7 @@ const float* LatentCache::row(const BlockTable& table, int32_t layer, int32_t po
   const int32_t page = pos / geometry_.block_size;
   MLA_CHECK(shard_.owns_page(page), "token {} is on page {}, which rank {} does not store", pos,
             page, shard_.tp_rank());
-  const size_t local = shard_.kv_shard() == KvShard::kReplicate ? page : page / shard_.tp_size();
+  const auto local = static_cast<size_t>(shard_.local_page_index(page));
   MLA_CHECK(local < table.pages.size(), "token {} outside the table's {} pages", pos,
             table.pages.size());
   return page_block(table.pages[local], layer) +

@@ -65,9 +65,7 @@ class LatentCache {
   const PagePool& pool() const { return pool_; }
 
   const ShardPlan& shard() const { return shard_; }
-  bool holds_every_page() const {
-    return shard_.tp_size() == 1 || shard_.kv_shard() == KvShard::kReplicate;
-  }
+  bool holds_every_page() const { return shard_.holds_every_page(); }
   // Pages this rank stores for a sequence of num_tokens tokens: ceil(num_tokens /
   // block_size) sequence pages, of which this rank owns every P-th when sharded.
   int32_t pages_for(int32_t num_tokens) const;

@@ -5,18 +5,10 @@
 #include "kernels/error.h"
 #include "runtime/deepseek_model.h"
 #if MLA_HAVE_CUDA
-#include "runtime/cuda_model.h"
+#include "runtime/cuda/cuda_model.h"
 #endif
 
 namespace mla {
-
-void WorkCounter::add(const WorkCounter& other) {
-  weight_flops += other.weight_flops;
-  cache_upproj_flops += other.cache_upproj_flops;
-  attention_flops += other.attention_flops;
-  for (int f = 0; f < kNumAttnForms; ++f) form_chunks[f] += other.form_chunks[f];
-  comm += other.comm;
-}
 
 CommStats predicted_step_comm(const ModelConfig& c, int32_t tp_size, KvShard kv,
                               int64_t num_tokens) {
@@ -34,8 +26,11 @@ CommStats predicted_step_comm(const ModelConfig& c, int32_t tp_size, KvShard kv,
   return stats;
 }
 
-Model::Model(ModelConfig config, const ModelOptions& options, ShardPlan shard)
-    : config_(std::move(config)), shard_(shard), forms_(config_, options.absorb, options.cost) {}
+Model::Model(ModelConfig config, const ModelOptions& options, ShardPlan shard,
+             const std::string& decompressed_unsupported)
+    : config_(std::move(config)),
+      shard_(shard),
+      forms_(config_, options.absorb, options.cost, decompressed_unsupported) {}
 
 ShardPlan Model::plan_for(const ModelConfig& config, const ModelOptions& options) {
   const ShardPlan shard(options.tp_size, options.tp_rank, config.num_heads, options.kv_shard);
@@ -53,37 +48,20 @@ ShardPlan Model::plan_for(const ModelConfig& config, const ModelOptions& options
 
 void Model::log_loaded(const ModelOptions& options, const char* backend) const {
   const ModelConfig& c = config_;
-  spdlog::info("loaded {} ({} layers, {} heads, d_c {}, d_r {}, {} experts) on {}, absorption {}{}",
-               c.family_name(), c.num_layers, c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim,
-               c.n_routed_experts, backend, to_string(options.absorb),
-               shard_.tp_size() > 1
-                   ? fmt::format(", tp rank {}/{} heads [{}, {})", shard_.tp_rank(),
-                                 shard_.tp_size(), shard_.head_begin(), shard_.head_end())
-                   : "");
+  spdlog::info(
+      "loaded {} ({} layers, {} heads, d_c {}, d_r {}, {} experts) on {}, absorption {} ({} "
+      "latent weights){}",
+      c.family_name(), c.num_layers, c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim,
+      c.n_routed_experts, backend, to_string(options.absorb), to_string(forms_.latent_weights()),
+      shard_.tp_size() > 1 ? fmt::format(", tp rank {}/{} heads [{}, {})", shard_.tp_rank(),
+                                         shard_.tp_size(), shard_.head_begin(), shard_.head_end())
+                           : "");
 }
 
 CacheGeometry Model::cache_geometry(int32_t block_size) const {
   return CacheGeometry{static_cast<int32_t>(config_.num_layers), block_size,
                        static_cast<int32_t>(config_.kv_lora_rank),
                        static_cast<int32_t>(config_.qk_rope_head_dim)};
-}
-
-SampledStep Model::forward_sample(const ForwardBatch& batch,
-                                  const std::vector<SampleRequest>& requests, LatentCache& cache,
-                                  WorkCounter* counter, Communicator* comm) const {
-  const Tensor logits = forward(batch, cache, counter, comm);
-  SampledStep step;
-  if (requests.empty()) return step;
-  const int64_t V = config_.vocab_size;
-  MLA_CHECK(static_cast<int64_t>(requests.size()) == logits.dim(0),
-            "{} sample requests for {} rows of logits", requests.size(), logits.dim(0));
-  step.logits.resize(requests.size());
-  for (size_t i = 0; i < requests.size(); ++i) {
-    const float* row = logits.f32() + static_cast<int64_t>(i) * V;
-    step.tokens.push_back(sample_token(row, V, requests[i].params, requests[i].position));
-    if (requests[i].keep_logits) step.logits[i].assign(row, row + V);
-  }
-  return step;
 }
 
 cpu::MoeGate moe_gate_kind(GateKind g) {

@@ -1,8 +1,9 @@
-// Model: the DeepSeek forward pass as the engine sees it, on the CPU (DeepseekModel, the
-// fp32 reference) or on a GPU (CudaModel, bf16 with fp32 accumulation). Both hold one
-// tensor-parallel rank's shard (docs/ARCHITECTURE.md section 6) and read and write the paged latent
-// cache; a model is immutable after load and forward() may run concurrently on different
-// caches.
+// Model: one tensor-parallel rank's shard of a DeepSeek checkpoint (docs/ARCHITECTURE.md
+// section 6), on the CPU (DeepseekModel, the fp32 reference) or on a GPU (CudaModel, bf16 with
+// fp32 accumulation). A model is immutable after load and safe to share between threads; its
+// forward passes run through a ModelRunner (runtime/model_runner.h), made once per latent cache
+// and group, which holds whatever a backend mutates while running (the GPU's stream, scratch,
+// CUDA graphs).
 #pragma once
 
 #include <array>
@@ -15,11 +16,25 @@
 #include "parallel/communicator.h"
 #include "parallel/shard_plan.h"
 #include "runtime/absorption.h"
+#include "runtime/forward_batch.h"
 #include "runtime/latent_cache.h"
 #include "runtime/model_config.h"
 #include "runtime/sampler.h"
 
 namespace mla {
+
+class ModelRunner;
+
+// What only the CUDA backend reads.
+struct CudaOptions {
+  // Capture decode steps in CUDA graphs (one per batch-size bucket). Default: true.
+  bool graphs = true;
+  // Products with at most 2 rows (decode at batch 1 and 2) through mlaserve's small-row
+  // kernel, launched as programmatic dependents of the kernel before them, instead of cuBLAS,
+  // and the routed experts of steps with at most kMoeGemvMaxSlots (token, expert) slots through
+  // the weight-streaming expert kernels instead of the tiled ones. Default: true.
+  bool small_gemm = true;
+};
 
 struct ModelOptions {
   AbsorbMode absorb = AbsorbMode::kAuto;  // Default: auto.
@@ -32,22 +47,7 @@ struct ModelOptions {
   // Where the forward pass runs: kCpu (fp32 reference) or kCuda (bf16 on the current GPU).
   // Default: kCpu.
   Device device = Device::kCpu;
-  // CUDA: capture decode steps in CUDA graphs (one per batch-size bucket). Default: true.
-  bool cuda_graphs = true;
-  // CUDA: products with at most 2 rows (decode at batch 1 and 2) through mlaserve's small-row
-  // kernel, launched as programmatic dependents of the kernel before them, instead of cuBLAS,
-  // and the routed experts of steps with at most kMoeGemvMaxSlots (token, expert) slots through
-  // the weight-streaming expert kernels instead of the tiled ones. Default: true.
-  bool cuda_small_gemm = true;
-};
-
-// One sequence's slice of a step: `num_tokens` new tokens at positions
-// [start, start + num_tokens), whose pages `table` already holds.
-struct ForwardSeq {
-  const BlockTable* table = nullptr;
-  int32_t start = 0;
-  int32_t num_tokens = 0;
-  bool want_logits = false;  // return logits of the last new token
+  CudaOptions cuda;  // Default: see CudaOptions.
 };
 
 // How to pick the token of one sequence that wants logits, and whether to keep its logits.
@@ -61,22 +61,6 @@ struct SampleRequest {
 struct SampledStep {
   std::vector<int32_t> tokens;
   std::vector<std::vector<float>> logits;  // [tokens.size()]; empty unless keep_logits
-};
-
-struct ForwardBatch {
-  std::vector<int32_t> tokens;  // the new tokens of every sequence, concatenated in order
-  std::vector<ForwardSeq> seqs;
-};
-
-// Work done by forward passes, for reports and for tests that check what ran.
-struct WorkCounter {
-  int64_t weight_flops = 0;        // products with weight matrices (projections, MLP, head)
-  int64_t cache_upproj_flops = 0;  // up-projection of cached latents (decompressed form only)
-  int64_t attention_flops = 0;     // score and value products over keys
-  std::array<int64_t, kNumAttnForms> form_chunks{};  // sequence-steps per attention form
-  CommStats comm;                                    // collectives issued by the forward passes
-  void reset() { *this = WorkCounter{}; }
-  void add(const WorkCounter& other);
 };
 
 // The collectives of one forward step of `num_tokens` tokens whose sequences all run in a
@@ -105,25 +89,18 @@ class Model {
   // has no automatic size and returns 0.
   virtual int32_t auto_num_pages(int32_t block_size, double memory_fraction) const { return 0; }
 
-  // Runs the new tokens of `batch` through the model: stores each token's latent in
-  // `cache` (pages must be reserved; under TP this rank's shard, with the model's plan) and
-  // returns the logits [num seqs wanting logits, V] in batch order, on the host, on every
-  // rank. Adds the work done to `counter` when given. `comm` is the group's communicator
-  // (null for P = 1).
-  virtual Tensor forward(const ForwardBatch& batch, LatentCache& cache,
-                         WorkCounter* counter = nullptr, Communicator* comm = nullptr) const = 0;
-  // forward(), then one token per sequence wanting logits, picked as mla::sample_token
-  // would from its logits. `requests` has one entry per such sequence, or none (a
-  // tensor-parallel follower that only runs its part): then nothing is sampled.
-  // The base version samples on the host; the CUDA model samples on the GPU and copies
-  // back only the tokens (and the rows asked for with keep_logits).
-  virtual SampledStep forward_sample(const ForwardBatch& batch,
-                                     const std::vector<SampleRequest>& requests, LatentCache& cache,
-                                     WorkCounter* counter = nullptr,
-                                     Communicator* comm = nullptr) const;
+  // A runner of this model's forward passes on `cache` (made for this model: its geometry,
+  // storage and shard plan) for the group `comm` (size and rank those of the shard plan; null
+  // for one rank). Throws kInvalidArgument when the cache or the group does not fit the model.
+  // The model must outlive the runner.
+  virtual std::unique_ptr<ModelRunner> make_runner(LatentCache& cache,
+                                                   Communicator* comm = nullptr) const = 0;
 
  protected:
-  Model(ModelConfig config, const ModelOptions& options, ShardPlan shard);
+  // `decompressed_unsupported`: why the backend cannot run the decompressed form for this
+  // model's shapes, empty when it can (see FormPolicy).
+  Model(ModelConfig config, const ModelOptions& options, ShardPlan shard,
+        const std::string& decompressed_unsupported = "");
   // The plan `options` asks for, validated against the model before any weight is read:
   // throws kInvalidArgument if P does not divide the heads, experts or MLP widths.
   static ShardPlan plan_for(const ModelConfig& config, const ModelOptions& options);

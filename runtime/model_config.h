@@ -6,6 +6,17 @@
 // (`rope_parameters`) transformers layouts, `type` or `rope_type`, and ignores `head_dim`.
 // A config that carries both layouts must have them agree.
 //
+// Notation, used in code and comments throughout the runtime:
+//   D     hidden_size                    H     num_attention_heads (all heads)
+//   d_q   q_lora_rank (0: no q LoRA)     q_in  query up-projection input: d_q, or D without it
+//   d_c   kv_lora_rank (512)             d_r   qk_rope_head_dim (64)
+//   d_n   qk_nope_head_dim (128)         d_v   v_head_dim (128)
+//   d_qk  d_n + d_r: a head's query/key  d_lat d_c + d_r: one cached latent row (576)
+//   E, K  routed experts, experts per token; I one expert's width
+// and of a run: P tensor-parallel size, H_l = H / P heads on a rank, H_a heads a rank attends
+// (H under a sequence-sharded cache, else H_l), B tokens per cache page, T tokens and S
+// sequences in a step, L keys a sequence's last new token sees.
+//
 // A config that would load but compute something else is refused, naming the field: sizes
 // that are not JSON integers (64.5, "64"), values outside the bounds below, rope_theta <= 0,
 // rope objects that are not objects, `hidden_act` other than silu, rms_norm_eps < 0, and a
@@ -98,11 +109,17 @@ struct ModelConfig {
   // The config.json transformers would write for this model (newer `rope_parameters` form).
   nlohmann::json to_json() const;
 
+  // Epsilon of q_a_layernorm and kv_a_layernorm: transformers fixes it, whatever rms_norm_eps.
+  static constexpr float kLoraNormEps = 1e-6f;
+
   int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
   int64_t latent_width() const { return kv_lora_rank + qk_rope_head_dim; }  // 576 for DeepSeek
   // Input width of the query up-projection: d_q with q LoRA, else D.
   int64_t q_in_dim() const { return q_lora_rank > 0 ? q_lora_rank : hidden_size; }
   bool is_moe_layer(int64_t layer) const;
+  // Whether the router divides the top-k weights by their sum: V3 with norm_topk_prob;
+  // transformers' DeepseekV2 never does (norm_topk_prob is false in every V2 checkpoint anyway).
+  bool renormalize_topk() const { return norm_topk_prob && family == ModelFamily::kDeepseekV3; }
   std::string family_name() const;
 
   // RoPE inverse frequencies [d_r / 2] (YaRN-corrected when configured), in fp32 as

@@ -117,27 +117,4 @@ LayerWeights WeightLoader::layer(int64_t l) {
   return lw;
 }
 
-void build_premerged(const ModelConfig& c, int64_t local_heads, AttentionWeights& w) {
-  const int64_t H = local_heads, dc = c.kv_lora_rank, dn = c.qk_nope_head_dim,
-                dr = c.qk_rope_head_dim, dv = c.v_head_dim, D = c.hidden_size, qin = c.q_in_dim(),
-                dqk = c.qk_head_dim();
-  w.q_absorbed = Tensor::empty({H * dc, qin});
-  w.q_rope = Tensor::empty({H * dr, qin});
-  w.o_absorbed = Tensor::empty({D, H * dc});
-  std::vector<float> uk_t(dc * dn);
-  for (int64_t h = 0; h < H; ++h) {
-    const float* w_uk = w.kv_b.f32() + h * (dn + dv) * dc;  // [d_n, d_c]
-    const float* w_uv = w_uk + dn * dc;                     // [d_v, d_c]
-    const float* q_nope = w.q_b.f32() + h * dqk * qin;      // [d_n, q_in]
-    // W_Q'[h] [d_c, q_in] = W_UK[h]^T [d_c, d_n] * W_q,nope[h] [d_n, q_in]
-    for (int64_t i = 0; i < dn; ++i)
-      for (int64_t j = 0; j < dc; ++j) uk_t[j * dn + i] = w_uk[i * dc + j];
-    cpu::matmul_nn(uk_t.data(), dc, dn, q_nope, qin, w.q_absorbed.f32() + h * dc * qin);
-    std::memcpy(w.q_rope.f32() + h * dr * qin, q_nope + dn * qin, dr * qin * sizeof(float));
-    // W_O'[:, h] [D, d_c] = W_o[:, h] [D, d_v] * W_UV[h] [d_v, d_c]
-    cpu::gemm(false, D, dc, dv, w.o.f32() + h * dv, H * dv, w_uv, dc, w.o_absorbed.f32() + h * dc,
-              H * dc);
-  }
-}
-
 }  // namespace mla

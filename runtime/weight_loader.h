@@ -38,9 +38,4 @@ class WeightLoader {
   ShardPlan shard_;
 };
 
-// The premerged matrices of one layer's attention (docs/ARCHITECTURE.md section 5) from its q_b,
-// kv_b and o, for `local_heads` heads: W_Q'[h] = W_UK[h]^T W_q,nope[h], the rope rows of q_b, and
-// W_O'[:, h] = W_o[:, h] W_UV[h]. fp32 on the host.
-void build_premerged(const ModelConfig& c, int64_t local_heads, AttentionWeights& w);
-
 }  // namespace mla

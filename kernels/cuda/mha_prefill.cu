@@ -295,6 +295,18 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 }  // namespace
 
+std::string mha_prefill_unsupported(int32_t d_nope, int32_t d_rope, int32_t d_v) {
+  const int32_t d_qk = d_nope + d_rope;
+  if (d_nope < 0 || d_rope < 0 || d_nope % 16 != 0 || d_rope % 16 != 0 || d_qk < 16 || d_qk > 256) {
+    return fmt::format("d_nope {} and d_rope {} must be multiples of 16 summing to [16, 256]",
+                       d_nope, d_rope);
+  }
+  if (d_v < 16 || d_v > 256 || d_v % 16 != 0) {
+    return fmt::format("d_v {} not a multiple of 16 in [16, 256]", d_v);
+  }
+  return "";
+}
+
 void mha_prefill(const MhaPrefillParams& p, cudaStream_t stream) {
   // Check shapes
   MLA_REQUIRE(p.num_seqs >= 0 && p.max_q >= 0, "mha_prefill: num_seqs {} or max_q {} < 0",
@@ -303,13 +315,9 @@ void mha_prefill(const MhaPrefillParams& p, cudaStream_t stream) {
   MLA_REQUIRE(p.heads >= 1 && p.heads <= 65535, "mha_prefill: heads {} outside [1, 65535]",
               p.heads);
   MLA_REQUIRE(p.num_seqs <= 65535, "mha_prefill: {} sequences exceed one grid", p.num_seqs);
+  const std::string unsupported = mha_prefill_unsupported(p.d_nope, p.d_rope, p.d_v);
+  MLA_REQUIRE(unsupported.empty(), "mha_prefill: {}", unsupported);
   const int d_qk = p.d_nope + p.d_rope;
-  MLA_REQUIRE(p.d_nope >= 0 && p.d_rope >= 0 && p.d_nope % 16 == 0 && p.d_rope % 16 == 0 &&
-                  d_qk >= 16 && d_qk <= 256,
-              "mha_prefill: d_nope {} and d_rope {} must be multiples of 16 summing to [16, 256]",
-              p.d_nope, p.d_rope);
-  MLA_REQUIRE(p.d_v >= 16 && p.d_v <= 256 && p.d_v % 16 == 0,
-              "mha_prefill: d_v {} not a multiple of 16 in [16, 256]", p.d_v);
   MLA_REQUIRE(std::isfinite(p.scale), "mha_prefill: scale {} not finite", p.scale);
   // Check pointers and layout
   MLA_REQUIRE(p.q && p.k_nope && p.v && p.cu_q && p.cu_k && p.out && (p.k_rope || p.d_rope == 0),

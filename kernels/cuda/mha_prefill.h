@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 
 namespace mla::cuda {
 
@@ -43,5 +44,8 @@ struct MhaPrefillParams {
 //   s_j = scale * (q_nope[t, h] . k_nope[j, h] + q_rope[t, h] . k_rope[j, h])
 // Deterministic: the same inputs give bit-identical outputs.
 void mha_prefill(const MhaPrefillParams& p, cudaStream_t stream);
+
+// Why mha_prefill cannot run heads of these dimensions; empty when it can.
+std::string mha_prefill_unsupported(int32_t d_nope, int32_t d_rope, int32_t d_v);
 
 }  // namespace mla::cuda

@@ -25,7 +25,8 @@
 #include <map>
 
 #include "kernels/cuda/cuda_check.h"
-#include "runtime/cuda_model.h"
+#include "runtime/cuda/cuda_model.h"
+#include "runtime/cuda/cuda_runner.h"
 #include "runtime/engine.h"
 #include "tests/support/golden.h"
 #include "tests/support/golden_run.h"
@@ -68,7 +69,7 @@ std::shared_ptr<CudaModel> model(const std::string& name, AbsorbMode mode, bool 
     o.absorb = mode;
     o.show_progress = false;
     o.device = Device::kCuda;
-    o.cuda_graphs = graphs;
+    o.cuda.graphs = graphs;
     m = CudaModel::load(model_dir(name), o);
   }
   return m;
@@ -149,18 +150,18 @@ INSTANTIATE_TEST_SUITE_P(SmallPages, CudaModelParity,
 TEST(CudaModelGraphs, DecodeStepsReplayCapturedGraphs) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   auto m = model("v3_mla", AbsorbMode::kAuto, true);
-  const int64_t captured = m->graphs_captured(), replays = m->graph_replays();
   EngineOptions opts;
   opts.num_pages = 32;
   Engine engine(m, opts);
+  auto& runner = dynamic_cast<CudaRunner&>(engine.runner());
   Request r;
   r.prompt = golden("v3_mla").prompts[0];
   r.max_tokens = 8;
   r.ignore_eos = true;
   engine.add_request(r);
   while (engine.has_work()) engine.step();
-  EXPECT_GE(m->graph_replays() - replays, 5);  // 7 decode steps, at most 2 captures
-  EXPECT_LE(m->graphs_captured() - captured, 2);
+  EXPECT_GE(runner.graph_replays(), 5);  // 7 decode steps, at most 2 captures
+  EXPECT_LE(runner.graphs_captured(), 2);
 }
 
 // Profiled steps replay graphs of their own (event nodes around the sections), give the same
@@ -177,20 +178,19 @@ TEST(CudaModelProfile, ProfiledStepsTimeAttentionAndSkipGraphs) {
   std::vector<int32_t> tokens[2];
   for (int profiled = 0; profiled < 2; ++profiled) {
     Engine engine(m, opts);
-    m->reset_profile();
-    m->set_profiling(profiled == 1);
-    const int64_t replays = m->graph_replays();
+    auto& runner = dynamic_cast<CudaRunner&>(engine.runner());
+    runner.set_profiling(profiled == 1);
     engine.add_request(r);
     while (engine.has_work()) {
       for (const auto& o : engine.step()) tokens[profiled].push_back(o.token);
     }
-    m->set_profiling(false);
-    const CudaModel::StepProfile p = m->profile();
+    runner.set_profiling(false);
+    const StepProfile p = runner.profile();
     if (profiled == 0) {
       EXPECT_EQ(p.steps, 0);
       continue;
     }
-    EXPECT_GE(m->graph_replays() - replays, 5) << "profiled decode steps did not replay graphs";
+    EXPECT_GE(runner.graph_replays(), 5) << "profiled decode steps did not replay graphs";
     EXPECT_EQ(p.steps, engine.stats().steps);
     EXPECT_GT(p.attention_ms, 0);
     EXPECT_EQ(p.collective_ms, 0);

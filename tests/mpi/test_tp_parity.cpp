@@ -157,7 +157,7 @@ TEST_P(TpShardedPages, EachRankHoldsOnlyItsPages) {
     batch.seqs.push_back({&tables[p], 0, n, true});
     sequence_pages += (n + block_size - 1) / block_size;
   }
-  Tensor logits = m->forward(batch, cache, nullptr, g.comm.get());
+  Tensor logits = m->make_runner(cache, g.comm.get())->forward(batch);
   const int64_t V = m->config().vocab_size;
   for (size_t p = 0; p < gold.prompts.size(); ++p) {
     const int64_t last = static_cast<int64_t>(gold.prompts[p].size()) - 1;
@@ -193,12 +193,13 @@ TEST(TpShortSequences, RanksWithoutKeysContributeNothing) {
   auto m = model("v2_lite", AbsorbMode::kFactored, KvShard::kSequence, g);
   const int64_t V = m->config().vocab_size;
   LatentCache cache(m->cache_geometry(4), 64, m->shard());
+  const auto runner = m->make_runner(cache, g.comm.get());
   BlockTable table;
   const auto& prompt = gold.prompts[0];  // 5 tokens: 2 pages of 4, fewer than P = 4 pages
   for (size_t i = 0; i < prompt.size(); ++i) {
     ASSERT_TRUE(cache.reserve(table, static_cast<int32_t>(i + 1)));
     ForwardBatch batch{{prompt[i]}, {{&table, static_cast<int32_t>(i), 1, true}}};
-    Tensor logits = m->forward(batch, cache, nullptr, g.comm.get());
+    Tensor logits = runner->forward(batch);
     EXPECT_LT(rel_error(logits.f32(), gold.prompt_logits[0].f32() + i * V, V), kTolerance)
         << "position " << i;
   }
@@ -248,9 +249,10 @@ TEST(TpCommAccounting, DecodeStepMatchesPrediction) {
       decode.tokens.push_back(gold.greedy[p][0]);
       decode.seqs.push_back({&tables[p], n, 1, true});
     }
-    m->forward(prefill, cache, nullptr, g.comm.get());
+    const auto runner = m->make_runner(cache, g.comm.get());
+    runner->forward(prefill);
     WorkCounter work;
-    m->forward(decode, cache, &work, g.comm.get());
+    runner->forward(decode, &work);
     const int64_t T = static_cast<int64_t>(decode.tokens.size());
     const CommStats want = predicted_step_comm(c, g.pg.tp_size, kv, T);
     for (int op = 0; op < kNumCommOps; ++op) {

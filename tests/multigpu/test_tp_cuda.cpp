@@ -21,7 +21,8 @@
 #include "parallel/mpi_communicator.h"
 #include "parallel/nccl/nccl_communicator.h"
 #include "parallel/process_groups.h"
-#include "runtime/cuda_model.h"
+#include "runtime/cuda/cuda_model.h"
+#include "runtime/cuda/cuda_runner.h"
 #include "runtime/engine.h"
 #include "runtime/model_config.h"
 #include "tests/support/golden.h"
@@ -95,7 +96,7 @@ std::shared_ptr<CudaModel> model(const std::string& name, AbsorbMode mode, KvSha
     o.tp_size = tp_size;
     o.tp_rank = tp_rank;
     o.kv_shard = kv;
-    o.cuda_graphs = graphs;
+    o.cuda.graphs = graphs;
     m = CudaModel::load(test::model_dir(name), o);
   }
   return m;
@@ -161,7 +162,6 @@ TEST(CudaTpGraphs, ReplaysMatchUncapturedStepsAndCountCollectives) {
     int64_t replays[2] = {0, 0};
     for (int graphs = 0; graphs < 2; ++graphs) {
       auto tp = model(kH8, AbsorbMode::kFactored, kv, grp.pg.tp_size, grp.pg.tp_rank, graphs == 1);
-      const int64_t replays_before = tp->graph_replays();
       EngineOptions opts;
       opts.num_pages = 64;
       Engine engine(tp, opts, grp.nccl.get(), grp.control.get());
@@ -169,7 +169,7 @@ TEST(CudaTpGraphs, ReplaysMatchUncapturedStepsAndCountCollectives) {
         outs[graphs] = run(engine, Pattern::kBatched, kH8);
         work[graphs] = engine.stats().work;
       });
-      replays[graphs] = tp->graph_replays() - replays_before;
+      replays[graphs] = dynamic_cast<CudaRunner&>(engine.runner()).graph_replays();
     }
     // Followers replay too: every rank checks its own count.
     EXPECT_EQ(replays[0], 0);
@@ -205,9 +205,8 @@ TEST(CudaTpProfile, TimesAttentionAndCollectivesOnEveryRank) {
   EngineOptions opts;
   opts.num_pages = 64;
   Engine engine(tp, opts, grp.nccl.get(), grp.control.get());
-  tp->reset_profile();
-  tp->set_profiling(true);
-  const int64_t replays = tp->graph_replays();
+  auto& runner = dynamic_cast<CudaRunner&>(engine.runner());
+  runner.set_profiling(true);
   lead_or_follow(engine, [&] {
     const auto out = run(engine, Pattern::kBatched, kH8);
     const test::Golden& g = test::golden(kH8);
@@ -218,9 +217,9 @@ TEST(CudaTpProfile, TimesAttentionAndCollectivesOnEveryRank) {
       }
     }
   });
-  tp->set_profiling(false);
-  EXPECT_GT(tp->graph_replays(), replays) << "profiled TP decode steps did not replay graphs";
-  const CudaModel::StepProfile p = tp->profile();
+  runner.set_profiling(false);
+  EXPECT_GT(runner.graph_replays(), 0) << "profiled TP decode steps did not replay graphs";
+  const StepProfile p = runner.profile();
   EXPECT_GT(p.steps, 0);
   EXPECT_GT(p.attention_ms, 0);
   EXPECT_GT(p.collective_ms, 0);

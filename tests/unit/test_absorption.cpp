@@ -51,10 +51,9 @@ TEST(Absorption, FixedModesAlwaysPickTheirForm) {
   const ModelConfig c = v3_dims();
   const std::vector<std::pair<int64_t, int64_t>> chunks = {
       {1, 1}, {1, 4096}, {1, 163840}, {2048, 2048}, {512, 100000}, {16384, 16384}};
-  const std::map<AbsorbMode, AttnForm> want = {
-      {AbsorbMode::kNaive, AttnForm::kDecompressed},
-      {AbsorbMode::kFactored, AttnForm::kLatentFactored},
-      {AbsorbMode::kPremerged, AttnForm::kLatentPremerged}};
+  const std::map<AbsorbMode, AttnForm> want = {{AbsorbMode::kNaive, AttnForm::kDecompressed},
+                                               {AbsorbMode::kFactored, AttnForm::kLatent},
+                                               {AbsorbMode::kPremerged, AttnForm::kLatent}};
   for (const auto& [mode, form] : want) {
     const FormPolicy policy(c, mode, CostModel{});
     EXPECT_EQ(policy.mode(), mode);
@@ -75,7 +74,7 @@ TEST(Absorption, AutoPicksLatentForDecodeAndDecompressedForLongPrefillOnV3) {
     // Premerged is never kept for V3: its weights are larger and it costs more per token.
     EXPECT_FALSE(policy.needs_premerged());
     for (int64_t ctx : {16, 1024, 4096, 32768, 163840}) {
-      EXPECT_EQ(policy.choose(1, ctx), AttnForm::kLatentFactored) << "decode, context " << ctx;
+      EXPECT_EQ(policy.choose(1, ctx), AttnForm::kLatent) << "decode, context " << ctx;
     }
     EXPECT_EQ(policy.choose(2048, 2048), AttnForm::kDecompressed);
     EXPECT_EQ(policy.choose(4096, 8192), AttnForm::kDecompressed);
@@ -88,13 +87,13 @@ TEST(Absorption, PremergedCostsMoreThanFactoredForV3) {
   // The merged query matrix alone is ~3x the factored pair (q_b nope rows plus W_UK).
   const double merged_q = 1536.0 * 128 * 512, factored_q = 1536.0 * 128 * 128 + 128.0 * 128 * 512;
   EXPECT_NEAR(merged_q / factored_q, 3.0, 0.01);
-  EXPECT_GT(cost.weight_bytes(c, AttnForm::kLatentPremerged),
-            cost.weight_bytes(c, AttnForm::kLatentFactored));
+  EXPECT_GT(cost.weight_bytes(c, AttnPath::kLatentPremerged),
+            cost.weight_bytes(c, AttnPath::kLatentFactored));
   for (int64_t ctx : {1, 4096, 163840}) {
-    EXPECT_GT(cost.flops(c, AttnForm::kLatentPremerged, 1, ctx),
-              cost.flops(c, AttnForm::kLatentFactored, 1, ctx));
-    EXPECT_GT(cost.cost(c, AttnForm::kLatentPremerged, 1, ctx),
-              cost.cost(c, AttnForm::kLatentFactored, 1, ctx));
+    EXPECT_GT(cost.flops(c, AttnPath::kLatentPremerged, 1, ctx),
+              cost.flops(c, AttnPath::kLatentFactored, 1, ctx));
+    EXPECT_GT(cost.cost(c, AttnPath::kLatentPremerged, 1, ctx),
+              cost.cost(c, AttnPath::kLatentFactored, 1, ctx));
   }
 }
 
@@ -111,7 +110,8 @@ TEST(Absorption, AutoKeepsPremergedWhenItIsCheaper) {
   c.v_head_dim = 32;
   const FormPolicy policy(c, AbsorbMode::kAuto, CostModel{});
   EXPECT_TRUE(policy.needs_premerged());
-  EXPECT_EQ(policy.choose(1, 1000), AttnForm::kLatentPremerged);
+  EXPECT_EQ(policy.latent_weights(), LatentWeights::kPremerged);
+  EXPECT_EQ(policy.choose(1, 1000), AttnForm::kLatent);
   EXPECT_FALSE(FormPolicy(c, AbsorbMode::kFactored, CostModel{}).needs_premerged());
 }
 
@@ -127,20 +127,20 @@ TEST(Absorption, CostModelFormulasOnAHandComputedCase) {
   const CostModel cost;  // 8 FLOPs per byte, 4 bytes per weight
   // q projection 2*3*7*(2*5) = 420, latent up-projection 2*10*4*(2*8) = 1280,
   // scores and values 2*27*2*(5+5) = 1080, W_o 2*3*(2*5)*7 = 420.
-  EXPECT_EQ(cost.flops(c, AttnForm::kDecompressed, 3, 10), 3200);
+  EXPECT_EQ(cost.flops(c, AttnPath::kDecompressed, 3, 10), 3200);
   // q projection 420, W_UK 2*3*2*3*4 = 144, scores and values 2*27*2*(4+2+4) = 1080,
   // W_UV 2*3*2*4*5 = 240, W_o 420.
-  EXPECT_EQ(cost.flops(c, AttnForm::kLatentFactored, 3, 10), 2304);
+  EXPECT_EQ(cost.flops(c, AttnPath::kLatentFactored, 3, 10), 2304);
   // W_Q' with rope rows 2*3*7*(2*6) = 504, scores and values 1080, W_O' 2*3*(2*4)*7 = 336.
-  EXPECT_EQ(cost.flops(c, AttnForm::kLatentPremerged, 3, 10), 1920);
+  EXPECT_EQ(cost.flops(c, AttnPath::kLatentPremerged, 3, 10), 1920);
   // q_b 7*10 + kv_b 16*4 + o 7*10 = 204 elements; W_Q' 7*12 + W_O' 7*8 = 140 elements.
-  EXPECT_EQ(cost.weight_bytes(c, AttnForm::kDecompressed), 816);
-  EXPECT_EQ(cost.weight_bytes(c, AttnForm::kLatentFactored), 816);
-  EXPECT_EQ(cost.weight_bytes(c, AttnForm::kLatentPremerged), 560);
-  EXPECT_EQ(cost.cost(c, AttnForm::kLatentFactored, 3, 10), 2304 + 8 * 816);
+  EXPECT_EQ(cost.weight_bytes(c, AttnPath::kDecompressed), 816);
+  EXPECT_EQ(cost.weight_bytes(c, AttnPath::kLatentFactored), 816);
+  EXPECT_EQ(cost.weight_bytes(c, AttnPath::kLatentPremerged), 560);
+  EXPECT_EQ(cost.cost(c, AttnPath::kLatentFactored, 3, 10), 2304 + 8 * 816);
   const CostModel bf16{300.0, 2.0};
-  EXPECT_EQ(bf16.weight_bytes(c, AttnForm::kLatentPremerged), 280);
-  EXPECT_EQ(bf16.cost(c, AttnForm::kLatentPremerged, 3, 10), 1920 + 300 * 280);
+  EXPECT_EQ(bf16.weight_bytes(c, AttnPath::kLatentPremerged), 280);
+  EXPECT_EQ(bf16.cost(c, AttnPath::kLatentPremerged, 3, 10), 1920 + 300 * 280);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -202,10 +202,10 @@ DecodeWork decode_step_work(const DeepseekModel& m, int32_t context, unsigned se
   LatentCache cache(m.cache_geometry(16), (context + 15) / 16);
   BlockTable table;
   EXPECT_TRUE(cache.reserve(table, context));
-  m.forward({prompt, {{&table, 0, context - 1, true}}}, cache);
+  const auto runner = m.make_runner(cache);
+  runner->forward({prompt, {{&table, 0, context - 1, true}}});
   DecodeWork out{context, {}};
-  const Tensor logits =
-      m.forward({{dist(rng)}, {{&table, context - 1, 1, true}}}, cache, &out.work);
+  const Tensor logits = runner->forward({{dist(rng)}, {{&table, context - 1, 1, true}}}, &out.work);
   EXPECT_EQ(logits.dim(0), 1);
   return out;
 }
@@ -257,10 +257,10 @@ TEST_F(AbsorptionModel, DecodeWorkGrowsWithContextOnlyInAttentionWhenAbsorbed) {
       const WorkCounter& k = work[mode][i].work;
       return static_cast<double>(k.weight_flops + k.cache_upproj_flops + k.attention_flops);
     };
-    for (auto [mode, form] : {std::pair{AbsorbMode::kFactored, AttnForm::kLatentFactored},
-                              std::pair{AbsorbMode::kPremerged, AttnForm::kLatentPremerged}}) {
+    for (auto [mode, path] : {std::pair{AbsorbMode::kFactored, AttnPath::kLatentFactored},
+                              std::pair{AbsorbMode::kPremerged, AttnPath::kLatentPremerged}}) {
       EXPECT_EQ(total(mode) - total(AbsorbMode::kNaive),
-                layers * (cost.flops(c, form, 1, L) - cost.flops(c, AttnForm::kDecompressed, 1, L)))
+                layers * (cost.flops(c, path, 1, L) - cost.flops(c, AttnPath::kDecompressed, 1, L)))
           << to_string(mode) << " context " << L;
     }
   }
@@ -284,7 +284,7 @@ std::vector<std::vector<float>> run_chunks(const DeepseekModel& m, int32_t block
     EXPECT_TRUE(cache.reserve(table, start + n));
     ForwardBatch batch{{tokens.begin() + start, tokens.begin() + start + n},
                        {{&table, start, n, true}}};
-    const Tensor logits = m.forward(batch, cache);
+    const Tensor logits = m.make_runner(cache)->forward(batch);
     out.emplace_back(logits.f32(), logits.f32() + V);
     start += n;
   }
@@ -327,22 +327,24 @@ TEST_F(AbsorptionModel, MixedFormBatchEqualsSeparateSteps) {
     LatentCache apart(m->cache_geometry(block), 16);
     BlockTable ta, tb;
     ASSERT_TRUE(apart.reserve(tb, 9));
-    m->forward({{b.begin(), b.begin() + 8}, {{&tb, 0, 8, false}}}, apart);
-    const Tensor b_alone = m->forward({{b[8]}, {{&tb, 8, 1, true}}}, apart);
+    const auto run_apart = m->make_runner(apart);
+    run_apart->forward({{b.begin(), b.begin() + 8}, {{&tb, 0, 8, false}}});
+    const Tensor b_alone = run_apart->forward({{b[8]}, {{&tb, 8, 1, true}}});
     ASSERT_TRUE(apart.reserve(ta, 12));
-    const Tensor a_alone = m->forward({a, {{&ta, 0, 12, true}}}, apart);
+    const Tensor a_alone = run_apart->forward({a, {{&ta, 0, 12, true}}});
 
     // Together: b's prompt first, then a's prefill and b's decode in one batch.
     LatentCache together(m->cache_geometry(block), 16);
     BlockTable ua, ub;
     ASSERT_TRUE(together.reserve(ub, 9));
     ASSERT_TRUE(together.reserve(ua, 12));
-    m->forward({{b.begin(), b.begin() + 8}, {{&ub, 0, 8, false}}}, together);
+    const auto run_together = m->make_runner(together);
+    run_together->forward({{b.begin(), b.begin() + 8}, {{&ub, 0, 8, false}}});
     std::vector<int32_t> tokens(a);
     tokens.push_back(b[8]);
     WorkCounter work;
     const Tensor both =
-        m->forward({tokens, {{&ua, 0, 12, true}, {&ub, 8, 1, true}}}, together, &work);
+        run_together->forward({tokens, {{&ua, 0, 12, true}, {&ub, 8, 1, true}}}, &work);
     ASSERT_EQ(both.dim(0), 2);
     EXPECT_LT(rel_error(both.f32(), a_alone.f32(), V), 1e-5);
     EXPECT_LT(rel_error(both.f32() + V, b_alone.f32(), V), 1e-5);

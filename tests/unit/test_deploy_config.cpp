@@ -32,7 +32,7 @@ TEST(DeployConfig, ShippedConfigsParse) {
   EXPECT_EQ(multi.workers.metrics_port_base, 9500);
   const auto one_gpu = DeployConfig::load(dir + "one-gpu.yaml");
   EXPECT_EQ(one_gpu.parallel.tp, 1);
-  EXPECT_TRUE(one_gpu.model.cuda_small_gemm);
+  EXPECT_TRUE(one_gpu.model.cuda.small_gemm);
   const auto tp2 = DeployConfig::load(dir + "tp2-gpu.yaml");
   EXPECT_EQ(tp2.parallel.tp, 2);
   EXPECT_EQ(tp2.parallel.kv_shard, "sequence");
@@ -68,9 +68,9 @@ TEST(DeployConfig, FieldsOverrideDefaults) {
   EXPECT_EQ(c.engine.num_pages, 9);
   EXPECT_EQ(c.engine.scheduler.max_batch_tokens, 32);
   EXPECT_EQ(c.engine.scheduler.max_running, 3);
-  EXPECT_FALSE(c.model.cuda_graphs);
-  EXPECT_FALSE(c.model.cuda_small_gemm);
-  EXPECT_TRUE(DeployConfig::parse("model: /m\n", "t").model.cuda_small_gemm);
+  EXPECT_FALSE(c.model.cuda.graphs);
+  EXPECT_FALSE(c.model.cuda.small_gemm);
+  EXPECT_TRUE(DeployConfig::parse("model: /m\n", "t").model.cuda.small_gemm);
 }
 
 TEST(DeployConfig, ErrorsNameTheProblem) {

@@ -580,22 +580,19 @@ TEST(EngineForms, AutoPrefillsALongChunkDecompressedAndDecodesInALatentForm) {
   Tokens prompt(80);
   for (int32_t i = 0; i < 80; ++i) prompt[i] = (i * 37 + 11) % 512;
   engine.add_request(make_request(prompt, 5));
-  const auto& forms = engine.stats().work.form_chunks;
-  const auto decompressed = static_cast<int>(AttnForm::kDecompressed);
-  auto latent = [&] {
-    return forms[static_cast<int>(AttnForm::kLatentFactored)] +
-           forms[static_cast<int>(AttnForm::kLatentPremerged)];
-  };
+  const WorkCounter& work = engine.stats().work;
+  auto decompressed = [&] { return work.chunks(AttnForm::kDecompressed); };
+  auto latent = [&] { return work.chunks(AttnForm::kLatent); };
 
   engine.step();  // the whole prompt in one chunk
-  EXPECT_EQ(forms[decompressed], 1);
+  EXPECT_EQ(decompressed(), 1);
   EXPECT_EQ(latent(), 0);
   const int64_t upproj_after_prefill = engine.stats().work.cache_upproj_flops;
   EXPECT_GT(upproj_after_prefill, 0);
 
   Outputs out;
   run_to_end(engine, out);
-  EXPECT_EQ(forms[decompressed], 1) << "a decode step ran decompressed";
+  EXPECT_EQ(decompressed(), 1) << "a decode step ran decompressed";
   EXPECT_EQ(latent(), 4);
   EXPECT_EQ(engine.stats().work.cache_upproj_flops, upproj_after_prefill)
       << "latent decode steps must not up-project the cache";
@@ -615,10 +612,10 @@ TEST(EngineForms, FactoredNeverUpProjectsTheCacheAndNaiveAlwaysDoes) {
     EXPECT_GT(work.attention_flops, 0);
     if (mode == AbsorbMode::kFactored) {
       EXPECT_EQ(work.cache_upproj_flops, 0);
-      EXPECT_EQ(work.form_chunks[static_cast<int>(AttnForm::kLatentFactored)], chunks);
+      EXPECT_EQ(work.chunks(AttnForm::kLatent), chunks);
     } else {
       EXPECT_GT(work.cache_upproj_flops, 0);
-      EXPECT_EQ(work.form_chunks[static_cast<int>(AttnForm::kDecompressed)], chunks);
+      EXPECT_EQ(work.chunks(AttnForm::kDecompressed), chunks);
     }
   }
 }

@@ -33,7 +33,7 @@ std::vector<float> prompt_logits(const DeepseekModel& m) {
   const std::vector<int32_t> prompt = {3, 14, 15, 92, 65, 35, 89};
   EXPECT_TRUE(cache.reserve(table, static_cast<int32_t>(prompt.size())));
   ForwardBatch batch{prompt, {{&table, 0, static_cast<int32_t>(prompt.size()), true}}};
-  Tensor logits = m.forward(batch, cache);
+  Tensor logits = m.make_runner(cache)->forward(batch);
   return {logits.f32(), logits.f32() + logits.numel()};
 }
 

@@ -98,7 +98,7 @@ TEST_P(PromptParity, EveryPromptPositionMatches) {
     for (size_t i = 0; i < prompt.size(); ++i) {
       ASSERT_TRUE(cache.reserve(table, static_cast<int32_t>(i + 1)));
       ForwardBatch batch{{prompt[i]}, {{&table, static_cast<int32_t>(i), 1, true}}};
-      Tensor logits = m->forward(batch, cache);
+      Tensor logits = m->make_runner(cache)->forward(batch);
       EXPECT_LT(rel_error(logits.f32(), g.prompt_logits[p].f32() + i * V, V), kTolerance)
           << "prompt " << p << " position " << i;
     }

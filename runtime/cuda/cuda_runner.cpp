@@ -1,0 +1,179 @@
+#include "runtime/cuda/cuda_runner.h"
+
+#include <exception>
+
+#include "kernels/cuda/argmax.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device_memory.h"
+#include "kernels/cuda/sampling.h"
+#include "runtime/cuda/cuda_model.h"
+#include "runtime/cuda/cuda_step.h"
+#include "runtime/cuda/step_metadata.h"
+
+namespace mla {
+namespace {
+
+template <typename T>
+T* ptr(const Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.raw()) : nullptr;
+}
+
+// Ends a stream-ordered section of the communicator when the step ends, however it ends.
+struct EndOrdered {
+  Communicator* comm;
+  ~EndOrdered() noexcept(false) {
+    if (comm == nullptr) return;
+    if (std::uncaught_exceptions() == 0) {
+      comm->end_stream_ordered();
+      return;
+    }
+    try {  // already failing: the first error is the one to report
+      comm->end_stream_ordered();
+    } catch (const std::exception&) {
+    }
+  }
+};
+
+}  // namespace
+
+CudaRunner::CudaRunner(const CudaModel& model, LatentCache& cache, Communicator* comm)
+    : ModelRunner(model, cache, comm), cuda_model_(model), device_(model.cuda_device()) {
+  const cuda::DeviceGuard on_device(device_);
+  num_sms_ = cuda::num_sms();
+  MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  blas_ = std::make_unique<cuda::Blas>(stream_,
+                                       cuda::BlasOptions{.small_gemm = model.options().small_gemm});
+  buffers_ = std::make_unique<StepBuffers>(
+      StepBuffers::Sizing{&model.config(), model.shard(), !cache.holds_every_page(),
+                          model.weights().max_mlp_width, num_sms_});
+  buffers_->reserve(kMaxStepTokens, kMaxStepSeqs);
+  profiler_ = std::make_unique<StepProfiler>(stream_);
+  graphs_ = std::make_unique<GraphCache>(stream_);
+}
+
+CudaRunner::~CudaRunner() {
+  // Free everything on the model's device; a destructor must not throw, so errors are let be.
+  int previous = 0;
+  const bool known = cudaGetDevice(&previous) == cudaSuccess;
+  cudaSetDevice(device_);
+  if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  graphs_.reset();
+  profiler_.reset();
+  buffers_.reset();
+  blas_.reset();
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  if (known) cudaSetDevice(previous);
+}
+
+void CudaRunner::run(const ForwardBatch& batch, WorkCounter& work) {
+  profiler_->begin_step();
+  const CommStats before = comm_ != nullptr ? comm_->stats() : CommStats{};
+  // Collectives that can go on the runner's stream need no host sync around them and can be
+  // captured in the step's graph; the step's end drains the stream once, within the
+  // communicator's timeout.
+  const bool ordered = comm_ != nullptr && comm_->begin_stream_ordered(stream_);
+  EndOrdered end_ordered{ordered ? comm_ : nullptr};
+  const bool use_graphs = cuda_model_.options().graphs && (comm_ == nullptr || ordered);
+  const ModelConfig& c = model_.config();
+  bool moved = false;
+  const StepMetadata meta = pack_step(batch, BatchLayout::of(batch, c, model_.forms(), work), c,
+                                      cache_, use_graphs, *buffers_, &moved);
+  if (moved) graphs_->clear();
+  MLA_CUDA_CHECK(cudaMemcpyAsync(buffers_->meta_dev.raw(), buffers_->meta_host,
+                                 meta.total * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+  const CudaStepContext context{.config = c,
+                                .shard = model_.shard(),
+                                .weights = cuda_model_.weights(),
+                                .premerged = model_.forms().needs_premerged(),
+                                .scale = static_cast<float>(c.softmax_scale()),
+                                .rope_factor = c.rope_attention_factor(),
+                                .num_sms = num_sms_,
+                                .stream = stream_,
+                                .blas = *blas_,
+                                .buffers = *buffers_,
+                                .profiler = *profiler_,
+                                .cache = cache_,
+                                .comm = comm_,
+                                .ordered = ordered};
+  CudaStep step(context, batch, meta);
+  if (meta.graph) {
+    graphs_->run(
+        {meta.T, meta.stride, profiler_->on()}, [&] { step.enqueue(); }, comm_, *profiler_, work);
+  } else {
+    step.enqueue();
+  }
+  if (comm_ != nullptr) work.comm += comm_->stats() - before;
+}
+
+void CudaRunner::finish() {
+  MLA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  profiler_->end_step();
+}
+
+Tensor CudaRunner::forward(const ForwardBatch& batch, WorkCounter* counter) {
+  const cuda::DeviceGuard on_device(device_);
+  WorkCounter local;
+  run(batch, counter != nullptr ? *counter : local);
+  int64_t n_logits = 0;
+  for (const ForwardSeq& seq : batch.seqs) n_logits += seq.want_logits ? 1 : 0;
+  Tensor logits = Tensor::empty({n_logits, model_.config().vocab_size});
+  MLA_CUDA_CHECK(cudaMemcpyAsync(logits.raw(), buffers_->logits.raw(), logits.nbytes(),
+                                 cudaMemcpyDeviceToHost, stream_));
+  finish();
+  return logits;
+}
+
+SampledStep CudaRunner::forward_sample(const ForwardBatch& batch,
+                                       const std::vector<SampleRequest>& requests,
+                                       WorkCounter* counter) {
+  const cuda::DeviceGuard on_device(device_);
+  WorkCounter local;
+  run(batch, counter != nullptr ? *counter : local);
+  SampledStep out;
+  const auto R = static_cast<int64_t>(requests.size());
+  if (R == 0) {
+    finish();
+    return out;
+  }
+  const int64_t V = model_.config().vocab_size;
+  bool all_greedy = true;
+  for (const SampleRequest& r : requests) {
+    r.params.validate(V);
+    all_greedy &= r.params.temperature == 0;
+  }
+  int32_t* tokens = ptr<int32_t>(buffers_->sampled);
+  if (all_greedy) {
+    cuda::argmax_f32({.logits = ptr<float>(buffers_->logits), .out = tokens, .rows = R, .vocab = V},
+                     stream_);
+  } else {
+    std::vector<cuda::SampleRow> rows(R);
+    for (int64_t i = 0; i < R; ++i) {
+      const SamplingParams& sp = requests[i].params;
+      rows[i] = {sp.temperature, sp.top_k, sp.top_p, sp.seed, requests[i].position};
+    }
+    MLA_CUDA_CHECK(cudaMemcpyAsync(buffers_->sample_params.raw(), rows.data(),
+                                   R * sizeof(cuda::SampleRow), cudaMemcpyHostToDevice, stream_));
+    cuda::SampleParams p{};
+    p.logits = ptr<float>(buffers_->logits);
+    p.rows = R;
+    p.vocab = V;
+    p.params = static_cast<const cuda::SampleRow*>(buffers_->sample_params.raw());
+    p.tokens = tokens;
+    p.logprobs = ptr<float>(buffers_->logprobs);
+    cuda::sample(p, buffers_->sort_workspace.raw(), buffers_->sort_workspace.nbytes(), stream_);
+  }
+  out.tokens.resize(R);
+  MLA_CUDA_CHECK(cudaMemcpyAsync(out.tokens.data(), tokens, R * sizeof(int32_t),
+                                 cudaMemcpyDeviceToHost, stream_));
+  out.logits.resize(R);
+  for (int64_t i = 0; i < R; ++i) {
+    if (!requests[i].keep_logits) continue;
+    out.logits[i].resize(V);
+    MLA_CUDA_CHECK(cudaMemcpyAsync(out.logits[i].data(), ptr<float>(buffers_->logits) + i * V,
+                                   V * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+  }
+  finish();
+  return out;
+}
+
+}  // namespace mla

@@ -1,0 +1,466 @@
+#include "runtime/cuda/cuda_step.h"
+
+#include <cuda_bf16.h>
+
+#include "kernels/cuda/add_rms_norm.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/embedding.h"
+#include "kernels/cuda/gather_rows.h"
+#include "kernels/cuda/latent_attention.h"
+#include "kernels/cuda/latent_store.h"
+#include "kernels/cuda/lse_merge.h"
+#include "kernels/cuda/mha_prefill.h"
+#include "kernels/cuda/mla_decode.h"
+#include "kernels/cuda/mla_prefill.h"
+#include "kernels/cuda/moe_experts.h"
+#include "kernels/cuda/moe_gate.h"
+#include "kernels/cuda/rope_bf16.h"
+#include "kernels/cuda/silu_mul.h"
+#include "runtime/model.h"
+
+namespace mla {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+template <typename T>
+T* ptr(const Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.raw()) : nullptr;
+}
+
+}  // namespace
+
+// A blocking communicator runs on its own stream: the step's work must be done first.
+void CudaStep::sync_for_comm() {
+  if (!x_.ordered) MLA_CUDA_CHECK(cudaStreamSynchronize(x_.stream));
+}
+
+void CudaStep::all_reduce(float* data, int64_t n) {
+  if (x_.comm == nullptr) return;
+  sync_for_comm();
+  StepProfiler::Scope timed(x_.profiler, StepProfiler::kCollectives);
+  x_.comm->all_reduce_sum(data, n);
+}
+
+void CudaStep::enqueue() {
+  const int64_t T = meta_.T, D = c_.hidden_size;
+  const cudaStream_t s = x_.stream;
+  const DeviceWeights& w = x_.weights;
+  cuda::embedding_bf16({.table = ptr<bf16>(w.embed),
+                        .ids = meta(meta_.o_tokens),
+                        .out = ptr<float>(b_.x),
+                        .tokens = T,
+                        .vocab = c_.vocab_size,
+                        .d = D},
+                       s);
+  const auto eps = static_cast<float>(c_.rms_norm_eps);
+  // x += delta (the last sublayer's output, when there is one), then y = RMSNorm(x) * w.
+  auto add_norm = [&](const float* delta, const Tensor& weight, const Tensor& y, int64_t d,
+                      float* y32 = nullptr) {
+    cuda::add_rms_norm({.x = ptr<float>(b_.x),
+                        .delta = delta,
+                        .w = ptr<float>(weight),
+                        .y = ptr<bf16>(y),
+                        .y32 = y32,
+                        .rows = T,
+                        .d = d,
+                        .x_stride = d,
+                        .y_stride = d,
+                        .eps = eps},
+                       s);
+  };
+  for (int64_t l = 0; l < c_.num_layers; ++l) {
+    const DeviceLayer& d = w.layers[l];
+    add_norm(l == 0 ? nullptr : ptr<float>(b_.delta), d.input_norm, b_.xn, D);  // attn_norm
+    const bf16* q_in = ptr<bf16>(b_.xn);
+    int64_t q_in_dim = D;
+    if (c_.q_lora_rank > 0) {
+      const int64_t d_q = c_.q_lora_rank;
+      cuda::linear(x_.blas, b_.xn.raw(), T, D, d.q_a.raw(), d_q, b_.qa32.raw(), DType::kF32);
+      cuda::add_rms_norm({.x = ptr<float>(b_.qa32),
+                          .delta = nullptr,
+                          .w = ptr<float>(d.q_a_norm),
+                          .y = ptr<bf16>(b_.qn),
+                          .y32 = nullptr,
+                          .rows = T,
+                          .d = d_q,
+                          .x_stride = d_q,
+                          .y_stride = d_q,
+                          .eps = ModelConfig::kLoraNormEps},
+                         s);
+      q_in = ptr<bf16>(b_.qn);
+      q_in_dim = d_q;
+    }
+    attention(l, d, q_in, q_in_dim);
+    all_reduce(ptr<float>(b_.delta), T * D);
+    // ffn_norm; MoE layers also want it in fp32 for the router.
+    add_norm(ptr<float>(b_.delta), d.post_attn_norm, b_.xn, D,
+             d.is_moe ? ptr<float>(b_.xn32) : nullptr);
+    ffn(d);
+    all_reduce(ptr<float>(b_.delta), T * D);
+  }
+  // Final norm on every row, then only the rows whose logits are wanted go through the head.
+  add_norm(ptr<float>(b_.delta), w.final_norm, b_.xn, D);
+  if (meta_.n_logits == 0) return;
+  cuda::gather_rows({.in = b_.xn.raw(),
+                     .index = meta(meta_.o_logit_rows),
+                     .out = b_.x_last.raw(),
+                     .rows = meta_.n_logits,
+                     .row_bytes = D * 2,
+                     .in_stride = D * 2,
+                     .out_stride = D * 2},
+                    s);
+  cuda::linear(x_.blas, b_.x_last.raw(), meta_.n_logits, D, w.lm_head.raw(), c_.vocab_size,
+               b_.logits.raw(), DType::kF32);
+}
+
+void CudaStep::attention(int64_t l, const DeviceLayer& d, const bf16* q_in, int64_t q_in_dim) {
+  const int64_t T = meta_.T, D = c_.hidden_size, H_l = x_.shard.local_heads(),
+                d_c = c_.kv_lora_rank, d_r = c_.qk_rope_head_dim, d_n = c_.qk_nope_head_dim,
+                d_v = c_.v_head_dim, d_qk = c_.qk_head_dim(), d_lat = c_.latent_width();
+  const cudaStream_t s = x_.stream;
+  const auto& geo = x_.cache.geometry();
+  const BatchLayout& batch = meta_.batch;
+
+  // The new tokens' latents: c = RMSNorm(kv[:d_c]), k_rope = RoPE(kv[d_c:]) into the pages this
+  // rank stores.
+  cuda::linear(x_.blas, b_.xn.raw(), T, D, d.kv_a.raw(), d_lat, b_.kv32.raw(), DType::kF32);
+  cuda::latent_store({.kv = ptr<float>(b_.kv32),
+                      .kv_stride = d_lat,
+                      .norm_w = ptr<float>(d.kv_a_norm),
+                      .eps = ModelConfig::kLoraNormEps,
+                      .positions = meta(meta_.o_pos),
+                      .inv_freq = ptr<float>(x_.weights.inv_freq),
+                      .attention_factor = x_.rope_factor,
+                      .interleave = c_.rope_interleave,
+                      .slot_pages = meta(meta_.o_slot_page),
+                      .slot_offsets = meta(meta_.o_slot_off),
+                      .pool = x_.cache.pool_storage().data<bf16>(),
+                      .layer = static_cast<int32_t>(l),
+                      .num_layers = geo.num_layers,
+                      .block_size = geo.block_size,
+                      .d_c = static_cast<int32_t>(d_c),
+                      .d_r = static_cast<int32_t>(d_r),
+                      .T = T},
+                     s);
+
+  const bool premerged = x_.premerged;
+  bf16* q = ptr<bf16>(b_.q);
+  bf16* q_latent = ptr<bf16>(b_.q_latent);
+  // RoPE of query rows: [T, H_l] vectors of d_r, from src to dst (strides in elements).
+  auto rope = [&](const bf16* src, int64_t src_token, int64_t src_head, bf16* dst,
+                  int64_t dst_token, int64_t dst_head) {
+    cuda::rope_bf16({.src = src,
+                     .dst = dst,
+                     .positions = meta(meta_.o_pos),
+                     .inv_freq = ptr<float>(x_.weights.inv_freq),
+                     .tokens = T,
+                     .heads = H_l,
+                     .d = d_r,
+                     .src_token_stride = src_token,
+                     .src_head_stride = src_head,
+                     .dst_token_stride = dst_token,
+                     .dst_head_stride = dst_head,
+                     .attention_factor = x_.rope_factor,
+                     .interleave = c_.rope_interleave},
+                    s);
+  };
+  if (batch.any_decompressed || (batch.any_latent && !premerged)) {
+    // q: [T, H_l, d_n + d_r], its rotary part rotated in place.
+    cuda::linear(x_.blas, q_in, T, q_in_dim, d.q_b.raw(), H_l * d_qk, q, DType::kBF16);
+    rope(q + d_n, H_l * d_qk, d_qk, q + d_n, H_l * d_qk, d_qk);
+  }
+  if (batch.any_latent) {
+    if (premerged) {
+      // q~[t, h] = W_Q'[h] q_in[t]: one product per head into the [T, H_l, d_lat] layout.
+      cuda::GemmParams g{q_in,     d.q_absorbed.raw(), q_latent, T,          d_c,
+                         q_in_dim, q_in_dim,           q_in_dim, H_l * d_lat};
+      g.c_type = DType::kBF16;
+      g.batch = H_l;
+      g.stride_b = d_c * q_in_dim;
+      g.b_constant = true;  // a weight
+      g.stride_c = d_lat;
+      cuda::gemm(x_.blas, g);
+      cuda::linear(x_.blas, q_in, T, q_in_dim, d.q_rope.raw(), H_l * d_r, b_.q_rope.raw(),
+                   DType::kBF16);
+      rope(ptr<bf16>(b_.q_rope), H_l * d_r, d_r, q_latent + d_c, H_l * d_lat, d_lat);
+    } else {
+      // q~[t, h] = W_UK[h]^T q_nope[t, h]: W_UK[h] is the [d_n, d_c] row block of kv_b.
+      cuda::GemmParams g{q, d.kv_b.raw(), q_latent, T, d_c, d_n, H_l * d_qk, d_c, H_l * d_lat};
+      g.b_nk = false;
+      g.c_type = DType::kBF16;
+      g.batch = H_l;
+      g.stride_a = d_qk;
+      g.stride_b = (d_n + d_v) * d_c;
+      g.b_constant = true;  // a weight
+      g.stride_c = d_lat;
+      cuda::gemm(x_.blas, g);
+      MLA_CUDA_CHECK(cudaMemcpy2DAsync(q_latent + d_c, d_lat * 2, q + d_n, d_qk * 2, d_r * 2,
+                                       T * H_l, cudaMemcpyDeviceToDevice, s));
+    }
+    StepProfiler::Scope timed(x_.profiler, StepProfiler::kAttention);
+    latent_attention(l, q_latent);
+  }
+
+  bf16* o_v = ptr<bf16>(b_.o_v);
+  float* out = ptr<float>(b_.delta);
+  if (batch.any_latent && !premerged) {
+    // o[t, h] = W_UV[h] o~[t, h]; rows of decompressed-form tokens hold o~ = 0.
+    cuda::GemmParams g{b_.o_latent.raw(), d.kv_b.raw(), o_v,      T, d_v, d_c,
+                       H_l * d_c,         d_c,          H_l * d_v};
+    g.b = ptr<bf16>(d.kv_b) + d_n * d_c;
+    g.c_type = DType::kBF16;
+    g.batch = H_l;
+    g.stride_a = d_c;
+    g.stride_b = (d_n + d_v) * d_c;
+    g.b_constant = true;  // a weight
+    g.stride_c = d_v;
+    cuda::gemm(x_.blas, g);
+  } else if (batch.any_decompressed) {
+    MLA_CUDA_CHECK(cudaMemsetAsync(o_v, 0, T * H_l * d_v * 2, s));
+  }
+  if (batch.any_decompressed) decompressed(l, d);
+  // Rows of one form hold zeros in the other form's buffer, so the two products add up.
+  const bool o_from_v = batch.any_decompressed || (batch.any_latent && !premerged);
+  if (batch.any_latent && premerged) {
+    cuda::linear(x_.blas, b_.o_latent.raw(), T, H_l * d_c, d.o_absorbed.raw(), D, out, DType::kF32);
+  }
+  if (o_from_v) {
+    cuda::linear(x_.blas, o_v, T, H_l * d_v, d.o.raw(), D, out, DType::kF32,
+                 batch.any_latent && premerged ? 1.0f : 0.0f);
+  }
+}
+
+void CudaStep::latent_attention(int64_t l, const bf16* q_local) {
+  const int64_t T = meta_.T, H_l = x_.shard.local_heads(), P = x_.shard.tp_size(),
+                d_c = c_.kv_lora_rank, d_lat = c_.latent_width();
+  const cudaStream_t s = x_.stream;
+  const bool sharded = !x_.cache.holds_every_page();
+  const int64_t H_a = sharded ? H_l * P : H_l;  // heads this rank attends
+  const bf16* q_att = q_local;
+  if (sharded) {
+    // All-gather the absorbed queries as [P, T, H_l, d_lat], then lay them out
+    // [T, P * H_l, d_lat] (bf16 pairs travel as floats: the collectives only move bytes).
+    sync_for_comm();
+    {
+      StepProfiler::Scope timed(x_.profiler, StepProfiler::kCollectives);
+      x_.comm->all_gather(reinterpret_cast<const float*>(q_local), T * H_l * d_lat / 2,
+                          ptr<float>(b_.q_gathered));
+    }
+    bf16* q_ordered = ptr<bf16>(b_.q_ordered);
+    for (int64_t r = 0; r < P; ++r) {
+      MLA_CUDA_CHECK(cudaMemcpy2DAsync(q_ordered + r * H_l * d_lat, H_a * d_lat * 2,
+                                       ptr<bf16>(b_.q_gathered) + r * T * H_l * d_lat,
+                                       H_l * d_lat * 2, H_l * d_lat * 2, T,
+                                       cudaMemcpyDeviceToDevice, s));
+    }
+    q_att = q_ordered;
+  }
+  const auto& geo = x_.cache.geometry();
+  bf16* o_att = sharded ? ptr<bf16>(b_.o_attended) : ptr<bf16>(b_.o_latent);
+  float* lse = ptr<float>(b_.lse);
+  // The three attention kernels share these fields (same names in each Params struct).
+  auto common = [&](auto& p) {
+    p.q = q_att;
+    p.pool = x_.cache.pool_storage().data<bf16>();
+    p.layer = static_cast<int32_t>(l);
+    p.num_layers = geo.num_layers;
+    p.block_table = meta(meta_.o_table);
+    p.table_stride = static_cast<int32_t>(meta_.stride);
+    p.num_keys = meta(meta_.o_num_keys);
+    p.heads = static_cast<int32_t>(H_a);
+    p.scale = x_.scale;
+    p.out = o_att;
+    p.lse = lse;
+  };
+  if (!meta_.tuned) {
+    cuda::LatentAttentionParams p{};
+    common(p);
+    p.block_size = geo.block_size;
+    p.d_c = static_cast<int32_t>(d_c);
+    p.d_r = static_cast<int32_t>(c_.qk_rope_head_dim);
+    p.token_seq = meta(meta_.o_token_seq);
+    p.tokens = static_cast<int32_t>(T);
+    cuda::latent_attention(p, s);
+  } else if (meta_.batch.pure_decode()) {
+    cuda::MlaDecodeParams p{};
+    common(p);
+    p.batch = static_cast<int32_t>(meta_.S);
+    p.s_q = 1;
+    p.num_sms = x_.num_sms;
+    // Every layer of the step has the same batch, heads and key counts: the first layer's
+    // split plan serves them all (the workspace is only touched by mla_decode).
+    p.reuse_plan = l > 0;
+    cuda::mla_decode(p, b_.decode_workspace.raw(), s);
+  } else {
+    cuda::MlaPrefillParams p{};
+    common(p);
+    p.token_seq = meta(meta_.o_token_seq);
+    p.tokens = static_cast<int32_t>(T);
+    cuda::mla_prefill(p, b_.prefill_workspace.raw(), s);
+  }
+  if (!sharded) return;
+  // Every rank attended all heads over its own pages. Send head block r (partial o~ and LSE)
+  // to rank r and merge what comes back by LSE.
+  bf16* send = ptr<bf16>(b_.a2a_send);
+  float* lse_send = ptr<float>(b_.lse_send);
+  for (int64_t r = 0; r < P; ++r) {
+    MLA_CUDA_CHECK(cudaMemcpy2DAsync(send + r * T * H_l * d_c, H_l * d_c * 2, o_att + r * H_l * d_c,
+                                     H_a * d_c * 2, H_l * d_c * 2, T, cudaMemcpyDeviceToDevice, s));
+    MLA_CUDA_CHECK(cudaMemcpy2DAsync(lse_send + r * T * H_l, H_l * 4, lse + r * H_l, H_a * 4,
+                                     H_l * 4, T, cudaMemcpyDeviceToDevice, s));
+  }
+  sync_for_comm();
+  {
+    StepProfiler::Scope timed(x_.profiler, StepProfiler::kCollectives);
+    x_.comm->all_to_all(reinterpret_cast<const float*>(send), T * H_l * d_c / 2,
+                        ptr<float>(b_.a2a_recv));
+    x_.comm->all_to_all(lse_send, T * H_l, ptr<float>(b_.lse_recv));
+  }
+  cuda::lse_merge({.parts = ptr<bf16>(b_.a2a_recv),
+                   .lse = ptr<float>(b_.lse_recv),
+                   .P = static_cast<int32_t>(P),
+                   .rows = T * H_l,
+                   .d = d_c,
+                   .out = ptr<bf16>(b_.o_latent),
+                   .out_lse = nullptr},
+                  s);
+}
+
+void CudaStep::decompressed(int64_t l, const DeviceLayer& d) {
+  const int64_t H_l = x_.shard.local_heads(), d_c = c_.kv_lora_rank, d_n = c_.qk_nope_head_dim,
+                d_v = c_.v_head_dim, d_r = c_.qk_rope_head_dim, d_qk = c_.qk_head_dim(),
+                d_lat = c_.latent_width(), d_kv = d_n + d_v;
+  const cudaStream_t s = x_.stream;
+  const auto& geo = x_.cache.geometry();
+  const bool sharded = !x_.cache.holds_every_page();
+  // Row r of `layer_rows` is the cache row r of this layer: page * num_layers * B + offset.
+  const bf16* layer_rows =
+      x_.cache.pool_storage().data<bf16>() + int64_t{l} * geo.block_size * d_lat;
+  auto gather = [&](const void* in, const int32_t* index, void* out, int64_t rows) {
+    cuda::gather_rows({.in = in,
+                       .index = index,
+                       .out = out,
+                       .rows = rows,
+                       .row_bytes = d_lat * 2,
+                       .in_stride = d_lat * 2,
+                       .out_stride = d_lat * 2},
+                      s);
+  };
+  for (size_t i = 0; i < batch_.seqs.size(); ++i) {
+    if (meta_.batch.forms[i] != AttnForm::kDecompressed) continue;
+    const ForwardSeq& seq = batch_.seqs[i];
+    const int64_t n = seq.num_tokens, L = seq.start + seq.num_tokens, r0 = meta_.batch.seq_begin[i];
+    const int64_t local = meta_.ctx_local[i], o = meta_.ctx_offset[i];
+    bf16* context = ptr<bf16>(b_.context);
+    if (!sharded) {
+      gather(layer_rows, meta(o), context, L);
+    } else {
+      // Each rank contributes its rows padded to the largest share (ShardPlan::max_local_keys),
+      // then the gathered rows are put back in position order.
+      bf16* mine = ptr<bf16>(b_.context_mine);
+      gather(layer_rows, meta(o), mine, local);
+      sync_for_comm();
+      {
+        StepProfiler::Scope timed(x_.profiler, StepProfiler::kCollectives);
+        x_.comm->all_gather(reinterpret_cast<const float*>(mine), local * d_lat / 2,
+                            ptr<float>(b_.context_all));
+      }
+      gather(b_.context_all.raw(), meta(o + local), context, L);
+    }
+    // The up-projection absorption avoids: [L, H_l * (d_n + d_v)] = c W_kvb^T.
+    cuda::GemmParams g{context, d.kv_b.raw(), b_.up.raw(), L,         H_l * d_kv,
+                       d_c,     d_lat,        d_c,         H_l * d_kv};
+    g.c_type = DType::kBF16;
+    g.b_constant = true;  // a weight
+    cuda::gemm(x_.blas, g);
+    const int32_t* cu = meta(meta_.o_cu + 4 * static_cast<int64_t>(i));
+    cuda::mha_prefill({.q = ptr<bf16>(b_.q) + r0 * H_l * d_qk,
+                       .k_nope = ptr<bf16>(b_.up),
+                       .k_rope = context + d_c,
+                       .v = ptr<bf16>(b_.up) + d_n,
+                       .q_token_stride = H_l * d_qk,
+                       .q_head_stride = d_qk,
+                       .kn_token_stride = H_l * d_kv,
+                       .kn_head_stride = d_kv,
+                       .kr_token_stride = d_lat,
+                       .kr_head_stride = 0,
+                       .v_token_stride = H_l * d_kv,
+                       .v_head_stride = d_kv,
+                       .cu_q = cu,
+                       .cu_k = cu + 2,
+                       .num_seqs = 1,
+                       .max_q = static_cast<int32_t>(n),
+                       .heads = static_cast<int32_t>(H_l),
+                       .d_nope = static_cast<int32_t>(d_n),
+                       .d_rope = static_cast<int32_t>(d_r),
+                       .d_v = static_cast<int32_t>(d_v),
+                       .scale = x_.scale,
+                       .out = ptr<bf16>(b_.o_v) + r0 * H_l * d_v,
+                       .lse = nullptr},
+                      s);
+  }
+}
+
+void CudaStep::ffn(const DeviceLayer& d) {
+  const int64_t T = meta_.T, D = c_.hidden_size;
+  const cudaStream_t s = x_.stream;
+  float* out = ptr<float>(b_.delta);
+  if (!d.is_moe) {
+    mlp(d.mlp, ptr<bf16>(b_.xn), out);
+    return;
+  }
+  const int64_t E = c_.n_routed_experts, K = c_.num_experts_per_tok;
+  // The router in fp32, like transformers.
+  cuda::GemmParams g{b_.xn32.raw(), d.gate.raw(), b_.router_logits.raw(), T, E, D, D, D, E};
+  g.ab_type = DType::kF32;
+  g.b_constant = true;  // a weight
+  cuda::gemm(x_.blas, g);
+  cuda::MoeGateParams gp{};
+  gp.logits = ptr<float>(b_.router_logits);
+  gp.bias = ptr<float>(d.correction_bias);
+  gp.tokens = T;
+  gp.experts = E;
+  gp.n_group = c_.n_group;
+  gp.topk_group = c_.topk_group;
+  gp.top_k = K;
+  gp.gate = moe_gate_kind(c_.gate);
+  gp.renormalize = c_.renormalize_topk();
+  gp.scaling = static_cast<float>(c_.routed_scaling_factor);
+  gp.ids = ptr<int32_t>(b_.topk_ids);
+  gp.weights = ptr<float>(b_.topk_weights);
+  cuda::moe_gate(gp, s);
+  if (d.shared.width > 0) {
+    mlp(d.shared, ptr<bf16>(b_.xn), out);
+  } else {
+    MLA_CUDA_CHECK(cudaMemsetAsync(out, 0, T * D * sizeof(float), s));
+  }
+  cuda::MoeExpertsParams ep{};
+  ep.x = ptr<bf16>(b_.xn);
+  ep.ids = ptr<int32_t>(b_.topk_ids);
+  ep.weights = ptr<float>(b_.topk_weights);
+  ep.gate_up = ptr<bf16>(d.experts_gate_up);
+  ep.down = ptr<bf16>(d.experts_down);
+  ep.out = out;
+  ep.tokens = T;
+  ep.top_k = K;
+  ep.first_expert = d.first_expert;
+  ep.local_experts = d.local_experts;
+  ep.d = D;
+  ep.inter = c_.moe_intermediate_size;
+  ep.experts = E;
+  // The weight-streaming expert kernels go with the small-row products (CudaOptions).
+  ep.gemv_max_slots = x_.blas.options().small_gemm ? cuda::kMoeGemvMaxSlots : 0;
+  cuda::moe_experts(ep, b_.moe_workspace.raw(), b_.moe_workspace.nbytes(), s);
+}
+
+void CudaStep::mlp(const DeviceMlp& w, const bf16* x, float* out) {
+  const int64_t T = meta_.T, D = c_.hidden_size;
+  cuda::linear(x_.blas, x, T, D, w.gate_up.raw(), 2 * w.width, b_.gate_up.raw(), DType::kF32);
+  cuda::silu_mul_bf16(
+      {.gate_up = ptr<float>(b_.gate_up), .out = ptr<bf16>(b_.act), .rows = T, .width = w.width},
+      x_.stream);
+  cuda::linear(x_.blas, b_.act.raw(), T, w.width, w.down.raw(), D, out, DType::kF32);
+}
+
+}  // namespace mla

@@ -1,0 +1,76 @@
+// CudaStep: one forward step of the DeepSeek model on the GPU, enqueued on the runner's stream
+// (the body of an uncaptured step and of every captured graph). bf16 operands, fp32
+// accumulation and residual stream. Notation as in runtime/model_config.h.
+//
+// A layer, in paper order:
+//   attn_norm  x_n = RMSNorm(x)                                            [T, D]
+//   q          = W_qb RMSNorm(W_qa x_n) (or W_q x_n): q_nope [T, H_l, d_n], q_rope [T, H_l, d_r]
+//   latent     c = RMSNorm(W_kva x_n [:d_c]),  k_rope = RoPE(W_kva x_n [d_c:])  -> the cache
+//   latent form      q_absorbed q~ = W_UK^T q_nope (factored) or W_Q' x (premerged)  [T, H_l, d_c]
+//                    p = softmax(scale (q~ . c + q_rope . k_rope)),  o~ = sum p c
+//                    attn_out = W_o (W_UV o~)  (factored)  or  W_O' o~  (premerged)
+//   decompressed     k = [W_UK c ; k_rope], v = W_UV c over the context, MHA, attn_out = W_o o
+//   ffn_norm, ffn_out (dense SwiGLU or MoE), layer_out = x after both residual adds.
+// Under a sequence-sharded cache the latent form's attention is distributed: all-gather the
+// absorbed queries of all H heads, attend them over this rank's pages, all-to-all the partial
+// outputs and LSEs to the ranks owning the heads, merge by LSE.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/gemm.h"
+#include "parallel/communicator.h"
+#include "runtime/cuda/device_weights.h"
+#include "runtime/cuda/step_buffers.h"
+#include "runtime/cuda/step_metadata.h"
+#include "runtime/cuda/step_profiler.h"
+#include "runtime/forward_batch.h"
+#include "runtime/latent_cache.h"
+
+namespace mla {
+
+// Everything a step reads and writes, bound by the runner.
+struct CudaStepContext {
+  const ModelConfig& config;
+  const ShardPlan& shard;
+  const DeviceWeights& weights;
+  bool premerged;  // the latent form's weights are W_Q' and W_O'
+  float scale;     // softmax scale
+  float rope_factor;
+  int num_sms;
+  cudaStream_t stream;
+  const cuda::Blas& blas;
+  StepBuffers& buffers;
+  StepProfiler& profiler;
+  LatentCache& cache;
+  Communicator* comm;  // null for one rank
+  bool ordered;        // comm enqueues its collectives on `stream` (no host syncs)
+};
+
+class CudaStep {
+ public:
+  CudaStep(const CudaStepContext& ctx, const ForwardBatch& batch, const StepMetadata& meta)
+      : x_(ctx), c_(ctx.config), b_(ctx.buffers), batch_(batch), meta_(meta) {}
+
+  // Enqueues the step up to the logits of the sequences that want them (rows in batch order,
+  // in buffers.logits).
+  void enqueue();
+
+ private:
+  const int32_t* meta(int64_t offset) const { return b_.meta_dev.data<int32_t>() + offset; }
+  void attention(int64_t l, const DeviceLayer& d, const __nv_bfloat16* q_in, int64_t q_in_dim);
+  void latent_attention(int64_t l, const __nv_bfloat16* q_local);
+  void decompressed(int64_t l, const DeviceLayer& d);
+  void ffn(const DeviceLayer& d);
+  void mlp(const DeviceMlp& w, const __nv_bfloat16* x, float* out);
+  void all_reduce(float* data, int64_t n);
+  void sync_for_comm();
+
+  const CudaStepContext& x_;
+  const ModelConfig& c_;
+  StepBuffers& b_;
+  const ForwardBatch& batch_;
+  const StepMetadata& meta_;
+};
+
+}  // namespace mla
