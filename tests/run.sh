@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what mlaserve needs (Debian 12), builds it, and runs every test that needs no GPU
-# (GPU tests are built too and skip themselves without a device).
+# Installs what mlaserve needs (Debian 12), checks that every C++ source is clang-formatted
+# (tests/check_format.sh), builds, and runs every test that needs no GPU (GPU tests are built
+# too and skip themselves without a device).
 #   tests/run.sh                 all labels
 #   tests/run.sh -L unit         extra arguments go to ctest
 # Environment: BUILD_DIR (default: build), JOBS (default: nproc).
@@ -10,6 +11,8 @@ source launch/setup.sh
 
 BUILD_DIR=${BUILD_DIR:-build}
 JOBS=${JOBS:-$(nproc)}
+mla_install_packages
+tests/check_format.sh
 mla_configure_and_build "$BUILD_DIR" "$JOBS"
 
 echo "== tests"

@@ -21,7 +21,7 @@ struct LatentStoreParams {
   const int32_t* positions;     // [T]: absolute positions, for the rotation
   const float* inv_freq;        // [d_r / 2]
   float attention_factor;       // scales cos and sin (YaRN's mscale)
-  bool interleave;              // rope_interleave, as in RopeParams
+  bool interleave;              // rope_interleave, as in RopeBf16Params
   const int32_t* slot_pages;    // [T]: the page holding token t's row, or -1: another rank
                                 // stores it (sharded cache), skip
   const int32_t* slot_offsets;  // [T]: the row within that page, in [0, block_size)

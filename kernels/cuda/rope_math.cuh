@@ -1,6 +1,6 @@
-// Rotary embedding math shared by the CUDA kernels that rotate (rope.cu, rope_bf16.cu,
-// latent_store.cu): the same numerics as cpu::rope_table followed by cpu::rope_rotate, in fp32
-// whatever the storage type. Include from .cu files only.
+// Rotary embedding math shared by the CUDA kernels that rotate (rope_bf16.cu, latent_store.cu):
+// the same numerics as cpu::rope_table followed by cpu::rope_rotate, in fp32 whatever the
+// storage type. Include from .cu files only.
 #pragma once
 
 #include <cuda_runtime.h>
