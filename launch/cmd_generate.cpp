@@ -16,6 +16,7 @@
 #include "launch/commands.h"
 #include "launch/deploy_flags.h"
 #include "launch/group_runtime.h"
+#include "runtime/tensor_dump.h"
 #include "runtime/tiny_checkpoint.h"
 #if MLA_HAVE_CUDA
 #include "runtime/cuda/cuda_model.h"
@@ -76,6 +77,7 @@ struct GenerateArgs {
   float top_p = 1.0f;
   uint64_t seed = 0;
   bool ignore_eos = false;
+  std::string dump_dir;
 };
 
 // Runs `batch` copies of `req` to completion and prints tokens and timings.
@@ -159,11 +161,20 @@ void run_batch(const GenerateArgs& a, const GroupRuntime& rt, const Request& req
 }
 
 int run_generate(const GenerateArgs& a) {
-  const DeployConfig d = a.deploy.resolve();
+  DeployConfig d = a.deploy.resolve();
   MLA_REQUIRE(a.prompt_ids.empty() != (a.prompt_len == 0),
               "give exactly one of --prompt-ids and --prompt-len");
   Request req;
   if (a.prompt_len == 0) req.prompt = parse_ids(a.prompt_ids);
+  std::optional<TensorDump> dump;
+  if (!a.dump_dir.empty()) {
+    MLA_REQUIRE(a.prompt_len == 0 && a.batches == "1",
+                "--dump-tensors takes one prompt given with --prompt-ids, run once (--batch 1)");
+    // The dump keeps each tensor's first forward pass: the whole prompt, in one chunk.
+    auto& budget = d.engine.scheduler.max_batch_tokens;
+    budget = std::max<int32_t>(budget, static_cast<int32_t>(req.prompt.size()));
+    dump.emplace(a.dump_dir);
+  }
   req.max_tokens = a.max_tokens;
   req.sampling = {a.temperature, a.top_k, a.top_p, a.seed};
   req.ignore_eos = a.ignore_eos;
@@ -178,9 +189,14 @@ int run_generate(const GenerateArgs& a) {
     return 0;
   }
   FollowerRelease release(engine);
+  if (dump) engine.runner().set_dump(&*dump);
   for (int32_t batch : parse_ids(a.batches, "--batch")) {
     MLA_REQUIRE(batch >= 1, "--batch sizes must be >= 1, got {}", batch);
     run_batch(a, *rt, req, batch);
+  }
+  if (dump) {
+    engine.runner().set_dump(nullptr);
+    std::cout << fmt::format("dumped {} tensors to {}\n", dump->files().size(), dump->dir());
   }
   return 0;
 }
@@ -207,6 +223,9 @@ void add_generate_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--top-p", args->top_p, "1 = off")->capture_default_str();
   cmd->add_option("--seed", args->seed, "Sampling seed")->capture_default_str();
   cmd->add_flag("--ignore-eos", args->ignore_eos, "Do not stop at the end-of-sequence token");
+  cmd->add_option("--dump-tensors", args->dump_dir,
+                  "Write the prompt's named per-layer intermediates to this (new) directory as "
+                  ".npy, to compare with transformers (tests/parity/README.md); one rank");
   cmd->callback([args, &exit_code] { exit_code = run_generate(*args); });
 }
 

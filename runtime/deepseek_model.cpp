@@ -14,6 +14,7 @@
 #include "kernels/error.h"
 #include "runtime/checkpoint.h"
 #include "runtime/model_runner.h"
+#include "runtime/tensor_dump.h"
 #include "runtime/weight_loader.h"
 
 namespace mla {
@@ -39,8 +40,22 @@ struct DeepseekModel::StepContext {
   std::vector<float> rope;         // [T, d_r]: cos then sin per position
   WorkCounter* counter;
   Communicator* comm;  // null when the group is one rank
+  TensorDump* dump;    // null unless named intermediates are wanted
 
   int64_t num_tokens() const { return layout.num_tokens; }
+  bool dumps(const char* name, int64_t layer) const {
+    return dump != nullptr && dump->wants(name, layer);
+  }
+  // Dumps rows x cols floats, taken `cols` at a time every `stride` floats from `data`.
+  void dump_rows(const char* name, int64_t layer, const float* data, int64_t rows, int64_t cols,
+                 int64_t stride, std::vector<int64_t> shape) const {
+    if (!dumps(name, layer)) return;
+    std::vector<float> packed(rows * cols);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy_n(data + r * stride, cols, &packed[r * cols]);
+    }
+    dump->add(name, layer, packed.data(), shape);
+  }
   void all_reduce(float* data, int64_t n) const {
     if (comm != nullptr) comm->all_reduce_sum(data, n);
   }
@@ -53,7 +68,7 @@ class DeepseekRunner final : public ModelRunner {
   DeepseekRunner(const DeepseekModel& model, LatentCache& cache, Communicator* comm)
       : ModelRunner(model, cache, comm), model_(model) {}
   Tensor forward(const ForwardBatch& batch, WorkCounter* counter) override {
-    return model_.forward(batch, cache_, counter, comm_);
+    return model_.forward(batch, cache_, counter, comm_, dump_);
   }
 
  private:
@@ -101,13 +116,13 @@ std::unique_ptr<ModelRunner> DeepseekModel::make_runner(LatentCache& cache,
 
 // The runner checked the cache and the group against the model when it was made.
 Tensor DeepseekModel::forward(const ForwardBatch& batch, LatentCache& cache, WorkCounter* counter,
-                              Communicator* comm) const {
+                              Communicator* comm, TensorDump* dump) const {
   const ModelConfig& c = config_;
   const int64_t T = static_cast<int64_t>(batch.tokens.size());
   const int64_t D = c.hidden_size, d_r = c.qk_rope_head_dim;
   WorkCounter local;
   WorkCounter& work = counter != nullptr ? *counter : local;
-  StepContext ctx{&batch, BatchLayout::of(batch, c, forms_, work), {}, {}, &work, comm};
+  StepContext ctx{&batch, BatchLayout::of(batch, c, forms_, work), {}, {}, &work, comm, dump};
   for (const ForwardSeq& s : batch.seqs) {
     for (int32_t i = 0; i < s.num_tokens; ++i) ctx.positions.push_back(s.start + i);
   }
@@ -126,17 +141,33 @@ Tensor DeepseekModel::forward(const ForwardBatch& batch, LatentCache& cache, Wor
     const LayerWeights& lw = weights_.layers[l];
     const float eps = static_cast<float>(c.rms_norm_eps);
     cpu::rms_norm(x.data(), T, D, D, lw.input_norm.f32(), eps, xn.data(), D);
+    ctx.dump_rows("attn_norm", l, xn.data(), T, D, D, {T, D});
     attention(lw, l, xn.data(), ctx, cache, delta.data());
     ctx.all_reduce(delta.data(), T * D);
+    ctx.dump_rows("attn_out", l, delta.data(), T, D, D, {T, D});
     cpu::add_inplace(x.data(), delta.data(), T * D);
     cpu::rms_norm(x.data(), T, D, D, lw.post_attn_norm.f32(), eps, xn.data(), D);
+    ctx.dump_rows("ffn_norm", l, xn.data(), T, D, D, {T, D});
     if (lw.is_moe) {
       moe(lw.moe, xn.data(), T, delta.data(), *ctx.counter);
     } else {
       mlp(lw.mlp, xn.data(), T, delta.data(), *ctx.counter);
     }
     ctx.all_reduce(delta.data(), T * D);
+    ctx.dump_rows("ffn_out", l, delta.data(), T, D, D, {T, D});
     cpu::add_inplace(x.data(), delta.data(), T * D);
+    ctx.dump_rows("layer_out", l, x.data(), T, D, D, {T, D});
+  }
+  if (ctx.dumps("final_norm", -1) || ctx.dumps("logits", -1)) {
+    // Every row, as transformers computes them (a step otherwise only does the sampled rows).
+    std::vector<float> normed(T * D), all_logits(T * c.vocab_size);
+    cpu::rms_norm(x.data(), T, D, D, weights_.final_norm.f32(), static_cast<float>(c.rms_norm_eps),
+                  normed.data(), D);
+    ctx.dump_rows("final_norm", -1, normed.data(), T, D, D, {T, D});
+    if (ctx.dumps("logits", -1)) {
+      cpu::matmul_nt(normed.data(), T, D, weights_.lm_head.f32(), c.vocab_size, all_logits.data());
+      dump->add("logits", -1, all_logits.data(), {T, c.vocab_size});
+    }
   }
   if (ctx.comm != nullptr) {
     ctx.counter->comm += ctx.comm->stats() - comm_before;
@@ -190,6 +221,8 @@ void DeepseekModel::attention(const LayerWeights& lw, int64_t layer, const float
     cpu::rms_norm(row, 1, d_c, d_c, w.kv_a_norm.f32(), ModelConfig::kLoraNormEps, row, d_c);
     cpu::rope_rotate(row + d_c, d_r, &ctx.rope[t * d_r], c.rope_interleave);
   }
+  ctx.dump_rows("latent", layer, kv.data(), T, d_c, d_lat, {T, d_c});
+  ctx.dump_rows("k_rope", layer, kv.data() + d_c, T, d_r, d_lat, {T, d_r});
   const auto& seqs = ctx.batch->seqs;
   for (size_t s = 0; s < seqs.size(); ++s) {
     for (int32_t i = 0; i < seqs[s].num_tokens; ++i) {
@@ -203,8 +236,9 @@ void DeepseekModel::attention(const LayerWeights& lw, int64_t layer, const float
   // Local heads' queries. q: [T, H_l, d_n + d_r] for the decompressed form and factored latent
   // weights; the latent form's absorbed queries go to q_latent: [T, H_l, d_c + d_r].
   const bool full_q = batch.any_decompressed || (batch.any_latent && !premerged);
-  std::vector<float> q(full_q ? T * H_l * d_qk : 0);
-  if (full_q) linear(q_in, T, w.q_b, q.data(), counter);
+  const bool dump_q = ctx.dumps("q_nope", layer) || ctx.dumps("q_rope", layer);
+  std::vector<float> q(full_q || dump_q ? T * H_l * d_qk : 0);
+  if (full_q || dump_q) linear(q_in, T, w.q_b, q.data(), counter);
   std::vector<float> q_latent(batch.any_latent ? T * H_l * d_lat : 0, 0.0f);
   if (batch.any_latent && premerged) {
     // q~ = W_Q' q_in and the rope rows of W_q, for every token (rows of decompressed-form
@@ -233,17 +267,31 @@ void DeepseekModel::attention(const LayerWeights& lw, int64_t layer, const float
       counter.weight_flops += flops_of(n * H_l, d_c, d_n);
     }
   }
-  // Rotate the rotary part of every query (in q for the decompressed form, q_latent otherwise).
+  // Rotate the rotary part of every query (in q for the decompressed form, q_latent otherwise;
+  // in both when q is dumped).
   for (size_t s = 0; s < seqs.size(); ++s) {
     const bool latent = batch.forms[s] == AttnForm::kLatent;
     for (int64_t i = 0; i < seqs[s].num_tokens; ++i) {
       const int64_t t = batch.seq_begin[s] + i;
       for (int64_t h = 0; h < H_l; ++h) {
-        float* rot =
-            latent ? &q_latent[(t * H_l + h) * d_lat + d_c] : &q[(t * H_l + h) * d_qk + d_n];
-        cpu::rope_rotate(rot, d_r, &ctx.rope[t * d_r], c.rope_interleave);
+        if (latent) {
+          cpu::rope_rotate(&q_latent[(t * H_l + h) * d_lat + d_c], d_r, &ctx.rope[t * d_r],
+                           c.rope_interleave);
+        }
+        if (!latent || dump_q) {
+          cpu::rope_rotate(&q[(t * H_l + h) * d_qk + d_n], d_r, &ctx.rope[t * d_r],
+                           c.rope_interleave);
+        }
       }
     }
+  }
+  if (dump_q) {
+    ctx.dump_rows("q_nope", layer, q.data(), T * H_l, d_n, d_qk, {T, H_l, d_n});
+    ctx.dump_rows("q_rope", layer, q.data() + d_n, T * H_l, d_r, d_qk, {T, H_l, d_r});
+  }
+  // The absorbed query exists for every row only when every sequence runs the latent form.
+  if (!batch.any_decompressed) {
+    ctx.dump_rows("q_absorbed", layer, q_latent.data(), T * H_l, d_c, d_lat, {T, H_l, d_c});
   }
 
   // Attention. o_v: [T, H_l * d_v] (then W_o); o_latent: [T, H_l * d_c] (then W_UV or W_O').

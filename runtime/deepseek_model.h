@@ -24,6 +24,7 @@
 namespace mla {
 
 class Checkpoint;
+class TensorDump;
 
 class DeepseekModel : public Model {
  public:
@@ -41,7 +42,7 @@ class DeepseekModel : public Model {
  private:
   friend class DeepseekRunner;
   Tensor forward(const ForwardBatch& batch, LatentCache& cache, WorkCounter* counter,
-                 Communicator* comm) const;
+                 Communicator* comm, TensorDump* dump) const;
   DeepseekModel(ModelConfig config, const ModelOptions& options, ShardPlan shard);
   void load_weights(Checkpoint& ckpt);
 

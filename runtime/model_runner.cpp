@@ -31,6 +31,13 @@ ModelRunner::ModelRunner(const Model& model, LatentCache& cache, Communicator* c
               "the cache's shard plan does not match the model's");
 }
 
+void ModelRunner::set_dump(TensorDump* dump) {
+  MLA_REQUIRE(dump == nullptr || model_.shard().tp_size() == 1,
+              "tensor dumps need a model on one rank, this one is sharded over {}",
+              model_.shard().tp_size());
+  dump_ = dump;
+}
+
 SampledStep ModelRunner::forward_sample(const ForwardBatch& batch,
                                         const std::vector<SampleRequest>& requests,
                                         WorkCounter* counter) {

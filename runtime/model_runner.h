@@ -42,6 +42,13 @@ class ModelRunner {
                                      const std::vector<SampleRequest>& requests,
                                      WorkCounter* counter = nullptr);
 
+  // While set, forward passes copy their named intermediates (runtime/cuda/cuda_step.h lists
+  // them; attn_norm, q_nope, ..., layer_out per layer, then final_norm and logits of every
+  // row) into `dump`, which keeps the first of each: a tool for comparing a checkpoint layer by
+  // layer with transformers, slow (host copies, no CUDA graphs). One rank only: throws
+  // kInvalidArgument under tensor parallelism. nullptr stops it. The dump must outlive its use.
+  void set_dump(TensorDump* dump);
+
  protected:
   // Checks that `cache` and `comm` fit `model` (see Model::make_runner).
   ModelRunner(const Model& model, LatentCache& cache, Communicator* comm);
@@ -49,6 +56,7 @@ class ModelRunner {
   const Model& model_;
   LatentCache& cache_;
   Communicator* comm_;  // null for one rank
+  TensorDump* dump_ = nullptr;
 };
 
 }  // namespace mla

@@ -73,7 +73,8 @@ void CudaRunner::run(const ForwardBatch& batch, WorkCounter& work) {
   // communicator's timeout.
   const bool ordered = comm_ != nullptr && comm_->begin_stream_ordered(stream_);
   EndOrdered end_ordered{ordered ? comm_ : nullptr};
-  const bool use_graphs = cuda_model_.options().graphs && (comm_ == nullptr || ordered);
+  const bool use_graphs =
+      cuda_model_.options().graphs && (comm_ == nullptr || ordered) && dump_ == nullptr;
   const ModelConfig& c = model_.config();
   bool moved = false;
   const StepMetadata meta = pack_step(batch, BatchLayout::of(batch, c, model_.forms(), work), c,
@@ -94,7 +95,8 @@ void CudaRunner::run(const ForwardBatch& batch, WorkCounter& work) {
                                 .profiler = *profiler_,
                                 .cache = cache_,
                                 .comm = comm_,
-                                .ordered = ordered};
+                                .ordered = ordered,
+                                .dump = dump_};
   CudaStep step(context, batch, meta);
   if (meta.graph) {
     graphs_->run(

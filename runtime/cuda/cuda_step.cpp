@@ -2,8 +2,11 @@
 
 #include <cuda_bf16.h>
 
+#include <vector>
+
 #include "kernels/cuda/add_rms_norm.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device_memory.h"
 #include "kernels/cuda/embedding.h"
 #include "kernels/cuda/gather_rows.h"
 #include "kernels/cuda/latent_attention.h"
@@ -17,6 +20,7 @@
 #include "kernels/cuda/rope_bf16.h"
 #include "kernels/cuda/silu_mul.h"
 #include "runtime/model.h"
+#include "runtime/tensor_dump.h"
 
 namespace mla {
 namespace {
@@ -40,6 +44,77 @@ void CudaStep::all_reduce(float* data, int64_t n) {
   sync_for_comm();
   StepProfiler::Scope timed(x_.profiler, StepProfiler::kCollectives);
   x_.comm->all_reduce_sum(data, n);
+}
+
+bool CudaStep::dumps(const char* name, int64_t layer) const {
+  return x_.dump != nullptr && x_.dump->wants(name, layer);
+}
+
+void CudaStep::dump(const char* name, int64_t layer, const void* data, DType dtype, int64_t rows,
+                    int64_t cols, int64_t stride, std::vector<int64_t> shape) {
+  if (!dumps(name, layer)) return;
+  const size_t elem = dtype_size(dtype);
+  std::vector<uint8_t> raw(rows * cols * elem);
+  MLA_CUDA_CHECK(cudaMemcpy2DAsync(raw.data(), cols * elem, data, stride * elem, cols * elem, rows,
+                                   cudaMemcpyDeviceToHost, x_.stream));
+  MLA_CUDA_CHECK(cudaStreamSynchronize(x_.stream));
+  std::vector<float> values(rows * cols);
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    values[i] = dtype == DType::kF32
+                    ? reinterpret_cast<const float*>(raw.data())[i]
+                    : bf16_to_f32(reinterpret_cast<const uint16_t*>(raw.data())[i]);
+  }
+  x_.dump->add(name, layer, values.data(), shape);
+}
+
+void CudaStep::dump_layer_out(int64_t layer) {
+  if (!dumps("layer_out", layer)) return;
+  const int64_t T = meta_.T, D = c_.hidden_size;
+  std::vector<float> x(T * D), delta(T * D);
+  MLA_CUDA_CHECK(
+      cudaMemcpyAsync(x.data(), b_.x.raw(), T * D * 4, cudaMemcpyDeviceToHost, x_.stream));
+  MLA_CUDA_CHECK(
+      cudaMemcpyAsync(delta.data(), b_.delta.raw(), T * D * 4, cudaMemcpyDeviceToHost, x_.stream));
+  MLA_CUDA_CHECK(cudaStreamSynchronize(x_.stream));
+  for (int64_t i = 0; i < T * D; ++i) x[i] += delta[i];
+  x_.dump->add("layer_out", layer, x.data(), {T, D});
+}
+
+void CudaStep::dump_latents(int64_t layer) {
+  if (!dumps("latent", layer) && !dumps("k_rope", layer)) return;
+  const int64_t T = meta_.T, d_c = c_.kv_lora_rank, d_r = c_.qk_rope_head_dim,
+                d_lat = c_.latent_width();
+  const auto& geo = x_.cache.geometry();
+  // One rank holds every page (dumps are single-rank): token t's row is in its sequence's table.
+  std::vector<uint16_t> rows(T * d_lat);
+  int64_t t = 0;
+  for (const ForwardSeq& seq : batch_.seqs) {
+    for (int32_t k = 0; k < seq.num_tokens; ++k, ++t) {
+      const int32_t pos = seq.start + k;
+      const int64_t page = seq.table->pages[pos / geo.block_size];
+      const int64_t row =
+          ((page * geo.num_layers + layer) * geo.block_size + pos % geo.block_size) * d_lat;
+      MLA_CUDA_CHECK(cudaMemcpyAsync(&rows[t * d_lat], x_.cache.pool_storage().data<bf16>() + row,
+                                     d_lat * 2, cudaMemcpyDeviceToHost, x_.stream));
+    }
+  }
+  MLA_CUDA_CHECK(cudaStreamSynchronize(x_.stream));
+  std::vector<float> latent(T * d_c), k_rope(T * d_r);
+  for (int64_t i = 0; i < T; ++i) {
+    for (int64_t j = 0; j < d_c; ++j) latent[i * d_c + j] = bf16_to_f32(rows[i * d_lat + j]);
+    for (int64_t j = 0; j < d_r; ++j) k_rope[i * d_r + j] = bf16_to_f32(rows[i * d_lat + d_c + j]);
+  }
+  if (dumps("latent", layer)) x_.dump->add("latent", layer, latent.data(), {T, d_c});
+  if (dumps("k_rope", layer)) x_.dump->add("k_rope", layer, k_rope.data(), {T, d_r});
+}
+
+void CudaStep::dump_final() {
+  const int64_t T = meta_.T, D = c_.hidden_size, V = c_.vocab_size;
+  dump("final_norm", -1, b_.xn.raw(), DType::kBF16, T, D, D, {T, D});
+  if (!dumps("logits", -1)) return;
+  const Tensor all = cuda::device_empty({T, V}, DType::kF32);
+  cuda::linear(x_.blas, b_.xn.raw(), T, D, x_.weights.lm_head.raw(), V, all.raw(), DType::kF32);
+  dump("logits", -1, all.raw(), DType::kF32, T, V, V, {T, V});
 }
 
 void CudaStep::enqueue() {
@@ -71,7 +146,8 @@ void CudaStep::enqueue() {
   };
   for (int64_t l = 0; l < c_.num_layers; ++l) {
     const DeviceLayer& d = w.layers[l];
-    add_norm(l == 0 ? nullptr : ptr<float>(b_.delta), d.input_norm, b_.xn, D);  // attn_norm
+    add_norm(l == 0 ? nullptr : ptr<float>(b_.delta), d.input_norm, b_.xn, D);
+    dump("attn_norm", l, b_.xn.raw(), DType::kBF16, T, D, D, {T, D});
     const bf16* q_in = ptr<bf16>(b_.xn);
     int64_t q_in_dim = D;
     if (c_.q_lora_rank > 0) {
@@ -93,14 +169,19 @@ void CudaStep::enqueue() {
     }
     attention(l, d, q_in, q_in_dim);
     all_reduce(ptr<float>(b_.delta), T * D);
+    dump("attn_out", l, b_.delta.raw(), DType::kF32, T, D, D, {T, D});
     // ffn_norm; MoE layers also want it in fp32 for the router.
     add_norm(ptr<float>(b_.delta), d.post_attn_norm, b_.xn, D,
              d.is_moe ? ptr<float>(b_.xn32) : nullptr);
+    dump("ffn_norm", l, b_.xn.raw(), DType::kBF16, T, D, D, {T, D});
     ffn(d);
     all_reduce(ptr<float>(b_.delta), T * D);
+    dump("ffn_out", l, b_.delta.raw(), DType::kF32, T, D, D, {T, D});
+    dump_layer_out(l);
   }
   // Final norm on every row, then only the rows whose logits are wanted go through the head.
   add_norm(ptr<float>(b_.delta), w.final_norm, b_.xn, D);
+  if (x_.dump != nullptr) dump_final();
   if (meta_.n_logits == 0) return;
   cuda::gather_rows({.in = b_.xn.raw(),
                      .index = meta(meta_.o_logit_rows),
@@ -143,6 +224,7 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d, const bf16* q_in, int6
                       .d_r = static_cast<int32_t>(d_r),
                       .T = T},
                      s);
+  dump_latents(l);
 
   const bool premerged = x_.premerged;
   bf16* q = ptr<bf16>(b_.q);
@@ -165,10 +247,13 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d, const bf16* q_in, int6
                      .interleave = c_.rope_interleave},
                     s);
   };
-  if (batch.any_decompressed || (batch.any_latent && !premerged)) {
+  const bool dump_q = dumps("q_nope", l) || dumps("q_rope", l);
+  if (batch.any_decompressed || (batch.any_latent && !premerged) || dump_q) {
     // q: [T, H_l, d_n + d_r], its rotary part rotated in place.
     cuda::linear(x_.blas, q_in, T, q_in_dim, d.q_b.raw(), H_l * d_qk, q, DType::kBF16);
     rope(q + d_n, H_l * d_qk, d_qk, q + d_n, H_l * d_qk, d_qk);
+    dump("q_nope", l, q, DType::kBF16, T * H_l, d_n, d_qk, {T, H_l, d_n});
+    dump("q_rope", l, q + d_n, DType::kBF16, T * H_l, d_r, d_qk, {T, H_l, d_r});
   }
   if (batch.any_latent) {
     if (premerged) {
@@ -197,6 +282,10 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d, const bf16* q_in, int6
       cuda::gemm(x_.blas, g);
       MLA_CUDA_CHECK(cudaMemcpy2DAsync(q_latent + d_c, d_lat * 2, q + d_n, d_qk * 2, d_r * 2,
                                        T * H_l, cudaMemcpyDeviceToDevice, s));
+    }
+    // The absorbed query exists for every row only when every sequence runs the latent form.
+    if (!batch.any_decompressed) {
+      dump("q_absorbed", l, q_latent, DType::kBF16, T * H_l, d_c, d_lat, {T, H_l, d_c});
     }
     StepProfiler::Scope timed(x_.profiler, StepProfiler::kAttention);
     latent_attention(l, q_latent);

@@ -2,7 +2,8 @@
 // (the body of an uncaptured step and of every captured graph). bf16 operands, fp32
 // accumulation and residual stream. Notation as in runtime/model_config.h.
 //
-// A layer, in paper order:
+// A layer, in paper order (each named tensor is one the step dumps when asked,
+// ModelRunner::set_dump):
 //   attn_norm  x_n = RMSNorm(x)                                            [T, D]
 //   q          = W_qb RMSNorm(W_qa x_n) (or W_q x_n): q_nope [T, H_l, d_n], q_rope [T, H_l, d_r]
 //   latent     c = RMSNorm(W_kva x_n [:d_c]),  k_rope = RoPE(W_kva x_n [d_c:])  -> the cache
@@ -29,6 +30,8 @@
 
 namespace mla {
 
+class TensorDump;
+
 // Everything a step reads and writes, bound by the runner.
 struct CudaStepContext {
   const ModelConfig& config;
@@ -45,6 +48,7 @@ struct CudaStepContext {
   LatentCache& cache;
   Communicator* comm;  // null for one rank
   bool ordered;        // comm enqueues its collectives on `stream` (no host syncs)
+  TensorDump* dump;    // null unless named intermediates are wanted (never in graphs)
 };
 
 class CudaStep {
@@ -65,6 +69,18 @@ class CudaStep {
   void mlp(const DeviceMlp& w, const __nv_bfloat16* x, float* out);
   void all_reduce(float* data, int64_t n);
   void sync_for_comm();
+  bool dumps(const char* name, int64_t layer) const;
+  // Dumps `rows` x `cols` values of a device tensor, taken `cols` at a time every `stride`
+  // elements from `data` (bf16 or fp32), as fp32 of `shape`.
+  void dump(const char* name, int64_t layer, const void* data, DType dtype, int64_t rows,
+            int64_t cols, int64_t stride, std::vector<int64_t> shape);
+  // layer_out: the residual stream after the layer (x + the FFN's delta, which the next
+  // layer's norm adds).
+  void dump_layer_out(int64_t layer);
+  // latent and k_rope of the step's tokens, read back from the cache pages.
+  void dump_latents(int64_t layer);
+  // final_norm and logits of every row.
+  void dump_final();
 
   const CudaStepContext& x_;
   const ModelConfig& c_;

@@ -27,7 +27,9 @@
 #include "kernels/cuda/cuda_check.h"
 #include "runtime/cuda/cuda_model.h"
 #include "runtime/cuda/cuda_runner.h"
+#include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
+#include "tests/support/dump_run.h"
 #include "tests/support/golden.h"
 #include "tests/support/golden_run.h"
 
@@ -200,6 +202,43 @@ TEST(CudaModelProfile, ProfiledStepsTimeAttentionAndSkipGraphs) {
   ASSERT_EQ(tokens[0].size(), 8u);
   EXPECT_EQ(tokens[0], std::vector<int32_t>(want.begin(), want.begin() + 8));
 }
+
+// The CUDA step's named intermediates match the CPU reference's, tensor by tensor, within
+// bf16 rounding: the two backends compute the same layer in the same order under the same names.
+class CudaDump : public testing::TestWithParam<std::tuple<std::string, AbsorbMode>> {};
+
+TEST_P(CudaDump, IntermediatesMatchTheCpuModel) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const auto& [name, mode] = GetParam();
+  const auto& prompt = golden(name).prompts[0];
+  const std::string tag = name + "_" + to_string(mode);
+  const std::string base = testing::TempDir() + "/mla_cuda_dump_";
+  const auto cpu = DeepseekModel::load(model_dir(name), {mode, CostModel{}, false});
+  const std::string want = test::dump_prompt(*cpu, prompt, base + "cpu_" + tag);
+  const std::string got = test::dump_prompt(*model(name, mode, true), prompt, base + "gpu_" + tag);
+  const ModelConfig& c = cpu->config();
+  for (int64_t l = -1; l < c.num_layers; ++l) {
+    const std::vector<std::string> names =
+        l < 0 ? std::vector<std::string>{"final_norm", "logits"} : test::dump_layer_names();
+    for (const std::string& n : names) {
+      SCOPED_TRACE(testing::Message() << "layer " << l << " " << n);
+      const auto a = test::read_npy_f32(test::dump_file(got, n, l));
+      const auto b = test::read_npy_f32(test::dump_file(want, n, l));
+      ASSERT_EQ(a.shape, b.shape);
+      EXPECT_LT(rel_error(a.values.data(), b.values.data(), static_cast<int64_t>(b.values.size())),
+                kTolerance);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Golden, CudaDump,
+                         testing::Combine(testing::Values("v3", "v2_lite", "v3_mla"),
+                                          testing::Values(AbsorbMode::kFactored,
+                                                          AbsorbMode::kPremerged)),
+                         [](const auto& info) {
+                           return std::get<0>(info.param) + "_" +
+                                  to_string(std::get<1>(info.param));
+                         });
 
 }  // namespace
 }  // namespace mla
