@@ -1,6 +1,7 @@
 // Engine: one tensor-parallel group's step loop (docs/ARCHITECTURE.md section 4).
 //
-//   step() = schedule -> run the model -> sample and retire finished sequences.
+//   step() = schedule -> (broadcast the step plan) -> run the model -> sample and retire
+//            finished sequences.
 //
 // Requests join at any time and run in continuous batches; long prompts are prefilled in
 // chunks under the token budget; when cache pages run out, the youngest running request is
@@ -24,6 +25,7 @@
 #include "runtime/model.h"
 #include "runtime/scheduler.h"
 #include "runtime/sequence.h"
+#include "runtime/step_plan.h"
 
 namespace mla {
 
@@ -107,9 +109,18 @@ class Engine {
   int32_t num_waiting() const { return scheduler_.num_waiting(); }
 
  private:
-  std::vector<StepOutput> postprocess(const Schedule& plan, SampledStep sampled);
+  // Leader, step()'s parts in order: the scheduler's choice (its preempted sequences go in
+  // the next plan's released ids), the plan that lets followers run the same step, sending it.
+  Schedule schedule_step();
+  StepPlan plan_for(const Schedule& schedule, const ForwardBatch& batch);
+  void send_plan(const StepPlan& plan);
+  // Samples each sequence that reached its last token, and retires the finished ones.
+  std::vector<StepOutput> postprocess(const Schedule& schedule, SampledStep sampled);
   SampledStep run_forward(const ForwardBatch& batch, const std::vector<SampleRequest>& requests);
+  // Leader and followers alike: the leader's plan words, sized first (a collective).
   void broadcast_plan(std::vector<int64_t>& plan);
+  // Follower: applies a step plan to this rank's cache shard and returns the batch to run.
+  ForwardBatch follower_batch(StepPlan plan);
   void validate(const Request& r) const;
   Sequence& find(RequestId id);
   void retire(Sequence& seq, FinishReason reason);
@@ -123,7 +134,7 @@ class Engine {
   std::map<RequestId, std::unique_ptr<Sequence>> seqs_;
   RequestId next_id_ = 1;
   EngineStats stats_;
-  std::vector<int64_t> released_;  // leader: sequences whose pages were freed since the last plan
+  std::vector<RequestId> released_;  // leader: sequences whose pages were freed since the last plan
   std::map<RequestId, BlockTable> follower_tables_;  // follower: this rank's pages per sequence
   bool shut_down_ = false;
 };
