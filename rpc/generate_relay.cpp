@@ -21,14 +21,15 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <cmath>
 #include <optional>
 #include <set>
 
 #include "kernels/error.h"
 #include "rpc/coordinator_service.h"
+#include "rpc/generate_request.h"
 #include "rpc/request_limits.h"
 #include "rpc/status.h"
+#include "runtime/request_validation.h"
 
 namespace mla {
 
@@ -38,29 +39,22 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Checks that need no model: field ranges, lengths, what a client may not set.
-void validate_shape(const v1::GenerateRequest& r, size_t max_prompt_ids) {
-  const std::string& id = r.request_id();
-  MLA_REQUIRE(id.size() <= kMaxRequestIdLength, "request_id: {} characters (limit {})", id.size(),
-              kMaxRequestIdLength);
-  MLA_REQUIRE(std::all_of(id.begin(), id.end(), [](char c) { return c >= 0x20 && c < 0x7f; }),
-              "request_id: only printable ASCII characters are allowed");
-  MLA_REQUIRE(r.prompt_ids_size() > 0, "prompt_ids: must not be empty");
+// The checks that need no model (the wire's limits, what a client may not set, and
+// validate_request's model-free part); returns the Request the client asks for.
+Request checked_without_model(const v1::GenerateRequest& r, size_t max_prompt_ids) {
+  check_request_id(r.request_id());
+  // Before the request is copied: the message limit admits tens of millions of ids.
   MLA_REQUIRE(static_cast<size_t>(r.prompt_ids_size()) <= max_prompt_ids,
               "prompt_ids: {} ids (limit {})", r.prompt_ids_size(), max_prompt_ids);
-  MLA_REQUIRE(r.max_tokens() >= 1, "max_tokens: must be >= 1, got {}", r.max_tokens());
   MLA_REQUIRE(r.resume_ids_size() == 0,
               "resume_ids: set by the coordinator on failover; clients resume a broken stream "
               "with received_ids");
+  Request wanted = to_request(r);
+  validate_request(wanted, kPromptField);
   MLA_REQUIRE(r.received_ids_size() < r.max_tokens(),
               "received_ids: {} tokens received of max_tokens {}: nothing is left to generate",
               r.received_ids_size(), r.max_tokens());
-  const v1::SamplingParams& s = r.sampling();
-  MLA_REQUIRE(std::isfinite(s.temperature()) && s.temperature() >= 0,
-              "sampling.temperature: must be >= 0 and finite, got {}", s.temperature());
-  MLA_REQUIRE(s.top_k() >= 0, "sampling.top_k: must be >= 0, got {}", s.top_k());
-  MLA_REQUIRE(std::isfinite(s.top_p()) && s.top_p() >= 0 && s.top_p() <= 1,
-              "sampling.top_p: must be in [0, 1], got {}", s.top_p());
+  return wanted;
 }
 
 // Worker errors after which the request moves to another worker. The rest (bad input,
@@ -254,8 +248,8 @@ void CoordinatorService::Relay::start(const grpc::ByteBuffer& request) {
   grpc::Status admitted = parse(request, &request_);
   try {
     if (admitted.ok()) {
-      validate_shape(request_, service_.options_.max_prompt_ids);
-      admitted = service_.admit(request_, &request_id_, this);
+      const Request wanted = checked_without_model(request_, service_.options_.max_prompt_ids);
+      admitted = service_.admit(request_, wanted, &request_id_, this);
     }
   } catch (const Error& e) {
     admitted = to_grpc_status(e);

@@ -5,13 +5,14 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <optional>
 
 #include "kernels/error.h"
 #include "rpc/client.h"
+#include "rpc/generate_request.h"
 #include "rpc/request_limits.h"
 #include "rpc/status.h"
+#include "runtime/request_validation.h"
 #include "runtime/sampler.h"
 
 namespace mla {
@@ -56,14 +57,6 @@ grpc::Status status_of(const std::exception& e) {
   return {grpc::StatusCode::INTERNAL, e.what()};
 }
 
-void check_token_ids(const google::protobuf::RepeatedField<int32_t>& ids, const char* field,
-                     int64_t vocab_size) {
-  for (int i = 0; i < ids.size(); ++i) {
-    MLA_REQUIRE(ids[i] >= 0 && ids[i] < vocab_size, "{}[{}] = {} is outside the vocabulary [0, {})",
-                field, i, ids[i], vocab_size);
-  }
-}
-
 }  // namespace
 
 // One Generate stream. The handler thread creates it and then only reads `outbox`/`end`;
@@ -99,14 +92,10 @@ struct WorkerService::Metrics {
   CacheMetrics cache;
 };
 
-// ---------------------------------------------------------------------------------------
-// WorkerService
-
 WorkerService::WorkerService(Engine& engine, WorkerServiceOptions options)
     : engine_(engine),
       options_(std::move(options)),
-      vocab_size_(engine.model().config().vocab_size),
-      max_context_(engine.model().config().max_position_embeddings),
+      model_limits_(ModelLimits::of(engine.model().config())),
       model_info_([&engine, this] {
         v1::ModelInfo info;
         info.set_dtype(engine.model().cuda_device() >= 0 ? "bfloat16" : "float32");
@@ -215,29 +204,13 @@ v1::WorkerLoad WorkerService::load() const {
   return out;
 }
 
-void WorkerService::validate(const v1::GenerateRequest& r) const {
-  MLA_REQUIRE(r.request_id().size() <= kMaxRequestIdLength,
-              "request_id is {} characters long; at most {} are allowed", r.request_id().size(),
-              kMaxRequestIdLength);
-  MLA_REQUIRE(std::all_of(r.request_id().begin(), r.request_id().end(),
-                          [](char c) { return c >= 0x20 && c < 0x7f; }),
-              "request_id must be printable ASCII");
-  MLA_REQUIRE(r.prompt_ids_size() > 0, "prompt_ids is empty; a prompt needs at least one token");
-  check_token_ids(r.prompt_ids(), "prompt_ids", vocab_size_);
-  check_token_ids(r.resume_ids(), "resume_ids", vocab_size_);
-  MLA_REQUIRE(r.max_tokens() >= 1, "max_tokens must be >= 1, got {}", r.max_tokens());
-  const int64_t total = static_cast<int64_t>(r.prompt_ids_size()) + r.max_tokens();
-  MLA_REQUIRE(
-      total <= max_context_,
-      "prompt_ids ({} tokens) plus max_tokens ({}) exceeds the model's context of {} tokens",
-      r.prompt_ids_size(), r.max_tokens(), max_context_);
-  const v1::SamplingParams& s = r.sampling();
-  MLA_REQUIRE(std::isfinite(s.temperature()) && s.temperature() >= 0,
-              "sampling.temperature must be finite and >= 0 (0 = greedy), got {}", s.temperature());
-  MLA_REQUIRE(s.top_k() >= 0 && s.top_k() <= vocab_size_,
-              "sampling.top_k must be in [0, {}] (0 = off), got {}", vocab_size_, s.top_k());
-  MLA_REQUIRE(std::isfinite(s.top_p()) && s.top_p() >= 0 && s.top_p() <= 1,
-              "sampling.top_p must be in [0, 1] (0 or 1 = off), got {}", s.top_p());
+Request WorkerService::validated(const v1::GenerateRequest& r) const {
+  check_request_id(r.request_id());
+  Request request = to_request(r);
+  validate_request(request, model_limits_, kPromptField);
+  check_token_ids({r.resume_ids().data(), static_cast<size_t>(r.resume_ids_size())}, "resume_ids",
+                  model_limits_.vocab_size);
+  return request;
 }
 
 grpc::Status WorkerService::Generate(grpc::ServerContext* context,
@@ -262,33 +235,24 @@ grpc::Status WorkerService::generate(grpc::ServerContext* context,
     std::lock_guard lk(mu_);
     if (!accepting_) return refusal_locked(*context);
   }
+  auto call = std::make_shared<Call>();
   try {
-    validate(*request);
+    call->request = validated(*request);
   } catch (const Error& e) {
     spdlog::debug("worker {}: rejected request '{}': {}", options_.worker_id, request->request_id(),
                   e.what());
     return to_grpc_status(e);
   }
-
-  auto call = std::make_shared<Call>();
   call->request_id = request->request_id();
   call->prompt_tokens = request->prompt_ids_size();
   call->resumed = request->resume_ids_size();
   call->return_logprobs = request->return_logprobs();
   call->arrival = arrival;
   Request& r = call->request;
-  r.prompt.assign(request->prompt_ids().begin(), request->prompt_ids().end());
   // The engine samples token i at position prompt + i, so continuing from prompt +
   // resume_ids draws exactly what the original run would have drawn next.
   r.prompt.insert(r.prompt.end(), request->resume_ids().begin(), request->resume_ids().end());
-  r.max_tokens = request->max_tokens() - call->resumed;
-  r.sampling.temperature = request->sampling().temperature();
-  r.sampling.top_k = request->sampling().top_k();
-  r.sampling.top_p = request->sampling().top_p() == 0 ? 1.0f : request->sampling().top_p();
-  r.sampling.seed = request->sampling().seed();
-  r.stop_ids.assign(request->stop_ids().begin(), request->stop_ids().end());
-  r.ignore_eos = request->ignore_eos();
-  r.return_logits = request->return_logprobs();
+  r.max_tokens -= call->resumed;
 
   if (r.max_tokens <= 0) {
     // Every token was already produced elsewhere: nothing to run, only the final message.
@@ -536,7 +500,7 @@ void WorkerService::deliver(const StepOutput& out, Clock::time_point now) {
   if (out.token >= 0) {
     msg.add_token_ids(out.token);
     if (call->return_logprobs && !out.logits.empty()) {
-      msg.add_logprobs(token_logprob(out.logits.data(), vocab_size_, out.token));
+      msg.add_logprobs(token_logprob(out.logits.data(), model_limits_.vocab_size, out.token));
     }
     ++call->generated;
     if (Metrics* m = metrics_.load()) {

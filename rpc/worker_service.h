@@ -35,6 +35,7 @@
 #include "rpc/metrics.h"
 #include "rpc/shared_secret.h"
 #include "runtime/engine.h"
+#include "runtime/request_validation.h"
 
 namespace mla {
 
@@ -135,9 +136,10 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   // Generate without the requests_total count.
   grpc::Status generate(grpc::ServerContext* context, const mlaserve::v1::GenerateRequest* request,
                         grpc::ServerWriter<mlaserve::v1::GenerateResponse>* writer);
-  // Checks a request against the protocol and the model; throws kInvalidArgument naming
-  // the field.
-  void validate(const mlaserve::v1::GenerateRequest& r) const;
+  // Checks a request against the protocol and the model (validate_request) and returns it
+  // as the engine's Request, resume_ids not yet applied; throws kInvalidArgument naming the
+  // field.
+  Request validated(const mlaserve::v1::GenerateRequest& r) const;
   // UNAVAILABLE, saying whether the worker drains or shuts down; the caller holds mu_.
   grpc::Status refusal_locked(grpc::ServerContext& context) const;
   // Enqueues a cancellation for the step loop; false if the call was not running.
@@ -162,8 +164,7 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
 
   Engine& engine_;
   const WorkerServiceOptions options_;
-  const int64_t vocab_size_;
-  const int64_t max_context_;
+  const ModelLimits model_limits_;
   const mlaserve::v1::ModelInfo model_info_;
 
   std::unique_ptr<Metrics> metrics_owner_;  // set once, under mu_

@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "kernels/error.h"
+#include "runtime/request_validation.h"
 #include "runtime/step_plan.h"
 #if MLA_HAVE_CUDA
 #include "kernels/cuda/device_memory.h"
@@ -141,21 +142,9 @@ void Engine::shutdown() {
 }
 
 void Engine::validate(const Request& r) const {
-  const ModelConfig& c = model_->config();
-  MLA_REQUIRE(!r.prompt.empty(), "the prompt is empty");
-  for (size_t i = 0; i < r.prompt.size(); ++i) {
-    MLA_REQUIRE(r.prompt[i] >= 0 && r.prompt[i] < c.vocab_size,
-                "prompt token {} at index {} is outside the vocabulary [0, {})", r.prompt[i], i,
-                c.vocab_size);
-  }
-  MLA_REQUIRE(r.max_tokens >= 1, "max_tokens must be >= 1, got {}", r.max_tokens);
-  const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.max_tokens;
-  MLA_REQUIRE(total <= c.max_position_embeddings,
-              "prompt ({} tokens) plus max_tokens ({}) exceeds the model's context of {}",
-              r.prompt.size(), r.max_tokens, c.max_position_embeddings);
-  r.sampling.validate(c.vocab_size);
+  validate_request(r, ModelLimits::of(model_->config()));
   // The last sampled token ends the request without running through the model.
-  const auto cached = static_cast<int32_t>(total - 1);
+  const auto cached = static_cast<int32_t>(r.prompt.size() + r.max_tokens - 1);
   if (cache_.pages_for(cached) > cache_.pool().num_pages()) {
     MLA_THROW(kResourceExhausted,
               "request needs {} cache pages for {} tokens but the cache has only {}",

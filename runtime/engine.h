@@ -88,8 +88,9 @@ class Engine {
   // when it has had no step for a while. A no-op for one rank.
   void heartbeat();
 
-  // Validates and queues a request; throws kInvalidArgument saying what is wrong, or
-  // kResourceExhausted if it could never fit in the cache.
+  // Validates and queues a request; throws kInvalidArgument naming the bad field
+  // (validate_request against the model), or kResourceExhausted if it could never fit in
+  // the cache.
   RequestId add_request(Request request);
   // Runs one step; returns one output per request that sampled or ended in it.
   std::vector<StepOutput> step();
