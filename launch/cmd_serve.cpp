@@ -21,6 +21,7 @@
 #include "launch/logging.h"
 #include "rpc/client.h"
 #include "rpc/control_service.h"
+#include "rpc/coordinator_link.h"
 #include "rpc/coordinator_service.h"
 #include "rpc/metrics.h"
 #include "rpc/model_identity.h"

@@ -25,6 +25,7 @@
 #include <thread>
 #include <vector>
 
+#include "rpc/coordinator_link.h"
 #include "rpc/worker_service.h"
 #include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
