@@ -287,7 +287,11 @@ grpc::Status WorkerService::generate(grpc::ServerContext* context,
   // In flight from here until this handler returns, however it does.
   Metrics* const metrics = metrics_.load();
   const GaugeHold in_flight(metrics ? &metrics->requests.in_flight : nullptr);
+  return stream(call, *context, *writer);
+}
 
+grpc::Status WorkerService::stream(const std::shared_ptr<Call>& call, grpc::ServerContext& context,
+                                   grpc::ServerWriter<v1::GenerateResponse>& writer) {
   const auto poll = std::chrono::milliseconds(options_.poll_interval_ms);
   while (true) {
     std::deque<v1::GenerateResponse> messages;
@@ -299,7 +303,7 @@ grpc::Status WorkerService::generate(grpc::ServerContext* context,
       end = call->end;
     }
     for (const v1::GenerateResponse& m : messages) {
-      if (!writer->Write(m)) {
+      if (!writer.Write(m)) {
         cancel_call(call);
         spdlog::info("worker {}: request {}: the client went away", options_.worker_id,
                      call->request_id);
@@ -307,9 +311,9 @@ grpc::Status WorkerService::generate(grpc::ServerContext* context,
       }
     }
     if (end) return *end;
-    if (context->IsCancelled()) {
+    if (context.IsCancelled()) {
       cancel_call(call);
-      const bool deadline = context->deadline() <= std::chrono::system_clock::now();
+      const bool deadline = context.deadline() <= std::chrono::system_clock::now();
       spdlog::info("worker {}: request {} {}", options_.worker_id, call->request_id,
                    deadline ? "passed its deadline" : "was cancelled by the client");
       if (deadline) return {grpc::StatusCode::DEADLINE_EXCEEDED, "the request's deadline passed"};

@@ -140,6 +140,10 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   // as the engine's Request, resume_ids not yet applied; throws kInvalidArgument naming the
   // field.
   Request validated(const mlaserve::v1::GenerateRequest& r) const;
+  // Writes an enqueued call's messages as the step loop produces them, until it ends, the
+  // client goes away or cancels, or its deadline passes (the call is then cancelled).
+  grpc::Status stream(const std::shared_ptr<Call>& call, grpc::ServerContext& context,
+                      grpc::ServerWriter<mlaserve::v1::GenerateResponse>& writer);
   // UNAVAILABLE, saying whether the worker drains or shuts down; the caller holds mu_.
   grpc::Status refusal_locked(grpc::ServerContext& context) const;
   // Enqueues a cancellation for the step loop; false if the call was not running.
