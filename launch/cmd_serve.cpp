@@ -21,6 +21,7 @@
 #include "launch/logging.h"
 #include "rpc/client.h"
 #include "rpc/control_service.h"
+#include "rpc/coordinator_link.h"
 #include "rpc/coordinator_service.h"
 #include "rpc/metrics.h"
 #include "rpc/model_identity.h"
@@ -259,7 +260,7 @@ int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
   auto given = [&](const char* flag) { return cmd.get_option(flag)->count() > 0; };
   if (given("--address")) c.address = a.address;
   if (given("--control-address")) c.control_address = a.control_address;
-  if (given("--routing")) c.routing = a.routing;
+  if (given("--routing")) c.routing = routing_policy_from_string(a.routing, "--routing");
   if (given("--max-in-flight")) c.max_in_flight = a.max_in_flight;
   if (given("--metrics-port")) c.metrics_port = a.metrics_port;
   if (given("--drain-timeout")) c.drain_timeout_s = a.drain_timeout_s;
@@ -270,7 +271,7 @@ int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
               c.address, c.control_address);
   const auto secret = SharedSecret::load(d.control.secret_file);
   CoordinatorOptions options;
-  options.policy = routing_policy_from_string(c.routing);
+  options.policy = c.routing;
   options.max_in_flight = c.max_in_flight;
   options.heartbeat_interval_ms = c.heartbeat_interval_ms;
   options.dead_after_ms = 3 * c.heartbeat_interval_ms;

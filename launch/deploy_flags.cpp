@@ -51,7 +51,7 @@ void DeployFlags::add_to(CLI::App& cmd) {
   cmd.add_option("--tp", flags_.parallel.tp,
                  "Tensor-parallel group size (under mpirun: N / tp groups)")
       ->capture_default_str();
-  cmd.add_option("--kv-shard", flags_.parallel.kv_shard,
+  cmd.add_option("--kv-shard", kv_shard_,
                  "Latent cache under TP: sequence (each rank its pages) or replicate")
       ->capture_default_str();
   cmd.add_option("--comm-timeout", flags_.parallel.comm_timeout_s,
@@ -77,7 +77,7 @@ DeployConfig DeployFlags::resolve() const {
   }
   if (given("--max-running")) d.engine.scheduler.max_running = flags_.engine.scheduler.max_running;
   if (given("--tp")) d.parallel.tp = flags_.parallel.tp;
-  if (given("--kv-shard")) d.parallel.kv_shard = flags_.parallel.kv_shard;
+  if (given("--kv-shard")) d.parallel.kv_shard = kv_shard_from_string(kv_shard_, "--kv-shard");
   if (given("--comm-timeout")) d.parallel.comm_timeout_s = flags_.parallel.comm_timeout_s;
   if (d.model_dir.empty()) MLA_THROW(kInvalidArgument, "give --model or a --config that names one");
   try {
@@ -87,8 +87,6 @@ DeployConfig DeployFlags::resolve() const {
         given("--model") ? "--model " + d.model_dir : fmt::format("`model` in {}", config_path_);
     throw Error(e.code(), source + ": " + e.what());
   }
-  MLA_REQUIRE(d.parallel.kv_shard == "sequence" || d.parallel.kv_shard == "replicate",
-              "--kv-shard must be sequence or replicate, got `{}`", d.parallel.kv_shard);
   return d;
 }
 

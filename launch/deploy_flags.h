@@ -29,6 +29,7 @@ class DeployFlags {
   std::string config_path_;
   std::string absorb_ = "auto";
   std::string device_ = "cpu";
+  std::string kv_shard_ = "sequence";
   bool no_graphs_ = false;
   bool no_small_gemm_ = false;
   DeployConfig flags_;  // holds the flag values; only the given ones are applied

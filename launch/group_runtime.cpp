@@ -51,7 +51,7 @@ std::unique_ptr<GroupRuntime> GroupRuntime::start(const DeployConfig& d, bool wi
   ModelOptions options = d.model;
   options.tp_size = rt->groups.tp_size;
   options.tp_rank = rt->groups.tp_rank;
-  options.kv_shard = d.parallel.kv_shard == "replicate" ? KvShard::kReplicate : KvShard::kSequence;
+  options.kv_shard = d.parallel.kv_shard;
   options.show_progress = options.show_progress && rt->groups.world_rank == 0;
   Communicator* data = rt->comm.get();
   if (options.device == Device::kCuda) {

@@ -4,13 +4,14 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <cmath>
 #include <random>
 #include <set>
 
 #include "kernels/error.h"
+#include "rpc/generate_request.h"
 #include "rpc/request_limits.h"
 #include "rpc/status.h"
+#include "runtime/request_validation.h"
 
 namespace mla {
 
@@ -224,47 +225,30 @@ void CoordinatorService::update_state_locked(WorkerEntry& worker) {
   worker.state = draining ? WorkerState::kDraining : WorkerState::kAlive;
 }
 
-void CoordinatorService::validate_for_model_locked(const v1::GenerateRequest& r) const {
-  int32_t vocab = 0;
-  int32_t context = 0;
+void CoordinatorService::validate_for_model_locked(const Request& wanted,
+                                                   const v1::GenerateRequest& r) const {
+  ModelLimits model;
   for (const auto& [id, worker] : workers_) {
     if (worker.state != WorkerState::kAlive) continue;
-    vocab = worker.model.vocab_size();  // equal across live workers (RegisterWorker checks)
-    context =
-        context == 0 ? worker.model.max_context() : std::min(context, worker.model.max_context());
+    model.vocab_size = worker.model.vocab_size();  // equal across live workers (RegisterWorker)
+    model.max_context = model.max_context == 0
+                            ? worker.model.max_context()
+                            : std::min<int64_t>(model.max_context, worker.model.max_context());
   }
-  if (vocab == 0) MLA_THROW(kUnavailable, "no worker is alive");
-  for (int i = 0; i < r.prompt_ids_size(); ++i) {
-    const int32_t t = r.prompt_ids(i);
-    MLA_REQUIRE(t >= 0 && t < vocab, "prompt_ids[{}] = {} is outside the vocabulary [0, {})", i, t,
-                vocab);
-  }
-  for (int i = 0; i < r.stop_ids_size(); ++i) {
-    const int32_t t = r.stop_ids(i);
-    MLA_REQUIRE(t >= 0 && t < vocab, "stop_ids[{}] = {} is outside the vocabulary [0, {})", i, t,
-                vocab);
-  }
-  for (int i = 0; i < r.received_ids_size(); ++i) {
-    const int32_t t = r.received_ids(i);
-    MLA_REQUIRE(t >= 0 && t < vocab, "received_ids[{}] = {} is outside the vocabulary [0, {})", i,
-                t, vocab);
-  }
-  MLA_REQUIRE(r.sampling().top_k() <= vocab, "sampling.top_k: {} exceeds the vocabulary size {}",
-              r.sampling().top_k(), vocab);
-  const int64_t total = int64_t{r.prompt_ids_size()} + r.max_tokens();
-  MLA_REQUIRE(total <= context,
-              "max_tokens: prompt ({}) + max_tokens ({}) = {} exceeds the model context of {}",
-              r.prompt_ids_size(), r.max_tokens(), total, context);
+  if (model.vocab_size == 0) MLA_THROW(kUnavailable, "no worker is alive");
+  validate_request(wanted, model, kPromptField);
+  check_token_ids({r.received_ids().data(), static_cast<size_t>(r.received_ids_size())},
+                  "received_ids", model.vocab_size);
 }
 
-grpc::Status CoordinatorService::admit(const v1::GenerateRequest& request, std::string* request_id,
-                                       Relay* relay) {
+grpc::Status CoordinatorService::admit(const v1::GenerateRequest& request, const Request& wanted,
+                                       std::string* request_id, Relay* relay) {
   std::lock_guard lock(mu_);
   if (shutting_down_) return {grpc::StatusCode::UNAVAILABLE, "coordinator shutting down"};
   if (!accepting_) {
     return {grpc::StatusCode::UNAVAILABLE, "coordinator stopping: it takes no new requests"};
   }
-  validate_for_model_locked(request);
+  validate_for_model_locked(wanted, request);
   if (requests_.size() >= static_cast<size_t>(options_.max_in_flight)) {
     return {
         grpc::StatusCode::RESOURCE_EXHAUSTED,

@@ -62,6 +62,7 @@
 #include "rpc/metrics.h"
 #include "rpc/routing.h"
 #include "rpc/shared_secret.h"
+#include "runtime/sequence.h"
 
 namespace mla {
 
@@ -223,15 +224,18 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallba
   WorkerEntry* find_worker_locked(const std::string& id, grpc::Status* status);
   // Cancel's work: true when the request was in flight here and is now being cancelled.
   bool cancel(const std::string& request_id);
-  // Checks the request against the live workers' model, the in-flight table and the
-  // admission limit, and enters it in requests_ under its (possibly assigned) id.
-  grpc::Status admit(const mlaserve::v1::GenerateRequest& request, std::string* request_id,
-                     Relay* relay);
+  // Checks the request (`wanted`, as the engine's Request) against the live workers' model,
+  // the in-flight table and the admission limit, and enters it in requests_ under its
+  // (possibly assigned) id.
+  grpc::Status admit(const mlaserve::v1::GenerateRequest& request, const Request& wanted,
+                     std::string* request_id, Relay* relay);
   // Cancels the streams whose client has not taken a message for stream_write_timeout_ms;
   // mu_ held.
   void cancel_stalled_writes_locked(Clock::time_point now);
-  // Model-dependent checks against the live workers; mu_ held.
-  void validate_for_model_locked(const mlaserve::v1::GenerateRequest& request) const;
+  // validate_request against the live workers' model, and received_ids inside its
+  // vocabulary; kUnavailable when no worker is alive; mu_ held.
+  void validate_for_model_locked(const Request& wanted,
+                                 const mlaserve::v1::GenerateRequest& request) const;
   // Marks a worker dead, cancels the attempts running on it when `cancel_attempts`; mu_ held.
   void mark_dead_locked(WorkerEntry& worker, const std::string& why, bool cancel_attempts);
   // A live worker's state from what it says and what an operator asked; mu_ held.

@@ -21,14 +21,15 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <cmath>
 #include <optional>
 #include <set>
 
 #include "kernels/error.h"
 #include "rpc/coordinator_service.h"
+#include "rpc/generate_request.h"
 #include "rpc/request_limits.h"
 #include "rpc/status.h"
+#include "runtime/request_validation.h"
 
 namespace mla {
 
@@ -38,29 +39,22 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Checks that need no model: field ranges, lengths, what a client may not set.
-void validate_shape(const v1::GenerateRequest& r, size_t max_prompt_ids) {
-  const std::string& id = r.request_id();
-  MLA_REQUIRE(id.size() <= kMaxRequestIdLength, "request_id: {} characters (limit {})", id.size(),
-              kMaxRequestIdLength);
-  MLA_REQUIRE(std::all_of(id.begin(), id.end(), [](char c) { return c >= 0x20 && c < 0x7f; }),
-              "request_id: only printable ASCII characters are allowed");
-  MLA_REQUIRE(r.prompt_ids_size() > 0, "prompt_ids: must not be empty");
+// The checks that need no model (the wire's limits, what a client may not set, and
+// validate_request's model-free part); returns the Request the client asks for.
+Request checked_without_model(const v1::GenerateRequest& r, size_t max_prompt_ids) {
+  check_request_id(r.request_id());
+  // Before the request is copied: the message limit admits tens of millions of ids.
   MLA_REQUIRE(static_cast<size_t>(r.prompt_ids_size()) <= max_prompt_ids,
               "prompt_ids: {} ids (limit {})", r.prompt_ids_size(), max_prompt_ids);
-  MLA_REQUIRE(r.max_tokens() >= 1, "max_tokens: must be >= 1, got {}", r.max_tokens());
   MLA_REQUIRE(r.resume_ids_size() == 0,
               "resume_ids: set by the coordinator on failover; clients resume a broken stream "
               "with received_ids");
+  Request wanted = to_request(r);
+  validate_request(wanted, kPromptField);
   MLA_REQUIRE(r.received_ids_size() < r.max_tokens(),
               "received_ids: {} tokens received of max_tokens {}: nothing is left to generate",
               r.received_ids_size(), r.max_tokens());
-  const v1::SamplingParams& s = r.sampling();
-  MLA_REQUIRE(std::isfinite(s.temperature()) && s.temperature() >= 0,
-              "sampling.temperature: must be >= 0 and finite, got {}", s.temperature());
-  MLA_REQUIRE(s.top_k() >= 0, "sampling.top_k: must be >= 0, got {}", s.top_k());
-  MLA_REQUIRE(std::isfinite(s.top_p()) && s.top_p() >= 0 && s.top_p() <= 1,
-              "sampling.top_p: must be in [0, 1], got {}", s.top_p());
+  return wanted;
 }
 
 // Worker errors after which the request moves to another worker. The rest (bad input,
@@ -138,9 +132,34 @@ class CoordinatorService::Relay final : public grpc::ServerWriteReactor<grpc::By
  private:
   class Attempt;
 
+  // How an attempt ended: the flags the relay, Cancel, the monitor and shutdown set.
+  struct AttemptEnd {
+    std::string worker_id;
+    bool cancel_requested = false;  // the Cancel RPC
+    bool worker_lost = false;       // the monitor declared the worker dead
+    bool shutting_down = false;
+    bool client_gone = false;
+    bool write_timed_out = false;
+  };
+
+  // Routes the request to a worker it has not tried and streams from it, or finishes the
+  // stream when it is cancelled or no worker is left.
   void start_attempt();
+  // The router's choice for `prompt` among the live workers not tried yet, or null; the
+  // coordinator's mu_ held.
+  WorkerEntry* pick_worker_locked(const std::vector<int32_t>& prompt);
+  // Starts the attempt on `worker` with resume_ids = the tokens sent so far, and makes it
+  // reachable through `flight`; the coordinator's mu_ held.
+  void stream_from_locked(WorkerEntry& worker, InFlight& flight, Clock::time_point dispatch);
   void on_worker_message(v1::GenerateResponse message);
+  // After an attempt: finish the stream, give the client the worker's error, or fail over.
   void on_attempt_done(const grpc::Status& status);
+  // Takes the ended attempt out, reads the flags and updates its worker's state (a worker
+  // refusing as draining stops being routed to; one refusing connections is dead).
+  AttemptEnd end_attempt(const grpc::Status& status);
+  // Moves the request to another worker, unless every token has arrived (the closing
+  // message is written) or max_failovers is reached (UNAVAILABLE).
+  void fail_over(const AttemptEnd& end, const grpc::Status& status);
   // What to do with a worker message: turns it into the client's message; false when it is
   // to be dropped (after the end, or the client is gone).
   bool relay_message(v1::GenerateResponse& message);
@@ -254,8 +273,8 @@ void CoordinatorService::Relay::start(const grpc::ByteBuffer& request) {
   grpc::Status admitted = parse(request, &request_);
   try {
     if (admitted.ok()) {
-      validate_shape(request_, service_.options_.max_prompt_ids);
-      admitted = service_.admit(request_, &request_id_, this);
+      const Request wanted = checked_without_model(request_, service_.options_.max_prompt_ids);
+      admitted = service_.admit(request_, wanted, &request_id_, this);
     }
   } catch (const Error& e) {
     admitted = to_grpc_status(e);
@@ -286,8 +305,6 @@ void CoordinatorService::Relay::start_attempt() {
     finish({grpc::StatusCode::CANCELLED, fmt::format("request {}: cancelled", request_id_)});
     return;
   }
-  std::shared_ptr<v1::Worker::StubInterface> stub;
-  std::string worker_id;  // read only under the lock: the attempt may end at once
   bool cancel_requested = false;
   std::optional<grpc::Status> refusal;
   const std::vector<int32_t> prompt(request_.prompt_ids().begin(), request_.prompt_ids().end());
@@ -299,48 +316,15 @@ void CoordinatorService::Relay::start_attempt() {
     if (service_.shutting_down_) {
       refusal = grpc::Status(grpc::StatusCode::UNAVAILABLE, "coordinator shutting down");
     } else if (!cancel_requested) {
-      std::vector<WorkerView> views;
-      views.reserve(service_.workers_.size());
-      for (const auto& [id, w] : service_.workers_) {
-        views.push_back({.id = id,
-                         .routable = w.state == WorkerState::kAlive && !tried_.contains(id),
-                         .free_pages = w.load.free_pages(),
-                         .total_pages = w.load.total_pages(),
-                         .running = w.load.running(),
-                         .waiting = w.load.waiting(),
-                         .in_flight = w.in_flight});
-      }
-      std::optional<std::string> picked = service_.router_.pick(views, prompt);
-      if (!picked) {
-        refusal =
-            failed_worker_.empty()
-                ? grpc::Status(grpc::StatusCode::UNAVAILABLE, "no worker is alive")
-                : grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                               fmt::format("request {}: worker {} failed ({}) after {} "
-                                           "tokens and no other worker is alive",
-                                           request_id_, failed_worker_, failure_, sent_.size()));
+      if (WorkerEntry* worker = pick_worker_locked(prompt)) {
+        stream_from_locked(*worker, flight, dispatch);
+      } else if (failed_worker_.empty()) {
+        refusal = grpc::Status(grpc::StatusCode::UNAVAILABLE, "no worker is alive");
       } else {
-        WorkerEntry& worker = service_.workers_.at(*picked);
-        ++worker.in_flight;
-        stub = worker.stub;
-        worker_id = worker.id;
-        if (failovers_ == 0) {
-          spdlog::debug("request {}: routed to {}", request_id_, worker_id);
-        } else {
-          spdlog::warn("request {}: failover {}/{} from {} to {} after {} tokens ({})", request_id_,
-                       failovers_, service_.options_.max_failovers, failed_worker_, worker_id,
-                       sent_.size(), failure_);
-        }
-        attempt_ = std::make_unique<Attempt>(*this, worker_id, stub, dispatch);
-        attempt_->sent_before = sent_.size();
-        worker_request_.mutable_resume_ids()->Assign(sent_.begin(), sent_.end());
-        // The context exists from here on, so Cancel and the monitor can reach it. The
-        // attempt may end (and be taken from attempt_) on another thread once started.
-        Attempt* attempt = attempt_.get();
-        attempt->start(worker_request_, service_.options_, *context_);
-        flight.worker_call = attempt->call();
-        flight.worker_id = worker_id;
-        flight.worker_lost = false;
+        refusal = grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                               fmt::format("request {}: worker {} failed ({}) after {} tokens and "
+                                           "no other worker is alive",
+                                           request_id_, failed_worker_, failure_, sent_.size()));
       }
     }
   }
@@ -349,6 +333,46 @@ void CoordinatorService::Relay::start_attempt() {
     return;
   }
   if (refusal) finish(*refusal);
+}
+
+CoordinatorService::WorkerEntry* CoordinatorService::Relay::pick_worker_locked(
+    const std::vector<int32_t>& prompt) {
+  std::vector<WorkerView> views;
+  views.reserve(service_.workers_.size());
+  for (const auto& [id, w] : service_.workers_) {
+    views.push_back({.id = id,
+                     .routable = w.state == WorkerState::kAlive && !tried_.contains(id),
+                     .free_pages = w.load.free_pages(),
+                     .total_pages = w.load.total_pages(),
+                     .running = w.load.running(),
+                     .waiting = w.load.waiting(),
+                     .in_flight = w.in_flight});
+  }
+  const std::optional<std::string> picked = service_.router_.pick(views, prompt);
+  return picked ? &service_.workers_.at(*picked) : nullptr;
+}
+
+void CoordinatorService::Relay::stream_from_locked(WorkerEntry& worker, InFlight& flight,
+                                                   Clock::time_point dispatch) {
+  ++worker.in_flight;
+  if (failovers_ == 0) {
+    spdlog::debug("request {}: routed to {}", request_id_, worker.id);
+  } else {
+    spdlog::warn("request {}: failover {}/{} from {} to {} after {} tokens ({})", request_id_,
+                 failovers_, service_.options_.max_failovers, failed_worker_, worker.id,
+                 sent_.size(), failure_);
+  }
+  attempt_ = std::make_unique<Attempt>(*this, worker.id, worker.stub, dispatch);
+  attempt_->sent_before = sent_.size();
+  worker_request_.mutable_resume_ids()->Assign(sent_.begin(), sent_.end());
+  // The context exists from here on, so Cancel and the monitor can reach it. The attempt may
+  // end (and be taken from attempt_) on another thread once started, but not before this
+  // lock is released.
+  Attempt* attempt = attempt_.get();
+  attempt->start(worker_request_, service_.options_, *context_);
+  flight.worker_call = attempt->call();
+  flight.worker_id = worker.id;
+  flight.worker_lost = false;
 }
 
 bool CoordinatorService::Relay::relay_message(v1::GenerateResponse& message) {
@@ -457,72 +481,29 @@ void CoordinatorService::Relay::cancel_if_write_stalled(Clock::time_point now,
 }
 
 void CoordinatorService::Relay::on_attempt_done(const grpc::Status& status) {
-  std::unique_ptr<Attempt> attempt;
-  {
-    // start_attempt holds the coordinator's mu_ from creating the attempt to starting it.
-    std::lock_guard lock(service_.mu_);
-    attempt = std::move(attempt_);
-  }
-  const std::string worker_id = attempt->worker_id();
-  bool cancel_requested = false;
-  bool worker_lost = false;
-  bool shutting_down = false;
-  bool client_gone = false;
-  bool timed_out = false;
-  {
-    std::lock_guard lock(mu_);
-    client_gone = client_gone_;
-    timed_out = write_timed_out_;
-  }
-  {
-    std::lock_guard lock(service_.mu_);
-    InFlight& flight = service_.requests_.at(request_id_);
-    flight.worker_call = nullptr;
-    cancel_requested = flight.cancel_requested;
-    worker_lost = flight.worker_lost;
-    shutting_down = service_.shutting_down_;
-    WorkerEntry& worker = service_.workers_.at(worker_id);
-    --worker.in_flight;
-    // A worker that refused because it drains stops being routed to; one refusing
-    // connections is gone: unless it re-registered meanwhile (new stub), it is dead until it
-    // does.
-    const bool failed = !finished_ && !client_gone && !cancel_requested && !shutting_down &&
-                        status.error_code() == grpc::StatusCode::UNAVAILABLE &&
-                        worker.stub == attempt->stub();
-    if (failed && refused_while_draining(*attempt->call())) {
-      worker.worker_draining = true;
-      update_state_locked(worker);
-      service_.publish_readiness_locked();
-    } else if (failed) {
-      service_.mark_dead_locked(worker,
-                                fmt::format("request {}: {}", request_id_, describe(status)),
-                                /*cancel_attempts=*/false);
-    }
-  }
-  attempt.reset();
-
+  const AttemptEnd end = end_attempt(status);
   if (finished_) {
     finish(grpc::Status::OK);
     return;
   }
-  if (timed_out) {
+  if (end.write_timed_out) {
     finish({grpc::StatusCode::CANCELLED,
             fmt::format("request {}: the client took no message for {} ms", request_id_,
                         service_.options_.stream_write_timeout_ms)});
     return;
   }
-  if (client_gone || context_->IsCancelled()) {
+  if (end.client_gone || context_->IsCancelled()) {
     spdlog::debug("request {}: cancelled by the client after {} tokens", request_id_, sent_.size());
     finish({grpc::StatusCode::CANCELLED,
             fmt::format("request {}: cancelled by the client", request_id_)});
     return;
   }
-  if (cancel_requested) {
+  if (end.cancel_requested) {
     spdlog::info("request {}: cancelled after {} tokens", request_id_, sent_.size());
-    write_closing_and_finish(v1::FINISH_REASON_CANCELLED, worker_id);
+    write_closing_and_finish(v1::FINISH_REASON_CANCELLED, end.worker_id);
     return;
   }
-  if (shutting_down) {
+  if (end.shutting_down) {
     finish({grpc::StatusCode::UNAVAILABLE, "coordinator shutting down"});
     return;
   }
@@ -533,28 +514,69 @@ void CoordinatorService::Relay::on_attempt_done(const grpc::Status& status) {
          fmt::format("request {}: deadline exceeded after {} tokens", request_id_, sent_.size())});
     return;
   }
-  if (!worker_lost && !status.ok() && !fails_over(status.error_code())) {
-    spdlog::info("request {}: worker {} answered {}", request_id_, worker_id, describe(status));
+  if (!end.worker_lost && !status.ok() && !fails_over(status.error_code())) {
+    spdlog::info("request {}: worker {} answered {}", request_id_, end.worker_id, describe(status));
     finish(status);
     return;
   }
+  fail_over(end, status);
+}
 
-  failed_worker_ = worker_id;
-  failure_ = worker_lost   ? std::string("worker stopped heartbeating")
-             : status.ok() ? std::string("stream ended without a final message")
-                           : describe(status);
-  tried_.insert(worker_id);
+CoordinatorService::Relay::AttemptEnd CoordinatorService::Relay::end_attempt(
+    const grpc::Status& status) {
+  std::unique_ptr<Attempt> attempt;
+  {
+    // start_attempt holds the coordinator's mu_ from creating the attempt to starting it.
+    std::lock_guard lock(service_.mu_);
+    attempt = std::move(attempt_);
+  }
+  AttemptEnd end{.worker_id = attempt->worker_id()};
+  {
+    std::lock_guard lock(mu_);
+    end.client_gone = client_gone_;
+    end.write_timed_out = write_timed_out_;
+  }
+  std::lock_guard lock(service_.mu_);
+  InFlight& flight = service_.requests_.at(request_id_);
+  flight.worker_call = nullptr;
+  end.cancel_requested = flight.cancel_requested;
+  end.worker_lost = flight.worker_lost;
+  end.shutting_down = service_.shutting_down_;
+  WorkerEntry& worker = service_.workers_.at(end.worker_id);
+  --worker.in_flight;
+  // A worker that refused because it drains stops being routed to; one refusing connections
+  // is gone: unless it re-registered meanwhile (new stub), it is dead until it does.
+  const bool failed = !finished_ && !end.client_gone && !end.cancel_requested &&
+                      !end.shutting_down && status.error_code() == grpc::StatusCode::UNAVAILABLE &&
+                      worker.stub == attempt->stub();
+  if (failed && refused_while_draining(*attempt->call())) {
+    worker.worker_draining = true;
+    update_state_locked(worker);
+    service_.publish_readiness_locked();
+  } else if (failed) {
+    service_.mark_dead_locked(worker, fmt::format("request {}: {}", request_id_, describe(status)),
+                              /*cancel_attempts=*/false);
+  }
+  return end;
+}
+
+void CoordinatorService::Relay::fail_over(const AttemptEnd& end, const grpc::Status& status) {
+  failed_worker_ = end.worker_id;
+  failure_ = end.worker_lost ? std::string("worker stopped heartbeating")
+             : status.ok()   ? std::string("stream ended without a final message")
+                             : describe(status);
+  tried_.insert(end.worker_id);
   if (sent_.size() >= static_cast<size_t>(request_.max_tokens())) {
     // Every token arrived; only the final message was lost.
-    write_closing_and_finish(v1::FINISH_REASON_LENGTH, worker_id);
+    write_closing_and_finish(v1::FINISH_REASON_LENGTH, end.worker_id);
     return;
   }
   if (failovers_ >= service_.options_.max_failovers) {
     spdlog::error("request {}: worker {} failed ({}) after {} tokens; gave up after {} failovers",
-                  request_id_, worker_id, failure_, sent_.size(), failovers_);
+                  request_id_, end.worker_id, failure_, sent_.size(), failovers_);
     finish({grpc::StatusCode::UNAVAILABLE,
             fmt::format("request {}: worker {} failed ({}); gave up after {} failovers",
-                        request_id_, worker_id, failure_, failovers_)});
+                        request_id_, end.worker_id, failure_, failovers_)});
     return;
   }
   ++failovers_;

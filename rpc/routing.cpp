@@ -6,26 +6,6 @@
 
 namespace mla {
 
-RoutingPolicy routing_policy_from_string(std::string_view name) {
-  if (name == "least-loaded") return RoutingPolicy::kLeastLoaded;
-  if (name == "round-robin") return RoutingPolicy::kRoundRobin;
-  if (name == "prefix-affinity") return RoutingPolicy::kPrefixAffinity;
-  MLA_THROW(kInvalidArgument,
-            "routing policy '{}': expected least-loaded, round-robin or prefix-affinity", name);
-}
-
-const char* routing_policy_name(RoutingPolicy policy) {
-  switch (policy) {
-    case RoutingPolicy::kLeastLoaded:
-      return "least-loaded";
-    case RoutingPolicy::kRoundRobin:
-      return "round-robin";
-    case RoutingPolicy::kPrefixAffinity:
-      return "prefix-affinity";
-  }
-  return "?";
-}
-
 double WorkerView::free_fraction() const {
   if (total_pages <= 0) return 0.5;
   return std::clamp(static_cast<double>(free_pages) / total_pages, 0.0, 1.0);

@@ -22,18 +22,12 @@
 #include <mutex>
 #include <optional>
 #include <string>
-#include <string_view>
 #include <unordered_map>
 #include <vector>
 
+#include "runtime/routing_policy.h"
+
 namespace mla {
-
-enum class RoutingPolicy { kLeastLoaded, kRoundRobin, kPrefixAffinity };
-
-// "least-loaded", "round-robin" or "prefix-affinity"; anything else throws
-// mla::Error(kInvalidArgument) naming the accepted values.
-RoutingPolicy routing_policy_from_string(std::string_view name);
-const char* routing_policy_name(RoutingPolicy policy);
 
 // One worker as the router sees it; a snapshot taken by the caller.
 struct WorkerView {

@@ -5,13 +5,13 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <optional>
 
 #include "kernels/error.h"
-#include "rpc/client.h"
+#include "rpc/generate_request.h"
 #include "rpc/request_limits.h"
 #include "rpc/status.h"
+#include "runtime/request_validation.h"
 #include "runtime/sampler.h"
 
 namespace mla {
@@ -56,14 +56,6 @@ grpc::Status status_of(const std::exception& e) {
   return {grpc::StatusCode::INTERNAL, e.what()};
 }
 
-void check_token_ids(const google::protobuf::RepeatedField<int32_t>& ids, const char* field,
-                     int64_t vocab_size) {
-  for (int i = 0; i < ids.size(); ++i) {
-    MLA_REQUIRE(ids[i] >= 0 && ids[i] < vocab_size, "{}[{}] = {} is outside the vocabulary [0, {})",
-                field, i, ids[i], vocab_size);
-  }
-}
-
 }  // namespace
 
 // One Generate stream. The handler thread creates it and then only reads `outbox`/`end`;
@@ -99,14 +91,10 @@ struct WorkerService::Metrics {
   CacheMetrics cache;
 };
 
-// ---------------------------------------------------------------------------------------
-// WorkerService
-
 WorkerService::WorkerService(Engine& engine, WorkerServiceOptions options)
     : engine_(engine),
       options_(std::move(options)),
-      vocab_size_(engine.model().config().vocab_size),
-      max_context_(engine.model().config().max_position_embeddings),
+      model_limits_(ModelLimits::of(engine.model().config())),
       model_info_([&engine, this] {
         v1::ModelInfo info;
         info.set_dtype(engine.model().cuda_device() >= 0 ? "bfloat16" : "float32");
@@ -215,29 +203,13 @@ v1::WorkerLoad WorkerService::load() const {
   return out;
 }
 
-void WorkerService::validate(const v1::GenerateRequest& r) const {
-  MLA_REQUIRE(r.request_id().size() <= kMaxRequestIdLength,
-              "request_id is {} characters long; at most {} are allowed", r.request_id().size(),
-              kMaxRequestIdLength);
-  MLA_REQUIRE(std::all_of(r.request_id().begin(), r.request_id().end(),
-                          [](char c) { return c >= 0x20 && c < 0x7f; }),
-              "request_id must be printable ASCII");
-  MLA_REQUIRE(r.prompt_ids_size() > 0, "prompt_ids is empty; a prompt needs at least one token");
-  check_token_ids(r.prompt_ids(), "prompt_ids", vocab_size_);
-  check_token_ids(r.resume_ids(), "resume_ids", vocab_size_);
-  MLA_REQUIRE(r.max_tokens() >= 1, "max_tokens must be >= 1, got {}", r.max_tokens());
-  const int64_t total = static_cast<int64_t>(r.prompt_ids_size()) + r.max_tokens();
-  MLA_REQUIRE(
-      total <= max_context_,
-      "prompt_ids ({} tokens) plus max_tokens ({}) exceeds the model's context of {} tokens",
-      r.prompt_ids_size(), r.max_tokens(), max_context_);
-  const v1::SamplingParams& s = r.sampling();
-  MLA_REQUIRE(std::isfinite(s.temperature()) && s.temperature() >= 0,
-              "sampling.temperature must be finite and >= 0 (0 = greedy), got {}", s.temperature());
-  MLA_REQUIRE(s.top_k() >= 0 && s.top_k() <= vocab_size_,
-              "sampling.top_k must be in [0, {}] (0 = off), got {}", vocab_size_, s.top_k());
-  MLA_REQUIRE(std::isfinite(s.top_p()) && s.top_p() >= 0 && s.top_p() <= 1,
-              "sampling.top_p must be in [0, 1] (0 or 1 = off), got {}", s.top_p());
+Request WorkerService::validated(const v1::GenerateRequest& r) const {
+  check_request_id(r.request_id());
+  Request request = to_request(r);
+  validate_request(request, model_limits_, kPromptField);
+  check_token_ids({r.resume_ids().data(), static_cast<size_t>(r.resume_ids_size())}, "resume_ids",
+                  model_limits_.vocab_size);
+  return request;
 }
 
 grpc::Status WorkerService::Generate(grpc::ServerContext* context,
@@ -262,33 +234,24 @@ grpc::Status WorkerService::generate(grpc::ServerContext* context,
     std::lock_guard lk(mu_);
     if (!accepting_) return refusal_locked(*context);
   }
+  auto call = std::make_shared<Call>();
   try {
-    validate(*request);
+    call->request = validated(*request);
   } catch (const Error& e) {
     spdlog::debug("worker {}: rejected request '{}': {}", options_.worker_id, request->request_id(),
                   e.what());
     return to_grpc_status(e);
   }
-
-  auto call = std::make_shared<Call>();
   call->request_id = request->request_id();
   call->prompt_tokens = request->prompt_ids_size();
   call->resumed = request->resume_ids_size();
   call->return_logprobs = request->return_logprobs();
   call->arrival = arrival;
   Request& r = call->request;
-  r.prompt.assign(request->prompt_ids().begin(), request->prompt_ids().end());
   // The engine samples token i at position prompt + i, so continuing from prompt +
   // resume_ids draws exactly what the original run would have drawn next.
   r.prompt.insert(r.prompt.end(), request->resume_ids().begin(), request->resume_ids().end());
-  r.max_tokens = request->max_tokens() - call->resumed;
-  r.sampling.temperature = request->sampling().temperature();
-  r.sampling.top_k = request->sampling().top_k();
-  r.sampling.top_p = request->sampling().top_p() == 0 ? 1.0f : request->sampling().top_p();
-  r.sampling.seed = request->sampling().seed();
-  r.stop_ids.assign(request->stop_ids().begin(), request->stop_ids().end());
-  r.ignore_eos = request->ignore_eos();
-  r.return_logits = request->return_logprobs();
+  r.max_tokens -= call->resumed;
 
   if (r.max_tokens <= 0) {
     // Every token was already produced elsewhere: nothing to run, only the final message.
@@ -324,7 +287,11 @@ grpc::Status WorkerService::generate(grpc::ServerContext* context,
   // In flight from here until this handler returns, however it does.
   Metrics* const metrics = metrics_.load();
   const GaugeHold in_flight(metrics ? &metrics->requests.in_flight : nullptr);
+  return stream(call, *context, *writer);
+}
 
+grpc::Status WorkerService::stream(const std::shared_ptr<Call>& call, grpc::ServerContext& context,
+                                   grpc::ServerWriter<v1::GenerateResponse>& writer) {
   const auto poll = std::chrono::milliseconds(options_.poll_interval_ms);
   while (true) {
     std::deque<v1::GenerateResponse> messages;
@@ -336,7 +303,7 @@ grpc::Status WorkerService::generate(grpc::ServerContext* context,
       end = call->end;
     }
     for (const v1::GenerateResponse& m : messages) {
-      if (!writer->Write(m)) {
+      if (!writer.Write(m)) {
         cancel_call(call);
         spdlog::info("worker {}: request {}: the client went away", options_.worker_id,
                      call->request_id);
@@ -344,9 +311,9 @@ grpc::Status WorkerService::generate(grpc::ServerContext* context,
       }
     }
     if (end) return *end;
-    if (context->IsCancelled()) {
+    if (context.IsCancelled()) {
       cancel_call(call);
-      const bool deadline = context->deadline() <= std::chrono::system_clock::now();
+      const bool deadline = context.deadline() <= std::chrono::system_clock::now();
       spdlog::info("worker {}: request {} {}", options_.worker_id, call->request_id,
                    deadline ? "passed its deadline" : "was cancelled by the client");
       if (deadline) return {grpc::StatusCode::DEADLINE_EXCEEDED, "the request's deadline passed"};
@@ -536,7 +503,7 @@ void WorkerService::deliver(const StepOutput& out, Clock::time_point now) {
   if (out.token >= 0) {
     msg.add_token_ids(out.token);
     if (call->return_logprobs && !out.logits.empty()) {
-      msg.add_logprobs(token_logprob(out.logits.data(), vocab_size_, out.token));
+      msg.add_logprobs(token_logprob(out.logits.data(), model_limits_.vocab_size, out.token));
     }
     ++call->generated;
     if (Metrics* m = metrics_.load()) {
@@ -619,180 +586,6 @@ void WorkerService::fail_all_running(const grpc::Status& status) {
   }
   in_engine_.clear();
   not_yet_stepped_.clear();
-}
-
-// ---------------------------------------------------------------------------------------
-// CoordinatorLink
-
-CoordinatorLink::CoordinatorLink(CoordinatorLinkOptions options) : options_(std::move(options)) {
-  MLA_REQUIRE(!options_.coordinator_address.empty(), "coordinator_address must not be empty");
-  MLA_REQUIRE(!options_.worker_id.empty(), "worker_id must not be empty");
-  MLA_REQUIRE(!options_.worker_address.empty(), "worker_address must not be empty");
-  MLA_REQUIRE(options_.load != nullptr, "a load function is required");
-  MLA_REQUIRE(options_.rpc_timeout_ms >= 1, "rpc_timeout_ms must be >= 1, got {}",
-              options_.rpc_timeout_ms);
-  MLA_REQUIRE(options_.min_backoff_ms >= 1 && options_.max_backoff_ms >= options_.min_backoff_ms,
-              "backoff must satisfy 1 <= min_backoff_ms <= max_backoff_ms, got {} and {}",
-              options_.min_backoff_ms, options_.max_backoff_ms);
-  MLA_REQUIRE(options_.default_heartbeat_ms >= 1, "default_heartbeat_ms must be >= 1, got {}",
-              options_.default_heartbeat_ms);
-  // gRPC's own reconnect backoff grows to minutes by default; cap it at ours so a restarted
-  // coordinator is found again within max_backoff_ms.
-  grpc::ChannelArguments args;
-  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, options_.min_backoff_ms);
-  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, options_.min_backoff_ms);
-  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, options_.max_backoff_ms);
-  channel_ = grpc::CreateCustomChannel(
-      options_.coordinator_address,
-      options_.credentials ? options_.credentials : grpc::InsecureChannelCredentials(), args);
-  stub_ = v1::Control::NewStub(channel_);
-  heartbeat_ms_ = options_.default_heartbeat_ms;
-  thread_ = std::thread([this] { run(); });
-}
-
-CoordinatorLink::~CoordinatorLink() {
-  {
-    std::lock_guard lk(mu_);
-    stop_ = true;
-    if (in_flight_ != nullptr) in_flight_->TryCancel();
-  }
-  stop_cv_.notify_all();
-  thread_.join();
-}
-
-bool CoordinatorLink::registered() const {
-  std::lock_guard lk(mu_);
-  return registered_;
-}
-
-int64_t CoordinatorLink::registrations() const {
-  std::lock_guard lk(mu_);
-  return registrations_;
-}
-
-bool CoordinatorLink::sleep_for(int64_t ms) {
-  std::unique_lock lk(mu_);
-  return !stop_cv_.wait_for(lk, std::chrono::milliseconds(ms), [&] { return stop_; });
-}
-
-void CoordinatorLink::run() {
-  int64_t backoff_ms = options_.min_backoff_ms;
-  while (true) {
-    bool ok = false;
-    int32_t interval_ms = 0;
-    bool was_registered = false;
-    {
-      std::lock_guard lk(mu_);
-      if (stop_) return;
-      was_registered = registered_;
-      interval_ms = heartbeat_ms_;
-    }
-    // Never let an exception end this thread: a worker that stops heartbeating is dead to
-    // the coordinator.
-    try {
-      ok = was_registered ? sleep_for(interval_ms) && heartbeat_once() : register_once();
-    } catch (const std::exception& e) {
-      spdlog::error("worker {}: coordinator link: {}", options_.worker_id, e.what());
-    }
-    if (ok) {
-      backoff_ms = options_.min_backoff_ms;
-      continue;
-    }
-    {
-      std::lock_guard lk(mu_);
-      if (stop_) return;
-      registered_ = false;
-    }
-    // A heartbeat that failed re-registers at once; failed registrations back off.
-    if (was_registered) continue;
-    if (!sleep_for(backoff_ms)) return;
-    backoff_ms = std::min<int64_t>(backoff_ms * 2, options_.max_backoff_ms);
-  }
-}
-
-bool CoordinatorLink::register_once() {
-  // Our own backoff paces the attempts; gRPC's reconnect backoff on top of it would make an
-  // attempt fail at once while the channel waits, stretching the outage past ours.
-  grpc::experimental::ChannelResetConnectionBackoff(channel_.get());
-  v1::RegisterWorkerRequest req;
-  req.set_worker_id(options_.worker_id);
-  req.set_address(options_.worker_address);
-  *req.mutable_model() = options_.model;
-  *req.mutable_load() = options_.load();
-  req.set_draining(options_.draining && options_.draining());
-  v1::RegisterWorkerResponse resp;
-  const std::optional<grpc::Status> status = call_cancellable(
-      [&](grpc::ClientContext* ctx) { return stub_->RegisterWorker(ctx, req, &resp); });
-  if (!status) return false;
-  std::lock_guard lk(mu_);
-  if (!status->ok()) {
-    // Warn once per outage; the retries of a long one would flood the log.
-    if (failed_registrations_++ == 0) {
-      spdlog::warn("worker {}: registering with coordinator {} failed ({}); retrying with backoff",
-                   options_.worker_id, options_.coordinator_address, status->error_message());
-    } else {
-      spdlog::debug("worker {}: registering with coordinator {} failed again: {}",
-                    options_.worker_id, options_.coordinator_address, status->error_message());
-    }
-    return false;
-  }
-  registered_ = true;
-  session_ = resp.session();
-  ++registrations_;
-  failed_registrations_ = 0;
-  heartbeat_ms_ = resp.heartbeat_interval_ms() > 0 ? resp.heartbeat_interval_ms()
-                                                   : options_.default_heartbeat_ms;
-  spdlog::info("worker {}: registered with coordinator {} at {}, heartbeat every {} ms",
-               options_.worker_id, options_.coordinator_address, options_.worker_address,
-               heartbeat_ms_);
-  return true;
-}
-
-std::optional<grpc::Status> CoordinatorLink::call_cancellable(
-    const std::function<grpc::Status(grpc::ClientContext*)>& rpc) {
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() +
-                   std::chrono::milliseconds(options_.rpc_timeout_ms));
-  if (options_.secret) options_.secret->attach(ctx);
-  {
-    std::lock_guard lk(mu_);
-    if (stop_) return std::nullopt;
-    in_flight_ = &ctx;
-  }
-  const grpc::Status status = rpc(&ctx);
-  std::lock_guard lk(mu_);
-  in_flight_ = nullptr;
-  return status;
-}
-
-bool CoordinatorLink::heartbeat_once() {
-  v1::HeartbeatRequest req;
-  req.set_worker_id(options_.worker_id);
-  *req.mutable_load() = options_.load();
-  req.set_draining(options_.draining && options_.draining());
-  {
-    std::lock_guard lk(mu_);
-    req.set_session(session_);
-  }
-  v1::HeartbeatResponse resp;
-  const std::optional<grpc::Status> status =
-      call_cancellable([&](grpc::ClientContext* ctx) { return stub_->Heartbeat(ctx, req, &resp); });
-  if (!status) return false;
-  if (!status->ok()) {
-    spdlog::warn("worker {}: heartbeat to coordinator {} failed ({}); registering again",
-                 options_.worker_id, options_.coordinator_address, status->error_message());
-    return false;
-  }
-  if (!resp.known()) {
-    spdlog::warn(
-        "worker {}: coordinator {} does not know this worker (restarted?); registering "
-        "again",
-        options_.worker_id, options_.coordinator_address);
-    return false;
-  }
-  if (resp.drain() && options_.on_drain) options_.on_drain();
-  if (resp.undrain() && options_.on_undrain) options_.on_undrain();
-  return true;
 }
 
 }  // namespace mla

@@ -34,7 +34,25 @@ void read(const YAML::Node& node, const char* key, T& out, const std::string& wh
   }
 }
 
+// A key whose value is one of a few names, parsed by `from_string`, which throws naming the
+// field it is given and the accepted names.
+template <typename Enum>
+void read_enum(const YAML::Node& node, const char* key, Enum& out,
+               Enum (*from_string)(std::string_view, std::string_view), const std::string& where,
+               const std::string& origin) {
+  if (!node[key]) return;
+  std::string name;
+  read(node, key, name, where, origin);
+  out = from_string(name, fmt::format("{}: {}{}", origin, where, key));
+}
+
 }  // namespace
+
+KvShard kv_shard_from_string(std::string_view name, std::string_view field) {
+  if (name == "sequence") return KvShard::kSequence;
+  if (name == "replicate") return KvShard::kReplicate;
+  MLA_THROW(kInvalidArgument, "{}: must be sequence or replicate, got `{}`", field, name);
+}
 
 DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string& origin) {
   YAML::Node root;
@@ -78,7 +96,7 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   if (const auto par = root["parallel"]) {
     reject_unknown(par, {"tp", "kv_shard", "comm_timeout_s"}, "parallel.", origin);
     read(par, "tp", c.parallel.tp, "parallel.", origin);
-    read(par, "kv_shard", c.parallel.kv_shard, "parallel.", origin);
+    read_enum(par, "kv_shard", c.parallel.kv_shard, kv_shard_from_string, "parallel.", origin);
     read(par, "comm_timeout_s", c.parallel.comm_timeout_s, "parallel.", origin);
   }
   if (const auto co = root["coordinator"]) {
@@ -94,7 +112,8 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
     read(co, "stream_write_timeout_s", c.coordinator.stream_write_timeout_s, "coordinator.",
          origin);
     read(co, "metrics_port", c.coordinator.metrics_port, "coordinator.", origin);
-    read(co, "routing", c.coordinator.routing, "coordinator.", origin);
+    read_enum(co, "routing", c.coordinator.routing, routing_policy_from_string, "coordinator.",
+              origin);
     read(co, "max_in_flight", c.coordinator.max_in_flight, "coordinator.", origin);
     read(co, "heartbeat_interval_ms", c.coordinator.heartbeat_interval_ms, "coordinator.", origin);
   }
@@ -134,9 +153,6 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   MLA_REQUIRE(!c.tls.require_client_cert || (!c.tls.ca_file.empty() && !c.tls.cert_file.empty()),
               "{}: tls.require_client_cert needs tls.ca_file and tls.cert_file", origin);
   MLA_REQUIRE(c.parallel.tp >= 1, "{}: parallel.tp must be >= 1", origin);
-  MLA_REQUIRE(c.parallel.kv_shard == "sequence" || c.parallel.kv_shard == "replicate",
-              "{}: parallel.kv_shard must be sequence or replicate, got `{}`", origin,
-              c.parallel.kv_shard);
   MLA_REQUIRE(c.parallel.comm_timeout_s >= 1, "{}: parallel.comm_timeout_s must be >= 1", origin);
   MLA_REQUIRE(c.coordinator.max_in_flight >= 1, "{}: coordinator.max_in_flight must be >= 1",
               origin);

@@ -4,17 +4,24 @@
 #pragma once
 
 #include <string>
+#include <string_view>
 #include <vector>
 
+#include "parallel/shard_plan.h"
 #include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
+#include "runtime/routing_policy.h"
 
 namespace mla {
 
+// "sequence" or "replicate" (the config's and --kv-shard's spelling); anything else throws
+// kInvalidArgument naming `field` (where the name came from) and the accepted names.
+KvShard kv_shard_from_string(std::string_view name, std::string_view field);
+
 // `parallel:` how worker ranks form tensor-parallel groups.
 struct ParallelConfig {
-  int32_t tp = 1;                     // `tp`: ranks per group. Default: 1.
-  std::string kv_shard = "sequence";  // `kv_shard`: sequence | replicate. Default: sequence.
+  int32_t tp = 1;                         // `tp`: ranks per group. Default: 1.
+  KvShard kv_shard = KvShard::kSequence;  // `kv_shard`: sequence | replicate. Default: sequence.
   int32_t comm_timeout_s = 300;  // `comm_timeout_s`: a collective fails after this. Default: 300.
 };
 
@@ -26,8 +33,9 @@ struct CoordinatorConfig {
   // reach. Default: 127.0.0.1:50052.
   std::string control_address = "127.0.0.1:50052";
   int32_t metrics_port = 0;  // `metrics_port`: Prometheus /metrics; 0 = off. Default: 0.
-  std::string routing = "least-loaded";  // `routing`: least-loaded | round-robin | prefix-affinity.
-  int32_t max_in_flight = 4096;          // `max_in_flight`: admission limit. Default: 4096.
+  // `routing`: least-loaded | round-robin | prefix-affinity. Default: least-loaded.
+  RoutingPolicy routing = RoutingPolicy::kLeastLoaded;
+  int32_t max_in_flight = 4096;         // `max_in_flight`: admission limit. Default: 4096.
   int32_t heartbeat_interval_ms = 500;  // `heartbeat_interval_ms`: worker heartbeats. Default: 500.
   // `forget_dead_after_s`: a dead worker's entry (and its id's binding to its address) is
   // dropped after this long. Default: 60.

@@ -7,20 +7,13 @@
 #include <optional>
 
 #include "kernels/error.h"
+#include "runtime/request_validation.h"
+#include "runtime/step_plan.h"
 #if MLA_HAVE_CUDA
 #include "kernels/cuda/device_memory.h"
 #endif
 
 namespace mla {
-
-namespace {
-
-// The step plan a leader broadcasts, as int64 words:
-//   [kind, n_released, released ids..., n_chunks, (id, start, num_tokens, want_logits)...,
-//    tokens of every chunk...]
-enum PlanKind : int64_t { kPlanStep = 1, kPlanShutdown = 2, kPlanHeartbeat = 3 };
-
-}  // namespace
 
 namespace {
 
@@ -32,6 +25,28 @@ LatentCache make_cache(const Model& model, const EngineOptions& options) {
 #endif
   return LatentCache(model.cache_geometry(options.block_size), options.cache_pages(model),
                      model.shard(), model.cache_storage());
+}
+
+// What the model runs for a schedule: every chunk's tokens, and how to sample each chunk
+// that reaches its sequence's last token.
+struct ForwardInputs {
+  ForwardBatch batch;
+  std::vector<SampleRequest> requests;
+};
+
+ForwardInputs forward_inputs(const Schedule& schedule) {
+  ForwardInputs in;
+  for (const ScheduledChunk& chunk : schedule.chunks) {
+    const Sequence& seq = *chunk.seq;
+    in.batch.tokens.insert(in.batch.tokens.end(), seq.tokens.begin() + chunk.start,
+                           seq.tokens.begin() + chunk.start + chunk.num_tokens);
+    in.batch.seqs.push_back({&seq.table, chunk.start, chunk.num_tokens, chunk.samples()});
+    if (chunk.samples()) {
+      in.requests.push_back({seq.request.sampling, static_cast<int64_t>(seq.tokens.size()),
+                             seq.request.return_logits});
+    }
+  }
+  return in;
 }
 
 }  // namespace
@@ -79,64 +94,58 @@ SampledStep Engine::run_forward(const ForwardBatch& batch,
 
 void Engine::follow() {
   MLA_REQUIRE(!is_leader(), "follow() is for follower ranks; the leader calls step()");
-  std::vector<int64_t> plan;
   while (true) {
-    broadcast_plan(plan);
-    size_t i = 0;
-    const int64_t kind = plan.at(i++);
-    if (kind == kPlanShutdown) return;
-    if (kind == kPlanHeartbeat) continue;
-    const int64_t n_released = plan.at(i++);
-    for (int64_t k = 0; k < n_released; ++k) {
-      auto it = follower_tables_.find(static_cast<RequestId>(plan.at(i++)));
-      if (it == follower_tables_.end()) continue;
-      cache_.release(it->second);
-      follower_tables_.erase(it);
-    }
-    ForwardBatch batch;
-    const int64_t n_chunks = plan.at(i++);
-    for (int64_t k = 0; k < n_chunks; ++k, i += 4) {
-      BlockTable& table = follower_tables_[static_cast<RequestId>(plan.at(i))];
-      const auto start = static_cast<int32_t>(plan.at(i + 1));
-      const auto n = static_cast<int32_t>(plan.at(i + 2));
-      MLA_CHECK(cache_.reserve(table, start + n),
-                "follower rank {} has no pages for a chunk its leader could place", comm_->rank());
-      batch.seqs.push_back({&table, start, n, plan.at(i + 3) != 0});
-    }
-    batch.tokens.assign(plan.begin() + static_cast<std::ptrdiff_t>(i), plan.end());
-    run_forward(batch, {});
+    std::vector<int64_t> words;
+    broadcast_plan(words);
+    StepPlan plan = StepPlan::decode(words);
+    if (plan.kind == StepPlan::Kind::kShutdown) return;
+    if (plan.kind == StepPlan::Kind::kHeartbeat) continue;
+    run_forward(follower_batch(std::move(plan)), {});
   }
+}
+
+ForwardBatch Engine::follower_batch(StepPlan plan) {
+  for (RequestId id : plan.released) {
+    auto it = follower_tables_.find(id);
+    if (it == follower_tables_.end()) continue;
+    cache_.release(it->second);
+    follower_tables_.erase(it);
+  }
+  ForwardBatch batch;
+  for (const StepPlan::Chunk& chunk : plan.chunks) {
+    BlockTable& table = follower_tables_[chunk.id];
+    MLA_CHECK(cache_.reserve(table, chunk.start + chunk.num_tokens),
+              "follower rank {} has no pages for a chunk its leader could place", comm_->rank());
+    batch.seqs.push_back({&table, chunk.start, chunk.num_tokens, chunk.want_logits});
+  }
+  batch.tokens = std::move(plan.tokens);
+  return batch;
+}
+
+void Engine::send_plan(const StepPlan& plan) {
+  std::vector<int64_t> words = plan.encode();
+  broadcast_plan(words);
 }
 
 void Engine::heartbeat() {
   if (comm_ == nullptr || !is_leader() || shut_down_) return;
-  std::vector<int64_t> plan = {kPlanHeartbeat};
-  broadcast_plan(plan);
+  StepPlan plan;
+  plan.kind = StepPlan::Kind::kHeartbeat;
+  send_plan(plan);
 }
 
 void Engine::shutdown() {
   if (comm_ == nullptr || !is_leader() || shut_down_) return;
   shut_down_ = true;
-  std::vector<int64_t> plan = {kPlanShutdown};
-  broadcast_plan(plan);
+  StepPlan plan;
+  plan.kind = StepPlan::Kind::kShutdown;
+  send_plan(plan);
 }
 
 void Engine::validate(const Request& r) const {
-  const ModelConfig& c = model_->config();
-  MLA_REQUIRE(!r.prompt.empty(), "the prompt is empty");
-  for (size_t i = 0; i < r.prompt.size(); ++i) {
-    MLA_REQUIRE(r.prompt[i] >= 0 && r.prompt[i] < c.vocab_size,
-                "prompt token {} at index {} is outside the vocabulary [0, {})", r.prompt[i], i,
-                c.vocab_size);
-  }
-  MLA_REQUIRE(r.max_tokens >= 1, "max_tokens must be >= 1, got {}", r.max_tokens);
-  const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.max_tokens;
-  MLA_REQUIRE(total <= c.max_position_embeddings,
-              "prompt ({} tokens) plus max_tokens ({}) exceeds the model's context of {}",
-              r.prompt.size(), r.max_tokens, c.max_position_embeddings);
-  r.sampling.validate(c.vocab_size);
+  validate_request(r, ModelLimits::of(model_->config()));
   // The last sampled token ends the request without running through the model.
-  const auto cached = static_cast<int32_t>(total - 1);
+  const auto cached = static_cast<int32_t>(r.prompt.size() + r.max_tokens - 1);
   if (cache_.pages_for(cached) > cache_.pool().num_pages()) {
     MLA_THROW(kResourceExhausted,
               "request needs {} cache pages for {} tokens but the cache has only {}",
@@ -160,48 +169,39 @@ RequestId Engine::add_request(Request request) {
 std::vector<StepOutput> Engine::step() {
   MLA_REQUIRE(is_leader(), "step() is for the leader rank; followers call follow()");
   MLA_REQUIRE(!shut_down_, "the engine's group was shut down");
-  Schedule plan = scheduler_.schedule();
-  stats_.preemptions += static_cast<int64_t>(plan.preempted.size());
-  for (Sequence* seq : plan.preempted) {
-    spdlog::debug("request {} preempted (cache full); will recompute {} tokens", seq->id,
-                  seq->tokens.size());
-    if (comm_ != nullptr) released_.push_back(static_cast<int64_t>(seq->id));
-  }
-  if (plan.empty()) return {};
-
-  ForwardBatch batch;
-  std::vector<SampleRequest> requests;
-  for (const ScheduledChunk& chunk : plan.chunks) {
-    const auto& toks = chunk.seq->tokens;
-    batch.tokens.insert(batch.tokens.end(), toks.begin() + chunk.start,
-                        toks.begin() + chunk.start + chunk.num_tokens);
-    batch.seqs.push_back({&chunk.seq->table, chunk.start, chunk.num_tokens, chunk.samples()});
-    if (chunk.samples()) {
-      requests.push_back({chunk.seq->request.sampling,
-                          static_cast<int64_t>(chunk.seq->tokens.size()),
-                          chunk.seq->request.return_logits});
-    }
-  }
-  if (comm_ != nullptr) {
-    std::vector<int64_t> words = {kPlanStep, static_cast<int64_t>(released_.size())};
-    words.insert(words.end(), released_.begin(), released_.end());
-    released_.clear();
-    words.push_back(static_cast<int64_t>(plan.chunks.size()));
-    for (const ScheduledChunk& chunk : plan.chunks) {
-      words.insert(words.end(), {static_cast<int64_t>(chunk.seq->id), chunk.start, chunk.num_tokens,
-                                 chunk.samples() ? 1 : 0});
-    }
-    words.insert(words.end(), batch.tokens.begin(), batch.tokens.end());
-    broadcast_plan(words);
-  }
-  return postprocess(plan, run_forward(batch, requests));
+  const Schedule schedule = schedule_step();
+  if (schedule.empty()) return {};
+  const ForwardInputs in = forward_inputs(schedule);
+  if (comm_ != nullptr) send_plan(plan_for(schedule, in.batch));
+  return postprocess(schedule, run_forward(in.batch, in.requests));
 }
 
-std::vector<StepOutput> Engine::postprocess(const Schedule& plan, SampledStep sampled) {
+Schedule Engine::schedule_step() {
+  Schedule schedule = scheduler_.schedule();
+  stats_.preemptions += static_cast<int64_t>(schedule.preempted.size());
+  for (Sequence* seq : schedule.preempted) {
+    spdlog::debug("request {} preempted (cache full); will recompute {} tokens", seq->id,
+                  seq->tokens.size());
+    if (comm_ != nullptr) released_.push_back(seq->id);
+  }
+  return schedule;
+}
+
+StepPlan Engine::plan_for(const Schedule& schedule, const ForwardBatch& batch) {
+  StepPlan plan;  // kind step
+  plan.released.swap(released_);
+  plan.tokens = batch.tokens;
+  for (const ScheduledChunk& chunk : schedule.chunks) {
+    plan.chunks.push_back({chunk.seq->id, chunk.start, chunk.num_tokens, chunk.samples()});
+  }
+  return plan;
+}
+
+std::vector<StepOutput> Engine::postprocess(const Schedule& schedule, SampledStep sampled) {
   const ModelConfig& c = model_->config();
   std::vector<StepOutput> outputs;
   int64_t row = 0;
-  for (const ScheduledChunk& chunk : plan.chunks) {
+  for (const ScheduledChunk& chunk : schedule.chunks) {
     Sequence& seq = *chunk.seq;
     Scheduler::commit(chunk);
     if (!chunk.samples()) continue;
@@ -234,7 +234,7 @@ std::vector<StepOutput> Engine::postprocess(const Schedule& plan, SampledStep sa
 void Engine::retire(Sequence& seq, FinishReason reason) {
   seq.finish = reason;
   seq.status = SeqStatus::kFinished;
-  if (comm_ != nullptr) released_.push_back(static_cast<int64_t>(seq.id));
+  if (comm_ != nullptr) released_.push_back(seq.id);
   scheduler_.remove(&seq);
   seqs_.erase(seq.id);
 }
@@ -256,7 +256,7 @@ RequestSnapshot Engine::export_request(RequestId id) {
   Sequence& seq = find(id);
   RequestSnapshot snap{seq.request, seq.tokens, seq.prompt_len,
                        cache_.export_tokens(seq.table, seq.num_computed)};
-  if (comm_ != nullptr) released_.push_back(static_cast<int64_t>(seq.id));
+  if (comm_ != nullptr) released_.push_back(seq.id);
   scheduler_.remove(&seq);
   seqs_.erase(id);
   return snap;

@@ -1,6 +1,7 @@
 // Engine: one tensor-parallel group's step loop (docs/ARCHITECTURE.md section 4).
 //
-//   step() = schedule -> run the model -> sample and retire finished sequences.
+//   step() = schedule -> (broadcast the step plan) -> run the model -> sample and retire
+//            finished sequences.
 //
 // Requests join at any time and run in continuous batches; long prompts are prefilled in
 // chunks under the token budget; when cache pages run out, the youngest running request is
@@ -25,6 +26,7 @@
 #include "runtime/model_runner.h"
 #include "runtime/scheduler.h"
 #include "runtime/sequence.h"
+#include "runtime/step_plan.h"
 
 namespace mla {
 
@@ -87,8 +89,9 @@ class Engine {
   // when it has had no step for a while. A no-op for one rank.
   void heartbeat();
 
-  // Validates and queues a request; throws kInvalidArgument saying what is wrong, or
-  // kResourceExhausted if it could never fit in the cache.
+  // Validates and queues a request; throws kInvalidArgument naming the bad field
+  // (validate_request against the model), or kResourceExhausted if it could never fit in
+  // the cache.
   RequestId add_request(Request request);
   // Runs one step; returns one output per request that sampled or ended in it.
   std::vector<StepOutput> step();
@@ -111,9 +114,18 @@ class Engine {
   int32_t num_waiting() const { return scheduler_.num_waiting(); }
 
  private:
-  std::vector<StepOutput> postprocess(const Schedule& plan, SampledStep sampled);
+  // Leader, step()'s parts in order: the scheduler's choice (its preempted sequences go in
+  // the next plan's released ids), the plan that lets followers run the same step, sending it.
+  Schedule schedule_step();
+  StepPlan plan_for(const Schedule& schedule, const ForwardBatch& batch);
+  void send_plan(const StepPlan& plan);
+  // Samples each sequence that reached its last token, and retires the finished ones.
+  std::vector<StepOutput> postprocess(const Schedule& schedule, SampledStep sampled);
   SampledStep run_forward(const ForwardBatch& batch, const std::vector<SampleRequest>& requests);
+  // Leader and followers alike: the leader's plan words, sized first (a collective).
   void broadcast_plan(std::vector<int64_t>& plan);
+  // Follower: applies a step plan to this rank's cache shard and returns the batch to run.
+  ForwardBatch follower_batch(StepPlan plan);
   void validate(const Request& r) const;
   Sequence& find(RequestId id);
   void retire(Sequence& seq, FinishReason reason);
@@ -128,7 +140,7 @@ class Engine {
   std::map<RequestId, std::unique_ptr<Sequence>> seqs_;
   RequestId next_id_ = 1;
   EngineStats stats_;
-  std::vector<int64_t> released_;  // leader: sequences whose pages were freed since the last plan
+  std::vector<RequestId> released_;  // leader: sequences whose pages were freed since the last plan
   std::map<RequestId, BlockTable> follower_tables_;  // follower: this rank's pages per sequence
   bool shut_down_ = false;
 };

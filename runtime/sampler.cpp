@@ -72,12 +72,17 @@ class SortedCandidates {
 
 }  // namespace
 
-void SamplingParams::validate(int64_t vocab_size) const {
+void SamplingParams::validate() const {
   MLA_REQUIRE(std::isfinite(temperature) && temperature >= 0,
-              "temperature must be finite and >= 0, got {}", temperature);
-  MLA_REQUIRE(top_k >= 0 && top_k <= vocab_size, "top_k must be in [0, {}], got {}", vocab_size,
-              top_k);
-  MLA_REQUIRE(top_p > 0 && top_p <= 1, "top_p must be in (0, 1], got {}", top_p);
+              "sampling.temperature: must be finite and >= 0, got {}", temperature);
+  MLA_REQUIRE(top_k >= 0, "sampling.top_k: must be >= 0 (0: off), got {}", top_k);
+  MLA_REQUIRE(top_p > 0 && top_p <= 1, "sampling.top_p: must be in (0, 1], got {}", top_p);
+}
+
+void SamplingParams::validate(int64_t vocab_size) const {
+  validate();
+  MLA_REQUIRE(top_k <= vocab_size, "sampling.top_k: must be at most the vocabulary size {}, got {}",
+              vocab_size, top_k);
 }
 
 double uniform_for(uint64_t seed, int64_t position) {

@@ -15,8 +15,10 @@ struct SamplingParams {
   float top_p = 1;        // keep the smallest most-likely set with this mass. Default: 1.
   uint64_t seed = 0;      // Default: 0.
 
-  // Throws kInvalidArgument naming the bad field: temperature negative or not finite,
-  // top_k negative or above vocab_size, top_p outside (0, 1].
+  // Throws kInvalidArgument naming the bad field as a request spells it
+  // ("sampling.top_p: ..."): temperature negative or not finite, top_k negative, top_p
+  // outside (0, 1]; with a vocab_size, also top_k above it.
+  void validate() const;
   void validate(int64_t vocab_size) const;
 };
 

@@ -28,14 +28,14 @@ TEST(DeployConfig, ShippedConfigsParse) {
   EXPECT_EQ(tiny.workers.port_base, 50100);
   const auto multi = DeployConfig::load(dir + "multi-node.yaml");
   EXPECT_EQ(multi.parallel.tp, 8);
-  EXPECT_EQ(multi.coordinator.routing, "prefix-affinity");
+  EXPECT_EQ(multi.coordinator.routing, RoutingPolicy::kPrefixAffinity);
   EXPECT_EQ(multi.workers.metrics_port_base, 9500);
   const auto one_gpu = DeployConfig::load(dir + "one-gpu.yaml");
   EXPECT_EQ(one_gpu.parallel.tp, 1);
   EXPECT_TRUE(one_gpu.model.cuda.small_gemm);
   const auto tp2 = DeployConfig::load(dir + "tp2-gpu.yaml");
   EXPECT_EQ(tp2.parallel.tp, 2);
-  EXPECT_EQ(tp2.parallel.kv_shard, "sequence");
+  EXPECT_EQ(tp2.parallel.kv_shard, KvShard::kSequence);
 }
 
 // Unset, num_pages follows the device: 256 pages on the CPU, sized from free memory on GPUs.
@@ -92,7 +92,11 @@ TEST(DeployConfig, ErrorsNameTheProblem) {
   EXPECT_THAT(message("model: m\ncache: {block_size: 0}\n"), HasSubstr("block_size must be >= 1"));
   EXPECT_THAT(message("model: [unclosed\n"), HasSubstr("x.yaml: not valid YAML"));
   EXPECT_THAT(message(""), HasSubstr("empty config"));
-  EXPECT_THAT(message("model: m\nparallel: {kv_shard: both}\n"), HasSubstr("parallel.kv_shard"));
+  EXPECT_THAT(message("model: m\nparallel: {kv_shard: both}\n"),
+              HasSubstr("x.yaml: parallel.kv_shard: must be sequence or replicate, got `both`"));
+  EXPECT_THAT(message("model: m\ncoordinator: {routing: random}\n"),
+              HasSubstr("x.yaml: coordinator.routing: must be least-loaded, round-robin or "
+                        "prefix-affinity, got `random`"));
   EXPECT_THAT(message("model: m\nparallel: {tp: 0}\n"), HasSubstr("parallel.tp must be >= 1"));
   EXPECT_THAT(message("model: m\nworkers: {port_base: 70000}\n"), HasSubstr("workers.port_base"));
   EXPECT_THAT(message("model: m\ncoordinator: {adress: x}\n"),

@@ -25,6 +25,7 @@
 #include <thread>
 #include <vector>
 
+#include "rpc/coordinator_link.h"
 #include "rpc/worker_service.h"
 #include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
@@ -372,20 +373,20 @@ TEST_F(WorkerServiceTest, BadInputGetsInvalidArgumentNamingTheFieldAndServingGoe
     const char* message;  // a substring the status message must contain
   };
   const std::vector<Case> cases = {
-      {"empty prompt", [](auto& r) { r.clear_prompt_ids(); }, "prompt_ids is empty"},
+      {"empty prompt", [](auto& r) { r.clear_prompt_ids(); }, "prompt_ids: must not be empty"},
       {"token = vocab", [](auto& r) { r.set_prompt_ids(2, 256); },
-       "prompt_ids[2] = 256 is outside the vocabulary [0, 256)"},
-      {"negative token", [](auto& r) { r.set_prompt_ids(0, -1); }, "prompt_ids[0] = -1"},
+       "prompt_ids[2]: 256 is outside the vocabulary [0, 256)"},
+      {"negative token", [](auto& r) { r.set_prompt_ids(0, -1); }, "prompt_ids[0]: -1"},
       {"bad resume id",
        [](auto& r) {
          r.add_resume_ids(3);
          r.add_resume_ids(1000);
        },
-       "resume_ids[1] = 1000"},
-      {"max_tokens 0", [](auto& r) { r.set_max_tokens(0); }, "max_tokens must be >= 1, got 0"},
-      {"max_tokens < 0", [](auto& r) { r.set_max_tokens(-3); }, "max_tokens must be >= 1"},
+       "resume_ids[1]: 1000"},
+      {"max_tokens 0", [](auto& r) { r.set_max_tokens(0); }, "max_tokens: must be >= 1, got 0"},
+      {"max_tokens < 0", [](auto& r) { r.set_max_tokens(-3); }, "max_tokens: must be >= 1"},
       {"over context", [](auto& r) { r.set_max_tokens(252); },
-       "plus max_tokens (252) exceeds the model's context of 256"},
+       "+ max_tokens (252) = 257 exceeds the model's context of 256"},
       {"negative temperature", [](auto& r) { r.mutable_sampling()->set_temperature(-1); },
        "sampling.temperature"},
       {"NaN temperature", [&](auto& r) { r.mutable_sampling()->set_temperature(nan); },
@@ -393,15 +394,15 @@ TEST_F(WorkerServiceTest, BadInputGetsInvalidArgumentNamingTheFieldAndServingGoe
       {"infinite temperature", [&](auto& r) { r.mutable_sampling()->set_temperature(inf); },
        "sampling.temperature"},
       {"negative top_k", [](auto& r) { r.mutable_sampling()->set_top_k(-1); },
-       "sampling.top_k must be in [0, 256]"},
+       "sampling.top_k: must be >= 0"},
       {"top_k > vocab", [](auto& r) { r.mutable_sampling()->set_top_k(257); }, "sampling.top_k"},
       {"top_p > 1", [](auto& r) { r.mutable_sampling()->set_top_p(1.5f); }, "sampling.top_p"},
       {"negative top_p", [](auto& r) { r.mutable_sampling()->set_top_p(-0.1f); }, "sampling.top_p"},
       {"NaN top_p", [&](auto& r) { r.mutable_sampling()->set_top_p(nan); }, "sampling.top_p"},
       {"long request_id", [](auto& r) { r.set_request_id(std::string(129, 'x')); },
-       "request_id is 129 characters long"},
+       "request_id: 129 characters (limit 128)"},
       {"unprintable request_id", [](auto& r) { r.set_request_id("a\nb"); },
-       "request_id must be printable"},
+       "request_id: only printable ASCII"},
   };
   for (const Case& c : cases) {
     v1::GenerateRequest req = make_request(golden().prompts[0], 4);

@@ -1,0 +1,25 @@
+// A Generate request on the wire (mlaserve.v1.GenerateRequest) as the engine's Request, and
+// the wire checks the coordinator and the workers share. The request itself is checked by
+// validate_request (runtime/request_validation.h), which names its fields as the proto does.
+#pragma once
+
+#include <string>
+
+#include "mlaserve/v1/mlaserve.pb.h"
+#include "runtime/sequence.h"
+
+namespace mla {
+
+// What Request::prompt is called on the wire, for validate_request's messages.
+inline constexpr const char* kPromptField = "prompt_ids";
+
+// The Request that a GenerateRequest asks for, resume_ids aside: prompt_ids, max_tokens,
+// sampling (top_p 0, proto3's unset value, means 1: off), stop_ids, ignore_eos, and
+// return_logprobs as return_logits.
+Request to_request(const mlaserve::v1::GenerateRequest& request);
+
+// Throws kInvalidArgument ("request_id: ...") unless `id` has at most kMaxRequestIdLength
+// characters, all printable ASCII.
+void check_request_id(const std::string& id);
+
+}  // namespace mla

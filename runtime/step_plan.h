@@ -1,0 +1,42 @@
+// StepPlan: what a tensor-parallel leader tells its followers before each step
+// (docs/ARCHITECTURE.md section 6): which sequences released their cache pages, which chunks
+// run and their tokens. It travels as int64 words over the group's control communicator:
+//
+//   [kind]                                                    heartbeat, shutdown
+//   [kind, n_released, released ids..., n_chunks,
+//    (id, start, num_tokens, want_logits) per chunk, tokens of every chunk...]     step
+//
+// A value type; not thread-safe to mutate.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "runtime/sequence.h"
+
+namespace mla {
+
+struct StepPlan {
+  // Heartbeat: the leader is alive but has no step. Shutdown: followers stop following.
+  enum class Kind : int64_t { kStep = 1, kShutdown = 2, kHeartbeat = 3 };
+
+  struct Chunk {
+    RequestId id = 0;
+    int32_t start = 0;       // position of the chunk's first token
+    int32_t num_tokens = 0;  // >= 1
+    bool want_logits = false;
+  };
+
+  Kind kind = Kind::kStep;
+  std::vector<RequestId> released;  // sequences whose pages were freed since the last plan
+  std::vector<Chunk> chunks;
+  std::vector<int32_t> tokens;  // every chunk's tokens, concatenated in chunk order
+
+  // The words above; a heartbeat or shutdown plan is its kind alone.
+  std::vector<int64_t> encode() const;
+  // The inverse of encode(). Throws kInternal naming what is malformed: no words, an unknown
+  // kind, a count or value out of range, too few or too many words.
+  static StepPlan decode(const std::vector<int64_t>& words);
+};
+
+}  // namespace mla

@@ -1,0 +1,105 @@
+// StepPlan: encode() and decode() are inverses, and decode() refuses malformed words with
+// kInternal naming what is wrong.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/error.h"
+#include "runtime/step_plan.h"
+
+namespace mla {
+namespace {
+
+using Words = std::vector<int64_t>;
+using testing::HasSubstr;
+
+void expect_same(const StepPlan& a, const StepPlan& b) {
+  EXPECT_EQ(a.kind, b.kind);
+  EXPECT_EQ(a.released, b.released);
+  ASSERT_EQ(a.chunks.size(), b.chunks.size());
+  for (size_t i = 0; i < a.chunks.size(); ++i) {
+    EXPECT_EQ(a.chunks[i].id, b.chunks[i].id) << "chunk " << i;
+    EXPECT_EQ(a.chunks[i].start, b.chunks[i].start) << "chunk " << i;
+    EXPECT_EQ(a.chunks[i].num_tokens, b.chunks[i].num_tokens) << "chunk " << i;
+    EXPECT_EQ(a.chunks[i].want_logits, b.chunks[i].want_logits) << "chunk " << i;
+  }
+  EXPECT_EQ(a.tokens, b.tokens);
+}
+
+StepPlan two_chunk_plan() {
+  return {.kind = StepPlan::Kind::kStep,
+          .released = {7, 9},
+          .chunks = {{.id = 3, .start = 0, .num_tokens = 3, .want_logits = false},
+                     {.id = 4, .start = 12, .num_tokens = 1, .want_logits = true}},
+          .tokens = {10, 11, 12, 500}};
+}
+
+// decode()'s error message for `words`, or "no error".
+std::string decode_error(const Words& words) {
+  try {
+    StepPlan::decode(words);
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInternal) << e.what();
+    return e.what();
+  }
+  return "no error";
+}
+
+TEST(StepPlan, EncodesTheDocumentedWords) {
+  EXPECT_EQ(two_chunk_plan().encode(),
+            (Words{1, 2, 7, 9, 2, 3, 0, 3, 0, 4, 12, 1, 1, 10, 11, 12, 500}));
+  EXPECT_EQ(StepPlan{.kind = StepPlan::Kind::kShutdown}.encode(), Words{2});
+  EXPECT_EQ(StepPlan{.kind = StepPlan::Kind::kHeartbeat}.encode(), Words{3});
+}
+
+TEST(StepPlan, RoundTrips) {
+  const std::vector<StepPlan> plans = {
+      two_chunk_plan(),
+      {.kind = StepPlan::Kind::kStep},                   // nothing released, no chunk
+      {.kind = StepPlan::Kind::kStep, .released = {1}},  // releases only
+      {.kind = StepPlan::Kind::kShutdown},
+      {.kind = StepPlan::Kind::kHeartbeat},
+      {.kind = StepPlan::Kind::kStep,
+       .chunks = {{.id = UINT64_MAX, .start = INT32_MAX - 1, .num_tokens = 1}},
+       .tokens = {INT32_MAX}},
+  };
+  for (const StepPlan& plan : plans) expect_same(StepPlan::decode(plan.encode()), plan);
+}
+
+TEST(StepPlan, MalformedWordsAreInternalErrorsNamingTheProblem) {
+  EXPECT_THAT(decode_error({}), HasSubstr("before its kind"));
+  EXPECT_THAT(decode_error({0}), HasSubstr("unknown kind 0"));
+  EXPECT_THAT(decode_error({4}), HasSubstr("unknown kind 4"));
+  EXPECT_THAT(decode_error({2, 0}), HasSubstr("a shutdown plan has 2 words"));
+  EXPECT_THAT(decode_error({3, 1, 1}), HasSubstr("a heartbeat plan has 3 words"));
+  EXPECT_THAT(decode_error({1}), HasSubstr("before its released count"));
+  EXPECT_THAT(decode_error({1, 0}), HasSubstr("before its chunk count"));
+  EXPECT_THAT(decode_error({1, -1, 0}), HasSubstr("released count -1"));
+  EXPECT_THAT(decode_error({1, 3, 7, 0}), HasSubstr("released count 3"));
+  EXPECT_THAT(decode_error({1, 1, 7}), HasSubstr("before its chunk count"));
+  EXPECT_THAT(decode_error({1, 0, -2}), HasSubstr("chunk count -2"));
+  EXPECT_THAT(decode_error({1, 0, 2, 3, 0, 1, 0, 5}), HasSubstr("chunk count 2"));
+  EXPECT_THAT(decode_error({1, 0, 1, 3, -1, 1, 0, 5}), HasSubstr("chunk start -1"));
+  EXPECT_THAT(decode_error({1, 0, 1, 3, int64_t{1} << 31, 1, 0, 5}), HasSubstr("chunk start"));
+  EXPECT_THAT(decode_error({1, 0, 1, 3, 0, 0, 0}), HasSubstr("chunk num_tokens 0"));
+  EXPECT_THAT(decode_error({1, 0, 1, 3, 0, 1, 2, 5}), HasSubstr("chunk want_logits 2"));
+  EXPECT_THAT(decode_error({1, 0, 1, 3, 0, 2, 0, 5}),
+              HasSubstr("its chunks have 2 tokens but 1 words follow"));
+  EXPECT_THAT(decode_error({1, 0, 1, 3, 0, 1, 0, 5, 6}),
+              HasSubstr("its chunks have 1 tokens but 2 words follow"));
+  EXPECT_THAT(decode_error({1, 0, 1, 3, 0, 1, 0, -5}), HasSubstr("token -5"));
+
+  // Every truncation of a valid plan is refused.
+  const Words words = two_chunk_plan().encode();
+  for (size_t n = 0; n < words.size(); ++n) {
+    EXPECT_THAT(decode_error(Words(words.begin(), words.begin() + n)),
+                HasSubstr("malformed step plan"))
+        << n << " words";
+  }
+}
+
+}  // namespace
+}  // namespace mla
