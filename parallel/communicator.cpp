@@ -1,7 +1,5 @@
 #include "parallel/communicator.h"
 
-#include <atomic>
-
 namespace mla {
 
 const char* to_string(CommOp op) {
@@ -18,11 +16,6 @@ const char* to_string(CommOp op) {
       return "send_recv";
   }
   return "?";
-}
-
-uint64_t Communicator::next_id() {
-  static std::atomic<uint64_t> next{1};
-  return next++;
 }
 
 int64_t CommStats::total_bytes() const {

@@ -65,16 +65,8 @@ class Communicator {
   const CommStats& stats() const { return stats_; }
   void reset_stats() { stats_ = CommStats{}; }
 
-  // Distinct for every communicator this process makes (from 1): work captured against one
-  // (CUDA graphs holding its NCCL handle) must not replay on another that reuses its address.
-  uint64_t id() const { return id_; }
-
  protected:
   CommStats stats_;
-
- private:
-  uint64_t id_ = next_id();
-  static uint64_t next_id();
 };
 
 }  // namespace mla

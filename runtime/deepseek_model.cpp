@@ -12,6 +12,7 @@
 #include "kernels/cpu/moe.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/error.h"
+#include "parallel/sharded_attention.h"
 #include "runtime/checkpoint.h"
 #include "runtime/model_runner.h"
 #include "runtime/tensor_dump.h"
@@ -28,6 +29,20 @@ void linear(const float* x, int64_t rows, const Tensor& w, float* y, WorkCounter
   cpu::matmul_nt(x, rows, w.dim(1), w.f32(), w.dim(0), y, beta);
   counter.weight_flops += flops_of(rows, w.dim(0), w.dim(1));
 }
+
+// The sharded-attention exchange on host buffers; the communicator blocks, so collectives
+// need no ordering.
+class HostExchange final : public ShardedAttentionBackend {
+ public:
+  void copy_rows(void* dst, int64_t dst_pitch, const void* src, int64_t src_pitch,
+                 int64_t row_bytes, int64_t rows) override {
+    for (int64_t r = 0; r < rows; ++r) {
+      std::memcpy(static_cast<char*>(dst) + r * dst_pitch,
+                  static_cast<const char*>(src) + r * src_pitch, row_bytes);
+    }
+  }
+  void collective(Communicator&, const std::function<void()>& call) override { call(); }
+};
 
 }  // namespace
 
@@ -361,16 +376,14 @@ void DeepseekModel::latent_attention(int64_t layer, StepContext& ctx, const Late
   const bool sharded = !cache.holds_every_page();
   const int64_t H_a = sharded ? H_l * P : H_l;  // heads this rank attends
 
-  // q_all: [T, H_a, d_lat]; under sharding the all-gather returns [P, T, H_l, d_lat].
+  // q_all: [T, H_a, d_lat]; under sharding every rank's local heads, gathered.
+  HostExchange host;
+  const ShardedAttentionShape shape{T, H_l, sizeof(float)};
   std::vector<float> q_all;
   if (sharded) {
     std::vector<float> gathered(P * T * H_l * d_lat);
-    ctx.comm->all_gather(q_local.data(), T * H_l * d_lat, gathered.data());
     q_all.resize(T * H_a * d_lat);
-    for (int64_t r = 0; r < P; ++r)
-      for (int64_t t = 0; t < T; ++t)
-        std::memcpy(&q_all[(t * H_a + r * H_l) * d_lat], &gathered[((r * T) + t) * H_l * d_lat],
-                    H_l * d_lat * sizeof(float));
+    gather_queries(*ctx.comm, host, shape, d_lat, q_local.data(), gathered.data(), q_all.data());
   }
   const std::vector<float>& qa = sharded ? q_all : q_local;
   std::vector<float> q_absorbed(T * H_a * d_c), q_rope(T * H_a * d_r);
@@ -402,38 +415,14 @@ void DeepseekModel::latent_attention(int64_t layer, StepContext& ctx, const Late
     return;
   }
 
-  // all-to-all: block r carries rank r's heads [T, H_l, d_c + 1] (output, then LSE).
-  const int64_t blk = T * H_l * (d_c + 1);
-  std::vector<float> send(P * blk), recv(P * blk);
-  for (int64_t r = 0; r < P; ++r)
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t h = 0; h < H_l; ++h) {
-        float* dst = &send[r * blk + (t * H_l + h) * (d_c + 1)];
-        const int64_t src = t * H_a + r * H_l + h;
-        std::memcpy(dst, &part[src * d_c], d_c * sizeof(float));
-        dst[d_c] = lse[src];
-      }
-  ctx.comm->all_to_all(send.data(), blk, recv.data());
-  // Merge: o = sum_r exp(lse_r - LSE) o_r with LSE = log sum_r exp(lse_r). A rank without
-  // visible keys sent lse = -inf and weighs nothing; every token sees at least itself.
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t h = 0; h < H_l; ++h) {
-      float mx = -INFINITY;
-      for (int64_t r = 0; r < P; ++r)
-        mx = std::max(mx, recv[r * blk + (t * H_l + h) * (d_c + 1) + d_c]);
-      float* o = &o_latent[(t * H_l + h) * d_c];
-      std::fill_n(o, d_c, 0.0f);
-      if (mx == -INFINITY) continue;  // a row of a decompressed-form sequence
-      float denom = 0.0f;
-      for (int64_t r = 0; r < P; ++r) {
-        const float* in = &recv[r * blk + (t * H_l + h) * (d_c + 1)];
-        const float weight = std::exp(in[d_c] - mx);
-        if (weight == 0.0f) continue;
-        denom += weight;
-        for (int64_t i = 0; i < d_c; ++i) o[i] += weight * in[i];
-      }
-      for (int64_t i = 0; i < d_c; ++i) o[i] /= denom;
-    }
+  // Send head block r to rank r, then merge the P partials of each local head by LSE. A rank
+  // without visible keys sent lse = -inf and weighs nothing; rows of decompressed-form
+  // sequences have no part anywhere and merge to 0.
+  std::vector<float> send(P * T * H_l * d_c), recv(P * T * H_l * d_c), lse_send(P * T * H_l),
+      lse_recv(P * T * H_l);
+  exchange_partials(*ctx.comm, host, shape, d_c, part.data(), lse.data(), send.data(),
+                    lse_send.data(), recv.data(), lse_recv.data());
+  cpu::lse_merge({recv.data(), lse_recv.data(), P, T * H_l, d_c, o_latent.data(), nullptr});
 }
 
 std::vector<float> DeepseekModel::gather_context(int64_t layer, const ForwardSeq& seq,

@@ -1,7 +1,6 @@
 #include "runtime/latent_cache.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <limits>
 #include <utility>
@@ -26,16 +25,9 @@ void for_each_page_run(const BlockTable& table, int32_t block_size, int32_t num_
 
 }  // namespace
 
-namespace {
-uint64_t next_cache_id() {
-  static std::atomic<uint64_t> next{1};
-  return next++;
-}
-}  // namespace
-
 LatentCache::LatentCache(CacheGeometry geometry, int32_t num_pages, ShardPlan shard,
                          CacheStorage storage)
-    : geometry_(geometry), shard_(shard), pool_(num_pages), kind_(storage), id_(next_cache_id()) {
+    : geometry_(geometry), shard_(shard), pool_(num_pages), kind_(storage) {
   MLA_REQUIRE(geometry.num_layers >= 1, "num_layers must be >= 1, got {}", geometry.num_layers);
   MLA_REQUIRE(geometry.block_size >= 1, "block_size must be >= 1, got {}", geometry.block_size);
   MLA_REQUIRE(geometry.kv_lora_rank >= 1, "kv_lora_rank must be >= 1, got {}",

@@ -55,9 +55,6 @@ class LatentCache {
               CacheStorage storage = CacheStorage::kHostF32);
 
   const CacheGeometry& geometry() const { return geometry_; }
-  // Distinct for every cache this process makes (from 1): CUDA graphs captured against one
-  // pool must not replay on another that reuses its address.
-  uint64_t id() const { return id_; }
   CacheStorage storage() const { return kind_; }
   // The whole pool [num_pages, num_layers, block_size, width]: host fp32 or device bf16.
   const Tensor& pool_storage() const { return storage_; }
@@ -114,7 +111,6 @@ class LatentCache {
   ShardPlan shard_;
   PagePool pool_;
   CacheStorage kind_;
-  uint64_t id_;
   int device_ = 0;  // kDeviceBf16: the device the pool lives on (current at construction)
   Tensor storage_;  // [num_pages, num_layers, block_size, width]
 };

@@ -18,7 +18,8 @@ CommStats predicted_step_comm(const ModelConfig& c, int32_t tp_size, KvShard kv,
   for (int64_t l = 0; l < c.num_layers; ++l) {
     if (kv == KvShard::kSequence) {
       stats.add(CommOp::kAllGather, T * H * c.latent_width() * f);
-      stats.add(CommOp::kAllToAll, T * H * (c.kv_lora_rank + 1) * f);
+      stats.add(CommOp::kAllToAll, T * H * c.kv_lora_rank * f);  // partial outputs
+      stats.add(CommOp::kAllToAll, T * H * f);                   // their LSEs
     }
     stats.add(CommOp::kAllReduce, T * c.hidden_size * f);
     stats.add(CommOp::kAllReduce, T * c.hidden_size * f);

@@ -67,7 +67,7 @@ struct SampledStep {
 // latent form (decode; latent chunked prefill), by the CommStats conventions. Per layer:
 // an all-reduce of [T, D] after attention and one after the FFN; with a sequence-sharded
 // cache also the all-gather of the absorbed queries [T, H, d_c + d_r] and the all-to-all
-// of the partial outputs with their LSE [T, H, d_c + 1]. Nothing for one rank.
+// of the partial outputs [T, H, d_c] and of their LSEs [T, H]. Nothing for one rank.
 CommStats predicted_step_comm(const ModelConfig& c, int32_t tp_size, KvShard kv,
                               int64_t num_tokens);
 

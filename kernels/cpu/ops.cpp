@@ -143,4 +143,25 @@ void dense_attention(const DenseAttentionParams& p) {
   }
 }
 
+void lse_merge(const LseMergeParams& p) {
+  for (int64_t t = 0; t < p.rows; ++t) {
+    float* o = p.out + t * p.d;
+    std::fill_n(o, p.d, 0.0f);
+    float mx = -INFINITY;
+    for (int64_t r = 0; r < p.P; ++r) mx = std::max(mx, p.lse[r * p.rows + t]);
+    if (p.out_lse != nullptr) p.out_lse[t] = mx;
+    if (mx == -INFINITY) continue;
+    float denom = 0.0f;
+    for (int64_t r = 0; r < p.P; ++r) {
+      const float weight = std::exp(p.lse[r * p.rows + t] - mx);
+      if (weight == 0.0f) continue;
+      denom += weight;
+      const float* part = p.parts + (r * p.rows + t) * p.d;
+      for (int64_t i = 0; i < p.d; ++i) o[i] += weight * part[i];
+    }
+    for (int64_t i = 0; i < p.d; ++i) o[i] /= denom;
+    if (p.out_lse != nullptr) p.out_lse[t] = mx + std::log(denom);
+  }
+}
+
 }  // namespace mla::cpu

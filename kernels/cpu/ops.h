@@ -61,6 +61,20 @@ struct LatentAttentionParams {
 };
 void latent_attention(const LatentAttentionParams& p);
 
+// Merges P partial attention outputs of the same rows by their log-sum-exps (the last step of
+// sequence-sharded attention; the reference of cuda::lse_merge):
+//   out = sum_r exp(lse_r - m) part_r / sum_r exp(lse_r - m),  m = max_r lse_r,
+//   out_lse = m + log(sum_r exp(lse_r - m)).
+// A part with lse -inf (no visible keys) weighs nothing; a row with no part at all is 0.
+struct LseMergeParams {
+  const float* parts;  // [P, rows, d]
+  const float* lse;    // [P, rows]
+  int64_t P, rows, d;
+  float* out;      // [rows, d]
+  float* out_lse;  // [rows] or null
+};
+void lse_merge(const LseMergeParams& p);
+
 // Dense causal attention in the decompressed (MHA) form for one sequence:
 //   s = scale * q[t,h] . k[j,h],  out[t,h] = sum_j softmax(s)_j v[j,h],  j < num_keys[t]
 struct DenseAttentionParams {

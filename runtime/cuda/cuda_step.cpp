@@ -19,6 +19,7 @@
 #include "kernels/cuda/moe_gate.h"
 #include "kernels/cuda/rope_bf16.h"
 #include "kernels/cuda/silu_mul.h"
+#include "parallel/sharded_attention.h"
 #include "runtime/model.h"
 #include "runtime/tensor_dump.h"
 
@@ -32,18 +33,31 @@ T* ptr(const Tensor& t) {
   return t.defined() ? static_cast<T*>(t.raw()) : nullptr;
 }
 
-}  // namespace
+// The sharded-attention exchange on device buffers, on the step's stream. A blocking
+// communicator runs on its own stream, so the step's work must be done before a collective.
+class DeviceExchange final : public ShardedAttentionBackend {
+ public:
+  explicit DeviceExchange(const CudaStepContext& x) : x_(x) {}
+  void copy_rows(void* dst, int64_t dst_pitch, const void* src, int64_t src_pitch,
+                 int64_t row_bytes, int64_t rows) override {
+    MLA_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, row_bytes, rows,
+                                     cudaMemcpyDeviceToDevice, x_.stream));
+  }
+  void collective(Communicator&, const std::function<void()>& call) override {
+    if (!x_.ordered) MLA_CUDA_CHECK(cudaStreamSynchronize(x_.stream));
+    StepProfiler::Scope timed(x_.profiler, StepProfiler::kCollectives);
+    call();
+  }
 
-// A blocking communicator runs on its own stream: the step's work must be done first.
-void CudaStep::sync_for_comm() {
-  if (!x_.ordered) MLA_CUDA_CHECK(cudaStreamSynchronize(x_.stream));
-}
+ private:
+  const CudaStepContext& x_;
+};
+
+}  // namespace
 
 void CudaStep::all_reduce(float* data, int64_t n) {
   if (x_.comm == nullptr) return;
-  sync_for_comm();
-  StepProfiler::Scope timed(x_.profiler, StepProfiler::kCollectives);
-  x_.comm->all_reduce_sum(data, n);
+  DeviceExchange(x_).collective(*x_.comm, [&] { x_.comm->all_reduce_sum(data, n); });
 }
 
 bool CudaStep::dumps(const char* name, int64_t layer) const {
@@ -326,24 +340,13 @@ void CudaStep::latent_attention(int64_t l, const bf16* q_local) {
   const cudaStream_t s = x_.stream;
   const bool sharded = !x_.cache.holds_every_page();
   const int64_t H_a = sharded ? H_l * P : H_l;  // heads this rank attends
+  DeviceExchange device(x_);
+  const ShardedAttentionShape shape{T, H_l, sizeof(bf16)};
   const bf16* q_att = q_local;
   if (sharded) {
-    // All-gather the absorbed queries as [P, T, H_l, d_lat], then lay them out
-    // [T, P * H_l, d_lat] (bf16 pairs travel as floats: the collectives only move bytes).
-    sync_for_comm();
-    {
-      StepProfiler::Scope timed(x_.profiler, StepProfiler::kCollectives);
-      x_.comm->all_gather(reinterpret_cast<const float*>(q_local), T * H_l * d_lat / 2,
-                          ptr<float>(b_.q_gathered));
-    }
-    bf16* q_ordered = ptr<bf16>(b_.q_ordered);
-    for (int64_t r = 0; r < P; ++r) {
-      MLA_CUDA_CHECK(cudaMemcpy2DAsync(q_ordered + r * H_l * d_lat, H_a * d_lat * 2,
-                                       ptr<bf16>(b_.q_gathered) + r * T * H_l * d_lat,
-                                       H_l * d_lat * 2, H_l * d_lat * 2, T,
-                                       cudaMemcpyDeviceToDevice, s));
-    }
-    q_att = q_ordered;
+    gather_queries(*x_.comm, device, shape, d_lat, q_local, b_.q_gathered.raw(),
+                   b_.q_ordered.raw());
+    q_att = ptr<bf16>(b_.q_ordered);
   }
   const auto& geo = x_.cache.geometry();
   bf16* o_att = sharded ? ptr<bf16>(b_.o_attended) : ptr<bf16>(b_.o_latent);
@@ -389,23 +392,10 @@ void CudaStep::latent_attention(int64_t l, const bf16* q_local) {
     cuda::mla_prefill(p, b_.prefill_workspace.raw(), s);
   }
   if (!sharded) return;
-  // Every rank attended all heads over its own pages. Send head block r (partial o~ and LSE)
-  // to rank r and merge what comes back by LSE.
-  bf16* send = ptr<bf16>(b_.a2a_send);
-  float* lse_send = ptr<float>(b_.lse_send);
-  for (int64_t r = 0; r < P; ++r) {
-    MLA_CUDA_CHECK(cudaMemcpy2DAsync(send + r * T * H_l * d_c, H_l * d_c * 2, o_att + r * H_l * d_c,
-                                     H_a * d_c * 2, H_l * d_c * 2, T, cudaMemcpyDeviceToDevice, s));
-    MLA_CUDA_CHECK(cudaMemcpy2DAsync(lse_send + r * T * H_l, H_l * 4, lse + r * H_l, H_a * 4,
-                                     H_l * 4, T, cudaMemcpyDeviceToDevice, s));
-  }
-  sync_for_comm();
-  {
-    StepProfiler::Scope timed(x_.profiler, StepProfiler::kCollectives);
-    x_.comm->all_to_all(reinterpret_cast<const float*>(send), T * H_l * d_c / 2,
-                        ptr<float>(b_.a2a_recv));
-    x_.comm->all_to_all(lse_send, T * H_l, ptr<float>(b_.lse_recv));
-  }
+  // Every rank attended all heads over its own pages: send head block r to rank r, then merge
+  // the P partials of each local head by LSE.
+  exchange_partials(*x_.comm, device, shape, d_c, o_att, lse, b_.a2a_send.raw(),
+                    ptr<float>(b_.lse_send), b_.a2a_recv.raw(), ptr<float>(b_.lse_recv));
   cuda::lse_merge({.parts = ptr<bf16>(b_.a2a_recv),
                    .lse = ptr<float>(b_.lse_recv),
                    .P = static_cast<int32_t>(P),
@@ -449,12 +439,10 @@ void CudaStep::decompressed(int64_t l, const DeviceLayer& d) {
       // then the gathered rows are put back in position order.
       bf16* mine = ptr<bf16>(b_.context_mine);
       gather(layer_rows, meta(o), mine, local);
-      sync_for_comm();
-      {
-        StepProfiler::Scope timed(x_.profiler, StepProfiler::kCollectives);
+      DeviceExchange(x_).collective(*x_.comm, [&] {
         x_.comm->all_gather(reinterpret_cast<const float*>(mine), local * d_lat / 2,
                             ptr<float>(b_.context_all));
-      }
+      });
       gather(b_.context_all.raw(), meta(o + local), context, L);
     }
     // The up-projection absorption avoids: [L, H_l * (d_n + d_v)] = c W_kvb^T.

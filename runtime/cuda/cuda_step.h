@@ -68,7 +68,6 @@ class CudaStep {
   void ffn(const DeviceLayer& d);
   void mlp(const DeviceMlp& w, const __nv_bfloat16* x, float* out);
   void all_reduce(float* data, int64_t n);
-  void sync_for_comm();
   bool dumps(const char* name, int64_t layer) const;
   // Dumps `rows` x `cols` values of a device tensor, taken `cols` at a time every `stride`
   // elements from `data` (bf16 or fp32), as fp32 of `shape`.

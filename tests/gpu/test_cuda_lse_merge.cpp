@@ -1,5 +1,5 @@
-// CUDA LSE merge of tensor-parallel partial attention outputs against a CPU merge that mirrors
-// DeepseekModel::latent_attention's loop, on fresh random partials with -inf parts (whose
+// CUDA LSE merge of tensor-parallel partial attention outputs against cpu::lse_merge (the CPU
+// model's merge), on fresh random partials with -inf parts (whose
 // NaN-filled data must never be read), all--inf rows, large lse values, and a poisoned output.
 #include <gtest/gtest.h>
 
@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu/ops.h"
 #include "kernels/cuda/lse_merge.h"
 #include "tests/gpu/bf16_test_util.h"
 
@@ -17,29 +18,6 @@ namespace mla {
 namespace {
 
 using test::DeviceArray;
-
-// The model's merge: o = sum_r exp(lse_r - mx) o_r / sum_r exp(lse_r - mx); L = mx + log(sum).
-void merge_reference(const std::vector<float>& parts, const std::vector<float>& lse, int P,
-                     int64_t rows, int64_t d, std::vector<float>& out,
-                     std::vector<float>& out_lse) {
-  out.assign(rows * d, 0.0f);
-  out_lse.assign(rows, -INFINITY);
-  for (int64_t t = 0; t < rows; ++t) {
-    float mx = -INFINITY;
-    for (int r = 0; r < P; ++r) mx = std::max(mx, lse[r * rows + t]);
-    if (mx == -INFINITY) continue;
-    float* o = &out[t * d];
-    float denom = 0.0f;
-    for (int r = 0; r < P; ++r) {
-      const float weight = std::exp(lse[r * rows + t] - mx);
-      if (weight == 0.0f) continue;
-      denom += weight;
-      for (int64_t i = 0; i < d; ++i) o[i] += weight * parts[(r * rows + t) * d + i];
-    }
-    for (int64_t i = 0; i < d; ++i) o[i] /= denom;
-    out_lse[t] = mx + std::log(denom);
-  }
-}
 
 struct MergeCase {
   int P;
@@ -75,8 +53,8 @@ TEST(CudaLseMerge, MatchesCpuMerge) {
         for (int r = 0; r < c.P; ++r) lse[r * c.rows + t] += 90.0f;  // exp(lse) overflows fp32
       }
     }
-    std::vector<float> want, want_lse;
-    merge_reference(parts, lse, c.P, c.rows, c.d, want, want_lse);
+    std::vector<float> want(c.rows * c.d), want_lse(c.rows);
+    cpu::lse_merge({parts.data(), lse.data(), c.P, c.rows, c.d, want.data(), want_lse.data()});
 
     DeviceArray<__nv_bfloat16> d_parts(test::to_bf16(parts)), d_out(c.rows * c.d);
     DeviceArray<float> d_lse(lse), d_out_lse(c.rows);

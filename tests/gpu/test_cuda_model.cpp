@@ -168,7 +168,7 @@ TEST(CudaModelGraphs, DecodeStepsReplayCapturedGraphs) {
 
 // Profiled steps replay graphs of their own (event nodes around the sections), give the same
 // tokens, and time the attention of every step (a single GPU has no collectives).
-TEST(CudaModelProfile, ProfiledStepsTimeAttentionAndSkipGraphs) {
+TEST(CudaModelProfile, ProfiledStepsTimeAttentionAndReplayOwnGraphs) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   auto m = model("v3_mla", AbsorbMode::kFactored, true);
   EngineOptions opts;
