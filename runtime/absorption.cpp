@@ -47,41 +47,41 @@ std::string to_string(LatentWeights w) {
 double CostModel::flops(const ModelConfig& c, AttnPath path, int64_t new_tokens,
                         int64_t context) const {
   const double n = static_cast<double>(new_tokens), L = static_cast<double>(context);
-  const double H = c.num_heads, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim,
-               dn = c.qk_nope_head_dim, dv = c.v_head_dim, D = c.hidden_size, qin = c.q_in_dim();
+  const double H = c.num_heads, d_c = c.kv_lora_rank, d_r = c.qk_rope_head_dim,
+               d_n = c.qk_nope_head_dim, d_v = c.v_head_dim, D = c.hidden_size, q_in = c.q_in_dim();
   // Keys seen, summed over the chunk's causal rows (each row sees at most `context`).
   const double pairs = n * L - n * (n - 1) / 2;
   switch (path) {
     case AttnPath::kDecompressed:
-      return 2 * n * qin * H * (dn + dr)       // query projection
-             + 2 * L * dc * H * (dn + dv)      // up-project every cached latent
-             + 2 * pairs * H * (dn + dr + dv)  // scores and values
-             + 2 * n * H * dv * D;             // W_o
+      return 2 * n * q_in * H * (d_n + d_r)       // query projection
+             + 2 * L * d_c * H * (d_n + d_v)      // up-project every cached latent
+             + 2 * pairs * H * (d_n + d_r + d_v)  // scores and values
+             + 2 * n * H * d_v * D;               // W_o
     case AttnPath::kLatentFactored:
-      return 2 * n * qin * H * (dn + dr)       // query projection
-             + 2 * n * H * dn * dc             // absorb W_UK into the query
-             + 2 * pairs * H * (dc + dr + dc)  // scores and values over latents
-             + 2 * n * H * dc * dv             // W_UV
-             + 2 * n * H * dv * D;             // W_o
+      return 2 * n * q_in * H * (d_n + d_r)       // query projection
+             + 2 * n * H * d_n * d_c              // absorb W_UK into the query
+             + 2 * pairs * H * (d_c + d_r + d_c)  // scores and values over latents
+             + 2 * n * H * d_c * d_v              // W_UV
+             + 2 * n * H * d_v * D;               // W_o
     case AttnPath::kLatentPremerged:
-      return 2 * n * qin * H * (dc + dr)       // W_Q' and the rope rows
-             + 2 * pairs * H * (dc + dr + dc)  // scores and values over latents
-             + 2 * n * H * dc * D;             // W_O'
+      return 2 * n * q_in * H * (d_c + d_r)       // W_Q' and the rope rows
+             + 2 * pairs * H * (d_c + d_r + d_c)  // scores and values over latents
+             + 2 * n * H * d_c * D;               // W_O'
   }
   return 0;
 }
 
 double CostModel::weight_bytes(const ModelConfig& c, AttnPath path) const {
-  const double H = c.num_heads, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim,
-               dn = c.qk_nope_head_dim, dv = c.v_head_dim, D = c.hidden_size, qin = c.q_in_dim();
+  const double H = c.num_heads, d_c = c.kv_lora_rank, d_r = c.qk_rope_head_dim,
+               d_n = c.qk_nope_head_dim, d_v = c.v_head_dim, D = c.hidden_size, q_in = c.q_in_dim();
   double elements = 0;
   switch (path) {
     case AttnPath::kDecompressed:
     case AttnPath::kLatentFactored:
-      elements = qin * H * (dn + dr) + H * (dn + dv) * dc + D * H * dv;
+      elements = q_in * H * (d_n + d_r) + H * (d_n + d_v) * d_c + D * H * d_v;
       break;
     case AttnPath::kLatentPremerged:
-      elements = qin * H * (dc + dr) + D * H * dc;
+      elements = q_in * H * (d_c + d_r) + D * H * d_c;
       break;
   }
   return elements * weight_bytes_per_element;
@@ -133,25 +133,25 @@ AttnForm FormPolicy::choose(int64_t new_tokens, int64_t context) const {
 }
 
 void build_premerged(const ModelConfig& c, int64_t local_heads, AttentionWeights& w) {
-  const int64_t H = local_heads, dc = c.kv_lora_rank, dn = c.qk_nope_head_dim,
-                dr = c.qk_rope_head_dim, dv = c.v_head_dim, D = c.hidden_size, qin = c.q_in_dim(),
-                dqk = c.qk_head_dim();
-  w.q_absorbed = Tensor::empty({H * dc, qin});
-  w.q_rope = Tensor::empty({H * dr, qin});
-  w.o_absorbed = Tensor::empty({D, H * dc});
-  std::vector<float> uk_t(dc * dn);
-  for (int64_t h = 0; h < H; ++h) {
-    const float* w_uk = w.kv_b.f32() + h * (dn + dv) * dc;  // [d_n, d_c]
-    const float* w_uv = w_uk + dn * dc;                     // [d_v, d_c]
-    const float* q_nope = w.q_b.f32() + h * dqk * qin;      // [d_n, q_in]
+  const int64_t H_l = local_heads, d_c = c.kv_lora_rank, d_n = c.qk_nope_head_dim,
+                d_r = c.qk_rope_head_dim, d_v = c.v_head_dim, D = c.hidden_size,
+                q_in = c.q_in_dim(), d_qk = c.qk_head_dim();
+  w.q_absorbed = Tensor::empty({H_l * d_c, q_in});
+  w.q_rope = Tensor::empty({H_l * d_r, q_in});
+  w.o_absorbed = Tensor::empty({D, H_l * d_c});
+  std::vector<float> uk_t(d_c * d_n);
+  for (int64_t h = 0; h < H_l; ++h) {
+    const float* w_uk = w.kv_b.f32() + h * (d_n + d_v) * d_c;  // [d_n, d_c]
+    const float* w_uv = w_uk + d_n * d_c;                      // [d_v, d_c]
+    const float* q_nope = w.q_b.f32() + h * d_qk * q_in;       // [d_n, q_in]
     // W_Q'[h] [d_c, q_in] = W_UK[h]^T [d_c, d_n] * W_q,nope[h] [d_n, q_in]
-    for (int64_t i = 0; i < dn; ++i)
-      for (int64_t j = 0; j < dc; ++j) uk_t[j * dn + i] = w_uk[i * dc + j];
-    cpu::matmul_nn(uk_t.data(), dc, dn, q_nope, qin, w.q_absorbed.f32() + h * dc * qin);
-    std::memcpy(w.q_rope.f32() + h * dr * qin, q_nope + dn * qin, dr * qin * sizeof(float));
+    for (int64_t i = 0; i < d_n; ++i)
+      for (int64_t j = 0; j < d_c; ++j) uk_t[j * d_n + i] = w_uk[i * d_c + j];
+    cpu::matmul_nn(uk_t.data(), d_c, d_n, q_nope, q_in, w.q_absorbed.f32() + h * d_c * q_in);
+    std::memcpy(w.q_rope.f32() + h * d_r * q_in, q_nope + d_n * q_in, d_r * q_in * sizeof(float));
     // W_O'[:, h] [D, d_c] = W_o[:, h] [D, d_v] * W_UV[h] [d_v, d_c]
-    cpu::gemm(false, D, dc, dv, w.o.f32() + h * dv, H * dv, w_uv, dc, w.o_absorbed.f32() + h * dc,
-              H * dc);
+    cpu::gemm(false, D, d_c, d_v, w.o.f32() + h * d_v, H_l * d_v, w_uv, d_c,
+              w.o_absorbed.f32() + h * d_c, H_l * d_c);
   }
 }
 

@@ -71,17 +71,17 @@ LayerWeights WeightLoader::layer(int64_t l) {
 
   AttentionWeights& a = lw.attn;
   const std::string ap = p + "self_attn.";
-  const int64_t dqk = c.qk_head_dim(), dkv = c.qk_nope_head_dim + c.v_head_dim;
+  const int64_t d_qk = c.qk_head_dim(), d_kv = c.qk_nope_head_dim + c.v_head_dim;
   if (c.q_lora_rank > 0) {
     a.q_a = load(ap + "q_a_proj.weight", {c.q_lora_rank, D});
     a.q_a_norm = load(ap + "q_a_layernorm.weight", {c.q_lora_rank});
-    a.q_b = rows(ap + "q_b_proj.weight", {H * dqk, c.q_lora_rank}, h0 * dqk, h1 * dqk);
+    a.q_b = rows(ap + "q_b_proj.weight", {H * d_qk, c.q_lora_rank}, h0 * d_qk, h1 * d_qk);
   } else {
-    a.q_b = rows(ap + "q_proj.weight", {H * dqk, D}, h0 * dqk, h1 * dqk);
+    a.q_b = rows(ap + "q_proj.weight", {H * d_qk, D}, h0 * d_qk, h1 * d_qk);
   }
   a.kv_a = load(ap + "kv_a_proj_with_mqa.weight", {c.latent_width(), D});
   a.kv_a_norm = load(ap + "kv_a_layernorm.weight", {c.kv_lora_rank});
-  a.kv_b = rows(ap + "kv_b_proj.weight", {H * dkv, c.kv_lora_rank}, h0 * dkv, h1 * dkv);
+  a.kv_b = rows(ap + "kv_b_proj.weight", {H * d_kv, c.kv_lora_rank}, h0 * d_kv, h1 * d_kv);
   a.o = cols(ap + "o_proj.weight", {D, H * c.v_head_dim}, h0 * c.v_head_dim, h1 * c.v_head_dim);
 
   lw.is_moe = c.is_moe_layer(l);

@@ -51,13 +51,6 @@ Tensor upload_f32(const Tensor& host) {
   return out;
 }
 
-Tensor download(const Tensor& device) {
-  MLA_CHECK(device.device() == Device::kCuda, "download takes a device tensor");
-  Tensor out = Tensor::empty(device.shape(), device.dtype());
-  copy_to_host(out.raw(), device.raw(), device.nbytes());
-  return out;
-}
-
 void fill_random_bf16(void* dst, size_t bytes, uint64_t seed) {
   const size_t block = std::max<size_t>(std::min<size_t>(bytes, size_t{64} << 20) / 2, 1);
   std::vector<uint16_t> host(block);
@@ -112,6 +105,11 @@ DeviceGuard::DeviceGuard(int device) : previous_(current_device()) {
 
 DeviceGuard::~DeviceGuard() {
   if (changed_) cudaSetDevice(previous_);  // no throw from a destructor
+}
+
+int device_count() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
 }
 
 }  // namespace mla::cuda

@@ -20,8 +20,6 @@ Tensor device_empty(Shape shape, DType dtype);
 Tensor upload_bf16(const Tensor& host);
 // A host fp32 tensor copied to the device as fp32.
 Tensor upload_f32(const Tensor& host);
-// Device tensor copied back to the host, same dtype and shape.
-Tensor download(const Tensor& device);
 
 // Fills `bytes` of device memory with random never-zero bf16 values (about normal, sigma 1;
 // zeros would flatter memory-bound kernels): a 64 MiB host block, generated from `seed` and

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <map>
 
 #include "kernels/cuda/cuda_check.h"
@@ -29,6 +30,7 @@
 #include "runtime/cuda/cuda_runner.h"
 #include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
+#include "runtime/tiny_checkpoint.h"
 #include "tests/support/dump_run.h"
 #include "tests/support/golden.h"
 #include "tests/support/golden_run.h"
@@ -239,6 +241,50 @@ INSTANTIATE_TEST_SUITE_P(Golden, CudaDump,
                            return std::get<0>(info.param) + "_" +
                                   to_string(std::get<1>(info.param));
                          });
+
+// A checkpoint whose d_v (24) the decompressed-form kernel does not take: auto runs a long
+// prefill in the latent form, where the cost model alone would pick the decompressed one, and
+// agrees with the CPU reference; naive, whose form it is, refuses at load naming the dimension.
+TEST(CudaModelForms, ShapesTheDecompressedKernelRefusesRunLatent) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  ModelConfig c = model_preset("v3");
+  c.v_head_dim = 24;
+  const std::string dir = testing::TempDir() + "/mla_cuda_dv24";
+  std::filesystem::remove_all(dir);
+  write_random_checkpoint(c, dir, 24, DType::kF32);
+  ModelOptions o;
+  o.device = Device::kCuda;
+  o.show_progress = false;
+  const auto gpu = CudaModel::load(dir, o);
+  const auto cpu = DeepseekModel::load(dir, {AbsorbMode::kFactored, CostModel{}, false});
+  const int32_t n = 1024;
+  ASSERT_EQ(FormPolicy(c, AbsorbMode::kAuto, CostModel{300, 2}).choose(n, n),
+            AttnForm::kDecompressed)
+      << "the prompt is too short to test anything";
+  std::vector<int32_t> prompt(n);
+  for (int32_t i = 0; i < n; ++i) prompt[i] = (i * 37 + 11) % static_cast<int32_t>(c.vocab_size);
+  Tensor logits[2];
+  WorkCounter work;
+  for (int side = 0; side < 2; ++side) {
+    const Model& m = side == 0 ? static_cast<const Model&>(*gpu) : *cpu;
+    LatentCache cache(m.cache_geometry(64), n / 64, m.shard(), m.cache_storage());
+    BlockTable table;
+    ASSERT_TRUE(cache.reserve(table, n));
+    logits[side] = m.make_runner(cache)->forward({prompt, {{&table, 0, n, true}}},
+                                                 side == 0 ? &work : nullptr);
+  }
+  EXPECT_EQ(work.chunks(AttnForm::kDecompressed), 0);
+  EXPECT_EQ(work.chunks(AttnForm::kLatent), 1);
+  EXPECT_LT(rel_error(logits[0].f32(), logits[1].f32(), c.vocab_size), kTolerance);
+  o.absorb = AbsorbMode::kNaive;
+  try {
+    CudaModel::load(dir, o);
+    ADD_FAILURE() << "naive loaded a model whose decompressed form the GPU cannot run";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("d_v 24"), std::string::npos) << e.what();
+  }
+}
 
 }  // namespace
 }  // namespace mla

@@ -97,6 +97,29 @@ TEST(Absorption, PremergedCostsMoreThanFactoredForV3) {
   }
 }
 
+// A backend that cannot run the decompressed form for the model's shapes: auto picks the latent
+// form even where decompressed would cost less, and naive (whose form it is) refuses, saying why.
+TEST(Absorption, PolicyPicksOnlyFormsTheBackendRuns) {
+  const ModelConfig c = v3_dims();
+  const std::string why = "d_v 24 not a multiple of 16";
+  const FormPolicy supported(c, AbsorbMode::kAuto, CostModel{});
+  ASSERT_EQ(supported.choose(4096, 8192), AttnForm::kDecompressed);
+  const FormPolicy unsupported(c, AbsorbMode::kAuto, CostModel{}, why);
+  for (auto [n, ctx] : {std::pair<int64_t, int64_t>{1, 1}, {2048, 2048}, {4096, 8192}}) {
+    EXPECT_EQ(unsupported.choose(n, ctx), AttnForm::kLatent) << n << " tokens at " << ctx;
+  }
+  EXPECT_EQ(FormPolicy(c, AbsorbMode::kFactored, CostModel{}, why).choose(4096, 8192),
+            AttnForm::kLatent);
+  try {
+    FormPolicy(c, AbsorbMode::kNaive, CostModel{}, why);
+    ADD_FAILURE() << "naive accepted a form the backend cannot run";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_THAT(e.what(), testing::HasSubstr(why));
+    EXPECT_THAT(e.what(), testing::HasSubstr("naive"));
+  }
+}
+
 // A model whose latent is narrow next to its heads: the merged matrices are the smaller
 // ones, so auto keeps and uses them.
 TEST(Absorption, AutoKeepsPremergedWhenItIsCheaper) {
