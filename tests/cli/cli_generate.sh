@@ -16,6 +16,23 @@ for preset in v3 v2-lite; do
   expect_output "batch 3: 6 tokens generated" "generate --prompt-len on $preset"
 done
 
+# --dump-tensors: the prompt's named intermediates, one .npy per tensor, logits of every row;
+# it refuses what it cannot dump and a directory that already holds a dump.
+run generate --model "$tmp/v3" --prompt-ids 5,6,7,8,9,10,11 --max-tokens 2 --absorb factored \
+  --dump-tensors "$tmp/dump"
+expect_ok "generate --dump-tensors"
+expect_output "dumped 32 tensors to $tmp/dump" "generate --dump-tensors"
+for f in L00.attn_norm L00.q_absorbed L02.layer_out final_norm logits; do
+  [ -s "$tmp/dump/$f.npy" ] || fail "generate --dump-tensors: no $f.npy"
+done
+grep -q "'shape': (7, 512)" "$tmp/dump/logits.npy" || fail "generate --dump-tensors: logits not [7, 512]"
+run generate --model "$tmp/v3" --prompt-ids 5,6,7 --dump-tensors "$tmp/dump"
+expect_error "generate --dump-tensors into an old dump"
+expect_output ".npy" "generate --dump-tensors into an old dump"
+run generate --model "$tmp/v3" --prompt-len 8 --dump-tensors "$tmp/dump2"
+expect_error "generate --dump-tensors --prompt-len"
+expect_output "--prompt-ids" "generate --dump-tensors --prompt-len"
+
 # The README's example, run from a directory holding the model the config names.
 cd "$tmp"
 run make-tiny --preset v3 --out .quickstart/tiny-v3
