@@ -8,7 +8,8 @@
 // shared experts, E/P of the routed experts; the rest is replicated. Every rank of the
 // group runs the same batch on its own cache shard; the collectives go
 // through the Communicator, one all-reduce after attention and one after the FFN, plus the
-// query all-gather and partial-output all-to-all when the cache is sequence-sharded.
+// query all-gather and all-to-alls of the partial outputs and their LSEs when the cache is
+// sequence-sharded.
 //
 // Immutable after load(); its runners (make_runner) may run concurrently on different caches.
 #pragma once

@@ -91,6 +91,10 @@ StepPlan StepPlan::decode(const std::vector<int64_t>& words) {
     c.id = static_cast<RequestId>(in.next("chunk id"));
     c.start = static_cast<int32_t>(in.next_in("chunk start", 0, kMaxInt32));
     c.num_tokens = static_cast<int32_t>(in.next_in("chunk num_tokens", 1, kMaxInt32));
+    if (int64_t{c.start} + c.num_tokens > kMaxInt32) {
+      MLA_THROW(kInternal, "malformed step plan: a chunk ends at {}, past the int32 range",
+                int64_t{c.start} + c.num_tokens);
+    }
     c.want_logits = in.next_in("chunk want_logits", 0, 1) != 0;
     num_tokens += c.num_tokens;
   }

@@ -80,13 +80,15 @@ int32_t CudaModel::auto_num_pages(int32_t block_size, double memory_fraction) co
   const cuda::DeviceGuard on_device(device_);
   const StepBuffers sizing(
       {&config_, shard_, !shard_.holds_every_page(), weights_.max_mlp_width, cuda::num_sms()});
-  const int64_t step_bytes = sizing.bytes_for(CudaRunner::kMaxStepTokens, CudaRunner::kMaxStepSeqs);
+  const int64_t step_bytes =
+      sizing.bytes_for(CudaRunner::kMaxStepTokens, CudaRunner::kMaxStepSeqs) +
+      CudaRunner::kFixedBytes;
   const cuda::MemoryInfo mem = cuda::memory_info();
   const int64_t free = std::max<int64_t>(static_cast<int64_t>(mem.free) - step_bytes, 0);
   const int64_t page_bytes = int64_t{block_size} * config_.num_layers * config_.latent_width() * 2;
   const auto pages = static_cast<int64_t>(static_cast<double>(free) * memory_fraction) / page_bytes;
   MLA_REQUIRE(pages >= 1,
-              "no room for a cache page: {} bytes free after {} of step buffers, a page takes {}",
+              "no room for a cache page: {} bytes free after {} for a runner, a page takes {}",
               mem.free, step_bytes, page_bytes);
   const auto n = static_cast<int32_t>(std::min<int64_t>(pages, INT32_MAX));
   spdlog::info(

@@ -28,8 +28,9 @@ class CudaModel : public Model {
 
   CacheStorage cache_storage() const override { return CacheStorage::kDeviceBf16; }
   int cuda_device() const override { return device_; }
-  // Pages that fit in memory_fraction of the device memory that is free less a runner's step
-  // buffers (sized for CudaRunner::kMaxStepTokens tokens); logs the size.
+  // Pages that fit in memory_fraction of the device memory that is free less what one runner
+  // takes (step buffers for CudaRunner::kMaxStepTokens tokens, cuBLAS, stream); logs the size.
+  // Made before the engine's runner, so the runner's memory is estimated, not measured.
   int32_t auto_num_pages(int32_t block_size, double memory_fraction) const override;
   std::unique_ptr<ModelRunner> make_runner(LatentCache& cache,
                                            Communicator* comm = nullptr) const override;

@@ -41,28 +41,37 @@ CudaRunner::CudaRunner(const CudaModel& model, LatentCache& cache, Communicator*
   const cuda::DeviceGuard on_device(device_);
   num_sms_ = cuda::num_sms();
   MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  blas_ = std::make_unique<cuda::Blas>(stream_,
-                                       cuda::BlasOptions{.small_gemm = model.options().small_gemm});
-  buffers_ = std::make_unique<StepBuffers>(
-      StepBuffers::Sizing{&model.config(), model.shard(), !cache.holds_every_page(),
-                          model.weights().max_mlp_width, num_sms_});
-  buffers_->reserve(kMaxStepTokens, kMaxStepSeqs);
-  profiler_ = std::make_unique<StepProfiler>(stream_);
-  graphs_ = std::make_unique<GraphCache>(stream_);
+  try {
+    blas_ = std::make_unique<cuda::Blas>(
+        stream_, cuda::BlasOptions{.small_gemm = model.options().small_gemm});
+    buffers_ = std::make_unique<StepBuffers>(
+        StepBuffers::Sizing{&model.config(), model.shard(), !cache.holds_every_page(),
+                            model.weights().max_mlp_width, num_sms_});
+    profiler_ = std::make_unique<StepProfiler>(stream_);
+    graphs_ = std::make_unique<GraphCache>(stream_);
+  } catch (...) {
+    release();
+    throw;
+  }
 }
 
 CudaRunner::~CudaRunner() {
-  // Free everything on the model's device; a destructor must not throw, so errors are let be.
+  // On the model's device; a destructor must not throw, so errors are let be.
   int previous = 0;
   const bool known = cudaGetDevice(&previous) == cudaSuccess;
   cudaSetDevice(device_);
+  release();
+  if (known) cudaSetDevice(previous);
+}
+
+void CudaRunner::release() noexcept {
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   graphs_.reset();
   profiler_.reset();
   buffers_.reset();
   blas_.reset();
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
-  if (known) cudaSetDevice(previous);
+  stream_ = nullptr;
 }
 
 void CudaRunner::run(const ForwardBatch& batch, WorkCounter& work) {
@@ -76,10 +85,14 @@ void CudaRunner::run(const ForwardBatch& batch, WorkCounter& work) {
   const bool use_graphs =
       cuda_model_.options().graphs && (comm_ == nullptr || ordered) && dump_ == nullptr;
   const ModelConfig& c = model_.config();
-  bool moved = false;
   const StepMetadata meta = pack_step(batch, BatchLayout::of(batch, c, model_.forms(), work), c,
-                                      cache_, use_graphs, *buffers_, &moved);
-  if (moved) graphs_->clear();
+                                      cache_, use_graphs, *buffers_);
+  // Graphs hold buffer addresses: none captured before buffers moved may replay, even when the
+  // step that moved them failed.
+  if (graphs_generation_ != buffers_->generation()) {
+    graphs_->clear();
+    graphs_generation_ = buffers_->generation();
+  }
   MLA_CUDA_CHECK(cudaMemcpyAsync(buffers_->meta_dev.raw(), buffers_->meta_host,
                                  meta.total * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
   const CudaStepContext context{.config = c,

@@ -28,9 +28,13 @@ class CudaModel;
 
 class CudaRunner final : public ModelRunner {
  public:
-  // Step buffers are sized for this many tokens up front; a larger step grows them.
+  // The step size CudaModel::auto_num_pages leaves device memory for (buffers grow with the
+  // steps that run; a larger step still runs where memory allows).
   static constexpr int64_t kMaxStepTokens = 8192;
   static constexpr int64_t kMaxStepSeqs = 256;
+  // What a runner holds besides its step buffers: cuBLAS's handle and 32 MiB workspace, the
+  // stream, graphs, with headroom.
+  static constexpr int64_t kFixedBytes = int64_t{128} << 20;
 
   CudaRunner(const CudaModel& model, LatentCache& cache, Communicator* comm);
   ~CudaRunner() override;
@@ -55,6 +59,8 @@ class CudaRunner final : public ModelRunner {
   void run(const ForwardBatch& batch, WorkCounter& work);
   // Waits for the step and adds its profile.
   void finish();
+  // Frees everything (the model's device must be current).
+  void release() noexcept;
 
   const CudaModel& cuda_model_;
   int device_;
@@ -65,6 +71,7 @@ class CudaRunner final : public ModelRunner {
   std::unique_ptr<StepBuffers> buffers_;
   std::unique_ptr<StepProfiler> profiler_;
   std::unique_ptr<GraphCache> graphs_;
+  uint64_t graphs_generation_ = 0;  // the buffers' generation the graphs were captured under
 };
 
 }  // namespace mla

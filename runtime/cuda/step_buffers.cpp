@@ -77,16 +77,17 @@ void StepBuffers::layout(int64_t T, int64_t S, Alloc&& alloc) const {
         {static_cast<int64_t>(cuda::sampling_workspace_bytes(S, c.vocab_size))}, u8);
 }
 
-bool StepBuffers::reserve(int64_t tokens, int64_t seqs) {
-  if (tokens <= cap_tokens_ && seqs <= cap_seqs_) return false;
+void StepBuffers::reserve(int64_t tokens, int64_t seqs) {
+  if (tokens <= cap_tokens_ && seqs <= cap_seqs_) return;
   const int64_t T = std::max(tokens, cap_tokens_), S = std::max(seqs, cap_seqs_);
+  generation_++;
+  cap_tokens_ = cap_seqs_ = 0;  // until every buffer has its new size
   layout(T, S, [this](Tensor StepBuffers::*buffer, Shape shape, DType dtype) {
     this->*buffer = Tensor();  // free the old buffer first: the new one may need its room
     this->*buffer = cuda::device_empty(std::move(shape), dtype);
   });
   cap_tokens_ = T;
   cap_seqs_ = S;
-  return true;
 }
 
 int64_t StepBuffers::bytes_for(int64_t tokens, int64_t seqs) const {
@@ -99,16 +100,18 @@ int64_t StepBuffers::bytes_for(int64_t tokens, int64_t seqs) const {
   return bytes;
 }
 
-bool StepBuffers::reserve_meta(int64_t words) {
-  if (words <= meta_cap_) return false;
+void StepBuffers::reserve_meta(int64_t words) {
+  if (words <= meta_cap_) return;
   const int64_t n = std::max(words, 2 * meta_cap_);
+  generation_++;
+  meta_cap_ = 0;  // until both buffers have their new size
   if (meta_host != nullptr) MLA_CUDA_CHECK(cudaFreeHost(meta_host));
   meta_host = nullptr;
+  meta_dev = Tensor();
   MLA_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&meta_host), n * sizeof(int32_t),
                                cudaHostAllocDefault));
   meta_dev = cuda::device_empty({n}, DType::kI32);
   meta_cap_ = n;
-  return true;
 }
 
 void StepBuffers::reserve_context(int64_t keys, int64_t local_keys) {

@@ -30,11 +30,12 @@ struct StepBuffers {
   StepBuffers(const StepBuffers&) = delete;
   StepBuffers& operator=(const StepBuffers&) = delete;
 
-  // Makes room for a step of `tokens` tokens and `seqs` sequences. True when buffers moved
-  // (graphs captured on the old addresses must go).
-  bool reserve(int64_t tokens, int64_t seqs);
-  // Room for `words` int32 words of step metadata. True when the buffers moved.
-  bool reserve_meta(int64_t words);
+  // Makes room for a step of `tokens` tokens and `seqs` sequences. Growth moves buffers and
+  // bumps generation() first; if an allocation fails part way the capacities drop to 0, so the
+  // next step allocates everything again.
+  void reserve(int64_t tokens, int64_t seqs);
+  // Room for `words` int32 words of step metadata (moves like reserve()).
+  void reserve_meta(int64_t words);
   // Decompressed form: room for a context of `keys` latents, and under a sharded cache
   // `local_keys` rows per rank. Never captured in graphs.
   void reserve_context(int64_t keys, int64_t local_keys);
@@ -44,6 +45,9 @@ struct StepBuffers {
   int64_t bytes_for(int64_t tokens, int64_t seqs) const;
 
   int64_t token_capacity() const { return cap_tokens_; }
+  // Changes whenever a buffer that CUDA graphs capture may have moved (even by a growth that
+  // failed): graphs captured under another generation must not replay.
+  uint64_t generation() const { return generation_; }
 
   // [T, D] residual stream, its update, the normalised bf16 activations; fp32 copy for the router
   Tensor x, delta, xn, xn32;
@@ -76,6 +80,7 @@ struct StepBuffers {
 
   Sizing sizing_;
   int64_t cap_tokens_ = 0, cap_seqs_ = 0, meta_cap_ = 0;
+  uint64_t generation_ = 0;
 };
 
 }  // namespace mla

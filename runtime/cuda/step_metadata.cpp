@@ -20,8 +20,7 @@ int64_t round_up_pow2(int64_t n, int64_t floor) {
 }  // namespace
 
 StepMetadata pack_step(const ForwardBatch& batch, BatchLayout layout, const ModelConfig& c,
-                       const LatentCache& cache, bool allow_graph, StepBuffers& buffers,
-                       bool* moved) {
+                       const LatentCache& cache, bool allow_graph, StepBuffers& buffers) {
   const ShardPlan& shard = cache.shard();
   const int64_t B = cache.geometry().block_size, P = shard.tp_size();
   const bool every_page = cache.holds_every_page();
@@ -77,8 +76,8 @@ StepMetadata pack_step(const ForwardBatch& batch, BatchLayout layout, const Mode
   m.o_cu = section(4 * real_S);
   const int64_t o_ctx = section(ctx_words);
   m.total = off;
-  *moved = buffers.reserve(T, S);
-  *moved |= buffers.reserve_meta(m.total);
+  buffers.reserve(T, S);
+  buffers.reserve_meta(m.total);
 
   int32_t* w = buffers.meta_host;
   std::fill_n(w, m.total, 0);

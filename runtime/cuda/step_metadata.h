@@ -41,10 +41,9 @@ struct StepMetadata {
 };
 
 // Lays out `batch` (checked and given forms by BatchLayout::of) and packs its metadata into
-// buffers.meta_host, growing the buffers it needs. `allow_graph` pads a pure decode step to its
-// graph bucket. Sets *moved when step buffers moved (graphs on the old addresses must go).
+// buffers.meta_host, growing the buffers it needs (see StepBuffers::generation). `allow_graph`
+// pads a pure decode step to its graph bucket.
 StepMetadata pack_step(const ForwardBatch& batch, BatchLayout layout, const ModelConfig& config,
-                       const LatentCache& cache, bool allow_graph, StepBuffers& buffers,
-                       bool* moved);
+                       const LatentCache& cache, bool allow_graph, StepBuffers& buffers);
 
 }  // namespace mla

@@ -85,6 +85,8 @@ TEST(StepPlan, MalformedWordsAreInternalErrorsNamingTheProblem) {
   EXPECT_THAT(decode_error({1, 0, 1, 3, -1, 1, 0, 5}), HasSubstr("chunk start -1"));
   EXPECT_THAT(decode_error({1, 0, 1, 3, int64_t{1} << 31, 1, 0, 5}), HasSubstr("chunk start"));
   EXPECT_THAT(decode_error({1, 0, 1, 3, 0, 0, 0}), HasSubstr("chunk num_tokens 0"));
+  EXPECT_THAT(decode_error({1, 0, 1, 3, (int64_t{1} << 31) - 1, 1, 0, 5}),
+              HasSubstr("past the int32 range"));
   EXPECT_THAT(decode_error({1, 0, 1, 3, 0, 1, 2, 5}), HasSubstr("chunk want_logits 2"));
   EXPECT_THAT(decode_error({1, 0, 1, 3, 0, 2, 0, 5}),
               HasSubstr("its chunks have 2 tokens but 1 words follow"));
