@@ -2,6 +2,8 @@
 // intermediates both backends write (tests/parity/README.md lists them).
 #pragma once
 
+#include <fmt/format.h>
+
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -37,9 +39,8 @@ inline std::string dump_prompt(const Model& model, const std::vector<int32_t>& p
 }
 
 inline std::string dump_file(const std::string& dir, const std::string& name, int64_t layer) {
-  char prefix[16];
-  std::snprintf(prefix, sizeof(prefix), "L%02lld.", static_cast<long long>(layer));
-  return dir + "/" + (layer < 0 ? "" : prefix) + name + ".npy";
+  return layer < 0 ? fmt::format("{}/{}.npy", dir, name)
+                   : fmt::format("{}/L{:02}.{}.npy", dir, layer, name);
 }
 
 }  // namespace mla::test
