@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <optional>
 
 #include "kernels/error.h"
@@ -252,18 +253,99 @@ bool Engine::cancel(RequestId id) {
   return true;
 }
 
-RequestSnapshot Engine::export_request(RequestId id) {
+RequestSnapshot Engine::export_request(RequestId id, int32_t from) {
   Sequence& seq = find(id);
+  MLA_REQUIRE(from >= 0, "export from token {}", from);
+  const int32_t end = std::max(from, seq.num_computed);
   RequestSnapshot snap{seq.request, seq.tokens, seq.prompt_len,
-                       cache_.export_tokens(seq.table, seq.num_computed)};
+                       cache_.export_range(seq.table, from, end - from), from};
   if (comm_ != nullptr) released_.push_back(seq.id);
   scheduler_.remove(&seq);
   seqs_.erase(id);
   return snap;
 }
 
+Tensor Engine::copy_latents(RequestId id, int32_t from, int32_t* end) {
+  MLA_REQUIRE(comm_ == nullptr,
+              "live migration of a tensor-parallel group's cache is not "
+              "supported yet (the request can be exported and recomputed)");
+  const Sequence& seq = find(id);
+  MLA_REQUIRE(from >= 0, "copy from token {}", from);
+  *end = std::max(from, seq.num_computed);
+  return cache_.export_range(seq.table, from, *end - from);
+}
+
+int64_t Engine::begin_import(int32_t num_tokens) {
+  MLA_REQUIRE(comm_ == nullptr,
+              "live migration into a tensor-parallel group is not supported "
+              "yet (the request can be imported and recomputed)");
+  MLA_REQUIRE(num_tokens >= 0, "import of {} tokens", num_tokens);
+  Import import;
+  if (!cache_.reserve(import.table, num_tokens)) {
+    MLA_THROW(kResourceExhausted,
+              "no room for a migrating request: {} tokens need {} pages, {} free", num_tokens,
+              cache_.pages_for(num_tokens), cache_.pool().num_free());
+  }
+  const int64_t handle = next_import_++;
+  imports_.emplace(handle, std::move(import));
+  return handle;
+}
+
+void Engine::write_import(int64_t handle, int32_t first, const Tensor& latents) {
+  auto it = imports_.find(handle);
+  if (it == imports_.end()) MLA_THROW(kNotFound, "unknown import {}", handle);
+  Import& import = it->second;
+  MLA_REQUIRE(first == import.covered, "import {} holds tokens [0, {}), got latents from {}",
+              handle, import.covered, first);
+  MLA_REQUIRE(latents.ndim() == 3 && latents.dim(1) <= std::numeric_limits<int32_t>::max() - first,
+              "cannot import latents {}", shape_str(latents.shape()));
+  const auto end = static_cast<int32_t>(first + latents.dim(1));
+  if (!cache_.reserve(import.table, end)) {
+    MLA_THROW(kResourceExhausted, "no room for a migrating request's {} tokens", end);
+  }
+  cache_.write_range(import.table, first, latents);
+  import.covered = end;
+}
+
+RequestId Engine::finish_import(int64_t handle, const RequestSnapshot& snap) {
+  auto it = imports_.find(handle);
+  if (it == imports_.end()) MLA_THROW(kNotFound, "unknown import {}", handle);
+  validate(snap.request);
+  if (snap.latents.defined() && snap.latents.dim(1) > 0) {
+    write_import(handle, snap.latents_from, snap.latents);
+  }
+  Import& import = it->second;
+  MLA_REQUIRE(import.covered <= static_cast<int32_t>(snap.tokens.size()),
+              "import has latents for {} tokens but the request only {} tokens", import.covered,
+              snap.tokens.size());
+  auto seq = std::make_unique<Sequence>();
+  seq->id = next_id_++;
+  seq->request = snap.request;
+  seq->tokens = snap.tokens;
+  seq->prompt_len = snap.prompt_len;
+  seq->table = std::move(import.table);
+  // The last token is always run again, so the next step has a token to run.
+  seq->num_computed = std::min(import.covered, static_cast<int32_t>(seq->tokens.size()) - 1);
+  imports_.erase(it);
+  scheduler_.add(seq.get());
+  const RequestId id = seq->id;
+  seqs_.emplace(id, std::move(seq));
+  return id;
+}
+
+bool Engine::abort_import(int64_t handle) {
+  auto it = imports_.find(handle);
+  if (it == imports_.end()) return false;
+  cache_.release(it->second.table);
+  imports_.erase(it);
+  return true;
+}
+
 RequestId Engine::import_request(const RequestSnapshot& snap) {
   validate(snap.request);
+  MLA_REQUIRE(snap.latents_from == 0,
+              "import_request takes a whole snapshot; a staged one goes "
+              "through begin_import and finish_import");
   const int32_t computed = static_cast<int32_t>(snap.latents.dim(1));
   MLA_REQUIRE(computed <= static_cast<int32_t>(snap.tokens.size()),
               "snapshot has latents for {} tokens but only {} tokens", computed,

@@ -53,12 +53,14 @@ struct StepOutput {
 };
 
 // A request's complete state, enough to continue it in another engine: its tokens, its
-// sampling settings and the cache latents of every computed token.
+// sampling settings and the cache latents of its computed tokens from `latents_from` on (the
+// ones before were copied while it ran, in a live migration).
 struct RequestSnapshot {
   Request request;
   std::vector<int32_t> tokens;  // prompt + generated
   int32_t prompt_len = 0;
-  Tensor latents;  // [layers, num_computed, d_c + d_r]
+  Tensor latents;  // [layers, n, d_c + d_r]: tokens [latents_from, latents_from + n)
+  int32_t latents_from = 0;
 };
 
 struct EngineStats {
@@ -99,10 +101,37 @@ class Engine {
   // Ends a request at once and frees its pages; false if the id is unknown.
   bool cancel(RequestId id);
 
-  // Removes a request from this engine and returns its state (for migration).
-  RequestSnapshot export_request(RequestId id);
-  // Continues a request exported by another engine; returns its id here.
+  // Removes a request from this engine and returns its state (for migration), with the
+  // latents of its computed tokens from `from` on. Throws kNotFound for an unknown id.
+  RequestSnapshot export_request(RequestId id, int32_t from = 0);
+  // Continues a request exported by another engine (whole: latents_from 0); returns its id
+  // here. Without room for the latents, or in a tensor-parallel group, it recomputes them.
   RequestId import_request(const RequestSnapshot& snapshot);
+
+  // Live migration in stages (as Llumnix does), one rank (throws kFailedPrecondition in a
+  // tensor-parallel group, whose followers' shards would not hold the latents):
+  //   source:      copy_latents(id, 0, &end) ... step() ... copy_latents(id, end, &end) ...
+  //                then export_request(id, end): the request stops only for that last copy;
+  //   destination: begin_import(tokens), write_import(h, first, latents) for every copy in
+  //                order, then finish_import(h, snapshot), or abort_import(h).
+  // The latents of a running request's tokens [from, computed); `*end` gets computed. Empty
+  // (and *end = from) when the request was preempted and has not recomputed past `from`:
+  // what was copied before stays valid, since latents depend only on the tokens.
+  Tensor copy_latents(RequestId id, int32_t from, int32_t* end);
+  // Reserves pages for `num_tokens` tokens of a request about to arrive; throws
+  // kResourceExhausted, before anything is copied, when the cache lacks them.
+  int64_t begin_import(int32_t num_tokens);
+  // Writes the latents of tokens [first, first + n), which must continue what this import
+  // holds; grows its pages as needed (kResourceExhausted if the cache runs out).
+  void write_import(int64_t handle, int32_t first, const Tensor& latents);
+  // Writes the snapshot's tail, then adds the request with the imported latents as its
+  // computed tokens; returns its id here. The import's pages become the request's.
+  RequestId finish_import(int64_t handle, const RequestSnapshot& snapshot);
+  // Frees an unfinished import's pages (the migration failed or was cancelled); false if the
+  // handle is unknown.
+  bool abort_import(int64_t handle);
+  // Imports begun and not yet finished or aborted.
+  size_t pending_imports() const { return imports_.size(); }
 
   const Model& model() const { return *model_; }
   // The runner of this engine's forward passes (a CudaRunner for a CUDA model: its graph and
@@ -142,6 +171,12 @@ class Engine {
   EngineStats stats_;
   std::vector<RequestId> released_;  // leader: sequences whose pages were freed since the last plan
   std::map<RequestId, BlockTable> follower_tables_;  // follower: this rank's pages per sequence
+  struct Import {
+    BlockTable table;
+    int32_t covered = 0;  // tokens [0, covered) written
+  };
+  std::map<int64_t, Import> imports_;  // live migrations arriving here
+  int64_t next_import_ = 1;
   bool shut_down_ = false;
 };
 

@@ -17,9 +17,14 @@ namespace {
 // Calls fn(first_token, count, page) for each run of tokens [0, num_tokens) that shares a
 // page; within a run the rows are contiguous in the cache.
 template <typename Fn>
-void for_each_page_run(const BlockTable& table, int32_t block_size, int32_t num_tokens, Fn fn) {
-  for (int32_t first = 0; first < num_tokens; first += block_size) {
-    fn(first, std::min(block_size, num_tokens - first), table.pages[first / block_size]);
+// Calls fn(token, row, count, page) for each run of tokens [first, first + num) within one page:
+// `count` tokens from `token` on, at rows [row, row + count) of `page`.
+void for_each_page_run(const BlockTable& table, int32_t block_size, int32_t first, int32_t num,
+                       Fn fn) {
+  for (int32_t at = first; at < first + num;) {
+    const int32_t row = at % block_size, n = std::min(block_size - row, first + num - at);
+    fn(at, row, n, table.pages[at / block_size]);
+    at += n;
   }
 }
 
@@ -99,41 +104,55 @@ const float* LatentCache::page_block(int32_t page, int32_t layer) const {
   return storage_.f32() + (int64_t{page} * geometry_.num_layers + layer) * block_numel;
 }
 
-Tensor LatentCache::export_tokens(const BlockTable& table, int32_t num_tokens) const {
+Tensor LatentCache::export_range(const BlockTable& table, int32_t first, int32_t count) const {
   MLA_REQUIRE(holds_every_page(), "export of a sequence-sharded cache shard is not supported");
-  MLA_REQUIRE(0 <= num_tokens && num_tokens <= table.num_tokens,
-              "cannot export {} tokens from a table of {}", num_tokens, table.num_tokens);
+  MLA_REQUIRE(0 <= first && 0 <= count && int64_t{first} + count <= table.num_tokens,
+              "cannot export tokens [{}, {}) from a table of {}", first, int64_t{first} + count,
+              table.num_tokens);
   const int64_t width = geometry_.width();
-  Tensor out = Tensor::empty({geometry_.num_layers, num_tokens, width});
+  Tensor out = Tensor::empty({geometry_.num_layers, count, width});
   for (int32_t layer = 0; layer < geometry_.num_layers; ++layer) {
-    float* dst = out.f32() + int64_t{layer} * num_tokens * width;
-    for_each_page_run(table, geometry_.block_size, num_tokens,
-                      [&](int32_t first, int32_t count, int32_t page) {
-                        read_rows(page, layer, count, dst + first * width);
+    float* dst = out.f32() + int64_t{layer} * count * width;
+    for_each_page_run(table, geometry_.block_size, first, count,
+                      [&](int32_t at, int32_t row, int32_t n, int32_t page) {
+                        read_rows(page, layer, row, n, dst + (at - first) * width);
                       });
   }
   return out;
+}
+
+void LatentCache::write_range(const BlockTable& table, int32_t first, const Tensor& latents) {
+  MLA_REQUIRE(holds_every_page(), "import into a sequence-sharded cache shard is not supported");
+  MLA_REQUIRE(latents.dtype() == DType::kF32 && latents.ndim() == 3 &&
+                  latents.dim(0) == geometry_.num_layers && latents.dim(2) == geometry_.width(),
+              "latents {} {} do not match cache [{}, tokens, {}] F32", shape_str(latents.shape()),
+              dtype_name(latents.dtype()), geometry_.num_layers, geometry_.width());
+  const int64_t width = geometry_.width(), count = latents.dim(1);
+  MLA_REQUIRE(first >= 0 && first + count <= table.num_tokens,
+              "cannot write tokens [{}, {}) into a table of {}", first, first + count,
+              table.num_tokens);
+  for (int32_t layer = 0; layer < geometry_.num_layers; ++layer) {
+    const float* src = latents.f32() + int64_t{layer} * count * width;
+    for_each_page_run(table, geometry_.block_size, first, static_cast<int32_t>(count),
+                      [&](int32_t at, int32_t row, int32_t n, int32_t page) {
+                        write_rows(page, layer, row, n, src + (at - first) * width);
+                      });
+  }
 }
 
 bool LatentCache::import_tokens(BlockTable& table, const Tensor& latents) {
   MLA_REQUIRE(holds_every_page(), "import into a sequence-sharded cache shard is not supported");
   MLA_REQUIRE(table.pages.empty() && table.num_tokens == 0,
               "import needs an empty block table, got one with {} pages", table.pages.size());
-  MLA_REQUIRE(latents.dtype() == DType::kF32 && latents.ndim() == 3 &&
-                  latents.dim(0) == geometry_.num_layers && latents.dim(2) == geometry_.width(),
-              "latents {} {} do not match cache [{}, tokens, {}] F32", shape_str(latents.shape()),
-              dtype_name(latents.dtype()), geometry_.num_layers, geometry_.width());
-  const int64_t width = geometry_.width();
-  const int64_t tokens = latents.dim(1);
-  MLA_REQUIRE(tokens <= std::numeric_limits<int32_t>::max(), "cannot import {} tokens", tokens);
-  const auto num_tokens = static_cast<int32_t>(tokens);
+  MLA_REQUIRE(latents.ndim() == 3 && latents.dim(1) <= std::numeric_limits<int32_t>::max(),
+              "cannot import latents {}", shape_str(latents.shape()));
+  const auto num_tokens = static_cast<int32_t>(latents.dim(1));
   if (!reserve(table, num_tokens)) return false;
-  for (int32_t layer = 0; layer < geometry_.num_layers; ++layer) {
-    const float* src = latents.f32() + int64_t{layer} * num_tokens * width;
-    for_each_page_run(table, geometry_.block_size, num_tokens,
-                      [&](int32_t first, int32_t count, int32_t page) {
-                        write_rows(page, layer, count, src + first * width);
-                      });
+  try {
+    write_range(table, 0, latents);
+  } catch (...) {
+    release(table);
+    throw;
   }
   return true;
 }
@@ -145,14 +164,15 @@ int64_t LatentCache::device_offset(int32_t page, int32_t layer) const {
   return (int64_t{page} * geometry_.num_layers + layer) * geometry_.block_size * geometry_.width();
 }
 
-void LatentCache::read_rows(int32_t page, int32_t layer, int32_t count, float* dst) const {
-  const int64_t n = int64_t{count} * geometry_.width();
+void LatentCache::read_rows(int32_t page, int32_t layer, int32_t row, int32_t count,
+                            float* dst) const {
+  const int64_t n = int64_t{count} * geometry_.width(), skip = int64_t{row} * geometry_.width();
   if (kind_ == CacheStorage::kHostF32) {
-    std::memcpy(dst, page_block(page, layer), n * sizeof(float));
+    std::memcpy(dst, page_block(page, layer) + skip, n * sizeof(float));
     return;
   }
 #if MLA_HAVE_CUDA
-  const int64_t offset = device_offset(page, layer);
+  const int64_t offset = device_offset(page, layer) + skip;
   std::vector<uint16_t> staged(n);
   const cuda::DeviceGuard on_device(device_);  // RPC handler threads export pages too
   cuda::copy_to_host(staged.data(), storage_.data<uint16_t>() + offset, n * sizeof(uint16_t));
@@ -160,14 +180,15 @@ void LatentCache::read_rows(int32_t page, int32_t layer, int32_t count, float* d
 #endif
 }
 
-void LatentCache::write_rows(int32_t page, int32_t layer, int32_t count, const float* src) {
-  const int64_t n = int64_t{count} * geometry_.width();
+void LatentCache::write_rows(int32_t page, int32_t layer, int32_t row, int32_t count,
+                             const float* src) {
+  const int64_t n = int64_t{count} * geometry_.width(), skip = int64_t{row} * geometry_.width();
   if (kind_ == CacheStorage::kHostF32) {
-    std::memcpy(page_block(page, layer), src, n * sizeof(float));
+    std::memcpy(page_block(page, layer) + skip, src, n * sizeof(float));
     return;
   }
 #if MLA_HAVE_CUDA
-  const int64_t offset = device_offset(page, layer);
+  const int64_t offset = device_offset(page, layer) + skip;
   std::vector<uint16_t> staged(n);
   for (int64_t i = 0; i < n; ++i) staged[i] = f32_to_bf16(src[i]);
   const cuda::DeviceGuard on_device(device_);

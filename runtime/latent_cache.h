@@ -93,7 +93,17 @@ class LatentCache {
   // Copy of the first num_tokens tokens of every layer: [num_layers, num_tokens, width],
   // fp32 on the host whatever the storage.
   // Throws kInvalidArgument if num_tokens is negative or above table.num_tokens.
-  Tensor export_tokens(const BlockTable& table, int32_t num_tokens) const;
+  Tensor export_tokens(const BlockTable& table, int32_t num_tokens) const {
+    return export_range(table, 0, num_tokens);
+  }
+  // The same for tokens [first, first + count): [num_layers, count, width] (live migration
+  // copies a running sequence's latents in stages). Throws kInvalidArgument for a range
+  // outside [0, table.num_tokens).
+  Tensor export_range(const BlockTable& table, int32_t first, int32_t count) const;
+  // Writes latents [num_layers, count, width] (as export_range returns) as tokens
+  // [first, first + count) of `table`, whose pages must hold them. Throws kInvalidArgument for
+  // latents of the wrong dtype or shape or a range the table does not hold.
+  void write_range(const BlockTable& table, int32_t first, const Tensor& latents);
   // Reserves pages in `table`, which must be empty, for latents [num_layers, tokens, width]
   // (as export_tokens returns) and writes them in. Returns false, leaving `table` empty and
   // the pool unchanged, if the pool lacks free pages. Throws kInvalidArgument for a
@@ -101,9 +111,9 @@ class LatentCache {
   bool import_tokens(BlockTable& table, const Tensor& latents);
 
  private:
-  // count rows of one page and layer, starting at the page's first row, as fp32.
-  void read_rows(int32_t page, int32_t layer, int32_t count, float* dst) const;
-  void write_rows(int32_t page, int32_t layer, int32_t count, const float* src);
+  // `count` rows of one page and layer from row `row` on, as fp32.
+  void read_rows(int32_t page, int32_t layer, int32_t row, int32_t count, float* dst) const;
+  void write_rows(int32_t page, int32_t layer, int32_t row, int32_t count, const float* src);
   // Element offset of a page's rows of one layer in the device pool (checked like page_block).
   int64_t device_offset(int32_t page, int32_t layer) const;
 

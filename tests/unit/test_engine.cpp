@@ -573,6 +573,79 @@ TEST(Engine, ImportTakingTheLastPagesDoesNotStallTheEngine) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Live migration in stages: the request keeps decoding at the source while its latents are
+// copied, stops for the tail only, and the destination continues without recomputing.
+
+// Migrates the request of `prompt` from a source engine (pages of `a_block`) to a destination
+// (pages of `b_block`) after `first_steps` source steps, copying once more after two more;
+// returns every token the request produced, from both engines.
+Tokens migrate_live(const Request& request, int32_t a_block, int32_t b_block, int first_steps) {
+  auto model = golden_model();
+  Engine a(model, options(a_block, 64)), b(model, options(b_block, 64));
+  const RequestId id_a = a.add_request(request);
+  Outputs out_a, out_b;
+  for (int i = 0; i < first_steps; ++i) out_a.add(a.step());
+  int32_t end = 0;
+  const Tensor first = a.copy_latents(id_a, 0, &end);
+  EXPECT_GT(end, 0);
+  const int64_t h = b.begin_import(end);
+  b.write_import(h, 0, first);
+  for (int i = 0; i < 2; ++i) out_a.add(a.step());  // it keeps running during the copy
+  int32_t end2 = 0;
+  b.write_import(h, end, a.copy_latents(id_a, end, &end2));
+  EXPECT_EQ(end2, end + 2);
+  const RequestSnapshot tail = a.export_request(id_a, end2);  // the stop-and-copy
+  EXPECT_EQ(tail.latents.dim(1), 0) << "nothing ran since the last copy";
+  EXPECT_EQ(a.cache().pool().num_free(), 64) << "the source frees its pages";
+  const RequestId id_b = b.finish_import(h, tail);
+  EXPECT_EQ(b.pending_imports(), 0u);
+  run_to_end(b, out_b);
+  EXPECT_EQ(b.stats().computed_tokens, b.stats().steps) << "the destination recomputed context";
+  EXPECT_EQ(b.cache().pool().num_free(), 64);
+  Tokens all = out_a.tokens[id_a];
+  all.insert(all.end(), out_b.tokens[id_b].begin(), out_b.tokens[id_b].end());
+  return all;
+}
+
+TEST(EngineMigration, LiveMigrationGivesTheTokensOfAnUnmigratedRun) {
+  const Golden& g = golden();
+  for (auto [a_block, b_block] : {std::pair{4, 4}, {4, 16}, {16, 4}}) {
+    SCOPED_TRACE(testing::Message() << "pages of " << a_block << " then " << b_block);
+    EXPECT_EQ(migrate_live(make_request(g.prompts[1], 8), a_block, b_block, 2), g.greedy[1]);
+    const Request seeded = make_request(g.prompts[1], 8, 1003);
+    EXPECT_EQ(migrate_live(seeded, a_block, b_block, 3), run_alone(golden_model(), seeded));
+  }
+}
+
+TEST(EngineMigration, ADestinationWithoutRoomRefusesBeforeAnyCopyAndAbortFreesPages) {
+  const Golden& g = golden();
+  auto model = golden_model();
+  Engine a(model, options(4, 64)), small(model, options(4, 2));
+  const RequestId id = a.add_request(make_request(g.prompts[1], 8));
+  Outputs out;
+  out.add(a.step());
+  int32_t end = 0;
+  a.copy_latents(id, 0, &end);
+  ASSERT_GT(small.cache().pages_for(end), 2);
+  EXPECT_EQ(code_of([&] { small.begin_import(end); }), ErrorCode::kResourceExhausted);
+  EXPECT_EQ(small.cache().pool().num_free(), 2);
+  EXPECT_EQ(small.pending_imports(), 0u);
+  // Started, then given up: the destination's pages come back; the source never stopped.
+  Engine b(model, options(4, 64));
+  const int64_t h = b.begin_import(end);
+  b.write_import(h, 0, a.copy_latents(id, 0, &end));
+  EXPECT_LT(b.cache().pool().num_free(), 64);
+  EXPECT_EQ(code_of([&] { b.write_import(h, end + 1, a.copy_latents(id, end, &end)); }),
+            ErrorCode::kInvalidArgument)
+      << "a gap in the copied tokens";
+  EXPECT_TRUE(b.abort_import(h));
+  EXPECT_FALSE(b.abort_import(h));
+  EXPECT_EQ(b.cache().pool().num_free(), 64);
+  run_to_end(a, out);
+  EXPECT_EQ(out.tokens[id], g.greedy[1]);
+}
+
+// ---------------------------------------------------------------------------------------
 // Which attention form ran
 
 TEST(EngineForms, AutoPrefillsALongChunkDecompressedAndDecodesInALatentForm) {
