@@ -286,5 +286,51 @@ TEST(CudaModelForms, ShapesTheDecompressedKernelRefusesRunLatent) {
   }
 }
 
+// Live migration in stages between two engines on the GPU (bf16 device caches): the latents
+// copied while the request runs, then the tail, give the tokens of the unmigrated run, and the
+// destination recomputes nothing.
+TEST(CudaMigration, StagedMigrationGivesTheUnmigratedTokens) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  auto m = model("v3_mla", AbsorbMode::kAuto, true);
+  EngineOptions opts;
+  opts.num_pages = 32;
+  Request r;
+  r.prompt = golden("v3_mla").prompts[0];
+  r.max_tokens = 8;
+  r.ignore_eos = true;
+  std::vector<int32_t> want, got;
+  {
+    Engine alone(m, opts);
+    alone.add_request(r);
+    while (alone.has_work()) {
+      for (const auto& o : alone.step()) want.push_back(o.token);
+    }
+  }
+  Engine a(m, opts), b(m, opts);
+  const RequestId id = a.add_request(r);
+  for (int i = 0; i < 2; ++i) {
+    for (const auto& o : a.step()) got.push_back(o.token);
+  }
+  int32_t end = 0, end2 = 0;
+  const Tensor first = a.copy_latents(id, 0, &end);
+  const int64_t h = b.begin_import(end);
+  b.write_import(h, 0, first);
+  for (int i = 0; i < 2; ++i) {
+    for (const auto& o : a.step()) got.push_back(o.token);
+  }
+  b.write_import(h, end, a.copy_latents(id, end, &end2));
+  const RequestId id_b = b.finish_import(h, a.export_request(id, end2));
+  EXPECT_EQ(a.cache().pool().num_free(), opts.num_pages);
+  while (b.has_work()) {
+    for (const auto& o : b.step()) {
+      EXPECT_EQ(o.id, id_b);
+      got.push_back(o.token);
+    }
+  }
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(b.stats().computed_tokens, b.stats().steps) << "the destination recomputed context";
+  EXPECT_EQ(b.cache().pool().num_free(), opts.num_pages);
+}
+
 }  // namespace
 }  // namespace mla
