@@ -266,9 +266,11 @@ RequestSnapshot Engine::export_request(RequestId id, int32_t from) {
 }
 
 Tensor Engine::copy_latents(RequestId id, int32_t from, int32_t* end) {
-  MLA_REQUIRE(comm_ == nullptr,
-              "live migration of a tensor-parallel group's cache is not "
-              "supported yet (the request can be exported and recomputed)");
+  if (comm_ != nullptr) {
+    MLA_THROW(kFailedPrecondition,
+              "live migration of a tensor-parallel group's cache is not supported yet (the "
+              "request can be exported and recomputed)");
+  }
   const Sequence& seq = find(id);
   MLA_REQUIRE(from >= 0, "copy from token {}", from);
   *end = std::max(from, seq.num_computed);
@@ -276,9 +278,11 @@ Tensor Engine::copy_latents(RequestId id, int32_t from, int32_t* end) {
 }
 
 int64_t Engine::begin_import(int32_t num_tokens) {
-  MLA_REQUIRE(comm_ == nullptr,
-              "live migration into a tensor-parallel group is not supported "
-              "yet (the request can be imported and recomputed)");
+  if (comm_ != nullptr) {
+    MLA_THROW(kFailedPrecondition,
+              "live migration into a tensor-parallel group is not supported yet (the request "
+              "can be imported and recomputed)");
+  }
   MLA_REQUIRE(num_tokens >= 0, "import of {} tokens", num_tokens);
   Import import;
   if (!cache_.reserve(import.table, num_tokens)) {
