@@ -12,7 +12,6 @@ namespace {
 constexpr int kThreads = 256;
 
 // One block per token; Vec = 4 values per access (16 bytes of fp32 out, 8 or 16 bytes in).
-// Params is EmbeddingParams or EmbeddingBf16Params.
 template <int Vec, typename Params>
 __global__ void embedding_kernel(Params p) {
   wait_for_prerequisite();  // launched as a dependent: the kernels before have finished
@@ -50,8 +49,6 @@ void launch(const Params& p, cudaStream_t stream) {
 }
 
 }  // namespace
-
-void embedding_f32(const EmbeddingParams& p, cudaStream_t stream) { launch(p, stream); }
 
 void embedding_bf16(const EmbeddingBf16Params& p, cudaStream_t stream) { launch(p, stream); }
 

@@ -1,5 +1,5 @@
 // Token embedding lookup on the GPU: out[t] = table[ids[t]] as fp32 (the residual stream), from
-// an fp32 or a bf16 table. The CPU path copies rows of the embedding table
+// the bf16 table. The CPU path copies rows of the embedding table
 // (DeepseekModel::forward); launchers take a stream and never synchronise.
 #pragma once
 
@@ -9,13 +9,6 @@
 #include <cstdint>
 
 namespace mla::cuda {
-
-struct EmbeddingParams {
-  const float* table;  // [vocab, d]
-  const int32_t* ids;  // [tokens]; each in [0, vocab)
-  float* out;          // [tokens, d]
-  int64_t tokens, vocab, d;
-};
 
 struct EmbeddingBf16Params {
   const __nv_bfloat16* table;  // [vocab, d]
@@ -28,7 +21,6 @@ struct EmbeddingBf16Params {
 // vocabulary), so the kernel assumes them valid. It still never reads outside the table: a
 // row whose id is out of range is written as NaN, so a validation bug shows up loudly in the
 // outputs rather than as a fault or a silently wrong row.
-void embedding_f32(const EmbeddingParams& p, cudaStream_t stream);
 void embedding_bf16(const EmbeddingBf16Params& p, cudaStream_t stream);
 
 }  // namespace mla::cuda

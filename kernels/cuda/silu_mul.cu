@@ -16,7 +16,7 @@ __device__ __forceinline__ float silu_times(float g, float u) {
   return g / (1.0f + expf(-g)) * u;  // same expression as the CPU reference
 }
 
-// Vec elements per thread per step. Params is one of the SiluMul*Params structs.
+// Vec elements per thread per step.
 template <int Vec, typename Params>
 __global__ void silu_mul_kernel(Params p) {
   wait_for_prerequisite();  // launched as a dependent: the kernels before have finished
@@ -54,10 +54,6 @@ void launch(const Params& p, cudaStream_t stream) {
 
 }  // namespace
 
-void silu_mul_f32(const SiluMulParams& p, cudaStream_t stream) { launch(p, stream); }
-
 void silu_mul_bf16(const SiluMulBf16Params& p, cudaStream_t stream) { launch(p, stream); }
-
-void silu_mul_bf16_in(const SiluMulBf16InParams& p, cudaStream_t stream) { launch(p, stream); }
 
 }  // namespace mla::cuda

@@ -10,12 +10,6 @@
 
 namespace mla::cuda {
 
-struct SiluMulParams {
-  const float* gate_up;  // [rows, 2 * width]: the gate half, then the up half of each row
-  float* out;            // [rows, width]; must not alias gate_up
-  int64_t rows, width;
-};
-
 // fp32 gate/up (a GEMM's fp32 output), bf16 result for the down projection.
 struct SiluMulBf16Params {
   const float* gate_up;  // [rows, 2 * width]: the gate half, then the up half of each row
@@ -23,17 +17,8 @@ struct SiluMulBf16Params {
   int64_t rows, width;
 };
 
-// bf16 gate/up (a GEMM's bf16 output), bf16 result.
-struct SiluMulBf16InParams {
-  const __nv_bfloat16* gate_up;  // [rows, 2 * width]: the gate half, then the up half
-  __nv_bfloat16* out;            // [rows, width]; must not alias gate_up
-  int64_t rows, width;
-};
-
-// Each takes the 16-byte load path when width is a multiple of 16 bytes' worth of input
-// elements (4 fp32, 8 bf16) and both pointers are aligned to that many elements.
-void silu_mul_f32(const SiluMulParams& p, cudaStream_t stream);
+// Takes the 16-byte load path when width is a multiple of 4 and both pointers are aligned to 4
+// elements.
 void silu_mul_bf16(const SiluMulBf16Params& p, cudaStream_t stream);
-void silu_mul_bf16_in(const SiluMulBf16InParams& p, cudaStream_t stream);
 
 }  // namespace mla::cuda

@@ -1,11 +1,10 @@
-// CUDA embedding lookup against a host row copy, on fresh random fp32 and bf16 tables and ids
-// with a poisoned output; and the documented NaN rows for out-of-range ids.
+// CUDA embedding lookup against a host row copy, on fresh random bf16 tables and ids with a
+// poisoned output; and the documented NaN rows for out-of-range ids.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
 #include <random>
-#include <type_traits>
 #include <vector>
 
 #include "kernels/cuda/cuda_check.h"
@@ -15,7 +14,7 @@
 namespace mla {
 namespace {
 
-// Runs the kernel for an fp32 or bf16 `table` on `ids`; `poison` is the byte every output
+// Runs the kernel for a bf16 `table` on `ids`; `poison` is the byte every output
 // float starts as.
 template <class T>
 std::vector<float> run_embedding(const std::vector<T>& table, const std::vector<int32_t>& ids,
@@ -25,16 +24,11 @@ std::vector<float> run_embedding(const std::vector<T>& table, const std::vector<
   test::DeviceArray<int32_t> d_ids(ids);
   test::DeviceArray<float> d_out(tokens * d);
   MLA_CUDA_CHECK(cudaMemset(d_out.get(), poison, d_out.bytes()));
-  if constexpr (std::is_same_v<T, float>) {
-    cuda::embedding_f32({d_table.get(), d_ids.get(), d_out.get(), tokens, vocab, d}, nullptr);
-  } else {
-    cuda::embedding_bf16({d_table.get(), d_ids.get(), d_out.get(), tokens, vocab, d}, nullptr);
-  }
+  cuda::embedding_bf16({d_table.get(), d_ids.get(), d_out.get(), tokens, vocab, d}, nullptr);
   return d_out.download();
 }
 
 // The table rows as the kernel must return them: fp32, widened exactly from bf16.
-std::vector<float> widened(const std::vector<float>& table) { return table; }
 std::vector<float> widened(const std::vector<__nv_bfloat16>& table) {
   return test::to_float(table);
 }
@@ -45,12 +39,7 @@ void check_matches_row_copy(uint32_t seed) {
   const int64_t vocab = 1000;
   // 7 takes the scalar path; 16 and 7168 (DeepSeek-V3's hidden size) the vector one.
   for (int64_t d : {7, 16, 7168}) {
-    std::vector<T> table;
-    if constexpr (std::is_same_v<T, float>) {
-      table = test::random_normal(vocab * d, rng);
-    } else {
-      table = test::to_bf16(test::random_normal(vocab * d, rng));
-    }
+    const std::vector<T> table = test::to_bf16(test::random_normal(vocab * d, rng));
     const std::vector<float> rows = widened(table);
     std::uniform_int_distribution<int32_t> pick(0, vocab - 1);
     std::vector<int32_t> ids(37);
@@ -86,11 +75,6 @@ void check_out_of_range_rows() {
   }
 }
 
-TEST(CudaEmbedding, MatchesRowCopy) {
-  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  check_matches_row_copy<float>(99);
-}
-
 TEST(CudaEmbedding, Bf16TableMatchesWidenedRowCopy) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   check_matches_row_copy<__nv_bfloat16>(100);
@@ -98,7 +82,6 @@ TEST(CudaEmbedding, Bf16TableMatchesWidenedRowCopy) {
 
 TEST(CudaEmbedding, OutOfRangeIdsGiveNanRows) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  check_out_of_range_rows<float>();
   check_out_of_range_rows<__nv_bfloat16>();
 }
 

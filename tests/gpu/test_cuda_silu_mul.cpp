@@ -1,5 +1,5 @@
-// CUDA SwiGLU against the CPU reference, on fresh random inputs with a poisoned output: fp32 in
-// and out, fp32 in with bf16 out, and bf16 in and out.
+// CUDA SwiGLU (fp32 in, bf16 out: the model's) against the CPU reference, on fresh random
+// inputs with a poisoned output.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -18,37 +18,13 @@ namespace {
 using test::DeviceArray;
 
 constexpr int64_t kRows[] = {1, 3, 257};
-// 7 takes the scalar path everywhere; 12 the vector path for fp32 input only; the rest the
-// vector path (2048: DeepSeek-V3's expert width, 18432: its dense MLP width).
+// 7 takes the scalar path; the rest the vector path (2048: DeepSeek-V3's expert width, 18432:
+// its dense MLP width).
 constexpr int64_t kWidths[] = {7, 12, 64, 2048, 18432};
 
 // Gate and up values wide enough to saturate the sigmoid.
 std::vector<float> random_gate_up(int64_t rows, int64_t width, std::mt19937& rng) {
   return test::random_normal(rows * 2 * width, rng, 3.0f);
-}
-
-TEST(CudaSiluMul, MatchesCpuReference) {
-  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  std::mt19937 rng(4321);
-  for (int64_t width : {7, 16, 2048, 18432}) {
-    const int64_t rows = 37;
-    const std::vector<float> gate_up = random_gate_up(rows, width, rng);
-    std::vector<float> ref(rows * width);
-    cpu::silu_mul(gate_up.data(), rows, width, ref.data());
-
-    DeviceArray<float> d_in(gate_up), d_out(rows * width);  // out poisoned: NaN everywhere
-    cuda::silu_mul_f32({d_in.get(), d_out.get(), rows, width}, nullptr);
-    const std::vector<float> got = d_out.download();
-
-    double err = 0, norm = 0;
-    for (size_t i = 0; i < got.size(); ++i) {
-      ASSERT_FALSE(std::isnan(got[i])) << "unwritten output at " << i;
-      err += (got[i] - ref[i]) * (got[i] - ref[i]);
-      norm += ref[i] * ref[i];
-    }
-    // fp32 on both sides; expf differs from std::exp by a few ulp at most.
-    EXPECT_LT(std::sqrt(err / norm), 1e-5) << "width = " << width;
-  }
 }
 
 TEST(CudaSiluMul, Bf16OutputMatchesCpuReference) {
@@ -63,27 +39,6 @@ TEST(CudaSiluMul, Bf16OutputMatchesCpuReference) {
       DeviceArray<float> d_in(gate_up);
       DeviceArray<__nv_bfloat16> d_out(rows * width);  // poison: NaN everywhere
       cuda::silu_mul_bf16({d_in.get(), d_out.get(), rows, width}, nullptr);
-      // Tolerance: test::bf16_close (fp32 math, one rounding to bf16).
-      EXPECT_EQ(test::count_bf16_mismatches(
-                    test::to_float(d_out.download()), ref,
-                    "rows " + std::to_string(rows) + ", width " + std::to_string(width) + ": out"),
-                0);
-    }
-  }
-}
-
-TEST(CudaSiluMul, Bf16InputMatchesCpuReference) {
-  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  std::mt19937 rng(4323);
-  for (int64_t rows : kRows) {
-    for (int64_t width : kWidths) {
-      // The reference sees the bf16 values the kernel reads.
-      const std::vector<float> gate_up = test::bf16_rounded(random_gate_up(rows, width, rng));
-      std::vector<float> ref(rows * width);
-      cpu::silu_mul(gate_up.data(), rows, width, ref.data());
-
-      DeviceArray<__nv_bfloat16> d_in(test::to_bf16(gate_up)), d_out(rows * width);
-      cuda::silu_mul_bf16_in({d_in.get(), d_out.get(), rows, width}, nullptr);
       // Tolerance: test::bf16_close (fp32 math, one rounding to bf16).
       EXPECT_EQ(test::count_bf16_mismatches(
                     test::to_float(d_out.download()), ref,
