@@ -157,14 +157,27 @@ void Engine::validate(const Request& r) const {
 RequestId Engine::add_request(Request request) {
   validate(request);
   auto seq = std::make_unique<Sequence>();
-  seq->id = next_id_++;
   seq->tokens = request.prompt;
   seq->prompt_len = static_cast<int32_t>(request.prompt.size());
   seq->request = std::move(request);
+  return admit(std::move(seq));
+}
+
+RequestId Engine::admit(std::unique_ptr<Sequence> seq) {
+  seq->id = next_id_++;
   scheduler_.add(seq.get());
   const RequestId id = seq->id;
   seqs_.emplace(id, std::move(seq));
   return id;
+}
+
+std::unique_ptr<Sequence> Engine::sequence_of(const RequestSnapshot& snap) const {
+  validate(snap.request);
+  auto seq = std::make_unique<Sequence>();
+  seq->request = snap.request;
+  seq->tokens = snap.tokens;
+  seq->prompt_len = snap.prompt_len;
+  return seq;
 }
 
 std::vector<StepOutput> Engine::step() {
@@ -314,7 +327,7 @@ void Engine::write_import(int64_t handle, int32_t first, const Tensor& latents) 
 RequestId Engine::finish_import(int64_t handle, const RequestSnapshot& snap) {
   auto it = imports_.find(handle);
   if (it == imports_.end()) MLA_THROW(kNotFound, "unknown import {}", handle);
-  validate(snap.request);
+  auto seq = sequence_of(snap);
   if (snap.latents.defined() && snap.latents.dim(1) > 0) {
     write_import(handle, snap.latents_from, snap.latents);
   }
@@ -322,19 +335,11 @@ RequestId Engine::finish_import(int64_t handle, const RequestSnapshot& snap) {
   MLA_REQUIRE(import.covered <= static_cast<int32_t>(snap.tokens.size()),
               "import has latents for {} tokens but the request only {} tokens", import.covered,
               snap.tokens.size());
-  auto seq = std::make_unique<Sequence>();
-  seq->id = next_id_++;
-  seq->request = snap.request;
-  seq->tokens = snap.tokens;
-  seq->prompt_len = snap.prompt_len;
   seq->table = std::move(import.table);
   // The last token is always run again, so the next step has a token to run.
   seq->num_computed = std::min(import.covered, static_cast<int32_t>(seq->tokens.size()) - 1);
   imports_.erase(it);
-  scheduler_.add(seq.get());
-  const RequestId id = seq->id;
-  seqs_.emplace(id, std::move(seq));
-  return id;
+  return admit(std::move(seq));
 }
 
 bool Engine::abort_import(int64_t handle) {
@@ -346,7 +351,7 @@ bool Engine::abort_import(int64_t handle) {
 }
 
 RequestId Engine::import_request(const RequestSnapshot& snap) {
-  validate(snap.request);
+  auto seq = sequence_of(snap);
   MLA_REQUIRE(snap.latents_from == 0,
               "import_request takes a whole snapshot; a staged one goes "
               "through begin_import and finish_import");
@@ -354,21 +359,13 @@ RequestId Engine::import_request(const RequestSnapshot& snap) {
   MLA_REQUIRE(computed <= static_cast<int32_t>(snap.tokens.size()),
               "snapshot has latents for {} tokens but only {} tokens", computed,
               snap.tokens.size());
-  auto seq = std::make_unique<Sequence>();
-  seq->id = next_id_++;
-  seq->request = snap.request;
-  seq->tokens = snap.tokens;
-  seq->prompt_len = snap.prompt_len;
   // Without room for the latents the request still continues: it recomputes them. The last
   // token is always recomputed, so the next step has a token to run. A tensor-parallel
   // group recomputes too: its followers' shards would not hold the imported latents.
   if (computed > 0 && comm_ == nullptr && cache_.import_tokens(seq->table, snap.latents)) {
     seq->num_computed = std::min(computed, static_cast<int32_t>(seq->tokens.size()) - 1);
   }
-  scheduler_.add(seq.get());
-  const RequestId id = seq->id;
-  seqs_.emplace(id, std::move(seq));
-  return id;
+  return admit(std::move(seq));
 }
 
 }  // namespace mla

@@ -156,6 +156,10 @@ class Engine {
   // Follower: applies a step plan to this rank's cache shard and returns the batch to run.
   ForwardBatch follower_batch(StepPlan plan);
   void validate(const Request& r) const;
+  // Gives `seq` its id and hands it to the scheduler; returns the id.
+  RequestId admit(std::unique_ptr<Sequence> seq);
+  // A new sequence holding a snapshot's request and tokens (validated), no pages yet.
+  std::unique_ptr<Sequence> sequence_of(const RequestSnapshot& snap) const;
   Sequence& find(RequestId id);
   void retire(Sequence& seq, FinishReason reason);
 

@@ -79,6 +79,21 @@ std::shared_ptr<CudaModel> model(const std::string& name, AbsorbMode mode, bool 
   return m;
 }
 
+// The golden model's first prompt, run for `max_tokens` tokens whatever it samples.
+Request first_prompt_request(const std::string& name, int32_t max_tokens) {
+  Request r;
+  r.prompt = golden(name).prompts[0];
+  r.max_tokens = max_tokens;
+  r.ignore_eos = true;
+  return r;
+}
+
+EngineOptions engine_options(int32_t num_pages) {
+  EngineOptions opts;
+  opts.num_pages = num_pages;
+  return opts;
+}
+
 using Param = std::tuple<std::string, AbsorbMode, int32_t, Pattern, bool>;
 
 class CudaModelParity : public testing::TestWithParam<Param> {};
@@ -154,14 +169,10 @@ INSTANTIATE_TEST_SUITE_P(SmallPages, CudaModelParity,
 TEST(CudaModelGraphs, DecodeStepsReplayCapturedGraphs) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   auto m = model("v3_mla", AbsorbMode::kAuto, true);
-  EngineOptions opts;
-  opts.num_pages = 32;
+  const EngineOptions opts = engine_options(32);
   Engine engine(m, opts);
   auto& runner = dynamic_cast<CudaRunner&>(engine.runner());
-  Request r;
-  r.prompt = golden("v3_mla").prompts[0];
-  r.max_tokens = 8;
-  r.ignore_eos = true;
+  const Request r = first_prompt_request("v3_mla", 8);
   engine.add_request(r);
   while (engine.has_work()) engine.step();
   EXPECT_GE(runner.graph_replays(), 5);  // 7 decode steps, at most 2 captures
@@ -173,12 +184,8 @@ TEST(CudaModelGraphs, DecodeStepsReplayCapturedGraphs) {
 TEST(CudaModelProfile, ProfiledStepsTimeAttentionAndReplayOwnGraphs) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   auto m = model("v3_mla", AbsorbMode::kFactored, true);
-  EngineOptions opts;
-  opts.num_pages = 32;
-  Request r;
-  r.prompt = golden("v3_mla").prompts[0];
-  r.max_tokens = 8;
-  r.ignore_eos = true;
+  const EngineOptions opts = engine_options(32);
+  const Request r = first_prompt_request("v3_mla", 8);
   std::vector<int32_t> tokens[2];
   for (int profiled = 0; profiled < 2; ++profiled) {
     Engine engine(m, opts);
@@ -292,12 +299,8 @@ TEST(CudaModelForms, ShapesTheDecompressedKernelRefusesRunLatent) {
 TEST(CudaMigration, StagedMigrationGivesTheUnmigratedTokens) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   auto m = model("v3_mla", AbsorbMode::kAuto, true);
-  EngineOptions opts;
-  opts.num_pages = 32;
-  Request r;
-  r.prompt = golden("v3_mla").prompts[0];
-  r.max_tokens = 8;
-  r.ignore_eos = true;
+  const EngineOptions opts = engine_options(32);
+  const Request r = first_prompt_request("v3_mla", 8);
   std::vector<int32_t> want, got;
   {
     Engine alone(m, opts);
