@@ -645,6 +645,36 @@ TEST(EngineMigration, ADestinationWithoutRoomRefusesBeforeAnyCopyAndAbortFreesPa
   EXPECT_EQ(out.tokens[id], g.greedy[1]);
 }
 
+// A request that finishes, or is cancelled, while its latents are being copied just ends at
+// the source; the half-done import is aborted and neither side keeps a page.
+TEST(EngineMigration, ARequestThatEndsDuringTheCopyJustEnds) {
+  const Golden& g = golden();
+  auto model = golden_model();
+  for (bool cancelled : {false, true}) {
+    SCOPED_TRACE(cancelled ? "cancelled" : "finished");
+    Engine a(model, options(4, 64)), b(model, options(4, 64));
+    const RequestId id = a.add_request(make_request(g.prompts[1], 3));
+    Outputs out;
+    out.add(a.step());
+    int32_t end = 0;
+    const int64_t h = b.begin_import(static_cast<int32_t>(g.prompts[1].size()));
+    b.write_import(h, 0, a.copy_latents(id, 0, &end));
+    if (cancelled) {
+      EXPECT_TRUE(a.cancel(id));
+    } else {
+      run_to_end(a, out);
+      EXPECT_EQ(out.finish[id], FinishReason::kLength);
+      EXPECT_EQ(out.tokens[id], Tokens(g.greedy[1].begin(), g.greedy[1].begin() + 3));
+    }
+    EXPECT_EQ(code_of([&] { a.copy_latents(id, end, &end); }), ErrorCode::kNotFound);
+    EXPECT_EQ(code_of([&] { a.export_request(id, end); }), ErrorCode::kNotFound);
+    EXPECT_TRUE(b.abort_import(h));
+    EXPECT_EQ(a.cache().pool().num_free(), 64);
+    EXPECT_EQ(b.cache().pool().num_free(), 64);
+    EXPECT_FALSE(b.has_work());
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Which attention form ran
 
