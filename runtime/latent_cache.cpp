@@ -106,9 +106,11 @@ const float* LatentCache::page_block(int32_t page, int32_t layer) const {
 
 Tensor LatentCache::export_range(const BlockTable& table, int32_t first, int32_t count) const {
   MLA_REQUIRE(holds_every_page(), "export of a sequence-sharded cache shard is not supported");
-  MLA_REQUIRE(0 <= first && 0 <= count && int64_t{first} + count <= table.num_tokens,
-              "cannot export tokens [{}, {}) from a table of {}", first, int64_t{first} + count,
-              table.num_tokens);
+  // An empty range is empty anywhere (a preempted sequence's table holds nothing).
+  MLA_REQUIRE(
+      0 <= first && 0 <= count && (count == 0 || int64_t{first} + count <= table.num_tokens),
+      "cannot export tokens [{}, {}) from a table of {}", first, int64_t{first} + count,
+      table.num_tokens);
   const int64_t width = geometry_.width();
   Tensor out = Tensor::empty({geometry_.num_layers, count, width});
   for (int32_t layer = 0; layer < geometry_.num_layers; ++layer) {
@@ -128,7 +130,7 @@ void LatentCache::write_range(const BlockTable& table, int32_t first, const Tens
               "latents {} {} do not match cache [{}, tokens, {}] F32", shape_str(latents.shape()),
               dtype_name(latents.dtype()), geometry_.num_layers, geometry_.width());
   const int64_t width = geometry_.width(), count = latents.dim(1);
-  MLA_REQUIRE(first >= 0 && first + count <= table.num_tokens,
+  MLA_REQUIRE(first >= 0 && (count == 0 || first + count <= table.num_tokens),
               "cannot write tokens [{}, {}) into a table of {}", first, first + count,
               table.num_tokens);
   for (int32_t layer = 0; layer < geometry_.num_layers; ++layer) {

@@ -97,8 +97,8 @@ class LatentCache {
     return export_range(table, 0, num_tokens);
   }
   // The same for tokens [first, first + count): [num_layers, count, width] (live migration
-  // copies a running sequence's latents in stages). Throws kInvalidArgument for a range
-  // outside [0, table.num_tokens).
+  // copies a running sequence's latents in stages). Throws kInvalidArgument for a non-empty
+  // range outside [0, table.num_tokens).
   Tensor export_range(const BlockTable& table, int32_t first, int32_t count) const;
   // Writes latents [num_layers, count, width] (as export_range returns) as tokens
   // [first, first + count) of `table`, whose pages must hold them. Throws kInvalidArgument for

@@ -645,6 +645,34 @@ TEST(EngineMigration, ADestinationWithoutRoomRefusesBeforeAnyCopyAndAbortFreesPa
   EXPECT_EQ(out.tokens[id], g.greedy[1]);
 }
 
+// The source preempts the migrating request after its first copy (two requests and 7 pages of
+// 4 tokens, as EnginePreemption): what was copied stays valid, since latents depend only on
+// the tokens, and the destination continues it with the unmigrated tokens.
+TEST(EngineMigration, APreemptionAtTheSourceDoesNotSpoilWhatWasCopied) {
+  const Golden& g = golden();
+  auto model = golden_model();
+  Engine a(model, options(4, 7)), b(model, options(4, 64));
+  a.add_request(make_request(g.prompts[0], 8));
+  const RequestId id = a.add_request(make_request(g.prompts[1], 8));
+  Outputs out_a, out_b;
+  out_a.add(a.step());
+  int32_t end = 0;
+  const Tensor first = a.copy_latents(id, 0, &end);
+  ASSERT_EQ(end, static_cast<int32_t>(g.prompts[1].size()));
+  const int64_t h = b.begin_import(end);
+  b.write_import(h, 0, first);
+  for (int step = 0; a.stats().preemptions == 0 && step < kMaxSteps; ++step) out_a.add(a.step());
+  ASSERT_GT(a.stats().preemptions, 0) << "the source was meant to preempt";
+  int32_t end2 = 0;
+  b.write_import(h, end, a.copy_latents(id, end, &end2));
+  const RequestId id_b = b.finish_import(h, a.export_request(id, end2));
+  run_to_end(b, out_b);
+  Tokens all = out_a.tokens[id];
+  all.insert(all.end(), out_b.tokens[id_b].begin(), out_b.tokens[id_b].end());
+  EXPECT_EQ(all, g.greedy[1]);
+  EXPECT_EQ(b.cache().pool().num_free(), 64);
+}
+
 // A request that finishes, or is cancelled, while its latents are being copied just ends at
 // the source; the half-done import is aborted and neither side keeps a page.
 TEST(EngineMigration, ARequestThatEndsDuringTheCopyJustEnds) {
