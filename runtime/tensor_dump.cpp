@@ -31,10 +31,6 @@ void require_layer(int64_t layer) {
   MLA_REQUIRE(layer >= -1, "tensor dump layer {} is below -1 (-1: a model-level tensor)", layer);
 }
 
-std::string file_name(std::string_view name, int64_t layer) {
-  return layer < 0 ? fmt::format("{}.npy", name) : fmt::format("L{:02}.{}.npy", layer, name);
-}
-
 // The .npy 1.0 preamble: magic, version, header length, then the header dict padded with
 // spaces and a final newline so the data starts on a 64-byte boundary, as numpy writes it.
 std::string npy_header(const std::vector<int64_t>& shape) {
@@ -121,6 +117,10 @@ void TensorDump::add(std::string_view name, int64_t layer, const float* data,
   if (!out) MLA_THROW(kFailedPrecondition, "cannot write tensor dump file {}", path);
   written_.insert(file);
   files_.push_back(std::move(file));
+}
+
+std::string TensorDump::file_name(std::string_view name, int64_t layer) {
+  return layer < 0 ? fmt::format("{}.npy", name) : fmt::format("L{:02}.{}.npy", layer, name);
 }
 
 }  // namespace mla

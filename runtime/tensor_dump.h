@@ -44,6 +44,9 @@ class TensorDump {
            const std::vector<int64_t>& shape);
 
   const std::string& dir() const { return dir_; }
+  // The file a tensor is written to, within dir(): `L{layer:02}.{name}.npy`, or `{name}.npy`
+  // for layer -1.
+  static std::string file_name(std::string_view name, int64_t layer);
   // File names (without the directory) in the order written.
   const std::vector<std::string>& files() const { return files_; }
 

@@ -78,8 +78,7 @@ int32_t CudaModel::auto_num_pages(int32_t block_size, double memory_fraction) co
   MLA_REQUIRE(memory_fraction > 0 && memory_fraction < 1,
               "cache memory fraction must be in (0, 1), got {}", memory_fraction);
   const cuda::DeviceGuard on_device(device_);
-  const StepBuffers sizing(
-      {&config_, shard_, !shard_.holds_every_page(), weights_.max_mlp_width, cuda::num_sms()});
+  const StepBuffers sizing({&config_, shard_, weights_.max_mlp_width, cuda::num_sms()});
   const int64_t step_bytes =
       sizing.bytes_for(CudaRunner::kMaxStepTokens, CudaRunner::kMaxStepSeqs) +
       CudaRunner::kFixedBytes;

@@ -13,11 +13,6 @@
 namespace mla {
 namespace {
 
-template <typename T>
-T* ptr(const Tensor& t) {
-  return t.defined() ? static_cast<T*>(t.raw()) : nullptr;
-}
-
 // Ends a stream-ordered section of the communicator when the step ends, however it ends.
 struct EndOrdered {
   Communicator* comm;
@@ -37,16 +32,19 @@ struct EndOrdered {
 }  // namespace
 
 CudaRunner::CudaRunner(const CudaModel& model, LatentCache& cache, Communicator* comm)
-    : ModelRunner(model, cache, comm), cuda_model_(model), device_(model.cuda_device()) {
+    : ModelRunner(model, cache, comm),
+      cuda_model_(model),
+      device_(model.cuda_device()),
+      scale_(static_cast<float>(model.config().softmax_scale())),
+      rope_factor_(model.config().rope_attention_factor()) {
   const cuda::DeviceGuard on_device(device_);
   num_sms_ = cuda::num_sms();
   MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   try {
     blas_ = std::make_unique<cuda::Blas>(
         stream_, cuda::BlasOptions{.small_gemm = model.options().small_gemm});
-    buffers_ = std::make_unique<StepBuffers>(
-        StepBuffers::Sizing{&model.config(), model.shard(), !cache.holds_every_page(),
-                            model.weights().max_mlp_width, num_sms_});
+    buffers_ = std::make_unique<StepBuffers>(StepBuffers::Sizing{
+        &model.config(), model.shard(), model.weights().max_mlp_width, num_sms_});
     profiler_ = std::make_unique<StepProfiler>(stream_);
     graphs_ = std::make_unique<GraphCache>(stream_);
   } catch (...) {
@@ -99,8 +97,8 @@ void CudaRunner::run(const ForwardBatch& batch, WorkCounter& work) {
                                 .shard = model_.shard(),
                                 .weights = cuda_model_.weights(),
                                 .premerged = model_.forms().needs_premerged(),
-                                .scale = static_cast<float>(c.softmax_scale()),
-                                .rope_factor = c.rope_attention_factor(),
+                                .scale = scale_,
+                                .rope_factor = rope_factor_,
                                 .num_sms = num_sms_,
                                 .stream = stream_,
                                 .blas = *blas_,
@@ -156,10 +154,10 @@ SampledStep CudaRunner::forward_sample(const ForwardBatch& batch,
     r.params.validate(V);
     all_greedy &= r.params.temperature == 0;
   }
-  int32_t* tokens = ptr<int32_t>(buffers_->sampled);
+  int32_t* tokens = buffers_->sampled.data<int32_t>();
   if (all_greedy) {
-    cuda::argmax_f32({.logits = ptr<float>(buffers_->logits), .out = tokens, .rows = R, .vocab = V},
-                     stream_);
+    cuda::argmax_f32(
+        {.logits = buffers_->logits.data<float>(), .out = tokens, .rows = R, .vocab = V}, stream_);
   } else {
     std::vector<cuda::SampleRow> rows(R);
     for (int64_t i = 0; i < R; ++i) {
@@ -169,12 +167,12 @@ SampledStep CudaRunner::forward_sample(const ForwardBatch& batch,
     MLA_CUDA_CHECK(cudaMemcpyAsync(buffers_->sample_params.raw(), rows.data(),
                                    R * sizeof(cuda::SampleRow), cudaMemcpyHostToDevice, stream_));
     cuda::SampleParams p{};
-    p.logits = ptr<float>(buffers_->logits);
+    p.logits = buffers_->logits.data<float>();
     p.rows = R;
     p.vocab = V;
     p.params = static_cast<const cuda::SampleRow*>(buffers_->sample_params.raw());
     p.tokens = tokens;
-    p.logprobs = ptr<float>(buffers_->logprobs);
+    p.logprobs = buffers_->logprobs.data<float>();
     cuda::sample(p, buffers_->sort_workspace.raw(), buffers_->sort_workspace.nbytes(), stream_);
   }
   out.tokens.resize(R);
@@ -184,7 +182,7 @@ SampledStep CudaRunner::forward_sample(const ForwardBatch& batch,
   for (int64_t i = 0; i < R; ++i) {
     if (!requests[i].keep_logits) continue;
     out.logits[i].resize(V);
-    MLA_CUDA_CHECK(cudaMemcpyAsync(out.logits[i].data(), ptr<float>(buffers_->logits) + i * V,
+    MLA_CUDA_CHECK(cudaMemcpyAsync(out.logits[i].data(), buffers_->logits.data<float>() + i * V,
                                    V * sizeof(float), cudaMemcpyDeviceToHost, stream_));
   }
   finish();

@@ -64,6 +64,7 @@ class CudaRunner final : public ModelRunner {
 
   const CudaModel& cuda_model_;
   int device_;
+  float scale_, rope_factor_;  // the config's softmax scale and RoPE factor
   int num_sms_ = 0;
   // Made and destroyed with the model's device current (hence held by pointer).
   cudaStream_t stream_ = nullptr;

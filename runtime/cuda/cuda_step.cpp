@@ -28,11 +28,6 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-template <typename T>
-T* ptr(const Tensor& t) {
-  return t.defined() ? static_cast<T*>(t.raw()) : nullptr;
-}
-
 // The sharded-attention exchange on device buffers, on the step's stream. A blocking
 // communicator runs on its own stream, so the step's work must be done before a collective.
 class DeviceExchange final : public ShardedAttentionBackend {
@@ -135,9 +130,9 @@ void CudaStep::enqueue() {
   const int64_t T = meta_.T, D = c_.hidden_size;
   const cudaStream_t s = x_.stream;
   const DeviceWeights& w = x_.weights;
-  cuda::embedding_bf16({.table = ptr<bf16>(w.embed),
+  cuda::embedding_bf16({.table = w.embed.data<bf16>(),
                         .ids = meta(meta_.o_tokens),
-                        .out = ptr<float>(b_.x),
+                        .out = b_.x.data<float>(),
                         .tokens = T,
                         .vocab = c_.vocab_size,
                         .d = D},
@@ -146,10 +141,10 @@ void CudaStep::enqueue() {
   // x += delta (the last sublayer's output, when there is one), then y = RMSNorm(x) * w.
   auto add_norm = [&](const float* delta, const Tensor& weight, const Tensor& y, int64_t d,
                       float* y32 = nullptr) {
-    cuda::add_rms_norm({.x = ptr<float>(b_.x),
+    cuda::add_rms_norm({.x = b_.x.data<float>(),
                         .delta = delta,
-                        .w = ptr<float>(weight),
-                        .y = ptr<bf16>(y),
+                        .w = weight.data<float>(),
+                        .y = y.data<bf16>(),
                         .y32 = y32,
                         .rows = T,
                         .d = d,
@@ -160,17 +155,17 @@ void CudaStep::enqueue() {
   };
   for (int64_t l = 0; l < c_.num_layers; ++l) {
     const DeviceLayer& d = w.layers[l];
-    add_norm(l == 0 ? nullptr : ptr<float>(b_.delta), d.input_norm, b_.xn, D);
+    add_norm(l == 0 ? nullptr : b_.delta.data<float>(), d.input_norm, b_.xn, D);
     dump("attn_norm", l, b_.xn.raw(), DType::kBF16, T, D, D, {T, D});
-    const bf16* q_in = ptr<bf16>(b_.xn);
+    const bf16* q_in = b_.xn.data<bf16>();
     int64_t q_in_dim = D;
     if (c_.q_lora_rank > 0) {
       const int64_t d_q = c_.q_lora_rank;
       cuda::linear(x_.blas, b_.xn.raw(), T, D, d.q_a.raw(), d_q, b_.qa32.raw(), DType::kF32);
-      cuda::add_rms_norm({.x = ptr<float>(b_.qa32),
+      cuda::add_rms_norm({.x = b_.qa32.data<float>(),
                           .delta = nullptr,
-                          .w = ptr<float>(d.q_a_norm),
-                          .y = ptr<bf16>(b_.qn),
+                          .w = d.q_a_norm.data<float>(),
+                          .y = b_.qn.data<bf16>(),
                           .y32 = nullptr,
                           .rows = T,
                           .d = d_q,
@@ -178,23 +173,23 @@ void CudaStep::enqueue() {
                           .y_stride = d_q,
                           .eps = ModelConfig::kLoraNormEps},
                          s);
-      q_in = ptr<bf16>(b_.qn);
+      q_in = b_.qn.data<bf16>();
       q_in_dim = d_q;
     }
     attention(l, d, q_in, q_in_dim);
-    all_reduce(ptr<float>(b_.delta), T * D);
+    all_reduce(b_.delta.data<float>(), T * D);
     dump("attn_out", l, b_.delta.raw(), DType::kF32, T, D, D, {T, D});
     // ffn_norm; MoE layers also want it in fp32 for the router.
-    add_norm(ptr<float>(b_.delta), d.post_attn_norm, b_.xn, D,
-             d.is_moe ? ptr<float>(b_.xn32) : nullptr);
+    add_norm(b_.delta.data<float>(), d.post_attn_norm, b_.xn, D,
+             d.is_moe ? b_.xn32.data<float>() : nullptr);
     dump("ffn_norm", l, b_.xn.raw(), DType::kBF16, T, D, D, {T, D});
     ffn(d);
-    all_reduce(ptr<float>(b_.delta), T * D);
+    all_reduce(b_.delta.data<float>(), T * D);
     dump("ffn_out", l, b_.delta.raw(), DType::kF32, T, D, D, {T, D});
     dump_layer_out(l);
   }
   // Final norm on every row, then only the rows whose logits are wanted go through the head.
-  add_norm(ptr<float>(b_.delta), w.final_norm, b_.xn, D);
+  add_norm(b_.delta.data<float>(), w.final_norm, b_.xn, D);
   if (x_.dump != nullptr) dump_final();
   if (meta_.n_logits == 0) return;
   cuda::gather_rows({.in = b_.xn.raw(),
@@ -220,12 +215,12 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d, const bf16* q_in, int6
   // The new tokens' latents: c = RMSNorm(kv[:d_c]), k_rope = RoPE(kv[d_c:]) into the pages this
   // rank stores.
   cuda::linear(x_.blas, b_.xn.raw(), T, D, d.kv_a.raw(), d_lat, b_.kv32.raw(), DType::kF32);
-  cuda::latent_store({.kv = ptr<float>(b_.kv32),
+  cuda::latent_store({.kv = b_.kv32.data<float>(),
                       .kv_stride = d_lat,
-                      .norm_w = ptr<float>(d.kv_a_norm),
+                      .norm_w = d.kv_a_norm.data<float>(),
                       .eps = ModelConfig::kLoraNormEps,
                       .positions = meta(meta_.o_pos),
-                      .inv_freq = ptr<float>(x_.weights.inv_freq),
+                      .inv_freq = x_.weights.inv_freq.data<float>(),
                       .attention_factor = x_.rope_factor,
                       .interleave = c_.rope_interleave,
                       .slot_pages = meta(meta_.o_slot_page),
@@ -241,15 +236,15 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d, const bf16* q_in, int6
   dump_latents(l);
 
   const bool premerged = x_.premerged;
-  bf16* q = ptr<bf16>(b_.q);
-  bf16* q_latent = ptr<bf16>(b_.q_latent);
+  bf16* q = b_.q.data<bf16>();
+  bf16* q_latent = b_.q_latent.data<bf16>();
   // RoPE of query rows: [T, H_l] vectors of d_r, from src to dst (strides in elements).
   auto rope = [&](const bf16* src, int64_t src_token, int64_t src_head, bf16* dst,
                   int64_t dst_token, int64_t dst_head) {
     cuda::rope_bf16({.src = src,
                      .dst = dst,
                      .positions = meta(meta_.o_pos),
-                     .inv_freq = ptr<float>(x_.weights.inv_freq),
+                     .inv_freq = x_.weights.inv_freq.data<float>(),
                      .tokens = T,
                      .heads = H_l,
                      .d = d_r,
@@ -282,7 +277,7 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d, const bf16* q_in, int6
       cuda::gemm(x_.blas, g);
       cuda::linear(x_.blas, q_in, T, q_in_dim, d.q_rope.raw(), H_l * d_r, b_.q_rope.raw(),
                    DType::kBF16);
-      rope(ptr<bf16>(b_.q_rope), H_l * d_r, d_r, q_latent + d_c, H_l * d_lat, d_lat);
+      rope(b_.q_rope.data<bf16>(), H_l * d_r, d_r, q_latent + d_c, H_l * d_lat, d_lat);
     } else {
       // q~[t, h] = W_UK[h]^T q_nope[t, h]: W_UK[h] is the [d_n, d_c] row block of kv_b.
       cuda::GemmParams g{q, d.kv_b.raw(), q_latent, T, d_c, d_n, H_l * d_qk, d_c, H_l * d_lat};
@@ -305,13 +300,13 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d, const bf16* q_in, int6
     latent_attention(l, q_latent);
   }
 
-  bf16* o_v = ptr<bf16>(b_.o_v);
-  float* out = ptr<float>(b_.delta);
+  bf16* o_v = b_.o_v.data<bf16>();
+  float* out = b_.delta.data<float>();
   if (batch.any_latent && !premerged) {
     // o[t, h] = W_UV[h] o~[t, h]; rows of decompressed-form tokens hold o~ = 0.
     cuda::GemmParams g{b_.o_latent.raw(), d.kv_b.raw(), o_v,      T, d_v, d_c,
                        H_l * d_c,         d_c,          H_l * d_v};
-    g.b = ptr<bf16>(d.kv_b) + d_n * d_c;
+    g.b = d.kv_b.data<bf16>() + d_n * d_c;
     g.c_type = DType::kBF16;
     g.batch = H_l;
     g.stride_a = d_c;
@@ -346,11 +341,11 @@ void CudaStep::latent_attention(int64_t l, const bf16* q_local) {
   if (sharded) {
     gather_queries(*x_.comm, device, shape, d_lat, q_local, b_.q_gathered.raw(),
                    b_.q_ordered.raw());
-    q_att = ptr<bf16>(b_.q_ordered);
+    q_att = b_.q_ordered.data<bf16>();
   }
   const auto& geo = x_.cache.geometry();
-  bf16* o_att = sharded ? ptr<bf16>(b_.o_attended) : ptr<bf16>(b_.o_latent);
-  float* lse = ptr<float>(b_.lse);
+  bf16* o_att = sharded ? b_.o_attended.data<bf16>() : b_.o_latent.data<bf16>();
+  float* lse = b_.lse.data<float>();
   // The three attention kernels share these fields (same names in each Params struct).
   auto common = [&](auto& p) {
     p.q = q_att;
@@ -395,13 +390,13 @@ void CudaStep::latent_attention(int64_t l, const bf16* q_local) {
   // Every rank attended all heads over its own pages: send head block r to rank r, then merge
   // the P partials of each local head by LSE.
   exchange_partials(*x_.comm, device, shape, d_c, o_att, lse, b_.a2a_send.raw(),
-                    ptr<float>(b_.lse_send), b_.a2a_recv.raw(), ptr<float>(b_.lse_recv));
-  cuda::lse_merge({.parts = ptr<bf16>(b_.a2a_recv),
-                   .lse = ptr<float>(b_.lse_recv),
+                    b_.lse_send.data<float>(), b_.a2a_recv.raw(), b_.lse_recv.data<float>());
+  cuda::lse_merge({.parts = b_.a2a_recv.data<bf16>(),
+                   .lse = b_.lse_recv.data<float>(),
                    .P = static_cast<int32_t>(P),
                    .rows = T * H_l,
                    .d = d_c,
-                   .out = ptr<bf16>(b_.o_latent),
+                   .out = b_.o_latent.data<bf16>(),
                    .out_lse = nullptr},
                   s);
 }
@@ -431,17 +426,17 @@ void CudaStep::decompressed(int64_t l, const DeviceLayer& d) {
     const ForwardSeq& seq = batch_.seqs[i];
     const int64_t n = seq.num_tokens, L = seq.start + seq.num_tokens, r0 = meta_.batch.seq_begin[i];
     const int64_t local = meta_.ctx_local[i], o = meta_.ctx_offset[i];
-    bf16* context = ptr<bf16>(b_.context);
+    bf16* context = b_.context.data<bf16>();
     if (!sharded) {
       gather(layer_rows, meta(o), context, L);
     } else {
       // Each rank contributes its rows padded to the largest share (ShardPlan::max_local_keys),
       // then the gathered rows are put back in position order.
-      bf16* mine = ptr<bf16>(b_.context_mine);
+      bf16* mine = b_.context_mine.data<bf16>();
       gather(layer_rows, meta(o), mine, local);
       DeviceExchange(x_).collective(*x_.comm, [&] {
         x_.comm->all_gather(reinterpret_cast<const float*>(mine), local * d_lat / 2,
-                            ptr<float>(b_.context_all));
+                            b_.context_all.data<float>());
       });
       gather(b_.context_all.raw(), meta(o + local), context, L);
     }
@@ -452,10 +447,10 @@ void CudaStep::decompressed(int64_t l, const DeviceLayer& d) {
     g.b_constant = true;  // a weight
     cuda::gemm(x_.blas, g);
     const int32_t* cu = meta(meta_.o_cu + 4 * static_cast<int64_t>(i));
-    cuda::mha_prefill({.q = ptr<bf16>(b_.q) + r0 * H_l * d_qk,
-                       .k_nope = ptr<bf16>(b_.up),
+    cuda::mha_prefill({.q = b_.q.data<bf16>() + r0 * H_l * d_qk,
+                       .k_nope = b_.up.data<bf16>(),
                        .k_rope = context + d_c,
-                       .v = ptr<bf16>(b_.up) + d_n,
+                       .v = b_.up.data<bf16>() + d_n,
                        .q_token_stride = H_l * d_qk,
                        .q_head_stride = d_qk,
                        .kn_token_stride = H_l * d_kv,
@@ -473,7 +468,7 @@ void CudaStep::decompressed(int64_t l, const DeviceLayer& d) {
                        .d_rope = static_cast<int32_t>(d_r),
                        .d_v = static_cast<int32_t>(d_v),
                        .scale = x_.scale,
-                       .out = ptr<bf16>(b_.o_v) + r0 * H_l * d_v,
+                       .out = b_.o_v.data<bf16>() + r0 * H_l * d_v,
                        .lse = nullptr},
                       s);
   }
@@ -482,9 +477,9 @@ void CudaStep::decompressed(int64_t l, const DeviceLayer& d) {
 void CudaStep::ffn(const DeviceLayer& d) {
   const int64_t T = meta_.T, D = c_.hidden_size;
   const cudaStream_t s = x_.stream;
-  float* out = ptr<float>(b_.delta);
+  float* out = b_.delta.data<float>();
   if (!d.is_moe) {
-    mlp(d.mlp, ptr<bf16>(b_.xn), out);
+    mlp(d.mlp, b_.xn.data<bf16>(), out);
     return;
   }
   const int64_t E = c_.n_routed_experts, K = c_.num_experts_per_tok;
@@ -494,8 +489,8 @@ void CudaStep::ffn(const DeviceLayer& d) {
   g.b_constant = true;  // a weight
   cuda::gemm(x_.blas, g);
   cuda::MoeGateParams gp{};
-  gp.logits = ptr<float>(b_.router_logits);
-  gp.bias = ptr<float>(d.correction_bias);
+  gp.logits = b_.router_logits.data<float>();
+  gp.bias = d.correction_bias.data<float>();
   gp.tokens = T;
   gp.experts = E;
   gp.n_group = c_.n_group;
@@ -504,20 +499,20 @@ void CudaStep::ffn(const DeviceLayer& d) {
   gp.gate = moe_gate_kind(c_.gate);
   gp.renormalize = c_.renormalize_topk();
   gp.scaling = static_cast<float>(c_.routed_scaling_factor);
-  gp.ids = ptr<int32_t>(b_.topk_ids);
-  gp.weights = ptr<float>(b_.topk_weights);
+  gp.ids = b_.topk_ids.data<int32_t>();
+  gp.weights = b_.topk_weights.data<float>();
   cuda::moe_gate(gp, s);
   if (d.shared.width > 0) {
-    mlp(d.shared, ptr<bf16>(b_.xn), out);
+    mlp(d.shared, b_.xn.data<bf16>(), out);
   } else {
     MLA_CUDA_CHECK(cudaMemsetAsync(out, 0, T * D * sizeof(float), s));
   }
   cuda::MoeExpertsParams ep{};
-  ep.x = ptr<bf16>(b_.xn);
-  ep.ids = ptr<int32_t>(b_.topk_ids);
-  ep.weights = ptr<float>(b_.topk_weights);
-  ep.gate_up = ptr<bf16>(d.experts_gate_up);
-  ep.down = ptr<bf16>(d.experts_down);
+  ep.x = b_.xn.data<bf16>();
+  ep.ids = b_.topk_ids.data<int32_t>();
+  ep.weights = b_.topk_weights.data<float>();
+  ep.gate_up = d.experts_gate_up.data<bf16>();
+  ep.down = d.experts_down.data<bf16>();
   ep.out = out;
   ep.tokens = T;
   ep.top_k = K;
@@ -534,9 +529,11 @@ void CudaStep::ffn(const DeviceLayer& d) {
 void CudaStep::mlp(const DeviceMlp& w, const bf16* x, float* out) {
   const int64_t T = meta_.T, D = c_.hidden_size;
   cuda::linear(x_.blas, x, T, D, w.gate_up.raw(), 2 * w.width, b_.gate_up.raw(), DType::kF32);
-  cuda::silu_mul_bf16(
-      {.gate_up = ptr<float>(b_.gate_up), .out = ptr<bf16>(b_.act), .rows = T, .width = w.width},
-      x_.stream);
+  cuda::silu_mul_bf16({.gate_up = b_.gate_up.data<float>(),
+                       .out = b_.act.data<bf16>(),
+                       .rows = T,
+                       .width = w.width},
+                      x_.stream);
   cuda::linear(x_.blas, b_.act.raw(), T, w.width, w.down.raw(), D, out, DType::kF32);
 }
 

@@ -23,7 +23,8 @@ void StepBuffers::layout(int64_t T, int64_t S, Alloc&& alloc) const {
   const int64_t D = c.hidden_size, H = c.num_heads, H_l = shard.local_heads(), P = shard.tp_size(),
                 d_c = c.kv_lora_rank, d_lat = c.latent_width(), d_qk = c.qk_head_dim(),
                 d_v = c.v_head_dim, d_r = c.qk_rope_head_dim;
-  const bool sharded = sizing_.sequence_sharded;
+  // The runner's cache has the model's shard plan (ModelRunner checks it).
+  const bool sharded = !shard.holds_every_page();
   const int64_t H_a = sharded ? H : H_l;
   const int64_t width = std::max<int64_t>(sizing_.max_mlp_width, 1);
   const DType f32 = DType::kF32, b16 = DType::kBF16, i32 = DType::kI32, u8 = DType::kU8;

@@ -20,7 +20,6 @@ struct StepBuffers {
   struct Sizing {
     const ModelConfig* config = nullptr;
     ShardPlan shard{1, 0, 1};
-    bool sequence_sharded = false;  // P > 1 and the cache is sharded by sequence
     int64_t max_mlp_width = 0;
     int num_sms = 0;
   };

@@ -34,6 +34,7 @@
 #include "tests/support/dump_run.h"
 #include "tests/support/golden.h"
 #include "tests/support/golden_run.h"
+#include "tests/support/staged_migration.h"
 
 namespace mla {
 namespace {
@@ -301,7 +302,7 @@ TEST(CudaMigration, StagedMigrationGivesTheUnmigratedTokens) {
   auto m = model("v3_mla", AbsorbMode::kAuto, true);
   const EngineOptions opts = engine_options(32);
   const Request r = first_prompt_request("v3_mla", 8);
-  std::vector<int32_t> want, got;
+  std::vector<int32_t> want;
   {
     Engine alone(m, opts);
     alone.add_request(r);
@@ -310,29 +311,7 @@ TEST(CudaMigration, StagedMigrationGivesTheUnmigratedTokens) {
     }
   }
   Engine a(m, opts), b(m, opts);
-  const RequestId id = a.add_request(r);
-  for (int i = 0; i < 2; ++i) {
-    for (const auto& o : a.step()) got.push_back(o.token);
-  }
-  int32_t end = 0, end2 = 0;
-  const Tensor first = a.copy_latents(id, 0, &end);
-  const int64_t h = b.begin_import(end);
-  b.write_import(h, 0, first);
-  for (int i = 0; i < 2; ++i) {
-    for (const auto& o : a.step()) got.push_back(o.token);
-  }
-  b.write_import(h, end, a.copy_latents(id, end, &end2));
-  const RequestId id_b = b.finish_import(h, a.export_request(id, end2));
-  EXPECT_EQ(a.cache().pool().num_free(), opts.num_pages);
-  while (b.has_work()) {
-    for (const auto& o : b.step()) {
-      EXPECT_EQ(o.id, id_b);
-      got.push_back(o.token);
-    }
-  }
-  EXPECT_EQ(got, want);
-  EXPECT_EQ(b.stats().computed_tokens, b.stats().steps) << "the destination recomputed context";
-  EXPECT_EQ(b.cache().pool().num_free(), opts.num_pages);
+  EXPECT_EQ(test::migrate_in_stages(a, b, r, 2), want);
 }
 
 }  // namespace

@@ -2,8 +2,6 @@
 // intermediates both backends write (tests/parity/README.md lists them).
 #pragma once
 
-#include <fmt/format.h>
-
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -39,8 +37,7 @@ inline std::string dump_prompt(const Model& model, const std::vector<int32_t>& p
 }
 
 inline std::string dump_file(const std::string& dir, const std::string& name, int64_t layer) {
-  return layer < 0 ? fmt::format("{}/{}.npy", dir, name)
-                   : fmt::format("{}/L{:02}.{}.npy", dir, layer, name);
+  return dir + "/" + TensorDump::file_name(name, layer);
 }
 
 }  // namespace mla::test

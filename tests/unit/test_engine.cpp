@@ -24,6 +24,7 @@
 #include "runtime/engine.h"
 #include "runtime/tiny_checkpoint.h"
 #include "tests/support/golden.h"
+#include "tests/support/staged_migration.h"
 
 namespace mla {
 namespace {
@@ -580,31 +581,8 @@ TEST(Engine, ImportTakingTheLastPagesDoesNotStallTheEngine) {
 // (pages of `b_block`) after `first_steps` source steps, copying once more after two more;
 // returns every token the request produced, from both engines.
 Tokens migrate_live(const Request& request, int32_t a_block, int32_t b_block, int first_steps) {
-  auto model = golden_model();
-  Engine a(model, options(a_block, 64)), b(model, options(b_block, 64));
-  const RequestId id_a = a.add_request(request);
-  Outputs out_a, out_b;
-  for (int i = 0; i < first_steps; ++i) out_a.add(a.step());
-  int32_t end = 0;
-  const Tensor first = a.copy_latents(id_a, 0, &end);
-  EXPECT_GT(end, 0);
-  const int64_t h = b.begin_import(end);
-  b.write_import(h, 0, first);
-  for (int i = 0; i < 2; ++i) out_a.add(a.step());  // it keeps running during the copy
-  int32_t end2 = 0;
-  b.write_import(h, end, a.copy_latents(id_a, end, &end2));
-  EXPECT_EQ(end2, end + 2);
-  const RequestSnapshot tail = a.export_request(id_a, end2);  // the stop-and-copy
-  EXPECT_EQ(tail.latents.dim(1), 0) << "nothing ran since the last copy";
-  EXPECT_EQ(a.cache().pool().num_free(), 64) << "the source frees its pages";
-  const RequestId id_b = b.finish_import(h, tail);
-  EXPECT_EQ(b.pending_imports(), 0u);
-  run_to_end(b, out_b);
-  EXPECT_EQ(b.stats().computed_tokens, b.stats().steps) << "the destination recomputed context";
-  EXPECT_EQ(b.cache().pool().num_free(), 64);
-  Tokens all = out_a.tokens[id_a];
-  all.insert(all.end(), out_b.tokens[id_b].begin(), out_b.tokens[id_b].end());
-  return all;
+  Engine a(golden_model(), options(a_block, 64)), b(golden_model(), options(b_block, 64));
+  return test::migrate_in_stages(a, b, request, first_steps);
 }
 
 TEST(EngineMigration, LiveMigrationGivesTheTokensOfAnUnmigratedRun) {
