@@ -30,6 +30,8 @@
 #include "rpc/worker_service.h"
 
 namespace mla::launch {
+
+namespace v1 = mlaserve::v1;
 namespace {
 
 // SIGINT and SIGTERM are caught by a handler that writes the signal number to a pipe, so
@@ -191,6 +193,7 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
   wopts.worker_id = address;
   wopts.secret = secret;
   wopts.config_hash = config_hash;
+  wopts.peer_credentials = channel_creds;
   WorkerService service(engine, wopts);
   auto server = start_server(&service, listen, server_creds, "worker");
 
@@ -226,6 +229,7 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
   // Drain: the coordinators hear it in the next heartbeat and stop routing here; requests
   // that arrive meanwhile are refused and fail over at once.
   service.drain_for_shutdown();
+  for (const auto& link : links) link->heartbeat_now();
   const auto timeout = std::chrono::seconds(d.workers.drain_timeout_s);
   spdlog::info("worker {}: draining: {} requests running, up to {} s", address, service.running(),
                timeout.count());
@@ -277,6 +281,7 @@ int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
   options.dead_after_ms = 3 * c.heartbeat_interval_ms;
   options.forget_dead_after_ms = std::max(1000 * c.forget_dead_after_s, options.dead_after_ms);
   options.stream_write_timeout_ms = 1000 * c.stream_write_timeout_s;
+  options.migrate_on_drain = c.migrate_on_drain;
   options.secret = secret;
   options.worker_credentials = channel_credentials(d.tls);
   const auto server_creds = server_credentials(d.tls);
@@ -389,6 +394,9 @@ struct AdminArgs {
   std::string config_path;
   std::string address;
   std::string worker_id;
+  bool finish_in_place = false;
+  std::string request_id;
+  std::string to_worker;
 };
 
 // `mlaserve admin drain|undrain|workers`: the control plane, with the shared secret.
@@ -477,11 +485,39 @@ void add_serve_commands(CLI::App& app, int& exit_code) {
   auto* drain =
       admin->add_subcommand("drain", "Route no new requests to a worker; it finishes what it runs");
   drain->add_option("worker_id", m->worker_id, "The worker's id (see `admin workers`)")->required();
+  drain->add_flag("--finish-in-place", m->finish_in_place,
+                  "Let its running requests finish there instead of moving them to other "
+                  "workers");
   drain->callback([m, &exit_code] {
-    const bool draining = admin_client(*m).drain(m->worker_id);
+    const v1::DrainResponse r = admin_client(*m).drain(m->worker_id, m->finish_in_place);
     std::cout << fmt::format("worker {}: {}\n", m->worker_id,
-                             draining ? "draining" : "dead (nothing to drain)");
-    exit_code = draining ? 0 : 1;
+                             !r.draining()       ? "dead (nothing to drain)"
+                             : r.migrating() > 0 ? fmt::format("draining; moving {} running "
+                                                               "requests to other workers",
+                                                               r.migrating())
+                                                 : std::string("draining"));
+    exit_code = r.draining() ? 0 : 1;
+  });
+  auto* migrate = admin->add_subcommand(
+      "migrate", "Move a running request, with its latent cache, to another worker");
+  migrate->add_option("request_id", m->request_id, "The request's id")->required();
+  migrate->add_option("--to", m->to_worker,
+                      "The worker to move it to (default: the coordinator picks the live worker "
+                      "with the most free pages)");
+  migrate->callback([m, &exit_code] {
+    const v1::MigrateResponse r = admin_client(*m).migrate(m->request_id, m->to_worker);
+    const v1::MigrationStats& s = r.stats();
+    if (r.outcome() == "migrated") {
+      std::cout << fmt::format(
+          "request {}: migrated from {} to {} over {}: {} tokens, {} bytes in {} chunks, {} "
+          "stages, {:.1f} ms; the source stopped for {:.1f} ms\n",
+          m->request_id, s.source_worker_id(), s.destination_worker_id(), s.transport(), s.tokens(),
+          s.bytes(), s.chunks(), s.stages(), s.duration_ms(), s.stop_ms());
+    } else {
+      std::cout << fmt::format("request {}: ended on {} before it could move\n", m->request_id,
+                               s.source_worker_id());
+    }
+    exit_code = 0;
   });
   auto* undrain = admin->add_subcommand("undrain", "Let a drained worker take requests again");
   undrain->add_option("worker_id", m->worker_id, "The worker's id")->required();

@@ -331,14 +331,28 @@ void AdminClient::prepare(grpc::ClientContext& ctx) const {
   if (deadline_.count() > 0) ctx.set_deadline(std::chrono::system_clock::now() + deadline_);
 }
 
-bool AdminClient::drain(const std::string& worker_id) {
+v1::DrainResponse AdminClient::drain(const std::string& worker_id, bool finish_in_place) {
   grpc::ClientContext ctx;
   prepare(ctx);
   v1::DrainRequest req;
   req.set_worker_id(worker_id);
+  req.set_finish_in_place(finish_in_place);
   v1::DrainResponse resp;
   throw_if_failed(stub_->Drain(&ctx, req, &resp));
-  return resp.draining();
+  return resp;
+}
+
+v1::MigrateResponse AdminClient::migrate(const std::string& request_id,
+                                         const std::string& to_worker) {
+  grpc::ClientContext ctx;
+  secret_->attach(ctx);
+  // A migration takes as long as its cache takes to move: the coordinator bounds it.
+  v1::MigrateRequest req;
+  req.set_request_id(request_id);
+  req.set_to_worker(to_worker);
+  v1::MigrateResponse resp;
+  throw_if_failed(stub_->Migrate(&ctx, req, &resp));
+  return resp;
 }
 
 bool AdminClient::undrain(const std::string& worker_id) {

@@ -148,8 +148,13 @@ class AdminClient {
   AdminClient(const std::string& control_address, std::shared_ptr<const SharedSecret> secret,
               std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr,
               std::chrono::milliseconds deadline = std::chrono::seconds(10));
-  // True when the worker is now draining (false: it is dead).
-  bool drain(const std::string& worker_id);
+  // draining: true when the worker is now draining (false: it is dead); migrating: its
+  // requests queued to move elsewhere (none with `finish_in_place`).
+  mlaserve::v1::DrainResponse drain(const std::string& worker_id, bool finish_in_place = false);
+  // Moves a running request, with its cache, to `to_worker` (empty: the coordinator's
+  // choice); throws mla::Error with the coordinator's status (Control.Migrate).
+  mlaserve::v1::MigrateResponse migrate(const std::string& request_id,
+                                        const std::string& to_worker = "");
   // True when the worker is alive (it takes requests again once it heartbeats).
   bool undrain(const std::string& worker_id);
   mlaserve::v1::ListWorkersResponse list_workers();

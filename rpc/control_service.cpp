@@ -1,5 +1,8 @@
 #include "rpc/control_service.h"
 
+#include "rpc/generate_request.h"
+#include "rpc/status.h"
+
 namespace mla {
 
 namespace v1 = mlaserve::v1;
@@ -43,6 +46,18 @@ grpc::Status ControlService::Drain(grpc::ServerContext* context, const v1::Drain
                                    v1::DrainResponse* response) {
   if (grpc::Status auth = secret_.check(*context, "Drain"); !auth.ok()) return auth;
   return coordinator_.drain(*request, response);
+}
+
+grpc::Status ControlService::Migrate(grpc::ServerContext* context,
+                                     const v1::MigrateRequest* request,
+                                     v1::MigrateResponse* response) {
+  if (grpc::Status auth = secret_.check(*context, "Migrate"); !auth.ok()) return auth;
+  try {
+    check_request_id(request->request_id());
+  } catch (const Error& e) {
+    return to_grpc_status(e);
+  }
+  return coordinator_.migrate(*request, response);
 }
 
 grpc::Status ControlService::Undrain(grpc::ServerContext* context,

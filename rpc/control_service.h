@@ -31,6 +31,8 @@ class ControlService final : public mlaserve::v1::Control::Service {
   grpc::Status ListWorkers(grpc::ServerContext* context,
                            const mlaserve::v1::ListWorkersRequest* request,
                            mlaserve::v1::ListWorkersResponse* response) override;
+  grpc::Status Migrate(grpc::ServerContext* context, const mlaserve::v1::MigrateRequest* request,
+                       mlaserve::v1::MigrateResponse* response) override;
 
  private:
   CoordinatorService& coordinator_;

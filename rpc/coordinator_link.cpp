@@ -57,9 +57,19 @@ int64_t CoordinatorLink::registrations() const {
   return registrations_;
 }
 
+void CoordinatorLink::heartbeat_now() {
+  {
+    std::lock_guard lk(mu_);
+    wake_ = true;
+  }
+  stop_cv_.notify_all();
+}
+
 bool CoordinatorLink::sleep_for(int64_t ms) {
   std::unique_lock lk(mu_);
-  return !stop_cv_.wait_for(lk, std::chrono::milliseconds(ms), [&] { return stop_; });
+  stop_cv_.wait_for(lk, std::chrono::milliseconds(ms), [&] { return stop_ || wake_; });
+  wake_ = false;
+  return !stop_;
 }
 
 void CoordinatorLink::run() {

@@ -59,6 +59,9 @@ class CoordinatorLink {
   CoordinatorLink(const CoordinatorLink&) = delete;
   CoordinatorLink& operator=(const CoordinatorLink&) = delete;
 
+  // Sends the next heartbeat now instead of at the end of the interval (the worker started
+  // draining: the coordinator moves its requests as soon as it hears).
+  void heartbeat_now();
   // Whether the last RegisterWorker or Heartbeat found the coordinator knowing this worker.
   bool registered() const;
   // Successful RegisterWorker calls so far.
@@ -83,6 +86,7 @@ class CoordinatorLink {
   mutable std::mutex mu_;
   std::condition_variable stop_cv_;
   bool stop_ = false;
+  bool wake_ = false;  // heartbeat_now() was called
   bool registered_ = false;
   std::string session_;  // from the last registration
   int64_t registrations_ = 0;

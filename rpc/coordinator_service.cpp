@@ -9,6 +9,7 @@
 
 #include "kernels/error.h"
 #include "rpc/generate_request.h"
+#include "rpc/model_identity.h"
 #include "rpc/request_limits.h"
 #include "rpc/status.h"
 #include "runtime/request_validation.h"
@@ -32,24 +33,6 @@ std::string random_hex(int bytes) {
   std::string out;
   for (int i = 0; i < bytes; i += 4) out += fmt::format("{:08x}", rd());
   return out.substr(0, 2 * bytes);
-}
-
-// The model fields every worker of a cluster must agree on; the first that differs, or null.
-const char* model_difference(const v1::ModelInfo& a, const v1::ModelInfo& b) {
-  if (a.model_type() != b.model_type()) return "model_type";
-  if (a.vocab_size() != b.vocab_size()) return "vocab_size";
-  if (a.max_context() != b.max_context()) return "max_context";
-  if (a.dtype() != b.dtype()) return "dtype";
-  if (a.config_hash() != b.config_hash()) return "config_hash";
-  return nullptr;
-}
-
-std::string model_field(const v1::ModelInfo& m, const std::string& field) {
-  if (field == "vocab_size") return std::to_string(m.vocab_size());
-  if (field == "max_context") return std::to_string(m.max_context());
-  if (field == "model_type") return m.model_type();
-  if (field == "dtype") return m.dtype();
-  return m.config_hash();
 }
 
 }  // namespace
@@ -85,6 +68,9 @@ CoordinatorService::CoordinatorService(CoordinatorOptions options)
       router_(RouterOptions{.policy = options.policy, .affinity_block = options.affinity_block}),
       instance_(random_hex(4)) {
   monitor_ = std::thread([this] { monitor_loop(); });
+  // A drained worker's requests move a few at a time: each migration is mostly waiting.
+  constexpr int kMigrationThreads = 4;
+  for (int i = 0; i < kMigrationThreads; ++i) migrators_.emplace_back([this] { migrator_loop(); });
   spdlog::info("coordinator: routing {}, max_in_flight {}, heartbeat {} ms, dead after {} ms",
                routing_policy_name(options_.policy), options_.max_in_flight,
                options_.heartbeat_interval_ms, options_.dead_after_ms);
@@ -105,8 +91,12 @@ void CoordinatorService::shutdown() {
     }
   }
   monitor_cv_.notify_all();
+  migrator_cv_.notify_all();
   idle_cv_.notify_all();
   if (monitor_.joinable()) monitor_.join();
+  for (std::thread& t : migrators_) {
+    if (t.joinable()) t.join();
+  }
 }
 
 void CoordinatorService::stop_accepting() {
@@ -339,6 +329,11 @@ grpc::Status CoordinatorService::drain(const v1::DrainRequest& request,
     set_command_locked(worker, Command::kDrain);
     spdlog::info("worker {} draining (operator); {} requests in flight there", worker.id,
                  worker.in_flight);
+    if (options_.migrate_on_drain && !request.finish_in_place()) {
+      const size_t before = migration_queue_.size();
+      queue_migrations_locked(worker);
+      response->set_migrating(static_cast<int32_t>(migration_queue_.size() - before));
+    }
   }
   response->set_draining(worker.state == WorkerState::kDraining);
   return grpc::Status::OK;
@@ -453,6 +448,11 @@ grpc::Status CoordinatorService::heartbeat(const v1::HeartbeatRequest& request,
   WorkerEntry& worker = it->second;
   worker.load = request.load();
   worker.last_heartbeat = Clock::now();
+  // A worker that starts draining by itself (it is stopping) hands its requests on.
+  if (request.draining() && !worker.worker_draining && worker.command != Command::kDrain &&
+      options_.migrate_on_drain) {
+    queue_migrations_locked(worker);
+  }
   worker.worker_draining = request.draining();
   // A command is repeated until the worker's heartbeats show it took effect.
   if ((worker.command == Command::kDrain && worker.worker_draining) ||

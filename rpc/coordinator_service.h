@@ -51,6 +51,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -90,6 +91,14 @@ struct CoordinatorOptions {
   // Workers registered at once, dead ones included; beyond it RegisterWorker answers
   // RESOURCE_EXHAUSTED. Default: 1024.
   int32_t max_workers = 1024;
+  // Drain moves a worker's running requests, with their caches, to other workers (four at a
+  // time, each as Migrate with the coordinator's choice of target), whether an operator
+  // drains it (unless DrainRequest.finish_in_place) or it drains itself (SIGTERM); a request
+  // that cannot move finishes where it runs. Off: drained workers finish what they run.
+  // Default: on.
+  bool migrate_on_drain = true;
+  // The longest a migration's Import may take. Default: 120 s.
+  int32_t migration_timeout_ms = 120000;
   // Sent with every call to a worker (the workers check it). Default: none (workers that
   // check a secret refuse the calls).
   std::shared_ptr<const SharedSecret> secret;
@@ -168,6 +177,13 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallba
   // it does. NOT_FOUND for an unknown id; alive = false for a dead worker.
   grpc::Status undrain(const mlaserve::v1::UndrainRequest& request,
                        mlaserve::v1::UndrainResponse* response);
+  // Live migration (rpc/coordinator_migration.cpp; statuses as Control.Migrate documents):
+  // picks the target (request.to_worker, or the live worker other than the source with the
+  // most free pages), has it Import the request's cache from the source, and lets the relay
+  // continue the client's stream there when the source stops the request. Blocks until the
+  // import ends.
+  grpc::Status migrate(const mlaserve::v1::MigrateRequest& request,
+                       mlaserve::v1::MigrateResponse* response);
   void list_workers(mlaserve::v1::ListWorkersResponse* response) const;
 
   // At least one worker alive and not stopping.
@@ -207,6 +223,8 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallba
   };
 
   class Relay;  // one Generate stream: rpc/generate_relay.cpp
+  // The request's tokens so far (prompt and every token the client has); any thread.
+  static int32_t context_tokens(const Relay& relay);
 
   // One Generate being relayed; its current worker attempt.
   struct InFlight {
@@ -215,6 +233,9 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallba
     std::string worker_id;
     bool cancel_requested = false;  // Cancel RPC
     bool worker_lost = false;       // the monitor declared the attempt's worker dead
+    // A migration's target while it imports the request: when the current attempt ends, the
+    // stream continues there (GenerateRequest.migrated).
+    std::string migrating_to;
   };
 
   static const char* state_name(WorkerState state);
@@ -244,6 +265,12 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallba
   void publish_readiness_locked();
   bool ready_locked() const;
   void monitor_loop();
+  // Queues the migration of every request running on `worker` (drain); mu_ held.
+  void queue_migrations_locked(const WorkerEntry& worker);
+  // The live worker other than `source` with the most free pages, or null; mu_ held.
+  WorkerEntry* migration_target_locked(const std::string& source);
+  // Runs queued migrations, one at a time per migrator thread, until shutdown.
+  void migrator_loop();
 
   const CoordinatorOptions options_;
   Router router_;
@@ -261,6 +288,9 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallba
   std::condition_variable monitor_cv_;
   std::thread monitor_;
   std::unique_ptr<CoordinatorMetrics> metrics_;  // null unless attach_metrics() was called
+  std::deque<std::string> migration_queue_;      // request ids, under mu_
+  std::condition_variable migrator_cv_;
+  std::vector<std::thread> migrators_;  // kMigrationThreads running migrator_loop
 };
 
 }  // namespace mla

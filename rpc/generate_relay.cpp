@@ -21,6 +21,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 #include <set>
 
@@ -129,6 +130,9 @@ class CoordinatorService::Relay final : public grpc::ServerWriteReactor<grpc::By
   void OnCancel() override;
   void OnDone() override;
 
+  // The prompt and every token the client has; any thread.
+  int32_t context_tokens() const { return context_tokens_.load(); }
+
  private:
   class Attempt;
 
@@ -140,6 +144,7 @@ class CoordinatorService::Relay final : public grpc::ServerWriteReactor<grpc::By
     bool shutting_down = false;
     bool client_gone = false;
     bool write_timed_out = false;
+    std::string migrating_to;  // a migration's target was importing the request
   };
 
   // Routes the request to a worker it has not tried and streams from it, or finishes the
@@ -150,7 +155,9 @@ class CoordinatorService::Relay final : public grpc::ServerWriteReactor<grpc::By
   WorkerEntry* pick_worker_locked(const std::vector<int32_t>& prompt);
   // Starts the attempt on `worker` with resume_ids = the tokens sent so far, and makes it
   // reachable through `flight`; the coordinator's mu_ held.
-  void stream_from_locked(WorkerEntry& worker, InFlight& flight, Clock::time_point dispatch);
+  // `migrated`: the worker holds the request's cache, imported from the attempt before.
+  void stream_from_locked(WorkerEntry& worker, InFlight& flight, Clock::time_point dispatch,
+                          bool migrated);
   void on_worker_message(v1::GenerateResponse message);
   // After an attempt: finish the stream, give the client the worker's error, or fail over.
   void on_attempt_done(const grpc::Status& status);
@@ -186,6 +193,9 @@ class CoordinatorService::Relay final : public grpc::ServerWriteReactor<grpc::By
   int32_t failovers_ = 0;
   std::string failed_worker_;  // the last worker that failed, and why
   std::string failure_;
+  std::string migrate_to_;  // the next attempt goes there, with the migrated cache
+  std::string migrated_from_;
+  std::atomic<int32_t> context_tokens_{0};
   bool finished_ = false;  // the current attempt delivered the final message
   std::optional<Clock::time_point> first_token_at_;
   Clock::time_point first_token_dispatch_{};
@@ -297,6 +307,7 @@ void CoordinatorService::Relay::start(const grpc::ByteBuffer& request) {
   worker_request_.set_request_id(request_id_);
   worker_request_.clear_received_ids();
   sent_.assign(request_.received_ids().begin(), request_.received_ids().end());
+  context_tokens_ = request_.prompt_ids_size() + static_cast<int32_t>(sent_.size());
   start_attempt();
 }
 
@@ -316,8 +327,17 @@ void CoordinatorService::Relay::start_attempt() {
     if (service_.shutting_down_) {
       refusal = grpc::Status(grpc::StatusCode::UNAVAILABLE, "coordinator shutting down");
     } else if (!cancel_requested) {
-      if (WorkerEntry* worker = pick_worker_locked(prompt)) {
-        stream_from_locked(*worker, flight, dispatch);
+      // After a migration, the target that holds the request's cache, while it lives.
+      WorkerEntry* worker = nullptr;
+      if (auto it = service_.workers_.find(migrate_to_);
+          it != service_.workers_.end() && it->second.state == WorkerState::kAlive) {
+        worker = &it->second;
+      }
+      const bool migrated = worker != nullptr;
+      migrate_to_.clear();
+      if (!worker) worker = pick_worker_locked(prompt);
+      if (worker) {
+        stream_from_locked(*worker, flight, dispatch, migrated);
       } else if (failed_worker_.empty()) {
         refusal = grpc::Status(grpc::StatusCode::UNAVAILABLE, "no worker is alive");
       } else {
@@ -353,9 +373,12 @@ CoordinatorService::WorkerEntry* CoordinatorService::Relay::pick_worker_locked(
 }
 
 void CoordinatorService::Relay::stream_from_locked(WorkerEntry& worker, InFlight& flight,
-                                                   Clock::time_point dispatch) {
+                                                   Clock::time_point dispatch, bool migrated) {
   ++worker.in_flight;
-  if (failovers_ == 0) {
+  if (migrated) {
+    spdlog::info("request {}: continues on {} with its cache (migrated from {}) after {} tokens",
+                 request_id_, worker.id, migrated_from_, sent_.size());
+  } else if (failovers_ == 0) {
     spdlog::debug("request {}: routed to {}", request_id_, worker.id);
   } else {
     spdlog::warn("request {}: failover {}/{} from {} to {} after {} tokens ({})", request_id_,
@@ -365,6 +388,7 @@ void CoordinatorService::Relay::stream_from_locked(WorkerEntry& worker, InFlight
   attempt_ = std::make_unique<Attempt>(*this, worker.id, worker.stub, dispatch);
   attempt_->sent_before = sent_.size();
   worker_request_.mutable_resume_ids()->Assign(sent_.begin(), sent_.end());
+  worker_request_.set_migrated(migrated);
   // The context exists from here on, so Cancel and the monitor can reach it. The attempt may
   // end (and be taken from attempt_) on another thread once started, but not before this
   // lock is released.
@@ -381,6 +405,7 @@ bool CoordinatorService::Relay::relay_message(v1::GenerateResponse& message) {
     if (finished_ || client_gone_) return false;  // drain whatever follows the end
   }
   sent_.insert(sent_.end(), message.token_ids().begin(), message.token_ids().end());
+  context_tokens_ = request_.prompt_ids_size() + static_cast<int32_t>(sent_.size());
   const auto received = Clock::now();
   CoordinatorMetrics* metrics = service_.metrics_.get();
   if (message.token_ids_size() > 0) {
@@ -514,6 +539,14 @@ void CoordinatorService::Relay::on_attempt_done(const grpc::Status& status) {
          fmt::format("request {}: deadline exceeded after {} tokens", request_id_, sent_.size())});
     return;
   }
+  if (!end.migrating_to.empty()) {
+    // The source stopped the request for its migration (ABORTED), or failed meanwhile: the
+    // target continues it, from the imported cache if it has it, else recomputing it.
+    migrate_to_ = end.migrating_to;
+    migrated_from_ = end.worker_id;
+    start_attempt();
+    return;
+  }
   if (!end.worker_lost && !status.ok() && !fails_over(status.error_code())) {
     spdlog::info("request {}: worker {} answered {}", request_id_, end.worker_id, describe(status));
     finish(status);
@@ -541,6 +574,8 @@ CoordinatorService::Relay::AttemptEnd CoordinatorService::Relay::end_attempt(
   flight.worker_call = nullptr;
   end.cancel_requested = flight.cancel_requested;
   end.worker_lost = flight.worker_lost;
+  end.migrating_to = std::move(flight.migrating_to);
+  flight.migrating_to.clear();
   end.shutting_down = service_.shutting_down_;
   WorkerEntry& worker = service_.workers_.at(end.worker_id);
   --worker.in_flight;
@@ -634,6 +669,8 @@ void CoordinatorService::Relay::OnDone() {
   }
   delete this;
 }
+
+int32_t CoordinatorService::context_tokens(const Relay& relay) { return relay.context_tokens(); }
 
 void CoordinatorService::cancel_stalled_writes_locked(Clock::time_point now) {
   const auto timeout = std::chrono::milliseconds(options_.stream_write_timeout_ms);

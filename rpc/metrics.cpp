@@ -354,6 +354,18 @@ CoordinatorMetrics::CoordinatorMetrics(MetricsRegistry& registry)
                            "Requests refused with RESOURCE_EXHAUSTED at the admission limit.")),
       write_timeouts(
           registry.counter("mlaserve_stream_write_timeouts_total",
-                           "Streams cancelled because their client stopped taking messages.")) {}
+                           "Streams cancelled because their client stopped taking messages.")),
+      migration_bytes(registry.counter("mlaserve_migration_bytes_total",
+                                       "Latent cache bytes moved by live migrations.")),
+      migration_stop_seconds(registry.histogram(
+          "mlaserve_migration_stop_seconds",
+          "Per migration: how long the request stood still at its source (the final stage).",
+          inter_token_latency_buckets())),
+      registry_(registry) {}
+
+Counter& CoordinatorMetrics::migrations_total(std::string_view outcome) {
+  return registry_.counter("mlaserve_migrations_total", "Live migrations by outcome.",
+                           {{"outcome", std::string(outcome)}});
+}
 
 }  // namespace mla

@@ -27,6 +27,11 @@
 //   mlaserve_admission_rejections_total          counter    RESOURCE_EXHAUSTED at admission
 //   mlaserve_stream_write_timeouts_total         counter    streams whose client stopped
 //                                                            reading
+//   mlaserve_migrations_total{outcome}           counter    live migrations: migrated, ended
+//                                                            (the request ended first),
+//                                                            refused, failed
+//   mlaserve_migration_bytes_total               counter    latent bytes moved
+//   mlaserve_migration_stop_seconds              histogram  the source's stop-and-copy
 #pragma once
 
 #include <atomic>
@@ -207,6 +212,13 @@ struct CoordinatorMetrics : RequestMetrics {
   Counter& failovers;                        // mlaserve_failovers_total
   Counter& admission_rejections;             // mlaserve_admission_rejections_total
   Counter& write_timeouts;                   // mlaserve_stream_write_timeouts_total
+  // mlaserve_migrations_total{outcome=migrated|ended|refused|failed}: one per Migrate.
+  Counter& migrations_total(std::string_view outcome);
+  Counter& migration_bytes;           // mlaserve_migration_bytes_total: latent bytes moved
+  Histogram& migration_stop_seconds;  // mlaserve_migration_stop_seconds: the source's final stage
+
+ private:
+  MetricsRegistry& registry_;
 };
 
 }  // namespace mla

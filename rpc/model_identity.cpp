@@ -36,4 +36,21 @@ std::string model_config_hash(const std::string& model_dir) {
   return sha256_hex(config.dump());
 }
 
+const char* model_difference(const mlaserve::v1::ModelInfo& a, const mlaserve::v1::ModelInfo& b) {
+  if (a.model_type() != b.model_type()) return "model_type";
+  if (a.vocab_size() != b.vocab_size()) return "vocab_size";
+  if (a.max_context() != b.max_context()) return "max_context";
+  if (a.dtype() != b.dtype()) return "dtype";
+  if (a.config_hash() != b.config_hash()) return "config_hash";
+  return nullptr;
+}
+
+std::string model_field(const mlaserve::v1::ModelInfo& m, const std::string& field) {
+  if (field == "vocab_size") return std::to_string(m.vocab_size());
+  if (field == "max_context") return std::to_string(m.max_context());
+  if (field == "model_type") return m.model_type();
+  if (field == "dtype") return m.dtype();
+  return m.config_hash();
+}
+
 }  // namespace mla

@@ -58,34 +58,6 @@ grpc::Status status_of(const std::exception& e) {
 
 }  // namespace
 
-// One Generate stream. The handler thread creates it and then only reads `outbox`/`end`;
-// the step loop produces them.
-struct WorkerService::Call {
-  // Set before the call is enqueued, then read-only.
-  std::string request_id;
-  Request request;  // what the engine runs: prompt_ids + resume_ids
-  int32_t prompt_tokens = 0;
-  int32_t resumed = 0;
-  bool return_logprobs = false;
-  Clock::time_point arrival;
-
-  // Set under WorkerService::mu_, read by the step loop without it.
-  std::atomic<bool> cancelled{false};
-
-  // Step-loop thread only.
-  RequestId engine_id = 0;
-  bool ended = false;
-  int32_t generated = 0;
-  std::optional<Clock::time_point> first_step;
-  std::optional<Clock::time_point> first_token;
-  Clock::time_point last_token;
-
-  std::mutex mu;
-  std::condition_variable ready;
-  std::deque<v1::GenerateResponse> outbox;  // guarded by mu
-  std::optional<grpc::Status> end;          // guarded by mu; set after the last message
-};
-
 struct WorkerService::Metrics {
   RequestMetrics requests;
   CacheMetrics cache;
@@ -160,6 +132,11 @@ void WorkerService::drain_for_shutdown() {
 size_t WorkerService::running() const {
   std::lock_guard lk(mu_);
   return calls_.size();
+}
+
+size_t WorkerService::imports_in_progress() const {
+  std::lock_guard lk(mu_);
+  return importing_.size() + held_imports_.size();
 }
 
 bool WorkerService::wait_until_idle(std::chrono::milliseconds timeout,
@@ -252,6 +229,7 @@ grpc::Status WorkerService::generate(grpc::ServerContext* context,
   // resume_ids draws exactly what the original run would have drawn next.
   r.prompt.insert(r.prompt.end(), request->resume_ids().begin(), request->resume_ids().end());
   r.max_tokens -= call->resumed;
+  if (request->migrated()) take_import(*call, r.prompt);
 
   if (r.max_tokens <= 0) {
     // Every token was already produced elsewhere: nothing to run, only the final message.
@@ -343,6 +321,8 @@ grpc::Status WorkerService::Cancel(grpc::ServerContext* context, const v1::Cance
     if (it != calls_.end()) call = it->second;
   }
   response->set_cancelled(call != nullptr && cancel_call(call));
+  // A migrated request whose Generate never came (its client cancelled in between).
+  if (call == nullptr && drop_held_import(request->request_id())) response->set_cancelled(true);
   if (response->cancelled()) {
     spdlog::info("worker {}: request {} cancelled by Cancel", options_.worker_id,
                  request->request_id());
@@ -367,31 +347,56 @@ bool WorkerService::cancel_call(const std::shared_ptr<Call>& call) {
 // ---------------------------------------------------------------------------------------
 // The step loop
 
+void WorkerService::post_task(std::function<void()> task) {
+  {
+    std::lock_guard lk(mu_);
+    if (loop_stopped_) {
+      MLA_THROW(kUnavailable, "worker {} is shutting down", options_.worker_id);
+    }
+    tasks_.push_back(std::move(task));
+  }
+  wake_.notify_one();
+}
+
 void WorkerService::step_loop() {
   while (true) {
     std::deque<std::shared_ptr<Call>> adds, cancels;
+    std::deque<std::function<void()>> tasks;
     bool stopping = false;
     const auto heartbeat_interval = std::chrono::milliseconds(options_.idle_heartbeat_ms);
     {
       std::unique_lock lk(mu_);
       update_load_locked();
-      wake_.wait_until(lk, last_plan_ + heartbeat_interval, [&] {
-        return stopping_ || !adds_.empty() || !cancels_.empty() || engine_.has_work();
+      // Held imports expire while idle too.
+      auto wake_at = last_plan_ + heartbeat_interval;
+      for (const auto& [id, held] : held_imports_) wake_at = std::min(wake_at, held.expires);
+      wake_.wait_until(lk, wake_at, [&] {
+        return stopping_ || !adds_.empty() || !cancels_.empty() || !tasks_.empty() ||
+               engine_.has_work();
       });
       adds.swap(adds_);
       cancels.swap(cancels_);
+      tasks.swap(tasks_);
       stopping = stopping_;
+      if (stopping) loop_stopped_ = true;  // tasks posted from now on are refused
     }
+    // Tasks first: a migration's copy runs between steps, and its futures must be answered
+    // even when the loop stops.
+    for (auto& task : tasks) task();
 
     if (stopping) {
       const grpc::Status gone(grpc::StatusCode::UNAVAILABLE,
                               fmt::format("worker {} is shutting down", options_.worker_id));
-      for (const auto& call : adds) fail_call(*call, gone);
+      for (const auto& call : adds) {
+        release_import(*call);
+        fail_call(*call, gone);
+      }
       fail_all_running(gone);
       std::lock_guard lk(mu_);
       update_load_locked();
       return;
     }
+    expire_held_imports(Clock::now());
 
     // Whatever goes wrong, the loop must go on: every open stream waits on it.
     try {
@@ -400,7 +405,10 @@ void WorkerService::step_loop() {
       spdlog::error("worker {}: step loop error, ending {} requests: {}", options_.worker_id,
                     in_engine_.size(), e.what());
       const grpc::Status status = status_of(e);
-      for (const auto& call : adds) fail_call(*call, status);
+      for (const auto& call : adds) {
+        release_import(*call);
+        fail_call(*call, status);
+      }
       fail_all_running(status);
     }
     // Steps carry plans to the followers; without them, a heartbeat must, or they time out.
@@ -424,6 +432,7 @@ void WorkerService::run_iteration(const std::deque<std::shared_ptr<Call>>& adds,
   const Clock::time_point now = Clock::now();
   for (const auto& call : adds) {
     if (call->cancelled) {
+      release_import(*call);
       finish_call(*call, new_message(*call), v1::FINISH_REASON_CANCELLED, now);
     } else {
       add_to_engine(call);
@@ -472,10 +481,20 @@ void WorkerService::update_load_locked() {
 
 void WorkerService::add_to_engine(const std::shared_ptr<Call>& call) {
   try {
-    call->engine_id = engine_.add_request(call->request);
+    if (call->import_handle != 0) {
+      // A migrated request: its imported latents become its computed tokens.
+      const std::vector<int32_t>& tokens = call->request.prompt;
+      call->engine_id = engine_.finish_import(
+          call->import_handle,
+          {call->request, tokens, static_cast<int32_t>(tokens.size()), Tensor(), 0});
+      call->import_handle = 0;
+    } else {
+      call->engine_id = engine_.add_request(call->request);
+    }
   } catch (const std::exception& e) {
     spdlog::info("worker {}: request {} refused by the engine: {}", options_.worker_id,
                  call->request_id, e.what());
+    release_import(*call);
     fail_call(*call, status_of(e));
     return;
   }

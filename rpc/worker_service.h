@@ -23,12 +23,14 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "mlaserve/v1/mlaserve.grpc.pb.h"
@@ -58,6 +60,15 @@ struct WorkerServiceOptions {
   std::shared_ptr<const SharedSecret> secret;
   // ModelInfo.config_hash to register with (model_identity.h). Default: empty.
   std::string config_hash;
+  // For the channels to other workers (an Import pulls a cache from its source). Default:
+  // null, meaning plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> peer_credentials;
+  // An imported cache waits this long for its migrated Generate, then its pages are freed.
+  // Default: 10000 ms.
+  int32_t import_hold_ms = 10000;
+  // Live copies an export makes before its stop-and-copy, however much the request computes
+  // meanwhile; it stops earlier once less than a cache page is left to copy. Default: 8.
+  int32_t export_max_live_stages = 8;
 };
 
 // Serves Worker.Generate and Worker.Cancel for one Engine. Thread-safe: every public method
@@ -95,6 +106,18 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   // cancelled = true if the request was running (queued or in the engine) here.
   grpc::Status Cancel(grpc::ServerContext* context, const mlaserve::v1::CancelRequest* request,
                       mlaserve::v1::CancelResponse* response) override;
+  // Live migration, source side (rpc/worker_migration.cpp): streams the request's latents in
+  // stages while it keeps running, then stops it (its Generate stream ends with ABORTED) and
+  // sends the last latents and its tokens. A failed write (the destination went away) leaves
+  // the request running here.
+  grpc::Status Export(grpc::ServerContext* context, const mlaserve::v1::ExportRequest* request,
+                      grpc::ServerWriter<mlaserve::v1::ExportMessage>* writer) override;
+  // Destination side: reserves pages for request->expected_tokens (RESOURCE_EXHAUSTED before
+  // anything is copied), pulls the cache with the source's Export, and holds it for a
+  // Generate with `migrated` set for the same request id, for import_hold_ms. Any failure
+  // frees the pages.
+  grpc::Status Import(grpc::ServerContext* context, const mlaserve::v1::ImportRequest* request,
+                      mlaserve::v1::ImportResponse* response) override;
 
   // A snapshot of the cache and queues, as the step loop last saw them (requests not yet
   // taken from the inbox count as waiting), and the tokens generated per second over the
@@ -119,6 +142,8 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   bool draining() const;
   // Requests running (queued or in the engine) now.
   size_t running() const;
+  // Imports copying or holding pages now (for tests: every migration leaves none).
+  size_t imports_in_progress() const;
   // Polls until nothing runs (true), `timeout` passes or `give_up` (if set) returns true.
   bool wait_until_idle(std::chrono::milliseconds timeout,
                        const std::function<bool()>& give_up = {});
@@ -129,9 +154,38 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   void shutdown();
 
  private:
-  struct Call;
   struct Metrics;
   using Clock = std::chrono::steady_clock;
+
+  // One Generate stream. The handler thread creates it and then only reads `outbox`/`end`;
+  // the step loop produces them.
+  struct Call {
+    // Set before the call is enqueued, then read-only.
+    std::string request_id;
+    Request request;  // what the engine runs: prompt_ids + resume_ids
+    int32_t prompt_tokens = 0;
+    int32_t resumed = 0;
+    bool return_logprobs = false;
+    Clock::time_point arrival;
+    int64_t import_handle = 0;  // a migrated request's imported cache; 0 = none
+
+    // Set under WorkerService::mu_, read by the step loop without it.
+    std::atomic<bool> cancelled{false};
+    bool exporting = false;  // guarded by WorkerService::mu_: an Export is copying it
+
+    // Step-loop thread only.
+    RequestId engine_id = 0;
+    bool ended = false;
+    int32_t generated = 0;
+    std::optional<Clock::time_point> first_step;
+    std::optional<Clock::time_point> first_token;
+    Clock::time_point last_token;
+
+    std::mutex mu;
+    std::condition_variable ready;
+    std::deque<mlaserve::v1::GenerateResponse> outbox;  // guarded by mu
+    std::optional<grpc::Status> end;                    // guarded by mu; set after the last message
+  };
 
   // Generate without the requests_total count.
   grpc::Status generate(grpc::ServerContext* context, const mlaserve::v1::GenerateRequest* request,
@@ -163,6 +217,43 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
                    mlaserve::v1::FinishReason reason, Clock::time_point now);
   void fail_call(Call& call, const grpc::Status& status);
   void fail_all_running(const grpc::Status& status);
+
+  // Work on the engine for other threads (the migration handlers): runs `fn` on the step-loop
+  // thread between steps; the future gets its result or exception (kUnavailable if the loop
+  // has stopped).
+  template <typename F>
+  std::future<std::invoke_result_t<F&>> on_step_loop(F fn) {
+    using R = std::invoke_result_t<F&>;
+    auto task = std::make_shared<std::packaged_task<R()>>(std::move(fn));
+    std::future<R> result = task->get_future();
+    post_task([task] { (*task)(); });
+    return result;
+  }
+  // Queues a task for the step loop; throws kUnavailable once the loop has stopped.
+  void post_task(std::function<void()> task);
+
+  // Migration (rpc/worker_migration.cpp).
+  // A copied cache waiting for its migrated Generate.
+  struct HeldImport {
+    int64_t handle = 0;           // the engine's import
+    std::vector<int32_t> tokens;  // the request's tokens at the source's stop
+    Clock::time_point expires;
+  };
+  grpc::Status export_request(grpc::ServerContext& context,
+                              const mlaserve::v1::ExportRequest& request,
+                              grpc::ServerWriter<mlaserve::v1::ExportMessage>& writer);
+  grpc::Status import_request(grpc::ServerContext& context,
+                              const mlaserve::v1::ImportRequest& request,
+                              mlaserve::v1::ImportResponse& response);
+  // For a migrated Generate: waits while an import of the request is copying, then takes
+  // its held cache if it holds exactly `tokens`; otherwise frees it (the request recomputes).
+  void take_import(Call& call, const std::vector<int32_t>& tokens);
+  // Frees the held import of a request id, if any (Cancel of a request that never came).
+  bool drop_held_import(const std::string& request_id);
+  // Step loop: frees a call's imported cache that did not become its request's.
+  void release_import(Call& call);
+  // Step loop: frees the held imports no Generate took in time.
+  void expire_held_imports(Clock::time_point now);
   // Copies the engine's cache and queue sizes into load_; the caller holds mu_.
   void update_load_locked();
 
@@ -183,6 +274,11 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   std::deque<std::shared_ptr<Call>> adds_;
   std::deque<std::shared_ptr<Call>> cancels_;
   std::map<std::string, std::shared_ptr<Call>> calls_;  // running requests by request_id
+  std::deque<std::function<void()>> tasks_;             // on_step_loop's queue
+  bool loop_stopped_ = false;                           // no task runs any more
+  std::map<std::string, int64_t> importing_;            // request id -> import handle, copying
+  std::map<std::string, HeldImport> held_imports_;      // request id -> a copied cache
+  std::condition_variable import_done_;                 // an import left importing_
   uint64_t next_request_number_ = 1;
   mlaserve::v1::WorkerLoad load_;  // tokens_per_second left at 0
   mutable std::deque<std::pair<Clock::time_point, int64_t>> token_events_;

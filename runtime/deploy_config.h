@@ -46,6 +46,9 @@ struct CoordinatorConfig {
   // `stream_write_timeout_s`: a stream whose client takes no message for this long is
   // cancelled and its admission slot and the worker's pages freed. Default: 30.
   int32_t stream_write_timeout_s = 30;
+  // `migrate_on_drain`: a draining worker's running requests move, with their latent caches,
+  // to other workers (live migration) instead of finishing there. Default: true.
+  bool migrate_on_drain = true;
 };
 
 // `workers:` where each group's leader serves its Worker service.

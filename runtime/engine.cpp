@@ -278,17 +278,20 @@ RequestSnapshot Engine::export_request(RequestId id, int32_t from) {
   return snap;
 }
 
-Tensor Engine::copy_latents(RequestId id, int32_t from, int32_t* end) {
+Tensor Engine::copy_latents(RequestId id, int32_t from, int32_t* end, int32_t max_tokens) {
   if (comm_ != nullptr) {
     MLA_THROW(kFailedPrecondition,
               "live migration of a tensor-parallel group's cache is not supported yet (the "
               "request can be exported and recomputed)");
   }
   const Sequence& seq = find(id);
-  MLA_REQUIRE(from >= 0, "copy from token {}", from);
+  MLA_REQUIRE(from >= 0 && max_tokens >= 0, "copy of {} tokens from token {}", max_tokens, from);
   *end = std::max(from, seq.num_computed);
+  if (*end - from > max_tokens) *end = from + max_tokens;
   return cache_.export_range(seq.table, from, *end - from);
 }
+
+int32_t Engine::computed_tokens(RequestId id) { return find(id).num_computed; }
 
 int64_t Engine::begin_import(int32_t num_tokens) {
   if (comm_ != nullptr) {

@@ -16,6 +16,7 @@
 // pages) decides admission, so a follower never runs out of pages the leader had.
 #pragma once
 
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -114,10 +115,14 @@ class Engine {
   //                then export_request(id, end): the request stops only for that last copy;
   //   destination: begin_import(tokens), write_import(h, first, latents) for every copy in
   //                order, then finish_import(h, snapshot), or abort_import(h).
-  // The latents of a running request's tokens [from, computed); `*end` gets computed. Empty
-  // (and *end = from) when the request was preempted and has not recomputed past `from`:
-  // what was copied before stays valid, since latents depend only on the tokens.
-  Tensor copy_latents(RequestId id, int32_t from, int32_t* end);
+  // The latents of a running request's tokens [from, min(computed, from + max_tokens));
+  // `*end` gets the end. Empty (and *end = from) when the request was preempted and has not
+  // recomputed past `from`: what was copied before stays valid, since latents depend only on
+  // the tokens.
+  Tensor copy_latents(RequestId id, int32_t from, int32_t* end,
+                      int32_t max_tokens = std::numeric_limits<int32_t>::max());
+  // Tokens a running request has computed (latents in the cache). Throws kNotFound.
+  int32_t computed_tokens(RequestId id);
   // Reserves pages for `num_tokens` tokens of a request about to arrive; throws
   // kResourceExhausted, before anything is copied, when the cache lacks them.
   int64_t begin_import(int32_t num_tokens);

@@ -52,7 +52,7 @@ using Tokens = std::vector<int32_t>;
 
 inline constexpr int32_t kVocab = 256;        // tests/data/v3
 inline constexpr int32_t kContext = 256;      // its max_position_embeddings
-inline constexpr int kGroups = 2;             // every cluster here: two TP2 groups
+inline constexpr int kGroups = 2;             // every cluster here: two groups (TP2 by default)
 inline constexpr auto kStartupTimeout = 60s;  // mpirun start-up on a loaded 2-core machine
 inline constexpr auto kStopGrace = 10s;
 inline constexpr auto kStreamDeadline = 120s;  // no generation here needs nearly this long
@@ -252,6 +252,67 @@ inline std::string join(const Tokens& t) {
   return s;
 }
 
+// `n` long requests (greedy and seeded), with the offline engine's tokens for each.
+struct Load {
+  std::vector<v1::GenerateRequest> requests;
+  std::vector<Tokens> expected;
+};
+
+inline Load long_requests(int n, int32_t max_tokens, uint32_t seed) {
+  Load load;
+  std::mt19937 rng(seed);
+  for (int i = 0; i < n; ++i) {
+    v1::GenerateRequest r =
+        make_request(random_prompt(rng, 4, 40), max_tokens,
+                     i % 2 == 1 ? std::optional<uint64_t>(seed + i) : std::nullopt);
+    load.expected.push_back(offline_tokens(r));
+    load.requests.push_back(std::move(r));
+  }
+  return load;
+}
+
+// Runs every request of `load` on its own thread through `client`; `act` runs once every
+// stream has its first token (or failed before one). Returns the streams.
+inline std::vector<Stream> run_load(Client& client, const Load& load,
+                                    const std::function<void()>& act) {
+  const int n = static_cast<int>(load.requests.size());
+  std::vector<Stream> streams(n);
+  Countdown first_tokens(n);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < n; ++i) {
+    threads.emplace_back([&, i] {
+      bool first = true;
+      streams[i] =
+          run_stream(client, load.requests[i], kStreamDeadline, [&](const v1::GenerateResponse& m) {
+            if (first && m.token_ids_size() > 0) first_tokens.count_down();
+            first = first && m.token_ids_size() == 0;
+          });
+      if (first) first_tokens.count_down();
+    });
+  }
+  EXPECT_TRUE(first_tokens.wait_for(60s)) << "not every stream got a first token";
+  act();
+  for (std::thread& t : threads) t.join();
+  return streams;
+}
+
+// A command's exit and output (stdout and stderr together).
+struct CommandResult {
+  std::string exit;
+  std::string output;
+};
+
+inline CommandResult run_command(const std::vector<std::string>& argv, const std::string& log,
+                                 const std::vector<std::string>& env = {},
+                                 std::chrono::milliseconds timeout = 60s) {
+  Process p(argv, log, env);
+  if (!p.wait_for_exit(timeout)) p.kill_tree();
+  std::ifstream in(log);
+  std::stringstream text;
+  text << in.rdbuf();
+  return {p.exit_description(), text.str()};
+}
+
 // ---------------------------------------------------------------------------------------
 // The cluster
 
@@ -371,14 +432,17 @@ class ClusterTest : public testing::Test {
       job.port_base = port_base + j * groups_per_job;
       std::vector<std::string> worker = {MLASERVE_BIN,    "worker",
                                          "--model",       model_dir(),
-                                         "--tp",          "2",
+                                         "--tp",          std::to_string(tp_),
                                          "--coordinator", worker_coordinators(),
                                          "--port-base",   std::to_string(port_base)};
       if (layout == Layout::kTwoJobs) worker.insert(worker.end(), {"--group", std::to_string(j)});
-      std::vector<std::string> argv = {MLA_MPIEXEC, "-np", std::to_string(2 * groups_per_job)};
+      std::vector<std::string> argv = {MLA_MPIEXEC, "-np", std::to_string(tp_ * groups_per_job)};
       argv.insert(argv.end(), kMpiFlags.begin(), kMpiFlags.end());
       argv.insert(argv.end(), worker.begin(), worker.end());
       argv.insert(argv.end(), extra.begin(), extra.end());
+      if (j < static_cast<int>(job_extra_.size())) {
+        argv.insert(argv.end(), job_extra_[j].begin(), job_extra_[j].end());
+      }
       job.process =
           std::make_unique<Process>(argv, dir_ + "/workers-" + std::to_string(j) + ".log", kMpiEnv);
       jobs_.push_back(std::move(job));
@@ -451,7 +515,19 @@ class ClusterTest : public testing::Test {
     }
   }
 
+  // `mlaserve admin ARGS` against this test's coordinator, with `secret`.
+  CommandResult admin(const std::vector<std::string>& args, const std::string& secret) {
+    std::vector<std::string> argv = {MLASERVE_BIN, "--log-level", "warn",
+                                     "admin",      "--address",   control_address()};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return run_command(argv, dir_ + "/admin-" + std::to_string(++admin_calls_) + ".log",
+                       {"MLASERVE_CONTROL_SECRET=" + secret});
+  }
+
   std::string dir_;
+  int tp_ = 2;                                       // ranks per worker group
+  std::vector<std::vector<std::string>> job_extra_;  // job j's own worker arguments
+  int admin_calls_ = 0;
   int coordinator_port_ = 0;
   int control_port_ = 0;
   std::vector<std::string> extra_control_addresses_;  // see worker_coordinators()

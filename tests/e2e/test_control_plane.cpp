@@ -11,23 +11,6 @@
 namespace mla::e2e {
 namespace {
 
-// A command's exit and output (stdout and stderr together).
-struct CommandResult {
-  std::string exit;
-  std::string output;
-};
-
-CommandResult run_command(const std::vector<std::string>& argv, const std::string& log,
-                          const std::vector<std::string>& env = {},
-                          std::chrono::milliseconds timeout = 60s) {
-  Process p(argv, log, env);
-  if (!p.wait_for_exit(timeout)) p.kill_tree();
-  std::ifstream in(log);
-  std::stringstream text;
-  text << in.rdbuf();
-  return {p.exit_description(), text.str()};
-}
-
 template <typename Service>
 std::unique_ptr<typename Service::Stub> stub_at(const std::string& address) {
   return Service::NewStub(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
@@ -58,15 +41,6 @@ class ControlPlaneTest : public ClusterTest {
         EXPECT_THAT(worker_ids_, testing::Contains(w));
     }
   }
-
-  CommandResult admin(const std::vector<std::string>& args, const std::string& secret) {
-    std::vector<std::string> argv = {MLASERVE_BIN, "--log-level", "warn",
-                                     "admin",      "--address",   control_address()};
-    argv.insert(argv.end(), args.begin(), args.end());
-    return run_command(argv, dir_ + "/admin-" + std::to_string(++admin_calls_) + ".log",
-                       {"MLASERVE_CONTROL_SECRET=" + secret});
-  }
-  int admin_calls_ = 0;
 };
 
 TEST_F(ControlPlaneTest, EveryAttackIsRefusedAndTheClusterKeepsServing) {

@@ -9,49 +9,6 @@
 namespace mla::e2e {
 namespace {
 
-// `n` long requests (greedy and seeded), with the offline engine's tokens for each.
-struct Load {
-  std::vector<v1::GenerateRequest> requests;
-  std::vector<Tokens> expected;
-};
-
-Load long_requests(int n, int32_t max_tokens, uint32_t seed) {
-  Load load;
-  std::mt19937 rng(seed);
-  for (int i = 0; i < n; ++i) {
-    v1::GenerateRequest r =
-        make_request(random_prompt(rng, 4, 40), max_tokens,
-                     i % 2 == 1 ? std::optional<uint64_t>(seed + i) : std::nullopt);
-    load.expected.push_back(offline_tokens(r));
-    load.requests.push_back(std::move(r));
-  }
-  return load;
-}
-
-// Runs every request of `load` on its own thread through `client`; `act` runs once every
-// stream has its first token (or failed before one). Returns the streams.
-std::vector<Stream> run_load(Client& client, const Load& load, const std::function<void()>& act) {
-  const int n = static_cast<int>(load.requests.size());
-  std::vector<Stream> streams(n);
-  Countdown first_tokens(n);
-  std::vector<std::thread> threads;
-  for (int i = 0; i < n; ++i) {
-    threads.emplace_back([&, i] {
-      bool first = true;
-      streams[i] =
-          run_stream(client, load.requests[i], kStreamDeadline, [&](const v1::GenerateResponse& m) {
-            if (first && m.token_ids_size() > 0) first_tokens.count_down();
-            first = first && m.token_ids_size() == 0;
-          });
-      if (first) first_tokens.count_down();
-    });
-  }
-  EXPECT_TRUE(first_tokens.wait_for(60s)) << "not every stream got a first token";
-  act();
-  for (std::thread& t : threads) t.join();
-  return streams;
-}
-
 TEST_F(ClusterTest, TwoCoordinatorsOneKilledMidStreamEveryStreamCompletesOnTheOther) {
   // A second coordinator; the workers register with both.
   const int second_port = pick_ports(1);

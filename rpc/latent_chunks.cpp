@@ -1,0 +1,107 @@
+#include "rpc/latent_chunks.h"
+
+#include <zlib.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/dtype.h"
+#include "kernels/error.h"
+
+namespace mla {
+
+namespace {
+
+bool is_bf16(const std::string& dtype) {
+  if (dtype == "bfloat16") return true;
+  MLA_REQUIRE(dtype == "float32", "latent dtype '{}': expected float32 or bfloat16", dtype);
+  return false;
+}
+
+uint32_t crc32_of(const std::string& bytes) {
+  uLong crc = crc32(0L, Z_NULL, 0);
+  // zlib takes uInt lengths; chunks are at most kMaxChunkBytes.
+  crc = crc32(crc, reinterpret_cast<const Bytef*>(bytes.data()), static_cast<uInt>(bytes.size()));
+  return static_cast<uint32_t>(crc);
+}
+
+}  // namespace
+
+size_t latent_token_bytes(int32_t num_layers, int32_t width, const std::string& dtype) {
+  return static_cast<size_t>(num_layers) * static_cast<size_t>(width) * (is_bf16(dtype) ? 2 : 4);
+}
+
+std::vector<mlaserve::v1::LatentChunk> encode_latent_chunks(const Tensor& latents, int32_t first,
+                                                            const std::string& dtype,
+                                                            size_t max_bytes) {
+  MLA_REQUIRE(latents.ndim() == 3 && latents.dtype() == DType::kF32,
+              "latents to send must be fp32 [layers, tokens, width], got {} {}",
+              dtype_name(latents.dtype()), shape_str(latents.shape()));
+  const auto layers = static_cast<int32_t>(latents.dim(0));
+  const auto n = static_cast<int32_t>(latents.dim(1));
+  const auto width = static_cast<int32_t>(latents.dim(2));
+  const bool bf16 = is_bf16(dtype);
+  const size_t token_bytes = latent_token_bytes(layers, width, dtype);
+  const auto per_chunk = static_cast<int32_t>(std::max<size_t>(1, max_bytes / token_bytes));
+  const float* src = latents.data<float>();
+  std::vector<mlaserve::v1::LatentChunk> chunks;
+  for (int32_t t0 = 0; t0 < n; t0 += per_chunk) {
+    const int32_t count = std::min(per_chunk, n - t0);
+    mlaserve::v1::LatentChunk chunk;
+    chunk.set_first_token(first + t0);
+    chunk.set_num_tokens(count);
+    std::string& data = *chunk.mutable_data();
+    data.resize(token_bytes * count);
+    char* out = data.data();
+    const size_t row = static_cast<size_t>(count) * width;  // one layer's values in the chunk
+    for (int32_t l = 0; l < layers; ++l) {
+      const float* in = src + (static_cast<size_t>(l) * n + t0) * width;
+      if (bf16) {
+        for (size_t i = 0; i < row; ++i) {
+          const uint16_t v = f32_to_bf16(in[i]);
+          std::memcpy(out + 2 * i, &v, 2);
+        }
+        out += 2 * row;
+      } else {
+        std::memcpy(out, in, 4 * row);
+        out += 4 * row;
+      }
+    }
+    chunk.set_crc32(crc32_of(data));
+    chunks.push_back(std::move(chunk));
+  }
+  return chunks;
+}
+
+Tensor decode_latent_chunk(const mlaserve::v1::LatentChunk& chunk, int32_t num_layers,
+                           int32_t width, const std::string& dtype) {
+  const bool bf16 = is_bf16(dtype);
+  const int32_t n = chunk.num_tokens();
+  MLA_REQUIRE(n >= 1 && chunk.first_token() >= 0,
+              "latent chunk: tokens [{}, +{}) is not a run of tokens", chunk.first_token(), n);
+  const size_t token_bytes = latent_token_bytes(num_layers, width, dtype);
+  MLA_REQUIRE(
+      chunk.data().size() == token_bytes * n,
+      "latent chunk of {} tokens: {} bytes of data, expected {} ({} layers x {} values, {})", n,
+      chunk.data().size(), token_bytes * n, num_layers, width, dtype);
+  if (crc32_of(chunk.data()) != chunk.crc32()) {
+    MLA_THROW(kDataLoss, "latent chunk of tokens [{}, {}): checksum mismatch", chunk.first_token(),
+              chunk.first_token() + n);
+  }
+  Tensor out = Tensor::empty({num_layers, n, width});
+  const size_t count = static_cast<size_t>(num_layers) * n * width;
+  if (bf16) {
+    const char* in = chunk.data().data();
+    float* dst = out.data<float>();
+    for (size_t i = 0; i < count; ++i) {
+      uint16_t v;
+      std::memcpy(&v, in + 2 * i, 2);
+      dst[i] = bf16_to_f32(v);
+    }
+  } else {
+    std::memcpy(out.data<float>(), chunk.data().data(), 4 * count);
+  }
+  return out;
+}
+
+}  // namespace mla

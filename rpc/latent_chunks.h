@@ -1,0 +1,39 @@
+// Latent chunks: how a request's cache latents travel between workers in a live migration
+// (Worker.Export, mlaserve.proto's LatentChunk). A chunk holds the latents of a run of tokens
+// for every layer, [num_layers, num_tokens, width], in the cache's own element type (float32
+// on the CPU backend, bfloat16 on GPUs: what the source stores, so nothing is rounded), with a
+// CRC-32 of its bytes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/tensor.h"
+#include "mlaserve/v1/mlaserve.pb.h"
+
+namespace mla {
+
+// Default and largest ExportRequest.max_chunk_bytes.
+inline constexpr int32_t kDefaultChunkBytes = 1 << 20;
+inline constexpr int32_t kMaxChunkBytes = 4 << 20;
+
+// The wire size of one token's latents (all layers) in `dtype` ("float32" or "bfloat16");
+// throws kInvalidArgument for another dtype.
+size_t latent_token_bytes(int32_t num_layers, int32_t width, const std::string& dtype);
+
+// Splits fp32 host latents [num_layers, n, width] of tokens [first, first + n) (as
+// LatentCache::export_range returns them) into chunks of at most `max_bytes` of data (at
+// least one token each), converted to `dtype`. No chunk for n = 0.
+std::vector<mlaserve::v1::LatentChunk> encode_latent_chunks(const Tensor& latents, int32_t first,
+                                                            const std::string& dtype,
+                                                            size_t max_bytes);
+
+// The chunk's latents as fp32 host [num_layers, num_tokens, width]. Throws kDataLoss when the
+// checksum does not match and kInvalidArgument when the data is not num_tokens tokens of
+// that geometry.
+Tensor decode_latent_chunk(const mlaserve::v1::LatentChunk& chunk, int32_t num_layers,
+                           int32_t width, const std::string& dtype);
+
+}  // namespace mla

@@ -1,0 +1,366 @@
+// Live migration on a real cluster of two TP1 groups (two mpirun jobs): an operator's
+// Migrate (C++ admin client and `mlaserve admin migrate`), migrations every 100 ms under 64
+// streams, drain and SIGTERM moving a worker's requests, and the failure cases (a target
+// without room, a target or source that dies mid-migration, a client that cancels during
+// one). Every stream must carry exactly the offline engine's tokens (greedy and seeded), and
+// every cache page must come back free on both sides.
+#include <signal.h>
+
+#include <future>
+
+#include "rpc/shared_secret.h"
+#include "tests/e2e/cluster_fixture.h"
+
+namespace mla::e2e {
+namespace {
+
+class MigrationTest : public ClusterTest {
+ protected:
+  void SetUp() override {
+    ClusterTest::SetUp();
+    tp_ = 1;
+  }
+
+  AdminClient admin_client() {
+    return AdminClient(control_address(), SharedSecret::load(""), nullptr, 60s);
+  }
+
+  // The job whose group serves `worker_id`.
+  WorkerJob& job_of(const std::string& worker_id) {
+    for (WorkerJob& job : jobs_) {
+      if (worker_id_of(job, 0) == worker_id) return job;
+    }
+    throw std::runtime_error("no job serves " + worker_id);
+  }
+  // The pid of a job's group leader (rank 0).
+  pid_t leader_of(const WorkerJob& job) {
+    const auto leader = mpi_rank_process(job.process->pid(), 0, 5s);
+    if (!leader) throw std::runtime_error("no rank 0 under " + job.process->command_line());
+    return leader->pid;
+  }
+  // The other worker of the two.
+  std::string other_than(const std::string& worker_id) const {
+    return worker_ids_[0] == worker_id ? worker_ids_[1] : worker_ids_[0];
+  }
+
+  // Latent bytes per token on the wire: every layer's d_c + d_r values in fp32 (CPU).
+  static int64_t token_bytes() {
+    const ModelConfig& c = offline_model()->config();
+    return c.num_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 4;
+  }
+
+  // Every page free on both workers and nothing in flight, in a heartbeat after `since`.
+  void expect_no_pages_held(Clock::time_point since) {
+    v1::ListWorkersResponse last;
+    EXPECT_TRUE(wait_for_idle_cache(since, 5s, &last)) << "pages or requests left behind:\n"
+                                                       << format_cluster_status(last);
+  }
+
+  // Streams `request` on a thread; `started` is set with the worker of its first token.
+  struct Running {
+    std::thread thread;
+    Stream stream;
+    std::promise<std::string> first_worker;
+  };
+  std::unique_ptr<Running> start_stream(const v1::GenerateRequest& request) {
+    auto r = std::make_unique<Running>();
+    r->thread = std::thread([this, request, run = r.get()] {
+      bool first = true;
+      run->stream = run_stream(client(), request, kStreamDeadline, [&](const auto& m) {
+        if (first && m.token_ids_size() > 0) {
+          first = false;
+          run->first_worker.set_value(m.worker_id());
+        }
+      });
+      if (first) run->first_worker.set_value("");
+    });
+    return r;
+  }
+};
+
+v1::GenerateRequest named(v1::GenerateRequest r, const std::string& id) {
+  r.set_request_id(id);
+  return r;
+}
+
+TEST_F(MigrationTest, AnOperatorMovesRunningRequestsWithTheirCachesAndTheTokensDoNotChange) {
+  ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));
+  Load load = long_requests(4, 200, 23);  // greedy and seeded
+  for (size_t i = 0; i < load.requests.size(); ++i) {
+    load.requests[i].set_request_id("moved-" + std::to_string(i));
+  }
+  std::vector<v1::MigrateResponse> moved(load.requests.size());
+  CommandResult by_cli;
+  const auto start = Clock::now();
+  const std::vector<Stream> streams = run_load(client(), load, [&] {
+    // The tiny model finishes a request in ~0.1 s: frozen, the workers keep every request
+    // running until the migrations are under way (each takes a few ms once they thaw).
+    const std::vector<pid_t> leaders = {leader_of(jobs_[0]), leader_of(jobs_[1])};
+    for (pid_t pid : leaders) ::kill(pid, SIGSTOP);
+    std::vector<std::thread> migrations;
+    for (size_t i = 1; i < load.requests.size(); ++i) {
+      migrations.emplace_back(
+          [&, i] { moved[i] = admin_client().migrate(load.requests[i].request_id()); });
+    }
+    migrations.emplace_back([&] {
+      by_cli = admin({"migrate", load.requests[0].request_id()}, kControlSecret);
+    });
+    std::this_thread::sleep_for(400ms);
+    for (pid_t pid : leaders) ::kill(pid, SIGCONT);
+    for (std::thread& t : migrations) t.join();
+  });
+  for (size_t i = 0; i < streams.size(); ++i) {
+    const std::string what = "stream " + std::to_string(i);
+    expect_complete(streams[i], load.requests[i], load.expected[i], what);
+    ASSERT_EQ(streams[i].result.worker_ids.size(), 2u) << what << " did not move";
+    EXPECT_NE(streams[i].result.worker_ids[0], streams[i].result.worker_ids[1]) << what;
+  }
+  EXPECT_EQ(by_cli.exit, "exit 0") << by_cli.output;
+  EXPECT_THAT(by_cli.output, HasSubstr("migrated from")) << by_cli.output;
+  EXPECT_THAT(by_cli.output, HasSubstr("over grpc")) << by_cli.output;
+  for (size_t i = 1; i < moved.size(); ++i) {
+    const v1::MigrationStats& s = moved[i].stats();
+    EXPECT_EQ(moved[i].outcome(), "migrated");
+    EXPECT_EQ(s.transport(), "grpc");
+    EXPECT_EQ(s.source_worker_id(), streams[i].result.worker_ids[0]);
+    EXPECT_EQ(s.destination_worker_id(), streams[i].result.worker_ids[1]);
+    // Latents only, of every computed token: prompt plus the tokens generated so far.
+    EXPECT_GE(s.tokens(), load.requests[i].prompt_ids_size());
+    EXPECT_EQ(s.bytes(), s.tokens() * token_bytes());
+    EXPECT_GE(s.stages(), 1);
+    std::cout << "moved " << s.tokens() << " tokens (" << s.bytes() << " bytes) in " << s.chunks()
+              << " chunks, " << s.stages() << " stages, " << s.duration_ms()
+              << " ms; the source stopped " << s.stop_ms() << " ms\n";
+  }
+  std::cout << by_cli.output;
+  expect_no_pages_held(start);
+}
+
+TEST_F(MigrationTest, SixtyFourStreamsWithAMigrationEvery100MsLoseNothing) {
+  ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));
+  Load load = long_requests(64, 160, 29);
+  for (size_t i = 0; i < load.requests.size(); ++i) {
+    load.requests[i].set_request_id("busy-" + std::to_string(i));
+  }
+  std::atomic<bool> done{false};
+  int migrated = 0, ended = 0, refused = 0;
+  std::map<std::string, int> refusals;
+  std::thread migrator;
+  const auto start = Clock::now();
+  const std::vector<Stream> streams = run_load(client(), load, [&] {
+    migrator = std::thread([&] {
+      AdminClient control = admin_client();
+      std::mt19937 rng(31);
+      while (!done) {
+        const auto& r = load.requests[rng() % load.requests.size()];
+        try {
+          const v1::MigrateResponse m = control.migrate(r.request_id());
+          (m.outcome() == "migrated" ? migrated : ended) += 1;
+        } catch (const Error& e) {
+          // Finished already, between workers, or already moving: refused, nothing moved.
+          ++refused;
+          ++refusals[error_code_name(e.code())];
+          EXPECT_TRUE(e.code() == ErrorCode::kNotFound ||
+                      e.code() == ErrorCode::kFailedPrecondition)
+              << e.what();
+        }
+        std::this_thread::sleep_for(100ms);
+      }
+    });
+  });
+  done = true;
+  migrator.join();
+  int moved = 0;
+  for (size_t i = 0; i < streams.size(); ++i) {
+    expect_complete(streams[i], load.requests[i], load.expected[i], "stream " + std::to_string(i));
+    moved += streams[i].result.worker_ids.size() > 1;
+  }
+  EXPECT_GT(migrated, 0);
+  EXPECT_GT(moved, 0);
+  std::cout << migrated << " migrations, " << ended << " requests ended first, " << refused
+            << " refused (";
+  for (const auto& [code, n] : refusals) std::cout << code << " " << n << " ";
+  std::cout << "); " << moved << " of 64 streams moved\n";
+  expect_no_pages_held(start);
+}
+
+TEST_F(MigrationTest, ATargetWithoutRoomRefusesBeforeAnyCopyAndTheRequestStays) {
+  // The second worker's cache holds one page (64 tokens): too few for the request.
+  job_extra_ = {{}, {"--num-pages", "1"}};
+  ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));
+  const std::string small = worker_id_of(jobs_[1], 0);
+  // Everything runs on the big worker while the small one is drained, then it comes back.
+  EXPECT_EQ(admin({"drain", "--finish-in-place", small}, kControlSecret).exit, "exit 0");
+  std::mt19937 rng(37);
+  const v1::GenerateRequest r = named(make_request(random_prompt(rng, 90, 100), 150), "big");
+  const Tokens expected = offline_tokens(r);
+  auto running = start_stream(r);
+  const std::string source = running->first_worker.get_future().get();
+  EXPECT_NE(source, small);
+  // Frozen, the source keeps the request running while the small worker comes back (the
+  // target refuses without calling the source, so the freeze does not hold it up).
+  const pid_t source_leader = leader_of(job_of(source));
+  ::kill(source_leader, SIGSTOP);
+  EXPECT_EQ(admin({"undrain", small}, kControlSecret).exit, "exit 0");
+  const auto alive = wait_for_alive(2, 5s);
+  const auto start = Clock::now();
+  const Failure refused = failure_of([&] { admin_client().migrate("big", small); });
+  ::kill(source_leader, SIGCONT);
+  ASSERT_TRUE(alive.has_value());
+  running->thread.join();
+  EXPECT_EQ(refused.code, ErrorCode::kResourceExhausted) << refused.message;
+  EXPECT_THAT(refused.message, HasSubstr("no room")) << refused.message;
+  expect_complete(running->stream, r, expected, "the request that could not move");
+  EXPECT_EQ(running->stream.result.worker_ids, std::vector<std::string>{source});
+  expect_no_pages_held(start);
+}
+
+TEST_F(MigrationTest, ATargetThatDiesMidMigrationLeavesTheRequestRunningAtItsSource) {
+  ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));
+  std::mt19937 rng(41);
+  const v1::GenerateRequest r = named(make_request(random_prompt(rng, 20, 30), 220, 43), "stays");
+  const Tokens expected = offline_tokens(r);
+  auto running = start_stream(r);
+  const std::string source = running->first_worker.get_future().get();
+  const std::string target = other_than(source);
+  WorkerJob& target_job = job_of(target);
+  const auto leader = mpi_rank_process(target_job.process->pid(), 0, 5s);
+  ASSERT_TRUE(leader.has_value());
+  // Frozen, the target holds the Import call open; then it dies under it.
+  ::kill(leader->pid, SIGSTOP);
+  Failure failed;
+  std::thread migrate(
+      [&] { failed = failure_of([&] { admin_client().migrate("stays", target); }); });
+  std::this_thread::sleep_for(300ms);
+  target_job.process->kill_tree();
+  migrate.join();
+  running->thread.join();
+  EXPECT_EQ(failed.code, ErrorCode::kUnavailable) << failed.message;
+  expect_complete(running->stream, r, expected, "the request whose target died");
+  EXPECT_EQ(running->stream.result.worker_ids, std::vector<std::string>{source});
+  v1::ListWorkersResponse last;
+  EXPECT_TRUE(wait_for_idle_cache(Clock::now(), 5s, &last)) << format_cluster_status(last);
+}
+
+TEST_F(MigrationTest, ASourceThatDiesMidMigrationFallsBackToReplayOnTheTarget) {
+  ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));
+  std::mt19937 rng(47);
+  const v1::GenerateRequest r =
+      named(make_request(random_prompt(rng, 20, 30), 220, 53), "replayed");
+  const Tokens expected = offline_tokens(r);
+  auto running = start_stream(r);
+  const std::string source = running->first_worker.get_future().get();
+  const std::string target = other_than(source);
+  WorkerJob& source_job = job_of(source);
+  const auto leader = mpi_rank_process(source_job.process->pid(), 0, 5s);
+  ASSERT_TRUE(leader.has_value());
+  // Frozen, the source holds the target's Export call open; then it dies under it.
+  ::kill(leader->pid, SIGSTOP);
+  Failure failed;
+  std::thread migrate(
+      [&] { failed = failure_of([&] { admin_client().migrate("replayed", target); }); });
+  std::this_thread::sleep_for(300ms);
+  source_job.process->kill_tree();
+  migrate.join();
+  running->thread.join();
+  EXPECT_TRUE(failed.code.has_value()) << "the migration from a dead source succeeded";
+  expect_complete(running->stream, r, expected, "the request whose source died");
+  EXPECT_EQ(running->stream.result.worker_ids, (std::vector<std::string>{source, target}));
+  v1::ListWorkersResponse last;
+  EXPECT_TRUE(wait_for_idle_cache(Clock::now(), 5s, &last)) << format_cluster_status(last);
+}
+
+TEST_F(MigrationTest, AClientThatCancelsDuringAMigrationLeavesNoPageOnEitherSide) {
+  ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));
+  std::mt19937 rng(59);
+  const v1::GenerateRequest r = named(make_request(random_prompt(rng, 20, 30), 220), "cancelled");
+  auto running = start_stream(r);
+  const std::string source = running->first_worker.get_future().get();
+  const std::string target = other_than(source);
+  // Frozen, both workers hold the request and the migration until the client has cancelled.
+  const std::vector<pid_t> leaders = {leader_of(job_of(source)), leader_of(job_of(target))};
+  for (pid_t pid : leaders) ::kill(pid, SIGSTOP);
+  v1::MigrateResponse response;
+  Failure failed;
+  std::thread migrate([&] {
+    failed = failure_of([&] { response = admin_client().migrate("cancelled", target); });
+  });
+  std::this_thread::sleep_for(200ms);
+  EXPECT_TRUE(client().cancel("cancelled"));
+  running->thread.join();
+  for (pid_t pid : leaders) ::kill(pid, SIGCONT);
+  migrate.join();
+  ASSERT_TRUE(running->stream.ok) << running->stream.error;
+  EXPECT_EQ(running->stream.result.finish, v1::FINISH_REASON_CANCELLED);
+  // Nothing was left to move: the migration ends without moving anything.
+  EXPECT_TRUE(failed.code.has_value() || response.outcome() == "ended")
+      << "outcome " << response.outcome();
+  std::cout << "the migration: " << (failed.code ? failed.message : response.outcome()) << "\n";
+  ASSERT_TRUE(wait_for_alive(2, 5s).has_value());
+  v1::ListWorkersResponse last;
+  EXPECT_TRUE(wait_for_idle_cache(Clock::now(), 5s, &last)) << format_cluster_status(last);
+}
+
+TEST_F(MigrationTest, DrainMovesEveryRunningRequestToTheOtherWorker) {
+  ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));
+  // 64 streams: each step runs a batch, so requests last long enough to be moved.
+  const Load load = long_requests(64, 200, 61);
+  const std::string leaving = worker_ids_[0];
+  CommandResult drained;
+  const auto start = Clock::now();
+  const std::vector<Stream> streams = run_load(client(), load, [&] {
+    // Frozen while the drain is asked, the worker still runs every request it had.
+    const pid_t leader = leader_of(job_of(leaving));
+    ::kill(leader, SIGSTOP);
+    drained = admin({"drain", leaving}, kControlSecret);
+    ::kill(leader, SIGCONT);
+  });
+  int moved = 0;
+  for (size_t i = 0; i < streams.size(); ++i) {
+    const std::string what = "stream " + std::to_string(i);
+    expect_complete(streams[i], load.requests[i], load.expected[i], what);
+    const auto& workers = streams[i].result.worker_ids;
+    if (workers.front() == leaving) {
+      ASSERT_EQ(workers.size(), 2u) << what << " stayed on the drained worker";
+      EXPECT_EQ(workers.back(), other_than(leaving)) << what;
+      ++moved;
+    }
+  }
+  EXPECT_EQ(drained.exit, "exit 0") << drained.output;
+  EXPECT_THAT(drained.output, HasSubstr("moving")) << drained.output;
+  EXPECT_GT(moved, 0);
+  std::cout << drained.output << moved << " of 64 streams moved off the drained worker\n";
+  expect_no_pages_held(start);
+}
+
+TEST_F(MigrationTest, SigtermOnAWorkerMovesItsRequestsAndItExitsAtOnce) {
+  ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs, {"--drain-timeout", "60"}));
+  const Load load = long_requests(64, 200, 67);
+  const std::string leaving = worker_id_of(jobs_[0], 0);
+  const auto leader = mpi_rank_process(jobs_[0].process->pid(), 0, 5s);
+  ASSERT_TRUE(leader.has_value());
+  Clock::time_point signalled;
+  const std::vector<Stream> streams = run_load(client(), load, [&] {
+    signalled = Clock::now();
+    ::kill(leader->pid, SIGTERM);
+  });
+  // The coordinator hears of the drain in the worker's next heartbeat, sent at once; a
+  // request that finishes before its turn to move just finishes.
+  int moved = 0, stayed = 0;
+  for (size_t i = 0; i < streams.size(); ++i) {
+    expect_complete(streams[i], load.requests[i], load.expected[i], "stream " + std::to_string(i));
+    if (streams[i].result.worker_ids.front() == leaving) {
+      (streams[i].result.worker_ids.size() == 2 ? moved : stayed) += 1;
+    }
+  }
+  EXPECT_GT(moved, 0);
+  // Its requests gone elsewhere, the worker does not wait out its 60 s drain timeout.
+  ASSERT_TRUE(jobs_[0].process->wait_for_exit(kStopGrace));
+  EXPECT_EQ(jobs_[0].process->exit_description(), "exit 0");
+  std::cout << moved << " streams moved off the SIGTERMed worker, " << stayed
+            << " finished there first; its job exited " << seconds_since(signalled)
+            << " s after the signal\n";
+}
+
+}  // namespace
+}  // namespace mla::e2e

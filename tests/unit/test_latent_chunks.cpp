@@ -1,0 +1,99 @@
+// Latent chunks (rpc/latent_chunks.h): what a live migration puts on the wire round-trips
+// exactly in the cache's own dtype, splits at the byte limit, and refuses damaged data.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <random>
+
+#include "kernels/dtype.h"
+#include "kernels/error.h"
+#include "rpc/latent_chunks.h"
+
+namespace mla {
+namespace {
+
+constexpr int32_t kLayers = 3;
+constexpr int32_t kWidth = 48;
+
+// fp32 latents [layers, n, width]; with `bf16_exact` every value is a bf16 value (what a
+// device cache exports), so the bf16 wire format must carry it exactly.
+Tensor random_latents(int32_t n, bool bf16_exact, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist;
+  Tensor t = Tensor::empty({kLayers, n, kWidth});
+  float* p = t.data<float>();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    p[i] = bf16_exact ? bf16_to_f32(f32_to_bf16(dist(rng))) : dist(rng);
+  }
+  return t;
+}
+
+// The chunks' latents put back together, checking they cover [first, first + n) in order.
+Tensor reassemble(const std::vector<mlaserve::v1::LatentChunk>& chunks, int32_t first, int32_t n,
+                  const std::string& dtype) {
+  Tensor out = Tensor::empty({kLayers, n, kWidth});
+  int32_t next = first;
+  for (const auto& chunk : chunks) {
+    EXPECT_EQ(chunk.first_token(), next);
+    const Tensor part = decode_latent_chunk(chunk, kLayers, kWidth, dtype);
+    for (int32_t l = 0; l < kLayers; ++l) {
+      for (int32_t t = 0; t < chunk.num_tokens(); ++t) {
+        for (int32_t c = 0; c < kWidth; ++c) {
+          out.data<float>()[(static_cast<int64_t>(l) * n + next - first + t) * kWidth + c] =
+              part.data<float>()[(static_cast<int64_t>(l) * chunk.num_tokens() + t) * kWidth + c];
+        }
+      }
+    }
+    next += chunk.num_tokens();
+  }
+  EXPECT_EQ(next, first + n);
+  return out;
+}
+
+TEST(LatentChunks, Float32RoundTripsExactlyAcrossChunks) {
+  const Tensor latents = random_latents(37, false, 1);
+  const size_t token_bytes = latent_token_bytes(kLayers, kWidth, "float32");
+  const auto chunks = encode_latent_chunks(latents, 100, "float32", 5 * token_bytes + 3);
+  ASSERT_EQ(chunks.size(), 8u);  // 7 chunks of 5 tokens, 1 of 2
+  for (const auto& c : chunks) EXPECT_LE(c.data().size(), 5 * token_bytes);
+  const Tensor back = reassemble(chunks, 100, 37, "float32");
+  EXPECT_EQ(std::memcmp(back.raw(), latents.raw(), latents.nbytes()), 0);
+}
+
+TEST(LatentChunks, Bfloat16CarriesADeviceCachesValuesExactlyInHalfTheBytes) {
+  const Tensor latents = random_latents(20, true, 2);
+  const auto chunks = encode_latent_chunks(latents, 0, "bfloat16", kDefaultChunkBytes);
+  ASSERT_EQ(chunks.size(), 1u);
+  EXPECT_EQ(chunks[0].data().size(), 20u * kLayers * kWidth * 2);
+  const Tensor back = reassemble(chunks, 0, 20, "bfloat16");
+  EXPECT_EQ(std::memcmp(back.raw(), latents.raw(), latents.nbytes()), 0);
+}
+
+TEST(LatentChunks, AChunkSmallerThanOneTokenStillCarriesOneTokenEach) {
+  const auto chunks = encode_latent_chunks(random_latents(3, false, 3), 7, "float32", 1);
+  ASSERT_EQ(chunks.size(), 3u);
+  EXPECT_EQ(chunks[2].first_token(), 9);
+  EXPECT_TRUE(encode_latent_chunks(Tensor::empty({kLayers, 0, kWidth}), 0, "float32", 64).empty());
+}
+
+TEST(LatentChunks, DamagedOrMisshapenDataIsRefused) {
+  auto chunks = encode_latent_chunks(random_latents(4, false, 4), 0, "float32", 1 << 20);
+  ASSERT_EQ(chunks.size(), 1u);
+  auto flipped = chunks[0];
+  (*flipped.mutable_data())[17] ^= 0x40;
+  try {
+    decode_latent_chunk(flipped, kLayers, kWidth, "float32");
+    FAIL() << "a flipped bit passed the checksum";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kDataLoss) << e.what();
+  }
+  // The same bytes read as another geometry, or a chunk that claims another token count.
+  EXPECT_THROW(decode_latent_chunk(chunks[0], kLayers + 1, kWidth, "float32"), Error);
+  auto short_count = chunks[0];
+  short_count.set_num_tokens(3);
+  EXPECT_THROW(decode_latent_chunk(short_count, kLayers, kWidth, "float32"), Error);
+  EXPECT_THROW(decode_latent_chunk(chunks[0], kLayers, kWidth, "float16"), Error);
+}
+
+}  // namespace
+}  // namespace mla
