@@ -16,5 +16,7 @@ void add_bench_command(CLI::App& app, int& exit_code);
 void add_bench_kernels_command(CLI::App& app, int& exit_code);
 // Whole-model decode steps at chosen batch and context (launch/cmd_bench_decode.cpp).
 void add_bench_decode_command(CLI::App& app, int& exit_code);
+// Live migration downtime and bandwidth against a cluster (launch/cmd_bench_migration.cpp).
+void add_bench_migration_command(CLI::App& app, int& exit_code);
 
 }  // namespace mla::launch

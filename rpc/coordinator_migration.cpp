@@ -53,10 +53,14 @@ grpc::Status CoordinatorService::migrate(const v1::MigrateRequest& request,
         return refuse(grpc::StatusCode::FAILED_PRECONDITION,
                       fmt::format("to_worker: request '{}' already runs on {}", id, source.id));
       }
-      if (target->state != WorkerState::kAlive) {
+      // Alive as the worker itself last said: one just undrained takes requests again only
+      // once it has heard so.
+      if (target->state != WorkerState::kAlive || target->worker_draining) {
         return refuse(
             grpc::StatusCode::FAILED_PRECONDITION,
-            fmt::format("to_worker: worker {} is {}", target->id, state_name(target->state)));
+            fmt::format(
+                "to_worker: worker {} is {}", target->id,
+                target->state == WorkerState::kAlive ? "draining" : state_name(target->state)));
       }
     } else {
       target = migration_target_locked(source.id);
@@ -152,7 +156,7 @@ CoordinatorService::WorkerEntry* CoordinatorService::migration_target_locked(
     const std::string& source) {
   WorkerEntry* best = nullptr;
   for (auto& [id, w] : workers_) {
-    if (id == source || w.state != WorkerState::kAlive) continue;
+    if (id == source || w.state != WorkerState::kAlive || w.worker_draining) continue;
     if (!best || w.load.free_pages() > best->load.free_pages() ||
         (w.load.free_pages() == best->load.free_pages() && w.in_flight < best->in_flight)) {
       best = &w;

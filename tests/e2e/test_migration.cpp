@@ -204,7 +204,12 @@ TEST_F(MigrationTest, ATargetWithoutRoomRefusesBeforeAnyCopyAndTheRequestStays) 
   EXPECT_EQ(admin({"undrain", small}, kControlSecret).exit, "exit 0");
   const auto alive = wait_for_alive(2, 5s);
   const auto start = Clock::now();
-  const Failure refused = failure_of([&] { admin_client().migrate("big", small); });
+  // Refused as draining until the small worker's heartbeat says it heard the undrain.
+  Failure refused;
+  do {
+    refused = failure_of([&] { admin_client().migrate("big", small); });
+  } while (refused.code == ErrorCode::kFailedPrecondition && Clock::now() < start + 3s &&
+           (std::this_thread::sleep_for(20ms), true));
   ::kill(source_leader, SIGCONT);
   ASSERT_TRUE(alive.has_value());
   running->thread.join();
