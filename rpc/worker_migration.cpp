@@ -276,10 +276,7 @@ grpc::Status WorkerService::import_request(grpc::ServerContext& context,
     importing_[id] = handle;
   }
 
-  const auto channel = grpc::CreateChannel(
-      request.source_address(),
-      options_.peer_credentials ? options_.peer_credentials : grpc::InsecureChannelCredentials());
-  const auto stub = v1::Worker::NewStub(channel);
+  const auto stub = v1::Worker::NewStub(peer_channel(request.source_address()));
   // The coordinator's deadline and cancellation reach the source too.
   auto call = grpc::ClientContext::FromServerContext(context);
   if (options_.secret) options_.secret->attach(*call);
@@ -393,6 +390,21 @@ grpc::Status WorkerService::import_request(grpc::ServerContext& context,
       options_.worker_id, id, source, stats.tokens(), stats.bytes(), stats.chunks(), stats.stages(),
       stats.duration_ms(), stats.stop_ms());
   return grpc::Status::OK;
+}
+
+std::shared_ptr<grpc::Channel> WorkerService::peer_channel(const std::string& address) {
+  std::lock_guard lk(mu_);
+  auto it = peer_channels_.find(address);
+  if (it != peer_channels_.end()) return it->second;
+  // Bounded: a worker talks to the other groups of its deployment, not to strangers (the
+  // addresses come from the authenticated coordinator), but a long-lived worker sees
+  // groups come and go.
+  if (peer_channels_.size() >= 256) peer_channels_.clear();
+  auto channel =
+      grpc::CreateChannel(address, options_.peer_credentials ? options_.peer_credentials
+                                                             : grpc::InsecureChannelCredentials());
+  peer_channels_.emplace(address, channel);
+  return channel;
 }
 
 void WorkerService::take_import(Call& call, const std::vector<int32_t>& tokens) {

@@ -248,6 +248,9 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   // For a migrated Generate: waits while an import of the request is copying, then takes
   // its held cache if it holds exactly `tokens`; otherwise frees it (the request recomputes).
   void take_import(Call& call, const std::vector<int32_t>& tokens);
+  // The channel to another worker, kept per address: a warm connection has its TCP and
+  // HTTP/2 flow-control windows grown already.
+  std::shared_ptr<grpc::Channel> peer_channel(const std::string& address);
   // Frees the held import of a request id, if any (Cancel of a request that never came).
   bool drop_held_import(const std::string& request_id);
   // Step loop: frees a call's imported cache that did not become its request's.
@@ -279,6 +282,7 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   std::map<std::string, int64_t> importing_;            // request id -> import handle, copying
   std::map<std::string, HeldImport> held_imports_;      // request id -> a copied cache
   std::condition_variable import_done_;                 // an import left importing_
+  std::map<std::string, std::shared_ptr<grpc::Channel>> peer_channels_;  // by address
   uint64_t next_request_number_ = 1;
   mlaserve::v1::WorkerLoad load_;  // tokens_per_second left at 0
   mutable std::deque<std::pair<Clock::time_point, int64_t>> token_events_;
