@@ -361,6 +361,77 @@ INSTANTIATE_TEST_SUITE_P(GreedyAndSeeded, ResumeTest,
                          [](const auto& info) { return info.param ? "seeded" : "greedy"; });
 
 // ---------------------------------------------------------------------------------------
+// Migration (the end-to-end moves are in tests/e2e/test_migration.cpp)
+
+TEST_F(WorkerServiceTest, AMigratedGenerateWithoutAnImportedCacheRecomputesItsContext) {
+  TestWorker w;
+  constexpr int32_t kMax = 12;
+  const Tokens& prompt = golden().prompts[1];
+  const StreamResult full = generate(*w.stub, make_request(prompt, kMax));
+  ASSERT_TRUE(full.status.ok()) << full.status.error_message();
+  v1::GenerateRequest moved = make_request(prompt, kMax);
+  moved.set_request_id("arrived-without-cache");
+  moved.set_migrated(true);
+  for (int32_t i = 0; i < 5; ++i) moved.add_resume_ids(full.tokens[i]);
+  const StreamResult rest = generate(*w.stub, moved);
+  ASSERT_TRUE(rest.status.ok()) << rest.status.error_message();
+  EXPECT_EQ(rest.tokens, Tokens(full.tokens.begin() + 5, full.tokens.end()));
+  EXPECT_TRUE(w.all_pages_free());
+  EXPECT_EQ(w.service.imports_in_progress(), 0u);
+}
+
+TEST_F(WorkerServiceTest, AnImportWithoutRoomIsRefusedBeforeTheSourceIsCalled) {
+  TestWorker w(engine_options(/*block_size=*/16, /*num_pages=*/4));  // room for 64 tokens
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + kRpcDeadline);
+  v1::ImportRequest ask;
+  ask.set_request_id("too-big");
+  ask.set_source_worker_id("nowhere");
+  ask.set_source_address("127.0.0.1:1");  // nothing listens: a call would fail UNAVAILABLE
+  ask.set_expected_tokens(100);
+  v1::ImportResponse response;
+  const grpc::Status status = w.stub->Import(&ctx, ask, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+  EXPECT_NE(status.error_message().find("no room"), std::string::npos) << status.error_message();
+  EXPECT_EQ(w.service.imports_in_progress(), 0u);
+  EXPECT_TRUE(w.all_pages_free());
+
+  // With room, the unreachable source fails the import, and its pages are freed.
+  grpc::ClientContext ctx2;
+  ctx2.set_deadline(std::chrono::system_clock::now() + kRpcDeadline);
+  ask.set_expected_tokens(40);
+  const grpc::Status unreachable = w.stub->Import(&ctx2, ask, &response);
+  EXPECT_EQ(unreachable.error_code(), grpc::StatusCode::UNAVAILABLE) << unreachable.error_message();
+  EXPECT_EQ(w.service.imports_in_progress(), 0u);
+  EXPECT_TRUE(w.all_pages_free());
+}
+
+TEST_F(WorkerServiceTest, AnExportToAnotherModelIsRefusedNamingTheField) {
+  TestWorker w;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + kRpcDeadline);
+  v1::ExportRequest ask;
+  ask.set_request_id("any");
+  *ask.mutable_model() = w.service.model_info();
+  ask.mutable_model()->set_config_hash("0123");
+  auto reader = w.stub->Export(&ctx, ask);
+  v1::ExportMessage m;
+  EXPECT_FALSE(reader->Read(&m));
+  const grpc::Status status = reader->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << status.error_message();
+  EXPECT_NE(status.error_message().find("config_hash"), std::string::npos)
+      << status.error_message();
+
+  // The same model, a request that does not run here.
+  grpc::ClientContext ctx2;
+  ctx2.set_deadline(std::chrono::system_clock::now() + kRpcDeadline);
+  *ask.mutable_model() = w.service.model_info();
+  auto reader2 = w.stub->Export(&ctx2, ask);
+  EXPECT_FALSE(reader2->Read(&m));
+  EXPECT_EQ(reader2->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+// ---------------------------------------------------------------------------------------
 // Bad input
 
 TEST_F(WorkerServiceTest, BadInputGetsInvalidArgumentNamingTheFieldAndServingGoesOn) {
