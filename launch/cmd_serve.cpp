@@ -137,6 +137,7 @@ struct WorkerArgs {
   int32_t port_base = 0;
   int32_t group = 0;
   int32_t drain_timeout_s = 0;
+  std::string role;
 };
 
 std::vector<std::string> split_list(const std::string& list) {
@@ -156,6 +157,9 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
   if (given("--group")) d.workers.group = a.group;
   if (given("--coordinator")) d.workers.coordinators = split_list(a.coordinator);
   if (given("--drain-timeout")) d.workers.drain_timeout_s = a.drain_timeout_s;
+  if (given("--role")) d.workers.role = a.role;
+  MLA_REQUIRE(d.workers.role == "prefill" || d.workers.role == "decode" || d.workers.role == "both",
+              "--role / workers.role: prefill, decode or both, got '{}'", d.workers.role);
   MLA_REQUIRE(d.workers.group >= 0, "--group must be >= 0, got {}", d.workers.group);
   MLA_REQUIRE(d.workers.drain_timeout_s >= 0, "--drain-timeout must be >= 0, got {}",
               d.workers.drain_timeout_s);
@@ -216,6 +220,7 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
     lopts.worker_id = address;
     lopts.worker_address = address;
     lopts.model = service.model_info();
+    lopts.role = d.workers.role;
     lopts.load = [&service] { return service.load(); };
     lopts.draining = [&service] { return service.draining(); };
     lopts.on_drain = [&service] { service.drain(); };
@@ -428,6 +433,9 @@ void add_serve_commands(CLI::App& app, int& exit_code) {
   worker->add_option("--drain-timeout", w->drain_timeout_s,
                      "Seconds a SIGTERMed worker gives running requests before they fail over "
                      "(default: workers.drain_timeout_s, 30)");
+  worker->add_option("--role", w->role,
+                     "prefill, decode or both (default: workers.role, both): prefill groups hand "
+                     "each request to a decode group after its first token");
   worker->callback([w, worker, &exit_code] { exit_code = run_worker(*w, *worker); });
 
   auto c = std::make_shared<CoordinatorArgs>();

@@ -114,6 +114,7 @@ bool CoordinatorLink::register_once() {
   v1::RegisterWorkerRequest req;
   req.set_worker_id(options_.worker_id);
   req.set_address(options_.worker_address);
+  req.set_role(options_.role);
   *req.mutable_model() = options_.model;
   *req.mutable_load() = options_.load();
   req.set_draining(options_.draining && options_.draining());

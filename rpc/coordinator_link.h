@@ -25,6 +25,7 @@ struct CoordinatorLinkOptions {
   std::string worker_address;  // host:port where this worker's Worker service listens. Required.
   mlaserve::v1::ModelInfo model;
   std::function<mlaserve::v1::WorkerLoad()> load;  // called for every heartbeat. Required.
+  std::string role = "both";                       // RegisterWorkerRequest.role. Default: both.
   // Whether the worker takes no new requests, sent with every registration and heartbeat.
   // Default: none (never draining).
   std::function<bool()> draining;

@@ -152,17 +152,40 @@ grpc::Status CoordinatorService::migrate(const v1::MigrateRequest& request,
                                            source_id, target_id, status.error_message())};
 }
 
+const char* CoordinatorService::role_name(Role role) {
+  switch (role) {
+    case Role::kPrefill:
+      return "prefill";
+    case Role::kDecode:
+      return "decode";
+    case Role::kBoth:
+      break;
+  }
+  return "both";
+}
+
 CoordinatorService::WorkerEntry* CoordinatorService::migration_target_locked(
     const std::string& source) {
   WorkerEntry* best = nullptr;
+  auto better = [](const WorkerEntry& w, const WorkerEntry& than) {
+    const bool decode = w.role == Role::kDecode, than_decode = than.role == Role::kDecode;
+    if (decode != than_decode) return decode;
+    if (w.load.free_pages() != than.load.free_pages()) {
+      return w.load.free_pages() > than.load.free_pages();
+    }
+    return w.in_flight < than.in_flight;
+  };
   for (auto& [id, w] : workers_) {
     if (id == source || w.state != WorkerState::kAlive || w.worker_draining) continue;
-    if (!best || w.load.free_pages() > best->load.free_pages() ||
-        (w.load.free_pages() == best->load.free_pages() && w.in_flight < best->in_flight)) {
-      best = &w;
-    }
+    if (w.role == Role::kPrefill) continue;
+    if (!best || better(w, *best)) best = &w;
   }
   return best;
+}
+
+void CoordinatorService::queue_handoff_locked(const std::string& request_id) {
+  migration_queue_.push_back(request_id);
+  migrator_cv_.notify_all();
 }
 
 void CoordinatorService::queue_migrations_locked(const WorkerEntry& worker) {

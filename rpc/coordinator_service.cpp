@@ -294,6 +294,7 @@ void CoordinatorService::list_workers(v1::ListWorkersResponse* response) const {
     status->set_worker_id(id);
     status->set_address(worker.address);
     status->set_state(state_name(worker.state));
+    status->set_role(role_name(worker.role));
     *status->mutable_load() = worker.load;
     *status->mutable_model() = worker.model;
     status->set_in_flight(worker.in_flight);
@@ -373,6 +374,11 @@ grpc::Status CoordinatorService::register_worker(const Peer& peer,
     return {grpc::StatusCode::INVALID_ARGUMENT,
             fmt::format("address: must be host:port, at most {} characters", kMaxAddressLength)};
   }
+  const std::string role = request.role().empty() ? "both" : request.role();
+  if (role != "prefill" && role != "decode" && role != "both") {
+    return {grpc::StatusCode::INVALID_ARGUMENT,
+            fmt::format("role: prefill, decode or both, got '{}'", request.role().substr(0, 16))};
+  }
   if (model.vocab_size() <= 0 || model.max_context() <= 0) {
     return {grpc::StatusCode::INVALID_ARGUMENT,
             fmt::format("model: vocab_size ({}) and max_context ({}) must be > 0",
@@ -418,6 +424,7 @@ grpc::Status CoordinatorService::register_worker(const Peer& peer,
   worker.session = random_hex(16);
   worker.stub = std::move(stub);
   worker.model = model;
+  worker.role = role == "prefill" ? Role::kPrefill : role == "decode" ? Role::kDecode : Role::kBoth;
   worker.load = request.load();
   worker.last_heartbeat = Clock::now();
   worker.worker_draining = request.draining();

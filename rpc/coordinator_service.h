@@ -203,6 +203,9 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallba
  private:
   using Clock = std::chrono::steady_clock;
   enum class WorkerState { kAlive, kDraining, kDead };
+  // RegisterWorkerRequest.role.
+  enum class Role { kBoth, kPrefill, kDecode };
+  static const char* role_name(Role role);
 
   // An operator's drain or undrain, not yet confirmed by the worker's heartbeats.
   enum class Command { kNone, kDrain, kUndrain };
@@ -220,6 +223,7 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallba
     bool worker_draining = false;  // as the worker last said
     Command command = Command::kNone;
     int32_t in_flight = 0;
+    Role role = Role::kBoth;
   };
 
   class Relay;  // one Generate stream: rpc/generate_relay.cpp
@@ -267,7 +271,10 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallba
   void monitor_loop();
   // Queues the migration of every request running on `worker` (drain); mu_ held.
   void queue_migrations_locked(const WorkerEntry& worker);
-  // The live worker other than `source` with the most free pages, or null; mu_ held.
+  // Queues the hand-off of a request from a prefill worker to a decode one; mu_ held.
+  void queue_handoff_locked(const std::string& request_id);
+  // The live worker other than `source` with the most free pages, or null; mu_ held. A
+  // prefill-only worker is never chosen; decode workers come before those that do both.
   WorkerEntry* migration_target_locked(const std::string& source);
   // Runs queued migrations, one at a time per migrator thread, until shutdown.
   void migrator_loop();

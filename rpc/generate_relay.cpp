@@ -247,6 +247,8 @@ class CoordinatorService::Relay::Attempt final
   const std::shared_ptr<v1::Worker::StubInterface>& stub() const { return stub_; }
   Clock::time_point dispatch() const { return dispatch_; }
   size_t sent_before = 0;  // tokens the client had when this attempt started
+  // A prefill worker's attempt: the request moves to a decode worker after its first token.
+  bool hand_off = false;
 
  private:
   Relay& relay_;
@@ -357,11 +359,21 @@ void CoordinatorService::Relay::start_attempt() {
 
 CoordinatorService::WorkerEntry* CoordinatorService::Relay::pick_worker_locked(
     const std::vector<int32_t>& prompt) {
+  // A new request starts on a worker that prefills (prefill or both); decode workers take it
+  // only when no such worker is left.
+  const bool fresh =
+      sent_.size() == static_cast<size_t>(request_.received_ids_size()) && failovers_ == 0;
   std::vector<WorkerView> views;
   views.reserve(service_.workers_.size());
+  bool prefill_left = false;
+  for (const auto& [id, w] : service_.workers_) {
+    prefill_left = prefill_left || (w.state == WorkerState::kAlive && !tried_.contains(id) &&
+                                    w.role != Role::kDecode);
+  }
   for (const auto& [id, w] : service_.workers_) {
     views.push_back({.id = id,
-                     .routable = w.state == WorkerState::kAlive && !tried_.contains(id),
+                     .routable = w.state == WorkerState::kAlive && !tried_.contains(id) &&
+                                 !(fresh && prefill_left && w.role == Role::kDecode),
                      .free_pages = w.load.free_pages(),
                      .total_pages = w.load.total_pages(),
                      .running = w.load.running(),
@@ -387,6 +399,7 @@ void CoordinatorService::Relay::stream_from_locked(WorkerEntry& worker, InFlight
   }
   attempt_ = std::make_unique<Attempt>(*this, worker.id, worker.stub, dispatch);
   attempt_->sent_before = sent_.size();
+  attempt_->hand_off = worker.role == Role::kPrefill;
   worker_request_.mutable_resume_ids()->Assign(sent_.begin(), sent_.end());
   worker_request_.set_migrated(migrated);
   // The context exists from here on, so Cancel and the monitor can reach it. The attempt may
@@ -425,6 +438,13 @@ bool CoordinatorService::Relay::relay_message(v1::GenerateResponse& message) {
   }
   message.set_request_id(request_id_);
   if (message.worker_id().empty()) message.set_worker_id(attempt_->worker_id());
+  if (attempt_->hand_off && message.token_ids_size() > 0 &&
+      message.finish_reason() == v1::FINISH_REASON_UNSPECIFIED) {
+    // Prefilled: on to a decode worker (disaggregated serving), as a migration.
+    attempt_->hand_off = false;
+    std::lock_guard lock(service_.mu_);
+    service_.queue_handoff_locked(request_id_);
+  }
   if (message.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
     finished_ = true;
     // Usage and timings span all attempts. queue_ms: the worker's queue time counts when its

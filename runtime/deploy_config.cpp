@@ -119,11 +119,13 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
     read(co, "heartbeat_interval_ms", c.coordinator.heartbeat_interval_ms, "coordinator.", origin);
   }
   if (const auto wk = root["workers"]) {
-    reject_unknown(
-        wk, {"host", "port_base", "metrics_port_base", "group", "coordinators", "drain_timeout_s"},
-        "workers.", origin);
+    reject_unknown(wk,
+                   {"host", "port_base", "metrics_port_base", "group", "coordinators",
+                    "drain_timeout_s", "role"},
+                   "workers.", origin);
     read(wk, "coordinators", c.workers.coordinators, "workers.", origin);
     read(wk, "drain_timeout_s", c.workers.drain_timeout_s, "workers.", origin);
+    read(wk, "role", c.workers.role, "workers.", origin);
     read(wk, "host", c.workers.host, "workers.", origin);
     read(wk, "port_base", c.workers.port_base, "workers.", origin);
     read(wk, "metrics_port_base", c.workers.metrics_port_base, "workers.", origin);

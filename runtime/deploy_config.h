@@ -66,6 +66,10 @@ struct WorkersConfig {
   // `drain_timeout_s`: on SIGTERM a worker takes no new requests and gives the running ones
   // this long to finish; the rest fail over to other groups. Default: 30.
   int32_t drain_timeout_s = 30;
+  // `role`: prefill | decode | both. Prefill groups take new requests and hand each, with
+  // its cache, to a decode group after its first token (disaggregated prefill/decode);
+  // decode groups take requests that way. Default: both.
+  std::string role = "both";
 };
 
 // `control:` the shared secret every control-plane and worker call carries. It is read from
