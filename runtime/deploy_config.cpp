@@ -143,7 +143,6 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
     read(tls, "ca_file", c.tls.ca_file, "tls.", origin);
     read(tls, "require_client_cert", c.tls.require_client_cert, "tls.", origin);
   }
-  MLA_REQUIRE(!c.model_dir.empty(), "{}: `model` (the model directory) is required", origin);
   MLA_REQUIRE(c.coordinator.forget_dead_after_s >= 1,
               "{}: coordinator.forget_dead_after_s must be >= 1", origin);
   MLA_REQUIRE(c.coordinator.drain_timeout_s >= 0, "{}: coordinator.drain_timeout_s must be >= 0",

@@ -92,7 +92,7 @@ struct TlsConfig {
 };
 
 struct DeployConfig {
-  std::string model_dir;  // `model`: Hugging Face model directory. Required.
+  std::string model_dir;  // `model`: Hugging Face model directory. Required by workers.
   ModelOptions model;     // `absorb`: naive | factored | premerged | auto. Default: auto.
                           // `device`: cpu | cuda. Default: cpu.
                           // `cuda_graphs`: capture decode steps. Default: true.

@@ -50,6 +50,21 @@ ForwardInputs forward_inputs(const Schedule& schedule) {
   return in;
 }
 
+// Calls fn(layer, token, n) for each run of tokens [first, first + count) that rank `rank` of a
+// sequence-sharded group stores (page j on rank j mod P), in the order its rows travel when it
+// sends them to the leader: layer by layer, runs in token order.
+template <typename Fn>
+void for_each_rank_run(const ShardPlan& shard, int32_t rank, int32_t block_size, int32_t num_layers,
+                       int32_t first, int32_t count, Fn fn) {
+  for (int32_t layer = 0; layer < num_layers; ++layer) {
+    for (int32_t at = first; at < first + count;) {
+      const int32_t n = std::min(block_size - at % block_size, first + count - at);
+      if ((at / block_size) % shard.tp_size() == rank) fn(layer, at, n);
+      at += n;
+    }
+  }
+}
+
 }  // namespace
 
 int32_t EngineOptions::cache_pages(const Model& model) const {
@@ -101,7 +116,12 @@ void Engine::follow() {
     StepPlan plan = StepPlan::decode(words);
     if (plan.kind == StepPlan::Kind::kShutdown) return;
     if (plan.kind == StepPlan::Kind::kHeartbeat) continue;
-    run_forward(follower_batch(std::move(plan)), {});
+    if (plan.is_cache_op()) {
+      follow_cache_op(plan);
+      continue;
+    }
+    ForwardBatch batch = follower_batch(std::move(plan));
+    if (!batch.seqs.empty()) run_forward(batch, {});
   }
 }
 
@@ -123,6 +143,82 @@ ForwardBatch Engine::follower_batch(StepPlan plan) {
   return batch;
 }
 
+void Engine::follow_cache_op(const StepPlan& plan) {
+  const StepPlan::CacheOp& op = plan.op;
+  const CacheGeometry& g = cache_.geometry();
+  switch (plan.kind) {
+    case StepPlan::Kind::kCopyLatents: {
+      // This rank's rows of the request's tokens, packed, to the leader.
+      auto it = follower_tables_.find(op.id);
+      const BlockTable none;
+      const Tensor rows =
+          cache_.export_range(it == follower_tables_.end() ? none : it->second, op.first, op.count);
+      std::vector<float> packed;
+      for_each_rank_run(cache_.shard(), comm_->rank(), g.block_size, g.num_layers, op.first,
+                        op.count, [&](int32_t layer, int32_t at, int32_t n) {
+                          const float* src =
+                              rows.f32() + (int64_t{layer} * op.count + at - op.first) * g.width();
+                          packed.insert(packed.end(), src, src + int64_t{n} * g.width());
+                        });
+      control_->send(packed.data(), static_cast<int64_t>(packed.size() * sizeof(float)), 0);
+      return;
+    }
+    case StepPlan::Kind::kWriteImport: {
+      Tensor latents = Tensor::empty({g.num_layers, op.count, g.width()});
+      control_->broadcast(latents.f32(), latents.numel() * static_cast<int64_t>(sizeof(float)), 0);
+      BlockTable& table = follower_imports_[op.import];
+      MLA_CHECK(cache_.reserve(table, op.first + op.count),
+                "follower rank {} has no pages for an import its leader could place",
+                comm_->rank());
+      cache_.write_range(table, op.first, latents);
+      return;
+    }
+    case StepPlan::Kind::kFinishImport:
+      follower_tables_[op.id] = std::move(follower_imports_[op.import]);
+      follower_imports_.erase(op.import);
+      return;
+    case StepPlan::Kind::kAbortImport:
+      if (auto it = follower_imports_.find(op.import); it != follower_imports_.end()) {
+        cache_.release(it->second);
+        follower_imports_.erase(it);
+      }
+      return;
+    default:
+      MLA_CHECK(false, "step plan kind {} is not a cache op", static_cast<int64_t>(plan.kind));
+  }
+}
+
+void Engine::send_cache_op(StepPlan::Kind kind, const StepPlan::CacheOp& op) {
+  StepPlan plan;
+  plan.kind = kind;
+  plan.op = op;
+  send_plan(plan);
+}
+
+Tensor Engine::latents_of(const Sequence& seq, int32_t first, int32_t count) {
+  Tensor out = cache_.export_range(seq.table, first, count);
+  if (comm_ == nullptr || cache_.holds_every_page() || count == 0) return out;
+  // The followers' pages: each sends its rows, packed, and the leader puts them in place.
+  send_cache_op(StepPlan::Kind::kCopyLatents, {.id = seq.id, .first = first, .count = count});
+  const CacheGeometry& g = cache_.geometry();
+  for (int rank = 1; rank < comm_->size(); ++rank) {
+    int64_t values = 0;
+    for_each_rank_run(cache_.shard(), rank, g.block_size, g.num_layers, first, count,
+                      [&](int32_t, int32_t, int32_t n) { values += int64_t{n} * g.width(); });
+    std::vector<float> packed(values);
+    control_->recv(packed.data(), values * static_cast<int64_t>(sizeof(float)), rank);
+    const float* src = packed.data();
+    for_each_rank_run(cache_.shard(), rank, g.block_size, g.num_layers, first, count,
+                      [&](int32_t layer, int32_t at, int32_t n) {
+                        const int64_t len = int64_t{n} * g.width();
+                        std::copy(src, src + len,
+                                  out.f32() + (int64_t{layer} * count + at - first) * g.width());
+                        src += len;
+                      });
+  }
+  return out;
+}
+
 void Engine::send_plan(const StepPlan& plan) {
   std::vector<int64_t> words = plan.encode();
   broadcast_plan(words);
@@ -131,12 +227,16 @@ void Engine::send_plan(const StepPlan& plan) {
 void Engine::heartbeat() {
   if (comm_ == nullptr || !is_leader() || shut_down_) return;
   StepPlan plan;
-  plan.kind = StepPlan::Kind::kHeartbeat;
+  // Pages released since the last step (finished, cancelled or migrated requests) are freed
+  // on the followers now rather than at the next step.
+  plan.kind = released_.empty() ? StepPlan::Kind::kHeartbeat : StepPlan::Kind::kStep;
+  plan.released.swap(released_);
   send_plan(plan);
 }
 
 void Engine::shutdown() {
   if (comm_ == nullptr || !is_leader() || shut_down_) return;
+  if (!released_.empty()) heartbeat();
   shut_down_ = true;
   StepPlan plan;
   plan.kind = StepPlan::Kind::kShutdown;
@@ -270,8 +370,8 @@ RequestSnapshot Engine::export_request(RequestId id, int32_t from) {
   Sequence& seq = find(id);
   MLA_REQUIRE(from >= 0, "export from token {}", from);
   const int32_t end = std::max(from, seq.num_computed);
-  RequestSnapshot snap{seq.request, seq.tokens, seq.prompt_len,
-                       cache_.export_range(seq.table, from, end - from), from};
+  RequestSnapshot snap{seq.request, seq.tokens, seq.prompt_len, latents_of(seq, from, end - from),
+                       from};
   if (comm_ != nullptr) released_.push_back(seq.id);
   scheduler_.remove(&seq);
   seqs_.erase(id);
@@ -279,26 +379,18 @@ RequestSnapshot Engine::export_request(RequestId id, int32_t from) {
 }
 
 Tensor Engine::copy_latents(RequestId id, int32_t from, int32_t* end, int32_t max_tokens) {
-  if (comm_ != nullptr) {
-    MLA_THROW(kFailedPrecondition,
-              "live migration of a tensor-parallel group's cache is not supported yet (the "
-              "request can be exported and recomputed)");
-  }
   const Sequence& seq = find(id);
   MLA_REQUIRE(from >= 0 && max_tokens >= 0, "copy of {} tokens from token {}", max_tokens, from);
   *end = std::max(from, seq.num_computed);
   if (*end - from > max_tokens) *end = from + max_tokens;
-  return cache_.export_range(seq.table, from, *end - from);
+  return latents_of(seq, from, *end - from);
 }
 
 int32_t Engine::computed_tokens(RequestId id) { return find(id).num_computed; }
 
 int64_t Engine::begin_import(int32_t num_tokens) {
-  if (comm_ != nullptr) {
-    MLA_THROW(kFailedPrecondition,
-              "live migration into a tensor-parallel group is not supported yet (the request "
-              "can be imported and recomputed)");
-  }
+  // The leader's pages decide (it stores the most of every sequence); the followers take
+  // theirs as the latents arrive.
   MLA_REQUIRE(num_tokens >= 0, "import of {} tokens", num_tokens);
   Import import;
   if (!cache_.reserve(import.table, num_tokens)) {
@@ -325,24 +417,31 @@ void Engine::write_import(int64_t handle, int32_t first, const Tensor& latents) 
   }
   cache_.write_range(import.table, first, latents);
   import.covered = end;
+  if (comm_ == nullptr || latents.dim(1) == 0) return;
+  // Every rank writes its own pages (all of them in a replicated group) from the same rows.
+  send_cache_op(StepPlan::Kind::kWriteImport,
+                {.import = handle, .first = first, .count = end - first});
+  control_->broadcast(latents.f32(), latents.numel() * static_cast<int64_t>(sizeof(float)), 0);
 }
 
 RequestId Engine::finish_import(int64_t handle, const RequestSnapshot& snap) {
   auto it = imports_.find(handle);
   if (it == imports_.end()) MLA_THROW(kNotFound, "unknown import {}", handle);
   auto seq = sequence_of(snap);
-  if (snap.latents.defined() && snap.latents.dim(1) > 0) {
-    write_import(handle, snap.latents_from, snap.latents);
-  }
-  Import& import = it->second;
-  MLA_REQUIRE(import.covered <= static_cast<int32_t>(snap.tokens.size()),
-              "import has latents for {} tokens but the request only {} tokens", import.covered,
+  const int64_t tail = snap.latents.defined() ? snap.latents.dim(1) : 0;
+  const int64_t covered = std::max<int64_t>(it->second.covered, snap.latents_from + tail);
+  MLA_REQUIRE(covered <= static_cast<int64_t>(snap.tokens.size()),
+              "import has latents for {} tokens but the request only {} tokens", covered,
               snap.tokens.size());
+  if (tail > 0) write_import(handle, snap.latents_from, snap.latents);
+  Import& import = it->second;
   seq->table = std::move(import.table);
   // The last token is always run again, so the next step has a token to run.
   seq->num_computed = std::min(import.covered, static_cast<int32_t>(seq->tokens.size()) - 1);
   imports_.erase(it);
-  return admit(std::move(seq));
+  const RequestId id = admit(std::move(seq));
+  if (comm_ != nullptr) send_cache_op(StepPlan::Kind::kFinishImport, {.import = handle, .id = id});
+  return id;
 }
 
 bool Engine::abort_import(int64_t handle) {
@@ -350,25 +449,24 @@ bool Engine::abort_import(int64_t handle) {
   if (it == imports_.end()) return false;
   cache_.release(it->second.table);
   imports_.erase(it);
+  if (comm_ != nullptr) send_cache_op(StepPlan::Kind::kAbortImport, {.import = handle});
   return true;
 }
 
 RequestId Engine::import_request(const RequestSnapshot& snap) {
-  auto seq = sequence_of(snap);
+  auto seq = sequence_of(snap);  // validated before any page is taken
   MLA_REQUIRE(snap.latents_from == 0,
               "import_request takes a whole snapshot; a staged one goes "
               "through begin_import and finish_import");
-  const int32_t computed = static_cast<int32_t>(snap.latents.dim(1));
+  const int32_t computed = snap.latents.defined() ? static_cast<int32_t>(snap.latents.dim(1)) : 0;
   MLA_REQUIRE(computed <= static_cast<int32_t>(snap.tokens.size()),
               "snapshot has latents for {} tokens but only {} tokens", computed,
               snap.tokens.size());
-  // Without room for the latents the request still continues: it recomputes them. The last
-  // token is always recomputed, so the next step has a token to run. A tensor-parallel
-  // group recomputes too: its followers' shards would not hold the imported latents.
-  if (computed > 0 && comm_ == nullptr && cache_.import_tokens(seq->table, snap.latents)) {
-    seq->num_computed = std::min(computed, static_cast<int32_t>(seq->tokens.size()) - 1);
+  // Without room for the latents the request still continues: it recomputes them.
+  if (computed == 0 || cache_.pages_for(computed) > cache_.pool().num_free()) {
+    return admit(std::move(seq));
   }
-  return admit(std::move(seq));
+  return finish_import(begin_import(computed), snap);
 }
 
 }  // namespace mla

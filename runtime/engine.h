@@ -88,8 +88,9 @@ class Engine {
   // Leader: ends the followers' follow() loops. Idempotent; a no-op for one rank.
   void shutdown();
   // Leader: tells idle followers the leader is alive (they wait for plans with the
-  // communicator's timeout and fail if the leader goes silent). A serving loop calls it
-  // when it has had no step for a while. A no-op for one rank.
+  // communicator's timeout and fail if the leader goes silent), and has them free the pages
+  // of requests that ended since the last step. A serving loop calls it when it has had no
+  // step for a while. A no-op for one rank.
   void heartbeat();
 
   // Validates and queues a request; throws kInvalidArgument naming the bad field
@@ -106,15 +107,19 @@ class Engine {
   // latents of its computed tokens from `from` on. Throws kNotFound for an unknown id.
   RequestSnapshot export_request(RequestId id, int32_t from = 0);
   // Continues a request exported by another engine (whole: latents_from 0); returns its id
-  // here. Without room for the latents, or in a tensor-parallel group, it recomputes them.
+  // here. Without room for the latents it recomputes them.
   RequestId import_request(const RequestSnapshot& snapshot);
 
-  // Live migration in stages (as Llumnix does), one rank (throws kFailedPrecondition in a
-  // tensor-parallel group, whose followers' shards would not hold the latents):
+  // Live migration in stages (as Llumnix does):
   //   source:      copy_latents(id, 0, &end) ... step() ... copy_latents(id, end, &end) ...
   //                then export_request(id, end): the request stops only for that last copy;
   //   destination: begin_import(tokens), write_import(h, first, latents) for every copy in
   //                order, then finish_import(h, snapshot), or abort_import(h).
+  // Latents travel in a per-token layout, so the two groups may differ in block size, TP size
+  // and cache layout. In a tensor-parallel group these are collectives the leader starts with a
+  // cache-op plan: a copy gathers the followers' rows of a sequence-sharded cache at the leader
+  // (over the control communicator), and an import's rows are broadcast for every rank to
+  // write its own pages.
   // The latents of a running request's tokens [from, min(computed, from + max_tokens));
   // `*end` gets the end. Empty (and *end = from) when the request was preempted and has not
   // recomputed past `from`: what was copied before stays valid, since latents depend only on
@@ -160,6 +165,13 @@ class Engine {
   void broadcast_plan(std::vector<int64_t>& plan);
   // Follower: applies a step plan to this rank's cache shard and returns the batch to run.
   ForwardBatch follower_batch(StepPlan plan);
+  // Follower: its part of a migration's cache op (see StepPlan).
+  void follow_cache_op(const StepPlan& plan);
+  // Leader: starts a cache op on the followers.
+  void send_cache_op(StepPlan::Kind kind, const StepPlan::CacheOp& op);
+  // Leader: the latents of tokens [first, first + count) of `seq`, the followers' rows of a
+  // sequence-sharded cache included: [layers, count, d_c + d_r] fp32.
+  Tensor latents_of(const Sequence& seq, int32_t first, int32_t count);
   void validate(const Request& r) const;
   // Gives `seq` its id and hands it to the scheduler; returns the id.
   RequestId admit(std::unique_ptr<Sequence> seq);
@@ -180,6 +192,7 @@ class Engine {
   EngineStats stats_;
   std::vector<RequestId> released_;  // leader: sequences whose pages were freed since the last plan
   std::map<RequestId, BlockTable> follower_tables_;  // follower: this rank's pages per sequence
+  std::map<int64_t, BlockTable> follower_imports_;   // follower: its pages of imports under way
   struct Import {
     BlockTable table;
     int32_t covered = 0;  // tokens [0, covered) written

@@ -14,16 +14,16 @@
 namespace mla {
 namespace {
 
-// Calls fn(first_token, count, page) for each run of tokens [0, num_tokens) that shares a
-// page; within a run the rows are contiguous in the cache.
+// Calls fn(token, row, count, page) for each run of tokens [first, first + num) within one page
+// that this rank stores: `count` tokens from `token` on, at rows [row, row + count) of `page`
+// (a page of `table`, which lists only the stored pages, in order).
 template <typename Fn>
-// Calls fn(token, row, count, page) for each run of tokens [first, first + num) within one page:
-// `count` tokens from `token` on, at rows [row, row + count) of `page`.
-void for_each_page_run(const BlockTable& table, int32_t block_size, int32_t first, int32_t num,
-                       Fn fn) {
+void for_each_page_run(const BlockTable& table, const ShardPlan& shard, int32_t block_size,
+                       int32_t first, int32_t num, Fn fn) {
   for (int32_t at = first; at < first + num;) {
     const int32_t row = at % block_size, n = std::min(block_size - row, first + num - at);
-    fn(at, row, n, table.pages[at / block_size]);
+    const int32_t page = at / block_size;
+    if (shard.owns_page(page)) fn(at, row, n, table.pages[shard.local_page_index(page)]);
     at += n;
   }
 }
@@ -105,17 +105,17 @@ const float* LatentCache::page_block(int32_t page, int32_t layer) const {
 }
 
 Tensor LatentCache::export_range(const BlockTable& table, int32_t first, int32_t count) const {
-  MLA_REQUIRE(holds_every_page(), "export of a sequence-sharded cache shard is not supported");
   // An empty range is empty anywhere (a preempted sequence's table holds nothing).
   MLA_REQUIRE(
       0 <= first && 0 <= count && (count == 0 || int64_t{first} + count <= table.num_tokens),
       "cannot export tokens [{}, {}) from a table of {}", first, int64_t{first} + count,
       table.num_tokens);
   const int64_t width = geometry_.width();
-  Tensor out = Tensor::empty({geometry_.num_layers, count, width});
+  Tensor out = holds_every_page() ? Tensor::empty({geometry_.num_layers, count, width})
+                                  : Tensor::zeros({geometry_.num_layers, count, width});
   for (int32_t layer = 0; layer < geometry_.num_layers; ++layer) {
     float* dst = out.f32() + int64_t{layer} * count * width;
-    for_each_page_run(table, geometry_.block_size, first, count,
+    for_each_page_run(table, shard_, geometry_.block_size, first, count,
                       [&](int32_t at, int32_t row, int32_t n, int32_t page) {
                         read_rows(page, layer, row, n, dst + (at - first) * width);
                       });
@@ -124,7 +124,6 @@ Tensor LatentCache::export_range(const BlockTable& table, int32_t first, int32_t
 }
 
 void LatentCache::write_range(const BlockTable& table, int32_t first, const Tensor& latents) {
-  MLA_REQUIRE(holds_every_page(), "import into a sequence-sharded cache shard is not supported");
   MLA_REQUIRE(latents.dtype() == DType::kF32 && latents.ndim() == 3 &&
                   latents.dim(0) == geometry_.num_layers && latents.dim(2) == geometry_.width(),
               "latents {} {} do not match cache [{}, tokens, {}] F32", shape_str(latents.shape()),
@@ -135,7 +134,7 @@ void LatentCache::write_range(const BlockTable& table, int32_t first, const Tens
               table.num_tokens);
   for (int32_t layer = 0; layer < geometry_.num_layers; ++layer) {
     const float* src = latents.f32() + int64_t{layer} * count * width;
-    for_each_page_run(table, geometry_.block_size, first, static_cast<int32_t>(count),
+    for_each_page_run(table, shard_, geometry_.block_size, first, static_cast<int32_t>(count),
                       [&](int32_t at, int32_t row, int32_t n, int32_t page) {
                         write_rows(page, layer, row, n, src + (at - first) * width);
                       });
@@ -143,7 +142,6 @@ void LatentCache::write_range(const BlockTable& table, int32_t first, const Tens
 }
 
 bool LatentCache::import_tokens(BlockTable& table, const Tensor& latents) {
-  MLA_REQUIRE(holds_every_page(), "import into a sequence-sharded cache shard is not supported");
   MLA_REQUIRE(table.pages.empty() && table.num_tokens == 0,
               "import needs an empty block table, got one with {} pages", table.pages.size());
   MLA_REQUIRE(latents.ndim() == 3 && latents.dim(1) <= std::numeric_limits<int32_t>::max(),

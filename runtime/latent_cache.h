@@ -14,7 +14,7 @@
 // pages_for() counts only those. With a replicated plan every rank stores every page.
 //
 // Export/import move a sequence's latents between caches (migration, draining, failover)
-// in a per-token layout, so the two caches may use different block sizes.
+// in a per-token layout, so the two caches may use different block sizes and shard layouts.
 // Not thread-safe: the engine's step loop owns the cache.
 #pragma once
 
@@ -97,12 +97,14 @@ class LatentCache {
     return export_range(table, 0, num_tokens);
   }
   // The same for tokens [first, first + count): [num_layers, count, width] (live migration
-  // copies a running sequence's latents in stages). Throws kInvalidArgument for a non-empty
-  // range outside [0, table.num_tokens).
+  // copies a running sequence's latents in stages). On a sequence-sharded rank only the rows
+  // of the pages it stores are filled; the others are zero (the group's leader gathers the
+  // rest). Throws kInvalidArgument for a non-empty range outside [0, table.num_tokens).
   Tensor export_range(const BlockTable& table, int32_t first, int32_t count) const;
   // Writes latents [num_layers, count, width] (as export_range returns) as tokens
-  // [first, first + count) of `table`, whose pages must hold them. Throws kInvalidArgument for
-  // latents of the wrong dtype or shape or a range the table does not hold.
+  // [first, first + count) of `table`, whose pages must hold them; a sequence-sharded rank
+  // writes the rows of its own pages and skips the rest. Throws kInvalidArgument for latents
+  // of the wrong dtype or shape or a range the table does not hold.
   void write_range(const BlockTable& table, int32_t first, const Tensor& latents);
   // Reserves pages in `table`, which must be empty, for latents [num_layers, tokens, width]
   // (as export_tokens returns) and writes them in. Returns false, leaving `table` empty and

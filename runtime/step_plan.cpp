@@ -52,6 +52,10 @@ constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
 
 std::vector<int64_t> StepPlan::encode() const {
   std::vector<int64_t> words = {static_cast<int64_t>(kind)};
+  if (is_cache_op()) {
+    words.insert(words.end(), {op.import, static_cast<int64_t>(op.id), op.first, op.count});
+    return words;
+  }
   if (kind != Kind::kStep) return words;
   words.reserve(3 + released.size() + 4 * chunks.size() + tokens.size());
   words.push_back(static_cast<int64_t>(released.size()));
@@ -80,6 +84,19 @@ StepPlan StepPlan::decode(const std::vector<int64_t>& words) {
       return plan;
     case static_cast<int64_t>(Kind::kStep):
       break;
+    case static_cast<int64_t>(Kind::kCopyLatents):
+    case static_cast<int64_t>(Kind::kWriteImport):
+    case static_cast<int64_t>(Kind::kFinishImport):
+    case static_cast<int64_t>(Kind::kAbortImport):
+      plan.kind = static_cast<Kind>(kind);
+      plan.op.import = in.next("import");
+      plan.op.id = static_cast<RequestId>(in.next("request id"));
+      plan.op.first = static_cast<int32_t>(in.next_in("first token", 0, kMaxInt32));
+      plan.op.count = static_cast<int32_t>(in.next_in("token count", 0, kMaxInt32 - plan.op.first));
+      if (in.left() > 0) {
+        MLA_THROW(kInternal, "malformed step plan: a cache op has {} words, not 5", words.size());
+      }
+      return plan;
     default:
       MLA_THROW(kInternal, "malformed step plan: unknown kind {}", kind);
   }

@@ -411,10 +411,10 @@ class ClusterTest : public testing::Test {
     if (coordinator_) old_coordinators_.push_back(std::move(coordinator_));
     const std::string log =
         dir_ + "/coordinator-" + std::to_string(old_coordinators_.size()) + ".log";
-    coordinator_ = std::make_unique<Process>(
-        std::vector<std::string>{MLASERVE_BIN, "coordinator", "--address", address(),
-                                 "--control-address", control_address()},
-        log);
+    std::vector<std::string> argv = {MLASERVE_BIN, "coordinator",       "--address",
+                                     address(),    "--control-address", control_address()};
+    argv.insert(argv.end(), coordinator_extra_.begin(), coordinator_extra_.end());
+    coordinator_ = std::make_unique<Process>(argv, log);
     ASSERT_TRUE(wait_for_listener(coordinator_port_, kStartupTimeout))
         << "the coordinator does not listen on " << address();
     client_ = std::make_unique<Client>(address());
@@ -430,13 +430,14 @@ class ClusterTest : public testing::Test {
     for (int j = 0; j < jobs; ++j) {
       WorkerJob job;
       job.port_base = port_base + j * groups_per_job;
+      const int tp = j < static_cast<int>(job_tp_.size()) ? job_tp_[j] : tp_;
       std::vector<std::string> worker = {MLASERVE_BIN,    "worker",
                                          "--model",       model_dir(),
-                                         "--tp",          std::to_string(tp_),
+                                         "--tp",          std::to_string(tp),
                                          "--coordinator", worker_coordinators(),
                                          "--port-base",   std::to_string(port_base)};
       if (layout == Layout::kTwoJobs) worker.insert(worker.end(), {"--group", std::to_string(j)});
-      std::vector<std::string> argv = {MLA_MPIEXEC, "-np", std::to_string(tp_ * groups_per_job)};
+      std::vector<std::string> argv = {MLA_MPIEXEC, "-np", std::to_string(tp * groups_per_job)};
       argv.insert(argv.end(), kMpiFlags.begin(), kMpiFlags.end());
       argv.insert(argv.end(), worker.begin(), worker.end());
       argv.insert(argv.end(), extra.begin(), extra.end());
@@ -526,7 +527,9 @@ class ClusterTest : public testing::Test {
 
   std::string dir_;
   int tp_ = 2;                                       // ranks per worker group
+  std::vector<int> job_tp_;                          // job j's ranks per group, if not tp_
   std::vector<std::vector<std::string>> job_extra_;  // job j's own worker arguments
+  std::vector<std::string> coordinator_extra_;       // the coordinator's own arguments
   int admin_calls_ = 0;
   int coordinator_port_ = 0;
   int control_port_ = 0;

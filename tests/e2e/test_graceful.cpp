@@ -4,6 +4,8 @@
 // finishes its open streams (or stops at once on a second signal).
 #include <signal.h>
 
+#include <fstream>
+
 #include "tests/e2e/cluster_fixture.h"
 
 namespace mla::e2e {
@@ -52,11 +54,16 @@ TEST_F(ClusterTest, TwoCoordinatorsOneKilledMidStreamEveryStreamCompletesOnTheOt
   EXPECT_TRUE(other.terminate(kStopGrace));
 }
 
-// Two groups, each its own job, whose workers drain for `drain_timeout_s` on SIGTERM.
+// Two groups, each its own job, whose workers drain for `drain_timeout_s` on SIGTERM. The
+// coordinator lets a draining worker's requests finish where they run
+// (coordinator.migrate_on_drain false; MigrationTest covers the moves).
 class DrainTest : public ClusterTest {
  protected:
   // Starts the cluster; `leader_` is group 0's leader rank, `leaving_` its worker id.
   void start(const char* drain_timeout_s) {
+    const std::string config = dir_ + "/coordinator.yaml";
+    std::ofstream(config) << "coordinator:\n  migrate_on_drain: false\n";
+    coordinator_extra_ = {"--config", config};
     ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs, {"--drain-timeout", drain_timeout_s}));
     leaving_ = worker_id_of(jobs_[0], 0);
     leader_ = mpi_rank_process(jobs_[0].process->pid(), 0, 5s);

@@ -2,8 +2,9 @@
 // Migrate (C++ admin client and `mlaserve admin migrate`), migrations every 100 ms under 64
 // streams, drain and SIGTERM moving a worker's requests, and the failure cases (a target
 // without room, a target or source that dies mid-migration, a client that cancels during
-// one). Every stream must carry exactly the offline engine's tokens (greedy and seeded), and
-// every cache page must come back free on both sides.
+// one); and between groups of different TP sizes and cache layouts. Every stream must carry exactly
+// the offline engine's tokens (greedy and seeded), and every cache page must come back free on both
+// sides.
 #include <signal.h>
 
 #include <future>
@@ -76,6 +77,59 @@ class MigrationTest : public ClusterTest {
     });
     return r;
   }
+  // Runs `load` and, while both groups' leaders are frozen, migrates request i for every i in
+  // `which` with the admin client (its answer in (*moved)[i]) and runs `also`, each on its own
+  // thread; then thaws them. The tiny model finishes a request in ~0.1 s: frozen, the workers
+  // keep every request running until the migrations are under way (each takes a few ms once
+  // they thaw). Every stream must then have moved once, to the other worker.
+  std::vector<Stream> run_migrating(
+      const Load& load, const std::vector<size_t>& which, std::vector<v1::MigrateResponse>* moved,
+      const std::function<void()>& also = [] {}) {
+    moved->resize(load.requests.size());
+    const std::vector<Stream> streams = run_load(client(), load, [&] {
+      const std::vector<pid_t> leaders = {leader_of(jobs_[0]), leader_of(jobs_[1])};
+      for (pid_t pid : leaders) ::kill(pid, SIGSTOP);
+      std::vector<std::thread> migrations;
+      for (size_t i : which) {
+        migrations.emplace_back(
+            [&, i] { (*moved)[i] = admin_client().migrate(load.requests[i].request_id()); });
+      }
+      migrations.emplace_back(also);
+      std::this_thread::sleep_for(400ms);
+      for (pid_t pid : leaders) ::kill(pid, SIGCONT);
+      for (std::thread& t : migrations) t.join();
+    });
+    for (size_t i = 0; i < streams.size(); ++i) {
+      const std::string what = "stream " + std::to_string(i);
+      expect_complete(streams[i], load.requests[i], load.expected[i], what);
+      EXPECT_EQ(streams[i].result.worker_ids.size(), 2u) << what << " did not move";
+      if (streams[i].result.worker_ids.size() == 2) {
+        EXPECT_NE(streams[i].result.worker_ids[0], streams[i].result.worker_ids[1]) << what;
+      }
+    }
+    return streams;
+  }
+
+  // A migration of request i of `streams` carried its cache: every computed token's latents
+  // and nothing else, from the worker of its first tokens to that of the rest.
+  static void expect_moved_with_cache(const v1::MigrateResponse& moved, const Stream& stream,
+                                      const v1::GenerateRequest& request) {
+    const v1::MigrationStats& s = moved.stats();
+    EXPECT_EQ(moved.outcome(), "migrated");
+    EXPECT_EQ(s.transport(), "grpc");
+    if (stream.result.worker_ids.size() == 2) {
+      EXPECT_EQ(s.source_worker_id(), stream.result.worker_ids[0]);
+      EXPECT_EQ(s.destination_worker_id(), stream.result.worker_ids[1]);
+    }
+    // Latents only, of every computed token: prompt plus the tokens generated so far.
+    EXPECT_GE(s.tokens(), request.prompt_ids_size());
+    EXPECT_EQ(s.bytes(), s.tokens() * token_bytes());
+    EXPECT_GE(s.stages(), 1);
+    std::cout << "moved " << s.tokens() << " tokens (" << s.bytes() << " bytes) from "
+              << s.source_worker_id() << " to " << s.destination_worker_id() << " in " << s.chunks()
+              << " chunks, " << s.stages() << " stages, " << s.duration_ms()
+              << " ms; the source stopped " << s.stop_ms() << " ms\n";
+  }
 };
 
 v1::GenerateRequest named(v1::GenerateRequest r, const std::string& id) {
@@ -89,52 +143,66 @@ TEST_F(MigrationTest, AnOperatorMovesRunningRequestsWithTheirCachesAndTheTokensD
   for (size_t i = 0; i < load.requests.size(); ++i) {
     load.requests[i].set_request_id("moved-" + std::to_string(i));
   }
-  std::vector<v1::MigrateResponse> moved(load.requests.size());
+  std::vector<v1::MigrateResponse> moved;
   CommandResult by_cli;
   const auto start = Clock::now();
-  const std::vector<Stream> streams = run_load(client(), load, [&] {
-    // The tiny model finishes a request in ~0.1 s: frozen, the workers keep every request
-    // running until the migrations are under way (each takes a few ms once they thaw).
-    const std::vector<pid_t> leaders = {leader_of(jobs_[0]), leader_of(jobs_[1])};
-    for (pid_t pid : leaders) ::kill(pid, SIGSTOP);
-    std::vector<std::thread> migrations;
-    for (size_t i = 1; i < load.requests.size(); ++i) {
-      migrations.emplace_back(
-          [&, i] { moved[i] = admin_client().migrate(load.requests[i].request_id()); });
-    }
-    migrations.emplace_back([&] {
-      by_cli = admin({"migrate", load.requests[0].request_id()}, kControlSecret);
-    });
-    std::this_thread::sleep_for(400ms);
-    for (pid_t pid : leaders) ::kill(pid, SIGCONT);
-    for (std::thread& t : migrations) t.join();
+  const std::vector<Stream> streams = run_migrating(load, {1, 2, 3}, &moved, [&] {
+    by_cli = admin({"migrate", load.requests[0].request_id()}, kControlSecret);
   });
-  for (size_t i = 0; i < streams.size(); ++i) {
-    const std::string what = "stream " + std::to_string(i);
-    expect_complete(streams[i], load.requests[i], load.expected[i], what);
-    ASSERT_EQ(streams[i].result.worker_ids.size(), 2u) << what << " did not move";
-    EXPECT_NE(streams[i].result.worker_ids[0], streams[i].result.worker_ids[1]) << what;
-  }
   EXPECT_EQ(by_cli.exit, "exit 0") << by_cli.output;
   EXPECT_THAT(by_cli.output, HasSubstr("migrated from")) << by_cli.output;
   EXPECT_THAT(by_cli.output, HasSubstr("over grpc")) << by_cli.output;
   for (size_t i = 1; i < moved.size(); ++i) {
-    const v1::MigrationStats& s = moved[i].stats();
-    EXPECT_EQ(moved[i].outcome(), "migrated");
-    EXPECT_EQ(s.transport(), "grpc");
-    EXPECT_EQ(s.source_worker_id(), streams[i].result.worker_ids[0]);
-    EXPECT_EQ(s.destination_worker_id(), streams[i].result.worker_ids[1]);
-    // Latents only, of every computed token: prompt plus the tokens generated so far.
-    EXPECT_GE(s.tokens(), load.requests[i].prompt_ids_size());
-    EXPECT_EQ(s.bytes(), s.tokens() * token_bytes());
-    EXPECT_GE(s.stages(), 1);
-    std::cout << "moved " << s.tokens() << " tokens (" << s.bytes() << " bytes) in " << s.chunks()
-              << " chunks, " << s.stages() << " stages, " << s.duration_ms()
-              << " ms; the source stopped " << s.stop_ms() << " ms\n";
+    expect_moved_with_cache(moved[i], streams[i], load.requests[i]);
   }
   std::cout << by_cli.output;
   expect_no_pages_held(start);
 }
+
+// Groups of different TP sizes and cache layouts: a TP2 group with a sequence-sharded cache
+// (page j on rank j mod 2) and a TP1 group, a TP2 group with a replicated cache, or another
+// sharded TP2 group. Requests migrate both ways (each to the group it did not start on): the
+// source's ranks' pages are gathered, re-split as the destination lays them out, and the
+// tokens are those of the request never migrated.
+struct Regrouping {
+  std::string name;
+  int tp0;
+  std::vector<std::string> extra0;
+  int tp1;
+  std::vector<std::string> extra1;
+};
+
+class ReshardingMigrationTest : public MigrationTest,
+                                public testing::WithParamInterface<Regrouping> {};
+
+TEST_P(ReshardingMigrationTest, RequestsMoveWithTheirCachesBothWays) {
+  const Regrouping& r = GetParam();
+  job_tp_ = {r.tp0, r.tp1};
+  job_extra_ = {r.extra0, r.extra1};
+  ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));
+  Load load = long_requests(6, 200, 43);  // greedy and seeded
+  for (size_t i = 0; i < load.requests.size(); ++i) {
+    load.requests[i].set_request_id("regrouped-" + std::to_string(i));
+  }
+  std::vector<v1::MigrateResponse> moved;
+  const auto start = Clock::now();
+  const std::vector<Stream> streams = run_migrating(load, {0, 1, 2, 3, 4, 5}, &moved);
+  std::set<std::string> sources;
+  for (size_t i = 0; i < moved.size(); ++i) {
+    expect_moved_with_cache(moved[i], streams[i], load.requests[i]);
+    sources.insert(moved[i].stats().source_worker_id());
+  }
+  EXPECT_EQ(sources.size(), 2u) << "the requests did not move both ways";
+  expect_no_pages_held(start);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Layouts, ReshardingMigrationTest,
+    testing::Values(
+        Regrouping{"tp2_sharded_and_tp1", 2, {}, 1, {}},
+        Regrouping{"tp2_sharded_and_tp2_replicated", 2, {}, 2, {"--kv-shard", "replicate"}},
+        Regrouping{"tp2_sharded_and_tp2_sharded_block16", 2, {}, 2, {"--block-size", "16"}}),
+    [](const auto& info) { return info.param.name; });
 
 TEST_F(MigrationTest, SixtyFourStreamsWithAMigrationEvery100MsLoseNothing) {
   ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));

@@ -1,7 +1,8 @@
 // Tensor parallelism on the CPU under mpirun: every world size splits into groups, each
 // group's leader drives an Engine and its followers follow; results must reproduce the
 // transformers golden data (fp32 tolerance) in both kv_shard modes and every absorption
-// mode, and each rank's cache must hold only its pages.
+// mode, each rank's cache must hold only its pages, and requests migrate in and out of a group
+// with their caches.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <mpi.h>
@@ -19,6 +20,7 @@
 #include "runtime/safetensors.h"
 #include "tests/support/golden.h"
 #include "tests/support/golden_run.h"
+#include "tests/support/staged_migration.h"
 
 namespace mla {
 namespace {
@@ -134,6 +136,46 @@ INSTANTIATE_TEST_SUITE_P(RealDims, TpEngineParity,
                                           testing::Values(Pattern::kBatched, Pattern::kJoinMidRun,
                                                           Pattern::kChunkedPrefill)),
                          engine_param_name);
+
+// Live migration in and out of a tensor-parallel group, in both cache layouts: a request moved
+// in stages from the group (P = world size) to a single-rank engine, and one moved from a
+// single-rank engine into the group, produce transformers' greedy tokens, recompute nothing
+// at the destination, and leave every page of every rank free.
+class TpMigration : public testing::TestWithParam<KvShard> {};
+
+TEST_P(TpMigration, MovesInAndOutOfTheGroupWithItsCache) {
+  Group& g = group(world_size());
+  if (g.pg.tp_size < 2) GTEST_SKIP() << "needs a group of 2 or more ranks";
+  const Golden& gold = golden("v3");
+  EngineOptions opts;
+  opts.block_size = 4;  // the 27 tokens span 7 pages, spread over every rank
+  opts.num_pages = 64;
+  Request request;
+  request.prompt = gold.prompts[2];
+  request.max_tokens = gold.steps;
+  request.ignore_eos = true;
+  std::shared_ptr<DeepseekModel> single;
+  if (g.pg.tp_rank == 0) {
+    ModelOptions o;
+    o.show_progress = false;
+    single = DeepseekModel::load(model_dir("v3"), o);
+  }
+  for (const bool into_group : {false, true}) {
+    Engine tp(model("v3", AbsorbMode::kAuto, GetParam(), g), opts, g.comm.get());
+    test::lead_or_follow(tp, [&] {
+      Engine one(single, opts);
+      const std::vector<int32_t> tokens = into_group ? test::migrate_in_stages(one, tp, request, 2)
+                                                     : test::migrate_in_stages(tp, one, request, 2);
+      EXPECT_EQ(tokens, gold.greedy[2]) << (into_group ? "into" : "out of") << " the group";
+    });
+    EXPECT_EQ(tp.cache().pool().num_free(), opts.num_pages)
+        << "rank " << g.pg.tp_rank << (into_group ? " (into" : " (out of") << " the group)";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, TpMigration,
+                         testing::Values(KvShard::kSequence, KvShard::kReplicate),
+                         [](const auto& info) { return kv_name(info.param); });
 
 // Every rank runs the same prefill batch on its own cache shard (no leader): the logits of
 // every rank match transformers, and the pages each rank holds add up as the plan says —

@@ -273,6 +273,47 @@ INSTANTIATE_TEST_SUITE_P(BlockSizes, LatentCacheMigration,
                          ::testing::Values(MigrationCase{4, 4}, MigrationCase{4, 1},
                                            MigrationCase{1, 64}, MigrationCase{64, 4}));
 
+// A sequence-sharded rank (page j on rank j mod 2) writes and exports only its own pages;
+// the two ranks' exports together are the whole sequence, whatever range is asked for.
+TEST(LatentCache, ShardedRanksExportAndWriteOnlyTheirPages) {
+  constexpr int32_t kTokens = 11;  // pages 0 and 2 on rank 0, page 1 on rank 1
+  LatentCache whole(geometry_with_block(4), 4);
+  BlockTable table;
+  ASSERT_TRUE(whole.reserve(table, kTokens));
+  fill_tokens(whole, table, kTokens);
+  const Tensor latents = whole.export_tokens(table, kTokens);
+  const int64_t width = 8;
+  std::vector<float> sum(latents.numel(), 0.0f), range_sum(3 * 6 * width, 0.0f);
+  for (int32_t rank = 0; rank < 2; ++rank) {
+    LatentCache shard(geometry_with_block(4), 4, ShardPlan(2, rank, 2));
+    poison_free_pages(shard);
+    BlockTable mine;
+    ASSERT_TRUE(shard.reserve(mine, kTokens));
+    EXPECT_EQ(mine.pages.size(), rank == 0 ? 2u : 1u);
+    shard.write_range(mine, 0, latents);
+    for (int32_t pos = 0; pos < kTokens; ++pos) {
+      if ((pos / 4) % 2 == rank) EXPECT_EQ(shard.row(mine, 2, pos)[5], value_at(2, pos, 5));
+    }
+    const Tensor out = shard.export_tokens(mine, kTokens);
+    for (int32_t layer = 0; layer < 3; ++layer) {
+      for (int32_t pos = 0; pos < kTokens; ++pos) {
+        const float v = out.f32()[(layer * kTokens + pos) * width + 3];
+        EXPECT_EQ(v, (pos / 4) % 2 == rank ? value_at(layer, pos, 3) : 0.0f)
+            << "rank " << rank << " layer " << layer << " token " << pos;
+      }
+    }
+    for (int64_t i = 0; i < out.numel(); ++i) sum[i] += out.f32()[i];
+    const Tensor part = shard.export_range(mine, 3, 6);  // tokens 3..8 cross all three pages
+    for (int64_t i = 0; i < part.numel(); ++i) range_sum[i] += part.f32()[i];
+  }
+  for (int64_t i = 0; i < latents.numel(); ++i) ASSERT_EQ(sum[i], latents.f32()[i]) << i;
+  for (int32_t layer = 0; layer < 3; ++layer) {
+    for (int32_t pos = 3; pos < 9; ++pos) {
+      EXPECT_EQ(range_sum[(layer * 6 + pos - 3) * width + 7], value_at(layer, pos, 7));
+    }
+  }
+}
+
 TEST(LatentCache, ExportsAPrefix) {
   LatentCache cache(geometry_with_block(4), 4);
   BlockTable table;

@@ -27,6 +27,10 @@ void expect_same(const StepPlan& a, const StepPlan& b) {
     EXPECT_EQ(a.chunks[i].want_logits, b.chunks[i].want_logits) << "chunk " << i;
   }
   EXPECT_EQ(a.tokens, b.tokens);
+  EXPECT_EQ(a.op.import, b.op.import);
+  EXPECT_EQ(a.op.id, b.op.id);
+  EXPECT_EQ(a.op.first, b.op.first);
+  EXPECT_EQ(a.op.count, b.op.count);
 }
 
 StepPlan two_chunk_plan() {
@@ -53,6 +57,10 @@ TEST(StepPlan, EncodesTheDocumentedWords) {
             (Words{1, 2, 7, 9, 2, 3, 0, 3, 0, 4, 12, 1, 1, 10, 11, 12, 500}));
   EXPECT_EQ(StepPlan{.kind = StepPlan::Kind::kShutdown}.encode(), Words{2});
   EXPECT_EQ(StepPlan{.kind = StepPlan::Kind::kHeartbeat}.encode(), Words{3});
+  EXPECT_EQ((StepPlan{.kind = StepPlan::Kind::kCopyLatents,
+                      .op = {.import = 0, .id = 5, .first = 64, .count = 10}})
+                .encode(),
+            (Words{4, 0, 5, 64, 10}));
 }
 
 TEST(StepPlan, RoundTrips) {
@@ -65,6 +73,10 @@ TEST(StepPlan, RoundTrips) {
       {.kind = StepPlan::Kind::kStep,
        .chunks = {{.id = UINT64_MAX, .start = INT32_MAX - 1, .num_tokens = 1}},
        .tokens = {INT32_MAX}},
+      {.kind = StepPlan::Kind::kCopyLatents, .op = {.id = 3, .first = 0, .count = 130}},
+      {.kind = StepPlan::Kind::kWriteImport, .op = {.import = 2, .first = 128, .count = 7}},
+      {.kind = StepPlan::Kind::kFinishImport, .op = {.import = 2, .id = UINT64_MAX}},
+      {.kind = StepPlan::Kind::kAbortImport, .op = {.import = INT64_MAX}},
   };
   for (const StepPlan& plan : plans) expect_same(StepPlan::decode(plan.encode()), plan);
 }
@@ -72,7 +84,11 @@ TEST(StepPlan, RoundTrips) {
 TEST(StepPlan, MalformedWordsAreInternalErrorsNamingTheProblem) {
   EXPECT_THAT(decode_error({}), HasSubstr("before its kind"));
   EXPECT_THAT(decode_error({0}), HasSubstr("unknown kind 0"));
-  EXPECT_THAT(decode_error({4}), HasSubstr("unknown kind 4"));
+  EXPECT_THAT(decode_error({8}), HasSubstr("unknown kind 8"));
+  EXPECT_THAT(decode_error({4, 0, 1, 0}), HasSubstr("before its token count"));
+  EXPECT_THAT(decode_error({5, 1, 0, -1, 3}), HasSubstr("first token -1"));
+  EXPECT_THAT(decode_error({5, 1, 0, INT32_MAX, 1}), HasSubstr("token count 1"));
+  EXPECT_THAT(decode_error({7, 1, 0, 0, 0, 9}), HasSubstr("a cache op has 6 words"));
   EXPECT_THAT(decode_error({2, 0}), HasSubstr("a shutdown plan has 2 words"));
   EXPECT_THAT(decode_error({3, 1, 1}), HasSubstr("a heartbeat plan has 3 words"));
   EXPECT_THAT(decode_error({1}), HasSubstr("before its released count"));
