@@ -287,6 +287,10 @@ int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
   options.forget_dead_after_ms = std::max(1000 * c.forget_dead_after_s, options.dead_after_ms);
   options.stream_write_timeout_ms = 1000 * c.stream_write_timeout_s;
   options.migrate_on_drain = c.migrate_on_drain;
+  options.rebalance = c.rebalance.enabled;
+  options.rebalance_low_free = c.rebalance.low_free;
+  options.rebalance_high_free = c.rebalance.high_free;
+  options.rebalance_interval_ms = c.rebalance.interval_ms;
   options.secret = secret;
   options.worker_credentials = channel_credentials(d.tls);
   const auto server_creds = server_credentials(d.tls);

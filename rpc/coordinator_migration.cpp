@@ -1,7 +1,8 @@
 // CoordinatorService's side of live migration (mlaserve.proto, "Live migration"): Migrate
 // picks the target and has it Import the request's cache from the source; the relay
 // (generate_relay.cpp) moves the client's stream when the source stops the request. Drain
-// queues a migration per running request, run one at a time by the migrator thread.
+// queues a migration per running request, rebalancing one per worker short of pages, and a
+// prefill group's request its hand-off; the migrator threads run them.
 #include <grpcpp/grpcpp.h>
 #include <spdlog/spdlog.h>
 
@@ -188,6 +189,48 @@ void CoordinatorService::queue_handoff_locked(const std::string& request_id) {
   migrator_cv_.notify_all();
 }
 
+void CoordinatorService::rebalance_locked(WorkerEntry& worker, const v1::WorkerLoad& before) {
+  const v1::WorkerLoad& load = worker.load;
+  const int64_t preempted = load.preemptions() - before.preemptions();
+  const bool low = load.free_pages() < options_.rebalance_low_free * load.total_pages();
+  if ((!low && preempted <= 0) || load.total_pages() <= 0) return;
+  const auto now = Clock::now();
+  if (now - worker.last_rebalance < std::chrono::milliseconds(options_.rebalance_interval_ms)) {
+    return;
+  }
+  const WorkerEntry* target = migration_target_locked(worker.id);
+  if (!target ||
+      target->load.free_pages() < options_.rebalance_high_free * target->load.total_pages()) {
+    return;
+  }
+  // The request that will hold the most pages until it ends (context plus the tokens it may
+  // still generate), unless it is about to end anyway and free them.
+  const int32_t block = std::max(1, target->model.block_size());
+  const std::string* chosen = nullptr;
+  int32_t chosen_tokens = 0, chosen_final = 0;
+  for (const auto& [id, flight] : requests_) {
+    if (flight.worker_id != worker.id || flight.worker_call == nullptr) continue;
+    if (!flight.migrating_to.empty()) continue;
+    const int32_t tokens = context_tokens(*flight.relay), left = tokens_left(*flight.relay);
+    if (left < block) continue;
+    if (!chosen || tokens + left > chosen_final) {
+      chosen = &id;
+      chosen_tokens = tokens;
+      chosen_final = tokens + left;
+    }
+  }
+  if (!chosen || (chosen_final + block - 1) / block > target->load.free_pages()) return;
+  worker.last_rebalance = now;
+  spdlog::info(
+      "rebalancing: worker {} is short of cache ({} of {} pages free, {} preempted since its "
+      "last heartbeat); moving request {} ({} tokens) to {}",
+      worker.id, load.free_pages(), load.total_pages(), std::max<int64_t>(preempted, 0), *chosen,
+      chosen_tokens, target->id);
+  if (metrics_) metrics_->rebalances_total.inc();
+  migration_queue_.push_back(*chosen);
+  migrator_cv_.notify_all();
+}
+
 void CoordinatorService::queue_migrations_locked(const WorkerEntry& worker) {
   int32_t queued = 0;
   for (const auto& [id, flight] : requests_) {
@@ -215,7 +258,7 @@ void CoordinatorService::migrator_loop() {
     v1::MigrateResponse response;
     const grpc::Status status = migrate(request, &response);
     if (!status.ok()) {
-      spdlog::warn("drain: request {} stays where it runs: {}", request.request_id(),
+      spdlog::warn("request {} stays where it runs: {}", request.request_id(),
                    status.error_message());
     }
     lock.lock();

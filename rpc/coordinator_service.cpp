@@ -54,6 +54,13 @@ void CoordinatorOptions::validate() const {
   MLA_REQUIRE(max_workers >= 1, "coordinator: max_workers must be >= 1, got {}", max_workers);
   MLA_REQUIRE(stream_write_timeout_ms >= 1,
               "coordinator: stream_write_timeout_ms must be >= 1, got {}", stream_write_timeout_ms);
+  MLA_REQUIRE(0 <= rebalance_low_free && rebalance_low_free <= rebalance_high_free &&
+                  rebalance_high_free <= 1,
+              "coordinator: rebalancing needs 0 <= rebalance_low_free <= rebalance_high_free <= 1, "
+              "got {} and {}",
+              rebalance_low_free, rebalance_high_free);
+  MLA_REQUIRE(rebalance_interval_ms >= 1, "coordinator: rebalance_interval_ms must be >= 1, got {}",
+              rebalance_interval_ms);
 }
 
 namespace {
@@ -453,8 +460,10 @@ grpc::Status CoordinatorService::heartbeat(const v1::HeartbeatRequest& request,
     return grpc::Status::OK;
   }
   WorkerEntry& worker = it->second;
+  const v1::WorkerLoad before = worker.load;
   worker.load = request.load();
   worker.last_heartbeat = Clock::now();
+  if (options_.rebalance && !request.draining()) rebalance_locked(worker, before);
   // A worker that starts draining by itself (it is stopping) hands its requests on.
   if (request.draining() && !worker.worker_draining && worker.command != Command::kDrain &&
       options_.migrate_on_drain) {

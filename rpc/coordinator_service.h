@@ -99,6 +99,18 @@ struct CoordinatorOptions {
   bool migrate_on_drain = true;
   // The longest a migration's Import may take. Default: 120 s.
   int32_t migration_timeout_ms = 120000;
+  // Rebalancing by live migration. When a worker's heartbeat shows cache pressure (free pages
+  // below rebalance_low_free of its total, or a preemption since its previous heartbeat), the
+  // coordinator moves the running request that would hold the most pages there until it ends
+  // (context plus the tokens it may still generate; not one within a page of its end) to the
+  // migration target (a live worker other than a prefill-only one, the most free pages
+  // first), if that one has at least rebalance_high_free of its pages free and room for the
+  // request; at most one move per worker per rebalance_interval_ms. Default: off; 0.1, 0.3,
+  // 1000 ms.
+  bool rebalance = false;
+  double rebalance_low_free = 0.1;
+  double rebalance_high_free = 0.3;
+  int32_t rebalance_interval_ms = 1000;
   // Sent with every call to a worker (the workers check it). Default: none (workers that
   // check a secret refuse the calls).
   std::shared_ptr<const SharedSecret> secret;
@@ -224,11 +236,14 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallba
     Command command = Command::kNone;
     int32_t in_flight = 0;
     Role role = Role::kBoth;
+    Clock::time_point last_rebalance{};  // when rebalancing last moved a request off it
   };
 
   class Relay;  // one Generate stream: rpc/generate_relay.cpp
   // The request's tokens so far (prompt and every token the client has); any thread.
   static int32_t context_tokens(const Relay& relay);
+  // Tokens it may still generate (up to max_tokens); any thread.
+  static int32_t tokens_left(const Relay& relay);
 
   // One Generate being relayed; its current worker attempt.
   struct InFlight {
@@ -273,6 +288,9 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallba
   void queue_migrations_locked(const WorkerEntry& worker);
   // Queues the hand-off of a request from a prefill worker to a decode one; mu_ held.
   void queue_handoff_locked(const std::string& request_id);
+  // Rebalancing (CoordinatorOptions::rebalance): after `worker`'s heartbeat, whose previous
+  // load was `before`, queues a move of one of its requests if it is under cache pressure.
+  void rebalance_locked(WorkerEntry& worker, const mlaserve::v1::WorkerLoad& before);
   // The live worker other than `source` with the most free pages, or null; mu_ held. A
   // prefill-only worker is never chosen; decode workers come before those that do both.
   WorkerEntry* migration_target_locked(const std::string& source);

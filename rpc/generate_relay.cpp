@@ -132,6 +132,8 @@ class CoordinatorService::Relay final : public grpc::ServerWriteReactor<grpc::By
 
   // The prompt and every token the client has; any thread.
   int32_t context_tokens() const { return context_tokens_.load(); }
+  // Tokens the request may still generate (max_tokens less those the client has); any thread.
+  int32_t tokens_left() const { return final_tokens_.load() - context_tokens_.load(); }
 
  private:
   class Attempt;
@@ -196,7 +198,8 @@ class CoordinatorService::Relay final : public grpc::ServerWriteReactor<grpc::By
   std::string migrate_to_;  // the next attempt goes there, with the migrated cache
   std::string migrated_from_;
   std::atomic<int32_t> context_tokens_{0};
-  bool finished_ = false;  // the current attempt delivered the final message
+  std::atomic<int32_t> final_tokens_{0};  // prompt + max_tokens
+  bool finished_ = false;                 // the current attempt delivered the final message
   std::optional<Clock::time_point> first_token_at_;
   Clock::time_point first_token_dispatch_{};
   Clock::time_point last_token_at_{};
@@ -310,6 +313,7 @@ void CoordinatorService::Relay::start(const grpc::ByteBuffer& request) {
   worker_request_.clear_received_ids();
   sent_.assign(request_.received_ids().begin(), request_.received_ids().end());
   context_tokens_ = request_.prompt_ids_size() + static_cast<int32_t>(sent_.size());
+  final_tokens_ = request_.prompt_ids_size() + request_.max_tokens();
   start_attempt();
 }
 
@@ -691,6 +695,7 @@ void CoordinatorService::Relay::OnDone() {
 }
 
 int32_t CoordinatorService::context_tokens(const Relay& relay) { return relay.context_tokens(); }
+int32_t CoordinatorService::tokens_left(const Relay& relay) { return relay.tokens_left(); }
 
 void CoordinatorService::cancel_stalled_writes_locked(Clock::time_point now) {
   const auto timeout = std::chrono::milliseconds(options_.stream_write_timeout_ms);

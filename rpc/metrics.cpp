@@ -361,6 +361,9 @@ CoordinatorMetrics::CoordinatorMetrics(MetricsRegistry& registry)
           "mlaserve_migration_stop_seconds",
           "Per migration: how long the request stood still at its source (the final stage).",
           inter_token_latency_buckets())),
+      rebalances_total(
+          registry.counter("mlaserve_rebalances_total",
+                           "Migrations queued by rebalancing, off a worker short of cache pages.")),
       registry_(registry) {}
 
 Counter& CoordinatorMetrics::migrations_total(std::string_view outcome) {

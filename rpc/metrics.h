@@ -32,6 +32,7 @@
 //                                                            refused, failed
 //   mlaserve_migration_bytes_total               counter    latent bytes moved
 //   mlaserve_migration_stop_seconds              histogram  the source's stop-and-copy
+//   mlaserve_rebalances_total                    counter    moves queued by rebalancing
 #pragma once
 
 #include <atomic>
@@ -216,6 +217,7 @@ struct CoordinatorMetrics : RequestMetrics {
   Counter& migrations_total(std::string_view outcome);
   Counter& migration_bytes;           // mlaserve_migration_bytes_total: latent bytes moved
   Histogram& migration_stop_seconds;  // mlaserve_migration_stop_seconds: the source's final stage
+  Counter& rebalances_total;          // mlaserve_rebalances_total: moves rebalancing queued
 
  private:
   MetricsRegistry& registry_;

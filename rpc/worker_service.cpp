@@ -473,6 +473,7 @@ void WorkerService::update_load_locked() {
   load_.set_free_pages(engine_.cache().pool().num_free());
   load_.set_running(engine_.num_running());
   load_.set_waiting(engine_.num_waiting());
+  load_.set_preemptions(engine_.stats().preemptions);
   if (Metrics* m = metrics_.load()) {
     m->cache.pages_used.set(load_.total_pages() - load_.free_pages());
     m->requests.queue_depth.set(load_.waiting() + static_cast<double>(adds_.size()));

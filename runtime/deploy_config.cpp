@@ -103,7 +103,7 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
     reject_unknown(co,
                    {"address", "control_address", "metrics_port", "routing", "max_in_flight",
                     "heartbeat_interval_ms", "forget_dead_after_s", "drain_timeout_s",
-                    "stream_write_timeout_s", "migrate_on_drain"},
+                    "stream_write_timeout_s", "migrate_on_drain", "rebalance"},
                    "coordinator.", origin);
     read(co, "address", c.coordinator.address, "coordinator.", origin);
     read(co, "control_address", c.coordinator.control_address, "coordinator.", origin);
@@ -117,6 +117,20 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
               origin);
     read(co, "max_in_flight", c.coordinator.max_in_flight, "coordinator.", origin);
     read(co, "heartbeat_interval_ms", c.coordinator.heartbeat_interval_ms, "coordinator.", origin);
+    if (const auto rb = co["rebalance"]) {
+      RebalanceConfig& r = c.coordinator.rebalance;
+      const char* prefix = "coordinator.rebalance.";
+      reject_unknown(rb, {"enabled", "low_free", "high_free", "interval_ms"}, prefix, origin);
+      read(rb, "enabled", r.enabled, prefix, origin);
+      read(rb, "low_free", r.low_free, prefix, origin);
+      read(rb, "high_free", r.high_free, prefix, origin);
+      read(rb, "interval_ms", r.interval_ms, prefix, origin);
+      MLA_REQUIRE(0 <= r.low_free && r.low_free <= r.high_free && r.high_free <= 1,
+                  "{}: coordinator.rebalance needs 0 <= low_free <= high_free <= 1, got {} and {}",
+                  origin, r.low_free, r.high_free);
+      MLA_REQUIRE(r.interval_ms >= 1, "{}: coordinator.rebalance.interval_ms must be >= 1, got {}",
+                  origin, r.interval_ms);
+    }
   }
   if (const auto wk = root["workers"]) {
     reject_unknown(wk,

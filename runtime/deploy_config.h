@@ -25,6 +25,19 @@ struct ParallelConfig {
   int32_t comm_timeout_s = 300;  // `comm_timeout_s`: a collective fails after this. Default: 300.
 };
 
+// `coordinator.rebalance:` moving requests off workers short of cache pages (live migration).
+// After a heartbeat in which a worker has fewer than `low_free` of its pages free, or
+// preempted a request since its previous heartbeat, the coordinator moves the running request
+// that would hold the most of its pages until it ends (context plus the tokens it may still
+// generate) to the worker with the most free pages, if that one has at least `high_free` of
+// its pages free and room for the request; at most one move per worker every `interval_ms`.
+struct RebalanceConfig {
+  bool enabled = false;        // `enabled`. Default: false.
+  double low_free = 0.1;       // `low_free`: fraction of pages. Default: 0.1.
+  double high_free = 0.3;      // `high_free`: fraction of pages. Default: 0.3.
+  int32_t interval_ms = 1000;  // `interval_ms`. Default: 1000.
+};
+
 // `coordinator:` the client plane (Generate, Cancel, Health, ListWorkers) and the control
 // plane (workers' registration and heartbeats, admin drain), each on its own listener.
 struct CoordinatorConfig {
@@ -49,6 +62,7 @@ struct CoordinatorConfig {
   // `migrate_on_drain`: a draining worker's running requests move, with their latent caches,
   // to other workers (live migration) instead of finishing there. Default: true.
   bool migrate_on_drain = true;
+  RebalanceConfig rebalance;  // `rebalance:`
 };
 
 // `workers:` where each group's leader serves its Worker service.

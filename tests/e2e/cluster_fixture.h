@@ -302,15 +302,20 @@ struct CommandResult {
   std::string output;
 };
 
+// A file's whole text (a process's log); empty if it cannot be read.
+inline std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
 inline CommandResult run_command(const std::vector<std::string>& argv, const std::string& log,
                                  const std::vector<std::string>& env = {},
                                  std::chrono::milliseconds timeout = 60s) {
   Process p(argv, log, env);
   if (!p.wait_for_exit(timeout)) p.kill_tree();
-  std::ifstream in(log);
-  std::stringstream text;
-  text << in.rdbuf();
-  return {p.exit_description(), text.str()};
+  return {p.exit_description(), read_file(log)};
 }
 
 // ---------------------------------------------------------------------------------------

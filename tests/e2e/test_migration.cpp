@@ -7,6 +7,7 @@
 // sides.
 #include <signal.h>
 
+#include <fstream>
 #include <future>
 
 #include "rpc/shared_secret.h"
@@ -156,6 +157,37 @@ TEST_F(MigrationTest, AnOperatorMovesRunningRequestsWithTheirCachesAndTheTokensD
     expect_moved_with_cache(moved[i], streams[i], load.requests[i]);
   }
   std::cout << by_cli.output;
+  expect_no_pages_held(start);
+}
+
+// Rebalancing (coordinator.rebalance on): new requests start on the small worker (the big one
+// is a decode group, which takes requests only by migration), whose cache holds one request
+// at a time and keeps preempting; the coordinator moves requests off it, with their caches,
+// to the big one, and every stream still carries its tokens.
+TEST_F(MigrationTest, RebalancingMovesRequestsOffAWorkerShortOfPages) {
+  const std::string config = dir_ + "/coordinator.yaml";
+  std::ofstream(config) << "coordinator:\n  heartbeat_interval_ms: 200\n"
+                        << "  rebalance: {enabled: true, interval_ms: 100}\n";
+  coordinator_extra_ = {"--config", config};
+  job_extra_ = {{"--num-pages", "20", "--block-size", "16"}, {"--role", "decode"}};
+  ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));
+  const std::string small = worker_id_of(jobs_[0], 0), big = worker_id_of(jobs_[1], 0);
+  const Load load = long_requests(8, 200, 53);
+  const auto start = Clock::now();
+  const std::vector<Stream> streams = run_load(client(), load, [] {});
+  int moved = 0;
+  for (size_t i = 0; i < streams.size(); ++i) {
+    const std::string what = "stream " + std::to_string(i);
+    expect_complete(streams[i], load.requests[i], load.expected[i], what);
+    const auto& workers = streams[i].result.worker_ids;
+    ASSERT_FALSE(workers.empty()) << what;
+    EXPECT_EQ(workers.front(), small) << what << " did not start on the small worker";
+    moved += workers == std::vector<std::string>{small, big};
+  }
+  EXPECT_GT(moved, 0) << "nothing was moved off the small worker";
+  std::cout << moved << " of 8 requests moved off the small worker\n";
+  const std::string log = read_file(dir_ + "/coordinator-0.log");
+  EXPECT_THAT(log, HasSubstr("rebalancing: worker " + small + " is short of cache"));
   expect_no_pages_held(start);
 }
 

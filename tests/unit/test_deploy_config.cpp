@@ -71,6 +71,22 @@ TEST(DeployConfig, FieldsOverrideDefaults) {
   EXPECT_FALSE(c.model.cuda.graphs);
   EXPECT_FALSE(c.model.cuda.small_gemm);
   EXPECT_TRUE(DeployConfig::parse("model: /m\n", "t").model.cuda.small_gemm);
+
+  const RebalanceConfig off = DeployConfig::parse("model: /m\n", "t").coordinator.rebalance;
+  EXPECT_FALSE(off.enabled);
+  EXPECT_EQ(off.low_free, 0.1);
+  EXPECT_EQ(off.high_free, 0.3);
+  EXPECT_EQ(off.interval_ms, 1000);
+  const RebalanceConfig on =
+      DeployConfig::parse(
+          "coordinator: {rebalance: {enabled: true, low_free: 0.2, high_free: 0.5, "
+          "interval_ms: 250}}\n",
+          "t")
+          .coordinator.rebalance;
+  EXPECT_TRUE(on.enabled);
+  EXPECT_EQ(on.low_free, 0.2);
+  EXPECT_EQ(on.high_free, 0.5);
+  EXPECT_EQ(on.interval_ms, 250);
 }
 
 TEST(DeployConfig, ErrorsNameTheProblem) {
@@ -85,6 +101,12 @@ TEST(DeployConfig, ErrorsNameTheProblem) {
   };
   // A coordinator's config needs no model (workers check theirs: --model or `model`).
   EXPECT_EQ(message("coordinator: {migrate_on_drain: false}\n"), "no error");
+  EXPECT_THAT(message("coordinator: {rebalance: {enable: true}}\n"),
+              HasSubstr("unknown key `coordinator.rebalance.enable`"));
+  EXPECT_THAT(message("coordinator: {rebalance: {low_free: 0.5, high_free: 0.4}}\n"),
+              HasSubstr("low_free <= high_free"));
+  EXPECT_THAT(message("coordinator: {rebalance: {interval_ms: 0}}\n"),
+              HasSubstr("coordinator.rebalance.interval_ms must be >= 1"));
   EXPECT_THAT(message("model: m\ncache: {blok_size: 4}\n"),
               HasSubstr("unknown key `cache.blok_size`"));
   EXPECT_THAT(message("model: m\nsched: {}\n"), HasSubstr("unknown key `sched`"));
