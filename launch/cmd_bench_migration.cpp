@@ -5,8 +5,9 @@
 //   - the same request again, migrated (Control.Migrate) once --migrate-after tokens have
 //     arrived: its tokens must equal the reference; the client's stream gap at the switch
 //     (last token from the source to the first from the target) is the downtime; the bytes,
-//     stages, copy time and the source's stop-and-copy come from the MigrateResponse; the
-//     whole copy's time is what a blocking stop-and-copy would stop the request for;
+//     stages, copy time and the source's stop-and-copy come from the MigrateResponse;
+//   - the same request migrated by a blocking stop-and-copy (MigrateRequest.stop_first: the
+//     source stops it, then sends its whole cache): that stream's gap is the baseline;
 //   - the transport's ceilings in the same run: host memcpy and a loopback gRPC stream of
 //     1 MiB messages (the chunk size), each over 256 MiB.
 // B/token is what moved per token, all layers: (d_c + d_r) values per layer in the cache's
@@ -157,6 +158,21 @@ struct Timed {
   std::vector<int32_t> tokens;
   std::vector<std::pair<Clock::time_point, std::string>> messages;  // arrival, worker
   Clock::time_point start;
+
+  // The gap at the switch: from the last message of one worker to the first of the next
+  // (0 without a switch). `itl` gets the gaps between messages of one worker.
+  double switch_gap(std::vector<double>* itl = nullptr) const {
+    double gap = 0;
+    for (size_t i = 1; i < messages.size(); ++i) {
+      const double d_ms = ms(messages[i].first - messages[i - 1].first);
+      if (messages[i].second != messages[i - 1].second) {
+        gap = d_ms;
+      } else if (itl) {
+        itl->push_back(d_ms);
+      }
+    }
+    return gap;
+  }
 };
 
 // Streams `r`; when `migrate` is set, calls it on another thread once `after` tokens came.
@@ -221,9 +237,9 @@ int run_bench_migration(const BenchMigrationArgs& a) {
             << fmt::format("{:.2f}", grpc_loopback_gbps()) << " GB/s\n";
   std::mt19937 rng(a.seed);
   std::cout << fmt::format(
-      "{:>7} {:>9} {:>12} {:>8} {:>7} {:>9} {:>9} {:>9} {:>11} {:>10} {:>9} {:>9}\n", "context",
-      "tokens", "bytes", "B/token", "stages", "copy ms", "GB/s", "stop ms", "gap ms", "itl ms",
-      "replay ms", "identical");
+      "{:>7} {:>9} {:>12} {:>8} {:>7} {:>9} {:>9} {:>9} {:>11} {:>10} {:>9} {:>12} {:>9}\n",
+      "context", "tokens", "bytes", "B/token", "stages", "copy ms", "GB/s", "stop ms", "gap ms",
+      "itl ms", "replay ms", "blocking gap", "identical");
   int failures = 0;
   for (int32_t context : contexts) {
     MLA_REQUIRE(context + a.max_tokens <= model.max_context(),
@@ -238,42 +254,39 @@ int run_bench_migration(const BenchMigrationArgs& a) {
       r.set_ignore_eos(true);
       r.set_request_id(fmt::format("bench-ref-{}-{}", context, run_i));
       const Timed ref = run(client, r, 0, {});
-      r.set_request_id(fmt::format("bench-mig-{}-{}", context, run_i));
-      v1::MigrateResponse moved;
+      // Migrated live, then by a blocking stop-and-copy.
+      v1::MigrateResponse moved, blocked;
       std::string error;
-      const Timed mig = run(client, r, a.migrate_after, [&] {
-        try {
-          moved = admin.migrate(r.request_id());
-        } catch (const std::exception& e) {
-          error = e.what();
-        }
-      });
-      // The switch: the first message from another worker than the first one's.
-      double gap = 0;
+      auto migrated = [&](const std::string& kind, bool stop_first, v1::MigrateResponse* out) {
+        r.set_request_id(fmt::format("bench-{}-{}-{}", kind, context, run_i));
+        return run(client, r, a.migrate_after, [&, id = r.request_id()] {
+          try {
+            *out = admin.migrate(id, "", stop_first);
+          } catch (const std::exception& e) {
+            error = e.what();
+          }
+        });
+      };
+      const Timed mig = migrated("mig", false, &moved);
+      const Timed blk = migrated("blk", true, &blocked);
       std::vector<double> itl;
-      for (size_t i = 1; i < mig.messages.size(); ++i) {
-        const double d_ms = ms(mig.messages[i].first - mig.messages[i - 1].first);
-        if (mig.messages[i].second != mig.messages[i - 1].second) {
-          gap = d_ms;
-        } else {
-          itl.push_back(d_ms);
-        }
-      }
+      const double gap = mig.switch_gap(&itl), blocking_gap = blk.switch_gap();
       const v1::MigrationStats& s = moved.stats();
-      const bool identical = mig.tokens == ref.tokens;
+      const bool identical = mig.tokens == ref.tokens && blk.tokens == ref.tokens;
       failures += !identical;
       const double replay_ms = ref.messages.empty() ? 0 : ms(ref.messages[0].first - ref.start);
-      if (!error.empty() || moved.outcome() != "migrated") {
-        std::cout << fmt::format("{:>7} migration {}: {}\n", context,
-                                 error.empty() ? moved.outcome() : "failed", error);
+      if (!error.empty() || moved.outcome() != "migrated" || blocked.outcome() != "migrated") {
+        std::cout << fmt::format(
+            "{:>7} migration {}: {}\n", context,
+            error.empty() ? moved.outcome() + "/" + blocked.outcome() : "failed", error);
         continue;
       }
       std::cout << fmt::format(
           "{:>7} {:>9} {:>12} {:>8} {:>7} {:>9.1f} {:>9.2f} {:>9.2f} {:>11.2f} {:>10.2f} "
-          "{:>9.1f} {:>9}\n",
+          "{:>9.1f} {:>12.2f} {:>9}\n",
           context, s.tokens(), s.bytes(), s.bytes() / std::max(1, s.tokens()), s.stages(),
           s.duration_ms(), static_cast<double>(s.bytes()) / 1e6 / std::max(1e-3, s.duration_ms()),
-          s.stop_ms(), gap, median(itl), replay_ms, identical ? "yes" : "NO");
+          s.stop_ms(), gap, median(itl), replay_ms, blocking_gap, identical ? "yes" : "NO");
     }
   }
   return failures == 0 ? 0 : 1;

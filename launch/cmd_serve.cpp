@@ -406,6 +406,7 @@ struct AdminArgs {
   bool finish_in_place = false;
   std::string request_id;
   std::string to_worker;
+  bool stop_first = false;
 };
 
 // `mlaserve admin drain|undrain|workers`: the control plane, with the shared secret.
@@ -516,8 +517,12 @@ void add_serve_commands(CLI::App& app, int& exit_code) {
   migrate->add_option("--to", m->to_worker,
                       "The worker to move it to (default: the coordinator picks the live worker "
                       "with the most free pages)");
+  migrate->add_flag("--stop-first", m->stop_first,
+                    "Stop the request, then copy its whole cache (a blocking stop-and-copy, the "
+                    "baseline to compare live migration with)");
   migrate->callback([m, &exit_code] {
-    const v1::MigrateResponse r = admin_client(*m).migrate(m->request_id, m->to_worker);
+    const v1::MigrateResponse r =
+        admin_client(*m).migrate(m->request_id, m->to_worker, m->stop_first);
     const v1::MigrationStats& s = r.stats();
     if (r.outcome() == "migrated") {
       std::cout << fmt::format(

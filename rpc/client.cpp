@@ -343,13 +343,14 @@ v1::DrainResponse AdminClient::drain(const std::string& worker_id, bool finish_i
 }
 
 v1::MigrateResponse AdminClient::migrate(const std::string& request_id,
-                                         const std::string& to_worker) {
+                                         const std::string& to_worker, bool stop_first) {
   grpc::ClientContext ctx;
   secret_->attach(ctx);
   // A migration takes as long as its cache takes to move: the coordinator bounds it.
   v1::MigrateRequest req;
   req.set_request_id(request_id);
   req.set_to_worker(to_worker);
+  req.set_stop_first(stop_first);
   v1::MigrateResponse resp;
   throw_if_failed(stub_->Migrate(&ctx, req, &resp));
   return resp;

@@ -152,9 +152,10 @@ class AdminClient {
   // requests queued to move elsewhere (none with `finish_in_place`).
   mlaserve::v1::DrainResponse drain(const std::string& worker_id, bool finish_in_place = false);
   // Moves a running request, with its cache, to `to_worker` (empty: the coordinator's
-  // choice); throws mla::Error with the coordinator's status (Control.Migrate).
+  // choice); throws mla::Error with the coordinator's status (Control.Migrate). `stop_first`:
+  // a blocking stop-and-copy instead of live stages (MigrateRequest.stop_first).
   mlaserve::v1::MigrateResponse migrate(const std::string& request_id,
-                                        const std::string& to_worker = "");
+                                        const std::string& to_worker = "", bool stop_first = false);
   // True when the worker is alive (it takes requests again once it heartbeats).
   bool undrain(const std::string& worker_id);
   mlaserve::v1::ListWorkersResponse list_workers();

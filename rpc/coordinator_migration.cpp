@@ -85,6 +85,7 @@ grpc::Status CoordinatorService::migrate(const v1::MigrateRequest& request,
     ask.set_source_worker_id(source.id);
     ask.set_source_address(source.address);
     ask.set_expected_tokens(context_tokens(*flight.relay));
+    ask.set_stop_first(request.stop_first());
   }
   spdlog::info("request {}: migrating from {} to {} ({} tokens so far)", id, source_id, target_id,
                ask.expected_tokens());

@@ -107,10 +107,12 @@ grpc::Status WorkerService::export_request(grpc::ServerContext& context,
 
   const CacheGeometry& geometry = engine_.cache().geometry();
   const std::string& dtype = model_info_.dtype();
-  const auto copy_tokens = static_cast<int32_t>(std::max<size_t>(
+  const auto turn_tokens = static_cast<int32_t>(std::max<size_t>(
       1, kCopyBytesPerTurn / latent_token_bytes(geometry.num_layers, geometry.width(), "float32")));
   // Step loop: the next latents of the request, if it still runs here. A request not yet in
   // the engine (still in the inbox) has computed nothing.
+  // With stop_first nothing is copied live: the first turn only reads the computed count.
+  const int32_t copy_tokens = request.stop_first() ? 0 : turn_tokens;
   auto copy = [this, call, copy_tokens](int32_t from) {
     Copied c;
     c.running = !call->ended && !call->cancelled;
@@ -162,6 +164,7 @@ grpc::Status WorkerService::export_request(grpc::ServerContext& context,
     if (!send(c.latents, from, dtype, max_chunk)) return destination_gone;
     from = c.end;
     if (context.IsCancelled()) return destination_gone;
+    if (request.stop_first()) break;
     if (from < stage_end) continue;  // the stage's copy goes on
     ++stages;
     if (c.computed - from < geometry.block_size || stages >= options_.export_max_live_stages) {
@@ -283,6 +286,7 @@ grpc::Status WorkerService::import_request(grpc::ServerContext& context,
   v1::ExportRequest ask;
   ask.set_request_id(id);
   *ask.mutable_model() = model_info_;
+  ask.set_stop_first(request.stop_first());
   auto reader = stub->Export(call.get(), ask);
 
   const CacheGeometry& geometry = engine_.cache().geometry();
@@ -412,12 +416,18 @@ void WorkerService::take_import(Call& call, const std::vector<int32_t>& tokens) 
   {
     std::unique_lock lk(mu_);
     // The source's stream ends before its last message reaches the import: wait for it.
+    const auto arrived = Clock::now();
     import_done_.wait_for(lk, std::chrono::milliseconds(options_.import_hold_ms),
                           [&] { return stopping_ || importing_.count(call.request_id) == 0; });
     auto it = held_imports_.find(call.request_id);
     if (it != held_imports_.end()) {
       held = std::move(it->second);
       held_imports_.erase(it);
+      spdlog::info(
+          "worker {}: migrated request {} takes its imported cache ({} tokens; waited "
+          "{:.1f} ms for the import)",
+          options_.worker_id, call.request_id, held->tokens.size(),
+          ms_between(arrived, Clock::now()));
     }
   }
   if (!held) {

@@ -147,12 +147,14 @@ TEST_F(MigrationTest, AnOperatorMovesRunningRequestsWithTheirCachesAndTheTokensD
   std::vector<v1::MigrateResponse> moved;
   CommandResult by_cli;
   const auto start = Clock::now();
+  // The CLI's is a blocking stop-and-copy: one stage, the whole cache after the stop.
   const std::vector<Stream> streams = run_migrating(load, {1, 2, 3}, &moved, [&] {
-    by_cli = admin({"migrate", load.requests[0].request_id()}, kControlSecret);
+    by_cli = admin({"migrate", "--stop-first", load.requests[0].request_id()}, kControlSecret);
   });
   EXPECT_EQ(by_cli.exit, "exit 0") << by_cli.output;
   EXPECT_THAT(by_cli.output, HasSubstr("migrated from")) << by_cli.output;
   EXPECT_THAT(by_cli.output, HasSubstr("over grpc")) << by_cli.output;
+  EXPECT_THAT(by_cli.output, HasSubstr(" 1 stages")) << by_cli.output;
   for (size_t i = 1; i < moved.size(); ++i) {
     expect_moved_with_cache(moved[i], streams[i], load.requests[i]);
   }
@@ -420,21 +422,27 @@ TEST_F(MigrationTest, DrainMovesEveryRunningRequestToTheOtherWorker) {
     drained = admin({"drain", leaving}, kControlSecret);
     ::kill(leader, SIGCONT);
   });
-  int moved = 0;
+  // Four moves run at a time once the worker thaws, and it keeps decoding meanwhile: on a busy
+  // machine a request may finish before its turn comes, and then just finishes there.
+  int moved = 0, stayed = 0;
   for (size_t i = 0; i < streams.size(); ++i) {
     const std::string what = "stream " + std::to_string(i);
     expect_complete(streams[i], load.requests[i], load.expected[i], what);
     const auto& workers = streams[i].result.worker_ids;
-    if (workers.front() == leaving) {
-      ASSERT_EQ(workers.size(), 2u) << what << " stayed on the drained worker";
-      EXPECT_EQ(workers.back(), other_than(leaving)) << what;
-      ++moved;
+    if (workers.front() != leaving) continue;
+    ASSERT_LE(workers.size(), 2u) << what;
+    if (workers.size() == 1) {
+      ++stayed;
+      continue;
     }
+    EXPECT_EQ(workers.back(), other_than(leaving)) << what;
+    ++moved;
   }
   EXPECT_EQ(drained.exit, "exit 0") << drained.output;
   EXPECT_THAT(drained.output, HasSubstr("moving")) << drained.output;
-  EXPECT_GT(moved, 0);
-  std::cout << drained.output << moved << " of 64 streams moved off the drained worker\n";
+  EXPECT_GT(moved, stayed);
+  std::cout << drained.output << moved << " streams moved off the drained worker, " << stayed
+            << " finished there first\n";
   expect_no_pages_held(start);
 }
 
