@@ -277,16 +277,21 @@ int run_bench_migration(const BenchMigrationArgs& a) {
       const double replay_ms = ref.messages.empty() ? 0 : ms(ref.messages[0].first - ref.start);
       if (!error.empty() || moved.outcome() != "migrated" || blocked.outcome() != "migrated") {
         std::cout << fmt::format(
-            "{:>7} migration {}: {}\n", context,
-            error.empty() ? moved.outcome() + "/" + blocked.outcome() : "failed", error);
+                         "{:>7} migration {}: {}\n", context,
+                         error.empty() ? moved.outcome() + "/" + blocked.outcome() : "failed",
+                         error)
+                  << std::flush;
         continue;
       }
-      std::cout << fmt::format(
-          "{:>7} {:>9} {:>12} {:>8} {:>7} {:>9.1f} {:>9.2f} {:>9.2f} {:>11.2f} {:>10.2f} "
-          "{:>9.1f} {:>12.2f} {:>9}\n",
-          context, s.tokens(), s.bytes(), s.bytes() / std::max(1, s.tokens()), s.stages(),
-          s.duration_ms(), static_cast<double>(s.bytes()) / 1e6 / std::max(1e-3, s.duration_ms()),
-          s.stop_ms(), gap, median(itl), replay_ms, blocking_gap, identical ? "yes" : "NO");
+      std::cout
+          << fmt::format(
+                 "{:>7} {:>9} {:>12} {:>8} {:>7} {:>9.1f} {:>9.2f} {:>9.2f} {:>11.2f} {:>10.2f} "
+                 "{:>9.1f} {:>12.2f} {:>9}\n",
+                 context, s.tokens(), s.bytes(), s.bytes() / std::max(1, s.tokens()), s.stages(),
+                 s.duration_ms(),
+                 static_cast<double>(s.bytes()) / 1e6 / std::max(1e-3, s.duration_ms()),
+                 s.stop_ms(), gap, median(itl), replay_ms, blocking_gap, identical ? "yes" : "NO")
+          << std::flush;  // each row as it comes: a long sweep may be cut off
     }
   }
   return failures == 0 ? 0 : 1;

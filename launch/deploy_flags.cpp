@@ -39,6 +39,9 @@ void DeployFlags::add_to(CLI::App& cmd) {
                  "With --num-pages 0: share of free GPU memory for the cache")
       ->capture_default_str();
   cmd.add_flag("--no-cuda-graphs", no_graphs_, "Run decode steps without CUDA graphs");
+  cmd.add_flag("--deterministic", deterministic_,
+               "Batch-invariant logits: a request samples the same tokens however it is batched "
+               "(CPU model)");
   cmd.add_flag("--no-small-gemm", no_small_gemm_,
                "Run products with few rows through cuBLAS and the tiled expert kernels, not the "
                "small-row kernels");
@@ -71,6 +74,7 @@ DeployConfig DeployFlags::resolve() const {
     d.engine.cache_memory_fraction = flags_.engine.cache_memory_fraction;
   }
   if (no_graphs_) d.model.cuda.graphs = false;
+  if (deterministic_) d.model.deterministic = true;
   if (no_small_gemm_) d.model.cuda.small_gemm = false;
   if (given("--max-batch-tokens")) {
     d.engine.scheduler.max_batch_tokens = flags_.engine.scheduler.max_batch_tokens;

@@ -31,6 +31,7 @@ class DeployFlags {
   std::string device_ = "cpu";
   std::string kv_shard_ = "sequence";
   bool no_graphs_ = false;
+  bool deterministic_ = false;
   bool no_small_gemm_ = false;
   DeployConfig flags_;  // holds the flag values; only the given ones are applied
 };

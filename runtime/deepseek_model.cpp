@@ -23,13 +23,6 @@ namespace {
 
 int64_t flops_of(int64_t m, int64_t n, int64_t k) { return 2 * m * n * k; }
 
-// y[rows, out] = x[rows, in] * w^T, counting the FLOPs.
-void linear(const float* x, int64_t rows, const Tensor& w, float* y, WorkCounter& counter,
-            float beta = 0.0f) {
-  cpu::matmul_nt(x, rows, w.dim(1), w.f32(), w.dim(0), y, beta);
-  counter.weight_flops += flops_of(rows, w.dim(0), w.dim(1));
-}
-
 // The sharded-attention exchange on host buffers; the communicator blocks, so collectives
 // need no ordering.
 class HostExchange final : public ShardedAttentionBackend {
@@ -92,6 +85,7 @@ class DeepseekRunner final : public ModelRunner {
 
 DeepseekModel::DeepseekModel(ModelConfig config, const ModelOptions& options, ShardPlan shard)
     : Model(std::move(config), options, shard),
+      batch_invariant_(options.deterministic),
       inv_freq_(config_.rope_inv_freq()),
       rope_factor_(config_.rope_attention_factor()),
       softmax_scale_(static_cast<float>(config_.softmax_scale())) {}
@@ -455,6 +449,12 @@ std::vector<float> DeepseekModel::gather_context(int64_t layer, const ForwardSeq
         std::memcpy(&context[pos * d_lat], &all[(r * share + k) * d_lat], d_lat * sizeof(float));
     }
   return context;
+}
+
+void DeepseekModel::linear(const float* x, int64_t rows, const Tensor& w, float* y,
+                           WorkCounter& counter, float beta) const {
+  cpu::matmul_nt(x, rows, w.dim(1), w.f32(), w.dim(0), y, beta, batch_invariant_);
+  counter.weight_flops += flops_of(rows, w.dim(0), w.dim(1));
 }
 
 void DeepseekModel::mlp(const MlpWeights& w, const float* x, int64_t rows, float* out,

@@ -58,8 +58,13 @@ class DeepseekModel : public Model {
            WorkCounter& counter) const;
   void mlp(const MlpWeights& w, const float* x, int64_t rows, float* out,
            WorkCounter& counter) const;
+  // y[rows, out] = x[rows, in] * w^T (+ beta * y), counting the FLOPs; batch-invariant with
+  // ModelOptions::deterministic.
+  void linear(const float* x, int64_t rows, const Tensor& w, float* y, WorkCounter& counter,
+              float beta = 0.0f) const;
 
   ModelWeights weights_;
+  bool batch_invariant_;
   std::vector<float> inv_freq_;
   float rope_factor_;
   float softmax_scale_;

@@ -62,12 +62,11 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
     MLA_THROW(kInvalidArgument, "{}: not valid YAML: {}", origin, e.what());
   }
   DeployConfig c;
-  if (root.IsNull())
-    MLA_THROW(kInvalidArgument, "{}: empty config (needs at least `model`)", origin);
+  if (root.IsNull()) MLA_THROW(kInvalidArgument, "{}: empty config", origin);
   if (!root.IsMap()) MLA_THROW(kInvalidArgument, "{}: top level must be a mapping", origin);
   reject_unknown(root,
-                 {"model", "absorb", "device", "cuda_graphs", "cuda_small_gemm", "cache",
-                  "scheduler", "parallel", "coordinator", "workers", "control", "tls"},
+                 {"model", "absorb", "device", "cuda_graphs", "cuda_small_gemm", "deterministic",
+                  "cache", "scheduler", "parallel", "coordinator", "workers", "control", "tls"},
                  "", origin);
   read(root, "model", c.model_dir, "", origin);
   std::string absorb = to_string(c.model.absorb);
@@ -78,6 +77,7 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   c.model.device = device_from_string(device);
   read(root, "cuda_graphs", c.model.cuda.graphs, "", origin);
   read(root, "cuda_small_gemm", c.model.cuda.small_gemm, "", origin);
+  read(root, "deterministic", c.model.deterministic, "", origin);
   if (const auto cache = root["cache"]) {
     reject_unknown(cache, {"block_size", "num_pages", "memory_fraction"}, "cache.", origin);
     read(cache, "block_size", c.engine.block_size, "cache.", origin);

@@ -48,6 +48,10 @@ struct ModelOptions {
   // Default: kCpu.
   Device device = Device::kCpu;
   CudaOptions cuda;  // Default: see CudaOptions.
+  // Each request's logits independent of what else its batch holds (batch-invariant
+  // products), so a seeded request samples the same tokens however it is batched, migrated
+  // or failed over. CPU model only so far (the CUDA model refuses it). Default: false.
+  bool deterministic = false;
 };
 
 // How to pick the token of one sequence that wants logits, and whether to keep its logits.

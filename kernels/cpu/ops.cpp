@@ -18,9 +18,34 @@ void gemm(bool trans_w, int64_t m, int64_t n, int64_t k, const float* x, int64_t
               ldx, w, ldw, beta, y, ldy);
 }
 
+void gemm_batch_invariant(bool trans_w, int64_t m, int64_t n, int64_t k, const float* x,
+                          int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy,
+                          float beta) {
+  constexpr int64_t R = kInvariantRows;
+  const int64_t whole = m / R * R;
+  for (int64_t r = 0; r < whole; r += R) {
+    gemm(trans_w, R, n, k, x + r * ldx, ldx, w, ldw, y + r * ldy, ldy, beta);
+  }
+  const int64_t rest = m - whole;
+  if (rest == 0 || n == 0) return;
+  std::vector<float> x_pad(R * k, 0.0f), y_pad(R * n, 0.0f);
+  for (int64_t i = 0; i < rest; ++i) {
+    std::copy(x + (whole + i) * ldx, x + (whole + i) * ldx + k, &x_pad[i * k]);
+    if (beta != 0.0f) std::copy(y + (whole + i) * ldy, y + (whole + i) * ldy + n, &y_pad[i * n]);
+  }
+  gemm(trans_w, R, n, k, x_pad.data(), k, w, ldw, y_pad.data(), n, beta);
+  for (int64_t i = 0; i < rest; ++i) {
+    std::copy(&y_pad[i * n], &y_pad[i * n] + n, y + (whole + i) * ldy);
+  }
+}
+
 void matmul_nt(const float* x, int64_t m, int64_t k, const float* w, int64_t n, float* y,
-               float beta) {
-  gemm(true, m, n, k, x, k, w, k, y, n, beta);
+               float beta, bool batch_invariant) {
+  if (batch_invariant) {
+    gemm_batch_invariant(true, m, n, k, x, k, w, k, y, n, beta);
+  } else {
+    gemm(true, m, n, k, x, k, w, k, y, n, beta);
+  }
 }
 
 void matmul_nn(const float* x, int64_t m, int64_t k, const float* w, int64_t n, float* y,

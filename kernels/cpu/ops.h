@@ -12,9 +12,18 @@ namespace mla::cpu {
 // ldx), op(w) = w^T for w [n, k] when trans_w, else w [k, n]; y [m, n] (row stride ldy).
 void gemm(bool trans_w, int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx,
           const float* w, int64_t ldw, float* y, int64_t ldy, float beta = 0.0f);
-// y[m, n] = x[m, k] * w[n, k]^T + beta * y   (a Linear layer: w stored [out, in])
+// gemm whose every row comes out the same whatever the number of rows m (the engine's
+// deterministic option): a BLAS picks its kernel, and so a row's summation order, by the
+// product's shape, so the rows go through it in tiles of exactly kInvariantRows, the last
+// one padded with zero rows. Costs up to kInvariantRows - 1 rows of extra work per call.
+inline constexpr int64_t kInvariantRows = 16;
+void gemm_batch_invariant(bool trans_w, int64_t m, int64_t n, int64_t k, const float* x,
+                          int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy,
+                          float beta = 0.0f);
+// y[m, n] = x[m, k] * w[n, k]^T + beta * y   (a Linear layer: w stored [out, in]);
+// batch-invariant (as gemm_batch_invariant) when asked.
 void matmul_nt(const float* x, int64_t m, int64_t k, const float* w, int64_t n, float* y,
-               float beta = 0.0f);
+               float beta = 0.0f, bool batch_invariant = false);
 // y[m, n] = x[m, k] * w[k, n] + beta * y
 void matmul_nn(const float* x, int64_t m, int64_t k, const float* w, int64_t n, float* y,
                float beta = 0.0f);

@@ -56,6 +56,9 @@ CudaModel::~CudaModel() {
 std::shared_ptr<CudaModel> CudaModel::load(const std::string& model_dir,
                                            const ModelOptions& options) {
   MLA_REQUIRE(cuda::device_count() > 0, "--device cuda: no CUDA device is visible");
+  MLA_REQUIRE(!options.deterministic,
+              "deterministic: batch-invariant products are built for the CPU model only; the "
+              "CUDA model's products and attention splits still depend on the batch");
   ModelConfig config = ModelConfig::load(model_dir);
   const ShardPlan shard = plan_for(config, options);
   std::shared_ptr<CudaModel> model(new CudaModel(std::move(config), gpu_options(options), shard));

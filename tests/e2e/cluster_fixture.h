@@ -116,15 +116,21 @@ inline const Golden& golden() {
   return g;
 }
 
-inline std::shared_ptr<const DeepseekModel> offline_model() {
-  static const std::shared_ptr<const DeepseekModel> m =
-      DeepseekModel::load(model_dir(), {AbsorbMode::kAuto, CostModel{}, false});
-  return m;
+// The offline model; `deterministic`: with batch-invariant products (ModelOptions).
+inline std::shared_ptr<const DeepseekModel> offline_model(bool deterministic = false) {
+  auto load = [](bool batch_invariant) {
+    ModelOptions o;
+    o.show_progress = false;
+    o.deterministic = batch_invariant;
+    return DeepseekModel::load(model_dir(), o);
+  };
+  static const std::shared_ptr<const DeepseekModel> plain = load(false), invariant = load(true);
+  return deterministic ? invariant : plain;
 }
 
 // The tokens the offline engine generates for `r`, run alone with the workers' cache
-// settings (the defaults).
-inline Tokens offline_tokens(const v1::GenerateRequest& r) {
+// settings (the defaults); `deterministic` as the workers' --deterministic.
+inline Tokens offline_tokens(const v1::GenerateRequest& r, bool deterministic = false) {
   Request req;
   req.prompt.assign(r.prompt_ids().begin(), r.prompt_ids().end());
   req.max_tokens = r.max_tokens();
@@ -134,7 +140,7 @@ inline Tokens offline_tokens(const v1::GenerateRequest& r) {
   req.sampling.top_k = r.sampling().top_k();
   req.sampling.top_p = r.sampling().top_p() == 0 ? 1.0f : r.sampling().top_p();
   req.sampling.seed = r.sampling().seed();
-  Engine engine(offline_model(), EngineOptions{});
+  Engine engine(offline_model(deterministic), EngineOptions{});
   const RequestId id = engine.add_request(req);
   Tokens out;
   for (int step = 0; engine.has_work(); ++step) {
@@ -252,20 +258,21 @@ inline std::string join(const Tokens& t) {
   return s;
 }
 
-// `n` long requests (greedy and seeded), with the offline engine's tokens for each.
+// `n` long requests (greedy and seeded), with the offline engine's tokens for each (with
+// `deterministic`, the batch-invariant engine's).
 struct Load {
   std::vector<v1::GenerateRequest> requests;
   std::vector<Tokens> expected;
 };
 
-inline Load long_requests(int n, int32_t max_tokens, uint32_t seed) {
+inline Load long_requests(int n, int32_t max_tokens, uint32_t seed, bool deterministic = false) {
   Load load;
   std::mt19937 rng(seed);
   for (int i = 0; i < n; ++i) {
     v1::GenerateRequest r =
         make_request(random_prompt(rng, 4, 40), max_tokens,
                      i % 2 == 1 ? std::optional<uint64_t>(seed + i) : std::nullopt);
-    load.expected.push_back(offline_tokens(r));
+    load.expected.push_back(offline_tokens(r, deterministic));
     load.requests.push_back(std::move(r));
   }
   return load;

@@ -286,6 +286,47 @@ TEST_F(MigrationTest, SixtyFourStreamsWithAMigrationEvery100MsLoseNothing) {
   expect_no_pages_held(start);
 }
 
+// With --deterministic (batch-invariant products) a request's tokens do not depend on what it
+// was batched with: 48 greedy and seeded streams, migrations every 100 ms, then one worker
+// killed mid-run (its requests replay on the other) — every stream carries exactly the
+// tokens the offline engine samples for the request alone.
+TEST_F(MigrationTest, DeterministicStreamsSurviveMigrationsAndAFailoverBitForBit) {
+  ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs, {"--deterministic"}));
+  Load load = long_requests(48, 200, 83, /*deterministic=*/true);
+  for (size_t i = 0; i < load.requests.size(); ++i) {
+    load.requests[i].set_request_id("exact-" + std::to_string(i));
+  }
+  std::atomic<bool> done{false};
+  std::atomic<int> migrated{0};
+  std::thread migrator;
+  const std::vector<Stream> streams = run_load(client(), load, [&] {
+    migrator = std::thread([&] {
+      AdminClient control = admin_client();
+      std::mt19937 rng(89);
+      while (!done) {
+        try {
+          const auto& r = load.requests[rng() % load.requests.size()];
+          migrated += control.migrate(r.request_id()).outcome() == "migrated";
+        } catch (const Error&) {
+          // finished, between workers, or its worker is gone
+        }
+        std::this_thread::sleep_for(100ms);
+      }
+    });
+    std::this_thread::sleep_for(300ms);
+    jobs_[1].process->kill_tree();
+  });
+  done = true;
+  migrator.join();
+  int moved = 0;
+  for (size_t i = 0; i < streams.size(); ++i) {
+    expect_complete(streams[i], load.requests[i], load.expected[i], "stream " + std::to_string(i));
+    moved += streams[i].result.worker_ids.size() > 1;
+  }
+  EXPECT_GT(migrated.load(), 0);
+  std::cout << migrated << " migrations; " << moved << " of 48 streams changed worker\n";
+}
+
 TEST_F(MigrationTest, ATargetWithoutRoomRefusesBeforeAnyCopyAndTheRequestStays) {
   // The second worker's cache holds one page (64 tokens): too few for the request.
   job_extra_ = {{}, {"--num-pages", "1"}};

@@ -53,6 +53,7 @@ struct GemmCase {
   int64_t m, n, k, pad_x, pad_w, pad_y;
   float beta;
   unsigned seed;
+  bool batch_invariant = false;  // through gemm_batch_invariant
 };
 
 void check_gemm(const GemmCase& c) {
@@ -83,7 +84,12 @@ void check_gemm(const GemmCase& c) {
       want[i * c.n + j] = s;
     }
   }
-  cpu::gemm(c.trans_w, c.m, c.n, c.k, x.data(), ldx, w.data(), ldw, y.data(), ldy, c.beta);
+  if (c.batch_invariant) {
+    cpu::gemm_batch_invariant(c.trans_w, c.m, c.n, c.k, x.data(), ldx, w.data(), ldw, y.data(), ldy,
+                              c.beta);
+  } else {
+    cpu::gemm(c.trans_w, c.m, c.n, c.k, x.data(), ldx, w.data(), ldw, y.data(), ldy, c.beta);
+  }
   std::vector<float> got(c.m * c.n);
   for (int64_t i = 0; i < c.m; ++i) {
     for (int64_t j = 0; j < c.n; ++j) got[i * c.n + j] = y[i * ldy + j];
@@ -100,6 +106,37 @@ TEST(CpuOps, GemmBothTransposesWithPaddedLeadingDims) {
       check_gemm({trans_w, 1, 33, 17, 5, 1, 7, beta, seed++});
       check_gemm({trans_w, 40, 24, 96, 8, 16, 3, beta, seed++});
       check_gemm({trans_w, 3, 1, 64, 0, 0, 0, beta, seed++});
+    }
+  }
+}
+
+TEST(CpuOps, BatchInvariantGemmComputesTheSameProduct) {
+  unsigned seed = 300;
+  for (bool trans_w : {false, true}) {
+    for (float beta : {0.0f, 1.0f, 0.5f}) {
+      for (int64_t m : {1, 15, 16, 17, 40}) {
+        check_gemm({trans_w, m, 24, 96, 8, 16, 3, beta, seed++, /*batch_invariant=*/true});
+      }
+    }
+  }
+}
+
+// Each row of gemm_batch_invariant is the same bits whatever the number of rows around it
+// (what the engine's deterministic option rests on).
+TEST(CpuOps, BatchInvariantGemmRowsDoNotDependOnTheOtherRows) {
+  std::mt19937 rng(17);
+  const int64_t rows = 40, k = 512, n = 96;
+  const auto x = random_vector(rng, rows * k), w = random_vector(rng, n * k);
+  std::vector<float> all(rows * n);
+  cpu::matmul_nt(x.data(), rows, k, w.data(), n, all.data(), 0.0f, /*batch_invariant=*/true);
+  for (int64_t m : {1, 2, 7, 16, 17, 33}) {
+    for (int64_t first : {int64_t{0}, rows - m}) {
+      std::vector<float> some(m * n);
+      cpu::matmul_nt(x.data() + first * k, m, k, w.data(), n, some.data(), 0.0f, true);
+      for (int64_t i = 0; i < m * n; ++i) {
+        ASSERT_EQ(some[i], all[first * n + i])
+            << m << " rows from row " << first << ", value " << i;
+      }
     }
   }
 }
