@@ -378,14 +378,15 @@ v1::ListWorkersResponse AdminClient::list_workers() {
 // Cluster status table
 
 std::string format_cluster_status(const v1::ListWorkersResponse& status) {
-  const std::vector<std::string> header = {"WORKER",           "ADDRESS",      "STATE",   "TP",
-                                           "PAGES FREE/TOTAL", "RUNNING",      "WAITING", "TOK/S",
-                                           "IN FLIGHT",        "HEARTBEAT AGO"};
+  const std::vector<std::string> header = {"WORKER", "ADDRESS",          "STATE",        "ROLE",
+                                           "TP",     "PAGES FREE/TOTAL", "RUNNING",      "WAITING",
+                                           "TOK/S",  "IN FLIGHT",        "HEARTBEAT AGO"};
   std::vector<std::vector<std::string>> rows;
   int alive = 0;
   for (const v1::WorkerStatus& w : status.workers()) {
     if (w.state() == "alive") ++alive;
-    rows.push_back({w.worker_id(), w.address(), w.state(), fmt::format("{}", w.model().tp_size()),
+    rows.push_back({w.worker_id(), w.address(), w.state(), w.role().empty() ? "both" : w.role(),
+                    fmt::format("{}", w.model().tp_size()),
                     fmt::format("{}/{}", w.load().free_pages(), w.load().total_pages()),
                     fmt::format("{}", w.load().running()), fmt::format("{}", w.load().waiting()),
                     fmt::format("{:.1f}", w.load().tokens_per_second()),
@@ -407,7 +408,7 @@ std::string format_cluster_status(const v1::ListWorkersResponse& status) {
       std::string line;
       for (size_t c = 0; c < row.size(); ++c) {
         if (c > 0) line += "  ";
-        line += c < 3 ? fmt::format("{:<{}}", row[c], width[c])
+        line += c < 4 ? fmt::format("{:<{}}", row[c], width[c])
                       : fmt::format("{:>{}}", row[c], width[c]);
       }
       while (!line.empty() && line.back() == ' ') line.pop_back();

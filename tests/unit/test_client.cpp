@@ -142,6 +142,7 @@ class FakeCoordinator final : public v1::Coordinator::Service {
       w->set_worker_id(ids[i]);
       w->set_address(i == 0 ? "127.0.0.1:50061" : "10.0.0.2:50061");
       w->set_state(i == 0 ? "alive" : "draining");
+      if (i == 1) w->set_role("prefill");
       w->mutable_model()->set_tp_size(2);
       w->mutable_load()->set_free_pages(100 - 10 * i);
       w->mutable_load()->set_total_pages(128);
@@ -470,12 +471,12 @@ TEST(Client, GrpcCodesMapToErrorCodes) {
 TEST(Client, FormatsClusterStatusAsATable) {
   const std::string text = format_cluster_status(FakeCoordinator::workers());
   EXPECT_EQ(text,
-            "WORKER            ADDRESS          STATE     TP  PAGES FREE/TOTAL  RUNNING  WAITING"
-            "  TOK/S  IN FLIGHT  HEARTBEAT AGO\n"
-            "w0                127.0.0.1:50061  alive      2           100/128        2        0"
-            "  123.5          2          12 ms\n"
-            "worker-long-name  10.0.0.2:50061   draining   2            90/128        3        1"
-            "  246.9          1          13 ms\n"
+            "WORKER            ADDRESS          STATE     ROLE     TP  PAGES FREE/TOTAL  RUNNING"
+            "  WAITING  TOK/S  IN FLIGHT  HEARTBEAT AGO\n"
+            "w0                127.0.0.1:50061  alive     both      2           100/128        2"
+            "        0  123.5          2          12 ms\n"
+            "worker-long-name  10.0.0.2:50061   draining  prefill   2            90/128        3"
+            "        1  246.9          1          13 ms\n"
             "workers: 2 (1 alive); requests in flight: 3 (max 64)\n");
   const v1::ListWorkersResponse none;
   EXPECT_EQ(format_cluster_status(none),
