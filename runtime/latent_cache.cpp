@@ -113,13 +113,10 @@ Tensor LatentCache::export_range(const BlockTable& table, int32_t first, int32_t
   const int64_t width = geometry_.width();
   Tensor out = holds_every_page() ? Tensor::empty({geometry_.num_layers, count, width})
                                   : Tensor::zeros({geometry_.num_layers, count, width});
-  for (int32_t layer = 0; layer < geometry_.num_layers; ++layer) {
-    float* dst = out.f32() + int64_t{layer} * count * width;
-    for_each_page_run(table, shard_, geometry_.block_size, first, count,
-                      [&](int32_t at, int32_t row, int32_t n, int32_t page) {
-                        read_rows(page, layer, row, n, dst + (at - first) * width);
-                      });
-  }
+  for_each_page_run(table, shard_, geometry_.block_size, first, count,
+                    [&](int32_t at, int32_t row, int32_t n, int32_t page) {
+                      read_rows(page, row, n, out.f32() + (at - first) * width, count * width);
+                    });
   return out;
 }
 
@@ -132,13 +129,10 @@ void LatentCache::write_range(const BlockTable& table, int32_t first, const Tens
   MLA_REQUIRE(first >= 0 && (count == 0 || first + count <= table.num_tokens),
               "cannot write tokens [{}, {}) into a table of {}", first, first + count,
               table.num_tokens);
-  for (int32_t layer = 0; layer < geometry_.num_layers; ++layer) {
-    const float* src = latents.f32() + int64_t{layer} * count * width;
-    for_each_page_run(table, shard_, geometry_.block_size, first, static_cast<int32_t>(count),
-                      [&](int32_t at, int32_t row, int32_t n, int32_t page) {
-                        write_rows(page, layer, row, n, src + (at - first) * width);
-                      });
-  }
+  for_each_page_run(table, shard_, geometry_.block_size, first, static_cast<int32_t>(count),
+                    [&](int32_t at, int32_t row, int32_t n, int32_t page) {
+                      write_rows(page, row, n, latents.f32() + (at - first) * width, count * width);
+                    });
 }
 
 bool LatentCache::import_tokens(BlockTable& table, const Tensor& latents) {
@@ -164,35 +158,54 @@ int64_t LatentCache::device_offset(int32_t page, int32_t layer) const {
   return (int64_t{page} * geometry_.num_layers + layer) * geometry_.block_size * geometry_.width();
 }
 
-void LatentCache::read_rows(int32_t page, int32_t layer, int32_t row, int32_t count,
-                            float* dst) const {
+void LatentCache::read_rows(int32_t page, int32_t row, int32_t count, float* dst,
+                            int64_t dst_layer_stride) const {
   const int64_t n = int64_t{count} * geometry_.width(), skip = int64_t{row} * geometry_.width();
+  const int32_t L = geometry_.num_layers;
   if (kind_ == CacheStorage::kHostF32) {
-    std::memcpy(dst, page_block(page, layer) + skip, n * sizeof(float));
+    for (int32_t l = 0; l < L; ++l) {
+      std::memcpy(dst + l * dst_layer_stride, page_block(page, l) + skip, n * sizeof(float));
+    }
     return;
   }
 #if MLA_HAVE_CUDA
-  const int64_t offset = device_offset(page, layer) + skip;
-  std::vector<uint16_t> staged(n);
+  // One pitched copy for every layer: the page's layers are B rows apart.
+  const int64_t layer_pitch = int64_t{geometry_.block_size} * geometry_.width();
+  std::vector<uint16_t> staged(L * n);
   const cuda::DeviceGuard on_device(device_);  // RPC handler threads export pages too
-  cuda::copy_to_host(staged.data(), storage_.data<uint16_t>() + offset, n * sizeof(uint16_t));
-  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(staged[i]);
+  cuda::copy_rows_to_host(staged.data(), n * sizeof(uint16_t),
+                          storage_.data<uint16_t>() + device_offset(page, 0) + skip,
+                          layer_pitch * sizeof(uint16_t), n * sizeof(uint16_t), L);
+  for (int32_t l = 0; l < L; ++l) {
+    const uint16_t* from = staged.data() + l * n;
+    float* to = dst + l * dst_layer_stride;
+    for (int64_t i = 0; i < n; ++i) to[i] = bf16_to_f32(from[i]);
+  }
 #endif
 }
 
-void LatentCache::write_rows(int32_t page, int32_t layer, int32_t row, int32_t count,
-                             const float* src) {
+void LatentCache::write_rows(int32_t page, int32_t row, int32_t count, const float* src,
+                             int64_t src_layer_stride) {
   const int64_t n = int64_t{count} * geometry_.width(), skip = int64_t{row} * geometry_.width();
+  const int32_t L = geometry_.num_layers;
   if (kind_ == CacheStorage::kHostF32) {
-    std::memcpy(page_block(page, layer) + skip, src, n * sizeof(float));
+    for (int32_t l = 0; l < L; ++l) {
+      std::memcpy(page_block(page, l) + skip, src + l * src_layer_stride, n * sizeof(float));
+    }
     return;
   }
 #if MLA_HAVE_CUDA
-  const int64_t offset = device_offset(page, layer) + skip;
-  std::vector<uint16_t> staged(n);
-  for (int64_t i = 0; i < n; ++i) staged[i] = f32_to_bf16(src[i]);
+  const int64_t layer_pitch = int64_t{geometry_.block_size} * geometry_.width();
+  std::vector<uint16_t> staged(L * n);
+  for (int32_t l = 0; l < L; ++l) {
+    const float* from = src + l * src_layer_stride;
+    uint16_t* to = staged.data() + l * n;
+    for (int64_t i = 0; i < n; ++i) to[i] = f32_to_bf16(from[i]);
+  }
   const cuda::DeviceGuard on_device(device_);
-  cuda::copy_to_device(storage_.data<uint16_t>() + offset, staged.data(), n * sizeof(uint16_t));
+  cuda::copy_rows_to_device(storage_.data<uint16_t>() + device_offset(page, 0) + skip,
+                            layer_pitch * sizeof(uint16_t), staged.data(), n * sizeof(uint16_t),
+                            n * sizeof(uint16_t), L);
 #endif
 }
 

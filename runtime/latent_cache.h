@@ -113,9 +113,12 @@ class LatentCache {
   bool import_tokens(BlockTable& table, const Tensor& latents);
 
  private:
-  // `count` rows of one page and layer from row `row` on, as fp32.
-  void read_rows(int32_t page, int32_t layer, int32_t row, int32_t count, float* dst) const;
-  void write_rows(int32_t page, int32_t layer, int32_t row, int32_t count, const float* src);
+  // `count` rows of one page from row `row` on, in every layer, as fp32: layer l's rows at
+  // dst + l * dst_layer_stride (one pitched copy for all layers from a device cache).
+  void read_rows(int32_t page, int32_t row, int32_t count, float* dst,
+                 int64_t dst_layer_stride) const;
+  void write_rows(int32_t page, int32_t row, int32_t count, const float* src,
+                  int64_t src_layer_stride);
   // Element offset of a page's rows of one layer in the device pool (checked like page_block).
   int64_t device_offset(int32_t page, int32_t layer) const;
 

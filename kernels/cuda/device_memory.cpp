@@ -75,6 +75,20 @@ void copy_to_host(void* dst, const void* src, size_t bytes) {
   if (bytes > 0) MLA_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
 }
 
+void copy_rows_to_device(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                         size_t row_bytes, size_t rows) {
+  if (row_bytes == 0 || rows == 0) return;
+  MLA_CUDA_CHECK(
+      cudaMemcpy2D(dst, dst_pitch, src, src_pitch, row_bytes, rows, cudaMemcpyHostToDevice));
+}
+
+void copy_rows_to_host(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                       size_t row_bytes, size_t rows) {
+  if (row_bytes == 0 || rows == 0) return;
+  MLA_CUDA_CHECK(
+      cudaMemcpy2D(dst, dst_pitch, src, src_pitch, row_bytes, rows, cudaMemcpyDeviceToHost));
+}
+
 MemoryInfo memory_info() {
   MemoryInfo info;
   MLA_CUDA_CHECK(cudaMemGetInfo(&info.free, &info.total));
