@@ -5,7 +5,7 @@
 MLA_PACKAGES=(cmake ninja-build ccache g++ pkg-config python3 clang-format libopenblas-dev
   libspdlog-dev libopenmpi-dev openmpi-bin libgrpc++-dev libprotobuf-dev protobuf-compiler
   protobuf-compiler-grpc libcpp-httplib-dev libssl-dev zlib1g-dev openssl python3-grpcio python3-protobuf
-  libfmt-dev nlohmann-json3-dev libcli11-dev libyaml-cpp-dev libgtest-dev libgmock-dev)
+  libpcre2-dev libfmt-dev nlohmann-json3-dev libcli11-dev libyaml-cpp-dev libgtest-dev libgmock-dev)
 
 mla_install_packages() {
   local missing=()
