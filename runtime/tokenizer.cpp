@@ -14,102 +14,12 @@
 #include <unordered_map>
 
 #include "kernels/error.h"
+#include "runtime/utf8.h"
 
 namespace mla {
 namespace {
 
 using json = nlohmann::json;
-
-constexpr std::string_view kReplacement = "\xEF\xBF\xBD";  // U+FFFD
-
-std::string utf8_of(uint32_t cp) {
-  std::string s;
-  if (cp < 0x80) {
-    s += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    s += static_cast<char>(0xC0 | (cp >> 6));
-    s += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    s += static_cast<char>(0xE0 | (cp >> 12));
-    s += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    s += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    s += static_cast<char>(0xF0 | (cp >> 18));
-    s += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    s += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    s += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-  return s;
-}
-
-// The length of the well-formed UTF-8 sequence at s[i] (1 to 4), or 0 when s[i] starts none;
-// then *bad gets the length of the maximal subpart to replace by one U+FFFD (Unicode's
-// recommended practice, which Rust's from_utf8_lossy follows).
-size_t utf8_sequence(std::string_view s, size_t i, size_t* bad) {
-  const auto b = static_cast<uint8_t>(s[i]);
-  if (b < 0x80) return 1;
-  int need = 0;
-  uint8_t lo = 0x80, hi = 0xBF;
-  if (b >= 0xC2 && b <= 0xDF) {
-    need = 1;
-  } else if (b == 0xE0) {
-    need = 2, lo = 0xA0;
-  } else if ((b >= 0xE1 && b <= 0xEC) || b == 0xEE || b == 0xEF) {
-    need = 2;
-  } else if (b == 0xED) {
-    need = 2, hi = 0x9F;
-  } else if (b == 0xF0) {
-    need = 3, lo = 0x90;
-  } else if (b >= 0xF1 && b <= 0xF3) {
-    need = 3;
-  } else if (b == 0xF4) {
-    need = 3, hi = 0x8F;
-  } else {
-    *bad = 1;
-    return 0;
-  }
-  size_t j = i + 1;
-  for (int k = 0; k < need; ++k, ++j) {
-    if (j >= s.size()) break;
-    const auto c = static_cast<uint8_t>(s[j]);
-    if (k == 0 ? (c < lo || c > hi) : (c < 0x80 || c > 0xBF)) break;
-    if (k == need - 1) return need + 1;
-  }
-  *bad = j - i;
-  return 0;
-}
-
-// The code point at s[i], which starts a well-formed sequence of `len` bytes.
-uint32_t code_point(std::string_view s, size_t i, size_t len) {
-  const auto b = [&](size_t k) { return static_cast<uint32_t>(static_cast<uint8_t>(s[i + k])); };
-  switch (len) {
-    case 1:
-      return b(0);
-    case 2:
-      return ((b(0) & 0x1F) << 6) | (b(1) & 0x3F);
-    case 3:
-      return ((b(0) & 0x0F) << 12) | ((b(1) & 0x3F) << 6) | (b(2) & 0x3F);
-    default:
-      return ((b(0) & 0x07) << 18) | ((b(1) & 0x3F) << 12) | ((b(2) & 0x3F) << 6) | (b(3) & 0x3F);
-  }
-}
-
-std::string from_utf8_lossy(std::string_view s) {
-  std::string out;
-  out.reserve(s.size());
-  for (size_t i = 0; i < s.size();) {
-    size_t bad = 0;
-    const size_t len = utf8_sequence(s, i, &bad);
-    if (len == 0) {
-      out += kReplacement;
-      i += bad;
-    } else {
-      out.append(s.substr(i, len));
-      i += len;
-    }
-  }
-  return out;
-}
 
 // GPT-2's table of 256 printable characters standing for the bytes.
 struct ByteLevelTable {
@@ -244,7 +154,7 @@ struct Tokenizer::Impl {
 void Tokenizer::Impl::bpe(std::string_view piece, std::vector<int32_t>& out) const {
   if (ignore_merges) {
     std::string chars;
-    for (char c : piece) chars += utf8_of(byte_level().char_of[static_cast<uint8_t>(c)]);
+    for (char c : piece) chars += utf8::encode(byte_level().char_of[static_cast<uint8_t>(c)]);
     if (auto it = ids.find(chars); it != ids.end()) {
       out.push_back(it->second);
       return;
@@ -409,7 +319,7 @@ Tokenizer Tokenizer::parse(const std::string& tokenizer_json, const std::string&
   for (const auto& [token, id] : impl->ids) impl->text_of[id] = token;
   const ByteLevelTable& table = byte_level();
   for (int b = 0; b < 256; ++b) {
-    auto it = impl->ids.find(utf8_of(table.char_of[b]));
+    auto it = impl->ids.find(utf8::encode(table.char_of[b]));
     impl->byte_id[b] = it == impl->ids.end() ? -1 : it->second;
   }
   int32_t rank = 0;
@@ -494,11 +404,8 @@ Tokenizer Tokenizer::parse(const std::string& tokenizer_json, const std::string&
 }
 
 std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special_tokens) const {
-  for (size_t i = 0; i < text.size();) {
-    size_t bad = 0;
-    const size_t len = utf8_sequence(text, i, &bad);
-    if (len == 0) MLA_THROW(kInvalidArgument, "text is not UTF-8 at byte {}", i);
-    i += len;
+  if (const size_t bad = utf8::first_invalid(text); bad != std::string_view::npos) {
+    MLA_THROW(kInvalidArgument, "text is not UTF-8 at byte {}", bad);
   }
   const Impl& m = *impl_;
   std::vector<int32_t> out;
@@ -526,31 +433,37 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special_t
   return out;
 }
 
-std::string Tokenizer::decode(const std::vector<int32_t>& ids, bool skip_special_tokens) const {
+std::string Tokenizer::token_bytes(int32_t id) const {
   const Impl& m = *impl_;
+  if (id < 0 || id >= vocab_size() || m.text_of[id].empty()) {
+    MLA_THROW(kInvalidArgument, "token id {} is not in the vocabulary of {}", id, vocab_size());
+  }
+  // Every character of the token that stands for a byte becomes that byte; others (in added
+  // tokens) stay as they are.
   const ByteLevelTable& table = byte_level();
+  const std::string& token = m.text_of[id];
+  std::string bytes;
+  for (size_t i = 0; i < token.size();) {
+    size_t bad = 0;
+    const size_t len = std::max<size_t>(1, utf8::sequence(token, i, &bad));
+    auto it = table.byte_of.find(utf8::code_point(token, i, len));
+    if (it != table.byte_of.end()) {
+      bytes += static_cast<char>(it->second);
+    } else {
+      bytes.append(token, i, len);
+    }
+    i += len;
+  }
+  return bytes;
+}
+
+std::string Tokenizer::decode(const std::vector<int32_t>& ids, bool skip_special_tokens) const {
   std::string bytes;
   for (int32_t id : ids) {
-    if (id < 0 || id >= vocab_size() || m.text_of[id].empty()) {
-      MLA_THROW(kInvalidArgument, "token id {} is not in the vocabulary of {}", id, vocab_size());
-    }
-    if (skip_special_tokens && m.special[id]) continue;
-    // Every character of the token that stands for a byte becomes that byte; others (in
-    // added tokens) stay as they are.
-    const std::string& token = m.text_of[id];
-    for (size_t i = 0; i < token.size();) {
-      size_t bad = 0;
-      const size_t len = std::max<size_t>(1, utf8_sequence(token, i, &bad));
-      auto it = table.byte_of.find(code_point(token, i, len));
-      if (it != table.byte_of.end()) {
-        bytes += static_cast<char>(it->second);
-      } else {
-        bytes.append(token, i, len);
-      }
-      i += len;
-    }
+    const std::string piece = token_bytes(id);  // checks the id
+    if (!(skip_special_tokens && impl_->special[id])) bytes += piece;
   }
-  return from_utf8_lossy(bytes);
+  return utf8::lossy(bytes);
 }
 
 int32_t Tokenizer::vocab_size() const { return static_cast<int32_t>(impl_->text_of.size()); }

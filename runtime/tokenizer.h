@@ -48,6 +48,9 @@ class Tokenizer {
   std::vector<int32_t> encode(std::string_view text, bool add_special_tokens = true) const;
   // The text of `ids`; throws kInvalidArgument for an id outside the vocabulary.
   std::string decode(const std::vector<int32_t>& ids, bool skip_special_tokens = false) const;
+  // The bytes one token stands for (not necessarily UTF-8 on its own: a character may span
+  // tokens); decode() is the concatenation of these, made valid UTF-8. Throws like decode().
+  std::string token_bytes(int32_t id) const;
 
   // Ids 0 .. vocab_size() - 1 (the model's and the added tokens).
   int32_t vocab_size() const;
