@@ -8,6 +8,7 @@
 #include <iostream>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <random>
 #include <sstream>
@@ -17,7 +18,9 @@
 #include "launch/deploy_flags.h"
 #include "launch/group_runtime.h"
 #include "runtime/tensor_dump.h"
+#include "runtime/text_stream.h"
 #include "runtime/tiny_checkpoint.h"
+#include "runtime/tokenizer.h"
 #if MLA_HAVE_CUDA
 #include "runtime/cuda/cuda_model.h"
 #endif
@@ -67,6 +70,8 @@ double decode_step_bytes(const Model& model, int64_t batch, int64_t context) {
 
 struct GenerateArgs {
   DeployFlags deploy;
+  std::string prompt;  // text, through the model's tokenizer
+  std::vector<std::string> stop;
   std::string prompt_ids;
   int32_t prompt_len = 0;
   double copy_gbps = 0;
@@ -80,8 +85,10 @@ struct GenerateArgs {
   std::string dump_dir;
 };
 
-// Runs `batch` copies of `req` to completion and prints tokens and timings.
-void run_batch(const GenerateArgs& a, const GroupRuntime& rt, const Request& req, int32_t batch) {
+// Runs `batch` copies of `req` to completion and prints tokens and timings; with a tokenizer,
+// each request's text too (ending it at the first stop string).
+void run_batch(const GenerateArgs& a, const GroupRuntime& rt, const Request& req, int32_t batch,
+               const Tokenizer* tokenizer) {
   Engine& engine = *rt.engine;
   std::vector<RequestId> ids;
   for (int32_t i = 0; i < batch; ++i) {
@@ -95,7 +102,11 @@ void run_batch(const GenerateArgs& a, const GroupRuntime& rt, const Request& req
   const EngineStats before = engine.stats();
 
   std::map<RequestId, std::vector<int32_t>> out;
-  std::map<RequestId, std::string> reason;
+  std::map<RequestId, std::string> reason, text;
+  std::map<RequestId, TextStream> streams;
+  if (tokenizer) {
+    for (RequestId id : ids) streams.emplace(id, TextStream(*tokenizer, a.stop));
+  }
   using Clock = std::chrono::steady_clock;
   const auto t0 = Clock::now();
   // Decode phase: once every request has its first token, each step is one decode token per
@@ -114,6 +125,13 @@ void run_batch(const GenerateArgs& a, const GroupRuntime& rt, const Request& req
     for (const auto& o : outputs) {
       out[o.id].push_back(o.token);
       if (o.finished) reason[o.id] = to_string(o.finish);
+      auto s = streams.find(o.id);
+      if (s == streams.end() || s->second.stopped()) continue;
+      text[o.id] += s->second.push(o.token);
+      if (s->second.stopped() && !o.finished) {
+        engine.cancel(o.id);
+        reason[o.id] = "stop string";
+      }
     }
     if (!decode_start && out.size() == ids.size()) decode_start = s1;
   }
@@ -125,6 +143,11 @@ void run_batch(const GenerateArgs& a, const GroupRuntime& rt, const Request& req
   for (auto id : ids) {
     std::cout << fmt::format("{}request {} ({}): {}\n", group, id, reason[id],
                              fmt::join(out[id], ","));
+    if (tokenizer) {
+      text[id] += streams.at(id).finish();
+      std::cout << fmt::format("{}request {} text: {}\n", group, id,
+                               nlohmann::json(text[id]).dump());
+    }
     generated += static_cast<int64_t>(out[id].size());
   }
   EngineStats st = engine.stats();
@@ -162,10 +185,17 @@ void run_batch(const GenerateArgs& a, const GroupRuntime& rt, const Request& req
 
 int run_generate(const GenerateArgs& a) {
   DeployConfig d = a.deploy.resolve();
-  MLA_REQUIRE(a.prompt_ids.empty() != (a.prompt_len == 0),
-              "give exactly one of --prompt-ids and --prompt-len");
+  MLA_REQUIRE(!a.prompt_ids.empty() + !a.prompt.empty() + (a.prompt_len != 0) == 1,
+              "give exactly one of --prompt, --prompt-ids and --prompt-len");
   Request req;
-  if (a.prompt_len == 0) req.prompt = parse_ids(a.prompt_ids);
+  std::optional<Tokenizer> tokenizer;
+  if (!a.prompt.empty()) {
+    tokenizer.emplace(Tokenizer::load(d.model_dir));
+    req.prompt = tokenizer->encode(a.prompt);
+  } else if (a.prompt_len == 0) {
+    req.prompt = parse_ids(a.prompt_ids);
+  }
+  MLA_REQUIRE(a.stop.empty() || tokenizer, "--stop needs a text --prompt");
   std::optional<TensorDump> dump;
   if (!a.dump_dir.empty()) {
     MLA_REQUIRE(a.prompt_len == 0 && a.batches == "1",
@@ -192,7 +222,7 @@ int run_generate(const GenerateArgs& a) {
   if (dump) engine.runner().set_dump(&*dump);
   for (int32_t batch : parse_ids(a.batches, "--batch")) {
     MLA_REQUIRE(batch >= 1, "--batch sizes must be >= 1, got {}", batch);
-    run_batch(a, *rt, req, batch);
+    run_batch(a, *rt, req, batch, tokenizer ? &*tokenizer : nullptr);
   }
   if (dump) {
     engine.runner().set_dump(nullptr);
@@ -207,6 +237,11 @@ void add_generate_command(CLI::App& app, int& exit_code) {
   auto args = std::make_shared<GenerateArgs>();
   auto* cmd = app.add_subcommand("generate", "Generate tokens offline from a model directory");
   args->deploy.add_to(*cmd);
+  cmd->add_option("--prompt", args->prompt,
+                  "Prompt text, through the model directory's tokenizer.json (prints the text "
+                  "generated too)");
+  cmd->add_option("--stop", args->stop,
+                  "With --prompt: end a request at this text (not printed); repeatable");
   cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt token ids, comma separated");
   cmd->add_option("--prompt-len", args->prompt_len,
                   "Instead of --prompt-ids: a random prompt of this many tokens (benchmarks)");

@@ -18,9 +18,8 @@ TextStream::TextStream(const Tokenizer& tokenizer, std::vector<std::string> stop
 }
 
 std::string TextStream::push(int32_t id) {
-  const std::string piece = tokenizer_.token_bytes(id);  // checks the id
   if (stopped_ || (skip_special_ && tokenizer_.is_special(id))) return {};
-  bytes_ += piece;
+  bytes_ += tokenizer_.token_bytes(id);
   // Move what is settled to text_: whole characters, and U+FFFD for bytes that cannot become
   // one whatever follows; an unfinished character at the end waits.
   size_t i = 0;

@@ -22,8 +22,8 @@ class TextStream {
   TextStream(const Tokenizer& tokenizer, std::vector<std::string> stop,
              bool skip_special_tokens = true);
 
-  // Takes the next token; returns the text final after it (may be empty). Throws
-  // kInvalidArgument for an id outside the vocabulary. After stopped(), returns nothing.
+  // Takes the next token; returns the text final after it (may be empty; an id without a token
+  // adds nothing). After stopped(), returns nothing.
   std::string push(int32_t id);
   // The end of the stream: the text still held back (an unfinished character as U+FFFD, text
   // that only might have started a stop string).

@@ -291,8 +291,110 @@ void write_random_checkpoint(const ModelConfig& config, const std::string& dir, 
                                 {"weight_block_size", {config.fp8_block[0], config.fp8_block[1]}}};
   }
   std::ofstream(dir + "/config.json") << j.dump(2) << "\n";
-  spdlog::info("wrote random {} checkpoint ({} tensors, {}) to {}", config.family_name(),
-               tensors.size(), dtype_name(dtype), dir);
+  const bool tokenizer = write_byte_level_tokenizer(config, dir);
+  spdlog::info("wrote random {} checkpoint ({} tensors, {}{}) to {}", config.family_name(),
+               tensors.size(), dtype_name(dtype), tokenizer ? ", byte-level tokenizer" : "", dir);
+}
+
+bool write_byte_level_tokenizer(const ModelConfig& config, const std::string& dir) {
+  using json = nlohmann::json;
+  const int32_t eos = config.eos_token_ids.empty() ? 1 : config.eos_token_ids[0];
+  const int32_t bos = eos >= 1 ? eos - 1 : eos + 1;  // DeepSeek's layout: bos just before eos
+  if (config.vocab_size < 258 || eos >= config.vocab_size) return false;
+  const std::string bos_text = "<｜begin▁of▁sentence｜>", eos_text = "<｜end▁of▁sentence｜>";
+  // GPT-2's byte-level characters, on the first ids not taken by bos and eos.
+  json vocab = json::object();
+  int32_t id = 0;
+  auto next_id = [&] {
+    while (id == bos || id == eos) ++id;
+    return id++;
+  };
+  uint32_t shifted = 256;  // the characters standing for unprintable bytes: 256, 257, ...
+  for (int b = 0; b < 256; ++b) {
+    const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
+    const uint32_t cp = printable ? static_cast<uint32_t>(b) : shifted++;
+    std::string ch;
+    if (cp < 0x80) {
+      ch += static_cast<char>(cp);
+    } else {
+      ch += static_cast<char>(0xC0 | (cp >> 6));
+      ch += static_cast<char>(0x80 | (cp & 0x3F));
+    }
+    vocab[ch] = next_id();
+  }
+  json added = json::array();
+  auto add = [&](int32_t token_id, const std::string& text) {
+    added.push_back({{"id", token_id},
+                     {"content", text},
+                     {"single_word", false},
+                     {"lstrip", false},
+                     {"rstrip", false},
+                     {"normalized", false},
+                     {"special", true}});
+  };
+  add(bos, bos_text);
+  add(eos, eos_text);
+  for (const char* role : {"<｜User｜>", "<｜Assistant｜>"}) {
+    const int32_t role_id = next_id();
+    if (role_id < config.vocab_size) add(role_id, role);
+  }
+  // DeepSeek-V3's pre-tokenizer.
+  json splits = json::array();
+  for (const char* pattern :
+       {R"(\p{N}{1,3})", "[一-龥\u3040-ゟ゠-ヿ]+",
+        "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?"
+        "[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"}) {
+    splits.push_back({{"type", "Split"},
+                      {"pattern", {{"Regex", pattern}}},
+                      {"behavior", "Isolated"},
+                      {"invert", false}});
+  }
+  splits.push_back({{"type", "ByteLevel"},
+                    {"add_prefix_space", false},
+                    {"trim_offsets", true},
+                    {"use_regex", false}});
+  const json bos_item = {{"SpecialToken", {{"id", bos_text}, {"type_id", 0}}}};
+  json t = {{"version", "1.0"},
+            {"truncation", nullptr},
+            {"padding", nullptr},
+            {"added_tokens", added},
+            {"normalizer", nullptr},
+            {"pre_tokenizer", {{"type", "Sequence"}, {"pretokenizers", splits}}},
+            {"post_processor",
+             {{"type", "TemplateProcessing"},
+              {"single", {bos_item, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+              {"pair",
+               {bos_item,
+                {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+                bos_item,
+                {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}}},
+              {"special_tokens",
+               {{bos_text, {{"id", bos_text}, {"ids", {bos}}, {"tokens", {bos_text}}}}}}}},
+            {"decoder",
+             {{"type", "ByteLevel"},
+              {"add_prefix_space", true},
+              {"trim_offsets", true},
+              {"use_regex", true}}},
+            {"model",
+             {{"type", "BPE"},
+              {"dropout", nullptr},
+              {"unk_token", nullptr},
+              {"continuing_subword_prefix", nullptr},
+              {"end_of_word_suffix", nullptr},
+              {"fuse_unk", false},
+              {"byte_fallback", false},
+              {"ignore_merges", false},
+              {"vocab", vocab},
+              {"merges", json::array()}}}};
+  std::ofstream(dir + "/tokenizer.json") << t.dump(2) << "\n";
+  const json tokenizer_config = {{"add_bos_token", true},
+                                 {"add_eos_token", false},
+                                 {"bos_token", bos_text},
+                                 {"eos_token", eos_text},
+                                 {"model_max_length", config.max_position_embeddings},
+                                 {"tokenizer_class", "LlamaTokenizerFast"}};
+  std::ofstream(dir + "/tokenizer_config.json") << tokenizer_config.dump(2) << "\n";
+  return true;
 }
 
 }  // namespace mla

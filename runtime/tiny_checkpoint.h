@@ -25,4 +25,12 @@ std::vector<std::string> model_preset_names();
 void write_random_checkpoint(const ModelConfig& config, const std::string& dir, uint64_t seed,
                              DType dtype = DType::kF32);
 
+// Writes DIR/tokenizer.json and DIR/tokenizer_config.json beside a random checkpoint (which
+// write_random_checkpoint calls): a byte-level BPE tokenizer without merges (every byte one
+// token), DeepSeek-V3's pre-tokenizer, the begin- and end-of-sentence tokens at the config's
+// ids (bos just before eos, as DeepSeek lays them out) and the user and assistant markers, so
+// a random model takes and gives text. False, writing nothing, when the vocabulary has no room
+// for 256 bytes and the two.
+bool write_byte_level_tokenizer(const ModelConfig& config, const std::string& dir);
+
 }  // namespace mla

@@ -435,9 +435,7 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special_t
 
 std::string Tokenizer::token_bytes(int32_t id) const {
   const Impl& m = *impl_;
-  if (id < 0 || id >= vocab_size() || m.text_of[id].empty()) {
-    MLA_THROW(kInvalidArgument, "token id {} is not in the vocabulary of {}", id, vocab_size());
-  }
+  if (id < 0 || id >= vocab_size() || m.text_of[id].empty()) return {};
   // Every character of the token that stands for a byte becomes that byte; others (in added
   // tokens) stay as they are.
   const ByteLevelTable& table = byte_level();
@@ -460,8 +458,7 @@ std::string Tokenizer::token_bytes(int32_t id) const {
 std::string Tokenizer::decode(const std::vector<int32_t>& ids, bool skip_special_tokens) const {
   std::string bytes;
   for (int32_t id : ids) {
-    const std::string piece = token_bytes(id);  // checks the id
-    if (!(skip_special_tokens && impl_->special[id])) bytes += piece;
+    if (!(skip_special_tokens && is_special(id))) bytes += token_bytes(id);
   }
   return utf8::lossy(bytes);
 }

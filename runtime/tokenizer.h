@@ -46,10 +46,12 @@ class Tokenizer {
   // The ids of `text` (UTF-8; throws kInvalidArgument naming the byte offset where it is not).
   // With add_special_tokens, the post-processor's tokens too.
   std::vector<int32_t> encode(std::string_view text, bool add_special_tokens = true) const;
-  // The text of `ids`; throws kInvalidArgument for an id outside the vocabulary.
+  // The text of `ids`. An id without a token (a model's vocabulary may be larger than its
+  // tokenizer's, e.g. padded) contributes nothing, as in `tokenizers`.
   std::string decode(const std::vector<int32_t>& ids, bool skip_special_tokens = false) const;
   // The bytes one token stands for (not necessarily UTF-8 on its own: a character may span
-  // tokens); decode() is the concatenation of these, made valid UTF-8. Throws like decode().
+  // tokens; empty for an id without a token); decode() is the concatenation of these, made
+  // valid UTF-8.
   std::string token_bytes(int32_t id) const;
 
   // Ids 0 .. vocab_size() - 1 (the model's and the added tokens).

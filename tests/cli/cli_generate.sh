@@ -16,6 +16,24 @@ for preset in v3 v2-lite; do
   expect_output "batch 3: 6 tokens generated" "generate --prompt-len on $preset"
 done
 
+# Text in, text out: make-tiny writes a byte-level tokenizer beside the model; --prompt goes
+# through it and the generated text is printed (as JSON); --stop ends a request before the
+# first occurrence of its text, which is not printed.
+run generate --model "$tmp/v3" --prompt "Hello, 世界" --max-tokens 24 --ignore-eos
+expect_ok "generate --prompt"
+expect_output 'request 1 text: "' "generate --prompt"
+text_of() { sed -n 's/^request 1 text: //p' <<<"$out" | python3 -c 'import json,sys; print(json.dumps(json.loads(sys.stdin.read())))'; }
+full=$(text_of)
+stop=$(python3 -c 'import json,sys; t=json.loads(sys.argv[1]); print(t[3:5])' "$full")
+want=$(python3 -c 'import json,sys; t=json.loads(sys.argv[1]); print(json.dumps(t[:t.find(sys.argv[2])]))' "$full" "$stop")
+run generate --model "$tmp/v3" --prompt "Hello, 世界" --max-tokens 24 --ignore-eos --stop "$stop"
+expect_ok "generate --prompt --stop"
+expect_output "(stop string)" "generate --prompt --stop"
+[ "$(text_of)" = "$want" ] || fail "generate --stop '$stop': text $(text_of), want $want (full $full)"
+run generate --model "$tmp/v3" --prompt-ids 1,2 --stop x
+expect_error "generate --stop without --prompt"
+expect_output "--stop needs a text --prompt" "generate --stop without --prompt"
+
 # --dump-tensors: the prompt's named intermediates, one .npy per tensor, logits of every row;
 # it refuses what it cannot dump and a directory that already holds a dump.
 run generate --model "$tmp/v3" --prompt-ids 5,6,7,8,9,10,11 --max-tokens 2 --absorb factored \

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "kernels/error.h"
+#include "runtime/tiny_checkpoint.h"
 #include "runtime/tokenizer.h"
 
 namespace mla {
@@ -78,14 +79,12 @@ TEST(Tokenizer, BadInputIsRefusedNamingTheProblem) {
               HasSubstr("not UTF-8 at byte 3"));
   EXPECT_THAT(message([&] { tok.encode("\xF0\x9F\x98"); }, ErrorCode::kInvalidArgument),
               HasSubstr("not UTF-8 at byte 0"));
-  EXPECT_THAT(message(
-                  [&] {
-                    tok.decode({1, tok.vocab_size()});
-                  },
-                  ErrorCode::kInvalidArgument),
-              HasSubstr("not in the vocabulary"));
-  EXPECT_THAT(message([&] { tok.decode({-1}); }, ErrorCode::kInvalidArgument),
-              HasSubstr("token id -1"));
+  // Ids without a token (a model's padded vocabulary) add nothing, as in `tokenizers`.
+  const std::vector<int32_t> hello = tok.encode("Hello", false);
+  std::vector<int32_t> padded = {-1, tok.vocab_size()};
+  padded.insert(padded.end(), hello.begin(), hello.end());
+  padded.push_back(tok.vocab_size() + 1000);
+  EXPECT_EQ(tok.decode(padded), "Hello");
   EXPECT_THAT(message([] { Tokenizer::load("/nonexistent"); }, ErrorCode::kNotFound),
               HasSubstr("tokenizer.json not found"));
 
@@ -111,6 +110,27 @@ TEST(Tokenizer, BadInputIsRefusedNamingTheProblem) {
   strip["added_tokens"][0]["lstrip"] = true;
   EXPECT_THAT(refused(strip), HasSubstr(".lstrip: must be false"));
   EXPECT_THAT(refused("not json"), HasSubstr("t.json"));
+}
+
+// make-tiny's tokenizer: every byte one token, bos and eos at the config's ids; text round
+// trips through it, whatever the script.
+TEST(Tokenizer, MakeTinyWritesAByteLevelTokenizerThatRoundTripsText) {
+  const std::string dir = testing::TempDir() + "/tiny_tokenizer";
+  std::filesystem::create_directories(dir);
+  ModelConfig config = model_preset("v3");
+  ASSERT_TRUE(write_byte_level_tokenizer(config, dir));
+  const Tokenizer tok = Tokenizer::load(dir);
+  EXPECT_EQ(tok.bos_id(), 0);
+  EXPECT_EQ(tok.eos_id(), config.eos_token_ids[0]);
+  EXPECT_LE(tok.vocab_size(), config.vocab_size);
+  const std::string text = "Hello, wörld! 深度求索 😀 x=1234\n\ttab";
+  const std::vector<int32_t> ids = tok.encode(text);
+  EXPECT_EQ(ids.front(), 0);
+  EXPECT_EQ(ids.size(), 1 + text.size()) << "one token per byte";
+  EXPECT_EQ(tok.decode(ids, true), text);
+  EXPECT_EQ(tok.encode("<｜User｜>hi", false).size(), 3u);
+  config.vocab_size = 200;
+  EXPECT_FALSE(write_byte_level_tokenizer(config, testing::TempDir() + "/no_tokenizer"));
 }
 
 }  // namespace
