@@ -18,5 +18,7 @@ void add_bench_kernels_command(CLI::App& app, int& exit_code);
 void add_bench_decode_command(CLI::App& app, int& exit_code);
 // Live migration downtime and bandwidth against a cluster (launch/cmd_bench_migration.cpp).
 void add_bench_migration_command(CLI::App& app, int& exit_code);
+// A model's tokenizer speed on a text file (launch/cmd_bench_tokenizer.cpp).
+void add_bench_tokenizer_command(CLI::App& app, int& exit_code);
 
 }  // namespace mla::launch
