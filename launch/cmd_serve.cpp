@@ -261,6 +261,7 @@ struct CoordinatorArgs {
   int32_t max_in_flight = 0;
   int32_t metrics_port = 0;
   int32_t drain_timeout_s = 0;
+  std::string tokenizer;
 };
 
 int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
@@ -273,6 +274,7 @@ int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
   if (given("--max-in-flight")) c.max_in_flight = a.max_in_flight;
   if (given("--metrics-port")) c.metrics_port = a.metrics_port;
   if (given("--drain-timeout")) c.drain_timeout_s = a.drain_timeout_s;
+  if (given("--tokenizer")) c.tokenizer = a.tokenizer;
   MLA_REQUIRE(c.drain_timeout_s >= 0, "--drain-timeout must be >= 0, got {}", c.drain_timeout_s);
   MLA_REQUIRE(c.address != c.control_address || c.address.ends_with(":0"),
               "coordinator: the client plane ({}) and the control plane ({}) need their own "
@@ -293,6 +295,11 @@ int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
   options.rebalance_interval_ms = c.rebalance.interval_ms;
   options.secret = secret;
   options.worker_credentials = channel_credentials(d.tls);
+  if (!c.tokenizer.empty()) {
+    options.tokenizer = std::make_shared<const Tokenizer>(Tokenizer::load(c.tokenizer));
+    spdlog::info("coordinator: text prompts and stop strings through {}/tokenizer.json ({} tokens)",
+                 c.tokenizer, options.tokenizer->vocab_size());
+  }
   const auto server_creds = server_credentials(d.tls);
   catch_stop_signals();
   CoordinatorService service(options);
@@ -333,6 +340,8 @@ int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
 struct ClientArgs {
   std::string config_path;
   std::string address = "127.0.0.1:50051";
+  std::string prompt;
+  std::vector<std::string> stop;
   std::string prompt_ids;
   std::string request_id;
   int32_t max_tokens = 16;
@@ -349,11 +358,12 @@ struct ClientArgs {
 
 int run_client(const ClientArgs& a, const CLI::App& cmd) {
   const bool given_address = cmd.get_option("--address")->count() > 0;
-  if (a.prompt_ids.empty() && !a.status && a.wait_ready_s <= 0) {
+  if (a.prompt.empty() && a.prompt_ids.empty() && !a.status && a.wait_ready_s <= 0) {
     MLA_THROW(kInvalidArgument,
-              "client: nothing to do: give --prompt-ids to generate, --status to show the "
-              "cluster, or --wait-ready to wait for it");
+              "client: nothing to do: give --prompt or --prompt-ids to generate, --status to "
+              "show the cluster, or --wait-ready to wait for it");
   }
+  MLA_REQUIRE(a.prompt.empty() || a.prompt_ids.empty(), "give --prompt or --prompt-ids, not both");
   const DeployConfig d = a.config_path.empty() ? DeployConfig{} : DeployConfig::load(a.config_path);
   const std::string address =
       given_address || a.config_path.empty() ? a.address : d.coordinator.address;
@@ -364,10 +374,15 @@ int run_client(const ClientArgs& a, const CLI::App& cmd) {
     MLA_THROW(kUnavailable, "no serving coordinator with a live worker at {} after {} s", address,
               a.wait_ready_s);
   }
-  if (!a.prompt_ids.empty()) {
+  if (!a.prompt_ids.empty() || !a.prompt.empty()) {
     mlaserve::v1::GenerateRequest req;
     req.set_request_id(a.request_id);
-    for (int32_t id : parse_ids(a.prompt_ids)) req.add_prompt_ids(id);
+    if (!a.prompt.empty()) req.set_prompt(a.prompt);
+    for (const std::string& s : a.stop) req.add_stop(s);
+    if (!a.prompt_ids.empty()) {
+      for (int32_t id : parse_ids(a.prompt_ids)) req.add_prompt_ids(id);
+    }
+    const bool as_text = !a.prompt.empty();
     req.set_max_tokens(a.max_tokens);
     req.mutable_sampling()->set_temperature(a.temperature);
     req.mutable_sampling()->set_top_k(a.top_k);
@@ -378,6 +393,10 @@ int run_client(const ClientArgs& a, const CLI::App& cmd) {
     const auto result = client.generate(
         req,
         [&](const mlaserve::v1::GenerateResponse& m) {
+          if (as_text) {
+            std::cout << m.text() << std::flush;
+            return;
+          }
           for (int i = 0; i < m.token_ids_size(); ++i) {
             std::cout << m.token_ids(i);
             if (a.logprobs && i < m.logprobs_size())
@@ -458,6 +477,9 @@ void add_serve_commands(CLI::App& app, int& exit_code) {
   coord->add_option("--drain-timeout", c->drain_timeout_s,
                     "Seconds a SIGTERMed coordinator gives open streams (default: "
                     "coordinator.drain_timeout_s, 30)");
+  coord->add_option("--tokenizer", c->tokenizer,
+                    "Model directory whose tokenizer.json turns text prompts into ids and "
+                    "generated tokens into text (default: coordinator.tokenizer; none: ids only)");
   coord->callback([c, coord, &exit_code] { exit_code = run_coordinator(*c, *coord); });
 
   auto k = std::make_shared<ClientArgs>();
@@ -469,6 +491,10 @@ void add_serve_commands(CLI::App& app, int& exit_code) {
       ->add_option("--address", k->address,
                    "Coordinator addresses, comma-separated (a broken stream resumes on the next)")
       ->capture_default_str();
+  client->add_option("--prompt", k->prompt,
+                     "Prompt text (the coordinator's tokenizer encodes it); prints text as it "
+                     "comes");
+  client->add_option("--stop", k->stop, "End the generation before this text; repeatable");
   client->add_option("--prompt-ids", k->prompt_ids, "Prompt token ids, comma separated");
   client->add_option("--request-id", k->request_id, "Request id (default: assigned)");
   client->add_option("--max-tokens", k->max_tokens, "Tokens to generate")->capture_default_str();

@@ -157,6 +157,7 @@ grpc::Status Client::stream_once(Coordinator& coordinator, const v1::GenerateReq
       result.client_ttft_ms = ms_since(start);
     }
     result.tokens.insert(result.tokens.end(), msg.token_ids().begin(), msg.token_ids().end());
+    result.text += msg.text();
     result.logprobs.insert(result.logprobs.end(), msg.logprobs().begin(), msg.logprobs().end());
     if (!msg.worker_id().empty() && std::find(result.worker_ids.begin(), result.worker_ids.end(),
                                               msg.worker_id()) == result.worker_ids.end()) {

@@ -61,6 +61,7 @@ struct ClientOptions {
 struct GenerateResult {
   std::string request_id;       // as the server reported it (assigned when the request had none)
   std::vector<int32_t> tokens;  // all generated tokens, in order
+  std::string text;             // the messages' text, for text prompts and stop strings
   std::vector<float> logprobs;  // parallel to tokens when return_logprobs was set
   mlaserve::v1::FinishReason finish = mlaserve::v1::FINISH_REASON_UNSPECIFIED;
   mlaserve::v1::Usage usage;      // from the last message

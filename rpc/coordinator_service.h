@@ -64,6 +64,7 @@
 #include "rpc/routing.h"
 #include "rpc/shared_secret.h"
 #include "runtime/sequence.h"
+#include "runtime/tokenizer.h"
 
 namespace mla {
 
@@ -111,6 +112,9 @@ struct CoordinatorOptions {
   double rebalance_low_free = 0.1;
   double rebalance_high_free = 0.3;
   int32_t rebalance_interval_ms = 1000;
+  // Turns GenerateRequest.prompt into ids and the generated tokens into text (stop strings
+  // too). Default: none (requests must give prompt_ids; text fields are refused).
+  std::shared_ptr<const Tokenizer> tokenizer;
   // Sent with every call to a worker (the workers check it). Default: none (workers that
   // check a secret refuse the calls).
   std::shared_ptr<const SharedSecret> secret;

@@ -31,6 +31,8 @@
 #include "rpc/request_limits.h"
 #include "rpc/status.h"
 #include "runtime/request_validation.h"
+#include "runtime/text_stream.h"
+#include "runtime/utf8.h"
 
 namespace mla {
 
@@ -39,6 +41,39 @@ namespace v1 = mlaserve::v1;
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+inline constexpr int kMaxStopStrings = 16;
+inline constexpr size_t kMaxStopBytes = 256;
+
+// A text prompt becomes prompt_ids through `tokenizer` (null: the coordinator has none), and
+// the stop strings are checked; throws mla::Error naming the field.
+void encode_text(v1::GenerateRequest& r, const Tokenizer* tokenizer, size_t max_prompt_bytes) {
+  if (r.prompt().empty() && r.stop_size() == 0) return;
+  if (tokenizer == nullptr) {
+    MLA_THROW(kFailedPrecondition,
+              "{}: this coordinator has no tokenizer (set coordinator.tokenizer to the model "
+              "directory); send prompt_ids",
+              r.prompt().empty() ? "stop" : "prompt");
+  }
+  MLA_REQUIRE(r.stop_size() <= kMaxStopStrings, "stop: {} strings (limit {})", r.stop_size(),
+              kMaxStopStrings);
+  for (int i = 0; i < r.stop_size(); ++i) {
+    MLA_REQUIRE(!r.stop(i).empty() && r.stop(i).size() <= kMaxStopBytes,
+                "stop[{}]: must be 1 to {} bytes, got {}", i, kMaxStopBytes, r.stop(i).size());
+    MLA_REQUIRE(utf8::first_invalid(r.stop(i)) == std::string::npos, "stop[{}]: not UTF-8", i);
+  }
+  if (r.prompt().empty()) return;
+  MLA_REQUIRE(r.prompt_ids_size() == 0, "prompt: give prompt or prompt_ids, not both");
+  MLA_REQUIRE(r.prompt().size() <= max_prompt_bytes, "prompt: {} bytes (limit {})",
+              r.prompt().size(), max_prompt_bytes);
+  std::vector<int32_t> ids;
+  try {
+    ids = tokenizer->encode(r.prompt());
+  } catch (const Error& e) {
+    MLA_THROW(kInvalidArgument, "prompt: {}", e.what());
+  }
+  r.mutable_prompt_ids()->Assign(ids.begin(), ids.end());
+}
 
 // The checks that need no model (the wire's limits, what a client may not set, and
 // validate_request's model-free part); returns the Request the client asks for.
@@ -200,6 +235,9 @@ class CoordinatorService::Relay final : public grpc::ServerWriteReactor<grpc::By
   std::atomic<int32_t> context_tokens_{0};
   std::atomic<int32_t> final_tokens_{0};  // prompt + max_tokens
   bool finished_ = false;                 // the current attempt delivered the final message
+  // With a text prompt or stop strings: the generated text (rpc/../runtime/text_stream.h).
+  std::optional<TextStream> text_;
+  bool stop_worker_ = false;  // a stop string ended the stream: cancel the worker's request
   std::optional<Clock::time_point> first_token_at_;
   Clock::time_point first_token_dispatch_{};
   Clock::time_point last_token_at_{};
@@ -288,6 +326,15 @@ void CoordinatorService::Relay::start(const grpc::ByteBuffer& request) {
   grpc::Status admitted = parse(request, &request_);
   try {
     if (admitted.ok()) {
+      const Tokenizer* tokenizer = service_.options_.tokenizer.get();
+      // A text prompt is at most a few bytes per id.
+      encode_text(request_, tokenizer, 8 * service_.options_.max_prompt_ids);
+      if (tokenizer != nullptr && (!request_.prompt().empty() || request_.stop_size() > 0)) {
+        text_.emplace(*tokenizer,
+                      std::vector<std::string>(request_.stop().begin(), request_.stop().end()));
+        // What a resumed stream's client has: its text was sent by the first coordinator.
+        for (int32_t id : request_.received_ids()) text_->push(id);
+      }
       const Request wanted = checked_without_model(request_, service_.options_.max_prompt_ids);
       admitted = service_.admit(request_, wanted, &request_id_, this);
     }
@@ -311,6 +358,8 @@ void CoordinatorService::Relay::start(const grpc::ByteBuffer& request) {
   worker_request_ = request_;
   worker_request_.set_request_id(request_id_);
   worker_request_.clear_received_ids();
+  worker_request_.clear_prompt();  // the workers take ids
+  worker_request_.clear_stop();
   sent_.assign(request_.received_ids().begin(), request_.received_ids().end());
   context_tokens_ = request_.prompt_ids_size() + static_cast<int32_t>(sent_.size());
   final_tokens_ = request_.prompt_ids_size() + request_.max_tokens();
@@ -442,6 +491,21 @@ bool CoordinatorService::Relay::relay_message(v1::GenerateResponse& message) {
   }
   message.set_request_id(request_id_);
   if (message.worker_id().empty()) message.set_worker_id(attempt_->worker_id());
+  if (text_) {
+    std::string text;
+    for (int32_t id : message.token_ids()) {
+      text += text_->push(id);
+      if (text_->stopped()) break;
+    }
+    if (text_->stopped() && message.finish_reason() == v1::FINISH_REASON_UNSPECIFIED) {
+      // A stop string: the stream ends here and the worker stops generating.
+      message.set_finish_reason(v1::FINISH_REASON_STOP);
+      stop_worker_ = true;
+    } else if (message.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+      text += text_->finish();
+    }
+    message.set_text(std::move(text));
+  }
   if (attempt_->hand_off && message.token_ids_size() > 0 &&
       message.finish_reason() == v1::FINISH_REASON_UNSPECIFIED) {
     // Prefilled: on to a decode worker (disaggregated serving), as a migration.
@@ -478,6 +542,7 @@ void CoordinatorService::Relay::on_worker_message(v1::GenerateResponse message) 
     attempt_->read_next();
     return;
   }
+  if (stop_worker_) attempt_->call()->TryCancel();  // the attempt ends; the relay is finished
   write(message);
 }
 

@@ -103,7 +103,7 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
     reject_unknown(co,
                    {"address", "control_address", "metrics_port", "routing", "max_in_flight",
                     "heartbeat_interval_ms", "forget_dead_after_s", "drain_timeout_s",
-                    "stream_write_timeout_s", "migrate_on_drain", "rebalance"},
+                    "stream_write_timeout_s", "migrate_on_drain", "rebalance", "tokenizer"},
                    "coordinator.", origin);
     read(co, "address", c.coordinator.address, "coordinator.", origin);
     read(co, "control_address", c.coordinator.control_address, "coordinator.", origin);
@@ -113,6 +113,7 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
          origin);
     read(co, "metrics_port", c.coordinator.metrics_port, "coordinator.", origin);
     read(co, "migrate_on_drain", c.coordinator.migrate_on_drain, "coordinator.", origin);
+    read(co, "tokenizer", c.coordinator.tokenizer, "coordinator.", origin);
     read_enum(co, "routing", c.coordinator.routing, routing_policy_from_string, "coordinator.",
               origin);
     read(co, "max_in_flight", c.coordinator.max_in_flight, "coordinator.", origin);

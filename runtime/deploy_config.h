@@ -63,6 +63,9 @@ struct CoordinatorConfig {
   // to other workers (live migration) instead of finishing there. Default: true.
   bool migrate_on_drain = true;
   RebalanceConfig rebalance;  // `rebalance:`
+  // `tokenizer`: a model directory whose tokenizer.json encodes text prompts and decodes the
+  // generated text (GenerateRequest.prompt, stop). Default: none (ids only).
+  std::string tokenizer;
 };
 
 // `workers:` where each group's leader serves its Worker service.

@@ -444,7 +444,7 @@ class ClusterTest : public testing::Test {
       job.port_base = port_base + j * groups_per_job;
       const int tp = j < static_cast<int>(job_tp_.size()) ? job_tp_[j] : tp_;
       std::vector<std::string> worker = {MLASERVE_BIN,    "worker",
-                                         "--model",       model_dir(),
+                                         "--model",       model_,
                                          "--tp",          std::to_string(tp),
                                          "--coordinator", worker_coordinators(),
                                          "--port-base",   std::to_string(port_base)};
@@ -538,6 +538,7 @@ class ClusterTest : public testing::Test {
   }
 
   std::string dir_;
+  std::string model_ = model_dir();                  // what the workers serve
   int tp_ = 2;                                       // ranks per worker group
   std::vector<int> job_tp_;                          // job j's ranks per group, if not tp_
   std::vector<std::vector<std::string>> job_extra_;  // job j's own worker arguments

@@ -177,19 +177,22 @@ TEST_F(MigrationTest, RebalancingMovesRequestsOffAWorkerShortOfPages) {
   const Load load = long_requests(8, 200, 53);
   const auto start = Clock::now();
   const std::vector<Stream> streams = run_load(client(), load, [] {});
-  int moved = 0;
+  // A decode group takes new requests only when no other group can (the small one's cache
+  // full at that moment, on a busy machine), and a request moved before its first token shows
+  // only the big worker: the coordinator's log tells the moves.
+  int on_big = 0;
   for (size_t i = 0; i < streams.size(); ++i) {
     const std::string what = "stream " + std::to_string(i);
     expect_complete(streams[i], load.requests[i], load.expected[i], what);
     const auto& workers = streams[i].result.worker_ids;
     ASSERT_FALSE(workers.empty()) << what;
-    EXPECT_EQ(workers.front(), small) << what << " did not start on the small worker";
-    moved += workers == std::vector<std::string>{small, big};
+    on_big += workers.back() == big;
   }
-  EXPECT_GT(moved, 0) << "nothing was moved off the small worker";
-  std::cout << moved << " of 8 requests moved off the small worker\n";
+  EXPECT_GT(on_big, 0) << "nothing ended on the big worker";
   const std::string log = read_file(dir_ + "/coordinator-0.log");
   EXPECT_THAT(log, HasSubstr("rebalancing: worker " + small + " is short of cache"));
+  EXPECT_THAT(log, HasSubstr("migrated from " + small + " to " + big));
+  std::cout << on_big << " of 8 requests ended on the big worker\n";
   expect_no_pages_held(start);
 }
 
@@ -347,11 +350,16 @@ TEST_F(MigrationTest, ATargetWithoutRoomRefusesBeforeAnyCopyAndTheRequestStays) 
   EXPECT_EQ(admin({"undrain", small}, kControlSecret).exit, "exit 0");
   const auto alive = wait_for_alive(2, 5s);
   const auto start = Clock::now();
-  // Refused as draining until the small worker's heartbeat says it heard the undrain.
+  // Refused as draining until the small worker's heartbeat says it heard the undrain (by the
+  // coordinator, or by the worker itself while the undrain reaches it).
   Failure refused;
+  auto draining = [](const Failure& f) {
+    return f.code == ErrorCode::kFailedPrecondition ||
+           (f.code == ErrorCode::kUnavailable && f.message.find("draining") != std::string::npos);
+  };
   do {
     refused = failure_of([&] { admin_client().migrate("big", small); });
-  } while (refused.code == ErrorCode::kFailedPrecondition && Clock::now() < start + 3s &&
+  } while (draining(refused) && Clock::now() < start + 3s &&
            (std::this_thread::sleep_for(20ms), true));
   ::kill(source_leader, SIGCONT);
   ASSERT_TRUE(alive.has_value());
