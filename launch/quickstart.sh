@@ -4,7 +4,8 @@
 #   2. writes a random DeepSeek-V3-shaped checkpoint;
 #   3. starts a coordinator and two tensor-parallel worker groups of two ranks
 #      (launch/cluster.sh: one mpirun job per group);
-#   4. streams several requests through the client and prints the cluster status;
+#   4. streams several requests through the client (ids, then text) and prints the cluster
+#      status;
 #   5. shuts everything down.
 #   launch/quickstart.sh            uses ./build and ./.quickstart, configs/tiny-cpu.yaml
 set -euo pipefail
@@ -44,9 +45,11 @@ for p in "${pids[@]}"; do wait "$p"; done
 cat "$LOGS"/r[1-4].txt
 echo "== one more, streamed to the terminal as tokens arrive"
 client --prompt-ids 11,12,13,14 --max-tokens 16 --ignore-eos
+echo "== text in, text out (the coordinator's tokenizer; a random model writes noise)"
+client --prompt "Hello, world" --max-tokens 16 --ignore-eos
 echo "== cluster status"
 client --status
 echo "== shutting down"
 stop
 trap - EXIT
-echo "quickstart done: offline generation, a 2-group cluster, 5 streamed requests."
+echo "quickstart done: offline generation, a 2-group cluster, 6 streamed requests (the last as text)."
