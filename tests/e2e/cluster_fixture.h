@@ -449,6 +449,7 @@ class ClusterTest : public testing::Test {
                                          "--coordinator", worker_coordinators(),
                                          "--port-base",   std::to_string(port_base)};
       if (layout == Layout::kTwoJobs) worker.insert(worker.end(), {"--group", std::to_string(j)});
+      if (deterministic_) worker.push_back("--deterministic");
       std::vector<std::string> argv = {MLA_MPIEXEC, "-np", std::to_string(tp * groups_per_job)};
       argv.insert(argv.end(), kMpiFlags.begin(), kMpiFlags.end());
       argv.insert(argv.end(), worker.begin(), worker.end());
@@ -539,6 +540,7 @@ class ClusterTest : public testing::Test {
 
   std::string dir_;
   std::string model_ = model_dir();                  // what the workers serve
+  bool deterministic_ = false;                       // workers run --deterministic
   int tp_ = 2;                                       // ranks per worker group
   std::vector<int> job_tp_;                          // job j's ranks per group, if not tp_
   std::vector<std::vector<std::string>> job_extra_;  // job j's own worker arguments

@@ -2,7 +2,9 @@
 // Migrate (C++ admin client and `mlaserve admin migrate`), migrations every 100 ms under 64
 // streams, drain and SIGTERM moving a worker's requests, and the failure cases (a target
 // without room, a target or source that dies mid-migration, a client that cancels during
-// one); and between groups of different TP sizes and cache layouts. Every stream must carry exactly
+// one); and between groups of different TP sizes and cache layouts. The workers and the
+// offline engine run --deterministic: a request's batch differs on every worker, and only
+// batch-invariant products make its seeded samples identical bit for bit. Every stream must carry exactly
 // the offline engine's tokens (greedy and seeded), and every cache page must come back free on both
 // sides.
 #include <signal.h>
@@ -16,11 +18,16 @@
 namespace mla::e2e {
 namespace {
 
+// Token identity across workers is exact only with batch-invariant products (a request's
+// batch differs on every worker): the workers run --deterministic and the offline engine too.
+constexpr bool kDeterministic = true;
+
 class MigrationTest : public ClusterTest {
  protected:
   void SetUp() override {
     ClusterTest::SetUp();
     tp_ = 1;
+    deterministic_ = kDeterministic;
   }
 
   AdminClient admin_client() {
@@ -111,6 +118,29 @@ class MigrationTest : public ClusterTest {
     return streams;
   }
 
+  // `n` long requests (greedy and seeded) with their offline tokens, with ids PREFIX-i (for
+  // Migrate).
+  static Load named_load(int n, int32_t max_tokens, uint32_t seed, const std::string& prefix) {
+    Load load = long_requests(n, max_tokens, seed, kDeterministic);
+    for (size_t i = 0; i < load.requests.size(); ++i) {
+      load.requests[i].set_request_id(prefix + "-" + std::to_string(i));
+    }
+    return load;
+  }
+
+  // Every stream of `load` carried its request's offline tokens and came from some worker;
+  // `each(what, workers)` sees each stream's workers, in order.
+  static void expect_all_complete(
+      const std::vector<Stream>& streams, const Load& load,
+      const std::function<void(const std::string&, const std::vector<std::string>&)>& each) {
+    for (size_t i = 0; i < streams.size(); ++i) {
+      const std::string what = "stream " + std::to_string(i);
+      expect_complete(streams[i], load.requests[i], load.expected[i], what);
+      ASSERT_FALSE(streams[i].result.worker_ids.empty()) << what;
+      each(what, streams[i].result.worker_ids);
+    }
+  }
+
   // A migration of request i of `streams` carried its cache: every computed token's latents
   // and nothing else, from the worker of its first tokens to that of the rest.
   static void expect_moved_with_cache(const v1::MigrateResponse& moved, const Stream& stream,
@@ -140,10 +170,7 @@ v1::GenerateRequest named(v1::GenerateRequest r, const std::string& id) {
 
 TEST_F(MigrationTest, AnOperatorMovesRunningRequestsWithTheirCachesAndTheTokensDoNotChange) {
   ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));
-  Load load = long_requests(4, 200, 23);  // greedy and seeded
-  for (size_t i = 0; i < load.requests.size(); ++i) {
-    load.requests[i].set_request_id("moved-" + std::to_string(i));
-  }
+  const Load load = named_load(4, 200, 23, "moved");
   std::vector<v1::MigrateResponse> moved;
   CommandResult by_cli;
   const auto start = Clock::now();
@@ -174,20 +201,16 @@ TEST_F(MigrationTest, RebalancingMovesRequestsOffAWorkerShortOfPages) {
   job_extra_ = {{"--num-pages", "20", "--block-size", "16"}, {"--role", "decode"}};
   ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));
   const std::string small = worker_id_of(jobs_[0], 0), big = worker_id_of(jobs_[1], 0);
-  const Load load = long_requests(8, 200, 53);
+  const Load load = long_requests(8, 200, 53, kDeterministic);
   const auto start = Clock::now();
   const std::vector<Stream> streams = run_load(client(), load, [] {});
   // A decode group takes new requests only when no other group can (the small one's cache
   // full at that moment, on a busy machine), and a request moved before its first token shows
   // only the big worker: the coordinator's log tells the moves.
   int on_big = 0;
-  for (size_t i = 0; i < streams.size(); ++i) {
-    const std::string what = "stream " + std::to_string(i);
-    expect_complete(streams[i], load.requests[i], load.expected[i], what);
-    const auto& workers = streams[i].result.worker_ids;
-    ASSERT_FALSE(workers.empty()) << what;
-    on_big += workers.back() == big;
-  }
+  expect_all_complete(streams, load, [&](const std::string&, const std::vector<std::string>& w) {
+    on_big += w.back() == big;
+  });
   EXPECT_GT(on_big, 0) << "nothing ended on the big worker";
   const std::string log = read_file(dir_ + "/coordinator-0.log");
   EXPECT_THAT(log, HasSubstr("rebalancing: worker " + small + " is short of cache"));
@@ -217,10 +240,7 @@ TEST_P(ReshardingMigrationTest, RequestsMoveWithTheirCachesBothWays) {
   job_tp_ = {r.tp0, r.tp1};
   job_extra_ = {r.extra0, r.extra1};
   ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));
-  Load load = long_requests(6, 200, 43);  // greedy and seeded
-  for (size_t i = 0; i < load.requests.size(); ++i) {
-    load.requests[i].set_request_id("regrouped-" + std::to_string(i));
-  }
+  const Load load = named_load(6, 200, 43, "regrouped");
   std::vector<v1::MigrateResponse> moved;
   const auto start = Clock::now();
   const std::vector<Stream> streams = run_migrating(load, {0, 1, 2, 3, 4, 5}, &moved);
@@ -243,10 +263,7 @@ INSTANTIATE_TEST_SUITE_P(
 
 TEST_F(MigrationTest, SixtyFourStreamsWithAMigrationEvery100MsLoseNothing) {
   ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));
-  Load load = long_requests(64, 160, 29);
-  for (size_t i = 0; i < load.requests.size(); ++i) {
-    load.requests[i].set_request_id("busy-" + std::to_string(i));
-  }
+  const Load load = named_load(64, 160, 29, "busy");
   std::atomic<bool> done{false};
   int migrated = 0, ended = 0, refused = 0;
   std::map<std::string, int> refusals;
@@ -276,10 +293,9 @@ TEST_F(MigrationTest, SixtyFourStreamsWithAMigrationEvery100MsLoseNothing) {
   done = true;
   migrator.join();
   int moved = 0;
-  for (size_t i = 0; i < streams.size(); ++i) {
-    expect_complete(streams[i], load.requests[i], load.expected[i], "stream " + std::to_string(i));
-    moved += streams[i].result.worker_ids.size() > 1;
-  }
+  expect_all_complete(streams, load, [&](const std::string&, const std::vector<std::string>& w) {
+    moved += w.size() > 1;
+  });
   EXPECT_GT(migrated, 0);
   EXPECT_GT(moved, 0);
   std::cout << migrated << " migrations, " << ended << " requests ended first, " << refused
@@ -294,11 +310,8 @@ TEST_F(MigrationTest, SixtyFourStreamsWithAMigrationEvery100MsLoseNothing) {
 // killed mid-run (its requests replay on the other) — every stream carries exactly the
 // tokens the offline engine samples for the request alone.
 TEST_F(MigrationTest, DeterministicStreamsSurviveMigrationsAndAFailoverBitForBit) {
-  ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs, {"--deterministic"}));
-  Load load = long_requests(48, 200, 83, /*deterministic=*/true);
-  for (size_t i = 0; i < load.requests.size(); ++i) {
-    load.requests[i].set_request_id("exact-" + std::to_string(i));
-  }
+  ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));
+  const Load load = named_load(48, 200, 83, "exact");
   std::atomic<bool> done{false};
   std::atomic<int> migrated{0};
   std::thread migrator;
@@ -322,10 +335,9 @@ TEST_F(MigrationTest, DeterministicStreamsSurviveMigrationsAndAFailoverBitForBit
   done = true;
   migrator.join();
   int moved = 0;
-  for (size_t i = 0; i < streams.size(); ++i) {
-    expect_complete(streams[i], load.requests[i], load.expected[i], "stream " + std::to_string(i));
-    moved += streams[i].result.worker_ids.size() > 1;
-  }
+  expect_all_complete(streams, load, [&](const std::string&, const std::vector<std::string>& w) {
+    moved += w.size() > 1;
+  });
   EXPECT_GT(migrated.load(), 0);
   std::cout << migrated << " migrations; " << moved << " of 48 streams changed worker\n";
 }
@@ -339,7 +351,7 @@ TEST_F(MigrationTest, ATargetWithoutRoomRefusesBeforeAnyCopyAndTheRequestStays) 
   EXPECT_EQ(admin({"drain", "--finish-in-place", small}, kControlSecret).exit, "exit 0");
   std::mt19937 rng(37);
   const v1::GenerateRequest r = named(make_request(random_prompt(rng, 90, 100), 150), "big");
-  const Tokens expected = offline_tokens(r);
+  const Tokens expected = offline_tokens(r, kDeterministic);
   auto running = start_stream(r);
   const std::string source = running->first_worker.get_future().get();
   EXPECT_NE(source, small);
@@ -375,7 +387,7 @@ TEST_F(MigrationTest, ATargetThatDiesMidMigrationLeavesTheRequestRunningAtItsSou
   ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));
   std::mt19937 rng(41);
   const v1::GenerateRequest r = named(make_request(random_prompt(rng, 20, 30), 220, 43), "stays");
-  const Tokens expected = offline_tokens(r);
+  const Tokens expected = offline_tokens(r, kDeterministic);
   auto running = start_stream(r);
   const std::string source = running->first_worker.get_future().get();
   const std::string target = other_than(source);
@@ -403,7 +415,7 @@ TEST_F(MigrationTest, ASourceThatDiesMidMigrationFallsBackToReplayOnTheTarget) {
   std::mt19937 rng(47);
   const v1::GenerateRequest r =
       named(make_request(random_prompt(rng, 20, 30), 220, 53), "replayed");
-  const Tokens expected = offline_tokens(r);
+  const Tokens expected = offline_tokens(r, kDeterministic);
   auto running = start_stream(r);
   const std::string source = running->first_worker.get_future().get();
   const std::string target = other_than(source);
@@ -460,7 +472,7 @@ TEST_F(MigrationTest, AClientThatCancelsDuringAMigrationLeavesNoPageOnEitherSide
 TEST_F(MigrationTest, DrainMovesEveryRunningRequestToTheOtherWorker) {
   ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));
   // 64 streams: each step runs a batch, so requests last long enough to be moved.
-  const Load load = long_requests(64, 200, 61);
+  const Load load = long_requests(64, 200, 61, kDeterministic);
   const std::string leaving = worker_ids_[0];
   CommandResult drained;
   const auto start = Clock::now();
@@ -497,7 +509,7 @@ TEST_F(MigrationTest, DrainMovesEveryRunningRequestToTheOtherWorker) {
 
 TEST_F(MigrationTest, SigtermOnAWorkerMovesItsRequestsAndItExitsAtOnce) {
   ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs, {"--drain-timeout", "60"}));
-  const Load load = long_requests(64, 200, 67);
+  const Load load = long_requests(64, 200, 67, kDeterministic);
   const std::string leaving = worker_id_of(jobs_[0], 0);
   const auto leader = mpi_rank_process(jobs_[0].process->pid(), 0, 5s);
   ASSERT_TRUE(leader.has_value());
@@ -532,19 +544,15 @@ TEST_F(MigrationTest, APrefillGroupHandsEachRequestWithItsCacheToADecodeGroup) {
   for (const v1::WorkerStatus& w : listed.workers()) {
     EXPECT_EQ(w.role(), w.worker_id() == prefill ? "prefill" : "decode");
   }
-  const Load load = long_requests(8, 200, 71);
+  const Load load = long_requests(8, 200, 71, kDeterministic);
   const auto start = Clock::now();
   const std::vector<Stream> streams = run_load(client(), load, [] {});
   int handed_off = 0;
-  for (size_t i = 0; i < streams.size(); ++i) {
-    const std::string what = "stream " + std::to_string(i);
-    expect_complete(streams[i], load.requests[i], load.expected[i], what);
-    const auto& workers = streams[i].result.worker_ids;
-    ASSERT_FALSE(workers.empty());
+  expect_all_complete(streams, load, [&](const std::string& what, const auto& workers) {
     EXPECT_EQ(workers.front(), prefill) << what << " did not start on the prefill group";
     // The tiny model may finish a request before its hand-off comes round.
     if (workers.size() == 2 && workers.back() == decode) ++handed_off;
-  }
+  });
   EXPECT_GT(handed_off, 0);
   std::cout << handed_off << " of 8 requests prefilled on " << prefill << " and decoded on "
             << decode << "\n";
