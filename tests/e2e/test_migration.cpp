@@ -4,9 +4,9 @@
 // without room, a target or source that dies mid-migration, a client that cancels during
 // one); and between groups of different TP sizes and cache layouts. The workers and the
 // offline engine run --deterministic: a request's batch differs on every worker, and only
-// batch-invariant products make its seeded samples identical bit for bit. Every stream must carry exactly
-// the offline engine's tokens (greedy and seeded), and every cache page must come back free on both
-// sides.
+// batch-invariant products make its seeded samples identical bit for bit. Every stream must carry
+// exactly the offline engine's tokens (greedy and seeded), and every cache page must come back free
+// on both sides.
 #include <signal.h>
 
 #include <fstream>
