@@ -99,22 +99,34 @@ class MigrationTest : public ClusterTest {
       for (pid_t pid : leaders) ::kill(pid, SIGSTOP);
       std::vector<std::thread> migrations;
       for (size_t i : which) {
-        migrations.emplace_back(
-            [&, i] { (*moved)[i] = admin_client().migrate(load.requests[i].request_id()); });
+        migrations.emplace_back([&, i] {
+          try {
+            (*moved)[i] = admin_client().migrate(load.requests[i].request_id());
+          } catch (const Error& e) {
+            // On a busy machine a request may end before its export starts: NOT_FOUND at
+            // the source, and it just finishes there.
+            EXPECT_EQ(e.code(), ErrorCode::kNotFound) << e.what();
+            (*moved)[i].set_outcome("ended");
+          }
+        });
       }
       migrations.emplace_back(also);
       std::this_thread::sleep_for(400ms);
       for (pid_t pid : leaders) ::kill(pid, SIGCONT);
       for (std::thread& t : migrations) t.join();
     });
+    int migrated = 0;
     for (size_t i = 0; i < streams.size(); ++i) {
       const std::string what = "stream " + std::to_string(i);
       expect_complete(streams[i], load.requests[i], load.expected[i], what);
+      if ((*moved)[i].outcome() == "ended") continue;
+      ++migrated;
       EXPECT_EQ(streams[i].result.worker_ids.size(), 2u) << what << " did not move";
       if (streams[i].result.worker_ids.size() == 2) {
         EXPECT_NE(streams[i].result.worker_ids[0], streams[i].result.worker_ids[1]) << what;
       }
     }
+    EXPECT_GE(2 * migrated, static_cast<int>(streams.size())) << "most requests should move";
     return streams;
   }
 
@@ -183,7 +195,8 @@ TEST_F(MigrationTest, AnOperatorMovesRunningRequestsWithTheirCachesAndTheTokensD
   EXPECT_THAT(by_cli.output, HasSubstr("over grpc")) << by_cli.output;
   EXPECT_THAT(by_cli.output, HasSubstr(" 1 stages")) << by_cli.output;
   for (size_t i = 1; i < moved.size(); ++i) {
-    expect_moved_with_cache(moved[i], streams[i], load.requests[i]);
+    if (moved[i].outcome() != "ended")
+      expect_moved_with_cache(moved[i], streams[i], load.requests[i]);
   }
   std::cout << by_cli.output;
   expect_no_pages_held(start);
@@ -246,6 +259,7 @@ TEST_P(ReshardingMigrationTest, RequestsMoveWithTheirCachesBothWays) {
   const std::vector<Stream> streams = run_migrating(load, {0, 1, 2, 3, 4, 5}, &moved);
   std::set<std::string> sources;
   for (size_t i = 0; i < moved.size(); ++i) {
+    if (moved[i].outcome() == "ended") continue;  // it finished before its turn
     expect_moved_with_cache(moved[i], streams[i], load.requests[i]);
     sources.insert(moved[i].stats().source_worker_id());
   }
