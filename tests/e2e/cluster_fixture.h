@@ -490,12 +490,32 @@ class ClusterTest : public testing::Test {
   void start_cluster(Layout layout, const std::vector<std::string>& worker_extra = {}) {
     const auto start = Clock::now();
     ASSERT_NO_FATAL_FAILURE(start_coordinator());
-    start_workers(layout, worker_extra);
-    const auto list = wait_for_alive(kGroups, kStartupTimeout);
+    std::optional<v1::ListWorkersResponse> list;
+    for (int attempt = 1;; ++attempt) {
+      start_workers(layout, worker_extra);
+      list = wait_for_alive(kGroups, kStartupTimeout);
+      // Another test process may take a port between our check that it was free and the
+      // worker's bind: start the groups again on other ports.
+      if (list || attempt == 3 || !worker_port_taken()) break;
+      for (WorkerJob& job : jobs_) job.process->kill_tree();
+      jobs_.clear();
+    }
     ASSERT_TRUE(list.has_value()) << "the worker groups did not register within "
                                   << kStartupTimeout.count() << " s";
-    for (const v1::WorkerStatus& w : list->workers()) worker_ids_.push_back(w.worker_id());
+    for (const v1::WorkerStatus& w : list->workers()) {
+      if (w.state() == "alive") worker_ids_.push_back(w.worker_id());
+    }
     std::cout << "cluster up in " << seconds_since(start) << " s\n";
+  }
+
+  // Whether a worker job of this cluster failed because its port was taken.
+  bool worker_port_taken() {
+    for (size_t j = 0; j < jobs_.size(); ++j) {
+      if (jobs_[j].process->running()) continue;
+      const std::string log = read_file(dir_ + "/workers-" + std::to_string(j) + ".log");
+      if (log.find("address in use") != std::string::npos) return true;
+    }
+    return false;
   }
 
   // The worker id ("127.0.0.1:<port>") of a job's group g.
