@@ -21,6 +21,11 @@ class ShardPlan {
   ShardPlan(int32_t tp_size, int32_t tp_rank, int64_t num_heads,
             KvShard kv_shard = KvShard::kSequence);
 
+  // The plan of another rank of the same group.
+  ShardPlan for_rank(int32_t rank) const {
+    return ShardPlan(tp_size_, rank, num_heads_, kv_shard_);
+  }
+
   int32_t tp_size() const { return tp_size_; }
   int32_t tp_rank() const { return tp_rank_; }
   KvShard kv_shard() const { return kv_shard_; }

@@ -190,9 +190,9 @@ void CoordinatorService::queue_handoff_locked(const std::string& request_id) {
   migrator_cv_.notify_all();
 }
 
-void CoordinatorService::rebalance_locked(WorkerEntry& worker, const v1::WorkerLoad& before) {
+void CoordinatorService::rebalance_locked(WorkerEntry& worker, int64_t preemptions_before) {
   const v1::WorkerLoad& load = worker.load;
-  const int64_t preempted = load.preemptions() - before.preemptions();
+  const int64_t preempted = load.preemptions() - preemptions_before;
   const bool low = load.free_pages() < options_.rebalance_low_free * load.total_pages();
   if ((!low && preempted <= 0) || load.total_pages() <= 0) return;
   const auto now = Clock::now();

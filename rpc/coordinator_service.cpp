@@ -460,10 +460,10 @@ grpc::Status CoordinatorService::heartbeat(const v1::HeartbeatRequest& request,
     return grpc::Status::OK;
   }
   WorkerEntry& worker = it->second;
-  const v1::WorkerLoad before = worker.load;
+  const int64_t preemptions_before = worker.load.preemptions();
   worker.load = request.load();
   worker.last_heartbeat = Clock::now();
-  if (options_.rebalance && !request.draining()) rebalance_locked(worker, before);
+  if (options_.rebalance && !request.draining()) rebalance_locked(worker, preemptions_before);
   // A worker that starts draining by itself (it is stopping) hands its requests on.
   if (request.draining() && !worker.worker_draining && worker.command != Command::kDrain &&
       options_.migrate_on_drain) {

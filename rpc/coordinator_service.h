@@ -293,8 +293,9 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallba
   // Queues the hand-off of a request from a prefill worker to a decode one; mu_ held.
   void queue_handoff_locked(const std::string& request_id);
   // Rebalancing (CoordinatorOptions::rebalance): after `worker`'s heartbeat, whose previous
-  // load was `before`, queues a move of one of its requests if it is under cache pressure.
-  void rebalance_locked(WorkerEntry& worker, const mlaserve::v1::WorkerLoad& before);
+  // one counted `preemptions_before`, queues a move of one of its requests if it is under
+  // cache pressure.
+  void rebalance_locked(WorkerEntry& worker, int64_t preemptions_before);
   // The live worker other than `source` with the most free pages, or null; mu_ held. A
   // prefill-only worker is never chosen; decode workers come before those that do both.
   WorkerEntry* migration_target_locked(const std::string& source);

@@ -6,6 +6,8 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "kernels/error.h"
 #include "runtime/request_validation.h"
@@ -50,19 +52,18 @@ ForwardInputs forward_inputs(const Schedule& schedule) {
   return in;
 }
 
-// Calls fn(layer, token, n) for each run of tokens [first, first + count) that rank `rank` of a
-// sequence-sharded group stores (page j on rank j mod P), in the order its rows travel when it
-// sends them to the leader: layer by layer, runs in token order.
-template <typename Fn>
-void for_each_rank_run(const ShardPlan& shard, int32_t rank, int32_t block_size, int32_t num_layers,
-                       int32_t first, int32_t count, Fn fn) {
-  for (int32_t layer = 0; layer < num_layers; ++layer) {
-    for (int32_t at = first; at < first + count;) {
-      const int32_t n = std::min(block_size - at % block_size, first + count - at);
-      if ((at / block_size) % shard.tp_size() == rank) fn(layer, at, n);
-      at += n;
-    }
+// The runs of tokens [first, first + count) on pages `shard`'s rank stores: (first token,
+// length) in token order. A follower sends its rows to the leader layer by layer, these runs
+// in order within each layer.
+std::vector<std::pair<int32_t, int32_t>> stored_runs(const ShardPlan& shard, int32_t block_size,
+                                                     int32_t first, int32_t count) {
+  std::vector<std::pair<int32_t, int32_t>> runs;
+  for (int32_t at = first; at < first + count;) {
+    const int32_t n = std::min(block_size - at % block_size, first + count - at);
+    if (shard.owns_page(at / block_size)) runs.emplace_back(at, n);
+    at += n;
   }
+  return runs;
 }
 
 }  // namespace
@@ -154,12 +155,13 @@ void Engine::follow_cache_op(const StepPlan& plan) {
       const Tensor rows =
           cache_.export_range(it == follower_tables_.end() ? none : it->second, op.first, op.count);
       std::vector<float> packed;
-      for_each_rank_run(cache_.shard(), comm_->rank(), g.block_size, g.num_layers, op.first,
-                        op.count, [&](int32_t layer, int32_t at, int32_t n) {
-                          const float* src =
-                              rows.f32() + (int64_t{layer} * op.count + at - op.first) * g.width();
-                          packed.insert(packed.end(), src, src + int64_t{n} * g.width());
-                        });
+      const auto runs = stored_runs(cache_.shard(), g.block_size, op.first, op.count);
+      for (int32_t layer = 0; layer < g.num_layers; ++layer) {
+        for (const auto& [at, n] : runs) {
+          const float* src = rows.f32() + (int64_t{layer} * op.count + at - op.first) * g.width();
+          packed.insert(packed.end(), src, src + int64_t{n} * g.width());
+        }
+      }
       control_->send(packed.data(), static_cast<int64_t>(packed.size() * sizeof(float)), 0);
       return;
     }
@@ -202,19 +204,19 @@ Tensor Engine::latents_of(const Sequence& seq, int32_t first, int32_t count) {
   send_cache_op(StepPlan::Kind::kCopyLatents, {.id = seq.id, .first = first, .count = count});
   const CacheGeometry& g = cache_.geometry();
   for (int rank = 1; rank < comm_->size(); ++rank) {
-    int64_t values = 0;
-    for_each_rank_run(cache_.shard(), rank, g.block_size, g.num_layers, first, count,
-                      [&](int32_t, int32_t, int32_t n) { values += int64_t{n} * g.width(); });
-    std::vector<float> packed(values);
-    control_->recv(packed.data(), values * static_cast<int64_t>(sizeof(float)), rank);
+    const auto runs = stored_runs(cache_.shard().for_rank(rank), g.block_size, first, count);
+    int64_t tokens = 0;
+    for (const auto& run : runs) tokens += run.second;
+    std::vector<float> packed(tokens * g.num_layers * g.width());
+    control_->recv(packed.data(), static_cast<int64_t>(packed.size() * sizeof(float)), rank);
     const float* src = packed.data();
-    for_each_rank_run(cache_.shard(), rank, g.block_size, g.num_layers, first, count,
-                      [&](int32_t layer, int32_t at, int32_t n) {
-                        const int64_t len = int64_t{n} * g.width();
-                        std::copy(src, src + len,
-                                  out.f32() + (int64_t{layer} * count + at - first) * g.width());
-                        src += len;
-                      });
+    for (int32_t layer = 0; layer < g.num_layers; ++layer) {
+      for (const auto& [at, n] : runs) {
+        const int64_t len = int64_t{n} * g.width();
+        std::copy(src, src + len, out.f32() + (int64_t{layer} * count + at - first) * g.width());
+        src += len;
+      }
+    }
   }
   return out;
 }

@@ -15,6 +15,7 @@
 #include "kernels/error.h"
 #include "kernels/tensor.h"
 #include "runtime/safetensors.h"
+#include "runtime/tokenizer.h"
 
 namespace mla {
 namespace {
@@ -309,19 +310,8 @@ bool write_byte_level_tokenizer(const ModelConfig& config, const std::string& di
     while (id == bos || id == eos) ++id;
     return id++;
   };
-  uint32_t shifted = 256;  // the characters standing for unprintable bytes: 256, 257, ...
-  for (int b = 0; b < 256; ++b) {
-    const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
-    const uint32_t cp = printable ? static_cast<uint32_t>(b) : shifted++;
-    std::string ch;
-    if (cp < 0x80) {
-      ch += static_cast<char>(cp);
-    } else {
-      ch += static_cast<char>(0xC0 | (cp >> 6));
-      ch += static_cast<char>(0x80 | (cp & 0x3F));
-    }
-    vocab[ch] = next_id();
-  }
+  for (int b = 0; b < 256; ++b)
+    vocab[Tokenizer::byte_level_char(static_cast<uint8_t>(b))] = next_id();
   json added = json::array();
   auto add = [&](int32_t token_id, const std::string& text) {
     added.push_back({{"id", token_id},

@@ -44,6 +44,25 @@ const ByteLevelTable& byte_level() {
   return table;
 }
 
+// The bytes a token's text stands for: every character of the byte-level alphabet becomes its
+// byte; other characters (in added tokens) stay as they are.
+std::string bytes_of_token(const std::string& token) {
+  const ByteLevelTable& table = byte_level();
+  std::string bytes;
+  for (size_t i = 0; i < token.size();) {
+    size_t bad = 0;
+    const size_t len = std::max<size_t>(1, utf8::sequence(token, i, &bad));
+    auto it = table.byte_of.find(utf8::code_point(token, i, len));
+    if (it != table.byte_of.end()) {
+      bytes += static_cast<char>(it->second);
+    } else {
+      bytes.append(token, i, len);
+    }
+    i += len;
+  }
+  return bytes;
+}
+
 // A compiled PCRE2 pattern (UTF, Unicode properties). Thread-safe: each search has its own
 // match data.
 class Regex {
@@ -129,7 +148,7 @@ struct Tokenizer::Impl {
   std::string origin;
   std::vector<Regex> splits;                     // the pre-tokenizer's, in order
   std::unordered_map<std::string, int32_t> ids;  // token text -> id (model and added)
-  std::vector<std::string> text_of;              // id -> token text
+  std::vector<std::string> bytes_of;             // id -> the bytes it stands for ("": none)
   std::array<int32_t, 256> byte_id{};            // id of each byte's character, -1 if none
   struct Merge {
     int32_t rank, id;
@@ -141,7 +160,7 @@ struct Tokenizer::Impl {
     int32_t id;
   };
   std::array<std::vector<Added>, 256> added_by_first_byte;  // longest first
-  std::vector<uint8_t> added, special;                      // per id
+  std::vector<uint8_t> special;                             // per id
   std::vector<int32_t> template_prefix, template_suffix;    // around the text's ids
   std::optional<int32_t> bos, eos;
 
@@ -154,7 +173,7 @@ struct Tokenizer::Impl {
 void Tokenizer::Impl::bpe(std::string_view piece, std::vector<int32_t>& out) const {
   if (ignore_merges) {
     std::string chars;
-    for (char c : piece) chars += utf8::encode(byte_level().char_of[static_cast<uint8_t>(c)]);
+    for (char c : piece) chars += byte_level_char(static_cast<uint8_t>(c));
     if (auto it = ids.find(chars); it != ids.end()) {
       out.push_back(it->second);
       return;
@@ -313,13 +332,11 @@ Tokenizer Tokenizer::parse(const std::string& tokenizer_json, const std::string&
     if (i < 0) refuse("added_tokens", "negative id");
     size = std::max(size, i + 1);
   }
-  impl->text_of.resize(size);
-  impl->added.assign(size, 0);
+  impl->bytes_of.resize(size);
   impl->special.assign(size, 0);
-  for (const auto& [token, id] : impl->ids) impl->text_of[id] = token;
-  const ByteLevelTable& table = byte_level();
+  for (const auto& [token, id] : impl->ids) impl->bytes_of[id] = bytes_of_token(token);
   for (int b = 0; b < 256; ++b) {
-    auto it = impl->ids.find(utf8::encode(table.char_of[b]));
+    auto it = impl->ids.find(byte_level_char(static_cast<uint8_t>(b)));
     impl->byte_id[b] = it == impl->ids.end() ? -1 : it->second;
   }
   int32_t rank = 0;
@@ -356,8 +373,7 @@ Tokenizer Tokenizer::parse(const std::string& tokenizer_json, const std::string&
     }
     if (content.empty()) refuse("added_tokens", "an added token is empty");
     impl->ids[content] = i;
-    impl->text_of[i] = content;
-    impl->added[i] = 1;
+    impl->bytes_of[i] = bytes_of_token(content);
     impl->special[i] = a.value("special", false) ? 1 : 0;
     impl->added_by_first_byte[static_cast<uint8_t>(content[0])].push_back({content, i});
   }
@@ -433,26 +449,13 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special_t
   return out;
 }
 
-std::string Tokenizer::token_bytes(int32_t id) const {
-  const Impl& m = *impl_;
-  if (id < 0 || id >= vocab_size() || m.text_of[id].empty()) return {};
-  // Every character of the token that stands for a byte becomes that byte; others (in added
-  // tokens) stay as they are.
-  const ByteLevelTable& table = byte_level();
-  const std::string& token = m.text_of[id];
-  std::string bytes;
-  for (size_t i = 0; i < token.size();) {
-    size_t bad = 0;
-    const size_t len = std::max<size_t>(1, utf8::sequence(token, i, &bad));
-    auto it = table.byte_of.find(utf8::code_point(token, i, len));
-    if (it != table.byte_of.end()) {
-      bytes += static_cast<char>(it->second);
-    } else {
-      bytes.append(token, i, len);
-    }
-    i += len;
-  }
-  return bytes;
+const std::string& Tokenizer::token_bytes(int32_t id) const {
+  static const std::string none;
+  return id < 0 || id >= vocab_size() ? none : impl_->bytes_of[id];
+}
+
+std::string Tokenizer::byte_level_char(uint8_t byte) {
+  return utf8::encode(byte_level().char_of[byte]);
 }
 
 std::string Tokenizer::decode(const std::vector<int32_t>& ids, bool skip_special_tokens) const {
@@ -463,7 +466,7 @@ std::string Tokenizer::decode(const std::vector<int32_t>& ids, bool skip_special
   return utf8::lossy(bytes);
 }
 
-int32_t Tokenizer::vocab_size() const { return static_cast<int32_t>(impl_->text_of.size()); }
+int32_t Tokenizer::vocab_size() const { return static_cast<int32_t>(impl_->bytes_of.size()); }
 std::optional<int32_t> Tokenizer::bos_id() const { return impl_->bos; }
 std::optional<int32_t> Tokenizer::eos_id() const { return impl_->eos; }
 bool Tokenizer::is_special(int32_t id) const {

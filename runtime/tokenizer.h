@@ -51,8 +51,11 @@ class Tokenizer {
   std::string decode(const std::vector<int32_t>& ids, bool skip_special_tokens = false) const;
   // The bytes one token stands for (not necessarily UTF-8 on its own: a character may span
   // tokens; empty for an id without a token); decode() is the concatenation of these, made
-  // valid UTF-8.
-  std::string token_bytes(int32_t id) const;
+  // valid UTF-8. Computed once when loading.
+  const std::string& token_bytes(int32_t id) const;
+  // The character (UTF-8) of GPT-2's byte-level alphabet that stands for `byte` in a
+  // byte-level vocabulary.
+  static std::string byte_level_char(uint8_t byte);
 
   // Ids 0 .. vocab_size() - 1 (the model's and the added tokens).
   int32_t vocab_size() const;
