@@ -163,6 +163,7 @@ struct Tokenizer::Impl {
   std::vector<uint8_t> special;                             // per id
   std::vector<int32_t> template_prefix, template_suffix;    // around the text's ids
   std::optional<int32_t> bos, eos;
+  std::optional<ChatTemplate> chat_template;
 
   // BPE of one piece's bytes, appending the ids.
   void bpe(std::string_view piece, std::vector<int32_t>& out) const;
@@ -416,7 +417,33 @@ Tokenizer Tokenizer::parse(const std::string& tokenizer_json, const std::string&
   };
   impl->bos = named("bos_token");
   impl->eos = named("eos_token");
+
+  // chat_template: one template, or named ones of which "default" is used.
+  if (config.contains("chat_template") && !config["chat_template"].is_null()) {
+    std::optional<std::string> source;
+    const json& ct = config["chat_template"];
+    if (ct.is_string()) source = ct.get<std::string>();
+    if (ct.is_array())
+      for (const json& named_template : ct)
+        if (named_template.is_object() && named_template.value("name", "") == "default" &&
+            named_template.contains("template") && named_template["template"].is_string())
+          source = named_template["template"].get<std::string>();
+    if (!source) refuse("chat_template", "neither a string nor a list with a \"default\" template");
+    nlohmann::ordered_json special = nlohmann::ordered_json::object();
+    for (const char* key : {"bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                            "cls_token", "mask_token"})
+      if (const auto token = config_token(config, key)) special[key] = *token;
+    try {
+      impl->chat_template.emplace(ChatTemplate::parse(*source, std::move(special)));
+    } catch (const Error& e) {
+      MLA_THROW(kInvalidArgument, "{}: {}", origin, e.what());
+    }
+  }
   return Tokenizer(std::move(impl));
+}
+
+const ChatTemplate* Tokenizer::chat_template() const {
+  return impl_->chat_template ? &*impl_->chat_template : nullptr;
 }
 
 std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special_tokens) const {

@@ -31,6 +31,8 @@
 #include <string_view>
 #include <vector>
 
+#include "runtime/chat_template.h"
+
 namespace mla {
 
 class Tokenizer {
@@ -62,6 +64,9 @@ class Tokenizer {
   // tokenizer_config.json's bos_token and eos_token, when given and in the vocabulary.
   std::optional<int32_t> bos_id() const;
   std::optional<int32_t> eos_id() const;
+  // tokenizer_config.json's chat_template, or null when it has none. Encode its text with
+  // add_special_tokens = false.
+  const ChatTemplate* chat_template() const;
   // Whether `id` is an added token marked special.
   bool is_special(int32_t id) const;
   // The id of a token's text (a vocabulary entry or an added token), if any.

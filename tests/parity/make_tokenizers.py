@@ -10,7 +10,14 @@ emoji and ZWJ sequences, code, whitespace runs, digits, special tokens, odd inpu
 them and records what `tokenizers` produced: ids with and without special tokens, and the
 decoded text with and without them. mlaserve's tokenizer must reproduce every one exactly.
 
-    pip install tokenizers==0.23.3
+Each tokenizer_config.json carries a chat template as DeepSeek published it (v3: DeepSeek-V3's,
+r1: DeepSeek-R1's, which drops the reasoning before </think> and opens <think> in the generation
+prompt, beside v3's tokenizer; v2: DeepSeek-V2-Chat's). chat_cases.json holds what transformers'
+apply_chat_template made of a set of conversations (text and ids), and jinja_cases.json what
+transformers' template environment renders for small templates that cover the rest of the Jinja
+mlaserve implements (runtime/jinja.h).
+
+    pip install tokenizers==0.23.3 transformers==5.17.0 jinja2==3.1.6
     python3 tests/parity/make_tokenizers.py --out tests/data/tokenizers
 """
 import argparse
@@ -71,6 +78,203 @@ Emoji: 😀😃😄 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 ❤️ and
 Numbers 2024-12-06, 12:30:45, 1,000,000, 0.000123, 1e-5, 0x7fff, #42, 100%.
 Tabs\tand  double  spaces   and newlines\n\nand\r\nwindows line ends.
 """
+
+
+# The chat templates as published in the checkpoints' tokenizer_config.json (Jinja source).
+V3_CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='', "
+    "is_first_sp=true) %}{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{%- if ns.is_first_sp %}{% set ns.system_prompt = ns.system_prompt + message['content'] %}"
+    "{% set ns.is_first_sp = false %}{%- else %}{% set ns.system_prompt = ns.system_prompt + "
+    "'\\n\\n' + message['content'] %}{%- endif %}{%- endif %}{%- endfor %}{{bos_token}}"
+    "{{ns.system_prompt}}{%- for message in messages %}{%- if message['role'] == 'user' %}"
+    "{%- set ns.is_tool = false -%}{{'<｜User｜>' + message['content']}}{%- endif %}"
+    "{%- if message['role'] == 'assistant' and message['content'] is none %}"
+    "{%- set ns.is_tool = false -%}{%- for tool in message['tool_calls']%}{%- if not ns.is_first %}"
+    "{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + "
+    "tool['function']['name'] + '\\n' + '```json' + '\\n' + tool['function']['arguments'] + "
+    "'\\n' + '```' + '<｜tool▁call▁end｜>'}}{%- set ns.is_first = true -%}{%- else %}"
+    "{{'\\n' + '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] "
+    "+ '\\n' + '```json' + '\\n' + tool['function']['arguments'] + '\\n' + '```' + "
+    "'<｜tool▁call▁end｜>'}}{{'<｜tool▁calls▁end｜><｜end▁of▁sentence｜>'}}{%- endif %}{%- endfor %}"
+    "{%- endif %}{%- if message['role'] == 'assistant' and message['content'] is not none %}"
+    "{%- if ns.is_tool %}{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}"
+    "{%- set ns.is_tool = false -%}{%- else %}{{'<｜Assistant｜>' + message['content'] + "
+    "'<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}{%- if message['role'] == 'tool' %}"
+    "{%- set ns.is_tool = true -%}{%- if ns.is_output_first %}"
+    "{{'<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}"
+    "{%- set ns.is_output_first = false %}{%- else %}{{'\\n<｜tool▁output▁begin｜>' + "
+    "message['content'] + '<｜tool▁output▁end｜>'}}{%- endif %}{%- endif %}{%- endfor -%}"
+    "{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{% endif %}"
+    "{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜>'}}{% endif %}")
+R1_CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}{{bos_token}}"
+    "{{ns.system_prompt}}{%- for message in messages %}{%- if message['role'] == 'user' %}"
+    "{%- set ns.is_tool = false -%}{{'<｜User｜>' + message['content']}}{%- endif %}"
+    "{%- if message['role'] == 'assistant' and message['content'] is none %}"
+    "{%- set ns.is_tool = false -%}{%- for tool in message['tool_calls']%}{%- if not ns.is_first %}"
+    "{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + "
+    "tool['function']['name'] + '\\n' + '```json' + '\\n' + tool['function']['arguments'] + "
+    "'\\n' + '```' + '<｜tool▁call▁end｜>'}}{%- set ns.is_first = true -%}{%- else %}"
+    "{{'\\n' + '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] "
+    "+ '\\n' + '```json' + '\\n' + tool['function']['arguments'] + '\\n' + '```' + "
+    "'<｜tool▁call▁end｜>'}}{{'<｜tool▁calls▁end｜><｜end▁of▁sentence｜>'}}{%- endif %}{%- endfor %}"
+    "{%- endif %}{%- if message['role'] == 'assistant' and message['content'] is not none %}"
+    "{%- if ns.is_tool %}{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}"
+    "{%- set ns.is_tool = false -%}{%- else %}{% set content = message['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}"
+    "{%- if message['role'] == 'tool' %}{%- set ns.is_tool = true -%}{%- if ns.is_output_first %}"
+    "{{'<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}"
+    "{%- set ns.is_output_first = false %}{%- else %}{{'\\n<｜tool▁output▁begin｜>' + "
+    "message['content'] + '<｜tool▁output▁end｜>'}}{%- endif %}{%- endif %}{%- endfor -%}"
+    "{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{% endif %}"
+    "{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜><think>\\n'}}{% endif %}")
+V2_CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ 'User: ' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
+    "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
+    "{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def conversations():
+    """Conversations every template is applied to (with and without a system message,
+    multi-turn, reasoning, tool calls, odd text)."""
+    tool_call = {"type": "function", "function": {"name": "get_weather",
+                                                  "arguments": "{\"city\": \"Paris\"}"}}
+    tool_call2 = {"type": "function", "function": {"name": "get_time",
+                                                   "arguments": "{\"tz\": \"CET\"}"}}
+    return [
+        ("user", [{"role": "user", "content": "Hello!"}]),
+        ("system_user", [{"role": "system", "content": "You are a helpful assistant."},
+                         {"role": "user", "content": "What is MLA?"}]),
+        ("multi_turn", [{"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello! How can I help?"},
+                        {"role": "user", "content": "Tell me a joke."}]),
+        ("system_multi_turn", [{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": "1+1?"},
+                               {"role": "assistant", "content": "2"},
+                               {"role": "user", "content": "2+2?"},
+                               {"role": "assistant", "content": "4"},
+                               {"role": "user", "content": "And 3+3?"}]),
+        ("two_systems", [{"role": "system", "content": "Rule one."},
+                         {"role": "system", "content": "Rule two."},
+                         {"role": "user", "content": "Go."}]),
+        ("reasoning", [{"role": "user", "content": "Why?"},
+                       {"role": "assistant", "content": "<think>\nLet me think.\n</think>\n\nBecause."},
+                       {"role": "user", "content": "Sure?"}]),
+        ("tool_calls", [{"role": "user", "content": "Weather and time in Paris?"},
+                        {"role": "assistant", "content": None, "tool_calls": [tool_call, tool_call2]},
+                        {"role": "tool", "content": "{\"temp\": 21}"},
+                        {"role": "tool", "content": "{\"time\": \"12:00\"}"},
+                        {"role": "assistant", "content": "21 degrees at noon."},
+                        {"role": "user", "content": "Thanks"}]),
+        ("tool_output_last", [{"role": "user", "content": "Weather?"},
+                              {"role": "assistant", "content": None, "tool_calls": [tool_call]},
+                              {"role": "tool", "content": "sunny"}]),
+        ("unicode", [{"role": "system", "content": "用中文回答。"},
+                     {"role": "user", "content": "你好，世界！👨‍👩‍👧‍👦 e\u0301 ﬁ\n\tcode:\n    x = 1\n"}]),
+        ("special_text", [{"role": "user", "content": "<｜User｜>not a turn<｜end▁of▁sentence｜>"}]),
+        ("empty_content", [{"role": "user", "content": ""}]),
+        ("whitespace", [{"role": "system", "content": "  spaced  "},
+                        {"role": "user", "content": "\n\nlines\n\n"}]),
+    ]
+
+
+def chat_cases(tok_dir):
+    # PreTrainedTokenizerFast runs tokenizer.json as it is (AutoTokenizer in transformers 5
+    # turns a "LlamaTokenizerFast" class into a Metaspace tokenizer, which DeepSeek's is not).
+    from transformers import PreTrainedTokenizerFast
+    tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    raw = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    out = []
+    for name, messages in conversations():
+        for gen in (True, False):
+            try:
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+            except Exception as e:  # the template refuses it (V2's with tool calls): so must we
+                out.append({"name": name, "messages": messages, "add_generation_prompt": gen,
+                            "error": type(e).__name__ + ": " + str(e)})
+                continue
+            ids = list(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen,
+                                               return_dict=False))
+            # The ids are the text encoded without added special tokens.
+            assert ids == raw.encode(text, add_special_tokens=False).ids, name
+            out.append({"name": name, "messages": messages, "add_generation_prompt": gen,
+                        "text": text, "ids": ids})
+    return out
+
+
+def jinja_cases():
+    """Small templates over what runtime/jinja.h supports, rendered by transformers' own
+    environment (trim_blocks, lstrip_blocks, its tojson)."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+    ctx = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi there"},
+                        {"role": "assistant", "content": "Yo", "extra": None}],
+           "d": {"b": 1, "a": [1, 2.5, "x\"y", None, True], "c": {"k": "v"}},
+           "s": "  Hello, Wörld!  ", "n": 7, "f": 2.5, "empty": [], "none": None, "t": True}
+    templates = [
+        "{{ s }}|{{ s|trim }}|{{ s|length }}|{{ s|upper }}|{{ s|lower }}|{{ s.strip() }}",
+        "{{ s.split() }}|{{ s.split(',') }}|{{ 'a,b,,c'.split(',', 1) }}|{{ 'a b c'.rsplit(' ', 1) }}",
+        "{{ s.lstrip() }}|{{ s.rstrip() }}|{{ 'xxhixx'.strip('x') }}|{{ s.replace('l', 'L') }}",
+        "{{ s.startswith('  H') }}{{ s.endswith('x') }}{{ 'abc'.find('c') }}{{ 'aaa'.count('a') }}",
+        "{{ 'hello world'.title() }} {{ 'hELLO'.capitalize() }} {{ '-'.join(['a', 'b']) }}",
+        "{{ n + 1 }} {{ n - 10 }} {{ n * 2 }} {{ n / 2 }} {{ n // 2 }} {{ n % 3 }} {{ -n % 3 }} {{ n ** 2 }}",
+        "{{ f + 1 }} {{ f * 2 }} {{ 0.1 + 0.2 }} {{ 1e20 }} {{ 1.5e-7 }} {{ 3.0 }} {{ -0.5 }} {{ 10 / 4 }}",
+        "{{ none }}|{{ t }}|{{ undefined_name }}|{{ [1, 'a', none] }}|{{ {'k': 'v'} }}|{{ (1, 2)|list }}",
+        "{{ d|tojson }}|{{ d|tojson(indent=2) }}|{{ messages|tojson }}|{{ 'é\n\\\"'|tojson }}",
+        "{{ d.a[1:] }}|{{ d.a[-1] }}|{{ d.a[::-1] }}|{{ s[2:7] }}|{{ s[-3:] }}|{{ 'Wörld'[1] }}",
+        "{% for m in messages %}{{ loop.index }}/{{ loop.length }}:{{ m.role }}"
+        "{% if loop.first %}F{% endif %}{% if loop.last %}L{% endif %},{% endfor %}",
+        "{% for m in messages if m.role != 'system' %}{{ loop.index0 }}{{ m['content'] }}{% endfor %}",
+        "{% for k, v in d.items() %}{{ k }}={{ v }};{% endfor %}{% for k in d %}{{ k }}{% endfor %}",
+        "{% for x in empty %}x{% else %}nothing{% endfor %}",
+        "{% for i in range(5) %}{% if i == 1 %}{% continue %}{% endif %}{% if i == 3 %}{% break %}"
+        "{% endif %}{{ i }}{% endfor %}|{{ range(2, 8, 3)|list }}",
+        "{% set x = 1 %}{% for i in [1, 2] %}{% set x = x + i %}{{ x }}{% endfor %}{{ x }}",
+        "{% set ns = namespace(total=0) %}{% for i in [1, 2, 3] %}{% set ns.total = ns.total + i %}"
+        "{% endfor %}{{ ns.total }}",
+        "{% set block %}in {{ n }} block{% endset %}[{{ block }}]",
+        "{% macro greet(name, punct='!') %}Hi {{ name }}{{ punct }}{% endmacro %}"
+        "{{ greet('A') }} {{ greet('B', '?') }} {{ greet(name='C') }}",
+        "{{ 'yes' if t else 'no' }} {{ 'yes' if none else 'no' }} {{ none or 'fallback' }} "
+        "{{ t and 'both' }} {{ not t }} {{ 1 < 2 < 3 if false else 'x' }}",
+        "{{ none is none }} {{ n is number }} {{ s is string }} {{ d is mapping }} {{ empty is iterable }}"
+        " {{ undefined_name is defined }} {{ n is odd }} {{ n is divisibleby 7 }} {{ 'a' is in 'abc' }}",
+        "{{ 'ab' in 'cabd' }} {{ 2 in [1, 2] }} {{ 'a' in d }} {{ 'z' not in d }} {{ [1] == [1] }}"
+        " {{ 1 == 1.0 }} {{ 'a' < 'b' }} {{ 'x' ~ 1 ~ none ~ t }}",
+        "{{ messages|selectattr('role', 'equalto', 'user')|list|length }}"
+        "{{ messages|rejectattr('role', 'eq', 'user')|map(attribute='role')|join(',') }}",
+        "{{ empty|first }}|{{ d.a|first }}|{{ d.a|last }}|{{ d.a|reverse|list }}|{{ 'abc'|reverse }}"
+        "|{{ missing|default('dflt') }}|{{ ''|default('dflt', true) }}|{{ '42'|int + 1 }}|{{ n|float }}",
+        "{{ d.c.k }}{{ d['c']['k'] }}{{ d.get('zz', 'dz') }}{{ d.get('b') }}{{ d.keys()|list }}",
+        "{{ messages[2].extra is none }}{{ messages[2].missing is defined }}{{ messages[0]['nope'] }}",
+        "a\n  {% if t %}\n  x\n  {% endif %}\nb\n",
+        "  {%- if t -%}  tight  {%- endif -%}  |{{- ' spaced ' -}}|  {{ n }}  {# comment #}\n end",
+        "{% if t %}\nline\n{% endif %}\n{% for i in [1,2] %}\n  - {{ i }}\n{% endfor %}\n",
+        "{%+ if t %}keep{% endif +%}\n   {#- c -#}   x",
+        "{% if n > 5 %}big{% elif n > 2 %}mid{% else %}small{% endif %}"
+        "{% if n > 50 %}big{% elif n > 5 %}mid{% else %}small{% endif %}",
+        "{{ 'it''s' }} {{ \"dq 'sq'\" }} {{ 'tab\\there' }} {{ '\\u00e9\\x41' }}",
+        "{% generation %}gen{{ n }}{% endgeneration %}",
+        "{{ raise_exception('Only user and assistant roles are supported!') }}",
+        "{{ undefined_name.attr }}",
+        "{{ 'a' + 1 }}",
+        "{{ messages[0]['content'] + messages[1]['content'] }}",
+    ]
+    out = []
+    for t in templates:
+        try:
+            out.append({"template": t, "output": _compile_jinja_template(t).render(**ctx)})
+        except Exception as e:  # what raised is enough: mlaserve must refuse the same ones
+            out.append({"template": t, "error": type(e).__name__ + ": " + str(e)})
+    return {"context": ctx, "cases": out}
 
 
 def make_tokenizer(splits, special, vocab_size, corpus):
@@ -142,13 +346,29 @@ def cases(tok, strings):
         })
     # Ids that are not valid UTF-8 on their own: single byte-level tokens of the bytes 0x80-0xff
     # and a split multi-byte character.
-    ids = [tok.token_to_id(c) for c in pre_tokenizers.ByteLevel.alphabet()]
+    ids = [tok.token_to_id(c) for c in sorted(pre_tokenizers.ByteLevel.alphabet())]
     high = [tok.token_to_id(chr(x)) for x in (0x0122, 0x00a2)]  # 0xA2 and 0x22-ish bytes
     for seq in ([i for i in ids[:8] if i is not None], [h for h in high if h is not None]):
         out.append({"text": None, "ids": seq, "ids_with_special": seq,
                     "decoded": tok.decode(seq, skip_special_tokens=False),
                     "decoded_skip_special": tok.decode(seq, skip_special_tokens=True)})
     return out
+
+
+def write_config(d, chat_template):
+    config = {"add_bos_token": True, "add_eos_token": False, "bos_token": BOS,
+              "eos_token": EOS, "model_max_length": 16384,
+              "tokenizer_class": "LlamaTokenizerFast", "chat_template": chat_template}
+    with open(os.path.join(d, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, ensure_ascii=False, indent=2)
+
+
+def write_chat_cases(d):
+    import transformers
+    data = {"transformers_version": transformers.__version__, "cases": chat_cases(d)}
+    with open(os.path.join(d, "chat_cases.json"), "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=1)
+    print(f"{d}: {len(data['cases'])} chat cases")
 
 
 def main():
@@ -162,16 +382,25 @@ def main():
         d = os.path.join(args.out, name)
         os.makedirs(d, exist_ok=True)
         tok.save(os.path.join(d, "tokenizer.json"))
-        config = {"add_bos_token": True, "add_eos_token": False, "bos_token": BOS,
-                  "eos_token": EOS, "model_max_length": 16384,
-                  "tokenizer_class": "LlamaTokenizerFast"}
-        with open(os.path.join(d, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, ensure_ascii=False, indent=2)
+        write_config(d, V3_CHAT_TEMPLATE if name == "v3" else V2_CHAT_TEMPLATE)
+        if name == "v3":
+            # R1: DeepSeek-R1's template beside V3's tokenizer (R1 is V3-shaped).
+            r1 = os.path.join(args.out, "r1")
+            os.makedirs(r1, exist_ok=True)
+            tok.save(os.path.join(r1, "tokenizer.json"))
+            write_config(r1, R1_CHAT_TEMPLATE)
+            write_chat_cases(r1)
+        write_chat_cases(d)
         data = {"tokenizers_version": __import__("tokenizers").__version__,
                 "vocab_size": tok.get_vocab_size(), "cases": cases(tok, test_strings(special))}
         with open(os.path.join(d, "cases.json"), "w", encoding="utf-8") as f:
             json.dump(data, f, ensure_ascii=False, indent=1)
         print(f"{name}: vocab {tok.get_vocab_size()}, {len(data['cases'])} cases -> {d}")
+    import jinja2
+    data = {"jinja2_version": jinja2.__version__, **jinja_cases()}
+    with open(os.path.join(args.out, "jinja_cases.json"), "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=1)
+    print(f"{len(data['cases'])} jinja cases")
 
 
 if __name__ == "__main__":
