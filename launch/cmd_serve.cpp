@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include <csignal>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <optional>
@@ -23,8 +25,10 @@
 #include "rpc/control_service.h"
 #include "rpc/coordinator_link.h"
 #include "rpc/coordinator_service.h"
+#include "rpc/http_server.h"
 #include "rpc/metrics.h"
 #include "rpc/model_identity.h"
+#include "rpc/openai_api.h"
 #include "rpc/shared_secret.h"
 #include "rpc/tls_credentials.h"
 #include "rpc/worker_service.h"
@@ -262,7 +266,24 @@ struct CoordinatorArgs {
   int32_t metrics_port = 0;
   int32_t drain_timeout_s = 0;
   std::string tokenizer;
+  std::string http_address;
+  std::string served_model_name;
 };
+
+// The API key of coordinator.http: the first line of api_key_file, else MLASERVE_API_KEY.
+std::string load_api_key(const std::string& file) {
+  if (file.empty()) {
+    const char* env = std::getenv("MLASERVE_API_KEY");
+    return env == nullptr ? "" : env;
+  }
+  std::ifstream in(file);
+  if (!in) MLA_THROW(kNotFound, "coordinator.http.api_key_file: cannot read {}", file);
+  std::string key;
+  std::getline(in, key);
+  while (!key.empty() && std::isspace(static_cast<unsigned char>(key.back()))) key.pop_back();
+  MLA_REQUIRE(!key.empty(), "coordinator.http.api_key_file: {} has an empty first line", file);
+  return key;
+}
 
 int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
   const DeployConfig d = a.config_path.empty() ? DeployConfig{} : DeployConfig::load(a.config_path);
@@ -275,6 +296,11 @@ int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
   if (given("--metrics-port")) c.metrics_port = a.metrics_port;
   if (given("--drain-timeout")) c.drain_timeout_s = a.drain_timeout_s;
   if (given("--tokenizer")) c.tokenizer = a.tokenizer;
+  if (given("--http-address")) c.http.address = a.http_address;
+  if (given("--served-model-name")) c.http.model_name = a.served_model_name;
+  MLA_REQUIRE(c.http.address.empty() || !c.tokenizer.empty(),
+              "coordinator.http needs coordinator.tokenizer (--tokenizer): the model directory "
+              "whose tokenizer.json and chat template the OpenAI API uses");
   MLA_REQUIRE(c.drain_timeout_s >= 0, "--drain-timeout must be >= 0, got {}", c.drain_timeout_s);
   MLA_REQUIRE(c.address != c.control_address || c.address.ends_with(":0"),
               "coordinator: the client plane ({}) and the control plane ({}) need their own "
@@ -318,6 +344,33 @@ int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
   auto server = start_server(&service, c.address, server_creds, "coordinator");
   service.attach_health(server->GetHealthCheckService());
   auto control_server = start_server(&control, c.control_address, server_creds, "control plane");
+  std::unique_ptr<OpenAiApi> openai;
+  std::unique_ptr<HttpServer> http;
+  if (!c.http.address.empty()) {
+    OpenAiOptions o;
+    o.model_name = c.http.model_name.empty()
+                       ? std::filesystem::path(c.tokenizer).lexically_normal().filename().string()
+                       : c.http.model_name;
+    if (o.model_name.empty()) o.model_name = "mlaserve";
+    o.api_key = load_api_key(c.http.api_key_file);
+    openai = std::make_unique<OpenAiApi>(o, server->InProcessChannel(grpc::ChannelArguments()),
+                                         options.tokenizer,
+                                         [&service] { return service.model_limits(); });
+    const size_t colon = c.http.address.rfind(':');
+    MLA_REQUIRE(colon != std::string::npos,
+                "coordinator.http.address: expected host:port, got '{}'", c.http.address);
+    HttpServerOptions ho;
+    ho.host = c.http.address.substr(0, colon);
+    ho.port = std::stoi(c.http.address.substr(colon + 1));
+    ho.threads = c.http.threads;
+    ho.max_body_bytes = static_cast<size_t>(c.http.max_body_bytes);
+    http = std::make_unique<HttpServer>(ho, [api = openai.get()](HttpRequest r, auto exchange) {
+      api->handle(std::move(r), std::move(exchange));
+    });
+    spdlog::info("coordinator: OpenAI-compatible API on http://{}:{}/v1 (model '{}'{}, {} threads)",
+                 ho.host, http->port(), o.model_name, o.api_key.empty() ? "" : ", API key",
+                 ho.threads);
+  }
 
   next_stop_signal();
   service.stop_accepting();
@@ -328,7 +381,12 @@ int run_coordinator(const CoordinatorArgs& a, const CLI::App& cmd) {
     spdlog::warn("coordinator: ending {} open streams", service.in_flight());
   }
   server->GetHealthCheckService()->SetServingStatus(false);
+  if (openai) openai->shutdown();
   service.shutdown();
+  if (openai && !openai->wait_idle(std::chrono::seconds(2))) {
+    spdlog::warn("coordinator: {} HTTP calls still open", openai->open_calls());
+  }
+  if (http) http->stop();
   // The service has ended its streams; gRPC would otherwise wait out the deadline for
   // idle client connections to close.
   const auto soon = std::chrono::system_clock::now() + std::chrono::milliseconds(200);
@@ -341,6 +399,8 @@ struct ClientArgs {
   std::string config_path;
   std::string address = "127.0.0.1:50051";
   std::string prompt;
+  std::vector<std::string> chat;
+  std::string system;
   std::vector<std::string> stop;
   std::string prompt_ids;
   std::string request_id;
@@ -358,12 +418,19 @@ struct ClientArgs {
 
 int run_client(const ClientArgs& a, const CLI::App& cmd) {
   const bool given_address = cmd.get_option("--address")->count() > 0;
-  if (a.prompt.empty() && a.prompt_ids.empty() && !a.status && a.wait_ready_s <= 0) {
+  if (a.prompt.empty() && a.prompt_ids.empty() && a.chat.empty() && !a.status &&
+      a.wait_ready_s <= 0) {
     MLA_THROW(kInvalidArgument,
-              "client: nothing to do: give --prompt or --prompt-ids to generate, --status to "
-              "show the cluster, or --wait-ready to wait for it");
+              "client: nothing to do: give --prompt, --chat or --prompt-ids to generate, --status "
+              "to show the cluster, or --wait-ready to wait for it");
   }
-  MLA_REQUIRE(a.prompt.empty() || a.prompt_ids.empty(), "give --prompt or --prompt-ids, not both");
+  MLA_REQUIRE(
+      (a.prompt.empty() ? 0 : 1) + (a.prompt_ids.empty() ? 0 : 1) + (a.chat.empty() ? 0 : 1) <= 1,
+      "give one of --prompt, --chat and --prompt-ids");
+  MLA_REQUIRE(a.system.empty() || !a.chat.empty(), "--system goes with --chat");
+  MLA_REQUIRE(a.chat.empty() || a.chat.size() % 2 == 1,
+              "--chat: the turns alternate user, assistant, ..., user: give an odd number, got {}",
+              a.chat.size());
   const DeployConfig d = a.config_path.empty() ? DeployConfig{} : DeployConfig::load(a.config_path);
   const std::string address =
       given_address || a.config_path.empty() ? a.address : d.coordinator.address;
@@ -374,15 +441,25 @@ int run_client(const ClientArgs& a, const CLI::App& cmd) {
     MLA_THROW(kUnavailable, "no serving coordinator with a live worker at {} after {} s", address,
               a.wait_ready_s);
   }
-  if (!a.prompt_ids.empty() || !a.prompt.empty()) {
+  if (!a.prompt_ids.empty() || !a.prompt.empty() || !a.chat.empty()) {
     mlaserve::v1::GenerateRequest req;
     req.set_request_id(a.request_id);
     if (!a.prompt.empty()) req.set_prompt(a.prompt);
+    if (!a.system.empty()) {
+      auto* m = req.add_messages();
+      m->set_role("system");
+      m->set_content(a.system);
+    }
+    for (size_t i = 0; i < a.chat.size(); ++i) {
+      auto* m = req.add_messages();
+      m->set_role(i % 2 == 0 ? "user" : "assistant");
+      m->set_content(a.chat[i]);
+    }
     for (const std::string& s : a.stop) req.add_stop(s);
     if (!a.prompt_ids.empty()) {
       for (int32_t id : parse_ids(a.prompt_ids)) req.add_prompt_ids(id);
     }
-    const bool as_text = !a.prompt.empty();
+    const bool as_text = !a.prompt.empty() || !a.chat.empty();
     req.set_max_tokens(a.max_tokens);
     req.mutable_sampling()->set_temperature(a.temperature);
     req.mutable_sampling()->set_top_k(a.top_k);
@@ -477,6 +554,13 @@ void add_serve_commands(CLI::App& app, int& exit_code) {
   coord->add_option("--drain-timeout", c->drain_timeout_s,
                     "Seconds a SIGTERMed coordinator gives open streams (default: "
                     "coordinator.drain_timeout_s, 30)");
+  coord->add_option("--http-address", c->http_address,
+                    "host:port of the OpenAI-compatible HTTP API (/v1/completions, "
+                    "/v1/chat/completions, /v1/models); needs --tokenizer (default: "
+                    "coordinator.http.address; none: off)");
+  coord->add_option("--served-model-name", c->served_model_name,
+                    "The model id HTTP clients send (default: coordinator.http.model_name, else "
+                    "the tokenizer directory's name)");
   coord->add_option("--tokenizer", c->tokenizer,
                     "Model directory whose tokenizer.json turns text prompts into ids and "
                     "generated tokens into text (default: coordinator.tokenizer; none: ids only)");
@@ -494,6 +578,11 @@ void add_serve_commands(CLI::App& app, int& exit_code) {
   client->add_option("--prompt", k->prompt,
                      "Prompt text (the coordinator's tokenizer encodes it); prints text as it "
                      "comes");
+  client->add_option("--chat", k->chat,
+                     "A conversation's turns (user, assistant, ..., user; repeat the flag), "
+                     "rendered with the model's chat template by the coordinator; prints text as "
+                     "it comes");
+  client->add_option("--system", k->system, "The conversation's system message (with --chat)");
   client->add_option("--stop", k->stop, "End the generation before this text; repeatable");
   client->add_option("--prompt-ids", k->prompt_ids, "Prompt token ids, comma separated");
   client->add_option("--request-id", k->request_id, "Request id (default: assigned)");

@@ -5,7 +5,12 @@
 MLA_PACKAGES=(cmake ninja-build ccache g++ pkg-config python3 clang-format libopenblas-dev
   libspdlog-dev libopenmpi-dev openmpi-bin libgrpc++-dev libprotobuf-dev protobuf-compiler
   protobuf-compiler-grpc libcpp-httplib-dev libssl-dev zlib1g-dev openssl python3-grpcio python3-protobuf
-  libpcre2-dev libfmt-dev nlohmann-json3-dev libcli11-dev libyaml-cpp-dev libgtest-dev libgmock-dev)
+  libpcre2-dev libfmt-dev nlohmann-json3-dev libcli11-dev libyaml-cpp-dev libgtest-dev libgmock-dev
+  libboost-dev python3-venv)
+
+# The Python clients the e2e tests drive the OpenAI-compatible API with, unmodified: the
+# official SDK and AIPerf (PyPI), pinned, in .venv at the repository root.
+MLA_PYTHON_TOOLS=(openai==3.51.0 aiperf==0.13.0)
 
 mla_install_packages() {
   local missing=()
@@ -21,6 +26,16 @@ mla_install_packages() {
   fi
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# mla_python_tools: makes .venv with MLA_PYTHON_TOOLS unless it has them already.
+mla_python_tools() {
+  local stamp=.venv/.mla-tools
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${MLA_PYTHON_TOOLS[*]}" ] && return 0
+  echo "== installing the Python test tools into .venv: ${MLA_PYTHON_TOOLS[*]}"
+  python3 -m venv .venv || return 1
+  .venv/bin/pip install -q --disable-pip-version-check "${MLA_PYTHON_TOOLS[@]}" || return 1
+  echo "${MLA_PYTHON_TOOLS[*]}" >"$stamp"
 }
 
 # mla_configure_and_build BUILD_DIR JOBS [TARGET...]

@@ -222,8 +222,7 @@ void CoordinatorService::update_state_locked(WorkerEntry& worker) {
   worker.state = draining ? WorkerState::kDraining : WorkerState::kAlive;
 }
 
-void CoordinatorService::validate_for_model_locked(const Request& wanted,
-                                                   const v1::GenerateRequest& r) const {
+std::optional<ModelLimits> CoordinatorService::model_limits_locked() const {
   ModelLimits model;
   for (const auto& [id, worker] : workers_) {
     if (worker.state != WorkerState::kAlive) continue;
@@ -232,7 +231,20 @@ void CoordinatorService::validate_for_model_locked(const Request& wanted,
                             ? worker.model.max_context()
                             : std::min<int64_t>(model.max_context, worker.model.max_context());
   }
-  if (model.vocab_size == 0) MLA_THROW(kUnavailable, "no worker is alive");
+  if (model.vocab_size == 0) return std::nullopt;
+  return model;
+}
+
+std::optional<ModelLimits> CoordinatorService::model_limits() const {
+  std::lock_guard lock(mu_);
+  return model_limits_locked();
+}
+
+void CoordinatorService::validate_for_model_locked(const Request& wanted,
+                                                   const v1::GenerateRequest& r) const {
+  const std::optional<ModelLimits> found = model_limits_locked();
+  if (!found) MLA_THROW(kUnavailable, "no worker is alive");
+  const ModelLimits& model = *found;
   validate_request(wanted, model, kPromptField);
   check_token_ids({r.received_ids().data(), static_cast<size_t>(r.received_ids_size())},
                   "received_ids", model.vocab_size);

@@ -63,6 +63,7 @@
 #include "rpc/metrics.h"
 #include "rpc/routing.h"
 #include "rpc/shared_secret.h"
+#include "runtime/request_validation.h"
 #include "runtime/sequence.h"
 #include "runtime/tokenizer.h"
 
@@ -204,6 +205,8 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallba
 
   // At least one worker alive and not stopping.
   bool ready() const;
+  // The live workers' vocabulary and context (the smallest), or nothing when none is alive.
+  std::optional<ModelLimits> model_limits() const;
   // Keeps the grpc.health status of "mlaserve.v1.Coordinator" equal to ready(). `health`
   // must outlive the service (it belongs to the grpc::Server). Call once, before serving.
   void attach_health(grpc::HealthCheckServiceInterface* health);
@@ -278,6 +281,7 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallba
   void cancel_stalled_writes_locked(Clock::time_point now);
   // validate_request against the live workers' model, and received_ids inside its
   // vocabulary; kUnavailable when no worker is alive; mu_ held.
+  std::optional<ModelLimits> model_limits_locked() const;
   void validate_for_model_locked(const Request& wanted,
                                  const mlaserve::v1::GenerateRequest& request) const;
   // Marks a worker dead, cancels the attempts running on it when `cancel_attempts`; mu_ held.

@@ -45,15 +45,19 @@ using Clock = std::chrono::steady_clock;
 inline constexpr int kMaxStopStrings = 16;
 inline constexpr size_t kMaxStopBytes = 256;
 
-// A text prompt becomes prompt_ids through `tokenizer` (null: the coordinator has none), and
-// the stop strings are checked; throws mla::Error naming the field.
+// A text prompt or a conversation becomes prompt_ids through `tokenizer` (null: the
+// coordinator has none), and the stop strings are checked; throws mla::Error naming the field.
 void encode_text(v1::GenerateRequest& r, const Tokenizer* tokenizer, size_t max_prompt_bytes) {
-  if (r.prompt().empty() && r.stop_size() == 0) return;
+  const bool chat = r.messages_size() > 0;
+  if (r.prompt().empty() && !chat && r.stop_size() == 0 && !r.return_text()) return;
   if (tokenizer == nullptr) {
     MLA_THROW(kFailedPrecondition,
               "{}: this coordinator has no tokenizer (set coordinator.tokenizer to the model "
               "directory); send prompt_ids",
-              r.prompt().empty() ? "stop" : "prompt");
+              chat                  ? "messages"
+              : !r.prompt().empty() ? "prompt"
+              : r.stop_size() > 0   ? "stop"
+                                    : "return_text");
   }
   MLA_REQUIRE(r.stop_size() <= kMaxStopStrings, "stop: {} strings (limit {})", r.stop_size(),
               kMaxStopStrings);
@@ -62,15 +66,31 @@ void encode_text(v1::GenerateRequest& r, const Tokenizer* tokenizer, size_t max_
                 "stop[{}]: must be 1 to {} bytes, got {}", i, kMaxStopBytes, r.stop(i).size());
     MLA_REQUIRE(utf8::first_invalid(r.stop(i)) == std::string::npos, "stop[{}]: not UTF-8", i);
   }
-  if (r.prompt().empty()) return;
-  MLA_REQUIRE(r.prompt_ids_size() == 0, "prompt: give prompt or prompt_ids, not both");
-  MLA_REQUIRE(r.prompt().size() <= max_prompt_bytes, "prompt: {} bytes (limit {})",
-              r.prompt().size(), max_prompt_bytes);
+  if (r.prompt().empty() && !chat) return;
+  MLA_REQUIRE(r.prompt_ids_size() == 0 && (r.prompt().empty() || !chat),
+              "{}: give one of prompt, prompt_ids and messages", chat ? "messages" : "prompt");
   std::vector<int32_t> ids;
-  try {
-    ids = tokenizer->encode(r.prompt());
-  } catch (const Error& e) {
-    MLA_THROW(kInvalidArgument, "prompt: {}", e.what());
+  if (chat) {
+    nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+    size_t bytes = 0;
+    for (int i = 0; i < r.messages_size(); ++i) {
+      const v1::ChatMessage& m = r.messages(i);
+      MLA_REQUIRE(utf8::first_invalid(m.content()) == std::string::npos,
+                  "messages[{}].content: not UTF-8", i);
+      bytes += m.content().size();
+      messages.push_back({{"role", m.role()}, {"content", m.content()}});
+    }
+    MLA_REQUIRE(bytes <= max_prompt_bytes, "messages: {} bytes of content (limit {})", bytes,
+                max_prompt_bytes);
+    ids = tokenizer->encode_chat(messages);
+  } else {
+    MLA_REQUIRE(r.prompt().size() <= max_prompt_bytes, "prompt: {} bytes (limit {})",
+                r.prompt().size(), max_prompt_bytes);
+    try {
+      ids = tokenizer->encode(r.prompt());
+    } catch (const Error& e) {
+      MLA_THROW(kInvalidArgument, "prompt: {}", e.what());
+    }
   }
   r.mutable_prompt_ids()->Assign(ids.begin(), ids.end());
 }
@@ -329,7 +349,8 @@ void CoordinatorService::Relay::start(const grpc::ByteBuffer& request) {
       const Tokenizer* tokenizer = service_.options_.tokenizer.get();
       // A text prompt is at most a few bytes per id.
       encode_text(request_, tokenizer, 8 * service_.options_.max_prompt_ids);
-      if (tokenizer != nullptr && (!request_.prompt().empty() || request_.stop_size() > 0)) {
+      if (tokenizer != nullptr && (!request_.prompt().empty() || request_.stop_size() > 0 ||
+                                   request_.messages_size() > 0 || request_.return_text())) {
         text_.emplace(*tokenizer,
                       std::vector<std::string>(request_.stop().begin(), request_.stop().end()));
         // What a resumed stream's client has: its text was sent by the first coordinator.
@@ -359,6 +380,8 @@ void CoordinatorService::Relay::start(const grpc::ByteBuffer& request) {
   worker_request_.set_request_id(request_id_);
   worker_request_.clear_received_ids();
   worker_request_.clear_prompt();  // the workers take ids
+  worker_request_.clear_messages();
+  worker_request_.clear_return_text();
   worker_request_.clear_stop();
   sent_.assign(request_.received_ids().begin(), request_.received_ids().end());
   context_tokens_ = request_.prompt_ids_size() + static_cast<int32_t>(sent_.size());

@@ -103,7 +103,7 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
     reject_unknown(co,
                    {"address", "control_address", "metrics_port", "routing", "max_in_flight",
                     "heartbeat_interval_ms", "forget_dead_after_s", "drain_timeout_s",
-                    "stream_write_timeout_s", "migrate_on_drain", "rebalance", "tokenizer"},
+                    "stream_write_timeout_s", "migrate_on_drain", "rebalance", "tokenizer", "http"},
                    "coordinator.", origin);
     read(co, "address", c.coordinator.address, "coordinator.", origin);
     read(co, "control_address", c.coordinator.control_address, "coordinator.", origin);
@@ -131,6 +131,22 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
                   origin, r.low_free, r.high_free);
       MLA_REQUIRE(r.interval_ms >= 1, "{}: coordinator.rebalance.interval_ms must be >= 1, got {}",
                   origin, r.interval_ms);
+    }
+    if (const auto http = co["http"]) {
+      HttpConfig& h = c.coordinator.http;
+      const char* prefix = "coordinator.http.";
+      reject_unknown(http, {"address", "threads", "max_body_bytes", "model_name", "api_key_file"},
+                     prefix, origin);
+      read(http, "address", h.address, prefix, origin);
+      read(http, "threads", h.threads, prefix, origin);
+      read(http, "max_body_bytes", h.max_body_bytes, prefix, origin);
+      read(http, "model_name", h.model_name, prefix, origin);
+      read(http, "api_key_file", h.api_key_file, prefix, origin);
+      MLA_REQUIRE(h.threads >= 1 && h.threads <= 256,
+                  "{}: coordinator.http.threads must be 1 to 256, got {}", origin, h.threads);
+      MLA_REQUIRE(h.max_body_bytes >= 1024,
+                  "{}: coordinator.http.max_body_bytes must be >= 1024, got {}", origin,
+                  h.max_body_bytes);
     }
   }
   if (const auto wk = root["workers"]) {

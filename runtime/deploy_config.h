@@ -38,6 +38,21 @@ struct RebalanceConfig {
   int32_t interval_ms = 1000;  // `interval_ms`. Default: 1000.
 };
 
+// `coordinator.http:` the OpenAI-compatible HTTP API (rpc/openai_api.h): POST /v1/completions,
+// POST /v1/chat/completions, GET /v1/models. Needs coordinator.tokenizer.
+struct HttpConfig {
+  std::string address;               // `address`: host:port to listen on; "" = off. Default: off.
+  int32_t threads = 2;               // `threads`: the threads serving every connection. Default: 2.
+  int64_t max_body_bytes = 4 << 20;  // `max_body_bytes`: larger bodies get 413. Default: 4 MiB.
+  // `model_name`: the id clients send as `model` and GET /v1/models lists. Default: the last
+  // component of coordinator.tokenizer (the model directory's name).
+  std::string model_name;
+  // `api_key_file`: a file whose first line is the key clients must send as
+  // "Authorization: Bearer KEY"; "" = no key (or the MLASERVE_API_KEY environment variable).
+  // Default: none.
+  std::string api_key_file;
+};
+
 // `coordinator:` the client plane (Generate, Cancel, Health, ListWorkers) and the control
 // plane (workers' registration and heartbeats, admin drain), each on its own listener.
 struct CoordinatorConfig {
@@ -64,8 +79,9 @@ struct CoordinatorConfig {
   bool migrate_on_drain = true;
   RebalanceConfig rebalance;  // `rebalance:`
   // `tokenizer`: a model directory whose tokenizer.json encodes text prompts and decodes the
-  // generated text (GenerateRequest.prompt, stop). Default: none (ids only).
+  // generated text (GenerateRequest.prompt, messages, stop). Default: none (ids only).
   std::string tokenizer;
+  HttpConfig http;  // `http:`
 };
 
 // `workers:` where each group's leader serves its Worker service.

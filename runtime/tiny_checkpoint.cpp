@@ -297,6 +297,36 @@ void write_random_checkpoint(const ModelConfig& config, const std::string& dir, 
                tensors.size(), dtype_name(dtype), tokenizer ? ", byte-level tokenizer" : "", dir);
 }
 
+// DeepSeek-V3's chat template as its checkpoints publish it (tokenizer_config.json), so that a
+// tiny model talks chat like the real one (tests/data/tokenizers/v3 holds the same).
+constexpr const char* kDeepSeekV3ChatTemplate =
+    R"({% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{)"
+    R"(% endif %}{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, )"
+    R"(system_prompt='', is_first_sp=true) %}{%- for message in messages %}{%- if message['r)"
+    R"(ole'] == 'system' %}{%- if ns.is_first_sp %}{% set ns.system_prompt = ns.system_promp)"
+    R"(t + message['content'] %}{% set ns.is_first_sp = false %}{%- else %}{% set ns.system_)"
+    R"(prompt = ns.system_prompt + '\n\n' + message['content'] %}{%- endif %}{%- endif %}{%-)"
+    R"( endfor %}{{bos_token}}{{ns.system_prompt}}{%- for message in messages %}{%- if messa)"
+    R"(ge['role'] == 'user' %}{%- set ns.is_tool = false -%}{{'<｜User｜>' + message['content')"
+    R"(]}}{%- endif %}{%- if message['role'] == 'assistant' and message['content'] is none %)"
+    R"(}{%- set ns.is_tool = false -%}{%- for tool in message['tool_calls']%}{%- if not ns.i)"
+    R"(s_first %}{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + ')"
+    R"(<｜tool▁sep｜>' + tool['function']['name'] + '\n' + '```json' + '\n' + tool['function'])"
+    R"(['arguments'] + '\n' + '```' + '<｜tool▁call▁end｜>'}}{%- set ns.is_first = true -%}{%-)"
+    R"( else %}{{'\n' + '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['functi)"
+    R"(on']['name'] + '\n' + '```json' + '\n' + tool['function']['arguments'] + '\n' + '```')"
+    R"( + '<｜tool▁call▁end｜>'}}{{'<｜tool▁calls▁end｜><｜end▁of▁sentence｜>'}}{%- endif %}{%- en)"
+    R"(dfor %}{%- endif %}{%- if message['role'] == 'assistant' and message['content'] is no)"
+    R"(t none %}{%- if ns.is_tool %}{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁o)"
+    R"(f▁sentence｜>'}}{%- set ns.is_tool = false -%}{%- else %}{{'<｜Assistant｜>' + message[')"
+    R"(content'] + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}{%- if message['role'] == )"
+    R"('tool' %}{%- set ns.is_tool = true -%}{%- if ns.is_output_first %}{{'<｜tool▁outputs▁b)"
+    R"(egin｜><｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}{%- set ns)"
+    R"(.is_output_first = false %}{%- else %}{{'\n<｜tool▁output▁begin｜>' + message['content')"
+    R"(] + '<｜tool▁output▁end｜>'}}{%- endif %}{%- endif %}{%- endfor -%}{% if ns.is_tool %}{)"
+    R"({'<｜tool▁outputs▁end｜>'}}{% endif %}{% if add_generation_prompt and not ns.is_tool %})"
+    R"({{'<｜Assistant｜>'}}{% endif %})";
+
 bool write_byte_level_tokenizer(const ModelConfig& config, const std::string& dir) {
   using json = nlohmann::json;
   const int32_t eos = config.eos_token_ids.empty() ? 1 : config.eos_token_ids[0];
@@ -382,7 +412,8 @@ bool write_byte_level_tokenizer(const ModelConfig& config, const std::string& di
                                  {"bos_token", bos_text},
                                  {"eos_token", eos_text},
                                  {"model_max_length", config.max_position_embeddings},
-                                 {"tokenizer_class", "LlamaTokenizerFast"}};
+                                 {"tokenizer_class", "LlamaTokenizerFast"},
+                                 {"chat_template", kDeepSeekV3ChatTemplate}};
   std::ofstream(dir + "/tokenizer_config.json") << tokenizer_config.dump(2) << "\n";
   return true;
 }

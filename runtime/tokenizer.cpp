@@ -446,6 +446,20 @@ const ChatTemplate* Tokenizer::chat_template() const {
   return impl_->chat_template ? &*impl_->chat_template : nullptr;
 }
 
+std::vector<int32_t> Tokenizer::encode_chat(const nlohmann::ordered_json& messages) const {
+  if (!impl_->chat_template) {
+    MLA_THROW(kFailedPrecondition, "messages: {} has no chat_template (tokenizer_config.json)",
+              impl_->origin);
+  }
+  std::string text;
+  try {
+    text = impl_->chat_template->render(messages, /*add_generation_prompt=*/true);
+  } catch (const Error& e) {
+    MLA_THROW(kInvalidArgument, "messages: the chat template refuses them: {}", e.what());
+  }
+  return encode(text, /*add_special_tokens=*/false);
+}
+
 std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special_tokens) const {
   if (const size_t bad = utf8::first_invalid(text); bad != std::string_view::npos) {
     MLA_THROW(kInvalidArgument, "text is not UTF-8 at byte {}", bad);

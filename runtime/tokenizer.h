@@ -67,6 +67,11 @@ class Tokenizer {
   // tokenizer_config.json's chat_template, or null when it has none. Encode its text with
   // add_special_tokens = false.
   const ChatTemplate* chat_template() const;
+  // The ids of `messages` (a JSON array of {role, content}) under the chat template with the
+  // generation prompt, as apply_chat_template(messages, tokenize=True,
+  // add_generation_prompt=True). Throws kFailedPrecondition without a chat template and
+  // kInvalidArgument ("messages: ...") when the template refuses the conversation.
+  std::vector<int32_t> encode_chat(const nlohmann::ordered_json& messages) const;
   // Whether `id` is an added token marked special.
   bool is_special(int32_t id) const;
   // The id of a token's text (a vocabulary entry or an added token), if any.

@@ -3,8 +3,10 @@
 // coordinator given that tokenizer. A text prompt generates the offline engine's tokens for
 // the tokenizer's ids, and the streamed text is their decoded text in whole characters; a stop
 // string ends the stream before it (finish STOP, the worker stops); `mlaserve client --prompt`
-// prints the text; bad text fields are INVALID_ARGUMENT naming the field, and a coordinator
-// without a tokenizer refuses text with FAILED_PRECONDITION.
+// prints the text; a conversation (GenerateRequest.messages, `mlaserve client --chat`) is
+// rendered with the model's chat template and answered as the offline engine answers its ids;
+// bad text fields are INVALID_ARGUMENT naming the field, and a coordinator without a tokenizer
+// refuses text with FAILED_PRECONDITION.
 #include "runtime/text_stream.h"
 #include "runtime/tiny_checkpoint.h"
 #include "runtime/tokenizer.h"
@@ -95,7 +97,7 @@ TEST_F(TextTest, ATextPromptStreamsTheOfflineTokensAsTextAndStopsAtAStopString) 
   both.add_prompt_ids(1);
   const Stream b = run_stream(client(), both);
   EXPECT_EQ(b.error_code, ErrorCode::kInvalidArgument);
-  EXPECT_THAT(b.error, HasSubstr("prompt: give prompt or prompt_ids, not both"));
+  EXPECT_THAT(b.error, HasSubstr("prompt: give one of prompt, prompt_ids and messages"));
   const Stream bad = run_stream(client(), text_request("caf\xC3", 4));
   EXPECT_EQ(bad.error_code, ErrorCode::kInvalidArgument);
   EXPECT_THAT(bad.error, HasSubstr("prompt: text is not UTF-8 at byte 3"));
@@ -104,6 +106,52 @@ TEST_F(TextTest, ATextPromptStreamsTheOfflineTokensAsTextAndStopsAtAStopString) 
   const Stream es = run_stream(client(), empty_stop);
   EXPECT_EQ(es.error_code, ErrorCode::kInvalidArgument);
   EXPECT_THAT(es.error, HasSubstr("stop[0]"));
+}
+
+TEST_F(TextTest, AConversationIsRenderedWithTheChatTemplateAndAnsweredAsText) {
+  ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs));
+  const Tokenizer tok = Tokenizer::load(model_);
+  const auto messages = nlohmann::ordered_json::parse(R"([
+      {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "深度求索?"}])");
+  const std::vector<int32_t> ids = tok.encode_chat(messages);
+  const Tokens expected = offline(ids, 24);
+  v1::GenerateRequest chat;
+  for (const auto& m : messages) {
+    auto* added = chat.add_messages();
+    added->set_role(m["role"].get<std::string>());
+    added->set_content(m["content"].get<std::string>());
+  }
+  chat.set_max_tokens(24);
+  chat.set_ignore_eos(true);
+  const Stream s = run_stream(client(), chat);
+  ASSERT_TRUE(s.ok) << s.error;
+  EXPECT_EQ(s.result.usage.prompt_tokens(), static_cast<int>(ids.size()));
+  EXPECT_EQ(s.result.tokens, expected);
+  EXPECT_EQ(s.result.text, tok.decode(expected, true));
+
+  // `mlaserve client --chat` renders the same conversation.
+  const CommandResult cli =
+      run_command({MLASERVE_BIN, "--log-level", "warn", "client", "--address", address(),
+                   "--system", "Be brief.", "--chat", "Hi", "--chat", "Hello!", "--chat",
+                   "深度求索?", "--max-tokens", "24", "--ignore-eos"},
+                  dir_ + "/client.log");
+  EXPECT_EQ(cli.exit, "exit 0") << cli.output;
+  EXPECT_THAT(cli.output, HasSubstr(tok.decode(expected, true))) << cli.output;
+  EXPECT_THAT(cli.output, HasSubstr(fmt::format("{} prompt + 24 generated", ids.size())));
+
+  // Content that is not UTF-8 and a conversation beside a prompt are refused, naming the
+  // field.
+  v1::GenerateRequest bad = chat;
+  bad.mutable_messages(1)->set_content("caf\xC3");
+  const Stream b = run_stream(client(), bad);
+  EXPECT_EQ(b.error_code, ErrorCode::kInvalidArgument);
+  EXPECT_THAT(b.error, HasSubstr("messages[1].content: not UTF-8"));
+  v1::GenerateRequest both = chat;
+  both.set_prompt("x");
+  const Stream bo = run_stream(client(), both);
+  EXPECT_EQ(bo.error_code, ErrorCode::kInvalidArgument);
+  EXPECT_THAT(bo.error, HasSubstr("give one of prompt, prompt_ids and messages"));
 }
 
 TEST_F(TextTest, ACoordinatorWithoutATokenizerRefusesText) {

@@ -129,6 +129,14 @@ TEST(Tokenizer, MakeTinyWritesAByteLevelTokenizerThatRoundTripsText) {
   EXPECT_EQ(ids.size(), 1 + text.size()) << "one token per byte";
   EXPECT_EQ(tok.decode(ids, true), text);
   EXPECT_EQ(tok.encode("<｜User｜>hi", false).size(), 3u);
+  // DeepSeek-V3's chat template, as the test tokenizer made by transformers carries it.
+  ASSERT_NE(tok.chat_template(), nullptr);
+  const Tokenizer v3 = Tokenizer::load(data_dir("v3"));
+  const auto chat = nlohmann::ordered_json::parse(
+      R"([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])");
+  EXPECT_EQ(tok.chat_template()->render(chat, true), v3.chat_template()->render(chat, true));
+  EXPECT_EQ(tok.chat_template()->render(chat, true),
+            "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi<｜Assistant｜>");
   config.vocab_size = 200;
   EXPECT_FALSE(write_byte_level_tokenizer(config, testing::TempDir() + "/no_tokenizer"));
 }
