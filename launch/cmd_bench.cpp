@@ -1,5 +1,7 @@
 // `mlaserve bench`: a load generator for a coordinator (or, with --worker, one Worker service
-// directly, so that the difference of the two is the coordinator's routing overhead).
+// directly, so that the difference of the two is the coordinator's routing overhead; or, with
+// --http, any OpenAI-compatible server's POST /v1/completions, streamed, so that the same tool
+// measures mlaserve's HTTP API, its gRPC API, and other servers).
 //
 // Each of --concurrency threads keeps one Generate stream open at a time and takes the next
 // request when its stream ends (closed loop); with --rate, request i may not start before
@@ -9,6 +11,7 @@
 // sent before the timeout, or ended OK with fewer tokens than asked.
 #include <fmt/format.h>
 #include <grpcpp/grpcpp.h>
+#include <httplib.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -18,6 +21,7 @@
 #include <iostream>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <system_error>
@@ -47,6 +51,8 @@ struct BenchArgs {
   std::string config_path;                  // its tls section
   std::string address = "127.0.0.1:50051";  // coordinators: comma-separated
   bool worker = false;
+  std::string http;   // an OpenAI-compatible server's base URL, e.g. http://127.0.0.1:8000
+  std::string model;  // with --http: the `model` to send (default: the server's first)
   int32_t requests = 100;
   int32_t concurrency = 1;
   double rate = 0.0;
@@ -76,13 +82,97 @@ double ms_between(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
+// An OpenAI-compatible server: streamed POST /v1/completions with the prompt as token ids, one
+// keep-alive connection per thread. TTFT is the first chunk with text; the tokens are the
+// final usage's completion_tokens (stream_options.include_usage).
+class HttpTarget {
+ public:
+  HttpTarget(std::string base, std::string model)
+      : base_(std::move(base)), model_(std::move(model)) {}
+
+  Sample run_one(const v1::GenerateRequest& req, std::chrono::system_clock::time_point deadline) {
+    thread_local std::unique_ptr<httplib::Client> client;
+    thread_local std::string client_base;
+    if (!client || client_base != base_) {
+      client = std::make_unique<httplib::Client>(base_);
+      client->set_keep_alive(true);
+      client_base = base_;
+    }
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::system_clock::now());
+    client->set_read_timeout(std::chrono::milliseconds(std::max<int64_t>(left.count(), 1)));
+    nlohmann::json body = {
+        {"model", model_},
+        {"prompt", std::vector<int32_t>(req.prompt_ids().begin(), req.prompt_ids().end())},
+        {"max_tokens", req.max_tokens()},
+        {"temperature", 0},
+        {"ignore_eos", req.ignore_eos()},
+        {"stream", true},
+        {"stream_options", {{"include_usage", true}}}};
+    Sample s;
+    const Clock::time_point start = Clock::now();
+    bool finished = false, done = false;
+    std::string pending;
+    httplib::Request http;
+    http.method = "POST";
+    http.path = "/v1/completions";
+    http.body = body.dump();
+    http.set_header("Content-Type", "application/json");
+    http.content_receiver = [&](const char* data, size_t len, uint64_t, uint64_t) {
+      pending.append(data, len);
+      for (size_t end; (end = pending.find("\n\n")) != std::string::npos;) {
+        const std::string event = pending.substr(0, end);
+        pending.erase(0, end + 2);
+        if (!event.starts_with("data: ")) continue;
+        const std::string payload = event.substr(6);
+        if (payload == "[DONE]") {
+          done = true;
+          continue;
+        }
+        const auto j = nlohmann::json::parse(payload, nullptr, false);
+        if (j.is_discarded()) continue;
+        if (j.contains("error")) {
+          s.code = j["error"].value("type", "error");
+          continue;
+        }
+        if (j.contains("usage") && j["usage"].is_object())
+          s.tokens = j["usage"].value("completion_tokens", 0);
+        if (!j.contains("choices") || j["choices"].empty()) continue;
+        const auto& choice = j["choices"][0];
+        if (s.ttft_ms == 0 && !choice.value("text", "").empty())
+          s.ttft_ms = ms_between(start, Clock::now());
+        if (choice.contains("finish_reason") && !choice["finish_reason"].is_null()) finished = true;
+      }
+      return true;
+    };
+    const httplib::Result res = client->send(http);
+    if (!res) {
+      s.code = "HTTP_" + httplib::to_string(res.error());
+      client.reset();
+    } else if (res->status != 200) {
+      s.code = fmt::format("HTTP_{}", res->status);
+    }
+    s.total_ms = ms_between(start, Clock::now());
+    s.complete = s.code == "OK" && finished && done;
+    return s;
+  }
+
+ private:
+  std::string base_, model_;
+};
+
 // Where the calls go: the coordinators through the client library (which resumes a stream on
-// another coordinator when one breaks), or one worker's Worker service directly (with the
-// control secret from the environment).
+// another coordinator when one breaks), one worker's Worker service directly (with the control
+// secret from the environment), or an OpenAI-compatible HTTP server.
 class Target {
  public:
   Target(const std::string& address, bool worker, int32_t channel_index,
-         const std::shared_ptr<grpc::ChannelCredentials>& credentials) {
+         const std::shared_ptr<grpc::ChannelCredentials>& credentials, const std::string& http,
+         const std::string& model) {
+    if (!http.empty()) {
+      http_ = std::make_unique<HttpTarget>(http, model);
+      return;
+    }
     if (!worker) {
       ClientOptions options;
       options.own_connections = true;
@@ -100,6 +190,7 @@ class Target {
   }
 
   Sample run_one(const v1::GenerateRequest& req, std::chrono::system_clock::time_point deadline) {
+    if (http_) return http_->run_one(req, deadline);
     Sample s;
     const Clock::time_point start = Clock::now();
     bool finished = false;
@@ -135,6 +226,7 @@ class Target {
 
  private:
   std::unique_ptr<Client> client_;
+  std::unique_ptr<HttpTarget> http_;
   std::unique_ptr<v1::Worker::Stub> worker_;
   std::shared_ptr<const SharedSecret> secret_;
 };
@@ -180,8 +272,36 @@ int32_t vocab_from_coordinator(const BenchArgs& a) {
             address);
 }
 
+// The model an OpenAI-compatible server lists first (GET /v1/models).
+std::string model_from_server(const std::string& base) {
+  httplib::Client client(base);
+  const httplib::Result res = client.Get("/v1/models");
+  if (!res || res->status != 200) {
+    MLA_THROW(kUnavailable, "bench: GET {}/v1/models failed ({}); give --model", base,
+              res ? fmt::format("HTTP {}", res->status) : httplib::to_string(res.error()));
+  }
+  const auto j = nlohmann::json::parse(res->body, nullptr, false);
+  if (j.is_discarded() || !j.contains("data") || j["data"].empty()) {
+    MLA_THROW(kUnavailable, "bench: {}/v1/models lists no model; give --model", base);
+  }
+  return j["data"][0].value("id", "");
+}
+
 void wait_until_ready(const BenchArgs& a) {
   const auto timeout = std::chrono::seconds(a.wait_ready_s);
+  if (!a.http.empty()) {
+    const auto end = Clock::now() + timeout;
+    httplib::Client client(a.http);
+    while (true) {
+      const httplib::Result res = client.Get("/v1/models");
+      if (res && res->status == 200) return;
+      if (Clock::now() >= end) {
+        MLA_THROW(kUnavailable, "bench: {}/v1/models not answering after {} s", a.http,
+                  a.wait_ready_s);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+  }
   if (!a.worker) {
     if (!Client(a.address, client_options(a)).wait_until_ready(timeout)) {
       MLA_THROW(kUnavailable, "bench: no serving coordinator with a live worker at {} after {} s",
@@ -262,22 +382,27 @@ int run_bench(const BenchArgs& a) {
   MLA_REQUIRE(a.timeout_s > 0, "--timeout must be > 0, got {}", a.timeout_s);
   MLA_REQUIRE(a.vocab == 0 || a.vocab >= 2, "--vocab must be >= 2, got {}", a.vocab);
   MLA_REQUIRE(a.vocab > 0 || !a.worker, "--worker needs --vocab (a worker cannot be asked)");
+  MLA_REQUIRE(a.vocab > 0 || a.http.empty(), "--http needs --vocab (the prompts are token ids)");
+  MLA_REQUIRE(a.http.empty() || !a.worker, "give --http or --worker, not both");
 
   if (a.wait_ready_s > 0) wait_until_ready(a);
   const Clock::time_point end = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                                    std::chrono::duration<double>(a.timeout_s));
   const int32_t vocab = a.vocab > 0 ? a.vocab : vocab_from_coordinator(a);
   const auto credentials = credentials_of(a);
+  const std::string model =
+      a.http.empty() || !a.model.empty() ? a.model : model_from_server(a.http);
 
   std::vector<std::unique_ptr<Target>> targets;
   for (int32_t c = 0; c * kStreamsPerChannel < a.concurrency; ++c) {
-    targets.push_back(std::make_unique<Target>(a.address, a.worker, c, credentials));
+    targets.push_back(std::make_unique<Target>(a.address, a.worker, c, credentials, a.http, model));
   }
-  const char* target_name = a.worker ? "worker" : "coordinator";
+  const char* target_name = !a.http.empty() ? "http" : a.worker ? "worker" : "coordinator";
+  const std::string& where = a.http.empty() ? a.address : a.http;
   spdlog::info(
       "bench: {} requests (+ {} warm-up) to {} {} over {} channel(s), concurrency {}, "
       "rate {}, prompt {} + {} tokens, vocab {}",
-      a.requests, a.warmup, target_name, a.address, targets.size(), a.concurrency,
+      a.requests, a.warmup, target_name, where, targets.size(), a.concurrency,
       a.rate > 0 ? fmt::format("{}/s", a.rate) : "unlimited", a.prompt_len, a.max_tokens, vocab);
 
   // Warm-up: connections set up and the servers' first steps out of the measurements.
@@ -320,7 +445,7 @@ int run_bench(const BenchArgs& a) {
   }
   const double tokens_per_s = run.wall_s > 0 ? static_cast<double>(tokens) / run.wall_s : 0.0;
 
-  std::cout << fmt::format("target      {} {}\n", target_name, a.address)
+  std::cout << fmt::format("target      {} {}\n", target_name, where)
             << fmt::format("requests    {} ok, {} errors{}, {} not sent (timeout), {} incomplete\n",
                            ok, num_errors, error_list.empty() ? "" : " (" + error_list + ")",
                            a.requests - sent, incomplete)
@@ -363,6 +488,12 @@ void add_bench_command(CLI::App& app, int& exit_code) {
                   "or a worker's with --worker")
       ->capture_default_str();
   cmd->add_flag("--worker", a->worker, "Call the Worker service at --address directly");
+  cmd->add_option("--http", a->http,
+                  "Load an OpenAI-compatible server instead (base URL, e.g. "
+                  "http://127.0.0.1:8000): streamed POST /v1/completions, prompts as token ids "
+                  "(needs --vocab)");
+  cmd->add_option("--model", a->model,
+                  "With --http: the model to ask for (default: the first of GET /v1/models)");
   cmd->add_option("--requests", a->requests, "Requests to send")->capture_default_str();
   cmd->add_option("--concurrency", a->concurrency, "Streams open at once at most")
       ->capture_default_str();

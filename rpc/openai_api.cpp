@@ -407,6 +407,9 @@ struct Call : grpc::ClientReadReactor<v1::GenerateResponse>, std::enable_shared_
       if (auto call = weak.lock()) call->context_.TryCancel();
     });
     shared_->stub->async()->Generate(&context_, &w_.request, this);
+    // Reads are also started from the HTTP side (once a chunk is written), outside this
+    // reactor's reactions: the hold keeps the call from finishing until no read will follow.
+    AddHold();
     StartRead(&response_);
     StartCall();
   }
@@ -414,7 +417,10 @@ struct Call : grpc::ClientReadReactor<v1::GenerateResponse>, std::enable_shared_
   void cancel() { context_.TryCancel(); }
 
   void OnReadDone(bool ok) override {
-    if (!ok) return;  // OnDone follows
+    if (!ok) {
+      RemoveHold();  // no read follows: OnDone may come
+      return;
+    }
     const v1::GenerateResponse& r = response_;
     text_ += r.text();
     for (int i = 0; i < r.token_ids_size(); ++i) {
