@@ -8,6 +8,9 @@
 namespace mla {
 
 Request to_request(const mlaserve::v1::GenerateRequest& r) {
+  MLA_REQUIRE(r.top_logprobs() >= 0 && r.top_logprobs() <= kMaxTopLogprobs,
+              "top_logprobs: must be 0 to {}, got {}", kMaxTopLogprobs, r.top_logprobs());
+  MLA_REQUIRE(r.top_logprobs() == 0 || r.return_logprobs(), "top_logprobs: needs return_logprobs");
   Request out;
   out.prompt.assign(r.prompt_ids().begin(), r.prompt_ids().end());
   out.max_tokens = r.max_tokens();

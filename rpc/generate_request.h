@@ -13,9 +13,13 @@ namespace mla {
 // What Request::prompt is called on the wire, for validate_request's messages.
 inline constexpr const char* kPromptField = "prompt_ids";
 
+// The most top_logprobs a request may ask for.
+inline constexpr int32_t kMaxTopLogprobs = 20;
+
 // The Request that a GenerateRequest asks for, resume_ids aside: prompt_ids, max_tokens,
 // sampling (top_p 0, proto3's unset value, means 1: off), stop_ids, ignore_eos, and
-// return_logprobs as return_logits.
+// return_logprobs as return_logits. Throws kInvalidArgument for top_logprobs outside 0 to
+// kMaxTopLogprobs or without return_logprobs (the engine does not need them; the services do).
 Request to_request(const mlaserve::v1::GenerateRequest& request);
 
 // Throws kInvalidArgument ("request_id: ...") unless `id` has at most kMaxRequestIdLength

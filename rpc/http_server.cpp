@@ -75,6 +75,9 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   HttpSession(tcp::socket socket, std::shared_ptr<HttpServer::Impl> server)
       : server_(std::move(server)), stream_(std::move(socket)) {
     ++server_->connections;
+    // Streamed chunks are small and must go out at once, not wait for the client's ACK.
+    beast::error_code ec;
+    stream_.socket().set_option(tcp::no_delay(true), ec);
   }
   ~HttpSession() { --server_->connections; }
 
@@ -90,9 +93,12 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   void close() {
     if (closed_) return;
     closed_ = true;
-    for (Op& op : queue_)
-      if (op.done) op.done(false);
-    queue_.clear();
+    // The op being written stays until its write completes (the write reads its buffers);
+    // written() drops it.
+    const size_t keep = writing_ && !queue_.empty() ? 1 : 0;
+    for (size_t i = keep; i < queue_.size(); ++i)
+      if (queue_[i].done) queue_[i].done(false);
+    queue_.erase(queue_.begin() + static_cast<long>(keep), queue_.end());
     if (exchange_open_ && on_close_) {
       auto cb = std::move(on_close_);
       on_close_ = nullptr;
@@ -313,7 +319,12 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
 
   void written(beast::error_code ec) {
     writing_ = false;
-    if (closed_) return;
+    if (closed_) {
+      for (Op& op : queue_)
+        if (op.done) op.done(false);
+      queue_.clear();
+      return;
+    }
     stream_.expires_never();
     if (ec) {
       close();

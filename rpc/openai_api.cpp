@@ -172,6 +172,7 @@ struct Wanted {
   bool stream = false;
   bool include_usage = false;
   bool logprobs = false;
+  int32_t top_logprobs = 0;  // alternatives per token, with logprobs
   int32_t prompt_tokens = 0;
   v1::GenerateRequest request;
 };
@@ -232,14 +233,16 @@ void read_common(const json& b, Api api, Wanted& w) {
     if (const auto top = get_int(b, "top_logprobs"); top && *top != 0) {
       if (*top < 0 || *top > 20)
         bad("top_logprobs", fmt::format("must be in [0, 20], got {}", *top));
-      bad("top_logprobs", "only 0 is supported (logprobs gives the chosen token's)");
+      if (!w.logprobs) bad("top_logprobs", "needs logprobs: true");
+      w.top_logprobs = static_cast<int32_t>(*top);
     }
   } else if (const auto lp = get_int(b, "logprobs")) {
     if (*lp < 0 || *lp > 5) bad("logprobs", fmt::format("must be in [0, 5], got {}", *lp));
-    if (*lp > 0) bad("logprobs", "only 0 is supported (the chosen token's log-probability)");
     w.logprobs = true;
+    w.top_logprobs = static_cast<int32_t>(*lp);
   }
   r.set_return_logprobs(w.logprobs);
+  r.set_top_logprobs(w.top_logprobs);
   for (const char* penalty : {"presence_penalty", "frequency_penalty"}) {
     if (const auto p = get_number(b, penalty); p && *p != 0) bad(penalty, "only 0 is supported");
   }
@@ -426,6 +429,9 @@ struct Call : grpc::ClientReadReactor<v1::GenerateResponse>, std::enable_shared_
     for (int i = 0; i < r.token_ids_size(); ++i) {
       ids_.push_back(r.token_ids(i));
       if (i < r.logprobs_size()) logprobs_.push_back(r.logprobs(i));
+      if (w_.top_logprobs > 0) {
+        top_.push_back(i < r.top_logprobs_size() ? r.top_logprobs(i) : v1::TopLogprobs());
+      }
     }
     if (r.has_usage()) usage_ = r.usage();
     if (const char* f = finish_reason(r.finish_reason())) finish_ = f;
@@ -535,30 +541,44 @@ struct Call : grpc::ClientReadReactor<v1::GenerateResponse>, std::enable_shared_
   // tokens / token_logprobs / text_offset (offsets from `offset`, the text before them).
   json logprobs_json(size_t begin, size_t end, size_t offset) const {
     const Tokenizer& tok = *shared_->tokenizer;
+    auto entry = [&](int32_t id, float lp) {
+      const std::string& bytes = tok.token_bytes(id);
+      json b = json::array();
+      for (const char c : bytes) b.push_back(static_cast<int>(static_cast<unsigned char>(c)));
+      return json{{"token", utf8::lossy(bytes)}, {"logprob", lp}, {"bytes", b}};
+    };
     if (w_.api == Api::kChat) {
       json content = json::array();
       for (size_t i = begin; i < end && i < logprobs_.size(); ++i) {
-        const std::string& bytes = tok.token_bytes(ids_[i]);
-        json b = json::array();
-        for (const char c : bytes) b.push_back(static_cast<int>(static_cast<unsigned char>(c)));
-        content.push_back({{"token", utf8::lossy(bytes)},
-                           {"logprob", logprobs_[i]},
-                           {"bytes", b},
-                           {"top_logprobs", json::array()}});
+        json e = entry(ids_[i], logprobs_[i]);
+        json alternatives = json::array();
+        if (i < top_.size())
+          for (int k = 0; k < top_[i].token_ids_size(); ++k)
+            alternatives.push_back(entry(top_[i].token_ids(k), top_[i].logprobs(k)));
+        e["top_logprobs"] = alternatives;
+        content.push_back(std::move(e));
       }
       return {{"content", content}};
     }
     json tokens = json::array(), lps = json::array(), offsets = json::array();
+    json tops = w_.top_logprobs > 0 ? json::array() : json(nullptr);
     for (size_t i = begin; i < end && i < logprobs_.size(); ++i) {
       const std::string& bytes = tok.token_bytes(ids_[i]);
       tokens.push_back(utf8::lossy(bytes));
       lps.push_back(logprobs_[i]);
       offsets.push_back(offset);
       offset += bytes.size();
+      if (w_.top_logprobs > 0) {
+        json alternatives = json::object();
+        if (i < top_.size())
+          for (int k = 0; k < top_[i].token_ids_size(); ++k)
+            alternatives[utf8::lossy(tok.token_bytes(top_[i].token_ids(k)))] = top_[i].logprobs(k);
+        tops.push_back(std::move(alternatives));
+      }
     }
     return {{"tokens", tokens},
             {"token_logprobs", lps},
-            {"top_logprobs", nullptr},
+            {"top_logprobs", tops},
             {"text_offset", offsets}};
   }
 
@@ -590,6 +610,7 @@ struct Call : grpc::ClientReadReactor<v1::GenerateResponse>, std::enable_shared_
   std::string text_;
   std::vector<int32_t> ids_;
   std::vector<float> logprobs_;
+  std::vector<v1::TopLogprobs> top_;  // per token, with top_logprobs
   v1::Usage usage_;
   std::string finish_;
   size_t sent_text_bytes_ = 0;

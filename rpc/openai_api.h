@@ -13,7 +13,8 @@
 // or token ids), max_tokens and max_completion_tokens (completions default to 16, chats to
 // what the context leaves), temperature, top_p, top_k, seed, stop (a string or up to 16),
 // n (1 only), stream, stream_options.include_usage, logprobs (chat: true/false; completions:
-// 0, the chosen token's), top_logprobs (0 only), ignore_eos; presence_penalty,
+// how many alternatives, 0 to 5), top_logprobs (chat: 0 to 20 alternatives per token; the
+// log-probabilities are of the raw logits, temperature 1), ignore_eos; presence_penalty,
 // frequency_penalty and logit_bias only at their neutral values; user is ignored. Anything
 // else of a known name with an unsupported value is a 400 naming it; unknown fields are
 // ignored, as OpenAI clients send fields servers may not know.

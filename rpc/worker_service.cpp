@@ -223,6 +223,7 @@ grpc::Status WorkerService::generate(grpc::ServerContext* context,
   call->prompt_tokens = request->prompt_ids_size();
   call->resumed = request->resume_ids_size();
   call->return_logprobs = request->return_logprobs();
+  call->top_logprobs = request->top_logprobs();
   call->arrival = arrival;
   Request& r = call->request;
   // The engine samples token i at position prompt + i, so continuing from prompt +
@@ -524,6 +525,14 @@ void WorkerService::deliver(const StepOutput& out, Clock::time_point now) {
     msg.add_token_ids(out.token);
     if (call->return_logprobs && !out.logits.empty()) {
       msg.add_logprobs(token_logprob(out.logits.data(), model_limits_.vocab_size, out.token));
+      if (call->top_logprobs > 0) {
+        v1::TopLogprobs* top = msg.add_top_logprobs();
+        for (const auto& [id, lp] :
+             top_logprobs(out.logits.data(), model_limits_.vocab_size, call->top_logprobs)) {
+          top->add_token_ids(id);
+          top->add_logprobs(lp);
+        }
+      }
     }
     ++call->generated;
     if (Metrics* m = metrics_.load()) {

@@ -81,7 +81,8 @@ struct WorkerServiceOptions {
 // have (the sampler's random draw depends on the position, which prompt + resume_ids
 // restores); usage.completion_tokens counts the resumed tokens too, and eos or stop ids
 // among them are not re-checked. With return_logprobs each token comes with its log-softmax
-// under the raw logits (temperature 1); only such requests pay for copying logits.
+// under the raw logits (temperature 1), and with top_logprobs the most likely tokens with
+// theirs; only such requests pay for copying logits.
 //
 // Statuses: INVALID_ARGUMENT with a message naming the field; ALREADY_EXISTS for a
 // request_id that is running; RESOURCE_EXHAUSTED when the request could never fit in the
@@ -166,6 +167,7 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
     int32_t prompt_tokens = 0;
     int32_t resumed = 0;
     bool return_logprobs = false;
+    int32_t top_logprobs = 0;
     Clock::time_point arrival;
     int64_t import_handle = 0;  // a migrated request's imported cache; 0 = none
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <vector>
 
 #include "kernels/error.h"
@@ -129,12 +130,36 @@ int32_t sample_token(const float* logits, int64_t vocab_size, const SamplingPara
   return sorted[kept - 1].id;
 }
 
-float token_logprob(const float* logits, int64_t vocab_size, int32_t token) {
-  MLA_REQUIRE(0 <= token && token < vocab_size, "token {} outside vocab of {}", token, vocab_size);
+namespace {
+
+// max(logits) + log(sum(exp(logits - max))): what log softmax subtracts.
+double log_sum_exp(const float* logits, int64_t vocab_size) {
   const double max_logit = *std::max_element(logits, logits + vocab_size);
   double sum = 0;
   for (int64_t i = 0; i < vocab_size; ++i) sum += std::exp(logits[i] - max_logit);
-  return static_cast<float>(logits[token] - max_logit - std::log(sum));
+  return max_logit + std::log(sum);
+}
+
+}  // namespace
+
+float token_logprob(const float* logits, int64_t vocab_size, int32_t token) {
+  MLA_REQUIRE(0 <= token && token < vocab_size, "token {} outside vocab of {}", token, vocab_size);
+  return static_cast<float>(logits[token] - log_sum_exp(logits, vocab_size));
+}
+
+std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t vocab_size,
+                                                    int32_t n) {
+  const auto k = static_cast<int64_t>(std::clamp<int64_t>(n, 0, vocab_size));
+  std::vector<int32_t> ids(static_cast<size_t>(vocab_size));
+  std::iota(ids.begin(), ids.end(), 0);
+  std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  });
+  const double lse = log_sum_exp(logits, vocab_size);
+  std::vector<std::pair<int32_t, float>> out;
+  for (int64_t i = 0; i < k; ++i)
+    out.emplace_back(ids[i], static_cast<float>(logits[ids[i]] - lse));
+  return out;
 }
 
 }  // namespace mla

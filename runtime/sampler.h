@@ -6,6 +6,8 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 namespace mla {
 
@@ -40,5 +42,10 @@ double uniform_for(uint64_t seed, int64_t position);
 
 // log softmax(logits)[token] of the raw logits (temperature 1).
 float token_logprob(const float* logits, int64_t vocab_size, int32_t token);
+
+// The `n` most likely tokens of the raw logits with their log softmax, most likely first (ties:
+// lower id first).
+std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t vocab_size,
+                                                    int32_t n);
 
 }  // namespace mla

@@ -18,11 +18,16 @@ Checks, each printing a line:
     unknown model and route, wrong method, oversized body), 503 without a worker, and the
     server keeps serving;
   - a client that disconnects mid-stream cancels its request (the coordinator's in-flight
-    gauge returns to zero while the request had thousands of tokens to go).
+    gauge returns to zero while the request had thousands of tokens to go), and admission
+    beyond the coordinator's max_in_flight is a 429;
+  - failover: the worker group streaming a chat is SIGKILLed mid-stream; the stream goes on
+    (on the other group) with exactly the text of the unbroken answer.
 """
 import argparse
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -66,11 +71,16 @@ def grpc_text(*args):
     return out[:out.rindex("\n[")]
 
 
-def in_flight():
+def metric(name):
+    """The coordinator's value of a Prometheus metric (summed over its label sets)."""
     with urllib.request.urlopen(ARGS.metrics + "/metrics", timeout=10) as r:
         text = r.read().decode()
-    m = re.search(r"^mlaserve_requests_in_flight(?:\{[^}]*\})? (\S+)$", text, re.M)
-    return float(m.group(1)) if m else None
+    values = re.findall(r"^" + name + r"(?:\{[^}]*\})? (\S+)$", text, re.M)
+    return sum(float(v) for v in values) if values else None
+
+
+def in_flight():
+    return metric("mlaserve_requests_in_flight")
 
 
 def main():
@@ -79,6 +89,8 @@ def main():
     for a in ("--http", "--grpc", "--metrics", "--mlaserve", "--model", "--no-worker-http"):
         ap.add_argument(a)
     ap.add_argument("--max-in-flight", type=int, default=6)
+    ap.add_argument("--worker-pids", default="")  # by group: the failover check kills one
+    ap.add_argument("--worker-port-base", type=int, default=0)
     ARGS = ap.parse_args()
     client = openai.OpenAI(base_url=ARGS.http + "/v1", api_key="unused", max_retries=0)
     model = ARGS.model
@@ -160,6 +172,19 @@ def main():
     content = lp.choices[0].logprobs.content
     check(len(content) == 6 and all(t.logprob <= 0 for t in content),
           "chat logprobs: one per token, each <= 0")
+    top = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                         max_tokens=6, temperature=0, logprobs=True,
+                                         top_logprobs=3, extra_body={"ignore_eos": True})
+    tc = top.choices[0].logprobs.content
+    check(len(tc) == 6 and all(len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token and
+                               abs(t.top_logprobs[0].logprob - t.logprob) < 1e-6 and
+                               t.top_logprobs[0].logprob >= t.top_logprobs[2].logprob for t in tc),
+          "chat top_logprobs 3: greedy's token is the most likely, in order")
+    cl = client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0,
+                                   logprobs=2, extra_body={"ignore_eos": True}).choices[0].logprobs
+    check(len(cl.tokens) == 5 and len(cl.top_logprobs) == 5 and
+          all(len(t) >= 1 for t in cl.top_logprobs) and "".join(cl.tokens) != "",
+          "completion logprobs 2: tokens, token_logprobs and top_logprobs per token")
 
     # --- errors: each a 400 (or its status) naming the field; the server goes on serving ---
     def refused(status, body, field, what, path="/v1/chat/completions", base=None, headers=None):
@@ -236,6 +261,56 @@ def main():
     again = client.chat.completions.create(model=model, messages=messages, max_tokens=20,
                                            temperature=0, extra_body={"ignore_eos": True})
     check(again.choices[0].message.content == expected, "serving again after the 429s")
+
+    # --- failover: a worker group dies under streams; they go on, nothing lost or repeated ---
+    if ARGS.worker_pids:
+        import threading
+        pids = [int(p) for p in ARGS.worker_pids.split(",")]
+        chats = [dict(model=model, messages=[{"role": "user", "content": f"Count to {i}."}],
+                      max_tokens=1800, temperature=0, extra_body={"ignore_eos": True})
+                 for i in range(4)]  # fewer than the coordinator's max_in_flight
+        unbroken = [client.chat.completions.create(**c).choices[0].message.content for c in chats]
+        failovers = metric("mlaserve_failovers_total") or 0
+        texts = [[] for _ in chats]
+        started = threading.Barrier(len(chats) + 1)
+
+        def stream(i):
+            first = True
+            try:
+                for chunk in client.chat.completions.create(**chats[i], stream=True):
+                    texts[i].append(chunk.choices[0].delta.content or "")
+                    if first:
+                        first = False
+                        started.wait(timeout=60)
+            except Exception as e:  # noqa: BLE001 (any failure is this check's)
+                texts[i].append(f"<{e}>")
+                if first:
+                    started.abort()
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(chats))]
+        for t in threads:
+            t.start()
+        try:
+            started.wait(timeout=60)
+        except threading.BrokenBarrierError:
+            pass
+        status = subprocess.run([ARGS.mlaserve, "--log-level", "warn", "client", "--address",
+                                 ARGS.grpc, "--status"], check=True, capture_output=True,
+                                text=True).stdout
+        busiest, killed = 0, None
+        for row in status.splitlines():
+            cols = row.split()  # ... IN FLIGHT, then the heartbeat's age ("12 ms")
+            if len(cols) > 9 and cols[2] == "alive" and cols[-3].isdigit() and int(cols[-3]) > busiest:
+                busiest, killed = int(cols[-3]), int(cols[0].rsplit(":", 1)[1]) - ARGS.worker_port_base
+        if killed is not None:
+            os.kill(pids[killed], signal.SIGKILL)
+        for t in threads:
+            t.join()
+        same = sum("".join(texts[i]) == unbroken[i] for i in range(len(chats)))
+        moved = (metric("mlaserve_failovers_total") or 0) - failovers
+        check(killed is not None and same == len(chats) and moved >= 1,
+              f"worker group {killed} killed under {busiest} of {len(chats)} streams: {moved:.0f} "
+              f"failed over, {same} went on with exactly the unbroken text")
 
     print(f"{len(FAILURES)} failed" if FAILURES else "all passed")
     return 1 if FAILURES else 0

@@ -35,10 +35,12 @@ pids=$!
 "$mlaserve" coordinator "${common[@]}" --address 127.0.0.1:$grpc2 \
   --control-address 127.0.0.1:$control2 --http-address 127.0.0.1:$http2 >"$work/idle.log" 2>&1 &
 pids="$pids $!"
+worker_pids=""
 for g in 0 1; do
   "$mlaserve" worker --model "$work/tiny" --coordinator 127.0.0.1:$control --port-base $wport \
     --group $g >"$work/worker$g.log" 2>&1 &
   pids="$pids $!"
+  worker_pids="$worker_pids${worker_pids:+,}$!"
 done
 cleanup() {
   kill -TERM $pids 2>/dev/null || true
@@ -48,7 +50,7 @@ cleanup() {
 trap cleanup EXIT
 fail() {
   echo "FAIL: $*"
-  for f in "$work"/*.log; do echo "---- $f"; tail -20 "$f"; done
+  for f in "$work"/*.log "$work"/aiperf/logs/*.log; do [ -f "$f" ] && { echo "---- $f"; tail -20 "$f"; }; done
   exit 1
 }
 "$mlaserve" --log-level warn client --address 127.0.0.1:$grpc --wait-ready 60
@@ -68,11 +70,6 @@ echo "$sse" | head -3
 grep -q '"finish_reason":"length"' <<<"$sse" || fail "no finish_reason in the stream"
 code=$(curl -s -o "$work/err.json" -w '%{http_code}' "$base/v1/chat/completions" -d '{"model": 1}')
 [ "$code" = 400 ] && grep -q '"param":"model"' "$work/err.json" || fail "curl: bad model field gave $code"
-
-echo "== the openai SDK"
-"$python" "$repo/tests/e2e/openai_http.py" --http "$base" --grpc 127.0.0.1:$grpc \
-  --metrics http://127.0.0.1:$metrics --mlaserve "$mlaserve" --model tiny-v3 \
-  --no-worker-http http://127.0.0.1:$http2 || fail "openai SDK checks"
 
 echo "== AIPerf against the endpoint"
 if [ -x "$aiperf" ]; then
@@ -96,4 +93,9 @@ EOF
 else
   fail "AIPerf is not installed in $repo/.venv"
 fi
+echo "== the openai SDK (ends by killing a worker group mid-stream)"
+"$python" "$repo/tests/e2e/openai_http.py" --http "$base" --grpc 127.0.0.1:$grpc \
+  --metrics http://127.0.0.1:$metrics --mlaserve "$mlaserve" --model tiny-v3 \
+  --no-worker-http http://127.0.0.1:$http2 --worker-pids "$worker_pids" \
+  --worker-port-base $wport || fail "openai SDK checks"
 echo "PASS"

@@ -212,5 +212,17 @@ TEST(Sampler, TokenLogprobIsLogSoftmax) {
   EXPECT_THROW(token_logprob(logits.data(), 3, 3), Error);
 }
 
+TEST(Sampler, TopLogprobsAreTheMostLikelyTokensInOrder) {
+  const std::vector<float> logits = {1.0f, 3.0f, 2.0f, 3.0f, -1.0f};
+  const auto top = top_logprobs(logits.data(), 5, 3);
+  ASSERT_EQ(top.size(), 3u);
+  EXPECT_EQ(top[0].first, 1);  // ties: the lower id first
+  EXPECT_EQ(top[1].first, 3);
+  EXPECT_EQ(top[2].first, 2);
+  for (const auto& [id, lp] : top) EXPECT_NEAR(lp, token_logprob(logits.data(), 5, id), 1e-6);
+  EXPECT_EQ(top_logprobs(logits.data(), 5, 9).size(), 5u);
+  EXPECT_TRUE(top_logprobs(logits.data(), 5, 0).empty());
+}
+
 }  // namespace
 }  // namespace mla

@@ -290,6 +290,33 @@ TEST_F(WorkerServiceTest, LogprobsMatchTheEngineLogits) {
     EXPECT_NEAR(r.logprobs[i], logprobs[i], 1e-5) << "token " << i;
     EXPECT_LE(r.logprobs[i], 0.0f);
   }
+
+  // With top_logprobs: per token, the most likely ones, as top_logprobs() gives them.
+  req.set_top_logprobs(4);
+  const StreamResult top = generate(*w.stub, req);
+  ASSERT_TRUE(top.status.ok()) << top.status.error_message();
+  EXPECT_EQ(top.tokens, tokens);
+  std::vector<v1::TopLogprobs> got;
+  for (const auto& m : top.messages)
+    got.insert(got.end(), m.top_logprobs().begin(), m.top_logprobs().end());
+  ASSERT_EQ(got.size(), tokens.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_EQ(got[i].token_ids_size(), 4);
+    for (int k = 1; k < 4; ++k) EXPECT_GE(got[i].logprobs(k - 1), got[i].logprobs(k));
+    // The sampled token is among them or less likely than all of them.
+    const auto at = std::find(got[i].token_ids().begin(), got[i].token_ids().end(), tokens[i]);
+    if (at != got[i].token_ids().end()) {
+      EXPECT_NEAR(got[i].logprobs(static_cast<int>(at - got[i].token_ids().begin())), logprobs[i],
+                  1e-5);
+    } else {
+      EXPECT_LE(logprobs[i], got[i].logprobs(3));
+    }
+  }
+  req.set_top_logprobs(21);
+  const StreamResult too_many = generate(*w.stub, req);
+  EXPECT_EQ(too_many.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(too_many.status.error_message().find("top_logprobs: must be 0 to 20"), std::string::npos)
+      << too_many.status.error_message();
 }
 
 TEST_F(WorkerServiceTest, SixteenConcurrentStreamsEachGetTheirGoldenTokens) {
