@@ -315,7 +315,8 @@ TEST_F(WorkerServiceTest, LogprobsMatchTheEngineLogits) {
   req.set_top_logprobs(21);
   const StreamResult too_many = generate(*w.stub, req);
   EXPECT_EQ(too_many.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_NE(too_many.status.error_message().find("top_logprobs: must be 0 to 20"), std::string::npos)
+  EXPECT_NE(too_many.status.error_message().find("top_logprobs: must be 0 to 20"),
+            std::string::npos)
       << too_many.status.error_message();
 }
 
