@@ -4,8 +4,8 @@
 #   2. writes a random DeepSeek-V3-shaped checkpoint;
 #   3. starts a coordinator and two tensor-parallel worker groups of two ranks
 #      (launch/cluster.sh: one mpirun job per group);
-#   4. streams several requests through the client (ids, then text) and prints the cluster
-#      status;
+#   4. streams several requests through the client (ids, then text, then a chat), asks the
+#      OpenAI-compatible HTTP API for a chat with curl, and prints the cluster status;
 #   5. shuts everything down.
 #   launch/quickstart.sh            uses ./build and ./.quickstart, configs/tiny-cpu.yaml
 set -euo pipefail
@@ -47,9 +47,16 @@ echo "== one more, streamed to the terminal as tokens arrive"
 client --prompt-ids 11,12,13,14 --max-tokens 16 --ignore-eos
 echo "== text in, text out (the coordinator's tokenizer; a random model writes noise)"
 client --prompt "Hello, world" --max-tokens 16 --ignore-eos
+echo "== a chat, rendered with the model's chat template (DeepSeek-V3's)"
+client --system "Be brief." --chat "What is MLA?" --max-tokens 16 --ignore-eos
+echo "== the same chat through the OpenAI-compatible API: curl -N http://127.0.0.1:8000/v1/chat/completions"
+curl -sSN http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{
+  "model": "tiny-v3", "stream": true, "max_tokens": 8, "ignore_eos": true,
+  "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is MLA?"}]}'
 echo "== cluster status"
 client --status
 echo "== shutting down"
 stop
 trap - EXIT
-echo "quickstart done: offline generation, a 2-group cluster, 6 streamed requests (the last as text)."
+echo "quickstart done: offline generation, a 2-group cluster, 8 streamed requests (ids, text, a" \
+  "chat over gRPC and over the OpenAI API)."

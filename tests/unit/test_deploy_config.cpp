@@ -26,6 +26,8 @@ TEST(DeployConfig, ShippedConfigsParse) {
   EXPECT_EQ(tiny.parallel.tp, 2);
   EXPECT_EQ(tiny.coordinator.address, "127.0.0.1:50051");
   EXPECT_EQ(tiny.workers.port_base, 50100);
+  EXPECT_EQ(tiny.coordinator.http.address, "127.0.0.1:8000");
+  EXPECT_EQ(tiny.coordinator.http.model_name, "tiny-v3");
   const auto multi = DeployConfig::load(dir + "multi-node.yaml");
   EXPECT_EQ(multi.parallel.tp, 8);
   EXPECT_EQ(multi.coordinator.routing, RoutingPolicy::kPrefixAffinity);
@@ -87,6 +89,21 @@ TEST(DeployConfig, FieldsOverrideDefaults) {
   EXPECT_EQ(on.low_free, 0.2);
   EXPECT_EQ(on.high_free, 0.5);
   EXPECT_EQ(on.interval_ms, 250);
+
+  const HttpConfig no_http = DeployConfig::parse("model: /m\n", "t").coordinator.http;
+  EXPECT_EQ(no_http.address, "");  // off
+  EXPECT_EQ(no_http.threads, 2);
+  EXPECT_EQ(no_http.max_body_bytes, 4 << 20);
+  const HttpConfig http = DeployConfig::parse(
+                              "coordinator: {http: {address: 0.0.0.0:8000, threads: 4, "
+                              "max_body_bytes: 65536, model_name: ds, api_key_file: /k}}\n",
+                              "t")
+                              .coordinator.http;
+  EXPECT_EQ(http.address, "0.0.0.0:8000");
+  EXPECT_EQ(http.threads, 4);
+  EXPECT_EQ(http.max_body_bytes, 65536);
+  EXPECT_EQ(http.model_name, "ds");
+  EXPECT_EQ(http.api_key_file, "/k");
 }
 
 TEST(DeployConfig, ErrorsNameTheProblem) {
@@ -107,6 +124,10 @@ TEST(DeployConfig, ErrorsNameTheProblem) {
               HasSubstr("low_free <= high_free"));
   EXPECT_THAT(message("coordinator: {rebalance: {interval_ms: 0}}\n"),
               HasSubstr("coordinator.rebalance.interval_ms must be >= 1"));
+  EXPECT_THAT(message("coordinator: {http: {adress: x}}\n"),
+              HasSubstr("unknown key `coordinator.http.adress`"));
+  EXPECT_THAT(message("coordinator: {http: {threads: 0}}\n"),
+              HasSubstr("coordinator.http.threads must be 1 to 256"));
   EXPECT_THAT(message("model: m\ncache: {blok_size: 4}\n"),
               HasSubstr("unknown key `cache.blok_size`"));
   EXPECT_THAT(message("model: m\nsched: {}\n"), HasSubstr("unknown key `sched`"));
