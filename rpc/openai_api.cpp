@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels/error.h"
+#include "rpc/shared_secret.h"
 #include "runtime/utf8.h"
 
 namespace mla {
@@ -660,7 +661,7 @@ void OpenAiApi::handle(HttpRequest request, std::shared_ptr<HttpExchange> exchan
     while (path.size() > 1 && path.back() == '/') path.pop_back();
     const Shared& s = *shared_;
     if (!s.options.api_key.empty() &&
-        request.header("authorization") != "Bearer " + s.options.api_key) {
+        !equal_in_constant_time(request.header("authorization"), "Bearer " + s.options.api_key)) {
       throw ApiError{401, "authentication_error", "",
                      "a valid API key is needed (Authorization: Bearer ...)", "invalid_api_key"};
     }

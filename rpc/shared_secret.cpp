@@ -22,16 +22,14 @@ std::string trimmed(const std::string& s) {
   return begin < end ? std::string(begin, end) : std::string();
 }
 
-// Compares in time that depends on the lengths only, so a caller cannot find the secret
-// byte by byte from how fast it is refused.
+}  // namespace
+
 bool equal_in_constant_time(std::string_view a, std::string_view b) {
   if (a.size() != b.size()) return false;
   unsigned char diff = 0;
   for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
   return diff == 0;
 }
-
-}  // namespace
 
 SharedSecret::SharedSecret(std::string secret) {
   secret = trimmed(secret);

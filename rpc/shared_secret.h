@@ -17,6 +17,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 
 namespace mla {
 
@@ -47,5 +48,9 @@ class SharedSecret {
   mutable std::chrono::steady_clock::time_point last_log_{};
   mutable size_t refused_since_log_ = 0;
 };
+
+// Whether a == b, in time that depends on the lengths only, so that a caller cannot find a
+// secret byte by byte from how fast it is refused.
+bool equal_in_constant_time(std::string_view a, std::string_view b);
 
 }  // namespace mla

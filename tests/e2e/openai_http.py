@@ -15,8 +15,8 @@ Checks, each printing a line:
     repeats, logprobs (one per token, <= 0);
   - errors: OpenAI's error object with the right status for every malformed request (bad JSON,
     wrong types, unknown roles, empty messages, prompts over the context, invalid UTF-8, n != 1,
-    unknown model and route, wrong method, oversized body), 503 without a worker, and the
-    server keeps serving;
+    unknown model and route, wrong method, oversized body), 401 without the API key where one is
+    set, 503 without a worker, and the server keeps serving;
   - a client that disconnects mid-stream cancels its request (the coordinator's in-flight
     gauge returns to zero while the request had thousands of tokens to go), and admission
     beyond the coordinator's max_in_flight is a 429;
@@ -225,7 +225,11 @@ def main():
     except openai.BadRequestError as e:
         check(e.status_code == 400 and "temperature" in str(e), "the SDK sees a BadRequestError")
     if ARGS.no_worker_http:
-        refused(503, chat, "no worker is alive", "no worker alive: 503", base=ARGS.no_worker_http)
+        refused(401, chat, "API key", "no API key where one is set: 401", base=ARGS.no_worker_http)
+        refused(401, chat, "API key", "a wrong API key: 401", base=ARGS.no_worker_http,
+                headers={"Authorization": "Bearer wrong"})
+        refused(503, chat, "no worker is alive", "no worker alive: 503", base=ARGS.no_worker_http,
+                headers={"Authorization": "Bearer idle-key"})
     again = client.chat.completions.create(model=model, messages=messages, max_tokens=20,
                                            temperature=0, extra_body={"ignore_eos": True})
     check(again.choices[0].message.content == expected, "still serving after the refusals")

@@ -3,7 +3,8 @@
 # Python SDK (tests/e2e/openai_http.py), curl -N reading server-sent events, and AIPerf
 # benchmarking the endpoint. A coordinator with --http-address and two worker groups serve a
 # tiny model written by make-tiny (its tokenizer and DeepSeek-V3's chat template beside it); a
-# second coordinator without workers answers 503.
+# second coordinator without workers (and with an API key) answers 401 without the key, 503
+# with it.
 #   openai_http.sh MLASERVE REPO_DIR
 # The SDK and AIPerf come from the project's Python test tools (REPO_DIR/.venv, made by
 # tests/run.sh through launch/setup.sh's mla_python_tools).
@@ -32,7 +33,7 @@ common=(--config "$work/deploy.yaml" --tokenizer "$work/tiny")
 "$mlaserve" coordinator "${common[@]}" --address 127.0.0.1:$grpc --control-address 127.0.0.1:$control \
   --http-address 127.0.0.1:$http --metrics-port $metrics --max-in-flight 6 >"$work/coordinator.log" 2>&1 &
 pids=$!
-"$mlaserve" coordinator "${common[@]}" --address 127.0.0.1:$grpc2 \
+MLASERVE_API_KEY=idle-key "$mlaserve" coordinator "${common[@]}" --address 127.0.0.1:$grpc2 \
   --control-address 127.0.0.1:$control2 --http-address 127.0.0.1:$http2 >"$work/idle.log" 2>&1 &
 pids="$pids $!"
 worker_pids=""
