@@ -6,7 +6,7 @@ MLA_PACKAGES=(cmake ninja-build ccache g++ pkg-config python3 clang-format libop
   libspdlog-dev libopenmpi-dev openmpi-bin libgrpc++-dev libprotobuf-dev protobuf-compiler
   protobuf-compiler-grpc libcpp-httplib-dev libssl-dev zlib1g-dev openssl python3-grpcio python3-protobuf
   libpcre2-dev libfmt-dev nlohmann-json3-dev libcli11-dev libyaml-cpp-dev libgtest-dev libgmock-dev
-  libboost-dev python3-venv curl)
+  libboost-dev python3-venv curl python3-matplotlib)
 
 # The Python clients the e2e tests drive the OpenAI-compatible API with, unmodified: the
 # official SDK and AIPerf (PyPI), pinned, in .venv at the repository root.
