@@ -5,8 +5,9 @@ vLLM's result files plot too):
     plot_bench.py OUT_DIR RESULT.json [RESULT.json ...]
 
 writes into OUT_DIR
-  - sweep.png     throughput against latency over the runs (a --request-rate sweep): output
-                  tokens/s on x, p50 and p99 TTFT and TPOT on y, one point per run;
+  - sweep.png     latency against throughput over the runs of a --request-rate sweep, in the
+                  order of the offered rate: output tokens/s on x, p50 and p99 TTFT and TPOT
+                  on y, one point per run (labelled with its rate);
   - cdf.png       the CDFs of TTFT and TPOT of each run (needs --save-detailed);
   - timeline.png  requests in flight over time, and output tokens/s per worker, of the last
                   run (needs --save-detailed).
@@ -27,8 +28,13 @@ def rate_label(r):
     return "inf" if rate in ("inf", None) or rate == float("inf") else f"{rate:g}/s"
 
 
+def offered(r):
+    rate = r.get("request_rate")
+    return float("inf") if rate in ("inf", None) else float(rate)
+
+
 def sweep(results, out):
-    results = sorted(results, key=lambda r: r["output_throughput"])
+    results = sorted(results, key=offered)  # the curve follows the offered load
     x = [r["output_throughput"] for r in results]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric, title in ((axes[0], "ttft", "TTFT"), (axes[1], "tpot", "TPOT")):
