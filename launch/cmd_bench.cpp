@@ -41,6 +41,7 @@
 #include "kernels/error.h"
 #include "launch/bench/report.h"
 #include "launch/bench/workload.h"
+#include "launch/bench_options.h"
 #include "launch/commands.h"
 #include "mlaserve/v1/mlaserve.grpc.pb.h"
 #include "rpc/client.h"
@@ -71,13 +72,7 @@ struct BenchArgs {
   std::string request_rates = "inf";
   double burstiness = 1.0;
   int32_t warmup = 0;
-  std::string dataset = "random";
-  std::string input_len = "32";
-  std::string output_len = "16";
-  int32_t prefix_groups = 8;
-  int32_t prefix_len = 256;
-  std::string trace;
-  double trace_time_scale = 1.0;
+  bench::WorkloadSpec workload;
   int32_t vocab = 0;
   uint64_t seed = 0;
   bool ignore_eos = true;
@@ -494,41 +489,6 @@ std::vector<double> parse_numbers(const std::string& list, const char* flag, boo
   return out;
 }
 
-std::vector<WorkItem> make_workload(const BenchArgs& a, int32_t vocab, int64_t n, uint64_t seed,
-                                    std::string* description) {
-  const auto output = bench::LengthDist::parse(a.output_len, "--output-len");
-  if (a.dataset == "random") {
-    const auto input = bench::LengthDist::parse(a.input_len, "--input-len");
-    *description = fmt::format("random: input {}, output {}", input.describe(), output.describe());
-    return bench::random_workload(n, input, output, vocab, seed);
-  }
-  if (a.dataset == "shared-prefix") {
-    const auto question = bench::LengthDist::parse(a.input_len, "--input-len");
-    *description =
-        fmt::format("shared-prefix: {} prefixes of {} + questions of {}, output {}",
-                    a.prefix_groups, a.prefix_len, question.describe(), output.describe());
-    return bench::shared_prefix_workload(n, a.prefix_groups, a.prefix_len, question, output, vocab,
-                                         seed);
-  }
-  if (a.dataset == "trace") {
-    MLA_REQUIRE(!a.trace.empty(), "--dataset trace needs --trace FILE");
-    *description = fmt::format("trace {} (time x {})", a.trace, a.trace_time_scale);
-    auto items = bench::trace_workload(a.trace, vocab, seed, a.trace_time_scale);
-    if (static_cast<int64_t>(items.size()) > n) items.resize(static_cast<size_t>(n));
-    return items;
-  }
-  MLA_THROW(kInvalidArgument, "--dataset: '{}' (random, shared-prefix, trace)", a.dataset);
-}
-
-std::string file_for_rate(const std::string& path, double rate, bool sweep) {
-  if (!sweep) return path;
-  const std::string tag = rate > 0 ? fmt::format("rate{}", rate) : "rateinf";
-  const size_t dot = path.rfind('.');
-  return dot == std::string::npos || dot < path.rfind('/') + 1
-             ? path + "." + tag
-             : path.substr(0, dot) + "." + tag + path.substr(dot);
-}
-
 int run_bench(const BenchArgs& a) {
   MLA_REQUIRE(a.requests >= 1, "--num-prompts must be >= 1, got {}", a.requests);
   MLA_REQUIRE(a.concurrency >= 1, "--max-concurrency must be >= 1, got {}", a.concurrency);
@@ -562,7 +522,8 @@ int run_bench(const BenchArgs& a) {
   info.model_id = model.empty() ? "mlaserve" : model;
 
   std::string description;
-  const std::vector<WorkItem> base = make_workload(a, vocab, a.requests, a.seed, &description);
+  const std::vector<WorkItem> base =
+      bench::make_workload(a.workload, vocab, a.requests, a.seed, &description);
   info.workload = description;
   info.num_prompts = static_cast<int64_t>(base.size());
   spdlog::info(
@@ -575,22 +536,23 @@ int run_bench(const BenchArgs& a) {
   // Warm-up: connections set up and the servers' first steps out of the measurements.
   if (a.warmup > 0) {
     std::string unused;
-    BenchArgs w = a;
-    w.dataset = a.dataset == "trace" ? "random" : a.dataset;
-    run_load(a, make_workload(w, vocab, a.warmup, a.seed + 1, &unused), targets, end, "warm-up");
+    bench::WorkloadSpec w = a.workload;
+    if (w.dataset == "trace") w.dataset = "random";
+    run_load(a, bench::make_workload(w, vocab, a.warmup, a.seed + 1, &unused), targets, end,
+             "warm-up");
   }
   bool all_ok = true;
   std::vector<nlohmann::ordered_json> results;
   for (const double rate : rates) {
     std::vector<WorkItem> items = base;
-    if (a.dataset != "trace") {
+    if (a.workload.dataset != "trace") {
       const std::vector<double> at =
           bench::arrival_times(static_cast<int64_t>(items.size()), rate, a.burstiness, a.seed);
       for (size_t i = 0; i < items.size(); ++i) items[i].arrival_s = at[i];
     }
     const std::string label = rate > 0 ? fmt::format("rate {}", rate) : "rate inf";
     const Run run = run_load(a, items, targets, end, label);
-    info.request_rate = a.dataset == "trace" ? 0 : rate;
+    info.request_rate = a.workload.dataset == "trace" ? 0 : rate;
     info.duration_s = run.wall_s;
     const nlohmann::ordered_json result = bench::result_json(info, run.records);
     std::cout << bench::result_table(result);
@@ -631,7 +593,7 @@ int run_bench(const BenchArgs& a) {
         result["moved_requests"].get<int64_t>(), worker_list.empty() ? "none" : worker_list);
     if (failed > 0 || not_sent > 0 || incomplete > 0) all_ok = false;
     if (!a.result_file.empty()) {
-      const std::string path = file_for_rate(a.result_file, rate, rates.size() > 1);
+      const std::string path = bench::result_path_for_rate(a.result_file, rate, rates.size() > 1);
       std::ofstream out(path);
       if (!out) MLA_THROW(kUnavailable, "--result-file: cannot write {}", path);
       out << result.dump(2) << "\n";
@@ -658,6 +620,27 @@ int run_bench(const BenchArgs& a) {
 }
 
 }  // namespace
+
+void add_workload_options(CLI::App& cmd, bench::WorkloadSpec& w) {
+  cmd.add_option("--dataset", w.dataset, "random, shared-prefix or trace")->capture_default_str();
+  cmd.add_option("--input-len,--prompt-len", w.input_len,
+                 "Prompt tokens (shared-prefix: the question after the prefix): N, "
+                 "uniform:LOW-HIGH or lognormal:MEAN,SIGMA")
+      ->capture_default_str();
+  cmd.add_option("--output-len,--max-tokens", w.output_len,
+                 "Tokens to generate per request, as --input-len")
+      ->capture_default_str();
+  cmd.add_option("--prefix-groups", w.prefix_groups, "shared-prefix: how many prefixes")
+      ->capture_default_str();
+  cmd.add_option("--prefix-len", w.prefix_len, "shared-prefix: tokens per prefix")
+      ->capture_default_str();
+  cmd.add_option("--trace", w.trace,
+                 "trace: a JSONL file, one request per line: arrival_s (or timestamp), prompt "
+                 "(text) or input_len, output_len");
+  cmd.add_option("--trace-time-scale", w.trace_time_scale,
+                 "trace: multiply its arrival times (0.5 = twice as fast)")
+      ->capture_default_str();
+}
 
 void add_bench_command(CLI::App& app, int& exit_code) {
   auto a = std::make_shared<BenchArgs>();
@@ -689,24 +672,7 @@ void add_bench_command(CLI::App& app, int& exit_code) {
       ->capture_default_str();
   cmd->add_option("--warmup", a->warmup, "Requests sent first and left out of the figures")
       ->capture_default_str();
-  cmd->add_option("--dataset", a->dataset, "random, shared-prefix or trace")->capture_default_str();
-  cmd->add_option("--input-len,--prompt-len", a->input_len,
-                  "Prompt tokens (shared-prefix: the question after the prefix): N, "
-                  "uniform:LOW-HIGH or lognormal:MEAN,SIGMA")
-      ->capture_default_str();
-  cmd->add_option("--output-len,--max-tokens", a->output_len,
-                  "Tokens to generate per request, as --input-len")
-      ->capture_default_str();
-  cmd->add_option("--prefix-groups", a->prefix_groups, "shared-prefix: how many prefixes")
-      ->capture_default_str();
-  cmd->add_option("--prefix-len", a->prefix_len, "shared-prefix: tokens per prefix")
-      ->capture_default_str();
-  cmd->add_option("--trace", a->trace,
-                  "trace: a JSONL file, one request per line: arrival_s (or timestamp), prompt "
-                  "(text) or input_len, output_len");
-  cmd->add_option("--trace-time-scale", a->trace_time_scale,
-                  "trace: multiply its arrival times (0.5 = twice as fast)")
-      ->capture_default_str();
+  add_workload_options(*cmd, a->workload);
   cmd->add_option("--vocab", a->vocab,
                   "Prompt ids are drawn from [1, vocab) (0 = the workers', through the "
                   "coordinator)")

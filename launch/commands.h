@@ -11,7 +11,7 @@ void add_generate_command(CLI::App& app, int& exit_code);
 void add_make_tiny_command(CLI::App& app, int& exit_code);
 // worker, coordinator and client.
 void add_serve_commands(CLI::App& app, int& exit_code);
-// Load generator for a coordinator or one worker (launch/cmd_bench.cpp).
+// Serving benchmark against a coordinator, a worker or an OpenAI server (launch/cmd_bench.cpp).
 void add_bench_command(CLI::App& app, int& exit_code);
 void add_bench_kernels_command(CLI::App& app, int& exit_code);
 // Whole-model decode steps at chosen batch and context (launch/cmd_bench_decode.cpp).
@@ -20,5 +20,8 @@ void add_bench_decode_command(CLI::App& app, int& exit_code);
 void add_bench_migration_command(CLI::App& app, int& exit_code);
 // A model's tokenizer speed on a text file (launch/cmd_bench_tokenizer.cpp).
 void add_bench_tokenizer_command(CLI::App& app, int& exit_code);
+// `profile` (step times of a model) and `simulate` (bench's workloads against simulated groups)
+// (launch/cmd_simulate.cpp).
+void add_simulate_commands(CLI::App& app, int& exit_code);
 
 }  // namespace mla::launch

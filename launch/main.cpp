@@ -36,6 +36,7 @@ int main(int argc, char** argv) {
   add_bench_decode_command(app, exit_code);
   add_bench_migration_command(app, exit_code);
   add_bench_tokenizer_command(app, exit_code);
+  add_simulate_commands(app, exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -39,6 +39,7 @@ LatentCache::LatentCache(CacheGeometry geometry, int32_t num_pages, ShardPlan sh
               geometry.kv_lora_rank);
   MLA_REQUIRE(geometry.rope_dim >= 0, "rope_dim must be >= 0, got {}", geometry.rope_dim);
   Shape shape = {num_pages, geometry.num_layers, geometry.block_size, geometry.width()};
+  if (storage == CacheStorage::kNone) return;
   if (storage == CacheStorage::kHostF32) {
     storage_ = Tensor::empty(std::move(shape));
     return;
@@ -162,6 +163,7 @@ void LatentCache::read_rows(int32_t page, int32_t row, int32_t count, float* dst
                             int64_t dst_layer_stride) const {
   const int64_t n = int64_t{count} * geometry_.width(), skip = int64_t{row} * geometry_.width();
   const int32_t L = geometry_.num_layers;
+  MLA_CHECK(kind_ != CacheStorage::kNone, "an accounting-only cache has no rows");
   if (kind_ == CacheStorage::kHostF32) {
     for (int32_t l = 0; l < L; ++l) {
       std::memcpy(dst + l * dst_layer_stride, page_block(page, l) + skip, n * sizeof(float));
@@ -188,6 +190,7 @@ void LatentCache::write_rows(int32_t page, int32_t row, int32_t count, const flo
                              int64_t src_layer_stride) {
   const int64_t n = int64_t{count} * geometry_.width(), skip = int64_t{row} * geometry_.width();
   const int32_t L = geometry_.num_layers;
+  MLA_CHECK(kind_ != CacheStorage::kNone, "an accounting-only cache has no rows");
   if (kind_ == CacheStorage::kHostF32) {
     for (int32_t l = 0; l < L; ++l) {
       std::memcpy(page_block(page, l) + skip, src + l * src_layer_stride, n * sizeof(float));

@@ -35,8 +35,9 @@ struct CacheGeometry {
   int32_t width() const { return kv_lora_rank + rope_dim; }  // 576 for DeepSeek
 };
 
-// Where a cache keeps its rows.
-enum class CacheStorage { kHostF32, kDeviceBf16 };
+// Where a cache keeps its rows; kNone keeps none (page accounting only: `mlaserve simulate`
+// runs the real scheduler against it; reading or writing rows is a bug).
+enum class CacheStorage { kHostF32, kDeviceBf16, kNone };
 
 // One sequence's pages, in token order. num_tokens is how many tokens the pages were
 // reserved for; the pages hold pages.size() * block_size tokens.

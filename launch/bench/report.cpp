@@ -237,6 +237,17 @@ json result_json(const RunInfo& info, const std::vector<RequestRecord>& records)
   return out;
 }
 
+std::string result_path_for_rate(const std::string& path, double rate, bool sweep) {
+  if (!sweep) return path;
+  const std::string tag = rate > 0 ? fmt::format("rate{}", rate) : "rateinf";
+  const size_t slash = path.rfind('/');
+  const size_t dot = path.rfind('.');
+  if (dot == std::string::npos || (slash != std::string::npos && dot < slash)) {
+    return path + "." + tag;
+  }
+  return path.substr(0, dot) + "." + tag + path.substr(dot);
+}
+
 std::string result_table(const json& r) {
   auto num = [&](const char* key) {
     return r.contains(key) && r[key].is_number() ? r[key].get<double>() : 0.0;

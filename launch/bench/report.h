@@ -66,6 +66,10 @@ double percentile(const std::vector<double>& sorted, double p);
 // The result object (see the top of this file).
 nlohmann::ordered_json result_json(const RunInfo& info, const std::vector<RequestRecord>& records);
 
+// Where a run's result goes: `path` itself, or in a sweep `path` with ".rateR" (".rateinf")
+// before its extension.
+std::string result_path_for_rate(const std::string& path, double rate, bool sweep);
+
 // The result as the table `vllm bench serve` prints.
 std::string result_table(const nlohmann::ordered_json& result);
 

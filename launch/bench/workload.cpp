@@ -199,4 +199,30 @@ std::vector<WorkItem> trace_workload(const std::string& path, int32_t vocab, uin
   return items;
 }
 
+std::vector<WorkItem> make_workload(const WorkloadSpec& spec, int32_t vocab, int64_t n,
+                                    uint64_t seed, std::string* description) {
+  const auto output = LengthDist::parse(spec.output_len, "--output-len");
+  if (spec.dataset == "random") {
+    const auto input = LengthDist::parse(spec.input_len, "--input-len");
+    *description = fmt::format("random: input {}, output {}", input.describe(), output.describe());
+    return random_workload(n, input, output, vocab, seed);
+  }
+  if (spec.dataset == "shared-prefix") {
+    const auto question = LengthDist::parse(spec.input_len, "--input-len");
+    *description =
+        fmt::format("shared-prefix: {} prefixes of {} + questions of {}, output {}",
+                    spec.prefix_groups, spec.prefix_len, question.describe(), output.describe());
+    return shared_prefix_workload(n, spec.prefix_groups, spec.prefix_len, question, output, vocab,
+                                  seed);
+  }
+  if (spec.dataset == "trace") {
+    MLA_REQUIRE(!spec.trace.empty(), "--dataset trace needs --trace FILE");
+    *description = fmt::format("trace {} (time x {})", spec.trace, spec.trace_time_scale);
+    auto items = trace_workload(spec.trace, vocab, seed, spec.trace_time_scale);
+    if (static_cast<int64_t>(items.size()) > n) items.resize(static_cast<size_t>(n));
+    return items;
+  }
+  MLA_THROW(kInvalidArgument, "--dataset: '{}' (random, shared-prefix, trace)", spec.dataset);
+}
+
 }  // namespace mla::bench

@@ -60,4 +60,21 @@ std::vector<WorkItem> shared_prefix_workload(int64_t n, int32_t groups, int32_t 
 std::vector<WorkItem> trace_workload(const std::string& path, int32_t vocab, uint64_t seed,
                                      double time_scale);
 
+// A workload as the command line names it (`mlaserve bench` and `mlaserve simulate` take the
+// same flags: launch/bench_options.h).
+struct WorkloadSpec {
+  std::string dataset = "random";  // random | shared-prefix | trace
+  std::string input_len = "32";    // a LengthDist; shared-prefix: the question after the prefix
+  std::string output_len = "16";   // a LengthDist
+  int32_t prefix_groups = 8;
+  int32_t prefix_len = 256;
+  std::string trace;  // a JSONL file (trace_workload)
+  double trace_time_scale = 1.0;
+};
+
+// n requests of the workload (a trace: its first n); `description` gets one line saying what
+// they are. Throws kInvalidArgument naming the flag for what it cannot use.
+std::vector<WorkItem> make_workload(const WorkloadSpec& spec, int32_t vocab, int64_t n,
+                                    uint64_t seed, std::string* description);
+
 }  // namespace mla::bench

@@ -5,7 +5,8 @@
 # a shared-prefix and a trace workload; then checks that each result JSON is complete and
 # consistent (vLLM's keys; output tokens = the sum of the per-request outputs; completed =
 # requests; the schedule's mean rate within 30 % of the requested one; goodput counted) and
-# that tests/bench/plot_bench.py draws its three plots.
+# that tests/bench/plot_bench.py draws its three plots; `mlaserve profile` on the model and
+# `mlaserve simulate` of the same sweep write the same result JSON, for the same workload.
 #   bench_sweep.sh MLASERVE REPO_DIR
 set -euo pipefail
 mlaserve=$1 repo=$2
@@ -71,6 +72,16 @@ bench --address 127.0.0.1:$grpc --dataset trace --trace "$work/trace.jsonl" --nu
   --max-concurrency 8 --result-file "$work/trace.json" --save-detailed >"$work/trace.log" 2>&1 ||
   fail "trace run: $(tail -5 "$work/trace.log")"
 
+echo "== profile and simulate the same sweep"
+OPENBLAS_NUM_THREADS=1 "$mlaserve" --log-level warn profile --model "$work/tiny" --prefill 16,64 \
+  --batch 1,4 --context 32,64 --repeats 3 --out "$work/profile.json" >"$work/profile.log" 2>&1 ||
+  fail "profile: $(tail -3 "$work/profile.log")"
+"$mlaserve" --log-level warn simulate --profile "$work/profile.json" --groups 2 --vocab 512 \
+  --seed 3 --request-rate 20,40 --num-prompts 120 --max-concurrency 32 --input-len uniform:8-32 \
+  --output-len lognormal:16,0.4 --result-file "$work/sim.json" --save-detailed \
+  >"$work/sim.log" 2>&1 || fail "simulate: $(tail -3 "$work/sim.log")"
+grep '^SIM' "$work/sim.log"
+
 echo "== checks"
 "$python" - "$work" <<'EOF' || fail "result files"
 import json, os, sys
@@ -85,7 +96,8 @@ def check(name, cond, what):
     print(("ok   " if cond else "FAIL ") + f"{name}: {what}")
     if not cond:
         sys.exit(1)
-for name, rate in (("grpc.rate20.json", 20), ("grpc.rate40.json", 40), ("http.json", 40)):
+for name, rate in (("grpc.rate20.json", 20), ("grpc.rate40.json", 40), ("http.json", 40),
+                   ("sim.rate20.json", 20), ("sim.rate40.json", 40)):
     r = json.load(open(os.path.join(work, name)))
     missing = [k for k in keys if k not in r]
     check(name, not missing, f"vLLM's keys present (missing: {missing})")
@@ -99,6 +111,10 @@ for name, rate in (("grpc.rate20.json", 20), ("grpc.rate40.json", 40), ("http.js
     check(name, abs(r["output_throughput"] - r["total_output_tokens"] / r["duration"]) < 1e-6,
           "output throughput = tokens / duration")
     check(name, r["p50_ttft_ms"] <= r["p90_ttft_ms"] <= r["p99_ttft_ms"], "percentiles ordered")
+    if name.startswith("sim"):
+        g = json.load(open(os.path.join(work, name.replace("sim", "grpc"))))
+        check(name, r["total_output_tokens"] == g["total_output_tokens"] and
+              r["total_input_tokens"] == g["total_input_tokens"], "the same workload as bench's")
     if name.startswith("grpc"):
         check(name, "p99.9_ttft_ms" in r and r.get("good_requests", -1) >= 0 and
               r["request_goodput"] is not None, "extra percentile and goodput reported")

@@ -1,0 +1,387 @@
+#include "launch/bench/simulator.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <queue>
+#include <tuple>
+
+#include "kernels/error.h"
+#include "rpc/routing.h"
+#include "runtime/latent_cache.h"
+
+namespace mla::bench {
+
+namespace {
+
+constexpr int kTerms = 5;
+
+std::array<double, kTerms> features(const StepSample& s) {
+  return {1.0, static_cast<double>(s.prefill_tokens), static_cast<double>(s.decode_seqs),
+          static_cast<double>(s.context_tokens), static_cast<double>(s.prefill_pairs)};
+}
+
+// Least squares over the columns in `use` (the others fixed at 0): the normal equations,
+// solved by Gaussian elimination with partial pivoting. False when they are singular.
+bool solve(const std::vector<StepSample>& samples, const std::array<bool, kTerms>& use,
+           std::array<double, kTerms>& c) {
+  std::vector<int> cols;
+  for (int j = 0; j < kTerms; ++j)
+    if (use[j]) cols.push_back(j);
+  const size_t n = cols.size();
+  std::vector<std::vector<double>> a(n, std::vector<double>(n + 1, 0.0));
+  // Rows weighted by 1/t: relative errors matter, not absolute ones.
+  for (const StepSample& s : samples) {
+    const auto f = features(s);
+    const double w = 1.0 / std::max(s.step_ms, 1e-6);
+    for (size_t i = 0; i < n; ++i) {
+      for (size_t k = 0; k < n; ++k) a[i][k] += w * w * f[cols[i]] * f[cols[k]];
+      a[i][n] += w * w * f[cols[i]] * s.step_ms;
+    }
+  }
+  for (size_t i = 0; i < n; ++i) {
+    size_t pivot = i;
+    for (size_t r = i + 1; r < n; ++r)
+      if (std::fabs(a[r][i]) > std::fabs(a[pivot][i])) pivot = r;
+    if (std::fabs(a[pivot][i]) < 1e-12) return false;
+    std::swap(a[i], a[pivot]);
+    for (size_t r = 0; r < n; ++r) {
+      if (r == i) continue;
+      const double f = a[r][i] / a[i][i];
+      for (size_t k = i; k <= n; ++k) a[r][k] -= f * a[i][k];
+    }
+  }
+  c.fill(0.0);
+  for (size_t i = 0; i < n; ++i) c[cols[i]] = a[i][n] / a[i][i];
+  return true;
+}
+
+}  // namespace
+
+StepTimeModel StepTimeModel::fit(const std::vector<StepSample>& samples) {
+  MLA_REQUIRE(samples.size() >= kTerms, "profile: {} step samples; at least {} are needed",
+              samples.size(), kTerms);
+  std::array<bool, kTerms> use;
+  use.fill(true);
+  // A term the samples never exercise cannot be estimated: leave it out.
+  for (int j = 1; j < kTerms; ++j) {
+    use[j] = std::any_of(samples.begin(), samples.end(),
+                         [j](const StepSample& s) { return features(s)[j] != 0; });
+  }
+  StepTimeModel m;
+  for (int round = 0; round < kTerms; ++round) {
+    MLA_REQUIRE(solve(samples, use, m.c_),
+                "profile: the samples do not separate prefill, decode and context costs (vary "
+                "all three)");
+    bool changed = false;
+    for (int j = 0; j < kTerms; ++j) {
+      if (use[j] && m.c_[j] < 0) {
+        use[j] = false;  // a cost cannot be negative: drop the term and refit
+        changed = true;
+      }
+    }
+    if (!changed) break;
+  }
+  for (double& c : m.c_) c = std::max(c, 0.0);
+  for (const StepSample& s : samples) {
+    const double t = m.fitted_ms(s);
+    m.max_rel_error_ = std::max(m.max_rel_error_, std::fabs(t - s.step_ms) / s.step_ms);
+  }
+  // The interpolation's points: pure prefill steps, and pure decode steps on a grid.
+  for (const StepSample& s : samples) {
+    if (s.decode_seqs == 0 && s.prefill_tokens > 0)
+      m.prefill_.emplace_back(s.prefill_tokens, s.step_ms);
+    if (s.prefill_tokens == 0 && s.decode_seqs > 0) {
+      m.batches_.push_back(s.decode_seqs);
+      m.contexts_.push_back(static_cast<double>(s.context_tokens) / s.decode_seqs);
+    }
+  }
+  std::sort(m.prefill_.begin(), m.prefill_.end());
+  for (auto* axis : {&m.batches_, &m.contexts_}) {
+    std::sort(axis->begin(), axis->end());
+    axis->erase(std::unique(axis->begin(), axis->end()), axis->end());
+  }
+  m.decode_.assign(m.batches_.size(), std::vector<double>(m.contexts_.size(), -1.0));
+  for (const StepSample& s : samples) {
+    if (s.prefill_tokens != 0 || s.decode_seqs == 0) continue;
+    const auto b =
+        std::lower_bound(m.batches_.begin(), m.batches_.end(), s.decode_seqs) - m.batches_.begin();
+    const auto c = std::lower_bound(m.contexts_.begin(), m.contexts_.end(),
+                                    static_cast<double>(s.context_tokens) / s.decode_seqs) -
+                   m.contexts_.begin();
+    m.decode_[static_cast<size_t>(b)][static_cast<size_t>(c)] = s.step_ms;
+  }
+  return m;
+}
+
+StepTimeModel StepTimeModel::from_profile(const nlohmann::json& profile) {
+  MLA_REQUIRE(profile.contains("samples") && profile["samples"].is_array(),
+              "profile: no \"samples\" list");
+  std::vector<StepSample> samples;
+  for (const auto& s : profile["samples"]) {
+    samples.push_back({s.value("prefill_tokens", 0), s.value("decode_seqs", 0),
+                       s.value("context_tokens", int64_t{0}), s.value("prefill_pairs", int64_t{0}),
+                       s.value("step_ms", 0.0)});
+    MLA_REQUIRE(samples.back().step_ms > 0, "profile: a sample with step_ms <= 0");
+  }
+  return fit(samples);
+}
+
+double StepTimeModel::fitted_ms(const StepSample& step) const {
+  const auto f = features(step);
+  double t = 0;
+  for (int j = 0; j < kTerms; ++j) t += c_[j] * f[j];
+  return t;
+}
+
+namespace {
+
+// The bracketing indices of x on a sorted axis and its weight on the upper one (beyond the
+// ends, the edge segment extended: weights below 0 or above 1).
+std::tuple<size_t, size_t, double> bracket(const std::vector<double>& axis, double x) {
+  if (axis.size() == 1) return {0, 0, 0.0};
+  size_t hi = static_cast<size_t>(std::lower_bound(axis.begin(), axis.end(), x) - axis.begin());
+  hi = std::clamp<size_t>(hi, 1, axis.size() - 1);
+  const size_t lo = hi - 1;
+  return {lo, hi, (x - axis[lo]) / (axis[hi] - axis[lo])};
+}
+
+}  // namespace
+
+double StepTimeModel::prefill_ms(int32_t tokens) const {
+  if (prefill_.empty()) return fitted_ms({tokens, 0, 0, int64_t{tokens} * (tokens / 2), 0});
+  std::vector<double> axis;
+  for (const auto& [x, _] : prefill_) axis.push_back(x);
+  const auto [lo, hi, w] = bracket(axis, tokens);
+  return std::max(0.0, prefill_[lo].second + w * (prefill_[hi].second - prefill_[lo].second));
+}
+
+double StepTimeModel::decode_ms(int32_t seqs, double context_per_seq) const {
+  auto at = [&](size_t b, size_t c) {
+    const double v = decode_[b][c];
+    if (v >= 0) return v;
+    const auto n = static_cast<int32_t>(batches_[b]);
+    return fitted_ms({0, n, static_cast<int64_t>(n * contexts_[c]), 0, 0});
+  };
+  if (batches_.empty()) {
+    return fitted_ms({0, seqs, static_cast<int64_t>(seqs * context_per_seq), 0, 0});
+  }
+  const auto [b0, b1, wb] = bracket(batches_, seqs);
+  const auto [c0, c1, wc] = bracket(contexts_, context_per_seq);
+  const double low = at(b0, c0) + wc * (at(b0, c1) - at(b0, c0));
+  const double high = at(b1, c0) + wc * (at(b1, c1) - at(b1, c0));
+  return std::max(0.0, low + wb * (high - low));
+}
+
+double StepTimeModel::step_ms(const StepSample& step) const {
+  double t = 0;
+  if (step.prefill_tokens > 0) t += prefill_ms(step.prefill_tokens);
+  if (step.decode_seqs > 0) {
+    t += decode_ms(step.decode_seqs, static_cast<double>(step.context_tokens) / step.decode_seqs);
+  }
+  return t;
+}
+
+nlohmann::json StepTimeModel::to_json() const {
+  return {{"base_ms", c_[0]},
+          {"per_prefill_token_ms", c_[1]},
+          {"per_decode_seq_ms", c_[2]},
+          {"per_context_token_ms", c_[3]},
+          {"per_prefill_pair_ms", c_[4]},
+          {"max_relative_error", max_rel_error_}};
+}
+
+namespace {
+
+struct Group {
+  std::string id;
+  std::unique_ptr<LatentCache> cache;
+  std::unique_ptr<Scheduler> scheduler;
+  std::vector<std::unique_ptr<Sequence>> sequences;  // the live ones
+  std::vector<size_t> item_of;                       // parallel to sequences
+  bool busy = false;
+  Schedule step;
+  int32_t in_flight = 0;
+};
+
+struct Event {
+  double t;
+  uint64_t order;  // ties in the order they were made
+  enum Kind { kArrival, kReachWorker, kStepDone } kind;
+  size_t index;  // the work item (arrival, reaching its worker), or the group
+  bool operator>(const Event& o) const { return t != o.t ? t > o.t : order > o.order; }
+};
+
+}  // namespace
+
+SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& model,
+                   const SimOptions& o) {
+  MLA_REQUIRE(o.groups >= 1, "--groups must be >= 1, got {}", o.groups);
+  MLA_REQUIRE(o.max_concurrency >= 1, "--max-concurrency must be >= 1");
+  SimResult result;
+  result.records.resize(items.size());
+  std::vector<Group> groups(static_cast<size_t>(o.groups));
+  for (int32_t g = 0; g < o.groups; ++g) {
+    Group& group = groups[static_cast<size_t>(g)];
+    group.id = fmt::format("sim-{}", g);
+    group.cache = std::make_unique<LatentCache>(CacheGeometry{1, o.block_size, 1, 0}, o.num_pages,
+                                                ShardPlan(1, 0, 1), CacheStorage::kNone);
+    group.scheduler = std::make_unique<Scheduler>(o.scheduler, *group.cache);
+  }
+  RouterOptions ro;
+  ro.policy = o.routing;
+  ro.affinity_block = o.block_size;
+  Router router(ro);
+
+  std::priority_queue<Event, std::vector<Event>, std::greater<>> events;
+  uint64_t order = 0;
+  for (size_t i = 0; i < items.size(); ++i)
+    events.push({items[i].arrival_s, order++, Event::kArrival, i});
+  int32_t free_slots = o.max_concurrency;
+  std::deque<size_t> pending;  // arrived, waiting for a client slot
+  int32_t in_flight = 0;
+  RequestId next_id = 1;
+  std::vector<size_t> routed_to(items.size());
+  std::vector<std::vector<int32_t>> prompts(items.size());
+  double now = 0;
+
+  auto start_step = [&](size_t g) {
+    Group& group = groups[g];
+    if (group.busy) return;
+    group.step = group.scheduler->schedule();
+    result.preemptions += static_cast<int64_t>(group.step.preempted.size());
+    if (group.step.empty()) return;
+    StepSample step;
+    for (const ScheduledChunk& c : group.step.chunks) {
+      if (c.start >= c.seq->prompt_len && c.num_tokens == 1) {
+        ++step.decode_seqs;
+        step.context_tokens += c.start + 1;
+      } else {
+        step.prefill_tokens += c.num_tokens;
+        step.prefill_pairs += int64_t{c.num_tokens} * (c.start + c.num_tokens / 2);
+      }
+    }
+    group.busy = true;
+    ++result.steps;
+    events.push({now + model.step_ms(step) / 1000.0, order++, Event::kStepDone, g});
+  };
+
+  // Starts work item i (its client slot taken); false when the coordinator refuses it.
+  auto start_request = [&](size_t i) {
+    const WorkItem& w = items[i];
+    RequestRecord& r = result.records[i];
+    r.sent = true;
+    r.start_s = now;
+    r.start_lag_ms = (now - w.arrival_s) * 1000.0;
+    std::vector<int32_t>& prompt = prompts[i];
+    prompt = w.prompt_ids;
+    if (prompt.empty()) {
+      const size_t n =
+          std::max<size_t>(1, w.prompt_text.size() / std::max(1, o.text_bytes_per_token));
+      prompt.assign(n, 1);
+    }
+    r.input_tokens = static_cast<int32_t>(prompt.size());
+    std::vector<WorkerView> views;
+    for (const Group& g : groups) {
+      views.push_back({g.id, true, g.cache->pool().num_free(), o.num_pages,
+                       g.scheduler->num_running(), g.scheduler->num_waiting(), g.in_flight});
+    }
+    const std::optional<std::string> picked =
+        in_flight >= o.max_in_flight ? std::nullopt : router.pick(views, prompt);
+    if (!picked) {
+      r.code = "RESOURCE_EXHAUSTED";
+      return false;
+    }
+    const size_t g = static_cast<size_t>(std::stoi(picked->substr(4)));
+    routed_to[i] = g;
+    ++groups[g].in_flight;
+    ++in_flight;
+    events.push({now + o.request_ms / 1000.0, order++, Event::kReachWorker, i});
+    return true;
+  };
+
+  // Work item i reaches the group it was routed to.
+  auto reach_worker = [&](size_t i) {
+    const size_t g = routed_to[i];
+    Group& group = groups[g];
+    const std::vector<int32_t>& prompt = prompts[i];
+    auto seq = std::make_unique<Sequence>();
+    seq->id = next_id++;
+    seq->request.prompt = prompt;
+    seq->request.max_tokens = items[i].output_len;
+    seq->tokens = prompt;
+    seq->prompt_len = static_cast<int32_t>(prompt.size());
+    group.scheduler->add(seq.get());
+    group.sequences.push_back(std::move(seq));
+    group.item_of.push_back(i);
+    start_step(g);
+  };
+
+  auto release_slot = [&] {
+    ++free_slots;
+    while (free_slots > 0 && !pending.empty()) {
+      const size_t next = pending.front();
+      pending.pop_front();
+      if (start_request(next)) --free_slots;
+    }
+  };
+
+  while (!events.empty()) {
+    const Event e = events.top();
+    events.pop();
+    now = e.t;
+    if (e.kind == Event::kReachWorker) {
+      reach_worker(e.index);
+      continue;
+    }
+    if (e.kind == Event::kArrival) {
+      if (free_slots > 0) {
+        if (start_request(e.index)) --free_slots;
+      } else {
+        pending.push_back(e.index);
+      }
+      continue;
+    }
+    Group& group = groups[e.index];
+    group.busy = false;
+    const double seen = now + o.network_ms / 1000.0;  // when the client sees this step's tokens
+    for (const ScheduledChunk& c : group.step.chunks) {
+      Scheduler::commit(c);
+      if (!c.samples()) continue;
+      Sequence* seq = c.seq;
+      seq->tokens.push_back(1);
+      size_t k = 0;
+      while (group.sequences[k].get() != seq) ++k;
+      const size_t item = group.item_of[k];
+      RequestRecord& r = result.records[item];
+      const double since_start_ms = (seen - r.start_s) * 1000.0;
+      if (r.token_s.empty())
+        r.ttft_ms = since_start_ms;
+      else
+        r.itl_ms.push_back((seen - r.token_s.back()) * 1000.0);
+      r.token_s.push_back(seen);
+      r.token_n.push_back(1);
+      ++r.output_tokens;
+      if (r.workers.empty()) r.workers.push_back(group.id);
+      if (seq->num_generated() >= seq->request.max_tokens) {
+        r.e2el_ms = since_start_ms;
+        r.complete = true;
+        group.scheduler->remove(seq);
+        group.sequences.erase(group.sequences.begin() + static_cast<long>(k));
+        group.item_of.erase(group.item_of.begin() + static_cast<long>(k));
+        --group.in_flight;
+        --in_flight;
+        result.duration_s = std::max(result.duration_s, seen);
+        release_slot();
+      }
+    }
+    start_step(e.index);
+  }
+  return result;
+}
+
+}  // namespace mla::bench

@@ -1,0 +1,103 @@
+// The discrete-event simulation behind `mlaserve simulate`: a coordinator and G worker groups
+// served by the project's own scheduling and routing code (each group a real `Scheduler` on an
+// accounting-only `LatentCache`: chunked prefill, page reservation, preemption by recompute;
+// the coordinator's `Router` and its admission limit), with only the model's forward pass and
+// the network replaced by time models. It takes the same workloads as `mlaserve bench` and
+// gives the same RequestRecords, so its results are written and plotted the same way.
+//
+// Step time: a StepTimeModel on the steps `mlaserve profile` measured: a step's prefill part
+// interpolated (piecewise linearly) between the measured prefill chunk sizes, its decode part
+// bilinearly between the measured (batch, context per sequence) points, the two added; beyond
+// the grid, the edge segments extended. (Measured step times are not smooth: the engine's
+// `auto` absorption changes form with batch and context, so the points, not a formula, carry
+// them.) A least-squares fit over the same samples,
+//   t = c0 + c1 * prefill tokens + c2 * decoding sequences + c3 * context tokens read
+//       + c4 * prefill attention pairs,
+// is reported beside it (and fills in a part the profile did not measure); the context is
+// summed over the decoding sequences, and a prefill chunk of n tokens from position s attends
+// over n * (s + n / 2) (query, key) pairs.
+// Network: a request reaches its worker `request_ms` after the client sends it, and every
+// message from a worker reaches the client `network_ms` after its step ends.
+// The client side is bench's: at most `max_concurrency` requests open, each started at its
+// arrival or, when all are busy, when one ends.
+//
+// Not modelled yet: failures, failover, migration, several TP sizes in one run.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "launch/bench/report.h"
+#include "launch/bench/workload.h"
+#include "runtime/routing_policy.h"
+#include "runtime/scheduler.h"
+
+namespace mla::bench {
+
+struct StepSample {
+  int32_t prefill_tokens = 0;  // prompt tokens computed in the step
+  int32_t decode_seqs = 0;     // sequences that decoded one token
+  int64_t context_tokens = 0;  // tokens those sequences attended to, summed
+  int64_t prefill_pairs = 0;   // the prefill chunks' attention pairs, summed
+  double step_ms = 0;
+};
+
+class StepTimeModel {
+ public:
+  // Least squares over the samples (at least 5, spanning the terms); throws
+  // kInvalidArgument otherwise. Negative coefficients are clamped to 0 and the rest refit.
+  static StepTimeModel fit(const std::vector<StepSample>& samples);
+  // From a profile's JSON ({"samples": [{prefill_tokens, decode_seqs, context_tokens,
+  // prefill_pairs, step_ms}, ...]}), refit.
+  static StepTimeModel from_profile(const nlohmann::json& profile);
+
+  // The interpolated step time (see the top of this file).
+  double step_ms(const StepSample& step) const;
+  // The least-squares formula's.
+  double fitted_ms(const StepSample& step) const;
+  const std::array<double, 5>& coefficients() const { return c_; }
+  // The formula's largest relative error over its samples.
+  double max_relative_error() const { return max_rel_error_; }
+  nlohmann::json to_json() const;
+
+ private:
+  double prefill_ms(int32_t tokens) const;
+  double decode_ms(int32_t seqs, double context_per_seq) const;
+
+  std::array<double, 5> c_{};
+  double max_rel_error_ = 0;
+  std::vector<std::pair<double, double>> prefill_;  // (tokens, ms), sorted
+  std::vector<double> batches_, contexts_;          // the decode grid's axes, sorted
+  std::vector<std::vector<double>> decode_;         // [batch][context] ms; < 0: not measured
+};
+
+struct SimOptions {
+  int32_t groups = 1;
+  int32_t num_pages = 1024;  // cache pages per group
+  int32_t block_size = 64;
+  SchedulerOptions scheduler;
+  RoutingPolicy routing = RoutingPolicy::kLeastLoaded;
+  int32_t max_in_flight = 4096;  // the coordinator's admission limit
+  int32_t max_concurrency = 64;  // the client's
+  // Client -> coordinator -> worker, per request, and worker -> coordinator -> client, per
+  // message. Defaults: the loopback figures of docs/BENCHMARKS.md's routing-overhead rows (a
+  // 1-token request: 0.69 ms direct, 1.32 ms through the coordinator).
+  double request_ms = 1.0;
+  double network_ms = 0.3;
+  int32_t text_bytes_per_token = 4;  // a trace's text prompts, which are not tokenized here
+};
+
+struct SimResult {
+  std::vector<RequestRecord> records;  // [i] for work item i
+  double duration_s = 0;
+  int64_t steps = 0;
+  int64_t preemptions = 0;
+};
+
+SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& model,
+                   const SimOptions& options);
+
+}  // namespace mla::bench

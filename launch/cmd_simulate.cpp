@@ -1,0 +1,309 @@
+// `mlaserve profile`: a model's forward-step times on this machine (CPU or GPU, one group),
+// over a grid of prefill chunk sizes and decode batches x contexts, written as JSON with the
+// step-time model fit on them (launch/bench/simulator.h).
+//
+// `mlaserve simulate`: `mlaserve bench`'s workloads and schedules run against simulated
+// worker groups (the real Scheduler and Router; step times from a profile), writing bench's
+// result table, BENCH line and JSON.
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "kernels/error.h"
+#include "launch/bench/report.h"
+#include "launch/bench/simulator.h"
+#include "launch/bench/workload.h"
+#include "launch/bench_options.h"
+#include "launch/commands.h"
+#include "launch/deploy_flags.h"
+#include "launch/group_runtime.h"
+#include "runtime/engine.h"
+
+namespace mla::launch {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::vector<int32_t> parse_list(const std::string& s, const char* flag) {
+  std::vector<int32_t> out;
+  size_t start = 0;
+  while (start <= s.size()) {
+    size_t comma = s.find(',', start);
+    if (comma == std::string::npos) comma = s.size();
+    const std::string item = s.substr(start, comma - start);
+    start = comma + 1;
+    if (item.empty()) continue;
+    try {
+      out.push_back(std::stoi(item));
+    } catch (const std::exception&) {
+      MLA_THROW(kInvalidArgument, "{}: '{}' is not a number", flag, item);
+    }
+    MLA_REQUIRE(out.back() >= 1, "{}: {} must be >= 1", flag, out.back());
+  }
+  MLA_REQUIRE(!out.empty(), "{}: no values", flag);
+  return out;
+}
+
+struct ProfileArgs {
+  DeployFlags deploy;
+  std::string prefill = "16,64,256";
+  std::string batch = "1,4,16";
+  std::string context = "64,256,1024";
+  int32_t repeats = 5;
+  std::string out = "profile.json";
+  uint64_t seed = 0;
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+int run_profile(const ProfileArgs& a) {
+  DeployConfig d = a.deploy.resolve();
+  const std::vector<int32_t> prefills = parse_list(a.prefill, "--prefill");
+  const std::vector<int32_t> batches = parse_list(a.batch, "--batch");
+  const std::vector<int32_t> contexts = parse_list(a.context, "--context");
+  MLA_REQUIRE(a.repeats >= 1, "--repeats must be >= 1");
+  // Every prefill of the grid in one chunk; every decode batch in one step.
+  auto& sched = d.engine.scheduler;
+  sched.max_batch_tokens =
+      std::max({sched.max_batch_tokens, *std::max_element(prefills.begin(), prefills.end()),
+                *std::max_element(batches.begin(), batches.end())});
+  sched.max_running =
+      std::max(sched.max_running, *std::max_element(batches.begin(), batches.end()));
+  auto rt = GroupRuntime::start(d);
+  Engine& engine = *rt->engine;
+  if (!engine.is_leader()) {
+    engine.follow();
+    return 0;
+  }
+  FollowerRelease release(engine);
+  const int32_t vocab = rt->model->config().vocab_size;
+  std::mt19937_64 rng(a.seed);
+  auto prompt = [&](int32_t n) {
+    std::uniform_int_distribution<int32_t> id(1, vocab - 1);
+    std::vector<int32_t> p(static_cast<size_t>(n));
+    for (auto& x : p) x = id(rng);
+    return p;
+  };
+  std::vector<bench::StepSample> samples;
+  // Prefill: one request whose whole prompt is one step.
+  for (const int32_t p : prefills) {
+    std::vector<double> times;
+    for (int32_t r = 0; r <= a.repeats; ++r) {  // the first is warm-up
+      Request req;
+      req.prompt = prompt(p);
+      req.max_tokens = 1;
+      req.ignore_eos = true;
+      engine.add_request(req);
+      const Clock::time_point t0 = Clock::now();
+      engine.step();
+      const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+      while (engine.has_work()) engine.step();
+      if (r > 0) times.push_back(ms);
+    }
+    samples.push_back({p, 0, 0, int64_t{p} * (p / 2), median(times)});
+    spdlog::info("profile: prefill {} tokens: {:.3f} ms", p, samples.back().step_ms);
+  }
+  // Decode: b requests of context c, prefilled, then `repeats` decode steps timed.
+  for (const int32_t b : batches) {
+    for (const int32_t c : contexts) {
+      for (int32_t i = 0; i < b; ++i) {
+        Request req;
+        req.prompt = prompt(c);
+        req.max_tokens = a.repeats + 2;
+        req.ignore_eos = true;
+        engine.add_request(req);
+      }
+      // Prefill all of them (and their first tokens).
+      int64_t decoded = 0;
+      while (decoded < b) {
+        for (const auto& o : engine.step()) decoded += o.token >= 0 ? 1 : 0;
+      }
+      std::vector<double> times;
+      for (int32_t r = 0; r < a.repeats; ++r) {
+        const Clock::time_point t0 = Clock::now();
+        engine.step();
+        times.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+      }
+      while (engine.has_work()) engine.step();
+      samples.push_back({0, b, int64_t{b} * (c + 1 + a.repeats / 2), 0, median(times)});
+      spdlog::info("profile: decode batch {} context {}: {:.3f} ms", b, c, samples.back().step_ms);
+    }
+  }
+  const bench::StepTimeModel fit = bench::StepTimeModel::fit(samples);
+  nlohmann::ordered_json out;
+  out["model"] = d.model_dir;
+  out["model_family"] = rt->model->config().family_name();
+  out["device"] = rt->model->cuda_device() >= 0 ? "cuda" : "cpu";
+  out["tp"] = d.parallel.tp;
+  out["block_size"] = d.engine.block_size;
+  out["samples"] = nlohmann::ordered_json::array();
+  for (const auto& s : samples) {
+    out["samples"].push_back({{"prefill_tokens", s.prefill_tokens},
+                              {"decode_seqs", s.decode_seqs},
+                              {"context_tokens", s.context_tokens},
+                              {"prefill_pairs", s.prefill_pairs},
+                              {"step_ms", s.step_ms}});
+  }
+  out["fit"] = fit.to_json();
+  std::ofstream(a.out) << out.dump(2) << "\n";
+  const auto& c = fit.coefficients();
+  std::cout << fmt::format(
+      "profile: {} steps measured; step ms = {:.4f} + {:.6f} x prefill tokens + {:.5f} x "
+      "decoding sequences + {:.8f} x context tokens + {:.9f} x prefill pairs (largest error "
+      "{:.1f} %) -> {}\n",
+      samples.size(), c[0], c[1], c[2], c[3], c[4], 100 * fit.max_relative_error(), a.out);
+  return 0;
+}
+
+struct SimulateArgs {
+  std::string profile;
+  bench::SimOptions sim;
+  std::string routing = "least-loaded";
+  bench::WorkloadSpec workload;
+  int32_t requests = 100;
+  std::string request_rates = "inf";
+  double burstiness = 1.0;
+  int32_t vocab = 32000;
+  uint64_t seed = 0;
+  std::string percentiles = "50,90,99";
+  std::string goodput;
+  std::string result_file;
+  bool save_detailed = false;
+};
+
+int run_simulate(const SimulateArgs& a) {
+  std::ifstream in(a.profile);
+  if (!in) MLA_THROW(kNotFound, "--profile: cannot read {}", a.profile);
+  const auto profile = nlohmann::json::parse(in, nullptr, false);
+  MLA_REQUIRE(!profile.is_discarded(), "--profile: {} is not JSON", a.profile);
+  const bench::StepTimeModel model = bench::StepTimeModel::from_profile(profile);
+  bench::SimOptions sim = a.sim;
+  sim.routing = routing_policy_from_string(a.routing, "--routing");
+  bench::RunInfo info;
+  info.backend = "mlaserve-simulated";
+  info.target = fmt::format("{} group(s) from {}", sim.groups, a.profile);
+  info.model_id = profile.value("model", std::string("?"));
+  info.percentiles.clear();
+  for (const int32_t p : parse_list(a.percentiles, "--percentiles")) info.percentiles.push_back(p);
+  info.goodput = bench::Slo::parse(a.goodput);
+  info.burstiness = a.burstiness;
+  info.max_concurrency = sim.max_concurrency;
+  info.save_detailed = a.save_detailed;
+  std::string description;
+  const std::vector<bench::WorkItem> base =
+      bench::make_workload(a.workload, a.vocab, a.requests, a.seed, &description);
+  info.workload = description;
+  info.num_prompts = static_cast<int64_t>(base.size());
+  std::vector<double> rates;
+  {
+    size_t start = 0;
+    while (start <= a.request_rates.size()) {
+      size_t comma = a.request_rates.find(',', start);
+      if (comma == std::string::npos) comma = a.request_rates.size();
+      const std::string item = a.request_rates.substr(start, comma - start);
+      start = comma + 1;
+      if (item.empty()) continue;
+      rates.push_back(item == "inf" ? 0.0 : std::stod(item));
+    }
+  }
+  for (const double rate : rates) {
+    std::vector<bench::WorkItem> items = base;
+    if (a.workload.dataset != "trace") {
+      const auto at =
+          bench::arrival_times(static_cast<int64_t>(items.size()), rate, a.burstiness, a.seed);
+      for (size_t i = 0; i < items.size(); ++i) items[i].arrival_s = at[i];
+    }
+    const Clock::time_point t0 = Clock::now();
+    const bench::SimResult r = bench::simulate(items, model, sim);
+    info.request_rate = a.workload.dataset == "trace" ? 0 : rate;
+    info.duration_s = r.duration_s;
+    const auto result = bench::result_json(info, r.records);
+    std::cout << bench::result_table(result);
+    std::cout << fmt::format(
+        "SIM rate={} requests={} ok={} duration_s={:.3f} tokens_per_s={:.1f} ttft_p50_ms={:.3f} "
+        "ttft_p99_ms={:.3f} tpot_p50_ms={:.3f} tpot_p99_ms={:.3f} steps={} preemptions={} "
+        "wall_ms={:.1f}\n",
+        rate > 0 ? fmt::format("{}", rate) : "inf", base.size(), result["completed"].get<int64_t>(),
+        r.duration_s, result["output_throughput"].get<double>(),
+        result.value("median_ttft_ms", 0.0), result.value("p99_ttft_ms", 0.0),
+        result.value("median_tpot_ms", 0.0), result.value("p99_tpot_ms", 0.0), r.steps,
+        r.preemptions, std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+    if (!a.result_file.empty()) {
+      const std::string path = bench::result_path_for_rate(a.result_file, rate, rates.size() > 1);
+      std::ofstream(path) << result.dump(2) << "\n";
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+void add_simulate_commands(CLI::App& app, int& exit_code) {
+  auto p = std::make_shared<ProfileArgs>();
+  auto* profile = app.add_subcommand(
+      "profile",
+      "Measure a model's step times (prefill chunks, decode batches x contexts) for "
+      "`mlaserve simulate`");
+  p->deploy.add_to(*profile);
+  profile->add_option("--prefill", p->prefill, "Prefill chunk sizes (tokens)")
+      ->capture_default_str();
+  profile->add_option("--batch", p->batch, "Decode batch sizes")->capture_default_str();
+  profile->add_option("--context", p->context, "Decode contexts (tokens)")->capture_default_str();
+  profile->add_option("--repeats", p->repeats, "Steps timed per point (the median is kept)")
+      ->capture_default_str();
+  profile->add_option("--out", p->out, "Where the profile JSON goes")->capture_default_str();
+  profile->add_option("--seed", p->seed, "Seed of the random prompts")->capture_default_str();
+  profile->callback([p, &exit_code] { exit_code = run_profile(*p); });
+
+  auto s = std::make_shared<SimulateArgs>();
+  auto* sim = app.add_subcommand(
+      "simulate",
+      "Run bench's workloads against simulated worker groups (the real scheduler "
+      "and router; step times from `mlaserve profile`)");
+  sim->add_option("--profile", s->profile, "A profile written by `mlaserve profile`")->required();
+  sim->add_option("--groups", s->sim.groups, "Worker groups")->capture_default_str();
+  sim->add_option("--num-pages", s->sim.num_pages, "Cache pages per group")->capture_default_str();
+  sim->add_option("--block-size", s->sim.block_size, "Tokens per cache page")
+      ->capture_default_str();
+  sim->add_option("--max-batch-tokens", s->sim.scheduler.max_batch_tokens, "A step's token budget")
+      ->capture_default_str();
+  sim->add_option("--max-running", s->sim.scheduler.max_running, "Sequences in a step at most")
+      ->capture_default_str();
+  sim->add_option("--routing", s->routing, "least-loaded, round-robin or prefix-affinity")
+      ->capture_default_str();
+  sim->add_option("--max-in-flight", s->sim.max_in_flight, "The coordinator's admission limit")
+      ->capture_default_str();
+  sim->add_option("--request-ms", s->sim.request_ms, "Client to worker, per request")
+      ->capture_default_str();
+  sim->add_option("--network-ms", s->sim.network_ms, "Worker to client, per message")
+      ->capture_default_str();
+  sim->add_option("--num-prompts,--requests", s->requests, "Requests per run")
+      ->capture_default_str();
+  sim->add_option("--max-concurrency,--concurrency", s->sim.max_concurrency,
+                  "The client's streams open at once at most")
+      ->capture_default_str();
+  sim->add_option("--request-rate,--rate", s->request_rates, "As bench's (a list sweeps)")
+      ->capture_default_str();
+  sim->add_option("--burstiness", s->burstiness, "As bench's")->capture_default_str();
+  add_workload_options(*sim, s->workload);
+  sim->add_option("--vocab", s->vocab, "Prompt ids are drawn from [1, vocab)")
+      ->capture_default_str();
+  sim->add_option("--seed", s->seed, "As bench's: the same seed, the same schedule")
+      ->capture_default_str();
+  sim->add_option("--percentiles", s->percentiles, "Percentiles to report")->capture_default_str();
+  sim->add_option("--goodput", s->goodput, "SLOs for goodput, as bench's");
+  sim->add_option("--result-file", s->result_file, "Write the result JSON here, as bench does");
+  sim->add_flag("--save-detailed", s->save_detailed, "Per-request arrays in the JSON");
+  sim->callback([s, &exit_code] { exit_code = run_simulate(*s); });
+}
+
+}  // namespace mla::launch

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# `mlaserve simulate` against measurement on the CPU cluster: profiles the make-tiny model's
+# steps on this machine (`mlaserve profile`, one worker's settings), starts a coordinator and
+# GROUPS single-rank worker groups, runs `mlaserve bench` at each rate, then `mlaserve
+# simulate` with the same workload, seed and settings, and prints measured against simulated
+# throughput and p50 TTFT / TPOT with their errors.
+#   tests/bench/simulate_validation.sh [OUT_DIR]
+# env: MLASERVE (default build/launch/mlaserve), RATES (5,10,20,40), PROMPTS (200),
+#      NUM_GROUPS (2), INPUT_LEN (uniform:32-128), OUTPUT_LEN (32), CONCURRENCY (64).
+set -euo pipefail
+out=${1:-$(mktemp -d)}
+mkdir -p "$out"
+mlaserve=${MLASERVE:-build/launch/mlaserve}
+rates=${RATES:-5,10,20,40}
+prompts=${PROMPTS:-200}
+groups=${NUM_GROUPS:-2}
+input_len=${INPUT_LEN:-uniform:32-128}
+output_len=${OUTPUT_LEN:-32}
+concurrency=${CONCURRENCY:-64}
+engine=(--num-pages 256 --max-batch-tokens 512 --max-running 64)
+read -r grpc control wport <<<"$(python3 -c "
+import socket
+s=[socket.socket() for _ in range(3)]
+[x.bind(('127.0.0.1',0)) for x in s]
+print(' '.join(str(x.getsockname()[1]) for x in s))")"
+export MLASERVE_CONTROL_SECRET=simulate-validation-secret OPENBLAS_NUM_THREADS=1
+"$mlaserve" --log-level warn make-tiny --preset v3 --out "$out/tiny" --seed 7
+
+echo "== profile"
+"$mlaserve" --log-level warn profile --model "$out/tiny" "${engine[@]}" \
+  --prefill 16,32,64,128,256,512 --batch 1,2,4,8,16,32,64 --context 32,64,128,256 \
+  --out "$out/profile.json"
+
+echo "== measured: $groups groups"
+"$mlaserve" coordinator --address 127.0.0.1:$grpc --control-address 127.0.0.1:$control \
+  >"$out/coordinator.log" 2>&1 &
+pids=$!
+for g in $(seq 0 $((groups - 1))); do
+  "$mlaserve" worker --model "$out/tiny" "${engine[@]}" --coordinator 127.0.0.1:$control \
+    --port-base $wport --group $g >"$out/worker$g.log" 2>&1 &
+  pids="$pids $!"
+done
+trap 'kill -TERM $pids 2>/dev/null || true; wait $pids 2>/dev/null || true' EXIT
+"$mlaserve" --log-level warn client --address 127.0.0.1:$grpc --wait-ready 60
+workload=(--num-prompts "$prompts" --max-concurrency "$concurrency" --request-rate "$rates"
+  --input-len "$input_len" --output-len "$output_len" --vocab 512 --seed 5)
+"$mlaserve" --log-level warn bench --address 127.0.0.1:$grpc --no-progress --warmup 20 \
+  "${workload[@]}" --result-file "$out/measured.json" >"$out/measured.txt" 2>&1
+echo "== simulated"
+"$mlaserve" --log-level warn simulate --profile "$out/profile.json" --groups "$groups" \
+  --num-pages 256 --max-batch-tokens 512 --max-running 64 "${workload[@]}" \
+  --result-file "$out/simulated.json" >"$out/simulated.txt" 2>&1
+
+python3 - "$out" "$rates" <<'EOF'
+import json, os, sys
+out, rates = sys.argv[1], sys.argv[2].split(",")
+def load(kind, rate):
+    name = f"{kind}.rate{rate}.json" if len(rates) > 1 else f"{kind}.json"
+    return json.load(open(os.path.join(out, name)))
+print("| rate | output tok/s measured | simulated | error | TTFT p50 ms measured | simulated | error | TPOT p50 ms measured | simulated | error |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for rate in rates:
+    m, s = load("measured", rate), load("simulated", rate)
+    row = [rate]
+    for key in ("output_throughput", "median_ttft_ms", "median_tpot_ms"):
+        a, b = m[key], s[key]
+        row += [f"{a:.1f}", f"{b:.1f}", f"{(b - a) / a * 100:+.0f} %" if a else "-"]
+    print("| " + " | ".join(row) + " |")
+EOF

@@ -1,0 +1,104 @@
+// `mlaserve simulate`'s model and event loop (launch/bench/simulator.h): the step-time model
+// reproduces its measured points and fits a linear cost exactly; a lone request's timeline is
+// request + prefill step + network, then one decode step per token; the real scheduler and
+// router run underneath (requests spread over groups, a small cache preempts and still
+// finishes everything, the admission limit refuses).
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "kernels/error.h"
+#include "launch/bench/simulator.h"
+
+namespace mla::bench {
+namespace {
+
+// Steps that cost 1 ms + 0.01 ms per prefill token + 0.1 ms per decoding sequence + 0.001 ms
+// per context token.
+std::vector<StepSample> linear_samples() {
+  std::vector<StepSample> out;
+  for (const int32_t p : {16, 64, 256})
+    out.push_back({p, 0, 0, int64_t{p} * (p / 2), 1 + 0.01 * p});
+  for (const int32_t b : {1, 8, 32}) {
+    for (const int32_t c : {64, 512}) {
+      out.push_back({0, b, int64_t{b} * c, 0, 1 + 0.1 * b + 0.001 * b * c});
+    }
+  }
+  return out;
+}
+
+TEST(StepTimeModel, ReproducesItsPointsAndFitsALinearCost) {
+  const StepTimeModel m = StepTimeModel::fit(linear_samples());
+  for (const StepSample& s : linear_samples()) EXPECT_NEAR(m.step_ms(s), s.step_ms, 1e-9);
+  EXPECT_NEAR(m.coefficients()[1], 0.01, 1e-6);
+  EXPECT_NEAR(m.coefficients()[2], 0.1, 1e-6);
+  EXPECT_NEAR(m.coefficients()[3], 0.001, 1e-8);
+  EXPECT_LT(m.max_relative_error(), 1e-6);
+  // Between points: linear in each axis; a mixed step adds its parts.
+  EXPECT_NEAR(m.step_ms({160, 0, 0, 0, 0}), 1 + 0.01 * 160, 1e-9);
+  EXPECT_NEAR(m.step_ms({0, 20, 20 * 288, 0, 0}), 1 + 0.1 * 20 + 0.001 * 20 * 288, 1e-9);
+  EXPECT_NEAR(m.step_ms({64, 8, 8 * 64, 0, 0}), (1 + 0.64) + (1 + 0.8 + 0.512), 1e-9);
+  EXPECT_THROW(StepTimeModel::fit({{16, 0, 0, 128, 1.0}}), Error);
+}
+
+StepTimeModel constant_model(double prefill_ms, double decode_ms) {
+  // Flat costs: every prefill step prefill_ms, every decode step decode_ms.
+  std::vector<StepSample> s;
+  for (const int32_t p : {1, 100, 1000}) s.push_back({p, 0, 0, 0, prefill_ms});
+  for (const int32_t b : {1, 100}) {
+    for (const int32_t c : {1, 10000}) s.push_back({0, b, int64_t{b} * c, 0, decode_ms});
+  }
+  return StepTimeModel::fit(s);
+}
+
+TEST(Simulator, ALoneRequestsTimelineIsItsSteps) {
+  WorkItem w;
+  w.prompt_ids.assign(100, 1);
+  w.output_len = 5;
+  SimOptions o;
+  o.request_ms = 1.0;
+  o.network_ms = 0.5;
+  const SimResult r = simulate({w}, constant_model(10.0, 2.0), o);
+  ASSERT_EQ(r.records.size(), 1u);
+  const RequestRecord& rec = r.records[0];
+  EXPECT_TRUE(rec.sent && rec.complete);
+  EXPECT_EQ(rec.output_tokens, 5);
+  EXPECT_NEAR(rec.ttft_ms, 1.0 + 10.0 + 0.5, 1e-9);  // request, prefill (samples), network
+  EXPECT_NEAR(rec.e2el_ms, 11.5 + 4 * 2.0, 1e-9);    // then a decode step per token
+  for (const double g : rec.itl_ms) EXPECT_NEAR(g, 2.0, 1e-9);
+  EXPECT_EQ(r.steps, 5);
+}
+
+TEST(Simulator, RunsTheRealSchedulerAndRouter) {
+  std::vector<WorkItem> items(40);
+  for (size_t i = 0; i < items.size(); ++i) {
+    items[i].prompt_ids.assign(200, 1);
+    items[i].output_len = 30;
+    items[i].arrival_s = 0.0;
+  }
+  SimOptions o;
+  o.groups = 2;
+  o.block_size = 16;
+  o.num_pages = 40;  // 640 tokens per group: a few requests at a time, so some are preempted
+  o.max_concurrency = 40;
+  const SimResult r = simulate(items, constant_model(5.0, 1.0), o);
+  int complete = 0;
+  std::map<std::string, int> per_group;
+  for (const RequestRecord& rec : r.records) {
+    complete += rec.complete && rec.output_tokens == 30 ? 1 : 0;
+    ++per_group[rec.workers.empty() ? "" : rec.workers.front()];
+  }
+  EXPECT_EQ(complete, 40) << "nothing lost";
+  EXPECT_EQ(per_group.size(), 2u);
+  EXPECT_GT(per_group["sim-0"], 10);
+  EXPECT_GT(per_group["sim-1"], 10);
+  EXPECT_GT(r.preemptions, 0) << "the small cache preempts";
+
+  o.max_in_flight = 5;
+  const SimResult limited = simulate(items, constant_model(5.0, 1.0), o);
+  int refused = 0;
+  for (const RequestRecord& rec : limited.records) refused += rec.code == "RESOURCE_EXHAUSTED";
+  EXPECT_EQ(refused, 35) << "all 40 arrive at once; 5 are admitted";
+}
+
+}  // namespace
+}  // namespace mla::bench
