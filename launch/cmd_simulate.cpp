@@ -203,18 +203,7 @@ int run_simulate(const SimulateArgs& a) {
       bench::make_workload(a.workload, a.vocab, a.requests, a.seed, &description);
   info.workload = description;
   info.num_prompts = static_cast<int64_t>(base.size());
-  std::vector<double> rates;
-  {
-    size_t start = 0;
-    while (start <= a.request_rates.size()) {
-      size_t comma = a.request_rates.find(',', start);
-      if (comma == std::string::npos) comma = a.request_rates.size();
-      const std::string item = a.request_rates.substr(start, comma - start);
-      start = comma + 1;
-      if (item.empty()) continue;
-      rates.push_back(item == "inf" ? 0.0 : std::stod(item));
-    }
-  }
+  const std::vector<double> rates = bench::parse_rates(a.request_rates);
   for (const double rate : rates) {
     std::vector<bench::WorkItem> items = base;
     if (a.workload.dataset != "trace") {

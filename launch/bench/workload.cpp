@@ -99,6 +99,34 @@ std::vector<double> arrival_times(int64_t n, double rate, double burstiness, uin
   return at;
 }
 
+std::vector<double> parse_rates(const std::string& list) {
+  std::vector<double> out;
+  size_t start = 0;
+  while (start <= list.size()) {
+    size_t comma = list.find(',', start);
+    if (comma == std::string::npos) comma = list.size();
+    const std::string item = list.substr(start, comma - start);
+    start = comma + 1;
+    if (item.empty()) continue;
+    if (item == "inf") {
+      out.push_back(0.0);
+      continue;
+    }
+    double v = 0;
+    size_t used = 0;
+    try {
+      v = std::stod(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    MLA_REQUIRE(used == item.size() && v > 0,
+                "--request-rate: '{}' must be a positive number or inf", item);
+    out.push_back(v);
+  }
+  MLA_REQUIRE(!out.empty(), "--request-rate: no rates in '{}'", list);
+  return out;
+}
+
 namespace {
 
 std::vector<int32_t> random_ids(std::mt19937_64& rng, int32_t n, int32_t vocab) {

@@ -31,6 +31,10 @@ struct LengthDist {
 // `bench serve` draws them.
 std::vector<double> arrival_times(int64_t n, double rate, double burstiness, uint64_t seed);
 
+// A --request-rate list, "1,2.5,inf": requests per second, 0 standing for inf. Throws
+// kInvalidArgument naming the flag for anything else.
+std::vector<double> parse_rates(const std::string& list);
+
 struct WorkItem {
   double arrival_s = 0;             // from the start of the run
   std::vector<int32_t> prompt_ids;  // the prompt as ids, or
