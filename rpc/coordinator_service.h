@@ -18,10 +18,10 @@
 //   again.
 // - The client's deadline and cancellation propagate to the worker call at once.
 // - Failover: when a worker's stream fails (UNAVAILABLE, INTERNAL, UNKNOWN, ABORTED,
-//   DATA_LOSS, a CANCELLED the client did not cause, a stream ending without a final
-//   message, or the worker going silent), the request is resubmitted to another worker
-//   it has not tried yet, with resume_ids = every token already sent to the client and
-//   max_tokens unchanged, up to max_failovers times; then, or when no untried worker is
+//   DATA_LOSS, a CANCELLED the client did not cause (its cancel not heard within 100 ms), a
+//   stream ending without a final message, or the worker going silent), the request is resubmitted
+//   to another worker it has not tried yet, with resume_ids = every token already sent to the
+//   client and max_tokens unchanged, up to max_failovers times; then, or when no untried worker is
 //   alive, the client gets UNAVAILABLE naming the failed worker. The client sees one
 //   stream: nothing lost, nothing repeated. Other worker errors (INVALID_ARGUMENT,
 //   RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...) go to the client unchanged.

@@ -16,6 +16,7 @@
 // guards the flags other threads set (client gone, write timed out). gRPC runs the reactions
 // of application reactors on its own threads, never inline in the call that starts an
 // operation or cancels one, so those calls may be made with a mutex held.
+#include <grpcpp/alarm.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/support/proto_buffer_writer.h>
 #include <spdlog/spdlog.h>
@@ -43,6 +44,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 inline constexpr int kMaxStopStrings = 16;
+// How long an attempt's unexplained CANCELLED waits for the client's cancel to be heard.
+inline constexpr std::chrono::milliseconds kCancelGrace{100};
 inline constexpr size_t kMaxStopBytes = 256;
 
 // A text prompt or a conversation becomes prompt_ids through `tokenizer` (null: the
@@ -218,6 +221,8 @@ class CoordinatorService::Relay final : public grpc::ServerWriteReactor<grpc::By
   void on_worker_message(v1::GenerateResponse message);
   // After an attempt: finish the stream, give the client the worker's error, or fail over.
   void on_attempt_done(const grpc::Status& status);
+  // What follows an ended attempt: finish, fail over, or move on after a migration.
+  void decide(const AttemptEnd& end, const grpc::Status& status);
   // Takes the ended attempt out, reads the flags and updates its worker's state (a worker
   // refusing as draining stops being routed to; one refusing connections is dead).
   AttemptEnd end_attempt(const grpc::Status& status);
@@ -266,6 +271,8 @@ class CoordinatorService::Relay final : public grpc::ServerWriteReactor<grpc::By
 
   std::mutex mu_;  // guards the fields below
   bool client_gone_ = false;
+  // Holds an unexplained CANCELLED back for kCancelGrace (on_attempt_done).
+  grpc::Alarm cancel_grace_;
   std::optional<Clock::time_point> write_started_;
   bool write_timed_out_ = false;
 };
@@ -619,6 +626,25 @@ void CoordinatorService::Relay::cancel_if_write_stalled(Clock::time_point now,
 
 void CoordinatorService::Relay::on_attempt_done(const grpc::Status& status) {
   const AttemptEnd end = end_attempt(status);
+  if (status.error_code() == grpc::StatusCode::CANCELLED && !end.client_gone &&
+      !end.cancel_requested && !end.write_timed_out && !end.shutting_down && !finished_) {
+    // A CANCELLED nobody here asked for: often the client's own cancel, which reaches the
+    // worker call (through the propagated context) before this relay hears of it (OnCancel).
+    // Wait a little for that before treating it as the worker's failure.
+    cancel_grace_.Set(std::chrono::system_clock::now() + kCancelGrace, [this, end, status](bool) {
+      AttemptEnd now = end;
+      {
+        std::lock_guard lock(mu_);
+        now.client_gone = client_gone_;
+      }
+      decide(now, status);
+    });
+    return;
+  }
+  decide(end, status);
+}
+
+void CoordinatorService::Relay::decide(const AttemptEnd& end, const grpc::Status& status) {
   if (finished_) {
     finish(grpc::Status::OK);
     return;

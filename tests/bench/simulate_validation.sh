@@ -6,7 +6,9 @@
 # throughput and p50 TTFT / TPOT with their errors.
 #   tests/bench/simulate_validation.sh [OUT_DIR]
 # env: MLASERVE (default build/launch/mlaserve), RATES (5,10,20,40), PROMPTS (200),
-#      NUM_GROUPS (2), INPUT_LEN (uniform:32-128), OUTPUT_LEN (32), CONCURRENCY (64).
+#      NUM_GROUPS (2), INPUT_LEN (uniform:32-128), OUTPUT_LEN (32), CONCURRENCY (64),
+#      PRESET (v3) and MAKE_TINY_FLAGS (none) for the model, WORKER_FLAGS (none; e.g.
+#      "--device cuda": the groups and the profile on the GPU).
 set -euo pipefail
 out=${1:-$(mktemp -d)}
 mkdir -p "$out"
@@ -17,14 +19,15 @@ groups=${NUM_GROUPS:-2}
 input_len=${INPUT_LEN:-uniform:32-128}
 output_len=${OUTPUT_LEN:-32}
 concurrency=${CONCURRENCY:-64}
-engine=(--num-pages 256 --max-batch-tokens 512 --max-running 64)
+engine=(--num-pages 256 --max-batch-tokens 512 --max-running 64 ${WORKER_FLAGS:-})
 read -r grpc control wport <<<"$(python3 -c "
 import socket
 s=[socket.socket() for _ in range(3)]
 [x.bind(('127.0.0.1',0)) for x in s]
 print(' '.join(str(x.getsockname()[1]) for x in s))")"
 export MLASERVE_CONTROL_SECRET=simulate-validation-secret OPENBLAS_NUM_THREADS=1
-"$mlaserve" --log-level warn make-tiny --preset v3 --out "$out/tiny" --seed 7
+"$mlaserve" --log-level warn make-tiny --preset "${PRESET:-v3}" ${MAKE_TINY_FLAGS:-} --out "$out/tiny" \
+  --seed 7
 
 echo "== profile"
 "$mlaserve" --log-level warn profile --model "$out/tiny" "${engine[@]}" \

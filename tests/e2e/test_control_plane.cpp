@@ -273,7 +273,7 @@ TEST_P(TlsTest, EveryListenerAndChannel) {
        "--requests", "8", "--concurrency", "4", "--prompt-len", "4", "--max-tokens", "4"},
       dir_ + "/bench.log");
   EXPECT_EQ(bench.exit, "exit 0") << bench.output;
-  EXPECT_THAT(bench.output, HasSubstr("8 ok, 0 errors"));
+  EXPECT_THAT(bench.output, HasSubstr("ok=8 errors=0"));
   const CommandResult status = run_command({MLASERVE_BIN, "--log-level", "warn", "client",
                                             "--config", config, "--address", address(), "--status"},
                                            dir_ + "/status.log");
