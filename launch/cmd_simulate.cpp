@@ -112,13 +112,18 @@ int run_profile(const ProfileArgs& a) {
     samples.push_back({p, 0, 0, int64_t{p} * (p / 2), median(times)});
     spdlog::info("profile: prefill {} tokens: {:.3f} ms", p, samples.back().step_ms);
   }
-  // Decode: b requests of context c, prefilled, then `repeats` decode steps timed.
+  // Decode: b requests of context c, prefilled, then `repeats` decode steps timed; at the middle
+  // context, `repeats` more steps each with a new prompt of the middle prefill size beside the
+  // decodes (mixed steps, as continuous batching makes them).
+  const int32_t mixed_context = contexts[contexts.size() / 2];
+  const int32_t mixed_prefill = prefills[prefills.size() / 2];
   for (const int32_t b : batches) {
     for (const int32_t c : contexts) {
+      const bool mixed = c == mixed_context;
       for (int32_t i = 0; i < b; ++i) {
         Request req;
         req.prompt = prompt(c);
-        req.max_tokens = a.repeats + 2;
+        req.max_tokens = 2 * a.repeats + 2;
         req.ignore_eos = true;
         engine.add_request(req);
       }
@@ -127,15 +132,30 @@ int run_profile(const ProfileArgs& a) {
       while (decoded < b) {
         for (const auto& o : engine.step()) decoded += o.token >= 0 ? 1 : 0;
       }
-      std::vector<double> times;
-      for (int32_t r = 0; r < a.repeats; ++r) {
+      auto timed_step = [&] {
         const Clock::time_point t0 = Clock::now();
         engine.step();
-        times.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+        return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+      };
+      std::vector<double> times, mixed_times;
+      for (int32_t r = 0; r < a.repeats; ++r) times.push_back(timed_step());
+      for (int32_t r = 0; mixed && r < a.repeats; ++r) {
+        Request req;
+        req.prompt = prompt(mixed_prefill);
+        req.max_tokens = 1;
+        req.ignore_eos = true;
+        engine.add_request(req);
+        mixed_times.push_back(timed_step());
       }
       while (engine.has_work()) engine.step();
       samples.push_back({0, b, int64_t{b} * (c + 1 + a.repeats / 2), 0, median(times)});
       spdlog::info("profile: decode batch {} context {}: {:.3f} ms", b, c, samples.back().step_ms);
+      if (mixed) {
+        samples.push_back({mixed_prefill, b, int64_t{b} * (c + 1 + a.repeats + a.repeats / 2),
+                           int64_t{mixed_prefill} * (mixed_prefill / 2), median(mixed_times)});
+        spdlog::info("profile: decode batch {} context {} + prefill {}: {:.3f} ms", b, c,
+                     mixed_prefill, samples.back().step_ms);
+      }
     }
   }
   const bench::StepTimeModel fit = bench::StepTimeModel::fit(samples);

@@ -115,6 +115,17 @@ StepTimeModel StepTimeModel::fit(const std::vector<StepSample>& samples) {
                    m.contexts_.begin();
     m.decode_[static_cast<size_t>(b)][static_cast<size_t>(c)] = s.step_ms;
   }
+  // The mixed steps' prefill weight: least squares of (t - decode part) on the prefill part.
+  double num = 0, den = 0;
+  for (const StepSample& s : samples) {
+    if (s.prefill_tokens == 0 || s.decode_seqs == 0) continue;
+    const double d =
+        m.decode_ms(s.decode_seqs, static_cast<double>(s.context_tokens) / s.decode_seqs);
+    const double p = m.prefill_ms(s.prefill_tokens);
+    num += (s.step_ms - d) * p;
+    den += p * p;
+  }
+  if (den > 0) m.mixed_weight_ = std::clamp(num / den, 0.0, 2.0);
   return m;
 }
 
@@ -179,9 +190,11 @@ double StepTimeModel::decode_ms(int32_t seqs, double context_per_seq) const {
 
 double StepTimeModel::step_ms(const StepSample& step) const {
   double t = 0;
-  if (step.prefill_tokens > 0) t += prefill_ms(step.prefill_tokens);
   if (step.decode_seqs > 0) {
     t += decode_ms(step.decode_seqs, static_cast<double>(step.context_tokens) / step.decode_seqs);
+  }
+  if (step.prefill_tokens > 0) {
+    t += (step.decode_seqs > 0 ? mixed_weight_ : 1.0) * prefill_ms(step.prefill_tokens);
   }
   return t;
 }
@@ -192,6 +205,7 @@ nlohmann::json StepTimeModel::to_json() const {
           {"per_decode_seq_ms", c_[2]},
           {"per_context_token_ms", c_[3]},
           {"per_prefill_pair_ms", c_[4]},
+          {"mixed_prefill_weight", mixed_weight_},
           {"max_relative_error", max_rel_error_}};
 }
 

@@ -7,7 +7,9 @@
 //
 // Step time: a StepTimeModel on the steps `mlaserve profile` measured: a step's prefill part
 // interpolated (piecewise linearly) between the measured prefill chunk sizes, its decode part
-// bilinearly between the measured (batch, context per sequence) points, the two added; beyond
+// bilinearly between the measured (batch, context per sequence) points, and a mixed step the
+// decode part plus `mixed_weight` times the prefill part (fit on the profile's mixed steps: the
+// two share the weights' reads, so a mixed step costs less than both alone); beyond
 // the grid, the edge segments extended. (Measured step times are not smooth: the engine's
 // `auto` absorption changes form with batch and context, so the points, not a formula, carry
 // them.) A least-squares fit over the same samples,
@@ -61,6 +63,8 @@ class StepTimeModel {
   const std::array<double, 5>& coefficients() const { return c_; }
   // The formula's largest relative error over its samples.
   double max_relative_error() const { return max_rel_error_; }
+  // What a prefill part adds to a step that also decodes, as a fraction of it alone.
+  double mixed_weight() const { return mixed_weight_; }
   nlohmann::json to_json() const;
 
  private:
@@ -69,6 +73,7 @@ class StepTimeModel {
 
   std::array<double, 5> c_{};
   double max_rel_error_ = 0;
+  double mixed_weight_ = 1.0;
   std::vector<std::pair<double, double>> prefill_;  // (tokens, ms), sorted
   std::vector<double> batches_, contexts_;          // the decode grid's axes, sorted
   std::vector<std::vector<double>> decode_;         // [batch][context] ms; < 0: not measured
