@@ -461,30 +461,6 @@ Run run_load(const BenchArgs& a, const std::vector<WorkItem>& items,
   return run;
 }
 
-// A comma-separated list of positive numbers (--percentiles).
-std::vector<double> parse_numbers(const std::string& list, const char* flag) {
-  std::vector<double> out;
-  size_t start = 0;
-  while (start <= list.size()) {
-    size_t comma = list.find(',', start);
-    if (comma == std::string::npos) comma = list.size();
-    const std::string item = list.substr(start, comma - start);
-    start = comma + 1;
-    if (item.empty()) continue;
-    double v = 0;
-    size_t used = 0;
-    try {
-      v = std::stod(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    MLA_REQUIRE(used == item.size() && v > 0, "{}: '{}' must be a positive number", flag, item);
-    out.push_back(v);
-  }
-  MLA_REQUIRE(!out.empty(), "{}: no values in '{}'", flag, list);
-  return out;
-}
-
 int run_bench(const BenchArgs& a) {
   MLA_REQUIRE(a.requests >= 1, "--num-prompts must be >= 1, got {}", a.requests);
   MLA_REQUIRE(a.concurrency >= 1, "--max-concurrency must be >= 1, got {}", a.concurrency);
@@ -496,7 +472,7 @@ int run_bench(const BenchArgs& a) {
   MLA_REQUIRE(a.http.empty() || !a.worker, "give --http or --worker, not both");
   const std::vector<double> rates = bench::parse_rates(a.request_rates);
   bench::RunInfo info;
-  info.percentiles = parse_numbers(a.percentiles, "--percentiles");
+  info.percentiles = bench::parse_positive_list(a.percentiles, "--percentiles", false);
   for (const double p : info.percentiles) MLA_REQUIRE(p <= 100, "--percentiles: {} is over 100", p);
   info.goodput = bench::Slo::parse(a.goodput);
   info.burstiness = a.burstiness;

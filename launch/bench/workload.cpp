@@ -99,7 +99,7 @@ std::vector<double> arrival_times(int64_t n, double rate, double burstiness, uin
   return at;
 }
 
-std::vector<double> parse_rates(const std::string& list) {
+std::vector<double> parse_positive_list(const std::string& list, const char* flag, bool allow_inf) {
   std::vector<double> out;
   size_t start = 0;
   while (start <= list.size()) {
@@ -108,7 +108,7 @@ std::vector<double> parse_rates(const std::string& list) {
     const std::string item = list.substr(start, comma - start);
     start = comma + 1;
     if (item.empty()) continue;
-    if (item == "inf") {
+    if (allow_inf && item == "inf") {
       out.push_back(0.0);
       continue;
     }
@@ -119,11 +119,11 @@ std::vector<double> parse_rates(const std::string& list) {
     } catch (const std::exception&) {
       used = 0;
     }
-    MLA_REQUIRE(used == item.size() && v > 0,
-                "--request-rate: '{}' must be a positive number or inf", item);
+    MLA_REQUIRE(used == item.size() && v > 0, "{}: '{}' must be a positive number{}", flag, item,
+                allow_inf ? " or inf" : "");
     out.push_back(v);
   }
-  MLA_REQUIRE(!out.empty(), "--request-rate: no rates in '{}'", list);
+  MLA_REQUIRE(!out.empty(), "{}: no values in '{}'", flag, list);
   return out;
 }
 

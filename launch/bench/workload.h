@@ -31,9 +31,14 @@ struct LengthDist {
 // `bench serve` draws them.
 std::vector<double> arrival_times(int64_t n, double rate, double burstiness, uint64_t seed);
 
-// A --request-rate list, "1,2.5,inf": requests per second, 0 standing for inf. Throws
-// kInvalidArgument naming the flag for anything else.
-std::vector<double> parse_rates(const std::string& list);
+// A comma-separated list of positive numbers, and with allow_inf "inf" (read as 0). Throws
+// kInvalidArgument naming `flag` for anything else.
+std::vector<double> parse_positive_list(const std::string& list, const char* flag, bool allow_inf);
+
+// A --request-rate list, "1,2.5,inf": requests per second, 0 standing for inf.
+inline std::vector<double> parse_rates(const std::string& list) {
+  return parse_positive_list(list, "--request-rate", true);
+}
 
 struct WorkItem {
   double arrival_s = 0;             // from the start of the run
