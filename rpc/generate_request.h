@@ -7,6 +7,7 @@
 
 #include "mlaserve/v1/mlaserve.pb.h"
 #include "runtime/sequence.h"
+#include "runtime/tokenizer.h"
 
 namespace mla {
 
@@ -21,6 +22,13 @@ inline constexpr int32_t kMaxTopLogprobs = 20;
 // return_logprobs as return_logits. Throws kInvalidArgument for top_logprobs outside 0 to
 // kMaxTopLogprobs or without return_logprobs (the engine does not need them; the services do).
 Request to_request(const mlaserve::v1::GenerateRequest& request);
+
+// A text prompt (prompt) or a conversation (messages, through the tokenizer's chat template)
+// becomes prompt_ids through `tokenizer` (null: the coordinator has none), and the stop strings
+// are checked (at most 16, each 1 to 256 bytes of UTF-8); throws mla::Error naming the field:
+// FAILED_PRECONDITION without a tokenizer, INVALID_ARGUMENT for the rest. The coordinator's.
+void encode_text(mlaserve::v1::GenerateRequest& r, const Tokenizer* tokenizer,
+                 size_t max_prompt_bytes);
 
 // Throws kInvalidArgument ("request_id: ...") unless `id` has at most kMaxRequestIdLength
 // characters, all printable ASCII.
