@@ -31,19 +31,22 @@ size_t latent_token_bytes(int32_t num_layers, int32_t width, const std::string& 
   return static_cast<size_t>(num_layers) * static_cast<size_t>(width) * (is_bf16(dtype) ? 2 : 4);
 }
 
+DType latent_dtype(const std::string& dtype) { return is_bf16(dtype) ? DType::kBF16 : DType::kF32; }
+
 std::vector<mlaserve::v1::LatentChunk> encode_latent_chunks(const Tensor& latents, int32_t first,
                                                             const std::string& dtype,
                                                             size_t max_bytes) {
-  MLA_REQUIRE(latents.ndim() == 3 && latents.dtype() == DType::kF32,
-              "latents to send must be fp32 [layers, tokens, width], got {} {}",
-              dtype_name(latents.dtype()), shape_str(latents.shape()));
+  MLA_REQUIRE(latents.ndim() == 3 && latents.dtype() == latent_dtype(dtype),
+              "latents to send as {} must be {} [layers, tokens, width], got {} {}", dtype,
+              dtype_name(latent_dtype(dtype)), dtype_name(latents.dtype()),
+              shape_str(latents.shape()));
   const auto layers = static_cast<int32_t>(latents.dim(0));
   const auto n = static_cast<int32_t>(latents.dim(1));
   const auto width = static_cast<int32_t>(latents.dim(2));
-  const bool bf16 = is_bf16(dtype);
   const size_t token_bytes = latent_token_bytes(layers, width, dtype);
+  const size_t row_bytes = token_bytes / layers;  // one token's values in one layer
   const auto per_chunk = static_cast<int32_t>(std::max<size_t>(1, max_bytes / token_bytes));
-  const float* src = latents.data<float>();
+  const auto* src = static_cast<const char*>(latents.raw());
   std::vector<mlaserve::v1::LatentChunk> chunks;
   for (int32_t t0 = 0; t0 < n; t0 += per_chunk) {
     const int32_t count = std::min(per_chunk, n - t0);
@@ -52,20 +55,9 @@ std::vector<mlaserve::v1::LatentChunk> encode_latent_chunks(const Tensor& latent
     chunk.set_num_tokens(count);
     std::string& data = *chunk.mutable_data();
     data.resize(token_bytes * count);
-    char* out = data.data();
-    const size_t row = static_cast<size_t>(count) * width;  // one layer's values in the chunk
     for (int32_t l = 0; l < layers; ++l) {
-      const float* in = src + (static_cast<size_t>(l) * n + t0) * width;
-      if (bf16) {
-        for (size_t i = 0; i < row; ++i) {
-          const uint16_t v = f32_to_bf16(in[i]);
-          std::memcpy(out + 2 * i, &v, 2);
-        }
-        out += 2 * row;
-      } else {
-        std::memcpy(out, in, 4 * row);
-        out += 4 * row;
-      }
+      std::memcpy(data.data() + l * count * row_bytes,
+                  src + (static_cast<size_t>(l) * n + t0) * row_bytes, count * row_bytes);
     }
     chunk.set_crc32(crc32_of(data));
     chunks.push_back(std::move(chunk));
@@ -75,7 +67,6 @@ std::vector<mlaserve::v1::LatentChunk> encode_latent_chunks(const Tensor& latent
 
 Tensor decode_latent_chunk(const mlaserve::v1::LatentChunk& chunk, int32_t num_layers,
                            int32_t width, const std::string& dtype) {
-  const bool bf16 = is_bf16(dtype);
   const int32_t n = chunk.num_tokens();
   MLA_REQUIRE(n >= 1 && chunk.first_token() >= 0,
               "latent chunk: tokens [{}, +{}) is not a run of tokens", chunk.first_token(), n);
@@ -88,19 +79,8 @@ Tensor decode_latent_chunk(const mlaserve::v1::LatentChunk& chunk, int32_t num_l
     MLA_THROW(kDataLoss, "latent chunk of tokens [{}, {}): checksum mismatch", chunk.first_token(),
               chunk.first_token() + n);
   }
-  Tensor out = Tensor::empty({num_layers, n, width});
-  const size_t count = static_cast<size_t>(num_layers) * n * width;
-  if (bf16) {
-    const char* in = chunk.data().data();
-    float* dst = out.data<float>();
-    for (size_t i = 0; i < count; ++i) {
-      uint16_t v;
-      std::memcpy(&v, in + 2 * i, 2);
-      dst[i] = bf16_to_f32(v);
-    }
-  } else {
-    std::memcpy(out.data<float>(), chunk.data().data(), 4 * count);
-  }
+  Tensor out = Tensor::empty({num_layers, n, width}, latent_dtype(dtype));
+  std::memcpy(out.raw(), chunk.data().data(), chunk.data().size());
   return out;
 }
 

@@ -22,17 +22,20 @@ inline constexpr int32_t kMaxChunkBytes = 4 << 20;
 // The wire size of one token's latents (all layers) in `dtype` ("float32" or "bfloat16");
 // throws kInvalidArgument for another dtype.
 size_t latent_token_bytes(int32_t num_layers, int32_t width, const std::string& dtype);
+// The element type a wire dtype names (kF32 or kBF16); throws kInvalidArgument for another.
+DType latent_dtype(const std::string& dtype);
 
-// Splits fp32 host latents [num_layers, n, width] of tokens [first, first + n) (as
-// LatentCache::export_range returns them) into chunks of at most `max_bytes` of data (at
-// least one token each), converted to `dtype`. No chunk for n = 0.
+// Splits host latents [num_layers, n, width] of tokens [first, first + n) (as
+// LatentCache::export_range returns them, in the element type `dtype` names; anything else is
+// kInvalidArgument) into chunks of at most `max_bytes` of data (at least one token each). No
+// chunk for n = 0. The bytes are copied as they are: nothing is converted.
 std::vector<mlaserve::v1::LatentChunk> encode_latent_chunks(const Tensor& latents, int32_t first,
                                                             const std::string& dtype,
                                                             size_t max_bytes);
 
-// The chunk's latents as fp32 host [num_layers, num_tokens, width]. Throws kDataLoss when the
-// checksum does not match and kInvalidArgument when the data is not num_tokens tokens of
-// that geometry.
+// The chunk's latents as host [num_layers, num_tokens, width] in the element type `dtype`
+// names. Throws kDataLoss when the checksum does not match and kInvalidArgument when the data
+// is not num_tokens tokens of that geometry.
 Tensor decode_latent_chunk(const mlaserve::v1::LatentChunk& chunk, int32_t num_layers,
                            int32_t width, const std::string& dtype);
 

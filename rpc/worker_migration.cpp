@@ -24,8 +24,8 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// One copy takes at most this many bytes of fp32 latents off the cache, so a long context is
-// copied over several step-loop turns instead of stalling one step.
+// One copy takes at most this many bytes of latents (in the cache's dtype) off the cache, so a long
+// context is copied over several step-loop turns instead of stalling one step.
 constexpr size_t kCopyBytesPerTurn = 16 << 20;
 // Chunk writes an import keeps queued for the step loop before waiting for the oldest.
 constexpr size_t kImportWritesInFlight = 32;
@@ -108,7 +108,7 @@ grpc::Status WorkerService::export_request(grpc::ServerContext& context,
   const CacheGeometry& geometry = engine_.cache().geometry();
   const std::string& dtype = model_info_.dtype();
   const auto turn_tokens = static_cast<int32_t>(std::max<size_t>(
-      1, kCopyBytesPerTurn / latent_token_bytes(geometry.num_layers, geometry.width(), "float32")));
+      1, kCopyBytesPerTurn / latent_token_bytes(geometry.num_layers, geometry.width(), dtype)));
   // Step loop: the next latents of the request, if it still runs here. A request not yet in
   // the engine (still in the inbox) has computed nothing.
   // With stop_first nothing is copied live: the first turn only reads the computed count.

@@ -52,20 +52,6 @@ ForwardInputs forward_inputs(const Schedule& schedule) {
   return in;
 }
 
-// The runs of tokens [first, first + count) on pages `shard`'s rank stores: (first token,
-// length) in token order. A follower sends its rows to the leader layer by layer, these runs
-// in order within each layer.
-std::vector<std::pair<int32_t, int32_t>> stored_runs(const ShardPlan& shard, int32_t block_size,
-                                                     int32_t first, int32_t count) {
-  std::vector<std::pair<int32_t, int32_t>> runs;
-  for (int32_t at = first; at < first + count;) {
-    const int32_t n = std::min(block_size - at % block_size, first + count - at);
-    if (shard.owns_page(at / block_size)) runs.emplace_back(at, n);
-    at += n;
-  }
-  return runs;
-}
-
 }  // namespace
 
 int32_t EngineOptions::cache_pages(const Model& model) const {
@@ -152,22 +138,14 @@ void Engine::follow_cache_op(const StepPlan& plan) {
       // This rank's rows of the request's tokens, packed, to the leader.
       auto it = follower_tables_.find(op.id);
       const BlockTable none;
-      const Tensor rows =
-          cache_.export_range(it == follower_tables_.end() ? none : it->second, op.first, op.count);
-      std::vector<float> packed;
-      const auto runs = stored_runs(cache_.shard(), g.block_size, op.first, op.count);
-      for (int32_t layer = 0; layer < g.num_layers; ++layer) {
-        for (const auto& [at, n] : runs) {
-          const float* src = rows.f32() + (int64_t{layer} * op.count + at - op.first) * g.width();
-          packed.insert(packed.end(), src, src + int64_t{n} * g.width());
-        }
-      }
-      control_->send(packed.data(), static_cast<int64_t>(packed.size() * sizeof(float)), 0);
+      const Tensor rows = cache_.export_stored(it == follower_tables_.end() ? none : it->second,
+                                               op.first, op.count);
+      control_->send(rows.raw(), static_cast<int64_t>(rows.nbytes()), 0);
       return;
     }
     case StepPlan::Kind::kWriteImport: {
-      Tensor latents = Tensor::empty({g.num_layers, op.count, g.width()});
-      control_->broadcast(latents.f32(), latents.numel() * static_cast<int64_t>(sizeof(float)), 0);
+      Tensor latents = Tensor::empty({g.num_layers, op.count, g.width()}, cache_.row_dtype());
+      control_->broadcast(latents.raw(), static_cast<int64_t>(latents.nbytes()), 0);
       BlockTable& table = follower_imports_[op.import];
       MLA_CHECK(cache_.reserve(table, op.first + op.count),
                 "follower rank {} has no pages for an import its leader could place",
@@ -206,17 +184,10 @@ Tensor Engine::latents_of(const Sequence& seq, int32_t first, int32_t count) {
   for (int rank = 1; rank < comm_->size(); ++rank) {
     const auto runs = stored_runs(cache_.shard().for_rank(rank), g.block_size, first, count);
     int64_t tokens = 0;
-    for (const auto& run : runs) tokens += run.second;
-    std::vector<float> packed(tokens * g.num_layers * g.width());
-    control_->recv(packed.data(), static_cast<int64_t>(packed.size() * sizeof(float)), rank);
-    const float* src = packed.data();
-    for (int32_t layer = 0; layer < g.num_layers; ++layer) {
-      for (const auto& [at, n] : runs) {
-        const int64_t len = int64_t{n} * g.width();
-        std::copy(src, src + len, out.f32() + (int64_t{layer} * count + at - first) * g.width());
-        src += len;
-      }
-    }
+    for (const TokenRun& run : runs) tokens += run.count;
+    Tensor packed = Tensor::empty({g.num_layers, tokens, g.width()}, cache_.row_dtype());
+    control_->recv(packed.raw(), static_cast<int64_t>(packed.nbytes()), rank);
+    copy_stored_rows(packed, runs, first, out);
   }
   return out;
 }
@@ -423,7 +394,7 @@ void Engine::write_import(int64_t handle, int32_t first, const Tensor& latents) 
   // Every rank writes its own pages (all of them in a replicated group) from the same rows.
   send_cache_op(StepPlan::Kind::kWriteImport,
                 {.import = handle, .first = first, .count = end - first});
-  control_->broadcast(latents.f32(), latents.numel() * static_cast<int64_t>(sizeof(float)), 0);
+  control_->broadcast(latents.raw(), static_cast<int64_t>(latents.nbytes()), 0);
 }
 
 RequestId Engine::finish_import(int64_t handle, const RequestSnapshot& snap) {

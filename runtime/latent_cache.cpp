@@ -8,7 +8,9 @@
 
 #include "kernels/error.h"
 #if MLA_HAVE_CUDA
+#include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_memory.h"
+#include "kernels/cuda/gather_rows.h"
 #endif
 
 namespace mla {
@@ -38,6 +40,11 @@ LatentCache::LatentCache(CacheGeometry geometry, int32_t num_pages, ShardPlan sh
   MLA_REQUIRE(geometry.kv_lora_rank >= 1, "kv_lora_rank must be >= 1, got {}",
               geometry.kv_lora_rank);
   MLA_REQUIRE(geometry.rope_dim >= 0, "rope_dim must be >= 0, got {}", geometry.rope_dim);
+  // Rows are addressed with 32-bit indices (the gather and scatter kernels take them).
+  MLA_REQUIRE(int64_t{num_pages} * geometry.num_layers * geometry.block_size <=
+                  std::numeric_limits<int32_t>::max(),
+              "{} pages of {} layers x {} tokens: more rows than a cache addresses (2^31)",
+              num_pages, geometry.num_layers, geometry.block_size);
   Shape shape = {num_pages, geometry.num_layers, geometry.block_size, geometry.width()};
   if (storage == CacheStorage::kNone) return;
   if (storage == CacheStorage::kHostF32) {
@@ -105,35 +112,91 @@ const float* LatentCache::page_block(int32_t page, int32_t layer) const {
   return storage_.f32() + (int64_t{page} * geometry_.num_layers + layer) * block_numel;
 }
 
-Tensor LatentCache::export_range(const BlockTable& table, int32_t first, int32_t count) const {
+std::vector<TokenRun> stored_runs(const ShardPlan& shard, int32_t block_size, int32_t first,
+                                  int32_t count) {
+  std::vector<TokenRun> runs;
+  for (int32_t at = first; at < first + count;) {
+    const int32_t n = std::min(block_size - at % block_size, first + count - at);
+    if (shard.owns_page(at / block_size)) runs.push_back({at, n});
+    at += n;
+  }
+  return runs;
+}
+
+void copy_stored_rows(const Tensor& from, const std::vector<TokenRun>& runs, int32_t first,
+                      Tensor& to) {
+  const bool packing = to.dim(1) < from.dim(1);
+  const Tensor& packed = packing ? to : from;
+  const Tensor& whole = packing ? from : to;
+  MLA_CHECK(from.ndim() == 3 && to.ndim() == 3 && from.dtype() == to.dtype() &&
+                from.dim(0) == to.dim(0) && from.dim(2) == to.dim(2),
+            "rows {} and {} differ in layers, width or dtype", shape_str(from.shape()),
+            shape_str(to.shape()));
+  int64_t stored = 0;
+  for (const TokenRun& run : runs) stored += run.count;
+  MLA_CHECK(packed.dim(1) == stored, "{} stored rows, the runs hold {}", packed.dim(1), stored);
+  const size_t row_bytes = static_cast<size_t>(from.dim(2)) * dtype_size(from.dtype());
+  auto* packed_bytes = static_cast<char*>(packed.raw());
+  auto* whole_bytes = static_cast<char*>(whole.raw());
+  for (int64_t layer = 0; layer < from.dim(0); ++layer) {
+    int64_t at = 0;  // the run's first row in the packed layer
+    for (const TokenRun& run : runs) {
+      char* p = packed_bytes + (layer * stored + at) * row_bytes;
+      char* w = whole_bytes + (layer * whole.dim(1) + run.first - first) * row_bytes;
+      std::memcpy(packing ? p : w, packing ? w : p, run.count * row_bytes);
+      at += run.count;
+    }
+  }
+}
+
+DType LatentCache::row_dtype() const {
+  return kind_ == CacheStorage::kDeviceBf16 ? DType::kBF16 : DType::kF32;
+}
+
+Tensor LatentCache::export_stored(const BlockTable& table, int32_t first, int32_t count) const {
   // An empty range is empty anywhere (a preempted sequence's table holds nothing).
   MLA_REQUIRE(
       0 <= first && 0 <= count && (count == 0 || int64_t{first} + count <= table.num_tokens),
       "cannot export tokens [{}, {}) from a table of {}", first, int64_t{first} + count,
       table.num_tokens);
-  const int64_t width = geometry_.width();
-  Tensor out = holds_every_page() ? Tensor::empty({geometry_.num_layers, count, width})
-                                  : Tensor::zeros({geometry_.num_layers, count, width});
-  for_each_page_run(table, shard_, geometry_.block_size, first, count,
-                    [&](int32_t at, int32_t row, int32_t n, int32_t page) {
-                      read_rows(page, row, n, out.f32() + (at - first) * width, count * width);
-                    });
+  MLA_CHECK(kind_ != CacheStorage::kNone, "an accounting-only cache has no rows");
+  const std::vector<int32_t> rows = pool_rows(table, first, count);
+  const int32_t L = geometry_.num_layers;
+  const int64_t stored = static_cast<int64_t>(rows.size()) / L;
+  Tensor out = Tensor::empty({L, stored, geometry_.width()}, row_dtype());
+  move_rows(rows, out, /*to_pool=*/false);
+  return out;
+}
+
+Tensor LatentCache::export_range(const BlockTable& table, int32_t first, int32_t count) const {
+  Tensor stored = export_stored(table, first, count);
+  if (stored.dim(1) == count) return stored;
+  Tensor out = Tensor::zeros({geometry_.num_layers, count, geometry_.width()}, row_dtype());
+  copy_stored_rows(stored, stored_runs(shard_, geometry_.block_size, first, count), first, out);
   return out;
 }
 
 void LatentCache::write_range(const BlockTable& table, int32_t first, const Tensor& latents) {
-  MLA_REQUIRE(latents.dtype() == DType::kF32 && latents.ndim() == 3 &&
+  MLA_REQUIRE(latents.dtype() == row_dtype() && latents.ndim() == 3 &&
                   latents.dim(0) == geometry_.num_layers && latents.dim(2) == geometry_.width(),
-              "latents {} {} do not match cache [{}, tokens, {}] F32", shape_str(latents.shape()),
-              dtype_name(latents.dtype()), geometry_.num_layers, geometry_.width());
-  const int64_t width = geometry_.width(), count = latents.dim(1);
+              "latents {} {} do not match cache [{}, tokens, {}] {}", shape_str(latents.shape()),
+              dtype_name(latents.dtype()), geometry_.num_layers, geometry_.width(),
+              dtype_name(row_dtype()));
+  const int64_t count = latents.dim(1);
   MLA_REQUIRE(first >= 0 && (count == 0 || first + count <= table.num_tokens),
               "cannot write tokens [{}, {}) into a table of {}", first, first + count,
               table.num_tokens);
-  for_each_page_run(table, shard_, geometry_.block_size, first, static_cast<int32_t>(count),
-                    [&](int32_t at, int32_t row, int32_t n, int32_t page) {
-                      write_rows(page, row, n, latents.f32() + (at - first) * width, count * width);
-                    });
+  MLA_CHECK(kind_ != CacheStorage::kNone, "an accounting-only cache has no rows");
+  const std::vector<int32_t> rows = pool_rows(table, first, static_cast<int32_t>(count));
+  const int32_t L = geometry_.num_layers;
+  if (static_cast<int64_t>(rows.size()) == L * count) {
+    move_rows(rows, latents, /*to_pool=*/true);
+    return;
+  }
+  Tensor mine =
+      Tensor::empty({L, static_cast<int64_t>(rows.size()) / L, geometry_.width()}, row_dtype());
+  copy_stored_rows(latents, stored_runs(shard_, geometry_.block_size, first, count), first, mine);
+  move_rows(rows, mine, /*to_pool=*/true);
 }
 
 bool LatentCache::import_tokens(BlockTable& table, const Tensor& latents) {
@@ -152,63 +215,65 @@ bool LatentCache::import_tokens(BlockTable& table, const Tensor& latents) {
   return true;
 }
 
-int64_t LatentCache::device_offset(int32_t page, int32_t layer) const {
-  MLA_CHECK(0 <= layer && layer < geometry_.num_layers, "layer {} out of range [0, {})", layer,
-            geometry_.num_layers);
-  MLA_CHECK(pool_.ref_count(page) > 0, "page {} is free", page);
-  return (int64_t{page} * geometry_.num_layers + layer) * geometry_.block_size * geometry_.width();
+std::vector<int32_t> LatentCache::pool_rows(const BlockTable& table, int32_t first,
+                                            int32_t count) const {
+  std::vector<int32_t> rows;
+  const int32_t L = geometry_.num_layers, B = geometry_.block_size;
+  for (int32_t layer = 0; layer < L; ++layer) {
+    for_each_page_run(table, shard_, B, first, count,
+                      [&](int32_t, int32_t row, int32_t n, int32_t page) {
+                        MLA_CHECK(pool_.ref_count(page) > 0, "page {} is free", page);
+                        const int32_t page_row = (page * L + layer) * B + row;
+                        for (int32_t i = 0; i < n; ++i) rows.push_back(page_row + i);
+                      });
+  }
+  return rows;
 }
 
-void LatentCache::read_rows(int32_t page, int32_t row, int32_t count, float* dst,
-                            int64_t dst_layer_stride) const {
-  const int64_t n = int64_t{count} * geometry_.width(), skip = int64_t{row} * geometry_.width();
-  const int32_t L = geometry_.num_layers;
-  MLA_CHECK(kind_ != CacheStorage::kNone, "an accounting-only cache has no rows");
+void LatentCache::move_rows(const std::vector<int32_t>& rows, const Tensor& packed,
+                            bool to_pool) const {
+  const size_t row_bytes = static_cast<size_t>(geometry_.width()) * dtype_size(row_dtype());
+  auto* pool = static_cast<char*>(storage_.raw());
+  auto* rows_here = static_cast<char*>(packed.raw());
   if (kind_ == CacheStorage::kHostF32) {
-    for (int32_t l = 0; l < L; ++l) {
-      std::memcpy(dst + l * dst_layer_stride, page_block(page, l) + skip, n * sizeof(float));
+    for (size_t i = 0; i < rows.size(); ++i) {
+      char* p = pool + rows[i] * row_bytes;
+      char* h = rows_here + i * row_bytes;
+      std::memcpy(to_pool ? p : h, to_pool ? h : p, row_bytes);
     }
     return;
   }
 #if MLA_HAVE_CUDA
-  // One pitched copy for every layer: the page's layers are B rows apart.
-  const int64_t layer_pitch = int64_t{geometry_.block_size} * geometry_.width();
-  std::vector<uint16_t> staged(L * n);
+  if (rows.empty()) return;
+  // One gather or scatter kernel over every row, through a packed buffer on the device.
   const cuda::DeviceGuard on_device(device_);  // RPC handler threads export pages too
-  cuda::copy_rows_to_host(staged.data(), n * sizeof(uint16_t),
-                          storage_.data<uint16_t>() + device_offset(page, 0) + skip,
-                          layer_pitch * sizeof(uint16_t), n * sizeof(uint16_t), L);
-  for (int32_t l = 0; l < L; ++l) {
-    const uint16_t* from = staged.data() + l * n;
-    float* to = dst + l * dst_layer_stride;
-    for (int64_t i = 0; i < n; ++i) to[i] = bf16_to_f32(from[i]);
+  const auto n = static_cast<int64_t>(rows.size());
+  Tensor index = cuda::device_empty({n}, DType::kI32);
+  cuda::copy_to_device(index.raw(), rows.data(), n * sizeof(int32_t));
+  Tensor staged = cuda::device_empty({n, geometry_.width()}, row_dtype());
+  const auto bytes = static_cast<int64_t>(row_bytes);
+  if (to_pool) {
+    cuda::copy_to_device(staged.raw(), packed.raw(), n * row_bytes);
+    cuda::scatter_rows({.in = staged.raw(),
+                        .index = index.data<int32_t>(),
+                        .out = pool,
+                        .rows = n,
+                        .row_bytes = bytes,
+                        .in_stride = bytes,
+                        .out_stride = bytes},
+                       nullptr);
+    MLA_CUDA_CHECK(cudaStreamSynchronize(nullptr));  // before the next step reads the pages
+  } else {
+    cuda::gather_rows({.in = pool,
+                       .index = index.data<int32_t>(),
+                       .out = staged.raw(),
+                       .rows = n,
+                       .row_bytes = bytes,
+                       .in_stride = bytes,
+                       .out_stride = bytes},
+                      nullptr);
+    cuda::copy_to_host(packed.raw(), staged.raw(), n * row_bytes);
   }
-#endif
-}
-
-void LatentCache::write_rows(int32_t page, int32_t row, int32_t count, const float* src,
-                             int64_t src_layer_stride) {
-  const int64_t n = int64_t{count} * geometry_.width(), skip = int64_t{row} * geometry_.width();
-  const int32_t L = geometry_.num_layers;
-  MLA_CHECK(kind_ != CacheStorage::kNone, "an accounting-only cache has no rows");
-  if (kind_ == CacheStorage::kHostF32) {
-    for (int32_t l = 0; l < L; ++l) {
-      std::memcpy(page_block(page, l) + skip, src + l * src_layer_stride, n * sizeof(float));
-    }
-    return;
-  }
-#if MLA_HAVE_CUDA
-  const int64_t layer_pitch = int64_t{geometry_.block_size} * geometry_.width();
-  std::vector<uint16_t> staged(L * n);
-  for (int32_t l = 0; l < L; ++l) {
-    const float* from = src + l * src_layer_stride;
-    uint16_t* to = staged.data() + l * n;
-    for (int64_t i = 0; i < n; ++i) to[i] = f32_to_bf16(from[i]);
-  }
-  const cuda::DeviceGuard on_device(device_);
-  cuda::copy_rows_to_device(storage_.data<uint16_t>() + device_offset(page, 0) + skip,
-                            layer_pitch * sizeof(uint16_t), staged.data(), n * sizeof(uint16_t),
-                            n * sizeof(uint16_t), L);
 #endif
 }
 

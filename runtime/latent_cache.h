@@ -46,6 +46,22 @@ struct BlockTable {
   int32_t num_tokens = 0;
 };
 
+// A run of tokens [first, first + count).
+struct TokenRun {
+  int32_t first = 0, count = 0;
+};
+
+// The runs of tokens [first, first + count) on pages that `shard`'s rank stores (page j on
+// rank j mod P when sharded), in token order: cut at page ends.
+std::vector<TokenRun> stored_runs(const ShardPlan& shard, int32_t block_size, int32_t first,
+                                  int32_t count);
+
+// Between a rank's packed rows [layers, stored, width] (export_stored's) and a whole range
+// [layers, count, width] of tokens [first, first + count): copies `from` into `to`, whichever
+// is the packed one (the one with fewer tokens), placing or picking the runs' rows.
+void copy_stored_rows(const Tensor& from, const std::vector<TokenRun>& runs, int32_t first,
+                      Tensor& to);
+
 class LatentCache {
  public:
   // Throws kInvalidArgument unless num_layers, block_size and kv_lora_rank are >= 1 and
@@ -91,8 +107,12 @@ class LatentCache {
   float* page_block(int32_t page, int32_t layer);
   const float* page_block(int32_t page, int32_t layer) const;
 
-  // Copy of the first num_tokens tokens of every layer: [num_layers, num_tokens, width],
-  // fp32 on the host whatever the storage.
+  // Rows in export and import tensors have the cache's own element type: fp32 for host
+  // storage, bf16 for device storage (so nothing is rounded on the way).
+  DType row_dtype() const;
+
+  // Copy of the first num_tokens tokens of every layer: [num_layers, num_tokens, width] in
+  // row_dtype(), on the host whatever the storage.
   // Throws kInvalidArgument if num_tokens is negative or above table.num_tokens.
   Tensor export_tokens(const BlockTable& table, int32_t num_tokens) const {
     return export_range(table, 0, num_tokens);
@@ -102,10 +122,14 @@ class LatentCache {
   // of the pages it stores are filled; the others are zero (the group's leader gathers the
   // rest). Throws kInvalidArgument for a non-empty range outside [0, table.num_tokens).
   Tensor export_range(const BlockTable& table, int32_t first, int32_t count) const;
-  // Writes latents [num_layers, count, width] (as export_range returns) as tokens
-  // [first, first + count) of `table`, whose pages must hold them; a sequence-sharded rank
-  // writes the rows of its own pages and skips the rest. Throws kInvalidArgument for latents
-  // of the wrong dtype or shape or a range the table does not hold.
+  // Only the rows this rank stores of tokens [first, first + count), packed in token order:
+  // [num_layers, stored, width] (stored_runs() says which tokens; all of them unless sharded).
+  // A device cache gathers them with one kernel and one copy to the host.
+  Tensor export_stored(const BlockTable& table, int32_t first, int32_t count) const;
+  // Writes latents [num_layers, count, width] in row_dtype() (as export_range returns) as
+  // tokens [first, first + count) of `table`, whose pages must hold them; a sequence-sharded
+  // rank writes the rows of its own pages and skips the rest. Throws kInvalidArgument for
+  // latents of the wrong dtype or shape or a range the table does not hold.
   void write_range(const BlockTable& table, int32_t first, const Tensor& latents);
   // Reserves pages in `table`, which must be empty, for latents [num_layers, tokens, width]
   // (as export_tokens returns) and writes them in. Returns false, leaving `table` empty and
@@ -114,14 +138,12 @@ class LatentCache {
   bool import_tokens(BlockTable& table, const Tensor& latents);
 
  private:
-  // `count` rows of one page from row `row` on, in every layer, as fp32: layer l's rows at
-  // dst + l * dst_layer_stride (one pitched copy for all layers from a device cache).
-  void read_rows(int32_t page, int32_t row, int32_t count, float* dst,
-                 int64_t dst_layer_stride) const;
-  void write_rows(int32_t page, int32_t row, int32_t count, const float* src,
-                  int64_t src_layer_stride);
-  // Element offset of a page's rows of one layer in the device pool (checked like page_block).
-  int64_t device_offset(int32_t page, int32_t layer) const;
+  // The pool rows (page * num_layers + layer) * block_size + row of the stored tokens of
+  // [first, first + count), layer by layer, in token order. Throws kInternal for a free page.
+  std::vector<int32_t> pool_rows(const BlockTable& table, int32_t first, int32_t count) const;
+  // Copies rows between the pool and `packed` [rows.size(), width] (host, row_dtype()): into
+  // the pool when to_pool, else out of it.
+  void move_rows(const std::vector<int32_t>& rows, const Tensor& packed, bool to_pool) const;
 
   CacheGeometry geometry_;
   ShardPlan shard_;

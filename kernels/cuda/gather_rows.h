@@ -1,6 +1,8 @@
-// Row gather on the GPU: out[i] = in[index[i]] for rows of `row_bytes` bytes (any dtype).
-// Used to pick the rows whose logits a step wants. Launchers take a stream and never
-// synchronise.
+// Row gather and scatter on the GPU, for rows of `row_bytes` bytes (any dtype):
+//   gather:  out[i] = in[index[i]]   (the rows whose logits a step wants; a latent cache's rows
+//                                     of one sequence, packed for a migration)
+//   scatter: out[index[i]] = in[i]   (packed rows written into a latent cache's pages)
+// Launchers take a stream and never synchronise.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -17,5 +19,14 @@ struct GatherRowsParams {
 };
 
 void gather_rows(const GatherRowsParams& p, cudaStream_t stream);
+
+struct ScatterRowsParams {
+  const void* in;        // [rows, in_stride bytes]
+  const int32_t* index;  // [rows]: row of `out` for each input row (valid and distinct)
+  void* out;             // [*, out_stride bytes]; must not alias in
+  int64_t rows, row_bytes, in_stride, out_stride;  // strides in bytes
+};
+
+void scatter_rows(const ScatterRowsParams& p, cudaStream_t stream);
 
 }  // namespace mla::cuda

@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <vector>
@@ -312,6 +313,35 @@ TEST(LatentCache, ShardedRanksExportAndWriteOnlyTheirPages) {
       EXPECT_EQ(range_sum[(layer * 6 + pos - 3) * width + 7], value_at(layer, pos, 7));
     }
   }
+}
+
+// export_stored packs a sharded rank's rows in token order; copy_stored_rows puts them back
+// in place (the leader of a sequence-sharded group does that with each follower's rows).
+TEST(LatentCache, StoredRowsPackAndUnpackByTheRanksRuns) {
+  constexpr int32_t kTokens = 11;
+  LatentCache whole(geometry_with_block(4), 4);
+  BlockTable table;
+  ASSERT_TRUE(whole.reserve(table, kTokens));
+  fill_tokens(whole, table, kTokens);
+  const Tensor latents = whole.export_range(table, 2, 8);  // tokens 2..9: pages 0, 1, 2
+  Tensor rebuilt = Tensor::zeros(latents.shape());
+  for (int32_t rank = 0; rank < 2; ++rank) {
+    const ShardPlan plan(2, rank, 2);
+    LatentCache shard(geometry_with_block(4), 4, plan);
+    BlockTable mine;
+    ASSERT_TRUE(shard.reserve(mine, kTokens));
+    shard.write_range(mine, 0, whole.export_tokens(table, kTokens));
+    const auto runs = stored_runs(plan, 4, 2, 8);
+    ASSERT_EQ(runs.size(), rank == 0 ? 2u : 1u);
+    const Tensor packed = shard.export_stored(mine, 2, 8);
+    ASSERT_EQ(packed.dim(1), rank == 0 ? 2 + 2 : 4);  // tokens 2,3 and 8,9 / tokens 4..7
+    EXPECT_EQ(packed.f32()[(2 * packed.dim(1) + 0) * 8 + 1], value_at(2, rank == 0 ? 2 : 4, 1));
+    copy_stored_rows(packed, runs, 2, rebuilt);
+    Tensor repacked = Tensor::empty(packed.shape());
+    copy_stored_rows(latents, runs, 2, repacked);
+    EXPECT_EQ(std::memcmp(repacked.raw(), packed.raw(), packed.nbytes()), 0) << "rank " << rank;
+  }
+  EXPECT_EQ(std::memcmp(rebuilt.raw(), latents.raw(), latents.nbytes()), 0);
 }
 
 TEST(LatentCache, ExportsAPrefix) {

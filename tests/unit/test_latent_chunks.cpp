@@ -15,34 +15,38 @@ namespace {
 constexpr int32_t kLayers = 3;
 constexpr int32_t kWidth = 48;
 
-// fp32 latents [layers, n, width]; with `bf16_exact` every value is a bf16 value (what a
-// device cache exports), so the bf16 wire format must carry it exactly.
-Tensor random_latents(int32_t n, bool bf16_exact, uint32_t seed) {
+// Latents [layers, n, width] of random values, fp32 or (`bf16`, what a device cache exports)
+// bf16.
+Tensor random_latents(int32_t n, bool bf16, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> dist;
-  Tensor t = Tensor::empty({kLayers, n, kWidth});
-  float* p = t.data<float>();
+  Tensor t = Tensor::empty({kLayers, n, kWidth}, bf16 ? DType::kBF16 : DType::kF32);
   for (int64_t i = 0; i < t.numel(); ++i) {
-    p[i] = bf16_exact ? bf16_to_f32(f32_to_bf16(dist(rng))) : dist(rng);
+    if (bf16) {
+      t.data<uint16_t>()[i] = f32_to_bf16(dist(rng));
+    } else {
+      t.data<float>()[i] = dist(rng);
+    }
   }
   return t;
 }
 
-// The chunks' latents put back together, checking they cover [first, first + n) in order.
+// The chunks' latents put back together, checking they cover [first, first + n) in order and
+// come back in the wire dtype's element type.
 Tensor reassemble(const std::vector<mlaserve::v1::LatentChunk>& chunks, int32_t first, int32_t n,
                   const std::string& dtype) {
-  Tensor out = Tensor::empty({kLayers, n, kWidth});
+  Tensor out = Tensor::empty({kLayers, n, kWidth}, latent_dtype(dtype));
+  const size_t row = kWidth * dtype_size(out.dtype());
   int32_t next = first;
   for (const auto& chunk : chunks) {
     EXPECT_EQ(chunk.first_token(), next);
     const Tensor part = decode_latent_chunk(chunk, kLayers, kWidth, dtype);
+    EXPECT_EQ(part.dtype(), out.dtype());
     for (int32_t l = 0; l < kLayers; ++l) {
-      for (int32_t t = 0; t < chunk.num_tokens(); ++t) {
-        for (int32_t c = 0; c < kWidth; ++c) {
-          out.data<float>()[(static_cast<int64_t>(l) * n + next - first + t) * kWidth + c] =
-              part.data<float>()[(static_cast<int64_t>(l) * chunk.num_tokens() + t) * kWidth + c];
-        }
-      }
+      std::memcpy(
+          static_cast<char*>(out.raw()) + (static_cast<size_t>(l) * n + next - first) * row,
+          static_cast<const char*>(part.raw()) + static_cast<size_t>(l) * chunk.num_tokens() * row,
+          chunk.num_tokens() * row);
     }
     next += chunk.num_tokens();
   }
@@ -67,6 +71,12 @@ TEST(LatentChunks, Bfloat16CarriesADeviceCachesValuesExactlyInHalfTheBytes) {
   EXPECT_EQ(chunks[0].data().size(), 20u * kLayers * kWidth * 2);
   const Tensor back = reassemble(chunks, 0, 20, "bfloat16");
   EXPECT_EQ(std::memcmp(back.raw(), latents.raw(), latents.nbytes()), 0);
+}
+
+TEST(LatentChunks, LatentsNotInTheWireDtypeAreRefused) {
+  // Nothing is converted on the way: the sender's rows must already be in the wire's type.
+  EXPECT_THROW(encode_latent_chunks(random_latents(2, false, 5), 0, "bfloat16", 1 << 20), Error);
+  EXPECT_THROW(encode_latent_chunks(random_latents(2, true, 5), 0, "float32", 1 << 20), Error);
 }
 
 TEST(LatentChunks, AChunkSmallerThanOneTokenStillCarriesOneTokenEach) {
