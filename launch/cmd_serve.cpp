@@ -142,6 +142,7 @@ struct WorkerArgs {
   int32_t group = 0;
   int32_t drain_timeout_s = 0;
   std::string role;
+  std::string migration_transport;
 };
 
 std::vector<std::string> split_list(const std::string& list) {
@@ -162,8 +163,12 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
   if (given("--coordinator")) d.workers.coordinators = split_list(a.coordinator);
   if (given("--drain-timeout")) d.workers.drain_timeout_s = a.drain_timeout_s;
   if (given("--role")) d.workers.role = a.role;
+  if (given("--migration-transport")) d.workers.migration_transport = a.migration_transport;
   MLA_REQUIRE(d.workers.role == "prefill" || d.workers.role == "decode" || d.workers.role == "both",
               "--role / workers.role: prefill, decode or both, got '{}'", d.workers.role);
+  MLA_REQUIRE(d.workers.migration_transport == "auto" || d.workers.migration_transport == "grpc",
+              "--migration-transport / workers.migration_transport: auto or grpc, got '{}'",
+              d.workers.migration_transport);
   MLA_REQUIRE(d.workers.group >= 0, "--group must be >= 0, got {}", d.workers.group);
   MLA_REQUIRE(d.workers.drain_timeout_s >= 0, "--drain-timeout must be >= 0, got {}",
               d.workers.drain_timeout_s);
@@ -202,6 +207,17 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
   wopts.secret = secret;
   wopts.config_hash = config_hash;
   wopts.peer_credentials = channel_creds;
+  if (d.workers.migration_transport == "auto" && rt->transport && rt->transport->usable()) {
+    wopts.mpi = rt->transport;
+    spdlog::info(
+        "worker {}: migrations with groups of this mpirun job move latents over MPI "
+        "(world rank {})",
+        address, rt->transport->self().world_rank);
+  } else if (d.workers.migration_transport == "auto" && rt->transport &&
+             rt->groups.num_groups > 1) {
+    spdlog::warn("worker {}: migrations between this job's groups go over gRPC: {}", address,
+                 rt->transport->why_not());
+  }
   WorkerService service(engine, wopts);
   auto server = start_server(&service, listen, server_creds, "worker");
 
@@ -537,6 +553,10 @@ void add_serve_commands(CLI::App& app, int& exit_code) {
   worker->add_option("--role", w->role,
                      "prefill, decode or both (default: workers.role, both): prefill groups hand "
                      "each request to a decode group after its first token");
+  worker->add_option("--migration-transport", w->migration_transport,
+                     "auto or grpc (default: workers.migration_transport, auto): auto moves a "
+                     "migrating request's latents over MPI when both groups run in this mpirun "
+                     "job, gRPC otherwise");
   worker->callback([w, worker, &exit_code] { exit_code = run_worker(*w, *worker); });
 
   auto c = std::make_shared<CoordinatorArgs>();

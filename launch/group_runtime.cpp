@@ -47,6 +47,7 @@ std::unique_ptr<GroupRuntime> GroupRuntime::start(const DeployConfig& d, bool wi
     rt->comm = std::make_unique<MpiCommunicator>(rt->groups.tp_comm.get(),
                                                  std::chrono::seconds(d.parallel.comm_timeout_s),
                                                  rt->groups.tp_label());
+    rt->transport = std::make_shared<MpiTransport>(rt->mpi->thread_level());
   }
   ModelOptions options = d.model;
   options.tp_size = rt->groups.tp_size;

@@ -11,6 +11,7 @@
 #include <optional>
 
 #include "parallel/mpi_communicator.h"
+#include "parallel/mpi_transport.h"
 #if MLA_HAVE_NCCL
 #include "parallel/nccl/nccl_communicator.h"
 #endif
@@ -24,6 +25,9 @@ struct GroupRuntime {
   std::optional<MpiSession> mpi;  // first member: finalised last
   ProcessGroups groups;
   std::unique_ptr<MpiCommunicator> comm;  // null for a single process; carries step plans
+  // To any rank of this mpirun job (latents of requests migrating between its groups); null
+  // for a process mpirun did not start.
+  std::shared_ptr<MpiTransport> transport;
 #if MLA_HAVE_NCCL
   std::unique_ptr<NcclCommunicator> nccl;  // the model's collectives on GPUs (tp > 1)
 #endif

@@ -2,24 +2,16 @@
 
 #include <climits>
 #include <memory>
-#include <thread>
 #include <utility>
 
 #include "kernels/error.h"
+#include "parallel/mpi_poll.h"
 
 namespace mla {
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Polling backoff: spin first (a collective between idle ranks finishes in microseconds),
-// then yield, then sleep, so a waiting rank gives its core to the ranks it waits for when
-// there are more ranks than cores. The sleep doubles up to a cap so an idle follower
-// waiting for its leader's next plan costs little CPU (~20 % of a core at a fixed 20 us).
-constexpr int64_t kSpinPolls = 1000;
-constexpr int64_t kYieldPolls = 2000;
-constexpr std::chrono::microseconds kPollSleep{20};
-constexpr std::chrono::microseconds kMaxPollSleep{500};
 // How long a cancelled receive may take to complete before it is left to MPI.
 constexpr std::chrono::milliseconds kCancelGrace{100};
 
@@ -30,20 +22,7 @@ std::string format_duration(std::chrono::milliseconds d) {
 
 // Polls until `request` completes or `deadline` passes; returns whether it completed.
 bool poll_until(MPI_Request* request, Clock::time_point deadline, MPI_Status* status, int* rc) {
-  std::chrono::microseconds sleep = kPollSleep;
-  for (int64_t polls = 0;; ++polls) {
-    int done = 0;
-    *rc = MPI_Test(request, &done, status);
-    if (*rc != MPI_SUCCESS || done) return true;
-    if (Clock::now() >= deadline) return false;
-    if (polls < kSpinPolls) continue;
-    if (polls < kYieldPolls) {
-      std::this_thread::yield();
-    } else {
-      std::this_thread::sleep_for(sleep);
-      sleep = std::min(2 * sleep, kMaxPollSleep);
-    }
-  }
+  return poll_mpi_request(request, deadline, status, rc) == PollResult::kCompleted;
 }
 
 }  // namespace

@@ -36,9 +36,10 @@ MpiSession::MpiSession(int* argc, char*** argv) {
     MPI_Query_thread(&thread_level_);
     return;
   }
-  // Serialized, not funneled: a Communicator may be driven by a thread other than main
-  // (one at a time), e.g. an engine thread behind the RPC server.
-  const int rc = MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &thread_level_);
+  // Multiple: the group's communicator is driven by the engine's thread while RPC handler
+  // threads move migrating latents over MpiTransport. MPI may provide less (then the
+  // transport is off, and serialized use of the communicator is what the rest needs).
+  const int rc = MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &thread_level_);
   check_mpi(rc, "MPI_Init_thread");
   owns_ = true;
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);

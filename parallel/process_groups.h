@@ -5,8 +5,9 @@
 // world rank r is rank r % P of group r / P. Each group gets its own MPI communicator,
 // from which the group's Communicator (MPI on the CPU, NCCL on GPUs) is built.
 //
-// Thread safety: MPI calls follow the thread level of MpiSession (MPI_THREAD_SERIALIZED):
-// any thread may call MPI, but never two at once. None of these types are thread-safe.
+// Thread safety: a communicator is used by one thread at a time (MPI_THREAD_SERIALIZED would
+// do); MpiTransport's transfers run beside it on other threads, which needs the
+// MPI_THREAD_MULTIPLE that MpiSession asks for. None of these types are thread-safe.
 #pragma once
 
 #include <mpi.h>
@@ -17,10 +18,10 @@ namespace mla {
 
 // Initialises MPI on construction and finalises it on destruction. If MPI is already
 // initialised (by the host program or another session), it does neither, so sessions may
-// nest. Requests MPI_THREAD_SERIALIZED. When this session initialises MPI, it also sets
-// MPI_ERRORS_RETURN on MPI_COMM_WORLD, so MPI failures surface as mla::Error instead of
-// aborting the job. Create it once, on the main thread, before any other MPI use.
-// Throws kFailedPrecondition if MPI was already finalised, kUnavailable if init fails.
+// nest. Requests MPI_THREAD_MULTIPLE (thread_level() says what MPI provided). When this session
+// initialises MPI, it also sets MPI_ERRORS_RETURN on MPI_COMM_WORLD, so MPI failures surface as
+// mla::Error instead of aborting the job. Create it once, on the main thread, before any other MPI
+// use. Throws kFailedPrecondition if MPI was already finalised, kUnavailable if init fails.
 class MpiSession {
  public:
   // argc/argv may be null; MPI may strip its own arguments from them.

@@ -123,13 +123,28 @@ grpc::Status WorkerService::export_request(grpc::ServerContext& context,
     c.computed = engine_.computed_tokens(call->engine_id);
     return c;
   };
-  auto send = [&writer](const Tensor& latents, int32_t first, const std::string& dtype,
-                        size_t max_chunk) {
+  // Over MPI when the destination is a rank of this job (and MPI allows it), else gRPC.
+  const bool over_mpi =
+      options_.mpi != nullptr && request.has_mpi_receiver() &&
+      options_.mpi->reaches({request.mpi_receiver().job_id(), request.mpi_receiver().world_rank()});
+  const int mpi_peer = request.mpi_receiver().world_rank();
+  const int mpi_tag = over_mpi ? options_.mpi->next_tag() : 0;
+  auto send = [&](const Tensor& latents, int32_t first) {
     if (!latents.defined()) return true;
     for (v1::LatentChunk& chunk : encode_latent_chunks(latents, first, dtype, max_chunk)) {
       v1::ExportMessage message;
+      std::shared_ptr<const std::string> data;
+      if (over_mpi) {
+        data = std::make_shared<const std::string>(std::move(*chunk.mutable_data()));
+        chunk.clear_data();
+        chunk.set_mpi_bytes(static_cast<int32_t>(data->size()));
+      }
       *message.mutable_chunk() = std::move(chunk);
       if (!writer.Write(message)) return false;
+      if (over_mpi && !options_.mpi->send(data, mpi_peer, mpi_tag,
+                                          [&context] { return context.IsCancelled(); })) {
+        return false;
+      }
     }
     return true;
   };
@@ -157,11 +172,16 @@ grpc::Status WorkerService::export_request(grpc::ServerContext& context,
       header.mutable_header()->set_width(geometry.width());
       header.mutable_header()->set_dtype(dtype);
       header.mutable_header()->set_computed(c.computed);
+      header.mutable_header()->set_transport(over_mpi ? "mpi" : "grpc");
+      if (over_mpi) {
+        header.mutable_header()->set_mpi_sender_rank(options_.mpi->self().world_rank);
+        header.mutable_header()->set_mpi_tag(mpi_tag);
+      }
       if (!writer.Write(header)) return destination_gone;
       header_sent = true;
       stage_end = c.computed;
     }
-    if (!send(c.latents, from, dtype, max_chunk)) return destination_gone;
+    if (!send(c.latents, from)) return destination_gone;
     from = c.end;
     if (context.IsCancelled()) return destination_gone;
     if (request.stop_first()) break;
@@ -197,7 +217,7 @@ grpc::Status WorkerService::export_request(grpc::ServerContext& context,
   stopped = true;
   ++stages;
   const RequestSnapshot& snap = last.snapshot;
-  if (!send(snap.latents, snap.latents_from, dtype, max_chunk)) return destination_gone;
+  if (!send(snap.latents, snap.latents_from)) return destination_gone;
   v1::ExportMessage tail;
   tail.mutable_tail()->mutable_tokens()->Assign(snap.tokens.begin(), snap.tokens.end());
   tail.mutable_tail()->set_computed(snap.latents_from +
@@ -287,6 +307,10 @@ grpc::Status WorkerService::import_request(grpc::ServerContext& context,
   ask.set_request_id(id);
   *ask.mutable_model() = model_info_;
   ask.set_stop_first(request.stop_first());
+  if (options_.mpi != nullptr && options_.mpi->usable()) {
+    ask.mutable_mpi_receiver()->set_job_id(options_.mpi->self().job_id);
+    ask.mutable_mpi_receiver()->set_world_rank(options_.mpi->self().world_rank);
+  }
   auto reader = stub->Export(call.get(), ask);
 
   const CacheGeometry& geometry = engine_.cache().geometry();
@@ -304,6 +328,8 @@ grpc::Status WorkerService::import_request(grpc::ServerContext& context,
   };
   v1::ExportMessage message;
   bool have_header = false;
+  bool over_mpi = false;  // the chunks' data follows each chunk as an MPI message
+  int mpi_sender = -1, mpi_tag = 0;
   std::optional<v1::ExportTail> tail;
   int32_t covered = 0;
   while (!tail && reader->Read(&message)) {
@@ -322,14 +348,37 @@ grpc::Status WorkerService::import_request(grpc::ServerContext& context,
                            source, options_.worker_id, field, h.num_layers(), h.width(), h.dtype(),
                            geometry.num_layers, geometry.width(), dtype)});
         }
+        if (h.transport() == "mpi") {
+          if (options_.mpi == nullptr ||
+              !options_.mpi->reaches({options_.mpi->self().job_id, h.mpi_sender_rank()})) {
+            return finish_with({grpc::StatusCode::FAILED_PRECONDITION,
+                                fmt::format("worker {} would send over MPI from rank {}, which "
+                                            "this worker cannot reach",
+                                            source, h.mpi_sender_rank())});
+          }
+          over_mpi = true;
+          mpi_sender = h.mpi_sender_rank();
+          mpi_tag = h.mpi_tag();
+          stats.set_transport("mpi");
+        }
         have_header = true;
         break;
       }
       case v1::ExportMessage::kChunk: {
         if (!have_header) break;
-        const v1::LatentChunk& chunk = message.chunk();
+        v1::LatentChunk& chunk = *message.mutable_chunk();
         Tensor latents;
         try {
+          if (over_mpi) {
+            MLA_REQUIRE(chunk.data().empty() && chunk.mpi_bytes() >= 0,
+                        "latent chunk over MPI: {} bytes inline, mpi_bytes {}", chunk.data().size(),
+                        chunk.mpi_bytes());
+            auto data = options_.mpi->recv(chunk.mpi_bytes(), mpi_sender, mpi_tag,
+                                           [&context] { return context.IsCancelled(); });
+            if (!data)
+              return finish_with({grpc::StatusCode::CANCELLED, "the import was cancelled"});
+            chunk.set_data(std::move(*data));
+          }
           latents = decode_latent_chunk(chunk, geometry.num_layers, geometry.width(), dtype);
         } catch (const Error& e) {
           return finish_with(status_of(e));

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "mlaserve/v1/mlaserve.grpc.pb.h"
+#include "parallel/mpi_transport.h"
 #include "rpc/metrics.h"
 #include "rpc/shared_secret.h"
 #include "runtime/engine.h"
@@ -69,6 +70,10 @@ struct WorkerServiceOptions {
   // Live copies an export makes before its stop-and-copy, however much the request computes
   // meanwhile; it stops earlier once less than a cache page is left to copy. Default: 8.
   int32_t export_max_live_stages = 8;
+  // This process's transport to the other ranks of its mpirun job: a migration between two
+  // groups of one job moves the latents over it (ExportHeader.transport mpi) when it is usable.
+  // Default: null, meaning gRPC for every migration.
+  std::shared_ptr<MpiTransport> mpi;
 };
 
 // Serves Worker.Generate and Worker.Cancel for one Engine. Thread-safe: every public method

@@ -103,6 +103,11 @@ struct WorkersConfig {
   // its cache, to a decode group after its first token (disaggregated prefill/decode);
   // decode groups take requests that way. Default: both.
   std::string role = "both";
+  // `migration_transport`: auto | grpc. auto moves a migrating request's latents over MPI
+  // when the source and destination groups run in the same mpirun job (and MPI provides
+  // MPI_THREAD_MULTIPLE), over gRPC otherwise; grpc always streams them over gRPC. The
+  // migration's control is gRPC either way. Default: auto.
+  std::string migration_transport = "auto";
 };
 
 // `control:` the shared secret every control-plane and worker call carries. It is read from

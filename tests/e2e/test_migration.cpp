@@ -1,4 +1,5 @@
-// Live migration on a real cluster of two TP1 groups (two mpirun jobs): an operator's
+// Live migration on a real cluster of two TP1 groups (two mpirun jobs, or one job whose groups
+// move latents over its MPI): an operator's
 // Migrate (C++ admin client and `mlaserve admin migrate`), migrations every 100 ms under 64
 // streams, drain and SIGTERM moving a worker's requests, and the failure cases (a target
 // without room, a target or source that dies mid-migration, a client that cancels during
@@ -41,11 +42,19 @@ class MigrationTest : public ClusterTest {
     }
     throw std::runtime_error("no job serves " + worker_id);
   }
-  // The pid of a job's group leader (rank 0).
-  pid_t leader_of(const WorkerJob& job) {
-    const auto leader = mpi_rank_process(job.process->pid(), 0, 5s);
-    if (!leader) throw std::runtime_error("no rank 0 under " + job.process->command_line());
+  // The pid of a job's group leader (world rank `rank`: 0 for its first group).
+  pid_t leader_of(const WorkerJob& job, int rank = 0) {
+    const auto leader = mpi_rank_process(job.process->pid(), rank, 5s);
+    if (!leader) {
+      throw std::runtime_error("no rank " + std::to_string(rank) + " under " +
+                               job.process->command_line());
+    }
     return leader->pid;
+  }
+  // Both groups' leaders: rank 0 of each job, or ranks 0 and tp of the one job.
+  std::vector<pid_t> group_leaders() {
+    if (jobs_.size() == 1) return {leader_of(jobs_[0]), leader_of(jobs_[0], tp_)};
+    return {leader_of(jobs_[0]), leader_of(jobs_[1])};
   }
   // The other worker of the two.
   std::string other_than(const std::string& worker_id) const {
@@ -94,8 +103,9 @@ class MigrationTest : public ClusterTest {
       const Load& load, const std::vector<size_t>& which, std::vector<v1::MigrateResponse>* moved,
       const std::function<void()>& also = [] {}) {
     moved->resize(load.requests.size());
+    // Found before the load starts: the freeze must follow the first tokens at once.
+    const std::vector<pid_t> leaders = group_leaders();
     const std::vector<Stream> streams = run_load(client(), load, [&] {
-      const std::vector<pid_t> leaders = {leader_of(jobs_[0]), leader_of(jobs_[1])};
       for (pid_t pid : leaders) ::kill(pid, SIGSTOP);
       std::vector<std::thread> migrations;
       for (size_t i : which) {
@@ -130,6 +140,8 @@ class MigrationTest : public ClusterTest {
     return streams;
   }
 
+  std::string transport_ = "grpc";  // how the latents are expected to move
+
   // `n` long requests (greedy and seeded) with their offline tokens, with ids PREFIX-i (for
   // Migrate).
   static Load named_load(int n, int32_t max_tokens, uint32_t seed, const std::string& prefix) {
@@ -155,11 +167,11 @@ class MigrationTest : public ClusterTest {
 
   // A migration of request i of `streams` carried its cache: every computed token's latents
   // and nothing else, from the worker of its first tokens to that of the rest.
-  static void expect_moved_with_cache(const v1::MigrateResponse& moved, const Stream& stream,
-                                      const v1::GenerateRequest& request) {
+  void expect_moved_with_cache(const v1::MigrateResponse& moved, const Stream& stream,
+                               const v1::GenerateRequest& request) const {
     const v1::MigrationStats& s = moved.stats();
     EXPECT_EQ(moved.outcome(), "migrated");
-    EXPECT_EQ(s.transport(), "grpc");
+    EXPECT_EQ(s.transport(), transport_);
     if (stream.result.worker_ids.size() == 2) {
       EXPECT_EQ(s.source_worker_id(), stream.result.worker_ids[0]);
       EXPECT_EQ(s.destination_worker_id(), stream.result.worker_ids[1]);
@@ -199,6 +211,45 @@ TEST_F(MigrationTest, AnOperatorMovesRunningRequestsWithTheirCachesAndTheTokensD
       expect_moved_with_cache(moved[i], streams[i], load.requests[i]);
   }
   std::cout << by_cli.output;
+  expect_no_pages_held(start);
+}
+
+// Both groups in one mpirun job (two TP2 groups, `mpirun -np 4`): the latents move over the
+// job's own MPI, leader to leader (the control stays on gRPC), and the tokens are those of the
+// requests never migrated; with --migration-transport grpc the same job streams them over gRPC.
+TEST_F(MigrationTest, GroupsOfOneJobMoveTheLatentsOverTheJobsMpi) {
+  tp_ = 2;
+  ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kOneJob));
+  transport_ = "mpi";
+  const Load load = named_load(4, 200, 61, "in-job");
+  std::vector<v1::MigrateResponse> moved;
+  CommandResult by_cli;
+  const auto start = Clock::now();
+  const std::vector<Stream> streams = run_migrating(load, {1, 2, 3}, &moved, [&] {
+    by_cli = admin({"migrate", load.requests[0].request_id()}, kControlSecret);
+  });
+  EXPECT_EQ(by_cli.exit, "exit 0") << by_cli.output;
+  EXPECT_THAT(by_cli.output, HasSubstr("over mpi")) << by_cli.output;
+  for (size_t i = 1; i < moved.size(); ++i) {
+    if (moved[i].outcome() != "ended") {
+      expect_moved_with_cache(moved[i], streams[i], load.requests[i]);
+    }
+  }
+  expect_no_pages_held(start);
+  EXPECT_THAT(read_file(dir_ + "/workers-0.log"), HasSubstr("move latents over MPI"));
+}
+
+TEST_F(MigrationTest, GroupsOfOneJobCanBeToldToMoveTheLatentsOverGrpc) {
+  ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kOneJob, {"--migration-transport", "grpc"}));
+  const Load load = named_load(2, 200, 67, "grpc-in-job");
+  std::vector<v1::MigrateResponse> moved;
+  const auto start = Clock::now();
+  const std::vector<Stream> streams = run_migrating(load, {0, 1}, &moved);
+  for (size_t i = 0; i < moved.size(); ++i) {
+    if (moved[i].outcome() != "ended") {
+      expect_moved_with_cache(moved[i], streams[i], load.requests[i]);
+    }
+  }
   expect_no_pages_held(start);
 }
 
