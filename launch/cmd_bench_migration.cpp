@@ -237,9 +237,9 @@ int run_bench_migration(const BenchMigrationArgs& a) {
             << fmt::format("{:.2f}", grpc_loopback_gbps()) << " GB/s\n";
   std::mt19937 rng(a.seed);
   std::cout << fmt::format(
-      "{:>7} {:>9} {:>12} {:>8} {:>7} {:>9} {:>9} {:>9} {:>11} {:>10} {:>9} {:>12} {:>9}\n",
-      "context", "tokens", "bytes", "B/token", "stages", "copy ms", "GB/s", "stop ms", "gap ms",
-      "itl ms", "replay ms", "blocking gap", "identical");
+      "{:>7} {:>9} {:>12} {:>8} {:>9} {:>7} {:>9} {:>9} {:>9} {:>11} {:>10} {:>9} {:>12} {:>9}\n",
+      "context", "tokens", "bytes", "B/token", "transport", "stages", "copy ms", "GB/s", "stop ms",
+      "gap ms", "itl ms", "replay ms", "blocking gap", "identical");
   int failures = 0;
   for (int32_t context : contexts) {
     MLA_REQUIRE(context + a.max_tokens <= model.max_context(),
@@ -283,15 +283,15 @@ int run_bench_migration(const BenchMigrationArgs& a) {
                   << std::flush;
         continue;
       }
-      std::cout
-          << fmt::format(
-                 "{:>7} {:>9} {:>12} {:>8} {:>7} {:>9.1f} {:>9.2f} {:>9.2f} {:>11.2f} {:>10.2f} "
-                 "{:>9.1f} {:>12.2f} {:>9}\n",
-                 context, s.tokens(), s.bytes(), s.bytes() / std::max(1, s.tokens()), s.stages(),
-                 s.duration_ms(),
-                 static_cast<double>(s.bytes()) / 1e6 / std::max(1e-3, s.duration_ms()),
-                 s.stop_ms(), gap, median(itl), replay_ms, blocking_gap, identical ? "yes" : "NO")
-          << std::flush;  // each row as it comes: a long sweep may be cut off
+      std::cout << fmt::format(
+                       "{:>7} {:>9} {:>12} {:>8} {:>9} {:>7} {:>9.1f} {:>9.2f} {:>9.2f} {:>11.2f} "
+                       "{:>10.2f} {:>9.1f} {:>12.2f} {:>9}\n",
+                       context, s.tokens(), s.bytes(), s.bytes() / std::max(1, s.tokens()),
+                       s.transport(), s.stages(), s.duration_ms(),
+                       static_cast<double>(s.bytes()) / 1e6 / std::max(1e-3, s.duration_ms()),
+                       s.stop_ms(), gap, median(itl), replay_ms, blocking_gap,
+                       identical ? "yes" : "NO")
+                << std::flush;  // each row as it comes: a long sweep may be cut off
     }
   }
   return failures == 0 ? 0 : 1;

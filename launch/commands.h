@@ -18,6 +18,8 @@ void add_bench_kernels_command(CLI::App& app, int& exit_code);
 void add_bench_decode_command(CLI::App& app, int& exit_code);
 // Live migration downtime and bandwidth against a cluster (launch/cmd_bench_migration.cpp).
 void add_bench_migration_command(CLI::App& app, int& exit_code);
+// Under mpirun: the in-job MPI transport's bandwidth (launch/cmd_bench_transport.cpp).
+void add_bench_transport_command(CLI::App& app, int& exit_code);
 // A model's tokenizer speed on a text file (launch/cmd_bench_tokenizer.cpp).
 void add_bench_tokenizer_command(CLI::App& app, int& exit_code);
 // `profile` (step times of a model) and `simulate` (bench's workloads against simulated groups)

@@ -35,6 +35,7 @@ int main(int argc, char** argv) {
   add_bench_kernels_command(app, exit_code);
   add_bench_decode_command(app, exit_code);
   add_bench_migration_command(app, exit_code);
+  add_bench_transport_command(app, exit_code);
   add_bench_tokenizer_command(app, exit_code);
   add_simulate_commands(app, exit_code);
   try {

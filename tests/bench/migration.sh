@@ -9,7 +9,9 @@
 #     e.g. tests/bench/migration.sh tests/data/v3 32,64,128
 #          tests/bench/migration.sh /tmp/v3l3 1024,4096,16384,32768 --device cuda --num-pages 1024
 # env: MLASERVE (default: mlaserve on PATH, else build/launch/mlaserve), PORT (default 57300),
-#      RUNS (default 3), MAX_TOKENS (default 64), OUT (logs; default a temporary folder).
+#      RUNS (default 3), MAX_TOKENS (default 64), OUT (logs; default a temporary folder),
+#      LAYOUT (two-jobs: one process per group, latents over gRPC; one-job: both groups in one
+#      `mpirun -np 2` job, latents over its MPI, with the MPI transport's ceiling printed first).
 set -euo pipefail
 model=$1
 contexts=$2
@@ -32,11 +34,20 @@ trap stop EXIT
 "$mlaserve" coordinator --address "$coordinator_address" --control-address "$control_address" \
   >"$out/coordinator.log" 2>&1 &
 pids="$pids $!"
-for g in 0 1; do
-  "$mlaserve" worker --model "$model" --tp 1 --coordinator "$control_address" \
-    --port-base $((port + 10)) --group $g "$@" >"$out/worker$g.log" 2>&1 &
+if [ "${LAYOUT:-two-jobs}" = one-job ]; then
+  # Both groups in one mpirun job: the latents move over the job's MPI (MpiTransport).
+  mpi=(mpirun -np 2 --oversubscribe --bind-to none)
+  "${mpi[@]}" "$mlaserve" --log-level warn bench-transport
+  "${mpi[@]}" "$mlaserve" worker --model "$model" --tp 1 --coordinator "$control_address" \
+    --port-base $((port + 10)) "$@" >"$out/workers.log" 2>&1 &
   pids="$pids $!"
-done
+else
+  for g in 0 1; do
+    "$mlaserve" worker --model "$model" --tp 1 --coordinator "$control_address" \
+      --port-base $((port + 10)) --group $g "$@" >"$out/worker$g.log" 2>&1 &
+    pids="$pids $!"
+  done
+fi
 
 ready=0
 for _ in $(seq 300); do
