@@ -198,7 +198,25 @@ struct SimulateArgs {
   std::string goodput;
   std::string result_file;
   bool save_detailed = false;
+  std::vector<std::string> failures;  // "GROUP@SECONDS"
 };
+
+// --fail-group's "GROUP@SECONDS".
+bench::GroupFailure parse_failure(const std::string& spec) {
+  const size_t at = spec.find('@');
+  bench::GroupFailure f;
+  try {
+    MLA_REQUIRE(at != std::string::npos, "");
+    size_t used = 0;
+    f.group = std::stoi(spec.substr(0, at), &used);
+    MLA_REQUIRE(used == at, "");
+    f.at_s = std::stod(spec.substr(at + 1), &used);
+    MLA_REQUIRE(used == spec.size() - at - 1, "");
+  } catch (const std::exception&) {
+    MLA_THROW(kInvalidArgument, "--fail-group: '{}' is not GROUP@SECONDS (e.g. 1@30)", spec);
+  }
+  return f;
+}
 
 int run_simulate(const SimulateArgs& a) {
   std::ifstream in(a.profile);
@@ -208,6 +226,7 @@ int run_simulate(const SimulateArgs& a) {
   const bench::StepTimeModel model = bench::StepTimeModel::from_profile(profile);
   bench::SimOptions sim = a.sim;
   sim.routing = routing_policy_from_string(a.routing, "--routing");
+  for (const std::string& f : a.failures) sim.failures.push_back(parse_failure(f));
   bench::RunInfo info;
   info.backend = "mlaserve-simulated";
   info.target = fmt::format("{} group(s) from {}", sim.groups, a.profile);
@@ -310,6 +329,8 @@ void add_simulate_commands(CLI::App& app, int& exit_code) {
       ->capture_default_str();
   sim->add_option("--percentiles", s->percentiles, "Percentiles to report")->capture_default_str();
   sim->add_option("--goodput", s->goodput, "SLOs for goodput, as bench's");
+  sim->add_option("--fail-group", s->failures,
+                  "GROUP@SECONDS: that group dies then and its requests fail over (repeatable)");
   sim->add_option("--result-file", s->result_file, "Write the result JSON here, as bench does");
   sim->add_flag("--save-detailed", s->save_detailed, "Per-request arrays in the JSON");
   sim->callback([s, &exit_code] { exit_code = run_simulate(*s); });

@@ -218,6 +218,7 @@ struct Group {
   std::vector<std::unique_ptr<Sequence>> sequences;  // the live ones
   std::vector<size_t> item_of;                       // parallel to sequences
   bool busy = false;
+  bool alive = true;
   Schedule step;
   int32_t in_flight = 0;
 };
@@ -225,8 +226,8 @@ struct Group {
 struct Event {
   double t;
   uint64_t order;  // ties in the order they were made
-  enum Kind { kArrival, kReachWorker, kStepDone } kind;
-  size_t index;  // the work item (arrival, reaching its worker), or the group
+  enum Kind { kArrival, kReachWorker, kStepDone, kGroupFails, kResubmit } kind;
+  size_t index;  // the work item (arrival, reaching its worker, resubmission), or the group
   bool operator>(const Event& o) const { return t != o.t ? t > o.t : order > o.order; }
 };
 
@@ -255,12 +256,19 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
   uint64_t order = 0;
   for (size_t i = 0; i < items.size(); ++i)
     events.push({items[i].arrival_s, order++, Event::kArrival, i});
+  for (const GroupFailure& f : o.failures) {
+    MLA_REQUIRE(f.group >= 0 && f.group < o.groups && f.at_s >= 0,
+                "a failure of group {} at {} s: groups are 0 to {}, times >= 0", f.group, f.at_s,
+                o.groups - 1);
+    events.push({f.at_s, order++, Event::kGroupFails, static_cast<size_t>(f.group)});
+  }
   int32_t free_slots = o.max_concurrency;
   std::deque<size_t> pending;  // arrived, waiting for a client slot
   int32_t in_flight = 0;
   RequestId next_id = 1;
   std::vector<size_t> routed_to(items.size());
-  std::vector<std::vector<int32_t>> prompts(items.size());
+  std::vector<std::vector<int32_t>> prompts(items.size());  // what the worker gets to compute
+  std::vector<int32_t> to_generate(items.size());           // the tokens still to come
   double now = 0;
 
   auto start_step = [&](size_t g) {
@@ -284,6 +292,22 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     events.push({now + model.step_ms(step) / 1000.0, order++, Event::kStepDone, g});
   };
 
+  // Sends work item i to a live group, as routing picks it; false when none is left.
+  auto route = [&](size_t i) {
+    std::vector<WorkerView> views;
+    for (const Group& g : groups) {
+      views.push_back({g.id, g.alive, g.cache->pool().num_free(), o.num_pages,
+                       g.scheduler->num_running(), g.scheduler->num_waiting(), g.in_flight});
+    }
+    const std::optional<std::string> picked = router.pick(views, prompts[i]);
+    if (!picked) return false;
+    const size_t g = static_cast<size_t>(std::stoi(picked->substr(4)));
+    routed_to[i] = g;
+    ++groups[g].in_flight;
+    events.push({now + o.request_ms / 1000.0, order++, Event::kReachWorker, i});
+    return true;
+  };
+
   // Starts work item i (its client slot taken); false when the coordinator refuses it.
   auto start_request = [&](size_t i) {
     const WorkItem& w = items[i];
@@ -299,22 +323,16 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       prompt.assign(n, 1);
     }
     r.input_tokens = static_cast<int32_t>(prompt.size());
-    std::vector<WorkerView> views;
-    for (const Group& g : groups) {
-      views.push_back({g.id, true, g.cache->pool().num_free(), o.num_pages,
-                       g.scheduler->num_running(), g.scheduler->num_waiting(), g.in_flight});
-    }
-    const std::optional<std::string> picked =
-        in_flight >= o.max_in_flight ? std::nullopt : router.pick(views, prompt);
-    if (!picked) {
+    to_generate[i] = w.output_len;
+    if (in_flight >= o.max_in_flight) {
       r.code = "RESOURCE_EXHAUSTED";
       return false;
     }
-    const size_t g = static_cast<size_t>(std::stoi(picked->substr(4)));
-    routed_to[i] = g;
-    ++groups[g].in_flight;
+    if (!route(i)) {
+      r.code = "UNAVAILABLE";
+      return false;
+    }
     ++in_flight;
-    events.push({now + o.request_ms / 1000.0, order++, Event::kReachWorker, i});
     return true;
   };
 
@@ -322,11 +340,16 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
   auto reach_worker = [&](size_t i) {
     const size_t g = routed_to[i];
     Group& group = groups[g];
+    if (!group.alive) {  // it died on the way: the call fails at once and fails over
+      --group.in_flight;
+      events.push({now, order++, Event::kResubmit, i});
+      return;
+    }
     const std::vector<int32_t>& prompt = prompts[i];
     auto seq = std::make_unique<Sequence>();
     seq->id = next_id++;
     seq->request.prompt = prompt;
-    seq->request.max_tokens = items[i].output_len;
+    seq->request.max_tokens = to_generate[i];
     seq->tokens = prompt;
     seq->prompt_len = static_cast<int32_t>(prompt.size());
     group.scheduler->add(seq.get());
@@ -344,12 +367,48 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     }
   };
 
+  // Group g dies: every request it held goes back to the coordinator with what it streamed.
+  auto fail_group = [&](size_t g) {
+    Group& group = groups[g];
+    if (!group.alive) return;
+    group.alive = false;
+    for (size_t k = 0; k < group.sequences.size(); ++k) {
+      const Sequence& seq = *group.sequences[k];
+      const size_t i = group.item_of[k];
+      const int32_t streamed = seq.num_generated();
+      prompts[i].insert(prompts[i].end(), seq.tokens.end() - streamed, seq.tokens.end());
+      to_generate[i] -= streamed;
+      events.push({now + o.network_ms / 1000.0, order++, Event::kResubmit, i});
+    }
+    group.sequences.clear();
+    group.item_of.clear();
+    group.in_flight = 0;
+  };
+
+  // The coordinator's failover of work item i; with no live group left the request fails.
+  auto resubmit = [&](size_t i) {
+    if (route(i)) return;
+    RequestRecord& r = result.records[i];
+    r.code = "UNAVAILABLE";
+    r.e2el_ms = (now - r.start_s) * 1000.0;
+    --in_flight;
+    release_slot();
+  };
+
   while (!events.empty()) {
     const Event e = events.top();
     events.pop();
     now = e.t;
     if (e.kind == Event::kReachWorker) {
       reach_worker(e.index);
+      continue;
+    }
+    if (e.kind == Event::kGroupFails) {
+      fail_group(e.index);
+      continue;
+    }
+    if (e.kind == Event::kResubmit) {
+      resubmit(e.index);
       continue;
     }
     if (e.kind == Event::kArrival) {
@@ -362,6 +421,7 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     }
     Group& group = groups[e.index];
     group.busy = false;
+    if (!group.alive) continue;                       // the step never finished
     const double seen = now + o.network_ms / 1000.0;  // when the client sees this step's tokens
     for (const ScheduledChunk& c : group.step.chunks) {
       Scheduler::commit(c);
@@ -380,7 +440,7 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       r.token_s.push_back(seen);
       r.token_n.push_back(1);
       ++r.output_tokens;
-      if (r.workers.empty()) r.workers.push_back(group.id);
+      if (r.workers.empty() || r.workers.back() != group.id) r.workers.push_back(group.id);
       if (seq->num_generated() >= seq->request.max_tokens) {
         r.e2el_ms = since_start_ms;
         r.complete = true;

@@ -23,7 +23,9 @@
 // The client side is bench's: at most `max_concurrency` requests open, each started at its
 // arrival or, when all are busy, when one ends.
 //
-// Not modelled yet: failures, failover, migration, several TP sizes in one run.
+// Group failures are modelled with the coordinator's failover (SimOptions::failures).
+// Not modelled yet: migration (drain, rebalancing, disaggregated prefill/decode), several TP
+// sizes in one run.
 #pragma once
 
 #include <array>
@@ -79,6 +81,12 @@ class StepTimeModel {
   std::vector<std::vector<double>> decode_;         // [batch][context] ms; < 0: not measured
 };
 
+// A worker group that dies during a simulated run (a killed job).
+struct GroupFailure {
+  int32_t group = 0;
+  double at_s = 0;  // from the run's start
+};
+
 struct SimOptions {
   int32_t groups = 1;
   int32_t num_pages = 1024;  // cache pages per group
@@ -93,6 +101,11 @@ struct SimOptions {
   double request_ms = 1.0;
   double network_ms = 0.3;
   int32_t text_bytes_per_token = 4;  // a trace's text prompts, which are not tokenized here
+  // Groups that die mid-run. The coordinator hears of it when each broken stream reaches it
+  // (network_ms) and resubmits every request the group held to a live group, as its failover
+  // does: the prompt plus the tokens already streamed, recomputed there (request_ms on the
+  // way); with no live group left a request fails with UNAVAILABLE. Default: none.
+  std::vector<GroupFailure> failures;
 };
 
 struct SimResult {

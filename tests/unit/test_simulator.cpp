@@ -6,6 +6,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include "kernels/error.h"
 #include "launch/bench/simulator.h"
 
@@ -98,6 +100,48 @@ TEST(Simulator, RunsTheRealSchedulerAndRouter) {
   int refused = 0;
   for (const RequestRecord& rec : limited.records) refused += rec.code == "RESOURCE_EXHAUSTED";
   EXPECT_EQ(refused, 35) << "all 40 arrive at once; 5 are admitted";
+}
+
+// A group that dies mid-run: its requests fail over to the other group with the tokens they
+// streamed (recomputed there, not repeated), and each still gets every token it asked for; a
+// request whose groups all died fails with UNAVAILABLE.
+TEST(Simulator, AFailedGroupsRequestsFailOverAndLoseNoToken) {
+  std::vector<WorkItem> items(8);
+  for (size_t i = 0; i < items.size(); ++i) {
+    items[i].prompt_ids.assign(50, 1);
+    items[i].output_len = 40;
+    items[i].arrival_s = 0.0;
+  }
+  SimOptions o;
+  o.groups = 2;
+  o.max_concurrency = 8;
+  o.failures = {{0, 0.050}};  // after the prefill (10 ms) and ~20 decode steps (2 ms)
+  const SimResult r = simulate(items, constant_model(10.0, 2.0), o);
+  int moved = 0;
+  for (const RequestRecord& rec : r.records) {
+    EXPECT_TRUE(rec.complete);
+    EXPECT_EQ(rec.output_tokens, 40) << "every token once";
+    EXPECT_EQ(rec.workers.back(), "sim-1");
+    if (rec.workers.size() == 2) {
+      ++moved;
+      EXPECT_EQ(rec.workers.front(), "sim-0");
+      // The tokens after the failure came after the resubmission and the recompute.
+      const auto first_after =
+          std::find_if(rec.token_s.begin(), rec.token_s.end(), [](double t) { return t > 0.05; });
+      ASSERT_NE(first_after, rec.token_s.end());
+      EXPECT_GT(*first_after, 0.050 + (o.network_ms + o.request_ms + 10.0) / 1000.0 - 1e-9);
+    }
+  }
+  EXPECT_EQ(moved, 4) << "least-loaded split them 4 and 4";
+
+  o.failures = {{0, 0.050}, {1, 0.020}};
+  const SimResult none_left = simulate(items, constant_model(10.0, 2.0), o);
+  for (const RequestRecord& rec : none_left.records) {
+    EXPECT_EQ(rec.code, "UNAVAILABLE");
+    EXPECT_FALSE(rec.complete);
+  }
+  o.failures = {{2, 1.0}};
+  EXPECT_THROW(simulate(items, constant_model(10.0, 2.0), o), Error);
 }
 
 }  // namespace
