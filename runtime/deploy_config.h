@@ -136,7 +136,7 @@ struct DeployConfig {
                           // `cuda_graphs`: capture decode steps. Default: true.
                           // `cuda_small_gemm`: products with <= 2 rows and routed experts
                           // at <= 16 slots through the small-row kernels. Default: true.
-                          // `deterministic`: batch-invariant logits (CPU). Default: false.
+                          // `deterministic`: batch-invariant logits (CPU and GPU). Default: false.
   // `cache.block_size` (64), `cache.num_pages` (default: 256 with device cpu, 0 with cuda;
   // 0 = from free GPU memory), `cache.memory_fraction` (0.9), `scheduler.max_batch_tokens`
   // (512), `scheduler.max_running` (64). Read engine_options(), which resolves the default.

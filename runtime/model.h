@@ -49,8 +49,9 @@ struct ModelOptions {
   Device device = Device::kCpu;
   CudaOptions cuda;  // Default: see CudaOptions.
   // Each request's logits independent of what else its batch holds (batch-invariant
-  // products), so a seeded request samples the same tokens however it is batched, migrated
-  // or failed over. CPU model only so far (the CUDA model refuses it). Default: false.
+  // products; on the GPU also single-split latent attention, the tiled expert kernels, the
+  // latent form only and no decode graphs), so a seeded request samples the same tokens
+  // however it is batched, migrated or failed over. Default: false.
   bool deterministic = false;
 };
 

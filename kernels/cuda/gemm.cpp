@@ -23,6 +23,48 @@ cudaDataType_t cuda_type(DType t) {
   }
 }
 
+// The product in row tiles of kSkinnyMaxRows through skinny_gemm (BlasOptions::batch_invariant).
+// A single product's whole tiles go in one launch as a batch of tiles, the rest in another:
+// with the thread layout fixed by n and k, a row's sum does not depend on which launch, or how
+// many rows, it was in.
+void batch_invariant_gemm(const Blas& blas, const GemmParams& p) {
+  const bool dependent = blas.options().dependent_launch && p.b_constant;
+  auto run = [&](const GemmParams& tile) {
+    if (!skinny_gemm_supports(tile)) {
+      MLA_THROW(kFailedPrecondition,
+                "deterministic: the batch-invariant product kernel does not take {}x{}x{} x{} "
+                "(lda {}, ldb {}; k and the leading dimensions must be multiples of 16 bytes)",
+                tile.m, tile.n, tile.k, tile.batch, tile.lda, tile.ldb);
+    }
+    skinny_gemm(tile, blas.stream(), dependent, /*batch_invariant=*/true);
+  };
+  const int64_t whole = p.m / kSkinnyMaxRows, rest = p.m % kSkinnyMaxRows;
+  if (p.batch == 1 && whole > 1 && whole <= 65535) {
+    GemmParams tiles = p;
+    tiles.m = kSkinnyMaxRows;
+    tiles.batch = whole;
+    tiles.stride_a = kSkinnyMaxRows * p.lda;
+    tiles.stride_b = 0;
+    tiles.stride_c = kSkinnyMaxRows * p.ldc;
+    run(tiles);
+  } else {
+    for (int64_t t = 0; t < whole; ++t) {
+      GemmParams tile = p;
+      tile.m = kSkinnyMaxRows;
+      tile.a = static_cast<const char*>(p.a) + t * kSkinnyMaxRows * p.lda * dtype_size(p.ab_type);
+      tile.c = static_cast<char*>(p.c) + t * kSkinnyMaxRows * p.ldc * dtype_size(p.c_type);
+      run(tile);
+    }
+  }
+  if (rest > 0) {
+    GemmParams tail = p;
+    tail.m = rest;
+    tail.a = static_cast<const char*>(p.a) + whole * kSkinnyMaxRows * p.lda * dtype_size(p.ab_type);
+    tail.c = static_cast<char*>(p.c) + whole * kSkinnyMaxRows * p.ldc * dtype_size(p.c_type);
+    run(tail);
+  }
+}
+
 }  // namespace
 
 Blas::Blas(cudaStream_t stream, BlasOptions options) : stream_(stream), options_(options) {
@@ -50,6 +92,10 @@ void gemm(const Blas& blas, const GemmParams& p) {
               "gemm: inputs must be F32 or BF16");
   MLA_REQUIRE(p.ab_type == DType::kBF16 || p.c_type == DType::kF32,
               "gemm: fp32 inputs need an fp32 output");
+  if (blas.options().batch_invariant) {
+    batch_invariant_gemm(blas, p);
+    return;
+  }
   if (blas.options().small_gemm && p.m <= kSkinnyPreferredRows && skinny_gemm_supports(p)) {
     skinny_gemm(p, blas.stream(), blas.options().dependent_launch && p.b_constant);
     return;

@@ -33,6 +33,12 @@ struct BlasOptions {
   // Those of them whose B is constant (GemmParams::b_constant: weights) launch as programmatic
   // dependents of the previous kernel, loading weights while it finishes. Default: true.
   bool dependent_launch = true;
+  // Every row of every product comes out the same whatever the number of rows (the model's
+  // deterministic option): all products go through skinny_gemm, whose per-row reduction
+  // order does not depend on m, in tiles of kSkinnyMaxRows rows with its thread layout fixed by
+  // n and k alone. Weights are read once per tile (prefill pays for it), and a product
+  // skinny_gemm does not support throws kFailedPrecondition naming it. Default: false.
+  bool batch_invariant = false;
 };
 
 // A cuBLAS handle bound to one stream, with its own workspace so products can be captured

@@ -405,7 +405,8 @@ void mla_prefill(const MlaPrefillParams& p, void* workspace, cudaStream_t stream
                 "mla_prefill: q, pool and out must be 16-byte aligned");
   }
   // Check workspace
-  const TileShape g = tile_shape(p.tokens, p.heads, sm_count());
+  TileShape g = tile_shape(p.tokens, p.heads, sm_count());
+  if (p.single_split) g.splits = 1;
   const int64_t grid = int64_t{g.token_tiles} * g.head_tiles * g.splits;
   MLA_REQUIRE(grid < (int64_t{1} << 31), "mla_prefill: {} tokens x {} heads exceed one grid",
               p.tokens, p.heads);

@@ -28,6 +28,9 @@ struct MlaPrefillParams {
   float scale;
   __nv_bfloat16* out;  // [tokens, heads, 512]
   float* lse;          // [tokens, heads]: natural log of sum_j exp(scale * q . row_j)
+  // Never split a row's keys among CTAs (the model's deterministic option): a row then sums its
+  // keys from the first in one pass whatever else the batch holds; a short batch leaves SMs idle.
+  bool single_split = false;
 };
 
 // Bytes of workspace mla_prefill needs for `tokens` x `heads` on the current device: 0 when
@@ -40,7 +43,8 @@ size_t mla_prefill_workspace_size(int32_t tokens, int32_t heads);
 // contiguous in the batch (nothing else is assumed about their order or num_keys).
 // `workspace` holds mla_prefill_workspace_size(tokens, heads) bytes, 16-byte aligned (may be
 // null when that is 0). q, pool and out must be 16-byte aligned. Deterministic: the same
-// inputs give bit-identical outputs on GPUs with the same SM count (which sets the split).
+// inputs give bit-identical outputs on GPUs with the same SM count (which sets the split); with
+// single_split a row's output depends on its own query and keys alone.
 void mla_prefill(const MlaPrefillParams& p, void* workspace, cudaStream_t stream);
 
 }  // namespace mla::cuda

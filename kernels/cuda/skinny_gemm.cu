@@ -140,9 +140,10 @@ __global__ void __launch_bounds__(kThreads) skinny_kn_kernel(Args p) {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T, typename OutT, int MT>
-void launch_nk(const Args& args, int64_t batch, cudaStream_t stream, bool dependent) {
+void launch_nk(const Args& args, int64_t batch, cudaStream_t stream, bool dependent,
+               bool batch_invariant) {
   constexpr int64_t V = 16 / sizeof(T);
-  const int64_t groups = ceil_div(args.n, kRowsPerGroup) * batch;
+  const int64_t groups = ceil_div(args.n, kRowsPerGroup) * (batch_invariant ? 1 : batch);
   const int64_t chunks = args.k / V;
   // Widen the group while the grid is short of threads and every thread keeps >= 1 chunk.
   int g = 32;
@@ -178,9 +179,10 @@ void launch_kn(const Args& args, int64_t batch, cudaStream_t stream, bool depend
 }
 
 template <typename T, typename OutT, int MT>
-void launch_rows(const GemmParams& p, const Args& args, cudaStream_t stream, bool dependent) {
+void launch_rows(const GemmParams& p, const Args& args, cudaStream_t stream, bool dependent,
+                 bool batch_invariant) {
   if (p.b_nk) {
-    launch_nk<T, OutT, MT>(args, p.batch, stream, dependent);
+    launch_nk<T, OutT, MT>(args, p.batch, stream, dependent, batch_invariant);
   } else {
     launch_kn<T, OutT, MT>(args, p.batch, stream, dependent);
   }
@@ -188,15 +190,16 @@ void launch_rows(const GemmParams& p, const Args& args, cudaStream_t stream, boo
 
 // One instantiation per power of two of rows; m rounds up to it.
 template <typename T, typename OutT>
-void launch_typed(const GemmParams& p, const Args& args, cudaStream_t stream, bool dependent) {
+void launch_typed(const GemmParams& p, const Args& args, cudaStream_t stream, bool dependent,
+                  bool batch_invariant) {
   if (p.m <= 1) {
-    launch_rows<T, OutT, 1>(p, args, stream, dependent);
+    launch_rows<T, OutT, 1>(p, args, stream, dependent, batch_invariant);
   } else if (p.m <= 2) {
-    launch_rows<T, OutT, 2>(p, args, stream, dependent);
+    launch_rows<T, OutT, 2>(p, args, stream, dependent, batch_invariant);
   } else if (p.m <= 4) {
-    launch_rows<T, OutT, 4>(p, args, stream, dependent);
+    launch_rows<T, OutT, 4>(p, args, stream, dependent, batch_invariant);
   } else {
-    launch_rows<T, OutT, 8>(p, args, stream, dependent);
+    launch_rows<T, OutT, 8>(p, args, stream, dependent, batch_invariant);
   }
 }
 
@@ -218,7 +221,7 @@ bool skinny_gemm_supports(const GemmParams& p) {
   return whole(p.k) && is_aligned(p.a, 16) && whole(p.lda) && whole(p.stride_a);
 }
 
-void skinny_gemm(const GemmParams& p, cudaStream_t stream, bool dependent) {
+void skinny_gemm(const GemmParams& p, cudaStream_t stream, bool dependent, bool batch_invariant) {
   MLA_REQUIRE(skinny_gemm_supports(p), "skinny_gemm: unsupported product {}x{}x{} x{}", p.m, p.n,
               p.k, p.batch);
   MLA_REQUIRE(!dependent || p.b_constant,
@@ -226,11 +229,11 @@ void skinny_gemm(const GemmParams& p, cudaStream_t stream, bool dependent) {
   const Args args{p.a,   p.b,   p.c,        p.m,        p.n,        p.k,     p.lda,
                   p.ldb, p.ldc, p.stride_a, p.stride_b, p.stride_c, p.alpha, p.beta};
   if (p.ab_type == DType::kF32) {
-    launch_typed<float, float>(p, args, stream, dependent);
+    launch_typed<float, float>(p, args, stream, dependent, batch_invariant);
   } else if (p.c_type == DType::kF32) {
-    launch_typed<__nv_bfloat16, float>(p, args, stream, dependent);
+    launch_typed<__nv_bfloat16, float>(p, args, stream, dependent, batch_invariant);
   } else {
-    launch_typed<__nv_bfloat16, __nv_bfloat16>(p, args, stream, dependent);
+    launch_typed<__nv_bfloat16, __nv_bfloat16>(p, args, stream, dependent, batch_invariant);
   }
 }
 

@@ -37,6 +37,10 @@ bool skinny_gemm_supports(const GemmParams& p);
 // Enqueues the product on `stream`, as a programmatic dependent of the previous kernel when
 // `dependent` (then p.b_constant must hold). Never synchronises. Throws kInvalidArgument when
 // !skinny_gemm_supports(p) or dependent && !p.b_constant.
-void skinny_gemm(const GemmParams& p, cudaStream_t stream, bool dependent = false);
+// Each output row's sum runs in an order set by n, k and the thread layout alone (m only
+// bounds a loop); the layout widens with the batch to fill the GPU unless `batch_invariant`,
+// which keeps it at what one product would get, so a row sums the same in any launch.
+void skinny_gemm(const GemmParams& p, cudaStream_t stream, bool dependent = false,
+                 bool batch_invariant = false);
 
 }  // namespace mla::cuda

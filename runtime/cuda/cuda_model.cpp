@@ -40,9 +40,18 @@ ModelOptions gpu_options(const ModelOptions& options) {
 }  // namespace
 
 CudaModel::CudaModel(ModelConfig config, const ModelOptions& options, ShardPlan shard)
-    : Model(config, options, shard, decompressed_unsupported(config)),
+    : Model(config, options, shard,
+            options.deterministic
+                ? "deterministic: the decompressed form's up-projection covers the whole "
+                  "context, so its rows depend on where a prompt's chunk ends"
+                : decompressed_unsupported(config)),
       options_(options.cuda),
-      device_(cuda::current_device()) {}
+      deterministic_(options.deterministic),
+      device_(cuda::current_device()) {
+  // A decode graph captures the planned split-KV kernel and the small-batch products that a
+  // deterministic step replaces.
+  if (deterministic_) options_.graphs = false;
+}
 
 CudaModel::~CudaModel() {
   // Free the weights on the model's device; a destructor must not throw, so errors are let be.
@@ -56,9 +65,10 @@ CudaModel::~CudaModel() {
 std::shared_ptr<CudaModel> CudaModel::load(const std::string& model_dir,
                                            const ModelOptions& options) {
   MLA_REQUIRE(cuda::device_count() > 0, "--device cuda: no CUDA device is visible");
-  MLA_REQUIRE(!options.deterministic,
-              "deterministic: batch-invariant products are built for the CPU model only; the "
-              "CUDA model's products and attention splits still depend on the batch");
+  MLA_REQUIRE(!options.deterministic || options.tp_size <= 2,
+              "deterministic on GPUs needs tp <= 2 (got {}): over more ranks the all-reduce's "
+              "summation order follows NCCL's algorithm for each message size",
+              options.tp_size);
   ModelConfig config = ModelConfig::load(model_dir);
   const ShardPlan shard = plan_for(config, options);
   std::shared_ptr<CudaModel> model(new CudaModel(std::move(config), gpu_options(options), shard));

@@ -37,6 +37,9 @@ class CudaModel : public Model {
 
   const DeviceWeights& weights() const { return weights_; }
   const CudaOptions& options() const { return options_; }
+  // ModelOptions::deterministic: every step batch-invariant (CudaStepContext::batch_invariant);
+  // decode steps then run without CUDA graphs.
+  bool deterministic() const { return deterministic_; }
   // Bytes of weights on the device (for bandwidth reports).
   int64_t weight_bytes() const { return weights_.bytes; }
 
@@ -44,6 +47,7 @@ class CudaModel : public Model {
   CudaModel(ModelConfig config, const ModelOptions& options, ShardPlan shard);
 
   CudaOptions options_;
+  bool deterministic_;
   int device_;
   DeviceWeights weights_;
 };

@@ -42,7 +42,8 @@ CudaRunner::CudaRunner(const CudaModel& model, LatentCache& cache, Communicator*
   MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   try {
     blas_ = std::make_unique<cuda::Blas>(
-        stream_, cuda::BlasOptions{.small_gemm = model.options().small_gemm});
+        stream_, cuda::BlasOptions{.small_gemm = model.options().small_gemm,
+                                   .batch_invariant = model.deterministic()});
     buffers_ = std::make_unique<StepBuffers>(StepBuffers::Sizing{
         &model.config(), model.shard(), model.weights().max_mlp_width, num_sms_});
     profiler_ = std::make_unique<StepProfiler>(stream_);
@@ -107,7 +108,8 @@ void CudaRunner::run(const ForwardBatch& batch, WorkCounter& work) {
                                 .cache = cache_,
                                 .comm = comm_,
                                 .ordered = ordered,
-                                .dump = dump_};
+                                .dump = dump_,
+                                .batch_invariant = cuda_model_.deterministic()};
   CudaStep step(context, batch, meta);
   if (meta.graph) {
     graphs_->run(

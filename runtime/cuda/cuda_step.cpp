@@ -369,7 +369,7 @@ void CudaStep::latent_attention(int64_t l, const bf16* q_local) {
     p.token_seq = meta(meta_.o_token_seq);
     p.tokens = static_cast<int32_t>(T);
     cuda::latent_attention(p, s);
-  } else if (meta_.batch.pure_decode()) {
+  } else if (meta_.batch.pure_decode() && !x_.batch_invariant) {
     cuda::MlaDecodeParams p{};
     common(p);
     p.batch = static_cast<int32_t>(meta_.S);
@@ -384,6 +384,7 @@ void CudaStep::latent_attention(int64_t l, const bf16* q_local) {
     common(p);
     p.token_seq = meta(meta_.o_token_seq);
     p.tokens = static_cast<int32_t>(T);
+    p.single_split = x_.batch_invariant;
     cuda::mla_prefill(p, b_.prefill_workspace.raw(), s);
   }
   if (!sharded) return;
@@ -522,7 +523,10 @@ void CudaStep::ffn(const DeviceLayer& d) {
   ep.inter = c_.moe_intermediate_size;
   ep.experts = E;
   // The weight-streaming expert kernels go with the small-row products (CudaOptions).
-  ep.gemv_max_slots = x_.blas.options().small_gemm ? cuda::kMoeGemvMaxSlots : 0;
+  // The weight-streaming expert kernels sum in another order than the tiled ones: a batch
+  // that is invariant keeps to the tiled ones.
+  ep.gemv_max_slots =
+      x_.blas.options().small_gemm && !x_.batch_invariant ? cuda::kMoeGemvMaxSlots : 0;
   cuda::moe_experts(ep, b_.moe_workspace.raw(), b_.moe_workspace.nbytes(), s);
 }
 

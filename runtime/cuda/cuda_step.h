@@ -49,6 +49,10 @@ struct CudaStepContext {
   Communicator* comm;  // null for one rank
   bool ordered;        // comm enqueues its collectives on `stream` (no host syncs)
   TensorDump* dump;    // null unless named intermediates are wanted (never in graphs)
+  // ModelOptions::deterministic: batch-invariant products (blas), single-split latent
+  // attention for every token (no mla_decode plan, which cuts the whole batch's keys), and the
+  // tiled expert kernels at any batch.
+  bool batch_invariant;
 };
 
 class CudaStep {

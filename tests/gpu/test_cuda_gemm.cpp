@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -222,6 +223,52 @@ TEST(CudaGemm, CublasMatchesCpuReference) {
       DeviceData dev(d);
       cuda::gemm(blas, dev.params(c));
       expect_matches(d, dev.result(c), c.name + " (cuBLAS)");
+    }
+  }
+  MLA_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+// BlasOptions::batch_invariant (the deterministic option): each row of a product comes out
+// bit for bit as it does when that row is the product's only one, for row counts that are
+// whole tiles of 8, tiles and a rest, and less than a tile (single products: tiles batched
+// into one launch; per-head batched products: tile by tile), and within the reference's
+// tolerance.
+TEST(CudaGemm, BatchInvariantRowsDoNotDependOnTheRowCount) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(2026);
+  cudaStream_t stream;
+  MLA_CUDA_CHECK(cudaStreamCreate(&stream));
+  {
+    cuda::Blas blas(stream, {.batch_invariant = true});
+    for (const int64_t m : {64, 37, 3}) {
+      for (const Case& raw : cases()) {
+        if (raw.m != 1) continue;
+        Case c = raw;
+        c.m = m;
+        c.name = "m" + std::to_string(m) + raw.name.substr(2);
+        c = packed(c);
+        const Data d = make_data(c, rng);
+        DeviceData dev(d);
+        cuda::gemm(blas, dev.params(c));
+        const std::vector<float> all = dev.result(c);
+        expect_matches(d, all, c.name + " (batch-invariant)");
+        const size_t a_size = dtype_size(c.ab), c_size = dtype_size(c.c);
+        for (const int64_t i : {int64_t{0}, int64_t{7}, int64_t{8}, m - 1}) {
+          if (i >= m) continue;
+          DeviceData alone(d);  // C as it started
+          cuda::GemmParams one = alone.params(c);
+          one.m = 1;
+          one.a = static_cast<const char*>(one.a) + i * c.lda * a_size;
+          one.c = static_cast<char*>(one.c) + i * c.ldc * c_size;
+          cuda::gemm(blas, one);
+          const std::vector<float> row = alone.result(c);
+          for (int64_t z = 0; z < c.batch; ++z) {
+            const int64_t at = z * c.stride_c + i * c.ldc;
+            ASSERT_EQ(0, std::memcmp(&row[at], &all[at], c.n * sizeof(float)))
+                << c.name << ": row " << i << " of product " << z << " differs from the row alone";
+          }
+        }
+      }
     }
   }
   MLA_CUDA_CHECK(cudaStreamDestroy(stream));

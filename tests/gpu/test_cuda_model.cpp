@@ -24,6 +24,7 @@
 #include <cmath>
 #include <filesystem>
 #include <map>
+#include <random>
 
 #include "kernels/cuda/cuda_check.h"
 #include "runtime/cuda/cuda_model.h"
@@ -66,15 +67,18 @@ double top2_margin(const float* row, int64_t n) {
   return a - b;
 }
 
-std::shared_ptr<CudaModel> model(const std::string& name, AbsorbMode mode, bool graphs) {
-  static std::map<std::tuple<std::string, AbsorbMode, bool>, std::shared_ptr<CudaModel>> cache;
-  auto& m = cache[{name, mode, graphs}];
+std::shared_ptr<CudaModel> model(const std::string& name, AbsorbMode mode, bool graphs,
+                                 bool deterministic = false) {
+  static std::map<std::tuple<std::string, AbsorbMode, bool, bool>, std::shared_ptr<CudaModel>>
+      cache;
+  auto& m = cache[{name, mode, graphs, deterministic}];
   if (!m) {
     ModelOptions o;
     o.absorb = mode;
     o.show_progress = false;
     o.device = Device::kCuda;
     o.cuda.graphs = graphs;
+    o.deterministic = deterministic;
     m = CudaModel::load(model_dir(name), o);
   }
   return m;
@@ -99,11 +103,11 @@ using Param = std::tuple<std::string, AbsorbMode, int32_t, Pattern, bool>;
 
 class CudaModelParity : public testing::TestWithParam<Param> {};
 
-TEST_P(CudaModelParity, ReproducesTransformersWithinBf16) {
-  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  const auto& [name, mode, block_size, pattern, graphs] = GetParam();
+// The golden prompts on `m` in `pattern`: logits within bf16 tolerance of transformers',
+// greedy tokens equal but at near-ties, every page freed.
+void expect_parity(const std::shared_ptr<CudaModel>& m, const std::string& name, int32_t block_size,
+                   Pattern pattern, const std::string& label) {
   const Golden& g = golden(name);
-  auto m = model(name, mode, graphs);
   const int64_t V = m->config().vocab_size;
   const int steps = g.steps;
 
@@ -135,9 +139,16 @@ TEST_P(CudaModelParity, ReproducesTransformersWithinBf16) {
       }
     }
   }
-  std::printf("%s %s b%d %s graphs %d: worst logits rel err %.3g\n", name.c_str(),
-              to_string(mode).c_str(), block_size, pattern_name(pattern), graphs ? 1 : 0, worst);
+  std::printf("%s: worst logits rel err %.3g\n", label.c_str(), worst);
   EXPECT_EQ(engine.cache().pool().num_free(), opts.num_pages) << "pages leaked";
+}
+
+TEST_P(CudaModelParity, ReproducesTransformersWithinBf16) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const auto& [name, mode, block_size, pattern, graphs] = GetParam();
+  expect_parity(model(name, mode, graphs), name, block_size, pattern,
+                fmt::format("{} {} b{} {} graphs {}", name, to_string(mode), block_size,
+                            pattern_name(pattern), graphs ? 1 : 0));
 }
 
 std::string param_name(const testing::TestParamInfo<Param>& info) {
@@ -165,6 +176,93 @@ INSTANTIATE_TEST_SUITE_P(SmallPages, CudaModelParity,
                                           testing::Values(Pattern::kBatched),
                                           testing::Values(false)),
                          param_name);
+
+// The deterministic option keeps parity: its products, attention and expert kernels differ
+// from the default ones only in how work is split.
+using DeterministicParam = std::tuple<std::string, AbsorbMode, Pattern>;
+class CudaDeterministicParity : public testing::TestWithParam<DeterministicParam> {};
+
+TEST_P(CudaDeterministicParity, ReproducesTransformersWithinBf16) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const auto& [name, mode, pattern] = GetParam();
+  expect_parity(
+      model(name, mode, false, true), name, 64, pattern,
+      fmt::format("{} {} {} deterministic", name, to_string(mode), pattern_name(pattern)));
+}
+
+std::string deterministic_name(const testing::TestParamInfo<DeterministicParam>& info) {
+  return fmt::format("{}_{}_{}", std::get<0>(info.param), to_string(std::get<1>(info.param)),
+                     pattern_name(std::get<2>(info.param)));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Golden, CudaDeterministicParity,
+    testing::Combine(testing::Values("v3", "v2_group", "v3_mla", "v3_mla_h8"),
+                     testing::Values(AbsorbMode::kFactored, AbsorbMode::kPremerged,
+                                     AbsorbMode::kAuto),
+                     testing::Values(Pattern::kBatched, Pattern::kChunkedPrefill)),
+    deterministic_name);
+
+// The deterministic option on the GPU: a seeded request alone, and with 15 others (some
+// joining mid-run) under a token budget that chunks its prompt differently, samples the same
+// tokens from the same logits, bit for bit. A naive-absorption model cannot be deterministic
+// (its decompressed form's rows depend on the chunk's end) and says so.
+TEST(CudaDeterminism, ASeededRequestSamplesTheSameAloneAndInABusyBatch) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const std::string name : {"v3_mla", "v2_group"}) {
+    SCOPED_TRACE(name);
+    auto m = model(name, AbsorbMode::kAuto, false, true);
+    Request r;
+    r.prompt = golden(name).prompts[0];
+    while (r.prompt.size() < 40) r.prompt.push_back(r.prompt[r.prompt.size() % 7] ^ 5);
+    r.max_tokens = 24;
+    r.ignore_eos = true;
+    r.return_logits = true;
+    r.sampling = {.temperature = 0.8f, .top_k = 50, .top_p = 1.0f, .seed = 1003};
+    auto run = [&](int others, int32_t budget) {
+      EngineOptions opts = engine_options(256);
+      opts.scheduler.max_batch_tokens = budget;
+      Engine engine(m, opts);
+      std::mt19937 rng(others);
+      auto add_other = [&](int i) {
+        Request o = r;
+        o.return_logits = false;
+        o.sampling.seed = 2000 + i;
+        o.prompt.resize(5 + rng() % 60);
+        for (int32_t& t : o.prompt) t = static_cast<int32_t>(rng() % 256);
+        engine.add_request(o);
+      };
+      for (int i = 0; i < others / 2; ++i) add_other(i);
+      const RequestId id = engine.add_request(r);
+      std::pair<std::vector<int32_t>, std::vector<std::vector<float>>> got;
+      for (int step = 0; engine.has_work(); ++step) {
+        if (step == 3) {
+          for (int i = others / 2; i < others; ++i) add_other(i);
+        }
+        for (StepOutput& out : engine.step()) {
+          if (out.id != id) continue;
+          got.first.push_back(out.token);
+          got.second.push_back(std::move(out.logits));
+        }
+      }
+      return got;
+    };
+    const auto alone = run(0, 256), busy = run(15, 24);
+    ASSERT_EQ(alone.first.size(), 24u);
+    EXPECT_EQ(busy.first, alone.first);
+    ASSERT_EQ(busy.second.size(), alone.second.size());
+    for (size_t s = 0; s < alone.second.size(); ++s) {
+      ASSERT_EQ(busy.second[s], alone.second[s]) << "logits of step " << s << " differ";
+    }
+  }
+  try {
+    model("v3_mla", AbsorbMode::kNaive, false, true);
+    ADD_FAILURE() << "naive absorption loaded as deterministic";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << e.what();
+    EXPECT_NE(std::string(e.what()).find("deterministic"), std::string::npos) << e.what();
+  }
+}
 
 // Decode steps of the same batch shape replay one captured graph.
 TEST(CudaModelGraphs, DecodeStepsReplayCapturedGraphs) {
