@@ -165,6 +165,10 @@ int run_profile(const ProfileArgs& a) {
   out["device"] = rt->model->cuda_device() >= 0 ? "cuda" : "cpu";
   out["tp"] = d.parallel.tp;
   out["block_size"] = d.engine.block_size;
+  // What a migration moves per token: every layer's latent row in the cache's dtype.
+  const ModelConfig& mc = rt->model->config();
+  out["latent_bytes_per_token"] =
+      int64_t{mc.num_layers} * mc.latent_width() * (rt->model->cuda_device() >= 0 ? 2 : 4);
   out["samples"] = nlohmann::ordered_json::array();
   for (const auto& s : samples) {
     out["samples"].push_back({{"prefill_tokens", s.prefill_tokens},
@@ -227,6 +231,9 @@ int run_simulate(const SimulateArgs& a) {
   bench::SimOptions sim = a.sim;
   sim.routing = routing_policy_from_string(a.routing, "--routing");
   for (const std::string& f : a.failures) sim.failures.push_back(parse_failure(f));
+  if (sim.latent_bytes_per_token == 0) {
+    sim.latent_bytes_per_token = profile.value("latent_bytes_per_token", int64_t{0});
+  }
   bench::RunInfo info;
   info.backend = "mlaserve-simulated";
   info.target = fmt::format("{} group(s) from {}", sim.groups, a.profile);
@@ -329,6 +336,17 @@ void add_simulate_commands(CLI::App& app, int& exit_code) {
       ->capture_default_str();
   sim->add_option("--percentiles", s->percentiles, "Percentiles to report")->capture_default_str();
   sim->add_option("--goodput", s->goodput, "SLOs for goodput, as bench's");
+  sim->add_option("--prefill-groups", s->sim.prefill_groups,
+                  "The first N groups prefill and hand each request, with its cache, to a decode "
+                  "group (the rest) after its first token; 0: all groups do both")
+      ->capture_default_str();
+  sim->add_option("--migration-gbps", s->sim.migration_gbps, "A hand-off's transfer rate")
+      ->capture_default_str();
+  sim->add_option("--migration-fixed-ms", s->sim.migration_fixed_ms,
+                  "A hand-off's time besides the transfer")
+      ->capture_default_str();
+  sim->add_option("--latent-bytes-per-token", s->sim.latent_bytes_per_token,
+                  "Cache bytes per token, all layers (default: the profile's)");
   sim->add_option("--fail-group", s->failures,
                   "GROUP@SECONDS: that group dies then and its requests fail over (repeatable)");
   sim->add_option("--result-file", s->result_file, "Write the result JSON here, as bench does");

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <deque>
+#include <map>
 #include <memory>
 #include <optional>
 #include <queue>
@@ -226,7 +227,7 @@ struct Group {
 struct Event {
   double t;
   uint64_t order;  // ties in the order they were made
-  enum Kind { kArrival, kReachWorker, kStepDone, kGroupFails, kResubmit } kind;
+  enum Kind { kArrival, kReachWorker, kStepDone, kGroupFails, kResubmit, kHandOff } kind;
   size_t index;  // the work item (arrival, reaching its worker, resubmission), or the group
   bool operator>(const Event& o) const { return t != o.t ? t > o.t : order > o.order; }
 };
@@ -236,6 +237,12 @@ struct Event {
 SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& model,
                    const SimOptions& o) {
   MLA_REQUIRE(o.groups >= 1, "--groups must be >= 1, got {}", o.groups);
+  MLA_REQUIRE(o.prefill_groups >= 0 && o.prefill_groups < std::max(o.groups, 2),
+              "--prefill-groups must leave a decode group: {} of {} groups", o.prefill_groups,
+              o.groups);
+  MLA_REQUIRE(o.prefill_groups == 0 || (o.latent_bytes_per_token > 0 && o.migration_gbps > 0),
+              "prefill groups hand caches over: latent bytes per token and migration GB/s must "
+              "be > 0");
   MLA_REQUIRE(o.max_concurrency >= 1, "--max-concurrency must be >= 1");
   SimResult result;
   result.records.resize(items.size());
@@ -269,6 +276,13 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
   std::vector<size_t> routed_to(items.size());
   std::vector<std::vector<int32_t>> prompts(items.size());  // what the worker gets to compute
   std::vector<int32_t> to_generate(items.size());           // the tokens still to come
+  // Hand-offs under way: the request's sequence, its pages reserved at the decode group.
+  struct HandOff {
+    size_t to;
+    std::unique_ptr<Sequence> seq;
+  };
+  std::map<size_t, HandOff> handoffs;
+  const auto prefill_group = [&](size_t g) { return static_cast<int32_t>(g) < o.prefill_groups; };
   double now = 0;
 
   auto start_step = [&](size_t g) {
@@ -294,10 +308,15 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
 
   // Sends work item i to a live group, as routing picks it; false when none is left.
   auto route = [&](size_t i) {
+    // With prefill groups, new requests go to them while any is alive.
+    bool prefill_alive = false;
+    for (size_t g = 0; g < groups.size(); ++g) prefill_alive |= prefill_group(g) && groups[g].alive;
     std::vector<WorkerView> views;
-    for (const Group& g : groups) {
-      views.push_back({g.id, g.alive, g.cache->pool().num_free(), o.num_pages,
-                       g.scheduler->num_running(), g.scheduler->num_waiting(), g.in_flight});
+    for (size_t k = 0; k < groups.size(); ++k) {
+      const Group& g = groups[k];
+      views.push_back({g.id, g.alive && (!prefill_alive || prefill_group(k)),
+                       g.cache->pool().num_free(), o.num_pages, g.scheduler->num_running(),
+                       g.scheduler->num_waiting(), g.in_flight});
     }
     const std::optional<std::string> picked = router.pick(views, prompts[i]);
     if (!picked) return false;
@@ -385,6 +404,62 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     group.in_flight = 0;
   };
 
+  // Sequence k of prefill group g, with its first token out, moves to the decode group with
+  // the most free pages, if one has room for its cache (else it stays).
+  auto hand_off = [&](size_t g, size_t k) {
+    Group& from = groups[g];
+    Sequence& seq = *from.sequences[k];
+    const auto n = static_cast<int32_t>(seq.tokens.size());
+    size_t to = groups.size();
+    for (size_t d = 0; d < groups.size(); ++d) {
+      if (prefill_group(d) || !groups[d].alive ||
+          groups[d].cache->pool().num_free() < groups[d].cache->pages_for(n)) {
+        continue;
+      }
+      if (to == groups.size() ||
+          groups[d].cache->pool().num_free() > groups[to].cache->pool().num_free()) {
+        to = d;
+      }
+    }
+    if (to == groups.size()) return;
+    const size_t i = from.item_of[k];
+    auto moved = std::make_unique<Sequence>();
+    moved->id = next_id++;
+    moved->request = seq.request;
+    moved->tokens = seq.tokens;
+    moved->prompt_len = seq.prompt_len;
+    MLA_CHECK(groups[to].cache->reserve(moved->table, n), "no room after checking for it");
+    moved->num_computed = n - 1;  // the last token runs again, as after an import
+    from.scheduler->remove(&seq);
+    from.sequences.erase(from.sequences.begin() + static_cast<long>(k));
+    from.item_of.erase(from.item_of.begin() + static_cast<long>(k));
+    --from.in_flight;
+    ++groups[to].in_flight;
+    const double bytes = static_cast<double>(n - 1) * static_cast<double>(o.latent_bytes_per_token);
+    const double ms = o.migration_fixed_ms + bytes / (o.migration_gbps * 1e9) * 1000.0;
+    handoffs[i] = {to, std::move(moved)};
+    events.push({now + ms / 1000.0, order++, Event::kHandOff, i});
+  };
+
+  // A hand-off of work item i arrives: the request continues at the decode group.
+  auto arrive = [&](size_t i) {
+    auto it = handoffs.find(i);
+    HandOff h = std::move(it->second);
+    handoffs.erase(it);
+    Group& group = groups[h.to];
+    if (!group.alive) {  // the target died meanwhile: fail over with what was streamed
+      const int32_t streamed = h.seq->num_generated();
+      prompts[i].insert(prompts[i].end(), h.seq->tokens.end() - streamed, h.seq->tokens.end());
+      to_generate[i] -= streamed;
+      events.push({now, order++, Event::kResubmit, i});
+      return;
+    }
+    group.scheduler->add(h.seq.get());
+    group.sequences.push_back(std::move(h.seq));
+    group.item_of.push_back(i);
+    start_step(h.to);
+  };
+
   // The coordinator's failover of work item i; with no live group left the request fails.
   auto resubmit = [&](size_t i) {
     if (route(i)) return;
@@ -409,6 +484,10 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     }
     if (e.kind == Event::kResubmit) {
       resubmit(e.index);
+      continue;
+    }
+    if (e.kind == Event::kHandOff) {
+      arrive(e.index);
       continue;
     }
     if (e.kind == Event::kArrival) {
@@ -451,6 +530,8 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
         --in_flight;
         result.duration_s = std::max(result.duration_s, seen);
         release_slot();
+      } else if (prefill_group(e.index) && seq->num_generated() == 1) {
+        hand_off(e.index, k);
       }
     }
     start_step(e.index);

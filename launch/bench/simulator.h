@@ -23,8 +23,9 @@
 // The client side is bench's: at most `max_concurrency` requests open, each started at its
 // arrival or, when all are busy, when one ends.
 //
-// Group failures are modelled with the coordinator's failover (SimOptions::failures).
-// Not modelled yet: migration (drain, rebalancing, disaggregated prefill/decode), several TP
+// Group failures are modelled with the coordinator's failover (SimOptions::failures), and
+// disaggregated prefill/decode groups with a hand-off whose time follows the cache's size
+// (SimOptions::prefill_groups). Not modelled yet: drain and rebalancing migrations, several TP
 // sizes in one run.
 #pragma once
 
@@ -106,6 +107,19 @@ struct SimOptions {
   // does: the prompt plus the tokens already streamed, recomputed there (request_ms on the
   // way); with no live group left a request fails with UNAVAILABLE. Default: none.
   std::vector<GroupFailure> failures;
+  // Disaggregated prefill/decode, as workers with role prefill and decode run it: the first
+  // `prefill_groups` groups take new requests (and failovers) and hand each, with its cache,
+  // to the decode group (the rest) with the most free pages once its first token is out; a
+  // request that finds no decode group with room for its cache stays and decodes where it is.
+  // A hand-off takes migration_fixed_ms plus the cache's bytes (latent_bytes_per_token per
+  // computed token) at migration_gbps, during which the request runs nowhere; at the decode
+  // group it continues without recomputing. 0: every group does both. Default: 0.
+  int32_t prefill_groups = 0;
+  // Defaults: one H200's live-migration gap (10 ms) and loopback gRPC (2 GB/s),
+  // docs/BENCHMARKS.md.
+  double migration_fixed_ms = 10.0;
+  double migration_gbps = 2.0;
+  int64_t latent_bytes_per_token = 0;  // required with prefill_groups
 };
 
 struct SimResult {

@@ -144,5 +144,48 @@ TEST(Simulator, AFailedGroupsRequestsFailOverAndLoseNoToken) {
   EXPECT_THROW(simulate(items, constant_model(10.0, 2.0), o), Error);
 }
 
+// Disaggregated prefill/decode: every request prefills on the prefill group, which hands it,
+// with its cache, to the decode group after its first token; the hand-off's gap follows the
+// cache's size; the decode group computes only decode tokens. A decode group without room for
+// a cache leaves the request where it is.
+TEST(Simulator, PrefillGroupsHandRequestsWithTheirCachesToDecodeGroups) {
+  std::vector<WorkItem> items(6);
+  for (size_t i = 0; i < items.size(); ++i) {
+    items[i].prompt_ids.assign(100 + 50 * i, 1);
+    items[i].output_len = 10;
+    items[i].arrival_s = 0.1 * static_cast<double>(i);  // one at a time
+  }
+  SimOptions o;
+  o.groups = 2;
+  o.prefill_groups = 1;
+  o.latent_bytes_per_token = 1'000'000;  // 1 MB a token at 1 GB/s: 1 ms a token
+  o.migration_gbps = 1.0;
+  o.migration_fixed_ms = 5.0;
+  const SimResult r = simulate(items, constant_model(10.0, 2.0), o);
+  for (size_t i = 0; i < items.size(); ++i) {
+    const RequestRecord& rec = r.records[i];
+    ASSERT_TRUE(rec.complete) << i;
+    EXPECT_EQ(rec.output_tokens, 10);
+    ASSERT_EQ(rec.workers, (std::vector<std::string>{"sim-0", "sim-1"})) << i;
+    // Between the first token and the second: the hand-off (5 ms + the prompt's latents at
+    // 1 ms a token) and the decode group's first step (2 ms).
+    const double prompt = 100.0 + 50.0 * static_cast<double>(i);
+    EXPECT_NEAR(rec.itl_ms.front(), 5.0 + prompt + 2.0, 1e-6) << i;
+  }
+
+  // With no decode group to take them (it died at the start) the requests decode where they
+  // prefilled.
+  o.failures = {{1, 0.0}};
+  const SimResult stayed = simulate(items, constant_model(10.0, 2.0), o);
+  for (const RequestRecord& rec : stayed.records) {
+    EXPECT_TRUE(rec.complete);
+    EXPECT_EQ(rec.workers, (std::vector<std::string>{"sim-0"}));
+  }
+  o.failures.clear();
+
+  o.latent_bytes_per_token = 0;
+  EXPECT_THROW(simulate(items, constant_model(10.0, 2.0), o), Error);
+}
+
 }  // namespace
 }  // namespace mla::bench
