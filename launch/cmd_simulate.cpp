@@ -164,6 +164,7 @@ int run_profile(const ProfileArgs& a) {
   out["model_family"] = rt->model->config().family_name();
   out["device"] = rt->model->cuda_device() >= 0 ? "cuda" : "cpu";
   out["tp"] = d.parallel.tp;
+  out["kv_shard"] = d.parallel.kv_shard == KvShard::kReplicate ? "replicate" : "sequence";
   out["block_size"] = d.engine.block_size;
   // What a migration moves per token: every layer's latent row in the cache's dtype.
   const ModelConfig& mc = rt->model->config();
@@ -203,6 +204,8 @@ struct SimulateArgs {
   std::string result_file;
   bool save_detailed = false;
   std::vector<std::string> failures;  // "GROUP@SECONDS"
+  int32_t tp = 0;                     // 0: the profile's
+  std::string kv_shard;               // empty: the profile's
 };
 
 // --fail-group's "GROUP@SECONDS".
@@ -231,6 +234,15 @@ int run_simulate(const SimulateArgs& a) {
   bench::SimOptions sim = a.sim;
   sim.routing = routing_policy_from_string(a.routing, "--routing");
   for (const std::string& f : a.failures) sim.failures.push_back(parse_failure(f));
+  // The group layout the profile measured, unless given.
+  const int32_t profiled_tp = profile.value("tp", 1);
+  const std::string profiled_shard = profile.value("kv_shard", std::string("sequence"));
+  if (a.tp == 0) sim.tp = profiled_tp;
+  sim.kv_shard =
+      kv_shard_from_string(a.kv_shard.empty() ? profiled_shard : a.kv_shard, "--kv-shard");
+  if (sim.tp != profiled_tp) {
+    spdlog::warn("simulating tp {} with step times profiled at tp {}", sim.tp, profiled_tp);
+  }
   if (sim.latent_bytes_per_token == 0) {
     sim.latent_bytes_per_token = profile.value("latent_bytes_per_token", int64_t{0});
   }
@@ -306,7 +318,7 @@ void add_simulate_commands(CLI::App& app, int& exit_code) {
       "and router; step times from `mlaserve profile`)");
   sim->add_option("--profile", s->profile, "A profile written by `mlaserve profile`")->required();
   sim->add_option("--groups", s->sim.groups, "Worker groups")->capture_default_str();
-  sim->add_option("--num-pages", s->sim.num_pages, "Cache pages per group")->capture_default_str();
+  sim->add_option("--num-pages", s->sim.num_pages, "Cache pages per rank")->capture_default_str();
   sim->add_option("--block-size", s->sim.block_size, "Tokens per cache page")
       ->capture_default_str();
   sim->add_option("--max-batch-tokens", s->sim.scheduler.max_batch_tokens, "A step's token budget")
@@ -336,6 +348,10 @@ void add_simulate_commands(CLI::App& app, int& exit_code) {
       ->capture_default_str();
   sim->add_option("--percentiles", s->percentiles, "Percentiles to report")->capture_default_str();
   sim->add_option("--goodput", s->goodput, "SLOs for goodput, as bench's");
+  sim->add_option("--tp", s->tp, "Ranks per group (default: the profile's)");
+  sim->add_option("--kv-shard", s->kv_shard,
+                  "sequence or replicate: how a group's ranks hold the cache (default: the "
+                  "profile's)");
   sim->add_option("--prefill-groups", s->sim.prefill_groups,
                   "The first N groups prefill and hand each request, with its cache, to a decode "
                   "group (the rest) after its first token; 0: all groups do both")

@@ -237,6 +237,7 @@ struct Event {
 SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& model,
                    const SimOptions& o) {
   MLA_REQUIRE(o.groups >= 1, "--groups must be >= 1, got {}", o.groups);
+  MLA_REQUIRE(o.tp >= 1, "--tp must be >= 1, got {}", o.tp);
   MLA_REQUIRE(o.prefill_groups >= 0 && o.prefill_groups < std::max(o.groups, 2),
               "--prefill-groups must leave a decode group: {} of {} groups", o.prefill_groups,
               o.groups);
@@ -250,8 +251,9 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
   for (int32_t g = 0; g < o.groups; ++g) {
     Group& group = groups[static_cast<size_t>(g)];
     group.id = fmt::format("sim-{}", g);
-    group.cache = std::make_unique<LatentCache>(CacheGeometry{1, o.block_size, 1, 0}, o.num_pages,
-                                                ShardPlan(1, 0, 1), CacheStorage::kNone);
+    group.cache =
+        std::make_unique<LatentCache>(CacheGeometry{1, o.block_size, 1, 0}, o.num_pages,
+                                      ShardPlan(o.tp, 0, o.tp, o.kv_shard), CacheStorage::kNone);
     group.scheduler = std::make_unique<Scheduler>(o.scheduler, *group.cache);
   }
   RouterOptions ro;

@@ -26,7 +26,7 @@
 // Group failures are modelled with the coordinator's failover (SimOptions::failures), and
 // disaggregated prefill/decode groups with a hand-off whose time follows the cache's size
 // (SimOptions::prefill_groups). Not modelled yet: drain and rebalancing migrations, several TP
-// sizes in one run.
+// sizes in one run (every group has the same tp and cache layout).
 #pragma once
 
 #include <array>
@@ -37,6 +37,7 @@
 
 #include "launch/bench/report.h"
 #include "launch/bench/workload.h"
+#include "parallel/shard_plan.h"
 #include "runtime/routing_policy.h"
 #include "runtime/scheduler.h"
 
@@ -90,8 +91,14 @@ struct GroupFailure {
 
 struct SimOptions {
   int32_t groups = 1;
-  int32_t num_pages = 1024;  // cache pages per group
+  int32_t num_pages = 1024;  // cache pages per rank
   int32_t block_size = 64;
+  // Ranks per group and how their caches hold a sequence: sequence-sharded (page j on rank
+  // j mod tp; the leader's pages decide what fits, as in the engine, so a group holds about tp
+  // times the context) or replicated (every rank holds every page). The step times must come
+  // from a profile of the same layout. Defaults: 1, sequence.
+  int32_t tp = 1;
+  KvShard kv_shard = KvShard::kSequence;
   SchedulerOptions scheduler;
   RoutingPolicy routing = RoutingPolicy::kLeastLoaded;
   int32_t max_in_flight = 4096;  // the coordinator's admission limit

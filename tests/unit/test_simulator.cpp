@@ -144,6 +144,32 @@ TEST(Simulator, AFailedGroupsRequestsFailOverAndLoseNoToken) {
   EXPECT_THROW(simulate(items, constant_model(10.0, 2.0), o), Error);
 }
 
+// A TP4 group with a sequence-sharded cache holds about four times the context of one whose
+// ranks replicate it (its leader stores every fourth page): about four times as many
+// requests run at once, and with step times that do not grow with the batch (this model's)
+// the same load ends far sooner (not 4x: the step's token budget paces the prefills).
+TEST(Simulator, ASequenceShardedGroupHoldsTpTimesTheContext) {
+  std::vector<WorkItem> items(24);
+  for (WorkItem& w : items) {
+    w.prompt_ids.assign(300, 1);
+    w.output_len = 20;
+  }
+  SimOptions o;
+  o.tp = 4;
+  o.block_size = 16;
+  o.num_pages = 60;  // per rank: 960 tokens replicated, ~3,840 sharded
+  o.max_concurrency = 24;
+  o.kv_shard = KvShard::kReplicate;
+  const SimResult replicated = simulate(items, constant_model(5.0, 1.0), o);
+  o.kv_shard = KvShard::kSequence;
+  const SimResult sharded = simulate(items, constant_model(5.0, 1.0), o);
+  for (const SimResult* r : {&replicated, &sharded}) {
+    for (const RequestRecord& rec : r->records) EXPECT_TRUE(rec.complete);
+  }
+  EXPECT_LT(sharded.duration_s, 0.6 * replicated.duration_s)
+      << "replicated " << replicated.duration_s << " s, sharded " << sharded.duration_s << " s";
+}
+
 // Disaggregated prefill/decode: every request prefills on the prefill group, which hands it,
 // with its cache, to the decode group after its first token; the hand-off's gap follows the
 // cache's size; the decode group computes only decode tokens. A decode group without room for
