@@ -40,8 +40,9 @@ void DeployFlags::add_to(CLI::App& cmd) {
       ->capture_default_str();
   cmd.add_flag("--no-cuda-graphs", no_graphs_, "Run decode steps without CUDA graphs");
   cmd.add_flag("--deterministic", deterministic_,
-               "Batch-invariant logits: a request samples the same tokens however it is batched "
-               "(CPU model)");
+               "Batch-invariant logits: a request samples the same tokens however it is batched");
+  cmd.add_flag("--prefix-caching", prefix_caching_,
+               "Keep full cache pages for later requests with the same leading tokens (tp 1)");
   cmd.add_flag("--no-small-gemm", no_small_gemm_,
                "Run products with few rows through cuBLAS and the tiled expert kernels, not the "
                "small-row kernels");
@@ -75,6 +76,7 @@ DeployConfig DeployFlags::resolve() const {
   }
   if (no_graphs_) d.model.cuda.graphs = false;
   if (deterministic_) d.model.deterministic = true;
+  if (prefix_caching_) d.engine.prefix_caching = true;
   if (no_small_gemm_) d.model.cuda.small_gemm = false;
   if (given("--max-batch-tokens")) {
     d.engine.scheduler.max_batch_tokens = flags_.engine.scheduler.max_batch_tokens;

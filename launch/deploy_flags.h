@@ -32,6 +32,7 @@ class DeployFlags {
   std::string kv_shard_ = "sequence";
   bool no_graphs_ = false;
   bool deterministic_ = false;
+  bool prefix_caching_ = false;
   bool no_small_gemm_ = false;
   DeployConfig flags_;  // holds the flag values; only the given ones are applied
 };

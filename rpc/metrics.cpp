@@ -328,7 +328,24 @@ Counter& RequestMetrics::requests_total(std::string_view code) {
 CacheMetrics::CacheMetrics(MetricsRegistry& registry, const Labels& labels)
     : pages_used(registry.gauge("mlaserve_cache_pages_used", "Latent-cache pages in use.", labels)),
       pages_total(
-          registry.gauge("mlaserve_cache_pages_capacity", "Latent-cache pages in all.", labels)) {}
+          registry.gauge("mlaserve_cache_pages_capacity", "Latent-cache pages in all.", labels)),
+      prefix_lookup_tokens(
+          registry.counter("mlaserve_prefix_cache_lookup_tokens_total",
+                           "Prompt tokens in full pages looked up in the prefix cache.", labels)),
+      prefix_hit_tokens(registry.counter("mlaserve_prefix_cache_hit_tokens_total",
+                                         "Prompt tokens served from cached pages.", labels)),
+      prefix_evicted_pages(registry.counter("mlaserve_prefix_cache_evicted_pages_total",
+                                            "Cached pages evicted for room.", labels)),
+      prefix_kept_pages(
+          registry.gauge("mlaserve_prefix_cache_kept_pages", "Pages kept for reuse.", labels)) {}
+
+void CacheMetrics::update_prefix(const PrefixStats& stats, int32_t kept) {
+  prefix_lookup_tokens.inc(static_cast<double>(stats.lookup_tokens - seen_.lookup_tokens));
+  prefix_hit_tokens.inc(static_cast<double>(stats.hit_tokens - seen_.hit_tokens));
+  prefix_evicted_pages.inc(static_cast<double>(stats.evicted_pages - seen_.evicted_pages));
+  prefix_kept_pages.set(kept);
+  seen_ = stats;
+}
 
 std::vector<double> request_duration_buckets() {
   return {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300};

@@ -46,6 +46,8 @@
 #include <thread>
 #include <vector>
 
+#include "runtime/prefix_index.h"
+
 namespace httplib {
 class Server;
 }
@@ -198,6 +200,18 @@ struct CacheMetrics {
 
   Gauge& pages_used;   // mlaserve_cache_pages_used
   Gauge& pages_total;  // mlaserve_cache_pages_capacity
+  // Prefix caching (cache.prefix_caching): tokens looked up in full pages and found
+  // (hit rate = hit / lookup), pages kept for reuse now, and pages evicted.
+  Counter& prefix_lookup_tokens;  // mlaserve_prefix_cache_lookup_tokens_total
+  Counter& prefix_hit_tokens;     // mlaserve_prefix_cache_hit_tokens_total
+  Counter& prefix_evicted_pages;  // mlaserve_prefix_cache_evicted_pages_total
+  Gauge& prefix_kept_pages;       // mlaserve_prefix_cache_kept_pages
+  // Brings the prefix counters up to the index's cumulative `stats` (what changed since the
+  // last call).
+  void update_prefix(const PrefixStats& stats, int32_t kept);
+
+ private:
+  PrefixStats seen_;
 };
 
 std::vector<double> request_duration_buckets();  // 10 ms .. 5 min

@@ -87,7 +87,7 @@ WorkerService::WorkerService(Engine& engine, WorkerServiceOptions options)
   MLA_REQUIRE(options_.idle_heartbeat_ms >= 1, "idle_heartbeat_ms must be >= 1, got {}",
               options_.idle_heartbeat_ms);
   load_.set_total_pages(engine.cache().pool().num_pages());
-  load_.set_free_pages(engine.cache().pool().num_free());
+  load_.set_free_pages(engine.cache().num_available());
   step_thread_ = std::thread([this] { step_loop(); });
 }
 
@@ -471,12 +471,15 @@ void WorkerService::run_iteration(const std::deque<std::shared_ptr<Call>>& adds,
 }
 
 void WorkerService::update_load_locked() {
-  load_.set_free_pages(engine_.cache().pool().num_free());
+  load_.set_free_pages(engine_.cache().num_available());
   load_.set_running(engine_.num_running());
   load_.set_waiting(engine_.num_waiting());
   load_.set_preemptions(engine_.stats().preemptions);
   if (Metrics* m = metrics_.load()) {
     m->cache.pages_used.set(load_.total_pages() - load_.free_pages());
+    if (const PrefixIndex* prefix = engine_.cache().prefix_index()) {
+      m->cache.update_prefix(prefix->stats(), prefix->kept());
+    }
     m->requests.queue_depth.set(load_.waiting() + static_cast<double>(adds_.size()));
   }
 }

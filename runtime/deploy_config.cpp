@@ -79,8 +79,10 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   read(root, "cuda_small_gemm", c.model.cuda.small_gemm, "", origin);
   read(root, "deterministic", c.model.deterministic, "", origin);
   if (const auto cache = root["cache"]) {
-    reject_unknown(cache, {"block_size", "num_pages", "memory_fraction"}, "cache.", origin);
+    reject_unknown(cache, {"block_size", "num_pages", "memory_fraction", "prefix_caching"},
+                   "cache.", origin);
     read(cache, "block_size", c.engine.block_size, "cache.", origin);
+    read(cache, "prefix_caching", c.engine.prefix_caching, "cache.", origin);
     if (cache["num_pages"]) {
       read(cache, "num_pages", c.engine.num_pages, "cache.", origin);
       MLA_REQUIRE(c.engine.num_pages >= 0, "{}: cache.num_pages must be >= 0 (0: automatic)",

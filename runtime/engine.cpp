@@ -73,6 +73,11 @@ Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options, Commun
   MLA_REQUIRE(model_->shard().tp_size() == (comm_ ? comm_->size() : 1),
               "the model is sharded for {} ranks but the group has {}", model_->shard().tp_size(),
               comm_ ? comm_->size() : 1);
+  if (options.prefix_caching) {
+    MLA_REQUIRE(comm_ == nullptr, "prefix_caching: single-rank groups only so far (tp {})",
+                comm_->size());
+    cache_.enable_prefix_caching();
+  }
 }
 
 void Engine::broadcast_plan(std::vector<int64_t>& plan) {
@@ -291,6 +296,7 @@ std::vector<StepOutput> Engine::postprocess(const Schedule& schedule, SampledSte
   for (const ScheduledChunk& chunk : schedule.chunks) {
     Sequence& seq = *chunk.seq;
     Scheduler::commit(chunk);
+    cache_.keep_full_pages(seq.table, seq.tokens, seq.num_computed);
     if (!chunk.samples()) continue;
 
     const int64_t i = row++;
@@ -369,7 +375,7 @@ int64_t Engine::begin_import(int32_t num_tokens) {
   if (!cache_.reserve(import.table, num_tokens)) {
     MLA_THROW(kResourceExhausted,
               "no room for a migrating request: {} tokens need {} pages, {} free", num_tokens,
-              cache_.pages_for(num_tokens), cache_.pool().num_free());
+              cache_.pages_for(num_tokens), cache_.num_available());
   }
   const int64_t handle = next_import_++;
   imports_.emplace(handle, std::move(import));
@@ -436,7 +442,7 @@ RequestId Engine::import_request(const RequestSnapshot& snap) {
               "snapshot has latents for {} tokens but only {} tokens", computed,
               snap.tokens.size());
   // Without room for the latents the request still continues: it recomputes them.
-  if (computed == 0 || cache_.pages_for(computed) > cache_.pool().num_free()) {
+  if (computed == 0 || cache_.pages_for(computed) > cache_.num_available()) {
     return admit(std::move(seq));
   }
   return finish_import(begin_import(computed), snap);

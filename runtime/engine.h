@@ -38,6 +38,9 @@ struct EngineOptions {
   // With num_pages 0: the share of the free device memory the cache takes. Default: 0.9.
   double cache_memory_fraction = 0.9;
   SchedulerOptions scheduler;  // Default: see SchedulerOptions.
+  // Keep full cache pages for reuse by later requests with the same leading tokens
+  // (LatentCache::enable_prefix_caching); single-rank groups only so far. Default: false.
+  bool prefix_caching = false;
 
   // The pages an engine's cache gets: num_pages, or with 0 the model's auto_num_pages.
   // Throws kInvalidArgument for 0 with a model that cannot size its cache (the CPU model).

@@ -72,6 +72,10 @@ int32_t LatentCache::local_keys(int32_t pos) const {
 
 bool LatentCache::reserve(BlockTable& table, int32_t num_tokens) {
   const int32_t missing = pages_for(num_tokens) - static_cast<int32_t>(table.pages.size());
+  if (missing > pool_.num_free() && prefix_ != nullptr) {
+    if (missing > pool_.num_free() + prefix_->evictable()) return false;
+    prefix_->evict(missing - pool_.num_free());
+  }
   if (missing > 0 && !pool_.allocate(missing, &table.pages)) return false;
   table.num_tokens = std::max(table.num_tokens, num_tokens);
   return true;
@@ -81,6 +85,38 @@ void LatentCache::release(BlockTable& table) {
   for (int32_t page : table.pages) pool_.release(page);
   table.pages.clear();
   table.num_tokens = 0;
+  table.prefix_keys.clear();
+}
+
+void LatentCache::enable_prefix_caching() {
+  MLA_REQUIRE(holds_every_page() && kind_ != CacheStorage::kNone,
+              "prefix caching runs on a single-rank group's cache so far");
+  if (prefix_ == nullptr) prefix_ = std::make_unique<PrefixIndex>(pool_, geometry_.block_size);
+}
+
+int32_t LatentCache::reuse_prefix(BlockTable& table, const std::vector<int32_t>& tokens,
+                                  int32_t max_tokens) {
+  MLA_CHECK(table.pages.empty(), "a prefix is reused by an empty table only");
+  if (prefix_ == nullptr) return 0;
+  table.pages = prefix_->match(tokens, max_tokens / geometry_.block_size, &table.prefix_keys);
+  table.num_tokens = static_cast<int32_t>(table.pages.size()) * geometry_.block_size;
+  return table.num_tokens;
+}
+
+void LatentCache::keep_full_pages(BlockTable& table, const std::vector<int32_t>& tokens,
+                                  int32_t computed) {
+  if (prefix_ == nullptr) return;
+  const int32_t B = geometry_.block_size;
+  for (auto j = static_cast<int32_t>(table.prefix_keys.size());
+       (j + 1) * B <= computed && j < static_cast<int32_t>(table.pages.size()); ++j) {
+    const uint64_t parent = j == 0 ? 0 : table.prefix_keys.back();
+    table.prefix_keys.push_back(
+        prefix_->insert(parent, tokens.data() + int64_t{j} * B, table.pages[j]));
+  }
+}
+
+int32_t LatentCache::num_available() const {
+  return pool_.num_free() + (prefix_ != nullptr ? prefix_->evictable() : 0);
 }
 
 float* LatentCache::row(const BlockTable& table, int32_t layer, int32_t pos) {

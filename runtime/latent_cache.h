@@ -19,11 +19,13 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "kernels/tensor.h"
 #include "parallel/shard_plan.h"
 #include "runtime/page_pool.h"
+#include "runtime/prefix_index.h"
 
 namespace mla {
 
@@ -44,6 +46,9 @@ enum class CacheStorage { kHostF32, kDeviceBf16, kNone };
 struct BlockTable {
   std::vector<int32_t> pages;
   int32_t num_tokens = 0;
+  // With prefix caching: the PrefixIndex keys of the leading full pages already matched or
+  // offered (pages[0..prefix_keys.size())).
+  std::vector<uint64_t> prefix_keys;
 };
 
 // A run of tokens [first, first + count).
@@ -94,6 +99,24 @@ class LatentCache {
   bool reserve(BlockTable& table, int32_t num_tokens);
   // Releases every page of `table` and clears it.
   void release(BlockTable& table);
+
+  // Prefix caching (off until enabled; single-rank caches only so far): full pages of
+  // computed tokens stay in a PrefixIndex after their sequences end, and a new sequence with
+  // the same leading tokens starts on them instead of recomputing. reserve() evicts kept pages
+  // that no sequence holds, least recently used first, before it fails. Throws
+  // kInvalidArgument on a cache that does not hold every page of a sequence.
+  void enable_prefix_caching();
+  bool prefix_caching() const { return prefix_ != nullptr; }
+  // Starts the empty `table` on the kept pages of the longest cached prefix of `tokens`, at
+  // most max_tokens tokens (whole pages); returns the tokens it covers (0 without caching).
+  int32_t reuse_prefix(BlockTable& table, const std::vector<int32_t>& tokens, int32_t max_tokens);
+  // Offers the table's pages that `computed` tokens (of `tokens`, the sequence's) fill
+  // completely and that it has not offered yet. No-op without caching.
+  void keep_full_pages(BlockTable& table, const std::vector<int32_t>& tokens, int32_t computed);
+  // Free pages plus kept pages no sequence holds: what reserve() can hand out.
+  int32_t num_available() const;
+  // Null without caching.
+  const PrefixIndex* prefix_index() const { return prefix_.get(); }
 
   // The latent row of token `pos` in layer `layer`: [width] (c, then k_r). Throws kInternal
   // if layer or pos is outside the table's pages or on a page this rank does not store, or
@@ -149,6 +172,7 @@ class LatentCache {
   ShardPlan shard_;
   PagePool pool_;
   CacheStorage kind_;
+  std::unique_ptr<PrefixIndex> prefix_;  // declared after pool_: it releases into it
   int device_ = 0;  // kDeviceBf16: the device the pool lives on (current at construction)
   Tensor storage_;  // [num_pages, num_layers, block_size, width]
 };

@@ -31,7 +31,12 @@ Model::Model(ModelConfig config, const ModelOptions& options, ShardPlan shard,
              const std::string& decompressed_unsupported)
     : config_(std::move(config)),
       shard_(shard),
-      forms_(config_, options.absorb, options.cost, decompressed_unsupported) {}
+      forms_(config_, options.absorb, options.cost,
+             // The decompressed form's up-projection spans the context up to the chunk's end,
+             // so its rows would depend on how a prompt was cut into chunks.
+             options.deterministic ? "deterministic: the decompressed form's rows depend on "
+                                     "where a prompt's chunk ends"
+                                   : decompressed_unsupported) {}
 
 ShardPlan Model::plan_for(const ModelConfig& config, const ModelOptions& options) {
   const ShardPlan shard(options.tp_size, options.tp_rank, config.num_heads, options.kv_shard);

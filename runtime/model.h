@@ -48,10 +48,11 @@ struct ModelOptions {
   // Default: kCpu.
   Device device = Device::kCpu;
   CudaOptions cuda;  // Default: see CudaOptions.
-  // Each request's logits independent of what else its batch holds (batch-invariant
-  // products; on the GPU also single-split latent attention, the tiled expert kernels, the
-  // latent form only and no decode graphs), so a seeded request samples the same tokens
-  // however it is batched, migrated or failed over. Default: false.
+  // Each request's logits independent of what else its batch holds and of how its prompt is
+  // cut into chunks (batch-invariant products, the latent form only; on the GPU also
+  // single-split latent attention, the tiled expert kernels and no decode graphs), so a seeded
+  // request samples the same tokens however it is batched, migrated, failed over or served from
+  // cached prefix pages. Default: false.
   bool deterministic = false;
 };
 

@@ -80,8 +80,18 @@ Schedule Scheduler::schedule() {
   while (plan.preempted.empty() && !waiting_.empty() && budget > 0 &&
          static_cast<int32_t>(running_.size()) < options_.max_running) {
     Sequence* seq = waiting_.front();
+    // A sequence starting from nothing starts on the cached pages of its prefix, if any
+    // (leaving at least its last token to compute: that one samples).
+    if (seq->table.pages.empty() && seq->num_computed == 0) {
+      seq->num_computed = cache_.reuse_prefix(seq->table, seq->tokens,
+                                              static_cast<int32_t>(seq->tokens.size()) - 1);
+    }
     const int32_t n = std::min(seq->num_pending(), budget);
-    if (!cache_.reserve(seq->table, seq->num_computed + n)) break;
+    if (!cache_.reserve(seq->table, seq->num_computed + n)) {
+      cache_.release(seq->table);  // the reused pages stay cached
+      seq->num_computed = 0;
+      break;
+    }
     waiting_.pop_front();
     seq->status = SeqStatus::kRunning;
     running_.push_back(seq);

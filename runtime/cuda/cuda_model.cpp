@@ -40,11 +40,7 @@ ModelOptions gpu_options(const ModelOptions& options) {
 }  // namespace
 
 CudaModel::CudaModel(ModelConfig config, const ModelOptions& options, ShardPlan shard)
-    : Model(config, options, shard,
-            options.deterministic
-                ? "deterministic: the decompressed form's up-projection covers the whole "
-                  "context, so its rows depend on where a prompt's chunk ends"
-                : decompressed_unsupported(config)),
+    : Model(config, options, shard, decompressed_unsupported(config)),
       options_(options.cuda),
       deterministic_(options.deterministic),
       device_(cuda::current_device()) {

@@ -1,0 +1,104 @@
+#include "runtime/prefix_index.h"
+
+#include <algorithm>
+
+#include "kernels/error.h"
+
+namespace mla {
+namespace {
+
+// splitmix64's finaliser: a good 64-bit mix for chaining.
+uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+}  // namespace
+
+PrefixIndex::PrefixIndex(PagePool& pool, int32_t block_size)
+    : pool_(pool), block_size_(block_size) {
+  MLA_REQUIRE(block_size >= 1, "block_size must be >= 1, got {}", block_size);
+}
+
+uint64_t PrefixIndex::key_of(uint64_t parent, const int32_t* tokens) const {
+  uint64_t h = mix(parent ^ 0x5bd1e995u);
+  for (int32_t i = 0; i < block_size_; ++i) h = mix(h ^ static_cast<uint32_t>(tokens[i]));
+  return h == 0 ? 1 : h;  // 0 is "no parent"
+}
+
+PrefixIndex::Entry* PrefixIndex::find(uint64_t key, uint64_t parent, const int32_t* tokens) {
+  auto it = entries_.find(key);
+  if (it == entries_.end()) return nullptr;
+  Entry& e = it->second;
+  if (e.parent != parent || !std::equal(e.tokens.begin(), e.tokens.end(), tokens)) return nullptr;
+  return &e;
+}
+
+void PrefixIndex::touch(Entry& e) { lru_.splice(lru_.begin(), lru_, e.lru); }
+
+std::vector<int32_t> PrefixIndex::match(const std::vector<int32_t>& tokens, int32_t max_pages,
+                                        std::vector<uint64_t>* keys) {
+  const int32_t full =
+      std::min<int32_t>(max_pages, static_cast<int32_t>(tokens.size()) / block_size_);
+  ++stats_.lookups;
+  stats_.lookup_tokens += int64_t{std::max(full, 0)} * block_size_;
+  std::vector<int32_t> pages;
+  std::vector<uint64_t> found;
+  uint64_t parent = 0;
+  for (int32_t j = 0; j < full; ++j) {
+    const int32_t* page_tokens = tokens.data() + int64_t{j} * block_size_;
+    const uint64_t key = key_of(parent, page_tokens);
+    Entry* e = find(key, parent, page_tokens);
+    if (e == nullptr) break;
+    pool_.retain(e->page);
+    pages.push_back(e->page);
+    found.push_back(key);
+    parent = key;
+  }
+  // Last page first, so a parent ends up more recent than its children.
+  for (auto it = found.rbegin(); it != found.rend(); ++it) touch(entries_.at(*it));
+  keys->insert(keys->end(), found.begin(), found.end());
+  stats_.hit_tokens += static_cast<int64_t>(pages.size()) * block_size_;
+  return pages;
+}
+
+uint64_t PrefixIndex::insert(uint64_t parent, const int32_t* tokens, int32_t page) {
+  const uint64_t key = key_of(parent, tokens);
+  // Kept already (this prefix, or another under a colliding key, which keeps its page).
+  if (entries_.count(key) != 0) return key;
+  auto up = entries_.find(parent);
+  if (parent != 0 && up == entries_.end()) return key;  // its parent is gone
+  pool_.retain(page);
+  // Just behind its parent in recency (a first page in front), so children go before parents.
+  const auto at =
+      parent == 0 ? lru_.insert(lru_.begin(), key) : lru_.insert(std::next(up->second.lru), key);
+  entries_.emplace(key,
+                   Entry{parent, std::vector<int32_t>(tokens, tokens + block_size_), page, at});
+  ++stats_.inserted_pages;
+  return key;
+}
+
+int32_t PrefixIndex::evict(int32_t n) {
+  int32_t freed = 0;
+  for (auto it = lru_.end(); freed < n && it != lru_.begin();) {
+    --it;
+    auto entry = entries_.find(*it);
+    if (pool_.ref_count(entry->second.page) != 1) continue;  // a sequence holds it
+    pool_.release(entry->second.page);
+    entries_.erase(entry);
+    it = lru_.erase(it);
+    ++freed;
+  }
+  stats_.evicted_pages += freed;
+  return freed;
+}
+
+int32_t PrefixIndex::evictable() const {
+  int32_t n = 0;
+  for (const auto& [key, e] : entries_) n += pool_.ref_count(e.page) == 1 ? 1 : 0;
+  return n;
+}
+
+}  // namespace mla

@@ -1,0 +1,149 @@
+// Prefix caching in the engine (EngineOptions::prefix_caching, the CPU model): requests that
+// share a prompt prefix start on its cached full pages and compute only the rest, with the
+// tokens and (deterministic) logits of a run without caching; a prefix that ends inside a
+// page reuses only the whole pages; a cache short of pages evicts kept pages, never a page a
+// running request holds, and loses nothing; a request cancelled while it prefills on a shared
+// prefix leaves every reference count as it found it; after everything ends, every page is
+// free or kept by the index alone.
+#include <gtest/gtest.h>
+
+#include <random>
+#include <vector>
+
+#include "kernels/error.h"
+#include "runtime/deepseek_model.h"
+#include "runtime/engine.h"
+#include "tests/support/golden.h"
+
+namespace mla {
+namespace {
+
+using Tokens = std::vector<int32_t>;
+
+std::shared_ptr<const DeepseekModel> model() {
+  static const auto m = [] {
+    ModelOptions o;
+    o.show_progress = false;
+    o.deterministic = true;  // logits independent of how the prompt is cut into chunks
+    return DeepseekModel::load(test::model_dir("v3"), o);
+  }();
+  return m;
+}
+
+EngineOptions options(bool caching, int32_t num_pages = 64) {
+  EngineOptions o;
+  o.block_size = 4;
+  o.num_pages = num_pages;
+  o.prefix_caching = caching;
+  return o;
+}
+
+Request request(Tokens prompt, uint64_t seed) {
+  Request r;
+  r.prompt = std::move(prompt);
+  r.max_tokens = 6;
+  r.ignore_eos = true;
+  r.return_logits = true;
+  r.sampling = {.temperature = 0.8f, .top_k = 0, .top_p = 0.9f, .seed = seed};
+  return r;
+}
+
+// Runs the requests one after another (each to its end), returning each one's steps.
+std::vector<std::vector<StepOutput>> run_in_turn(Engine& engine, const std::vector<Request>& rs) {
+  std::vector<std::vector<StepOutput>> out;
+  for (const Request& r : rs) {
+    const RequestId id = engine.add_request(r);
+    out.emplace_back();
+    while (engine.has_work()) {
+      for (StepOutput& o : engine.step()) {
+        if (o.id == id) out.back().push_back(std::move(o));
+      }
+    }
+  }
+  return out;
+}
+
+// Eight requests: a 14-token system prefix (three full pages of 4 and two tokens of a fourth)
+// followed by different questions.
+std::vector<Request> shared_prefix_requests() {
+  const Tokens system = {5, 9, 14, 200, 31, 77, 8, 120, 66, 3, 250, 41, 17, 90};
+  std::mt19937 rng(11);
+  std::vector<Request> rs;
+  for (int i = 0; i < 8; ++i) {
+    Tokens p = system;
+    for (int k = 0; k < 3 + i % 4; ++k) p.push_back(static_cast<int32_t>(rng() % 256));
+    rs.push_back(request(p, 100 + i));
+  }
+  return rs;
+}
+
+TEST(PrefixCaching, SharedPrefixesAreComputedOnceAndTheOutputsDoNotChange) {
+  const std::vector<Request> rs = shared_prefix_requests();
+  Engine off(model(), options(false)), on(model(), options(true));
+  const auto want = run_in_turn(off, rs);
+  const auto got = run_in_turn(on, rs);
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < rs.size(); ++i) {
+    ASSERT_EQ(got[i].size(), want[i].size()) << "request " << i;
+    for (size_t s = 0; s < want[i].size(); ++s) {
+      EXPECT_EQ(got[i][s].token, want[i][s].token) << "request " << i << " step " << s;
+      ASSERT_EQ(got[i][s].logits, want[i][s].logits) << "request " << i << " step " << s;
+    }
+  }
+  // The first request computes its prompt; the seven others reuse the three full pages of
+  // the system prefix (12 tokens each), the partial fourth page is computed again.
+  const PrefixStats& stats = on.cache().prefix_index()->stats();
+  EXPECT_EQ(stats.hit_tokens, 7 * 12);
+  EXPECT_EQ(off.stats().computed_tokens - on.stats().computed_tokens, 7 * 12);
+  // Everything ended: each page is free or held by the index alone.
+  EXPECT_EQ(on.cache().num_available(), 64);
+  EXPECT_EQ(on.cache().pool().num_free() + on.cache().prefix_index()->kept(), 64);
+}
+
+TEST(PrefixCaching, AShortCacheEvictsKeptPagesAndLosesNothing) {
+  // 12 pages of 4 tokens: about two requests' worth; every request has its own prompt, so the
+  // kept pages of earlier ones must be evicted for the later ones.
+  Engine engine(model(), options(true, 12));
+  std::mt19937 rng(5);
+  std::vector<RequestId> ids;
+  for (int i = 0; i < 10; ++i) {
+    Tokens p(12 + i % 5);
+    for (int32_t& t : p) t = static_cast<int32_t>(rng() % 256);
+    ids.push_back(engine.add_request(request(p, i)));
+  }
+  std::map<RequestId, int> produced;
+  for (int step = 0; engine.has_work(); ++step) {
+    ASSERT_LT(step, 2000);
+    for (const StepOutput& o : engine.step()) produced[o.id] += o.token >= 0 ? 1 : 0;
+  }
+  for (RequestId id : ids) EXPECT_EQ(produced[id], 6) << "request " << id;
+  EXPECT_GT(engine.cache().prefix_index()->stats().evicted_pages, 0);
+  EXPECT_EQ(engine.cache().num_available(), 12);
+}
+
+TEST(PrefixCaching, ACancelDuringAPrefillOnASharedPrefixGivesBackItsReferences) {
+  const std::vector<Request> rs = shared_prefix_requests();
+  EngineOptions o = options(true);
+  o.scheduler.max_batch_tokens = 2;  // prefill in chunks of two tokens
+  Engine engine(model(), o);
+  run_in_turn(engine, {rs[0]});
+  const int32_t kept = engine.cache().prefix_index()->kept();
+  const RequestId id = engine.add_request(rs[1]);
+  engine.step();  // it starts on the three kept pages and computes two more tokens
+  EXPECT_EQ(engine.cache().prefix_index()->evictable(), kept - 3) << "it holds the prefix";
+  EXPECT_TRUE(engine.cancel(id));
+  EXPECT_EQ(engine.cache().prefix_index()->evictable(), kept);
+  EXPECT_EQ(engine.cache().num_available(), 64);
+}
+
+TEST(PrefixCaching, IsForSingleRankCachesSoFar) {
+  EXPECT_THROW(
+      {
+        LatentCache sharded(CacheGeometry{1, 4, 8, 0}, 8, ShardPlan(2, 0, 2));
+        sharded.enable_prefix_caching();
+      },
+      Error);
+}
+
+}  // namespace
+}  // namespace mla
