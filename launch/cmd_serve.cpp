@@ -567,7 +567,8 @@ void add_serve_commands(CLI::App& app, int& exit_code) {
                     "Client-plane listen address (default 127.0.0.1:50051)");
   coord->add_option("--control-address", c->control_address,
                     "Control-plane listen address (default 127.0.0.1:50052)");
-  coord->add_option("--routing", c->routing, "least-loaded, round-robin or prefix-affinity");
+  coord->add_option("--routing", c->routing,
+                    "least-loaded, round-robin, prefix-affinity or cache-aware");
   coord->add_option("--max-in-flight", c->max_in_flight, "Admission limit");
   coord->add_option("--metrics-port", c->metrics_port,
                     "Prometheus /metrics, /livez and /readyz port (0 = off)");

@@ -325,7 +325,8 @@ void add_simulate_commands(CLI::App& app, int& exit_code) {
       ->capture_default_str();
   sim->add_option("--max-running", s->sim.scheduler.max_running, "Sequences in a step at most")
       ->capture_default_str();
-  sim->add_option("--routing", s->routing, "least-loaded, round-robin or prefix-affinity")
+  sim->add_option("--routing", s->routing,
+                  "least-loaded, round-robin, prefix-affinity or cache-aware")
       ->capture_default_str();
   sim->add_option("--max-in-flight", s->sim.max_in_flight, "The coordinator's admission limit")
       ->capture_default_str();

@@ -1,6 +1,7 @@
 #include "rpc/routing.h"
 
 #include <algorithm>
+#include <functional>
 
 #include "kernels/error.h"
 
@@ -37,6 +38,60 @@ Router::Router(RouterOptions options) : options_(options) {
               options_.page_weight);
   MLA_REQUIRE(options_.affinity_slack >= 0, "router: affinity_slack must be >= 0, got {}",
               options_.affinity_slack);
+  MLA_REQUIRE(options_.cache_weight >= 0, "router: cache_weight must be >= 0, got {}",
+              options_.cache_weight);
+}
+
+namespace {
+
+uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// Keys of the prompt's full pages of `block` tokens, each chained over the ones before.
+std::vector<uint64_t> page_keys(const std::vector<int32_t>& prompt, int32_t block) {
+  std::vector<uint64_t> keys;
+  uint64_t h = 0;
+  for (size_t end = block; end <= prompt.size(); end += block) {
+    for (size_t i = end - block; i < end; ++i) h = mix(h ^ static_cast<uint32_t>(prompt[i]));
+    keys.push_back(h);
+  }
+  return keys;
+}
+
+uint64_t pair_key(uint64_t page, const std::string& worker_id) {
+  return mix(page ^ std::hash<std::string>{}(worker_id));
+}
+
+}  // namespace
+
+std::optional<std::string> Router::pick_cache_aware(const std::vector<WorkerView>& workers,
+                                                    const std::vector<int32_t>& prompt) {
+  const std::vector<uint64_t> keys = page_keys(prompt, options_.affinity_block);
+  const WorkerView* best = nullptr;
+  double best_cost = 0;
+  size_t best_held = 0;
+  for (const WorkerView& w : workers) {
+    if (!w.routable) continue;
+    size_t held = 0;
+    while (held < keys.size() && affinity_.count(pair_key(keys[held], w.id)) != 0) ++held;
+    const double cost = load_score(w, options_.page_weight) +
+                        options_.cache_weight * static_cast<double>(keys.size() - held);
+    if (!best || cost < best_cost ||
+        (cost == best_cost && (held > best_held || (held == best_held && w.id < best->id)))) {
+      best = &w;
+      best_cost = cost;
+      best_held = held;
+    }
+  }
+  if (!best) return std::nullopt;
+  // The first pages last, so they are the most recent (evicted last, like the worker's).
+  for (auto it = keys.rbegin(); it != keys.rend(); ++it)
+    remember(pair_key(*it, best->id), best->id);
+  return best->id;
 }
 
 uint64_t Router::prefix_key(const std::vector<int32_t>& prompt) const {
@@ -109,6 +164,8 @@ std::optional<std::string> Router::pick(const std::vector<WorkerView>& workers,
       remember(key, best->id);
       return best->id;
     }
+    case RoutingPolicy::kCacheAware:
+      return pick_cache_aware(workers, prompt);
   }
   return std::nullopt;
 }

@@ -1,7 +1,7 @@
 // Routing: which worker group a new request goes to (docs/ARCHITECTURE.md section 8).
 //
 // Pure logic over a snapshot of the workers (WorkerView), so the coordinator can test it
-// without a network. Three policies:
+// without a network. Four policies:
 // - least-loaded: the lowest load score, where the score is the queue depth (requests the
 //   worker reports waiting plus requests the coordinator has routed there and not seen
 //   finish) plus page pressure (1 - free page fraction) weighted by
@@ -12,6 +12,14 @@
 //   the same worker, which may still hold those pages, unless that worker is no longer
 //   routable or is overloaded; otherwise least-loaded, and the new choice is remembered.
 //   Assignments live in an LRU map of RouterOptions::affinity_capacity keys.
+// - cache-aware: for workers with prefix caching. The router remembers, per worker, the full
+//   pages (affinity_block tokens each, keyed by a hash chained over the prompt so far) of the
+//   prompts it sent there, which that worker's cache then holds until it evicts them. A new
+//   prompt's cost on a worker is its load score plus RouterOptions::cache_weight for every
+//   full page of the prompt that the worker is not known to hold from the start (the prefill
+//   it must do); the cheapest routable worker wins (then the one holding more, then by id),
+//   and the prompt's pages are remembered for it. Evictions are not reported, so the record
+//   is an estimate: LRU, at most affinity_capacity (page, worker) entries.
 // A worker with routable == false (dead, draining, or excluded by the caller, e.g. after a
 // failover) is never picked.
 #pragma once
@@ -54,6 +62,9 @@ struct RouterOptions {
   // The remembered worker is overloaded, and skipped, when its cache is full or its queue
   // depth exceeds the least-loaded worker's by more than this. Default: 4.
   int32_t affinity_slack = 4;
+  // cache-aware: what one prompt page the worker must compute costs, in queued requests (a
+  // full cache costs page_weight). Default: 0.25.
+  double cache_weight = 0.25;
 };
 
 // Load score used by least-loaded; lower is better.
@@ -80,11 +91,14 @@ class Router {
   using Lru = std::list<std::pair<uint64_t, std::string>>;  // front = most recent
 
   uint64_t prefix_key(const std::vector<int32_t>& prompt) const;
+  std::optional<std::string> pick_cache_aware(const std::vector<WorkerView>& workers,
+                                              const std::vector<int32_t>& prompt);
   void remember(uint64_t key, const std::string& worker_id);
 
   RouterOptions options_;
   mutable std::mutex mu_;
   std::string last_round_robin_;  // id of the last round-robin pick
+  // prefix-affinity: first-block key -> worker; cache-aware: (page key, worker) pair keys.
   Lru lru_;
   std::unordered_map<uint64_t, Lru::iterator> affinity_;
 };

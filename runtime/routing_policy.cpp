@@ -8,7 +8,9 @@ RoutingPolicy routing_policy_from_string(std::string_view name, std::string_view
   if (name == "least-loaded") return RoutingPolicy::kLeastLoaded;
   if (name == "round-robin") return RoutingPolicy::kRoundRobin;
   if (name == "prefix-affinity") return RoutingPolicy::kPrefixAffinity;
-  MLA_THROW(kInvalidArgument, "{}: must be least-loaded, round-robin or prefix-affinity, got `{}`",
+  if (name == "cache-aware") return RoutingPolicy::kCacheAware;
+  MLA_THROW(kInvalidArgument,
+            "{}: must be least-loaded, round-robin, prefix-affinity or cache-aware, got `{}`",
             field, name);
 }
 
@@ -20,6 +22,8 @@ const char* routing_policy_name(RoutingPolicy policy) {
       return "round-robin";
     case RoutingPolicy::kPrefixAffinity:
       return "prefix-affinity";
+    case RoutingPolicy::kCacheAware:
+      return "cache-aware";
   }
   return "?";
 }

@@ -8,9 +8,9 @@
 
 namespace mla {
 
-enum class RoutingPolicy { kLeastLoaded, kRoundRobin, kPrefixAffinity };
+enum class RoutingPolicy { kLeastLoaded, kRoundRobin, kPrefixAffinity, kCacheAware };
 
-// "least-loaded", "round-robin" or "prefix-affinity"; anything else throws
+// "least-loaded", "round-robin", "prefix-affinity" or "cache-aware"; anything else throws
 // kInvalidArgument naming `field` (where the name came from) and the accepted names.
 RoutingPolicy routing_policy_from_string(std::string_view name, std::string_view field = "routing");
 const char* routing_policy_name(RoutingPolicy policy);

@@ -31,6 +31,7 @@ TEST(Routing, PolicyFromString) {
   EXPECT_EQ(routing_policy_from_string("least-loaded"), RoutingPolicy::kLeastLoaded);
   EXPECT_EQ(routing_policy_from_string("round-robin"), RoutingPolicy::kRoundRobin);
   EXPECT_EQ(routing_policy_from_string("prefix-affinity"), RoutingPolicy::kPrefixAffinity);
+  EXPECT_EQ(routing_policy_from_string("cache-aware"), RoutingPolicy::kCacheAware);
   for (const char* bad : {"", "random", "Least-Loaded", "least_loaded"}) {
     try {
       routing_policy_from_string(bad);
@@ -40,8 +41,8 @@ TEST(Routing, PolicyFromString) {
       EXPECT_NE(std::string(e.what()).find("least-loaded"), std::string::npos) << e.what();
     }
   }
-  for (RoutingPolicy p :
-       {RoutingPolicy::kLeastLoaded, RoutingPolicy::kRoundRobin, RoutingPolicy::kPrefixAffinity}) {
+  for (RoutingPolicy p : {RoutingPolicy::kLeastLoaded, RoutingPolicy::kRoundRobin,
+                          RoutingPolicy::kPrefixAffinity, RoutingPolicy::kCacheAware}) {
     EXPECT_EQ(routing_policy_from_string(routing_policy_name(p)), p);
   }
 }
@@ -51,6 +52,35 @@ TEST(Routing, RejectsBadOptions) {
   EXPECT_THROW(Router(RouterOptions{.affinity_capacity = 0}), Error);
   EXPECT_THROW(Router(RouterOptions{.page_weight = -1}), Error);
   EXPECT_THROW(Router(RouterOptions{.affinity_slack = -1}), Error);
+  EXPECT_THROW(Router(RouterOptions{.cache_weight = -1}), Error);
+}
+
+// cache-aware: a prompt goes where the longest run of its leading pages was sent before,
+// unless the load there outweighs the pages it would not have to compute; a prompt that
+// diverges after a shared prefix still goes where that prefix is (prefix-affinity hashes only
+// the first block); a forgotten worker holds nothing.
+TEST(Routing, CacheAwareWeighsCachedPagesAgainstLoad) {
+  Router router(RouterOptions{
+      .policy = RoutingPolicy::kCacheAware, .affinity_block = 4, .cache_weight = 0.5});
+  std::vector<WorkerView> ws = {worker("a", 100, 100, 0, 0), worker("b", 100, 100, 0, 0)};
+  std::vector<int32_t> system = prompt_of(0, 16);  // 4 pages
+  EXPECT_EQ(router.pick(ws, system), "a");         // a tie: by id
+  // b is lighter by one queued request, but a holds all 4 pages (2 requests' worth).
+  ws[0].in_flight = 1;
+  std::vector<int32_t> turn2 = system;
+  for (int32_t t : {90, 91, 92, 93, 94}) turn2.push_back(t);
+  EXPECT_EQ(router.pick(ws, turn2), "a");
+  // A prompt sharing only the first page of it: a holds 1 page (0.5), b is 1 request lighter.
+  std::vector<int32_t> other = prompt_of(0, 4);
+  for (int32_t t = 200; t < 212; ++t) other.push_back(t);
+  EXPECT_EQ(router.pick(ws, other), "b");
+  // turn2's pages (5 full pages now remembered on a) against a queue 3 deeper on a: b.
+  ws[0].in_flight = 4;
+  EXPECT_EQ(router.pick(ws, turn2), "b");
+  router.forget("a");
+  router.forget("b");
+  ws[0].in_flight = 0;
+  EXPECT_EQ(router.pick(ws, turn2), "a") << "nothing remembered: the tie goes by id";
 }
 
 struct LeastLoadedCase {
