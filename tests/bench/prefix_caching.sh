@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Prefix caching measured with `mlaserve bench`'s shared-prefix workload (N system prompts of
-# PREFIX_LEN tokens, each followed by INPUT_LEN-token questions) against a coordinator and one
-# single-rank worker group, with cache.prefix_caching off and then on: output throughput, TTFT
-# p50/p99 and, with caching on, the hit rate from the worker's Prometheus counters
-# (mlaserve_prefix_cache_hit_tokens_total / mlaserve_prefix_cache_lookup_tokens_total).
+# PREFIX_LEN tokens, each followed by INPUT_LEN-token questions) against a coordinator (routing
+# ROUTING) and NUM_GROUPS single-rank worker groups, with cache.prefix_caching off and then on:
+# output throughput, TTFT p50/p99 and, with caching on, the hit rate from the workers'
+# Prometheus counters (mlaserve_prefix_cache_hit_tokens_total /
+# mlaserve_prefix_cache_lookup_tokens_total, summed over the workers).
 #   tests/bench/prefix_caching.sh [OUT_DIR]
 # env: MLASERVE (default build/launch/mlaserve), MODEL (default: make-tiny PRESET into OUT_DIR),
 #      PRESET (v3), MAKE_TINY_FLAGS, WORKER_FLAGS (e.g. "--device cuda"), PREFIXES (8),
 #      PREFIX_LEN (512), INPUT_LEN (64), OUTPUT_LEN (32), PROMPTS (200), RATE (inf),
-#      CONCURRENCY (32), NUM_PAGES (512).
+#      CONCURRENCY (32), NUM_PAGES (512), NUM_GROUPS (1), ROUTING (least-loaded).
 set -euo pipefail
 out=${1:-$(mktemp -d)}
 mkdir -p "$out"
@@ -28,26 +29,39 @@ workload=(--dataset shared-prefix --prefix-groups "${PREFIXES:-8}" --prefix-len 
   --input-len "${INPUT_LEN:-64}" --output-len "${OUTPUT_LEN:-32}" --num-prompts "${PROMPTS:-200}"
   --request-rate "${RATE:-inf}" --max-concurrency "${CONCURRENCY:-32}" --vocab 512 --seed 3)
 
+groups=${NUM_GROUPS:-1}
 "$mlaserve" coordinator --address 127.0.0.1:$grpc --control-address 127.0.0.1:$control \
-  >"$out/coordinator.log" 2>&1 &
+  --routing "${ROUTING:-least-loaded}" >"$out/coordinator.log" 2>&1 &
 coordinator=$!
-trap 'kill -TERM $coordinator ${worker:-} 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+trap 'kill -TERM $coordinator ${workers:-} 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 printf 'workers:\n  metrics_port_base: %s\n' "$metrics" >"$out/worker.yaml"
 for mode in off on; do
   flags=()
   [ "$mode" = on ] && flags=(--prefix-caching)
-  # shellcheck disable=SC2086
-  "$mlaserve" worker --model "$model" --num-pages "${NUM_PAGES:-512}" ${WORKER_FLAGS:-} \
-    "${flags[@]}" --coordinator 127.0.0.1:$control --port-base $wport \
-    --config "$out/worker.yaml" \
-    >"$out/worker-$mode.log" 2>&1 &
-  worker=$!
-  "$mlaserve" --log-level warn client --address 127.0.0.1:$grpc --wait-ready 120
+  workers=""
+  for g in $(seq 0 $((groups - 1))); do
+    # shellcheck disable=SC2086
+    "$mlaserve" worker --model "$model" --num-pages "${NUM_PAGES:-512}" ${WORKER_FLAGS:-} \
+      "${flags[@]}" --coordinator 127.0.0.1:$control --port-base $wport --group "$g" \
+      --config "$out/worker.yaml" >"$out/worker$g-$mode.log" 2>&1 &
+    workers="$workers $!"
+  done
+  for attempt in $(seq 121); do
+    "$mlaserve" --log-level error client --address 127.0.0.1:$grpc --status 2>/dev/null |
+      grep -q "^workers: $groups ($groups alive)" && break
+    [ "$attempt" = 121 ] && { echo "the workers did not come up" >&2; exit 1; }
+    sleep 1
+  done
   "$mlaserve" --log-level warn bench --address 127.0.0.1:$grpc --no-progress --warmup 8 \
     "${workload[@]}" --result-file "$out/$mode.json" >"$out/$mode.txt" 2>&1
-  curl -s "http://127.0.0.1:$metrics/metrics" >"$out/metrics-$mode.txt"
-  kill -TERM $worker
-  wait $worker || true
+  : >"$out/metrics-$mode.txt"
+  for g in $(seq 0 $((groups - 1))); do
+    curl -s "http://127.0.0.1:$((metrics + g))/metrics" >>"$out/metrics-$mode.txt"
+  done
+  # shellcheck disable=SC2086
+  kill -TERM $workers
+  # shellcheck disable=SC2086
+  wait $workers || true
   # The coordinator forgets the stopped worker's id binding only after a while: wait until it
   # lists the worker dead before the next one registers on the same port.
   sleep 3
@@ -58,8 +72,7 @@ import json, os, re, sys
 out = sys.argv[1]
 def counter(mode, name):
     text = open(os.path.join(out, f"metrics-{mode}.txt")).read()
-    m = re.search(rf"^{name}{{[^}}]*}} ([0-9.e+]+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
+    return sum(float(v) for v in re.findall(rf"^{name}{{[^}}]*}} ([0-9.e+]+)$", text, re.M))
 print("| prefix caching | output tok/s | TTFT p50 ms | TTFT p99 ms | hit rate |")
 print("|---|---:|---:|---:|---:|")
 for mode in ("off", "on"):
