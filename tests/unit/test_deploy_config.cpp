@@ -139,8 +139,8 @@ TEST(DeployConfig, ErrorsNameTheProblem) {
   EXPECT_THAT(message("model: m\nparallel: {kv_shard: both}\n"),
               HasSubstr("x.yaml: parallel.kv_shard: must be sequence or replicate, got `both`"));
   EXPECT_THAT(message("model: m\ncoordinator: {routing: random}\n"),
-              HasSubstr("x.yaml: coordinator.routing: must be least-loaded, round-robin or "
-                        "prefix-affinity, got `random`"));
+              HasSubstr("x.yaml: coordinator.routing: must be least-loaded, round-robin, "
+                        "prefix-affinity or cache-aware, got `random`"));
   EXPECT_THAT(message("model: m\nparallel: {tp: 0}\n"), HasSubstr("parallel.tp must be >= 1"));
   EXPECT_THAT(message("model: m\nworkers: {port_base: 70000}\n"), HasSubstr("workers.port_base"));
   EXPECT_THAT(message("model: m\ncoordinator: {adress: x}\n"),
