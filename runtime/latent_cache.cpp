@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -281,15 +282,23 @@ void LatentCache::move_rows(const std::vector<int32_t>& rows, const Tensor& pack
   }
 #if MLA_HAVE_CUDA
   if (rows.empty()) return;
-  // One gather or scatter kernel over every row, through a packed buffer on the device.
+  // One gather or scatter kernel over every row, through a packed buffer on the device, all on
+  // a stream of this call's own (in order: a copy from pageable memory may return before its
+  // transfer ends), waited for before returning (the next step reads or reuses the rows).
   const cuda::DeviceGuard on_device(device_);  // RPC handler threads export pages too
   const auto n = static_cast<int64_t>(rows.size());
   Tensor index = cuda::device_empty({n}, DType::kI32);
-  cuda::copy_to_device(index.raw(), rows.data(), n * sizeof(int32_t));
   Tensor staged = cuda::device_empty({n, geometry_.width()}, row_dtype());
+  cudaStream_t stream = nullptr;
+  MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const std::unique_ptr<CUstream_st, decltype(&cudaStreamDestroy)> owned(stream,
+                                                                         &cudaStreamDestroy);
+  MLA_CUDA_CHECK(cudaMemcpyAsync(index.raw(), rows.data(), n * sizeof(int32_t),
+                                 cudaMemcpyHostToDevice, stream));
   const auto bytes = static_cast<int64_t>(row_bytes);
   if (to_pool) {
-    cuda::copy_to_device(staged.raw(), packed.raw(), n * row_bytes);
+    MLA_CUDA_CHECK(
+        cudaMemcpyAsync(staged.raw(), packed.raw(), n * row_bytes, cudaMemcpyHostToDevice, stream));
     cuda::scatter_rows({.in = staged.raw(),
                         .index = index.data<int32_t>(),
                         .out = pool,
@@ -297,8 +306,7 @@ void LatentCache::move_rows(const std::vector<int32_t>& rows, const Tensor& pack
                         .row_bytes = bytes,
                         .in_stride = bytes,
                         .out_stride = bytes},
-                       nullptr);
-    MLA_CUDA_CHECK(cudaStreamSynchronize(nullptr));  // before the next step reads the pages
+                       stream);
   } else {
     cuda::gather_rows({.in = pool,
                        .index = index.data<int32_t>(),
@@ -307,9 +315,11 @@ void LatentCache::move_rows(const std::vector<int32_t>& rows, const Tensor& pack
                        .row_bytes = bytes,
                        .in_stride = bytes,
                        .out_stride = bytes},
-                      nullptr);
-    cuda::copy_to_host(packed.raw(), staged.raw(), n * row_bytes);
+                      stream);
+    MLA_CUDA_CHECK(
+        cudaMemcpyAsync(packed.raw(), staged.raw(), n * row_bytes, cudaMemcpyDeviceToHost, stream));
   }
+  MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
 #endif
 }
 
