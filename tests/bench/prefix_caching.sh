@@ -4,7 +4,9 @@
 # ROUTING) and NUM_GROUPS single-rank worker groups, with cache.prefix_caching off and then on:
 # output throughput, TTFT p50/p99 and, with caching on, the hit rate from the workers'
 # Prometheus counters (mlaserve_prefix_cache_hit_tokens_total /
-# mlaserve_prefix_cache_lookup_tokens_total, summed over the workers).
+# mlaserve_prefix_cache_lookup_tokens_total, summed over the workers). Exits non-zero when a
+# request did not complete, or caching on served nothing from the cache (ctest
+# e2e_prefix_caching runs it small).
 #   tests/bench/prefix_caching.sh [OUT_DIR]
 # env: MLASERVE (default build/launch/mlaserve), MODEL (default: make-tiny PRESET into OUT_DIR),
 #      PRESET (v3), MAKE_TINY_FLAGS, WORKER_FLAGS (e.g. "--device cuda"), PREFIXES (8),
@@ -75,6 +77,7 @@ def counter(mode, name):
     return sum(float(v) for v in re.findall(rf"^{name}{{[^}}]*}} ([0-9.e+]+)$", text, re.M))
 print("| prefix caching | output tok/s | TTFT p50 ms | TTFT p99 ms | hit rate |")
 print("|---|---:|---:|---:|---:|")
+problems = []
 for mode in ("off", "on"):
     r = json.load(open(os.path.join(out, f"{mode}.json")))
     lookup = counter(mode, "mlaserve_prefix_cache_lookup_tokens_total")
@@ -82,4 +85,13 @@ for mode in ("off", "on"):
     rate = f"{hit / lookup:.3f}" if lookup else "-"
     print(f"| {mode} | {r['output_throughput']:.1f} | {r['median_ttft_ms']:.1f} | "
           f"{r['p99_ttft_ms']:.1f} | {rate} |")
+    if r["completed"] != r["num_prompts"]:
+        problems.append(f"caching {mode}: {r['completed']} of {r['num_prompts']} completed")
+    if mode == "on" and hit <= 0:
+        problems.append("caching on: no prompt token came from the cache")
+    if mode == "off" and lookup > 0:
+        problems.append("caching off: the worker looked prefixes up")
+for p in problems:
+    print("FAILED:", p)
+sys.exit(1 if problems else 0)
 EOF
