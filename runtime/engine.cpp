@@ -418,6 +418,8 @@ RequestId Engine::finish_import(int64_t handle, const RequestSnapshot& snap) {
   // The last token is always run again, so the next step has a token to run.
   seq->num_computed = std::min(import.covered, static_cast<int32_t>(seq->tokens.size()) - 1);
   imports_.erase(it);
+  // Its full pages become reusable here (and stay cached if the scheduler has no slot for it).
+  cache_.keep_full_pages(seq->table, seq->tokens, seq->num_computed);
   const RequestId id = admit(std::move(seq));
   if (comm_ != nullptr) send_cache_op(StepPlan::Kind::kFinishImport, {.import = handle, .id = id});
   return id;

@@ -136,6 +136,22 @@ TEST(PrefixCaching, ACancelDuringAPrefillOnASharedPrefixGivesBackItsReferences) 
   EXPECT_EQ(engine.cache().num_available(), 64);
 }
 
+// A request migrated in leaves its full pages reusable at the destination: a new request
+// with its prompt starts on them there.
+TEST(PrefixCaching, AnImportedRequestsPagesAreReusableAtTheDestination) {
+  const std::vector<Request> rs = shared_prefix_requests();
+  Engine source(model(), options(false)), destination(model(), options(true));
+  const RequestId id = source.add_request(rs[0]);
+  source.step();  // its prompt (17 tokens) and first token
+  const RequestSnapshot snap = source.export_request(id);
+  destination.import_request(snap);
+  EXPECT_EQ(destination.cache().prefix_index()->kept(), 4) << "17 computed tokens: 4 full pages";
+  run_in_turn(destination, {rs[1]});
+  EXPECT_EQ(destination.cache().prefix_index()->stats().hit_tokens, 12) << "the system pages";
+  while (destination.has_work()) destination.step();
+  EXPECT_EQ(destination.cache().num_available(), 64);
+}
+
 TEST(PrefixCaching, IsForSingleRankCachesSoFar) {
   EXPECT_THROW(
       {
