@@ -278,12 +278,16 @@ int run_simulate(const SimulateArgs& a) {
     std::cout << fmt::format(
         "SIM rate={} requests={} ok={} duration_s={:.3f} tokens_per_s={:.1f} ttft_p50_ms={:.3f} "
         "ttft_p99_ms={:.3f} tpot_p50_ms={:.3f} tpot_p99_ms={:.3f} steps={} preemptions={} "
-        "wall_ms={:.1f}\n",
+        "prefix_hit_rate={:.3f} wall_ms={:.1f}\n",
         rate > 0 ? fmt::format("{}", rate) : "inf", base.size(), result["completed"].get<int64_t>(),
         r.duration_s, result["output_throughput"].get<double>(),
         result.value("median_ttft_ms", 0.0), result.value("p99_ttft_ms", 0.0),
         result.value("median_tpot_ms", 0.0), result.value("p99_tpot_ms", 0.0), r.steps,
-        r.preemptions, std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+        r.preemptions,
+        r.prefix_lookup_tokens > 0
+            ? static_cast<double>(r.prefix_hit_tokens) / static_cast<double>(r.prefix_lookup_tokens)
+            : 0.0,
+        std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
     if (!a.result_file.empty()) {
       const std::string path = bench::result_path_for_rate(a.result_file, rate, rates.size() > 1);
       std::ofstream(path) << result.dump(2) << "\n";
@@ -364,6 +368,8 @@ void add_simulate_commands(CLI::App& app, int& exit_code) {
       ->capture_default_str();
   sim->add_option("--latent-bytes-per-token", s->sim.latent_bytes_per_token,
                   "Cache bytes per token, all layers (default: the profile's)");
+  sim->add_flag("--prefix-caching", s->sim.prefix_caching,
+                "Groups keep full pages for prompts with the same leading tokens");
   sim->add_option("--fail-group", s->failures,
                   "GROUP@SECONDS: that group dies then and its requests fail over (repeatable)");
   sim->add_option("--result-file", s->result_file, "Write the result JSON here, as bench does");

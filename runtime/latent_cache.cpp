@@ -90,8 +90,7 @@ void LatentCache::release(BlockTable& table) {
 }
 
 void LatentCache::enable_prefix_caching() {
-  MLA_REQUIRE(holds_every_page() && kind_ != CacheStorage::kNone,
-              "prefix caching runs on a single-rank group's cache so far");
+  MLA_REQUIRE(holds_every_page(), "prefix caching runs on a single-rank group's cache so far");
   if (prefix_ == nullptr) prefix_ = std::make_unique<PrefixIndex>(pool_, geometry_.block_size);
 }
 

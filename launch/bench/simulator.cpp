@@ -254,6 +254,7 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     group.cache =
         std::make_unique<LatentCache>(CacheGeometry{1, o.block_size, 1, 0}, o.num_pages,
                                       ShardPlan(o.tp, 0, o.tp, o.kv_shard), CacheStorage::kNone);
+    if (o.prefix_caching) group.cache->enable_prefix_caching();
     group.scheduler = std::make_unique<Scheduler>(o.scheduler, *group.cache);
   }
   RouterOptions ro;
@@ -456,6 +457,7 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       events.push({now, order++, Event::kResubmit, i});
       return;
     }
+    group.cache->keep_full_pages(h.seq->table, h.seq->tokens, h.seq->num_computed);
     group.scheduler->add(h.seq.get());
     group.sequences.push_back(std::move(h.seq));
     group.item_of.push_back(i);
@@ -506,6 +508,7 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     const double seen = now + o.network_ms / 1000.0;  // when the client sees this step's tokens
     for (const ScheduledChunk& c : group.step.chunks) {
       Scheduler::commit(c);
+      group.cache->keep_full_pages(c.seq->table, c.seq->tokens, c.seq->num_computed);
       if (!c.samples()) continue;
       Sequence* seq = c.seq;
       seq->tokens.push_back(1);
@@ -537,6 +540,12 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       }
     }
     start_step(e.index);
+  }
+  for (const Group& g : groups) {
+    if (const PrefixIndex* prefix = g.cache->prefix_index()) {
+      result.prefix_hit_tokens += prefix->stats().hit_tokens;
+      result.prefix_lookup_tokens += prefix->stats().lookup_tokens;
+    }
   }
   return result;
 }

@@ -25,7 +25,8 @@
 //
 // Group failures are modelled with the coordinator's failover (SimOptions::failures), and
 // disaggregated prefill/decode groups with a hand-off whose time follows the cache's size
-// (SimOptions::prefill_groups). Not modelled yet: drain and rebalancing migrations, several TP
+// (SimOptions::prefill_groups), and prefix caching with the engine's own index
+// (SimOptions::prefix_caching). Not modelled yet: drain and rebalancing migrations, several TP
 // sizes in one run (every group has the same tp and cache layout).
 #pragma once
 
@@ -127,6 +128,10 @@ struct SimOptions {
   double migration_fixed_ms = 10.0;
   double migration_gbps = 2.0;
   int64_t latent_bytes_per_token = 0;  // required with prefill_groups
+  // Each group keeps full pages for reuse (cache.prefix_caching; the real PrefixIndex over
+  // the accounting-only cache): a prompt starts on its cached prefix and only the rest is
+  // prefilled. Needs tp 1 or a replicated cache. Default: false.
+  bool prefix_caching = false;
 };
 
 struct SimResult {
@@ -134,6 +139,8 @@ struct SimResult {
   double duration_s = 0;
   int64_t steps = 0;
   int64_t preemptions = 0;
+  int64_t prefix_hit_tokens = 0;     // prompt tokens served from cached pages, all groups
+  int64_t prefix_lookup_tokens = 0;  // prompt tokens in full pages looked up
 };
 
 SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& model,

@@ -170,6 +170,31 @@ TEST(Simulator, ASequenceShardedGroupHoldsTpTimesTheContext) {
       << "replicated " << replicated.duration_s << " s, sharded " << sharded.duration_s << " s";
 }
 
+// Prefix caching in the simulated groups (the engine's PrefixIndex over the accounting-only
+// cache): requests sharing a 3-page prefix prefill it once; the rest come sooner.
+TEST(Simulator, PrefixCachingServesSharedPrefixesFromCachedPages) {
+  std::vector<WorkItem> items(10);
+  for (size_t i = 0; i < items.size(); ++i) {
+    items[i].prompt_ids.assign(48, 7);  // 3 pages of 16 shared
+    for (int32_t k = 0; k < 10; ++k)
+      items[i].prompt_ids.push_back(static_cast<int32_t>(100 * i + k));
+    items[i].output_len = 4;
+    items[i].arrival_s = 0.05 * static_cast<double>(i);  // each after the previous one's prefill
+  }
+  SimOptions o;
+  o.block_size = 16;
+  const auto model = StepTimeModel::fit(linear_samples());
+  const SimResult off = simulate(items, model, o);
+  o.prefix_caching = true;
+  const SimResult on = simulate(items, model, o);
+  EXPECT_EQ(off.prefix_hit_tokens, 0);
+  EXPECT_EQ(on.prefix_hit_tokens, 9 * 48);
+  for (size_t i = 1; i < items.size(); ++i) {
+    EXPECT_LT(on.records[i].ttft_ms, off.records[i].ttft_ms) << "request " << i;
+    EXPECT_TRUE(on.records[i].complete);
+  }
+}
+
 // Disaggregated prefill/decode: every request prefills on the prefill group, which hands it,
 // with its cache, to the decode group after its first token; the hand-off's gap follows the
 // cache's size; the decode group computes only decode tokens. A decode group without room for
