@@ -14,6 +14,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <set>
 
 #include "kernels/error.h"
 #include "launch/bench/report.h"
@@ -127,10 +128,14 @@ int run_profile(const ProfileArgs& a) {
         req.ignore_eos = true;
         engine.add_request(req);
       }
-      // Prefill all of them (and their first tokens).
-      int64_t decoded = 0;
-      while (decoded < b) {
-        for (const auto& o : engine.step()) decoded += o.token >= 0 ? 1 : 0;
+      // Prefill all of them (and their first tokens): until every one has a token. (Counting
+      // tokens instead would stop early: a prompt done first decodes while later ones still
+      // prefill, and the "decode" steps timed next would carry prefill chunks.)
+      std::set<RequestId> started;
+      while (static_cast<int32_t>(started.size()) < b) {
+        for (const auto& o : engine.step()) {
+          if (o.token >= 0) started.insert(o.id);
+        }
       }
       auto timed_step = [&] {
         const Clock::time_point t0 = Clock::now();
