@@ -121,10 +121,21 @@ int run_profile(const ProfileArgs& a) {
   for (const int32_t b : batches) {
     for (const int32_t c : contexts) {
       const bool mixed = c == mixed_context;
+      // Enough for the timed steps after the last prompt's prefill: the first prompts decode
+      // while the later ones still prefill (at most one step per chunk of the budget).
+      const int32_t max_tokens = 2 * a.repeats + 2 + b + (b * (c + 1)) / sched.max_batch_tokens + 1;
+      // A point whose sequences do not fit the cache would preempt: it is no decode batch.
+      const int64_t pages = int64_t{b} * engine.cache().pages_for(c + max_tokens) +
+                            (mixed ? engine.cache().pages_for(mixed_prefill + 1) : 0);
+      if (pages > engine.cache().pool().num_pages()) {
+        spdlog::warn("profile: batch {} x context {} needs {} cache pages of {}: skipped", b, c,
+                     pages, engine.cache().pool().num_pages());
+        continue;
+      }
       for (int32_t i = 0; i < b; ++i) {
         Request req;
         req.prompt = prompt(c);
-        req.max_tokens = 2 * a.repeats + 2;
+        req.max_tokens = max_tokens;
         req.ignore_eos = true;
         engine.add_request(req);
       }
@@ -143,7 +154,14 @@ int run_profile(const ProfileArgs& a) {
         return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
       };
       std::vector<double> times, mixed_times;
-      for (int32_t r = 0; r < a.repeats; ++r) times.push_back(timed_step());
+      for (int32_t r = 0; r < a.repeats; ++r) {
+        const int64_t before = engine.stats().computed_tokens;
+        times.push_back(timed_step());
+        // A decode point holds b decodes and nothing else.
+        MLA_CHECK(engine.stats().computed_tokens - before == b,
+                  "profile: a decode step of batch {} computed {} tokens", b,
+                  engine.stats().computed_tokens - before);
+      }
       for (int32_t r = 0; mixed && r < a.repeats; ++r) {
         Request req;
         req.prompt = prompt(mixed_prefill);
