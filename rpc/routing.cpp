@@ -4,6 +4,7 @@
 #include <functional>
 
 #include "kernels/error.h"
+#include "runtime/splitmix.h"
 
 namespace mla {
 
@@ -44,26 +45,19 @@ Router::Router(RouterOptions options) : options_(options) {
 
 namespace {
 
-uint64_t mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
 // Keys of the prompt's full pages of `block` tokens, each chained over the ones before.
 std::vector<uint64_t> page_keys(const std::vector<int32_t>& prompt, int32_t block) {
   std::vector<uint64_t> keys;
   uint64_t h = 0;
   for (size_t end = block; end <= prompt.size(); end += block) {
-    for (size_t i = end - block; i < end; ++i) h = mix(h ^ static_cast<uint32_t>(prompt[i]));
+    for (size_t i = end - block; i < end; ++i) h = splitmix64(h ^ static_cast<uint32_t>(prompt[i]));
     keys.push_back(h);
   }
   return keys;
 }
 
 uint64_t pair_key(uint64_t page, const std::string& worker_id) {
-  return mix(page ^ std::hash<std::string>{}(worker_id));
+  return splitmix64(page ^ std::hash<std::string>{}(worker_id));
 }
 
 }  // namespace

@@ -3,19 +3,9 @@
 #include <algorithm>
 
 #include "kernels/error.h"
+#include "runtime/splitmix.h"
 
 namespace mla {
-namespace {
-
-// splitmix64's finaliser: a good 64-bit mix for chaining.
-uint64_t mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-}  // namespace
 
 PrefixIndex::PrefixIndex(PagePool& pool, int32_t block_size)
     : pool_(pool), block_size_(block_size) {
@@ -23,8 +13,8 @@ PrefixIndex::PrefixIndex(PagePool& pool, int32_t block_size)
 }
 
 uint64_t PrefixIndex::key_of(uint64_t parent, const int32_t* tokens) const {
-  uint64_t h = mix(parent ^ 0x5bd1e995u);
-  for (int32_t i = 0; i < block_size_; ++i) h = mix(h ^ static_cast<uint32_t>(tokens[i]));
+  uint64_t h = splitmix64(parent ^ 0x5bd1e995u);
+  for (int32_t i = 0; i < block_size_; ++i) h = splitmix64(h ^ static_cast<uint32_t>(tokens[i]));
   return h == 0 ? 1 : h;  // 0 is "no parent"
 }
 

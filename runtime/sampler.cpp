@@ -6,16 +6,10 @@
 #include <vector>
 
 #include "kernels/error.h"
+#include "runtime/splitmix.h"
 
 namespace mla {
 namespace {
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
 
 int32_t argmax(const float* logits, int64_t vocab_size) {
   int64_t best = 0;

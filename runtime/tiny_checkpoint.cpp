@@ -15,6 +15,7 @@
 #include "kernels/error.h"
 #include "kernels/tensor.h"
 #include "runtime/safetensors.h"
+#include "runtime/splitmix.h"
 #include "runtime/tokenizer.h"
 
 namespace mla {
@@ -208,13 +209,6 @@ namespace {
 // normal generator would take minutes for DeepSeek-V2-Lite's 15.7B values.
 constexpr int64_t kFastFillElements = int64_t{1} << 20;
 
-uint64_t mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
 // Approximately normal values (the sum of four 16-bit uniforms, rescaled: mean 0, variance 1,
 // bounded by +-3.46) from a counter-based hash, on all cores. Deterministic in `seed`.
 void fast_fill(float* p, int64_t n, float mean, float std_dev, uint64_t seed) {
@@ -227,7 +221,7 @@ void fast_fill(float* p, int64_t n, float mean, float std_dev, uint64_t seed) {
       // Sum of 4 uniforms on [0, 65535]: mean 131070, sd 65536 * sqrt(4 / 12).
       constexpr float kCenter = 4 * 65535.0f / 2, kScale = 1.0f / (65536.0f * 1.1547005f);
       for (int64_t i = w * chunk; i < end; ++i) {
-        const uint64_t h = mix64(seed ^ static_cast<uint64_t>(i));
+        const uint64_t h = splitmix64(seed ^ static_cast<uint64_t>(i));
         const float sum = static_cast<float>((h & 0xffff) + ((h >> 16) & 0xffff) +
                                              ((h >> 32) & 0xffff) + (h >> 48));
         p[i] = mean + std_dev * (sum - kCenter) * kScale;

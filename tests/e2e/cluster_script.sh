@@ -7,12 +7,24 @@
 set -euo pipefail
 mlaserve=$1 data=$2 repo=$3
 work=$(mktemp -d)
+# Two free ports for the coordinator, and a free pair for the groups (port_base, port_base + 1).
 read -r cport kport wport <<<"$(/usr/bin/python3 -c "
 import socket
-s=[socket.socket() for _ in range(4)]
-[x.bind(('127.0.0.1',0)) for x in s]
-p=[x.getsockname()[1] for x in s]
-print(p[0], p[1], p[2])")"
+def free(n):
+    s = [socket.socket() for _ in range(n)]
+    for x in s: x.bind(('127.0.0.1', 0))
+    return s
+def pair():
+    while True:
+        a = socket.socket(); a.bind(('127.0.0.1', 0)); p = a.getsockname()[1]
+        b = socket.socket()
+        try:
+            b.bind(('127.0.0.1', p + 1))
+            return [a, b]
+        except OSError:
+            a.close()
+s = free(2) + pair()
+print(s[0].getsockname()[1], s[1].getsockname()[1], s[2].getsockname()[1])")"
 cat >"$work/cluster.yaml" <<EOF
 model: $data/v3
 parallel:
