@@ -295,8 +295,7 @@ std::vector<StepOutput> Engine::postprocess(const Schedule& schedule, SampledSte
   int64_t row = 0;
   for (const ScheduledChunk& chunk : schedule.chunks) {
     Sequence& seq = *chunk.seq;
-    Scheduler::commit(chunk);
-    cache_.keep_full_pages(seq.table, seq.tokens, seq.num_computed);
+    scheduler_.commit(chunk);
     if (!chunk.samples()) continue;
 
     const int64_t i = row++;
@@ -418,9 +417,7 @@ RequestId Engine::finish_import(int64_t handle, const RequestSnapshot& snap) {
   // The last token is always run again, so the next step has a token to run.
   seq->num_computed = std::min(import.covered, static_cast<int32_t>(seq->tokens.size()) - 1);
   imports_.erase(it);
-  // Its full pages become reusable here (and stay cached if the scheduler has no slot for it).
-  cache_.keep_full_pages(seq->table, seq->tokens, seq->num_computed);
-  const RequestId id = admit(std::move(seq));
+  const RequestId id = admit(std::move(seq));  // its full pages become reusable here
   if (comm_ != nullptr) send_cache_op(StepPlan::Kind::kFinishImport, {.import = handle, .id = id});
   return id;
 }

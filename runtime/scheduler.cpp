@@ -30,6 +30,7 @@ void Scheduler::add(Sequence* seq) {
   // Waiting sequences hold no pages (preemption only reclaims running ones), so a sequence
   // that arrives with cached latents (an imported one) runs at once or gives them up.
   if (!seq->table.pages.empty()) {
+    cache_.keep_full_pages(seq->table, seq->tokens, seq->num_computed);
     if (static_cast<int32_t>(running_.size()) < options_.max_running) {
       seq->status = SeqStatus::kRunning;
       running_.push_back(seq);
@@ -103,8 +104,10 @@ Schedule Scheduler::schedule() {
 }
 
 void Scheduler::commit(const ScheduledChunk& chunk) {
-  MLA_CHECK(chunk.seq->num_computed == chunk.start, "chunk committed out of order");
-  chunk.seq->num_computed += chunk.num_tokens;
+  Sequence& seq = *chunk.seq;
+  MLA_CHECK(seq.num_computed == chunk.start, "chunk committed out of order");
+  seq.num_computed += chunk.num_tokens;
+  cache_.keep_full_pages(seq.table, seq.tokens, seq.num_computed);
 }
 
 void Scheduler::remove(Sequence* seq) {

@@ -44,13 +44,16 @@ class Scheduler {
   Scheduler(SchedulerOptions options, LatentCache& cache);
 
   // Queues a sequence (kWaiting), or, if it already holds cache pages (an imported request)
-  // and a running slot is free, runs it (kRunning); without a slot it releases its pages.
+  // and a running slot is free, runs it (kRunning); without a slot it releases its pages. An
+  // imported sequence's full pages are offered to the prefix index first, so they stay
+  // reusable either way.
   // The caller keeps ownership.
   void add(Sequence* seq);
   // Plans the next step and reserves its pages.
   Schedule schedule();
-  // Marks the chunk as computed (after the forward pass).
-  static void commit(const ScheduledChunk& chunk);
+  // Marks the chunk as computed (after the forward pass) and offers the pages its sequence's
+  // computed tokens now fill to the cache's prefix index (with prefix caching).
+  void commit(const ScheduledChunk& chunk);
   // Removes a sequence (finished or cancelled) and frees its pages at once.
   void remove(Sequence* seq);
 

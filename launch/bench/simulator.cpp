@@ -457,7 +457,6 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       events.push({now, order++, Event::kResubmit, i});
       return;
     }
-    group.cache->keep_full_pages(h.seq->table, h.seq->tokens, h.seq->num_computed);
     group.scheduler->add(h.seq.get());
     group.sequences.push_back(std::move(h.seq));
     group.item_of.push_back(i);
@@ -507,8 +506,7 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     if (!group.alive) continue;                       // the step never finished
     const double seen = now + o.network_ms / 1000.0;  // when the client sees this step's tokens
     for (const ScheduledChunk& c : group.step.chunks) {
-      Scheduler::commit(c);
-      group.cache->keep_full_pages(c.seq->table, c.seq->tokens, c.seq->num_computed);
+      group.scheduler->commit(c);
       if (!c.samples()) continue;
       Sequence* seq = c.seq;
       seq->tokens.push_back(1);

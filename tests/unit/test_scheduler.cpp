@@ -60,10 +60,10 @@ class Sequences {
 };
 
 // Commits every chunk of the plan and appends a sampled token where the engine would.
-void finish_step(const Schedule& plan) {
+void finish_step(Scheduler& scheduler, const Schedule& plan) {
   for (const ScheduledChunk& chunk : plan.chunks) {
     const bool samples = chunk.samples();
-    Scheduler::commit(chunk);
+    scheduler.commit(chunk);
     if (samples) chunk.seq->tokens.push_back(7);
   }
 }
@@ -181,7 +181,7 @@ TEST_P(SchedulerBudget, PlansEachStepAsTabled) {
       EXPECT_EQ(c.seq->status, SeqStatus::kRunning);
       EXPECT_GE(c.seq->table.num_tokens, c.start + c.num_tokens) << "pages not reserved";
     }
-    finish_step(plan);
+    finish_step(scheduler, plan);
     EXPECT_EQ(scheduler.num_waiting(), tc.waiting_after[step]) << "step " << step;
   }
 }
@@ -200,11 +200,11 @@ TEST(Scheduler, CommitAdvancesNumComputedAndRejectsOutOfOrder) {
   ASSERT_EQ(first.chunks.size(), 1u);
   EXPECT_EQ(seq->num_computed, 0) << "schedule() must not mark anything computed";
   EXPECT_FALSE(first.chunks[0].samples());
-  Scheduler::commit(first.chunks[0]);
+  scheduler.commit(first.chunks[0]);
   EXPECT_EQ(seq->num_computed, 3);
   EXPECT_EQ(seq->num_pending(), 2);
   // The same chunk again would recompute tokens 0..2 on top of 3: a bookkeeping bug.
-  EXPECT_EQ(code_of([&] { Scheduler::commit(first.chunks[0]); }), ErrorCode::kInternal);
+  EXPECT_EQ(code_of([&] { scheduler.commit(first.chunks[0]); }), ErrorCode::kInternal);
   EXPECT_EQ(seq->num_computed, 3);
 
   const Schedule second = scheduler.schedule();
@@ -212,7 +212,7 @@ TEST(Scheduler, CommitAdvancesNumComputedAndRejectsOutOfOrder) {
   EXPECT_EQ(second.chunks[0].start, 3);
   EXPECT_EQ(second.chunks[0].num_tokens, 2);
   EXPECT_TRUE(second.chunks[0].samples());
-  Scheduler::commit(second.chunks[0]);
+  scheduler.commit(second.chunks[0]);
   EXPECT_EQ(seq->num_computed, 5);
 }
 
@@ -229,7 +229,7 @@ TEST(Scheduler, MaxRunningAdmitsTheNextWhenOneLeaves) {
   Scheduler scheduler({.max_batch_tokens = 100, .max_running = 2}, cache);
   Sequences seqs;
   for (int i = 0; i < 3; ++i) scheduler.add(seqs.make(2));
-  finish_step(scheduler.schedule());
+  finish_step(scheduler, scheduler.schedule());
   EXPECT_EQ(scheduler.num_running(), 2);
   EXPECT_EQ(scheduler.num_waiting(), 1);
   EXPECT_TRUE(seqs[2]->table.pages.empty()) << "a sequence kept out by max_running holds pages";
@@ -272,7 +272,7 @@ TEST_P(SchedulerAdmission, NeverOverCommits) {
   Sequence* first = seqs.make(7);  // 7 prompt tokens + 1 sampled = 8 tokens, 2 pages
   scheduler.add(first);
   // With a budget under 7 the first prompt needs two steps; run until it decodes.
-  while (first->num_generated() == 0) finish_step(scheduler.schedule());
+  while (first->num_generated() == 0) finish_step(scheduler, scheduler.schedule());
   ASSERT_EQ(cache.pool().num_free(), 1);
 
   Sequence* second = seqs.make(tc.waiting_prompt);
@@ -306,7 +306,7 @@ TEST(Scheduler, WaitingQueueIsFifoSoASmallLaterPromptDoesNotOvertake) {
   Scheduler scheduler({.max_batch_tokens = 512, .max_running = 8}, cache);
   Sequences seqs;
   scheduler.add(seqs.make(7));  // 8 tokens after sampling: 2 pages
-  finish_step(scheduler.schedule());
+  finish_step(scheduler, scheduler.schedule());
   scheduler.add(seqs.make(8));  // needs 2, 1 free
   scheduler.add(seqs.make(1));  // would fit
   const Schedule plan = scheduler.schedule();
@@ -326,7 +326,7 @@ TEST(Scheduler, PreemptsTheYoungestWhichGoesBackAheadOfNewerArrivals) {
   Sequence* b = seqs.make(4);
   scheduler.add(a);
   scheduler.add(b);
-  finish_step(scheduler.schedule());  // both prefilled, one page each, 5 tokens each
+  finish_step(scheduler, scheduler.schedule());  // both prefilled, one page each, 5 tokens each
   ASSERT_EQ(cache.pool().num_free(), 0);
   Sequence* c = seqs.make(1);  // arrives while the cache is full
   scheduler.add(c);
@@ -347,7 +347,7 @@ TEST(Scheduler, PreemptsTheYoungestWhichGoesBackAheadOfNewerArrivals) {
   EXPECT_EQ(scheduler.num_running(), 1);
   EXPECT_EQ(scheduler.num_waiting(), 2);
   EXPECT_EQ(cache.pool().num_free(), 0);
-  finish_step(plan);
+  finish_step(scheduler, plan);
 
   // When a leaves, b (older than c) is recomputed first: all 5 of its tokens in one chunk,
   // which samples, and c must wait for pages behind it.
@@ -366,7 +366,7 @@ TEST(Scheduler, YoungestThatCannotGrowPreemptsItselfAndTheOldestKeepsRunning) {
   Sequence* b = seqs.make(4);  // 5 tokens after sampling: needs a second page
   scheduler.add(a);
   scheduler.add(b);
-  finish_step(scheduler.schedule());
+  finish_step(scheduler, scheduler.schedule());
   const std::vector<int32_t> b_tokens = b->tokens;
 
   const Schedule plan = scheduler.schedule();
@@ -376,7 +376,7 @@ TEST(Scheduler, YoungestThatCannotGrowPreemptsItselfAndTheOldestKeepsRunning) {
   EXPECT_EQ(b->status, SeqStatus::kWaiting);
   EXPECT_EQ(b->tokens, b_tokens);
   EXPECT_EQ(cache.pool().num_free(), 1) << "b's page is free; its 5 tokens need 2";
-  finish_step(plan);
+  finish_step(scheduler, plan);
 }
 
 TEST(Scheduler, OnlyRunningSequencePreemptsItselfAndResumesWhenPagesReturn) {
@@ -387,7 +387,7 @@ TEST(Scheduler, OnlyRunningSequencePreemptsItselfAndResumesWhenPagesReturn) {
   Sequences seqs;
   Sequence* a = seqs.make(4);
   scheduler.add(a);
-  finish_step(scheduler.schedule());
+  finish_step(scheduler, scheduler.schedule());
   ASSERT_EQ(a->tokens.size(), 5u);
 
   const Schedule plan = scheduler.schedule();
@@ -421,7 +421,7 @@ TEST(Scheduler, WaitingSequenceHoldingPagesDoesNotDeadlockARunningOne) {
   Sequences seqs;
   Sequence* a = seqs.make(8);  // 2 pages; its 9th token needs a third
   scheduler.add(a);
-  finish_step(scheduler.schedule());
+  finish_step(scheduler, scheduler.schedule());
   Sequence* imported = seqs.make(9);  // latents of 8 tokens already in 2 pages, as an import
   ASSERT_TRUE(cache.reserve(imported->table, 8));
   imported->num_computed = 8;
@@ -432,7 +432,7 @@ TEST(Scheduler, WaitingSequenceHoldingPagesDoesNotDeadlockARunningOne) {
   for (int step = 0; step < 20 && generated < 4; ++step) {
     const Schedule plan = scheduler.schedule();
     for (const ScheduledChunk& c : plan.chunks) generated += c.samples() ? 1 : 0;
-    finish_step(plan);
+    finish_step(scheduler, plan);
   }
   EXPECT_GE(generated, 4) << "no sequence makes progress: a waits for pages that the waiting "
                              "imported sequence holds, and that one waits behind a";
@@ -449,7 +449,7 @@ TEST(Scheduler, RemoveFreesPagesAtOnceWhetherRunningOrWaiting) {
   Sequence* waiting = seqs.make(3);  // kept out by max_running
   scheduler.add(running);
   scheduler.add(waiting);
-  finish_step(scheduler.schedule());
+  finish_step(scheduler, scheduler.schedule());
   ASSERT_EQ(running->status, SeqStatus::kRunning);
   ASSERT_EQ(waiting->status, SeqStatus::kWaiting);
   ASSERT_EQ(cache.pool().num_free(), 6);
@@ -532,7 +532,7 @@ TEST(Scheduler, PageAccountingIsExactEveryStepOfARunWithPreemptions) {
       EXPECT_GE(c.seq->table.num_tokens, c.start + c.num_tokens);
     }
 
-    finish_step(plan);
+    finish_step(scheduler, plan);
     for (int i = 0; i < kRequests; ++i) {
       Sequence* s = seqs[i];
       if (!done.count(s) && s->num_generated() >= max_gen[i]) {
