@@ -361,8 +361,11 @@ class ClusterTest : public testing::Test {
       EXPECT_TRUE(clean) << "worker job `" << job.process->command_line()
                          << "` did not stop within " << kStopGrace.count()
                          << " s of SIGTERM to its ranks; they were killed";
-      // mpirun exits 0 when every rank did.
-      EXPECT_EQ(job.process->exit_description(), "exit 0") << job.process->command_line();
+      // mpirun exits 0 when every rank did; its log's warnings and errors say which did not
+      // (the whole log follows, but a long test output may lose its middle).
+      EXPECT_EQ(job.process->exit_description(), "exit 0")
+          << job.process->command_line() << "\n"
+          << notable_lines(job.process->log_path());
     }
     const double workers_s = seconds_since(start);
     // An idle client connection holds up the coordinator's exit (the test
@@ -390,6 +393,26 @@ class ClusterTest : public testing::Test {
       std::error_code ignored;
       std::filesystem::remove_all(dir_, ignored);
     }
+  }
+
+  // The lines of a process log that tell why it failed: spdlog warnings and errors, and what
+  // mpirun and the C++ runtime print about ranks that exited early (at most 40 lines).
+  static std::string notable_lines(const std::string& log_path) {
+    static const char* kMarks[] = {"[warning]", "[error]",   "[critical]", "exit code", "signal",
+                                   "terminate", "MPI_ABORT", "mpirun",     "prterun",   "Aborted"};
+    std::ifstream in(log_path);
+    std::string out, line;
+    int kept = 0;
+    while (std::getline(in, line) && kept < 40) {
+      for (const char* mark : kMarks) {
+        if (line.find(mark) != std::string::npos) {
+          out += line + "\n";
+          ++kept;
+          break;
+        }
+      }
+    }
+    return out;
   }
 
   // `count` consecutive free loopback ports that this test has not handed out yet.
@@ -526,10 +549,10 @@ class ClusterTest : public testing::Test {
   // Waits until every alive worker reports, in a heartbeat sent after `since` (an older one
   // may predate what the test did), all its pages free and nothing running or waiting, and
   // the coordinator has nothing in flight; true when that happened within `timeout` of
-  // `since`. `last` gets the last listing.
+  // `since` or of now, whichever is later. `last` gets the last listing.
   bool wait_for_idle_cache(Clock::time_point since, std::chrono::milliseconds timeout,
                            v1::ListWorkersResponse* last) {
-    const auto end = since + timeout;
+    const auto end = std::max(since, Clock::now()) + timeout;
     for (;;) {
       *last = client().list_workers();
       const auto received = Clock::now();

@@ -98,11 +98,47 @@ class MigrationTest : public ClusterTest {
   // `which` with the admin client (its answer in (*moved)[i]) and runs `also`, each on its own
   // thread; then thaws them. The tiny model finishes a request in ~0.1 s: frozen, the workers
   // keep every request running until the migrations are under way (each takes a few ms once
-  // they thaw). Every stream must then have moved once, to the other worker.
+  // they thaw). Every stream must carry its tokens, and every request that moved must have
+  // moved once, to the other worker. On a busy machine a fast group can finish its requests
+  // before the last first token brings the freeze; such a run is made again, up to three
+  // times, until `enough` says the answers show what the test is about (by default: at least
+  // half the requests moved).
+  using Enough = std::function<bool(const std::vector<v1::MigrateResponse>&)>;
   std::vector<Stream> run_migrating(
       const Load& load, const std::vector<size_t>& which, std::vector<v1::MigrateResponse>* moved,
-      const std::function<void()>& also = [] {}) {
-    moved->resize(load.requests.size());
+      const std::function<void()>& also = [] {}, const Enough& enough = half_moved) {
+    constexpr int kAttempts = 3;
+    for (int attempt = 1;; ++attempt) {
+      std::vector<Stream> streams = run_migrating_once(load, which, moved, also);
+      if (enough(*moved)) return streams;
+      if (attempt == kAttempts) {
+        ADD_FAILURE() << "in " << kAttempts << " runs, the migrations never found enough "
+                      << "requests running: " << outcomes(*moved);
+        return streams;
+      }
+      std::cout << "run " << attempt << ": too few requests were still running ("
+                << outcomes(*moved) << "); again\n";
+    }
+  }
+  static bool half_moved(const std::vector<v1::MigrateResponse>& moved) {
+    int migrated = 0, tried = 0;
+    for (const v1::MigrateResponse& m : moved) {
+      tried += !m.outcome().empty();
+      migrated += m.outcome() == "migrated";
+    }
+    return 2 * migrated >= tried;
+  }
+  static std::string outcomes(const std::vector<v1::MigrateResponse>& moved) {
+    std::string out;
+    for (const v1::MigrateResponse& m : moved) {
+      out += (out.empty() ? "" : ", ") + (m.outcome().empty() ? "-" : m.outcome());
+    }
+    return out;
+  }
+  std::vector<Stream> run_migrating_once(const Load& load, const std::vector<size_t>& which,
+                                         std::vector<v1::MigrateResponse>* moved,
+                                         const std::function<void()>& also) {
+    moved->assign(load.requests.size(), {});
     // Found before the load starts: the freeze must follow the first tokens at once.
     const std::vector<pid_t> leaders = group_leaders();
     const std::vector<Stream> streams = run_load(client(), load, [&] {
@@ -125,18 +161,15 @@ class MigrationTest : public ClusterTest {
       for (pid_t pid : leaders) ::kill(pid, SIGCONT);
       for (std::thread& t : migrations) t.join();
     });
-    int migrated = 0;
     for (size_t i = 0; i < streams.size(); ++i) {
       const std::string what = "stream " + std::to_string(i);
       expect_complete(streams[i], load.requests[i], load.expected[i], what);
-      if ((*moved)[i].outcome() == "ended") continue;
-      ++migrated;
+      if ((*moved)[i].outcome() != "migrated") continue;
       EXPECT_EQ(streams[i].result.worker_ids.size(), 2u) << what << " did not move";
       if (streams[i].result.worker_ids.size() == 2) {
         EXPECT_NE(streams[i].result.worker_ids[0], streams[i].result.worker_ids[1]) << what;
       }
     }
-    EXPECT_GE(2 * migrated, static_cast<int>(streams.size())) << "most requests should move";
     return streams;
   }
 
@@ -199,9 +232,12 @@ TEST_F(MigrationTest, AnOperatorMovesRunningRequestsWithTheirCachesAndTheTokensD
   CommandResult by_cli;
   const auto start = Clock::now();
   // The CLI's is a blocking stop-and-copy: one stage, the whole cache after the stop.
-  const std::vector<Stream> streams = run_migrating(load, {1, 2, 3}, &moved, [&] {
-    by_cli = admin({"migrate", "--stop-first", load.requests[0].request_id()}, kControlSecret);
-  });
+  const std::vector<Stream> streams = run_migrating(
+      load, {1, 2, 3}, &moved,
+      [&] {
+        by_cli = admin({"migrate", "--stop-first", load.requests[0].request_id()}, kControlSecret);
+      },
+      [&](const auto& answers) { return half_moved(answers) && by_cli.exit == "exit 0"; });
   EXPECT_EQ(by_cli.exit, "exit 0") << by_cli.output;
   EXPECT_THAT(by_cli.output, HasSubstr("migrated from")) << by_cli.output;
   EXPECT_THAT(by_cli.output, HasSubstr("over grpc")) << by_cli.output;
@@ -225,9 +261,12 @@ TEST_F(MigrationTest, GroupsOfOneJobMoveTheLatentsOverTheJobsMpi) {
   std::vector<v1::MigrateResponse> moved;
   CommandResult by_cli;
   const auto start = Clock::now();
-  const std::vector<Stream> streams = run_migrating(load, {1, 2, 3}, &moved, [&] {
-    by_cli = admin({"migrate", load.requests[0].request_id()}, kControlSecret);
-  });
+  const std::vector<Stream> streams = run_migrating(
+      load, {1, 2, 3}, &moved,
+      [&] {
+        by_cli = admin({"migrate", load.requests[0].request_id()}, kControlSecret);
+      },
+      [&](const auto& answers) { return half_moved(answers) && by_cli.exit == "exit 0"; });
   EXPECT_EQ(by_cli.exit, "exit 0") << by_cli.output;
   EXPECT_THAT(by_cli.output, HasSubstr("over mpi")) << by_cli.output;
   for (size_t i = 1; i < moved.size(); ++i) {
@@ -307,14 +346,21 @@ TEST_P(ReshardingMigrationTest, RequestsMoveWithTheirCachesBothWays) {
   const Load load = named_load(6, 200, 43, "regrouped");
   std::vector<v1::MigrateResponse> moved;
   const auto start = Clock::now();
-  const std::vector<Stream> streams = run_migrating(load, {0, 1, 2, 3, 4, 5}, &moved);
-  std::set<std::string> sources;
+  auto sources_of = [](const std::vector<v1::MigrateResponse>& answers) {
+    std::set<std::string> sources;
+    for (const v1::MigrateResponse& m : answers) {
+      if (m.outcome() == "migrated") sources.insert(m.stats().source_worker_id());
+    }
+    return sources;
+  };
+  const std::vector<Stream> streams = run_migrating(
+      load, {0, 1, 2, 3, 4, 5}, &moved, [] {},
+      [&](const auto& answers) { return sources_of(answers).size() == 2; });
   for (size_t i = 0; i < moved.size(); ++i) {
     if (moved[i].outcome() == "ended") continue;  // it finished before its turn
     expect_moved_with_cache(moved[i], streams[i], load.requests[i]);
-    sources.insert(moved[i].stats().source_worker_id());
   }
-  EXPECT_EQ(sources.size(), 2u) << "the requests did not move both ways";
+  EXPECT_EQ(sources_of(moved).size(), 2u) << "the requests did not move both ways";
   expect_no_pages_held(start);
 }
 
