@@ -227,14 +227,15 @@ struct SimulateArgs {
   std::string result_file;
   bool save_detailed = false;
   std::vector<std::string> failures;  // "GROUP@SECONDS"
+  std::vector<std::string> drains;    // "GROUP@SECONDS"
   int32_t tp = 0;                     // 0: the profile's
   std::string kv_shard;               // empty: the profile's
 };
 
-// --fail-group's "GROUP@SECONDS".
-bench::GroupFailure parse_failure(const std::string& spec) {
+// --fail-group's and --drain-group's "GROUP@SECONDS".
+bench::GroupEvent parse_group_event(const std::string& spec, const char* flag) {
   const size_t at = spec.find('@');
-  bench::GroupFailure f;
+  bench::GroupEvent f;
   try {
     MLA_REQUIRE(at != std::string::npos, "");
     size_t used = 0;
@@ -243,7 +244,7 @@ bench::GroupFailure parse_failure(const std::string& spec) {
     f.at_s = std::stod(spec.substr(at + 1), &used);
     MLA_REQUIRE(used == spec.size() - at - 1, "");
   } catch (const std::exception&) {
-    MLA_THROW(kInvalidArgument, "--fail-group: '{}' is not GROUP@SECONDS (e.g. 1@30)", spec);
+    MLA_THROW(kInvalidArgument, "{}: '{}' is not GROUP@SECONDS (e.g. 1@30)", flag, spec);
   }
   return f;
 }
@@ -256,7 +257,10 @@ int run_simulate(const SimulateArgs& a) {
   const bench::StepTimeModel model = bench::StepTimeModel::from_profile(profile);
   bench::SimOptions sim = a.sim;
   sim.routing = routing_policy_from_string(a.routing, "--routing");
-  for (const std::string& f : a.failures) sim.failures.push_back(parse_failure(f));
+  for (const std::string& f : a.failures) {
+    sim.failures.push_back(parse_group_event(f, "--fail-group"));
+  }
+  for (const std::string& f : a.drains) sim.drains.push_back(parse_group_event(f, "--drain-group"));
   // The group layout the profile measured, unless given.
   const int32_t profiled_tp = profile.value("tp", 1);
   const std::string profiled_shard = profile.value("kv_shard", std::string("sequence"));
@@ -301,7 +305,7 @@ int run_simulate(const SimulateArgs& a) {
     std::cout << fmt::format(
         "SIM rate={} requests={} ok={} duration_s={:.3f} tokens_per_s={:.1f} ttft_p50_ms={:.3f} "
         "ttft_p99_ms={:.3f} tpot_p50_ms={:.3f} tpot_p99_ms={:.3f} steps={} preemptions={} "
-        "prefix_hit_rate={:.3f} wall_ms={:.1f}\n",
+        "prefix_hit_rate={:.3f} migrations={} rebalances={} wall_ms={:.1f}\n",
         rate > 0 ? fmt::format("{}", rate) : "inf", base.size(), result["completed"].get<int64_t>(),
         r.duration_s, result["output_throughput"].get<double>(),
         result.value("median_ttft_ms", 0.0), result.value("p99_ttft_ms", 0.0),
@@ -310,6 +314,7 @@ int run_simulate(const SimulateArgs& a) {
         r.prefix_lookup_tokens > 0
             ? static_cast<double>(r.prefix_hit_tokens) / static_cast<double>(r.prefix_lookup_tokens)
             : 0.0,
+        r.migrations, r.rebalances,
         std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
     if (!a.result_file.empty()) {
       const std::string path = bench::result_path_for_rate(a.result_file, rate, rates.size() > 1);
@@ -384,10 +389,28 @@ void add_simulate_commands(CLI::App& app, int& exit_code) {
                   "The first N groups prefill and hand each request, with its cache, to a decode "
                   "group (the rest) after its first token; 0: all groups do both")
       ->capture_default_str();
-  sim->add_option("--migration-gbps", s->sim.migration_gbps, "A hand-off's transfer rate")
+  sim->add_option("--drain-group", s->drains,
+                  "GROUP@SECONDS: that group drains then, and its requests migrate with their "
+                  "caches (repeatable)");
+  sim->add_flag("--rebalance", s->sim.rebalance,
+                "The coordinator's rebalancing: a group short of cache moves a request to one "
+                "with room");
+  sim->add_option("--rebalance-low-free", s->sim.rebalance_thresholds.low_free,
+                  "A group with fewer free pages (a fraction) is short of cache")
+      ->capture_default_str();
+  sim->add_option("--rebalance-high-free", s->sim.rebalance_thresholds.high_free,
+                  "A target needs at least this fraction of its pages free")
+      ->capture_default_str();
+  sim->add_option("--rebalance-interval-ms", s->sim.rebalance_interval_ms,
+                  "At most one rebalancing move per group in this time")
+      ->capture_default_str();
+  sim->add_option("--heartbeat-ms", s->sim.heartbeat_ms,
+                  "Workers' heartbeat interval (when rebalancing looks)")
+      ->capture_default_str();
+  sim->add_option("--migration-gbps", s->sim.migration_gbps, "A migration's transfer rate")
       ->capture_default_str();
   sim->add_option("--migration-fixed-ms", s->sim.migration_fixed_ms,
-                  "A hand-off's time besides the transfer")
+                  "A migration's time besides the transfer")
       ->capture_default_str();
   sim->add_option("--latent-bytes-per-token", s->sim.latent_bytes_per_token,
                   "Cache bytes per token, all layers (default: the profile's)");

@@ -8,6 +8,7 @@
 
 #include "kernels/error.h"
 #include "rpc/coordinator_service.h"
+#include "rpc/migration_policy.h"
 #include "rpc/model_identity.h"
 #include "rpc/status.h"
 
@@ -168,21 +169,18 @@ const char* CoordinatorService::role_name(Role role) {
 
 CoordinatorService::WorkerEntry* CoordinatorService::migration_target_locked(
     const std::string& source) {
-  WorkerEntry* best = nullptr;
-  auto better = [](const WorkerEntry& w, const WorkerEntry& than) {
-    const bool decode = w.role == Role::kDecode, than_decode = than.role == Role::kDecode;
-    if (decode != than_decode) return decode;
-    if (w.load.free_pages() != than.load.free_pages()) {
-      return w.load.free_pages() > than.load.free_pages();
-    }
-    return w.in_flight < than.in_flight;
-  };
+  std::vector<MigrationPeer> peers;
+  std::vector<WorkerEntry*> entries;
   for (auto& [id, w] : workers_) {
-    if (id == source || w.state != WorkerState::kAlive || w.worker_draining) continue;
-    if (w.role == Role::kPrefill) continue;
-    if (!best || better(w, *best)) best = &w;
+    peers.push_back({id,
+                     id != source && w.state == WorkerState::kAlive && !w.worker_draining &&
+                         w.role != Role::kPrefill,
+                     w.role == Role::kDecode, w.load.free_pages(), w.load.total_pages(),
+                     w.in_flight});
+    entries.push_back(&w);
   }
-  return best;
+  const int best = migration_target(peers);
+  return best < 0 ? nullptr : entries[static_cast<size_t>(best)];
 }
 
 void CoordinatorService::queue_handoff_locked(const std::string& request_id) {
@@ -193,42 +191,39 @@ void CoordinatorService::queue_handoff_locked(const std::string& request_id) {
 void CoordinatorService::rebalance_locked(WorkerEntry& worker, int64_t preemptions_before) {
   const v1::WorkerLoad& load = worker.load;
   const int64_t preempted = load.preemptions() - preemptions_before;
-  const bool low = load.free_pages() < options_.rebalance_low_free * load.total_pages();
-  if ((!low && preempted <= 0) || load.total_pages() <= 0) return;
+  const RebalanceThresholds thresholds{options_.rebalance_low_free, options_.rebalance_high_free};
+  if (!short_of_cache(load.free_pages(), load.total_pages(), preempted, thresholds)) return;
   const auto now = Clock::now();
   if (now - worker.last_rebalance < std::chrono::milliseconds(options_.rebalance_interval_ms)) {
     return;
   }
   const WorkerEntry* target = migration_target_locked(worker.id);
-  if (!target ||
-      target->load.free_pages() < options_.rebalance_high_free * target->load.total_pages()) {
-    return;
-  }
-  // The request that will hold the most pages until it ends (context plus the tokens it may
-  // still generate), unless it is about to end anyway and free them.
-  const int32_t block = std::max(1, target->model.block_size());
-  const std::string* chosen = nullptr;
-  int32_t chosen_tokens = 0, chosen_final = 0;
+  if (!target) return;
+  std::vector<MovableRequest> running;
+  std::vector<const std::string*> ids;
   for (const auto& [id, flight] : requests_) {
     if (flight.worker_id != worker.id || flight.worker_call == nullptr) continue;
     if (!flight.migrating_to.empty()) continue;
-    const int32_t tokens = context_tokens(*flight.relay), left = tokens_left(*flight.relay);
-    if (left < block) continue;
-    if (!chosen || tokens + left > chosen_final) {
-      chosen = &id;
-      chosen_tokens = tokens;
-      chosen_final = tokens + left;
-    }
+    running.push_back({context_tokens(*flight.relay), tokens_left(*flight.relay)});
+    ids.push_back(&id);
   }
-  if (!chosen || (chosen_final + block - 1) / block > target->load.free_pages()) return;
+  const MigrationPeer target_view{target->id,
+                                  true,
+                                  target->role == Role::kDecode,
+                                  target->load.free_pages(),
+                                  target->load.total_pages(),
+                                  target->in_flight};
+  const int chosen = rebalance_choice(running, target_view, target->model.block_size(), thresholds);
+  if (chosen < 0) return;
+  const std::string& id = *ids[static_cast<size_t>(chosen)];
   worker.last_rebalance = now;
   spdlog::info(
       "rebalancing: worker {} is short of cache ({} of {} pages free, {} preempted since its "
       "last heartbeat); moving request {} ({} tokens) to {}",
-      worker.id, load.free_pages(), load.total_pages(), std::max<int64_t>(preempted, 0), *chosen,
-      chosen_tokens, target->id);
+      worker.id, load.free_pages(), load.total_pages(), std::max<int64_t>(preempted, 0), id,
+      running[static_cast<size_t>(chosen)].context_tokens, target->id);
   if (metrics_) metrics_->rebalances_total.inc();
-  migration_queue_.push_back(*chosen);
+  migration_queue_.push_back(id);
   migrator_cv_.notify_all();
 }
 

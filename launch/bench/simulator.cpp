@@ -10,6 +10,7 @@
 #include <optional>
 #include <queue>
 #include <tuple>
+#include <utility>
 
 #include "kernels/error.h"
 #include "rpc/routing.h"
@@ -220,14 +221,27 @@ struct Group {
   std::vector<size_t> item_of;                       // parallel to sequences
   bool busy = false;
   bool alive = true;
+  bool draining = false;
   Schedule step;
   int32_t in_flight = 0;
+  std::vector<Sequence*> leaving;  // to migrate once the step under way ends
+  int64_t preempted = 0;           // since the last heartbeat
+  double last_rebalance_s = -1e300;
 };
 
 struct Event {
   double t;
   uint64_t order;  // ties in the order they were made
-  enum Kind { kArrival, kReachWorker, kStepDone, kGroupFails, kResubmit, kHandOff } kind;
+  enum Kind {
+    kArrival,
+    kReachWorker,
+    kStepDone,
+    kGroupFails,
+    kGroupDrains,
+    kResubmit,
+    kMigrated,
+    kHeartbeat
+  } kind;
   size_t index;  // the work item (arrival, reaching its worker, resubmission), or the group
   bool operator>(const Event& o) const { return t != o.t ? t > o.t : order > o.order; }
 };
@@ -241,9 +255,16 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
   MLA_REQUIRE(o.prefill_groups >= 0 && o.prefill_groups < std::max(o.groups, 2),
               "--prefill-groups must leave a decode group: {} of {} groups", o.prefill_groups,
               o.groups);
-  MLA_REQUIRE(o.prefill_groups == 0 || (o.latent_bytes_per_token > 0 && o.migration_gbps > 0),
-              "prefill groups hand caches over: latent bytes per token and migration GB/s must "
-              "be > 0");
+  const bool migrates = o.prefill_groups > 0 || !o.drains.empty() || o.rebalance;
+  MLA_REQUIRE(!migrates || (o.latent_bytes_per_token > 0 && o.migration_gbps > 0),
+              "migrations (prefill groups, drains, rebalancing) move caches: latent bytes per "
+              "token and migration GB/s must be > 0");
+  const RebalanceThresholds& th = o.rebalance_thresholds;
+  MLA_REQUIRE(
+      !o.rebalance || (o.heartbeat_ms > 0 && o.rebalance_interval_ms >= 0 && 0 <= th.low_free &&
+                       th.low_free <= th.high_free && th.high_free <= 1),
+      "rebalancing needs --heartbeat-ms > 0, --rebalance-interval-ms >= 0 and 0 <= "
+      "--rebalance-low-free <= --rebalance-high-free <= 1");
   MLA_REQUIRE(o.max_concurrency >= 1, "--max-concurrency must be >= 1");
   SimResult result;
   result.records.resize(items.size());
@@ -266,12 +287,18 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
   uint64_t order = 0;
   for (size_t i = 0; i < items.size(); ++i)
     events.push({items[i].arrival_s, order++, Event::kArrival, i});
-  for (const GroupFailure& f : o.failures) {
-    MLA_REQUIRE(f.group >= 0 && f.group < o.groups && f.at_s >= 0,
-                "a failure of group {} at {} s: groups are 0 to {}, times >= 0", f.group, f.at_s,
-                o.groups - 1);
-    events.push({f.at_s, order++, Event::kGroupFails, static_cast<size_t>(f.group)});
-  }
+  auto group_events = [&](const std::vector<GroupEvent>& list, Event::Kind kind, const char* what) {
+    for (const GroupEvent& f : list) {
+      MLA_REQUIRE(f.group >= 0 && f.group < o.groups && f.at_s >= 0,
+                  "a {} of group {} at {} s: groups are 0 to {}, times >= 0", what, f.group, f.at_s,
+                  o.groups - 1);
+      events.push({f.at_s, order++, kind, static_cast<size_t>(f.group)});
+    }
+  };
+  group_events(o.failures, Event::kGroupFails, "failure");
+  group_events(o.drains, Event::kGroupDrains, "drain");
+  size_t arrivals_left = items.size();
+  if (o.rebalance) events.push({o.heartbeat_ms / 1000.0, order++, Event::kHeartbeat, 0});
   int32_t free_slots = o.max_concurrency;
   std::deque<size_t> pending;  // arrived, waiting for a client slot
   int32_t in_flight = 0;
@@ -279,12 +306,12 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
   std::vector<size_t> routed_to(items.size());
   std::vector<std::vector<int32_t>> prompts(items.size());  // what the worker gets to compute
   std::vector<int32_t> to_generate(items.size());           // the tokens still to come
-  // Hand-offs under way: the request's sequence, its pages reserved at the decode group.
-  struct HandOff {
+  // Migrations under way: the request's sequence, its pages reserved at the target.
+  struct Migration {
     size_t to;
     std::unique_ptr<Sequence> seq;
   };
-  std::map<size_t, HandOff> handoffs;
+  std::map<size_t, Migration> migrations;
   const auto prefill_group = [&](size_t g) { return static_cast<int32_t>(g) < o.prefill_groups; };
   double now = 0;
 
@@ -293,6 +320,7 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     if (group.busy) return;
     group.step = group.scheduler->schedule();
     result.preemptions += static_cast<int64_t>(group.step.preempted.size());
+    group.preempted += static_cast<int64_t>(group.step.preempted.size());
     if (group.step.empty()) return;
     StepSample step;
     for (const ScheduledChunk& c : group.step.chunks) {
@@ -317,7 +345,7 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     std::vector<WorkerView> views;
     for (size_t k = 0; k < groups.size(); ++k) {
       const Group& g = groups[k];
-      views.push_back({g.id, g.alive && (!prefill_alive || prefill_group(k)),
+      views.push_back({g.id, g.alive && !g.draining && (!prefill_alive || prefill_group(k)),
                        g.cache->pool().num_free(), o.num_pages, g.scheduler->num_running(),
                        g.scheduler->num_waiting(), g.in_flight});
     }
@@ -404,63 +432,128 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     }
     group.sequences.clear();
     group.item_of.clear();
+    group.leaving.clear();
     group.in_flight = 0;
   };
 
-  // Sequence k of prefill group g, with its first token out, moves to the decode group with
-  // the most free pages, if one has room for its cache (else it stays).
-  auto hand_off = [&](size_t g, size_t k) {
+  // The coordinator's migration target for a request leaving group g (-1: none).
+  auto target_for = [&](size_t g) {
+    std::vector<MigrationPeer> peers;
+    for (size_t d = 0; d < groups.size(); ++d) {
+      const Group& t = groups[d];
+      peers.push_back({t.id, d != g && t.alive && !t.draining && !prefill_group(d),
+                       o.prefill_groups > 0 && !prefill_group(d), t.cache->num_available(),
+                       o.num_pages, t.in_flight});
+    }
+    return migration_target(peers);
+  };
+
+  // Sequence k of group g migrates with its cache to the coordinator's target, unless there
+  // is none or it lacks room (it refuses): then it stays.
+  auto migrate = [&](size_t g, size_t k) {
+    const int target = target_for(g);
+    if (target < 0) return false;
+    const auto to = static_cast<size_t>(target);
     Group& from = groups[g];
     Sequence& seq = *from.sequences[k];
     const auto n = static_cast<int32_t>(seq.tokens.size());
-    size_t to = groups.size();
-    for (size_t d = 0; d < groups.size(); ++d) {
-      if (prefill_group(d) || !groups[d].alive ||
-          groups[d].cache->pool().num_free() < groups[d].cache->pages_for(n)) {
-        continue;
-      }
-      if (to == groups.size() ||
-          groups[d].cache->pool().num_free() > groups[to].cache->pool().num_free()) {
-        to = d;
-      }
-    }
-    if (to == groups.size()) return;
-    const size_t i = from.item_of[k];
     auto moved = std::make_unique<Sequence>();
     moved->id = next_id++;
     moved->request = seq.request;
     moved->tokens = seq.tokens;
     moved->prompt_len = seq.prompt_len;
-    MLA_CHECK(groups[to].cache->reserve(moved->table, n), "no room after checking for it");
-    moved->num_computed = n - 1;  // the last token runs again, as after an import
+    if (!groups[to].cache->reserve(moved->table, n)) return false;
+    // What the source computed moves; the last token runs again, as after an import.
+    moved->num_computed = std::min(seq.num_computed, n - 1);
+    const size_t i = from.item_of[k];
     from.scheduler->remove(&seq);
     from.sequences.erase(from.sequences.begin() + static_cast<long>(k));
     from.item_of.erase(from.item_of.begin() + static_cast<long>(k));
     --from.in_flight;
     ++groups[to].in_flight;
-    const double bytes = static_cast<double>(n - 1) * static_cast<double>(o.latent_bytes_per_token);
+    ++result.migrations;
+    const double bytes =
+        static_cast<double>(moved->num_computed) * static_cast<double>(o.latent_bytes_per_token);
     const double ms = o.migration_fixed_ms + bytes / (o.migration_gbps * 1e9) * 1000.0;
-    handoffs[i] = {to, std::move(moved)};
-    events.push({now + ms / 1000.0, order++, Event::kHandOff, i});
+    migrations[i] = {to, std::move(moved)};
+    events.push({now + ms / 1000.0, order++, Event::kMigrated, i});
+    return true;
   };
 
-  // A hand-off of work item i arrives: the request continues at the decode group.
+  // The migrations group g decided on (drain, rebalancing) start: at once when it is idle,
+  // else when its step ends (a request leaves at a step boundary).
+  auto start_leaving = [&](size_t g) {
+    Group& group = groups[g];
+    if (group.busy || !group.alive) return;
+    for (Sequence* seq : std::exchange(group.leaving, {})) {
+      for (size_t k = 0; k < group.sequences.size(); ++k) {
+        if (group.sequences[k].get() == seq) {  // unless it ended meanwhile
+          migrate(g, k);
+          break;
+        }
+      }
+    }
+  };
+
+  // A migration of work item i arrives: the request continues at its target.
   auto arrive = [&](size_t i) {
-    auto it = handoffs.find(i);
-    HandOff h = std::move(it->second);
-    handoffs.erase(it);
-    Group& group = groups[h.to];
+    auto it = migrations.find(i);
+    Migration m = std::move(it->second);
+    migrations.erase(it);
+    Group& group = groups[m.to];
     if (!group.alive) {  // the target died meanwhile: fail over with what was streamed
-      const int32_t streamed = h.seq->num_generated();
-      prompts[i].insert(prompts[i].end(), h.seq->tokens.end() - streamed, h.seq->tokens.end());
+      const int32_t streamed = m.seq->num_generated();
+      prompts[i].insert(prompts[i].end(), m.seq->tokens.end() - streamed, m.seq->tokens.end());
       to_generate[i] -= streamed;
       events.push({now, order++, Event::kResubmit, i});
       return;
     }
-    group.scheduler->add(h.seq.get());
-    group.sequences.push_back(std::move(h.seq));
+    group.scheduler->add(m.seq.get());
+    group.sequences.push_back(std::move(m.seq));
     group.item_of.push_back(i);
-    start_step(h.to);
+    start_step(m.to);
+  };
+
+  // Group g drains: no new requests, and every request it holds leaves.
+  auto drain_group = [&](size_t g) {
+    Group& group = groups[g];
+    if (!group.alive || group.draining) return;
+    group.draining = true;
+    for (const auto& seq : group.sequences) group.leaving.push_back(seq.get());
+    start_leaving(g);
+  };
+
+  // A heartbeat from every group: the coordinator's rebalancing looks at each.
+  auto heartbeat = [&] {
+    for (size_t g = 0; g < groups.size(); ++g) {
+      Group& group = groups[g];
+      const int64_t preempted = std::exchange(group.preempted, 0);
+      if (!group.alive || group.draining || !group.leaving.empty()) continue;
+      if (!short_of_cache(group.cache->num_available(), o.num_pages, preempted,
+                          o.rebalance_thresholds) ||
+          (now - group.last_rebalance_s) * 1000.0 < o.rebalance_interval_ms) {
+        continue;
+      }
+      const int target = target_for(g);
+      if (target < 0) continue;
+      const Group& to = groups[static_cast<size_t>(target)];
+      std::vector<MovableRequest> running;
+      for (const auto& seq : group.sequences) {
+        running.push_back({static_cast<int32_t>(seq->tokens.size()),
+                           seq->request.max_tokens - seq->num_generated()});
+      }
+      const MigrationPeer view{
+          to.id, true, o.prefill_groups > 0, to.cache->num_available(), o.num_pages, to.in_flight};
+      const int chosen = rebalance_choice(running, view, o.block_size, o.rebalance_thresholds);
+      if (chosen < 0) continue;
+      group.last_rebalance_s = now;
+      ++result.rebalances;
+      group.leaving.push_back(group.sequences[static_cast<size_t>(chosen)].get());
+      start_leaving(g);
+    }
+    if (in_flight > 0 || arrivals_left > 0 || !pending.empty()) {
+      events.push({now + o.heartbeat_ms / 1000.0, order++, Event::kHeartbeat, 0});
+    }
   };
 
   // The coordinator's failover of work item i; with no live group left the request fails.
@@ -489,11 +582,20 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       resubmit(e.index);
       continue;
     }
-    if (e.kind == Event::kHandOff) {
+    if (e.kind == Event::kMigrated) {
       arrive(e.index);
       continue;
     }
+    if (e.kind == Event::kGroupDrains) {
+      drain_group(e.index);
+      continue;
+    }
+    if (e.kind == Event::kHeartbeat) {
+      heartbeat();
+      continue;
+    }
     if (e.kind == Event::kArrival) {
+      --arrivals_left;
       if (free_slots > 0) {
         if (start_request(e.index)) --free_slots;
       } else {
@@ -534,9 +636,10 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
         result.duration_s = std::max(result.duration_s, seen);
         release_slot();
       } else if (prefill_group(e.index) && seq->num_generated() == 1) {
-        hand_off(e.index, k);
+        migrate(e.index, k);
       }
     }
+    start_leaving(e.index);
     start_step(e.index);
   }
   for (const Group& g : groups) {

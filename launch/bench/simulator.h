@@ -23,11 +23,11 @@
 // The client side is bench's: at most `max_concurrency` requests open, each started at its
 // arrival or, when all are busy, when one ends.
 //
-// Group failures are modelled with the coordinator's failover (SimOptions::failures), and
-// disaggregated prefill/decode groups with a hand-off whose time follows the cache's size
-// (SimOptions::prefill_groups), and prefix caching with the engine's own index
-// (SimOptions::prefix_caching). Not modelled yet: drain and rebalancing migrations, several TP
-// sizes in one run (every group has the same tp and cache layout).
+// Group failures are modelled with the coordinator's failover (SimOptions::failures);
+// migrations (disaggregated prefill/decode hand-offs, drains, rebalancing) with the
+// coordinator's own policy (rpc/migration_policy.h) and a transfer time that follows the
+// cache's size; prefix caching with the engine's own index (SimOptions::prefix_caching). Not
+// modelled yet: several TP sizes in one run (every group has the same tp and cache layout).
 #pragma once
 
 #include <array>
@@ -39,6 +39,7 @@
 #include "launch/bench/report.h"
 #include "launch/bench/workload.h"
 #include "parallel/shard_plan.h"
+#include "rpc/migration_policy.h"
 #include "runtime/routing_policy.h"
 #include "runtime/scheduler.h"
 
@@ -84,8 +85,9 @@ class StepTimeModel {
   std::vector<std::vector<double>> decode_;         // [batch][context] ms; < 0: not measured
 };
 
-// A worker group that dies during a simulated run (a killed job).
-struct GroupFailure {
+// Something that happens to a worker group during a simulated run: it dies (a killed job) or
+// it drains.
+struct GroupEvent {
   int32_t group = 0;
   double at_s = 0;  // from the run's start
 };
@@ -114,20 +116,38 @@ struct SimOptions {
   // (network_ms) and resubmits every request the group held to a live group, as its failover
   // does: the prompt plus the tokens already streamed, recomputed there (request_ms on the
   // way); with no live group left a request fails with UNAVAILABLE. Default: none.
-  std::vector<GroupFailure> failures;
+  std::vector<GroupEvent> failures;
+  // Every migration below goes to the coordinator's target (migration_target: decode groups
+  // first, then the most free pages) among the live groups that are not draining and not
+  // prefill groups; a target without room for the cache refuses, and the request stays. A
+  // migration takes migration_fixed_ms plus the cache's bytes (latent_bytes_per_token per
+  // computed token) at migration_gbps, during which the request runs nowhere (an upper bound:
+  // the live pre-copy keeps a request decoding until its last stage); at the target it
+  // continues without recomputing. It starts when the step under way on the source ends.
+  //
   // Disaggregated prefill/decode, as workers with role prefill and decode run it: the first
   // `prefill_groups` groups take new requests (and failovers) and hand each, with its cache,
-  // to the decode group (the rest) with the most free pages once its first token is out; a
-  // request that finds no decode group with room for its cache stays and decodes where it is.
-  // A hand-off takes migration_fixed_ms plus the cache's bytes (latent_bytes_per_token per
-  // computed token) at migration_gbps, during which the request runs nowhere; at the decode
-  // group it continues without recomputing. 0: every group does both. Default: 0.
+  // to a decode group (the rest) once its first token is out. 0: every group does both.
+  // Default: 0.
   int32_t prefill_groups = 0;
+  // Groups that drain mid-run (`mlaserve admin drain`, SIGTERM on a worker): from then on the
+  // group takes no new requests and, as the coordinator's migrate_on_drain does, every request
+  // it holds migrates. Default: none.
+  std::vector<GroupEvent> drains;
+  // Rebalancing by migration (coordinator.rebalance): at every heartbeat, a group short of
+  // cache (short_of_cache: free pages below rebalance.low_free, or a preemption since its last
+  // heartbeat) moves the request rebalance_choice picks to the coordinator's target, at most
+  // one per group every rebalance_interval_ms. Defaults: off; the coordinator's 0.1 and 0.3,
+  // 1,000 ms, heartbeats every 500 ms.
+  bool rebalance = false;
+  RebalanceThresholds rebalance_thresholds;
+  double rebalance_interval_ms = 1000.0;
+  double heartbeat_ms = 500.0;
   // Defaults: one H200's live-migration gap (10 ms) and loopback gRPC (2 GB/s),
   // docs/BENCHMARKS.md.
   double migration_fixed_ms = 10.0;
   double migration_gbps = 2.0;
-  int64_t latent_bytes_per_token = 0;  // required with prefill_groups
+  int64_t latent_bytes_per_token = 0;  // required with any migration
   // Each group keeps full pages for reuse (cache.prefix_caching; the real PrefixIndex over
   // the accounting-only cache): a prompt starts on its cached prefix and only the rest is
   // prefilled. Needs tp 1 or a replicated cache. Default: false.
@@ -141,6 +161,8 @@ struct SimResult {
   int64_t preemptions = 0;
   int64_t prefix_hit_tokens = 0;     // prompt tokens served from cached pages, all groups
   int64_t prefix_lookup_tokens = 0;  // prompt tokens in full pages looked up
+  int64_t migrations = 0;            // requests moved with their caches (any reason)
+  int64_t rebalances = 0;            // of which rebalancing moved
 };
 
 SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& model,

@@ -81,6 +81,19 @@ OPENBLAS_NUM_THREADS=1 "$mlaserve" --log-level warn profile --model "$work/tiny"
   --output-len lognormal:16,0.4 --result-file "$work/sim.json" --save-detailed \
   >"$work/sim.log" 2>&1 || fail "simulate: $(tail -3 "$work/sim.log")"
 grep '^SIM' "$work/sim.log"
+# The same requests all at once, with group 1 drained 2 ms in (its requests migrate with their
+# caches) and the coordinator's rebalancing on: every request still completes, and some moved.
+"$mlaserve" --log-level warn simulate --profile "$work/profile.json" --groups 2 --vocab 512 \
+  --seed 3 --request-rate inf --num-prompts 120 --max-concurrency 32 --input-len uniform:8-32 \
+  --output-len lognormal:16,0.4 --drain-group 1@0.002 --rebalance --result-file "$work/drain.json" \
+  >"$work/drain.log" 2>&1 || fail "simulate with a drain: $(tail -3 "$work/drain.log")"
+grep '^SIM' "$work/drain.log"
+grep -q '^SIM .* ok=120 .* migrations=[1-9]' "$work/drain.log" ||
+  fail "the drained group's requests did not migrate: $(grep '^SIM' "$work/drain.log")"
+if "$mlaserve" simulate --profile "$work/profile.json" --drain-group 1at1 >"$work/bad.log" 2>&1 ||
+  ! grep -q -- "--drain-group: '1at1' is not GROUP@SECONDS" "$work/bad.log"; then
+  fail "a bad --drain-group was not refused by name: $(cat "$work/bad.log")"
+fi
 
 echo "== checks"
 "$python" - "$work" <<'EOF' || fail "result files"

@@ -238,5 +238,91 @@ TEST(Simulator, PrefillGroupsHandRequestsWithTheirCachesToDecodeGroups) {
   EXPECT_THROW(simulate(items, constant_model(10.0, 2.0), o), Error);
 }
 
+// A group drained mid-run takes no new request from then on, and every request it held
+// moves with its cache to the other group when its step ends: nothing is recomputed (the
+// migration takes 5 ms + 1 ms a computed token here) and every token comes once.
+TEST(Simulator, ADrainedGroupsRequestsMigrateWithTheirCaches) {
+  std::vector<WorkItem> items(8);
+  for (size_t i = 0; i < items.size(); ++i) {
+    items[i].prompt_ids.assign(50, 1);
+    items[i].output_len = 40;
+    items[i].arrival_s = i < 4 ? 0.0 : 0.2;  // the second four come after the drain
+  }
+  SimOptions o;
+  o.groups = 2;
+  o.max_concurrency = 8;
+  o.drains = {{0, 0.040}};
+  o.latent_bytes_per_token = 1'000'000;
+  o.migration_gbps = 1.0;
+  o.migration_fixed_ms = 5.0;
+  const SimResult r = simulate(items, constant_model(10.0, 2.0), o);
+  EXPECT_EQ(r.migrations, 2) << "least-loaded put two of the first four on group 0";
+  EXPECT_EQ(r.rebalances, 0);
+  int moved = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const RequestRecord& rec = r.records[i];
+    ASSERT_TRUE(rec.complete) << i;
+    EXPECT_EQ(rec.output_tokens, 40) << i;
+    EXPECT_EQ(rec.workers.back(), "sim-1") << i;
+    if (rec.workers.size() == 2) {
+      ++moved;
+      // The longest gap is the migration: its fixed part, the latents of the 50 + ~14
+      // computed tokens, the target's step.
+      const double gap = *std::max_element(rec.itl_ms.begin(), rec.itl_ms.end());
+      EXPECT_GT(gap, 5.0 + 50.0) << i;
+      EXPECT_LT(gap, 5.0 + 80.0 + 2.0 * 4) << i;
+    }
+  }
+  EXPECT_EQ(moved, 2);
+
+  o.latent_bytes_per_token = 0;
+  EXPECT_THROW(simulate(items, constant_model(10.0, 2.0), o), Error);
+}
+
+// Rebalancing: least-loaded alternates the groups, so the two long requests land on group 0,
+// whose cache holds one of them (16 pages of 16 tokens; each grows to 14 pages) and preempts,
+// while group 1's short requests end at once. At a heartbeat the coordinator's policy sees
+// group 0 short of cache and moves a long request to group 1: fewer preemptions, done sooner.
+TEST(Simulator, RebalancingMovesARequestOffAGroupShortOfCache) {
+  std::vector<WorkItem> items(4);
+  for (size_t i = 0; i < items.size(); ++i) {
+    const bool long_one = i % 2 == 0;
+    items[i].prompt_ids.assign(long_one ? 64 : 16, 1);
+    items[i].output_len = long_one ? 150 : 2;
+    items[i].arrival_s = 0.0;
+  }
+  SimOptions o;
+  o.groups = 2;
+  o.num_pages = 16;
+  o.block_size = 16;
+  o.latent_bytes_per_token = 1000;
+  const SimResult stuck = simulate(items, constant_model(10.0, 2.0), o);
+  o.rebalance = true;
+  o.heartbeat_ms = 20;
+  o.rebalance_interval_ms = 100;
+  const SimResult moved = simulate(items, constant_model(10.0, 2.0), o);
+  for (const SimResult* r : {&stuck, &moved}) {
+    for (const RequestRecord& rec : r->records) {
+      EXPECT_TRUE(rec.complete);
+      EXPECT_EQ(rec.output_tokens, rec.output_tokens > 2 ? 150 : 2) << "every token once";
+    }
+  }
+  EXPECT_EQ(stuck.rebalances, 0);
+  EXPECT_GT(stuck.preemptions, 0);
+  EXPECT_EQ(moved.rebalances, 1) << "the other long request then fits group 0";
+  EXPECT_EQ(moved.migrations, 1);
+  EXPECT_LT(moved.preemptions, stuck.preemptions);
+  EXPECT_LT(moved.duration_s, stuck.duration_s);
+  int on_both = 0;
+  for (const RequestRecord& rec : moved.records) {
+    on_both += rec.workers == std::vector<std::string>{"sim-0", "sim-1"};
+  }
+  EXPECT_EQ(on_both, 1);
+
+  o.rebalance_thresholds.low_free = 0.5;
+  o.rebalance_thresholds.high_free = 0.4;
+  EXPECT_THROW(simulate(items, constant_model(10.0, 2.0), o), Error);
+}
+
 }  // namespace
 }  // namespace mla::bench
