@@ -139,7 +139,7 @@ struct DeployConfig {
                           // `deterministic`: batch-invariant logits (CPU and GPU). Default: false.
   // `cache.block_size` (64), `cache.num_pages` (default: 256 with device cpu, 0 with cuda;
   // 0 = from free GPU memory), `cache.memory_fraction` (0.9), `cache.prefix_caching` (false:
-  // keep full pages for requests with the same leading tokens; single-rank groups so far),
+  // keep full pages for requests with the same leading tokens, any TP size and layout),
   // `scheduler.max_batch_tokens` (512), `scheduler.max_running` (64). Read engine_options(),
   // which resolves the default.
   EngineOptions engine = [] {

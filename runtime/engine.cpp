@@ -73,11 +73,9 @@ Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options, Commun
   MLA_REQUIRE(model_->shard().tp_size() == (comm_ ? comm_->size() : 1),
               "the model is sharded for {} ranks but the group has {}", model_->shard().tp_size(),
               comm_ ? comm_->size() : 1);
-  if (options.prefix_caching) {
-    MLA_REQUIRE(comm_ == nullptr, "prefix_caching: single-rank groups only so far (tp {})",
-                comm_->size());
-    cache_.enable_prefix_caching();
-  }
+  // In a group the leader's index decides and records what it does for the followers, which
+  // make the same changes to their own pages (follower_batch); they keep no index of their own.
+  if (options.prefix_caching && is_leader()) cache_.enable_prefix_caching(comm_ != nullptr);
 }
 
 void Engine::broadcast_plan(std::vector<int64_t>& plan) {
@@ -118,12 +116,24 @@ void Engine::follow() {
 }
 
 ForwardBatch Engine::follower_batch(StepPlan plan) {
-  for (RequestId id : plan.released) {
+  auto release = [&](RequestId id) {
     auto it = follower_tables_.find(id);
-    if (it == follower_tables_.end()) continue;
+    if (it == follower_tables_.end()) return;
     cache_.release(it->second);
     follower_tables_.erase(it);
+  };
+  // The leader's prefix index changes, in its order, then the releases (a released table may
+  // still hold a unit the leader evicted: its page is freed here), then the chunks.
+  for (const PrefixOp& op : plan.prefix_ops) {
+    const auto owner = static_cast<RequestId>(op.owner);
+    if (op.kind == PrefixOp::Kind::kDrop) {
+      release(owner);
+    } else {
+      cache_.apply_prefix_op(op, op.kind == PrefixOp::Kind::kEvict ? nullptr
+                                                                   : &follower_tables_[owner]);
+    }
   }
+  for (RequestId id : plan.released) release(id);
   ForwardBatch batch;
   for (const StepPlan::Chunk& chunk : plan.chunks) {
     BlockTable& table = follower_tables_[chunk.id];
@@ -174,6 +184,9 @@ void Engine::follow_cache_op(const StepPlan& plan) {
 }
 
 void Engine::send_cache_op(StepPlan::Kind kind, const StepPlan::CacheOp& op) {
+  // Pages freed or evicted on the leader are freed on the followers first: an import's pages
+  // may need them.
+  if (!released_.empty() || cache_.has_prefix_ops()) heartbeat();
   StepPlan plan;
   plan.kind = kind;
   plan.op = op;
@@ -207,14 +220,16 @@ void Engine::heartbeat() {
   StepPlan plan;
   // Pages released since the last step (finished, cancelled or migrated requests) are freed
   // on the followers now rather than at the next step.
-  plan.kind = released_.empty() ? StepPlan::Kind::kHeartbeat : StepPlan::Kind::kStep;
+  plan.prefix_ops = cache_.take_prefix_ops();
+  plan.kind = released_.empty() && plan.prefix_ops.empty() ? StepPlan::Kind::kHeartbeat
+                                                           : StepPlan::Kind::kStep;
   plan.released.swap(released_);
   send_plan(plan);
 }
 
 void Engine::shutdown() {
   if (comm_ == nullptr || !is_leader() || shut_down_) return;
-  if (!released_.empty()) heartbeat();
+  if (!released_.empty() || cache_.has_prefix_ops()) heartbeat();
   shut_down_ = true;
   StepPlan plan;
   plan.kind = StepPlan::Kind::kShutdown;
@@ -282,6 +297,7 @@ Schedule Engine::schedule_step() {
 StepPlan Engine::plan_for(const Schedule& schedule, const ForwardBatch& batch) {
   StepPlan plan;  // kind step
   plan.released.swap(released_);
+  plan.prefix_ops = cache_.take_prefix_ops();
   plan.tokens = batch.tokens;
   for (const ScheduledChunk& chunk : schedule.chunks) {
     plan.chunks.push_back({chunk.seq->id, chunk.start, chunk.num_tokens, chunk.samples()});

@@ -39,7 +39,8 @@ struct EngineOptions {
   double cache_memory_fraction = 0.9;
   SchedulerOptions scheduler;  // Default: see SchedulerOptions.
   // Keep full cache pages for reuse by later requests with the same leading tokens
-  // (LatentCache::enable_prefix_caching); single-rank groups only so far. Default: false.
+  // (LatentCache::enable_prefix_caching); in a tensor-parallel group the leader's index
+  // decides and the followers make its changes to their own pages. Default: false.
   bool prefix_caching = false;
 
   // The pages an engine's cache gets: num_pages, or with 0 the model's auto_num_pages.

@@ -75,7 +75,9 @@ bool LatentCache::reserve(BlockTable& table, int32_t num_tokens) {
   const int32_t missing = pages_for(num_tokens) - static_cast<int32_t>(table.pages.size());
   if (missing > pool_.num_free() && prefix_ != nullptr) {
     if (missing > pool_.num_free() + prefix_->evictable()) return false;
-    prefix_->evict(missing - pool_.num_free());
+    std::vector<uint64_t> evicted;
+    prefix_->evict(missing - pool_.num_free(), record_ops_ ? &evicted : nullptr);
+    for (uint64_t key : evicted) prefix_ops_.push_back({PrefixOp::Kind::kEvict, 0, 0, key});
   }
   if (missing > 0 && !pool_.allocate(missing, &table.pages)) return false;
   table.num_tokens = std::max(table.num_tokens, num_tokens);
@@ -83,35 +85,88 @@ bool LatentCache::reserve(BlockTable& table, int32_t num_tokens) {
 }
 
 void LatentCache::release(BlockTable& table) {
+  if (record_ops_ && table.owner != 0 && !table.pages.empty()) {
+    prefix_ops_.push_back({PrefixOp::Kind::kDrop, table.owner, 0, 0});
+  }
   for (int32_t page : table.pages) pool_.release(page);
   table.pages.clear();
   table.num_tokens = 0;
   table.prefix_keys.clear();
 }
 
-void LatentCache::enable_prefix_caching() {
-  MLA_REQUIRE(holds_every_page(), "prefix caching runs on a single-rank group's cache so far");
-  if (prefix_ == nullptr) prefix_ = std::make_unique<PrefixIndex>(pool_, geometry_.block_size);
+void LatentCache::enable_prefix_caching(bool record_ops) {
+  if (prefix_ == nullptr) prefix_ = std::make_unique<PrefixIndex>(pool_, prefix_unit_tokens());
+  record_ops_ = record_ops;
+}
+
+int32_t LatentCache::prefix_unit_tokens() const {
+  return geometry_.block_size * (holds_every_page() ? 1 : shard_.tp_size());
 }
 
 int32_t LatentCache::reuse_prefix(BlockTable& table, const std::vector<int32_t>& tokens,
                                   int32_t max_tokens) {
   MLA_CHECK(table.pages.empty(), "a prefix is reused by an empty table only");
   if (prefix_ == nullptr) return 0;
-  table.pages = prefix_->match(tokens, max_tokens / geometry_.block_size, &table.prefix_keys);
-  table.num_tokens = static_cast<int32_t>(table.pages.size()) * geometry_.block_size;
+  const int32_t unit = prefix_unit_tokens();
+  table.pages = prefix_->match(tokens, max_tokens / unit, &table.prefix_keys);
+  table.num_tokens = static_cast<int32_t>(table.pages.size()) * unit;
+  if (record_ops_) {
+    for (size_t u = 0; u < table.pages.size(); ++u) {
+      prefix_ops_.push_back(
+          {PrefixOp::Kind::kReuse, table.owner, static_cast<int32_t>(u), table.prefix_keys[u]});
+    }
+  }
   return table.num_tokens;
 }
 
 void LatentCache::keep_full_pages(BlockTable& table, const std::vector<int32_t>& tokens,
                                   int32_t computed) {
   if (prefix_ == nullptr) return;
-  const int32_t B = geometry_.block_size;
-  for (auto j = static_cast<int32_t>(table.prefix_keys.size());
-       (j + 1) * B <= computed && j < static_cast<int32_t>(table.pages.size()); ++j) {
-    const uint64_t parent = j == 0 ? 0 : table.prefix_keys.back();
+  const int32_t unit = prefix_unit_tokens();
+  for (auto u = static_cast<int32_t>(table.prefix_keys.size());
+       (u + 1) * unit <= computed && u < static_cast<int32_t>(table.pages.size()); ++u) {
+    const uint64_t parent = u == 0 ? 0 : table.prefix_keys.back();
+    bool kept = false;
     table.prefix_keys.push_back(
-        prefix_->insert(parent, tokens.data() + int64_t{j} * B, table.pages[j]));
+        prefix_->insert(parent, tokens.data() + int64_t{u} * unit, table.pages[u], &kept));
+    if (kept && record_ops_) {
+      prefix_ops_.push_back({PrefixOp::Kind::kKeep, table.owner, u, table.prefix_keys.back()});
+    }
+  }
+}
+
+void LatentCache::apply_prefix_op(const PrefixOp& op, BlockTable* table) {
+  switch (op.kind) {
+    case PrefixOp::Kind::kReuse: {
+      auto it = followed_units_.find(op.key);
+      MLA_CHECK(it != followed_units_.end(), "the leader reuses unit {:x}, which this rank lacks",
+                op.key);
+      MLA_CHECK(table != nullptr && op.page == static_cast<int32_t>(table->pages.size()),
+                "the leader reuses unit {:x} as page {} of a table of another length", op.key,
+                op.page);
+      pool_.retain(it->second);
+      table->pages.push_back(it->second);
+      table->num_tokens = static_cast<int32_t>(table->pages.size()) * prefix_unit_tokens();
+      return;
+    }
+    case PrefixOp::Kind::kKeep: {
+      MLA_CHECK(table != nullptr && op.page < static_cast<int32_t>(table->pages.size()),
+                "the leader keeps page {} of a table this rank holds fewer pages of", op.page);
+      const int32_t page = table->pages[static_cast<size_t>(op.page)];
+      MLA_CHECK(followed_units_.emplace(op.key, page).second, "unit {:x} kept twice", op.key);
+      pool_.retain(page);
+      return;
+    }
+    case PrefixOp::Kind::kEvict: {
+      auto it = followed_units_.find(op.key);
+      MLA_CHECK(it != followed_units_.end(), "the leader evicts unit {:x}, which this rank lacks",
+                op.key);
+      pool_.release(it->second);
+      followed_units_.erase(it);
+      return;
+    }
+    case PrefixOp::Kind::kDrop:
+      return;
   }
 }
 

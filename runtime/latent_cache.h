@@ -20,6 +20,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "kernels/tensor.h"
@@ -46,9 +48,28 @@ enum class CacheStorage { kHostF32, kDeviceBf16, kNone };
 struct BlockTable {
   std::vector<int32_t> pages;
   int32_t num_tokens = 0;
-  // With prefix caching: the PrefixIndex keys of the leading full pages already matched or
-  // offered (pages[0..prefix_keys.size())).
+  // With prefix caching: the PrefixIndex keys of the leading full units (pages, or groups of
+  // P pages when sequence-sharded) already matched or offered (pages[0..prefix_keys.size())).
   std::vector<uint64_t> prefix_keys;
+  // The sequence whose table this is (its request id; 0: none): how a tensor-parallel
+  // leader's prefix ops name it to the followers.
+  int64_t owner = 0;
+};
+
+// One change a tensor-parallel leader made to its prefix index and its tables' shares of it,
+// which every follower makes to its own pages (LatentCache::take_prefix_ops and
+// apply_prefix_op), in the order the leader made them.
+struct PrefixOp {
+  enum class Kind : int64_t {
+    kReuse = 1,  // the owner's table takes the kept unit `key` as its page `page`
+    kKeep = 2,   // the owner's page `page` is kept as unit `key`
+    kEvict = 3,  // unit `key` is no longer kept
+    kDrop = 4,   // the owner's table was released
+  };
+  Kind kind = Kind::kReuse;
+  int64_t owner = 0;
+  int32_t page = 0;
+  uint64_t key = 0;
 };
 
 // A run of tokens [first, first + count).
@@ -100,23 +121,37 @@ class LatentCache {
   // Releases every page of `table` and clears it.
   void release(BlockTable& table);
 
-  // Prefix caching (off until enabled; single-rank caches only so far): full pages of
-  // computed tokens stay in a PrefixIndex after their sequences end, and a new sequence with
-  // the same leading tokens starts on them instead of recomputing. reserve() evicts kept pages
-  // that no sequence holds, least recently used first, before it fails. Throws
-  // kInvalidArgument on a cache that does not hold every page of a sequence.
-  void enable_prefix_caching();
+  // Prefix caching (off until enabled): full units of computed tokens stay in a PrefixIndex
+  // after their sequences end, and a new sequence with the same leading tokens starts on them
+  // instead of recomputing. A unit is a page (block_size tokens) when this rank holds every
+  // page, and P pages (P x block_size tokens, one on each rank of a sequence-sharded group of
+  // P) otherwise: unit u of a sequence is page u of every rank's table, so every rank keeps as
+  // many pages as the leader and the leader's pool still bounds its followers'. reserve()
+  // evicts kept units that no sequence holds, least recently used first, before it fails.
+  // The leader's index decides: with record_ops, every change it makes (reuse, keep, evict,
+  // and each release of an owned table) is recorded for take_prefix_ops().
+  void enable_prefix_caching(bool record_ops = false);
   bool prefix_caching() const { return prefix_ != nullptr; }
-  // Starts the empty `table` on the kept pages of the longest cached prefix of `tokens`, at
-  // most max_tokens tokens (whole pages); returns the tokens it covers (0 without caching).
+  // Tokens per unit of the prefix index (block_size, or block_size x P when sharded).
+  int32_t prefix_unit_tokens() const;
+  // Starts the empty `table` on the kept units of the longest cached prefix of `tokens`, at
+  // most max_tokens tokens (whole units); returns the tokens it covers (0 without caching).
   int32_t reuse_prefix(BlockTable& table, const std::vector<int32_t>& tokens, int32_t max_tokens);
-  // Offers the table's pages that `computed` tokens (of `tokens`, the sequence's) fill
+  // Offers the table's units that `computed` tokens (of `tokens`, the sequence's) fill
   // completely and that it has not offered yet. No-op without caching.
   void keep_full_pages(BlockTable& table, const std::vector<int32_t>& tokens, int32_t computed);
   // Free pages plus kept pages no sequence holds: what reserve() can hand out.
   int32_t num_available() const;
   // Null without caching.
   const PrefixIndex* prefix_index() const { return prefix_.get(); }
+  // The recorded ops since the last call, in order (a leader's, with record_ops).
+  std::vector<PrefixOp> take_prefix_ops() { return std::exchange(prefix_ops_, {}); }
+  bool has_prefix_ops() const { return !prefix_ops_.empty(); }
+  // On a follower: makes the leader's `op` to this rank's pages. `table` is the owner's
+  // table for kReuse and kKeep (ignored otherwise); kDrop is the caller's to carry out
+  // (release the owner's table). Throws kInternal for an op that does not fit what this
+  // rank holds (an unknown unit, a page the table lacks, a unit kept twice).
+  void apply_prefix_op(const PrefixOp& op, BlockTable* table);
 
   // The latent row of token `pos` in layer `layer`: [width] (c, then k_r). Throws kInternal
   // if layer or pos is outside the table's pages or on a page this rank does not store, or
@@ -173,6 +208,10 @@ class LatentCache {
   PagePool pool_;
   CacheStorage kind_;
   std::unique_ptr<PrefixIndex> prefix_;  // declared after pool_: it releases into it
+  bool record_ops_ = false;
+  std::vector<PrefixOp> prefix_ops_;
+  // A follower's kept units (apply_prefix_op): unit key -> this rank's page, held once.
+  std::unordered_map<uint64_t, int32_t> followed_units_;
   int device_ = 0;  // kDeviceBf16: the device the pool lives on (current at construction)
   Tensor storage_;  // [num_pages, num_layers, block_size, width]
 };

@@ -54,8 +54,9 @@ std::vector<int32_t> PrefixIndex::match(const std::vector<int32_t>& tokens, int3
   return pages;
 }
 
-uint64_t PrefixIndex::insert(uint64_t parent, const int32_t* tokens, int32_t page) {
+uint64_t PrefixIndex::insert(uint64_t parent, const int32_t* tokens, int32_t page, bool* kept) {
   const uint64_t key = key_of(parent, tokens);
+  if (kept != nullptr) *kept = false;
   // Kept already (this prefix, or another under a colliding key, which keeps its page).
   if (entries_.count(key) != 0) return key;
   auto up = entries_.find(parent);
@@ -67,16 +68,18 @@ uint64_t PrefixIndex::insert(uint64_t parent, const int32_t* tokens, int32_t pag
   entries_.emplace(key,
                    Entry{parent, std::vector<int32_t>(tokens, tokens + block_size_), page, at});
   ++stats_.inserted_pages;
+  if (kept != nullptr) *kept = true;
   return key;
 }
 
-int32_t PrefixIndex::evict(int32_t n) {
+int32_t PrefixIndex::evict(int32_t n, std::vector<uint64_t>* evicted) {
   int32_t freed = 0;
   for (auto it = lru_.end(); freed < n && it != lru_.begin();) {
     --it;
     auto entry = entries_.find(*it);
     if (pool_.ref_count(entry->second.page) != 1) continue;  // a sequence holds it
     pool_.release(entry->second.page);
+    if (evicted != nullptr) evicted->push_back(entry->first);
     entries_.erase(entry);
     it = lru_.erase(it);
     ++freed;

@@ -45,11 +45,12 @@ class PrefixIndex {
                              std::vector<uint64_t>* keys);
   // Offers `page`, full with the block_size tokens at `tokens`, as the page after the one
   // keyed `parent` (0 for a sequence's first page); keeps it unless that prefix's page is kept
-  // already. Returns the page's key (the next page's parent).
-  uint64_t insert(uint64_t parent, const int32_t* tokens, int32_t page);
+  // already or its parent is not kept. Returns the page's key (the next page's parent);
+  // *kept (if given) says whether it kept this page.
+  uint64_t insert(uint64_t parent, const int32_t* tokens, int32_t page, bool* kept = nullptr);
   // Frees up to n kept pages that no sequence holds, least recently used first; returns how
-  // many it freed.
-  int32_t evict(int32_t n);
+  // many it freed, and appends their keys to *evicted (if given).
+  int32_t evict(int32_t n, std::vector<uint64_t>* evicted = nullptr);
   // Kept pages that no sequence holds (what evict could free).
   int32_t evictable() const;
   int32_t kept() const { return static_cast<int32_t>(entries_.size()); }

@@ -27,6 +27,7 @@ Scheduler::Scheduler(SchedulerOptions options, LatentCache& cache)
 }
 
 void Scheduler::add(Sequence* seq) {
+  seq->table.owner = static_cast<int64_t>(seq->id);
   // Waiting sequences hold no pages (preemption only reclaims running ones), so a sequence
   // that arrives with cached latents (an imported one) runs at once or gives them up.
   if (!seq->table.pages.empty()) {

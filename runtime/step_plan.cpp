@@ -1,5 +1,6 @@
 #include "runtime/step_plan.h"
 
+#include <bit>
 #include <limits>
 
 #include "kernels/error.h"
@@ -57,9 +58,14 @@ std::vector<int64_t> StepPlan::encode() const {
     return words;
   }
   if (kind != Kind::kStep) return words;
-  words.reserve(3 + released.size() + 4 * chunks.size() + tokens.size());
+  words.reserve(4 + released.size() + 4 * prefix_ops.size() + 4 * chunks.size() + tokens.size());
   words.push_back(static_cast<int64_t>(released.size()));
   for (RequestId id : released) words.push_back(static_cast<int64_t>(id));
+  words.push_back(static_cast<int64_t>(prefix_ops.size()));
+  for (const PrefixOp& op : prefix_ops) {
+    words.insert(words.end(), {static_cast<int64_t>(op.kind), op.owner, op.page,
+                               std::bit_cast<int64_t>(op.key)});
+  }
   words.push_back(static_cast<int64_t>(chunks.size()));
   for (const Chunk& c : chunks) {
     words.insert(words.end(), {static_cast<int64_t>(c.id), c.start, c.num_tokens,
@@ -102,6 +108,13 @@ StepPlan StepPlan::decode(const std::vector<int64_t>& words) {
   }
   plan.released.resize(in.next_count("released count", 1));
   for (RequestId& id : plan.released) id = static_cast<RequestId>(in.next("released id"));
+  plan.prefix_ops.resize(in.next_count("prefix op count", 4));
+  for (PrefixOp& op : plan.prefix_ops) {
+    op.kind = static_cast<PrefixOp::Kind>(in.next_in("prefix op kind", 1, 4));
+    op.owner = in.next("prefix op owner");
+    op.page = static_cast<int32_t>(in.next_in("prefix op page", 0, kMaxInt32));
+    op.key = std::bit_cast<uint64_t>(in.next("prefix op key"));
+  }
   plan.chunks.resize(in.next_count("chunk count", 4));
   int64_t num_tokens = 0;
   for (Chunk& c : plan.chunks) {

@@ -3,8 +3,8 @@
 // run and their tokens. It travels as int64 words over the group's control communicator:
 //
 //   [kind]                                                    heartbeat, shutdown
-//   [kind, n_released, released ids..., n_chunks,
-//    (id, start, num_tokens, want_logits) per chunk, tokens of every chunk...]     step
+//   [kind, n_released, released ids..., n_prefix_ops, (kind, owner, page, key) per op,
+//    n_chunks, (id, start, num_tokens, want_logits) per chunk, tokens of every chunk...]  step
 //   [kind, import, id, first, count]                          a live migration's cache op
 //
 // Cache ops move a migrating request's latents in or out of a group whose ranks each hold
@@ -13,12 +13,16 @@
 // latents of tokens [first, first + count) and every rank writes its pages of import `import`;
 // kFinishImport makes that import's pages request `id`'s; kAbortImport frees them.
 //
+// A step's prefix ops (with prefix caching: what the leader's index did since the last plan,
+// in order) are made before its released sequences are freed, and both before its chunks.
+//
 // A value type; not thread-safe to mutate.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
+#include "runtime/latent_cache.h"
 #include "runtime/sequence.h"
 
 namespace mla {
@@ -52,6 +56,7 @@ struct StepPlan {
 
   Kind kind = Kind::kStep;
   std::vector<RequestId> released;  // sequences whose pages were freed since the last plan
+  std::vector<PrefixOp> prefix_ops;  // the leader's prefix index changes since the last plan
   std::vector<Chunk> chunks;
   std::vector<int32_t> tokens;  // every chunk's tokens, concatenated in chunk order
   CacheOp op;                   // cache ops only

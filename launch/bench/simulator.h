@@ -150,7 +150,7 @@ struct SimOptions {
   int64_t latent_bytes_per_token = 0;  // required with any migration
   // Each group keeps full pages for reuse (cache.prefix_caching; the real PrefixIndex over
   // the accounting-only cache): a prompt starts on its cached prefix and only the rest is
-  // prefilled. Needs tp 1 or a replicated cache. Default: false.
+  // prefilled. Default: false.
   bool prefix_caching = false;
 };
 

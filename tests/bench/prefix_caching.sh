@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prefix caching measured with `mlaserve bench`'s shared-prefix workload (N system prompts of
 # PREFIX_LEN tokens, each followed by INPUT_LEN-token questions) against a coordinator (routing
-# ROUTING) and NUM_GROUPS single-rank worker groups, with cache.prefix_caching off and then on:
+# ROUTING) and NUM_GROUPS worker groups of TP ranks, with cache.prefix_caching off and then on:
 # output throughput, TTFT p50/p99 and, with caching on, the hit rate from the workers'
 # Prometheus counters (mlaserve_prefix_cache_hit_tokens_total /
 # mlaserve_prefix_cache_lookup_tokens_total, summed over the workers). Exits non-zero when a
@@ -11,7 +11,8 @@
 # env: MLASERVE (default build/launch/mlaserve), MODEL (default: make-tiny PRESET into OUT_DIR),
 #      PRESET (v3), MAKE_TINY_FLAGS, WORKER_FLAGS (e.g. "--device cuda"), PREFIXES (8),
 #      PREFIX_LEN (512), INPUT_LEN (64), OUTPUT_LEN (32), PROMPTS (200), RATE (inf),
-#      CONCURRENCY (32), NUM_PAGES (512), NUM_GROUPS (1), ROUTING (least-loaded).
+#      CONCURRENCY (32), NUM_PAGES (512), NUM_GROUPS (1), ROUTING (least-loaded), TP (1: each
+#      group one process; more: each group an `mpirun -np TP` job), KV_SHARD (sequence).
 set -euo pipefail
 out=${1:-$(mktemp -d)}
 mkdir -p "$out"
@@ -32,6 +33,9 @@ workload=(--dataset shared-prefix --prefix-groups "${PREFIXES:-8}" --prefix-len 
   --request-rate "${RATE:-inf}" --max-concurrency "${CONCURRENCY:-32}" --vocab 512 --seed 3)
 
 groups=${NUM_GROUPS:-1}
+tp=${TP:-1}
+launch=()
+[ "$tp" -gt 1 ] && launch=(mpirun -np "$tp" --oversubscribe --bind-to none)
 "$mlaserve" coordinator --address 127.0.0.1:$grpc --control-address 127.0.0.1:$control \
   --routing "${ROUTING:-least-loaded}" >"$out/coordinator.log" 2>&1 &
 coordinator=$!
@@ -43,7 +47,8 @@ for mode in off on; do
   workers=""
   for g in $(seq 0 $((groups - 1))); do
     # shellcheck disable=SC2086
-    "$mlaserve" worker --model "$model" --num-pages "${NUM_PAGES:-512}" ${WORKER_FLAGS:-} \
+    "${launch[@]}" "$mlaserve" worker --model "$model" --num-pages "${NUM_PAGES:-512}" \
+      --tp "$tp" --kv-shard "${KV_SHARD:-sequence}" ${WORKER_FLAGS:-} \
       "${flags[@]}" --coordinator 127.0.0.1:$control --port-base $wport --group "$g" \
       --config "$out/worker.yaml" >"$out/worker$g-$mode.log" 2>&1 &
     workers="$workers $!"

@@ -1,8 +1,8 @@
 // Tensor parallelism on the CPU under mpirun: every world size splits into groups, each
 // group's leader drives an Engine and its followers follow; results must reproduce the
 // transformers golden data (fp32 tolerance) in both kv_shard modes and every absorption
-// mode, each rank's cache must hold only its pages, and requests migrate in and out of a group
-// with their caches.
+// mode, each rank's cache must hold only its pages, requests migrate in and out of a group
+// with their caches, and prefix caching gives the outputs of a group without it.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <mpi.h>
@@ -174,6 +174,98 @@ TEST_P(TpMigration, MovesInAndOutOfTheGroupWithItsCache) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, TpMigration,
+                         testing::Values(KvShard::kSequence, KvShard::kReplicate),
+                         [](const auto& info) { return kv_name(info.param); });
+
+// Prefix caching in a group, in both cache layouts (a sequence-sharded group keeps units of P
+// pages; the leader's index decides and the followers make its changes to their own pages):
+// requests that share prefixes, run one after another in a cache small enough to evict, give
+// the tokens and logits of the same group without caching (deterministic model), reuse
+// tokens, and leave every rank's pages free or kept by the leader's index alone. Then the
+// same requests all at once, while earlier ones' units are kept.
+class TpPrefixCaching : public testing::TestWithParam<KvShard> {};
+
+TEST_P(TpPrefixCaching, SameTokensAndLogitsWithAndWithoutAndEveryPageAccountedFor) {
+  Group& g = group(world_size());
+  if (g.pg.tp_size < 2) GTEST_SKIP() << "needs a group of 2 or more ranks";
+  ModelOptions mo;
+  mo.show_progress = false;
+  mo.deterministic = true;  // logits independent of how a prompt is cut into chunks
+  mo.tp_size = g.pg.tp_size;
+  mo.tp_rank = g.pg.tp_rank;
+  mo.kv_shard = GetParam();
+  const std::shared_ptr<DeepseekModel> m = DeepseekModel::load(model_dir("v3"), mo);
+  std::vector<Request> requests;
+  for (int p = 0; p < 4; ++p) {  // four 16-token prefixes, three questions each
+    for (int q = 0; q < 3; ++q) {
+      Request r;
+      for (int t = 0; t < 16; ++t) r.prompt.push_back(1 + (p * 37 + t * 11) % 250);
+      for (int t = 0; t < 3 + q; ++t) r.prompt.push_back(1 + (q * 53 + t * 7 + p) % 250);
+      r.max_tokens = 6;
+      r.ignore_eos = true;
+      r.return_logits = true;
+      if (q == 2) r.sampling = {.temperature = 0.8f, .top_k = 0, .top_p = 0.9f, .seed = 7u + p};
+      requests.push_back(r);
+    }
+  }
+  EngineOptions opts;
+  opts.block_size = 4;
+  // Short enough that kept units are evicted: a request takes up to 7 pages of 4 tokens,
+  // spread over the ranks when sharded (at 4 ranks, 2 pages a rank and 1 kept unit a prefix).
+  opts.num_pages = GetParam() == KvShard::kSequence && g.pg.tp_size > 2 ? 4 : 16;
+  // Each request's outputs, run one after another (in_turn) or all added at once.
+  auto run = [&](bool caching, bool in_turn, std::vector<std::vector<StepOutput>>* out,
+                 PrefixStats* stats) {
+    opts.prefix_caching = caching;
+    Engine engine(m, opts, g.comm.get());
+    int64_t kept = 0;
+    test::lead_or_follow(engine, [&] {
+      std::map<RequestId, size_t> index;
+      out->assign(requests.size(), {});
+      for (size_t i = 0; i < requests.size(); ++i) {
+        index[engine.add_request(requests[i])] = i;
+        while (in_turn && engine.has_work()) {
+          for (StepOutput& o : engine.step()) (*out)[index.at(o.id)].push_back(std::move(o));
+        }
+      }
+      while (engine.has_work()) {
+        for (StepOutput& o : engine.step()) (*out)[index.at(o.id)].push_back(std::move(o));
+      }
+      if (caching) {
+        *stats = engine.cache().prefix_index()->stats();
+        kept = engine.cache().prefix_index()->kept();
+      }
+    });
+    MPI_Bcast(&kept, 1, MPI_INT64_T, 0, g.pg.tp_comm.get());
+    // Every rank keeps one page per kept unit, and nothing else.
+    EXPECT_EQ(engine.cache().pool().num_free(), opts.num_pages - kept)
+        << "rank " << g.pg.tp_rank << (caching ? " with" : " without") << " caching";
+  };
+  for (const bool in_turn : {true, false}) {
+    std::vector<std::vector<StepOutput>> want, got;
+    PrefixStats stats;
+    run(false, in_turn, &want, nullptr);
+    run(true, in_turn, &got, &stats);
+    if (g.pg.tp_rank != 0) continue;
+    const std::string how = in_turn ? "one after another" : "all at once";
+    for (size_t i = 0; i < requests.size(); ++i) {
+      ASSERT_EQ(got[i].size(), want[i].size()) << how << ", request " << i;
+      for (size_t s = 0; s < want[i].size(); ++s) {
+        EXPECT_EQ(got[i][s].token, want[i][s].token) << how << ", request " << i << " step " << s;
+        EXPECT_EQ(got[i][s].logits, want[i][s].logits) << how << ", request " << i << " step " << s;
+      }
+    }
+    EXPECT_GT(stats.hit_tokens, 0) << how;
+    if (in_turn) {
+      // The second and third questions on each prefix start on its kept units (16 tokens:
+      // two units of 8 sharded, four pages of 4 replicated).
+      EXPECT_EQ(stats.hit_tokens, 4 * 2 * 16) << how;
+      EXPECT_GT(stats.evicted_pages, 0) << how << ": the cache is short";
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, TpPrefixCaching,
                          testing::Values(KvShard::kSequence, KvShard::kReplicate),
                          [](const auto& info) { return kv_name(info.param); });
 

@@ -7,6 +7,7 @@
 // free or kept by the index alone.
 #include <gtest/gtest.h>
 
+#include <map>
 #include <random>
 #include <vector>
 
@@ -152,13 +153,69 @@ TEST(PrefixCaching, AnImportedRequestsPagesAreReusableAtTheDestination) {
   EXPECT_EQ(destination.cache().num_available(), 64);
 }
 
-TEST(PrefixCaching, IsForSingleRankCachesSoFar) {
-  EXPECT_THROW(
-      {
-        LatentCache sharded(CacheGeometry{1, 4, 8, 0}, 8, ShardPlan(2, 0, 2));
-        sharded.enable_prefix_caching();
-      },
-      Error);
+// A sequence-sharded group of two keeps units of two pages (one on each rank). The leader's
+// index decides and records what it does; a follower that makes the same changes to its own
+// pages reuses, for the same units, the pages it computed them in, frees what the leader
+// evicts, and ends with every page free.
+TEST(PrefixCaching, AShardedFollowerMakesItsLeadersChangesToItsOwnPages) {
+  const CacheGeometry g{1, 4, 8, 0};
+  LatentCache leader(g, 8, ShardPlan(2, 0, 2)), follower(g, 8, ShardPlan(2, 1, 2));
+  leader.enable_prefix_caching(/*record_ops=*/true);
+  EXPECT_EQ(leader.prefix_unit_tokens(), 8);
+  std::map<int64_t, BlockTable> followed;  // the follower's tables, by owner
+  auto follow = [&] {
+    for (const PrefixOp& op : leader.take_prefix_ops()) {
+      if (op.kind == PrefixOp::Kind::kDrop) {
+        follower.release(followed[op.owner]);
+        followed.erase(op.owner);
+      } else {
+        follower.apply_prefix_op(op, op.kind == PrefixOp::Kind::kEvict ? nullptr
+                                                                       : &followed[op.owner]);
+      }
+    }
+  };
+  Tokens a(20);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<int32_t>(i);
+  BlockTable ta{.owner = 1};
+  ASSERT_TRUE(leader.reserve(ta, 20));  // sequence pages 0, 2, 4
+  ASSERT_TRUE(follower.reserve(followed[1], 20));  // sequence pages 1, 3
+  leader.keep_full_pages(ta, a, 20);  // units 0 and 1 (tokens 0-15); unit 2 is not full
+  follow();
+  const std::vector<int32_t> kept_on_follower = {followed[1].pages[0], followed[1].pages[1]};
+  leader.release(ta);
+  follow();
+  EXPECT_TRUE(followed.empty());
+  EXPECT_EQ(leader.pool().num_free(), 6) << "two units kept";
+  EXPECT_EQ(follower.pool().num_free(), 6) << "the same two units, its own pages";
+
+  // A prompt with the same first 16 tokens starts on both units, on both ranks.
+  Tokens b(a.begin(), a.begin() + 16);
+  b.insert(b.end(), {100, 101, 102});
+  BlockTable tb{.owner = 2};
+  EXPECT_EQ(leader.reuse_prefix(tb, b, static_cast<int32_t>(b.size()) - 1), 16);
+  follow();
+  EXPECT_EQ(followed[2].pages, kept_on_follower);
+  EXPECT_EQ(followed[2].num_tokens, 16);
+  ASSERT_TRUE(leader.reserve(tb, 19));
+  ASSERT_TRUE(follower.reserve(followed[2], 19));
+  EXPECT_EQ(follower.pool().num_free(), 6) << "rank 1 holds no page of tokens 16-18";
+  leader.release(tb);
+  follow();
+
+  // A sequence that needs every page makes the leader evict both units, and the follower too.
+  BlockTable tc{.owner = 3};
+  ASSERT_TRUE(leader.reserve(tc, 64));
+  follow();
+  EXPECT_EQ(follower.pool().num_free(), 8) << "the evicted units' pages are free";
+  ASSERT_TRUE(follower.reserve(followed[3], 64));
+  leader.release(tc);
+  follow();
+  EXPECT_EQ(leader.pool().num_free(), 8);
+  EXPECT_EQ(follower.pool().num_free(), 8);
+
+  BlockTable td;
+  EXPECT_THROW(follower.apply_prefix_op({PrefixOp::Kind::kReuse, 4, 0, 12345}, &td), Error)
+      << "a unit the follower does not keep";
 }
 
 }  // namespace

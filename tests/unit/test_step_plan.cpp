@@ -19,6 +19,13 @@ using testing::HasSubstr;
 void expect_same(const StepPlan& a, const StepPlan& b) {
   EXPECT_EQ(a.kind, b.kind);
   EXPECT_EQ(a.released, b.released);
+  ASSERT_EQ(a.prefix_ops.size(), b.prefix_ops.size());
+  for (size_t i = 0; i < a.prefix_ops.size(); ++i) {
+    EXPECT_EQ(a.prefix_ops[i].kind, b.prefix_ops[i].kind) << "prefix op " << i;
+    EXPECT_EQ(a.prefix_ops[i].owner, b.prefix_ops[i].owner) << "prefix op " << i;
+    EXPECT_EQ(a.prefix_ops[i].page, b.prefix_ops[i].page) << "prefix op " << i;
+    EXPECT_EQ(a.prefix_ops[i].key, b.prefix_ops[i].key) << "prefix op " << i;
+  }
   ASSERT_EQ(a.chunks.size(), b.chunks.size());
   for (size_t i = 0; i < a.chunks.size(); ++i) {
     EXPECT_EQ(a.chunks[i].id, b.chunks[i].id) << "chunk " << i;
@@ -54,7 +61,11 @@ std::string decode_error(const Words& words) {
 
 TEST(StepPlan, EncodesTheDocumentedWords) {
   EXPECT_EQ(two_chunk_plan().encode(),
-            (Words{1, 2, 7, 9, 2, 3, 0, 3, 0, 4, 12, 1, 1, 10, 11, 12, 500}));
+            (Words{1, 2, 7, 9, 0, 2, 3, 0, 3, 0, 4, 12, 1, 1, 10, 11, 12, 500}));
+  EXPECT_EQ((StepPlan{.kind = StepPlan::Kind::kStep,
+                      .prefix_ops = {{PrefixOp::Kind::kKeep, 3, 1, 0x8000000000000001u}}})
+                .encode(),
+            (Words{1, 0, 1, 2, 3, 1, INT64_MIN + 1, 0}));
   EXPECT_EQ(StepPlan{.kind = StepPlan::Kind::kShutdown}.encode(), Words{2});
   EXPECT_EQ(StepPlan{.kind = StepPlan::Kind::kHeartbeat}.encode(), Words{3});
   EXPECT_EQ((StepPlan{.kind = StepPlan::Kind::kCopyLatents,
@@ -68,6 +79,14 @@ TEST(StepPlan, RoundTrips) {
       two_chunk_plan(),
       {.kind = StepPlan::Kind::kStep},                   // nothing released, no chunk
       {.kind = StepPlan::Kind::kStep, .released = {1}},  // releases only
+      {.kind = StepPlan::Kind::kStep,
+       .released = {4},
+       .prefix_ops = {{PrefixOp::Kind::kReuse, 5, 0, 17},
+                      {PrefixOp::Kind::kKeep, 5, 2, UINT64_MAX},
+                      {PrefixOp::Kind::kEvict, 0, 0, 1},
+                      {PrefixOp::Kind::kDrop, 4, 0, 0}},
+       .chunks = {{.id = 5, .start = 64, .num_tokens = 1}},
+       .tokens = {9}},
       {.kind = StepPlan::Kind::kShutdown},
       {.kind = StepPlan::Kind::kHeartbeat},
       {.kind = StepPlan::Kind::kStep,
@@ -92,23 +111,27 @@ TEST(StepPlan, MalformedWordsAreInternalErrorsNamingTheProblem) {
   EXPECT_THAT(decode_error({2, 0}), HasSubstr("a shutdown plan has 2 words"));
   EXPECT_THAT(decode_error({3, 1, 1}), HasSubstr("a heartbeat plan has 3 words"));
   EXPECT_THAT(decode_error({1}), HasSubstr("before its released count"));
-  EXPECT_THAT(decode_error({1, 0}), HasSubstr("before its chunk count"));
+  EXPECT_THAT(decode_error({1, 0}), HasSubstr("before its prefix op count"));
+  EXPECT_THAT(decode_error({1, 0, 0}), HasSubstr("before its chunk count"));
   EXPECT_THAT(decode_error({1, -1, 0}), HasSubstr("released count -1"));
   EXPECT_THAT(decode_error({1, 3, 7, 0}), HasSubstr("released count 3"));
-  EXPECT_THAT(decode_error({1, 1, 7}), HasSubstr("before its chunk count"));
-  EXPECT_THAT(decode_error({1, 0, -2}), HasSubstr("chunk count -2"));
-  EXPECT_THAT(decode_error({1, 0, 2, 3, 0, 1, 0, 5}), HasSubstr("chunk count 2"));
-  EXPECT_THAT(decode_error({1, 0, 1, 3, -1, 1, 0, 5}), HasSubstr("chunk start -1"));
-  EXPECT_THAT(decode_error({1, 0, 1, 3, int64_t{1} << 31, 1, 0, 5}), HasSubstr("chunk start"));
-  EXPECT_THAT(decode_error({1, 0, 1, 3, 0, 0, 0}), HasSubstr("chunk num_tokens 0"));
-  EXPECT_THAT(decode_error({1, 0, 1, 3, (int64_t{1} << 31) - 1, 1, 0, 5}),
+  EXPECT_THAT(decode_error({1, 1, 7}), HasSubstr("before its prefix op count"));
+  EXPECT_THAT(decode_error({1, 0, 2, 1, 1, 0, 7, 0}), HasSubstr("prefix op count 2"));
+  EXPECT_THAT(decode_error({1, 0, 1, 5, 1, 0, 7, 0}), HasSubstr("prefix op kind 5"));
+  EXPECT_THAT(decode_error({1, 0, 1, 1, 1, -1, 7, 0}), HasSubstr("prefix op page -1"));
+  EXPECT_THAT(decode_error({1, 0, 0, -2}), HasSubstr("chunk count -2"));
+  EXPECT_THAT(decode_error({1, 0, 0, 2, 3, 0, 1, 0, 5}), HasSubstr("chunk count 2"));
+  EXPECT_THAT(decode_error({1, 0, 0, 1, 3, -1, 1, 0, 5}), HasSubstr("chunk start -1"));
+  EXPECT_THAT(decode_error({1, 0, 0, 1, 3, int64_t{1} << 31, 1, 0, 5}), HasSubstr("chunk start"));
+  EXPECT_THAT(decode_error({1, 0, 0, 1, 3, 0, 0, 0}), HasSubstr("chunk num_tokens 0"));
+  EXPECT_THAT(decode_error({1, 0, 0, 1, 3, (int64_t{1} << 31) - 1, 1, 0, 5}),
               HasSubstr("past the int32 range"));
-  EXPECT_THAT(decode_error({1, 0, 1, 3, 0, 1, 2, 5}), HasSubstr("chunk want_logits 2"));
-  EXPECT_THAT(decode_error({1, 0, 1, 3, 0, 2, 0, 5}),
+  EXPECT_THAT(decode_error({1, 0, 0, 1, 3, 0, 1, 2, 5}), HasSubstr("chunk want_logits 2"));
+  EXPECT_THAT(decode_error({1, 0, 0, 1, 3, 0, 2, 0, 5}),
               HasSubstr("its chunks have 2 tokens but 1 words follow"));
-  EXPECT_THAT(decode_error({1, 0, 1, 3, 0, 1, 0, 5, 6}),
+  EXPECT_THAT(decode_error({1, 0, 0, 1, 3, 0, 1, 0, 5, 6}),
               HasSubstr("its chunks have 1 tokens but 2 words follow"));
-  EXPECT_THAT(decode_error({1, 0, 1, 3, 0, 1, 0, -5}), HasSubstr("token -5"));
+  EXPECT_THAT(decode_error({1, 0, 0, 1, 3, 0, 1, 0, -5}), HasSubstr("token -5"));
 
   // Every truncation of a valid plan is refused.
   const Words words = two_chunk_plan().encode();
