@@ -338,6 +338,19 @@ void CoordinatorService::set_command_locked(WorkerEntry& worker, Command command
   publish_readiness_locked();
 }
 
+void CoordinatorService::take_load(WorkerEntry& worker, const v1::WorkerLoad& load) {
+  worker.load = load;
+  if (load.prefix_unit_tokens() > 0) {
+    worker.cached_units = std::make_shared<const std::unordered_set<uint64_t>>(
+        load.cached_units().begin(), load.cached_units().end());
+    worker.unit_tokens = load.prefix_unit_tokens();
+  } else {
+    worker.cached_units.reset();
+    worker.unit_tokens = 0;
+  }
+  worker.load.clear_cached_units();
+}
+
 grpc::Status CoordinatorService::drain(const v1::DrainRequest& request,
                                        v1::DrainResponse* response) {
   std::lock_guard lock(mu_);
@@ -444,7 +457,7 @@ grpc::Status CoordinatorService::register_worker(const Peer& peer,
   worker.stub = std::move(stub);
   worker.model = model;
   worker.role = role == "prefill" ? Role::kPrefill : role == "decode" ? Role::kDecode : Role::kBoth;
-  worker.load = request.load();
+  take_load(worker, request.load());
   worker.last_heartbeat = Clock::now();
   worker.worker_draining = request.draining();
   // An operator's pending drain or undrain survives the worker registering again.
@@ -473,7 +486,7 @@ grpc::Status CoordinatorService::heartbeat(const v1::HeartbeatRequest& request,
   }
   WorkerEntry& worker = it->second;
   const int64_t preemptions_before = worker.load.preemptions();
-  worker.load = request.load();
+  take_load(worker, request.load());
   worker.last_heartbeat = Clock::now();
   if (options_.rebalance && !request.draining()) rebalance_locked(worker, preemptions_before);
   // A worker that starts draining by itself (it is stopping) hands its requests on.

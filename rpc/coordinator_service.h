@@ -58,6 +58,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <unordered_set>
 
 #include "mlaserve/v1/mlaserve.grpc.pb.h"
 #include "rpc/metrics.h"
@@ -244,7 +245,13 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallba
     int32_t in_flight = 0;
     Role role = Role::kBoth;
     Clock::time_point last_rebalance{};  // when rebalancing last moved a request off it
+    // The prefix units its cache reported keeping (WorkerLoad.cached_units, taken out of
+    // `load`), for cache-aware routing; null when it reports none.
+    std::shared_ptr<const std::unordered_set<uint64_t>> cached_units;
+    int32_t unit_tokens = 0;
   };
+  // Sets worker.load to `load`, moving its reported prefix units into cached_units.
+  static void take_load(WorkerEntry& worker, const mlaserve::v1::WorkerLoad& load);
 
   class Relay;  // one Generate stream: rpc/generate_relay.cpp
   // The request's tokens so far (prompt and every token the client has); any thread.

@@ -408,7 +408,9 @@ CoordinatorService::WorkerEntry* CoordinatorService::Relay::pick_worker_locked(
                      .total_pages = w.load.total_pages(),
                      .running = w.load.running(),
                      .waiting = w.load.waiting(),
-                     .in_flight = w.in_flight});
+                     .in_flight = w.in_flight,
+                     .cached_units = w.cached_units,
+                     .unit_tokens = w.unit_tokens});
   }
   const std::optional<std::string> picked = service_.router_.pick(views, prompt);
   return picked ? &service_.workers_.at(*picked) : nullptr;

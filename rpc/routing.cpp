@@ -4,6 +4,7 @@
 #include <functional>
 
 #include "kernels/error.h"
+#include "runtime/prefix_index.h"
 #include "runtime/splitmix.h"
 
 namespace mla {
@@ -65,13 +66,32 @@ uint64_t pair_key(uint64_t page, const std::string& worker_id) {
 std::optional<std::string> Router::pick_cache_aware(const std::vector<WorkerView>& workers,
                                                     const std::vector<int32_t>& prompt) {
   const std::vector<uint64_t> keys = page_keys(prompt, options_.affinity_block);
+  std::vector<std::pair<int32_t, std::vector<uint64_t>>> unit_keys;  // by unit size
   const WorkerView* best = nullptr;
   double best_cost = 0;
   size_t best_held = 0;
   for (const WorkerView& w : workers) {
     if (!w.routable) continue;
     size_t held = 0;
-    while (held < keys.size() && affinity_.count(pair_key(keys[held], w.id)) != 0) ++held;
+    if (w.cached_units && w.unit_tokens > 0) {
+      // The leading units of the prompt the worker keeps, in pages of affinity_block.
+      const std::vector<uint64_t>* units = nullptr;
+      for (const auto& [size, k] : unit_keys) {
+        if (size == w.unit_tokens) units = &k;
+      }
+      if (units == nullptr) {
+        unit_keys.emplace_back(w.unit_tokens, prefix_unit_keys(prompt, w.unit_tokens));
+        units = &unit_keys.back().second;
+      }
+      size_t units_held = 0;
+      while (units_held < units->size() && w.cached_units->contains((*units)[units_held])) {
+        ++units_held;
+      }
+      held = std::min(keys.size(), units_held * static_cast<size_t>(w.unit_tokens) /
+                                       static_cast<size_t>(options_.affinity_block));
+    } else {
+      while (held < keys.size() && affinity_.count(pair_key(keys[held], w.id)) != 0) ++held;
+    }
     const double cost = load_score(w, options_.page_weight) +
                         options_.cache_weight * static_cast<double>(keys.size() - held);
     if (!best || cost < best_cost ||

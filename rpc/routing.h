@@ -12,14 +12,15 @@
 //   the same worker, which may still hold those pages, unless that worker is no longer
 //   routable or is overloaded; otherwise least-loaded, and the new choice is remembered.
 //   Assignments live in an LRU map of RouterOptions::affinity_capacity keys.
-// - cache-aware: for workers with prefix caching. The router remembers, per worker, the full
-//   pages (affinity_block tokens each, keyed by a hash chained over the prompt so far) of the
-//   prompts it sent there, which that worker's cache then holds until it evicts them. A new
-//   prompt's cost on a worker is its load score plus RouterOptions::cache_weight for every
-//   full page of the prompt that the worker is not known to hold from the start (the prefill
-//   it must do); the cheapest routable worker wins (then the one holding more, then by id),
-//   and the prompt's pages are remembered for it. Evictions are not reported, so the record
-//   is an estimate: LRU, at most affinity_capacity (page, worker) entries.
+// - cache-aware: for workers with prefix caching. A new prompt's cost on a worker is its load
+//   score plus RouterOptions::cache_weight for every full page (affinity_block tokens) of the
+//   prompt that the worker is not known to hold from the start (the prefill it must do); the
+//   cheapest routable worker wins (then the one holding more, then by id). What a worker
+//   holds: the units it reported keeping in its last heartbeat (WorkerView::cached_units, the
+//   leading units of the prompt found there), when it reports them; otherwise the router's
+//   own record of the pages (keyed by a hash chained over the prompt so far) of the prompts it
+//   sent there, an estimate that cannot see evictions (LRU, at most affinity_capacity (page,
+//   worker) entries, kept for every pick).
 // A worker with routable == false (dead, draining, or excluded by the caller, e.g. after a
 // failover) is never picked.
 #pragma once
@@ -27,10 +28,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <list>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "runtime/routing_policy.h"
@@ -46,6 +49,10 @@ struct WorkerView {
   int32_t running = 0;      // sequences the worker is running, as last heartbeated
   int32_t waiting = 0;      // sequences queued on the worker, as last heartbeated
   int32_t in_flight = 0;    // requests the coordinator routed there and not seen finish
+  // The keys of the prefix units the worker reported keeping (WorkerLoad.cached_units), each
+  // of unit_tokens tokens; null when it reports none (no prefix caching, or not yet).
+  std::shared_ptr<const std::unordered_set<uint64_t>> cached_units;
+  int32_t unit_tokens = 0;
 
   int32_t queue_depth() const { return waiting + in_flight; }
   double free_fraction() const;

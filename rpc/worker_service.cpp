@@ -475,6 +475,16 @@ void WorkerService::update_load_locked() {
   load_.set_running(engine_.num_running());
   load_.set_waiting(engine_.num_waiting());
   load_.set_preemptions(engine_.stats().preemptions);
+  if (const PrefixIndex* prefix = engine_.cache().prefix_index()) {
+    // The units kept for reuse, for cache-aware routing; listed again only when they changed.
+    const int64_t version = prefix->stats().inserted_pages + prefix->stats().evicted_pages;
+    if (version != reported_units_version_) {
+      reported_units_version_ = version;
+      const std::vector<uint64_t> keys = prefix->recent_keys(kReportedUnits);
+      load_.mutable_cached_units()->Assign(keys.begin(), keys.end());
+      load_.set_prefix_unit_tokens(engine_.cache().prefix_unit_tokens());
+    }
+  }
   if (Metrics* m = metrics_.load()) {
     m->cache.pages_used.set(load_.total_pages() - load_.free_pages());
     if (const PrefixIndex* prefix = engine_.cache().prefix_index()) {

@@ -292,6 +292,10 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   std::map<std::string, std::shared_ptr<grpc::Channel>> peer_channels_;  // by address
   uint64_t next_request_number_ = 1;
   mlaserve::v1::WorkerLoad load_;  // tokens_per_second left at 0
+  // With prefix caching: at most this many kept units are reported (WorkerLoad.cached_units),
+  // and the index's inserts plus evictions when they were last listed.
+  static constexpr size_t kReportedUnits = 4096;
+  int64_t reported_units_version_ = -1;
   mutable std::deque<std::pair<Clock::time_point, int64_t>> token_events_;
 
   std::thread step_thread_;  // started last in the constructor

@@ -12,10 +12,27 @@ PrefixIndex::PrefixIndex(PagePool& pool, int32_t block_size)
   MLA_REQUIRE(block_size >= 1, "block_size must be >= 1, got {}", block_size);
 }
 
-uint64_t PrefixIndex::key_of(uint64_t parent, const int32_t* tokens) const {
+uint64_t prefix_unit_key(uint64_t parent, const int32_t* tokens, int32_t n) {
   uint64_t h = splitmix64(parent ^ 0x5bd1e995u);
-  for (int32_t i = 0; i < block_size_; ++i) h = splitmix64(h ^ static_cast<uint32_t>(tokens[i]));
+  for (int32_t i = 0; i < n; ++i) h = splitmix64(h ^ static_cast<uint32_t>(tokens[i]));
   return h == 0 ? 1 : h;  // 0 is "no parent"
+}
+
+std::vector<uint64_t> prefix_unit_keys(const std::vector<int32_t>& tokens, int32_t unit) {
+  MLA_REQUIRE(unit >= 1, "a prefix unit must hold >= 1 token, got {}", unit);
+  std::vector<uint64_t> keys;
+  uint64_t parent = 0;
+  for (size_t end = unit; end <= tokens.size(); end += unit) {
+    parent = prefix_unit_key(parent, tokens.data() + end - unit, unit);
+    keys.push_back(parent);
+  }
+  return keys;
+}
+
+std::vector<uint64_t> PrefixIndex::recent_keys(size_t max) const {
+  std::vector<uint64_t> keys;
+  for (auto it = lru_.begin(); it != lru_.end() && keys.size() < max; ++it) keys.push_back(*it);
+  return keys;
 }
 
 PrefixIndex::Entry* PrefixIndex::find(uint64_t key, uint64_t parent, const int32_t* tokens) {
@@ -39,7 +56,7 @@ std::vector<int32_t> PrefixIndex::match(const std::vector<int32_t>& tokens, int3
   uint64_t parent = 0;
   for (int32_t j = 0; j < full; ++j) {
     const int32_t* page_tokens = tokens.data() + int64_t{j} * block_size_;
-    const uint64_t key = key_of(parent, page_tokens);
+    const uint64_t key = prefix_unit_key(parent, page_tokens, block_size_);
     Entry* e = find(key, parent, page_tokens);
     if (e == nullptr) break;
     pool_.retain(e->page);
@@ -55,7 +72,7 @@ std::vector<int32_t> PrefixIndex::match(const std::vector<int32_t>& tokens, int3
 }
 
 uint64_t PrefixIndex::insert(uint64_t parent, const int32_t* tokens, int32_t page, bool* kept) {
-  const uint64_t key = key_of(parent, tokens);
+  const uint64_t key = prefix_unit_key(parent, tokens, block_size_);
   if (kept != nullptr) *kept = false;
   // Kept already (this prefix, or another under a colliding key, which keeps its page).
   if (entries_.count(key) != 0) return key;

@@ -23,6 +23,13 @@
 
 namespace mla {
 
+// The key of a unit of `n` tokens after the unit keyed `parent` (0 for a prompt's first): what
+// the index keys its entries by, and what a router computes to look a prompt up in a worker's
+// reported keys. Never 0.
+uint64_t prefix_unit_key(uint64_t parent, const int32_t* tokens, int32_t n);
+// The keys of `tokens`' leading full units of `unit` tokens, each chained over those before.
+std::vector<uint64_t> prefix_unit_keys(const std::vector<int32_t>& tokens, int32_t unit);
+
 struct PrefixStats {
   int64_t lookups = 0;        // sequences looked up
   int64_t lookup_tokens = 0;  // tokens those sequences could have reused (their full pages)
@@ -54,6 +61,8 @@ class PrefixIndex {
   // Kept pages that no sequence holds (what evict could free).
   int32_t evictable() const;
   int32_t kept() const { return static_cast<int32_t>(entries_.size()); }
+  // The keys of up to `max` kept units, most recently used first.
+  std::vector<uint64_t> recent_keys(size_t max) const;
   const PrefixStats& stats() const { return stats_; }
 
  private:
@@ -63,8 +72,6 @@ class PrefixIndex {
     int32_t page;
     std::list<uint64_t>::iterator lru;  // position in lru_
   };
-  // The key of page j given page j-1's key (0 for j = 0) and the tokens.
-  uint64_t key_of(uint64_t parent, const int32_t* tokens) const;
   // The entry for page j of `tokens` under `parent`, or null.
   Entry* find(uint64_t key, uint64_t parent, const int32_t* tokens);
   void touch(Entry& e);  // most recently used

@@ -10,6 +10,7 @@
 #include <optional>
 #include <queue>
 #include <tuple>
+#include <unordered_set>
 #include <utility>
 
 #include "kernels/error.h"
@@ -21,6 +22,7 @@ namespace mla::bench {
 namespace {
 
 constexpr int kTerms = 5;
+constexpr size_t kReportedUnits = 4096;  // as a worker reports at most
 
 std::array<double, kTerms> features(const StepSample& s) {
   return {1.0, static_cast<double>(s.prefill_tokens), static_cast<double>(s.decode_seqs),
@@ -227,6 +229,8 @@ struct Group {
   std::vector<Sequence*> leaving;  // to migrate once the step under way ends
   int64_t preempted = 0;           // since the last heartbeat
   double last_rebalance_s = -1e300;
+  // With prefix caching: the units its last heartbeat reported keeping (as a worker does).
+  std::shared_ptr<const std::unordered_set<uint64_t>> reported_units;
 };
 
 struct Event {
@@ -298,7 +302,8 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
   group_events(o.failures, Event::kGroupFails, "failure");
   group_events(o.drains, Event::kGroupDrains, "drain");
   size_t arrivals_left = items.size();
-  if (o.rebalance) events.push({o.heartbeat_ms / 1000.0, order++, Event::kHeartbeat, 0});
+  const bool heartbeats = o.rebalance || o.prefix_caching;
+  if (heartbeats) events.push({o.heartbeat_ms / 1000.0, order++, Event::kHeartbeat, 0});
   int32_t free_slots = o.max_concurrency;
   std::deque<size_t> pending;  // arrived, waiting for a client slot
   int32_t in_flight = 0;
@@ -346,8 +351,9 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     for (size_t k = 0; k < groups.size(); ++k) {
       const Group& g = groups[k];
       views.push_back({g.id, g.alive && !g.draining && (!prefill_alive || prefill_group(k)),
-                       g.cache->pool().num_free(), o.num_pages, g.scheduler->num_running(),
-                       g.scheduler->num_waiting(), g.in_flight});
+                       g.cache->num_available(), o.num_pages, g.scheduler->num_running(),
+                       g.scheduler->num_waiting(), g.in_flight, g.reported_units,
+                       g.reported_units ? g.cache->prefix_unit_tokens() : 0});
     }
     const std::optional<std::string> picked = router.pick(views, prompts[i]);
     if (!picked) return false;
@@ -523,12 +529,18 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     start_leaving(g);
   };
 
-  // A heartbeat from every group: the coordinator's rebalancing looks at each.
+  // A heartbeat from every group: the kept prefix units it reports (for cache-aware routing),
+  // and the coordinator's rebalancing looks at it.
   auto heartbeat = [&] {
     for (size_t g = 0; g < groups.size(); ++g) {
       Group& group = groups[g];
+      if (const PrefixIndex* prefix = group.cache->prefix_index(); prefix && group.alive) {
+        const std::vector<uint64_t> keys = prefix->recent_keys(kReportedUnits);
+        group.reported_units =
+            std::make_shared<const std::unordered_set<uint64_t>>(keys.begin(), keys.end());
+      }
       const int64_t preempted = std::exchange(group.preempted, 0);
-      if (!group.alive || group.draining || !group.leaving.empty()) continue;
+      if (!o.rebalance || !group.alive || group.draining || !group.leaving.empty()) continue;
       if (!short_of_cache(group.cache->num_available(), o.num_pages, preempted,
                           o.rebalance_thresholds) ||
           (now - group.last_rebalance_s) * 1000.0 < o.rebalance_interval_ms) {

@@ -150,7 +150,8 @@ struct SimOptions {
   int64_t latent_bytes_per_token = 0;  // required with any migration
   // Each group keeps full pages for reuse (cache.prefix_caching; the real PrefixIndex over
   // the accounting-only cache): a prompt starts on its cached prefix and only the rest is
-  // prefilled. Default: false.
+  // prefilled. Each heartbeat (heartbeat_ms) reports the kept units to the router, as workers
+  // do for cache-aware routing. Default: false.
   bool prefix_caching = false;
 };
 

@@ -1,6 +1,7 @@
 // CoordinatorService's client plane against fake workers (tests/unit/coordinator_fixture.h):
 // routing, failover without lost or repeated tokens, resumed streams, validation,
 // admission, cancellation, deadlines, slow clients and metrics.
+#include "runtime/prefix_index.h"
 #include "tests/unit/coordinator_fixture.h"
 
 namespace mla::test_coordinator {
@@ -50,6 +51,33 @@ TEST_F(CoordinatorServiceTest, LeastLoadedCountsRequestsInFlight) {
   EXPECT_EQ(b.num_requests(), 1u);
   held->context.TryCancel();
   EXPECT_EQ(held->finish().error_code(), grpc::StatusCode::CANCELLED);
+}
+
+// cache-aware routing reads the prefix units workers report keeping in their heartbeats: a
+// prompt goes to the worker that keeps its leading units though the other is as loaded and
+// first by id; the listed load does not carry the keys.
+TEST_F(CoordinatorServiceTest, CacheAwareRoutingReadsTheUnitsWorkersReport) {
+  CoordinatorOptions o = fast_options(RoutingPolicy::kCacheAware);
+  o.affinity_block = 4;
+  start(o);
+  const v1::GenerateRequest request = make_request(16, 2);  // prompt 1..16: 4 units of 4
+  const std::vector<int32_t> prompt(request.prompt_ids().begin(), request.prompt_ids().end());
+  v1::WorkerLoad keeps = load(100), keeps_nothing = load(100);
+  keeps_nothing.set_prefix_unit_tokens(4);
+  keeps.set_prefix_unit_tokens(4);
+  for (uint64_t key : prefix_unit_keys(prompt, 4)) keeps.add_cached_units(key);
+  add_worker("w-a", keeps_nothing);
+  add_worker("w-b", keeps);
+  for (int i = 0; i < 3; ++i) {
+    Stream s = generate(request);
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+    EXPECT_EQ(s.last.worker_id(), "w-b") << i;
+  }
+  const v1::ListWorkersResponse listed = list_workers();
+  ASSERT_EQ(listed.workers_size(), 2);
+  for (const auto& w : listed.workers()) {
+    EXPECT_EQ(w.load().cached_units_size(), 0) << w.worker_id();
+  }
 }
 
 TEST_F(CoordinatorServiceTest, FailoverResumesWithoutLossOrRepeat) {

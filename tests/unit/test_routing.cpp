@@ -6,6 +6,7 @@
 
 #include "kernels/error.h"
 #include "rpc/routing.h"
+#include "runtime/prefix_index.h"
 
 namespace mla {
 namespace {
@@ -81,6 +82,44 @@ TEST(Routing, CacheAwareWeighsCachedPagesAgainstLoad) {
   router.forget("b");
   ws[0].in_flight = 0;
   EXPECT_EQ(router.pick(ws, turn2), "a") << "nothing remembered: the tie goes by id";
+}
+
+// cache-aware with workers that report the prefix units they keep: what they report counts,
+// not what the router sent them (which they may have evicted), in units of any size (here 8
+// tokens, a TP2 group's two pages of 4).
+TEST(Routing, CacheAwareBelievesTheUnitsWorkersReport) {
+  Router router(RouterOptions{
+      .policy = RoutingPolicy::kCacheAware, .affinity_block = 4, .cache_weight = 0.5});
+  std::vector<WorkerView> ws = {worker("a", 100, 100, 0, 0), worker("b", 100, 100, 0, 0)};
+  const std::vector<int32_t> system = prompt_of(0, 16);  // 2 units of 8, 4 pages of 4
+  const std::vector<uint64_t> units = prefix_unit_keys(system, 8);
+  ASSERT_EQ(units.size(), 2u);
+  auto report = [](std::vector<uint64_t> keys) {
+    return std::make_shared<const std::unordered_set<uint64_t>>(keys.begin(), keys.end());
+  };
+  for (WorkerView& w : ws) w.unit_tokens = 8;
+  ws[0].cached_units = report({});
+  ws[1].cached_units = report(units);
+  ws[1].in_flight = 1;  // 1 request deeper, but it keeps 4 pages (2 requests' worth)
+  EXPECT_EQ(router.pick(ws, system), "b");
+  // Only the first unit reported: 2 pages (1 request's worth) against 1 request, a tie in
+  // cost, which goes to the worker holding more.
+  ws[1].cached_units = report({units[0]});
+  EXPECT_EQ(router.pick(ws, system), "b");
+  ws[1].in_flight = 2;
+  EXPECT_EQ(router.pick(ws, system), "a");
+  // The second unit without the first is no prefix.
+  ws[1].cached_units = report({units[1]});
+  ws[1].in_flight = 0;
+  ws[0].in_flight = 1;
+  EXPECT_EQ(router.pick(ws, system), "b") << "lighter";
+  // The router sent `system` to a before, but a reports nothing kept: it holds nothing.
+  ws[0].in_flight = 0;
+  ws[1].in_flight = 1;
+  ws[1].cached_units = report(units);
+  EXPECT_EQ(router.pick(ws, system), "b");
+  ws[1].cached_units = report({});
+  EXPECT_EQ(router.pick(ws, system), "a");
 }
 
 struct LeastLoadedCase {

@@ -29,6 +29,7 @@
 #include "rpc/worker_service.h"
 #include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
+#include "runtime/prefix_index.h"
 #include "runtime/sampler.h"
 #include "tests/support/golden.h"
 
@@ -659,6 +660,29 @@ TEST_F(WorkerServiceTest, MetricsCountRequestsTokensAndPages) {
   EXPECT_NE(registry.render().find("mlaserve_requests_total{code=\"OK\",worker=\"w0\"} 1"),
             std::string::npos)
       << registry.render();
+}
+
+// With prefix caching, the load lists the units the cache keeps (for cache-aware routing):
+// after a one-token request, the full pages of 4 tokens its prompt fills, most recently used
+// first, keyed as a router keys a prompt.
+TEST_F(WorkerServiceTest, TheLoadListsTheKeptPrefixUnits) {
+  EngineOptions eo = engine_options(4);
+  eo.prefix_caching = true;
+  TestWorker w(eo);
+  const Tokens& prompt = golden().prompts[2];
+  ASSERT_TRUE(generate(*w.stub, make_request(prompt, 1)).status.ok());
+  const v1::WorkerLoad load = w.service.load();
+  EXPECT_EQ(load.prefix_unit_tokens(), 4);
+  const std::vector<uint64_t> keys = prefix_unit_keys(prompt, 4);
+  ASSERT_EQ(keys.size(), prompt.size() / 4);
+  ASSERT_EQ(load.cached_units_size(), static_cast<int>(keys.size()));
+  // A parent is more recent than its children: the first page first.
+  for (size_t i = 0; i < keys.size(); ++i) {
+    EXPECT_EQ(load.cached_units(static_cast<int>(i)), keys[i]) << i;
+  }
+  TestWorker plain;
+  EXPECT_EQ(plain.service.load().cached_units_size(), 0);
+  EXPECT_EQ(plain.service.load().prefix_unit_tokens(), 0) << "no caching: nothing reported";
 }
 
 // ---------------------------------------------------------------------------------------
