@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""The ratio table of tests/bench/peer_flashmla.sh: FlashMLA's dense decode (its
+bench_dense_decode.py JSON) against `mlaserve bench-kernels --benches mla_decode --json`, joined
+on (context, heads, s_q). Prints a markdown table, then each run's ceilings and the range of
+the ratios; exits 1 when a configuration of either run is missing from the other.
+
+    tests/bench/peer_table.py FLASHMLA_JSON MLASERVE_JSON
+"""
+import json
+import sys
+
+
+def main(flashmla_path, mlaserve_path):
+    peer = json.load(open(flashmla_path))
+    ours = json.load(open(mlaserve_path))
+    theirs = {(r["context"], r["heads"], r["s_q"]): r for r in peer["rows"]}
+    mine = {}
+    for r in ours["results"]:
+        if r["bench"] != "mla_decode":
+            continue
+        c = r["config"]
+        mine[(c["context"], c["heads"], c["s_q"])] = r
+    missing = sorted(set(theirs) ^ set(mine))
+    print(f"device: FlashMLA run on {peer['device']}, mlaserve run on {ours['device']['name']}")
+    print()
+    print("| context | heads | s_q | FlashMLA us | of copy | mlaserve us | of copy | "
+          "mlaserve / FlashMLA |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ratios = []
+    for key in sorted(set(theirs) & set(mine)):
+        t, m = theirs[key], mine[key]
+        ratio = m["time_us"] / t["us"]
+        ratios.append(ratio)
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {t['us']:.1f} | {t['of_copy']:.2f} | "
+              f"{m['time_us']:.1f} | {m['of_copy']:.2f} | {ratio:.2f} |")
+    print()
+    c = ours["ceilings"]
+    print(f"ceilings: FlashMLA's run copy {peer['copy_gbs']:.0f} GB/s, GEMM "
+          f"{peer['gemm_tflops']:.0f} TFLOP/s; mlaserve's run copy {c['copy_gbps']:.0f} GB/s, "
+          f"GEMM {c['gemm_bf16_tflops_8192']:.0f} TFLOP/s")
+    if ratios:
+        print(f"mlaserve / FlashMLA: {min(ratios):.2f} to {max(ratios):.2f} over "
+              f"{len(ratios)} configurations; at or below 1 in {sum(r <= 1 for r in ratios)}")
+    if missing:
+        print(f"configurations in only one run: {missing}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(sys.argv[1], sys.argv[2]))
