@@ -119,6 +119,13 @@ int32_t LatentCache::reuse_prefix(BlockTable& table, const std::vector<int32_t>&
   return table.num_tokens;
 }
 
+void LatentCache::count_prefix_lookup(const std::vector<int32_t>& tokens, int32_t max_tokens,
+                                      int32_t reused) {
+  if (prefix_ == nullptr) return;
+  const int32_t unit = prefix_unit_tokens();
+  prefix_->count_lookup(max_tokens / unit, static_cast<int32_t>(tokens.size()), reused / unit);
+}
+
 void LatentCache::keep_full_pages(BlockTable& table, const std::vector<int32_t>& tokens,
                                   int32_t computed) {
   if (prefix_ == nullptr) return;

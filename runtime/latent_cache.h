@@ -136,7 +136,11 @@ class LatentCache {
   int32_t prefix_unit_tokens() const;
   // Starts the empty `table` on the kept units of the longest cached prefix of `tokens`, at
   // most max_tokens tokens (whole units); returns the tokens it covers (0 without caching).
+  // The lookup is counted by count_prefix_lookup, once the sequence is admitted.
   int32_t reuse_prefix(BlockTable& table, const std::vector<int32_t>& tokens, int32_t max_tokens);
+  // Counts the lookup reuse_prefix(table, tokens, max_tokens) made, which covered `reused`
+  // tokens, in the index's PrefixStats. No-op without caching.
+  void count_prefix_lookup(const std::vector<int32_t>& tokens, int32_t max_tokens, int32_t reused);
   // Offers the table's units that `computed` tokens (of `tokens`, the sequence's) fill
   // completely and that it has not offered yet. No-op without caching.
   void keep_full_pages(BlockTable& table, const std::vector<int32_t>& tokens, int32_t computed);

@@ -31,10 +31,19 @@ class PagePool {
   // 0 for a free page. Throws kInternal for an out-of-range id.
   int32_t ref_count(int32_t page) const;
 
+  // Marks an allocated page as held by an index (the prefix cache's), or no longer. The pool
+  // counts the marked pages that nothing else holds (reference count 1): what the index could
+  // free, kept current by retain and release so reading it costs nothing. Throws kInternal for
+  // a free or out-of-range page, or a mark that does not change.
+  void mark_indexed(int32_t page, bool indexed);
+  int32_t num_indexed_alone() const { return indexed_alone_; }
+
  private:
   void check_range(int32_t page) const;
 
-  std::vector<int32_t> ref_counts_;                                          // [num_pages]
+  std::vector<int32_t> ref_counts_;  // [num_pages]
+  std::vector<bool> indexed_;        // [num_pages]
+  int32_t indexed_alone_ = 0;
   std::priority_queue<int32_t, std::vector<int32_t>, std::greater<>> free_;  // min-heap
 };
 

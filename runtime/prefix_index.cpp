@@ -49,8 +49,6 @@ std::vector<int32_t> PrefixIndex::match(const std::vector<int32_t>& tokens, int3
                                         std::vector<uint64_t>* keys) {
   const int32_t full =
       std::min<int32_t>(max_pages, static_cast<int32_t>(tokens.size()) / block_size_);
-  ++stats_.lookups;
-  stats_.lookup_tokens += int64_t{std::max(full, 0)} * block_size_;
   std::vector<int32_t> pages;
   std::vector<uint64_t> found;
   uint64_t parent = 0;
@@ -67,8 +65,14 @@ std::vector<int32_t> PrefixIndex::match(const std::vector<int32_t>& tokens, int3
   // Last page first, so a parent ends up more recent than its children.
   for (auto it = found.rbegin(); it != found.rend(); ++it) touch(entries_.at(*it));
   keys->insert(keys->end(), found.begin(), found.end());
-  stats_.hit_tokens += static_cast<int64_t>(pages.size()) * block_size_;
   return pages;
+}
+
+void PrefixIndex::count_lookup(int32_t max_pages, int32_t tokens, int32_t hit_pages) {
+  ++stats_.lookups;
+  stats_.lookup_tokens +=
+      int64_t{std::max(std::min(max_pages, tokens / block_size_), 0)} * block_size_;
+  stats_.hit_tokens += int64_t{hit_pages} * block_size_;
 }
 
 uint64_t PrefixIndex::insert(uint64_t parent, const int32_t* tokens, int32_t page, bool* kept) {
@@ -79,6 +83,7 @@ uint64_t PrefixIndex::insert(uint64_t parent, const int32_t* tokens, int32_t pag
   auto up = entries_.find(parent);
   if (parent != 0 && up == entries_.end()) return key;  // its parent is gone
   pool_.retain(page);
+  pool_.mark_indexed(page, true);
   // Just behind its parent in recency (a first page in front), so children go before parents.
   const auto at =
       parent == 0 ? lru_.insert(lru_.begin(), key) : lru_.insert(std::next(up->second.lru), key);
@@ -95,6 +100,7 @@ int32_t PrefixIndex::evict(int32_t n, std::vector<uint64_t>* evicted) {
     --it;
     auto entry = entries_.find(*it);
     if (pool_.ref_count(entry->second.page) != 1) continue;  // a sequence holds it
+    pool_.mark_indexed(entry->second.page, false);
     pool_.release(entry->second.page);
     if (evicted != nullptr) evicted->push_back(entry->first);
     entries_.erase(entry);
@@ -105,10 +111,6 @@ int32_t PrefixIndex::evict(int32_t n, std::vector<uint64_t>* evicted) {
   return freed;
 }
 
-int32_t PrefixIndex::evictable() const {
-  int32_t n = 0;
-  for (const auto& [key, e] : entries_) n += pool_.ref_count(e.page) == 1 ? 1 : 0;
-  return n;
-}
+int32_t PrefixIndex::evictable() const { return pool_.num_indexed_alone(); }
 
 }  // namespace mla

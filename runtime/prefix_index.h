@@ -31,7 +31,7 @@ uint64_t prefix_unit_key(uint64_t parent, const int32_t* tokens, int32_t n);
 std::vector<uint64_t> prefix_unit_keys(const std::vector<int32_t>& tokens, int32_t unit);
 
 struct PrefixStats {
-  int64_t lookups = 0;        // sequences looked up
+  int64_t lookups = 0;        // sequences looked up (once per admission)
   int64_t lookup_tokens = 0;  // tokens those sequences could have reused (their full pages)
   int64_t hit_tokens = 0;     // tokens reused
   int64_t inserted_pages = 0;
@@ -47,9 +47,13 @@ class PrefixIndex {
 
   // The kept pages of the longest run of full pages, at most max_pages, that `tokens` starts
   // with, in order; each retained once for the caller (who releases them as its own). Their
-  // keys are appended to *keys.
+  // keys are appended to *keys. Counts nothing: a lookup is counted (count_lookup) once the
+  // sequence is admitted, not at each try.
   std::vector<int32_t> match(const std::vector<int32_t>& tokens, int32_t max_pages,
                              std::vector<uint64_t>* keys);
+  // Counts one lookup of a sequence of `tokens` tokens, at most max_pages of it, that found
+  // hit_pages pages (PrefixStats).
+  void count_lookup(int32_t max_pages, int32_t tokens, int32_t hit_pages);
   // Offers `page`, full with the block_size tokens at `tokens`, as the page after the one
   // keyed `parent` (0 for a sequence's first page); keeps it unless that prefix's page is kept
   // already or its parent is not kept. Returns the page's key (the next page's parent);

@@ -84,16 +84,16 @@ Schedule Scheduler::schedule() {
     Sequence* seq = waiting_.front();
     // A sequence starting from nothing starts on the cached pages of its prefix, if any
     // (leaving at least its last token to compute: that one samples).
-    if (seq->table.pages.empty() && seq->num_computed == 0) {
-      seq->num_computed = cache_.reuse_prefix(seq->table, seq->tokens,
-                                              static_cast<int32_t>(seq->tokens.size()) - 1);
-    }
+    const bool looked_up = seq->table.pages.empty() && seq->num_computed == 0;
+    const auto lookup_max = static_cast<int32_t>(seq->tokens.size()) - 1;
+    if (looked_up) seq->num_computed = cache_.reuse_prefix(seq->table, seq->tokens, lookup_max);
     const int32_t n = std::min(seq->num_pending(), budget);
     if (!cache_.reserve(seq->table, seq->num_computed + n)) {
       cache_.release(seq->table);  // the reused pages stay cached
       seq->num_computed = 0;
       break;
     }
+    if (looked_up) cache_.count_prefix_lookup(seq->tokens, lookup_max, seq->num_computed);
     waiting_.pop_front();
     seq->status = SeqStatus::kRunning;
     running_.push_back(seq);

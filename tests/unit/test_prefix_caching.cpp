@@ -122,6 +122,25 @@ TEST(PrefixCaching, AShortCacheEvictsKeptPagesAndLosesNothing) {
   EXPECT_EQ(engine.cache().num_available(), 12);
 }
 
+// A request that waits for pages is looked up at each step it tries, but counted once, when
+// it is admitted: the hit rate is per request, not per try.
+TEST(PrefixCaching, ALookupIsCountedOnceWhateverTheTriesBeforeAdmission) {
+  const std::vector<Request> rs = shared_prefix_requests();
+  Engine engine(model(), options(true, 6));  // one request at a time
+  engine.add_request(rs[0]);
+  engine.add_request(rs[1]);  // waits for rs[0]'s pages, trying at every step
+  int steps = 0;
+  while (engine.has_work()) {
+    ASSERT_LT(steps++, 100);
+    engine.step();
+  }
+  EXPECT_GT(steps, 6) << "the second request waited";
+  const PrefixStats& stats = engine.cache().prefix_index()->stats();
+  EXPECT_EQ(stats.lookups, 2);
+  EXPECT_EQ(stats.lookup_tokens, 2 * 16) << "each prompt's four full pages";
+  EXPECT_EQ(stats.hit_tokens, 12) << "the second reuses the system prefix's three";
+}
+
 TEST(PrefixCaching, ACancelDuringAPrefillOnASharedPrefixGivesBackItsReferences) {
   const std::vector<Request> rs = shared_prefix_requests();
   EngineOptions o = options(true);
@@ -169,15 +188,15 @@ TEST(PrefixCaching, AShardedFollowerMakesItsLeadersChangesToItsOwnPages) {
         follower.release(followed[op.owner]);
         followed.erase(op.owner);
       } else {
-        follower.apply_prefix_op(op, op.kind == PrefixOp::Kind::kEvict ? nullptr
-                                                                       : &followed[op.owner]);
+        follower.apply_prefix_op(op,
+                                 op.kind == PrefixOp::Kind::kEvict ? nullptr : &followed[op.owner]);
       }
     }
   };
   Tokens a(20);
   for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<int32_t>(i);
   BlockTable ta{.owner = 1};
-  ASSERT_TRUE(leader.reserve(ta, 20));  // sequence pages 0, 2, 4
+  ASSERT_TRUE(leader.reserve(ta, 20));             // sequence pages 0, 2, 4
   ASSERT_TRUE(follower.reserve(followed[1], 20));  // sequence pages 1, 3
   leader.keep_full_pages(ta, a, 20);  // units 0 and 1 (tokens 0-15); unit 2 is not full
   follow();

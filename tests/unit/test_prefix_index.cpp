@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "kernels/error.h"
 #include "runtime/page_pool.h"
 #include "runtime/prefix_index.h"
 
@@ -57,6 +58,10 @@ TEST(PrefixIndex, ALaterSequenceFindsTheFullPagesOfItsPrefix) {
   EXPECT_EQ(keys.size(), 2u);
   EXPECT_EQ(pool.ref_count(pages[0]), 2) << "the index and the new sequence";
   EXPECT_EQ(index.evictable(), 1);
+  EXPECT_EQ(index.stats().lookups, 0) << "counted once the sequence is admitted";
+  index.count_lookup(8, static_cast<int32_t>(b.size()), static_cast<int32_t>(got.size()));
+  EXPECT_EQ(index.stats().lookups, 1);
+  EXPECT_EQ(index.stats().lookup_tokens, 3 * kB) << "its three full pages";
   EXPECT_EQ(index.stats().hit_tokens, 2 * kB);
   release_all(pool, got);
 
@@ -112,6 +117,30 @@ TEST(PrefixIndex, EvictionFreesOnlyUnheldPagesChildrenFirstLeastRecentFirst) {
   EXPECT_EQ(index.kept(), 0);
   EXPECT_EQ(pool.num_free(), 16) << "every reference back";
   EXPECT_EQ(index.stats().evicted_pages, 5);
+}
+
+// The pool counts the pages an index holds alone as references come and go (what evictable()
+// reads), and refuses marks that make no sense.
+TEST(PrefixIndex, ThePoolCountsIndexedPagesNothingElseHolds) {
+  PagePool pool(4);
+  std::vector<int32_t> pages;
+  ASSERT_TRUE(pool.allocate(2, &pages));
+  pool.retain(pages[0]);  // the index's reference, then its mark
+  pool.mark_indexed(pages[0], true);
+  EXPECT_EQ(pool.num_indexed_alone(), 0) << "its sequence still holds it";
+  pool.release(pages[0]);
+  EXPECT_EQ(pool.num_indexed_alone(), 1);
+  pool.retain(pages[0]);  // a later sequence reuses it
+  EXPECT_EQ(pool.num_indexed_alone(), 0);
+  pool.release(pages[0]);
+  EXPECT_THROW(pool.release(pages[0]), Error) << "the index's own reference, still marked";
+  EXPECT_THROW(pool.mark_indexed(pages[0], true), Error) << "marked twice";
+  EXPECT_THROW(pool.mark_indexed(3, true), Error) << "a free page";
+  pool.mark_indexed(pages[0], false);
+  EXPECT_EQ(pool.num_indexed_alone(), 0);
+  pool.release(pages[0]);
+  pool.release(pages[1]);
+  EXPECT_EQ(pool.num_free(), 4);
 }
 
 TEST(PrefixIndex, APageWhoseParentWasEvictedIsNotKept) {
