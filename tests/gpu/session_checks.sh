@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The GPU checks and measurements the open issues wait for, as steps of one script, so a GPU
+# session spends its device time running them rather than typing them. Run from the repository
+# root on the GPU host, with the bundle made here and carried:
+#   launch/bundle.sh bundle build/tests/mla_gpu_tests build/launch/mlaserve   (here)
+#   tests/gpu/session_checks.sh STEP...                                      (on the host)
+# Steps (each under its own time limit, logs in $OUT/STEP.log, a line per step in the table
+# printed last; a failed step does not stop the others):
+#   gpu_new     the GPU tests written without a GPU: batch-invariant GEMM, deterministic parity
+#               and batch invariance, gather/scatter rows, the device cache's export and import,
+#               migration and MLA prefill (issue 14)
+#   gpu_all     every gpu-labelled test
+#   det_cost    V2-Lite shape (4 layers, bf16): decode tokens/s at batch 1, 8 and 32, with and
+#               without --deterministic (issue 14: what batch invariance costs on the GPU)
+#   migration   V3 shape (3 layers, bf16): live migration at contexts 1k-32k, both groups on the
+#               GPU as two processes (gRPC) and as one mpirun job (MPI) (issue 14)
+#   prefix      prefix caching on one GPU group, off and on (issue 18)
+#   simulate    profile on the GPU and simulate against measured serving at four rates
+#               (issue 16's GPU validation)
+#   peer        FlashMLA's dense decode beside mlaserve's (issue 17), from FLASHMLA_SRC
+# env: OUT (default /tmp/mla_out), FLASHMLA_SRC (for peer: the tree, or a .tgz holding it).
+set -uo pipefail
+out=${OUT:-/tmp/mla_out}
+mkdir -p "$out"
+[ -f bundle/env.sh ] && source bundle/env.sh
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+declare -a table
+
+# run STEP SECONDS COMMAND...: the command's output in $OUT/STEP.log; its status and the lines
+# it marks with "RESULT " go into the table.
+run() {
+  local step=$1 limit=$2
+  shift 2
+  echo "== $step (at most ${limit} s; log $out/$step.log)"
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$out/$step.log" 2>&1
+  local rc=$?
+  local status="ok"
+  [ $rc -ne 0 ] && status="FAILED (exit $rc)"
+  [ $rc -eq 124 ] && status="TIMED OUT"
+  tail -15 "$out/$step.log"
+  table+=("| $step | $status | $((SECONDS - start)) s |")
+  while IFS= read -r line; do table+=("|   | ${line#RESULT } | |"); done \
+    < <(grep '^RESULT ' "$out/$step.log" | head -40)
+}
+
+v2l4() { [ -d /tmp/v2l4 ] || mlaserve make-tiny --preset v2-lite-full --layers 4 --dtype BF16 --out /tmp/v2l4; }
+v3l3() { [ -d /tmp/v3l3 ] || mlaserve make-tiny --preset v3-full --layers 3 --dtype BF16 --out /tmp/v3l3; }
+
+det_cost() {
+  set -o pipefail
+  v2l4 || return 1
+  for det in "" --deterministic; do
+    mlaserve generate --device cuda --model /tmp/v2l4 --prompt-len 512 --max-tokens 64 \
+      --batch 1,8,32 --ignore-eos $det 2>&1 | sed "s/^\(.*tokens\/s.*\)$/RESULT ${det:-default} \1/"
+  done
+}
+
+migration() {
+  v3l3 || return 1
+  RUNS=2 MAX_TOKENS=512 OUT=$out/migration_grpc tests/bench/migration.sh /tmp/v3l3 \
+    1024,4096,16384,32768 --device cuda --num-pages 1200 || return 1
+  LAYOUT=one-job PORT=57400 RUNS=2 MAX_TOKENS=512 OUT=$out/migration_mpi \
+    tests/bench/migration.sh /tmp/v3l3 1024,4096,16384,32768 --device cuda --num-pages 1200
+}
+
+export -f v2l4 v3l3 det_cost migration
+steps="gpu_new gpu_all det_cost migration prefix simulate peer"
+for step in "$@"; do
+  [[ " $steps " == *" $step "* ]] || { echo "unknown step '$step' (steps: $steps)" >&2; exit 2; }
+done
+
+for step in "$@"; do
+  case $step in
+    gpu_new)
+      run gpu_new 420 tests/gpu/device_run.sh gpu_new \
+        '*Gemm*:*Determinis*:*GatherRows*:*LatentCache*:*igrat*:*MlaPrefill*' ;;
+    gpu_all) run gpu_all 580 tests/gpu/device_run.sh gpu_all '*' ;;
+    det_cost) run det_cost 300 bash -c det_cost ;;
+    migration) run migration 540 bash -c migration ;;
+    prefix)
+      run prefix 400 env PRESET=v2-lite-full MAKE_TINY_FLAGS="--layers 4 --dtype BF16" \
+        WORKER_FLAGS="--device cuda" MLASERVE="$(command -v mlaserve)" NUM_PAGES=2048 \
+        tests/bench/prefix_caching.sh "$out/prefix" ;;
+    simulate)
+      run simulate 580 env PRESET=v2-lite-full MAKE_TINY_FLAGS="--layers 4 --dtype BF16" \
+        WORKER_FLAGS="--device cuda" MLASERVE="$(command -v mlaserve)" \
+        INPUT_LEN=lognormal:512,0.6 OUTPUT_LEN=lognormal:128,0.5 RATES=4,8,16,32 PROMPTS=200 \
+        CONCURRENCY=128 tests/bench/simulate_validation.sh "$out/simulate" ;;
+    peer)
+      src=${FLASHMLA_SRC:?peer needs FLASHMLA_SRC: the source tree, or a .tgz holding it}
+      if [[ $src == *.tgz || $src == *.tar.gz ]]; then
+        mkdir -p /tmp/flashmla_src && tar xzf "$src" -C /tmp/flashmla_src &&
+          src=$(dirname "$(find /tmp/flashmla_src -name setup_dense.py | head -1)")
+      fi
+      run peer 580 env MLASERVE="$(command -v mlaserve)" tests/bench/peer_flashmla.sh \
+        "$src" "$out/peer" ;;
+  esac
+done
+
+echo
+echo "| step | result | time |"
+echo "|---|---|---|"
+printf '%s\n' "${table[@]}"
