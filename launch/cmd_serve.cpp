@@ -143,6 +143,7 @@ struct WorkerArgs {
   int32_t drain_timeout_s = 0;
   std::string role;
   std::string migration_transport;
+  std::string step_trace;
 };
 
 std::vector<std::string> split_list(const std::string& list) {
@@ -164,6 +165,7 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
   if (given("--drain-timeout")) d.workers.drain_timeout_s = a.drain_timeout_s;
   if (given("--role")) d.workers.role = a.role;
   if (given("--migration-transport")) d.workers.migration_transport = a.migration_transport;
+  if (given("--step-trace")) d.workers.step_trace = a.step_trace;
   MLA_REQUIRE(d.workers.role == "prefill" || d.workers.role == "decode" || d.workers.role == "both",
               "--role / workers.role: prefill, decode or both, got '{}'", d.workers.role);
   MLA_REQUIRE(d.workers.migration_transport == "auto" || d.workers.migration_transport == "grpc",
@@ -206,6 +208,7 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
   wopts.worker_id = address;
   wopts.secret = secret;
   wopts.config_hash = config_hash;
+  wopts.step_trace = d.workers.step_trace;
   wopts.peer_credentials = channel_creds;
   if (d.workers.migration_transport == "auto" && rt->transport && rt->transport->usable()) {
     wopts.mpi = rt->transport;
@@ -557,6 +560,9 @@ void add_serve_commands(CLI::App& app, int& exit_code) {
                      "auto or grpc (default: workers.migration_transport, auto): auto moves a "
                      "migrating request's latents over MPI when both groups run in this mpirun "
                      "job, gRPC otherwise");
+  worker->add_option("--step-trace", w->step_trace,
+                     "Append one JSON line per step (its shape and times) to this file "
+                     "(default: workers.step_trace, none)");
   worker->callback([w, worker, &exit_code] { exit_code = run_worker(*w, *worker); });
 
   auto c = std::make_shared<CoordinatorArgs>();

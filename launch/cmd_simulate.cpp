@@ -12,6 +12,7 @@
 #include <chrono>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <set>
@@ -230,7 +231,58 @@ struct SimulateArgs {
   std::vector<std::string> drains;    // "GROUP@SECONDS"
   int32_t tp = 0;                     // 0: the profile's
   std::string kv_shard;               // empty: the profile's
+  std::vector<std::string> traces;    // --check-trace: workers' step traces
 };
+
+// --check-trace: holds the profile's step model against the steps a serving worker traced
+// (workers.step_trace): per kind of step (decode only, prefill only, mixed) and over all, the
+// traced time against the model's, as sums (busy time) and the median per-step ratio, for the
+// engine's step and for the worker's whole loop iteration.
+int check_traces(const bench::StepTimeModel& model, const std::vector<std::string>& traces) {
+  for (const std::string& path : traces) {
+    std::ifstream in(path);
+    if (!in) MLA_THROW(kNotFound, "--check-trace: cannot read {}", path);
+    struct Kind {
+      double step = 0, loop = 0, model = 0;
+      std::vector<double> step_ratio, loop_ratio;
+    };
+    std::map<std::string, Kind> kinds;
+    int64_t line_no = 0;
+    for (std::string line; std::getline(in, line);) {
+      ++line_no;
+      if (line.empty()) continue;
+      const auto j = nlohmann::json::parse(line, nullptr, false);
+      MLA_REQUIRE(!j.is_discarded() && j.contains("step_ms") && j.contains("loop_ms"),
+                  "--check-trace: {} line {} is not a step trace line", path, line_no);
+      const bench::StepSample s{j.value("prefill_tokens", 0), j.value("decode_seqs", 0),
+                                j.value("context_tokens", int64_t{0}),
+                                j.value("prefill_pairs", int64_t{0}), 0.0};
+      const double predicted = model.step_ms(s);
+      if (predicted <= 0) continue;
+      const std::string kind = s.prefill_tokens == 0 ? "decode"
+                               : s.decode_seqs == 0  ? "prefill"
+                                                     : "mixed";
+      for (const std::string& k : {kind, std::string("all")}) {
+        Kind& t = kinds[k];
+        t.step += j["step_ms"].get<double>();
+        t.loop += j["loop_ms"].get<double>();
+        t.model += predicted;
+        t.step_ratio.push_back(j["step_ms"].get<double>() / predicted);
+        t.loop_ratio.push_back(j["loop_ms"].get<double>() / predicted);
+      }
+    }
+    MLA_REQUIRE(!kinds.empty(), "--check-trace: {} has no steps", path);
+    for (auto& [kind, t] : kinds) {
+      std::cout << fmt::format(
+          "TRACE file={} kind={} steps={} traced_step_ms={:.1f} traced_loop_ms={:.1f} "
+          "model_ms={:.1f} step_over_model={:.3f} loop_over_model={:.3f} "
+          "median_step_over_model={:.3f} median_loop_over_model={:.3f}\n",
+          path, kind, t.step_ratio.size(), t.step, t.loop, t.model, t.step / t.model,
+          t.loop / t.model, median(t.step_ratio), median(t.loop_ratio));
+    }
+  }
+  return 0;
+}
 
 // --fail-group's and --drain-group's "GROUP@SECONDS".
 bench::GroupEvent parse_group_event(const std::string& spec, const char* flag) {
@@ -255,6 +307,7 @@ int run_simulate(const SimulateArgs& a) {
   const auto profile = nlohmann::json::parse(in, nullptr, false);
   MLA_REQUIRE(!profile.is_discarded(), "--profile: {} is not JSON", a.profile);
   const bench::StepTimeModel model = bench::StepTimeModel::from_profile(profile);
+  if (!a.traces.empty()) return check_traces(model, a.traces);
   bench::SimOptions sim = a.sim;
   sim.routing = routing_policy_from_string(a.routing, "--routing");
   for (const std::string& f : a.failures) {
@@ -418,6 +471,9 @@ void add_simulate_commands(CLI::App& app, int& exit_code) {
                 "Groups keep full pages for prompts with the same leading tokens");
   sim->add_option("--fail-group", s->failures,
                   "GROUP@SECONDS: that group dies then and its requests fail over (repeatable)");
+  sim->add_option("--check-trace", s->traces,
+                  "Instead of simulating: hold the profile's step model against a worker's "
+                  "step trace (workers.step_trace; repeatable)");
   sim->add_option("--result-file", s->result_file, "Write the result JSON here, as bench does");
   sim->add_flag("--save-detailed", s->save_detailed, "Per-request arrays in the JSON");
   sim->callback([s, &exit_code] { exit_code = run_simulate(*s); });

@@ -88,6 +88,10 @@ WorkerService::WorkerService(Engine& engine, WorkerServiceOptions options)
               options_.idle_heartbeat_ms);
   load_.set_total_pages(engine.cache().pool().num_pages());
   load_.set_free_pages(engine.cache().num_available());
+  if (!options_.step_trace.empty()) {
+    step_trace_.open(options_.step_trace, std::ios::app);
+    MLA_REQUIRE(step_trace_.good(), "step_trace: cannot write {}", options_.step_trace);
+  }
   step_thread_ = std::thread([this] { step_loop(); });
 }
 
@@ -431,6 +435,23 @@ void WorkerService::step_loop() {
 void WorkerService::run_iteration(const std::deque<std::shared_ptr<Call>>& adds,
                                   const std::deque<std::shared_ptr<Call>>& cancels) {
   const Clock::time_point now = Clock::now();
+  struct TraceLine {  // appends the step's line once it is delivered
+    WorkerService& w;
+    Clock::time_point begin;
+    bool stepped = false;
+    ~TraceLine() {
+      if (!stepped || !w.step_trace_.is_open()) return;
+      const Engine::StepRecord& r = w.engine_.last_step();
+      const auto end = Clock::now();
+      w.step_trace_ << fmt::format(
+          "{{\"t\": {:.6f}, \"prefill_tokens\": {}, \"decode_seqs\": {}, \"context_tokens\": {}, "
+          "\"prefill_pairs\": {}, \"step_ms\": {:.4f}, \"loop_ms\": {:.4f}}}\n",
+          std::chrono::duration<double>(end - w.started_).count(), r.shape.prefill_tokens,
+          r.shape.decode_seqs, r.shape.context_tokens, r.shape.prefill_pairs, r.step_ms,
+          std::chrono::duration<double, std::milli>(end - begin).count());
+      w.step_trace_.flush();  // a reader may look while the worker runs
+    }
+  } trace{*this, now};
   for (const auto& call : adds) {
     if (call->cancelled) {
       release_import(*call);
@@ -453,7 +474,9 @@ void WorkerService::run_iteration(const std::deque<std::shared_ptr<Call>>& adds,
   }
   not_yet_stepped_.clear();
   last_plan_ = start;
+  const int64_t steps_before = engine_.stats().steps;
   const std::vector<StepOutput> outputs = engine_.step();
+  trace.stepped = engine_.stats().steps != steps_before;
   const Clock::time_point done = Clock::now();
   const auto tokens = std::count_if(outputs.begin(), outputs.end(),
                                     [](const StepOutput& o) { return o.token >= 0; });

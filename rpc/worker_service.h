@@ -22,6 +22,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <fstream>
 #include <functional>
 #include <future>
 #include <map>
@@ -74,6 +75,12 @@ struct WorkerServiceOptions {
   // groups of one job moves the latents over it (ExportHeader.transport mpi) when it is usable.
   // Default: null, meaning gRPC for every migration.
   std::shared_ptr<MpiTransport> mpi;
+  // Where to append one JSON line per step (workers.step_trace, `--step-trace`): when it
+  // ended (seconds since the service started), its shape (StepShape's fields), the engine's
+  // step_ms, and loop_ms, the step loop's whole iteration (requests added, the step, the
+  // tokens handed to their streams): what `mlaserve simulate --check-trace` holds a profile
+  // against. Default: empty, no trace.
+  std::string step_trace;
 };
 
 // Serves Worker.Generate and Worker.Cancel for one Engine. Thread-safe: every public method
@@ -296,6 +303,8 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   // and the index's inserts plus evictions when they were last listed.
   static constexpr size_t kReportedUnits = 4096;
   int64_t reported_units_version_ = -1;
+  std::ofstream step_trace_;  // open when options_.step_trace is set; the step thread's
+  Clock::time_point started_ = Clock::now();
   mutable std::deque<std::pair<Clock::time_point, int64_t>> token_events_;
 
   std::thread step_thread_;  // started last in the constructor

@@ -154,12 +154,13 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   if (const auto wk = root["workers"]) {
     reject_unknown(wk,
                    {"host", "port_base", "metrics_port_base", "group", "coordinators",
-                    "drain_timeout_s", "role", "migration_transport"},
+                    "drain_timeout_s", "role", "migration_transport", "step_trace"},
                    "workers.", origin);
     read(wk, "coordinators", c.workers.coordinators, "workers.", origin);
     read(wk, "drain_timeout_s", c.workers.drain_timeout_s, "workers.", origin);
     read(wk, "role", c.workers.role, "workers.", origin);
     read(wk, "migration_transport", c.workers.migration_transport, "workers.", origin);
+    read(wk, "step_trace", c.workers.step_trace, "workers.", origin);
     read(wk, "host", c.workers.host, "workers.", origin);
     read(wk, "port_base", c.workers.port_base, "workers.", origin);
     read(wk, "metrics_port_base", c.workers.metrics_port_base, "workers.", origin);

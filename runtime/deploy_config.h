@@ -108,6 +108,9 @@ struct WorkersConfig {
   // MPI_THREAD_MULTIPLE), over gRPC otherwise; grpc always streams them over gRPC. The
   // migration's control is gRPC either way. Default: auto.
   std::string migration_transport = "auto";
+  // `step_trace`: a file the group's leader appends one JSON line to per step (its shape and
+  // times; WorkerServiceOptions::step_trace). Default: empty, none.
+  std::string step_trace;
 };
 
 // `control:` the shared secret every control-plane and worker call carries. It is read from

@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <limits>
 #include <optional>
@@ -129,8 +130,8 @@ ForwardBatch Engine::follower_batch(StepPlan plan) {
     if (op.kind == PrefixOp::Kind::kDrop) {
       release(owner);
     } else {
-      cache_.apply_prefix_op(op, op.kind == PrefixOp::Kind::kEvict ? nullptr
-                                                                   : &follower_tables_[owner]);
+      cache_.apply_prefix_op(
+          op, op.kind == PrefixOp::Kind::kEvict ? nullptr : &follower_tables_[owner]);
     }
   }
   for (RequestId id : plan.released) release(id);
@@ -276,11 +277,17 @@ std::unique_ptr<Sequence> Engine::sequence_of(const RequestSnapshot& snap) const
 std::vector<StepOutput> Engine::step() {
   MLA_REQUIRE(is_leader(), "step() is for the leader rank; followers call follow()");
   MLA_REQUIRE(!shut_down_, "the engine's group was shut down");
+  const auto start = std::chrono::steady_clock::now();
   const Schedule schedule = schedule_step();
   if (schedule.empty()) return {};
+  const StepShape shape = schedule.shape();  // before postprocess ends any sequence
   const ForwardInputs in = forward_inputs(schedule);
   if (comm_ != nullptr) send_plan(plan_for(schedule, in.batch));
-  return postprocess(schedule, run_forward(in.batch, in.requests));
+  std::vector<StepOutput> outputs = postprocess(schedule, run_forward(in.batch, in.requests));
+  last_step_ = {
+      shape,
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count()};
+  return outputs;
 }
 
 Schedule Engine::schedule_step() {

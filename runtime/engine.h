@@ -153,6 +153,13 @@ class Engine {
   ModelRunner& runner() { return *runner_; }
   const LatentCache& cache() const { return cache_; }
   const EngineStats& stats() const { return stats_; }
+  // The last step() that ran a step: what it computed and how long step() took (wall clock,
+  // schedule to sampled tokens; on a GPU that includes waiting for the device).
+  struct StepRecord {
+    StepShape shape;
+    double step_ms = 0;
+  };
+  const StepRecord& last_step() const { return last_step_; }
   int32_t num_running() const { return scheduler_.num_running(); }
   int32_t num_waiting() const { return scheduler_.num_waiting(); }
 
@@ -194,6 +201,7 @@ class Engine {
   std::map<RequestId, std::unique_ptr<Sequence>> seqs_;
   RequestId next_id_ = 1;
   EngineStats stats_;
+  StepRecord last_step_;
   std::vector<RequestId> released_;  // leader: sequences whose pages were freed since the last plan
   std::map<RequestId, BlockTable> follower_tables_;  // follower: this rank's pages per sequence
   std::map<int64_t, BlockTable> follower_imports_;   // follower: its pages of imports under way

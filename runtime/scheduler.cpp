@@ -104,6 +104,20 @@ Schedule Scheduler::schedule() {
   return plan;
 }
 
+StepShape Schedule::shape() const {
+  StepShape s;
+  for (const ScheduledChunk& c : chunks) {
+    if (c.start >= c.seq->prompt_len && c.num_tokens == 1) {
+      ++s.decode_seqs;
+      s.context_tokens += c.start + 1;
+    } else {
+      s.prefill_tokens += c.num_tokens;
+      s.prefill_pairs += int64_t{c.num_tokens} * (c.start + c.num_tokens / 2);
+    }
+  }
+  return s;
+}
+
 void Scheduler::commit(const ScheduledChunk& chunk) {
   Sequence& seq = *chunk.seq;
   MLA_CHECK(seq.num_computed == chunk.start, "chunk committed out of order");

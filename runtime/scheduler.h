@@ -32,11 +32,22 @@ struct ScheduledChunk {
   }
 };
 
+// What a step computes, in the terms step time depends on (what `mlaserve profile` measures
+// and `mlaserve simulate` interpolates): a chunk of one token after its prompt decodes, every
+// other chunk prefills.
+struct StepShape {
+  int32_t prefill_tokens = 0;  // prompt tokens computed in the step
+  int32_t decode_seqs = 0;     // sequences that decode one token
+  int64_t context_tokens = 0;  // tokens those sequences attend to, summed
+  int64_t prefill_pairs = 0;   // the prefill chunks' attention pairs: n x (start + n / 2) each
+};
+
 struct Schedule {
   std::vector<ScheduledChunk> chunks;
   int32_t num_tokens = 0;
   std::vector<Sequence*> preempted;  // preempted during this schedule() call
   bool empty() const { return chunks.empty(); }
+  StepShape shape() const;
 };
 
 class Scheduler {

@@ -327,16 +327,9 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     result.preemptions += static_cast<int64_t>(group.step.preempted.size());
     group.preempted += static_cast<int64_t>(group.step.preempted.size());
     if (group.step.empty()) return;
-    StepSample step;
-    for (const ScheduledChunk& c : group.step.chunks) {
-      if (c.start >= c.seq->prompt_len && c.num_tokens == 1) {
-        ++step.decode_seqs;
-        step.context_tokens += c.start + 1;
-      } else {
-        step.prefill_tokens += c.num_tokens;
-        step.prefill_pairs += int64_t{c.num_tokens} * (c.start + c.num_tokens / 2);
-      }
-    }
+    const StepShape shape = group.step.shape();
+    const StepSample step{shape.prefill_tokens, shape.decode_seqs, shape.context_tokens,
+                          shape.prefill_pairs, 0.0};
     group.busy = true;
     ++result.steps;
     events.push({now + model.step_ms(step) / 1000.0, order++, Event::kStepDone, g});

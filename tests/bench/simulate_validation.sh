@@ -3,7 +3,10 @@
 # steps on this machine (`mlaserve profile`, one worker's settings), starts a coordinator and
 # GROUPS single-rank worker groups, runs `mlaserve bench` at each rate, then `mlaserve
 # simulate` with the same workload, seed and settings, and prints measured against simulated
-# throughput and p50 TTFT / TPOT with their errors.
+# throughput and p50 TTFT / TPOT with their errors. The workers trace their steps
+# (--step-trace), and `mlaserve simulate --check-trace` holds the profile's step model against
+# each rate's traced steps: how much longer the steps and the workers' loop iterations took
+# while serving than the profile says.
 #   tests/bench/simulate_validation.sh [OUT_DIR]
 # env: MLASERVE (default build/launch/mlaserve), RATES (5,10,20,40), PROMPTS (200),
 #      NUM_GROUPS (2), INPUT_LEN (uniform:32-128), OUTPUT_LEN (32), CONCURRENCY (64),
@@ -40,25 +43,44 @@ echo "== measured: $groups groups"
 pids=$!
 for g in $(seq 0 $((groups - 1))); do
   "$mlaserve" worker --model "$out/tiny" "${engine[@]}" --coordinator 127.0.0.1:$control \
-    --port-base $wport --group $g >"$out/worker$g.log" 2>&1 &
+    --port-base $wport --group $g --step-trace "$out/steps$g.jsonl" >"$out/worker$g.log" 2>&1 &
   pids="$pids $!"
 done
 trap 'kill -TERM $pids 2>/dev/null || true; wait $pids 2>/dev/null || true' EXIT
 "$mlaserve" --log-level warn client --address 127.0.0.1:$grpc --wait-ready 60
-workload=(--num-prompts "$prompts" --max-concurrency "$concurrency" --request-rate "$rates"
-  --input-len "$input_len" --output-len "$output_len" --vocab 512 --seed 5)
-"$mlaserve" --log-level warn bench --address 127.0.0.1:$grpc --no-progress --warmup 20 \
-  "${workload[@]}" --result-file "$out/measured.json" >"$out/measured.txt" 2>&1
+workload=(--num-prompts "$prompts" --max-concurrency "$concurrency" --input-len "$input_len"
+  --output-len "$output_len" --vocab 512 --seed 5)
+: >"$out/trace_check.txt"
+for rate in ${rates//,/ }; do
+  # Each rate's steps: the trace lines the workers add during its run.
+  for g in $(seq 0 $((groups - 1))); do
+    touch "$out/steps$g.jsonl"
+    eval "before$g=$(wc -l <"$out/steps$g.jsonl")"
+  done
+  "$mlaserve" --log-level warn bench --address 127.0.0.1:$grpc --no-progress --warmup 20 \
+    "${workload[@]}" --request-rate "$rate" --result-file "$out/measured.rate$rate.json" \
+    >>"$out/measured.txt" 2>&1
+  : >"$out/steps.rate$rate.jsonl"
+  for g in $(seq 0 $((groups - 1))); do
+    eval "skip=\$before$g"
+    tail -n +$((skip + 1)) "$out/steps$g.jsonl" >>"$out/steps.rate$rate.jsonl"
+  done
+  "$mlaserve" --log-level warn simulate --profile "$out/profile.json" \
+    --check-trace "$out/steps.rate$rate.jsonl" | sed "s/^TRACE /TRACE rate=$rate /" \
+    >>"$out/trace_check.txt"
+done
 echo "== simulated"
 "$mlaserve" --log-level warn simulate --profile "$out/profile.json" --groups "$groups" \
   --num-pages 256 --max-batch-tokens 512 --max-running 64 "${workload[@]}" \
-  --result-file "$out/simulated.json" >"$out/simulated.txt" 2>&1
+  --request-rate "$rates" --result-file "$out/simulated.json" >"$out/simulated.txt" 2>&1
 
 python3 - "$out" "$rates" <<'EOF'
 import json, os, sys
 out, rates = sys.argv[1], sys.argv[2].split(",")
 def load(kind, rate):
-    name = f"{kind}.rate{rate}.json" if len(rates) > 1 else f"{kind}.json"
+    name = f"{kind}.rate{rate}.json"
+    if not os.path.exists(os.path.join(out, name)):
+        name = f"{kind}.json"  # a one-rate simulate names its file as given
     return json.load(open(os.path.join(out, name)))
 print("| rate | output tok/s measured | simulated | error | TTFT p50 ms measured | simulated | error | TPOT p50 ms measured | simulated | error |")
 print("|---|---|---|---|---|---|---|---|---|---|")
@@ -70,3 +92,6 @@ for rate in rates:
         row += [f"{a:.1f}", f"{b:.1f}", f"{(b - a) / a * 100:+.0f} %" if a else "-"]
     print("| " + " | ".join(row) + " |")
 EOF
+echo
+echo "The profile's step model against the steps the workers traced while serving:"
+grep 'kind=all' "$out/trace_check.txt" || true

@@ -25,7 +25,7 @@ export MLASERVE_CONTROL_SECRET=bench-sweep-test-secret
 pids=$!
 for g in 0 1; do
   "$mlaserve" worker --model "$work/tiny" --coordinator 127.0.0.1:$control --port-base $wport \
-    --group $g >"$work/worker$g.log" 2>&1 &
+    --group $g --step-trace "$work/steps$g.jsonl" >"$work/worker$g.log" 2>&1 &
   pids="$pids $!"
 done
 cleanup() {
@@ -81,6 +81,15 @@ OPENBLAS_NUM_THREADS=1 "$mlaserve" --log-level warn profile --model "$work/tiny"
   --output-len lognormal:16,0.4 --result-file "$work/sim.json" --save-detailed \
   >"$work/sim.log" 2>&1 || fail "simulate: $(tail -3 "$work/sim.log")"
 grep '^SIM' "$work/sim.log"
+# The workers' step traces against the profile: every kind of step is there, and the "all" line
+# counts every traced step.
+"$mlaserve" --log-level warn simulate --profile "$work/profile.json" \
+  --check-trace "$work/steps0.jsonl" >"$work/check.log" 2>&1 || fail "check-trace: $(cat "$work/check.log")"
+cat "$work/check.log"
+traced=$(wc -l <"$work/steps0.jsonl")
+grep -q "kind=all steps=$traced " "$work/check.log" ||
+  fail "check-trace did not count the $traced traced steps"
+grep -q "kind=decode " "$work/check.log" || fail "check-trace saw no decode step"
 # The same requests all at once, with group 1 drained 2 ms in (its requests migrate with their
 # caches) and the coordinator's rebalancing on: every request still completes, and some moved.
 "$mlaserve" --log-level warn simulate --profile "$work/profile.json" --groups 2 --vocab 512 \

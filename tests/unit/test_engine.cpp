@@ -227,6 +227,28 @@ TEST(EngineStop, MaxTokensEndsWithLengthAndFreesEveryPage) {
   EXPECT_FALSE(engine.cancel(ids[0])) << "a finished request is gone";
 }
 
+// What a step computed, in the terms of `mlaserve profile`: two prompts prefill in the first
+// step, then both decode, each attending to its prompt and the tokens so far.
+TEST(EngineStats, TheLastStepsShapeAndTime) {
+  const Golden& g = golden();
+  Engine engine(golden_model(), options(4, 64));
+  const auto a = static_cast<int32_t>(g.prompts[0].size());
+  const auto b = static_cast<int32_t>(g.prompts[1].size());
+  engine.add_request(make_request(g.prompts[0], 3));
+  engine.add_request(make_request(g.prompts[1], 3));
+  engine.step();
+  StepShape s = engine.last_step().shape;
+  EXPECT_EQ(s.prefill_tokens, a + b);
+  EXPECT_EQ(s.decode_seqs, 0);
+  EXPECT_EQ(s.prefill_pairs, int64_t{a} * (a / 2) + int64_t{b} * (b / 2));
+  EXPECT_GT(engine.last_step().step_ms, 0);
+  engine.step();
+  s = engine.last_step().shape;
+  EXPECT_EQ(s.prefill_tokens, 0);
+  EXPECT_EQ(s.decode_seqs, 2);
+  EXPECT_EQ(s.context_tokens, (a + 1) + (b + 1)) << "the prompt and the one token sampled";
+}
+
 // ---------------------------------------------------------------------------------------
 // Validation
 

@@ -662,6 +662,36 @@ TEST_F(WorkerServiceTest, MetricsCountRequestsTokensAndPages) {
       << registry.render();
 }
 
+// --step-trace: one JSON line per step, with its shape and times; the prefill step first.
+TEST_F(WorkerServiceTest, AStepTraceHasALinePerStep) {
+  static const TempDir dir;
+  const std::string path = (dir.path() / "steps.jsonl").string();
+  WorkerServiceOptions o{.worker_id = "w0"};
+  o.step_trace = path;
+  {
+    TestWorker w(engine_options(), golden_model(), o);
+    const Tokens& prompt = golden().prompts[0];
+    ASSERT_TRUE(generate(*w.stub, make_request(prompt, 4)).status.ok());
+    w.service.shutdown();
+    std::ifstream in(path);
+    std::vector<nlohmann::json> lines;
+    for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
+    ASSERT_EQ(static_cast<int64_t>(lines.size()), w.engine.stats().steps);
+    ASSERT_GE(lines.size(), 4u) << "the prefill, then a step per further token";
+    EXPECT_EQ(lines[0]["prefill_tokens"], static_cast<int>(prompt.size()));
+    EXPECT_EQ(lines[1]["decode_seqs"], 1);
+    for (const auto& l : lines) {
+      EXPECT_GT(l["step_ms"].get<double>(), 0);
+      EXPECT_GE(l["loop_ms"].get<double>(), l["step_ms"].get<double>());
+      EXPECT_GT(l["t"].get<double>(), 0);
+    }
+  }
+  WorkerServiceOptions bad{.worker_id = "w0"};
+  bad.step_trace = "/nonexistent/dir/steps.jsonl";
+  Engine engine(golden_model(), engine_options());
+  EXPECT_THROW(WorkerService(engine, bad), Error);
+}
+
 // With prefix caching, the load lists the units the cache keeps (for cache-aware routing):
 // after a one-token request, the full pages of 4 tokens its prompt fills, most recently used
 // first, keyed as a router keys a prompt.
