@@ -55,7 +55,7 @@ struct StepPlan {
   };
 
   Kind kind = Kind::kStep;
-  std::vector<RequestId> released;  // sequences whose pages were freed since the last plan
+  std::vector<RequestId> released;   // sequences whose pages were freed since the last plan
   std::vector<PrefixOp> prefix_ops;  // the leader's prefix index changes since the last plan
   std::vector<Chunk> chunks;
   std::vector<int32_t> tokens;  // every chunk's tokens, concatenated in chunk order
