@@ -419,6 +419,10 @@ void add_simulate_commands(CLI::App& app, int& exit_code) {
       ->capture_default_str();
   sim->add_option("--network-ms", s->sim.network_ms, "Worker to client, per message")
       ->capture_default_str();
+  sim->add_option("--step-scale", s->sim.step_scale,
+                  "Every step takes this many times the profile's time (a calibration: "
+                  "--check-trace's loop_over_model on a serving worker's trace)")
+      ->capture_default_str();
   sim->add_option("--num-prompts,--requests", s->requests, "Requests per run")
       ->capture_default_str();
   sim->add_option("--max-concurrency,--concurrency", s->sim.max_concurrency,

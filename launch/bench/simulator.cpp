@@ -270,6 +270,7 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       "rebalancing needs --heartbeat-ms > 0, --rebalance-interval-ms >= 0 and 0 <= "
       "--rebalance-low-free <= --rebalance-high-free <= 1");
   MLA_REQUIRE(o.max_concurrency >= 1, "--max-concurrency must be >= 1");
+  MLA_REQUIRE(o.step_scale > 0, "--step-scale must be > 0, got {}", o.step_scale);
   SimResult result;
   result.records.resize(items.size());
   std::vector<Group> groups(static_cast<size_t>(o.groups));
@@ -332,7 +333,7 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
                           shape.prefill_pairs, 0.0};
     group.busy = true;
     ++result.steps;
-    events.push({now + model.step_ms(step) / 1000.0, order++, Event::kStepDone, g});
+    events.push({now + o.step_scale * model.step_ms(step) / 1000.0, order++, Event::kStepDone, g});
   };
 
   // Sends work item i to a live group, as routing picks it; false when none is left.

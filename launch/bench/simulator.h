@@ -111,6 +111,11 @@ struct SimOptions {
   // 1-token request: 0.69 ms direct, 1.32 ms through the coordinator).
   double request_ms = 1.0;
   double network_ms = 0.3;
+  // Every step takes this many times what the step model says: a calibration for steps that
+  // run slower while serving than when profiled (host threads sharing the cores, the worker
+  // loop's own work), as `mlaserve simulate --check-trace` measures it on a worker's step
+  // trace (loop_over_model). Default: 1.
+  double step_scale = 1.0;
   int32_t text_bytes_per_token = 4;  // a trace's text prompts, which are not tokenized here
   // Groups that die mid-run. The coordinator hears of it when each broken stream reaches it
   // (network_ms) and resubmits every request the group held to a live group, as its failover

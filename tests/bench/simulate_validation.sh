@@ -6,7 +6,9 @@
 # throughput and p50 TTFT / TPOT with their errors. The workers trace their steps
 # (--step-trace), and `mlaserve simulate --check-trace` holds the profile's step model against
 # each rate's traced steps: how much longer the steps and the workers' loop iterations took
-# while serving than the profile says.
+# while serving than the profile says. The highest rate's ratio for the whole loop
+# (loop_over_model) then calibrates a second simulation (--step-scale), whose errors are
+# printed beside the first: calibrated on one rate, checked on all.
 #   tests/bench/simulate_validation.sh [OUT_DIR]
 # env: MLASERVE (default build/launch/mlaserve), RATES (5,10,20,40), PROMPTS (200),
 #      NUM_GROUPS (2), INPUT_LEN (uniform:32-128), OUTPUT_LEN (32), CONCURRENCY (64),
@@ -73,6 +75,13 @@ echo "== simulated"
 "$mlaserve" --log-level warn simulate --profile "$out/profile.json" --groups "$groups" \
   --num-pages 256 --max-batch-tokens 512 --max-running 64 "${workload[@]}" \
   --request-rate "$rates" --result-file "$out/simulated.json" >"$out/simulated.txt" 2>&1
+scale=$(grep "rate=${rates##*,} .*kind=all" "$out/trace_check.txt" |
+  sed 's/.* loop_over_model=\([0-9.]*\) .*/\1/')
+echo "== simulated, every step x $scale (the rate ${rates##*,} trace's loop_over_model)"
+"$mlaserve" --log-level warn simulate --profile "$out/profile.json" --groups "$groups" \
+  --num-pages 256 --max-batch-tokens 512 --max-running 64 "${workload[@]}" \
+  --request-rate "$rates" --step-scale "$scale" --result-file "$out/calibrated.json" \
+  >"$out/calibrated.txt" 2>&1
 
 python3 - "$out" "$rates" <<'EOF'
 import json, os, sys
@@ -82,15 +91,16 @@ def load(kind, rate):
     if not os.path.exists(os.path.join(out, name)):
         name = f"{kind}.json"  # a one-rate simulate names its file as given
     return json.load(open(os.path.join(out, name)))
-print("| rate | output tok/s measured | simulated | error | TTFT p50 ms measured | simulated | error | TPOT p50 ms measured | simulated | error |")
-print("|---|---|---|---|---|---|---|---|---|---|")
-for rate in rates:
-    m, s = load("measured", rate), load("simulated", rate)
-    row = [rate]
-    for key in ("output_throughput", "median_ttft_ms", "median_tpot_ms"):
-        a, b = m[key], s[key]
-        row += [f"{a:.1f}", f"{b:.1f}", f"{(b - a) / a * 100:+.0f} %" if a else "-"]
-    print("| " + " | ".join(row) + " |")
+print("| simulation | rate | output tok/s measured | simulated | error | TTFT p50 ms measured | simulated | error | TPOT p50 ms measured | simulated | error |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for kind in ("simulated", "calibrated"):
+    for rate in rates:
+        m, s = load("measured", rate), load(kind, rate)
+        row = [kind, rate]
+        for key in ("output_throughput", "median_ttft_ms", "median_tpot_ms"):
+            a, b = m[key], s[key]
+            row += [f"{a:.1f}", f"{b:.1f}", f"{(b - a) / a * 100:+.0f} %" if a else "-"]
+        print("| " + " | ".join(row) + " |")
 EOF
 echo
 echo "The profile's step model against the steps the workers traced while serving:"

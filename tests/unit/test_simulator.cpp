@@ -68,6 +68,14 @@ TEST(Simulator, ALoneRequestsTimelineIsItsSteps) {
   EXPECT_NEAR(rec.e2el_ms, 11.5 + 4 * 2.0, 1e-9);    // then a decode step per token
   for (const double g : rec.itl_ms) EXPECT_NEAR(g, 2.0, 1e-9);
   EXPECT_EQ(r.steps, 5);
+
+  // Calibrated: every step 1.5 times as long.
+  o.step_scale = 1.5;
+  const RequestRecord scaled = simulate({w}, constant_model(10.0, 2.0), o).records[0];
+  EXPECT_NEAR(scaled.ttft_ms, 1.0 + 15.0 + 0.5, 1e-9);
+  EXPECT_NEAR(scaled.e2el_ms, 16.5 + 4 * 3.0, 1e-9);
+  o.step_scale = 0;
+  EXPECT_THROW(simulate({w}, constant_model(10.0, 2.0), o), Error);
 }
 
 TEST(Simulator, RunsTheRealSchedulerAndRouter) {
