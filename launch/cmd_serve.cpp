@@ -208,7 +208,10 @@ int run_worker(const WorkerArgs& a, const CLI::App& cmd) {
   wopts.worker_id = address;
   wopts.secret = secret;
   wopts.config_hash = config_hash;
-  wopts.step_trace = d.workers.step_trace;
+  // Each group of a job its own file: FILE.gGROUP when the job runs several.
+  wopts.step_trace = d.workers.step_trace.empty() || rt->groups.num_groups == 1
+                         ? d.workers.step_trace
+                         : fmt::format("{}.g{}", d.workers.step_trace, group);
   wopts.peer_credentials = channel_creds;
   if (d.workers.migration_transport == "auto" && rt->transport && rt->transport->usable()) {
     wopts.mpi = rt->transport;

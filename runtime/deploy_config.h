@@ -109,7 +109,8 @@ struct WorkersConfig {
   // migration's control is gRPC either way. Default: auto.
   std::string migration_transport = "auto";
   // `step_trace`: a file the group's leader appends one JSON line to per step (its shape and
-  // times; WorkerServiceOptions::step_trace). Default: empty, none.
+  // times; WorkerServiceOptions::step_trace); in a job of several groups, group g's goes to
+  // FILE.g<g>. Default: empty, none.
   std::string step_trace;
 };
 

@@ -296,7 +296,7 @@ Schedule Engine::schedule_step() {
   for (Sequence* seq : schedule.preempted) {
     spdlog::debug("request {} preempted (cache full); will recompute {} tokens", seq->id,
                   seq->tokens.size());
-    if (comm_ != nullptr) released_.push_back(seq->id);
+    note_released(seq->id);
   }
   return schedule;
 }
@@ -346,10 +346,17 @@ std::vector<StepOutput> Engine::postprocess(const Schedule& schedule, SampledSte
   return outputs;
 }
 
+void Engine::note_released(RequestId id) {
+  // With prefix caching the cache records every release of a sequence's table in order with
+  // its other changes (PrefixOp::kDrop), which the followers make in that order; a separate
+  // list would free a table again after a later reuse in the same plan rebuilt it.
+  if (comm_ != nullptr && !cache_.prefix_caching()) released_.push_back(id);
+}
+
 void Engine::retire(Sequence& seq, FinishReason reason) {
   seq.finish = reason;
   seq.status = SeqStatus::kFinished;
-  if (comm_ != nullptr) released_.push_back(seq.id);
+  note_released(seq.id);
   scheduler_.remove(&seq);
   seqs_.erase(seq.id);
 }
@@ -373,7 +380,7 @@ RequestSnapshot Engine::export_request(RequestId id, int32_t from) {
   const int32_t end = std::max(from, seq.num_computed);
   RequestSnapshot snap{seq.request, seq.tokens, seq.prompt_len, latents_of(seq, from, end - from),
                        from};
-  if (comm_ != nullptr) released_.push_back(seq.id);
+  note_released(seq.id);
   scheduler_.remove(&seq);
   seqs_.erase(id);
   return snap;
@@ -440,8 +447,15 @@ RequestId Engine::finish_import(int64_t handle, const RequestSnapshot& snap) {
   // The last token is always run again, so the next step has a token to run.
   seq->num_computed = std::min(import.covered, static_cast<int32_t>(seq->tokens.size()) - 1);
   imports_.erase(it);
+  // The followers make the import's pages the request's first: admitting it may offer them to
+  // the prefix index or give them up, changes the followers then make to that request.
+  if (comm_ != nullptr) {
+    send_cache_op(StepPlan::Kind::kFinishImport, {.import = handle, .id = next_id_});
+  }
+  const bool had_pages = !seq->table.pages.empty();
   const RequestId id = admit(std::move(seq));  // its full pages become reusable here
-  if (comm_ != nullptr) send_cache_op(StepPlan::Kind::kFinishImport, {.import = handle, .id = id});
+  // Without a running slot the scheduler gave the pages up (it recomputes the request later).
+  if (had_pages && seqs_.at(id)->table.pages.empty()) note_released(id);
   return id;
 }
 

@@ -203,6 +203,8 @@ class Engine {
   EngineStats stats_;
   StepRecord last_step_;
   std::vector<RequestId> released_;  // leader: sequences whose pages were freed since the last plan
+  // Tells the followers (in the next plan) that request `id`'s pages were freed.
+  void note_released(RequestId id);
   std::map<RequestId, BlockTable> follower_tables_;  // follower: this rank's pages per sequence
   std::map<int64_t, BlockTable> follower_imports_;   // follower: its pages of imports under way
   struct Import {

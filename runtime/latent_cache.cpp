@@ -119,6 +119,16 @@ int32_t LatentCache::reuse_prefix(BlockTable& table, const std::vector<int32_t>&
   return table.num_tokens;
 }
 
+void LatentCache::undo_reuse(BlockTable& table, size_t ops_mark) {
+  MLA_CHECK(ops_mark <= prefix_ops_.size(), "prefix ops mark {} past the {} ops recorded", ops_mark,
+            prefix_ops_.size());
+  prefix_ops_.resize(ops_mark);
+  for (int32_t page : table.pages) pool_.release(page);
+  table.pages.clear();
+  table.num_tokens = 0;
+  table.prefix_keys.clear();
+}
+
 void LatentCache::count_prefix_lookup(const std::vector<int32_t>& tokens, int32_t max_tokens,
                                       int32_t reused) {
   if (prefix_ == nullptr) return;

@@ -138,6 +138,11 @@ class LatentCache {
   // most max_tokens tokens (whole units); returns the tokens it covers (0 without caching).
   // The lookup is counted by count_prefix_lookup, once the sequence is admitted.
   int32_t reuse_prefix(BlockTable& table, const std::vector<int32_t>& tokens, int32_t max_tokens);
+  // Undoes reuse_prefix on `table` when the sequence's admission failed right after it (no
+  // other change since): gives the pages back and drops the ops recorded since `ops_mark`
+  // (prefix_ops_mark() before the reuse), so a sequence that waits for room records nothing.
+  void undo_reuse(BlockTable& table, size_t ops_mark);
+  size_t prefix_ops_mark() const { return prefix_ops_.size(); }
   // Counts the lookup reuse_prefix(table, tokens, max_tokens) made, which covered `reused`
   // tokens, in the index's PrefixStats. No-op without caching.
   void count_prefix_lookup(const std::vector<int32_t>& tokens, int32_t max_tokens, int32_t reused);

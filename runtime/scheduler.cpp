@@ -86,10 +86,16 @@ Schedule Scheduler::schedule() {
     // (leaving at least its last token to compute: that one samples).
     const bool looked_up = seq->table.pages.empty() && seq->num_computed == 0;
     const auto lookup_max = static_cast<int32_t>(seq->tokens.size()) - 1;
+    const size_t ops_mark = cache_.prefix_ops_mark();
     if (looked_up) seq->num_computed = cache_.reuse_prefix(seq->table, seq->tokens, lookup_max);
     const int32_t n = std::min(seq->num_pending(), budget);
     if (!cache_.reserve(seq->table, seq->num_computed + n)) {
-      cache_.release(seq->table);  // the reused pages stay cached
+      // The reused pages stay cached; a group's followers never hear of the try.
+      if (looked_up) {
+        cache_.undo_reuse(seq->table, ops_mark);
+      } else {
+        cache_.release(seq->table);
+      }
       seq->num_computed = 0;
       break;
     }

@@ -270,6 +270,7 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       "rebalancing needs --heartbeat-ms > 0, --rebalance-interval-ms >= 0 and 0 <= "
       "--rebalance-low-free <= --rebalance-high-free <= 1");
   MLA_REQUIRE(o.max_concurrency >= 1, "--max-concurrency must be >= 1");
+  MLA_REQUIRE(o.heartbeat_ms > 0, "--heartbeat-ms must be > 0, got {}", o.heartbeat_ms);
   MLA_REQUIRE(o.step_scale > 0, "--step-scale must be > 0, got {}", o.step_scale);
   SimResult result;
   result.records.resize(items.size());
@@ -302,7 +303,6 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
   };
   group_events(o.failures, Event::kGroupFails, "failure");
   group_events(o.drains, Event::kGroupDrains, "drain");
-  size_t arrivals_left = items.size();
   const bool heartbeats = o.rebalance || o.prefix_caching;
   if (heartbeats) events.push({o.heartbeat_ms / 1000.0, order++, Event::kHeartbeat, 0});
   int32_t free_slots = o.max_concurrency;
@@ -390,7 +390,9 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
   auto reach_worker = [&](size_t i) {
     const size_t g = routed_to[i];
     Group& group = groups[g];
-    if (!group.alive) {  // it died on the way: the call fails at once and fails over
+    // It died on the way, or started draining (a draining worker refuses new requests): the
+    // call fails at once and fails over.
+    if (!group.alive || group.draining) {
       --group.in_flight;
       events.push({now, order++, Event::kResubmit, i});
       return;
@@ -521,11 +523,13 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     group.draining = true;
     for (const auto& seq : group.sequences) group.leaving.push_back(seq.get());
     start_leaving(g);
+    start_step(g);  // those that stayed (no target had room) run on
   };
 
   // A heartbeat from every group: the kept prefix units it reports (for cache-aware routing),
   // and the coordinator's rebalancing looks at it.
   auto heartbeat = [&] {
+    bool moved = false;
     for (size_t g = 0; g < groups.size(); ++g) {
       Group& group = groups[g];
       if (const PrefixIndex* prefix = group.cache->prefix_index(); prefix && group.alive) {
@@ -554,10 +558,14 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       if (chosen < 0) continue;
       group.last_rebalance_s = now;
       ++result.rebalances;
+      moved = true;
       group.leaving.push_back(group.sequences[static_cast<size_t>(chosen)].get());
       start_leaving(g);
+      start_step(g);  // what stayed may fit now
     }
-    if (in_flight > 0 || arrivals_left > 0 || !pending.empty()) {
+    // Heartbeats go on while anything else can still happen (or rebalancing just moved a
+    // request off a stuck group); a request that can never run does not keep the run going.
+    if (!events.empty() || moved) {
       events.push({now + o.heartbeat_ms / 1000.0, order++, Event::kHeartbeat, 0});
     }
   };
@@ -601,7 +609,6 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       continue;
     }
     if (e.kind == Event::kArrival) {
-      --arrivals_left;
       if (free_slots > 0) {
         if (start_request(e.index)) --free_slots;
       } else {

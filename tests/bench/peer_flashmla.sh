@@ -19,13 +19,14 @@
 set -euo pipefail
 src=${1:?usage: tests/bench/peer_flashmla.sh FLASHMLA_SRC [OUT_DIR]}
 out=${2:-${OUT:-$(mktemp -d)}}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)  # the FlashMLA steps run from inside its copy
 python=${PYTHON:-python3}
 mlaserve=${MLASERVE:-build/launch/mlaserve}
 [ -x "$mlaserve" ] || mlaserve=$(command -v mlaserve)
 for f in setup_dense.py bench_dense_decode.py csrc/cutlass/include; do
   [ -e "$src/$f" ] || { echo "peer_flashmla: $src has no $f" >&2; exit 2; }
 done
-mkdir -p "$out"
 rm -rf "$out/flashmla"
 cp -r "$src" "$out/flashmla"
 

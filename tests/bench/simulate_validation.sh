@@ -67,9 +67,10 @@ for rate in ${rates//,/ }; do
     eval "skip=\$before$g"
     tail -n +$((skip + 1)) "$out/steps$g.jsonl" >>"$out/steps.rate$rate.jsonl"
   done
+  # (The trace also holds the steps of bench's warm-up requests.)
   "$mlaserve" --log-level warn simulate --profile "$out/profile.json" \
     --check-trace "$out/steps.rate$rate.jsonl" | sed "s/^TRACE /TRACE rate=$rate /" \
-    >>"$out/trace_check.txt"
+    >>"$out/trace_check.txt" || echo "check-trace failed at rate $rate" >&2
 done
 echo "== simulated"
 "$mlaserve" --log-level warn simulate --profile "$out/profile.json" --groups "$groups" \
@@ -77,6 +78,7 @@ echo "== simulated"
   --request-rate "$rates" --result-file "$out/simulated.json" >"$out/simulated.txt" 2>&1
 scale=$(grep "rate=${rates##*,} .*kind=all" "$out/trace_check.txt" |
   sed 's/.* loop_over_model=\([0-9.]*\) .*/\1/')
+scale=${scale:-1}
 echo "== simulated, every step x $scale (the rate ${rates##*,} trace's loop_over_model)"
 "$mlaserve" --log-level warn simulate --profile "$out/profile.json" --groups "$groups" \
   --num-pages 256 --max-batch-tokens 512 --max-running 64 "${workload[@]}" \

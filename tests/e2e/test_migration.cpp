@@ -104,12 +104,20 @@ class MigrationTest : public ClusterTest {
   // times, until `enough` says the answers show what the test is about (by default: at least
   // half the requests moved).
   using Enough = std::function<bool(const std::vector<v1::MigrateResponse>&)>;
+  // `also` gets the load as this run sends it (a run made again renames its requests, so no
+  // id meets one the coordinator may still hold from the run before).
+  using Also = std::function<void(const Load&)>;
   std::vector<Stream> run_migrating(
       const Load& load, const std::vector<size_t>& which, std::vector<v1::MigrateResponse>* moved,
-      const std::function<void()>& also = [] {}, const Enough& enough = half_moved) {
+      const Also& also = [](const Load&) {}, const Enough& enough = half_moved) {
     constexpr int kAttempts = 3;
     for (int attempt = 1;; ++attempt) {
-      std::vector<Stream> streams = run_migrating_once(load, which, moved, also);
+      Load run = load;
+      if (attempt > 1) {
+        for (auto& r : run.requests)
+          r.set_request_id(r.request_id() + "-run" + std::to_string(attempt));
+      }
+      std::vector<Stream> streams = run_migrating_once(run, which, moved, also);
       if (enough(*moved)) return streams;
       if (attempt == kAttempts) {
         ADD_FAILURE() << "in " << kAttempts << " runs, the migrations never found enough "
@@ -137,7 +145,7 @@ class MigrationTest : public ClusterTest {
   }
   std::vector<Stream> run_migrating_once(const Load& load, const std::vector<size_t>& which,
                                          std::vector<v1::MigrateResponse>* moved,
-                                         const std::function<void()>& also) {
+                                         const Also& also) {
     moved->assign(load.requests.size(), {});
     // Found before the load starts: the freeze must follow the first tokens at once.
     const std::vector<pid_t> leaders = group_leaders();
@@ -156,7 +164,7 @@ class MigrationTest : public ClusterTest {
           }
         });
       }
-      migrations.emplace_back(also);
+      migrations.emplace_back([&] { also(load); });
       std::this_thread::sleep_for(400ms);
       for (pid_t pid : leaders) ::kill(pid, SIGCONT);
       for (std::thread& t : migrations) t.join();
@@ -234,8 +242,8 @@ TEST_F(MigrationTest, AnOperatorMovesRunningRequestsWithTheirCachesAndTheTokensD
   // The CLI's is a blocking stop-and-copy: one stage, the whole cache after the stop.
   const std::vector<Stream> streams = run_migrating(
       load, {1, 2, 3}, &moved,
-      [&] {
-        by_cli = admin({"migrate", "--stop-first", load.requests[0].request_id()}, kControlSecret);
+      [&](const Load& run) {
+        by_cli = admin({"migrate", "--stop-first", run.requests[0].request_id()}, kControlSecret);
       },
       [&](const auto& answers) { return half_moved(answers) && by_cli.exit == "exit 0"; });
   EXPECT_EQ(by_cli.exit, "exit 0") << by_cli.output;
@@ -263,8 +271,8 @@ TEST_F(MigrationTest, GroupsOfOneJobMoveTheLatentsOverTheJobsMpi) {
   const auto start = Clock::now();
   const std::vector<Stream> streams = run_migrating(
       load, {1, 2, 3}, &moved,
-      [&] {
-        by_cli = admin({"migrate", load.requests[0].request_id()}, kControlSecret);
+      [&](const Load& run) {
+        by_cli = admin({"migrate", run.requests[0].request_id()}, kControlSecret);
       },
       [&](const auto& answers) { return half_moved(answers) && by_cli.exit == "exit 0"; });
   EXPECT_EQ(by_cli.exit, "exit 0") << by_cli.output;
@@ -354,7 +362,7 @@ TEST_P(ReshardingMigrationTest, RequestsMoveWithTheirCachesBothWays) {
     return sources;
   };
   const std::vector<Stream> streams = run_migrating(
-      load, {0, 1, 2, 3, 4, 5}, &moved, [] {},
+      load, {0, 1, 2, 3, 4, 5}, &moved, [](const Load&) {},
       [&](const auto& answers) { return sources_of(answers).size() == 2; });
   for (size_t i = 0; i < moved.size(); ++i) {
     if (moved[i].outcome() == "ended") continue;  // it finished before its turn

@@ -22,6 +22,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/mla_out}
 mkdir -p "$out"
+export out
 [ -f bundle/env.sh ] && source bundle/env.sh
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -51,10 +52,13 @@ v3l3() { [ -d /tmp/v3l3 ] || mlaserve make-tiny --preset v3-full --layers 3 --dt
 det_cost() {
   set -o pipefail
   v2l4 || return 1
+  local rc=0
   for det in "" --deterministic; do
     mlaserve generate --device cuda --model /tmp/v2l4 --prompt-len 512 --max-tokens 64 \
-      --batch 1,8,32 --ignore-eos $det 2>&1 | sed "s/^\(.*tokens\/s.*\)$/RESULT ${det:-default} \1/"
+      --batch 1,8,32 --ignore-eos $det 2>&1 |
+      sed "s/^\(.*tokens\/s.*\)$/RESULT ${det:-default} \1/" || rc=1
   done
+  return $rc
 }
 
 migration() {
@@ -89,7 +93,11 @@ for step in "$@"; do
         INPUT_LEN=lognormal:512,0.6 OUTPUT_LEN=lognormal:128,0.5 RATES=4,8,16,32 PROMPTS=200 \
         CONCURRENCY=128 tests/bench/simulate_validation.sh "$out/simulate" ;;
     peer)
-      src=${FLASHMLA_SRC:?peer needs FLASHMLA_SRC: the source tree, or a .tgz holding it}
+      src=${FLASHMLA_SRC:-}
+      if [ -z "$src" ]; then
+        table+=("| peer | FAILED: FLASHMLA_SRC (the source tree, or a .tgz holding it) not set | |")
+        continue
+      fi
       if [[ $src == *.tgz || $src == *.tar.gz ]]; then
         mkdir -p /tmp/flashmla_src && tar xzf "$src" -C /tmp/flashmla_src &&
           src=$(dirname "$(find /tmp/flashmla_src -name setup_dense.py | head -1)")

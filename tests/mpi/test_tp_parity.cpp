@@ -160,16 +160,38 @@ TEST_P(TpMigration, MovesInAndOutOfTheGroupWithItsCache) {
     o.show_progress = false;
     single = DeepseekModel::load(model_dir("v3"), o);
   }
-  for (const bool into_group : {false, true}) {
-    Engine tp(model("v3", AbsorbMode::kAuto, GetParam(), g), opts, g.comm.get());
-    test::lead_or_follow(tp, [&] {
-      Engine one(single, opts);
-      const std::vector<int32_t> tokens = into_group ? test::migrate_in_stages(one, tp, request, 2)
-                                                     : test::migrate_in_stages(tp, one, request, 2);
-      EXPECT_EQ(tokens, gold.greedy[2]) << (into_group ? "into" : "out of") << " the group";
-    });
-    EXPECT_EQ(tp.cache().pool().num_free(), opts.num_pages)
-        << "rank " << g.pg.tp_rank << (into_group ? " (into" : " (out of") << " the group)";
+  // With prefix caching too: an imported request's full units become the group's to reuse (its
+  // followers keep their pages of them), and the same prompt then starts on them.
+  for (const bool caching : {false, true}) {
+    opts.prefix_caching = caching;
+    for (const bool into_group : {false, true}) {
+      Engine tp(model("v3", AbsorbMode::kAuto, GetParam(), g), opts, g.comm.get());
+      const std::string what = std::string(into_group ? "into" : "out of") + " the group" +
+                               (caching ? " with prefix caching" : "");
+      int64_t kept = 0;
+      test::lead_or_follow(tp, [&] {
+        Engine one(single, opts);
+        const std::vector<int32_t> tokens = into_group
+                                                ? test::migrate_in_stages(one, tp, request, 2)
+                                                : test::migrate_in_stages(tp, one, request, 2);
+        EXPECT_EQ(tokens, gold.greedy[2]) << what;
+        if (caching && into_group) {
+          const RequestId again = tp.add_request(request);
+          std::vector<int32_t> second;
+          while (tp.has_work()) {
+            for (const StepOutput& o : tp.step()) {
+              if (o.id == again && o.token >= 0) second.push_back(o.token);
+            }
+          }
+          EXPECT_EQ(second, gold.greedy[2]) << what << ", run again on its kept units";
+          EXPECT_GT(tp.cache().prefix_index()->stats().hit_tokens, 0) << what;
+        }
+        if (caching) kept = tp.cache().prefix_index()->kept();
+      });
+      MPI_Bcast(&kept, 1, MPI_INT64_T, 0, g.pg.tp_comm.get());
+      EXPECT_EQ(tp.cache().pool().num_free(), opts.num_pages - kept)
+          << "rank " << g.pg.tp_rank << " (" << what << ")";
+    }
   }
 }
 
