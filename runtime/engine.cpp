@@ -123,8 +123,8 @@ ForwardBatch Engine::follower_batch(StepPlan plan) {
     cache_.release(it->second);
     follower_tables_.erase(it);
   };
-  // The leader's prefix index changes, in its order, then the releases (a released table may
-  // still hold a unit the leader evicted: its page is freed here), then the chunks.
+  // The leader's prefix index changes in its order (with prefix caching they carry every
+  // release too), then the released sequences (without it), then the chunks.
   for (const PrefixOp& op : plan.prefix_ops) {
     const auto owner = static_cast<RequestId>(op.owner);
     if (op.kind == PrefixOp::Kind::kDrop) {
