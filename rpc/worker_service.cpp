@@ -375,9 +375,11 @@ void WorkerService::step_loop() {
       // Held imports expire while idle too.
       auto wake_at = last_plan_ + heartbeat_interval;
       for (const auto& [id, held] : held_imports_) wake_at = std::min(wake_at, held.expires);
+      // A stalled engine (work, but no step could run: a waiting request needs pages that an
+      // import holds) waits for something to change instead of spinning.
       wake_.wait_until(lk, wake_at, [&] {
         return stopping_ || !adds_.empty() || !cancels_.empty() || !tasks_.empty() ||
-               engine_.has_work();
+               (engine_.has_work() && !stalled_);
       });
       adds.swap(adds_);
       cancels.swap(cancels_);
@@ -404,6 +406,7 @@ void WorkerService::step_loop() {
     expire_held_imports(Clock::now());
 
     // Whatever goes wrong, the loop must go on: every open stream waits on it.
+    const int64_t steps_before = engine_.stats().steps;
     try {
       run_iteration(adds, cancels);
     } catch (const std::exception& e) {
@@ -416,10 +419,11 @@ void WorkerService::step_loop() {
       }
       fail_all_running(status);
     }
+    stalled_ = engine_.has_work() && engine_.stats().steps == steps_before;
     // Steps carry plans to the followers; without them, a heartbeat must, or they time out.
     // Inbox work that ends without a step (refusals, cancels of queued requests) does not
     // postpone it.
-    if (!engine_.has_work() && Clock::now() >= last_plan_ + heartbeat_interval) {
+    if ((!engine_.has_work() || stalled_) && Clock::now() >= last_plan_ + heartbeat_interval) {
       last_plan_ = Clock::now();
       try {
         engine_.heartbeat();
@@ -473,10 +477,10 @@ void WorkerService::run_iteration(const std::deque<std::shared_ptr<Call>>& adds,
     if (!call->first_step) call->first_step = start;
   }
   not_yet_stepped_.clear();
-  last_plan_ = start;
   const int64_t steps_before = engine_.stats().steps;
   const std::vector<StepOutput> outputs = engine_.step();
   trace.stepped = engine_.stats().steps != steps_before;
+  if (trace.stepped) last_plan_ = start;  // a try that ran no step sent the followers nothing
   const Clock::time_point done = Clock::now();
   const auto tokens = std::count_if(outputs.begin(), outputs.end(),
                                     [](const StepOutput& o) { return o.token >= 0; });

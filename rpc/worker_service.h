@@ -303,6 +303,8 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   // and the index's inserts plus evictions when they were last listed.
   static constexpr size_t kReportedUnits = 4096;
   int64_t reported_units_version_ = -1;
+  // The step thread's: the engine has work but its last try ran no step (see step_loop).
+  bool stalled_ = false;
   std::ofstream step_trace_;  // open when options_.step_trace is set; the step thread's
   Clock::time_point started_ = Clock::now();
   mutable std::deque<std::pair<Clock::time_point, int64_t>> token_events_;

@@ -10,6 +10,7 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <spdlog/spdlog.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -18,6 +19,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -432,6 +434,72 @@ TEST_F(WorkerServiceTest, AnImportWithoutRoomIsRefusedBeforeTheSourceIsCalled) {
   const grpc::Status unreachable = w.stub->Import(&ctx2, ask, &response);
   EXPECT_EQ(unreachable.error_code(), grpc::StatusCode::UNAVAILABLE) << unreachable.error_message();
   EXPECT_EQ(w.service.imports_in_progress(), 0u);
+  EXPECT_TRUE(w.all_pages_free());
+}
+
+// A source whose Export answers nothing until its call ends: an import from it holds its pages.
+class SilentSource final : public v1::Worker::Service {
+ public:
+  SilentSource() {
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
+    builder.RegisterService(this);
+    server_ = builder.BuildAndStart();
+  }
+  ~SilentSource() override { server_->Shutdown(std::chrono::system_clock::now() + 1s); }
+  std::string address() const { return fmt::format("127.0.0.1:{}", port_); }
+  grpc::Status Export(grpc::ServerContext* context, const v1::ExportRequest*,
+                      grpc::ServerWriter<v1::ExportMessage>*) override {
+    while (!context->IsCancelled()) std::this_thread::sleep_for(5ms);
+    return grpc::Status::CANCELLED;
+  }
+
+ private:
+  int port_ = 0;
+  std::unique_ptr<grpc::Server> server_;
+};
+
+// A request that waits for pages an import holds, with nothing running, does not make the
+// step loop spin: the process stays nearly idle; the request runs once the import gives its
+// pages back.
+TEST_F(WorkerServiceTest, ARequestWaitingForAnImportsPagesDoesNotSpinTheStepLoop) {
+  TestWorker w(engine_options(/*block_size=*/4, /*num_pages=*/16));  // room for 64 tokens
+  SilentSource source;
+  grpc::ClientContext import_ctx;
+  import_ctx.set_deadline(std::chrono::system_clock::now() + kRpcDeadline);
+  v1::ImportRequest ask;
+  ask.set_request_id("holding");
+  ask.set_source_worker_id("silent");
+  ask.set_source_address(source.address());
+  ask.set_expected_tokens(56);  // 14 of the 16 pages
+  grpc::Status imported;
+  std::thread importer([&] {
+    v1::ImportResponse response;
+    imported = w.stub->Import(&import_ctx, ask, &response);
+  });
+  ASSERT_TRUE(eventually([&] { return w.service.load().free_pages() == 2; }));
+  const Tokens& prompt = golden().prompts[1];  // needs more than 2 pages of 4
+  ASSERT_GT(prompt.size(), 8u);
+  std::promise<StreamResult> waiting;
+  std::thread client([&] { waiting.set_value(generate(*w.stub, make_request(prompt, 2))); });
+  ASSERT_TRUE(eventually([&] { return w.service.load().waiting() == 1; }));
+  auto cpu_ms = [] {
+    rusage u{};
+    getrusage(RUSAGE_SELF, &u);
+    return (u.ru_utime.tv_sec + u.ru_stime.tv_sec) * 1e3 +
+           (u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e3;
+  };
+  const double before = cpu_ms();
+  std::this_thread::sleep_for(500ms);
+  const double used = cpu_ms() - before;
+  EXPECT_LT(used, 150.0) << "ms of CPU in 500 ms while the request waited";
+  import_ctx.TryCancel();  // the import fails and frees its pages
+  importer.join();
+  EXPECT_FALSE(imported.ok());
+  const StreamResult r = waiting.get_future().get();
+  client.join();
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.tokens.size(), 2u);
   EXPECT_TRUE(w.all_pages_free());
 }
 
