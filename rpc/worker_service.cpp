@@ -503,8 +503,10 @@ void WorkerService::update_load_locked() {
   load_.set_waiting(engine_.num_waiting());
   load_.set_preemptions(engine_.stats().preemptions);
   if (const PrefixIndex* prefix = engine_.cache().prefix_index()) {
-    // The units kept for reuse, for cache-aware routing; listed again only when they changed.
-    const int64_t version = prefix->stats().inserted_pages + prefix->stats().evicted_pages;
+    // The units kept for reuse, for cache-aware routing; listed again only when they (or, with
+    // a lookup, their recency: the list is cut at the most recent) changed.
+    const PrefixStats& st = prefix->stats();
+    const int64_t version = st.inserted_pages + st.evicted_pages + st.lookups;
     if (version != reported_units_version_) {
       reported_units_version_ = version;
       const std::vector<uint64_t> keys = prefix->recent_keys(kReportedUnits);

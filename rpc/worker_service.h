@@ -300,7 +300,7 @@ class WorkerService final : public mlaserve::v1::Worker::Service {
   uint64_t next_request_number_ = 1;
   mlaserve::v1::WorkerLoad load_;  // tokens_per_second left at 0
   // With prefix caching: at most this many kept units are reported (WorkerLoad.cached_units),
-  // and the index's inserts plus evictions when they were last listed.
+  // and the index's inserts, evictions and lookups when they were last listed.
   static constexpr size_t kReportedUnits = 4096;
   int64_t reported_units_version_ = -1;
   // The step thread's: the engine has work but its last try ran no step (see step_loop).
