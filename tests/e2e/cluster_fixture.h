@@ -398,8 +398,9 @@ class ClusterTest : public testing::Test {
   // The lines of a process log that tell why it failed: spdlog warnings and errors, and what
   // mpirun and the C++ runtime print about ranks that exited early (at most 40 lines).
   static std::string notable_lines(const std::string& log_path) {
-    static const char* kMarks[] = {"[warning]", "[error]",   "[critical]", "exit code", "signal",
-                                   "terminate", "MPI_ABORT", "mpirun",     "prterun",   "Aborted"};
+    static const char* kMarks[] = {
+        "[warning]", "[error]",   "[critical]", "error:",  "exit code", "signal",
+        "terminate", "MPI_ABORT", "mpirun",     "prterun", "Aborted",   "finalize"};
     std::ifstream in(log_path);
     std::string out, line;
     int kept = 0;
