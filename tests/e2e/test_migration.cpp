@@ -332,9 +332,9 @@ TEST_F(MigrationTest, RebalancingMovesRequestsOffAWorkerShortOfPages) {
 
 // Groups of different TP sizes and cache layouts: a TP2 group with a sequence-sharded cache
 // (page j on rank j mod 2) and a TP1 group, a TP2 group with a replicated cache, or another
-// sharded TP2 group. Requests migrate both ways (each to the group it did not start on): the
-// source's ranks' pages are gathered, re-split as the destination lays them out, and the
-// tokens are those of the request never migrated.
+// sharded TP2 group; and two TP2 groups with prefix caching. Requests migrate both ways (each to
+// the group it did not start on): the source's ranks' pages are gathered, re-split as the
+// destination lays them out, and the tokens are those of the request never migrated.
 struct Regrouping {
   std::string name;
   int tp0;
@@ -377,7 +377,13 @@ INSTANTIATE_TEST_SUITE_P(
     testing::Values(
         Regrouping{"tp2_sharded_and_tp1", 2, {}, 1, {}},
         Regrouping{"tp2_sharded_and_tp2_replicated", 2, {}, 2, {"--kv-shard", "replicate"}},
-        Regrouping{"tp2_sharded_and_tp2_sharded_block16", 2, {}, 2, {"--block-size", "16"}}),
+        Regrouping{"tp2_sharded_and_tp2_sharded_block16", 2, {}, 2, {"--block-size", "16"}},
+        // Imports into groups whose leaders' prefix indexes the followers follow.
+        Regrouping{"tp2_sharded_and_tp2_replicated_prefix_caching",
+                   2,
+                   {"--prefix-caching"},
+                   2,
+                   {"--kv-shard", "replicate", "--prefix-caching"}}),
     [](const auto& info) { return info.param.name; });
 
 TEST_F(MigrationTest, SixtyFourStreamsWithAMigrationEvery100MsLoseNothing) {
