@@ -353,7 +353,20 @@ int run_simulate(const SimulateArgs& a) {
     const bench::SimResult r = bench::simulate(items, model, sim);
     info.request_rate = a.workload.dataset == "trace" ? 0 : rate;
     info.duration_s = r.duration_s;
-    const auto result = bench::result_json(info, r.records);
+    auto result = bench::result_json(info, r.records);
+    const double hit_rate =
+        r.prefix_lookup_tokens > 0
+            ? static_cast<double>(r.prefix_hit_tokens) / static_cast<double>(r.prefix_lookup_tokens)
+            : 0.0;
+    // What the simulated cluster did besides serving, beside bench's keys.
+    result["simulation"] = {{"groups", sim.groups},
+                            {"tp", sim.tp},
+                            {"steps", r.steps},
+                            {"preemptions", r.preemptions},
+                            {"migrations", r.migrations},
+                            {"rebalances", r.rebalances},
+                            {"prefix_hit_rate", hit_rate},
+                            {"step_scale", sim.step_scale}};
     std::cout << bench::result_table(result);
     std::cout << fmt::format(
         "SIM rate={} requests={} ok={} duration_s={:.3f} tokens_per_s={:.1f} ttft_p50_ms={:.3f} "
@@ -363,11 +376,7 @@ int run_simulate(const SimulateArgs& a) {
         r.duration_s, result["output_throughput"].get<double>(),
         result.value("median_ttft_ms", 0.0), result.value("p99_ttft_ms", 0.0),
         result.value("median_tpot_ms", 0.0), result.value("p99_tpot_ms", 0.0), r.steps,
-        r.preemptions,
-        r.prefix_lookup_tokens > 0
-            ? static_cast<double>(r.prefix_hit_tokens) / static_cast<double>(r.prefix_lookup_tokens)
-            : 0.0,
-        r.migrations, r.rebalances,
+        r.preemptions, hit_rate, r.migrations, r.rebalances,
         std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
     if (!a.result_file.empty()) {
       const std::string path = bench::result_path_for_rate(a.result_file, rate, rates.size() > 1);

@@ -62,8 +62,8 @@ python3 - "$out" "$groups_list" "$tp" <<'EOF'
 import json, os, sys
 out, groups, tp = sys.argv[1], [int(g) for g in sys.argv[2].split(",")], int(sys.argv[3])
 print("| groups | GPUs | deployment | output tok/s | goodput req/s | TTFT p50 ms | TTFT p99 ms "
-      "| TPOT p50 ms | GPU-hours per 1M output tokens |")
-print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+      "| TPOT p50 ms | GPU-hours per 1M output tokens | migrations | prefix hit rate |")
+print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for g in groups:
     for name in ("base", "cache-aware", "rebalance", "disaggregated", "failure", "replicated"):
         path = os.path.join(out, f"{name}.g{g}.json")
@@ -74,5 +74,6 @@ for g in groups:
         gpu_hours = g * tp / 3600.0 * 1e6 / tps if tps > 0 else float("inf")
         print(f"| {g} | {g * tp} | {name} | {tps:,.0f} | {r.get('request_goodput') or 0:,.2f} | "
               f"{r['median_ttft_ms']:,.1f} | {r['p99_ttft_ms']:,.1f} | {r['median_tpot_ms']:,.2f} | "
-              f"{gpu_hours:,.3f} |")
+              f"{gpu_hours:,.3f} | {r['simulation']['migrations']} | "
+              f"{r['simulation']['prefix_hit_rate']:.3f} |")
 EOF

@@ -99,6 +99,9 @@ grep -q "kind=decode " "$work/check.log" || fail "check-trace saw no decode step
 grep '^SIM' "$work/drain.log"
 grep -q '^SIM .* ok=120 .* migrations=[1-9]' "$work/drain.log" ||
   fail "the drained group's requests did not migrate: $(grep '^SIM' "$work/drain.log")"
+"$python" -c "import json,sys; s=json.load(open(sys.argv[1]))['simulation']; \
+sys.exit(0 if s['migrations'] > 0 and s['groups'] == 2 and s['steps'] > 0 else 1)" \
+  "$work/drain.json" || fail "drain.json's simulation block: $(grep -o '\"simulation.*' "$work/drain.json")"
 if "$mlaserve" simulate --profile "$work/profile.json" --drain-group 1at1 >"$work/bad.log" 2>&1 ||
   ! grep -q -- "--drain-group: '1at1' is not GROUP@SECONDS" "$work/bad.log"; then
   fail "a bad --drain-group was not refused by name: $(cat "$work/bad.log")"
