@@ -18,6 +18,8 @@
 #   simulate    profile on the GPU and simulate against measured serving at four rates
 #               (issue 16's GPU validation)
 #   peer        FlashMLA's dense decode beside mlaserve's (issue 17), from FLASHMLA_SRC
+#   study       tests/bench/cluster_study.sh on the GPU profile the simulate step took (its
+#               model's shape, TP1 groups: a first cluster study on measured GPU steps)
 # env: OUT (default /tmp/mla_out), FLASHMLA_SRC (for peer: the tree, or a .tgz holding it).
 set -uo pipefail
 out=${OUT:-/tmp/mla_out}
@@ -70,7 +72,7 @@ migration() {
 }
 
 export -f v2l4 v3l3 det_cost migration
-steps="gpu_new gpu_all det_cost migration prefix simulate peer"
+steps="gpu_new gpu_all det_cost migration prefix simulate peer study"
 for step in "$@"; do
   [[ " $steps " == *" $step "* ]] || { echo "unknown step '$step' (steps: $steps)" >&2; exit 2; }
 done
@@ -92,6 +94,13 @@ for step in "$@"; do
         WORKER_FLAGS="--device cuda" MLASERVE="$(command -v mlaserve)" \
         INPUT_LEN=lognormal:512,0.6 OUTPUT_LEN=lognormal:128,0.5 RATES=4,8,16,32 PROMPTS=200 \
         CONCURRENCY=128 tests/bench/simulate_validation.sh "$out/simulate" ;;
+    study)
+      if [ ! -f "$out/simulate/profile.json" ]; then
+        table+=("| study | FAILED: run the simulate step first (it takes the profile) | |")
+        continue
+      fi
+      run study 580 env MLASERVE="$(command -v mlaserve)" GROUPS_LIST=2,16,128 \
+        tests/bench/cluster_study.sh "$out/simulate/profile.json" "$out/study" ;;
     peer)
       src=${FLASHMLA_SRC:-}
       if [ -z "$src" ]; then
