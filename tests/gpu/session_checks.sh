@@ -15,8 +15,8 @@
 #   migration   V3 shape (3 layers, bf16): live migration at contexts 1k-32k, both groups on the
 #               GPU as two processes (gRPC) and as one mpirun job (MPI) (issue 14)
 #   prefix      prefix caching on one GPU group, off and on (issue 18)
-#   simulate    profile on the GPU and simulate against measured serving at four rates
-#               (issue 16's GPU validation)
+#   simulate    profile on the GPU and simulate against measured serving at four rates, two
+#               groups sharing the GPU (issue 16's GPU validation); simulate1: one group
 #   peer        FlashMLA's dense decode beside mlaserve's (issue 17), from FLASHMLA_SRC
 #   study       tests/bench/cluster_study.sh on the GPU profile the simulate step took (its
 #               model's shape, TP1 groups: a first cluster study on measured GPU steps)
@@ -72,7 +72,7 @@ migration() {
 }
 
 export -f v2l4 v3l3 det_cost migration
-steps="gpu_new gpu_all det_cost migration prefix simulate peer study"
+steps="gpu_new gpu_all det_cost migration prefix simulate simulate1 peer study"
 for step in "$@"; do
   [[ " $steps " == *" $step "* ]] || { echo "unknown step '$step' (steps: $steps)" >&2; exit 2; }
 done
@@ -89,11 +89,12 @@ for step in "$@"; do
       run prefix 400 env PRESET=v2-lite-full MAKE_TINY_FLAGS="--layers 4 --dtype BF16" \
         WORKER_FLAGS="--device cuda" MLASERVE="$(command -v mlaserve)" NUM_PAGES=2048 \
         tests/bench/prefix_caching.sh "$out/prefix" ;;
-    simulate)
-      run simulate 580 env PRESET=v2-lite-full MAKE_TINY_FLAGS="--layers 4 --dtype BF16" \
+    simulate | simulate1)
+      run "$step" 580 env PRESET=v2-lite-full MAKE_TINY_FLAGS="--layers 4 --dtype BF16" \
         WORKER_FLAGS="--device cuda" MLASERVE="$(command -v mlaserve)" \
+        NUM_GROUPS=$([ "$step" = simulate1 ] && echo 1 || echo 2) \
         INPUT_LEN=lognormal:512,0.6 OUTPUT_LEN=lognormal:128,0.5 RATES=4,8,16,32 PROMPTS=200 \
-        CONCURRENCY=128 tests/bench/simulate_validation.sh "$out/simulate" ;;
+        CONCURRENCY=128 tests/bench/simulate_validation.sh "$out/$step" ;;
     study)
       if [ ! -f "$out/simulate/profile.json" ]; then
         table+=("| study | FAILED: run the simulate step first (it takes the profile) | |")
