@@ -243,8 +243,9 @@ int check_traces(const bench::StepTimeModel& model, const std::vector<std::strin
     std::ifstream in(path);
     if (!in) MLA_THROW(kNotFound, "--check-trace: cannot read {}", path);
     struct Kind {
+      int64_t steps = 0;
       double step = 0, loop = 0, model = 0;
-      std::vector<double> step_ratio, loop_ratio;
+      std::vector<double> step_ratio, loop_ratio;  // of the steps the model gives a time
     };
     std::map<std::string, Kind> kinds;
     int64_t line_no = 0;
@@ -258,27 +259,29 @@ int check_traces(const bench::StepTimeModel& model, const std::vector<std::strin
                                 j.value("context_tokens", int64_t{0}),
                                 j.value("prefill_pairs", int64_t{0}), 0.0};
       const double predicted = model.step_ms(s);
-      if (predicted <= 0) continue;
       const std::string kind = s.prefill_tokens == 0 ? "decode"
                                : s.decode_seqs == 0  ? "prefill"
                                                      : "mixed";
       for (const std::string& k : {kind, std::string("all")}) {
         Kind& t = kinds[k];
+        ++t.steps;
         t.step += j["step_ms"].get<double>();
         t.loop += j["loop_ms"].get<double>();
         t.model += predicted;
+        if (predicted <= 0) continue;  // an extrapolation below zero: no ratio
         t.step_ratio.push_back(j["step_ms"].get<double>() / predicted);
         t.loop_ratio.push_back(j["loop_ms"].get<double>() / predicted);
       }
     }
     MLA_REQUIRE(!kinds.empty(), "--check-trace: {} has no steps", path);
     for (auto& [kind, t] : kinds) {
+      if (t.step_ratio.empty() || t.model <= 0) t.step_ratio = t.loop_ratio = {0.0};
       std::cout << fmt::format(
           "TRACE file={} kind={} steps={} traced_step_ms={:.1f} traced_loop_ms={:.1f} "
           "model_ms={:.1f} step_over_model={:.3f} loop_over_model={:.3f} "
           "median_step_over_model={:.3f} median_loop_over_model={:.3f}\n",
-          path, kind, t.step_ratio.size(), t.step, t.loop, t.model, t.step / t.model,
-          t.loop / t.model, median(t.step_ratio), median(t.loop_ratio));
+          path, kind, t.steps, t.step, t.loop, t.model, t.model > 0 ? t.step / t.model : 0.0,
+          t.model > 0 ? t.loop / t.model : 0.0, median(t.step_ratio), median(t.loop_ratio));
     }
   }
   return 0;
