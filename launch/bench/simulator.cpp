@@ -231,6 +231,7 @@ struct Group {
   double last_rebalance_s = -1e300;
   // With prefix caching: the units its last heartbeat reported keeping (as a worker does).
   std::shared_ptr<const std::unordered_set<uint64_t>> reported_units;
+  int64_t reported_version = -1;  // the index's inserts + evictions + lookups then
 };
 
 struct Event {
@@ -532,10 +533,16 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     bool moved = false;
     for (size_t g = 0; g < groups.size(); ++g) {
       Group& group = groups[g];
+      // As a worker does: listed again only when the index changed (worker_service.cpp).
       if (const PrefixIndex* prefix = group.cache->prefix_index(); prefix && group.alive) {
-        const std::vector<uint64_t> keys = prefix->recent_keys(kReportedUnits);
-        group.reported_units =
-            std::make_shared<const std::unordered_set<uint64_t>>(keys.begin(), keys.end());
+        const PrefixStats& st = prefix->stats();
+        const int64_t version = st.inserted_pages + st.evicted_pages + st.lookups;
+        if (version != group.reported_version) {
+          group.reported_version = version;
+          const std::vector<uint64_t> keys = prefix->recent_keys(kReportedUnits);
+          group.reported_units =
+              std::make_shared<const std::unordered_set<uint64_t>>(keys.begin(), keys.end());
+        }
       }
       const int64_t preempted = std::exchange(group.preempted, 0);
       if (!o.rebalance || !group.alive || group.draining || !group.leaving.empty()) continue;
