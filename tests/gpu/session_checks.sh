@@ -20,9 +20,14 @@
 #   peer        FlashMLA's dense decode beside mlaserve's (issue 17), from FLASHMLA_SRC
 #   study       tests/bench/cluster_study.sh on the GPU profile the simulate step took (its
 #               model's shape, TP1 groups: a first cluster study on measured GPU steps)
-# env: OUT (default /tmp/mla_out), FLASHMLA_SRC (for peer: the tree, or a .tgz holding it).
+# env: OUT (default /tmp/mla_out), FLASHMLA_SRC (for peer: the tree, or a .tgz holding it),
+#      BUDGET_S (default 570: the whole run's seconds; a step's limit is cut to what is left,
+#      less 20 s for packing, so the table and the logs come back inside a device call's limit).
+# Only a few files come back from a device host, so everything under $OUT is packed into
+# $OUT/session.tgz at the end (the table is also in $OUT/table.md).
 set -uo pipefail
 out=${OUT:-/tmp/mla_out}
+budget=${BUDGET_S:-570}
 mkdir -p "$out"
 export out
 [ -f bundle/env.sh ] && source bundle/env.sh
@@ -35,6 +40,12 @@ declare -a table
 run() {
   local step=$1 limit=$2
   shift 2
+  local left=$((budget - SECONDS - 20))
+  if [ "$left" -lt 30 ]; then
+    table+=("| $step | SKIPPED: ${left} s of BUDGET_S left | |")
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "== $step (at most ${limit} s; log $out/$step.log)"
   local start=$SECONDS
   timeout "$limit" "$@" >"$out/$step.log" 2>&1
@@ -121,3 +132,9 @@ echo
 echo "| step | result | time |"
 echo "|---|---|---|"
 printf '%s\n' "${table[@]}"
+
+# Pack the logs and results: a device host returns only a few files.
+printf '%s\n' "| step | result | time |" "|---|---|---|" "${table[@]}" >"$out/table.md"
+tar czf /tmp/session.tgz --exclude=./peer/flashmla -C "$out" . && find "$out" -mindepth 1 -delete &&
+  mv /tmp/session.tgz "$out/" && printf '%s\n' "| step | result | time |" "|---|---|---|" \
+  "${table[@]}" >"$out/table.md"
