@@ -1,6 +1,8 @@
 // `mlaserve profile`: a model's forward-step times on this machine (CPU or GPU, one group),
 // over a grid of prefill chunk sizes and decode batches x contexts, written as JSON with the
-// step-time model fit on them (launch/bench/simulator.h).
+// step-time model fit on them (launch/bench/simulator.h). With --emulate, one process measures
+// rank 0's share of a --tp group larger than the machine and adds its collectives' time from a
+// link model (launch/bench/link_model.h).
 //
 // `mlaserve simulate`: `mlaserve bench`'s workloads and schedules run against simulated
 // worker groups (the real Scheduler and Router; step times from a profile), writing bench's
@@ -18,6 +20,7 @@
 #include <set>
 
 #include "kernels/error.h"
+#include "launch/bench/link_model.h"
 #include "launch/bench/report.h"
 #include "launch/bench/simulator.h"
 #include "launch/bench/workload.h"
@@ -60,7 +63,24 @@ struct ProfileArgs {
   int32_t repeats = 5;
   std::string out = "profile.json";
   uint64_t seed = 0;
+  bool emulate = false;  // one process as rank 0 of the --tp group; collectives from `link`
+  bench::LinkModel link;
 };
+
+// A step's forward time, and what its collectives moved.
+struct TimedStep {
+  double ms = 0;
+  CommStats comm;
+};
+
+nlohmann::ordered_json comm_json(const CommStats& c) {
+  nlohmann::ordered_json out = nlohmann::ordered_json::object();
+  for (int op = 0; op < kNumCommOps; ++op) {
+    if (c.calls[op] == 0) continue;
+    out[to_string(static_cast<CommOp>(op))] = {{"bytes", c.bytes[op]}, {"calls", c.calls[op]}};
+  }
+  return out;
+}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -73,6 +93,12 @@ int run_profile(const ProfileArgs& a) {
   const std::vector<int32_t> batches = parse_list(a.batch, "--batch");
   const std::vector<int32_t> contexts = parse_list(a.context, "--context");
   MLA_REQUIRE(a.repeats >= 1, "--repeats must be >= 1");
+  MLA_REQUIRE(a.emulate || (a.link.busbw_gbps == 0 && a.link.latency_us == 0),
+              "--link-busbw-gbps and --link-latency-us model an emulated group: add --emulate");
+  if (a.emulate) {
+    MLA_REQUIRE(d.parallel.tp > 1, "--emulate stands in for a group: give its size with --tp");
+    a.link.validate();
+  }
   // Every prefill of the grid in one chunk; every decode batch in one step.
   auto& sched = d.engine.scheduler;
   sched.max_batch_tokens =
@@ -80,7 +106,7 @@ int run_profile(const ProfileArgs& a) {
                 *std::max_element(batches.begin(), batches.end())});
   sched.max_running =
       std::max(sched.max_running, *std::max_element(batches.begin(), batches.end()));
-  auto rt = GroupRuntime::start(d);
+  auto rt = a.emulate ? GroupRuntime::emulate_rank0(d) : GroupRuntime::start(d);
   Engine& engine = *rt->engine;
   if (!engine.is_leader()) {
     engine.follow();
@@ -95,23 +121,41 @@ int run_profile(const ProfileArgs& a) {
     for (auto& x : p) x = id(rng);
     return p;
   };
+  // One step, timed; emulated, the time its collectives would take on the links is added.
+  Communicator* comm = rt->data;
+  auto timed_step = [&] {
+    const CommStats before = comm != nullptr ? comm->stats() : CommStats{};
+    const Clock::time_point t0 = Clock::now();
+    engine.step();
+    TimedStep t;
+    t.ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    if (comm != nullptr) t.comm = comm->stats() - before;
+    if (a.emulate) t.ms += a.link.ms(t.comm, d.parallel.tp);
+    return t;
+  };
   std::vector<bench::StepSample> samples;
+  std::vector<CommStats> sample_comm;  // the last timed step's collectives, per sample
+  auto add_sample = [&](bench::StepSample s, const std::vector<TimedStep>& steps) {
+    std::vector<double> times;
+    for (const auto& t : steps) times.push_back(t.ms);
+    s.step_ms = median(times);
+    samples.push_back(s);
+    sample_comm.push_back(steps.back().comm);
+  };
   // Prefill: one request whose whole prompt is one step.
   for (const int32_t p : prefills) {
-    std::vector<double> times;
+    std::vector<TimedStep> steps;
     for (int32_t r = 0; r <= a.repeats; ++r) {  // the first is warm-up
       Request req;
       req.prompt = prompt(p);
       req.max_tokens = 1;
       req.ignore_eos = true;
       engine.add_request(req);
-      const Clock::time_point t0 = Clock::now();
-      engine.step();
-      const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+      const TimedStep t = timed_step();
       while (engine.has_work()) engine.step();
-      if (r > 0) times.push_back(ms);
+      if (r > 0) steps.push_back(t);
     }
-    samples.push_back({p, 0, 0, int64_t{p} * (p / 2), median(times)});
+    add_sample({p, 0, 0, int64_t{p} * (p / 2)}, steps);
     spdlog::info("profile: prefill {} tokens: {:.3f} ms", p, samples.back().step_ms);
   }
   // Decode: b requests of context c, prefilled, then `repeats` decode steps timed; at the middle
@@ -149,12 +193,7 @@ int run_profile(const ProfileArgs& a) {
           if (o.token >= 0) started.insert(o.id);
         }
       }
-      auto timed_step = [&] {
-        const Clock::time_point t0 = Clock::now();
-        engine.step();
-        return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-      };
-      std::vector<double> times, mixed_times;
+      std::vector<TimedStep> times, mixed_times;
       for (int32_t r = 0; r < a.repeats; ++r) {
         const int64_t before = engine.stats().computed_tokens;
         times.push_back(timed_step());
@@ -172,11 +211,12 @@ int run_profile(const ProfileArgs& a) {
         mixed_times.push_back(timed_step());
       }
       while (engine.has_work()) engine.step();
-      samples.push_back({0, b, int64_t{b} * (c + 1 + a.repeats / 2), 0, median(times)});
+      add_sample({0, b, int64_t{b} * (c + 1 + a.repeats / 2), 0}, times);
       spdlog::info("profile: decode batch {} context {}: {:.3f} ms", b, c, samples.back().step_ms);
       if (mixed) {
-        samples.push_back({mixed_prefill, b, int64_t{b} * (c + 1 + a.repeats + a.repeats / 2),
-                           int64_t{mixed_prefill} * (mixed_prefill / 2), median(mixed_times)});
+        add_sample({mixed_prefill, b, int64_t{b} * (c + 1 + a.repeats + a.repeats / 2),
+                    int64_t{mixed_prefill} * (mixed_prefill / 2)},
+                   mixed_times);
         spdlog::info("profile: decode batch {} context {} + prefill {}: {:.3f} ms", b, c,
                      mixed_prefill, samples.back().step_ms);
       }
@@ -190,17 +230,26 @@ int run_profile(const ProfileArgs& a) {
   out["tp"] = d.parallel.tp;
   out["kv_shard"] = d.parallel.kv_shard == KvShard::kReplicate ? "replicate" : "sequence";
   out["block_size"] = d.engine.block_size;
+  if (a.emulate) {
+    // Step times are rank 0's compute measured here plus the collectives' modelled time.
+    out["emulated"] = true;
+    out["link"] = a.link.to_json();
+  }
   // What a migration moves per token: every layer's latent row in the cache's dtype.
   const ModelConfig& mc = rt->model->config();
   out["latent_bytes_per_token"] =
       int64_t{mc.num_layers} * mc.latent_width() * (rt->model->cuda_device() >= 0 ? 2 : 4);
   out["samples"] = nlohmann::ordered_json::array();
-  for (const auto& s : samples) {
-    out["samples"].push_back({{"prefill_tokens", s.prefill_tokens},
-                              {"decode_seqs", s.decode_seqs},
-                              {"context_tokens", s.context_tokens},
-                              {"prefill_pairs", s.prefill_pairs},
-                              {"step_ms", s.step_ms}});
+  for (size_t i = 0; i < samples.size(); ++i) {
+    const auto& s = samples[i];
+    nlohmann::ordered_json row = {{"prefill_tokens", s.prefill_tokens},
+                                  {"decode_seqs", s.decode_seqs},
+                                  {"context_tokens", s.context_tokens},
+                                  {"prefill_pairs", s.prefill_pairs},
+                                  {"step_ms", s.step_ms}};
+    if (comm != nullptr) row["collectives"] = comm_json(sample_comm[i]);
+    if (a.emulate) row["collectives_ms"] = a.link.ms(sample_comm[i], d.parallel.tp);
+    out["samples"].push_back(row);
   }
   out["fit"] = fit.to_json();
   std::ofstream(a.out) << out.dump(2) << "\n";
@@ -406,6 +455,16 @@ void add_simulate_commands(CLI::App& app, int& exit_code) {
       ->capture_default_str();
   profile->add_option("--out", p->out, "Where the profile JSON goes")->capture_default_str();
   profile->add_option("--seed", p->seed, "Seed of the random prompts")->capture_default_str();
+  profile->add_flag("--emulate", p->emulate,
+                    "One process measures rank 0's share of the --tp group (a group larger than "
+                    "this machine); the collectives' time comes from --link-busbw-gbps and "
+                    "--link-latency-us");
+  profile->add_option("--link-busbw-gbps", p->link.busbw_gbps,
+                      "With --emulate: the links' bus bandwidth, GB/s (as nccl-tests reports)");
+  profile
+      ->add_option("--link-latency-us", p->link.latency_us,
+                   "With --emulate: a collective call's fixed latency, us")
+      ->capture_default_str();
   profile->callback([p, &exit_code] { exit_code = run_profile(*p); });
 
   auto s = std::make_shared<SimulateArgs>();

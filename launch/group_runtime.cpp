@@ -29,6 +29,35 @@ int local_rank() {
 
 namespace mla::launch {
 
+namespace {
+
+ModelOptions rank_options(const DeployConfig& d, int tp_size, int tp_rank, bool shows_progress) {
+  ModelOptions options = d.model;
+  options.tp_size = tp_size;
+  options.tp_rank = tp_rank;
+  options.kv_shard = d.parallel.kv_shard;
+  options.show_progress = options.show_progress && shows_progress;
+  return options;
+}
+
+// With `device: cuda`, makes this rank's GPU current (one GPU per rank: ranks on a node take
+// its devices in local-rank order) and returns it; -1 for the CPU backend.
+int take_gpu(const ModelOptions& options, int world_rank) {
+  if (options.device != Device::kCuda) return -1;
+#if MLA_HAVE_CUDA
+  const int devices = cuda::device_count();
+  MLA_REQUIRE(devices > 0, "--device cuda: no CUDA device is visible on this node");
+  const int device = local_rank() % devices;
+  cuda::set_device(device);
+  spdlog::info("rank {} uses GPU {} of {}", world_rank, device, devices);
+  return device;
+#else
+  MLA_THROW(kFailedPrecondition, "this build has no CUDA backend; use --device cpu");
+#endif
+}
+
+}  // namespace
+
 std::unique_ptr<GroupRuntime> GroupRuntime::start(const DeployConfig& d, bool with_engine) {
   auto rt = std::make_unique<GroupRuntime>();
   const int tp = d.parallel.tp;
@@ -49,20 +78,11 @@ std::unique_ptr<GroupRuntime> GroupRuntime::start(const DeployConfig& d, bool wi
                                                  rt->groups.tp_label());
     rt->transport = std::make_shared<MpiTransport>(rt->mpi->thread_level());
   }
-  ModelOptions options = d.model;
-  options.tp_size = rt->groups.tp_size;
-  options.tp_rank = rt->groups.tp_rank;
-  options.kv_shard = d.parallel.kv_shard;
-  options.show_progress = options.show_progress && rt->groups.world_rank == 0;
+  const ModelOptions options =
+      rank_options(d, rt->groups.tp_size, rt->groups.tp_rank, rt->groups.world_rank == 0);
   Communicator* data = rt->comm.get();
-  if (options.device == Device::kCuda) {
-#if MLA_HAVE_CUDA
-    // One GPU per rank: ranks on a node take its devices in local-rank order.
-    const int devices = cuda::device_count();
-    MLA_REQUIRE(devices > 0, "--device cuda: no CUDA device is visible on this node");
-    const int device = local_rank() % devices;
-    cuda::set_device(device);
-    spdlog::info("rank {} uses GPU {} of {}", rt->groups.world_rank, device, devices);
+  const int device = take_gpu(options, rt->groups.world_rank);
+  if (device >= 0) {
 #if MLA_HAVE_NCCL
     if (rt->comm != nullptr && rt->groups.tp_size > 1) {
       rt->nccl = std::make_unique<NcclCommunicator>(
@@ -72,14 +92,36 @@ std::unique_ptr<GroupRuntime> GroupRuntime::start(const DeployConfig& d, bool wi
 #else
     MLA_REQUIRE(rt->groups.tp_size == 1, "tensor parallelism on GPUs needs a build with NCCL");
 #endif
-#else
-    MLA_THROW(kFailedPrecondition, "this build has no CUDA backend; use --device cpu");
-#endif
   }
   rt->model = load_model(d.model_dir, options);
   rt->data = data;
   if (with_engine)
     rt->engine = std::make_unique<Engine>(rt->model, d.engine_options(), data, rt->comm.get());
+  return rt;
+}
+
+std::unique_ptr<GroupRuntime> GroupRuntime::emulate_rank0(const DeployConfig& d) {
+  MLA_REQUIRE(!MpiSession::launched_by_mpirun(),
+              "an emulated group is one process: run it without mpirun");
+  const int tp = d.parallel.tp;
+  auto rt = std::make_unique<GroupRuntime>();
+  const ModelOptions options = rank_options(d, tp, 0, true);
+  EmulatedCommunicator::Copy copy;  // host memory by default
+  if (take_gpu(options, 0) >= 0) {
+#if MLA_HAVE_CUDA
+    copy = [](void* dst, const void* src, int64_t bytes) {
+      cuda::copy_on_device(dst, src, static_cast<size_t>(bytes));
+    };
+#endif
+  }
+  rt->emulated_data = std::make_unique<EmulatedCommunicator>(tp, copy);
+  rt->emulated_control = std::make_unique<EmulatedCommunicator>(tp);
+  spdlog::info("emulating rank 0 of a tensor-parallel group of {} ({} cache)", tp,
+               d.parallel.kv_shard == KvShard::kReplicate ? "replicated" : "sequence-sharded");
+  rt->model = load_model(d.model_dir, options);
+  rt->data = rt->emulated_data.get();
+  rt->engine =
+      std::make_unique<Engine>(rt->model, d.engine_options(), rt->data, rt->emulated_control.get());
   return rt;
 }
 

@@ -10,6 +10,7 @@
 #include <memory>
 #include <optional>
 
+#include "parallel/emulated_communicator.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/mpi_transport.h"
 #if MLA_HAVE_NCCL
@@ -31,6 +32,8 @@ struct GroupRuntime {
 #if MLA_HAVE_NCCL
   std::unique_ptr<NcclCommunicator> nccl;  // the model's collectives on GPUs (tp > 1)
 #endif
+  // emulate_rank0's stand-ins for the absent ranks: the model's collectives and the step plans.
+  std::unique_ptr<EmulatedCommunicator> emulated_data, emulated_control;
   std::shared_ptr<const Model> model;
   std::unique_ptr<Engine> engine;  // null when started without one
   Communicator* data = nullptr;    // the model's collectives (null for a single rank)
@@ -39,6 +42,11 @@ struct GroupRuntime {
   // model (a benchmark that drives the model and a cache itself). Throws mla::Error;
   // kInvalidArgument, saying how to run it, for tp > 1 in a process mpirun did not start.
   static std::unique_ptr<GroupRuntime> start(const DeployConfig& d, bool with_engine = true);
+  // One process standing in for rank 0 of a group of d.parallel.tp ranks (profiling a rank's
+  // share of a group larger than the machine): the model is rank 0's shard, the engine the
+  // leader's, and the collectives and step plans go to EmulatedCommunicators (their stats say
+  // what the real group's collectives would move). Throws kInvalidArgument under mpirun.
+  static std::unique_ptr<GroupRuntime> emulate_rank0(const DeployConfig& d);
 };
 
 // Calls engine.shutdown() when leaving a scope however it is left, so a leader that fails

@@ -75,6 +75,10 @@ void copy_to_host(void* dst, const void* src, size_t bytes) {
   if (bytes > 0) MLA_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
 }
 
+void copy_on_device(void* dst, const void* src, size_t bytes) {
+  if (bytes > 0) MLA_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
+}
+
 void copy_rows_to_device(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
                          size_t row_bytes, size_t rows) {
   if (row_bytes == 0 || rows == 0) return;

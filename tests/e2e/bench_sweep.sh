@@ -107,6 +107,32 @@ if "$mlaserve" simulate --profile "$work/profile.json" --drain-group 1at1 >"$wor
   fail "a bad --drain-group was not refused by name: $(cat "$work/bad.log")"
 fi
 
+# One process as rank 0 of a TP4 group (--emulate): every step's collectives are counted and
+# priced by the link model, and simulate takes the group's size from the profile.
+OPENBLAS_NUM_THREADS=1 "$mlaserve" --log-level warn profile --model "$work/tiny" --prefill 16,64 \
+  --batch 1,4 --context 32,64 --repeats 3 --tp 4 --emulate --link-busbw-gbps 100 \
+  --link-latency-us 25 --out "$work/emulated.json" >"$work/emulated.log" 2>&1 ||
+  fail "emulated profile: $(tail -3 "$work/emulated.log")"
+"$python" - "$work/emulated.json" <<'PYEOF2'
+import json, sys
+p = json.load(open(sys.argv[1]))
+assert p["tp"] == 4 and p["emulated"] and p["link"] == {"busbw_gbps": 100.0, "latency_us": 25.0}, p
+for s in p["samples"]:
+    calls = sum(c["calls"] for c in s["collectives"].values())
+    # Every call costs at least the latency, and the step at least its collectives.
+    assert calls > 0 and s["collectives_ms"] >= calls * 0.025 - 1e-9, s
+    assert s["step_ms"] > s["collectives_ms"], s
+    if s["decode_seqs"] > 0:  # a sequence-sharded decode step exchanges partial outputs
+        assert "all_to_all" in s["collectives"], s
+PYEOF2
+"$mlaserve" --log-level warn simulate --profile "$work/emulated.json" --groups 2 --vocab 512 \
+  --seed 3 --request-rate 40 --num-prompts 40 --input-len uniform:8-32 --output-len 8 \
+  --result-file "$work/emulated_sim.json" >"$work/emulated_sim.log" 2>&1 ||
+  fail "simulate on the emulated profile: $(tail -3 "$work/emulated_sim.log")"
+"$python" -c "import json,sys; s=json.load(open(sys.argv[1]))['simulation']; \
+sys.exit(0 if s['tp'] == 4 else 1)" "$work/emulated_sim.json" ||
+  fail "simulate did not take tp 4 from the emulated profile"
+
 echo "== checks"
 "$python" - "$work" <<'EOF' || fail "result files"
 import json, os, sys
