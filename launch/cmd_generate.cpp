@@ -269,6 +269,7 @@ void add_make_tiny_command(CLI::App& app, int& exit_code) {
     std::string preset = "v3", out_dir, dtype = "F32";
     uint64_t seed = 0;
     int64_t layers = 0;
+    int64_t expert_ranks = 1;
   };
   auto args = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("make-tiny", "Write a random checkpoint in Hugging Face format");
@@ -281,6 +282,11 @@ void add_make_tiny_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--layers", args->layers,
                   "Keep only this many decoder layers (0: the preset's), e.g. a few layers of a "
                   "full-size shape for kernel and step benchmarks");
+  cmd->add_option("--for-emulated-tp", args->expert_ranks,
+                  "Write only the routed experts rank 0 of a group of this many ranks loads, for "
+                  "`mlaserve profile --emulate --tp N` (a full-size MoE shape too large to write "
+                  "whole; no other rank or TP size can load it)")
+      ->capture_default_str();
   cmd->callback([args, &exit_code] {
     const auto t = dtype_from_name(args->dtype);
     if (!t) MLA_THROW(kInvalidArgument, "--dtype `{}` is not F32, BF16 or F8_E4M3", args->dtype);
@@ -290,7 +296,7 @@ void add_make_tiny_command(CLI::App& app, int& exit_code) {
                   args->layers, config.num_layers);
       config.num_layers = args->layers;
     }
-    write_random_checkpoint(config, args->out_dir, args->seed, *t);
+    write_random_checkpoint(config, args->out_dir, args->seed, *t, args->expert_ranks);
     exit_code = 0;
   });
 }

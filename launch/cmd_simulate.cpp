@@ -237,6 +237,12 @@ int run_profile(const ProfileArgs& a) {
   }
   // What a migration moves per token: every layer's latent row in the cache's dtype.
   const ModelConfig& mc = rt->model->config();
+  // The layers measured, and how many of them are dense (tests/bench/profile_layers.py
+  // extrapolates two profiles of one shape to more layers).
+  int64_t moe_layers = 0;
+  for (int64_t l = 0; l < mc.num_layers; ++l) moe_layers += mc.is_moe_layer(l) ? 1 : 0;
+  out["num_layers"] = mc.num_layers;
+  out["moe_layers"] = moe_layers;
   out["latent_bytes_per_token"] =
       int64_t{mc.num_layers} * mc.latent_width() * (rt->model->cuda_device() >= 0 ? 2 : 4);
   out["samples"] = nlohmann::ordered_json::array();

@@ -39,8 +39,10 @@ ModelConfig tiny_base() {
   return c;
 }
 
-// Every tensor of the checkpoint with its shape, in Hugging Face naming.
-std::vector<std::pair<std::string, Shape>> checkpoint_shapes(const ModelConfig& c) {
+// Every tensor of the checkpoint with its shape, in Hugging Face naming; of the routed experts
+// only those rank 0 of `expert_ranks` ranks loads.
+std::vector<std::pair<std::string, Shape>> checkpoint_shapes(const ModelConfig& c,
+                                                             int64_t expert_ranks) {
   const int64_t D = c.hidden_size, H = c.num_heads;
   std::vector<std::pair<std::string, Shape>> out = {
       {"model.embed_tokens.weight", {c.vocab_size, D}},
@@ -77,7 +79,7 @@ std::vector<std::pair<std::string, Shape>> checkpoint_shapes(const ModelConfig& 
     if (c.gate == GateKind::kSigmoidNoauxTc) {
       out.push_back({m + "gate.e_score_correction_bias", {c.n_routed_experts}});
     }
-    for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+    for (int64_t e = 0; e < c.n_routed_experts / expert_ranks; ++e) {
       mlp(fmt::format("{}experts.{}.", m, e), c.moe_intermediate_size);
     }
     if (c.n_shared_experts > 0)
@@ -234,9 +236,12 @@ void fast_fill(float* p, int64_t n, float mean, float std_dev, uint64_t seed) {
 }  // namespace
 
 void write_random_checkpoint(const ModelConfig& config, const std::string& dir, uint64_t seed,
-                             DType dtype) {
+                             DType dtype, int64_t expert_ranks) {
   MLA_REQUIRE(dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF8E4M3,
               "make-tiny writes F32, BF16 or F8_E4M3, not {}", dtype_name(dtype));
+  MLA_REQUIRE(expert_ranks >= 1 && config.n_routed_experts % expert_ranks == 0,
+              "--for-emulated-tp {}: must divide the {} routed experts", expert_ranks,
+              config.n_routed_experts);
   std::error_code ec;
   if (std::filesystem::exists(dir, ec) && !std::filesystem::is_directory(dir, ec)) {
     MLA_THROW(kInvalidArgument, "output directory {} exists and is not a directory", dir);
@@ -246,7 +251,7 @@ void write_random_checkpoint(const ModelConfig& config, const std::string& dir, 
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<std::pair<std::string, Tensor>> tensors;
-  for (const auto& [name, shape] : checkpoint_shapes(config)) {
+  for (const auto& [name, shape] : checkpoint_shapes(config, expert_ranks)) {
     Tensor t = Tensor::empty(shape);
     float* p = t.f32();
     const bool is_norm = ends_with(name, "norm.weight");
@@ -287,8 +292,11 @@ void write_random_checkpoint(const ModelConfig& config, const std::string& dir, 
   }
   std::ofstream(dir + "/config.json") << j.dump(2) << "\n";
   const bool tokenizer = write_byte_level_tokenizer(config, dir);
-  spdlog::info("wrote random {} checkpoint ({} tensors, {}{}) to {}", config.family_name(),
-               tensors.size(), dtype_name(dtype), tokenizer ? ", byte-level tokenizer" : "", dir);
+  spdlog::info("wrote random {} checkpoint ({} tensors, {}{}{}) to {}", config.family_name(),
+               tensors.size(), dtype_name(dtype), tokenizer ? ", byte-level tokenizer" : "",
+               expert_ranks > 1 ? fmt::format(", routed experts of rank 0 of {} only", expert_ranks)
+                                : std::string(),
+               dir);
 }
 
 // DeepSeek-V3's chat template as its checkpoints publish it (tokenizer_config.json), so that a

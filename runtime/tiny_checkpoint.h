@@ -20,10 +20,13 @@ std::vector<std::string> model_preset_names();
 // Writes DIR/config.json and DIR/model.safetensors with random weights (seeded, so the
 // same arguments give the same files). dtype F32, BF16, or F8_E4M3 (linear weights in fp8
 // with 128x128 block scales `*_scale_inv`, the rest in BF16, as DeepSeek-V3 ships).
-// Creates DIR if needed. Throws kInvalidArgument if DIR exists and is not a directory,
-// kFailedPrecondition naming the path if it cannot be created.
+// Creates DIR if needed. With expert_ranks P > 1 only the routed experts rank 0 of a TP-P group
+// loads are written (experts [0, E / P)): a full-size MoE shape small enough to write, for
+// `mlaserve profile --emulate --tp P`, which no other rank or TP size can load.
+// Throws kInvalidArgument if DIR exists and is not a directory or P does not divide the
+// routed experts, kFailedPrecondition naming the path if DIR cannot be created.
 void write_random_checkpoint(const ModelConfig& config, const std::string& dir, uint64_t seed,
-                             DType dtype = DType::kF32);
+                             DType dtype = DType::kF32, int64_t expert_ranks = 1);
 
 // Writes DIR/tokenizer.json and DIR/tokenizer_config.json beside a random checkpoint (which
 // write_random_checkpoint calls): a byte-level BPE tokenizer without merges (every byte one

@@ -107,9 +107,16 @@ if "$mlaserve" simulate --profile "$work/profile.json" --drain-group 1at1 >"$wor
   fail "a bad --drain-group was not refused by name: $(cat "$work/bad.log")"
 fi
 
-# One process as rank 0 of a TP4 group (--emulate): every step's collectives are counted and
-# priced by the link model, and simulate takes the group's size from the profile.
-OPENBLAS_NUM_THREADS=1 "$mlaserve" --log-level warn profile --model "$work/tiny" --prefill 16,64 \
+# One process as rank 0 of a TP4 group (--emulate), on a checkpoint holding only rank 0's routed
+# experts: every step's collectives are counted and priced by the link model, and simulate takes
+# the group's size from the profile. One rank alone cannot load that checkpoint.
+"$mlaserve" --log-level warn make-tiny --preset v3 --out "$work/rank0of4" --seed 7 \
+  --for-emulated-tp 4
+if "$mlaserve" generate --model "$work/rank0of4" --prompt-ids 1,2,3 >"$work/bad.log" 2>&1 ||
+  ! grep -q "experts.4" "$work/bad.log"; then
+  fail "a TP1 load of rank 0's experts did not fail naming the missing expert: $(cat "$work/bad.log")"
+fi
+OPENBLAS_NUM_THREADS=1 "$mlaserve" --log-level warn profile --model "$work/rank0of4" --prefill 16,64 \
   --batch 1,4 --context 32,64 --repeats 3 --tp 4 --emulate --link-busbw-gbps 100 \
   --link-latency-us 25 --out "$work/emulated.json" >"$work/emulated.log" 2>&1 ||
   fail "emulated profile: $(tail -3 "$work/emulated.log")"

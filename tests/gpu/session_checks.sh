@@ -20,6 +20,11 @@
 #   peer        FlashMLA's dense decode beside mlaserve's (issue 17), from FLASHMLA_SRC
 #   study       tests/bench/cluster_study.sh on the GPU profile the simulate step took (its
 #               model's shape, TP1 groups: a first cluster study on measured GPU steps)
+#   v3tp8       DeepSeek-V3's shape, one rank of a TP8 group emulated on this GPU, 4 and 8
+#               layers extended to 61, both cache layouts (tests/bench/emulated_profile.sh;
+#               links: 361 GB/s bus bandwidth, an 8xH100 all-reduce of 1 GiB measured on the
+#               lending workplace's machines, and 15 us a call, assumed): the profiles issue 16's
+#               V3 study simulates, in $OUT/v3tp8/profile_{sequence,replicate}.json
 # env: OUT (default /tmp/mla_out), FLASHMLA_SRC (for peer: the tree, or a .tgz holding it),
 #      BUDGET_S (default 570: the whole run's seconds; a step's limit is cut to what is left,
 #      less 20 s for packing, so the table and the logs come back inside a device call's limit).
@@ -83,7 +88,7 @@ migration() {
 }
 
 export -f v2l4 v3l3 det_cost migration
-steps="gpu_new gpu_all det_cost migration prefix simulate simulate1 peer study"
+steps="gpu_new gpu_all det_cost migration prefix simulate simulate1 peer study v3tp8"
 for step in "$@"; do
   [[ " $steps " == *" $step "* ]] || { echo "unknown step '$step' (steps: $steps)" >&2; exit 2; }
 done
@@ -113,6 +118,10 @@ for step in "$@"; do
       fi
       run study 580 env MLASERVE="$(command -v mlaserve)" GROUPS_LIST=2,16,128 \
         tests/bench/cluster_study.sh "$out/simulate/profile.json" "$out/study" ;;
+    v3tp8)
+      run v3tp8 580 env MLASERVE="$(command -v mlaserve)" WORKER_FLAGS="--device cuda" \
+        LINK_BUSBW_GBPS=361 LINK_LATENCY_US=15 NUM_PAGES=16384 \
+        tests/bench/emulated_profile.sh "$out/v3tp8" ;;
     peer)
       src=${FLASHMLA_SRC:-}
       if [ -z "$src" ]; then
@@ -135,6 +144,6 @@ printf '%s\n' "${table[@]}"
 
 # Pack the logs and results: a device host returns only a few files.
 printf '%s\n' "| step | result | time |" "|---|---|---|" "${table[@]}" >"$out/table.md"
-tar czf /tmp/session.tgz --exclude=./peer/flashmla -C "$out" . && find "$out" -mindepth 1 -delete &&
+tar czf /tmp/session.tgz --exclude=./peer/flashmla --exclude="./v3tp8/model_l*" -C "$out" . && find "$out" -mindepth 1 -delete &&
   mv /tmp/session.tgz "$out/" && printf '%s\n' "| step | result | time |" "|---|---|---|" \
   "${table[@]}" >"$out/table.md"
