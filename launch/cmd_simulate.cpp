@@ -243,8 +243,8 @@ int run_profile(const ProfileArgs& a) {
   for (int64_t l = 0; l < mc.num_layers; ++l) moe_layers += mc.is_moe_layer(l) ? 1 : 0;
   out["num_layers"] = mc.num_layers;
   out["moe_layers"] = moe_layers;
-  out["latent_bytes_per_token"] =
-      int64_t{mc.num_layers} * mc.latent_width() * (rt->model->cuda_device() >= 0 ? 2 : 4);
+  out["latent_bytes_per_token"] = int64_t{mc.num_layers} * engine.cache().row_width() *
+                                  static_cast<int64_t>(dtype_size(engine.cache().row_dtype()));
   out["samples"] = nlohmann::ordered_json::array();
   for (size_t i = 0; i < samples.size(); ++i) {
     const auto& s = samples[i];

@@ -30,6 +30,7 @@ class DeployFlags {
   std::string absorb_ = "auto";
   std::string device_ = "cpu";
   std::string kv_shard_ = "sequence";
+  std::string cache_dtype_ = "auto";
   bool no_graphs_ = false;
   bool deterministic_ = false;
   bool prefix_caching_ = false;

@@ -10,13 +10,27 @@
 
 namespace mla {
 
-namespace {
+namespace {}  // namespace
 
-bool is_bf16(const std::string& dtype) {
-  if (dtype == "bfloat16") return true;
-  MLA_REQUIRE(dtype == "float32", "latent dtype '{}': expected float32 or bfloat16", dtype);
-  return false;
+DType latent_dtype(const std::string& dtype) {
+  if (dtype == "float32") return DType::kF32;
+  if (dtype == "bfloat16") return DType::kBF16;
+  if (dtype == "fp8_e4m3") return DType::kU8;
+  MLA_THROW(kInvalidArgument, "latent dtype '{}': expected float32, bfloat16 or fp8_e4m3", dtype);
 }
+
+const char* latent_wire_dtype(CacheStorage storage) {
+  switch (storage) {
+    case CacheStorage::kDeviceBf16:
+      return "bfloat16";
+    case CacheStorage::kHostFp8:
+      return "fp8_e4m3";
+    default:
+      return "float32";
+  }
+}
+
+namespace {
 
 uint32_t crc32_of(const std::string& bytes) {
   uLong crc = crc32(0L, Z_NULL, 0);
@@ -28,10 +42,9 @@ uint32_t crc32_of(const std::string& bytes) {
 }  // namespace
 
 size_t latent_token_bytes(int32_t num_layers, int32_t width, const std::string& dtype) {
-  return static_cast<size_t>(num_layers) * static_cast<size_t>(width) * (is_bf16(dtype) ? 2 : 4);
+  return static_cast<size_t>(num_layers) * static_cast<size_t>(width) *
+         dtype_size(latent_dtype(dtype));
 }
-
-DType latent_dtype(const std::string& dtype) { return is_bf16(dtype) ? DType::kBF16 : DType::kF32; }
 
 std::vector<mlaserve::v1::LatentChunk> encode_latent_chunks(const Tensor& latents, int32_t first,
                                                             const std::string& dtype,

@@ -108,7 +108,8 @@ grpc::Status WorkerService::export_request(grpc::ServerContext& context,
   const CacheGeometry& geometry = engine_.cache().geometry();
   const std::string& dtype = model_info_.dtype();
   const auto turn_tokens = static_cast<int32_t>(std::max<size_t>(
-      1, kCopyBytesPerTurn / latent_token_bytes(geometry.num_layers, geometry.width(), dtype)));
+      1, kCopyBytesPerTurn /
+             latent_token_bytes(geometry.num_layers, engine_.cache().row_width(), dtype)));
   // Step loop: the next latents of the request, if it still runs here. A request not yet in
   // the engine (still in the inbox) has computed nothing.
   // With stop_first nothing is copied live: the first turn only reads the computed count.
@@ -169,7 +170,7 @@ grpc::Status WorkerService::export_request(grpc::ServerContext& context,
     if (!header_sent) {
       v1::ExportMessage header;
       header.mutable_header()->set_num_layers(geometry.num_layers);
-      header.mutable_header()->set_width(geometry.width());
+      header.mutable_header()->set_width(engine_.cache().row_width());
       header.mutable_header()->set_dtype(dtype);
       header.mutable_header()->set_computed(c.computed);
       header.mutable_header()->set_transport(over_mpi ? "mpi" : "grpc");
@@ -314,6 +315,7 @@ grpc::Status WorkerService::import_request(grpc::ServerContext& context,
   auto reader = stub->Export(call.get(), ask);
 
   const CacheGeometry& geometry = engine_.cache().geometry();
+  const int32_t width = engine_.cache().row_width();  // elements of dtype per token and layer
   const std::string& dtype = model_info_.dtype();
   const std::string source = request.source_worker_id();
   v1::MigrationStats& stats = *response.mutable_stats();
@@ -337,7 +339,7 @@ grpc::Status WorkerService::import_request(grpc::ServerContext& context,
       case v1::ExportMessage::kHeader: {
         const v1::ExportHeader& h = message.header();
         const char* field = h.num_layers() != geometry.num_layers ? "num_layers"
-                            : h.width() != geometry.width()       ? "width"
+                            : h.width() != width                  ? "width"
                             : h.dtype() != dtype                  ? "dtype"
                                                                   : nullptr;
         if (field) {
@@ -346,7 +348,7 @@ grpc::Status WorkerService::import_request(grpc::ServerContext& context,
                fmt::format("worker {}'s cache differs from worker {}'s in {}: {} layers x {} "
                            "values in {} there, {} x {} in {} here",
                            source, options_.worker_id, field, h.num_layers(), h.width(), h.dtype(),
-                           geometry.num_layers, geometry.width(), dtype)});
+                           geometry.num_layers, width, dtype)});
         }
         if (h.transport() == "mpi") {
           if (options_.mpi == nullptr ||
@@ -379,7 +381,7 @@ grpc::Status WorkerService::import_request(grpc::ServerContext& context,
               return finish_with({grpc::StatusCode::CANCELLED, "the import was cancelled"});
             chunk.set_data(std::move(*data));
           }
-          latents = decode_latent_chunk(chunk, geometry.num_layers, geometry.width(), dtype);
+          latents = decode_latent_chunk(chunk, geometry.num_layers, width, dtype);
         } catch (const Error& e) {
           return finish_with(status_of(e));
         }

@@ -9,6 +9,7 @@
 
 #include "kernels/error.h"
 #include "rpc/generate_request.h"
+#include "rpc/latent_chunks.h"
 #include "rpc/request_limits.h"
 #include "rpc/status.h"
 #include "runtime/request_validation.h"
@@ -69,7 +70,7 @@ WorkerService::WorkerService(Engine& engine, WorkerServiceOptions options)
       model_limits_(ModelLimits::of(engine.model().config())),
       model_info_([&engine, this] {
         v1::ModelInfo info;
-        info.set_dtype(engine.model().cuda_device() >= 0 ? "bfloat16" : "float32");
+        info.set_dtype(latent_wire_dtype(engine.cache().storage()));
         info.set_config_hash(options_.config_hash);
         info.set_model_type(engine.model().config().family_name());
         info.set_vocab_size(static_cast<int32_t>(engine.model().config().vocab_size));

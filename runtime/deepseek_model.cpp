@@ -86,6 +86,8 @@ class DeepseekRunner final : public ModelRunner {
 DeepseekModel::DeepseekModel(ModelConfig config, const ModelOptions& options, ShardPlan shard)
     : Model(std::move(config), options, shard),
       batch_invariant_(options.deterministic),
+      cache_storage_(options.cache_dtype == CacheDType::kFp8 ? CacheStorage::kHostFp8
+                                                             : CacheStorage::kHostF32),
       inv_freq_(config_.rope_inv_freq()),
       rope_factor_(config_.rope_attention_factor()),
       softmax_scale_(static_cast<float>(config_.softmax_scale())) {}
@@ -237,8 +239,7 @@ void DeepseekModel::attention(const LayerWeights& lw, int64_t layer, const float
     for (int32_t i = 0; i < seqs[s].num_tokens; ++i) {
       const int32_t pos = seqs[s].start + i;
       if (!cache.shard().owns_page(pos / B)) continue;
-      std::memcpy(cache.row(*seqs[s].table, layer, pos), &kv[(batch.seq_begin[s] + i) * d_lat],
-                  d_lat * sizeof(float));
+      cache.store_latent(*seqs[s].table, layer, pos, &kv[(batch.seq_begin[s] + i) * d_lat]);
     }
   }
 
@@ -389,6 +390,10 @@ void DeepseekModel::latent_attention(int64_t layer, StepContext& ctx, const Late
   std::vector<float> part(T * H_a * d_c, 0.0f), lse(T * H_a, -INFINITY);
   std::vector<int32_t> num_keys;
   std::vector<const float*> pages;
+  // An fp8 cache's pages are read back as fp32 into `dequantised`, page by page.
+  const bool fp8 = cache.storage() == CacheStorage::kHostFp8;
+  const int64_t page_numel = int64_t{cache.geometry().block_size} * d_lat;
+  std::vector<float> dequantised;
   for (size_t s = 0; s < seqs.size(); ++s) {
     if (ctx.layout.forms[s] != AttnForm::kLatent) continue;
     const ForwardSeq& seq = seqs[s];
@@ -398,7 +403,15 @@ void DeepseekModel::latent_attention(int64_t layer, StepContext& ctx, const Late
       num_keys[i] = cache.local_keys(seq.start + static_cast<int32_t>(i));
     const int64_t pairs = std::accumulate(num_keys.begin(), num_keys.end(), int64_t{0});
     pages.clear();
-    for (int32_t page : seq.table->pages) pages.push_back(cache.page_block(page, layer));
+    if (fp8) {
+      dequantised.resize(seq.table->pages.size() * page_numel);
+      for (size_t i = 0; i < seq.table->pages.size(); ++i) {
+        cache.read_page_block(seq.table->pages[i], layer, &dequantised[i * page_numel]);
+        pages.push_back(&dequantised[i * page_numel]);
+      }
+    } else {
+      for (int32_t page : seq.table->pages) pages.push_back(cache.page_block(page, layer));
+    }
     cpu::latent_attention({&q_absorbed[r0 * H_a * d_c], &q_rope[r0 * H_a * d_r], pages.data(),
                            num_keys.data(), n, H_a, d_c, d_r, cache.geometry().block_size,
                            softmax_scale_, &part[r0 * H_a * d_c], &lse[r0 * H_a]});
@@ -424,10 +437,8 @@ std::vector<float> DeepseekModel::gather_context(int64_t layer, const ForwardSeq
   const int64_t d_lat = config_.latent_width(), L = seq.start + seq.num_tokens;
   std::vector<float> context(L * d_lat);
   if (cache.holds_every_page()) {
-    for (int64_t j = 0; j < L; ++j) {
-      std::memcpy(&context[j * d_lat], cache.row(*seq.table, layer, static_cast<int32_t>(j)),
-                  d_lat * sizeof(float));
-    }
+    for (int64_t j = 0; j < L; ++j)
+      cache.load_latent(*seq.table, layer, static_cast<int32_t>(j), &context[j * d_lat]);
     return context;
   }
   // Every rank contributes its keys' rows, padded to the largest share; the all-gather returns
@@ -438,8 +449,7 @@ std::vector<float> DeepseekModel::gather_context(int64_t layer, const ForwardSeq
   const int64_t local = cache.local_keys(static_cast<int32_t>(L - 1));
   for (int64_t k = 0; k < local; ++k) {
     const int64_t pos = shard_.position_of_local_key(shard_.tp_rank(), k, B);
-    std::memcpy(&mine[k * d_lat], cache.row(*seq.table, layer, static_cast<int32_t>(pos)),
-                d_lat * sizeof(float));
+    cache.load_latent(*seq.table, layer, static_cast<int32_t>(pos), &mine[k * d_lat]);
   }
   ctx.comm->all_gather(mine.data(), share * d_lat, all.data());
   for (int32_t r = 0; r < P; ++r)

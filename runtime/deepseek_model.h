@@ -39,6 +39,7 @@ class DeepseekModel : public Model {
 
   std::unique_ptr<ModelRunner> make_runner(LatentCache& cache,
                                            Communicator* comm = nullptr) const override;
+  CacheStorage cache_storage() const override { return cache_storage_; }
 
  private:
   friend class DeepseekRunner;
@@ -65,6 +66,7 @@ class DeepseekModel : public Model {
 
   ModelWeights weights_;
   bool batch_invariant_;
+  CacheStorage cache_storage_;  // host fp32, or fp8 with ModelOptions::cache_dtype kFp8
   std::vector<float> inv_freq_;
   float rope_factor_;
   float softmax_scale_;

@@ -79,9 +79,10 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   read(root, "cuda_small_gemm", c.model.cuda.small_gemm, "", origin);
   read(root, "deterministic", c.model.deterministic, "", origin);
   if (const auto cache = root["cache"]) {
-    reject_unknown(cache, {"block_size", "num_pages", "memory_fraction", "prefix_caching"},
+    reject_unknown(cache, {"block_size", "num_pages", "memory_fraction", "prefix_caching", "dtype"},
                    "cache.", origin);
     read(cache, "block_size", c.engine.block_size, "cache.", origin);
+    read_enum(cache, "dtype", c.model.cache_dtype, cache_dtype_from_string, "cache.", origin);
     read(cache, "prefix_caching", c.engine.prefix_caching, "cache.", origin);
     if (cache["num_pages"]) {
       read(cache, "num_pages", c.engine.num_pages, "cache.", origin);

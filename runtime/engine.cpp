@@ -160,7 +160,8 @@ void Engine::follow_cache_op(const StepPlan& plan) {
       return;
     }
     case StepPlan::Kind::kWriteImport: {
-      Tensor latents = Tensor::empty({g.num_layers, op.count, g.width()}, cache_.row_dtype());
+      Tensor latents =
+          Tensor::empty({g.num_layers, op.count, cache_.row_width()}, cache_.row_dtype());
       control_->broadcast(latents.raw(), static_cast<int64_t>(latents.nbytes()), 0);
       BlockTable& table = follower_imports_[op.import];
       MLA_CHECK(cache_.reserve(table, op.first + op.count),
@@ -204,7 +205,7 @@ Tensor Engine::latents_of(const Sequence& seq, int32_t first, int32_t count) {
     const auto runs = stored_runs(cache_.shard().for_rank(rank), g.block_size, first, count);
     int64_t tokens = 0;
     for (const TokenRun& run : runs) tokens += run.count;
-    Tensor packed = Tensor::empty({g.num_layers, tokens, g.width()}, cache_.row_dtype());
+    Tensor packed = Tensor::empty({g.num_layers, tokens, cache_.row_width()}, cache_.row_dtype());
     control_->recv(packed.raw(), static_cast<int64_t>(packed.nbytes()), rank);
     copy_stored_rows(packed, runs, first, out);
   }

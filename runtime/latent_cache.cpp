@@ -7,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/cpu/fp8_latent.h"
 #include "kernels/error.h"
 #if MLA_HAVE_CUDA
 #include "kernels/cuda/cuda_check.h"
@@ -31,7 +32,21 @@ void for_each_page_run(const BlockTable& table, const ShardPlan& shard, int32_t 
   }
 }
 
+cpu::Fp8LatentRow fp8_row(const CacheGeometry& g) {
+  return {.d_c = g.kv_lora_rank, .d_r = g.rope_dim};
+}
+
+bool on_host(CacheStorage s) { return s == CacheStorage::kHostF32 || s == CacheStorage::kHostFp8; }
+
 }  // namespace
+
+CacheDType cache_dtype_from_string(std::string_view name, std::string_view field) {
+  if (name == "auto") return CacheDType::kAuto;
+  if (name == "fp8") return CacheDType::kFp8;
+  MLA_THROW(kInvalidArgument, "{}: '{}' is not a cache dtype (auto, fp8)", field, name);
+}
+
+const char* to_string(CacheDType d) { return d == CacheDType::kFp8 ? "fp8" : "auto"; }
 
 LatentCache::LatentCache(CacheGeometry geometry, int32_t num_pages, ShardPlan shard,
                          CacheStorage storage)
@@ -46,10 +61,10 @@ LatentCache::LatentCache(CacheGeometry geometry, int32_t num_pages, ShardPlan sh
                   std::numeric_limits<int32_t>::max(),
               "{} pages of {} layers x {} tokens: more rows than a cache addresses (2^31)",
               num_pages, geometry.num_layers, geometry.block_size);
-  Shape shape = {num_pages, geometry.num_layers, geometry.block_size, geometry.width()};
+  Shape shape = {num_pages, geometry.num_layers, geometry.block_size, row_width()};
   if (storage == CacheStorage::kNone) return;
-  if (storage == CacheStorage::kHostF32) {
-    storage_ = Tensor::empty(std::move(shape));
+  if (on_host(storage)) {
+    storage_ = Tensor::empty(std::move(shape), row_dtype());
     return;
   }
 #if MLA_HAVE_CUDA
@@ -195,16 +210,55 @@ float* LatentCache::row(const BlockTable& table, int32_t layer, int32_t pos) {
   return const_cast<float*>(std::as_const(*this).row(table, layer, pos));
 }
 
-const float* LatentCache::row(const BlockTable& table, int32_t layer, int32_t pos) const {
+std::pair<int32_t, int32_t> LatentCache::page_row(const BlockTable& table, int32_t layer,
+                                                  int32_t pos) const {
   MLA_CHECK(pos >= 0, "negative token position {}", pos);
+  MLA_CHECK(0 <= layer && layer < geometry_.num_layers, "layer {} out of range [0, {})", layer,
+            geometry_.num_layers);
   const int32_t page = pos / geometry_.block_size;
   MLA_CHECK(shard_.owns_page(page), "token {} is on page {}, which rank {} does not store", pos,
             page, shard_.tp_rank());
   const auto local = static_cast<size_t>(shard_.local_page_index(page));
   MLA_CHECK(local < table.pages.size(), "token {} outside the table's {} pages", pos,
             table.pages.size());
-  return page_block(table.pages[local], layer) +
-         int64_t{pos % geometry_.block_size} * geometry_.width();
+  return {table.pages[local], pos % geometry_.block_size};
+}
+
+const float* LatentCache::row(const BlockTable& table, int32_t layer, int32_t pos) const {
+  const auto [page, r] = page_row(table, layer, pos);
+  return page_block(page, layer) + int64_t{r} * geometry_.width();
+}
+
+const uint8_t* LatentCache::host_row(int32_t page, int32_t layer, int32_t row) const {
+  MLA_CHECK(on_host(kind_), "the cache rows are not in host memory");
+  MLA_CHECK(0 <= layer && layer < geometry_.num_layers, "layer {} out of range [0, {})", layer,
+            geometry_.num_layers);
+  MLA_CHECK(pool_.ref_count(page) > 0, "page {} is free", page);
+  const int64_t index = (int64_t{page} * geometry_.num_layers + layer) * geometry_.block_size + row;
+  return static_cast<const uint8_t*>(storage_.raw()) +
+         index * row_width() * static_cast<int64_t>(dtype_size(row_dtype()));
+}
+
+void LatentCache::store_latent(const BlockTable& table, int32_t layer, int32_t pos,
+                               const float* latent) {
+  const auto [page, r] = page_row(table, layer, pos);
+  auto* dst = const_cast<uint8_t*>(host_row(page, layer, r));
+  if (kind_ == CacheStorage::kHostFp8) {
+    cpu::quantize_latent_fp8(fp8_row(geometry_), latent, 1, geometry_.width(), dst);
+  } else {
+    std::memcpy(dst, latent, geometry_.width() * sizeof(float));
+  }
+}
+
+void LatentCache::load_latent(const BlockTable& table, int32_t layer, int32_t pos,
+                              float* out) const {
+  const auto [page, r] = page_row(table, layer, pos);
+  const uint8_t* src = host_row(page, layer, r);
+  if (kind_ == CacheStorage::kHostFp8) {
+    cpu::dequantize_latent_fp8(fp8_row(geometry_), src, 1, out, geometry_.width());
+  } else {
+    std::memcpy(out, src, geometry_.width() * sizeof(float));
+  }
 }
 
 float* LatentCache::page_block(int32_t page, int32_t layer) {
@@ -212,12 +266,18 @@ float* LatentCache::page_block(int32_t page, int32_t layer) {
 }
 
 const float* LatentCache::page_block(int32_t page, int32_t layer) const {
-  MLA_CHECK(kind_ == CacheStorage::kHostF32, "the cache rows live on the GPU");
-  MLA_CHECK(0 <= layer && layer < geometry_.num_layers, "layer {} out of range [0, {})", layer,
-            geometry_.num_layers);
-  MLA_CHECK(pool_.ref_count(page) > 0, "page {} is free", page);
-  const int64_t block_numel = int64_t{geometry_.block_size} * geometry_.width();
-  return storage_.f32() + (int64_t{page} * geometry_.num_layers + layer) * block_numel;
+  MLA_CHECK(kind_ == CacheStorage::kHostF32, "the cache rows are not fp32 in host memory");
+  return reinterpret_cast<const float*>(host_row(page, layer, 0));
+}
+
+void LatentCache::read_page_block(int32_t page, int32_t layer, float* out) const {
+  const uint8_t* src = host_row(page, layer, 0);
+  if (kind_ == CacheStorage::kHostFp8) {
+    cpu::dequantize_latent_fp8(fp8_row(geometry_), src, geometry_.block_size, out,
+                               geometry_.width());
+  } else {
+    std::memcpy(out, src, int64_t{geometry_.block_size} * geometry_.width() * sizeof(float));
+  }
 }
 
 std::vector<TokenRun> stored_runs(const ShardPlan& shard, int32_t block_size, int32_t first,
@@ -258,7 +318,19 @@ void copy_stored_rows(const Tensor& from, const std::vector<TokenRun>& runs, int
 }
 
 DType LatentCache::row_dtype() const {
-  return kind_ == CacheStorage::kDeviceBf16 ? DType::kBF16 : DType::kF32;
+  switch (kind_) {
+    case CacheStorage::kDeviceBf16:
+      return DType::kBF16;
+    case CacheStorage::kHostFp8:
+      return DType::kU8;
+    default:
+      return DType::kF32;
+  }
+}
+
+int32_t LatentCache::row_width() const {
+  return kind_ == CacheStorage::kHostFp8 ? static_cast<int32_t>(fp8_row(geometry_).bytes())
+                                         : geometry_.width();
 }
 
 Tensor LatentCache::export_stored(const BlockTable& table, int32_t first, int32_t count) const {
@@ -271,7 +343,7 @@ Tensor LatentCache::export_stored(const BlockTable& table, int32_t first, int32_
   const std::vector<int32_t> rows = pool_rows(table, first, count);
   const int32_t L = geometry_.num_layers;
   const int64_t stored = static_cast<int64_t>(rows.size()) / L;
-  Tensor out = Tensor::empty({L, stored, geometry_.width()}, row_dtype());
+  Tensor out = Tensor::empty({L, stored, row_width()}, row_dtype());
   move_rows(rows, out, /*to_pool=*/false);
   return out;
 }
@@ -279,16 +351,16 @@ Tensor LatentCache::export_stored(const BlockTable& table, int32_t first, int32_
 Tensor LatentCache::export_range(const BlockTable& table, int32_t first, int32_t count) const {
   Tensor stored = export_stored(table, first, count);
   if (stored.dim(1) == count) return stored;
-  Tensor out = Tensor::zeros({geometry_.num_layers, count, geometry_.width()}, row_dtype());
+  Tensor out = Tensor::zeros({geometry_.num_layers, count, row_width()}, row_dtype());
   copy_stored_rows(stored, stored_runs(shard_, geometry_.block_size, first, count), first, out);
   return out;
 }
 
 void LatentCache::write_range(const BlockTable& table, int32_t first, const Tensor& latents) {
   MLA_REQUIRE(latents.dtype() == row_dtype() && latents.ndim() == 3 &&
-                  latents.dim(0) == geometry_.num_layers && latents.dim(2) == geometry_.width(),
+                  latents.dim(0) == geometry_.num_layers && latents.dim(2) == row_width(),
               "latents {} {} do not match cache [{}, tokens, {}] {}", shape_str(latents.shape()),
-              dtype_name(latents.dtype()), geometry_.num_layers, geometry_.width(),
+              dtype_name(latents.dtype()), geometry_.num_layers, row_width(),
               dtype_name(row_dtype()));
   const int64_t count = latents.dim(1);
   MLA_REQUIRE(first >= 0 && (count == 0 || first + count <= table.num_tokens),
@@ -301,8 +373,7 @@ void LatentCache::write_range(const BlockTable& table, int32_t first, const Tens
     move_rows(rows, latents, /*to_pool=*/true);
     return;
   }
-  Tensor mine =
-      Tensor::empty({L, static_cast<int64_t>(rows.size()) / L, geometry_.width()}, row_dtype());
+  Tensor mine = Tensor::empty({L, static_cast<int64_t>(rows.size()) / L, row_width()}, row_dtype());
   copy_stored_rows(latents, stored_runs(shard_, geometry_.block_size, first, count), first, mine);
   move_rows(rows, mine, /*to_pool=*/true);
 }
@@ -340,10 +411,10 @@ std::vector<int32_t> LatentCache::pool_rows(const BlockTable& table, int32_t fir
 
 void LatentCache::move_rows(const std::vector<int32_t>& rows, const Tensor& packed,
                             bool to_pool) const {
-  const size_t row_bytes = static_cast<size_t>(geometry_.width()) * dtype_size(row_dtype());
+  const size_t row_bytes = static_cast<size_t>(row_width()) * dtype_size(row_dtype());
   auto* pool = static_cast<char*>(storage_.raw());
   auto* rows_here = static_cast<char*>(packed.raw());
-  if (kind_ == CacheStorage::kHostF32) {
+  if (on_host(kind_)) {
     for (size_t i = 0; i < rows.size(); ++i) {
       char* p = pool + rows[i] * row_bytes;
       char* h = rows_here + i * row_bytes;
@@ -359,7 +430,7 @@ void LatentCache::move_rows(const std::vector<int32_t>& rows, const Tensor& pack
   const cuda::DeviceGuard on_device(device_);  // RPC handler threads export pages too
   const auto n = static_cast<int64_t>(rows.size());
   Tensor index = cuda::device_empty({n}, DType::kI32);
-  Tensor staged = cuda::device_empty({n, geometry_.width()}, row_dtype());
+  Tensor staged = cuda::device_empty({n, row_width()}, row_dtype());
   cudaStream_t stream = nullptr;
   MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   const std::unique_ptr<CUstream_st, decltype(&cudaStreamDestroy)> owned(stream,

@@ -1,12 +1,14 @@
-// LatentCache: the paged MLA latent cache (fp32 on the host or bf16 on the GPU).
+// LatentCache: the paged MLA latent cache (fp32 or fp8 on the host, bf16 on the GPU).
 //
 // MLA caches one latent row per token and layer: the compressed kv `c` (kv_lora_rank
 // floats) followed by the rotary key `k_r` (rope_dim floats). Rows live in fixed-size pages
 // of block_size tokens; a sequence owns an ordered list of pages (its BlockTable), so token
 // `pos` is row pos % block_size of page pages[pos / block_size]. Storage is
-// [num_pages][num_layers][block_size][width], so one page's rows of one layer are contiguous:
-// fp32 in host memory for the CPU model, bf16 in device memory for the CUDA model (whose
-// kernels address the pool directly; row() and page_block() are for host storage only).
+// [num_pages][num_layers][block_size][row], so one page's rows of one layer are contiguous:
+// fp32 in host memory for the CPU model (or, with `cache.dtype: fp8`, FlashMLA's packed fp8
+// rows: kernels/cpu/fp8_latent.h), bf16 in device memory for the CUDA model (whose kernels
+// address the pool directly; store_latent, load_latent and read_page_block are for host
+// storage; row() and page_block() for host fp32 storage only).
 //
 // Under tensor parallelism each rank has its own LatentCache. With a sequence-sharded plan
 // (docs/ARCHITECTURE.md section 6) it stores only the pages it owns (page j of a sequence on rank
@@ -20,6 +22,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string_view>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -39,9 +42,19 @@ struct CacheGeometry {
   int32_t width() const { return kv_lora_rank + rope_dim; }  // 576 for DeepSeek
 };
 
-// Where a cache keeps its rows; kNone keeps none (page accounting only: `mlaserve simulate`
-// runs the real scheduler against it; reading or writing rows is a bug).
-enum class CacheStorage { kHostF32, kDeviceBf16, kNone };
+// Where a cache keeps its rows, and how: host fp32, host fp8 (FlashMLA's packed row: d_c e4m3
+// values, an fp32 scale per 128 of them, d_r bf16 values), device bf16. kNone keeps none (page
+// accounting only: `mlaserve simulate` runs the real scheduler against it; reading or writing
+// rows is a bug).
+enum class CacheStorage { kHostF32, kHostFp8, kDeviceBf16, kNone };
+
+// The deployment's choice of cache element (`cache.dtype`): kAuto is the backend's own (fp32 on
+// the CPU, bf16 on the GPU); kFp8 the packed fp8 row, about 1.75x the context of bf16 in the
+// same memory.
+enum class CacheDType { kAuto, kFp8 };
+// "auto" or "fp8"; throws kInvalidArgument naming `field` otherwise.
+CacheDType cache_dtype_from_string(std::string_view name, std::string_view field);
+const char* to_string(CacheDType d);
 
 // One sequence's pages, in token order. num_tokens is how many tokens the pages were
 // reserved for; the pages hold pages.size() * block_size tokens.
@@ -99,7 +112,7 @@ class LatentCache {
 
   const CacheGeometry& geometry() const { return geometry_; }
   CacheStorage storage() const { return kind_; }
-  // The whole pool [num_pages, num_layers, block_size, width]: host fp32 or device bf16.
+  // The whole pool [num_pages, num_layers, block_size, row_width()] in row_dtype().
   const Tensor& pool_storage() const { return storage_; }
   PagePool& pool() { return pool_; }
   const PagePool& pool() const { return pool_; }
@@ -164,21 +177,32 @@ class LatentCache {
 
   // The latent row of token `pos` in layer `layer`: [width] (c, then k_r). Throws kInternal
   // if layer or pos is outside the table's pages or on a page this rank does not store, or
-  // if the rows live on the device.
+  // if the rows are not host fp32.
   float* row(const BlockTable& table, int32_t layer, int32_t pos);
   const float* row(const BlockTable& table, int32_t layer, int32_t pos) const;
+  // Host storage of either element: stores the latent [width] (c, then k_r) of token `pos`
+  // (quantised for fp8), or reads it back as fp32. Throws as row() does, or kInternal for
+  // device storage.
+  void store_latent(const BlockTable& table, int32_t layer, int32_t pos, const float* latent);
+  void load_latent(const BlockTable& table, int32_t layer, int32_t pos, float* out) const;
 
   // One page's rows of one layer: [block_size, width], contiguous. Throws kInternal if the
   // page is out of range or free (a free page's rows belong to no sequence), or if the rows
-  // live on the device.
+  // are not host fp32.
   float* page_block(int32_t page, int32_t layer);
   const float* page_block(int32_t page, int32_t layer) const;
+  // The same rows as fp32, copied (dequantised for fp8) into out [block_size, width]; host
+  // storage of either element.
+  void read_page_block(int32_t page, int32_t layer, float* out) const;
 
-  // Rows in export and import tensors have the cache's own element type: fp32 for host
-  // storage, bf16 for device storage (so nothing is rounded on the way).
+  // Rows in export and import tensors are the pool's own, so nothing is rounded on the way:
+  // fp32 [width] for host fp32, bf16 [width] for device bf16, and for fp8 the packed row as
+  // row_width() bytes (kU8).
   DType row_dtype() const;
+  // Elements of row_dtype() in one row: width(), or the fp8 row's bytes.
+  int32_t row_width() const;
 
-  // Copy of the first num_tokens tokens of every layer: [num_layers, num_tokens, width] in
+  // Copy of the first num_tokens tokens of every layer: [num_layers, num_tokens, row_width()] in
   // row_dtype(), on the host whatever the storage.
   // Throws kInvalidArgument if num_tokens is negative or above table.num_tokens.
   Tensor export_tokens(const BlockTable& table, int32_t num_tokens) const {
@@ -222,7 +246,11 @@ class LatentCache {
   // A follower's kept units (apply_prefix_op): unit key -> this rank's page, held once.
   std::unordered_map<uint64_t, int32_t> followed_units_;
   int device_ = 0;  // kDeviceBf16: the device the pool lives on (current at construction)
-  Tensor storage_;  // [num_pages, num_layers, block_size, width]
+  Tensor storage_;  // [num_pages, num_layers, block_size, row_width()]
+  // The address of a host row: page `page`'s row `row` of layer `layer`.
+  const uint8_t* host_row(int32_t page, int32_t layer, int32_t row) const;
+  // The pool page and row of token `pos` of `table`, checked as row() documents.
+  std::pair<int32_t, int32_t> page_row(const BlockTable& table, int32_t layer, int32_t pos) const;
 };
 
 }  // namespace mla

@@ -54,6 +54,10 @@ struct ModelOptions {
   // request samples the same tokens however it is batched, migrated, failed over or served from
   // cached prefix pages. Default: false.
   bool deterministic = false;
+  // How the latent cache stores its rows (`cache.dtype`): kAuto, the backend's own (fp32 on the
+  // CPU, bf16 on the GPU), or kFp8 (kernels/cpu/fp8_latent.h; the CPU backend only so far).
+  // Default: kAuto.
+  CacheDType cache_dtype = CacheDType::kAuto;
 };
 
 // How to pick the token of one sequence that wants logits, and whether to keep its logits.
@@ -86,7 +90,7 @@ class Model {
   const ShardPlan& shard() const { return shard_; }
   // Cache layout for this model with pages of `block_size` tokens.
   CacheGeometry cache_geometry(int32_t block_size) const;
-  // Where this model wants its cache rows: host fp32 (CPU) or device bf16 (CUDA).
+  // Where this model wants its cache rows: host fp32 or fp8 (CPU), device bf16 (CUDA).
   virtual CacheStorage cache_storage() const { return CacheStorage::kHostF32; }
   // The CUDA device the model (and so its cache) lives on; -1 for a host model.
   virtual int cuda_device() const { return -1; }

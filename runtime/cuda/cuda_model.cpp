@@ -65,6 +65,10 @@ std::shared_ptr<CudaModel> CudaModel::load(const std::string& model_dir,
               "deterministic on GPUs needs tp <= 2 (got {}): over more ranks the all-reduce's "
               "summation order follows NCCL's algorithm for each message size",
               options.tp_size);
+  MLA_REQUIRE(options.cache_dtype == CacheDType::kAuto,
+              "cache.dtype {}: the CUDA backend keeps its cache in bf16 (the fp8 cache runs on the "
+              "CPU backend so far); use cache.dtype auto",
+              to_string(options.cache_dtype));
   ModelConfig config = ModelConfig::load(model_dir);
   const ShardPlan shard = plan_for(config, options);
   std::shared_ptr<CudaModel> model(new CudaModel(std::move(config), gpu_options(options), shard));

@@ -116,21 +116,29 @@ inline const Golden& golden() {
   return g;
 }
 
-// The offline model; `deterministic`: with batch-invariant products (ModelOptions).
-inline std::shared_ptr<const DeepseekModel> offline_model(bool deterministic = false) {
-  auto load = [](bool batch_invariant) {
+// The offline model; `deterministic`: with batch-invariant products, `cache`: the cache's
+// element (ModelOptions).
+inline std::shared_ptr<const DeepseekModel> offline_model(bool deterministic = false,
+                                                          CacheDType cache = CacheDType::kAuto) {
+  static std::map<std::pair<bool, CacheDType>, std::shared_ptr<const DeepseekModel>> models;
+  static std::mutex mu;
+  std::lock_guard lock(mu);
+  auto& m = models[{deterministic, cache}];
+  if (!m) {
     ModelOptions o;
     o.show_progress = false;
-    o.deterministic = batch_invariant;
-    return DeepseekModel::load(model_dir(), o);
-  };
-  static const std::shared_ptr<const DeepseekModel> plain = load(false), invariant = load(true);
-  return deterministic ? invariant : plain;
+    o.deterministic = deterministic;
+    o.cache_dtype = cache;
+    m = DeepseekModel::load(model_dir(), o);
+  }
+  return m;
 }
 
 // The tokens the offline engine generates for `r`, run alone with the workers' cache
-// settings (the defaults); `deterministic` as the workers' --deterministic.
-inline Tokens offline_tokens(const v1::GenerateRequest& r, bool deterministic = false) {
+// settings (the defaults); `deterministic` as the workers' --deterministic, `cache` as their
+// --cache-dtype.
+inline Tokens offline_tokens(const v1::GenerateRequest& r, bool deterministic = false,
+                             CacheDType cache = CacheDType::kAuto) {
   Request req;
   req.prompt.assign(r.prompt_ids().begin(), r.prompt_ids().end());
   req.max_tokens = r.max_tokens();
@@ -140,7 +148,7 @@ inline Tokens offline_tokens(const v1::GenerateRequest& r, bool deterministic = 
   req.sampling.top_k = r.sampling().top_k();
   req.sampling.top_p = r.sampling().top_p() == 0 ? 1.0f : r.sampling().top_p();
   req.sampling.seed = r.sampling().seed();
-  Engine engine(offline_model(deterministic), EngineOptions{});
+  Engine engine(offline_model(deterministic, cache), EngineOptions{});
   const RequestId id = engine.add_request(req);
   Tokens out;
   for (int step = 0; engine.has_work(); ++step) {
@@ -265,14 +273,15 @@ struct Load {
   std::vector<Tokens> expected;
 };
 
-inline Load long_requests(int n, int32_t max_tokens, uint32_t seed, bool deterministic = false) {
+inline Load long_requests(int n, int32_t max_tokens, uint32_t seed, bool deterministic = false,
+                          CacheDType cache = CacheDType::kAuto) {
   Load load;
   std::mt19937 rng(seed);
   for (int i = 0; i < n; ++i) {
     v1::GenerateRequest r =
         make_request(random_prompt(rng, 4, 40), max_tokens,
                      i % 2 == 1 ? std::optional<uint64_t>(seed + i) : std::nullopt);
-    load.expected.push_back(offline_tokens(r, deterministic));
+    load.expected.push_back(offline_tokens(r, deterministic, cache));
     load.requests.push_back(std::move(r));
   }
   return load;

@@ -13,6 +13,7 @@
 #include <fstream>
 #include <future>
 
+#include "kernels/cpu/fp8_latent.h"
 #include "rpc/shared_secret.h"
 #include "tests/e2e/cluster_fixture.h"
 
@@ -61,9 +62,12 @@ class MigrationTest : public ClusterTest {
     return worker_ids_[0] == worker_id ? worker_ids_[1] : worker_ids_[0];
   }
 
-  // Latent bytes per token on the wire: every layer's d_c + d_r values in fp32 (CPU).
-  static int64_t token_bytes() {
+  // Latent bytes per token on the wire: every layer's d_c + d_r values in fp32 (CPU), or its
+  // packed fp8 row with --cache-dtype fp8.
+  int64_t token_bytes() const {
     const ModelConfig& c = offline_model()->config();
+    if (cache_dtype_ == CacheDType::kFp8)
+      return c.num_layers * cpu::Fp8LatentRow{c.kv_lora_rank, c.qk_rope_head_dim}.bytes();
     return c.num_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 4;
   }
 
@@ -181,7 +185,8 @@ class MigrationTest : public ClusterTest {
     return streams;
   }
 
-  std::string transport_ = "grpc";  // how the latents are expected to move
+  std::string transport_ = "grpc";              // how the latents are expected to move
+  CacheDType cache_dtype_ = CacheDType::kAuto;  // the workers' --cache-dtype
 
   // `n` long requests (greedy and seeded) with their offline tokens, with ids PREFIX-i (for
   // Migrate).
@@ -255,6 +260,29 @@ TEST_F(MigrationTest, AnOperatorMovesRunningRequestsWithTheirCachesAndTheTokensD
       expect_moved_with_cache(moved[i], streams[i], load.requests[i]);
   }
   std::cout << by_cli.output;
+  expect_no_pages_held(start);
+}
+
+// Workers with fp8 caches (--cache-dtype fp8): a migration moves the packed rows as they are
+// (the bytes of d_c e4m3 values, their scales and d_r bf16 values per token and layer, 68 for
+// the tiny model against 192 in fp32), and every stream carries the tokens of the offline
+// engine on an fp8 cache.
+TEST_F(MigrationTest, Fp8CachesMoveTheirPackedRowsAsTheyAre) {
+  cache_dtype_ = CacheDType::kFp8;
+  ASSERT_NO_FATAL_FAILURE(start_cluster(Layout::kTwoJobs, {"--cache-dtype", "fp8"}));
+  Load load = long_requests(4, 200, 29, kDeterministic, CacheDType::kFp8);
+  for (size_t i = 0; i < load.requests.size(); ++i)
+    load.requests[i].set_request_id("fp8-" + std::to_string(i));
+  std::vector<v1::MigrateResponse> moved;
+  const auto start = Clock::now();
+  const std::vector<Stream> streams = run_migrating(load, {0, 1, 2, 3}, &moved);
+  int migrated = 0;
+  for (size_t i = 0; i < moved.size(); ++i) {
+    if (moved[i].outcome() != "migrated") continue;
+    ++migrated;
+    expect_moved_with_cache(moved[i], streams[i], load.requests[i]);
+  }
+  EXPECT_GT(migrated, 0);
   expect_no_pages_held(start);
 }
 

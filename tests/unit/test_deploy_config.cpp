@@ -73,6 +73,8 @@ TEST(DeployConfig, FieldsOverrideDefaults) {
   EXPECT_FALSE(c.model.cuda.graphs);
   EXPECT_FALSE(c.model.cuda.small_gemm);
   EXPECT_TRUE(DeployConfig::parse("model: /m\n", "t").model.cuda.small_gemm);
+  EXPECT_EQ(DeployConfig::parse("model: /m\n", "t").model.cache_dtype, CacheDType::kAuto);
+  EXPECT_EQ(DeployConfig::parse("cache: {dtype: fp8}\n", "t").model.cache_dtype, CacheDType::kFp8);
 
   const RebalanceConfig off = DeployConfig::parse("model: /m\n", "t").coordinator.rebalance;
   EXPECT_FALSE(off.enabled);
@@ -142,6 +144,8 @@ TEST(DeployConfig, ErrorsNameTheProblem) {
               HasSubstr("x.yaml: coordinator.routing: must be least-loaded, round-robin, "
                         "prefix-affinity or cache-aware, got `random`"));
   EXPECT_THAT(message("model: m\nparallel: {tp: 0}\n"), HasSubstr("parallel.tp must be >= 1"));
+  EXPECT_THAT(message("model: m\ncache: {dtype: int4}\n"),
+              HasSubstr("x.yaml: cache.dtype: 'int4' is not a cache dtype (auto, fp8)"));
   EXPECT_THAT(message("model: m\nworkers: {port_base: 70000}\n"), HasSubstr("workers.port_base"));
   EXPECT_THAT(message("model: m\ncoordinator: {adress: x}\n"),
               HasSubstr("unknown key `coordinator.adress`"));

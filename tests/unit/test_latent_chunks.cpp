@@ -73,6 +73,22 @@ TEST(LatentChunks, Bfloat16CarriesADeviceCachesValuesExactlyInHalfTheBytes) {
   EXPECT_EQ(std::memcmp(back.raw(), latents.raw(), latents.nbytes()), 0);
 }
 
+// An fp8 cache's packed rows travel as bytes: the width counts bytes (kU8 elements).
+TEST(LatentChunks, Fp8RowsTravelAsTheirBytes) {
+  EXPECT_EQ(latent_dtype("fp8_e4m3"), DType::kU8);
+  EXPECT_EQ(latent_token_bytes(kLayers, 656, "fp8_e4m3"), size_t{kLayers} * 656);
+  EXPECT_STREQ(latent_wire_dtype(CacheStorage::kHostFp8), "fp8_e4m3");
+  EXPECT_STREQ(latent_wire_dtype(CacheStorage::kHostF32), "float32");
+  EXPECT_STREQ(latent_wire_dtype(CacheStorage::kDeviceBf16), "bfloat16");
+  Tensor rows = Tensor::empty({kLayers, 9, kWidth}, DType::kU8);
+  for (int64_t i = 0; i < rows.numel(); ++i) rows.data<uint8_t>()[i] = static_cast<uint8_t>(i * 7);
+  const auto chunks = encode_latent_chunks(rows, 5, "fp8_e4m3", 4 * kLayers * kWidth);
+  ASSERT_EQ(chunks.size(), 3u);  // 4 + 4 + 1 tokens
+  const Tensor back = reassemble(chunks, 5, 9, "fp8_e4m3");
+  EXPECT_EQ(std::memcmp(back.raw(), rows.raw(), rows.nbytes()), 0);
+  EXPECT_THROW(latent_dtype("fp16"), Error);
+}
+
 TEST(LatentChunks, LatentsNotInTheWireDtypeAreRefused) {
   // Nothing is converted on the way: the sender's rows must already be in the wire's type.
   EXPECT_THROW(encode_latent_chunks(random_latents(2, false, 5), 0, "bfloat16", 1 << 20), Error);
