@@ -39,6 +39,10 @@ void DeployFlags::add_to(CLI::App& cmd) {
                  "auto (fp32 on the CPU, bf16 on the GPU) or fp8 (e4m3 latents with a scale per "
                  "128, bf16 rotary keys: ~1.75x bf16's context; CPU backend so far)")
       ->capture_default_str();
+  cmd.add_option("--fp8-weights", fp8_weights_,
+                 "An fp8 checkpoint's weights: widen (to fp32 on the CPU, bf16 on the GPU) or keep "
+                 "(e4m3 with block scales, activations quantised per 128; CPU backend so far)")
+      ->capture_default_str();
   cmd.add_option("--cache-memory-fraction", flags_.engine.cache_memory_fraction,
                  "With --num-pages 0: share of free GPU memory for the cache")
       ->capture_default_str();
@@ -77,6 +81,9 @@ DeployConfig DeployFlags::resolve() const {
   if (given("--device")) d.model.device = device_from_string(device_);
   if (given("--cache-dtype")) {
     d.model.cache_dtype = cache_dtype_from_string(cache_dtype_, "--cache-dtype");
+  }
+  if (given("--fp8-weights")) {
+    d.model.fp8_weights = fp8_weights_from_string(fp8_weights_, "--fp8-weights");
   }
   if (given("--cache-memory-fraction")) {
     d.engine.cache_memory_fraction = flags_.engine.cache_memory_fraction;

@@ -31,6 +31,7 @@ class DeployFlags {
   std::string device_ = "cpu";
   std::string kv_shard_ = "sequence";
   std::string cache_dtype_ = "auto";
+  std::string fp8_weights_ = "widen";
   bool no_graphs_ = false;
   bool deterministic_ = false;
   bool prefix_caching_ = false;

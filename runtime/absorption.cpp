@@ -93,7 +93,7 @@ double CostModel::cost(const ModelConfig& c, AttnPath path, int64_t new_tokens,
 }
 
 FormPolicy::FormPolicy(const ModelConfig& config, AbsorbMode mode, CostModel cost,
-                       const std::string& decompressed_unsupported)
+                       const std::string& decompressed_unsupported, bool fp8_weights_kept)
     : config_(config),
       mode_(mode),
       cost_(cost),
@@ -103,8 +103,9 @@ FormPolicy::FormPolicy(const ModelConfig& config, AbsorbMode mode, CostModel cos
               "this model: {}; use factored, premerged or auto",
               decompressed_unsupported);
   // Premerged beats factored (or not) independently of context: both read the same latents.
-  const bool premerged_cheaper = cost_.cost(config, AttnPath::kLatentPremerged, 1, 1) <
-                                 cost_.cost(config, AttnPath::kLatentFactored, 1, 1);
+  const bool premerged_cheaper =
+      !fp8_weights_kept && cost_.cost(config, AttnPath::kLatentPremerged, 1, 1) <
+                               cost_.cost(config, AttnPath::kLatentFactored, 1, 1);
   latent_weights_ =
       mode == AbsorbMode::kPremerged || (mode == AbsorbMode::kAuto && premerged_cheaper)
           ? LatentWeights::kPremerged
@@ -140,17 +141,19 @@ void build_premerged(const ModelConfig& c, int64_t local_heads, AttentionWeights
   w.q_rope = Tensor::empty({H_l * d_r, q_in});
   w.o_absorbed = Tensor::empty({D, H_l * d_c});
   std::vector<float> uk_t(d_c * d_n);
+  // The merged matrices are fp32 whatever the checkpoint stores (fp8 weights are widened here).
+  const Tensor q_b = w.q_b.widened(), o = w.o.widened();
   for (int64_t h = 0; h < H_l; ++h) {
     const float* w_uk = w.kv_b.f32() + h * (d_n + d_v) * d_c;  // [d_n, d_c]
     const float* w_uv = w_uk + d_n * d_c;                      // [d_v, d_c]
-    const float* q_nope = w.q_b.f32() + h * d_qk * q_in;       // [d_n, q_in]
+    const float* q_nope = q_b.f32() + h * d_qk * q_in;         // [d_n, q_in]
     // W_Q'[h] [d_c, q_in] = W_UK[h]^T [d_c, d_n] * W_q,nope[h] [d_n, q_in]
     for (int64_t i = 0; i < d_n; ++i)
       for (int64_t j = 0; j < d_c; ++j) uk_t[j * d_n + i] = w_uk[i * d_c + j];
     cpu::matmul_nn(uk_t.data(), d_c, d_n, q_nope, q_in, w.q_absorbed.f32() + h * d_c * q_in);
     std::memcpy(w.q_rope.f32() + h * d_r * q_in, q_nope + d_n * q_in, d_r * q_in * sizeof(float));
     // W_O'[:, h] [D, d_c] = W_o[:, h] [D, d_v] * W_UV[h] [d_v, d_c]
-    cpu::gemm(false, D, d_c, d_v, w.o.f32() + h * d_v, H_l * d_v, w_uv, d_c,
+    cpu::gemm(false, D, d_c, d_v, o.f32() + h * d_v, H_l * d_v, w_uv, d_c,
               w.o_absorbed.f32() + h * d_c, H_l * d_c);
   }
 }

@@ -61,9 +61,12 @@ class FormPolicy {
  public:
   // `decompressed_unsupported`: empty when the backend runs the decompressed form for this
   // model's shapes, else why not (auto then always picks the latent form; naive, whose form it
-  // is, throws kInvalidArgument with the reason).
+  // is, throws kInvalidArgument with the reason). `fp8_weights_kept`: the linear weights stay
+  // fp8 (Fp8Weights::kKeep); auto then holds the factored latent weights, since the premerged
+  // matrices would be fp32 products of widened weights (more bytes, and products that no
+  // longer quantise their activations as the fp8 model does).
   FormPolicy(const ModelConfig& config, AbsorbMode mode, CostModel cost,
-             const std::string& decompressed_unsupported = "");
+             const std::string& decompressed_unsupported = "", bool fp8_weights_kept = false);
 
   AbsorbMode mode() const { return mode_; }
   LatentWeights latent_weights() const { return latent_weights_; }

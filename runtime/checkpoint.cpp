@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -290,7 +291,56 @@ Tensor Checkpoint::load_f32_slice(const std::string& name, const Shape& full_sha
                                   int64_t row_begin, int64_t row_end, int64_t col_begin,
                                   int64_t col_end) {
   const Entry& e = checked_entry(name, full_shape);
+  Shape out_shape;
+  const Block block = slice_block(e, row_begin, row_end, col_begin, col_end, &out_shape);
+  return load_block(e, std::move(out_shape), block);
+}
+
+bool Checkpoint::is_fp8(const std::string& name) const {
+  return entry(name).info->dtype == DType::kF8E4M3;
+}
+
+Checkpoint::Fp8Slice Checkpoint::load_fp8_slice(const std::string& name, const Shape& full_shape,
+                                                int64_t row_begin, int64_t row_end,
+                                                int64_t col_begin, int64_t col_end) {
+  const Entry& e = checked_entry(name, full_shape);
+  if (e.info->dtype != DType::kF8E4M3 || e.info->shape.size() != 2) {
+    MLA_THROW(kInvalidArgument, "file {}: tensor {} is {} {}, not a 2-D fp8 tensor", e.file->path(),
+              name, dtype_name(e.info->dtype), shape_str(e.info->shape));
+  }
+  Shape out_shape;
+  const Block block = slice_block(e, row_begin, row_end, col_begin, col_end, &out_shape);
+  const int64_t block_rows = fp8_block_[0], block_cols = fp8_block_[1];
+  if (block.col_begin % block_cols != 0) {
+    MLA_THROW(kInvalidArgument,
+              "file {}: columns of fp8 tensor {} sliced from {}, inside a block of {} columns",
+              e.file->path(), name, block.col_begin, block_cols);
+  }
+  const Block scale_block{block.row_begin / block_rows, ceil_div(block.row_end, block_rows),
+                          block.col_begin / block_cols, ceil_div(block.col_end, block_cols)};
+  const std::vector<float> scale = fp8_scales(e, scale_block);
+
+  Fp8Slice out{Tensor::empty(out_shape, DType::kF8E4M3),
+               Tensor::empty({block.rows(), scale_block.cols()}), block_cols};
+  const Tensor stored = e.file->tensor(name);
+  const int64_t stride = e.info->shape[1];
+  for (int64_t i = 0; i < block.rows(); ++i) {
+    std::memcpy(out.values.data<uint8_t>() + i * block.cols(),
+                stored.data<uint8_t>() + (block.row_begin + i) * stride + block.col_begin,
+                block.cols());
+    const int64_t scale_row = (block.row_begin + i) / block_rows - scale_block.row_begin;
+    std::memcpy(out.scale.f32() + i * scale_block.cols(), &scale[scale_row * scale_block.cols()],
+                scale_block.cols() * sizeof(float));
+  }
+  progress_->add(static_cast<size_t>(block.rows() * block.cols()));
+  return out;
+}
+
+Checkpoint::Block Checkpoint::slice_block(const Entry& e, int64_t row_begin, int64_t row_end,
+                                          int64_t col_begin, int64_t col_end,
+                                          Shape* out_shape) const {
   const Shape& shape = e.info->shape;
+  const std::string& name = e.info->name;
   if (shape.empty()) {
     MLA_THROW(kInvalidArgument, "file {}: tensor {} is a scalar and has no rows to slice",
               e.file->path(), name);
@@ -307,8 +357,8 @@ Tensor Checkpoint::load_f32_slice(const std::string& name, const Shape& full_sha
               e.file->path(), col_begin, col_end, name, shape_str(shape));
   }
   Block block{row_begin, row_end, 0, matrix_cols(shape)};
-  Shape out_shape = shape;
-  out_shape[0] = block.rows();
+  *out_shape = shape;
+  (*out_shape)[0] = block.rows();
   if (!all_cols) {
     const int64_t end = col_end == -1 ? shape[1] : col_end;
     if (!(0 <= col_begin && col_begin < end && end <= shape[1])) {
@@ -318,9 +368,9 @@ Tensor Checkpoint::load_f32_slice(const std::string& name, const Shape& full_sha
     }
     block.col_begin = col_begin;
     block.col_end = end;
-    out_shape[1] = block.cols();
+    (*out_shape)[1] = block.cols();
   }
-  return load_block(e, std::move(out_shape), block);
+  return block;
 }
 
 Tensor Checkpoint::load_block(const Entry& e, Shape out_shape, const Block& block) {

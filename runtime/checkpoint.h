@@ -71,6 +71,20 @@ class Checkpoint {
   // if columns are sliced in a tensor that is not 2-D.
   Tensor load_f32_slice(const std::string& name, const Shape& full_shape, int64_t row_begin,
                         int64_t row_end, int64_t col_begin = 0, int64_t col_end = -1);
+  // Whether tensor `name` is stored as fp8 e4m3. Throws kNotFound if absent.
+  bool is_fp8(const std::string& name) const;
+  // An fp8 tensor's part as stored: its e4m3 bytes [rows, cols] and an fp32 scale per row and
+  // fp8_block[1] columns, scale [rows, ceil(cols / fp8_block[1])] (each 128x128 block's scale
+  // repeated over its rows), `group` = fp8_block[1]; rows and columns select as in
+  // load_f32_slice. Throws what load_f32_slice throws, and kInvalidArgument if the tensor is
+  // not 2-D fp8 or if the columns start inside a scale block.
+  struct Fp8Slice {
+    Tensor values;  // F8E4M3 [rows, cols]
+    Tensor scale;   // F32 [rows, ceil(cols / group)]
+    int64_t group = 0;
+  };
+  Fp8Slice load_fp8_slice(const std::string& name, const Shape& full_shape, int64_t row_begin,
+                          int64_t row_end, int64_t col_begin = 0, int64_t col_end = -1);
   // Zero-copy, read-only view of tensor `name` in its stored dtype (e.g. I64 tables); keeps
   // the file mapped while it lives. Not counted by the progress display.
   Tensor load_raw(const std::string& name) const;
@@ -104,6 +118,9 @@ class Checkpoint {
                             float* out);
   Tensor load_block(const Entry& e, Shape out_shape, const Block& block);
   std::vector<float> fp8_scales(const Entry& weight, const Block& scale_block) const;
+  // The rows and columns load_f32_slice's arguments select (checked), and the result's shape.
+  Block slice_block(const Entry& e, int64_t row_begin, int64_t row_end, int64_t col_begin,
+                    int64_t col_end, Shape* out_shape) const;
 
   std::string dir_;
   std::array<int, 2> fp8_block_;

@@ -9,6 +9,7 @@
 #include <limits>
 #include <numeric>
 
+#include "kernels/cpu/fp8_gemm.h"
 #include "kernels/cpu/moe.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/error.h"
@@ -86,6 +87,7 @@ class DeepseekRunner final : public ModelRunner {
 DeepseekModel::DeepseekModel(ModelConfig config, const ModelOptions& options, ShardPlan shard)
     : Model(std::move(config), options, shard),
       batch_invariant_(options.deterministic),
+      keep_fp8_(options.fp8_weights == Fp8Weights::kKeep),
       cache_storage_(options.cache_dtype == CacheDType::kFp8 ? CacheStorage::kHostFp8
                                                              : CacheStorage::kHostF32),
       inv_freq_(config_.rope_inv_freq()),
@@ -95,18 +97,23 @@ DeepseekModel::DeepseekModel(ModelConfig config, const ModelOptions& options, Sh
 std::shared_ptr<DeepseekModel> DeepseekModel::load(const std::string& model_dir,
                                                    const ModelOptions& options) {
   ModelConfig config = ModelConfig::load(model_dir);
+  MLA_REQUIRE(options.fp8_weights != Fp8Weights::kKeep || config.fp8_checkpoint,
+              "fp8_weights keep: {} has no fp8 weights (its config.json has no "
+              "quantization_config); use fp8_weights widen",
+              model_dir);
   const ShardPlan shard = plan_for(config, options);
   std::shared_ptr<DeepseekModel> model(new DeepseekModel(std::move(config), options, shard));
   Checkpoint ckpt = Checkpoint::open(model_dir, model->config_.fp8_block);
   ckpt.set_progress(options.show_progress);
-  model->load_weights(ckpt);
+  const std::string kept = model->load_weights(ckpt);
   ckpt.finish_progress();
-  model->log_loaded(options, "cpu fp32");
+  const std::string backend = kept.empty() ? "cpu fp32" : "cpu fp32, " + kept;
+  model->log_loaded(options, backend.c_str());
   return model;
 }
 
-void DeepseekModel::load_weights(Checkpoint& ckpt) {
-  WeightLoader loader(ckpt, config_, shard_);
+std::string DeepseekModel::load_weights(Checkpoint& ckpt) {
+  WeightLoader loader(ckpt, config_, shard_, keep_fp8_);
   weights_.embed = loader.embed();
   weights_.final_norm = loader.final_norm();
   weights_.lm_head = loader.lm_head(weights_.embed);
@@ -118,6 +125,13 @@ void DeepseekModel::load_weights(Checkpoint& ckpt) {
       build_premerged(config_, shard_.local_heads(), weights_.layers[l].attn);
     }
   }
+  if (!keep_fp8_) return "";
+  return fmt::format("{} fp8 weights kept as fp8 ({:.1f} MB held){}", loader.kept_fp8(),
+                     weights_.nbytes() / 1e6,
+                     loader.widened_fp8() > 0
+                         ? fmt::format(" ({} widened: their shard starts inside a scale block)",
+                                       loader.widened_fp8())
+                         : "");
 }
 
 std::unique_ptr<ModelRunner> DeepseekModel::make_runner(LatentCache& cache,
@@ -461,10 +475,24 @@ std::vector<float> DeepseekModel::gather_context(int64_t layer, const ForwardSeq
   return context;
 }
 
-void DeepseekModel::linear(const float* x, int64_t rows, const Tensor& w, float* y,
+void DeepseekModel::linear(const float* x, int64_t rows, const LinearWeight& w, float* y,
                            WorkCounter& counter, float beta) const {
-  cpu::matmul_nt(x, rows, w.dim(1), w.f32(), w.dim(0), y, beta, batch_invariant_);
-  counter.weight_flops += flops_of(rows, w.dim(0), w.dim(1));
+  if (w.fp8()) {
+    cpu::gemm_fp8_blockscaled({.x = x,
+                               .m = rows,
+                               .k = w.in(),
+                               .ldx = w.in(),
+                               .w = w.w.data<uint8_t>(),
+                               .w_scale = w.scale.f32(),
+                               .n = w.out(),
+                               .group = w.group,
+                               .y = y,
+                               .ldy = w.out(),
+                               .beta = beta});
+  } else {
+    cpu::matmul_nt(x, rows, w.in(), w.f32().f32(), w.out(), y, beta, batch_invariant_);
+  }
+  counter.weight_flops += flops_of(rows, w.out(), w.in());
 }
 
 void DeepseekModel::mlp(const MlpWeights& w, const float* x, int64_t rows, float* out,

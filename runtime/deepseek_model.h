@@ -40,13 +40,16 @@ class DeepseekModel : public Model {
   std::unique_ptr<ModelRunner> make_runner(LatentCache& cache,
                                            Communicator* comm = nullptr) const override;
   CacheStorage cache_storage() const override { return cache_storage_; }
+  // Bytes of the weights this rank holds (kept fp8 weights: their e4m3 bytes and scales).
+  size_t weight_bytes() const { return weights_.nbytes(); }
 
  private:
   friend class DeepseekRunner;
   Tensor forward(const ForwardBatch& batch, LatentCache& cache, WorkCounter* counter,
                  Communicator* comm, TensorDump* dump) const;
   DeepseekModel(ModelConfig config, const ModelOptions& options, ShardPlan shard);
-  void load_weights(Checkpoint& ckpt);
+  // Reads this rank's weights; returns what fp8_weights keep kept ("" without it), for the log.
+  std::string load_weights(Checkpoint& ckpt);
 
   struct StepContext;
   void attention(const LayerWeights& lw, int64_t layer, const float* xn, StepContext& ctx,
@@ -60,12 +63,13 @@ class DeepseekModel : public Model {
   void mlp(const MlpWeights& w, const float* x, int64_t rows, float* out,
            WorkCounter& counter) const;
   // y[rows, out] = x[rows, in] * w^T (+ beta * y), counting the FLOPs; batch-invariant with
-  // ModelOptions::deterministic.
-  void linear(const float* x, int64_t rows, const Tensor& w, float* y, WorkCounter& counter,
+  // ModelOptions::deterministic (an fp8 weight's product always is).
+  void linear(const float* x, int64_t rows, const LinearWeight& w, float* y, WorkCounter& counter,
               float beta = 0.0f) const;
 
   ModelWeights weights_;
   bool batch_invariant_;
+  bool keep_fp8_;               // ModelOptions::fp8_weights kKeep
   CacheStorage cache_storage_;  // host fp32, or fp8 with ModelOptions::cache_dtype kFp8
   std::vector<float> inv_freq_;
   float rope_factor_;

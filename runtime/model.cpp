@@ -36,7 +36,8 @@ Model::Model(ModelConfig config, const ModelOptions& options, ShardPlan shard,
              // so its rows would depend on how a prompt was cut into chunks.
              options.deterministic ? "deterministic: the decompressed form's rows depend on "
                                      "where a prompt's chunk ends"
-                                   : decompressed_unsupported) {}
+                                   : decompressed_unsupported,
+             options.fp8_weights == Fp8Weights::kKeep) {}
 
 ShardPlan Model::plan_for(const ModelConfig& config, const ModelOptions& options) {
   const ShardPlan shard(options.tp_size, options.tp_rank, config.num_heads, options.kv_shard);
@@ -51,6 +52,15 @@ ShardPlan Model::plan_for(const ModelConfig& config, const ModelOptions& options
   }
   return shard;
 }
+
+Fp8Weights fp8_weights_from_string(std::string_view name, std::string_view field) {
+  if (name == "widen") return Fp8Weights::kWiden;
+  if (name == "keep") return Fp8Weights::kKeep;
+  MLA_THROW(kInvalidArgument, "{}: '{}' is not a choice for fp8 weights (widen, keep)", field,
+            name);
+}
+
+const char* to_string(Fp8Weights w) { return w == Fp8Weights::kKeep ? "keep" : "widen"; }
 
 void Model::log_loaded(const ModelOptions& options, const char* backend) const {
   const ModelConfig& c = config_;

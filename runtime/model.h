@@ -36,6 +36,16 @@ struct CudaOptions {
   bool small_gemm = true;
 };
 
+// What happens to the linear weights an fp8 checkpoint (DeepSeek-V3/R1's own files) stores in
+// fp8 e4m3 with 128x128 block scales (`fp8_weights`).
+enum class Fp8Weights : uint8_t {
+  kWiden,  // widened at load (fp32 on the CPU, bf16 on the GPU): transformers' dequantised model
+  kKeep,   // kept fp8; products quantise activations per row and 128 columns (DeepSeek's fp8
+           // inference, kernels/cpu/fp8_gemm.h). CPU backend so far.
+};
+Fp8Weights fp8_weights_from_string(std::string_view name, std::string_view field);  // throws
+const char* to_string(Fp8Weights w);  // "widen", "keep"
+
 struct ModelOptions {
   AbsorbMode absorb = AbsorbMode::kAuto;  // Default: auto.
   CostModel cost;                         // Default: CPU balance (see CostModel).
@@ -58,6 +68,9 @@ struct ModelOptions {
   // CPU, bf16 on the GPU), or kFp8 (kernels/cpu/fp8_latent.h; the CPU backend only so far).
   // Default: kAuto.
   CacheDType cache_dtype = CacheDType::kAuto;
+  // An fp8 checkpoint's weights (see Fp8Weights); kKeep with a checkpoint that has no fp8
+  // weights is refused at load. Default: kWiden.
+  Fp8Weights fp8_weights = Fp8Weights::kWiden;
 };
 
 // How to pick the token of one sequence that wants logits, and whether to keep its logits.

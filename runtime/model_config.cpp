@@ -236,6 +236,7 @@ ModelConfig ModelConfig::from_json(const json& j) {
     }
   }
   if (const std::optional<Fields> q = f.object("quantization_config")) {
+    c.fp8_checkpoint = true;
     if (const json* b = q->find("weight_block_size")) {
       const bool ok =
           b->is_array() && b->size() == 2 && std::ranges::all_of(*b, [](const json& v) {

@@ -98,6 +98,7 @@ struct ModelConfig {
   std::vector<int32_t> eos_token_ids;
   bool tie_word_embeddings = false;
   std::array<int, 2> fp8_block = {128, 128};  // quantization_config.weight_block_size
+  bool fp8_checkpoint = false;                // a quantization_config (fp8 e4m3) is present
 
   // Parses a transformers config.json object and validates it; throws kInvalidArgument
   // naming the field.

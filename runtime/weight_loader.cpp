@@ -1,15 +1,15 @@
 #include "runtime/weight_loader.h"
 
 #include <cstdio>
-#include <cstring>
 
 #include "kernels/cpu/ops.h"
 #include "kernels/error.h"
 
 namespace mla {
 
-WeightLoader::WeightLoader(Checkpoint& ckpt, const ModelConfig& config, const ShardPlan& shard)
-    : ckpt_(ckpt), config_(config), shard_(shard) {
+WeightLoader::WeightLoader(Checkpoint& ckpt, const ModelConfig& config, const ShardPlan& shard,
+                           bool keep_fp8)
+    : ckpt_(ckpt), config_(config), shard_(shard), keep_fp8_(keep_fp8) {
   // The progress total: everything but block scales and layers past num_hidden_layers
   // (a rank of P reads about 1/P of the split tensors; the line shows the whole file).
   size_t total = 0;
@@ -35,6 +35,19 @@ Tensor WeightLoader::lm_head(const Tensor& embed) {
   return ckpt_.load_f32("lm_head.weight", {config_.vocab_size, config_.hidden_size});
 }
 
+LinearWeight WeightLoader::linear(const std::string& name, const Shape& shape, int64_t r0,
+                                  int64_t r1, int64_t c0, int64_t c1) {
+  if (keep_fp8_ && ckpt_.is_fp8(name)) {
+    if (c0 % config_.fp8_block[1] == 0) {
+      Checkpoint::Fp8Slice s = ckpt_.load_fp8_slice(name, shape, r0, r1, c0, c1);
+      ++kept_fp8_;
+      return LinearWeight(std::move(s.values), std::move(s.scale), s.group);
+    }
+    ++widened_fp8_;
+  }
+  return ckpt_.load_f32_slice(name, shape, r0, r1, c0, c1);
+}
+
 // A SwiGLU MLP of `width` split by columns of gate/up and rows of down: rank r keeps
 // [r * width / P, (r + 1) * width / P).
 MlpWeights WeightLoader::mlp(const std::string& prefix, int64_t width, int64_t parts) {
@@ -42,12 +55,10 @@ MlpWeights WeightLoader::mlp(const std::string& prefix, int64_t width, int64_t p
                 begin = (parts == 1 ? 0 : shard_.tp_rank()) * w;
   MlpWeights m;
   m.width = w;
-  Tensor gate = ckpt_.load_f32_slice(prefix + "gate_proj.weight", {width, D}, begin, begin + w);
-  Tensor up = ckpt_.load_f32_slice(prefix + "up_proj.weight", {width, D}, begin, begin + w);
-  m.gate_up = Tensor::empty({2 * w, D});
-  std::memcpy(m.gate_up.f32(), gate.f32(), gate.nbytes());
-  std::memcpy(m.gate_up.f32() + w * D, up.f32(), up.nbytes());
-  m.down = ckpt_.load_f32_slice(prefix + "down_proj.weight", {D, width}, 0, D, begin, begin + w);
+  m.gate_up =
+      LinearWeight::concat_rows(linear(prefix + "gate_proj.weight", {width, D}, begin, begin + w),
+                                linear(prefix + "up_proj.weight", {width, D}, begin, begin + w));
+  m.down = linear(prefix + "down_proj.weight", {D, width}, 0, D, begin, begin + w);
   return m;
 }
 
@@ -61,9 +72,6 @@ LayerWeights WeightLoader::layer(int64_t l) {
   auto rows = [&](const std::string& name, const Shape& shape, int64_t begin, int64_t end) {
     return ckpt_.load_f32_slice(name, shape, begin, end);
   };
-  auto cols = [&](const std::string& name, const Shape& shape, int64_t begin, int64_t end) {
-    return ckpt_.load_f32_slice(name, shape, 0, shape[0], begin, end);
-  };
   LayerWeights lw;
   const std::string p = fmt::format("model.layers.{}.", l);
   lw.input_norm = load(p + "input_layernorm.weight", {D});
@@ -73,16 +81,17 @@ LayerWeights WeightLoader::layer(int64_t l) {
   const std::string ap = p + "self_attn.";
   const int64_t d_qk = c.qk_head_dim(), d_kv = c.qk_nope_head_dim + c.v_head_dim;
   if (c.q_lora_rank > 0) {
-    a.q_a = load(ap + "q_a_proj.weight", {c.q_lora_rank, D});
+    a.q_a = linear(ap + "q_a_proj.weight", {c.q_lora_rank, D}, 0, c.q_lora_rank);
     a.q_a_norm = load(ap + "q_a_layernorm.weight", {c.q_lora_rank});
-    a.q_b = rows(ap + "q_b_proj.weight", {H * d_qk, c.q_lora_rank}, h0 * d_qk, h1 * d_qk);
+    a.q_b = linear(ap + "q_b_proj.weight", {H * d_qk, c.q_lora_rank}, h0 * d_qk, h1 * d_qk);
   } else {
-    a.q_b = rows(ap + "q_proj.weight", {H * d_qk, D}, h0 * d_qk, h1 * d_qk);
+    a.q_b = linear(ap + "q_proj.weight", {H * d_qk, D}, h0 * d_qk, h1 * d_qk);
   }
-  a.kv_a = load(ap + "kv_a_proj_with_mqa.weight", {c.latent_width(), D});
+  a.kv_a = linear(ap + "kv_a_proj_with_mqa.weight", {c.latent_width(), D}, 0, c.latent_width());
   a.kv_a_norm = load(ap + "kv_a_layernorm.weight", {c.kv_lora_rank});
   a.kv_b = rows(ap + "kv_b_proj.weight", {H * d_kv, c.kv_lora_rank}, h0 * d_kv, h1 * d_kv);
-  a.o = cols(ap + "o_proj.weight", {D, H * c.v_head_dim}, h0 * c.v_head_dim, h1 * c.v_head_dim);
+  a.o = linear(ap + "o_proj.weight", {D, H * c.v_head_dim}, 0, D, h0 * c.v_head_dim,
+               h1 * c.v_head_dim);
 
   lw.is_moe = c.is_moe_layer(l);
   const std::string mp = p + "mlp.";

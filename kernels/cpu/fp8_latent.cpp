@@ -1,9 +1,9 @@
 #include "kernels/cpu/fp8_latent.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 
+#include "kernels/cpu/fp8_group.h"
 #include "kernels/dtype.h"
 
 namespace mla::cpu {
@@ -16,10 +16,7 @@ void quantize_latent_fp8(const Fp8LatentRow& f, const float* rows, int64_t n, in
     for (int64_t g = 0; g < f.groups(); ++g) {
       const int64_t begin = g * Fp8LatentRow::kGroup;
       const int64_t end = std::min(f.d_c, begin + Fp8LatentRow::kGroup);
-      float amax = 0;
-      for (int64_t j = begin; j < end; ++j) amax = std::max(amax, std::fabs(x[j]));
-      const float scale = amax > 0 ? amax / 448.0f : 1.0f;
-      for (int64_t j = begin; j < end; ++j) row[j] = f32_to_fp8e4m3(x[j] / scale);
+      const float scale = quantize_group_fp8(x + begin, end - begin, row + begin);
       std::memcpy(row + f.scales_offset() + 4 * g, &scale, sizeof(float));
     }
     for (int64_t j = 0; j < f.d_r; ++j) {

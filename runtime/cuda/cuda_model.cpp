@@ -69,6 +69,10 @@ std::shared_ptr<CudaModel> CudaModel::load(const std::string& model_dir,
               "cache.dtype {}: the CUDA backend keeps its cache in bf16 (the fp8 cache runs on the "
               "CPU backend so far); use cache.dtype auto",
               to_string(options.cache_dtype));
+  MLA_REQUIRE(options.fp8_weights == Fp8Weights::kWiden,
+              "fp8_weights {}: the CUDA backend widens fp8 weights to bf16 (kept fp8 weights run "
+              "on the CPU backend so far); use fp8_weights widen",
+              to_string(options.fp8_weights));
   ModelConfig config = ModelConfig::load(model_dir);
   const ShardPlan shard = plan_for(config, options);
   std::shared_ptr<CudaModel> model(new CudaModel(std::move(config), gpu_options(options), shard));

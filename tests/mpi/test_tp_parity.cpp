@@ -57,13 +57,15 @@ Group& group(int tp_size) {
 }
 
 std::shared_ptr<DeepseekModel> model(const std::string& name, AbsorbMode mode, KvShard kv,
-                                     const Group& g) {
-  static std::map<std::tuple<std::string, AbsorbMode, KvShard, int>, std::shared_ptr<DeepseekModel>>
+                                     const Group& g, Fp8Weights fp8 = Fp8Weights::kWiden) {
+  static std::map<std::tuple<std::string, AbsorbMode, KvShard, int, Fp8Weights>,
+                  std::shared_ptr<DeepseekModel>>
       cache;
-  auto& m = cache[{name, mode, kv, g.pg.tp_size}];
+  auto& m = cache[{name, mode, kv, g.pg.tp_size, fp8}];
   if (!m) {
     ModelOptions o;
     o.absorb = mode;
+    o.fp8_weights = fp8;
     o.show_progress = false;
     o.tp_size = g.pg.tp_size;
     o.tp_rank = g.pg.tp_rank;
@@ -136,6 +138,29 @@ INSTANTIATE_TEST_SUITE_P(RealDims, TpEngineParity,
                                           testing::Values(Pattern::kBatched, Pattern::kJoinMidRun,
                                                           Pattern::kChunkedPrefill)),
                          engine_param_name);
+
+// fp8 weights kept (DeepSeek-V3's checkpoint format, tests/data/v3_fp8) in TP2 groups, whose
+// shards all start on a scale block: transformers with fp8 activations, held as the single-rank
+// run is (tests/unit/test_fp8_weights.cpp), in both cache layouts.
+class TpFp8Weights : public testing::TestWithParam<KvShard> {};
+
+TEST_P(TpFp8Weights, ReproduceTransformersWithFp8Activations) {
+  if (world_size() % 2 != 0) GTEST_SKIP() << "needs TP2 groups";
+  Group& g = group(2);
+  const Golden& gold = golden("v3_fp8", "golden_fp8act");
+  auto m = model("v3_fp8", AbsorbMode::kFactored, GetParam(), g, Fp8Weights::kKeep);
+  const EngineOptions opts = test::pattern_options(Pattern::kBatched, 4);
+  Engine engine(m, opts, g.comm.get());
+  test::lead_or_follow(engine, [&] {
+    const auto outputs = test::run_golden(engine, gold, Pattern::kBatched);
+    test::expect_reproduces(outputs, gold, m->config().vocab_size, 1e-3, 1, 0.03);
+    EXPECT_EQ(engine.cache().pool().num_free(), opts.num_pages);
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, TpFp8Weights,
+                         testing::Values(KvShard::kSequence, KvShard::kReplicate),
+                         [](const auto& info) { return kv_name(info.param); });
 
 // Live migration in and out of a tensor-parallel group, in both cache layouts: a request moved
 // in stages from the group (P = world size) to a single-rank engine, and one moved from a

@@ -191,6 +191,158 @@ MODELS = [
 _V3_MLA = next(m for m in MODELS if m["name"] == "v3_mla")
 MODELS.append(dict(_V3_MLA, name="v3_mla_h8", seed=1006,
                    cfg=dict(_V3_MLA["cfg"], num_attention_heads=8, num_key_value_heads=8)))
+# DeepSeek-V3's checkpoint format: every linear layer of the decoder (not the router, the
+# embeddings or lm_head) stored as fp8 e4m3 with an fp32 scale per 128x128 block
+# (`weight_scale_inv`, W = fp8 * scale_inv), and config.json's quantization_config. The real MLA
+# dimensions again, 4 heads and MLP widths of 256 so that TP2 and TP4 shards start on block
+# boundaries as V3's TP8 shards do; kv_a_proj's 576 rows end in a half block, as in V3.
+# The golden logits are transformers' fp32 forward over the dequantised weights;
+# convert_checkpoint_fp8 checks that the fp8 files dequantise to exactly those weights.
+# (transformers 5.17 cannot load the files back itself: FineGrainedFP8Config(dequantize=True)
+# refuses kv_a_proj's 576 rows, "not divisible by scale grid (5, 1)", which V3's own
+# 576 x 7168 weight would meet too.)
+MODELS.append(dict(_V3_MLA, name="v3_fp8", seed=1007, fp8_block=(128, 128),
+                   cfg=dict(_V3_MLA["cfg"], num_attention_heads=4, num_key_value_heads=4,
+                            intermediate_size=256, moe_intermediate_size=256)))
+
+FP8_MAX = 448.0
+
+
+def is_fp8_weight(name):
+    """The tensors DeepSeek-V3 ships in fp8: the decoder's linear layers but the MoE router."""
+    if not name.startswith("model.layers.") or ".mlp.gate." in name:
+        return False
+    return name.endswith("proj.weight") or name.endswith("proj_with_mqa.weight") or \
+        name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj")
+
+
+def fp8_blocks(w, block):
+    """e4m3 values and per-block scales of a 2-D fp32 tensor (scale = block amax / 448)."""
+    br, bc = block
+    R, C = w.shape
+    nr, nc = -(-R // br), -(-C // bc)
+    scale = torch.ones(nr, nc, dtype=torch.float32)
+    q = torch.empty(R, C, dtype=torch.float8_e4m3fn)
+    for i in range(nr):
+        for j in range(nc):
+            blk = w[i * br:(i + 1) * br, j * bc:(j + 1) * bc]
+            amax = blk.abs().max().item()
+            s = amax / FP8_MAX if amax > 0 else 1.0
+            scale[i, j] = s
+            q[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = (blk / s).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequant_blocks(q, scale, block):
+    br, bc = block
+    full = scale.repeat_interleave(br, 0)[:q.shape[0]].repeat_interleave(bc, 1)[:, :q.shape[1]]
+    return q.float() * full
+
+
+@torch.no_grad()
+def quantise_model_fp8(model, block):
+    """Replaces every fp8-stored weight by its dequantised fp8 value (fused experts per expert)."""
+    count = 0
+    for name, t in model.named_parameters():
+        if not is_fp8_weight(name):
+            continue
+        mats = t.data.view(-1, *t.shape[-2:]) if t.dim() == 3 else t.data[None]
+        for m in mats:
+            q, s = fp8_blocks(m.float(), block)
+            m.copy_(dequant_blocks(q, s, block))
+        count += 1
+    print(f"  quantised {count} weight tensors to fp8 blocks {list(block)}")
+
+
+class ActivationQuantisation:
+    """Within `with`, every linear product with an fp8-stored weight quantises its input per row
+    and 128 columns first (s = amax / 448, e4m3(x / s) * s), as transformers' FP8Linear (its
+    act_quant) and DeepSeek-V3's inference do; kv_b_proj excepted, which mlaserve (like
+    DeepSeek's own inference code) keeps dequantised because the absorbed forms fold it. The
+    routed experts run transformers' eager implementation meanwhile (its other ones multiply
+    with torch's grouped kernels, not through functional.linear)."""
+
+    def __init__(self, model, group):
+        self.model = model
+        self.experts_implementation = model.config._experts_implementation
+        self.group = group
+        self.storages = {t.untyped_storage().data_ptr() for n, t in model.named_parameters()
+                         if is_fp8_weight(n) and "kv_b_proj" not in n}
+        self.linear = torch.nn.functional.linear
+
+    def quantise(self, x):
+        shape, g = x.shape, self.group
+        k = shape[-1]
+        pad = (-k) % g
+        xs = torch.nn.functional.pad(x.float(), (0, pad)).reshape(-1, (k + pad) // g, g)
+        amax = xs.abs().amax(-1, keepdim=True)
+        s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        q = (xs / s).to(torch.float8_e4m3fn).float() * s
+        return q.reshape(-1, k + pad)[:, :k].reshape(shape)
+
+    def __enter__(self):
+        def linear(x, w, b=None):
+            if w.untyped_storage().data_ptr() in self.storages:
+                x = self.quantise(x)
+            return self.linear(x, w, b)
+        torch.nn.functional.linear = linear
+        self.model.config._experts_implementation = "eager"
+        return self
+
+    def __exit__(self, *exc):
+        torch.nn.functional.linear = self.linear
+        self.model.config._experts_implementation = self.experts_implementation
+
+
+def write_fp8_activation_golden(model, spec, folder, prompts):
+    """golden_fp8act.{json,safetensors}: the same prompts under ActivationQuantisation, the
+    numerics of `fp8_weights: keep` (its own greedy tokens: quantisation may change them)."""
+    golden, greedys, margins = {}, [], []
+    with ActivationQuantisation(model, spec["fp8_block"][1]):
+        for i, toks in enumerate(prompts):
+            toks = torch.tensor(toks, dtype=torch.long)
+            pl, sl, gr, margin = run_prompt(model, toks)
+            golden[f"prompt{i}_tokens"] = toks.contiguous()
+            golden[f"prompt{i}_logits"] = pl.contiguous()
+            golden[f"prompt{i}_step_logits"] = sl.contiguous()
+            golden[f"prompt{i}_greedy"] = gr.contiguous()
+            greedys.append(gr.tolist())
+            margins.append(margin)
+    save_file(golden, os.path.join(folder, "golden_fp8act.safetensors"))
+    meta = {"name": spec["name"], "variant": "fp8 activations", "steps": STEPS,
+            "num_prompts": len(prompts), "prompts": prompts, "greedy": greedys,
+            "min_top2_margin": min(margins), "activation_group": spec["fp8_block"][1],
+            "description": ActivationQuantisation.__doc__.split("\n")[0]}
+    with open(os.path.join(folder, "golden_fp8act.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"  fp8 activations: greedy {greedys} min margin {min(margins):.4f}")
+
+
+def convert_checkpoint_fp8(folder, block):
+    """Rewrites the saved fp32 checkpoint in V3's format: fp8 weights + `_scale_inv` + config."""
+    tensors, _ = read_checkpoint(folder)
+    out = {}
+    for k, t in tensors.items():
+        if is_fp8_weight(k) and t.dim() == 2:
+            q, s = fp8_blocks(t.float(), block)
+            if not torch.equal(dequant_blocks(q, s, block), t.float()):
+                raise RuntimeError(f"{k}: saved weight is not an fp8 value")
+            out[k], out[k + "_scale_inv"] = q.contiguous(), s.contiguous()
+        else:
+            out[k] = t.contiguous()
+    for f in os.listdir(folder):
+        if f.startswith("model") and f.endswith(".safetensors"):
+            os.remove(os.path.join(folder, f))
+    save_file(out, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    cfg_path = os.path.join(folder, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": list(block)}
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    n = sum(1 for k in out if k.endswith("_scale_inv"))
+    print(f"  rewrote the checkpoint with {n} fp8 weights and their scales")
 
 
 def classes(arch):
@@ -448,6 +600,8 @@ def write_model(spec, out_dir):
         raise RuntimeError("YaRN did not take effect as expected")
 
     touched = rerandomise(model, spec["seed"])
+    if spec.get("fp8_block"):
+        quantise_model_fp8(model, spec["fp8_block"])
     n_params = sum(p.numel() for p in model.parameters())
     print(f"  re-randomised {len(touched)} tensors; {n_params} params")
     buffers = [n for n, _ in model.named_buffers()]
@@ -490,6 +644,10 @@ def write_model(spec, out_dir):
     _, model_cls = classes(spec["arch"])
     refs = [(golden[f"prompt{i}_tokens"], golden[f"prompt{i}_logits"]) for i in range(len(PROMPT_LENS))]
     tensors, where, bias_keys, reload_diff = verify_checkpoint(model, folder, model_cls, refs)
+    if spec.get("fp8_block"):
+        convert_checkpoint_fp8(folder, spec["fp8_block"])
+        tensors, where = read_checkpoint(folder)
+        write_fp8_activation_golden(model, spec, folder, prompts)
     save_file(golden, os.path.join(folder, "golden.safetensors"))
 
     meta = {
@@ -511,6 +669,7 @@ def write_model(spec, out_dir):
         "router_gap_threshold": spec.get("router_gap_min", ROUTER_GAP_MIN),
         "max_shard_size": shard,
         "reload_max_logit_diff": reload_diff,
+        "fp8_block": list(spec["fp8_block"]) if spec.get("fp8_block") else None,
         "cache_vs_full_max_diff": max(cache_diffs),
         "e_score_correction_bias_saved": bool(bias_keys),
         "weight_names": [
@@ -529,7 +688,7 @@ def write_model(spec, out_dir):
           f"ckpt_files={sorted(set(where.values()))} min_margin={meta['min_top2_margin']:.4f} "
           f"min_router_gap={meta['min_router_gap']:.3g} softmax_scale={meta['softmax_scale']:.6f} "
           f"rope_attention_scaling={meta['rope_attention_scaling']:.6f} rope_type={meta['rope_type']}", flush=True)
-    if total > {"v3_mla": 6, "v3_mla_h8": 12}.get(name, 2.2) * 1024 * 1024:
+    if total > {"v3_mla": 6, "v3_mla_h8": 12, "v3_fp8": 6}.get(name, 2.2) * 1024 * 1024:
         print(f"  WARNING: folder {name} is {total} bytes (> ~2 MB)")
 
 

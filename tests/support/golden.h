@@ -35,21 +35,24 @@ struct Golden {
   nlohmann::json meta;
 };
 
-// Loaded once per model name. Not thread-safe on first use.
-inline const Golden& golden(const std::string& name) {
+// Loaded once per model name and variant. `variant` names the files: "golden" (transformers'
+// fp32 forward), or "golden_fp8act" (an fp8 model's forward with its activations quantised as
+// fp8_weights keep does; tests/parity/make_golden.py says how). Not thread-safe on first use.
+inline const Golden& golden(const std::string& name, const std::string& variant = "golden") {
   static std::map<std::string, Golden> cache;
-  if (auto it = cache.find(name); it != cache.end()) return it->second;
+  const std::string key = name + "/" + variant;
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
   Golden g;
-  std::ifstream(model_dir(name) + "/golden.json") >> g.meta;
+  std::ifstream(model_dir(name) + "/" + variant + ".json") >> g.meta;
   g.steps = g.meta["steps"].get<int>();
-  auto file = SafetensorsFile::open(model_dir(name) + "/golden.safetensors");
+  auto file = SafetensorsFile::open(model_dir(name) + "/" + variant + ".safetensors");
   for (int i = 0; i < g.meta["num_prompts"].get<int>(); ++i) {
     g.prompts.push_back(g.meta["prompts"][i].get<std::vector<int32_t>>());
     g.greedy.push_back(g.meta["greedy"][i].get<std::vector<int32_t>>());
     g.prompt_logits.push_back(file->tensor(fmt::format("prompt{}_logits", i)));
     g.step_logits.push_back(file->tensor(fmt::format("prompt{}_step_logits", i)));
   }
-  return cache.emplace(name, std::move(g)).first->second;
+  return cache.emplace(key, std::move(g)).first->second;
 }
 
 // Relative L2 error |got - want| / |want| over n values, in double; infinite when got holds

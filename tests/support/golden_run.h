@@ -3,7 +3,10 @@
 // tests/mpi/test_tp_parity.cpp, tests/multigpu/test_tp_cuda.cpp). Header-only.
 #pragma once
 
+#include <algorithm>
 #include <map>
+#include <ostream>
+#include <string>
 #include <vector>
 
 #include "runtime/engine.h"
@@ -68,6 +71,67 @@ inline std::vector<std::vector<StepOutput>> run_golden(Engine& engine, const Gol
   }
   while (engine.has_work()) step();
   return out;
+}
+
+// How close an approximate run (fp8 cache, fp8 weights) stays to transformers: each prompt's
+// steps up to and including its first greedy token that differs (after it the two runs feed
+// different tokens), the logits' relative error at the median and the worst step, and the
+// greedy tokens that agree before each prompt's first difference.
+struct Closeness {
+  double median = 0, worst = 0;
+  int steps = 0;  // steps compared
+  int agree = 0;  // greedy tokens equal to transformers' before the first difference
+  int total = 0;  // greedy tokens transformers produced
+};
+
+inline Closeness closeness(const std::vector<std::vector<StepOutput>>& outputs, const Golden& g,
+                           int64_t vocab) {
+  std::vector<double> errors;
+  Closeness c;
+  for (size_t p = 0; p < outputs.size(); ++p) {
+    c.total += g.steps;
+    for (int s = 0; s < g.steps && s < static_cast<int>(outputs[p].size()); ++s) {
+      errors.push_back(
+          rel_error(outputs[p][s].logits.data(), g.step_logits[p].f32() + s * vocab, vocab));
+      if (outputs[p][s].token != g.greedy[p][s]) break;
+      ++c.agree;
+    }
+  }
+  std::sort(errors.begin(), errors.end());
+  c.steps = static_cast<int>(errors.size());
+  if (!errors.empty()) {
+    c.median = errors[errors.size() / 2];
+    c.worst = errors.back();
+  }
+  return c;
+}
+
+inline std::ostream& operator<<(std::ostream& os, const Closeness& c) {
+  return os << "logits rel err median " << c.median << " worst " << c.worst << " over " << c.steps
+            << " steps; greedy tokens " << c.agree << " of " << c.total
+            << " before each prompt's first difference";
+}
+
+// Expects `outputs` to reproduce `g`: every greedy token, and every step's logits within
+// `tolerance` (relative L2) but for at most `max_outliers` steps, which stay within
+// `outlier_tolerance` (an fp8 model's rounding flips; tests/unit/test_fp8_weights.cpp says why).
+inline void expect_reproduces(const std::vector<std::vector<StepOutput>>& outputs, const Golden& g,
+                              int64_t vocab, double tolerance, int max_outliers = 0,
+                              double outlier_tolerance = 0) {
+  ASSERT_EQ(outputs.size(), g.prompts.size());
+  int outliers = 0;
+  for (size_t p = 0; p < outputs.size(); ++p) {
+    ASSERT_EQ(static_cast<int>(outputs[p].size()), g.steps) << "prompt " << p;
+    for (int s = 0; s < g.steps; ++s) {
+      EXPECT_EQ(outputs[p][s].token, g.greedy[p][s]) << "prompt " << p << " step " << s;
+      const double err =
+          rel_error(outputs[p][s].logits.data(), g.step_logits[p].f32() + s * vocab, vocab);
+      if (err < tolerance) continue;
+      ++outliers;
+      EXPECT_LT(err, std::max(tolerance, outlier_tolerance)) << "prompt " << p << " step " << s;
+    }
+  }
+  EXPECT_LE(outliers, max_outliers) << "steps beyond " << tolerance;
 }
 
 // A tensor-parallel group's engines: the leader runs `lead` and then releases the followers

@@ -75,6 +75,8 @@ TEST(DeployConfig, FieldsOverrideDefaults) {
   EXPECT_TRUE(DeployConfig::parse("model: /m\n", "t").model.cuda.small_gemm);
   EXPECT_EQ(DeployConfig::parse("model: /m\n", "t").model.cache_dtype, CacheDType::kAuto);
   EXPECT_EQ(DeployConfig::parse("cache: {dtype: fp8}\n", "t").model.cache_dtype, CacheDType::kFp8);
+  EXPECT_EQ(DeployConfig::parse("model: /m\n", "t").model.fp8_weights, Fp8Weights::kWiden);
+  EXPECT_EQ(DeployConfig::parse("fp8_weights: keep\n", "t").model.fp8_weights, Fp8Weights::kKeep);
 
   const RebalanceConfig off = DeployConfig::parse("model: /m\n", "t").coordinator.rebalance;
   EXPECT_FALSE(off.enabled);
@@ -146,6 +148,9 @@ TEST(DeployConfig, ErrorsNameTheProblem) {
   EXPECT_THAT(message("model: m\nparallel: {tp: 0}\n"), HasSubstr("parallel.tp must be >= 1"));
   EXPECT_THAT(message("model: m\ncache: {dtype: int4}\n"),
               HasSubstr("x.yaml: cache.dtype: 'int4' is not a cache dtype (auto, fp8)"));
+  EXPECT_THAT(
+      message("model: m\nfp8_weights: fp4\n"),
+      HasSubstr("x.yaml: fp8_weights: 'fp4' is not a choice for fp8 weights (widen, keep)"));
   EXPECT_THAT(message("model: m\nworkers: {port_base: 70000}\n"), HasSubstr("workers.port_base"));
   EXPECT_THAT(message("model: m\ncoordinator: {adress: x}\n"),
               HasSubstr("unknown key `coordinator.adress`"));

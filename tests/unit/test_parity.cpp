@@ -70,8 +70,8 @@ std::string param_name(const testing::TestParamInfo<Param>& info) {
   return fmt::format("{}_{}_b{}_{}", name, to_string(mode), block, pattern_name(pattern));
 }
 
-const std::vector<std::string> kModels = {"v3",       "v3_plain", "v2_lite",
-                                          "v2_group", "v3_mla",   "v3_mla_h8"};
+const std::vector<std::string> kModels = {"v3",     "v3_plain",  "v2_lite", "v2_group",
+                                          "v3_mla", "v3_mla_h8", "v3_fp8"};
 
 INSTANTIATE_TEST_SUITE_P(
     Golden, ModelParity,
