@@ -8,7 +8,7 @@
 # printed last; a failed step does not stop the others):
 #   gpu_new     the GPU tests written without a GPU: batch-invariant GEMM, deterministic parity
 #               and batch invariance, gather/scatter rows, the device cache's export and import,
-#               migration and MLA prefill (issue 14)
+#               migration and MLA prefill (issue 14); the fp8 weight products (issue 17)
 #   gpu_all     every gpu-labelled test
 #   det_cost    V2-Lite shape (4 layers, bf16): decode tokens/s at batch 1, 8 and 32, with and
 #               without --deterministic (issue 14: what batch invariance costs on the GPU)

@@ -1,0 +1,155 @@
+// The CUDA fp8 products (kernels/cuda/fp8_gemm.h) against their CPU reference
+// (kernels/cpu/fp8_gemm.h): the activations' quantisation bit for bit, the product to fp32
+// summation order, on DeepSeek-V3's product shapes and odd ones, fp32 and bf16 in and out, with
+// every output the kernels must not write left poisoned.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/fp8_gemm.h"
+#include "kernels/cuda/device_memory.h"
+#include "kernels/cuda/fp8_gemm.h"
+#include "kernels/dtype.h"
+#include "tests/gpu/bf16_test_util.h"
+
+namespace mla {
+namespace {
+
+using test::DeviceArray;
+
+struct Case {
+  int64_t m, n, k;
+};
+
+// DeepSeek-V3's decode products (q_a, kv_a, q_b, o at TP8, an expert's gate_up and down) at 1
+// and 4 rows, a prefill tile and a ragged one, and small odd widths.
+const Case kCases[] = {{1, 1536, 7168}, {4, 576, 7168},   {1, 3072, 1536}, {2, 7168, 2048},
+                       {4, 4096, 7168}, {16, 7168, 2048}, {37, 200, 512},  {3, 5, 128}};
+
+TEST(CudaFp8Gemm, QuantisesAndMultipliesAsTheCpuReference) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(8080);
+  for (const Case& c : kCases) {
+    for (const bool bf16 : {false, true}) {
+      SCOPED_TRACE("m " + std::to_string(c.m) + " n " + std::to_string(c.n) + " k " +
+                   std::to_string(c.k) + (bf16 ? " bf16" : " fp32"));
+      const int64_t groups = c.k / 128;
+      // Weights as a checkpoint stores them: e4m3 with a scale per row and 128 columns.
+      const std::vector<float> wf = test::random_normal(c.n * c.k, rng, 0.05f);
+      std::vector<uint8_t> w(c.n * c.k);
+      std::vector<float> ws(c.n * groups);
+      cpu::quantize_rows_fp8(wf.data(), c.n, c.k, c.k, 128, w.data(), ws.data());
+      // Activations; as bf16 the reference sees the same values widened.
+      std::vector<float> x = test::random_normal(c.m * c.k, rng);
+      std::vector<uint16_t> xb(x.size());
+      for (size_t i = 0; i < x.size(); ++i) {
+        xb[i] = f32_to_bf16(x[i]);
+        if (bf16) x[i] = bf16_to_f32(xb[i]);
+      }
+      std::vector<float> want(c.m * c.n, 0.5f);
+      std::vector<float> y0(c.m * c.n, 0.5f);
+      cpu::gemm_fp8_blockscaled({.x = x.data(),
+                                 .m = c.m,
+                                 .k = c.k,
+                                 .ldx = c.k,
+                                 .w = w.data(),
+                                 .w_scale = ws.data(),
+                                 .n = c.n,
+                                 .group = 128,
+                                 .y = want.data(),
+                                 .ldy = c.n,
+                                 .beta = 2.0f});
+      std::vector<uint8_t> want_q(c.m * c.k);
+      std::vector<float> want_s(c.m * groups);
+      cpu::quantize_rows_fp8(x.data(), c.m, c.k, c.k, 128, want_q.data(), want_s.data());
+
+      DeviceArray<float> d_xf(x);
+      DeviceArray<uint16_t> d_xb(xb);
+      DeviceArray<uint8_t> d_w(w), d_q(c.m * c.k);
+      DeviceArray<float> d_ws(ws), d_s(c.m * groups), d_y(y0);
+      cuda::fp8_quantize_rows({.x = bf16 ? static_cast<const void*>(d_xb.get()) : d_xf.get(),
+                               .x_dtype = bf16 ? DType::kBF16 : DType::kF32,
+                               .m = c.m,
+                               .k = c.k,
+                               .ldx = c.k,
+                               .q = d_q.get(),
+                               .scale = d_s.get()},
+                              nullptr);
+      EXPECT_EQ(d_q.download(), want_q);
+      EXPECT_EQ(d_s.download(), want_s);
+      cuda::fp8_gemm({.qx = d_q.get(),
+                      .sx = d_s.get(),
+                      .m = c.m,
+                      .k = c.k,
+                      .w = d_w.get(),
+                      .w_scale = d_ws.get(),
+                      .n = c.n,
+                      .y = d_y.get(),
+                      .y_dtype = DType::kF32,
+                      .ldy = c.n,
+                      .beta = 2.0f},
+                     nullptr);
+      const std::vector<float> got = d_y.download();
+      double worst = 0;
+      for (size_t i = 0; i < got.size(); ++i) {
+        ASSERT_TRUE(std::isfinite(got[i])) << i;
+        worst = std::max(worst, std::fabs(got[i] - want[i]) / (std::fabs(want[i]) + 1e-2));
+      }
+      EXPECT_LT(worst, 1e-4);
+    }
+  }
+}
+
+// A bf16 output with a row stride: the rounded product in its columns, nothing past n.
+TEST(CudaFp8Gemm, Bf16OutputWithARowStride) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(8181);
+  const int64_t m = 3, n = 70, k = 256, ldy = 80, groups = 2;
+  const std::vector<float> wf = test::random_normal(n * k, rng, 0.05f);
+  std::vector<uint8_t> w(n * k), q(m * k);
+  std::vector<float> ws(n * groups), s(m * groups);
+  cpu::quantize_rows_fp8(wf.data(), n, k, k, 128, w.data(), ws.data());
+  const std::vector<float> x = test::random_normal(m * k, rng);
+  cpu::quantize_rows_fp8(x.data(), m, k, k, 128, q.data(), s.data());
+  std::vector<float> want(m * n);
+  cpu::gemm_fp8_blockscaled({.x = x.data(),
+                             .m = m,
+                             .k = k,
+                             .ldx = k,
+                             .w = w.data(),
+                             .w_scale = ws.data(),
+                             .n = n,
+                             .group = 128,
+                             .y = want.data(),
+                             .ldy = n});
+  DeviceArray<uint8_t> d_w(w), d_q(q);
+  DeviceArray<float> d_ws(ws), d_s(s);
+  DeviceArray<uint16_t> d_y(m * ldy);
+  cuda::fp8_gemm({.qx = d_q.get(),
+                  .sx = d_s.get(),
+                  .m = m,
+                  .k = k,
+                  .w = d_w.get(),
+                  .w_scale = d_ws.get(),
+                  .n = n,
+                  .y = d_y.get(),
+                  .y_dtype = DType::kBF16,
+                  .ldy = ldy},
+                 nullptr);
+  const std::vector<uint16_t> got = d_y.download();
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t r = 0; r < n; ++r) {
+      EXPECT_NEAR(bf16_to_f32(got[i * ldy + r]), want[i * n + r],
+                  std::fabs(want[i * n + r]) / 128 + 1e-3)
+          << i << " " << r;
+    }
+    for (int64_t r = n; r < ldy; ++r) EXPECT_EQ(got[i * ldy + r], 0xFFFF) << "written past n";
+  }
+}
+
+}  // namespace
+}  // namespace mla
