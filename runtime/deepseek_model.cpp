@@ -107,7 +107,9 @@ std::shared_ptr<DeepseekModel> DeepseekModel::load(const std::string& model_dir,
   ckpt.set_progress(options.show_progress);
   const std::string kept = model->load_weights(ckpt);
   ckpt.finish_progress();
-  const std::string backend = kept.empty() ? "cpu fp32" : "cpu fp32, " + kept;
+  const std::string backend =
+      fmt::format("cpu fp32, {:.1f} MB of weights held{}", model->weights_.nbytes() / 1e6,
+                  kept.empty() ? "" : ", " + kept);
   model->log_loaded(options, backend.c_str());
   return model;
 }
@@ -126,8 +128,7 @@ std::string DeepseekModel::load_weights(Checkpoint& ckpt) {
     }
   }
   if (!keep_fp8_) return "";
-  return fmt::format("{} fp8 weights kept as fp8 ({:.1f} MB held){}", loader.kept_fp8(),
-                     weights_.nbytes() / 1e6,
+  return fmt::format("{} fp8 weights kept as fp8{}", loader.kept_fp8(),
                      loader.widened_fp8() > 0
                          ? fmt::format(" ({} widened: their shard starts inside a scale block)",
                                        loader.widened_fp8())

@@ -96,9 +96,9 @@ done
 for step in "$@"; do
   case $step in
     gpu_new)
-      run gpu_new 420 tests/gpu/device_run.sh gpu_new \
+      run gpu_new 420 tests/gpu/device_run.sh gpu_new_tests \
         '*Gemm*:*Determinis*:*GatherRows*:*LatentCache*:*igrat*:*MlaPrefill*' ;;
-    gpu_all) run gpu_all 580 tests/gpu/device_run.sh gpu_all '*' ;;
+    gpu_all) run gpu_all 580 tests/gpu/device_run.sh gpu_all_tests '*' ;;
     det_cost) run det_cost 300 bash -c det_cost ;;
     migration) run migration 540 bash -c migration ;;
     prefix)
@@ -144,6 +144,7 @@ printf '%s\n' "${table[@]}"
 
 # Pack the logs and results: a device host returns only a few files.
 printf '%s\n' "| step | result | time |" "|---|---|---|" "${table[@]}" >"$out/table.md"
-tar czf /tmp/session.tgz --exclude=./peer/flashmla --exclude="./v3tp8/model_l*" -C "$out" . && find "$out" -mindepth 1 -delete &&
+tar czf /tmp/session.tgz --exclude=./peer/flashmla --exclude="./v3tp8/model_l*" \
+  --exclude="*.safetensors" -C "$out" . && find "$out" -mindepth 1 -delete &&
   mv /tmp/session.tgz "$out/" && printf '%s\n' "| step | result | time |" "|---|---|---|" \
   "${table[@]}" >"$out/table.md"

@@ -93,13 +93,20 @@ TEST(CudaFp8Gemm, QuantisesAndMultipliesAsTheCpuReference) {
                       .ldy = c.n,
                       .beta = 2.0f},
                      nullptr);
+      // The kernel scales each 16-value chunk's sum, the reference each 128-value group's, and
+      // they add the groups in different orders: errors of fp32 rounding over k terms, measured
+      // against the outputs' typical size (an output near zero keeps the absolute error of its
+      // sums: 1.6e-4 of a 1e-2 floor seen at k 7168 on an H100).
       const std::vector<float> got = d_y.download();
+      double rms = 0;
+      for (const float v : want) rms += double(v) * v;
+      rms = std::sqrt(rms / static_cast<double>(want.size()));
       double worst = 0;
       for (size_t i = 0; i < got.size(); ++i) {
         ASSERT_TRUE(std::isfinite(got[i])) << i;
-        worst = std::max(worst, std::fabs(got[i] - want[i]) / (std::fabs(want[i]) + 1e-2));
+        worst = std::max(worst, std::fabs(got[i] - want[i]) / (std::fabs(want[i]) + rms));
       }
-      EXPECT_LT(worst, 1e-4);
+      EXPECT_LT(worst, 1e-5);
     }
   }
 }

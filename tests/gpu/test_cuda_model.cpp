@@ -214,7 +214,8 @@ TEST(CudaDeterminism, ASeededRequestSamplesTheSameAloneAndInABusyBatch) {
     auto m = model(name, AbsorbMode::kAuto, false, true);
     Request r;
     r.prompt = golden(name).prompts[0];
-    while (r.prompt.size() < 40) r.prompt.push_back(r.prompt[r.prompt.size() % 7] ^ 5);
+    const size_t golden_length = r.prompt.size();
+    while (r.prompt.size() < 40) r.prompt.push_back(r.prompt[r.prompt.size() % golden_length] ^ 5);
     r.max_tokens = 24;
     r.ignore_eos = true;
     r.return_logits = true;

@@ -73,6 +73,28 @@ inline std::vector<std::vector<StepOutput>> run_golden(Engine& engine, const Gol
   return out;
 }
 
+// The golden prompts as two forward batches on `cache`: every prompt prefilled (no logits),
+// then each prompt's first greedy token decoded (logits wanted). Reserves each prompt's pages
+// in `tables` (resized to one per prompt; throws mla::Error if the cache lacks pages).
+struct PrefillThenDecode {
+  ForwardBatch prefill, decode;
+};
+
+inline PrefillThenDecode prefill_then_decode(const Golden& g, LatentCache& cache,
+                                             std::vector<BlockTable>& tables) {
+  tables.resize(g.prompts.size());
+  PrefillThenDecode b;
+  for (size_t p = 0; p < g.prompts.size(); ++p) {
+    const auto n = static_cast<int32_t>(g.prompts[p].size());
+    MLA_CHECK(cache.reserve(tables[p], n + 1), "no pages for golden prompt {}", p);
+    b.prefill.tokens.insert(b.prefill.tokens.end(), g.prompts[p].begin(), g.prompts[p].end());
+    b.prefill.seqs.push_back({&tables[p], 0, n, false});
+    b.decode.tokens.push_back(g.greedy[p][0]);
+    b.decode.seqs.push_back({&tables[p], n, 1, true});
+  }
+  return b;
+}
+
 // How close an approximate run (fp8 cache, fp8 weights) stays to transformers: each prompt's
 // steps up to and including its first greedy token that differs (after it the two runs feed
 // different tokens), the logits' relative error at the median and the worst step, and the

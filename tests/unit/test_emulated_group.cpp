@@ -10,6 +10,7 @@
 #include "runtime/forward_batch.h"
 #include "runtime/latent_cache.h"
 #include "tests/support/golden.h"
+#include "tests/support/golden_run.h"
 
 namespace mla {
 namespace {
@@ -84,16 +85,8 @@ TEST(EmulatedGroup, RankZeroAloneMakesTheRealGroupsCollectives) {
     auto m = DeepseekModel::load(test::model_dir("v3"), options);
     EmulatedCommunicator comm(2);
     LatentCache cache(m->cache_geometry(4), 64, m->shard());
-    std::vector<BlockTable> tables(gold.prompts.size());
-    ForwardBatch prefill, decode;
-    for (size_t p = 0; p < gold.prompts.size(); ++p) {
-      const auto n = static_cast<int32_t>(gold.prompts[p].size());
-      ASSERT_TRUE(cache.reserve(tables[p], n + 1));
-      prefill.tokens.insert(prefill.tokens.end(), gold.prompts[p].begin(), gold.prompts[p].end());
-      prefill.seqs.push_back({&tables[p], 0, n, false});
-      decode.tokens.push_back(gold.greedy[p][0]);
-      decode.seqs.push_back({&tables[p], n, 1, true});
-    }
+    std::vector<BlockTable> tables;
+    const auto [prefill, decode] = test::prefill_then_decode(gold, cache, tables);
     const auto runner = m->make_runner(cache, &comm);
     runner->forward(prefill);
     WorkCounter work;
