@@ -4,8 +4,10 @@
 // warm-up, median of --iters runs, on random never-zero bf16 data.
 //
 // Benches so far: `mla_decode` (cuda::mla_decode, absorbed MLA decode attention over the paged
-// latent cache) and `small_gemm` (the decode step's weight products at a few rows: the small-row
-// kernel against cuBLAS, on DeepSeek-V2-Lite's and V3's shapes). A new bench is a function that
+// latent cache), `small_gemm` (the decode step's weight products at a few rows: the small-row
+// kernel against cuBLAS, on DeepSeek-V2-Lite's and V3's shapes) and `fp8_gemm` (V3's decode
+// products with fp8 weights kept: activation quantisation plus cuda::fp8_gemm, against the
+// bf16 small-row kernel on the same shape). A new bench is a function that
 // appends BenchRecords (time, bytes it must move, FLOPs it must do); the table and the JSON output
 // take them as they are.
 #include <fmt/format.h>
@@ -33,6 +35,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_memory.h"
+#include "kernels/cuda/fp8_gemm.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/mla_decode.h"
 #include "kernels/cuda/skinny_gemm.h"
@@ -332,6 +335,93 @@ void bench_small_gemm(const BenchKernelsArgs& args, cudaStream_t stream,
   }
 }
 
+// DeepSeek-V3's decode products with fp8 weights (e4m3 and a scale per row and 128 columns, as
+// fp8_weights keep holds them) at `rows` activation rows: fp8_quantize_rows + fp8_gemm against
+// the bf16 small-row kernel on the same shape (what fp8_weights widen runs). Each run reads a
+// different copy of the weights, as in bench_small_gemm.
+void bench_fp8_gemm(const BenchKernelsArgs& args, cudaStream_t stream,
+                    std::vector<BenchRecord>& records) {
+  struct Shape {
+    const char* name;
+    int64_t n, k;
+  };
+  const Shape shapes[] = {
+      {"q_a", 1536, 7168},
+      {"kv_a", 576, 7168},
+      {"q_b tp8", 16 * 192, 1536},
+      {"o_proj tp8", 7168, 2048},
+      {"expert gate_up", 4096, 7168},
+      {"expert down", 7168, 2048},
+      {"q_b", 128 * 192, 1536},
+      {"o_proj", 7168, 16384},
+  };
+  int64_t max_rows = 1, max_k = 0, max_n = 0, max_w = 0;
+  for (int32_t rows : args.gemm_rows) max_rows = std::max<int64_t>(max_rows, rows);
+  for (const Shape& sh : shapes) {
+    max_k = std::max(max_k, sh.k);
+    max_n = std::max(max_n, sh.n);
+    max_w = std::max(max_w, sh.n * sh.k);
+  }
+  const size_t pool_bytes = std::max<size_t>(size_t{1} << 30, size_t{8} * max_w);
+  DeviceBytes x(2 * max_rows * max_k), qx(max_rows * max_k), sx(4 * max_rows * max_k / 128),
+      y(4 * max_rows * max_n), pool(pool_bytes), scales(pool_bytes / 32 + 256);
+  cuda::fill_random_bf16(x.get(), x.bytes(), args.seed + 40);
+  cuda::fill_random_bf16(pool.get(), pool.bytes(), args.seed + 41);
+  MLA_CUDA_CHECK(cudaMemsetAsync(scales.get(), 0, scales.bytes(), stream));
+  for (const Shape& sh : shapes) {
+    for (int32_t rows : args.gemm_rows) {
+      const int64_t w8 = sh.n * sh.k, w16 = 2 * sh.n * sh.k, s_bytes = 4 * sh.n * (sh.k / 128);
+      const int64_t copies8 = static_cast<int64_t>(pool_bytes) / w8;
+      const int64_t copies16 = static_cast<int64_t>(pool_bytes) / w16;
+      int64_t next = 0;
+      const double fp8_ms = median_ms(stream, args.warmup, args.iters, [&] {
+        const int64_t copy = next++ % copies8;
+        cuda::fp8_quantize_rows({.x = x.get(),
+                                 .x_dtype = DType::kBF16,
+                                 .m = rows,
+                                 .k = sh.k,
+                                 .ldx = sh.k,
+                                 .q = qx.get<uint8_t>(),
+                                 .scale = sx.get<float>()},
+                                stream);
+        cuda::fp8_gemm({.qx = qx.get<uint8_t>(),
+                        .sx = sx.get<float>(),
+                        .m = rows,
+                        .k = sh.k,
+                        .w = pool.get<uint8_t>() + copy * w8,
+                        .w_scale = scales.get<float>() + copy * (s_bytes / 4),
+                        .n = sh.n,
+                        .y = y.get(),
+                        .y_dtype = DType::kF32,
+                        .ldy = sh.n},
+                       stream);
+      });
+      cuda::GemmParams p{};
+      p.a = x.get();
+      p.c = y.get();
+      p.m = rows, p.n = sh.n, p.k = sh.k;
+      p.lda = sh.k, p.ldb = sh.k, p.ldc = sh.n;
+      p.b_nk = true;
+      p.b_constant = true;
+      const double bf16_ms = median_ms(stream, args.warmup, args.iters, [&] {
+        p.b = pool.get<char>() + (next++ % copies16) * w16;
+        cuda::skinny_gemm(p, stream);
+      });
+      BenchRecord r;
+      r.bench = "fp8_gemm";
+      r.config = {{"model", "v3"}, {"product", sh.name}, {"rows", rows}, {"n", sh.n}, {"k", sh.k}};
+      r.time_us = fp8_ms * 1e3;
+      r.bytes = double(w8 + s_bytes) + 2.0 * rows * sh.k + 4.0 * rows * sh.n;
+      r.flops = 2.0 * rows * sh.n * sh.k;
+      r.extra["bf16_small_gemm_us"] = bf16_ms * 1e3;
+      r.extra["speedup"] = bf16_ms / fp8_ms;
+      spdlog::info("fp8_gemm v3 {} rows {}: {:.1f} us (bf16 small-row {:.1f} us)", sh.name, rows,
+                   fp8_ms * 1e3, bf16_ms * 1e3);
+      records.push_back(std::move(r));
+    }
+  }
+}
+
 std::string config_string(const nlohmann::ordered_json& config) {
   std::string s;
   for (const auto& [key, value] : config.items()) {
@@ -358,6 +448,7 @@ int run_bench_kernels(const BenchKernelsArgs& args) {
   };
   if (wanted("mla_decode")) bench_mla_decode(args, prop.multiProcessorCount, stream, records);
   if (wanted("small_gemm")) bench_small_gemm(args, stream, records);
+  if (wanted("fp8_gemm")) bench_fp8_gemm(args, stream, records);
   for (BenchRecord& r : records) {
     if (r.bench == "small_gemm") {  // cuBLAS's share of the copy bandwidth, for comparison
       r.extra["cublas_of_copy_pct"] =
@@ -434,11 +525,11 @@ void add_bench_kernels_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--sq", a->s_q, "Query tokens per sequence (1 or 2)")
       ->delimiter(',')
       ->capture_default_str();
-  cmd->add_option("--benches", a->benches, "Which benches: mla_decode, small_gemm")
+  cmd->add_option("--benches", a->benches, "Which benches: mla_decode, small_gemm, fp8_gemm")
       ->delimiter(',')
-      ->check(CLI::IsMember({"mla_decode", "small_gemm"}))
+      ->check(CLI::IsMember({"mla_decode", "small_gemm", "fp8_gemm"}))
       ->capture_default_str();
-  cmd->add_option("--gemm-rows", a->gemm_rows, "small_gemm: activation rows (1 .. 8)")
+  cmd->add_option("--gemm-rows", a->gemm_rows, "small_gemm, fp8_gemm: activation rows (1 .. 8)")
       ->delimiter(',')
       ->check(CLI::Range(1, 8))
       ->capture_default_str();

@@ -17,6 +17,9 @@
 #   prefix      prefix caching on one GPU group, off and on (issue 18)
 #   simulate    profile on the GPU and simulate against measured serving at four rates, two
 #               groups sharing the GPU (issue 16's GPU validation); simulate1: one group
+#   fp8         the fp8 product tests and the seeded-request determinism test (rerun after their
+#               fixes), then `bench-kernels --benches fp8_gemm`: V3's decode products with fp8
+#               weights kept against the bf16 small-row kernel (issue 17 item 4)
 #   peer        FlashMLA's dense decode beside mlaserve's (issue 17), from FLASHMLA_SRC
 #   study       tests/bench/cluster_study.sh on the GPU profile the simulate step took (its
 #               model's shape, TP1 groups: a first cluster study on measured GPU steps)
@@ -88,7 +91,7 @@ migration() {
 }
 
 export -f v2l4 v3l3 det_cost migration
-steps="gpu_new gpu_all det_cost migration prefix simulate simulate1 peer study v3tp8"
+steps="gpu_new gpu_all det_cost migration prefix simulate simulate1 fp8 peer study v3tp8"
 for step in "$@"; do
   [[ " $steps " == *" $step "* ]] || { echo "unknown step '$step' (steps: $steps)" >&2; exit 2; }
 done
@@ -122,6 +125,11 @@ for step in "$@"; do
       run v3tp8 580 env MLASERVE="$(command -v mlaserve)" WORKER_FLAGS="--device cuda" \
         LINK_BUSBW_GBPS=361 LINK_LATENCY_US=15 NUM_PAGES=16384 \
         tests/bench/emulated_profile.sh "$out/v3tp8" ;;
+    fp8)
+      run fp8 240 bash -c "set -o pipefail
+        tests/gpu/device_run.sh fp8_tests 'CudaFp8Gemm*:CudaDeterminism*' &&
+        mlaserve bench-kernels --benches fp8_gemm --gemm-rows 1,2,4,8 --json $out/fp8_gemm.json |
+        sed 's/^\(| fp8_gemm.*\)$/RESULT \1/'" ;;
     peer)
       src=${FLASHMLA_SRC:-}
       if [ -z "$src" ]; then
