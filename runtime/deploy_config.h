@@ -61,7 +61,7 @@ struct CoordinatorConfig {
   // reach. Default: 127.0.0.1:50052.
   std::string control_address = "127.0.0.1:50052";
   int32_t metrics_port = 0;  // `metrics_port`: Prometheus /metrics; 0 = off. Default: 0.
-  // `routing`: least-loaded | round-robin | prefix-affinity. Default: least-loaded.
+  // `routing`: least-loaded | round-robin | prefix-affinity | cache-aware. Default: least-loaded.
   RoutingPolicy routing = RoutingPolicy::kLeastLoaded;
   int32_t max_in_flight = 4096;         // `max_in_flight`: admission limit. Default: 4096.
   int32_t heartbeat_interval_ms = 500;  // `heartbeat_interval_ms`: worker heartbeats. Default: 500.

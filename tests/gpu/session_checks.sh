@@ -15,6 +15,9 @@
 #   migration   V3 shape (3 layers, bf16): live migration at contexts 1k-32k, both groups on the
 #               GPU as two processes (gRPC) and as one mpirun job (MPI) (issue 14)
 #   prefix      prefix caching on one GPU group, off and on (issue 18)
+#   prefix_routing  prefix caching with two groups sharing the GPU under eviction pressure (32
+#               system prompts, 160 pages a group), routing round-robin, least-loaded and
+#               cache-aware compared (issue 18)
 #   simulate    profile on the GPU and simulate against measured serving at four rates, two
 #               groups sharing the GPU (issue 16's GPU validation); simulate1: one group
 #   fp8         the fp8 product tests and the seeded-request determinism test (rerun after their
@@ -91,7 +94,7 @@ migration() {
 }
 
 export -f v2l4 v3l3 det_cost migration
-steps="gpu_new gpu_all det_cost migration prefix simulate simulate1 fp8 peer study v3tp8"
+steps="gpu_new gpu_all det_cost migration prefix prefix_routing simulate simulate1 fp8 peer study v3tp8"
 for step in "$@"; do
   [[ " $steps " == *" $step "* ]] || { echo "unknown step '$step' (steps: $steps)" >&2; exit 2; }
 done
@@ -108,6 +111,14 @@ for step in "$@"; do
       run prefix 400 env PRESET=v2-lite-full MAKE_TINY_FLAGS="--layers 4 --dtype BF16" \
         WORKER_FLAGS="--device cuda" MLASERVE="$(command -v mlaserve)" NUM_PAGES=2048 \
         tests/bench/prefix_caching.sh "$out/prefix" ;;
+    prefix_routing)
+      run prefix_routing 480 bash -c 'set -o pipefail
+        v2l4 || exit 1
+        for r in round-robin least-loaded cache-aware; do
+          env MODEL=/tmp/v2l4 NUM_GROUPS=2 WORKER_FLAGS="--device cuda" \
+            MLASERVE="$(command -v mlaserve)" ROUTING=$r PREFIXES=32 NUM_PAGES=160 PROMPTS=400 \
+            tests/bench/prefix_caching.sh "$out/prefix_$r" | sed "s/^| o/RESULT $r &/" || exit 1
+        done' ;;
     simulate | simulate1)
       run "$step" 580 env PRESET=v2-lite-full MAKE_TINY_FLAGS="--layers 4 --dtype BF16" \
         WORKER_FLAGS="--device cuda" MLASERVE="$(command -v mlaserve)" \
