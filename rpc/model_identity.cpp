@@ -41,6 +41,7 @@ const char* model_difference(const mlaserve::v1::ModelInfo& a, const mlaserve::v
   if (a.vocab_size() != b.vocab_size()) return "vocab_size";
   if (a.max_context() != b.max_context()) return "max_context";
   if (a.dtype() != b.dtype()) return "dtype";
+  if (a.weights() != b.weights()) return "weights";
   if (a.config_hash() != b.config_hash()) return "config_hash";
   return nullptr;
 }
@@ -50,6 +51,7 @@ std::string model_field(const mlaserve::v1::ModelInfo& m, const std::string& fie
   if (field == "max_context") return std::to_string(m.max_context());
   if (field == "model_type") return m.model_type();
   if (field == "dtype") return m.dtype();
+  if (field == "weights") return m.weights().empty() ? "widened weights" : m.weights();
   return m.config_hash();
 }
 

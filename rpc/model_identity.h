@@ -18,7 +18,8 @@ std::string model_config_hash(const std::string& model_dir);
 std::string sha256_hex(const std::string& bytes);
 
 // The model fields every worker of a cluster must agree on (model_type, vocab_size,
-// max_context, dtype, config_hash): the first that differs between `a` and `b`, or null.
+// max_context, dtype, weights, config_hash): the first that differs between `a` and `b`, or
+// null.
 const char* model_difference(const mlaserve::v1::ModelInfo& a, const mlaserve::v1::ModelInfo& b);
 // The value of one of those fields, as text.
 std::string model_field(const mlaserve::v1::ModelInfo& m, const std::string& field);

@@ -72,6 +72,7 @@ WorkerService::WorkerService(Engine& engine, WorkerServiceOptions options)
         v1::ModelInfo info;
         info.set_dtype(latent_wire_dtype(engine.cache().storage()));
         info.set_config_hash(options_.config_hash);
+        if (engine.model().fp8_weights() == Fp8Weights::kKeep) info.set_weights("fp8_e4m3");
         info.set_model_type(engine.model().config().family_name());
         info.set_vocab_size(static_cast<int32_t>(engine.model().config().vocab_size));
         info.set_max_context(static_cast<int32_t>(engine.model().config().max_position_embeddings));

@@ -37,7 +37,8 @@ Model::Model(ModelConfig config, const ModelOptions& options, ShardPlan shard,
              options.deterministic ? "deterministic: the decompressed form's rows depend on "
                                      "where a prompt's chunk ends"
                                    : decompressed_unsupported,
-             options.fp8_weights == Fp8Weights::kKeep) {}
+             options.fp8_weights == Fp8Weights::kKeep),
+      fp8_weights_(options.fp8_weights) {}
 
 ShardPlan Model::plan_for(const ModelConfig& config, const ModelOptions& options) {
   const ShardPlan shard(options.tp_size, options.tp_rank, config.num_heads, options.kv_shard);

@@ -101,6 +101,8 @@ class Model {
   const ModelConfig& config() const { return config_; }
   const FormPolicy& forms() const { return forms_; }
   const ShardPlan& shard() const { return shard_; }
+  // What the model does with an fp8 checkpoint's weights (ModelOptions::fp8_weights).
+  Fp8Weights fp8_weights() const { return fp8_weights_; }
   // Cache layout for this model with pages of `block_size` tokens.
   CacheGeometry cache_geometry(int32_t block_size) const;
   // Where this model wants its cache rows: host fp32 or fp8 (CPU), device bf16 (CUDA).
@@ -132,6 +134,7 @@ class Model {
   ModelConfig config_;
   ShardPlan shard_;
   FormPolicy forms_;
+  Fp8Weights fp8_weights_;
 };
 
 // The kernels' name for a config's router kind.

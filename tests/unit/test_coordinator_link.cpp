@@ -186,6 +186,23 @@ TEST_F(WorkerServiceTest, LinkRegistersHeartbeatsReRegistersAndDrains) {
   EXPECT_TRUE(w.service.draining());
 }
 
+// A worker that keeps an fp8 checkpoint's weights says so in its model info (the coordinator
+// refuses to mix it with widening workers: CoordinatorServiceTest's model checks); one that
+// widens them, or serves a model without fp8 weights, says nothing.
+TEST_F(WorkerServiceTest, TheModelInfoSaysWhetherFp8WeightsAreKept) {
+  for (const Fp8Weights fp8 : {Fp8Weights::kKeep, Fp8Weights::kWiden}) {
+    ModelOptions o;
+    o.show_progress = false;
+    o.fp8_weights = fp8;
+    TestWorker w(engine_options(), DeepseekModel::load(test::model_dir("v3_fp8"), o));
+    EXPECT_EQ(w.service.model_info().weights(), fp8 == Fp8Weights::kKeep ? "fp8_e4m3" : "")
+        << to_string(fp8);
+    EXPECT_EQ(w.service.model_info().dtype(), "float32");
+  }
+  TestWorker plain;
+  EXPECT_EQ(plain.service.model_info().weights(), "");
+}
+
 TEST_F(WorkerServiceTest, CallsWithoutTheSecretAreRefused) {
   TestWorker w(engine_options(), golden_model(),
                {.worker_id = "w0", .secret = std::make_shared<const SharedSecret>(kSecret)});

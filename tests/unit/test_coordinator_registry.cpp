@@ -190,6 +190,7 @@ TEST_F(CoordinatorServiceTest, AWorkerWithAnotherModelIsRefusedNamingTheField) {
       {"vocab_size", [](auto& m) { m.set_vocab_size(kVocab + 1); }},
       {"max_context", [](auto& m) { m.set_max_context(1); }},
       {"dtype", [](auto& m) { m.set_dtype("bfloat16"); }},
+      {"weights", [](auto& m) { m.set_weights("fp8_e4m3"); }},
       {"config_hash", [](auto& m) { m.set_config_hash("ffff"); }},
   };
   for (const Case& c : cases) {
