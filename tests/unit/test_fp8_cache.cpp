@@ -143,7 +143,7 @@ TEST(Fp8Cache, DtypeNamesParse) {
 constexpr double kMedianTolerance = 0.05, kWorstTolerance = 0.25;
 
 TEST(Fp8Cache, ModelStaysCloseToTransformers) {
-  for (const std::string name : {"v3", "v2_lite", "v3_mla"}) {
+  for (const std::string name : {"v3", "v2_lite", "v3_mla", "v3_fp8"}) {
     const test::Golden& g = test::golden(name);
     ModelOptions options;
     options.show_progress = false;
