@@ -12,6 +12,9 @@ float32 with eager attention. For each model NAME it writes DIR/NAME/ holding:
                                                         step t = incremental decode of greedy[t-1]
                       prompt{i}_greedy  int64 [N]      argmax of step_logits rows
   golden.json         metadata (see write_model()).
+A model with `fp8_block` (v3_fp8) is saved in DeepSeek-V3's fp8 format instead (e4m3 weights,
+`*_scale_inv` block scales, quantization_config) and gets golden_fp8act.{json,safetensors}:
+the same prompts run with fp8-quantised activations (ActivationQuantisation).
 
 Prompts are redrawn (next draw of the prompt generator) whenever a greedy step has a
 top1-top2 logit margin < MARGIN_MIN, or an MoE routing decision is closer than
