@@ -10,8 +10,6 @@
 
 namespace mla {
 
-namespace {}  // namespace
-
 DType latent_dtype(const std::string& dtype) {
   if (dtype == "float32") return DType::kF32;
   if (dtype == "bfloat16") return DType::kBF16;

@@ -87,7 +87,6 @@ class DeepseekRunner final : public ModelRunner {
 DeepseekModel::DeepseekModel(ModelConfig config, const ModelOptions& options, ShardPlan shard)
     : Model(std::move(config), options, shard),
       batch_invariant_(options.deterministic),
-      keep_fp8_(options.fp8_weights == Fp8Weights::kKeep),
       cache_storage_(options.cache_dtype == CacheDType::kFp8 ? CacheStorage::kHostFp8
                                                              : CacheStorage::kHostF32),
       inv_freq_(config_.rope_inv_freq()),
@@ -115,7 +114,8 @@ std::shared_ptr<DeepseekModel> DeepseekModel::load(const std::string& model_dir,
 }
 
 std::string DeepseekModel::load_weights(Checkpoint& ckpt) {
-  WeightLoader loader(ckpt, config_, shard_, keep_fp8_);
+  const bool keep = fp8_weights() == Fp8Weights::kKeep;
+  WeightLoader loader(ckpt, config_, shard_, keep);
   weights_.embed = loader.embed();
   weights_.final_norm = loader.final_norm();
   weights_.lm_head = loader.lm_head(weights_.embed);
@@ -127,7 +127,7 @@ std::string DeepseekModel::load_weights(Checkpoint& ckpt) {
       build_premerged(config_, shard_.local_heads(), weights_.layers[l].attn);
     }
   }
-  if (!keep_fp8_) return "";
+  if (!keep) return "";
   return fmt::format("{} fp8 weights kept as fp8{}", loader.kept_fp8(),
                      loader.widened_fp8() > 0
                          ? fmt::format(" ({} widened: their shard starts inside a scale block)",
@@ -491,7 +491,7 @@ void DeepseekModel::linear(const float* x, int64_t rows, const LinearWeight& w, 
                                .ldy = w.out(),
                                .beta = beta});
   } else {
-    cpu::matmul_nt(x, rows, w.in(), w.f32().f32(), w.out(), y, beta, batch_invariant_);
+    cpu::matmul_nt(x, rows, w.in(), w.f32_weight().f32(), w.out(), y, beta, batch_invariant_);
   }
   counter.weight_flops += flops_of(rows, w.out(), w.in());
 }

@@ -69,7 +69,6 @@ class DeepseekModel : public Model {
 
   ModelWeights weights_;
   bool batch_invariant_;
-  bool keep_fp8_;               // ModelOptions::fp8_weights kKeep
   CacheStorage cache_storage_;  // host fp32, or fp8 with ModelOptions::cache_dtype kFp8
   std::vector<float> inv_freq_;
   float rope_factor_;

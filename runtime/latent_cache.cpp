@@ -210,11 +210,8 @@ float* LatentCache::row(const BlockTable& table, int32_t layer, int32_t pos) {
   return const_cast<float*>(std::as_const(*this).row(table, layer, pos));
 }
 
-std::pair<int32_t, int32_t> LatentCache::page_row(const BlockTable& table, int32_t layer,
-                                                  int32_t pos) const {
+std::pair<int32_t, int32_t> LatentCache::page_row(const BlockTable& table, int32_t pos) const {
   MLA_CHECK(pos >= 0, "negative token position {}", pos);
-  MLA_CHECK(0 <= layer && layer < geometry_.num_layers, "layer {} out of range [0, {})", layer,
-            geometry_.num_layers);
   const int32_t page = pos / geometry_.block_size;
   MLA_CHECK(shard_.owns_page(page), "token {} is on page {}, which rank {} does not store", pos,
             page, shard_.tp_rank());
@@ -225,7 +222,7 @@ std::pair<int32_t, int32_t> LatentCache::page_row(const BlockTable& table, int32
 }
 
 const float* LatentCache::row(const BlockTable& table, int32_t layer, int32_t pos) const {
-  const auto [page, r] = page_row(table, layer, pos);
+  const auto [page, r] = page_row(table, pos);
   return page_block(page, layer) + int64_t{r} * geometry_.width();
 }
 
@@ -241,7 +238,7 @@ const uint8_t* LatentCache::host_row(int32_t page, int32_t layer, int32_t row) c
 
 void LatentCache::store_latent(const BlockTable& table, int32_t layer, int32_t pos,
                                const float* latent) {
-  const auto [page, r] = page_row(table, layer, pos);
+  const auto [page, r] = page_row(table, pos);
   auto* dst = const_cast<uint8_t*>(host_row(page, layer, r));
   if (kind_ == CacheStorage::kHostFp8) {
     cpu::quantize_latent_fp8(fp8_row(geometry_), latent, 1, geometry_.width(), dst);
@@ -252,7 +249,7 @@ void LatentCache::store_latent(const BlockTable& table, int32_t layer, int32_t p
 
 void LatentCache::load_latent(const BlockTable& table, int32_t layer, int32_t pos,
                               float* out) const {
-  const auto [page, r] = page_row(table, layer, pos);
+  const auto [page, r] = page_row(table, pos);
   const uint8_t* src = host_row(page, layer, r);
   if (kind_ == CacheStorage::kHostFp8) {
     cpu::dequantize_latent_fp8(fp8_row(geometry_), src, 1, out, geometry_.width());

@@ -249,8 +249,9 @@ class LatentCache {
   Tensor storage_;  // [num_pages, num_layers, block_size, row_width()]
   // The address of a host row: page `page`'s row `row` of layer `layer`.
   const uint8_t* host_row(int32_t page, int32_t layer, int32_t row) const;
-  // The pool page and row of token `pos` of `table`, checked as row() documents.
-  std::pair<int32_t, int32_t> page_row(const BlockTable& table, int32_t layer, int32_t pos) const;
+  // The pool page and row of token `pos` of `table`, checked as row() documents (host_row
+  // checks the layer).
+  std::pair<int32_t, int32_t> page_row(const BlockTable& table, int32_t pos) const;
 };
 
 }  // namespace mla

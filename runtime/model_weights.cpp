@@ -16,7 +16,7 @@ LinearWeight::LinearWeight(Tensor e4m3, Tensor scales, int64_t columns_per_scale
             shape_str(scale.shape()), group);
 }
 
-const Tensor& LinearWeight::f32() const {
+const Tensor& LinearWeight::f32_weight() const {
   MLA_CHECK(!fp8(), "an fp8 weight {} read as fp32", shape_str(w.shape()));
   return w;
 }
@@ -26,10 +26,11 @@ Tensor LinearWeight::widened() const {
   const int64_t rows = out(), cols = in(), groups = scale.dim(1);
   Tensor out_t = Tensor::empty({rows, cols});
   const uint8_t* q = w.data<uint8_t>();
+  const float* s = scale.f32();
+  float* y = out_t.f32();
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < cols; ++j) {
-      out_t.f32()[r * cols + j] =
-          fp8e4m3_to_f32(q[r * cols + j]) * scale.f32()[r * groups + j / group];
+      y[r * cols + j] = fp8e4m3_to_f32(q[r * cols + j]) * s[r * groups + j / group];
     }
   }
   return out_t;

@@ -30,7 +30,7 @@ struct LinearWeight {
   int64_t in() const { return w.dim(1); }
   // The fp32 weight. Throws kInternal for an fp8 weight: a path that needs fp32 values reads
   // widened() once at load time instead.
-  const Tensor& f32() const;
+  const Tensor& f32_weight() const;
   // An fp32 copy of an fp8 weight; the fp32 weight itself otherwise.
   Tensor widened() const;
   // Bytes held: the values and, for fp8, the scales.

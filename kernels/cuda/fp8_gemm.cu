@@ -3,6 +3,7 @@
 
 #include <cstdint>
 
+#include "kernels/cpu/fp8_group.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/fp8_gemm.h"
 #include "kernels/cuda/vec_io.cuh"
@@ -11,7 +12,6 @@
 namespace mla::cuda {
 namespace {
 
-constexpr float kFp8Max = 448.0f;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // Output rows (of the weight) per warp; a block covers kWarps * kRowsPerWarp of them.
@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(32)
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2)
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-  const float s = amax > 0.0f ? amax / kFp8Max : 1.0f;
+  const float s = amax > 0.0f ? amax / cpu::kFp8Max : 1.0f;
   uint32_t packed = 0;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {

@@ -10,7 +10,8 @@ namespace mla {
 namespace {
 
 DeviceMlp upload_mlp(const MlpWeights& m) {
-  return DeviceMlp{cuda::upload_bf16(m.gate_up.f32()), cuda::upload_bf16(m.down.f32()), m.width};
+  return DeviceMlp{cuda::upload_bf16(m.gate_up.f32_weight()),
+                   cuda::upload_bf16(m.down.f32_weight()), m.width};
 }
 
 // Host tensors of equal shape stacked into one device bf16 tensor [n, *shape].
@@ -33,14 +34,14 @@ DeviceLayer upload_layer(const LayerWeights& lw) {
   d.post_attn_norm = cuda::upload_f32(lw.post_attn_norm);
   const AttentionWeights& a = lw.attn;
   if (a.q_a.defined()) {
-    d.q_a = cuda::upload_bf16(a.q_a.f32());
+    d.q_a = cuda::upload_bf16(a.q_a.f32_weight());
     d.q_a_norm = cuda::upload_f32(a.q_a_norm);
   }
-  d.q_b = cuda::upload_bf16(a.q_b.f32());
-  d.kv_a = cuda::upload_bf16(a.kv_a.f32());
+  d.q_b = cuda::upload_bf16(a.q_b.f32_weight());
+  d.kv_a = cuda::upload_bf16(a.kv_a.f32_weight());
   d.kv_a_norm = cuda::upload_f32(a.kv_a_norm);
   d.kv_b = cuda::upload_bf16(a.kv_b);
-  d.o = cuda::upload_bf16(a.o.f32());
+  d.o = cuda::upload_bf16(a.o.f32_weight());
   if (a.q_absorbed.defined()) {
     d.q_absorbed = cuda::upload_bf16(a.q_absorbed);
     d.q_rope = cuda::upload_bf16(a.q_rope);
@@ -56,8 +57,8 @@ DeviceLayer upload_layer(const LayerWeights& lw) {
     d.correction_bias = cuda::upload_f32(lw.moe.correction_bias);
   std::vector<const Tensor*> gate_up, down;
   for (const MlpWeights& e : lw.moe.experts) {
-    gate_up.push_back(&e.gate_up.f32());
-    down.push_back(&e.down.f32());
+    gate_up.push_back(&e.gate_up.f32_weight());
+    down.push_back(&e.down.f32_weight());
   }
   d.experts_gate_up = upload_stacked(gate_up);
   d.experts_down = upload_stacked(down);

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/deepseek_model.h"
 #include "runtime/engine.h"
 #include "tests/support/golden.h"
 
@@ -154,6 +155,27 @@ inline void expect_reproduces(const std::vector<std::vector<StepOutput>>& output
     }
   }
   EXPECT_LE(outliers, max_outliers) << "steps beyond " << tolerance;
+}
+
+// One CPU model's run of the golden prompts: golden model `name` loaded with `options`, the
+// prompts of `g` run in `pattern` on an engine of its own. Expects every prompt to run g.steps
+// steps and every page to be free again afterwards.
+struct CpuGoldenRun {
+  std::vector<std::vector<StepOutput>> outputs;
+  int64_t vocab = 0;
+  CacheStorage storage = CacheStorage::kHostF32;  // the engine's cache's
+};
+
+inline CpuGoldenRun run_cpu_golden(const std::string& name, const ModelOptions& options,
+                                   const Golden& g, Pattern pattern = Pattern::kBatched) {
+  auto m = DeepseekModel::load(model_dir(name), options);
+  Engine engine(m, pattern_options(pattern));
+  CpuGoldenRun run{run_golden(engine, g, pattern), m->config().vocab_size,
+                   engine.cache().storage()};
+  EXPECT_EQ(run.outputs.size(), g.prompts.size());
+  for (const auto& steps : run.outputs) EXPECT_EQ(static_cast<int>(steps.size()), g.steps);
+  EXPECT_EQ(engine.cache().pool().num_free(), engine.cache().pool().num_pages()) << "pages leaked";
+  return run;
 }
 
 // A tensor-parallel group's engines: the leader runs `lead` and then releases the followers

@@ -115,7 +115,7 @@ TEST(Fp8Gemm, EvaluatesTheBlockScaledFormula) {
 }
 
 // Against the fp32 product of the same (exactly representable) weights, the only error is the
-// activations' quantisation: measured 1.6 % relative (L2) on these shapes, held below 3 %.
+// activations' quantisation: measured 2.6 % relative (L2) on these shapes, held below 3 %.
 TEST(Fp8Gemm, IsCloseToTheFp32ProductOfTheSameWeights) {
   const int64_t m = 16, n = 96, k = 512, group = 128;
   const Fp8Weight w = fp8_weight(n, k, group, 4);

@@ -78,7 +78,7 @@ TEST(LinearWeight, ConcatenatedRowsKeepTheirScales) {
   EXPECT_EQ(ab.out(), 576);
   EXPECT_EQ(ab.nbytes(), 576 * 128 + 576 * 4);
   expect_same(ab.widened(), ckpt.load_f32(kKvA, {576, 128}));
-  EXPECT_EQ(test::code_of([&] { (void)ab.f32(); }), ErrorCode::kInternal);
+  EXPECT_EQ(test::code_of([&] { (void)ab.f32_weight(); }), ErrorCode::kInternal);
   EXPECT_EQ(test::code_of([&] {
               LinearWeight::concat_rows(a, LinearWeight(ckpt.load_f32(kKvA, {576, 128})));
             }),
@@ -123,25 +123,14 @@ TEST(Fp8Weights, KeptWeightsHoldAboutAQuarterOfTheWidenedBytes) {
 constexpr double kFp8ActTolerance = 1e-3, kFlipTolerance = 0.03;
 constexpr double kMedianBound = 0.1, kWorstBound = 0.3;
 
-std::vector<std::vector<StepOutput>> run_kept(AbsorbMode mode, test::Pattern pattern,
-                                              const test::Golden& g, int64_t* vocab) {
-  auto m = DeepseekModel::load(test::model_dir(kModel), keep_options(mode));
-  Engine engine(m, test::pattern_options(pattern));
-  auto outputs = test::run_golden(engine, g, pattern);
-  EXPECT_EQ(engine.cache().pool().num_free(), engine.cache().pool().num_pages());
-  *vocab = m->config().vocab_size;
-  return outputs;
-}
-
 using KeptParam = std::tuple<AbsorbMode, test::Pattern>;
 class Fp8WeightsModel : public testing::TestWithParam<KeptParam> {};
 
 TEST_P(Fp8WeightsModel, ReproducesTransformersWithFp8Activations) {
   const auto& [mode, pattern] = GetParam();
   const test::Golden& g = test::golden(kModel, "golden_fp8act");
-  int64_t V = 0;
-  const auto outputs = run_kept(mode, pattern, g, &V);
-  test::expect_reproduces(outputs, g, V, kFp8ActTolerance, 1, kFlipTolerance);
+  const test::CpuGoldenRun run = test::run_cpu_golden(kModel, keep_options(mode), g, pattern);
+  test::expect_reproduces(run.outputs, g, run.vocab, kFp8ActTolerance, 1, kFlipTolerance);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -157,9 +146,8 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(Fp8Weights, QuantisationErrorAgainstFp32Activations) {
   const test::Golden& g = test::golden(kModel);
   for (const AbsorbMode mode : {AbsorbMode::kFactored, AbsorbMode::kPremerged}) {
-    int64_t V = 0;
-    const auto outputs = run_kept(mode, test::Pattern::kBatched, g, &V);
-    const test::Closeness c = test::closeness(outputs, g, V);
+    const test::CpuGoldenRun run = test::run_cpu_golden(kModel, keep_options(mode), g);
+    const test::Closeness c = test::closeness(run.outputs, g, run.vocab);
     std::cout << kModel << " " << to_string(mode) << ": fp8 weights kept, " << c << "\n";
     EXPECT_LT(c.median, kMedianBound) << to_string(mode);
     EXPECT_LT(c.worst, kWorstBound) << to_string(mode);
@@ -178,17 +166,12 @@ TEST(Fp8Weights, RunOnAnFp8Cache) {
   const test::Golden& g = test::golden(kModel);
   ModelOptions o = keep_options(AbsorbMode::kAuto);
   o.cache_dtype = CacheDType::kFp8;
-  auto m = DeepseekModel::load(test::model_dir(kModel), o);
-  Engine engine(m, test::pattern_options(test::Pattern::kBatched));
-  ASSERT_EQ(engine.cache().storage(), CacheStorage::kHostFp8);
-  const auto outputs = test::run_golden(engine, g, test::Pattern::kBatched);
-  ASSERT_EQ(outputs.size(), g.prompts.size());
-  for (const auto& steps : outputs) ASSERT_EQ(static_cast<int>(steps.size()), g.steps);
-  const test::Closeness c = test::closeness(outputs, g, m->config().vocab_size);
+  const test::CpuGoldenRun run = test::run_cpu_golden(kModel, o, g);
+  ASSERT_EQ(run.storage, CacheStorage::kHostFp8);
+  const test::Closeness c = test::closeness(run.outputs, g, run.vocab);
   std::cout << kModel << ": fp8 weights kept on an fp8 cache, " << c << "\n";
   EXPECT_LT(c.median, kMedianBound);
   EXPECT_LT(c.worst, kWorstBound);
-  EXPECT_EQ(engine.cache().pool().num_free(), engine.cache().pool().num_pages());
 }
 
 TEST(Fp8Weights, KeepNeedsAnFp8Checkpoint) {
