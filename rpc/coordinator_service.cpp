@@ -344,6 +344,7 @@ void CoordinatorService::take_load(WorkerEntry& worker, const v1::WorkerLoad& lo
     worker.cached_units = std::make_shared<const std::unordered_set<uint64_t>>(
         load.cached_units().begin(), load.cached_units().end());
     worker.unit_tokens = load.prefix_unit_tokens();
+    ++worker.units_epoch;
   } else {
     worker.cached_units.reset();
     worker.unit_tokens = 0;

@@ -249,6 +249,7 @@ class CoordinatorService final : public mlaserve::v1::Coordinator::WithRawCallba
     // `load`), for cache-aware routing; null when it reports none.
     std::shared_ptr<const std::unordered_set<uint64_t>> cached_units;
     int32_t unit_tokens = 0;
+    uint64_t units_epoch = 0;  // reports of cached_units taken (WorkerView::units_epoch)
   };
   // Sets worker.load to `load`, moving its reported prefix units into cached_units.
   static void take_load(WorkerEntry& worker, const mlaserve::v1::WorkerLoad& load);

@@ -410,7 +410,8 @@ CoordinatorService::WorkerEntry* CoordinatorService::Relay::pick_worker_locked(
                      .waiting = w.load.waiting(),
                      .in_flight = w.in_flight,
                      .cached_units = w.cached_units,
-                     .unit_tokens = w.unit_tokens});
+                     .unit_tokens = w.unit_tokens,
+                     .units_epoch = w.units_epoch});
   }
   const std::optional<std::string> picked = service_.router_.pick(views, prompt);
   return picked ? &service_.workers_.at(*picked) : nullptr;

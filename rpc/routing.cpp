@@ -89,6 +89,15 @@ std::optional<std::string> Router::pick_cache_aware(const std::vector<WorkerView
       }
       held = std::min(keys.size(), units_held * static_cast<size_t>(w.unit_tokens) /
                                        static_cast<size_t>(options_.affinity_block));
+      // Pages sent there since the report: past what it reported, or from the start.
+      const auto sent_since = [&](size_t page) {
+        const auto it = affinity_.find(pair_key(keys[page], w.id));
+        return it != affinity_.end() && it->second->epoch == w.units_epoch;
+      };
+      size_t recent = 0;
+      while (recent < keys.size() && sent_since(recent)) ++recent;
+      while (held < keys.size() && sent_since(held)) ++held;
+      held = std::max(held, recent);
     } else {
       while (held < keys.size() && affinity_.count(pair_key(keys[held], w.id)) != 0) ++held;
     }
@@ -104,7 +113,7 @@ std::optional<std::string> Router::pick_cache_aware(const std::vector<WorkerView
   if (!best) return std::nullopt;
   // The first pages last, so they are the most recent (evicted last, like the worker's).
   for (auto it = keys.rbegin(); it != keys.rend(); ++it)
-    remember(pair_key(*it, best->id), best->id);
+    remember(pair_key(*it, best->id), best->id, best->units_epoch);
   return best->id;
 }
 
@@ -122,16 +131,17 @@ uint64_t Router::prefix_key(const std::vector<int32_t>& prompt) const {
   return h;
 }
 
-void Router::remember(uint64_t key, const std::string& worker_id) {
+void Router::remember(uint64_t key, const std::string& worker_id, uint64_t epoch) {
   if (auto it = affinity_.find(key); it != affinity_.end()) {
-    it->second->second = worker_id;
+    it->second->worker_id = worker_id;
+    it->second->epoch = epoch;
     lru_.splice(lru_.begin(), lru_, it->second);
     return;
   }
-  lru_.emplace_front(key, worker_id);
+  lru_.push_front({key, worker_id, epoch});
   affinity_[key] = lru_.begin();
   if (lru_.size() > options_.affinity_capacity) {
-    affinity_.erase(lru_.back().first);
+    affinity_.erase(lru_.back().key);
     lru_.pop_back();
   }
 }
@@ -165,7 +175,7 @@ std::optional<std::string> Router::pick(const std::vector<WorkerView>& workers,
       if (!best) return std::nullopt;
       const uint64_t key = prefix_key(prompt);
       if (auto it = affinity_.find(key); it != affinity_.end()) {
-        const std::string& owner = it->second->second;
+        const std::string& owner = it->second->worker_id;
         auto w = std::find_if(workers.begin(), workers.end(),
                               [&](const WorkerView& v) { return v.id == owner; });
         const bool cache_full = w != workers.end() && w->total_pages > 0 && w->free_pages <= 0;
@@ -187,8 +197,8 @@ std::optional<std::string> Router::pick(const std::vector<WorkerView>& workers,
 void Router::forget(const std::string& worker_id) {
   std::lock_guard lock(mu_);
   for (auto it = lru_.begin(); it != lru_.end();) {
-    if (it->second == worker_id) {
-      affinity_.erase(it->first);
+    if (it->worker_id == worker_id) {
+      affinity_.erase(it->key);
       it = lru_.erase(it);
     } else {
       ++it;

@@ -17,10 +17,13 @@
 //   prompt that the worker is not known to hold from the start (the prefill it must do); the
 //   cheapest routable worker wins (then the one holding more, then by id). What a worker
 //   holds: the units it reported keeping in its last heartbeat (WorkerView::cached_units, the
-//   leading units of the prompt found there), when it reports them; otherwise the router's
-//   own record of the pages (keyed by a hash chained over the prompt so far) of the prompts it
-//   sent there, an estimate that cannot see evictions (LRU, at most affinity_capacity (page,
-//   worker) entries, kept for every pick).
+//   leading units of the prompt found there), extended by the pages of prompts the router sent
+//   there since that report (which the worker cannot have listed yet: on a GPU a heartbeat
+//   interval sees many requests of one prefix, and without this each would look uncached and
+//   spread over the workers), when it reports them; otherwise the router's own record of the
+//   pages (keyed by a hash chained over the prompt so far) of the prompts it sent there, an
+//   estimate that cannot see evictions (LRU, at most affinity_capacity (page, worker) entries,
+//   kept for every pick, with the worker's units_epoch at the pick).
 // A worker with routable == false (dead, draining, or excluded by the caller, e.g. after a
 // failover) is never picked.
 #pragma once
@@ -53,6 +56,9 @@ struct WorkerView {
   // of unit_tokens tokens; null when it reports none (no prefix caching, or not yet).
   std::shared_ptr<const std::unordered_set<uint64_t>> cached_units;
   int32_t unit_tokens = 0;
+  // Changes with every report of cached_units (the caller counts them): pages routed there
+  // under the current value were sent after the report.
+  uint64_t units_epoch = 0;
 
   int32_t queue_depth() const { return waiting + in_flight; }
   double free_fraction() const;
@@ -95,12 +101,17 @@ class Router {
   size_t affinity_size() const;
 
  private:
-  using Lru = std::list<std::pair<uint64_t, std::string>>;  // front = most recent
+  struct Assignment {
+    uint64_t key;
+    std::string worker_id;
+    uint64_t epoch;  // cache-aware: the worker's units_epoch when it was picked
+  };
+  using Lru = std::list<Assignment>;  // front = most recent
 
   uint64_t prefix_key(const std::vector<int32_t>& prompt) const;
   std::optional<std::string> pick_cache_aware(const std::vector<WorkerView>& workers,
                                               const std::vector<int32_t>& prompt);
-  void remember(uint64_t key, const std::string& worker_id);
+  void remember(uint64_t key, const std::string& worker_id, uint64_t epoch = 0);
 
   RouterOptions options_;
   mutable std::mutex mu_;

@@ -232,6 +232,7 @@ struct Group {
   // With prefix caching: the units its last heartbeat reported keeping (as a worker does).
   std::shared_ptr<const std::unordered_set<uint64_t>> reported_units;
   int64_t reported_version = -1;  // the index's inserts + evictions + lookups then
+  uint64_t units_epoch = 0;       // heartbeats that reported units (WorkerView::units_epoch)
 };
 
 struct Event {
@@ -348,7 +349,7 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       views.push_back({g.id, g.alive && !g.draining && (!prefill_alive || prefill_group(k)),
                        g.cache->num_available(), o.num_pages, g.scheduler->num_running(),
                        g.scheduler->num_waiting(), g.in_flight, g.reported_units,
-                       g.reported_units ? g.cache->prefix_unit_tokens() : 0});
+                       g.reported_units ? g.cache->prefix_unit_tokens() : 0, g.units_epoch});
     }
     const std::optional<std::string> picked = router.pick(views, prompts[i]);
     if (!picked) return false;
@@ -543,6 +544,7 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
           group.reported_units =
               std::make_shared<const std::unordered_set<uint64_t>>(keys.begin(), keys.end());
         }
+        ++group.units_epoch;
       }
       const int64_t preempted = std::exchange(group.preempted, 0);
       if (!o.rebalance || !group.alive || group.draining || !group.leaving.empty()) continue;

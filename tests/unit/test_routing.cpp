@@ -94,32 +94,60 @@ TEST(Routing, CacheAwareBelievesTheUnitsWorkersReport) {
   const std::vector<int32_t> system = prompt_of(0, 16);  // 2 units of 8, 4 pages of 4
   const std::vector<uint64_t> units = prefix_unit_keys(system, 8);
   ASSERT_EQ(units.size(), 2u);
-  auto report = [](std::vector<uint64_t> keys) {
-    return std::make_shared<const std::unordered_set<uint64_t>>(keys.begin(), keys.end());
+  // A heartbeat's report: the units kept, and a new epoch.
+  auto report = [](WorkerView& w, std::vector<uint64_t> keys) {
+    w.cached_units = std::make_shared<const std::unordered_set<uint64_t>>(keys.begin(), keys.end());
+    ++w.units_epoch;
   };
   for (WorkerView& w : ws) w.unit_tokens = 8;
-  ws[0].cached_units = report({});
-  ws[1].cached_units = report(units);
+  report(ws[0], {});
+  report(ws[1], units);
   ws[1].in_flight = 1;  // 1 request deeper, but it keeps 4 pages (2 requests' worth)
   EXPECT_EQ(router.pick(ws, system), "b");
   // Only the first unit reported: 2 pages (1 request's worth) against 1 request, a tie in
   // cost, which goes to the worker holding more.
-  ws[1].cached_units = report({units[0]});
+  report(ws[1], {units[0]});
   EXPECT_EQ(router.pick(ws, system), "b");
+  // Its next heartbeat: still only the first unit (the pick above counts no longer), and 2 deep.
+  report(ws[1], {units[0]});
   ws[1].in_flight = 2;
   EXPECT_EQ(router.pick(ws, system), "a");
-  // The second unit without the first is no prefix.
-  ws[1].cached_units = report({units[1]});
+  // The second unit without the first is no prefix (and a's next heartbeat keeps nothing).
+  report(ws[0], {});
+  report(ws[1], {units[1]});
   ws[1].in_flight = 0;
   ws[0].in_flight = 1;
   EXPECT_EQ(router.pick(ws, system), "b") << "lighter";
   // The router sent `system` to a before, but a reports nothing kept: it holds nothing.
   ws[0].in_flight = 0;
   ws[1].in_flight = 1;
-  ws[1].cached_units = report(units);
+  report(ws[1], units);
   EXPECT_EQ(router.pick(ws, system), "b");
-  ws[1].cached_units = report({});
+  report(ws[1], {});
   EXPECT_EQ(router.pick(ws, system), "a");
+}
+
+// cache-aware with reports: what the router sent a worker since its last report counts as held
+// (the report cannot list it yet), until the next report says otherwise.
+TEST(Routing, CacheAwareCountsWhatItSentSinceTheLastReport) {
+  Router router(RouterOptions{
+      .policy = RoutingPolicy::kCacheAware, .affinity_block = 4, .cache_weight = 0.5});
+  std::vector<WorkerView> ws = {worker("a", 100, 100, 0, 0), worker("b", 100, 100, 0, 0)};
+  const std::vector<int32_t> system = prompt_of(0, 16);  // 4 pages: 2 requests' worth
+  for (WorkerView& w : ws) {
+    w.unit_tokens = 8;
+    w.cached_units = std::make_shared<const std::unordered_set<uint64_t>>();
+    w.units_epoch = 1;
+  }
+  EXPECT_EQ(router.pick(ws, system), "a");  // a tie: by id
+  ws[0].in_flight = 1;
+  EXPECT_EQ(router.pick(ws, system), "a") << "sent to a since its report";
+  std::vector<int32_t> longer = system;
+  for (int32_t t = 100; t < 108; ++t) longer.push_back(t);
+  ws[0].in_flight = 2;  // 2 deeper, but holds 4 of the 6 pages since the report
+  EXPECT_EQ(router.pick(ws, longer), "a");
+  ws[0].units_epoch = 2;  // a's next heartbeat reports nothing kept
+  EXPECT_EQ(router.pick(ws, system), "b");
 }
 
 struct LeastLoadedCase {
