@@ -41,7 +41,7 @@ void DeployFlags::add_to(CLI::App& cmd) {
       ->capture_default_str();
   cmd.add_option("--fp8-weights", fp8_weights_,
                  "An fp8 checkpoint's weights: widen (to fp32 on the CPU, bf16 on the GPU) or keep "
-                 "(e4m3 with block scales, activations quantised per 128; CPU backend so far)")
+                 "(e4m3 with block scales, activations quantised per 128)")
       ->capture_default_str();
   cmd.add_option("--cache-memory-fraction", flags_.engine.cache_memory_fraction,
                  "With --num-pages 0: share of free GPU memory for the cache")

@@ -96,10 +96,7 @@ DeepseekModel::DeepseekModel(ModelConfig config, const ModelOptions& options, Sh
 std::shared_ptr<DeepseekModel> DeepseekModel::load(const std::string& model_dir,
                                                    const ModelOptions& options) {
   ModelConfig config = ModelConfig::load(model_dir);
-  MLA_REQUIRE(options.fp8_weights != Fp8Weights::kKeep || config.fp8_checkpoint,
-              "fp8_weights keep: {} has no fp8 weights (its config.json has no "
-              "quantization_config); use fp8_weights widen",
-              model_dir);
+  check_fp8_weights(model_dir, config, options);
   const ShardPlan shard = plan_for(config, options);
   std::shared_ptr<DeepseekModel> model(new DeepseekModel(std::move(config), options, shard));
   Checkpoint ckpt = Checkpoint::open(model_dir, model->config_.fp8_block);

@@ -142,7 +142,7 @@ struct DeployConfig {
                           // at <= 16 slots through the small-row kernels. Default: true.
                           // `deterministic`: batch-invariant logits (CPU and GPU). Default: false.
                           // `fp8_weights`: widen | keep, for an fp8 checkpoint's weights
-                          // (keep: CPU backend so far; Fp8Weights). Default: widen.
+                          // (Fp8Weights). Default: widen.
   // `cache.block_size` (64), `cache.num_pages` (default: 256 with device cpu, 0 with cuda;
   // 0 = from free GPU memory), `cache.memory_fraction` (0.9), `cache.prefix_caching` (false:
   // keep full pages for requests with the same leading tokens, any TP size and layout),

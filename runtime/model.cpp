@@ -40,6 +40,14 @@ Model::Model(ModelConfig config, const ModelOptions& options, ShardPlan shard,
              options.fp8_weights == Fp8Weights::kKeep),
       fp8_weights_(options.fp8_weights) {}
 
+void Model::check_fp8_weights(const std::string& model_dir, const ModelConfig& config,
+                              const ModelOptions& options) {
+  MLA_REQUIRE(options.fp8_weights != Fp8Weights::kKeep || config.fp8_checkpoint,
+              "fp8_weights keep: {} has no fp8 weights (its config.json has no "
+              "quantization_config); use fp8_weights widen",
+              model_dir);
+}
+
 ShardPlan Model::plan_for(const ModelConfig& config, const ModelOptions& options) {
   const ShardPlan shard(options.tp_size, options.tp_rank, config.num_heads, options.kv_shard);
   const int64_t P = shard.tp_size();

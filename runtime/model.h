@@ -41,7 +41,7 @@ struct CudaOptions {
 enum class Fp8Weights : uint8_t {
   kWiden,  // widened at load (fp32 on the CPU, bf16 on the GPU): transformers' dequantised model
   kKeep,   // kept fp8; products quantise activations per row and 128 columns (DeepSeek's fp8
-           // inference, kernels/cpu/fp8_gemm.h). CPU backend so far.
+           // inference, kernels/cpu/fp8_gemm.h; on the GPU cuda/fp8_gemm.h, moe_experts_fp8.h).
 };
 Fp8Weights fp8_weights_from_string(std::string_view name, std::string_view field);  // throws
 const char* to_string(Fp8Weights w);  // "widen", "keep"
@@ -129,6 +129,10 @@ class Model {
   // The plan `options` asks for, validated against the model before any weight is read:
   // throws kInvalidArgument if P does not divide the heads, experts or MLP widths.
   static ShardPlan plan_for(const ModelConfig& config, const ModelOptions& options);
+  // Throws kInvalidArgument naming fp8_weights when keep is asked of the checkpoint in
+  // `model_dir` (`config`) that has no fp8 weights.
+  static void check_fp8_weights(const std::string& model_dir, const ModelConfig& config,
+                                const ModelOptions& options);
   void log_loaded(const ModelOptions& options, const char* backend) const;
 
   ModelConfig config_;

@@ -5,6 +5,7 @@
 
 #include "kernels/cpu/fp8_group.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/fp8_dots.cuh"
 #include "kernels/cuda/fp8_gemm.h"
 #include "kernels/cuda/vec_io.cuh"
 #include "kernels/error.h"
@@ -16,8 +17,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // Output rows (of the weight) per warp; a block covers kWarps * kRowsPerWarp of them.
 constexpr int kRowsPerWarp = 4;
-// Bytes a lane loads per step: 16 e4m3 values, all in one 128-column group.
-constexpr int kChunk = 16;
 
 // One warp per (row, group): lane l holds values 4l .. 4l + 3 of the group's 128.
 template <typename T>
@@ -42,33 +41,8 @@ __global__ void __launch_bounds__(32)
   if (lane == 0) scale[row * groups + group] = s;
 }
 
-// Two e4m3 values (the low 16 bits of `bits`) as floats; exact (e4m3 fits in fp16).
-__device__ __forceinline__ float2 fp8x2_to_float2(uint32_t bits) {
-  const __half2_raw h =
-      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(bits & 0xffffu), __NV_E4M3);
-  return __half22float2(__half2(h));
-}
-
-// Sum of 16 products of e4m3 pairs, in a fixed order.
-__device__ __forceinline__ float dot16(const uint4& a, const uint4& b) {
-  const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
-  float sum = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 a0 = fp8x2_to_float2(av[i]), a1 = fp8x2_to_float2(av[i] >> 16);
-    const float2 b0 = fp8x2_to_float2(bv[i]), b1 = fp8x2_to_float2(bv[i] >> 16);
-    sum += a0.x * b0.x;
-    sum += a0.y * b0.y;
-    sum += a1.x * b1.x;
-    sum += a1.y * b1.y;
-  }
-  return sum;
-}
-
 // A warp computes kRowsPerWarp outputs for each of the (at most kFp8GemmRowTile) activation
-// rows of blockIdx.y's tile: lane l takes 16-byte chunks l, l + 32, ... of the weight rows
-// (each inside one group), scales each chunk's dot by both groups' scales, and the warp adds
-// the lanes' sums at the end.
+// rows of blockIdx.y's tile (fp8_warp_dots).
 template <typename OutT>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(Fp8GemmParams p) {
   constexpr int MT = static_cast<int>(kFp8GemmRowTile), R = kRowsPerWarp;
@@ -77,40 +51,35 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(Fp8GemmParams p) {
   const int64_t i0 = int64_t{blockIdx.y} * MT;
   const int rows_here = p.m - i0 < MT ? static_cast<int>(p.m - i0) : MT;
   if (row0 >= p.n) return;
-  const int64_t groups = p.k / kFp8Group, chunks = p.k / kChunk;
-  float acc[MT][R] = {};
-  for (int64_t c = lane; c < chunks; c += 32) {
-    const int64_t g = c * kChunk / kFp8Group;
-    uint4 wv[R];
-    float ws[R];
+  const int64_t groups = p.k / kFp8Group;
+  const uint8_t* w[R];
+  const float* ws[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = min(row0 + r, p.n - 1);  // rows past n re-read row n - 1, dropped
-      wv[r] = *reinterpret_cast<const uint4*>(p.w + row * p.k + c * kChunk);
-      ws[r] = p.w_scale[row * groups + g];
-    }
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {
-      if (i >= rows_here) break;
-      const int64_t xi = i0 + i;
-      const uint4 xv = *reinterpret_cast<const uint4*>(p.qx + xi * p.k + c * kChunk);
-      const float xs = p.sx[xi * groups + g];
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc[i][r] += dot16(xv, wv[r]) * (xs * ws[r]);
-    }
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = min(row0 + r, p.n - 1);  // rows past n re-read row n - 1, dropped
+    w[r] = p.w + row * p.k;
+    ws[r] = p.w_scale + row * groups;
   }
+  const uint8_t* x[MT];
+  const float* xs[MT];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    const int64_t xi = i0 + min(i, rows_here - 1);
+    x[i] = p.qx + xi * p.k;
+    xs[i] = p.sx + xi * groups;
+  }
+  float acc[MT][R];
+  fp8_warp_dots<MT, R>(w, ws, x, xs, rows_here, p.k, lane, acc);
+  if (lane != 0) return;
 #pragma unroll
   for (int i = 0; i < MT; ++i) {
     if (i >= rows_here) break;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      float v = acc[i][r];
-#pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
       const int64_t row = row0 + r;
-      if (lane == 0 && row < p.n) {
+      if (row < p.n) {
         OutT* out = static_cast<OutT*>(p.y) + (i0 + i) * p.ldy + row;
-        float value = v;
+        float value = acc[i][r];
         if (p.beta != 0.0f) value += p.beta * to_float(*out);
         *out = from_float<OutT>(value);
       }

@@ -69,20 +69,27 @@ std::shared_ptr<CudaModel> CudaModel::load(const std::string& model_dir,
               "cache.dtype {}: the CUDA backend keeps its cache in bf16 (the fp8 cache runs on the "
               "CPU backend so far); use cache.dtype auto",
               to_string(options.cache_dtype));
-  MLA_REQUIRE(options.fp8_weights == Fp8Weights::kWiden,
-              "fp8_weights {}: the CUDA backend widens fp8 weights to bf16 (kept fp8 weights run "
-              "on the CPU backend so far); use fp8_weights widen",
-              to_string(options.fp8_weights));
   ModelConfig config = ModelConfig::load(model_dir);
+  check_fp8_weights(model_dir, config, options);
   const ShardPlan shard = plan_for(config, options);
   std::shared_ptr<CudaModel> model(new CudaModel(std::move(config), gpu_options(options), shard));
   const ModelConfig& c = model->config_;
   Checkpoint ckpt = Checkpoint::open(model_dir, c.fp8_block);
   ckpt.set_progress(options.show_progress);
-  WeightLoader loader(ckpt, c, shard);
+  const bool keep = model->fp8_weights() == Fp8Weights::kKeep;
+  WeightLoader loader(ckpt, c, shard, keep);
   model->weights_ = DeviceWeights::upload(loader, c, shard, model->forms_.needs_premerged());
   ckpt.finish_progress();
-  model->log_loaded(options, "cuda bf16");
+  const DeviceWeights& w = model->weights_;
+  const std::string backend =
+      !keep ? "cuda bf16"
+            : fmt::format("cuda bf16, {} fp8 weights kept as fp8{}", w.kept_fp8,
+                          w.widened_fp8 + loader.widened_fp8() > 0
+                              ? fmt::format(" ({} widened to bf16: a shard starting inside a "
+                                            "scale block, or an input not in 128-column groups)",
+                                            w.widened_fp8 + loader.widened_fp8())
+                              : "");
+  model->log_loaded(options, backend.c_str());
   spdlog::info("{:.2f} GiB of weights on the GPU", model->weights_.bytes / double(1 << 30));
   return model;
 }
@@ -91,11 +98,20 @@ std::unique_ptr<ModelRunner> CudaModel::make_runner(LatentCache& cache, Communic
   return std::make_unique<CudaRunner>(*this, cache, comm);
 }
 
+StepBuffers::Sizing CudaModel::step_sizing(int num_sms) const {
+  return {.config = &config_,
+          .shard = shard_,
+          .max_mlp_width = weights_.max_mlp_width,
+          .num_sms = num_sms,
+          .fp8_max_in = weights_.fp8_max_in,
+          .fp8_experts = weights_.fp8_experts};
+}
+
 int32_t CudaModel::auto_num_pages(int32_t block_size, double memory_fraction) const {
   MLA_REQUIRE(memory_fraction > 0 && memory_fraction < 1,
               "cache memory fraction must be in (0, 1), got {}", memory_fraction);
   const cuda::DeviceGuard on_device(device_);
-  const StepBuffers sizing({&config_, shard_, weights_.max_mlp_width, cuda::num_sms()});
+  const StepBuffers sizing(step_sizing(cuda::num_sms()));
   const int64_t step_bytes =
       sizing.bytes_for(CudaRunner::kMaxStepTokens, CudaRunner::kMaxStepSeqs) +
       CudaRunner::kFixedBytes;

@@ -1,5 +1,6 @@
-// CudaModel: one tensor-parallel rank's DeepSeek-V2/V3 weights on one GPU (bf16, fp32 norms and
-// router), immutable after load; its forward passes run through CudaRunner
+// CudaModel: one tensor-parallel rank's DeepSeek-V2/V3 weights on one GPU (bf16, or an fp8
+// checkpoint's linear weights kept fp8 with fp8_weights keep; fp32 norms and router), immutable
+// after load; its forward passes run through CudaRunner
 // (runtime/cuda/cuda_runner.h), made per cache and group with make_runner(). The layer math is
 // runtime/cuda/cuda_step.h; the cache is the same paged latent layout as the CPU model's, kept
 // in device memory as bf16 (CacheStorage::kDeviceBf16).
@@ -11,6 +12,7 @@
 #include <string>
 
 #include "runtime/cuda/device_weights.h"
+#include "runtime/cuda/step_buffers.h"
 #include "runtime/model.h"
 #include "runtime/model_runner.h"
 
@@ -42,6 +44,8 @@ class CudaModel : public Model {
   bool deterministic() const { return deterministic_; }
   // Bytes of weights on the device (for bandwidth reports).
   int64_t weight_bytes() const { return weights_.bytes; }
+  // What a runner's step buffers are sized from, on a device of `num_sms` SMs.
+  StepBuffers::Sizing step_sizing(int num_sms) const;
 
  private:
   CudaModel(ModelConfig config, const ModelOptions& options, ShardPlan shard);

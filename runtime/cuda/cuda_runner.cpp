@@ -44,8 +44,7 @@ CudaRunner::CudaRunner(const CudaModel& model, LatentCache& cache, Communicator*
     blas_ = std::make_unique<cuda::Blas>(
         stream_, cuda::BlasOptions{.small_gemm = model.options().small_gemm,
                                    .batch_invariant = model.deterministic()});
-    buffers_ = std::make_unique<StepBuffers>(StepBuffers::Sizing{
-        &model.config(), model.shard(), model.weights().max_mlp_width, num_sms_});
+    buffers_ = std::make_unique<StepBuffers>(model.step_sizing(num_sms_));
     profiler_ = std::make_unique<StepProfiler>(stream_);
     graphs_ = std::make_unique<GraphCache>(stream_);
   } catch (...) {

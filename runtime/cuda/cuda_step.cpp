@@ -8,6 +8,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_memory.h"
 #include "kernels/cuda/embedding.h"
+#include "kernels/cuda/fp8_gemm.h"
 #include "kernels/cuda/gather_rows.h"
 #include "kernels/cuda/latent_attention.h"
 #include "kernels/cuda/latent_store.h"
@@ -16,6 +17,7 @@
 #include "kernels/cuda/mla_decode.h"
 #include "kernels/cuda/mla_prefill.h"
 #include "kernels/cuda/moe_experts.h"
+#include "kernels/cuda/moe_experts_fp8.h"
 #include "kernels/cuda/moe_gate.h"
 #include "kernels/cuda/rope_bf16.h"
 #include "kernels/cuda/silu_mul.h"
@@ -161,7 +163,7 @@ void CudaStep::enqueue() {
     int64_t q_in_dim = D;
     if (c_.q_lora_rank > 0) {
       const int64_t d_q = c_.q_lora_rank;
-      cuda::linear(x_.blas, b_.xn.raw(), T, D, d.q_a.raw(), d_q, b_.qa32.raw(), DType::kF32);
+      linear(b_.xn.raw(), T, D, d.q_a, d_q, b_.qa32.raw(), DType::kF32);
       cuda::add_rms_norm({.x = b_.qa32.data<float>(),
                           .delta = nullptr,
                           .w = d.q_a_norm.data<float>(),
@@ -214,7 +216,7 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d, const bf16* q_in, int6
 
   // The new tokens' latents: c = RMSNorm(kv[:d_c]), k_rope = RoPE(kv[d_c:]) into the pages this
   // rank stores.
-  cuda::linear(x_.blas, b_.xn.raw(), T, D, d.kv_a.raw(), d_lat, b_.kv32.raw(), DType::kF32);
+  linear(b_.xn.raw(), T, D, d.kv_a, d_lat, b_.kv32.raw(), DType::kF32);
   cuda::latent_store({.kv = b_.kv32.data<float>(),
                       .kv_stride = d_lat,
                       .norm_w = d.kv_a_norm.data<float>(),
@@ -259,7 +261,7 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d, const bf16* q_in, int6
   const bool dump_q = dumps("q_nope", l) || dumps("q_rope", l);
   if (batch.any_decompressed || (batch.any_latent && !premerged) || dump_q) {
     // q: [T, H_l, d_n + d_r], its rotary part rotated in place.
-    cuda::linear(x_.blas, q_in, T, q_in_dim, d.q_b.raw(), H_l * d_qk, q, DType::kBF16);
+    linear(q_in, T, q_in_dim, d.q_b, H_l * d_qk, q, DType::kBF16);
     rope(q + d_n, H_l * d_qk, d_qk, q + d_n, H_l * d_qk, d_qk);
     dump("q_nope", l, q, DType::kBF16, T * H_l, d_n, d_qk, {T, H_l, d_n});
     dump("q_rope", l, q + d_n, DType::kBF16, T * H_l, d_r, d_qk, {T, H_l, d_r});
@@ -324,8 +326,8 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d, const bf16* q_in, int6
     cuda::linear(x_.blas, b_.o_latent.raw(), T, H_l * d_c, d.o_absorbed.raw(), D, out, DType::kF32);
   }
   if (o_from_v) {
-    cuda::linear(x_.blas, o_v, T, H_l * d_v, d.o.raw(), D, out, DType::kF32,
-                 batch.any_latent && premerged ? 1.0f : 0.0f);
+    linear(o_v, T, H_l * d_v, d.o, D, out, DType::kF32,
+           batch.any_latent && premerged ? 1.0f : 0.0f);
   }
 }
 
@@ -508,12 +510,31 @@ void CudaStep::ffn(const DeviceLayer& d) {
   } else {
     MLA_CUDA_CHECK(cudaMemsetAsync(out, 0, T * D * sizeof(float), s));
   }
+  if (d.experts_gate_up.fp8()) {
+    cuda::moe_experts_fp8({.x = b_.xn.data<bf16>(),
+                           .ids = b_.topk_ids.data<int32_t>(),
+                           .weights = b_.topk_weights.data<float>(),
+                           .gate_up = d.experts_gate_up.w.data<uint8_t>(),
+                           .gate_up_scale = d.experts_gate_up.scale.data<float>(),
+                           .down = d.experts_down.w.data<uint8_t>(),
+                           .down_scale = d.experts_down.scale.data<float>(),
+                           .out = out,
+                           .tokens = T,
+                           .top_k = K,
+                           .d = D,
+                           .inter = c_.moe_intermediate_size,
+                           .experts = E,
+                           .first_expert = d.first_expert,
+                           .local_experts = d.local_experts},
+                          b_.moe_workspace.raw(), b_.moe_workspace.nbytes(), s);
+    return;
+  }
   cuda::MoeExpertsParams ep{};
   ep.x = b_.xn.data<bf16>();
   ep.ids = b_.topk_ids.data<int32_t>();
   ep.weights = b_.topk_weights.data<float>();
-  ep.gate_up = d.experts_gate_up.data<bf16>();
-  ep.down = d.experts_down.data<bf16>();
+  ep.gate_up = d.experts_gate_up.w.data<bf16>();
+  ep.down = d.experts_down.w.data<bf16>();
   ep.out = out;
   ep.tokens = T;
   ep.top_k = K;
@@ -530,15 +551,43 @@ void CudaStep::ffn(const DeviceLayer& d) {
   cuda::moe_experts(ep, b_.moe_workspace.raw(), b_.moe_workspace.nbytes(), s);
 }
 
+void CudaStep::linear(const void* x, int64_t rows, int64_t in, const DeviceLinear& w, int64_t out,
+                      void* y, DType y_type, float beta) {
+  if (!w.fp8()) {
+    cuda::linear(x_.blas, x, rows, in, w.w.raw(), out, y, y_type, beta);
+    return;
+  }
+  cuda::fp8_quantize_rows({.x = x,
+                           .x_dtype = DType::kBF16,
+                           .m = rows,
+                           .k = in,
+                           .ldx = in,
+                           .q = b_.fp8_x.data<uint8_t>(),
+                           .scale = b_.fp8_scale.data<float>()},
+                          x_.stream);
+  cuda::fp8_gemm({.qx = b_.fp8_x.data<uint8_t>(),
+                  .sx = b_.fp8_scale.data<float>(),
+                  .m = rows,
+                  .k = in,
+                  .w = w.w.data<uint8_t>(),
+                  .w_scale = w.scale.data<float>(),
+                  .n = out,
+                  .y = y,
+                  .y_dtype = y_type,
+                  .ldy = out,
+                  .beta = beta},
+                 x_.stream);
+}
+
 void CudaStep::mlp(const DeviceMlp& w, const bf16* x, float* out) {
   const int64_t T = meta_.T, D = c_.hidden_size;
-  cuda::linear(x_.blas, x, T, D, w.gate_up.raw(), 2 * w.width, b_.gate_up.raw(), DType::kF32);
+  linear(x, T, D, w.gate_up, 2 * w.width, b_.gate_up.raw(), DType::kF32);
   cuda::silu_mul_bf16({.gate_up = b_.gate_up.data<float>(),
                        .out = b_.act.data<bf16>(),
                        .rows = T,
                        .width = w.width},
                       x_.stream);
-  cuda::linear(x_.blas, b_.act.raw(), T, w.width, w.down.raw(), D, out, DType::kF32);
+  linear(b_.act.raw(), T, w.width, w.down, D, out, DType::kF32);
 }
 
 }  // namespace mla

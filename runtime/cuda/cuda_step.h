@@ -1,6 +1,7 @@
 // CudaStep: one forward step of the DeepSeek model on the GPU, enqueued on the runner's stream
-// (the body of an uncaptured step and of every captured graph). bf16 operands, fp32
-// accumulation and residual stream. Notation as in runtime/model_config.h.
+// (the body of an uncaptured step and of every captured graph). bf16 operands (fp8 weights with
+// block-scaled products under fp8_weights keep), fp32 accumulation and residual stream. Notation as
+// in runtime/model_config.h.
 //
 // A layer, in paper order (each named tensor is one the step dumps when asked,
 // ModelRunner::set_dump):
@@ -71,6 +72,10 @@ class CudaStep {
   void decompressed(int64_t l, const DeviceLayer& d);
   void ffn(const DeviceLayer& d);
   void mlp(const DeviceMlp& w, const __nv_bfloat16* x, float* out);
+  // y [rows, out] = x [rows, in] (bf16) times w^T (+ beta y): cuBLAS for a bf16 weight; for an
+  // fp8 weight, x quantised per row and 128 columns, then cuda::fp8_gemm.
+  void linear(const void* x, int64_t rows, int64_t in, const DeviceLinear& w, int64_t out, void* y,
+              DType y_type, float beta = 0.0f);
   void all_reduce(float* data, int64_t n);
   bool dumps(const char* name, int64_t layer) const;
   // Dumps `rows` x `cols` values of a device tensor, taken `cols` at a time every `stride`

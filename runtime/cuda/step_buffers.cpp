@@ -8,6 +8,7 @@
 #include "kernels/cuda/device_memory.h"
 #include "kernels/cuda/mla_decode.h"
 #include "kernels/cuda/moe_experts.h"
+#include "kernels/cuda/moe_experts_fp8.h"
 #include "kernels/cuda/sampling.h"
 
 namespace mla {
@@ -55,14 +56,20 @@ void StepBuffers::layout(int64_t T, int64_t S, Alloc&& alloc) const {
   alloc(&StepBuffers::o_v, {T, H_l * d_v}, b16);
   alloc(&StepBuffers::gate_up, {T, 2 * width}, f32);
   alloc(&StepBuffers::act, {T, width}, b16);
+  if (sizing_.fp8_max_in > 0) {
+    alloc(&StepBuffers::fp8_x, {T, sizing_.fp8_max_in}, u8);
+    alloc(&StepBuffers::fp8_scale, {T, sizing_.fp8_max_in / 128}, f32);
+  }
   if (c.n_routed_experts > 0) {
     const int64_t E = c.n_routed_experts, K = c.num_experts_per_tok, E_l = E / P;
     alloc(&StepBuffers::router_logits, {T, E}, f32);
     alloc(&StepBuffers::topk_ids, {T, K}, i32);
     alloc(&StepBuffers::topk_weights, {T, K}, f32);
+    const int64_t I = c.moe_intermediate_size;
     alloc(&StepBuffers::moe_workspace,
-          {static_cast<int64_t>(
-              cuda::moe_experts_workspace_bytes(T, K, E_l, D, c.moe_intermediate_size))},
+          {static_cast<int64_t>(sizing_.fp8_experts
+                                    ? cuda::moe_experts_fp8_workspace_bytes(T, K, E_l, D, I)
+                                    : cuda::moe_experts_workspace_bytes(T, K, E_l, D, I))},
           u8);
   }
   alloc(&StepBuffers::decode_workspace,

@@ -22,6 +22,8 @@ struct StepBuffers {
     ShardPlan shard{1, 0, 1};
     int64_t max_mlp_width = 0;
     int num_sms = 0;
+    int64_t fp8_max_in = 0;    // DeviceWeights::fp8_max_in: room for quantised activations
+    bool fp8_experts = false;  // the routed experts' workspace is moe_experts_fp8's
   };
 
   explicit StepBuffers(Sizing sizing) : sizing_(sizing) {}
@@ -62,6 +64,7 @@ struct StepBuffers {
   Tensor a2a_send, a2a_recv;     // sharded: [P, T, H_l, d_c]
   Tensor lse_send, lse_recv;     // sharded: [P, T, H_l]
   Tensor gate_up, act;           // [T, 2 * width] fp32, [T, width] bf16
+  Tensor fp8_x, fp8_scale;       // fp8 products: [T, fp8_max_in] e4m3 input, [T, fp8_max_in / 128]
   Tensor router_logits, topk_ids, topk_weights, moe_workspace;
   Tensor decode_workspace, prefill_workspace;
   Tensor x_last, logits;  // [S, D] rows wanting logits, [S, V]

@@ -17,12 +17,16 @@
 #   prefix      prefix caching on one GPU group, off and on (issue 18)
 #   prefix_routing  prefix caching with two groups sharing the GPU under eviction pressure (32
 #               system prompts, 160 pages a group), routing round-robin, least-loaded and
-#               cache-aware compared (issue 18)
+#               cache-aware compared (issue 18; ROUTINGS: the policies, default all three)
 #   simulate    profile on the GPU and simulate against measured serving at four rates, two
 #               groups sharing the GPU (issue 16's GPU validation); simulate1: one group
 #   fp8         the fp8 product tests and the seeded-request determinism test (rerun after their
 #               fixes), then `bench-kernels --benches fp8_gemm`: V3's decode products with fp8
 #               weights kept against the bf16 small-row kernel (issue 17 item 4)
+#   fp8_model   the CUDA model with fp8 weights kept: its GPU tests (fp8 experts, parity with
+#               golden_fp8act, bytes held), then DeepSeek-V3's shape (4 layers, rank 0 of TP8
+#               emulated, an fp8 checkpoint) profiled with fp8_weights widen and keep: step times
+#               and weight bytes side by side (issue 17 item 4)
 #   peer        FlashMLA's dense decode beside mlaserve's (issue 17), from FLASHMLA_SRC
 #   study       tests/bench/cluster_study.sh on the GPU profile the simulate step took (its
 #               model's shape, TP1 groups: a first cluster study on measured GPU steps)
@@ -93,8 +97,32 @@ migration() {
     tests/bench/migration.sh /tmp/v3l3 1024,4096,16384,32768 --device cuda --num-pages 1200
 }
 
-export -f v2l4 v3l3 det_cost migration
-steps="gpu_new gpu_all det_cost migration prefix prefix_routing simulate simulate1 fp8 peer study v3tp8"
+fp8_model() {
+  set -o pipefail
+  tests/gpu/device_run.sh fp8_model_tests \
+    '*MoeExpertsFp8*:*CudaFp8Weights*:*CudaModelParity*v3_fp8*:CudaMoeExperts*' ||
+    return 1
+  local m=/tmp/v3f8
+  [ -d $m ] || mlaserve --log-level warn make-tiny --preset v3-full --layers 4 --dtype F8_E4M3 \
+    --for-emulated-tp 8 --out $m --seed 5 || return 1
+  for w in widen keep; do
+    mlaserve --log-level info profile --model $m --tp 8 --emulate --link-busbw-gbps 361 \
+      --link-latency-us 15 --device cuda --fp8-weights $w --num-pages 2048 --prefill 512 \
+      --batch 1,8,32 --context 2048 --out "$out/fp8_model_$w.json" >"$out/fp8_model_$w.log" 2>&1 ||
+      { tail -20 "$out/fp8_model_$w.log"; return 1; }
+    echo "RESULT $w: $(grep -o '[0-9.]* GiB of weights on the GPU' "$out/fp8_model_$w.log")"
+    python3 - "$out/fp8_model_$w.json" "$w" <<'PY'
+import json, sys
+for s in json.load(open(sys.argv[1]))["samples"]:
+    print(f"RESULT {sys.argv[2]} prefill {s['prefill_tokens']} decode {s['decode_seqs']} "
+          f"context {s['context_tokens']}: step {s['step_ms']:.3f} ms "
+          f"(collectives {s['collectives_ms']:.3f})")
+PY
+  done
+}
+
+export -f v2l4 v3l3 det_cost migration fp8_model
+steps="gpu_new gpu_all det_cost migration prefix prefix_routing simulate simulate1 fp8 fp8_model peer study v3tp8"
 for step in "$@"; do
   [[ " $steps " == *" $step "* ]] || { echo "unknown step '$step' (steps: $steps)" >&2; exit 2; }
 done
@@ -106,6 +134,7 @@ for step in "$@"; do
         '*Gemm*:*Determinis*:*GatherRows*:*LatentCache*:*igrat*:*MlaPrefill*' ;;
     gpu_all) run gpu_all 580 tests/gpu/device_run.sh gpu_all_tests '*' ;;
     det_cost) run det_cost 300 bash -c det_cost ;;
+    fp8_model) run fp8_model 480 bash -c fp8_model ;;
     migration) run migration 540 bash -c migration ;;
     prefix)
       run prefix 400 env PRESET=v2-lite-full MAKE_TINY_FLAGS="--layers 4 --dtype BF16" \
@@ -114,7 +143,7 @@ for step in "$@"; do
     prefix_routing)
       run prefix_routing 480 bash -c 'set -o pipefail
         v2l4 || exit 1
-        for r in round-robin least-loaded cache-aware; do
+        for r in ${ROUTINGS:-round-robin least-loaded cache-aware}; do
           env MODEL=/tmp/v2l4 NUM_GROUPS=2 WORKER_FLAGS="--device cuda" \
             MLASERVE="$(command -v mlaserve)" ROUTING=$r PREFIXES=32 NUM_PAGES=160 PROMPTS=400 \
             tests/bench/prefix_caching.sh "$out/prefix_$r" | sed "s/^| o/RESULT $r &/" || exit 1

@@ -19,6 +19,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/moe_experts.h"
 #include "kernels/dtype.h"
+#include "tests/gpu/moe_test_util.h"
 
 namespace mla {
 namespace {
@@ -198,30 +199,7 @@ struct DeviceProblem {
 // expert or weight gives errors of order 1. Each element must also be within 1e-2 of the
 // token's routed RMS, so a single wrong column cannot hide in the mean.
 void expect_close(const Problem& p, const std::vector<float>& got, const std::vector<float>& want) {
-  const Case& c = p.c;
-  double err = 0, norm = 0;
-  for (int64_t t = 0; t < c.tokens; ++t) {
-    double routed = 0;
-    for (int64_t i = 0; i < c.d; ++i) {
-      const double r = want[t * c.d + i] - p.out0[t * c.d + i];
-      routed += r * r;
-    }
-    const double rms = std::sqrt(routed / c.d);
-    for (int64_t i = 0; i < c.d; ++i) {
-      const int64_t j = t * c.d + i;
-      ASSERT_TRUE(std::isfinite(got[j])) << c.name << ": token " << t << " column " << i;
-      if (rms == 0) {
-        // No local slot: the row must be left exactly as it was.
-        ASSERT_EQ(got[j], p.out0[j]) << c.name << ": token " << t << " column " << i;
-        continue;
-      }
-      ASSERT_LE(std::fabs(got[j] - want[j]), 1e-2 * rms)
-          << c.name << ": token " << t << " column " << i << ", want " << want[j];
-      err += (got[j] - want[j]) * (got[j] - want[j]);
-    }
-    norm += routed;
-  }
-  EXPECT_LT(std::sqrt(err / std::max(norm, 1e-30)), 1e-3) << c.name;
+  test::expect_routed_close(p.c.name, p.c.tokens, p.c.d, p.out0, got, want, 1e-2, 1e-3);
 }
 
 const std::vector<Case>& cases() {
