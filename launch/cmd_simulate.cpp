@@ -121,15 +121,17 @@ int run_profile(const ProfileArgs& a) {
     for (auto& x : p) x = id(rng);
     return p;
   };
-  // One step, timed; emulated, the time its collectives would take on the links is added.
+  // One step, timed; emulated, the time its collectives would take on the links is added. The
+  // collectives are the engine's count, which includes those replayed in CUDA graphs (a
+  // communicator sees a captured collective only once).
   Communicator* comm = rt->data;
   auto timed_step = [&] {
-    const CommStats before = comm != nullptr ? comm->stats() : CommStats{};
+    const CommStats before = engine.stats().work.comm;
     const Clock::time_point t0 = Clock::now();
     engine.step();
     TimedStep t;
     t.ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-    if (comm != nullptr) t.comm = comm->stats() - before;
+    t.comm = engine.stats().work.comm - before;
     if (a.emulate) t.ms += a.link.ms(t.comm, d.parallel.tp);
     return t;
   };

@@ -107,14 +107,21 @@ std::unique_ptr<GroupRuntime> GroupRuntime::emulate_rank0(const DeployConfig& d)
   auto rt = std::make_unique<GroupRuntime>();
   const ModelOptions options = rank_options(d, tp, 0, true);
   EmulatedCommunicator::Copy copy;  // host memory by default
+  EmulatedCommunicator::StreamOps stream_ops;
   if (take_gpu(options, 0) >= 0) {
 #if MLA_HAVE_CUDA
     copy = [](void* dst, const void* src, int64_t bytes) {
       cuda::copy_on_device(dst, src, static_cast<size_t>(bytes));
     };
+    // Stream-ordered as NCCL is, so the emulated rank runs its steps as a real group's rank
+    // does: no host waits around collectives, decode steps in CUDA graphs.
+    stream_ops.copy_async = [](void* dst, const void* src, int64_t bytes, void* stream) {
+      cuda::copy_on_device_async(dst, src, static_cast<size_t>(bytes), stream);
+    };
+    stream_ops.drain = [](void* stream) { cuda::synchronize(stream); };
 #endif
   }
-  rt->emulated_data = std::make_unique<EmulatedCommunicator>(tp, copy);
+  rt->emulated_data = std::make_unique<EmulatedCommunicator>(tp, copy, stream_ops);
   rt->emulated_control = std::make_unique<EmulatedCommunicator>(tp);
   spdlog::info("emulating rank 0 of a tensor-parallel group of {} ({} cache)", tp,
                d.parallel.kv_shard == KvShard::kReplicate ? "replicated" : "sequence-sharded");

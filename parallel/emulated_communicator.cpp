@@ -6,9 +6,11 @@
 
 namespace mla {
 
-EmulatedCommunicator::EmulatedCommunicator(int size, Copy copy)
-    : size_(size), copy_(std::move(copy)) {
+EmulatedCommunicator::EmulatedCommunicator(int size, Copy copy, StreamOps stream_ops)
+    : size_(size), copy_(std::move(copy)), stream_ops_(std::move(stream_ops)) {
   MLA_REQUIRE(size >= 1, "an emulated group needs at least one rank, not {}", size);
+  MLA_REQUIRE(static_cast<bool>(stream_ops_.copy_async) == static_cast<bool>(stream_ops_.drain),
+              "an emulated group's stream operations need both copy_async and drain");
   if (!copy_)
     copy_ = [](void* dst, const void* src, int64_t bytes) {
       std::memcpy(dst, src, static_cast<size_t>(bytes));
@@ -18,7 +20,13 @@ EmulatedCommunicator::EmulatedCommunicator(int size, Copy copy)
 void EmulatedCommunicator::fill_blocks(const float* block, int64_t n, float* recv) {
   for (int r = 0; r < size_; ++r) {
     float* dst = recv + r * n;
-    if (dst != block) copy_(dst, block, n * static_cast<int64_t>(sizeof(float)));
+    if (dst == block) continue;
+    const int64_t bytes = n * static_cast<int64_t>(sizeof(float));
+    if (ordered_ != nullptr) {
+      stream_ops_.copy_async(dst, block, bytes, ordered_);
+    } else {
+      copy_(dst, block, bytes);
+    }
   }
 }
 
@@ -46,6 +54,19 @@ void EmulatedCommunicator::broadcast(void*, int64_t bytes, int root) {
   }
   if (bytes == 0) return;
   stats_.add(CommOp::kBroadcast, bytes);
+}
+
+bool EmulatedCommunicator::begin_stream_ordered(void* stream) {
+  if (!stream_ops_.copy_async || stream == nullptr) return false;
+  ordered_ = stream;
+  return true;
+}
+
+void EmulatedCommunicator::end_stream_ordered() {
+  if (ordered_ == nullptr) return;
+  void* stream = ordered_;
+  ordered_ = nullptr;
+  stream_ops_.drain(stream);
 }
 
 void EmulatedCommunicator::send(const void*, int64_t, int peer) {

@@ -14,6 +14,9 @@
 //
 // Buffers are in whatever memory `copy` moves (host memcpy by default; a CUDA caller passes a
 // device-to-device copy). Zero-sized operations are no-ops and are not counted.
+// Given StreamOps, it is stream-ordered as NcclCommunicator is (begin_stream_ordered): the
+// copies are enqueued on the caller's stream and nothing waits, so the emulated rank's steps run
+// as a real group's do, with no host synchronisation around collectives and in CUDA graphs.
 // Thread safety: one thread at a time.
 #pragma once
 
@@ -29,8 +32,15 @@ class EmulatedCommunicator final : public Communicator {
   // Copies `bytes` from src to dst (non-overlapping), in the memory the buffers live in.
   using Copy = std::function<void(void* dst, const void* src, int64_t bytes)>;
 
-  // Throws kInvalidArgument unless size >= 1.
-  explicit EmulatedCommunicator(int size, Copy copy = nullptr);
+  // Stream-ordered copies (device memory): copy_async enqueues a copy on `stream`; drain waits
+  // until `stream` has finished its work.
+  struct StreamOps {
+    std::function<void(void* dst, const void* src, int64_t bytes, void* stream)> copy_async;
+    std::function<void(void* stream)> drain;
+  };
+
+  // Throws kInvalidArgument unless size >= 1, or for StreamOps with one function missing.
+  explicit EmulatedCommunicator(int size, Copy copy = nullptr, StreamOps stream_ops = {});
 
   int rank() const override { return 0; }
   int size() const override { return size_; }
@@ -42,6 +52,9 @@ class EmulatedCommunicator final : public Communicator {
   void broadcast(void* data, int64_t bytes, int root) override;
   void send(const void* data, int64_t bytes, int peer) override;
   void recv(void* data, int64_t bytes, int peer) override;
+  // True (and ordered on `stream` until end_stream_ordered) when StreamOps were given.
+  bool begin_stream_ordered(void* stream) override;
+  void end_stream_ordered() override;
 
  private:
   // recv block r <- block (r's source) for every r whose block is not the source itself.
@@ -49,6 +62,8 @@ class EmulatedCommunicator final : public Communicator {
 
   int size_;
   Copy copy_;
+  StreamOps stream_ops_;
+  void* ordered_ = nullptr;  // the stream collectives enqueue on; null: blocking copies
 };
 
 }  // namespace mla

@@ -79,6 +79,17 @@ void copy_on_device(void* dst, const void* src, size_t bytes) {
   if (bytes > 0) MLA_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
 }
 
+void copy_on_device_async(void* dst, const void* src, size_t bytes, void* stream) {
+  if (bytes > 0) {
+    MLA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice,
+                                   static_cast<cudaStream_t>(stream)));
+  }
+}
+
+void synchronize(void* stream) {
+  MLA_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
+}
+
 void copy_rows_to_device(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
                          size_t row_bytes, size_t rows) {
   if (row_bytes == 0 || rows == 0) return;

@@ -30,6 +30,10 @@ void fill_random_bf16(void* dst, size_t bytes, uint64_t seed);
 void copy_to_device(void* dst, const void* src, size_t bytes);
 void copy_to_host(void* dst, const void* src, size_t bytes);
 void copy_on_device(void* dst, const void* src, size_t bytes);
+// Enqueues a device-to-device copy on `stream` (a cudaStream_t) without waiting; graph-capturable.
+void copy_on_device_async(void* dst, const void* src, size_t bytes, void* stream);
+// Waits until `stream` (a cudaStream_t) has finished its work.
+void synchronize(void* stream);
 // `rows` rows of `row_bytes` each, between buffers whose rows start `*_pitch` bytes apart (one
 // cudaMemcpy2D).
 void copy_rows_to_device(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,

@@ -2,6 +2,7 @@
 // `mlaserve profile --emulate`), and the link model that prices its collectives.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <vector>
 
 #include "launch/bench/link_model.h"
@@ -68,6 +69,55 @@ TEST(EmulatedCommunicator, RefusesWhatNeedsAnAbsentRank) {
       ErrorCode::kFailedPrecondition, [&] { comm.broadcast(&x, 4, 1); }, "rank 1");
   expect_error(
       ErrorCode::kInvalidArgument, [] { EmulatedCommunicator(0); }, "one rank");
+}
+
+// With StreamOps, between begin_stream_ordered and end_stream_ordered the copies go to the
+// stream's copy_async (here recorded, then done at drain, as a stream would run them later), and
+// end_stream_ordered drains the stream once; outside it they are blocking again. Without
+// StreamOps the communicator cannot be ordered.
+TEST(EmulatedCommunicator, StreamOrderedCopiesAreEnqueuedAndDrained) {
+  struct Pending {
+    void* dst;
+    const void* src;
+    int64_t bytes;
+  };
+  std::vector<Pending> queue;
+  int drains = 0;
+  int stream_tag = 0;
+  EmulatedCommunicator::StreamOps ops{
+      .copy_async =
+          [&](void* dst, const void* src, int64_t bytes, void* stream) {
+            EXPECT_EQ(stream, &stream_tag);
+            queue.push_back({dst, src, bytes});
+          },
+      .drain =
+          [&](void* stream) {
+            EXPECT_EQ(stream, &stream_tag);
+            for (const Pending& p : queue) std::memcpy(p.dst, p.src, p.bytes);
+            queue.clear();
+            ++drains;
+          }};
+  EmulatedCommunicator comm(3, nullptr, ops);
+  ASSERT_TRUE(comm.begin_stream_ordered(&stream_tag));
+  const std::vector<float> mine = {4, 5};
+  std::vector<float> gathered(6, -1);
+  comm.all_gather(mine.data(), 2, gathered.data());
+  EXPECT_EQ(queue.size(), 3u);
+  EXPECT_EQ(gathered, (std::vector<float>(6, -1))) << "nothing copied before the stream runs";
+  comm.end_stream_ordered();
+  EXPECT_EQ(drains, 1);
+  EXPECT_EQ(gathered, (std::vector<float>{4, 5, 4, 5, 4, 5}));
+  std::vector<float> again(6, -1);
+  comm.all_gather(mine.data(), 2, again.data());  // blocking again
+  EXPECT_TRUE(queue.empty());
+  EXPECT_EQ(again, gathered);
+  EXPECT_EQ(comm.stats().calls[static_cast<int>(CommOp::kAllGather)], 2);
+
+  EmulatedCommunicator host(3);
+  EXPECT_FALSE(host.begin_stream_ordered(&stream_tag));
+  expect_error(
+      ErrorCode::kInvalidArgument,
+      [] { EmulatedCommunicator(2, nullptr, {.copy_async = {}, .drain = [](void*) {}}); }, "both");
 }
 
 // Rank 0's share of a TP2 group, run alone, makes the collectives of the real group's step (the
