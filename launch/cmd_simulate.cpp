@@ -99,13 +99,13 @@ int run_profile(const ProfileArgs& a) {
     MLA_REQUIRE(d.parallel.tp > 1, "--emulate stands in for a group: give its size with --tp");
     a.link.validate();
   }
-  // Every prefill of the grid in one chunk; every decode batch in one step.
+  // Every prefill of the grid in one chunk, beside any decode batch of it (mixed steps).
   auto& sched = d.engine.scheduler;
-  sched.max_batch_tokens =
-      std::max({sched.max_batch_tokens, *std::max_element(prefills.begin(), prefills.end()),
-                *std::max_element(batches.begin(), batches.end())});
+  const int32_t max_prefill = *std::max_element(prefills.begin(), prefills.end());
+  sched.max_batch_tokens = std::max(
+      sched.max_batch_tokens, max_prefill + *std::max_element(batches.begin(), batches.end()));
   sched.max_running =
-      std::max(sched.max_running, *std::max_element(batches.begin(), batches.end()));
+      std::max(sched.max_running, *std::max_element(batches.begin(), batches.end()) + 1);
   auto rt = a.emulate ? GroupRuntime::emulate_rank0(d) : GroupRuntime::start(d);
   Engine& engine = *rt->engine;
   if (!engine.is_leader()) {
@@ -161,19 +161,21 @@ int run_profile(const ProfileArgs& a) {
     spdlog::info("profile: prefill {} tokens: {:.3f} ms", p, samples.back().step_ms);
   }
   // Decode: b requests of context c, prefilled, then `repeats` decode steps timed; at the middle
-  // context, `repeats` more steps each with a new prompt of the middle prefill size beside the
-  // decodes (mixed steps, as continuous batching makes them).
+  // context, for every prefill size of the grid, `repeats` more steps each with a new prompt of
+  // that size beside the decodes (mixed steps, as continuous batching makes them: what a chunk
+  // adds beside decodes depends on its size).
   const int32_t mixed_context = contexts[contexts.size() / 2];
-  const int32_t mixed_prefill = prefills[prefills.size() / 2];
+  const auto mixed_sizes = static_cast<int32_t>(prefills.size());
   for (const int32_t b : batches) {
     for (const int32_t c : contexts) {
       const bool mixed = c == mixed_context;
       // Enough for the timed steps after the last prompt's prefill: the first prompts decode
       // while the later ones still prefill (at most one step per chunk of the budget).
-      const int32_t max_tokens = 2 * a.repeats + 2 + b + (b * (c + 1)) / sched.max_batch_tokens + 1;
+      const int32_t max_tokens = (2 + (mixed ? mixed_sizes : 0)) * a.repeats + 2 + b +
+                                 (b * (c + 1)) / sched.max_batch_tokens + 1;
       // A point whose sequences do not fit the cache would preempt: it is no decode batch.
       const int64_t pages = int64_t{b} * engine.cache().pages_for(c + max_tokens) +
-                            (mixed ? engine.cache().pages_for(mixed_prefill + 1) : 0);
+                            (mixed ? engine.cache().pages_for(max_prefill + 1) : 0);
       if (pages > engine.cache().pool().num_pages()) {
         spdlog::warn("profile: batch {} x context {} needs {} cache pages of {}: skipped", b, c,
                      pages, engine.cache().pool().num_pages());
@@ -195,7 +197,7 @@ int run_profile(const ProfileArgs& a) {
           if (o.token >= 0) started.insert(o.id);
         }
       }
-      std::vector<TimedStep> times, mixed_times;
+      std::vector<TimedStep> times;
       for (int32_t r = 0; r < a.repeats; ++r) {
         const int64_t before = engine.stats().computed_tokens;
         times.push_back(timed_step());
@@ -204,24 +206,31 @@ int run_profile(const ProfileArgs& a) {
                   "profile: a decode step of batch {} computed {} tokens", b,
                   engine.stats().computed_tokens - before);
       }
-      for (int32_t r = 0; mixed && r < a.repeats; ++r) {
-        Request req;
-        req.prompt = prompt(mixed_prefill);
-        req.max_tokens = 1;
-        req.ignore_eos = true;
-        engine.add_request(req);
-        mixed_times.push_back(timed_step());
-      }
-      while (engine.has_work()) engine.step();
       add_sample({0, b, int64_t{b} * (c + 1 + a.repeats / 2), 0}, times);
       spdlog::info("profile: decode batch {} context {}: {:.3f} ms", b, c, samples.back().step_ms);
-      if (mixed) {
-        add_sample({mixed_prefill, b, int64_t{b} * (c + 1 + a.repeats + a.repeats / 2),
-                    int64_t{mixed_prefill} * (mixed_prefill / 2)},
+      int32_t decoded = a.repeats;  // steps the batch has decoded since its prefill
+      for (int32_t k = 0; mixed && k < mixed_sizes; ++k) {
+        const int32_t p = prefills[static_cast<size_t>(k)];
+        std::vector<TimedStep> mixed_times;
+        for (int32_t r = 0; r < a.repeats; ++r) {
+          Request req;
+          req.prompt = prompt(p);
+          req.max_tokens = 1;
+          req.ignore_eos = true;
+          engine.add_request(req);
+          const int64_t before = engine.stats().computed_tokens;
+          mixed_times.push_back(timed_step());
+          MLA_CHECK(engine.stats().computed_tokens - before == b + p,
+                    "profile: a mixed step of batch {} and prefill {} computed {} tokens", b, p,
+                    engine.stats().computed_tokens - before);
+        }
+        add_sample({p, b, int64_t{b} * (c + 1 + decoded + a.repeats / 2), int64_t{p} * (p / 2)},
                    mixed_times);
-        spdlog::info("profile: decode batch {} context {} + prefill {}: {:.3f} ms", b, c,
-                     mixed_prefill, samples.back().step_ms);
+        decoded += a.repeats;
+        spdlog::info("profile: decode batch {} context {} + prefill {}: {:.3f} ms", b, c, p,
+                     samples.back().step_ms);
       }
+      while (engine.has_work()) engine.step();
     }
   }
   const bench::StepTimeModel fit = bench::StepTimeModel::fit(samples);

@@ -119,7 +119,9 @@ StepTimeModel StepTimeModel::fit(const std::vector<StepSample>& samples) {
                    m.contexts_.begin();
     m.decode_[static_cast<size_t>(b)][static_cast<size_t>(c)] = s.step_ms;
   }
-  // The mixed steps' prefill weight: least squares of (t - decode part) on the prefill part.
+  // The mixed steps' prefill share: least squares of (t - decode part) on the prefill part,
+  // over all of them and per prefill size.
+  std::map<int32_t, std::pair<double, double>> by_size;  // tokens -> (num, den)
   double num = 0, den = 0;
   for (const StepSample& s : samples) {
     if (s.prefill_tokens == 0 || s.decode_seqs == 0) continue;
@@ -128,8 +130,13 @@ StepTimeModel StepTimeModel::fit(const std::vector<StepSample>& samples) {
     const double p = m.prefill_ms(s.prefill_tokens);
     num += (s.step_ms - d) * p;
     den += p * p;
+    by_size[s.prefill_tokens].first += (s.step_ms - d) * p;
+    by_size[s.prefill_tokens].second += p * p;
   }
   if (den > 0) m.mixed_weight_ = std::clamp(num / den, 0.0, 2.0);
+  for (const auto& [tokens, nd] : by_size) {
+    if (nd.second > 0) m.mixed_.emplace_back(tokens, std::clamp(nd.first / nd.second, 0.0, 2.0));
+  }
   return m;
 }
 
@@ -192,13 +199,24 @@ double StepTimeModel::decode_ms(int32_t seqs, double context_per_seq) const {
   return std::max(0.0, low + wb * (high - low));
 }
 
+double StepTimeModel::mixed_weight(int32_t tokens) const {
+  if (mixed_.empty()) return mixed_weight_;
+  std::vector<double> axis;
+  for (const auto& [x, _] : mixed_) axis.push_back(x);
+  // Outside the sizes measured, the nearest one's share (a share is no cost to extrapolate).
+  const auto [lo, hi, w] = bracket(axis, tokens);
+  const double t = std::clamp(w, 0.0, 1.0);
+  return mixed_[lo].second + t * (mixed_[hi].second - mixed_[lo].second);
+}
+
 double StepTimeModel::step_ms(const StepSample& step) const {
   double t = 0;
   if (step.decode_seqs > 0) {
     t += decode_ms(step.decode_seqs, static_cast<double>(step.context_tokens) / step.decode_seqs);
   }
   if (step.prefill_tokens > 0) {
-    t += (step.decode_seqs > 0 ? mixed_weight_ : 1.0) * prefill_ms(step.prefill_tokens);
+    t += (step.decode_seqs > 0 ? mixed_weight(step.prefill_tokens) : 1.0) *
+         prefill_ms(step.prefill_tokens);
   }
   return t;
 }
@@ -210,6 +228,7 @@ nlohmann::json StepTimeModel::to_json() const {
           {"per_context_token_ms", c_[3]},
           {"per_prefill_pair_ms", c_[4]},
           {"mixed_prefill_weight", mixed_weight_},
+          {"mixed_prefill_weights", mixed_},
           {"max_relative_error", max_rel_error_}};
 }
 

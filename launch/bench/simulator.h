@@ -8,8 +8,12 @@
 // Step time: a StepTimeModel on the steps `mlaserve profile` measured: a step's prefill part
 // interpolated (piecewise linearly) between the measured prefill chunk sizes, its decode part
 // bilinearly between the measured (batch, context per sequence) points, and a mixed step the
-// decode part plus `mixed_weight` times the prefill part (fit on the profile's mixed steps: the
-// two share the weights' reads, so a mixed step costs less than both alone); beyond
+// decode part plus a share of the prefill part: the share is fit per prefill size on the
+// profile's mixed steps (least squares over their batches) and interpolated over the size. The
+// two parts share the weights' reads, so a short chunk beside decodes costs less than alone,
+// while a long one costs about what it does alone (measured on an H100: 0.58 of a 128-token
+// prefill, about all of a 512-token one; outside the sizes measured, the nearest one's); a
+// profile with mixed steps at one size gives one share for all. Beyond
 // the grid, the edge segments extended. (Measured step times are not smooth: the engine's
 // `auto` absorption changes form with batch and context, so the points, not a formula, carry
 // them.) A least-squares fit over the same samples,
@@ -69,8 +73,11 @@ class StepTimeModel {
   const std::array<double, 5>& coefficients() const { return c_; }
   // The formula's largest relative error over its samples.
   double max_relative_error() const { return max_rel_error_; }
-  // What a prefill part adds to a step that also decodes, as a fraction of it alone.
+  // What a prefill part adds to a step that also decodes, as a fraction of it alone: over all
+  // the mixed samples, and for a prefill of `tokens` (interpolated between the sizes measured;
+  // 1 without mixed samples).
   double mixed_weight() const { return mixed_weight_; }
+  double mixed_weight(int32_t tokens) const;
   nlohmann::json to_json() const;
 
  private:
@@ -81,6 +88,7 @@ class StepTimeModel {
   double max_rel_error_ = 0;
   double mixed_weight_ = 1.0;
   std::vector<std::pair<double, double>> prefill_;  // (tokens, ms), sorted
+  std::vector<std::pair<double, double>> mixed_;    // (prefill tokens, share), sorted
   std::vector<double> batches_, contexts_;          // the decode grid's axes, sorted
   std::vector<std::vector<double>> decode_;         // [batch][context] ms; < 0: not measured
 };

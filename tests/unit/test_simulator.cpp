@@ -42,6 +42,28 @@ TEST(StepTimeModel, ReproducesItsPointsAndFitsALinearCost) {
   EXPECT_THROW(StepTimeModel::fit({{16, 0, 0, 128, 1.0}}), Error);
 }
 
+// Mixed steps measured at two prefill sizes: beside decodes a 16-token chunk adds half of what
+// it costs alone, a 256-token chunk all of it; between, the share is interpolated over the size.
+TEST(StepTimeModel, AMixedStepsPrefillShareFollowsItsSize) {
+  std::vector<StepSample> s = linear_samples();
+  const auto prefill = [](int32_t p) { return 1 + 0.01 * p; };
+  const auto decode = [](int32_t b, int64_t c) { return 1 + 0.1 * b + 0.001 * b * c; };
+  for (const int32_t b : {1, 8}) {
+    s.push_back({16, b, int64_t{b} * 64, 16 * 8, decode(b, 64) + 0.5 * prefill(16)});
+    s.push_back({256, b, int64_t{b} * 64, 256 * 128, decode(b, 64) + 1.0 * prefill(256)});
+  }
+  const StepTimeModel m = StepTimeModel::fit(s);
+  EXPECT_NEAR(m.mixed_weight(16), 0.5, 1e-9);
+  EXPECT_NEAR(m.mixed_weight(256), 1.0, 1e-9);
+  EXPECT_NEAR(m.mixed_weight(4), 0.5, 1e-9);
+  EXPECT_NEAR(m.mixed_weight(136), 0.75, 1e-9);
+  EXPECT_NEAR(m.mixed_weight(1000), 1.0, 1e-9) << "beyond the sizes measured: the nearest one's";
+  EXPECT_NEAR(m.step_ms({136, 8, 8 * 64, 0, 0}), decode(8, 64) + 0.75 * prefill(136), 1e-9);
+  // One share over all of them, weighted by the prefill part (the longer chunks count more).
+  EXPECT_GT(m.mixed_weight(), 0.75);
+  EXPECT_LT(m.mixed_weight(), 1.0);
+}
+
 StepTimeModel constant_model(double prefill_ms, double decode_ms) {
   // Flat costs: every prefill step prefill_ms, every decode step decode_ms.
   std::vector<StepSample> s;
