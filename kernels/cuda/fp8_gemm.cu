@@ -41,16 +41,22 @@ __global__ void __launch_bounds__(32)
   if (lane == 0) scale[row * groups + group] = s;
 }
 
-// A warp computes kRowsPerWarp outputs for each of the (at most kFp8GemmRowTile) activation
-// rows of blockIdx.y's tile (fp8_warp_dots).
-template <typename OutT>
+// Output rows of blockIdx.x's block for each of the (at most MT) activation rows of blockIdx.y's
+// tile. kSplitK false: each warp takes kRowsPerWarp weight rows over all of k
+// (fp8_warp_dots), a block kWarps * kRowsPerWarp rows. kSplitK true, for products too narrow to
+// fill the device that way: the block's warps share kRowsPerWarp rows, splitting k (thread t
+// takes chunks t, t + kThreads, ...), and add their sums in warp order.
+static_assert(kFp8GemmRowTile * kRowsPerWarp <= kThreads);  // the split kernel's final sums
+
+template <typename OutT, int MT, bool kSplitK>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(Fp8GemmParams p) {
-  constexpr int MT = static_cast<int>(kFp8GemmRowTile), R = kRowsPerWarp;
+  constexpr int R = kRowsPerWarp;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t row0 = (int64_t{blockIdx.x} * kWarps + warp) * R;
+  const int64_t row0 =
+      kSplitK ? int64_t{blockIdx.x} * R : (int64_t{blockIdx.x} * kWarps + warp) * R;
   const int64_t i0 = int64_t{blockIdx.y} * MT;
   const int rows_here = p.m - i0 < MT ? static_cast<int>(p.m - i0) : MT;
-  if (row0 >= p.n) return;
+  if (row0 >= p.n) return;  // uniform over the warp (kSplitK: over the block)
   const int64_t groups = p.k / kFp8Group;
   const uint8_t* w[R];
   const float* ws[R];
@@ -68,23 +74,73 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(Fp8GemmParams p) {
     x[i] = p.qx + xi * p.k;
     xs[i] = p.sx + xi * groups;
   }
+  const auto store = [&](int i, int r, float value) {
+    const int64_t row = row0 + r;
+    if (row >= p.n) return;
+    OutT* out = static_cast<OutT*>(p.y) + (i0 + i) * p.ldy + row;
+    if (p.beta != 0.0f) value += p.beta * to_float(*out);
+    *out = from_float<OutT>(value);
+  };
   float acc[MT][R];
-  fp8_warp_dots<MT, R>(w, ws, x, xs, rows_here, p.k, lane, acc);
-  if (lane != 0) return;
+  if constexpr (!kSplitK) {
+    fp8_warp_dots<MT, R>(w, ws, x, xs, rows_here, p.k, lane, acc);
+    if (lane != 0) return;
 #pragma unroll
-  for (int i = 0; i < MT; ++i) {
-    if (i >= rows_here) break;
+    for (int i = 0; i < MT; ++i) {
+      if (i >= rows_here) break;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = row0 + r;
-      if (row < p.n) {
-        OutT* out = static_cast<OutT*>(p.y) + (i0 + i) * p.ldy + row;
-        float value = acc[i][r];
-        if (p.beta != 0.0f) value += p.beta * to_float(*out);
-        *out = from_float<OutT>(value);
-      }
+      for (int r = 0; r < R; ++r) store(i, r, acc[i][r]);
+    }
+  } else {
+    __shared__ float partial[kWarps][MT][R];
+    fp8_thread_dots<MT, R>(w, ws, x, xs, rows_here, p.k, static_cast<int>(threadIdx.x), kThreads,
+                           acc);
+    fp8_warp_sum<MT, R>(rows_here, acc);
+    if (lane == 0) {
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int r = 0; r < R; ++r) partial[warp][i][r] = acc[i][r];
+    }
+    __syncthreads();
+    const int i = static_cast<int>(threadIdx.x) / R, r = static_cast<int>(threadIdx.x) % R;
+    if (i < rows_here) {
+      float value = 0.0f;
+#pragma unroll
+      for (int v = 0; v < kWarps; ++v) value += partial[v][i][r];
+      store(i, r, value);
     }
   }
+}
+
+template <typename OutT, int MT>
+void launch_gemm(const Fp8GemmParams& p, cudaStream_t stream) {
+  int device = 0, sms = 0;
+  MLA_CUDA_CHECK(cudaGetDevice(&device));
+  MLA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const auto tiles = static_cast<unsigned>((p.m + MT - 1) / MT);
+  // By n alone (never m), so a row's result does not depend on how many rows came with it.
+  const int64_t row_blocks = (p.n + kWarps * kRowsPerWarp - 1) / (kWarps * kRowsPerWarp);
+  if (row_blocks < sms) {
+    const dim3 grid(static_cast<unsigned>((p.n + kRowsPerWarp - 1) / kRowsPerWarp), tiles);
+    gemm_kernel<OutT, MT, true><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    const dim3 grid(static_cast<unsigned>(row_blocks), tiles);
+    gemm_kernel<OutT, MT, false><<<grid, kThreads, 0, stream>>>(p);
+  }
+  MLA_CUDA_CHECK(cudaGetLastError());
+}
+
+// A tile of as many rows as the product has, up to kFp8GemmRowTile: the accumulators of rows a
+// tile lacks cost registers, and so blocks per SM. Each output sums the same terms in the same
+// order whatever the tile, so a row's result does not depend on m.
+template <typename OutT>
+void launch_gemm(const Fp8GemmParams& p, cudaStream_t stream) {
+  if (p.m <= 1) return launch_gemm<OutT, 1>(p, stream);
+  if (p.m <= 2) return launch_gemm<OutT, 2>(p, stream);
+  if (p.m <= 4) return launch_gemm<OutT, 4>(p, stream);
+  if (p.m <= 8) return launch_gemm<OutT, 8>(p, stream);
+  launch_gemm<OutT, static_cast<int>(kFp8GemmRowTile)>(p, stream);
 }
 
 }  // namespace
@@ -124,15 +180,11 @@ void fp8_gemm(const Fp8GemmParams& p, cudaStream_t stream) {
   const int64_t tiles = (p.m + kFp8GemmRowTile - 1) / kFp8GemmRowTile;
   MLA_REQUIRE(tiles <= 65535, "fp8_gemm: m {} needs more than 65535 row tiles", p.m);
   if (p.m == 0 || p.n == 0) return;
-  const int64_t rows_per_block = kWarps * kRowsPerWarp;
-  const dim3 grid(static_cast<unsigned>((p.n + rows_per_block - 1) / rows_per_block),
-                  static_cast<unsigned>(tiles));
   if (p.y_dtype == DType::kF32) {
-    gemm_kernel<float><<<grid, kThreads, 0, stream>>>(p);
+    launch_gemm<float>(p, stream);
   } else {
-    gemm_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p);
+    launch_gemm<__nv_bfloat16>(p, stream);
   }
-  MLA_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace mla::cuda

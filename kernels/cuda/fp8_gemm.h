@@ -4,8 +4,10 @@
 //   y[i][r] = sum_b  sx[i][b] * sw[r][b] * sum_{j in group b} qx[i][j] * qw[r][j]  (+ beta y)
 // Two kernels: fp8_quantize_rows (the activations) and fp8_gemm (the product, reading the
 // weights once per kFp8GemmRowTile rows of activations: a weight-streaming kernel for decode's
-// few rows; prefill-sized products re-read the weights per tile). Launchers take a stream and
-// never synchronise. Shapes: k a multiple of 128 (every DeepSeek product's input is).
+// few rows; prefill-sized products re-read the weights per tile). A product whose weight rows
+// would leave SMs idle (fewer than 32 rows per SM) splits k over a block's warps instead. Launchers
+// take a stream and never synchronise. Shapes: k a multiple of 128 (every DeepSeek product's input
+// is).
 #pragma once
 
 #include <cuda_runtime.h>

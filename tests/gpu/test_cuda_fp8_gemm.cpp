@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -26,9 +27,12 @@ struct Case {
 };
 
 // DeepSeek-V3's decode products (q_a, kv_a, q_b, o at TP8, an expert's gate_up and down) at 1
-// and 4 rows, a prefill tile and a ragged one, and small odd widths.
+// to 8 rows, a prefill tile and a ragged one, and small odd widths: every tile height (1, 2, 4,
+// 8, 16 rows) and both kernels (k split over a block's warps for products under 32 weight rows
+// an SM, e.g. n 576 or 1536 on an H100; a warp per 4 rows for the wide ones, n 7168).
 const Case kCases[] = {{1, 1536, 7168}, {4, 576, 7168},   {1, 3072, 1536}, {2, 7168, 2048},
-                       {4, 4096, 7168}, {16, 7168, 2048}, {37, 200, 512},  {3, 5, 128}};
+                       {4, 4096, 7168}, {16, 7168, 2048}, {37, 200, 512},  {3, 5, 128},
+                       {6, 4096, 1536}, {8, 7168, 2048},  {1, 7168, 2048}};
 
 TEST(CudaFp8Gemm, QuantisesAndMultipliesAsTheCpuReference) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
@@ -155,6 +159,48 @@ TEST(CudaFp8Gemm, Bf16OutputWithARowStride) {
           << i << " " << r;
     }
     for (int64_t r = n; r < ldy; ++r) EXPECT_EQ(got[i * ldy + r], 0xFFFF) << "written past n";
+  }
+}
+
+// A row's product does not depend on how many rows came with it: the first m rows of a 37-row
+// product, run alone for every tile height, give the same bits (what the deterministic option
+// and batch-invariant decoding rest on), for a narrow product (k split over a block's warps)
+// and a wide one.
+TEST(CudaFp8Gemm, ARowsResultDoesNotDependOnTheOtherRows) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(8282);
+  for (const Case& c : {Case{37, 576, 7168}, Case{37, 7168, 2048}}) {
+    const int64_t groups = c.k / 128;
+    const std::vector<float> wf = test::random_normal(c.n * c.k, rng, 0.05f);
+    std::vector<uint8_t> w(c.n * c.k), q(c.m * c.k);
+    std::vector<float> ws(c.n * groups), sx(c.m * groups);
+    cpu::quantize_rows_fp8(wf.data(), c.n, c.k, c.k, 128, w.data(), ws.data());
+    const std::vector<float> x = test::random_normal(c.m * c.k, rng);
+    cpu::quantize_rows_fp8(x.data(), c.m, c.k, c.k, 128, q.data(), sx.data());
+    DeviceArray<uint8_t> d_w(w), d_q(q);
+    DeviceArray<float> d_ws(ws), d_sx(sx);
+    auto run = [&](int64_t m) {
+      DeviceArray<float> y(m * c.n);
+      cuda::fp8_gemm({.qx = d_q.get(),
+                      .sx = d_sx.get(),
+                      .m = m,
+                      .k = c.k,
+                      .w = d_w.get(),
+                      .w_scale = d_ws.get(),
+                      .n = c.n,
+                      .y = y.get(),
+                      .y_dtype = DType::kF32,
+                      .ldy = c.n},
+                     nullptr);
+      return y.download();
+    };
+    const std::vector<float> all = run(c.m);
+    for (const int64_t m : {1, 2, 3, 5, 8, 16}) {
+      const std::vector<float> part = run(m);
+      EXPECT_EQ(0, std::memcmp(part.data(), all.data(), part.size() * sizeof(float)))
+          << "n " << c.n << ": the first " << m << " rows alone differ from the same rows among "
+          << c.m;
+    }
   }
 }
 
