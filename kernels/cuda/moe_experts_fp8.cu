@@ -41,15 +41,16 @@ struct ExpertArgs {
 
 // Block (x, tile): row tile `tile` of the dispatch (blocks past the tiles in use exit) against
 // kWarps * kRowsPerWarp weight rows of its expert. Writes act (kGateUp) or y (kDown) by sorted
-// position.
-template <Stage S>
+// position. MT >= the rows of any tile (an expert has at most `tokens` rows): accumulators for
+// rows no tile has would only cost registers.
+template <Stage S, int MT>
 __global__ void __launch_bounds__(kThreads) expert_kernel(ExpertArgs g) {
   const int tile = static_cast<int>(blockIdx.y);
   if (tile >= *g.plan.num_tiles) return;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int expert = g.plan.tile_expert[tile];
   const int row0 = g.plan.tile_row[tile];
-  const int rows = min(kTileRows, g.plan.offsets[expert + 1] - row0);
+  const int rows = min(MT, g.plan.offsets[expert + 1] - row0);
   const int64_t groups = g.k / 128;
   const uint8_t* w_e = g.w + int64_t{expert} * g.n * g.k;
   const float* ws_e = g.w_scale + int64_t{expert} * g.n * groups;
@@ -72,20 +73,20 @@ __global__ void __launch_bounds__(kThreads) expert_kernel(ExpertArgs g) {
     w[r] = w_e + row * g.k;
     ws[r] = ws_e + row * groups;
   }
-  const uint8_t* x[kTileRows];
-  const float* xs[kTileRows];
+  const uint8_t* x[MT];
+  const float* xs[MT];
 #pragma unroll
-  for (int i = 0; i < kTileRows; ++i) {
+  for (int i = 0; i < MT; ++i) {
     const int64_t pos = row0 + min(i, rows - 1);
     const int64_t a_row = S == Stage::kGateUp ? g.plan.sorted_slot[pos] / g.top_k : pos;
     x[i] = g.a + a_row * g.k;
     xs[i] = g.a_scale + a_row * groups;
   }
-  float acc[kTileRows][kRowsPerWarp];
-  fp8_warp_dots<kTileRows, kRowsPerWarp>(w, ws, x, xs, rows, g.k, lane, acc);
+  float acc[MT][kRowsPerWarp];
+  fp8_warp_dots<MT, kRowsPerWarp>(w, ws, x, xs, rows, g.k, lane, acc);
   if (lane != 0) return;
 #pragma unroll
-  for (int i = 0; i < kTileRows; ++i) {
+  for (int i = 0; i < MT; ++i) {
     if (i >= rows) break;
     const int64_t pos = row0 + i;
     if constexpr (S == Stage::kGateUp) {
@@ -107,12 +108,23 @@ __global__ void __launch_bounds__(kThreads) expert_kernel(ExpertArgs g) {
 }
 
 template <Stage S>
-void launch_expert(const ExpertArgs& g, int64_t row_tiles, cudaStream_t stream) {
+void launch_expert(const ExpertArgs& g, int64_t tokens, int64_t row_tiles, cudaStream_t stream) {
   const int64_t per_block = kWarps * (S == Stage::kGateUp ? 2 : kRowsPerWarp);
   const int64_t units = S == Stage::kGateUp ? g.inter : g.n;
   const dim3 grid(static_cast<unsigned>((units + per_block - 1) / per_block),
                   static_cast<unsigned>(row_tiles));
-  expert_kernel<S><<<grid, kThreads, 0, stream>>>(g);
+  // Each output row sums the same terms in the same order whatever MT: still batch-invariant.
+  if (tokens <= 1) {
+    expert_kernel<S, 1><<<grid, kThreads, 0, stream>>>(g);
+  } else if (tokens <= 2) {
+    expert_kernel<S, 2><<<grid, kThreads, 0, stream>>>(g);
+  } else if (tokens <= 4) {
+    expert_kernel<S, 4><<<grid, kThreads, 0, stream>>>(g);
+  } else if (tokens <= 8) {
+    expert_kernel<S, 8><<<grid, kThreads, 0, stream>>>(g);
+  } else {
+    expert_kernel<S, kTileRows><<<grid, kThreads, 0, stream>>>(g);
+  }
   MLA_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -169,7 +181,7 @@ void moe_experts_fp8(const MoeExpertsFp8Params& p, void* workspace, size_t works
   g.w_scale = p.gate_up_scale;
   g.n = 2 * p.inter;
   g.k = p.d;
-  launch_expert<Stage::kGateUp>(g, row_tiles, stream);
+  launch_expert<Stage::kGateUp>(g, p.tokens, row_tiles, stream);
 
   // Rows past the slots in use hold stale values; nothing reads their quantised copies.
   quantize_rows(plan.act, slots, p.inter, plan.qact, plan.sact, stream);
@@ -179,7 +191,7 @@ void moe_experts_fp8(const MoeExpertsFp8Params& p, void* workspace, size_t works
   g.w_scale = p.down_scale;
   g.n = p.d;
   g.k = p.inter;
-  launch_expert<Stage::kDown>(g, row_tiles, stream);
+  launch_expert<Stage::kDown>(g, p.tokens, row_tiles, stream);
 
   moe::launch_combine(plan, p.weights, p.out, p.tokens, p.top_k, p.d, stream);
 }

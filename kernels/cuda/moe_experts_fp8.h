@@ -26,7 +26,7 @@ namespace mla::cuda {
 
 struct MoeExpertsFp8Params {
   const __nv_bfloat16* x;      // [tokens, d] the FFN input (post-attention RMSNorm)
-  const int32_t* ids;          // [tokens, top_k] global expert ids, as moe_gate writes them
+  const int32_t* ids;          // [tokens, top_k] global expert ids, a token's distinct (moe_gate)
   const float* weights;        // [tokens, top_k] routing weights
   const uint8_t* gate_up;      // [local_experts, 2 * inter, d] e4m3: gate rows, then up rows
   const float* gate_up_scale;  // [local_experts, 2 * inter, d / 128]

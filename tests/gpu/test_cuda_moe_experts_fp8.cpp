@@ -39,6 +39,9 @@ struct Case {
 const std::vector<Case>& cases() {
   static const std::vector<Case> all = {
       {"one token", 1, 2, 8, 0, 8, 128, 128},
+      // Tiles as tall as the batch allows (an expert has at most `tokens` rows): 2, 4 and 8.
+      {"two tokens", 2, 4, 8, 0, 8, 128, 128},
+      {"four tokens, part of the experts", 4, 6, 16, 4, 8, 256, 128},
       {"an expert without tokens", 33, 3, 8, 0, 8, 256, 128, true},
       {"every token on one expert", 40, 1, 4, 0, 4, 128, 256, false, true},
       {"part of the experts", 19, 4, 32, 8, 8, 256, 128},
@@ -207,31 +210,33 @@ TEST(CudaMoeExpertsFp8, MatchesCpuFp8Experts) {
   }
 }
 
-// Each token's result depends on nothing else in the batch: the first 7 tokens of a 300-token
-// batch give the same bits run alone, from a CUDA graph.
+// Each token's result depends on nothing else in the batch: the first 1, 3 and 7 tokens of a
+// 300-token batch (tiles of 1, 4, 8 and 16 rows) give the same bits run alone, from a CUDA graph.
 TEST(CudaMoeExpertsFp8, IsBatchInvariantAndReplaysFromACudaGraph) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   std::mt19937 rng(6161);
-  const Case big = cases()[4];
+  const Case big = cases()[6];
   const Problem p = make_problem(big, rng);
   DeviceProblem d(p);
   d.run(big, nullptr);
   MLA_CUDA_CHECK(cudaDeviceSynchronize());
   const std::vector<float> all = d.out.download();
 
-  Case few = big;
-  few.tokens = 7;
-  Problem q = p;
-  q.c = few;
-  q.x_bits.resize(few.tokens * few.d);
-  q.ids.resize(few.tokens * few.top_k);
-  q.weights.resize(few.tokens * few.top_k);
-  q.out0.resize(few.tokens * few.d);
-  DeviceProblem alone(q);
-  test::run_in_graph([&](cudaStream_t stream) { alone.run(few, stream); });
-  const std::vector<float> got = alone.out.download();
-  ASSERT_EQ(0, std::memcmp(got.data(), all.data(), got.size() * sizeof(float)))
-      << "7 tokens alone, replayed from a graph, differ from the same tokens among 300";
+  for (const int64_t tokens : {1, 3, 7}) {
+    Case few = big;
+    few.tokens = tokens;
+    Problem q = p;
+    q.c = few;
+    q.x_bits.resize(few.tokens * few.d);
+    q.ids.resize(few.tokens * few.top_k);
+    q.weights.resize(few.tokens * few.top_k);
+    q.out0.resize(few.tokens * few.d);
+    DeviceProblem alone(q);
+    test::run_in_graph([&](cudaStream_t stream) { alone.run(few, stream); });
+    const std::vector<float> got = alone.out.download();
+    ASSERT_EQ(0, std::memcmp(got.data(), all.data(), got.size() * sizeof(float)))
+        << tokens << " tokens alone, replayed from a graph, differ from the same tokens among 300";
+  }
 }
 
 TEST(CudaMoeExpertsFp8, RejectsBadShapes) {
