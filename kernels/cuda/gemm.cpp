@@ -69,15 +69,29 @@ void batch_invariant_gemm(const Blas& blas, const GemmParams& p) {
 
 Blas::Blas(cudaStream_t stream, BlasOptions options) : stream_(stream), options_(options) {
   MLA_CUBLAS_CHECK(cublasCreate(&handle_));
-  MLA_CUBLAS_CHECK(cublasSetStream(handle_, stream));
-  MLA_CUDA_CHECK(cudaMalloc(&workspace_, kWorkspaceBytes));
-  MLA_CUBLAS_CHECK(cublasSetWorkspace(handle_, workspace_, kWorkspaceBytes));
+  try {
+    MLA_CUBLAS_CHECK(cublasSetStream(handle_, stream));
+    MLA_CUBLAS_CHECK(cublasLtCreate(&lt_handle_));
+    MLA_CUDA_CHECK(cudaMalloc(&workspace_, kWorkspaceBytes));
+    MLA_CUBLAS_CHECK(cublasSetWorkspace(handle_, workspace_, kWorkspaceBytes));
+  } catch (...) {
+    release();
+    throw;
+  }
 }
 
-Blas::~Blas() {
-  cublasDestroy(handle_);
-  cudaFree(workspace_);
+Blas::~Blas() { release(); }
+
+void Blas::release() {
+  if (handle_ != nullptr) cublasDestroy(handle_);
+  if (lt_handle_ != nullptr) cublasLtDestroy(lt_handle_);
+  if (workspace_ != nullptr) cudaFree(workspace_);
+  handle_ = nullptr;
+  lt_handle_ = nullptr;
+  workspace_ = nullptr;
 }
+
+size_t Blas::workspace_bytes() const { return kWorkspaceBytes; }
 
 void gemm(const Blas& blas, const GemmParams& p) {
   // Check shapes

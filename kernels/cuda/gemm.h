@@ -5,6 +5,7 @@
 // The CPU reference is mla::cpu::gemm.
 #pragma once
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -41,8 +42,8 @@ struct BlasOptions {
   bool batch_invariant = false;
 };
 
-// A cuBLAS handle bound to one stream, with its own workspace so products can be captured
-// in CUDA graphs. Not thread-safe: one stream, one thread.
+// A cuBLAS handle (and a cuBLASLt one, for fp8_gemm_lt.h) bound to one stream, with its own
+// workspace so products can be captured in CUDA graphs. Not thread-safe: one stream, one thread.
 class Blas {
  public:
   explicit Blas(cudaStream_t stream, BlasOptions options = {});
@@ -51,12 +52,19 @@ class Blas {
   Blas& operator=(const Blas&) = delete;
 
   cublasHandle_t handle() const { return handle_; }
+  cublasLtHandle_t lt_handle() const { return lt_handle_; }
   cudaStream_t stream() const { return stream_; }
+  // The workspace both handles use (their calls are ordered on the one stream).
+  void* workspace() const { return workspace_; }
+  size_t workspace_bytes() const;
   const BlasOptions& options() const { return options_; }
   void set_options(const BlasOptions& options) { options_ = options; }
 
  private:
+  void release();
+
   cublasHandle_t handle_ = nullptr;
+  cublasLtHandle_t lt_handle_ = nullptr;
   cudaStream_t stream_;
   void* workspace_ = nullptr;
   BlasOptions options_;

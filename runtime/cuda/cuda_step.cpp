@@ -9,6 +9,7 @@
 #include "kernels/cuda/device_memory.h"
 #include "kernels/cuda/embedding.h"
 #include "kernels/cuda/fp8_gemm.h"
+#include "kernels/cuda/fp8_gemm_lt.h"
 #include "kernels/cuda/gather_rows.h"
 #include "kernels/cuda/latent_attention.h"
 #include "kernels/cuda/latent_store.h"
@@ -565,6 +566,22 @@ void CudaStep::linear(const void* x, int64_t rows, int64_t in, const DeviceLinea
                            .q = b_.fp8_x.data<uint8_t>(),
                            .scale = b_.fp8_scale.data<float>()},
                           x_.stream);
+  // Prefill-sized products on tensor cores, where cuBLASLt has an algorithm; fp8_gemm reads the
+  // weights once per 16 rows, and is the one whose rows do not depend on the others.
+  if (rows > cuda::kFp8GemmRowTile && !x_.batch_invariant && w.block_scale.defined() &&
+      cuda::fp8_gemm_lt(x_.blas, {.qx = b_.fp8_x.data<uint8_t>(),
+                                  .sx = b_.fp8_scale.data<float>(),
+                                  .m = rows,
+                                  .k = in,
+                                  .w = w.w.data<uint8_t>(),
+                                  .w_block_scale = w.block_scale.data<float>(),
+                                  .n = out,
+                                  .y = y,
+                                  .y_dtype = y_type,
+                                  .ldy = out,
+                                  .beta = beta})) {
+    return;
+  }
   cuda::fp8_gemm({.qx = b_.fp8_x.data<uint8_t>(),
                   .sx = b_.fp8_scale.data<float>(),
                   .m = rows,

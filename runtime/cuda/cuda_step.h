@@ -73,7 +73,9 @@ class CudaStep {
   void ffn(const DeviceLayer& d);
   void mlp(const DeviceMlp& w, const __nv_bfloat16* x, float* out);
   // y [rows, out] = x [rows, in] (bf16) times w^T (+ beta y): cuBLAS for a bf16 weight; for an
-  // fp8 weight, x quantised per row and 128 columns, then cuda::fp8_gemm.
+  // fp8 weight, x quantised per row and 128 columns, then cuda::fp8_gemm_lt for more rows than
+  // a tile of fp8_gemm (unless batch-invariant), else (or where cuBLASLt has no algorithm)
+  // cuda::fp8_gemm.
   void linear(const void* x, int64_t rows, int64_t in, const DeviceLinear& w, int64_t out, void* y,
               DType y_type, float beta = 0.0f);
   void all_reduce(float* data, int64_t n);

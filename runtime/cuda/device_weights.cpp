@@ -1,6 +1,7 @@
 #include "runtime/cuda/device_weights.h"
 
 #include <algorithm>
+#include <optional>
 
 #include "kernels/cuda/device_memory.h"
 #include "runtime/absorption.h"
@@ -13,6 +14,25 @@ namespace {
 // 0 (every DeepSeek product's input width is a multiple of 128).
 bool gpu_fp8(const LinearWeight& w) { return w.fp8() && w.group == 128 && w.in() % 128 == 0; }
 
+// The 128x128 block scales [ceil(out / 128), in / 128] of a kept weight whose row scales are the
+// same down each block of 128 rows (a checkpoint's weight, or a shard starting on a block), or
+// nullopt.
+std::optional<Tensor> block_scales(const LinearWeight& w) {
+  const int64_t rows = w.out(), groups = w.scale.dim(1), blocks = (rows + 127) / 128;
+  const float* s = w.scale.f32();
+  Tensor out = Tensor::empty({blocks, groups});
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float v = s[b * 128 * groups + g];
+      for (int64_t r = b * 128; r < std::min(rows, (b + 1) * 128); ++r) {
+        if (s[r * groups + g] != v) return std::nullopt;
+      }
+      out.f32()[b * groups + g] = v;
+    }
+  }
+  return out;
+}
+
 // Uploads weights, counting the fp8 ones kept and widened.
 class Uploader {
  public:
@@ -22,7 +42,11 @@ class Uploader {
     if (!w.defined()) return {};
     if (gpu_fp8(w)) {
       ++kept;
-      return {upload_bytes(w.w), cuda::upload_f32(w.scale)};
+      DeviceLinear d{upload_bytes(w.w), cuda::upload_f32(w.scale), {}};
+      if (const std::optional<Tensor> blocks = block_scales(w)) {
+        d.block_scale = cuda::upload_f32(*blocks);
+      }
+      return d;
     }
     if (w.fp8()) ++widened;
     return {w.fp8() ? cuda::upload_bf16(w.widened()) : cuda::upload_bf16(w.f32_weight()), {}};
@@ -112,7 +136,9 @@ class Uploader {
 
 int64_t bytes_of(const Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : 0; }
 
-int64_t bytes_of(const DeviceLinear& l) { return bytes_of(l.w) + bytes_of(l.scale); }
+int64_t bytes_of(const DeviceLinear& l) {
+  return bytes_of(l.w) + bytes_of(l.scale) + bytes_of(l.block_scale);
+}
 
 int64_t layer_bytes(const DeviceLayer& d) {
   int64_t n = 0;

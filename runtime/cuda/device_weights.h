@@ -22,6 +22,9 @@ class WeightLoader;
 struct DeviceLinear {
   Tensor w;      // BF16, or U8 holding e4m3
   Tensor scale;  // F32 [..., out, in / 128]; fp8 only
+  // F32 [ceil(out / 128), in / 128]: the checkpoint's 128x128 blocks, for cuda/fp8_gemm_lt.h's
+  // prefill products; fp8 (not stacked) weights whose row scales are uniform within each block.
+  Tensor block_scale;
   bool defined() const { return w.defined(); }
   bool fp8() const { return scale.defined(); }
 };

@@ -12,8 +12,11 @@
 #include <vector>
 
 #include "kernels/cpu/fp8_gemm.h"
+#include "kernels/cpu/fp8_group.h"
 #include "kernels/cuda/device_memory.h"
 #include "kernels/cuda/fp8_gemm.h"
+#include "kernels/cuda/fp8_gemm_lt.h"
+#include "kernels/cuda/gemm.h"
 #include "kernels/dtype.h"
 #include "tests/gpu/bf16_test_util.h"
 
@@ -202,6 +205,143 @@ TEST(CudaFp8Gemm, ARowsResultDoesNotDependOnTheOtherRows) {
           << c.m;
     }
   }
+}
+
+// Weights as a checkpoint stores them, one scale per 128x128 block: e4m3 values, the block
+// scales [ceil(n / 128), k / 128] and the same scales repeated down each block's rows
+// [n, k / 128] (what the reference and fp8_gemm take).
+struct BlockWeights {
+  std::vector<uint8_t> values;
+  std::vector<float> blocks, rows;
+};
+
+BlockWeights quantize_blocks(const std::vector<float>& w, int64_t n, int64_t k) {
+  const int64_t nb = (n + 127) / 128, kb = k / 128;
+  BlockWeights out{std::vector<uint8_t>(n * k), std::vector<float>(nb * kb),
+                   std::vector<float>(n * kb)};
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int64_t g = 0; g < kb; ++g) {
+      float amax = 0;
+      for (int64_t r = b * 128; r < std::min(n, (b + 1) * 128); ++r)
+        for (int64_t j = g * 128; j < (g + 1) * 128; ++j)
+          amax = std::max(amax, std::fabs(w[r * k + j]));
+      const float scale = amax > 0 ? amax / cpu::kFp8Max : 1.0f;
+      out.blocks[b * kb + g] = scale;
+      for (int64_t r = b * 128; r < std::min(n, (b + 1) * 128); ++r) {
+        out.rows[r * kb + g] = scale;
+        for (int64_t j = g * 128; j < (g + 1) * 128; ++j)
+          out.values[r * k + j] = f32_to_fp8e4m3(w[r * k + j] / scale);
+      }
+    }
+  }
+  return out;
+}
+
+// cuBLASLt's block-scaled fp8 product on prefill-sized products (V3's q_a, kv_a, o at TP8 and
+// an expert's down, 64-512 rows, fp32 and bf16 out, beta 0 and 1) against the CPU reference,
+// to fp32 rounding over k terms; it must have an algorithm for every one of them on Hopper.
+TEST(CudaFp8GemmLt, PrefillProductsMatchTheCpuReference) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(8383);
+  cudaStream_t stream;
+  MLA_CUDA_CHECK(cudaStreamCreate(&stream));
+  {
+    const cuda::Blas blas(stream);
+    const Case cases[] = {{64, 1536, 7168}, {512, 576, 7168}, {200, 7168, 2048}, {96, 4096, 512}};
+    for (const Case& c : cases) {
+      for (const bool bf16_out : {false, true}) {
+        SCOPED_TRACE("m " + std::to_string(c.m) + " n " + std::to_string(c.n) + " k " +
+                     std::to_string(c.k) + (bf16_out ? " bf16 out" : " fp32 out"));
+        const int64_t groups = c.k / 128;
+        const BlockWeights w =
+            quantize_blocks(test::random_normal(c.n * c.k, rng, 0.05f), c.n, c.k);
+        const std::vector<float> x = test::random_normal(c.m * c.k, rng);
+        std::vector<uint8_t> q(c.m * c.k);
+        std::vector<float> sx(c.m * groups);
+        cpu::quantize_rows_fp8(x.data(), c.m, c.k, c.k, 128, q.data(), sx.data());
+        const float beta = bf16_out ? 0.0f : 1.0f;
+        std::vector<float> want(c.m * c.n, 0.25f);
+        cpu::gemm_fp8_blockscaled({.x = x.data(),
+                                   .m = c.m,
+                                   .k = c.k,
+                                   .ldx = c.k,
+                                   .w = w.values.data(),
+                                   .w_scale = w.rows.data(),
+                                   .n = c.n,
+                                   .group = 128,
+                                   .y = want.data(),
+                                   .ldy = c.n,
+                                   .beta = beta});
+        DeviceArray<uint8_t> d_w(w.values), d_q(q);
+        DeviceArray<float> d_blocks(w.blocks), d_sx(sx);
+        std::vector<float> got(c.m * c.n);
+        const cuda::Fp8LtGemmParams p{.qx = d_q.get(),
+                                      .sx = d_sx.get(),
+                                      .m = c.m,
+                                      .k = c.k,
+                                      .w = d_w.get(),
+                                      .w_block_scale = d_blocks.get(),
+                                      .n = c.n,
+                                      .y = nullptr,
+                                      .y_dtype = bf16_out ? DType::kBF16 : DType::kF32,
+                                      .ldy = c.n,
+                                      .beta = beta};
+        if (bf16_out) {
+          DeviceArray<uint16_t> d_y(c.m * c.n);
+          cuda::Fp8LtGemmParams pb = p;
+          pb.y = d_y.get();
+          ASSERT_TRUE(cuda::fp8_gemm_lt(blas, pb)) << "no cuBLASLt algorithm";
+          const std::vector<uint16_t> bits = d_y.download();
+          for (size_t i = 0; i < bits.size(); ++i) got[i] = bf16_to_f32(bits[i]);
+        } else {
+          DeviceArray<float> d_y(std::vector<float>(c.m * c.n, 0.25f));
+          cuda::Fp8LtGemmParams pf = p;
+          pf.y = d_y.get();
+          ASSERT_TRUE(cuda::fp8_gemm_lt(blas, pf)) << "no cuBLASLt algorithm";
+          got = d_y.download();
+        }
+        double rms = 0;
+        for (const float v : want) rms += double(v) * v;
+        rms = std::sqrt(rms / static_cast<double>(want.size()));
+        // fp32 sums in another order (1e-5 of the outputs' size); a bf16 output adds its
+        // rounding (2^-9 of the value).
+        const double tolerance = bf16_out ? 4e-3 : 1e-5;
+        double worst = 0;
+        for (size_t i = 0; i < got.size(); ++i) {
+          ASSERT_TRUE(std::isfinite(got[i])) << i;
+          worst = std::max(worst, std::fabs(got[i] - want[i]) / (std::fabs(want[i]) + rms));
+        }
+        std::printf("fp8_gemm_lt m %lld n %lld k %lld %s: worst %.3g\n",
+                    static_cast<long long>(c.m), static_cast<long long>(c.n),
+                    static_cast<long long>(c.k), bf16_out ? "bf16" : "fp32", worst);
+        EXPECT_LT(worst, tolerance);
+      }
+    }
+  }
+  MLA_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+// Shapes it cannot take are declined, not run: the caller falls back to fp8_gemm.
+TEST(CudaFp8GemmLt, DeclinesShapesItCannotTake) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const cuda::Blas blas(nullptr);
+  DeviceArray<uint8_t> w(64 * 256), q(32 * 256);
+  DeviceArray<float> s(32 * 2), blocks(2), y(32 * 70);
+  cuda::Fp8LtGemmParams p{.qx = q.get(),
+                          .sx = s.get(),
+                          .m = 32,
+                          .k = 256,
+                          .w = w.get(),
+                          .w_block_scale = blocks.get(),
+                          .n = 70,  // not a multiple of 16
+                          .y = y.get(),
+                          .y_dtype = DType::kF32,
+                          .ldy = 70};
+  EXPECT_FALSE(cuda::fp8_gemm_lt(blas, p));
+  p.n = 64;
+  p.ldy = 64;
+  p.k = 200;  // not a multiple of 128
+  EXPECT_FALSE(cuda::fp8_gemm_lt(blas, p));
 }
 
 }  // namespace
