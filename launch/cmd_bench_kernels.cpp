@@ -36,6 +36,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_memory.h"
 #include "kernels/cuda/fp8_gemm.h"
+#include "kernels/cuda/fp8_gemm_lt.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/mla_decode.h"
 #include "kernels/cuda/skinny_gemm.h"
@@ -52,6 +53,7 @@ struct BenchKernelsArgs {
   std::vector<int32_t> s_q = {1, 2};
   std::vector<std::string> benches = {"mla_decode", "small_gemm"};
   std::vector<int32_t> gemm_rows = {1, 8};
+  std::vector<int32_t> fp8_rows = {1, 2, 4, 8, 512};
   int32_t iters = 30;
   int32_t warmup = 5;
   uint64_t seed = 1;
@@ -335,10 +337,11 @@ void bench_small_gemm(const BenchKernelsArgs& args, cudaStream_t stream,
   }
 }
 
-// DeepSeek-V3's decode products with fp8 weights (e4m3 and a scale per row and 128 columns, as
+// DeepSeek-V3's products with fp8 weights (e4m3 and a scale per row and 128 columns, as
 // fp8_weights keep holds them) at `rows` activation rows: fp8_quantize_rows + fp8_gemm against
-// the bf16 small-row kernel on the same shape (what fp8_weights widen runs). Each run reads a
-// different copy of the weights, as in bench_small_gemm.
+// the bf16 small-row kernel on the same shape (what fp8_weights widen runs); above 16 rows
+// fp8_gemm_lt (cuBLASLt's block-scaled fp8) against cuBLAS bf16, as the model runs them. Each run
+// reads a different copy of the weights, as in bench_small_gemm.
 void bench_fp8_gemm(const BenchKernelsArgs& args, cudaStream_t stream,
                     std::vector<BenchRecord>& records) {
   struct Shape {
@@ -356,7 +359,7 @@ void bench_fp8_gemm(const BenchKernelsArgs& args, cudaStream_t stream,
       {"o_proj", 7168, 16384},
   };
   int64_t max_rows = 1, max_k = 0, max_n = 0, max_w = 0;
-  for (int32_t rows : args.gemm_rows) max_rows = std::max<int64_t>(max_rows, rows);
+  for (int32_t rows : args.fp8_rows) max_rows = std::max<int64_t>(max_rows, rows);
   for (const Shape& sh : shapes) {
     max_k = std::max(max_k, sh.k);
     max_n = std::max(max_n, sh.n);
@@ -368,12 +371,16 @@ void bench_fp8_gemm(const BenchKernelsArgs& args, cudaStream_t stream,
   cuda::fill_random_bf16(x.get(), x.bytes(), args.seed + 40);
   cuda::fill_random_bf16(pool.get(), pool.bytes(), args.seed + 41);
   MLA_CUDA_CHECK(cudaMemsetAsync(scales.get(), 0, scales.bytes(), stream));
+  const cuda::Blas blas(stream);
   for (const Shape& sh : shapes) {
-    for (int32_t rows : args.gemm_rows) {
+    for (int32_t rows : args.fp8_rows) {
       const int64_t w8 = sh.n * sh.k, w16 = 2 * sh.n * sh.k, s_bytes = 4 * sh.n * (sh.k / 128);
       const int64_t copies8 = static_cast<int64_t>(pool_bytes) / w8;
       const int64_t copies16 = static_cast<int64_t>(pool_bytes) / w16;
       int64_t next = 0;
+      // Above a tile of fp8_gemm's rows the model runs cuBLASLt's block-scaled product (its
+      // block scales: the same zeros), and the bf16 comparison is cuBLAS.
+      const bool prefill = rows > cuda::kFp8GemmRowTile;
       const double fp8_ms = median_ms(stream, args.warmup, args.iters, [&] {
         const int64_t copy = next++ % copies8;
         cuda::fp8_quantize_rows({.x = x.get(),
@@ -384,6 +391,20 @@ void bench_fp8_gemm(const BenchKernelsArgs& args, cudaStream_t stream,
                                  .q = qx.get<uint8_t>(),
                                  .scale = sx.get<float>()},
                                 stream);
+        if (prefill) {
+          MLA_CHECK(cuda::fp8_gemm_lt(blas, {.qx = qx.get<uint8_t>(),
+                                             .sx = sx.get<float>(),
+                                             .m = rows,
+                                             .k = sh.k,
+                                             .w = pool.get<uint8_t>() + copy * w8,
+                                             .w_block_scale = scales.get<float>(),
+                                             .n = sh.n,
+                                             .y = y.get(),
+                                             .y_dtype = DType::kF32,
+                                             .ldy = sh.n}),
+                    "fp8_gemm_lt: no cuBLASLt algorithm for {} rows of {}", rows, sh.name);
+          return;
+        }
         cuda::fp8_gemm({.qx = qx.get<uint8_t>(),
                         .sx = sx.get<float>(),
                         .m = rows,
@@ -405,17 +426,22 @@ void bench_fp8_gemm(const BenchKernelsArgs& args, cudaStream_t stream,
       p.b_constant = true;
       const double bf16_ms = median_ms(stream, args.warmup, args.iters, [&] {
         p.b = pool.get<char>() + (next++ % copies16) * w16;
-        cuda::skinny_gemm(p, stream);
+        if (prefill) {
+          cuda::gemm(blas, p);
+        } else {
+          cuda::skinny_gemm(p, stream);
+        }
       });
+      const char* bf16_name = prefill ? "bf16_cublas_us" : "bf16_small_gemm_us";
       BenchRecord r;
-      r.bench = "fp8_gemm";
+      r.bench = prefill ? "fp8_gemm_lt" : "fp8_gemm";
       r.config = {{"model", "v3"}, {"product", sh.name}, {"rows", rows}, {"n", sh.n}, {"k", sh.k}};
       r.time_us = fp8_ms * 1e3;
       r.bytes = double(w8 + s_bytes) + 2.0 * rows * sh.k + 4.0 * rows * sh.n;
       r.flops = 2.0 * rows * sh.n * sh.k;
-      r.extra["bf16_small_gemm_us"] = bf16_ms * 1e3;
+      r.extra[bf16_name] = bf16_ms * 1e3;
       r.extra["speedup"] = bf16_ms / fp8_ms;
-      spdlog::info("fp8_gemm v3 {} rows {}: {:.1f} us (bf16 small-row {:.1f} us)", sh.name, rows,
+      spdlog::info("{} v3 {} rows {}: {:.1f} us (bf16 {:.1f} us)", r.bench, sh.name, rows,
                    fp8_ms * 1e3, bf16_ms * 1e3);
       records.push_back(std::move(r));
     }
@@ -529,9 +555,14 @@ void add_bench_kernels_command(CLI::App& app, int& exit_code) {
       ->delimiter(',')
       ->check(CLI::IsMember({"mla_decode", "small_gemm", "fp8_gemm"}))
       ->capture_default_str();
-  cmd->add_option("--gemm-rows", a->gemm_rows, "small_gemm, fp8_gemm: activation rows (1 .. 8)")
+  cmd->add_option("--gemm-rows", a->gemm_rows, "small_gemm: activation rows (1 .. 8)")
       ->delimiter(',')
       ->check(CLI::Range(1, 8))
+      ->capture_default_str();
+  cmd->add_option("--fp8-rows", a->fp8_rows,
+                  "fp8_gemm: activation rows (above 16: cuBLASLt's block-scaled product)")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 8192))
       ->capture_default_str();
   cmd->add_option("--iters", a->iters, "Timed runs per configuration (the median is reported)")
       ->capture_default_str();

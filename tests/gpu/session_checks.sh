@@ -168,7 +168,7 @@ for step in "$@"; do
     fp8)
       run fp8 240 bash -c "set -o pipefail
         tests/gpu/device_run.sh fp8_tests 'CudaFp8Gemm*:CudaDeterminism*' &&
-        mlaserve bench-kernels --benches fp8_gemm --gemm-rows 1,2,4,8 --json $out/fp8_gemm.json |
+        mlaserve bench-kernels --benches fp8_gemm --fp8-rows 1,2,4,8,512 --json $out/fp8_gemm.json |
         sed 's/^\(| fp8_gemm.*\)$/RESULT \1/'" ;;
     peer)
       src=${FLASHMLA_SRC:-}
