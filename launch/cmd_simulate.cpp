@@ -298,6 +298,7 @@ struct SimulateArgs {
   int32_t tp = 0;                     // 0: the profile's
   std::string kv_shard;               // empty: the profile's
   std::vector<std::string> traces;    // --check-trace: workers' step traces
+  bool blocking_migration = false;    // SimOptions::live_migration false
 };
 
 // --check-trace: holds the profile's step model against the steps a serving worker traced
@@ -379,6 +380,7 @@ int run_simulate(const SimulateArgs& a) {
   if (!a.traces.empty()) return check_traces(model, a.traces);
   bench::SimOptions sim = a.sim;
   sim.routing = routing_policy_from_string(a.routing, "--routing");
+  sim.live_migration = !a.blocking_migration;
   for (const std::string& f : a.failures) {
     sim.failures.push_back(parse_group_event(f, "--fail-group"));
   }
@@ -557,6 +559,9 @@ void add_simulate_commands(CLI::App& app, int& exit_code) {
   sim->add_option("--migration-fixed-ms", s->sim.migration_fixed_ms,
                   "A migration's time besides the transfer")
       ->capture_default_str();
+  sim->add_flag("--blocking-migration", s->blocking_migration,
+                "Migrations stop the request for the whole copy (a blocking stop-and-copy), not "
+                "the coordinator's live pre-copy");
   sim->add_option("--latent-bytes-per-token", s->sim.latent_bytes_per_token,
                   "Cache bytes per token, all layers (default: the profile's)");
   sim->add_flag("--prefix-caching", s->sim.prefix_caching,

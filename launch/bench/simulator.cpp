@@ -246,6 +246,8 @@ struct Group {
   Schedule step;
   int32_t in_flight = 0;
   std::vector<Sequence*> leaving;  // to migrate once the step under way ends
+  std::vector<size_t> stopping;    // items whose live pre-copy ended: they stop at a boundary
+  int32_t migrating = 0;           // live pre-copies of its requests under way
   int64_t preempted = 0;           // since the last heartbeat
   double last_rebalance_s = -1e300;
   // With prefix caching: the units its last heartbeat reported keeping (as a worker does).
@@ -265,6 +267,7 @@ struct Event {
     kGroupDrains,
     kResubmit,
     kMigrated,
+    kPreCopied,
     kHeartbeat
   } kind;
   size_t index;  // the work item (arrival, reaching its worker, resubmission), or the group
@@ -333,11 +336,15 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
   std::vector<size_t> routed_to(items.size());
   std::vector<std::vector<int32_t>> prompts(items.size());  // what the worker gets to compute
   std::vector<int32_t> to_generate(items.size());           // the tokens still to come
-  // Migrations under way: the request's sequence, its pages reserved at the target.
+  // Migrations under way: the request's sequence, its pages reserved at the target; while a
+  // live pre-copy runs, the source group and sequence it copies from (compared, never read).
   struct Migration {
     size_t to;
     std::unique_ptr<Sequence> seq;
+    size_t from = 0;
+    const Sequence* source = nullptr;
   };
+  std::unordered_set<const Sequence*> precopying;
   std::map<size_t, Migration> migrations;
   const auto prefill_group = [&](size_t g) { return static_cast<int32_t>(g) < o.prefill_groups; };
   double now = 0;
@@ -489,6 +496,16 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     // What the source computed moves; the last token runs again, as after an import.
     moved->num_computed = std::min(seq.num_computed, n - 1);
     const size_t i = from.item_of[k];
+    if (o.live_migration) {
+      // Pre-copy while the request runs on: the bytes computed so far.
+      const double bytes =
+          static_cast<double>(moved->num_computed) * static_cast<double>(o.latent_bytes_per_token);
+      migrations[i] = {to, std::move(moved), g, &seq};
+      precopying.insert(&seq);
+      ++from.migrating;
+      events.push({now + bytes / (o.migration_gbps * 1e9), order++, Event::kPreCopied, i});
+      return true;
+    }
     from.scheduler->remove(&seq);
     from.sequences.erase(from.sequences.begin() + static_cast<long>(k));
     from.item_of.erase(from.item_of.begin() + static_cast<long>(k));
@@ -509,12 +526,55 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     Group& group = groups[g];
     if (group.busy || !group.alive) return;
     for (Sequence* seq : std::exchange(group.leaving, {})) {
+      if (precopying.contains(seq)) continue;  // already on its way
       for (size_t k = 0; k < group.sequences.size(); ++k) {
         if (group.sequences[k].get() == seq) {  // unless it ended meanwhile
           migrate(g, k);
           break;
         }
       }
+    }
+  };
+
+  // Live migrations whose pre-copy ended stop at group g's step boundary: the request leaves
+  // the source with what it computed meanwhile, or stays (it ended, the target died or lacks
+  // room for what it grew; its pages there are given back).
+  auto stop_precopied = [&](size_t g) {
+    Group& group = groups[g];
+    if (group.busy && group.alive) return;
+    for (const size_t i : std::exchange(group.stopping, {})) {
+      auto it = migrations.find(i);
+      Migration& m = it->second;
+      --group.migrating;
+      precopying.erase(m.source);
+      size_t k = 0;
+      while (k < group.sequences.size() &&
+             (group.sequences[k].get() != m.source || group.item_of[k] != i)) {
+        ++k;
+      }
+      Group& target = groups[m.to];
+      Sequence* seq = k < group.sequences.size() ? group.sequences[k].get() : nullptr;
+      const auto n = seq != nullptr ? static_cast<int32_t>(seq->tokens.size()) : 0;
+      if (!group.alive || seq == nullptr || !target.alive ||
+          !target.cache->reserve(m.seq->table, n)) {
+        target.cache->release(m.seq->table);
+        migrations.erase(it);
+        continue;
+      }
+      const int32_t copied = m.seq->num_computed;
+      m.seq->tokens = seq->tokens;
+      m.seq->num_computed = std::min(seq->num_computed, n - 1);
+      m.source = nullptr;
+      group.scheduler->remove(seq);
+      group.sequences.erase(group.sequences.begin() + static_cast<long>(k));
+      group.item_of.erase(group.item_of.begin() + static_cast<long>(k));
+      --group.in_flight;
+      ++target.in_flight;
+      ++result.migrations;
+      const double tail = static_cast<double>(m.seq->num_computed - copied) *
+                          static_cast<double>(o.latent_bytes_per_token);
+      const double ms = o.migration_fixed_ms + tail / (o.migration_gbps * 1e9) * 1000.0;
+      events.push({now + ms / 1000.0, order++, Event::kMigrated, i});
     }
   };
 
@@ -566,7 +626,10 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
         ++group.units_epoch;
       }
       const int64_t preempted = std::exchange(group.preempted, 0);
-      if (!o.rebalance || !group.alive || group.draining || !group.leaving.empty()) continue;
+      if (!o.rebalance || !group.alive || group.draining || !group.leaving.empty() ||
+          group.migrating > 0) {
+        continue;
+      }
       if (!short_of_cache(group.cache->num_available(), o.num_pages, preempted,
                           o.rebalance_thresholds) ||
           (now - group.last_rebalance_s) * 1000.0 < o.rebalance_interval_ms) {
@@ -628,6 +691,13 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       arrive(e.index);
       continue;
     }
+    if (e.kind == Event::kPreCopied) {
+      const size_t from = migrations.at(e.index).from;
+      groups[from].stopping.push_back(e.index);
+      stop_precopied(from);
+      start_step(from);
+      continue;
+    }
     if (e.kind == Event::kGroupDrains) {
       drain_group(e.index);
       continue;
@@ -680,6 +750,7 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
         migrate(e.index, k);
       }
     }
+    stop_precopied(e.index);
     start_leaving(e.index);
     start_step(e.index);
   }

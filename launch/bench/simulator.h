@@ -132,11 +132,14 @@ struct SimOptions {
   std::vector<GroupEvent> failures;
   // Every migration below goes to the coordinator's target (migration_target: decode groups
   // first, then the most free pages) among the live groups that are not draining and not
-  // prefill groups; a target without room for the cache refuses, and the request stays. A
-  // migration takes migration_fixed_ms plus the cache's bytes (latent_bytes_per_token per
-  // computed token) at migration_gbps, during which the request runs nowhere (an upper bound:
-  // the live pre-copy keeps a request decoding until its last stage); at the target it
-  // continues without recomputing. It starts when the step under way on the source ends.
+  // prefill groups; a target without room for the cache refuses, and the request stays. It
+  // starts when the step under way on the source ends, and at the target the request continues
+  // without recomputing. Live (live_migration, as the coordinator migrates): the request keeps
+  // running at its source while its cache's bytes (latent_bytes_per_token per computed token)
+  // move at migration_gbps, then stops at the next step boundary and reaches the target
+  // migration_fixed_ms later, plus the bytes it computed meanwhile; it stays where it is if it
+  // ends first, or the target dies or has no room for what it grew. Not live: it runs nowhere
+  // for migration_fixed_ms plus all of its bytes (a blocking stop-and-copy).
   //
   // Disaggregated prefill/decode, as workers with role prefill and decode run it: the first
   // `prefill_groups` groups take new requests (and failovers) and hand each, with its cache,
@@ -156,10 +159,11 @@ struct SimOptions {
   RebalanceThresholds rebalance_thresholds;
   double rebalance_interval_ms = 1000.0;
   double heartbeat_ms = 500.0;
-  // Defaults: one H200's live-migration gap (10 ms) and loopback gRPC (2 GB/s),
-  // docs/BENCHMARKS.md.
+  // Defaults: the live-migration gap (10 ms on an H200, 3-14 ms on an H100) and the copy rate
+  // measured over gRPC on an H100 at 16k-32k tokens (0.59-0.68 GB/s), docs/BENCHMARKS.md; live.
   double migration_fixed_ms = 10.0;
-  double migration_gbps = 2.0;
+  double migration_gbps = 0.6;
+  bool live_migration = true;
   int64_t latent_bytes_per_token = 0;  // required with any migration
   // Each group keeps full pages for reuse (cache.prefix_caching; the real PrefixIndex over
   // the accounting-only cache): a prompt starts on its cached prefix and only the rest is

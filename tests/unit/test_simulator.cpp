@@ -242,6 +242,7 @@ TEST(Simulator, PrefillGroupsHandRequestsWithTheirCachesToDecodeGroups) {
   o.latent_bytes_per_token = 1'000'000;  // 1 MB a token at 1 GB/s: 1 ms a token
   o.migration_gbps = 1.0;
   o.migration_fixed_ms = 5.0;
+  o.live_migration = false;  // blocking: live, these short requests would end before they move
   const SimResult r = simulate(items, constant_model(10.0, 2.0), o);
   for (size_t i = 0; i < items.size(); ++i) {
     const RequestRecord& rec = r.records[i];
@@ -285,6 +286,7 @@ TEST(Simulator, ADrainedGroupsRequestsMigrateWithTheirCaches) {
   o.latent_bytes_per_token = 1'000'000;
   o.migration_gbps = 1.0;
   o.migration_fixed_ms = 5.0;
+  o.live_migration = false;  // the blocking stop-and-copy (the next test: live)
   const SimResult r = simulate(items, constant_model(10.0, 2.0), o);
   EXPECT_EQ(r.migrations, 2) << "least-loaded put two of the first four on group 0";
   EXPECT_EQ(r.rebalances, 0);
@@ -307,6 +309,66 @@ TEST(Simulator, ADrainedGroupsRequestsMigrateWithTheirCaches) {
 
   o.latent_bytes_per_token = 0;
   EXPECT_THROW(simulate(items, constant_model(10.0, 2.0), o), Error);
+}
+
+// Live migration (the coordinator's): a drained group's requests keep streaming from it while
+// their caches are copied (64 MB at 1 GB/s), stop at a step boundary, and resume on the other
+// group after the fixed part and the tail they computed meanwhile, so the stream's gap is far
+// shorter than the blocking copy's; a request that ends during its pre-copy just ends there.
+TEST(Simulator, ALiveMigrationKeepsStreamingFromTheSourceUntilItsLastStage) {
+  std::vector<WorkItem> items(4);
+  for (WorkItem& w : items) {
+    w.prompt_ids.assign(50, 1);
+    w.output_len = 200;
+  }
+  SimOptions o;
+  o.groups = 2;
+  o.max_concurrency = 4;
+  o.drains = {{0, 0.040}};
+  o.latent_bytes_per_token = 1'000'000;
+  o.migration_gbps = 1.0;
+  o.migration_fixed_ms = 5.0;
+  const SimResult live = simulate(items, constant_model(10.0, 2.0), o);
+  o.live_migration = false;
+  const SimResult blocking = simulate(items, constant_model(10.0, 2.0), o);
+  EXPECT_EQ(live.migrations, 2);
+  EXPECT_EQ(blocking.migrations, 2);
+  for (size_t i = 0; i < items.size(); ++i) {
+    for (const SimResult* r : {&live, &blocking}) {
+      const RequestRecord& rec = r->records[i];
+      ASSERT_TRUE(rec.complete) << i;
+      EXPECT_EQ(rec.output_tokens, 200) << i;
+    }
+    const RequestRecord& rec = live.records[i];
+    if (rec.workers.size() < 2) continue;
+    EXPECT_EQ(rec.workers, (std::vector<std::string>{"sim-0", "sim-1"}));
+    const double gap = *std::max_element(rec.itl_ms.begin(), rec.itl_ms.end());
+    const double blocking_gap =
+        *std::max_element(blocking.records[i].itl_ms.begin(), blocking.records[i].itl_ms.end());
+    // Live: 5 ms + the ~32 tokens computed during the 64 ms pre-copy (32 ms) + a step or two;
+    // blocking: 5 ms + all ~64 tokens' 64 ms + a step.
+    EXPECT_GT(gap, 5.0 + 20.0) << i;
+    EXPECT_LT(gap, 5.0 + 45.0) << i;
+    EXPECT_GT(blocking_gap, 5.0 + 60.0) << i;
+    // It streamed from the source during the pre-copy: ~30 tokens between the drain (40 ms)
+    // and the gap.
+    const auto at_gap = static_cast<size_t>(std::max_element(rec.itl_ms.begin(), rec.itl_ms.end()) -
+                                            rec.itl_ms.begin());
+    const auto after_drain =
+        std::count_if(rec.token_s.begin(), rec.token_s.begin() + static_cast<long>(at_gap) + 1,
+                      [](double t) { return t > 0.041; });
+    EXPECT_GT(after_drain, 20) << i;
+  }
+
+  // Short requests end during their pre-copy: nothing moves, nothing is lost.
+  for (WorkItem& w : items) w.output_len = 20;
+  o.live_migration = true;
+  const SimResult ended = simulate(items, constant_model(10.0, 2.0), o);
+  EXPECT_EQ(ended.migrations, 0);
+  for (const RequestRecord& rec : ended.records) {
+    EXPECT_TRUE(rec.complete);
+    EXPECT_EQ(rec.output_tokens, 20);
+  }
 }
 
 // Rebalancing: least-loaded alternates the groups, so the two long requests land on group 0,
