@@ -246,7 +246,7 @@ struct Group {
   Schedule step;
   int32_t in_flight = 0;
   std::vector<Sequence*> leaving;  // to migrate once the step under way ends
-  std::vector<size_t> stopping;    // items whose live pre-copy ended: they stop at a boundary
+  std::vector<uint64_t> stopping;  // live pre-copies that ended: they stop at a step boundary
   int32_t migrating = 0;           // live pre-copies of its requests under way
   int64_t preempted = 0;           // since the last heartbeat
   double last_rebalance_s = -1e300;
@@ -270,7 +270,8 @@ struct Event {
     kPreCopied,
     kHeartbeat
   } kind;
-  size_t index;  // the work item (arrival, reaching its worker, resubmission), or the group
+  size_t index;  // the work item (arrival, reaching its worker, resubmission, migrated), the
+                 // group, or a live pre-copy's id
   bool operator>(const Event& o) const { return t != o.t ? t > o.t : order > o.order; }
 };
 
@@ -345,6 +346,10 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     const Sequence* source = nullptr;
   };
   std::unordered_set<const Sequence*> precopying;
+  // Live pre-copies under way, by their own id (an item failed over mid-copy may start another
+  // migration before the first's pre-copy event comes): id -> item.
+  std::map<uint64_t, size_t> precopies;
+  uint64_t next_precopy = 0;
   std::map<size_t, Migration> migrations;
   const auto prefill_group = [&](size_t g) { return static_cast<int32_t>(g) < o.prefill_groups; };
   double now = 0;
@@ -464,6 +469,20 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     group.item_of.clear();
     group.leaving.clear();
     group.in_flight = 0;
+    // Its live pre-copies end with it: their pages at the targets are given back.
+    for (auto it = precopies.begin(); it != precopies.end();) {
+      auto m = migrations.find(it->second);
+      if (m->second.from != g || m->second.source == nullptr) {
+        ++it;
+        continue;
+      }
+      groups[m->second.to].cache->release(m->second.seq->table);
+      precopying.erase(m->second.source);
+      migrations.erase(m);
+      it = precopies.erase(it);
+    }
+    group.stopping.clear();
+    group.migrating = 0;
   };
 
   // The coordinator's migration target for a request leaving group g (-1: none).
@@ -503,7 +522,9 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       migrations[i] = {to, std::move(moved), g, &seq};
       precopying.insert(&seq);
       ++from.migrating;
-      events.push({now + bytes / (o.migration_gbps * 1e9), order++, Event::kPreCopied, i});
+      precopies[next_precopy] = i;
+      events.push(
+          {now + bytes / (o.migration_gbps * 1e9), order++, Event::kPreCopied, next_precopy++});
       return true;
     }
     from.scheduler->remove(&seq);
@@ -542,7 +563,9 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
   auto stop_precopied = [&](size_t g) {
     Group& group = groups[g];
     if (group.busy && group.alive) return;
-    for (const size_t i : std::exchange(group.stopping, {})) {
+    for (const uint64_t id : std::exchange(group.stopping, {})) {
+      const size_t i = precopies.at(id);
+      precopies.erase(id);
       auto it = migrations.find(i);
       Migration& m = it->second;
       --group.migrating;
@@ -692,8 +715,10 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       continue;
     }
     if (e.kind == Event::kPreCopied) {
-      const size_t from = migrations.at(e.index).from;
-      groups[from].stopping.push_back(e.index);
+      const auto id = static_cast<uint64_t>(e.index);
+      if (!precopies.contains(id)) continue;  // its source failed meanwhile
+      const size_t from = migrations.at(precopies.at(id)).from;
+      groups[from].stopping.push_back(id);
       stop_precopied(from);
       start_step(from);
       continue;

@@ -314,7 +314,8 @@ TEST(Simulator, ADrainedGroupsRequestsMigrateWithTheirCaches) {
 // Live migration (the coordinator's): a drained group's requests keep streaming from it while
 // their caches are copied (64 MB at 1 GB/s), stop at a step boundary, and resume on the other
 // group after the fixed part and the tail they computed meanwhile, so the stream's gap is far
-// shorter than the blocking copy's; a request that ends during its pre-copy just ends there.
+// shorter than the blocking copy's; a source that dies mid-copy fails its requests over; a
+// request that ends during its pre-copy just ends there.
 TEST(Simulator, ALiveMigrationKeepsStreamingFromTheSourceUntilItsLastStage) {
   std::vector<WorkItem> items(4);
   for (WorkItem& w : items) {
@@ -360,9 +361,21 @@ TEST(Simulator, ALiveMigrationKeepsStreamingFromTheSourceUntilItsLastStage) {
     EXPECT_GT(after_drain, 20) << i;
   }
 
+  // The source dies mid-copy (at 60 ms): the pre-copies end with it, the requests fail over
+  // with what they streamed, and every token still comes once.
+  o.live_migration = true;
+  o.failures = {{0, 0.060}};
+  const SimResult failed = simulate(items, constant_model(10.0, 2.0), o);
+  EXPECT_EQ(failed.migrations, 0);
+  for (const RequestRecord& rec : failed.records) {
+    EXPECT_TRUE(rec.complete);
+    EXPECT_EQ(rec.output_tokens, 200);
+    EXPECT_EQ(rec.workers.back(), "sim-1");
+  }
+  o.failures.clear();
+
   // Short requests end during their pre-copy: nothing moves, nothing is lost.
   for (WorkItem& w : items) w.output_len = 20;
-  o.live_migration = true;
   const SimResult ended = simulate(items, constant_model(10.0, 2.0), o);
   EXPECT_EQ(ended.migrations, 0);
   for (const RequestRecord& rec : ended.records) {
