@@ -7,6 +7,8 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <future>
+#include <optional>
 
 #include "kernels/error.h"
 #include "rpc/generate_request.h"
@@ -156,12 +158,23 @@ grpc::Status WorkerService::export_request(grpc::ServerContext& context,
 
   // Live stages: the request keeps running while what it has computed is sent; each stage
   // sends what the previous ones left, until less than a page is left or the stages run out.
+  // A turn's copy out of the cache runs on the step loop while the turn before it is sent.
   int32_t from = 0;
   int32_t stages = 0;
   int32_t stage_end = -1;  // the computed count the current stage copies up to
   bool header_sent = false;
+  std::optional<std::future<Copied>> next;
+  struct WaitForCopy {  // a copy still queued reads `copy`: it must end before `copy` does
+    std::optional<std::future<Copied>>& next;
+    ~WaitForCopy() {
+      if (next && next->valid()) next->wait();
+    }
+  } wait_for_copy{next};
+  auto copy_from = [&](int32_t at) { next = on_step_loop([&copy, at] { return copy(at); }); };
+  copy_from(0);
   while (true) {
-    Copied c = on_step_loop([&copy, from] { return copy(from); }).get();
+    Copied c = next->get();
+    next.reset();
     if (!c.running) return ended;
     if (c.queued) {
       return {grpc::StatusCode::FAILED_PRECONDITION,
@@ -182,16 +195,22 @@ grpc::Status WorkerService::export_request(grpc::ServerContext& context,
       header_sent = true;
       stage_end = c.computed;
     }
+    // Whether another live turn follows, decided before this one is sent so that its copy
+    // overlaps the send.
+    bool more = !request.stop_first();
+    if (more && c.end >= stage_end) {
+      ++stages;
+      if (c.computed - c.end < geometry.block_size || stages >= options_.export_max_live_stages) {
+        more = false;
+      } else {
+        stage_end = c.computed;
+      }
+    }
+    if (more) copy_from(c.end);
     if (!send(c.latents, from)) return destination_gone;
     from = c.end;
     if (context.IsCancelled()) return destination_gone;
-    if (request.stop_first()) break;
-    if (from < stage_end) continue;  // the stage's copy goes on
-    ++stages;
-    if (c.computed - from < geometry.block_size || stages >= options_.export_max_live_stages) {
-      break;
-    }
-    stage_end = c.computed;
+    if (!more) break;
   }
 
   // Stop and copy: the request leaves the engine; its stream here ends and the coordinator
