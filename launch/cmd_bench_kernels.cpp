@@ -391,31 +391,22 @@ void bench_fp8_gemm(const BenchKernelsArgs& args, cudaStream_t stream,
                                  .q = qx.get<uint8_t>(),
                                  .scale = sx.get<float>()},
                                 stream);
-        if (prefill) {
-          MLA_CHECK(cuda::fp8_gemm_lt(blas, {.qx = qx.get<uint8_t>(),
-                                             .sx = sx.get<float>(),
-                                             .m = rows,
-                                             .k = sh.k,
-                                             .w = pool.get<uint8_t>() + copy * w8,
-                                             .w_block_scale = scales.get<float>(),
-                                             .n = sh.n,
-                                             .y = y.get(),
-                                             .y_dtype = DType::kF32,
-                                             .ldy = sh.n}),
-                    "fp8_gemm_lt: no cuBLASLt algorithm for {} rows of {}", rows, sh.name);
+        const cuda::Fp8GemmParams fp8{.qx = qx.get<uint8_t>(),
+                                      .sx = sx.get<float>(),
+                                      .m = rows,
+                                      .k = sh.k,
+                                      .w = pool.get<uint8_t>() + copy * w8,
+                                      .w_scale = scales.get<float>() + copy * (s_bytes / 4),
+                                      .n = sh.n,
+                                      .y = y.get(),
+                                      .y_dtype = DType::kF32,
+                                      .ldy = sh.n};
+        if (!prefill) {
+          cuda::fp8_gemm(fp8, stream);
           return;
         }
-        cuda::fp8_gemm({.qx = qx.get<uint8_t>(),
-                        .sx = sx.get<float>(),
-                        .m = rows,
-                        .k = sh.k,
-                        .w = pool.get<uint8_t>() + copy * w8,
-                        .w_scale = scales.get<float>() + copy * (s_bytes / 4),
-                        .n = sh.n,
-                        .y = y.get(),
-                        .y_dtype = DType::kF32,
-                        .ldy = sh.n},
-                       stream);
+        MLA_CHECK(cuda::fp8_gemm_lt(blas, fp8, scales.get<float>()),
+                  "fp8_gemm_lt: no cuBLASLt algorithm for {} rows of {}", rows, sh.name);
       });
       cuda::GemmParams p{};
       p.a = x.get();

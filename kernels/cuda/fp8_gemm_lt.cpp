@@ -21,7 +21,7 @@ namespace {
 // [m, k / 128] the column-major [k / 128, m] of B's blocks of 128 along k.
 class Plan {
  public:
-  Plan(const Fp8LtGemmParams& p) {
+  explicit Plan(const Fp8GemmParams& p) {
     const cudaDataType_t y_type = p.y_dtype == DType::kF32 ? CUDA_R_32F : CUDA_R_16BF;
     MLA_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc_, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t transa = CUBLAS_OP_T, transb = CUBLAS_OP_N;
@@ -45,8 +45,9 @@ class Plan {
   Plan& operator=(const Plan&) = delete;
 
   // The heuristic's first algorithm, or nullopt when it has none for this problem.
-  std::optional<cublasLtMatmulAlgo_t> algo(const Blas& blas, const Fp8LtGemmParams& p) {
-    set_scales(p);
+  std::optional<cublasLtMatmulAlgo_t> algo(const Blas& blas, const Fp8GemmParams& p,
+                                           const float* w_block_scale) {
+    set_scales(p, w_block_scale);
     cublasLtMatmulPreference_t pref = nullptr;
     MLA_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     const size_t bytes = blas.workspace_bytes();
@@ -61,8 +62,9 @@ class Plan {
     return result.algo;
   }
 
-  void run(const Blas& blas, const Fp8LtGemmParams& p, const cublasLtMatmulAlgo_t& algo) {
-    set_scales(p);
+  void run(const Blas& blas, const Fp8GemmParams& p, const float* w_block_scale,
+           const cublasLtMatmulAlgo_t& algo) {
+    set_scales(p, w_block_scale);
     const float alpha = 1.0f;
     MLA_CUBLAS_CHECK(cublasLtMatmul(blas.lt_handle(), desc_, &alpha, p.w, a_, p.qx, b_, &p.beta,
                                     p.y, d_, p.y, d_, &algo, blas.workspace(),
@@ -74,8 +76,8 @@ class Plan {
   void set(cublasLtMatmulDescAttributes_t attribute, const T& value) {
     MLA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc_, attribute, &value, sizeof(value)));
   }
-  void set_scales(const Fp8LtGemmParams& p) {
-    set(CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, p.w_block_scale);
+  void set_scales(const Fp8GemmParams& p, const float* w_block_scale) {
+    set(CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, w_block_scale);
     set(CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, p.sx);
   }
 
@@ -94,7 +96,7 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 }  // namespace
 
-bool fp8_gemm_lt(const Blas& blas, const Fp8LtGemmParams& p) {
+bool fp8_gemm_lt(const Blas& blas, const Fp8GemmParams& p, const float* w_block_scale) {
   // Check shapes
   MLA_REQUIRE(p.m > 0 && p.n > 0 && p.k > 0 && p.ldy >= p.n,
               "fp8_gemm_lt: m {}, n {}, k {}, ldy {} >= n", p.m, p.n, p.k, p.ldy);
@@ -110,10 +112,10 @@ bool fp8_gemm_lt(const Blas& blas, const Fp8LtGemmParams& p) {
   Entry& e = entries[Key{blas.lt_handle(), p.m, p.n, p.k, p.ldy, p.y_dtype}];
   if (!e.plan) {
     e.plan = std::make_unique<Plan>(p);
-    e.algo = e.plan->algo(blas, p);
+    e.algo = e.plan->algo(blas, p, w_block_scale);
   }
   if (!e.algo) return false;
-  e.plan->run(blas, p, *e.algo);
+  e.plan->run(blas, p, w_block_scale, *e.algo);
   return true;
 }
 

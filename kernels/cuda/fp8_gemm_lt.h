@@ -9,28 +9,17 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/fp8_gemm.h"
 #include "kernels/cuda/gemm.h"
-#include "kernels/dtype.h"
 
 namespace mla::cuda {
 
-struct Fp8LtGemmParams {
-  const uint8_t* qx = nullptr;  // [m, k] e4m3 activations (fp8_quantize_rows)
-  const float* sx = nullptr;    // [m, k / 128]
-  int64_t m = 0, k = 0;
-  const uint8_t* w = nullptr;            // [n, k] e4m3 weights
-  const float* w_block_scale = nullptr;  // [ceil(n / 128), k / 128]: a 128x128 block's scale
-  int64_t n = 0;
-  void* y = nullptr;  // [m, n] fp32 or bf16 (y_dtype), row stride ldy elements
-  DType y_dtype = DType::kF32;
-  int64_t ldy = 0;
-  float beta = 0.0f;  // y = product + beta * y
-};
-
-// Enqueues y <- the product and returns true; returns false, enqueuing nothing, when cuBLASLt
+// Enqueues p.y <- the product of fp8_gemm's parameters (p.w_scale is not read: the weights'
+// scales come as w_block_scale [ceil(n / 128), k / 128], a 128x128 block's scale) and returns
+// true; returns false, enqueuing nothing, when cuBLASLt
 // has no algorithm for this shape and these types on the current device (the answer is kept
 // per shape), or when k is not a multiple of 128, n not a multiple of 16, or a pointer not
 // 16-byte aligned: the caller then runs fp8_gemm. Throws kInternal when cuBLASLt fails a call.
-bool fp8_gemm_lt(const Blas& blas, const Fp8LtGemmParams& p);
+bool fp8_gemm_lt(const Blas& blas, const Fp8GemmParams& p, const float* w_block_scale);
 
 }  // namespace mla::cuda

@@ -8,6 +8,7 @@
 #include "kernels/cuda/moe_slots.cuh"
 #include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/row_dots.cuh"
+#include "kernels/cuda/vec_io.cuh"
 
 namespace mla::cuda {
 namespace {
@@ -406,10 +407,9 @@ void moe_experts(const MoeExpertsParams& p, void* workspace, size_t workspace_by
   // Check shapes
   moe::check_shape(p.tokens, p.top_k, p.d, p.inter, 8, p.first_expert, p.local_experts, p.experts);
   // Check layout
-  using moe::aligned;
-  MLA_REQUIRE(
-      aligned(p.x, 16) && aligned(p.gate_up, 16) && aligned(p.down, 16) && aligned(p.out, 16),
-      "x, gate_up, down and out must be 16-byte aligned");
+  MLA_REQUIRE(is_aligned(p.x, 16) && is_aligned(p.gate_up, 16) && is_aligned(p.down, 16) &&
+                  is_aligned(p.out, 16),
+              "x, gate_up, down and out must be 16-byte aligned");
   if (p.tokens == 0) return;
   const Plan plan = moe::workspace_plan(workspace, workspace_bytes, p.tokens, p.top_k,
                                         p.local_experts, p.d, p.inter, false);

@@ -8,6 +8,7 @@
 #include "kernels/cuda/moe_experts.h"
 #include "kernels/cuda/moe_experts_fp8.h"
 #include "kernels/cuda/moe_slots.cuh"
+#include "kernels/cuda/vec_io.cuh"
 #include "kernels/error.h"
 
 namespace mla::cuda {
@@ -160,9 +161,8 @@ void moe_experts_fp8(const MoeExpertsFp8Params& p, void* workspace, size_t works
   MLA_REQUIRE(row_tiles <= kMaxGridRows, "fp8 MoE experts: {} slots need more than {} row tiles",
               slots, kMaxGridRows);
   // Check layout
-  using moe::aligned;
-  MLA_REQUIRE(aligned(p.x, 16) && aligned(p.gate_up, 16) && aligned(p.down, 16) &&
-                  aligned(p.out, 16) && p.gate_up_scale != nullptr && p.down_scale != nullptr,
+  MLA_REQUIRE(is_aligned(p.x, 16) && is_aligned(p.gate_up, 16) && is_aligned(p.down, 16) &&
+                  is_aligned(p.out, 16) && p.gate_up_scale != nullptr && p.down_scale != nullptr,
               "x, gate_up, down and out must be 16-byte aligned, and both scales given");
   if (p.tokens == 0) return;
   const Plan plan = moe::workspace_plan(workspace, workspace_bytes, p.tokens, p.top_k,

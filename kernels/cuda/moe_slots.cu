@@ -6,6 +6,8 @@
 #include "kernels/cuda/moe_experts.h"
 #include "kernels/cuda/moe_slots.cuh"
 #include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/vec_io.cuh"
+#include "kernels/cuda/workspace_layout.h"
 #include "kernels/error.h"
 
 namespace mla::cuda::moe {
@@ -19,8 +21,6 @@ constexpr int kDispatchWarps = kDispatchThreads / 32;
 constexpr int kCombineThreads = 256;
 constexpr int kPerLane = kMoeMaxLocalExperts / 32;  // experts per lane in the dispatch scans
 
-size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-
 }  // namespace
 
 int64_t max_row_tiles(int64_t slots, int64_t experts, int64_t bm) {
@@ -33,27 +33,22 @@ Layout make_layout(int64_t tokens, int64_t top_k, int64_t local_experts, int64_t
   const auto tiles =
       static_cast<size_t>(max_row_tiles(tokens * top_k, local_experts, kMinTileRows));
   Layout l{};
-  size_t at = 0;
-  const auto take = [&at](size_t bytes) {
-    const size_t offset = at;
-    at += align_up(bytes);
-    return offset;
-  };
-  l.offsets = take((local_experts + 1) * sizeof(int32_t));
-  l.num_tiles = take(sizeof(int32_t));
-  l.tile_expert = take(tiles * sizeof(int32_t));
-  l.tile_row = take(tiles * sizeof(int32_t));
-  l.sorted_slot = take(slots * sizeof(int32_t));
-  l.slot_pos = take(slots * sizeof(int32_t));
-  l.act = take(slots * inter * sizeof(bf16));
-  l.y = take(slots * d * sizeof(float));
+  WorkspaceLayout parts;
+  l.offsets = parts.take((local_experts + 1) * sizeof(int32_t));
+  l.num_tiles = parts.take(sizeof(int32_t));
+  l.tile_expert = parts.take(tiles * sizeof(int32_t));
+  l.tile_row = parts.take(tiles * sizeof(int32_t));
+  l.sorted_slot = parts.take(slots * sizeof(int32_t));
+  l.slot_pos = parts.take(slots * sizeof(int32_t));
+  l.act = parts.take(slots * inter * sizeof(bf16));
+  l.y = parts.take(slots * d * sizeof(float));
   if (fp8) {
-    l.qx = take(tokens * d);
-    l.sx = take(tokens * (d / 128) * sizeof(float));
-    l.qact = take(slots * inter);
-    l.sact = take(slots * (inter / 128) * sizeof(float));
+    l.qx = parts.take(tokens * d);
+    l.sx = parts.take(tokens * (d / 128) * sizeof(float));
+    l.qact = parts.take(slots * inter);
+    l.sact = parts.take(slots * (inter / 128) * sizeof(float));
   }
-  l.bytes = at;
+  l.bytes = parts.bytes();
   return l;
 }
 
@@ -66,17 +61,13 @@ size_t workspace_bytes(int64_t max_tokens, int64_t top_k, int64_t local_experts,
   return make_layout(max_tokens, top_k, local_experts, d, inter, fp8).bytes;
 }
 
-bool aligned(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-}
-
 Plan workspace_plan(void* workspace, size_t workspace_bytes, int64_t tokens, int64_t top_k,
                     int64_t local_experts, int64_t d, int64_t inter, bool fp8) {
   const Layout l = make_layout(tokens, top_k, local_experts, d, inter, fp8);
   MLA_REQUIRE(workspace != nullptr && workspace_bytes >= l.bytes,
               "MoE experts on {} tokens need {} workspace bytes, got {}", tokens, l.bytes,
               workspace_bytes);
-  MLA_REQUIRE(aligned(workspace, kAlign), "the MoE workspace must be {}-byte aligned", kAlign);
+  MLA_REQUIRE(is_aligned(workspace, kAlign), "the MoE workspace must be {}-byte aligned", kAlign);
   auto* ws = static_cast<char*>(workspace);
   Plan plan{reinterpret_cast<int32_t*>(ws + l.offsets),
             reinterpret_cast<int32_t*>(ws + l.num_tiles),

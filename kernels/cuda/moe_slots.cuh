@@ -10,9 +10,11 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/cuda/workspace_layout.h"
+
 namespace mla::cuda::moe {
 
-inline constexpr size_t kAlign = 256;
+inline constexpr size_t kAlign = kWorkspaceAlign;
 // The fewest rows a row tile of any path has (it bounds the tile list's size).
 inline constexpr int kMinTileRows = 16;
 
@@ -51,8 +53,6 @@ struct Plan {
   uint8_t* qact = nullptr;  // fp8: [slots, inter] act quantised
   float* sact = nullptr;    // fp8: [slots, inter / 128]
 };
-
-bool aligned(const void* ptr, size_t bytes);
 
 // The plan in `workspace` for a batch of `tokens` (make_layout's parts). Throws
 // kInvalidArgument for a workspace smaller than the layout or not kAlign-aligned.

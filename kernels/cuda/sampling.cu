@@ -6,6 +6,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/sampling.h"
+#include "kernels/cuda/workspace_layout.h"
 
 namespace mla::cuda {
 namespace {
@@ -14,7 +15,7 @@ constexpr int kPrepareThreads = 512;
 constexpr int kPickThreads = 256;
 constexpr int kPickItems = 4;  // consecutive sorted candidates per thread per chunk
 constexpr int64_t kChunk = kPickThreads * kPickItems;
-constexpr size_t kAlign = 256;
+constexpr size_t kAlign = kWorkspaceAlign;
 constexpr unsigned kFull = 0xffffffffu;
 
 // mla::uniform_for (runtime/sampler.cpp), bit for bit.
@@ -36,33 +37,26 @@ struct Layout {
   size_t sort_temp_bytes, bytes;
 };
 
-size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-
 Layout make_layout(int64_t rows, int64_t vocab) {
   Layout l{};
-  size_t at = 0;
-  const auto take = [&at](size_t bytes) {
-    const size_t offset = at;
-    at += align_up(bytes);
-    return offset;
-  };
+  WorkspaceLayout parts;
   const auto r = static_cast<size_t>(rows), n = static_cast<size_t>(rows * vocab);
-  l.row_max = take(r * sizeof(float));
-  l.lse_sum = take(r * sizeof(double));
-  l.total = take(r * sizeof(double));
-  l.begin = take(r * sizeof(int32_t));
-  l.end = take(r * sizeof(int32_t));
+  l.row_max = parts.take(r * sizeof(float));
+  l.lse_sum = parts.take(r * sizeof(double));
+  l.total = parts.take(r * sizeof(double));
+  l.begin = parts.take(r * sizeof(int32_t));
+  l.end = parts.take(r * sizeof(int32_t));
   for (int b = 0; b < 2; ++b) {
-    l.keys[b] = take(n * sizeof(float));
-    l.ids[b] = take(n * sizeof(int32_t));
+    l.keys[b] = parts.take(n * sizeof(float));
+    l.ids[b] = parts.take(n * sizeof(int32_t));
   }
   cub::DoubleBuffer<float> keys(nullptr, nullptr);
   cub::DoubleBuffer<int32_t> ids(nullptr, nullptr);
   MLA_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
       nullptr, l.sort_temp_bytes, keys, ids, static_cast<int>(n), static_cast<int>(rows),
       static_cast<int32_t*>(nullptr), static_cast<int32_t*>(nullptr)));
-  l.sort_temp = take(l.sort_temp_bytes);
-  l.bytes = at;
+  l.sort_temp = parts.take(l.sort_temp_bytes);
+  l.bytes = parts.bytes();
   return l;
 }
 

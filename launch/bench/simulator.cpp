@@ -10,7 +10,6 @@
 #include <optional>
 #include <queue>
 #include <tuple>
-#include <unordered_set>
 #include <utility>
 
 #include "kernels/error.h"
@@ -247,7 +246,6 @@ struct Group {
   int32_t in_flight = 0;
   std::vector<Sequence*> leaving;  // to migrate once the step under way ends
   std::vector<uint64_t> stopping;  // live pre-copies that ended: they stop at a step boundary
-  int32_t migrating = 0;           // live pre-copies of its requests under way
   int64_t preempted = 0;           // since the last heartbeat
   double last_rebalance_s = -1e300;
   // With prefix caching: the units its last heartbeat reported keeping (as a worker does).
@@ -345,12 +343,21 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     size_t from = 0;
     const Sequence* source = nullptr;
   };
-  std::unordered_set<const Sequence*> precopying;
+  std::map<size_t, Migration> migrations;  // by work item
   // Live pre-copies under way, by their own id (an item failed over mid-copy may start another
   // migration before the first's pre-copy event comes): id -> item.
   std::map<uint64_t, size_t> precopies;
   uint64_t next_precopy = 0;
-  std::map<size_t, Migration> migrations;
+  // Whether a live pre-copy of `seq`, or from group g, is under way.
+  const auto precopying = [&](const Sequence* seq) {
+    return std::any_of(precopies.begin(), precopies.end(), [&](const auto& entry) {
+      return migrations.at(entry.second).source == seq;
+    });
+  };
+  const auto copying_from = [&](size_t g) {
+    return std::any_of(precopies.begin(), precopies.end(),
+                       [&](const auto& entry) { return migrations.at(entry.second).from == g; });
+  };
   const auto prefill_group = [&](size_t g) { return static_cast<int32_t>(g) < o.prefill_groups; };
   double now = 0;
 
@@ -477,12 +484,10 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
         continue;
       }
       groups[m->second.to].cache->release(m->second.seq->table);
-      precopying.erase(m->second.source);
       migrations.erase(m);
       it = precopies.erase(it);
     }
     group.stopping.clear();
-    group.migrating = 0;
   };
 
   // The coordinator's migration target for a request leaving group g (-1: none).
@@ -520,8 +525,6 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       const double bytes =
           static_cast<double>(moved->num_computed) * static_cast<double>(o.latent_bytes_per_token);
       migrations[i] = {to, std::move(moved), g, &seq};
-      precopying.insert(&seq);
-      ++from.migrating;
       precopies[next_precopy] = i;
       events.push(
           {now + bytes / (o.migration_gbps * 1e9), order++, Event::kPreCopied, next_precopy++});
@@ -547,7 +550,7 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
     Group& group = groups[g];
     if (group.busy || !group.alive) return;
     for (Sequence* seq : std::exchange(group.leaving, {})) {
-      if (precopying.contains(seq)) continue;  // already on its way
+      if (precopying(seq)) continue;  // already on its way
       for (size_t k = 0; k < group.sequences.size(); ++k) {
         if (group.sequences[k].get() == seq) {  // unless it ended meanwhile
           migrate(g, k);
@@ -568,8 +571,6 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       precopies.erase(id);
       auto it = migrations.find(i);
       Migration& m = it->second;
-      --group.migrating;
-      precopying.erase(m.source);
       size_t k = 0;
       while (k < group.sequences.size() &&
              (group.sequences[k].get() != m.source || group.item_of[k] != i)) {
@@ -650,7 +651,7 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       }
       const int64_t preempted = std::exchange(group.preempted, 0);
       if (!o.rebalance || !group.alive || group.draining || !group.leaving.empty() ||
-          group.migrating > 0) {
+          copying_from(g)) {
         continue;
       }
       if (!short_of_cache(group.cache->num_available(), o.num_pages, preempted,

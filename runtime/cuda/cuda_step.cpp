@@ -566,34 +566,24 @@ void CudaStep::linear(const void* x, int64_t rows, int64_t in, const DeviceLinea
                            .q = b_.fp8_x.data<uint8_t>(),
                            .scale = b_.fp8_scale.data<float>()},
                           x_.stream);
+  const cuda::Fp8GemmParams p{.qx = b_.fp8_x.data<uint8_t>(),
+                              .sx = b_.fp8_scale.data<float>(),
+                              .m = rows,
+                              .k = in,
+                              .w = w.w.data<uint8_t>(),
+                              .w_scale = w.scale.data<float>(),
+                              .n = out,
+                              .y = y,
+                              .y_dtype = y_type,
+                              .ldy = out,
+                              .beta = beta};
   // Prefill-sized products on tensor cores, where cuBLASLt has an algorithm; fp8_gemm reads the
   // weights once per 16 rows, and is the one whose rows do not depend on the others.
   if (rows > cuda::kFp8GemmRowTile && !x_.batch_invariant && w.block_scale.defined() &&
-      cuda::fp8_gemm_lt(x_.blas, {.qx = b_.fp8_x.data<uint8_t>(),
-                                  .sx = b_.fp8_scale.data<float>(),
-                                  .m = rows,
-                                  .k = in,
-                                  .w = w.w.data<uint8_t>(),
-                                  .w_block_scale = w.block_scale.data<float>(),
-                                  .n = out,
-                                  .y = y,
-                                  .y_dtype = y_type,
-                                  .ldy = out,
-                                  .beta = beta})) {
+      cuda::fp8_gemm_lt(x_.blas, p, w.block_scale.data<float>())) {
     return;
   }
-  cuda::fp8_gemm({.qx = b_.fp8_x.data<uint8_t>(),
-                  .sx = b_.fp8_scale.data<float>(),
-                  .m = rows,
-                  .k = in,
-                  .w = w.w.data<uint8_t>(),
-                  .w_scale = w.scale.data<float>(),
-                  .n = out,
-                  .y = y,
-                  .y_dtype = y_type,
-                  .ldy = out,
-                  .beta = beta},
-                 x_.stream);
+  cuda::fp8_gemm(p, x_.stream);
 }
 
 void CudaStep::mlp(const DeviceMlp& w, const bf16* x, float* out) {

@@ -49,7 +49,7 @@ class Uploader {
       return d;
     }
     if (w.fp8()) ++widened;
-    return {w.fp8() ? cuda::upload_bf16(w.widened()) : cuda::upload_bf16(w.f32_weight()), {}};
+    return {cuda::upload_bf16(w.widened()), {}};
   }
 
   DeviceMlp mlp(const MlpWeights& m) { return {linear(m.gate_up), linear(m.down), m.width}; }

@@ -275,29 +275,29 @@ TEST(CudaFp8GemmLt, PrefillProductsMatchTheCpuReference) {
         DeviceArray<uint8_t> d_w(w.values), d_q(q);
         DeviceArray<float> d_blocks(w.blocks), d_sx(sx);
         std::vector<float> got(c.m * c.n);
-        const cuda::Fp8LtGemmParams p{.qx = d_q.get(),
-                                      .sx = d_sx.get(),
-                                      .m = c.m,
-                                      .k = c.k,
-                                      .w = d_w.get(),
-                                      .w_block_scale = d_blocks.get(),
-                                      .n = c.n,
-                                      .y = nullptr,
-                                      .y_dtype = bf16_out ? DType::kBF16 : DType::kF32,
-                                      .ldy = c.n,
-                                      .beta = beta};
+        const cuda::Fp8GemmParams p{.qx = d_q.get(),
+                                    .sx = d_sx.get(),
+                                    .m = c.m,
+                                    .k = c.k,
+                                    .w = d_w.get(),
+                                    .w_scale = nullptr,  // the block scales instead
+                                    .n = c.n,
+                                    .y = nullptr,
+                                    .y_dtype = bf16_out ? DType::kBF16 : DType::kF32,
+                                    .ldy = c.n,
+                                    .beta = beta};
         if (bf16_out) {
           DeviceArray<uint16_t> d_y(c.m * c.n);
-          cuda::Fp8LtGemmParams pb = p;
+          cuda::Fp8GemmParams pb = p;
           pb.y = d_y.get();
-          ASSERT_TRUE(cuda::fp8_gemm_lt(blas, pb)) << "no cuBLASLt algorithm";
+          ASSERT_TRUE(cuda::fp8_gemm_lt(blas, pb, d_blocks.get())) << "no cuBLASLt algorithm";
           const std::vector<uint16_t> bits = d_y.download();
           for (size_t i = 0; i < bits.size(); ++i) got[i] = bf16_to_f32(bits[i]);
         } else {
           DeviceArray<float> d_y(std::vector<float>(c.m * c.n, 0.25f));
-          cuda::Fp8LtGemmParams pf = p;
+          cuda::Fp8GemmParams pf = p;
           pf.y = d_y.get();
-          ASSERT_TRUE(cuda::fp8_gemm_lt(blas, pf)) << "no cuBLASLt algorithm";
+          ASSERT_TRUE(cuda::fp8_gemm_lt(blas, pf, d_blocks.get())) << "no cuBLASLt algorithm";
           got = d_y.download();
         }
         double rms = 0;
@@ -327,21 +327,21 @@ TEST(CudaFp8GemmLt, DeclinesShapesItCannotTake) {
   const cuda::Blas blas(nullptr);
   DeviceArray<uint8_t> w(64 * 256), q(32 * 256);
   DeviceArray<float> s(32 * 2), blocks(2), y(32 * 70);
-  cuda::Fp8LtGemmParams p{.qx = q.get(),
-                          .sx = s.get(),
-                          .m = 32,
-                          .k = 256,
-                          .w = w.get(),
-                          .w_block_scale = blocks.get(),
-                          .n = 70,  // not a multiple of 16
-                          .y = y.get(),
-                          .y_dtype = DType::kF32,
-                          .ldy = 70};
-  EXPECT_FALSE(cuda::fp8_gemm_lt(blas, p));
+  cuda::Fp8GemmParams p{.qx = q.get(),
+                        .sx = s.get(),
+                        .m = 32,
+                        .k = 256,
+                        .w = w.get(),
+                        .w_scale = nullptr,
+                        .n = 70,  // not a multiple of 16
+                        .y = y.get(),
+                        .y_dtype = DType::kF32,
+                        .ldy = 70};
+  EXPECT_FALSE(cuda::fp8_gemm_lt(blas, p, blocks.get()));
   p.n = 64;
   p.ldy = 64;
   p.k = 200;  // not a multiple of 128
-  EXPECT_FALSE(cuda::fp8_gemm_lt(blas, p));
+  EXPECT_FALSE(cuda::fp8_gemm_lt(blas, p, blocks.get()));
 }
 
 }  // namespace

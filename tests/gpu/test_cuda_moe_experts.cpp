@@ -91,36 +91,16 @@ Problem make_problem(const Case& c, std::mt19937& rng) {
 // out0 plus the routed experts, with the activations rounded to bf16 as the kernel stores them.
 std::vector<float> reference(const Problem& p) {
   const Case& c = p.c;
-  std::vector<float> y(c.tokens * c.top_k * c.d, 0.0f);  // by slot
-  for (int64_t e = 0; e < c.local_experts; ++e) {
-    std::vector<int64_t> slots;
-    for (int64_t s = 0; s < c.tokens * c.top_k; ++s) {
-      if (p.ids[s] == c.first_expert + e) slots.push_back(s);
-    }
-    if (slots.empty()) continue;
-    const auto m = static_cast<int64_t>(slots.size());
-    std::vector<float> xs(m * c.d), gate_up(m * 2 * c.inter), act(m * c.inter), ys(m * c.d);
-    for (int64_t i = 0; i < m; ++i) {
-      std::memcpy(&xs[i * c.d], &p.x.values[(slots[i] / c.top_k) * c.d], c.d * sizeof(float));
-    }
-    cpu::matmul_nt(xs.data(), m, c.d, &p.gate_up.values[e * 2 * c.inter * c.d], 2 * c.inter,
-                   gate_up.data());
-    cpu::silu_mul(gate_up.data(), m, c.inter, act.data());
-    for (auto& v : act) v = bf16_to_f32(f32_to_bf16(v));
-    cpu::matmul_nt(act.data(), m, c.inter, &p.down.values[e * c.d * c.inter], c.d, ys.data());
-    for (int64_t i = 0; i < m; ++i) {
-      std::memcpy(&y[slots[i] * c.d], &ys[i * c.d], c.d * sizeof(float));
-    }
-  }
-  std::vector<float> out = p.out0;
-  for (int64_t t = 0; t < c.tokens; ++t) {
-    for (int64_t k = 0; k < c.top_k; ++k) {
-      const int64_t s = t * c.top_k + k;
-      if (p.ids[s] < c.first_expert || p.ids[s] >= c.first_expert + c.local_experts) continue;
-      for (int64_t i = 0; i < c.d; ++i) out[t * c.d + i] += p.weights[s] * y[s * c.d + i];
-    }
-  }
-  return out;
+  return test::routed_reference(
+      p.ids, p.weights, p.x.values, p.out0, c.tokens, c.top_k, c.d, c.first_expert, c.local_experts,
+      [&](int64_t e, const std::vector<float>& xs, int64_t m, std::vector<float>& ys) {
+        std::vector<float> gate_up(m * 2 * c.inter), act(m * c.inter);
+        cpu::matmul_nt(xs.data(), m, c.d, &p.gate_up.values[e * 2 * c.inter * c.d], 2 * c.inter,
+                       gate_up.data());
+        cpu::silu_mul(gate_up.data(), m, c.inter, act.data());
+        for (auto& v : act) v = bf16_to_f32(f32_to_bf16(v));
+        cpu::matmul_nt(act.data(), m, c.inter, &p.down.values[e * c.d * c.inter], c.d, ys.data());
+      });
 }
 
 // Device copies of a problem, and a poisoned workspace.

@@ -75,7 +75,8 @@ struct Problem {
 };
 
 Problem make_problem(const Case& c, std::mt19937& rng) {
-  Problem p{c};
+  Problem p;
+  p.c = c;
   p.x = test::random_normal(c.tokens * c.d, rng);
   p.x_bits.resize(p.x.size());
   for (size_t i = 0; i < p.x.size(); ++i) {
@@ -104,44 +105,31 @@ Problem make_problem(const Case& c, std::mt19937& rng) {
 std::vector<float> reference(const Problem& p) {
   const Case& c = p.c;
   const int64_t g_d = c.d / 128, g_i = c.inter / 128;
-  std::vector<float> out = p.out0;
-  for (int64_t e = 0; e < c.local_experts; ++e) {
-    std::vector<int64_t> slots;
-    for (int64_t s = 0; s < c.tokens * c.top_k; ++s) {
-      if (p.ids[s] == c.first_expert + e) slots.push_back(s);
-    }
-    if (slots.empty()) continue;
-    const auto m = static_cast<int64_t>(slots.size());
-    std::vector<float> xs(m * c.d), gate_up(m * 2 * c.inter), act(m * c.inter), ys(m * c.d);
-    for (int64_t i = 0; i < m; ++i) {
-      std::memcpy(&xs[i * c.d], &p.x[(slots[i] / c.top_k) * c.d], c.d * sizeof(float));
-    }
-    cpu::gemm_fp8_blockscaled({.x = xs.data(),
-                               .m = m,
-                               .k = c.d,
-                               .ldx = c.d,
-                               .w = &p.gate_up.values[e * 2 * c.inter * c.d],
-                               .w_scale = &p.gate_up.scales[e * 2 * c.inter * g_d],
-                               .n = 2 * c.inter,
-                               .y = gate_up.data(),
-                               .ldy = 2 * c.inter});
-    cpu::silu_mul(gate_up.data(), m, c.inter, act.data());
-    for (auto& v : act) v = bf16_to_f32(f32_to_bf16(v));
-    cpu::gemm_fp8_blockscaled({.x = act.data(),
-                               .m = m,
-                               .k = c.inter,
-                               .ldx = c.inter,
-                               .w = &p.down.values[e * c.d * c.inter],
-                               .w_scale = &p.down.scales[e * c.d * g_i],
-                               .n = c.d,
-                               .y = ys.data(),
-                               .ldy = c.d});
-    for (int64_t i = 0; i < m; ++i) {
-      const int64_t t = slots[i] / c.top_k;
-      for (int64_t j = 0; j < c.d; ++j) out[t * c.d + j] += p.weights[slots[i]] * ys[i * c.d + j];
-    }
-  }
-  return out;
+  return test::routed_reference(
+      p.ids, p.weights, p.x, p.out0, c.tokens, c.top_k, c.d, c.first_expert, c.local_experts,
+      [&](int64_t e, const std::vector<float>& xs, int64_t m, std::vector<float>& ys) {
+        std::vector<float> gate_up(m * 2 * c.inter), act(m * c.inter);
+        cpu::gemm_fp8_blockscaled({.x = xs.data(),
+                                   .m = m,
+                                   .k = c.d,
+                                   .ldx = c.d,
+                                   .w = &p.gate_up.values[e * 2 * c.inter * c.d],
+                                   .w_scale = &p.gate_up.scales[e * 2 * c.inter * g_d],
+                                   .n = 2 * c.inter,
+                                   .y = gate_up.data(),
+                                   .ldy = 2 * c.inter});
+        cpu::silu_mul(gate_up.data(), m, c.inter, act.data());
+        for (auto& v : act) v = bf16_to_f32(f32_to_bf16(v));
+        cpu::gemm_fp8_blockscaled({.x = act.data(),
+                                   .m = m,
+                                   .k = c.inter,
+                                   .ldx = c.inter,
+                                   .w = &p.down.values[e * c.d * c.inter],
+                                   .w_scale = &p.down.scales[e * c.d * g_i],
+                                   .n = c.d,
+                                   .y = ys.data(),
+                                   .ldy = c.d});
+      });
 }
 
 struct DeviceProblem {

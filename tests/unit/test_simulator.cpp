@@ -64,6 +64,16 @@ TEST(StepTimeModel, AMixedStepsPrefillShareFollowsItsSize) {
   EXPECT_LT(m.mixed_weight(), 1.0);
 }
 
+// n requests of prompt_len tokens and output_len tokens each, all arriving at the start.
+std::vector<WorkItem> same_items(size_t n, size_t prompt_len, int32_t output_len) {
+  std::vector<WorkItem> items(n);
+  for (WorkItem& w : items) {
+    w.prompt_ids.assign(prompt_len, 1);
+    w.output_len = output_len;
+  }
+  return items;
+}
+
 StepTimeModel constant_model(double prefill_ms, double decode_ms) {
   // Flat costs: every prefill step prefill_ms, every decode step decode_ms.
   std::vector<StepSample> s;
@@ -101,12 +111,7 @@ TEST(Simulator, ALoneRequestsTimelineIsItsSteps) {
 }
 
 TEST(Simulator, RunsTheRealSchedulerAndRouter) {
-  std::vector<WorkItem> items(40);
-  for (size_t i = 0; i < items.size(); ++i) {
-    items[i].prompt_ids.assign(200, 1);
-    items[i].output_len = 30;
-    items[i].arrival_s = 0.0;
-  }
+  const std::vector<WorkItem> items = same_items(40, 200, 30);
   SimOptions o;
   o.groups = 2;
   o.block_size = 16;
@@ -136,12 +141,7 @@ TEST(Simulator, RunsTheRealSchedulerAndRouter) {
 // streamed (recomputed there, not repeated), and each still gets every token it asked for; a
 // request whose groups all died fails with UNAVAILABLE.
 TEST(Simulator, AFailedGroupsRequestsFailOverAndLoseNoToken) {
-  std::vector<WorkItem> items(8);
-  for (size_t i = 0; i < items.size(); ++i) {
-    items[i].prompt_ids.assign(50, 1);
-    items[i].output_len = 40;
-    items[i].arrival_s = 0.0;
-  }
+  const std::vector<WorkItem> items = same_items(8, 50, 40);
   SimOptions o;
   o.groups = 2;
   o.max_concurrency = 8;
@@ -179,11 +179,7 @@ TEST(Simulator, AFailedGroupsRequestsFailOverAndLoseNoToken) {
 // requests run at once, and with step times that do not grow with the batch (this model's)
 // the same load ends far sooner (not 4x: the step's token budget paces the prefills).
 TEST(Simulator, ASequenceShardedGroupHoldsTpTimesTheContext) {
-  std::vector<WorkItem> items(24);
-  for (WorkItem& w : items) {
-    w.prompt_ids.assign(300, 1);
-    w.output_len = 20;
-  }
+  const std::vector<WorkItem> items = same_items(24, 300, 20);
   SimOptions o;
   o.tp = 4;
   o.block_size = 16;
@@ -273,12 +269,8 @@ TEST(Simulator, PrefillGroupsHandRequestsWithTheirCachesToDecodeGroups) {
 // moves with its cache to the other group when its step ends: nothing is recomputed (the
 // migration takes 5 ms + 1 ms a computed token here) and every token comes once.
 TEST(Simulator, ADrainedGroupsRequestsMigrateWithTheirCaches) {
-  std::vector<WorkItem> items(8);
-  for (size_t i = 0; i < items.size(); ++i) {
-    items[i].prompt_ids.assign(50, 1);
-    items[i].output_len = 40;
-    items[i].arrival_s = i < 4 ? 0.0 : 0.2;  // the second four come after the drain
-  }
+  std::vector<WorkItem> items = same_items(8, 50, 40);
+  for (size_t i = 4; i < items.size(); ++i) items[i].arrival_s = 0.2;  // after the drain
   SimOptions o;
   o.groups = 2;
   o.max_concurrency = 8;
@@ -317,11 +309,7 @@ TEST(Simulator, ADrainedGroupsRequestsMigrateWithTheirCaches) {
 // shorter than the blocking copy's; a source that dies mid-copy fails its requests over; a
 // request that ends during its pre-copy just ends there.
 TEST(Simulator, ALiveMigrationKeepsStreamingFromTheSourceUntilItsLastStage) {
-  std::vector<WorkItem> items(4);
-  for (WorkItem& w : items) {
-    w.prompt_ids.assign(50, 1);
-    w.output_len = 200;
-  }
+  std::vector<WorkItem> items = same_items(4, 50, 200);
   SimOptions o;
   o.groups = 2;
   o.max_concurrency = 4;
