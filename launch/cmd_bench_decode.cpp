@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu/fp8_latent.h"
 #include "kernels/error.h"
 #include "launch/commands.h"
 #include "launch/deploy_flags.h"
@@ -49,16 +50,38 @@ struct BenchDecodeArgs {
 
 void fill_pool(const LatentCache& cache, uint64_t seed) {
   const Tensor& pool = cache.pool_storage();
-  if (cache.storage() == CacheStorage::kDeviceBf16) {
+  const CacheGeometry& g = cache.geometry();
+  const int64_t rows = int64_t{cache.pool().num_pages()} * g.num_layers * g.block_size;
+  switch (cache.storage()) {
+    case CacheStorage::kDeviceBf16:
 #if MLA_HAVE_CUDA
-    cuda::fill_random_bf16(pool.raw(), pool.nbytes(), seed);
+      cuda::fill_random_bf16(pool.raw(), pool.nbytes(), seed);
 #endif
-    return;
+      return;
+    case CacheStorage::kDeviceFp8:
+#if MLA_HAVE_CUDA
+      cuda::fill_random_fp8_latent(pool.raw(), rows, g.kv_lora_rank, g.rope_dim, seed);
+#endif
+      return;
+    case CacheStorage::kHostFp8: {
+      std::vector<float> values(g.width());
+      std::mt19937_64 rng(seed);
+      std::normal_distribution<float> normal;
+      const cpu::Fp8LatentRow f{.d_c = g.kv_lora_rank, .d_r = g.rope_dim};
+      for (int64_t r = 0; r < rows; ++r) {
+        for (float& v : values) v = normal(rng);
+        cpu::quantize_latent_fp8(f, values.data(), 1, g.width(),
+                                 static_cast<uint8_t*>(pool.raw()) + r * f.bytes());
+      }
+      return;
+    }
+    default: {
+      std::mt19937_64 rng(seed);
+      std::normal_distribution<float> normal;
+      float* p = pool.f32();
+      for (int64_t i = 0; i < pool.numel(); ++i) p[i] = normal(rng);
+    }
   }
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal;
-  float* p = pool.f32();
-  for (int64_t i = 0; i < pool.numel(); ++i) p[i] = normal(rng);
 }
 
 double median(std::vector<double> v) {

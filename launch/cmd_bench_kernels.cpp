@@ -37,6 +37,7 @@
 #include "kernels/cuda/device_memory.h"
 #include "kernels/cuda/fp8_gemm.h"
 #include "kernels/cuda/fp8_gemm_lt.h"
+#include "kernels/cuda/fp8_latent.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/mla_decode.h"
 #include "kernels/cuda/skinny_gemm.h"
@@ -51,6 +52,7 @@ struct BenchKernelsArgs {
   std::vector<int32_t> contexts = {4096, 8192};
   std::vector<int32_t> heads = {16, 32, 64, 128};
   std::vector<int32_t> s_q = {1, 2};
+  std::vector<std::string> caches = {"bf16"};  // mla_decode: the pool's rows
   std::vector<std::string> benches = {"mla_decode", "small_gemm"};
   std::vector<int32_t> gemm_rows = {1, 8};
   std::vector<int32_t> fp8_rows = {1, 2, 4, 8, 512};
@@ -157,12 +159,15 @@ struct BenchRecord {
 };
 
 // cuda::mla_decode at batch x (s_q, heads) for each mean context: sequence lengths uniform in
-// [mean / 2, 3 mean / 2] (fixed seed), pages scattered over a one-layer pool.
+// [mean / 2, 3 mean / 2] (fixed seed), pages scattered over a one-layer pool, for each cache
+// element asked for (bf16 rows, fp8 rows: then also the time as a fraction of bf16's).
 void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t stream,
                       std::vector<BenchRecord>& records) {
   constexpr int64_t kWidth = cuda::kMlaDecodeLatentDim + cuda::kMlaDecodeRopeDim;
   constexpr int64_t kDc = cuda::kMlaDecodeLatentDim;
   constexpr int32_t kBlock = cuda::kMlaDecodeBlockSize;
+  constexpr int64_t kFp8RowBytes =
+      cuda::latent_row_bytes(cuda::LatentElement::kFp8, kDc, kWidth - kDc);
   const int32_t batch = args.batch;
   const int32_t max_heads = *std::max_element(args.heads.begin(), args.heads.end());
   const int32_t max_s_q = *std::max_element(args.s_q.begin(), args.s_q.end());
@@ -200,8 +205,16 @@ void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t st
         table[int64_t{b} * max_pages + k] = ids[next++];
       }
     }
-    DeviceBytes pool(size_t{2} * total_pages * kBlock * kWidth);
-    cuda::fill_random_bf16(pool.get(), pool.bytes(), args.seed + 20);
+    const bool fp8 = std::find(args.caches.begin(), args.caches.end(), "fp8") != args.caches.end();
+    const bool bf16 =
+        std::find(args.caches.begin(), args.caches.end(), "bf16") != args.caches.end();
+    const int64_t rows_in_pool = int64_t{total_pages} * kBlock;
+    DeviceBytes pool(bf16 ? size_t{2} * rows_in_pool * kWidth : 1);
+    DeviceBytes pool_fp8(fp8 ? rows_in_pool * kFp8RowBytes : 1);
+    if (bf16) cuda::fill_random_bf16(pool.get(), pool.bytes(), args.seed + 20);
+    if (fp8) {
+      cuda::fill_random_fp8_latent(pool_fp8.get(), rows_in_pool, kDc, kWidth - kDc, args.seed + 20);
+    }
     DeviceBytes d_table(table.size() * 4), d_keys(size_t{4} * batch * 2);
     MLA_CUDA_CHECK(
         cudaMemcpy(d_table.get(), table.data(), table.size() * 4, cudaMemcpyHostToDevice));
@@ -218,38 +231,48 @@ void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t st
         }
         MLA_CUDA_CHECK(
             cudaMemcpy(d_keys.get(), num_keys.data(), num_keys.size() * 4, cudaMemcpyHostToDevice));
-        cuda::MlaDecodeParams p{};
-        p.q = q.get<__nv_bfloat16>();
-        p.pool = pool.get<__nv_bfloat16>();
-        p.layer = 0;
-        p.num_layers = 1;
-        p.block_table = d_table.get<int32_t>();
-        p.table_stride = max_pages;
-        p.num_keys = d_keys.get<int32_t>();
-        p.batch = batch;
-        p.s_q = s_q;
-        p.heads = heads;
-        p.scale = 0.1352f;  // DeepSeek-V3's
-        p.out = out.get<__nv_bfloat16>();
-        p.lse = lse.get<float>();
-        p.num_sms = num_sms;
-        const double ms = median_ms(stream, args.warmup, args.iters,
-                                    [&] { cuda::mla_decode(p, workspace.get(), stream); });
-        // Every layer of a decode step after the first reuses the step's plan.
-        p.reuse_plan = true;
-        const double reused_ms = median_ms(stream, args.warmup, args.iters,
-                                           [&] { cuda::mla_decode(p, workspace.get(), stream); });
-        const int64_t rows = int64_t{batch} * s_q * heads;
-        BenchRecord r;
-        r.bench = "mla_decode";
-        r.config = {{"batch", batch}, {"context", context}, {"heads", heads}, {"s_q", s_q}};
-        r.time_us = ms * 1e3;
-        r.bytes = double(total_keys) * kWidth * 2 + double(rows) * (kWidth * 2 + kDc * 2 + 4);
-        r.flops = flops;
-        r.extra["time_us_plan_reused"] = reused_ms * 1e3;
-        spdlog::info("mla_decode batch {} context {} heads {} s_q {}: {:.1f} us", batch, context,
-                     heads, s_q, r.time_us);
-        records.push_back(std::move(r));
+        double bf16_us = 0.0;
+        for (const std::string cache : {"bf16", "fp8"}) {  // bf16 first: fp8's ratio to it
+          const bool is_fp8 = cache == "fp8";
+          if (!(is_fp8 ? fp8 : bf16)) continue;
+          cuda::MlaDecodeParams p{};
+          p.q = q.get<__nv_bfloat16>();
+          p.pool = is_fp8 ? pool_fp8.get() : pool.get();
+          p.element = is_fp8 ? cuda::LatentElement::kFp8 : cuda::LatentElement::kBf16;
+          p.layer = 0;
+          p.num_layers = 1;
+          p.block_table = d_table.get<int32_t>();
+          p.table_stride = max_pages;
+          p.num_keys = d_keys.get<int32_t>();
+          p.batch = batch;
+          p.s_q = s_q;
+          p.heads = heads;
+          p.scale = 0.1352f;  // DeepSeek-V3's
+          p.out = out.get<__nv_bfloat16>();
+          p.lse = lse.get<float>();
+          p.num_sms = num_sms;
+          const double ms = median_ms(stream, args.warmup, args.iters,
+                                      [&] { cuda::mla_decode(p, workspace.get(), stream); });
+          // Every layer of a decode step after the first reuses the step's plan.
+          p.reuse_plan = true;
+          const double reused_ms = median_ms(stream, args.warmup, args.iters,
+                                             [&] { cuda::mla_decode(p, workspace.get(), stream); });
+          const int64_t rows = int64_t{batch} * s_q * heads;
+          const double key_bytes = is_fp8 ? kFp8RowBytes : kWidth * 2;
+          BenchRecord r;
+          r.bench = "mla_decode";
+          r.config = {{"batch", batch}, {"context", context}, {"heads", heads}, {"s_q", s_q}};
+          if (is_fp8) r.config["cache"] = "fp8";
+          r.time_us = ms * 1e3;
+          r.bytes = double(total_keys) * key_bytes + double(rows) * (kWidth * 2 + kDc * 2 + 4);
+          r.flops = flops;
+          r.extra["time_us_plan_reused"] = reused_ms * 1e3;
+          if (!is_fp8) bf16_us = r.time_us;
+          if (is_fp8 && bf16_us > 0) r.extra["of_bf16_time"] = r.time_us / bf16_us;
+          spdlog::info("mla_decode batch {} context {} heads {} s_q {} {}: {:.1f} us", batch,
+                       context, heads, s_q, cache, r.time_us);
+          records.push_back(std::move(r));
+        }
       }
     }
   }
@@ -541,6 +564,11 @@ void add_bench_kernels_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--heads", a->heads, "Query head counts")->delimiter(',')->capture_default_str();
   cmd->add_option("--sq", a->s_q, "Query tokens per sequence (1 or 2)")
       ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--cache", a->caches,
+                  "mla_decode: the pool's rows, bf16 and/or fp8 (FlashMLA's 656-byte packed row)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"bf16", "fp8"}))
       ->capture_default_str();
   cmd->add_option("--benches", a->benches, "Which benches: mla_decode, small_gemm, fp8_gemm")
       ->delimiter(',')

@@ -37,7 +37,7 @@ void DeployFlags::add_to(CLI::App& cmd) {
       ->capture_default_str();
   cmd.add_option("--cache-dtype", cache_dtype_,
                  "auto (fp32 on the CPU, bf16 on the GPU) or fp8 (e4m3 latents with a scale per "
-                 "128, bf16 rotary keys: ~1.75x bf16's context; CPU backend so far)")
+                 "128, bf16 rotary keys: ~1.75x bf16's context)")
       ->capture_default_str();
   cmd.add_option("--fp8-weights", fp8_weights_,
                  "An fp8 checkpoint's weights: widen (to fp32 on the CPU, bf16 on the GPU) or keep "

@@ -22,6 +22,7 @@ const char* latent_wire_dtype(CacheStorage storage) {
     case CacheStorage::kDeviceBf16:
       return "bfloat16";
     case CacheStorage::kHostFp8:
+    case CacheStorage::kDeviceFp8:
       return "fp8_e4m3";
     default:
       return "float32";

@@ -147,7 +147,7 @@ struct DeployConfig {
   // 0 = from free GPU memory), `cache.memory_fraction` (0.9), `cache.prefix_caching` (false:
   // keep full pages for requests with the same leading tokens, any TP size and layout),
   // `cache.dtype` (auto: fp32 on the CPU, bf16 on the GPU; fp8: FlashMLA's packed fp8 rows,
-  // CPU backend so far; ModelOptions::cache_dtype),
+  // either backend; ModelOptions::cache_dtype),
   // `scheduler.max_batch_tokens` (512), `scheduler.max_running` (64). Read engine_options(),
   // which resolves the default.
   EngineOptions engine = [] {

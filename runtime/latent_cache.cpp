@@ -69,7 +69,7 @@ LatentCache::LatentCache(CacheGeometry geometry, int32_t num_pages, ShardPlan sh
   }
 #if MLA_HAVE_CUDA
   device_ = cuda::current_device();
-  storage_ = cuda::device_empty(std::move(shape), DType::kBF16);
+  storage_ = cuda::device_empty(std::move(shape), row_dtype());
 #else
   MLA_THROW(kFailedPrecondition, "a device cache needs a build with the CUDA backend");
 #endif
@@ -319,6 +319,7 @@ DType LatentCache::row_dtype() const {
     case CacheStorage::kDeviceBf16:
       return DType::kBF16;
     case CacheStorage::kHostFp8:
+    case CacheStorage::kDeviceFp8:
       return DType::kU8;
     default:
       return DType::kF32;
@@ -326,8 +327,7 @@ DType LatentCache::row_dtype() const {
 }
 
 int32_t LatentCache::row_width() const {
-  return kind_ == CacheStorage::kHostFp8 ? static_cast<int32_t>(fp8_row(geometry_).bytes())
-                                         : geometry_.width();
+  return is_fp8(kind_) ? static_cast<int32_t>(fp8_row(geometry_).bytes()) : geometry_.width();
 }
 
 Tensor LatentCache::export_stored(const BlockTable& table, int32_t first, int32_t count) const {

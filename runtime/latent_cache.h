@@ -1,4 +1,4 @@
-// LatentCache: the paged MLA latent cache (fp32 or fp8 on the host, bf16 on the GPU).
+// LatentCache: the paged MLA latent cache (fp32 or fp8 on the host, bf16 or fp8 on the GPU).
 //
 // MLA caches one latent row per token and layer: the compressed kv `c` (kv_lora_rank
 // floats) followed by the rotary key `k_r` (rope_dim floats). Rows live in fixed-size pages
@@ -6,9 +6,9 @@
 // `pos` is row pos % block_size of page pages[pos / block_size]. Storage is
 // [num_pages][num_layers][block_size][row], so one page's rows of one layer are contiguous:
 // fp32 in host memory for the CPU model (or, with `cache.dtype: fp8`, FlashMLA's packed fp8
-// rows: kernels/cpu/fp8_latent.h), bf16 in device memory for the CUDA model (whose kernels
-// address the pool directly; store_latent, load_latent and read_page_block are for host
-// storage; row() and page_block() for host fp32 storage only).
+// rows: kernels/cpu/fp8_latent.h), bf16 or the same packed fp8 rows in device memory for the CUDA
+// model (whose kernels address the pool directly; store_latent, load_latent and read_page_block are
+// for host storage; row() and page_block() for host fp32 storage only).
 //
 // Under tensor parallelism each rank has its own LatentCache. With a sequence-sharded plan
 // (docs/ARCHITECTURE.md section 6) it stores only the pages it owns (page j of a sequence on rank
@@ -43,10 +43,14 @@ struct CacheGeometry {
 };
 
 // Where a cache keeps its rows, and how: host fp32, host fp8 (FlashMLA's packed row: d_c e4m3
-// values, an fp32 scale per 128 of them, d_r bf16 values), device bf16. kNone keeps none (page
-// accounting only: `mlaserve simulate` runs the real scheduler against it; reading or writing
-// rows is a bug).
-enum class CacheStorage { kHostF32, kHostFp8, kDeviceBf16, kNone };
+// values, an fp32 scale per 128 of them, d_r bf16 values), device bf16, device fp8 (the same
+// packed row). kNone keeps none (page accounting only: `mlaserve simulate` runs the real
+// scheduler against it; reading or writing rows is a bug).
+enum class CacheStorage { kHostF32, kHostFp8, kDeviceBf16, kDeviceFp8, kNone };
+// The packed fp8 row, host or device.
+inline bool is_fp8(CacheStorage s) {
+  return s == CacheStorage::kHostFp8 || s == CacheStorage::kDeviceFp8;
+}
 
 // The deployment's choice of cache element (`cache.dtype`): kAuto is the backend's own (fp32 on
 // the CPU, bf16 on the GPU); kFp8 the packed fp8 row, about 1.75x the context of bf16 in the
@@ -105,7 +109,7 @@ class LatentCache {
  public:
   // Throws kInvalidArgument unless num_layers, block_size and kv_lora_rank are >= 1 and
   // rope_dim and num_pages are >= 0. Page contents start uninitialised. The default plan is
-  // one rank holding everything. kDeviceBf16 allocates on the current CUDA device (throws
+  // one rank holding everything. Device storage allocates on the current CUDA device (throws
   // kResourceExhausted if it lacks the memory, kFailedPrecondition in a build without CUDA).
   LatentCache(CacheGeometry geometry, int32_t num_pages, ShardPlan shard = ShardPlan(1, 0, 1),
               CacheStorage storage = CacheStorage::kHostF32);
@@ -196,8 +200,8 @@ class LatentCache {
   void read_page_block(int32_t page, int32_t layer, float* out) const;
 
   // Rows in export and import tensors are the pool's own, so nothing is rounded on the way:
-  // fp32 [width] for host fp32, bf16 [width] for device bf16, and for fp8 the packed row as
-  // row_width() bytes (kU8).
+  // fp32 [width] for host fp32, bf16 [width] for device bf16, and for fp8 (host or device) the
+  // packed row as row_width() bytes (kU8), so fp8 rows move between the backends as they are.
   DType row_dtype() const;
   // Elements of row_dtype() in one row: width(), or the fp8 row's bytes.
   int32_t row_width() const;
@@ -245,7 +249,7 @@ class LatentCache {
   std::vector<PrefixOp> prefix_ops_;
   // A follower's kept units (apply_prefix_op): unit key -> this rank's page, held once.
   std::unordered_map<uint64_t, int32_t> followed_units_;
-  int device_ = 0;  // kDeviceBf16: the device the pool lives on (current at construction)
+  int device_ = 0;  // device storage: the device the pool lives on (current at construction)
   Tensor storage_;  // [num_pages, num_layers, block_size, row_width()]
   // The address of a host row: page `page`'s row `row` of layer `layer`.
   const uint8_t* host_row(int32_t page, int32_t layer, int32_t row) const;

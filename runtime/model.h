@@ -65,7 +65,7 @@ struct ModelOptions {
   // cached prefix pages. Default: false.
   bool deterministic = false;
   // How the latent cache stores its rows (`cache.dtype`): kAuto, the backend's own (fp32 on the
-  // CPU, bf16 on the GPU), or kFp8 (kernels/cpu/fp8_latent.h; the CPU backend only so far).
+  // CPU, bf16 on the GPU), or kFp8 (kernels/cpu/fp8_latent.h, on either backend).
   // Default: kAuto.
   CacheDType cache_dtype = CacheDType::kAuto;
   // An fp8 checkpoint's weights (see Fp8Weights); kKeep with a checkpoint that has no fp8

@@ -24,7 +24,7 @@ ModelRunner::ModelRunner(const Model& model, LatentCache& cache, Communicator* c
               want.rope_dim);
   MLA_REQUIRE(cache.storage() == model.cache_storage(),
               "the cache's storage does not match the model's backend (a {} model)",
-              model.cache_storage() == CacheStorage::kDeviceBf16 ? "CUDA" : "CPU");
+              model.cuda_device() >= 0 ? "CUDA" : "CPU");
   MLA_REQUIRE(cache.shard().tp_size() == shard.tp_size() &&
                   cache.shard().tp_rank() == shard.tp_rank() &&
                   cache.shard().kv_shard() == shard.kv_shard(),

@@ -17,10 +17,11 @@ struct Fp8LatentRow {
   int64_t d_c = 0;                        // kv_lora_rank
   int64_t d_r = 0;                        // qk_rope_head_dim
 
-  int64_t groups() const { return (d_c + kGroup - 1) / kGroup; }
-  int64_t scales_offset() const { return d_c; }               // bytes into the row
-  int64_t rope_offset() const { return d_c + 4 * groups(); }  // bytes into the row
-  int64_t bytes() const { return rope_offset() + 2 * d_r; }
+  // constexpr: the CUDA kernels that read and write these rows use it too.
+  constexpr int64_t groups() const { return (d_c + kGroup - 1) / kGroup; }
+  constexpr int64_t scales_offset() const { return d_c; }               // bytes into the row
+  constexpr int64_t rope_offset() const { return d_c + 4 * groups(); }  // bytes into the row
+  constexpr int64_t bytes() const { return rope_offset() + 2 * d_r; }
 };
 
 // out[n, f.bytes()] <- rows [n, d_c + d_r] (row i at rows + i * row_stride floats).

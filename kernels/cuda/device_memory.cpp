@@ -5,6 +5,7 @@
 #include <random>
 #include <vector>
 
+#include "kernels/cpu/fp8_latent.h"
 #include "kernels/cuda/cuda_check.h"
 
 namespace mla::cuda {
@@ -64,6 +65,23 @@ void fill_random_bf16(void* dst, size_t bytes, uint64_t seed) {
   for (size_t off = 0; off < bytes; off += block * 2) {
     MLA_CUDA_CHECK(cudaMemcpy(out + off, host.data(), std::min(block * 2, bytes - off),
                               cudaMemcpyHostToDevice));
+  }
+}
+
+void fill_random_fp8_latent(void* dst, int64_t rows, int64_t d_c, int64_t d_r, uint64_t seed) {
+  const cpu::Fp8LatentRow f{.d_c = d_c, .d_r = d_r};
+  const int64_t block =
+      std::max<int64_t>(std::min<int64_t>(rows, (int64_t{8} << 20) / f.bytes()), 1);
+  std::vector<float> values(block * (d_c + d_r));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal;
+  for (float& v : values) v = normal(rng);
+  std::vector<uint8_t> host(block * f.bytes());
+  cpu::quantize_latent_fp8(f, values.data(), block, d_c + d_r, host.data());
+  char* out = static_cast<char*>(dst);
+  for (int64_t row = 0; row < rows; row += block) {
+    MLA_CUDA_CHECK(cudaMemcpy(out + row * f.bytes(), host.data(),
+                              std::min(block, rows - row) * f.bytes(), cudaMemcpyHostToDevice));
   }
 }
 

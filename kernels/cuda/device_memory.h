@@ -26,6 +26,10 @@ Tensor upload_f32(const Tensor& host);
 // uploaded at every offset, since generating gigabytes on the host would dominate a
 // benchmark's set-up.
 void fill_random_bf16(void* dst, size_t bytes, uint64_t seed);
+// Fills `rows` packed fp8 latent rows (kernels/cpu/fp8_latent.h, d_c + d_r values: normal,
+// sigma 1, quantised by cpu::quantize_latent_fp8) at `dst`, likewise from a host block of rows
+// uploaded at every offset.
+void fill_random_fp8_latent(void* dst, int64_t rows, int64_t d_c, int64_t d_r, uint64_t seed);
 
 void copy_to_device(void* dst, const void* src, size_t bytes);
 void copy_to_host(void* dst, const void* src, size_t bytes);

@@ -1,6 +1,7 @@
 #include <cmath>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/fp8_latent.cuh"
 #include "kernels/cuda/latent_attention.h"
 
 namespace mla::cuda {
@@ -28,8 +29,19 @@ __device__ float block_sum_of(float v, float* scratch) {
   return r;
 }
 
+// Value i of a pool row.
+template <LatentElement kElement>
+__device__ __forceinline__ float row_value(const uint8_t* row, const cpu::Fp8LatentRow& f, int i) {
+  if constexpr (kElement == LatentElement::kFp8) {
+    return fp8_latent_value(row, f, i);
+  } else {
+    return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(row)[i]);
+  }
+}
+
 // One block per (token, head): keys in chunks of kThreads, one score per thread, online
 // softmax over the chunks, the output accumulated in shared memory.
+template <LatentElement kElement>
 __global__ void latent_attention_kernel(LatentAttentionParams p) {
   const int t = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
   const int width = p.d_c + p.d_r;
@@ -44,17 +56,20 @@ __global__ void latent_attention_kernel(LatentAttentionParams p) {
   __syncthreads();
   const int n = p.num_keys[t];
   const int32_t* table = p.block_table + int64_t{p.token_seq[t]} * p.table_stride;
-  const int64_t page_stride = int64_t{p.num_layers} * p.block_size * width;
-  const __nv_bfloat16* layer_base = p.pool + int64_t{p.layer} * p.block_size * width;
+  const cpu::Fp8LatentRow f{.d_c = p.d_c, .d_r = p.d_r};
+  const int64_t row_bytes = latent_row_bytes(kElement, p.d_c, p.d_r);
+  const int64_t page_stride = int64_t{p.num_layers} * p.block_size * row_bytes;
+  const uint8_t* layer_base =
+      static_cast<const uint8_t*>(p.pool) + int64_t{p.layer} * p.block_size * row_bytes;
   float m = -INFINITY, l = 0.0f;
   for (int first = 0; first < n; first += kThreads) {
     const int j = first + threadIdx.x;
     float s = -INFINITY;
     if (j < n) {
-      const __nv_bfloat16* row =
-          layer_base + table[j / p.block_size] * page_stride + int64_t{j % p.block_size} * width;
+      const uint8_t* row =
+          layer_base + table[j / p.block_size] * page_stride + (j % p.block_size) * row_bytes;
       float dot = 0.0f;
-      for (int i = 0; i < width; ++i) dot += q[i] * __bfloat162float(row[i]);
+      for (int i = 0; i < width; ++i) dot += q[i] * row_value<kElement>(row, f, i);
       s = dot * p.scale;
       rows[threadIdx.x] = j;
     }
@@ -69,9 +84,9 @@ __global__ void latent_attention_kernel(LatentAttentionParams p) {
       float a = acc[i] * correction;
       for (int k = 0; k < count; ++k) {
         const int jj = rows[k];
-        const __nv_bfloat16* row = layer_base + table[jj / p.block_size] * page_stride +
-                                   int64_t{jj % p.block_size} * width;
-        a += probs[k] * __bfloat162float(row[i]);
+        const uint8_t* row =
+            layer_base + table[jj / p.block_size] * page_stride + (jj % p.block_size) * row_bytes;
+        a += probs[k] * row_value<kElement>(row, f, i);
       }
       acc[i] = a;
     }
@@ -93,9 +108,15 @@ void latent_attention(const LatentAttentionParams& p, cudaStream_t stream) {
             "latent_attention: latent width {} + {} above {}", p.d_c, p.d_r, kMaxLatentWidth);
   MLA_CHECK(p.block_size >= 1 && 0 <= p.layer && p.layer < p.num_layers,
             "latent_attention: bad block size or layer");
+  MLA_CHECK(p.element != LatentElement::kFp8 || p.d_c % 4 == 0,
+            "latent_attention: fp8 rows need d_c {} a multiple of 4", p.d_c);
   if (p.tokens == 0) return;
-  latent_attention_kernel<<<static_cast<unsigned>(int64_t{p.tokens} * p.heads), kThreads, 0,
-                            stream>>>(p);
+  const auto grid = static_cast<unsigned>(int64_t{p.tokens} * p.heads);
+  if (p.element == LatentElement::kFp8) {
+    latent_attention_kernel<LatentElement::kFp8><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    latent_attention_kernel<LatentElement::kBf16><<<grid, kThreads, 0, stream>>>(p);
+  }
   MLA_CUDA_CHECK(cudaGetLastError());
 }
 

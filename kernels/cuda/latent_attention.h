@@ -10,11 +10,14 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/fp8_latent.h"
+
 namespace mla::cuda {
 
 struct LatentAttentionParams {
-  const __nv_bfloat16* q;     // [tokens, heads, d_c + d_r]: absorbed query, then rotary part
-  const __nv_bfloat16* pool;  // [num_pages, num_layers, block_size, d_c + d_r]
+  const __nv_bfloat16* q;  // [tokens, heads, d_c + d_r]: absorbed query, then rotary part
+  const void* pool;        // [num_pages, num_layers, block_size, row bytes]
+  LatentElement element;   // of the pool's rows (fp8: d_c a multiple of 4)
   int32_t layer, num_layers, block_size, d_c, d_r;  // d_c + d_r <= kMaxLatentWidth
   const int32_t* block_table;  // [num_seqs, table_stride]; entries past a sequence's keys unread
   int32_t table_stride;

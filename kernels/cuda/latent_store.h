@@ -1,8 +1,9 @@
-// Builds this step's latent rows and stores them into the bf16 paged latent cache on the GPU:
+// Builds this step's latent rows and stores them into the paged latent cache on the GPU:
 // for token t, row = [rms_norm(c) * w ; rope(k_r)] with (c, k_r) = kv[t] (the kv_a GEMM
 // output), as DeepseekModel::attention() builds it on the CPU (cpu::rms_norm, then
-// cpu::rope_table + cpu::rope_rotate), computed in fp32 and rounded once to bf16. Pool
-// addressing matches LatentCache::page_block(): [num_pages, num_layers, block_size, d_c + d_r].
+// cpu::rope_table + cpu::rope_rotate), computed in fp32 and then rounded once to bf16, or
+// quantised into the packed fp8 row as cpu::quantize_latent_fp8 does (kernels/cuda/fp8_latent.h).
+// Pool addressing matches LatentCache's: [num_pages, num_layers, block_size, row bytes].
 // Launchers take a stream and never synchronise.
 #pragma once
 
@@ -10,6 +11,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "kernels/cuda/fp8_latent.h"
 
 namespace mla::cuda {
 
@@ -25,9 +28,10 @@ struct LatentStoreParams {
   const int32_t* slot_pages;    // [T]: the page holding token t's row, or -1: another rank
                                 // stores it (sharded cache), skip
   const int32_t* slot_offsets;  // [T]: the row within that page, in [0, block_size)
-  __nv_bfloat16* pool;          // [num_pages, num_layers, block_size, d_c + d_r]
+  void* pool;                   // [num_pages, num_layers, block_size, row bytes]
+  LatentElement element;        // of the pool's rows
   int32_t layer, num_layers, block_size;
-  int32_t d_c, d_r;  // d_r even, d_r <= cpu::kMaxRopeDim
+  int32_t d_c, d_r;  // d_r even, d_r <= cpu::kMaxRopeDim; fp8: d_c a multiple of 4
   int64_t T;
 };
 

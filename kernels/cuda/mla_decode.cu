@@ -5,13 +5,16 @@
 // 64-column blocks of 64 rows x 128 bytes with the 128-byte swizzle (16-byte chunk c of row r
 // at chunk c ^ (r % 8)), the layout wgmma reads without bank conflicts. One layout serves the
 // KV page twice: as the K-major B operand of S = Q K^T, and, through its first eight blocks, as
-// the MN-major B operand of O += P V, so V costs no second load.
+// the MN-major B operand of O += P V, so V costs no second load. With fp8 rows the second KV
+// stage holds the next page as it is (64 packed rows); each page is dequantised from there into
+// the one bf16 tile, so loading overlaps compute but the dequantisation does not.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 #include "kernels/cuda/cp_async.cuh"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/fp8_latent.cuh"
 #include "kernels/cuda/mla_decode.h"
 #include "kernels/cuda/pdl.cuh"
 
@@ -45,6 +48,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -INFINITY;
 constexpr float kRescaleSlack = 8.0f;  // log2 units: weights up to 256 before O is rescaled
+static_assert(64 * kFp8RowBytes <= kTileBytes, "an fp8 page is staged in the second KV stage");
 
 // One part of the batch's KV work: tiles [begin_block, ...) of sequence begin_seq up to (not
 // including) tile end_block of sequence end_seq, in (sequence, tile) order. begin_split is the
@@ -316,8 +320,10 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16* src
 // warpgroup computes S for its 32 of the 64 keys (all 64 rows); the warpgroups swap row maxima
 // through shared memory, write their halves of P (bf16) there, and each then accumulates its
 // 256 output columns over all 64 keys. The next page streams in (cp.async) meanwhile.
+template <LatentElement kElement>
 __global__ void __launch_bounds__(kThreads, 1)
     mla_decode_split_kernel(const MlaDecodeParams p, const Workspace ws) {
+  constexpr bool kFp8 = kElement == LatentElement::kFp8;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
   const uint32_t pad = ((raw + 1023) & ~1023u) - raw;  // swizzle atoms are 1024-byte aligned
@@ -360,14 +366,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int32_t keys_lo = nk[0];  // num_keys is non-decreasing in the query index
     const int32_t* pages = p.block_table + static_cast<int64_t>(b) * p.table_stride;
 
-    // Only entries that hold keys are read: the rest of the table may be garbage.
+    // Only entries that hold keys are read: the rest of the table may be garbage. fp8 pages
+    // always go to the staging area (the second stage).
     auto load_kv = [&](int32_t blk, int stage) {
       const int valid = min(kBlock, max_keys - blk * kBlock);
-      const __nv_bfloat16* src =
-          valid > 0 ? p.pool + (static_cast<int64_t>(pages[blk]) * p.num_layers + p.layer) *
-                                   kBlock * kWidth
-                    : p.pool;
-      load_tile(kv_tiles + stage * kTileBytes, src, max(valid, 0), p.pool);
+      constexpr int64_t kPageLayerBytes = int64_t{kBlock} * (kFp8 ? kFp8RowBytes : kRowBytes);
+      const auto* pool = static_cast<const uint8_t*>(p.pool);
+      const uint8_t* src =
+          valid > 0
+              ? pool + (static_cast<int64_t>(pages[blk]) * p.num_layers + p.layer) * kPageLayerBytes
+              : pool;
+      if constexpr (kFp8) {
+        fp8_page_load<kThreads>(kv_tiles + kTileBytes, src, max(valid, 0), pool);
+      } else {
+        load_tile(kv_tiles + stage * kTileBytes, reinterpret_cast<const __nv_bfloat16*>(src),
+                  max(valid, 0), pool);
+      }
     };
 
     __syncthreads();  // the previous piece is done with shared memory
@@ -410,13 +424,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
 
     for (int32_t blk = lo; blk < hi; ++blk) {
-      const int stage = (blk - lo) & 1;
+      const int stage = kFp8 ? 0 : (blk - lo) & 1;
       const uint32_t kv = kv_tiles + stage * kTileBytes;
       cp_async_wait<0>();
       fence_async_shared();
       // Tile blk has landed for every thread, and every warpgroup's wgmma on the other stage
       // (the previous tile) has completed, so the next page may overwrite it.
       __syncthreads();
+      if constexpr (kFp8) {
+        // The bf16 tile's last reader (P V of tile blk - 1) has completed too.
+        fp8_page_dequantize<kThreads>(smem + kTileBytes + kTileBytes, smem + kTileBytes,
+                                      [](int r, int c) { return swizzled(r, c); });
+        fence_async_shared();
+        __syncthreads();  // the tile is whole, and the staging area free for the next page
+      }
       // S first: the tensor cores start on it while the threads issue the next page's copies.
       // (Issuing P V of tile blk - 1 next to S instead, to close the remaining gap, measured
       // 10% slower at 128 heads: the next page then starts loading too late.)
@@ -653,6 +674,8 @@ void mla_decode(const MlaDecodeParams& p, void* workspace, cudaStream_t stream) 
   MLA_REQUIRE(aligned(p.q, 16) && aligned(p.pool, 16) && aligned(p.out, 16),
               "mla_decode: q, pool and out must be 16-byte aligned");
   MLA_REQUIRE(aligned(workspace, 256), "mla_decode: workspace must be 256-byte aligned");
+  MLA_REQUIRE(p.element == LatentElement::kBf16 || p.element == LatentElement::kFp8,
+              "mla_decode: unknown pool element {}", static_cast<int>(p.element));
 
   const int32_t parts = num_parts(p.s_q, p.heads, p.num_sms);
   const WorkspaceLayout layout = workspace_layout(p.batch, p.s_q, p.heads, p.num_sms);
@@ -669,10 +692,12 @@ void mla_decode(const MlaDecodeParams& p, void* workspace, cudaStream_t stream) 
     launch_dependent(mla_decode_plan_kernel, 1, kPlanThreads, plan_smem, stream, true, p.num_keys,
                      p.batch, p.s_q, parts, ws);
   }
-  MLA_CUDA_CHECK(cudaFuncSetAttribute(mla_decode_split_kernel,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-  launch_dependent(mla_decode_split_kernel, dim3(row_tiles(p.s_q, p.heads), parts), kThreads,
-                   kSmemBytes, stream, true, p, ws);
+  auto* split = p.element == LatentElement::kFp8 ? mla_decode_split_kernel<LatentElement::kFp8>
+                                                 : mla_decode_split_kernel<LatentElement::kBf16>;
+  MLA_CUDA_CHECK(
+      cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  launch_dependent(split, dim3(row_tiles(p.s_q, p.heads), parts), kThreads, kSmemBytes, stream,
+                   true, p, ws);
   launch_dependent(
       mla_decode_combine_kernel,
       dim3(p.batch, (p.s_q * p.heads + kCombineRowsPerBlock - 1) / kCombineRowsPerBlock,

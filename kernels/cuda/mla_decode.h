@@ -3,7 +3,10 @@
 //   s_j = scale * (q[b,i,h,0:512] . c_j + q[b,i,h,512:576] . kr_j)   for keys j < num_keys[b,i]
 //   out[b,i,h] = sum_j softmax(s)_j c_j (512 values),  lse[b,i,h] = ln sum_j exp(s_j)
 // where key j of sequence b is row j % 64 of page block_table[b][j / 64] (c = its first 512
-// values, kr = the last 64). Equals mla::cpu::latent_attention up to bf16 rounding.
+// values, kr = the last 64). Equals mla::cpu::latent_attention up to bf16 rounding. The pool
+// rows are bf16 or packed fp8 (kernels/cuda/fp8_latent.h): an fp8 page is staged in shared
+// memory as it is and dequantised there into the bf16 tile the tensor cores read, so an fp8
+// cache moves 656 bytes a key instead of 1,152.
 //
 // Three kernels on one stream, like FlashMLA's decode: a planner reads num_keys on the device
 // and cuts the batch's total KV work into equal parts, one per group of SMs (so one long
@@ -21,6 +24,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/cuda/fp8_latent.h"
+
 namespace mla::cuda {
 
 inline constexpr int32_t kMlaDecodeBlockSize = 64;   // tokens per cache page
@@ -30,9 +35,11 @@ inline constexpr int32_t kMlaDecodeRopeDim = 64;     // d_r (qk_rope_head_dim)
 struct MlaDecodeParams {
   // [batch, s_q, heads, 576]: absorbed query (512) then rotary part (64), contiguous
   const __nv_bfloat16* q;
-  // [num_pages, num_layers, 64, 576]: the paged latent cache, all layers
-  const __nv_bfloat16* pool;
-  // Rows of `layer` in page p start at pool + ((p * num_layers + layer) * 64) * 576.
+  // [num_pages, num_layers, 64, row bytes]: the paged latent cache, all layers; rows of
+  // `layer` in page p start at byte ((p * num_layers + layer) * 64) * row bytes (1,152 for bf16
+  // rows, 656 for fp8).
+  const void* pool;
+  LatentElement element;
   int32_t layer, num_layers;
   // [batch, table_stride]: page ids of each sequence in key order; entries past the pages that
   // hold the sequence's keys are garbage (may be out of range) and are never read.

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/fp8_latent.cuh"
 #include "kernels/cuda/mla_prefill.h"
 #include "kernels/cuda/mma_sm80.cuh"
 
@@ -34,6 +35,8 @@ constexpr int kMaxOffset = kPOffset + kRows * kKeys * 2;
 constexpr int kSumOffset = kMaxOffset + 2 * kRows * 4;
 constexpr int kSmemBytes = kSumOffset + 2 * kRows * 4;
 static_assert(kRows * kDimV * 2 <= kTileBytes, "output staging reuses KV buffer 0");
+// fp8 rows: each page lands as it is in KV buffer 1 and is dequantised into buffer 0.
+static_assert(kKeys * kFp8RowBytes <= kTileBytes, "an fp8 page is staged in KV buffer 1");
 
 using namespace mma;
 
@@ -54,8 +57,10 @@ __device__ __forceinline__ uint32_t tile_offset(int row, int chunk) {
   return row * (kDim * 2) + ((chunk ^ (row & 7)) << 4);
 }
 
+template <LatentElement kElement>
 __global__ void __launch_bounds__(kThreads, 1)
     mla_prefill_kernel(MlaPrefillParams p, TileShape g, float* part_o, float* part_lse) {
+  constexpr bool kFp8 = kElement == LatentElement::kFp8;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t s_q = smem_addr(smem + kQOffset);
   const uint32_t s_kv = smem_addr(smem + kKvOffset);
@@ -133,13 +138,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Keys at or past max_keys are zero-filled, never read: the rest of the last page may be
     // unwritten (NaN), and 0 * NaN would leak through P V.
     const auto load_kv = [&](int kt, int buf) {
-      const __nv_bfloat16* base =
-          p.pool + (int64_t{pages[kt]} * p.num_layers + p.layer) * (int64_t{kKeys} * kDim);
-      const uint32_t dst = s_kv + buf * kTileBytes;
-      for (int i = tid; i < kKeys * kChunks; i += kThreads) {
-        const int r = i / kChunks, c = i % kChunks;
-        const bool valid = kt * kKeys + r < max_keys;
-        cp_async_16(dst + tile_offset(r, c), valid ? base + r * kDim + c * 8 : p.pool, valid);
+      constexpr int64_t kPageLayerBytes = int64_t{kKeys} * (kFp8 ? kFp8RowBytes : kDim * 2);
+      const auto* pool = static_cast<const uint8_t*>(p.pool);
+      const uint8_t* page = pool + (int64_t{pages[kt]} * p.num_layers + p.layer) * kPageLayerBytes;
+      if constexpr (kFp8) {
+        fp8_page_load<kThreads>(s_kv + kTileBytes, page, min(kKeys, max_keys - kt * kKeys), pool);
+      } else {
+        const auto* base = reinterpret_cast<const __nv_bfloat16*>(page);
+        const uint32_t dst = s_kv + buf * kTileBytes;
+        for (int i = tid; i < kKeys * kChunks; i += kThreads) {
+          const int r = i / kChunks, c = i % kChunks;
+          const bool valid = kt * kKeys + r < max_keys;
+          const void* src = valid ? static_cast<const void*>(base + r * kDim + c * 8) : pool;
+          cp_async_16(dst + tile_offset(r, c), src, valid);
+        }
       }
       cp_async_commit();
     };
@@ -154,7 +166,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int kt = kt_begin; kt < kt_end; ++kt) {
       cp_async_wait<0>();
       __syncthreads();  // tile kt (and Q) visible; every warp is done with tile kt - 1
-      const int buf = (kt - kt_begin) & 1;
+      const int buf = kFp8 ? 0 : (kt - kt_begin) & 1;
+      if constexpr (kFp8) {
+        fp8_page_dequantize<kThreads>(smem + kKvOffset + kTileBytes, smem + kKvOffset,
+                                      [](int r, int c) { return tile_offset(r, c); });
+        __syncthreads();  // the tile is whole, and the staging buffer free for the next page
+      }
       if (kt + 1 < kt_end) load_kv(kt + 1, buf ^ 1);
       const uint32_t s_k = s_kv + buf * kTileBytes;
 
@@ -420,10 +437,11 @@ void mla_prefill(const MlaPrefillParams& p, void* workspace, cudaStream_t stream
     part_lse = part_o + int64_t{g.splits} * p.tokens * p.heads * kDimV;
   }
 
-  MLA_CUDA_CHECK(cudaFuncSetAttribute(mla_prefill_kernel,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-  mla_prefill_kernel<<<static_cast<unsigned>(grid), kThreads, kSmemBytes, stream>>>(p, g, part_o,
-                                                                                    part_lse);
+  auto* kernel = p.element == LatentElement::kFp8 ? mla_prefill_kernel<LatentElement::kFp8>
+                                                  : mla_prefill_kernel<LatentElement::kBf16>;
+  MLA_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  kernel<<<static_cast<unsigned>(grid), kThreads, kSmemBytes, stream>>>(p, g, part_o, part_lse);
   MLA_CUDA_CHECK(cudaGetLastError());
   if (g.splits > 1) {
     mla_prefill_combine_kernel<<<static_cast<unsigned>(int64_t{p.tokens} * p.heads),

@@ -1,7 +1,9 @@
 // Latent-form (absorbed) MLA attention for prefill chunks on the GPU: any number of query
 // tokens per sequence, attending the paged latent cache directly. The CPU reference is
-// mla::cpu::latent_attention (d_c = 512, d_r = 64, block size 64). Launchers take a stream,
-// never synchronise and never allocate; everything is CUDA-graph capturable.
+// mla::cpu::latent_attention (d_c = 512, d_r = 64, block size 64). The pool rows are bf16 or
+// packed fp8 (kernels/cuda/fp8_latent.h; a page is staged as it is and dequantised in shared
+// memory). Launchers take a stream, never synchronise and never allocate; everything is
+// CUDA-graph capturable.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,11 +12,15 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/cuda/fp8_latent.h"
+
 namespace mla::cuda {
 
 struct MlaPrefillParams {
-  const __nv_bfloat16* q;     // [tokens, heads, 576]: absorbed query (512) then rotary (64)
-  const __nv_bfloat16* pool;  // [num_pages, num_layers, 64, 576]: latent c (512) then k_r (64)
+  const __nv_bfloat16* q;  // [tokens, heads, 576]: absorbed query (512) then rotary (64)
+  // [num_pages, num_layers, 64, row bytes]: latent c (512) then k_r (64), as bf16 or fp8 rows
+  const void* pool;
+  LatentElement element;
   int32_t layer, num_layers;
   // [num_seqs, table_stride]: page ids in key order; entries past a sequence's pages may be
   // garbage (they are never read).

@@ -6,9 +6,11 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_memory.h"
+#include "kernels/cuda/fp8_latent.h"
 #include "kernels/cuda/mha_prefill.h"
 #include "runtime/checkpoint.h"
 #include "runtime/cuda/cuda_runner.h"
+#include "runtime/cuda/cuda_step.h"
 #include "runtime/weight_loader.h"
 
 namespace mla {
@@ -43,6 +45,8 @@ CudaModel::CudaModel(ModelConfig config, const ModelOptions& options, ShardPlan 
     : Model(config, options, shard, decompressed_unsupported(config)),
       options_(options.cuda),
       deterministic_(options.deterministic),
+      cache_storage_(options.cache_dtype == CacheDType::kFp8 ? CacheStorage::kDeviceFp8
+                                                             : CacheStorage::kDeviceBf16),
       device_(cuda::current_device()) {
   // A decode graph captures the planned split-KV kernel and the small-batch products that a
   // deterministic step replaces.
@@ -65,11 +69,11 @@ std::shared_ptr<CudaModel> CudaModel::load(const std::string& model_dir,
               "deterministic on GPUs needs tp <= 2 (got {}): over more ranks the all-reduce's "
               "summation order follows NCCL's algorithm for each message size",
               options.tp_size);
-  MLA_REQUIRE(options.cache_dtype == CacheDType::kAuto,
-              "cache.dtype {}: the CUDA backend keeps its cache in bf16 (the fp8 cache runs on the "
-              "CPU backend so far); use cache.dtype auto",
-              to_string(options.cache_dtype));
   ModelConfig config = ModelConfig::load(model_dir);
+  // The fp8 row's scales are fp32, read in place.
+  MLA_REQUIRE(options.cache_dtype != CacheDType::kFp8 || config.kv_lora_rank % 4 == 0,
+              "cache.dtype fp8 needs kv_lora_rank a multiple of 4 on the GPU, the model has {}",
+              config.kv_lora_rank);
   check_fp8_weights(model_dir, config, options);
   const ShardPlan shard = plan_for(config, options);
   std::shared_ptr<CudaModel> model(new CudaModel(std::move(config), gpu_options(options), shard));
@@ -117,7 +121,9 @@ int32_t CudaModel::auto_num_pages(int32_t block_size, double memory_fraction) co
       CudaRunner::kFixedBytes;
   const cuda::MemoryInfo mem = cuda::memory_info();
   const int64_t free = std::max<int64_t>(static_cast<int64_t>(mem.free) - step_bytes, 0);
-  const int64_t page_bytes = int64_t{block_size} * config_.num_layers * config_.latent_width() * 2;
+  const int64_t page_bytes = int64_t{block_size} * config_.num_layers *
+                             cuda::latent_row_bytes(latent_element(cache_storage_),
+                                                    config_.kv_lora_rank, config_.qk_rope_head_dim);
   const auto pages = static_cast<int64_t>(static_cast<double>(free) * memory_fraction) / page_bytes;
   MLA_REQUIRE(pages >= 1,
               "no room for a cache page: {} bytes free after {} for a runner, a page takes {}",

@@ -3,7 +3,8 @@
 // after load; its forward passes run through CudaRunner
 // (runtime/cuda/cuda_runner.h), made per cache and group with make_runner(). The layer math is
 // runtime/cuda/cuda_step.h; the cache is the same paged latent layout as the CPU model's, kept
-// in device memory as bf16 (CacheStorage::kDeviceBf16).
+// in device memory as bf16 (CacheStorage::kDeviceBf16) or, with `cache.dtype: fp8`, as the
+// packed fp8 rows the CPU model's fp8 cache holds (CacheStorage::kDeviceFp8).
 //
 // Thread-safe (immutable); it lives on the device that was current at load.
 #pragma once
@@ -28,7 +29,7 @@ class CudaModel : public Model {
                                          const ModelOptions& options = {});
   ~CudaModel() override;
 
-  CacheStorage cache_storage() const override { return CacheStorage::kDeviceBf16; }
+  CacheStorage cache_storage() const override { return cache_storage_; }
   int cuda_device() const override { return device_; }
   // Pages that fit in memory_fraction of the device memory that is free less what one runner
   // takes (step buffers for CudaRunner::kMaxStepTokens tokens, cuBLAS, stream); logs the size.
@@ -52,6 +53,7 @@ class CudaModel : public Model {
 
   CudaOptions options_;
   bool deterministic_;
+  CacheStorage cache_storage_;
   int device_;
   DeviceWeights weights_;
 };

@@ -2,14 +2,17 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <vector>
 
+#include "kernels/cpu/fp8_latent.h"
 #include "kernels/cuda/add_rms_norm.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_memory.h"
 #include "kernels/cuda/embedding.h"
 #include "kernels/cuda/fp8_gemm.h"
 #include "kernels/cuda/fp8_gemm_lt.h"
+#include "kernels/cuda/fp8_latent.h"
 #include "kernels/cuda/gather_rows.h"
 #include "kernels/cuda/latent_attention.h"
 #include "kernels/cuda/latent_store.h"
@@ -22,6 +25,7 @@
 #include "kernels/cuda/moe_gate.h"
 #include "kernels/cuda/rope_bf16.h"
 #include "kernels/cuda/silu_mul.h"
+#include "kernels/dtype.h"
 #include "parallel/sharded_attention.h"
 #include "runtime/model.h"
 #include "runtime/tensor_dump.h"
@@ -97,27 +101,39 @@ void CudaStep::dump_latents(int64_t layer) {
   const int64_t T = meta_.T, d_c = c_.kv_lora_rank, d_r = c_.qk_rope_head_dim,
                 d_lat = c_.latent_width();
   const auto& geo = x_.cache.geometry();
+  const int64_t row_bytes = cuda::latent_row_bytes(latent_element(), d_c, d_r);
   // One rank holds every page (dumps are single-rank): token t's row is in its sequence's table.
-  std::vector<uint16_t> rows(T * d_lat);
+  std::vector<uint8_t> rows(T * row_bytes);
+  const auto* pool = static_cast<const uint8_t*>(x_.cache.pool_storage().raw());
   int64_t t = 0;
   for (const ForwardSeq& seq : batch_.seqs) {
     for (int32_t k = 0; k < seq.num_tokens; ++k, ++t) {
       const int32_t pos = seq.start + k;
       const int64_t page = seq.table->pages[pos / geo.block_size];
-      const int64_t row =
-          ((page * geo.num_layers + layer) * geo.block_size + pos % geo.block_size) * d_lat;
-      MLA_CUDA_CHECK(cudaMemcpyAsync(&rows[t * d_lat], x_.cache.pool_storage().data<bf16>() + row,
-                                     d_lat * 2, cudaMemcpyDeviceToHost, x_.stream));
+      const int64_t row = (page * geo.num_layers + layer) * geo.block_size + pos % geo.block_size;
+      MLA_CUDA_CHECK(cudaMemcpyAsync(&rows[t * row_bytes], pool + row * row_bytes, row_bytes,
+                                     cudaMemcpyDeviceToHost, x_.stream));
     }
   }
   MLA_CUDA_CHECK(cudaStreamSynchronize(x_.stream));
+  std::vector<float> wide(T * d_lat);
+  if (latent_element() == cuda::LatentElement::kFp8) {
+    cpu::dequantize_latent_fp8({.d_c = d_c, .d_r = d_r}, rows.data(), T, wide.data(), d_lat);
+  } else {
+    convert_to_f32(DType::kBF16, rows.data(), wide.size(), wide.data());
+  }
   std::vector<float> latent(T * d_c), k_rope(T * d_r);
   for (int64_t i = 0; i < T; ++i) {
-    for (int64_t j = 0; j < d_c; ++j) latent[i * d_c + j] = bf16_to_f32(rows[i * d_lat + j]);
-    for (int64_t j = 0; j < d_r; ++j) k_rope[i * d_r + j] = bf16_to_f32(rows[i * d_lat + d_c + j]);
+    std::copy_n(&wide[i * d_lat], d_c, &latent[i * d_c]);
+    std::copy_n(&wide[i * d_lat + d_c], d_r, &k_rope[i * d_r]);
   }
   if (dumps("latent", layer)) x_.dump->add("latent", layer, latent.data(), {T, d_c});
   if (dumps("k_rope", layer)) x_.dump->add("k_rope", layer, k_rope.data(), {T, d_r});
+}
+
+cuda::LatentElement latent_element(CacheStorage storage) {
+  return storage == CacheStorage::kDeviceFp8 ? cuda::LatentElement::kFp8
+                                             : cuda::LatentElement::kBf16;
 }
 
 void CudaStep::dump_final() {
@@ -228,7 +244,8 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d, const bf16* q_in, int6
                       .interleave = c_.rope_interleave,
                       .slot_pages = meta(meta_.o_slot_page),
                       .slot_offsets = meta(meta_.o_slot_off),
-                      .pool = x_.cache.pool_storage().data<bf16>(),
+                      .pool = x_.cache.pool_storage().raw(),
+                      .element = latent_element(),
                       .layer = static_cast<int32_t>(l),
                       .num_layers = geo.num_layers,
                       .block_size = geo.block_size,
@@ -352,7 +369,8 @@ void CudaStep::latent_attention(int64_t l, const bf16* q_local) {
   // The three attention kernels share these fields (same names in each Params struct).
   auto common = [&](auto& p) {
     p.q = q_att;
-    p.pool = x_.cache.pool_storage().data<bf16>();
+    p.pool = x_.cache.pool_storage().raw();
+    p.element = latent_element();
     p.layer = static_cast<int32_t>(l);
     p.num_layers = geo.num_layers;
     p.block_table = meta(meta_.o_table);
@@ -413,8 +431,10 @@ void CudaStep::decompressed(int64_t l, const DeviceLayer& d) {
   const auto& geo = x_.cache.geometry();
   const bool sharded = !x_.cache.holds_every_page();
   // Row r of `layer_rows` is the cache row r of this layer: page * num_layers * B + offset.
-  const bf16* layer_rows =
-      x_.cache.pool_storage().data<bf16>() + int64_t{l} * geo.block_size * d_lat;
+  const cuda::LatentElement element = latent_element();
+  const int64_t row_bytes = cuda::latent_row_bytes(element, d_c, d_r);
+  const auto* layer_rows = static_cast<const uint8_t*>(x_.cache.pool_storage().raw()) +
+                           int64_t{l} * geo.block_size * row_bytes;
   auto gather = [&](const void* in, const int32_t* index, void* out, int64_t rows) {
     cuda::gather_rows({.in = in,
                        .index = index,
@@ -425,6 +445,21 @@ void CudaStep::decompressed(int64_t l, const DeviceLayer& d) {
                        .out_stride = d_lat * 2},
                       s);
   };
+  // The pool's rows as bf16 rows (fp8 ones dequantised on the way).
+  auto gather_pool = [&](const int32_t* index, bf16* out, int64_t rows) {
+    if (element == cuda::LatentElement::kBf16) {
+      gather(layer_rows, index, out, rows);
+      return;
+    }
+    cuda::fp8_latent_gather({.pool = layer_rows,
+                             .index = index,
+                             .out = out,
+                             .rows = rows,
+                             .out_stride = d_lat,
+                             .d_c = static_cast<int32_t>(d_c),
+                             .d_r = static_cast<int32_t>(d_r)},
+                            s);
+  };
   for (size_t i = 0; i < batch_.seqs.size(); ++i) {
     if (meta_.batch.forms[i] != AttnForm::kDecompressed) continue;
     const ForwardSeq& seq = batch_.seqs[i];
@@ -432,12 +467,12 @@ void CudaStep::decompressed(int64_t l, const DeviceLayer& d) {
     const int64_t local = meta_.ctx_local[i], o = meta_.ctx_offset[i];
     bf16* context = b_.context.data<bf16>();
     if (!sharded) {
-      gather(layer_rows, meta(o), context, L);
+      gather_pool(meta(o), context, L);
     } else {
       // Each rank contributes its rows padded to the largest share (ShardPlan::max_local_keys),
       // then the gathered rows are put back in position order.
       bf16* mine = b_.context_mine.data<bf16>();
-      gather(layer_rows, meta(o), mine, local);
+      gather_pool(meta(o), mine, local);
       DeviceExchange(x_).collective(*x_.comm, [&] {
         x_.comm->all_gather(reinterpret_cast<const float*>(mine), local * d_lat / 2,
                             b_.context_all.data<float>());

@@ -20,6 +20,7 @@
 
 #include <cuda_runtime.h>
 
+#include "kernels/cuda/fp8_latent.h"
 #include "kernels/cuda/gemm.h"
 #include "parallel/communicator.h"
 #include "runtime/cuda/device_weights.h"
@@ -56,6 +57,9 @@ struct CudaStepContext {
   bool batch_invariant;
 };
 
+// The kernels' name for how a device cache stores its rows.
+cuda::LatentElement latent_element(CacheStorage storage);
+
 class CudaStep {
  public:
   CudaStep(const CudaStepContext& ctx, const ForwardBatch& batch, const StepMetadata& meta)
@@ -89,6 +93,7 @@ class CudaStep {
   void dump_layer_out(int64_t layer);
   // latent and k_rope of the step's tokens, read back from the cache pages.
   void dump_latents(int64_t layer);
+  cuda::LatentElement latent_element() const { return mla::latent_element(x_.cache.storage()); }
   // final_norm and logits of every row.
   void dump_final();
 

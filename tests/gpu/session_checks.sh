@@ -27,6 +27,9 @@
 #               golden_fp8act, bytes held), then DeepSeek-V3's shape (4 layers, rank 0 of TP8
 #               emulated, an fp8 checkpoint) profiled with fp8_weights widen and keep: step times
 #               and weight bytes side by side (issue 17 item 4)
+#   fp8_cache   the fp8 latent cache on the GPU (issue 17 item 5): its kernel and model tests, then
+#               mla_decode on bf16 and fp8 pages side by side (bench-kernels --cache bf16,fp8),
+#               and whole V2-Lite-shaped decode steps (4 layers) on each cache (bench-decode)
 #   peer        FlashMLA's dense decode beside mlaserve's (issue 17), from FLASHMLA_SRC
 #   study       tests/bench/cluster_study.sh on the GPU profile the simulate step took (its
 #               model's shape, TP1 groups: a first cluster study on measured GPU steps)
@@ -121,8 +124,25 @@ PY
   done
 }
 
-export -f v2l4 v3l3 det_cost migration fp8_model
-steps="gpu_new gpu_all det_cost migration prefix prefix_routing simulate simulate1 fp8 fp8_model peer study v3tp8"
+fp8_cache() {
+  set -o pipefail
+  local rc=0
+  tests/gpu/device_run.sh fp8_cache_tests \
+    '*Fp8Latent*:*Fp8Cache*:CudaLatentStore*:CudaMlaDecode.*Mixed*:CudaMlaPrefill.*Mixed*' ||
+    rc=1
+  mlaserve bench-kernels --benches mla_decode --cache bf16,fp8 --json "$out/fp8_cache_decode.json" |
+    sed 's/^\(| mla_decode.*\)$/RESULT \1/' || rc=1
+  v2l4 || return 1
+  for c in auto fp8; do
+    mlaserve bench-decode --device cuda --model /tmp/v2l4 --cache-dtype $c --num-pages 9000 \
+      --context 4096 --batch 1,32,128 2>&1 |
+      sed "s/^\( *\(context\|[0-9][0-9]*\) .*\)$/RESULT cache $c \1/" || rc=1
+  done
+  return $rc
+}
+
+export -f v2l4 v3l3 det_cost migration fp8_model fp8_cache
+steps="gpu_new gpu_all det_cost migration prefix prefix_routing simulate simulate1 fp8 fp8_model fp8_cache peer study v3tp8"
 for step in "$@"; do
   [[ " $steps " == *" $step "* ]] || { echo "unknown step '$step' (steps: $steps)" >&2; exit 2; }
 done
@@ -135,6 +155,7 @@ for step in "$@"; do
     gpu_all) run gpu_all 580 tests/gpu/device_run.sh gpu_all_tests '*' ;;
     det_cost) run det_cost 300 bash -c det_cost ;;
     fp8_model) run fp8_model 480 bash -c fp8_model ;;
+    fp8_cache) run fp8_cache 480 bash -c fp8_cache ;;
     migration) run migration 540 bash -c migration ;;
     prefix)
       run prefix 400 env PRESET=v2-lite-full MAKE_TINY_FLAGS="--layers 4 --dtype BF16" \

@@ -1,19 +1,25 @@
 // CUDA latent store (RMSNorm of c, RoPE of k_r, bf16 into the paged pool) against the CPU
 // latent construction of DeepseekModel::attention (cpu::rms_norm, cpu::rope_table,
 // cpu::rope_rotate), on fresh random kv rows. Several layers, shuffled pages and slots another
-// rank stores (-1); every pool element the kernel must not touch keeps its NaN poison.
+// rank stores (-1); every pool element the kernel must not touch keeps its NaN poison. The fp8
+// pool's rows are checked against cpu::quantize_latent_fp8 of the reference rows: scales to
+// fp32 rounding, e4m3 codes equal or one step apart (the GPU's rsqrtf against the CPU's
+// 1 / sqrt may tip a rounding), rotary values as bf16.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "kernels/cpu/fp8_latent.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/latent_store.h"
+#include "kernels/dtype.h"
 #include "tests/gpu/bf16_test_util.h"
 
 namespace mla {
@@ -26,8 +32,54 @@ struct StoreCase {
   bool interleave;
 };
 
-TEST(CudaLatentStore, MatchesCpuLatentRows) {
-  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+// Compares the fp8 pool `bytes` with the reference rows `want` (fp32, NaN where the kernel must
+// not write).
+void expect_fp8_rows(const std::vector<uint8_t>& bytes, const std::vector<float>& want, int32_t d_c,
+                     int32_t d_r) {
+  const cpu::Fp8LatentRow f{.d_c = d_c, .d_r = d_r};
+  const int64_t width = d_c + d_r, rows = static_cast<int64_t>(want.size()) / width;
+  std::vector<uint8_t> ref(f.bytes());
+  int64_t touched = 0, codes = 0, off_by_one = 0, failures = 0;
+  std::vector<float> got_rope, want_rope;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* got = bytes.data() + r * f.bytes();
+    if (std::isnan(want[r * width])) {
+      const bool poison = std::all_of(got, got + f.bytes(), [](uint8_t b) { return b == 0xff; });
+      if (!poison && touched++ < 5) ADD_FAILURE() << "row " << r << " written";
+      continue;
+    }
+    cpu::quantize_latent_fp8(f, &want[r * width], 1, width, ref.data());
+    for (int64_t g = 0; g < f.groups(); ++g) {
+      float a, b;
+      std::memcpy(&a, got + f.scales_offset() + 4 * g, 4);
+      std::memcpy(&b, ref.data() + f.scales_offset() + 4 * g, 4);
+      if (!(std::abs(a - b) <= 1e-5f * b) && failures++ < 5) {
+        ADD_FAILURE() << "row " << r << " scale " << g << ": " << a << ", want " << b;
+      }
+    }
+    for (int64_t i = 0; i < d_c; ++i, ++codes) {
+      const int diff = std::abs(int{got[i]} - int{ref[i]});
+      off_by_one += diff == 1;
+      if (diff > 1 && failures++ < 5) {
+        ADD_FAILURE() << "row " << r << " code " << i << ": " << int{got[i]} << ", want "
+                      << int{ref[i]};
+      }
+    }
+    for (int64_t j = 0; j < d_r; ++j) {
+      uint16_t v;
+      std::memcpy(&v, got + f.rope_offset() + 2 * j, 2);
+      got_rope.push_back(bf16_to_f32(v));
+      want_rope.push_back(want[r * width + d_c + j]);
+    }
+  }
+  EXPECT_EQ(touched, 0);
+  EXPECT_EQ(failures, 0);
+  EXPECT_LE(off_by_one, codes / 100) << off_by_one << " of " << codes << " codes one step off";
+  EXPECT_EQ(test::count_bf16_mismatches(got_rope, want_rope, "stored k_rope"), 0);
+}
+
+void check_store(cuda::LatentElement element) {
+  const bool fp8 = element == cuda::LatentElement::kFp8;
   std::mt19937 rng(97531);
   const int32_t num_layers = 3;
   const float eps = 1e-6f, attention_factor = 1.2f;
@@ -59,7 +111,9 @@ TEST(CudaLatentStore, MatchesCpuLatentRows) {
       for (int32_t j = 0; j < (lengths[s] + B - 1) / B; ++j) tables[s].push_back(page_ids[next++]);
     }
     const int64_t pool_numel = int64_t{num_pages} * num_layers * B * width;
-    DeviceArray<__nv_bfloat16> d_pool(pool_numel);  // poison: NaN everywhere
+    const int64_t pool_bytes =
+        int64_t{num_pages} * num_layers * B * cuda::latent_row_bytes(element, c.d_c, c.d_r);
+    DeviceArray<uint8_t> d_pool(pool_bytes);  // poison: 0xff everywhere (NaN as bf16 and fp8)
     std::vector<float> want(pool_numel, NAN);
     DeviceArray<float> d_w(w), d_freq(inv_freq);
 
@@ -103,6 +157,7 @@ TEST(CudaLatentStore, MatchesCpuLatentRows) {
       p.slot_pages = d_pages.get();
       p.slot_offsets = d_offsets.get();
       p.pool = d_pool.get();
+      p.element = element;
       p.layer = layer;
       p.num_layers = num_layers;
       p.block_size = B;
@@ -113,9 +168,15 @@ TEST(CudaLatentStore, MatchesCpuLatentRows) {
       MLA_CUDA_CHECK(cudaDeviceSynchronize());
     }
 
+    if (fp8) {
+      expect_fp8_rows(d_pool.download(), want, c.d_c, c.d_r);
+      continue;
+    }
     // Tolerance: test::bf16_close (one rounding to bf16 of an fp32 value); slots the kernel
     // must not write still hold the 0xFFFF poison.
-    const std::vector<__nv_bfloat16> bits = d_pool.download();
+    std::vector<__nv_bfloat16> bits(pool_numel);
+    const std::vector<uint8_t> bytes = d_pool.download();
+    std::memcpy(bits.data(), bytes.data(), bytes.size());
     std::vector<float> got_stored, want_stored;
     int64_t touched = 0;
     for (int64_t i = 0; i < pool_numel; ++i) {
@@ -131,6 +192,16 @@ TEST(CudaLatentStore, MatchesCpuLatentRows) {
     EXPECT_EQ(touched, 0);
     EXPECT_EQ(test::count_bf16_mismatches(got_stored, want_stored, "stored latent"), 0);
   }
+}
+
+TEST(CudaLatentStore, MatchesCpuLatentRows) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  check_store(cuda::LatentElement::kBf16);
+}
+
+TEST(CudaLatentStore, Fp8RowsMatchTheCpuQuantisation) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  check_store(cuda::LatentElement::kFp8);
 }
 
 }  // namespace

@@ -3,7 +3,9 @@
 // the middle, each sequence's pages scattered over the pool, every other layer, every unused
 // page and every row past a sequence's keys NaN, block-table entries past each sequence's pages
 // out of range, and outputs poisoned before the run. Any read outside the keys a query may see
-// turns its output into NaN.
+// turns its output into NaN. The same cases run on an fp8 pool (packed rows, poisoned with
+// 0xff: NaN codes, NaN scales and NaN rotary values), against the reference fed the rows
+// dequantised and rounded to bf16, as the kernel reads them.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -18,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/cpu/fp8_latent.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/mla_decode.h"
@@ -54,7 +57,8 @@ struct Cache {
   static constexpr int32_t kNumLayers = 3, kLayer = 1;
   std::vector<int32_t> lengths;
   int32_t num_pages = 0, table_stride = 0;
-  std::vector<uint16_t> pool;         // [num_pages, kNumLayers, 64, 576] bf16
+  cuda::LatentElement element = cuda::LatentElement::kBf16;
+  std::vector<uint8_t> pool;          // [num_pages, kNumLayers, 64, row bytes]
   std::vector<int32_t> block_table;   // [batch, table_stride]
   std::vector<std::vector<float>> c;  // per sequence [pages * 64, 576]: layer kLayer as fp32
 
@@ -63,9 +67,14 @@ struct Cache {
 
 int32_t pages_of(int32_t keys) { return (keys + kBlock - 1) / kBlock; }
 
-Cache make_cache(const std::vector<int32_t>& lengths, std::mt19937& rng) {
+Cache make_cache(const std::vector<int32_t>& lengths, std::mt19937& rng,
+                 cuda::LatentElement element = cuda::LatentElement::kBf16) {
   Cache cache;
   cache.lengths = lengths;
+  cache.element = element;
+  const bool fp8 = element == cuda::LatentElement::kFp8;
+  const cpu::Fp8LatentRow f{.d_c = kDc, .d_r = kDr};
+  const int64_t row_bytes = cuda::latent_row_bytes(element, kDc, kDr);
   int32_t used = 0, max_pages = 0;
   for (int32_t len : lengths) {
     used += pages_of(len);
@@ -77,8 +86,13 @@ Cache make_cache(const std::vector<int32_t>& lengths, std::mt19937& rng) {
   std::iota(ids.begin(), ids.end(), 0);
   std::shuffle(ids.begin(), ids.end(), rng);
 
-  const int64_t page_elems = int64_t{Cache::kNumLayers} * kBlock * kWidth;
-  cache.pool.assign(cache.num_pages * page_elems, kBf16NaN);
+  const int64_t page_bytes = int64_t{Cache::kNumLayers} * kBlock * row_bytes;
+  cache.pool.resize(cache.num_pages * page_bytes);
+  if (fp8) {
+    std::fill(cache.pool.begin(), cache.pool.end(), uint8_t{0xff});
+  } else {
+    for (size_t i = 0; i < cache.pool.size(); i += 2) std::memcpy(&cache.pool[i], &kBf16NaN, 2);
+  }
   cache.block_table.assign(int64_t{cache.batch()} * cache.table_stride, kOutOfRangePage);
   cache.c.resize(cache.batch());
   std::normal_distribution<float> normal;
@@ -89,13 +103,20 @@ Cache make_cache(const std::vector<int32_t>& lengths, std::mt19937& rng) {
     for (int32_t k = 0; k < pages; ++k) {
       const int32_t page = ids[next++];
       cache.block_table[int64_t{b} * cache.table_stride + k] = page;
-      uint16_t* rows =
-          cache.pool.data() + page * page_elems + int64_t{Cache::kLayer} * kBlock * kWidth;
+      uint8_t* rows =
+          cache.pool.data() + page * page_bytes + int64_t{Cache::kLayer} * kBlock * row_bytes;
       for (int32_t r = 0; r < kBlock && k * kBlock + r < lengths[b]; ++r) {
+        float* ref = cache.c[b].data() + (int64_t{k} * kBlock + r) * kWidth;
+        for (int32_t i = 0; i < kWidth; ++i) ref[i] = normal(rng);
+        if (fp8) {
+          // What the kernel reads: the dequantised row, rounded to bf16.
+          cpu::quantize_latent_fp8(f, ref, 1, kWidth, rows + r * row_bytes);
+          cpu::dequantize_latent_fp8(f, rows + r * row_bytes, 1, ref, kWidth);
+        }
         for (int32_t i = 0; i < kWidth; ++i) {
-          const uint16_t v = f32_to_bf16(normal(rng));
-          rows[r * kWidth + i] = v;
-          cache.c[b][(int64_t{k} * kBlock + r) * kWidth + i] = bf16_to_f32(v);
+          const uint16_t v = f32_to_bf16(ref[i]);
+          if (!fp8) std::memcpy(rows + r * row_bytes + 2 * i, &v, 2);
+          ref[i] = bf16_to_f32(v);
         }
       }
     }
@@ -178,7 +199,8 @@ class DeviceProblem {
         lse_(qs.q.size() / kWidth),
         workspace_(cuda::mla_decode_workspace_bytes(cache.batch(), qs.s_q, qs.heads, num_sms)) {
     params_.q = as_bf16(q_.get());
-    params_.pool = as_bf16(pool_.get());
+    params_.pool = pool_.get();
+    params_.element = cache.element;
     params_.layer = Cache::kLayer;
     params_.num_layers = Cache::kNumLayers;
     params_.block_table = table_.get();
@@ -218,7 +240,7 @@ class DeviceProblem {
   std::vector<uint16_t> raw_out() const { return out_.download(); }
 
  private:
-  test::DeviceArray<uint16_t> pool_;
+  test::DeviceArray<uint8_t> pool_;
   test::DeviceArray<int32_t> table_;
   test::DeviceArray<uint16_t> q_;
   test::DeviceArray<int32_t> num_keys_;
@@ -283,9 +305,10 @@ void check_case(const Cache& cache, int32_t s_q, int32_t heads, float scale,
   const Result ref = reference(cache, qs);
   for (int sms : sms_list) {
     DeviceProblem problem(cache, qs, sms);
-    const std::string label = "batch " + std::to_string(cache.batch()) + ", heads " +
-                              std::to_string(heads) + ", s_q " + std::to_string(s_q) +
-                              ", num_sms " + std::to_string(sms);
+    const std::string label =
+        std::string(cache.element == cuda::LatentElement::kFp8 ? "fp8, " : "") + "batch " +
+        std::to_string(cache.batch()) + ", heads " + std::to_string(heads) + ", s_q " +
+        std::to_string(s_q) + ", num_sms " + std::to_string(sms);
     expect_matches(problem.run(), ref, qs, label);
   }
 }
@@ -335,6 +358,18 @@ TEST(CudaMlaDecode, LongSequenceManySplits) {
   const Cache cache = make_cache({70001}, rng);
   check_case(cache, 2, 16, 1.0f / 24.0f, {device_sms()}, rng);
   check_case(cache, 1, 128, 0.1352f, {device_sms()}, rng);
+}
+
+// An fp8 pool: pages staged as they are and dequantised in shared memory, across the mixed
+// lengths (splits, partial last pages, several sequences in one CTA) and both tile schedules.
+TEST(CudaMlaDecode, Fp8CacheMixedLengths) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(656);
+  const Cache cache =
+      make_cache({0, 1, 63, 64, 65, 1000, 5000, 17000}, rng, cuda::LatentElement::kFp8);
+  for (int32_t heads : {16, 128}) {
+    for (int32_t s_q : {1, 2}) check_case(cache, s_q, heads, 0.1352f, {device_sms(), 3}, rng);
+  }
 }
 
 // The same launch twice, a launch reusing the first one's plan, and the launch captured in a

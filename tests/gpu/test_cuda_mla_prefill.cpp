@@ -2,7 +2,8 @@
 // batches mixing fresh prefills, later chunks and tokens without keys, over a pool with
 // shuffled pages, several layers, NaN in every unwritten row and out-of-range page ids past
 // each sequence's end; outputs and workspace poisoned; a second run, replayed from a CUDA
-// graph, must agree bit for bit.
+// graph, must agree bit for bit. An fp8 pool (packed rows, unwritten ones 0xff: NaN codes,
+// scales and rotary values) is checked against the rows dequantised and rounded to bf16.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/cpu/fp8_latent.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/mla_prefill.h"
@@ -48,8 +50,12 @@ std::vector<int32_t> causal_chunk(int32_t context, int32_t chunk) {
 
 // Builds the batch, runs the kernel twice and compares with the CPU reference on every token of
 // sequences up to `full_check_context` keys and on a sample of the longer ones.
-void check_mla_prefill(int32_t heads, const std::vector<SeqSpec>& seqs, uint32_t seed) {
+void check_mla_prefill(int32_t heads, const std::vector<SeqSpec>& seqs, uint32_t seed,
+                       cuda::LatentElement element = cuda::LatentElement::kBf16) {
   SCOPED_TRACE("heads = " + std::to_string(heads));
+  const bool fp8 = element == cuda::LatentElement::kFp8;
+  const cpu::Fp8LatentRow f{.d_c = kDc, .d_r = kDr};
+  const int64_t row_bytes = cuda::latent_row_bytes(element, kDc, kDr);
   std::mt19937 rng(seed);
   std::normal_distribution<float> dist;
   const auto random_bf16 = [&] { return f32_to_bf16(dist(rng)); };
@@ -70,19 +76,38 @@ void check_mla_prefill(int32_t heads, const std::vector<SeqSpec>& seqs, uint32_t
   std::shuffle(page_ids.begin(), page_ids.end(), rng);
   const int32_t table_stride = max_pages + 2;
   std::vector<int32_t> table(static_cast<size_t>(num_seqs) * table_stride, kBadPage);
-  const size_t page_elems = size_t{kLayers} * kBlock * kWidth;
-  std::vector<uint16_t> pool(total_pages * page_elems, kBf16NaN);
+  std::vector<uint8_t> pool(total_pages * size_t{kLayers} * kBlock * row_bytes, 0xff);
+  if (!fp8) {
+    for (size_t i = 0; i < pool.size(); i += 2) std::memcpy(&pool[i], &kBf16NaN, 2);
+  }
   const auto row_at = [&](int32_t page, int32_t layer, int32_t row) {
-    return pool.data() + (static_cast<size_t>(page) * kLayers + layer) * kBlock * kWidth +
-           static_cast<size_t>(row) * kWidth;
+    return pool.data() + ((static_cast<size_t>(page) * kLayers + layer) * kBlock + row) * row_bytes;
+  };
+  // Row values as the kernel reads them: bf16, or fp8 dequantised and rounded to bf16.
+  const auto read_row = [&](const uint8_t* row, float* out) {
+    if (fp8) {
+      cpu::dequantize_latent_fp8(f, row, 1, out, kWidth);
+      for (int32_t i = 0; i < kWidth; ++i) out[i] = bf16_to_f32(f32_to_bf16(out[i]));
+    } else {
+      convert_to_f32(DType::kBF16, row, kWidth, out);
+    }
   };
   int32_t next_page = 0;
   for (int32_t s = 0; s < num_seqs; ++s) {
     for (int32_t j = 0; j < seqs[s].context; ++j) {
       if (j % kBlock == 0) table[s * table_stride + j / kBlock] = page_ids[next_page++];
       for (int32_t layer = 0; layer < kLayers; ++layer) {
-        uint16_t* row = row_at(table[s * table_stride + j / kBlock], layer, j % kBlock);
-        for (int32_t i = 0; i < kWidth; ++i) row[i] = random_bf16();
+        uint8_t* row = row_at(table[s * table_stride + j / kBlock], layer, j % kBlock);
+        float values[kWidth];
+        for (float& v : values) v = dist(rng);
+        if (fp8) {
+          cpu::quantize_latent_fp8(f, values, 1, kWidth, row);
+        } else {
+          for (int32_t i = 0; i < kWidth; ++i) {
+            const uint16_t v = f32_to_bf16(values[i]);
+            std::memcpy(row + 2 * i, &v, 2);
+          }
+        }
       }
     }
   }
@@ -98,7 +123,8 @@ void check_mla_prefill(int32_t heads, const std::vector<SeqSpec>& seqs, uint32_t
   std::vector<uint16_t> q(static_cast<size_t>(tokens) * heads * kWidth);
   for (auto& v : q) v = random_bf16();
 
-  test::DeviceArray<uint16_t> d_q(q.size()), d_pool(pool.size());
+  test::DeviceArray<uint16_t> d_q(q.size());
+  test::DeviceArray<uint8_t> d_pool(pool.size());
   test::DeviceArray<int32_t> d_table(table.size()), d_token_seq(tokens), d_num_keys(tokens);
   test::DeviceArray<uint16_t> d_out(static_cast<size_t>(tokens) * heads * kDc);
   test::DeviceArray<float> d_lse(static_cast<size_t>(tokens) * heads);
@@ -112,7 +138,8 @@ void check_mla_prefill(int32_t heads, const std::vector<SeqSpec>& seqs, uint32_t
 
   cuda::MlaPrefillParams p{};
   p.q = as_bf16(d_q.get());
-  p.pool = as_bf16(d_pool.get());
+  p.pool = d_pool.get();
+  p.element = element;
   p.layer = kLayer;
   p.num_layers = kLayers;
   p.block_table = d_table.get();
@@ -164,9 +191,9 @@ void check_mla_prefill(int32_t heads, const std::vector<SeqSpec>& seqs, uint32_t
     const int32_t pages = (seqs[s].context + kBlock - 1) / kBlock;
     pages_f32[s].resize(static_cast<size_t>(pages) * kBlock * kWidth);
     for (int32_t k = 0; k < pages; ++k) {
-      const uint16_t* src = row_at(table[s * table_stride + k], kLayer, 0);
-      for (int32_t i = 0; i < kBlock * kWidth; ++i) {
-        pages_f32[s][static_cast<size_t>(k) * kBlock * kWidth + i] = bf16_to_f32(src[i]);
+      for (int32_t r = 0; r < kBlock && k * kBlock + r < seqs[s].context; ++r) {
+        read_row(row_at(table[s * table_stride + k], kLayer, r),
+                 pages_f32[s].data() + (static_cast<size_t>(k) * kBlock + r) * kWidth);
       }
     }
     for (int32_t k = 0; k < pages; ++k) {
@@ -275,6 +302,13 @@ TEST(CudaMlaPrefill, ShortSequencesAndOddHeadCounts) {
   seqs[7].num_keys = {0};
   seqs[20].num_keys.assign(seqs[20].num_keys.size(), 0);
   for (int32_t heads : {1, 20, 100}) check_mla_prefill(heads, seqs, 777 + heads);
+}
+
+TEST(CudaMlaPrefill, Fp8CacheMixedChunks) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (int32_t heads : {1, 16, 128}) {
+    check_mla_prefill(heads, mixed_chunks(), 656 + heads, cuda::LatentElement::kFp8);
+  }
 }
 
 TEST(CudaMlaPrefill, FewTokensLongContext) {

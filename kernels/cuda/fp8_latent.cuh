@@ -1,0 +1,97 @@
+// Device-side reading and writing of the packed fp8 latent row (kernels/cuda/fp8_latent.h):
+// one value, a whole row quantised by a block, and the tuned kernels' page staging (cp.async of
+// 64 packed rows into shared memory, then dequantised into the bf16 tile their tensor cores
+// read). Include from .cu files only.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "kernels/cpu/fp8_group.h"
+#include "kernels/cuda/cp_async.cuh"
+#include "kernels/cuda/fp8_dots.cuh"
+#include "kernels/cuda/fp8_latent.h"
+
+namespace mla::cuda {
+
+// Value i (< d_c + d_r) of a packed row, as cpu::dequantize_latent_fp8 reads it.
+__device__ __forceinline__ float fp8_latent_value(const uint8_t* row, const cpu::Fp8LatentRow& f,
+                                                  int32_t i) {
+  if (i < f.d_c) {
+    const float scale =
+        *reinterpret_cast<const float*>(row + f.scales_offset() + 4 * (i / f.kGroup));
+    return fp8x2_to_float2(row[i]).x * scale;
+  }
+  return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(row + f.rope_offset())[i - f.d_c]);
+}
+
+// Quantises group g of c (values x[0, n), n <= 128, in shared or global memory) into row, as
+// cpu::quantize_group_fp8 does, by one warp: the scale is amax / 448 (1 for an all-zero group).
+__device__ __forceinline__ void fp8_latent_quantize_group(const float* x, int n, uint8_t* q,
+                                                          float* scale_out, int lane) {
+  float amax = 0.0f;
+  for (int j = lane; j < n; j += 32) amax = fmaxf(amax, fabsf(x[j]));
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2)
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+  const float s = amax > 0.0f ? amax / cpu::kFp8Max : 1.0f;
+  for (int j = lane; j < n; j += 32) {
+    q[j] = static_cast<uint8_t>(__nv_cvt_float_to_fp8(x[j] / s, __NV_SATFINITE, __NV_E4M3));
+  }
+  if (lane == 0) *scale_out = s;
+}
+
+// The tuned kernels' rows: d_c 512, d_r 64.
+inline constexpr cpu::Fp8LatentRow kFp8Row576{.d_c = 512, .d_r = 64};
+inline constexpr int kFp8RowBytes = static_cast<int>(kFp8Row576.bytes());  // 656
+inline constexpr int kFp8RowChunks = kFp8RowBytes / 16;                    // 41
+static_assert(kFp8RowBytes % 16 == 0, "packed rows are whole 16-byte chunks");
+
+// Starts copying rows [0, valid_rows) of a page (64 packed rows at `src`, contiguous) into the
+// staging area at `dst` (a smem_addr, 64 * 656 bytes); rows past valid_rows are zero-filled,
+// so they dequantise to zeros (e4m3 0 times scale 0). The caller commits and waits.
+template <int kThreads>
+__device__ __forceinline__ void fp8_page_load(uint32_t dst, const uint8_t* src, int valid_rows,
+                                              const void* any_valid) {
+  for (int i = threadIdx.x; i < 64 * kFp8RowChunks; i += kThreads) {
+    const int r = i / kFp8RowChunks;
+    const bool ok = r < valid_rows;
+    cp_async_16(dst + i * 16, ok ? src + i * 16 : any_valid, ok);
+  }
+}
+
+// Dequantises the 64 staged rows at `staged` (shared) into a bf16 tile of 576-value rows:
+// 16-byte chunk c (values 8c .. 8c + 7) of row r goes to tile + offset(r, c). Values are
+// e4m3 * scale in fp32, rounded once to bf16; the rotary values are copied.
+template <int kThreads, typename Offset>
+__device__ __forceinline__ void fp8_page_dequantize(const uint8_t* staged, uint8_t* tile,
+                                                    Offset offset) {
+  constexpr int kChunks = 576 / 8;  // 72 bf16 chunks a row
+  for (int i = threadIdx.x; i < 64 * kChunks; i += kThreads) {
+    const int r = i / kChunks, c = i % kChunks;
+    const uint8_t* row = staged + r * kFp8RowBytes;
+    uint4 out;
+    if (c < 64) {
+      const uint2 bits = *reinterpret_cast<const uint2*>(row + 8 * c);
+      const float s = reinterpret_cast<const float*>(row + kFp8Row576.scales_offset())[c / 16];
+      const uint32_t words[2] = {bits.x, bits.y};
+      uint32_t packed[4];
+#pragma unroll
+      for (int w = 0; w < 2; ++w) {
+        const float2 lo = fp8x2_to_float2(words[w]), hi = fp8x2_to_float2(words[w] >> 16);
+        const __nv_bfloat162 a = __floats2bfloat162_rn(lo.x * s, lo.y * s);
+        const __nv_bfloat162 b = __floats2bfloat162_rn(hi.x * s, hi.y * s);
+        packed[2 * w] = *reinterpret_cast<const uint32_t*>(&a);
+        packed[2 * w + 1] = *reinterpret_cast<const uint32_t*>(&b);
+      }
+      out = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    } else {
+      out = *reinterpret_cast<const uint4*>(row + kFp8Row576.rope_offset() + 16 * (c - 64));
+    }
+    *reinterpret_cast<uint4*>(tile + offset(r, c)) = out;
+  }
+}
+
+}  // namespace mla::cuda
