@@ -133,6 +133,20 @@ fp8_cache() {
   mlaserve bench-kernels --benches mla_decode --cache bf16,fp8 --json "$out/fp8_cache_decode.json" |
     sed 's/^\(| mla_decode.*\)$/RESULT \1/' || rc=1
   v2l4 || return 1
+  # A long run on both caches: a 4,096-token random prompt, 256 greedy tokens, the latent form.
+  for c in auto fp8; do
+    mlaserve --log-level warn generate --device cuda --model /tmp/v2l4 --cache-dtype $c \
+      --absorb factored --prompt-len 4096 --max-tokens 256 --ignore-eos --seed 11 \
+      >"$out/fp8_cache_long_$c.log" 2>&1 || rc=1
+  done
+  python3 - "$out/fp8_cache_long_auto.log" "$out/fp8_cache_long_fp8.log" <<'PY' || rc=1
+import re, sys
+toks = [re.search(r"request \d+ \(\w+\): ([\d,]+)", open(f).read()).group(1).split(",")
+        for f in sys.argv[1:]]
+same = next((i for i, (a, b) in enumerate(zip(*toks)) if a != b), min(map(len, toks)))
+print(f"RESULT long run (4,096-token prompt, 256 greedy tokens): fp8 cache follows bf16's "
+      f"first {same} tokens; {sum(a == b for a, b in zip(*toks))} of {len(toks[0])} equal")
+PY
   for c in auto fp8; do
     mlaserve bench-decode --device cuda --model /tmp/v2l4 --cache-dtype $c --num-pages 9000 \
       --context 4096 --batch 1,32,128 2>&1 |
