@@ -25,9 +25,11 @@ __global__ void fp8_latent_gather_kernel(Fp8LatentGatherParams p) {
 void fp8_latent_gather(const Fp8LatentGatherParams& p, cudaStream_t stream) {
   // Check shapes
   MLA_CHECK(p.rows >= 0 && p.rows < (int64_t{1} << 31), "fp8_latent_gather: {} rows", p.rows);
-  MLA_CHECK(p.d_c > 0 && p.d_c % 4 == 0 && p.d_r >= 0 && p.out_stride >= p.d_c + p.d_r,
-            "fp8_latent_gather: d_c {} (a multiple of 4), d_r {}, out stride {}", p.d_c, p.d_r,
-            p.out_stride);
+  // Rows of d_c % 4 == 0 and even d_r keep every row's fp32 scales 4-byte aligned.
+  MLA_CHECK(
+      p.d_c > 0 && p.d_c % 4 == 0 && p.d_r >= 0 && p.d_r % 2 == 0 && p.out_stride >= p.d_c + p.d_r,
+      "fp8_latent_gather: d_c {} (a multiple of 4), d_r {} (even), out stride {}", p.d_c, p.d_r,
+      p.out_stride);
   if (p.rows == 0) return;
   launch_dependent(fp8_latent_gather_kernel, static_cast<unsigned>(p.rows), kGatherThreads, 0,
                    stream, true, p);

@@ -55,6 +55,7 @@ static_assert(kFp8RowBytes % 16 == 0, "packed rows are whole 16-byte chunks");
 template <int kThreads>
 __device__ __forceinline__ void fp8_page_load(uint32_t dst, const uint8_t* src, int valid_rows,
                                               const void* any_valid) {
+#pragma unroll 1
   for (int i = threadIdx.x; i < 64 * kFp8RowChunks; i += kThreads) {
     const int r = i / kFp8RowChunks;
     const bool ok = r < valid_rows;
@@ -69,6 +70,9 @@ template <int kThreads, typename Offset>
 __device__ __forceinline__ void fp8_page_dequantize(const uint8_t* staged, uint8_t* tile,
                                                     Offset offset) {
   constexpr int kChunks = 576 / 8;  // 72 bf16 chunks a row
+  // Not unrolled: the attention kernels keep their accumulators live across this loop, and an
+  // unrolled one spills them.
+#pragma unroll 1
   for (int i = threadIdx.x; i < 64 * kChunks; i += kThreads) {
     const int r = i / kChunks, c = i % kChunks;
     const uint8_t* row = staged + r * kFp8RowBytes;

@@ -108,8 +108,8 @@ void latent_attention(const LatentAttentionParams& p, cudaStream_t stream) {
             "latent_attention: latent width {} + {} above {}", p.d_c, p.d_r, kMaxLatentWidth);
   MLA_CHECK(p.block_size >= 1 && 0 <= p.layer && p.layer < p.num_layers,
             "latent_attention: bad block size or layer");
-  MLA_CHECK(p.element != LatentElement::kFp8 || p.d_c % 4 == 0,
-            "latent_attention: fp8 rows need d_c {} a multiple of 4", p.d_c);
+  MLA_CHECK(p.element != LatentElement::kFp8 || (p.d_c % 4 == 0 && p.d_r % 2 == 0),
+            "latent_attention: fp8 rows need d_c {} a multiple of 4 and d_r {} even", p.d_c, p.d_r);
   if (p.tokens == 0) return;
   const auto grid = static_cast<unsigned>(int64_t{p.tokens} * p.heads);
   if (p.element == LatentElement::kFp8) {

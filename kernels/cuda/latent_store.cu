@@ -80,11 +80,12 @@ void latent_store(const LatentStoreParams& p, cudaStream_t stream) {
             "latent_store: layer {} of {}, block size {}", p.layer, p.num_layers, p.block_size);
   const auto grid = static_cast<unsigned>(p.T);
   if (p.element == LatentElement::kFp8) {
-    MLA_CHECK(p.d_c % 4 == 0, "latent_store: fp8 rows need d_c {} a multiple of 4", p.d_c);
+    // The normalised c sits in shared memory: at most the 48 KiB a launch has without opting in.
+    MLA_CHECK(p.d_c % 4 == 0 && p.d_c <= 12288,
+              "latent_store: fp8 rows need d_c {} a multiple of 4, at most 12288", p.d_c);
     const int smem = p.d_c * static_cast<int>(sizeof(float));
-    auto* kernel = latent_store_kernel<LatentElement::kFp8>;
-    MLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    launch_dependent(kernel, grid, kThreads, smem, stream, true, p);
+    launch_dependent(latent_store_kernel<LatentElement::kFp8>, grid, kThreads, smem, stream, true,
+                     p);
   } else {
     launch_dependent(latent_store_kernel<LatentElement::kBf16>, grid, kThreads, 0, stream, true, p);
   }

@@ -70,10 +70,12 @@ std::shared_ptr<CudaModel> CudaModel::load(const std::string& model_dir,
               "summation order follows NCCL's algorithm for each message size",
               options.tp_size);
   ModelConfig config = ModelConfig::load(model_dir);
-  // The fp8 row's scales are fp32, read in place.
-  MLA_REQUIRE(options.cache_dtype != CacheDType::kFp8 || config.kv_lora_rank % 4 == 0,
-              "cache.dtype fp8 needs kv_lora_rank a multiple of 4 on the GPU, the model has {}",
-              config.kv_lora_rank);
+  // The fp8 row's scales are fp32, read in place: every row must keep them 4-byte aligned.
+  MLA_REQUIRE(options.cache_dtype != CacheDType::kFp8 ||
+                  (config.kv_lora_rank % 4 == 0 && config.qk_rope_head_dim % 2 == 0),
+              "cache.dtype fp8 needs kv_lora_rank a multiple of 4 and qk_rope_head_dim even on "
+              "the GPU, the model has {} and {}",
+              config.kv_lora_rank, config.qk_rope_head_dim);
   check_fp8_weights(model_dir, config, options);
   const ShardPlan shard = plan_for(config, options);
   std::shared_ptr<CudaModel> model(new CudaModel(std::move(config), gpu_options(options), shard));

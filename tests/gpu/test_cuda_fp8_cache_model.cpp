@@ -4,9 +4,9 @@
 // e4m3 keeps 3 mantissa bits, so a latent value is off by up to 2^-4 of itself), on the small
 // models (the general latent kernel) and v3_mla / v3_fp8 (the tuned decode and prefill
 // kernels), in every absorption mode (naive runs the decompressed form, which dequantises
-// the rows it gathers), batched and in chunked prefill, with CUDA graphs on and off. The CPU
-// model's fp8-cache error on the same prompts is printed beside each run. The cache holds
-// about 1.75x the tokens of a bf16 cache in the same memory.
+// the rows it gathers), batched and in chunked prefill, with CUDA graphs on and off. The GPU
+// model's bf16-cache error and the CPU model's fp8-cache error on the same prompts are printed
+// beside each run. The cache holds about 1.75x the tokens of a bf16 cache in the same memory.
 #include <gtest/gtest.h>
 
 #include <iostream>
@@ -24,6 +24,7 @@ namespace mla {
 namespace {
 
 constexpr double kMedianTolerance = 0.05, kWorstTolerance = 0.25;
+constexpr double kRouterNearTie = 1e-3, kRouteFlip = 0.5;
 
 ModelOptions options(AbsorbMode mode, bool graphs, CacheDType cache) {
   ModelOptions o;
@@ -56,21 +57,39 @@ TEST_P(CudaFp8Cache, StaysCloseToTransformers) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   const auto& [name, mode, pattern, graphs] = GetParam();
   const test::Golden& g = test::golden(name);
-  const auto m = CudaModel::load(test::model_dir(name), options(mode, graphs, CacheDType::kFp8));
-  ASSERT_EQ(m->cache_storage(), CacheStorage::kDeviceFp8);
   const EngineOptions opts = test::pattern_options(pattern, 64);
-  Engine engine(m, opts);
-  ASSERT_EQ(engine.cache().storage(), CacheStorage::kDeviceFp8);
-  const auto outputs = test::run_golden(engine, g, pattern);
-  const int64_t V = m->config().vocab_size;
-  const test::Closeness c = test::closeness(outputs, g, V);
+  // The same prompts on the GPU with each cache.
+  auto run = [&](CacheDType cache, CacheStorage want) {
+    const auto m = CudaModel::load(test::model_dir(name), options(mode, graphs, cache));
+    Engine engine(m, opts);
+    EXPECT_EQ(engine.cache().storage(), want);
+    auto outputs = test::run_golden(engine, g, pattern);
+    EXPECT_EQ(engine.cache().pool().num_free(), opts.num_pages) << "pages leaked";
+    return outputs;
+  };
+  const auto fp8 = run(CacheDType::kFp8, CacheStorage::kDeviceFp8);
+  const auto bf16 = run(CacheDType::kAuto, CacheStorage::kDeviceBf16);
+  const int64_t V = g.step_logits[0].dim(1);
+  const test::Closeness c = test::closeness(fp8, g, V);
+  const test::Closeness c_bf16 = test::closeness(bf16, g, V);
   const test::Closeness c_cpu = cpu_closeness(name, mode, pattern);
   std::cout << name << " " << to_string(mode) << " " << test::pattern_name(pattern) << " graphs "
-            << graphs << ": GPU fp8 cache " << c << "; CPU fp8 cache " << c_cpu << "\n";
+            << graphs << ": GPU fp8 cache " << c << "; GPU bf16 cache " << c_bf16
+            << "; CPU fp8 cache " << c_cpu << "\n";
+  // A model whose golden routing has a near-tie (v3: min_router_gap 5.7e-4) may route one
+  // token differently on either cache's rounding: its worst step is held to kRouteFlip.
+  const bool near_tie = g.meta["min_router_gap"].get<double>() < kRouterNearTie;
   EXPECT_LT(c.median, kMedianTolerance);
-  EXPECT_LT(c.worst, kWorstTolerance);
-  EXPECT_GT(c.median, 1e-4) << "the cache was not quantised";
-  EXPECT_EQ(engine.cache().pool().num_free(), opts.num_pages) << "pages leaked";
+  EXPECT_LT(c.worst, near_tie ? kRouteFlip : kWorstTolerance);
+  // The cache was quantised: the first step's logits (the same prompt on both caches) differ
+  // from the bf16 cache's by more than the bf16 run's own distance from transformers allows
+  // (bf16 alone: 0.7-1.7 %; the same kernels on the same inputs would give the same logits).
+  double differ = 0;
+  for (size_t p = 0; p < fp8.size(); ++p) {
+    differ =
+        std::max(differ, test::rel_error(fp8[p][0].logits.data(), bf16[p][0].logits.data(), V));
+  }
+  EXPECT_GT(differ, 1e-3) << "fp8 and bf16 caches gave the same first-step logits";
 }
 
 std::string param_name(const testing::TestParamInfo<Param>& info) {

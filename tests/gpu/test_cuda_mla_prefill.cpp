@@ -189,7 +189,8 @@ void check_mla_prefill(int32_t heads, const std::vector<SeqSpec>& seqs, uint32_t
   std::vector<std::vector<const float*>> page_ptrs(num_seqs);
   for (int32_t s = 0; s < num_seqs; ++s) {
     const int32_t pages = (seqs[s].context + kBlock - 1) / kBlock;
-    pages_f32[s].resize(static_cast<size_t>(pages) * kBlock * kWidth);
+    pages_f32[s].assign(static_cast<size_t>(pages) * kBlock * kWidth,
+                        std::numeric_limits<float>::quiet_NaN());
     for (int32_t k = 0; k < pages; ++k) {
       for (int32_t r = 0; r < kBlock && k * kBlock + r < seqs[s].context; ++r) {
         read_row(row_at(table[s * table_stride + k], kLayer, r),
