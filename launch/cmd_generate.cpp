@@ -22,7 +22,9 @@
 #include "runtime/tiny_checkpoint.h"
 #include "runtime/tokenizer.h"
 #if MLA_HAVE_CUDA
+#include "kernels/cuda/fp8_latent.h"
 #include "runtime/cuda/cuda_model.h"
+#include "runtime/cuda/cuda_step.h"
 #endif
 
 namespace mla::launch {
@@ -56,12 +58,16 @@ double decode_step_bytes(const Model& model, int64_t batch, int64_t context) {
     const double E = static_cast<double>(c.n_routed_experts) / model.shard().tp_size();
     const double K = static_cast<double>(c.num_experts_per_tok);
     const double used = batch == 1 ? K : E * (1 - std::pow(1 - K / c.n_routed_experts, batch));
-    const double expert = 3.0 * c.hidden_size * c.moe_intermediate_size * 2;
+    // bf16, or e4m3 with an fp32 scale per 128 (fp8_weights keep).
+    const double element = cuda->weights().fp8_experts ? 1.0 + 4.0 / 128 : 2.0;
+    const double expert = 3.0 * c.hidden_size * c.moe_intermediate_size * element;
     int64_t moe_layers = 0;
     for (int64_t l = 0; l < c.num_layers; ++l) moe_layers += c.is_moe_layer(l) ? 1 : 0;
     bytes -= moe_layers * (E - std::min(E, used)) * expert;
   }
-  bytes += static_cast<double>(batch) * context * c.num_layers * c.latent_width() * 2;
+  bytes += static_cast<double>(batch) * context * c.num_layers *
+           cuda::latent_row_bytes(latent_element(cuda->cache_storage()), c.kv_lora_rank,
+                                  c.qk_rope_head_dim);
   return bytes;
 #else
   return 0;

@@ -111,7 +111,7 @@ fp8_model() {
   for w in widen keep; do
     mlaserve --log-level info profile --model $m --tp 8 --emulate --link-busbw-gbps 361 \
       --link-latency-us 15 --device cuda --fp8-weights $w --num-pages 2048 --prefill 512 \
-      --batch 1,8,32 --context 2048 --out "$out/fp8_model_$w.json" >"$out/fp8_model_$w.log" 2>&1 ||
+      --batch 1,8,32 --context 1024,2048 --out "$out/fp8_model_$w.json" >"$out/fp8_model_$w.log" 2>&1 ||
       { tail -20 "$out/fp8_model_$w.log"; return 1; }
     echo "RESULT $w: $(grep -o '[0-9.]* GiB of weights on the GPU' "$out/fp8_model_$w.log")"
     python3 - "$out/fp8_model_$w.json" "$w" <<'PY'
