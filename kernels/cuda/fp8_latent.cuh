@@ -1,7 +1,8 @@
 // Device-side reading and writing of the packed fp8 latent row (kernels/cuda/fp8_latent.h):
 // one value, a whole row quantised by a block, and the tuned kernels' page staging (cp.async of
-// 64 packed rows into shared memory, then dequantised into the bf16 tile their tensor cores
-// read). Include from .cu files only.
+// 64 packed rows, or their e4m3 values and scales with the rotary values copied straight into
+// the tile, into shared memory, then dequantised into the bf16 tile their tensor cores read).
+// Include from .cu files only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -49,33 +50,57 @@ inline constexpr int kFp8RowBytes = static_cast<int>(kFp8Row576.bytes());  // 65
 inline constexpr int kFp8RowChunks = kFp8RowBytes / 16;                    // 41
 static_assert(kFp8RowBytes % 16 == 0, "packed rows are whole 16-byte chunks");
 
-// Starts copying rows [0, valid_rows) of a page (64 packed rows at `src`, contiguous) into the
-// staging area at `dst` (a smem_addr, 64 * 656 bytes); rows past valid_rows are zero-filled,
-// so they dequantise to zeros (e4m3 0 times scale 0). The caller commits and waits.
-template <int kThreads>
-__device__ __forceinline__ void fp8_page_load(uint32_t dst, const uint8_t* src, int valid_rows,
+// The bytes of a packed row before its rotary values: the e4m3 values and their scales (528).
+inline constexpr int kFp8LatentBytes = static_cast<int>(kFp8Row576.rope_offset());
+static_assert(kFp8LatentBytes % 16 == 0, "the rotary values start on a 16-byte chunk");
+
+// Starts copying the first kBytes of rows [0, valid_rows) of a page (64 packed rows at `src`,
+// 656 bytes apart) into the staging area at `dst` (a smem_addr; rows kBytes apart): kBytes
+// kFp8RowBytes stages whole rows, kFp8LatentBytes all but the rotary values. Rows past
+// valid_rows are zero-filled, so they dequantise to zeros (e4m3 0 times scale 0). The caller
+// commits and waits.
+template <int kThreads, int kBytes>
+__device__ __forceinline__ void fp8_rows_load(uint32_t dst, const uint8_t* src, int valid_rows,
                                               const void* any_valid) {
+  static_assert(kBytes % 16 == 0 && kBytes <= kFp8RowBytes);
+  constexpr int kChunks = kBytes / 16;
 #pragma unroll 1
-  for (int i = threadIdx.x; i < 64 * kFp8RowChunks; i += kThreads) {
-    const int r = i / kFp8RowChunks;
+  for (int i = threadIdx.x; i < 64 * kChunks; i += kThreads) {
+    const int r = i / kChunks, k = i % kChunks;
     const bool ok = r < valid_rows;
-    cp_async_16(dst + i * 16, ok ? src + i * 16 : any_valid, ok);
+    cp_async_16(dst + i * 16, ok ? src + r * kFp8RowBytes + k * 16 : any_valid, ok);
   }
 }
 
-// Dequantises the 64 staged rows at `staged` (shared) into a bf16 tile of 576-value rows:
-// 16-byte chunk c (values 8c .. 8c + 7) of row r goes to tile + offset(r, c). Values are
-// e4m3 * scale in fp32, rounded once to bf16; the rotary values are copied.
+// Starts copying the rotary values (bf16 already) of rows [0, valid_rows) of a page straight
+// into a bf16 tile of 576-value rows at `tile` (a smem_addr): their chunk k (values
+// 512 + 8k ..) of row r to tile + offset(r, 64 + k). Rows past valid_rows are zero-filled.
 template <int kThreads, typename Offset>
+__device__ __forceinline__ void fp8_rope_load(uint32_t tile, const uint8_t* src, int valid_rows,
+                                              const void* any_valid, Offset offset) {
+  for (int i = threadIdx.x; i < 64 * 8; i += kThreads) {
+    const int r = i / 8, k = i % 8;
+    const bool ok = r < valid_rows;
+    cp_async_16(tile + offset(r, 64 + k),
+                ok ? src + r * kFp8RowBytes + kFp8LatentBytes + k * 16 : any_valid, ok);
+  }
+}
+
+// Dequantises 64 staged rows (kStagedBytes apart at `staged`, shared, as fp8_rows_load left
+// them) into a bf16 tile of 576-value rows: 16-byte chunk c (values 8c .. 8c + 7) of row r goes
+// to tile + offset(r, c). Values are e4m3 * scale in fp32, rounded once to bf16; with whole
+// rows staged the rotary values are copied too (chunks 64 .. 71), else those are left alone.
+template <int kThreads, int kStagedBytes, typename Offset>
 __device__ __forceinline__ void fp8_page_dequantize(const uint8_t* staged, uint8_t* tile,
                                                     Offset offset) {
-  constexpr int kChunks = 576 / 8;  // 72 bf16 chunks a row
+  constexpr bool kRope = kStagedBytes == kFp8RowBytes;
+  constexpr int kChunks = kRope ? 576 / 8 : 512 / 8;  // bf16 chunks written a row
   // Not unrolled: the attention kernels keep their accumulators live across this loop, and an
   // unrolled one spills them.
 #pragma unroll 1
   for (int i = threadIdx.x; i < 64 * kChunks; i += kThreads) {
     const int r = i / kChunks, c = i % kChunks;
-    const uint8_t* row = staged + r * kFp8RowBytes;
+    const uint8_t* row = staged + r * kStagedBytes;
     uint4 out;
     if (c < 64) {
       const uint2 bits = *reinterpret_cast<const uint2*>(row + 8 * c);
@@ -92,7 +117,7 @@ __device__ __forceinline__ void fp8_page_dequantize(const uint8_t* staged, uint8
       }
       out = make_uint4(packed[0], packed[1], packed[2], packed[3]);
     } else {
-      out = *reinterpret_cast<const uint4*>(row + kFp8Row576.rope_offset() + 16 * (c - 64));
+      out = *reinterpret_cast<const uint4*>(row + kFp8LatentBytes + 16 * (c - 64));
     }
     *reinterpret_cast<uint4*>(tile + offset(r, c)) = out;
   }

@@ -5,9 +5,13 @@
 // 64-column blocks of 64 rows x 128 bytes with the 128-byte swizzle (16-byte chunk c of row r
 // at chunk c ^ (r % 8)), the layout wgmma reads without bank conflicts. One layout serves the
 // KV page twice: as the K-major B operand of S = Q K^T, and, through its first eight blocks, as
-// the MN-major B operand of O += P V, so V costs no second load. With fp8 rows the second KV
-// stage holds the next page as it is (64 packed rows); each page is dequantised from there into
-// the one bf16 tile, so loading overlaps compute but the dequantisation does not.
+// the MN-major B operand of O += P V, so V costs no second load. With fp8 rows there is one bf16
+// tile and, where the second KV stage was, two staging slots of 64 x 528 bytes (a page's e4m3
+// values and scales): page j + 2 streams into one slot while page j + 1 waits in the other and
+// page j is dequantised into the tile, so two pages are in flight as the bf16 kernel's one is
+// (the copy, not the dequantisation, then sets the pace of a memory-bound tile). The rotary
+// values, bf16 already, go straight into the tile's last column block once both warpgroups'
+// S = Q K^T of the page before is done with it.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -27,14 +31,20 @@ constexpr int kBlock = kMlaDecodeBlockSize;                      // keys per pag
 constexpr int kTileRows = 64;  // query rows (s_q x heads of one sequence) per CTA: wgmma's M
 constexpr int kThreads = 256;  // two warpgroups: each owns 256 of the 512 output columns
 constexpr int kRowBytes = kWidth * 2;
-constexpr int kChunksPerRow = kRowBytes / 16;           // 72 16-byte chunks
-constexpr int kTileChunks = kTileRows * kChunksPerRow;  // 4608
-constexpr int kColBlockBytes = 64 * 128;                // one swizzled 64-column block
-constexpr int kTileBytes = kTileRows * kRowBytes;       // 9 blocks, 73728
-constexpr int kPBytes = kTileRows * kBlock * 2;         // P tile [64, 64] bf16
-constexpr int kRowStatBytes = 2 * kTileRows * 4;        // one float per warpgroup and row
-// Q, two KV stages, P, the row maxima and row sums; +1024 to align the base to the swizzle atom.
-constexpr int kSmemBytes = 3 * kTileBytes + kPBytes + 2 * kRowStatBytes + 1024;
+constexpr int kChunksPerRow = kRowBytes / 16;             // 72 16-byte chunks
+constexpr int kTileChunks = kTileRows * kChunksPerRow;    // 4608
+constexpr int kColBlockBytes = 64 * 128;                  // one swizzled 64-column block
+constexpr int kTileBytes = kTileRows * kRowBytes;         // 9 blocks, 73728
+constexpr int kPBytes = kTileRows * kBlock * 2;           // P tile [64, 64] bf16
+constexpr int kRowStatBytes = 2 * kTileRows * 4;          // one float per warpgroup and row
+constexpr int kFp8StageBytes = kBlock * kFp8LatentBytes;  // a staged fp8 page, 33,792
+// Q, two KV stages (fp8: one, then two staging slots), P, the row maxima and row sums; +1024 to
+// align the base to the swizzle atom.
+template <bool kFp8>
+constexpr int kPOffset = kFp8 ? 2 * kTileBytes + 2 * kFp8StageBytes : 3 * kTileBytes;
+template <bool kFp8>
+constexpr int kSmemBytes = kPOffset<kFp8> + kPBytes + 2 * kRowStatBytes + 1024;
+static_assert(kSmemBytes<true> <= kSmemBytes<false>, "the fp8 layout fits where bf16's does");
 // Planner cost of one piece of a sequence beyond its KV tiles (query load, pipeline fill,
 // writing the output), in tiles: about one tile's load time plus the output write on an H100.
 // (FlashMLA's 5 timed the same here within noise.)
@@ -48,7 +58,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -INFINITY;
 constexpr float kRescaleSlack = 8.0f;  // log2 units: weights up to 256 before O is rescaled
-static_assert(64 * kFp8RowBytes <= kTileBytes, "an fp8 page is staged in the second KV stage");
 
 // One part of the batch's KV work: tiles [begin_block, ...) of sequence begin_seq up to (not
 // including) tile end_block of sequence end_seq, in (sequence, tile) order. begin_split is the
@@ -330,8 +339,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* smem = smem_raw + pad;
   const uint32_t q_tile = raw + pad;
   const uint32_t kv_tiles = q_tile + kTileBytes;
-  const uint32_t p_tile = q_tile + 3 * kTileBytes;
-  uint8_t* p_bytes = smem + 3 * kTileBytes;
+  const uint32_t staging = q_tile + 2 * kTileBytes;  // fp8: two slots of kFp8StageBytes
+  const uint32_t p_tile = q_tile + kPOffset<kFp8>;
+  uint8_t* p_bytes = smem + kPOffset<kFp8>;
   float* row_max = reinterpret_cast<float*>(p_bytes + kPBytes);  // [warpgroup][64]
   float* row_sum = row_max + 2 * kTileRows;                      // [warpgroup][64]
 
@@ -366,29 +376,44 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int32_t keys_lo = nk[0];  // num_keys is non-decreasing in the query index
     const int32_t* pages = p.block_table + static_cast<int64_t>(b) * p.table_stride;
 
-    // Only entries that hold keys are read: the rest of the table may be garbage. fp8 pages
-    // always go to the staging area (the second stage).
-    auto load_kv = [&](int32_t blk, int stage) {
-      const int valid = min(kBlock, max_keys - blk * kBlock);
+    // Only entries that hold keys are read: the rest of the table may be garbage.
+    const auto* pool = static_cast<const uint8_t*>(p.pool);
+    auto valid_keys = [&](int32_t blk) { return max(0, min(kBlock, max_keys - blk * kBlock)); };
+    auto page_rows = [&](int32_t blk) {
       constexpr int64_t kPageLayerBytes = int64_t{kBlock} * (kFp8 ? kFp8RowBytes : kRowBytes);
-      const auto* pool = static_cast<const uint8_t*>(p.pool);
-      const uint8_t* src =
-          valid > 0
-              ? pool + (static_cast<int64_t>(pages[blk]) * p.num_layers + p.layer) * kPageLayerBytes
-              : pool;
-      if constexpr (kFp8) {
-        fp8_page_load<kThreads>(kv_tiles + kTileBytes, src, max(valid, 0), pool);
-      } else {
-        load_tile(kv_tiles + stage * kTileBytes, reinterpret_cast<const __nv_bfloat16*>(src),
-                  max(valid, 0), pool);
-      }
+      return valid_keys(blk) > 0
+                 ? pool +
+                       (static_cast<int64_t>(pages[blk]) * p.num_layers + p.layer) * kPageLayerBytes
+                 : pool;
+    };
+    auto load_kv = [&](int32_t blk, int stage) {  // bf16
+      load_tile(kv_tiles + stage * kTileBytes,
+                reinterpret_cast<const __nv_bfloat16*>(page_rows(blk)), valid_keys(blk), pool);
+    };
+    auto load_latent = [&](int32_t blk, int slot) {  // fp8: e4m3 values and scales, staged
+      fp8_rows_load<kThreads, kFp8LatentBytes>(staging + slot * kFp8StageBytes, page_rows(blk),
+                                               valid_keys(blk), pool);
+    };
+    auto load_rope = [&](int32_t blk) {  // fp8: the rotary values, into the tile
+      fp8_rope_load<kThreads>(kv_tiles, page_rows(blk), valid_keys(blk), pool,
+                              [](int r, int c) { return swizzled(r, c); });
     };
 
     __syncthreads();  // the previous piece is done with shared memory
     load_tile(q_tile, p.q + (static_cast<int64_t>(b) * rows + tile_row0) * kWidth,
               min(kTileRows, rows - tile_row0), p.q);
-    load_kv(lo, 0);
-    cp_async_commit();
+    if constexpr (kFp8) {
+      // Groups in flight at the top of tile j: [latent j] [rope j] [latent j + 1], each possibly
+      // empty; the top waits for all but the last.
+      load_latent(lo, 0);
+      load_rope(lo);
+      cp_async_commit();
+      if (lo + 1 < hi) load_latent(lo + 1, 1);
+      cp_async_commit();
+    } else {
+      load_kv(lo, 0);
+      cp_async_commit();
+    }
 
     // Per row: the exponent base m (in units of scale * log2(e) * score; within
     // kRescaleSlack of the running maximum), the partial sum of weights over this warpgroup's
@@ -425,25 +450,33 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     for (int32_t blk = lo; blk < hi; ++blk) {
       const int stage = kFp8 ? 0 : (blk - lo) & 1;
+      const int slot = (blk - lo) & 1;  // fp8: the staging slot holding page blk
       const uint32_t kv = kv_tiles + stage * kTileBytes;
-      cp_async_wait<0>();
+      if constexpr (kFp8) {
+        cp_async_wait<1>();  // page blk's latent and rotary values; page blk + 1 may stream on
+      } else {
+        cp_async_wait<0>();
+      }
       fence_async_shared();
       // Tile blk has landed for every thread, and every warpgroup's wgmma on the other stage
       // (the previous tile) has completed, so the next page may overwrite it.
       __syncthreads();
       if constexpr (kFp8) {
         // The bf16 tile's last reader (P V of tile blk - 1) has completed too.
-        fp8_page_dequantize<kThreads>(smem + kTileBytes + kTileBytes, smem + kTileBytes,
-                                      [](int r, int c) { return swizzled(r, c); });
+        fp8_page_dequantize<kThreads, kFp8LatentBytes>(
+            smem + 2 * kTileBytes + slot * kFp8StageBytes, smem + kTileBytes,
+            [](int r, int c) { return swizzled(r, c); });
         fence_async_shared();
-        __syncthreads();  // the tile is whole, and the staging area free for the next page
+        __syncthreads();  // the tile is whole, and the slot free for page blk + 2
       }
       // S first: the tensor cores start on it while the threads issue the next page's copies.
       // (Issuing P V of tile blk - 1 next to S instead, to close the remaining gap, measured
       // 10% slower at 128 heads: the next page then starts loading too late.)
       issue_s(kv);
-      if (blk + 1 < hi) load_kv(blk + 1, stage ^ 1);
-      cp_async_commit();
+      if constexpr (!kFp8) {
+        if (blk + 1 < hi) load_kv(blk + 1, stage ^ 1);
+        cp_async_commit();
+      }
       wgmma_wait<0>();
       fence_regs(s);
 
@@ -474,6 +507,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         row_max[wg * kTileRows + r1] = mx1;
       }
       __syncthreads();
+      if constexpr (kFp8) {
+        // Both warpgroups' S are done with the tile's rotary block (P V reads only the eight
+        // blocks before it), and the dequantisation with this slot.
+        if (blk + 1 < hi) load_rope(blk + 1);
+        cp_async_commit();
+        if (blk + 2 < hi) load_latent(blk + 2, slot);
+        cp_async_commit();
+      }
       // The exponent base m moves only when the tile's maximum passes it by more than
       // kRescaleSlack (weights then stay <= 2^kRescaleSlack, harmless in fp32 and bf16), so O
       // is rarely rescaled. Both warpgroups decide from the same values, so their O halves
@@ -692,12 +733,13 @@ void mla_decode(const MlaDecodeParams& p, void* workspace, cudaStream_t stream) 
     launch_dependent(mla_decode_plan_kernel, 1, kPlanThreads, plan_smem, stream, true, p.num_keys,
                      p.batch, p.s_q, parts, ws);
   }
-  auto* split = p.element == LatentElement::kFp8 ? mla_decode_split_kernel<LatentElement::kFp8>
-                                                 : mla_decode_split_kernel<LatentElement::kBf16>;
-  MLA_CUDA_CHECK(
-      cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-  launch_dependent(split, dim3(row_tiles(p.s_q, p.heads), parts), kThreads, kSmemBytes, stream,
-                   true, p, ws);
+  const bool fp8 = p.element == LatentElement::kFp8;
+  auto* split = fp8 ? mla_decode_split_kernel<LatentElement::kFp8>
+                    : mla_decode_split_kernel<LatentElement::kBf16>;
+  const int smem = fp8 ? kSmemBytes<true> : kSmemBytes<false>;
+  MLA_CUDA_CHECK(cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  launch_dependent(split, dim3(row_tiles(p.s_q, p.heads), parts), kThreads, smem, stream, true, p,
+                   ws);
   launch_dependent(
       mla_decode_combine_kernel,
       dim3(p.batch, (p.s_q * p.heads + kCombineRowsPerBlock - 1) / kCombineRowsPerBlock,

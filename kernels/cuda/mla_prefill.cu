@@ -142,7 +142,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const auto* pool = static_cast<const uint8_t*>(p.pool);
       const uint8_t* page = pool + (int64_t{pages[kt]} * p.num_layers + p.layer) * kPageLayerBytes;
       if constexpr (kFp8) {
-        fp8_page_load<kThreads>(s_kv + kTileBytes, page, min(kKeys, max_keys - kt * kKeys), pool);
+        fp8_rows_load<kThreads, kFp8RowBytes>(s_kv + kTileBytes, page,
+                                              min(kKeys, max_keys - kt * kKeys), pool);
       } else {
         const auto* base = reinterpret_cast<const __nv_bfloat16*>(page);
         const uint32_t dst = s_kv + buf * kTileBytes;
@@ -168,8 +169,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();  // tile kt (and Q) visible; every warp is done with tile kt - 1
       const int buf = kFp8 ? 0 : (kt - kt_begin) & 1;
       if constexpr (kFp8) {
-        fp8_page_dequantize<kThreads>(smem + kKvOffset + kTileBytes, smem + kKvOffset,
-                                      [](int r, int c) { return tile_offset(r, c); });
+        fp8_page_dequantize<kThreads, kFp8RowBytes>(smem + kKvOffset + kTileBytes, smem + kKvOffset,
+                                                    [](int r, int c) { return tile_offset(r, c); });
         __syncthreads();  // the tile is whole, and the staging buffer free for the next page
       }
       if (kt + 1 < kt_end) load_kv(kt + 1, buf ^ 1);
