@@ -128,7 +128,8 @@ fp8_cache() {
   set -o pipefail
   local rc=0
   tests/gpu/device_run.sh fp8_cache_tests \
-    '*Fp8Latent*:*Fp8Cache*:CudaLatentStore*:CudaMlaDecode.*Mixed*:CudaMlaPrefill.*Mixed*' ||
+    '*Fp8Latent*:*Fp8Cache*:CudaLatentStore*:CudaMlaDecode.*Mixed*:CudaMlaDecode.*Fp8*:'\
+'CudaMlaPrefill.*Mixed*' ||
     rc=1
   mlaserve bench-kernels --benches mla_decode --cache bf16,fp8 --json "$out/fp8_cache_decode.json" |
     sed 's/^\(| mla_decode.*\)$/RESULT \1/' || rc=1

@@ -374,14 +374,13 @@ TEST(CudaMlaDecode, Fp8CacheMixedLengths) {
 
 // The same launch twice, a launch reusing the first one's plan, and the launch captured in a
 // CUDA graph and replayed give bit-identical outputs (no atomics, no dependence on scheduling).
-TEST(CudaMlaDecode, DeterministicAndGraphCapturable) {
-  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+void check_deterministic_and_graph_capturable(cuda::LatentElement element) {
   std::mt19937 rng(5);
   std::uniform_int_distribution<int32_t> length(1, 4000);
   std::vector<int32_t> lengths(64);
   for (auto& len : lengths) len = length(rng);
   lengths[3] = 30000;  // split across many parts
-  const Cache cache = make_cache(lengths, rng);
+  const Cache cache = make_cache(lengths, rng, element);
   const Queries qs = make_queries(cache, 2, 64, 0.1352f, rng);
   DeviceProblem problem(cache, qs, device_sms());
   problem.run();
@@ -413,6 +412,18 @@ TEST(CudaMlaDecode, DeterministicAndGraphCapturable) {
   MLA_CUDA_CHECK(cudaGraphExecDestroy(exec));
   MLA_CUDA_CHECK(cudaGraphDestroy(graph));
   MLA_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+TEST(CudaMlaDecode, DeterministicAndGraphCapturable) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  check_deterministic_and_graph_capturable(cuda::LatentElement::kBf16);
+}
+
+// The fp8 pipeline (two staging slots, rotary values copied into the tile mid-tile) too: a
+// race between a page's copy and its dequantisation would show as runs that differ.
+TEST(CudaMlaDecode, Fp8DeterministicAndGraphCapturable) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  check_deterministic_and_graph_capturable(cuda::LatentElement::kFp8);
 }
 
 }  // namespace
