@@ -74,7 +74,7 @@ run() {
   tail -15 "$out/$step.log"
   table+=("| $step | $status | $((SECONDS - start)) s |")
   while IFS= read -r line; do table+=("|   | ${line#RESULT } | |"); done \
-    < <(grep '^RESULT ' "$out/$step.log" | head -40)
+    < <(grep '^RESULT ' "$out/$step.log" | head -60)
 }
 
 v2l4() { [ -d /tmp/v2l4 ] || mlaserve make-tiny --preset v2-lite-full --layers 4 --dtype BF16 --out /tmp/v2l4; }
