@@ -27,11 +27,7 @@ constexpr double kMedianTolerance = 0.05, kWorstTolerance = 0.25;
 constexpr double kRouterNearTie = 1e-3, kRouteFlip = 0.5;
 
 ModelOptions options(AbsorbMode mode, bool graphs, CacheDType cache) {
-  ModelOptions o;
-  o.absorb = mode;
-  o.show_progress = false;
-  o.device = Device::kCuda;
-  o.cuda.graphs = graphs;
+  ModelOptions o = test::cuda_model_options(mode, graphs);
   o.cache_dtype = cache;
   return o;
 }

@@ -76,11 +76,7 @@ std::shared_ptr<CudaModel> model(const std::string& name, AbsorbMode mode, bool 
       cache;
   auto& m = cache[{name, mode, graphs, deterministic, fp8_weights}];
   if (!m) {
-    ModelOptions o;
-    o.absorb = mode;
-    o.show_progress = false;
-    o.device = Device::kCuda;
-    o.cuda.graphs = graphs;
+    ModelOptions o = test::cuda_model_options(mode, graphs);
     o.deterministic = deterministic;
     o.fp8_weights = fp8_weights;
     m = CudaModel::load(model_dir(name), o);

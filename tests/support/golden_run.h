@@ -35,6 +35,17 @@ inline const char* pattern_name(Pattern p) {
 
 // Engine options for a pattern: pages of `block_size` tokens for every golden prompt at
 // once (with room to spare), and 4-token steps for chunked prefill.
+// A CUDA model's options for a golden run: absorption `mode`, CUDA graphs on or off, no
+// progress lines; a test sets what else it varies.
+inline ModelOptions cuda_model_options(AbsorbMode mode, bool graphs) {
+  ModelOptions o;
+  o.absorb = mode;
+  o.show_progress = false;
+  o.device = Device::kCuda;
+  o.cuda.graphs = graphs;
+  return o;
+}
+
 inline EngineOptions pattern_options(Pattern pattern, int32_t block_size = 64) {
   EngineOptions opts;
   opts.block_size = block_size;
