@@ -49,7 +49,7 @@ class Uploader {
       return d;
     }
     if (w.fp8()) ++widened;
-    return {cuda::upload_bf16(w.widened()), {}};
+    return {cuda::upload_bf16(w.widened()), {}, {}};
   }
 
   DeviceMlp mlp(const MlpWeights& m) { return {linear(m.gate_up), linear(m.down), m.width}; }
@@ -72,7 +72,7 @@ class Uploader {
         b = std::copy_n(static_cast<const uint8_t*>(w->w.raw()), w->w.nbytes(), b);
         sc = std::copy_n(w->scale.f32(), w->scale.numel(), sc);
       }
-      return {upload_bytes(bytes), cuda::upload_f32(scales)};
+      return {upload_bytes(bytes), cuda::upload_f32(scales), {}};
     }
     Tensor host = Tensor::empty(shape, DType::kBF16);
     auto* dst = host.data<uint16_t>();
@@ -82,7 +82,7 @@ class Uploader {
       const float* src = f32.f32();
       for (int64_t i = 0; i < f32.numel(); ++i) *dst++ = f32_to_bf16(src[i]);
     }
-    return {cuda::upload_bf16(host), {}};
+    return {cuda::upload_bf16(host), {}, {}};
   }
 
   DeviceLayer layer(const LayerWeights& lw) {
