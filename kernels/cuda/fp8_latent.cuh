@@ -47,7 +47,6 @@ __device__ __forceinline__ void fp8_latent_quantize_group(const float* x, int n,
 // The tuned kernels' rows: d_c 512, d_r 64.
 inline constexpr cpu::Fp8LatentRow kFp8Row576{.d_c = 512, .d_r = 64};
 inline constexpr int kFp8RowBytes = static_cast<int>(kFp8Row576.bytes());  // 656
-inline constexpr int kFp8RowChunks = kFp8RowBytes / 16;                    // 41
 static_assert(kFp8RowBytes % 16 == 0, "packed rows are whole 16-byte chunks");
 
 // The bytes of a packed row before its rotary values: the e4m3 values and their scales (528).
