@@ -6,19 +6,22 @@
 // kernels), in every absorption mode (naive runs the decompressed form, which dequantises
 // the rows it gathers), batched and in chunked prefill, with CUDA graphs on and off. The GPU
 // model's bf16-cache error and the CPU model's fp8-cache error on the same prompts are printed
-// beside each run. The cache holds about 1.75x the tokens of a bf16 cache in the same memory.
+// beside each run. The cache holds about 1.75x the tokens of a bf16 cache in the same memory,
+// and a request migrates between two fp8 caches in stages without a changed token.
 #include <gtest/gtest.h>
 
 #include <iostream>
 #include <map>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "kernels/cuda/cuda_check.h"
 #include "runtime/cuda/cuda_model.h"
 #include "runtime/engine.h"
 #include "tests/support/golden.h"
 #include "tests/support/golden_run.h"
+#include "tests/support/staged_migration.h"
 
 namespace mla {
 namespace {
@@ -115,6 +118,31 @@ TEST(CudaFp8CacheCapacity, HoldsAboutSevenFourthsTheTokens) {
   std::printf("v3_mla cache pages in 0.2 of free memory: fp8 %d, bf16 %d (%.3fx)\n", pages_fp8,
               pages_bf16, ratio);
   EXPECT_NEAR(ratio, 1152.0 / 656.0, 0.01);
+}
+
+// A request migrated in stages between two engines on fp8 caches (the packed rows copied as
+// they are) produces the tokens it produces unmigrated.
+TEST(CudaFp8CacheMigration, StagedMigrationGivesTheUnmigratedTokens) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const auto m = CudaModel::load(test::model_dir("v3_mla"),
+                                 options(AbsorbMode::kAuto, true, CacheDType::kFp8));
+  EngineOptions opts;
+  opts.num_pages = 32;
+  Request r;
+  r.prompt = test::golden("v3_mla").prompts[0];
+  r.max_tokens = 8;
+  r.ignore_eos = true;
+  std::vector<int32_t> want;
+  {
+    Engine alone(m, opts);
+    alone.add_request(r);
+    while (alone.has_work()) {
+      for (const auto& o : alone.step()) want.push_back(o.token);
+    }
+  }
+  Engine a(m, opts), b(m, opts);
+  ASSERT_EQ(a.cache().storage(), CacheStorage::kDeviceFp8);
+  EXPECT_EQ(test::migrate_in_stages(a, b, r, 2), want);
 }
 
 }  // namespace
