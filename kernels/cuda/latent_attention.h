@@ -17,7 +17,7 @@ namespace mla::cuda {
 struct LatentAttentionParams {
   const __nv_bfloat16* q;  // [tokens, heads, d_c + d_r]: absorbed query, then rotary part
   const void* pool;        // [num_pages, num_layers, block_size, row bytes]
-  LatentElement element;   // of the pool's rows (fp8: d_c a multiple of 4)
+  LatentElement element;   // of the pool's rows (fp8: d_c a multiple of 4, d_r even)
   int32_t layer, num_layers, block_size, d_c, d_r;  // d_c + d_r <= kMaxLatentWidth
   const int32_t* block_table;  // [num_seqs, table_stride]; entries past a sequence's keys unread
   int32_t table_stride;

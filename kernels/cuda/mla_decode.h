@@ -4,9 +4,10 @@
 //   out[b,i,h] = sum_j softmax(s)_j c_j (512 values),  lse[b,i,h] = ln sum_j exp(s_j)
 // where key j of sequence b is row j % 64 of page block_table[b][j / 64] (c = its first 512
 // values, kr = the last 64). Equals mla::cpu::latent_attention up to bf16 rounding. The pool
-// rows are bf16 or packed fp8 (kernels/cuda/fp8_latent.h): an fp8 page is staged in shared
-// memory as it is and dequantised there into the bf16 tile the tensor cores read, so an fp8
-// cache moves 656 bytes a key instead of 1,152.
+// rows are bf16 or packed fp8 (kernels/cuda/fp8_latent.h): an fp8 page's e4m3 values and scales
+// are staged in shared memory (two pages in flight) and dequantised there into the bf16 tile
+// the tensor cores read, its rotary values copied into the tile as they are, so an fp8 cache
+// moves 656 bytes a key instead of 1,152.
 //
 // Three kernels on one stream, like FlashMLA's decode: a planner reads num_keys on the device
 // and cuts the batch's total KV work into equal parts, one per group of SMs (so one long
