@@ -7,11 +7,10 @@
 // KV page twice: as the K-major B operand of S = Q K^T, and, through its first eight blocks, as
 // the MN-major B operand of O += P V, so V costs no second load. With fp8 rows there is one bf16
 // tile and, where the second KV stage was, two staging slots of 64 x 528 bytes (a page's e4m3
-// values and scales): page j + 2 streams into one slot while page j + 1 waits in the other and
-// page j is dequantised into the tile, so two pages are in flight as the bf16 kernel's one is
-// (the copy, not the dequantisation, then sets the pace of a memory-bound tile). The rotary
-// values, bf16 already, go straight into the tile's last column block once both warpgroups'
-// S = Q K^T of the page before is done with it.
+// values and scales): page j + 1 streams into one slot while page j is dequantised from the
+// other into the tile, and page j + 2's copy into that slot starts once both warpgroups' S of
+// page j is done, so from then on two pages are in flight (the bf16 kernel has one). The rotary
+// values, bf16 already, go straight into the tile's last column block at the same point.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -469,9 +468,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_async_shared();
         __syncthreads();  // the tile is whole, and the slot free for page blk + 2
       }
-      // S first: the tensor cores start on it while the threads issue the next page's copies.
-      // (Issuing P V of tile blk - 1 next to S instead, to close the remaining gap, measured
-      // 10% slower at 128 heads: the next page then starts loading too late.)
+      // S first: the tensor cores start on it while the threads issue the next page's copies
+      // (bf16; fp8 issues its copies after the row-maximum exchange below). (Issuing P V of
+      // tile blk - 1 next to S instead, to close the remaining gap, measured 10% slower at 128
+      // heads: the next page then starts loading too late.)
       issue_s(kv);
       if constexpr (!kFp8) {
         if (blk + 1 < hi) load_kv(blk + 1, stage ^ 1);
