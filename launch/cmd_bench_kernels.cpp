@@ -50,6 +50,7 @@ namespace {
 struct BenchKernelsArgs {
   int32_t batch = 128;
   std::vector<int32_t> contexts = {4096, 8192};
+  std::vector<int32_t> lengths;  // mla_decode: this one batch of sequence lengths instead
   std::vector<int32_t> heads = {16, 32, 64, 128};
   std::vector<int32_t> s_q = {1, 2};
   std::vector<std::string> caches = {"bf16"};  // mla_decode: the pool's rows
@@ -158,9 +159,37 @@ struct BenchRecord {
   double tflops() const { return flops / (time_us * 1e-6) / 1e12; }
 };
 
-// cuda::mla_decode at batch x (s_q, heads) for each mean context: sequence lengths uniform in
-// [mean / 2, 3 mean / 2] (fixed seed), pages scattered over a one-layer pool, for each cache
-// element asked for (bf16 rows, fp8 rows: then also the time as a fraction of bf16's).
+// A decode batch to time: its sequences' key counts and how the results name it.
+struct DecodeBatch {
+  nlohmann::ordered_json config;
+  std::vector<int32_t> lengths;
+  std::mt19937 rng;  // places its pages (for a mean context, where drawing the lengths left it)
+};
+
+// Per mean context m, `batch` lengths uniform in [m / 2, 3 m / 2] (fixed seed); or the one
+// batch --lengths names.
+std::vector<DecodeBatch> decode_batches(const BenchKernelsArgs& args) {
+  std::vector<DecodeBatch> out;
+  if (!args.lengths.empty()) {
+    out.push_back({{{"batch", args.lengths.size()},
+                    {"lengths", fmt::format("{}", fmt::join(args.lengths, ","))}},
+                   args.lengths,
+                   std::mt19937(static_cast<uint32_t>(args.seed))});
+    return out;
+  }
+  for (int32_t context : args.contexts) {
+    std::mt19937 rng(static_cast<uint32_t>(args.seed + context));
+    std::uniform_int_distribution<int32_t> length(std::max(1, context / 2), context * 3 / 2);
+    std::vector<int32_t> lengths(args.batch);
+    for (auto& len : lengths) len = length(rng);
+    out.push_back({{{"batch", args.batch}, {"context", context}}, std::move(lengths), rng});
+  }
+  return out;
+}
+
+// cuda::mla_decode at each decode batch x (s_q, heads): pages scattered over a one-layer pool,
+// for each cache element asked for (bf16 rows, fp8 rows: then also the time as a fraction of
+// bf16's). Query i of s_q attends the causal step's first L - (s_q - 1 - i) keys.
 void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t stream,
                       std::vector<BenchRecord>& records) {
   constexpr int64_t kWidth = cuda::kMlaDecodeLatentDim + cuda::kMlaDecodeRopeDim;
@@ -168,7 +197,8 @@ void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t st
   constexpr int32_t kBlock = cuda::kMlaDecodeBlockSize;
   constexpr int64_t kFp8RowBytes =
       cuda::latent_row_bytes(cuda::LatentElement::kFp8, kDc, kWidth - kDc);
-  const int32_t batch = args.batch;
+  std::vector<DecodeBatch> batches = decode_batches(args);
+  const auto batch = static_cast<int32_t>(batches.front().lengths.size());  // every batch's
   const int32_t max_heads = *std::max_element(args.heads.begin(), args.heads.end());
   const int32_t max_s_q = *std::max_element(args.s_q.begin(), args.s_q.end());
   const int64_t max_rows = int64_t{batch} * max_s_q * max_heads;
@@ -183,14 +213,12 @@ void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t st
   }
   DeviceBytes workspace(workspace_bytes);
 
-  for (int32_t context : args.contexts) {
-    std::mt19937 rng(static_cast<uint32_t>(args.seed + context));
-    std::uniform_int_distribution<int32_t> length(std::max(1, context / 2), context * 3 / 2);
-    std::vector<int32_t> lengths(batch);
+  for (DecodeBatch& db : batches) {
+    const std::vector<int32_t>& lengths = db.lengths;
+    std::mt19937& rng = db.rng;
     int32_t max_pages = 0, total_pages = 0;
     int64_t total_keys = 0;
-    for (auto& len : lengths) {
-      len = length(rng);
+    for (const int32_t len : lengths) {
       total_keys += len;
       const int32_t pages = (len + kBlock - 1) / kBlock;
       max_pages = std::max(max_pages, pages);
@@ -215,7 +243,7 @@ void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t st
     if (fp8) {
       cuda::fill_random_fp8_latent(pool_fp8.get(), rows_in_pool, kDc, kWidth - kDc, args.seed + 20);
     }
-    DeviceBytes d_table(table.size() * 4), d_keys(size_t{4} * batch * 2);
+    DeviceBytes d_table(table.size() * 4), d_keys(size_t{4} * batch * max_s_q);
     MLA_CUDA_CHECK(
         cudaMemcpy(d_table.get(), table.data(), table.size() * 4, cudaMemcpyHostToDevice));
 
@@ -225,7 +253,7 @@ void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t st
         double flops = 0.0;
         for (int32_t len : lengths) {
           for (int32_t i = 0; i < s_q; ++i) {
-            num_keys.push_back(len - (s_q - 1 - i));  // the causal step: {L - 1, L} for s_q 2
+            num_keys.push_back(std::max(0, len - (s_q - 1 - i)));  // {L - 1, L} for s_q 2
             flops += 2.0 * heads * num_keys.back() * (kWidth + kDc);
           }
         }
@@ -261,7 +289,9 @@ void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t st
           const double key_bytes = is_fp8 ? kFp8RowBytes : kWidth * 2;
           BenchRecord r;
           r.bench = "mla_decode";
-          r.config = {{"batch", batch}, {"context", context}, {"heads", heads}, {"s_q", s_q}};
+          r.config = db.config;
+          r.config["heads"] = heads;
+          r.config["s_q"] = s_q;
           if (is_fp8) r.config["cache"] = "fp8";
           r.time_us = ms * 1e3;
           r.bytes = double(total_keys) * key_bytes + double(rows) * (kWidth * 2 + kDc * 2 + 4);
@@ -269,8 +299,8 @@ void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t st
           r.extra["time_us_plan_reused"] = reused_ms * 1e3;
           if (!is_fp8) bf16_us = r.time_us;
           if (is_fp8 && bf16_us > 0) r.extra["of_bf16_time"] = r.time_us / bf16_us;
-          spdlog::info("mla_decode batch {} context {} heads {} s_q {} {}: {:.1f} us", batch,
-                       context, heads, s_q, cache, r.time_us);
+          spdlog::info("mla_decode {} heads {} s_q {} {}: {:.1f} us", db.config.dump(), heads, s_q,
+                       cache, r.time_us);
           records.push_back(std::move(r));
         }
       }
@@ -474,6 +504,12 @@ int run_bench_kernels(const BenchKernelsArgs& args) {
   MLA_REQUIRE(args.iters >= 1 && args.warmup >= 0, "--iters must be >= 1 and --warmup >= 0");
   MLA_REQUIRE(args.batch >= 1 && !args.contexts.empty() && !args.heads.empty() && !args.s_q.empty(),
               "--batch, --contexts, --heads and --sq must be non-empty and positive");
+  for (const int32_t s_q : args.s_q) {
+    MLA_REQUIRE(s_q >= 1 && s_q <= 4, "--sq: {} is not in [1, 4]", s_q);
+  }
+  for (const int32_t len : args.lengths) {
+    MLA_REQUIRE(len >= 1 && len <= (1 << 24), "--lengths: {} is not in [1, 2^24]", len);
+  }
   int device = 0;
   MLA_CUDA_CHECK(cudaGetDevice(&device));
   cudaDeviceProp prop{};
@@ -562,7 +598,11 @@ void add_bench_kernels_command(CLI::App& app, int& exit_code) {
       ->delimiter(',')
       ->capture_default_str();
   cmd->add_option("--heads", a->heads, "Query head counts")->delimiter(',')->capture_default_str();
-  cmd->add_option("--sq", a->s_q, "Query tokens per sequence (1 or 2)")
+  cmd->add_option("--lengths", a->lengths,
+                  "mla_decode: time this one batch of sequence lengths instead (e.g. the "
+                  "unbalanced 4641,45118,1730,1696)")
+      ->delimiter(',');
+  cmd->add_option("--sq", a->s_q, "Query tokens per sequence (1 to 4: a speculative step)")
       ->delimiter(',')
       ->capture_default_str();
   cmd->add_option("--cache", a->caches,

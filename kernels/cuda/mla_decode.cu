@@ -700,7 +700,7 @@ void mla_decode(const MlaDecodeParams& p, void* workspace, cudaStream_t stream) 
   // Check shapes
   MLA_REQUIRE(p.batch >= 0 && p.batch <= kMaxBatch, "mla_decode: batch {} outside [0, {}]", p.batch,
               kMaxBatch);
-  MLA_REQUIRE(p.s_q == 1 || p.s_q == 2, "mla_decode: s_q must be 1 or 2, got {}", p.s_q);
+  MLA_REQUIRE(p.s_q >= 1 && p.s_q <= 4, "mla_decode: s_q must be in [1, 4], got {}", p.s_q);
   MLA_REQUIRE(p.heads >= 1, "mla_decode: heads {} < 1", p.heads);
   MLA_REQUIRE(p.num_layers >= 1 && p.layer >= 0 && p.layer < p.num_layers,
               "mla_decode: layer {} outside [0, {})", p.layer, p.num_layers);

@@ -50,10 +50,12 @@ struct MlaDecodeParams {
   // is row j % 64 of page block_table[b][j / 64]); may be 0, then out = 0 and lse = -inf for
   // that query; non-decreasing in i.
   const int32_t* num_keys;
-  int32_t batch, s_q, heads;  // s_q in {1, 2}; heads any value >= 1 (e.g. 1, 8, 16, 32, 64, 128)
-  float scale;                // softmax scale applied to the dot products; > 0
-  __nv_bfloat16* out;         // [batch, s_q, heads, 512]
-  float* lse;                 // [batch, s_q, heads]: natural log of the sum of exp(scaled scores)
+  // s_q in [1, 4] (decode, and up to three speculated tokens a step); heads any value >= 1
+  // (e.g. 1, 8, 16, 32, 64, 128)
+  int32_t batch, s_q, heads;
+  float scale;         // softmax scale applied to the dot products; > 0
+  __nv_bfloat16* out;  // [batch, s_q, heads, 512]
+  float* lse;          // [batch, s_q, heads]: natural log of the sum of exp(scaled scores)
   // The SMs to spread the work over: the value given to mla_decode_workspace_bytes (usually
   // the device's multiprocessor count).
   int32_t num_sms;

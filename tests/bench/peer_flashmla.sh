@@ -12,8 +12,11 @@
 # under OUT_DIR and built there (PyTorch's extension builder and nvcc, sm_90a; ~1.5 min on 16
 # cores). Then `mlaserve bench-kernels --benches mla_decode` runs on the same GPU, and the
 # table printed last gives each configuration's time in both and mlaserve / FlashMLA (below 1:
-# mlaserve is faster), with each run's ceilings. Exits non-zero when a step fails or a
-# configuration is missing from either run.
+# mlaserve is faster), with each run's ceilings. A second table does the same for one
+# unbalanced batch (lengths 4641,45118,1730,1696 at s_q 4, 16 heads: the batch ThunderMLA's
+# write-up times FlashMLA on; tests/bench/flashmla_lengths.py times FlashMLA there, `mlaserve
+# bench-kernels --lengths` mlaserve). Exits non-zero when a step fails or a configuration is
+# missing from either run.
 # env: MLASERVE (default build/launch/mlaserve, or mlaserve on PATH), PYTHON (python3),
 #      NVCC_THREADS (8), MAX_JOBS (the host's cores).
 set -euo pipefail
@@ -48,4 +51,16 @@ echo "== mlaserve (log: $out/mlaserve.log)"
   --heads 16,32,64,128 --sq 1,2 --iters 30 --warmup 5 --json "$out/mlaserve.json" \
   >"$out/mlaserve.log" 2>&1 || { tail -30 "$out/mlaserve.log" >&2; exit 1; }
 
-"$python" "$(dirname "$0")/peer_table.py" "$out/flashmla.json" "$out/mlaserve.json"
+here=$(cd "$(dirname "$0")" && pwd)
+lengths=4641,45118,1730,1696
+echo "== the unbalanced batch $lengths, s_q 4, 16 heads (logs: $out/*_lengths.log)"
+(cd "$out/flashmla" && PYTHONPATH=$PWD "$python" "$here/flashmla_lengths.py" \
+  "$out/flashmla_lengths.json" --lengths $lengths --heads 16 --sq 4) \
+  >"$out/flashmla_lengths.log" 2>&1 || { tail -30 "$out/flashmla_lengths.log" >&2; exit 1; }
+"$mlaserve" bench-kernels --benches mla_decode --lengths $lengths --heads 16 --sq 4 --iters 30 \
+  --warmup 5 --json "$out/mlaserve_lengths.json" >"$out/mlaserve_lengths.log" 2>&1 ||
+  { tail -30 "$out/mlaserve_lengths.log" >&2; exit 1; }
+
+"$python" "$here/peer_table.py" "$out/flashmla.json" "$out/mlaserve.json"
+echo
+"$python" "$here/peer_table.py" "$out/flashmla_lengths.json" "$out/mlaserve_lengths.json"

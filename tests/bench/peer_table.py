@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The ratio table of tests/bench/peer_flashmla.sh: FlashMLA's dense decode (its
-bench_dense_decode.py JSON) against `mlaserve bench-kernels --benches mla_decode --json`, joined
-on (context, heads, s_q). Prints a markdown table, then each run's ceilings and the range of
+bench_dense_decode.py JSON, or flashmla_lengths.py's) against `mlaserve bench-kernels --benches
+mla_decode --json`, joined on (context, heads, s_q), where a batch of given lengths stands in for
+the context. Prints a markdown table, then each run's ceilings and the range of
 the ratios; exits 1 when a configuration of either run is missing from the other.
 
     tests/bench/peer_table.py FLASHMLA_JSON MLASERVE_JSON
@@ -13,21 +14,26 @@ import sys
 def main(flashmla_path, mlaserve_path):
     peer = json.load(open(flashmla_path))
     ours = json.load(open(mlaserve_path))
-    theirs = {(r["context"], r["heads"], r["s_q"]): r for r in peer["rows"]}
+    def batch(r):  # a mean context, or the lengths of a given batch
+        return r["context"] if "context" in r else r["lengths"]
+
+    theirs = {(batch(r), r["heads"], r["s_q"]): r for r in peer["rows"]}
     mine = {}
     for r in ours["results"]:
-        if r["bench"] != "mla_decode":
+        if r["bench"] != "mla_decode" or r["config"].get("cache", "bf16") != "bf16":
             continue
         c = r["config"]
-        mine[(c["context"], c["heads"], c["s_q"])] = r
-    missing = sorted(set(theirs) ^ set(mine))
+        mine[(batch(c), c["heads"], c["s_q"])] = r
+    # Mean contexts (numbers) first, then given batches (their lengths, strings).
+    order = lambda key: (isinstance(key[0], str), key)  # noqa: E731
+    missing = sorted(set(theirs) ^ set(mine), key=order)
     print(f"device: FlashMLA run on {peer['device']}, mlaserve run on {ours['device']['name']}")
     print()
-    print("| context | heads | s_q | FlashMLA us | of copy | mlaserve us | of copy | "
+    print("| context (or lengths) | heads | s_q | FlashMLA us | of copy | mlaserve us | of copy | "
           "mlaserve / FlashMLA |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     ratios = []
-    for key in sorted(set(theirs) & set(mine)):
+    for key in sorted(set(theirs) & set(mine), key=order):
         t, m = theirs[key], mine[key]
         ratio = m["time_us"] / t["us"]
         ratios.append(ratio)
