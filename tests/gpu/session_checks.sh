@@ -27,7 +27,8 @@
 #               golden_fp8act, bytes held), then DeepSeek-V3's shape (4 layers, rank 0 of TP8
 #               emulated, an fp8 checkpoint) profiled with fp8_weights widen and keep: step times
 #               and weight bytes side by side (issue 17 item 4)
-#   fp8_cache   the fp8 latent cache on the GPU (issue 17 item 5): its kernel and model tests, then
+#   fp8_cache   the fp8 latent cache on the GPU (issue 17 item 5): its kernel and model tests (and
+#               mla_decode's speculative steps, s_q 3 and 4, on bf16 and fp8 pages), then
 #               mla_decode on bf16 and fp8 pages side by side (bench-kernels --cache bf16,fp8),
 #               and whole V2-Lite-shaped decode steps (4 layers) on each cache (bench-decode)
 #   peer        FlashMLA's dense decode beside mlaserve's (issue 17), from FLASHMLA_SRC
@@ -129,7 +130,7 @@ fp8_cache() {
   local rc=0
   tests/gpu/device_run.sh fp8_cache_tests \
     '*Fp8Latent*:*Fp8Cache*:CudaLatentStore*:CudaMlaDecode.*Mixed*:CudaMlaDecode.*Fp8*:'\
-'CudaMlaPrefill.*Mixed*' ||
+'CudaMlaDecode.Speculative*:CudaMlaPrefill.*Mixed*' ||
     rc=1
   mlaserve bench-kernels --benches mla_decode --cache bf16,fp8 --json "$out/fp8_cache_decode.json" |
     sed 's/^\(| mla_decode.*\)$/RESULT \1/' || rc=1
