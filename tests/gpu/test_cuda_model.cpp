@@ -473,17 +473,7 @@ TEST(CudaMigration, StagedMigrationGivesTheUnmigratedTokens) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   auto m = model("v3_mla", AbsorbMode::kAuto, true);
   const EngineOptions opts = engine_options(32);
-  const Request r = first_prompt_request("v3_mla", 8);
-  std::vector<int32_t> want;
-  {
-    Engine alone(m, opts);
-    alone.add_request(r);
-    while (alone.has_work()) {
-      for (const auto& o : alone.step()) want.push_back(o.token);
-    }
-  }
-  Engine a(m, opts), b(m, opts);
-  EXPECT_EQ(test::migrate_in_stages(a, b, r, 2), want);
+  test::expect_migration_keeps_tokens(m, opts, first_prompt_request("v3_mla", 8));
 }
 
 }  // namespace

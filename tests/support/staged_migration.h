@@ -50,4 +50,21 @@ inline std::vector<int32_t> migrate_in_stages(Engine& a, Engine& b, const Reques
   return tokens;
 }
 
+// The tokens `request` produces alone on an engine of `model` with `options` equal those it
+// produces migrated in stages (migrate_in_stages, after `first_steps` steps) between two more.
+template <typename ModelPtr>
+void expect_migration_keeps_tokens(const ModelPtr& model, const EngineOptions& options,
+                                   const Request& request, int first_steps = 2) {
+  std::vector<int32_t> want;
+  {
+    Engine alone(model, options);
+    alone.add_request(request);
+    while (alone.has_work()) {
+      for (const StepOutput& o : alone.step()) want.push_back(o.token);
+    }
+  }
+  Engine a(model, options), b(model, options);
+  EXPECT_EQ(migrate_in_stages(a, b, request, first_steps), want);
+}
+
 }  // namespace mla::test

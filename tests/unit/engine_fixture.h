@@ -54,6 +54,14 @@ inline const TempDir& temp_dir() {
 
 // model_preset("v3") with random weights (always the same: one seed), with `eos` as the
 // eos ids when given.
+// A model's options in `mode`, without the loading progress line.
+inline ModelOptions quiet_options(AbsorbMode mode) {
+  ModelOptions o;
+  o.absorb = mode;
+  o.show_progress = false;
+  return o;
+}
+
 inline std::shared_ptr<const DeepseekModel> tiny_model(AbsorbMode mode,
                                                        std::optional<int32_t> eos = std::nullopt) {
   static std::map<std::pair<int, int32_t>, std::shared_ptr<const DeepseekModel>> cache;
@@ -65,7 +73,7 @@ inline std::shared_ptr<const DeepseekModel> tiny_model(AbsorbMode mode,
   if (!std::filesystem::exists(dir + "/config.json")) {
     write_random_checkpoint(config, dir, kTinySeed);
   }
-  m = DeepseekModel::load(dir, {mode, CostModel{}, false});
+  m = DeepseekModel::load(dir, quiet_options(mode));
   return m;
 }
 
@@ -75,7 +83,7 @@ inline const Golden& golden() { return test::golden("v3"); }
 
 inline std::shared_ptr<const DeepseekModel> golden_model() {
   static const std::shared_ptr<const DeepseekModel> m =
-      DeepseekModel::load(golden_dir(), {AbsorbMode::kAuto, CostModel{}, false});
+      DeepseekModel::load(golden_dir(), quiet_options(AbsorbMode::kAuto));
   return m;
 }
 
