@@ -197,6 +197,8 @@ void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t st
   constexpr int32_t kBlock = cuda::kMlaDecodeBlockSize;
   constexpr int64_t kFp8RowBytes =
       cuda::latent_row_bytes(cuda::LatentElement::kFp8, kDc, kWidth - kDc);
+  const bool fp8 = std::find(args.caches.begin(), args.caches.end(), "fp8") != args.caches.end();
+  const bool bf16 = std::find(args.caches.begin(), args.caches.end(), "bf16") != args.caches.end();
   std::vector<DecodeBatch> batches = decode_batches(args);
   const auto batch = static_cast<int32_t>(batches.front().lengths.size());  // every batch's
   const int32_t max_heads = *std::max_element(args.heads.begin(), args.heads.end());
@@ -233,9 +235,6 @@ void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t st
         table[int64_t{b} * max_pages + k] = ids[next++];
       }
     }
-    const bool fp8 = std::find(args.caches.begin(), args.caches.end(), "fp8") != args.caches.end();
-    const bool bf16 =
-        std::find(args.caches.begin(), args.caches.end(), "bf16") != args.caches.end();
     const int64_t rows_in_pool = int64_t{total_pages} * kBlock;
     DeviceBytes pool(bf16 ? size_t{2} * rows_in_pool * kWidth : 1);
     DeviceBytes pool_fp8(fp8 ? rows_in_pool * kFp8RowBytes : 1);

@@ -265,19 +265,26 @@ TEST(Simulator, PrefillGroupsHandRequestsWithTheirCachesToDecodeGroups) {
   EXPECT_THROW(simulate(items, constant_model(10.0, 2.0), o), Error);
 }
 
+// Two groups, `concurrency` clients, group 0 drained at 40 ms; a migration takes 5 ms plus 1 ms
+// a computed token (1 MB a token at 1 GB/s).
+SimOptions draining_group_0(int32_t concurrency) {
+  SimOptions o;
+  o.groups = 2;
+  o.max_concurrency = concurrency;
+  o.drains = {{0, 0.040}};
+  o.latent_bytes_per_token = 1'000'000;
+  o.migration_gbps = 1.0;
+  o.migration_fixed_ms = 5.0;
+  return o;
+}
+
 // A group drained mid-run takes no new request from then on, and every request it held
 // moves with its cache to the other group when its step ends: nothing is recomputed (the
 // migration takes 5 ms + 1 ms a computed token here) and every token comes once.
 TEST(Simulator, ADrainedGroupsRequestsMigrateWithTheirCaches) {
   std::vector<WorkItem> items = same_items(8, 50, 40);
   for (size_t i = 4; i < items.size(); ++i) items[i].arrival_s = 0.2;  // after the drain
-  SimOptions o;
-  o.groups = 2;
-  o.max_concurrency = 8;
-  o.drains = {{0, 0.040}};
-  o.latent_bytes_per_token = 1'000'000;
-  o.migration_gbps = 1.0;
-  o.migration_fixed_ms = 5.0;
+  SimOptions o = draining_group_0(8);
   o.live_migration = false;  // the blocking stop-and-copy (the next test: live)
   const SimResult r = simulate(items, constant_model(10.0, 2.0), o);
   EXPECT_EQ(r.migrations, 2) << "least-loaded put two of the first four on group 0";
@@ -310,13 +317,7 @@ TEST(Simulator, ADrainedGroupsRequestsMigrateWithTheirCaches) {
 // request that ends during its pre-copy just ends there.
 TEST(Simulator, ALiveMigrationKeepsStreamingFromTheSourceUntilItsLastStage) {
   std::vector<WorkItem> items = same_items(4, 50, 200);
-  SimOptions o;
-  o.groups = 2;
-  o.max_concurrency = 4;
-  o.drains = {{0, 0.040}};
-  o.latent_bytes_per_token = 1'000'000;
-  o.migration_gbps = 1.0;
-  o.migration_fixed_ms = 5.0;
+  SimOptions o = draining_group_0(4);
   const SimResult live = simulate(items, constant_model(10.0, 2.0), o);
   o.live_migration = false;
   const SimResult blocking = simulate(items, constant_model(10.0, 2.0), o);
