@@ -124,6 +124,19 @@ void gemm(const Blas& blas, const GemmParams& p) {
       static_cast<int>(p.batch), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+void gemm_pair(const Blas& blas, const GemmParams& first, const GemmParams& second) {
+  const BlasOptions& o = blas.options();
+  auto small = [&](const GemmParams& p) { return p.m >= 1 && p.m <= kSkinnyPreferredRows; };
+  if (o.small_gemm && !o.batch_invariant && small(first) && small(second) &&
+      skinny_gemm_pair_supports(first, second)) {
+    skinny_gemm_pair(first, second, blas.stream(),
+                     o.dependent_launch && first.b_constant && second.b_constant);
+    return;
+  }
+  gemm(blas, first);
+  gemm(blas, second);
+}
+
 void linear(const Blas& blas, const void* x, int64_t rows, int64_t in, const void* w, int64_t out,
             void* y, DType y_type, float beta) {
   GemmParams p{x, w, y, rows, out, in, in, in, out};

@@ -249,73 +249,115 @@ struct GemvArgs {
   const bf16* gate_up;
   const bf16* down;
   int32_t top_k, first_expert, local_experts;
+  int32_t slots;  // grid rows past `slots` are the tokens' shared-expert rows
   int64_t d, inter;
   Plan plan;  // writes slot_pos[s] = s or -1, act[s, :], y[s, :]
+  MoeSharedExperts shared;
+  float* out;  // the shared rows' results go straight to out [tokens, d]
 };
 
-// The local expert of slot blockIdx.y, or -1; the kernel that wrote ids has finished.
-__device__ __forceinline__ int gemv_expert(const GemvArgs& g) {
-  const int e = g.ids[blockIdx.y] - g.first_expert;
-  return e >= 0 && e < g.local_experts ? e : -1;
+// What one grid row (blockIdx.y) of the two kernels works on: a routed slot's expert, or a
+// token's shared experts. `inter` is 0 for a slot routed to another rank's expert.
+struct GemvRow {
+  int64_t token;
+  const bf16* gate_up;  // [2 * inter, d]
+  const bf16* down;     // [d, inter]
+  bf16* act;            // [inter]
+  int64_t inter;
+  bool shared;
+};
+
+// Reads ids only for a routed slot (so only after wait_for_prerequisite() there).
+__device__ __forceinline__ GemvRow gemv_row(const GemvArgs& g) {
+  const int64_t s = blockIdx.y;
+  if (s >= g.slots) {
+    const int64_t t = s - g.slots;
+    return {t,   g.shared.gate_up, g.shared.down, g.shared.act + t * g.shared.inter, g.shared.inter,
+            true};
+  }
+  GemvRow row{s / g.top_k, nullptr, nullptr, g.plan.act + s * g.inter, 0, false};
+  const int e = g.ids[s] - g.first_expert;
+  if (e >= 0 && e < g.local_experts) {
+    row.gate_up = g.gate_up + int64_t{e} * 2 * g.inter * g.d;
+    row.down = g.down + int64_t{e} * g.d * g.inter;
+    row.inter = g.inter;
+  }
+  return row;
 }
 
-// act[s, j] = bf16(silu(x[t] . gate_e[j]) * (x[t] . up_e[j])), slot s = t * top_k + k; each
-// thread group takes one j (its gate row and its up row).
+// act[j] = bf16(silu(x[t] . gate[j]) * (x[t] . up[j])) for the grid row's MLP (a routed slot
+// s = t * top_k + k, or token t's shared experts); each thread group takes one j (its gate row
+// and its up row). A shared row starts streaming its weights before it waits for x; a routed
+// one must first read its expert id.
 __global__ void __launch_bounds__(kGemvThreads) moe_gemv_gate_up_kernel(GemvArgs g) {
-  wait_for_prerequisite();  // ids and x
-  allow_dependent_launch();
-  const int64_t s = blockIdx.y;
-  const int e = gemv_expert(g);
-  if (blockIdx.x == 0 && threadIdx.x == 0)
-    g.plan.slot_pos[s] = e >= 0 ? static_cast<int32_t>(s) : -1;
-  if (e < 0) return;  // the whole block
+  const bool shared = blockIdx.y >= g.slots;
+  if (!shared) wait_for_prerequisite();  // ids
+  const GemvRow m = gemv_row(g);
+  if (!shared && blockIdx.x == 0 && threadIdx.x == 0) {
+    g.plan.slot_pos[blockIdx.y] = m.inter > 0 ? static_cast<int32_t>(blockIdx.y) : -1;
+  }
   const int lane = threadIdx.x % kGemvGroup, group = threadIdx.x / kGemvGroup;
-  const int64_t j = int64_t{blockIdx.x} * kGemvGroups + group;
-  const int64_t row = j < g.inter ? j : g.inter - 1;  // past inter: re-read, dropped
-  const bf16* w = g.gate_up + int64_t{e} * 2 * g.inter * g.d;
+  const int64_t j0 = int64_t{blockIdx.x} * kGemvGroups;
+  if (j0 >= m.inter) {  // the whole block: another rank's expert, or past this row's width
+    if (shared) wait_for_prerequisite();
+    return;
+  }
+  const int64_t j = j0 + group;
+  const int64_t row = j < m.inter ? j : m.inter - 1;  // past inter: re-read, dropped
   RowDots<bf16, 1, 2, kGemvGroup> dots;
-  dots.b[0] = w + row * g.d;
-  dots.b[1] = w + (g.inter + row) * g.d;
+  dots.b[0] = m.gate_up + row * g.d;
+  dots.b[1] = m.gate_up + (m.inter + row) * g.d;
   dots.chunks = g.d / 8;
   dots.c0 = lane;
   dots.load();
+  if (shared) wait_for_prerequisite();  // x
+  allow_dependent_launch();
   float acc[1][2] = {};
-  dots.dot(g.x + (s / g.top_k) * g.d, g.d, 1, acc);
+  dots.dot(g.x + m.token * g.d, g.d, 1, acc);
   __shared__ float partial[kGemvThreads / 32][2];
   __shared__ float sums[kGemvGroups][2];
   group_sums<kGemvThreads, kGemvGroup>(acc, partial, sums);
-  if (lane == 0 && j < g.inter) {
+  if (lane == 0 && j < m.inter) {
     const float gate = sums[group][0], up = sums[group][1];
     // Same expression as cpu::silu_mul and the tiled kernel's epilogue.
-    g.plan.act[s * g.inter + j] = __float2bfloat16_rn(gate / (1.0f + expf(-gate)) * up);
+    m.act[j] = __float2bfloat16_rn(gate / (1.0f + expf(-gate)) * up);
   }
 }
 
-// y[s, i] = act[s] . down_e[i]; each thread group takes two rows i.
+// y[s, i] = act[s] . down_e[i] for a routed slot, out[t, i] = act . down_shared[i] for a
+// token's shared row; each thread group takes two rows i.
 __global__ void __launch_bounds__(kGemvThreads) moe_gemv_down_kernel(GemvArgs g) {
-  wait_for_prerequisite();  // act
-  allow_dependent_launch();
-  const int e = gemv_expert(g);
-  if (e < 0) return;
-  const int64_t s = blockIdx.y;
+  const bool shared = blockIdx.y >= g.slots;
+  // A routed row's weights depend on its id, a shared row's do not: it loads them first.
+  if (!shared) wait_for_prerequisite();  // act, ids
+  const GemvRow m = gemv_row(g);
+  if (m.inter == 0) {
+    if (shared) wait_for_prerequisite();
+    return;
+  }
   const int lane = threadIdx.x % kGemvGroup, group = threadIdx.x / kGemvGroup;
   const int64_t row0 = (int64_t{blockIdx.x} * kGemvGroups + group) * 2;
-  const bf16* w = g.down + int64_t{e} * g.d * g.inter;
   RowDots<bf16, 1, 2, kGemvGroup> dots;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) dots.b[r] = w + (row0 + r < g.d ? row0 + r : g.d - 1) * g.inter;
-  dots.chunks = g.inter / 8;
+  for (int r = 0; r < 2; ++r) dots.b[r] = m.down + (row0 + r < g.d ? row0 + r : g.d - 1) * m.inter;
+  dots.chunks = m.inter / 8;
   dots.c0 = lane;
   dots.load();
+  if (shared) wait_for_prerequisite();  // act
+  allow_dependent_launch();
   float acc[1][2] = {};
-  dots.dot(g.plan.act + s * g.inter, g.inter, 1, acc);
+  dots.dot(m.act, m.inter, 1, acc);
   __shared__ float partial[kGemvThreads / 32][2];
   __shared__ float sums[kGemvGroups][2];
   group_sums<kGemvThreads, kGemvGroup>(acc, partial, sums);
-  if (lane < 2 && row0 + lane < g.d) g.plan.y[s * g.d + row0 + lane] = sums[group][lane];
+  if (lane < 2 && row0 + lane < g.d) {
+    float* y = m.shared ? g.out + m.token * g.d : g.plan.y + int64_t{blockIdx.y} * g.d;
+    y[row0 + lane] = sums[group][lane];
+  }
 }
 
 void launch_gemv(const MoeExpertsParams& p, const Plan& plan, cudaStream_t stream) {
+  const auto slots = static_cast<int32_t>(p.tokens * p.top_k);
   const GemvArgs g{p.x,
                    p.ids,
                    p.gate_up,
@@ -323,16 +365,20 @@ void launch_gemv(const MoeExpertsParams& p, const Plan& plan, cudaStream_t strea
                    static_cast<int32_t>(p.top_k),
                    static_cast<int32_t>(p.first_expert),
                    static_cast<int32_t>(p.local_experts),
+                   slots,
                    p.d,
                    p.inter,
-                   plan};
-  const auto slots = static_cast<unsigned>(p.tokens * p.top_k);
+                   plan,
+                   p.shared,
+                   p.out};
+  const int64_t widest = std::max(p.inter, p.shared.inter);
+  const auto rows = static_cast<unsigned>(slots + (p.shared.inter > 0 ? p.tokens : 0));
   launch_dependent(moe_gemv_gate_up_kernel,
-                   dim3(static_cast<unsigned>((p.inter + kGemvGroups - 1) / kGemvGroups), slots),
+                   dim3(static_cast<unsigned>((widest + kGemvGroups - 1) / kGemvGroups), rows),
                    kGemvThreads, 0, stream, true, g);
   launch_dependent(
       moe_gemv_down_kernel,
-      dim3(static_cast<unsigned>((p.d + 2 * kGemvGroups - 1) / (2 * kGemvGroups)), slots),
+      dim3(static_cast<unsigned>((p.d + 2 * kGemvGroups - 1) / (2 * kGemvGroups)), rows),
       kGemvThreads, 0, stream, true, g);
 }
 
@@ -402,22 +448,34 @@ size_t moe_experts_workspace_bytes(int64_t max_tokens, int64_t top_k, int64_t lo
   return moe::workspace_bytes(max_tokens, top_k, local_experts, d, inter, 1, false);
 }
 
+bool moe_experts_streams(const MoeExpertsParams& p) {
+  return p.tokens * p.top_k <= std::min<int64_t>(p.gemv_max_slots, kMaxGemvSlots);
+}
+
 void moe_experts(const MoeExpertsParams& p, void* workspace, size_t workspace_bytes,
                  cudaStream_t stream) {
   // Check shapes
   moe::check_shape(p.tokens, p.top_k, p.d, p.inter, 8, p.first_expert, p.local_experts, p.experts);
+  const MoeSharedExperts& shared = p.shared;
+  MLA_REQUIRE(shared.inter >= 0 && shared.inter % 8 == 0,
+              "shared.inter must be a multiple of 8, got {}", shared.inter);
+  MLA_REQUIRE(shared.inter == 0 || moe_experts_streams(p),
+              "shared experts go with the weight-streaming kernels only ({} slots, at most {})",
+              p.tokens * p.top_k, p.gemv_max_slots);
   // Check layout
   MLA_REQUIRE(is_aligned(p.x, 16) && is_aligned(p.gate_up, 16) && is_aligned(p.down, 16) &&
                   is_aligned(p.out, 16),
               "x, gate_up, down and out must be 16-byte aligned");
+  MLA_REQUIRE(shared.inter == 0 || (is_aligned(shared.gate_up, 16) && is_aligned(shared.down, 16) &&
+                                    is_aligned(shared.act, 16)),
+              "the shared experts' gate_up, down and act must be 16-byte aligned");
   if (p.tokens == 0) return;
   const Plan plan = moe::workspace_plan(workspace, workspace_bytes, p.tokens, p.top_k,
                                         p.local_experts, p.d, p.inter, false);
-  const int64_t slots = p.tokens * p.top_k;
-  if (slots <= std::min<int64_t>(p.gemv_max_slots, kMaxGemvSlots)) {
+  if (moe_experts_streams(p)) {
     launch_gemv(p, plan, stream);
   } else {
-    launch_tiled(p, plan, slots, stream);
+    launch_tiled(p, plan, p.tokens * p.top_k, stream);
   }
   moe::launch_combine(plan, p.weights, p.out, p.tokens, p.top_k, p.d, stream);
 }

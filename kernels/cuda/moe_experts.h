@@ -17,7 +17,10 @@
 // With few slots (decode at batch 1 or 2: at most gemv_max_slots) kernels 1-3 give way to two
 // weight-streaming kernels, one block row per slot, that stream the slot's expert rows at close
 // to copy bandwidth (row_dots.cuh; an expert picked by two slots is read twice) as programmatic
-// dependent launches; the combine is the same.
+// dependent launches; the combine is the same. There the shared experts may come along
+// (MoeExpertsParams::shared): each token's shared MLP is one more row of the same two kernels,
+// its weights streamed at the routed experts' rate, which saves the decode step the shared
+// MLP's three launches (two small products and the SwiGLU) per MoE layer.
 //
 // Precision: inputs bf16, products accumulated in fp32; the activations between the GEMMs are
 // rounded to bf16 (as a bf16 model would store them); y and out stay fp32.
@@ -37,6 +40,16 @@ inline constexpr int64_t kMoeMaxTopK = 32;
 // Default MoeExpertsParams::gemv_max_slots: DeepSeek-V2/V3 decode at batch 1 and 2.
 inline constexpr int64_t kMoeGemvMaxSlots = 16;
 
+// The shared experts of a MoE layer: one SwiGLU MLP of width `inter` (n_shared_experts x
+// moe_intermediate_size, this rank's share of it under tensor parallelism) every token goes
+// through, unweighted.
+struct MoeSharedExperts {
+  const __nv_bfloat16* gate_up = nullptr;  // [2 * inter, d]: gate rows, then up rows
+  const __nv_bfloat16* down = nullptr;     // [d, inter]
+  __nv_bfloat16* act = nullptr;            // [tokens, inter] scratch: SiLU(gate) * up
+  int64_t inter = 0;                       // a multiple of 8; 0: no shared experts here
+};
+
 struct MoeExpertsParams {
   const __nv_bfloat16* x;        // [tokens, d] the FFN input (post-attention RMSNorm)
   const int32_t* ids;            // [tokens, top_k] global expert ids, as moe_gate writes them
@@ -53,7 +66,14 @@ struct MoeExpertsParams {
   // tokens * top_k up to this many slots run the weight-streaming kernels instead of the tiled
   // GEMMs (0: never). Default: kMoeGemvMaxSlots.
   int64_t gemv_max_slots = kMoeGemvMaxSlots;
+  // Only where moe_experts_streams(*this): the shared experts, run in the weight-streaming
+  // kernels. Then out[t] = shared(x[t]) + the routed sum: out's earlier contents are not read.
+  MoeSharedExperts shared{};
 };
+
+// Whether p runs the weight-streaming kernels (tokens * top_k <= gemv_max_slots), the path
+// that can take the shared experts.
+bool moe_experts_streams(const MoeExpertsParams& p);
 
 // Workspace for up to max_tokens tokens. With S = max_tokens * top_k slots and
 // R = min(S, S / 16 + min(S, local_experts)) row tiles: S * (2 * inter + 4 * d + 8) bytes (the
@@ -63,9 +83,10 @@ struct MoeExpertsParams {
 size_t moe_experts_workspace_bytes(int64_t max_tokens, int64_t top_k, int64_t local_experts,
                                    int64_t d, int64_t inter);
 
-// x, gate_up, down and out must be 16-byte aligned; `workspace` 256-byte aligned, of at
-// least moe_experts_workspace_bytes(tokens, top_k, local_experts, d, inter) bytes (a
-// workspace sized for more tokens serves fewer).
+// x, gate_up, down and out must be 16-byte aligned (and the shared experts' gate_up, down and
+// act); `workspace` 256-byte aligned, of at least moe_experts_workspace_bytes(tokens, top_k,
+// local_experts, d, inter) bytes (a workspace sized for more tokens serves fewer). Throws
+// kInvalidArgument for shared experts on a call that does not stream.
 void moe_experts(const MoeExpertsParams& p, void* workspace, size_t workspace_bytes,
                  cudaStream_t stream);
 

@@ -3,6 +3,8 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/moe_gate.h"
 #include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/row_dots.cuh"
+#include "kernels/error.h"
 
 namespace mla::cuda {
 namespace {
@@ -39,33 +41,28 @@ __device__ __forceinline__ Pick warp_best(Pick p) {
   return p;
 }
 
-__global__ void __launch_bounds__(kWarps * 32) moe_gate_kernel(MoeGateParams p) {
-  wait_for_prerequisite();  // launched as a dependent: the kernels before have finished
-  allow_dependent_launch();
-  __shared__ float s_scores[kWarps][kMoeGateMaxExperts];
-  __shared__ float s_choice[kWarps][kMoeGateMaxExperts];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t t = int64_t{blockIdx.x} * kWarps + warp;
-  if (t >= p.tokens) return;  // whole warps only: no block-wide barrier follows
+// Token t's top-k experts and weights, by one warp; scores and choice are the warp's shared
+// arrays of kMoeGateMaxExperts. Logits are read past L1: moe_route's blocks on other SMs have
+// just written them.
+__device__ void gate_token(const MoeGateParams& p, int64_t t, float* scores, float* choice) {
+  const int lane = threadIdx.x % 32;
   const int E = static_cast<int>(p.experts);
   const float* lg = p.logits + t * p.experts;
-  float* scores = s_scores[warp];
-  float* choice = s_choice[warp];
   const bool noaux = p.gate == cpu::MoeGate::kSigmoidNoauxTc;
 
   if (noaux) {
     for (int e = lane; e < E; e += 32) {
-      const float s = 1.0f / (1.0f + exp_as_cpu(-lg[e]));
+      const float s = 1.0f / (1.0f + exp_as_cpu(-__ldcg(lg + e)));
       scores[e] = s;
       choice[e] = s + p.bias[e];
     }
   } else {
     float mx = -INFINITY;
-    for (int e = lane; e < E; e += 32) mx = fmaxf(mx, lg[e]);
+    for (int e = lane; e < E; e += 32) mx = fmaxf(mx, __ldcg(lg + e));
     for (int offset = 16; offset > 0; offset /= 2) {
       mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, offset));
     }
-    for (int e = lane; e < E; e += 32) scores[e] = exp_as_cpu(lg[e] - mx);
+    for (int e = lane; e < E; e += 32) scores[e] = exp_as_cpu(__ldcg(lg + e) - mx);
     __syncwarp();
     // One lane sums in index order, as the CPU does, so the sum rounds identically.
     float sum = 0.0f;
@@ -147,9 +144,100 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gate_kernel(MoeGateParams p) 
   }
 }
 
-}  // namespace
+__global__ void __launch_bounds__(kWarps * 32) moe_gate_kernel(MoeGateParams p) {
+  wait_for_prerequisite();  // launched as a dependent: the kernels before have finished
+  allow_dependent_launch();
+  __shared__ float s_scores[kWarps][kMoeGateMaxExperts];
+  __shared__ float s_choice[kWarps][kMoeGateMaxExperts];
+  const int warp = threadIdx.x / 32;
+  const int64_t t = int64_t{blockIdx.x} * kWarps + warp;
+  if (t >= p.tokens) return;  // whole warps only: no block-wide barrier follows
+  gate_token(p, t, s_scores[warp], s_choice[warp]);
+}
 
-void moe_gate(const MoeGateParams& p, cudaStream_t stream) {
+// moe_route: blocks of kRouteThreads, each G-thread group taking two experts' weight rows
+// (RowDots, as skinny_gemm), every token's logits against them; the last block to finish then
+// gates the tokens, one warp each.
+constexpr int kRouteThreads = 256;
+constexpr int kRouteWarps = kRouteThreads / 32;
+static_assert(kMoeRouteMaxTokens <= kRouteWarps, "a warp per token in the last block");
+constexpr int64_t kRouteTargetThreads = int64_t{128} * 1024;
+
+struct RouteArgs {
+  const float* x;
+  const float* weight;
+  int64_t d;
+  float* logits;  // written here, then read by the last block as gate.logits
+  int32_t* counter;
+  MoeGateParams gate;
+};
+
+template <int MT, int G>
+__global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(RouteArgs a) {
+  constexpr int R = 2, kGroups = kRouteThreads / G;
+  const MoeGateParams& p = a.gate;
+  const int lane = threadIdx.x % G, group = threadIdx.x / G;
+  const int64_t e0 = (int64_t{blockIdx.x} * kGroups + group) * R;
+  RowDots<float, MT, R, G> dots;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {  // experts past the last re-read it; their sums are dropped
+    dots.b[r] = a.weight + (e0 + r < p.experts ? e0 + r : p.experts - 1) * a.d;
+  }
+  dots.chunks = a.d / 4;
+  dots.c0 = lane;
+  dots.load();  // the weight only: before waiting for the kernel that wrote x
+  wait_for_prerequisite();
+  allow_dependent_launch();
+  float acc[MT][R] = {};
+  dots.dot(a.x, a.d, p.tokens, acc);
+  __shared__ float partial[kRouteWarps][MT * R];
+  __shared__ float sums[kGroups][MT * R];
+  group_sums<kRouteThreads, G>(acc, partial, sums);
+  if (lane < MT * R) {
+    const int i = lane / R, r = lane % R;
+    if (i < p.tokens && e0 + r < p.experts) {
+      a.logits[i * p.experts + e0 + r] = sums[group][lane];
+    }
+  }
+  // Publish this block's logits, then count it; the block that counts last sees every block's.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(a.counter, 1) == static_cast<int>(gridDim.x) - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  __shared__ float s_scores[kRouteWarps][kMoeGateMaxExperts];
+  __shared__ float s_choice[kRouteWarps][kMoeGateMaxExperts];
+  const int warp = threadIdx.x / 32;
+  if (warp < p.tokens) gate_token(p, warp, s_scores[warp], s_choice[warp]);
+  if (threadIdx.x == 0) *a.counter = 0;  // ready for the next launch (graph replays too)
+}
+
+template <int MT>
+void launch_route(const RouteArgs& a, cudaStream_t stream) {
+  const int64_t pairs = (a.gate.experts + 1) / 2, chunks = a.d / 4;
+  // As skinny_gemm: widen the group while the grid is short of threads.
+  int g = 32;
+  while (g < kRouteThreads && pairs * g < kRouteTargetThreads && 2 * g <= chunks) g *= 2;
+  const auto blocks = static_cast<unsigned>((pairs + kRouteThreads / g - 1) / (kRouteThreads / g));
+  switch (g) {
+    case 32:
+      launch_dependent(moe_route_kernel<MT, 32>, blocks, kRouteThreads, 0, stream, true, a);
+      break;
+    case 64:
+      launch_dependent(moe_route_kernel<MT, 64>, blocks, kRouteThreads, 0, stream, true, a);
+      break;
+    case 128:
+      launch_dependent(moe_route_kernel<MT, 128>, blocks, kRouteThreads, 0, stream, true, a);
+      break;
+    default:
+      launch_dependent(moe_route_kernel<MT, 256>, blocks, kRouteThreads, 0, stream, true, a);
+      break;
+  }
+}
+
+void check_gate(const MoeGateParams& p) {
   // Check shapes
   MLA_REQUIRE(p.tokens >= 0, "tokens must be >= 0, got {}", p.tokens);
   MLA_REQUIRE(1 <= p.experts && p.experts <= kMoeGateMaxExperts,
@@ -174,10 +262,41 @@ void moe_gate(const MoeGateParams& p, cudaStream_t stream) {
                 "noaux_tc scores groups by their top two experts, but groups have {}",
                 p.experts / p.n_group);
   }
+}
+
+}  // namespace
+
+void moe_gate(const MoeGateParams& p, cudaStream_t stream) {
+  check_gate(p);
   if (p.tokens == 0) return;
 
   const auto blocks = static_cast<unsigned>((p.tokens + kWarps - 1) / kWarps);
   launch_dependent(moe_gate_kernel, blocks, kWarps * 32, 0, stream, true, p);
+}
+
+void moe_route(const MoeRouteParams& p, cudaStream_t stream) {
+  // Check shapes
+  MoeGateParams gate = p.gate;
+  gate.logits = p.logits;
+  check_gate(gate);
+  MLA_REQUIRE(gate.tokens <= kMoeRouteMaxTokens, "moe_route takes at most {} tokens, got {}",
+              kMoeRouteMaxTokens, gate.tokens);
+  MLA_REQUIRE(p.d >= 4 && p.d % 4 == 0, "d must be a positive multiple of 4, got {}", p.d);
+  // Check layout
+  MLA_REQUIRE(is_aligned(p.x, 16) && is_aligned(p.weight, 16),
+              "moe_route: x and weight must be 16-byte aligned");
+  MLA_REQUIRE(p.logits != nullptr && p.counter != nullptr, "moe_route needs logits and a counter");
+  if (gate.tokens == 0) return;
+  const RouteArgs a{p.x, p.weight, p.d, p.logits, p.counter, gate};
+  if (gate.tokens <= 1) {
+    launch_route<1>(a, stream);
+  } else if (gate.tokens <= 2) {
+    launch_route<2>(a, stream);
+  } else if (gate.tokens <= 4) {
+    launch_route<4>(a, stream);
+  } else {
+    launch_route<8>(a, stream);
+  }
 }
 
 }  // namespace mla::cuda

@@ -28,7 +28,27 @@ struct MoeGateParams {
   float* weights;    // [tokens, top_k]
 };
 
-// One warp per token.
+// One warp per token. Throws kInvalidArgument naming a bad field.
 void moe_gate(const MoeGateParams& p, cudaStream_t stream);
+
+// The router's product and the gate in one launch, for decode's few tokens: the fp32 logits
+// x . weight^T, then moe_gate's selection on them (same ids and weights as moe_gate given these
+// logits). The logits are summed as the small-row products sum (kernels/cuda/row_dots.cuh), so
+// they may round unlike cuBLAS's; the decode step spends one launch on the router instead of
+// two. Launched as a programmatic dependent: the weight streams in before x is ready.
+inline constexpr int64_t kMoeRouteMaxTokens = 8;
+
+struct MoeRouteParams {
+  const float* x;       // [tokens, d] the FFN input in fp32
+  const float* weight;  // [experts, d] the router's weight (constant)
+  int64_t d;            // a multiple of 4
+  float* logits;        // [tokens, experts] written (gate.logits is ignored)
+  int32_t* counter;     // [1] zero before the launch, zero again after it (graph replays too)
+  MoeGateParams gate;   // tokens <= kMoeRouteMaxTokens
+};
+
+// x and weight 16-byte aligned. Throws kInvalidArgument naming a bad field; launches nothing
+// for 0 tokens. Launches on one stream must not overlap (they share the counter).
+void moe_route(const MoeRouteParams& p, cudaStream_t stream);
 
 }  // namespace mla::cuda

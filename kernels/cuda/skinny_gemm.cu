@@ -39,13 +39,18 @@ __device__ __forceinline__ void store_result(const Args& p, OutT* out, float sum
   *out = from_float<OutT>(value);
 }
 
-// C[i, row] for the kRowsPerGroup rows of each G-thread group; MT >= m rows of A.
-template <typename T, typename OutT, int MT, int G>
-__global__ void __launch_bounds__(kThreads) skinny_nk_kernel(Args p) {
+// C[i, row] for the kRowsPerGroup rows of each G-thread group; MT >= m rows of A. The grid's
+// first `blocks0` blocks compute p0 (C of type Out0), the rest p1 (Out1): two products of the
+// same A in one launch; a lone product passes itself as both.
+template <typename T, typename Out0, typename Out1, int MT, int G>
+__global__ void __launch_bounds__(kThreads) skinny_nk_kernel(Args p0, Args p1, unsigned blocks0) {
   constexpr int R = kRowsPerGroup;
   constexpr int kGroups = kThreads / G;
+  const bool second = blockIdx.x >= blocks0;
+  const Args p = second ? p1 : p0;
+  const int64_t block = second ? blockIdx.x - blocks0 : blockIdx.x;
   const int lane = threadIdx.x % G, group = threadIdx.x / G;
-  const int64_t row0 = (int64_t{blockIdx.x} * kGroups + group) * R;
+  const int64_t row0 = (block * kGroups + group) * R;
   RowDots<T, MT, R, G> dots;
 #pragma unroll
   for (int r = 0; r < R; ++r) {  // rows past n re-read row n - 1; their sums are dropped
@@ -67,8 +72,12 @@ __global__ void __launch_bounds__(kThreads) skinny_nk_kernel(Args p) {
     const int i = lane / R, r = lane % R;
     const int64_t row = row0 + r;
     if (i < p.m && row < p.n) {
-      store_result(p, static_cast<OutT*>(p.c) + blockIdx.y * p.stride_c + i * p.ldc + row,
-                   sums[group][lane]);
+      const int64_t at = blockIdx.y * p.stride_c + i * p.ldc + row;
+      if (second) {
+        store_result(p, static_cast<Out1*>(p.c) + at, sums[group][lane]);
+      } else {
+        store_result(p, static_cast<Out0*>(p.c) + at, sums[group][lane]);
+      }
     }
   }
 }
@@ -139,33 +148,38 @@ __global__ void __launch_bounds__(kThreads) skinny_kn_kernel(Args p) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <typename T, typename OutT, int MT>
-void launch_nk(const Args& args, int64_t batch, cudaStream_t stream, bool dependent,
-               bool batch_invariant) {
+// p1 (with Out1) follows p0 in the grid when `pair`; otherwise p0 alone (p1 unused).
+template <typename T, typename Out0, typename Out1, int MT>
+void launch_nk(const Args& p0, const Args& p1, bool pair, int64_t batch, cudaStream_t stream,
+               bool dependent, bool batch_invariant) {
   constexpr int64_t V = 16 / sizeof(T);
-  const int64_t groups = ceil_div(args.n, kRowsPerGroup) * (batch_invariant ? 1 : batch);
-  const int64_t chunks = args.k / V;
+  const int64_t n = p0.n + (pair ? p1.n : 0);
+  const int64_t groups = ceil_div(n, kRowsPerGroup) * (batch_invariant ? 1 : batch);
+  const int64_t chunks = p0.k / V;
   // Widen the group while the grid is short of threads and every thread keeps >= 1 chunk.
   int g = 32;
   while (g < kThreads && groups * g < kTargetThreads && 2 * g <= chunks) g *= 2;
-  const dim3 grid(static_cast<unsigned>(ceil_div(args.n, int64_t{kRowsPerGroup} * (kThreads / g))),
+  const int64_t rows_per_block = int64_t{kRowsPerGroup} * (kThreads / g);
+  const int64_t blocks0 = ceil_div(p0.n, rows_per_block);
+  const dim3 grid(static_cast<unsigned>(blocks0 + (pair ? ceil_div(p1.n, rows_per_block) : 0)),
                   static_cast<unsigned>(batch));
+  const auto b0 = static_cast<unsigned>(blocks0);
   switch (g) {
     case 32:
-      launch_dependent(skinny_nk_kernel<T, OutT, MT, 32>, grid, kThreads, 0, stream, dependent,
-                       args);
+      launch_dependent(skinny_nk_kernel<T, Out0, Out1, MT, 32>, grid, kThreads, 0, stream,
+                       dependent, p0, p1, b0);
       break;
     case 64:
-      launch_dependent(skinny_nk_kernel<T, OutT, MT, 64>, grid, kThreads, 0, stream, dependent,
-                       args);
+      launch_dependent(skinny_nk_kernel<T, Out0, Out1, MT, 64>, grid, kThreads, 0, stream,
+                       dependent, p0, p1, b0);
       break;
     case 128:
-      launch_dependent(skinny_nk_kernel<T, OutT, MT, 128>, grid, kThreads, 0, stream, dependent,
-                       args);
+      launch_dependent(skinny_nk_kernel<T, Out0, Out1, MT, 128>, grid, kThreads, 0, stream,
+                       dependent, p0, p1, b0);
       break;
     default:
-      launch_dependent(skinny_nk_kernel<T, OutT, MT, 256>, grid, kThreads, 0, stream, dependent,
-                       args);
+      launch_dependent(skinny_nk_kernel<T, Out0, Out1, MT, 256>, grid, kThreads, 0, stream,
+                       dependent, p0, p1, b0);
       break;
   }
 }
@@ -182,7 +196,7 @@ template <typename T, typename OutT, int MT>
 void launch_rows(const GemmParams& p, const Args& args, cudaStream_t stream, bool dependent,
                  bool batch_invariant) {
   if (p.b_nk) {
-    launch_nk<T, OutT, MT>(args, p.batch, stream, dependent, batch_invariant);
+    launch_nk<T, OutT, OutT, MT>(args, args, false, p.batch, stream, dependent, batch_invariant);
   } else {
     launch_kn<T, OutT, MT>(args, p.batch, stream, dependent);
   }
@@ -201,6 +215,26 @@ void launch_typed(const GemmParams& p, const Args& args, cudaStream_t stream, bo
   } else {
     launch_rows<T, OutT, 8>(p, args, stream, dependent, batch_invariant);
   }
+}
+
+// The pair's row count picks MT, as for one product.
+template <typename Out0, typename Out1>
+void launch_pair(const Args& p0, const Args& p1, cudaStream_t stream, bool dependent) {
+  using T = __nv_bfloat16;
+  if (p0.m <= 1) {
+    launch_nk<T, Out0, Out1, 1>(p0, p1, true, 1, stream, dependent, false);
+  } else if (p0.m <= 2) {
+    launch_nk<T, Out0, Out1, 2>(p0, p1, true, 1, stream, dependent, false);
+  } else if (p0.m <= 4) {
+    launch_nk<T, Out0, Out1, 4>(p0, p1, true, 1, stream, dependent, false);
+  } else {
+    launch_nk<T, Out0, Out1, 8>(p0, p1, true, 1, stream, dependent, false);
+  }
+}
+
+Args args_of(const GemmParams& p) {
+  return {p.a,   p.b,   p.c,        p.m,        p.n,        p.k,     p.lda,
+          p.ldb, p.ldc, p.stride_a, p.stride_b, p.stride_c, p.alpha, p.beta};
 }
 
 }  // namespace
@@ -226,14 +260,44 @@ void skinny_gemm(const GemmParams& p, cudaStream_t stream, bool dependent, bool 
               p.k, p.batch);
   MLA_REQUIRE(!dependent || p.b_constant,
               "skinny_gemm: a dependent launch reads B early, so B must be constant");
-  const Args args{p.a,   p.b,   p.c,        p.m,        p.n,        p.k,     p.lda,
-                  p.ldb, p.ldc, p.stride_a, p.stride_b, p.stride_c, p.alpha, p.beta};
+  const Args args = args_of(p);
   if (p.ab_type == DType::kF32) {
     launch_typed<float, float>(p, args, stream, dependent, batch_invariant);
   } else if (p.c_type == DType::kF32) {
     launch_typed<__nv_bfloat16, float>(p, args, stream, dependent, batch_invariant);
   } else {
     launch_typed<__nv_bfloat16, __nv_bfloat16>(p, args, stream, dependent, batch_invariant);
+  }
+}
+
+bool skinny_gemm_pair_supports(const GemmParams& first, const GemmParams& second) {
+  const GemmParams* both[] = {&first, &second};
+  for (const GemmParams* p : both) {
+    if (!skinny_gemm_supports(*p) || p->ab_type != DType::kBF16 || !p->b_nk || p->batch != 1) {
+      return false;
+    }
+  }
+  return first.a == second.a && first.m == second.m && first.k == second.k &&
+         first.lda == second.lda;
+}
+
+void skinny_gemm_pair(const GemmParams& first, const GemmParams& second, cudaStream_t stream,
+                      bool dependent) {
+  MLA_REQUIRE(skinny_gemm_pair_supports(first, second),
+              "skinny_gemm_pair: unsupported products {}x{}x{} and {}x{}x{}", first.m, first.n,
+              first.k, second.m, second.n, second.k);
+  MLA_REQUIRE(!dependent || (first.b_constant && second.b_constant),
+              "skinny_gemm_pair: a dependent launch reads B early, so B must be constant");
+  // An fp32 output, if any, goes second: three type pairs instead of four.
+  const bool swap = first.c_type == DType::kF32 && second.c_type == DType::kBF16;
+  const Args a0 = args_of(swap ? second : first), a1 = args_of(swap ? first : second);
+  const DType t0 = swap ? second.c_type : first.c_type, t1 = swap ? first.c_type : second.c_type;
+  if (t0 == DType::kBF16 && t1 == DType::kBF16) {
+    launch_pair<__nv_bfloat16, __nv_bfloat16>(a0, a1, stream, dependent);
+  } else if (t0 == DType::kBF16) {
+    launch_pair<__nv_bfloat16, float>(a0, a1, stream, dependent);
+  } else {
+    launch_pair<float, float>(a0, a1, stream, dependent);
   }
 }
 

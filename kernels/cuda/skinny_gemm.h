@@ -43,4 +43,16 @@ bool skinny_gemm_supports(const GemmParams& p);
 void skinny_gemm(const GemmParams& p, cudaStream_t stream, bool dependent = false,
                  bool batch_invariant = false);
 
+// Whether skinny_gemm_pair takes (first, second): each supported alone, bf16 inputs, B stored
+// [n, k] (b_nk), batch 1, and the same A (pointer, m, k, lda).
+bool skinny_gemm_pair_supports(const GemmParams& first, const GemmParams& second);
+
+// Two products of the same A in one launch (the decode step's kv_a and query products both
+// read the normed hidden rows), saving a launch and its dependent-launch wait. Each output
+// row's sum runs in an order set by both products' shapes (the group width follows their
+// rows together), so it may round unlike the product's own skinny_gemm. Throws kInvalidArgument
+// when !skinny_gemm_pair_supports(first, second), or dependent and a B not constant.
+void skinny_gemm_pair(const GemmParams& first, const GemmParams& second, cudaStream_t stream,
+                      bool dependent = false);
+
 }  // namespace mla::cuda

@@ -176,26 +176,7 @@ void CudaStep::enqueue() {
     const DeviceLayer& d = w.layers[l];
     add_norm(l == 0 ? nullptr : b_.delta.data<float>(), d.input_norm, b_.xn, D);
     dump("attn_norm", l, b_.xn.raw(), DType::kBF16, T, D, D, {T, D});
-    const bf16* q_in = b_.xn.data<bf16>();
-    int64_t q_in_dim = D;
-    if (c_.q_lora_rank > 0) {
-      const int64_t d_q = c_.q_lora_rank;
-      linear(b_.xn.raw(), T, D, d.q_a, d_q, b_.qa32.raw(), DType::kF32);
-      cuda::add_rms_norm({.x = b_.qa32.data<float>(),
-                          .delta = nullptr,
-                          .w = d.q_a_norm.data<float>(),
-                          .y = b_.qn.data<bf16>(),
-                          .y32 = nullptr,
-                          .rows = T,
-                          .d = d_q,
-                          .x_stride = d_q,
-                          .y_stride = d_q,
-                          .eps = ModelConfig::kLoraNormEps},
-                         s);
-      q_in = b_.qn.data<bf16>();
-      q_in_dim = d_q;
-    }
-    attention(l, d, q_in, q_in_dim);
+    attention(l, d);
     all_reduce(b_.delta.data<float>(), T * D);
     dump("attn_out", l, b_.delta.raw(), DType::kF32, T, D, D, {T, D});
     // ffn_norm; MoE layers also want it in fp32 for the router.
@@ -223,17 +204,49 @@ void CudaStep::enqueue() {
                b_.logits.raw(), DType::kF32);
 }
 
-void CudaStep::attention(int64_t l, const DeviceLayer& d, const bf16* q_in, int64_t q_in_dim) {
+void CudaStep::attention(int64_t l, const DeviceLayer& d) {
   const int64_t T = meta_.T, D = c_.hidden_size, H_l = x_.shard.local_heads(),
                 d_c = c_.kv_lora_rank, d_r = c_.qk_rope_head_dim, d_n = c_.qk_nope_head_dim,
-                d_v = c_.v_head_dim, d_qk = c_.qk_head_dim(), d_lat = c_.latent_width();
+                d_v = c_.v_head_dim, d_qk = c_.qk_head_dim(), d_lat = c_.latent_width(),
+                d_q = c_.q_lora_rank;
   const cudaStream_t s = x_.stream;
   const auto& geo = x_.cache.geometry();
   const BatchLayout& batch = meta_.batch;
+  const bool premerged = x_.premerged;
+  bf16* q = b_.q.data<bf16>();
+  bf16* q_latent = b_.q_latent.data<bf16>();
+  const bool dump_q = dumps("q_nope", l) || dumps("q_rope", l);
+  // q [T, H_l, d_n + d_r] is wanted by the decompressed and factored forms (premerged makes q~
+  // from q_in directly).
+  const bool q_wanted = batch.any_decompressed || (batch.any_latent && !premerged) || dump_q;
+
+  // The products of x_n: kv_a, and the query's first (q_a, or q_b without a q LoRA), paired.
+  const LinearOut kv_a{d.kv_a, d_lat, b_.kv32.raw(), DType::kF32};
+  const bf16* q_in = b_.xn.data<bf16>();
+  int64_t q_in_dim = D;
+  if (d_q > 0) {
+    linear_pair(b_.xn.raw(), T, D, kv_a, {d.q_a, d_q, b_.qa32.raw(), DType::kF32});
+    cuda::add_rms_norm({.x = b_.qa32.data<float>(),
+                        .delta = nullptr,
+                        .w = d.q_a_norm.data<float>(),
+                        .y = b_.qn.data<bf16>(),
+                        .y32 = nullptr,
+                        .rows = T,
+                        .d = d_q,
+                        .x_stride = d_q,
+                        .y_stride = d_q,
+                        .eps = ModelConfig::kLoraNormEps},
+                       s);
+    q_in = b_.qn.data<bf16>();
+    q_in_dim = d_q;
+  } else if (q_wanted) {
+    linear_pair(b_.xn.raw(), T, D, kv_a, {d.q_b, H_l * d_qk, q, DType::kBF16});
+  } else {
+    linear(b_.xn.raw(), T, D, kv_a.w, kv_a.out, kv_a.y, kv_a.y_type);
+  }
 
   // The new tokens' latents: c = RMSNorm(kv[:d_c]), k_rope = RoPE(kv[d_c:]) into the pages this
   // rank stores.
-  linear(b_.xn.raw(), T, D, d.kv_a, d_lat, b_.kv32.raw(), DType::kF32);
   cuda::latent_store({.kv = b_.kv32.data<float>(),
                       .kv_stride = d_lat,
                       .norm_w = d.kv_a_norm.data<float>(),
@@ -255,9 +268,6 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d, const bf16* q_in, int6
                      s);
   dump_latents(l);
 
-  const bool premerged = x_.premerged;
-  bf16* q = b_.q.data<bf16>();
-  bf16* q_latent = b_.q_latent.data<bf16>();
   // RoPE of query rows: [T, H_l] vectors of d_r, from src to dst (strides in elements).
   auto rope = [&](const bf16* src, int64_t src_token, int64_t src_head, bf16* dst,
                   int64_t dst_token, int64_t dst_head) {
@@ -276,11 +286,14 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d, const bf16* q_in, int6
                      .interleave = c_.rope_interleave},
                     s);
   };
-  const bool dump_q = dumps("q_nope", l) || dumps("q_rope", l);
-  if (batch.any_decompressed || (batch.any_latent && !premerged) || dump_q) {
+  // When only the factored latent form reads the rotated query, RoPE writes it straight into
+  // q~'s rotary block (no copy node between kernels in the step's graph).
+  const bool rope_into_latent =
+      batch.any_latent && !premerged && !batch.any_decompressed && !dump_q;
+  if (q_wanted) {
     // q: [T, H_l, d_n + d_r], its rotary part rotated in place.
-    linear(q_in, T, q_in_dim, d.q_b, H_l * d_qk, q, DType::kBF16);
-    rope(q + d_n, H_l * d_qk, d_qk, q + d_n, H_l * d_qk, d_qk);
+    if (d_q > 0) linear(q_in, T, q_in_dim, d.q_b, H_l * d_qk, q, DType::kBF16);
+    if (!rope_into_latent) rope(q + d_n, H_l * d_qk, d_qk, q + d_n, H_l * d_qk, d_qk);
     dump("q_nope", l, q, DType::kBF16, T * H_l, d_n, d_qk, {T, H_l, d_n});
     dump("q_rope", l, q + d_n, DType::kBF16, T * H_l, d_r, d_qk, {T, H_l, d_r});
   }
@@ -309,8 +322,12 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d, const bf16* q_in, int6
       g.b_constant = true;  // a weight
       g.stride_c = d_lat;
       cuda::gemm(x_.blas, g);
-      MLA_CUDA_CHECK(cudaMemcpy2DAsync(q_latent + d_c, d_lat * 2, q + d_n, d_qk * 2, d_r * 2,
-                                       T * H_l, cudaMemcpyDeviceToDevice, s));
+      if (rope_into_latent) {
+        rope(q + d_n, H_l * d_qk, d_qk, q_latent + d_c, H_l * d_lat, d_lat);
+      } else {
+        MLA_CUDA_CHECK(cudaMemcpy2DAsync(q_latent + d_c, d_lat * 2, q + d_n, d_qk * 2, d_r * 2,
+                                         T * H_l, cudaMemcpyDeviceToDevice, s));
+      }
     }
     // The absorbed query exists for every row only when every sequence runs the latent form.
     if (!batch.any_decompressed) {
@@ -522,11 +539,6 @@ void CudaStep::ffn(const DeviceLayer& d) {
     return;
   }
   const int64_t E = c_.n_routed_experts, K = c_.num_experts_per_tok;
-  // The router in fp32, like transformers.
-  cuda::GemmParams g{b_.xn32.raw(), d.gate.raw(), b_.router_logits.raw(), T, E, D, D, D, E};
-  g.ab_type = DType::kF32;
-  g.b_constant = true;  // a weight
-  cuda::gemm(x_.blas, g);
   cuda::MoeGateParams gp{};
   gp.logits = b_.router_logits.data<float>();
   gp.bias = d.correction_bias.data<float>();
@@ -540,13 +552,33 @@ void CudaStep::ffn(const DeviceLayer& d) {
   gp.scaling = static_cast<float>(c_.routed_scaling_factor);
   gp.ids = b_.topk_ids.data<int32_t>();
   gp.weights = b_.topk_weights.data<float>();
-  cuda::moe_gate(gp, s);
-  if (d.shared.width > 0) {
-    mlp(d.shared, b_.xn.data<bf16>(), out);
+  // The router in fp32, like transformers: at decode's few tokens product and gate in one
+  // launch (its sums run in the small-row kernels' order, so it goes with them).
+  const cuda::BlasOptions& blas = x_.blas.options();
+  if (T <= cuda::kMoeRouteMaxTokens && blas.small_gemm && !blas.batch_invariant) {
+    cuda::moe_route({.x = b_.xn32.data<float>(),
+                     .weight = d.gate.data<float>(),
+                     .d = D,
+                     .logits = b_.router_logits.data<float>(),
+                     .counter = b_.route_counter.data<int32_t>(),
+                     .gate = gp},
+                    s);
   } else {
-    MLA_CUDA_CHECK(cudaMemsetAsync(out, 0, T * D * sizeof(float), s));
+    cuda::GemmParams g{b_.xn32.raw(), d.gate.raw(), b_.router_logits.raw(), T, E, D, D, D, E};
+    g.ab_type = DType::kF32;
+    g.b_constant = true;  // a weight
+    cuda::gemm(x_.blas, g);
+    cuda::moe_gate(gp, s);
   }
+  auto shared_experts_first = [&] {
+    if (d.shared.width > 0) {
+      mlp(d.shared, b_.xn.data<bf16>(), out);
+    } else {
+      MLA_CUDA_CHECK(cudaMemsetAsync(out, 0, T * D * sizeof(float), s));
+    }
+  };
   if (d.experts_gate_up.fp8()) {
+    shared_experts_first();
     cuda::moe_experts_fp8({.x = b_.xn.data<bf16>(),
                            .ids = b_.topk_ids.data<int32_t>(),
                            .weights = b_.topk_weights.data<float>(),
@@ -584,7 +616,33 @@ void CudaStep::ffn(const DeviceLayer& d) {
   // that is invariant keeps to the tiled ones.
   ep.gemv_max_slots =
       x_.blas.options().small_gemm && !x_.batch_invariant ? cuda::kMoeGemvMaxSlots : 0;
+  // With few slots the shared experts' bf16 rows stream in the routed experts' kernels.
+  if (d.shared.width > 0 && !d.shared.gate_up.fp8() && !d.shared.down.fp8() &&
+      cuda::moe_experts_streams(ep)) {
+    ep.shared = {.gate_up = d.shared.gate_up.w.data<bf16>(),
+                 .down = d.shared.down.w.data<bf16>(),
+                 .act = b_.act.data<bf16>(),
+                 .inter = d.shared.width};
+  } else {
+    shared_experts_first();
+  }
   cuda::moe_experts(ep, b_.moe_workspace.raw(), b_.moe_workspace.nbytes(), s);
+}
+
+void CudaStep::linear_pair(const void* x, int64_t rows, int64_t in, const LinearOut& first,
+                           const LinearOut& second) {
+  if (first.w.fp8() || second.w.fp8()) {
+    linear(x, rows, in, first.w, first.out, first.y, first.y_type);
+    linear(x, rows, in, second.w, second.out, second.y, second.y_type);
+    return;
+  }
+  auto params = [&](const LinearOut& o) {
+    cuda::GemmParams p{x, o.w.w.raw(), o.y, rows, o.out, in, in, in, o.out};
+    p.c_type = o.y_type;
+    p.b_constant = true;  // a weight
+    return p;
+  };
+  cuda::gemm_pair(x_.blas, params(first), params(second));
 }
 
 void CudaStep::linear(const void* x, int64_t rows, int64_t in, const DeviceLinear& w, int64_t out,

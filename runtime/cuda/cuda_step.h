@@ -71,7 +71,7 @@ class CudaStep {
 
  private:
   const int32_t* meta(int64_t offset) const { return b_.meta_dev.data<int32_t>() + offset; }
-  void attention(int64_t l, const DeviceLayer& d, const __nv_bfloat16* q_in, int64_t q_in_dim);
+  void attention(int64_t l, const DeviceLayer& d);
   void latent_attention(int64_t l, const __nv_bfloat16* q_local);
   void decompressed(int64_t l, const DeviceLayer& d);
   void ffn(const DeviceLayer& d);
@@ -82,6 +82,17 @@ class CudaStep {
   // cuda::fp8_gemm.
   void linear(const void* x, int64_t rows, int64_t in, const DeviceLinear& w, int64_t out, void* y,
               DType y_type, float beta = 0.0f);
+  // One product of linear()'s: y [rows, out] of y_type from weight w.
+  struct LinearOut {
+    const DeviceLinear& w;
+    int64_t out;
+    void* y;
+    DType y_type;
+  };
+  // Two products of the same x: one launch where both weights are bf16 and the small-row
+  // kernel takes them (cuda::gemm_pair), else linear() twice.
+  void linear_pair(const void* x, int64_t rows, int64_t in, const LinearOut& first,
+                   const LinearOut& second);
   void all_reduce(float* data, int64_t n);
   bool dumps(const char* name, int64_t layer) const;
   // Dumps `rows` x `cols` values of a device tensor, taken `cols` at a time every `stride`

@@ -65,6 +65,7 @@ void StepBuffers::layout(int64_t T, int64_t S, Alloc&& alloc) const {
     alloc(&StepBuffers::router_logits, {T, E}, f32);
     alloc(&StepBuffers::topk_ids, {T, K}, i32);
     alloc(&StepBuffers::topk_weights, {T, K}, f32);
+    alloc(&StepBuffers::route_counter, {1}, i32);
     const int64_t I = c.moe_intermediate_size;
     alloc(&StepBuffers::moe_workspace,
           {static_cast<int64_t>(sizing_.fp8_experts
@@ -94,6 +95,10 @@ void StepBuffers::reserve(int64_t tokens, int64_t seqs) {
     this->*buffer = Tensor();  // free the old buffer first: the new one may need its room
     this->*buffer = cuda::device_empty(std::move(shape), dtype);
   });
+  // cuda::moe_route's launches leave their counter at zero; it starts there.
+  if (route_counter.defined()) {
+    MLA_CUDA_CHECK(cudaMemset(route_counter.raw(), 0, sizeof(int32_t)));
+  }
   cap_tokens_ = T;
   cap_seqs_ = S;
 }

@@ -66,6 +66,7 @@ struct StepBuffers {
   Tensor gate_up, act;           // [T, 2 * width] fp32, [T, width] bf16
   Tensor fp8_x, fp8_scale;       // fp8 products: [T, fp8_max_in] e4m3 input, [T, fp8_max_in / 128]
   Tensor router_logits, topk_ids, topk_weights, moe_workspace;
+  Tensor route_counter;  // [1] int32 for cuda::moe_route: zero between its launches
   Tensor decode_workspace, prefill_workspace;
   Tensor x_last, logits;  // [S, D] rows wanting logits, [S, V]
   Tensor sampled, logprobs, sample_params, sort_workspace;

@@ -31,6 +31,11 @@
 #               mla_decode's speculative steps, s_q 3 and 4, on bf16 and fp8 pages), then
 #               mla_decode on bf16 and fp8 pages side by side (bench-kernels --cache bf16,fp8),
 #               and whole V2-Lite-shaped decode steps (4 layers) on each cache (bench-decode)
+#   fusion      the batch-1 decode step's fused kernels (issue 17 item 3): the tests of the kernels
+#               and of the model they change, then V2-Lite-shaped decode steps (4 layers) at batch
+#               1, 2 and 4 with this bundle's mlaserve and, where base/bundle/bin/mlaserve is
+#               an earlier build (a tar of bundle/bin/mlaserve unpacked into base/; it runs on
+#               this bundle's libraries), with that one in the same run
 #   peer        FlashMLA's dense decode beside mlaserve's (issue 17), from FLASHMLA_SRC
 #   study       tests/bench/cluster_study.sh on the GPU profile the simulate step took (its
 #               model's shape, TP1 groups: a first cluster study on measured GPU steps)
@@ -169,8 +174,23 @@ PY
   return $rc
 }
 
-export -f v2l4 v3l3 det_cost migration fp8_model fp8_cache
-steps="gpu_new gpu_all det_cost migration prefix prefix_routing simulate simulate1 fp8 fp8_model fp8_cache peer study v3tp8"
+fusion() {
+  set -o pipefail
+  local rc=0
+  tests/gpu/device_run.sh fusion_tests 'CudaMoeExperts*:CudaMoeGate*:CudaModel*:CudaRope*:CudaGemm*' || rc=1
+  v2l4 || return 1
+  for b in ${BASE_MLASERVE:+base} this; do
+    local bin=mlaserve
+    [ "$b" = base ] && bin=$BASE_MLASERVE
+    "$bin" bench-decode --device cuda --model /tmp/v2l4 --num-pages 2000 --context 512 \
+      --batch 1,2,4 --steps 50 --warmup 5 2>&1 |
+      sed "s/^\( *\(context\|[0-9][0-9]*\) .*\)$/RESULT $b \1/" || rc=1
+  done
+  return $rc
+}
+
+export -f v2l4 v3l3 det_cost migration fp8_model fp8_cache fusion
+steps="gpu_new gpu_all det_cost migration prefix prefix_routing simulate simulate1 fp8 fp8_model fp8_cache fusion peer study v3tp8"
 for step in "$@"; do
   [[ " $steps " == *" $step "* ]] || { echo "unknown step '$step' (steps: $steps)" >&2; exit 2; }
 done
@@ -184,6 +204,9 @@ for step in "$@"; do
     det_cost) run det_cost 300 bash -c det_cost ;;
     fp8_model) run fp8_model 480 bash -c fp8_model ;;
     fp8_cache) run fp8_cache 480 bash -c fp8_cache ;;
+    fusion)
+      [ -x base/bundle/bin/mlaserve ] && export BASE_MLASERVE=$PWD/base/bundle/bin/mlaserve
+      run fusion 400 bash -c fusion ;;
     migration) run migration 540 bash -c migration ;;
     prefix)
       run prefix 400 env PRESET=v2-lite-full MAKE_TINY_FLAGS="--layers 4 --dtype BF16" \

@@ -2,7 +2,7 @@
 // with poisoned outputs: the small-row kernel (skinny_gemm) and cuBLAS through gemm() on the
 // shapes the decode step runs (DeepSeek-V2-Lite and V3 projections, per-head W_UK^T and W_UV,
 // the fp32 router) and on odd ones; programmatic dependent launches directly, in a CUDA graph,
-// and after a kernel that writes A.
+// and after a kernel that writes A; two products of one A in one launch (skinny_gemm_pair).
 #include <cuda_bf16.h>
 #include <gtest/gtest.h>
 
@@ -340,6 +340,57 @@ TEST(CudaGemm, UnsupportedProductsFallBackToCublas) {
       EXPECT_THROW(cuda::skinny_gemm(p, stream), Error) << c.name;
       cuda::gemm(blas, p);
       expect_matches(d, dev.result(c), c.name + " (fallback)");
+    }
+  }
+  MLA_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+// Two products of the same A in one launch, each against the CPU reference: the decode step's
+// pairs (V2-Lite's kv_a with q_proj, V3's q_a with kv_a), two bf16 outputs with odd n, and an
+// fp32 output first (the launcher puts it second); directly and through gemm_pair in a graph.
+TEST(CudaGemm, PairOfProductsMatchesCpuReference) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(2028);
+  struct PairCase {
+    std::string name;
+    int64_t k, n0, n1;
+    DType c0, c1;
+  };
+  const std::vector<PairCase> pairs = {
+      {"v2-lite kv_a + q_proj", 2048, 576, 3072, DType::kF32, DType::kBF16},
+      {"v3 q_a + kv_a", 7168, 1536, 576, DType::kF32, DType::kF32},
+      {"bf16 + bf16, odd n", 64, 37, 101, DType::kBF16, DType::kBF16},
+      {"bf16 + fp32", 256, 24, 40, DType::kBF16, DType::kF32},
+  };
+  cudaStream_t stream;
+  MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  for (const PairCase& pc : pairs) {
+    for (int64_t m : {1, 2, 5, 8}) {
+      const std::string name = pc.name + " m" + std::to_string(m);
+      const Case c0 = packed({name + " first", m, pc.n0, pc.k, true, 1, DType::kBF16, pc.c0});
+      const Case c1 = packed({name + " second", m, pc.n1, pc.k, true, 1, DType::kBF16, pc.c1});
+      const Data d0 = make_data(c0, rng);
+      Data d1 = make_data(c1, rng);
+      d1.a = d0.a;  // one A
+      reference(d1);
+      for (bool through_gemm : {false, true}) {
+        DeviceData dev0(d0), dev1(d1);
+        const cuda::GemmParams p0 = dev0.params(c0);
+        cuda::GemmParams p1 = dev1.params(c1);
+        EXPECT_FALSE(cuda::skinny_gemm_pair_supports(p0, p1)) << name << ": two A pointers";
+        p1.a = p0.a;
+        ASSERT_TRUE(cuda::skinny_gemm_pair_supports(p0, p1)) << name;
+        if (through_gemm) {
+          cuda::Blas blas(stream, {.small_gemm = true, .dependent_launch = true});
+          test::run_in_graph_on(stream, [&] { cuda::gemm_pair(blas, p0, p1); });
+        } else {
+          cuda::skinny_gemm_pair(p0, p1, stream);
+        }
+        MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
+        const std::string how = through_gemm ? " (gemm_pair, graph)" : " (skinny_gemm_pair)";
+        expect_matches(d0, dev0.result(c0), c0.name + how);
+        expect_matches(d1, dev1.result(c1), c1.name + how);
+      }
     }
   }
   MLA_CUDA_CHECK(cudaStreamDestroy(stream));

@@ -2,7 +2,8 @@
 // (cpu::matmul_nt and cpu::silu_mul per expert on its gathered tokens), on fresh random data:
 // one token, tails of every tile dimension, an expert without tokens, every token on one
 // expert, ranks holding part of the experts, both tile sizes, the few-slot (decode) kernels on
-// both paths, DeepSeek shapes, an output that starts non-zero, a poisoned workspace; also
+// both paths, DeepSeek shapes, an output that starts non-zero, a poisoned workspace, the shared
+// experts riding in the few-slot kernels (out then starts as NaN: it must not be read); also
 // bitwise determinism and a CUDA-graph replay.
 #include <gtest/gtest.h>
 
@@ -36,6 +37,8 @@ struct Case {
   Routing routing = Routing::kRandom;
   // MoeExpertsParams::gemv_max_slots: which kernels run (the weight-streaming ones up to it).
   int64_t gemv_max_slots = cuda::kMoeGemvMaxSlots;
+  // MoeSharedExperts::inter: shared experts of this width in the same kernels (0: none).
+  int64_t shared_inter = 0;
 };
 
 // bf16 values and their exact fp32 widening.
@@ -58,8 +61,22 @@ struct Problem {
   Case c;
   Bf16Tensor x, gate_up, down;
   std::vector<int32_t> ids;
+  // out0: what out holds before the routed part is added: the output's start, or with shared
+  // experts their output (out then starts as NaN).
   std::vector<float> weights, out0;
+  Bf16Tensor shared_gate_up, shared_down;
 };
+
+// A SwiGLU MLP of width `inter` on rows xs [m, d] into ys [m, d], the activations rounded to
+// bf16 as the kernels store them.
+void swiglu_reference(const float* gate_up, const float* down, int64_t inter, int64_t d,
+                      const std::vector<float>& xs, int64_t m, std::vector<float>& ys) {
+  std::vector<float> h(m * 2 * inter), act(m * inter);
+  cpu::matmul_nt(xs.data(), m, d, gate_up, 2 * inter, h.data());
+  cpu::silu_mul(h.data(), m, inter, act.data());
+  for (auto& v : act) v = bf16_to_f32(f32_to_bf16(v));
+  cpu::matmul_nt(act.data(), m, inter, down, d, ys.data());
+}
 
 Problem make_problem(const Case& c, std::mt19937& rng) {
   Problem p{c,
@@ -68,7 +85,9 @@ Problem make_problem(const Case& c, std::mt19937& rng) {
             random_bf16(rng, c.local_experts * c.d * c.inter, 1.0f / std::sqrt(float(c.inter))),
             std::vector<int32_t>(c.tokens * c.top_k),
             std::vector<float>(c.tokens * c.top_k),
-            std::vector<float>(c.tokens * c.d)};
+            std::vector<float>(c.tokens * c.d),
+            {},
+            {}};
   std::uniform_real_distribution<float> weight(0.05f, 1.0f);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<int32_t> experts(c.experts);
@@ -85,6 +104,12 @@ Problem make_problem(const Case& c, std::mt19937& rng) {
     }
   }
   for (auto& v : p.out0) v = normal(rng);  // the shared experts' output, already there
+  if (c.shared_inter > 0) {
+    p.shared_gate_up = random_bf16(rng, 2 * c.shared_inter * c.d, 1.0f / std::sqrt(float(c.d)));
+    p.shared_down = random_bf16(rng, c.d * c.shared_inter, 1.0f / std::sqrt(float(c.shared_inter)));
+    swiglu_reference(p.shared_gate_up.values.data(), p.shared_down.values.data(), c.shared_inter,
+                     c.d, p.x.values, c.tokens, p.out0);
+  }
   return p;
 }
 
@@ -94,12 +119,8 @@ std::vector<float> reference(const Problem& p) {
   return test::routed_reference(
       p.ids, p.weights, p.x.values, p.out0, c.tokens, c.top_k, c.d, c.first_expert, c.local_experts,
       [&](int64_t e, const std::vector<float>& xs, int64_t m, std::vector<float>& ys) {
-        std::vector<float> gate_up(m * 2 * c.inter), act(m * c.inter);
-        cpu::matmul_nt(xs.data(), m, c.d, &p.gate_up.values[e * 2 * c.inter * c.d], 2 * c.inter,
-                       gate_up.data());
-        cpu::silu_mul(gate_up.data(), m, c.inter, act.data());
-        for (auto& v : act) v = bf16_to_f32(f32_to_bf16(v));
-        cpu::matmul_nt(act.data(), m, c.inter, &p.down.values[e * c.d * c.inter], c.d, ys.data());
+        swiglu_reference(&p.gate_up.values[e * 2 * c.inter * c.d],
+                         &p.down.values[e * c.d * c.inter], c.inter, c.d, xs, m, ys);
       });
 }
 
@@ -110,15 +131,23 @@ struct DeviceProblem {
   float *weights, *out;
   void* workspace;
   size_t workspace_bytes;
+  uint16_t *shared_gate_up = nullptr, *shared_down = nullptr, *shared_act = nullptr;
+  std::vector<float> out_start;  // out0, or NaN with shared experts
 
   explicit DeviceProblem(const Problem& p) {
+    const Case& c = p.c;
+    out_start = c.shared_inter > 0 ? std::vector<float>(p.out0.size(), std::nanf("")) : p.out0;
     upload(&x, p.x.bits);
     upload(&gate_up, p.gate_up.bits);
     upload(&down, p.down.bits);
     upload(&ids, p.ids);
     upload(&weights, p.weights);
-    upload(&out, p.out0);
-    const Case& c = p.c;
+    upload(&out, out_start);
+    if (c.shared_inter > 0) {
+      upload(&shared_gate_up, p.shared_gate_up.bits);
+      upload(&shared_down, p.shared_down.bits);
+      upload(&shared_act, std::vector<uint16_t>(c.tokens * c.shared_inter, 0xffff));  // NaN
+    }
     workspace_bytes =
         cuda::moe_experts_workspace_bytes(c.tokens, c.top_k, c.local_experts, c.d, c.inter);
     MLA_CUDA_CHECK(cudaMalloc(&workspace, workspace_bytes));
@@ -127,12 +156,18 @@ struct DeviceProblem {
   ~DeviceProblem() {
     for (void* ptr : {static_cast<void*>(x), static_cast<void*>(gate_up), static_cast<void*>(down),
                       static_cast<void*>(ids), static_cast<void*>(weights), static_cast<void*>(out),
-                      workspace}) {
+                      workspace, static_cast<void*>(shared_gate_up),
+                      static_cast<void*>(shared_down), static_cast<void*>(shared_act)}) {
       cudaFree(ptr);
     }
   }
 
   cuda::MoeExpertsParams params(const Case& c) const {
+    const cuda::MoeSharedExperts shared{
+        .gate_up = reinterpret_cast<const __nv_bfloat16*>(shared_gate_up),
+        .down = reinterpret_cast<const __nv_bfloat16*>(shared_down),
+        .act = reinterpret_cast<__nv_bfloat16*>(shared_act),
+        .inter = c.shared_inter};
     return {reinterpret_cast<const __nv_bfloat16*>(x),
             ids,
             weights,
@@ -146,16 +181,17 @@ struct DeviceProblem {
             c.experts,
             c.first_expert,
             c.local_experts,
-            c.gemv_max_slots};
+            c.gemv_max_slots,
+            shared};
   }
 
   void run(const Case& c, cudaStream_t stream) const {
     cuda::moe_experts(params(c), workspace, workspace_bytes, stream);
   }
 
-  void reset_out(const Problem& p) const {
-    MLA_CUDA_CHECK(
-        cudaMemcpy(out, p.out0.data(), p.out0.size() * sizeof(float), cudaMemcpyHostToDevice));
+  void reset_out() const {
+    MLA_CUDA_CHECK(cudaMemcpy(out, out_start.data(), out_start.size() * sizeof(float),
+                              cudaMemcpyHostToDevice));
   }
 
   std::vector<float> download_out(const Problem& p) const {
@@ -205,6 +241,17 @@ const std::vector<Case>& cases() {
       {"few slots, part of the experts", 2, 6, 16, 4, 8, 64, 32},
       {"few slots, tails", 3, 4, 8, 0, 8, 72, 40},
       {"few slots, 16 of them", 4, 4, 8, 0, 8, 64, 32},
+      // The shared experts in the few-slot kernels: V2-Lite's (two of width 1408, wider than a
+      // routed expert), V3's (one of 2048) on a rank with part of the routed experts, narrower
+      // than a routed expert, and beside 16 slots.
+      {"few slots + shared, V2-Lite", 1, 6, 8, 0, 8, 2048, 1408, Routing::kRandom,
+       cuda::kMoeGemvMaxSlots, 2816},
+      {"few slots + shared, V3, part of the experts", 2, 8, 32, 8, 8, 7168, 2048, Routing::kRandom,
+       cuda::kMoeGemvMaxSlots, 2048},
+      {"few slots + shared, narrower", 3, 2, 8, 0, 8, 72, 40, Routing::kRandom,
+       cuda::kMoeGemvMaxSlots, 16},
+      {"few slots + shared, 16 slots", 4, 4, 8, 0, 8, 64, 32, Routing::kRandom,
+       cuda::kMoeGemvMaxSlots, 64},
   };
   return all;
 }
@@ -231,6 +278,12 @@ TEST(CudaMoeExperts, FewSlotsMatchOnBothPaths) {
     ++few;
     const Problem p = make_problem(c, rng);
     for (int64_t max_slots : {cuda::kMoeGemvMaxSlots, int64_t{0}}) {
+      if (max_slots == 0 && c.shared_inter > 0) {  // the tiled GEMMs do not take shared experts
+        c.gemv_max_slots = 0;
+        DeviceProblem d(p);
+        EXPECT_THROW(d.run(c, nullptr), Error) << c.name;
+        continue;
+      }
       // A workspace of 0xff bytes (NaN activations, slot positions -1) and one of zeros (slot
       // positions 0): either way every slot's position must be written.
       for (int fill : {0xff, 0x00}) {
@@ -252,8 +305,8 @@ TEST(CudaMoeExperts, FewSlotsMatchOnBothPaths) {
 TEST(CudaMoeExperts, IsDeterministicAndReplaysFromACudaGraph) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   std::mt19937 rng(5151);
-  // One of each tile size, and few slots (the weight-streaming kernels).
-  for (const Case& c : {cases()[2], cases()[6], cases()[12]}) {
+  // One of each tile size, and few slots (the weight-streaming kernels), with shared experts.
+  for (const Case& c : {cases()[2], cases()[6], cases()[12], cases()[16]}) {
     const Problem p = make_problem(c, rng);
     DeviceProblem d(p);
     d.run(c, nullptr);
@@ -269,7 +322,7 @@ TEST(CudaMoeExperts, IsDeterministicAndReplaysFromACudaGraph) {
     MLA_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
     MLA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
     for (int replay = 0; replay < 2; ++replay) {
-      d.reset_out(p);
+      d.reset_out();
       MLA_CUDA_CHECK(cudaMemset(d.workspace, 0xff, d.workspace_bytes));
       MLA_CUDA_CHECK(cudaGraphLaunch(exec, stream));
       MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -296,6 +349,9 @@ TEST(CudaMoeExperts, RejectsBadShapes) {
   bad.first_expert = 1;  // experts [1, 9) of 8
   EXPECT_THROW(cuda::moe_experts(bad, d.workspace, d.workspace_bytes, nullptr), Error);
   EXPECT_THROW(cuda::moe_experts(d.params(c), d.workspace, d.workspace_bytes - 1, nullptr), Error);
+  bad = d.params(c);
+  bad.shared = {.gate_up = bad.gate_up, .down = bad.down, .act = nullptr, .inter = 12};
+  EXPECT_THROW(cuda::moe_experts(bad, d.workspace, d.workspace_bytes, nullptr), Error);  // 12 % 8
 }
 
 }  // namespace
