@@ -120,6 +120,15 @@ grpc::Status CoordinatorService::migrate(const v1::MigrateRequest& request,
     target_stub->Cancel(&cancel_call, cancel, &cancelled);
   }
 
+  if (status.ok() && !still_in_flight) {
+    // Copied, but the request had ended meanwhile: it runs nowhere, and the copy is freed.
+    response->set_outcome("ended");
+    *response->mutable_stats() = imported.stats();
+    if (metrics_) metrics_->migrations_total("ended").inc();
+    spdlog::info("request {}: ended while its cache moved to {}; the copy is freed", id,
+                 target_id);
+    return grpc::Status::OK;
+  }
   if (status.ok()) {
     const v1::MigrationStats& stats = imported.stats();
     response->set_outcome("migrated");
