@@ -3,6 +3,8 @@
 # (the model-bandwidth utilisation target of docs/BENCHMARKS.md). From a bundle with
 # mlaserve (launch/bundle.sh bundle build/launch/mlaserve) and the repository beside it:
 #   tests/gpu/profile_step.sh [BATCH] [CONTEXT] [COPY_GBPS]
+# env: MODEL (default: the whole V2-Lite shape, made here once), MLASERVE (default: the
+# bundle's mlaserve; another build to compare, run on the bundle's libraries).
 # 1. the step time with CUDA graphs (mlaserve bench-decode, median of 50);
 # 2. one uncaptured step under Nsight Compute (kernel durations and DRAM bytes, clocks left
 #    alone), summarised by tests/bench/ncu_step_summary.py. Logs and the CSV go to $OUT.
@@ -11,11 +13,11 @@ batch=${1:-1} ctx=${2:-512} copy=${3:-2998}
 out=${OUT:-/tmp/mla_out}
 mkdir -p "$out"
 source bundle/env.sh
-model=/tmp/mla_models/v2lite
+model=${MODEL:-/tmp/mla_models/v2lite}
 [ -f $model/config.json ] ||
   mlaserve --log-level warn make-tiny --preset v2-lite-full --dtype BF16 --out $model
 ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-run=(mlaserve --log-level warn bench-decode --model $model --device cuda --num-pages 2000
+run=("${MLASERVE:-mlaserve}" --log-level warn bench-decode --model $model --device cuda --num-pages 2000
   --context "$ctx" --batch "$batch")
 "${run[@]}" --steps 50 --warmup 5 | tee "$out/bench_decode.log"
 step_ms=$(awk -v c="$ctx" -v b="$batch" '$1 == c && $2 == b {print $3}' "$out/bench_decode.log")

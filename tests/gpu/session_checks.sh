@@ -177,7 +177,8 @@ PY
 fusion() {
   set -o pipefail
   local rc=0
-  tests/gpu/device_run.sh fusion_tests 'CudaMoeExperts*:CudaMoeGate*:CudaModel*:CudaRope*:CudaGemm*' || rc=1
+  tests/gpu/device_run.sh fusion_tests \
+    'CudaMoeExperts*:CudaMoeGate*:*CudaModel*:CudaRope*:CudaGemm*' || rc=1
   v2l4 || return 1
   for b in ${BASE_MLASERVE:+base} this; do
     local bin=mlaserve
@@ -185,6 +186,11 @@ fusion() {
     "$bin" bench-decode --device cuda --model /tmp/v2l4 --num-pages 2000 --context 512 \
       --batch 1,2,4 --steps 50 --warmup 5 2>&1 |
       sed "s/^\( *\(context\|[0-9][0-9]*\) .*\)$/RESULT $b \1/" || rc=1
+    # Kernel by kernel (Nsight Compute, one uncaptured batch-1 step), in $out/fusion_ncu_$b.
+    OUT=$out/fusion_ncu_$b MODEL=/tmp/v2l4 MLASERVE=$bin tests/gpu/profile_step.sh 1 512 \
+      >"$out/fusion_ncu_$b.log" 2>&1 || rc=1
+    sed -n '/kernels in the step/,$p' "$out/fusion_ncu_$b.log" | sed "s/^/RESULT $b ncu /" |
+      head -25
   done
   return $rc
 }
