@@ -125,8 +125,7 @@ grpc::Status CoordinatorService::migrate(const v1::MigrateRequest& request,
     response->set_outcome("ended");
     *response->mutable_stats() = imported.stats();
     if (metrics_) metrics_->migrations_total("ended").inc();
-    spdlog::info("request {}: ended while its cache moved to {}; the copy is freed", id,
-                 target_id);
+    spdlog::info("request {}: ended while its cache moved to {}; the copy is freed", id, target_id);
     return grpc::Status::OK;
   }
   if (status.ok()) {

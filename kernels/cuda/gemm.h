@@ -90,9 +90,9 @@ struct GemmParams {
 // Enqueues the product on blas.stream(). Throws kInvalidArgument for bad shapes or strides.
 void gemm(const Blas& blas, const GemmParams& p);
 
-// gemm(first) and gemm(second), as one small-row launch (skinny_gemm_pair) when gemm() would
-// take the small-row kernel for both and they qualify as a pair (same A; see
-// skinny_gemm_pair_supports).
+// gemm(first) and gemm(second), as one small-row launch (skinny_gemm_pair) when both have at
+// most kSkinnyPreferredRows rows, BlasOptions::small_gemm holds and batch_invariant does not,
+// and they qualify as a pair (same A; see skinny_gemm_pair_supports).
 void gemm_pair(const Blas& blas, const GemmParams& first, const GemmParams& second);
 
 // y[rows, out] = x[rows, in] * w[out, in]^T (+ beta * y): the common weight product (w

@@ -449,7 +449,8 @@ size_t moe_experts_workspace_bytes(int64_t max_tokens, int64_t top_k, int64_t lo
 }
 
 bool moe_experts_streams(const MoeExpertsParams& p) {
-  return p.tokens * p.top_k <= std::min<int64_t>(p.gemv_max_slots, kMaxGemvSlots);
+  // One grid row per slot, and per token for the shared experts: at most kMaxGemvSlots rows.
+  return p.tokens * p.top_k <= std::min<int64_t>(p.gemv_max_slots, kMaxGemvSlots - p.tokens);
 }
 
 void moe_experts(const MoeExpertsParams& p, void* workspace, size_t workspace_bytes,

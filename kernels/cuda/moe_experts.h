@@ -71,8 +71,9 @@ struct MoeExpertsParams {
   MoeSharedExperts shared{};
 };
 
-// Whether p runs the weight-streaming kernels (tokens * top_k <= gemv_max_slots), the path
-// that can take the shared experts.
+// Whether p runs the weight-streaming kernels (tokens * top_k <= gemv_max_slots, and their
+// grid, a row per slot and per token, within CUDA's 65,535 rows), the path that can take the
+// shared experts.
 bool moe_experts_streams(const MoeExpertsParams& p);
 
 // Workspace for up to max_tokens tokens. With S = max_tokens * top_k slots and

@@ -203,7 +203,12 @@ __global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(RouteArgs a) {
   __shared__ bool last;
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(a.counter, 1) == static_cast<int>(gridDim.x) - 1;
+  // atomicInc wraps to 0 on the last block's increment: the counter is ready for the next
+  // launch (graph replays too) without a store of its own.
+  if (threadIdx.x == 0) {
+    const unsigned n = gridDim.x - 1;
+    last = atomicInc(reinterpret_cast<unsigned*>(a.counter), n) == n;
+  }
   __syncthreads();
   if (!last) return;
   __threadfence();
@@ -211,7 +216,6 @@ __global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(RouteArgs a) {
   __shared__ float s_choice[kRouteWarps][kMoeGateMaxExperts];
   const int warp = threadIdx.x / 32;
   if (warp < p.tokens) gate_token(p, warp, s_scores[warp], s_choice[warp]);
-  if (threadIdx.x == 0) *a.counter = 0;  // ready for the next launch (graph replays too)
 }
 
 template <int MT>

@@ -48,7 +48,8 @@ struct MoeRouteParams {
 };
 
 // x and weight 16-byte aligned. Throws kInvalidArgument naming a bad field; launches nothing
-// for 0 tokens. Launches on one stream must not overlap (they share the counter).
+// for 0 tokens. Launches that may run at the same time (other streams, graphs replayed
+// concurrently) must not share a counter; on one stream each waits for the one before.
 void moe_route(const MoeRouteParams& p, cudaStream_t stream);
 
 }  // namespace mla::cuda

@@ -552,8 +552,10 @@ void CudaStep::ffn(const DeviceLayer& d) {
   gp.scaling = static_cast<float>(c_.routed_scaling_factor);
   gp.ids = b_.topk_ids.data<int32_t>();
   gp.weights = b_.topk_weights.data<float>();
-  // The router in fp32, like transformers: at decode's few tokens product and gate in one
-  // launch (its sums run in the small-row kernels' order, so it goes with them).
+  // The router in fp32, like transformers: at up to kMoeRouteMaxTokens tokens product and gate
+  // in one launch. Its logits are summed as the weight-streaming products sum (cuBLAS sums the
+  // product above 2 rows otherwise), so it goes with the small-row path and stays out of the
+  // deterministic one.
   const cuda::BlasOptions& blas = x_.blas.options();
   if (T <= cuda::kMoeRouteMaxTokens && blas.small_gemm && !blas.batch_invariant) {
     cuda::moe_route({.x = b_.xn32.data<float>(),
@@ -617,8 +619,8 @@ void CudaStep::ffn(const DeviceLayer& d) {
   ep.gemv_max_slots =
       x_.blas.options().small_gemm && !x_.batch_invariant ? cuda::kMoeGemvMaxSlots : 0;
   // With few slots the shared experts' bf16 rows stream in the routed experts' kernels.
-  if (d.shared.width > 0 && !d.shared.gate_up.fp8() && !d.shared.down.fp8() &&
-      cuda::moe_experts_streams(ep)) {
+  if (d.shared.width > 0 && d.shared.width % 8 == 0 && !d.shared.gate_up.fp8() &&
+      !d.shared.down.fp8() && cuda::moe_experts_streams(ep)) {
     ep.shared = {.gate_up = d.shared.gate_up.w.data<bf16>(),
                  .down = d.shared.down.w.data<bf16>(),
                  .act = b_.act.data<bf16>(),

@@ -95,9 +95,11 @@ void StepBuffers::reserve(int64_t tokens, int64_t seqs) {
     this->*buffer = Tensor();  // free the old buffer first: the new one may need its room
     this->*buffer = cuda::device_empty(std::move(shape), dtype);
   });
-  // cuda::moe_route's launches leave their counter at zero; it starts there.
+  // cuda::moe_route's launches leave their counter at zero; it starts there, before any step
+  // (on a non-blocking stream, which a plain cudaMemset would not order against) runs.
   if (route_counter.defined()) {
     MLA_CUDA_CHECK(cudaMemset(route_counter.raw(), 0, sizeof(int32_t)));
+    MLA_CUDA_CHECK(cudaStreamSynchronize(nullptr));
   }
   cap_tokens_ = T;
   cap_seqs_ = S;

@@ -347,7 +347,8 @@ TEST(CudaGemm, UnsupportedProductsFallBackToCublas) {
 
 // Two products of the same A in one launch, each against the CPU reference: the decode step's
 // pairs (V2-Lite's kv_a with q_proj, V3's q_a with kv_a), two bf16 outputs with odd n, and an
-// fp32 output first (the launcher puts it second); directly and through gemm_pair in a graph.
+// fp32 output first (the launcher puts it second); directly, and through gemm_pair in a graph
+// (one dependent launch at 1 and 2 rows; two cuBLAS products at 5 and 8, gemm()'s choice).
 TEST(CudaGemm, PairOfProductsMatchesCpuReference) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   std::mt19937 rng(2028);

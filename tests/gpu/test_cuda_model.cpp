@@ -48,6 +48,14 @@ constexpr double kRouterNearTie = 1e-3;
 
 using test::Golden;
 using test::golden;
+
+// The CPU reference model in `mode`, loading quietly.
+ModelOptions cpu_options(AbsorbMode mode) {
+  ModelOptions o;
+  o.absorb = mode;
+  o.show_progress = false;
+  return o;
+}
 using test::model_dir;
 using test::Pattern;
 using test::pattern_name;
@@ -395,7 +403,7 @@ TEST_P(CudaDump, IntermediatesMatchTheCpuModel) {
   const auto& prompt = golden(name).prompts[0];
   const std::string tag = name + "_" + to_string(mode);
   const std::string base = testing::TempDir() + "/mla_cuda_dump_";
-  const auto cpu = DeepseekModel::load(model_dir(name), {mode, CostModel{}, false});
+  const auto cpu = DeepseekModel::load(model_dir(name), cpu_options(mode));
   const std::string want = test::dump_prompt(*cpu, prompt, base + "cpu_" + tag);
   const std::string got = test::dump_prompt(*model(name, mode, true), prompt, base + "gpu_" + tag);
   const ModelConfig& c = cpu->config();
@@ -436,7 +444,7 @@ TEST(CudaModelForms, ShapesTheDecompressedKernelRefusesRunLatent) {
   o.device = Device::kCuda;
   o.show_progress = false;
   const auto gpu = CudaModel::load(dir, o);
-  const auto cpu = DeepseekModel::load(dir, {AbsorbMode::kFactored, CostModel{}, false});
+  const auto cpu = DeepseekModel::load(dir, cpu_options(AbsorbMode::kFactored));
   const int32_t n = 1024;
   ASSERT_EQ(FormPolicy(c, AbsorbMode::kAuto, CostModel{300, 2}).choose(n, n),
             AttnForm::kDecompressed)
