@@ -93,13 +93,39 @@ bool ends_with(const std::string& s, const std::string& suffix) {
          s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
+// Tensors of at least this many values (the full-size presets' weights) are filled, narrowed
+// and quantised on all cores: serially, DeepSeek-V2-Lite's 15.7B values or V3's fp8 experts
+// take minutes.
+constexpr int64_t kParallelElements = int64_t{1} << 20;
+
+// fn(begin, end) over [0, n) cut into one range per core, each on its own thread, when
+// `values` (the work the n items stand for) reaches kParallelElements; else fn(0, n).
+template <typename Fn>
+void parallel_ranges(int64_t n, int64_t values, Fn&& fn) {
+  const unsigned threads =
+      values < kParallelElements ? 1u : std::max(1u, std::thread::hardware_concurrency());
+  if (threads == 1) {
+    fn(int64_t{0}, n);
+    return;
+  }
+  const int64_t chunk = (n + threads - 1) / threads;
+  std::vector<std::thread> pool;
+  for (unsigned w = 0; w < threads; ++w) {
+    const int64_t begin = std::min(n, w * chunk), end = std::min(n, (w + 1) * chunk);
+    pool.emplace_back([&fn, begin, end] { fn(begin, end); });
+  }
+  for (auto& t : pool) t.join();
+}
+
 Tensor narrow_to(const Tensor& f32, DType dtype) {
   Tensor out = Tensor::empty(f32.shape(), dtype);
   const float* src = f32.f32();
   auto* dst = out.data<uint16_t>();
-  for (int64_t i = 0; i < f32.numel(); ++i) {
-    dst[i] = dtype == DType::kBF16 ? f32_to_bf16(src[i]) : f32_to_f16(src[i]);
-  }
+  parallel_ranges(f32.numel(), f32.numel(), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      dst[i] = dtype == DType::kBF16 ? f32_to_bf16(src[i]) : f32_to_f16(src[i]);
+    }
+  });
   return out;
 }
 
@@ -110,19 +136,26 @@ std::pair<Tensor, Tensor> quantize_fp8(const Tensor& w, int block) {
   Tensor q = Tensor::empty({rows, cols}, DType::kF8E4M3);
   Tensor scale_inv = Tensor::empty({br, bc});
   const float* src = w.f32();
-  for (int64_t bi = 0; bi < br; ++bi) {
-    for (int64_t bj = 0; bj < bc; ++bj) {
-      float amax = 0.0f;
-      for (int64_t i = bi * block; i < std::min(rows, (bi + 1) * block); ++i)
-        for (int64_t j = bj * block; j < std::min(cols, (bj + 1) * block); ++j)
-          amax = std::max(amax, std::fabs(src[i * cols + j]));
-      const float scale = amax > 0 ? amax / 448.0f : 1.0f;
-      scale_inv.f32()[bi * bc + bj] = scale;
-      for (int64_t i = bi * block; i < std::min(rows, (bi + 1) * block); ++i)
-        for (int64_t j = bj * block; j < std::min(cols, (bj + 1) * block); ++j)
-          q.data<uint8_t>()[i * cols + j] = f32_to_fp8e4m3(src[i * cols + j] / scale);
+  uint8_t* codes = q.data<uint8_t>();
+  float* scales = scale_inv.f32();
+  // Blocks are independent: rows of blocks go to the threads.
+  parallel_ranges(br, rows * cols, [&](int64_t bi_begin, int64_t bi_end) {
+    for (int64_t bi = bi_begin; bi < bi_end; ++bi) {
+      const int64_t i_end = std::min(rows, (bi + 1) * block);
+      for (int64_t bj = 0; bj < bc; ++bj) {
+        const int64_t j_end = std::min(cols, (bj + 1) * block);
+        float amax = 0.0f;
+        for (int64_t i = bi * block; i < i_end; ++i)
+          for (int64_t j = bj * block; j < j_end; ++j)
+            amax = std::max(amax, std::fabs(src[i * cols + j]));
+        const float scale = amax > 0 ? amax / 448.0f : 1.0f;
+        scales[bi * bc + bj] = scale;
+        for (int64_t i = bi * block; i < i_end; ++i)
+          for (int64_t j = bj * block; j < j_end; ++j)
+            codes[i * cols + j] = f32_to_fp8e4m3(src[i * cols + j] / scale);
+      }
     }
-  }
+  });
   return {q, scale_inv};
 }
 
@@ -207,30 +240,20 @@ ModelConfig model_preset(const std::string& name) {
 
 namespace {
 
-// Tensors this large (the full-size presets' weights) are filled by fast_fill: the serial
-// normal generator would take minutes for DeepSeek-V2-Lite's 15.7B values.
-constexpr int64_t kFastFillElements = int64_t{1} << 20;
-
 // Approximately normal values (the sum of four 16-bit uniforms, rescaled: mean 0, variance 1,
-// bounded by +-3.46) from a counter-based hash, on all cores. Deterministic in `seed`.
+// bounded by +-3.46) from a counter-based hash, on all cores; for tensors of at least
+// kParallelElements, where the serial normal generator is too slow. Deterministic in `seed`.
 void fast_fill(float* p, int64_t n, float mean, float std_dev, uint64_t seed) {
-  const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
-  const int64_t chunk = (n + threads - 1) / threads;
-  std::vector<std::thread> pool;
-  for (unsigned w = 0; w < threads; ++w) {
-    pool.emplace_back([=] {
-      const int64_t end = std::min(n, (w + 1) * chunk);
-      // Sum of 4 uniforms on [0, 65535]: mean 131070, sd 65536 * sqrt(4 / 12).
-      constexpr float kCenter = 4 * 65535.0f / 2, kScale = 1.0f / (65536.0f * 1.1547005f);
-      for (int64_t i = w * chunk; i < end; ++i) {
-        const uint64_t h = splitmix64(seed ^ static_cast<uint64_t>(i));
-        const float sum = static_cast<float>((h & 0xffff) + ((h >> 16) & 0xffff) +
-                                             ((h >> 32) & 0xffff) + (h >> 48));
-        p[i] = mean + std_dev * (sum - kCenter) * kScale;
-      }
-    });
-  }
-  for (auto& t : pool) t.join();
+  parallel_ranges(n, n, [=](int64_t begin, int64_t end) {
+    // Sum of 4 uniforms on [0, 65535]: mean 131070, sd 65536 * sqrt(4 / 12).
+    constexpr float kCenter = 4 * 65535.0f / 2, kScale = 1.0f / (65536.0f * 1.1547005f);
+    for (int64_t i = begin; i < end; ++i) {
+      const uint64_t h = splitmix64(seed ^ static_cast<uint64_t>(i));
+      const float sum = static_cast<float>((h & 0xffff) + ((h >> 16) & 0xffff) +
+                                           ((h >> 32) & 0xffff) + (h >> 48));
+      p[i] = mean + std_dev * (sum - kCenter) * kScale;
+    }
+  });
 }
 
 }  // namespace
@@ -262,7 +285,7 @@ void write_random_checkpoint(const ModelConfig& config, const std::string& dir, 
                           : is_embed ? 1.0f
                                      : 1.0f / std::sqrt(static_cast<float>(shape.back()));
     const float mean = is_norm ? 1.0f : 0.0f;
-    if (t.numel() < kFastFillElements) {
+    if (t.numel() < kParallelElements) {
       for (int64_t i = 0; i < t.numel(); ++i) p[i] = mean + std_dev * normal(rng);
     } else {
       fast_fill(p, t.numel(), mean, std_dev, rng());
