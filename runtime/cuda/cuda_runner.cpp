@@ -108,7 +108,8 @@ void CudaRunner::run(const ForwardBatch& batch, WorkCounter& work) {
                                 .comm = comm_,
                                 .ordered = ordered,
                                 .dump = dump_,
-                                .batch_invariant = cuda_model_.deterministic()};
+                                .batch_invariant = cuda_model_.deterministic(),
+                                .prefetch_weights = cuda_model_.options().prefetch_weights};
   CudaStep step(context, batch, meta);
   if (meta.graph) {
     graphs_->run(

@@ -14,6 +14,7 @@
 #include "kernels/cuda/fp8_gemm_lt.h"
 #include "kernels/cuda/fp8_latent.h"
 #include "kernels/cuda/gather_rows.h"
+#include "kernels/cuda/l2_prefetch.h"
 #include "kernels/cuda/latent_attention.h"
 #include "kernels/cuda/latent_store.h"
 #include "kernels/cuda/lse_merge.h"
@@ -174,6 +175,7 @@ void CudaStep::enqueue() {
   };
   for (int64_t l = 0; l < c_.num_layers; ++l) {
     const DeviceLayer& d = w.layers[l];
+    prefetch_layer_weights(d);
     add_norm(l == 0 ? nullptr : b_.delta.data<float>(), d.input_norm, b_.xn, D);
     dump("attn_norm", l, b_.xn.raw(), DType::kBF16, T, D, D, {T, D});
     attention(l, d);
@@ -629,6 +631,15 @@ void CudaStep::ffn(const DeviceLayer& d) {
     shared_experts_first();
   }
   cuda::moe_experts(ep, b_.moe_workspace.raw(), b_.moe_workspace.nbytes(), s);
+}
+
+void CudaStep::prefetch_layer_weights(const DeviceLayer& d) {
+  if (!x_.prefetch_weights || !d.is_moe || meta_.T > cuda::kMoeRouteMaxTokens) return;
+  std::vector<cuda::L2PrefetchRange> ranges;
+  for (const DeviceLinear* w : {&d.o, &d.shared.gate_up, &d.shared.down}) {
+    if (w->defined()) ranges.push_back({w->w.raw(), static_cast<size_t>(w->w.nbytes())});
+  }
+  cuda::l2_prefetch(ranges.data(), ranges.size(), x_.stream);
 }
 
 void CudaStep::linear_pair(const void* x, int64_t rows, int64_t in, const LinearOut& first,

@@ -55,6 +55,7 @@ struct CudaStepContext {
   // attention for every token (no mla_decode plan, which cuts the whole batch's keys), and the
   // tiled expert kernels at any batch.
   bool batch_invariant;
+  bool prefetch_weights;  // CudaOptions::prefetch_weights
 };
 
 // The kernels' name for how a device cache stores its rows.
@@ -75,6 +76,9 @@ class CudaStep {
   void latent_attention(int64_t l, const __nv_bfloat16* q_local);
   void decompressed(int64_t l, const DeviceLayer& d);
   void ffn(const DeviceLayer& d);
+  // CudaOptions::prefetch_weights: at decode's few tokens, layer d's o_proj and shared-expert
+  // weights into L2 at the start of a MoE layer.
+  void prefetch_layer_weights(const DeviceLayer& d);
   void mlp(const DeviceMlp& w, const __nv_bfloat16* x, float* out);
   // y [rows, out] = x [rows, in] (bf16) times w^T (+ beta y): cuBLAS for a bf16 weight; for an
   // fp8 weight, x quantised per row and 128 columns, then cuda::fp8_gemm_lt for more rows than

@@ -35,7 +35,9 @@
 #               and of the model they change, then V2-Lite-shaped decode steps (4 layers) at batch
 #               1, 2 and 4 with this bundle's mlaserve and, where base/bundle/bin/mlaserve is
 #               an earlier build (a tar of bundle/bin/mlaserve unpacked into base/; it runs on
-#               this bundle's libraries), with that one in the same run
+#               this bundle's libraries), with that one in the same run; and this one with
+#               --prefetch-weights; a kernel-by-kernel profile of each build
+#   fusion_full the same decode steps on the whole V2-Lite shape (27 layers), batch 1 and 2
 #   peer        FlashMLA's dense decode beside mlaserve's (issue 17), from FLASHMLA_SRC
 #   study       tests/bench/cluster_study.sh on the GPU profile the simulate step took (its
 #               model's shape, TP1 groups: a first cluster study on measured GPU steps)
@@ -174,18 +176,31 @@ PY
   return $rc
 }
 
+# bench-decode with each build (base: an earlier mlaserve, when given; this; this with
+# --prefetch-weights) on MODEL at BATCHES, RESULT lines tagged with the build.
+decode_builds() {
+  local model=$1 batches=$2 steps=$3 rc=0
+  for b in ${BASE_MLASERVE:+base} this prefetch; do
+    local bin=mlaserve flags=
+    [ "$b" = base ] && bin=$BASE_MLASERVE
+    [ "$b" = prefetch ] && flags=--prefetch-weights
+    "$bin" --log-level warn bench-decode --device cuda --model "$model" --num-pages 2000 \
+      --context 512 --batch "$batches" --steps "$steps" --warmup 5 $flags 2>&1 |
+      sed "s/^\( *\(context\|[0-9][0-9]*\) .*\)$/RESULT $b \1/" || rc=1
+  done
+  return $rc
+}
+
 fusion() {
   set -o pipefail
   local rc=0
   tests/gpu/device_run.sh fusion_tests \
-    'CudaMoeExperts*:CudaMoeGate*:*CudaModel*:CudaRope*:CudaGemm*' || rc=1
+    'CudaMoeExperts*:CudaMoeGate*:*CudaModel*:CudaRope*:CudaGemm*:CudaL2Prefetch*' || rc=1
   v2l4 || return 1
+  decode_builds /tmp/v2l4 1,2,4 50 || rc=1
   for b in ${BASE_MLASERVE:+base} this; do
     local bin=mlaserve
     [ "$b" = base ] && bin=$BASE_MLASERVE
-    "$bin" bench-decode --device cuda --model /tmp/v2l4 --num-pages 2000 --context 512 \
-      --batch 1,2,4 --steps 50 --warmup 5 2>&1 |
-      sed "s/^\( *\(context\|[0-9][0-9]*\) .*\)$/RESULT $b \1/" || rc=1
     # Kernel by kernel (Nsight Compute, one uncaptured batch-1 step), in $out/fusion_ncu_$b.
     OUT=$out/fusion_ncu_$b MODEL=/tmp/v2l4 MLASERVE=$bin tests/gpu/profile_step.sh 1 512 \
       >"$out/fusion_ncu_$b.log" 2>&1 || rc=1
@@ -195,8 +210,17 @@ fusion() {
   return $rc
 }
 
-export -f v2l4 v3l3 det_cost migration fp8_model fp8_cache fusion
-steps="gpu_new gpu_all det_cost migration prefix prefix_routing simulate simulate1 fp8 fp8_model fp8_cache fusion peer study v3tp8"
+# The whole DeepSeek-V2-Lite shape (27 layers, bf16): the batch-1 step of issue 17 item 3.
+fusion_full() {
+  set -o pipefail
+  local m=/tmp/mla_models/v2lite
+  [ -f $m/config.json ] ||
+    mlaserve --log-level warn make-tiny --preset v2-lite-full --dtype BF16 --out $m || return 1
+  decode_builds $m 1,2 30
+}
+
+export -f v2l4 v3l3 det_cost migration fp8_model fp8_cache decode_builds fusion fusion_full
+steps="gpu_new gpu_all det_cost migration prefix prefix_routing simulate simulate1 fp8 fp8_model fp8_cache fusion fusion_full peer study v3tp8"
 for step in "$@"; do
   [[ " $steps " == *" $step "* ]] || { echo "unknown step '$step' (steps: $steps)" >&2; exit 2; }
 done
@@ -213,6 +237,9 @@ for step in "$@"; do
     fusion)
       [ -x base/bundle/bin/mlaserve ] && export BASE_MLASERVE=$PWD/base/bundle/bin/mlaserve
       run fusion 400 bash -c fusion ;;
+    fusion_full)
+      [ -x base/bundle/bin/mlaserve ] && export BASE_MLASERVE=$PWD/base/bundle/bin/mlaserve
+      run fusion_full 480 bash -c fusion_full ;;
     migration) run migration 540 bash -c migration ;;
     prefix)
       run prefix 400 env PRESET=v2-lite-full MAKE_TINY_FLAGS="--layers 4 --dtype BF16" \
