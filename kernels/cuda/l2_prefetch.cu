@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/cuda/cuda_check.h"
@@ -21,15 +22,15 @@ struct Ranges {
 
 __global__ void __launch_bounds__(kThreads) l2_prefetch_kernel(Ranges r) {
   allow_dependent_launch();  // nothing here is anyone's input
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
-  for (int i = 0; i < r.count; ++i) {
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(kL2PrefetchMaxRanges); ++i) {
+    if (i >= r.count) break;
     for (size_t at = size_t{threadIdx.x} * kPiece; at < r.bytes[i]; at += kThreads * kPiece) {
       const size_t n = r.bytes[i] - at < kPiece ? r.bytes[i] - at : kPiece;
-      asm volatile(
-          "cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;\n" ::"l"(r.ptr[i] + at),
-          "r"(static_cast<uint32_t>(n)), "l"(policy)
-          : "memory");
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(
+                       __cvta_generic_to_global(r.ptr[i] + at)),
+                   "r"(static_cast<uint32_t>(n))
+                   : "memory");
     }
   }
   wait_for_prerequisite();  // the chain: the kernel after this one waits on the one before
@@ -41,21 +42,25 @@ void l2_prefetch(const L2PrefetchRange* ranges, size_t count, cudaStream_t strea
   // Check shapes
   MLA_REQUIRE(count <= kL2PrefetchMaxRanges, "l2_prefetch takes at most {} ranges, got {}",
               kL2PrefetchMaxRanges, count);
-  Ranges r{};
-  size_t total = 0;
+  // Check layout
   for (size_t i = 0; i < count; ++i) {
-    const L2PrefetchRange& range = ranges[i];
-    // Check layout
-    MLA_REQUIRE(is_aligned(range.ptr, 16) && range.bytes % 16 == 0,
-                "l2_prefetch: ranges must start on and span whole 16-byte units ({} bytes at {})",
-                range.bytes, range.ptr);
-    if (range.bytes == 0) continue;
-    r.ptr[r.count] = static_cast<const char*>(range.ptr);
-    r.bytes[r.count] = range.bytes;
-    ++r.count;
-    total += range.bytes;
+    MLA_REQUIRE(is_aligned(ranges[i].ptr, 16),
+                "l2_prefetch: range {} must start on a 16-byte boundary ({})", i, ranges[i].ptr);
   }
-  if (total == 0) return;
+  int device = 0, l2 = 0;
+  MLA_CUDA_CHECK(cudaGetDevice(&device));
+  MLA_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
+  size_t left = static_cast<size_t>(l2) / 4 * 3;  // kL2PrefetchShare
+  Ranges r{};
+  for (size_t i = 0; i < count && left >= 16; ++i) {
+    const size_t bytes = std::min(ranges[i].bytes / 16 * 16, left / 16 * 16);
+    if (bytes == 0) continue;
+    r.ptr[r.count] = static_cast<const char*>(ranges[i].ptr);
+    r.bytes[r.count] = bytes;
+    ++r.count;
+    left -= bytes;
+  }
+  if (r.count == 0) return;
   launch_dependent(l2_prefetch_kernel, 1, kThreads, 0, stream, true, r);
 }
 

@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include "kernels/cpu/fp8_latent.h"
@@ -634,12 +635,22 @@ void CudaStep::ffn(const DeviceLayer& d) {
 }
 
 void CudaStep::prefetch_layer_weights(const DeviceLayer& d) {
-  if (!x_.prefetch_weights || !d.is_moe || meta_.T > cuda::kMoeRouteMaxTokens) return;
-  std::vector<cuda::L2PrefetchRange> ranges;
-  for (const DeviceLinear* w : {&d.o, &d.shared.gate_up, &d.shared.down}) {
-    if (w->defined()) ranges.push_back({w->w.raw(), static_cast<size_t>(w->w.nbytes())});
+  const cuda::BlasOptions& blas = x_.blas.options();
+  if (!x_.prefetch_weights || !d.is_moe || !meta_.batch.pure_decode() ||
+      meta_.T > cuda::kMoeRouteMaxTokens || !blas.small_gemm || blas.batch_invariant) {
+    return;
   }
-  cuda::l2_prefetch(ranges.data(), ranges.size(), x_.stream);
+  // In the order the layer reads them: the output product (the premerged latent form's W_O' when
+  // no row needs W_o), then the shared experts.
+  const BatchLayout& batch = meta_.batch;
+  const bool o_absorbed = x_.premerged && batch.any_latent && !batch.any_decompressed;
+  const Tensor& o = o_absorbed ? d.o_absorbed : d.o.w;
+  std::array<cuda::L2PrefetchRange, 3> ranges{};
+  size_t n = 0;
+  for (const Tensor* w : {&o, &d.shared.gate_up.w, &d.shared.down.w}) {
+    if (w->defined()) ranges[n++] = {w->raw(), static_cast<size_t>(w->nbytes())};
+  }
+  cuda::l2_prefetch(ranges.data(), n, x_.stream);
 }
 
 void CudaStep::linear_pair(const void* x, int64_t rows, int64_t in, const LinearOut& first,

@@ -76,8 +76,8 @@ class CudaStep {
   void latent_attention(int64_t l, const __nv_bfloat16* q_local);
   void decompressed(int64_t l, const DeviceLayer& d);
   void ffn(const DeviceLayer& d);
-  // CudaOptions::prefetch_weights: at decode's few tokens, layer d's o_proj and shared-expert
-  // weights into L2 at the start of a MoE layer.
+  // CudaOptions::prefetch_weights: in a decode step of few tokens on the small-row path, layer
+  // d's output-product and shared-expert weights into L2 at the start of a MoE layer.
   void prefetch_layer_weights(const DeviceLayer& d);
   void mlp(const DeviceMlp& w, const __nv_bfloat16* x, float* out);
   // y [rows, out] = x [rows, in] (bf16) times w^T (+ beta y): cuBLAS for a bf16 weight; for an

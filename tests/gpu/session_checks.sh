@@ -36,7 +36,7 @@
 #               1, 2 and 4 with this bundle's mlaserve and, where base/bundle/bin/mlaserve is
 #               an earlier build (a tar of bundle/bin/mlaserve unpacked into base/; it runs on
 #               this bundle's libraries), with that one in the same run; and this one with
-#               --prefetch-weights; a kernel-by-kernel profile of each build
+#               --prefetch-weights; a kernel-by-kernel profile of base and this
 #   fusion_full the same decode steps on the whole V2-Lite shape (27 layers), batch 1 and 2
 #   peer        FlashMLA's dense decode beside mlaserve's (issue 17), from FLASHMLA_SRC
 #   study       tests/bench/cluster_study.sh on the GPU profile the simulate step took (its
@@ -82,7 +82,7 @@ run() {
   tail -15 "$out/$step.log"
   table+=("| $step | $status | $((SECONDS - start)) s |")
   while IFS= read -r line; do table+=("|   | ${line#RESULT } | |"); done \
-    < <(grep '^RESULT ' "$out/$step.log" | head -60)
+    < <(grep '^RESULT ' "$out/$step.log" | head -80)
 }
 
 v2l4() { [ -d /tmp/v2l4 ] || mlaserve make-tiny --preset v2-lite-full --layers 4 --dtype BF16 --out /tmp/v2l4; }
@@ -236,10 +236,10 @@ for step in "$@"; do
     fp8_cache) run fp8_cache 480 bash -c fp8_cache ;;
     fusion)
       [ -x base/bundle/bin/mlaserve ] && export BASE_MLASERVE=$PWD/base/bundle/bin/mlaserve
-      run fusion 400 bash -c fusion ;;
+      run fusion 480 bash -c fusion ;;
     fusion_full)
       [ -x base/bundle/bin/mlaserve ] && export BASE_MLASERVE=$PWD/base/bundle/bin/mlaserve
-      run fusion_full 480 bash -c fusion_full ;;
+      run fusion_full 580 bash -c fusion_full ;;
     migration) run migration 540 bash -c migration ;;
     prefix)
       run prefix 400 env PRESET=v2-lite-full MAKE_TINY_FLAGS="--layers 4 --dtype BF16" \

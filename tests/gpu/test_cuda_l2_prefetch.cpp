@@ -23,8 +23,9 @@ using test::DeviceArray;
 TEST(CudaL2Prefetch, ChangesNoByteOnAStreamOrInAGraph) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   std::mt19937 rng(77);
-  // 48 bytes, 3 pieces of 64 KiB and 16 bytes more, 5 MiB + 32 bytes: in floats.
-  for (size_t floats : {size_t{12}, size_t{3 * 16384 + 4}, size_t{5 * 262144 + 8}}) {
+  // 64 bytes, 3 pieces of 64 KiB and 16 bytes more, 9 MiB + 32 bytes (past one pass of the
+  // block's 128 threads over 64 KiB pieces): in floats.
+  for (size_t floats : {size_t{16}, size_t{3 * 16384 + 4}, size_t{9 * 262144 + 8}}) {
     const std::vector<float> host = test::random_normal(floats, rng);
     DeviceArray<float> a(host), b(host);
     cudaStream_t stream;
@@ -54,14 +55,13 @@ TEST(CudaL2Prefetch, ChangesNoByteOnAStreamOrInAGraph) {
 TEST(CudaL2Prefetch, RefusesMisalignedOrTooManyRanges) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   DeviceArray<float> a(64);
-  const cuda::L2PrefetchRange odd_size{a.get(), 20};
-  EXPECT_THROW(cuda::l2_prefetch(&odd_size, 1, nullptr), Error);
   const cuda::L2PrefetchRange odd_start{reinterpret_cast<const char*>(a.get()) + 4, 16};
   EXPECT_THROW(cuda::l2_prefetch(&odd_start, 1, nullptr), Error);
   const std::vector<cuda::L2PrefetchRange> five(cuda::kL2PrefetchMaxRanges + 1, {a.get(), 16});
   EXPECT_THROW(cuda::l2_prefetch(five.data(), five.size(), nullptr), Error);
-  const cuda::L2PrefetchRange empty{a.get(), 0};
-  cuda::l2_prefetch(&empty, 1, nullptr);  // nothing to do
+  const cuda::L2PrefetchRange empty{a.get(), 0}, ragged{a.get(), 20};
+  cuda::l2_prefetch(&empty, 1, nullptr);   // nothing to do
+  cuda::l2_prefetch(&ragged, 1, nullptr);  // the first 16 bytes
   MLA_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
