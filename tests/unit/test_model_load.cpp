@@ -64,6 +64,51 @@ TEST(ModelLoad, Bf16AndFp8CheckpointsTrackTheF32One) {
   EXPECT_LT(rel_error(prompt_logits(*DeepseekModel::load(fp8, quiet())), ref), 0.15);
 }
 
+// Tensors of 2^20 values and more are narrowed and quantised on all cores: each bf16 value is
+// its f32 value rounded, and each 128x128 fp8 block scaled by its amax / 448, exactly as the
+// serial loops did (the embedding and the dense layer's gate_proj, 16384 x 64 each, here).
+TEST(ModelLoad, LargeTensorsNarrowAndQuantiseValueByValue) {
+  ModelConfig config = model_preset("v3");
+  config.vocab_size = 16384;
+  config.intermediate_size = 16384;
+  const std::string f32 = temp_dir("big_f32"), bf16 = temp_dir("big_bf16"),
+                    fp8 = temp_dir("big_fp8");
+  write_random_checkpoint(config, f32, 13, DType::kF32);
+  write_random_checkpoint(config, bf16, 13, DType::kBF16);
+  write_random_checkpoint(config, fp8, 13, DType::kF8E4M3);
+  const auto wide = SafetensorsFile::open(f32 + "/model.safetensors");
+  const auto narrow = SafetensorsFile::open(bf16 + "/model.safetensors");
+  const auto quant = SafetensorsFile::open(fp8 + "/model.safetensors");
+
+  const Tensor embed = wide->tensor("model.embed_tokens.weight");
+  ASSERT_GE(embed.numel(), int64_t{1} << 20);
+  const Tensor embed16 = narrow->tensor("model.embed_tokens.weight");
+  for (int64_t i = 0; i < embed.numel(); ++i) {
+    ASSERT_EQ(embed16.data<uint16_t>()[i], f32_to_bf16(embed.f32()[i])) << "value " << i;
+  }
+
+  const std::string gate = "model.layers.0.mlp.gate_proj.weight";
+  const Tensor w = wide->tensor(gate);
+  ASSERT_GE(w.numel(), int64_t{1} << 20);
+  const Tensor codes = quant->tensor(gate), scales = quant->tensor(gate + "_scale_inv");
+  const int64_t rows = w.dim(0), cols = w.dim(1), bc = (cols + 127) / 128;
+  for (int64_t bi = 0; bi * 128 < rows; ++bi) {
+    for (int64_t bj = 0; bj < bc; ++bj) {
+      float amax = 0.0f;
+      for (int64_t i = bi * 128; i < std::min(rows, (bi + 1) * 128); ++i)
+        for (int64_t j = bj * 128; j < std::min(cols, (bj + 1) * 128); ++j)
+          amax = std::max(amax, std::fabs(w.f32()[i * cols + j]));
+      const float scale = amax > 0 ? amax / 448.0f : 1.0f;
+      ASSERT_EQ(scales.f32()[bi * bc + bj], scale) << "block " << bi << ", " << bj;
+      for (int64_t i = bi * 128; i < std::min(rows, (bi + 1) * 128); ++i)
+        for (int64_t j = bj * 128; j < std::min(cols, (bj + 1) * 128); ++j)
+          ASSERT_EQ(codes.data<uint8_t>()[i * cols + j],
+                    f32_to_fp8e4m3(w.f32()[i * cols + j] / scale))
+              << "value " << i << ", " << j;
+    }
+  }
+}
+
 // transformers keeps experts fused ([E, 2I, D] and [E, D, I]); checkpoints may hold either.
 TEST(ModelLoad, FusedExpertLayoutEqualsPerExpertLayout) {
   const ModelConfig config = model_preset("v2-lite");
