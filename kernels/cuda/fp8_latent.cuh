@@ -89,36 +89,43 @@ __device__ __forceinline__ void fp8_rope_load(uint32_t tile, const uint8_t* src,
 // them) into a bf16 tile of 576-value rows: 16-byte chunk c (values 8c .. 8c + 7) of row r goes
 // to tile + offset(r, c). Values are e4m3 * scale in fp32, rounded once to bf16; with whole
 // rows staged the rotary values are copied too (chunks 64 .. 71), else those are left alone.
+// A thread takes two chunks an iteration (16 e4m3 values, one 16-byte read, one scale): the
+// loop is the fp8 kernels' bottleneck in instructions, and the index, scale and address work
+// is then shared by twice the values.
 template <int kThreads, int kStagedBytes, typename Offset>
 __device__ __forceinline__ void fp8_page_dequantize(const uint8_t* staged, uint8_t* tile,
                                                     Offset offset) {
   constexpr bool kRope = kStagedBytes == kFp8RowBytes;
-  constexpr int kChunks = kRope ? 576 / 8 : 512 / 8;  // bf16 chunks written a row
+  constexpr int kPairs = kRope ? 576 / 16 : 512 / 16;  // pairs of bf16 chunks written a row
   // Not unrolled: the attention kernels keep their accumulators live across this loop, and an
   // unrolled one spills them.
 #pragma unroll 1
-  for (int i = threadIdx.x; i < 64 * kChunks; i += kThreads) {
-    const int r = i / kChunks, c = i % kChunks;
+  for (int i = threadIdx.x; i < 64 * kPairs; i += kThreads) {
+    const int r = i / kPairs, p = i % kPairs, c = 2 * p;
     const uint8_t* row = staged + r * kStagedBytes;
-    uint4 out;
-    if (c < 64) {
-      const uint2 bits = *reinterpret_cast<const uint2*>(row + 8 * c);
-      const float s = reinterpret_cast<const float*>(row + kFp8Row576.scales_offset())[c / 16];
-      const uint32_t words[2] = {bits.x, bits.y};
-      uint32_t packed[4];
+    uint4 out[2];
+    if (p < 32) {
+      const uint4 bits = *reinterpret_cast<const uint4*>(row + 16 * p);
+      const float s = reinterpret_cast<const float*>(row + kFp8Row576.scales_offset())[p / 8];
+      const uint32_t words[4] = {bits.x, bits.y, bits.z, bits.w};
+      uint32_t packed[8];
 #pragma unroll
-      for (int w = 0; w < 2; ++w) {
+      for (int w = 0; w < 4; ++w) {
         const float2 lo = fp8x2_to_float2(words[w]), hi = fp8x2_to_float2(words[w] >> 16);
         const __nv_bfloat162 a = __floats2bfloat162_rn(lo.x * s, lo.y * s);
         const __nv_bfloat162 b = __floats2bfloat162_rn(hi.x * s, hi.y * s);
         packed[2 * w] = *reinterpret_cast<const uint32_t*>(&a);
         packed[2 * w + 1] = *reinterpret_cast<const uint32_t*>(&b);
       }
-      out = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      out[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      out[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
     } else {
-      out = *reinterpret_cast<const uint4*>(row + kFp8LatentBytes + 16 * (c - 64));
+      const auto* rope = reinterpret_cast<const uint4*>(row + kFp8LatentBytes) + (c - 64);
+      out[0] = rope[0];
+      out[1] = rope[1];
     }
-    *reinterpret_cast<uint4*>(tile + offset(r, c)) = out;
+    *reinterpret_cast<uint4*>(tile + offset(r, c)) = out[0];
+    *reinterpret_cast<uint4*>(tile + offset(r, c + 1)) = out[1];
   }
 }
 
