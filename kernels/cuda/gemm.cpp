@@ -93,6 +93,15 @@ void Blas::release() {
 
 size_t Blas::workspace_bytes() const { return kWorkspaceBytes; }
 
+namespace {
+
+// Whether gemm() sends p's rows to the small-row kernel (when it supports the shape).
+bool small_rows(const BlasOptions& o, const GemmParams& p) {
+  return o.small_gemm && !o.batch_invariant && p.m <= kSkinnyPreferredRows;
+}
+
+}  // namespace
+
 void gemm(const Blas& blas, const GemmParams& p) {
   // Check shapes
   MLA_REQUIRE(p.m >= 0 && p.n >= 0 && p.k >= 0 && p.batch >= 1, "gemm: bad sizes {}x{}x{} x{}", p.m,
@@ -110,7 +119,7 @@ void gemm(const Blas& blas, const GemmParams& p) {
     batch_invariant_gemm(blas, p);
     return;
   }
-  if (blas.options().small_gemm && p.m <= kSkinnyPreferredRows && skinny_gemm_supports(p)) {
+  if (small_rows(blas.options(), p) && skinny_gemm_supports(p)) {
     skinny_gemm(p, blas.stream(), blas.options().dependent_launch && p.b_constant);
     return;
   }
@@ -126,9 +135,7 @@ void gemm(const Blas& blas, const GemmParams& p) {
 
 void gemm_pair(const Blas& blas, const GemmParams& first, const GemmParams& second) {
   const BlasOptions& o = blas.options();
-  auto small = [&](const GemmParams& p) { return p.m >= 1 && p.m <= kSkinnyPreferredRows; };
-  if (o.small_gemm && !o.batch_invariant && small(first) && small(second) &&
-      skinny_gemm_pair_supports(first, second)) {
+  if (small_rows(o, first) && small_rows(o, second) && skinny_gemm_pair_supports(first, second)) {
     skinny_gemm_pair(first, second, blas.stream(),
                      o.dependent_launch && first.b_constant && second.b_constant);
     return;
@@ -137,13 +144,18 @@ void gemm_pair(const Blas& blas, const GemmParams& first, const GemmParams& seco
   gemm(blas, second);
 }
 
-void linear(const Blas& blas, const void* x, int64_t rows, int64_t in, const void* w, int64_t out,
-            void* y, DType y_type, float beta) {
+GemmParams linear_params(const void* x, int64_t rows, int64_t in, const void* w, int64_t out,
+                         void* y, DType y_type, float beta) {
   GemmParams p{x, w, y, rows, out, in, in, in, out};
   p.c_type = y_type;
   p.beta = beta;
   p.b_constant = true;
-  gemm(blas, p);
+  return p;
+}
+
+void linear(const Blas& blas, const void* x, int64_t rows, int64_t in, const void* w, int64_t out,
+            void* y, DType y_type, float beta) {
+  gemm(blas, linear_params(x, rows, in, w, out, y, y_type, beta));
 }
 
 }  // namespace mla::cuda

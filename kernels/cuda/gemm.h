@@ -95,8 +95,12 @@ void gemm(const Blas& blas, const GemmParams& p);
 // and they qualify as a pair (same A; see skinny_gemm_pair_supports).
 void gemm_pair(const Blas& blas, const GemmParams& first, const GemmParams& second);
 
-// y[rows, out] = x[rows, in] * w[out, in]^T (+ beta * y): the common weight product (w
-// constant).
+// The GemmParams of y[rows, out] = x[rows, in] * w[out, in]^T (+ beta * y), w a constant
+// weight: the common weight product, as linear() runs it.
+GemmParams linear_params(const void* x, int64_t rows, int64_t in, const void* w, int64_t out,
+                         void* y, DType y_type, float beta = 0.0f);
+
+// gemm(linear_params(...)).
 void linear(const Blas& blas, const void* x, int64_t rows, int64_t in, const void* w, int64_t out,
             void* y, DType y_type, float beta = 0.0f);
 

@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kThreads) l2_prefetch_kernel(Ranges r) {
 
 }  // namespace
 
-void l2_prefetch(const L2PrefetchRange* ranges, size_t count, cudaStream_t stream) {
+void l2_prefetch(const L2PrefetchRange* ranges, size_t count, size_t budget, cudaStream_t stream) {
   // Check shapes
   MLA_REQUIRE(count <= kL2PrefetchMaxRanges, "l2_prefetch takes at most {} ranges, got {}",
               kL2PrefetchMaxRanges, count);
@@ -47,10 +47,7 @@ void l2_prefetch(const L2PrefetchRange* ranges, size_t count, cudaStream_t strea
     MLA_REQUIRE(is_aligned(ranges[i].ptr, 16),
                 "l2_prefetch: range {} must start on a 16-byte boundary ({})", i, ranges[i].ptr);
   }
-  int device = 0, l2 = 0;
-  MLA_CUDA_CHECK(cudaGetDevice(&device));
-  MLA_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
-  size_t left = static_cast<size_t>(l2) / 4 * 3;  // kL2PrefetchShare
+  size_t left = budget;
   Ranges r{};
   for (size_t i = 0; i < count && left >= 16; ++i) {
     const size_t bytes = std::min(ranges[i].bytes / 16 * 16, left / 16 * 16);

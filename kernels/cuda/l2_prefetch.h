@@ -2,7 +2,8 @@
 // each layer in a chain of small kernels (norms, latent store, RoPE, the attention at short
 // context, the router) that read little from DRAM; prefetching a later product's weights at the
 // layer's start lets those bytes stream in meanwhile. L2 is small (50 MB on an H100): ranges are
-// taken in order up to 3/4 of it, the rest dropped, so list them in the order they are read.
+// taken in order up to a budget (a share of l2_cache_bytes(), device_memory.h), the rest
+// dropped, so list them in the order they are read.
 // Prefetched lines carry the normal eviction priority, above that of the weights the products
 // stream (loaded evict-first), and below nothing that is read again.
 #pragma once
@@ -20,13 +21,13 @@ struct L2PrefetchRange {
 
 inline constexpr size_t kL2PrefetchMaxRanges = 4;
 
-// Enqueues the prefetch of ranges [0, count), in order, up to 3/4 of the current device's L2 in
-// all, as a programmatic dependent of the previous kernel: one small kernel that issues bulk L2
+// Enqueues the prefetch of ranges [0, count), in order, up to `budget` bytes in all, as a
+// programmatic dependent of the previous kernel: one small kernel that issues bulk L2
 // prefetches (cp.async.bulk.prefetch.L2, sm_90) first thing, lets the next kernel launch, and
 // ends once the kernel before it has (so the step's chain of dependencies stays whole). A hint:
 // nothing is written, and a range a kernel in flight writes only changes where a later read is
 // served from. Throws kInvalidArgument for more than kL2PrefetchMaxRanges ranges or a range
 // not starting on 16 bytes; launches nothing for no bytes.
-void l2_prefetch(const L2PrefetchRange* ranges, size_t count, cudaStream_t stream);
+void l2_prefetch(const L2PrefetchRange* ranges, size_t count, size_t budget, cudaStream_t stream);
 
 }  // namespace mla::cuda

@@ -264,18 +264,19 @@ struct GemvRow {
   const bf16* down;     // [d, inter]
   bf16* act;            // [inter]
   int64_t inter;
-  bool shared;
 };
+
+// Grid rows past the slots' are the tokens' shared-expert rows.
+__device__ __forceinline__ bool gemv_shared_row(const GemvArgs& g) { return blockIdx.y >= g.slots; }
 
 // Reads ids only for a routed slot (so only after wait_for_prerequisite() there).
 __device__ __forceinline__ GemvRow gemv_row(const GemvArgs& g) {
   const int64_t s = blockIdx.y;
-  if (s >= g.slots) {
+  if (gemv_shared_row(g)) {
     const int64_t t = s - g.slots;
-    return {t,   g.shared.gate_up, g.shared.down, g.shared.act + t * g.shared.inter, g.shared.inter,
-            true};
+    return {t, g.shared.gate_up, g.shared.down, g.shared.act + t * g.shared.inter, g.shared.inter};
   }
-  GemvRow row{s / g.top_k, nullptr, nullptr, g.plan.act + s * g.inter, 0, false};
+  GemvRow row{s / g.top_k, nullptr, nullptr, g.plan.act + s * g.inter, 0};
   const int e = g.ids[s] - g.first_expert;
   if (e >= 0 && e < g.local_experts) {
     row.gate_up = g.gate_up + int64_t{e} * 2 * g.inter * g.d;
@@ -290,7 +291,7 @@ __device__ __forceinline__ GemvRow gemv_row(const GemvArgs& g) {
 // and its up row). A shared row starts streaming its weights before it waits for x; a routed
 // one must first read its expert id.
 __global__ void __launch_bounds__(kGemvThreads) moe_gemv_gate_up_kernel(GemvArgs g) {
-  const bool shared = blockIdx.y >= g.slots;
+  const bool shared = gemv_shared_row(g);
   if (!shared) wait_for_prerequisite();  // ids
   const GemvRow m = gemv_row(g);
   if (!shared && blockIdx.x == 0 && threadIdx.x == 0) {
@@ -327,7 +328,7 @@ __global__ void __launch_bounds__(kGemvThreads) moe_gemv_gate_up_kernel(GemvArgs
 // y[s, i] = act[s] . down_e[i] for a routed slot, out[t, i] = act . down_shared[i] for a
 // token's shared row; each thread group takes two rows i.
 __global__ void __launch_bounds__(kGemvThreads) moe_gemv_down_kernel(GemvArgs g) {
-  const bool shared = blockIdx.y >= g.slots;
+  const bool shared = gemv_shared_row(g);
   // A routed row's weights depend on its id, a shared row's do not: it loads them first.
   if (!shared) wait_for_prerequisite();  // act, ids
   const GemvRow m = gemv_row(g);
@@ -351,7 +352,7 @@ __global__ void __launch_bounds__(kGemvThreads) moe_gemv_down_kernel(GemvArgs g)
   __shared__ float sums[kGemvGroups][2];
   group_sums<kGemvThreads, kGemvGroup>(acc, partial, sums);
   if (lane < 2 && row0 + lane < g.d) {
-    float* y = m.shared ? g.out + m.token * g.d : g.plan.y + int64_t{blockIdx.y} * g.d;
+    float* y = shared ? g.out + m.token * g.d : g.plan.y + int64_t{blockIdx.y} * g.d;
     y[row0 + lane] = sums[group][lane];
   }
 }

@@ -161,7 +161,6 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gate_kernel(MoeGateParams p) 
 constexpr int kRouteThreads = 256;
 constexpr int kRouteWarps = kRouteThreads / 32;
 static_assert(kMoeRouteMaxTokens <= kRouteWarps, "a warp per token in the last block");
-constexpr int64_t kRouteTargetThreads = int64_t{128} * 1024;
 
 struct RouteArgs {
   const float* x;
@@ -221,9 +220,7 @@ __global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(RouteArgs a) {
 template <int MT>
 void launch_route(const RouteArgs& a, cudaStream_t stream) {
   const int64_t pairs = (a.gate.experts + 1) / 2, chunks = a.d / 4;
-  // As skinny_gemm: widen the group while the grid is short of threads.
-  int g = 32;
-  while (g < kRouteThreads && pairs * g < kRouteTargetThreads && 2 * g <= chunks) g *= 2;
+  const int g = row_dots_group_width(pairs, chunks, kRouteThreads);
   const auto blocks = static_cast<unsigned>((pairs + kRouteThreads / g - 1) / (kRouteThreads / g));
   switch (g) {
     case 32:

@@ -15,6 +15,16 @@ namespace mla::cuda {
 
 inline constexpr int kRowDotsUnroll = 4;
 
+// The width G (32 .. block_threads, a power of two) of the thread groups for `groups` groups of
+// rows with `chunks` 16-byte chunks each: widened while the grid is short of the threads that
+// keep the GPU's memory system busy (128 Ki) and every thread keeps at least one chunk.
+inline int row_dots_group_width(int64_t groups, int64_t chunks, int block_threads) {
+  constexpr int64_t kTargetThreads = int64_t{128} * 1024;
+  int g = 32;
+  while (g < block_threads && groups * g < kTargetThreads && 2 * g <= chunks) g *= 2;
+  return g;
+}
+
 // 16 bytes of a weight, read once: streamed past L1.
 __device__ __forceinline__ uint4 load_streaming(const void* p) {
   return __ldcs(reinterpret_cast<const uint4*>(p));

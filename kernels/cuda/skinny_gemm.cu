@@ -17,8 +17,6 @@ constexpr int kThreads = 256;
 // B stored [n, k] (a weight [out, in]): a group of G threads (32 .. 256) reduces kRowsPerGroup
 // rows of B over k, each thread taking every G-th 16-byte chunk of the rows.
 constexpr int kRowsPerGroup = 2;
-// Enough threads to keep the GPU's memory system busy; groups widen until the grid has them.
-constexpr int64_t kTargetThreads = int64_t{128} * 1024;
 // B stored [k, n]: a block covers kKnColumns 16-byte column chunks of n and splits k into
 // kKnSlices interleaved slices, reduced through shared memory.
 constexpr int kKnColumns = 16;
@@ -156,9 +154,7 @@ void launch_nk(const Args& p0, const Args& p1, bool pair, int64_t batch, cudaStr
   const int64_t n = p0.n + (pair ? p1.n : 0);
   const int64_t groups = ceil_div(n, kRowsPerGroup) * (batch_invariant ? 1 : batch);
   const int64_t chunks = p0.k / V;
-  // Widen the group while the grid is short of threads and every thread keeps >= 1 chunk.
-  int g = 32;
-  while (g < kThreads && groups * g < kTargetThreads && 2 * g <= chunks) g *= 2;
+  const int g = row_dots_group_width(groups, chunks, kThreads);
   const int64_t rows_per_block = int64_t{kRowsPerGroup} * (kThreads / g);
   const int64_t blocks0 = ceil_div(p0.n, rows_per_block);
   const dim3 grid(static_cast<unsigned>(blocks0 + (pair ? ceil_div(p1.n, rows_per_block) : 0)),

@@ -559,8 +559,7 @@ void CudaStep::ffn(const DeviceLayer& d) {
   // in one launch. Its logits are summed as the weight-streaming products sum (cuBLAS sums the
   // product above 2 rows otherwise), so it goes with the small-row path and stays out of the
   // deterministic one.
-  const cuda::BlasOptions& blas = x_.blas.options();
-  if (T <= cuda::kMoeRouteMaxTokens && blas.small_gemm && !blas.batch_invariant) {
+  if (T <= cuda::kMoeRouteMaxTokens && small_row_kernels()) {
     cuda::moe_route({.x = b_.xn32.data<float>(),
                      .weight = d.gate.data<float>(),
                      .d = D,
@@ -617,10 +616,7 @@ void CudaStep::ffn(const DeviceLayer& d) {
   ep.inter = c_.moe_intermediate_size;
   ep.experts = E;
   // The weight-streaming expert kernels go with the small-row products (CudaOptions).
-  // The weight-streaming expert kernels sum in another order than the tiled ones: a batch
-  // that is invariant keeps to the tiled ones.
-  ep.gemv_max_slots =
-      x_.blas.options().small_gemm && !x_.batch_invariant ? cuda::kMoeGemvMaxSlots : 0;
+  ep.gemv_max_slots = small_row_kernels() ? cuda::kMoeGemvMaxSlots : 0;
   // With few slots the shared experts' bf16 rows stream in the routed experts' kernels.
   if (d.shared.width > 0 && d.shared.width % 8 == 0 && !d.shared.gate_up.fp8() &&
       !d.shared.down.fp8() && cuda::moe_experts_streams(ep)) {
@@ -635,9 +631,8 @@ void CudaStep::ffn(const DeviceLayer& d) {
 }
 
 void CudaStep::prefetch_layer_weights(const DeviceLayer& d) {
-  const cuda::BlasOptions& blas = x_.blas.options();
   if (!x_.prefetch_weights || !d.is_moe || !meta_.batch.pure_decode() ||
-      meta_.T > cuda::kMoeRouteMaxTokens || !blas.small_gemm || blas.batch_invariant) {
+      meta_.T > cuda::kMoeRouteMaxTokens || !small_row_kernels()) {
     return;
   }
   // In the order the layer reads them: the output product (the premerged latent form's W_O' when
@@ -650,7 +645,8 @@ void CudaStep::prefetch_layer_weights(const DeviceLayer& d) {
   for (const Tensor* w : {&o, &d.shared.gate_up.w, &d.shared.down.w}) {
     if (w->defined()) ranges[n++] = {w->raw(), static_cast<size_t>(w->nbytes())};
   }
-  cuda::l2_prefetch(ranges.data(), n, x_.stream);
+  // A quarter of L2 stays for what is read in between (the attention's inputs, the cache).
+  cuda::l2_prefetch(ranges.data(), n, static_cast<size_t>(x_.l2_bytes) / 4 * 3, x_.stream);
 }
 
 void CudaStep::linear_pair(const void* x, int64_t rows, int64_t in, const LinearOut& first,
@@ -661,10 +657,7 @@ void CudaStep::linear_pair(const void* x, int64_t rows, int64_t in, const Linear
     return;
   }
   auto params = [&](const LinearOut& o) {
-    cuda::GemmParams p{x, o.w.w.raw(), o.y, rows, o.out, in, in, in, o.out};
-    p.c_type = o.y_type;
-    p.b_constant = true;  // a weight
-    return p;
+    return cuda::linear_params(x, rows, in, o.w.w.raw(), o.out, o.y, o.y_type);
   };
   cuda::gemm_pair(x_.blas, params(first), params(second));
 }

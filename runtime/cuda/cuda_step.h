@@ -43,6 +43,7 @@ struct CudaStepContext {
   float scale;     // softmax scale
   float rope_factor;
   int num_sms;
+  int64_t l2_bytes;  // the device's L2 cache
   cudaStream_t stream;
   const cuda::Blas& blas;
   StepBuffers& buffers;
@@ -109,6 +110,12 @@ class CudaStep {
   // latent and k_rope of the step's tokens, read back from the cache pages.
   void dump_latents(int64_t layer);
   cuda::LatentElement latent_element() const { return mla::latent_element(x_.cache.storage()); }
+  // Whether few-token steps take the weight-streaming kernels (small-row products, experts,
+  // the fused router): CudaOptions::small_gemm, and not the deterministic option, since they
+  // sum in another order than the kernels whose rows do not depend on the batch.
+  bool small_row_kernels() const {
+    return x_.blas.options().small_gemm && !x_.blas.options().batch_invariant;
+  }
   // final_norm and logits of every row.
   void dump_final();
 

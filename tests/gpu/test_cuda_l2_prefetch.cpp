@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device_memory.h"
 #include "kernels/cuda/l2_prefetch.h"
 #include "kernels/cuda/silu_mul.h"
 #include "kernels/error.h"
@@ -23,6 +24,7 @@ using test::DeviceArray;
 TEST(CudaL2Prefetch, ChangesNoByteOnAStreamOrInAGraph) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   std::mt19937 rng(77);
+  const auto budget = static_cast<size_t>(cuda::l2_cache_bytes());
   // 64 bytes, 3 pieces of 64 KiB and 16 bytes more, 9 MiB + 32 bytes (past one pass of the
   // block's 128 threads over 64 KiB pieces): in floats.
   for (size_t floats : {size_t{16}, size_t{3 * 16384 + 4}, size_t{9 * 262144 + 8}}) {
@@ -31,7 +33,7 @@ TEST(CudaL2Prefetch, ChangesNoByteOnAStreamOrInAGraph) {
     cudaStream_t stream;
     MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     const cuda::L2PrefetchRange ranges[] = {{a.get(), floats * 4}, {b.get(), floats * 4}};
-    cuda::l2_prefetch(ranges, 2, stream);
+    cuda::l2_prefetch(ranges, 2, budget, stream);
     MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
     EXPECT_EQ(a.download(), host) << floats << " floats";
     // In a graph as a dependent of a kernel that writes what it covers (silu_mul), then read
@@ -42,7 +44,7 @@ TEST(CudaL2Prefetch, ChangesNoByteOnAStreamOrInAGraph) {
     const cuda::L2PrefetchRange written{with.get(), static_cast<size_t>(width) * 2};
     test::run_in_graph_on(stream, [&] {
       cuda::silu_mul_bf16({gate_up.get(), with.get(), 1, width}, stream);
-      cuda::l2_prefetch(&written, 1, stream);
+      cuda::l2_prefetch(&written, 1, budget, stream);
     });
     cuda::silu_mul_bf16({gate_up.get(), without.get(), 1, width}, stream);
     MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -54,14 +56,15 @@ TEST(CudaL2Prefetch, ChangesNoByteOnAStreamOrInAGraph) {
 
 TEST(CudaL2Prefetch, RefusesMisalignedOrTooManyRanges) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const auto budget = static_cast<size_t>(cuda::l2_cache_bytes());
   DeviceArray<float> a(64);
   const cuda::L2PrefetchRange odd_start{reinterpret_cast<const char*>(a.get()) + 4, 16};
-  EXPECT_THROW(cuda::l2_prefetch(&odd_start, 1, nullptr), Error);
+  EXPECT_THROW(cuda::l2_prefetch(&odd_start, 1, budget, nullptr), Error);
   const std::vector<cuda::L2PrefetchRange> five(cuda::kL2PrefetchMaxRanges + 1, {a.get(), 16});
-  EXPECT_THROW(cuda::l2_prefetch(five.data(), five.size(), nullptr), Error);
+  EXPECT_THROW(cuda::l2_prefetch(five.data(), five.size(), budget, nullptr), Error);
   const cuda::L2PrefetchRange empty{a.get(), 0}, ragged{a.get(), 20};
-  cuda::l2_prefetch(&empty, 1, nullptr);   // nothing to do
-  cuda::l2_prefetch(&ragged, 1, nullptr);  // the first 16 bytes
+  cuda::l2_prefetch(&empty, 1, budget, nullptr);   // nothing to do
+  cuda::l2_prefetch(&ragged, 1, budget, nullptr);  // the first 16 bytes
   MLA_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
