@@ -299,6 +299,7 @@ struct SimulateArgs {
   std::string kv_shard;               // empty: the profile's
   std::vector<std::string> traces;    // --check-trace: workers' step traces
   bool blocking_migration = false;    // SimOptions::live_migration false
+  std::string step_scale = "1";       // StepScale::parse
 };
 
 // --check-trace: holds the profile's step model against the steps a serving worker traced
@@ -326,9 +327,7 @@ int check_traces(const bench::StepTimeModel& model, const std::vector<std::strin
                                 j.value("context_tokens", int64_t{0}),
                                 j.value("prefill_pairs", int64_t{0}), 0.0};
       const double predicted = model.step_ms(s);
-      const std::string kind = s.prefill_tokens == 0 ? "decode"
-                               : s.decode_seqs == 0  ? "prefill"
-                                                     : "mixed";
+      const std::string kind = bench::step_kind_name(bench::step_kind(s));
       for (const std::string& k : {kind, std::string("all")}) {
         Kind& t = kinds[k];
         ++t.steps;
@@ -379,6 +378,7 @@ int run_simulate(const SimulateArgs& a) {
   const bench::StepTimeModel model = bench::StepTimeModel::from_profile(profile);
   if (!a.traces.empty()) return check_traces(model, a.traces);
   bench::SimOptions sim = a.sim;
+  sim.step_scale = bench::StepScale::parse(a.step_scale, "--step-scale");
   sim.routing = routing_policy_from_string(a.routing, "--routing");
   sim.live_migration = !a.blocking_migration;
   for (const std::string& f : a.failures) {
@@ -437,7 +437,10 @@ int run_simulate(const SimulateArgs& a) {
                             {"migrations", r.migrations},
                             {"rebalances", r.rebalances},
                             {"prefix_hit_rate", hit_rate},
-                            {"step_scale", sim.step_scale}};
+                            {"step_scale",
+                             {{"decode", sim.step_scale.decode},
+                              {"prefill", sim.step_scale.prefill},
+                              {"mixed", sim.step_scale.mixed}}}};
     std::cout << bench::result_table(result);
     std::cout << fmt::format(
         "SIM rate={} requests={} ok={} duration_s={:.3f} tokens_per_s={:.1f} ttft_p50_ms={:.3f} "
@@ -509,9 +512,10 @@ void add_simulate_commands(CLI::App& app, int& exit_code) {
       ->capture_default_str();
   sim->add_option("--network-ms", s->sim.network_ms, "Worker to client, per message")
       ->capture_default_str();
-  sim->add_option("--step-scale", s->sim.step_scale,
-                  "Every step takes this many times the profile's time (a calibration: "
-                  "--check-trace's loop_over_model on a serving worker's trace)")
+  sim->add_option("--step-scale", s->step_scale,
+                  "F, or decode=F,prefill=F,mixed=F: each kind of step takes this many times "
+                  "the profile's time (a calibration: --check-trace's loop_over_model per kind "
+                  "on a serving worker's trace)")
       ->capture_default_str();
   sim->add_option("--num-prompts,--requests", s->requests, "Requests per run")
       ->capture_default_str();

@@ -143,7 +143,8 @@ struct Simulation {
                           shape.prefill_pairs, 0.0};
     group.busy = true;
     ++result.steps;
-    events.push({now + o.step_scale * model.step_ms(step) / 1000.0, order++, Event::kStepDone, g});
+    events.push(
+        {now + o.step_scale.of(step) * model.step_ms(step) / 1000.0, order++, Event::kStepDone, g});
   }
 
   // Sends work item i to a live group, as routing picks it; false when none is left.
@@ -618,7 +619,10 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
       "--rebalance-low-free <= --rebalance-high-free <= 1");
   MLA_REQUIRE(o.max_concurrency >= 1, "--max-concurrency must be >= 1");
   MLA_REQUIRE(o.heartbeat_ms > 0, "--heartbeat-ms must be > 0, got {}", o.heartbeat_ms);
-  MLA_REQUIRE(o.step_scale > 0, "--step-scale must be > 0, got {}", o.step_scale);
+  const StepScale& k = o.step_scale;
+  MLA_REQUIRE(k.decode > 0 && k.prefill > 0 && k.mixed > 0,
+              "--step-scale must be > 0 for every kind, got decode {} prefill {} mixed {}",
+              k.decode, k.prefill, k.mixed);
   return Simulation(items, model, o).run();
 }
 

@@ -64,6 +64,64 @@ bool solve(const std::vector<StepSample>& samples, const std::array<bool, kTerms
 
 }  // namespace
 
+StepKind step_kind(const StepSample& step) {
+  if (step.prefill_tokens == 0) return StepKind::kDecode;
+  return step.decode_seqs == 0 ? StepKind::kPrefill : StepKind::kMixed;
+}
+
+const char* step_kind_name(StepKind kind) {
+  switch (kind) {
+    case StepKind::kDecode:
+      return "decode";
+    case StepKind::kPrefill:
+      return "prefill";
+    case StepKind::kMixed:
+      return "mixed";
+  }
+  return "?";
+}
+
+double StepScale::of(const StepSample& step) const {
+  switch (step_kind(step)) {
+    case StepKind::kDecode:
+      return decode;
+    case StepKind::kPrefill:
+      return prefill;
+    case StepKind::kMixed:
+      return mixed;
+  }
+  return 1.0;
+}
+
+StepScale StepScale::parse(const std::string& spec, const char* flag) {
+  auto factor = [&](const std::string& value) {
+    const std::vector<double> v = parse_positive_list(value, flag, false);
+    MLA_REQUIRE(v.size() == 1, "{}: '{}' is not one factor", flag, value);
+    return v[0];
+  };
+  StepScale s;
+  if (spec.find('=') == std::string::npos) {
+    s.decode = s.prefill = s.mixed = factor(spec);
+    return s;
+  }
+  size_t start = 0;
+  while (start <= spec.size()) {
+    const size_t comma = std::min(spec.find(',', start), spec.size());
+    const std::string item = spec.substr(start, comma - start);
+    start = comma + 1;
+    const size_t eq = item.find('=');
+    MLA_REQUIRE(eq != std::string::npos, "{}: '{}' is not KIND=FACTOR (in '{}')", flag, item, spec);
+    const std::string kind = item.substr(0, eq);
+    double* slot = kind == "decode"    ? &s.decode
+                   : kind == "prefill" ? &s.prefill
+                   : kind == "mixed"   ? &s.mixed
+                                       : nullptr;
+    MLA_REQUIRE(slot != nullptr, "{}: unknown kind '{}' (decode, prefill or mixed)", flag, kind);
+    *slot = factor(item.substr(eq + 1));
+  }
+  return s;
+}
+
 StepTimeModel StepTimeModel::fit(const std::vector<StepSample>& samples) {
   MLA_REQUIRE(samples.size() >= kTerms, "profile: {} step samples; at least {} are needed",
               samples.size(), kTerms);

@@ -57,6 +57,23 @@ struct StepSample {
   double step_ms = 0;
 };
 
+// What kind of step a sample is: decode only, prefill only, or both ("mixed").
+enum class StepKind { kDecode, kPrefill, kMixed };
+StepKind step_kind(const StepSample& step);
+const char* step_kind_name(StepKind kind);  // "decode", "prefill", "mixed"
+
+// A calibration for steps that run slower while serving than when profiled (host threads
+// sharing the cores, the worker loop's own work, a GPU woken from idle): each kind of step
+// takes its factor times what the step model says, as `mlaserve simulate --check-trace`
+// measures it per kind on a worker's step trace (loop_over_model). Default: 1 for all.
+struct StepScale {
+  double decode = 1.0, prefill = 1.0, mixed = 1.0;
+  double of(const StepSample& step) const;
+  // "F" (every kind F) or "decode=F,prefill=F,mixed=F" (kinds left out keep 1); throws
+  // kInvalidArgument naming `flag` on anything else or a factor that is not > 0.
+  static StepScale parse(const std::string& spec, const char* flag);
+};
+
 class StepTimeModel {
  public:
   // Least squares over the samples (at least 5, spanning the terms); throws
@@ -119,11 +136,8 @@ struct SimOptions {
   // 1-token request: 0.69 ms direct, 1.32 ms through the coordinator).
   double request_ms = 1.0;
   double network_ms = 0.3;
-  // Every step takes this many times what the step model says: a calibration for steps that
-  // run slower while serving than when profiled (host threads sharing the cores, the worker
-  // loop's own work), as `mlaserve simulate --check-trace` measures it on a worker's step
-  // trace (loop_over_model). Default: 1.
-  double step_scale = 1.0;
+  // Each step takes its kind's factor times what the step model says (StepScale).
+  StepScale step_scale;
   int32_t text_bytes_per_token = 4;  // a trace's text prompts, which are not tokenized here
   // Groups that die mid-run. The coordinator hears of it when each broken stream reaches it
   // (network_ms) and resubmits every request the group held to a live group, as its failover

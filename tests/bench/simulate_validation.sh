@@ -6,14 +6,19 @@
 # throughput and p50 TTFT / TPOT with their errors. The workers trace their steps
 # (--step-trace), and `mlaserve simulate --check-trace` holds the profile's step model against
 # each rate's traced steps: how much longer the steps and the workers' loop iterations took
-# while serving than the profile says. The highest rate's ratio for the whole loop
-# (loop_over_model) then calibrates a second simulation (--step-scale), whose errors are
-# printed beside the first: calibrated on one rate, checked on all.
+# while serving than the profile says. A second simulation is calibrated on what was measured:
+# each kind of step (decode, prefill, mixed) scaled by its ratio for the whole loop
+# (loop_over_model) on the highest rate's trace (--step-scale decode=..,prefill=..,mixed=..),
+# and the request's way in by the overhead a probe measured before the rates: 30 one-token
+# requests of 16 prompt tokens, one at a time, whose median TTFT less their traced steps'
+# median is what a request spends outside the step (--request-ms is that less --network-ms).
+# Its errors are printed beside the first: calibrated on one rate, checked on all.
 #   tests/bench/simulate_validation.sh [OUT_DIR]
 # env: MLASERVE (default build/launch/mlaserve), RATES (5,10,20,40), PROMPTS (200),
 #      NUM_GROUPS (2), INPUT_LEN (uniform:32-128), OUTPUT_LEN (32), CONCURRENCY (64),
 #      PRESET (v3) and MAKE_TINY_FLAGS (none) for the model, WORKER_FLAGS (none; e.g.
-#      "--device cuda": the groups and the profile on the GPU).
+#      "--device cuda": the groups and the profile on the GPU), WARMUP (20: bench's warm-up
+#      requests before each rate).
 set -euo pipefail
 out=${1:-$(mktemp -d)}
 mkdir -p "$out"
@@ -50,23 +55,57 @@ for g in $(seq 0 $((groups - 1))); do
 done
 trap 'kill -TERM $pids 2>/dev/null || true; wait $pids 2>/dev/null || true' EXIT
 "$mlaserve" --log-level warn client --address 127.0.0.1:$grpc --wait-ready 60
-workload=(--num-prompts "$prompts" --max-concurrency "$concurrency" --input-len "$input_len"
-  --output-len "$output_len" --vocab 512 --seed 5)
-: >"$out/trace_check.txt"
-for rate in ${rates//,/ }; do
-  # Each rate's steps: the trace lines the workers add during its run.
+network_ms=0.3  # simulate's default: a message's way out
+# The workers' trace lines added since `mark`, into the file named.
+mark() {
   for g in $(seq 0 $((groups - 1))); do
     touch "$out/steps$g.jsonl"
     eval "before$g=$(wc -l <"$out/steps$g.jsonl")"
   done
-  "$mlaserve" --log-level warn bench --address 127.0.0.1:$grpc --no-progress --warmup 20 \
-    "${workload[@]}" --request-rate "$rate" --result-file "$out/measured.rate$rate.json" \
-    >>"$out/measured.txt" 2>&1
-  : >"$out/steps.rate$rate.jsonl"
+}
+since_mark() {
+  : >"$1"
   for g in $(seq 0 $((groups - 1))); do
     eval "skip=\$before$g"
-    tail -n +$((skip + 1)) "$out/steps$g.jsonl" >>"$out/steps.rate$rate.jsonl"
+    tail -n +$((skip + 1)) "$out/steps$g.jsonl" >>"$1"
   done
+}
+
+workload=(--num-prompts "$prompts" --max-concurrency "$concurrency" --input-len "$input_len"
+  --output-len "$output_len" --vocab 512)
+# Every step shape the rates will meet, once, before any is timed: the first of a shape can take
+# several times its time (lazily loaded kernels), which bench's own warm-up does not cover.
+echo "== warm-up: the workload at the highest rate, another seed, left out"
+"$mlaserve" --log-level warn bench --address 127.0.0.1:$grpc --no-progress "${workload[@]}" \
+  --seed 6 --request-rate "${rates##*,}" >"$out/warmup.txt" 2>&1
+workload+=(--seed 5)
+
+echo "== probe: a request's time outside its step"
+mark
+"$mlaserve" --log-level warn bench --address 127.0.0.1:$grpc --no-progress --warmup 5 \
+  --num-prompts 30 --max-concurrency 1 --input-len 16 --output-len 1 --vocab 512 --seed 3 \
+  --result-file "$out/probe.json" >"$out/probe.txt" 2>&1
+since_mark "$out/steps.probe.jsonl"
+request_ms=$(python3 - "$out" "$network_ms" <<'EOF'
+import json, statistics, sys
+out, network_ms = sys.argv[1], float(sys.argv[2])
+ttft = json.load(open(f"{out}/probe.json"))["median_ttft_ms"]
+steps = [json.loads(l) for l in open(f"{out}/steps.probe.jsonl") if l.strip()]
+loop = statistics.median(s["loop_ms"] for s in steps if s["prefill_tokens"] == 16)
+outside = ttft - loop
+print(f"PROBE ttft_p50_ms={ttft:.3f} step_loop_p50_ms={loop:.3f} outside_ms={outside:.3f} "
+      f"request_ms={outside - network_ms:.3f}", file=sys.stderr)
+print(f"{max(outside - network_ms, 0.0):.3f}")
+EOF
+)
+: >"$out/trace_check.txt"
+for rate in ${rates//,/ }; do
+  # Each rate's steps: the trace lines the workers add during its run.
+  mark
+  "$mlaserve" --log-level warn bench --address 127.0.0.1:$grpc --no-progress --warmup "${WARMUP:-20}" \
+    "${workload[@]}" --request-rate "$rate" --result-file "$out/measured.rate$rate.json" \
+    --save-detailed >>"$out/measured.txt" 2>&1
+  since_mark "$out/steps.rate$rate.jsonl"
   # (The trace also holds the steps of bench's warm-up requests.)
   "$mlaserve" --log-level warn simulate --profile "$out/profile.json" \
     --check-trace "$out/steps.rate$rate.jsonl" | sed "s/^TRACE /TRACE rate=$rate /" \
@@ -76,13 +115,24 @@ echo "== simulated"
 "$mlaserve" --log-level warn simulate --profile "$out/profile.json" --groups "$groups" \
   --num-pages 256 --max-batch-tokens 512 --max-running 64 "${workload[@]}" \
   --request-rate "$rates" --result-file "$out/simulated.json" >"$out/simulated.txt" 2>&1
-scale=$(grep "rate=${rates##*,} .*kind=all" "$out/trace_check.txt" |
-  sed 's/.* loop_over_model=\([0-9.]*\) .*/\1/')
-scale=${scale:-1}
-echo "== simulated, every step x $scale (the rate ${rates##*,} trace's loop_over_model)"
+# Each kind's loop_over_model on the highest rate's trace (a kind it lacks: the whole trace's).
+ratio() {
+  grep "rate=${rates##*,} .*kind=$1 " "$out/trace_check.txt" |
+    sed 's/.* loop_over_model=\([0-9.]*\) .*/\1/'
+}
+all=$(ratio all)
+all=${all:-1}
+scale=""
+for kind in decode prefill mixed; do
+  r=$(ratio $kind)
+  scale="$scale${scale:+,}$kind=${r:-$all}"
+done
+echo "== calibrated: --step-scale $scale (the rate ${rates##*,} trace's loop_over_model per" \
+  "kind), --request-ms $request_ms (the probe)"
 "$mlaserve" --log-level warn simulate --profile "$out/profile.json" --groups "$groups" \
   --num-pages 256 --max-batch-tokens 512 --max-running 64 "${workload[@]}" \
-  --request-rate "$rates" --step-scale "$scale" --result-file "$out/calibrated.json" \
+  --request-rate "$rates" --step-scale "$scale" --request-ms "$request_ms" \
+  --network-ms "$network_ms" --result-file "$out/calibrated.json" --save-detailed \
   >"$out/calibrated.txt" 2>&1
 
 python3 - "$out" "$rates" <<'EOF'
@@ -103,6 +153,26 @@ for kind in ("simulated", "calibrated"):
             a, b = m[key], s[key]
             row += [f"{a:.1f}", f"{b:.1f}", f"{(b - a) / a * 100:+.0f} %" if a else "-"]
         print("| " + " | ".join(row) + " |")
+# Request by request (the same work items in the same order in both): p50 TTFT of the
+# calibrated run against the measured one, by the prompt's chunks (of --max-batch-tokens 512).
+print()
+print("| rate | prompt chunks | requests | TTFT p50 ms measured | calibrated | error |")
+print("|---|---|---|---|---|---|")
+def median(v):
+    v = sorted(v)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2 if v else 0.0
+for rate in rates:
+    m, s = load("measured", rate), load("calibrated", rate)
+    if "ttfts" not in m or "ttfts" not in s or m["input_lens"] != s["input_lens"]:
+        continue
+    by = {}
+    for n, a, b, e in zip(m["input_lens"], m["ttfts"], s["ttfts"], m["errors"]):
+        if not e:
+            by.setdefault(min((n + 511) // 512, 3), []).append((a * 1000, b * 1000))
+    for chunks, pairs in sorted(by.items()):
+        a, b = median([p[0] for p in pairs]), median([p[1] for p in pairs])
+        label = f"{chunks}" if chunks < 3 else "3+"
+        print(f"| {rate} | {label} | {len(pairs)} | {a:.1f} | {b:.1f} | {(b - a) / a * 100:+.0f} % |")
 EOF
 echo
 echo "The profile's step model against the steps the workers traced while serving:"

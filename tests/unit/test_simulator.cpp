@@ -102,12 +102,25 @@ TEST(Simulator, ALoneRequestsTimelineIsItsSteps) {
   EXPECT_EQ(r.steps, 5);
 
   // Calibrated: every step 1.5 times as long.
-  o.step_scale = 1.5;
+  o.step_scale = StepScale::parse("1.5", "--step-scale");
   const RequestRecord scaled = simulate({w}, constant_model(10.0, 2.0), o).records[0];
   EXPECT_NEAR(scaled.ttft_ms, 1.0 + 15.0 + 0.5, 1e-9);
   EXPECT_NEAR(scaled.e2el_ms, 16.5 + 4 * 3.0, 1e-9);
-  o.step_scale = 0;
+  // Per kind: the prompt's step (prefill only) x 2, the decodes x 1.25.
+  o.step_scale = StepScale::parse("prefill=2,decode=1.25", "--step-scale");
+  EXPECT_DOUBLE_EQ(o.step_scale.mixed, 1.0);
+  const RequestRecord by_kind = simulate({w}, constant_model(10.0, 2.0), o).records[0];
+  EXPECT_NEAR(by_kind.ttft_ms, 1.0 + 20.0 + 0.5, 1e-9);
+  EXPECT_NEAR(by_kind.e2el_ms, 21.5 + 4 * 2.5, 1e-9);
+  o.step_scale.decode = 0;
   EXPECT_THROW(simulate({w}, constant_model(10.0, 2.0), o), Error);
+  for (const char* bad : {"0", "-1", "x", "decode=1,foo=2", "decode", "mixed=", "1.5,2"}) {
+    EXPECT_THROW(StepScale::parse(bad, "--step-scale"), Error) << bad;
+  }
+  const StepScale k{1.1, 1.2, 1.3};
+  EXPECT_DOUBLE_EQ(k.of({0, 4, 400, 0, 0}), 1.1);     // decode only
+  EXPECT_DOUBLE_EQ(k.of({16, 0, 0, 136, 0}), 1.2);    // prefill only
+  EXPECT_DOUBLE_EQ(k.of({16, 4, 400, 136, 0}), 1.3);  // both
 }
 
 TEST(Simulator, RunsTheRealSchedulerAndRouter) {
