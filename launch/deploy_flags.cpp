@@ -54,9 +54,6 @@ void DeployFlags::add_to(CLI::App& cmd) {
   cmd.add_flag("--no-small-gemm", no_small_gemm_,
                "Run products with few rows through cuBLAS and the tiled expert kernels, not the "
                "small-row kernels");
-  cmd.add_flag("--prefetch-weights", prefetch_weights_,
-               "Decode at few tokens: prefetch each MoE layer's o_proj and shared-expert weights "
-               "into L2 at the layer's start");
   cmd.add_option("--max-batch-tokens", flags_.engine.scheduler.max_batch_tokens,
                  "Token budget per step")
       ->capture_default_str();
@@ -95,7 +92,6 @@ DeployConfig DeployFlags::resolve() const {
   if (deterministic_) d.model.deterministic = true;
   if (prefix_caching_) d.engine.prefix_caching = true;
   if (no_small_gemm_) d.model.cuda.small_gemm = false;
-  if (prefetch_weights_) d.model.cuda.prefetch_weights = true;
   if (given("--max-batch-tokens")) {
     d.engine.scheduler.max_batch_tokens = flags_.engine.scheduler.max_batch_tokens;
   }

@@ -140,8 +140,6 @@ struct DeployConfig {
                           // `cuda_graphs`: capture decode steps. Default: true.
                           // `cuda_small_gemm`: products with <= 2 rows and routed experts
                           // at <= 16 slots through the small-row kernels. Default: true.
-                          // `cuda_prefetch_weights`: decode steps prefetch each MoE layer's
-                          // output-product and shared-expert weights into L2. Default: false.
                           // `deterministic`: batch-invariant logits (CPU and GPU). Default: false.
                           // `fp8_weights`: widen | keep, for an fp8 checkpoint's weights
                           // (Fp8Weights). Default: widen.

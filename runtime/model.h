@@ -34,11 +34,6 @@ struct CudaOptions {
   // and the routed experts of steps with at most kMoeGemvMaxSlots (token, expert) slots through
   // the weight-streaming expert kernels instead of the tiled ones. Default: true.
   bool small_gemm = true;
-  // In decode steps of at most 8 tokens on the small-row path, each MoE layer starts by
-  // prefetching into L2 the weights it reads after its attention (the output product and the
-  // shared experts, up to 3/4 of L2), so that they stream in while the chain of small kernels
-  // before them reads little (cuda/l2_prefetch.h). Default: false (being measured).
-  bool prefetch_weights = false;
 };
 
 // What happens to the linear weights an fp8 checkpoint (DeepSeek-V3/R1's own files) stores in

@@ -53,8 +53,6 @@ MemoryInfo memory_info();
 
 // Number of streaming multiprocessors of the current device.
 int num_sms();
-// The current device's L2 cache, in bytes (a device query: callers on a hot path keep it).
-int64_t l2_cache_bytes();
 
 // Makes `device` current for this thread.
 void set_device(int device);

@@ -39,7 +39,6 @@ CudaRunner::CudaRunner(const CudaModel& model, LatentCache& cache, Communicator*
       rope_factor_(model.config().rope_attention_factor()) {
   const cuda::DeviceGuard on_device(device_);
   num_sms_ = cuda::num_sms();
-  l2_bytes_ = cuda::l2_cache_bytes();
   MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   try {
     blas_ = std::make_unique<cuda::Blas>(
@@ -101,7 +100,6 @@ void CudaRunner::run(const ForwardBatch& batch, WorkCounter& work) {
                                 .scale = scale_,
                                 .rope_factor = rope_factor_,
                                 .num_sms = num_sms_,
-                                .l2_bytes = l2_bytes_,
                                 .stream = stream_,
                                 .blas = *blas_,
                                 .buffers = *buffers_,
@@ -110,8 +108,7 @@ void CudaRunner::run(const ForwardBatch& batch, WorkCounter& work) {
                                 .comm = comm_,
                                 .ordered = ordered,
                                 .dump = dump_,
-                                .batch_invariant = cuda_model_.deterministic(),
-                                .prefetch_weights = cuda_model_.options().prefetch_weights};
+                                .batch_invariant = cuda_model_.deterministic()};
   CudaStep step(context, batch, meta);
   if (meta.graph) {
     graphs_->run(

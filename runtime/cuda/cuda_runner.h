@@ -66,7 +66,6 @@ class CudaRunner final : public ModelRunner {
   int device_;
   float scale_, rope_factor_;  // the config's softmax scale and RoPE factor
   int num_sms_ = 0;
-  int64_t l2_bytes_ = 0;  // the device's L2, for CudaOptions::prefetch_weights
   // Made and destroyed with the model's device current (hence held by pointer).
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<cuda::Blas> blas_;

@@ -15,7 +15,6 @@
 #include "kernels/cuda/fp8_gemm_lt.h"
 #include "kernels/cuda/fp8_latent.h"
 #include "kernels/cuda/gather_rows.h"
-#include "kernels/cuda/l2_prefetch.h"
 #include "kernels/cuda/latent_attention.h"
 #include "kernels/cuda/latent_store.h"
 #include "kernels/cuda/lse_merge.h"
@@ -176,7 +175,6 @@ void CudaStep::enqueue() {
   };
   for (int64_t l = 0; l < c_.num_layers; ++l) {
     const DeviceLayer& d = w.layers[l];
-    prefetch_layer_weights(d);
     add_norm(l == 0 ? nullptr : b_.delta.data<float>(), d.input_norm, b_.xn, D);
     dump("attn_norm", l, b_.xn.raw(), DType::kBF16, T, D, D, {T, D});
     attention(l, d);
@@ -628,25 +626,6 @@ void CudaStep::ffn(const DeviceLayer& d) {
     shared_experts_first();
   }
   cuda::moe_experts(ep, b_.moe_workspace.raw(), b_.moe_workspace.nbytes(), s);
-}
-
-void CudaStep::prefetch_layer_weights(const DeviceLayer& d) {
-  if (!x_.prefetch_weights || !d.is_moe || !meta_.batch.pure_decode() ||
-      meta_.T > cuda::kMoeRouteMaxTokens || !small_row_kernels()) {
-    return;
-  }
-  // In the order the layer reads them: the output product (the premerged latent form's W_O' when
-  // no row needs W_o), then the shared experts.
-  const BatchLayout& batch = meta_.batch;
-  const bool o_absorbed = x_.premerged && batch.any_latent && !batch.any_decompressed;
-  const Tensor& o = o_absorbed ? d.o_absorbed : d.o.w;
-  std::array<cuda::L2PrefetchRange, 3> ranges{};
-  size_t n = 0;
-  for (const Tensor* w : {&o, &d.shared.gate_up.w, &d.shared.down.w}) {
-    if (w->defined()) ranges[n++] = {w->raw(), static_cast<size_t>(w->nbytes())};
-  }
-  // A quarter of L2 stays for what is read in between (the attention's inputs, the cache).
-  cuda::l2_prefetch(ranges.data(), n, static_cast<size_t>(x_.l2_bytes) / 4 * 3, x_.stream);
 }
 
 void CudaStep::linear_pair(const void* x, int64_t rows, int64_t in, const LinearOut& first,

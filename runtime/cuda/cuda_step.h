@@ -43,7 +43,6 @@ struct CudaStepContext {
   float scale;     // softmax scale
   float rope_factor;
   int num_sms;
-  int64_t l2_bytes;  // the device's L2 cache
   cudaStream_t stream;
   const cuda::Blas& blas;
   StepBuffers& buffers;
@@ -56,7 +55,6 @@ struct CudaStepContext {
   // attention for every token (no mla_decode plan, which cuts the whole batch's keys), and the
   // tiled expert kernels at any batch.
   bool batch_invariant;
-  bool prefetch_weights;  // CudaOptions::prefetch_weights
 };
 
 // The kernels' name for how a device cache stores its rows.
@@ -77,9 +75,6 @@ class CudaStep {
   void latent_attention(int64_t l, const __nv_bfloat16* q_local);
   void decompressed(int64_t l, const DeviceLayer& d);
   void ffn(const DeviceLayer& d);
-  // CudaOptions::prefetch_weights: in a decode step of few tokens on the small-row path, layer
-  // d's output-product and shared-expert weights into L2 at the start of a MoE layer.
-  void prefetch_layer_weights(const DeviceLayer& d);
   void mlp(const DeviceMlp& w, const __nv_bfloat16* x, float* out);
   // y [rows, out] = x [rows, in] (bf16) times w^T (+ beta y): cuBLAS for a bf16 weight; for an
   // fp8 weight, x quantised per row and 128 columns, then cuda::fp8_gemm_lt for more rows than

@@ -115,7 +115,9 @@ TEST_F(ControlPlaneTest, EveryAttackIsRefusedAndTheClusterKeepsServing) {
     EXPECT_FALSE(response.known());
     const v1::ListWorkersResponse after = client().list_workers();
     for (const v1::WorkerStatus& w : after.workers()) {
-      if (w.worker_id() == victim) EXPECT_LT(w.load().waiting(), 1000000);
+      if (w.worker_id() == victim) {
+        EXPECT_LT(w.load().waiting(), 1000000);
+      }
     }
   }
 

@@ -35,8 +35,8 @@
 #               and of the model they change, then V2-Lite-shaped decode steps (4 layers) at batch
 #               1, 2 and 4 with this bundle's mlaserve and, where base/bundle/bin/mlaserve is
 #               an earlier build (a tar of bundle/bin/mlaserve unpacked into base/; it runs on
-#               this bundle's libraries), with that one in the same run; and this one with
-#               --prefetch-weights; a kernel-by-kernel profile of base and this
+#               this bundle's libraries), with that one in the same run; a kernel-by-kernel
+#               profile of base and this
 #   fusion_full the same decode steps on the whole V2-Lite shape (27 layers), batch 1 and 2
 #   peer        FlashMLA's dense decode beside mlaserve's (issue 17), from FLASHMLA_SRC
 #   study       tests/bench/cluster_study.sh on the GPU profile the simulate step took (its
@@ -176,16 +176,15 @@ PY
   return $rc
 }
 
-# bench-decode with each build (base: an earlier mlaserve, when given; this; this with
-# --prefetch-weights) on MODEL at BATCHES, RESULT lines tagged with the build.
+# bench-decode with each build (base: an earlier mlaserve, when given; this) on MODEL at
+# BATCHES, RESULT lines tagged with the build.
 decode_builds() {
   local model=$1 batches=$2 steps=$3 rc=0
-  for b in ${BASE_MLASERVE:+base} this prefetch; do
-    local bin=mlaserve flags=
+  for b in ${BASE_MLASERVE:+base} this; do
+    local bin=mlaserve
     [ "$b" = base ] && bin=$BASE_MLASERVE
-    [ "$b" = prefetch ] && flags=--prefetch-weights
     "$bin" --log-level warn bench-decode --device cuda --model "$model" --num-pages 2000 \
-      --context 512 --batch "$batches" --steps "$steps" --warmup 5 $flags 2>&1 |
+      --context 512 --batch "$batches" --steps "$steps" --warmup 5 2>&1 |
       sed "s/^\( *\(context\|[0-9][0-9]*\) .*\)$/RESULT $b \1/" || rc=1
   done
   return $rc
@@ -195,7 +194,7 @@ fusion() {
   set -o pipefail
   local rc=0
   tests/gpu/device_run.sh fusion_tests \
-    'CudaMoeExperts*:CudaMoeGate*:*CudaModel*:CudaRope*:CudaGemm*:CudaL2Prefetch*' || rc=1
+    'CudaMoeExperts*:CudaMoeGate*:*CudaModel*:CudaRope*:CudaGemm*' || rc=1
   v2l4 || return 1
   decode_builds /tmp/v2l4 1,2,4 50 || rc=1
   for b in ${BASE_MLASERVE:+base} this; do

@@ -64,7 +64,9 @@ TEST(Fp8LatentRow, RoundTripsWithinTheFormatsRounding) {
         const float v = x[i * width + j], got = y[i * width + j];
         EXPECT_LE(std::fabs(got - v), std::max(std::fabs(v) / 16, scale / 1024) * 1.0001f)
             << "row " << i << " value " << j;
-        if (std::fabs(v) == amax && amax > 0) EXPECT_NEAR(std::fabs(got), amax, amax * 1e-6);
+        if (std::fabs(v) == amax && amax > 0) {
+          EXPECT_NEAR(std::fabs(got), amax, amax * 1e-6);
+        }
       }
     }
     for (int64_t j = f.d_c; j < width; ++j) {
