@@ -56,32 +56,33 @@ static_assert(kFp8LatentBytes % 16 == 0, "the rotary values start on a 16-byte c
 // Starts copying the first kBytes of rows [0, valid_rows) of a page (64 packed rows at `src`,
 // 656 bytes apart) into the staging area at `dst` (a smem_addr; rows kBytes apart): kBytes
 // kFp8RowBytes stages whole rows, kFp8LatentBytes all but the rotary values. Rows past
-// valid_rows are zero-filled, so they dequantise to zeros (e4m3 0 times scale 0). The caller
-// commits and waits.
+// valid_rows are zero-filled, so they dequantise to zeros (e4m3 0 times scale 0). `src` must be
+// a valid address even when no row is (a masked copy reads 0 bytes from it; the mask picks the
+// offset, not the pointer, which keeps the addresses cheap). The caller commits and waits.
 template <int kThreads, int kBytes>
-__device__ __forceinline__ void fp8_rows_load(uint32_t dst, const uint8_t* src, int valid_rows,
-                                              const void* any_valid) {
+__device__ __forceinline__ void fp8_rows_load(uint32_t dst, const uint8_t* src, int valid_rows) {
   static_assert(kBytes % 16 == 0 && kBytes <= kFp8RowBytes);
   constexpr int kChunks = kBytes / 16;
 #pragma unroll 1
   for (int i = threadIdx.x; i < 64 * kChunks; i += kThreads) {
     const int r = i / kChunks, k = i % kChunks;
     const bool ok = r < valid_rows;
-    cp_async_16(dst + i * 16, ok ? src + r * kFp8RowBytes + k * 16 : any_valid, ok);
+    cp_async_16(dst + i * 16, src + (ok ? r * kFp8RowBytes + k * 16 : 0), ok);
   }
 }
 
 // Starts copying the rotary values (bf16 already) of rows [0, valid_rows) of a page straight
 // into a bf16 tile of 576-value rows at `tile` (a smem_addr): their chunk k (values
-// 512 + 8k ..) of row r to tile + offset(r, 64 + k). Rows past valid_rows are zero-filled.
+// 512 + 8k ..) of row r to tile + offset(r, 64 + k). Rows past valid_rows are zero-filled; `src`
+// as fp8_rows_load's.
 template <int kThreads, typename Offset>
 __device__ __forceinline__ void fp8_rope_load(uint32_t tile, const uint8_t* src, int valid_rows,
-                                              const void* any_valid, Offset offset) {
+                                              Offset offset) {
   for (int i = threadIdx.x; i < 64 * 8; i += kThreads) {
     const int r = i / 8, k = i % 8;
     const bool ok = r < valid_rows;
     cp_async_16(tile + offset(r, 64 + k),
-                ok ? src + r * kFp8RowBytes + kFp8LatentBytes + k * 16 : any_valid, ok);
+                src + (ok ? r * kFp8RowBytes + kFp8LatentBytes + k * 16 : 0), ok);
   }
 }
 

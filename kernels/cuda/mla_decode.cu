@@ -311,16 +311,18 @@ __device__ __forceinline__ void wgmma_m64n256k16_mn(float (&d)[128], uint64_t de
 
 // Copies rows [0, valid_rows) of a [64, 576] tile whose rows lie 1152 bytes apart from `src`
 // into the swizzled tile at `dst`. Rows past valid_rows become zeros rather than stale data:
-// masked keys then add 0 * 0 to O, never 0 * NaN.
-__device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16* src, int valid_rows,
-                                          const void* any_valid) {
+// masked keys then add 0 * 0 to O, never 0 * NaN. `src` must be a valid address even when no
+// row is: a masked copy reads 0 bytes from it. (The mask picks the offset, not the pointer: a
+// choice of pointers made the compiler rebuild every chunk's 64-bit address each page, ~140
+// instructions more per page in the bf16 kernel's critical path.)
+__device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16* src, int valid_rows) {
   const char* base = reinterpret_cast<const char*>(src);
 #pragma unroll
   for (int k = 0; k < kTileChunks / kThreads; ++k) {
     const int i = threadIdx.x + k * kThreads;
     const int r = i / kChunksPerRow, c = i % kChunksPerRow;
     const bool ok = r < valid_rows;
-    cp_async_16(dst + swizzled(r, c), ok ? base + r * kRowBytes + c * 16 : any_valid, ok);
+    cp_async_16(dst + swizzled(r, c), base + (ok ? r * kRowBytes + c * 16 : 0), ok);
   }
 }
 
@@ -387,20 +389,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     auto load_kv = [&](int32_t blk, int stage) {  // bf16
       load_tile(kv_tiles + stage * kTileBytes,
-                reinterpret_cast<const __nv_bfloat16*>(page_rows(blk)), valid_keys(blk), pool);
+                reinterpret_cast<const __nv_bfloat16*>(page_rows(blk)), valid_keys(blk));
     };
     auto load_latent = [&](int32_t blk, int slot) {  // fp8: e4m3 values and scales, staged
       fp8_rows_load<kThreads, kFp8LatentBytes>(staging + slot * kFp8StageBytes, page_rows(blk),
-                                               valid_keys(blk), pool);
+                                               valid_keys(blk));
     };
     auto load_rope = [&](int32_t blk) {  // fp8: the rotary values, into the tile
-      fp8_rope_load<kThreads>(kv_tiles, page_rows(blk), valid_keys(blk), pool,
+      fp8_rope_load<kThreads>(kv_tiles, page_rows(blk), valid_keys(blk),
                               [](int r, int c) { return swizzled(r, c); });
     };
 
     __syncthreads();  // the previous piece is done with shared memory
     load_tile(q_tile, p.q + (static_cast<int64_t>(b) * rows + tile_row0) * kWidth,
-              min(kTileRows, rows - tile_row0), p.q);
+              min(kTileRows, rows - tile_row0));
     if constexpr (kFp8) {
       // Groups in flight at the top of tile j: [latent j] [rope j] [latent j + 1], each possibly
       // empty; the top waits for all but the last.

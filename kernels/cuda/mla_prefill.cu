@@ -143,15 +143,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint8_t* page = pool + (int64_t{pages[kt]} * p.num_layers + p.layer) * kPageLayerBytes;
       if constexpr (kFp8) {
         fp8_rows_load<kThreads, kFp8RowBytes>(s_kv + kTileBytes, page,
-                                              min(kKeys, max_keys - kt * kKeys), pool);
+                                              min(kKeys, max_keys - kt * kKeys));
       } else {
         const auto* base = reinterpret_cast<const __nv_bfloat16*>(page);
         const uint32_t dst = s_kv + buf * kTileBytes;
         for (int i = tid; i < kKeys * kChunks; i += kThreads) {
           const int r = i / kChunks, c = i % kChunks;
           const bool valid = kt * kKeys + r < max_keys;
-          const void* src = valid ? static_cast<const void*>(base + r * kDim + c * 8) : pool;
-          cp_async_16(dst + tile_offset(r, c), src, valid);
+          cp_async_16(dst + tile_offset(r, c), base + (valid ? r * kDim + c * 8 : 0), valid);
         }
       }
       cp_async_commit();
