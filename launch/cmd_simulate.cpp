@@ -431,6 +431,7 @@ int run_simulate(const SimulateArgs& a) {
             : 0.0;
     // What the simulated cluster did besides serving, beside bench's keys.
     result["simulation"] = {{"groups", sim.groups},
+                            {"groups_per_device", sim.groups_per_device},
                             {"tp", sim.tp},
                             {"steps", r.steps},
                             {"preemptions", r.preemptions},
@@ -496,6 +497,10 @@ void add_simulate_commands(CLI::App& app, int& exit_code) {
       "and router; step times from `mlaserve profile`)");
   sim->add_option("--profile", s->profile, "A profile written by `mlaserve profile`")->required();
   sim->add_option("--groups", s->sim.groups, "Worker groups")->capture_default_str();
+  sim->add_option("--groups-per-device", s->sim.groups_per_device,
+                  "Groups sharing one device (worker processes on one GPU): steps that overlap "
+                  "split it evenly")
+      ->capture_default_str();
   sim->add_option("--num-pages", s->sim.num_pages, "Cache pages per rank")->capture_default_str();
   sim->add_option("--block-size", s->sim.block_size, "Tokens per cache page")
       ->capture_default_str();

@@ -34,7 +34,12 @@ struct Group {
   std::unique_ptr<Scheduler> scheduler;
   std::vector<std::unique_ptr<Sequence>> sequences;  // the live ones
   std::vector<size_t> item_of;                       // parallel to sequences
-  bool busy = false;
+  bool busy = false;                                 // a step is under way
+  // Of the step under way: the milliseconds of work left (its time alone on the device), and
+  // its number, which its step-done event carries (a step rescheduled by a change in how its
+  // device is shared leaves stale events behind).
+  double work_ms = 0;
+  uint64_t step_seq = 0;
   bool alive = true;
   bool draining = false;
   Schedule step;
@@ -65,6 +70,7 @@ struct Event {
   } kind;
   size_t index;  // the work item (arrival, reaching its worker, resubmission, migrated), the
                  // group, or a live pre-copy's id
+  uint64_t step_seq = 0;  // a step's end: Group::step_seq when it was scheduled
   bool operator>(const Event& o) const { return t != o.t ? t > o.t : order > o.order; }
 };
 
@@ -100,6 +106,7 @@ struct Simulation {
       if (o.prefix_caching) group.cache->enable_prefix_caching();
       group.scheduler = std::make_unique<Scheduler>(o.scheduler, *group.cache);
     }
+    devices.resize(static_cast<size_t>((o.groups + o.groups_per_device - 1) / o.groups_per_device));
     for (size_t i = 0; i < items.size(); ++i) {
       events.push({items[i].arrival_s, order++, Event::kArrival, i});
     }
@@ -141,10 +148,52 @@ struct Simulation {
     const StepShape shape = group.step.shape();
     const StepSample step{shape.prefill_tokens, shape.decode_seqs, shape.context_tokens,
                           shape.prefill_pairs, 0.0};
+    const size_t d = g / static_cast<size_t>(o.groups_per_device);
+    advance(d);
     group.busy = true;
+    group.work_ms = o.step_scale.of(step) * model.step_ms(step);
+    ++devices[d].busy;
     ++result.steps;
-    events.push(
-        {now + o.step_scale.of(step) * model.step_ms(step) / 1000.0, order++, Event::kStepDone, g});
+    reschedule(d);
+  }
+
+  // The steps under way on device d progressed since its last update, each at 1 / n of the
+  // device while n shared it.
+  void advance(size_t d) {
+    Device& device = devices[d];
+    if (device.busy > 0) {
+      const double done_ms = (now - device.updated_s) * 1000.0 / device.busy;
+      for (size_t g = first_group(d); g < first_group(d + 1); ++g) {
+        if (groups[g].busy) groups[g].work_ms -= done_ms;
+      }
+    }
+    device.updated_s = now;
+  }
+
+  // The ends of the steps under way on device d, at the share of it each has from now on.
+  void reschedule(size_t d) {
+    for (size_t g = first_group(d); g < first_group(d + 1); ++g) {
+      Group& group = groups[g];
+      if (!group.busy) continue;
+      const double ms = std::max(group.work_ms, 0.0) * devices[d].busy;
+      events.push({now + ms / 1000.0, order++, Event::kStepDone, g, ++group.step_seq});
+    }
+  }
+
+  // A step's end: the device it ran on has one step fewer to share.
+  void end_step(size_t g) {
+    const size_t d = g / static_cast<size_t>(o.groups_per_device);
+    advance(d);
+    Group& group = groups[g];
+    group.busy = false;
+    group.work_ms = 0;
+    ++group.step_seq;  // its pending end, if any, is void
+    --devices[d].busy;
+    reschedule(d);
+  }
+
+  size_t first_group(size_t d) const {
+    return std::min(groups.size(), d * static_cast<size_t>(o.groups_per_device));
   }
 
   // Sends work item i to a live group, as routing picks it; false when none is left.
@@ -235,6 +284,7 @@ struct Simulation {
     Group& group = groups[g];
     if (!group.alive) return;
     group.alive = false;
+    if (group.busy) end_step(g);  // a dead process frees its device at once
     for (size_t k = 0; k < group.sequences.size(); ++k) {
       const Sequence& seq = *group.sequences[k];
       const size_t i = group.item_of[k];
@@ -472,8 +522,7 @@ struct Simulation {
   // the group starts what comes next.
   void step_done(size_t g) {
     Group& group = groups[g];
-    group.busy = false;
-    if (!group.alive) return;                         // the step never finished
+    end_step(g);
     const double seen = now + o.network_ms / 1000.0;  // when the client sees this step's tokens
     for (const ScheduledChunk& c : group.step.chunks) {
       group.scheduler->commit(c);
@@ -544,7 +593,7 @@ struct Simulation {
           reach_worker(e.index);
           break;
         case Event::kStepDone:
-          step_done(e.index);
+          if (e.step_seq == groups[e.index].step_seq) step_done(e.index);
           break;
         case Event::kGroupFails:
           fail_group(e.index);
@@ -580,6 +629,12 @@ struct Simulation {
   const SimOptions& o;
   SimResult result;
   std::vector<Group> groups;
+  // Groups g share device g / SimOptions::groups_per_device.
+  struct Device {
+    int32_t busy = 0;      // of its groups, those in a step
+    double updated_s = 0;  // when their work left was last brought up to date
+  };
+  std::vector<Device> devices;
   Router router;
   std::priority_queue<Event, std::vector<Event>, std::greater<>> events;
   uint64_t order = 0;  // of the events made, for ties
@@ -604,6 +659,8 @@ SimResult simulate(const std::vector<WorkItem>& items, const StepTimeModel& mode
                    const SimOptions& o) {
   MLA_REQUIRE(o.groups >= 1, "--groups must be >= 1, got {}", o.groups);
   MLA_REQUIRE(o.tp >= 1, "--tp must be >= 1, got {}", o.tp);
+  MLA_REQUIRE(o.groups_per_device >= 1, "--groups-per-device must be >= 1, got {}",
+              o.groups_per_device);
   MLA_REQUIRE(o.prefill_groups >= 0 && o.prefill_groups < std::max(o.groups, 2),
               "--prefill-groups must leave a decode group: {} of {} groups", o.prefill_groups,
               o.groups);

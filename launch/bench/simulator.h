@@ -119,6 +119,11 @@ struct GroupEvent {
 
 struct SimOptions {
   int32_t groups = 1;
+  // Groups that share one device (the first this many on device 0, the next on device 1, ...),
+  // as worker processes time-slicing one GPU: while n of a device's groups are in a step, each
+  // of their steps progresses at 1 / n of its time alone (processor sharing; a dead group frees
+  // its share at once). Default: 1 (every group its own devices).
+  int32_t groups_per_device = 1;
   int32_t num_pages = 1024;  // cache pages per rank
   int32_t block_size = 64;
   // Ranks per group and how their caches hold a sequence: sequence-sharded (page j on rank

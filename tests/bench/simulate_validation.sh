@@ -12,13 +12,19 @@
 # and the request's way in by the overhead a probe measured before the rates: 30 one-token
 # requests of 16 prompt tokens, one at a time, whose median TTFT less their traced steps'
 # median is what a request spends outside the step (--request-ms is that less --network-ms).
-# Its errors are printed beside the first: calibrated on one rate, checked on all.
+# Its errors are printed beside the first: calibrated on one rate, checked on all. The
+# calibration is also written to OUT_DIR/calibration.env (STEP_SCALE=.., REQUEST_MS=..), for a
+# run whose own traces cannot give it: groups sharing a device (GROUPS_PER_DEVICE > 1) trace
+# steps stretched by the sharing the simulation models itself, so such a run takes STEP_SCALE
+# and REQUEST_MS from a one-group run's file instead.
 #   tests/bench/simulate_validation.sh [OUT_DIR]
 # env: MLASERVE (default build/launch/mlaserve), RATES (5,10,20,40), PROMPTS (200),
 #      NUM_GROUPS (2), INPUT_LEN (uniform:32-128), OUTPUT_LEN (32), CONCURRENCY (64),
 #      PRESET (v3) and MAKE_TINY_FLAGS (none) for the model, WORKER_FLAGS (none; e.g.
 #      "--device cuda": the groups and the profile on the GPU), WARMUP (20: bench's warm-up
-#      requests before each rate).
+#      requests before each rate), GROUPS_PER_DEVICE (1: simulate's --groups-per-device; the
+#      measured groups share one GPU when WORKER_FLAGS puts them there), STEP_SCALE and
+#      REQUEST_MS (the calibration, instead of this run's).
 set -euo pipefail
 out=${1:-$(mktemp -d)}
 mkdir -p "$out"
@@ -114,7 +120,8 @@ done
 echo "== simulated"
 "$mlaserve" --log-level warn simulate --profile "$out/profile.json" --groups "$groups" \
   --num-pages 256 --max-batch-tokens 512 --max-running 64 "${workload[@]}" \
-  --request-rate "$rates" --result-file "$out/simulated.json" >"$out/simulated.txt" 2>&1
+  --groups-per-device "${GROUPS_PER_DEVICE:-1}" --request-rate "$rates" \
+  --result-file "$out/simulated.json" >"$out/simulated.txt" 2>&1
 # Each kind's loop_over_model on the highest rate's trace (a kind it lacks: the whole trace's).
 ratio() {
   grep "rate=${rates##*,} .*kind=$1 " "$out/trace_check.txt" |
@@ -127,12 +134,18 @@ for kind in decode prefill mixed; do
   r=$(ratio $kind)
   scale="$scale${scale:+,}$kind=${r:-$all}"
 done
-echo "== calibrated: --step-scale $scale (the rate ${rates##*,} trace's loop_over_model per" \
-  "kind), --request-ms $request_ms (the probe)"
+echo "STEP_SCALE=$scale REQUEST_MS=$request_ms" >"$out/calibration.env"
+from="the rate ${rates##*,} trace's loop_over_model per kind; --request-ms: the probe"
+if [ -n "${STEP_SCALE:-}" ]; then
+  scale=$STEP_SCALE request_ms=${REQUEST_MS:-$request_ms}
+  from="given (STEP_SCALE, REQUEST_MS)"
+fi
+echo "== calibrated: --step-scale $scale --request-ms $request_ms ($from)"
 "$mlaserve" --log-level warn simulate --profile "$out/profile.json" --groups "$groups" \
   --num-pages 256 --max-batch-tokens 512 --max-running 64 "${workload[@]}" \
   --request-rate "$rates" --step-scale "$scale" --request-ms "$request_ms" \
-  --network-ms "$network_ms" --result-file "$out/calibrated.json" --save-detailed \
+  --network-ms "$network_ms" --groups-per-device "${GROUPS_PER_DEVICE:-1}" \
+  --result-file "$out/calibrated.json" --save-detailed \
   >"$out/calibrated.txt" 2>&1
 
 python3 - "$out" "$rates" <<'EOF'

@@ -19,7 +19,8 @@
 #               system prompts, 160 pages a group), routing round-robin, least-loaded and
 #               cache-aware compared (issue 18; ROUTINGS: the policies, default all three)
 #   simulate    profile on the GPU and simulate against measured serving at four rates, two
-#               groups sharing the GPU (issue 16's GPU validation); simulate1: one group
+#               groups sharing the GPU (issue 16's GPU validation: simulated as sharing one
+#               device, calibrated by simulate1's run when it ran first); simulate1: one group
 #   fp8         the fp8 product tests and the seeded-request determinism test (rerun after their
 #               fixes), then `bench-kernels --benches fp8_gemm`: V3's decode products with fp8
 #               weights kept against the bf16 small-row kernel (issue 17 item 4)
@@ -253,9 +254,16 @@ for step in "$@"; do
             tests/bench/prefix_caching.sh "$out/prefix_$r" | sed "s/^| o/RESULT $r &/" || exit 1
         done' ;;
     simulate | simulate1)
+      # Two groups time-slice the one GPU: simulated as sharing a device, and calibrated by the
+      # one-group run when it ran first (its traces are not stretched by the sharing).
+      calibration=()
+      if [ "$step" = simulate ] && [ -f "$out/simulate1/calibration.env" ]; then
+        read -ra calibration <"$out/simulate1/calibration.env"
+      fi
       run "$step" 580 env PRESET=v2-lite-full MAKE_TINY_FLAGS="--layers 4 --dtype BF16" \
-        WORKER_FLAGS="--device cuda" MLASERVE="$(command -v mlaserve)" \
+        WORKER_FLAGS="--device cuda" MLASERVE="$(command -v mlaserve)" "${calibration[@]}" \
         NUM_GROUPS=$([ "$step" = simulate1 ] && echo 1 || echo 2) \
+        GROUPS_PER_DEVICE=$([ "$step" = simulate1 ] && echo 1 || echo 2) \
         INPUT_LEN=lognormal:512,0.6 OUTPUT_LEN=lognormal:128,0.5 RATES=4,8,16,32 PROMPTS=200 \
         CONCURRENCY=128 tests/bench/simulate_validation.sh "$out/$step" ;;
     study)

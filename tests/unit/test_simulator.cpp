@@ -123,6 +123,44 @@ TEST(Simulator, ALoneRequestsTimelineIsItsSteps) {
   EXPECT_DOUBLE_EQ(k.of({16, 4, 400, 136, 0}), 1.3);  // both
 }
 
+// Groups on one device split it while their steps overlap: a prompt's step of 10 ms alone starts
+// at 0 on group 0, another at 5 ms on group 1; the first has 5 ms left when they meet and ends
+// at 15 ms (half speed), the second has done 5 ms by then and ends alone at 20 ms. On devices of
+// their own both take 10 ms; a group dying mid-step gives its share back at once.
+TEST(Simulator, GroupsSharingADeviceSplitItWhileTheirStepsOverlap) {
+  std::vector<WorkItem> items = same_items(2, 100, 1);
+  items[1].arrival_s = 0.005;
+  SimOptions o;
+  o.groups = 2;
+  o.routing = RoutingPolicy::kRoundRobin;
+  o.request_ms = 0;
+  o.network_ms = 0;
+  const StepTimeModel model = constant_model(10.0, 2.0);
+  const SimResult apart = simulate(items, model, o);
+  EXPECT_NEAR(apart.records[0].ttft_ms, 10.0, 1e-9);
+  EXPECT_NEAR(apart.records[1].ttft_ms, 10.0, 1e-9);
+  o.groups_per_device = 2;
+  const SimResult shared = simulate(items, model, o);
+  ASSERT_NE(shared.records[0].workers, shared.records[1].workers);
+  EXPECT_NEAR(shared.records[0].ttft_ms, 15.0, 1e-9);
+  EXPECT_NEAR(shared.records[1].ttft_ms, 15.0, 1e-9);  // from 5 ms to 20 ms
+  // Three groups, two a device: the third request (round robin: group 2) is alone on the
+  // second device.
+  items.push_back(items[0]);
+  items[2].arrival_s = 0.010;
+  o.groups = 3;
+  const SimResult three = simulate(items, model, o);
+  EXPECT_NEAR(three.records[2].ttft_ms, 10.0, 1e-9);
+  // Group 1 dies at 7 ms: group 0, sharing since 5 ms (4 ms left), then runs alone to 11 ms.
+  items.pop_back();
+  o.groups = 2;
+  o.failures = {{1, 0.007}};
+  const SimResult failed = simulate(items, model, o);
+  EXPECT_NEAR(failed.records[0].ttft_ms, 11.0, 1e-9);
+  o.groups_per_device = 0;
+  EXPECT_THROW(simulate(items, model, o), Error);
+}
+
 TEST(Simulator, RunsTheRealSchedulerAndRouter) {
   const std::vector<WorkItem> items = same_items(40, 200, 30);
   SimOptions o;
