@@ -92,9 +92,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = tid; i < kRows * kChunks; i += kThreads) {
     const int r = i / kChunks, c = i % kChunks;
     const int t = row_token(r);
-    const __nv_bfloat16* src =
-        t < 0 ? p.q : p.q + (int64_t{t} * p.heads + h_begin + r % g.heads_per_tile) * kDim + c * 8;
-    cp_async_16(s_q + tile_offset(r, c), src, t >= 0);
+    const int64_t offset =
+        t < 0 ? 0 : (int64_t{t} * p.heads + h_begin + r % g.heads_per_tile) * kDim + c * 8;
+    cp_async_16(s_q + tile_offset(r, c), p.q + offset, t >= 0);
   }
   cp_async_commit();
 

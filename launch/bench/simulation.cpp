@@ -106,7 +106,8 @@ struct Simulation {
       if (o.prefix_caching) group.cache->enable_prefix_caching();
       group.scheduler = std::make_unique<Scheduler>(o.scheduler, *group.cache);
     }
-    devices.resize(static_cast<size_t>((o.groups + o.groups_per_device - 1) / o.groups_per_device));
+    devices.resize((static_cast<size_t>(o.groups) + static_cast<size_t>(o.groups_per_device) - 1) /
+                   static_cast<size_t>(o.groups_per_device));
     for (size_t i = 0; i < items.size(); ++i) {
       events.push({items[i].arrival_s, order++, Event::kArrival, i});
     }

@@ -3,7 +3,6 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
-#include <array>
 #include <vector>
 
 #include "kernels/cpu/fp8_latent.h"

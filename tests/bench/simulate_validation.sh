@@ -122,10 +122,11 @@ echo "== simulated"
   --num-pages 256 --max-batch-tokens 512 --max-running 64 "${workload[@]}" \
   --groups-per-device "${GROUPS_PER_DEVICE:-1}" --request-rate "$rates" \
   --result-file "$out/simulated.json" >"$out/simulated.txt" 2>&1
-# Each kind's loop_over_model on the highest rate's trace (a kind it lacks: the whole trace's).
+# Each kind's loop_over_model on the highest rate's trace (a kind it lacks, or one the model gave
+# no time: the whole trace's; none at all: 1).
 ratio() {
-  grep "rate=${rates##*,} .*kind=$1 " "$out/trace_check.txt" |
-    sed 's/.* loop_over_model=\([0-9.]*\) .*/\1/'
+  { grep "rate=${rates##*,} .*kind=$1 " "$out/trace_check.txt" || true; } |
+    sed 's/.* loop_over_model=\([0-9.]*\) .*/\1/' | grep -v '^0*\.0*$' || true
 }
 all=$(ratio all)
 all=${all:-1}
