@@ -103,7 +103,7 @@ __device__ __forceinline__ void fp8x16_scale_to_bf16(uint4 bits, float scale, ui
   uint32_t packed[8];
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    const float2 v = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pairs[j], __NV_E4M3)));
+    const float2 v = fp8x2_to_float2(pairs[j]);
     const __nv_bfloat162 b = __floats2bfloat162_rn(v.x * scale, v.y * scale);
     memcpy(&packed[j], &b, sizeof(b));
   }
