@@ -23,6 +23,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/error.h"
@@ -54,6 +55,8 @@ struct BenchKernelsArgs {
   std::vector<int32_t> heads = {16, 32, 64, 128};
   std::vector<int32_t> s_q = {1, 2};
   std::vector<std::string> caches = {"bf16"};  // mla_decode: the pool's rows
+  // mla_decode on bf16 rows: auto (what mla_decode picks), split, paired (MlaDecodeKernel)
+  std::vector<std::string> decode_kernels = {"auto"};
   std::vector<std::string> benches = {"mla_decode", "small_gemm"};
   std::vector<int32_t> gemm_rows = {1, 8};
   std::vector<int32_t> fp8_rows = {1, 2, 4, 8, 512};
@@ -259,10 +262,18 @@ void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t st
         MLA_CUDA_CHECK(
             cudaMemcpy(d_keys.get(), num_keys.data(), num_keys.size() * 4, cudaMemcpyHostToDevice));
         double bf16_us = 0.0;
-        for (const std::string cache : {"bf16", "fp8"}) {  // bf16 first: fp8's ratio to it
+        // bf16 first (each kernel asked for; the first is fp8's ratio's base), then fp8.
+        std::vector<std::pair<std::string, std::string>> runs;  // (cache, kernel)
+        if (bf16) {
+          for (const std::string& k : args.decode_kernels) runs.emplace_back("bf16", k);
+        }
+        if (fp8) runs.emplace_back("fp8", "auto");
+        for (const auto& [cache, kernel] : runs) {
           const bool is_fp8 = cache == "fp8";
-          if (!(is_fp8 ? fp8 : bf16)) continue;
           cuda::MlaDecodeParams p{};
+          p.kernel = kernel == "split"    ? cuda::MlaDecodeKernel::kSplitKeys
+                     : kernel == "paired" ? cuda::MlaDecodeKernel::kPairedTiles
+                                          : cuda::MlaDecodeKernel::kAuto;
           p.q = q.get<__nv_bfloat16>();
           p.pool = is_fp8 ? pool_fp8.get() : pool.get();
           p.element = is_fp8 ? cuda::LatentElement::kFp8 : cuda::LatentElement::kBf16;
@@ -292,14 +303,15 @@ void bench_mla_decode(const BenchKernelsArgs& args, int num_sms, cudaStream_t st
           r.config["heads"] = heads;
           r.config["s_q"] = s_q;
           if (is_fp8) r.config["cache"] = "fp8";
+          if (kernel != "auto") r.config["kernel"] = kernel;
           r.time_us = ms * 1e3;
           r.bytes = double(total_keys) * key_bytes + double(rows) * (kWidth * 2 + kDc * 2 + 4);
           r.flops = flops;
           r.extra["time_us_plan_reused"] = reused_ms * 1e3;
-          if (!is_fp8) bf16_us = r.time_us;
+          if (!is_fp8 && bf16_us == 0.0) bf16_us = r.time_us;
           if (is_fp8 && bf16_us > 0) r.extra["of_bf16_time"] = r.time_us / bf16_us;
-          spdlog::info("mla_decode {} heads {} s_q {} {}: {:.1f} us", db.config.dump(), heads, s_q,
-                       cache, r.time_us);
+          spdlog::info("mla_decode {} heads {} s_q {} {} ({}): {:.1f} us", db.config.dump(), heads,
+                       s_q, cache, kernel, r.time_us);
           records.push_back(std::move(r));
         }
       }
@@ -608,6 +620,13 @@ void add_bench_kernels_command(CLI::App& app, int& exit_code) {
                   "mla_decode: the pool's rows, bf16 and/or fp8 (FlashMLA's 656-byte packed row)")
       ->delimiter(',')
       ->check(CLI::IsMember({"bf16", "fp8"}))
+      ->capture_default_str();
+  cmd->add_option("--decode-kernel", a->decode_kernels,
+                  "mla_decode on bf16 rows: auto (what mla_decode picks for the shape), split "
+                  "(each KV tile's keys split between the warpgroups) and/or paired (a tile per "
+                  "warpgroup); results of split and paired carry config.kernel")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"auto", "split", "paired"}))
       ->capture_default_str();
   cmd->add_option("--benches", a->benches, "Which benches: mla_decode, small_gemm, fp8_gemm")
       ->delimiter(',')

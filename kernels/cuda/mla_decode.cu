@@ -19,21 +19,15 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/fp8_latent.cuh"
 #include "kernels/cuda/mla_decode.h"
+#include "kernels/cuda/mla_decode_common.cuh"
 #include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/wgmma.cuh"
 
 namespace mla::cuda {
 namespace {
 
-constexpr int kDc = kMlaDecodeLatentDim;                         // 512
-constexpr int kWidth = kMlaDecodeLatentDim + kMlaDecodeRopeDim;  // 576 values per latent row
-constexpr int kBlock = kMlaDecodeBlockSize;                      // keys per page = per KV tile
-constexpr int kTileRows = 64;  // query rows (s_q x heads of one sequence) per CTA: wgmma's M
-constexpr int kThreads = 256;  // two warpgroups: each owns 256 of the 512 output columns
-constexpr int kRowBytes = kWidth * 2;
-constexpr int kChunksPerRow = kRowBytes / 16;             // 72 16-byte chunks
-constexpr int kTileChunks = kTileRows * kChunksPerRow;    // 4608
-constexpr int kColBlockBytes = 64 * 128;                  // one swizzled 64-column block
-constexpr int kTileBytes = kTileRows * kRowBytes;         // 9 blocks, 73728
+using namespace mla_decode_internal;
+
 constexpr int kPBytes = kTileRows * kBlock * 2;           // P tile [64, 64] bf16
 constexpr int kRowStatBytes = 2 * kTileRows * 4;          // one float per warpgroup and row
 constexpr int kFp8StageBytes = kBlock * kFp8LatentBytes;  // a staged fp8 page, 33,792
@@ -53,25 +47,6 @@ constexpr int32_t kMaxBatch = 50000;
 constexpr int kPlanThreads = 1024;
 constexpr int kCombineRowsPerBlock = 8;  // one warp per query row
 constexpr int kCombineColumnSplit = 4;   // and per quarter of its 512 columns
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kNegInf = -INFINITY;
-constexpr float kRescaleSlack = 8.0f;  // log2 units: weights up to 256 before O is rescaled
-
-// One part of the batch's KV work: tiles [begin_block, ...) of sequence begin_seq up to (not
-// including) tile end_block of sequence end_seq, in (sequence, tile) order. begin_split is the
-// index, among its sequence's pieces, of the first piece.
-struct PartPlan {
-  int32_t begin_seq, begin_block, end_seq, end_block, begin_split;
-  int32_t padding[3];  // 32 bytes per part
-};
-
-struct Workspace {
-  PartPlan* plan;         // [parts]
-  int32_t* split_prefix;  // [batch + 1]: pieces of the sequences before b
-  float* lse_part;        // [batch + parts, rows]: the pieces' LSE (split sequences only)
-  float* o_part;          // [batch + parts, rows, 512]: the pieces' normalised outputs
-};
 
 constexpr size_t round256(size_t n) { return (n + 255) / 256 * 256; }
 
@@ -213,118 +188,6 @@ __global__ void __launch_bounds__(kPlanThreads)
 
 // ---------------------------------------------------------------------------------------------
 // Split-KV attention
-
-// Byte offset of 16-byte chunk c (0..71) of row r in a swizzled [64, 576] tile.
-__device__ __forceinline__ uint32_t swizzled(int r, int c) {
-  return (c >> 3) * kColBlockBytes + r * 128 + (((c & 7) ^ (r & 7)) << 4);
-}
-
-// Makes this thread's shared-memory writes (cp.async, st.shared) visible to wgmma's reads.
-__device__ __forceinline__ void fence_async_shared() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_fence() {
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-// Waits until at most N of this warpgroup's wgmma groups are still in flight.
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Pins accumulator registers in place around asynchronous wgmma (the compiler must not move
-// their reads or writes across the issue or the wait).
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-// wgmma shared-memory descriptor for a 128-byte-swizzled operand: start address, leading and
-// stride byte offsets (bits 16 and 32, in 16-byte units), layout type 1 = 128B swizzle.
-__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3ffff) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
-         (static_cast<uint64_t>(sbo >> 4) << 32) | (1ull << 62);
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// D (+)= A * B^T for a 64 x 32 tile, K = 16: A [64, 16] and B [32, 16] in shared memory, both
-// K-major (the S = Q K^T product). scale_d = 0 overwrites D.
-__device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
-                                                int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, "
-      "0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-        "+f"(d[14]), "+f"(d[15])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
-
-// D += A * B for a 64 x 256 tile, K = 16: A [64, 16] K-major and B [16, 256] MN-major (each of
-// the 16 rows holds 256 consecutive columns; the O += P V product with V = the latent rows).
-__device__ __forceinline__ void wgmma_m64n256k16_mn(float (&d)[128], uint64_t desc_a,
-                                                    uint64_t desc_b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
-      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
-      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
-      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
-      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, "
-      "%127"
-      "}, %128, %129, p, 1, 1, 0, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
-        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
-        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
-        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
-        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
-        "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]),
-        "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]),
-        "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
-        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]),
-        "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]),
-        "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),
-        "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
-        "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
-        "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(desc_a), "l"(desc_b), "r"(1));
-}
-
-// Copies rows [0, valid_rows) of a [64, 576] tile whose rows lie 1152 bytes apart from `src`
-// into the swizzled tile at `dst`. Rows past valid_rows become zeros rather than stale data:
-// masked keys then add 0 * 0 to O, never 0 * NaN. `src` must be a valid address even when no
-// row is: a masked copy reads 0 bytes from it. (The mask picks the offset, not the pointer: a
-// choice of pointers made the compiler rebuild every chunk's 64-bit address each page, ~140
-// instructions more per page in the bf16 kernel's critical path.)
-__device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16* src, int valid_rows) {
-  const char* base = reinterpret_cast<const char*>(src);
-#pragma unroll
-  for (int k = 0; k < kTileChunks / kThreads; ++k) {
-    const int i = threadIdx.x + k * kThreads;
-    const int r = i / kChunksPerRow, c = i % kChunksPerRow;
-    const bool ok = r < valid_rows;
-    cp_async_16(dst + swizzled(r, c), base + (ok ? r * kRowBytes + c * 16 : 0), ok);
-  }
-}
 
 // One CTA per (row tile, part): runs the part's pieces one after another. Per KV tile, each
 // warpgroup computes S for its 32 of the 64 keys (all 64 rows); the warpgroups swap row maxima
@@ -573,65 +436,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_regs(o);
     }
 
-    // Row sums over all 64 keys of every tile: this thread's quad, then both warpgroups.
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    if (t == 0) {
-      row_sum[wg * kTileRows + r0] = l0;
-      row_sum[wg * kTileRows + r1] = l1;
-    }
-    __syncthreads();
-    const float sum0 = row_sum[r0] + row_sum[kTileRows + r0];
-    const float sum1 = row_sum[r1] + row_sum[kTileRows + r1];
-    const float inv0 = sum0 > 0.0f ? 1.0f / sum0 : 0.0f;
-    const float inv1 = sum1 > 0.0f ? 1.0f / sum1 : 0.0f;
-    const float lse0 = sum0 > 0.0f ? (m0 + log2f(sum0)) * kLn2 : kNegInf;
-    const float lse1 = sum1 > 0.0f ? (m1 + log2f(sum1)) * kLn2 : kNegInf;
-
-    // A sequence in one piece is final here; the pieces of split ones go to the combine kernel.
-    const int32_t first_piece = ws.split_prefix[b];
-    const bool whole = ws.split_prefix[b + 1] - first_piece == 1;
-    const int64_t out_row =
-        whole ? static_cast<int64_t>(b) * rows
-              : static_cast<int64_t>(first_piece + (b == plan.begin_seq ? plan.begin_split : 0)) *
-                    rows;
-    const int col0 = 256 * wg + 2 * t;
-    if (whole) {
-      __nv_bfloat16* out0 = p.out + (out_row + rg0) * kDc + col0;
-      __nv_bfloat16* out1 = p.out + (out_row + rg1) * kDc + col0;
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        if (rg0 < rows) {
-          *reinterpret_cast<__nv_bfloat162*>(out0 + 8 * j) =
-              __floats2bfloat162_rn(o[4 * j] * inv0, o[4 * j + 1] * inv0);
-        }
-        if (rg1 < rows) {
-          *reinterpret_cast<__nv_bfloat162*>(out1 + 8 * j) =
-              __floats2bfloat162_rn(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
-        }
-      }
-    } else {
-      float* out0 = ws.o_part + (out_row + rg0) * kDc + col0;
-      float* out1 = ws.o_part + (out_row + rg1) * kDc + col0;
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        if (rg0 < rows) {
-          *reinterpret_cast<float2*>(out0 + 8 * j) =
-              make_float2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
-        }
-        if (rg1 < rows) {
-          *reinterpret_cast<float2*>(out1 + 8 * j) =
-              make_float2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
-        }
-      }
-    }
-    if (wg == 0 && t == 0) {
-      float* lse = whole ? p.lse : ws.lse_part;
-      if (rg0 < rows) lse[out_row + rg0] = lse0;
-      if (rg1 < rows) lse[out_row + rg1] = lse1;
-    }
+    store_piece(p, ws, plan, b, m0, m1, l0, l1, o, row_sum);
   }
 }
 
@@ -719,6 +524,9 @@ void mla_decode(const MlaDecodeParams& p, void* workspace, cudaStream_t stream) 
   MLA_REQUIRE(aligned(workspace, 256), "mla_decode: workspace must be 256-byte aligned");
   MLA_REQUIRE(p.element == LatentElement::kBf16 || p.element == LatentElement::kFp8,
               "mla_decode: unknown pool element {}", static_cast<int>(p.element));
+  MLA_REQUIRE(p.kernel == MlaDecodeKernel::kAuto || p.kernel == MlaDecodeKernel::kSplitKeys ||
+                  p.kernel == MlaDecodeKernel::kPairedTiles,
+              "mla_decode: unknown kernel {}", static_cast<int>(p.kernel));
 
   const int32_t parts = num_parts(p.s_q, p.heads, p.num_sms);
   const WorkspaceLayout layout = workspace_layout(p.batch, p.s_q, p.heads, p.num_sms);
@@ -736,12 +544,16 @@ void mla_decode(const MlaDecodeParams& p, void* workspace, cudaStream_t stream) 
                      p.batch, p.s_q, parts, ws);
   }
   const bool fp8 = p.element == LatentElement::kFp8;
-  auto* split = fp8 ? mla_decode_split_kernel<LatentElement::kFp8>
-                    : mla_decode_split_kernel<LatentElement::kBf16>;
-  const int smem = fp8 ? kSmemBytes<true> : kSmemBytes<false>;
-  MLA_CUDA_CHECK(cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  launch_dependent(split, dim3(row_tiles(p.s_q, p.heads), parts), kThreads, smem, stream, true, p,
-                   ws);
+  const dim3 grid(row_tiles(p.s_q, p.heads), parts);
+  if (!fp8 && p.kernel != MlaDecodeKernel::kSplitKeys) {
+    launch_mla_decode_paired(p, ws, grid, stream);
+  } else {
+    auto* split = fp8 ? mla_decode_split_kernel<LatentElement::kFp8>
+                      : mla_decode_split_kernel<LatentElement::kBf16>;
+    const int smem = fp8 ? kSmemBytes<true> : kSmemBytes<false>;
+    MLA_CUDA_CHECK(cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    launch_dependent(split, grid, kThreads, smem, stream, true, p, ws);
+  }
   launch_dependent(
       mla_decode_combine_kernel,
       dim3(p.batch, (p.s_q * p.heads + kCombineRowsPerBlock - 1) / kCombineRowsPerBlock,

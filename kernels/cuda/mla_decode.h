@@ -33,6 +33,13 @@ inline constexpr int32_t kMlaDecodeBlockSize = 64;   // tokens per cache page
 inline constexpr int32_t kMlaDecodeLatentDim = 512;  // d_c (kv_lora_rank)
 inline constexpr int32_t kMlaDecodeRopeDim = 64;     // d_r (qk_rope_head_dim)
 
+// The split-KV kernel for bf16 pages. kSplitKeys: both warpgroups take every KV tile, each
+// computing S for half its keys, then the softmax together and each its half of O. kPairedTiles:
+// each warpgroup computes S for a tile of its own (tiles go in pairs) and its half of O from
+// both, one warpgroup's softmax overlapping the other's products. fp8 pages always run
+// kSplitKeys.
+enum class MlaDecodeKernel : int32_t { kAuto, kSplitKeys, kPairedTiles };
+
 struct MlaDecodeParams {
   // [batch, s_q, heads, 576]: absorbed query (512) then rotary part (64), contiguous
   const __nv_bfloat16* q;
@@ -64,6 +71,8 @@ struct MlaDecodeParams {
   // been touched since (e.g. the previous layer of the same decode step: every layer shares
   // one plan). Saves one kernel (about 5 us on an H100) per layer after the first.
   bool reuse_plan;
+  // kAuto (the default) picks per shape the kernel measured faster for it.
+  MlaDecodeKernel kernel;
 };
 
 // Bytes of device workspace mla_decode needs for any batch <= max_batch with these s_q, heads

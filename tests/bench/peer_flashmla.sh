@@ -18,7 +18,9 @@
 # bench-kernels --lengths` mlaserve). Exits non-zero when a step fails or a configuration is
 # missing from either run.
 # env: MLASERVE (default build/launch/mlaserve, or mlaserve on PATH), PYTHON (python3),
-#      NVCC_THREADS (8), MAX_JOBS (the host's cores).
+#      NVCC_THREADS (8), MAX_JOBS (the host's cores), DECODE_KERNELS (bench-kernels'
+#      --decode-kernel: default auto, what mla_decode picks; split,paired times both bf16
+#      kernels, a table each).
 set -euo pipefail
 src=${1:?usage: tests/bench/peer_flashmla.sh FLASHMLA_SRC [OUT_DIR]}
 out=${2:-${OUT:-$(mktemp -d)}}
@@ -26,6 +28,7 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)  # the FlashMLA steps run from inside its copy
 python=${PYTHON:-python3}
 mlaserve=${MLASERVE:-build/launch/mlaserve}
+kernels=${DECODE_KERNELS:-auto}
 [ -x "$mlaserve" ] || mlaserve=$(command -v mlaserve)
 for f in setup_dense.py bench_dense_decode.py csrc/cutlass/include; do
   [ -e "$src/$f" ] || { echo "peer_flashmla: $src has no $f" >&2; exit 2; }
@@ -48,7 +51,8 @@ echo "== FlashMLA (log: $out/flashmla.log)"
 
 echo "== mlaserve (log: $out/mlaserve.log)"
 "$mlaserve" bench-kernels --benches mla_decode --batch 128 --contexts 4096,8192 \
-  --heads 16,32,64,128 --sq 1,2 --iters 30 --warmup 5 --json "$out/mlaserve.json" \
+  --heads 16,32,64,128 --sq 1,2 --iters 30 --warmup 5 --decode-kernel "$kernels" \
+  --json "$out/mlaserve.json" \
   >"$out/mlaserve.log" 2>&1 || { tail -30 "$out/mlaserve.log" >&2; exit 1; }
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -58,7 +62,7 @@ echo "== the unbalanced batch $lengths, s_q 4, 16 heads (logs: $out/*_lengths.lo
   "$out/flashmla_lengths.json" --lengths $lengths --heads 16 --sq 4) \
   >"$out/flashmla_lengths.log" 2>&1 || { tail -30 "$out/flashmla_lengths.log" >&2; exit 1; }
 "$mlaserve" bench-kernels --benches mla_decode --lengths $lengths --heads 16 --sq 4 --iters 30 \
-  --warmup 5 --json "$out/mlaserve_lengths.json" >"$out/mlaserve_lengths.log" 2>&1 ||
+  --warmup 5 --decode-kernel "$kernels" --json "$out/mlaserve_lengths.json" >"$out/mlaserve_lengths.log" 2>&1 ||
   { tail -30 "$out/mlaserve_lengths.log" >&2; exit 1; }
 
 "$python" "$here/peer_table.py" "$out/flashmla.json" "$out/mlaserve.json"

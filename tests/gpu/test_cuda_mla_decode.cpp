@@ -223,6 +223,7 @@ class DeviceProblem {
     lse_.poison();
   }
   void set_reuse_plan(bool reuse) { params_.reuse_plan = reuse; }
+  void set_kernel(cuda::MlaDecodeKernel kernel) { params_.kernel = kernel; }
   void launch(cudaStream_t stream) { cuda::mla_decode(params_, workspace_.get(), stream); }
   Result run() {
     poison();
@@ -298,17 +299,38 @@ int device_sms() {
   return sms;
 }
 
+// The kernels a cache runs on: both bf16 kernels (whatever kAuto picks), fp8's one.
+std::vector<cuda::MlaDecodeKernel> kernels_for(const Cache& cache) {
+  if (cache.element == cuda::LatentElement::kFp8) return {cuda::MlaDecodeKernel::kAuto};
+  return {cuda::MlaDecodeKernel::kSplitKeys, cuda::MlaDecodeKernel::kPairedTiles};
+}
+
+std::string kernel_name(cuda::MlaDecodeKernel kernel) {
+  switch (kernel) {
+    case cuda::MlaDecodeKernel::kSplitKeys:
+      return "split keys";
+    case cuda::MlaDecodeKernel::kPairedTiles:
+      return "paired tiles";
+    default:
+      return "auto";
+  }
+}
+
 void check_case(const Cache& cache, int32_t s_q, int32_t heads, float scale,
                 const std::vector<int>& sms_list, std::mt19937& rng) {
   const Queries qs = make_queries(cache, s_q, heads, scale, rng);
   const Result ref = reference(cache, qs);
   for (int sms : sms_list) {
-    DeviceProblem problem(cache, qs, sms);
-    const std::string label =
-        std::string(cache.element == cuda::LatentElement::kFp8 ? "fp8, " : "") + "batch " +
-        std::to_string(cache.batch()) + ", heads " + std::to_string(heads) + ", s_q " +
-        std::to_string(s_q) + ", num_sms " + std::to_string(sms);
-    expect_matches(problem.run(), ref, qs, label);
+    for (const auto kernel : kernels_for(cache)) {
+      DeviceProblem problem(cache, qs, sms);
+      problem.set_kernel(kernel);
+      const std::string label =
+          std::string(cache.element == cuda::LatentElement::kFp8 ? "fp8, " : "") +
+          kernel_name(kernel) + ", batch " + std::to_string(cache.batch()) + ", heads " +
+          std::to_string(heads) + ", s_q " + std::to_string(s_q) + ", num_sms " +
+          std::to_string(sms);
+      expect_matches(problem.run(), ref, qs, label);
+    }
   }
 }
 
@@ -386,7 +408,8 @@ TEST(CudaMlaDecode, Fp8CacheMixedLengths) {
 
 // The same launch twice, a launch reusing the first one's plan, and the launch captured in a
 // CUDA graph and replayed give bit-identical outputs (no atomics, no dependence on scheduling).
-void check_deterministic_and_graph_capturable(cuda::LatentElement element) {
+void check_deterministic_and_graph_capturable(cuda::LatentElement element,
+                                              cuda::MlaDecodeKernel kernel) {
   std::mt19937 rng(5);
   std::uniform_int_distribution<int32_t> length(1, 4000);
   std::vector<int32_t> lengths(64);
@@ -395,6 +418,7 @@ void check_deterministic_and_graph_capturable(cuda::LatentElement element) {
   const Cache cache = make_cache(lengths, rng, element);
   const Queries qs = make_queries(cache, 2, 64, 0.1352f, rng);
   DeviceProblem problem(cache, qs, device_sms());
+  problem.set_kernel(kernel);
   problem.run();
   const std::vector<uint16_t> first = problem.raw_out();
   const std::vector<float> first_lse = problem.result().lse;
@@ -428,14 +452,23 @@ void check_deterministic_and_graph_capturable(cuda::LatentElement element) {
 
 TEST(CudaMlaDecode, DeterministicAndGraphCapturable) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  check_deterministic_and_graph_capturable(cuda::LatentElement::kBf16);
+  check_deterministic_and_graph_capturable(cuda::LatentElement::kBf16,
+                                           cuda::MlaDecodeKernel::kSplitKeys);
+}
+
+// The paired-tile kernel's warpgroups hand P and the row bases to each other and reload each
+// part of a tile when its last reader is done: a missed wait would show as runs that differ.
+TEST(CudaMlaDecode, PairedTilesDeterministicAndGraphCapturable) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  check_deterministic_and_graph_capturable(cuda::LatentElement::kBf16,
+                                           cuda::MlaDecodeKernel::kPairedTiles);
 }
 
 // The fp8 pipeline (two staging slots, rotary values copied into the tile mid-tile) too: a
 // race between a page's copy and its dequantisation would show as runs that differ.
 TEST(CudaMlaDecode, Fp8DeterministicAndGraphCapturable) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  check_deterministic_and_graph_capturable(cuda::LatentElement::kFp8);
+  check_deterministic_and_graph_capturable(cuda::LatentElement::kFp8, cuda::MlaDecodeKernel::kAuto);
 }
 
 }  // namespace

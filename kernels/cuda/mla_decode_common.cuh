@@ -1,0 +1,158 @@
+// What the two split-KV attention kernels behind mla_decode share (mla_decode.cu's, which
+// splits each KV tile's keys between its warpgroups, and mla_decode_paired.cu's, which gives
+// each warpgroup a tile of its own): the tile geometry, the plan and workspace the planner
+// leaves, the swizzled tile layout, and how a CTA writes a finished piece. Include from the
+// mla_decode .cu files only.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/cuda/cp_async.cuh"
+#include "kernels/cuda/mla_decode.h"
+
+namespace mla::cuda::mla_decode_internal {
+
+constexpr int kDc = kMlaDecodeLatentDim;                         // 512
+constexpr int kWidth = kMlaDecodeLatentDim + kMlaDecodeRopeDim;  // 576 values per latent row
+constexpr int kBlock = kMlaDecodeBlockSize;                      // keys per page = per KV tile
+constexpr int kTileRows = 64;  // query rows (s_q x heads of one sequence) per CTA: wgmma's M
+constexpr int kThreads = 256;  // two warpgroups: each owns 256 of the 512 output columns
+constexpr int kRowBytes = kWidth * 2;
+constexpr int kChunksPerRow = kRowBytes / 16;           // 72 16-byte chunks
+constexpr int kTileChunks = kTileRows * kChunksPerRow;  // 4608
+constexpr int kColBlockBytes = 64 * 128;                // one swizzled 64-column block
+constexpr int kTileBytes = kTileRows * kRowBytes;       // 9 blocks, 73728
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -INFINITY;
+constexpr float kRescaleSlack = 8.0f;  // log2 units: weights up to 256 before O is rescaled
+
+// One part of the batch's KV work: tiles [begin_block, ...) of sequence begin_seq up to (not
+// including) tile end_block of sequence end_seq, in (sequence, tile) order. begin_split is the
+// index, among its sequence's pieces, of the first piece.
+struct PartPlan {
+  int32_t begin_seq, begin_block, end_seq, end_block, begin_split;
+  int32_t padding[3];  // 32 bytes per part
+};
+
+struct Workspace {
+  PartPlan* plan;         // [parts]
+  int32_t* split_prefix;  // [batch + 1]: pieces of the sequences before b
+  float* lse_part;        // [batch + parts, rows]: the pieces' LSE (split sequences only)
+  float* o_part;          // [batch + parts, rows, 512]: the pieces' normalised outputs
+};
+
+// Byte offset of 16-byte chunk c (0..71) of row r in a swizzled [64, 576] tile.
+__device__ __forceinline__ uint32_t swizzled(int r, int c) {
+  return (c >> 3) * kColBlockBytes + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Copies rows [0, valid_rows) of a [64, 576] tile whose rows lie 1152 bytes apart from `src`
+// into the swizzled tile at `dst`. Rows past valid_rows become zeros rather than stale data:
+// masked keys then add 0 * 0 to O, never 0 * NaN. `src` must be a valid address even when no
+// row is: a masked copy reads 0 bytes from it. (The mask picks the offset, not the pointer: a
+// choice of pointers made the compiler rebuild every chunk's 64-bit address each page, ~140
+// instructions more per page in the bf16 kernel's critical path.)
+__device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16* src, int valid_rows) {
+  const char* base = reinterpret_cast<const char*>(src);
+#pragma unroll
+  for (int k = 0; k < kTileChunks / kThreads; ++k) {
+    const int i = threadIdx.x + k * kThreads;
+    const int r = i / kChunksPerRow, c = i % kChunksPerRow;
+    const bool ok = r < valid_rows;
+    cp_async_16(dst + swizzled(r, c), base + (ok ? r * kRowBytes + c * 16 : 0), ok);
+  }
+}
+
+// Writes one finished piece of sequence b (query rows [64 blockIdx.x, +64) of it): this thread's
+// rows r0 and r1 (of the accumulator layout) over its warpgroup's 256 columns of o, relative to
+// 2^m0 and 2^m1, where l0 and l1 are this thread's partial row sums (this warpgroup's share of the
+// keys; the quad and the two warpgroups are summed here through row_sum, [2][64] floats of
+// shared memory). A sequence in one piece goes to p.out and p.lse, a piece of a split one to
+// the workspace for the combine kernel. Synchronises the CTA.
+__device__ __forceinline__ void store_piece(const MlaDecodeParams& p, const Workspace& ws,
+                                            const PartPlan& plan, int32_t b, float m0, float m1,
+                                            float l0, float l1, const float (&o)[128],
+                                            float* row_sum) {
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+  const int lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int r0 = 16 * ((tid / 32) % 4) + g, r1 = r0 + 8;
+  const int32_t rows = p.s_q * p.heads;
+  const int32_t rg0 = blockIdx.x * kTileRows + r0, rg1 = rg0 + 8;
+  // Row sums over all keys of the piece: this thread's quad, then both warpgroups.
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  if (t == 0) {
+    row_sum[wg * kTileRows + r0] = l0;
+    row_sum[wg * kTileRows + r1] = l1;
+  }
+  __syncthreads();
+  const float sum0 = row_sum[r0] + row_sum[kTileRows + r0];
+  const float sum1 = row_sum[r1] + row_sum[kTileRows + r1];
+  const float inv0 = sum0 > 0.0f ? 1.0f / sum0 : 0.0f;
+  const float inv1 = sum1 > 0.0f ? 1.0f / sum1 : 0.0f;
+  const float lse0 = sum0 > 0.0f ? (m0 + log2f(sum0)) * kLn2 : kNegInf;
+  const float lse1 = sum1 > 0.0f ? (m1 + log2f(sum1)) * kLn2 : kNegInf;
+
+  // A sequence in one piece is final here; the pieces of split ones go to the combine kernel.
+  const int32_t first_piece = ws.split_prefix[b];
+  const bool whole = ws.split_prefix[b + 1] - first_piece == 1;
+  const int64_t out_row =
+      whole
+          ? static_cast<int64_t>(b) * rows
+          : static_cast<int64_t>(first_piece + (b == plan.begin_seq ? plan.begin_split : 0)) * rows;
+  const int col0 = 256 * wg + 2 * t;
+  if (whole) {
+    __nv_bfloat16* out0 = p.out + (out_row + rg0) * kDc + col0;
+    __nv_bfloat16* out1 = p.out + (out_row + rg1) * kDc + col0;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      if (rg0 < rows) {
+        *reinterpret_cast<__nv_bfloat162*>(out0 + 8 * j) =
+            __floats2bfloat162_rn(o[4 * j] * inv0, o[4 * j + 1] * inv0);
+      }
+      if (rg1 < rows) {
+        *reinterpret_cast<__nv_bfloat162*>(out1 + 8 * j) =
+            __floats2bfloat162_rn(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
+      }
+    }
+  } else {
+    float* out0 = ws.o_part + (out_row + rg0) * kDc + col0;
+    float* out1 = ws.o_part + (out_row + rg1) * kDc + col0;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      if (rg0 < rows) {
+        *reinterpret_cast<float2*>(out0 + 8 * j) =
+            make_float2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
+      }
+      if (rg1 < rows) {
+        *reinterpret_cast<float2*>(out1 + 8 * j) =
+            make_float2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
+      }
+    }
+  }
+  if (wg == 0 && t == 0) {
+    float* lse = whole ? p.lse : ws.lse_part;
+    if (rg0 < rows) lse[out_row + rg0] = lse0;
+    if (rg1 < rows) lse[out_row + rg1] = lse1;
+  }
+}
+
+// Runs mla_decode_paired.cu's split-KV kernel (bf16 pages) over the plan in ws, one CTA per
+// (64-row tile, part) of `grid`, as a dependent launch on `stream`.
+void launch_mla_decode_paired(const MlaDecodeParams& p, const Workspace& ws, dim3 grid,
+                              cudaStream_t stream);
+
+}  // namespace mla::cuda::mla_decode_internal
