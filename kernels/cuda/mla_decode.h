@@ -71,7 +71,7 @@ struct MlaDecodeParams {
   // been touched since (e.g. the previous layer of the same decode step: every layer shares
   // one plan). Saves one kernel (about 5 us on an H100) per layer after the first.
   bool reuse_plan;
-  // kAuto (the default) picks per shape the kernel measured faster for it.
+  // kAuto (the default): kSplitKeys until kPairedTiles has been timed against it on a GPU.
   MlaDecodeKernel kernel;
 };
 

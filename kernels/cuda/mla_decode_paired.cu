@@ -151,9 +151,10 @@ __device__ __forceinline__ void mask_and_max(float (&s)[32], int32_t tile, int32
 __device__ __forceinline__ float next_base(float m, float tile_max) {
   return tile_max > m + kRescaleSlack ? tile_max : m;
 }
-// 2^(from - to), exactly 1 when the base did not move (also when both are -inf).
+// 2^(from - to), exactly 1 when the base did not move (also when both are -inf) and when it
+// moves up from -inf (O and the sums are still 0 then, so nothing needs scaling).
 __device__ __forceinline__ float rebase(float from, float to) {
-  return from == to ? 1.0f : fast_exp2(from - to);
+  return from == to || from == kNegInf ? 1.0f : fast_exp2(from - to);
 }
 
 // s <- exp2(s * scale_log2 - base) per row, bf16 copies in wgmma's A-fragment order in a, and
@@ -353,25 +354,24 @@ __global__ void __launch_bounds__(kThreads, 1)
         issue_pv_own(o, a, kv0, 0);
         wgmma_commit();
 
+        // While warpgroup 1 works out P1: finish P0 V0_L and reload tile 0's blocks 0-3.
+        wgmma_wait<0>();
+        fence_regs(o);
+        fence_regs(a);
+        if (more) load_left(t0 + 2);
+
         signal_wait(kP1Ready);
         const float mb0 = base_b[r0], mb1 = base_b[r1];
         const float h0 = rebase(ma0, mb0), h1 = rebase(ma1, mb1);
         l0 *= h0;
         l1 *= h1;
-        if (__any_sync(0xffffffffu, h0 != 1.0f || h1 != 1.0f)) {
-          wgmma_wait<0>();
-          fence_regs(o);
-          rescale(o, h0, h1);
-        }
+        rescale(o, h0, h1);
         fence_regs(o);
         wgmma_fence();
         issue_pv_other(o, kv1, 0);
         wgmma_commit();
-        wgmma_wait<1>();  // P0 V0_L: tile 0's blocks 0-3 are free
-        if (more) load_left(t0 + 2);
         wgmma_wait<0>();  // P1 V1_L: tile 1's blocks 0-3 and P1 are free
         fence_regs(o);
-        fence_regs(a);
         if (more) load_left1(t0 + 3);
         m0 = mb0;
         m1 = mb1;
@@ -418,21 +418,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_async_shared();
         signal_arrive(kP1Ready);
 
+        // P0 V0_R has had the softmax's time: finish it, reload tile 0's blocks 4-8, and only
+        // then touch O (a wait inside a branch some warps skip would break wgmma's rules).
+        wgmma_wait<0>();
+        fence_regs(o);
+        if (more) load_right(t0 + 2);
         const float h0 = rebase(ma0, mb0), h1 = rebase(ma1, mb1);
         l0 = l0 * h0 + sum0;
         l1 = l1 * h1 + sum1;
-        if (__any_sync(0xffffffffu, h0 != 1.0f || h1 != 1.0f)) {
-          wgmma_wait<0>();
-          fence_regs(o);
-          rescale(o, h0, h1);
-        }
+        rescale(o, h0, h1);
         fence_regs(o);
         fence_regs(a);
         wgmma_fence();
         issue_pv_own(o, a, kv1, 1);
         wgmma_commit();
-        wgmma_wait<1>();  // P0 V0_R: tile 0's blocks 4-7 and P0 are free
-        if (more) load_right(t0 + 2);
         wgmma_wait<0>();  // P1 V1_R: tile 1's blocks 4-7 are free
         fence_regs(o);
         fence_regs(a);
