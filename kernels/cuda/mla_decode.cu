@@ -545,7 +545,9 @@ void mla_decode(const MlaDecodeParams& p, void* workspace, cudaStream_t stream) 
   }
   const bool fp8 = p.element == LatentElement::kFp8;
   const dim3 grid(row_tiles(p.s_q, p.heads), parts);
-  if (!fp8 && p.kernel == MlaDecodeKernel::kPairedTiles) {
+  // bf16: paired tiles unless asked otherwise; on an H100 it was never slower than split keys and
+  // 1.3-1.5x faster where the tensor cores bound the time (docs/BENCHMARKS.md).
+  if (!fp8 && p.kernel != MlaDecodeKernel::kSplitKeys) {
     launch_mla_decode_paired(p, ws, grid, stream);
   } else {
     auto* split = fp8 ? mla_decode_split_kernel<LatentElement::kFp8>
