@@ -20,7 +20,9 @@
 # env: MLASERVE (default build/launch/mlaserve, or mlaserve on PATH), PYTHON (python3),
 #      NVCC_THREADS (8), MAX_JOBS (the host's cores), DECODE_KERNELS (bench-kernels'
 #      --decode-kernel: default auto, what mla_decode picks; split,paired times both bf16
-#      kernels, a table each).
+#      kernels, a table each), BASE_MLASERVE (an earlier build's mlaserve: timed too, after
+#      this one, with tables labelled "base", so a kernel change is measured against its base
+#      and FlashMLA in one call).
 set -euo pipefail
 src=${1:?usage: tests/bench/peer_flashmla.sh FLASHMLA_SRC [OUT_DIR]}
 out=${2:-${OUT:-$(mktemp -d)}}
@@ -55,6 +57,15 @@ echo "== mlaserve (log: $out/mlaserve.log)"
   --json "$out/mlaserve.json" \
   >"$out/mlaserve.log" 2>&1 || { tail -30 "$out/mlaserve.log" >&2; exit 1; }
 
+base=()
+if [ -n "${BASE_MLASERVE:-}" ]; then
+  echo "== base build $BASE_MLASERVE (log: $out/base.log)"
+  "$BASE_MLASERVE" bench-kernels --benches mla_decode --batch 128 --contexts 4096,8192 \
+    --heads 16,32,64,128 --sq 1,2 --iters 30 --warmup 5 --json "$out/base.json" \
+    >"$out/base.log" 2>&1 || { tail -30 "$out/base.log" >&2; exit 1; }
+  base=("base=$out/base.json")
+fi
+
 here=$(cd "$(dirname "$0")" && pwd)
 lengths=4641,45118,1730,1696
 echo "== the unbalanced batch $lengths, s_q 4, 16 heads (logs: $out/*_lengths.log)"
@@ -65,6 +76,6 @@ echo "== the unbalanced batch $lengths, s_q 4, 16 heads (logs: $out/*_lengths.lo
   --warmup 5 --decode-kernel "$kernels" --json "$out/mlaserve_lengths.json" >"$out/mlaserve_lengths.log" 2>&1 ||
   { tail -30 "$out/mlaserve_lengths.log" >&2; exit 1; }
 
-"$python" "$here/peer_table.py" "$out/flashmla.json" "$out/mlaserve.json"
+"$python" "$here/peer_table.py" "$out/flashmla.json" "$out/mlaserve.json" "${base[@]}"
 echo
 "$python" "$here/peer_table.py" "$out/flashmla_lengths.json" "$out/mlaserve_lengths.json"

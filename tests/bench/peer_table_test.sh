@@ -61,4 +61,9 @@ grep -qF "| 4096 | 128 | 1 | 800.0 | 0.90 | 500.0 | 0.80 | 0.62 |" <<<"$table"
 grep -qF "| 4096 | 128 | 1 | 800.0 | 0.90 | 1000.0 | 0.80 | 1.25 |" <<<"$table"
 grep -qF "mlaserve / FlashMLA: 0.25 to 0.62 over 4 configurations; at or below 1 in 4" <<<"$table"
 grep -qF "configurations in only one run: [(8192, 128, 1)]" <<<"$table"
+# An earlier build's results as a further labelled file: a table of its own.
+table=$(python3 "$here/peer_table.py" "$work/flashmla.json" "$work/mlaserve.json" \
+  base="$work/mlaserve.json")
+grep -qF "build: base" <<<"$table"
+[ "$(grep -cF "| 4096 | 16 | 1 | 100.0 | 0.90 | 50.0 | 0.80 | 0.50 |" <<<"$table")" = 2 ]
 echo "peer_table: ok"

@@ -39,7 +39,8 @@
 #               this bundle's libraries), with that one in the same run; a kernel-by-kernel
 #               profile of base and this
 #   fusion_full the same decode steps on the whole V2-Lite shape (27 layers), batch 1 and 2
-#   peer        FlashMLA's dense decode beside mlaserve's (issue 17), from FLASHMLA_SRC
+#   peer        FlashMLA's dense decode beside mlaserve's (issue 17), from FLASHMLA_SRC; with
+#               base/bundle/bin/mlaserve (as for fusion) that build's decode kernel too
 #   study       tests/bench/cluster_study.sh on the GPU profile the simulate step took (its
 #               model's shape, TP1 groups: a first cluster study on measured GPU steps)
 #   v3tp8       DeepSeek-V3's shape, one rank of a TP8 group emulated on this GPU, 4 and 8
@@ -292,6 +293,7 @@ for step in "$@"; do
         mkdir -p /tmp/flashmla_src && tar xzf "$src" -C /tmp/flashmla_src &&
           src=$(dirname "$(find /tmp/flashmla_src -name setup_dense.py | head -1)")
       fi
+      [ -x base/bundle/bin/mlaserve ] && export BASE_MLASERVE=$PWD/base/bundle/bin/mlaserve
       run peer 580 env MLASERVE="$(command -v mlaserve)" tests/bench/peer_flashmla.sh \
         "$src" "$out/peer" ;;
   esac
