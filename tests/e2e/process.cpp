@@ -10,13 +10,16 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <random>
 #include <sstream>
 #include <stdexcept>
 #include <thread>
+#include <vector>
 
 extern char** environ;
 
@@ -266,7 +269,16 @@ bool wait_for_listener(int port, std::chrono::milliseconds timeout) {
 }
 
 int free_loopback_ports(int count) {
-  for (int attempt = 0; attempt < 100; ++attempt) {
+  // Below the ephemeral range, and above the ports services commonly hold.
+  constexpr int kLowest = 10000;
+  int ephemeral_low = 32768;
+  std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> ephemeral_low;
+  const int highest_first = std::max(kLowest, ephemeral_low - count);
+  static std::mt19937 rng(std::random_device{}());
+  std::uniform_int_distribution<int> pick(kLowest, highest_first);
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    // Beyond the first 100 attempts (or with no room below the range), the kernel's pick.
+    const bool below = attempt < 100 && highest_first > kLowest;
     std::vector<int> fds;
     auto bind_port = [&](int port) {
       const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -281,7 +293,7 @@ int free_loopback_ports(int count) {
       getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
       return static_cast<int>(ntohs(addr.sin_port));
     };
-    const int first = bind_port(0);
+    const int first = bind_port(below ? pick(rng) : 0);
     bool ok = first > 0 && first + count - 1 <= 65535;
     for (int i = 1; ok && i < count; ++i) ok = bind_port(first + i) == first + i;
     for (int fd : fds) close(fd);

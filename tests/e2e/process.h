@@ -82,8 +82,11 @@ class Process {
 // Whether something accepts TCP connections on 127.0.0.1:port, polled until `timeout`.
 bool wait_for_listener(int port, std::chrono::milliseconds timeout);
 
-// A TCP port on 127.0.0.1 that was free a moment ago (the kernel's pick for port 0), such that
-// the `count` ports from it are all free.
+// A TCP port on 127.0.0.1 that was free a moment ago, such that the `count` ports from it are
+// all free. Picked at random below the kernel's ephemeral range (ip_local_port_range), which
+// the kernel hands to every outgoing connection and bind to port 0: a process restarted on a
+// port from that range (a coordinator restart test) could find it taken by another test's
+// client connection.
 int free_loopback_ports(int count = 1);
 
 }  // namespace mla::e2e
