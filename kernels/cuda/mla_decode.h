@@ -13,7 +13,8 @@
 // and cuts the batch's total KV work into equal parts, one per group of SMs (so one long
 // sequence and many short ones both fill the GPU); the split-KV kernel runs each part with
 // tensor cores (wgmma), every 64-row tile of a sequence's (s_q x heads) query rows sharing each
-// KV page it loads; a combine kernel merges the parts of sequences that were split, by LSE.
+// KV page it loads (on bf16 pages by default the paired-tile kernel, see MlaDecodeKernel); a
+// combine kernel merges the parts of sequences that were split, by LSE.
 // Grid sizes depend only on batch, s_q, heads and num_sms, so the launch can be captured in a
 // CUDA graph and replayed with new num_keys and block tables. Results are deterministic (no
 // atomics): the same inputs give bit-identical outputs.
