@@ -231,14 +231,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int32_t b = plan.begin_seq, lo = plan.begin_block;
        b < plan.end_seq || (b == plan.end_seq && lo < plan.end_block); ++b, lo = 0) {
-    const int32_t* nk = p.num_keys + b * p.s_q;
-    const int32_t max_keys = nk[p.s_q - 1];
-    const int32_t hi =
-        b == plan.end_seq ? plan.end_block : max(1, (max_keys + kBlock - 1) / kBlock);
-    const int32_t keys0 = rg0 < rows ? nk[rg0 / p.heads] : 0;
-    const int32_t keys1 = rg1 < rows ? nk[rg1 / p.heads] : 0;
-    const int32_t keys_lo = nk[0];  // num_keys is non-decreasing in the query index
-    const int32_t* pages = p.block_table + static_cast<int64_t>(b) * p.table_stride;
+    const SeqPiece piece = seq_piece(p, plan, b, rg0, rg1);
+    const int32_t max_keys = piece.max_keys, hi = piece.hi, keys0 = piece.keys0,
+                  keys1 = piece.keys1, keys_lo = piece.keys_lo;
+    const int32_t* pages = piece.pages;
 
     // Only entries that hold keys are read: the rest of the table may be garbage.
     const auto* pool = static_cast<const uint8_t*>(p.pool);
@@ -345,28 +341,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
       fence_regs(s);
 
-      // Raw scores; masked keys -inf. scale > 0, so the largest raw score is the largest
-      // scaled one.
-      const bool mask = (blk + 1) * kBlock > keys_lo;
-      const int32_t key0 = blk * kBlock + 32 * wg + 2 * t;
-      float mx0 = kNegInf, mx1 = kNegInf;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int32_t key = key0 + 8 * j + e;
-          if (mask) {
-            if (key >= keys0) s[4 * j + e] = kNegInf;
-            if (key >= keys1) s[4 * j + 2 + e] = kNegInf;
-          }
-          mx0 = fmaxf(mx0, s[4 * j + e]);
-          mx1 = fmaxf(mx1, s[4 * j + 2 + e]);
-        }
-      }
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+      float mx0, mx1;
+      mask_and_max(s, blk * kBlock + 32 * wg + 2 * t, keys0, keys1, (blk + 1) * kBlock > keys_lo,
+                   &mx0, &mx1);
       if (t == 0) {
         row_max[wg * kTileRows + r0] = mx0;
         row_max[wg * kTileRows + r1] = mx1;
@@ -395,31 +372,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         alpha1 = fast_exp2(m1 - tile1);
         m1 = tile1;
       }
-      // A row with no visible key yet keeps m = -inf; its weights, exp2(-inf - 0), are 0.
-      const float base0 = m0 == kNegInf ? 0.0f : m0;
-      const float base1 = m1 == kNegInf ? 0.0f : m1;
-      float sum0 = 0.0f, sum1 = 0.0f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          s[4 * j + e] = fast_exp2(fmaf(s[4 * j + e], scale_log2, -base0));
-          s[4 * j + 2 + e] = fast_exp2(fmaf(s[4 * j + 2 + e], scale_log2, -base1));
-          sum0 += s[4 * j + e];
-          sum1 += s[4 * j + 2 + e];
-        }
-      }
+      float sum0, sum1;
+      exp2_rows(s, m0, m1, scale_log2, &sum0, &sum1);
       l0 = l0 * alpha0 + sum0;
       l1 = l1 * alpha1 + sum1;
-      if (__any_sync(0xffffffffu, alpha0 != 1.0f || alpha1 != 1.0f)) {
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          o[4 * j] *= alpha0;
-          o[4 * j + 1] *= alpha0;
-          o[4 * j + 2] *= alpha1;
-          o[4 * j + 3] *= alpha1;
-        }
-      }
+      rescale(o, alpha0, alpha1);
       // P [64 rows, 64 keys] bf16, K-major and swizzled like one 64-column block of a tile.
 #pragma unroll
       for (int j = 0; j < 4; ++j) {

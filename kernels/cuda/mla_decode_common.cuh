@@ -73,6 +73,96 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16* src
   }
 }
 
+// s <- exp2(s * scale_log2 - base) on rows r0 and r1 of a thread's accumulator of S (bases in
+// units of scale * log2(e) * score), and the rows' sums of this thread's values. A row without
+// a visible key yet keeps base -inf; its weights, exp2(-inf - 0), are 0.
+template <int N>
+__device__ __forceinline__ void exp2_rows(float (&s)[N], float base0, float base1, float scale_log2,
+                                          float* sum0, float* sum1) {
+  const float b0 = base0 == kNegInf ? 0.0f : base0;
+  const float b1 = base1 == kNegInf ? 0.0f : base1;
+  float x = 0.0f, y = 0.0f;
+#pragma unroll
+  for (int j = 0; j < N / 4; ++j) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      s[4 * j + e] = fast_exp2(fmaf(s[4 * j + e], scale_log2, -b0));
+      s[4 * j + 2 + e] = fast_exp2(fmaf(s[4 * j + 2 + e], scale_log2, -b1));
+      x += s[4 * j + e];
+      y += s[4 * j + 2 + e];
+    }
+  }
+  *sum0 = x;
+  *sum1 = y;
+}
+
+// O *= f0 on row r0's values, f1 on row r1's (a warpgroup's 64 x 256 accumulator); skipped when
+// no row of the warp moves.
+__device__ __forceinline__ void rescale(float (&o)[128], float f0, float f1) {
+  if (__any_sync(0xffffffffu, f0 != 1.0f || f1 != 1.0f)) {
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      o[4 * j] *= f0;
+      o[4 * j + 1] *= f0;
+      o[4 * j + 2] *= f1;
+      o[4 * j + 3] *= f1;
+    }
+  }
+}
+
+// What a CTA needs to know of sequence b in its part: its keys, the end of this piece's tiles
+// (plan.end_block in the part's last sequence, else the sequence's last tile; a sequence with no
+// keys still gets one, empty, tile), the keys its rows rg0 and rg1 (of the CTA's 64) see (0 for
+// rows past s_q * heads), the first query's (num_keys is non-decreasing in the query index, so
+// a tile wholly below it needs no mask), and its page table.
+struct SeqPiece {
+  int32_t max_keys, hi, keys0, keys1, keys_lo;
+  const int32_t* pages;
+};
+
+__device__ __forceinline__ SeqPiece seq_piece(const MlaDecodeParams& p, const PartPlan& plan,
+                                              int32_t b, int32_t rg0, int32_t rg1) {
+  const int32_t rows = p.s_q * p.heads;
+  const int32_t* nk = p.num_keys + b * p.s_q;
+  SeqPiece s;
+  s.max_keys = nk[p.s_q - 1];
+  s.hi = b == plan.end_seq ? plan.end_block : max(1, (s.max_keys + kBlock - 1) / kBlock);
+  s.keys0 = rg0 < rows ? nk[rg0 / p.heads] : 0;
+  s.keys1 = rg1 < rows ? nk[rg1 / p.heads] : 0;
+  s.keys_lo = nk[0];
+  s.pages = p.block_table + static_cast<int64_t>(b) * p.table_stride;
+  return s;
+}
+
+// Masks the keys >= lim0 of row r0 and >= lim1 of row r1 to -inf (when `mask`; a tile whose
+// keys are all visible skips it) in a thread's accumulator of S (N / 4 groups of 8 keys, the
+// first of this thread's at key0) and returns the two rows' maxima over the quad, of the raw
+// scores (scale > 0, so the largest raw score is the largest scaled one).
+template <int N>
+__device__ __forceinline__ void mask_and_max(float (&s)[N], int32_t key0, int32_t lim0,
+                                             int32_t lim1, bool mask, float* mx0, float* mx1) {
+  float a = kNegInf, b = kNegInf;
+#pragma unroll
+  for (int j = 0; j < N / 4; ++j) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int32_t key = key0 + 8 * j + e;
+      if (mask) {
+        if (key >= lim0) s[4 * j + e] = kNegInf;
+        if (key >= lim1) s[4 * j + 2 + e] = kNegInf;
+      }
+      a = fmaxf(a, s[4 * j + e]);
+      b = fmaxf(b, s[4 * j + 2 + e]);
+    }
+  }
+  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
+  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
+  b = fmaxf(b, __shfl_xor_sync(0xffffffffu, b, 1));
+  b = fmaxf(b, __shfl_xor_sync(0xffffffffu, b, 2));
+  *mx0 = a;
+  *mx1 = b;
+}
+
 // Writes one finished piece of sequence b (query rows [64 blockIdx.x, +64) of it): this thread's
 // rows r0 and r1 (of the accumulator layout) over its warpgroup's 256 columns of o, relative to
 // 2^m0 and 2^m1, where l0 and l1 are this thread's partial row sums (this warpgroup's share of the

@@ -119,34 +119,6 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// Masks keys >= lim0 (row r0) and >= lim1 (row r1) of tile `tile` to -inf and returns the
-// rows' maxima of the raw scores (scale > 0, so the largest raw score is the largest scaled).
-__device__ __forceinline__ void mask_and_max(float (&s)[32], int32_t tile, int32_t lim0,
-                                             int32_t lim1, bool mask, int t, float* mx0,
-                                             float* mx1) {
-  const int32_t key0 = tile * kBlock + 2 * t;
-  float a = kNegInf, b = kNegInf;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int32_t key = key0 + 8 * j + e;
-      if (mask) {
-        if (key >= lim0) s[4 * j + e] = kNegInf;
-        if (key >= lim1) s[4 * j + 2 + e] = kNegInf;
-      }
-      a = fmaxf(a, s[4 * j + e]);
-      b = fmaxf(b, s[4 * j + 2 + e]);
-    }
-  }
-  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
-  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
-  b = fmaxf(b, __shfl_xor_sync(0xffffffffu, b, 1));
-  b = fmaxf(b, __shfl_xor_sync(0xffffffffu, b, 2));
-  *mx0 = a;
-  *mx1 = b;
-}
-
 // The lazily moved base: m unless the tile's scaled maximum passes it by more than the slack.
 __device__ __forceinline__ float next_base(float m, float tile_max) {
   return tile_max > m + kRescaleSlack ? tile_max : m;
@@ -157,31 +129,15 @@ __device__ __forceinline__ float rebase(float from, float to) {
   return from == to || from == kNegInf ? 1.0f : fast_exp2(from - to);
 }
 
-// s <- exp2(s * scale_log2 - base) per row, bf16 copies in wgmma's A-fragment order in a, and
-// the rows' sums of this thread's values. A row without a visible key keeps base -inf; its
-// weights, exp2(-inf - 0), are 0.
+// exp2_rows on a 64-key S, and bf16 copies of the weights in wgmma's A-fragment order in a.
 __device__ __forceinline__ void exponentiate(float (&s)[32], uint32_t (&a)[16], float base0,
                                              float base1, float scale_log2, float* sum0,
                                              float* sum1) {
-  const float b0 = base0 == kNegInf ? 0.0f : base0;
-  const float b1 = base1 == kNegInf ? 0.0f : base1;
-  float x = 0.0f, y = 0.0f;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      s[4 * j + e] = fast_exp2(fmaf(s[4 * j + e], scale_log2, -b0));
-      s[4 * j + 2 + e] = fast_exp2(fmaf(s[4 * j + 2 + e], scale_log2, -b1));
-      x += s[4 * j + e];
-      y += s[4 * j + 2 + e];
-    }
-  }
+  exp2_rows(s, base0, base1, scale_log2, sum0, sum1);
   // Keys 16 kk .. 16 kk + 15 are values 8 kk .. 8 kk + 7: (row r0, keys 2t, 2t + 1), (row r1,
   // the same keys), (row r0, keys 2t + 8, 2t + 9), (row r1, those) -- the A fragment's order.
 #pragma unroll
   for (int i = 0; i < 16; ++i) a[i] = pack_bf16(s[2 * i], s[2 * i + 1]);
-  *sum0 = x;
-  *sum1 = y;
 }
 
 // Writes P (this thread's values of rows r0 and r0 + 8 of a [64, 64] tile) as bf16 into the
@@ -194,19 +150,6 @@ __device__ __forceinline__ void store_p(uint8_t* p_bytes, const float (&s)[32], 
         __floats2bfloat162_rn(s[4 * j], s[4 * j + 1]);
     *reinterpret_cast<__nv_bfloat162*>(p_bytes + (r0 + 8) * 128 + ((j ^ g) << 4) + 4 * t) =
         __floats2bfloat162_rn(s[4 * j + 2], s[4 * j + 3]);
-  }
-}
-
-// O *= f0 on row r0's values, f1 on row r1's; skipped when no row of the warp moves.
-__device__ __forceinline__ void rescale(float (&o)[128], float f0, float f1) {
-  if (__any_sync(0xffffffffu, f0 != 1.0f || f1 != 1.0f)) {
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      o[4 * j] *= f0;
-      o[4 * j + 1] *= f0;
-      o[4 * j + 2] *= f1;
-      o[4 * j + 3] *= f1;
-    }
   }
 }
 
@@ -251,14 +194,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int32_t b = plan.begin_seq, lo = plan.begin_block;
        b < plan.end_seq || (b == plan.end_seq && lo < plan.end_block); ++b, lo = 0) {
-    const int32_t* nk = p.num_keys + b * p.s_q;
-    const int32_t max_keys = nk[p.s_q - 1];
-    const int32_t hi =
-        b == plan.end_seq ? plan.end_block : max(1, (max_keys + kBlock - 1) / kBlock);
-    const int32_t keys0 = rg0 < rows ? nk[rg0 / p.heads] : 0;
-    const int32_t keys1 = rg1 < rows ? nk[rg1 / p.heads] : 0;
-    const int32_t keys_lo = nk[0];  // num_keys is non-decreasing in the query index
-    const int32_t* pages = p.block_table + static_cast<int64_t>(b) * p.table_stride;
+    const SeqPiece piece = seq_piece(p, plan, b, rg0, rg1);
+    const int32_t max_keys = piece.max_keys, hi = piece.hi, keys0 = piece.keys0,
+                  keys1 = piece.keys1, keys_lo = piece.keys_lo;
+    const int32_t* pages = piece.pages;
 
     // Tiles at or past hi belong to another piece (or to no one): they load as zeros and are
     // masked whole. Only table entries that hold keys are read: the rest may be garbage.
@@ -331,7 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
         float mx0, mx1;
         const bool mask = t0 >= hi || (t0 + 1) * kBlock > keys_lo;
-        mask_and_max(s, t0, keys0, keys1, mask, t, &mx0, &mx1);
+        mask_and_max(s, t0 * kBlock + 2 * t, keys0, keys1, mask, &mx0, &mx1);
         const float ma0 = next_base(m0, mx0 * scale_log2);
         const float ma1 = next_base(m1, mx1 * scale_log2);
         float sum0, sum1;
@@ -405,7 +344,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
         float mx0, mx1;
         const bool mask = t1 >= hi || (t1 + 1) * kBlock > keys_lo;
-        mask_and_max(s, t1, t1 < hi ? keys0 : 0, t1 < hi ? keys1 : 0, mask, t, &mx0, &mx1);
+        mask_and_max(s, t1 * kBlock + 2 * t, t1 < hi ? keys0 : 0, t1 < hi ? keys1 : 0, mask, &mx0,
+                     &mx1);
         const float mb0 = next_base(ma0, mx0 * scale_log2);
         const float mb1 = next_base(ma1, mx1 * scale_log2);
         float sum0, sum1;
