@@ -6,6 +6,9 @@
 #   tests/gpu/session_checks.sh STEP...                                      (on the host)
 # Steps (each under its own time limit, logs in $OUT/STEP.log, a line per step in the table
 # printed last; a failed step does not stop the others):
+#   decode      mla_decode's tests (both bf16 kernels, fp8 pages) and the model parity suites, whose
+#               real-dimension golden models run the default decode kernel: the first check after
+#               a decode-kernel change
 #   gpu_new     the GPU tests written without a GPU: batch-invariant GEMM, deterministic parity
 #               and batch invariance, gather/scatter rows, the device cache's export and import,
 #               migration and MLA prefill (issue 14); the fp8 weight products (issue 17)
@@ -221,13 +224,15 @@ fusion_full() {
 }
 
 export -f v2l4 v3l3 det_cost migration fp8_model fp8_cache decode_builds fusion fusion_full
-steps="gpu_new gpu_all det_cost migration prefix prefix_routing simulate simulate1 fp8 fp8_model fp8_cache fusion fusion_full peer study v3tp8"
+steps="decode gpu_new gpu_all det_cost migration prefix prefix_routing simulate simulate1 fp8 fp8_model fp8_cache fusion fusion_full peer study v3tp8"
 for step in "$@"; do
   [[ " $steps " == *" $step "* ]] || { echo "unknown step '$step' (steps: $steps)" >&2; exit 2; }
 done
 
 for step in "$@"; do
   case $step in
+    decode)
+      run decode 300 tests/gpu/device_run.sh decode_tests 'CudaMlaDecode*:CudaModelParity*' ;;
     gpu_new)
       run gpu_new 420 tests/gpu/device_run.sh gpu_new_tests \
         '*Gemm*:*Determinis*:*GatherRows*:*LatentCache*:*igrat*:*MlaPrefill*' ;;
