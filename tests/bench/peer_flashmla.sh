@@ -73,7 +73,8 @@ echo "== the unbalanced batch $lengths, s_q 4, 16 heads (logs: $out/*_lengths.lo
   "$out/flashmla_lengths.json" --lengths $lengths --heads 16 --sq 4) \
   >"$out/flashmla_lengths.log" 2>&1 || { tail -30 "$out/flashmla_lengths.log" >&2; exit 1; }
 "$mlaserve" bench-kernels --benches mla_decode --lengths $lengths --heads 16 --sq 4 --iters 30 \
-  --warmup 5 --decode-kernel "$kernels" --json "$out/mlaserve_lengths.json" >"$out/mlaserve_lengths.log" 2>&1 ||
+  --warmup 5 --decode-kernel "$kernels" --json "$out/mlaserve_lengths.json" \
+  >"$out/mlaserve_lengths.log" 2>&1 ||
   { tail -30 "$out/mlaserve_lengths.log" >&2; exit 1; }
 
 "$python" "$here/peer_table.py" "$out/flashmla.json" "$out/mlaserve.json" "${base[@]}"
