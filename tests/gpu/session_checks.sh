@@ -146,13 +146,14 @@ fp8_cache() {
     rc=1
   mlaserve bench-kernels --benches mla_decode --cache bf16,fp8 --json "$out/fp8_cache_decode.json" |
     sed 's/^\(| mla_decode.*\)$/RESULT \1/' || rc=1
-  # Where the fp8 decode kernel's time goes (16 heads, context 4,096): one launch of the split
-  # kernel on each element under Nsight Compute, in $out/fp8_cache_ncu.txt.
+  # Where the fp8 decode kernel's time goes (16 heads, context 4,096): one launch of the split-KV
+  # kernel on each element (bf16 pages run the paired-tile one) under Nsight Compute, in
+  # $out/fp8_cache_ncu.txt.
   local ncu
   ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null |
     head -1)
   for c in ${ncu:+bf16 fp8}; do
-    "$ncu" --clock-control none --kernel-name regex:mla_decode_split --launch-skip 2 \
+    "$ncu" --clock-control none --kernel-name regex:"mla_decode_(split|paired)" --launch-skip 2 \
       --launch-count 1 --section SpeedOfLight --section WarpStateStats \
       --section MemoryWorkloadAnalysis mlaserve bench-kernels --benches mla_decode --cache $c \
       --contexts 4096 --heads 16 --sq 1 --iters 3 --warmup 1 >>"$out/fp8_cache_ncu.txt" 2>&1 ||
