@@ -1,7 +1,8 @@
 // What the two split-KV attention kernels behind mla_decode share (mla_decode.cu's, which
 // splits each KV tile's keys between its warpgroups, and mla_decode_paired.cu's, which gives
 // each warpgroup a tile of its own): the tile geometry, the plan and workspace the planner
-// leaves, the swizzled tile layout, and how a CTA writes a finished piece. Include from the
+// leaves, the swizzled tile layout, what a CTA reads of a sequence, the masking, exponentials
+// and rescaling of the online softmax, and how a CTA writes a finished piece. Include from the
 // mla_decode .cu files only.
 #pragma once
 
