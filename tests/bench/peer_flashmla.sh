@@ -77,6 +77,15 @@ echo "== the unbalanced batch $lengths, s_q 4, 16 heads (logs: $out/*_lengths.lo
   >"$out/mlaserve_lengths.log" 2>&1 ||
   { tail -30 "$out/mlaserve_lengths.log" >&2; exit 1; }
 
+base_lengths=()
+if [ -n "${BASE_MLASERVE:-}" ]; then
+  "$BASE_MLASERVE" bench-kernels --benches mla_decode --lengths $lengths --heads 16 --sq 4 \
+    --iters 30 --warmup 5 --json "$out/base_lengths.json" >"$out/base_lengths.log" 2>&1 ||
+    { tail -30 "$out/base_lengths.log" >&2; exit 1; }
+  base_lengths=("base=$out/base_lengths.json")
+fi
+
 "$python" "$here/peer_table.py" "$out/flashmla.json" "$out/mlaserve.json" "${base[@]}"
 echo
-"$python" "$here/peer_table.py" "$out/flashmla_lengths.json" "$out/mlaserve_lengths.json"
+"$python" "$here/peer_table.py" "$out/flashmla_lengths.json" "$out/mlaserve_lengths.json" \
+  "${base_lengths[@]}"
