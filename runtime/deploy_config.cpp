@@ -64,11 +64,11 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   DeployConfig c;
   if (root.IsNull()) MLA_THROW(kInvalidArgument, "{}: empty config", origin);
   if (!root.IsMap()) MLA_THROW(kInvalidArgument, "{}: top level must be a mapping", origin);
-  reject_unknown(
-      root,
-      {"model", "absorb", "device", "cuda_graphs", "cuda_small_gemm", "deterministic",
-       "fp8_weights", "cache", "scheduler", "parallel", "coordinator", "workers", "control", "tls"},
-      "", origin);
+  reject_unknown(root,
+                 {"model", "absorb", "device", "cuda_graphs", "cuda_small_gemm",
+                  "cuda_prefetch_weights", "deterministic", "fp8_weights", "cache", "scheduler",
+                  "parallel", "coordinator", "workers", "control", "tls"},
+                 "", origin);
   read(root, "model", c.model_dir, "", origin);
   std::string absorb = to_string(c.model.absorb);
   read(root, "absorb", absorb, "", origin);
@@ -78,6 +78,7 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   c.model.device = device_from_string(device);
   read(root, "cuda_graphs", c.model.cuda.graphs, "", origin);
   read(root, "cuda_small_gemm", c.model.cuda.small_gemm, "", origin);
+  read(root, "cuda_prefetch_weights", c.model.cuda.prefetch_weights, "", origin);
   read(root, "deterministic", c.model.deterministic, "", origin);
   read_enum(root, "fp8_weights", c.model.fp8_weights, fp8_weights_from_string, "", origin);
   if (const auto cache = root["cache"]) {

@@ -34,6 +34,11 @@ struct CudaOptions {
   // and the routed experts of steps with at most kMoeGemvMaxSlots (token, expert) slots through
   // the weight-streaming expert kernels instead of the tiled ones. Default: true.
   bool small_gemm = true;
+  // At decode's few tokens (kMoeRouteMaxTokens), each MoE layer prefetches into L2, on a second
+  // stream once its query and latent products are done, the weights it reads after its attention
+  // (o_proj and the shared experts), so that they stream in while the attention's small kernels
+  // leave DRAM idle (cuda/l2_prefetch.h). Default: false (being measured).
+  bool prefetch_weights = false;
 };
 
 // What happens to the linear weights an fp8 checkpoint (DeepSeek-V3/R1's own files) stores in

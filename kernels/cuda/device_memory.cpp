@@ -135,6 +135,13 @@ int num_sms() {
   return sms;
 }
 
+int64_t l2_cache_bytes() {
+  int device = 0, bytes = 0;
+  MLA_CUDA_CHECK(cudaGetDevice(&device));
+  MLA_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device));
+  return bytes;
+}
+
 void set_device(int device) { MLA_CUDA_CHECK(cudaSetDevice(device)); }
 
 int current_device() {

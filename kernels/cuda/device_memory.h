@@ -53,6 +53,8 @@ MemoryInfo memory_info();
 
 // Number of streaming multiprocessors of the current device.
 int num_sms();
+// Size of the current device's L2 cache, in bytes.
+int64_t l2_cache_bytes();
 
 // Makes `device` current for this thread.
 void set_device(int device);

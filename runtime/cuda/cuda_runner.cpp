@@ -39,8 +39,12 @@ CudaRunner::CudaRunner(const CudaModel& model, LatentCache& cache, Communicator*
       rope_factor_(model.config().rope_attention_factor()) {
   const cuda::DeviceGuard on_device(device_);
   num_sms_ = cuda::num_sms();
+  l2_bytes_ = cuda::l2_cache_bytes();
   MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   try {
+    MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
+    MLA_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    MLA_CUDA_CHECK(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
     blas_ = std::make_unique<cuda::Blas>(
         stream_, cuda::BlasOptions{.small_gemm = model.options().small_gemm,
                                    .batch_invariant = model.deterministic()});
@@ -68,8 +72,15 @@ void CudaRunner::release() noexcept {
   profiler_.reset();
   buffers_.reset();
   blas_.reset();
+  if (side_stream_ != nullptr) {
+    cudaStreamSynchronize(side_stream_);
+    cudaStreamDestroy(side_stream_);
+  }
+  if (fork_ != nullptr) cudaEventDestroy(fork_);
+  if (join_ != nullptr) cudaEventDestroy(join_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
-  stream_ = nullptr;
+  stream_ = side_stream_ = nullptr;
+  fork_ = join_ = nullptr;
 }
 
 void CudaRunner::run(const ForwardBatch& batch, WorkCounter& work) {
@@ -108,7 +119,12 @@ void CudaRunner::run(const ForwardBatch& batch, WorkCounter& work) {
                                 .comm = comm_,
                                 .ordered = ordered,
                                 .dump = dump_,
-                                .batch_invariant = cuda_model_.deterministic()};
+                                .batch_invariant = cuda_model_.deterministic(),
+                                .prefetch_weights = cuda_model_.options().prefetch_weights,
+                                .side_stream = side_stream_,
+                                .fork = fork_,
+                                .join = join_,
+                                .l2_bytes = l2_bytes_};
   CudaStep step(context, batch, meta);
   if (meta.graph) {
     graphs_->run(

@@ -66,8 +66,13 @@ class CudaRunner final : public ModelRunner {
   int device_;
   float scale_, rope_factor_;  // the config's softmax scale and RoPE factor
   int num_sms_ = 0;
+  int64_t l2_bytes_ = 0;
   // Made and destroyed with the model's device current (hence held by pointer).
   cudaStream_t stream_ = nullptr;
+  // CudaOptions::prefetch_weights: the stream the prefetches run on, and the events that fork
+  // it from stream_ and join it back inside a step.
+  cudaStream_t side_stream_ = nullptr;
+  cudaEvent_t fork_ = nullptr, join_ = nullptr;
   std::unique_ptr<cuda::Blas> blas_;
   std::unique_ptr<StepBuffers> buffers_;
   std::unique_ptr<StepProfiler> profiler_;

@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include "kernels/cpu/fp8_latent.h"
@@ -14,6 +15,7 @@
 #include "kernels/cuda/fp8_gemm_lt.h"
 #include "kernels/cuda/fp8_latent.h"
 #include "kernels/cuda/gather_rows.h"
+#include "kernels/cuda/l2_prefetch.h"
 #include "kernels/cuda/latent_attention.h"
 #include "kernels/cuda/latent_store.h"
 #include "kernels/cuda/lse_merge.h"
@@ -188,6 +190,11 @@ void CudaStep::enqueue() {
     dump("ffn_out", l, b_.delta.raw(), DType::kF32, T, D, D, {T, D});
     dump_layer_out(l);
   }
+  if (forked_) {
+    // A captured step must end with every stream it forked joined back.
+    MLA_CUDA_CHECK(cudaEventRecord(x_.join, x_.side_stream));
+    MLA_CUDA_CHECK(cudaStreamWaitEvent(x_.stream, x_.join));
+  }
   // Final norm on every row, then only the rows whose logits are wanted go through the head.
   add_norm(b_.delta.data<float>(), w.final_norm, b_.xn, D);
   if (x_.dump != nullptr) dump_final();
@@ -202,6 +209,28 @@ void CudaStep::enqueue() {
                     s);
   cuda::linear(x_.blas, b_.x_last.raw(), meta_.n_logits, D, w.lm_head.raw(), c_.vocab_size,
                b_.logits.raw(), DType::kF32);
+}
+
+void CudaStep::prefetch_after_attention_inputs(const DeviceLayer& d) {
+  if (!x_.prefetch_weights || !d.is_moe || !meta_.batch.pure_decode() ||
+      meta_.T > cuda::kMoeRouteMaxTokens || !small_row_kernels()) {
+    return;
+  }
+  // In the order the layer reads them: the output product (the premerged latent form's W_O'
+  // when no row needs W_o), then the shared experts.
+  const BatchLayout& batch = meta_.batch;
+  const bool o_absorbed = x_.premerged && batch.any_latent && !batch.any_decompressed;
+  const Tensor& o = o_absorbed ? d.o_absorbed : d.o.w;
+  std::array<cuda::L2PrefetchRange, 3> ranges{};
+  size_t n = 0;
+  for (const Tensor* w : {&o, &d.shared.gate_up.w, &d.shared.down.w}) {
+    if (w->defined()) ranges[n++] = {w->raw(), static_cast<size_t>(w->nbytes())};
+  }
+  MLA_CUDA_CHECK(cudaEventRecord(x_.fork, x_.stream));
+  MLA_CUDA_CHECK(cudaStreamWaitEvent(x_.side_stream, x_.fork));
+  // A quarter of L2 stays for what is read in between (the attention's weights and cache).
+  cuda::l2_prefetch(ranges.data(), n, static_cast<size_t>(x_.l2_bytes) / 4 * 3, x_.side_stream);
+  forked_ = true;
 }
 
 void CudaStep::attention(int64_t l, const DeviceLayer& d) {
@@ -244,6 +273,7 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d) {
   } else {
     linear(b_.xn.raw(), T, D, kv_a.w, kv_a.out, kv_a.y, kv_a.y_type);
   }
+  prefetch_after_attention_inputs(d);
 
   // The new tokens' latents: c = RMSNorm(kv[:d_c]), k_rope = RoPE(kv[d_c:]) into the pages this
   // rank stores.

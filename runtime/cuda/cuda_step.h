@@ -55,6 +55,12 @@ struct CudaStepContext {
   // attention for every token (no mla_decode plan, which cuts the whole batch's keys), and the
   // tiled expert kernels at any batch.
   bool batch_invariant;
+  // CudaOptions::prefetch_weights: layers prefetch weights on `side_stream`, forked from and
+  // joined back to `stream` through the two events (all three owned by the runner).
+  bool prefetch_weights;
+  cudaStream_t side_stream;
+  cudaEvent_t fork, join;
+  int64_t l2_bytes;
 };
 
 // The kernels' name for how a device cache stores its rows.
@@ -75,6 +81,9 @@ class CudaStep {
   void latent_attention(int64_t l, const __nv_bfloat16* q_local);
   void decompressed(int64_t l, const DeviceLayer& d);
   void ffn(const DeviceLayer& d);
+  // CudaOptions::prefetch_weights: at decode's few tokens, a MoE layer's o_proj and shared
+  // experts into L2 on the side stream, forked here (after the query and latent products).
+  void prefetch_after_attention_inputs(const DeviceLayer& d);
   void mlp(const DeviceMlp& w, const __nv_bfloat16* x, float* out);
   // y [rows, out] = x [rows, in] (bf16) times w^T (+ beta y): cuBLAS for a bf16 weight; for an
   // fp8 weight, x quantised per row and 128 columns, then cuda::fp8_gemm_lt for more rows than
@@ -119,6 +128,7 @@ class CudaStep {
   StepBuffers& b_;
   const ForwardBatch& batch_;
   const StepMetadata& meta_;
+  bool forked_ = false;  // the side stream has work to join back before the step ends
 };
 
 }  // namespace mla

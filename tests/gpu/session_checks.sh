@@ -42,6 +42,9 @@
 #               this bundle's libraries), with that one in the same run; a kernel-by-kernel
 #               profile of base and this
 #   fusion_full the same decode steps on the whole V2-Lite shape (27 layers), batch 1 and 2
+#   prefetch    the L2 weight prefetch beside the attention (--prefetch-weights, issue 17 item 3):
+#               its tests, then V2L4 decode steps at batch 1, 2 and 4 with it and without (and the
+#               whole V2-Lite shape too with PREFETCH_FULL=1)
 #   peer        FlashMLA's dense decode beside mlaserve's (issue 17), from FLASHMLA_SRC; with
 #               base/bundle/bin/mlaserve (as for fusion) that build's decode kernel too
 #   study       tests/bench/cluster_study.sh on the GPU profile the simulate step took (its
@@ -215,6 +218,29 @@ fusion() {
   return $rc
 }
 
+# Weights prefetched into L2 beside the attention (--prefetch-weights): its tests, then decode
+# steps at batch 1, 2 and 4 with the flag and without, V2L4 and (when time is left) the whole
+# V2-Lite shape, each pair in turn.
+prefetch() {
+  set -o pipefail
+  local rc=0
+  tests/gpu/device_run.sh prefetch_tests 'CudaL2Prefetch*:CudaModelPrefetch*' || rc=1
+  v2l4 || return 1
+  local m=/tmp/mla_models/v2lite
+  for model in /tmp/v2l4 ${PREFETCH_FULL:+$m}; do
+    if [ "$model" = $m ] && [ ! -f $m/config.json ]; then
+      mlaserve --log-level warn make-tiny --preset v2-lite-full --dtype BF16 --out $m || return 1
+    fi
+    for f in "" --prefetch-weights; do
+      mlaserve --log-level warn bench-decode --device cuda --model $model --num-pages 2000 \
+        --context 512 --batch 1,2,4 --steps 50 --warmup 5 $f 2>&1 |
+        sed "s/^\( *\(context\|[0-9][0-9]*\) .*\)$/RESULT $(basename $model) ${f:-default} \1/" ||
+        rc=1
+    done
+  done
+  return $rc
+}
+
 # The whole DeepSeek-V2-Lite shape (27 layers, bf16): the batch-1 step of issue 17 item 3.
 fusion_full() {
   set -o pipefail
@@ -224,8 +250,8 @@ fusion_full() {
   decode_builds $m 1,2 30
 }
 
-export -f v2l4 v3l3 det_cost migration fp8_model fp8_cache decode_builds fusion fusion_full
-steps="decode gpu_new gpu_all det_cost migration prefix prefix_routing simulate simulate1 fp8 fp8_model fp8_cache fusion fusion_full peer study v3tp8"
+export -f v2l4 v3l3 det_cost migration fp8_model fp8_cache decode_builds fusion fusion_full prefetch
+steps="decode gpu_new gpu_all det_cost migration prefix prefix_routing simulate simulate1 fp8 fp8_model fp8_cache fusion fusion_full prefetch peer study v3tp8"
 for step in "$@"; do
   [[ " $steps " == *" $step "* ]] || { echo "unknown step '$step' (steps: $steps)" >&2; exit 2; }
 done
@@ -244,6 +270,7 @@ for step in "$@"; do
     fusion)
       [ -x base/bundle/bin/mlaserve ] && export BASE_MLASERVE=$PWD/base/bundle/bin/mlaserve
       run fusion 480 bash -c fusion ;;
+    prefetch) run prefetch 420 bash -c prefetch ;;
     fusion_full)
       [ -x base/bundle/bin/mlaserve ] && export BASE_MLASERVE=$PWD/base/bundle/bin/mlaserve
       run fusion_full 580 bash -c fusion_full ;;

@@ -360,6 +360,33 @@ TEST(CudaModelGraphs, DecodeStepsReplayCapturedGraphs) {
   EXPECT_LE(runner.graphs_captured(), 2);
 }
 
+// CudaOptions::prefetch_weights only moves weights into L2 early: the golden prompts, batched
+// (decode steps of a few tokens, where each MoE layer prefetches), give the same logits bit for
+// bit with it and without it, in graphs and out.
+TEST(CudaModelPrefetch, PrefetchingWeightsChangesNoLogit) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const std::string name : {"v3_mla", "v2_lite"}) {
+    for (bool graphs : {true, false}) {
+      std::vector<std::vector<StepOutput>> runs[2];
+      for (bool prefetch : {false, true}) {
+        ModelOptions o = test::cuda_model_options(AbsorbMode::kAuto, graphs);
+        o.cuda.prefetch_weights = prefetch;
+        Engine engine(CudaModel::load(model_dir(name), o), pattern_options(Pattern::kBatched, 64));
+        runs[prefetch] = run_golden(engine, golden(name), Pattern::kBatched);
+      }
+      ASSERT_EQ(runs[0].size(), runs[1].size());
+      for (size_t p = 0; p < runs[0].size(); ++p) {
+        ASSERT_EQ(runs[0][p].size(), runs[1][p].size()) << name << " prompt " << p;
+        for (size_t s = 0; s < runs[0][p].size(); ++s) {
+          EXPECT_EQ(runs[0][p][s].token, runs[1][p][s].token) << name << " prompt " << p;
+          ASSERT_EQ(runs[0][p][s].logits, runs[1][p][s].logits)
+              << name << (graphs ? " in graphs" : "") << ": prompt " << p << " step " << s;
+        }
+      }
+    }
+  }
+}
+
 // Profiled steps replay graphs of their own (event nodes around the sections), give the same
 // tokens, and time the attention of every step (a single GPU has no collectives).
 TEST(CudaModelProfile, ProfiledStepsTimeAttentionAndReplayOwnGraphs) {
