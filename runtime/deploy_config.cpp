@@ -66,8 +66,8 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   if (!root.IsMap()) MLA_THROW(kInvalidArgument, "{}: top level must be a mapping", origin);
   reject_unknown(root,
                  {"model", "absorb", "device", "cuda_graphs", "cuda_small_gemm",
-                  "cuda_prefetch_weights", "deterministic", "fp8_weights", "cache", "scheduler",
-                  "parallel", "coordinator", "workers", "control", "tls"},
+                  "cuda_prefetch_weights", "cuda_fused_attention", "deterministic", "fp8_weights",
+                  "cache", "scheduler", "parallel", "coordinator", "workers", "control", "tls"},
                  "", origin);
   read(root, "model", c.model_dir, "", origin);
   std::string absorb = to_string(c.model.absorb);
@@ -79,6 +79,7 @@ DeployConfig DeployConfig::parse(const std::string& yaml_text, const std::string
   read(root, "cuda_graphs", c.model.cuda.graphs, "", origin);
   read(root, "cuda_small_gemm", c.model.cuda.small_gemm, "", origin);
   read(root, "cuda_prefetch_weights", c.model.cuda.prefetch_weights, "", origin);
+  read(root, "cuda_fused_attention", c.model.cuda.fused_attention, "", origin);
   read(root, "deterministic", c.model.deterministic, "", origin);
   read_enum(root, "fp8_weights", c.model.fp8_weights, fp8_weights_from_string, "", origin);
   if (const auto cache = root["cache"]) {

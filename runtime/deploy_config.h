@@ -140,6 +140,10 @@ struct DeployConfig {
                           // `cuda_graphs`: capture decode steps. Default: true.
                           // `cuda_small_gemm`: products with <= 2 rows and routed experts
                           // at <= 16 slots through the small-row kernels. Default: true.
+                          // `cuda_prefetch_weights`: decode prefetches o_proj and the shared
+                          // experts into L2 beside the attention. Default: false.
+                          // `cuda_fused_attention`: decode at few tokens and short contexts
+                          // runs the attention as one kernel. Default: true.
                           // `deterministic`: batch-invariant logits (CPU and GPU). Default: false.
                           // `fp8_weights`: widen | keep, for an fp8 checkpoint's weights
                           // (Fp8Weights). Default: widen.

@@ -39,6 +39,11 @@ struct CudaOptions {
   // (o_proj and the shared experts), so that they stream in while the attention's small kernels
   // leave DRAM idle (cuda/l2_prefetch.h). Default: false (being measured).
   bool prefetch_weights = false;
+  // Decode steps of at most kMlaDecodeFusedMaxTokens tokens over contexts of at most
+  // kMlaDecodeFusedMaxKeys keys (bf16 cache, every page on this rank, the factored latent form)
+  // run the attention from the query to W_UV's output as one kernel (cuda/mla_decode_fused.h)
+  // instead of five. Default: true.
+  bool fused_attention = true;
 };
 
 // What happens to the linear weights an fp8 checkpoint (DeepSeek-V3/R1's own files) stores in

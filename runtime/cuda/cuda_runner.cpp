@@ -121,6 +121,7 @@ void CudaRunner::run(const ForwardBatch& batch, WorkCounter& work) {
                                 .dump = dump_,
                                 .batch_invariant = cuda_model_.deterministic(),
                                 .prefetch_weights = cuda_model_.options().prefetch_weights,
+                                .fused_attention = cuda_model_.options().fused_attention,
                                 .side_stream = side_stream_,
                                 .fork = fork_,
                                 .join = join_,

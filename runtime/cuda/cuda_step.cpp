@@ -21,6 +21,7 @@
 #include "kernels/cuda/lse_merge.h"
 #include "kernels/cuda/mha_prefill.h"
 #include "kernels/cuda/mla_decode.h"
+#include "kernels/cuda/mla_decode_fused.h"
 #include "kernels/cuda/mla_prefill.h"
 #include "kernels/cuda/moe_experts.h"
 #include "kernels/cuda/moe_experts_fp8.h"
@@ -320,6 +321,8 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d) {
   // q~'s rotary block (no copy node between kernels in the step's graph).
   const bool rope_into_latent =
       batch.any_latent && !premerged && !batch.any_decompressed && !dump_q;
+  // The fused kernel rotates the query's rotary block itself.
+  const bool fused = fused_attention(d, rope_into_latent);
   if (q_wanted) {
     // q: [T, H_l, d_n + d_r], its rotary part rotated in place.
     if (d_q > 0) linear(q_in, T, q_in_dim, d.q_b, H_l * d_qk, q, DType::kBF16);
@@ -327,7 +330,10 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d) {
     dump("q_nope", l, q, DType::kBF16, T * H_l, d_n, d_qk, {T, H_l, d_n});
     dump("q_rope", l, q + d_n, DType::kBF16, T * H_l, d_r, d_qk, {T, H_l, d_r});
   }
-  if (batch.any_latent) {
+  if (fused) {
+    StepProfiler::Scope timed(x_.profiler, StepProfiler::kAttention);
+    fused_latent_attention(l, d);
+  } else if (batch.any_latent) {
     if (premerged) {
       // q~[t, h] = W_Q'[h] q_in[t]: one product per head into the [T, H_l, d_lat] layout.
       cuda::GemmParams g{q_in,     d.q_absorbed.raw(), q_latent, T,          d_c,
@@ -369,7 +375,7 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d) {
 
   bf16* o_v = b_.o_v.data<bf16>();
   float* out = b_.delta.data<float>();
-  if (batch.any_latent && !premerged) {
+  if (batch.any_latent && !premerged && !fused) {
     // o[t, h] = W_UV[h] o~[t, h]; rows of decompressed-form tokens hold o~ = 0.
     cuda::GemmParams g{b_.o_latent.raw(), d.kv_b.raw(), o_v,      T, d_v, d_c,
                        H_l * d_c,         d_c,          H_l * d_v};
@@ -394,6 +400,40 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d) {
     linear(o_v, T, H_l * d_v, d.o, D, out, DType::kF32,
            batch.any_latent && premerged ? 1.0f : 0.0f);
   }
+}
+
+bool CudaStep::fused_attention(const DeviceLayer& d, bool rope_into_latent) const {
+  const int64_t block = x_.cache.geometry().block_size;
+  return x_.fused_attention && rope_into_latent && x_.dump == nullptr && meta_.tuned &&
+         meta_.batch.pure_decode() && !x_.batch_invariant && x_.cache.holds_every_page() &&
+         latent_element() == cuda::LatentElement::kBf16 && d.kv_b.dtype() == DType::kBF16 &&
+         meta_.T <= cuda::kMlaDecodeFusedMaxTokens &&
+         meta_.stride * block <= cuda::kMlaDecodeFusedMaxKeys &&
+         cuda::mla_decode_fused_supports(c_.kv_lora_rank, c_.qk_rope_head_dim, c_.qk_nope_head_dim,
+                                         c_.v_head_dim, block);
+}
+
+void CudaStep::fused_latent_attention(int64_t l, const DeviceLayer& d) {
+  const auto& geo = x_.cache.geometry();
+  cuda::mla_decode_fused({.q = b_.q.data<bf16>(),
+                          .kv_b = d.kv_b.data<bf16>(),
+                          .positions = meta(meta_.o_pos),
+                          .inv_freq = x_.weights.inv_freq.data<float>(),
+                          .attention_factor = x_.rope_factor,
+                          .interleave = c_.rope_interleave,
+                          .pool = x_.cache.pool_storage().raw(),
+                          .layer = static_cast<int32_t>(l),
+                          .num_layers = geo.num_layers,
+                          .block_table = meta(meta_.o_table),
+                          .table_stride = static_cast<int32_t>(meta_.stride),
+                          .num_keys = meta(meta_.o_num_keys),
+                          .max_keys = static_cast<int32_t>(meta_.stride * geo.block_size),
+                          .scale = x_.scale,
+                          .out = b_.o_v.data<bf16>(),
+                          .T = static_cast<int32_t>(meta_.T),
+                          .heads = static_cast<int32_t>(x_.shard.local_heads()),
+                          .num_sms = x_.num_sms},
+                         b_.fused_workspace.raw(), x_.stream);
 }
 
 void CudaStep::latent_attention(int64_t l, const bf16* q_local) {

@@ -58,6 +58,7 @@ struct CudaStepContext {
   // CudaOptions::prefetch_weights: layers prefetch weights on `side_stream`, forked from and
   // joined back to `stream` through the two events (all three owned by the runner).
   bool prefetch_weights;
+  bool fused_attention;  // CudaOptions::fused_attention
   cudaStream_t side_stream;
   cudaEvent_t fork, join;
   int64_t l2_bytes;
@@ -79,6 +80,11 @@ class CudaStep {
   const int32_t* meta(int64_t offset) const { return b_.meta_dev.data<int32_t>() + offset; }
   void attention(int64_t l, const DeviceLayer& d);
   void latent_attention(int64_t l, const __nv_bfloat16* q_local);
+  // Whether this step's latent attention runs as cuda::mla_decode_fused (from the query to
+  // W_UV's output), given that RoPE would write the query's rotary block into q~ directly.
+  bool fused_attention(const DeviceLayer& d, bool rope_into_latent) const;
+  // cuda::mla_decode_fused: o_v [T, H_l, d_v] from q [T, H_l, d_qk] (unrotated) and the cache.
+  void fused_latent_attention(int64_t l, const DeviceLayer& d);
   void decompressed(int64_t l, const DeviceLayer& d);
   void ffn(const DeviceLayer& d);
   // CudaOptions::prefetch_weights: at decode's few tokens, a MoE layer's o_proj and shared

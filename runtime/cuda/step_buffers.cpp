@@ -7,6 +7,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_memory.h"
 #include "kernels/cuda/mla_decode.h"
+#include "kernels/cuda/mla_decode_fused.h"
 #include "kernels/cuda/moe_experts.h"
 #include "kernels/cuda/moe_experts_fp8.h"
 #include "kernels/cuda/sampling.h"
@@ -77,6 +78,10 @@ void StepBuffers::layout(int64_t T, int64_t S, Alloc&& alloc) const {
         {static_cast<int64_t>(cuda::mla_decode_workspace_bytes(
             static_cast<int32_t>(S), 1, static_cast<int32_t>(H_a), sizing_.num_sms))},
         u8);
+  alloc(&StepBuffers::fused_workspace,
+        {static_cast<int64_t>(
+            cuda::mla_decode_fused_workspace_bytes(static_cast<int32_t>(H_l), sizing_.num_sms))},
+        u8);
   alloc(&StepBuffers::x_last, {S, D}, b16);
   alloc(&StepBuffers::logits, {S, c.vocab_size}, f32);
   alloc(&StepBuffers::sampled, {S}, i32);
@@ -97,10 +102,10 @@ void StepBuffers::reserve(int64_t tokens, int64_t seqs) {
   });
   // cuda::moe_route's launches leave their counter at zero; it starts there, before any step
   // (on a non-blocking stream, which a plain cudaMemset would not order against) runs.
-  if (route_counter.defined()) {
-    MLA_CUDA_CHECK(cudaMemset(route_counter.raw(), 0, sizeof(int32_t)));
-    MLA_CUDA_CHECK(cudaStreamSynchronize(nullptr));
-  }
+  // So do cuda::mla_decode_fused's counters.
+  if (route_counter.defined()) MLA_CUDA_CHECK(cudaMemset(route_counter.raw(), 0, sizeof(int32_t)));
+  MLA_CUDA_CHECK(cudaMemset(fused_workspace.raw(), 0, fused_workspace.nbytes()));
+  MLA_CUDA_CHECK(cudaStreamSynchronize(nullptr));
   cap_tokens_ = T;
   cap_seqs_ = S;
 }

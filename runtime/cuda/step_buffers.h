@@ -68,6 +68,8 @@ struct StepBuffers {
   Tensor router_logits, topk_ids, topk_weights, moe_workspace;
   Tensor route_counter;  // [1] int32 for cuda::moe_route: zero between its launches
   Tensor decode_workspace, prefill_workspace;
+  // cuda::mla_decode_fused's: its counters are zero between launches, and from reserve() on.
+  Tensor fused_workspace;
   Tensor x_last, logits;  // [S, D] rows wanting logits, [S, V]
   Tensor sampled, logprobs, sample_params, sort_workspace;
   Tensor context, context_mine, context_all, up;  // decompressed form

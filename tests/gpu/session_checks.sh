@@ -42,9 +42,9 @@
 #               this bundle's libraries), with that one in the same run; a kernel-by-kernel
 #               profile of base and this
 #   fusion_full the same decode steps on the whole V2-Lite shape (27 layers), batch 1 and 2
-#   prefetch    the L2 weight prefetch beside the attention (--prefetch-weights, issue 17 item 3):
-#               its tests, then V2L4 decode steps at batch 1, 2 and 4 with it and without (and the
-#               whole V2-Lite shape too with PREFETCH_FULL=1)
+#   variants    decode-step variants of issue 17 item 3 (the fused attention kernel, the L2 weight
+#               prefetch): their tests, then V2L4 decode steps at batch 1, 2 and 4 under each
+#               variant's flags (VARIANTS; the whole V2-Lite shape too with VARIANTS_FULL=1)
 #   peer        FlashMLA's dense decode beside mlaserve's (issue 17), from FLASHMLA_SRC; with
 #               base/bundle/bin/mlaserve (as for fusion) that build's decode kernel too
 #   study       tests/bench/cluster_study.sh on the GPU profile the simulate step took (its
@@ -218,24 +218,30 @@ fusion() {
   return $rc
 }
 
-# Weights prefetched into L2 beside the attention (--prefetch-weights): its tests, then decode
-# steps at batch 1, 2 and 4 with the flag and without, V2L4 and (when time is left) the whole
-# V2-Lite shape, each pair in turn.
-prefetch() {
+# Decode-step variants of issue 17 item 3 side by side: the tests of the fused attention kernel
+# and of the L2 prefetch, then decode steps at batch 1, 2 and 4 with each variant's flags in
+# turn (VARIANTS, ';'-separated; default: none, --no-fused-attention, --prefetch-weights), on
+# V2L4 and, with VARIANTS_FULL=1, on the whole V2-Lite shape.
+variants() {
   set -o pipefail
   local rc=0
-  tests/gpu/device_run.sh prefetch_tests 'CudaL2Prefetch*:CudaModelPrefetch*' || rc=1
+  tests/gpu/device_run.sh variants_tests \
+    'CudaMlaDecodeFused*:CudaModelFusedAttention*:CudaL2Prefetch*:CudaModelPrefetch*' || rc=1
   v2l4 || return 1
   local m=/tmp/mla_models/v2lite
-  for model in /tmp/v2l4 ${PREFETCH_FULL:+$m}; do
+  local -a flags
+  IFS=';' read -ra flags <<<"${VARIANTS:-default;--no-fused-attention;--prefetch-weights}"
+  for model in /tmp/v2l4 ${VARIANTS_FULL:+$m}; do
     if [ "$model" = $m ] && [ ! -f $m/config.json ]; then
       mlaserve --log-level warn make-tiny --preset v2-lite-full --dtype BF16 --out $m || return 1
     fi
-    for f in "" --prefetch-weights; do
+    for f in "${flags[@]}"; do
+      local args=$f
+      [ "$f" = default ] && args=""
+      # shellcheck disable=SC2086
       mlaserve --log-level warn bench-decode --device cuda --model $model --num-pages 2000 \
-        --context 512 --batch 1,2,4 --steps 50 --warmup 5 $f 2>&1 |
-        sed "s/^\( *\(context\|[0-9][0-9]*\) .*\)$/RESULT $(basename $model) ${f:-default} \1/" ||
-        rc=1
+        --context 512 --batch 1,2,4 --steps 50 --warmup 5 $args 2>&1 |
+        sed "s/^\( *\(context\|[0-9][0-9]*\) .*\)$/RESULT $(basename $model) $f \1/" || rc=1
     done
   done
   return $rc
@@ -250,8 +256,8 @@ fusion_full() {
   decode_builds $m 1,2 30
 }
 
-export -f v2l4 v3l3 det_cost migration fp8_model fp8_cache decode_builds fusion fusion_full prefetch
-steps="decode gpu_new gpu_all det_cost migration prefix prefix_routing simulate simulate1 fp8 fp8_model fp8_cache fusion fusion_full prefetch peer study v3tp8"
+export -f v2l4 v3l3 det_cost migration fp8_model fp8_cache decode_builds fusion fusion_full variants
+steps="decode gpu_new gpu_all det_cost migration prefix prefix_routing simulate simulate1 fp8 fp8_model fp8_cache fusion fusion_full variants peer study v3tp8"
 for step in "$@"; do
   [[ " $steps " == *" $step "* ]] || { echo "unknown step '$step' (steps: $steps)" >&2; exit 2; }
 done
@@ -270,7 +276,7 @@ for step in "$@"; do
     fusion)
       [ -x base/bundle/bin/mlaserve ] && export BASE_MLASERVE=$PWD/base/bundle/bin/mlaserve
       run fusion 480 bash -c fusion ;;
-    prefetch) run prefetch 420 bash -c prefetch ;;
+    variants) run variants 480 bash -c variants ;;
     fusion_full)
       [ -x base/bundle/bin/mlaserve ] && export BASE_MLASERVE=$PWD/base/bundle/bin/mlaserve
       run fusion_full 580 bash -c fusion_full ;;

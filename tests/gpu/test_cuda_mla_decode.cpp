@@ -26,16 +26,18 @@
 #include "kernels/cuda/mla_decode.h"
 #include "kernels/dtype.h"
 #include "tests/gpu/bf16_test_util.h"
+#include "tests/gpu/latent_pool_test_util.h"
 
 namespace mla {
 namespace {
 
-constexpr int32_t kBlock = cuda::kMlaDecodeBlockSize;
-constexpr int32_t kDc = cuda::kMlaDecodeLatentDim;
-constexpr int32_t kDr = cuda::kMlaDecodeRopeDim;
-constexpr int32_t kWidth = kDc + kDr;
-constexpr uint16_t kBf16NaN = 0x7fc0;
-constexpr int32_t kOutOfRangePage = 1 << 30;
+using test::Cache;
+using test::kBlock;
+using test::kDc;
+using test::kDr;
+using test::kWidth;
+using test::make_cache;
+using test::pages_of;
 
 // Tolerances. out: the kernel rounds the softmax weights P to bf16 for the tensor cores (a
 // relative error <= 2^-8 per weight, random in sign) and rounds out to bf16 (<= 2^-8 relative);
@@ -50,80 +52,6 @@ constexpr float kLseTol = 2e-3f;
 const __nv_bfloat16* as_bf16(const uint16_t* p) {
   return reinterpret_cast<const __nv_bfloat16*>(p);
 }
-
-// The paged latent cache of a batch, on the host and the device. lengths[b] is the number of
-// keys of sequence b (its last query's num_keys).
-struct Cache {
-  static constexpr int32_t kNumLayers = 3, kLayer = 1;
-  std::vector<int32_t> lengths;
-  int32_t num_pages = 0, table_stride = 0;
-  cuda::LatentElement element = cuda::LatentElement::kBf16;
-  std::vector<uint8_t> pool;          // [num_pages, kNumLayers, 64, row bytes]
-  std::vector<int32_t> block_table;   // [batch, table_stride]
-  std::vector<std::vector<float>> c;  // per sequence [pages * 64, 576]: layer kLayer as fp32
-
-  int32_t batch() const { return static_cast<int32_t>(lengths.size()); }
-};
-
-int32_t pages_of(int32_t keys) { return (keys + kBlock - 1) / kBlock; }
-
-Cache make_cache(const std::vector<int32_t>& lengths, std::mt19937& rng,
-                 cuda::LatentElement element = cuda::LatentElement::kBf16) {
-  Cache cache;
-  cache.lengths = lengths;
-  cache.element = element;
-  const bool fp8 = element == cuda::LatentElement::kFp8;
-  const cpu::Fp8LatentRow f{.d_c = kDc, .d_r = kDr};
-  const int64_t row_bytes = cuda::latent_row_bytes(element, kDc, kDr);
-  int32_t used = 0, max_pages = 0;
-  for (int32_t len : lengths) {
-    used += pages_of(len);
-    max_pages = std::max(max_pages, pages_of(len));
-  }
-  cache.num_pages = used + 3;          // three pages no sequence owns
-  cache.table_stride = max_pages + 2;  // room for garbage entries past every sequence
-  std::vector<int32_t> ids(cache.num_pages);
-  std::iota(ids.begin(), ids.end(), 0);
-  std::shuffle(ids.begin(), ids.end(), rng);
-
-  const int64_t page_bytes = int64_t{Cache::kNumLayers} * kBlock * row_bytes;
-  cache.pool.resize(cache.num_pages * page_bytes);
-  if (fp8) {
-    std::fill(cache.pool.begin(), cache.pool.end(), uint8_t{0xff});
-  } else {
-    for (size_t i = 0; i < cache.pool.size(); i += 2) std::memcpy(&cache.pool[i], &kBf16NaN, 2);
-  }
-  cache.block_table.assign(int64_t{cache.batch()} * cache.table_stride, kOutOfRangePage);
-  cache.c.resize(cache.batch());
-  std::normal_distribution<float> normal;
-  int32_t next = 0;
-  for (int32_t b = 0; b < cache.batch(); ++b) {
-    const int32_t pages = pages_of(lengths[b]);
-    cache.c[b].assign(int64_t{pages} * kBlock * kWidth, std::numeric_limits<float>::quiet_NaN());
-    for (int32_t k = 0; k < pages; ++k) {
-      const int32_t page = ids[next++];
-      cache.block_table[int64_t{b} * cache.table_stride + k] = page;
-      uint8_t* rows =
-          cache.pool.data() + page * page_bytes + int64_t{Cache::kLayer} * kBlock * row_bytes;
-      for (int32_t r = 0; r < kBlock && k * kBlock + r < lengths[b]; ++r) {
-        float* ref = cache.c[b].data() + (int64_t{k} * kBlock + r) * kWidth;
-        for (int32_t i = 0; i < kWidth; ++i) ref[i] = normal(rng);
-        if (fp8) {
-          // What the kernel reads: the dequantised row, rounded to bf16.
-          cpu::quantize_latent_fp8(f, ref, 1, kWidth, rows + r * row_bytes);
-          cpu::dequantize_latent_fp8(f, rows + r * row_bytes, 1, ref, kWidth);
-        }
-        for (int32_t i = 0; i < kWidth; ++i) {
-          const uint16_t v = f32_to_bf16(ref[i]);
-          if (!fp8) std::memcpy(rows + r * row_bytes + 2 * i, &v, 2);
-          ref[i] = bf16_to_f32(v);
-        }
-      }
-    }
-  }
-  return cache;
-}
-
 // One decode call's query side.
 struct Queries {
   int32_t s_q, heads;

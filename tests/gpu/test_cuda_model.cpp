@@ -387,6 +387,48 @@ TEST(CudaModelPrefetch, PrefetchingWeightsChangesNoLogit) {
   }
 }
 
+// CudaOptions::fused_attention: the golden prompts of the real-dimension models, alone and
+// batched (decode steps of 1-4 tokens, which run the fused kernel), in graphs and out, give the
+// same greedy tokens with the fused kernel and with the five kernels it replaces, and logits
+// within 2 % of the step's largest; some logit differs (the fused kernel keeps the softmax
+// weights in fp32, the split-KV kernel rounds them to bf16), so the fused path did run.
+TEST(CudaModelFusedAttention, AgreesWithTheUnfusedKernels) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const std::string name : {"v3_mla", "v3_mla_h8"}) {
+    for (Pattern pattern : {Pattern::kUnbatched, Pattern::kBatched}) {
+      for (bool graphs : {true, false}) {
+        std::vector<std::vector<StepOutput>> runs[2];
+        for (bool fused : {false, true}) {
+          ModelOptions o = test::cuda_model_options(AbsorbMode::kFactored, graphs);
+          o.cuda.fused_attention = fused;
+          Engine engine(CudaModel::load(model_dir(name), o), pattern_options(pattern, 64));
+          runs[fused] = run_golden(engine, golden(name), pattern);
+        }
+        const std::string label = name + ", " + pattern_name(pattern) + (graphs ? ", graphs" : "");
+        ASSERT_EQ(runs[0].size(), runs[1].size()) << label;
+        bool any_differs = false;
+        for (size_t p = 0; p < runs[0].size(); ++p) {
+          ASSERT_EQ(runs[0][p].size(), runs[1][p].size()) << label << ": prompt " << p;
+          for (size_t s = 0; s < runs[0][p].size(); ++s) {
+            const std::vector<float>& a = runs[0][p][s].logits;
+            const std::vector<float>& b = runs[1][p][s].logits;
+            EXPECT_EQ(runs[0][p][s].token, runs[1][p][s].token) << label << ": prompt " << p;
+            ASSERT_EQ(a.size(), b.size());
+            float largest = 0.0f, worst = 0.0f;
+            for (size_t i = 0; i < a.size(); ++i) {
+              largest = std::max(largest, std::abs(a[i]));
+              worst = std::max(worst, std::abs(a[i] - b[i]));
+            }
+            EXPECT_LE(worst, 0.02f * largest) << label << ": prompt " << p << " step " << s;
+            any_differs = any_differs || a != b;
+          }
+        }
+        EXPECT_TRUE(any_differs) << label << ": no logit differs; did the fused kernel run?";
+      }
+    }
+  }
+}
+
 // Profiled steps replay graphs of their own (event nodes around the sections), give the same
 // tokens, and time the attention of every step (a single GPU has no collectives).
 TEST(CudaModelProfile, ProfiledStepsTimeAttentionAndReplayOwnGraphs) {

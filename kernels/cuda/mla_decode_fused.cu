@@ -1,0 +1,244 @@
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels/cuda/cp_async.cuh"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/mla_decode.h"
+#include "kernels/cuda/mla_decode_fused.h"
+#include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/rope_math.cuh"
+#include "kernels/cuda/vec_io.cuh"
+#include "kernels/error.h"
+
+namespace mla::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kThreads = 256, kWarps = kThreads / 32;
+constexpr int kDc = kMlaDecodeLatentDim, kDr = kMlaDecodeRopeDim, kWidth = kDc + kDr;
+constexpr int kDn = kMlaDecodeFusedNopeDim, kDv = kMlaDecodeFusedValueDim;
+constexpr int kTile = kMlaDecodeBlockSize;   // keys a pass: one page
+constexpr int kRowChunks = kWidth * 2 / 16;  // 16-byte pieces of a cache row
+static_assert(kDc == 2 * kThreads, "each thread owns two columns of q~ and o~");
+static_assert(kDr / 2 <= 32, "the first warp rotates q_rope");
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Shared memory: W_UK[h] (staged before the kernel waits for its inputs), one page of rows, q~
+// and q_rope in fp32 (later the merged o~), this page's scores, q_nope.
+struct Smem {
+  bf16 w_uk[kDn * kDc];
+  bf16 rows[kTile * kWidth];
+  float q[kWidth];
+  float scores[kTile];
+  float q_nope[kDn];
+  int last;
+};
+
+// Workspace: partial o~ [slots, kDc] and LSE [slots] (log2 units) for slot (t * heads + h) *
+// splits + split, then the counters [kMlaDecodeFusedMaxTokens * heads].
+int32_t partial_slots(int32_t heads, int num_sms) {
+  return std::max(num_sms, kMlaDecodeFusedMaxTokens * heads);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float round_bf16(float v) {
+  return __bfloat162float(__float2bfloat16(v));
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_fused_kernel(MlaDecodeFusedParams p, float* parts, float* part_lse,
+                            int32_t* counters, int32_t splits) {
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  const int split = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const bf16* w_uk = p.kv_b + int64_t{h} * (kDn + kDv) * kDc;
+  const bf16* w_uv = w_uk + kDn * kDc;
+
+  // Weights first: they do not depend on the kernels before.
+  for (int c = tid; c < kDn * kDc / 8; c += kThreads) {
+    cp_async_16(smem_addr(sm.w_uk + c * 8), w_uk + c * 8, true);
+  }
+  cp_async_commit();
+  if (split == 0) {
+    // W_UV[h] into L2 for whichever block merges (128-byte lines).
+    for (int line = tid; line < kDv * kDc * 2 / 128; line += kThreads) {
+      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(w_uv + line * 64));
+    }
+  }
+  wait_for_prerequisite();
+  allow_dependent_launch();
+
+  const bf16* q = p.q + (int64_t{t} * p.heads + h) * (kDn + kDr);
+  if (tid < kDn) sm.q_nope[tid] = __bfloat162float(q[tid]);
+  if (tid < kDr / 2) {
+    const float2 r =
+        rope::rotate_pair(q + kDn, tid, kDr / 2, p.interleave,
+                          rope::cos_sin(p.positions[t], p.inv_freq[tid], p.attention_factor));
+    sm.q[kDc + tid] = round_bf16(r.x);
+    sm.q[kDc + tid + kDr / 2] = round_bf16(r.y);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  // q~ columns 2 tid and 2 tid + 1.
+  {
+    float a0 = 0.0f, a1 = 0.0f;
+#pragma unroll 8
+    for (int i = 0; i < kDn; ++i) {
+      const float2 w =
+          __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sm.w_uk + i * kDc + 2 * tid));
+      a0 = fmaf(sm.q_nope[i], w.x, a0);
+      a1 = fmaf(sm.q_nope[i], w.y, a1);
+    }
+    sm.q[2 * tid] = round_bf16(a0);
+    sm.q[2 * tid + 1] = round_bf16(a1);
+  }
+
+  // This block's pages of the sequence.
+  const int32_t keys = p.num_keys[t];
+  const int32_t pages = (keys + kTile - 1) / kTile;
+  const int32_t per_split = (pages + splits - 1) / splits;
+  const int32_t first = split * per_split, last = min(first + per_split, pages);
+  const float scale_log2 = p.scale * kLog2e;
+  const int64_t row_bytes = int64_t{kWidth} * 2;
+  float m = -INFINITY, l = 0.0f, o0 = 0.0f, o1 = 0.0f;  // columns 2 tid and 2 tid + 1
+  for (int32_t page_index = first; page_index < last; ++page_index) {
+    const int32_t rows = min(kTile, keys - page_index * kTile);
+    const int64_t page = p.block_table[int64_t{t} * p.table_stride + page_index];
+    const auto* src =
+        static_cast<const uint8_t*>(p.pool) + ((page * p.num_layers + p.layer) * kTile) * row_bytes;
+    __syncthreads();  // the previous page's rows and scores are read
+    for (int c = tid; c < rows * kRowChunks; c += kThreads) {
+      cp_async_16(smem_addr(sm.rows + (c / kRowChunks) * kWidth + (c % kRowChunks) * 8),
+                  src + (c / kRowChunks) * row_bytes + (c % kRowChunks) * 16, true);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    // Scores, a warp per key: lanes take interleaved pairs of the row.
+    for (int k = warp; k < rows; k += kWarps) {
+      const bf16* row = sm.rows + k * kWidth;
+      float s = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kWidth / 2 / 32; ++i) {
+        const int d = 2 * (lane + 32 * i);
+        const float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(row + d));
+        s = fmaf(sm.q[d], c.x, fmaf(sm.q[d + 1], c.y, s));
+      }
+      s = warp_sum(s);
+      if (lane == 0) sm.scores[k] = s * scale_log2;
+    }
+    __syncthreads();
+    float tile_max = -INFINITY;
+    for (int k = 0; k < rows; ++k) tile_max = fmaxf(tile_max, sm.scores[k]);
+    const float m_new = fmaxf(m, tile_max);
+    const float correction = exp2f(m - m_new);  // 0 on the first page (m = -inf)
+    l *= correction;
+    o0 *= correction;
+    o1 *= correction;
+    for (int k = 0; k < rows; ++k) {
+      const float pk = exp2f(sm.scores[k] - m_new);
+      const float2 c = __bfloat1622float2(
+          *reinterpret_cast<const __nv_bfloat162*>(sm.rows + k * kWidth + 2 * tid));
+      l += pk;
+      o0 = fmaf(pk, c.x, o0);
+      o1 = fmaf(pk, c.y, o1);
+    }
+    m = m_new;
+  }
+
+  // This split's part, normalised, and its LSE (-inf for no keys).
+  const int64_t th = int64_t{t} * p.heads + h;
+  const int64_t slot = th * splits + split;
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  *reinterpret_cast<float2*>(parts + slot * kDc + 2 * tid) = make_float2(o0 * inv, o1 * inv);
+  if (tid == 0) part_lse[slot] = l > 0.0f ? m + log2f(l) : -INFINITY;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) sm.last = atomicAdd(counters + th, 1) == splits - 1;
+  __syncthreads();
+  if (!sm.last) return;
+  __threadfence();  // the other splits' parts, written before their counter increments
+
+  // The last block: merge the splits in order, then out = W_UV[h] bf16(o~).
+  float lse_max = -INFINITY;
+  for (int s = 0; s < splits; ++s) lse_max = fmaxf(lse_max, __ldcg(part_lse + th * splits + s));
+  float sum = 0.0f, v0 = 0.0f, v1 = 0.0f;
+  if (lse_max != -INFINITY) {
+    for (int s = 0; s < splits; ++s) {
+      const float w = exp2f(__ldcg(part_lse + th * splits + s) - lse_max);
+      const float2 part =
+          __ldcg(reinterpret_cast<const float2*>(parts + (th * splits + s) * kDc + 2 * tid));
+      sum += w;
+      v0 = fmaf(w, part.x, v0);
+      v1 = fmaf(w, part.y, v1);
+    }
+  }
+  const float norm = sum > 0.0f ? 1.0f / sum : 0.0f;
+  sm.q[2 * tid] = round_bf16(v0 * norm);
+  sm.q[2 * tid + 1] = round_bf16(v1 * norm);
+  if (tid == 0) counters[th] = 0;  // for the next launch
+  __syncthreads();
+  // A warp per output row; lanes take 16-byte pieces 32 apart.
+  for (int r = warp; r < kDv; r += kWarps) {
+    const bf16* row = w_uv + int64_t{r} * kDc;
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kDc / 8 / 32; ++i) {
+      const int d = 8 * (lane + 32 * i);
+      float w[8];
+      load_floats<8>(row + d, w);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) s = fmaf(w[j], sm.q[d + j], s);
+    }
+    s = warp_sum(s);
+    if (lane == 0) p.out[th * kDv + r] = __float2bfloat16(s);
+  }
+}
+
+}  // namespace
+
+bool mla_decode_fused_supports(int64_t d_c, int64_t d_r, int64_t d_n, int64_t d_v,
+                               int64_t block_size) {
+  return d_c == kDc && d_r == kDr && d_n == kDn && d_v == kDv && block_size == kTile;
+}
+
+size_t mla_decode_fused_workspace_bytes(int32_t heads, int num_sms) {
+  const auto slots = static_cast<size_t>(partial_slots(heads, num_sms));
+  return slots * (kDc + 1) * sizeof(float) +
+         size_t{kMlaDecodeFusedMaxTokens} * heads * sizeof(int32_t);
+}
+
+void mla_decode_fused(const MlaDecodeFusedParams& p, void* workspace, cudaStream_t stream) {
+  // Check shapes
+  MLA_REQUIRE(p.T >= 1 && p.T <= kMlaDecodeFusedMaxTokens, "mla_decode_fused: T {} outside [1, {}]",
+              p.T, kMlaDecodeFusedMaxTokens);
+  MLA_REQUIRE(p.heads >= 1, "mla_decode_fused: heads {} < 1", p.heads);
+  MLA_REQUIRE(p.max_keys >= 0 && p.max_keys <= kMlaDecodeFusedMaxKeys,
+              "mla_decode_fused: max_keys {} outside [0, {}]", p.max_keys, kMlaDecodeFusedMaxKeys);
+  MLA_REQUIRE(p.num_sms >= 1, "mla_decode_fused: num_sms {} < 1", p.num_sms);
+  // Check layout
+  MLA_REQUIRE(is_aligned(p.q, 4) && is_aligned(p.kv_b, 16) && is_aligned(p.pool, 16) &&
+                  is_aligned(workspace, 16),
+              "mla_decode_fused: q, kv_b, pool or workspace misaligned");
+
+  const int32_t max_pages = std::max(1, (p.max_keys + kTile - 1) / kTile);
+  const int32_t splits = std::clamp(p.num_sms / (p.T * p.heads), 1, max_pages);
+  const int32_t slots = partial_slots(p.heads, p.num_sms);
+  auto* parts = static_cast<float*>(workspace);
+  float* part_lse = parts + int64_t{slots} * kDc;
+  auto* counters = reinterpret_cast<int32_t*>(part_lse + slots);
+  constexpr int kSmem = sizeof(Smem);
+  MLA_CUDA_CHECK(cudaFuncSetAttribute(mla_decode_fused_kernel,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  launch_dependent(mla_decode_fused_kernel, dim3(splits, p.heads, p.T), dim3(kThreads), kSmem,
+                   stream, true, p, parts, part_lse, counters, splits);
+}
+
+}  // namespace mla::cuda

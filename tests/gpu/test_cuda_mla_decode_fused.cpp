@@ -1,0 +1,279 @@
+// cuda::mla_decode_fused (the query to W_UV's output in one kernel) against the CPU chain it
+// replaces, fed the same bf16-rounded inputs: RoPE (cpu::rope_table, cpu::rope_rotate) and
+// W_UK^T on the query, each rounded to bf16; cpu::latent_attention over a poisoned paged pool
+// (tests/gpu/latent_pool_test_util.h: any read outside a sequence's keys turns its output into
+// NaN); o~ rounded to bf16; W_UV. Outputs are poisoned before every run, and the workspace is
+// zeroed once only, so a launch that left a counter set would fail the runs after it.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "kernels/cpu/ops.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/mla_decode_fused.h"
+#include "kernels/dtype.h"
+#include "kernels/error.h"
+#include "tests/gpu/bf16_test_util.h"
+#include "tests/gpu/latent_pool_test_util.h"
+
+namespace mla {
+namespace {
+
+using test::Cache;
+using test::kDc;
+using test::kDr;
+using test::pages_of;
+constexpr int32_t kDn = cuda::kMlaDecodeFusedNopeDim, kDv = cuda::kMlaDecodeFusedValueDim;
+constexpr int32_t kDqk = kDn + kDr, kKvb = kDn + kDv;
+
+// Tolerances, as for cuda::mla_decode (its test explains them), against the largest |out| of
+// the row: the kernel's fp32 sums run in another order than the reference's, which can move a
+// bf16 rounding of q~ or o~ by one unit (2^-8 relative).
+constexpr float kOutTolOfRowMax = 2e-2f;
+constexpr double kOutTolRelNorm = 1e-2;
+
+float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+struct Problem {
+  Cache cache;  // sequence t is token t's
+  int32_t heads = 0;
+  bool interleave = false;
+  float attention_factor = 1.0f, scale = 0.0f;
+  std::vector<uint16_t> q;     // [T, heads, kDqk]
+  std::vector<uint16_t> kv_b;  // [heads, kKvb, kDc]
+  std::vector<int32_t> positions;
+  std::vector<float> inv_freq;  // [kDr / 2]
+
+  int32_t T() const { return cache.batch(); }
+};
+
+Problem make_problem(const std::vector<int32_t>& lengths, int32_t heads, bool interleave,
+                     std::mt19937& rng) {
+  Problem p;
+  p.cache = test::make_cache(lengths, rng);
+  p.heads = heads;
+  p.interleave = interleave;
+  p.attention_factor = interleave ? 1.25f : 1.0f;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(kDqk));
+  std::normal_distribution<float> normal;
+  p.q.resize(int64_t{p.T()} * heads * kDqk);
+  for (auto& v : p.q) v = f32_to_bf16(normal(rng));
+  // W_UK scaled so that q~ is about unit normal, like the checkpoints' absorbed queries.
+  p.kv_b.resize(int64_t{heads} * kKvb * kDc);
+  for (auto& v : p.kv_b) v = f32_to_bf16(normal(rng) / std::sqrt(static_cast<float>(kDn)));
+  std::uniform_int_distribution<int32_t> pos(0, 6000);
+  for (int32_t t = 0; t < p.T(); ++t) p.positions.push_back(pos(rng));
+  for (int32_t j = 0; j < kDr / 2; ++j) {
+    p.inv_freq.push_back(std::pow(10000.0f, -2.0f * static_cast<float>(j) / kDr));
+  }
+  return p;
+}
+
+// out [T, heads, kDv] as the CPU chain computes it.
+std::vector<float> reference(const Problem& p) {
+  std::vector<float> out(int64_t{p.T()} * p.heads * kDv);
+  std::vector<float> q_lat(kDc), q_rope(kDr), o(kDc), cos_sin(kDr);
+  float lse = 0.0f;
+  for (int32_t t = 0; t < p.T(); ++t) {
+    std::vector<const float*> pages;
+    for (int32_t k = 0; k < pages_of(p.cache.lengths[t]); ++k) {
+      pages.push_back(p.cache.c[t].data() + int64_t{k} * test::kBlock * test::kWidth);
+    }
+    cpu::rope_table(p.positions[t], p.inv_freq.data(), kDr, p.attention_factor, cos_sin.data());
+    for (int32_t h = 0; h < p.heads; ++h) {
+      const uint16_t* q = p.q.data() + (int64_t{t} * p.heads + h) * kDqk;
+      const uint16_t* w = p.kv_b.data() + int64_t{h} * kKvb * kDc;
+      for (int32_t d = 0; d < kDr; ++d) q_rope[d] = bf16_to_f32(q[kDn + d]);
+      cpu::rope_rotate(q_rope.data(), kDr, cos_sin.data(), p.interleave);
+      for (float& v : q_rope) v = round_bf16(v);
+      for (int32_t j = 0; j < kDc; ++j) {
+        double s = 0.0;
+        for (int32_t i = 0; i < kDn; ++i)
+          s += double{bf16_to_f32(q[i])} * bf16_to_f32(w[i * kDc + j]);
+        q_lat[j] = round_bf16(static_cast<float>(s));
+      }
+      cpu::latent_attention({q_lat.data(), q_rope.data(), pages.data(), &p.cache.lengths[t], 1, 1,
+                             kDc, kDr, test::kBlock, p.scale, o.data(), &lse});
+      for (float& v : o) v = round_bf16(v);
+      for (int32_t r = 0; r < kDv; ++r) {
+        double s = 0.0;
+        for (int32_t j = 0; j < kDc; ++j) s += double{bf16_to_f32(w[(kDn + r) * kDc + j])} * o[j];
+        out[(int64_t{t} * p.heads + h) * kDv + r] = static_cast<float>(s);
+      }
+    }
+  }
+  return out;
+}
+
+// The problem on the device; the workspace is zeroed here, once.
+class DeviceProblem {
+ public:
+  DeviceProblem(const Problem& p, int num_sms, int32_t max_keys)
+      : pool_(p.cache.pool),
+        table_(p.cache.block_table),
+        q_(p.q),
+        kv_b_(p.kv_b),
+        positions_(p.positions),
+        inv_freq_(p.inv_freq),
+        num_keys_(p.cache.lengths),
+        out_(int64_t{p.T()} * p.heads * kDv),
+        workspace_(cuda::mla_decode_fused_workspace_bytes(p.heads, num_sms)) {
+    MLA_CUDA_CHECK(cudaMemset(workspace_.get(), 0,
+                              cuda::mla_decode_fused_workspace_bytes(p.heads, num_sms)));
+    params_ = {.q = reinterpret_cast<const __nv_bfloat16*>(q_.get()),
+               .kv_b = reinterpret_cast<const __nv_bfloat16*>(kv_b_.get()),
+               .positions = positions_.get(),
+               .inv_freq = inv_freq_.get(),
+               .attention_factor = p.attention_factor,
+               .interleave = p.interleave,
+               .pool = pool_.get(),
+               .layer = Cache::kLayer,
+               .num_layers = Cache::kNumLayers,
+               .block_table = table_.get(),
+               .table_stride = p.cache.table_stride,
+               .num_keys = num_keys_.get(),
+               .max_keys = max_keys,
+               .scale = p.scale,
+               .out = reinterpret_cast<__nv_bfloat16*>(out_.get()),
+               .T = p.T(),
+               .heads = p.heads,
+               .num_sms = num_sms};
+  }
+
+  void launch(cudaStream_t stream) { cuda::mla_decode_fused(params_, workspace_.get(), stream); }
+  std::vector<uint16_t> run() {
+    out_.poison();
+    launch(nullptr);
+    MLA_CUDA_CHECK(cudaDeviceSynchronize());
+    return out_.download();
+  }
+  void poison_out() { out_.poison(); }
+  std::vector<uint16_t> out() const { return out_.download(); }
+
+ private:
+  test::DeviceArray<uint8_t> pool_;
+  test::DeviceArray<int32_t> table_;
+  test::DeviceArray<uint16_t> q_, kv_b_;
+  test::DeviceArray<int32_t> positions_;
+  test::DeviceArray<float> inv_freq_;
+  test::DeviceArray<int32_t> num_keys_;
+  test::DeviceArray<uint16_t> out_;
+  test::DeviceArray<uint8_t> workspace_;
+  cuda::MlaDecodeFusedParams params_{};
+};
+
+void expect_matches(const std::vector<uint16_t>& got_bits, const std::vector<float>& ref,
+                    const Problem& p, const std::string& label) {
+  int64_t failures = 0;
+  double err_sq = 0.0, ref_sq = 0.0;
+  for (int64_t row = 0; row < int64_t{p.T()} * p.heads; ++row) {
+    const int32_t keys = p.cache.lengths[row / p.heads];
+    const float* r = ref.data() + row * kDv;
+    float row_max = 0.0f;
+    for (int32_t d = 0; d < kDv; ++d) row_max = std::max(row_max, std::abs(r[d]));
+    for (int32_t d = 0; d < kDv; ++d) {
+      const float g = bf16_to_f32(got_bits[row * kDv + d]);
+      const float err = std::abs(g - r[d]);
+      err_sq += double{err} * err;
+      ref_sq += double{r[d]} * r[d];
+      // No keys: exactly zero (o~ = 0).
+      const bool ok = keys == 0 ? g == 0.0f : err <= kOutTolOfRowMax * row_max;
+      if (!ok && failures++ < 5) {
+        ADD_FAILURE() << label << ": out[row " << row << "][" << d << "] = " << g << ", want "
+                      << r[d] << " (row max " << row_max << ", keys " << keys << ")";
+      }
+    }
+  }
+  const double rel = ref_sq > 0.0 ? std::sqrt(err_sq / ref_sq) : 0.0;
+  EXPECT_EQ(failures, 0) << label;
+  EXPECT_LE(rel, kOutTolRelNorm) << label;
+  std::printf("%s: |out - ref| / |ref| = %.2e\n", label.c_str(), rel);
+}
+
+int device_sms() {
+  int sms = 0;
+  MLA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  return sms;
+}
+
+TEST(CudaMlaDecodeFused, MatchesTheCpuChain) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(2026);
+  struct Case {
+    std::vector<int32_t> lengths;
+    int32_t heads;
+    bool interleave;
+  };
+  // Single keys, page edges, the longest context, a sequence with no keys beside one with
+  // many, one head and 128 (more (token, head) pairs than SMs: one split each).
+  const std::vector<Case> cases = {
+      {{513}, 16, false},    {{1}, 16, true},        {{2048}, 16, true},
+      {{64, 65}, 16, false}, {{0, 700}, 16, true},   {{1, 64, 1500, 2047}, 16, false},
+      {{300}, 1, true},      {{900, 5}, 128, false},
+  };
+  for (const Case& c : cases) {
+    const Problem p = make_problem(c.lengths, c.heads, c.interleave, rng);
+    const std::vector<float> ref = reference(p);
+    const int32_t longest = *std::max_element(c.lengths.begin(), c.lengths.end());
+    // The device's SMs (up to 8 splits at 16 heads) and 4 (one split); max_keys the bound the
+    // step passes and the longest sequence exactly.
+    for (int sms : {device_sms(), 4}) {
+      for (int32_t max_keys : {cuda::kMlaDecodeFusedMaxKeys, longest}) {
+        DeviceProblem d(p, sms, max_keys);
+        std::string label = "T " + std::to_string(p.T()) + ", heads " + std::to_string(c.heads) +
+                            ", first length " + std::to_string(c.lengths[0]) + ", num_sms " +
+                            std::to_string(sms) + ", max_keys " + std::to_string(max_keys);
+        expect_matches(d.run(), ref, p, label);
+        expect_matches(d.run(), ref, p, label + ", second run");
+      }
+    }
+  }
+}
+
+// Bit-identical across runs (the merge goes in split order whichever block is last) and when
+// replayed from a CUDA graph.
+TEST(CudaMlaDecodeFused, DeterministicAndGraphCapturable) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(7);
+  const Problem p = make_problem({777, 1030}, 16, true, rng);
+  DeviceProblem d(p, device_sms(), cuda::kMlaDecodeFusedMaxKeys);
+  const std::vector<uint16_t> first = d.run();
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(d.run(), first) << "run " << i;
+  cudaStream_t stream;
+  MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  d.poison_out();
+  test::run_in_graph_on(stream, [&] { d.launch(stream); });
+  EXPECT_EQ(d.out(), first);
+  MLA_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+TEST(CudaMlaDecodeFused, RefusesShapesOutsideItsRange) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const auto& [T, heads, max_keys] : std::vector<std::tuple<int32_t, int32_t, int32_t>>{
+           {0, 16, 64},
+           {cuda::kMlaDecodeFusedMaxTokens + 1, 16, 64},
+           {1, 0, 64},
+           {1, 16, cuda::kMlaDecodeFusedMaxKeys + 1}}) {
+    cuda::MlaDecodeFusedParams bad{};
+    bad.T = T;
+    bad.heads = heads;
+    bad.max_keys = max_keys;
+    bad.num_sms = 132;
+    EXPECT_THROW(cuda::mla_decode_fused(bad, nullptr, nullptr), Error)
+        << "T " << T << ", heads " << heads << ", max_keys " << max_keys;
+  }
+  EXPECT_TRUE(cuda::mla_decode_fused_supports(512, 64, 128, 128, 64));
+  EXPECT_FALSE(cuda::mla_decode_fused_supports(512, 64, 128, 128, 16));
+  EXPECT_FALSE(cuda::mla_decode_fused_supports(256, 64, 128, 128, 64));
+  EXPECT_FALSE(cuda::mla_decode_fused_supports(512, 64, 192, 128, 64));
+}
+
+}  // namespace
+}  // namespace mla
