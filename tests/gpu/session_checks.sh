@@ -185,6 +185,16 @@ PY
   return $rc
 }
 
+# bench_rows BIN MODEL BATCHES STEPS TAG [FLAG...]: bench-decode's rows at context 512, as RESULT
+# lines tagged TAG.
+bench_rows() {
+  local bin=$1 model=$2 batches=$3 steps=$4 tag=$5
+  shift 5
+  "$bin" --log-level warn bench-decode --device cuda --model "$model" --num-pages 2000 \
+    --context 512 --batch "$batches" --steps "$steps" --warmup 5 "$@" 2>&1 |
+    sed "s/^\( *\(context\|[0-9][0-9]*\) .*\)$/RESULT $tag \1/"
+}
+
 # bench-decode with each build (base: an earlier mlaserve, when given; this) on MODEL at
 # BATCHES, RESULT lines tagged with the build.
 decode_builds() {
@@ -192,9 +202,7 @@ decode_builds() {
   for b in ${BASE_MLASERVE:+base} this; do
     local bin=mlaserve
     [ "$b" = base ] && bin=$BASE_MLASERVE
-    "$bin" --log-level warn bench-decode --device cuda --model "$model" --num-pages 2000 \
-      --context 512 --batch "$batches" --steps "$steps" --warmup 5 2>&1 |
-      sed "s/^\( *\(context\|[0-9][0-9]*\) .*\)$/RESULT $b \1/" || rc=1
+    bench_rows "$bin" "$model" "$batches" "$steps" $b || rc=1
   done
   return $rc
 }
@@ -239,9 +247,7 @@ variants() {
       local args=$f
       [ "$f" = default ] && args=""
       # shellcheck disable=SC2086
-      mlaserve --log-level warn bench-decode --device cuda --model $model --num-pages 2000 \
-        --context 512 --batch 1,2,4 --steps 50 --warmup 5 $args 2>&1 |
-        sed "s/^\( *\(context\|[0-9][0-9]*\) .*\)$/RESULT $(basename $model) $f \1/" || rc=1
+      bench_rows mlaserve $model 1,2,4 50 "$(basename $model) $f" $args || rc=1
     done
   done
   return $rc
@@ -256,7 +262,7 @@ fusion_full() {
   decode_builds $m 1,2 30
 }
 
-export -f v2l4 v3l3 det_cost migration fp8_model fp8_cache decode_builds fusion fusion_full variants
+export -f v2l4 v3l3 det_cost migration fp8_model fp8_cache bench_rows decode_builds fusion fusion_full variants
 steps="decode gpu_new gpu_all det_cost migration prefix prefix_routing simulate simulate1 fp8 fp8_model fp8_cache fusion fusion_full variants peer study v3tp8"
 for step in "$@"; do
   [[ " $steps " == *" $step "* ]] || { echo "unknown step '$step' (steps: $steps)" >&2; exit 2; }
