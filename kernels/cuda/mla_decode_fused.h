@@ -7,8 +7,8 @@
 // -- what a decode step otherwise runs as five dependent kernels (the W_UK^T product, RoPE, the
 // split-KV attention and its combine, the W_UV product), each a launch and a round trip through
 // memory. At batch 1 and a short context those kernels read little and wait on each other; here
-// the weights of W_UK[h] are staged into shared memory while the kernel before still runs
-// (programmatic dependent launch), and W_UV[h] is prefetched into L2.
+// W_UK[h] is staged into shared memory while the kernel before still runs (programmatic
+// dependent launch), and W_UV[h] streams in behind the block's first page.
 //
 // Grid (splits, heads, tokens): a block attends one range of its sequence's 64-key pages and
 // leaves its partial o~ and LSE in the workspace; the last block of a (token, head) to finish
@@ -29,10 +29,13 @@ namespace mla::cuda {
 // The shapes the kernel is built for (DeepSeek-V2-Lite, V2 and V3 alike).
 inline constexpr int32_t kMlaDecodeFusedNopeDim = 128;   // d_n (qk_nope_head_dim)
 inline constexpr int32_t kMlaDecodeFusedValueDim = 128;  // d_v (v_head_dim)
-// Decode steps it is meant for: few tokens and short contexts (each block walks its pages one
-// after another; longer contexts run faster on the split-KV kernels, whose blocks pipeline).
+// Decode steps it is meant for: few tokens and short contexts. It reads the cache once per
+// (token, head) where the split-KV kernels share each page among the heads, and each block walks
+// its pages one after another; so it runs only where every (token, head) gets at least two SMs'
+// worth of splits and a block at most kMlaDecodeFusedMaxPagesPerBlock pages.
 inline constexpr int32_t kMlaDecodeFusedMaxTokens = 4;
 inline constexpr int32_t kMlaDecodeFusedMaxKeys = 2048;
+inline constexpr int32_t kMlaDecodeFusedMaxPagesPerBlock = 4;
 
 struct MlaDecodeFusedParams {
   const __nv_bfloat16* q;     // [T, heads, d_n + d_r]: q_nope, then q_rope before RoPE
@@ -58,14 +61,18 @@ struct MlaDecodeFusedParams {
 bool mla_decode_fused_supports(int64_t d_c, int64_t d_r, int64_t d_n, int64_t d_v,
                                int64_t block_size);
 
+// Whether a step of T tokens, `heads` heads and at most max_keys keys a token is one the kernel
+// is meant for, on a device of num_sms SMs (see above).
+bool mla_decode_fused_fits(int32_t T, int32_t heads, int32_t max_keys, int num_sms);
+
 // Bytes of workspace for `heads` heads on a device of num_sms SMs (any T up to
 // kMlaDecodeFusedMaxTokens). It ends in one counter per (token, head), which must be zero before
 // the first launch (zero the whole workspace once); every launch leaves them zero again.
 size_t mla_decode_fused_workspace_bytes(int32_t heads, int num_sms);
 
-// Enqueues the kernel as a programmatic dependent of the previous kernel on `stream`.
-// Throws kInvalidArgument for T outside [1, kMlaDecodeFusedMaxTokens], max_keys outside
-// [0, kMlaDecodeFusedMaxKeys], or heads < 1.
+// Enqueues the kernel as a programmatic dependent of the previous kernel on `stream`; the
+// workspace must be mla_decode_fused_workspace_bytes(heads, num_sms) long. Throws
+// kInvalidArgument where mla_decode_fused_fits is false or the layer is outside the pool.
 void mla_decode_fused(const MlaDecodeFusedParams& p, void* workspace, cudaStream_t stream);
 
 }  // namespace mla::cuda

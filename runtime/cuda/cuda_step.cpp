@@ -322,7 +322,7 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d) {
   const bool rope_into_latent =
       batch.any_latent && !premerged && !batch.any_decompressed && !dump_q;
   // The fused kernel rotates the query's rotary block itself.
-  const bool fused = fused_attention(d, rope_into_latent);
+  const bool fused = fused_attention(rope_into_latent);
   if (q_wanted) {
     // q: [T, H_l, d_n + d_r], its rotary part rotated in place.
     if (d_q > 0) linear(q_in, T, q_in_dim, d.q_b, H_l * d_qk, q, DType::kBF16);
@@ -402,15 +402,20 @@ void CudaStep::attention(int64_t l, const DeviceLayer& d) {
   }
 }
 
-bool CudaStep::fused_attention(const DeviceLayer& d, bool rope_into_latent) const {
+bool CudaStep::fused_attention(bool rope_into_latent) const {
+  // Nothing here may depend on the layer: layers after the first reuse the first one's
+  // mla_decode plan when the step runs the unfused kernels.
   const int64_t block = x_.cache.geometry().block_size;
+  const int64_t max_keys = meta_.stride * block;
   return x_.fused_attention && rope_into_latent && x_.dump == nullptr && meta_.tuned &&
          meta_.batch.pure_decode() && !x_.batch_invariant && x_.cache.holds_every_page() &&
-         latent_element() == cuda::LatentElement::kBf16 && d.kv_b.dtype() == DType::kBF16 &&
-         meta_.T <= cuda::kMlaDecodeFusedMaxTokens &&
-         meta_.stride * block <= cuda::kMlaDecodeFusedMaxKeys &&
+         latent_element() == cuda::LatentElement::kBf16 &&
          cuda::mla_decode_fused_supports(c_.kv_lora_rank, c_.qk_rope_head_dim, c_.qk_nope_head_dim,
-                                         c_.v_head_dim, block);
+                                         c_.v_head_dim, block) &&
+         max_keys <= cuda::kMlaDecodeFusedMaxKeys &&
+         cuda::mla_decode_fused_fits(static_cast<int32_t>(meta_.T),
+                                     static_cast<int32_t>(x_.shard.local_heads()),
+                                     static_cast<int32_t>(max_keys), x_.num_sms);
 }
 
 void CudaStep::fused_latent_attention(int64_t l, const DeviceLayer& d) {

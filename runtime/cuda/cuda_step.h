@@ -82,7 +82,7 @@ class CudaStep {
   void latent_attention(int64_t l, const __nv_bfloat16* q_local);
   // Whether this step's latent attention runs as cuda::mla_decode_fused (from the query to
   // W_UV's output), given that RoPE would write the query's rotary block into q~ directly.
-  bool fused_attention(const DeviceLayer& d, bool rope_into_latent) const;
+  bool fused_attention(bool rope_into_latent) const;
   // cuda::mla_decode_fused: o_v [T, H_l, d_v] from q [T, H_l, d_qk] (unrotated) and the cache.
   void fused_latent_attention(int64_t l, const DeviceLayer& d);
   void decompressed(int64_t l, const DeviceLayer& d);

@@ -101,4 +101,20 @@ inline Cache make_cache(const std::vector<int32_t>& lengths, std::mt19937& rng,
   return cache;
 }
 
+// Overwrites key k of sequence b (a bf16 pool) with `values` (kWidth of them), in the pool and in
+// its fp32 copy (rounded to bf16, as stored).
+inline void set_row(Cache& cache, int32_t b, int32_t k, const float* values) {
+  const int64_t row_bytes = cuda::latent_row_bytes(cache.element, kDc, kDr);
+  const int32_t page = cache.block_table[int64_t{b} * cache.table_stride + k / kBlock];
+  uint8_t* row =
+      cache.pool.data() +
+      ((int64_t{page} * Cache::kNumLayers + Cache::kLayer) * kBlock + k % kBlock) * row_bytes;
+  float* ref = cache.c[b].data() + int64_t{k} * kWidth;
+  for (int32_t i = 0; i < kWidth; ++i) {
+    const uint16_t v = f32_to_bf16(values[i]);
+    std::memcpy(row + 2 * i, &v, 2);
+    ref[i] = bf16_to_f32(v);
+  }
+}
+
 }  // namespace mla::test
