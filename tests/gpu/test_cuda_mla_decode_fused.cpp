@@ -3,7 +3,8 @@
 // W_UK^T on the query, each rounded to bf16; cpu::latent_attention over a poisoned paged pool
 // (tests/gpu/latent_pool_test_util.h: any read outside a sequence's keys turns its output into
 // NaN); o~ rounded to bf16; W_UV. Outputs are poisoned before every run, and the workspace is
-// zeroed once only, so a launch that left a counter set would fail the runs after it.
+// zeroed once only, so a launch that left a counter set would fail the runs after it. Also
+// launched right after latent_store, as in a decode step, to check it reads the row just written.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/latent_store.h"
 #include "kernels/cuda/mla_decode_fused.h"
 #include "kernels/dtype.h"
 #include "kernels/error.h"
@@ -136,7 +138,8 @@ std::vector<float> reference(const Problem& p) {
 class DeviceProblem {
  public:
   DeviceProblem(const Problem& p, int num_sms, int32_t max_keys)
-      : pool_(p.cache.pool),
+      : host_pool_(p.cache.pool),
+        pool_(p.cache.pool),
         table_(p.cache.block_table),
         q_(p.q),
         kv_b_(p.kv_b),
@@ -145,8 +148,7 @@ class DeviceProblem {
         num_keys_(p.cache.lengths),
         out_(int64_t{p.T()} * p.heads * kDv),
         workspace_(cuda::mla_decode_fused_workspace_bytes(p.heads, num_sms)) {
-    MLA_CUDA_CHECK(
-        cudaMemset(workspace_.get(), 0, cuda::mla_decode_fused_workspace_bytes(p.heads, num_sms)));
+    MLA_CUDA_CHECK(cudaMemset(workspace_.get(), 0, workspace_.bytes()));
     params_ = {.q = reinterpret_cast<const __nv_bfloat16*>(q_.get()),
                .kv_b = reinterpret_cast<const __nv_bfloat16*>(kv_b_.get()),
                .positions = positions_.get(),
@@ -175,9 +177,14 @@ class DeviceProblem {
     return out_.download();
   }
   void poison_out() { out_.poison(); }
+  void reset_pool() { pool_.upload(host_pool_); }
+  void* pool() const { return pool_.get(); }
+  const int32_t* positions() const { return positions_.get(); }
+  const float* inv_freq() const { return inv_freq_.get(); }
   std::vector<uint16_t> out() const { return out_.download(); }
 
  private:
+  std::vector<uint8_t> host_pool_;
   test::DeviceArray<uint8_t> pool_;
   test::DeviceArray<int32_t> table_;
   test::DeviceArray<uint16_t> q_, kv_b_;
@@ -280,6 +287,83 @@ TEST(CudaMlaDecodeFused, DeterministicAndGraphCapturable) {
   d.poison_out();
   test::run_in_graph_on(stream, [&] { d.launch(stream); });
   EXPECT_EQ(d.out(), first);
+  MLA_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+// In a decode step the kernel runs right after latent_store, which writes the newest key of each
+// sequence: launched as its programmatic dependent (on a stream and in a graph), the kernel reads
+// the row latent_store wrote, not the NaN poison it replaced, and the newest key carries most of
+// head 0's weight, so a stale row could not hide.
+TEST(CudaMlaDecodeFused, ReadsTheNewestRowsLatentStoreWritesJustBefore) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(11);
+  const std::vector<int32_t> lengths = {513, 700};
+  Problem p = make_problem(lengths, 16, true, rng);
+  const int32_t T = p.T();
+  // The newest rows as latent_store makes them from kv (its own test checks it against this
+  // construction): c = RMSNorm(kv[:d_c]) * w, k_r = RoPE(kv[d_c:]); kv's c is head 0's q~, so
+  // the new key dominates.
+  const float eps = 1e-6f;
+  std::vector<float> kv(int64_t{T} * test::kWidth), norm_w = test::random_normal(kDc, rng, 0.1f);
+  for (float& w : norm_w) w += 1.0f;
+  std::vector<int32_t> slot_pages, slot_offsets;
+  std::vector<float> row(test::kWidth), nan_row(test::kWidth, std::nanf("")), cos_sin(kDr);
+  for (int32_t t = 0; t < T; ++t) {
+    const int32_t k = lengths[t] - 1;
+    const std::vector<float> q_lat = absorbed_query(p, t, 0);
+    std::normal_distribution<float> normal;
+    float* in = kv.data() + int64_t{t} * test::kWidth;
+    for (int32_t i = 0; i < kDc; ++i) in[i] = q_lat[i];
+    for (int32_t i = 0; i < kDr; ++i) in[kDc + i] = normal(rng);
+    std::copy_n(in, test::kWidth, row.data());
+    cpu::rms_norm(row.data(), 1, kDc, kDc, norm_w.data(), eps, row.data(), kDc);
+    cpu::rope_table(p.positions[t], p.inv_freq.data(), kDr, p.attention_factor, cos_sin.data());
+    cpu::rope_rotate(row.data() + kDc, kDr, cos_sin.data(), p.interleave);
+    // The pool's row NaN until latent_store writes it; the reference's the row it writes.
+    test::set_row(p.cache, t, k, nan_row.data());
+    for (int32_t i = 0; i < test::kWidth; ++i) {
+      p.cache.c[t][int64_t{k} * test::kWidth + i] = round_bf16(row[i]);
+    }
+    slot_pages.push_back(p.cache.block_table[int64_t{t} * p.cache.table_stride + k / test::kBlock]);
+    slot_offsets.push_back(k % test::kBlock);
+  }
+  const std::vector<float> ref = reference(p);
+
+  DeviceProblem d(p, device_sms(), cuda::kMlaDecodeFusedMaxKeys);
+  test::DeviceArray<float> kv_dev(kv), norm_w_dev(norm_w);
+  test::DeviceArray<int32_t> pages_dev(slot_pages), offsets_dev(slot_offsets);
+  const cuda::LatentStoreParams store{.kv = kv_dev.get(),
+                                      .kv_stride = test::kWidth,
+                                      .norm_w = norm_w_dev.get(),
+                                      .eps = eps,
+                                      .positions = d.positions(),
+                                      .inv_freq = d.inv_freq(),
+                                      .attention_factor = p.attention_factor,
+                                      .interleave = p.interleave,
+                                      .slot_pages = pages_dev.get(),
+                                      .slot_offsets = offsets_dev.get(),
+                                      .pool = d.pool(),
+                                      .element = cuda::LatentElement::kBf16,
+                                      .layer = Cache::kLayer,
+                                      .num_layers = Cache::kNumLayers,
+                                      .block_size = test::kBlock,
+                                      .d_c = kDc,
+                                      .d_r = kDr,
+                                      .T = T};
+  cudaStream_t stream;
+  MLA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  d.poison_out();
+  cuda::latent_store(store, stream);
+  d.launch(stream);
+  MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
+  expect_matches(d.out(), ref, p, "after latent_store, on a stream");
+  d.reset_pool();  // NaN rows again
+  d.poison_out();
+  test::run_in_graph_on(stream, [&] {
+    cuda::latent_store(store, stream);
+    d.launch(stream);
+  });
+  expect_matches(d.out(), ref, p, "after latent_store, in a graph");
   MLA_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
