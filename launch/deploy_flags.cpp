@@ -54,9 +54,9 @@ void DeployFlags::add_to(CLI::App& cmd) {
   cmd.add_flag("--no-small-gemm", no_small_gemm_,
                "Run products with few rows through cuBLAS and the tiled expert kernels, not the "
                "small-row kernels");
-  cmd.add_flag("--no-fused-attention", no_fused_attention_,
-               "Decode at few tokens: run the attention as its five kernels (W_UK^T, RoPE, "
-               "split-KV attention and combine, W_UV), not the fused one");
+  cmd.add_flag("--fused-attention", fused_attention_,
+               "Decode at few tokens, short contexts: run the attention as one kernel, not five "
+               "(W_UK^T, RoPE, split-KV attention and combine, W_UV)");
   cmd.add_flag("--prefetch-weights", prefetch_weights_,
                "Decode at few tokens: prefetch each MoE layer's o_proj and shared-expert weights "
                "into L2, on a second stream beside its attention");
@@ -99,7 +99,7 @@ DeployConfig DeployFlags::resolve() const {
   if (prefix_caching_) d.engine.prefix_caching = true;
   if (no_small_gemm_) d.model.cuda.small_gemm = false;
   if (prefetch_weights_) d.model.cuda.prefetch_weights = true;
-  if (no_fused_attention_) d.model.cuda.fused_attention = false;
+  if (fused_attention_) d.model.cuda.fused_attention = true;
   if (given("--max-batch-tokens")) {
     d.engine.scheduler.max_batch_tokens = flags_.engine.scheduler.max_batch_tokens;
   }

@@ -16,7 +16,7 @@ std::vector<int32_t> parse_ids(const std::string& text, const char* flag = "--pr
 class DeployFlags {
  public:
   // Adds --config, --model, --absorb, --block-size, --num-pages, --device,
-  // --cache-memory-fraction, --no-cuda-graphs, --no-small-gemm, --no-fused-attention,
+  // --cache-memory-fraction, --no-cuda-graphs, --no-small-gemm, --fused-attention,
   // --prefetch-weights,
   // --max-batch-tokens, --max-running, --tp, --kv-shard and --comm-timeout to `cmd`.
   void add_to(CLI::App& cmd);
@@ -38,7 +38,7 @@ class DeployFlags {
   bool prefix_caching_ = false;
   bool no_small_gemm_ = false;
   bool prefetch_weights_ = false;
-  bool no_fused_attention_ = false;
+  bool fused_attention_ = false;
   DeployConfig flags_;  // holds the flag values; only the given ones are applied
 };
 

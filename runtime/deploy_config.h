@@ -143,7 +143,7 @@ struct DeployConfig {
                           // `cuda_prefetch_weights`: decode prefetches o_proj and the shared
                           // experts into L2 beside the attention. Default: false.
                           // `cuda_fused_attention`: decode at few tokens and short contexts
-                          // runs the attention as one kernel. Default: true.
+                          // runs the attention as one kernel. Default: false.
                           // `deterministic`: batch-invariant logits (CPU and GPU). Default: false.
                           // `fp8_weights`: widen | keep, for an fp8 checkpoint's weights
                           // (Fp8Weights). Default: widen.

@@ -37,13 +37,13 @@ struct CudaOptions {
   // At decode's few tokens (kMoeRouteMaxTokens), each MoE layer prefetches into L2, on a second
   // stream once its query and latent products are done, the weights it reads after its attention
   // (o_proj and the shared experts), so that they stream in while the attention's small kernels
-  // leave DRAM idle (cuda/l2_prefetch.h). Default: false (being measured).
+  // leave DRAM idle (cuda/l2_prefetch.h). Default: false (not yet measured on a GPU in this form).
   bool prefetch_weights = false;
   // Decode steps of at most kMlaDecodeFusedMaxTokens tokens over contexts of at most
   // kMlaDecodeFusedMaxKeys keys (bf16 cache, every page on this rank, the factored latent form)
   // run the attention from the query to W_UV's output as one kernel (cuda/mla_decode_fused.h)
-  // instead of five. Default: true.
-  bool fused_attention = true;
+  // instead of five. Default: false (not yet run on a GPU).
+  bool fused_attention = false;
 };
 
 // What happens to the linear weights an fp8 checkpoint (DeepSeek-V3/R1's own files) stores in

@@ -228,7 +228,7 @@ fusion() {
 
 # Decode-step variants of issue 17 item 3 side by side: the tests of the fused attention kernel
 # and of the L2 prefetch, then decode steps at batch 1, 2 and 4 with each variant's flags in
-# turn (VARIANTS, ';'-separated; default: none, --no-fused-attention, --prefetch-weights), on
+# turn (VARIANTS, ';'-separated; default: none, --fused-attention, --prefetch-weights, both), on
 # V2L4 and, with VARIANTS_FULL=1, on the whole V2-Lite shape.
 variants() {
   set -o pipefail
@@ -238,7 +238,7 @@ variants() {
   v2l4 || return 1
   local m=/tmp/mla_models/v2lite
   local -a flags
-  IFS=';' read -ra flags <<<"${VARIANTS:-default;--no-fused-attention;--prefetch-weights}"
+  IFS=';' read -ra flags <<<"${VARIANTS:-default;--fused-attention;--prefetch-weights;--fused-attention --prefetch-weights}"
   for model in /tmp/v2l4 ${VARIANTS_FULL:+$m}; do
     if [ "$model" = $m ] && [ ! -f $m/config.json ]; then
       mlaserve --log-level warn make-tiny --preset v2-lite-full --dtype BF16 --out $m || return 1

@@ -62,7 +62,7 @@ TEST(DeployConfig, FieldsOverrideDefaults) {
   const auto c = DeployConfig::parse(
       "model: /m\nabsorb: premerged\ncache: {block_size: 4, num_pages: 9}\n"
       "scheduler: {max_batch_tokens: 32, max_running: 3}\ncuda_graphs: false\n"
-      "cuda_small_gemm: false\ncuda_prefetch_weights: true\ncuda_fused_attention: false\n",
+      "cuda_small_gemm: false\ncuda_prefetch_weights: true\ncuda_fused_attention: true\n",
       "inline");
   EXPECT_EQ(c.model_dir, "/m");
   EXPECT_EQ(c.model.absorb, AbsorbMode::kPremerged);
@@ -75,8 +75,8 @@ TEST(DeployConfig, FieldsOverrideDefaults) {
   EXPECT_TRUE(DeployConfig::parse("model: /m\n", "t").model.cuda.small_gemm);
   EXPECT_TRUE(c.model.cuda.prefetch_weights);
   EXPECT_FALSE(DeployConfig::parse("model: /m\n", "t").model.cuda.prefetch_weights);
-  EXPECT_FALSE(c.model.cuda.fused_attention);
-  EXPECT_TRUE(DeployConfig::parse("model: /m\n", "t").model.cuda.fused_attention);
+  EXPECT_TRUE(c.model.cuda.fused_attention);
+  EXPECT_FALSE(DeployConfig::parse("model: /m\n", "t").model.cuda.fused_attention);
   EXPECT_EQ(DeployConfig::parse("model: /m\n", "t").model.cache_dtype, CacheDType::kAuto);
   EXPECT_EQ(DeployConfig::parse("cache: {dtype: fp8}\n", "t").model.cache_dtype, CacheDType::kFp8);
   EXPECT_EQ(DeployConfig::parse("model: /m\n", "t").model.fp8_weights, Fp8Weights::kWiden);
