@@ -268,7 +268,8 @@ size_t mla_decode_fused_workspace_bytes(int32_t heads, int num_sms) {
          size_t{kMlaDecodeFusedMaxTokens} * heads * sizeof(int32_t);
 }
 
-void mla_decode_fused(const MlaDecodeFusedParams& p, void* workspace, cudaStream_t stream) {
+void mla_decode_fused(const MlaDecodeFusedParams& p, void* workspace, size_t workspace_bytes,
+                      cudaStream_t stream) {
   // Check shapes
   MLA_REQUIRE(mla_decode_fused_fits(p.T, p.heads, p.max_keys, p.num_sms),
               "mla_decode_fused: T {}, heads {}, max_keys {} on {} SMs outside what it is "
@@ -277,6 +278,10 @@ void mla_decode_fused(const MlaDecodeFusedParams& p, void* workspace, cudaStream
   MLA_REQUIRE(p.layer >= 0 && p.layer < p.num_layers && p.table_stride >= 0,
               "mla_decode_fused: layer {} of {}, table stride {}", p.layer, p.num_layers,
               p.table_stride);
+  MLA_REQUIRE(workspace_bytes >= mla_decode_fused_workspace_bytes(p.heads, p.num_sms),
+              "mla_decode_fused: workspace of {} bytes, {} needed for {} heads on {} SMs",
+              workspace_bytes, mla_decode_fused_workspace_bytes(p.heads, p.num_sms), p.heads,
+              p.num_sms);
   // Check layout
   MLA_REQUIRE(is_aligned(p.q, 4) && is_aligned(p.kv_b, 16) && is_aligned(p.pool, 16) &&
                   is_aligned(workspace, 16),

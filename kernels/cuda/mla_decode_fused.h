@@ -70,9 +70,10 @@ bool mla_decode_fused_fits(int32_t T, int32_t heads, int32_t max_keys, int num_s
 // the first launch (zero the whole workspace once); every launch leaves them zero again.
 size_t mla_decode_fused_workspace_bytes(int32_t heads, int num_sms);
 
-// Enqueues the kernel as a programmatic dependent of the previous kernel on `stream`; the
-// workspace must be mla_decode_fused_workspace_bytes(heads, num_sms) long. Throws
-// kInvalidArgument where mla_decode_fused_fits is false or the layer is outside the pool.
-void mla_decode_fused(const MlaDecodeFusedParams& p, void* workspace, cudaStream_t stream);
+// Enqueues the kernel as a programmatic dependent of the previous kernel on `stream`. Throws
+// kInvalidArgument where mla_decode_fused_fits is false, the layer is outside the pool, or the
+// workspace is shorter than mla_decode_fused_workspace_bytes(heads, num_sms).
+void mla_decode_fused(const MlaDecodeFusedParams& p, void* workspace, size_t workspace_bytes,
+                      cudaStream_t stream);
 
 }  // namespace mla::cuda

@@ -438,7 +438,8 @@ void CudaStep::fused_latent_attention(int64_t l, const DeviceLayer& d) {
                           .T = static_cast<int32_t>(meta_.T),
                           .heads = static_cast<int32_t>(x_.shard.local_heads()),
                           .num_sms = x_.num_sms},
-                         b_.fused_workspace.raw(), x_.stream);
+                         b_.fused_workspace.raw(), static_cast<size_t>(b_.fused_workspace.nbytes()),
+                         x_.stream);
 }
 
 void CudaStep::latent_attention(int64_t l, const bf16* q_local) {

@@ -4,7 +4,8 @@
 # mlaserve (launch/bundle.sh bundle build/launch/mlaserve) and the repository beside it:
 #   tests/gpu/profile_step.sh [BATCH] [CONTEXT] [COPY_GBPS]
 # env: MODEL (default: the whole V2-Lite shape, made here once), MLASERVE (default: the
-# bundle's mlaserve; another build to compare, run on the bundle's libraries).
+# bundle's mlaserve; another build to compare, run on the bundle's libraries), STEP_FLAGS (more
+# bench-decode flags, e.g. --fused-attention).
 # 1. the step time with CUDA graphs (mlaserve bench-decode, median of 50);
 # 2. one uncaptured step under Nsight Compute (kernel durations and DRAM bytes, clocks left
 #    alone), summarised by tests/bench/ncu_step_summary.py. Logs and the CSV go to $OUT.
@@ -18,7 +19,7 @@ model=${MODEL:-/tmp/mla_models/v2lite}
   mlaserve --log-level warn make-tiny --preset v2-lite-full --dtype BF16 --out $model
 ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 run=("${MLASERVE:-mlaserve}" --log-level warn bench-decode --model $model --device cuda --num-pages 2000
-  --context "$ctx" --batch "$batch")
+  --context "$ctx" --batch "$batch" ${STEP_FLAGS:-})
 "${run[@]}" --steps 50 --warmup 5 | tee "$out/bench_decode.log"
 step_ms=$(awk -v c="$ctx" -v b="$batch" '$1 == c && $2 == b {print $3}' "$out/bench_decode.log")
 "$ncu" --clock-control none --print-units base --csv --page raw \

@@ -229,7 +229,8 @@ fusion() {
 # Decode-step variants of issue 17 item 3 side by side: the tests of the fused attention kernel
 # and of the L2 prefetch, then decode steps at batch 1, 2 and 4 with each variant's flags in
 # turn (VARIANTS, ';'-separated; default: none, --fused-attention, --prefetch-weights, both), on
-# V2L4 and, with VARIANTS_FULL=1, on the whole V2-Lite shape.
+# V2L4 and, with VARIANTS_FULL=1, on the whole V2-Lite shape; then an Nsight Compute profile of
+# a V2L4 step at batch 1 with the fused attention and without.
 variants() {
   set -o pipefail
   local rc=0
@@ -249,6 +250,16 @@ variants() {
       # shellcheck disable=SC2086
       bench_rows mlaserve $model 1,2,4 50 "$(basename $model) $f" $args || rc=1
     done
+  done
+  # Kernel by kernel (Nsight Compute, one uncaptured V2L4 step at batch 1) with the fused
+  # attention and without, in $out/variants_ncu_*.
+  for f in default --fused-attention; do
+    local args=$f tag=${f#--}
+    [ "$f" = default ] && args=""
+    OUT=$out/variants_ncu_$tag MODEL=/tmp/v2l4 STEP_FLAGS=$args tests/gpu/profile_step.sh 1 512 \
+      >"$out/variants_ncu_$tag.log" 2>&1 || rc=1
+    sed -n '/kernels in the step/,$p' "$out/variants_ncu_$tag.log" | sed "s/^/RESULT $tag ncu /" |
+      head -25
   done
   return $rc
 }

@@ -169,7 +169,10 @@ class DeviceProblem {
                .num_sms = num_sms};
   }
 
-  void launch(cudaStream_t stream) { cuda::mla_decode_fused(params_, workspace_.get(), stream); }
+  void launch(cudaStream_t stream) {
+    cuda::mla_decode_fused(params_, workspace_.get(), static_cast<size_t>(workspace_.bytes()),
+                           stream);
+  }
   std::vector<uint16_t> run() {
     out_.poison();
     launch(nullptr);
@@ -384,9 +387,19 @@ TEST(CudaMlaDecodeFused, RefusesShapesOutsideItsRange) {
     bad.max_keys = max_keys;
     bad.num_sms = sms;
     bad.num_layers = 1;
-    EXPECT_THROW(cuda::mla_decode_fused(bad, nullptr, nullptr), Error)
+    EXPECT_THROW(cuda::mla_decode_fused(bad, nullptr, size_t{1} << 30, nullptr), Error)
         << "T " << T << ", heads " << heads << ", max_keys " << max_keys;
   }
+  // A shape it is built for, with a workspace one counter short.
+  cuda::MlaDecodeFusedParams ok{};
+  ok.T = 1;
+  ok.heads = 16;
+  ok.max_keys = 64;
+  ok.num_sms = 132;
+  ok.num_layers = 1;
+  EXPECT_THROW(cuda::mla_decode_fused(ok, nullptr,
+                                      cuda::mla_decode_fused_workspace_bytes(16, 132) - 4, nullptr),
+               Error);
   EXPECT_TRUE(cuda::mla_decode_fused_fits(1, 16, 2048, 132));
   EXPECT_TRUE(cuda::mla_decode_fused_fits(4, 16, 512, 132));
   EXPECT_TRUE(cuda::mla_decode_fused_supports(512, 64, 128, 128, 64));
