@@ -24,9 +24,9 @@ static_assert(kDc == 2 * kThreads, "each thread owns two columns of q~ and o~");
 static_assert(kDr / 2 <= 32, "the first warp rotates q_rope");
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Shared memory: W_UK[h] (staged before the kernel waits for its inputs; W_UV[h] once q~ is
-// made), one page of rows, q~ and q_rope in fp32 (later the merged o~), this page's scores (then
-// softmax weights), q_nope.
+// Shared memory: W_UK[h] (staged before the kernel waits for its inputs; W_UV[h] behind the
+// block's last page), one page of rows, q~ and q_rope in fp32 (later the merged o~), this page's
+// scores (then softmax weights), q_nope.
 struct Smem {
   bf16 w[kDn * kDc];  // W_UK[h], then W_UV[h] (kDv == kDn rows)
   bf16 rows[kTile * kWidth];
@@ -77,14 +77,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   const bf16* w_uv = w_uk + kDn * kDc;
 
   // This block's pages. The metadata was uploaded before the step's first kernel, so it is
-  // read before the wait; so are the weights. A block without pages (short contexts leave some)
-  // skips the query and only stages W_UV, in case it is the one that merges.
+  // read before the wait; so are the weights. A block without pages (short contexts leave
+  // many) stages nothing and skips the query: it only counts itself, and stages W_UV if it turns
+  // out to be the one that merges.
   const int32_t keys = p.num_keys[t];
   const int32_t pages = (keys + kTile - 1) / kTile;
   const int32_t per_split = (pages + splits - 1) / splits;
   const int32_t first = split * per_split, last = min(first + per_split, pages);
   const bool attends = first < last;
-  stage_weights(sm.w, attends ? w_uk : w_uv, tid);
+  if (attends) stage_weights(sm.w, w_uk, tid);
   wait_for_prerequisite();
   allow_dependent_launch();
 
@@ -127,8 +128,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                   src + (c / kRowChunks) * row_bytes + (c % kRowChunks) * 16, true);
     }
     cp_async_commit();
-    if (page_index == first) {
-      // W_UV[h] streams in behind the first page, for the merge.
+    if (page_index == last - 1) {
+      // W_UV[h] streams in behind the last page, in case this block merges.
       stage_weights(sm.w, w_uv, tid);
       cp_async_wait<1>();
     } else {
@@ -207,6 +208,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // The last block: merge the splits in order, then out = W_UV[h] bf16(o~).
+  if (!attends) stage_weights(sm.w, w_uv, tid);
   float lse_max = -INFINITY;
   for (int s = 0; s < splits; ++s) lse_max = fmaxf(lse_max, __ldcg(part_lse + th * splits + s));
   float sum = 0.0f, v0 = 0.0f, v1 = 0.0f;

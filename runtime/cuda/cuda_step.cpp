@@ -149,6 +149,18 @@ void CudaStep::dump_final() {
 }
 
 void CudaStep::enqueue() {
+  // A captured step must end with every stream it forked joined back: below, or here when it
+  // throws part way (the capture then ends cleanly and is dropped; errors are let be, as in any
+  // destructor).
+  struct JoinSide {
+    const CudaStepContext& x;
+    const bool& forked;
+    ~JoinSide() {
+      if (!forked) return;
+      cudaEventRecord(x.join, x.side_stream);
+      cudaStreamWaitEvent(x.stream, x.join);
+    }
+  } join_side{x_, forked_};
   const int64_t T = meta_.T, D = c_.hidden_size;
   const cudaStream_t s = x_.stream;
   const DeviceWeights& w = x_.weights;
@@ -192,9 +204,9 @@ void CudaStep::enqueue() {
     dump_layer_out(l);
   }
   if (forked_) {
-    // A captured step must end with every stream it forked joined back.
     MLA_CUDA_CHECK(cudaEventRecord(x_.join, x_.side_stream));
     MLA_CUDA_CHECK(cudaStreamWaitEvent(x_.stream, x_.join));
+    forked_ = false;
   }
   // Final norm on every row, then only the rows whose logits are wanted go through the head.
   add_norm(b_.delta.data<float>(), w.final_norm, b_.xn, D);
@@ -229,9 +241,9 @@ void CudaStep::prefetch_after_attention_inputs(const DeviceLayer& d) {
   }
   MLA_CUDA_CHECK(cudaEventRecord(x_.fork, x_.stream));
   MLA_CUDA_CHECK(cudaStreamWaitEvent(x_.side_stream, x_.fork));
+  forked_ = true;  // from here on enqueue() joins the side stream back
   // A quarter of L2 stays for what is read in between (the attention's weights and cache).
   cuda::l2_prefetch(ranges.data(), n, static_cast<size_t>(x_.l2_bytes) / 4 * 3, x_.side_stream);
-  forked_ = true;
 }
 
 void CudaStep::attention(int64_t l, const DeviceLayer& d) {

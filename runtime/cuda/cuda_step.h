@@ -134,7 +134,7 @@ class CudaStep {
   StepBuffers& b_;
   const ForwardBatch& batch_;
   const StepMetadata& meta_;
-  bool forked_ = false;  // the side stream has work to join back before the step ends
+  bool forked_ = false;  // the side stream has work not yet joined back to the step's stream
 };
 
 }  // namespace mla

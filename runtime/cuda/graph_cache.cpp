@@ -66,6 +66,7 @@ GraphCache::Graph& GraphCache::capture(const Key& key, const std::function<void(
     if (cudaStreamEndCapture(stream_, &partial) == cudaSuccess && partial != nullptr) {
       cudaGraphDestroy(partial);
     }
+    cudaGetLastError();  // what the failed capture left is not the next launch's error
     throw;
   }
   MLA_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));

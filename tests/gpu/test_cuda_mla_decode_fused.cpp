@@ -281,8 +281,10 @@ TEST(CudaMlaDecodeFused, MatchesTheCpuChain) {
 TEST(CudaMlaDecodeFused, DeterministicAndGraphCapturable) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   std::mt19937 rng(7);
-  const Problem p = make_problem({777, 1030}, 16, true, rng);
-  DeviceProblem d(p, device_sms(), cuda::kMlaDecodeFusedMaxKeys);
+  // Two tokens over a table of 16 pages, as a decode step's graph passes them.
+  const Problem p = make_problem({777, 1000}, 16, true, rng);
+  ASSERT_TRUE(cuda::mla_decode_fused_fits(p.T(), 16, 1024, device_sms()));
+  DeviceProblem d(p, device_sms(), 1024);
   const std::vector<uint16_t> first = d.run();
   for (int i = 0; i < 3; ++i) ASSERT_EQ(d.run(), first) << "run " << i;
   cudaStream_t stream;
@@ -332,7 +334,8 @@ TEST(CudaMlaDecodeFused, ReadsTheNewestRowsLatentStoreWritesJustBefore) {
   }
   const std::vector<float> ref = reference(p);
 
-  DeviceProblem d(p, device_sms(), cuda::kMlaDecodeFusedMaxKeys);
+  ASSERT_TRUE(cuda::mla_decode_fused_fits(T, 16, 1024, device_sms()));
+  DeviceProblem d(p, device_sms(), 1024);
   test::DeviceArray<float> kv_dev(kv), norm_w_dev(norm_w);
   test::DeviceArray<int32_t> pages_dev(slot_pages), offsets_dev(slot_offsets);
   const cuda::LatentStoreParams store{.kv = kv_dev.get(),
