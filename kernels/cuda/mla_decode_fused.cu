@@ -77,15 +77,34 @@ __global__ void __launch_bounds__(kThreads, 1)
   const bf16* w_uv = w_uk + kDn * kDc;
 
   // This block's pages. The metadata was uploaded before the step's first kernel, so it is
-  // read before the wait; so are the weights. A block without pages (short contexts leave
-  // many) stages nothing and skips the query: it only counts itself, and stages W_UV if it turns
-  // out to be the one that merges.
+  // read before the wait; so are the weights, and the first page's rows but the sequence's
+  // newest key (latent_store writes that one earlier in the step; older rows were written by
+  // earlier steps). A block without pages (short contexts leave many) stages nothing and skips
+  // the query: it only counts itself, and stages W_UV if it turns out to be the one that merges.
   const int32_t keys = p.num_keys[t];
   const int32_t pages = (keys + kTile - 1) / kTile;
   const int32_t per_split = (pages + splits - 1) / splits;
   const int32_t first = split * per_split, last = min(first + per_split, pages);
   const bool attends = first < last;
-  if (attends) stage_weights(sm.w, w_uk, tid);
+  const int64_t row_bytes = int64_t{kWidth} * 2;
+  // Rows [from, to) of the block's page page_index into sm.rows, as one cp.async group.
+  auto load_rows = [&](int32_t page_index, int32_t from, int32_t to) {
+    const int64_t page = p.block_table[int64_t{t} * p.table_stride + page_index];
+    const auto* src =
+        static_cast<const uint8_t*>(p.pool) + ((page * p.num_layers + p.layer) * kTile) * row_bytes;
+    for (int c = from * kRowChunks + tid; c < to * kRowChunks; c += kThreads) {
+      cp_async_16(smem_addr(sm.rows + (c / kRowChunks) * kWidth + (c % kRowChunks) * 8),
+                  src + (c / kRowChunks) * row_bytes + (c % kRowChunks) * 16, true);
+    }
+    cp_async_commit();
+  };
+  int32_t preloaded = 0;  // rows of the first page loaded before the wait
+  if (attends) {
+    stage_weights(sm.w, w_uk, tid);
+    const int32_t rows = min(kTile, keys - first * kTile);
+    preloaded = first == pages - 1 ? rows - 1 : rows;
+    load_rows(first, 0, preloaded);
+  }
   wait_for_prerequisite();
   allow_dependent_launch();
 
@@ -99,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm.q[kDc + tid] = round_bf16(r.x);
       sm.q[kDc + tid + kDr / 2] = round_bf16(r.y);
     }
-    cp_async_wait<0>();
+    cp_async_wait<0>();  // W_UK, and the first page's rows loaded so far
     __syncthreads();
     // q~ columns 2 tid and 2 tid + 1.
     float a0 = 0.0f, a1 = 0.0f;
@@ -115,19 +134,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   const float scale_log2 = p.scale * kLog2e;
-  const int64_t row_bytes = int64_t{kWidth} * 2;
   float m = -INFINITY, l = 0.0f, o0 = 0.0f, o1 = 0.0f;  // columns 2 tid and 2 tid + 1
   for (int32_t page_index = first; page_index < last; ++page_index) {
     const int32_t rows = min(kTile, keys - page_index * kTile);
-    const int64_t page = p.block_table[int64_t{t} * p.table_stride + page_index];
-    const auto* src =
-        static_cast<const uint8_t*>(p.pool) + ((page * p.num_layers + p.layer) * kTile) * row_bytes;
     __syncthreads();  // q~ is made (W_UK read), the previous page's rows and weights are read
-    for (int c = tid; c < rows * kRowChunks; c += kThreads) {
-      cp_async_16(smem_addr(sm.rows + (c / kRowChunks) * kWidth + (c % kRowChunks) * 8),
-                  src + (c / kRowChunks) * row_bytes + (c % kRowChunks) * 16, true);
-    }
-    cp_async_commit();
+    load_rows(page_index, page_index == first ? preloaded : 0, rows);
     if (page_index == last - 1) {
       // W_UV[h] streams in behind the last page, in case this block merges.
       stage_weights(sm.w, w_uv, tid);

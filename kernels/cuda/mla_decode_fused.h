@@ -7,8 +7,10 @@
 // -- what a decode step otherwise runs as five dependent kernels (the W_UK^T product, RoPE, the
 // split-KV attention and its combine, the W_UV product), each a launch and a round trip through
 // memory. At batch 1 and a short context those kernels read little and wait on each other; here
-// W_UK[h] is staged into shared memory while the kernel before still runs (programmatic
-// dependent launch), and W_UV[h] streams in behind the block's last page.
+// W_UK[h] and the block's first page (but for the newest key, which latent_store writes earlier
+// in the step) are staged into shared memory while the kernel before still runs
+// (programmatic dependent launch), and W_UV[h] streams in behind the block's last page. Older
+// keys must not change during the step (one new token per sequence: a pure decode step).
 //
 // Grid (splits, heads, tokens): a block attends one range of its sequence's 64-key pages and
 // leaves its partial o~ and LSE in the workspace; the last block of a (token, head) to finish
