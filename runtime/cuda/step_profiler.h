@@ -16,7 +16,8 @@
 namespace mla {
 
 // Summed over the steps run while profiling: the latent decode / prefill attention (its
-// collectives under a sequence-sharded cache included) and every collective of the step.
+// collectives under a sequence-sharded cache included; with CudaOptions::fused_attention, the
+// fused kernel, whose W_UK^T, RoPE and W_UV run inside it) and every collective of the step.
 struct StepProfile {
   int64_t steps = 0;
   double attention_ms = 0;
