@@ -1,12 +1,14 @@
-// cuda::l2_prefetch: a hint that writes nothing. Ranges of a partial piece, several pieces and a
-// tail of 16-byte units, and one of more pieces than the grid has threads; on a stream, and in a
-// graph on a stream forked from one whose kernel writes the memory prefetched (as a decode step
-// uses it): the bytes read afterwards are the written ones; bad ranges are refused.
+// cuda::l2_prefetch: a hint that writes nothing; its plan tiles the ranges exactly. Ranges of a
+// partial piece, several pieces and a tail of 16-byte units, and one of more pieces than the grid
+// has threads; on a stream, and in a graph on a stream forked from one whose kernel writes the
+// memory prefetched (as a decode step uses it): the bytes read afterwards are the written ones; bad
+// ranges are refused.
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <cstring>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/cuda_check.h"
@@ -66,6 +68,49 @@ TEST(CudaL2Prefetch, ChangesNoByteOnAStreamOrForkedInAGraph) {
   MLA_CUDA_CHECK(cudaEventDestroy(join));
   MLA_CUDA_CHECK(cudaStreamDestroy(side));
   MLA_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+// The plan alone (no device needed): its pieces tile each kept range, rounded down to 16-byte
+// units, in order and without overlap, at most kL2PrefetchPiece each; empty ranges are dropped;
+// the budget (rounded down likewise) cuts the range it ends in and drops the rest.
+TEST(CudaL2Prefetch, PlanTilesTheRangesUpToTheBudget) {
+  auto at = [](uintptr_t address) { return reinterpret_cast<const void*>(address); };
+  constexpr size_t kPiece = cuda::kL2PrefetchPiece;
+  // A partial piece, a ragged tail (rounded down to 3 * kPiece + 16), an empty range, many
+  // pieces.
+  const std::vector<cuda::L2PrefetchRange> ranges = {{at(0x10000), 48},
+                                                     {at(0x800000), 3 * kPiece + 20},
+                                                     {at(0x900000), 8},
+                                                     {at(0x1000000), 40 * kPiece}};
+  const size_t whole = 48 + 3 * kPiece + 16 + 40 * kPiece;
+  for (size_t budget : {whole + 100, whole, size_t{40}, 48 + kPiece + 7, size_t{0}}) {
+    const cuda::L2PrefetchPlan plan = cuda::l2_prefetch_plan(ranges.data(), ranges.size(), budget);
+    // Expected: each range's bytes in order, cut by the budget.
+    std::vector<std::pair<uintptr_t, size_t>> want;
+    size_t left = budget / 16 * 16;
+    for (const auto& r : ranges) {
+      const size_t bytes = std::min(r.bytes / 16 * 16, left);
+      if (bytes > 0) want.emplace_back(reinterpret_cast<uintptr_t>(r.ptr), bytes);
+      left -= bytes;
+    }
+    ASSERT_EQ(plan.count, static_cast<int>(want.size())) << "budget " << budget;
+    size_t p = 0;
+    for (const auto& [start, bytes] : want) {
+      uintptr_t next = start;
+      for (; next < start + bytes; ++p) {
+        ASSERT_LT(p, plan.pieces()) << "budget " << budget;
+        const char* piece = nullptr;
+        size_t n = 0;
+        plan.piece(p, &piece, &n);
+        EXPECT_EQ(reinterpret_cast<uintptr_t>(piece), next)
+            << "budget " << budget << " piece " << p;
+        EXPECT_TRUE(n > 0 && n <= kPiece && n % 16 == 0) << n;
+        next += n;
+      }
+      EXPECT_EQ(next, start + bytes) << "budget " << budget;
+    }
+    EXPECT_EQ(p, plan.pieces()) << "budget " << budget;
+  }
 }
 
 TEST(CudaL2Prefetch, RefusesMisalignedOrTooManyRanges) {
