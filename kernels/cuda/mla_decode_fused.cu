@@ -20,6 +20,7 @@ constexpr int kDc = kMlaDecodeLatentDim, kDr = kMlaDecodeRopeDim, kWidth = kDc +
 constexpr int kDn = kMlaDecodeFusedNopeDim, kDv = kMlaDecodeFusedValueDim;
 constexpr int kTile = kMlaDecodeBlockSize;   // keys a pass: one page
 constexpr int kRowChunks = kWidth * 2 / 16;  // 16-byte pieces of a cache row
+static_assert(kTile == 64, "mla_decode_fused_pages counts pages of 64 keys");
 static_assert(kDc == 2 * kThreads, "each thread owns two columns of q~ and o~");
 static_assert(kDr / 2 <= 32, "the first warp rotates q_rope");
 constexpr float kLog2e = 1.4426950408889634f;
@@ -42,11 +43,6 @@ static_assert(kDv == kDn, "W_UV[h] takes W_UK[h]'s place in shared memory");
 // splits + split, then the counters [kMlaDecodeFusedMaxTokens * heads].
 int32_t partial_slots(int32_t heads, int num_sms) {
   return std::max(num_sms, kMlaDecodeFusedMaxTokens * heads);
-}
-
-int32_t split_count(int32_t T, int32_t heads, int32_t max_keys, int num_sms) {
-  const int32_t max_pages = std::max(1, (max_keys + kTile - 1) / kTile);
-  return std::clamp(num_sms / (T * heads), 1, max_pages);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -83,8 +79,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // the query: it only counts itself, and stages W_UV if it turns out to be the one that merges.
   const int32_t keys = p.num_keys[t];
   const int32_t pages = (keys + kTile - 1) / kTile;
-  const int32_t per_split = (pages + splits - 1) / splits;
-  const int32_t first = split * per_split, last = min(first + per_split, pages);
+  const MlaDecodeFusedPages range = mla_decode_fused_pages(keys, splits, split);
+  const int32_t first = range.first, last = range.last;
   const bool attends = first < last;
   const int64_t row_bytes = int64_t{kWidth} * 2;
   // Rows [from, to) of the block's page page_index into sm.rows, as one cp.async group.
@@ -265,13 +261,18 @@ bool mla_decode_fused_supports(int64_t d_c, int64_t d_r, int64_t d_n, int64_t d_
   return d_c == kDc && d_r == kDr && d_n == kDn && d_v == kDv && block_size == kTile;
 }
 
+int32_t mla_decode_fused_splits(int32_t T, int32_t heads, int32_t max_keys, int num_sms) {
+  const int32_t max_pages = std::max(1, (max_keys + kTile - 1) / kTile);
+  return std::clamp(num_sms / std::max(1, T * heads), 1, max_pages);
+}
+
 bool mla_decode_fused_fits(int32_t T, int32_t heads, int32_t max_keys, int num_sms) {
   if (T < 1 || T > kMlaDecodeFusedMaxTokens || heads < 1 || max_keys < 0 ||
       max_keys > kMlaDecodeFusedMaxKeys || 2 * T * heads > num_sms) {
     return false;
   }
   const int32_t max_pages = (max_keys + kTile - 1) / kTile;
-  const int32_t splits = split_count(T, heads, max_keys, num_sms);
+  const int32_t splits = mla_decode_fused_splits(T, heads, max_keys, num_sms);
   return (max_pages + splits - 1) / splits <= kMlaDecodeFusedMaxPagesPerBlock;
 }
 
@@ -300,7 +301,7 @@ void mla_decode_fused(const MlaDecodeFusedParams& p, void* workspace, size_t wor
                   is_aligned(workspace, 16),
               "mla_decode_fused: q, kv_b, pool or workspace misaligned");
 
-  const int32_t splits = split_count(p.T, p.heads, p.max_keys, p.num_sms);
+  const int32_t splits = mla_decode_fused_splits(p.T, p.heads, p.max_keys, p.num_sms);
   const int32_t slots = partial_slots(p.heads, p.num_sms);
   auto* parts = static_cast<float*>(workspace);
   float* part_lse = parts + int64_t{slots} * kDc;

@@ -63,6 +63,22 @@ struct MlaDecodeFusedParams {
 bool mla_decode_fused_supports(int64_t d_c, int64_t d_r, int64_t d_n, int64_t d_v,
                                int64_t block_size);
 
+// The pages [first, last) of a sequence with `keys` keys that split `split` of `splits` attends
+// (64 keys a page; splits past the sequence's pages get none: first >= last).
+struct MlaDecodeFusedPages {
+  int32_t first, last;
+};
+__host__ __device__ inline MlaDecodeFusedPages mla_decode_fused_pages(int32_t keys, int32_t splits,
+                                                                      int32_t split) {
+  const int32_t pages = (keys + 63) / 64;
+  const int32_t per_split = (pages + splits - 1) / splits;
+  const int32_t first = split * per_split;
+  return {first, first + per_split < pages ? first + per_split : pages};
+}
+
+// The number of splits the kernel runs for this shape (the grid's x).
+int32_t mla_decode_fused_splits(int32_t T, int32_t heads, int32_t max_keys, int num_sms);
+
 // Whether a step of T tokens, `heads` heads and at most max_keys keys a token is one the kernel
 // is meant for, on a device of num_sms SMs (see above).
 bool mla_decode_fused_fits(int32_t T, int32_t heads, int32_t max_keys, int num_sms);

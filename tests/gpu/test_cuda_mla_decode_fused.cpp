@@ -233,6 +233,37 @@ int device_sms() {
   return sms;
 }
 
+// The split plan alone (no device needed): for every shape the kernel takes, the splits'
+// pages cover each sequence's pages once, in order, at most kMlaDecodeFusedMaxPagesPerBlock to
+// a split.
+TEST(CudaMlaDecodeFused, SplitsCoverEveryPageOnce) {
+  for (int sms : {16, 78, 114, 132}) {
+    for (int32_t T = 1; T <= cuda::kMlaDecodeFusedMaxTokens; ++T) {
+      for (int32_t heads : {1, 2, 8, 16, 64}) {
+        for (int32_t max_keys = 0; max_keys <= cuda::kMlaDecodeFusedMaxKeys; max_keys += 64) {
+          if (!cuda::mla_decode_fused_fits(T, heads, max_keys, sms)) continue;
+          const int32_t splits = cuda::mla_decode_fused_splits(T, heads, max_keys, sms);
+          ASSERT_GE(splits, 1);
+          ASSERT_LE(int64_t{T} * heads * splits, std::max(sms, T * heads));  // workspace slots
+          for (int32_t keys : {0, 1, 63, 64, 65, max_keys / 2 + 1, max_keys}) {
+            if (keys > max_keys) continue;
+            int32_t next = 0;
+            for (int32_t split = 0; split < splits; ++split) {
+              const cuda::MlaDecodeFusedPages r = cuda::mla_decode_fused_pages(keys, splits, split);
+              if (r.first >= r.last) continue;
+              ASSERT_EQ(r.first, next) << "keys " << keys << " split " << split;
+              ASSERT_LE(r.last - r.first, cuda::kMlaDecodeFusedMaxPagesPerBlock)
+                  << "keys " << keys << ", " << splits << " splits on " << sms << " SMs";
+              next = r.last;
+            }
+            ASSERT_EQ(next, pages_of(keys)) << "keys " << keys << ", " << splits << " splits";
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(CudaMlaDecodeFused, MatchesTheCpuChain) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   std::mt19937 rng(2026);
